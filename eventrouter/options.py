@@ -1,0 +1,186 @@
+"""Option models shared by every sink: the sink's own base model, secrets, filters and engine knobs.
+
+A sink is configured by one flat set of keys, the same in a ``--sink=TYPE:URL?k=v`` flag and in a
+YAML ``sinks:`` entry. Filter keys and pipeline keys are common to all sinks; every other key
+belongs to the sink's own ``options_model``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "FilterOptions",
+    "PipelineOptions",
+    "Secret",
+    "SinkOptions",
+    "resolve_secret",
+    "split_list",
+]
+
+
+def resolve_secret(value: Any) -> Any:
+    """``env:NAME`` reads an environment variable, ``file:/path`` a file (trailing newline stripped).
+
+    Lets credentials come from Kubernetes Secrets mounted as env or files instead of plain flags.
+    """
+    if isinstance(value, SecretStr):
+        return value
+    if isinstance(value, str):
+        if value.startswith("env:"):
+            name = value[4:]
+            if name not in os.environ:
+                raise ValueError(f"environment variable {name!r} is not set")
+            return os.environ[name]
+        if value.startswith("file:"):
+            path = Path(value[5:])
+            try:
+                return path.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise ValueError(f"cannot read secret file {str(path)!r}: {exc.strerror}") from None
+    return value
+
+
+Secret = Annotated[SecretStr, BeforeValidator(resolve_secret)]
+"""A credential: accepts a literal, ``env:NAME`` or ``file:/path``; printed as ``**********``."""
+
+
+def split_list(value: Any) -> Any:
+    """Accept ``a,b,c`` (URL query form) as well as a YAML list."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+StrList = Annotated[list[str], BeforeValidator(split_list)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class SinkOptions(_Strict):
+    """Base of every sink's options model. Subclass it and add fields; use ``Secret`` for credentials."""
+
+    url: str = Field("", description="The part after TYPE: in --sink=TYPE:URL (may be empty).")
+    include_raw: bool = Field(False, description="Add the raw Event object to each record as `raw`.")
+
+
+class FilterOptions(_Strict):
+    """Which occurrences a sink receives. Empty lists mean "no restriction"."""
+
+    types: StrList = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("types", "type"),
+        description="Event types to keep (Normal, Warning).",
+    )
+    level: str | None = Field(
+        None,
+        description="kube-eventer style minimum level: Normal keeps all, Warning keeps Warning only.",
+    )
+    namespaces: StrList = Field(default_factory=list, description="Keep only these namespaces.")
+    exclude_namespaces: StrList = Field(default_factory=list, description="Drop these namespaces.")
+    kinds: StrList = Field(default_factory=list, description="Keep only these involved-object kinds.")
+    exclude_kinds: StrList = Field(default_factory=list, description="Drop these involved-object kinds.")
+    reasons: StrList = Field(default_factory=list, description="Keep only these reasons.")
+    exclude_reasons: StrList = Field(default_factory=list, description="Drop these reasons.")
+    message: str | None = Field(
+        None,
+        validation_alias=AliasChoices("message", "message_regex"),
+        description="Keep only messages matching this regular expression (search).",
+    )
+    exclude_message: str | None = Field(None, description="Drop messages matching this regular expression.")
+    components: StrList = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("components", "component"),
+        description="Keep only these reporting/source components.",
+    )
+    min_count: int = Field(1, ge=1, description="Keep only occurrences whose number is at least this.")
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        canonical = {"normal": "Normal", "warning": "Warning"}.get(value.lower())
+        if canonical is None:
+            raise ValueError(f"level must be Normal or Warning, not {value!r}")
+        return canonical
+
+    @field_validator("message", "exclude_message")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+        return value
+
+
+class PipelineOptions(_Strict):
+    """Engine knobs per sink: queue, batching, retries. Sinks never see these."""
+
+    name: str | None = Field(None, description="Instance name (default: the sink type); unique per router.")
+    queue_max_events: int = Field(
+        10_000, ge=1, validation_alias=AliasChoices("queue_max_events", "queue_size"),
+        description="Memory queue bound; beyond it the oldest occurrences spill to disk or are dropped.",
+    )
+    spool_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=0,
+        description="Disk spool bound in bytes (needs --data-dir; 0 disables the spool).",
+    )
+    batch_max_events: int = Field(
+        500, ge=1, validation_alias=AliasChoices("batch_max_events", "batch_size"),
+        description="Most occurrences per send.",
+    )
+    batch_max_bytes: int = Field(1024 * 1024, ge=1, description="Most encoded record bytes per send.")
+    batch_max_wait: float = Field(
+        0.2, ge=0, validation_alias=AliasChoices("batch_max_wait", "batch_wait"),
+        description="Seconds to wait for a batch to fill after its first occurrence.",
+    )
+    retry_initial_backoff: float = Field(0.5, gt=0, description="First retry delay in seconds.")
+    retry_max_backoff: float = Field(30.0, gt=0, description="Longest retry delay in seconds.")
+    retry_max_attempts: int = Field(
+        0, ge=0,
+        description="Attempts before an item is dead-lettered as 'retries exhausted' (0 = never give up).",
+    )
+    send_timeout: float = Field(30.0, gt=0, description="Seconds one send may take before it counts as failed.")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> PipelineOptions:
+        if self.retry_max_backoff < self.retry_initial_backoff:
+            raise ValueError("retry_max_backoff must be >= retry_initial_backoff")
+        return self
+
+
+def field_names(model: type[BaseModel]) -> set[str]:
+    """Every key a model accepts, aliases included."""
+    names: set[str] = set()
+    for name, info in model.model_fields.items():
+        names.add(name)
+        alias = info.validation_alias
+        if isinstance(alias, str):
+            names.add(alias)
+        elif isinstance(alias, AliasChoices):
+            names.update(choice for choice in alias.choices if isinstance(choice, str))
+        if info.alias:
+            names.add(info.alias)
+    return names
+
+
+COMMON_KEYS = (field_names(FilterOptions) | field_names(PipelineOptions)) - {"url"}

@@ -1,0 +1,73 @@
+"""Sink plugin discovery (entry-point group ``eventrouter.sinks``).
+
+Discovery (sorted, de-duplicated, naming the distribution) is separate from loading, so a broken
+third-party package only fails when it is used and the error names that package.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from typing import Any
+
+from eventrouter.sink import Sink
+
+__all__ = ["GROUP", "PluginError", "SinkPlugin", "discover", "load"]
+
+GROUP = "eventrouter.sinks"
+
+
+class PluginError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class SinkPlugin:
+    name: str
+    value: str
+    distribution: str
+    version: str
+
+    def load(self) -> type[Sink[Any]]:
+        try:
+            obj = importlib.metadata.EntryPoint(self.name, self.value, GROUP).load()
+        except Exception as exc:
+            raise PluginError(
+                f"sink {self.name!r} from {self.distribution} {self.version} failed to load "
+                f"({self.value}): {type(exc).__name__}: {exc}"
+            ) from exc
+        if not (isinstance(obj, type) and issubclass(obj, Sink)):
+            raise PluginError(
+                f"sink {self.name!r} from {self.distribution} points at {self.value}, "
+                "which is not an eventrouter.sink.Sink subclass"
+            )
+        return obj
+
+
+def discover() -> dict[str, SinkPlugin]:
+    """Installed sinks by name. When two distributions claim a name, the first by name wins."""
+    found: dict[str, SinkPlugin] = {}
+    eps = sorted(
+        importlib.metadata.entry_points(group=GROUP),
+        key=lambda ep: (ep.name, ep.dist.name if ep.dist else ""),
+    )
+    for ep in eps:
+        if ep.name in found:
+            continue
+        dist = ep.dist
+        found[ep.name] = SinkPlugin(
+            name=ep.name,
+            value=ep.value,
+            distribution=dist.name if dist else "?",
+            version=dist.version if dist else "?",
+        )
+    return found
+
+
+def load(name: str, plugins: dict[str, SinkPlugin] | None = None) -> type[Sink[Any]]:
+    plugins = discover() if plugins is None else plugins
+    plugin = plugins.get(name)
+    if plugin is None:
+        known = ", ".join(sorted(plugins)) or "none"
+        raise PluginError(f"unknown sink type {name!r} (installed: {known})")
+    return plugin.load()

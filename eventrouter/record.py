@@ -1,0 +1,238 @@
+"""The unit of delivery: one occurrence of a Kubernetes Event, and its normalised record.
+
+An Event object folds repeats into one object (``count``, or ``series.count`` for the
+events.k8s.io recorder). Each raise of that number is one *occurrence*; the pair
+(event uid, occurrence number) identifies it across restarts, relists and replicas.
+
+The normalised record is the stable JSON layout every sink stamps with (see docs/record.md).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "MalformedEvent",
+    "Occurrence",
+    "normalise",
+    "occurrence_number",
+    "parse_time_ns",
+]
+
+SCHEMA_VERSION = 1
+
+JSON = dict[str, Any]
+
+
+class MalformedEvent(ValueError):
+    """The object is not an Event the router can identify (no uid, wrong types)."""
+
+
+def parse_time_ns(value: object) -> int | None:
+    """RFC 3339 (Time or MicroTime) → epoch nanoseconds; None for null, empty or year-1 values."""
+    if not value or not isinstance(value, str):
+        return None
+    text = value
+    frac_ns = 0
+    # Split the fraction ourselves: fromisoformat keeps only microseconds and 3.11 rejects >6 digits.
+    dot = text.find(".")
+    if dot != -1:
+        end = dot + 1
+        while end < len(text) and text[end].isdigit():
+            end += 1
+        digits = text[dot + 1 : end]
+        if digits:
+            frac_ns = int(digits[:9].ljust(9, "0"))
+        text = text[:dot] + text[end:]
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    if parsed.year <= 1:
+        return None
+    return int(parsed.timestamp()) * 1_000_000_000 + frac_ns
+
+
+def format_time_ns(ns: int) -> str:
+    """Epoch nanoseconds → RFC 3339 UTC, with a fraction only when there is one."""
+    seconds, frac = divmod(ns, 1_000_000_000)
+    base = datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    if frac:
+        return f"{base}.{frac:09d}".rstrip("0") + "Z"
+    return base + "Z"
+
+
+def _int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    return None
+
+
+def occurrence_number(obj: JSON) -> int:
+    """``series.count`` → ``count`` → 1."""
+    series = obj.get("series")
+    if isinstance(series, dict):
+        n = _int(series.get("count"))
+        if n is not None and n > 0:
+            return n
+    n = _int(obj.get("count"))
+    if n is not None and n > 0:
+        return n
+    return 1
+
+
+_TIME_CHAIN = (
+    ("series", "lastObservedTime"),
+    (None, "lastTimestamp"),
+    (None, "eventTime"),
+    (None, "firstTimestamp"),
+    ("metadata", "creationTimestamp"),
+)
+
+
+def event_time_ns(obj: JSON) -> int | None:
+    """The normalised time: series.lastObservedTime → lastTimestamp → eventTime → firstTimestamp →
+    metadata.creationTimestamp. Never "now", never year 1."""
+    for parent, key in _TIME_CHAIN:
+        holder = obj.get(parent) if parent else obj
+        if isinstance(holder, dict):
+            ns = parse_time_ns(holder.get(key))
+            if ns is not None:
+                return ns
+    return None
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _str_map(value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v if isinstance(v, str) else str(v) for k, v in value.items()}
+
+
+@dataclass(slots=True, eq=False)
+class Occurrence:
+    """One occurrence of an Event, as handed to every sink.
+
+    ``record`` is the normalised record (JSON-ready, shared by all sinks: do not mutate it).
+    ``raw`` is the Event object exactly as the API server sent it.
+    """
+
+    uid: str
+    number: int
+    time_ns: int
+    record: JSON
+    raw: JSON
+    received_at: float = field(default_factory=time.time)
+    _json: bytes | None = None
+
+    @property
+    def key(self) -> str:
+        """Stable identity across restarts and replicas: ``<uid>/<occurrence>``."""
+        return f"{self.uid}/{self.number}"
+
+    @property
+    def json(self) -> bytes:
+        """The record encoded once as compact JSON and shared by every sink."""
+        if self._json is None:
+            self._json = orjson.dumps(self.record)
+        return self._json
+
+    def to_dict(self, *, include_raw: bool = False) -> JSON:
+        if include_raw:
+            return {**self.record, "raw": self.raw}
+        return self.record
+
+    def encode(self, *, include_raw: bool = False) -> bytes:
+        if include_raw:
+            return orjson.dumps(self.to_dict(include_raw=True))
+        return self.json
+
+    @property
+    def size(self) -> int:
+        """Approximate encoded size in bytes, used by the batcher's byte bound."""
+        return len(self.json)
+
+
+def normalise(obj: JSON, *, cluster: str = "", received_at: float | None = None) -> Occurrence:
+    """Build the occurrence for a core/v1 Event object. Raises MalformedEvent for unusable input."""
+    if not isinstance(obj, dict):
+        raise MalformedEvent(f"event is {type(obj).__name__}, not an object")
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        raise MalformedEvent("event has no metadata")
+    uid = meta.get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise MalformedEvent(f"event {meta.get('namespace')}/{meta.get('name')} has no metadata.uid")
+    number = occurrence_number(obj)
+    time_ns = event_time_ns(obj)
+    if time_ns is None:
+        # Nothing in the chain parsed: the object is not a real Event. Use receipt time but say so.
+        time_ns = int((received_at or time.time()) * 1e9)
+        time_source = "received"
+    else:
+        time_source = "event"
+    involved = obj.get("involvedObject")
+    if not isinstance(involved, dict):
+        involved = {}
+    source = obj.get("source")
+    if not isinstance(source, dict):
+        source = {}
+    series = obj.get("series") if isinstance(obj.get("series"), dict) else None
+    first_ns = parse_time_ns(obj.get("firstTimestamp")) or parse_time_ns(obj.get("eventTime"))
+    message = obj.get("message")
+    record: JSON = {
+        "schema": SCHEMA_VERSION,
+        "cluster": cluster,
+        "uid": uid,
+        "name": _str(meta.get("name")),
+        "namespace": _str(meta.get("namespace")),
+        "occurrence": number,
+        "count": number,
+        "time": format_time_ns(time_ns),
+        "time_source": time_source,
+        "first_time": format_time_ns(first_ns) if first_ns else None,
+        "last_time": format_time_ns(time_ns),
+        "type": _str(obj.get("type")) or "Normal",
+        "reason": _str(obj.get("reason")),
+        "message": message if isinstance(message, str) else ("" if message is None else str(message)),
+        "action": _str(obj.get("action")),
+        "involved_object": {
+            "kind": _str(involved.get("kind")),
+            "namespace": _str(involved.get("namespace")),
+            "name": _str(involved.get("name")),
+            "uid": _str(involved.get("uid")),
+            "api_version": _str(involved.get("apiVersion")),
+            "field_path": _str(involved.get("fieldPath")),
+        },
+        "reporting_component": _str(obj.get("reportingComponent")) or _str(source.get("component")),
+        "reporting_instance": _str(obj.get("reportingInstance")) or _str(source.get("host")),
+        "source_component": _str(source.get("component")),
+        "source_host": _str(source.get("host")),
+        "series": bool(series),
+        "resource_version": _str(meta.get("resourceVersion")),
+        "labels": _str_map(meta.get("labels")),
+        "annotations": _str_map(meta.get("annotations")),
+    }
+    return Occurrence(
+        uid=uid,
+        number=number,
+        time_ns=time_ns,
+        record=record,
+        raw=obj,
+        received_at=received_at if received_at is not None else time.time(),
+    )

@@ -1,0 +1,135 @@
+"""The one sink contract.
+
+A sink encodes a batch, sends it and says what happened to each item. Everything else —
+filtering, queueing, batching, retries with backoff, dead-lettering, checkpoints and metrics —
+belongs to the engine, so every sink gets it the same way.
+
+A plugin is a ``Sink`` subclass registered in the ``eventrouter.sinks`` entry-point group::
+
+    [project.entry-points."eventrouter.sinks"]
+    mysink = "mypackage.mysink:MySink"
+
+with a pydantic options model in ``options_model`` (see ``eventrouter.options.SinkOptions``).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Generic, TypeVar
+
+from eventrouter.options import SinkOptions
+from eventrouter.record import Occurrence
+
+__all__ = [
+    "OK",
+    "Outcome",
+    "OutcomeKind",
+    "RetryableError",
+    "Sink",
+    "SinkContext",
+    "SinkError",
+    "reject",
+    "retry",
+]
+
+
+class OutcomeKind(enum.Enum):
+    OK = "ok"
+    """Durably accepted by the destination: counts as delivered and advances the checkpoint."""
+    RETRY = "retry"
+    """Not accepted this time (429, 5xx, timeouts): the engine sends the item again with backoff."""
+    REJECT = "reject"
+    """Refused for good (400, validation): the engine dead-letters it with the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: OutcomeKind
+    reason: str = ""
+    retry_after: float | None = None
+    """Seconds the destination asked us to wait (Retry-After), if it did."""
+
+
+OK = Outcome(OutcomeKind.OK)
+
+
+def retry(reason: str, *, retry_after: float | None = None) -> Outcome:
+    return Outcome(OutcomeKind.RETRY, reason, retry_after)
+
+
+def reject(reason: str) -> Outcome:
+    return Outcome(OutcomeKind.REJECT, reason)
+
+
+class SinkError(Exception):
+    """A sink cannot work as configured (unreachable at start, wrong credentials, bad option).
+
+    The message must name what is at fault, never a secret.
+    """
+
+
+class RetryableError(Exception):
+    """The whole batch failed in a way worth retrying (connection refused, 503, timeout)."""
+
+    def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class SinkContext:
+    """What the engine tells a sink about where it runs."""
+
+    name: str
+    """The configured instance name (unique per router); use it in log messages."""
+    cluster: str
+    """``--cluster-name``; the normalised record carries it already."""
+    data_dir: Path | None
+    """Private folder for this sink's files, when the router has ``--data-dir``."""
+    logger: logging.Logger
+
+
+OptionsT = TypeVar("OptionsT", bound=SinkOptions)
+
+
+class Sink(abc.ABC, Generic[OptionsT]):
+    """Base class of every sink.
+
+    Lifecycle: ``__init__`` (no I/O) → ``start()`` → many ``send()`` → ``aclose()``.
+    ``send`` is never called concurrently for one sink instance.
+    """
+
+    options_model: ClassVar[type[SinkOptions]] = SinkOptions
+    """The pydantic model of this sink's options (``extra="forbid"``)."""
+
+    description: ClassVar[str] = ""
+    """One line for ``eventrouter sinks``."""
+
+    def __init__(self, options: OptionsT, context: SinkContext) -> None:
+        self.options = options
+        self.context = context
+        self.log = context.logger
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Connect and check the destination; raise SinkError with a clear message if it cannot work."""
+
+    @abc.abstractmethod
+    async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
+        """Encode and send one batch; return one Outcome per item, in order (None means all OK).
+
+        Raise RetryableError when the whole batch should be retried. Any other exception is
+        logged by the engine and treated as retryable, so a sink bug never loses events.
+        """
+
+    async def check(self) -> None:
+        """Reach the destination for ``eventrouter check`` (defaults to ``start``)."""
+        await self.start()
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections. Must be safe to call twice and without a prior ``start``."""
