@@ -1,0 +1,1 @@
+"""Test servers that keep the real contract of destinations with no server available here."""
