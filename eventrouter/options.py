@@ -137,29 +137,39 @@ class PipelineOptions(_Strict):
 
     name: str | None = Field(None, description="Instance name (default: the sink type); unique per router.")
     queue_max_events: int = Field(
-        10_000, ge=1, validation_alias=AliasChoices("queue_max_events", "queue_size"),
+        10_000,
+        ge=1,
+        validation_alias=AliasChoices("queue_max_events", "queue_size"),
         description="Memory queue bound; beyond it the oldest occurrences spill to disk or are dropped.",
     )
     spool_max_bytes: int = Field(
-        256 * 1024 * 1024, ge=0,
+        256 * 1024 * 1024,
+        ge=0,
         description="Disk spool bound in bytes (needs --data-dir; 0 disables the spool).",
     )
     batch_max_events: int = Field(
-        500, ge=1, validation_alias=AliasChoices("batch_max_events", "batch_size"),
+        500,
+        ge=1,
+        validation_alias=AliasChoices("batch_max_events", "batch_size"),
         description="Most occurrences per send.",
     )
     batch_max_bytes: int = Field(1024 * 1024, ge=1, description="Most encoded record bytes per send.")
     batch_max_wait: float = Field(
-        0.2, ge=0, validation_alias=AliasChoices("batch_max_wait", "batch_wait"),
+        0.2,
+        ge=0,
+        validation_alias=AliasChoices("batch_max_wait", "batch_wait"),
         description="Seconds to wait for a batch to fill after its first occurrence.",
     )
     retry_initial_backoff: float = Field(0.5, gt=0, description="First retry delay in seconds.")
     retry_max_backoff: float = Field(30.0, gt=0, description="Longest retry delay in seconds.")
     retry_max_attempts: int = Field(
-        0, ge=0,
+        0,
+        ge=0,
         description="Attempts before an item is dead-lettered as 'retries exhausted' (0 = never give up).",
     )
-    send_timeout: float = Field(30.0, gt=0, description="Seconds one send may take before it counts as failed.")
+    send_timeout: float = Field(
+        30.0, gt=0, description="Seconds one send may take before it counts as failed."
+    )
 
     @model_validator(mode="after")
     def _backoff_order(self) -> PipelineOptions:

@@ -116,7 +116,7 @@ class Sink(abc.ABC, Generic[OptionsT]):
         self.context = context
         self.log = context.logger
 
-    async def start(self) -> None:  # noqa: B027 - optional hook
+    async def start(self) -> None:
         """Connect and check the destination; raise SinkError with a clear message if it cannot work."""
 
     @abc.abstractmethod
@@ -131,5 +131,5 @@ class Sink(abc.ABC, Generic[OptionsT]):
         """Reach the destination for ``eventrouter check`` (defaults to ``start``)."""
         await self.start()
 
-    async def aclose(self) -> None:  # noqa: B027 - optional hook
+    async def aclose(self) -> None:
         """Release connections. Must be safe to call twice and without a prior ``start``."""

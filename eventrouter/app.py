@@ -1,0 +1,341 @@
+"""The router: builds one pipeline per sink, runs the source into the fanout, serves health and
+metrics, and shuts down gracefully (stop the watch, drain within a deadline, persist state)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from eventrouter.config import SinkSpec
+from eventrouter.engine.checkpoint import (
+    CheckpointBackend,
+    FileCheckpoint,
+    MemoryCheckpoint,
+    SinkCheckpoint,
+    safe_name,
+)
+from eventrouter.engine.deadletter import DeadLetter
+from eventrouter.engine.filter import compile_filter
+from eventrouter.engine.pipeline import Pipeline
+from eventrouter.engine.spool import Spool
+from eventrouter.fanout import Fanout
+from eventrouter.metrics import Metrics
+from eventrouter.record import MalformedEvent, Occurrence
+from eventrouter.sink import SinkContext
+from eventrouter.source.kube import KubeClient, connect
+from eventrouter.source.tracker import OccurrenceTracker
+from eventrouter.source.watcher import EventWatcher, WatchSettings
+
+__all__ = ["Router", "RouterSettings"]
+
+log = logging.getLogger("eventrouter")
+
+
+@dataclass
+class RouterSettings:
+    cluster_name: str = ""
+    """Stamped on every record as ``cluster``."""
+    namespaces: list[str] = field(default_factory=list)
+    """Namespaces to watch; empty watches the whole cluster."""
+    data_dir: Path | None = None
+    """Checkpoints, dead letters and spools live here. Without it a restart re-delivers what the API
+    server still holds and the spool is off."""
+    kubeconfig: str | None = None
+    context: str | None = None
+    metrics_addr: str | None = "0.0.0.0:8080"
+    """host:port for /metrics, /healthz, /readyz; None disables the HTTP server."""
+    shutdown_timeout: float = 25.0
+    """Seconds to drain queues on SIGTERM; keep below the pod's terminationGracePeriodSeconds."""
+    stall_timeout: float = 600.0
+    """/healthz fails when no watch event, bookmark or list completed for this long."""
+    watch: WatchSettings = field(default_factory=WatchSettings)
+
+
+def _checkpoint_backend(settings: RouterSettings, name: str) -> CheckpointBackend:
+    if settings.data_dir is None:
+        return MemoryCheckpoint()
+    return FileCheckpoint(settings.data_dir / "checkpoints", name)
+
+
+class Router:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        specs: Sequence[SinkSpec],
+        *,
+        metrics: Metrics | None = None,
+        checkpoint_backend: Callable[[str], CheckpointBackend] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.specs = list(specs)
+        self.metrics = metrics or Metrics()
+        self._backend_factory = checkpoint_backend or (lambda name: _checkpoint_backend(settings, name))
+        self.pipelines: list[Pipeline] = []
+        self.sinks: dict[str, Any] = {}
+        self.fanout = Fanout([])
+        self.watchers: list[EventWatcher] = []
+        self.kube: KubeClient | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pipeline_tasks: list[asyncio.Task[None]] = []
+        self._live: dict[str | None, set[str]] = {}
+        self._http: web.AppRunner | None = None
+        self.http_port: int | None = None
+        self.draining = False
+        self.stopped = asyncio.Event()
+        self._stopping = False
+
+    # ---- building -----------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        data = self.settings.data_dir
+        for spec in self.specs:
+            sink_dir = data / "sinks" / safe_name(spec.name) if data else None
+            if sink_dir:
+                sink_dir.mkdir(parents=True, exist_ok=True)
+            logger = logging.getLogger(f"eventrouter.sink.{spec.name}")
+            context = SinkContext(
+                name=spec.name, cluster=self.settings.cluster_name, data_dir=sink_dir, logger=logger
+            )
+            sink = spec.sink_cls(spec.options, context)
+            spool = None
+            if data is not None and spec.pipeline.spool_max_bytes > 0:
+                spool = Spool(
+                    data / "spool" / safe_name(spec.name),
+                    max_bytes=spec.pipeline.spool_max_bytes,
+                    cluster=self.settings.cluster_name,
+                )
+            pipeline = Pipeline(
+                name=spec.name,
+                sink=sink,
+                options=spec.pipeline,
+                predicate=compile_filter(spec.filter),
+                checkpoint=SinkCheckpoint(self._backend_factory(spec.name)),
+                deadletter=DeadLetter(
+                    data / "deadletter" / f"{safe_name(spec.name)}.jsonl" if data else None, sink=spec.name
+                ),
+                metrics=self.metrics,
+                spool=spool,
+                logger=logger,
+            )
+            self.sinks[spec.name] = sink
+            self.pipelines.append(pipeline)
+            log.info("sink %s configured", spec.describe())
+        self.fanout = Fanout(self.pipelines)
+
+    def _guard(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("task %s crashed; stopping the router", name)
+                self.request_stop()
+
+        return asyncio.create_task(guarded(), name=name)
+
+    async def start_pipelines(self) -> None:
+        self._build()
+        for p in self.pipelines:
+            self._pipeline_tasks.append(self._guard(p.run(), f"pipeline:{p.name}"))
+        if self.settings.metrics_addr:
+            await self._start_http(self.settings.metrics_addr)
+
+    # ---- source -------------------------------------------------------------------------------
+
+    def _listed(self, namespace: str | None, live: set[str]) -> None:
+        self._live[namespace] = live
+        expected: list[str | None] = [*self.settings.namespaces] or [None]
+        if all(ns in self._live for ns in expected):
+            # Prune checkpoints only with a complete picture of every watched namespace.
+            union: set[str] = set().union(*self._live.values())
+            self.fanout.prune(union)
+
+    async def start_source(self, kube: KubeClient | None = None) -> None:
+        self.kube = kube or await connect(kubeconfig=self.settings.kubeconfig, context=self.settings.context)
+        namespaces: list[str | None] = [*self.settings.namespaces] or [None]
+        for ns in namespaces:
+            watcher = EventWatcher(
+                self.kube,
+                namespace=ns,
+                tracker=OccurrenceTracker(cluster=self.settings.cluster_name),
+                publish=self.fanout.publish,
+                forget=self.fanout.forget,
+                listed=self._listed,
+                metrics=self.metrics,
+                settings=self.settings.watch,
+            )
+            self.watchers.append(watcher)
+            self._tasks.append(self._guard(watcher.run(), f"watch:{ns or '*'}"))
+
+    def replay(self, objects: Iterable[tuple[str, Any]]) -> tuple[int, int]:
+        """Route recorded (type, object) pairs through the same tracker and pipelines.
+
+        Returns (occurrences, malformed)."""
+        tracker = OccurrenceTracker(cluster=self.settings.cluster_name)
+        count = malformed = 0
+        for kind, obj in objects:
+            self.metrics.watch_events.labels(kind).inc()
+            if kind == "DELETED":
+                continue
+            if kind not in ("ADDED", "MODIFIED", "LIST"):
+                continue
+            try:
+                occ = tracker.observe(obj)
+            except MalformedEvent as exc:
+                malformed += 1
+                self.metrics.source_dropped.labels("malformed").inc()
+                log.warning("replay: skipped malformed event: %s", exc)
+                continue
+            if occ is not None:
+                count += 1
+                self.metrics.occurrences.inc()
+                self.fanout.publish(occ)
+        return count, malformed
+
+    def publish(self, occ: Occurrence) -> None:
+        self.fanout.publish(occ)
+
+    # ---- health -------------------------------------------------------------------------------
+
+    def healthy(self) -> tuple[bool, str]:
+        if not self.watchers:
+            return True, "no watch (replay or standby)"
+        now = time.time()
+        stale = [w for w in self.watchers if now - w.last_progress > self.settings.stall_timeout]
+        if stale:
+            ages = ", ".join(f"{w.where}: {now - w.last_progress:.0f}s" for w in stale)
+            return False, f"watch made no progress within {self.settings.stall_timeout:g}s ({ages})"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        waiting = [w.where for w in self.watchers if not w.initial_list_done.is_set()]
+        if waiting:
+            return False, "initial list not done: " + ", ".join(waiting)
+        not_started = [p.name for p in self.pipelines if not p.started.is_set()]
+        if not_started:
+            return False, "sinks not started: " + ", ".join(not_started)
+        return True, "ok"
+
+    async def _start_http(self, addr: str) -> None:
+        host, _, port = addr.rpartition(":")
+        app = web.Application()
+
+        async def metrics(_: web.Request) -> web.Response:
+            for p in self.pipelines:
+                self.metrics.queue_depth.labels(p.name).set(p.depth)
+            body = generate_latest(self.metrics.registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        def probe(check: Callable[[], tuple[bool, str]]) -> Callable[[web.Request], Awaitable[web.Response]]:
+            async def handler(_: web.Request) -> web.Response:
+                ok, why = check()
+                return web.Response(status=200 if ok else 503, text=why + "\n")
+
+            return handler
+
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", probe(self.healthy))
+        app.router.add_get("/readyz", probe(self.ready))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host or "0.0.0.0", int(port))
+        await site.start()
+        self._http = runner
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.http_port = sockets[0].getsockname()[1] if sockets else int(port)
+        log.info("serving /metrics /healthz /readyz on %s:%s", host or "0.0.0.0", self.http_port)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        if not self._stopping:
+            self._stopping = True
+            asyncio.get_running_loop().create_task(self.stop(), name="router-stop")
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Close every pipeline and wait for their queues to empty. True if all drained in time."""
+        for p in self.pipelines:
+            p.close()
+        if not self._pipeline_tasks:
+            return True
+        _, pending = await asyncio.wait(self._pipeline_tasks, timeout=timeout)
+        return not pending
+
+    async def stop(self) -> None:
+        """Stop watching, drain within the deadline, persist what is left, release everything."""
+        self._stopping = True
+        self.draining = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        started = time.monotonic()
+        drained = await self.drain(self.settings.shutdown_timeout)
+        if not drained:
+            for p in self.pipelines:
+                p.stop_now()
+            await asyncio.wait(self._pipeline_tasks, timeout=5)
+            for t in self._pipeline_tasks:
+                t.cancel()
+            await asyncio.gather(*self._pipeline_tasks, return_exceptions=True)
+        for p in self.pipelines:
+            left = p.leftovers()
+            if not left:
+                continue
+            if p.spool is not None:
+                for lost in p.spool.extend(left):
+                    self.metrics.dropped.labels(p.name, "spool_full").inc()
+                    log.warning("sink %s: spool full at shutdown, dropped %s", p.name, lost)
+                log.info(
+                    "sink %s: %d undelivered occurrences kept in the spool for the next start",
+                    p.name,
+                    len(left),
+                )
+            else:
+                self.metrics.dropped.labels(p.name, "shutdown").inc(len(left))
+                log.warning(
+                    "sink %s: %d occurrences not delivered within the %gs drain deadline; without --data-dir "
+                    "they are re-delivered after restart only while the API server still holds them",
+                    p.name,
+                    len(left),
+                    self.settings.shutdown_timeout,
+                )
+        for p in self.pipelines:
+            if p.spool is not None:
+                p.spool.commit()
+            try:
+                p.checkpoint.close()
+            except OSError as exc:
+                log.error("sink %s: cannot persist checkpoint: %s", p.name, exc)
+            with contextlib.suppress(Exception):
+                await p.sink.aclose()
+        if self.kube is not None:
+            await self.kube.close()
+        if self._http is not None:
+            await self._http.cleanup()
+        log.info("stopped after draining for %.2fs", time.monotonic() - started)
+        self.stopped.set()
+
+    @contextlib.asynccontextmanager
+    async def running(self, kube: KubeClient | None = None, *, watch: bool = True) -> AsyncIterator[Router]:
+        """Start pipelines (and the watch), yield, then stop gracefully."""
+        await self.start_pipelines()
+        try:
+            if watch:
+                await self.start_source(kube)
+            yield self
+        finally:
+            if not self.stopped.is_set():
+                await self.stop()

@@ -1,0 +1,368 @@
+"""Command line: ``eventrouter run | sinks | check | replay``.
+
+Exit codes: 0 success, 1 runtime failure (a sink unreachable in ``check``, loss in ``replay``),
+2 invalid configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+
+from eventrouter.app import Router, RouterSettings
+from eventrouter.config import ConfigError, RouterConfig, SinkSpec, build_specs, load_yaml
+from eventrouter.logs import setup_logging
+from eventrouter.plugins import PluginError, discover
+from eventrouter.sink import SinkContext
+from eventrouter.source.watcher import WatchSettings
+
+__all__ = ["main"]
+
+log = logging.getLogger("eventrouter")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sink", action="append", default=[], metavar="TYPE:URL?OPTS", help="a sink, repeatable")
+    p.add_argument("--config", type=Path, help="YAML file with cluster_name, namespaces and sinks")
+    p.add_argument("--data-dir", type=Path, help="checkpoints, spools and dead letters (persistent volume)")
+    p.add_argument("--cluster-name", help="stamped on every record as `cluster`")
+    p.add_argument("--log-level", default=os.environ.get("EVENTROUTER_LOG_LEVEL", "info"))
+    p.add_argument(
+        "--log-format", choices=["text", "json"], default=os.environ.get("EVENTROUTER_LOG_FORMAT", "text")
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eventrouter", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="watch the cluster's events and route them to the sinks")
+    _common(run)
+    run.add_argument("--namespace", action="append", default=[], help="watch only these (repeatable)")
+    run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG)")
+    run.add_argument("--context", help="kubeconfig context")
+    run.add_argument("--metrics-addr", default="0.0.0.0:8080", help="host:port for /metrics /healthz /readyz")
+    run.add_argument("--shutdown-timeout", type=float, default=25.0, help="seconds to drain on SIGTERM")
+    run.add_argument("--field-selector", default="", help="server-side field selector, e.g. type=Warning")
+    run.add_argument("--watch-timeout", type=int, default=290, help="server-side watch timeoutSeconds")
+    run.add_argument(
+        "--stall-timeout", type=float, default=600.0, help="/healthz fails after this long without progress"
+    )
+    run.add_argument(
+        "--demo",
+        action="store_true",
+        help="no cluster needed: run against the built-in test API server replaying recorded events",
+    )
+
+    sinks = sub.add_parser("sinks", help="list installed sinks and their options")
+    sinks.add_argument("name", nargs="?", help="show one sink")
+    sinks.add_argument("--json", action="store_true", help="machine-readable output")
+
+    check = sub.add_parser("check", help="validate the configuration and reach every sink")
+    _common(check)
+
+    replay = sub.add_parser(
+        "replay", help="route a `kubectl get events -A -o json` or a JSON-lines watch recording"
+    )
+    _common(replay)
+    replay.add_argument("file", help="file to read, - for stdin")
+    replay.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for delivery")
+    return parser
+
+
+# ---- configuration -------------------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> tuple[RouterConfig, list[SinkSpec]]:
+    cfg = load_yaml(args.config) if args.config else RouterConfig()
+    specs = build_specs(args.sink, cfg.sinks, yaml_source=str(args.config or "config"))
+    return cfg, specs
+
+
+def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
+    data_dir = args.data_dir or (Path(cfg.data_dir) if cfg.data_dir else None)
+    return RouterSettings(
+        cluster_name=args.cluster_name or cfg.cluster_name,
+        namespaces=list(getattr(args, "namespace", []) or cfg.namespaces),
+        data_dir=data_dir,
+        kubeconfig=getattr(args, "kubeconfig", None),
+        context=getattr(args, "context", None),
+        metrics_addr=getattr(args, "metrics_addr", None),
+        shutdown_timeout=getattr(args, "shutdown_timeout", 25.0),
+        stall_timeout=getattr(args, "stall_timeout", 600.0),
+        watch=WatchSettings(
+            field_selector=getattr(args, "field_selector", "") or cfg.field_selector,
+            watch_timeout=getattr(args, "watch_timeout", 290),
+        ),
+    )
+
+
+# ---- run -----------------------------------------------------------------------------------------
+
+
+async def _run(args: argparse.Namespace) -> int:
+    cfg, specs = _load(args)
+    settings = _settings(args, cfg)
+    demo_stack = contextlib.AsyncExitStack()
+    async with demo_stack:
+        if args.demo:
+            specs = await _demo_setup(args, settings, specs, demo_stack)
+        if not specs:
+            raise ConfigError("no sinks configured: add --sink=TYPE:URL or a `sinks:` list in --config")
+        router = Router(settings, specs)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, router.request_stop)
+        await router.start_pipelines()
+        await router.start_source()
+        await router.stopped.wait()
+    return 0
+
+
+async def _demo_setup(
+    args: argparse.Namespace,
+    settings: RouterSettings,
+    specs: list[SinkSpec],
+    stack: contextlib.AsyncExitStack,
+) -> list[SinkSpec]:
+    """Start the built-in test API server with the recorded traffic and point the router at it."""
+    from eventrouter.testing import recorded_watch
+    from eventrouter.testing.apiserver import FakeApiServer
+
+    api = await stack.enter_async_context(FakeApiServer(token="demo"))
+    await api.load_recording(recorded_watch())
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="eventrouter-demo-")))
+    settings.kubeconfig = str(api.kubeconfig(tmp / "kubeconfig"))
+    settings.cluster_name = settings.cluster_name or "demo"
+    log.info("demo: built-in API server at %s holds %d recorded events", api.url, len(api.events()))
+    if not specs:
+        out = Path("eventrouter-demo")
+        out.mkdir(exist_ok=True)
+        specs = build_specs(["stdout:", f"file:{out.resolve() / 'events.jsonl'}"])
+        log.info("demo: writing to stdout and %s", out / "events.jsonl")
+    return specs
+
+
+# ---- sinks ---------------------------------------------------------------------------------------
+
+
+def _describe_model(model: type[BaseModel]) -> list[dict[str, Any]]:
+    rows = []
+    for name, info in model.model_fields.items():
+        alias = info.validation_alias
+        aliases = [a for a in getattr(alias, "choices", []) if isinstance(a, str) and a != name]
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        annotation = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
+        rows.append(
+            {
+                "name": name,
+                "aliases": aliases,
+                "type": annotation,
+                "required": info.is_required(),
+                "default": None if "Secret" in annotation else default,
+                "description": info.description or "",
+            }
+        )
+    return rows
+
+
+def _sinks(args: argparse.Namespace) -> int:
+    from eventrouter.options import FilterOptions, PipelineOptions
+
+    plugins = discover()
+    if args.name and args.name not in plugins:
+        print(f"unknown sink {args.name!r}; installed: {', '.join(sorted(plugins))}", file=sys.stderr)
+        return 2
+    out: dict[str, Any] = {}
+    for name, plugin in sorted(plugins.items()):
+        if args.name and name != args.name:
+            continue
+        try:
+            cls = plugin.load()
+        except PluginError as exc:
+            out[name] = {"distribution": plugin.distribution, "error": str(exc)}
+            continue
+        out[name] = {
+            "distribution": f"{plugin.distribution} {plugin.version}",
+            "description": cls.description or (cls.__doc__ or "").strip().split("\n")[0],
+            "options": _describe_model(cls.options_model),
+            "default_filter": dict(getattr(cls, "default_filter", {}) or {}),
+        }
+    common = {"filter": _describe_model(FilterOptions), "pipeline": _describe_model(PipelineOptions)}
+    if args.json:
+        print(
+            orjson.dumps({"sinks": out, "common": common}, option=orjson.OPT_INDENT_2, default=str).decode()
+        )
+        return 0
+    for name, info in out.items():
+        if "error" in info:
+            print(f"{name}  [broken] {info['error']}")
+            continue
+        print(f"{name}  ({info['distribution']}) {info['description']}")
+        for row in info["options"]:
+            alias = f" (also: {', '.join(row['aliases'])})" if row["aliases"] else ""
+            default = (
+                ""
+                if row["required"] or row["default"] in (None, "", [], {})
+                else f" [default {row['default']}]"
+            )
+            print(f"    {row['name']}{alias}: {row['type']}{default}  {row['description']}")
+        print()
+    print("Options every sink accepts (filters and pipeline):")
+    for group in ("filter", "pipeline"):
+        for row in common[group]:
+            alias = f" (also: {', '.join(row['aliases'])})" if row["aliases"] else ""
+            print(f"    {row['name']}{alias}: {row['description']}")
+    return 0
+
+
+# ---- check ---------------------------------------------------------------------------------------
+
+
+async def _check(args: argparse.Namespace) -> int:
+    cfg, specs = _load(args)
+    if not specs:
+        raise ConfigError("no sinks configured")
+    failed = 0
+    for spec in specs:
+        context = SinkContext(
+            name=spec.name,
+            cluster=cfg.cluster_name,
+            data_dir=None,
+            logger=logging.getLogger(f"eventrouter.sink.{spec.name}"),
+        )
+        sink = spec.sink_cls(spec.options, context)
+        try:
+            async with asyncio.timeout(spec.pipeline.send_timeout):
+                await sink.check()
+        except Exception as exc:
+            failed += 1
+            print(f"FAIL  {spec.describe()}: {exc if str(exc) else type(exc).__name__}")
+        else:
+            print(f"ok    {spec.describe()}")
+        finally:
+            with contextlib.suppress(Exception):
+                await sink.aclose()
+    return 1 if failed else 0
+
+
+# ---- replay --------------------------------------------------------------------------------------
+
+
+def read_recording(data: bytes) -> Iterator[tuple[str, Any]]:
+    """A ``kubectl get events -o json`` List, or JSON lines of watch events / bare Event objects."""
+    text = data.lstrip()
+    if text.startswith(b"{"):
+        try:
+            doc = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("items"), list):
+            for item in doc["items"]:
+                yield "LIST", item
+            return
+        if isinstance(doc, dict):
+            yield from _line_item(doc)
+            return
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            log.warning("replay: line %d is not JSON (%s); skipped", n, exc)
+            yield "MALFORMED", None
+            continue
+        yield from _line_item(obj)
+
+
+def _line_item(obj: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(obj, dict) and "type" in obj and isinstance(obj.get("object"), dict):
+        yield str(obj["type"]), obj["object"]
+    else:
+        yield "LIST", obj
+
+
+async def _replay(args: argparse.Namespace) -> int:
+    cfg, specs = _load(args)
+    if not specs:
+        raise ConfigError("no sinks configured")
+    settings = _settings(args, cfg)
+    settings.metrics_addr = None
+    settings.shutdown_timeout = args.timeout
+    try:
+        data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {args.file!r}: {exc.strerror}") from None
+    items = list(read_recording(data))
+    router = Router(settings, specs)
+    await router.start_pipelines()
+    occurrences, malformed = router.replay((k, o) for k, o in items if k != "MALFORMED")
+    malformed += sum(1 for k, _ in items if k == "MALFORMED")
+    drained = await router.drain(args.timeout)
+    await router.stop()
+    m = router.metrics
+    summary: dict[str, Any] = {
+        "occurrences": occurrences,
+        "malformed": malformed,
+        "drained": drained,
+        "sinks": {},
+    }
+    lost = 0
+    for p in router.pipelines:
+        row = {
+            "delivered": int(m.delivered.labels(p.name)._value.get()),
+            "filtered": int(m.filtered.labels(p.name)._value.get()),
+            "skipped": int(m.skipped.labels(p.name)._value.get()),
+            "dead_lettered": int(
+                sum(m.dead_lettered.labels(p.name, r)._value.get() for r in ("rejected", "retries_exhausted"))
+            ),
+            "dropped": int(
+                sum(
+                    m.dropped.labels(p.name, r)._value.get() for r in ("queue_full", "spool_full", "shutdown")
+                )
+            ),
+        }
+        lost += row["dropped"]
+        summary["sinks"][p.name] = row
+    print(orjson.dumps(summary).decode(), file=sys.stderr)
+    return 0 if drained and not lost else 1
+
+
+# ---- entry ---------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "sinks":
+        return _sinks(args)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        if args.command == "run":
+            return asyncio.run(_run(args))
+        if args.command == "check":
+            return asyncio.run(_check(args))
+        if args.command == "replay":
+            return asyncio.run(_replay(args))
+    except ConfigError as exc:
+        print(f"eventrouter: configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

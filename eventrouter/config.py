@@ -1,0 +1,229 @@
+"""Router configuration: ``--sink=TYPE:URL?k=v`` flags and a YAML file, validated by pydantic.
+
+Errors name the sink and the option at fault and never echo secret values.
+"""
+
+from __future__ import annotations
+
+import builtins
+import re
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from eventrouter.options import COMMON_KEYS, FilterOptions, PipelineOptions, SinkOptions, field_names
+from eventrouter.plugins import PluginError, SinkPlugin, discover
+from eventrouter.sink import Sink
+
+__all__ = [
+    "ConfigError",
+    "RouterConfig",
+    "SinkSpec",
+    "build_specs",
+    "load_yaml",
+    "parse_sink_flag",
+    "redact_url",
+]
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message names the sink and option. Exit code 2."""
+
+
+_SECRET_HINTS = re.compile(r"(token|secret|password|passwd|key|sign|auth|credential)", re.I)
+
+
+def redact_url(url: str) -> str:
+    """Strip userinfo and query values that look like credentials (access_token=..., sign=...)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = urllib.parse.urlencode(
+        [
+            (k, "***" if _SECRET_HINTS.search(k) else v)
+            for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        ],
+        safe="*,{}",
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+@dataclass(frozen=True)
+class SinkSpec:
+    """One configured sink instance: its type, engine options, filter and the sink's own options."""
+
+    name: str
+    type: str
+    sink_cls: builtins.type[Sink[Any]]
+    options: SinkOptions
+    filter: FilterOptions
+    pipeline: PipelineOptions
+    source: str = field(default="", compare=False)
+    """Where it was configured (``--sink #1`` or ``config.yaml sinks[0]``), for messages."""
+
+    def describe(self) -> str:
+        return (
+            f"{self.name} ({self.type} {redact_url(self.options.url)})"
+            if self.options.url
+            else (f"{self.name} ({self.type})")
+        )
+
+
+def parse_sink_flag(flag: str) -> dict[str, Any]:
+    """``TYPE:URL?k=v&k=v2`` → flat dict: ``url`` is the part before ``?``, every query key is an
+    option (of the engine or of the sink, e.g. DingTalk's ``access_token``). Repeated keys become lists."""
+    if ":" not in flag:
+        raise ConfigError(f"--sink {flag!r}: expected TYPE:URL?options, e.g. loki:http://loki:3100")
+    type_, rest = flag.split(":", 1)
+    type_ = type_.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", type_):
+        raise ConfigError(f"--sink: invalid sink type {type_!r}")
+    url, _, query = rest.partition("?")
+    entry: dict[str, Any] = {"type": type_}
+    if url:
+        entry["url"] = url
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if key in entry and key not in ("type", "url"):
+            existing = entry[key]
+            entry[key] = [*existing, value] if isinstance(existing, list) else [existing, value]
+        elif key in ("type",):
+            raise ConfigError(f"--sink {type_}: option 'type' is not allowed in the query")
+        else:
+            entry[key] = value
+    return entry
+
+
+def _coerce_query_value(model: type[BaseModel], key: str, value: Any) -> Any:
+    """A repeated key for a scalar field keeps the last value, like most URL parsers."""
+    info = model.model_fields.get(key)
+    if isinstance(value, list) and info is not None:
+        origin = getattr(info.annotation, "__origin__", None)
+        if origin not in (list, tuple, set, dict) and info.annotation not in (list, dict):
+            return value[-1]
+    return value
+
+
+def _format_errors(where: str, exc: ValidationError, keys: Mapping[str, Any] | None = None) -> str:
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "(options)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown option"
+        lines.append(f"{where}: option {loc!r}: {msg}")
+    return "\n".join(lines)
+
+
+def build_spec(entry: Mapping[str, Any], *, where: str, plugins: Mapping[str, SinkPlugin]) -> SinkSpec:
+    entry = dict(entry)
+    type_ = entry.pop("type", None)
+    if not isinstance(type_, str) or not type_:
+        raise ConfigError(f"{where}: every sink needs a 'type' (installed: {', '.join(sorted(plugins))})")
+    plugin = plugins.get(type_)
+    if plugin is None:
+        raise ConfigError(f"{where}: unknown sink type {type_!r} (installed: {', '.join(sorted(plugins))})")
+    try:
+        sink_cls = plugin.load()
+    except PluginError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return spec_for_class(sink_cls, entry, type_=type_, where=where)
+
+
+def spec_for_class(
+    sink_cls: builtins.type[Sink[Any]], entry: Mapping[str, Any], *, type_: str, where: str = "sink"
+) -> SinkSpec:
+    """Validate flat options for a known sink class (also used by tests and embedders)."""
+    entry = dict(entry)
+    entry.pop("type", None)
+    # Sinks may supply defaults fitting their purpose (alert robots: Warning only).
+    defaults: Mapping[str, Any] = getattr(sink_cls, "default_filter", {}) or {}
+    filter_keys = field_names(FilterOptions)
+    pipeline_keys = field_names(PipelineOptions)
+    filt = {k: v for k, v in entry.items() if k in filter_keys}
+    for k, v in defaults.items():
+        filt.setdefault(k, v)
+    pipe = {k: v for k, v in entry.items() if k in pipeline_keys}
+    own = {k: v for k, v in entry.items() if k not in filter_keys and k not in pipeline_keys}
+    name = str(pipe.get("name") or type_)
+    where = f"{where} (sink {name!r})"
+    model = sink_cls.options_model
+    clash = (field_names(model) - {"url", "include_raw"}) & COMMON_KEYS
+    if clash:
+        raise ConfigError(f"{where}: sink {type_!r} defines reserved option names {sorted(clash)}")
+    try:
+        filter_opts = FilterOptions.model_validate(
+            {k: _coerce_query_value(FilterOptions, k, v) for k, v in filt.items()}
+        )
+        pipeline_opts = PipelineOptions.model_validate(
+            {k: _coerce_query_value(PipelineOptions, k, v) for k, v in pipe.items()}
+        )
+        options = model.model_validate({k: _coerce_query_value(model, k, v) for k, v in own.items()})
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(where, exc)) from None
+    return SinkSpec(
+        name=name,
+        type=type_,
+        sink_cls=sink_cls,
+        options=options,
+        filter=filter_opts,
+        pipeline=pipeline_opts,
+        source=where,
+    )
+
+
+class RouterConfig(BaseModel):
+    """The YAML file (``--config``). Command-line flags override it."""
+
+    model_config = {"extra": "forbid"}
+
+    cluster_name: str = ""
+    namespaces: list[str] = []
+    data_dir: str | None = None
+    field_selector: str = ""
+    sinks: list[dict[str, Any]] = []
+
+
+def load_yaml(path: Path) -> RouterConfig:
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+    try:
+        return RouterConfig.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(f"config file {path}", exc)) from None
+
+
+def build_specs(
+    flags: Sequence[str], yaml_sinks: Sequence[Mapping[str, Any]] = (), *, yaml_source: str = "config"
+) -> list[SinkSpec]:
+    plugins = discover()
+    specs: list[SinkSpec] = []
+    for i, entry in enumerate(yaml_sinks):
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{yaml_source} sinks[{i}]: expected a mapping")
+        specs.append(build_spec(entry, where=f"{yaml_source} sinks[{i}]", plugins=plugins))
+    for i, flag in enumerate(flags, 1):
+        specs.append(build_spec(parse_sink_flag(flag), where=f"--sink #{i}", plugins=plugins))
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.name in seen:
+            raise ConfigError(
+                f"{spec.source}: sink name {spec.name!r} is already used by {seen[spec.name]}; "
+                "give each instance a distinct name= option"
+            )
+        seen[spec.name] = spec.source
+    return specs

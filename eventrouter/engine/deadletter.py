@@ -1,0 +1,57 @@
+"""Dead-letter file: every occurrence a sink refused for good, with the reason, as JSON lines.
+
+``<data-dir>/deadletter/<sink>.jsonl``, rotated at a size bound so a misconfigured sink cannot fill
+the disk (the rotation itself is counted in the log). Without --data-dir the reason is only logged
+and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+
+from eventrouter.record import Occurrence
+
+__all__ = ["DeadLetter"]
+
+log = logging.getLogger(__name__)
+
+
+class DeadLetter:
+    def __init__(self, path: Path | None, *, sink: str, max_bytes: int = 100 * 1024 * 1024) -> None:
+        self.path = path
+        self.sink = sink
+        self.max_bytes = max_bytes
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, items: Sequence[tuple[Occurrence, str]]) -> None:
+        if self.path is None or not items:
+            return
+        now = time.time()
+        lines = b"".join(
+            orjson.dumps(
+                {
+                    "sink": self.sink,
+                    "reason": reason,
+                    "dead_lettered_at": now,
+                    "key": occ.key,
+                    "record": occ.record,
+                }
+            )
+            + b"\n"
+            for occ, reason in items
+        )
+        try:
+            if self.path.exists() and self.path.stat().st_size + len(lines) > self.max_bytes:
+                os.replace(self.path, self.path.with_suffix(self.path.suffix + ".1"))
+                log.warning("dead-letter file %s rotated at %d bytes", self.path, self.max_bytes)
+            with open(self.path, "ab") as fh:
+                fh.write(lines)
+        except OSError as exc:
+            log.error("cannot write dead-letter file %s: %s (%d occurrences)", self.path, exc, len(items))

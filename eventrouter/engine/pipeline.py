@@ -1,0 +1,420 @@
+"""One pipeline per sink: filter → bounded queue → batcher → send with retries → per-item outcome.
+
+``offer`` never blocks and never raises: a slow or broken sink only fills its own queue, so the
+source and the other sinks are never held up. What cannot be kept is counted and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+
+from eventrouter.engine.checkpoint import SinkCheckpoint
+from eventrouter.engine.deadletter import DeadLetter
+from eventrouter.engine.spool import Spool
+from eventrouter.metrics import Metrics
+from eventrouter.options import PipelineOptions
+from eventrouter.record import Occurrence
+from eventrouter.sink import OK, Outcome, OutcomeKind, RetryableError, Sink, SinkError, retry
+
+__all__ = ["Pipeline"]
+
+
+class _Throttled:
+    """Log the first occurrence of a condition at once, then a count at most every ``period`` seconds."""
+
+    def __init__(self, log: logging.Logger, period: float = 10.0) -> None:
+        self.log = log
+        self.period = period
+        self.last: dict[str, float] = {}
+        self.suppressed: collections.Counter[str] = collections.Counter()
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last.get(key, -1e9) >= self.period:
+            extra = f" (+{self.suppressed[key]} similar since last report)" if self.suppressed[key] else ""
+            self.log.warning(msg + extra, *args)
+            self.last[key] = now
+            self.suppressed[key] = 0
+        else:
+            self.suppressed[key] += 1
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        name: str,
+        sink: Sink[object],  # type: ignore[type-var]
+        options: PipelineOptions,
+        predicate: Callable[[Occurrence], bool] | None,
+        checkpoint: SinkCheckpoint,
+        deadletter: DeadLetter,
+        metrics: Metrics,
+        spool: Spool | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.name = name
+        self.sink = sink
+        self.options = options
+        self.predicate = predicate
+        self.checkpoint = checkpoint
+        self.deadletter = deadletter
+        self.metrics = metrics
+        self.spool = spool
+        self.log = logger or logging.getLogger(f"eventrouter.sink.{name}")
+        self._throttled = _Throttled(self.log)
+        self._queue: collections.deque[Occurrence] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._stop_now = asyncio.Event()
+        self._in_flight: list[Occurrence] = []
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.started = asyncio.Event()
+        # Metric children resolved once: label lookups are not free on the hot path.
+        m = metrics
+        self._m_received = m.received.labels(name)
+        self._m_filtered = m.filtered.labels(name)
+        self._m_skipped = m.skipped.labels(name)
+        self._m_delivered = m.delivered.labels(name)
+        self._m_retries = m.retries.labels(name)
+        self._m_queue = m.queue_depth.labels(name)
+        self._m_spool = m.spool_depth.labels(name)
+        self._m_latency = m.send_latency.labels(name)
+        self._m_batch = m.batch_size.labels(name)
+        self._m_lag = m.delivery_lag.labels(name)
+        self._m_event_lag = m.event_lag.labels(name)
+        self._m_up = m.sink_up.labels(name)
+        self._m_up.set(1)
+        if spool is not None:
+            self._m_spool.set(len(spool))
+
+    # ---- intake -------------------------------------------------------------------------------
+
+    def offer(self, occ: Occurrence) -> None:
+        self._m_received.inc()
+        if occ.number <= self.checkpoint.accepted(occ.uid):
+            self._m_skipped.inc()
+            return
+        if self.predicate is not None and not self.predicate(occ):
+            self._m_filtered.inc()
+            self.log.debug(
+                "filtered %s (%s %s %s)",
+                occ.key,
+                occ.record["type"],
+                occ.record["namespace"],
+                occ.record["reason"],
+            )
+            return
+        if self._closing:
+            self.metrics.dropped.labels(self.name, "shutdown").inc()
+            self._throttled.warning(
+                "shutdown", "sink %s: dropped %s offered after shutdown began", self.name, occ.key
+            )
+            return
+        self.idle.clear()
+        if self.spool is not None and (len(self.spool) or len(self._queue) >= self.options.queue_max_events):
+            # Once spilling starts, everything goes through the spool until it drains: order is kept.
+            self._spill(occ)
+        elif len(self._queue) >= self.options.queue_max_events:
+            dropped = self._queue.popleft()
+            self._queue.append(occ)
+            self.metrics.dropped.labels(self.name, "queue_full").inc()
+            self._throttled.warning(
+                "queue_full",
+                "sink %s: memory queue full (%d), dropped oldest occurrence %s",
+                self.name,
+                self.options.queue_max_events,
+                dropped.key,
+            )
+        else:
+            self._queue.append(occ)
+        self._m_queue.set(len(self._queue))
+        self._wakeup.set()
+
+    def _spill(self, occ: Occurrence) -> None:
+        assert self.spool is not None
+        for lost in self.spool.append(occ):
+            self.metrics.dropped.labels(self.name, "spool_full").inc()
+            self._throttled.warning(
+                "spool_full", "sink %s: disk spool full, dropped oldest occurrence %s", self.name, lost
+            )
+        self._m_spool.set(len(self.spool))
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue) + (len(self.spool) if self.spool else 0) + len(self._in_flight)
+
+    # ---- batching and sending -----------------------------------------------------------------
+
+    def _refill(self) -> None:
+        """Move spooled occurrences back into memory once the memory queue has drained.
+
+        Called only between batches, when nothing is in flight: everything popped before has
+        finished, so the spool's read position can be made durable first. A crash replays at most
+        one batch from the spool, and the checkpoint skips what was already accepted."""
+        if self.spool is not None and not self._queue:
+            self.spool.commit()
+            if len(self.spool):
+                self._queue.extend(self.spool.pop(self.options.batch_max_events))
+            self._m_spool.set(len(self.spool))
+
+    def _take(self, batch: list[Occurrence], size: int) -> int:
+        opts = self.options
+        accepted = self.checkpoint.accepted
+        while self._queue and len(batch) < opts.batch_max_events:
+            nxt = self._queue[0]
+            if nxt.number <= accepted(nxt.uid):
+                # A copy replayed from the spool after a crash, or queued twice: already delivered.
+                self._queue.popleft()
+                self._m_skipped.inc()
+                continue
+            if batch and size + nxt.size > opts.batch_max_bytes:
+                break
+            batch.append(self._queue.popleft())
+            size += nxt.size
+        return size
+
+    async def _next_batch(self) -> list[Occurrence] | None:
+        opts = self.options
+        self._refill()
+        while not self._queue:
+            if self._closing:
+                return None
+            self.idle.set()
+            self._wakeup.clear()
+            await self._wakeup.wait()
+            self._refill()
+        batch: list[Occurrence] = []
+        size = self._take(batch, 0)
+        deadline = time.monotonic() + opts.batch_max_wait
+        while (
+            len(batch) < opts.batch_max_events
+            and size < opts.batch_max_bytes
+            and not self._closing
+            and (remaining := deadline - time.monotonic()) > 0
+        ):
+            if self._queue:
+                break  # _take stopped at the byte bound: the batch is full
+            if self.spool is not None and len(self.spool):
+                break  # the rest is on disk: send this batch, refill before the next
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                break
+            size = self._take(batch, size)
+        self._m_queue.set(len(self._queue))
+        return batch
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        opts = self.options
+        base = min(opts.retry_max_backoff, opts.retry_initial_backoff * (2 ** (attempt - 1)))
+        delay = base / 2 + random.uniform(0, base / 2)  # equal jitter: spread, but never near zero
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, opts.retry_max_backoff * 10))
+        return float(delay)
+
+    async def _send_once(self, items: Sequence[Occurrence]) -> Sequence[Outcome]:
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.options.send_timeout):
+                outcomes = await self.sink.send(items)
+        except RetryableError as exc:
+            self.metrics.send_errors.labels(self.name, "retryable").inc()
+            return [retry(exc.reason, retry_after=exc.retry_after)] * len(items)
+        except TimeoutError:
+            self.metrics.send_errors.labels(self.name, "timeout").inc()
+            return [retry(f"send timed out after {self.options.send_timeout:g}s")] * len(items)
+        except Exception as exc:
+            # A sink bug must not lose events: log it loudly and retry.
+            self.metrics.send_errors.labels(self.name, "exception").inc()
+            self.log.exception("sink %s: send raised %s", self.name, type(exc).__name__)
+            return [retry(f"{type(exc).__name__}: {exc}")] * len(items)
+        finally:
+            self._m_latency.observe(time.monotonic() - started)
+        if outcomes is None:
+            return [OK] * len(items)
+        if len(outcomes) != len(items):
+            self.metrics.send_errors.labels(self.name, "contract").inc()
+            self.log.error(
+                "sink %s returned %d outcomes for %d occurrences; retrying the batch",
+                self.name,
+                len(outcomes),
+                len(items),
+            )
+            return [retry("sink broke the outcome contract")] * len(items)
+        return outcomes
+
+    async def _deliver(self, batch: list[Occurrence]) -> None:
+        self._in_flight = batch
+        self._m_batch.observe(len(batch))
+        pending: list[Occurrence] = batch
+        done: dict[str, int] = {}  # finished (accepted or dead-lettered), not yet checkpointed
+        attempt = 0
+        try:
+            while pending:
+                attempt += 1
+                outcomes = await self._send_once(pending)
+                now = time.time()
+                retry_items: list[Occurrence] = []
+                dead: list[tuple[Occurrence, str]] = []
+                retry_after: float | None = None
+                last_reason = ""
+                for occ, out in zip(pending, outcomes, strict=True):
+                    if out.kind is OutcomeKind.OK:
+                        self._m_delivered.inc()
+                        self._m_lag.observe(max(0.0, now - occ.received_at))
+                        self._m_event_lag.observe(max(0.0, now - occ.time_ns / 1e9))
+                        done[occ.uid] = max(done.get(occ.uid, 0), occ.number)
+                    elif out.kind is OutcomeKind.REJECT:
+                        dead.append((occ, out.reason or "rejected"))
+                        self.metrics.dead_lettered.labels(self.name, "rejected").inc()
+                        done[occ.uid] = max(done.get(occ.uid, 0), occ.number)
+                    else:
+                        retry_items.append(occ)
+                        last_reason = out.reason
+                        if out.retry_after is not None:
+                            retry_after = max(retry_after or 0.0, out.retry_after)
+                if dead:
+                    self.deadletter.write(dead)
+                    for occ, reason in dead[:3]:
+                        self.log.warning("sink %s rejected %s: %s", self.name, occ.key, reason)
+                    if len(dead) > 3:
+                        self.log.warning(
+                            "sink %s rejected %d more occurrences of this batch", self.name, len(dead) - 3
+                        )
+                self._checkpoint(done, retry_items)
+                if not retry_items:
+                    self._m_up.set(1)
+                    break
+                self._m_up.set(0)
+                limit = self.options.retry_max_attempts
+                if limit and attempt >= limit:
+                    reason = f"retries exhausted after {attempt} attempts: {last_reason}"
+                    self.deadletter.write([(occ, reason) for occ in retry_items])
+                    self.metrics.dead_lettered.labels(self.name, "retries_exhausted").inc(len(retry_items))
+                    self.log.error(
+                        "sink %s: %d occurrences dead-lettered, %s", self.name, len(retry_items), reason
+                    )
+                    for occ in retry_items:
+                        done[occ.uid] = max(done.get(occ.uid, 0), occ.number)
+                    self._checkpoint(done, [])
+                    break
+                self._m_retries.inc(len(retry_items))
+                delay = self._backoff(attempt, retry_after)
+                self._throttled.warning(
+                    "retry",
+                    "sink %s: %d occurrences not accepted (%s); retry %d in %.2fs",
+                    self.name,
+                    len(retry_items),
+                    last_reason,
+                    attempt,
+                    delay,
+                )
+                pending = retry_items
+                self._in_flight = pending
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._stop_now.wait()
+                except TimeoutError:
+                    pass
+                if self._stop_now.is_set():
+                    return
+        finally:
+            # Only reached with entries left on stop or cancellation: keep the blocked ones unrecorded.
+            self._checkpoint(done, pending)
+            self._in_flight = []
+
+    def _checkpoint(self, done: dict[str, int], still_pending: Sequence[Occurrence]) -> None:
+        """Advance the checkpoint for finished occurrences unless a lower one of the same event is
+        still pending: recording 5 while 4 waits for a retry would lose 4 after a crash."""
+        if not done:
+            return
+        blocked: dict[str, int] = {}
+        for occ in still_pending:
+            if occ.uid in done:
+                blocked[occ.uid] = min(blocked.get(occ.uid, occ.number), occ.number)
+        ready = {uid: n for uid, n in done.items() if uid not in blocked or n < blocked[uid]}
+        if ready:
+            self.checkpoint.ack(ready)
+            for uid in ready:
+                del done[uid]
+
+    async def _start_sink(self) -> bool:
+        """Start the sink, retrying with backoff: a destination down at boot only holds up its own
+        pipeline (its queue fills, then spills or drops, all counted) while the rest runs."""
+        attempt = 0
+        while not self._stop_now.is_set():
+            attempt += 1
+            try:
+                async with asyncio.timeout(self.options.send_timeout):
+                    await self.sink.start()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._m_up.set(0)
+                self.metrics.send_errors.labels(self.name, "start").inc()
+                delay = self._backoff(attempt, None)
+                reason = str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
+                self.log.error("sink %s cannot start: %s (retry in %.1fs)", self.name, reason, delay)
+                if self._closing:
+                    return False
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._stop_now.wait()
+                except TimeoutError:
+                    pass
+                continue
+            self.started.set()
+            self._m_up.set(1)
+            return True
+        return False
+
+    async def run(self) -> None:
+        """Start the sink, then deliver until closed and drained (or told to stop now)."""
+        if not self.started.is_set() and not await self._start_sink():
+            self.idle.set()
+            return
+        while not self._stop_now.is_set():
+            batch = await self._next_batch()
+            if batch is None:
+                break
+            await self._deliver(batch)
+        self.idle.set()
+
+    # ---- shutdown -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """No more offers; ``run`` returns once the queue is delivered."""
+        self._closing = True
+        self._wakeup.set()
+
+    def stop_now(self) -> None:
+        """Give up on what is left (drain deadline passed)."""
+        self._closing = True
+        self._stop_now.set()
+        self._wakeup.set()
+
+    def leftovers(self) -> list[Occurrence]:
+        """What was not delivered: in flight first, then queued (order kept)."""
+        items = list(self._in_flight) + list(self._queue)
+        self._in_flight = []
+        self._queue.clear()
+        return items
+
+    async def wait_idle(self, timeout: float | None = None) -> None:
+        """Wait until everything offered so far has been sent (tests, drains)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                await self.idle.wait()
+                if not self._queue and not self._in_flight and not (self.spool and len(self.spool)):
+                    return
+                self.idle.clear()
+                self._wakeup.set()

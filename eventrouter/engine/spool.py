@@ -1,0 +1,204 @@
+"""Bounded on-disk FIFO per sink, for occurrences that do not fit in the memory queue.
+
+Segments of JSON lines (``<n>.seg``) plus a ``cursor`` file holding the durable read position.
+``pop`` moves the read position in memory only; ``commit`` makes it durable once the popped
+occurrences have finished. After a crash the uncommitted part is read again and the pipeline skips
+what the checkpoint says was accepted. When the byte bound is reached, the oldest segment is
+dropped and each occurrence in it is reported to the caller to be counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from eventrouter.record import MalformedEvent, Occurrence, normalise, occurrence_number
+
+__all__ = ["Spool"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Segment:
+    number: int
+    path: Path
+    records: int = 0
+    size: int = 0
+    read_records: int = 0  # durable + in-memory read position within this segment
+    read_offset: int = 0
+
+
+class Spool:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_bytes: int,
+        segment_bytes: int = 4 * 1024 * 1024,
+        cluster: str = "",
+        decode: Callable[[bytes], Occurrence] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.segment_bytes = max(1024, min(segment_bytes, max_bytes // 4 or 1024))
+        self.cluster = cluster
+        self._decode = decode or self._default_decode
+        directory.mkdir(parents=True, exist_ok=True)
+        self._segments: collections.deque[_Segment] = collections.deque()
+        self._count = 0
+        self._bytes = 0
+        self._open()
+
+    # ---- persistence format -------------------------------------------------------------------
+
+    @staticmethod
+    def encode(occ: Occurrence) -> bytes:
+        # The raw object is enough: the record is rebuilt from it exactly as the source built it.
+        return orjson.dumps([occ.raw, occ.received_at]) + b"\n"
+
+    def _default_decode(self, line: bytes) -> Occurrence:
+        raw, received_at = orjson.loads(line)
+        return normalise(raw, cluster=self.cluster, received_at=received_at)
+
+    def _open(self) -> None:
+        cursor_seg, cursor_records = 0, 0
+        cursor = self.directory / "cursor"
+        if cursor.exists():
+            with contextlib.suppress(ValueError):
+                a, b = cursor.read_text().split()
+                cursor_seg, cursor_records = int(a), int(b)
+        for path in sorted(self.directory.glob("*.seg"), key=lambda p: int(p.stem)):
+            number = int(path.stem)
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                # Torn last write (crash): keep the complete lines only.
+                data = data[: data.rfind(b"\n") + 1]
+                with open(path, "r+b") as fh:
+                    fh.truncate(len(data))
+            seg = _Segment(number, path, records=data.count(b"\n"), size=len(data))
+            if number < cursor_seg:
+                path.unlink()
+                continue
+            if number == cursor_seg and cursor_records:
+                offset = 0
+                for _ in range(min(cursor_records, seg.records)):
+                    offset = data.index(b"\n", offset) + 1
+                seg.read_records = min(cursor_records, seg.records)
+                seg.read_offset = offset
+            self._segments.append(seg)
+            self._count += seg.records - seg.read_records
+            self._bytes += seg.size
+        if self._count:
+            log.info("spool %s: %d occurrences waiting from before the restart", self.directory, self._count)
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    def append(self, occ: Occurrence) -> list[str]:
+        """Append one occurrence; returns the keys of occurrences dropped to stay within the bound."""
+        line = self.encode(occ)
+        dropped: list[str] = []
+        while self._segments and self._bytes + len(line) > self.max_bytes:
+            dropped.extend(self._drop_oldest())
+        seg = self._segments[-1] if self._segments else None
+        if seg is None or (seg.size + len(line) > self.segment_bytes and seg.size):
+            number = seg.number + 1 if seg else int(time.time() * 1000)
+            seg = _Segment(number, self.directory / f"{number}.seg")
+            self._segments.append(seg)
+        with open(seg.path, "ab") as fh:
+            fh.write(line)
+        seg.records += 1
+        seg.size += len(line)
+        self._count += 1
+        self._bytes += len(line)
+        return dropped
+
+    def extend(self, occs: list[Occurrence]) -> list[str]:
+        dropped: list[str] = []
+        for occ in occs:
+            dropped.extend(self.append(occ))
+        return dropped
+
+    def _drop_oldest(self) -> list[str]:
+        seg = self._segments.popleft()
+        keys: list[str] = []
+        data = seg.path.read_bytes()[seg.read_offset :]
+        for line in data.splitlines():
+            try:
+                raw, _ = orjson.loads(line)
+                keys.append(f"{raw['metadata']['uid']}/{occurrence_number(raw)}")
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                keys.append("?")
+        seg.path.unlink(missing_ok=True)
+        self._count -= seg.records - seg.read_records
+        self._bytes -= seg.size
+        return keys
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def pop(self, limit: int) -> list[Occurrence]:
+        out: list[Occurrence] = []
+        while self._segments and len(out) < limit:
+            seg = self._segments[0]
+            if seg.read_records >= seg.records:
+                if len(self._segments) == 1:
+                    break
+                self._segments.popleft()
+                self._bytes -= seg.size
+                seg.path.unlink(missing_ok=True)
+                continue
+            with open(seg.path, "rb") as fh:
+                fh.seek(seg.read_offset)
+                while len(out) < limit and seg.read_records < seg.records:
+                    line = fh.readline()
+                    seg.read_offset += len(line)
+                    seg.read_records += 1
+                    self._count -= 1
+                    try:
+                        out.append(self._decode(line))
+                    except (orjson.JSONDecodeError, MalformedEvent, ValueError, TypeError) as exc:
+                        log.error("spool %s: unreadable record skipped: %s", self.directory, exc)
+        return out
+
+    def commit(self) -> None:
+        """Make the read position durable and delete fully read segments."""
+        while len(self._segments) > 1 and self._segments[0].read_records >= self._segments[0].records:
+            seg = self._segments.popleft()
+            self._bytes -= seg.size
+            seg.path.unlink(missing_ok=True)
+        if not self._segments:
+            text = "0 0"
+        else:
+            head = self._segments[0]
+            if head.read_records >= head.records and len(self._segments) == 1 and head.records:
+                # Everything read: start afresh instead of keeping an exhausted segment around.
+                self._segments.clear()
+                self._bytes -= head.size
+                head.path.unlink(missing_ok=True)
+                text = "0 0"
+            else:
+                text = f"{head.number} {head.read_records}"
+        cursor = self.directory / "cursor"
+        tmp = self.directory / "cursor.tmp"
+        try:
+            if cursor.exists() and cursor.read_text() == text:
+                return
+            tmp.write_text(text)
+            os.replace(tmp, cursor)
+        except OSError as exc:
+            log.error("spool %s: cannot persist read position: %s", self.directory, exc)

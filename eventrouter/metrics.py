@@ -1,0 +1,124 @@
+"""Prometheus metrics. One registry per router so tests and embedded routers never collide.
+
+Label values are bounded: sink instance names, fixed reason categories, watch event types. Never a
+secret, an event name or a free-text message.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 7200)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        # Source side.
+        self.watch_events = Counter(
+            "eventrouter_watch_events", "Watch and list items received, by type.", ["type"], registry=r
+        )
+        self.occurrences = Counter(
+            "eventrouter_occurrences", "New occurrences handed to the fanout.", registry=r
+        )
+        self.source_dropped = Counter(
+            "eventrouter_source_dropped",
+            "Objects the source could not use (malformed), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.watch_restarts = Counter(
+            "eventrouter_watch_restarts", "Watch streams reopened, by reason.", ["reason"], registry=r
+        )
+        self.relists = Counter(
+            "eventrouter_relists", "Full lists performed, by reason.", ["reason"], registry=r
+        )
+        self.last_progress = Gauge(
+            "eventrouter_watch_last_progress_timestamp_seconds",
+            "Unix time of the last watch event, bookmark or completed list.",
+            registry=r,
+        )
+        self.tracked_events = Gauge(
+            "eventrouter_tracked_events",
+            "Live Event objects whose occurrence number is remembered.",
+            registry=r,
+        )
+        # Per sink.
+        self.received = Counter(
+            "eventrouter_sink_received", "Occurrences offered to the sink pipeline.", ["sink"], registry=r
+        )
+        self.filtered = Counter(
+            "eventrouter_sink_filtered", "Occurrences the sink's filter did not keep.", ["sink"], registry=r
+        )
+        self.skipped = Counter(
+            "eventrouter_sink_skipped",
+            "Occurrences not sent because the checkpoint says the sink already accepted them.",
+            ["sink"],
+            registry=r,
+        )
+        self.delivered = Counter(
+            "eventrouter_sink_delivered", "Occurrences the sink accepted.", ["sink"], registry=r
+        )
+        self.dropped = Counter(
+            "eventrouter_sink_dropped",
+            "Occurrences dropped without delivery, by reason (queue_full, spool_full, shutdown).",
+            ["sink", "reason"],
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "eventrouter_sink_dead_lettered",
+            "Occurrences the sink rejected for good, by reason (rejected, retries_exhausted).",
+            ["sink", "reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "eventrouter_sink_retries", "Occurrences scheduled for another attempt.", ["sink"], registry=r
+        )
+        self.send_errors = Counter(
+            "eventrouter_sink_send_errors", "Failed send calls, by kind.", ["sink", "kind"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "eventrouter_sink_queue_depth", "Occurrences waiting in the memory queue.", ["sink"], registry=r
+        )
+        self.spool_depth = Gauge(
+            "eventrouter_sink_spool_depth", "Occurrences waiting in the disk spool.", ["sink"], registry=r
+        )
+        self.send_latency = Histogram(
+            "eventrouter_sink_send_duration_seconds",
+            "Duration of one send call.",
+            ["sink"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "eventrouter_sink_batch_size",
+            "Occurrences per send call.",
+            ["sink"],
+            buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 5000),
+            registry=r,
+        )
+        self.delivery_lag = Histogram(
+            "eventrouter_sink_delivery_lag_seconds",
+            "From receipt by the router to acceptance by the sink.",
+            ["sink"],
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.event_lag = Histogram(
+            "eventrouter_sink_event_lag_seconds",
+            "From the event's own time to acceptance by the sink (includes relisted old events).",
+            ["sink"],
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.sink_up = Gauge(
+            "eventrouter_sink_up",
+            "1 when the sink's last send succeeded, 0 while it fails.",
+            ["sink"],
+            registry=r,
+        )
+        self.leader = Gauge("eventrouter_leader", "1 while this replica holds the lease.", registry=r)

@@ -1,0 +1,115 @@
+"""Kubernetes access through kubernetes-asyncio: in-cluster service account, kubeconfig and context,
+exec credential plugins with token refresh. Requests are raw (bytes in, bytes out): no generated
+model objects on the hot path."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio import client, config
+
+__all__ = ["ApiError", "KubeClient", "connect"]
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """A non-2xx answer from the API server, with its Status reason and code."""
+
+    def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.retry_after = retry_after
+
+
+class KubeClient:
+    """A thin wrapper over kubernetes_asyncio's ApiClient for raw GET/streaming requests."""
+
+    def __init__(self, api: client.ApiClient, *, describe: str) -> None:
+        self.api = api
+        self.describe = describe
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        query: Sequence[tuple[str, str]] = (),
+        *,
+        body: Any = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+        content_type: str | None = None,
+    ) -> aiohttp.ClientResponse:
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        resp: aiohttp.ClientResponse = await self.api.call_api(
+            path,
+            method,
+            query_params=list(query),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=timeout or aiohttp.ClientTimeout(total=60),
+        )
+        return resp
+
+    async def close(self) -> None:
+        await self.api.close()
+
+
+async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
+    if 200 <= resp.status < 300:
+        return
+    import orjson
+
+    body = await resp.read()
+    reason, message = resp.reason or "", body[:300].decode("utf-8", "replace")
+    try:
+        status = orjson.loads(body)
+        if isinstance(status, dict):
+            reason = str(status.get("reason") or reason)
+            message = str(status.get("message") or message)
+    except orjson.JSONDecodeError:
+        pass
+    retry_after: float | None = None
+    if "Retry-After" in resp.headers:
+        try:
+            retry_after = float(resp.headers["Retry-After"])
+        except ValueError:
+            retry_after = None
+    resp.release()
+    raise ApiError(resp.status, reason, message, retry_after)
+
+
+async def connect(*, kubeconfig: str | None = None, context: str | None = None) -> KubeClient:
+    """In-cluster config when running in a pod and no kubeconfig is given, else the kubeconfig."""
+    configuration = client.Configuration()
+    if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        # Reads the projected service-account token again whenever it rotates.
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        describe = "in-cluster service account"
+    else:
+        path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
+        loader = await config.load_kube_config(
+            config_file=path, context=context, client_configuration=configuration, persist_config=False
+        )
+        describe = f"kubeconfig {path or '~/.kube/config'}" + (f" context {context}" if context else "")
+        if "exec" in getattr(loader, "_user", {}):
+            # Exec credential plugins hand out short-lived tokens: re-run the plugin when it expires.
+            async def refresh(conf: client.Configuration) -> None:
+                await loader.load_from_exec_plugin()
+                if getattr(loader, "token", None):
+                    conf.api_key["BearerToken"] = loader.token
+
+            configuration.refresh_api_key_hook = refresh
+    api = client.ApiClient(configuration=configuration)
+    api.user_agent = "eventrouter"
+    log.info("kubernetes API %s via %s", configuration.host, describe)
+    return KubeClient(api, describe=describe)

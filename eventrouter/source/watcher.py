@@ -1,0 +1,275 @@
+"""List (paged) then watch core/v1 events, for the cluster or one namespace.
+
+Relists on 410 Gone (list continue or in-stream ERROR) and on a watch that closes at once without a
+line (kubernetes#104171: a stale resourceVersion can yield an empty 200 instead of 410). Reconnects
+with jittered exponential backoff. resourceVersions are opaque: never compared numerically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from eventrouter.metrics import Metrics
+from eventrouter.record import MalformedEvent, Occurrence
+from eventrouter.source.kube import ApiError, KubeClient, raise_for_status
+from eventrouter.source.tracker import OccurrenceTracker
+
+__all__ = ["EventWatcher", "WatchSettings"]
+
+log = logging.getLogger(__name__)
+
+
+class _Expired(Exception):
+    """The resourceVersion we hold is gone: relist."""
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSettings:
+    page_size: int = 500
+    """Items per list page (``limit``); keeps memory flat while relisting large clusters."""
+    watch_timeout: int = 290
+    """Server-side ``timeoutSeconds``: the API server ends each watch after this and we reopen it."""
+    read_timeout: float = 330.0
+    """Client-side bound on silence within a watch; longer means the stream is stuck."""
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    field_selector: str = ""
+    """Server-side field selector (e.g. ``type=Warning``) to cut traffic at the source."""
+    label_selector: str = ""
+    max_line_bytes: int = 16 * 1024 * 1024
+    """One watch line above this is treated as a broken stream (Events are limited to ~1 MiB)."""
+
+
+class EventWatcher:
+    def __init__(
+        self,
+        kube: KubeClient,
+        *,
+        namespace: str | None,
+        tracker: OccurrenceTracker,
+        publish: Callable[[Occurrence], None],
+        forget: Callable[[list[str]], None],
+        listed: Callable[[str | None, set[str]], None],
+        metrics: Metrics,
+        settings: WatchSettings | None = None,
+    ) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self.tracker = tracker
+        self.publish = publish
+        self.forget = forget
+        self.listed = listed
+        self.metrics = metrics
+        self.settings = settings or WatchSettings()
+        self.path = f"/api/v1/namespaces/{namespace}/events" if namespace else "/api/v1/events"
+        self.where = f"namespace {namespace}" if namespace else "all namespaces"
+        self.initial_list_done = asyncio.Event()
+        self.last_progress = time.time()
+        self.resource_version: str | None = None
+
+    def _progress(self) -> None:
+        self.last_progress = time.time()
+        self.metrics.last_progress.set(self.last_progress)
+
+    def _selectors(self) -> list[tuple[str, str]]:
+        q: list[tuple[str, str]] = []
+        if self.settings.field_selector:
+            q.append(("fieldSelector", self.settings.field_selector))
+        if self.settings.label_selector:
+            q.append(("labelSelector", self.settings.label_selector))
+        return q
+
+    # ---- objects ------------------------------------------------------------------------------
+
+    def _handle(self, kind: str, obj: Any, received_at: float) -> None:
+        self.metrics.watch_events.labels(kind).inc()
+        if kind == "DELETED":
+            uid = self.tracker.deleted(obj)
+            if uid:
+                self.forget([uid])
+            return
+        try:
+            occ = self.tracker.observe(obj, received_at=received_at)
+        except MalformedEvent as exc:
+            self.metrics.source_dropped.labels("malformed").inc()
+            log.warning("dropped a malformed event from %s: %s", self.where, exc)
+            return
+        if occ is not None:
+            self.metrics.occurrences.inc()
+            self.publish(occ)
+
+    # ---- list ---------------------------------------------------------------------------------
+
+    async def _list(self) -> str:
+        """Paged list; every item goes through the tracker as it arrives. Returns the list's RV."""
+        live: set[str] = set()
+        cont = ""
+        rv = ""
+        while True:
+            query = [("limit", str(self.settings.page_size)), *self._selectors()]
+            if cont:
+                query.append(("continue", cont))
+            resp = await self.kube.request("GET", self.path, query)
+            try:
+                await raise_for_status(resp)
+                body = await resp.read()
+            finally:
+                resp.release()
+            received_at = time.time()
+            try:
+                doc = orjson.loads(body)
+                items = doc.get("items") or []
+                meta = doc.get("metadata") or {}
+            except (orjson.JSONDecodeError, AttributeError) as exc:
+                raise ApiError(500, "InvalidList", f"list answer is not an EventList: {exc}") from None
+            for item in items:
+                self._handle("LIST", item, received_at)
+                uid = (item.get("metadata") or {}).get("uid") if isinstance(item, dict) else None
+                if isinstance(uid, str):
+                    live.add(uid)
+            rv = str(meta.get("resourceVersion") or rv)
+            cont = str(meta.get("continue") or "")
+            self._progress()
+            if not cont:
+                break
+        self.tracker_gc(live)
+        self.listed(self.namespace, live)
+        self.tracked_gauge()
+        return rv
+
+    def tracker_gc(self, live: set[str]) -> None:
+        gone = self.tracker.prune(live)
+        if gone:
+            log.info("forgot %d events of %s that the API server no longer holds", gone, self.where)
+
+    def tracked_gauge(self) -> None:
+        self.metrics.tracked_events.set(len(self.tracker))
+
+    # ---- watch --------------------------------------------------------------------------------
+
+    async def _lines(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """Split the chunked body into lines ourselves: aiohttp's readline caps line length."""
+        buf = b""
+        async for chunk in resp.content.iter_any():
+            buf += chunk
+            while True:
+                nl = buf.find(b"\n")
+                if nl == -1:
+                    break
+                line, buf = buf[:nl], buf[nl + 1 :]
+                if line.strip():
+                    yield line
+            if len(buf) > self.settings.max_line_bytes:
+                raise ApiError(0, "LineTooLong", f"watch line over {self.settings.max_line_bytes} bytes")
+        if buf.strip():
+            # The stream ended mid-object (connection cut): what we have is not a whole line.
+            raise aiohttp.ClientPayloadError("watch stream ended inside an object")
+
+    async def _watch(self, rv: str) -> str:
+        s = self.settings
+        query = [
+            ("watch", "true"),
+            ("allowWatchBookmarks", "true"),
+            ("resourceVersion", rv),
+            ("timeoutSeconds", str(s.watch_timeout)),
+            *self._selectors(),
+        ]
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=s.read_timeout)
+        opened = time.monotonic()
+        resp = await self.kube.request("GET", self.path, query, timeout=timeout)
+        lines = 0
+        try:
+            await raise_for_status(resp)
+            async for line in self._lines(resp):
+                lines += 1
+                received_at = time.time()
+                try:
+                    ev = orjson.loads(line)
+                    kind = ev["type"]
+                    obj = ev["object"]
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    self.metrics.source_dropped.labels("malformed_line").inc()
+                    log.warning("skipped a malformed watch line from %s: %r", self.where, line[:200])
+                    continue
+                self._progress()
+                if kind == "ERROR":
+                    code = obj.get("code") if isinstance(obj, dict) else None
+                    if code == 410:
+                        raise _Expired(str(obj.get("message", "410 Gone")))
+                    message = obj.get("message") if isinstance(obj, dict) else obj
+                    raise ApiError(int(code or 500), "WatchError", str(message))
+                meta = obj.get("metadata") if isinstance(obj, dict) else None
+                new_rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
+                if kind == "BOOKMARK":
+                    self.metrics.watch_events.labels(kind).inc()
+                elif kind in ("ADDED", "MODIFIED", "DELETED"):
+                    self._handle(kind, obj, received_at)
+                else:
+                    self.metrics.source_dropped.labels("unknown_watch_type").inc()
+                    log.warning("skipped watch event of unknown type %r from %s", kind, self.where)
+                if isinstance(new_rv, str) and new_rv:
+                    rv = new_rv
+                    self.resource_version = rv
+        finally:
+            resp.release()
+        if lines == 0 and time.monotonic() - opened < min(1.0, s.watch_timeout / 2):
+            # An empty 200 at once: the resourceVersion is stale (kubernetes#104171). Relist.
+            raise _Expired("watch closed at once without any event")
+        self.tracked_gauge()
+        return rv
+
+    # ---- loop ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        rv: str | None = None
+        failures = 0
+        relist_reason = "initial"
+        while True:
+            try:
+                if rv is None:
+                    self.metrics.relists.labels(relist_reason).inc()
+                    rv = await self._list()
+                    self.resource_version = rv
+                    if not self.initial_list_done.is_set():
+                        log.info("initial list of %s done at resourceVersion %s", self.where, rv)
+                    self.initial_list_done.set()
+                rv = await self._watch(rv)
+                failures = 0
+                self.metrics.watch_restarts.labels("timeout").inc()
+                continue
+            except _Expired as exc:
+                log.info("resourceVersion expired for %s (%s): relisting", self.where, exc)
+                self.metrics.watch_restarts.labels("expired").inc()
+                rv, relist_reason = None, "expired"
+                failures += 1
+                if failures == 1:
+                    continue  # the first relist goes at once; storms back off below
+                delay_reason = "expired"
+            except ApiError as exc:
+                failures += 1
+                if exc.status == 410:
+                    rv, relist_reason = None, "expired"
+                level = logging.ERROR if exc.status in (401, 403) else logging.WARNING
+                log.log(level, "kubernetes API error for %s: %s", self.where, exc)
+                self.metrics.watch_restarts.labels(f"http_{exc.status}" if exc.status else "error").inc()
+                delay_reason = "api"
+                if exc.retry_after:
+                    await asyncio.sleep(exc.retry_after)
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                failures += 1
+                log.warning("watch of %s broke: %s: %s", self.where, type(exc).__name__, exc)
+                self.metrics.watch_restarts.labels("connection").inc()
+                delay_reason = "connection"
+            base = min(self.settings.backoff_max, self.settings.backoff_initial * 2 ** min(failures - 1, 16))
+            delay = random.uniform(base / 2, base)
+            log.debug("reconnecting %s in %.2fs (%s)", self.where, delay, delay_reason)
+            await asyncio.sleep(delay)

@@ -1,0 +1,99 @@
+"""The occurrence model and the normalised record, checked against real recorded traffic."""
+
+from __future__ import annotations
+
+from eventrouter.record import event_time_ns, format_time_ns, normalise, occurrence_number, parse_time_ns
+from eventrouter.source.tracker import OccurrenceTracker
+from eventrouter.testing import event_object, recorded_list, recorded_watch
+
+
+def test_time_parsing_keeps_sub_second_precision() -> None:
+    assert parse_time_ns("2026-11-22T01:29:03.311521Z") == 1795310943311521000
+    assert parse_time_ns("2026-11-22T01:29:03Z") == 1795310943000000000
+    assert parse_time_ns("2026-11-22T01:29:03.123456789Z") == 1795310943123456789
+    assert format_time_ns(1795310943311521000) == "2026-11-22T01:29:03.311521Z"
+
+
+def test_null_and_year_one_times_are_skipped_in_the_chain() -> None:
+    assert parse_time_ns(None) is None
+    assert parse_time_ns("0001-01-01T00:00:00Z") is None
+    obj = event_object(count=None, event_time="2026-11-22T01:29:03.311521Z")
+    obj["lastTimestamp"] = "0001-01-01T00:00:00Z"
+    assert event_time_ns(obj) == 1795310943311521000
+
+
+def test_time_chain_order() -> None:
+    obj = event_object(
+        count=3,
+        first_timestamp="2026-11-22T01:00:00Z",
+        last_timestamp="2026-11-22T01:10:00Z",
+        event_time="2026-11-22T01:05:00.5Z",
+    )
+    assert format_time_ns(event_time_ns(obj) or 0) == "2026-11-22T01:10:00Z"
+    obj["series"] = {"count": 4, "lastObservedTime": "2026-11-22T01:20:00.250000Z"}
+    assert format_time_ns(event_time_ns(obj) or 0) == "2026-11-22T01:20:00.25Z"
+    assert occurrence_number(obj) == 4
+
+
+def test_event_time_only_events_flow_like_any_other() -> None:
+    occ = normalise(event_object(count=None, event_time="2026-11-22T01:29:03.311521Z"), cluster="c")
+    assert occ.number == 1
+    assert occ.record["time"] == "2026-11-22T01:29:03.311521Z"
+    assert occ.record["time_source"] == "event"
+
+
+def test_recorded_watch_yields_exactly_its_126_occurrences() -> None:
+    tracker = OccurrenceTracker(cluster="rec")
+    occurrences = []
+    for line in recorded_watch():
+        if line["type"] == "DELETED":
+            tracker.deleted(line["object"])
+            continue
+        occ = tracker.observe(line["object"])
+        if occ is not None:
+            occurrences.append(occ)
+    assert len(occurrences) == 126
+    assert len({o.key for o in occurrences}) == 126
+    event_time_only = [o for o in occurrences if o.raw["firstTimestamp"] is None and o.raw["lastTimestamp"] is None]
+    assert len(event_time_only) == 35
+    assert all(o.record["time"].startswith("2026-11-22T01:") for o in occurrences)
+    # Series-raised repeats (events.k8s.io recorder) count like core `count` raises.
+    series = [o for o in occurrences if o.record["series"]]
+    assert series and {o.number for o in series} >= {2, 3, 4}
+
+
+def test_modified_without_a_raise_is_not_a_new_occurrence() -> None:
+    tracker = OccurrenceTracker()
+    obj = event_object(count=2)
+    assert tracker.observe(obj) is not None
+    same = {**obj, "message": "edited"}
+    assert tracker.observe(same) is None
+    jumped = {**obj, "count": 7}
+    occ = tracker.observe(jumped)
+    assert occ is not None and occ.number == 7
+
+
+def test_record_layout_is_stable() -> None:
+    occ = normalise(recorded_list()["items"][0], cluster="prod")
+    assert set(occ.record) == {
+        "schema", "cluster", "uid", "name", "namespace", "occurrence", "count", "time", "time_source",
+        "first_time", "last_time", "type", "reason", "message", "action", "involved_object",
+        "reporting_component", "reporting_instance", "source_component", "source_host", "series",
+        "resource_version", "labels", "annotations",
+    }  # fmt: skip
+    assert set(occ.record["involved_object"]) == {"kind", "namespace", "name", "uid", "api_version", "field_path"}
+    assert occ.to_dict(include_raw=True)["raw"] is occ.raw
+
+
+def test_malformed_objects_raise_clear_errors() -> None:
+    import pytest
+
+    from eventrouter.record import MalformedEvent
+
+    with pytest.raises(MalformedEvent, match="no metadata.uid"):
+        normalise({"metadata": {"name": "x", "namespace": "y"}})
+    with pytest.raises(MalformedEvent, match="not an object"):
+        normalise([])  # type: ignore[arg-type]
+    # Wrong types in optional fields do not break the record.
+    occ = normalise({"metadata": {"uid": "u"}, "count": "three", "message": 12, "involvedObject": "pod"})
+    assert occ.number == 1 and occ.record["message"] == "12" and occ.record["time_source"] == "received"
