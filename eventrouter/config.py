@@ -156,6 +156,16 @@ def spec_for_class(
     name = str(pipe.get("name") or type_)
     where = f"{where} (sink {name!r})"
     model = sink_cls.options_model
+    if getattr(sink_cls, "url_query_passthrough", False):
+        # Endpoints whose own URL carries query parameters (webhooks with ?token=...): keys the
+        # router does not know stay in the URL instead of being refused as unknown options.
+        known = field_names(model)
+        extra = {k: v for k, v in own.items() if k not in known}
+        if extra:
+            own = {k: v for k, v in own.items() if k in known}
+            pairs = [(k, x) for k, v in extra.items() for x in (v if isinstance(v, list) else [v])]
+            sep = "&" if "?" in str(own.get("url", "")) else "?"
+            own["url"] = str(own.get("url", "")) + sep + urllib.parse.urlencode(pairs)
     clash = (field_names(model) - {"url", "include_raw"}) & COMMON_KEYS
     if clash:
         raise ConfigError(f"{where}: sink {type_!r} defines reserved option names {sorted(clash)}")

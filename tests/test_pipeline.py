@@ -22,6 +22,7 @@ from eventrouter.options import FilterOptions, PipelineOptions
 from eventrouter.record import Occurrence
 from eventrouter.sink import OK, Outcome, SinkContext, reject, retry
 from eventrouter.testing import MemorySink, MemorySinkOptions, make_occurrence
+from eventrouter.testing.waiting import until
 
 
 def _sink(name: str = "mem") -> MemorySink:
@@ -77,7 +78,7 @@ async def test_batches_respect_max_events_and_bytes(metrics: Metrics) -> None:
     sink = _sink()
     occs = [make_occurrence() for _ in range(25)]
     size = occs[0].size
-    p = _pipeline(sink, metrics, batch_max_events=10, batch_max_bytes=size * 4 + 1, batch_max_wait=5)
+    p = _pipeline(sink, metrics, batch_max_events=10, batch_max_bytes=size * 4 + 1, batch_max_wait=0.5)
     for o in occs:
         p.offer(o)
     task = await _run(p)
@@ -142,7 +143,9 @@ async def test_retry_after_is_honoured(metrics: Metrics) -> None:
     assert seen[1] - seen[0] >= 0.5
 
 
-async def test_rejected_items_go_to_the_dead_letter_file_with_reason(metrics: Metrics, tmp_path: Path) -> None:
+async def test_rejected_items_go_to_the_dead_letter_file_with_reason(
+    metrics: Metrics, tmp_path: Path
+) -> None:
     sink = _sink()
     bad = make_occurrence(reason="Bad")
     sink.decide = lambda o: reject("400 mapper_parsing_exception: field [reason]") if o is bad else OK
@@ -201,7 +204,9 @@ async def test_sink_exceptions_and_broken_contracts_are_retried(metrics: Metrics
     assert value(metrics.delivered, "mem") == 1
 
 
-async def test_full_queue_drops_oldest_and_counts_it(metrics: Metrics, caplog: pytest.LogCaptureFixture) -> None:
+async def test_full_queue_drops_oldest_and_counts_it(
+    metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
     sink = _sink()
     p = _pipeline(sink, metrics, queue_max_events=5)
     occs = [make_occurrence() for _ in range(8)]
@@ -276,8 +281,7 @@ async def test_checkpoint_never_records_a_higher_occurrence_while_a_lower_one_is
     p.offer(first)
     p.offer(second)
     task = await _run(p)
-    while attempts < 2:
-        await asyncio.sleep(0.01)
+    await until(lambda: attempts >= 2)
     # 2 was accepted but 1 is still retrying: a crash now must not skip 1 on restart.
     assert FileCheckpoint(tmp_path, "mem").load().get(uid, 0) == 0
     release.set()
@@ -321,7 +325,13 @@ async def test_spool_takes_overflow_in_order_and_survives_restart(metrics: Metri
     sink.down = True
     spool = Spool(tmp_path / "spool", max_bytes=10_000_000)
     cp_dir = tmp_path / "cp"
-    p = _pipeline(sink, metrics, spool=spool, queue_max_events=10, checkpoint=SinkCheckpoint(FileCheckpoint(cp_dir, "m")))
+    p = _pipeline(
+        sink,
+        metrics,
+        spool=spool,
+        queue_max_events=10,
+        checkpoint=SinkCheckpoint(FileCheckpoint(cp_dir, "m")),
+    )
     occs = [make_occurrence() for _ in range(100)]
     for o in occs:
         p.offer(o)
@@ -336,7 +346,13 @@ async def test_spool_takes_overflow_in_order_and_survives_restart(metrics: Metri
     reopened = Spool(tmp_path / "spool", max_bytes=10_000_000)
     assert len(reopened) == 100
     sink2 = _sink()
-    p2 = _pipeline(sink2, metrics, spool=reopened, queue_max_events=10, checkpoint=SinkCheckpoint(FileCheckpoint(cp_dir, "m")))
+    p2 = _pipeline(
+        sink2,
+        metrics,
+        spool=reopened,
+        queue_max_events=10,
+        checkpoint=SinkCheckpoint(FileCheckpoint(cp_dir, "m")),
+    )
     task2 = await _run(p2)
     await sink2.wait_for(100)
     await _finish(p2, task2)
@@ -383,7 +399,9 @@ async def test_spool_replay_after_crash_skips_what_was_accepted(metrics: Metrics
     for o in occs:
         again.append(o)
     sink2 = _sink()
-    p2 = _pipeline(sink2, metrics, spool=again, checkpoint=SinkCheckpoint(FileCheckpoint(tmp_path / "cp", "m")))
+    p2 = _pipeline(
+        sink2, metrics, spool=again, checkpoint=SinkCheckpoint(FileCheckpoint(tmp_path / "cp", "m"))
+    )
     task2 = await _run(p2)
     await p2.wait_idle(5)
     await _finish(p2, task2)

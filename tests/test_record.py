@@ -54,7 +54,9 @@ def test_recorded_watch_yields_exactly_its_126_occurrences() -> None:
             occurrences.append(occ)
     assert len(occurrences) == 126
     assert len({o.key for o in occurrences}) == 126
-    event_time_only = [o for o in occurrences if o.raw["firstTimestamp"] is None and o.raw["lastTimestamp"] is None]
+    event_time_only = [
+        o for o in occurrences if o.raw["firstTimestamp"] is None and o.raw["lastTimestamp"] is None
+    ]
     assert len(event_time_only) == 35
     assert all(o.record["time"].startswith("2026-11-22T01:") for o in occurrences)
     # Series-raised repeats (events.k8s.io recorder) count like core `count` raises.
@@ -81,7 +83,14 @@ def test_record_layout_is_stable() -> None:
         "reporting_component", "reporting_instance", "source_component", "source_host", "series",
         "resource_version", "labels", "annotations",
     }  # fmt: skip
-    assert set(occ.record["involved_object"]) == {"kind", "namespace", "name", "uid", "api_version", "field_path"}
+    assert set(occ.record["involved_object"]) == {
+        "kind",
+        "namespace",
+        "name",
+        "uid",
+        "api_version",
+        "field_path",
+    }
     assert occ.to_dict(include_raw=True)["raw"] is occ.raw
 
 
@@ -90,7 +99,7 @@ def test_malformed_objects_raise_clear_errors() -> None:
 
     from eventrouter.record import MalformedEvent
 
-    with pytest.raises(MalformedEvent, match="no metadata.uid"):
+    with pytest.raises(MalformedEvent, match=r"no metadata\.uid"):
         normalise({"metadata": {"name": "x", "namespace": "y"}})
     with pytest.raises(MalformedEvent, match="not an object"):
         normalise([])  # type: ignore[arg-type]

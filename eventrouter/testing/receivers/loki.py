@@ -1,0 +1,892 @@
+"""A Loki-compatible push receiver for tests: validates a push the way Loki 3.x does.
+
+What it checks, and the message it answers with, follows Loki's own code (see
+docs/reference sink-protocols.md §1): ``pkg/loghttp/push/push.go`` (Content-Encoding, Content-Type,
+JSON or snappy-block protobuf, label parsing), ``pkg/distributor/validator.go`` and
+``pkg/validation/validate.go`` (per-stream and per-entry limits), the ingester's "too far behind" check,
+and ``X-Scope-OrgID`` tenancy. A 400 may be *partial*: valid entries of the request are stored and the
+body lists the errors, exactly like Loki. Entries are stored as pushed; queries de-duplicate identical
+(timestamp, labels, line) as Loki does, so a retried push is visible once.
+
+Usage::
+
+    async with LokiReceiver() as loki:
+        ... push to loki.url ...
+        streams = loki.query_range('{namespace="shop"}')
+
+Fault injection: ``loki.fail_next(429, count=2, retry_after=3)`` answers the next pushes with that
+status before looking at them; ``store=True`` stores the push first and then fails (a response lost
+after a successful write, the case de-duplication is for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import hmac
+import json
+import re
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import cramjam
+from aiohttp import web
+
+from eventrouter.protowire import DecodeError, decode_fields
+
+__all__ = ["LokiReceiver", "Push", "StoredEntry", "Stream", "format_labels", "parse_labels"]
+
+_NS = 1_000_000_000
+_MIN_SECONDS = -62135596800  # 0001-01-01, the bound gogo's stdtime conversion enforces
+_MAX_SECONDS = 253402300800  # 10000-01-01
+# Loki 3.x default for discover_service_name: the first of these labels that is set names the service.
+_SERVICE_NAME_LABELS = (
+    "service",
+    "app",
+    "application",
+    "app_name",
+    "name",
+    "app_kubernetes_io_name",
+    "container",
+    "container_name",
+    "k8s_container_name",
+    "component",
+    "workload",
+    "job",
+    "k8s_job_name",
+)
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+class LabelParseError(ValueError):
+    pass
+
+
+class _BadRequest(Exception):
+    """The whole request is refused (nothing stored), like a parse error in Loki."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    tenant: str
+    labels: tuple[tuple[str, str], ...]
+    ts_ns: int
+    line: str
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def label_dict(self) -> dict[str, str]:
+        return dict(self.labels)
+
+
+@dataclass(slots=True)
+class Stream:
+    """One stream of a query result: its labels and its entries (ts_ns, line, structured metadata)."""
+
+    labels: dict[str, str]
+    values: list[tuple[int, str, dict[str, str]]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """What one push request looked like and what the receiver answered."""
+
+    headers: dict[str, str]
+    content_type: str
+    content_encoding: str
+    body_size: int
+    status: int
+    message: str
+    accepted: int
+    """Entries stored from this push (0 when refused; > 0 with status 400 means partial)."""
+
+
+@dataclass(slots=True)
+class _Fault:
+    status: int
+    message: str
+    retry_after: str | None
+    store: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels: Loki parses a stream's label string with the PromQL metric parser.
+
+
+def _quote(value: str) -> str:
+    out = ['"']
+    for ch in value:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def format_labels(labels: Iterable[tuple[str, str]]) -> str:
+    """Prometheus ``labels.String()``: ``{a="b", c="d"}``."""
+    return "{" + ", ".join(f"{k}={_quote(v)}" for k, v in labels) + "}"
+
+
+_SIMPLE_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\"}
+
+
+def _read_string(text: str, pos: int) -> tuple[str, int]:
+    quote = text[pos]
+    pos += 1
+    if quote == "`":
+        end = text.find("`", pos)
+        if end == -1:
+            raise LabelParseError(f"1:{pos}: parse error: unterminated raw string")
+        return text[pos:end], end + 1
+    out: list[str] = []
+    while True:
+        if pos >= len(text) or text[pos] == "\n":
+            raise LabelParseError(f"1:{pos + 1}: parse error: unterminated quoted string")
+        ch = text[pos]
+        if ch == quote:
+            return "".join(out), pos + 1
+        if ch != "\\":
+            out.append(ch)
+            pos += 1
+            continue
+        pos += 1
+        if pos >= len(text):
+            raise LabelParseError(f"1:{pos + 1}: parse error: escape sequence not terminated")
+        esc = text[pos]
+        if esc in _SIMPLE_ESCAPES:
+            out.append(_SIMPLE_ESCAPES[esc])
+            pos += 1
+        elif esc == quote:
+            out.append(quote)
+            pos += 1
+        elif esc in "xuU01234567":
+            width, base, start = {"x": (2, 16, 1), "u": (4, 16, 1), "U": (8, 16, 1)}.get(esc, (3, 8, 0))
+            digits = text[pos + start : pos + start + width]
+            try:
+                if len(digits) != width:
+                    raise ValueError
+                code = int(digits, base)
+                out.append(chr(code))
+            except ValueError:
+                raise LabelParseError(
+                    f"1:{pos + 1}: parse error: invalid escape sequence in string"
+                ) from None
+            pos += start + width
+        else:
+            raise LabelParseError(f"1:{pos + 1}: parse error: unknown escape sequence {esc!r}")
+
+
+def parse_labels(text: str) -> tuple[tuple[str, str], ...]:
+    """Parse ``{k="v", ...}`` like Loki's ``syntax.ParseLabels``; sorted, empty values dropped."""
+    pos = 0
+    n = len(text)
+
+    def skip_ws() -> None:
+        nonlocal pos
+        while pos < n and text[pos] in " \t\r\n":
+            pos += 1
+
+    skip_ws()
+    if pos >= n or text[pos] != "{":
+        found = repr(text[pos]) if pos < n else "EOF"
+        raise LabelParseError(f"1:{pos + 1}: parse error: unexpected {found}, expected label set")
+    pos += 1
+    pairs: list[tuple[str, str]] = []
+    while True:
+        skip_ws()
+        if pos < n and text[pos] == "}":
+            pos += 1
+            break
+        match = _LABEL_NAME.match(text, pos)
+        if not match:
+            found = repr(text[pos]) if pos < n else "EOF"
+            raise LabelParseError(f"1:{pos + 1}: parse error: unexpected character inside braces: {found}")
+        name = match.group()
+        pos = match.end()
+        skip_ws()
+        if pos >= n or text[pos] != "=" or text[pos : pos + 2] == "=~":
+            found = repr(text[pos]) if pos < n else "EOF"
+            raise LabelParseError(
+                f"1:{pos + 1}: parse error: unexpected {found} in label matching, expected '='"
+            )
+        pos += 1
+        skip_ws()
+        if pos >= n or text[pos] not in "\"'`":
+            found = repr(text[pos]) if pos < n else "EOF"
+            raise LabelParseError(f"1:{pos + 1}: parse error: unexpected {found}, expected string")
+        value, pos = _read_string(text, pos)
+        pairs.append((name, value))
+        skip_ws()
+        if pos < n and text[pos] == ",":
+            pos += 1
+            continue
+        if pos < n and text[pos] == "}":
+            pos += 1
+            break
+        found = repr(text[pos]) if pos < n else "EOF"
+        raise LabelParseError(
+            f"1:{pos + 1}: parse error: unexpected {found} in label set, expected ',' or '}}'"
+        )
+    skip_ws()
+    if pos != n:
+        raise LabelParseError(f"1:{pos + 1}: parse error: unexpected {text[pos]!r} after label set")
+    # Prometheus' labels.Builder drops empty values; sort so equal sets compare equal.
+    return tuple(sorted((k, v) for k, v in pairs if v != ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# Body decoding
+
+
+@dataclass(slots=True)
+class _InEntry:
+    ts_ns: int
+    line: str
+    metadata: tuple[tuple[str, str], ...]
+
+
+@dataclass(slots=True)
+class _InStream:
+    labels: tuple[tuple[str, str], ...]
+    entries: list[_InEntry]
+
+
+def _utf8(data: bytes) -> str:
+    # gogoproto does not validate UTF-8 in string fields; Go strings then print invalid bytes as U+FFFD.
+    return data.decode("utf-8", errors="replace")
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _decode_timestamp(data: bytes) -> int:
+    seconds = 0
+    nanos = 0
+    for number, wire, value in decode_fields(data):
+        if number in (1, 2) and wire != 0:
+            raise DecodeError(
+                f"proto: wrong wireType = {wire} for field {'Seconds' if number == 1 else 'Nanos'}"
+            )
+        if number == 1:
+            assert isinstance(value, int)
+            seconds = _signed64(value)
+        elif number == 2:
+            assert isinstance(value, int)
+            nanos = _signed64(value)
+    if seconds < _MIN_SECONDS:
+        raise DecodeError(f"timestamp: seconds:{seconds} nanos:{nanos} before 0001-01-01")
+    if seconds >= _MAX_SECONDS:
+        raise DecodeError(f"timestamp: seconds:{seconds} nanos:{nanos} after 10000-01-01")
+    if not 0 <= nanos < _NS:
+        raise DecodeError(f"timestamp: seconds:{seconds} nanos:{nanos}: nanos not in range [0, 1e9)")
+    return seconds * _NS + nanos
+
+
+def _len_field(wire: int, value: int | bytes, name: str) -> bytes:
+    if wire != 2 or not isinstance(value, bytes):
+        raise DecodeError(f"proto: wrong wireType = {wire} for field {name}")
+    return value
+
+
+def _decode_protobuf(data: bytes) -> list[tuple[str, list[_InEntry]]]:
+    streams: list[tuple[str, list[_InEntry]]] = []
+    for number, wire, value in decode_fields(data):
+        if number != 1:
+            continue
+        labels = ""
+        entries: list[_InEntry] = []
+        for s_num, s_wire, s_val in decode_fields(_len_field(wire, value, "Streams")):
+            if s_num == 1:
+                labels = _utf8(_len_field(s_wire, s_val, "Labels"))
+            elif s_num == 2:
+                ts = 0
+                line = ""
+                metadata: list[tuple[str, str]] = []
+                for e_num, e_wire, e_val in decode_fields(_len_field(s_wire, s_val, "Entries")):
+                    if e_num == 1:
+                        ts = _decode_timestamp(_len_field(e_wire, e_val, "Timestamp"))
+                    elif e_num == 2:
+                        line = _utf8(_len_field(e_wire, e_val, "Line"))
+                    elif e_num == 3:
+                        name = ""
+                        val = ""
+                        for p_num, p_wire, p_val in decode_fields(
+                            _len_field(e_wire, e_val, "StructuredMetadata")
+                        ):
+                            if p_num == 1:
+                                name = _utf8(_len_field(p_wire, p_val, "Name"))
+                            elif p_num == 2:
+                                val = _utf8(_len_field(p_wire, p_val, "Value"))
+                        metadata.append((name, val))
+                entries.append(_InEntry(ts, line, tuple(metadata)))
+        streams.append((labels, entries))
+    return streams
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, str):
+        return '"'
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, (int, float)):
+        return str(value)[:1]
+    if value is None:
+        return "n"
+    return "[" if isinstance(value, list) else "{"
+
+
+def _decode_json(data: bytes) -> list[tuple[str, list[_InEntry]]]:
+    # Go's JSON decoding replaces invalid UTF-8 with U+FFFD instead of failing.
+    try:
+        doc = json.loads(data.decode("utf-8", errors="replace"))
+    except ValueError as exc:
+        raise _BadRequest(f"loghttp.PushRequest: ReadObject: {exc}") from None
+    if not isinstance(doc, dict):
+        raise _BadRequest(f"loghttp.PushRequest: ReadObjectCB: expect {{ or n, but found {_json_type(doc)}")
+    raw_streams = doc.get("streams") or []
+    if not isinstance(raw_streams, list):
+        raise _BadRequest("loghttp.PushRequest.Streams: ReadArray: expect [ or n")
+    streams: list[tuple[str, list[_InEntry]]] = []
+    for raw in raw_streams:
+        if not isinstance(raw, dict):
+            raise _BadRequest("loghttp.PushRequest.Streams: ReadObjectCB: expect { or n")
+        stream_map = raw.get("stream") or {}
+        if not isinstance(stream_map, dict) or not all(isinstance(v, str) for v in stream_map.values()):
+            raise _BadRequest('loghttp.PushRequest.Streams: loghttp.LabelSet: ReadString: expects " or n')
+        # Loki turns the map into a label string (names unquoted) and parses that: bad names fail there.
+        labels = "{" + ", ".join(f"{k}={_quote(v)}" for k, v in sorted(stream_map.items())) + "}"
+        entries: list[_InEntry] = []
+        values = raw.get("values") or []
+        if not isinstance(values, list):
+            raise _BadRequest("loghttp.PushRequest.Streams: []loghttp.Entry: ReadArray: expect [ or n")
+        for item in values:
+            if not isinstance(item, list):
+                raise _BadRequest("loghttp.PushRequest.Streams: []loghttp.Entry: ReadArrayCB: expect [ or n")
+            if len(item) > 3:
+                raise _BadRequest("error reading entry: array must contains 2 values")
+            ts_raw = item[0] if item else ""
+            if not isinstance(ts_raw, str):
+                raise _BadRequest(f'ReadString: expects " or n, but found {_json_type(ts_raw)}')
+            try:
+                ts = int(ts_raw, 10)
+                if not -(1 << 63) <= ts < 1 << 63 or not re.fullmatch(r"[+-]?[0-9]+", ts_raw):
+                    raise ValueError
+            except ValueError:
+                raise _BadRequest(
+                    f'error reading entry timestamp: strconv.ParseInt: parsing "{ts_raw}": invalid syntax'
+                ) from None
+            line = item[1] if len(item) > 1 else ""
+            if not isinstance(line, str):
+                raise _BadRequest(f'ReadString: expects " or n, but found {_json_type(line)}')
+            metadata: tuple[tuple[str, str], ...] = ()
+            if len(item) == 3:
+                md = item[2]
+                if not isinstance(md, dict) or not all(isinstance(v, str) for v in md.values()):
+                    raise _BadRequest('ReadString: expects " or n in structured metadata')
+                metadata = tuple(md.items())
+            entries.append(_InEntry(ts, line, metadata))
+        streams.append((labels, entries))
+    return streams
+
+
+def _rfc3339(ts_ns: int) -> str:
+    return datetime.fromtimestamp(ts_ns // _NS, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Queries: a LogQL subset (stream selector + line filters)
+
+_MATCHER = re.compile(r"\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*")
+_FILTER = re.compile(r"\s*(\|=|!=|\|~|!~)\s*")
+
+
+def _parse_query(query: str) -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
+    text = query.strip()
+    if not text.startswith("{"):
+        raise ValueError("query must start with a stream selector {...}")
+    pos = 1
+    matchers: list[tuple[str, str, str]] = []
+    while True:
+        while pos < len(text) and text[pos] in " \t\n,":
+            pos += 1
+        if pos < len(text) and text[pos] == "}":
+            pos += 1
+            break
+        m = _MATCHER.match(text, pos)
+        if not m or m.end() >= len(text) or text[m.end()] not in "\"'`":
+            raise ValueError(f"parse error at {pos}: expected label matcher")
+        value, pos = _read_string(text, m.end())
+        matchers.append((m.group(1), m.group(2), value))
+    filters: list[tuple[str, str]] = []
+    while pos < len(text):
+        if not text[pos:].strip():
+            break
+        m = _FILTER.match(text, pos)
+        if not m or m.end() >= len(text) or text[m.end()] not in "\"'`":
+            raise ValueError(
+                f"unsupported in the test receiver at {pos}: only line filters follow the selector"
+            )
+        value, pos = _read_string(text, m.end())
+        filters.append((m.group(1), value))
+    if all(_matches({}, [matcher]) for matcher in matchers):
+        raise ValueError("queries require at least one matcher that does not match the empty string")
+    return matchers, filters
+
+
+def _matches(labels: dict[str, str], matchers: list[tuple[str, str, str]]) -> bool:
+    for name, op, value in matchers:
+        have = labels.get(name, "")
+        if op == "=" and have != value:
+            return False
+        if op == "!=" and have == value:
+            return False
+        if op == "=~" and not re.fullmatch(value, have):
+            return False
+        if op == "!~" and re.fullmatch(value, have):
+            return False
+    return True
+
+
+def _line_ok(line: str, filters: list[tuple[str, str]]) -> bool:
+    for op, value in filters:
+        if op == "|=" and value not in line:
+            return False
+        if op == "!=" and value in line:
+            return False
+        if op == "|~" and not re.search(value, line):
+            return False
+        if op == "!~" and re.search(value, line):
+            return False
+    return True
+
+
+def _parse_time(value: str | None, default: int) -> int:
+    if not value:
+        return default
+    if re.fullmatch(r"-?[0-9]+", value):
+        return int(value)
+    if re.fullmatch(r"-?[0-9]+\.[0-9]*", value):
+        return int(float(value) * _NS)
+    return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * _NS)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class LokiReceiver:
+    """A Loki push endpoint on loopback that validates like Loki 3.x and stores what it accepts.
+
+    Limits default to Loki's: ``max_line_size`` 256KB (Loki parses "256KB" as 256,000 bytes),
+    15 label names, label name/value length 1024/2048, reject_old_samples_max_age 168h,
+    creation_grace_period 10m, unordered writes with max_chunk_age 2h (entries more than an hour
+    behind the stream's newest are refused), structured metadata allowed (64KB, 128 pairs).
+    ``now`` (epoch seconds) drives the age checks; tests of recorded data may pin it.
+    """
+
+    def __init__(
+        self,
+        *,
+        auth_enabled: bool = False,
+        username: str | None = None,
+        password: str | None = None,
+        bearer_token: str | None = None,
+        max_line_size: int = 256_000,
+        max_label_names_per_series: int = 15,
+        max_label_name_length: int = 1024,
+        max_label_value_length: int = 2048,
+        reject_old_samples_max_age: float = 168 * 3600,
+        creation_grace_period: float = 600,
+        max_chunk_age: float = 2 * 3600,
+        allow_structured_metadata: bool = True,
+        max_structured_metadata_size: int = 64_000,
+        max_structured_metadata_entries_count: int = 128,
+        now: Callable[[], float] = time.time,
+        ssl_context: Any = None,
+    ) -> None:
+        self.auth_enabled = auth_enabled
+        self.username = username
+        self.password = password
+        self.bearer_token = bearer_token
+        self.max_line_size = max_line_size
+        self.max_label_names_per_series = max_label_names_per_series
+        self.max_label_name_length = max_label_name_length
+        self.max_label_value_length = max_label_value_length
+        self.reject_old_samples_max_age = reject_old_samples_max_age
+        self.creation_grace_period = creation_grace_period
+        self.max_chunk_age = max_chunk_age
+        self.allow_structured_metadata = allow_structured_metadata
+        self.max_structured_metadata_size = max_structured_metadata_size
+        self.max_structured_metadata_entries_count = max_structured_metadata_entries_count
+        self.now = now
+        self.ssl_context = ssl_context
+        self.entries: list[StoredEntry] = []
+        """Every stored entry in arrival order, duplicates included (queries de-duplicate)."""
+        self.pushes: list[Push] = []
+        self.ready = True
+        self._faults: list[_Fault] = []
+        self._newest: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self._url = ""
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Base URL (``http://127.0.0.1:PORT``); the push path is ``/loki/api/v1/push``."""
+        if not self._url:
+            raise RuntimeError("LokiReceiver is not started")
+        return self._url
+
+    async def __aenter__(self) -> LokiReceiver:
+        app = web.Application(client_max_size=100 * 1024 * 1024)
+        app.router.add_post("/loki/api/v1/push", self._handle_push)
+        app.router.add_get("/ready", self._handle_ready)
+        app.router.add_get("/loki/api/v1/query_range", self._handle_query_range)
+        self._runner = web.AppRunner(app, access_log=None, auto_decompress=False)  # decode as Loki does
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
+        await site.start()
+        server = site._server
+        assert server is not None
+        port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._url = f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- test controls ---------------------------------------------------------------------
+
+    def fail_next(
+        self,
+        status: int,
+        *,
+        count: int = 1,
+        message: str | None = None,
+        retry_after: float | str | None = None,
+        store: bool = False,
+    ) -> None:
+        """Answer the next ``count`` pushes with ``status``; with ``store`` the push is stored first."""
+        default = {
+            429: "Ingestion rate limit exceeded for user fake (limit: 4194304 bytes/sec) while attempting "
+            "to ingest lines, reduce log volume or contact your Loki administrator",
+            400: "injected bad request",
+        }.get(status, "rpc error: code = Unavailable desc = injected failure")
+        ra = None if retry_after is None else str(retry_after)
+        for _ in range(count):
+            self._faults.append(_Fault(status, message or default, ra, store))
+
+    async def wait_for_entries(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until at least ``count`` entries are stored (duplicates included)."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: len(self.entries) >= count)
+
+    def query_range(
+        self,
+        query: str | None = None,
+        *,
+        tenant: str = "",
+        start_ns: int | None = None,
+        end_ns: int | None = None,
+        limit: int | None = None,
+        direction: str = "forward",
+    ) -> list[Stream]:
+        """Streams matching a LogQL stream selector (None: every stream) with optional line filters (``|=``, ``!=``,
+        ``|~``, ``!~``), identical (ts, labels, line) entries de-duplicated as Loki does. Unlike Loki's
+        HTTP API the defaults are: every time, no limit, oldest first. Stream labels include
+        ``service_name`` as Loki adds it; structured metadata stays per entry."""
+        if query is None:
+            matchers: list[tuple[str, str, str]] = []
+            filters: list[tuple[str, str]] = []
+        else:
+            matchers, filters = _parse_query(query)
+        start = start_ns if start_ns is not None else -(1 << 63)
+        end = end_ns if end_ns is not None else 1 << 63
+        seen: set[tuple[tuple[tuple[str, str], ...], int, str]] = set()
+        selected: list[StoredEntry] = []
+        for entry in self.entries:
+            if entry.tenant != tenant or not start <= entry.ts_ns < end:
+                continue
+            labels = self._with_service_name(entry.labels)
+            if not _matches(dict(labels), matchers) or not _line_ok(entry.line, filters):
+                continue
+            key = (entry.labels, entry.ts_ns, entry.line)
+            if key in seen:
+                continue
+            seen.add(key)
+            selected.append(entry)
+        selected.sort(key=lambda e: e.ts_ns, reverse=direction == "backward")
+        if limit is not None:
+            selected = selected[:limit]
+        streams: dict[tuple[tuple[str, str], ...], Stream] = {}
+        for entry in selected:
+            labels = self._with_service_name(entry.labels)
+            stream = streams.get(labels)
+            if stream is None:
+                stream = streams[labels] = Stream(dict(labels))
+            stream.values.append((entry.ts_ns, entry.line, dict(entry.metadata)))
+        return list(streams.values())
+
+    @staticmethod
+    def _with_service_name(labels: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        as_dict = dict(labels)
+        if "service_name" in as_dict:
+            return labels
+        service = next((as_dict[n] for n in _SERVICE_NAME_LABELS if as_dict.get(n)), "unknown_service")
+        return tuple(sorted((*labels, ("service_name", service))))
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def _auth_error(self, request: web.Request) -> web.Response | None:
+        if self.username is not None or self.bearer_token is not None:
+            header = request.headers.get("Authorization", "")
+            ok = False
+            if self.username is not None and header.startswith("Basic "):
+                expected = base64.b64encode(f"{self.username}:{self.password or ''}".encode()).decode()
+                ok = hmac.compare_digest(header[6:].strip(), expected)
+            if self.bearer_token is not None and header.startswith("Bearer "):
+                ok = hmac.compare_digest(header[7:].strip(), self.bearer_token)
+            if not ok:
+                return web.Response(status=401, text="Unauthorized\n", headers={"WWW-Authenticate": "Basic"})
+        return None
+
+    def _tenant(self, request: web.Request) -> str | None:
+        tenant = request.headers.get("X-Scope-OrgID", "")
+        if self.auth_enabled and not tenant:
+            return None
+        return tenant if self.auth_enabled else ""
+
+    async def _handle_ready(self, request: web.Request) -> web.Response:
+        refused = self._auth_error(request)
+        if refused is not None:
+            return refused
+        if not self.ready:
+            return web.Response(status=503, text="Ingester not ready: waiting for 15s after being ready\n")
+        return web.Response(text="ready\n")
+
+    async def _handle_push(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = dict(request.headers.items())
+        ctype = request.headers.get("Content-Type", "")
+        cenc = request.headers.get("Content-Encoding", "")
+
+        def answer(
+            status: int, message: str, accepted: int = 0, extra: dict[str, str] | None = None
+        ) -> web.Response:
+            self.pushes.append(Push(headers, ctype, cenc, len(body), status, message, accepted))
+            if status == 204:
+                return web.Response(status=204, headers=extra)
+            return web.Response(status=status, text=message + "\n", headers=extra)
+
+        refused = self._auth_error(request)
+        if refused is not None:
+            return answer(401, "Unauthorized")
+        tenant = self._tenant(request)
+        if tenant is None:
+            return answer(401, "no org id")
+        fault = self._faults.pop(0) if self._faults else None
+        extra = {"Retry-After": fault.retry_after} if fault and fault.retry_after else None
+        if fault is not None and not fault.store:
+            return answer(fault.status, fault.message, 0, extra)
+        try:
+            streams = self._parse(body, ctype, cenc)
+            accepted, errors = self._ingest(tenant, streams)
+        except (_BadRequest, LabelParseError, DecodeError) as exc:
+            return answer(400, str(exc))
+        if accepted:
+            async with self._changed:
+                self._changed.notify_all()
+        if fault is not None:
+            return answer(fault.status, fault.message, accepted, extra)
+        if errors:
+            return answer(400, _group_errors(errors), accepted)
+        return answer(204, "", accepted)
+
+    def _parse(self, body: bytes, ctype: str, cenc: str) -> list[_InStream]:
+        if cenc in ("", "snappy"):
+            data = body  # "snappy" is decoded by the protobuf path below, as in Loki
+        elif cenc == "gzip":
+            try:
+                data = gzip.decompress(body)
+            except (OSError, EOFError, zlib.error):
+                raise _BadRequest("gzip: invalid header") from None
+        elif cenc == "deflate":
+            try:
+                data = zlib.decompress(body, -15)  # Go's compress/flate: raw deflate, no zlib header
+            except zlib.error:
+                raise _BadRequest("flate: corrupt input before offset 0") from None
+        else:
+            raise _BadRequest(f'Content-Encoding "{cenc}" not supported')
+        media = ctype.split(";", 1)[0].strip().lower()
+        if not media:
+            raise _BadRequest("mime: no media type")
+        if media == "application/json":
+            raw_streams = _decode_json(data)
+        else:
+            # Any other type (application/x-protobuf, octet-stream, curl's form default): snappy block.
+            try:
+                raw = bytes(cramjam.snappy.decompress_raw(data))
+            except Exception:
+                raise _BadRequest("snappy: corrupt input") from None
+            raw_streams = _decode_protobuf(raw)
+        streams: list[_InStream] = []
+        for label_text, entries in raw_streams:
+            try:
+                labels = parse_labels(label_text)
+            except LabelParseError as exc:
+                raise _BadRequest(f"couldn't parse labels: {exc}") from None
+            streams.append(_InStream(labels, entries))
+        return streams
+
+    def _ingest(self, tenant: str, streams: list[_InStream]) -> tuple[int, list[str]]:
+        now_ns = int(self.now() * _NS)
+        oldest = now_ns - int(self.reject_old_samples_max_age * _NS)
+        newest_ok = now_ns + int(self.creation_grace_period * _NS)
+        behind = int(self.max_chunk_age / 2 * _NS)
+        errors: list[str] = []
+        accepted = 0
+        for stream in streams:
+            if not stream.entries:
+                continue
+            shown = format_labels(stream.labels)
+            error = self._validate_labels(stream.labels, shown)
+            if error:
+                errors.append(error)
+                continue
+            key = (tenant, stream.labels)
+            for entry in stream.entries:
+                error = self._validate_entry(entry, shown, oldest, newest_ok)
+                if error is None and key in self._newest and entry.ts_ns < self._newest[key] - behind:
+                    error = (
+                        f"entry with timestamp {_rfc3339(entry.ts_ns)} ignored, reason: 'entry too far behind, "
+                        f"oldest acceptable timestamp is: {_rfc3339(self._newest[key] - behind)}' for stream: {shown},"
+                    )
+                if error:
+                    errors.append(error)
+                    continue
+                self._newest[key] = max(self._newest.get(key, entry.ts_ns), entry.ts_ns)
+                self.entries.append(
+                    StoredEntry(tenant, stream.labels, entry.ts_ns, entry.line, entry.metadata)
+                )
+                accepted += 1
+        return accepted, errors
+
+    def _validate_labels(self, labels: tuple[tuple[str, str], ...], shown: str) -> str | None:
+        if not labels:
+            return "error at least one label pair is required per stream"
+        names = [k for k, _ in labels]
+        count = len(names) - (1 if "service_name" in names else 0)
+        if count > self.max_label_names_per_series:
+            return (
+                f"entry for stream '{shown}' has {count} label names; limit {self.max_label_names_per_series}"
+            )
+        last = ""
+        for name, value in labels:
+            if len(name.encode()) > self.max_label_name_length:
+                return f"stream '{shown}' has label name too long: '{name}'"
+            if len(value.encode()) > self.max_label_value_length:
+                return f"stream '{shown}' has label value too long: '{value}'"
+            if name == last:
+                return f"stream '{shown}' has duplicate label name: '{name}'"
+            last = name
+        return None
+
+    def _validate_entry(self, entry: _InEntry, shown: str, oldest: int, newest_ok: int) -> str | None:
+        if entry.ts_ns < oldest:
+            return (
+                f"entry for stream '{shown}' has timestamp too old: {_rfc3339(entry.ts_ns)}, "
+                f"oldest acceptable timestamp is: {_rfc3339(oldest)}"
+            )
+        if entry.ts_ns > newest_ok:
+            return f"entry for stream '{shown}' has timestamp too new: {_rfc3339(entry.ts_ns)}"
+        size = len(entry.line.encode("utf-8", "surrogatepass"))
+        if self.max_line_size and size > self.max_line_size:
+            return (
+                f"Max entry size '{self.max_line_size}' bytes exceeded for stream '{shown}' while adding "
+                f"an entry with length '{size}' bytes"
+            )
+        if entry.metadata:
+            if not self.allow_structured_metadata:
+                return (
+                    f"stream '{shown}' includes structured metadata, but this feature is disallowed. Please see "
+                    "`limits_config.allow_structured_metadata` or contact your Loki administrator to enable it."
+                )
+            md_size = sum(len(k.encode()) + len(v.encode()) for k, v in entry.metadata)
+            if md_size > self.max_structured_metadata_size:
+                return (
+                    f"stream '{shown}' has structured metadata too large: '{md_size}' bytes, limit: "
+                    f"'{self.max_structured_metadata_size}' bytes."
+                )
+            if len(entry.metadata) > self.max_structured_metadata_entries_count:
+                return (
+                    f"stream '{shown}' has too many structured metadata labels: '{len(entry.metadata)}', "
+                    f"limit: '{self.max_structured_metadata_entries_count}'."
+                )
+        return None
+
+    async def _handle_query_range(self, request: web.Request) -> web.Response:
+        refused = self._auth_error(request)
+        if refused is not None:
+            return refused
+        tenant = self._tenant(request)
+        if tenant is None:
+            return web.Response(status=401, text="no org id\n")
+        q = request.query
+        now_ns = int(self.now() * _NS)
+        try:
+            end = _parse_time(q.get("end"), now_ns)
+            start = _parse_time(q.get("start"), end - 3600 * _NS)
+            limit = int(q.get("limit", "100"))
+            direction = q.get("direction", "backward")
+            streams = self.query_range(
+                q.get("query", ""),
+                tenant=tenant,
+                start_ns=start,
+                end_ns=end + 1,
+                limit=limit,
+                direction=direction,
+            )
+        except ValueError as exc:
+            return web.Response(status=400, text=f"{exc}\n")
+        result: list[dict[str, Any]] = []
+        for stream in streams:
+            # Without the categorize-labels header Loki 3.x folds structured metadata into stream labels.
+            grouped: dict[tuple[tuple[str, str], ...], list[list[str]]] = {}
+            for ts, line, metadata in stream.values:
+                key = tuple(sorted({**stream.labels, **metadata}.items()))
+                grouped.setdefault(key, []).append([str(ts), line])
+            result.extend({"stream": dict(k), "values": v} for k, v in grouped.items())
+        payload = {"status": "success", "data": {"resultType": "streams", "result": result, "stats": {}}}
+        return web.json_response(payload)
+
+
+def _group_errors(errors: list[str]) -> str:
+    """Like Loki's util.GroupedErrors: one line per distinct message, repeats counted."""
+    if len(errors) == 1:
+        return errors[0]
+    counts: dict[str, int] = {}
+    for error in errors:
+        counts[error] = counts.get(error, 0) + 1
+    parts = [msg if n == 1 else f"{n} errors like: {msg}" for msg, n in counts.items()]
+    return "; ".join(parts)

@@ -1,0 +1,208 @@
+"""A recording HTTP webhook endpoint for tests, verifying signatures as receivers do.
+
+    async with WebhookReceiver(secret="It's a Secret to Everybody") as hook:
+        ... send to hook.url ...
+        await hook.wait_for(3)
+        hook.requests[0].json()
+
+What it checks on every request (a strict but ordinary webhook consumer):
+
+- method POST or PUT (anything else → 405; ``HEAD``/``OPTIONS`` answer ``head_status``, 405 by default,
+  like the many hooks that only accept POST);
+- the body is valid JSON (UTF-8) with a ``Content-Type`` of ``application/json`` → else 400 / 415;
+- when built with a ``secret``:
+  - ``signature="github"``: ``X-Hub-Signature-256: sha256=<hex HMAC-SHA256(secret, raw body)>``
+    (GitHub's documented verification, constant-time compare) → else 401;
+  - ``signature="standard"`` (standardwebhooks.com spec): ``webhook-id``, ``webhook-timestamp`` within
+    ``tolerance`` seconds of now, and ``webhook-signature`` a space-separated list of ``v1,<base64>``
+    of which one must equal HMAC-SHA256(base64-decoded ``whsec_`` key, ``"{id}.{timestamp}.{body}"``)
+    → else 401.
+
+Every request is recorded (method, path, query, headers, raw body, answer status, signature check).
+
+Fault injection: ``fail_next(n, status, retry_after=..., body=...)`` answers the next ``n`` requests
+with that status (after recording, before checks); ``hang_next(n)`` never answers the next ``n``
+requests (until the receiver closes) — the client must time out. ``ssl_context`` serves HTTPS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import socket
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+__all__ = ["RecordedRequest", "WebhookReceiver", "github_signature", "standard_signature"]
+
+
+def github_signature(secret: bytes, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def standard_key(secret: str) -> bytes:
+    return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+
+
+def standard_signature(key: bytes, msg_id: str, timestamp: str, body: bytes) -> str:
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    query: str
+    headers: CIMultiDict[str]
+    body: bytes
+    status: int | None = None
+    """What the receiver answered (None: hung, never answered)."""
+    signature_ok: bool | None = None
+    """None when the receiver has no secret."""
+    arrived: float = field(default_factory=time.time)
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass
+class _Fault:
+    status: int | None  # None: hang
+    retry_after: str | None = None
+    body: bytes = b""
+
+
+class WebhookReceiver:
+    def __init__(
+        self,
+        *,
+        secret: str | None = None,
+        signature: Literal["github", "standard"] = "github",
+        tolerance: float = 300.0,
+        ok_status: int = 200,
+        head_status: int = 405,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        path: str = "/hook",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.secret = secret
+        self.signature = signature
+        self.tolerance = tolerance
+        self.ok_status = ok_status
+        self.head_status = head_status
+        self.host = host
+        self.port = port
+        self.path = path
+        self.ssl_context = ssl_context
+        self.requests: list[RecordedRequest] = []
+        self._faults: deque[_Fault] = deque()
+        self._release = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}{self.path}"
+
+    @property
+    def accepted(self) -> list[RecordedRequest]:
+        """Requests answered with 2xx."""
+        return [r for r in self.requests if r.status is not None and 200 <= r.status < 300]
+
+    def fail_next(self, n: int, status: int, *, retry_after: str | None = None, body: bytes = b"") -> None:
+        self._faults.extend(_Fault(status, retry_after, body) for _ in range(n))
+
+    def hang_next(self, n: int = 1) -> None:
+        self._faults.extend(_Fault(None) for _ in range(n))
+
+    async def wait_for(self, count: int, within: float = 10.0) -> None:
+        """Until at least ``count`` requests arrived (answered or hanging), at most ``within`` s."""
+        async with asyncio.timeout(within), self._changed:
+            await self._changed.wait_for(lambda: len(self.requests) >= count)
+
+    async def __aenter__(self) -> WebhookReceiver:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock, ssl_context=self.ssl_context).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release.set()  # let hanging handlers finish so shutdown does not wait for them
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        rec = RecordedRequest(
+            method=request.method,
+            path=request.path,
+            query=request.query_string,
+            headers=CIMultiDict(request.headers),
+            body=body,
+        )
+        self.requests.append(rec)
+        await self._notify()
+        response = await self._answer(request, rec)
+        rec.status = response.status
+        await self._notify()
+        return response
+
+    async def _answer(self, request: web.Request, rec: RecordedRequest) -> web.Response:
+        if request.method in ("HEAD", "OPTIONS"):
+            return web.Response(status=self.head_status)
+        if self._faults:
+            fault = self._faults.popleft()
+            if fault.status is None:
+                await self._release.wait()
+                return web.Response(status=503)
+            headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else None
+            return web.Response(status=fault.status, body=fault.body, headers=headers)
+        if request.method not in ("POST", "PUT"):
+            return web.Response(status=405, text="method not allowed")
+        if self.secret is not None:
+            rec.signature_ok = self._verify(rec)
+            if not rec.signature_ok:
+                return web.Response(status=401, text="invalid signature")
+        if request.content_type != "application/json":
+            return web.Response(status=415, text=f"unsupported content type {request.content_type}")
+        try:
+            orjson.loads(rec.body)
+        except orjson.JSONDecodeError as exc:
+            return web.Response(status=400, text=f"invalid JSON: {exc}")
+        return web.Response(status=self.ok_status)
+
+    def _verify(self, rec: RecordedRequest) -> bool:
+        assert self.secret is not None
+        if self.signature == "github":
+            got = rec.headers.get("X-Hub-Signature-256", "")
+            return hmac.compare_digest(got, github_signature(self.secret.encode(), rec.body))
+        msg_id = rec.headers.get("webhook-id", "")
+        ts = rec.headers.get("webhook-timestamp", "")
+        if not msg_id or not ts.isdigit() or abs(time.time() - int(ts)) > self.tolerance:
+            return False
+        expected = standard_signature(standard_key(self.secret), msg_id, ts, rec.body)
+        candidates = rec.headers.get("webhook-signature", "").split()
+        return any(hmac.compare_digest(candidate, expected) for candidate in candidates)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite plus the static checks. Run from the repository root inside the venv.
+set -euo pipefail
+ruff check .
+ruff format --check eventrouter sinks tests
+mypy
+lint-imports
+pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,723 @@
+"""Elasticsearch and OpenSearch sink: one ``_bulk`` request per batch.
+
+The request goes through ``client.transport.perform_request`` with plain ``application/x-ndjson`` /
+``application/json`` media types. The high-level client rewrites them to
+``application/vnd.elasticsearch+json; compatible-with=8``, which OpenSearch (and ES 7) refuse with 406;
+the transport keeps node pooling and TLS but sends exactly what we give it, so one code path serves
+Elasticsearch 7/8/9 and OpenSearch. The transport's own retries are switched off per request: the
+engine owns retries and backoff.
+
+Idempotence: ``_id`` is ``<event uid>-<occurrence>``, so a re-delivered occurrence overwrites itself
+(``index``) or is refused as already present (``create``, 409, counted as delivered).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from collections.abc import Callable, Sequence
+from email.utils import parsedate_to_datetime
+from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import orjson
+from elastic_transport import ApiResponseMeta, Serializer, TransportError
+from elastic_transport import ConnectionTimeout as TransportTimeout
+from elasticsearch import AsyncElasticsearch
+from elasticsearch.serializer import OrjsonSerializer
+from pydantic import AliasChoices, BeforeValidator, Field, field_validator, model_validator
+
+from eventrouter import (
+    OK,
+    Occurrence,
+    Outcome,
+    RetryableError,
+    Secret,
+    Sink,
+    SinkContext,
+    SinkError,
+    SinkOptions,
+    reject,
+    retry,
+)
+
+__all__ = ["ElasticsearchOptions", "ElasticsearchSink"]
+
+
+def _split(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+_NodeList = Annotated[list[str], BeforeValidator(_split)]
+
+# Characters Elasticsearch refuses in index names (plus upper case).
+_BAD_INDEX_CHARS = re.compile(r'[\\/*?"<>| ,#:A-Z]')
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_DATE_TOKENS = re.compile(r"yyyy|YYYY|yy|MM|dd|HH|[A-Za-z]")
+_DATE_STRFTIME = {"yyyy": "%Y", "YYYY": "%Y", "yy": "%y", "MM": "%m", "dd": "%d", "HH": "%H"}
+# Top-level record fields usable as {field} in index names (strings only: an index name is text).
+_INDEX_FIELDS = {
+    "cluster",
+    "namespace",
+    "type",
+    "reason",
+    "name",
+    "reporting_component",
+    "source_component",
+    "involved_object.kind",
+    "involved_object.namespace",
+}
+
+
+class ElasticsearchOptions(SinkOptions):
+    """``--sink=elasticsearch:https://es:9200?index=k8s-events-{yyyy.MM.dd}&username=..&password=env:ES_PW``"""
+
+    hosts: _NodeList = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("hosts", "nodes"),
+        description="More node URLs besides `url` (kube-eventer: nodes); `url` may also hold a,b.",
+    )
+    index: str = Field(
+        "k8s-events-{yyyy.MM.dd}",
+        description="Target index. {yyyy.MM.dd}-style parts take the event's UTC date "
+        "(yyyy, yy, MM, dd, HH); {namespace}, {cluster}, {type}, {reason}, {involved_object.kind} "
+        "take record fields. "
+        "kube-eventer's index=heapster is index=heapster-{yyyy.MM.dd} here.",
+    )
+    data_stream: str | None = Field(
+        None, description="Write to this data stream instead of `index` (action create; needs @timestamp)."
+    )
+    op_type: Literal["index", "create"] | None = Field(
+        None,
+        description="Bulk action: index (overwrite; default for indices) or create (default, and required, "
+        "for data streams; a 409 on re-delivery counts as delivered).",
+    )
+    pipeline: str | None = Field(None, description="Ingest pipeline to run on every document.")
+    index_template: bool = Field(False, description="Install an index template with mappings on start.")
+    template_name: str = Field("eventrouter-k8s-events", description="Name of the installed index template.")
+    template_priority: int = Field(
+        200, ge=0, description="Template priority (built-in logs-*-* templates use 100)."
+    )
+    dot_replacement: str = Field(
+        "_",
+        validation_alias=AliasChoices("dot_replacement", "dots"),
+        description="Replaces '.' in label/annotation keys (app.kubernetes.io/name would otherwise "
+        "become an object path and clash with a label `app`); '.' keeps keys as they are.",
+    )
+    username: str | None = Field(
+        None, validation_alias=AliasChoices("username", "esUserName"), description="Basic auth user."
+    )
+    password: Secret | None = Field(
+        None, validation_alias=AliasChoices("password", "esUserSecret"), description="Basic auth password."
+    )
+    api_key: Secret | None = Field(None, description="API key: the encoded form, or id:key.")
+    bearer_token: Secret | None = Field(None, description="Bearer token (Authorization: Bearer ...).")
+    ca_file: str | None = Field(None, description="PEM file of the CA that signed the cluster's certificate.")
+    cert_file: str | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    key_file: str | None = Field(None, description="Client private key (PEM) for mutual TLS.")
+    insecure_skip_verify: bool = Field(False, description="Do not verify the cluster's TLS certificate.")
+    timeout: float = Field(30.0, gt=0, description="Seconds one HTTP request may take.")
+    compress: bool = Field(False, description="gzip request bodies.")
+    max_document_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="Reject a single encoded document larger than this."
+    )
+    ver: str | None = Field(None, description="Accepted for kube-eventer compatibility; not needed.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _credentials_from_url(cls, data: Any) -> Any:
+        # https://user:pw@es:9200 → username/password fields, so the secret never stays in `url` (reprs).
+        if not isinstance(data, dict):
+            return data
+        url = data.get("url")
+        if not isinstance(url, str) or "@" not in url:
+            return data
+        nodes = []
+        data = dict(data)
+        for node in url.split(","):
+            parts = urlsplit(node.strip())
+            if parts.username is not None or parts.password is not None:
+                if parts.username and not any(k in data for k in ("username", "esUserName")):
+                    data["username"] = unquote(parts.username)
+                if parts.password and not any(k in data for k in ("password", "esUserSecret")):
+                    data["password"] = unquote(parts.password)
+                host = parts.hostname or ""
+                if ":" in host:
+                    host = f"[{host}]"
+                netloc = host + (f":{parts.port}" if parts.port else "")
+                node = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+            nodes.append(node.strip())
+        data["url"] = ",".join(nodes)
+        return data
+
+    @field_validator("index")
+    @classmethod
+    def _index(cls, value: str) -> str:
+        _compile_index(value)
+        return value
+
+    @field_validator("data_stream")
+    @classmethod
+    def _data_stream(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_index_literal(value, what="data_stream")
+            if not value or value.startswith(("-", "_", "+", ".")):
+                raise ValueError(f"data_stream {value!r} must not be empty or start with - _ + .")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ElasticsearchOptions:
+        if not self.url.strip(" ,") and not self.hosts:
+            raise ValueError("no node URL: give the URL (elasticsearch:https://es:9200) or hosts=")
+        if self.data_stream and self.op_type == "index":
+            raise ValueError("data streams accept only op_type=create")
+        schemes = 0
+        if self.username or self.password:
+            schemes += 1
+            if not self.username:
+                raise ValueError("password needs username")
+        schemes += self.api_key is not None
+        schemes += self.bearer_token is not None
+        if schemes > 1:
+            raise ValueError("give only one of username/password, api_key, bearer_token")
+        if not self.dot_replacement:
+            raise ValueError("dot_replacement must not be empty ('.' keeps dots)")
+        return self
+
+    def node_urls(self) -> list[str]:
+        urls = [u.strip() for u in self.url.split(",") if u.strip()] + list(self.hosts)
+        return [u if "://" in u else f"http://{u}" for u in urls]
+
+
+def _check_index_literal(text: str, *, what: str) -> None:
+    if _BAD_INDEX_CHARS.search(text):
+        raise ValueError(
+            f'{what} {text!r}: index names must be lower case without \\ / * ? " < > | space , # :'
+        )
+
+
+# ---------------------------------------------------------------------------------------- index names
+
+_IndexName = Callable[[Occurrence], str]
+
+
+def _compile_index(template: str) -> tuple[_IndexName, bool]:
+    """``k8s-events-{yyyy.MM.dd}`` → a function occurrence → index name; second value: depends on fields."""
+    pieces = _PLACEHOLDER.split(template)
+    literal_text = "".join(pieces[0::2])
+    if "{" in literal_text or "}" in literal_text:
+        raise ValueError(f"index {template!r}: unbalanced braces")
+    if not template.strip():
+        raise ValueError("index must not be empty")
+    _check_index_literal(literal_text, what="index")
+    if template.startswith(("-", "_", "+")):
+        raise ValueError(f"index {template!r} must not start with -, _ or +")
+    date_format: list[str] = []
+    fields: list[str] = []
+    # Each part: ("lit", text) | ("date", strftime) | ("field", path)
+    parts: list[tuple[str, str]] = []
+    for i, piece in enumerate(pieces):
+        if i % 2 == 0:
+            if piece:
+                parts.append(("lit", piece))
+            continue
+        if piece in _INDEX_FIELDS:
+            parts.append(("field", piece))
+            fields.append(piece)
+            continue
+
+        def token(m: re.Match[str], piece: str = piece) -> str:
+            if m.group(0) not in _DATE_STRFTIME:
+                raise ValueError(
+                    f"index {template!r}: {{{piece}}} is neither a date pattern (yyyy, yy, MM, dd, HH) "
+                    f"nor a record field ({', '.join(sorted(_INDEX_FIELDS))})"
+                )
+            return _DATE_STRFTIME[m.group(0)]
+
+        fmt = _DATE_TOKENS.sub(token, piece)
+        _check_index_literal(re.sub(r"%[YymdH]", "0", fmt), what="index")
+        parts.append(("date", fmt))
+        date_format.append(fmt)
+    hourly = any("%H" in f for f in date_format)
+    bucket_ns = 3_600_000_000_000 if hourly else 86_400_000_000_000
+
+    def date_text(bucket: int) -> list[str]:
+        tm = time.gmtime(bucket * bucket_ns // 1_000_000_000)
+        return [time.strftime(f, tm) for f in date_format]
+
+    cache: dict[tuple[Any, ...], str] = {}
+
+    def name(occ: Occurrence) -> str:
+        bucket = occ.time_ns // bucket_ns
+        values = tuple(_field_value(occ.record, f) for f in fields)
+        key = (bucket, *values)
+        found = cache.get(key)
+        if found is not None:
+            return found
+        dates = iter(date_text(bucket)) if date_format else iter(())
+        vals = iter(values)
+        out = []
+        for kind, text in parts:
+            if kind == "lit":
+                out.append(text)
+            elif kind == "date":
+                out.append(next(dates))
+            else:
+                out.append(next(vals))
+        result = "".join(out)
+        if len(cache) > 10_000:  # bounded: field values are open-ended
+            cache.clear()
+        cache[key] = result
+        return result
+
+    return name, bool(fields)
+
+
+def _field_value(record: dict[str, Any], path: str) -> str:
+    value: Any = record
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    text = value if isinstance(value, str) else ""
+    text = _BAD_INDEX_CHARS.sub("-", text.lower()).lstrip("-_+")
+    return text or "none"
+
+
+# ---------------------------------------------------------------------------------------- encoding
+
+
+def _timestamp(ns: int, cache: dict[int, bytes]) -> bytes:
+    """RFC 3339 UTC keeping the sub-second precision the event had (ms, µs or ns digits)."""
+    seconds, frac = divmod(ns, 1_000_000_000)
+    base = cache.get(seconds)
+    if base is None:
+        if len(cache) > 4096:
+            cache.clear()
+        base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)).encode()
+        cache[seconds] = base
+    if frac % 1_000_000 == 0:
+        return b"%s.%03dZ" % (base, frac // 1_000_000)
+    if frac % 1000 == 0:
+        return b"%s.%06dZ" % (base, frac // 1000)
+    return b"%s.%09dZ" % (base, frac)
+
+
+def _has_dot(mapping: Any) -> bool:
+    return isinstance(mapping, dict) and any("." in key for key in mapping)
+
+
+def _safe_keys(mapping: dict[str, Any], repl: str) -> dict[str, Any]:
+    return {key.replace(".", repl): value for key, value in mapping.items()}
+
+
+def _safe_keys_deep(value: Any, repl: str) -> Any:
+    if isinstance(value, dict):
+        return {str(k).replace(".", repl): _safe_keys_deep(v, repl) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_safe_keys_deep(v, repl) for v in value]
+    return value
+
+
+class _PassThrough(Serializer):
+    """Request bodies are NDJSON bytes already; skip the transport's copy-and-check."""
+
+    mimetype: ClassVar[str] = "application/x-ndjson"
+
+    def loads(self, data: bytes) -> Any:
+        return [orjson.loads(line) for line in data.splitlines() if line.strip()]
+
+    def dumps(self, data: Any) -> bytes:
+        if isinstance(data, bytes):
+            return data
+        raise TypeError("NDJSON bodies must be bytes")
+
+
+def index_template_body(options: ElasticsearchOptions) -> dict[str, Any]:
+    """The composable index template installed by ``index_template=true``."""
+    keyword = {"type": "keyword", "ignore_above": 1024}
+    kw = {"type": "keyword"}
+    date = {"type": "date"}
+    if options.data_stream:
+        patterns = [options.data_stream]
+    else:
+        # k8s-events-{yyyy.MM.dd} → k8s-events-*
+        patterns = [re.sub(r"\*+", "*", _PLACEHOLDER.sub("*", options.index))]
+    mappings: dict[str, Any] = {
+        "dynamic_templates": [
+            {"labels": {"path_match": "labels.*", "match_mapping_type": "string", "mapping": keyword}},
+            {
+                "annotations": {
+                    "path_match": "annotations.*",
+                    "match_mapping_type": "string",
+                    "mapping": keyword,
+                }
+            },
+        ],
+        "properties": {
+            "@timestamp": date,
+            "time": date,
+            "first_time": date,
+            "last_time": date,
+            "schema": {"type": "integer"},
+            "occurrence": {"type": "long"},
+            "count": {"type": "long"},
+            "series": {"type": "boolean"},
+            "message": {"type": "text", "fields": {"keyword": keyword}},
+            **{
+                name: kw
+                for name in (
+                    "cluster",
+                    "uid",
+                    "name",
+                    "namespace",
+                    "type",
+                    "reason",
+                    "action",
+                    "time_source",
+                    "reporting_component",
+                    "reporting_instance",
+                    "source_component",
+                    "source_host",
+                    "resource_version",
+                )
+            },
+            "involved_object": {
+                "properties": {
+                    name: kw for name in ("kind", "namespace", "name", "uid", "api_version", "field_path")
+                }
+            },
+            "labels": {"type": "object"},
+            "annotations": {"type": "object"},
+            # Kept in _source, not indexed: the raw object's keys are open-ended.
+            "raw": {"type": "object", "enabled": False},
+        },
+    }
+    body: dict[str, Any] = {
+        "index_patterns": patterns,
+        "priority": options.template_priority,
+        "template": {"mappings": mappings},
+        "_meta": {"managed_by": "eventrouter"},
+    }
+    if options.data_stream:
+        body["data_stream"] = {}
+    return body
+
+
+def _error_text(error: Any) -> str:
+    """``type: reason (caused by type: reason)`` from an Elasticsearch error object or string."""
+    if isinstance(error, dict):
+        text = f"{error.get('type', 'error')}: {error.get('reason', '')}".rstrip(": ")
+        cause = error.get("caused_by")
+        if isinstance(cause, dict) and cause.get("reason") and cause.get("reason") != error.get("reason"):
+            text += f" (caused by {cause.get('type')}: {cause.get('reason')})"
+        return text
+    return str(error) if error is not None else "no error detail"
+
+
+def _body_error(body: Any) -> str:
+    if isinstance(body, dict) and "error" in body:
+        return _error_text(body["error"])
+    if isinstance(body, (bytes, str)):
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+        return text.strip()[:300] or "empty body"
+    return "no error detail"
+
+
+def _retry_after(meta: ApiResponseMeta) -> float | None:
+    value = meta.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------- the sink
+
+_Entry = tuple[int, bytes]  # (position in the batch, action line + document line)
+
+
+class ElasticsearchSink(Sink[ElasticsearchOptions]):
+    options_model = ElasticsearchOptions
+    description = "Elasticsearch 7/8/9 and OpenSearch: _bulk into daily indices or a data stream."
+
+    def __init__(self, options: ElasticsearchOptions, context: SinkContext) -> None:
+        super().__init__(options, context)
+        self._client: AsyncElasticsearch | None = None
+        self._nodes = options.node_urls()
+        self._index_name, _ = _compile_index(options.index)
+        self._action = options.op_type or ("create" if options.data_stream else "index")
+        self._prefix_cache: dict[str, bytes] = {}
+        self._ts_cache: dict[int, bytes] = {}
+        self._repl = options.dot_replacement
+        # With our template the raw object is not indexed, so its dotted keys cannot clash: keep it as is.
+        self._raw_verbatim = options.index_template
+        self._bulk_path = "/_bulk"
+        if options.pipeline:
+            self._bulk_path += f"?pipeline={quote(options.pipeline, safe='')}"
+        self._headers = {"accept": "application/json", **self._auth_header()}
+        self._bulk_headers = {"content-type": "application/x-ndjson", **self._headers}
+        self._json_headers = {"content-type": "application/json", **self._headers}
+
+    def __repr__(self) -> str:
+        return f"<ElasticsearchSink {self.context.name} nodes={self._nodes}>"
+
+    def _auth_header(self) -> dict[str, str]:
+        o = self.options
+        if o.api_key is not None:
+            key = o.api_key.get_secret_value()
+            if ":" in key:  # id:key → the encoded form Elasticsearch expects
+                key = base64.b64encode(key.encode()).decode()
+            return {"authorization": f"ApiKey {key}"}
+        if o.bearer_token is not None:
+            return {"authorization": f"Bearer {o.bearer_token.get_secret_value()}"}
+        if o.username:
+            pw = o.password.get_secret_value() if o.password is not None else ""
+            token = base64.b64encode(f"{o.username}:{pw}".encode()).decode()
+            return {"authorization": f"Basic {token}"}
+        return {}
+
+    # -- lifecycle
+
+    def _make_client(self) -> AsyncElasticsearch:
+        o = self.options
+        tls: dict[str, Any] = {}
+        if any(u.startswith("https:") for u in self._nodes):
+            if o.ca_file:
+                tls["ca_certs"] = o.ca_file
+            if o.cert_file:
+                tls["client_cert"] = o.cert_file
+            if o.key_file:
+                tls["client_key"] = o.key_file
+            if o.insecure_skip_verify:
+                tls["verify_certs"] = False
+                tls["ssl_show_warn"] = False  # asked for explicitly; a warning per request helps nobody
+        try:
+            return AsyncElasticsearch(
+                self._nodes,
+                serializers={"application/json": OrjsonSerializer(), "application/x-ndjson": _PassThrough()},
+                http_compress=o.compress,
+                meta_header=False,
+                # Client-level retries only apply to client.perform_request; we also pass them per call.
+                max_retries=0,
+                retry_on_status=(),
+                retry_on_timeout=False,
+                request_timeout=o.timeout,
+                **tls,
+            )
+        except (ValueError, TypeError) as exc:
+            raise SinkError(f"elasticsearch: bad node configuration {self._nodes}: {exc}") from None
+
+    async def start(self) -> None:
+        if self._client is None:
+            self._client = self._make_client()
+        try:
+            # At start every node may be tried once, so one dead node does not fail the boot.
+            meta, body = await self._request("GET", "/", None, self._headers, tries=len(self._nodes))
+        except TransportError as exc:
+            await self.aclose()
+            raise SinkError(
+                f"elasticsearch: cannot reach {', '.join(self._nodes)}: {_transport_text(exc)}"
+            ) from None
+        if meta.status in (401, 403):
+            await self.aclose()
+            raise SinkError(
+                f"elasticsearch: credentials rejected by {_node_text(meta)} "
+                f"({meta.status} {_body_error(body)})"
+            )
+        if meta.status != 200:
+            await self.aclose()
+            raise SinkError(
+                f"elasticsearch: GET / on {_node_text(meta)} answered {meta.status}: {_body_error(body)}"
+            )
+        version = body.get("version", {}) if isinstance(body, dict) else {}
+        self.log.info(
+            "%s: connected to %s %s at %s",
+            self.context.name,
+            version.get("distribution", "elasticsearch"),
+            version.get("number", "?"),
+            _node_text(meta),
+        )
+        if self.options.index_template:
+            await self._install_template()
+
+    async def _install_template(self) -> None:
+        name = self.options.template_name
+        payload = orjson.dumps(index_template_body(self.options))
+        try:
+            meta, body = await self._request(
+                "PUT", f"/_index_template/{quote(name, safe='')}", payload, self._json_headers
+            )
+        except TransportError as exc:
+            await self.aclose()
+            raise SinkError(
+                f"elasticsearch: installing index template {name!r}: {_transport_text(exc)}"
+            ) from None
+        if meta.status != 200:
+            await self.aclose()
+            raise SinkError(
+                f"elasticsearch: installing index template {name!r} on {_node_text(meta)} failed: "
+                f"{meta.status} {_body_error(body)}"
+            )
+        self.log.info("%s: index template %r installed", self.context.name, name)
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    # -- requests
+
+    async def _request(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str], *, tries: int = 1
+    ) -> tuple[ApiResponseMeta, Any]:
+        assert self._client is not None
+        resp = await self._client.transport.perform_request(
+            method,
+            path,
+            body=body,
+            headers=headers,
+            # The engine owns retries and backoff; the transport must not retry behind its back.
+            max_retries=tries - 1,
+            retry_on_status=(),
+            retry_on_timeout=False,
+            request_timeout=self.options.timeout,
+        )
+        return resp.meta, resp.body
+
+    # -- encoding
+
+    def _encode(self, occ: Occurrence) -> bytes:
+        """Action line + document line for one occurrence. Raises TypeError/ValueError for bad input."""
+        index = self.options.data_stream or self._index_name(occ)
+        prefix = self._prefix_cache.get(index)
+        if prefix is None:
+            if len(self._prefix_cache) > 10_000:
+                self._prefix_cache.clear()
+            prefix = b'{"%s":{"_index":%s,"_id":' % (self._action.encode(), orjson.dumps(index))
+            self._prefix_cache[index] = prefix
+        doc_id = orjson.dumps(f"{occ.uid}-{occ.number}")
+        ts = _timestamp(occ.time_ns, self._ts_cache)
+        record = occ.record
+        include_raw = self.options.include_raw
+        if not include_raw and (
+            self._repl == "." or not (_has_dot(record.get("labels")) or _has_dot(record.get("annotations")))
+        ):
+            # Fast path: splice @timestamp into the record JSON every sink shares (encoded once).
+            doc = occ.json
+            if len(doc) > 2:
+                return b'%s%s}}\n{"@timestamp":"%s",%s\n' % (prefix, doc_id, ts, doc[1:])
+        fixed: dict[str, Any] = {"@timestamp": ts.decode(), **record}
+        if self._repl != ".":
+            for key in ("labels", "annotations"):
+                value = record.get(key)
+                if isinstance(value, dict) and _has_dot(value):
+                    fixed[key] = _safe_keys(value, self._repl)
+        if include_raw:
+            fixed["raw"] = (
+                occ.raw if self._raw_verbatim or self._repl == "." else _safe_keys_deep(occ.raw, self._repl)
+            )
+        return b"%s%s}}\n%s\n" % (prefix, doc_id, orjson.dumps(fixed))
+
+    # -- send
+
+    async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
+        if self._client is None:
+            raise RetryableError("elasticsearch sink is not started")
+        outcomes: list[Outcome] = [OK] * len(batch)
+        entries: list[_Entry] = []
+        limit = self.options.max_document_bytes
+        for i, occ in enumerate(batch):
+            try:
+                line = self._encode(occ)
+            except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
+                outcomes[i] = reject(f"cannot encode as JSON: {exc}")
+                continue
+            if len(line) > limit:
+                outcomes[i] = reject(f"document is {len(line)} bytes, more than max_document_bytes={limit}")
+                continue
+            entries.append((i, line))
+        if entries:
+            await self._bulk(entries, outcomes)
+        return outcomes
+
+    async def _bulk(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
+        body = b"".join(line for _, line in entries)
+        try:
+            meta, resp = await self._request("POST", self._bulk_path, body, self._bulk_headers)
+        except TransportTimeout as exc:
+            raise RetryableError(f"elasticsearch: bulk request timed out: {_transport_text(exc)}") from None
+        except TransportError as exc:
+            raise RetryableError(f"elasticsearch: bulk request failed: {_transport_text(exc)}") from None
+        status = meta.status
+        if status == 413:
+            # Too large for http.max_content_length: halve until it fits; a single document is refused.
+            if len(entries) == 1:
+                outcomes[entries[0][0]] = reject(
+                    f"document too large for the cluster (413 {_body_error(resp)})"
+                )
+                return
+            mid = len(entries) // 2
+            await self._bulk(entries[:mid], outcomes)
+            await self._bulk(entries[mid:], outcomes)
+            return
+        if status == 429 or status == 408 or status >= 500:
+            raise RetryableError(
+                f"elasticsearch: bulk answered {status}: {_body_error(resp)}", retry_after=_retry_after(meta)
+            )
+        if status >= 300:
+            reason = f"bulk request refused: {status} {_body_error(resp)}"
+            if status in (401, 403):
+                self.log.error(
+                    "%s: credentials rejected by %s (%s); check username/password, api_key or bearer_token",
+                    self.context.name,
+                    _node_text(meta),
+                    status,
+                )
+            for i, _ in entries:
+                outcomes[i] = reject(reason)
+            return
+        items = resp.get("items") if isinstance(resp, dict) else None
+        if not isinstance(items, list) or len(items) != len(entries):
+            got = len(items) if isinstance(items, list) else "no"
+            raise RetryableError(f"elasticsearch: bulk response has {got} items for {len(entries)} documents")
+        if resp.get("errors") is False:
+            return
+        retry_after = _retry_after(meta)
+        for (i, _), item in zip(entries, items, strict=True):
+            outcomes[i] = self._item_outcome(item, retry_after)
+
+    def _item_outcome(self, item: Any, retry_after: float | None) -> Outcome:
+        if not isinstance(item, dict) or len(item) != 1:
+            return retry(f"malformed bulk item {item!r:.200}")
+        ((action, result),) = item.items()
+        if not isinstance(result, dict):
+            return retry(f"malformed bulk item {item!r:.200}")
+        status = result.get("status")
+        if not isinstance(status, int):
+            return retry(f"bulk item without status: {item!r:.200}")
+        if 200 <= status < 300:
+            return OK
+        error = _error_text(result.get("error"))
+        if status == 409 and action == "create":
+            return OK  # already indexed under this _id: a re-delivery
+        if status == 429 or status >= 500:
+            return retry(f"{status} {error}", retry_after=retry_after)
+        return reject(f"{status} {error}")
+
+
+def _node_text(meta: ApiResponseMeta) -> str:
+    node = meta.node
+    return f"{node.scheme}://{node.host}:{node.port}{node.path_prefix}"
+
+
+def _transport_text(exc: TransportError) -> str:
+    # elastic-transport messages name host:port and the cause; URLs carry no credentials (stripped).
+    return f"{type(exc).__name__}: {exc.message}" if exc.message else type(exc).__name__

@@ -1,0 +1,704 @@
+"""Grafana Loki sink: pushes every occurrence as one log entry to ``/loki/api/v1/push``.
+
+``--sink=loki:http://loki:3100?tenant=ops&labels=team=payments``
+
+- Body: snappy-block-compressed protobuf (Loki's native format) by default; ``format=json``
+  (optionally ``gzip=true``) for proxies that only pass JSON.
+- Entry timestamp: the occurrence's normalised event time in nanoseconds, never the push time, so a
+  retried or re-delivered occurrence has the same (timestamp, labels, line) and Loki de-duplicates it.
+- Labels: a small, low-cardinality default set (cluster, namespace, kind, type, reason,
+  reporting_component) plus user templates such as ``app={labels.app}``. Names are sanitised to
+  ``[a-zA-Z_][a-zA-Z0-9_]*``; templates over per-object fields (object name/uid, event name/uid,
+  message) are refused unless ``allow_high_cardinality_labels=true``: every distinct value is a new
+  Loki stream, which is what makes Loki slow and expensive. Use ``structured_metadata=true`` for those.
+- Responses: 2xx all delivered. 400 is final and may be *partial* (Loki stores the valid entries of
+  the push and lists the errors, without saying which entries they were): every item of that push is
+  rejected with Loki's message and goes to the dead-letter file, never retried. Entries that Loki did
+  store are therefore also dead-lettered — re-sending them later is harmless because Loki
+  de-duplicates identical entries. 429, 5xx, 401/403/404/408 and connection errors are retried by the
+  engine (RetryableError, honouring Retry-After).
+- Lines over ``max_line_bytes`` are truncated (the JSON stays valid and says ``"truncated": true``)
+  or, with ``oversize=reject``, rejected one by one; never a whole-batch failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import re
+import ssl
+import string
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import aiohttp
+import cramjam
+import orjson
+from pydantic import AliasChoices, Field, field_validator, model_validator
+
+from eventrouter import (
+    OK,
+    Occurrence,
+    Outcome,
+    RetryableError,
+    Secret,
+    Sink,
+    SinkContext,
+    SinkError,
+    SinkOptions,
+    __version__,
+    reject,
+)
+from eventrouter.protowire import bytes_field, varint_field
+
+__all__ = ["LokiOptions", "LokiSink"]
+
+PUSH_PATH = "/loki/api/v1/push"
+MAX_LABELS = 15
+"""Loki's default max_label_names_per_series."""
+MAX_LABEL_VALUE_BYTES = 2048
+"""Loki's default max_label_value_length; longer values would make Loki refuse the stream."""
+DEFAULT_MAX_LINE_BYTES = 256_000
+"""Loki's default max_line_size "256KB", which Loki parses as 256,000 bytes (KB = 1000)."""
+
+# Fields a label template may use, and which of them are unbounded per object or per event.
+TEMPLATE_FIELDS = frozenset(
+    {
+        "cluster", "namespace", "name", "uid", "type", "reason", "message", "action",
+        "reporting_component", "reporting_instance", "source_component", "source_host",
+        "involved_object.kind", "involved_object.namespace", "involved_object.name",
+        "involved_object.uid", "involved_object.api_version", "involved_object.field_path",
+    }
+)  # fmt: skip
+HIGH_CARDINALITY_FIELDS = frozenset(
+    {"name", "uid", "message", "involved_object.name", "involved_object.uid", "involved_object.field_path"}
+)
+DEFAULT_LABELS: dict[str, str] = {
+    "cluster": "cluster",
+    "namespace": "namespace",
+    "kind": "involved_object.kind",
+    "type": "type",
+    "reason": "reason",
+    "reporting_component": "reporting_component",
+}
+
+_NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
+_NS = 1_000_000_000
+
+
+def sanitise_label_name(name: str) -> str:
+    """Loki/Prometheus label name: ``[a-zA-Z_][a-zA-Z0-9_]*``; ``.``, ``/``, ``-`` and the like become
+    ``_``; a leading digit gets a ``_`` prefix; a leading ``__`` (reserved) is collapsed to ``_``."""
+    cleaned = _NAME_BAD.sub("_", name.strip())
+    if not cleaned:
+        raise ValueError(f"label name {name!r} is empty")
+    if cleaned[0].isdigit():
+        cleaned = "_" + cleaned
+    if cleaned.startswith("__"):
+        cleaned = "_" + cleaned.lstrip("_")
+    if cleaned == "_" and name.strip() != "_":
+        raise ValueError(f"label name {name!r} has no usable characters")
+    return cleaned
+
+
+Template = tuple[tuple[str, str], ...]
+"""Parsed template: ("text", literal) and ("field", dotted path) parts."""
+
+
+def parse_template(text: str) -> Template:
+    """``literal {field.path} literal``; ``{{`` and ``}}`` are literal braces. Fields: TEMPLATE_FIELDS,
+    ``labels.<key>`` and ``annotations.<key>`` (the Event's own metadata labels/annotations)."""
+    parts: list[tuple[str, str]] = []
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise ValueError(f"invalid template {text!r}: {exc}") from None
+    for literal, field_name, spec, conversion in parsed:
+        if literal:
+            parts.append(("text", literal))
+        if field_name is None:
+            continue
+        if spec or conversion:
+            raise ValueError(f"invalid template {text!r}: format specs and conversions are not supported")
+        path = field_name.strip()
+        if path not in TEMPLATE_FIELDS and not re.fullmatch(r"(labels|annotations)\.[^{}]+", path):
+            known = ", ".join(sorted(TEMPLATE_FIELDS))
+            raise ValueError(
+                f"unknown field {{{path}}} in template {text!r}; known: {known}, labels.<key>, annotations.<key>"
+            )
+        parts.append(("field", path))
+    return tuple(parts)
+
+
+def _lookup(record: dict[str, Any], path: str) -> str:
+    head, _, rest = path.partition(".")
+    value: Any = record.get(head)
+    if rest:
+        value = value.get(rest) if isinstance(value, dict) else None
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+def render_template(template: Template, record: dict[str, Any]) -> str:
+    return "".join(value if kind == "text" else _lookup(record, value) for kind, value in template)
+
+
+def _split_pairs(value: Any) -> Any:
+    """``a=1,b=2`` (URL query) or ``["a=1", "b=2"]`` (repeated key) or a YAML mapping → dict."""
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if isinstance(value, list):
+        out: dict[str, str] = {}
+        for item in value:
+            if not isinstance(item, str) or "=" not in item:
+                raise ValueError(f"expected name=template, got {item!r}")
+            name, _, template = item.partition("=")
+            out[name.strip()] = template.strip()
+        return out
+    return value
+
+
+def _fix_surrogates(value: Any) -> Any:
+    """Lone UTF-16 surrogates (from a broken decoder) cannot be encoded as UTF-8: replace them with
+    U+FFFD, keeping valid pairs."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {_fix_surrogates(k): _fix_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fix_surrogates(v) for v in value]
+    return value
+
+
+class LokiOptions(SinkOptions):
+    """Options of the ``loki`` sink (URL: Loki's base address, e.g. ``http://loki:3100``)."""
+
+    format: Literal["protobuf", "json"] = Field(
+        "protobuf", description="Push body: snappy-compressed protobuf (Loki's native) or JSON."
+    )
+    gzip: bool = Field(False, description="gzip the JSON body (format=json only).")
+    line_format: Literal["json", "logfmt"] = Field(
+        "json", description="Log line: the normalised record as JSON, or logfmt key=value pairs."
+    )
+    structured_metadata: bool = Field(
+        False,
+        description="Attach involved object name/uid, event uid and occurrence as structured metadata "
+        "(Loki 3.x; queryable without being stream labels).",
+    )
+    default_labels: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LABELS),
+        description="Which built-in labels to set: cluster, namespace, kind, type, reason, "
+        "reporting_component (empty value: none).",
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra labels as name=template, comma separated: team=payments,app={labels.app}. "
+        "Templates use {field} over the record (namespace, reason, involved_object.kind, labels.<key>...).",
+    )
+    allow_high_cardinality_labels: bool = Field(
+        False,
+        description="Allow label templates over per-object fields (object name/uid, event name/uid, "
+        "message). Each distinct value creates a Loki stream; prefer structured_metadata.",
+    )
+    tenant: str | None = Field(
+        None,
+        validation_alias=AliasChoices("tenant", "orgid", "org_id", "tenant_id"),
+        description="Loki tenant, sent as X-Scope-OrgID.",
+    )
+    username: str | None = Field(None, validation_alias=AliasChoices("username", "user"))
+    password: Secret | None = Field(None, description="Basic-auth password (literal, env:NAME, file:/path).")
+    bearer_token: Secret | None = Field(
+        None, validation_alias=AliasChoices("bearer_token", "token"), description="Bearer token."
+    )
+    headers: list[Secret] = Field(
+        default_factory=list,
+        description="Extra HTTP headers as Name:Value (repeat the key for more); values are kept secret.",
+    )
+    ca_file: str | None = Field(None, description="PEM bundle to verify Loki's TLS certificate.")
+    insecure_skip_verify: bool = Field(False, description="Do not verify Loki's TLS certificate.")
+    timeout: float = Field(10.0, gt=0, description="Seconds one HTTP request may take.")
+    max_line_bytes: int = Field(
+        DEFAULT_MAX_LINE_BYTES,
+        ge=1024,
+        description="Longest log line in bytes (Loki's max_line_size, default 256KB = 256,000 bytes).",
+    )
+    oversize: Literal["truncate", "reject"] = Field(
+        "truncate",
+        description="Lines over max_line_bytes: truncate (marked) or reject to the dead-letter file.",
+    )
+
+    @field_validator("default_labels", mode="before")
+    @classmethod
+    def _split_defaults(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("default_labels")
+    @classmethod
+    def _known_defaults(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in DEFAULT_LABELS]
+        if unknown:
+            raise ValueError(f"unknown default label(s) {unknown}; choose from {', '.join(DEFAULT_LABELS)}")
+        return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _split_labels(cls, value: Any) -> Any:
+        return _split_pairs(value)
+
+    @field_validator("labels")
+    @classmethod
+    def _clean_labels(cls, value: dict[str, str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for raw_name, template in value.items():
+            name = sanitise_label_name(raw_name)
+            if name in out:
+                raise ValueError(f"labels {raw_name!r} and another label both become {name!r}")
+            parse_template(template)
+            out[name] = template
+        return out
+
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _listify_headers(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return [f"{k}:{v}" for k, v in value.items()]
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, value: list[Any]) -> list[Any]:
+        for item in value:
+            name, sep, _ = item.get_secret_value().partition(":")
+            if not sep or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name.strip()):
+                raise ValueError("each header must be Name:Value with a valid header name")
+            if name.strip().lower() in ("content-type", "content-encoding", "content-length"):
+                raise ValueError(f"header {name.strip()} is set by the sink and cannot be overridden")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> LokiOptions:
+        if not self.url:
+            raise ValueError("url is required: Loki's address, e.g. loki:http://loki:3100")
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url must be http(s)://host[:port][/prefix], not {_redact(self.url)!r}")
+        if self.gzip and self.format != "json":
+            raise ValueError("gzip=true needs format=json (protobuf bodies are already snappy-compressed)")
+        if self.password is not None and self.username is None:
+            raise ValueError("password needs username")
+        if self.bearer_token is not None and (self.username is not None or parts.username):
+            raise ValueError("use either username/password or bearer_token, not both")
+        for name, template in self.labels.items():
+            for kind, path in parse_template(template):
+                if (
+                    kind == "field"
+                    and path in HIGH_CARDINALITY_FIELDS
+                    and not self.allow_high_cardinality_labels
+                ):
+                    raise ValueError(
+                        f"labels: {name}={template} uses {{{path}}}, which has a new value for every object or "
+                        "event and would create unbounded Loki streams; use structured_metadata=true, or set "
+                        "allow_high_cardinality_labels=true if you really want it"
+                    )
+        names = {n for n in self.default_labels} | set(self.labels)
+        if len(names) > MAX_LABELS:
+            raise ValueError(
+                f"labels: {len(names)} label names; Loki accepts at most {MAX_LABELS} per stream"
+            )
+        return self
+
+
+def _redact(url: str) -> str:
+    """The URL without user info, query or fragment (where credentials hide)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = host + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    except ValueError:
+        return "<invalid url>"
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _quote_label_value(value: str) -> str:
+    # Escapes Loki's label parser (PromQL string rules) understands; raw newlines are not allowed there.
+    out = ['"']
+    for ch in value:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def labels_string(labels: Sequence[tuple[str, str]]) -> str:
+    """``{a="b",c="d"}`` as Loki's protobuf StreamAdapter.labels expects."""
+    return "{" + ",".join(f"{name}={_quote_label_value(value)}" for name, value in labels) + "}"
+
+
+def _cut_utf8(data: bytes, limit: int) -> bytes:
+    """At most ``limit`` bytes, not splitting a UTF-8 character."""
+    if len(data) <= limit:
+        return data
+    cut = data[:limit]
+    return cut.decode("utf-8", "ignore").encode("utf-8")
+
+
+_LOGFMT_PLAIN = re.compile(r"[^\s=\"\\\x00-\x1f\x7f]+")
+
+
+def _logfmt_value(value: str) -> str:
+    if _LOGFMT_PLAIN.fullmatch(value):
+        return value
+    escaped = (
+        value.replace("\\", "\\\\")
+        .replace('"', '\\"')
+        .replace("\n", "\\n")
+        .replace("\r", "\\r")
+        .replace("\t", "\\t")
+    )
+    return f'"{escaped}"'
+
+
+def logfmt_line(record: dict[str, Any], *, extra: Sequence[tuple[str, str]] = ()) -> str:
+    involved = record.get("involved_object") or {}
+    pairs: list[tuple[str, Any]] = [
+        ("time", record.get("time")),
+        ("cluster", record.get("cluster")),
+        ("namespace", record.get("namespace")),
+        ("type", record.get("type")),
+        ("reason", record.get("reason")),
+        ("kind", involved.get("kind")),
+        ("object", involved.get("name")),
+        ("field_path", involved.get("field_path")),
+        ("occurrence", record.get("occurrence")),
+        ("component", record.get("reporting_component")),
+        ("host", record.get("reporting_instance")),
+        ("uid", record.get("uid")),
+        *extra,
+        ("message", record.get("message")),
+    ]
+    return " ".join(
+        f"{k}={_logfmt_value('' if v is None else str(v))}" for k, v in pairs if v not in (None, "")
+    )
+
+
+class _Entry:
+    __slots__ = ("index", "labels", "line", "metadata", "ts_ns")
+
+    def __init__(
+        self,
+        index: int,
+        labels: tuple[tuple[str, str], ...],
+        ts_ns: int,
+        line: bytes,
+        metadata: list[tuple[str, str]],
+    ) -> None:
+        self.index = index
+        self.labels = labels
+        self.ts_ns = ts_ns
+        self.line = line
+        self.metadata = metadata
+
+
+class LokiSink(Sink[LokiOptions]):
+    """Pushes occurrences to Grafana Loki, one log entry each, grouped into streams by labels."""
+
+    options_model = LokiOptions
+    description = "Grafana Loki (push API, snappy protobuf or JSON; tenant, auth, TLS)"
+
+    def __init__(self, options: LokiOptions, context: SinkContext) -> None:
+        super().__init__(options, context)
+        parts = urlsplit(options.url)
+        base_path = parts.path.rstrip("/")
+        if base_path.endswith(PUSH_PATH):
+            base_path = base_path[: -len(PUSH_PATH)]
+        netloc = parts.hostname or ""
+        if ":" in netloc:
+            netloc = f"[{netloc}]"
+        if parts.port:
+            netloc += f":{parts.port}"
+        self._base = urlunsplit((parts.scheme, netloc, base_path, "", ""))
+        self._push_url = self._base + PUSH_PATH
+        self._shown = _redact(options.url)
+        self._templates = [(name, parse_template(t)) for name, t in options.labels.items()]
+        self._defaults = [
+            (name, DEFAULT_LABELS[name]) for name in options.default_labels if name not in options.labels
+        ]
+        self._headers = self._build_headers(parts.username, parts.password)
+        self._push_headers = {"Content-Type": "application/x-protobuf"}
+        if options.format == "json":
+            self._push_headers = {"Content-Type": "application/json"}
+            if options.gzip:
+                self._push_headers["Content-Encoding"] = "gzip"
+        self._session: aiohttp.ClientSession | None = None
+
+    def _build_headers(self, url_user: str | None, url_password: str | None) -> dict[str, str]:
+        opts = self.options
+        headers = {"User-Agent": f"eventrouter/{__version__}"}
+        if opts.tenant:
+            headers["X-Scope-OrgID"] = opts.tenant
+        if opts.username is not None:
+            user: str | None = opts.username
+            password = opts.password.get_secret_value() if opts.password is not None else ""
+        else:  # credentials in the URL (percent-encoded there)
+            user = unquote(url_user) if url_user is not None else None
+            password = unquote(url_password or "")
+        if user is not None:
+            token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+            headers["Authorization"] = f"Basic {token}"
+        elif opts.bearer_token is not None:
+            headers["Authorization"] = f"Bearer {opts.bearer_token.get_secret_value()}"
+        for item in opts.headers:
+            name, _, value = item.get_secret_value().partition(":")
+            headers[name.strip()] = value.strip()
+        return headers
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        if not self._base.startswith("https:"):
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self.options.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise SinkError(f"loki: cannot load ca_file {self.options.ca_file!r}: {exc}") from None
+        if self.options.insecure_skip_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(ssl=self._ssl() or True, limit=4)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self.options.timeout),
+                headers=self._headers,
+            )
+        return self._session
+
+    async def start(self) -> None:
+        """Reach ``/ready``: fail on connection errors and refused credentials; warn on anything else
+        (Loki answers 503 while starting, gateways may not expose /ready)."""
+        session = self._ensure_session()
+        url = self._base + "/ready"
+        try:
+            async with session.get(url) as response:
+                status = response.status
+                text = (await response.text(errors="replace"))[:200].strip()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise SinkError(f"loki: cannot reach {self._shown}: {_describe(exc)}") from None
+        if status in (401, 403):
+            raise SinkError(
+                f"loki: {self._shown} refused our credentials ({status} {text!r}); check username/password, "
+                "bearer_token, tenant and headers"
+            )
+        if status != 200:
+            self.log.warning("loki: %s/ready answered %s %r; pushing anyway", self._shown, status, text)
+
+    async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
+        outcomes: list[Outcome] = [OK] * len(batch)
+        entries: list[_Entry] = []
+        for index, occurrence in enumerate(batch):
+            try:
+                entry = self._entry(index, occurrence)
+            except Exception as exc:  # one bad item must never fail the batch
+                outcomes[index] = reject(f"loki: cannot encode occurrence {occurrence.key}: {exc}")
+                continue
+            if isinstance(entry, Outcome):
+                outcomes[index] = entry
+            else:
+                entries.append(entry)
+        if not entries:
+            return outcomes
+        body = self.encode(entries)
+        session = self._ensure_session()
+        try:
+            async with session.post(self._push_url, data=body, headers=self._push_headers) as response:
+                status = response.status
+                text = (await response.text(errors="replace")).strip()
+                retry_after = _retry_after(response.headers.get("Retry-After"))
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise RetryableError(f"loki: cannot reach {self._shown}: {_describe(exc)}") from None
+        if 200 <= status < 300:
+            return outcomes
+        message = text[:2000] or (response.reason or "")
+        if status == 429 or status >= 500 or status in (401, 403, 404, 408):
+            raise RetryableError(f"loki: {self._shown} answered {status}: {message}", retry_after=retry_after)
+        # 400 (and other 4xx) is final. It may be partial: Loki stored the valid entries but does not say
+        # which, so every item of this push goes to the dead-letter file with Loki's message.
+        reason = f"loki: {status} (push of {len(entries)} entries refused, possibly partly stored): {message}"
+        for entry in entries:
+            outcomes[entry.index] = reject(reason)
+        return outcomes
+
+    # -- encoding ----------------------------------------------------------------------------------
+
+    def _labels(self, record: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+        pairs: dict[str, str] = {}
+        for name, path in self._defaults:
+            pairs[name] = _lookup(record, path)
+        for name, template in self._templates:
+            pairs[name] = render_template(template, record)
+        out: list[tuple[str, str]] = []
+        for name, value in pairs.items():
+            if not value:
+                continue  # Loki drops empty label values anyway
+            value = _fix_surrogates(value)
+            data = value.encode("utf-8")
+            if len(data) > MAX_LABEL_VALUE_BYTES:
+                value = _cut_utf8(data, MAX_LABEL_VALUE_BYTES).decode("utf-8")
+            out.append((name, value))
+        if not out:
+            out.append(("type", record.get("type") or "Normal"))
+        return tuple(sorted(out))
+
+    def _line(self, occurrence: Occurrence, message: str | None = None, original: int = 0) -> bytes:
+        record = occurrence.to_dict(include_raw=self.options.include_raw)
+        if message is not None:
+            record = {**record, "message": message, "truncated": True, "original_bytes": original}
+            record.pop("raw", None)  # the raw object repeats the message: the first thing to drop
+        if self.options.line_format == "logfmt":
+            extra = (("truncated", "true"),) if message is not None else ()
+            return logfmt_line(record, extra=extra).encode("utf-8")
+        if message is None:
+            return occurrence.encode(include_raw=self.options.include_raw)
+        return orjson.dumps(record)
+
+    def _entry(self, index: int, occurrence: Occurrence) -> _Entry | Outcome:
+        record = occurrence.record
+        try:
+            line = self._line(occurrence)
+        except (orjson.JSONEncodeError, UnicodeEncodeError):
+            # Lone surrogates in some string: encode a repaired copy (U+FFFD) instead of failing.
+            occurrence = Occurrence(
+                uid=occurrence.uid,
+                number=occurrence.number,
+                time_ns=occurrence.time_ns,
+                record=_fix_surrogates(record),
+                raw=_fix_surrogates(occurrence.raw),
+                received_at=occurrence.received_at,
+            )
+            record = occurrence.record
+            line = self._line(occurrence)
+        limit = self.options.max_line_bytes
+        if len(line) > limit:
+            if self.options.oversize == "reject":
+                return reject(
+                    f"loki: line of {len(line)} bytes exceeds max_line_bytes={limit} (oversize=reject)"
+                )
+            line = self._truncate(occurrence, line, limit)
+        metadata: list[tuple[str, str]] = []
+        if self.options.structured_metadata:
+            involved = record.get("involved_object") or {}
+            for name, value in (
+                ("involved_object_name", involved.get("name")),
+                ("involved_object_uid", involved.get("uid")),
+                ("event_uid", occurrence.uid),
+                ("occurrence", str(occurrence.number)),
+            ):
+                if value:
+                    metadata.append((name, _fix_surrogates(str(value))))
+        return _Entry(index, self._labels(record), occurrence.time_ns, line, metadata)
+
+    def _truncate(self, occurrence: Occurrence, line: bytes, limit: int) -> bytes:
+        """Shorten the message until the line fits, keeping JSON valid; byte-cut as a last resort.
+        Deterministic, so a retried entry is identical and Loki de-duplicates it."""
+        message = str(occurrence.record.get("message") or "").encode("utf-8")
+        original = len(line)
+        excess = len(line) - limit
+        for _ in range(4):
+            keep = max(0, len(message) - excess - 64)
+            shortened = _cut_utf8(message, keep).decode("utf-8") + "…"
+            candidate = self._line(occurrence, shortened, original)
+            if len(candidate) <= limit:
+                return candidate
+            excess += len(candidate) - limit
+            if keep == 0:
+                break
+        marker = f"… [truncated from {original} bytes]".encode()
+        return _cut_utf8(line, limit - len(marker)) + marker
+
+    def encode(self, entries: Sequence[_Entry]) -> bytes:
+        """The push body: one stream per label set (in first-seen order), entries sorted by time."""
+        streams: dict[tuple[tuple[str, str], ...], list[_Entry]] = {}
+        for entry in entries:
+            streams.setdefault(entry.labels, []).append(entry)
+        for stream_entries in streams.values():
+            stream_entries.sort(key=lambda e: (e.ts_ns, e.index))
+        if self.options.format == "json":
+            doc = {
+                "streams": [
+                    {
+                        "stream": dict(labels),
+                        "values": [
+                            [str(e.ts_ns), e.line.decode("utf-8"), dict(e.metadata)]
+                            if e.metadata
+                            else [str(e.ts_ns), e.line.decode("utf-8")]
+                            for e in stream_entries
+                        ],
+                    }
+                    for labels, stream_entries in streams.items()
+                ]
+            }
+            body = orjson.dumps(doc)
+            return gzip.compress(body, mtime=0) if self.options.gzip else body
+        out = bytearray()
+        for labels, stream_entries in streams.items():
+            stream = bytearray(bytes_field(1, labels_string(labels)))
+            for e in stream_entries:
+                seconds, nanos = divmod(e.ts_ns, _NS)
+                timestamp = (varint_field(1, seconds) if seconds else b"") + (
+                    varint_field(2, nanos) if nanos else b""
+                )
+                encoded = bytes_field(1, timestamp) + bytes_field(2, e.line)
+                for name, value in e.metadata:
+                    encoded += bytes_field(3, bytes_field(1, name) + bytes_field(2, value))
+                stream += bytes_field(2, encoded)
+            out += bytes_field(1, bytes(stream))
+        return bytes(cramjam.snappy.compress_raw(bytes(out)))
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            await session.close()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc) or type(exc).__name__
+    return text

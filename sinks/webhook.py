@@ -1,0 +1,559 @@
+"""``webhook`` sink: POST (or PUT) JSON to any HTTP endpoint, per batch or per occurrence.
+
+``--sink=webhook:https://hooks.example/events?mode=event&secret=env:HOOK_SECRET&signature=standard``
+
+Body
+    ``mode=batch`` (default): one request per batch, the body a JSON array of records.
+    ``mode=event``: one request per occurrence, the body one record (JSON object); outcomes per item.
+
+``body_template`` (or ``body_template_file``) replaces the record with your own JSON. Placeholders are
+``{{path}}`` with dotted paths into the normalised record, e.g. ``{{reason}}``,
+``{{involved_object.name}}``, ``{{labels.app.kubernetes.io/name}}`` (after ``labels.``/``annotations.``
+the rest is one key) and ``{{raw.metadata.resourceVersion}}`` (the Event object as the API sent it):
+
+* inside a JSON string (``"text": "{{reason}}: {{message}}"``) the value is inserted JSON-escaped
+  (quotes, backslashes, newlines, control characters), so any message yields valid JSON; non-string
+  values are inserted as their JSON text, a missing value as nothing;
+* outside a string (``"count": {{count}}``, ``"labels": {{labels}}``) the value is inserted as JSON
+  (a missing value as ``null``).
+
+The template must be valid JSON once substituted; ``start()`` refuses it otherwise. In batch mode the
+rendered bodies are joined into one JSON array.
+
+Signatures (``secret=...``) over the exact bytes sent:
+    ``signature=github`` (default): ``X-Hub-Signature-256: sha256=<hex HMAC-SHA256(secret, body)>``.
+    ``signature=standard`` (standardwebhooks.com): ``webhook-id`` (hash of the occurrence keys: stable
+    across retries, the receiver's idempotency key), ``webhook-timestamp`` and
+    ``webhook-signature: v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`` where the key is the
+    base64 after ``whsec_``.
+
+Outcomes: any 2xx is OK; 408, 429, 5xx, connection errors and timeouts are retried (honouring
+Retry-After, seconds or HTTP-date); redirects and other 4xx are rejected with the status and a short
+excerpt of the answer. Redirects are never followed (a 302 would turn the POST into a GET).
+
+Every URL in logs and errors is redacted: no userinfo, no query values, no token-like path segments.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import ssl
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+
+import aiohttp
+import orjson
+from pydantic import AliasChoices, BeforeValidator, Field, field_validator
+
+import eventrouter
+from eventrouter import (
+    OK,
+    Occurrence,
+    Outcome,
+    OutcomeKind,
+    RetryableError,
+    Secret,
+    Sink,
+    SinkContext,
+    SinkError,
+    SinkOptions,
+    normalise,
+    reject,
+    retry,
+)
+
+__all__ = [
+    "BodyTemplate",
+    "TemplateError",
+    "WebhookOptions",
+    "WebhookSink",
+    "parse_retry_after",
+    "redact_url",
+    "standard_webhooks_signature",
+]
+
+# --------------------------------------------------------------------------------------------------
+# URL redaction
+# --------------------------------------------------------------------------------------------------
+
+_TOKENISH = re.compile(r"^(?=.*[0-9])(?=.*[A-Za-z])[A-Za-z0-9_\-.~%]{16,}$")
+
+
+def redact_url(url: str) -> str:
+    """``https://user:pw@host/services/T0/B0/abcDEF123456789xyz?token=abc`` →
+    ``https://host/services/T0/B0/***?token=***``: no userinfo, no query values, no fragment, and no
+    long token-like path segments (Slack/Discord/Teams keep the secret in the path)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    netloc = parts.netloc.rpartition("@")[2]
+    path = "/".join("***" if _TOKENISH.match(seg) else seg for seg in parts.path.split("/"))
+    query = "&".join(f"{k}=***" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, netloc, path, query, ""))
+
+
+# --------------------------------------------------------------------------------------------------
+# Retry-After
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if seconds == seconds else None  # NaN
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    current = now if now is not None else time.time()
+    return max(0.0, when.timestamp() - current)
+
+
+# --------------------------------------------------------------------------------------------------
+# Body template
+# --------------------------------------------------------------------------------------------------
+
+
+class TemplateError(ValueError):
+    pass
+
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
+_FREE_MAPS = ("labels", "annotations")
+
+
+def _known_paths() -> tuple[set[str], dict[str, set[str]]]:
+    sample = normalise({"metadata": {"uid": "x"}}).record
+    nested = {k: set(v) for k, v in sample.items() if isinstance(v, dict) and k not in _FREE_MAPS}
+    return set(sample), nested
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    path: tuple[str, ...]
+    in_string: bool
+
+
+class BodyTemplate:
+    """A JSON template with ``{{path}}`` placeholders, compiled once (see the module docstring)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.parts: list[str | _Slot] = []
+        top, nested = _known_paths()
+        in_string = False
+        pos = 0
+        for match in _PLACEHOLDER.finditer(text):
+            literal = text[pos : match.start()]
+            in_string = self._scan(literal, in_string)
+            if literal:
+                self.parts.append(literal)
+            path = self._path(match.group(1), top, nested)
+            self.parts.append(_Slot(path, in_string))
+            pos = match.end()
+        tail = text[pos:]
+        if tail:
+            self.parts.append(tail)
+        # Valid JSON for any values? Strings become "x", other slots null: both keep the structure.
+        probe = "".join(p if isinstance(p, str) else ("x" if p.in_string else "null") for p in self.parts)
+        try:
+            orjson.loads(probe)
+        except orjson.JSONDecodeError as exc:
+            raise TemplateError(f"is not valid JSON once substituted ({exc})") from None
+
+    @staticmethod
+    def _scan(literal: str, in_string: bool) -> bool:
+        escaped = False
+        for ch in literal:
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif ch == "\\":
+                    escaped = True
+                elif ch == '"':
+                    in_string = False
+            elif ch == '"':
+                in_string = True
+        return in_string
+
+    @staticmethod
+    def _path(spec: str, top: set[str], nested: dict[str, set[str]]) -> tuple[str, ...]:
+        head, _, rest = spec.partition(".")
+        if head == "raw":
+            return ("raw", *rest.split(".")) if rest else ("raw",)
+        if head in _FREE_MAPS:
+            return (head, rest) if rest else (head,)
+        if head not in top:
+            known = ", ".join(sorted(top))
+            raise TemplateError(f"placeholder {{{{{spec}}}}} names no record field (fields: {known})")
+        if rest:
+            if head not in nested or rest not in nested[head]:
+                raise TemplateError(f"placeholder {{{{{spec}}}}} names no record field")
+            return (head, rest)
+        return (head,)
+
+    @staticmethod
+    def _lookup(occ: Occurrence, path: tuple[str, ...]) -> Any:
+        value: Any = occ.raw if path[0] == "raw" else occ.record.get(path[0])
+        for key in path[1:]:
+            if not isinstance(value, dict):
+                return None
+            value = value.get(key)
+        return value
+
+    def render(self, occ: Occurrence) -> bytes:
+        out: list[bytes] = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part.encode())
+                continue
+            value = self._lookup(occ, part.path)
+            if not part.in_string:
+                out.append(orjson.dumps(value))
+            elif value is None:
+                continue
+            else:
+                text = value if isinstance(value, str) else orjson.dumps(value).decode()
+                out.append(orjson.dumps(text)[1:-1])  # the escaped content, without the quotes
+        return b"".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Signatures
+# --------------------------------------------------------------------------------------------------
+
+
+def github_signature(secret: bytes, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def standard_webhooks_key(secret: str) -> bytes:
+    """``whsec_<base64>`` (the prefix is optional) → the HMAC key, as the Standard Webhooks libraries do."""
+    text = secret.removeprefix("whsec_")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not a Standard Webhooks secret (whsec_ followed by base64)") from None
+
+
+def standard_webhooks_signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+# --------------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------------
+
+
+def _basic_auth(user: str, password: str) -> str:
+    if ":" in user:
+        raise SinkError("webhook sink: option username must not contain ':'")
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def _headers_input(value: Any) -> Any:
+    """``Name:Value`` (also kube-eventer's ``Name=Value``), a list of those, or a YAML mapping.
+
+    Malformed entries are kept under a descriptive (invalid) name and refused by ``start()``: a
+    pydantic error would print the input, and header values are often credentials."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list | tuple):
+        result: dict[str, Any] = {}
+        for n, entry in enumerate(value, 1):
+            text = entry if isinstance(entry, str) else str(entry)
+            cut = min((i for i in (text.find(":"), text.find("=")) if i > 0), default=-1)
+            if cut < 0:
+                result[f"<entry #{n} is not Name:Value>"] = text
+            else:
+                result[text[:cut].strip()] = text[cut + 1 :].strip()
+        return result
+    return value
+
+
+class WebhookOptions(SinkOptions):
+    method: Literal["POST", "PUT"] = Field("POST", description="HTTP method: POST or PUT (never GET).")
+    mode: Literal["batch", "event"] = Field(
+        "batch", description="batch: one request per batch (JSON array); event: one request per occurrence."
+    )
+    headers: Annotated[dict[str, Secret], BeforeValidator(_headers_input)] = Field(
+        default_factory=dict,
+        validation_alias=AliasChoices("headers", "header"),
+        description="Extra headers, repeatable `headers=Name:Value`; values may be env:NAME or file:/path.",
+    )
+    body_template: str | None = Field(
+        None, description="JSON body with {{field}} placeholders, values JSON-escaped (see docs)."
+    )
+    body_template_file: Path | None = Field(None, description="Read body_template from this file.")
+    secret: Secret | None = Field(None, description="HMAC-SHA256 signing secret (signature header).")
+    signature: Literal["github", "standard"] = Field(
+        "github",
+        description="github: X-Hub-Signature-256; standard: Standard Webhooks (secret whsec_<base64>).",
+    )
+    timeout: float = Field(10.0, gt=0, description="Seconds one HTTP request may take.")
+    ca_file: Path | None = Field(None, description="CA bundle (PEM) to verify the server's certificate.")
+    cert_file: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    key_file: Path | None = Field(None, description="Client certificate key (PEM) for mutual TLS.")
+    insecure_skip_verify: bool = Field(False, description="Do not verify the server's certificate.")
+    username: str | None = Field(None, description="HTTP basic auth user.")
+    password: Secret | None = Field(None, description="HTTP basic auth password.")
+    bearer_token: Secret | None = Field(
+        None,
+        validation_alias=AliasChoices("bearer_token", "token"),
+        description="Authorization: Bearer token.",
+    )
+    healthcheck_url: str | None = Field(
+        None, description="URL that `eventrouter check` probes with HEAD (default: the webhook URL)."
+    )
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:  # type: ignore[override]
+        for name, value in super().__repr_args__():
+            if name in ("url", "healthcheck_url") and isinstance(value, str):
+                value = redact_url(value)
+            yield name, value
+
+
+# --------------------------------------------------------------------------------------------------
+# The sink
+# --------------------------------------------------------------------------------------------------
+
+_RETRY_STATUSES = {408, 425, 429}
+
+
+class WebhookSink(Sink[WebhookOptions]):
+    """POSTs JSON to an HTTP endpoint; any 2xx is success."""
+
+    options_model = WebhookOptions
+    description = "POST JSON per batch or per event to any HTTP endpoint (template, HMAC signature)"
+    url_query_passthrough = True  # --sink=webhook:https://h/hook?token=..: unknown keys stay in the URL
+
+    def __init__(self, options: WebhookOptions, context: SinkContext) -> None:
+        super().__init__(options, context)
+        self._session: aiohttp.ClientSession | None = None
+        self._template: BodyTemplate | None = None
+        self._headers: dict[str, str] = {}
+        self._target = ""
+        self._redacted = redact_url(options.url)
+        self._standard_key: bytes | None = None
+
+    # -- configuration ---------------------------------------------------------------------------
+    def _configure(self) -> None:
+        opts = self.options
+        parts = urlsplit(opts.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SinkError(f"webhook sink: url must be http(s)://host/path, got {self._redacted!r}")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise SinkError(f"webhook sink: url has an invalid port: {self._redacted!r}") from None
+        # Userinfo in the URL becomes basic auth and never travels in (or gets logged with) the URL.
+        netloc = parts.netloc.rpartition("@")[2]
+        self._target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"eventrouter/{eventrouter.__version__}",
+        }
+        if opts.username is not None:
+            password = opts.password.get_secret_value() if opts.password else ""
+            headers["Authorization"] = _basic_auth(opts.username, password)
+        elif parts.username is not None:
+            headers["Authorization"] = _basic_auth(unquote(parts.username), unquote(parts.password or ""))
+        if opts.bearer_token is not None:
+            if "Authorization" in headers:
+                raise SinkError("webhook sink: set bearer_token or basic auth (username/password), not both")
+            headers["Authorization"] = "Bearer " + opts.bearer_token.get_secret_value()
+        for name, value in opts.headers.items():
+            if not _TOKEN.match(name):
+                raise SinkError(f"webhook sink: option headers: {name!r} is not a valid header name")
+            text = value.get_secret_value()
+            if "\r" in text or "\n" in text:
+                raise SinkError(f"webhook sink: option headers: value of {name!r} contains a line break")
+            headers[name] = text
+        self._headers = headers
+
+        if opts.body_template is not None and opts.body_template_file is not None:
+            raise SinkError("webhook sink: set body_template or body_template_file, not both")
+        template_text, option = opts.body_template, "body_template"
+        if opts.body_template_file is not None:
+            option = "body_template_file"
+            try:
+                template_text = opts.body_template_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                path = opts.body_template_file
+                raise SinkError(f"webhook sink: cannot read body_template_file {path}: {exc}") from None
+        if template_text is not None:
+            try:
+                self._template = BodyTemplate(template_text)
+            except TemplateError as exc:
+                raise SinkError(f"webhook sink: option {option} {exc}") from None
+
+        if opts.secret is not None and opts.signature == "standard":
+            try:
+                self._standard_key = standard_webhooks_key(opts.secret.get_secret_value())
+            except ValueError as exc:
+                raise SinkError(f"webhook sink: option secret is {exc}") from None
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        opts = self.options
+        if not (opts.ca_file or opts.cert_file or opts.insecure_skip_verify):
+            return True
+        try:
+            ctx = ssl.create_default_context(cafile=str(opts.ca_file) if opts.ca_file else None)
+            if opts.cert_file:
+                ctx.load_cert_chain(str(opts.cert_file), str(opts.key_file) if opts.key_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise SinkError(f"webhook sink: cannot load ca_file/cert_file/key_file: {exc}") from None
+        if opts.insecure_skip_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    async def start(self) -> None:
+        # No request here: many webhooks only accept POST, and a start must not emit a fake event.
+        self._configure()
+        if self._session is None:
+            connector = aiohttp.TCPConnector(ssl=self._ssl())
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=self.options.timeout)
+            )
+
+    async def check(self) -> None:
+        """Start, then probe with HEAD: any HTTP answer (even 405) proves the endpoint is reachable."""
+        await self.start()
+        assert self._session is not None
+        url = self.options.healthcheck_url or self._target
+        try:
+            headers = {k: v for k, v in self._headers.items() if k != "Content-Type"}
+            async with self._session.head(url, headers=headers, allow_redirects=False) as resp:
+                self.log.info("webhook %s answered HEAD with %d", redact_url(url), resp.status)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise SinkError(f"webhook sink cannot reach {redact_url(url)}: {self._describe(exc)}") from None
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def __repr__(self) -> str:
+        return f"WebhookSink(url={self._redacted!r}, mode={self.options.mode!r})"
+
+    # -- sending ----------------------------------------------------------------------------------
+    def _encode(self, occ: Occurrence) -> bytes:
+        if self._template is not None:
+            return self._template.render(occ)
+        return occ.encode(include_raw=self.options.include_raw)
+
+    def _sign(self, body: bytes, keys: Sequence[str]) -> dict[str, str]:
+        secret = self.options.secret
+        if secret is None:
+            return {}
+        if self._standard_key is not None:
+            msg_id = "evr_" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:40]
+            ts = int(time.time())
+            return {
+                "webhook-id": msg_id,
+                "webhook-timestamp": str(ts),
+                "webhook-signature": standard_webhooks_signature(self._standard_key, msg_id, ts, body),
+            }
+        return {"X-Hub-Signature-256": github_signature(secret.get_secret_value().encode(), body)}
+
+    def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, TimeoutError):
+            return f"no answer within {self.options.timeout:g}s"
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return f"cannot connect ({exc.os_error.strerror or type(exc.os_error).__name__})"
+        text = str(exc)
+        # Some aiohttp errors quote the request URL; never let its query or userinfo through.
+        for raw in {self.options.url, self._target}:
+            if raw:
+                text = text.replace(raw, self._redacted)
+        return f"{type(exc).__name__}: {text}"[:300]
+
+    async def _post(self, body: bytes, keys: Sequence[str]) -> Outcome:
+        """One request → OK, retry(...) or reject(...)."""
+        if self._session is None:
+            await self.start()
+        assert self._session is not None
+        headers = {**self._headers, **self._sign(body, keys)}
+        try:
+            async with self._session.request(
+                self.options.method,
+                self._target,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+            ) as resp:
+                status = resp.status
+                if 200 <= status < 300:
+                    return OK
+                excerpt = (await resp.content.read(512)).decode("utf-8", "replace")
+                excerpt = " ".join(excerpt.split())[:200]
+                detail = f"HTTP {status} from {self._redacted}" + (f": {excerpt}" if excerpt else "")
+                if status in _RETRY_STATUSES or status >= 500:
+                    return retry(detail, retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+                if 300 <= status < 400:
+                    where = redact_url(resp.headers.get("Location", ""))
+                    return reject(f"HTTP {status} redirect from {self._redacted} to {where!r} (not followed)")
+                return reject(detail)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return retry(f"{self._redacted}: {self._describe(exc)}")
+
+    async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        bodies: list[tuple[int, bytes]] = []
+        for i, occ in enumerate(batch):
+            try:
+                bodies.append((i, self._encode(occ)))
+            except (TypeError, ValueError, orjson.JSONEncodeError) as exc:
+                outcomes[i] = reject(f"cannot encode {occ.key}: {exc}")
+
+        if self.options.mode == "event":
+            stop: Outcome | None = None
+            for i, body in bodies:
+                if stop is not None:
+                    # The endpoint is down or throttling: do not spend a timeout per remaining item.
+                    outcomes[i] = retry(f"not sent: {stop.reason}", retry_after=stop.retry_after)
+                    continue
+                outcome = await self._post(body, [batch[i].key])
+                outcomes[i] = outcome
+                if outcome.kind is OutcomeKind.RETRY:
+                    stop = outcome
+        elif bodies:
+            body = b"[" + b",".join(b for _, b in bodies) + b"]"
+            outcome = await self._post(body, [batch[i].key for i, _ in bodies])
+            if outcome.kind is OutcomeKind.RETRY and len(bodies) == len(batch):
+                raise RetryableError(outcome.reason, retry_after=outcome.retry_after)
+            for i, _ in bodies:
+                outcomes[i] = outcome
+        return [o if o is not None else OK for o in outcomes]

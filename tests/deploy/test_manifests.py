@@ -1,0 +1,249 @@
+"""deploy/ (plain manifests for users without Helm) and the container image's build files.
+
+deploy/eventrouter.yaml must stay equivalent to the chart's default render; regenerate it with
+`python tests/deploy/test_manifests.py --write` after changing the chart's defaults.
+The image cannot be built here (no Docker engine): the Dockerfile's structure is checked instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "eventrouter"
+MANIFESTS = ROOT / "deploy" / "eventrouter.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+NAME = NAMESPACE = "eventrouter"
+
+# Only Helm's bookkeeping differs between a Helm install and the plain manifests.
+HELM_ONLY_LABELS = ("helm.sh/chart", "app.kubernetes.io/managed-by")
+
+Doc = dict[str, Any]
+
+HEADER = """\
+# eventrouter plain manifests: the Helm chart's defaults (charts/eventrouter, release "eventrouter"
+# in namespace "eventrouter") for users without Helm.
+#   kubectl apply -f deploy/eventrouter.yaml
+# Routes every Event occurrence to the pod's stdout; edit the ConfigMap's config.yaml to add sinks
+# (credentials as env:NAME / file:/path references to a Secret, never literals).
+# Generated: python tests/deploy/test_manifests.py --write (tests/deploy/test_manifests.py keeps it
+# equal to the chart).
+"""
+
+NAMESPACE_DOC: Doc = {
+    "apiVersion": "v1",
+    "kind": "Namespace",
+    "metadata": {"name": NAMESPACE, "labels": {"app.kubernetes.io/name": NAME}},
+}
+
+
+def _strip_helm(doc: Doc) -> Doc:
+    doc = copy.deepcopy(doc)
+    labels = doc["metadata"].get("labels", {})
+    for key in HELM_ONLY_LABELS:
+        labels.pop(key, None)
+    template = doc.get("spec", {}).get("template", {}).get("metadata")
+    if template is not None:
+        annotations = {
+            k: v for k, v in template.get("annotations", {}).items() if not k.startswith("checksum/")
+        }
+        template.pop("annotations", None)
+        if annotations:
+            template["annotations"] = annotations
+    return doc
+
+
+def chart_default_objects() -> list[Doc]:
+    with helm.Chart.load(CHART) as chart:
+        rendered = chart.render({}, name=NAME, namespace=NAMESPACE)
+    docs: list[Doc] = []
+    for path, text in sorted(rendered.items()):
+        if not path.endswith("NOTES.txt"):
+            docs.extend(_strip_helm(doc) for doc in yaml.safe_load_all(text) if doc)
+    order = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment"]
+    return sorted(docs, key=lambda d: order.index(d["kind"]) if d["kind"] in order else len(order))
+
+
+def plain_objects() -> list[Doc]:
+    return [doc for doc in yaml.safe_load_all(MANIFESTS.read_text()) if doc]
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the ConfigMap's config.yaml) as readable `|` blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_BlockDumper.add_representer(str, _str)
+
+
+def write_manifests() -> None:
+    docs = [NAMESPACE_DOC, *chart_default_objects()]
+    body = yaml.dump_all(docs, Dumper=_BlockDumper, sort_keys=False, width=110)
+    MANIFESTS.write_text(HEADER + "---\n" + body)
+
+
+def _key(doc: Doc) -> tuple[str, str, str]:
+    return (doc["kind"], doc["metadata"].get("namespace", ""), doc["metadata"]["name"])
+
+
+# --- plain manifests ---------------------------------------------------------------------------
+
+
+def test_plain_manifests_equal_the_chart_default_render() -> None:
+    plain = {_key(doc): doc for doc in plain_objects() if doc["kind"] != "Namespace"}
+    chart = {_key(doc): doc for doc in chart_default_objects()}
+    assert sorted(plain) == sorted(chart)
+    for key, doc in chart.items():
+        assert plain[key] == doc, f"deploy/eventrouter.yaml differs from the chart for {key}"
+
+
+def test_plain_manifests_have_the_expected_kinds_in_apply_order() -> None:
+    kinds = [doc["kind"] for doc in plain_objects()]
+    assert kinds == [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "Deployment",
+    ]
+    for doc in plain_objects()[1:]:
+        assert all(label not in doc["metadata"].get("labels", {}) for label in HELM_ONLY_LABELS)
+        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert doc["metadata"]["namespace"] == NAMESPACE
+
+
+def test_plain_clusterrole_only_reads_events() -> None:
+    (role,) = [doc for doc in plain_objects() if doc["kind"] == "ClusterRole"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list", "watch"]}]
+
+
+# --- Dockerfile --------------------------------------------------------------------------------
+
+
+def _instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    result = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            result.append((op.upper(), rest.strip()))
+    return result
+
+
+def _stages() -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for op, rest in _instructions():
+        if op == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((op, rest))
+    return stages
+
+
+def test_dockerfile_is_multi_stage_with_a_wheel_builder() -> None:
+    stages = _stages()
+    assert len(stages) >= 2
+    builder, final = stages[0], stages[-1]
+    assert re.fullmatch(r"python:3\.11-slim\S* AS builder", builder[0][1], re.IGNORECASE)
+    builder_runs = " ".join(rest for op, rest in builder if op == "RUN")
+    assert "pip wheel" in builder_runs and ".[all]" in builder_runs, (
+        "the builder builds wheels with every extra"
+    )
+    assert final[0][1].startswith("python:3.11-slim")
+    # The final stage gets wheels from the builder only, never the source tree.
+    copies = [rest for op, rest in final if op == "COPY"]
+    assert all(c.startswith("--from=builder") for c in copies)
+    final_runs = " ".join(rest for op, rest in final if op == "RUN")
+    assert "--mount=type=bind,from=builder" in final_runs
+    assert "pip install" in final_runs and "--no-index" in final_runs and "eventrouter[all]" in final_runs
+
+
+def test_dockerfile_runs_as_non_root_with_the_eventrouter_entrypoint() -> None:
+    final = _stages()[-1]
+    users = [rest for op, rest in final if op == "USER"]
+    assert users and users[-1] in ("65532", "65532:65532")
+    # Exec form (JSON), so signals reach the router directly: it is PID 1 and must see SIGTERM.
+    entrypoint = [json.loads(rest) for op, rest in final if op == "ENTRYPOINT"]
+    assert entrypoint == [["eventrouter"]]
+    cmd = [json.loads(rest) for op, rest in final if op == "CMD"]
+    assert cmd and cmd[-1][0] == "run"
+    assert ("EXPOSE", "8080") in final
+    labels = " ".join(rest for op, rest in final if op == "LABEL")
+    for key in ("title", "description", "source", "licenses", "version"):
+        assert f"org.opencontainers.image.{key}=" in labels
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule, simplified: the last matching pattern wins; `!` re-includes; a directory
+    pattern also covers everything below it."""
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if pattern.startswith("**/"):
+            hit = any(fnmatch.fnmatch(part, pattern[3:]) for part in parts)
+        else:
+            hit = any(fnmatch.fnmatch(prefix, pattern) for prefix in prefixes)
+        if hit:
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_keeps_the_package_and_drops_everything_else() -> None:
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for path in (
+        "tests/deploy/test_chart.py",
+        "bench/run.py",
+        ".git/HEAD",
+        ".venv/bin/python",
+        "venv/lib/x.py",
+        "eventrouter/__pycache__/app.cpython-311.pyc",
+        ".mypy_cache/3.11/x.json",
+        ".pytest_cache/v/cache",
+        ".ruff_cache/x",
+        "charts/eventrouter/Chart.yaml",
+        "eventrouter.egg-info/PKG-INFO",
+        "build/lib/x.py",
+        "dist/eventrouter-0.1.0.whl",
+    ):
+        assert _ignored(path, patterns), f"{path} should not be sent to the Docker build"
+    for path in (
+        "pyproject.toml",
+        "README.md",
+        "LICENSE",
+        "eventrouter/__init__.py",
+        "eventrouter/testing/data/watch.jsonl",
+        "sinks/__init__.py",
+        "sinks/loki.py",
+    ):
+        assert not _ignored(path, patterns), f"{path} is needed to build the wheel"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write"]:
+        write_manifests()
+        print(f"wrote {MANIFESTS.relative_to(ROOT)}")
+    else:
+        sys.exit("usage: python tests/deploy/test_manifests.py --write")

@@ -1,0 +1,238 @@
+"""file sink: JSON lines with size-based rotation, durability and external rotation, on a real file system."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import orjson
+import pytest
+
+from eventrouter import OK, Occurrence, OutcomeKind, SinkContext, SinkError, normalise
+from eventrouter.testing import make_occurrence, recorded_watch
+from eventrouter_sinks.file import FileOptions, FileSink
+
+
+def context() -> SinkContext:
+    return SinkContext(name="file", cluster="test", data_dir=None, logger=logging.getLogger("test.file"))
+
+
+def make_sink(**options: object) -> FileSink:
+    return FileSink(FileOptions.model_validate(options), context())
+
+
+def fixed(i: int, size: int = 50) -> Occurrence:
+    """Occurrences whose JSON lines all have the same length."""
+    return make_occurrence(
+        uid=f"00000000-0000-0000-0000-{i:012d}",
+        name=f"ev-{i:06d}",
+        message=f"m{i:06d}".ljust(size, "."),
+        first_timestamp="2024-05-01T10:00:00Z",
+    )
+
+
+def lines_of(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+async def test_writes_json_lines_from_the_url_and_creates_folders(tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "er" / "events.jsonl"
+    occs = [normalise(e["object"]) for e in recorded_watch() if e["type"] != "DELETED"]
+    sink = make_sink(url=f"file:{target}")
+    await sink.start()
+    assert await sink.send(occs) == [OK] * len(occs)
+    await sink.aclose()
+    assert [orjson.loads(x) for x in lines_of(target)] == [o.record for o in occs]
+    messages = [orjson.loads(x)["message"] for x in lines_of(target)]
+    assert any(m.startswith("就绪探针失败") and "\n" in m and '"quoted"' in m for m in messages)
+    assert any(len(m) == 20_000 for m in messages)
+
+
+async def test_appends_to_an_existing_file(tmp_path: Path) -> None:
+    target = tmp_path / "events.jsonl"
+    target.write_bytes(b'{"old":1}\n')
+    sink = make_sink(path=str(target))
+    await sink.start()
+    await sink.send([fixed(1)])
+    await sink.aclose()
+    assert lines_of(target) == [b'{"old":1}\n', fixed(1).json + b"\n"]
+
+
+async def test_rotation_keeps_every_record_once_across_files(tmp_path: Path) -> None:
+    target = tmp_path / "events.jsonl"
+    line = len(fixed(0).json) + 1
+    occs = [fixed(i) for i in range(20)]
+    assert {len(o.json) + 1 for o in occs} == {line}
+    sink = make_sink(path=str(target), max_bytes=3 * line, max_files=10)
+    await sink.start()
+    # Batches that cross file boundaries inside a batch and between batches.
+    for chunk in (occs[0:1], occs[1:6], occs[6:13], occs[13:20]):
+        assert await sink.send(chunk) == [OK] * len(chunk)
+    await sink.aclose()
+    # 20 records, 3 per file: .6 … .1 full, the current file holds the last 2.
+    assert files_in(tmp_path) == ["events.jsonl"] + [f"events.jsonl.{i}" for i in range(1, 7)]
+    for i in range(1, 7):
+        assert len(lines_of(tmp_path / f"events.jsonl.{i}")) == 3
+        assert (tmp_path / f"events.jsonl.{i}").stat().st_size == 3 * line
+    assert len(lines_of(target)) == 2
+    ordered = [tmp_path / f"events.jsonl.{i}" for i in range(6, 0, -1)] + [target]
+    everything = [x for p in ordered for x in lines_of(p)]
+    assert everything == [o.json + b"\n" for o in occs]
+
+
+async def test_rotation_removes_the_oldest_beyond_max_files(tmp_path: Path) -> None:
+    target = tmp_path / "events.jsonl"
+    line = len(fixed(0).json) + 1
+    occs = [fixed(i) for i in range(20)]
+    sink = make_sink(path=str(target), max_bytes=3 * line, max_files=2)
+    await sink.start()
+    await sink.send(occs[:10])
+    await sink.send(occs[10:])
+    await sink.aclose()
+    assert files_in(tmp_path) == ["events.jsonl", "events.jsonl.1", "events.jsonl.2"]
+    kept = lines_of(tmp_path / "events.jsonl.2") + lines_of(tmp_path / "events.jsonl.1") + lines_of(target)
+    assert kept == [o.json + b"\n" for o in occs[12:]]
+
+
+async def test_record_larger_than_max_bytes_gets_a_file_of_its_own(tmp_path: Path) -> None:
+    target = tmp_path / "events.jsonl"
+    small, big, after = fixed(1), fixed(2, size=600), fixed(3)
+    sink = make_sink(path=str(target), max_bytes=400, max_files=5)
+    await sink.start()
+    assert await sink.send([small, big, after]) == [OK] * 3
+    await sink.aclose()
+    assert lines_of(tmp_path / "events.jsonl.2") == [small.json + b"\n"]
+    assert lines_of(tmp_path / "events.jsonl.1") == [big.json + b"\n"]
+    assert lines_of(target) == [after.json + b"\n"]
+
+
+async def test_max_bytes_zero_never_rotates(tmp_path: Path) -> None:
+    target = tmp_path / "events.jsonl"
+    sink = make_sink(path=str(target), max_bytes=0)
+    await sink.start()
+    await sink.send([fixed(i, size=2000) for i in range(50)])
+    await sink.aclose()
+    assert files_in(tmp_path) == ["events.jsonl"]
+    assert len(lines_of(target)) == 50
+
+
+async def test_reopens_after_external_rotation_and_removal(tmp_path: Path) -> None:
+    target = tmp_path / "events.jsonl"
+    sink = make_sink(path=str(target))
+    await sink.start()
+    await sink.send([fixed(1)])
+    os.rename(target, tmp_path / "events.jsonl.logrotate")  # logrotate's "create" mode
+    await sink.send([fixed(2)])
+    assert lines_of(tmp_path / "events.jsonl.logrotate") == [fixed(1).json + b"\n"]
+    assert lines_of(target) == [fixed(2).json + b"\n"]
+    target.unlink()
+    await sink.send([fixed(3)])
+    assert lines_of(target) == [fixed(3).json + b"\n"]
+    target.write_bytes(b"")  # copytruncate: same inode, size back to 0
+    await sink.send([fixed(4)])
+    await sink.aclose()
+    assert lines_of(target) == [fixed(4).json + b"\n"]
+
+
+async def test_unwritable_path_fails_start_naming_the_path(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    target = blocker / "events.jsonl"
+    with pytest.raises(SinkError, match=r"file sink cannot write .*not-a-folder/events\.jsonl"):
+        await make_sink(path=str(target)).start()
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    with pytest.raises(SinkError, match=r"a-folder.*(directory|regular file)"):
+        await make_sink(path=str(folder)).start()
+    with pytest.raises(SinkError, match="needs a path"):
+        await make_sink().start()
+
+
+async def test_write_failure_gives_retry_outcomes_then_recovers(tmp_path: Path) -> None:
+    folder = tmp_path / "logs"
+    target = folder / "events.jsonl"
+    sink = make_sink(path=str(target))
+    await sink.start()
+    await sink.send([fixed(1)])
+    shutil.rmtree(folder)
+    folder.write_text("now a file")  # the folder cannot be recreated
+    outcomes = await sink.send([fixed(2), fixed(3)])
+    assert outcomes is not None
+    assert [o.kind for o in outcomes] == [OutcomeKind.RETRY] * 2
+    assert str(target) in outcomes[0].reason
+    folder.unlink()
+    assert await sink.send([fixed(2), fixed(3)]) == [OK, OK]
+    await sink.aclose()
+    assert lines_of(target) == [fixed(2).json + b"\n", fixed(3).json + b"\n"]
+
+
+async def test_unencodable_record_is_rejected_alone(tmp_path: Path) -> None:
+    target = tmp_path / "events.jsonl"
+    bad = fixed(2)
+    bad.record = {**bad.record, "count": 2**70}
+    sink = make_sink(path=str(target))
+    await sink.start()
+    outcomes = await sink.send([fixed(1), bad, fixed(3)])
+    await sink.aclose()
+    assert outcomes is not None
+    assert [o.kind for o in outcomes] == [OutcomeKind.OK, OutcomeKind.REJECT, OutcomeKind.OK]
+    assert lines_of(target) == [fixed(1).json + b"\n", fixed(3).json + b"\n"]
+
+
+async def test_aclose_twice_and_without_start(tmp_path: Path) -> None:
+    sink = make_sink(path=str(tmp_path / "x.jsonl"))
+    await sink.aclose()
+    await sink.start()
+    await sink.aclose()
+    await sink.aclose()
+
+
+FSYNC_CHILD = textwrap.dedent(
+    """
+    import asyncio, logging, sys
+    from eventrouter import SinkContext
+    from eventrouter.testing import make_occurrence
+    from eventrouter_sinks.file import FileOptions, FileSink
+
+    async def main():
+        ctx = SinkContext(name="file", cluster="c", data_dir=None, logger=logging.getLogger("x"))
+        opts = FileOptions.model_validate({"path": sys.argv[1], "fsync": sys.argv[2], "max_bytes": 0})
+        s = FileSink(opts, ctx)
+        await s.start()
+        for batch in range(4):
+            await s.send([make_occurrence(message=f"b{batch}-{i}") for i in range(10)])
+        await s.aclose()
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to observe fsync(2)")
+@pytest.mark.parametrize(("fsync", "expected"), [("true", 4), ("false", 0)])
+def test_fsync_option_syncs_once_per_batch(tmp_path: Path, fsync: str, expected: int) -> None:
+    target = tmp_path / "events.jsonl"
+    trace = tmp_path / "trace.txt"
+    proc = subprocess.run(
+        [
+            *("strace", "-f", "-e", "trace=fsync,fdatasync", "-o", str(trace)),
+            *(sys.executable, "-c", FSYNC_CHILD, str(target), fsync),
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    if proc.returncode != 0 and b"ptrace" in proc.stderr:
+        pytest.skip("ptrace not permitted here")
+    assert proc.returncode == 0, proc.stderr.decode()
+    calls = [x for x in trace.read_text().splitlines() if "fsync(" in x and "= 0" in x]
+    assert len(calls) == expected
+    assert len(lines_of(target)) == 40

@@ -1,0 +1,563 @@
+"""SLS sink against the project's SLS-compatible receiver, and the receiver against the official SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aliyun.log import LogClient, LogException, LogItem, PutLogsRequest
+from aliyun.log.log_logs_pb2 import LogGroup  # type: ignore[attr-defined]
+from pydantic import ValidationError
+
+from eventrouter import Occurrence, OutcomeKind, RetryableError, SinkContext, SinkError, normalise
+from eventrouter.options import COMMON_KEYS
+from eventrouter.record import occurrence_number
+from eventrouter.testing import event_object, make_occurrence, recorded_watch
+from eventrouter.testing.receivers.sls import AccessKey, SLSReceiver
+from eventrouter_sinks.sls import SLSOptions, SLSSink, endpoint_url
+
+PROJECT = "k8s-log-c1"
+LOGSTORE = "k8s-event"
+KEY_ID = "LTAI5tTestKeyId"
+SECRET = "s3cr3t-Value-9f8e7d"
+STS_ID = "STS.NTestTemporaryId"
+STS_SECRET = "sts-s3cr3t-1a2b3c"
+STS_TOKEN = "CAIS-token-value-xyz"
+WRONG_SECRET = "wr0ng-Secret-5c4b3a"
+LOGGER = "test.sls.sink"
+
+MakeSink = Callable[..., Awaitable[SLSSink]]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[SLSReceiver]:
+    async with SLSReceiver(
+        projects={PROJECT: [LOGSTORE]},
+        keys=[AccessKey(KEY_ID, SECRET), AccessKey(STS_ID, STS_SECRET, STS_TOKEN)],
+    ) as r:
+        yield r
+
+
+@pytest.fixture
+async def make_sink(receiver: SLSReceiver) -> AsyncIterator[MakeSink]:
+    sinks: list[SLSSink] = []
+
+    async def make(start: bool = True, **overrides: Any) -> SLSSink:
+        values: dict[str, Any] = {
+            "url": receiver.url,
+            "project": PROJECT,
+            "logStore": LOGSTORE,
+            "accessKeyId": KEY_ID,
+            "accessKeySecret": SECRET,
+            "topic": "k8s-events",
+        }
+        values.update(overrides)
+        options = SLSOptions.model_validate(values)
+        context = SinkContext(name="sls", cluster="c1", data_dir=None, logger=logging.getLogger(LOGGER))
+        sink = SLSSink(options, context)
+        sinks.append(sink)
+        if start:
+            await sink.start()
+        return sink
+
+    yield make
+    for sink in sinks:
+        await sink.aclose()
+
+
+def recorded_occurrences() -> list[Occurrence]:
+    """Each ADDED/MODIFIED whose occurrence number rose for its uid, as the source delivers them."""
+    seen: dict[str, int] = {}
+    out: list[Occurrence] = []
+    for item in recorded_watch():
+        if item["type"] not in ("ADDED", "MODIFIED"):
+            continue
+        obj = item["object"]
+        uid = obj["metadata"]["uid"]
+        number = occurrence_number(obj)
+        if number > seen.get(uid, 0):
+            seen[uid] = number
+            out.append(normalise(obj, cluster="c1"))
+    return out
+
+
+def fresh(**kwargs: Any) -> Occurrence:
+    return make_occurrence(cluster="c1", **kwargs)
+
+
+def tiny(i: int) -> Occurrence:
+    """A minimal Event (about 720 bytes as a log), so 4096 of them fit within 3 MB."""
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return normalise(
+        {"metadata": {"uid": f"u{i}", "creationTimestamp": now}, "message": f"m{i}"}, cluster="c1"
+    )
+
+
+def kinds(outcomes: Any) -> list[OutcomeKind]:
+    return [o.kind for o in outcomes]
+
+
+# -- round trips ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compress", ["lz4", "deflate"])
+async def test_round_trip_of_all_recorded_occurrences(
+    receiver: SLSReceiver, make_sink: MakeSink, compress: str
+) -> None:
+    occurrences = recorded_occurrences()
+    assert len(occurrences) == 126
+    sink = await make_sink(compress=compress)
+    outcomes = await sink.send(occurrences)
+    assert outcomes is not None and kinds(outcomes) == [OutcomeKind.OK] * len(occurrences)
+    assert [g.compress_type for g in receiver.groups] == [compress]
+    group = receiver.groups[0]
+    assert (group.project, group.logstore, group.topic, group.source) == (
+        PROJECT,
+        LOGSTORE,
+        "k8s-events",
+        "c1",
+    )
+    logs = receiver.logs()
+    assert len(logs) == len(occurrences)
+    now = time.time()
+    for occ, log in zip(occurrences, logs, strict=True):
+        fields = log.fields
+        assert orjson.loads(fields["eventId"]) == occ.raw
+        assert fields["uid"] == occ.uid and fields["occurrence"] == str(occ.number)
+        assert fields["time"] == occ.record["time"]
+        assert fields["level"] == occ.record["type"]
+        assert fields["involved_object_kind"] == occ.record["involved_object"]["kind"]
+        seconds, nanos = divmod(occ.time_ns, 1_000_000_000)
+        assert log.time_ns == nanos
+        if now - 7 * 86400 + 600 <= seconds <= now + 300:
+            assert log.time == seconds and "time_adjusted" not in fields
+        else:  # replayed later than SLS accepts: delivered, stamped at the window's edge
+            assert fields["time_adjusted"] == "true" and now - 7 * 86400 < log.time <= now
+    # The official protobuf definitions read the very same body.
+    official = LogGroup.FromString(group.raw_body)
+    assert len(official.Logs) == len(occurrences)
+    assert official.Topic == "k8s-events" and official.Source == "c1"
+    assert {c.Key: c.Value for c in official.Logs[0].Contents} == logs[0].fields
+
+
+async def test_fields_match_the_k8s_event_center(receiver: SLSReceiver, make_sink: MakeSink) -> None:
+    when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.123456Z")
+    message = "容器反复崩溃，正在重启 " + "x" * 20_000  # noqa: RUF001 - real Chinese punctuation
+    occ = fresh(
+        kind="Pod",
+        object_name="web-0",
+        count=None,
+        series_count=3,
+        event_time=when,
+        message=message,
+        reason="BackOff",
+        host="node-7",
+    )
+    node_event = fresh(kind="Node", object_name="node-7", reason="NodeReady", type="Normal", host="node-7")
+    sink = await make_sink()
+    assert kinds(await sink.send([occ, node_event, tiny(0)])) == [OutcomeKind.OK] * 3
+    pod_log, node_log, tiny_log = receiver.logs()
+    assert "first_time" not in tiny_log.fields  # null fields are left out
+    fields = pod_log.fields
+    assert fields["eventId"] == orjson.dumps(occ.raw).decode()
+    assert fields["hostname"] == "node-7"
+    assert fields["level"] == "Warning"
+    assert fields["pod_name"] == "web-0"
+    assert fields["pod_id"] == occ.raw["involvedObject"]["uid"]
+    assert fields["message"] == message and len(fields["message"]) > 20_000
+    assert fields["reason"] == "BackOff"
+    assert fields["count"] == "3" and fields["series"] == "true"
+    assert fields["involved_object_name"] == "web-0"
+    assert orjson.loads(fields["labels"]) == {}
+    assert "time_adjusted" not in fields
+    assert pod_log.time == occ.time_ns // 1_000_000_000
+    assert pod_log.time_ns == 123_456_000
+    assert "pod_id" not in node_log.fields and "pod_name" not in node_log.fields
+    assert node_log.fields["level"] == "Normal"
+
+
+async def test_sts_security_token(receiver: SLSReceiver, make_sink: MakeSink) -> None:
+    sink = await make_sink(accessKeyId=STS_ID, accessKeySecret=STS_SECRET, security_token=STS_TOKEN)
+    assert kinds(await sink.send([fresh()])) == [OutcomeKind.OK]
+    assert receiver.groups[0].access_key_id == STS_ID
+    assert receiver.requests[-1].headers["x-acs-security-token"] == STS_TOKEN
+    no_token = await make_sink(start=False, accessKeyId=STS_ID, accessKeySecret=STS_SECRET)
+    outcomes = await no_token.send([fresh()])
+    assert outcomes is not None and outcomes[0].kind is OutcomeKind.REJECT
+    assert "Unauthorized" in outcomes[0].reason
+
+
+async def test_route_and_project_in_host_header(receiver: SLSReceiver, make_sink: MakeSink) -> None:
+    sink = await make_sink()
+    await sink.send([fresh()])
+    put = receiver.requests[-1]
+    assert put.method == "POST" and put.path == f"/logstores/{LOGSTORE}/shards/lb"
+    assert put.headers["Host"] == f"{PROJECT}.127.0.0.1"
+    assert put.headers["Content-Type"] == "application/x-protobuf"
+    assert put.headers["x-log-apiversion"] == "0.6.0"
+    assert put.headers["Authorization"].startswith(f"LOG {KEY_ID}:")
+    assert receiver.requests[0].method == "GET"  # start() checked the logstore
+
+
+# -- splitting --------------------------------------------------------------------------------------
+
+
+async def test_splits_at_4096_logs(receiver: SLSReceiver, make_sink: MakeSink) -> None:
+    batch = [tiny(i) for i in range(5000)]
+    sink = await make_sink()
+    outcomes = await sink.send(batch)
+    assert outcomes is not None and kinds(outcomes) == [OutcomeKind.OK] * 5000
+    assert [len(g.logs) for g in receiver.groups] == [4096, 904]
+    assert [log.fields["message"] for log in receiver.logs()] == [f"m{i}" for i in range(5000)]
+
+
+async def test_splits_at_3_mb(receiver: SLSReceiver, make_sink: MakeSink) -> None:
+    batch = [fresh(message=f"{i:04d}" + "y" * 30_000) for i in range(150)]  # ~9 MB of protobuf
+    sink = await make_sink()
+    outcomes = await sink.send(batch)
+    assert outcomes is not None and kinds(outcomes) == [OutcomeKind.OK] * 150
+    assert len(receiver.groups) >= 3
+    assert all(len(g.raw_body) <= 3 * 1024 * 1024 for g in receiver.groups)
+    assert [log.fields["message"][:4] for log in receiver.logs()] == [f"{i:04d}" for i in range(150)]
+
+
+async def test_an_event_too_big_for_one_request_is_rejected_alone(
+    receiver: SLSReceiver, make_sink: MakeSink
+) -> None:
+    sink = await make_sink()
+    outcomes = await sink.send([fresh(message="a"), fresh(message="z" * 2_000_000), fresh(message="b")])
+    assert outcomes is not None
+    assert kinds(outcomes) == [OutcomeKind.OK, OutcomeKind.REJECT, OutcomeKind.OK]
+    assert "PutLogs request limit" in outcomes[1].reason
+    assert [log.fields["message"] for log in receiver.logs()] == ["a", "b"]
+
+
+async def test_receiver_enforces_the_limits_the_sink_keeps(
+    receiver: SLSReceiver, make_sink: MakeSink
+) -> None:
+    sink = await make_sink()
+    sink.max_logs = 5000  # the sink's own knob, raised past the service limit
+    outcomes = await sink.send([tiny(i) for i in range(4097)])
+    assert outcomes is not None and outcomes[0].kind is OutcomeKind.REJECT
+    assert "PostBodyTooLarge" in outcomes[0].reason
+    sink.max_bytes = 5 * 1024 * 1024
+    outcomes = await sink.send([fresh(message="q" * 1_000_000) for _ in range(2)] * 2)
+    assert outcomes is not None and outcomes[0].kind is OutcomeKind.REJECT
+    assert "PostBodyTooLarge" in outcomes[0].reason
+    assert receiver.groups == []
+
+
+async def test_bad_text_costs_one_item(receiver: SLSReceiver, make_sink: MakeSink) -> None:
+    sink = await make_sink()
+    bad = fresh(message="broken \ud800 surrogate")
+    outcomes = await sink.send([fresh(message="ok1"), bad, fresh(message="ok2")])
+    assert outcomes is not None
+    assert kinds(outcomes) == [OutcomeKind.OK, OutcomeKind.REJECT, OutcomeKind.OK]
+    assert bad.key in outcomes[1].reason
+    assert [log.fields["message"] for log in receiver.logs()] == ["ok1", "ok2"]
+
+
+async def test_out_of_window_time_is_dead_lettered_when_clamping_is_off(
+    receiver: SLSReceiver, make_sink: MakeSink
+) -> None:
+    sink = await make_sink(clamp_time=False)
+    old = fresh(first_timestamp="2020-01-01T00:00:00Z", last_timestamp="2020-01-01T00:00:00Z")
+    outcomes = await sink.send([old, fresh(message="now")])
+    assert outcomes is not None and kinds(outcomes) == [OutcomeKind.REJECT, OutcomeKind.OK]
+    assert "2020-01-01T00:00:00Z" in outcomes[0].reason
+    assert [log.fields["message"] for log in receiver.logs()] == ["now"]
+
+
+# -- responses --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "expected"),
+    [
+        (403, "WriteQuotaExceed", OutcomeKind.RETRY),
+        (403, "ShardWriteQuotaExceed", OutcomeKind.RETRY),
+        (500, "InternalServerError", OutcomeKind.RETRY),
+        (503, "ServerBusy", OutcomeKind.RETRY),
+        (502, "BadGateway", OutcomeKind.RETRY),
+        (400, "RequestTimeExpired", OutcomeKind.RETRY),
+        (400, "PostBodyInvalid", OutcomeKind.REJECT),
+        (400, "InvalidTimestamp", OutcomeKind.REJECT),
+        (401, "SignatureNotMatch", OutcomeKind.REJECT),
+        (401, "Unauthorized", OutcomeKind.REJECT),
+        (404, "LogStoreNotExist", OutcomeKind.REJECT),
+        (404, "ProjectNotExist", OutcomeKind.REJECT),
+    ],
+)
+async def test_error_code_outcomes(
+    receiver: SLSReceiver, make_sink: MakeSink, status: int, code: str, expected: OutcomeKind
+) -> None:
+    sink = await make_sink()
+    receiver.fail_next(1, code, status, retry_after=7)
+    outcomes = await sink.send([fresh(), fresh()])
+    assert outcomes is not None and kinds(outcomes) == [expected, expected]
+    assert code in outcomes[0].reason and PROJECT in outcomes[0].reason and LOGSTORE in outcomes[0].reason
+    if expected is OutcomeKind.RETRY:
+        assert outcomes[0].retry_after == 7
+    assert kinds(await sink.send([fresh()])) == [OutcomeKind.OK]  # the fault was for one request only
+
+
+async def test_later_requests_of_a_split_batch_keep_their_own_outcome(
+    receiver: SLSReceiver, make_sink: MakeSink
+) -> None:
+    sink = await make_sink()
+    receiver.fail_next(1, "ShardWriteQuotaExceed", 403, after=1)  # the first PUT passes, the second fails
+    outcomes = await sink.send([tiny(i) for i in range(9000)])
+    assert outcomes is not None
+    assert kinds(outcomes) == [OutcomeKind.OK] * 4096 + [OutcomeKind.RETRY] * (9000 - 4096)
+    assert len(receiver.logs()) == 4096
+
+
+async def test_clock_skew_is_retried_and_explained(
+    receiver: SLSReceiver, make_sink: MakeSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = await make_sink()
+    receiver.clock_offset = 3600.0  # the service's clock is an hour ahead of ours
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        outcomes = await sink.send([fresh()])
+    assert outcomes is not None and outcomes[0].kind is OutcomeKind.RETRY
+    assert "RequestTimeExpired" in outcomes[0].reason
+    assert "clock" in caplog.text and "NTP" in caplog.text
+
+
+async def test_missing_logstore_and_project_are_rejected_naming_them(
+    receiver: SLSReceiver, make_sink: MakeSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        sink = await make_sink(start=False, logStore="no-such-store")
+        outcomes = await sink.send([fresh()])
+        await sink.send([fresh()])
+    assert outcomes is not None and outcomes[0].kind is OutcomeKind.REJECT
+    assert "LogStoreNotExist" in outcomes[0].reason and "no-such-store" in outcomes[0].reason
+    assert sum("LogStoreNotExist" in r.getMessage() for r in caplog.records) == 1  # logged once
+    other = await make_sink(start=False, project="no-such-project")
+    outcomes = await other.send([fresh()])
+    assert outcomes is not None and "ProjectNotExist" in outcomes[0].reason
+    assert "no-such-project" in outcomes[0].reason
+
+
+async def test_wrong_secret_is_rejected_and_never_logged(
+    receiver: SLSReceiver, make_sink: MakeSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    sink = await make_sink(start=False, accessKeySecret=WRONG_SECRET)
+    outcomes = await sink.send([fresh(), fresh()])
+    await sink.send([fresh()])
+    assert outcomes is not None and kinds(outcomes) == [OutcomeKind.REJECT] * 2
+    assert "SignatureNotMatch" in outcomes[0].reason and PROJECT in outcomes[0].reason
+    assert receiver.requests[-1].status == 401
+    errors = [
+        r for r in caplog.records if r.levelno >= logging.ERROR and "SignatureNotMatch" in r.getMessage()
+    ]
+    assert len(errors) == 1 and "accessKeySecret" in errors[0].getMessage()
+    with pytest.raises(SinkError) as failure:
+        await sink.start()
+    message = str(failure.value)
+    assert "SignatureNotMatch" in message and PROJECT in message and LOGSTORE in message
+    texts = [caplog.text, message, repr(sink.options), str(sink.options), *(o.reason for o in outcomes)]
+    for text in texts:
+        assert WRONG_SECRET not in text and SECRET not in text
+
+
+async def test_start_fails_clearly_for_a_missing_logstore(make_sink: MakeSink) -> None:
+    with pytest.raises(SinkError, match=r"LogStoreNotExist.*'missing-store'"):
+        await make_sink(logStore="missing-store")
+
+
+async def test_unreachable_endpoint(make_sink: MakeSink) -> None:
+    with pytest.raises(SinkError, match="cannot reach"):
+        await make_sink(url="http://127.0.0.1:9")
+    sink = await make_sink(start=False, url="http://127.0.0.1:9")
+    with pytest.raises(RetryableError, match="cannot reach"):
+        await sink.send([fresh()])
+
+
+# -- options ----------------------------------------------------------------------------------------
+
+
+def test_kube_eventer_options_and_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLS_TEST_SECRET", SECRET)
+    base = {
+        "project": "p",
+        "logStore": "k8s-event",
+        "accessKeyId": KEY_ID,
+        "accessKeySecret": "env:SLS_TEST_SECRET",
+    }
+    opts = SLSOptions.model_validate({**base, "url": "https://cn-hangzhou.log.aliyuncs.com", "topic": "t"})
+    assert opts.logstore == "k8s-event" and opts.access_key_secret is not None
+    assert opts.access_key_secret.get_secret_value() == SECRET and SECRET not in repr(opts)
+    assert endpoint_url(opts) == "https://cn-hangzhou.log.aliyuncs.com"
+    internal = SLSOptions.model_validate(
+        {**base, "url": "https://cn-hangzhou.log.aliyuncs.com", "internal": "true"}
+    )
+    assert endpoint_url(internal) == "https://cn-hangzhou-intranet.log.aliyuncs.com"
+    by_region = SLSOptions.model_validate({**base, "regionId": "cn-beijing"})
+    assert endpoint_url(by_region) == "https://cn-beijing.log.aliyuncs.com"
+    ke_style = SLSOptions.model_validate(
+        {**base, "url": "https://sls.aliyuncs.com", "regionId": "cn-shanghai"}
+    )
+    assert endpoint_url(ke_style) == "https://cn-shanghai.log.aliyuncs.com"
+    with pytest.raises(ValidationError, match="regionId"):
+        SLSOptions.model_validate(base)
+    with pytest.raises(ValidationError, match="logStore is required"):
+        SLSOptions.model_validate({"project": "p", "regionId": "cn-beijing"})
+    with pytest.raises(ValidationError, match="compress"):
+        SLSOptions.model_validate({**base, "regionId": "cn-beijing", "compress": "gzip"})
+    own_keys = {name for name in SLSOptions.model_fields} | {
+        "logStore",
+        "accessKeyId",
+        "accessKeySecret",
+        "regionId",
+    }
+    assert not (own_keys - {"url", "include_raw"}) & COMMON_KEYS
+
+
+async def test_credentials_from_kube_eventer_environment(
+    receiver: SLSReceiver, make_sink: MakeSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AccessKeyId", KEY_ID)
+    monkeypatch.setenv("AccessKeySecret", SECRET)
+    sink = await make_sink(accessKeyId=None, accessKeySecret=None)
+    assert kinds(await sink.send([fresh()])) == [OutcomeKind.OK]
+    monkeypatch.delenv("AccessKeySecret")
+    with pytest.raises(SinkError, match="accessKeySecret are required"):
+        await make_sink(accessKeyId=None, accessKeySecret=None)
+
+
+# -- the receiver against the official SDK ----------------------------------------------------------
+
+
+def _sdk_put(key_id: str, secret: str, logs: list[LogItem], token: str | None = None, **kw: Any) -> str:
+    # The SDK dials <project>.<endpoint>; HTTP_PROXY (set by the test) carries it to the receiver, the way
+    # a forward proxy would, without touching the SDK. source= avoids its DNS probe of the endpoint.
+    client = LogClient("sls-test.invalid", key_id, secret, securityToken=token, source="sdk-host")
+    try:
+        request = PutLogsRequest(PROJECT, kw.pop("logstore", LOGSTORE), "sdk-topic", "", logs, **kw)
+        return str(client.put_logs(request).get_request_id())
+    finally:
+        client._session.close()  # type: ignore[attr-defined]  # the SDK has no close(); don't leak the socket
+
+
+def _sdk_get_logstore(name: str) -> Any:
+    client = LogClient("sls-test.invalid", KEY_ID, SECRET, source="sdk-host")
+    try:
+        return client.get_logstore(PROJECT, name)
+    finally:
+        client._session.close()  # type: ignore[attr-defined]  # the SDK has no close(); don't leak the socket
+
+
+async def test_receiver_accepts_the_official_sdk_and_checks_its_signature(
+    receiver: SLSReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, receiver.url)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    now = int(time.time())
+    items = [LogItem(now, [("k", "v"), ("中文", "日志")], 5), LogItem(now, [("n", "2")], 6)]
+
+    request_id = await asyncio.to_thread(_sdk_put, KEY_ID, SECRET, items)  # LZ4, the SDK's default
+    await asyncio.to_thread(_sdk_put, KEY_ID, SECRET, items, compress=False)
+    await asyncio.to_thread(_sdk_put, STS_ID, STS_SECRET, items, token=STS_TOKEN)
+    assert request_id
+    assert [(g.compress_type, g.topic, g.source) for g in receiver.groups] == [
+        ("lz4", "sdk-topic", "sdk-host"),
+        ("", "sdk-topic", "sdk-host"),
+        ("lz4", "sdk-topic", "sdk-host"),
+    ]
+    first = receiver.groups[0].logs
+    assert [(log.time, log.time_ns, log.fields) for log in first] == [
+        (now, 5, {"k": "v", "中文": "日志"}),
+        (now, 6, {"n": "2"}),
+    ]
+    assert receiver.requests[0].headers["Host"] == f"{PROJECT}.sls-test.invalid"
+
+    with pytest.raises(LogException) as wrong:
+        await asyncio.to_thread(_sdk_put, KEY_ID, WRONG_SECRET, items)
+    assert (wrong.value.get_error_code(), wrong.value.get_resp_status()) == ("SignatureNotMatch", 401)
+    with pytest.raises(LogException) as no_token:
+        await asyncio.to_thread(_sdk_put, STS_ID, STS_SECRET, items)
+    assert no_token.value.get_error_code() == "Unauthorized"
+    with pytest.raises(LogException) as old:
+        await asyncio.to_thread(_sdk_put, KEY_ID, SECRET, [LogItem(now - 8 * 86400, [("k", "v")])])
+    assert old.value.get_error_code() == "InvalidTimestamp"
+    with pytest.raises(LogException) as missing:
+        await asyncio.to_thread(_sdk_put, KEY_ID, SECRET, items, logstore="nope")
+    assert (missing.value.get_error_code(), missing.value.get_resp_status()) == ("LogStoreNotExist", 404)
+
+    assert (await asyncio.to_thread(_sdk_get_logstore, LOGSTORE)).logstore_name == LOGSTORE
+    with pytest.raises(LogException, match="LogStoreNotExist"):
+        await asyncio.to_thread(_sdk_get_logstore, "nope")
+    assert len(receiver.groups) == 3
+
+
+async def test_receiver_refuses_tampered_and_malformed_bodies(
+    receiver: SLSReceiver, make_sink: MakeSink
+) -> None:
+    sink = await make_sink()
+    signed = sink._signed_headers  # build correctly signed requests around bad bodies
+    resource = f"/logstores/{LOGSTORE}/shards/lb"
+
+    async def post(body: bytes, headers: dict[str, str], send: bytes | None = None) -> tuple[int, Any, Any]:
+        all_headers = signed("POST", resource, body, {"Content-Type": "application/x-protobuf", **headers})
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                receiver.url + resource, data=send if send is not None else body, headers=all_headers
+            ) as r,
+        ):
+            return r.status, await r.json(content_type=None), r.headers.get("x-log-requestid")
+
+    not_protobuf = b"\x0a\xff\xff\xff"  # a length running past the end
+    status, error, request_id = await post(not_protobuf, {"x-log-bodyrawsize": str(len(not_protobuf))})
+    assert (status, error["errorCode"]) == (400, "PostBodyInvalid") and request_id
+    no_time = b"\x0a\x02\x12\x00"  # Log without the required Time
+    status, error, _ = await post(no_time, {"x-log-bodyrawsize": "4"})
+    assert (status, error["errorCode"]) == (400, "PostBodyInvalid")
+    good = b"\x0a\x05\x08" + bytes([0x80, 0x80, 0x80, 0x01])
+    status, error, _ = await post(good, {"x-log-bodyrawsize": "99", "x-log-compresstype": "lz4"})
+    assert (status, error["errorCode"]) == (400, "PostBodyUncompressError")
+    status, error, _ = await post(good, {"x-log-bodyrawsize": str(len(good))}, send=good[:-1] + b"\x02")
+    assert (status, error["errorCode"]) == (400, "InvalidContentMD5")
+    assert receiver.groups == []
+
+
+async def test_event_object_factory_is_unchanged_by_the_sink(make_sink: MakeSink) -> None:
+    obj = event_object(message="same")
+    occ = normalise(obj, cluster="c1")
+    before = orjson.dumps(occ.record)
+    sink = await make_sink()
+    await sink.send([occ])
+    assert orjson.dumps(occ.record) == before
+
+
+async def test_receiver_default_project_for_a_bare_ip_host(make_sink: MakeSink) -> None:
+    keys = [AccessKey(KEY_ID, SECRET)]
+    async with (
+        SLSReceiver(projects={PROJECT: [LOGSTORE]}, keys=keys) as strict,
+        SLSReceiver(projects={PROJECT: [LOGSTORE]}, keys=keys, default_project=PROJECT) as lenient,
+    ):
+        sink = await make_sink(start=False)
+        sink._credentials()
+        resource = f"/logstores/{LOGSTORE}"
+        statuses = []
+        for receiver in (strict, lenient):
+            headers = sink._signed_headers("GET", resource, b"", {"x-log-bodyrawsize": "0"})
+            headers["Host"] = f"127.0.0.1:{receiver.port}"  # no project label in Host
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(receiver.url + resource, headers=headers) as r,
+            ):
+                statuses.append((r.status, (await r.json(content_type=None)).get("errorCode")))
+    assert statuses == [(404, "ProjectNotExist"), (200, None)]

@@ -1,0 +1,147 @@
+"""stdout sink: JSON lines / text lines on stdout or stderr, captured at the file-descriptor level."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import orjson
+import pytest
+
+from eventrouter import OK, Occurrence, OutcomeKind, SinkContext, normalise
+from eventrouter.testing import make_occurrence, recorded_watch
+from eventrouter_sinks.stdout import StdoutOptions, StdoutSink
+
+
+def context() -> SinkContext:
+    return SinkContext(name="stdout", cluster="test", data_dir=None, logger=logging.getLogger("test.stdout"))
+
+
+def recorded() -> list[Occurrence]:
+    return [normalise(e["object"], cluster="rec") for e in recorded_watch() if e["type"] != "DELETED"]
+
+
+def sink(**options: object) -> StdoutSink:
+    return StdoutSink(StdoutOptions.model_validate(options), context())
+
+
+async def test_json_lines_on_stdout_are_the_records(capfd: pytest.CaptureFixture[str]) -> None:
+    occs = recorded()
+    s = sink()
+    await s.start()
+    outcomes = list(await s.send(occs[:60]) or []) + list(await s.send(occs[60:]) or [])
+    await s.aclose()
+    out, err = capfd.readouterr()
+    lines = out.splitlines()
+    assert outcomes == [OK] * len(occs)
+    assert [orjson.loads(line) for line in lines] == [o.record for o in occs]
+    assert err == ""
+    # The hard ones survive byte-exact: Chinese + quotes + backslash + newline, and 20,000 characters.
+    messages = {orjson.loads(line)["message"] for line in lines}
+    assert any(m.startswith("就绪探针失败") and '"quoted"' in m and "\\" in m and "\n" in m for m in messages)
+    assert any(len(m) == 20_000 for m in messages)
+
+
+async def test_include_raw_adds_the_event_object(capfd: pytest.CaptureFixture[str]) -> None:
+    occ = make_occurrence(reason="Pulled")
+    s = sink(include_raw=True)
+    await s.send([occ])
+    line = orjson.loads(capfd.readouterr().out)
+    assert line["raw"] == occ.raw
+    assert {k: v for k, v in line.items() if k != "raw"} == occ.record
+
+
+async def test_stream_stderr_writes_to_stderr_only(capfd: pytest.CaptureFixture[str]) -> None:
+    occ = make_occurrence()
+    await sink(stream="stderr").send([occ])
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert orjson.loads(err) == occ.record
+
+
+async def test_text_format_is_one_summary_line_per_event(capfd: pytest.CaptureFixture[str]) -> None:
+    occ = make_occurrence(
+        namespace="shop",
+        kind="Pod",
+        object_name="checkout-0",
+        reason="Unhealthy",
+        type="Warning",
+        message='probe "failed"\nsecond line',
+        first_timestamp="2024-05-01T10:00:00Z",
+    )
+    await sink(format="text").send([occ, make_occurrence(message="other")])
+    lines = capfd.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert (
+        lines[0] == '2024-05-01T10:00:00Z Warning shop Pod/checkout-0 Unhealthy: probe "failed"\\nsecond line'
+    )
+
+
+async def test_unencodable_record_is_rejected_alone(capfd: pytest.CaptureFixture[str]) -> None:
+    good = make_occurrence(message="good")
+    bad = make_occurrence(message="bad")
+    bad.record = {**bad.record, "count": 2**70}  # orjson refuses integers beyond 64 bits
+    outcomes = await sink().send([good, bad, good])
+    assert outcomes is not None
+    assert [o.kind for o in outcomes] == [OutcomeKind.OK, OutcomeKind.REJECT, OutcomeKind.OK]
+    assert bad.key in outcomes[1].reason
+    assert [orjson.loads(x)["message"] for x in capfd.readouterr().out.splitlines()] == ["good", "good"]
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, logging, sys
+    from eventrouter import SinkContext, RetryableError
+    from eventrouter.testing import make_occurrence
+    from eventrouter_sinks.stdout import StdoutOptions, StdoutSink
+
+    async def main():
+        ctx = SinkContext(name="stdout", cluster="c", data_dir=None, logger=logging.getLogger("x"))
+        s = StdoutSink(StdoutOptions(), ctx)
+        await s.start()
+        try:
+            out = await s.send([make_occurrence(message=f"m{i}") for i in range(int(sys.argv[1]))])
+            print("outcomes", [o.kind.value for o in out], file=sys.stderr)
+        except RetryableError as exc:
+            print("retryable", exc.reason, file=sys.stderr)
+        await s.aclose()
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_subprocess_stdout_is_parseable_json_lines() -> None:
+    proc = subprocess.run([sys.executable, "-c", CHILD, "5"], capture_output=True, timeout=60, check=True)
+    assert [orjson.loads(line)["message"] for line in proc.stdout.splitlines()] == [f"m{i}" for i in range(5)]
+    assert b"outcomes ['ok', 'ok', 'ok', 'ok', 'ok']" in proc.stderr
+
+
+def test_broken_pipe_is_retryable() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will ever read: the first write gets EPIPE
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, "3"], stdout=write_end, stderr=subprocess.PIPE, timeout=60
+        )
+    finally:
+        os.close(write_end)
+    assert b"retryable cannot write to stdout" in proc.stderr
+    assert b"Broken pipe" in proc.stderr
+
+
+async def test_aclose_twice_and_without_start() -> None:
+    s = sink()
+    await s.aclose()
+    await s.aclose()
+    assert "StdoutSink" in repr(s)
+
+
+def test_unknown_option_is_refused() -> None:
+    with pytest.raises(ValueError, match="colour"):
+        StdoutOptions.model_validate({"colour": "yes"})
+    with pytest.raises(ValueError, match="format"):
+        StdoutOptions.model_validate({"format": "xml"})

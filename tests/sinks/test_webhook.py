@@ -1,0 +1,503 @@
+"""webhook sink against the recording receiver (eventrouter.testing.receivers.webhook) on loopback."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from eventrouter import OK, Occurrence, OutcomeKind, RetryableError, SinkContext, SinkError, normalise
+from eventrouter.testing import make_occurrence, recorded_watch
+from eventrouter.testing.receivers.webhook import WebhookReceiver
+from eventrouter_sinks.webhook import (
+    WebhookOptions,
+    WebhookSink,
+    github_signature,
+    parse_retry_after,
+    redact_url,
+    standard_webhooks_key,
+    standard_webhooks_signature,
+)
+
+LOG = logging.getLogger("test.webhook")
+WHSEC = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+
+
+def context() -> SinkContext:
+    return SinkContext(name="webhook", cluster="test", data_dir=None, logger=LOG)
+
+
+@asynccontextmanager
+async def webhook(**options: Any) -> AsyncIterator[WebhookSink]:
+    sink = WebhookSink(WebhookOptions.model_validate(options), context())
+    try:
+        await sink.start()
+        yield sink
+    finally:
+        await sink.aclose()
+
+
+@pytest.fixture
+async def hook() -> AsyncIterator[WebhookReceiver]:
+    async with WebhookReceiver() as receiver:
+        yield receiver
+
+
+def recorded() -> list[Occurrence]:
+    return [normalise(e["object"], cluster="rec") for e in recorded_watch() if e["type"] != "DELETED"]
+
+
+def special(occs: list[Occurrence]) -> tuple[Occurrence, Occurrence]:
+    chinese = next(o for o in occs if o.record["message"].startswith("就绪探针失败"))
+    long = next(o for o in occs if len(o.record["message"]) == 20_000)
+    return chinese, long
+
+
+def kinds(outcomes: Any) -> list[OutcomeKind]:
+    return [o.kind for o in outcomes]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+# -- bodies -----------------------------------------------------------------------------------------
+
+
+async def test_batch_mode_posts_one_json_array_per_batch(hook: WebhookReceiver) -> None:
+    occs = recorded()[:25]
+    async with webhook(url=hook.url) as sink:
+        assert await sink.send(occs) == [OK] * 25
+    assert len(hook.requests) == 1
+    req = hook.requests[0]
+    assert (req.method, req.status, req.headers["Content-Type"]) == ("POST", 200, "application/json")
+    assert req.json() == [o.record for o in occs]
+
+
+async def test_event_mode_sends_one_request_per_occurrence_with_put(hook: WebhookReceiver) -> None:
+    occs = recorded()[:4]
+    async with webhook(url=hook.url, mode="event", method="put") as sink:
+        assert await sink.send(occs) == [OK] * 4
+    assert [r.method for r in hook.requests] == ["PUT"] * 4
+    assert [r.json() for r in hook.requests] == [o.record for o in occs]
+
+
+async def test_include_raw_adds_the_event_object(hook: WebhookReceiver) -> None:
+    occ = make_occurrence()
+    async with webhook(url=hook.url, mode="event", include_raw=True) as sink:
+        await sink.send([occ])
+    assert hook.requests[0].json()["raw"] == occ.raw
+
+
+TEMPLATE = (
+    '{"text": "{{reason}} on {{involved_object.name}}: {{message}}", "count": {{count}}, '
+    '"labels": {{labels}}, "none": "{{labels.nope}}", "null": {{annotations.nope}}, '
+    '"rv": "{{raw.metadata.resourceVersion}}"}'
+)
+
+
+async def test_body_template_escapes_recorded_hard_messages(hook: WebhookReceiver) -> None:
+    chinese, long = special(recorded())
+    async with webhook(url=hook.url, mode="event", body_template=TEMPLATE) as sink:
+        assert await sink.send([chinese, long]) == [OK, OK]
+    assert [r.status for r in hook.requests] == [200, 200]  # the receiver parsed valid JSON
+    for req, occ in zip(hook.requests, (chinese, long), strict=True):
+        body = req.json()
+        rec = occ.record
+        assert body["text"] == f"{rec['reason']} on {rec['involved_object']['name']}: {rec['message']}"
+        assert body["count"] == rec["count"]
+        assert body["labels"] == rec["labels"]
+        assert body["none"] == ""
+        assert body["null"] is None
+        assert body["rv"] == occ.raw["metadata"]["resourceVersion"]
+    assert '"quoted"' in hook.requests[0].json()["text"] and "\n" in hook.requests[0].json()["text"]
+    assert len(hook.requests[1].json()["text"]) > 20_000
+
+
+async def test_body_template_in_batch_mode_is_a_json_array(hook: WebhookReceiver) -> None:
+    chinese, long = special(recorded())
+    async with webhook(url=hook.url, body_template='{"m": "{{message}}", "ns": {{namespace}}}') as sink:
+        assert await sink.send([chinese, long]) == [OK, OK]
+    assert hook.requests[0].json() == [
+        {"m": chinese.record["message"], "ns": chinese.record["namespace"]},
+        {"m": long.record["message"], "ns": long.record["namespace"]},
+    ]
+
+
+async def test_body_template_from_file(hook: WebhookReceiver, tmp_path: Path) -> None:
+    path = tmp_path / "body.json"
+    path.write_text('{"msgtype": "text", "text": {"content": "{{type}}: {{message}}"}}', encoding="utf-8")
+    occ = make_occurrence(message='a "b" \\ c')
+    async with webhook(url=hook.url, mode="event", body_template_file=str(path)) as sink:
+        await sink.send([occ])
+    assert hook.requests[0].json() == {"msgtype": "text", "text": {"content": 'Warning: a "b" \\ c'}}
+
+
+@pytest.mark.parametrize(
+    ("template", "match"),
+    [
+        ('{"text": "{{message}}"', "option body_template is not valid JSON"),
+        ('{"text": {{message}} {{reason}}}', "option body_template is not valid JSON"),
+        ("{{message}}}", "option body_template is not valid JSON"),
+        ('{"text": "{{mesage}}"}', r"option body_template placeholder \{\{mesage\}\} names no record field"),
+        ('{"text": "{{involved_object.colour}}"}', r"\{\{involved_object.colour\}\} names no record field"),
+    ],
+)
+async def test_invalid_body_template_is_refused_at_start(
+    hook: WebhookReceiver, template: str, match: str
+) -> None:
+    sink = WebhookSink(WebhookOptions.model_validate({"url": hook.url, "body_template": template}), context())
+    with pytest.raises(SinkError, match=match):
+        await sink.start()
+    await sink.aclose()
+
+
+async def test_unencodable_record_is_rejected_alone(hook: WebhookReceiver) -> None:
+    good, bad = make_occurrence(message="good"), make_occurrence(message="bad")
+    bad.record = {**bad.record, "count": 2**70}
+    async with webhook(url=hook.url) as sink:
+        outcomes = await sink.send([good, bad, good])
+    assert kinds(outcomes) == [OutcomeKind.OK, OutcomeKind.REJECT, OutcomeKind.OK]
+    assert [x["message"] for x in hook.requests[0].json()] == ["good", "good"]
+
+
+# -- signatures -------------------------------------------------------------------------------------
+
+
+def test_github_signature_test_vector() -> None:
+    expected = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+    assert github_signature(b"It's a Secret to Everybody", b"Hello, World!") == expected
+
+
+def test_standard_webhooks_test_vector() -> None:
+    # The vector of the Standard Webhooks reference libraries.
+    key = standard_webhooks_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    sig = standard_webhooks_signature(
+        key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b'{"test": 2432232314}'
+    )
+    assert sig == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+
+async def test_github_signature_verified_by_receiver() -> None:
+    secret = "It's a Secret to Everybody"
+    async with WebhookReceiver(secret=secret) as hook:
+        async with webhook(url=hook.url, secret=secret) as sink:
+            assert await sink.send(recorded()[:3]) == [OK] * 3
+        async with webhook(url=hook.url, secret="wrong") as sink:
+            outcomes = await sink.send(recorded()[:1])
+    assert [r.signature_ok for r in hook.requests] == [True, False]
+    assert kinds(outcomes) == [OutcomeKind.REJECT]
+    assert outcomes is not None and "HTTP 401" in outcomes[0].reason
+
+
+async def test_standard_webhooks_signature_and_stable_id_across_retry() -> None:
+    async with WebhookReceiver(secret=WHSEC, signature="standard") as hook:
+        occs = recorded()[:2]
+        async with webhook(url=hook.url, secret=WHSEC, signature="standard", mode="event") as sink:
+            hook.fail_next(1, 503)
+            first = await sink.send(occs)
+            second = await sink.send(occs)
+    assert kinds(first) == [OutcomeKind.RETRY, OutcomeKind.RETRY]
+    assert second == [OK, OK]
+    assert len(hook.requests) == 3  # the second item was not sent into a failing endpoint
+    ids = [r.headers["webhook-id"] for r in hook.requests]
+    assert ids[0] == ids[1] != ids[2]
+    assert [r.signature_ok for r in hook.requests[1:]] == [True, True]
+    assert all(r.headers["webhook-signature"].startswith("v1,") for r in hook.requests)
+
+
+async def test_standard_webhooks_batch_id_is_stable_for_the_same_batch() -> None:
+    async with WebhookReceiver(secret=WHSEC, signature="standard") as hook:
+        occs = recorded()[:5]
+        async with webhook(url=hook.url, secret=WHSEC, signature="standard") as sink:
+            hook.fail_next(1, 500)
+            with pytest.raises(RetryableError):
+                await sink.send(occs)
+            assert await sink.send(occs) == [OK] * 5
+    assert hook.requests[0].headers["webhook-id"] == hook.requests[1].headers["webhook-id"]
+    assert hook.requests[1].signature_ok is True
+
+
+async def test_invalid_standard_secret_is_refused_at_start() -> None:
+    sink = WebhookSink(
+        WebhookOptions.model_validate(
+            {"url": "http://127.0.0.1:1/h", "secret": "whsec_***not base64", "signature": "standard"}
+        ),
+        context(),
+    )
+    with pytest.raises(SinkError, match="option secret is not a Standard Webhooks secret") as info:
+        await sink.start()
+    assert "not base64" not in str(info.value)
+    await sink.aclose()
+
+
+# -- outcomes ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [200, 201, 202, 204])
+async def test_any_2xx_is_ok(status: int) -> None:
+    async with WebhookReceiver(ok_status=status) as hook, webhook(url=hook.url) as sink:
+        assert await sink.send(recorded()[:3]) == [OK] * 3
+    assert hook.requests[0].status == status
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "expected_after"),
+    [(500, None, None), (503, "7", 7.0), (429, "3", 3.0), (408, None, None), (502, "garbage", None)],
+)
+async def test_retryable_status_raises_retryable_error_in_batch_mode(
+    hook: WebhookReceiver, status: int, retry_after: str | None, expected_after: float | None
+) -> None:
+    hook.fail_next(1, status, retry_after=retry_after, body=b"busy, try later")
+    async with webhook(url=hook.url) as sink:
+        with pytest.raises(RetryableError) as info:
+            await sink.send(recorded()[:3])
+    assert info.value.retry_after == expected_after
+    assert f"HTTP {status}" in info.value.reason and "busy, try later" in info.value.reason
+
+
+async def test_retry_after_http_date_is_honoured(hook: WebhookReceiver) -> None:
+    hook.fail_next(1, 429, retry_after=formatdate(time.time() + 30, usegmt=True))
+    async with webhook(url=hook.url, mode="event") as sink:
+        outcomes = await sink.send(recorded()[:2])
+    assert kinds(outcomes) == [OutcomeKind.RETRY, OutcomeKind.RETRY]
+    assert outcomes is not None
+    for o in outcomes:
+        assert o.retry_after is not None and 25 <= o.retry_after <= 31
+
+
+async def test_event_mode_outcomes_are_per_item(hook: WebhookReceiver) -> None:
+    occs = recorded()[:5]
+    async with webhook(url=hook.url, mode="event") as sink:
+        await sink.send(occs[:1])  # request 1: OK
+        hook.fail_next(1, 400, body=b'{"error": "bad field"}')  # the next request is refused
+        outcomes = await sink.send(occs)
+    assert kinds(outcomes) == [OutcomeKind.REJECT] + [OutcomeKind.OK] * 4
+    assert outcomes is not None and "HTTP 400" in outcomes[0].reason and "bad field" in outcomes[0].reason
+    assert len(hook.requests) == 6
+
+
+@pytest.mark.parametrize("status", [400, 404, 413])
+async def test_client_errors_reject_with_status_and_excerpt(hook: WebhookReceiver, status: int) -> None:
+    hook.fail_next(1, status, body=b"nope " * 200)
+    async with webhook(url=hook.url) as sink:
+        outcomes = await sink.send(recorded()[:2])
+    assert kinds(outcomes) == [OutcomeKind.REJECT] * 2
+    assert outcomes is not None
+    assert outcomes[0].reason.startswith(f"HTTP {status} from {hook.url}: nope nope")
+    assert len(outcomes[0].reason) < 300
+
+
+async def test_connection_refused_is_retryable() -> None:
+    url = f"http://127.0.0.1:{closed_port()}/hook"
+    async with webhook(url=url) as sink:
+        with pytest.raises(RetryableError, match="cannot connect"):
+            await sink.send(recorded()[:2])
+    async with webhook(url=url, mode="event") as sink:
+        outcomes = await sink.send(recorded()[:2])
+    assert kinds(outcomes) == [OutcomeKind.RETRY] * 2
+    assert outcomes is not None and "not sent" in outcomes[1].reason
+
+
+async def test_hanging_endpoint_times_out_and_retries(hook: WebhookReceiver) -> None:
+    hook.hang_next(1)
+    async with webhook(url=hook.url, mode="event", timeout=0.5) as sink:
+        started = time.monotonic()
+        outcomes = await sink.send(recorded()[:3])
+        elapsed = time.monotonic() - started
+        assert await sink.send(recorded()[:1]) == [OK]
+    assert kinds(outcomes) == [OutcomeKind.RETRY] * 3
+    assert outcomes is not None and "no answer within 0.5s" in outcomes[0].reason
+    assert elapsed < 3  # one timeout, not one per item
+    assert hook.requests[0].status is None  # never answered
+
+
+async def test_redirect_is_rejected_and_never_turned_into_get(hook: WebhookReceiver) -> None:
+    hook.fail_next(1, 302)
+    async with webhook(url=hook.url) as sink:
+        outcomes = await sink.send(recorded()[:1])
+    assert kinds(outcomes) == [OutcomeKind.REJECT]
+    assert [r.method for r in hook.requests] == ["POST"]
+
+
+def test_get_method_is_not_an_option() -> None:
+    with pytest.raises(ValueError, match="method"):
+        WebhookOptions.model_validate({"url": "http://x/", "method": "GET"})
+
+
+# -- headers, auth, TLS -------------------------------------------------------------------------------
+
+
+async def test_custom_headers_bearer_and_basic_auth(
+    hook: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOOK_KEY", "from-env-123")
+    async with webhook(
+        url=hook.url, headers=["X-Api-Key:env:HOOK_KEY", "X-Team=ops:night"], bearer_token="tok"
+    ) as s:
+        await s.send(recorded()[:1])
+    async with webhook(url=hook.url, username="alice", password="pw") as s:
+        await s.send(recorded()[:1])
+    with_userinfo = hook.url.replace("http://", "http://bob:pw2@")
+    async with webhook(url=with_userinfo) as s:
+        await s.send(recorded()[:1])
+    first, second, third = hook.requests
+    assert first.headers["X-Api-Key"] == "from-env-123"
+    assert first.headers["X-Team"] == "ops:night"
+    assert first.headers["Authorization"] == "Bearer tok"
+    assert second.headers["Authorization"] == "Basic " + base64.b64encode(b"alice:pw").decode()
+    assert third.headers["Authorization"] == "Basic " + base64.b64encode(b"bob:pw2").decode()
+
+
+async def test_bad_header_name_is_refused_at_start_without_the_value() -> None:
+    sink = WebhookSink(
+        WebhookOptions.model_validate({"url": "http://127.0.0.1:1/", "headers": ["Bad Name:s3cr3t"]}),
+        context(),
+    )
+    with pytest.raises(SinkError, match="option headers: 'Bad Name' is not a valid header name") as info:
+        await sink.start()
+    assert "s3cr3t" not in str(info.value)
+    await sink.aclose()
+    options = WebhookOptions.model_validate({"url": "http://127.0.0.1:1/", "headers": ["A:1", "s3cr3t"]})
+    sink = WebhookSink(options, context())
+    with pytest.raises(SinkError, match="option headers: '<entry #2 is not Name:Value>'") as info:
+        await sink.start()
+    assert "s3cr3t" not in str(info.value)
+    await sink.aclose()
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *(
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ),
+            *("-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make a certificate")
+async def test_tls_ca_file_and_insecure_skip_verify(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    async with WebhookReceiver(ssl_context=server_ctx) as hook:
+        assert hook.url.startswith("https://")
+        async with webhook(url=hook.url) as sink:
+            with pytest.raises(RetryableError, match=r"(?i)certificate"):
+                await sink.send(recorded()[:1])
+        async with webhook(url=hook.url, ca_file=str(cert)) as sink:
+            assert await sink.send(recorded()[:1]) == [OK]
+        async with webhook(url=hook.url, insecure_skip_verify=True) as sink:
+            assert await sink.send(recorded()[:1]) == [OK]
+    assert len(hook.accepted) == 2
+
+
+# -- check, redaction, lifecycle ------------------------------------------------------------------------
+
+
+async def test_check_reports_reachability(hook: WebhookReceiver) -> None:
+    async with webhook(url=hook.url) as sink:
+        await sink.check()  # HEAD answered 405: reachable
+    assert [r.method for r in hook.requests] == ["HEAD"]
+    url = f"http://user:pw@127.0.0.1:{closed_port()}/hook?access_token=abc123"
+    sink = WebhookSink(WebhookOptions.model_validate({"url": url}), context())
+    with pytest.raises(
+        SinkError, match=r"cannot reach http://127\.0\.0\.1:[0-9]+/hook\?access_token=\*\*\*"
+    ) as info:
+        await sink.check()
+    await sink.aclose()
+    assert "abc123" not in str(info.value) and "pw" not in str(info.value)
+
+
+async def test_start_does_not_contact_the_endpoint() -> None:
+    async with webhook(url=f"http://127.0.0.1:{closed_port()}/hook") as sink:
+        assert sink is not None  # started without an answering endpoint
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("https://u:p@h.example:8443/a?token=abc&x=1#frag", "https://h.example:8443/a?token=***&x=***"),
+        (
+            "https://hooks.slack.com/services/T000/B000/XXXXXXXXXXXX1234XXXXXXXX",
+            "https://hooks.slack.com/services/T000/B000/***",
+        ),
+        ("http://127.0.0.1:8080/hook", "http://127.0.0.1:8080/hook"),
+    ],
+)
+def test_redact_url(url: str, redacted: str) -> None:
+    assert redact_url(url) == redacted
+
+
+def test_parse_retry_after() -> None:
+    now = 1_700_000_000.0
+    assert parse_retry_after("3", now=now) == 3.0
+    assert parse_retry_after(formatdate(now + 120, usegmt=True), now=now) == 120.0
+    assert parse_retry_after(formatdate(now - 120, usegmt=True), now=now) == 0.0
+    assert parse_retry_after("soon", now=now) is None
+    assert parse_retry_after(None) is None
+
+
+async def test_secrets_never_in_logs_reprs_or_reasons(
+    hook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secrets = ["urlpass", "querytoken123", "hdrsecret", "bearersecret", "basicpass", "hmacsecret"]
+    url = hook.url.replace("http://", "http://user:urlpass@") + "?access_token=querytoken123"
+    options = WebhookOptions.model_validate(
+        {
+            "url": url,
+            "headers": "X-Key:hdrsecret",
+            "username": "u",
+            "password": "basicpass",
+            "secret": "hmacsecret",
+            "mode": "event",
+        }
+    )
+    sink = WebhookSink(options, context())
+    bearer = WebhookOptions.model_validate({"url": url, "bearer_token": "bearersecret"})
+    texts = [repr(options), str(options), repr(sink), repr(bearer), str(bearer)]
+    await sink.start()
+    await sink.check()
+    hook.fail_next(1, 400, body=b"bad")
+    hook.fail_next(1, 503)
+    texts += [o.reason for o in await sink.send(recorded()[:2]) or []]
+    await hook.__aexit__(None, None, None)  # the endpoint goes away
+    texts += [o.reason for o in await sink.send(recorded()[:1]) or []]
+    await sink.aclose()
+    await sink.aclose()
+    texts.append(caplog.text)
+    assert hook.requests[1].query == "access_token=querytoken123"  # the real URL was used
+    assert any("access_token=***" in t for t in texts)
+    for text in texts:
+        for secret in secrets:
+            assert secret not in text, (secret, text)

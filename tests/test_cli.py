@@ -1,0 +1,143 @@
+"""The command line: sinks, check, replay, configuration errors (exit 2), secrets redacted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eventrouter.cli import main
+from eventrouter.config import ConfigError, build_specs, parse_sink_flag, redact_url
+
+DATA = Path(__file__).resolve().parents[1] / "eventrouter" / "testing" / "data"
+
+
+def _eventrouter(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "eventrouter.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_sink_flag_parsing_kube_eventer_style() -> None:
+    entry = parse_sink_flag("loki:http://loki:3100/x?level=Warning&namespaces=a,b&header=A:1&header=B:2")
+    assert entry == {
+        "type": "loki",
+        "url": "http://loki:3100/x",
+        "level": "Warning",
+        "namespaces": "a,b",
+        "header": ["A:1", "B:2"],
+    }
+    assert parse_sink_flag("kafka:?brokers=k:9092") == {"type": "kafka", "brokers": "k:9092"}
+
+
+def test_specs_split_filter_pipeline_and_sink_options(tmp_path: Path) -> None:
+    (spec,) = build_specs(
+        [f"file:{tmp_path / 'e.jsonl'}?level=Warning&namespaces=a,b&batch_size=7&max_files=3&name=f1"]
+    )
+    assert spec.name == "f1" and spec.type == "file"
+    assert spec.filter.level == "Warning" and spec.filter.namespaces == ["a", "b"]
+    assert spec.pipeline.batch_max_events == 7
+    assert spec.options.max_files == 3  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [
+        ("file:/tmp/x?bogus=1", "(sink 'file'): option 'bogus': unknown option"),
+        (
+            "file:/tmp/x?batch_size=zero",
+            "(sink 'file'): option 'batch_size': Input should be a valid integer",
+        ),
+        ("file:/tmp/x?level=Critical", "option 'level': Value error, level must be Normal or Warning"),
+        ("file:/tmp/x?message=(unclosed", "invalid regular expression"),
+        ("nosuch:http://x", "unknown sink type 'nosuch'"),
+        ("no-colon", "expected TYPE:URL?options"),
+    ],
+)
+def test_bad_configuration_names_the_sink_and_option(flag: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_specs([flag])
+    assert expected in str(info.value)
+
+
+def test_duplicate_sink_names_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="already used"):
+        build_specs([f"file:{tmp_path}/a", f"file:{tmp_path}/b"])
+
+
+def test_bad_config_exits_2_and_never_echoes_secrets(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "sinks:\n  - type: webhook\n    url: http://127.0.0.1:9/h\n    secret: hunter2-very-secret\n    nope: 1\n"
+    )
+    result = _eventrouter("check", "--config", str(config))
+    assert result.returncode == 2
+    assert "option 'nope': unknown option" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_secrets_from_env_and_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret_file = tmp_path / "s"
+    secret_file.write_text("from-file\n")
+    monkeypatch.setenv("HOOK_SECRET", "from-env")
+    (a,) = build_specs(["webhook:http://h/x?secret=env:HOOK_SECRET"])
+    (b,) = build_specs([f"webhook:http://h/x?secret=file:{secret_file}"])
+    assert a.options.secret.get_secret_value() == "from-env"  # type: ignore[attr-defined]
+    assert b.options.secret.get_secret_value() == "from-file"  # type: ignore[attr-defined]
+    assert "from-env" not in repr(a.options) and "from-file" not in repr(b.options)
+    with pytest.raises(ConfigError, match="environment variable 'MISSING_SECRET_VAR' is not set"):
+        build_specs(["webhook:http://h/x?secret=env:MISSING_SECRET_VAR"])
+
+
+def test_urls_are_redacted() -> None:
+    assert redact_url("https://u:p@h/robot/send?access_token=abc&level=Warning") == (
+        "https://***@h/robot/send?access_token=***&level=Warning"
+    )
+
+
+def test_sinks_lists_every_builtin_with_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sinks", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {"stdout", "file", "webhook"} <= set(doc["sinks"])
+    file_opts = {row["name"] for row in doc["sinks"]["file"]["options"]}
+    assert {"max_bytes", "max_files"} <= file_opts
+    assert {row["name"] for row in doc["common"]["filter"]} >= {"level", "namespaces", "min_count"}
+
+
+def test_check_reports_unreachable_sinks_with_exit_1() -> None:
+    result = _eventrouter("check", "--sink=webhook:http://127.0.0.1:9/hook?access_token=tok123")
+    assert result.returncode == 1, result.stderr
+    assert "FAIL" in result.stdout and "tok123" not in result.stdout + result.stderr
+
+
+def test_replay_routes_a_recording_to_a_file(tmp_path: Path) -> None:
+    out = tmp_path / "events.jsonl"
+    result = _eventrouter(
+        "replay", str(DATA / "watch-core-v1.jsonl"), f"--sink=file:{out}", "--cluster-name", "rec"
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 126 and len({(x["uid"], x["occurrence"]) for x in lines}) == 126
+    summary = json.loads(result.stderr.strip().splitlines()[-1])
+    assert summary["occurrences"] == 126 and summary["sinks"]["file"]["delivered"] == 126
+
+
+def test_replay_of_a_kubectl_list_with_data_dir_skips_what_was_delivered(tmp_path: Path) -> None:
+    out, data = tmp_path / "events.jsonl", tmp_path / "data"
+    args = ("replay", str(DATA / "list-core-v1.json"), f"--sink=file:{out}", "--data-dir", str(data))
+    assert _eventrouter(*args).returncode == 0
+    assert len(out.read_text().splitlines()) == 92
+    second = _eventrouter(*args)
+    assert second.returncode == 0
+    assert len(out.read_text().splitlines()) == 92  # nothing twice
+    assert json.loads(second.stderr.strip().splitlines()[-1])["sinks"]["file"]["skipped"] == 92
