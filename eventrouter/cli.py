@@ -115,10 +115,10 @@ def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
 async def _run(args: argparse.Namespace) -> int:
     cfg, specs = _load(args)
     settings = _settings(args, cfg)
-    demo_stack = contextlib.AsyncExitStack()
-    async with demo_stack:
+    async with contextlib.AsyncExitStack() as stack:
+        demo_api: Any = None
         if args.demo:
-            specs = await _demo_setup(args, settings, specs, demo_stack)
+            specs, demo_api = await _demo_setup(settings, specs, stack)
         if not specs:
             raise ConfigError("no sinks configured: add --sink=TYPE:URL or a `sinks:` list in --config")
         router = Router(settings, specs)
@@ -127,32 +127,50 @@ async def _run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, router.request_stop)
         await router.start_pipelines()
         await router.start_source()
+        if demo_api is not None:
+            stack.push_async_callback(_cancel, asyncio.create_task(_demo_traffic(router, demo_api)))
         await router.stopped.wait()
     return 0
 
 
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def _demo_setup(
-    args: argparse.Namespace,
-    settings: RouterSettings,
-    specs: list[SinkSpec],
-    stack: contextlib.AsyncExitStack,
-) -> list[SinkSpec]:
-    """Start the built-in test API server with the recorded traffic and point the router at it."""
-    from eventrouter.testing import recorded_watch
+    settings: RouterSettings, specs: list[SinkSpec], stack: contextlib.AsyncExitStack
+) -> tuple[list[SinkSpec], Any]:
+    """Start the built-in test API server and point the router at it; traffic follows once it watches."""
     from eventrouter.testing.apiserver import FakeApiServer
 
     api = await stack.enter_async_context(FakeApiServer(token="demo"))
-    await api.load_recording(recorded_watch())
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="eventrouter-demo-")))
     settings.kubeconfig = str(api.kubeconfig(tmp / "kubeconfig"))
     settings.cluster_name = settings.cluster_name or "demo"
-    log.info("demo: built-in API server at %s holds %d recorded events", api.url, len(api.events()))
+    log.info("demo: built-in API server at %s replays events recorded from a real 1.24 cluster", api.url)
     if not specs:
         out = Path("eventrouter-demo")
         out.mkdir(exist_ok=True)
         specs = build_specs(["stdout:", f"file:{out.resolve() / 'events.jsonl'}"])
         log.info("demo: writing to stdout and %s", out / "events.jsonl")
-    return specs
+    return specs, api
+
+
+async def _demo_traffic(router: Router, api: Any) -> None:
+    """Replay the recording once the router watches (every occurrence shows, repeats included),
+    then keep raising a crash-looping pod's BackOff count every few seconds."""
+    from eventrouter.testing import recorded_watch
+
+    while not router.ready()[0]:  # noqa: ASYNC110 - readiness has no event to await
+        await asyncio.sleep(0.05)
+    await api.load_recording(recorded_watch())
+    backoffs = [e for e in api.events() if e.get("reason") == "BackOff"]
+    while backoffs:
+        await asyncio.sleep(5)
+        target = backoffs[0]["metadata"]
+        api.bump(target["namespace"], target["name"])
 
 
 # ---- sinks ---------------------------------------------------------------------------------------

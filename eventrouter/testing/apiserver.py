@@ -1,0 +1,1166 @@
+"""A Kubernetes API server for tests that keeps the real list/watch contract of kube-apiserver 1.24.
+
+There is no real API server on these machines, so this one follows the wire format recorded from a
+real 1.24 cluster (``eventrouter/testing/data``) and the semantics of the etcd3 store and the watch
+cache:
+
+* one global resourceVersion shared by every resource; Events keep a bounded change history
+  (``history_size``); a resourceVersion older than that history answers 410 Expired;
+* lists: ``resourceVersion`` unset = consistent read, ``limit``/``continue`` paging at the first
+  page's revision with ``remainingItemCount``; ``resourceVersion=0`` is served "from the cache":
+  the whole list, ``limit`` ignored (as 1.24 does); a continue token whose revision is compacted
+  answers 410 with a fresh token in ``metadata.continue``; items sorted like etcd keys;
+* watches: chunked JSON lines; unset/``0`` starts with synthetic ADDED for the current state;
+  ``resourceVersion=N`` replays every retained change after N, or sends one in-stream ERROR 410 line;
+  ``allowWatchBookmarks``, ``timeoutSeconds``, ``fieldSelector``/``labelSelector`` (an object that
+  leaves or enters the selector becomes DELETED/ADDED, as in the cacher);
+* Events TTL (``ttl``), bearer-token auth (401), RBAC denials (403), ConfigMaps (1 MiB limit) and
+  coordination.k8s.io Leases (optimistic concurrency) for leader election and checkpoints;
+* fault injection (``api.faults``) and a log of every request (``api.requests``).
+
+Usage::
+
+    async with FakeApiServer(token="t") as api:
+        api.create_event(event_object(...))
+        await load_kube_config(config_file=api.kubeconfig(tmp_path / "kubeconfig"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import math
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import orjson
+import yaml
+from aiohttp import web
+
+from eventrouter.testing.apiserver_select import (
+    EVENT_FIELDS,
+    FieldSelector,
+    LabelSelector,
+    apply_patch,
+    event_fields,
+)
+from eventrouter.testing.apiserver_status import (
+    DEFAULT_MESSAGES,
+    ApiError,
+    bad_request,
+    conflict,
+    invalid,
+    qualified,
+)
+from eventrouter.testing.apiserver_store import (
+    EventStore,
+    ObjectStore,
+    Revision,
+    Snapshot,
+    Stored,
+    Watcher,
+    now_micro,
+    now_time,
+)
+
+__all__ = ["ApiError", "FakeApiServer", "Faults", "RequestRecord"]
+
+CONFIGMAP_LIMIT = 1024 * 1024
+REQUEST_BODY_LIMIT = 3 * 1024 * 1024
+COORDINATION = "coordination.k8s.io"
+INCONSISTENT_CONTINUE = (
+    "The provided continue parameter is too old to display a consistent list result. You can start a new "
+    "list without the continue parameter, or use the continue token in this response to retrieve the "
+    "remainder of the results. Continuing with the provided token results in an inconsistent list - "
+    "objects that were created, modified, or deleted between the time the first chunk was returned and "
+    "now may show up in the list."
+)
+EXPIRED_LIST = "The resourceVersion for the provided list is too old."
+# A line that starts like an event and is cut: what a corrupting proxy or a broken encoder sends.
+MALFORMED_LINE = b'{"type":"MODIFIED","object":{"kind":"Event","apiVersion":"v1","metadata":{"name":\n'
+TRUE = ("1", "true", "True")
+_TOKEN = web.RequestKey("token", str)  # "" when auth is disabled
+
+
+class RequestRecord(NamedTuple):
+    method: str
+    path: str
+    query: dict[str, str]
+
+
+@dataclass
+class _Fault:
+    kind: str  # fail | cut | stall | malformed | empty
+    remaining: int
+    status: int = 500
+    retry_after: float | None = None
+    message: str | None = None
+    verbs: tuple[str, ...] = ("list", "watch")
+    resource: str = "events"
+    after_lines: int = 0
+    mid_object: bool = True
+    seconds: float = 0.0
+
+
+class Faults:
+    """One-shot or counted faults, applied in the order they were added to the next matching request."""
+
+    def __init__(self) -> None:
+        self._pending: list[_Fault] = []
+        self.applied: list[str] = []
+
+    def fail_next(
+        self,
+        status: int,
+        count: int = 1,
+        retry_after: float | None = None,
+        *,
+        message: str | None = None,
+        verbs: Iterable[str] = ("list", "watch"),
+        resource: str = "events",
+    ) -> None:
+        """Answer the next ``count`` matching requests with ``status`` and a Status body (429 adds
+        ``Retry-After`` in whole seconds and ``details.retryAfterSeconds``, as priority and fairness does)."""
+        self._pending.append(
+            _Fault(
+                "fail",
+                count,
+                status=status,
+                retry_after=retry_after,
+                message=message,
+                verbs=tuple(verbs),
+                resource=resource,
+            )
+        )
+
+    def cut_next_watch(self, after_lines: int = 0, mid_object: bool = True, count: int = 1) -> None:
+        """Send ``after_lines`` lines, then half of the next one (``mid_object``), then reset."""
+        self._pending.append(_Fault("cut", count, after_lines=after_lines, mid_object=mid_object))
+
+    def stall_next_watch(self, seconds: float, count: int = 1) -> None:
+        """Send the 200 headers, then nothing at all (not even bookmarks) for ``seconds``, then end."""
+        self._pending.append(_Fault("stall", count, seconds=seconds))
+
+    def malformed_next_watch_line(self, after_lines: int = 0, count: int = 1) -> None:
+        """Put one line that is not JSON into the next watch stream after ``after_lines`` lines."""
+        self._pending.append(_Fault("malformed", count, after_lines=after_lines))
+
+    def empty_next_watch(self, count: int = 1) -> None:
+        """200 and an immediately finished body with no lines (kubernetes#104171)."""
+        self._pending.append(_Fault("empty", count))
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+    @property
+    def pending(self) -> int:
+        return sum(f.remaining for f in self._pending)
+
+    def take(self, verb: str, resource: str) -> _Fault | None:
+        for f in self._pending:
+            applies = (f.kind == "fail" and verb in f.verbs and f.resource == resource) or (
+                f.kind != "fail" and verb == "watch" and resource == "events"
+            )
+            if applies:
+                f.remaining -= 1
+                if f.remaining <= 0:
+                    self._pending.remove(f)
+                self.applied.append(f.kind)
+                return f
+        return None
+
+
+@dataclass(frozen=True)
+class _Rule:
+    user: str
+    verbs: frozenset[str] | None
+    resources: frozenset[str] | None
+
+
+@dataclass(frozen=True)
+class _Resource:
+    store: ObjectStore
+    list_kind: str
+    create_on_update: bool
+    unconditional_update: bool
+
+
+def _encode_continue(rv: int, start: str) -> str:
+    raw = orjson.dumps({"v": "meta.k8s.io/v1", "rv": rv, "start": start})
+    # orjson writes NUL raw; the Go encoder writes \u0000 (the recorded token has it).
+    raw = raw.replace(b"\x00", b"\\u0000")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _decode_continue(token: str) -> tuple[int, str]:
+    try:
+        data = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (binascii.Error, ValueError) as exc:
+        raise bad_request(f"continue key is not valid: {exc}") from None
+    if not isinstance(data, dict) or data.get("v") != "meta.k8s.io/v1":
+        raise bad_request("continue key is not valid: server does not recognize this encoded version")
+    start, rv = data.get("start"), data.get("rv")
+    if not isinstance(start, str) or not start:
+        raise bad_request("continue key is not valid: encoded start key empty")
+    if not isinstance(rv, int) or rv == 0 or rv < -1:
+        raise bad_request(
+            "continue key is not valid: incorrect encoded start resourceVersion (version meta.k8s.io/v1)"
+        )
+    return rv, start
+
+
+def _parse_rv(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise bad_request(
+            f"invalid resource version: strconv.ParseUint: parsing {text!r}: invalid syntax"
+        ) from None
+    if value < 0:
+        raise bad_request(f"invalid resource version: {text}")
+    return value
+
+
+def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    return web.Response(body=raw, status=status, content_type="application/json", headers=headers)
+
+
+def _error_line(status: dict[str, Any]) -> bytes:
+    return b'{"type":"ERROR","object":' + orjson.dumps(status) + b"}\n"
+
+
+def _configmap_size(obj: Mapping[str, Any]) -> int:
+    total = 0
+    for key, value in (obj.get("data") or {}).items():
+        total += len(key) + len(str(value).encode())
+    for key, value in (obj.get("binaryData") or {}).items():
+        try:
+            total += len(key) + len(base64.b64decode(value))
+        except (binascii.Error, ValueError, TypeError):
+            total += len(key) + len(str(value))
+    return total
+
+
+class _ConfigMapStore(ObjectStore):
+    def validate(self, obj: Mapping[str, Any]) -> None:
+        if _configmap_size(obj) > CONFIGMAP_LIMIT:
+            name = (obj.get("metadata") or {}).get("name", "")
+            raise invalid(
+                "ConfigMap",
+                name,
+                "",
+                "[]",
+                "FieldValueTooLong",
+                f"Too long: must have at most {CONFIGMAP_LIMIT} bytes",
+            )
+
+
+class FakeApiServer:
+    """See the module docstring. Python-side methods change the store exactly as API writes would."""
+
+    def __init__(
+        self,
+        *,
+        token: str | None = None,
+        tokens: Iterable[str] = (),
+        forbidden_tokens: Mapping[str, str] | Iterable[str] = (),
+        history_size: int = 10_000,
+        bookmark_interval: float = 1.0,
+        ttl: float | None = None,
+        ttl_check_interval: float = 0.05,
+        watcher_buffer: int = 100_000,
+        default_watch_timeout: float | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        git_version: str = "v1.24.17",
+    ) -> None:
+        self.tokens: set[str] = set(tokens) | ({token} if token else set())
+        self._rules: dict[str, _Rule] = {}
+        if isinstance(forbidden_tokens, Mapping):
+            for tok, user in forbidden_tokens.items():
+                self.forbid(tok, user)
+        else:
+            for tok in forbidden_tokens:
+                self.forbid(tok)
+        self.bookmark_interval = bookmark_interval
+        self.ttl = ttl
+        self.ttl_check_interval = ttl_check_interval
+        self.default_watch_timeout = default_watch_timeout
+        self.git_version = git_version
+        self.faults = Faults()
+        self.requests: list[RequestRecord] = []
+        self._host, self._port = host, port
+        self._revision = Revision()
+        self._events = EventStore(
+            self._revision, history_size=history_size, watcher_buffer=watcher_buffer, extract=event_fields
+        )
+        self._events.on_change = self._notify
+        self._resources: dict[str, _Resource] = {
+            "events": _Resource(self._events, "EventList", create_on_update=True, unconditional_update=True),
+            "configmaps": _Resource(
+                _ConfigMapStore(self._revision, kind="ConfigMap", resource="configmaps"),
+                "ConfigMapList",
+                create_on_update=False,
+                unconditional_update=True,
+            ),
+            "leases": _Resource(
+                ObjectStore(self._revision, kind="Lease", resource="leases", group=COORDINATION),
+                "LeaseList",
+                create_on_update=False,
+                unconditional_update=False,
+            ),
+        }
+        self._runner: web.AppRunner | None = None
+        self._ttl_task: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
+        self._changed: asyncio.Event | None = None
+        self._active = 0
+        self.url = ""
+
+    def __repr__(self) -> str:  # never show tokens
+        return f"<FakeApiServer {self.url or 'not started'} rv={self._revision.value}>"
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> FakeApiServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[self._middleware], client_max_size=REQUEST_BODY_LIMIT)
+        self._routes(app)
+        self._runner = web.AppRunner(app, shutdown_timeout=2.0, access_log=None)
+        await self._runner.setup()
+        sock = socket.socket(socket.AF_INET6 if ":" in self._host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self._host, self._port))
+        await web.SockSite(self._runner, sock).start()
+        port = sock.getsockname()[1]
+        self.url = f"http://[{self._host}]:{port}" if ":" in self._host else f"http://{self._host}:{port}"
+        self._ttl_task = asyncio.create_task(self._ttl_loop(), name="fake-apiserver-ttl")
+
+    async def close(self) -> None:
+        """Ends every watch stream and stops the server (idempotent)."""
+        self._closing.set()
+        for w in list(self._events.watchers):
+            w.terminate("server shutting down")
+        if self._ttl_task is not None:
+            self._ttl_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ttl_task
+            self._ttl_task = None
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    def kubeconfig(self, path: str | Path, *, namespace: str = "default", token: str | None = None) -> str:
+        """Write a kubeconfig for this server (user = ``token`` or any allowed token) and return its path."""
+        user: dict[str, Any] = {}
+        tok = token if token is not None else (sorted(self.tokens)[0] if self.tokens else None)
+        if tok:
+            user["token"] = tok
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake", "user": user}],
+            "contexts": [
+                {"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": namespace}}
+            ],
+            "current-context": "fake",
+        }
+        Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+        return str(path)
+
+    def forbid(
+        self,
+        token: str,
+        user: str = "system:serviceaccount:default:eventrouter",
+        *,
+        verbs: Iterable[str] | None = None,
+        resources: Iterable[str] | None = None,
+    ) -> None:
+        """Let ``token`` authenticate as ``user`` but deny ``verbs`` on ``resources`` (default: all)."""
+        self._rules[token] = _Rule(
+            user,
+            frozenset(verbs) if verbs is not None else None,
+            frozenset(resources) if resources is not None else None,
+        )
+
+    # --- Python-side store API -----------------------------------------------------------------
+
+    @property
+    def resource_version(self) -> int:
+        """The current global resourceVersion (strings on the wire)."""
+        return self._revision.value
+
+    @property
+    def oldest_resource_version(self) -> int:
+        """The oldest resourceVersion a watch or a continued list can still start from."""
+        return self._events.oldest_valid
+
+    @property
+    def active_watches(self) -> int:
+        return len(self._events.watchers)
+
+    def create_event(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Store a new Event (uid and creationTimestamp kept when given) and emit ADDED."""
+        return self._events.create(orjson.loads(orjson.dumps(obj))).copy()
+
+    def update_event(
+        self,
+        namespace: str,
+        name: str,
+        change: Mapping[str, Any] | Callable[[dict[str, Any]], dict[str, Any] | None],
+    ) -> dict[str, Any]:
+        """Replace an Event with ``change`` (an object, or a function that mutates or returns a copy)."""
+        if callable(change):
+            current = self._events.get(namespace, name).copy()
+            result = change(current)
+            new = result if result is not None else current
+        else:
+            new = orjson.loads(orjson.dumps(change))
+        return self._events.replace(namespace, name, new).copy()
+
+    def bump(self, namespace: str, name: str) -> dict[str, Any]:
+        """Raise a repeat the way the recorders do: ``series.count`` (events.k8s.io style) or ``count``."""
+
+        def mutate(obj: dict[str, Any]) -> None:
+            series = obj.get("series")
+            if series or (obj.get("count") is None and obj.get("eventTime")):
+                series = dict(series or {"count": 1})
+                series["count"] = int(series.get("count") or 1) + 1
+                series["lastObservedTime"] = now_micro()
+                obj["series"] = series
+            else:
+                obj["count"] = int(obj.get("count") or 1) + 1
+                obj["lastTimestamp"] = now_time()
+
+        return self.update_event(namespace, name, mutate)
+
+    def delete_event(self, namespace: str, name: str) -> dict[str, Any]:
+        return self._events.delete(namespace, name).copy()
+
+    def get_event(self, namespace: str, name: str) -> dict[str, Any]:
+        return self._events.get(namespace, name).copy()
+
+    def events(self) -> list[dict[str, Any]]:
+        """Current Events, sorted by namespace/name."""
+        return [s.copy() for s in self._events.snapshot().objs]
+
+    def compact(self) -> None:
+        """Forget the history up to now: older resourceVersions and continue tokens answer 410."""
+        self._events.compact()
+
+    def expire(self) -> list[dict[str, Any]]:
+        """Delete (with DELETED) every Event whose last write is older than ``ttl``."""
+        if self.ttl is None:
+            return []
+        return [s.copy() for s in self._events.expire(self.ttl)]
+
+    async def load_recording(self, lines: Iterable[Mapping[str, Any] | str | bytes]) -> int:
+        """Apply a recorded watch stream in order with new resourceVersions; returns the changes applied.
+
+        ADDED creates with the recorded content (uid, timestamps, managedFields), MODIFIED replaces,
+        DELETED deletes; BOOKMARK and ERROR lines are skipped."""
+        applied = 0
+        for line in lines:
+            if isinstance(line, (str, bytes)):
+                if not line.strip():
+                    continue
+                entry = orjson.loads(line)
+            else:
+                entry = line
+            kind, obj = entry.get("type"), entry.get("object") or {}
+            meta = obj.get("metadata") or {}
+            if kind == "ADDED":
+                self._events.create(orjson.loads(orjson.dumps(obj)))
+            elif kind == "MODIFIED":
+                self._events.replace(meta["namespace"], meta["name"], orjson.loads(orjson.dumps(obj)))
+            elif kind == "DELETED":
+                self._events.delete(meta["namespace"], meta["name"])
+            else:
+                continue
+            applied += 1
+            if applied % 200 == 0:
+                await asyncio.sleep(0)  # let watch streams drain on long recordings
+        return applied
+
+    def objects(self, resource: str) -> list[dict[str, Any]]:
+        """Current ``configmaps`` / ``leases`` / ``events``."""
+        return [s.copy() for s in self._resources[resource].store.list(None)]
+
+    def get_object(self, resource: str, namespace: str, name: str) -> dict[str, Any]:
+        return self._resources[resource].store.get(namespace, name).copy()
+
+    def create_object(self, resource: str, obj: Mapping[str, Any]) -> dict[str, Any]:
+        return self._resources[resource].store.create(orjson.loads(orjson.dumps(obj))).copy()
+
+    def count_requests(
+        self, *, watch: bool | None = None, path: str | None = None, method: str = "GET"
+    ) -> int:
+        """Requests seen for Event lists (``watch=False``), watches (``True``) or both (``None``)."""
+        n = 0
+        for r in self.requests:
+            if r.method != method or (path is not None and r.path != path):
+                continue
+            if path is None and not (r.path.endswith("/events") and r.path.startswith("/api/v1")):
+                continue
+            is_watch = r.query.get("watch", "") in TRUE or "/watch/" in r.path
+            if watch is None or watch == is_watch:
+                n += 1
+        return n
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait until ``predicate()`` holds; re-checked on every request, watch and store change."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                if self._changed is None:
+                    self._changed = asyncio.Event()
+                await self._changed.wait()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def _ttl_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl_check_interval)
+            if self.ttl is not None:
+                self._events.expire(self.ttl)
+
+    # --- HTTP ----------------------------------------------------------------------------------
+
+    def _routes(self, app: web.Application) -> None:
+        get, r = web.get, app.router
+        app.add_routes(
+            [
+                get("/version", self._version),
+                get("/api", self._api),
+                get("/apis", self._apis),
+                get("/api/v1", self._core_resources),
+                get(f"/apis/{COORDINATION}", self._coordination_group),
+                get(f"/apis/{COORDINATION}/v1", self._coordination_resources),
+                get("/api/v1/events", self._events_get),
+                get("/api/v1/watch/events", self._events_get),
+                get("/api/v1/watch/namespaces/{ns}/events", self._events_get),
+            ]
+        )
+        prefixes = {"events": "/api/v1", "configmaps": "/api/v1", "leases": f"/apis/{COORDINATION}/v1"}
+        for resource, prefix in prefixes.items():
+            base = f"{prefix}/namespaces/{{ns}}/{resource}"
+            if resource == "events":
+                r.add_get(base, self._events_get)
+            else:
+                r.add_get(base, self._make(self._simple_list, resource))
+            r.add_post(base, self._make(self._create, resource))
+            item = base + "/{name}"
+            r.add_get(item, self._make(self._get, resource))
+            r.add_put(item, self._make(self._put, resource))
+            r.add_patch(item, self._make(self._patch, resource))
+            r.add_delete(item, self._make(self._delete, resource))
+
+    @staticmethod
+    def _make(
+        fn: Callable[[web.Request, str], Awaitable[web.StreamResponse]], resource: str
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await fn(request, resource)
+
+        return handler
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        self.requests.append(RequestRecord(request.method, request.path, dict(request.query)))
+        self._active += 1
+        self._notify()
+        try:
+            request[_TOKEN] = self._authenticate(request)
+            return await handler(request)
+        except ApiError as exc:
+            return _json(exc.status, exc.code, exc.headers)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            message = {
+                404: "the server could not find the requested resource",
+                405: "the server does not allow this method on the requested resource",
+                413: f"Request entity too large: limit is {REQUEST_BODY_LIMIT}",
+            }.get(exc.status, exc.reason)
+            err = ApiError(exc.status, message, details={} if exc.status == 404 else None)
+            return _json(err.status, err.code)
+        finally:
+            self._active -= 1
+            self._notify()
+
+    def _authenticate(self, request: web.Request) -> str:
+        if not self.tokens and not self._rules:
+            return ""  # auth disabled: anonymous is allowed everything
+        header = request.headers.get("Authorization", "")
+        scheme, _, tok = header.partition(" ")
+        tok = tok.strip()
+        if scheme.lower() == "bearer" and tok and (tok in self.tokens or tok in self._rules):
+            return tok
+        raise ApiError(401, "Unauthorized")
+
+    def _authorize(
+        self, request: web.Request, verb: str, resource: str, namespace: str | None, name: str | None = None
+    ) -> None:
+        rule = self._rules.get(request.get(_TOKEN, ""))
+        if rule is None:
+            return
+        if (rule.verbs is not None and verb not in rule.verbs) or (
+            rule.resources is not None and resource not in rule.resources
+        ):
+            return
+        group = self._group(resource)
+        what = f'{qualified(resource, group)} "{name}"' if name else qualified(resource, group)
+        where = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+        details: dict[str, Any] = {}
+        if name:
+            details["name"] = name
+        if group:
+            details["group"] = group
+        details["kind"] = resource
+        raise ApiError(
+            403,
+            f'{what} is forbidden: User "{rule.user}" cannot {verb} resource "{resource}" '
+            f'in API group "{group}" {where}',
+            details=details,
+        )
+
+    @staticmethod
+    def _group(resource: str) -> str:
+        return COORDINATION if resource == "leases" else ""
+
+    # discovery
+
+    async def _version(self, request: web.Request) -> web.StreamResponse:
+        major, minor = self.git_version.lstrip("v").split(".")[:2]
+        return _json(
+            {
+                "major": major,
+                "minor": minor,
+                "gitVersion": self.git_version,
+                "gitCommit": "0000000000000000000000000000000000000000",
+                "gitTreeState": "clean",
+                "buildDate": "2023-01-01T00:00:00Z",
+                "goVersion": "go1.20.10",
+                "compiler": "gc",
+                "platform": "linux/amd64",
+            }
+        )
+
+    async def _api(self, request: web.Request) -> web.StreamResponse:
+        address = self.url.removeprefix("http://")
+        return _json(
+            {
+                "kind": "APIVersions",
+                "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": address}],
+            }
+        )
+
+    def _group_doc(self) -> dict[str, Any]:
+        gv = {"groupVersion": f"{COORDINATION}/v1", "version": "v1"}
+        return {"name": COORDINATION, "versions": [gv], "preferredVersion": gv}
+
+    async def _apis(self, request: web.Request) -> web.StreamResponse:
+        return _json({"kind": "APIGroupList", "apiVersion": "v1", "groups": [self._group_doc()]})
+
+    async def _coordination_group(self, request: web.Request) -> web.StreamResponse:
+        return _json({"kind": "APIGroup", "apiVersion": "v1", **self._group_doc()})
+
+    @staticmethod
+    def _resource_doc(name: str, kind: str, short: list[str] | None = None) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "name": name,
+            "singularName": "",
+            "namespaced": True,
+            "kind": kind,
+            "verbs": ["create", "delete", "get", "list", "patch", "update"]
+            + (["watch"] if name == "events" else []),
+        }
+        if short:
+            doc["shortNames"] = short
+        return doc
+
+    async def _core_resources(self, request: web.Request) -> web.StreamResponse:
+        return _json(
+            {
+                "kind": "APIResourceList",
+                "groupVersion": "v1",
+                "resources": [
+                    self._resource_doc("configmaps", "ConfigMap", ["cm"]),
+                    self._resource_doc("events", "Event", ["ev"]),
+                ],
+            }
+        )
+
+    async def _coordination_resources(self, request: web.Request) -> web.StreamResponse:
+        return _json(
+            {
+                "kind": "APIResourceList",
+                "apiVersion": "v1",
+                "groupVersion": f"{COORDINATION}/v1",
+                "resources": [self._resource_doc("leases", "Lease")],
+            }
+        )
+
+    # events list / watch
+
+    async def _events_get(self, request: web.Request) -> web.StreamResponse:
+        ns = request.match_info.get("ns")
+        q = request.query
+        watching = q.get("watch", "") in TRUE or "/watch/" in request.path
+        verb = "watch" if watching else "list"
+        self._authorize(request, verb, "events", ns)
+        fields = FieldSelector(q.get("fieldSelector", ""), EVENT_FIELDS)
+        labels = LabelSelector(q.get("labelSelector", ""))
+        fault = self.faults.take(verb, "events")
+        if fault is not None and fault.kind == "fail":
+            raise self._fault_error(fault)
+        if watching:
+            return await self._watch(request, ns, fields, labels, fault)
+        return self._list(ns, q, fields, labels)
+
+    def _injected(self, verb: str, resource: str) -> None:
+        fault = self.faults.take(verb, resource)
+        if fault is not None:
+            raise self._fault_error(fault)
+
+    @staticmethod
+    def _fault_error(fault: _Fault) -> ApiError:
+        message = fault.message or DEFAULT_MESSAGES.get(fault.status, "injected fault")
+        headers: dict[str, str] = {}
+        details: dict[str, Any] | None = None
+        if fault.retry_after is not None:
+            seconds = max(0, math.ceil(fault.retry_after))
+            headers["Retry-After"] = str(seconds)
+            details = {"retryAfterSeconds": seconds}
+        elif fault.status == 500:
+            details = {"causes": [{"message": "injected fault"}]}
+        return ApiError(fault.status, message, details=details, headers=headers)
+
+    def _list(
+        self, ns: str | None, q: Mapping[str, str], fields: FieldSelector, labels: LabelSelector
+    ) -> web.Response:
+        store = self._events
+        rv_text, match, token = (
+            q.get("resourceVersion", ""),
+            q.get("resourceVersionMatch", ""),
+            q.get("continue", ""),
+        )
+        try:
+            limit = int(q.get("limit", "0") or "0")
+        except ValueError:
+            raise bad_request(f"invalid limit: {q.get('limit')!r}") from None
+        if match not in ("", "Exact", "NotOlderThan"):
+            raise bad_request(f'resourceVersionMatch: Unsupported value: "{match}"')
+        if match and not rv_text:
+            raise bad_request("resourceVersionMatch is forbidden unless resourceVersion is provided")
+        if match and token:
+            raise bad_request("resourceVersionMatch is forbidden when continue is provided")
+        if match == "Exact" and rv_text == "0":
+            raise bad_request('resourceVersionMatch "exact" is forbidden for resourceVersion "0"')
+        rv = _parse_rv(rv_text) if rv_text else None
+        current = self._revision.value
+        if rv is not None and rv > current and match != "Exact":
+            raise ApiError(
+                504,
+                f"Too large resource version: {rv}, current: {current}",
+                details={
+                    "causes": [
+                        {"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}
+                    ],
+                    "retryAfterSeconds": 1,
+                },
+            )
+        if token:
+            if rv_text not in ("", "0"):
+                raise bad_request("specifying resource version is not allowed when using continue")
+            at, start = _decode_continue(token)
+            if ns is not None:
+                start = f"{ns}/{start}"
+            if at == -1:
+                snap = store.snapshot()
+            elif at < store.oldest_valid:
+                raise ApiError(
+                    410, INCONSISTENT_CONTINUE, continue_token=_encode_continue(-1, self._relative(start, ns))
+                )
+            else:
+                snap = store.snapshot(at)
+            return self._page(snap, ns, start, limit, fields, labels)
+        if rv_text == "0" or (limit <= 0 and match != "Exact"):
+            # The watch cache answers: its whole current state, limit ignored (kube-apiserver 1.24).
+            return self._page(store.snapshot(), ns, "", 0, fields, labels)
+        if rv is None or match == "NotOlderThan":
+            snap = store.snapshot()
+        else:
+            if rv < store.oldest_valid:
+                raise ApiError(410, EXPIRED_LIST)
+            if rv > current:
+                raise ApiError(
+                    500, "Internal error occurred: etcdserver: mvcc: required revision is a future revision"
+                )
+            snap = store.snapshot(rv)
+        return self._page(snap, ns, "", limit, fields, labels)
+
+    @staticmethod
+    def _relative(key: str, ns: str | None) -> str:
+        return key.split("/", 1)[1] if ns is not None else key
+
+    def _page(
+        self,
+        snap: Snapshot,
+        ns: str | None,
+        start: str,
+        limit: int,
+        fields: FieldSelector,
+        labels: LabelSelector,
+    ) -> web.Response:
+        lo, hi = snap.range(ns, start)
+        filtering = not fields.empty or not labels.empty
+        items: list[bytes] = []
+        i = lo
+        while i < hi and (limit <= 0 or len(items) < limit):
+            s = snap.objs[i]
+            i += 1
+            if filtering and not (
+                fields.matches(s.fields(event_fields)) and (labels.empty or labels.matches(s.labels))
+            ):
+                continue
+            items.append(s.item)
+        meta: dict[str, Any] = {"resourceVersion": str(snap.rv)}
+        if limit > 0 and len(items) >= limit and i < hi:
+            meta["continue"] = _encode_continue(snap.rv, self._relative(snap.keys[i - 1], ns) + "\x00")
+            if not filtering:  # etcd only counts what is left when no predicate filters
+                meta["remainingItemCount"] = hi - i
+        body = (
+            b'{"kind":"EventList","apiVersion":"v1","metadata":'
+            + orjson.dumps(meta)
+            + b',"items":['
+            + b",".join(items)
+            + b"]}"
+        )
+        return _json(body)
+
+    def _bookmark(self, rv: int, *, initial_end: bool = False) -> bytes:
+        meta: dict[str, Any] = {"resourceVersion": str(rv), "creationTimestamp": None}
+        if initial_end:
+            meta["annotations"] = {"k8s.io/initial-events-end": "true"}
+        # An empty Event as the Go encoder writes the cacher's bookmark object.
+        obj = {
+            "kind": "Event",
+            "apiVersion": "v1",
+            "metadata": meta,
+            "involvedObject": {},
+            "source": {},
+            "firstTimestamp": None,
+            "lastTimestamp": None,
+            "eventTime": None,
+            "reportingComponent": "",
+            "reportingInstance": "",
+        }
+        return b'{"type":"BOOKMARK","object":' + orjson.dumps(obj) + b"}\n"
+
+    async def _watch(
+        self,
+        request: web.Request,
+        ns: str | None,
+        fields: FieldSelector,
+        labels: LabelSelector,
+        fault: _Fault | None,
+    ) -> web.StreamResponse:
+        q = request.query
+        rv_text = q.get("resourceVersion", "")
+        since = _parse_rv(rv_text) if rv_text not in ("", "0") else None
+        timeout: float | None = self.default_watch_timeout
+        if q.get("timeoutSeconds"):
+            try:
+                timeout = float(int(q["timeoutSeconds"]))
+            except ValueError:
+                raise bad_request(f"invalid timeoutSeconds: {q['timeoutSeconds']!r}") from None
+        bookmarks = q.get("allowWatchBookmarks", "") in TRUE
+        send_initial = q.get("sendInitialEvents", "") in TRUE
+        if send_initial and not (bookmarks and q.get("resourceVersionMatch") == "NotOlderThan"):
+            raise invalid(
+                "ListOptions",
+                "",
+                "meta.k8s.io",
+                "sendInitialEvents",
+                "FieldValueForbidden",
+                "Forbidden: sendInitialEvents requires setting allowWatchBookmarks=true and "
+                "resourceVersionMatch=NotOlderThan",
+            )
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout and timeout > 0 else math.inf
+
+        if fault is not None and fault.kind in ("empty", "stall"):
+            await resp.prepare(request)
+            if fault.kind == "stall":
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), min(fault.seconds, deadline - loop.time()))
+            await resp.write_eof()
+            return resp
+
+        if since is not None and not send_initial and since < self._events.oldest_valid:
+            # The watch cache answers "too old" inside a 200 stream, then ends it.
+            await resp.prepare(request)
+            status = ApiError(410, f"too old resource version: {since} ({self._events.oldest_valid})").status
+            await resp.write(_error_line(status))
+            await resp.write_eof()
+            return resp
+
+        initial = [self._bookmark(self._revision.value, initial_end=True)] if send_initial else []
+        watcher = self._events.watch(
+            namespace=ns,
+            fields=fields,
+            labels=labels,
+            since=None if send_initial else since,
+            initial=initial,
+        )
+        try:
+            await resp.prepare(request)
+            await self._stream(request, resp, watcher, fault, bookmarks, deadline)
+        except (ConnectionError, asyncio.CancelledError):
+            return resp
+        finally:
+            self._events.unwatch(watcher)
+        return resp
+
+    async def _stream(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        w: Watcher,
+        fault: _Fault | None,
+        bookmarks: bool,
+        deadline: float,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        sent = 0
+        next_bookmark = loop.time() + self.bookmark_interval if bookmarks else math.inf
+        malformed_at = fault.after_lines if fault is not None and fault.kind == "malformed" else None
+        cut_at = fault.after_lines if fault is not None and fault.kind == "cut" else None
+        while not w.terminated and not self._closing.is_set():
+            now = loop.time()
+            if now >= deadline:
+                break
+            if malformed_at is not None and sent >= malformed_at:
+                await resp.write(MALFORMED_LINE)
+                malformed_at = None
+                continue
+            if w.queue:
+                batch: list[bytes] = []
+                size = 0
+                room = math.inf
+                if malformed_at is not None:
+                    room = malformed_at - sent
+                if cut_at is not None:
+                    room = min(room, cut_at - sent)
+                while w.queue and len(batch) < 1000 and size < 1 << 20 and len(batch) < room:
+                    line = w.queue.popleft()
+                    batch.append(line)
+                    size += len(line)
+                if batch:
+                    await resp.write(b"".join(batch))
+                    sent += len(batch)
+                    continue
+                if cut_at is not None and sent >= cut_at:
+                    line = w.queue.popleft()
+                    if fault is not None and fault.mid_object:
+                        await resp.write(line[: max(1, len(line) // 2)])
+                    # Reset without the terminating chunk: the client sees a broken body.
+                    if request.transport is not None:
+                        request.transport.abort()
+                    raise ConnectionResetError("injected cut")
+                continue
+            if now >= next_bookmark:
+                w.queue.append(self._bookmark(max(w.start_rv, self._revision.value)))
+                next_bookmark = now + self.bookmark_interval
+                continue
+            w.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(w.wake.wait(), min(deadline, next_bookmark, now + 0.25) - now)
+            if request.transport is None or request.transport.is_closing():
+                return  # the client went away: stop watching even if nothing is written
+        if not request.transport or request.transport.is_closing():
+            return
+        await resp.write_eof()
+
+    # generic object verbs
+
+    def _res(self, resource: str) -> _Resource:
+        return self._resources[resource]
+
+    async def _body(self, request: web.Request) -> Any:
+        raw = await request.read()
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise bad_request(f"couldn't get version/kind; json parse error: {exc}") from None
+
+    async def _simple_list(self, request: web.Request, resource: str) -> web.StreamResponse:
+        ns = request.match_info["ns"]
+        if request.query.get("watch", "") in TRUE:
+            raise ApiError(405, f"this test server does not watch {resource}")
+        self._authorize(request, "list", resource, ns)
+        self._injected("list", resource)
+        res = self._res(resource)
+        body = (
+            b'{"kind":"'
+            + res.list_kind.encode()
+            + b'","apiVersion":"'
+            + res.store.api_version.encode()
+            + b'","metadata":'
+            + orjson.dumps({"resourceVersion": str(self._revision.value)})
+            + b',"items":['
+            + b",".join(s.item for s in res.store.list(ns))
+            + b"]}"
+        )
+        return _json(body)
+
+    async def _get(self, request: web.Request, resource: str) -> web.StreamResponse:
+        ns, name = request.match_info["ns"], request.match_info["name"]
+        self._authorize(request, "get", resource, ns, name)
+        self._injected("get", resource)
+        return _json(self._res(resource).store.get(ns, name).raw)
+
+    def _check_identity(self, obj: Any, ns: str, name: str | None) -> dict[str, Any]:
+        if not isinstance(obj, dict):
+            raise bad_request("the object provided is unrecognized (must be of type object)")
+        meta = obj.setdefault("metadata", {})
+        if not isinstance(meta, dict):
+            raise bad_request("metadata must be an object")
+        if meta.get("namespace") and meta["namespace"] != ns:
+            raise bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request"
+            )
+        if name is not None and meta.get("name") and meta["name"] != name:
+            raise bad_request(
+                f"the name of the object ({meta['name']}) does not match the name on the URL ({name})"
+            )
+        meta["namespace"] = ns
+        return obj
+
+    async def _create(self, request: web.Request, resource: str) -> web.StreamResponse:
+        ns = request.match_info["ns"]
+        self._authorize(request, "create", resource, ns)
+        self._injected("create", resource)
+        obj = self._check_identity(await self._body(request), ns, None)
+        meta = obj["metadata"]
+        if meta.get("resourceVersion"):
+            raise ApiError(
+                500, "Internal error occurred: resourceVersion should not be set on objects to be created"
+            )
+        # The server owns identity and creation time.
+        meta.pop("uid", None)
+        meta.pop("creationTimestamp", None)
+        return _json(self._res(resource).store.create(obj).raw, 201)
+
+    def _write(self, res: _Resource, ns: str, name: str, obj: dict[str, Any], current: Stored) -> Stored:
+        meta = obj["metadata"]
+        given = meta.get("resourceVersion")
+        if given:
+            if str(given) != str(current.rv):
+                raise conflict(res.store.resource, name, res.store.group)
+        elif not res.unconditional_update:
+            raise invalid(
+                res.store.kind,
+                name,
+                res.store.group,
+                "metadata.resourceVersion",
+                "FieldValueInvalid",
+                "Invalid value: 0x0: must be specified for an update",
+            )
+        # uid and creationTimestamp cannot be changed by an update.
+        meta["uid"] = current.obj["metadata"].get("uid")
+        meta["creationTimestamp"] = current.obj["metadata"].get("creationTimestamp")
+        return res.store.replace(ns, name, obj)
+
+    async def _put(self, request: web.Request, resource: str) -> web.StreamResponse:
+        ns, name = request.match_info["ns"], request.match_info["name"]
+        self._authorize(request, "update", resource, ns, name)
+        self._injected("update", resource)
+        res = self._res(resource)
+        obj = self._check_identity(await self._body(request), ns, name)
+        obj["metadata"]["name"] = name
+        current = res.store.objects.get(f"{ns}/{name}")
+        if current is None:
+            if not res.create_on_update:
+                raise ApiError(
+                    404,
+                    f'{qualified(resource, res.store.group)} "{name}" not found',
+                    details={
+                        "name": name,
+                        **({"group": res.store.group} if res.store.group else {}),
+                        "kind": resource,
+                    },
+                )
+            obj["metadata"].pop("resourceVersion", None)
+            return _json(res.store.create(obj).raw, 201)
+        return _json(self._write(res, ns, name, obj, current).raw)
+
+    async def _patch(self, request: web.Request, resource: str) -> web.StreamResponse:
+        ns, name = request.match_info["ns"], request.match_info["name"]
+        self._authorize(request, "patch", resource, ns, name)
+        self._injected("patch", resource)
+        res = self._res(resource)
+        current = res.store.get(ns, name)
+        patched = apply_patch(
+            request.headers.get("Content-Type", ""), current.copy(), await self._body(request)
+        )
+        meta = patched.get("metadata")
+        if not isinstance(meta, dict) or meta.get("name") != name or meta.get("namespace") != ns:
+            raise bad_request("the patch may not change the name or namespace of the object")
+        if not meta.get("resourceVersion"):
+            meta["resourceVersion"] = str(current.rv)
+        return _json(self._write(res, ns, name, patched, current).raw)
+
+    async def _delete(self, request: web.Request, resource: str) -> web.StreamResponse:
+        ns, name = request.match_info["ns"], request.match_info["name"]
+        self._authorize(request, "delete", resource, ns, name)
+        self._injected("delete", resource)
+        res = self._res(resource)
+        current = res.store.get(ns, name)
+        raw = await request.read()
+        options = orjson.loads(raw) if raw.strip() else {}
+        pre = options.get("preconditions") or {} if isinstance(options, dict) else {}
+        uid = current.obj["metadata"].get("uid")
+        if pre.get("uid") and pre["uid"] != uid:
+            raise ApiError(
+                409,
+                f"Precondition failed: UID in precondition: {pre['uid']}, UID in object meta: {uid}",
+                details={"name": name, "kind": resource},
+            )
+        if pre.get("resourceVersion") and str(pre["resourceVersion"]) != str(current.rv):
+            raise ApiError(
+                409,
+                f"Precondition failed: ResourceVersion in precondition: {pre['resourceVersion']}, "
+                f"ResourceVersion in object meta: {current.rv}",
+                details={"name": name, "kind": resource},
+            )
+        res.store.delete(ns, name)
+        details: dict[str, Any] = {"name": name}
+        if res.store.group:
+            details["group"] = res.store.group
+        details["kind"] = resource
+        details["uid"] = uid
+        return _json(
+            {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details}
+        )

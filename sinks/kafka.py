@@ -1,0 +1,499 @@
+"""Kafka sink: one record per occurrence, produced with aiokafka.
+
+``--sink=kafka:?brokers=kafka-0:9092,kafka-1:9092&topic=k8s-events&compression=zstd``
+
+Record layout
+    value    the normalised record as compact JSON (``include_raw=true`` adds the Event object as ``raw``).
+    key      the involved object, ``<kind>/<namespace>/<name>`` (namespace empty for cluster-scoped
+             objects, e.g. ``Node//node-1``), so the default murmur2 partitioner keeps every event of one
+             object on one partition, in order. ``key_by=object_uid`` uses the object's uid instead,
+             ``key_by=event`` the Event uid, ``key_by=none`` sends no key (spread over partitions).
+             The key is *not* unique per record: never enable log compaction on the topic.
+    headers  ``cluster``, ``namespace``, ``type``, ``reason`` and ``occurrence`` (``<event uid>/<n>``, the
+             identity consumers de-duplicate on after an at-least-once re-delivery), UTF-8 bytes.
+    timestamp the event's normalised time (``timestamp=event``, default) or the send time (``send``).
+
+Topic: a literal name or a template over record fields, e.g. ``topic=k8s-events-{namespace}``. Fields:
+cluster, namespace, name, uid, type, reason, action, reporting_component, reporting_instance,
+source_component, source_host, kind/object_kind, object_name, object_namespace. Substituted values are
+mapped to Kafka's topic charset ``[a-zA-Z0-9._-]`` (others become ``_``, empty becomes ``_``) and the
+name is cut at 249 characters.
+
+Delivery: an item is OK only once its produce future resolved with the broker's acknowledgement
+(``acks=all`` by default; idempotence on by default). Oversized records and authorisation failures are
+rejected (dead-lettered) per item; broker outages, timeouts and other errors give retry outcomes, and the
+rest of the batch is not enqueued once the broker is known unreachable, so per-object order survives.
+Keep ``request_timeout_ms`` below the pipeline's ``send_timeout`` so a send finishes before the engine
+gives up on it.
+
+kube-eventer names accepted: ``brokers`` (repeatable), ``eventstopic``, ``compression``, ``user``,
+``password``, ``cacert``, ``cert``, ``key``, ``insecuressl``. As in kube-eventer, giving a CA or a client
+certificate turns TLS on, and ``user`` + ``password`` turn SASL PLAIN on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+
+from eventrouter import (
+    OK,
+    Occurrence,
+    Outcome,
+    OutcomeKind,
+    RetryableError,
+    Secret,
+    Sink,
+    SinkContext,
+    SinkError,
+    SinkOptions,
+    reject,
+    retry,
+)
+
+__all__ = ["KafkaOptions", "KafkaSink", "render_topic", "ssl_context", "topic_fields"]
+
+_MAX_TOPIC_LEN = 249
+_TOPIC_CHARS = re.compile(r"^[a-zA-Z0-9._-]*$")
+_TOPIC_BAD = re.compile(r"[^a-zA-Z0-9._-]")
+
+TOPIC_FIELDS = frozenset(
+    {
+        "cluster",
+        "namespace",
+        "name",
+        "uid",
+        "type",
+        "reason",
+        "action",
+        "reporting_component",
+        "reporting_instance",
+        "source_component",
+        "source_host",
+        "kind",
+        "object_kind",
+        "object_name",
+        "object_namespace",
+    }
+)
+
+
+def _flatten(value: Any) -> Any:
+    """``a,b`` and repeated keys (a list, each maybe ``a,b``) both give one flat list."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list | tuple):
+        return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+    return value
+
+
+def _parse_template(template: str) -> list[tuple[str, str | None]]:
+    """Split a topic template into (literal, field) pairs; raise ValueError on anything but ``{field}``."""
+    parts: list[tuple[str, str | None]] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"topic template {template!r}: {exc}") from None
+    for literal, field, spec, conversion in parsed:
+        if not _TOPIC_CHARS.match(literal):
+            raise ValueError(
+                f"topic {template!r}: {literal!r} has characters Kafka does not allow (use a-z A-Z 0-9 . _ -)"
+            )
+        if field is not None:
+            if field not in TOPIC_FIELDS:
+                raise ValueError(
+                    f"topic template {template!r}: unknown field {{{field}}}; "
+                    f"use one of {', '.join(sorted(TOPIC_FIELDS))}"
+                )
+            if spec or conversion:
+                raise ValueError(f"topic template {template!r}: format specs and conversions are not allowed")
+        parts.append((literal, field))
+    return parts
+
+
+def topic_fields(record: dict[str, Any]) -> dict[str, str]:
+    """The values a topic template can use, from one normalised record."""
+    involved = record.get("involved_object") or {}
+    values = {name: str(record.get(name) or "") for name in TOPIC_FIELDS}
+    values["kind"] = values["object_kind"] = str(involved.get("kind") or "")
+    values["object_name"] = str(involved.get("name") or "")
+    values["object_namespace"] = str(involved.get("namespace") or "")
+    return values
+
+
+def _sanitise(value: str) -> str:
+    return _TOPIC_BAD.sub("_", value) or "_"
+
+
+def render_topic(parts: Sequence[tuple[str, str | None]], record: dict[str, Any]) -> str:
+    """Fill a parsed template from a record; substituted values are made topic-safe."""
+    values = topic_fields(record)
+    topic = "".join(literal + (_sanitise(values[field]) if field else "") for literal, field in parts)
+    topic = topic[:_MAX_TOPIC_LEN]
+    return "_" if topic in ("", ".", "..") else topic
+
+
+class KafkaOptions(SinkOptions):
+    brokers: list[str] = Field(
+        default_factory=list,
+        description="Bootstrap brokers host:port (comma-separated or repeated). Also taken from the URL.",
+    )
+    topic: str = Field(
+        "k8s-events",
+        validation_alias=AliasChoices("topic", "eventstopic"),
+        description="Topic name or template over record fields, e.g. k8s-events-{namespace}.",
+    )
+    key_by: Literal["object", "object_uid", "event", "none"] = Field(
+        "object", description="Record key: involved object kind/namespace/name (default), its uid, event uid."
+    )
+    timestamp: Literal["event", "send"] = Field(
+        "event", description="Kafka record timestamp: the event's normalised time, or the send time."
+    )
+    acks: Literal["all", "1", "0"] = Field("all", description="Broker acknowledgements: all (-1), 1 or 0.")
+    idempotence: bool = Field(
+        True,
+        validation_alias=AliasChoices("idempotence", "enable_idempotence"),
+        description="Idempotent producer (needs acks=all; turn off for brokers without support).",
+    )
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none",
+        validation_alias=AliasChoices("compression", "compression_type"),
+        description="Batch compression codec.",
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism (default PLAIN when user and password are set)."
+    )
+    user: str | None = Field(
+        None, validation_alias=AliasChoices("user", "username"), description="SASL user name."
+    )
+    password: Secret | None = Field(None, description="SASL password (literal, env:NAME or file:/path).")
+    tls: bool = Field(
+        False, description="Connect with TLS (implied by ca_file, cert_file or insecure_skip_verify)."
+    )
+    ca_file: str | None = Field(
+        None, validation_alias=AliasChoices("ca_file", "cacert"), description="CA bundle for the brokers."
+    )
+    cert_file: str | None = Field(
+        None, validation_alias=AliasChoices("cert_file", "cert"), description="Client certificate (mTLS)."
+    )
+    key_file: str | None = Field(
+        None, validation_alias=AliasChoices("key_file", "key"), description="Client private key (mTLS)."
+    )
+    insecure_skip_verify: bool = Field(
+        False,
+        validation_alias=AliasChoices("insecure_skip_verify", "insecuressl"),
+        description="Do not verify the brokers' certificates (testing only).",
+    )
+    client_id: str = Field("eventrouter", description="Kafka client id.")
+    request_timeout_ms: int = Field(
+        10_000, ge=100, description="Produce request and batch expiry timeout; keep below send_timeout."
+    )
+    max_request_size: int = Field(
+        1_048_576, ge=1024, description="Largest record in bytes; larger records are dead-lettered."
+    )
+
+    @field_validator("brokers", mode="before")
+    @classmethod
+    def _brokers_list(cls, value: Any) -> Any:
+        return _flatten(value)
+
+    @field_validator("acks", mode="before")
+    @classmethod
+    def _acks(cls, value: Any) -> Any:
+        text = str(value).strip().lower()
+        return "all" if text in ("-1", "all") else text
+
+    @field_validator("compression", mode="before")
+    @classmethod
+    def _compression(cls, value: Any) -> Any:
+        return "none" if value in (None, "") else str(value).lower()
+
+    @field_validator("sasl_mechanism", mode="before")
+    @classmethod
+    def _mechanism(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) and value else (value or None)
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        if not value:
+            raise ValueError("topic must not be empty")
+        _parse_template(value)
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _brokers_from_url(cls, data: Any) -> Any:
+        # `--sink=kafka:host:9092,host2:9092` as a shorthand for brokers=...
+        if isinstance(data, dict) and not data.get("brokers") and isinstance(data.get("url"), str):
+            url = data["url"].removeprefix("kafka://").strip("/")
+            if url:
+                data = {**data, "brokers": url}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaOptions:
+        if not self.brokers:
+            raise ValueError("brokers is required (brokers=host:9092,host2:9092)")
+        if self.idempotence and self.acks != "all":
+            raise ValueError("idempotence needs acks=all (or set idempotence=false)")
+        if (self.user is None) != (self.password is None):
+            raise ValueError("SASL needs both user and password")
+        if self.sasl_mechanism is not None and self.user is None:
+            raise ValueError(f"sasl_mechanism={self.sasl_mechanism} needs user and password")
+        if self.key_file and not self.cert_file:
+            raise ValueError("key_file needs cert_file")
+        return self
+
+    @property
+    def use_tls(self) -> bool:
+        return bool(self.tls or self.ca_file or self.cert_file or self.insecure_skip_verify)
+
+    @property
+    def use_sasl(self) -> bool:
+        return self.user is not None
+
+
+def ssl_context(options: KafkaOptions) -> ssl.SSLContext:
+    """The TLS context for the brokers; OSError/ssl.SSLError name the file that failed."""
+    context = ssl.create_default_context(cafile=options.ca_file)
+    if options.cert_file:
+        context.load_cert_chain(options.cert_file, options.key_file)
+    if options.insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    timestamp_ms: int | None
+
+
+class KafkaSink(Sink[KafkaOptions]):
+    options_model: ClassVar[type[SinkOptions]] = KafkaOptions
+    description: ClassVar[str] = "Apache Kafka topic (aiokafka): JSON records keyed by involved object"
+
+    def __init__(self, options: KafkaOptions, context: SinkContext) -> None:
+        super().__init__(options, context)
+        self._parts = _parse_template(options.topic)
+        self._static_topic = options.topic if all(field is None for _, field in self._parts) else None
+        self._producer: Any = None
+
+    # -- configuration -------------------------------------------------------------------------
+
+    def producer_config(self) -> dict[str, Any]:
+        """Keyword arguments for AIOKafkaProducer (holds the SASL password: never log it)."""
+        o = self.options
+        config: dict[str, Any] = {
+            "bootstrap_servers": list(o.brokers),
+            "client_id": o.client_id,
+            "acks": "all" if o.acks == "all" else int(o.acks),
+            "enable_idempotence": o.idempotence,
+            "compression_type": None if o.compression == "none" else o.compression,
+            "request_timeout_ms": o.request_timeout_ms,
+            "max_request_size": o.max_request_size,
+        }
+        if o.use_sasl:
+            config["security_protocol"] = "SASL_SSL" if o.use_tls else "SASL_PLAINTEXT"
+            config["sasl_mechanism"] = o.sasl_mechanism or "PLAIN"
+            config["sasl_plain_username"] = o.user
+            config["sasl_plain_password"] = o.password.get_secret_value() if o.password else None
+        else:
+            config["security_protocol"] = "SSL" if o.use_tls else "PLAINTEXT"
+        return config
+
+    def _describe_brokers(self) -> str:
+        return ", ".join(self.options.brokers)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._producer is not None:
+            return
+        try:
+            from aiokafka import AIOKafkaProducer
+            from aiokafka.errors import KafkaConnectionError, KafkaError
+        except ImportError:
+            raise SinkError("the kafka sink needs aiokafka: pip install 'eventrouter[kafka]'") from None
+        config = self.producer_config()
+        if self.options.use_tls:
+            try:
+                config["ssl_context"] = ssl_context(self.options)
+            except (OSError, ssl.SSLError) as exc:
+                files = ", ".join(
+                    f for f in (self.options.ca_file, self.options.cert_file, self.options.key_file) if f
+                )
+                raise SinkError(f"kafka TLS setup failed ({files or 'system CA'}): {exc}") from None
+        try:
+            producer = AIOKafkaProducer(**config)
+        except (ValueError, KafkaError) as exc:
+            raise SinkError(f"kafka producer options rejected: {type(exc).__name__}: {exc}") from None
+        try:
+            await producer.start()
+        except BaseException as exc:
+            await producer.stop()
+            brokers = self._describe_brokers()
+            if isinstance(exc, KafkaConnectionError | OSError):
+                raise SinkError(
+                    f"cannot connect to Kafka brokers {brokers}: {type(exc).__name__}: {exc}"
+                ) from None
+            if isinstance(exc, KafkaError):
+                hint = (
+                    " (the idempotent producer is on: if the broker does not support it, set idempotence=false)"
+                    if self.options.idempotence
+                    else ""
+                )
+                raise SinkError(
+                    f"Kafka brokers {brokers} refused the producer: {type(exc).__name__}: {exc}{hint}"
+                ) from None
+            raise
+        self._producer = producer
+
+    async def check(self) -> None:
+        await self.start()
+        if self._static_topic is not None:
+            try:
+                await self._producer.partitions_for(self._static_topic)
+            except Exception as exc:
+                raise SinkError(
+                    f"kafka topic {self._static_topic!r} on {self._describe_brokers()} is not available: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
+
+    async def aclose(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            # stop() flushes what is still queued (bounded by request_timeout_ms), then closes.
+            await producer.stop()
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    def _key(self, occurrence: Occurrence) -> bytes | None:
+        mode = self.options.key_by
+        if mode == "none":
+            return None
+        if mode == "event":
+            return occurrence.uid.encode()
+        involved = occurrence.record.get("involved_object") or {}
+        if mode == "object_uid" and involved.get("uid"):
+            return str(involved["uid"]).encode()
+        kind, name = involved.get("kind") or "", involved.get("name") or ""
+        if not kind and not name:
+            return occurrence.uid.encode()  # no object to group by: keep one Event's occurrences together
+        return f"{kind}/{involved.get('namespace') or ''}/{name}".encode()
+
+    def encode(self, occurrence: Occurrence) -> _Message:
+        record = occurrence.record
+        topic = self._static_topic or render_topic(self._parts, record)
+        headers = [
+            (name, str(record.get(name) or "").encode("utf-8", "replace"))
+            for name in ("cluster", "namespace", "type", "reason")
+        ]
+        headers.append(("occurrence", occurrence.key.encode("utf-8", "replace")))
+        return _Message(
+            topic=topic,
+            key=self._key(occurrence),
+            value=occurrence.encode(include_raw=self.options.include_raw),
+            headers=headers,
+            timestamp_ms=occurrence.time_ns // 1_000_000 if self.options.timestamp == "event" else None,
+        )
+
+    # -- delivery ------------------------------------------------------------------------------
+
+    def _classify(self, exc: BaseException, topic: str) -> Outcome:
+        from aiokafka import errors as kerr
+
+        text = f"{type(exc).__name__}: {exc}".strip()
+        if isinstance(exc, kerr.MessageSizeTooLargeError | kerr.RecordTooLargeError):
+            return reject(
+                f"record too large for Kafka (max_request_size={self.options.max_request_size}): {text}"
+            )
+        if isinstance(exc, kerr.RecordListTooLargeError | kerr.InvalidTopicError):
+            return reject(f"kafka refused the record for topic {topic!r}: {text}")
+        if isinstance(exc, kerr.TopicAuthorizationFailedError | kerr.ClusterAuthorizationFailedError):
+            return reject(f"not authorised to write to kafka topic {topic!r}: {text}")
+        if isinstance(exc, kerr.UnknownTopicOrPartitionError):
+            return retry(f"kafka topic {topic!r} unknown (missing, auto-create off, or broker down): {text}")
+        if isinstance(exc, kerr.KafkaTimeoutError):
+            return retry(f"kafka timed out after {self.options.request_timeout_ms} ms: {text}")
+        # Connection loss, leader changes, broker errors we cannot judge: never lose the record.
+        return retry(f"kafka produce to {topic!r} failed: {text}")
+
+    @staticmethod
+    def _stops_batch(outcome: Outcome, exc: BaseException) -> bool:
+        """True when the broker is unreachable: enqueueing more would wait request_timeout_ms each."""
+        from aiokafka import errors as kerr
+
+        return outcome.kind is OutcomeKind.RETRY and isinstance(
+            exc,
+            kerr.KafkaTimeoutError
+            | kerr.KafkaConnectionError
+            | kerr.NodeNotReadyError
+            | kerr.UnknownTopicOrPartitionError
+            | kerr.ProducerClosed,
+        )
+
+    async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
+        producer = self._producer
+        if producer is None:
+            raise RetryableError("kafka producer is not started")
+        from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        pending: list[tuple[int, str, asyncio.Future[Any]]] = []
+        stop: Outcome | None = None
+        limit = self.options.max_request_size
+        for i, occurrence in enumerate(batch):
+            if stop is not None:
+                # Keep later records (maybe of the same object) behind the failed one.
+                outcomes[i] = retry(f"not sent: {stop.reason}")
+                continue
+            try:
+                message = self.encode(occurrence)
+            except Exception as exc:  # a record we cannot encode must not fail the batch
+                outcomes[i] = reject(f"cannot encode record for kafka: {type(exc).__name__}: {exc}")
+                continue
+            size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+                message.key, message.value, message.headers
+            )
+            if size > limit:
+                outcomes[i] = reject(f"record is {size} bytes, over kafka max_request_size={limit}")
+                continue
+            try:
+                future = await producer.send(
+                    message.topic,
+                    message.value,
+                    key=message.key,
+                    headers=message.headers,
+                    timestamp_ms=message.timestamp_ms,
+                )
+            except Exception as exc:
+                outcome = self._classify(exc, message.topic)
+                outcomes[i] = outcome
+                if self._stops_batch(outcome, exc):
+                    stop = outcome
+                continue
+            pending.append((i, message.topic, future))
+        if pending:
+            results = await asyncio.gather(*(future for _, _, future in pending), return_exceptions=True)
+            for (i, topic, _), result in zip(pending, results, strict=True):
+                outcomes[i] = self._classify(result, topic) if isinstance(result, BaseException) else OK
+        final = [outcome if outcome is not None else OK for outcome in outcomes]
+        failed = [outcome for outcome in final if outcome.kind is not OutcomeKind.OK]
+        if failed:
+            self.log.warning(
+                "kafka: %d of %d records not accepted (first: %s)", len(failed), len(final), failed[0].reason
+            )
+        return final

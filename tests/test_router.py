@@ -1,0 +1,206 @@
+"""The whole router against the project's Kubernetes API test server: the delivery guarantee.
+
+Each test counts occurrences expected vs received: lost must be 0 and duplicates 0 (clean restarts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from eventrouter.app import Router, RouterSettings
+from eventrouter.config import spec_for_class
+from eventrouter.source.watcher import WatchSettings
+from eventrouter.testing import MemorySink, event_object, recorded_watch
+from eventrouter.testing.apiserver import FakeApiServer
+from eventrouter.testing.waiting import until
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeApiServer]:
+    async with FakeApiServer(token="secret-token") as server:
+        server.bookmark_interval = 0.2
+        yield server
+
+
+def _settings(api: FakeApiServer, tmp_path: Path, **kw: Any) -> RouterSettings:
+    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+    return RouterSettings(
+        cluster_name="test",
+        kubeconfig=str(kubeconfig),
+        metrics_addr=kw.pop("metrics_addr", None),
+        shutdown_timeout=kw.pop("shutdown_timeout", 5.0),
+        watch=WatchSettings(watch_timeout=kw.pop("watch_timeout", 30), backoff_initial=0.05, backoff_max=0.5),
+        **kw,
+    )
+
+
+def _router(settings: RouterSettings, **opts: Any) -> Router:
+    spec = spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.02, **opts}, type_="memory")
+    return Router(settings, [spec])
+
+
+def _mem(router: Router) -> MemorySink:
+    sink = router.sinks["mem"]
+    assert isinstance(sink, MemorySink)
+    return sink
+
+
+async def _ready(router: Router) -> None:
+    await until(lambda: router.ready()[0])
+
+
+def _cut_watches(api: FakeApiServer) -> None:
+    """End every open watch stream now (as an API server restart or a load balancer would)."""
+    for watcher in list(api._events.watchers):
+        watcher.terminate("cut by test")
+
+
+def _expected(api: FakeApiServer) -> set[tuple[str, int]]:
+    """Every occurrence up to the current one for each live event (what a lossless consumer holds)."""
+    from eventrouter.record import occurrence_number
+
+    return {(e["metadata"]["uid"], occurrence_number(e)) for e in api.events()}
+
+
+async def test_recorded_traffic_through_the_api_server_yields_exactly_its_occurrences(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    router = _router(_settings(api, tmp_path))
+    async with router.running():
+        await _ready(router)
+        await api.load_recording(recorded_watch())
+        await _mem(router).wait_for(126)
+        await asyncio.sleep(0.3)  # a few bookmarks' worth: nothing more may arrive
+    keys = _mem(router).keys
+    assert len(keys) == 126 and len(set(keys)) == 126
+
+
+async def test_events_created_while_stopped_are_delivered_once_after_restart(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    first = [api.create_event(event_object(object_name=f"web-{i}")) for i in range(10)]
+    router = _router(_settings(api, tmp_path, data_dir=data))
+    async with router.running():
+        await _mem(router).wait_for(10)
+    delivered_first = collections.Counter(_mem(router).keys)
+    # While the router is down: new events and repeats of old ones (count raised).
+    for i in range(12):
+        api.create_event(event_object(object_name=f"new-{i}"))
+    for obj in first[:6]:
+        api.bump(obj["metadata"]["namespace"], obj["metadata"]["name"])
+        api.bump(obj["metadata"]["namespace"], obj["metadata"]["name"])
+    router2 = _router(_settings(api, tmp_path, data_dir=data))
+    async with router2.running():
+        await _ready(router2)
+        await _mem(router2).wait_for(18)
+        await asyncio.sleep(0.3)
+    second = collections.Counter(_mem(router2).keys)
+    both = delivered_first + second
+    # Lost = 0: the newest occurrence of every live event was delivered.
+    assert _expected(api) <= set(both)
+    # Duplicates = 0 after a clean stop.
+    assert all(n == 1 for n in both.values()), [k for k, n in both.items() if n > 1]
+    # The bumped events jumped 1 → 3: one record with the new count each.
+    assert sorted(n for _, n in second if n > 1) == [3] * 6
+
+
+async def test_a_410_relist_mid_stream_loses_and_duplicates_nothing(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    router = _router(_settings(api, tmp_path))
+    async with router.running():
+        await _ready(router)
+        objs = [api.create_event(event_object(object_name=f"a-{i}")) for i in range(20)]
+        await _mem(router).wait_for(20)
+        # Cut the watch, change things unseen, compact history: the reconnect gets 410 and must relist.
+        _cut_watches(api)
+        for o in objs[:5]:
+            api.bump(o["metadata"]["namespace"], o["metadata"]["name"])
+        for i in range(10):
+            api.create_event(event_object(object_name=f"b-{i}"))
+        api.compact()
+        await _mem(router).wait_for(35)
+        for i in range(5):
+            api.create_event(event_object(object_name=f"c-{i}"))
+        await _mem(router).wait_for(40)
+        await asyncio.sleep(0.3)
+    got = collections.Counter(_mem(router).keys)
+    assert _expected(api) <= set(got)
+    assert all(n == 1 for n in got.values())
+    assert router.metrics.relists.labels("expired")._value.get() >= 1
+
+
+async def test_watch_closing_at_once_triggers_a_relist(api: FakeApiServer, tmp_path: Path) -> None:
+    router = _router(_settings(api, tmp_path))
+    async with router.running():
+        await _ready(router)
+        api.faults.empty_next_watch()
+        _cut_watches(api)
+        api.create_event(event_object())
+        await _mem(router).wait_for(1)
+        await until(lambda: router.metrics.relists.labels("expired")._value.get() >= 1)
+
+
+async def test_malformed_watch_lines_are_counted_and_skipped(api: FakeApiServer, tmp_path: Path) -> None:
+    router = _router(_settings(api, tmp_path))
+    async with router.running():
+        await _ready(router)
+        api.faults.malformed_next_watch_line()
+        _cut_watches(api)
+        for i in range(3):
+            api.create_event(event_object(object_name=f"m-{i}"))
+        await _mem(router).wait_for(3)
+    assert router.metrics.source_dropped.labels("malformed_line")._value.get() >= 1
+
+
+async def test_wrong_token_is_reported_and_the_router_keeps_trying(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = _settings(api, tmp_path)
+    kubeconfig = Path(settings.kubeconfig or "")
+    kubeconfig.write_text(kubeconfig.read_text().replace("secret-token", "wrong-token"))
+    router = _router(settings)
+    caplog.set_level(logging.WARNING)
+    async with router.running():
+        await until(lambda: router.metrics.watch_restarts.labels("http_401")._value.get() >= 1)
+        assert not router.ready()[0]
+    assert "401" in caplog.text and "wrong-token" not in caplog.text
+
+
+async def test_health_ready_and_metrics_endpoints(api: FakeApiServer, tmp_path: Path) -> None:
+    settings = _settings(api, tmp_path, metrics_addr="127.0.0.1:0")
+    settings.stall_timeout = 1.0
+    router = _router(settings)
+    async with router.running(), aiohttp.ClientSession() as http:
+        base = f"http://127.0.0.1:{router.http_port}"
+        await _ready(router)
+        api.create_event(event_object())
+        await _mem(router).wait_for(1)
+        async with http.get(base + "/readyz") as r:
+            assert r.status == 200
+        async with http.get(base + "/healthz") as r:
+            assert r.status == 200
+        async with http.get(base + "/metrics") as r:
+            text = await r.text()
+        assert 'eventrouter_sink_delivered_total{sink="mem"} 1.0' in text
+        assert "eventrouter_relists_total" in text and "eventrouter_sink_queue_depth" in text
+        # A watch that makes no progress (no events, no bookmarks) fails /healthz.
+        api.bookmark_interval = 3600
+        api.faults.stall_next_watch(30)
+        _cut_watches(api)
+        async with asyncio.timeout(10):
+            while True:
+                async with http.get(base + "/healthz") as r:
+                    if r.status == 503:
+                        assert "no progress" in await r.text()
+                        break
+                await asyncio.sleep(0.1)
