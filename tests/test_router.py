@@ -59,8 +59,7 @@ async def _ready(router: Router) -> None:
 
 def _cut_watches(api: FakeApiServer) -> None:
     """End every open watch stream now (as an API server restart or a load balancer would)."""
-    for watcher in list(api._events.watchers):
-        watcher.terminate("cut by test")
+    api.disconnect_watches()
 
 
 def _expected(api: FakeApiServer) -> set[tuple[str, int]]:

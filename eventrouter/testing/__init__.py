@@ -1,6 +1,7 @@
 """Helpers for tests of eventrouter and of sink plugins: event factories, a memory sink,
 recorded traffic and a Kubernetes API server that keeps the list/watch contract."""
 
+from eventrouter.testing.apiserver import FakeApiServer
 from eventrouter.testing.factories import (
     event_object,
     make_occurrence,
@@ -10,6 +11,7 @@ from eventrouter.testing.factories import (
 from eventrouter.testing.memory import MemorySink, MemorySinkOptions
 
 __all__ = [
+    "FakeApiServer",
     "MemorySink",
     "MemorySinkOptions",
     "event_object",

@@ -412,6 +412,13 @@ class FakeApiServer:
     def active_watches(self) -> int:
         return len(self._events.watchers)
 
+    def disconnect_watches(self, why: str = "disconnected by test") -> int:
+        """End every open watch stream now, as an API server restart or a load balancer would."""
+        watchers = list(self._events.watchers)
+        for w in watchers:
+            w.terminate(why)
+        return len(watchers)
+
     def create_event(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Store a new Event (uid and creationTimestamp kept when given) and emit ADDED."""
         return self._events.create(orjson.loads(orjson.dumps(obj))).copy()
