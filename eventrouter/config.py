@@ -31,6 +31,10 @@ __all__ = [
 ]
 
 
+QUERY_KEYS = "__url_query_keys__"
+"""Entry key listing which options came from a --sink URL query (they may belong to the URL)."""
+
+
 class ConfigError(Exception):
     """Invalid configuration; the message names the sink and option. Exit code 2."""
 
@@ -88,7 +92,7 @@ def parse_sink_flag(flag: str) -> dict[str, Any]:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", type_):
         raise ConfigError(f"--sink: invalid sink type {type_!r}")
     url, _, query = rest.partition("?")
-    entry: dict[str, Any] = {"type": type_}
+    entry: dict[str, Any] = {"type": type_, QUERY_KEYS: []}
     if url:
         entry["url"] = url
     for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
@@ -99,6 +103,7 @@ def parse_sink_flag(flag: str) -> dict[str, Any]:
             raise ConfigError(f"--sink {type_}: option 'type' is not allowed in the query")
         else:
             entry[key] = value
+        entry[QUERY_KEYS].append(key)
     return entry
 
 
@@ -144,12 +149,17 @@ def spec_for_class(
     """Validate flat options for a known sink class (also used by tests and embedders)."""
     entry = dict(entry)
     entry.pop("type", None)
+    from_query = set(entry.pop(QUERY_KEYS, ()))
     # Sinks may supply defaults fitting their purpose (alert robots: Warning only).
     defaults: Mapping[str, Any] = getattr(sink_cls, "default_filter", {}) or {}
     filter_keys = field_names(FilterOptions)
     pipeline_keys = field_names(PipelineOptions)
     filt = {k: v for k, v in entry.items() if k in filter_keys}
+    type_keys = {"level", "type", "types"}
     for k, v in defaults.items():
+        # A user's own type filter replaces the sink's default type filter entirely.
+        if k in type_keys and type_keys & filt.keys():
+            continue
         filt.setdefault(k, v)
     pipe = {k: v for k, v in entry.items() if k in pipeline_keys}
     own = {k: v for k, v in entry.items() if k not in filter_keys and k not in pipeline_keys}
@@ -160,9 +170,9 @@ def spec_for_class(
         # Endpoints whose own URL carries query parameters (webhooks with ?token=...): keys the
         # router does not know stay in the URL instead of being refused as unknown options.
         known = field_names(model)
-        extra = {k: v for k, v in own.items() if k not in known}
+        extra = {k: v for k, v in own.items() if k not in known and k in from_query}
         if extra:
-            own = {k: v for k, v in own.items() if k in known}
+            own = {k: v for k, v in own.items() if k not in extra}
             pairs = [(k, x) for k, v in extra.items() for x in (v if isinstance(v, list) else [v])]
             sep = "&" if "?" in str(own.get("url", "")) else "?"
             own["url"] = str(own.get("url", "")) + sep + urllib.parse.urlencode(pairs)

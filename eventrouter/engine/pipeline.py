@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
+import itertools
 import logging
 import random
 import time
@@ -73,6 +75,13 @@ class Pipeline:
         self._closing = False
         self._stop_now = asyncio.Event()
         self._in_flight: list[Occurrence] = []
+        # Sinks that hold items on purpose (alert digests) answer RETRY with a due time; with
+        # `defer_retries` those items wait aside while later batches go on (no head-of-line blocking).
+        self._defer = bool(getattr(sink, "defer_retries", False))
+        self._deferred: list[tuple[float, int, Occurrence]] = []
+        self._seq = itertools.count()
+        self._held: dict[str, set[int]] = {}  # uid → occurrence numbers deferred and not finished
+        self._done: dict[str, int] = {}  # finished, not yet checkpointed (a lower one is pending)
         self.idle = asyncio.Event()
         self.idle.set()
         self.started = asyncio.Event()
@@ -148,7 +157,8 @@ class Pipeline:
 
     @property
     def depth(self) -> int:
-        return len(self._queue) + (len(self.spool) if self.spool else 0) + len(self._in_flight)
+        spooled = len(self.spool) if self.spool else 0
+        return len(self._queue) + spooled + len(self._in_flight) + len(self._deferred)
 
     # ---- batching and sending -----------------------------------------------------------------
 
@@ -180,18 +190,35 @@ class Pipeline:
             size += nxt.size
         return size
 
+    def _due(self) -> bool:
+        return bool(self._deferred) and self._deferred[0][0] <= time.monotonic()
+
+    def _take_due(self, batch: list[Occurrence], size: int) -> int:
+        now = time.monotonic()
+        while self._deferred and self._deferred[0][0] <= now and len(batch) < self.options.batch_max_events:
+            occ = heapq.heappop(self._deferred)[2]
+            batch.append(occ)
+            size += occ.size
+        return size
+
     async def _next_batch(self) -> list[Occurrence] | None:
         opts = self.options
         self._refill()
-        while not self._queue:
+        while not self._queue and not self._due():
             if self._closing:
                 return None
-            self.idle.set()
+            if not self._deferred:
+                self.idle.set()
             self._wakeup.clear()
-            await self._wakeup.wait()
+            wait = self._deferred[0][0] - time.monotonic() if self._deferred else None
+            try:
+                async with asyncio.timeout(wait):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                pass
             self._refill()
         batch: list[Occurrence] = []
-        size = self._take(batch, 0)
+        size = self._take(batch, self._take_due(batch, 0))
         deadline = time.monotonic() + opts.batch_max_wait
         while (
             len(batch) < opts.batch_max_events
@@ -256,7 +283,7 @@ class Pipeline:
         self._in_flight = batch
         self._m_batch.observe(len(batch))
         pending: list[Occurrence] = batch
-        done: dict[str, int] = {}  # finished (accepted or dead-lettered), not yet checkpointed
+        done = self._done  # finished (accepted or dead-lettered), not yet checkpointed
         attempt = 0
         try:
             while pending:
@@ -268,6 +295,8 @@ class Pipeline:
                 retry_after: float | None = None
                 last_reason = ""
                 for occ, out in zip(pending, outcomes, strict=True):
+                    if out.kind is not OutcomeKind.RETRY and occ.uid in self._held:
+                        self._release(occ)
                     if out.kind is OutcomeKind.OK:
                         self._m_delivered.inc()
                         self._m_lag.observe(max(0.0, now - occ.received_at))
@@ -290,6 +319,15 @@ class Pipeline:
                         self.log.warning(
                             "sink %s rejected %d more occurrences of this batch", self.name, len(dead) - 3
                         )
+                if retry_items and self._defer:
+                    self._m_retries.inc(len(retry_items))
+                    for occ, out in zip(pending, outcomes, strict=True):
+                        if out.kind is OutcomeKind.RETRY:
+                            delay = out.retry_after if out.retry_after is not None else self._backoff(1, None)
+                            heapq.heappush(self._deferred, (time.monotonic() + delay, next(self._seq), occ))
+                            self._held.setdefault(occ.uid, set()).add(occ.number)
+                    retry_items = []
+                    pending = []
                 self._checkpoint(done, retry_items)
                 if not retry_items:
                     self._m_up.set(1)
@@ -332,6 +370,13 @@ class Pipeline:
             self._checkpoint(done, pending)
             self._in_flight = []
 
+    def _release(self, occ: Occurrence) -> None:
+        numbers = self._held.get(occ.uid)
+        if numbers is not None:
+            numbers.discard(occ.number)
+            if not numbers:
+                del self._held[occ.uid]
+
     def _checkpoint(self, done: dict[str, int], still_pending: Sequence[Occurrence]) -> None:
         """Advance the checkpoint for finished occurrences unless a lower one of the same event is
         still pending: recording 5 while 4 waits for a retry would lose 4 after a crash."""
@@ -341,6 +386,10 @@ class Pipeline:
         for occ in still_pending:
             if occ.uid in done:
                 blocked[occ.uid] = min(blocked.get(occ.uid, occ.number), occ.number)
+        for uid in done:
+            held = self._held.get(uid)
+            if held:
+                blocked[uid] = min(blocked.get(uid, min(held)), min(held))
         ready = {uid: n for uid, n in done.items() if uid not in blocked or n < blocked[uid]}
         if ready:
             self.checkpoint.ack(ready)
@@ -404,8 +453,10 @@ class Pipeline:
 
     def leftovers(self) -> list[Occurrence]:
         """What was not delivered: in flight first, then queued (order kept)."""
-        items = list(self._in_flight) + list(self._queue)
+        deferred = [occ for _, _, occ in sorted(self._deferred)]
+        items = list(self._in_flight) + deferred + list(self._queue)
         self._in_flight = []
+        self._deferred.clear()
         self._queue.clear()
         return items
 
@@ -414,7 +465,7 @@ class Pipeline:
         async with asyncio.timeout(timeout):
             while True:
                 await self.idle.wait()
-                if not self._queue and not self._in_flight and not (self.spool and len(self.spool)):
+                if not (self._queue or self._in_flight or self._deferred or (self.spool and len(self.spool))):
                     return
                 self.idle.clear()
                 self._wakeup.set()

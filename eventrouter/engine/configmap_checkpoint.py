@@ -1,0 +1,514 @@
+"""Checkpoints kept in one ConfigMap, for deployments without a volume.
+
+Every sink's state (event uid → highest occurrence number accepted) lives in memory; ``record`` and
+``remove`` only mark it dirty and ``run()`` writes the whole ConfigMap every ``flush_interval`` with
+optimistic concurrency. A crash loses at most the last interval, which is re-delivered, never lost.
+
+The API server refuses ConfigMaps above 1 MiB (keys plus values, binaryData counted decoded), so the
+state is packed (``binaryData["checkpoint"]``, zlib when that helps):
+
+    "ERCK" version(1) | varint #sinks, (varint len, utf-8 name)* | varint #uids |
+    per uid, least recently acknowledged first: varint (base << 1 | is_string), then 16 raw bytes
+    (canonical lowercase UUID) or varint len + utf-8 | per sink: varint #diffs, (varint index delta,
+    varint value)*
+
+``base`` is the value most sinks hold for that uid (0 = absent) and each sink stores only where it
+differs (value 0 = absent), so sinks that accepted the same events cost almost nothing more: about
+17 bytes per live event in all. When even that does not fit, the least recently acknowledged events
+are left out of the ConfigMap (logged and counted): after a restart they are re-delivered, never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import math
+import re
+import time
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import orjson
+
+from eventrouter.engine.checkpoint import CheckpointBackend
+from eventrouter.protowire import varint
+from eventrouter.source.kube import ApiError, KubeClient, raise_for_status
+
+__all__ = ["CONFIGMAP_LIMIT", "ConfigMapCheckpointStore", "decode_state", "encode_state"]
+
+log = logging.getLogger(__name__)
+
+CONFIGMAP_LIMIT = 1024 * 1024  # kube-apiserver: "Too long: must have at most 1048576 bytes"
+DATA_KEY = "checkpoint"
+SUMMARY_KEY = "summary"
+_MAGIC = b"ERCK\x01"
+_RAW, _ZLIB = 0, 1
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+class CheckpointFormatError(ValueError):
+    pass
+
+
+# ---- encoding -----------------------------------------------------------------------------------
+
+
+def _uid_bytes(uid: str) -> bytes | None:
+    """16 raw bytes when ``uid`` is a canonical lowercase UUID (what the API server assigns)."""
+    if len(uid) == 36 and _UUID.fullmatch(uid):
+        return bytes.fromhex(uid.replace("-", ""))
+    return None
+
+
+def _uuid_text(raw: bytes) -> str:
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def encode_state(states: Mapping[str, Mapping[str, int]], order: Sequence[str]) -> bytes:
+    """Pack the states of several sinks. ``order``: every uid present in any state, oldest first."""
+    names = sorted(states)
+    maps = [states[n] for n in names]
+    out = bytearray(_MAGIC)
+    out += varint(len(names))
+    for name in names:
+        raw = name.encode("utf-8")
+        out += varint(len(raw)) + raw
+    out += varint(len(order))
+    diffs: list[bytearray] = [bytearray() for _ in names]
+    counts = [0] * len(names)
+    last = [0] * len(names)
+    for index, uid in enumerate(order):
+        values = [m.get(uid, 0) for m in maps]
+        first = values[0]
+        if all(v == first for v in values):
+            base = first
+        else:  # the most common value; ties go to the larger (fewer sinks differ from "accepted")
+            base = max(set(values), key=lambda v: (values.count(v), v))
+            for i, v in enumerate(values):
+                if v != base:
+                    diffs[i] += varint(index - last[i]) + varint(v)
+                    last[i] = index
+                    counts[i] += 1
+        raw_uid = _uid_bytes(uid)
+        if raw_uid is not None:
+            out += varint(base << 1)
+            out += raw_uid
+        else:
+            text = uid.encode("utf-8")
+            out += varint(base << 1 | 1) + varint(len(text)) + text
+    for i in range(len(names)):
+        out += varint(counts[i])
+        out += diffs[i]
+    packed = zlib.compress(bytes(out), 6)
+    if len(packed) < len(out):
+        return bytes([_ZLIB]) + packed
+    return bytes([_RAW]) + bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data):
+            raise CheckpointFormatError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise CheckpointFormatError("varint too long")
+
+
+def decode_state(blob: bytes) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """The inverse of encode_state: (states by sink, uids oldest first)."""
+    if not blob:
+        raise CheckpointFormatError("empty checkpoint")
+    if blob[0] == _ZLIB:
+        try:
+            data = zlib.decompress(blob[1:])
+        except zlib.error as exc:
+            raise CheckpointFormatError(f"bad compression: {exc}") from None
+    elif blob[0] == _RAW:
+        data = blob[1:]
+    else:
+        raise CheckpointFormatError(f"unknown encoding {blob[0]}")
+    if not data.startswith(_MAGIC):
+        raise CheckpointFormatError("not an eventrouter checkpoint (version 1)")
+    pos = len(_MAGIC)
+    count, pos = _read_varint(data, pos)
+    names: list[str] = []
+    for _ in range(count):
+        size, pos = _read_varint(data, pos)
+        names.append(data[pos : pos + size].decode("utf-8"))
+        pos += size
+    total, pos = _read_varint(data, pos)
+    order: list[str] = []
+    bases: list[int] = []
+    for _ in range(total):
+        head, pos = _read_varint(data, pos)
+        if head & 1:
+            size, pos = _read_varint(data, pos)
+            uid = data[pos : pos + size].decode("utf-8")
+            pos += size
+        else:
+            if pos + 16 > len(data):
+                raise CheckpointFormatError("truncated uid")
+            uid = _uuid_text(data[pos : pos + 16])
+            pos += 16
+        order.append(uid)
+        bases.append(head >> 1)
+    base_map = {uid: b for uid, b in zip(order, bases, strict=True) if b}
+    states: dict[str, dict[str, int]] = {}
+    for name in names:
+        state = dict(base_map)
+        n, pos = _read_varint(data, pos)
+        index = 0
+        for _ in range(n):
+            delta, pos = _read_varint(data, pos)
+            value, pos = _read_varint(data, pos)
+            index += delta
+            if index >= total:
+                raise CheckpointFormatError("diff index out of range")
+            if value:
+                state[order[index]] = value
+            else:
+                state.pop(order[index], None)
+        # Keep the file's order (oldest first) in every sink's map.
+        states[name] = {uid: state[uid] for uid in order if uid in state}
+    if pos != len(data):
+        raise CheckpointFormatError("trailing bytes")
+    return states, order
+
+
+def configmap_size(obj: Mapping[str, Any]) -> int:
+    """What the API server counts against the 1 MiB limit: keys plus values (binaryData decoded)."""
+    total = 0
+    for key, value in (obj.get("data") or {}).items():
+        total += len(key) + len(str(value).encode("utf-8"))
+    for key, value in (obj.get("binaryData") or {}).items():
+        total += len(key) + len(base64.b64decode(value))
+    return total
+
+
+# ---- the store ----------------------------------------------------------------------------------
+
+
+class _SinkBackend:
+    """The CheckpointBackend of one sink: memory only; the store persists it."""
+
+    def __init__(self, store: ConfigMapCheckpointStore, sink: str) -> None:
+        self.store = store
+        self.sink = sink
+
+    def load(self) -> dict[str, int]:
+        return dict(self.store._states.setdefault(self.sink, {}))
+
+    def record(self, acks: Mapping[str, int]) -> None:
+        self.store._record(self.sink, acks)
+
+    def remove(self, uids: Iterable[str]) -> None:
+        self.store._remove(self.sink, uids)
+
+    def compact(self, state: Mapping[str, int]) -> None:
+        self.store._replace(self.sink, state)
+
+    def close(self, state: Mapping[str, int]) -> None:
+        self.store._replace(self.sink, state)
+
+
+class ConfigMapCheckpointStore:
+    """Every sink's checkpoint in the ConfigMap ``namespace/name``. Call ``load()`` before creating
+    backends (when leader election is on: after becoming leader, so the state is the old leader's
+    latest), run ``run()`` while routing and ``flush()`` once more at shutdown."""
+
+    def __init__(
+        self,
+        kube: KubeClient,
+        *,
+        namespace: str,
+        name: str,
+        flush_interval: float = 5.0,
+        limit: int = CONFIGMAP_LIMIT,
+    ) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self.name = name
+        self.flush_interval = flush_interval
+        self.limit = limit
+        self.path = f"/api/v1/namespaces/{namespace}/configmaps/{name}"
+        self._states: dict[str, dict[str, int]] = {}
+        # Every uid of any sink, least recently acknowledged first (values unused; stale keys are
+        # dropped when encoding).
+        self._order: dict[str, None] = {}
+        # Uids removed since the last successful write: a merge must not bring them back.
+        self._removed: dict[str, set[str]] = {}
+        self._sinks: set[str] = set()
+        self._resource_version: str | None = None
+        self._exists = False
+        self._generation = 0
+        self._flushed_generation = 0
+        self._lock = asyncio.Lock()
+        # Reported numbers.
+        self.last_size = 0  # bytes the last written ConfigMap counted against the limit
+        self.truncated = 0  # uids left out of the last write because they would not fit
+        self.truncations = 0  # writes that had to leave uids out
+        self.conflicts = 0  # 409 answers merged
+        self.flushes = 0  # successful writes
+        self.errors = 0  # failed writes
+
+    def __repr__(self) -> str:
+        return f"<ConfigMapCheckpointStore {self.namespace}/{self.name} sinks={sorted(self._states)}>"
+
+    @property
+    def dirty(self) -> bool:
+        return self._generation != self._flushed_generation
+
+    # ---- API -----------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Read the ConfigMap (404: start empty). Raises ApiError when it cannot be read at all."""
+        obj = await self._get()
+        self._states, self._order = {}, {}
+        self._removed = {}
+        if obj is None:
+            self._exists, self._resource_version = False, None
+            log.info("checkpoint ConfigMap %s/%s does not exist yet", self.namespace, self.name)
+            return
+        self._exists = True
+        self._resource_version = (obj.get("metadata") or {}).get("resourceVersion")
+        states, order = self._parse(obj)
+        self._states = states
+        self._order = dict.fromkeys(order)
+        log.info(
+            "checkpoint ConfigMap %s/%s: %s",
+            self.namespace,
+            self.name,
+            ", ".join(f"{s}={len(m)}" for s, m in sorted(states.items())) or "empty",
+        )
+
+    def backend(self, sink: str) -> CheckpointBackend:
+        self._sinks.add(sink)
+        self._states.setdefault(sink, {})
+        return _SinkBackend(self, sink)
+
+    async def run(self) -> None:
+        """Write dirty state every ``flush_interval`` until cancelled; failures are retried."""
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            if self.dirty:
+                await self.flush()
+
+    async def flush(self) -> bool:
+        """Write the current state if it changed since the last write. True when persisted."""
+        async with self._lock:
+            for attempt in range(5):
+                if not self.dirty:
+                    return True
+                try:
+                    await self._write_once()
+                    return True
+                except ApiError as exc:
+                    if exc.status == 409 and attempt < 4:
+                        self.conflicts += 1
+                        log.warning(
+                            "checkpoint ConfigMap %s/%s was changed by another writer; merging",
+                            self.namespace,
+                            self.name,
+                        )
+                        await self._merge_current()
+                        continue
+                    if exc.status == 404 and attempt < 4:  # deleted under us: create it again
+                        self._exists, self._resource_version = False, None
+                        continue
+                    self.errors += 1
+                    log.error("checkpoint ConfigMap %s/%s not written: %s", self.namespace, self.name, exc)
+                    return False
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    self.errors += 1
+                    log.error("checkpoint ConfigMap %s/%s not written: %s", self.namespace, self.name, exc)
+                    return False
+            return False
+
+    # ---- memory (called by the pipelines' SinkCheckpoint through the backends) ------------------
+
+    def _touch(self) -> None:
+        self._generation += 1
+
+    def _record(self, sink: str, acks: Mapping[str, int]) -> None:
+        state = self._states.setdefault(sink, {})
+        order = self._order
+        for uid, n in acks.items():
+            if n > state.get(uid, 0):
+                state[uid] = n
+                order.pop(uid, None)
+                order[uid] = None  # most recently acknowledged last
+        self._touch()
+
+    def _remove(self, sink: str, uids: Iterable[str]) -> None:
+        state = self._states.setdefault(sink, {})
+        removed = self._removed.setdefault(sink, set())
+        for uid in uids:
+            if state.pop(uid, None) is not None:
+                removed.add(uid)
+        self._touch()
+
+    def _replace(self, sink: str, state: Mapping[str, int]) -> None:
+        old = self._states.get(sink, {})
+        gone = [uid for uid in old if uid not in state]
+        new: dict[str, int] = {}
+        for uid, n in state.items():
+            # A merged higher number (another writer's) is kept: it was accepted too.
+            new[uid] = max(n, old.get(uid, 0))
+            if uid not in self._order:
+                self._order[uid] = None
+        self._states[sink] = new
+        self._removed.setdefault(sink, set()).update(gone)
+        self._touch()
+
+    # ---- persistence ---------------------------------------------------------------------------
+
+    def _snapshot(self) -> tuple[dict[str, dict[str, int]], list[str]]:
+        states = {s: dict(self._states.get(s, {})) for s in sorted(self._sinks)}
+        live = [uid for uid in self._order if any(uid in m for m in states.values())]
+        if len(live) != len(self._order):
+            self._order = dict.fromkeys(live)  # forget uids no sink holds any more
+        return states, live
+
+    def _build(self, states: dict[str, dict[str, int]], order: list[str]) -> tuple[dict[str, Any], int]:
+        """The ConfigMap body within the limit, dropping the oldest uids when needed; (body, dropped)."""
+        dropped = 0
+        while True:
+            blob = encode_state(states, order)
+            summary = orjson.dumps(
+                {
+                    "format": "eventrouter-checkpoint/1",
+                    "updated": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "sinks": {s: len(m) for s, m in sorted(states.items())},
+                    **({"truncated": dropped} if dropped else {}),
+                }
+            ).decode()
+            body: dict[str, Any] = {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": self.name,
+                    "namespace": self.namespace,
+                    "labels": {"app.kubernetes.io/managed-by": "eventrouter"},
+                },
+                "data": {SUMMARY_KEY: summary},
+                "binaryData": {DATA_KEY: base64.b64encode(blob).decode("ascii")},
+            }
+            size = len(DATA_KEY) + len(blob) + len(SUMMARY_KEY) + len(summary.encode())
+            if size <= self.limit or not order:
+                return body, dropped
+            # Random uids do not compress: size is about proportional to the number of uids.
+            excess = math.ceil(len(order) * (size - self.limit) / size * 1.02) + 1
+            cut = order[:excess]
+            order = order[excess:]
+            for m in states.values():
+                for uid in cut:
+                    m.pop(uid, None)
+            dropped += len(cut)
+
+    async def _write_once(self) -> None:
+        generation = self._generation
+        states, order = self._snapshot()
+        started = time.monotonic()
+        body, dropped = await asyncio.to_thread(self._build, states, order)
+        if dropped:
+            self.truncations += 1
+        if dropped and not self.truncated:  # once per episode, not every flush_interval
+            log.error(
+                "checkpoint ConfigMap %s/%s: %d live events do not fit in %d bytes; left out the %d least "
+                "recently acknowledged (they are re-delivered after a restart, not lost). Use --data-dir "
+                "for clusters this large.",
+                self.namespace,
+                self.name,
+                len(order),
+                self.limit,
+                dropped,
+            )
+        if self._exists:
+            body["metadata"]["resourceVersion"] = self._resource_version
+            resp = await self.kube.request("PUT", self.path, body=body, content_type="application/json")
+        else:
+            resp = await self.kube.request(
+                "POST",
+                f"/api/v1/namespaces/{self.namespace}/configmaps",
+                body=body,
+                content_type="application/json",
+            )
+        try:
+            await raise_for_status(resp)
+            written = orjson.loads(await resp.read())
+        finally:
+            resp.release()
+        self._exists = True
+        self._resource_version = (written.get("metadata") or {}).get("resourceVersion")
+        self._flushed_generation = generation
+        self._removed = {}
+        if self.truncated and not dropped:
+            log.warning("checkpoint ConfigMap %s/%s fits again", self.namespace, self.name)
+        self.truncated = dropped
+        self.last_size = configmap_size(body)
+        self.flushes += 1
+        log.debug(
+            "checkpoint ConfigMap %s/%s written: %d bytes in %.3fs",
+            self.namespace,
+            self.name,
+            self.last_size,
+            time.monotonic() - started,
+        )
+
+    async def _merge_current(self) -> None:
+        """After a 409: take the current resourceVersion and keep the higher number per uid (the
+        other writer can only be an old leader whose sinks accepted what it recorded)."""
+        obj = await self._get()
+        if obj is None:
+            self._exists, self._resource_version = False, None
+            return
+        self._exists = True
+        self._resource_version = (obj.get("metadata") or {}).get("resourceVersion")
+        theirs, _ = self._parse(obj)
+        for sink in self._sinks:
+            mine = self._states.setdefault(sink, {})
+            removed = self._removed.get(sink, set())
+            for uid, n in theirs.get(sink, {}).items():
+                if uid not in removed and n > mine.get(uid, 0):
+                    mine[uid] = n
+                    if uid not in self._order:
+                        self._order[uid] = None
+        self._touch()
+
+    def _parse(self, obj: Mapping[str, Any]) -> tuple[dict[str, dict[str, int]], list[str]]:
+        encoded = (obj.get("binaryData") or {}).get(DATA_KEY)
+        if not encoded:
+            return {}, []
+        try:
+            return decode_state(base64.b64decode(encoded))
+        except (CheckpointFormatError, ValueError, UnicodeDecodeError) as exc:
+            # Starting empty only re-delivers what the API server still holds.
+            log.error(
+                "checkpoint ConfigMap %s/%s is unreadable (%s); starting empty",
+                self.namespace,
+                self.name,
+                exc,
+            )
+            return {}, []
+
+    async def _get(self) -> dict[str, Any] | None:
+        resp = await self.kube.request("GET", self.path)
+        try:
+            if resp.status == 404:
+                return None
+            await raise_for_status(resp)
+            obj = orjson.loads(await resp.read())
+        finally:
+            resp.release()
+        return obj if isinstance(obj, dict) else None

@@ -1,0 +1,991 @@
+"""What the alert robots (DingTalk, WeCom) share: digests, a rate limiter, silences and rendering.
+
+A robot that pages people must not be flooded (about 20 messages a minute per robot, and DingTalk
+throttles a robot for 10 minutes when that is exceeded), yet the engine contract says an occurrence is
+OK only once it is durably accepted. Here that means: the occurrence was included in a digest message
+the robot answered ``errcode 0`` to.
+
+How it fits (see docs/alerting.md for the whole story):
+
+- ``send(batch)`` puts each occurrence into a *group* (default key: namespace + involved object +
+  reason) kept in a bounded in-memory pool.
+- A group that was not notified within the last ``window`` seconds is *due* at once; a group that was
+  is held until its window ends, so its repeats become one line ("BackOff x12 in 4m50s ...").
+- Due groups are packed into as few messages as fit ``max_message_bytes``; what does not fit is
+  summarised with counts ("...and 37 more events: BackOff x30, Unhealthy x7") and counts as delivered
+  in that message. Nothing is cut mid-event.
+- Messages go out only when the per-robot limiter (``rate_per_minute`` in any 60 s) allows; ``send``
+  waits for it at most ``max_send_wait`` seconds.
+- Occurrences of this batch that are in an accepted message are OK; the others get ``retry`` with a
+  ``retry_after`` saying when their digest is due. They stay pooled, so when the engine offers them
+  again they are answered from what happened meanwhile (OK if a digest carried them). A restart loses
+  the pool but not the occurrences: the engine never saw them OK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import re
+import string
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import aiohttp
+from pydantic import AliasChoices, BeforeValidator, Field, field_validator
+
+from eventrouter import OK, Occurrence, Outcome, Sink, SinkContext, SinkOptions, reject, retry
+from eventrouter.options import StrList
+
+__all__ = [
+    "AlertOptions",
+    "AlertSink",
+    "Clock",
+    "Delivery",
+    "ManualClock",
+    "RateLimiter",
+    "Silence",
+    "SystemClock",
+    "md_escape",
+    "text_clean",
+]
+
+# --------------------------------------------------------------------------------------------- clocks
+
+
+class Clock(Protocol):
+    """Time as the sink sees it; injectable so tests can run a simulated minute instantly."""
+
+    def now(self) -> float:
+        """Monotonic seconds (rate limiting, windows)."""
+        ...
+
+    def wall(self) -> float:
+        """Epoch seconds (signatures, silences' expiry)."""
+        ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class ManualClock:
+    """A clock that only moves when told to (or when something sleeps on it): for tests.
+
+    ``sleep`` advances the time at once, which is what a simulated minute needs. Receivers take
+    ``clock.now`` / ``clock.wall`` so both sides of a test agree on the time.
+    """
+
+    def __init__(self, start: float = 1_000.0, wall_start: float | None = None) -> None:
+        self._now = start
+        self._wall_offset = (time.time() if wall_start is None else wall_start) - start
+
+    def now(self) -> float:
+        return self._now
+
+    def wall(self) -> float:
+        return self._now + self._wall_offset
+
+    def advance(self, seconds: float) -> None:
+        if seconds > 0:
+            self._now += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.advance(seconds)
+        await asyncio.sleep(0)
+
+
+# --------------------------------------------------------------------------------------- rate limiter
+
+
+class RateLimiter:
+    """At most ``limit`` messages in any ``period`` seconds (a sliding log, never a burst over it).
+
+    A send is recorded when its answer arrives: the server received it no later than that, so
+    measuring the next send's start against it keeps the server-side spacing as well.
+    """
+
+    def __init__(self, limit: int, period: float, clock: Clock) -> None:
+        self.limit = limit
+        self.period = period
+        self.clock = clock
+        self._log: deque[float] = deque()
+        self._in_flight = 0
+        self._paused_until = 0.0
+
+    def _trim(self, now: float) -> None:
+        while self._log and self._log[0] <= now - self.period:
+            self._log.popleft()
+
+    def free(self) -> int:
+        now = self.clock.now()
+        if now < self._paused_until:
+            return 0
+        self._trim(now)
+        return max(0, self.limit - len(self._log) - self._in_flight)
+
+    def wait_time(self) -> float:
+        """Seconds until one more message may go out (0 when it may go now)."""
+        now = self.clock.now()
+        self._trim(now)
+        wait = max(0.0, self._paused_until - now)
+        used = len(self._log) + self._in_flight
+        if used >= self.limit:
+            if len(self._log) <= used - self.limit:
+                return max(wait, self.period)  # only in-flight sends hold the budget
+            wait = max(wait, self._log[used - self.limit] + self.period - now)
+        return wait
+
+    def begin(self) -> None:
+        self._in_flight += 1
+
+    def end(self) -> None:
+        self._in_flight -= 1
+        self._log.append(self.clock.now())
+
+    def pause(self, seconds: float) -> None:
+        """The robot said "too fast" (someone else shares it): send nothing for a while."""
+        self._paused_until = max(self._paused_until, self.clock.now() + seconds)
+
+    @property
+    def paused_for(self) -> float:
+        return max(0.0, self._paused_until - self.clock.now())
+
+
+# ------------------------------------------------------------------------------------------- escaping
+
+TIMES = "\u00d7"
+"""The multiplication sign of "BackOff x12" in digests."""
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u2028\u2029]")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]#|~<>])")
+_MD_LEADING = re.compile(r"^(\s*(?:\d+)?)([-+=.)])")
+
+
+def text_clean(value: object) -> str:
+    """Any record value as safe text: str, valid UTF-8 (lone surrogates replaced), no control chars."""
+    text = value if isinstance(value, str) else ("" if value is None else str(value))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
+    return _CONTROL.sub(" ", text)
+
+
+def one_line(value: object) -> str:
+    return " ".join(text_clean(value).split("\n")).strip()
+
+
+def md_escape(value: object) -> str:
+    """User content for markdown, one line: CommonMark backslash escapes for the characters that can
+    change structure (emphasis, code, links, headings, quotes, tables, HTML and WeCom's ``<@user>``
+    mentions) and for a list marker at the start; other punctuation stays readable."""
+    escaped = _MD_SPECIAL.sub(r"\\\1", one_line(value))
+    return _MD_LEADING.sub(r"\1\\\2", escaped)
+
+
+def _shorten(text: str, limit: int) -> str:
+    """Cut at ``limit`` characters and say so; an excerpt is never shortened silently."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rstrip() + f" …(+{len(text) - limit} chars)"
+
+
+def humanize(seconds: float) -> str:
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        m, s = divmod(s, 60)
+        return f"{m}m{s:02d}s" if s else f"{m} min"
+    h, rem = divmod(s, 3600)
+    return f"{h}h{rem // 60:02d}m"
+
+
+# ------------------------------------------------------------------------------------------- silences
+
+_SILENCE_KEYS = ("reason", "namespace", "kind", "object", "type", "message", "host", "component")
+
+
+@dataclass(frozen=True)
+class Silence:
+    """``reason=BackOff,namespace=kube-*,until=2026-12-01T00:00:00Z``: shell-style patterns (all must
+    match) and an expiry; ``message`` matches anywhere in the message (glob, e.g. ``*probe*``)."""
+
+    matchers: tuple[tuple[str, str], ...]
+    until: float
+    text: str
+
+    @classmethod
+    def parse(cls, spec: object) -> Silence:
+        if isinstance(spec, dict):
+            items = [(str(k).strip(), str(v).strip()) for k, v in spec.items()]
+        elif isinstance(spec, str):
+            items = []
+            for part in spec.split(","):
+                if not part.strip():
+                    continue
+                key, sep, value = part.partition("=")
+                if not sep:
+                    raise ValueError(f"silence {spec!r}: {part!r} is not key=pattern")
+                items.append((key.strip(), value.strip()))
+        else:
+            raise ValueError(f"silence must be a string or a mapping, not {type(spec).__name__}")
+        until: float | None = None
+        matchers: list[tuple[str, str]] = []
+        for key, value in items:
+            if key == "until":
+                until = _parse_until(value)
+            elif key in _SILENCE_KEYS:
+                matchers.append((key, value))
+            else:
+                raise ValueError(f"silence key {key!r} is not one of {', '.join(_SILENCE_KEYS)}, until")
+        if until is None:
+            raise ValueError(f"silence {spec!r} needs an expiry: until=2026-12-01T00:00:00Z")
+        if not matchers:
+            raise ValueError(f"silence {spec!r} matches nothing: give reason=, namespace=, …")
+        text = ",".join(f"{k}={v}" for k, v in matchers) + f",until={_iso(until)}"
+        return cls(tuple(matchers), until, text)
+
+    def matches(self, fields: dict[str, str], wall: float) -> bool:
+        if wall >= self.until:
+            return False
+        for key, pattern in self.matchers:
+            value = fields.get(key, "")
+            if key == "message":
+                if not fnmatch.fnmatchcase(value, pattern if "*" in pattern else f"*{pattern}*"):
+                    return False
+            elif not fnmatch.fnmatchcase(value, pattern):
+                return False
+        return True
+
+
+def _parse_until(value: str) -> float:
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"until={value!r} is not an RFC 3339 time such as 2026-12-01T00:00:00Z") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _silences(value: Any) -> Any:
+    """``a=1,b=2;c=3`` (URL query: ``;`` between silences) or a list; every entry parsed."""
+    if value is None:
+        return []
+    if isinstance(value, (str, dict)):
+        value = [value]
+    out: list[Silence] = []
+    for item in value:
+        if isinstance(item, Silence):
+            out.append(item)
+        elif isinstance(item, str):
+            out.extend(Silence.parse(part) for part in item.split(";") if part.strip())
+        else:
+            out.append(Silence.parse(item))
+    return out
+
+
+def _plain_list(value: Any) -> Any:
+    """A repeated key or YAML list; a single string is one item (labels may contain commas)."""
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    return value
+
+
+# -------------------------------------------------------------------------------------------- options
+
+GROUP_FIELDS = ("cluster", "namespace", "kind", "object", "reason", "type", "message", "host", "component")
+ENTRY_FIELDS = (*GROUP_FIELDS, "count", "span", "first_time", "last_time")
+TITLE_FIELDS = (
+    "cluster",
+    "label",
+    "events",
+    "groups",
+    "more",
+    "reason",
+    "namespace",
+    "kind",
+    "object",
+    "count",
+)
+
+
+def _check_template(template: str | None, allowed: Iterable[str], option: str) -> str | None:
+    if template is None:
+        return None
+    allowed_set = set(allowed)
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"{option}: {exc}") from None
+    for _literal, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in allowed_set:
+            raise ValueError(f"{option}: unknown field {{{name}}}; use {', '.join(sorted(allowed_set))}")
+        if conversion or (spec and "{" in spec):
+            raise ValueError(f"{option}: {{{name}}} may not use conversions or nested fields")
+    return template
+
+
+class AlertOptions(SinkOptions):
+    """Options both robots share. Filters (level, namespaces, kinds, reasons, message regex) are the
+    engine's common keys; these robots default to Warning events only (``default_filter``)."""
+
+    msg_type: Literal["text", "markdown", "actionCard"] | None = Field(
+        None, description="Message type; default markdown (WeCom application API: text)."
+    )
+    label: Annotated[list[str], BeforeValidator(_plain_list)] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("label", "labels"),
+        description="kube-eventer `label`: text shown in every message next to the cluster name (repeatable).",
+    )
+    cluster_id: str = Field("", description="kube-eventer `cluster_id`, shown in every message.")
+    region: str = Field("", description="kube-eventer `region`, shown in every message.")
+    group_by: StrList = Field(
+        default_factory=lambda: ["namespace", "kind", "object", "reason"],
+        description=f"Digest group key, any of {', '.join(GROUP_FIELDS)}.",
+    )
+    window: float = Field(
+        300.0,
+        gt=0,
+        le=86_400,
+        description="Seconds: after a group was notified, its repeats are held and sent as one digest line.",
+    )
+    rate_per_minute: int = Field(20, ge=1, le=1000, description="Most messages per 60 s to this robot.")
+    min_interval: float | None = Field(
+        None,
+        ge=0,
+        description="Seconds between digests (default 60/rate_per_minute): a burst becomes one message.",
+    )
+    max_send_wait: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds one send may wait for the rate limiter; keep below the engine's send_timeout.",
+    )
+    max_message_bytes: int | None = Field(
+        None, ge=1024, description="Largest message; default per robot (docs/alerting.md)."
+    )
+    excerpt_chars: int = Field(
+        300, ge=20, description="Longest event message excerpt in a digest line (cut with a marker)."
+    )
+    title_template: str | None = Field(
+        None, description="Title: {cluster} {reason} {object} {count} {more} …"
+    )
+    line_template: str | None = Field(None, description="First line of a digest entry: {reason} {count} …")
+    time_zone: str = Field("UTC", description="Time zone for times in messages, e.g. Asia/Shanghai.")
+    silences: Annotated[list[Silence], BeforeValidator(_silences)] = Field(
+        default_factory=list,
+        description="reason=BackOff,namespace=kube-*,until=2026-12-01T00:00:00Z (';' or repeat for more).",
+    )
+    at_mobiles: StrList = Field(default_factory=list, description="Mobiles to @ in every digest.")
+    at_user_ids: StrList = Field(default_factory=list, description="User ids to @ in every digest.")
+    at_reasons: StrList = Field(
+        default_factory=list, description="If set, @mobiles/@user ids only when a digest has these reasons."
+    )
+    at_all: bool = Field(False, description="@all in every digest.")
+    at_all_reasons: StrList = Field(
+        default_factory=list,
+        description="@all when a digest contains one of these reasons (e.g. OOMKilling).",
+    )
+    request_timeout: float = Field(10.0, gt=0, description="Seconds per HTTP request.")
+    throttle_backoff: float = Field(
+        60.0, gt=0, description="Seconds to pause after a 'send too fast' answer (doubles up to 600)."
+    )
+    max_pending: int = Field(10_000, ge=1, description="Most occurrences held for digests at once.")
+
+    @field_validator("group_by")
+    @classmethod
+    def _group_by(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if v not in GROUP_FIELDS]
+        if bad:
+            raise ValueError(f"unknown group_by field(s) {bad}; use {', '.join(GROUP_FIELDS)}")
+        if not value:
+            raise ValueError("group_by needs at least one field")
+        return value
+
+    @field_validator("time_zone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        if value.upper() != "UTC":
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @field_validator("title_template")
+    @classmethod
+    def _title(cls, value: str | None) -> str | None:
+        return _check_template(value, TITLE_FIELDS, "title_template")
+
+    @field_validator("line_template")
+    @classmethod
+    def _line(cls, value: str | None) -> str | None:
+        return _check_template(value, ENTRY_FIELDS, "line_template")
+
+
+# ----------------------------------------------------------------------------------------- the pool
+
+
+def _fields(occ: Occurrence) -> dict[str, str]:
+    r = occ.record
+    inv = r.get("involved_object") or {}
+    return {
+        "cluster": text_clean(r.get("cluster")),
+        "namespace": text_clean(r.get("namespace") or inv.get("namespace")),
+        "kind": text_clean(inv.get("kind")),
+        "object": text_clean(inv.get("name")),
+        "reason": text_clean(r.get("reason")),
+        "type": text_clean(r.get("type")),
+        "message": text_clean(r.get("message")),
+        "host": text_clean(r.get("source_host") or r.get("reporting_instance")),
+        "component": text_clean(r.get("reporting_component")),
+    }
+
+
+@dataclass
+class Group:
+    key: tuple[str, ...]
+    pending: OrderedDict[str, Occurrence] = field(default_factory=OrderedDict)
+    last_notified: float | None = None
+
+
+@dataclass
+class GroupView:
+    """One digest line: the pending occurrences of one group."""
+
+    group: Group
+    occurrences: list[Occurrence]
+    fields: dict[str, str]
+    first_ns: int
+    last_ns: int
+    messages: int
+    new: bool
+
+    @property
+    def keys(self) -> list[str]:
+        return [o.key for o in self.occurrences]
+
+    @property
+    def count(self) -> int:
+        return len(self.occurrences)
+
+
+@dataclass
+class Digest:
+    """One message: some lines, and maybe a summary of the lines that did not fit."""
+
+    views: list[GroupView]
+    summarised: list[GroupView]
+
+    @property
+    def keys(self) -> list[str]:
+        return [k for v in self.views + self.summarised for k in v.keys]
+
+    @property
+    def events(self) -> int:
+        return sum(v.count for v in self.views + self.summarised)
+
+    @property
+    def reasons(self) -> set[str]:
+        return {v.fields["reason"] for v in self.views + self.summarised}
+
+
+# --------------------------------------------------------------------------------------- delivery
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What the robot said about one message."""
+
+    kind: Literal["ok", "retry", "reject"]
+    reason: str = ""
+    retry_after: float | None = None
+    too_fast: bool = False
+    cause: str = ""
+    """For rejections: what to log once (same cause, one log line)."""
+
+
+OptionsT = TypeVar("OptionsT", bound=AlertOptions)
+
+
+class AlertSink(Sink[OptionsT]):
+    """Digesting, rate-limited robot sink; subclasses turn a ``Digest`` into a request and an answer."""
+
+    default_filter: ClassVar[dict[str, str]] = {"level": "Warning"}
+    """Used by the engine when the user gives no level/type filter: robots page on Warnings."""
+
+    defer_retries: ClassVar[bool] = True
+    """Held occurrences come back as RETRY with their digest's due time; the engine sets them aside
+    and keeps sending new batches, so a new problem pages at once."""
+
+    robot: ClassVar[str] = "robot"
+    default_max_bytes: ClassVar[int] = 4096
+    hard_max_bytes: ClassVar[int] = 4096
+
+    def __init__(self, options: OptionsT, context: SinkContext, *, clock: Clock | None = None) -> None:
+        super().__init__(options, context)
+        self.clock: Clock = clock or SystemClock()
+        self.limiter = RateLimiter(options.rate_per_minute, 60.0, self.clock)
+        self._groups: dict[tuple[str, ...], Group] = {}
+        self._pending_of: dict[str, Group] = {}
+        self._done: OrderedDict[str, tuple[Outcome, float]] = OrderedDict()
+        self._logged: set[str] = set()
+        self._tz: tzinfo = UTC if options.time_zone.upper() == "UTC" else ZoneInfo(options.time_zone)
+        self._session: aiohttp.ClientSession | None = None
+        self._last_failure = ""
+        self._failure_retry_after: float | None = None
+        self._throttle = options.throttle_backoff
+        self._last_flush: float | None = None
+        self.sent_messages = 0
+        """Messages the robot accepted (errcode 0)."""
+
+    # --------------------------------------------------------------- subclass hooks
+
+    @property
+    def max_bytes(self) -> int:
+        return min(self.options.max_message_bytes or self.default_max_bytes, self.hard_max_bytes)
+
+    @property
+    def markdown(self) -> bool:
+        return self.msg_type != "text"
+
+    @property
+    def msg_type(self) -> str:
+        return self.options.msg_type or "markdown"
+
+    def measure(self, text: str) -> int:
+        """Bytes ``text`` adds to a message (a robot sending JSON may count escapes)."""
+        return len(text.encode("utf-8"))
+
+    def payload_size(self, title: str, text: str, digest: Digest) -> int:
+        """The size the robot checks against its limit, for the finished message."""
+        return self.measure(text)
+
+    async def deliver(self, title: str, text: str, digest: Digest) -> Delivery:
+        raise NotImplementedError
+
+    def redact(self, text: str) -> str:
+        """Remove every secret this sink knows from ``text`` (exception messages may carry URLs)."""
+        return text
+
+    # --------------------------------------------------------------- lifecycle
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.options.request_timeout),
+                raise_for_status=False,
+            )
+        return self._session
+
+    async def start(self) -> None:
+        self.session()
+        now = self.clock.wall()
+        for s in self.options.silences:
+            if s.until <= now:
+                self.log.warning(
+                    "%s: silence %s has already expired; it has no effect", self.context.name, s.text
+                )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    # --------------------------------------------------------------- send
+
+    async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
+        now = self.clock.now()
+        deadline = now + self.options.max_send_wait
+        self._expire(now)
+        self._last_failure = ""
+        self._failure_retry_after = None
+        early: list[Outcome | None] = [None] * len(batch)
+        wall = self.clock.wall()
+        for i, occ in enumerate(batch):
+            key = occ.key
+            if key in self._done or key in self._pending_of:
+                continue
+            try:
+                fields = _fields(occ)
+            except Exception as exc:  # a malformed record must not sink the batch
+                early[i] = reject(f"cannot read the event for a digest: {exc!r}")
+                continue
+            silence = next((s for s in self.options.silences if s.matches(fields, wall)), None)
+            if silence is not None:
+                early[i] = reject(f"silenced by {silence.text}")
+                continue
+            if len(self._pending_of) >= self.options.max_pending:
+                early[i] = retry(
+                    f"{self.options.max_pending} occurrences already wait for digests", retry_after=5
+                )
+                continue
+            gkey = tuple(fields[f] for f in self.options.group_by)
+            group = self._groups.get(gkey)
+            if group is None:
+                group = self._groups[gkey] = Group(gkey)
+            group.pending[key] = occ
+            self._pending_of[key] = group
+        await self._flush(deadline)
+        out: list[Outcome] = []
+        now = self.clock.now()
+        for i, occ in enumerate(batch):
+            first = early[i]
+            if first is not None:
+                out.append(first)
+                continue
+            done = self._done.pop(occ.key, None)
+            if done is not None:
+                out.append(done[0])
+                continue
+            out.append(self._waiting(occ.key, now))
+        return out
+
+    def _waiting(self, key: str, now: float) -> Outcome:
+        group = self._pending_of.get(key)
+        if group is None:  # pragma: no cover - every pooled key is pending or done
+            return retry("digest state lost; sending again")
+        due = self._due_at(group, now)
+        if due > now:
+            return retry(
+                f"held for the digest of {'/'.join(group.key)} (window {humanize(self.options.window)})",
+                retry_after=due - now,
+            )
+        if self._last_failure:
+            return retry(self._last_failure, retry_after=self._failure_retry_after)
+        wait = max(self.limiter.wait_time(), self._spacing_wait(now))
+        return retry(
+            f"waiting for the {self.robot} rate limit ({self.options.rate_per_minute} messages a minute)",
+            retry_after=max(wait, 0.1),
+        )
+
+    def _due_at(self, group: Group, now: float) -> float:
+        if group.last_notified is None:
+            return now
+        return group.last_notified + self.options.window
+
+    def _expire(self, now: float) -> None:
+        """Forget groups idle past their window and answers the engine never came back for."""
+        stale = [
+            k
+            for k, g in self._groups.items()
+            if not g.pending and (g.last_notified is None or now - g.last_notified >= self.options.window)
+        ]
+        for k in stale:
+            del self._groups[k]
+        ttl = max(3600.0, 4 * self.options.window)
+        while self._done:
+            key, (_, at) = next(iter(self._done.items()))
+            if now - at < ttl and len(self._done) <= 100_000:
+                break
+            del self._done[key]
+
+    def _spacing_wait(self, now: float) -> float:
+        interval = self.options.min_interval
+        if interval is None:
+            interval = 60.0 / self.options.rate_per_minute
+        return max(0.0, self._last_flush + interval - now) if self._last_flush is not None else 0.0
+
+    async def _flush(self, deadline: float) -> None:
+        grace = self.options.window / 10
+        while True:
+            now = self.clock.now()
+            due = [g for g in self._groups.values() if g.pending and self._due_at(g, now) <= now]
+            if not due:
+                return
+            wait = max(self.limiter.wait_time(), self._spacing_wait(now))
+            if wait > 0:
+                if now + wait > deadline:
+                    return
+                await self.clock.sleep(wait)
+                continue
+            # A message goes out anyway: groups whose window ends within a tenth of it ride along.
+            due += [
+                g
+                for g in self._groups.values()
+                if g.pending and g not in due and self._due_at(g, now) - grace <= now
+            ]
+            views = self._views(due)
+            budget = max(1, min(3, self.limiter.free() // 2))  # keep budget for alerts still to come
+            self._last_flush = now
+            for digest, title, text in self._pack(views, budget):
+                if self.limiter.wait_time() > 0:
+                    break
+                self.limiter.begin()
+                try:
+                    result = await self._deliver_safely(title, text, digest)
+                finally:
+                    self.limiter.end()
+                if not self._settle(digest, result):
+                    return
+
+    async def _deliver_safely(self, title: str, text: str, digest: Digest) -> Delivery:
+        try:
+            return await self.deliver(title, text, digest)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            detail = self.redact(str(exc)) or type(exc).__name__
+            return Delivery("retry", f"{self.robot} unreachable: {type(exc).__name__}: {detail}")
+
+    def _settle(self, digest: Digest, result: Delivery) -> bool:
+        """Record the answer for every occurrence in ``digest``; False stops this flush."""
+        now = self.clock.now()
+        if result.kind == "retry":
+            self._last_failure = result.reason
+            self._failure_retry_after = result.retry_after
+            if result.too_fast:
+                self.limiter.pause(self._throttle)
+                self._failure_retry_after = self._throttle
+                self._throttle = min(self._throttle * 2, 600.0)
+            return False
+        outcome = OK if result.kind == "ok" else reject(result.reason)
+        if result.kind == "ok":
+            self.sent_messages += 1
+            self._throttle = self.options.throttle_backoff
+        elif result.cause not in self._logged:
+            self._logged.add(result.cause)
+            self.log.error("%s: %s", self.context.name, result.reason)
+        for view in digest.views + digest.summarised:
+            group = view.group
+            for occ in view.occurrences:
+                group.pending.pop(occ.key, None)
+                self._pending_of.pop(occ.key, None)
+                self._done[occ.key] = (outcome, now)
+            if result.kind == "ok":
+                group.last_notified = now
+        return True
+
+    # --------------------------------------------------------------- rendering
+
+    def _views(self, groups: list[Group]) -> list[GroupView]:
+        views = []
+        for g in groups:
+            occs = list(g.pending.values())
+            last = max(occs, key=lambda o: (o.time_ns, o.number))
+            views.append(
+                GroupView(
+                    group=g,
+                    occurrences=occs,
+                    fields=_fields(last),
+                    first_ns=min(o.time_ns for o in occs),
+                    last_ns=last.time_ns,
+                    messages=len({text_clean(o.record.get("message")) for o in occs}),
+                    new=g.last_notified is None,
+                )
+            )
+        # New problems first, then the oldest waiting.
+        views.sort(key=lambda v: (not v.new, v.first_ns))
+        return views
+
+    def _time(self, ns: int) -> str:
+        dt = datetime.fromtimestamp(ns / 1e9, tz=self._tz)
+        zone = "UTC" if self._tz is UTC else (dt.tzname() or "")
+        return dt.strftime("%m-%d %H:%M:%S") + f" {zone}"
+
+    def _entry_values(self, view: GroupView, esc: Callable[[object], str], excerpt: int) -> dict[str, str]:
+        f = view.fields
+        span = (view.last_ns - view.first_ns) / 1e9
+        values = {k: esc(f[k]) for k in GROUP_FIELDS}
+        values["message"] = esc(_shorten(one_line(f["message"]), excerpt))
+        values.update(
+            count=str(view.count),
+            span=humanize(span),
+            first_time=self._time(view.first_ns),
+            last_time=self._time(view.last_ns),
+        )
+        return values
+
+    def render_entry(self, view: GroupView, excerpt: int) -> str:
+        md = self.markdown
+        esc = md_escape if md else one_line
+        v = self._entry_values(view, esc, excerpt)
+        template = self.options.line_template
+        if template is not None:
+            head = template.format_map(v)
+        else:
+            times = v["last_time"]
+            if view.count > 1:
+                times = f"{TIMES}{view.count} in {v['span']} · last {v['last_time']}"
+            obj = (
+                f"{v['kind']} {v['namespace']}/{v['object']}"
+                if v["namespace"]
+                else f"{v['kind']} {v['object']}"
+            )
+            reason = f"**{v['reason']}**" if md else v["reason"]
+            head = f"{reason} {times} · {obj}"
+        if template is not None and "{message" in template:
+            return head
+        message = _shorten(text_clean(view.fields["message"]), excerpt)
+        lines = [ln for ln in message.split("\n") if ln.strip()] or [""]
+        note = f" ({view.messages} different messages, last shown)" if view.messages > 1 else ""
+        if md:
+            body = "\n".join("> " + md_escape(ln) for ln in lines)
+            return f"{head}\n\n{body}" + (" " + md_escape(note) if note else "")
+        body = "\n".join("    " + ln for ln in lines)
+        return f"{head}\n{body}{note}"
+
+    def header(self, digest: Digest) -> str:
+        clusters = sorted({v.fields["cluster"] for v in digest.views + digest.summarised} - {""}) or [
+            self.context.cluster or "kubernetes"
+        ]
+        kinds: Counter[str] = Counter()
+        for v in digest.views + digest.summarised:
+            kinds[v.fields["type"] or "Normal"] += v.count
+        what = ", ".join(f"{n} {t}" for t, n in sorted(kinds.items()))
+        parts = [f"cluster {', '.join(clusters)}"]
+        parts += [lbl for lbl in self.options.label]
+        if self.options.cluster_id:
+            parts.append(f"cluster_id {self.options.cluster_id}")
+        if self.options.region:
+            parts.append(f"region {self.options.region}")
+        noun = "event" if digest.events == 1 else "events"
+        if self.markdown:
+            meta = " · ".join(md_escape(p) for p in parts)
+            return f"#### Kubernetes: {digest.events} {noun} ({md_escape(what)})\n\n{meta}"
+        return f"Kubernetes: {digest.events} {noun} ({one_line(what)})\n" + " · ".join(
+            one_line(p) for p in parts
+        )
+
+    def summary(self, rest: list[GroupView]) -> str:
+        if not rest:
+            return ""
+        by_reason: Counter[str] = Counter()
+        for v in rest:
+            by_reason[one_line(v.fields["reason"])[:64] or "(no reason)"] += v.count
+        top = by_reason.most_common(8)
+        others = sum(by_reason.values()) - sum(n for _, n in top)
+        esc = md_escape if self.markdown else one_line
+        parts = [f"{esc(r)} {TIMES}{n}" for r, n in top] + ([f"other {TIMES}{others}"] if others else [])
+        total = sum(v.count for v in rest)
+        noun = "event" if total == 1 else "events"
+        return f"…and {total} more {noun}: " + ", ".join(parts)
+
+    def title(self, digest: Digest) -> str:
+        top = (digest.views or digest.summarised)[0]
+        f = top.fields
+        values = {
+            "cluster": one_line(f["cluster"] or self.context.cluster),
+            "label": one_line(" ".join(self.options.label)),
+            "events": str(digest.events),
+            "groups": str(len(digest.views) + len(digest.summarised)),
+            "more": str(len(digest.views) + len(digest.summarised) - 1),
+            "reason": one_line(f["reason"]),
+            "namespace": one_line(f["namespace"]),
+            "kind": one_line(f["kind"]),
+            "object": one_line(f["object"]),
+            "count": str(top.count),
+        }
+        if self.options.title_template is not None:
+            return _shorten(self.options.title_template.format_map(values), 120)
+        more = int(values["more"])
+        title = f"[{values['cluster'] or 'k8s'}] {values['reason']}"
+        if top.count > 1:
+            title += f" {TIMES}{top.count}"
+        title += (
+            f" {values['namespace']}/{values['object']}" if values["namespace"] else f" {values['object']}"
+        )
+        if more:
+            title += f" (+{more} more)"
+        return _shorten(title, 120)
+
+    def mentions(self, digest: Digest) -> tuple[list[str], list[str], bool]:
+        """(mobiles, user ids, @all) for this digest by the configured rules."""
+        o = self.options
+        reasons = digest.reasons
+        people = not o.at_reasons or bool(reasons & set(o.at_reasons))
+        mobiles = list(o.at_mobiles) if people else []
+        users = list(o.at_user_ids) if people else []
+        at_all = o.at_all or bool(reasons & set(o.at_all_reasons))
+        return mobiles, users, at_all
+
+    def mention_line(self, digest: Digest) -> str:
+        mobiles, users, at_all = self.mentions(digest)
+        names = [f"@{m}" for m in mobiles + users]
+        if at_all:
+            names.append("@all")
+        return " ".join(one_line(n) for n in names)
+
+    def compose(self, digest: Digest) -> tuple[str, str]:
+        """(title, text) of one message; subclasses may add robot specifics (keywords, mentions)."""
+        parts = [self.header(digest)]
+        sep = "\n\n" if self.markdown else "\n"
+        if self.markdown:
+            parts.append("---")
+        parts += [self.render_entry(v, self._excerpt) for v in digest.views]
+        summary = self.summary(digest.summarised)
+        if summary:
+            parts.append(summary)
+        mention = self.mention_line(digest)
+        if mention:
+            parts.append(mention)
+        return self.title(digest), sep.join(parts)
+
+    _excerpt: int = 0
+
+    def _pack(self, views: list[GroupView], budget: int) -> Iterable[tuple[Digest, str, str]]:
+        """Up to ``budget`` messages covering every view: whole lines while they fit, and the last
+        message summarises the rest with counts."""
+        limit = self.max_bytes
+        rest = list(views)
+        for n in range(budget):
+            last = n == budget - 1
+            self._excerpt = self.options.excerpt_chars
+            # Largest prefix of whole lines that fits (with the summary of what follows, if last).
+            lo, hi, best = 1, len(rest), 0
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                if self._fits(Digest(rest[:mid], rest[mid:] if last else []), limit):
+                    best, lo = mid, mid + 1
+                else:
+                    hi = mid - 1
+            if best == 0:
+                best = self._fit_single(rest[0], last, rest[1:], limit)
+                if best == 0:
+                    last = True  # not even one line fits: this message summarises everything left
+            digest = Digest(rest[:best], rest[best:] if last else [])
+            title, text = self.compose(digest)
+            self._excerpt = self.options.excerpt_chars
+            yield digest, title, text
+            rest = rest[best:]
+            if last or not rest:
+                return
+
+    def _fit_single(self, view: GroupView, last: bool, after: list[GroupView], limit: int) -> int:
+        """One line alone is too long: shorten its excerpt (marked), else summarise it (returns 0)."""
+        excerpt = self.options.excerpt_chars
+        while excerpt > 20:
+            excerpt //= 2
+            self._excerpt = excerpt
+            if self._fits(Digest([view], after if last else []), limit):
+                return 1
+        self._excerpt = self.options.excerpt_chars
+        return 0
+
+    def _fits(self, digest: Digest, limit: int) -> bool:
+        title, text = self.compose(digest)
+        return self.payload_size(title, text, digest) <= limit

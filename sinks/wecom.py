@@ -1,0 +1,325 @@
+"""WeChat Work (WeCom): the group robot webhook and the application message API (docs/alerting.md).
+
+Group robot: ``--sink=wecom:https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=...``
+Application API (kube-eventer's ``wechat`` sink): ``--sink=wechat:?corp_id=..&corp_secret=..&agent_id=..&to_user=..``
+— the access token comes from ``/cgi-bin/gettoken``, is cached, refreshed before ``expires_in`` ends,
+and refreshed (then the message resent once) when the API answers 40014 / 42001.
+
+Replies are HTTP 200 with an ``errcode``: 0 is the only success; 45009 ("api freq out of limit")
+backs off; 93000 (bad webhook key), credential, agent and recipient errors are permanent.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+from pydantic import AliasChoices, BeforeValidator, Field, model_validator
+
+from eventrouter import Secret, SinkContext, SinkError
+from eventrouter.options import StrList
+
+from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest
+
+__all__ = ["WeComOptions", "WeComSink"]
+
+DEFAULT_ROBOT_URL = "https://qyapi.weixin.qq.com/cgi-bin/webhook/send"
+DEFAULT_API = "https://qyapi.weixin.qq.com"
+
+
+def _users(value: Any) -> Any:
+    """kube-eventer takes ``a,b``; WeCom itself ``a|b``: accept both."""
+    if isinstance(value, str):
+        return [u.strip() for u in re.split(r"[,|]", value) if u.strip()]
+    return value
+
+
+def _split_url(data: Any) -> Any:
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    url = data.get("url") or ""
+    if not isinstance(url, str) or not url:
+        return data
+    parts = urlsplit(url)
+    kept = []
+    for k, v in parse_qsl(parts.query, keep_blank_values=True):
+        if k == "key":
+            if data.get("key") not in (None, v):
+                raise ValueError("key is given both in the URL and as an option, with different values")
+            data["key"] = v
+        elif k != "access_token":  # kube-eventer's documented URL carries one; tokens are fetched here
+            kept.append((k, v))
+    data["url"] = urlunsplit(parts._replace(query=urlencode(kept)))
+    return data
+
+
+class WeComOptions(AlertOptions):
+    key: Secret | None = Field(None, description="Group robot webhook key (or in the URL query).")
+    corp_id: str = Field(
+        "", validation_alias=AliasChoices("corp_id", "corpid"), description="Application API: corp id."
+    )
+    corp_secret: Secret | None = Field(
+        None,
+        validation_alias=AliasChoices("corp_secret", "corpsecret"),
+        description="Application API: the application's secret.",
+    )
+    agent_id: int | None = Field(
+        None, validation_alias=AliasChoices("agent_id", "agentid"), description="Application API: agent id."
+    )
+    to_user: Annotated[list[str], BeforeValidator(_users)] = Field(
+        default_factory=lambda: ["@all"],
+        validation_alias=AliasChoices("to_user", "touser"),
+        description="Application API: user ids (a,b or a|b); default @all.",
+    )
+    to_party: StrList = Field(default_factory=list, description="Application API: department ids.")
+    to_tag: StrList = Field(default_factory=list, description="Application API: tag ids.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split(cls, data: Any) -> Any:
+        return _split_url(data)
+
+    @model_validator(mode="after")
+    def _mode(self) -> WeComOptions:
+        app = bool(self.corp_id or self.corp_secret or self.agent_id is not None)
+        if app and self.key is not None:
+            raise ValueError(
+                "give either key (group robot) or corp_id/corp_secret/agent_id (application API)"
+            )
+        if app:
+            missing = [
+                n
+                for n, v in (
+                    ("corp_id", self.corp_id),
+                    ("corp_secret", self.corp_secret),
+                    ("agent_id", self.agent_id),
+                )
+                if not v and v != 0
+            ]
+            if missing:
+                raise ValueError(f"the application API needs {', '.join(missing)}")
+        elif self.key is None or not self.key.get_secret_value():
+            raise ValueError(
+                "give key (group robot webhook) or corp_id, corp_secret and agent_id (application API)"
+            )
+        if self.msg_type == "actionCard":
+            raise ValueError("WeCom messages are text or markdown")
+        return self
+
+    @property
+    def app(self) -> bool:
+        return bool(self.corp_id)
+
+
+_TOKENISH = re.compile(r"(access_token|key|corpsecret)=[^&\s'\"]*")
+
+# Answers meaning "the token is no good": refresh it and resend once.
+TOKEN_EXPIRED = {40014, 42001, 41001}
+RETRYABLE = {-1, 45033, 45009, 45011}
+HINTS: dict[int, str] = {
+    93000: "the webhook key is not valid (robot removed?)",
+    40001: "corp_secret is not valid",
+    40013: "corp_id is not valid",
+    40091: "corp_secret is not valid",
+    40056: "agent_id is not valid",
+    60020: "this address is not in the application's trusted IP list",
+    81013: "no recipient (to_user / to_party / to_tag) is valid",
+    40058: "the message is longer than WeCom accepts (lower max_message_bytes)",
+    44004: "the message is empty",
+    40008: "the message type is not valid",
+}
+
+
+class WeComSink(AlertSink[WeComOptions]):
+    """WeCom group robot or application messages: digests of Warning events, rate-limited."""
+
+    options_model = WeComOptions
+    description = (
+        "WeChat Work (WeCom) robot or application messages: rate-limited digests of (Warning) events"
+    )
+    robot: ClassVar[str] = "WeCom"
+    hard_max_bytes: ClassVar[int] = 4096
+
+    def __init__(self, options: WeComOptions, context: SinkContext, *, clock: Clock | None = None) -> None:
+        super().__init__(options, context, clock=clock)
+        self._token: str | None = None
+        self._token_expires = 0.0
+        self._token_refresh_at = 0.0
+
+    # -------------------------------------------------------------- shape
+
+    @property
+    def msg_type(self) -> str:
+        return self.options.msg_type or ("text" if self.options.app else "markdown")
+
+    @property
+    def max_bytes(self) -> int:
+        # Robot: markdown content ≤ 4096 bytes, text ≤ 2048; application API: ≤ 2048 either way.
+        limit = 4096 if (self.msg_type == "markdown" and not self.options.app) else 2048
+        return min(self.options.max_message_bytes or limit, limit)
+
+    def _secrets(self) -> list[str]:
+        o = self.options
+        return [
+            s
+            for s in (
+                o.key.get_secret_value() if o.key else "",
+                o.corp_secret.get_secret_value() if o.corp_secret else "",
+                self._token or "",
+            )
+            if s
+        ]
+
+    def redact(self, text: str) -> str:
+        for s in self._secrets():
+            text = text.replace(s, "****")
+        return _TOKENISH.sub(r"\1=****", text)
+
+    def mention_line(self, digest: Digest) -> str:
+        if self.options.app:
+            return ""  # recipients are to_user / to_party / to_tag
+        _mobiles, users, _at_all = self.mentions(digest)
+        if self.msg_type == "markdown":
+            # Markdown mentions are <@userid> in the content (mobiles and @all need msg_type=text).
+            return " ".join(f"<@{u}>" for u in users)
+        return ""  # text: mentioned_list / mentioned_mobile_list
+
+    def payload(self, title: str, text: str, digest: Digest) -> dict[str, Any]:
+        kind = self.msg_type
+        if self.options.app:
+            o = self.options
+            body: dict[str, Any] = {
+                "touser": "|".join(o.to_user),
+                "toparty": "|".join(o.to_party),
+                "totag": "|".join(o.to_tag),
+                "msgtype": kind,
+                "agentid": o.agent_id,
+                kind: {"content": text},
+                "safe": 0,
+            }
+            return body
+        if kind == "text":
+            mobiles, users, at_all = self.mentions(digest)
+            content: dict[str, Any] = {"content": text}
+            if users or at_all:
+                content["mentioned_list"] = users + (["@all"] if at_all else [])
+            if mobiles:
+                content["mentioned_mobile_list"] = mobiles
+            return {"msgtype": "text", "text": content}
+        return {"msgtype": "markdown", "markdown": {"content": text}}
+
+    # -------------------------------------------------------------- URLs and token
+
+    def _robot_url(self) -> str:
+        assert self.options.key is not None
+        parts = urlsplit(self.options.url or DEFAULT_ROBOT_URL)
+        query = [
+            *parse_qsl(parts.query, keep_blank_values=True),
+            ("key", self.options.key.get_secret_value()),
+        ]
+        return urlunsplit(parts._replace(query=urlencode(query)))
+
+    def _api(self, path: str, **query: str) -> str:
+        parts = urlsplit(self.options.url or DEFAULT_API)
+        return urlunsplit((parts.scheme, parts.netloc, path, urlencode(query), ""))
+
+    async def _get_token(self, *, force: bool = False) -> str | Delivery:
+        """A valid access token, fetched when missing, near its end, or ``force``d; or why not."""
+        now = self.clock.now()
+        if self._token is not None and not force and now < self._token_refresh_at:
+            return self._token
+        assert self.options.corp_secret is not None
+        url = self._api(
+            "/cgi-bin/gettoken",
+            corpid=self.options.corp_id,
+            corpsecret=self.options.corp_secret.get_secret_value(),
+        )
+        async with self.session().get(url) as resp:
+            raw = await resp.content.read(64 * 1024)
+            status = resp.status
+        if status != 200:
+            return Delivery("retry", f"WeCom gettoken answered HTTP {status}")
+        try:
+            reply = orjson.loads(raw)
+            code = int(reply.get("errcode", 0))
+            msg = self.redact(str(reply.get("errmsg", "")))
+        except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError):
+            return Delivery("retry", "WeCom gettoken answered something that is not its JSON reply")
+        if code != 0:
+            return self._refused("gettoken", code, msg)
+        token = reply.get("access_token")
+        expires_in = reply.get("expires_in")
+        if not isinstance(token, str) or not token or not isinstance(expires_in, int) or expires_in <= 0:
+            return Delivery("retry", "WeCom gettoken reply has no access_token / expires_in")
+        now = self.clock.now()
+        same = token == self._token
+        self._token = token
+        self._token_expires = now + expires_in
+        # Refresh ahead of the end; while a token is valid WeCom hands out the same one again, so after
+        # that happened keep it until it really ends (or the API says 42001).
+        margin = min(300.0, expires_in / 4)
+        self._token_refresh_at = self._token_expires if same else self._token_expires - margin
+        return token
+
+    # -------------------------------------------------------------- lifecycle and delivery
+
+    async def start(self) -> None:
+        await super().start()
+        if self.options.app:
+            try:
+                got = await self._get_token(force=True)
+            except Exception as exc:  # unreachable at boot: say where, never with the secret
+                raise SinkError(
+                    f"{self.context.name}: cannot reach WeCom at {self._api('')}: {self.redact(str(exc))}"
+                ) from None
+            if isinstance(got, Delivery):
+                raise SinkError(f"{self.context.name}: {got.reason}")
+
+    async def deliver(self, title: str, text: str, digest: Digest) -> Delivery:
+        body = orjson.dumps(self.payload(title, text, digest))
+        if not self.options.app:
+            return await self._post(self._robot_url(), body)
+        for attempt in (1, 2):
+            token = await self._get_token(force=attempt == 2)
+            if isinstance(token, Delivery):
+                return token
+            result = await self._post(self._api("/cgi-bin/message/send", access_token=token), body)
+            if result.cause != "token":
+                return result
+        return Delivery("retry", "WeCom refused a freshly fetched access token; will try again")
+
+    async def _post(self, url: str, body: bytes) -> Delivery:
+        headers = {"Content-Type": "application/json; charset=utf-8"}
+        async with self.session().post(url, data=body, headers=headers) as resp:
+            raw = await resp.content.read(256 * 1024)
+            status = resp.status
+        if status != 200:
+            return Delivery("retry", f"WeCom answered HTTP {status}")
+        try:
+            reply = orjson.loads(raw)
+            code = int(reply["errcode"])
+            msg = self.redact(str(reply.get("errmsg", "")))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            snippet = self.redact(raw[:120].decode("utf-8", "replace"))
+            return Delivery("retry", f"WeCom answered something that is not its JSON reply: {snippet!r}")
+        if code == 0:
+            invalid = {k: reply.get(k) for k in ("invaliduser", "invalidparty", "invalidtag") if reply.get(k)}
+            if invalid and "invalid-recipients" not in self._logged:
+                self._logged.add("invalid-recipients")
+                self.log.warning("%s: WeCom skipped invalid recipients %s", self.context.name, invalid)
+            return Delivery("ok")
+        if code in TOKEN_EXPIRED and self.options.app:
+            return Delivery("retry", f"WeCom access token refused: errcode {code} ({msg})", cause="token")
+        return self._refused("message/send" if self.options.app else "webhook", code, msg)
+
+    def _refused(self, what: str, code: int, msg: str) -> Delivery:
+        said = f"errcode {code} ({msg})"
+        if code == 45009 or code == 45011:
+            return Delivery("retry", f"WeCom says api freq out of limit: {said}", too_fast=True)
+        if code in RETRYABLE:
+            return Delivery("retry", f"WeCom is busy: {said}")
+        reason = f"WeCom {what} refused the message: {said}: {HINTS.get(code, 'permanent error')}"
+        return Delivery("reject", reason, cause=f"{what}:{code}:{re.split(r'[,;]', msg, maxsplit=1)[0]}")

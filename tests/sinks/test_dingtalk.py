@@ -1,0 +1,563 @@
+"""DingTalk robot sink against the project's DingTalk receiver (signature, keywords, schema, errcodes,
+rate limit as oapi.dingtalk.com enforces them).
+
+Time: tests that involve minutes (the flood, digest windows, "too fast" back-off) share one
+``ManualClock`` between the sink and the receiver, so a simulated minute takes milliseconds. The
+limits are the real ones (20 messages per rolling 60 s, window 300 s), not scaled down.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+
+from eventrouter import Occurrence, OutcomeKind, SinkContext, normalise
+from eventrouter.config import parse_sink_flag, spec_for_class
+from eventrouter.options import COMMON_KEYS, field_names
+from eventrouter.testing import make_occurrence, recorded_watch
+from eventrouter.testing.receivers.dingtalk import DingTalkMessage, DingTalkReceiver
+from eventrouter_sinks._alerting import ManualClock
+from eventrouter_sinks.dingtalk import DingTalkOptions, DingTalkSink
+
+SECRET = "SEC0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcd"
+TOKEN = "robot-token-7f3a"
+
+
+def ctx(name: str = "dingtalk") -> SinkContext:
+    return SinkContext(name=name, cluster="prod", data_dir=None, logger=logging.getLogger(f"test.{name}"))
+
+
+def stamp(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def occ(n: int = 1, **kw: Any) -> Occurrence:
+    kw.setdefault("namespace", "shop")
+    return make_occurrence(cluster="prod", count=n, **kw)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def robot(clock: ManualClock) -> AsyncIterator[DingTalkReceiver]:
+    async with DingTalkReceiver(access_token=TOKEN, secret=SECRET, clock=clock.now, wall=clock.wall) as r:
+        yield r
+
+
+async def make_sink(url: str, clock: ManualClock | None = None, **opts: Any) -> DingTalkSink:
+    # A simulated clock everywhere: the sink's pacing (3 s between digests) costs no real time.
+    sink = DingTalkSink(
+        DingTalkOptions.model_validate({"url": url, **opts}), ctx(), clock=clock or ManualClock()
+    )
+    await sink.start()
+    return sink
+
+
+def kinds(outcomes: Sequence[Any] | None) -> list[OutcomeKind]:
+    assert outcomes is not None
+    return [o.kind for o in outcomes]
+
+
+_ENTRY = re.compile(r"^(?:\*\*)?[^\s*]+(?:\*\*)? (?:\u00d7(\d+) in |\d\d-\d\d )", re.M)
+_SUMMARY = re.compile(r"and (\d+) more events?:")
+_HEADER = re.compile(r"Kubernetes: (\d+) events?")
+
+
+def counted(msg: DingTalkMessage | str) -> int:
+    """Occurrences a digest accounts for, read from its lines (×N, or 1) and its summary."""
+    text = msg if isinstance(msg, str) else msg.text
+    lines = sum(int(n) if n else 1 for n in _ENTRY.findall(text))
+    summary = sum(int(n) for n in _SUMMARY.findall(text))
+    header = _HEADER.search(text)
+    assert header is not None and int(header.group(1)) == lines + summary, text
+    return lines + summary
+
+
+async def drive(
+    sink: DingTalkSink, clock: ManualClock, arrivals: list[tuple[float, Occurrence]], *, limit: float = 7200
+) -> tuple[Counter[str], list[str]]:
+    """Stand-in for the engine: every simulated second, send what arrived plus the retries that are
+    due (honouring retry_after); count OK outcomes per occurrence key."""
+    start = clock.now()
+    todo = sorted(arrivals, key=lambda a: a[0])
+    retries: list[tuple[float, Occurrence]] = []
+    ok: Counter[str] = Counter()
+    rejected: list[str] = []
+    while (todo or retries) and clock.now() - start < limit:
+        now = clock.now()
+        batch = [o for t, o in todo if start + t <= now]
+        todo = [(t, o) for t, o in todo if start + t > now]
+        batch += [o for due, o in retries if due <= now]
+        retries = [(due, o) for due, o in retries if due > now]
+        if batch:
+            outcomes = await sink.send(batch)
+            assert outcomes is not None and len(outcomes) == len(batch)
+            for o, out in zip(batch, outcomes, strict=True):
+                if out.kind is OutcomeKind.OK:
+                    ok[o.key] += 1
+                elif out.kind is OutcomeKind.RETRY:
+                    retries.append((clock.now() + max(out.retry_after or 1.0, 0.5), o))
+                else:
+                    rejected.append(f"{o.key}: {out.reason}")
+        clock.advance(1.0)
+    return ok, rejected
+
+
+def max_in_any_minute(times: list[float]) -> int:
+    times = sorted(times)
+    return max((sum(1 for u in times if t <= u < t + 60.0) for t in times), default=0)
+
+
+# ------------------------------------------------------------------------------------------ signing
+
+
+async def test_signed_markdown_digest_is_accepted_and_reported_ok(robot: DingTalkReceiver) -> None:
+    sink = await make_sink(robot.url, secret=SECRET)
+    try:
+        batch = [occ(object_name=f"web-{i}", reason="BackOff") for i in range(3)]
+        assert kinds(await sink.send(batch)) == [OutcomeKind.OK] * 3
+    finally:
+        await sink.aclose()
+    assert robot.errcodes() == [0]
+    (req,) = robot.requests
+    assert req.query["access_token"] == TOKEN and req.query["timestamp"].isdigit() and req.query["sign"]
+    (msg,) = robot.accepted
+    assert msg.msgtype == "markdown"
+    assert all(f"shop/web-{i}" in msg.text for i in range(3))
+    assert counted(msg) == 3
+
+
+async def test_wrong_secret_is_rejected_with_310000_logged_once_and_secret_never_logged(
+    robot: DingTalkReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrong = "SECwrongwrongwrongwrong"
+    sink = await make_sink(robot.url, secret=wrong)
+    caplog.set_level(logging.DEBUG)
+    try:
+        first = await sink.send([occ(object_name="a"), occ(object_name="b", reason="Unhealthy")])
+        second = await sink.send([occ(object_name="c", reason="Failed")])
+    finally:
+        await sink.aclose()
+    assert first is not None and second is not None
+    assert {o.kind for o in [*first, *second]} == {OutcomeKind.REJECT}
+    assert all("310000" in o.reason and "sign not match" in o.reason for o in [*first, *second])
+    assert robot.errcodes() == [310000, 310000]
+    errors = [r for r in caplog.records if "310000" in r.getMessage()]
+    assert len(errors) == 1 and errors[0].levelno == logging.ERROR
+    everything = caplog.text + " ".join(o.reason for o in [*first, *second]) + repr(sink.options)
+    assert wrong not in everything and TOKEN not in everything and SECRET not in everything
+
+
+async def test_expired_timestamp_is_refused_like_the_service(clock: ManualClock) -> None:
+    # The receiver's wall clock is 2 h ahead: the sink's signature timestamp is outside the hour.
+    async with DingTalkReceiver(access_token=TOKEN, secret=SECRET, wall=lambda: clock.wall() + 7200) as robot:
+        sink = await make_sink(robot.url, secret=SECRET, clock=clock)
+        try:
+            (out,) = await sink.send([occ()]) or []
+        finally:
+            await sink.aclose()
+    assert out.kind is OutcomeKind.REJECT and "invalid timestamp" in out.reason
+
+
+async def test_unknown_access_token_is_rejected_permanently(robot: DingTalkReceiver) -> None:
+    sink = await make_sink(robot.base_url + "?access_token=nope", secret=SECRET)
+    try:
+        (out,) = await sink.send([occ()]) or []
+    finally:
+        await sink.aclose()
+    assert out.kind is OutcomeKind.REJECT and "300001" in out.reason
+
+
+# ------------------------------------------------------------------------------------------ keywords
+
+
+async def test_keyword_security_refuses_without_keyword_and_accepts_with_it() -> None:
+    async with DingTalkReceiver(access_token=TOKEN, keywords=["告警"]) as robot:
+        plain = await make_sink(robot.url)
+        guarded = await make_sink(robot.url, keywords="告警")
+        try:
+            (refused,) = await plain.send([occ()]) or []
+            (accepted,) = await guarded.send([occ(object_name="web-1")]) or []
+        finally:
+            await plain.aclose()
+            await guarded.aclose()
+    assert refused.kind is OutcomeKind.REJECT and "keywords not in content" in refused.reason
+    assert accepted.kind is OutcomeKind.OK
+    (msg,) = robot.accepted
+    assert "告警" in msg.text and "告警" in msg.title
+
+
+# ------------------------------------------------------------------------------------------ schemas
+
+
+@pytest.mark.parametrize("msg_type", ["text", "markdown", "actionCard"])
+async def test_each_message_type_passes_the_schema_check(robot: DingTalkReceiver, msg_type: str) -> None:
+    action_url = "https://grafana.example/explore?ns={namespace}&obj={object}"
+    sink = await make_sink(robot.url, secret=SECRET, msg_type=msg_type, action_url=action_url)
+    try:
+        outs = await sink.send(
+            [occ(object_name="web 0", reason="BackOff"), occ(object_name="api", reason="Failed")]
+        )
+    finally:
+        await sink.aclose()
+    assert kinds(outs) == [OutcomeKind.OK] * 2
+    (msg,) = robot.accepted
+    assert msg.msgtype == msg_type
+    assert counted(msg) == 2
+    if msg_type == "actionCard":
+        card = msg.payload["actionCard"]
+        assert card["singleURL"].startswith("https://grafana.example/explore?ns=shop&obj=")
+        assert card["singleTitle"] == "View events"
+    if msg_type == "text":
+        assert "**" not in msg.text  # no markdown syntax in plain text
+
+
+async def test_actioncard_without_action_url_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match="action_url"):
+        DingTalkOptions.model_validate({"access_token": "x", "msg_type": "actionCard"})
+
+
+# ------------------------------------------------------------------------------------------ mentions
+
+
+async def test_mentions_follow_the_rules(robot: DingTalkReceiver) -> None:
+    sink = await make_sink(
+        robot.url,
+        secret=SECRET,
+        at_mobiles="13800000000",
+        at_user_ids="ops-lead",
+        at_all_reasons="OOMKilling,NodeNotReady",
+    )
+    try:
+        assert kinds(await sink.send([occ(reason="BackOff")])) == [OutcomeKind.OK]
+        assert kinds(await sink.send([occ(reason="OOMKilling", kind="Node", object_name="node-1")])) == [
+            OutcomeKind.OK
+        ]
+    finally:
+        await sink.aclose()
+    backoff, oom = robot.accepted
+    assert backoff.mentions == {"mobiles": ["13800000000"], "user_ids": ["ops-lead"], "all": False}
+    assert "@13800000000" in backoff.text and "@ops-lead" in backoff.text  # DingTalk highlights only these
+    assert oom.mentions["all"] is True
+
+
+async def test_at_reasons_limit_who_is_mentioned(robot: DingTalkReceiver) -> None:
+    sink = await make_sink(
+        robot.url, secret=SECRET, msg_type="text", at_mobiles="13800000000", at_reasons="OOMKilling"
+    )
+    try:
+        await sink.send([occ(reason="BackOff")])
+    finally:
+        await sink.aclose()
+    (msg,) = robot.accepted
+    assert msg.mentions["mobiles"] == [] and "@13800000000" not in msg.text
+
+
+# ------------------------------------------------------------------------------------------ escaping
+
+
+def recorded_unhealthy() -> Occurrence:
+    for ev in recorded_watch():
+        obj = ev["object"]
+        if ev["type"] == "ADDED" and "就绪探针失败" in str(obj.get("message")):
+            return normalise(obj, cluster="prod")
+    raise AssertionError("the recording has the Chinese Unhealthy event")
+
+
+async def test_recorded_chinese_quotes_backslashes_newline_survive_markdown_and_text(
+    robot: DingTalkReceiver,
+) -> None:
+    recorded = recorded_unhealthy()
+    raw_message = recorded.record["message"]
+    assert '"quoted"' in raw_message and "\\" in raw_message and "\n" in raw_message
+    hostile = occ(
+        object_name="x",
+        reason="Evil",
+        message='# Heading\n**bold** [link](http://x) <@all> | `code` _u_ ~s~ "q" \\ end',
+    )
+    md = await make_sink(robot.url, secret=SECRET)
+    text = await make_sink(robot.url, secret=SECRET, msg_type="text")
+    try:
+        assert kinds(await md.send([recorded, hostile])) == [OutcomeKind.OK] * 2
+        assert kinds(await text.send([normalise(recorded.raw, cluster="prod")])) == [OutcomeKind.OK]
+    finally:
+        await md.aclose()
+        await text.aclose()
+    md_msg, text_msg = robot.accepted
+    body = md_msg.text
+    # JSON round trip kept every character; markdown specials of user content are escaped.
+    assert "就绪探针失败：连接被拒绝" in body and '"quoted"' in body
+    assert "\\\\ back\\\\slash" in body  # each backslash escaped
+    assert "> \\# Heading" in body and "\\*\\*bold\\*\\*" in body and "\\[link\\](http://x)" in body
+    assert "\\<@all\\>" in body and "\\`code\\`" in body
+    # The event's newline stays inside the quote: the second line is quoted too, never a new block.
+    lines = body.split("\n")
+    assert any(ln == "> second line" for ln in lines)
+    assert not any(ln.startswith(("# ", "**bold")) for ln in lines)
+    # Plain text: content as written (no escapes), still one JSON string the receiver parsed.
+    assert "就绪探针失败" in text_msg.text and '"quoted" \\ back\\slash' in text_msg.text
+    assert counted(md_msg) == 2
+
+
+async def test_huge_and_invalid_utf8_messages_get_outcomes_not_crashes(robot: DingTalkReceiver) -> None:
+    sink = await make_sink(robot.url, secret=SECRET)
+    try:
+        outs = await sink.send(
+            [
+                occ(object_name="big", reason="Huge", message="x" * 20_000),
+                occ(object_name="bad", reason="Broken", message="bad \ud800 surrogate"),
+            ]
+        )
+    finally:
+        await sink.aclose()
+    assert kinds(outs) == [OutcomeKind.OK] * 2
+    (msg,) = robot.accepted
+    assert "…(+19700 chars)" in msg.text  # cut with a marker, never silently
+    assert "bad ? surrogate" in msg.text
+    assert len(orjson.dumps(msg.payload)) <= 19_000
+
+
+# ------------------------------------------------------------------------------------------ digests
+
+
+async def test_repeats_within_the_window_become_one_digest_line(
+    robot: DingTalkReceiver, clock: ManualClock
+) -> None:
+    sink = await make_sink(robot.url, secret=SECRET, clock=clock)
+    uid = "uid-web-0-backoff"
+    try:
+        t0 = stamp(clock.wall())
+        first = await sink.send([occ(1, uid=uid, first_timestamp=t0, last_timestamp=t0)])
+        assert kinds(first) == [OutcomeKind.OK]
+        held: list[Occurrence] = []
+        for n in range(2, 14):  # twelve repeats over four minutes
+            clock.advance(20)
+            msg = f"Back-off restarting failed container (attempt {n})"
+            o = occ(n, uid=uid, message=msg, first_timestamp=t0, last_timestamp=stamp(clock.wall()))
+            (out,) = await sink.send([o]) or []
+            assert out.kind is OutcomeKind.RETRY and out.retry_after is not None and out.retry_after > 0
+            held.append(o)
+        assert len(robot.accepted) == 1
+        clock.advance(300 - 12 * 20)
+        outs = await sink.send(held[:1])  # the engine comes back with one; the digest carries all twelve
+        assert kinds(outs) == [OutcomeKind.OK]
+        assert kinds(await sink.send(held[1:])) == [OutcomeKind.OK] * 11
+    finally:
+        await sink.aclose()
+    assert len(robot.accepted) == 2
+    digest = robot.accepted[1].text
+    assert "**BackOff** \u00d712 in 3m40s" in digest and "Pod shop/web-0" in digest
+    assert "(attempt 13)" in digest and "12 different messages, last shown" in digest
+    assert counted(robot.accepted[1]) == 12
+
+
+async def test_too_long_digest_is_summarised_with_counts_and_all_count_as_delivered(
+    robot: DingTalkReceiver,
+) -> None:
+    sink = await make_sink(robot.url, secret=SECRET, max_message_bytes=2500, rate_per_minute=1)
+    batch = [
+        occ(object_name=f"pod-{i}", reason="BackOff" if i % 3 else "Unhealthy", message="m" * 100)
+        for i in range(60)
+    ]
+    try:
+        outs = await sink.send(batch)
+    finally:
+        await sink.aclose()
+    assert kinds(outs) == [OutcomeKind.OK] * 60
+    (msg,) = robot.accepted
+    assert len(orjson.dumps(msg.payload)) <= 2500
+    summary = _SUMMARY.search(msg.text)
+    assert summary is not None and int(summary.group(1)) > 0
+    assert re.search(r"BackOff \u00d7\d+, Unhealthy \u00d7\d+", msg.text)
+    assert counted(msg) == 60
+    # Every line shown is whole: each listed pod has its message quote right after it.
+    assert msg.text.count("> mmmm") == len(_ENTRY.findall(msg.text))
+
+
+async def test_flood_500_warnings_in_a_minute_respects_the_limit_and_loses_nothing(
+    robot: DingTalkReceiver, clock: ManualClock
+) -> None:
+    """500 Warning occurrences over one (simulated) minute from 25 pods × 4 reasons, default options."""
+    reasons = ["BackOff", "Unhealthy", "FailedMount", "OOMKilling"]
+    arrivals: list[tuple[float, Occurrence]] = []
+    counts: Counter[tuple[int, str]] = Counter()
+    for i in range(500):
+        pod, reason = i % 25, reasons[(i // 25) % 4]
+        counts[(pod, reason)] += 1
+        o = occ(counts[(pod, reason)], uid=f"uid-{pod}-{reason}", object_name=f"web-{pod}", reason=reason)
+        arrivals.append((i * 0.12, o))
+    sink = await make_sink(robot.url, secret=SECRET, clock=clock)
+    try:
+        ok, rejected = await drive(sink, clock, arrivals)
+    finally:
+        await sink.aclose()
+    assert rejected == []
+    keys = {o.key for _, o in arrivals}
+    assert len(keys) == 500
+    assert set(ok) == keys and set(ok.values()) == {1}  # each occurrence OK exactly once
+    assert 130101 not in robot.errcodes()  # the robot never had to throttle us
+    assert max_in_any_minute([m.at for m in robot.accepted]) <= 20
+    assert sum(counted(m) for m in robot.accepted) == 500  # every occurrence is in exactly one digest
+    assert len(robot.accepted) < 500 / 5
+
+
+# ------------------------------------------------------------------------------------------ errcodes
+
+
+async def test_send_too_fast_is_retried_after_backoff_then_delivered(
+    robot: DingTalkReceiver, clock: ManualClock
+) -> None:
+    sink = await make_sink(robot.url, secret=SECRET, clock=clock, throttle_backoff=30)
+    robot.fail_next(1, errcode=130101, errmsg="send too fast, exceed 20 times per minute")
+    batch = [occ(object_name="a"), occ(object_name="b")]
+    try:
+        outs = await sink.send(batch)
+        assert outs is not None and kinds(outs) == [OutcomeKind.RETRY] * 2
+        assert all("130101" in o.reason and o.retry_after == 30 for o in outs)
+        # Before the back-off ends nothing is sent, even when the engine asks.
+        assert kinds(await sink.send(batch)) == [OutcomeKind.RETRY] * 2
+        assert len(robot.requests) == 1
+        clock.advance(30)
+        assert kinds(await sink.send(batch)) == [OutcomeKind.OK] * 2
+    finally:
+        await sink.aclose()
+    assert robot.errcodes() == [130101, 0]
+    assert counted(robot.accepted[0]) == 2
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        ({"status": 502}, "HTTP 502"),
+        ({"body": b"<html>gateway</html>"}, "not its JSON reply"),
+        ({"errcode": -1, "errmsg": "系统繁忙"}, "busy"),
+    ],
+)
+async def test_http_errors_and_non_json_bodies_are_retried(
+    robot: DingTalkReceiver, fault: dict[str, Any], reason: str
+) -> None:
+    sink = await make_sink(robot.url, secret=SECRET)
+    robot.fail_next(1, **fault)
+    try:
+        (out,) = await sink.send([occ()]) or []
+        assert out.kind is OutcomeKind.RETRY and reason in out.reason
+        (again,) = await sink.send([occ(object_name="other")]) or []
+    finally:
+        await sink.aclose()
+    assert again.kind is OutcomeKind.OK
+    assert counted(robot.accepted[0]) == 2  # the retried one went out with the next digest
+
+
+async def test_unreachable_robot_is_retried_and_the_token_is_not_in_the_reason() -> None:
+    async with DingTalkReceiver(access_token=TOKEN) as robot:
+        url = robot.url
+    sink = await make_sink(url)  # the receiver is gone: connection refused
+    try:
+        (out,) = await sink.send([occ()]) or []
+    finally:
+        await sink.aclose()
+    assert out.kind is OutcomeKind.RETRY and "unreachable" in out.reason and TOKEN not in out.reason
+
+
+# ------------------------------------------------------------------------------------------ silences
+
+
+async def test_silences_reject_matching_events_until_they_expire(
+    robot: DingTalkReceiver, clock: ManualClock
+) -> None:
+    until = clock.wall() + 600
+    spec = f"reason=BackOff,namespace=kube-*,until={stamp(until)};message=*probe*,until=2999-01-01T00:00:00Z"
+    sink = await make_sink(robot.url, secret=SECRET, clock=clock, silences=spec)
+    try:
+        outs = await sink.send(
+            [
+                occ(namespace="kube-system", reason="BackOff"),
+                occ(namespace="shop", reason="BackOff"),
+                occ(namespace="shop", reason="Unhealthy", message="Readiness probe failed"),
+            ]
+        )
+        assert outs is not None
+        assert [o.kind for o in outs] == [OutcomeKind.REJECT, OutcomeKind.OK, OutcomeKind.REJECT]
+        assert outs[0].reason.startswith("silenced by reason=BackOff,namespace=kube-*")
+        clock.advance(601)
+        (later,) = await sink.send([occ(namespace="kube-system", reason="BackOff", object_name="dns")]) or []
+    finally:
+        await sink.aclose()
+    assert later.kind is OutcomeKind.OK
+
+
+def test_silence_without_expiry_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match="needs an expiry"):
+        DingTalkOptions.model_validate({"access_token": "x", "silences": "reason=BackOff"})
+
+
+# ------------------------------------------------------------------------------------------ options
+
+
+def test_kube_eventer_flag_is_accepted_with_its_option_names() -> None:
+    flag = (
+        f"dingtalk:https://oapi.dingtalk.com/robot/send?access_token={TOKEN}&sign={SECRET}&label=team-a"
+        "&label=shop,eu&level=Warning&msg_type=markdown&cluster_id=c-123&region=cn-hangzhou"
+        "&namespaces=shop,pay&kinds=Pod"
+    )
+    spec = spec_for_class(DingTalkSink, parse_sink_flag(flag), type_="dingtalk")
+    o = spec.options
+    assert isinstance(o, DingTalkOptions)
+    assert o.access_token is not None and o.access_token.get_secret_value() == TOKEN
+    assert o.secret is not None and o.secret.get_secret_value() == SECRET
+    assert o.label == ["team-a", "shop,eu"] and o.cluster_id == "c-123" and o.region == "cn-hangzhou"
+    assert (
+        spec.filter.level == "Warning"
+        and spec.filter.namespaces == ["shop", "pay"]
+        and spec.filter.kinds == ["Pod"]
+    )
+    assert TOKEN not in repr(o) and SECRET not in repr(o) and TOKEN not in o.url
+
+
+def test_warning_only_is_the_default_filter_and_no_option_clashes_with_engine_keys() -> None:
+    spec = spec_for_class(DingTalkSink, {"access_token": "t"}, type_="dingtalk")
+    assert spec.filter.level == "Warning"
+    assert DingTalkSink.default_filter == {"level": "Warning"}
+    assert not (field_names(DingTalkOptions) - {"url", "include_raw"}) & COMMON_KEYS
+
+
+async def test_label_cluster_id_and_region_are_in_every_message(robot: DingTalkReceiver) -> None:
+    sink = await make_sink(
+        robot.url, secret=SECRET, label="team *a*", cluster_id="c-123", region="cn-hangzhou"
+    )
+    try:
+        await sink.send([occ()])
+    finally:
+        await sink.aclose()
+    (msg,) = robot.accepted
+    assert "cluster prod" in msg.text and "team \\*a\\*" in msg.text
+    assert "cluster\\_id c-123" in msg.text and "region cn-hangzhou" in msg.text
+    assert msg.title.startswith("[prod] BackOff")
+
+
+async def test_templates_are_validated_and_fill_escaped_values(robot: DingTalkReceiver) -> None:
+    with pytest.raises(ValueError, match="unknown field"):
+        DingTalkOptions.model_validate({"access_token": "x", "line_template": "{reason.__class__}"})
+    sink = await make_sink(
+        robot.url,
+        secret=SECRET,
+        title_template="{cluster}: {reason} on {object}",
+        line_template="[{namespace}] {reason} x{count}: {message}",
+    )
+    try:
+        await sink.send([occ(object_name="w*1", message='a "b" *c*')])
+    finally:
+        await sink.aclose()
+    (msg,) = robot.accepted
+    assert msg.title == "prod: BackOff on w*1"
+    assert '[shop] BackOff x1: a "b" \\*c\\*' in msg.text  # the operator's template is as written

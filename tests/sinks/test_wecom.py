@@ -1,0 +1,331 @@
+"""WeCom sink against the project's WeCom receiver: the group robot (key, text/markdown, mentions,
+45009/93000) and the application message API (gettoken, cached token, refresh before expiry, 42001
+refresh-and-resend). Time is a ``ManualClock`` shared with the receiver (real limits, simulated time).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from importlib.metadata import entry_points
+from typing import Any
+
+import pytest
+
+from eventrouter import Occurrence, OutcomeKind, SinkContext, SinkError
+from eventrouter.config import parse_sink_flag, spec_for_class
+from eventrouter.options import COMMON_KEYS, field_names
+from eventrouter.testing import make_occurrence
+from eventrouter.testing.receivers.wecom import WeComReceiver
+from eventrouter_sinks._alerting import ManualClock
+from eventrouter_sinks.wecom import WeComOptions, WeComSink
+
+KEY = "robot-key-5c1e"
+CORP_SECRET = "corp-secret-9d2b"
+
+
+def occ(n: int = 1, **kw: Any) -> Occurrence:
+    kw.setdefault("namespace", "shop")
+    return make_occurrence(cluster="prod", count=n, **kw)
+
+
+def kinds(outcomes: Sequence[Any] | None) -> list[OutcomeKind]:
+    assert outcomes is not None
+    return [o.kind for o in outcomes]
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def wecom(clock: ManualClock) -> AsyncIterator[WeComReceiver]:
+    async with WeComReceiver(robot_key=KEY, corp_secret=CORP_SECRET, clock=clock.now) as r:
+        yield r
+
+
+async def make_sink(clock: ManualClock, **opts: Any) -> WeComSink:
+    ctx = SinkContext(name="wecom", cluster="prod", data_dir=None, logger=logging.getLogger("test.wecom"))
+    sink = WeComSink(WeComOptions.model_validate(opts), ctx, clock=clock)
+    await sink.start()
+    return sink
+
+
+def app_opts(wecom: WeComReceiver, **kw: Any) -> dict[str, Any]:
+    return {
+        "url": wecom.url,
+        "corp_id": wecom.corp_id,
+        "corp_secret": CORP_SECRET,
+        "agent_id": str(wecom.agent_id),
+        "to_user": "alice,bob",
+        **kw,
+    }
+
+
+_ENTRY = re.compile(r"^(?:\*\*)?[^\s*]+(?:\*\*)? (?:\u00d7(\d+) in |\d\d-\d\d )", re.M)
+_SUMMARY = re.compile(r"and (\d+) more events?:")
+
+
+def counted(text: str) -> int:
+    return sum(int(n) if n else 1 for n in _ENTRY.findall(text)) + sum(int(n) for n in _SUMMARY.findall(text))
+
+
+# ------------------------------------------------------------------------------------- group robot
+
+
+async def test_group_robot_markdown_digest_with_user_mentions(
+    wecom: WeComReceiver, clock: ManualClock
+) -> None:
+    sink = await make_sink(clock, url=wecom.robot_url, at_user_ids="ops-lead", label="team-a")
+    try:
+        outs = await sink.send([occ(object_name="web-0"), occ(object_name="web-1", reason="Unhealthy")])
+    finally:
+        await sink.aclose()
+    assert kinds(outs) == [OutcomeKind.OK] * 2
+    (msg,) = wecom.accepted
+    assert msg.kind == "robot" and msg.msgtype == "markdown"
+    assert "<@ops-lead>" in msg.text and "team-a" in msg.text and "cluster prod" in msg.text
+    assert counted(msg.text) == 2
+    assert KEY not in sink.options.url and KEY not in repr(sink.options)
+
+
+async def test_group_robot_text_mentions_use_the_mention_lists(
+    wecom: WeComReceiver, clock: ManualClock
+) -> None:
+    sink = await make_sink(
+        clock, url=wecom.robot_url, msg_type="text", at_mobiles="13800000000", at_all_reasons="OOMKilling"
+    )
+    try:
+        await sink.send(
+            [occ(reason="OOMKilling", kind="Node", object_name="node-1", message='a "q" \\ b\nc')]
+        )
+    finally:
+        await sink.aclose()
+    (msg,) = wecom.accepted
+    assert msg.msgtype == "text"
+    assert msg.payload["text"]["mentioned_mobile_list"] == ["13800000000"]
+    assert msg.payload["text"]["mentioned_list"] == ["@all"]
+    assert 'a "q" \\ b' in msg.text and "**" not in msg.text
+
+
+async def test_invalid_webhook_key_is_rejected_with_93000_and_logged_once(
+    wecom: WeComReceiver, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = await make_sink(clock, url=wecom.url + "/cgi-bin/webhook/send?key=wrong-key")
+    caplog.set_level(logging.DEBUG)
+    try:
+        first = await sink.send([occ(object_name="a")])
+        clock.advance(10)
+        second = await sink.send([occ(object_name="b")])
+    finally:
+        await sink.aclose()
+    assert first is not None and second is not None
+    assert all(o.kind is OutcomeKind.REJECT and "93000" in o.reason for o in [*first, *second])
+    assert len([r for r in caplog.records if "93000" in r.getMessage()]) == 1
+    assert "wrong-key" not in caplog.text
+
+
+async def test_api_freq_out_of_limit_backs_off_then_delivers(
+    wecom: WeComReceiver, clock: ManualClock
+) -> None:
+    sink = await make_sink(clock, url=wecom.robot_url, throttle_backoff=20)
+    wecom.fail_next(1, errcode=45009, errmsg="api freq out of limit")
+    batch = [occ(object_name="a")]
+    try:
+        (out,) = await sink.send(batch) or []
+        assert out.kind is OutcomeKind.RETRY and "45009" in out.reason and out.retry_after == 20
+        clock.advance(20)
+        assert kinds(await sink.send(batch)) == [OutcomeKind.OK]
+    finally:
+        await sink.aclose()
+    assert wecom.errcodes("/cgi-bin/webhook/send") == [45009, 0]
+
+
+async def test_markdown_digest_fits_4096_bytes_and_summarises_the_rest(
+    wecom: WeComReceiver, clock: ManualClock
+) -> None:
+    sink = await make_sink(clock, url=wecom.robot_url, rate_per_minute=1)
+    batch = [occ(object_name=f"pod-{i}", reason="FailedMount", message="卷挂载失败 " * 20) for i in range(80)]
+    try:
+        outs = await sink.send(batch)
+    finally:
+        await sink.aclose()
+    assert kinds(outs) == [OutcomeKind.OK] * 80
+    (msg,) = wecom.accepted
+    assert len(msg.text.encode()) <= 4096
+    assert _SUMMARY.search(msg.text) and counted(msg.text) == 80
+
+
+async def test_flood_500_warnings_through_the_group_robot_respects_its_limit(
+    wecom: WeComReceiver, clock: ManualClock
+) -> None:
+    """The robot's 4096-byte markdown makes digests summarise more; still ≤ 20/min and none lost."""
+    reasons = ["BackOff", "Unhealthy", "FailedMount", "OOMKilling"]
+    arrivals: list[tuple[float, Occurrence]] = []
+    counts: Counter[tuple[int, str]] = Counter()
+    for i in range(500):
+        pod, reason = i % 25, reasons[(i // 25) % 4]
+        counts[(pod, reason)] += 1
+        arrivals.append(
+            (
+                i * 0.12,
+                occ(counts[(pod, reason)], uid=f"u-{pod}-{reason}", object_name=f"web-{pod}", reason=reason),
+            )
+        )
+    sink = await make_sink(clock, url=wecom.robot_url)
+    start = clock.now()
+    todo = list(arrivals)
+    retries: list[tuple[float, Occurrence]] = []
+    ok: Counter[str] = Counter()
+    try:
+        while (todo or retries) and clock.now() - start < 7200:
+            now = clock.now()
+            batch = [o for t, o in todo if start + t <= now] + [o for d, o in retries if d <= now]
+            todo = [(t, o) for t, o in todo if start + t > now]
+            retries = [(d, o) for d, o in retries if d > now]
+            if batch:
+                for o, out in zip(batch, await sink.send(batch) or [], strict=True):
+                    assert out.kind is not OutcomeKind.REJECT, out.reason
+                    if out.kind is OutcomeKind.OK:
+                        ok[o.key] += 1
+                    else:
+                        retries.append((clock.now() + max(out.retry_after or 1.0, 0.5), o))
+            clock.advance(1.0)
+    finally:
+        await sink.aclose()
+    assert set(ok) == {o.key for _, o in arrivals} and set(ok.values()) == {1}
+    assert 45009 not in wecom.errcodes()
+    times = sorted(m.at for m in wecom.accepted)
+    assert max(sum(1 for u in times if t <= u < t + 60) for t in times) <= 20
+    assert sum(counted(m.text) for m in wecom.accepted) == 500
+    assert all(len(m.text.encode()) <= 4096 for m in wecom.accepted)
+
+
+# ------------------------------------------------------------------------------------- application API
+
+
+async def test_application_api_fetches_a_token_once_and_sends_to_the_users(
+    wecom: WeComReceiver, clock: ManualClock
+) -> None:
+    sink = await make_sink(clock, **app_opts(wecom))
+    try:
+        assert wecom.gettoken_calls() == 1  # start() checked the credentials
+        assert kinds(await sink.send([occ(object_name="a")])) == [OutcomeKind.OK]
+        clock.advance(10)
+        assert kinds(await sink.send([occ(object_name="b")])) == [OutcomeKind.OK]
+    finally:
+        await sink.aclose()
+    assert wecom.gettoken_calls() == 1
+    first, second = wecom.accepted
+    assert second.kind == "app" and second.payload["agentid"] == wecom.agent_id
+    assert first.kind == "app" and first.msgtype == "text"  # kube-eventer's wechat sink sends text
+    assert first.payload["touser"] == "alice|bob" and first.payload["agentid"] == wecom.agent_id
+    assert "cluster prod" in first.text
+
+
+async def test_token_is_refreshed_before_it_expires(wecom: WeComReceiver, clock: ManualClock) -> None:
+    sink = await make_sink(clock, **app_opts(wecom))
+    try:
+        clock.advance(7200 - 200)  # within the refresh margin: fetched again (WeCom returns the same one)
+        assert kinds(await sink.send([occ(object_name="a")])) == [OutcomeKind.OK]
+        assert wecom.gettoken_calls() == 2 and len(wecom.tokens_issued) == 1
+        clock.advance(250)  # now it has ended: a new one is fetched before sending
+        assert kinds(await sink.send([occ(object_name="b")])) == [OutcomeKind.OK]
+    finally:
+        await sink.aclose()
+    assert len(wecom.tokens_issued) == 2
+    assert 42001 not in wecom.errcodes() and 40014 not in wecom.errcodes()
+
+
+async def test_expired_token_42001_is_refreshed_and_the_message_resent_once(
+    wecom: WeComReceiver, clock: ManualClock
+) -> None:
+    sink = await make_sink(clock, **app_opts(wecom))
+    try:
+        wecom.expire_tokens()  # the service ended it early (e.g. the secret was reset elsewhere)
+        assert kinds(await sink.send([occ()])) == [OutcomeKind.OK]
+    finally:
+        await sink.aclose()
+    assert wecom.errcodes("/cgi-bin/message/send") == [42001, 0]
+    assert wecom.gettoken_calls() == 2 and len(wecom.accepted) == 1
+
+
+async def test_invalid_access_token_40014_twice_is_retried_not_lost(
+    wecom: WeComReceiver, clock: ManualClock
+) -> None:
+    sink = await make_sink(clock, **app_opts(wecom))
+    wecom.fail_next(2, errcode=40014, errmsg="invalid access_token")
+    try:
+        (out,) = await sink.send([occ()]) or []
+        assert out.kind is OutcomeKind.RETRY
+        assert CORP_SECRET not in out.reason and all(t not in out.reason for t in wecom.tokens_issued)
+        clock.advance(5)
+        (again,) = await sink.send([occ(object_name="x")]) or []
+    finally:
+        await sink.aclose()
+    assert again.kind is OutcomeKind.OK and counted(wecom.accepted[0].text) == 2
+
+
+async def test_wrong_corp_secret_fails_at_start_without_the_secret(
+    wecom: WeComReceiver, clock: ManualClock
+) -> None:
+    ctx = SinkContext(name="wechat", cluster="prod", data_dir=None, logger=logging.getLogger("test.wecom"))
+    sink = WeComSink(WeComOptions.model_validate(app_opts(wecom, corp_secret="not-it")), ctx, clock=clock)
+    try:
+        with pytest.raises(SinkError, match="40001") as err:
+            await sink.start()
+    finally:
+        await sink.aclose()
+    assert "not-it" not in str(err.value)
+
+
+async def test_unknown_recipients_81013_are_rejected(wecom: WeComReceiver, clock: ManualClock) -> None:
+    sink = await make_sink(clock, **app_opts(wecom, to_user="mallory"))
+    try:
+        (out,) = await sink.send([occ()]) or []
+    finally:
+        await sink.aclose()
+    assert out.kind is OutcomeKind.REJECT and "81013" in out.reason
+
+
+# ------------------------------------------------------------------------------------- options
+
+
+def test_wecom_and_wechat_entry_points_load_the_same_sink() -> None:
+    eps = {ep.name: ep for ep in entry_points(group="eventrouter.sinks")}
+    assert eps["wecom"].load() is WeComSink and eps["wechat"].load() is WeComSink
+
+
+def test_kube_eventer_wechat_flag_is_accepted() -> None:
+    flag = (
+        f"wechat:?corp_id=ww123&corp_secret={CORP_SECRET}&agent_id=1000002&to_user=alice,bob"
+        "&label=prod-eu&level=Warning&namespaces=shop&kinds=Pod"
+    )
+    spec = spec_for_class(WeComSink, parse_sink_flag(flag), type_="wechat")
+    o = spec.options
+    assert isinstance(o, WeComOptions) and o.app
+    assert (
+        o.corp_id == "ww123"
+        and o.agent_id == 1000002
+        and o.to_user == ["alice", "bob"]
+        and o.label == ["prod-eu"]
+    )
+    assert (
+        spec.filter.level == "Warning" and spec.filter.namespaces == ["shop"] and spec.filter.kinds == ["Pod"]
+    )
+    assert CORP_SECRET not in repr(o)
+    assert not (field_names(WeComOptions) - {"url", "include_raw"}) & COMMON_KEYS
+
+
+def test_robot_and_application_modes_are_exclusive_and_complete() -> None:
+    with pytest.raises(ValueError, match="either key"):
+        WeComOptions.model_validate({"key": "k", "corp_id": "c", "corp_secret": "s", "agent_id": 1})
+    with pytest.raises(ValueError, match="needs agent_id"):
+        WeComOptions.model_validate({"corp_id": "c", "corp_secret": "s"})
+    with pytest.raises(ValueError, match="give key"):
+        WeComOptions.model_validate({})
+    with pytest.raises(ValueError, match="text or markdown"):
+        WeComOptions.model_validate({"key": "k", "msg_type": "actionCard"})
