@@ -357,7 +357,7 @@ async def test_label_sanitisation_and_escaping_with_the_recorded_chinese_quote_b
     assert all(not name.startswith("__") for name in labels)
     assert stored.line.startswith("time=2026-11-22T01:29:40Z ")
     assert stored.line.endswith(
-        'message="就绪探针失败：连接被拒绝 (readiness probe failed) ✓ \\"quoted\\" \\\\ back\\\\slash \\n second line"'  # noqa: RUF001 - recorded text
+        'message="就绪探针失败：连接被拒绝 (readiness probe failed) ✓ \\"quoted\\" \\\\ back\\\\slash \\n second line"'
     )
 
 
