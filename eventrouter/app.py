@@ -286,7 +286,8 @@ class Router:
         if not drained:
             for p in self.pipelines:
                 p.stop_now()
-            await asyncio.wait(self._pipeline_tasks, timeout=5)
+            # A send in progress gets a moment to finish; its outcome is unknown after that.
+            await asyncio.wait(self._pipeline_tasks, timeout=1)
             for t in self._pipeline_tasks:
                 t.cancel()
             await asyncio.gather(*self._pipeline_tasks, return_exceptions=True)

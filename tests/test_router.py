@@ -203,3 +203,23 @@ async def test_health_ready_and_metrics_endpoints(api: FakeApiServer, tmp_path: 
                         assert "no progress" in await r.text()
                         break
                 await asyncio.sleep(0.1)
+
+
+async def test_readiness_is_off_while_draining_and_undelivered_items_are_counted(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    settings = _settings(api, tmp_path, shutdown_timeout=0.5)
+    router = _router(settings)
+    await router.start_pipelines()
+    await router.start_source()
+    await _ready(router)
+    _mem(router).blocked = asyncio.Event()  # the destination hangs
+    for i in range(3):
+        api.create_event(event_object(object_name=f"d-{i}"))
+    await until(lambda: router.pipelines[0].depth == 3)
+    stopping = asyncio.create_task(router.stop())
+    await until(lambda: router.draining)
+    assert router.ready() == (False, "draining")
+    await stopping
+    # Without --data-dir the undelivered ones are counted (they come back from the API server on restart).
+    assert router.metrics.dropped.labels("mem", "shutdown")._value.get() == 3

@@ -364,11 +364,11 @@ class Pipeline:
                 except TimeoutError:
                     pass
                 if self._stop_now.is_set():
-                    return
+                    return  # `_in_flight` keeps what is left, for the spool or the drop count
         finally:
-            # Only reached with entries left on stop or cancellation: keep the blocked ones unrecorded.
+            # Entries left on stop or cancellation stay unrecorded while a lower one is pending.
             self._checkpoint(done, pending)
-            self._in_flight = []
+        self._in_flight = []
 
     def _release(self, occ: Occurrence) -> None:
         numbers = self._held.get(occ.uid)
