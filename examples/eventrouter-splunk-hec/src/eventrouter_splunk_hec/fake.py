@@ -1,0 +1,224 @@
+"""A loopback Splunk HTTP Event Collector for tests: it checks requests the way HEC does.
+
+    async with FakeHEC(tokens={"tok"}) as hec:
+        ... send to hec.url with token "tok" ...
+        await hec.wait_for(3)
+        hec.events[0]["event"]
+
+What it checks, answering HEC's JSON ``{"text": ..., "code": N}`` (codes from Splunk's
+documentation of the collector's status codes):
+
+- path ``/services/collector/event`` (also ``/event/1.0`` and ``/services/collector``) → else 404;
+  method POST → else 405; ``GET /services/collector/health`` → 200 code 17 "HEC is healthy";
+- ``Authorization``: missing → 401 code 2 "Token is required"; not ``Splunk <token>`` → 401 code 3
+  "Invalid authorization"; unknown token → 403 code 4 "Invalid token"; a token in
+  ``disabled_tokens`` → 403 code 1 "Token disabled";
+- body larger than ``max_content_length`` → 413;
+- empty body → 400 code 5 "No data";
+- the body is a sequence of JSON objects (whitespace between them allowed). For the first bad one,
+  number i: not UTF-8, not JSON or not an object, ``time`` not a number, ``fields`` not a flat
+  object of strings (or lists of strings) → 400 code 6 "Invalid data format"; no ``event`` → 400
+  code 12 "Event field is required"; ``event`` null or "" → 400 code 13 "Event field cannot be
+  blank"; ``index`` not in ``indexes`` (when given) → 400 code 7 "Incorrect index"; each with
+  ``"invalid-event-number": i``;
+- otherwise every event is stored in ``events`` → 200 code 0 "Success".
+
+A request with a bad event stores none of its events (the stricter of the behaviours a client can
+meet; the sink retries the others, so it loses nothing either way).
+
+Fault injection: ``fail_next(n, status, body=..., retry_after=...)`` answers the next ``n`` event
+requests that way, before any check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections import deque
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+__all__ = ["FakeHEC"]
+
+_EVENT_PATHS = ("/services/collector/event", "/services/collector/event/1.0", "/services/collector")
+
+
+@dataclass
+class _Fault:
+    status: int
+    body: dict[str, Any]
+    retry_after: str | None
+
+
+class _Invalid(Exception):
+    def __init__(self, text: str, code: int) -> None:
+        super().__init__(text)
+        self.text = text
+        self.code = code
+
+
+def _check_fields(value: object) -> bool:
+    if not isinstance(value, dict):
+        return False
+    for item in value.values():
+        if isinstance(item, str):
+            continue
+        if isinstance(item, list) and all(isinstance(x, str) for x in item):
+            continue
+        return False
+    return True
+
+
+def _check_time(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return True
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return False
+        return True
+    return False
+
+
+class FakeHEC:
+    def __init__(
+        self,
+        *,
+        tokens: set[str],
+        disabled_tokens: set[str] | None = None,
+        indexes: set[str] | None = None,
+        max_content_length: int = 1_000_000,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.tokens = tokens
+        self.disabled_tokens = disabled_tokens or set()
+        self.indexes = indexes
+        self.max_content_length = max_content_length
+        self.host = host
+        self.events: list[dict[str, Any]] = []
+        self.statuses: list[int] = []
+        """The status of every answered event request, in order."""
+        self._faults: deque[_Fault] = deque()
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def fail_next(
+        self, n: int, status: int, body: dict[str, Any] | None = None, *, retry_after: str | None = None
+    ) -> None:
+        for _ in range(n):
+            self._faults.append(_Fault(status, body or {"text": "Server is busy", "code": 9}, retry_after))
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until at least ``count`` events were stored."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: len(self.events) >= count)
+
+    # ---- server ---------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> FakeHEC:
+        app = web.Application(client_max_size=self.max_content_length * 4 + 1024)
+        app.router.add_get("/services/collector/health", self._health)
+        for path in _EVENT_PATHS:
+            app.router.add_route("*", path, self._collect)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((self.host, 0))
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock).start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"text": "HEC is healthy", "code": 17})
+
+    async def _answer(
+        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> web.Response:
+        self.statuses.append(status)
+        async with self._changed:
+            self._changed.notify_all()
+        return web.json_response(body, status=status, headers=headers)
+
+    async def _collect(self, request: web.Request) -> web.Response:
+        if request.method != "POST":
+            return web.json_response({"text": "Method not allowed", "code": 405}, status=405)
+        if self._faults:
+            fault = self._faults.popleft()
+            headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
+            return await self._answer(fault.status, fault.body, headers)
+        auth = request.headers.get("Authorization")
+        if not auth:
+            return await self._answer(401, {"text": "Token is required", "code": 2})
+        scheme, _, token = auth.partition(" ")
+        if scheme != "Splunk" or not token:
+            return await self._answer(401, {"text": "Invalid authorization", "code": 3})
+        if token in self.disabled_tokens:
+            return await self._answer(403, {"text": "Token disabled", "code": 1})
+        if token not in self.tokens:
+            return await self._answer(403, {"text": "Invalid token", "code": 4})
+        size = request.content_length
+        raw = await request.read()
+        if (size or len(raw)) > self.max_content_length:
+            text = f"Content-Length of {len(raw)} too large (maximum is {self.max_content_length})"
+            return await self._answer(413, {"text": text})
+        if not raw.strip():
+            return await self._answer(400, {"text": "No data", "code": 5})
+        events: list[dict[str, Any]] = []
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return await self._answer(
+                400, {"text": "Invalid data format", "code": 6, "invalid-event-number": 0}
+            )
+        decoder = json.JSONDecoder()
+        pos = 0
+        while True:
+            while pos < len(text) and text[pos].isspace():
+                pos += 1
+            if pos >= len(text):
+                break
+            number = len(events)
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+                events.append(self._validate(obj))
+            except (ValueError, _Invalid) as exc:
+                text_, code = (
+                    (exc.text, exc.code) if isinstance(exc, _Invalid) else ("Invalid data format", 6)
+                )
+                return await self._answer(400, {"text": text_, "code": code, "invalid-event-number": number})
+        self.events.extend(events)
+        return await self._answer(200, {"text": "Success", "code": 0})
+
+    def _validate(self, obj: Any) -> dict[str, Any]:
+        if not isinstance(obj, dict):
+            raise _Invalid("Invalid data format", 6)
+        if "time" in obj and not _check_time(obj["time"]):
+            raise _Invalid("Invalid data format", 6)
+        if "fields" in obj and not _check_fields(obj["fields"]):
+            raise _Invalid("Invalid data format", 6)
+        if "event" not in obj:
+            raise _Invalid("Event field is required", 12)
+        if obj["event"] is None or obj["event"] == "":
+            raise _Invalid("Event field cannot be blank", 13)
+        if self.indexes is not None and obj.get("index") not in self.indexes | {None}:
+            raise _Invalid("Incorrect index", 7)
+        return obj

@@ -1,0 +1,277 @@
+"""``splunk_hec`` sink: every occurrence as one event to a Splunk HTTP Event Collector.
+
+``--sink=splunk_hec:https://splunk:8088?token=env:HEC_TOKEN&index=k8s&sourcetype=kube:events``
+
+One request per batch to ``<url>/services/collector/event`` (unless the URL has a path already),
+``Authorization: Splunk <token>``, the body the batch's events concatenated, one JSON object a line::
+
+    {"time":1700000000.123,"host":"prod","source":"eventrouter","sourcetype":"kube:events",
+     "index":"k8s","fields":{"namespace":"default","kind":"Pod","reason":"BackOff","type":"Warning"},
+     "event":<the normalised record>}
+
+Outcomes (what Splunk answers → what the engine does):
+
+* 200 → every item OK.
+* 400 with ``invalid-event-number`` n → item n is rejected (dead-lettered with Splunk's text and
+  code); the other items are retried. Splunk may have indexed the events before n already, so they
+  can arrive twice — at-least-once, never lost. ``Incorrect index`` (code 7) rejects the whole batch.
+* 413 (body above HEC's ``max_content_length``) → the batch is split in halves and sent again; a
+  single event that is still too large is rejected.
+* 401/403 (token missing, invalid or disabled), 408, 429, 5xx (503 "Server is busy"), connection
+  errors and timeouts → retried, honouring ``Retry-After``.
+* any other answer → rejected with the status and a short excerpt.
+
+The token is a ``Secret``: give ``env:NAME`` or ``file:/path``; it never appears in logs or errors.
+"""
+
+from __future__ import annotations
+
+import math
+import ssl
+import time
+from collections.abc import Sequence
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import orjson
+from eventrouter import (
+    OK,
+    Occurrence,
+    Outcome,
+    Secret,
+    Sink,
+    SinkContext,
+    SinkError,
+    SinkOptions,
+    reject,
+    retry,
+)
+from pydantic import AliasChoices, Field, field_validator
+
+__all__ = ["DEFAULT_PATH", "SplunkHECOptions", "SplunkHECSink", "redact"]
+
+DEFAULT_PATH = "/services/collector/event"
+_EXCERPT = 200
+
+
+class SplunkHECOptions(SinkOptions):
+    """Options of the ``splunk_hec`` sink (every key also works as a YAML key)."""
+
+    url: str = Field(
+        description="HEC address, e.g. https://splunk:8088 (path default /services/collector/event)."
+    )
+    token: Secret = Field(
+        validation_alias=AliasChoices("token", "hec_token"),
+        description="HEC token (literal, env:NAME or file:/path); sent as 'Authorization: Splunk <token>'.",
+    )
+    index: str | None = Field(None, description="Target index (default: the token's default index).")
+    sourcetype: str = Field("kube:events", description="Splunk sourcetype of every event.")
+    source: str = Field("eventrouter", description="Splunk source of every event.")
+    host: str | None = Field(
+        None, description="Splunk host of every event (default: the record's cluster name, if any)."
+    )
+    indexed_fields: bool = Field(
+        True, description="Add namespace, kind, reason, type and cluster as HEC indexed `fields`."
+    )
+    timeout: float = Field(10.0, gt=0, description="Seconds one HTTP request may take.")
+    verify_tls: bool = Field(True, description="Verify the server certificate (https).")
+    ca_file: str | None = Field(None, description="PEM bundle to verify the server with (https).")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be the HEC address, e.g. https://splunk:8088")
+        if parts.username or parts.password:
+            raise ValueError("must not carry credentials; give the token as token=env:NAME")
+        return value
+
+
+def redact(url: str) -> str:
+    """Scheme, host, port and path only: the HEC URL never holds the token, but a query might."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: delta-seconds or an HTTP-date."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # HTTP-dates are GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _answer(body: bytes) -> tuple[str, int | None, int | None]:
+    """HEC's JSON answer → (text, code, invalid-event-number); a non-JSON body becomes an excerpt."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if isinstance(doc, dict):
+        text = str(doc.get("text", ""))[:_EXCERPT]
+        code = doc.get("code")
+        number = doc.get("invalid-event-number")
+        return (
+            text,
+            code if isinstance(code, int) else None,
+            number if isinstance(number, int) and not isinstance(number, bool) else None,
+        )
+    return body[:_EXCERPT].decode("utf-8", "replace"), None, None
+
+
+class SplunkHECSink(Sink[SplunkHECOptions]):
+    """Sends occurrences to a Splunk HTTP Event Collector."""
+
+    options_model = SplunkHECOptions
+    description = "Splunk HTTP Event Collector (example plugin)"
+
+    def __init__(self, options: SplunkHECOptions, context: SinkContext) -> None:
+        super().__init__(options, context)
+        parts = urlsplit(options.url)
+        path = parts.path if parts.path not in ("", "/") else DEFAULT_PATH
+        self.endpoint = urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+        self._where = redact(self.endpoint)
+        self._headers = {
+            "Authorization": f"Splunk {options.token.get_secret_value()}",
+            "Content-Type": "application/json",
+        }
+        self._session: aiohttp.ClientSession | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if not self.options.verify_tls:
+            return False
+        if self.options.ca_file:
+            return ssl.create_default_context(cafile=self.options.ca_file)
+        return True
+
+    async def start(self) -> None:
+        """Open the session and prove the token: an empty POST must get HEC's 400 "No data"."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl()),
+                timeout=aiohttp.ClientTimeout(total=self.options.timeout),
+            )
+        try:
+            async with self._session.post(self.endpoint, data=b"", headers=self._headers) as resp:
+                status, body = resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise SinkError(f"splunk_hec cannot reach {self._where}: {_describe(exc)}") from None
+        text, code, _ = _answer(body)
+        if status in (401, 403):
+            raise SinkError(
+                f"splunk_hec {self._where} refused the token: {text} (HTTP {status}, code {code})"
+            )
+        if status == 404:
+            raise SinkError(f"splunk_hec: no HTTP Event Collector at {self._where} (HTTP 404)")
+        if status >= 500:
+            raise SinkError(f"splunk_hec {self._where} is not ready: {text} (HTTP {status})")
+        self.log.info("splunk_hec %s accepts the token (HTTP %d %s)", self._where, status, text)
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    # ---- encoding -------------------------------------------------------------------------------
+
+    def encode(self, occ: Occurrence) -> bytes:
+        """One HEC event object: the envelope, then the record's shared JSON as ``event``."""
+        record = occ.record
+        envelope: dict[str, Any] = {
+            # Epoch seconds with milliseconds, as HEC documents; the record keeps full precision.
+            "time": round(occ.time_ns // 1_000_000 / 1000, 3),
+            "source": self.options.source,
+            "sourcetype": self.options.sourcetype,
+        }
+        host = self.options.host or record.get("cluster")
+        if host:
+            envelope["host"] = host
+        if self.options.index:
+            envelope["index"] = self.options.index
+        if self.options.indexed_fields:
+            involved = record.get("involved_object") or {}
+            fields = {
+                "cluster": record.get("cluster"),
+                "namespace": record.get("namespace"),
+                "kind": involved.get("kind"),
+                "reason": record.get("reason"),
+                "type": record.get("type"),
+            }
+            envelope["fields"] = {k: v for k, v in fields.items() if isinstance(v, str) and v}
+        head = orjson.dumps(envelope)
+        return head[:-1] + b',"event":' + occ.encode(include_raw=self.options.include_raw) + b"}\n"
+
+    # ---- sending --------------------------------------------------------------------------------
+
+    async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
+        outcomes: list[Outcome] = [OK] * len(batch)
+        bodies: dict[int, bytes] = {}
+        for i, occ in enumerate(batch):
+            try:
+                bodies[i] = self.encode(occ)
+            except (TypeError, ValueError) as exc:  # orjson: lone surrogates, non-str keys
+                outcomes[i] = reject(f"cannot encode occurrence {occ.key} as JSON: {exc}")
+        if bodies:
+            await self._post(list(bodies), bodies, outcomes)
+        return outcomes
+
+    async def _post(self, items: list[int], bodies: dict[int, bytes], outcomes: list[Outcome]) -> None:
+        """Send ``items`` in one request and set their outcomes (splitting on 413)."""
+        if self._session is None:
+            for i in items:
+                outcomes[i] = retry("splunk_hec sink is not started")
+            return
+        payload = b"".join(bodies[i] for i in items)
+        try:
+            async with self._session.post(self.endpoint, data=payload, headers=self._headers) as resp:
+                status, body = resp.status, await resp.read()
+                wait = _retry_after(resp.headers.get("Retry-After"))
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # Per item, not RetryableError: after a 413 split, earlier halves may be accepted already.
+            for i in items:
+                outcomes[i] = retry(f"cannot reach {self._where}: {_describe(exc)}")
+            return
+        if 200 <= status < 300:
+            return  # outcomes stay OK
+        text, code, bad = _answer(body)
+        what = f"HEC {status}: {text}" + (f" (code {code})" if code is not None else "")
+        if status == 413:
+            if len(items) > 1:
+                half = len(items) // 2
+                await self._post(items[:half], bodies, outcomes)
+                await self._post(items[half:], bodies, outcomes)
+            else:
+                outcomes[items[0]] = reject(f"event of {len(payload)} bytes is too large for HEC: {what}")
+            return
+        if status == 400 and bad is not None and 0 <= bad < len(items) and code != 7:
+            for n, i in enumerate(items):
+                outcomes[i] = reject(what) if n == bad else retry(f"sent again after another event: {what}")
+            return
+        if status in (401, 403, 408, 429) or status >= 500:
+            self.log.warning("splunk_hec %s: %s; will retry", self._where, what)
+            for i in items:
+                outcomes[i] = retry(what, retry_after=wait)
+            return
+        for i in items:
+            outcomes[i] = reject(what)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,189 @@
+"""The splunk_hec sink against FakeHEC on loopback, using eventrouter.testing's events and recording."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from email.utils import formatdate
+from typing import Any
+
+import pytest
+from eventrouter import OK, Occurrence, OutcomeKind, SinkContext, SinkError, normalise
+from eventrouter.plugins import discover
+from eventrouter.testing import make_occurrence, recorded_watch
+from pydantic import ValidationError
+
+from eventrouter_splunk_hec import SplunkHECOptions, SplunkHECSink
+from eventrouter_splunk_hec.fake import FakeHEC
+
+TOKEN = "11111111-2222-3333-4444-555555555555"
+LOG = logging.getLogger("test.splunk_hec")
+
+
+def context() -> SinkContext:
+    return SinkContext(name="splunk_hec", cluster="test", data_dir=None, logger=LOG)
+
+
+@asynccontextmanager
+async def hec_sink(**options: Any) -> AsyncIterator[SplunkHECSink]:
+    sink = SplunkHECSink(SplunkHECOptions.model_validate({"token": TOKEN, **options}), context())
+    try:
+        await sink.start()
+        yield sink
+    finally:
+        await sink.aclose()
+
+
+@pytest.fixture
+async def hec() -> AsyncIterator[FakeHEC]:
+    async with FakeHEC(tokens={TOKEN}) as server:
+        yield server
+
+
+def recorded() -> list[Occurrence]:
+    return [normalise(e["object"], cluster="rec") for e in recorded_watch() if e["type"] != "DELETED"]
+
+
+def test_the_entry_point_names_the_sink_class() -> None:
+    plugin = discover()["splunk_hec"]
+    assert plugin.distribution == "eventrouter-splunk-hec"
+    assert plugin.load() is SplunkHECSink
+
+
+def test_token_comes_from_the_environment_and_never_shows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEC_TOKEN", TOKEN)
+    options = SplunkHECOptions.model_validate({"url": "https://splunk:8088", "hec_token": "env:HEC_TOKEN"})
+    assert options.token.get_secret_value() == TOKEN
+    assert TOKEN not in repr(options) and TOKEN not in str(options.model_dump())
+    sink = SplunkHECSink(options, context())
+    assert sink.endpoint == "https://splunk:8088/services/collector/event"
+
+
+def test_options_refuse_a_missing_token_and_credentials_in_the_url() -> None:
+    with pytest.raises(ValidationError, match="token"):
+        SplunkHECOptions.model_validate({"url": "http://splunk:8088"})
+    with pytest.raises(ValidationError, match="must not carry credentials"):
+        SplunkHECOptions.model_validate({"url": "http://admin:hunter2@splunk:8088", "token": TOKEN})
+
+
+async def test_the_recording_is_indexed_with_time_host_sourcetype_and_fields(hec: FakeHEC) -> None:
+    occurrences = recorded()
+    assert len(occurrences) == 126
+    async with hec_sink(url=hec.url, index="k8s", sourcetype="kube:events") as sink:
+        outcomes = await sink.send(occurrences)
+    assert outcomes is not None and all(o is OK for o in outcomes)
+    assert len(hec.events) == 126
+    assert [(e["event"]["uid"], e["event"]["occurrence"]) for e in hec.events] == [
+        (o.uid, o.number) for o in occurrences
+    ]
+    first, occ = hec.events[0], occurrences[0]
+    assert first["time"] == pytest.approx(occ.time_ns / 1e9, abs=0.001)
+    assert first["host"] == "rec" and first["index"] == "k8s" and first["sourcetype"] == "kube:events"
+    assert first["event"] == occ.record
+    assert first["fields"]["namespace"] == occ.record["namespace"]
+    assert first["fields"]["reason"] == occ.record["reason"]
+
+
+async def test_a_wrong_token_fails_start_clearly_without_showing_it(hec: FakeHEC) -> None:
+    sink = SplunkHECSink(
+        SplunkHECOptions.model_validate({"url": hec.url, "token": "not-the-token"}), context()
+    )
+    try:
+        with pytest.raises(SinkError, match="refused the token: Invalid token") as err:
+            await sink.start()
+        assert "not-the-token" not in str(err.value)
+    finally:
+        await sink.aclose()
+        await sink.aclose()  # idempotent
+
+
+async def test_an_unreachable_collector_fails_start_and_retries_sends() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sink = SplunkHECSink(
+        SplunkHECOptions.model_validate({"url": f"http://127.0.0.1:{port}", "token": TOKEN}), context()
+    )
+    try:
+        with pytest.raises(SinkError, match="cannot reach"):
+            await sink.start()
+        outcomes = await sink.send([make_occurrence()])
+        assert outcomes is not None and outcomes[0].kind is OutcomeKind.RETRY
+        assert "cannot reach" in outcomes[0].reason
+    finally:
+        await sink.aclose()
+
+
+async def test_the_refused_event_is_rejected_and_the_others_retried(hec: FakeHEC) -> None:
+    batch = [make_occurrence(reason=f"R{i}") for i in range(3)]
+    async with hec_sink(url=hec.url) as sink:
+        hec.fail_next(1, 400, {"text": "Invalid data format", "code": 6, "invalid-event-number": 1})
+        outcomes = await sink.send(batch)
+        assert outcomes is not None
+        assert [o.kind for o in outcomes] == [OutcomeKind.RETRY, OutcomeKind.REJECT, OutcomeKind.RETRY]
+        assert outcomes[1].reason == "HEC 400: Invalid data format (code 6)"
+        again = await sink.send([batch[0], batch[2]])  # what the engine does with the retries
+    assert again is not None and all(o is OK for o in again)
+    assert [e["event"]["reason"] for e in hec.events] == ["R0", "R2"]
+
+
+async def test_an_index_the_token_may_not_use_rejects_the_batch() -> None:
+    async with FakeHEC(tokens={TOKEN}, indexes={"main"}) as hec, hec_sink(url=hec.url, index="k8s") as sink:
+        outcomes = await sink.send([make_occurrence(), make_occurrence()])
+    assert outcomes is not None
+    assert [o.reason for o in outcomes] == ["HEC 400: Incorrect index (code 7)"] * 2
+    assert all(o.kind is OutcomeKind.REJECT for o in outcomes) and hec.events == []
+
+
+async def test_a_busy_collector_is_retried_after_its_retry_after(hec: FakeHEC) -> None:
+    async with hec_sink(url=hec.url) as sink:
+        hec.fail_next(1, 503, retry_after="7")
+        outcomes = await sink.send([make_occurrence(), make_occurrence()])
+    assert outcomes is not None
+    assert all(o.kind is OutcomeKind.RETRY and o.retry_after == 7.0 for o in outcomes)
+    assert "Server is busy (code 9)" in outcomes[0].reason and hec.events == []
+
+
+async def test_a_rate_limited_request_honours_an_http_date_retry_after(hec: FakeHEC) -> None:
+    async with hec_sink(url=hec.url) as sink:
+        hec.fail_next(
+            1, 429, {"text": "Too many requests"}, retry_after=formatdate(time.time() + 30, usegmt=True)
+        )
+        outcomes = await sink.send([make_occurrence()])
+    assert outcomes is not None and outcomes[0].kind is OutcomeKind.RETRY
+    assert outcomes[0].retry_after is not None and 25 <= outcomes[0].retry_after <= 31
+
+
+async def test_a_body_over_max_content_length_is_split_and_a_lone_giant_rejected() -> None:
+    async with FakeHEC(tokens={TOKEN}, max_content_length=4000) as hec, hec_sink(url=hec.url) as sink:
+        small = [make_occurrence(message="x" * 900, reason=f"S{i}") for i in range(6)]  # ~6.5 kB together
+        giant = make_occurrence(message="y" * 5000, reason="GIANT")
+        outcomes = await sink.send([*small[:3], giant, *small[3:]])
+    assert outcomes is not None
+    kinds = [o.kind for o in outcomes]
+    assert kinds == [OutcomeKind.OK] * 3 + [OutcomeKind.REJECT] + [OutcomeKind.OK] * 3
+    assert "too large for HEC: HEC 413" in outcomes[3].reason
+    assert sorted(e["event"]["reason"] for e in hec.events) == [f"S{i}" for i in range(6)]
+    assert 413 in hec.statuses
+
+
+async def test_a_message_that_is_not_valid_unicode_is_rejected_alone(hec: FakeHEC) -> None:
+    bad = make_occurrence(message="broken \ud800 surrogate", reason="BAD")
+    good = make_occurrence(message="Grüße, 世界 🚀", reason="GOOD")
+    async with hec_sink(url=hec.url) as sink:
+        outcomes = await sink.send([bad, good])
+    assert outcomes is not None
+    assert outcomes[0].kind is OutcomeKind.REJECT and "cannot encode occurrence" in outcomes[0].reason
+    assert outcomes[1] is OK
+    assert [e["event"]["message"] for e in hec.events] == ["Grüße, 世界 🚀"]
+
+
+async def test_include_raw_sends_the_event_object_as_the_api_server_wrote_it(hec: FakeHEC) -> None:
+    occ = make_occurrence(reason="Raw")
+    async with hec_sink(url=hec.url, include_raw=True, indexed_fields=False) as sink:
+        await sink.send([occ])
+    (event,) = hec.events
+    assert event["event"]["raw"] == occ.raw and "fields" not in event
