@@ -86,7 +86,7 @@ def parse_sink_flag(flag: str) -> dict[str, Any]:
     """``TYPE:URL?k=v&k=v2`` → flat dict: ``url`` is the part before ``?``, every query key is an
     option (of the engine or of the sink, e.g. DingTalk's ``access_token``). Repeated keys become lists."""
     if ":" not in flag:
-        raise ConfigError(f"--sink {flag!r}: expected TYPE:URL?options, e.g. loki:http://loki:3100")
+        flag += ":"  # `--sink=stdout` needs no URL
     type_, rest = flag.split(":", 1)
     type_ = type_.strip()
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", type_):

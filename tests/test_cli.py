@@ -62,7 +62,8 @@ def test_specs_split_filter_pipeline_and_sink_options(tmp_path: Path) -> None:
         ("file:/tmp/x?level=Critical", "option 'level': Value error, level must be Normal or Warning"),
         ("file:/tmp/x?message=(unclosed", "invalid regular expression"),
         ("nosuch:http://x", "unknown sink type 'nosuch'"),
-        ("no-colon", "expected TYPE:URL?options"),
+        ("no-colon", "unknown sink type 'no-colon'"),
+        ("bad type:x", "invalid sink type 'bad type'"),
     ],
 )
 def test_bad_configuration_names_the_sink_and_option(flag: str, expected: str) -> None:

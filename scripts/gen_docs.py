@@ -1,0 +1,332 @@
+"""Generate the parts of docs/ that must not drift from the code.
+
+* ``docs/sinks.md`` — every built-in sink's options, from its pydantic ``options_model``, plus the
+  common filter and pipeline options and each sink's ``default_filter``.
+* the example in ``docs/record.md`` (between the ``GENERATED`` markers) — the normalised record of a
+  real recorded event, produced by ``eventrouter.record.normalise``.
+
+``python scripts/gen_docs.py`` rewrites them; ``python scripts/gen_docs.py --check`` exits 1 when they
+are stale (tests/test_docs.py runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import enum
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import AliasChoices, BaseModel, SecretStr
+from pydantic.fields import FieldInfo
+
+from eventrouter.options import FilterOptions, PipelineOptions
+from eventrouter.plugins import PluginError, discover
+from eventrouter.record import normalise, occurrence_number
+from eventrouter.testing import recorded_watch
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+REGEN = "python scripts/gen_docs.py"
+# Only the sinks this repository ships: a third-party plugin installed in the developer's environment
+# must not change the committed docs.
+BUILTIN_DISTRIBUTION = "eventrouter"
+
+RECORD_BEGIN = "<!-- BEGIN GENERATED: record-example (scripts/gen_docs.py) -->"
+RECORD_END = "<!-- END GENERATED: record-example -->"
+EXAMPLE_REASON = "FailedMount"
+EXAMPLE_CLUSTER = "prod"
+
+
+# ---- rendering option models ----------------------------------------------------------------------
+
+
+def _is_secret(annotation: Any) -> bool:
+    if annotation is SecretStr:
+        return True
+    return any(_is_secret(arg) for arg in typing.get_args(annotation))
+
+
+def type_name(annotation: Any) -> str:
+    """A short, stable name for a field type: ``Secret``, ``list[str]``, ``one of `a`, `b```."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is SecretStr:
+        return "Secret"
+    if origin is typing.Annotated:
+        return type_name(args[0])
+    if origin is typing.Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        # `X | None`: None is the "unset" default, shown in the default column.
+        names = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names)
+    if origin in (list, tuple, set, frozenset):
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]"
+    if origin is dict:
+        return f"dict[{', '.join(type_name(a) for a in args)}]"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, float):
+        return format(value, "g")
+    return str(value)
+
+
+def default_text(info: FieldInfo) -> str:
+    if info.is_required():
+        return "**required**"
+    if _is_secret(info.annotation):
+        return "—"  # never print a credential, not even a default one
+    value = info.get_default(call_default_factory=True)
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return f"`{value}`" if value else '`""`'
+    if isinstance(value, (list, tuple, set)):
+        return f"`{','.join(_scalar(v) for v in value)}`" if value else "`[]`"
+    if isinstance(value, dict):
+        return f"`{','.join(f'{k}={_scalar(v)}' for k, v in value.items())}`" if value else "`{}`"
+    return f"`{_scalar(value)}`"
+
+
+def aliases(name: str, info: FieldInfo) -> list[str]:
+    alias = info.validation_alias
+    found: list[str] = []
+    if isinstance(alias, str):
+        found.append(alias)
+    elif isinstance(alias, AliasChoices):
+        found.extend(choice for choice in alias.choices if isinstance(choice, str))
+    if info.alias:
+        found.append(info.alias)
+    return [a for a in dict.fromkeys(found) if a != name]
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def options_table(model: type[BaseModel]) -> list[str]:
+    lines = [
+        "| Option | Also accepted | Type | Default | Description |",
+        "|---|---|---|---|---|",
+    ]
+    for name, info in model.model_fields.items():
+        also = ", ".join(f"`{a}`" for a in aliases(name, info))
+        lines.append(
+            f"| `{name}` | {also} | {_cell(type_name(info.annotation))} | {_cell(default_text(info))} "
+            f"| {_cell(info.description or '')} |"
+        )
+    return lines
+
+
+# ---- docs/sinks.md --------------------------------------------------------------------------------
+
+_SINKS_INTRO = f"""\
+<!-- GENERATED by scripts/gen_docs.py from the sinks' option models. Do not edit: run `{REGEN}`. -->
+# Sink options
+
+Every sink is configured by one flat set of keys, the same on the command line and in YAML:
+
+```
+--sink=TYPE:URL?key=value&key2=a,b
+```
+
+```yaml
+sinks:
+  - type: TYPE
+    url: URL
+    key: value
+    key2: [a, b]
+```
+
+The part after `TYPE:` and before `?` becomes the option `url`; every query key is an option. List
+options accept `a,b` or a repeated key. `Secret` options accept a literal, `env:NAME` (an environment
+variable) or `file:/path` (a mounted Secret file) and are never printed; their defaults are not shown
+here. An unknown key is an error that names the sink and the key.
+
+Besides its own options below, every sink accepts the [filter options](#filter-options-every-sink) and
+the [pipeline options](#pipeline-options-every-sink); a sink's own options may not reuse those names.
+This page lists the sinks shipped with eventrouter; `eventrouter sinks` also lists installed
+third-party sinks.
+"""
+
+_FILTER_NOTES = """\
+Empty lists mean "no restriction". All given conditions must hold. `namespaces`, `kinds`, `reasons`,
+`components` and their `exclude_` forms match exact names, or shell-style globs (`kube-*`) when a
+value contains `*`, `?` or `[`. `components` matches the record's `reporting_component` or
+`source_component`. `message` and `exclude_message` are regular expressions searched anywhere in the
+message. `level=Warning` keeps Warning events only; `level=Normal` keeps all. `min_count` compares
+the occurrence number.
+"""
+
+_PIPELINE_NOTES = """\
+The engine runs one pipeline per sink: filter → bounded memory queue → batches → `send` with
+retries (exponential backoff with jitter, at least the destination's Retry-After) → checkpoint.
+A full memory queue drops its oldest occurrence (counted as `queue_full`) unless `--data-dir` is set
+(and `spool_max_bytes` is not 0), in which case occurrences spill to the disk spool; a full spool drops
+its oldest (`spool_full`).
+Rejected items and items out of retry attempts go to `<data-dir>/deadletter/<sink>.jsonl`.
+"""
+
+
+def render_sinks() -> str:
+    out = [_SINKS_INTRO]
+    plugins = {n: p for n, p in discover().items() if p.distribution == BUILTIN_DISTRIBUTION}
+    out.append("Sinks: " + " · ".join(f"[{name}](#{name})" for name in sorted(plugins)) + "\n")
+    documented: dict[str, str] = {}  # entry-point value → first sink name documenting it
+    for name in sorted(plugins):
+        plugin = plugins[name]
+        out.append(f"## {name}\n")
+        out.append(f'Entry point: `{name} = "{plugin.value}"`\n')
+        try:
+            cls = plugin.load()
+        except PluginError as exc:
+            out.append(f"**This sink failed to load**, so its options are not listed: {_cell(str(exc))}\n")
+            continue
+        description = cls.description or (cls.__doc__ or "").strip().split("\n")[0]
+        if description:
+            out.append(_cell(description) + "\n")
+        default_filter: dict[str, Any] = dict(getattr(cls, "default_filter", {}) or {})
+        if default_filter:
+            given = ", ".join(f"`{k}={_scalar(v)}`" for k, v in default_filter.items())
+            how = (
+                "Any of `level`, `type`, `types` given replaces a default on the event type "
+                "(`level=Normal` receives every event); other keys override the default of the same key."
+            )
+            out.append(f"Default filter: {given}. {how}\n")
+        if getattr(cls, "url_query_passthrough", False):
+            out.append(
+                "Query keys in `--sink=...?` that are neither options of this sink nor filter or pipeline "
+                "options stay in the URL (for endpoints that take their own query parameters).\n"
+            )
+        first = documented.get(plugin.value)
+        if first is not None:
+            out.append(f"Same sink class as [{first}](#{first}); the options are identical.\n")
+            continue
+        documented[plugin.value] = name
+        out.append("\n".join(options_table(cls.options_model)) + "\n")
+    out.append("## Filter options (every sink)\n")
+    out.append(_FILTER_NOTES)
+    out.append("\n".join(options_table(FilterOptions)) + "\n")
+    out.append("## Pipeline options (every sink)\n")
+    out.append(_PIPELINE_NOTES)
+    out.append("\n".join(options_table(PipelineOptions)) + "\n")
+    return "\n".join(out)
+
+
+# ---- the example in docs/record.md ----------------------------------------------------------------
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
+
+
+def render_record_example() -> str:
+    """The FailedMount series event from the recording: its watch events, the raw object, the record."""
+    stream = [w for w in recorded_watch() if w["object"].get("reason") == EXAMPLE_REASON]
+    if not stream:
+        raise SystemExit(f"gen_docs: no {EXAMPLE_REASON} event in the recorded watch stream")
+    uid = stream[0]["object"]["metadata"]["uid"]
+    stream = [w for w in stream if w["object"]["metadata"]["uid"] == uid]
+    rows = [
+        "| watch event | `series.count` | `series.lastObservedTime` | occurrence key | record `time` |",
+        "|---|---|---|---|---|",
+    ]
+    for w in stream:
+        obj = w["object"]
+        series = obj.get("series") or {}
+        occ = normalise(obj, cluster=EXAMPLE_CLUSTER)
+        rows.append(
+            f"| {w['type']} | {series.get('count', '—')} | {series.get('lastObservedTime', '—')} "
+            f"| `{obj['metadata']['uid']}/{occurrence_number(obj)}` | `{occ.record['time']}` |"
+        )
+    last = stream[-1]["object"]
+    shown = {**last, "metadata": {k: v for k, v in last["metadata"].items() if k != "managedFields"}}
+    record = normalise(last, cluster=EXAMPLE_CLUSTER).record
+    return "\n".join(
+        [
+            RECORD_BEGIN,
+            f"The `{EXAMPLE_REASON}` event below was recorded from a Kubernetes 1.24 API server "
+            "(`eventrouter.testing.recorded_watch()`). It was written through events.k8s.io, so "
+            "`count`, `firstTimestamp` and `lastTimestamp` are null and repeats raise `series.count`. "
+            "Each watch event that raises the number is one occurrence:",
+            "",
+            *rows,
+            "",
+            "The last object as the API server sent it (`metadata.managedFields` left out here):",
+            "",
+            "```json",
+            _json(shown),
+            "```",
+            "",
+            f'Its record (`normalise(obj, cluster="{EXAMPLE_CLUSTER}")`):',
+            "",
+            "```json",
+            _json(record),
+            "```",
+            RECORD_END,
+        ]
+    )
+
+
+def render_record_md(current: str) -> str:
+    start = current.find(RECORD_BEGIN)
+    end = current.find(RECORD_END)
+    if start == -1 or end == -1 or end < start:
+        raise SystemExit(f"gen_docs: docs/record.md lacks the markers {RECORD_BEGIN!r} … {RECORD_END!r}")
+    return current[:start] + render_record_example() + current[end + len(RECORD_END) :]
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+
+def expected(docs: Path) -> dict[Path, str]:
+    record = docs / "record.md"
+    current = record.read_text(encoding="utf-8") if record.exists() else ""
+    return {docs / "sinks.md": render_sinks(), record: render_record_md(current)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--check", action="store_true", help="exit 1 if the generated docs are stale")
+    parser.add_argument("--docs-dir", type=Path, default=DOCS, help="the docs folder (default: ./docs)")
+    args = parser.parse_args(argv)
+    stale: list[str] = []
+    for path, text in expected(args.docs_dir).items():
+        current = path.read_text(encoding="utf-8") if path.exists() else ""
+        if current == text:
+            continue
+        if args.check:
+            diff = list(
+                difflib.unified_diff(
+                    current.splitlines(),
+                    text.splitlines(),
+                    f"{path} (committed)",
+                    f"{path} (generated)",
+                    lineterm="",
+                )
+            )
+            stale.append(f"{path} is stale:\n" + "\n".join(diff[:40]) + ("\n..." if len(diff) > 40 else ""))
+        else:
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path}")
+    if stale:
+        print("\n\n".join(stale), file=sys.stderr)
+        print(f"\nThe generated docs are out of date: run `{REGEN}` and commit the result.", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
