@@ -23,11 +23,13 @@ from eventrouter.engine.checkpoint import (
     SinkCheckpoint,
     safe_name,
 )
+from eventrouter.engine.configmap_checkpoint import ConfigMapCheckpointStore
 from eventrouter.engine.deadletter import DeadLetter
 from eventrouter.engine.filter import compile_filter
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.engine.spool import Spool
 from eventrouter.fanout import Fanout
+from eventrouter.leader import LeaderElector
 from eventrouter.metrics import Metrics
 from eventrouter.record import MalformedEvent, Occurrence
 from eventrouter.sink import SinkContext
@@ -58,6 +60,19 @@ class RouterSettings:
     stall_timeout: float = 600.0
     """/healthz fails when no watch event, bookmark or list completed for this long."""
     watch: WatchSettings = field(default_factory=WatchSettings)
+    leader_elect: bool = False
+    """Only the holder of the Lease watches and delivers; the others stand by."""
+    leader_namespace: str = "default"
+    leader_name: str = "eventrouter"
+    leader_identity: str = ""
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+    checkpoint_configmap: str | None = None
+    """Keep checkpoints in this ConfigMap (namespace ``checkpoint_namespace``) instead of --data-dir."""
+    checkpoint_namespace: str = "default"
+    checkpoint_flush_interval: float = 1.0
+    """Seconds between ConfigMap writes: after a SIGKILL the new leader may re-deliver up to this much."""
 
 
 def _checkpoint_backend(settings: RouterSettings, name: str) -> CheckpointBackend:
@@ -92,6 +107,9 @@ class Router:
         self.draining = False
         self.stopped = asyncio.Event()
         self._stopping = False
+        self.elector: LeaderElector | None = None
+        self.checkpoint_store: ConfigMapCheckpointStore | None = None
+        self.exit_code = 0
 
     # ---- building -----------------------------------------------------------------------------
 
@@ -147,8 +165,65 @@ class Router:
         self._build()
         for p in self.pipelines:
             self._pipeline_tasks.append(self._guard(p.run(), f"pipeline:{p.name}"))
-        if self.settings.metrics_addr:
+        if self.settings.metrics_addr and self._http is None:
             await self._start_http(self.settings.metrics_addr)
+
+    async def run(self, kube: KubeClient | None = None) -> None:
+        """The ``run`` command's lifecycle: serve probes, elect a leader when asked, then build the
+        pipelines and watch; returns once ``stop()`` finished."""
+        s = self.settings
+        if s.metrics_addr and self._http is None:
+            await self._start_http(s.metrics_addr)
+        self.kube = kube or await connect(kubeconfig=s.kubeconfig, context=s.context)
+        if s.checkpoint_configmap:
+            store = ConfigMapCheckpointStore(
+                self.kube,
+                namespace=s.checkpoint_namespace,
+                name=s.checkpoint_configmap,
+                flush_interval=s.checkpoint_flush_interval,
+            )
+            self.checkpoint_store = store
+            self._backend_factory = store.backend
+        if s.leader_elect:
+            self.elector = LeaderElector(
+                self.kube,
+                namespace=s.leader_namespace,
+                name=s.leader_name,
+                identity=s.leader_identity,
+                lease_duration=s.lease_duration,
+                renew_deadline=s.renew_deadline,
+                retry_period=s.retry_period,
+                metrics=self.metrics,
+            )
+            log.info(
+                "standing by for the lease %s/%s as %s", s.leader_namespace, s.leader_name, s.leader_identity
+            )
+            self._tasks.append(self._guard(self.elector.run(self._lead, self._lost_lease), "leader-election"))
+        else:
+            await self._lead()
+        await self.stopped.wait()
+
+    async def _lead(self) -> None:
+        """Start delivering: load the shared checkpoint (the previous leader's latest), then pipelines
+        and the watch (a relist gives each sink what it has not accepted yet)."""
+        if self.checkpoint_store is not None:
+            await self.checkpoint_store.load()
+            self._tasks.append(self._guard(self.checkpoint_store.run(), "checkpoint-configmap"))
+        await self.start_pipelines()
+        await self.start_source(self.kube)
+        if self.elector is not None:
+            await asyncio.Event().wait()  # lead until the elector cancels this task
+
+    async def _lost_lease(self) -> None:
+        """Called before the lease can expire for the others: stop delivering at once and exit, so
+        the new leader alone delivers from the checkpoint (Kubernetes restarts us as a standby)."""
+        log.error("lost the lease: stopping delivery now; the new leader resumes from the checkpoint")
+        self.exit_code = 1
+        if self.elector is not None:
+            self.elector.stop()  # never lead again from this process: it exits and restarts as a standby
+        for p in self.pipelines:
+            p.stop_now()
+        self.request_stop()
 
     # ---- source -------------------------------------------------------------------------------
 
@@ -220,6 +295,8 @@ class Router:
     def ready(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining"
+        if self.elector is not None and not self.elector.is_leader:
+            return True, "standby: another replica holds the lease"
         waiting = [w.where for w in self.watchers if not w.initial_list_done.is_set()]
         if waiting:
             return False, "initial list not done: " + ", ".join(waiting)
@@ -322,6 +399,13 @@ class Router:
                 log.error("sink %s: cannot persist checkpoint: %s", p.name, exc)
             with contextlib.suppress(Exception):
                 await p.sink.aclose()
+        if self.checkpoint_store is not None:
+            try:
+                await self.checkpoint_store.flush()
+            except Exception as exc:
+                log.error("cannot persist the checkpoint ConfigMap: %s", exc)
+        if self.elector is not None:
+            await self.elector.release()
         if self.kube is not None:
             await self.kube.close()
         if self._http is not None:

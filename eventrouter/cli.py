@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -60,6 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--stall-timeout", type=float, default=600.0, help="/healthz fails after this long without progress"
     )
+    run.add_argument("--leader-elect", action="store_true", help="only the Lease holder watches and delivers")
+    run.add_argument("--leader-elect-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
+    run.add_argument("--leader-elect-name", default="eventrouter", help="Lease name")
+    run.add_argument("--leader-elect-lease-duration", type=float, default=15.0, help="seconds")
+    run.add_argument("--leader-elect-renew-deadline", type=float, default=10.0, help="seconds")
+    run.add_argument("--leader-elect-retry-period", type=float, default=2.0, help="seconds")
+    run.add_argument(
+        "--checkpoint-configmap",
+        help="keep checkpoints in this ConfigMap (namespace: $POD_NAMESPACE) instead of --data-dir",
+    )
     run.add_argument(
         "--demo",
         action="store_true",
@@ -102,6 +113,15 @@ def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
         metrics_addr=getattr(args, "metrics_addr", None),
         shutdown_timeout=getattr(args, "shutdown_timeout", 25.0),
         stall_timeout=getattr(args, "stall_timeout", 600.0),
+        leader_elect=getattr(args, "leader_elect", False),
+        leader_namespace=getattr(args, "leader_elect_namespace", "default"),
+        leader_name=getattr(args, "leader_elect_name", "eventrouter"),
+        leader_identity=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+        lease_duration=getattr(args, "leader_elect_lease_duration", 15.0),
+        renew_deadline=getattr(args, "leader_elect_renew_deadline", 10.0),
+        retry_period=getattr(args, "leader_elect_retry_period", 2.0),
+        checkpoint_configmap=getattr(args, "checkpoint_configmap", None),
+        checkpoint_namespace=os.environ.get("POD_NAMESPACE", "default"),
         watch=WatchSettings(
             field_selector=getattr(args, "field_selector", "") or cfg.field_selector,
             watch_timeout=getattr(args, "watch_timeout", 290),
@@ -125,12 +145,13 @@ async def _run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, router.request_stop)
-        await router.start_pipelines()
-        await router.start_source()
         if demo_api is not None:
             stack.push_async_callback(_cancel, asyncio.create_task(_demo_traffic(router, demo_api)))
-        await router.stopped.wait()
-    return 0
+        try:
+            await router.run()
+        except ValueError as exc:  # e.g. leader election durations out of order
+            raise ConfigError(str(exc)) from None
+    return router.exit_code
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

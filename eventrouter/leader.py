@@ -111,7 +111,7 @@ class LeaderElector:
         on_stopped_leading: Callable[[], Awaitable[None]],
     ) -> None:
         """Acquire, lead, and when the lease cannot be renewed stop leading and try again; until
-        ``release()`` is called or the task is cancelled. Cancelling cancels the ``on_started_leading``
+        ``stop()``/``release()`` is called or the task is cancelled. Cancelling cancels the ``on_started_leading``
         task too but does not call ``on_stopped_leading`` (shutdown is the caller's business; call
         ``release()`` once delivery has stopped). An exception from ``on_started_leading`` ends leadership
         (``on_stopped_leading``, lease released) and is raised from here."""
@@ -144,6 +144,13 @@ class LeaderElector:
             if failure is not None:
                 await self.release()
                 raise failure
+
+    def stop(self) -> None:
+        """Do not acquire again: ``run()`` returns once the current leadership ended (after
+        ``on_stopped_leading``) or at once when standing by. Call it from ``on_stopped_leading`` when the
+        process is going to exit rather than stand by again."""
+        self._stopping = True
+        self._wake.set()
 
     async def release(self) -> None:
         """Give the lease up at once (clean shutdown, after delivery stopped): ends a running ``run()``
@@ -192,6 +199,9 @@ class LeaderElector:
         except _REQUEST_ERRORS as exc:
             self._note_error(exc)
             return False
+        except Exception:  # e.g. a failing credential plugin: never let it skip on_stopped_leading
+            log.exception("leader election: %s: unexpected error", self._where())
+            return False
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -232,7 +242,10 @@ class LeaderElector:
             if await self.try_acquire_or_renew(timeout=self.renew_deadline):
                 self._set_leader(True)
                 log.info(
-                    "leader election: %s acquired, this replica (%s) leads", self._where(), self.identity
+                    "leader election: %s acquired, this replica (%s) leads (lease transitions: %s)",
+                    self._where(),
+                    self.identity,
+                    (self._observed or {}).get("leaseTransitions", 0),
                 )
                 return True
             # Jitter keeps standbys that started together from always colliding.

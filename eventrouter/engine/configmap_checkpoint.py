@@ -1,8 +1,9 @@
 """Checkpoints kept in one ConfigMap, for deployments without a volume.
 
 Every sink's state (event uid → highest occurrence number accepted) lives in memory; ``record`` and
-``remove`` only mark it dirty and ``run()`` writes the whole ConfigMap every ``flush_interval`` with
-optimistic concurrency. A crash loses at most the last interval, which is re-delivered, never lost.
+``remove`` only mark it dirty and ``run()`` writes the whole ConfigMap at most every ``flush_interval`` with
+optimistic concurrency. A crash loses at most the last interval, which is re-delivered, never lost;
+a smaller interval (0: write-through, one write at a time) narrows that window at failover.
 
 The API server refuses ConfigMaps above 1 MiB (keys plus values, binaryData counted decoded), so the
 state is packed (``binaryData["checkpoint"]``, zlib when that helps):
@@ -38,7 +39,14 @@ from eventrouter.engine.checkpoint import CheckpointBackend
 from eventrouter.protowire import varint
 from eventrouter.source.kube import ApiError, KubeClient, raise_for_status
 
-__all__ = ["CONFIGMAP_LIMIT", "ConfigMapCheckpointStore", "decode_state", "encode_state"]
+__all__ = [
+    "CONFIGMAP_LIMIT",
+    "CheckpointFormatError",
+    "ConfigMapCheckpointStore",
+    "configmap_size",
+    "decode_state",
+    "encode_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -254,12 +262,14 @@ class ConfigMapCheckpointStore:
         self._generation = 0
         self._flushed_generation = 0
         self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
         # Reported numbers.
         self.last_size = 0  # bytes the last written ConfigMap counted against the limit
         self.truncated = 0  # uids left out of the last write because they would not fit
         self.truncations = 0  # writes that had to leave uids out
         self.conflicts = 0  # 409 answers merged
         self.flushes = 0  # successful writes
+        self.rounds = 0  # run() write attempts
         self.errors = 0  # failed writes
 
     def __repr__(self) -> str:
@@ -298,11 +308,17 @@ class ConfigMapCheckpointStore:
         return _SinkBackend(self, sink)
 
     async def run(self) -> None:
-        """Write dirty state every ``flush_interval`` until cancelled; failures are retried."""
+        """Write changes until cancelled: at most one write per ``flush_interval`` (0: as soon as the
+        previous write finished, for the smallest re-delivery window at failover); failures are retried."""
         while True:
-            await asyncio.sleep(self.flush_interval)
-            if self.dirty:
-                await self.flush()
+            await self._changed.wait()
+            await asyncio.sleep(self.flush_interval)  # coalesce the acks of this interval into one write
+            self._changed.clear()
+            ok = await self.flush()
+            self.rounds += 1
+            if not ok:
+                self._changed.set()
+                await asyncio.sleep(max(self.flush_interval, 1.0))  # do not hammer a failing API server
 
     async def flush(self) -> bool:
         """Write the current state if it changed since the last write. True when persisted."""
@@ -311,25 +327,24 @@ class ConfigMapCheckpointStore:
                 if not self.dirty:
                     return True
                 try:
-                    await self._write_once()
-                    return True
-                except ApiError as exc:
-                    if exc.status == 409 and attempt < 4:
-                        self.conflicts += 1
-                        log.warning(
-                            "checkpoint ConfigMap %s/%s was changed by another writer; merging",
-                            self.namespace,
-                            self.name,
-                        )
-                        await self._merge_current()
-                        continue
-                    if exc.status == 404 and attempt < 4:  # deleted under us: create it again
-                        self._exists, self._resource_version = False, None
-                        continue
-                    self.errors += 1
-                    log.error("checkpoint ConfigMap %s/%s not written: %s", self.namespace, self.name, exc)
-                    return False
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    try:
+                        await self._write_once()
+                        return True
+                    except ApiError as exc:
+                        if exc.status == 409 and attempt < 4:
+                            self.conflicts += 1
+                            log.warning(
+                                "checkpoint ConfigMap %s/%s was changed by another writer; merging",
+                                self.namespace,
+                                self.name,
+                            )
+                            await self._merge_current()
+                            continue
+                        if exc.status == 404 and attempt < 4:  # deleted under us: create it again
+                            self._exists, self._resource_version = False, None
+                            continue
+                        raise
+                except (ApiError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
                     self.errors += 1
                     log.error("checkpoint ConfigMap %s/%s not written: %s", self.namespace, self.name, exc)
                     return False
@@ -339,6 +354,7 @@ class ConfigMapCheckpointStore:
 
     def _touch(self) -> None:
         self._generation += 1
+        self._changed.set()
 
     def _record(self, sink: str, acks: Mapping[str, int]) -> None:
         state = self._states.setdefault(sink, {})

@@ -1,0 +1,296 @@
+"""Checkpoints in a ConfigMap, through the test API server over real HTTP: round trip, 404 at start,
+merge after 409, the size for tens of thousands of events, and the explicit over-limit degradation."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from eventrouter.engine.checkpoint import SinkCheckpoint
+from eventrouter.engine.configmap_checkpoint import (
+    CONFIGMAP_LIMIT,
+    DATA_KEY,
+    CheckpointFormatError,
+    ConfigMapCheckpointStore,
+    configmap_size,
+    decode_state,
+    encode_state,
+)
+from eventrouter.source.kube import KubeClient, connect
+from eventrouter.testing.apiserver import FakeApiServer
+from eventrouter.testing.waiting import until
+
+NS, NAME = "monitoring", "eventrouter-checkpoint"
+TOKEN = "t0ken"
+# A ConfigMap near the 1 MiB limit is a ~1.4 MB JSON body (binaryData is base64): aiohttp then warns that
+# a large bytes body "might lock the event loop" (ResourceWarning, ignored outside tests). KubeClient.request
+# takes a JSON-serialisable body only, so the store cannot hand aiohttp a stream; see the report.
+LARGE_BODY = pytest.mark.filterwarnings("ignore:Sending a large body directly with raw bytes:ResourceWarning")
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeApiServer]:
+    async with FakeApiServer(token=TOKEN) as server:
+        yield server
+
+
+@pytest.fixture
+async def kube(api: FakeApiServer, tmp_path: Path) -> AsyncIterator[KubeClient]:
+    client = await connect(kubeconfig=api.kubeconfig(tmp_path / "kubeconfig"))
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def store_factory(kube: KubeClient) -> Callable[..., ConfigMapCheckpointStore]:
+    def make(**kwargs: Any) -> ConfigMapCheckpointStore:
+        return ConfigMapCheckpointStore(kube, namespace=NS, name=NAME, **kwargs)
+
+    return make
+
+
+def uids(n: int, seed: int = 1) -> list[str]:
+    """Event uids as the API server assigns them (random version-4 UUIDs)."""
+    rng = random.Random(seed)
+    return [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(n)]
+
+
+def stored(api: FakeApiServer) -> dict[str, Any]:
+    return api.get_object("configmaps", NS, NAME)
+
+
+def stored_states(api: FakeApiServer) -> dict[str, dict[str, int]]:
+    return decode_state(base64.b64decode(stored(api)["binaryData"][DATA_KEY]))[0]
+
+
+async def test_missing_configmap_at_start_is_empty_then_created(
+    api: FakeApiServer, store_factory: Callable[..., ConfigMapCheckpointStore]
+) -> None:
+    store = store_factory()
+    await store.load()  # 404
+    ckpt = SinkCheckpoint(store.backend("loki"))
+    assert ckpt.state == {}
+    assert await store.flush()  # nothing recorded yet: nothing to write
+    assert api.objects("configmaps") == []
+    ckpt.ack({"a": 1})
+    assert await store.flush()
+    cm = stored(api)
+    assert cm["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "eventrouter"}
+    assert orjson.loads(cm["data"]["summary"])["sinks"] == {"loki": 1}
+    assert stored_states(api) == {"loki": {"a": 1}}
+
+
+async def test_round_trip_of_several_sinks(
+    api: FakeApiServer, store_factory: Callable[..., ConfigMapCheckpointStore]
+) -> None:
+    ids = uids(300)
+    odd = ["not-a-uuid", "UPPER-CASE-" + ids[0], "ünïcode/uid", ""]  # stored as strings
+    store = store_factory()
+    await store.load()
+    loki, es, alerts = (SinkCheckpoint(store.backend(n)) for n in ("loki", "es:prod", "dingtalk/warnings"))
+    for i, uid in enumerate([*ids, *odd]):
+        loki.ack({uid: i % 7 + 1})
+        if i % 10:  # a lagging sink: one event in ten is behind
+            es.ack({uid: i % 7 + 1})
+        else:
+            es.ack({uid: 1})
+        if i % 3 == 0:  # a filtered sink holds only some events
+            alerts.ack({uid: 300_000 + i})  # multi-byte occurrence numbers
+    loki.forget([ids[5]])
+    es.prune(set(ids[100:]) | set(odd))  # the API server no longer holds the first hundred
+    assert await store.flush()
+
+    again = store_factory()
+    await again.load()
+    for name, ckpt in (("loki", loki), ("es:prod", es), ("dingtalk/warnings", alerts)):
+        assert SinkCheckpoint(again.backend(name)).state == ckpt.state
+    assert ids[5] not in SinkCheckpoint(again.backend("loki")).state
+    # Oldest first is kept (the order the degradation path drops by).
+    order = decode_state(base64.b64decode(stored(api)["binaryData"][DATA_KEY]))[1]
+    assert order[:3] == ids[:3] and order[-len(odd) :] == odd
+
+
+async def test_conflict_merges_by_max_per_uid(
+    api: FakeApiServer, store_factory: Callable[..., ConfigMapCheckpointStore]
+) -> None:
+    seed = store_factory()
+    await seed.load()
+    SinkCheckpoint(seed.backend("loki")).ack({"u1": 1, "u3": 1})
+    assert await seed.flush()
+
+    old_leader, new_leader = store_factory(), store_factory()
+    await old_leader.load()
+    await new_leader.load()
+    old = SinkCheckpoint(old_leader.backend("loki"))
+    new = SinkCheckpoint(new_leader.backend("loki"))
+    old.ack({"u1": 3, "u4": 1})  # the old leader delivered more before it stopped
+    assert await old_leader.flush()
+    new.ack({"u1": 2, "u2": 1})
+    new.forget(["u3"])  # the event was deleted: a merge must not bring it back
+    assert await new_leader.flush()  # 409 (stale resourceVersion) → re-read, merge, write
+    assert new_leader.conflicts == 1
+    assert stored_states(api) == {"loki": {"u1": 3, "u2": 1, "u4": 1}}
+    # The merged numbers stay when the pipeline later compacts with its own (lower) view.
+    new.prune({"u1", "u2", "u4"})
+    assert await new_leader.flush()
+    assert stored_states(api)["loki"]["u1"] == 3
+
+
+def _three_sinks(n: int, *, filtered: bool) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """Three sinks over ``n`` live events: occurrence numbers mostly 1, a few high; one sink lags by
+    200 events; with ``filtered`` the third sink keeps only a fifth of the events (Warnings)."""
+    rng = random.Random(n)
+    order = uids(n, seed=n)
+    counts = {uid: (rng.randint(2, 5000) if rng.random() < 0.1 else 1) for uid in order}
+    behind = set(order[-200:])
+    lagging = {uid: c for uid, c in counts.items() if uid not in behind}
+    third = {uid: c for uid, c in counts.items() if not filtered or rng.random() < 0.2}
+    return {"loki": dict(counts), "elasticsearch": lagging, "dingtalk": third}, order
+
+
+async def test_size_for_tens_of_thousands_of_events_across_three_sinks(
+    api: FakeApiServer, store_factory: Callable[..., ConfigMapCheckpointStore], caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO)
+    sizes: dict[tuple[int, bool], int] = {}
+    for n in (10_000, 30_000, 50_000):
+        for filtered in (False, True):
+            states, order = _three_sinks(n, filtered=filtered)
+            sizes[(n, filtered)] = len(encode_state(states, order))
+            assert decode_state(encode_state(states, order))[0] == states
+    logging.getLogger(__name__).info("ConfigMap checkpoint bytes (3 sinks): %s", sizes)
+    assert sizes[(30_000, True)] < CONFIGMAP_LIMIT // 2
+    assert sizes[(50_000, True)] < CONFIGMAP_LIMIT
+    # 30k events x 3 sinks end to end: written under the real limit, nothing left out, read back.
+    states, order = _three_sinks(30_000, filtered=True)
+    store = store_factory()
+    await store.load()
+    for name, state in states.items():
+        SinkCheckpoint(store.backend(name)).ack({uid: state[uid] for uid in order if uid in state})
+    assert await store.flush()
+    assert store.truncated == 0 and store.truncations == 0
+    assert configmap_size(stored(api)) == store.last_size < CONFIGMAP_LIMIT
+    again = store_factory()
+    await again.load()
+    assert {name: SinkCheckpoint(again.backend(name)).state for name in states} == states
+
+
+@LARGE_BODY
+async def test_over_the_limit_keeps_the_newest_and_counts_what_it_left_out(
+    api: FakeApiServer, store_factory: Callable[..., ConfigMapCheckpointStore], caplog: Any
+) -> None:
+    n = 70_000
+    order = uids(n, seed=7)
+    everything = {"loki": dict.fromkeys(order, 1), "elasticsearch": dict.fromkeys(order, 1)}
+    assert len(encode_state(everything, order)) > CONFIGMAP_LIMIT  # would be refused with 422
+    store = store_factory()
+    await store.load()
+    sinks = [SinkCheckpoint(store.backend(name)) for name in everything]
+    for start in range(0, n, 1000):  # acknowledged oldest first, in batches as pipelines do
+        for ckpt in sinks:
+            ckpt.ack(dict.fromkeys(order[start : start + 1000], 1))
+    with caplog.at_level(logging.ERROR):
+        assert await store.flush()
+    assert 0 < store.truncated < n // 5 and store.truncations == 1
+    assert any("do not fit" in r.getMessage() for r in caplog.records)
+    assert configmap_size(stored(api)) <= CONFIGMAP_LIMIT
+    kept = stored_states(api)
+    assert kept["loki"] == kept["elasticsearch"] == dict.fromkeys(order[store.truncated :], 1)
+    assert orjson.loads(stored(api)["data"]["summary"])["truncated"] == store.truncated
+    # Memory still has everything: only a restart would re-deliver the oldest, nothing is lost.
+    assert all(len(c.state) == n for c in sinks)
+
+
+@LARGE_BODY
+async def test_server_refuses_more_than_one_mebibyte_with_422(
+    api: FakeApiServer, store_factory: Callable[..., ConfigMapCheckpointStore], caplog: Any
+) -> None:
+    # A store told a wrong (larger) limit shows that the real limit is what the server enforces.
+    store = store_factory(limit=2 * CONFIGMAP_LIMIT)
+    await store.load()
+    SinkCheckpoint(store.backend("loki")).ack(dict.fromkeys(uids(70_000, seed=3), 1))
+    with caplog.at_level(logging.ERROR):
+        assert not await store.flush()
+    assert store.errors == 1 and store.dirty
+    assert any("must have at most 1048576 bytes" in r.getMessage() for r in caplog.records)
+    assert api.objects("configmaps") == []
+
+
+async def test_run_writes_changes_once_per_interval(
+    api: FakeApiServer, store_factory: Callable[..., ConfigMapCheckpointStore]
+) -> None:
+    store = store_factory(flush_interval=0.05)
+    await store.load()
+    ckpt = SinkCheckpoint(store.backend("loki"))
+    task = asyncio.create_task(store.run())
+    try:
+        ckpt.ack({"a": 1})
+        await until(lambda: bool(api.objects("configmaps")) and not store.dirty)
+        assert store.flushes == 1
+        for i in range(200):  # many acknowledged batches within one interval: one write
+            ckpt.ack({f"u{i}": 1})
+        ckpt.ack({"a": 2})
+        await until(lambda: not store.dirty)
+        assert store.flushes == 2
+        assert stored_states(api)["loki"] == {"a": 2, **{f"u{i}": 1 for i in range(200)}}
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def test_encoding_rejects_garbage() -> None:
+    for blob in (b"", b"\x07abc", b"\x00NOPE", b"\x01not zlib"):
+        with pytest.raises(CheckpointFormatError):
+            decode_state(blob)
+    # Raw encoding of one sink "s" announcing 5 uids that are not there.
+    with pytest.raises(CheckpointFormatError, match="truncated"):
+        decode_state(b"\x00ERCK\x01\x01\x01s\x05")
+
+
+async def test_unreadable_configmap_starts_empty(
+    api: FakeApiServer, store_factory: Callable[..., ConfigMapCheckpointStore]
+) -> None:
+    api.create_object(
+        "configmaps",
+        {
+            "metadata": {"name": NAME, "namespace": NS},
+            "binaryData": {DATA_KEY: base64.b64encode(b"\x01garbage").decode()},
+        },
+    )
+    store = store_factory()
+    await store.load()
+    assert SinkCheckpoint(store.backend("loki")).state == {}
+    SinkCheckpoint(store.backend("loki")).ack({"a": 1})
+    assert await store.flush()  # overwrites the unreadable one (with its resourceVersion)
+    assert stored_states(api) == {"loki": {"a": 1}}
+
+
+async def test_configmap_deleted_while_running_is_created_again(
+    api: FakeApiServer, store_factory: Callable[..., ConfigMapCheckpointStore]
+) -> None:
+    store = store_factory()
+    await store.load()
+    ckpt = SinkCheckpoint(store.backend("loki"))
+    ckpt.ack({"a": 1})
+    assert await store.flush()
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with (
+        aiohttp.ClientSession(api.url, headers=headers) as http,
+        http.delete(f"/api/v1/namespaces/{NS}/configmaps/{NAME}") as resp,
+    ):
+        assert resp.status == 200
+    ckpt.ack({"b": 1})
+    assert await store.flush()  # PUT answers 404: created again with everything
+    assert stored_states(api) == {"loki": {"a": 1, "b": 1}}

@@ -1,0 +1,269 @@
+"""Lease-based leader election against the test API server over real HTTP: one leader at a time, takeover
+after the leader stops renewing (and only after it stopped leading), 409 races, release on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from eventrouter.leader import LeaderElector
+from eventrouter.metrics import Metrics
+from eventrouter.source.kube import KubeClient, connect
+from eventrouter.testing.apiserver import FakeApiServer
+from eventrouter.testing.waiting import until
+
+NS, NAME = "kube-system", "eventrouter"
+LEASE = 1.0
+RENEW = 0.6
+RETRY = 0.1
+SLACK = 0.6  # scheduling and request latency allowance for timing bounds
+MICRO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+TOKENS = {"a": "token-a", "b": "token-b"}
+ADMIN = "token-admin"
+LEASE_PATH = f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/{NAME}"
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeApiServer]:
+    async with FakeApiServer(tokens=[*TOKENS.values(), ADMIN]) as server:
+        yield server
+
+
+class Replica:
+    """One elector with its own client (own token) and a monotonic record of its callbacks."""
+
+    def __init__(self, identity: str, kube: KubeClient, **durations: float) -> None:
+        self.identity = identity
+        self.kube = kube
+        self.metrics = Metrics()
+        self.elector = LeaderElector(
+            kube,
+            namespace=NS,
+            name=NAME,
+            identity=identity,
+            lease_duration=durations.get("lease_duration", LEASE),
+            renew_deadline=durations.get("renew_deadline", RENEW),
+            retry_period=durations.get("retry_period", RETRY),
+            metrics=self.metrics,
+        )
+        self.log: list[tuple[str, float]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def started(self) -> None:
+        self.log.append(("started", time.monotonic()))
+
+    async def stopped(self) -> None:
+        self.log.append(("stopped", time.monotonic()))
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.elector.run(self.started, self.stopped))
+
+    def when(self, what: str) -> list[float]:
+        return [t for kind, t in self.log if kind == what]
+
+    def gauge(self) -> float | None:
+        return self.metrics.registry.get_sample_value("eventrouter_leader")
+
+    async def stop(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        await self.kube.close()
+
+
+@pytest.fixture
+async def replicas(api: FakeApiServer, tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Replica]]]:
+    made: list[Replica] = []
+
+    async def make(identity: str, **durations: float) -> Replica:
+        path = api.kubeconfig(tmp_path / f"{identity}.kubeconfig", token=TOKENS[identity])
+        replica = Replica(identity, await connect(kubeconfig=path), **durations)
+        made.append(replica)
+        return replica
+
+    yield make
+    for r in made:
+        await r.stop()
+
+
+async def admin_put(api: FakeApiServer, body: dict[str, Any]) -> int:
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    async with (
+        aiohttp.ClientSession(api.url, headers=headers) as http,
+        http.put(LEASE_PATH, json=body) as resp,
+    ):
+        return resp.status
+
+
+def lease_spec(api: FakeApiServer) -> dict[str, Any]:
+    spec: dict[str, Any] = api.get_object("leases", NS, NAME)["spec"]
+    return spec
+
+
+async def test_two_electors_exactly_one_leader(
+    api: FakeApiServer, replicas: Callable[..., Awaitable[Replica]]
+) -> None:
+    a, b = await replicas("a"), await replicas("b")
+    a.start()
+    b.start()
+    await until(lambda: a.elector.is_leader or b.elector.is_leader)
+    leader, standby = (a, b) if a.elector.is_leader else (b, a)
+    renewals = api.count_requests(path=LEASE_PATH, method="PUT")
+    both = 0
+    # Several renewal rounds (and more than a lease duration), checking at every step.
+    deadline = time.monotonic() + LEASE * 1.5
+    while time.monotonic() < deadline or api.count_requests(path=LEASE_PATH, method="PUT") < renewals + 10:
+        both += a.elector.is_leader and b.elector.is_leader
+        assert leader.elector.is_leader
+        await asyncio.sleep(0.01)
+    assert both == 0
+    assert len(leader.when("started")) == 1 and leader.when("stopped") == []
+    assert standby.log == []
+    assert (leader.gauge(), standby.gauge()) == (1.0, 0.0)
+    spec = lease_spec(api)
+    assert spec["holderIdentity"] == leader.identity
+    assert spec["leaseDurationSeconds"] == 1
+    assert spec["leaseTransitions"] == 0  # created by the leader: no transition yet
+    assert MICRO_TIME.fullmatch(spec["renewTime"]) and MICRO_TIME.fullmatch(spec["acquireTime"])
+    assert spec["renewTime"] > spec["acquireTime"]
+
+
+async def test_standby_takes_over_only_after_the_leader_stopped(
+    api: FakeApiServer, replicas: Callable[..., Awaitable[Replica]]
+) -> None:
+    a = await replicas("a")
+    a.start()
+    await until(lambda: a.elector.is_leader)
+    b = await replicas("b")
+    b.start()
+    await until(lambda: b.elector._observed_holder == "a")  # the standby sees the lease held
+    # The leader can no longer write: its token is refused from now on (RBAC revoked).
+    api.forbid(TOKENS["a"], "system:serviceaccount:kube-system:eventrouter-a")
+    revoked = time.monotonic()
+    await until(lambda: b.when("started"), timeout=LEASE + RENEW + 5)
+    taken = b.when("started")[0]
+    stopped = a.when("stopped")
+    assert len(stopped) == 1 and not a.elector.is_leader
+    # The old leader stopped delivering before the new one started, within its renew deadline.
+    assert stopped[0] < taken
+    assert stopped[0] - revoked <= RENEW + SLACK
+    # Takeover within the lease duration (+ a retry period to see the last renewal, + one to act on
+    # expiry; retries have up to 20 % jitter), plus request latency on a shared 2-CPU machine.
+    assert taken - revoked <= LEASE + 2 * RETRY * 1.2 + SLACK
+    assert taken - revoked >= LEASE - RETRY  # not before the lease could expire for b
+    spec = lease_spec(api)
+    assert spec["holderIdentity"] == "b" and spec["leaseTransitions"] == 1
+    assert (a.gauge(), b.gauge()) == (0.0, 1.0)
+
+
+async def test_leader_steps_down_at_once_when_another_writer_holds_the_lease(
+    api: FakeApiServer, replicas: Callable[..., Awaitable[Replica]]
+) -> None:
+    a = await replicas("a", lease_duration=5.0, renew_deadline=3.0, retry_period=0.1)
+    a.start()
+    await until(lambda: a.elector.is_leader)
+    current = api.get_object("leases", NS, NAME)
+    current["spec"] = {**current["spec"], "holderIdentity": "intruder", "leaseDurationSeconds": 30}
+    assert await admin_put(api, current) == 200
+    changed = time.monotonic()
+    await until(lambda: a.when("stopped"), timeout=5)
+    # At its next renewal attempt, not when its 3 s renew deadline runs out.
+    assert a.when("stopped")[0] - changed < 1.0
+    assert not a.elector.is_leader and a.gauge() == 0.0
+    assert lease_spec(api)["holderIdentity"] == "intruder"
+
+
+async def test_simultaneous_takeover_one_wins_the_other_gets_409(
+    api: FakeApiServer, replicas: Callable[..., Awaitable[Replica]]
+) -> None:
+    api.create_object(
+        "leases",
+        {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": NAME, "namespace": NS},
+            "spec": {"holderIdentity": "gone", "leaseDurationSeconds": 1, "leaseTransitions": 3},
+        },
+    )
+    a, b = await replicas("a"), await replicas("b")
+    assert await a.elector.try_acquire_or_renew() is False  # held, just observed: wait for expiry
+    assert await b.elector.try_acquire_or_renew() is False
+    observed = time.monotonic()
+    await until(lambda: time.monotonic() > observed + 1.0, timeout=3)
+    results = await asyncio.gather(a.elector.try_acquire_or_renew(), b.elector.try_acquire_or_renew())
+    assert sorted(results) == [False, True]
+    winner, loser = (a, b) if results[0] else (b, a)
+    assert loser.elector.conflicts == 1 and winner.elector.conflicts == 0
+    spec = lease_spec(api)
+    assert spec["holderIdentity"] == winner.identity and spec["leaseTransitions"] == 4
+
+
+async def test_release_hands_over_at_once(
+    api: FakeApiServer, replicas: Callable[..., Awaitable[Replica]]
+) -> None:
+    durations = {"lease_duration": 10.0, "renew_deadline": 6.0, "retry_period": 0.1}
+    a = await replicas("a", **durations)
+    a.start()
+    await until(lambda: a.elector.is_leader)
+    b = await replicas("b", **durations)
+    b.start()
+    await until(lambda: b.elector._observed_holder == "a")
+    released = time.monotonic()
+    await a.elector.release()
+    assert a.task is not None and a.task.done()  # release() ended a's election loop
+    assert not a.elector.is_leader and a.gauge() == 0.0
+    await until(lambda: b.when("started"), timeout=3)
+    assert b.when("started")[0] - released < 1.0  # far below the 10 s lease duration
+    spec = lease_spec(api)
+    assert spec["holderIdentity"] == "b" and spec["leaseTransitions"] == 1
+    assert a.when("stopped") == []  # shutdown path: the caller stopped delivery itself
+
+
+async def test_renew_deadline_must_be_shorter_than_the_lease(
+    replicas: Callable[..., Awaitable[Replica]],
+) -> None:
+    kube = (await replicas("a")).kube
+    with pytest.raises(ValueError, match=r"renew deadline .* must be shorter than the lease duration"):
+        LeaderElector(kube, namespace=NS, name=NAME, identity="x", lease_duration=10, renew_deadline=10)
+    with pytest.raises(ValueError, match=r"retry period .* must be shorter than the renew deadline"):
+        LeaderElector(kube, namespace=NS, name=NAME, identity="x", renew_deadline=2, retry_period=2)
+
+
+async def test_failing_leader_work_steps_down_releases_and_raises(
+    api: FakeApiServer, replicas: Callable[..., Awaitable[Replica]]
+) -> None:
+    a = await replicas("a")
+
+    async def broken() -> None:
+        raise RuntimeError("cannot start the source")
+
+    with pytest.raises(RuntimeError, match="cannot start the source"):
+        await a.elector.run(broken, a.stopped)
+    assert len(a.when("stopped")) == 1 and not a.elector.is_leader
+    assert lease_spec(api)["holderIdentity"] == ""  # released: a standby need not wait for expiry
+
+
+async def test_stop_from_on_stopped_leading_ends_the_election_loop(
+    api: FakeApiServer, replicas: Callable[..., Awaitable[Replica]]
+) -> None:
+    a = await replicas("a")
+
+    async def stopped() -> None:
+        await a.stopped()
+        a.elector.stop()  # the process exits instead of standing by again
+
+    a.task = asyncio.create_task(a.elector.run(a.started, stopped))
+    await until(lambda: a.when("started"))
+    api.forbid(TOKENS["a"])
+    await until(lambda: a.task is not None and a.task.done(), timeout=LEASE + SLACK)
+    assert a.task.result() is None
+    assert len(a.when("started")) == len(a.when("stopped")) == 1 and not a.elector.is_leader
