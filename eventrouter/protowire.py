@@ -10,9 +10,11 @@ import struct
 from collections.abc import Iterator
 
 __all__ = [
+    "DecodeError",
     "bytes_field",
     "decode_fields",
     "fixed32_field",
+    "read_varint",
     "varint",
     "varint_field",
 ]
@@ -55,7 +57,8 @@ class DecodeError(ValueError):
     pass
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """Decode one varint at ``pos``; returns (value, next position). Raises DecodeError."""
     result = 0
     shift = 0
     while True:
@@ -75,15 +78,15 @@ def decode_fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
     """Yield (field number, wire type, value) for every field of one message."""
     pos = 0
     while pos < len(data):
-        key, pos = _read_varint(data, pos)
+        key, pos = read_varint(data, pos)
         number, wire = key >> 3, key & 7
         if number == 0:
             raise DecodeError("field number 0")
         value: int | bytes
         if wire == WIRE_VARINT:
-            value, pos = _read_varint(data, pos)
+            value, pos = read_varint(data, pos)
         elif wire == WIRE_LEN:
-            length, pos = _read_varint(data, pos)
+            length, pos = read_varint(data, pos)
             if pos + length > len(data):
                 raise DecodeError("truncated length-delimited field")
             value = data[pos : pos + length]

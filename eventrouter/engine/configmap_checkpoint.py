@@ -36,7 +36,7 @@ import aiohttp
 import orjson
 
 from eventrouter.engine.checkpoint import CheckpointBackend
-from eventrouter.protowire import varint
+from eventrouter.protowire import DecodeError, read_varint, varint
 from eventrouter.source.kube import ApiError, KubeClient, raise_for_status
 
 __all__ = [
@@ -119,18 +119,10 @@ def encode_state(states: Mapping[str, Mapping[str, int]], order: Sequence[str]) 
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data):
-            raise CheckpointFormatError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise CheckpointFormatError("varint too long")
+    try:
+        return read_varint(data, pos)
+    except DecodeError as exc:
+        raise CheckpointFormatError(str(exc)) from None
 
 
 def decode_state(blob: bytes) -> tuple[dict[str, dict[str, int]], list[str]]:

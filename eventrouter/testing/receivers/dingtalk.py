@@ -33,7 +33,6 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -43,6 +42,8 @@ from urllib.parse import unquote_plus
 
 import orjson
 from aiohttp import web
+
+from eventrouter.testing.receivers._server import LoopbackServer
 
 __all__ = ["DingTalkMessage", "DingTalkReceiver", "DingTalkRequest"]
 
@@ -114,7 +115,7 @@ class _Robot:
     throttled_until: float = 0.0
 
 
-class DingTalkReceiver:
+class DingTalkReceiver(LoopbackServer):
     def __init__(
         self,
         *,
@@ -136,14 +137,13 @@ class DingTalkReceiver:
         self.throttle_seconds = throttle_seconds
         self.clock = clock
         self.wall = wall
+        super().__init__()
         self.host = host
-        self.port = 0
         self.accepted: list[DingTalkMessage] = []
         self.requests: list[DingTalkRequest] = []
         self._robot = _Robot()
         self._faults: deque[_Fault] = deque()
         self._changed = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
 
     @property
     def base_url(self) -> str:
@@ -172,23 +172,6 @@ class DingTalkReceiver:
         """Until at least ``count`` messages were accepted."""
         async with asyncio.timeout(within), self._changed:
             await self._changed.wait_for(lambda: len(self.accepted) >= count)
-
-    async def __aenter__(self) -> DingTalkReceiver:
-        app = web.Application(client_max_size=4 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, 0))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
 
     # ------------------------------------------------------------------ handling
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -44,6 +43,8 @@ from typing import Any, Literal
 
 import orjson
 from aiohttp import web
+
+from eventrouter.testing.receivers._server import LoopbackServer
 
 __all__ = ["WeComMessage", "WeComReceiver", "WeComRequest"]
 
@@ -92,7 +93,7 @@ class _Rate:
     sent: deque[float] = field(default_factory=deque)
 
 
-class WeComReceiver:
+class WeComReceiver(LoopbackServer):
     def __init__(
         self,
         *,
@@ -116,8 +117,8 @@ class WeComReceiver:
         self.rate_per_minute = rate_per_minute
         self.app_rate_per_minute = app_rate_per_minute
         self.clock = clock
+        super().__init__()
         self.host = host
-        self.port = 0
         self.accepted: list[WeComMessage] = []
         self.requests: list[WeComRequest] = []
         self.tokens_issued: list[str] = []
@@ -126,7 +127,6 @@ class WeComReceiver:
         self._rates: dict[str, _Rate] = {}
         self._faults: deque[_Fault] = deque()
         self._changed = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
@@ -161,23 +161,6 @@ class WeComReceiver:
     async def wait_for(self, count: int, within: float = 10.0) -> None:
         async with asyncio.timeout(within), self._changed:
             await self._changed.wait_for(lambda: len(self.accepted) >= count)
-
-    async def __aenter__(self) -> WeComReceiver:
-        app = web.Application(client_max_size=4 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, 0))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
 
     # ------------------------------------------------------------------ handling
 
