@@ -223,3 +223,53 @@ async def test_readiness_is_off_while_draining_and_undelivered_items_are_counted
     await stopping
     # Without --data-dir the undelivered ones are counted (they come back from the API server on restart).
     assert router.metrics.dropped.labels("mem", "shutdown")._value.get() == 3
+
+
+async def test_chosen_namespaces_are_listed_and_watched_alone(api: FakeApiServer, tmp_path: Path) -> None:
+    router = _router(_settings(api, tmp_path, namespaces=["shop", "payments"]))
+    async with router.running():
+        await _ready(router)
+        for ns in ("shop", "payments", "default", "kube-system"):
+            api.create_event(event_object(namespace=ns, object_name=f"{ns}-pod"))
+        await _mem(router).wait_for(2)
+        await asyncio.sleep(0.3)  # other namespaces would have arrived by now
+    assert sorted(o.record["namespace"] for o in _mem(router).received) == ["payments", "shop"]
+    paths = {r.path for r in api.requests if r.method == "GET"}
+    assert {"/api/v1/namespaces/shop/events", "/api/v1/namespaces/payments/events"} <= paths
+    assert "/api/v1/events" not in paths
+
+
+async def test_server_side_timeouts_and_errors_reconnect_without_loss_or_duplicates(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    router = _router(_settings(api, tmp_path, watch_timeout=1))
+    async with router.running():
+        await _ready(router)
+        for i in range(5):
+            api.create_event(event_object(object_name=f"t-{i}"))
+        # The server ends each watch after 1 s; then three answers fail with 500 before it recovers.
+        await until(lambda: router.metrics.watch_restarts.labels("timeout")._value.get() >= 1)
+        api.faults.fail_next(500, count=3)
+        api.disconnect_watches()
+        for i in range(5):
+            api.create_event(event_object(object_name=f"u-{i}"))
+        await _mem(router).wait_for(10)
+        await until(lambda: router.metrics.watch_restarts.labels("http_500")._value.get() >= 1)
+    got = collections.Counter(_mem(router).keys)
+    assert _expected(api) <= set(got) and all(n == 1 for n in got.values())
+
+
+def test_json_logs_are_structured(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from eventrouter.logs import setup_logging
+
+    setup_logging("info", "json")
+    try:
+        logging.getLogger("eventrouter.test").warning(
+            "sink %s rejected %d", "loki", 3, extra={"sink": "loki"}
+        )
+    finally:
+        setup_logging("warning", "text")
+    doc = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert doc["level"] == "warning" and doc["msg"] == "sink loki rejected 3" and doc["sink"] == "loki"
