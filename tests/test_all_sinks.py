@@ -82,7 +82,7 @@ async def test_recorded_traffic_reaches_every_sink_once(osmem_clone: Any, tmp_pa
             ["loki", "kafka", "elasticsearch", "sls", "webhook", "file"], OCCURRENCES
         )
 
-        def unique(keys: list[tuple[str, int]]) -> int:
+        def unique(keys: list[tuple[Any, Any]]) -> int:
             assert len(keys) == len(set(keys)), "delivered twice"
             return len(keys)
 
