@@ -4,5 +4,7 @@ set -euo pipefail
 ruff check .
 ruff format --check eventrouter sinks tests
 mypy
+mypy tests --exclude tests/reliability
+mypy tests/reliability
 lint-imports
 pytest -q -p no:cacheprovider "$@"

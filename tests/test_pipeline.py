@@ -27,7 +27,7 @@ from eventrouter.testing.waiting import until
 
 def _sink(name: str = "mem") -> MemorySink:
     ctx = SinkContext(name=name, cluster="t", data_dir=None, logger=logging.getLogger(name))
-    return MemorySink(MemorySinkOptions(), ctx)
+    return MemorySink(MemorySinkOptions.model_validate({}), ctx)
 
 
 def _pipeline(

@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -35,11 +36,11 @@ class RouterProcess:
         self.data = tmp / "data"
         self.proc: asyncio.subprocess.Process | None = None
         self.log = tmp / "router.log"
-        self._log_fh: object = None
+        self._log_fh: IO[bytes] | None = None
 
     def close(self) -> None:
         if self._log_fh is not None:
-            self._log_fh.close()  # type: ignore[attr-defined]
+            self._log_fh.close()
 
     async def start(self) -> None:
         sink = f"file:{self.out}?batch_max_events={BATCH}&batch_max_wait=0.05"

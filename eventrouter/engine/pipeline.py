@@ -14,6 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from eventrouter.engine.checkpoint import SinkCheckpoint
 from eventrouter.engine.deadletter import DeadLetter
@@ -51,7 +52,7 @@ class Pipeline:
         self,
         *,
         name: str,
-        sink: Sink[object],  # type: ignore[type-var]
+        sink: Sink[Any],
         options: PipelineOptions,
         predicate: Callable[[Occurrence], bool] | None,
         checkpoint: SinkCheckpoint,
