@@ -312,6 +312,8 @@ class Router:
         async def metrics(_: web.Request) -> web.Response:
             for p in self.pipelines:
                 self.metrics.queue_depth.labels(p.name).set(p.depth)
+            if self.checkpoint_store is not None:
+                self.metrics.checkpoint_truncated.set(self.checkpoint_store.truncated)
             body = generate_latest(self.metrics.registry)
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -122,3 +122,8 @@ class Metrics:
             registry=r,
         )
         self.leader = Gauge("eventrouter_leader", "1 while this replica holds the lease.", registry=r)
+        self.checkpoint_truncated = Gauge(
+            "eventrouter_checkpoint_truncated",
+            "Checkpoint entries left out of the last ConfigMap write to stay under 1 MiB (re-delivery risk).",
+            registry=r,
+        )
