@@ -314,6 +314,8 @@ class Router:
                 self.metrics.queue_depth.labels(p.name).set(p.depth)
             if self.checkpoint_store is not None:
                 self.metrics.checkpoint_truncated.set(self.checkpoint_store.truncated)
+            if self.watchers:
+                self.metrics.last_progress.set(min(w.last_progress for w in self.watchers))
             body = generate_latest(self.metrics.registry)
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

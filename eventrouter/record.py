@@ -9,6 +9,7 @@ The normalised record is the stable JSON layout every sink stamps with (see docs
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -63,6 +64,36 @@ def parse_time_ns(value: object) -> int | None:
     return int(parsed.timestamp()) * 1_000_000_000 + frac_ns
 
 
+_PARSED: dict[str, int | None] = {}
+_FORMATTED: dict[int, str] = {}
+_CACHE_MAX = 8192
+
+
+def _parse_cached(value: object) -> int | None:
+    """parse_time_ns with a small cache: a watch stream repeats the same timestamps a lot."""
+    if not value or type(value) is not str:
+        return None
+    try:
+        return _PARSED[value]
+    except KeyError:
+        pass
+    if len(_PARSED) >= _CACHE_MAX:
+        _PARSED.clear()
+    ns = _PARSED[value] = parse_time_ns(value)
+    return ns
+
+
+def _format_cached(ns: int) -> str:
+    try:
+        return _FORMATTED[ns]
+    except KeyError:
+        pass
+    if len(_FORMATTED) >= _CACHE_MAX:
+        _FORMATTED.clear()
+    text = _FORMATTED[ns] = format_time_ns(ns)
+    return text
+
+
 def format_time_ns(ns: int) -> str:
     """Epoch nanoseconds → RFC 3339 UTC, with a fraction only when there is one."""
     seconds, frac = divmod(ns, 1_000_000_000)
@@ -107,15 +138,15 @@ def event_time_ns(obj: JSON) -> int | None:
     metadata.creationTimestamp. Never "now", never year 1."""
     for parent, key in _TIME_CHAIN:
         holder = obj.get(parent) if parent else obj
-        if isinstance(holder, dict):
-            ns = parse_time_ns(holder.get(key))
+        if type(holder) is dict:
+            ns = _parse_cached(holder.get(key))
             if ns is not None:
                 return ns
     return None
 
 
 def _str(value: object) -> str:
-    return value if isinstance(value, str) else ""
+    return value if type(value) is str else ""
 
 
 def _str_map(value: object) -> dict[str, str]:
@@ -136,9 +167,17 @@ class Occurrence:
     number: int
     time_ns: int
     record: JSON
-    raw: JSON
+    raw_json: bytes
+    """The Event object as compact JSON (without ``metadata.managedFields``), as the API server sent it.
+    Kept as bytes: a parsed object costs several times the memory while the occurrence waits in queues."""
     received_at: float = field(default_factory=time.time)
     _json: bytes | None = None
+
+    @property
+    def raw(self) -> JSON:
+        """The Event object (parsed on each access; sinks that need it once per send should keep it)."""
+        obj: JSON = orjson.loads(self.raw_json)
+        return obj
 
     @property
     def key(self) -> str:
@@ -159,7 +198,8 @@ class Occurrence:
 
     def encode(self, *, include_raw: bool = False) -> bytes:
         if include_raw:
-            return orjson.dumps(self.to_dict(include_raw=True))
+            # Splice the raw bytes in instead of parsing and re-encoding them.
+            return self.json[:-1] + b',"raw":' + self.raw_json + b"}"
         return self.json
 
     @property
@@ -168,15 +208,19 @@ class Occurrence:
         return len(self.json)
 
 
-def normalise(obj: JSON, *, cluster: str = "", received_at: float | None = None) -> Occurrence:
-    """Build the occurrence for a core/v1 Event object. Raises MalformedEvent for unusable input."""
-    if not isinstance(obj, dict):
+def normalise(
+    obj: JSON, *, cluster: str = "", received_at: float | None = None, raw_json: bytes | None = None
+) -> Occurrence:
+    """Build the occurrence for a core/v1 Event object. Raises MalformedEvent for unusable input.
+
+    ``raw_json`` may pass the object's JSON when the caller has it; it must not hold managedFields."""
+    if type(obj) is not dict:
         raise MalformedEvent(f"event is {type(obj).__name__}, not an object")
     meta = obj.get("metadata")
-    if not isinstance(meta, dict):
+    if type(meta) is not dict:
         raise MalformedEvent("event has no metadata")
     uid = meta.get("uid")
-    if not isinstance(uid, str) or not uid:
+    if type(uid) is not str or not uid:
         raise MalformedEvent(f"event {meta.get('namespace')}/{meta.get('name')} has no metadata.uid")
     number = occurrence_number(obj)
     time_ns = event_time_ns(obj)
@@ -187,14 +231,21 @@ def normalise(obj: JSON, *, cluster: str = "", received_at: float | None = None)
     else:
         time_source = "event"
     involved = obj.get("involvedObject")
-    if not isinstance(involved, dict):
+    if type(involved) is not dict:
         involved = {}
     source = obj.get("source")
-    if not isinstance(source, dict):
+    if type(source) is not dict:
         source = {}
-    series = obj.get("series") if isinstance(obj.get("series"), dict) else None
-    first_ns = parse_time_ns(obj.get("firstTimestamp")) or parse_time_ns(obj.get("eventTime"))
+    series = obj.get("series")
+    first_ns = _parse_cached(obj.get("firstTimestamp")) or _parse_cached(obj.get("eventTime"))
     message = obj.get("message")
+    if type(message) is not str:
+        message = "" if message is None else str(message)
+    when = _format_cached(time_ns)
+    component = _str(source.get("component"))
+    host = _str(source.get("host"))
+    labels = meta.get("labels")
+    annotations = meta.get("annotations")
     record: JSON = {
         "schema": SCHEMA_VERSION,
         "cluster": cluster,
@@ -203,13 +254,13 @@ def normalise(obj: JSON, *, cluster: str = "", received_at: float | None = None)
         "namespace": _str(meta.get("namespace")),
         "occurrence": number,
         "count": number,
-        "time": format_time_ns(time_ns),
+        "time": when,
         "time_source": time_source,
-        "first_time": format_time_ns(first_ns) if first_ns else None,
-        "last_time": format_time_ns(time_ns),
+        "first_time": _format_cached(first_ns) if first_ns else None,
+        "last_time": when,
         "type": _str(obj.get("type")) or "Normal",
         "reason": _str(obj.get("reason")),
-        "message": message if isinstance(message, str) else ("" if message is None else str(message)),
+        "message": message,
         "action": _str(obj.get("action")),
         "involved_object": {
             "kind": _str(involved.get("kind")),
@@ -219,20 +270,29 @@ def normalise(obj: JSON, *, cluster: str = "", received_at: float | None = None)
             "api_version": _str(involved.get("apiVersion")),
             "field_path": _str(involved.get("fieldPath")),
         },
-        "reporting_component": _str(obj.get("reportingComponent")) or _str(source.get("component")),
-        "reporting_instance": _str(obj.get("reportingInstance")) or _str(source.get("host")),
-        "source_component": _str(source.get("component")),
-        "source_host": _str(source.get("host")),
-        "series": bool(series),
+        "reporting_component": _str(obj.get("reportingComponent")) or component,
+        "reporting_instance": _str(obj.get("reportingInstance")) or host,
+        "source_component": component,
+        "source_host": host,
+        "series": bool(series) and type(series) is dict,
         "resource_version": _str(meta.get("resourceVersion")),
-        "labels": _str_map(meta.get("labels")),
-        "annotations": _str_map(meta.get("annotations")),
+        "labels": _str_map(labels) if labels else {},
+        "annotations": _str_map(annotations) if annotations else {},
     }
+    if raw_json is None:
+        if "managedFields" in meta:
+            # Server bookkeeping, often larger than the event itself; kubectl hides it too.
+            obj = {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+        try:
+            raw_json = orjson.dumps(obj)
+        except orjson.JSONEncodeError:
+            # Lone surrogates (from \ud800-style escapes) are not UTF-8; keep them as JSON escapes.
+            raw_json = json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode()
     return Occurrence(
         uid=uid,
         number=number,
         time_ns=time_ns,
         record=record,
-        raw=obj,
+        raw_json=raw_json,
         received_at=received_at if received_at is not None else time.time(),
     )

@@ -2,9 +2,10 @@
 # The whole test suite plus the static checks. Run from the repository root inside the venv.
 set -euo pipefail
 ruff check .
-ruff format --check eventrouter sinks tests
+ruff format --check eventrouter sinks tests bench
 mypy
 mypy tests --exclude tests/reliability
 mypy tests/reliability
+MYPYPATH=tests/reliability mypy bench
 lint-imports
 pytest -q -p no:cacheprovider "$@"

@@ -609,7 +609,7 @@ class LokiSink(Sink[LokiOptions]):
                 number=occurrence.number,
                 time_ns=occurrence.time_ns,
                 record=_fix_surrogates(record),
-                raw=_fix_surrogates(occurrence.raw),
+                raw_json=occurrence.raw_json,
                 received_at=occurrence.received_at,
             )
             record = occurrence.record

@@ -209,7 +209,7 @@ def log_contents(occ: Occurrence) -> list[tuple[str, str]]:
     rec = occ.record
     involved = rec.get("involved_object") or {}
     contents: list[tuple[str, str]] = [
-        ("eventId", orjson.dumps(occ.raw).decode()),
+        ("eventId", occ.raw_json.decode()),
         ("hostname", rec.get("source_host") or rec.get("reporting_instance") or ""),
         ("level", rec.get("type") or ""),
     ]

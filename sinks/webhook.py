@@ -40,6 +40,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import io
 import re
 import ssl
 import time
@@ -510,7 +511,7 @@ class WebhookSink(Sink[WebhookOptions]):
             async with self._session.request(
                 self.options.method,
                 self._target,
-                data=body,
+                data=io.BytesIO(body),  # a stream: aiohttp warns about (and blocks on) large raw bytes
                 headers=headers,
                 allow_redirects=False,
             ) as resp:

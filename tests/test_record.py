@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import orjson
+
 from eventrouter.record import event_time_ns, format_time_ns, normalise, occurrence_number, parse_time_ns
 from eventrouter.source.tracker import OccurrenceTracker
 from eventrouter.testing import event_object, recorded_list, recorded_watch
@@ -91,7 +93,9 @@ def test_record_layout_is_stable() -> None:
         "api_version",
         "field_path",
     }
-    assert occ.to_dict(include_raw=True)["raw"] is occ.raw
+    assert occ.to_dict(include_raw=True)["raw"] == occ.raw
+    assert "managedFields" not in occ.raw["metadata"]  # server bookkeeping is not kept
+    assert orjson.loads(occ.encode(include_raw=True)) == {**occ.record, "raw": occ.raw}
 
 
 def test_malformed_objects_raise_clear_errors() -> None:

@@ -178,16 +178,19 @@ class Pipeline:
     def _take(self, batch: list[Occurrence], size: int) -> int:
         opts = self.options
         accepted = self.checkpoint.accepted
+        keys = {(o.uid, o.number) for o in batch}
         while self._queue and len(batch) < opts.batch_max_events:
             nxt = self._queue[0]
-            if nxt.number <= accepted(nxt.uid):
-                # A copy replayed from the spool after a crash, or queued twice: already delivered.
+            if nxt.number <= accepted(nxt.uid) or (nxt.uid, nxt.number) in keys:
+                # A second copy (spooled before a restart and relisted after it, or replayed from the
+                # spool after a crash): already delivered, or already in this batch.
                 self._queue.popleft()
                 self._m_skipped.inc()
                 continue
             if batch and size + nxt.size > opts.batch_max_bytes:
                 break
             batch.append(self._queue.popleft())
+            keys.add((nxt.uid, nxt.number))
             size += nxt.size
         return size
 

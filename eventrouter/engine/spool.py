@@ -63,7 +63,7 @@ class Spool:
     @staticmethod
     def encode(occ: Occurrence) -> bytes:
         # The raw object is enough: the record is rebuilt from it exactly as the source built it.
-        return orjson.dumps([occ.raw, occ.received_at]) + b"\n"
+        return b"[" + occ.raw_json + b"," + orjson.dumps(occ.received_at) + b"]\n"
 
     def _default_decode(self, line: bytes) -> Occurrence:
         raw, received_at = orjson.loads(line)

@@ -75,10 +75,15 @@ class EventWatcher:
         self.initial_list_done = asyncio.Event()
         self.last_progress = time.time()
         self.resource_version: str | None = None
+        # Label children resolved once: a lookup per watch line is measurable at thousands per second.
+        self._m_types = {
+            t: metrics.watch_events.labels(t) for t in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "LIST")
+        }
+        self._m_occurrences = metrics.occurrences
 
-    def _progress(self) -> None:
-        self.last_progress = time.time()
-        self.metrics.last_progress.set(self.last_progress)
+    def _progress(self, now: float | None = None) -> None:
+        # The gauge is refreshed from last_progress when /metrics is scraped, not per line.
+        self.last_progress = now or time.time()
 
     def _selectors(self) -> list[tuple[str, str]]:
         q: list[tuple[str, str]] = []
@@ -91,7 +96,8 @@ class EventWatcher:
     # ---- objects ------------------------------------------------------------------------------
 
     def _handle(self, kind: str, obj: Any, received_at: float) -> None:
-        self.metrics.watch_events.labels(kind).inc()
+        counter = self._m_types.get(kind)
+        (counter or self.metrics.watch_events.labels(kind)).inc()
         if kind == "DELETED":
             uid = self.tracker.deleted(obj)
             if uid:
@@ -104,7 +110,7 @@ class EventWatcher:
             log.warning("dropped a malformed event from %s: %s", self.where, exc)
             return
         if occ is not None:
-            self.metrics.occurrences.inc()
+            self._m_occurrences.inc()
             self.publish(occ)
 
     # ---- list ---------------------------------------------------------------------------------
@@ -200,7 +206,7 @@ class EventWatcher:
                     self.metrics.source_dropped.labels("malformed_line").inc()
                     log.warning("skipped a malformed watch line from %s: %r", self.where, line[:200])
                     continue
-                self._progress()
+                self._progress(received_at)
                 if kind == "ERROR":
                     code = obj.get("code") if isinstance(obj, dict) else None
                     if code == 410:
@@ -210,7 +216,7 @@ class EventWatcher:
                 meta = obj.get("metadata") if isinstance(obj, dict) else None
                 new_rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
                 if kind == "BOOKMARK":
-                    self.metrics.watch_events.labels(kind).inc()
+                    self._m_types["BOOKMARK"].inc()
                 elif kind in ("ADDED", "MODIFIED", "DELETED"):
                     self._handle(kind, obj, received_at)
                 else:
@@ -247,7 +253,8 @@ class EventWatcher:
                 self.metrics.watch_restarts.labels("timeout").inc()
                 continue
             except _Expired as exc:
-                log.info("resourceVersion expired for %s (%s): relisting", self.where, exc)
+                # Repeats raised while we could not watch fold into one record with the new count.
+                log.warning("resourceVersion expired for %s (%s): relisting", self.where, exc)
                 self.metrics.watch_restarts.labels("expired").inc()
                 rv, relist_reason = None, "expired"
                 failures += 1

@@ -1,0 +1,203 @@
+"""Memory: RSS of the router with every built-in sink configured against loopback receivers.
+
+    python -m bench.memory                      # relist 50,000 → idle → 5,000/s for 30 s → idle (≈ 2 min)
+    python -m bench.memory --soak 600           # then a 10-minute soak at --soak-rate, RSS slope
+
+The router runs as ``python -m eventrouter.cli run --data-dir ...`` (CPU 0) with stdout, file,
+webhook, Loki, Kafka (Tansu), Elasticsearch (osmem) and SLS sinks; RSS is read from
+/proc/<pid>/status (VmRSS; VmHWM for the peak). Phases:
+
+1. start and relist ``--retained`` Events held by the test API server (peak = VmHWM);
+2. idle for ``--idle`` seconds (steady idle);
+3. ``--load-rate`` writes/s for ``--load-seconds`` (Events expire after 30 s, as with a short TTL);
+4. idle again; then the optional soak: RSS every 5 s, least-squares slope over its second half.
+
+osmem indexes only ~500 documents/s, so the Elasticsearch pipeline runs behind; with ``--data-dir``
+its backlog goes to the disk spool beyond 10,000 queued (the engine's memory bound), which is what a
+deployment with a persistent volume does. The report shows each sink's backlog at each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench import _common as c
+from bench.corpus import CACHE
+from bench.e2e import Load
+from bench.startup import preload, retained_events
+
+
+def _depths(m: dict[str, float]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for key, value in m.items():
+        mm = re.fullmatch(r'eventrouter_sink_(queue|spool)_depth\{sink="([^"]+)"\}', key)
+        if mm:
+            out[mm.group(2)] = out.get(mm.group(2), 0) + int(value)
+    return out
+
+
+class Sampler:
+    def __init__(self, pid: int, interval: float) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        t0 = time.monotonic()
+        while True:
+            self.samples.append((time.monotonic() - t0, c.rss_mib(self.pid)))
+            await asyncio.sleep(self.interval)
+
+    def __enter__(self) -> Sampler:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def summary(self) -> dict[str, float]:
+        values = [v for _, v in self.samples] or [0.0]
+        half = values[len(values) // 2 :]
+        return {
+            "min_mib": round(min(values), 1),
+            "median_second_half_mib": round(statistics.median(half), 1),
+            "max_mib": round(max(values), 1),
+        }
+
+
+def slope_mib_per_min(samples: list[tuple[float, float]]) -> float:
+    pts = samples[len(samples) // 2 :]
+    if len(pts) < 3:
+        return float("nan")
+    xs = [t for t, _ in pts]
+    ys = [v for _, v in pts]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den * 60 if den else float("nan")
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from eventrouter.testing import FakeApiServer
+
+    c.pin(c.other_cpus())
+    events = retained_events(args.retained)
+    n = len(events)
+    result: dict[str, Any] = {"machine": c.machine(), "retained": n, "phases": {}}
+    sinks = list(c.ALL_SINKS)
+    fast = [x for x in sinks if x != "elasticsearch"]
+    with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmpdir:
+        tmp = Path(tmpdir)
+        async with (
+            c.services() as s,
+            FakeApiServer(token="bench", history_size=max(10_000, n * 2), watcher_buffer=1_000_000) as api,
+            aiohttp.ClientSession() as session,
+        ):
+            preload(api, events)
+            kubeconfig = api.kubeconfig(tmp / "kubeconfig")
+            with s.es_index() as es_url:
+                flags = [s.flag(x, tmp, es_url=es_url) for x in sinks]
+                rp = await c.spawn_router(
+                    kubeconfig, flags, tmp / "router.log", extra=["--data-dir", str(tmp / "data")]
+                )
+                try:
+                    # 1. start + relist
+                    with Sampler(rp.pid, 0.1) as sm:
+                        await c.wait_metrics(rp, session)
+                        deadline = time.monotonic() + 120
+                        while time.monotonic() < deadline:
+                            d = c.finished(await rp.metrics(session))
+                            if all(d.get(x, 0) >= n for x in fast):
+                                break
+                            await asyncio.sleep(0.1)
+                    m = await rp.metrics(session)
+                    result["phases"]["relist"] = {
+                        **sm.summary(),
+                        "peak_hwm_mib": round(c.hwm_mib(rp.pid), 1),
+                        "seconds": round(sm.samples[-1][0], 1),
+                        "delivered": c.delivered(m),
+                        "dead_lettered": c.dead_lettered(m),
+                        "backlog": _depths(m),
+                    }
+                    _say("relist", result["phases"]["relist"])
+                    # 2. idle
+                    with Sampler(rp.pid, 0.5) as sm:
+                        await asyncio.sleep(args.idle)
+                    result["phases"]["idle"] = {**sm.summary(), "backlog": _depths(await rp.metrics(session))}
+                    _say("idle", result["phases"]["idle"])
+                    # 3. load
+                    api.ttl = 30.0
+                    load = Load(api)
+                    with Sampler(rp.pid, 0.5) as sm:
+                        achieved = await load.run(args.load_rate, args.load_seconds)
+                    m = await rp.metrics(session)
+                    result["phases"]["load"] = {
+                        **sm.summary(),
+                        "rate": args.load_rate,
+                        "achieved": round(achieved, 1),
+                        "backlog": _depths(m),
+                        "peak_hwm_mib": round(c.hwm_mib(rp.pid), 1),
+                    }
+                    _say("load", result["phases"]["load"])
+                    # 4. idle after load
+                    with Sampler(rp.pid, 0.5) as sm:
+                        await asyncio.sleep(args.idle)
+                    result["phases"]["idle_after"] = {
+                        **sm.summary(),
+                        "backlog": _depths(await rp.metrics(session)),
+                    }
+                    _say("idle_after", result["phases"]["idle_after"])
+                    if args.soak:
+                        api.ttl = 60.0
+                        with Sampler(rp.pid, 5.0) as sm:
+                            await load.run(args.soak_rate, args.soak)
+                        slope = slope_mib_per_min(sm.samples)
+                        result["phases"]["soak"] = {
+                            **sm.summary(),
+                            "seconds": args.soak,
+                            "rate": args.soak_rate,
+                            "slope_mib_per_min_second_half": round(slope, 3),
+                            "samples": [(round(t, 1), round(v, 1)) for t, v in sm.samples],
+                            "backlog": _depths(await rp.metrics(session)),
+                        }
+                        _say("soak", {k: v for k, v in result["phases"]["soak"].items() if k != "samples"})
+                    result["peak_hwm_mib"] = round(c.hwm_mib(rp.pid), 1)
+                    m = await rp.metrics(session)
+                    result["delivered_end"] = c.delivered(m)
+                    result["dropped_end"] = c.dropped(m)
+                finally:
+                    await rp.stop()
+    return result
+
+
+def _say(phase: str, data: dict[str, Any]) -> None:
+    print(f"{phase:11s} {data}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n")[0])
+    p.add_argument("--retained", type=int, default=50_000)
+    p.add_argument("--idle", type=float, default=10.0)
+    p.add_argument("--load-rate", type=float, default=5000.0)
+    p.add_argument("--load-seconds", type=float, default=30.0)
+    p.add_argument("--soak", type=float, default=0.0, help="soak seconds (e.g. 600); 0 = no soak")
+    p.add_argument("--soak-rate", type=float, default=1000.0)
+    p.add_argument("--out", type=Path, default=CACHE / "results" / "memory.json")
+    args = p.parse_args(argv)
+    c.dump(asyncio.run(run(args)), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Start-up: process start → all retained Events listed → every occurrence accepted by each sink.
+
+    python -m bench.startup                         # 50,000 retained events, fast sinks
+    python -m bench.startup --sinks webhook         # one sink
+    python -m bench.startup --sinks all             # adds elasticsearch (osmem: ~500 docs/s)
+
+The test API server (this process, CPU 1) holds ``--retained`` Events taken from the corpus (real
+shapes, many namespaces, long and CJK messages). The router is started as
+``python -m eventrouter.cli run`` (CPU 0) and its ``/metrics`` polled every 50 ms:
+
+* ``listed``: ``eventrouter_occurrences_total`` reaches the retained count (the paged relist has
+  handed every occurrence to the sink pipelines);
+* per sink: ``eventrouter_sink_delivered_total`` reaches it (the receiver accepted every one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from bench import _common as c
+from bench.corpus import CACHE, ensure_corpus
+
+FAST_SINKS = ("stdout", "file", "webhook", "loki", "kafka", "sls")
+
+
+def retained_events(n: int, seed: int = 7) -> list[dict[str, Any]]:
+    """The first ``n`` distinct Events of the corpus, at their latest state seen by then."""
+    corpus = ensure_corpus(100_000, seed)
+    latest: dict[str, dict[str, Any]] = {}
+    with corpus.open("rb") as f:
+        for line in f:
+            ev = orjson.loads(line)
+            obj = ev["object"]
+            key = obj["metadata"]["uid"]
+            if ev["type"] == "DELETED":
+                latest.pop(key, None)
+            elif key in latest or len(latest) < n:
+                latest[key] = obj
+            if len(latest) >= n and ev["type"] == "ADDED":
+                break
+    return list(latest.values())[:n]
+
+
+def preload(api: Any, events: list[dict[str, Any]]) -> None:
+    for obj in events:
+        obj = dict(obj)
+        obj["metadata"] = {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}
+        api.create_event(obj)
+
+
+def sink_list(spec: str) -> list[str]:
+    if spec == "all":
+        return list(c.ALL_SINKS)
+    if spec == "fast":
+        return list(FAST_SINKS)
+    return [s for s in spec.split(",") if s]
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from eventrouter.testing import FakeApiServer
+
+    c.pin(c.other_cpus())
+    sinks = sink_list(args.sinks)
+    events = retained_events(args.retained)
+    n = len(events)
+    result: dict[str, Any] = {"machine": c.machine(), "retained": n, "sinks": sinks}
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmpdir:
+        tmp = Path(tmpdir)
+        async with (
+            c.services(kafka="kafka" in sinks, elasticsearch="elasticsearch" in sinks) as s,
+            FakeApiServer(token="bench", history_size=max(10_000, n * 2)) as api,
+            aiohttp.ClientSession() as session,
+        ):
+            t0 = time.monotonic()
+            preload(api, events)
+            result["preload_s"] = round(time.monotonic() - t0, 2)
+            kubeconfig = api.kubeconfig(tmp / "kubeconfig")
+            es_ctx = s.es_index() if "elasticsearch" in sinks else _null()
+            with es_ctx as es_url:
+                flags = [s.flag(x, tmp, es_url=es_url) for x in sinks]
+                extra = ["--data-dir", str(tmp / "data")] if args.data_dir else []
+                rp = await c.spawn_router(kubeconfig, flags, tmp / "router.log", extra=extra)
+                marks: dict[str, float] = {}
+                hwm = 0.0
+                try:
+                    deadline = time.monotonic() + args.timeout
+                    while time.monotonic() < deadline:
+                        if rp.proc.returncode is not None:
+                            raise RuntimeError(f"router exited: {(tmp / 'router.log').read_text()[-2000:]}")
+                        with_metrics = True
+                        try:
+                            m = await rp.metrics(session)
+                        except aiohttp.ClientError:
+                            with_metrics = False
+                            m = {}
+                        now = time.monotonic() - rp.started
+                        hwm = max(hwm, c.hwm_mib(rp.pid))
+                        if with_metrics:
+                            marks.setdefault("metrics_up", now)
+                        if m.get("eventrouter_occurrences_total", 0) >= n:
+                            marks.setdefault("listed", now)
+                        for name, count in c.finished(m).items():
+                            if count >= n:
+                                marks.setdefault(f"delivered:{name}", now)
+                        if all(f"delivered:{x}" in marks for x in sinks):
+                            break
+                        await asyncio.sleep(0.05)
+                    m = await rp.metrics(session)
+                    result["delivered"] = c.delivered(m)
+                    result["dead_lettered"] = c.dead_lettered(m)
+                    result["dropped"] = c.dropped(m)
+                    result["rss_peak_mib"] = round(hwm, 1)
+                    result["rss_after_mib"] = round(c.rss_mib(rp.pid), 1)
+                finally:
+                    await rp.stop()
+    result["seconds"] = {k: round(v, 2) for k, v in marks.items()}
+    done = [marks.get(f"delivered:{x}") for x in sinks]
+    result["all_delivered_s"] = round(max(d for d in done if d is not None), 2) if all(done) else None
+    for k, v in result["seconds"].items():
+        print(f"{k:28s} {v:7.2f} s after process start", file=sys.stderr)
+    print(f"RSS peak {result['rss_peak_mib']} MiB", file=sys.stderr)
+    return result
+
+
+class _null:
+    def __enter__(self) -> str:
+        return ""
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.startup", description=__doc__.split("\n")[0])
+    p.add_argument("--retained", type=int, default=50_000)
+    p.add_argument("--sinks", default="fast", help="fast (default: all but elasticsearch), all, or a,b,c")
+    p.add_argument(
+        "--data-dir", action="store_true", help="run the router with --data-dir (checkpoints, spool)"
+    )
+    p.add_argument("--timeout", type=float, default=180.0)
+    p.add_argument("--out", type=Path, default=CACHE / "results" / "startup.json")
+    args = p.parse_args(argv)
+    c.dump(asyncio.run(run(args)), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Malformed and hostile input: the router keeps running and accounts for every object (delivered,
+rejected with a reason into the dead-letter file, or counted as malformed in /metrics)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reliability_harness import check
+from reliability_scenarios import cardinality, hostile_api_objects, hostile_stream
+
+
+async def test_odd_objects_are_delivered_or_dead_lettered_by_every_sink(tmp_path: Path) -> None:
+    report = await hostile_api_objects(tmp_path)
+    check(report)
+    assert report.facts["malformed"] == 0  # each has a uid: none may be dropped at the source
+
+
+async def test_invalid_utf8_and_junk_lines_are_counted_and_the_watch_goes_on(tmp_path: Path) -> None:
+    report = await hostile_stream(tmp_path)
+    check(report)
+    f = report.facts
+    for reason in ("malformed_line", "malformed", "unknown_watch_type"):
+        assert f[f"dropped_{reason}"] == f[f"expected_dropped_{reason}"], reason
+    assert f["watches_opened"] == 1 and f["running"]
+
+
+async def test_20k_distinct_involved_objects_all_delivered_with_bounded_loki_streams(tmp_path: Path) -> None:
+    report = await cardinality(tmp_path, objects=20_000)
+    check(report)
+    assert report.facts["tracked_events"] == 20_000
+    assert report.facts["loki_streams"] <= 200
+
+
+async def test_webhook_sends_a_body_over_1_mib_without_warning(tmp_path: Path) -> None:
+    from reliability_harness import Ledger, webhook_keys
+    from reliability_scenarios import api_server, settings_for
+
+    from eventrouter.app import Router
+    from eventrouter.config import build_specs
+    from eventrouter.testing import event_object
+    from eventrouter.testing.receivers.webhook import WebhookReceiver
+    from eventrouter.testing.waiting import until
+
+    async with api_server() as api, WebhookReceiver() as hook:
+        router = Router(
+            settings_for(api, tmp_path, shutdown_timeout=0.5),
+            build_specs([f"webhook:{hook.url}?batch_max_wait=0.01"]),
+        )
+        ledger = Ledger(api)
+        async with router.running():
+            await until(lambda: router.ready()[0])
+            ledger.create(event_object(object_name="big", message="M" * (1024 * 1024 + 10)))
+            await until(lambda: ledger.complete(webhook_keys(hook)), timeout=5)
