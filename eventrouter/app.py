@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -238,6 +239,11 @@ class Router:
     async def start_source(self, kube: KubeClient | None = None) -> None:
         self.kube = kube or await connect(kubeconfig=self.settings.kubeconfig, context=self.settings.context)
         namespaces: list[str | None] = [*self.settings.namespaces] or [None]
+        # A list page must fit in the smallest memory queue, or a relist would overflow it.
+        smallest = min((p.options.queue_max_events for p in self.pipelines), default=1000)
+        watch = dataclasses.replace(
+            self.settings.watch, page_size=max(10, min(self.settings.watch.page_size, smallest // 2))
+        )
         for ns in namespaces:
             watcher = EventWatcher(
                 self.kube,
@@ -247,23 +253,26 @@ class Router:
                 forget=self.fanout.forget,
                 listed=self._listed,
                 metrics=self.metrics,
-                settings=self.settings.watch,
+                settings=watch,
+                room=self.fanout.wait_for_room,
             )
             self.watchers.append(watcher)
             self._tasks.append(self._guard(watcher.run(), f"watch:{ns or '*'}"))
 
-    def replay(self, objects: Iterable[tuple[str, Any]]) -> tuple[int, int]:
-        """Route recorded (type, object) pairs through the same tracker and pipelines.
-
-        Returns (occurrences, malformed)."""
+    async def replay(self, objects: Iterable[tuple[str, Any]], *, page: int = 500) -> tuple[int, int]:
+        """Route recorded (type, object) pairs through the same tracker and pipelines, pausing every
+        ``page`` objects while a working sink is backlogged. Returns (occurrences, malformed)."""
         tracker = OccurrenceTracker(cluster=self.settings.cluster_name)
-        count = malformed = 0
+        count = malformed = seen = 0
         for kind, obj in objects:
             self.metrics.watch_events.labels(kind).inc()
             if kind == "DELETED":
                 continue
             if kind not in ("ADDED", "MODIFIED", "LIST"):
                 continue
+            seen += 1
+            if seen % page == 0:
+                await self.fanout.wait_for_room()
             try:
                 occ = tracker.observe(obj)
             except MalformedEvent as exc:
@@ -297,6 +306,8 @@ class Router:
             return False, "draining"
         if self.elector is not None and not self.elector.is_leader:
             return True, "standby: another replica holds the lease"
+        if not self.watchers:
+            return False, "starting: the watch has not begun"
         waiting = [w.where for w in self.watchers if not w.initial_list_done.is_set()]
         if waiting:
             return False, "initial list not done: " + ", ".join(waiting)

@@ -348,7 +348,7 @@ async def _replay(args: argparse.Namespace) -> int:
     items = list(read_recording(data))
     router = Router(settings, specs)
     await router.start_pipelines()
-    occurrences, malformed = router.replay((k, o) for k, o in items if k != "MALFORMED")
+    occurrences, malformed = await router.replay((k, o) for k, o in items if k != "MALFORMED")
     malformed += sum(1 for k, _ in items if k == "MALFORMED")
     drained = await router.drain(args.timeout)
     await router.stop()

@@ -273,3 +273,23 @@ def test_json_logs_are_structured(capsys: pytest.CaptureFixture[str]) -> None:
         setup_logging("warning", "text")
     doc = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert doc["level"] == "warning" and doc["msg"] == "sink loki rejected 3" and doc["sink"] == "loki"
+
+
+async def test_a_large_relist_waits_for_slow_sinks_instead_of_dropping(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """1,000 retained events, a memory queue of 100 and a slow destination: the list is paged at the
+    sinks' pace, so nothing is dropped and memory holds about one page."""
+    for i in range(1000):
+        api.create_event(event_object(object_name=f"r-{i}"))
+    router = _router(_settings(api, tmp_path), queue_max_events=100, batch_max_events=20)
+    await router.start_pipelines()
+    _mem(router).delay = 0.01
+    await router.start_source()
+    try:
+        await _mem(router).wait_for(1000, timeout=60)
+        assert router.metrics.dropped.labels("mem", "queue_full")._value.get() == 0
+        assert api.count_requests(watch=False) >= 1000 // 50  # pages of half the queue
+        assert len(set(_mem(router).keys)) == 1000
+    finally:
+        await router.stop()

@@ -86,6 +86,9 @@ class Pipeline:
         self.idle = asyncio.Event()
         self.idle.set()
         self.started = asyncio.Event()
+        self.healthy = True  # the last send (or start) succeeded
+        self._room = asyncio.Event()
+        self._room.set()
         # Metric children resolved once: label lookups are not free on the hot path.
         m = metrics
         self._m_received = m.received.labels(name)
@@ -155,6 +158,26 @@ class Pipeline:
                 "spool_full", "sink %s: disk spool full, dropped oldest occurrence %s", self.name, lost
             )
         self._m_spool.set(len(self.spool))
+
+    def _set_up(self, up: bool) -> None:
+        self.healthy = up
+        self._m_up.set(1 if up else 0)
+        if not up:
+            self._room.set()  # a failing sink must not hold up a relist for the others
+
+    def backlogged(self, high_water: float) -> bool:
+        """True while a working sink's memory queue is past ``high_water`` (a fraction of its bound)."""
+        return (
+            self.healthy
+            and self.started.is_set()
+            and not self._closing
+            and len(self._queue) >= high_water * self.options.queue_max_events
+        )
+
+    async def wait_for_room(self, high_water: float) -> None:
+        while self.backlogged(high_water):
+            self._room.clear()
+            await self._room.wait()
 
     @property
     def depth(self) -> int:
@@ -242,6 +265,7 @@ class Pipeline:
                 break
             size = self._take(batch, size)
         self._m_queue.set(len(self._queue))
+        self._room.set()
         return batch
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -334,9 +358,9 @@ class Pipeline:
                     pending = []
                 self._checkpoint(done, retry_items)
                 if not retry_items:
-                    self._m_up.set(1)
+                    self._set_up(True)
                     break
-                self._m_up.set(0)
+                self._set_up(False)
                 limit = self.options.retry_max_attempts
                 if limit and attempt >= limit:
                     reason = f"retries exhausted after {attempt} attempts: {last_reason}"
@@ -412,7 +436,7 @@ class Pipeline:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._m_up.set(0)
+                self._set_up(False)
                 self.metrics.send_errors.labels(self.name, "start").inc()
                 delay = self._backoff(attempt, None)
                 reason = str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
@@ -426,7 +450,7 @@ class Pipeline:
                     pass
                 continue
             self.started.set()
-            self._m_up.set(1)
+            self._set_up(True)
             return True
         return False
 
@@ -448,6 +472,7 @@ class Pipeline:
         """No more offers; ``run`` returns once the queue is delivered."""
         self._closing = True
         self._wakeup.set()
+        self._room.set()
 
     def stop_now(self) -> None:
         """Give up on what is left (drain deadline passed)."""

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +61,7 @@ class EventWatcher:
         listed: Callable[[str | None, set[str]], None],
         metrics: Metrics,
         settings: WatchSettings | None = None,
+        room: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.kube = kube
         self.namespace = namespace
@@ -68,6 +69,7 @@ class EventWatcher:
         self.publish = publish
         self.forget = forget
         self.listed = listed
+        self.room = room
         self.metrics = metrics
         self.settings = settings or WatchSettings()
         self.path = f"/api/v1/namespaces/{namespace}/events" if namespace else "/api/v1/events"
@@ -147,6 +149,11 @@ class EventWatcher:
             self._progress()
             if not cont:
                 break
+            if self.room is not None:
+                # Fetch the next page only when the sinks have room: a large relist then needs
+                # memory for about one page per sink, not the whole cluster's events.
+                await self.room()
+                self._progress()
         self.tracker_gc(live)
         self.listed(self.namespace, live)
         self.tracked_gauge()

@@ -29,6 +29,7 @@ class MemorySink(Sink[MemorySinkOptions]):
         self.received: list[Occurrence] = []
         self.batches: list[int] = []
         self.down = options.fail
+        self.delay = 0.0  # seconds each send takes (a slow destination)
         self.blocked: asyncio.Event | None = None
         self.decide: Callable[[Occurrence], Outcome] | None = None
         self.arrived = asyncio.Condition()
@@ -41,6 +42,8 @@ class MemorySink(Sink[MemorySinkOptions]):
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
         if self.blocked is not None:
             await self.blocked.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.down:
             raise RetryableError("memory sink is down")
         outcomes = [self.decide(occ) if self.decide else OK for occ in batch]
