@@ -124,6 +124,7 @@ async def run_case(flags: list[str], lines: list[bytes], profile: Path | None = 
             profiler.output_text(unicode=True, color=False, show_all=False)
         )
     m = router.metrics
+    watcher.flush_metrics()
     occurrences = int(m.occurrences._value.get())
     sinks: dict[str, Any] = {}
     for p in router.pipelines:

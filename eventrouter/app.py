@@ -322,11 +322,14 @@ class Router:
 
         async def metrics(_: web.Request) -> web.Response:
             for p in self.pipelines:
+                p.flush_metrics()
                 self.metrics.queue_depth.labels(p.name).set(p.depth)
             if self.checkpoint_store is not None:
                 self.metrics.checkpoint_truncated.set(self.checkpoint_store.truncated)
             if self.watchers:
                 self.metrics.last_progress.set(min(w.last_progress for w in self.watchers))
+                for w in self.watchers:
+                    w.flush_metrics()
             body = generate_latest(self.metrics.registry)
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -406,6 +409,7 @@ class Router:
                     self.settings.shutdown_timeout,
                 )
         for p in self.pipelines:
+            p.flush_metrics()
             if p.spool is not None:
                 p.spool.commit()
             try:

@@ -110,7 +110,8 @@ class Metrics:
         )
         self.event_lag = Histogram(
             "eventrouter_sink_event_lag_seconds",
-            "From the event's own time to acceptance by the sink (includes relisted old events).",
+            "From the event's own time to acceptance by the sink, for the oldest occurrence of each send "
+            "(includes relisted old events).",
             ["sink"],
             buckets=_LAG_BUCKETS,
             registry=r,

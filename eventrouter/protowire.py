@@ -25,7 +25,12 @@ WIRE_LEN = 2
 WIRE_FIXED32 = 5
 
 
+_ONE_BYTE = [bytes([i]) for i in range(128)]  # most lengths and tags fit in one byte
+
+
 def varint(value: int) -> bytes:
+    if 0 <= value < 128:
+        return _ONE_BYTE[value]
     if value < 0:
         value &= (1 << 64) - 1  # negative int64 is ten bytes, as protobuf does
     out = bytearray()
@@ -36,8 +41,14 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
+_KEYS: dict[tuple[int, int], bytes] = {}
+
+
 def _key(number: int, wire: int) -> bytes:
-    return varint((number << 3) | wire)
+    key = _KEYS.get((number, wire))
+    if key is None:
+        key = _KEYS[(number, wire)] = varint((number << 3) | wire)
+    return key
 
 
 def varint_field(number: int, value: int) -> bytes:
@@ -45,7 +56,7 @@ def varint_field(number: int, value: int) -> bytes:
 
 
 def bytes_field(number: int, value: bytes | str) -> bytes:
-    data = value.encode("utf-8") if isinstance(value, str) else value
+    data = value.encode("utf-8") if type(value) is str else value
     return _key(number, WIRE_LEN) + varint(len(data)) + data
 
 

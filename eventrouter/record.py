@@ -64,34 +64,44 @@ def parse_time_ns(value: object) -> int | None:
     return int(parsed.timestamp()) * 1_000_000_000 + frac_ns
 
 
-_PARSED: dict[str, int | None] = {}
-_FORMATTED: dict[int, str] = {}
+_SECONDS: dict[str, int | None] = {}  # "YYYY-MM-DDTHH:MM:SS" → epoch seconds
+_TEXTS: dict[int, str] = {}  # epoch seconds → "YYYY-MM-DDTHH:MM:SS"
 _CACHE_MAX = 8192
 
 
 def _parse_cached(value: object) -> int | None:
-    """parse_time_ns with a small cache: a watch stream repeats the same timestamps a lot."""
-    if not value or type(value) is not str:
+    """parse_time_ns, fast for the API server's own form ``YYYY-MM-DDTHH:MM:SS[.ffffff]Z``: events
+    of one moment share the second, so only the fraction is parsed per event."""
+    if type(value) is not str or len(value) < 20 or value[-1] != "Z" or value[10] != "T":
+        return parse_time_ns(value) if value else None
+    head = value[:19]
+    seconds = _SECONDS.get(head, -1)
+    if seconds == -1:
+        if len(_SECONDS) >= _CACHE_MAX:
+            _SECONDS.clear()
+        whole = parse_time_ns(head + "Z")
+        seconds = _SECONDS[head] = None if whole is None else whole // 1_000_000_000
+    if seconds is None:
         return None
-    try:
-        return _PARSED[value]
-    except KeyError:
-        pass
-    if len(_PARSED) >= _CACHE_MAX:
-        _PARSED.clear()
-    ns = _PARSED[value] = parse_time_ns(value)
-    return ns
+    if len(value) == 20:
+        return seconds * 1_000_000_000
+    digits = value[20:-1]
+    if value[19] != "." or not digits.isdigit():
+        return parse_time_ns(value)
+    return seconds * 1_000_000_000 + int(digits[:9].ljust(9, "0"))
 
 
 def _format_cached(ns: int) -> str:
-    try:
-        return _FORMATTED[ns]
-    except KeyError:
-        pass
-    if len(_FORMATTED) >= _CACHE_MAX:
-        _FORMATTED.clear()
-    text = _FORMATTED[ns] = format_time_ns(ns)
-    return text
+    """format_time_ns with the per-second text cached."""
+    seconds, frac = divmod(ns, 1_000_000_000)
+    base = _TEXTS.get(seconds)
+    if base is None:
+        if len(_TEXTS) >= _CACHE_MAX:
+            _TEXTS.clear()
+        base = _TEXTS[seconds] = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    if frac:
+        return f"{base}.{frac:09d}".rstrip("0") + "Z"
+    return base + "Z"
 
 
 def format_time_ns(ns: int) -> str:

@@ -343,8 +343,24 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
+_PLAIN_LABEL = re.compile(r'[^\x00-\x1f\x7f"\\]*')
+_QUOTED: dict[str, str] = {}
+
+
 def _quote_label_value(value: str) -> str:
+    # Label values repeat (namespaces, reasons, kinds): quote each distinct value once.
+    quoted = _QUOTED.get(value)
+    if quoted is None:
+        if len(_QUOTED) >= 4096:
+            _QUOTED.clear()
+        quoted = _QUOTED[value] = _quote_slow(value)
+    return quoted
+
+
+def _quote_slow(value: str) -> str:
     # Escapes Loki's label parser (PromQL string rules) understands; raw newlines are not allowed there.
+    if _PLAIN_LABEL.fullmatch(value):
+        return '"' + value + '"'
     out = ['"']
     for ch in value:
         if ch == "\\":

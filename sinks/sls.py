@@ -68,7 +68,7 @@ from eventrouter import (
     reject,
     retry,
 )
-from eventrouter.protowire import bytes_field, fixed32_field, varint_field
+from eventrouter.protowire import bytes_field, fixed32_field, varint, varint_field
 
 __all__ = ["SLSOptions", "SLSSink", "encode_log", "log_contents"]
 
@@ -229,13 +229,29 @@ def log_contents(occ: Occurrence) -> list[tuple[str, str]]:
     return contents
 
 
+_CONTENT_KEYS: dict[str, bytes] = {}  # Content.Key fields, encoded once per key name
+_TAG_2_LEN = b"\x12"  # field 2, length-delimited
+
+
 def encode_log(seconds: int, nanos: int, contents: Sequence[tuple[str, str]]) -> bytes:
     """One ``Log`` message (Time=1 uint32, Contents=2, Time_ns=4 fixed32), strict UTF-8."""
     parts = [varint_field(1, seconds)]
+    append = parts.append
     for key, value in contents:
-        pair = bytes_field(1, key.encode("utf-8")) + bytes_field(2, value.encode("utf-8"))
-        parts.append(bytes_field(2, pair))
-    parts.append(fixed32_field(4, nanos))
+        key_field = _CONTENT_KEYS.get(key)
+        if key_field is None:
+            key_field = _CONTENT_KEYS.setdefault(key, bytes_field(1, key.encode("utf-8")))
+        data = value.encode("utf-8")
+        value_len = varint(len(data))
+        # Contents=2 (length-delimited) holding Key=1 and Value=2, written inline: this loop runs
+        # some thirty times per event.
+        append(_TAG_2_LEN)
+        append(varint(len(key_field) + 1 + len(value_len) + len(data)))
+        append(key_field)
+        append(_TAG_2_LEN)
+        append(value_len)
+        append(data)
+    append(fixed32_field(4, nanos))
     return b"".join(parts)
 
 

@@ -110,3 +110,22 @@ def test_malformed_objects_raise_clear_errors() -> None:
     # Wrong types in optional fields do not break the record.
     occ = normalise({"metadata": {"uid": "u"}, "count": "three", "message": 12, "involvedObject": "pod"})
     assert occ.number == 1 and occ.record["message"] == "12" and occ.record["time_source"] == "received"
+
+
+def test_fast_time_paths_agree_with_the_reference_parsers() -> None:
+    import random
+
+    from eventrouter.record import _format_cached, _parse_cached
+
+    odd = [
+        "2026-11-22T01:29:03.311521Z", "2026-11-22T01:29:03Z", "0001-01-01T00:00:00Z",
+        "2026-11-22T01:29:03.123456789Z", "2026-11-22T01:29:03+02:00", "2026-11-22T01:29:03.5Z",
+        "bad", "", None, "2026-11-22T01:29:03.Z", "2026-11-22T01:29:03.12a4Z", "2026-11-22 01:29:03Z",
+    ]  # fmt: skip
+    for text in odd:
+        assert _parse_cached(text) == parse_time_ns(text), text
+    rng = random.Random(7)
+    for _ in range(20_000):
+        ns = rng.randrange(0, 4_000_000_000 * 10**9)
+        assert _format_cached(ns) == format_time_ns(ns)
+        assert _parse_cached(format_time_ns(ns)) == ns

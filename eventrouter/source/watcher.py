@@ -82,6 +82,18 @@ class EventWatcher:
             t: metrics.watch_events.labels(t) for t in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "LIST")
         }
         self._m_occurrences = metrics.occurrences
+        self._counts = dict.fromkeys(self._m_types, 0)
+        self._new_occurrences = 0
+
+    def flush_metrics(self) -> None:
+        """Move the per-line counts into the Prometheus counters (per page, per stream end, per scrape)."""
+        for kind, n in self._counts.items():
+            if n:
+                self._m_types[kind].inc(n)
+                self._counts[kind] = 0
+        if self._new_occurrences:
+            self._m_occurrences.inc(self._new_occurrences)
+            self._new_occurrences = 0
 
     def _progress(self, now: float | None = None) -> None:
         # The gauge is refreshed from last_progress when /metrics is scraped, not per line.
@@ -98,8 +110,10 @@ class EventWatcher:
     # ---- objects ------------------------------------------------------------------------------
 
     def _handle(self, kind: str, obj: Any, received_at: float) -> None:
-        counter = self._m_types.get(kind)
-        (counter or self.metrics.watch_events.labels(kind)).inc()
+        if kind in self._counts:
+            self._counts[kind] += 1
+        else:
+            self.metrics.watch_events.labels(kind).inc()
         if kind == "DELETED":
             uid = self.tracker.deleted(obj)
             if uid:
@@ -112,7 +126,7 @@ class EventWatcher:
             log.warning("dropped a malformed event from %s: %s", self.where, exc)
             return
         if occ is not None:
-            self._m_occurrences.inc()
+            self._new_occurrences += 1
             self.publish(occ)
 
     # ---- list ---------------------------------------------------------------------------------
@@ -147,6 +161,7 @@ class EventWatcher:
             rv = str(meta.get("resourceVersion") or rv)
             cont = str(meta.get("continue") or "")
             self._progress()
+            self.flush_metrics()
             if not cont:
                 break
             if self.room is not None:
@@ -223,7 +238,8 @@ class EventWatcher:
                 meta = obj.get("metadata") if isinstance(obj, dict) else None
                 new_rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
                 if kind == "BOOKMARK":
-                    self._m_types["BOOKMARK"].inc()
+                    self._counts["BOOKMARK"] += 1
+                    self.flush_metrics()
                 elif kind in ("ADDED", "MODIFIED", "DELETED"):
                     self._handle(kind, obj, received_at)
                 else:
@@ -234,6 +250,7 @@ class EventWatcher:
                     self.resource_version = rv
         finally:
             resp.release()
+            self.flush_metrics()
         if lines == 0 and time.monotonic() - opened < min(1.0, s.watch_timeout / 2):
             # An empty 200 at once: the resourceVersion is stale (kubernetes#104171). Relist.
             raise _Expired("watch closed at once without any event")

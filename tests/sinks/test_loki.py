@@ -626,3 +626,12 @@ async def test_dashboard_queries_select_what_the_sink_writes() -> None:
                     head, _, rest = field.partition(".")
                     record = orjson.loads(streams[0].values[0][1])
                     assert head in record and (not rest or rest in record[head]), field
+
+
+def test_label_quoting_fast_path_matches_the_escaping_rules() -> None:
+    from eventrouter_sinks.loki import _quote_label_value, _quote_slow
+
+    for value in ["shop", "就绪", 'a"b', "a\\b", "line\nbreak", "tab\t", "\x00ctl\x7f", "", "é-ü_ok.1"]:
+        assert _quote_label_value(value) == _quote_slow(value)
+        assert _quote_label_value(value) == _quote_label_value(value)  # cached
+    assert _quote_slow('a"b\\c\n') == '"a\\"b\\\\c\\n"'
