@@ -108,3 +108,36 @@ async def test_kubeconfig_context_is_honoured(api: FakeApiServer, tmp_path: Path
         api.create_event(event_object())
         await router.sinks["mem"].wait_for(1)
         await until(lambda: router.ready()[0])
+
+
+async def test_in_cluster_service_account_over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in a pod: KUBERNETES_SERVICE_HOST/PORT, the projected token and the cluster CA, over HTTPS."""
+    import asyncio
+    import ssl
+
+    from eventrouter.source.kube import connect
+
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    proc = await asyncio.create_subprocess_exec(
+        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"), "-out", str(sa / "ca.crt"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert await proc.wait() == 0
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(sa / "ca.crt", tmp_path / "key.pem")
+    (sa / "token").write_text("sa-token")
+    async with FakeApiServer(token="sa-token", ssl_context=server_tls) as api:
+        host, port = api.url.removeprefix("https://").split(":")
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", host)
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", port)
+        kube = await connect(service_account_dir=str(sa))
+        assert kube.describe == "in-cluster service account"
+        settings = RouterSettings(metrics_addr=None, watch=WatchSettings(watch_timeout=30))
+        router = Router(
+            settings, [spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.01}, type_="memory")]
+        )
+        async with router.running(kube):
+            api.create_event(event_object(object_name="in-cluster"))
+            await router.sinks["mem"].wait_for(1)

@@ -88,12 +88,24 @@ async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
     raise ApiError(resp.status, reason, message, retry_after)
 
 
-async def connect(*, kubeconfig: str | None = None, context: str | None = None) -> KubeClient:
+SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+async def connect(
+    *,
+    kubeconfig: str | None = None,
+    context: str | None = None,
+    service_account_dir: str = SERVICE_ACCOUNT,
+) -> KubeClient:
     """In-cluster config when running in a pod and no kubeconfig is given, else the kubeconfig."""
     configuration = client.Configuration()
     if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        # Reads the projected service-account token again whenever it rotates.
-        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        # The loader re-reads the projected service-account token periodically, so rotation works.
+        incluster = config.incluster_config.InClusterConfigLoader(
+            token_filename=os.path.join(service_account_dir, "token"),
+            cert_filename=os.path.join(service_account_dir, "ca.crt"),
+        )
+        incluster.load_and_set(configuration)
         describe = "in-cluster service account"
     else:
         path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None

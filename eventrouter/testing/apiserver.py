@@ -33,6 +33,7 @@ import binascii
 import contextlib
 import math
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,6 +280,7 @@ class FakeApiServer:
         host: str = "127.0.0.1",
         port: int = 0,
         git_version: str = "v1.24.17",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.tokens: set[str] = set(tokens) | ({token} if token else set())
         self._rules: dict[str, _Rule] = {}
@@ -296,6 +298,7 @@ class FakeApiServer:
         self.faults = Faults()
         self.requests: list[RequestRecord] = []
         self._host, self._port = host, port
+        self._ssl = ssl_context  # serve HTTPS (in-cluster clients only speak TLS)
         self._revision = Revision()
         self._events = EventStore(
             self._revision, history_size=history_size, watcher_buffer=watcher_buffer, extract=event_fields
@@ -343,9 +346,12 @@ class FakeApiServer:
         sock = socket.socket(socket.AF_INET6 if ":" in self._host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self._host, self._port))
-        await web.SockSite(self._runner, sock).start()
+        await web.SockSite(self._runner, sock, ssl_context=self._ssl).start()
         port = sock.getsockname()[1]
-        self.url = f"http://[{self._host}]:{port}" if ":" in self._host else f"http://{self._host}:{port}"
+        scheme = "https" if self._ssl else "http"
+        self.url = (
+            f"{scheme}://[{self._host}]:{port}" if ":" in self._host else f"{scheme}://{self._host}:{port}"
+        )
         self._ttl_task = asyncio.create_task(self._ttl_loop(), name="fake-apiserver-ttl")
 
     async def close(self) -> None:
