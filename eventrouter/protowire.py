@@ -56,7 +56,7 @@ def varint_field(number: int, value: int) -> bytes:
 
 
 def bytes_field(number: int, value: bytes | str) -> bytes:
-    data = value.encode("utf-8") if type(value) is str else value
+    data = value.encode("utf-8") if isinstance(value, str) else value
     return _key(number, WIRE_LEN) + varint(len(data)) + data
 
 
