@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -404,3 +406,54 @@ async def test_broker_helper_restarts_on_the_same_port_and_refuses_while_stopped
         assert tansu.running and tansu.port == port
         assert await connects(port)
     assert not await connects(port)
+
+
+async def test_tls_options_work_against_the_broker_through_a_tls_listener(
+    make_sink: MakeSink, tmp_path: Path
+) -> None:
+    """Tansu has no usable TLS listener, so a TLS-terminating proxy fronts it and the broker advertises
+    the proxy: every connection the producer makes (bootstrap and partition leaders) is TLS."""
+    import ssl
+
+    from eventrouter.testing.receivers.tls_proxy import TLSProxy
+
+    proc = await asyncio.create_subprocess_exec(
+        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "ca.pem"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert await proc.wait() == 0
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(tmp_path / "ca.pem", tmp_path / "key.pem")
+    tls_port = free_port()
+    async with (
+        TansuBroker(advertised_port=tls_port) as broker,
+        TLSProxy(listen_port=tls_port, target_port=broker.port, ssl_context=server_tls) as proxy,
+    ):
+        bootstrap = f"127.0.0.1:{tls_port}"
+        untrusted = make_sink(brokers=bootstrap, topic="secure", tls=True)
+        with pytest.raises(SinkError):
+            await untrusted.start()  # the system CAs do not know this certificate
+        sink = make_sink(brokers=bootstrap, topic="secure", ca_file=str(tmp_path / "ca.pem"))
+        await sink.start()
+        occurrences = recorded_occurrences()[:30]
+        await send_all(sink, occurrences)
+        consumer = AIOKafkaConsumer(
+            "secure",
+            bootstrap_servers=bootstrap,
+            security_protocol="SSL",
+            ssl_context=ssl.create_default_context(cafile=str(tmp_path / "ca.pem")),
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        try:
+            got: list[Any] = []
+            async with asyncio.timeout(20):
+                while len(got) < 30:
+                    for records in (await consumer.getmany(timeout_ms=500)).values():
+                        got.extend(records)
+        finally:
+            await consumer.stop()
+        assert sorted(json.loads(r.value)["uid"] for r in got) == sorted(o.uid for o in occurrences)
+        assert proxy.handshakes >= 2

@@ -65,9 +65,12 @@ class TansuBroker:
         host: str = "127.0.0.1",
         binary: str | None = None,
         start_timeout: float = 15.0,
+        advertised_port: int | None = None,
     ) -> None:
         self.host = host
         self.port = port if port is not None else free_port(host)
+        # Clients are told to connect here (e.g. a TLS proxy in front of the plaintext listener).
+        self.advertised_port = advertised_port or self.port
         self._binary = binary
         self.start_timeout = start_timeout
         self._proc: asyncio.subprocess.Process | None = None
@@ -103,7 +106,7 @@ class TansuBroker:
             "--listener-url",
             url,
             "--advertised-listener-url",
-            url,
+            f"tcp://{self.host}:{self.advertised_port}",
             "--storage-engine",
             "memory://tansu/",
             stdin=asyncio.subprocess.DEVNULL,
