@@ -131,7 +131,8 @@ async def one_rate(
     api: Any, s: c.Services, rp: c.RouterProcess, session: aiohttp.ClientSession, rate: float, seconds: float
 ) -> dict[str, Any]:
     await s.reset(keys=True)
-    load = Load(api)
+    # A seed per rate: uids must never repeat across runs against one API server (as in Kubernetes).
+    load = Load(api, seed=11 + int(rate))
     lags = Lags(load)
     stop = asyncio.Event()
     collector = asyncio.create_task(_collect(s, lags, stop))

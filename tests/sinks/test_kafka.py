@@ -457,3 +457,49 @@ async def test_tls_options_work_against_the_broker_through_a_tls_listener(
             await consumer.stop()
         assert sorted(json.loads(r.value)["uid"] for r in got) == sorted(o.uid for o in occurrences)
         assert proxy.handshakes >= 2
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+async def test_sasl_options_authenticate_against_the_broker(make_sink: MakeSink, mechanism: str) -> None:
+    """A SASL layer (PLAIN, SCRAM per RFC 5802) in front of the real broker, which advertises it."""
+    from eventrouter.testing.receivers.kafka_sasl import SASLProxy
+
+    sasl_port = free_port()
+    async with (
+        TansuBroker(advertised_port=sasl_port) as broker,
+        SASLProxy(listen_port=sasl_port, target_port=broker.port, users={"alice": PASSWORD}) as proxy,
+    ):
+        bootstrap = f"127.0.0.1:{sasl_port}"
+        wrong = make_sink(
+            brokers=bootstrap, topic="auth", sasl_mechanism=mechanism, user="alice", password="nope"
+        )
+        with pytest.raises(SinkError) as info:
+            await wrong.start()
+        assert "nope" not in str(info.value) and PASSWORD not in str(info.value)
+        sink = make_sink(
+            brokers=bootstrap, topic="auth", sasl_mechanism=mechanism, user="alice", password=PASSWORD
+        )
+        await sink.start()
+        occurrences = recorded_occurrences()[:20]
+        await send_all(sink, occurrences)
+        consumer = AIOKafkaConsumer(
+            "auth",
+            bootstrap_servers=bootstrap,
+            security_protocol="SASL_PLAINTEXT",
+            sasl_mechanism=mechanism,
+            sasl_plain_username="alice",
+            sasl_plain_password=PASSWORD,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        try:
+            got: list[Any] = []
+            async with asyncio.timeout(20):
+                while len(got) < 20:
+                    for records in (await consumer.getmany(timeout_ms=500)).values():
+                        got.extend(records)
+        finally:
+            await consumer.stop()
+        assert sorted(json.loads(r.value)["uid"] for r in got) == sorted(o.uid for o in occurrences)
+        assert proxy.failures >= 1 and any(m == mechanism for m, _ in proxy.authenticated)
