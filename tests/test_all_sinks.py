@@ -73,7 +73,9 @@ async def test_recorded_traffic_reaches_every_sink_once(osmem_clone: Any, tmp_pa
         ]
         router = Router(RouterSettings(cluster_name="e2e", metrics_addr=None), build_specs(flags))
         await router.start_pipelines()
-        occurrences, malformed = await router.replay((line["type"], line["object"]) for line in recorded_watch())
+        occurrences, malformed = await router.replay(
+            (line["type"], line["object"]) for line in recorded_watch()
+        )
         assert (occurrences, malformed) == (OCCURRENCES, 0)
         assert await router.drain(60)
         await router.stop()
