@@ -119,13 +119,11 @@ class Pipeline:
             return
         if self.predicate is not None and not self.predicate(occ):
             self._m_filtered.inc()
-            self.log.debug(
-                "filtered %s (%s %s %s)",
-                occ.key,
-                occ.record["type"],
-                occ.record["namespace"],
-                occ.record["reason"],
-            )
+            if self.log.isEnabledFor(logging.DEBUG):
+                rec = occ.record
+                self.log.debug(
+                    "filtered %s (%s %s %s)", occ.key, rec["type"], rec["namespace"], rec["reason"]
+                )
             return
         if self._closing:
             self.metrics.dropped.labels(self.name, "shutdown").inc()
