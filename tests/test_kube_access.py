@@ -112,21 +112,13 @@ async def test_kubeconfig_context_is_honoured(api: FakeApiServer, tmp_path: Path
 
 async def test_in_cluster_service_account_over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """As in a pod: KUBERNETES_SERVICE_HOST/PORT, the projected token and the cluster CA, over HTTPS."""
-    import asyncio
-    import ssl
-
     from eventrouter.source.kube import connect
+    from eventrouter.testing.tls import self_signed
 
     sa = tmp_path / "serviceaccount"
     sa.mkdir()
-    proc = await asyncio.create_subprocess_exec(
-        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"), "-out", str(sa / "ca.crt"),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    assert await proc.wait() == 0
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(sa / "ca.crt", tmp_path / "key.pem")
+    ca, server_tls = await self_signed(tmp_path)
+    (sa / "ca.crt").write_bytes(ca.read_bytes())
     (sa / "token").write_text("sa-token")
     async with FakeApiServer(token="sa-token", ssl_context=server_tls) as api:
         host, port = api.url.removeprefix("https://").split(":")

@@ -74,6 +74,23 @@ async def consume(bootstrap: str, topics: Sequence[str], expected: int) -> list[
         await consumer.stop()
 
 
+async def consumed_uids(bootstrap: str, topic: str, expected: int, **client: Any) -> list[str]:
+    """Event uids of the first ``expected`` records of ``topic``, read with the given client options."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, **client
+    )
+    await consumer.start()
+    try:
+        got: list[Any] = []
+        async with asyncio.timeout(20):
+            while len(got) < expected:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    got.extend(records)
+    finally:
+        await consumer.stop()
+    return sorted(json.loads(r.value)["uid"] for r in got)
+
+
 async def send_all(sink: KafkaSink, occurrences: Sequence[Occurrence], batch_size: int = 40) -> None:
     for start in range(0, len(occurrences), batch_size):
         outcomes = await sink.send(occurrences[start : start + batch_size])
@@ -416,15 +433,9 @@ async def test_tls_options_work_against_the_broker_through_a_tls_listener(
     import ssl
 
     from eventrouter.testing.receivers.tls_proxy import TLSProxy
+    from eventrouter.testing.tls import self_signed
 
-    proc = await asyncio.create_subprocess_exec(
-        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "ca.pem"),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    assert await proc.wait() == 0
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(tmp_path / "ca.pem", tmp_path / "key.pem")
+    ca, server_tls = await self_signed(tmp_path)
     tls_port = free_port()
     async with (
         TansuBroker(advertised_port=tls_port) as broker,
@@ -434,28 +445,14 @@ async def test_tls_options_work_against_the_broker_through_a_tls_listener(
         untrusted = make_sink(brokers=bootstrap, topic="secure", tls=True)
         with pytest.raises(SinkError):
             await untrusted.start()  # the system CAs do not know this certificate
-        sink = make_sink(brokers=bootstrap, topic="secure", ca_file=str(tmp_path / "ca.pem"))
+        sink = make_sink(brokers=bootstrap, topic="secure", ca_file=str(ca))
         await sink.start()
         occurrences = recorded_occurrences()[:30]
         await send_all(sink, occurrences)
-        consumer = AIOKafkaConsumer(
-            "secure",
-            bootstrap_servers=bootstrap,
-            security_protocol="SSL",
-            ssl_context=ssl.create_default_context(cafile=str(tmp_path / "ca.pem")),
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
+        tls_client = {"security_protocol": "SSL", "ssl_context": ssl.create_default_context(cafile=str(ca))}
+        assert await consumed_uids(bootstrap, "secure", 30, **tls_client) == sorted(
+            o.uid for o in occurrences
         )
-        await consumer.start()
-        try:
-            got: list[Any] = []
-            async with asyncio.timeout(20):
-                while len(got) < 30:
-                    for records in (await consumer.getmany(timeout_ms=500)).values():
-                        got.extend(records)
-        finally:
-            await consumer.stop()
-        assert sorted(json.loads(r.value)["uid"] for r in got) == sorted(o.uid for o in occurrences)
         assert proxy.handshakes >= 2
 
 
@@ -482,24 +479,11 @@ async def test_sasl_options_authenticate_against_the_broker(make_sink: MakeSink,
         await sink.start()
         occurrences = recorded_occurrences()[:20]
         await send_all(sink, occurrences)
-        consumer = AIOKafkaConsumer(
-            "auth",
-            bootstrap_servers=bootstrap,
-            security_protocol="SASL_PLAINTEXT",
-            sasl_mechanism=mechanism,
-            sasl_plain_username="alice",
-            sasl_plain_password=PASSWORD,
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-        )
-        await consumer.start()
-        try:
-            got: list[Any] = []
-            async with asyncio.timeout(20):
-                while len(got) < 20:
-                    for records in (await consumer.getmany(timeout_ms=500)).values():
-                        got.extend(records)
-        finally:
-            await consumer.stop()
-        assert sorted(json.loads(r.value)["uid"] for r in got) == sorted(o.uid for o in occurrences)
+        sasl_client = {
+            "security_protocol": "SASL_PLAINTEXT",
+            "sasl_mechanism": mechanism,
+            "sasl_plain_username": "alice",
+            "sasl_plain_password": PASSWORD,
+        }
+        assert await consumed_uids(bootstrap, "auth", 20, **sasl_client) == sorted(o.uid for o in occurrences)
         assert proxy.failures >= 1 and any(m == mechanism for m, _ in proxy.authenticated)
