@@ -118,6 +118,17 @@ def test_the_fresh_environment_uses_its_own_eventrouter(venv: Path) -> None:
     assert len(paths) == 3 and all(Path(p).is_relative_to(venv) for p in paths), paths
 
 
+def test_the_distribution_installs_no_top_level_sinks_module(venv: Path) -> None:
+    """The built-in sinks live in the repository's sinks/ folder but install as eventrouter_sinks."""
+    code = "import importlib.util as u; print(u.find_spec('sinks') is None, u.find_spec('eventrouter_sinks.loki') is not None)"
+    assert _run(venv / "bin" / "python", "-c", code, cwd=venv.parent).stdout.split() == ["True", "True"]
+    (wheel,) = (venv.parent / "wheels").glob("eventrouter-0*.whl")
+    import zipfile
+
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"eventrouter", "eventrouter_sinks"}
+
+
 def test_eventrouter_sinks_lists_the_plugin_with_its_distribution(venv: Path) -> None:
     out = json.loads(_run(venv / "bin" / "eventrouter", "sinks", "--json", cwd=venv.parent).stdout)
     plugin = out["sinks"]["splunk_hec"]
