@@ -31,6 +31,7 @@ from eventrouter.engine.pipeline import Pipeline
 from eventrouter.engine.spool import Spool
 from eventrouter.fanout import Fanout
 from eventrouter.leader import LeaderElector
+from eventrouter.memory import release_free_memory
 from eventrouter.metrics import Metrics
 from eventrouter.record import MalformedEvent, Occurrence
 from eventrouter.sink import SinkContext
@@ -109,6 +110,7 @@ class Router:
         self.stopped = asyncio.Event()
         self._stopping = False
         self.elector: LeaderElector | None = None
+        self._trim_task: asyncio.Task[None] | None = None
         self.checkpoint_store: ConfigMapCheckpointStore | None = None
         self.exit_code = 0
 
@@ -230,6 +232,8 @@ class Router:
 
     def _listed(self, namespace: str | None, live: set[str]) -> None:
         self._live[namespace] = live
+        if self._trim_task is None or self._trim_task.done():
+            self._trim_task = self._guard(self._trim_after_burst(), "memory-trim")
         expected: list[str | None] = [*self.settings.namespaces] or [None]
         if all(ns in self._live for ns in expected):
             # Prune checkpoints only with a complete picture of every watched namespace.
@@ -258,6 +262,12 @@ class Router:
             )
             self.watchers.append(watcher)
             self._tasks.append(self._guard(watcher.run(), f"watch:{ns or '*'}"))
+
+    async def _trim_after_burst(self) -> None:
+        """Once the queues have drained after a relist, hand the freed memory back to the OS."""
+        while sum(p.depth for p in self.pipelines) > 1000:  # noqa: ASYNC110 - depth has no event
+            await asyncio.sleep(1)
+        release_free_memory()
 
     async def replay(self, objects: Iterable[tuple[str, Any]], *, page: int = 500) -> tuple[int, int]:
         """Route recorded (type, object) pairs through the same tracker and pipelines, pausing every
@@ -373,6 +383,8 @@ class Router:
         """Stop watching, drain within the deadline, persist what is left, release everything."""
         self._stopping = True
         self.draining = True
+        if self._trim_task is not None:
+            self._tasks.append(self._trim_task)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

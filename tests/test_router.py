@@ -293,3 +293,13 @@ async def test_a_large_relist_waits_for_slow_sinks_instead_of_dropping(
         assert len(set(_mem(router).keys)) == 1000
     finally:
         await router.stop()
+
+
+def test_freed_memory_can_be_returned_to_the_os() -> None:
+    import platform
+
+    from eventrouter.memory import release_free_memory
+
+    blob = [bytes(1000) for _ in range(50_000)]
+    del blob
+    assert release_free_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

@@ -169,7 +169,7 @@ async def disk_spool(
     sinks = [
         f"webhook:{url}?queue_max_events={queue}&batch_max_events={batch}&batch_max_wait=0.05"
         f"&send_timeout=2&{FAST_RETRY}",
-        f"file:{out}?batch_max_wait=0.05",
+        f"file:{out}?batch_max_events={batch}&batch_max_wait=0.05",  # same in-flight window as the webhook
     ]
     facts: dict[str, Any] = {"restart": restart, "queue_max_events": queue, "batch_max_events": batch}
     sig = signal.SIGTERM if restart == "sigterm" else signal.SIGKILL
