@@ -4,23 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import subprocess
 from pathlib import Path
 
-__all__ = ["self_signed"]
+__all__ = ["certificate", "self_signed", "server_context"]
+
+
+def certificate(directory: Path, *, name: str = "cert") -> tuple[Path, Path]:
+    """Write ``<name>.pem`` (usable as its own CA, valid for 127.0.0.1 and localhost) and
+    ``<name>-key.pem`` into ``directory``; returns (certificate, key)."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}-key.pem"
+    done = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"openssl could not make a certificate: {done.stderr.decode(errors='replace')}")
+    return cert, key
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
 
 
 async def self_signed(directory: Path, *, name: str = "ca") -> tuple[Path, ssl.SSLContext]:
-    """Write ``<name>.crt`` (a CA-usable certificate for 127.0.0.1) and its key into ``directory``;
-    returns the certificate path (for clients' CA options) and a server-side SSL context."""
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    proc = await asyncio.create_subprocess_exec(
-        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"openssl could not make a certificate: {err.decode(errors='replace')}")
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(cert, key)
-    return cert, server
+    """The certificate path (for clients' CA options) and a server-side SSL context."""
+    cert, key = await asyncio.to_thread(certificate, directory, name=name)
+    return cert, server_context(cert, key)

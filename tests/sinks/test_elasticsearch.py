@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import logging
 import socket
-import ssl
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -29,6 +27,7 @@ from eventrouter import Occurrence, Outcome, OutcomeKind, RetryableError, SinkCo
 from eventrouter.config import parse_sink_flag, spec_for_class
 from eventrouter.testing import event_object, recorded_watch
 from eventrouter.testing.receivers.osmem import OsmemServer, osmem_fixture_server
+from eventrouter.testing.tls import certificate, server_context
 from eventrouter_sinks.elasticsearch import ElasticsearchOptions, ElasticsearchSink
 
 SECRET = "s3cr3t-Pa55-do-not-log"
@@ -532,37 +531,9 @@ async def test_whole_request_401_rejects_all_and_logs_credentials_rejected(
     assert SECRET not in caplog.text
 
 
-def make_cert(tmp: Path) -> tuple[Path, Path]:
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
 async def test_tls_ca_file_and_skip_verify(fake: FakeBulkServer, tmp_path: Path) -> None:
-    cert, key = make_cert(tmp_path)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
+    cert, key = certificate(tmp_path)
+    context = server_context(cert, key)
     runner = web.AppRunner(fake.app())
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)

@@ -6,8 +6,6 @@ import gzip
 import json
 import logging
 import re
-import ssl
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -26,6 +24,7 @@ from eventrouter.protowire import bytes_field, varint_field
 from eventrouter.record import occurrence_number, parse_time_ns
 from eventrouter.testing import make_occurrence, recorded_watch
 from eventrouter.testing.receivers.loki import LokiReceiver
+from eventrouter.testing.tls import certificate, server_context
 from eventrouter_sinks.loki import LokiOptions, LokiSink
 
 CONTEXT = SinkContext(name="loki", cluster="test", data_dir=None, logger=logging.getLogger("test.loki"))
@@ -448,19 +447,12 @@ async def test_aclose_without_start_is_safe() -> None:
 
 @pytest.fixture
 def self_signed_cert(tmp_path: Path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
+    return certificate(tmp_path)
 
 
 async def test_https_with_ca_file_and_insecure_skip_verify(self_signed_cert: tuple[Path, Path]) -> None:
     cert, key = self_signed_cert
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(cert, key)
+    server_ctx = server_context(cert, key)
     async with LokiReceiver(ssl_context=server_ctx) as receiver:
         assert receiver.url.startswith("https://")
         for options in ({"ca_file": str(cert)}, {"insecure_skip_verify": True}):

@@ -6,8 +6,6 @@ import base64
 import logging
 import shutil
 import socket
-import ssl
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +18,7 @@ import pytest
 from eventrouter import OK, Occurrence, OutcomeKind, RetryableError, SinkContext, SinkError, normalise
 from eventrouter.testing import make_occurrence, recorded_watch
 from eventrouter.testing.receivers.webhook import WebhookReceiver
+from eventrouter.testing.tls import certificate, server_context
 from eventrouter_sinks.webhook import (
     WebhookOptions,
     WebhookSink,
@@ -380,35 +379,10 @@ async def test_bad_header_name_is_refused_at_start_without_the_value() -> None:
     await sink.aclose()
 
 
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            *(
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-            ),
-            *("-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"),
-            *("-addext", "subjectAltName=IP:127.0.0.1"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
-
-
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make a certificate")
 async def test_tls_ca_file_and_insecure_skip_verify(tmp_path: Path) -> None:
-    cert, key = self_signed(tmp_path)
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(cert, key)
+    cert, key = certificate(tmp_path)
+    server_ctx = server_context(cert, key)
     async with WebhookReceiver(ssl_context=server_ctx) as hook:
         assert hook.url.startswith("https://")
         async with webhook(url=hook.url) as sink:
