@@ -122,3 +122,40 @@ async def test_standby_takes_over_and_nothing_is_lost(api: FakeApiServer, tmp_pa
         # second; ~100 occurrences/s here) plus its in-flight batch can come again from b.
         assert dup <= 2 * 100 + 20
         assert dup < len(a.delivered())  # the checkpoint written by a was honoured
+
+
+async def test_a_leader_that_cannot_renew_stops_delivering_and_exits_1(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """In-process: once the lease cannot be renewed the router stops its pipelines before the lease
+    could expire for another replica, and `run` ends with exit code 1 (restart as a standby)."""
+    from eventrouter.app import Router, RouterSettings
+    from eventrouter.config import spec_for_class
+    from eventrouter.source.watcher import WatchSettings
+    from eventrouter.testing import MemorySink
+
+    settings = RouterSettings(
+        kubeconfig=api.kubeconfig(tmp_path / "kubeconfig"),
+        metrics_addr=None,
+        leader_elect=True,
+        leader_name="er",
+        leader_identity="solo",
+        lease_duration=1.0,
+        renew_deadline=0.6,
+        retry_period=0.1,
+        shutdown_timeout=1.0,
+        watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.2),
+    )
+    router = Router(
+        settings, [spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.01}, type_="memory")]
+    )
+    running = asyncio.create_task(router.run())
+    await until(lambda: holder(api) == "solo" and bool(router.pipelines), timeout=10)
+    api.create_event(event_object(object_name="while-leading"))
+    await router.sinks["mem"].wait_for(1)
+    api.forbid("t0ken")  # RBAC revoked: renewals (and everything else) are refused
+    async with asyncio.timeout(10):
+        await running
+    assert router.exit_code == 1
+    assert router.metrics.leader._value.get() == 0
+    assert all(p.started.is_set() and p._stop_now.is_set() for p in router.pipelines)

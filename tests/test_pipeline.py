@@ -439,3 +439,45 @@ async def test_deferred_retries_do_not_block_new_batches(metrics: Metrics, tmp_p
     await _finish(p, task)
     assert sink.keys[-1] == ("u-held", 1)
     assert cp.accepted("u-held") == 2
+
+
+def test_checkpoint_forgets_deleted_events_in_groups_and_on_close(tmp_path: Path) -> None:
+    cp = SinkCheckpoint(FileCheckpoint(tmp_path, "mem"))
+    cp.ack({f"u{i}": 1 for i in range(400)})
+    cp.forget(f"u{i}" for i in range(300))  # over the group size: written at once
+    journal = (tmp_path / "mem.journal").read_text().splitlines()
+    assert sum(line.startswith("- ") for line in journal) == 300
+    assert len(FileCheckpoint(tmp_path, "mem").load()) == 100
+    cp.forget(["u300", "u301", "not-there"])  # held back, then covered by the closing snapshot
+    cp.close()
+    state = FileCheckpoint(tmp_path, "mem").load()
+    assert len(state) == 98 and "u300" not in state and "u399" in state
+
+
+@pytest.mark.parametrize(
+    ("options", "kept", "dropped"),
+    [
+        ({"types": "Warning"}, {"type": "Warning"}, {"type": "Normal"}),
+        ({"level": "Normal"}, {"type": "Normal"}, None),
+        ({"namespaces": "shop,pay-*"}, {"namespace": "pay-eu"}, {"namespace": "default"}),
+        ({"exclude_namespaces": "kube-*"}, {"namespace": "shop"}, {"namespace": "kube-system"}),
+        ({"kinds": "Pod"}, {"kind": "Pod"}, {"kind": "Node"}),
+        ({"exclude_kinds": "Node"}, {"kind": "Pod"}, {"kind": "Node"}),
+        ({"reasons": "BackOff,OOM*"}, {"reason": "OOMKilling"}, {"reason": "Pulled"}),
+        ({"exclude_reasons": "Pulled"}, {"reason": "BackOff"}, {"reason": "Pulled"}),
+        ({"message": "refused|timeout"}, {"message": "connect: connection refused"}, {"message": "ok"}),
+        ({"exclude_message": "^Successfully"}, {"message": "failed"}, {"message": "Successfully pulled"}),
+        ({"components": "kubelet"}, {"component": "kubelet"}, {"component": "default-scheduler"}),
+        ({"min_count": "3"}, {"count": 3}, {"count": 2}),
+    ],
+)
+def test_every_filter_option_keeps_and_drops(
+    options: dict[str, Any], kept: dict[str, Any], dropped: dict[str, Any] | None
+) -> None:
+    predicate = compile_filter(FilterOptions.model_validate(options))
+    if dropped is None:
+        assert predicate is None or predicate(make_occurrence(**kept))
+        return
+    assert predicate is not None
+    assert predicate(make_occurrence(**kept))
+    assert not predicate(make_occurrence(**dropped))

@@ -62,8 +62,11 @@ class FileCheckpoint:
         self.snapshot = directory / f"{base}.snapshot"
         self.journal = directory / f"{base}.journal"
         self.fsync = fsync
-        self._fh: object | None = None
         self._journal_lines = 0
+        # Removals (DELETED events) are held and written with the next append: one journal append
+        # per deleted event would be a file open per event. A crash only leaves stale entries,
+        # which the next complete list prunes.
+        self._removals = ""
 
     def load(self) -> dict[str, int]:
         state: dict[str, int] = {}
@@ -86,6 +89,7 @@ class FileCheckpoint:
         return state
 
     def _append(self, text: str) -> None:
+        text, self._removals = self._removals + text, ""
         with open(self.journal, "a", encoding="utf-8") as fh:
             fh.write(text)
             if self.fsync:
@@ -98,15 +102,16 @@ class FileCheckpoint:
             self._append("".join(f"+ {uid} {n}\n" for uid, n in acks.items()))
 
     def remove(self, uids: Iterable[str]) -> None:
-        text = "".join(f"- {uid}\n" for uid in uids)
-        if text:
-            self._append(text)
+        self._removals += "".join(f"- {uid}\n" for uid in uids)
+        if self._removals.count("\n") >= 256:
+            self._append("")
 
     @property
     def journal_lines(self) -> int:
         return self._journal_lines
 
     def compact(self, state: Mapping[str, int]) -> None:
+        self._removals = ""  # the snapshot is written without them
         tmp = self.snapshot.with_suffix(".snapshot.tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write("".join(f"{uid} {n}\n" for uid, n in state.items()))
