@@ -9,7 +9,7 @@ Each case runs in a fresh child process pinned to CPU 0 (``os.sched_setaffinity`
 (webhook/Loki/SLS test receivers, Tansu, osmem) run in their own processes pinned to the other CPU.
 The child feeds the corpus through the watcher's own line splitter (``EventWatcher._lines``) and
 per-line handling (``orjson.loads`` → ``EventWatcher._handle`` → ``OccurrenceTracker`` → ``Fanout``),
-exactly as a watch stream is handled, with back-pressure when a sink's queue passes 4,000.
+exactly as a watch stream is handled, with the relist's back-pressure (a sink's memory queue 40% full).
 
 Reported per case: occurrences per wall-clock second (includes waiting for the receiver's answer:
 one batch in flight per sink) and per CPU second of the router process (``time.process_time``, all
@@ -37,7 +37,7 @@ from bench import _common as c
 from bench.corpus import CACHE, ensure_corpus, read_lines
 
 CHUNK = 64 * 1024
-HIGH_WATER = 4000
+HIGH_WATER = 0.4  # of each memory queue (10,000 by default)
 
 CASES = ("source", *c.ALL_SINKS, "all")
 
@@ -46,16 +46,18 @@ CASES = ("source", *c.ALL_SINKS, "all")
 
 
 class _Content:
-    def __init__(self, chunks: list[bytes], pipelines: list[Any]) -> None:
+    def __init__(self, chunks: list[bytes], fanout: Any) -> None:
         self.chunks = chunks
-        self.pipelines = pipelines
+        self.fanout = fanout
         self.waits = 0
 
     async def iter_any(self) -> AsyncIterator[bytes]:
         for chunk in self.chunks:
-            while any(p.depth > HIGH_WATER for p in self.pipelines):
+            # The relist's own back-pressure (woken per batch taken), not a polling loop: polling
+            # every few ms costs the router CPU that a slow receiver (osmem) would then inflate.
+            if any(p.backlogged(HIGH_WATER) for p in self.fanout.pipelines):
                 self.waits += 1
-                await asyncio.sleep(0.002)
+                await self.fanout.wait_for_room(high_water=HIGH_WATER)
             yield chunk
             await asyncio.sleep(0)  # a socket read yields to the loop; so do we
 
@@ -89,7 +91,7 @@ async def run_case(flags: list[str], lines: list[bytes], profile: Path | None = 
         listed=router._listed,
         metrics=router.metrics,
     )
-    content = _Content(_chunks(lines), router.pipelines)
+    content = _Content(_chunks(lines), router.fanout)
     del lines
     gc.collect()
     profiler = None

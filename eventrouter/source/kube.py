@@ -7,10 +7,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from kubernetes_asyncio import client, config
+
+from eventrouter.source.kube_import import load
+
+if TYPE_CHECKING:
+    from kubernetes_asyncio.client.api_client import ApiClient
+    from kubernetes_asyncio.client.configuration import Configuration
 
 __all__ = ["ApiError", "KubeClient", "connect"]
 
@@ -31,7 +36,7 @@ class ApiError(Exception):
 class KubeClient:
     """A thin wrapper over kubernetes_asyncio's ApiClient for raw GET/streaming requests."""
 
-    def __init__(self, api: client.ApiClient, *, describe: str) -> None:
+    def __init__(self, api: ApiClient, *, describe: str) -> None:
         self.api = api
         self.describe = describe
 
@@ -98,6 +103,7 @@ async def connect(
     service_account_dir: str = SERVICE_ACCOUNT,
 ) -> KubeClient:
     """In-cluster config when running in a pod and no kubeconfig is given, else the kubeconfig."""
+    client, config = load()
     configuration = client.Configuration()
     if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
         # The loader re-reads the projected service-account token periodically, so rotation works.
@@ -115,7 +121,7 @@ async def connect(
         describe = f"kubeconfig {path or '~/.kube/config'}" + (f" context {context}" if context else "")
         if "exec" in getattr(loader, "_user", {}):
             # Exec credential plugins hand out short-lived tokens: re-run the plugin when it expires.
-            async def refresh(conf: client.Configuration) -> None:
+            async def refresh(conf: Configuration) -> None:
                 await loader.load_from_exec_plugin()
                 if getattr(loader, "token", None):
                     conf.api_key["BearerToken"] = loader.token
