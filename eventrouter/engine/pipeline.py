@@ -19,7 +19,7 @@ from typing import Any
 from eventrouter.engine.checkpoint import SinkCheckpoint
 from eventrouter.engine.deadletter import DeadLetter
 from eventrouter.engine.spool import Spool
-from eventrouter.metrics import Metrics
+from eventrouter.metrics import Metrics, observe_many
 from eventrouter.options import PipelineOptions
 from eventrouter.record import Occurrence
 from eventrouter.sink import OK, Outcome, OutcomeKind, RetryableError, Sink, SinkError, retry
@@ -205,22 +205,25 @@ class Pipeline:
             self._m_spool.set(len(self.spool))
 
     def _take(self, batch: list[Occurrence], size: int) -> int:
-        opts = self.options
+        max_events, max_bytes = self.options.batch_max_events, self.options.batch_max_bytes
         accepted = self.checkpoint.accepted
+        queue = self._queue
         keys = {(o.uid, o.number) for o in batch}
-        while self._queue and len(batch) < opts.batch_max_events:
-            nxt = self._queue[0]
-            if nxt.number <= accepted(nxt.uid) or (nxt.uid, nxt.number) in keys:
+        while queue and len(batch) < max_events:
+            nxt = queue[0]
+            key = (nxt.uid, nxt.number)
+            if nxt.number <= accepted(nxt.uid) or key in keys:
                 # A second copy (spooled before a restart and relisted after it, or replayed from the
                 # spool after a crash): already delivered, or already in this batch.
-                self._queue.popleft()
+                queue.popleft()
                 self._m_skipped.inc()
                 continue
-            if batch and size + nxt.size > opts.batch_max_bytes:
+            nxt_size = nxt.size
+            if batch and size + nxt_size > max_bytes:
                 break
-            batch.append(self._queue.popleft())
-            keys.add((nxt.uid, nxt.number))
-            size += nxt.size
+            batch.append(queue.popleft())
+            keys.add(key)
+            size += nxt_size
         return size
 
     def _due(self) -> bool:
@@ -329,15 +332,15 @@ class Pipeline:
                 dead: list[tuple[Occurrence, str]] = []
                 retry_after: float | None = None
                 last_reason = ""
-                accepted = 0
+                lags: list[float] = []
                 oldest_event_ns = 0
-                observe_lag = self._m_lag.observe
+                held = self._held
                 for occ, out in zip(pending, outcomes, strict=True):
-                    if out.kind is not OutcomeKind.RETRY and occ.uid in self._held:
+                    if held and out.kind is not OutcomeKind.RETRY and occ.uid in held:
                         self._release(occ)
                     if out.kind is OutcomeKind.OK:
-                        accepted += 1
-                        observe_lag(max(0.0, now - occ.received_at))
+                        lag = now - occ.received_at
+                        lags.append(lag if lag > 0.0 else 0.0)
                         if not oldest_event_ns or occ.time_ns < oldest_event_ns:
                             oldest_event_ns = occ.time_ns
                         if occ.number > done.get(occ.uid, 0):
@@ -351,8 +354,9 @@ class Pipeline:
                         last_reason = out.reason
                         if out.retry_after is not None:
                             retry_after = max(retry_after or 0.0, out.retry_after)
-                if accepted:
-                    self._m_delivered.inc(accepted)
+                if lags:
+                    self._m_delivered.inc(len(lags))
+                    observe_many(self._m_lag, lags)
                     # The event's own age, once per send: the oldest accepted (relists make it large).
                     self._m_event_lag.observe(max(0.0, now - oldest_event_ns / 1e9))
                 if dead:

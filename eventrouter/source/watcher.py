@@ -185,20 +185,33 @@ class EventWatcher:
     # ---- watch --------------------------------------------------------------------------------
 
     async def _lines(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        """Split the chunked body into lines ourselves: aiohttp's readline caps line length."""
-        buf = b""
+        """Split the chunked body into lines ourselves: aiohttp's readline caps line length.
+
+        One split per chunk: slicing the rest of the buffer off after each line would copy ~half
+        a chunk per line. A line spread over many chunks is joined once, when its newline arrives."""
+        limit = self.settings.max_line_bytes
+        pending: list[bytes] = []  # the start of a line whose newline has not arrived yet
+        pending_len = 0
         async for chunk in resp.content.iter_any():
-            buf += chunk
-            while True:
-                nl = buf.find(b"\n")
-                if nl == -1:
-                    break
-                line, buf = buf[:nl], buf[nl + 1 :]
-                if line.strip():
-                    yield line
-            if len(buf) > self.settings.max_line_bytes:
-                raise ApiError(0, "LineTooLong", f"watch line over {self.settings.max_line_bytes} bytes")
-        if buf.strip():
+            if b"\n" not in chunk:
+                pending.append(chunk)
+                pending_len += len(chunk)
+            else:
+                parts = chunk.split(b"\n")
+                if pending:
+                    pending.append(parts[0])
+                    parts[0] = b"".join(pending)
+                    pending.clear()
+                tail = parts.pop()
+                for line in parts:
+                    if line and not line.isspace():
+                        yield line
+                if tail:
+                    pending.append(tail)
+                pending_len = len(tail)
+            if pending_len > limit:
+                raise ApiError(0, "LineTooLong", f"watch line over {limit} bytes")
+        if pending and not b"".join(pending).isspace():
             # The stream ended mid-object (connection cut): what we have is not a whole line.
             raise aiohttp.ClientPayloadError("watch stream ended inside an object")
 
