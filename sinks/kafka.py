@@ -19,10 +19,15 @@ source_component, source_host, kind/object_kind, object_name, object_namespace. 
 mapped to Kafka's topic charset ``[a-zA-Z0-9._-]`` (others become ``_``, empty becomes ``_``) and the
 name is cut at 249 characters.
 
-Delivery: an item is OK only once its produce future resolved with the broker's acknowledgement
-(``acks=all`` by default; idempotence on by default). Oversized records and authorisation failures are
-rejected (dead-lettered) per item; broker outages, timeouts and other errors give retry outcomes, and the
-rest of the batch is not enqueued once the broker is known unreachable, so per-object order survives.
+Delivery: the batch's records are partitioned as ``AIOKafkaProducer.send`` would (murmur2 of the key),
+packed in order into produce batches per topic-partition (aiokafka's batch API; up to
+min(max_request_size, 512 KiB) each, compressed per batch) and an item is OK only once its produce batch
+was acknowledged by the broker (``acks=all`` by default; idempotence on by default). Oversized records and
+authorisation failures are rejected (dead-lettered) per item; a produce batch the broker finds too large
+is sent again one record per batch, so each record gets its own outcome. Broker outages, timeouts and
+other errors give retry outcomes, and the rest of the batch is not enqueued once the broker is known
+unreachable (nor later batches of a partition whose batch could not be enqueued), so per-object order
+survives.
 Keep ``request_timeout_ms`` below the pipeline's ``send_timeout`` so a send finishes before the engine
 gives up on it.
 
@@ -196,7 +201,9 @@ class KafkaOptions(SinkOptions):
         10_000, ge=100, description="Produce request and batch expiry timeout; keep below send_timeout."
     )
     max_request_size: int = Field(
-        1_048_576, ge=1024, description="Largest record in bytes; larger records are dead-lettered."
+        1_048_576,
+        ge=1024,
+        description="Largest record in bytes; larger records are dead-lettered.",
     )
 
     @field_validator("brokers", mode="before")
@@ -272,13 +279,36 @@ def ssl_context(options: KafkaOptions) -> ssl.SSLContext:
     return context
 
 
-@dataclass(frozen=True, slots=True)
+def _header(value: Any) -> bytes:
+    if type(value) is str:
+        return value.encode("utf-8", "replace")
+    return str(value or "").encode("utf-8", "replace")
+
+
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs ~3x per record
 class _Message:
     topic: str
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
     timestamp_ms: int | None
+
+
+@dataclass(slots=True)
+class _Batch:
+    """One produce batch: an aiokafka BatchBuilder and the (batch index, message) pairs it holds."""
+
+    topic: str
+    partition: int
+    builder: Any
+    items: list[tuple[int, _Message]]
+
+
+# aiokafka's default (16 KiB) holds ~8 of our records; bigger batches mean few produce batches per
+# engine batch (compression is per batch too). Never above max_request_size: the broker's limit.
+_MAX_BATCH_BYTES = 512 * 1024
+# Partition choice per key is cached across batches (murmur2 is pure Python); bounded by clearing.
+_PARTITION_CACHE_MAX = 100_000
 
 
 class KafkaSink(Sink[KafkaOptions]):
@@ -289,7 +319,13 @@ class KafkaSink(Sink[KafkaOptions]):
         super().__init__(options, context)
         self._parts = _parse_template(options.topic)
         self._static_topic = options.topic if all(field is None for _, field in self._parts) else None
+        self._key_by = options.key_by
+        self._include_raw = options.include_raw
+        self._event_time = options.timestamp == "event"
         self._producer: Any = None
+        self._partitioner: Any = None
+        # topic -> (its partitions, as aiokafka lists them; key -> partition chosen for that list)
+        self._partition_cache: dict[str, tuple[list[int], dict[bytes, int]]] = {}
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -304,6 +340,7 @@ class KafkaSink(Sink[KafkaOptions]):
             "compression_type": None if o.compression == "none" else o.compression,
             "request_timeout_ms": o.request_timeout_ms,
             "max_request_size": o.max_request_size,
+            "max_batch_size": min(o.max_request_size, _MAX_BATCH_BYTES),
         }
         if o.use_sasl:
             config["security_protocol"] = "SASL_SSL" if o.use_tls else "SASL_PLAINTEXT"
@@ -359,6 +396,9 @@ class KafkaSink(Sink[KafkaOptions]):
                     f"Kafka brokers {brokers} refused the producer: {type(exc).__name__}: {exc}{hint}"
                 ) from None
             raise
+        from aiokafka.partitioner import DefaultPartitioner
+
+        self._partitioner = DefaultPartitioner()
         self._producer = producer
 
     async def check(self) -> None:
@@ -381,14 +421,17 @@ class KafkaSink(Sink[KafkaOptions]):
     # -- encoding ------------------------------------------------------------------------------
 
     def _key(self, occurrence: Occurrence) -> bytes | None:
-        mode = self.options.key_by
-        if mode == "none":
+        mode = self._key_by
+        if mode == "object":
+            involved = occurrence.record.get("involved_object") or {}
+        elif mode == "none":
             return None
-        if mode == "event":
+        elif mode == "event":
             return occurrence.uid.encode()
-        involved = occurrence.record.get("involved_object") or {}
-        if mode == "object_uid" and involved.get("uid"):
-            return str(involved["uid"]).encode()
+        else:  # object_uid
+            involved = occurrence.record.get("involved_object") or {}
+            if involved.get("uid"):
+                return str(involved["uid"]).encode()
         kind, name = involved.get("kind") or "", involved.get("name") or ""
         if not kind and not name:
             return occurrence.uid.encode()  # no object to group by: keep one Event's occurrences together
@@ -396,18 +439,19 @@ class KafkaSink(Sink[KafkaOptions]):
 
     def encode(self, occurrence: Occurrence) -> _Message:
         record = occurrence.record
-        topic = self._static_topic or render_topic(self._parts, record)
-        headers = [
-            (name, str(record.get(name) or "").encode("utf-8", "replace"))
-            for name in ("cluster", "namespace", "type", "reason")
-        ]
-        headers.append(("occurrence", occurrence.key.encode("utf-8", "replace")))
+        get = record.get
         return _Message(
-            topic=topic,
-            key=self._key(occurrence),
-            value=occurrence.encode(include_raw=self.options.include_raw),
-            headers=headers,
-            timestamp_ms=occurrence.time_ns // 1_000_000 if self.options.timestamp == "event" else None,
+            self._static_topic or render_topic(self._parts, record),
+            self._key(occurrence),
+            occurrence.encode(include_raw=self._include_raw),
+            [
+                ("cluster", _header(get("cluster"))),
+                ("namespace", _header(get("namespace"))),
+                ("type", _header(get("type"))),
+                ("reason", _header(get("reason"))),
+                ("occurrence", occurrence.key.encode("utf-8", "replace")),
+            ],
+            occurrence.time_ns // 1_000_000 if self._event_time else None,
         )
 
     # -- delivery ------------------------------------------------------------------------------
@@ -445,55 +489,180 @@ class KafkaSink(Sink[KafkaOptions]):
             | kerr.ProducerClosed,
         )
 
+    async def _partitions(self, topic: str) -> tuple[list[int], list[int], dict[bytes, int]]:
+        """All and available partitions of ``topic`` as ``AIOKafkaProducer._partition`` lists them, and the
+        key -> partition cache valid for them. Raises what ``send`` would (unknown topic, timeout)."""
+        producer = self._producer
+        all_partitions = list(await producer.partitions_for(topic))
+        if not all_partitions:
+            from aiokafka.errors import UnknownTopicOrPartitionError
+
+            raise UnknownTopicOrPartitionError(topic)
+        available = list(producer.client.cluster.available_partitions_for_topic(topic) or ())
+        cached = self._partition_cache.get(topic)
+        if cached is None or cached[0] != all_partitions or len(cached[1]) > _PARTITION_CACHE_MAX:
+            if len(self._partition_cache) > 1000:  # many templated topics: start over
+                self._partition_cache.clear()
+            cached = self._partition_cache[topic] = (all_partitions, {})
+        return all_partitions, available, cached[1]
+
+    async def _submit(
+        self, lanes: list[list[_Batch]], outcomes: list[Outcome | None], stop: Outcome | None
+    ) -> tuple[list[tuple[_Batch, asyncio.Future[Any]]], Outcome | None]:
+        """Hand each lane's (one topic-partition's) batches to the producer, in lane order.
+
+        Lanes are interleaved: aiokafka keeps one queued batch per partition (``send_batch`` waits until
+        the previous one is taken), so round-robin lets one produce request carry every partition."""
+        producer = self._producer
+        submitted: list[tuple[_Batch, asyncio.Future[Any]]] = []
+        held: dict[int, Outcome] = {}  # lane -> why its later batches are kept back (order within a key)
+        for rank in range(max((len(lane) for lane in lanes), default=0)):
+            for number, lane in enumerate(lanes):
+                if rank >= len(lane):
+                    continue
+                job = lane[rank]
+                hold = held.get(number) if stop is None else retry(f"not sent: {stop.reason}")
+                if hold is not None:
+                    for i, _ in job.items:
+                        outcomes[i] = hold
+                    continue
+                try:
+                    future = await producer.send_batch(job.builder, job.topic, partition=job.partition)
+                except Exception as exc:
+                    outcome = self._classify(exc, job.topic)
+                    for i, _ in job.items:
+                        outcomes[i] = outcome
+                    held[number] = retry(
+                        f"not sent: an earlier batch for the same partition failed: {outcome.reason}"
+                    )
+                    if self._stops_batch(outcome, exc):
+                        stop = outcome
+                    continue
+                submitted.append((job, future))
+        return submitted, stop
+
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
         producer = self._producer
         if producer is None:
             raise RetryableError("kafka producer is not started")
+        from aiokafka import errors as kerr
         from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
         outcomes: list[Outcome | None] = [None] * len(batch)
-        pending: list[tuple[int, str, asyncio.Future[Any]]] = []
-        stop: Outcome | None = None
         limit = self.options.max_request_size
+        estimate = DefaultRecordBatchBuilder.estimate_size_in_bytes
+        by_topic: dict[str, list[tuple[int, _Message]]] = {}
         for i, occurrence in enumerate(batch):
-            if stop is not None:
-                # Keep later records (maybe of the same object) behind the failed one.
-                outcomes[i] = retry(f"not sent: {stop.reason}")
-                continue
             try:
                 message = self.encode(occurrence)
             except Exception as exc:  # a record we cannot encode must not fail the batch
                 outcomes[i] = reject(f"cannot encode record for kafka: {type(exc).__name__}: {exc}")
                 continue
-            size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
-                message.key, message.value, message.headers
-            )
+            size = estimate(message.key, message.value, message.headers)
             if size > limit:
                 outcomes[i] = reject(f"record is {size} bytes, over kafka max_request_size={limit}")
                 continue
-            try:
-                future = await producer.send(
-                    message.topic,
-                    message.value,
-                    key=message.key,
-                    headers=message.headers,
-                    timestamp_ms=message.timestamp_ms,
-                )
-            except Exception as exc:
-                outcome = self._classify(exc, message.topic)
-                outcomes[i] = outcome
-                if self._stops_batch(outcome, exc):
-                    stop = outcome
+            by_topic.setdefault(message.topic, []).append((i, message))
+
+        # Partition as AIOKafkaProducer.send would (murmur2 of the key; random for no key), keeping the
+        # batch order within each topic-partition.
+        stop: Outcome | None = None
+        partitioner = self._partitioner
+        groups: dict[tuple[str, int], list[tuple[int, _Message]]] = {}
+        for topic, items in by_topic.items():
+            if stop is not None:
+                for i, _ in items:
+                    outcomes[i] = retry(f"not sent: {stop.reason}")
                 continue
-            pending.append((i, message.topic, future))
-        if pending:
-            results = await asyncio.gather(*(future for _, _, future in pending), return_exceptions=True)
-            for (i, topic, _), result in zip(pending, results, strict=True):
-                outcomes[i] = self._classify(result, topic) if isinstance(result, BaseException) else OK
-        final = [outcome if outcome is not None else OK for outcome in outcomes]
+            try:
+                all_partitions, available, cache = await self._partitions(topic)
+            except Exception as exc:
+                outcome = self._classify(exc, topic)
+                for i, _ in items:
+                    outcomes[i] = outcome
+                if self._stops_batch(outcome, exc):
+                    stop = outcome  # broker unreachable: do not wait request_timeout_ms per topic
+                continue
+            for item in items:
+                key = item[1].key
+                if key is None:
+                    partition = partitioner(None, all_partitions, available)
+                else:
+                    partition = cache.get(key, -1)
+                    if partition < 0:
+                        partition = cache[key] = partitioner(key, all_partitions, available)
+                group = groups.get((topic, partition))
+                if group is None:
+                    groups[(topic, partition)] = [item]
+                else:
+                    group.append(item)
+
+        lanes: list[list[_Batch]] = []
+        for (topic, partition), items in groups.items():
+            lane: list[_Batch] = []
+            job = _Batch(topic, partition, producer.create_batch(), [])
+            for item in items:
+                message = item[1]
+                if (
+                    job.builder.append(
+                        timestamp=message.timestamp_ms,
+                        key=message.key,
+                        value=message.value,
+                        headers=message.headers,
+                    )
+                    is None
+                ):  # full: it goes as it is; the record starts the next batch
+                    lane.append(job)
+                    job = _Batch(topic, partition, self._single(message), [])
+                job.items.append(item)
+            lane.append(job)
+            lanes.append(lane)
+
+        submitted, stop = await self._submit(lanes, outcomes, stop)
+        alone: list[list[_Batch]] = []
+        if submitted:
+            results = await asyncio.gather(*(future for _, future in submitted), return_exceptions=True)
+            too_large = (
+                kerr.MessageSizeTooLargeError | kerr.RecordListTooLargeError | kerr.RecordTooLargeError
+            )
+            for (job, _), result in zip(submitted, results, strict=True):
+                if not isinstance(result, BaseException):
+                    for i, _ in job.items:
+                        outcomes[i] = OK
+                elif isinstance(result, too_large) and len(job.items) > 1:
+                    # The broker's batch limit is below ours: find out which records fit on their own.
+                    alone.append(
+                        [
+                            _Batch(job.topic, job.partition, self._single(item[1]), [item])
+                            for item in job.items
+                        ]
+                    )
+                else:
+                    outcome = self._classify(result, job.topic)
+                    for i, _ in job.items:
+                        outcomes[i] = outcome
+        if alone:
+            self.log.info(
+                "kafka: a produce batch was too large for the broker, sending its records one by one"
+            )
+            submitted, stop = await self._submit(alone, outcomes, stop)
+            results = await asyncio.gather(*(future for _, future in submitted), return_exceptions=True)
+            for (job, _), result in zip(submitted, results, strict=True):
+                [(i, _)] = job.items
+                outcomes[i] = self._classify(result, job.topic) if isinstance(result, BaseException) else OK
+
+        final = [o if o is not None else retry("kafka: no outcome recorded (bug)") for o in outcomes]
         failed = [outcome for outcome in final if outcome.kind is not OutcomeKind.OK]
         if failed:
             self.log.warning(
                 "kafka: %d of %d records not accepted (first: %s)", len(failed), len(final), failed[0].reason
             )
         return final
+
+    def _single(self, message: _Message) -> Any:
+        """A new batch holding ``message`` (the first record always fits: its size was checked)."""
+        builder = self._producer.create_batch()
+        builder.append(
+            timestamp=message.timestamp_ms, key=message.key, value=message.value, headers=message.headers
+        )
+        return builder

@@ -487,3 +487,74 @@ async def test_sasl_options_authenticate_against_the_broker(make_sink: MakeSink,
         }
         assert await consumed_uids(bootstrap, "auth", 20, **sasl_client) == sorted(o.uid for o in occurrences)
         assert proxy.failures >= 1 and any(m == mechanism for m, _ in proxy.authenticated)
+
+
+async def test_records_of_many_keys_land_in_the_partitions_aiokafka_send_chooses(
+    broker: TansuBroker, make_sink: MakeSink
+) -> None:
+    """The sink partitions batches itself (send_batch): each key must go where producer.send puts it."""
+    from aiokafka import AIOKafkaProducer
+
+    occurrences = [
+        *recorded_occurrences(),
+        *(
+            make_occurrence(cluster=CLUSTER, namespace=f"ns-{i % 7}", object_name=f"pod-{i}")
+            for i in range(300)
+        ),
+    ]
+    await broker.create_topics("ours", "theirs", partitions=7)
+    sink = make_sink(brokers=broker.bootstrap, topic="ours")
+    await sink.start()
+    await send_all(sink, occurrences, batch_size=500)  # one engine batch: every key in it
+    reference = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await reference.start()
+    try:
+        futures = [await reference.send("theirs", b"x", key=object_key(o)) for o in occurrences]
+        await asyncio.gather(*futures)
+    finally:
+        await reference.stop()
+
+    ours = await consume(broker.bootstrap, ["ours"], len(occurrences))
+    theirs = await consume(broker.bootstrap, ["theirs"], len(occurrences))
+    our_partition = {r.key: r.partition for r in ours}
+    their_partition = {r.key: r.partition for r in theirs}
+    assert len(our_partition) == 37 + 300
+    assert len(set(our_partition.values())) == 7  # every partition used: the comparison means something
+    assert our_partition == their_partition
+    assert len({(r.key, r.partition) for r in ours}) == len(our_partition)  # one partition per key
+
+
+async def test_a_batch_larger_than_one_produce_batch_is_split_and_keeps_per_key_order(
+    broker: TansuBroker, make_sink: MakeSink
+) -> None:
+    """max_request_size also caps the produce batch: at 4 KiB these 123 records need dozens of produce
+    batches per partition (~3 records each; the ~3.7 KiB ones go alone), sent in order."""
+    small = [
+        make_occurrence(cluster=CLUSTER, object_name=f"pod-{i % 5}", message=f"m{i} " + "y" * 300)
+        for i in range(120)
+    ]
+    big = [make_occurrence(cluster=CLUSTER, object_name="pod-0", message="z" * 3000) for _ in range(3)]
+    batch = [*small[:60], *big, *small[60:]]
+    sink = make_sink(brokers=broker.bootstrap, topic="split", max_request_size=4096)
+    assert sink.producer_config()["max_batch_size"] == 4096
+    await sink.start()
+    outcomes = await sink.send(batch)
+    assert outcomes is not None
+    assert [o.kind for o in outcomes] == [OutcomeKind.OK] * len(batch)
+
+    records = await consume(broker.bootstrap, ["split"], len(batch))
+    by_key: dict[bytes, list[ConsumerRecord[Any, Any]]] = defaultdict(list)
+    for record in records:
+        by_key[record.key].append(record)
+    assert len(by_key) == 5
+    for key, key_records in by_key.items():
+        assert len({r.partition for r in key_records}) == 1
+        in_log_order = [occurrence_header(r) for r in sorted(key_records, key=lambda r: r.offset)]
+        assert in_log_order == [o.key for o in batch if object_key(o) == key]
+    assert (
+        KafkaSink(
+            KafkaOptions.model_validate({"brokers": "k:9092"}),
+            SinkContext("k", CLUSTER, None, logging.getLogger("t")),
+        ).producer_config()["max_batch_size"]
+        == 512 * 1024
+    )
