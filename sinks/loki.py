@@ -17,6 +17,11 @@
   store are therefore also dead-lettered — re-sending them later is harmless because Loki
   de-duplicates identical entries. 429, 5xx, 401/403/404/408 and connection errors are retried by the
   engine (RetryableError, honouring Retry-After).
+- Loki refuses entries more than an hour (max_chunk_age/2) behind the newest entry of their stream. The
+  sink remembers, per stream, the newest entry Loki accepted from it; entries already known to be that
+  far behind (a relist arrives in key order, not time order) are sent in a second push of their own, so
+  only they are dead-lettered when Loki refuses them, not the whole push (and they are delivered if
+  Loki's window is wider). The sink cannot reorder what it already sent; only a time-ordered relist can.
 - Lines over ``max_line_bytes`` are truncated (the JSON stays valid and says ``"truncated": true``)
   or, with ``oversize=reject``, rejected one by one; never a whole-batch failure.
 """
@@ -31,6 +36,7 @@ import string
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from operator import attrgetter, itemgetter
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -51,8 +57,9 @@ from eventrouter import (
     SinkOptions,
     __version__,
     reject,
+    retry,
 )
-from eventrouter.protowire import bytes_field, varint_field
+from eventrouter.protowire import bytes_field, varint, varint_field
 
 __all__ = ["LokiOptions", "LokiSink"]
 
@@ -434,21 +441,79 @@ def logfmt_line(record: dict[str, Any], *, extra: Sequence[tuple[str, str]] = ()
 
 
 class _Entry:
-    __slots__ = ("index", "labels", "line", "metadata", "ts_ns")
+    """One encoded entry. ``stream`` is the stream's encoded ``StreamAdapter.labels`` field (the grouping
+    key, cached per label set); with protobuf, ``parts`` is the whole ``StreamAdapter.entries`` field
+    (``size`` bytes) ready to join, and ``metadata`` is only kept for the JSON body."""
+
+    __slots__ = ("index", "labels", "line", "metadata", "parts", "size", "stream", "ts_ns")
 
     def __init__(
         self,
         index: int,
         labels: tuple[tuple[str, str], ...],
+        stream: bytes,
         ts_ns: int,
         line: bytes,
-        metadata: list[tuple[str, str]],
+        metadata: Sequence[tuple[str, str]],
+        parts: tuple[bytes, ...] = (),
+        size: int = 0,
     ) -> None:
         self.index = index
         self.labels = labels
+        self.stream = stream
         self.ts_ns = ts_ns
         self.line = line
         self.metadata = metadata
+        self.parts = parts
+        self.size = size
+
+
+_ORDER = attrgetter("ts_ns", "index")
+_BEHIND_NS = 3600 * _NS
+"""Loki refuses entries this far behind their stream's newest (max_chunk_age 2h / 2, Loki's default)."""
+_NEWEST_MAX = 16384
+_CACHE_MAX = 4096
+"""Entries per cache (label sets, timestamps); a full cache is cleared, not evicted piecemeal."""
+_CACHE_LABELS_MAX = 1024
+"""Longest cached label string: also bounds the cached key values (each appears whole in the labels)."""
+_METADATA_FIELDS = ("involved_object_name", "involved_object_uid", "event_uid", "occurrence")
+# Protobuf field tags (number << 3 | 2, length-delimited) of Loki's push.proto messages.
+_TAG_STREAM = b"\x0a"  # PushRequest.streams = 1
+_TAG_ENTRY = b"\x12"  # StreamAdapter.entries = 2 (labels = 1 is encoded whole, per label set)
+_TAG_TIMESTAMP = b"\x0a"  # EntryAdapter.timestamp = 1
+_TAG_LINE = b"\x12"  # EntryAdapter.line = 2
+_TAG_METADATA = b"\x1a"  # EntryAdapter.structuredMetadata = 3, LabelPairAdapter{name = 1, value = 2}
+_METADATA_NAMES = {name: bytes_field(1, name) + b"\x12" for name in _METADATA_FIELDS}
+
+
+def _plain(key: Any) -> bool:
+    if type(key) is tuple:
+        return all(_plain(value) for value in key)
+    return key is None or type(key) is str
+
+
+_SECONDS_LOW = [varint_field(1, 0x80 | low)[:2] for low in range(128)]
+"""Timestamp.seconds tag and the first (continued) varint byte of seconds >= 128."""
+_TIMESTAMP_TAGS = [_TAG_TIMESTAMP + varint(size) for size in range(128)]
+_FIELD2: dict[int, bytes] = {}
+"""Tag and length varint by size of a field 2 (EntryAdapter.line, StreamAdapter.entries; sizes recur)."""
+
+
+def _field2(size: int) -> bytes:
+    data = _TAG_LINE + varint(size)
+    if len(_FIELD2) >= _CACHE_MAX:
+        _FIELD2.clear()
+    _FIELD2[size] = data
+    return data
+
+
+def _metadata_field(name: str, value: str) -> bytes:
+    try:
+        data = value.encode("utf-8")
+    except UnicodeEncodeError:
+        data = _fix_surrogates(value).encode("utf-8")
+    pair = _METADATA_NAMES[name] + varint(len(data))
+    return _TAG_METADATA + varint(len(pair) + len(data)) + pair + data
 
 
 class LokiSink(Sink[LokiOptions]):
@@ -475,6 +540,30 @@ class LokiSink(Sink[LokiOptions]):
         self._defaults = [
             (name, DEFAULT_LABELS[name]) for name in options.default_labels if name not in options.labels
         ]
+        # The label set depends only on the raw values of these record fields: top-level names, and
+        # (head, keys) for dotted paths. Their values are the key of the label-set cache.
+        paths = [path for _, path in self._defaults] + [
+            path for _, template in self._templates for kind, path in template if kind == "field"
+        ]
+        top: list[str] = ["type"]  # the fallback label when every other value is empty
+        nested: list[tuple[str, str]] = []
+        for path in paths:
+            head, _, rest = path.partition(".")
+            if rest:
+                if (head, rest) not in nested:
+                    nested.append((head, rest))
+            elif head not in top:
+                top.append(head)
+        self._key_top = itemgetter(*top)  # a normalised record has every top-level field
+        self._key_nested = tuple(nested)
+        self._label_cache: dict[tuple[Any, ...], tuple[tuple[tuple[str, str], ...], bytes]] = {}
+        self._seconds: dict[int, bytes] = {}
+        self._protobuf = options.format == "protobuf"
+        self._fast_line = options.line_format == "json" and not options.include_raw
+        self._max_line = options.max_line_bytes
+        self._newest: dict[bytes, int] = {}
+        """Per stream, the newest entry timestamp Loki accepted from this sink (a lower bound of Loki's)."""
+        self._metadata = options.structured_metadata
         self._headers = self._build_headers(parts.username, parts.password)
         self._push_headers = {"Content-Type": "application/x-protobuf"}
         if options.format == "json":
@@ -560,6 +649,29 @@ class LokiSink(Sink[LokiOptions]):
                 entries.append(entry)
         if not entries:
             return outcomes
+        # Loki refuses entries more than max_chunk_age/2 (1 h by default) behind the newest entry it
+        # holds for their stream, and answers 400 for the whole push. Entries this sink already knows to
+        # be that far behind (a relist in key order, not time order) go in a second push, so one late
+        # entry does not dead-letter a whole push of good ones; if Loki's window is wider it takes them.
+        late: list[_Entry] = []
+        if self._newest:
+            on_time: list[_Entry] = []
+            for entry in entries:
+                newest = self._newest.get(entry.stream)
+                (late if newest is not None and entry.ts_ns < newest - _BEHIND_NS else on_time).append(entry)
+            entries = on_time
+        if entries:
+            await self._push(entries, outcomes)
+        if late:
+            try:
+                await self._push(late, outcomes)
+            except RetryableError as exc:  # the on-time entries are stored: retry only these
+                for entry in late:
+                    outcomes[entry.index] = retry(str(exc), retry_after=exc.retry_after)
+        return outcomes
+
+    async def _push(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
+        """POST one push; 2xx leaves ``outcomes`` OK, a final 4xx rejects every item of this push."""
         body = self.encode(entries)
         session = self._ensure_session()
         try:
@@ -570,7 +682,13 @@ class LokiSink(Sink[LokiOptions]):
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise RetryableError(f"loki: cannot reach {self._shown}: {_describe(exc)}") from None
         if 200 <= status < 300:
-            return outcomes
+            newest = self._newest
+            if len(newest) >= _NEWEST_MAX:
+                newest.clear()  # forgetting only means fewer entries are predicted late
+            for entry in entries:
+                if entry.ts_ns > newest.get(entry.stream, entry.ts_ns - 1):
+                    newest[entry.stream] = entry.ts_ns
+            return
         message = text[:2000] or (response.reason or "")
         if status == 429 or status >= 500 or status in (401, 403, 404, 408):
             raise RetryableError(f"loki: {self._shown} answered {status}: {message}", retry_after=retry_after)
@@ -579,9 +697,34 @@ class LokiSink(Sink[LokiOptions]):
         reason = f"loki: {status} (push of {len(entries)} entries refused, possibly partly stored): {message}"
         for entry in entries:
             outcomes[entry.index] = reject(reason)
-        return outcomes
 
     # -- encoding ----------------------------------------------------------------------------------
+
+    def _stream(self, record: dict[str, Any]) -> tuple[tuple[tuple[str, str], ...], bytes]:
+        """The entry's label set and its encoded ``StreamAdapter.labels`` field, cached per distinct
+        input values (namespaces, kinds, reasons repeat heavily)."""
+        key: Any
+        try:
+            key = self._key_top(record)
+            for head, name in self._key_nested:
+                key = (key, record[head].get(name))
+        except (KeyError, TypeError, AttributeError):
+            key = None  # not a normalised record (missing field, not a dict): not worth a cache entry
+        if key is not None:
+            try:
+                hit = self._label_cache.get(key)
+            except TypeError:  # an unhashable value (not from normalise)
+                key, hit = None, None
+            if hit is not None:
+                return hit
+        labels = self._labels(record)
+        result = labels, bytes_field(1, labels_string(labels))
+        # Only str/None keys: then an equal key means equal label values (1 == True == 1.0 would not).
+        if key is not None and len(result[1]) <= _CACHE_LABELS_MAX and _plain(key):
+            if len(self._label_cache) >= _CACHE_MAX:
+                self._label_cache.clear()
+            self._label_cache[key] = result
+        return result
 
     def _labels(self, record: dict[str, Any]) -> tuple[tuple[str, str], ...]:
         pairs: dict[str, str] = {}
@@ -617,7 +760,7 @@ class LokiSink(Sink[LokiOptions]):
     def _entry(self, index: int, occurrence: Occurrence) -> _Entry | Outcome:
         record = occurrence.record
         try:
-            line = self._line(occurrence)
+            line = occurrence.json if self._fast_line else self._line(occurrence)
         except (orjson.JSONEncodeError, UnicodeEncodeError):
             # Lone surrogates in some string: encode a repaired copy (U+FFFD) instead of failing.
             occurrence = Occurrence(
@@ -630,25 +773,65 @@ class LokiSink(Sink[LokiOptions]):
             )
             record = occurrence.record
             line = self._line(occurrence)
-        limit = self.options.max_line_bytes
+        limit = self._max_line
         if len(line) > limit:
             if self.options.oversize == "reject":
                 return reject(
                     f"loki: line of {len(line)} bytes exceeds max_line_bytes={limit} (oversize=reject)"
                 )
             line = self._truncate(occurrence, line, limit)
-        metadata: list[tuple[str, str]] = []
-        if self.options.structured_metadata:
-            involved = record.get("involved_object") or {}
-            for name, value in (
-                ("involved_object_name", involved.get("name")),
-                ("involved_object_uid", involved.get("uid")),
-                ("event_uid", occurrence.uid),
-                ("occurrence", str(occurrence.number)),
-            ):
-                if value:
-                    metadata.append((name, _fix_surrogates(str(value))))
-        return _Entry(index, self._labels(record), occurrence.time_ns, line, metadata)
+        labels, stream = self._stream(record)
+        ts_ns = occurrence.time_ns
+        if not self._protobuf:
+            metadata: list[tuple[str, str]] = []
+            if self._metadata:
+                for name, value in self._metadata_values(occurrence, record):
+                    metadata.append((name, _fix_surrogates(value)))
+            return _Entry(index, labels, stream, ts_ns, line, metadata)
+        # EntryAdapter{timestamp=1, line=2, structuredMetadata=3...} as one StreamAdapter.entries field.
+        seconds, nanos = divmod(ts_ns, _NS)
+        if seconds >= 128:
+            # varint(s) is its low 7 bits (continued) then varint(s >> 7): cache the high part per
+            # 128-second block, so any plausible spread of event times hits the cache.
+            high = self._seconds.get(seconds >> 7)
+            if high is None:
+                if len(self._seconds) >= _CACHE_MAX:
+                    self._seconds.clear()
+                high = self._seconds[seconds >> 7] = varint(seconds >> 7)
+            timestamp = _SECONDS_LOW[seconds & 0x7F] + high
+        else:
+            timestamp = varint_field(1, seconds) if seconds else b""
+        if nanos:
+            timestamp += varint_field(2, nanos)
+        size = len(line)
+        # A Timestamp is at most 22 bytes: its length varint is one byte.
+        head = _TIMESTAMP_TAGS[len(timestamp)] + timestamp + (_FIELD2.get(size) or _field2(size))
+        if self._metadata:
+            metadata_bytes = b"".join(
+                [_metadata_field(name, value) for name, value in self._metadata_values(occurrence, record)]
+            )
+            size += len(head) + len(metadata_bytes)  # the EntryAdapter message
+            prefix = _FIELD2.get(size) or _field2(size)
+            parts: tuple[bytes, ...] = (prefix + head, line, metadata_bytes)
+        else:
+            size += len(head)
+            prefix = _FIELD2.get(size) or _field2(size)
+            parts = (prefix + head, line)
+        return _Entry(index, labels, stream, ts_ns, line, (), parts, len(prefix) + size)
+
+    @staticmethod
+    def _metadata_values(occurrence: Occurrence, record: dict[str, Any]) -> list[tuple[str, str]]:
+        involved = record.get("involved_object") or {}
+        out: list[tuple[str, str]] = []
+        for name, value in (
+            ("involved_object_name", involved.get("name")),
+            ("involved_object_uid", involved.get("uid")),
+            ("event_uid", occurrence.uid),
+            ("occurrence", str(occurrence.number)),
+        ):
+            if value:
+                out.append((name, value if type(value) is str else str(value)))
+        return out
 
     def _truncate(self, occurrence: Occurrence, line: bytes, limit: int) -> bytes:
         """Shorten the message until the line fits, keeping JSON valid; byte-cut as a last resort.
@@ -670,16 +853,21 @@ class LokiSink(Sink[LokiOptions]):
 
     def encode(self, entries: Sequence[_Entry]) -> bytes:
         """The push body: one stream per label set (in first-seen order), entries sorted by time."""
-        streams: dict[tuple[tuple[str, str], ...], list[_Entry]] = {}
+        streams: dict[bytes, list[_Entry]] = {}
         for entry in entries:
-            streams.setdefault(entry.labels, []).append(entry)
+            group = streams.get(entry.stream)
+            if group is None:
+                streams[entry.stream] = [entry]
+            else:
+                group.append(entry)
         for stream_entries in streams.values():
-            stream_entries.sort(key=lambda e: (e.ts_ns, e.index))
+            if len(stream_entries) > 1:
+                stream_entries.sort(key=_ORDER)
         if self.options.format == "json":
             doc = {
                 "streams": [
                     {
-                        "stream": dict(labels),
+                        "stream": dict(stream_entries[0].labels),
                         "values": [
                             [str(e.ts_ns), e.line.decode("utf-8"), dict(e.metadata)]
                             if e.metadata
@@ -687,25 +875,19 @@ class LokiSink(Sink[LokiOptions]):
                             for e in stream_entries
                         ],
                     }
-                    for labels, stream_entries in streams.items()
+                    for stream_entries in streams.values()
                 ]
             }
             body = orjson.dumps(doc)
             return gzip.compress(body, mtime=0) if self.options.gzip else body
-        out = bytearray()
-        for labels, stream_entries in streams.items():
-            stream = bytearray(bytes_field(1, labels_string(labels)))
+        # PushRequest{streams=1: StreamAdapter{labels=1, entries=2...}}: lengths summed, one join.
+        out: list[bytes] = []
+        for stream, stream_entries in streams.items():
+            out.append(_TAG_STREAM + varint(len(stream) + sum([e.size for e in stream_entries])))
+            out.append(stream)
             for e in stream_entries:
-                seconds, nanos = divmod(e.ts_ns, _NS)
-                timestamp = (varint_field(1, seconds) if seconds else b"") + (
-                    varint_field(2, nanos) if nanos else b""
-                )
-                encoded = bytes_field(1, timestamp) + bytes_field(2, e.line)
-                for name, value in e.metadata:
-                    encoded += bytes_field(3, bytes_field(1, name) + bytes_field(2, value))
-                stream += bytes_field(2, encoded)
-            out += bytes_field(1, bytes(stream))
-        return bytes(cramjam.snappy.compress_raw(bytes(out)))
+                out += e.parts
+        return bytes(cramjam.snappy.compress_raw(b"".join(out)))
 
     async def aclose(self) -> None:
         session, self._session = self._session, None

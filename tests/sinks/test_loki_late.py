@@ -1,0 +1,82 @@
+"""Entries more than an hour behind their stream's newest (a relist in key order) against the project's
+Loki-compatible receiver, which refuses them as Loki's ingester does (max_chunk_age 2h / 2)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from eventrouter import Occurrence, OutcomeKind, SinkContext
+from eventrouter.testing import make_occurrence
+from eventrouter.testing.receivers.loki import LokiReceiver
+from eventrouter_sinks.loki import LokiOptions, LokiSink
+
+CONTEXT = SinkContext(name="loki", cluster="test", data_dir=None, logger=logging.getLogger("test.loki"))
+
+
+def _at(seconds_ago: float, **kwargs: Any) -> Occurrence:
+    when = datetime.fromtimestamp(time.time() - seconds_ago, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return make_occurrence(first_timestamp=when, **kwargs)
+
+
+def _sink(url: str) -> LokiSink:
+    return LokiSink(LokiOptions.model_validate({"url": url}), CONTEXT)
+
+
+async def test_entries_far_behind_a_sent_newer_one_are_pushed_apart_and_only_they_are_rejected() -> None:
+    newest = _at(60, namespace="shop", object_name="a")
+    late = _at(3 * 3600, namespace="shop", object_name="b")
+    fine_same_stream = _at(1800, namespace="shop", object_name="c")
+    other_stream = _at(3 * 3600, namespace="web", object_name="d")
+    async with LokiReceiver() as loki:
+        sink = _sink(loki.url)
+        try:
+            first = await sink.send([newest])
+            assert first is not None and [o.kind for o in first] == [OutcomeKind.OK]
+            outcomes = await sink.send([late, fine_same_stream, other_stream])
+        finally:
+            await sink.aclose()
+        assert outcomes is not None
+        assert [o.kind for o in outcomes] == [OutcomeKind.REJECT, OutcomeKind.OK, OutcomeKind.OK]
+        assert "entry too far behind" in outcomes[0].reason
+        stored = {e.label_dict["namespace"] + "/" + str(e.ts_ns) for e in loki.entries}
+        assert stored == {
+            f"{o.record['namespace']}/{o.time_ns}" for o in (newest, fine_same_stream, other_stream)
+        }
+        # Two pushes for the second batch: the on-time entries (204), then the late one alone (400).
+        assert [p.status for p in loki.pushes][-2:] == [204, 400]
+
+
+async def test_late_entries_are_delivered_when_lokis_window_is_wider() -> None:
+    newest = _at(60, namespace="shop", object_name="a")
+    late = _at(3 * 3600, namespace="shop", object_name="b")
+    async with LokiReceiver(max_chunk_age=12 * 3600) as loki:
+        sink = _sink(loki.url)
+        try:
+            await sink.send([newest])
+            outcomes = await sink.send([late])
+        finally:
+            await sink.aclose()
+        assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.OK]
+        assert sorted(e.ts_ns for e in loki.entries) == [late.time_ns, newest.time_ns]
+
+
+async def test_a_retryable_answer_to_the_late_push_retries_only_the_late_items() -> None:
+    newest = _at(60, namespace="shop", object_name="a")
+    late = _at(3 * 3600, namespace="shop", object_name="b")
+    fresh = _at(30, namespace="shop", object_name="c")
+    async with LokiReceiver() as loki:
+        sink = _sink(loki.url)
+        try:
+            await sink.send([newest])
+            loki.fail_next(204, store=True)  # the on-time push: stored as usual
+            loki.fail_next(503, retry_after="3")  # the late push
+            outcomes = await sink.send([late, fresh])
+        finally:
+            await sink.aclose()
+        assert outcomes is not None
+        assert [o.kind for o in outcomes] == [OutcomeKind.RETRY, OutcomeKind.OK]
+        assert "503" in outcomes[0].reason and outcomes[0].retry_after == 3.0
+        assert sorted(e.ts_ns for e in loki.entries) == [newest.time_ns, fresh.time_ns]
