@@ -47,7 +47,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -68,7 +68,9 @@ from eventrouter import (
     reject,
     retry,
 )
-from eventrouter.protowire import bytes_field, fixed32_field, varint, varint_field
+from eventrouter.protowire import bytes_field
+
+from ._sls_log import encode_log, encode_occurrence, log_contents
 
 __all__ = ["SLSOptions", "SLSSink", "encode_log", "log_contents"]
 
@@ -192,69 +194,6 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _flat_value(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)):
-        return str(value)
-    return orjson.dumps(value).decode()
-
-
-def log_contents(occ: Occurrence) -> list[tuple[str, str]]:
-    """The log's key/value pairs: K8s event center fields, then the record's fields flattened."""
-    rec = occ.record
-    involved = rec.get("involved_object") or {}
-    contents: list[tuple[str, str]] = [
-        ("eventId", occ.raw_json.decode()),
-        ("hostname", rec.get("source_host") or rec.get("reporting_instance") or ""),
-        ("level", rec.get("type") or ""),
-    ]
-    if involved.get("kind") == "Pod":
-        contents.append(("pod_id", involved.get("uid") or ""))
-        contents.append(("pod_name", involved.get("name") or ""))
-    for key, value in rec.items():
-        if key == "involved_object" and isinstance(value, dict):
-            for sub, sub_value in value.items():
-                flat = _flat_value(sub_value)
-                if flat is not None:
-                    contents.append((f"involved_object_{sub}", flat))
-            continue
-        flat = _flat_value(value)
-        if flat is not None:
-            contents.append((key, flat))
-    return contents
-
-
-_CONTENT_KEYS: dict[str, bytes] = {}  # Content.Key fields, encoded once per key name
-_TAG_2_LEN = b"\x12"  # field 2, length-delimited
-
-
-def encode_log(seconds: int, nanos: int, contents: Sequence[tuple[str, str]]) -> bytes:
-    """One ``Log`` message (Time=1 uint32, Contents=2, Time_ns=4 fixed32), strict UTF-8."""
-    parts = [varint_field(1, seconds)]
-    append = parts.append
-    for key, value in contents:
-        key_field = _CONTENT_KEYS.get(key)
-        if key_field is None:
-            key_field = _CONTENT_KEYS.setdefault(key, bytes_field(1, key.encode("utf-8")))
-        data = value.encode("utf-8")
-        value_len = varint(len(data))
-        # Contents=2 (length-delimited) holding Key=1 and Value=2, written inline: this loop runs
-        # some thirty times per event.
-        append(_TAG_2_LEN)
-        append(varint(len(key_field) + 1 + len(value_len) + len(data)))
-        append(key_field)
-        append(_TAG_2_LEN)
-        append(value_len)
-        append(data)
-    append(fixed32_field(4, nanos))
-    return b"".join(parts)
-
-
 @dataclass(slots=True)
 class _Chunk:
     indexes: list[int]
@@ -288,6 +227,7 @@ class SLSSink(Sink[SLSOptions]):
         self._key_id = ""
         self._key_secret = ""
         self._token: str | None = None
+        self._lz4_buffer = bytearray()
         self.max_logs = MAX_LOGS_PER_REQUEST
         self.max_bytes = MAX_REQUEST_BYTES
 
@@ -430,6 +370,21 @@ class SLSSink(Sink[SLSOptions]):
 
     def _encode(self, occ: Occurrence, now: float) -> tuple[bytes | None, str]:
         seconds, nanos = divmod(occ.time_ns, 1_000_000_000)
+        low = now - LOG_TIME_PAST + _CLAMP_MARGIN
+        # The fast path gives the definition's bytes, or None when the definition must decide.
+        if low <= seconds <= now + LOG_TIME_FUTURE - _CLAMP_MARGIN:
+            log = encode_occurrence(occ, seconds if seconds > 0 else 0, nanos, False)
+            if log is not None:
+                return log, ""
+        elif self.options.clamp_time:
+            log = encode_occurrence(occ, max(int(low) if seconds < low else int(now), 0), nanos, True)
+            if log is not None:
+                return log, ""
+        return self._encode_contents(occ, now)
+
+    def _encode_contents(self, occ: Occurrence, now: float) -> tuple[bytes | None, str]:
+        """The definition (log_contents + encode_log): for what the fast path leaves, and its errors."""
+        seconds, nanos = divmod(occ.time_ns, 1_000_000_000)
         contents = log_contents(occ)
         low, high = now - LOG_TIME_PAST + _CLAMP_MARGIN, now + LOG_TIME_FUTURE - _CLAMP_MARGIN
         if not low <= seconds <= high:
@@ -450,6 +405,11 @@ class SLSSink(Sink[SLSOptions]):
         return bytes_field(3, self.options.topic) + bytes_field(4, self._source)
 
     def _chunks(self, logs: list[tuple[int, bytes]], header_size: int) -> list[_Chunk]:
+        if 0 < len(logs) <= self.max_logs:  # usually the whole batch fits one request
+            indexes, blobs = zip(*logs, strict=True)
+            size = header_size + sum(map(len, blobs))
+            if size <= self.max_bytes:
+                return [_Chunk(list(indexes), list(blobs), size)]
         chunks: list[_Chunk] = []
         current = _Chunk([], [], header_size)
         for index, log in logs:
@@ -468,7 +428,13 @@ class SLSSink(Sink[SLSOptions]):
     def _compress(self, raw: bytes) -> tuple[bytes, str]:
         if self.options.compress == "deflate":
             return zlib.compress(raw, 6), "deflate"
-        return bytes(cramjam.lz4.compress_block(raw, store_size=False)), "lz4"
+        # Into a buffer kept across requests (identical output to compress_block, without allocating
+        # and releasing the worst-case bound, megabytes, per request).
+        bound = cramjam.lz4.compress_block_bound(raw)
+        if len(self._lz4_buffer) < bound:
+            self._lz4_buffer = bytearray(bound)
+        size = cramjam.lz4.compress_block_into(raw, self._lz4_buffer, store_size=False)
+        return bytes(memoryview(self._lz4_buffer)[:size]), "lz4"
 
     def _log_once(self, code: str, text: str) -> None:
         if code not in self._logged_codes:
