@@ -204,11 +204,11 @@ class Pipeline:
                 self._queue.extend(self.spool.pop(self.options.batch_max_events))
             self._m_spool.set(len(self.spool))
 
-    def _take(self, batch: list[Occurrence], size: int) -> int:
+    def _take(self, batch: list[Occurrence], size: int, keys: set[tuple[str, int]]) -> int:
+        """Move queued occurrences into ``batch`` (whose (uid, number) pairs are ``keys``) up to its bounds."""
         max_events, max_bytes = self.options.batch_max_events, self.options.batch_max_bytes
         accepted = self.checkpoint.accepted
         queue = self._queue
-        keys = {(o.uid, o.number) for o in batch}
         while queue and len(batch) < max_events:
             nxt = queue[0]
             key = (nxt.uid, nxt.number)
@@ -229,11 +229,12 @@ class Pipeline:
     def _due(self) -> bool:
         return bool(self._deferred) and self._deferred[0][0] <= time.monotonic()
 
-    def _take_due(self, batch: list[Occurrence], size: int) -> int:
+    def _take_due(self, batch: list[Occurrence], size: int, keys: set[tuple[str, int]]) -> int:
         now = time.monotonic()
         while self._deferred and self._deferred[0][0] <= now and len(batch) < self.options.batch_max_events:
             occ = heapq.heappop(self._deferred)[2]
             batch.append(occ)
+            keys.add((occ.uid, occ.number))
             size += occ.size
         return size
 
@@ -254,7 +255,8 @@ class Pipeline:
                 pass
             self._refill()
         batch: list[Occurrence] = []
-        size = self._take(batch, self._take_due(batch, 0))
+        keys: set[tuple[str, int]] = set()
+        size = self._take(batch, self._take_due(batch, 0, keys), keys)
         deadline = time.monotonic() + opts.batch_max_wait
         while (
             len(batch) < opts.batch_max_events
@@ -272,7 +274,7 @@ class Pipeline:
                     await self._wakeup.wait()
             except TimeoutError:
                 break
-            size = self._take(batch, size)
+            size = self._take(batch, size, keys)
         self._m_queue.set(len(self._queue))
         self.flush_metrics()
         self._room.set()
