@@ -244,7 +244,7 @@ class Router:
         self.kube = kube or await connect(kubeconfig=self.settings.kubeconfig, context=self.settings.context)
         namespaces: list[str | None] = [*self.settings.namespaces] or [None]
         # A list page must fit in the smallest memory queue, or a relist would overflow it.
-        smallest = min((p.options.queue_max_events for p in self.pipelines), default=1000)
+        smallest = min((p.queue_max for p in self.pipelines), default=1000)
         watch = dataclasses.replace(
             self.settings.watch, page_size=max(10, min(self.settings.watch.page_size, smallest // 2))
         )

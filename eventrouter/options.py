@@ -132,16 +132,32 @@ class FilterOptions(_Strict):
         return value
 
 
+QUEUE_DEFAULT = 10_000
+"""Memory queue bound without a disk spool: the only buffer while a sink is down."""
+QUEUE_DEFAULT_SPOOLED = 2_000
+"""With a spool the disk takes the backlog: a slow sink then holds ~2,000 occurrences (~13 MB) in
+memory instead of 10,000 (~64 MB), per sink."""
+
+
 class PipelineOptions(_Strict):
     """Engine knobs per sink: queue, batching, retries. Sinks never see these."""
 
     name: str | None = Field(None, description="Instance name (default: the sink type); unique per router.")
-    queue_max_events: int = Field(
-        10_000,
+    queue_max_events: int | None = Field(
+        None,
         ge=1,
         validation_alias=AliasChoices("queue_max_events", "queue_size"),
-        description="Memory queue bound; beyond it the oldest occurrences spill to disk or are dropped.",
+        description=(
+            "Memory queue bound (default 10,000; 2,000 with the disk spool, which takes the rest); beyond "
+            "it occurrences spill to disk, or without a spool the oldest are dropped."
+        ),
     )
+
+    def queue_bound(self, *, spooled: bool) -> int:
+        if self.queue_max_events is not None:
+            return self.queue_max_events
+        return QUEUE_DEFAULT_SPOOLED if spooled else QUEUE_DEFAULT
+
     spool_max_bytes: int = Field(
         256 * 1024 * 1024,
         ge=0,

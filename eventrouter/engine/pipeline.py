@@ -90,6 +90,7 @@ class Pipeline:
         self._room = asyncio.Event()
         self._room.set()
         self._received = 0
+        self.queue_max = options.queue_bound(spooled=spool is not None)
         # Metric children resolved once: label lookups are not free on the hot path.
         m = metrics
         self._m_received = m.received.labels(name)
@@ -132,10 +133,10 @@ class Pipeline:
             )
             return
         self.idle.clear()
-        if self.spool is not None and (len(self.spool) or len(self._queue) >= self.options.queue_max_events):
+        if self.spool is not None and (len(self.spool) or len(self._queue) >= self.queue_max):
             # Once spilling starts, everything goes through the spool until it drains: order is kept.
             self._spill(occ)
-        elif len(self._queue) >= self.options.queue_max_events:
+        elif len(self._queue) >= self.queue_max:
             dropped = self._queue.popleft()
             self._queue.append(occ)
             self.metrics.dropped.labels(self.name, "queue_full").inc()
@@ -143,7 +144,7 @@ class Pipeline:
                 "queue_full",
                 "sink %s: memory queue full (%d), dropped oldest occurrence %s",
                 self.name,
-                self.options.queue_max_events,
+                self.queue_max,
                 dropped.key,
             )
         else:
@@ -177,7 +178,7 @@ class Pipeline:
             self.healthy
             and self.started.is_set()
             and not self._closing
-            and len(self._queue) >= high_water * self.options.queue_max_events
+            and len(self._queue) >= high_water * self.queue_max
         )
 
     async def wait_for_room(self, high_water: float) -> None:
