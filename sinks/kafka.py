@@ -307,8 +307,9 @@ class _Batch:
 # aiokafka's default (16 KiB) holds ~8 of our records; bigger batches mean few produce batches per
 # engine batch (compression is per batch too). Never above max_request_size: the broker's limit.
 _MAX_BATCH_BYTES = 512 * 1024
-# Partition choice per key is cached across batches (murmur2 is pure Python); bounded by clearing.
-_PARTITION_CACHE_MAX = 100_000
+# Partition choice per key is cached across batches (murmur2 is pure Python, ~10 µs a key); bounded
+# by clearing (~2 MB at most: the keys repeat per involved object, a relist brings each once).
+_PARTITION_CACHE_MAX = 16_384
 
 
 class KafkaSink(Sink[KafkaOptions]):
