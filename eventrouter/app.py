@@ -246,7 +246,10 @@ class Router:
         # A list page must fit in the smallest memory queue, or a relist would overflow it.
         smallest = min((p.queue_max for p in self.pipelines), default=1000)
         watch = dataclasses.replace(
-            self.settings.watch, page_size=max(10, min(self.settings.watch.page_size, smallest // 2))
+            self.settings.watch,
+            page_size=max(10, min(self.settings.watch.page_size, smallest // 2)),
+            relist_dir=self.settings.watch.relist_dir
+            or (str(self.settings.data_dir) if self.settings.data_dir else None),
         )
         for ns in namespaces:
             watcher = EventWatcher(
@@ -259,6 +262,7 @@ class Router:
                 metrics=self.metrics,
                 settings=watch,
                 room=self.fanout.wait_for_room,
+                needed=self.fanout.needed,
             )
             self.watchers.append(watcher)
             self._tasks.append(self._guard(watcher.run(), f"watch:{ns or '*'}"))

@@ -22,6 +22,10 @@ class Fanout:
         for pipeline in self.pipelines:
             pipeline.offer(occ)
 
+    def needed(self, occ: Occurrence) -> bool:
+        """False when every sink's checkpoint already holds this occurrence (a relist after a restart)."""
+        return any(occ.number > p.checkpoint.accepted(occ.uid) for p in self.pipelines)
+
     async def wait_for_room(self, *, high_water: float = 0.5, max_wait: float = 60.0) -> bool:
         """Bulk intake (a relist, a replay) pauses here while a *working* sink's memory queue is past
         ``high_water``: catching up at the sinks' pace instead of dropping what does not fit. A failing

@@ -21,6 +21,7 @@ import orjson
 from eventrouter.metrics import Metrics
 from eventrouter.record import MalformedEvent, Occurrence
 from eventrouter.source.kube import ApiError, KubeClient, raise_for_status
+from eventrouter.source.relist_order import RelistOrder
 from eventrouter.source.tracker import OccurrenceTracker
 
 __all__ = ["EventWatcher", "WatchSettings"]
@@ -47,6 +48,10 @@ class WatchSettings:
     label_selector: str = ""
     max_line_bytes: int = 16 * 1024 * 1024
     """One watch line above this is treated as a broken stream (Events are limited to ~1 MiB)."""
+    relist_sorted: bool = True
+    """Hand a list's new occurrences on oldest-first (Loki refuses entries over an hour out of order)."""
+    relist_dir: str | None = None
+    """Where a large relist waits for sorting (default: the system temp dir; --data-dir when set)."""
 
 
 class EventWatcher:
@@ -62,6 +67,7 @@ class EventWatcher:
         metrics: Metrics,
         settings: WatchSettings | None = None,
         room: Callable[[], Awaitable[object]] | None = None,
+        needed: Callable[[Occurrence], bool] | None = None,
     ) -> None:
         self.kube = kube
         self.namespace = namespace
@@ -70,6 +76,7 @@ class EventWatcher:
         self.forget = forget
         self.listed = listed
         self.room = room
+        self.needed = needed  # False when every sink already accepted the occurrence
         self.metrics = metrics
         self.settings = settings or WatchSettings()
         self.path = f"/api/v1/namespaces/{namespace}/events" if namespace else "/api/v1/events"
@@ -109,7 +116,7 @@ class EventWatcher:
 
     # ---- objects ------------------------------------------------------------------------------
 
-    def _handle(self, kind: str, obj: Any, received_at: float) -> None:
+    def _handle(self, kind: str, obj: Any, received_at: float, order: RelistOrder | None = None) -> None:
         if kind in self._counts:
             self._counts[kind] += 1
         else:
@@ -126,13 +133,41 @@ class EventWatcher:
             log.warning("dropped a malformed event from %s: %s", self.where, exc)
             return
         if occ is not None:
+            if order is not None and (self.needed is None or self.needed(occ)):
+                order.add(occ)  # handed on oldest-first once the list is complete
+                return
             self._new_occurrences += 1
             self.publish(occ)
 
     # ---- list ---------------------------------------------------------------------------------
 
     async def _list(self) -> str:
-        """Paged list; every item goes through the tracker as it arrives. Returns the list's RV."""
+        """Paged list; every item goes through the tracker as it arrives. Returns the list's RV.
+
+        New occurrences are handed on once the list is complete, oldest first (``RelistOrder``);
+        those every sink already accepted go on at once (the sinks skip them, counted)."""
+        order = (
+            RelistOrder(cluster=self.tracker.cluster, directory=self.settings.relist_dir)
+            if self.settings.relist_sorted
+            else None
+        )
+        try:
+            rv, live = await self._list_pages(order)
+            if order is not None and len(order):
+                await self._hand_on(order)
+        except BaseException:
+            if order is not None:
+                # Not handed on: the next relist must see them as new again.
+                for uid in order.not_handed_on():
+                    self.tracker.seen.pop(uid, None)
+                order.close()
+            raise
+        self.tracker_gc(live)
+        self.listed(self.namespace, live)
+        self.tracked_gauge()
+        return rv
+
+    async def _list_pages(self, order: RelistOrder | None) -> tuple[str, set[str]]:
         live: set[str] = set()
         cont = ""
         rv = ""
@@ -154,7 +189,7 @@ class EventWatcher:
             except (orjson.JSONDecodeError, AttributeError) as exc:
                 raise ApiError(500, "InvalidList", f"list answer is not an EventList: {exc}") from None
             for item in items:
-                self._handle("LIST", item, received_at)
+                self._handle("LIST", item, received_at, order)
                 uid = (item.get("metadata") or {}).get("uid") if isinstance(item, dict) else None
                 if isinstance(uid, str):
                     live.add(uid)
@@ -169,10 +204,19 @@ class EventWatcher:
                 # memory for about one page per sink, not the whole cluster's events.
                 await self.room()
                 self._progress()
-        self.tracker_gc(live)
-        self.listed(self.namespace, live)
-        self.tracked_gauge()
-        return rv
+        return rv, live
+
+    async def _hand_on(self, order: RelistOrder) -> None:
+        log.info("handing %d listed occurrences of %s to the sinks, oldest first", len(order), self.where)
+        for chunk in order.drain(self.settings.page_size):
+            for occ in chunk:
+                self.publish(occ)
+            self._new_occurrences += len(chunk)
+            self.flush_metrics()
+            self._progress()
+            if self.room is not None:
+                await self.room()  # at the sinks' pace, a page at a time, as the list itself
+                self._progress()
 
     def tracker_gc(self, live: set[str]) -> None:
         gone = self.tracker.prune(live)

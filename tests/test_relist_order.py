@@ -1,0 +1,167 @@
+"""A relist is handed to the sinks oldest-first: the API server lists in key order, and Loki refuses
+entries more than an hour behind their stream's newest."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from eventrouter.app import Router, RouterSettings
+from eventrouter.config import spec_for_class
+from eventrouter.record import Occurrence, normalise
+from eventrouter.source.relist_order import RelistOrder
+from eventrouter.source.watcher import WatchSettings
+from eventrouter.testing import MemorySink, event_object
+from eventrouter.testing.apiserver import FakeApiServer
+from eventrouter.testing.receivers.loki import LokiReceiver
+from eventrouter.testing.waiting import until
+from eventrouter_sinks.loki import LokiSink
+
+BASE = datetime(2026, 11, 22, 0, 0, tzinfo=UTC)
+
+
+def _at(minutes: float) -> str:
+    return (BASE + timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _spread_events(n: int, span_minutes: float) -> list[dict[str, object]]:
+    """Names in the opposite order of their times: a key-order list is newest first."""
+    return [
+        event_object(
+            namespace="shop",
+            name=f"ev-{i:05d}",
+            object_name="web-0",
+            first_timestamp=_at(span_minutes * (n - 1 - i) / (n - 1)),
+            last_timestamp=_at(span_minutes * (n - 1 - i) / (n - 1)),
+        )
+        for i in range(n)
+    ]
+
+
+def _settings(
+    api: FakeApiServer, tmp_path: Path, *, page_size: int, data_dir: Path | None = None
+) -> RouterSettings:
+    return RouterSettings(
+        cluster_name="t",
+        kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
+        metrics_addr=None,
+        data_dir=data_dir,
+        watch=WatchSettings(page_size=page_size, backoff_initial=0.05),
+    )
+
+
+@pytest.mark.parametrize("in_memory", [0, 3, 1000])
+def test_drain_is_oldest_first_and_rebuilds_the_same_occurrences(tmp_path: Path, in_memory: int) -> None:
+    objects = _spread_events(10, 180)
+    originals = [normalise(obj, cluster="c", received_at=1.5 + i) for i, obj in enumerate(objects)]
+    order = RelistOrder(cluster="c", directory=str(tmp_path), in_memory=in_memory)
+    for occ in originals:
+        order.add(occ)
+    drained: list[Occurrence] = [occ for page in order.drain(4) for occ in page]
+    assert [len(page) for page in [drained[:4], drained[4:8], drained[8:]]] == [4, 4, 2]
+    assert [o.time_ns for o in drained] == sorted(o.time_ns for o in originals)
+    by_uid = {o.uid: o for o in originals}
+    for occ in drained:
+        want = by_uid[occ.uid]
+        assert (occ.record, occ.raw_json, occ.received_at, occ.number) == (
+            want.record,
+            want.raw_json,
+            want.received_at,
+            want.number,
+        )
+    assert len(order) == 0 and not list(tmp_path.iterdir())  # an anonymous file, gone
+
+
+def test_equal_times_keep_list_order_and_unhanded_uids_are_reported(tmp_path: Path) -> None:
+    objects = [event_object(name=f"e{i}", first_timestamp=_at(0), last_timestamp=_at(0)) for i in range(5)]
+    occs = [normalise(obj) for obj in objects]
+    order = RelistOrder(cluster="", directory=str(tmp_path), in_memory=2)
+    for occ in occs:
+        order.add(occ)
+    pages = order.drain(2)
+    assert [o.uid for o in next(pages)] == [occs[0].uid, occs[1].uid]
+    # The consumer failed here: what it did not get must be forgotten by the tracker.
+    assert order.not_handed_on() == [o.uid for o in occs[2:]]
+    pages.close()
+    order.close()
+
+
+async def test_a_relist_reaches_the_sink_in_event_time_order(tmp_path: Path) -> None:
+    async with FakeApiServer() as api:
+        for obj in _spread_events(120, 180):
+            api.create_event(obj)
+        settings = _settings(api, tmp_path, page_size=25)
+        spec = spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.02}, type_="memory")
+        router = Router(settings, [spec])
+        async with router.running():
+            sink = router.sinks["mem"]
+            assert isinstance(sink, MemorySink)
+            await sink.wait_for(120)
+            times = [occ.time_ns for occ in sink.received]
+            assert times == sorted(times)
+
+
+async def test_a_relist_spanning_three_hours_is_not_refused_by_loki(tmp_path: Path) -> None:
+    # Without the ordering the key-order list (newest first) makes Loki refuse everything more than
+    # an hour behind the first entries of the stream.
+    async with (
+        FakeApiServer() as api,
+        LokiReceiver(now=lambda: (BASE + timedelta(hours=3)).timestamp()) as loki,
+    ):
+        for obj in _spread_events(300, 180):
+            api.create_event(obj)
+        settings = _settings(api, tmp_path, page_size=50, data_dir=tmp_path / "data")
+        spec = spec_for_class(
+            LokiSink, {"url": loki.url, "batch_max_wait": 0.02, "batch_max_events": 20}, type_="loki"
+        )
+        router = Router(settings, [spec])
+        async with router.running():
+            m = router.metrics
+            await until(lambda: m.delivered.labels("loki")._value.get() == 300)
+            assert m.dead_lettered.labels("loki", "rejected")._value.get() == 0
+            assert len({e.line for e in loki.entries}) == 300
+
+
+async def test_a_relist_that_fails_midway_hands_everything_on_at_the_next_one(tmp_path: Path) -> None:
+    # Page 1 is buffered, page 2 fails: the tracker must forget page 1's occurrences (they were never
+    # handed on) or the next relist would not see them as new, and they would be lost.
+    from eventrouter.metrics import Metrics
+    from eventrouter.source.kube import connect
+    from eventrouter.source.tracker import OccurrenceTracker
+    from eventrouter.source.watcher import EventWatcher
+
+    async with FakeApiServer() as api:
+        for obj in _spread_events(30, 60):
+            api.create_event(obj)
+        kube = await connect(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")))
+        published: list[Occurrence] = []
+        rooms = 0
+
+        async def room() -> None:
+            nonlocal rooms
+            rooms += 1
+            if rooms == 1:
+                api.faults.fail_next(500, verbs=("list",))
+
+        watcher = EventWatcher(
+            kube,
+            namespace=None,
+            tracker=OccurrenceTracker(cluster="t"),
+            publish=published.append,
+            forget=lambda uids: None,
+            listed=lambda ns, live: None,
+            metrics=Metrics(),
+            settings=WatchSettings(page_size=10, backoff_initial=0.01, backoff_max=0.02),
+            room=room,
+        )
+        try:
+            with pytest.raises(Exception, match="500"):
+                await watcher._list()
+            assert published == []
+            await watcher._list()
+        finally:
+            await kube.close()
+        assert sorted(o.key for o in published) == sorted(f"{e['metadata']['uid']}/1" for e in api.events())
+        assert [o.time_ns for o in published] == sorted(o.time_ns for o in published)
