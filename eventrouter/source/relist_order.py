@@ -7,13 +7,14 @@ largely refused. Sorted by event time it is not, and every other sink sees event
 happened.
 
 A relist can hold the whole cluster's events, so beyond a small number they wait in an anonymous
-temporary file (their raw JSON, as the spool keeps them); memory holds about 80 bytes per occurrence
+temporary file (their raw JSON, as the spool keeps them); memory holds ~50 bytes per occurrence
 for the sort. They are rebuilt from the raw JSON exactly as the source built them.
 """
 
 from __future__ import annotations
 
 import tempfile
+from array import array
 from collections.abc import Generator
 from typing import IO
 
@@ -25,71 +26,88 @@ __all__ = ["RelistOrder"]
 
 
 class RelistOrder:
-    def __init__(self, *, cluster: str, directory: str | None = None, in_memory: int = 2_000) -> None:
+    def __init__(self, *, cluster: str, directory: str | None = None, in_memory: int = 500) -> None:
         self.cluster = cluster
         self.directory = directory
         self.in_memory = in_memory
-        # (time_ns, seq, uid, occurrence) while few, then (time_ns, seq, uid, (offset, length, received_at)).
-        self._kept: list[tuple[int, int, str, Occurrence | tuple[int, int, float]]] = []
+        # Parallel columns, one row per occurrence in list order: ~50 bytes a row (a tuple per row
+        # would be ~300). The first `in_memory` rows keep the occurrence itself; the rest its raw
+        # JSON at _offsets[i] in the file.
+        self._times = array("q")
+        self._received = array("d")
+        self._offsets = array("q")
+        self._uids: list[str] = []
+        self._held: list[Occurrence] = []
         self._file: IO[bytes] | None = None
         self._end = 0
-        self._handed = 0  # entries of the sorted list already yielded by drain()
+        self._order: list[int] = []  # rows sorted by time, set by drain()
+        self._handed = 0  # rows of _order already yielded by drain()
 
     def __len__(self) -> int:
-        return len(self._kept)
+        return len(self._uids)
 
     def add(self, occ: Occurrence) -> None:
-        seq = len(self._kept)  # ties keep list order
-        if seq < self.in_memory:
-            self._kept.append((occ.time_ns, seq, occ.uid, occ))
+        self._times.append(occ.time_ns)
+        self._received.append(occ.received_at)
+        self._uids.append(occ.uid)
+        if len(self._held) < self.in_memory:
+            self._held.append(occ)
+            self._offsets.append(-1)
             return
         if self._file is None:
             # Deleted as soon as it is closed (or the process dies): nothing to clean up after a crash.
             self._file = tempfile.TemporaryFile(  # noqa: SIM115 - lives across add/drain; close() ends it
                 prefix="eventrouter-relist-", dir=self.directory
             )
-        data = occ.raw_json
-        self._file.write(data)
-        self._kept.append((occ.time_ns, seq, occ.uid, (self._end, len(data), occ.received_at)))
-        self._end += len(data)
+        self._offsets.append(self._end)
+        self._file.write(occ.raw_json)
+        self._end += len(occ.raw_json)
 
     def not_handed_on(self) -> list[str]:
         """Event uids added but not yet yielded by ``drain``: a relist that fails must forget them in
         the tracker, or the next relist would not see them as new."""
-        return [entry[2] for entry in self._kept[self._handed :]]
+        rows = self._order[self._handed :] if self._order else range(len(self._uids))
+        return [self._uids[row] for row in rows]
 
     def drain(self, page: int) -> Generator[list[Occurrence], None, None]:
-        """Everything added, oldest first (event time, then list order), ``page`` at a time."""
-        kept = self._kept
-        kept.sort(key=lambda entry: (entry[0], entry[1]))
+        """Everything added, oldest first (event time, then list order: the sort is stable), ``page``
+        at a time."""
+        self._order = order = sorted(range(len(self._uids)), key=self._times.__getitem__)
         self._handed = 0
         f = self._file
         if f is not None:
             f.flush()
+        held, offsets, received = self._held, self._offsets, self._received
         try:
-            for start in range(0, len(kept), page):
+            for start in range(0, len(order), page):
                 chunk: list[Occurrence] = []
-                for _, _, _, held in kept[start : start + page]:
-                    if isinstance(held, Occurrence):
-                        chunk.append(held)
+                for row in order[start : start + page]:
+                    offset = offsets[row]
+                    if offset < 0:
+                        chunk.append(held[row])
                         continue
                     assert f is not None
-                    offset, length, received_at = held
+                    end = offsets[row + 1] if row + 1 < len(offsets) else self._end
                     f.seek(offset)
-                    raw = f.read(length)
+                    raw = f.read(end - offset)
                     chunk.append(
                         normalise(
-                            orjson.loads(raw), cluster=self.cluster, received_at=received_at, raw_json=raw
+                            orjson.loads(raw), cluster=self.cluster, received_at=received[row], raw_json=raw
                         )
                     )
                 self._handed = start + len(chunk)
                 yield chunk
         finally:
-            if self._handed >= len(kept):
+            if self._handed >= len(order):
                 self.close()
 
     def close(self) -> None:
-        self._kept = []
+        self._times = array("q")
+        self._received = array("d")
+        self._offsets = array("q")
+        self._uids = []
+        self._held = []
+        self._order = []
         self._handed = 0
         self._end = 0
         if self._file is not None:
