@@ -165,3 +165,15 @@ async def test_a_relist_that_fails_midway_hands_everything_on_at_the_next_one(tm
             await kube.close()
         assert sorted(o.key for o in published) == sorted(f"{e['metadata']['uid']}/1" for e in api.events())
         assert [o.time_ns for o in published] == sorted(o.time_ns for o in published)
+
+
+def test_an_unusable_temp_dir_keeps_the_relist_in_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    occs = [normalise(obj) for obj in _spread_events(6, 60)]
+    order = RelistOrder(cluster="", directory=str(tmp_path / "missing"), in_memory=2)
+    for occ in occs:
+        order.add(occ)
+    assert "cannot use a temporary file" in caplog.text
+    drained = [occ.uid for page in order.drain(4) for occ in page]
+    assert drained == [occ.uid for occ in sorted(occs, key=lambda o: o.time_ns)]

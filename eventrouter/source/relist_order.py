@@ -7,12 +7,13 @@ largely refused. Sorted by event time it is not, and every other sink sees event
 happened.
 
 A relist can hold the whole cluster's events, so beyond a small number they wait in an anonymous
-temporary file (their raw JSON, as the spool keeps them); memory holds ~50 bytes per occurrence
-for the sort. They are rebuilt from the raw JSON exactly as the source built them.
+temporary file (their raw JSON, as the spool keeps them); memory holds ~60 bytes per occurrence
+for the sort (all of it, if the temporary directory cannot be written). They are rebuilt from the raw JSON exactly as the source built them.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from array import array
 from collections.abc import Generator
@@ -24,21 +25,25 @@ from eventrouter.record import Occurrence, normalise
 
 __all__ = ["RelistOrder"]
 
+log = logging.getLogger(__name__)
+
 
 class RelistOrder:
     def __init__(self, *, cluster: str, directory: str | None = None, in_memory: int = 500) -> None:
         self.cluster = cluster
         self.directory = directory
         self.in_memory = in_memory
-        # Parallel columns, one row per occurrence in list order: ~50 bytes a row (a tuple per row
-        # would be ~300). The first `in_memory` rows keep the occurrence itself; the rest its raw
-        # JSON at _offsets[i] in the file.
+        # Parallel columns, one row per occurrence in list order: ~60 bytes a row (a tuple per row
+        # would be ~300). A row's occurrence is in memory (offset -1 - its index in _held) or its raw
+        # JSON is in the file at (offset, length).
         self._times = array("q")
         self._received = array("d")
         self._offsets = array("q")
+        self._lengths = array("q")
         self._uids: list[str] = []
         self._held: list[Occurrence] = []
         self._file: IO[bytes] | None = None
+        self._file_failed = False
         self._end = 0
         self._order: list[int] = []  # rows sorted by time, set by drain()
         self._handed = 0  # rows of _order already yielded by drain()
@@ -50,18 +55,32 @@ class RelistOrder:
         self._times.append(occ.time_ns)
         self._received.append(occ.received_at)
         self._uids.append(occ.uid)
-        if len(self._held) < self.in_memory:
-            self._held.append(occ)
-            self._offsets.append(-1)
-            return
-        if self._file is None:
-            # Deleted as soon as it is closed (or the process dies): nothing to clean up after a crash.
-            self._file = tempfile.TemporaryFile(  # noqa: SIM115 - lives across add/drain; close() ends it
-                prefix="eventrouter-relist-", dir=self.directory
-            )
-        self._offsets.append(self._end)
-        self._file.write(occ.raw_json)
-        self._end += len(occ.raw_json)
+        if len(self._held) >= self.in_memory and not self._file_failed:
+            try:
+                if self._file is None:
+                    # Deleted once closed (or when the process dies): nothing to clean up after a crash.
+                    # Unbuffered: a full disk shows here, where it can fall back, not later at a flush.
+                    self._file = tempfile.TemporaryFile(  # noqa: SIM115 - lives across add/drain; close() ends it
+                        prefix="eventrouter-relist-", dir=self.directory, buffering=0
+                    )
+                if self._file.write(occ.raw_json) != len(occ.raw_json):
+                    raise OSError("short write")
+            except OSError as exc:
+                # A full or read-only temp dir must not stop the source: keep the rest in memory.
+                self._file_failed = True
+                log.warning(
+                    "relist: cannot use a temporary file in %s (%s); sorting the rest in memory",
+                    self.directory or tempfile.gettempdir(),
+                    exc,
+                )
+            else:
+                self._offsets.append(self._end)
+                self._lengths.append(len(occ.raw_json))
+                self._end += len(occ.raw_json)
+                return
+        self._offsets.append(-1 - len(self._held))
+        self._lengths.append(0)
+        self._held.append(occ)
 
     def not_handed_on(self) -> list[str]:
         """Event uids added but not yet yielded by ``drain``: a relist that fails must forget them in
@@ -77,19 +96,18 @@ class RelistOrder:
         f = self._file
         if f is not None:
             f.flush()
-        held, offsets, received = self._held, self._offsets, self._received
+        held, offsets, lengths, received = self._held, self._offsets, self._lengths, self._received
         try:
             for start in range(0, len(order), page):
                 chunk: list[Occurrence] = []
                 for row in order[start : start + page]:
                     offset = offsets[row]
                     if offset < 0:
-                        chunk.append(held[row])
+                        chunk.append(held[-1 - offset])
                         continue
                     assert f is not None
-                    end = offsets[row + 1] if row + 1 < len(offsets) else self._end
                     f.seek(offset)
-                    raw = f.read(end - offset)
+                    raw = f.read(lengths[row])
                     chunk.append(
                         normalise(
                             orjson.loads(raw), cluster=self.cluster, received_at=received[row], raw_json=raw
@@ -105,6 +123,7 @@ class RelistOrder:
         self._times = array("q")
         self._received = array("d")
         self._offsets = array("q")
+        self._lengths = array("q")
         self._uids = []
         self._held = []
         self._order = []
