@@ -137,13 +137,15 @@ async def test_a_relist_that_fails_midway_hands_everything_on_at_the_next_one(tm
             api.create_event(obj)
         kube = await connect(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")))
         published: list[Occurrence] = []
-        rooms = 0
+        asked = 0
 
-        async def room() -> None:
-            nonlocal rooms
-            rooms += 1
-            if rooms == 1:
+        def needed(occ: Occurrence) -> bool:
+            # Called for each new occurrence of page 1: make the request for page 2 fail.
+            nonlocal asked
+            asked += 1
+            if asked == 1:
                 api.faults.fail_next(500, verbs=("list",))
+            return True
 
         watcher = EventWatcher(
             kube,
@@ -154,7 +156,7 @@ async def test_a_relist_that_fails_midway_hands_everything_on_at_the_next_one(tm
             listed=lambda ns, live: None,
             metrics=Metrics(),
             settings=WatchSettings(page_size=10, backoff_initial=0.01, backoff_max=0.02),
-            room=room,
+            needed=needed,
         )
         try:
             with pytest.raises(Exception, match="500"):

@@ -199,9 +199,10 @@ class EventWatcher:
             self.flush_metrics()
             if not cont:
                 break
-            if self.room is not None:
+            if self.room is not None and order is None:
                 # Fetch the next page only when the sinks have room: a large relist then needs
-                # memory for about one page per sink, not the whole cluster's events.
+                # memory for about one page per sink, not the whole cluster's events. (Sorted, the
+                # pages wait for the sinks in _hand_on instead; fetching on keeps continue tokens fresh.)
                 await self.room()
                 self._progress()
         return rv, live
