@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,7 +152,7 @@ class Router:
             log.info("sink %s configured", spec.describe())
         self.fanout = Fanout(self.pipelines)
 
-    def _guard(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
+    def _guard(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         async def guarded() -> None:
             try:
                 await coro
@@ -162,7 +162,10 @@ class Router:
                 log.exception("task %s crashed; stopping the router", name)
                 self.request_stop()
 
-        return asyncio.create_task(guarded(), name=name)
+        task = asyncio.create_task(guarded(), name=name)
+        # Stopped before the task first ran: `coro` was never started; close it (no "never awaited").
+        task.add_done_callback(lambda _: coro.close())
+        return task
 
     async def start_pipelines(self) -> None:
         self._build()
@@ -248,6 +251,8 @@ class Router:
         watch = dataclasses.replace(
             self.settings.watch,
             page_size=max(10, min(self.settings.watch.page_size, smallest // 2)),
+            relist_sorted=self.settings.watch.relist_sorted
+            or any(p.sink.wants_time_order for p in self.pipelines),
             relist_dir=self.settings.watch.relist_dir
             or (str(self.settings.data_dir) if self.settings.data_dir else None),
         )

@@ -111,6 +111,11 @@ class Sink(abc.ABC, Generic[OptionsT]):
     description: ClassVar[str] = ""
     """One line for ``eventrouter sinks``."""
 
+    wants_time_order: ClassVar[bool] = False
+    """The destination refuses entries too far out of time order (Loki: an hour behind the stream's
+    newest). The router then hands relists on oldest-first (the API server lists in key order), at
+    some start-up cost: the whole list is read, and sorted on disk, before the first is handed on."""
+
     def __init__(self, options: OptionsT, context: SinkContext) -> None:
         self.options = options
         self.context = context

@@ -521,6 +521,7 @@ class LokiSink(Sink[LokiOptions]):
 
     options_model = LokiOptions
     description = "Grafana Loki (push API, snappy protobuf or JSON; tenant, auth, TLS)"
+    wants_time_order = True  # entries over an hour behind their stream's newest are refused
 
     def __init__(self, options: LokiOptions, context: SinkContext) -> None:
         super().__init__(options, context)

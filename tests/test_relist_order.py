@@ -41,14 +41,14 @@ def _spread_events(n: int, span_minutes: float) -> list[dict[str, object]]:
 
 
 def _settings(
-    api: FakeApiServer, tmp_path: Path, *, page_size: int, data_dir: Path | None = None
+    api: FakeApiServer, tmp_path: Path, *, page_size: int, data_dir: Path | None = None, sort: bool = False
 ) -> RouterSettings:
     return RouterSettings(
         cluster_name="t",
         kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
         metrics_addr=None,
         data_dir=data_dir,
-        watch=WatchSettings(page_size=page_size, backoff_initial=0.05),
+        watch=WatchSettings(page_size=page_size, backoff_initial=0.05, relist_sorted=sort),
     )
 
 
@@ -92,7 +92,7 @@ async def test_a_relist_reaches_the_sink_in_event_time_order(tmp_path: Path) -> 
     async with FakeApiServer() as api:
         for obj in _spread_events(120, 180):
             api.create_event(obj)
-        settings = _settings(api, tmp_path, page_size=25)
+        settings = _settings(api, tmp_path, page_size=25, sort=True)
         spec = spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.02}, type_="memory")
         router = Router(settings, [spec])
         async with router.running():
@@ -155,7 +155,7 @@ async def test_a_relist_that_fails_midway_hands_everything_on_at_the_next_one(tm
             forget=lambda uids: None,
             listed=lambda ns, live: None,
             metrics=Metrics(),
-            settings=WatchSettings(page_size=10, backoff_initial=0.01, backoff_max=0.02),
+            settings=WatchSettings(page_size=10, backoff_initial=0.01, backoff_max=0.02, relist_sorted=True),
             needed=needed,
         )
         try:
@@ -179,3 +179,14 @@ def test_an_unusable_temp_dir_keeps_the_relist_in_memory(
     assert "cannot use a temporary file" in caplog.text
     drained = [occ.uid for page in order.drain(4) for occ in page]
     assert drained == [occ.uid for occ in sorted(occs, key=lambda o: o.time_ns)]
+
+
+async def test_relists_are_sorted_only_when_a_sink_asks_for_time_order(tmp_path: Path) -> None:
+    # Sorting holds the first hand-on back until the whole list is read: only Loki asks for it.
+    async with FakeApiServer() as api, LokiReceiver() as loki:
+        mem = spec_for_class(MemorySink, {"name": "mem"}, type_="memory")
+        lok = spec_for_class(LokiSink, {"url": loki.url}, type_="loki")
+        for specs, want in (([mem], False), ([mem, lok], True)):
+            router = Router(_settings(api, tmp_path, page_size=25), specs)
+            async with router.running():
+                assert [w.settings.relist_sorted for w in router.watchers] == [want]

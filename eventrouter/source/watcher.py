@@ -48,8 +48,9 @@ class WatchSettings:
     label_selector: str = ""
     max_line_bytes: int = 16 * 1024 * 1024
     """One watch line above this is treated as a broken stream (Events are limited to ~1 MiB)."""
-    relist_sorted: bool = True
-    """Hand a list's new occurrences on oldest-first (Loki refuses entries over an hour out of order)."""
+    relist_sorted: bool = False
+    """Hand a list's new occurrences on oldest-first; the router turns it on when a sink asks for
+    time order (``Sink.wants_time_order``: Loki refuses entries over an hour out of order)."""
     relist_dir: str | None = None
     """Where a large relist waits for sorting (default: the system temp dir; --data-dir when set)."""
 
