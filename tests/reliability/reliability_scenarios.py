@@ -381,7 +381,16 @@ async def apiserver_restart(
                 ledger.observing = True
             await asyncio.sleep(1.0)
             await load.stop()
-            await until(lambda: ledger.complete(memory_keys(router)), timeout=30)
+            try:
+                await until(lambda: ledger.complete(memory_keys(router)), timeout=30)
+            except TimeoutError:
+                # Seen once in CI (not reproduced locally): say what is missing and where the watch is.
+                w = router.watchers[0]
+                raise AssertionError(
+                    f"{ledger.account('mem', memory_keys(router))}; watcher rv={w.resource_version} "
+                    f"api rv={api.resource_version} tracked={len(w.tracker)} "
+                    f"active watches={api.active_watches}"
+                ) from None
             await settle(router)
             facts["relists_expired"] = router.metrics.relists.labels("expired")._value.get()
             facts["watch_restarts_http_500"] = router.metrics.watch_restarts.labels("http_500")._value.get()
