@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import os
 import struct
+
+from eventrouter.testing.receivers._relay import Relay
 
 __all__ = ["SASLProxy"]
 
@@ -90,7 +91,7 @@ class _Scram:
         return "unexpected SCRAM message"
 
 
-class SASLProxy:
+class SASLProxy(Relay):
     def __init__(
         self,
         *,
@@ -100,29 +101,11 @@ class SASLProxy:
         mechanisms: tuple[str, ...] = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
         host: str = "127.0.0.1",
     ) -> None:
-        self.host = host
-        self.listen_port = listen_port
-        self.target_port = target_port
+        super().__init__(listen_port=listen_port, target_port=target_port, host=host)
         self.users = users
         self.mechanisms = mechanisms
         self.authenticated: list[tuple[str, str]] = []  # (mechanism, user)
         self.failures = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> SASLProxy:
-        self._server = await asyncio.start_server(
-            self._serve, self.host, self.listen_port, reuse_address=True
-        )
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     @staticmethod
     async def _read_frame(reader: asyncio.StreamReader) -> bytes:
@@ -136,14 +119,11 @@ class SASLProxy:
         up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
         try:
             if await self._authenticate(reader, writer, up_reader, up_writer):
-                await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+                await asyncio.gather(self.pump(reader, up_writer), self.pump(up_reader, writer))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
-            for w in (writer, up_writer):
-                w.close()
-                with contextlib.suppress(OSError, asyncio.CancelledError):
-                    await w.wait_closed()
+            await self.close(writer, up_writer)
             if task is not None:
                 self._tasks.discard(task)
 
@@ -216,10 +196,3 @@ class SASLProxy:
                 continue
             # Any other request before authentication: brokers drop the connection.
             return False
-
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()

@@ -4,37 +4,19 @@ no usable TLS listener), so clients' TLS options are exercised against the real 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
+
+from eventrouter.testing.receivers._relay import Relay
 
 __all__ = ["TLSProxy"]
 
 
-class TLSProxy:
+class TLSProxy(Relay):
     def __init__(
         self, *, listen_port: int, target_port: int, ssl_context: ssl.SSLContext, host: str = "127.0.0.1"
     ):
-        self.host = host
-        self.listen_port = listen_port
-        self.target_port = target_port
-        self.ssl_context = ssl_context
+        super().__init__(listen_port=listen_port, target_port=target_port, host=host, ssl_context=ssl_context)
         self.handshakes = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> TLSProxy:
-        self._server = await asyncio.start_server(
-            self._serve, self.host, self.listen_port, ssl=self.ssl_context, reuse_address=True
-        )
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.handshakes += 1
@@ -44,8 +26,8 @@ class TLSProxy:
             writer.close()
             return
         pumps = [
-            asyncio.create_task(self._pump(reader, up_writer)),
-            asyncio.create_task(self._pump(up_reader, writer)),
+            asyncio.create_task(self.pump(reader, up_writer)),
+            asyncio.create_task(self.pump(up_reader, writer)),
         ]
         self._tasks.update(pumps)
         try:
@@ -54,14 +36,4 @@ class TLSProxy:
             for task in pumps:
                 task.cancel()
                 self._tasks.discard(task)
-            for w in (writer, up_writer):
-                w.close()
-                with contextlib.suppress(OSError, ssl.SSLError, asyncio.CancelledError):
-                    await w.wait_closed()
-
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, ssl.SSLError, asyncio.IncompleteReadError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
+            await self.close(writer, up_writer)

@@ -1,0 +1,60 @@
+"""A TCP server on loopback that relays each connection to a target port: the shared part of the
+test proxies that add what a test server lacks (TLS, SASL) in front of it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from typing import Self
+
+__all__ = ["Relay"]
+
+
+class Relay:
+    def __init__(
+        self,
+        *,
+        listen_port: int,
+        target_port: int,
+        host: str = "127.0.0.1",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.host = host
+        self.listen_port = listen_port
+        self.target_port = target_port
+        self.ssl_context = ssl_context
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.listen_port, ssl=self.ssl_context, reuse_address=True
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Copy bytes one way until either side closes (ssl.SSLError is an OSError)."""
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+
+    @staticmethod
+    async def close(*writers: asyncio.StreamWriter) -> None:
+        for w in writers:
+            w.close()
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await w.wait_closed()
