@@ -24,6 +24,7 @@ import asyncio
 import gc
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -102,6 +103,7 @@ async def run_case(flags: list[str], lines: list[bytes], profile: Path | None = 
         profiler = Profiler(interval=0.0005, async_mode="disabled")
         profiler.start()
     wall0, cpu0 = time.perf_counter(), time.process_time()
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     # The per-line work of EventWatcher._watch, verbatim in effect.
     n_lines = 0
     async for line in watcher._lines(_Response(content)):  # type: ignore[arg-type]
@@ -120,6 +122,7 @@ async def run_case(flags: list[str], lines: list[bytes], profile: Path | None = 
     fed_wall = time.perf_counter() - wall0
     await asyncio.gather(*(p.wait_idle() for p in router.pipelines))
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     if profiler is not None and profile is not None:
         profiler.stop()
         profile.with_suffix(".html").write_text(profiler.output_html())
@@ -152,6 +155,8 @@ async def run_case(flags: list[str], lines: list[bytes], profile: Path | None = 
         "per_wall_s": round(occurrences / wall),
         "per_cpu_s": round(occurrences / cpu) if cpu else None,
         "cpu_us_per_occurrence": round(cpu / occurrences * 1e6, 2),
+        # First touches of new memory: each is a page fault, and in a VM one costs microseconds.
+        "page_faults_per_occurrence": round(faults / occurrences, 3),
         "backpressure_waits": content.waits,
         "sinks": sinks,
     }
@@ -259,7 +264,8 @@ def _row(case: str, r: dict[str, Any]) -> str:
     delivered = ", ".join(f"{k} {v['delivered']}" for k, v in r["sinks"].items())
     return (
         f"{case:14s} {r['occurrences']:>7d} occ  wall {r['wall_s']:6.2f}s {r['per_wall_s']:>7d}/s   "
-        f"cpu {r['cpu_s']:6.2f}s {r['per_cpu_s']:>7d}/s ({r['cpu_us_per_occurrence']} µs/occ)  "
+        f"cpu {r['cpu_s']:6.2f}s {r['per_cpu_s']:>7d}/s ({r['cpu_us_per_occurrence']} µs/occ, "
+        f"{r.get('page_faults_per_occurrence', 0)} faults/occ)  "
         f"delivered: {delivered or '-'}"
     )
 

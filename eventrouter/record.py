@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -51,7 +51,7 @@ def parse_time_ns(value: object) -> int | None:
     dot = text.find(".")
     if dot != -1:
         end = dot + 1
-        while end < len(text) and text[end].isdigit():
+        while end < len(text) and text[end] in _DIGITS:
             end += 1
         digits = text[dot + 1 : end]
         if digits:
@@ -70,6 +70,7 @@ def parse_time_ns(value: object) -> int | None:
     return int(parsed.timestamp()) * 1_000_000_000 + frac_ns
 
 
+_DIGITS = frozenset("0123456789")  # str.isdigit also takes "²", which int() refuses
 _SECONDS: dict[str, int | None] = {}  # "YYYY-MM-DDTHH:MM:SS" → epoch seconds
 _TEXTS: dict[int, str] = {}  # epoch seconds → "YYYY-MM-DDTHH:MM:SS"
 _CACHE_MAX = 8192
@@ -83,18 +84,39 @@ def _parse_cached(value: object) -> int | None:
     head = value[:19]
     seconds = _SECONDS.get(head, -1)
     if seconds == -1:
+        if not (head[4] == head[7] == "-" and head[13] == head[16] == ":" and head.isascii()) or "." in head:
+            return parse_time_ns(value)  # not the API server's form: no shortcut
         if len(_SECONDS) >= _CACHE_MAX:
             _SECONDS.clear()
-        whole = parse_time_ns(head + "Z")
-        seconds = _SECONDS[head] = None if whole is None else whole // 1_000_000_000
+        seconds = _SECONDS[head] = _head_seconds(head)
     if seconds is None:
         return None
     if len(value) == 20:
         return seconds * 1_000_000_000
     digits = value[20:-1]
-    if value[19] != "." or not digits.isdigit():
+    if value[19] != "." or not (digits.isascii() and digits.isdigit()):
         return parse_time_ns(value)
     return seconds * 1_000_000_000 + int(digits[:9].ljust(9, "0"))
+
+
+_EPOCH = datetime(1970, 1, 1)
+_SECOND = timedelta(seconds=1)
+
+
+def _head_seconds(head: str) -> int | None:
+    """``YYYY-MM-DDTHH:MM:SS`` (UTC) → epoch seconds, as parse_time_ns(head + "Z") // 10**9 but
+    without its fraction and offset handling (a miss costs 0.4 µs instead of 1.2 µs)."""
+    try:
+        parsed = datetime.fromisoformat(head)
+    except ValueError:
+        return None
+    return (parsed - _EPOCH) // _SECOND if parsed.year > 1 and parsed.tzinfo is None else None
+
+
+def _second_text(seconds: int) -> str:
+    """Epoch seconds → ``YYYY-MM-DDTHH:MM:SS`` (UTC; four-digit year, as RFC 3339 wants). isoformat:
+    strftime costs twice as much and does not pad years before 1000."""
+    return (_EPOCH + timedelta(seconds=seconds)).isoformat()
 
 
 def _format_cached(ns: int) -> str:
@@ -104,7 +126,7 @@ def _format_cached(ns: int) -> str:
     if base is None:
         if len(_TEXTS) >= _CACHE_MAX:
             _TEXTS.clear()
-        base = _TEXTS[seconds] = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        base = _TEXTS[seconds] = _second_text(seconds)
     if frac:
         return f"{base}.{frac:09d}".rstrip("0") + "Z"
     return base + "Z"
@@ -113,7 +135,7 @@ def _format_cached(ns: int) -> str:
 def format_time_ns(ns: int) -> str:
     """Epoch nanoseconds → RFC 3339 UTC, with a fraction only when there is one."""
     seconds, frac = divmod(ns, 1_000_000_000)
-    base = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    base = _second_text(seconds)
     if frac:
         return f"{base}.{frac:09d}".rstrip("0") + "Z"
     return base + "Z"
@@ -159,6 +181,45 @@ def event_time_ns(obj: JSON) -> int | None:
             if ns is not None:
                 return ns
     return None
+
+
+_TIMES: dict[str, tuple[int, str] | None] = {}  # whole-second value → (epoch ns, canonical text)
+
+
+def _time(value: object) -> tuple[int, str] | None:
+    """(epoch ns, RFC 3339 text as the record writes it) of a Time or MicroTime value, or None.
+
+    Whole-second values (``lastTimestamp``, ``firstTimestamp``) repeat across events and within one
+    event: they are looked up whole. MicroTimes are parsed; the API server's own form is already
+    canonical, so its text is reused instead of formatted again."""
+    if type(value) is not str or not value:
+        return None
+    hit = _TIMES.get(value, _MISS)
+    if hit is not _MISS:
+        return hit  # type: ignore[return-value]
+    ns = _parse_cached(value)
+    if ns is None:
+        result = None
+    elif (
+        len(value) == 27
+        and value[19] == "."
+        and value[25] != "0"
+        and value[26] == "Z"
+        and value[20:26].isdigit()
+        and value.isascii()
+        and _TEXTS.get(ns // 1_000_000_000) == value[:19]
+    ):
+        result = (ns, value)  # YYYY-MM-DDTHH:MM:SS.ffffffZ, the API server's MicroTime
+    else:
+        result = (ns, _format_cached(ns))
+    if len(value) == 20:
+        if len(_TIMES) >= _CACHE_MAX:
+            _TIMES.clear()
+        _TIMES[value] = result
+    return result
+
+
+_MISS = object()
 
 
 def _str_map(value: object) -> dict[str, str]:
@@ -227,12 +288,14 @@ def normalise(
     received_at: float | None = None,
     raw_json: bytes | None = None,
     owned: bool = False,
+    number: int | None = None,
 ) -> Occurrence:
     """Build the occurrence for a core/v1 Event object. Raises MalformedEvent for unusable input.
 
     ``raw_json`` may pass the object's JSON when the caller has it; it must not hold managedFields.
     ``owned``: the caller hands the object over (the watcher's freshly parsed objects), so
-    ``metadata.managedFields`` is removed in place instead of copying the object without it."""
+    ``metadata.managedFields`` is removed in place instead of copying the object without it.
+    ``number``: the occurrence number when the caller already has it (``occurrence_number(obj)``)."""
     if type(obj) is not dict:
         raise MalformedEvent(f"event is {type(obj).__name__}, not an object")
     meta = obj.get("metadata")
@@ -241,27 +304,40 @@ def normalise(
     uid = meta.get("uid")
     if type(uid) is not str or not uid:
         raise MalformedEvent(f"event {meta.get('namespace')}/{meta.get('name')} has no metadata.uid")
-    number = occurrence_number(obj)
-    time_ns = event_time_ns(obj)
-    if time_ns is None:
+    if number is None:
+        number = occurrence_number(obj)
+    get = obj.get
+    # The time chain of event_time_ns, through the (ns, text) cache: the record needs both.
+    series = get("series")
+    t = _time(series.get("lastObservedTime")) if type(series) is dict else None
+    if t is None:
+        t = _time(get("lastTimestamp"))
+        if t is None:
+            t = (
+                _time(get("eventTime"))
+                or _time(get("firstTimestamp"))
+                or _time(meta.get("creationTimestamp"))
+            )
+    if t is None:
         # Nothing in the chain parsed: the object is not a real Event. Use receipt time but say so.
         time_ns = int((received_at or time.time()) * 1e9)
+        when = _format_cached(time_ns)
         time_source = "received"
     else:
+        time_ns, when = t
         time_source = "event"
-    get = obj.get
+    first = _time(get("firstTimestamp"))
+    if not first or not first[0]:
+        first = _time(get("eventTime"))
     involved = get("involvedObject")
     if type(involved) is not dict:
         involved = {}
     source = get("source")
     if type(source) is not dict:
         source = {}
-    series = get("series")
-    first_ns = _parse_cached(get("firstTimestamp")) or _parse_cached(get("eventTime"))
     message = get("message")
     if type(message) is not str:
         message = "" if message is None else str(message)
-    when = _format_cached(time_ns)
     # Inline `x if type(x) is str else ""` rather than a helper: ~20 calls per event on the hot path.
     component = source.get("component")
     component = component if type(component) is str else ""
@@ -284,7 +360,7 @@ def normalise(
         "count": number,
         "time": when,
         "time_source": time_source,
-        "first_time": (when if first_ns == time_ns else _format_cached(first_ns)) if first_ns else None,
+        "first_time": first[1] if first and first[0] else None,
         "last_time": when,
         "type": kind_ if type(kind_) is str and kind_ else "Normal",
         "reason": reason if type(reason) is str else "",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eventrouter.record import event_time_ns, format_time_ns, normalise, occurrence_number, parse_time_ns
 from eventrouter.source.tracker import OccurrenceTracker
@@ -129,3 +131,69 @@ def test_fast_time_paths_agree_with_the_reference_parsers() -> None:
         ns = rng.randrange(0, 4_000_000_000 * 10**9)
         assert _format_cached(ns) == format_time_ns(ns)
         assert _parse_cached(format_time_ns(ns)) == ns
+
+
+_TIME_FIELDS = ("lastTimestamp", "eventTime", "firstTimestamp")
+# The API server's forms, and near misses: every character of them may be swapped for another.
+_TIME_SHAPES = ("2026-11-22T01:29:03Z", "2026-11-22T01:29:03.311521Z", "2026-11-22T01:29:03.311520Z")
+_SWAPS = "0123456789-:.TZz+ ²٣x"
+
+
+def _reference_times(obj: dict[str, object]) -> tuple[int | None, str | None]:
+    """(time ns, first_time text) by the reference parsers, as the record defines them."""
+    first = parse_time_ns(obj.get("firstTimestamp")) or parse_time_ns(obj.get("eventTime"))
+    return event_time_ns(obj), format_time_ns(first) if first else None
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from((*_TIME_FIELDS, "series")),
+            st.sampled_from(_TIME_SHAPES),
+            st.lists(st.tuples(st.integers(0, 26), st.sampled_from(_SWAPS)), max_size=2),
+        ),
+        max_size=4,
+    )
+)
+@settings(max_examples=400, deadline=None)
+def test_record_times_agree_with_the_reference_parsers(
+    fields: list[tuple[str, str, list[tuple[int, str]]]],
+) -> None:
+    """The record's cached time paths give what parse_time_ns/format_time_ns give, for the API
+    server's forms and for strings one or two characters away from them (which must never raise)."""
+    obj: dict[str, object] = {"metadata": {"uid": "u", "creationTimestamp": "2026-11-22T00:00:00Z"}}
+    for field, shape, swaps in fields:
+        text = list(shape)
+        for at, char in swaps:
+            if at < len(text):
+                text[at] = char
+        value = "".join(text)
+        if field == "series":
+            obj["series"] = {"count": 2, "lastObservedTime": value}
+        else:
+            obj[field] = value
+    occ = normalise(obj)
+    time_ns, first_time = _reference_times(obj)
+    assert occ.time_ns == time_ns
+    assert occ.record["time"] == format_time_ns(occ.time_ns)
+    assert occ.record["first_time"] == first_time
+
+
+def test_record_times_agree_on_recorded_traffic() -> None:
+    for line in recorded_watch():
+        obj = line["object"]
+        occ = normalise(obj)
+        time_ns, first_time = _reference_times(obj)
+        assert (occ.time_ns, occ.record["time"], occ.record["first_time"]) == (
+            time_ns,
+            format_time_ns(time_ns or 0),
+            first_time,
+        )
+
+
+def test_times_with_non_ascii_digits_are_unparsable_not_errors() -> None:
+    """ "²" passes str.isdigit but int() refuses it: such a time once raised ValueError from
+    normalise, which broke the watch stream on every reconnect."""
+    assert parse_time_ns("2026-11-22T01:29:03.²Z") is None
+    occ = normalise({"metadata": {"uid": "u"}, "lastTimestamp": "2026-11-22T01:29:03.²Z"}, received_at=5.0)
+    assert occ.record["time_source"] == "received"

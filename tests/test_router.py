@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from eventrouter.app import Router, RouterSettings
 from eventrouter.config import spec_for_class
+from eventrouter.record import parse_time_ns
 from eventrouter.source.watcher import WatchSettings
 from eventrouter.testing import MemorySink, event_object, recorded_watch
 from eventrouter.testing.apiserver import FakeApiServer
@@ -159,6 +161,68 @@ async def test_malformed_watch_lines_are_counted_and_skipped(api: FakeApiServer,
             api.create_event(event_object(object_name=f"m-{i}"))
         await _mem(router).wait_for(3)
     assert router.metrics.source_dropped.labels("malformed_line")._value.get() >= 1
+
+
+async def test_a_hostile_time_does_not_stop_the_stream(api: FakeApiServer, tmp_path: Path) -> None:
+    # "²" passes str.isdigit: this time once raised ValueError from normalise, the watch broke, and
+    # every reconnect replayed the same object: nothing after it was delivered.
+    router = _router(_settings(api, tmp_path))
+    async with router.running():
+        await _ready(router)
+        hostile = api.create_event(event_object(object_name="odd", last_timestamp="2026-11-22T01:29:03.²Z"))
+        for i in range(3):
+            api.create_event(event_object(object_name=f"after-{i}"))
+        await _mem(router).wait_for(4)
+        got = {occ.uid: occ for occ in _mem(router).received}
+        # lastTimestamp does not parse: the time chain goes on to firstTimestamp.
+        assert got[hostile["metadata"]["uid"]].time_ns == parse_time_ns(hostile["firstTimestamp"])
+
+
+async def test_an_object_the_source_cannot_handle_is_dropped_counted_and_the_stream_goes_on(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Whatever normalise did not foresee: one object is dropped (counted, logged), not the stream.
+    from eventrouter.metrics import Metrics
+    from eventrouter.record import Occurrence
+    from eventrouter.source.kube import connect
+    from eventrouter.source.tracker import OccurrenceTracker
+    from eventrouter.source.watcher import EventWatcher
+
+    class Unforeseen(OccurrenceTracker):
+        def observe(self, obj: Any, *, received_at: float | None = None) -> Occurrence | None:
+            if obj["involvedObject"]["name"] == "bad":
+                raise OverflowError("unforeseen")
+            return super().observe(obj, received_at=received_at)
+
+    kube = await connect(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")))
+    published: list[Occurrence] = []
+    metrics = Metrics()
+    watcher = EventWatcher(
+        kube,
+        namespace=None,
+        tracker=Unforeseen(),
+        publish=published.append,
+        forget=lambda uids: None,
+        listed=lambda ns, live: None,
+        metrics=metrics,
+        settings=WatchSettings(backoff_initial=0.01),
+    )
+    caplog.set_level(logging.WARNING)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await watcher.initial_list_done.wait()
+        for name in ("before", "bad", "after"):
+            api.create_event(event_object(object_name=name))
+        await until(lambda: len(published) == 2)
+        assert [o.record["involved_object"]["name"] for o in published] == ["before", "after"]
+        assert metrics.source_dropped.labels("malformed")._value.get() == 1
+        assert metrics.watch_restarts.labels("connection")._value.get() == 0
+        assert "OverflowError: unforeseen" in caplog.text
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await kube.close()
 
 
 async def test_wrong_token_is_reported_and_the_router_keeps_trying(

@@ -35,7 +35,7 @@ class OccurrenceTracker:
         number = occurrence_number(obj)
         if number <= self.seen.get(uid, 0):
             return None
-        occ = normalise(obj, cluster=self.cluster, received_at=received_at, owned=True)
+        occ = normalise(obj, cluster=self.cluster, received_at=received_at, owned=True, number=number)
         self.seen[uid] = number
         return occ
 

@@ -133,6 +133,17 @@ class EventWatcher:
             self.metrics.source_dropped.labels("malformed").inc()
             log.warning("dropped a malformed event from %s: %s", self.where, exc)
             return
+        except Exception as exc:
+            # A value normalise did not foresee: drop this object, counted, and keep the stream.
+            # Raising would break the watch, and the reconnect would replay the same object forever.
+            self.metrics.source_dropped.labels("malformed").inc()
+            log.warning(
+                "dropped an event from %s that could not be normalised: %s: %s",
+                self.where,
+                type(exc).__name__,
+                exc,
+            )
+            return
         if occ is not None:
             if order is not None and (self.needed is None or self.needed(occ)):
                 order.add(occ)  # handed on oldest-first once the list is complete
