@@ -558,3 +558,20 @@ async def test_a_batch_larger_than_one_produce_batch_is_split_and_keeps_per_key_
         ).producer_config()["max_batch_size"]
         == 512 * 1024
     )
+
+
+def test_native_murmur2_is_the_java_clients_murmur2() -> None:
+    """The sink hashes keys with murmurhash2 (native) instead of aiokafka's pure-Python murmur2:
+    every key length and byte value must give aiokafka's (= the Java client's) value."""
+    import random
+
+    from aiokafka.partitioner import murmur2
+    from murmurhash2 import murmurhash2
+
+    from eventrouter_sinks.kafka import _MURMUR2_SEED
+
+    rng = random.Random(7)
+    keys = [bytes(rng.randrange(256) for _ in range(n % 70)) for n in range(3000)]
+    keys += ["Pod/ns/ünïcode-€".encode(), b"", b"\xff" * 9]
+    for key in keys:
+        assert murmurhash2(key, _MURMUR2_SEED) & 0x7FFFFFFF == murmur2(key) & 0x7FFFFFFF, key
