@@ -77,11 +77,13 @@ def _chunks(lines: list[bytes]) -> list[bytes]:
 async def run_case(flags: list[str], lines: list[bytes], profile: Path | None = None) -> dict[str, Any]:
     from eventrouter.app import Router, RouterSettings
     from eventrouter.config import build_specs
+    from eventrouter.gc_tuning import tune_gc
     from eventrouter.source.tracker import OccurrenceTracker
     from eventrouter.source.watcher import EventWatcher
 
     specs = build_specs(flags)
     router = Router(RouterSettings(cluster_name="bench", metrics_addr=None), specs)
+    tune_gc()  # as the CLI does once the router is built
     await router.start_pipelines()
     await asyncio.gather(*(p.started.wait() for p in router.pipelines))
     watcher = EventWatcher(

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from eventrouter.app import Router, RouterSettings
 from eventrouter.config import ConfigError, RouterConfig, SinkSpec, build_specs, load_yaml
+from eventrouter.gc_tuning import tune_gc
 from eventrouter.logs import setup_logging
 from eventrouter.plugins import PluginError, discover
 from eventrouter.sink import SinkContext
@@ -142,6 +143,7 @@ async def _run(args: argparse.Namespace) -> int:
         if not specs:
             raise ConfigError("no sinks configured: add --sink=TYPE:URL or a `sinks:` list in --config")
         router = Router(settings, specs)
+        tune_gc()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, router.request_stop)

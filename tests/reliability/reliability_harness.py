@@ -368,9 +368,18 @@ class RouterProcess:
         return out
 
     async def wait_metric(self, name: str, at_least: float, timeout: float = 30) -> None:
-        async with asyncio.timeout(timeout):
-            while (await self.metrics()).get(name, 0.0) < at_least:  # noqa: ASYNC110 - a remote counter
-                await asyncio.sleep(0.05)
+        value = 0.0
+        try:
+            async with asyncio.timeout(timeout):
+                while (value := (await self.metrics()).get(name, 0.0)) < at_least:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)  # a remote counter: polled
+        except TimeoutError:
+            # Say where the router is: the log of this process (the last 40 lines) and the value.
+            lines = self.log.read_bytes()[self._log_offset :].splitlines()[-40:]
+            tail = b"\n".join(lines).decode(errors="replace")
+            raise AssertionError(
+                f"{name} = {value:g} after {timeout:g}s, wanted >= {at_least:g}; router log:\n{tail}"
+            ) from None
 
     async def signal(self, sig: int, timeout: float = 30) -> int:
         assert self.proc is not None
