@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import gzip
 import hmac
 import json
@@ -142,6 +143,18 @@ def _quote(value: str) -> str:
 def format_labels(labels: Iterable[tuple[str, str]]) -> str:
     """Prometheus ``labels.String()``: ``{a="b", c="d"}``."""
     return "{" + ", ".join(f"{k}={_quote(v)}" for k, v in labels) + "}"
+
+
+# The same few label sets arrive in every push: parse and print each once (a Go Loki is fast enough
+# not to matter; this Python receiver shares a core with the router in the benches).
+@functools.lru_cache(maxsize=8192)
+def _parse_labels_once(text: str) -> tuple[tuple[str, str], ...]:
+    return parse_labels(text)
+
+
+@functools.lru_cache(maxsize=8192)
+def _format_labels_once(labels: tuple[tuple[str, str], ...]) -> str:
+    return format_labels(labels)
 
 
 _SIMPLE_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\"}
@@ -753,7 +766,7 @@ class LokiReceiver:
         streams: list[_InStream] = []
         for label_text, entries in raw_streams:
             try:
-                labels = parse_labels(label_text)
+                labels = _parse_labels_once(label_text)
             except LabelParseError as exc:
                 raise _BadRequest(f"couldn't parse labels: {exc}") from None
             streams.append(_InStream(labels, entries))
@@ -769,7 +782,7 @@ class LokiReceiver:
         for stream in streams:
             if not stream.entries:
                 continue
-            shown = format_labels(stream.labels)
+            shown = _format_labels_once(stream.labels)
             error = self._validate_labels(stream.labels, shown)
             if error:
                 errors.append(error)
