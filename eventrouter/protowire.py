@@ -88,27 +88,36 @@ def read_varint(data: bytes, pos: int) -> tuple[int, int]:
 def decode_fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
     """Yield (field number, wire type, value) for every field of one message."""
     pos = 0
-    while pos < len(data):
-        key, pos = read_varint(data, pos)
+    end = len(data)
+    while pos < end:
+        key = data[pos]
+        if key < 0x80:  # one-byte keys and lengths are the rule: read them inline
+            pos += 1
+        else:
+            key, pos = read_varint(data, pos)
         number, wire = key >> 3, key & 7
         if number == 0:
             raise DecodeError("field number 0")
         value: int | bytes
-        if wire == WIRE_VARINT:
-            value, pos = read_varint(data, pos)
-        elif wire == WIRE_LEN:
-            length, pos = read_varint(data, pos)
-            if pos + length > len(data):
+        if wire == WIRE_LEN:
+            if pos < end and data[pos] < 0x80:
+                length = data[pos]
+                pos += 1
+            else:
+                length, pos = read_varint(data, pos)
+            if pos + length > end:
                 raise DecodeError("truncated length-delimited field")
             value = data[pos : pos + length]
             pos += length
+        elif wire == WIRE_VARINT:
+            value, pos = read_varint(data, pos)
         elif wire == WIRE_FIXED32:
-            if pos + 4 > len(data):
+            if pos + 4 > end:
                 raise DecodeError("truncated fixed32")
             value = struct.unpack_from("<I", data, pos)[0]
             pos += 4
         elif wire == WIRE_FIXED64:
-            if pos + 8 > len(data):
+            if pos + 8 > end:
                 raise DecodeError("truncated fixed64")
             value = struct.unpack_from("<Q", data, pos)[0]
             pos += 8

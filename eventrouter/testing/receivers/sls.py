@@ -49,6 +49,7 @@ import email.utils
 import hashlib
 import hmac
 import ipaddress
+import struct
 import time
 import uuid
 import zlib
@@ -59,7 +60,7 @@ from typing import Any
 import cramjam
 from aiohttp import web
 
-from eventrouter.protowire import WIRE_FIXED32, WIRE_LEN, WIRE_VARINT, DecodeError, decode_fields
+from eventrouter.protowire import WIRE_FIXED32, WIRE_LEN, WIRE_VARINT, DecodeError, decode_fields, read_varint
 
 __all__ = [
     "AccessKey",
@@ -169,27 +170,86 @@ def sign_v1(secret: str, string_to_sign: str) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def _text(value: int | bytes, what: str) -> str:
+def _text(value: int | bytes, what: str, part: str = "") -> str:
     if not isinstance(value, bytes):
-        raise DecodeError(f"{what} has the wrong wire type")
+        raise DecodeError(f"{what}{part} has the wrong wire type")
     # proto2 strings are not checked for UTF-8 by the service's protobuf runtime; keep what we can read.
     return value.decode("utf-8", "replace")
 
 
 def _decode_pair(data: bytes, what: str) -> tuple[str, str]:
+    # The layout every writer produces (Key then Value, each once, both lengths under 128 bytes is
+    # the common case) is read directly; anything else goes through the general field walk.
+    n = len(data)
+    if n >= 4 and data[0] == 0x0A and data[1] < 0x80:
+        k_end = 2 + data[1]
+        if k_end + 2 <= n and data[k_end] == 0x12:
+            length, v_start = read_varint(data, k_end + 1)
+            if v_start + length == n:
+                return (
+                    data[2:k_end].decode("utf-8", "replace"),
+                    data[v_start:].decode("utf-8", "replace"),
+                )
     key: str | None = None
     value: str | None = None
     for number, _wire, raw in decode_fields(data):
         if number == 1:
-            key = _text(raw, f"{what}.Key")
+            key = _text(raw, what, ".Key")
         elif number == 2:
-            value = _text(raw, f"{what}.Value")
+            value = _text(raw, what, ".Value")
     if key is None or value is None:
         raise DecodeError(f"{what} misses the required Key or Value")
     return key, value
 
 
 def _decode_log(data: bytes) -> ReceivedLog:
+    return _decode_log_plain(data) or _decode_log_fields(data)
+
+
+def _decode_log_plain(data: bytes) -> ReceivedLog | None:
+    """The layout writers produce (Time, then Contents of Key and Value, then optional Time_ns), read
+    in one pass without slicing each Content out; None for anything else, which the general walk
+    (``_decode_log_fields``) reads or refuses. Both give the same log for this layout."""
+    end = len(data)
+    if end < 2 or data[0] != 0x08:  # field 1 (Time), varint
+        return None
+    log_time, pos = read_varint(data, 1)
+    contents: list[tuple[str, str]] = []
+    while pos < end and data[pos] == 0x12:  # field 2 (Contents), length-delimited
+        if pos + 1 >= end or data[pos + 1] >= 0x80:
+            length, start = read_varint(data, pos + 1)
+        else:
+            length, start = data[pos + 1], pos + 2
+        stop = start + length
+        # Key (field 1) then Value (field 2), nothing else, the Key under 128 bytes.
+        if stop > end or length < 4 or data[start] != 0x0A or data[start + 1] >= 0x80:
+            return None
+        k_end = start + 2 + data[start + 1]
+        if k_end + 2 > stop or data[k_end] != 0x12:
+            return None
+        if data[k_end + 1] < 0x80:
+            v_length, v_start = data[k_end + 1], k_end + 2
+        else:
+            v_length, v_start = read_varint(data, k_end + 1)
+        if v_start + v_length != stop:
+            return None
+        contents.append(
+            (
+                data[start + 2 : k_end].decode("utf-8", "replace"),
+                data[v_start:stop].decode("utf-8", "replace"),
+            )
+        )
+        pos = stop
+    time_ns: int | None = None
+    if pos + 5 == end and data[pos] == 0x25:  # field 4 (Time_ns), fixed32
+        time_ns = struct.unpack_from("<I", data, pos + 1)[0]
+        pos = end
+    if pos != end:
+        return None
+    return ReceivedLog(time=log_time & 0xFFFFFFFF, time_ns=time_ns, contents=tuple(contents))
+
+
+def _decode_log_fields(data: bytes) -> ReceivedLog:
     log_time: int | None = None
     time_ns: int | None = None
     contents: list[tuple[str, str]] = []
