@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from eventrouter.config import SinkSpec
 from eventrouter.engine.checkpoint import (
     CheckpointBackend,
+    CheckpointTable,
     FileCheckpoint,
     MemoryCheckpoint,
     SinkCheckpoint,
@@ -118,7 +119,8 @@ class Router:
 
     def _build(self) -> None:
         data = self.settings.data_dir
-        for spec in self.specs:
+        table = CheckpointTable(max(1, len(self.specs)))
+        for index, spec in enumerate(self.specs):
             sink_dir = data / "sinks" / safe_name(spec.name) if data else None
             if sink_dir:
                 sink_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +141,7 @@ class Router:
                 sink=sink,
                 options=spec.pipeline,
                 predicate=compile_filter(spec.filter),
-                checkpoint=SinkCheckpoint(self._backend_factory(spec.name)),
+                checkpoint=SinkCheckpoint(self._backend_factory(spec.name), table=table, index=index),
                 deadletter=DeadLetter(
                     data / "deadletter" / f"{safe_name(spec.name)}.jsonl" if data else None, sink=spec.name
                 ),

@@ -18,7 +18,14 @@ from typing import Protocol
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointBackend", "FileCheckpoint", "MemoryCheckpoint", "SinkCheckpoint", "safe_name"]
+__all__ = [
+    "CheckpointBackend",
+    "CheckpointTable",
+    "FileCheckpoint",
+    "MemoryCheckpoint",
+    "SinkCheckpoint",
+    "safe_name",
+]
 
 
 def safe_name(name: str) -> str:
@@ -127,39 +134,112 @@ class FileCheckpoint:
         self.compact(state)
 
 
-class SinkCheckpoint:
-    """The in-memory view used by a pipeline, persisted through a backend."""
+class CheckpointTable:
+    """The accepted occurrence numbers of every sink of a router in one dict.
 
-    def __init__(self, backend: CheckpointBackend, *, compact_every: int = 50_000) -> None:
+    ``uid → n`` while every sink has accepted the same ``n`` (the usual state once an occurrence is
+    delivered everywhere), else ``uid → [n per sink]``. Seven per-sink dicts of 50,000 events were
+    ~13 MiB; this is ~2 MiB in the usual state, ~7 MiB while a sink lags far behind."""
+
+    def __init__(self, width: int) -> None:
+        if width < 1:
+            raise ValueError("a checkpoint table needs at least one sink")
+        self.width = width
+        self.entries: dict[str, int | list[int]] = {}
+
+    def get(self, index: int, uid: str) -> int:
+        value = self.entries.get(uid, 0)
+        return value if type(value) is int else value[index]  # type: ignore[index]
+
+    def set(self, index: int, uid: str, n: int) -> None:
+        entries = self.entries
+        value = entries.get(uid)
+        if isinstance(value, list):
+            value[index] = n
+            if value.count(n) == self.width:  # every sink agrees again: one int
+                if n:
+                    entries[uid] = n
+                else:
+                    del entries[uid]
+        elif value == n or (value is None and not n):
+            return
+        elif self.width == 1:
+            if n:
+                entries[uid] = n
+            else:
+                del entries[uid]
+        else:
+            row = [value or 0] * self.width
+            row[index] = n
+            entries[uid] = row
+
+    def view(self, index: int) -> dict[str, int]:
+        """One sink's entries (for its backend's snapshot and for tests)."""
+        out: dict[str, int] = {}
+        for uid, value in self.entries.items():
+            n = value if type(value) is int else value[index]  # type: ignore[index]
+            if n:
+                out[uid] = n
+        return out
+
+
+class SinkCheckpoint:
+    """The in-memory view used by a pipeline (its column of a CheckpointTable, shared with the other
+    sinks of the router, or a table of its own), persisted through a backend."""
+
+    def __init__(
+        self,
+        backend: CheckpointBackend,
+        *,
+        compact_every: int = 50_000,
+        table: CheckpointTable | None = None,
+        index: int = 0,
+    ) -> None:
         self.backend = backend
-        self.state = backend.load()
+        self.table = table if table is not None else CheckpointTable(1)
+        self.index = index
+        for uid, n in backend.load().items():
+            if n > 0:
+                self.table.set(index, uid, n)
         self.compact_every = compact_every
         self._since_compact = 0
 
+    @property
+    def state(self) -> dict[str, int]:
+        """This sink's entries, as a new dict."""
+        return self.table.view(self.index)
+
     def accepted(self, uid: str) -> int:
-        return self.state.get(uid, 0)
+        return self.table.get(self.index, uid)
 
     def ack(self, acks: Mapping[str, int]) -> None:
         fresh: dict[str, int] = {}
+        table, index = self.table, self.index
         for uid, n in acks.items():
-            if n > self.state.get(uid, 0):
-                self.state[uid] = n
+            if n > table.get(index, uid):
+                table.set(index, uid, n)
                 fresh[uid] = n
         if fresh:
             self.backend.record(fresh)
             self._note(len(fresh))
 
     def forget(self, uids: Iterable[str]) -> None:
-        gone = [uid for uid in uids if self.state.pop(uid, None) is not None]
+        table, index = self.table, self.index
+        gone = []
+        for uid in uids:
+            if table.get(index, uid):
+                table.set(index, uid, 0)
+                gone.append(uid)
         if gone:
             self.backend.remove(gone)
             self._note(len(gone))
 
     def prune(self, live: set[str]) -> int:
         """Drop entries for events the API server no longer holds (after a complete list)."""
-        gone = [uid for uid in self.state if uid not in live]
+        table, index = self.table, self.index
+        gone = [uid for uid in table.entries if uid not in live and table.get(index, uid)]
         for uid in gone:
-            del self.state[uid]
+            table.set(index, uid, 0)
         if gone:
             self.backend.compact(self.state)
             self._since_compact = 0

@@ -1,0 +1,65 @@
+"""Every sink's checkpoint lives in one shared table: it must behave as one dict per sink."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eventrouter.engine.checkpoint import CheckpointTable, FileCheckpoint, MemoryCheckpoint, SinkCheckpoint
+
+UIDS = [f"uid-{i}" for i in range(6)]
+_op = st.one_of(
+    st.tuples(st.just("ack"), st.integers(0, 3), st.dictionaries(st.sampled_from(UIDS), st.integers(1, 5))),
+    st.tuples(st.just("forget"), st.integers(0, 3), st.lists(st.sampled_from(UIDS), max_size=3)),
+    st.tuples(st.just("prune"), st.integers(0, 3), st.sets(st.sampled_from(UIDS))),
+)
+
+
+@given(st.integers(1, 4), st.lists(_op, max_size=40))
+@settings(max_examples=400, deadline=None)
+def test_a_shared_table_behaves_as_one_dict_per_sink(width: int, ops: list[tuple[str, int, object]]) -> None:
+    table = CheckpointTable(width)
+    sinks = [SinkCheckpoint(MemoryCheckpoint(), table=table, index=i) for i in range(width)]
+    model: list[dict[str, int]] = [{} for _ in range(width)]
+    for kind, which, arg in ops:
+        i = which % width
+        if kind == "ack":
+            assert isinstance(arg, dict)
+            sinks[i].ack(arg)
+            for uid, n in arg.items():
+                model[i][uid] = max(model[i].get(uid, 0), n)
+        elif kind == "forget":
+            assert isinstance(arg, list)
+            sinks[i].forget(arg)
+            for uid in arg:
+                model[i].pop(uid, None)
+        else:
+            assert isinstance(arg, set)
+            sinks[i].prune(arg)
+            model[i] = {uid: n for uid, n in model[i].items() if uid in arg}
+        for j in range(width):
+            assert sinks[j].state == model[j]
+            assert all(sinks[j].accepted(uid) == model[j].get(uid, 0) for uid in UIDS)
+        # Compact: an entry every sink agrees on is one int, and nobody's entry is not stored at all.
+        for uid, value in table.entries.items():
+            numbers = [m.get(uid, 0) for m in model]
+            assert value == (numbers[0] if len(set(numbers)) == 1 else numbers)
+            assert any(numbers)
+
+
+def test_each_sink_persists_and_reloads_only_its_own_numbers(tmp_path: Path) -> None:
+    table = CheckpointTable(2)
+    a = SinkCheckpoint(FileCheckpoint(tmp_path, "a"), table=table, index=0)
+    b = SinkCheckpoint(FileCheckpoint(tmp_path, "b"), table=table, index=1)
+    a.ack({"x": 3, "y": 1})
+    b.ack({"x": 3})
+    assert table.entries == {"x": 3, "y": [1, 0]}
+    a.close()
+    b.close()
+    again = CheckpointTable(2)
+    a2 = SinkCheckpoint(FileCheckpoint(tmp_path, "a"), table=again, index=0)
+    b2 = SinkCheckpoint(FileCheckpoint(tmp_path, "b"), table=again, index=1)
+    assert (a2.state, b2.state) == ({"x": 3, "y": 1}, {"x": 3})
+    assert again.entries == {"x": 3, "y": [1, 0]}
