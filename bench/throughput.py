@@ -114,7 +114,7 @@ async def run_case(flags: list[str], lines: list[bytes], profile: Path | None = 
         ev = orjson.loads(line)
         kind = ev["type"]
         obj = ev["object"]
-        watcher._progress()
+        watcher._progress(received_at)
         meta = obj.get("metadata") if isinstance(obj, dict) else None
         new_rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
         if kind in ("ADDED", "MODIFIED", "DELETED"):

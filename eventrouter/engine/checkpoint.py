@@ -145,7 +145,7 @@ class CheckpointTable:
         if width < 1:
             raise ValueError("a checkpoint table needs at least one sink")
         self.width = width
-        self.entries: dict[str, int | list[int]] = {}
+        self.entries: dict[str, int | list[int]] = {}  # never rebound: readers keep its .get
 
     def get(self, index: int, uid: str) -> int:
         value = self.entries.get(uid, 0)
@@ -198,6 +198,15 @@ class SinkCheckpoint:
         self.backend = backend
         self.table = table if table is not None else CheckpointTable(1)
         self.index = index
+        # accepted(uid): the highest occurrence number this sink accepted (0: none). Called per
+        # occurrence and sink (offer, batch): one call, not a method calling the table's.
+        get = self.table.entries.get
+
+        def accepted(uid: str) -> int:
+            value = get(uid, 0)
+            return value if type(value) is int else value[index]  # type: ignore[index]
+
+        self.accepted = accepted
         for uid, n in backend.load().items():
             if n > 0:
                 self.table.set(index, uid, n)
@@ -208,9 +217,6 @@ class SinkCheckpoint:
     def state(self) -> dict[str, int]:
         """This sink's entries, as a new dict."""
         return self.table.view(self.index)
-
-    def accepted(self, uid: str) -> int:
-        return self.table.get(self.index, uid)
 
     def ack(self, acks: Mapping[str, int]) -> None:
         fresh: dict[str, int] = {}
