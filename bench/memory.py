@@ -74,6 +74,10 @@ class Sampler:
             "min_mib": round(min(values), 1),
             "median_second_half_mib": round(statistics.median(half), 1),
             "max_mib": round(max(values), 1),
+            # At the end of the phase: the Python heap and buffers (anonymous) vs mapped files (the
+            # interpreter, extension modules and shared libraries such as OpenSSL: shared, reclaimable).
+            "end_anon_mib": round(c.status_kib(self.pid, "RssAnon") / 1024, 1),
+            "end_file_mib": round(c.status_kib(self.pid, "RssFile") / 1024, 1),
         }
 
 
