@@ -75,6 +75,9 @@ class RouterSettings:
     """Keep checkpoints in this ConfigMap (namespace ``checkpoint_namespace``) instead of --data-dir."""
     checkpoint_namespace: str = "default"
     checkpoint_flush_interval: float = 1.0
+    checkpoint_prune_interval: float = 60.0
+    """How often checkpoint entries of events the source no longer tracks (deleted) are dropped: a sink
+    that lags behind the events' TTL accepts them after their deletion, and no relist prunes them."""
     """Seconds between ConfigMap writes: after a SIGKILL the new leader may re-deliver up to this much."""
 
 
@@ -273,6 +276,22 @@ class Router:
             )
             self.watchers.append(watcher)
             self._tasks.append(self._guard(watcher.run(), f"watch:{ns or '*'}"))
+        self._tasks.append(self._guard(self._prune_deleted(), "checkpoint-prune"))
+
+    async def _prune_deleted(self) -> None:
+        """Drop checkpoint entries of deleted events. A sink behind the events' TTL (a backlog on
+        disk) accepts occurrences after their DELETED has already cleared their entries; nothing would
+        remove those until the next relist, so its checkpoint would grow with every one. Only between
+        lists: a list in progress (or failed midway) is not a complete picture."""
+        while True:
+            await asyncio.sleep(self.settings.checkpoint_prune_interval)
+            watchers = self.watchers
+            if not watchers or not all(w.initial_list_done.is_set() and not w.listing for w in watchers):
+                continue
+            live: set[str] = set()
+            for w in watchers:
+                live.update(w.tracker.seen)
+            self.fanout.prune(live)
 
     async def _trim_after_burst(self) -> None:
         """Once the queues have drained after a relist, hand the freed memory back to the OS."""

@@ -184,6 +184,7 @@ def event_time_ns(obj: JSON) -> int | None:
 
 
 _TIMES: dict[str, tuple[int, str] | None] = {}  # whole-second value → (epoch ns, canonical text)
+_MISS = object()
 
 
 def _time(value: object) -> tuple[int, str] | None:
@@ -217,9 +218,6 @@ def _time(value: object) -> tuple[int, str] | None:
             _TIMES.clear()
         _TIMES[value] = result
     return result
-
-
-_MISS = object()
 
 
 def _str_map(value: object) -> dict[str, str]:

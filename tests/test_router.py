@@ -225,6 +225,38 @@ async def test_an_object_the_source_cannot_handle_is_dropped_counted_and_the_str
         await kube.close()
 
 
+async def test_a_sink_behind_the_ttl_does_not_grow_the_checkpoint_with_deleted_events(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    # The slow sink accepts occurrences of events already deleted (their DELETED cleared the entries
+    # before it got to them): the periodic prune must drop those entries, and only those.
+    fast = spec_for_class(MemorySink, {"name": "fast", "batch_max_wait": 0.02}, type_="memory")
+    slow = spec_for_class(MemorySink, {"name": "slow", "batch_max_wait": 0.02}, type_="memory")
+    router = Router(_settings(api, tmp_path, checkpoint_prune_interval=0.1), [fast, slow])
+    async with router.running(watch=False):
+        behind = router.sinks["slow"]
+        assert isinstance(behind, MemorySink)
+        behind.blocked = asyncio.Event()
+        await router.start_source()
+        await _ready(router)
+        doomed = [api.create_event(event_object(object_name=f"gone-{i}")) for i in range(20)]
+        kept = [api.create_event(event_object(object_name=f"kept-{i}")) for i in range(5)]
+        fast_sink = router.sinks["fast"]
+        assert isinstance(fast_sink, MemorySink)
+        await fast_sink.wait_for(25)
+        for obj in doomed:
+            api.delete_event(obj["metadata"]["namespace"], obj["metadata"]["name"])
+        table = router.pipelines[0].checkpoint.table
+        gone = {obj["metadata"]["uid"] for obj in doomed}
+        await until(lambda: not gone & table.entries.keys())  # the DELETEDs arrived
+        behind.blocked.set()
+        await behind.wait_for(25)
+        await router.pipelines[1].wait_idle()  # its accepts are in the checkpoint now
+        await until(lambda: not gone & table.entries.keys())  # pruned again after the late accepts
+        assert {obj["metadata"]["uid"] for obj in kept} <= table.entries.keys()
+        assert all(table.entries[obj["metadata"]["uid"]] == 1 for obj in kept)
+
+
 async def test_wrong_token_is_reported_and_the_router_keeps_trying(
     api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -83,6 +83,7 @@ class EventWatcher:
         self.path = f"/api/v1/namespaces/{namespace}/events" if namespace else "/api/v1/events"
         self.where = f"namespace {namespace}" if namespace else "all namespaces"
         self.initial_list_done = asyncio.Event()
+        self.listing = False  # a list is in progress or failed: the tracker is not a complete picture
         self.last_progress = time.time()
         self.resource_version: str | None = None
         # Label children resolved once: a lookup per watch line is measurable at thousands per second.
@@ -163,6 +164,7 @@ class EventWatcher:
             if self.settings.relist_sorted
             else None
         )
+        self.listing = True
         try:
             rv, live = await self._list_pages(order)
             if order is not None and len(order):
@@ -173,7 +175,8 @@ class EventWatcher:
                 for uid in order.not_handed_on():
                     self.tracker.seen.pop(uid, None)
                 order.close()
-            raise
+            raise  # `listing` stays True until a list succeeds: the tracker is incomplete till then
+        self.listing = False
         self.tracker_gc(live)
         self.listed(self.namespace, live)
         self.tracked_gauge()
