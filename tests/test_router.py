@@ -391,6 +391,39 @@ async def test_a_large_relist_waits_for_slow_sinks_instead_of_dropping(
         await router.stop()
 
 
+async def test_with_a_disk_spool_a_slow_sink_does_not_hold_up_a_relist_for_the_others(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """Without a spool a relist waits for the slowest working sink (above); with one, that sink's
+    overflow goes to disk and the other sinks get the whole list at once. Nothing is dropped."""
+    for i in range(1000):
+        api.create_event(event_object(object_name=f"r-{i}"))
+    opts = {"batch_max_wait": 0.02, "queue_max_events": 100, "batch_max_events": 20}
+    fast = spec_for_class(MemorySink, {"name": "fast", **opts}, type_="memory")
+    # A working sink (its send never times out), only slow: without a spool it would pace the relist.
+    slow = spec_for_class(MemorySink, {"name": "slow", "send_timeout": 600, **opts}, type_="memory")
+    router = Router(_settings(api, tmp_path, data_dir=tmp_path / "data"), [fast, slow])
+    await router.start_pipelines()
+    fast_sink, slow_sink = router.sinks["fast"], router.sinks["slow"]
+    assert isinstance(fast_sink, MemorySink) and isinstance(slow_sink, MemorySink)
+    slow_sink.blocked = asyncio.Event()
+    await router.start_source()
+    try:
+        # Well below the relist's 60 s wait for a backlogged sink, which is what happens without it.
+        await fast_sink.wait_for(1000, timeout=20)
+        assert len(slow_sink.keys) == 0
+        spool = router.pipelines[1].spool
+        assert spool is not None and len(spool) >= 1000 - 100 - 20
+        slow_sink.blocked.set()
+        await slow_sink.wait_for(1000, timeout=60)
+        assert len(set(fast_sink.keys)) == len(set(slow_sink.keys)) == 1000
+        for name in ("fast", "slow"):
+            for reason in ("queue_full", "spool_full"):
+                assert router.metrics.dropped.labels(name, reason)._value.get() == 0
+    finally:
+        await router.stop()
+
+
 def test_freed_memory_can_be_returned_to_the_os() -> None:
     import platform
 

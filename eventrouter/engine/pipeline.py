@@ -173,12 +173,15 @@ class Pipeline:
             self._room.set()  # a failing sink must not hold up a relist for the others
 
     def backlogged(self, high_water: float) -> bool:
-        """True while a working sink's memory queue is past ``high_water`` (a fraction of its bound)."""
+        """True while a working sink's memory queue is past ``high_water`` (a fraction of its bound) and
+        no disk spool with room below ``high_water`` of its bound takes the overflow: a slow sink with a
+        spool catches up from disk instead of holding the relist up for every other sink."""
         return (
             self.healthy
             and self.started.is_set()
             and not self._closing
             and len(self._queue) >= high_water * self.queue_max
+            and (self.spool is None or self.spool.bytes >= high_water * self.spool.max_bytes)
         )
 
     async def wait_for_room(self, high_water: float) -> None:
