@@ -46,12 +46,24 @@ def _depths(m: dict[str, float]) -> dict[str, int]:
     return out
 
 
+def _source(m: dict[str, float]) -> dict[str, int]:
+    """Relists and watch restarts so far: a phase that relisted again is not comparable."""
+    out = {"relists": 0, "watch_restarts": 0}
+    for key, value in m.items():
+        if key.startswith("eventrouter_relists_total{"):
+            out["relists"] += int(value)
+        elif key.startswith("eventrouter_watch_restarts_total{"):
+            out["watch_restarts"] += int(value)
+    return out
+
+
 class Sampler:
     def __init__(self, pid: int, interval: float) -> None:
         self.pid = pid
         self.interval = interval
         self.samples: list[tuple[float, float]] = []
         self._task: asyncio.Task[None] | None = None
+        self.cpu0 = 0.0
 
     async def _run(self) -> None:
         t0 = time.monotonic()
@@ -60,6 +72,7 @@ class Sampler:
             await asyncio.sleep(self.interval)
 
     def __enter__(self) -> Sampler:
+        self.cpu0 = c.cpu_seconds(self.pid)
         self._task = asyncio.create_task(self._run())
         return self
 
@@ -78,6 +91,7 @@ class Sampler:
             # interpreter, extension modules and shared libraries such as OpenSSL: shared, reclaimable).
             "end_anon_mib": round(c.status_kib(self.pid, "RssAnon") / 1024, 1),
             "end_file_mib": round(c.status_kib(self.pid, "RssFile") / 1024, 1),
+            "router_cpu_s": round(c.cpu_seconds(self.pid) - self.cpu0, 1),
         }
 
 
@@ -133,12 +147,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         "delivered": c.delivered(m),
                         "dead_lettered": c.dead_lettered(m),
                         "backlog": _depths(m),
+                        **_source(m),
                     }
                     _say("relist", result["phases"]["relist"])
                     # 2. idle
                     with Sampler(rp.pid, 0.5) as sm:
                         await asyncio.sleep(args.idle)
-                    result["phases"]["idle"] = {**sm.summary(), "backlog": _depths(await rp.metrics(session))}
+                    m = await rp.metrics(session)
+                    result["phases"]["idle"] = {**sm.summary(), "backlog": _depths(m), **_source(m)}
                     _say("idle", result["phases"]["idle"])
                     # 3. load
                     api.ttl = 30.0
@@ -152,15 +168,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         "achieved": round(achieved, 1),
                         "backlog": _depths(m),
                         "peak_hwm_mib": round(c.hwm_mib(rp.pid), 1),
+                        **_source(m),
                     }
                     _say("load", result["phases"]["load"])
                     # 4. idle after load
                     with Sampler(rp.pid, 0.5) as sm:
                         await asyncio.sleep(args.idle)
-                    result["phases"]["idle_after"] = {
-                        **sm.summary(),
-                        "backlog": _depths(await rp.metrics(session)),
-                    }
+                    m = await rp.metrics(session)
+                    result["phases"]["idle_after"] = {**sm.summary(), "backlog": _depths(m), **_source(m)}
                     _say("idle_after", result["phases"]["idle_after"])
                     if args.soak:
                         api.ttl = 60.0

@@ -363,7 +363,9 @@ class Router:
         async def metrics(_: web.Request) -> web.Response:
             for p in self.pipelines:
                 p.flush_metrics()
-                self.metrics.queue_depth.labels(p.name).set(p.depth)
+                # The memory queue only: the spool, in-flight and deferred items have gauges or
+                # counters of their own (depth would count the spool twice with spool_depth).
+                self.metrics.queue_depth.labels(p.name).set(p.queued)
             if self.checkpoint_store is not None:
                 self.metrics.checkpoint_truncated.set(self.checkpoint_store.truncated)
             if self.watchers:
@@ -454,6 +456,7 @@ class Router:
             p.flush_metrics()
             if p.spool is not None:
                 p.spool.commit()
+                p.spool.close()
             try:
                 p.checkpoint.close()
             except OSError as exc:

@@ -360,6 +360,31 @@ async def test_spool_takes_overflow_in_order_and_survives_restart(metrics: Metri
     assert len(set(sink2.keys)) == 100
 
 
+def test_spool_appends_reach_the_file_at_once_and_never_a_deleted_segment(tmp_path: Path) -> None:
+    """The tail segment stays open between appends; each append is on disk when it returns (a
+    SIGKILL, i.e. no close, loses nothing), and a drained segment that was deleted is never written
+    on: the next append starts a new file."""
+    directory = tmp_path / "spool"
+    spool = Spool(directory, max_bytes=10_000_000)
+    first = [make_occurrence() for _ in range(5)]
+    for o in first:
+        spool.append(o)
+    assert len(Spool(directory, max_bytes=10_000_000)) == 5  # read back without closing the writer
+    assert [(o.uid, o.number) for o in spool.pop(10)] == [(o.uid, o.number) for o in first]
+    spool.commit()  # everything read: the segment is deleted
+    assert not list(directory.glob("*.seg"))
+    second = [make_occurrence() for _ in range(3)]
+    for o in second:
+        spool.append(o)
+    reopened = Spool(directory, max_bytes=10_000_000)
+    assert [(o.uid, o.number) for o in reopened.pop(10)] == [(o.uid, o.number) for o in second]
+    spool.close()
+    spool.append(first[0])  # usable after close: reopens
+    assert len(Spool(directory, max_bytes=10_000_000)) == 4
+    spool.close()
+    reopened.close()
+
+
 async def test_spool_bound_drops_oldest_and_counts(metrics: Metrics, tmp_path: Path) -> None:
     sink = _sink()
     occs = [make_occurrence(message="x" * 2000) for _ in range(200)]

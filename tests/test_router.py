@@ -402,7 +402,8 @@ async def test_with_a_disk_spool_a_slow_sink_does_not_hold_up_a_relist_for_the_o
     fast = spec_for_class(MemorySink, {"name": "fast", **opts}, type_="memory")
     # A working sink (its send never times out), only slow: without a spool it would pace the relist.
     slow = spec_for_class(MemorySink, {"name": "slow", "send_timeout": 600, **opts}, type_="memory")
-    router = Router(_settings(api, tmp_path, data_dir=tmp_path / "data"), [fast, slow])
+    settings = _settings(api, tmp_path, data_dir=tmp_path / "data", metrics_addr="127.0.0.1:0")
+    router = Router(settings, [fast, slow])
     await router.start_pipelines()
     fast_sink, slow_sink = router.sinks["fast"], router.sinks["slow"]
     assert isinstance(fast_sink, MemorySink) and isinstance(slow_sink, MemorySink)
@@ -414,6 +415,15 @@ async def test_with_a_disk_spool_a_slow_sink_does_not_hold_up_a_relist_for_the_o
         assert len(slow_sink.keys) == 0
         spool = router.pipelines[1].spool
         assert spool is not None and len(spool) >= 1000 - 100 - 20
+        # The gauges tell memory from disk: the queue within its bound, the rest in the spool.
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{router.http_port}/metrics") as r,
+        ):
+            text = await r.text()
+        queued = float(text.split('eventrouter_sink_queue_depth{sink="slow"} ')[1].split()[0])
+        spooled = float(text.split('eventrouter_sink_spool_depth{sink="slow"} ')[1].split()[0])
+        assert queued <= 100 and spooled == len(spool)
         slow_sink.blocked.set()
         await slow_sink.wait_for(1000, timeout=60)
         assert len(set(fast_sink.keys)) == len(set(slow_sink.keys)) == 1000

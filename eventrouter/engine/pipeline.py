@@ -190,6 +190,11 @@ class Pipeline:
             await self._room.wait()
 
     @property
+    def queued(self) -> int:
+        """Occurrences in the memory queue (bounded by ``queue_max_events``)."""
+        return len(self._queue)
+
+    @property
     def depth(self) -> int:
         spooled = len(self.spool) if self.spool else 0
         return len(self._queue) + spooled + len(self._in_flight) + len(self._deferred)

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,12 @@ class _Segment:
     read_offset: int = 0
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class Spool:
     def __init__(
         self,
@@ -56,6 +63,12 @@ class Spool:
         self._segments: collections.deque[_Segment] = collections.deque()
         self._count = 0
         self._bytes = 0
+        # The tail segment stays open for appends: opening it per occurrence was ~40% of the router's
+        # CPU while a slow sink spilled a relist. Unbuffered, so each append is one write(2) and in
+        # the page cache when it returns (a SIGKILL keeps it), exactly as with open-write-close.
+        self._fd = -1
+        self._fd_seg: _Segment | None = None
+        self._finalizer = weakref.finalize(self, Spool._close_fd, [self._fd])
         self._open()
 
     # ---- persistence format -------------------------------------------------------------------
@@ -120,13 +133,40 @@ class Spool:
             number = seg.number + 1 if seg else int(time.time() * 1000)
             seg = _Segment(number, self.directory / f"{number}.seg")
             self._segments.append(seg)
-        with open(seg.path, "ab") as fh:
-            fh.write(line)
+        if self._fd_seg is not seg:
+            self._close_writer()
+            self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fd_seg = seg
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, Spool._close_fd, [self._fd])
+        _write_all(self._fd, line)
         seg.records += 1
         seg.size += len(line)
         self._count += 1
         self._bytes += len(line)
         return dropped
+
+    @staticmethod
+    def _close_fd(box: list[int]) -> None:
+        if box[0] >= 0:
+            with contextlib.suppress(OSError):
+                os.close(box[0])
+
+    def _close_writer(self) -> None:
+        if self._fd >= 0:
+            self._finalizer.detach()
+            Spool._close_fd([self._fd])
+        self._fd = -1
+        self._fd_seg = None
+
+    def _unlink(self, seg: _Segment) -> None:
+        if seg is self._fd_seg:
+            self._close_writer()  # never write on into a deleted file
+        seg.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Close the append descriptor (the spool stays usable: the next append reopens)."""
+        self._close_writer()
 
     def extend(self, occs: list[Occurrence]) -> list[str]:
         dropped: list[str] = []
@@ -144,7 +184,7 @@ class Spool:
                 keys.append(f"{raw['metadata']['uid']}/{occurrence_number(raw)}")
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 keys.append("?")
-        seg.path.unlink(missing_ok=True)
+        self._unlink(seg)
         self._count -= seg.records - seg.read_records
         self._bytes -= seg.size
         return keys
@@ -160,7 +200,7 @@ class Spool:
                     break
                 self._segments.popleft()
                 self._bytes -= seg.size
-                seg.path.unlink(missing_ok=True)
+                self._unlink(seg)
                 continue
             with open(seg.path, "rb") as fh:
                 fh.seek(seg.read_offset)
@@ -180,7 +220,7 @@ class Spool:
         while len(self._segments) > 1 and self._segments[0].read_records >= self._segments[0].records:
             seg = self._segments.popleft()
             self._bytes -= seg.size
-            seg.path.unlink(missing_ok=True)
+            self._unlink(seg)
         if not self._segments:
             text = "0 0"
         else:
@@ -189,7 +229,7 @@ class Spool:
                 # Everything read: start afresh instead of keeping an exhausted segment around.
                 self._segments.clear()
                 self._bytes -= head.size
-                head.path.unlink(missing_ok=True)
+                self._unlink(head)
                 text = "0 0"
             else:
                 text = f"{head.number} {head.read_records}"
