@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable, Sequence
 
 from eventrouter.engine.pipeline import Pipeline
@@ -30,21 +31,32 @@ class Fanout:
         """Bulk intake (a relist, a replay) pauses here while a *working* sink's memory queue is past
         ``high_water``: catching up at the sinks' pace instead of dropping what does not fit. A failing
         sink never holds it up (it spills or drops, counted), and the live watch never waits here.
+        A sink with a disk spool holds it up for ``INTAKE_PATIENCE`` seconds in all; after that the
+        rest of the intake waits in its spool (until it has caught up once more).
         Returns False when ``max_wait`` ran out (the intake goes on; the queues bound memory)."""
         busy = [p for p in self.pipelines if p.backlogged(high_water)]
         if not busy:
             return True
-        try:
-            async with asyncio.timeout(max_wait):
-                for p in busy:
+        deadline = time.monotonic() + max_wait
+        for p in busy:
+            patient = p.can_spill
+            limit = deadline - time.monotonic()
+            if patient:
+                limit = min(limit, p.intake_patience)
+            if limit <= 0 and patient:
+                continue
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(max(0.0, limit)):
                     await p.wait_for_room(high_water)
-        except TimeoutError:
-            log.warning(
-                "sinks %s still backlogged after %.0fs; relist goes on",
-                ", ".join(p.name for p in busy),
-                max_wait,
-            )
-            return False
+            except TimeoutError:
+                if not patient:
+                    log.warning("sink %s still backlogged after %.0fs; relist goes on", p.name, max_wait)
+                    return False
+                log.info("sink %s is slower than the relist: the rest of it waits in its disk spool", p.name)
+            finally:
+                if patient:
+                    p.intake_patience = max(0.0, p.intake_patience - (time.monotonic() - started))
         return True
 
     def forget(self, uids: Iterable[str]) -> None:

@@ -111,6 +111,12 @@ class Metrics:
         self.spool_depth = Gauge(
             "eventrouter_sink_spool_depth", "Occurrences waiting in the disk spool.", ["sink"], registry=r
         )
+        self.spilled = Counter(
+            "eventrouter_sink_spilled",
+            "Occurrences written to the disk spool because the memory queue was full.",
+            ["sink"],
+            registry=r,
+        )
         self.send_latency = Histogram(
             "eventrouter_sink_send_duration_seconds",
             "Duration of one send call.",

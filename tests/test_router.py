@@ -394,8 +394,9 @@ async def test_a_large_relist_waits_for_slow_sinks_instead_of_dropping(
 async def test_with_a_disk_spool_a_slow_sink_does_not_hold_up_a_relist_for_the_others(
     api: FakeApiServer, tmp_path: Path
 ) -> None:
-    """Without a spool a relist waits for the slowest working sink (above); with one, that sink's
-    overflow goes to disk and the other sinks get the whole list at once. Nothing is dropped."""
+    """Without a spool a relist waits for the slowest working sink (above); with one, it waits for
+    that sink INTAKE_PATIENCE seconds at most, then the sink's overflow goes to disk and the other
+    sinks get the rest of the list at once. Nothing is dropped."""
     for i in range(1000):
         api.create_event(event_object(object_name=f"r-{i}"))
     opts = {"batch_max_wait": 0.02, "queue_max_events": 100, "batch_max_events": 20}
@@ -410,7 +411,7 @@ async def test_with_a_disk_spool_a_slow_sink_does_not_hold_up_a_relist_for_the_o
     slow_sink.blocked = asyncio.Event()
     await router.start_source()
     try:
-        # Well below the relist's 60 s wait for a backlogged sink, which is what happens without it.
+        # Well below the relist's 60 s wait for a backlogged sink without a spool.
         await fast_sink.wait_for(1000, timeout=20)
         assert len(slow_sink.keys) == 0
         spool = router.pipelines[1].spool
@@ -424,12 +425,41 @@ async def test_with_a_disk_spool_a_slow_sink_does_not_hold_up_a_relist_for_the_o
         queued = float(text.split('eventrouter_sink_queue_depth{sink="slow"} ')[1].split()[0])
         spooled = float(text.split('eventrouter_sink_spool_depth{sink="slow"} ')[1].split()[0])
         assert queued <= 100 and spooled == len(spool)
+        assert router.metrics.spilled.labels("slow")._value.get() >= spooled
+        assert router.metrics.spilled.labels("fast")._value.get() == 0
         slow_sink.blocked.set()
         await slow_sink.wait_for(1000, timeout=60)
         assert len(set(fast_sink.keys)) == len(set(slow_sink.keys)) == 1000
         for name in ("fast", "slow"):
             for reason in ("queue_full", "spool_full"):
                 assert router.metrics.dropped.labels(name, reason)._value.get() == 0
+    finally:
+        await router.stop()
+
+
+async def test_with_a_disk_spool_a_relist_still_waits_for_sinks_that_keep_up(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """The spool is for sinks slower than the relist: two sinks that keep up get it at their pace
+    from memory, and nothing is written to disk (spilling costs CPU per item)."""
+    for i in range(1000):
+        api.create_event(event_object(object_name=f"r-{i}"))
+    opts = {"batch_max_wait": 0.02, "queue_max_events": 100, "batch_max_events": 20}
+    specs = [spec_for_class(MemorySink, {"name": n, **opts}, type_="memory") for n in ("a", "b")]
+    router = Router(_settings(api, tmp_path, data_dir=tmp_path / "data"), specs)
+    await router.start_pipelines()
+    for name in ("a", "b"):
+        sink = router.sinks[name]
+        assert isinstance(sink, MemorySink)
+        sink.delay = 0.001
+    await router.start_source()
+    try:
+        for name in ("a", "b"):
+            sink = router.sinks[name]
+            assert isinstance(sink, MemorySink)
+            await sink.wait_for(1000, timeout=60)
+            assert len(set(sink.keys)) == 1000
+            assert router.metrics.spilled.labels(name)._value.get() == 0
     finally:
         await router.stop()
 

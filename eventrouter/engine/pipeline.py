@@ -24,7 +24,12 @@ from eventrouter.options import PipelineOptions
 from eventrouter.record import Occurrence
 from eventrouter.sink import OK, Outcome, OutcomeKind, RetryableError, Sink, SinkError, retry
 
-__all__ = ["Pipeline"]
+__all__ = ["INTAKE_PATIENCE", "Pipeline"]
+
+INTAKE_PATIENCE = 5.0
+"""Seconds in all that a relist waits for a sink that has a disk spool before that sink's overflow
+goes to the spool: a slow sink (an Elasticsearch indexing a few hundred documents a second) must not
+hold the relist up for the others, and a fast one is never spilled (spilling costs ~20 µs an item)."""
 
 
 class _Throttled:
@@ -89,6 +94,9 @@ class Pipeline:
         self.healthy = True  # the last send (or start) succeeded
         self._room = asyncio.Event()
         self._room.set()
+        # Seconds a relist may still wait for this sink before its overflow goes to the disk spool
+        # instead (see Fanout.wait_for_room); renewed each time the sink has caught up.
+        self.intake_patience = INTAKE_PATIENCE
         self._received = 0
         self.queue_max = options.queue_bound(spooled=spool is not None)
         # Metric children resolved once: label lookups are not free on the hot path.
@@ -100,6 +108,7 @@ class Pipeline:
         self._m_retries = m.retries.labels(name)
         self._m_queue = m.queue_depth.labels(name)
         self._m_spool = m.spool_depth.labels(name)
+        self._m_spilled = m.spilled.labels(name)
         self._m_latency = m.send_latency.labels(name)
         self._m_batch = m.batch_size.labels(name)
         self._m_lag = m.delivery_lag.labels(name)
@@ -153,6 +162,7 @@ class Pipeline:
 
     def _spill(self, occ: Occurrence) -> None:
         assert self.spool is not None
+        self._m_spilled.inc()
         for lost in self.spool.append(occ):
             self.metrics.dropped.labels(self.name, "spool_full").inc()
             self._throttled.warning(
@@ -173,16 +183,24 @@ class Pipeline:
             self._room.set()  # a failing sink must not hold up a relist for the others
 
     def backlogged(self, high_water: float) -> bool:
-        """True while a working sink's memory queue is past ``high_water`` (a fraction of its bound) and
-        no disk spool with room below ``high_water`` of its bound takes the overflow: a slow sink with a
-        spool catches up from disk instead of holding the relist up for every other sink."""
+        """True while a working sink's memory queue is past ``high_water`` (a fraction of its bound),
+        unless it is already spilling into a disk spool that has room: then a relist's overflow waits
+        on disk and the sink catches up from there, holding up no other sink."""
+        spilling = self.spool is not None and len(self.spool) > 0
         return (
             self.healthy
             and self.started.is_set()
             and not self._closing
             and len(self._queue) >= high_water * self.queue_max
-            and (self.spool is None or self.spool.bytes >= high_water * self.spool.max_bytes)
+            and not (
+                spilling and self.spool is not None and self.spool.bytes < high_water * self.spool.max_bytes
+            )
         )
+
+    @property
+    def can_spill(self) -> bool:
+        """A disk spool with room below half its bound takes what the memory queue cannot."""
+        return self.spool is not None and self.spool.bytes < self.spool.max_bytes // 2
 
     async def wait_for_room(self, high_water: float) -> None:
         while self.backlogged(high_water):
@@ -255,6 +273,7 @@ class Pipeline:
                 return None
             if not self._deferred:
                 self.idle.set()
+                self.intake_patience = INTAKE_PATIENCE  # caught up: a next relist may wait again
             self._wakeup.clear()
             wait = self._deferred[0][0] - time.monotonic() if self._deferred else None
             try:
