@@ -294,8 +294,9 @@ class Router:
             self.fanout.prune(live)
 
     async def _trim_after_burst(self) -> None:
-        """Once the queues have drained after a relist, hand the freed memory back to the OS."""
-        while sum(p.depth for p in self.pipelines) > 1000:  # noqa: ASYNC110 - depth has no event
+        """Once the memory queues have drained after a relist, hand the freed memory back to the OS
+        (a slow sink's backlog in its disk spool does not hold this up)."""
+        while any(p.queued > p.queue_max // 2 for p in self.pipelines):  # noqa: ASYNC110 - no event
             await asyncio.sleep(1)
         release_free_memory()
 
