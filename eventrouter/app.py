@@ -75,10 +75,13 @@ class RouterSettings:
     """Keep checkpoints in this ConfigMap (namespace ``checkpoint_namespace``) instead of --data-dir."""
     checkpoint_namespace: str = "default"
     checkpoint_flush_interval: float = 1.0
+    """Seconds between ConfigMap writes: after a SIGKILL the new leader may re-deliver up to this much."""
     checkpoint_prune_interval: float = 60.0
     """How often checkpoint entries of events the source no longer tracks (deleted) are dropped: a sink
     that lags behind the events' TTL accepts them after their deletion, and no relist prunes them."""
-    """Seconds between ConfigMap writes: after a SIGKILL the new leader may re-deliver up to this much."""
+    memory_trim_interval: float = 60.0
+    """How often freed heap is handed back to the OS (besides after each relist): a sink catching up
+    from its spool frees memory long after the relist (measured: 155 → 124 MiB RSS at one trim)."""
 
 
 def _checkpoint_backend(settings: RouterSettings, name: str) -> CheckpointBackend:
@@ -115,6 +118,7 @@ class Router:
         self._stopping = False
         self.elector: LeaderElector | None = None
         self._trim_task: asyncio.Task[None] | None = None
+        self.memory_trims = 0
         self.checkpoint_store: ConfigMapCheckpointStore | None = None
         self.exit_code = 0
 
@@ -277,6 +281,7 @@ class Router:
             self.watchers.append(watcher)
             self._tasks.append(self._guard(watcher.run(), f"watch:{ns or '*'}"))
         self._tasks.append(self._guard(self._prune_deleted(), "checkpoint-prune"))
+        self._tasks.append(self._guard(self._trim_periodically(), "memory-trim-periodic"))
 
     async def _prune_deleted(self) -> None:
         """Drop checkpoint entries of deleted events. A sink behind the events' TTL (a backlog on
@@ -293,12 +298,22 @@ class Router:
                 live.update(w.tracker.seen)
             self.fanout.prune(live)
 
+    def _trim(self) -> None:
+        # glibc's malloc_trim: ~10 ms on a 60 MB heap, ~60 ms when it has much to return.
+        self.memory_trims += 1
+        release_free_memory()
+
     async def _trim_after_burst(self) -> None:
         """Once the memory queues have drained after a relist, hand the freed memory back to the OS
         (a slow sink's backlog in its disk spool does not hold this up)."""
         while any(p.queued > p.queue_max // 2 for p in self.pipelines):  # noqa: ASYNC110 - no event
             await asyncio.sleep(1)
-        release_free_memory()
+        self._trim()
+
+    async def _trim_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.memory_trim_interval)
+            self._trim()
 
     async def replay(self, objects: Iterable[tuple[str, Any]], *, page: int = 500) -> tuple[int, int]:
         """Route recorded (type, object) pairs through the same tracker and pipelines, pausing every

@@ -464,6 +464,15 @@ async def test_with_a_disk_spool_a_relist_still_waits_for_sinks_that_keep_up(
         await router.stop()
 
 
+async def test_freed_memory_is_returned_after_a_relist_and_periodically(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    router = _router(_settings(api, tmp_path, memory_trim_interval=0.05))
+    async with router.running():
+        await _ready(router)
+        await until(lambda: router.memory_trims >= 3)
+
+
 def test_freed_memory_can_be_returned_to_the_os() -> None:
     import platform
 
