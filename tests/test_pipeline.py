@@ -512,10 +512,10 @@ async def test_memory_queue_bound_is_smaller_when_the_disk_spool_takes_the_backl
     metrics = Metrics()
     assert _pipeline(_sink(), metrics, name="a").queue_max == 10_000
     spool = Spool(tmp_path / "spool", max_bytes=10_000_000)
-    assert _pipeline(_sink(), metrics, name="b", spool=spool).queue_max == 2_000
+    assert _pipeline(_sink(), metrics, name="b", spool=spool).queue_max == 1_000
     assert _pipeline(_sink(), metrics, name="c", spool=spool, queue_size=50).queue_max == 50
     # The bound is what decides spilling (the pipeline is not running: everything waits).
     p = _pipeline(_sink(), metrics, name="d", spool=spool)
-    for i in range(2_001):
+    for i in range(1_001):
         p.offer(make_occurrence(uid=f"u{i}"))
-    assert len(p._queue) == 2_000 and len(spool) == 1
+    assert len(p._queue) == 1_000 and len(spool) == 1
