@@ -1,9 +1,9 @@
 """Long fault soaks: the scenarios of tests/reliability with production-like durations and sizes.
 
-    /work/venv/bin/python bench/reliability.py            # everything (about 12 minutes on 2 cores)
-    /work/venv/bin/python bench/reliability.py --only kill_storm,cardinality
-    /work/venv/bin/python bench/reliability.py --quick    # the suite's sizes, as a smoke run
-    /work/venv/bin/python bench/reliability.py --json results.json
+    python -m bench.reliability            # everything (about 12 minutes on 2 cores)
+    python -m bench.reliability --only kill_storm,cardinality
+    python -m bench.reliability --quick    # the suite's sizes, as a smoke run
+    python -m bench.reliability --json results.json
 
 Prints, per scenario and sink: required, received, lost, duplicates, collapsed (repeats that folded
 into a later record while the router could not see them), unexpected. Exit status 1 if any scenario
