@@ -268,11 +268,13 @@ def dead_lettered(metrics: dict[str, float]) -> dict[str, int]:
 
 
 def dropped(metrics: dict[str, float]) -> dict[str, int]:
+    """``sink:reason`` → count (labels in either order: prometheus_client sorts them)."""
     out: dict[str, int] = {}
     for key, value in metrics.items():
-        m = re.fullmatch(r'eventrouter_sink_dropped_total\{sink="([^"]+)",reason="([^"]+)"\}', key)
-        if m and value:
-            out[f"{m.group(1)}:{m.group(2)}"] = int(value)
+        if not key.startswith("eventrouter_sink_dropped_total{") or not value:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', key))
+        out[f"{labels.get('sink')}:{labels.get('reason')}"] = int(value)
     return out
 
 
