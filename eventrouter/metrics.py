@@ -89,7 +89,7 @@ class Metrics:
         )
         self.dropped = Counter(
             "eventrouter_sink_dropped",
-            "Occurrences dropped without delivery, by reason (queue_full, spool_full, shutdown).",
+            "Occurrences dropped without delivery, by reason (queue_full, spool_full, spool_error, shutdown).",
             ["sink", "reason"],
             registry=r,
         )

@@ -385,6 +385,22 @@ def test_spool_appends_reach_the_file_at_once_and_never_a_deleted_segment(tmp_pa
     reopened.close()
 
 
+async def test_a_spool_that_cannot_be_written_drops_counts_and_never_raises(
+    metrics: Metrics, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    spool = Spool(tmp_path / "spool", max_bytes=10_000_000)
+    p = _pipeline(_sink(), metrics, spool=spool, queue_max_events=2)
+    for _ in range(3):
+        p.offer(make_occurrence())  # the third is spilled to disk
+    spool.close()
+    shutil.rmtree(tmp_path / "spool")  # the disk is gone (as full or read-only would be)
+    p.offer(make_occurrence())  # must not raise into the source
+    assert value(metrics.dropped, "mem", "spool_error") == 1
+    assert "cannot write the disk spool" in caplog.text
+
+
 async def test_spool_bound_drops_oldest_and_counts(metrics: Metrics, tmp_path: Path) -> None:
     sink = _sink()
     occs = [make_occurrence(message="x" * 2000) for _ in range(200)]

@@ -168,7 +168,20 @@ class Pipeline:
     def _spill(self, occ: Occurrence) -> None:
         assert self.spool is not None
         self._m_spilled.inc()
-        for lost in self.spool.append(occ):
+        try:
+            dropped = self.spool.append(occ)
+        except OSError as exc:
+            # A full or broken disk must not stop the source: this occurrence is lost, counted.
+            self.metrics.dropped.labels(self.name, "spool_error").inc()
+            self._throttled.warning(
+                "spool_error",
+                "sink %s: cannot write the disk spool (%s), dropped %s",
+                self.name,
+                exc,
+                occ.key,
+            )
+            return
+        for lost in dropped:
             self.metrics.dropped.labels(self.name, "spool_full").inc()
             self._throttled.warning(
                 "spool_full", "sink %s: disk spool full, dropped oldest occurrence %s", self.name, lost
