@@ -31,6 +31,7 @@ from elastic_transport import (
     NodeConfig,
     OrjsonSerializer,
     Serializer,
+    TextSerializer,
     TransportError,
 )
 from elastic_transport import ConnectionTimeout as TransportTimeout
@@ -346,8 +347,10 @@ class _PassThrough(Serializer):
 
 _JSON = OrjsonSerializer()
 _NDJSON = _PassThrough()
-# Responses may come back with the compatibility media types when a proxy asks for them.
+# Responses may come back with the compatibility media types when a proxy asks for them, or as
+# text (a proxy's error page: its text goes into the error message).
 _SERIALIZERS: dict[str, Serializer] = {
+    "text/*": TextSerializer(),  # as the client's defaults
     "application/json": _JSON,
     "application/vnd.elasticsearch+json": _JSON,
     "application/x-ndjson": _NDJSON,

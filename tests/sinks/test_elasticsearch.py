@@ -389,6 +389,8 @@ class FakeBulkServer:
             return web.Response(status=413)
         if self.responses:
             status, headers, payload = self.responses.pop(0)
+            if isinstance(payload, str):  # a proxy in front of the cluster answering with a text page
+                return web.Response(text=payload, status=status, headers=headers)
             return web.json_response(payload, status=status, headers=headers)
         if request.content_type not in ("application/x-ndjson", "application/json"):
             return web.json_response({"error": "Content-Type not supported", "status": 406}, status=406)
@@ -441,6 +443,19 @@ async def test_whole_request_429_and_5xx_are_retryable_with_retry_after(fake: Fa
         assert outcome_kinds(await sink.send([occurrence()])) == [OutcomeKind.OK]
     # One request per send: the transport did not retry behind the engine's back.
     assert [r[0] for r in fake.requests] == ["GET", "POST", "POST", "POST"]
+
+
+async def test_a_proxy_text_error_page_is_retried_with_its_text(fake: FakeBulkServer) -> None:
+    opts = ElasticsearchOptions.model_validate({"url": fake.url})
+    sink = ElasticsearchSink(opts, SinkContext("es", "test", None, logging.getLogger("test.es")))
+    await sink.start()
+    try:
+        fake.responses = [(502, {}, "502 Bad Gateway: upstream es-0 unavailable")]
+        with pytest.raises(RetryableError) as err:
+            await sink.send(recorded_occurrences()[:3])
+        assert "502" in err.value.reason and "upstream es-0 unavailable" in err.value.reason
+    finally:
+        await sink.aclose()
 
 
 async def test_item_level_429_retried_5xx_retried_4xx_rejected(fake: FakeBulkServer) -> None:
