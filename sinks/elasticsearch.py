@@ -31,7 +31,6 @@ from elastic_transport import (
     NodeConfig,
     OrjsonSerializer,
     Serializer,
-    TextSerializer,
     TransportError,
 )
 from elastic_transport import ConnectionTimeout as TransportTimeout
@@ -347,10 +346,9 @@ class _PassThrough(Serializer):
 
 _JSON = OrjsonSerializer()
 _NDJSON = _PassThrough()
-# Responses may come back with the compatibility media types when a proxy asks for them, or as
-# text (a proxy's error page: its text goes into the error message).
+# Added to the transport's defaults (text/* among them): responses may come back with the
+# compatibility media types when a proxy asks for them.
 _SERIALIZERS: dict[str, Serializer] = {
-    "text/*": TextSerializer(),  # as the client's defaults
     "application/json": _JSON,
     "application/vnd.elasticsearch+json": _JSON,
     "application/x-ndjson": _NDJSON,
