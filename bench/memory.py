@@ -15,7 +15,7 @@ webhook, Loki, Kafka (Tansu), Elasticsearch (osmem) and SLS sinks; RSS is read f
 4. idle again; then the optional soak: RSS every 5 s, least-squares slope over its second half.
 
 osmem indexes only a few hundred documents/s, so the Elasticsearch pipeline runs behind; with
-``--data-dir`` its backlog goes to the disk spool beyond 2,000 queued (the engine's memory bound with
+``--data-dir`` its backlog goes to the disk spool beyond 1,000 queued (the engine's memory bound with
 a spool; a relist waits 5 s in all for it first), which is what a deployment with a persistent volume
 does. The report shows each sink's backlog at each phase.
 """

@@ -309,9 +309,13 @@ class Router:
         while any(p.queued > p.queue_max // 2 for p in self.pipelines):  # noqa: ASYNC110 - no event
             await asyncio.sleep(1)
         self._trim()
+
         # A sink that caught up from its spool has freed what it decoded: once more when all have.
-        if any(p.spool is not None and len(p.spool) for p in self.pipelines):
-            while any(p.spool is not None and len(p.spool) for p in self.pipelines):  # noqa: ASYNC110
+        def spooling() -> bool:
+            return any(p.spool is not None and len(p.spool) for p in self.pipelines)
+
+        if spooling():
+            while spooling():  # noqa: ASYNC110 - the spool has no event
                 await asyncio.sleep(1)
             self._trim()
 

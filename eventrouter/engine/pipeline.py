@@ -167,7 +167,6 @@ class Pipeline:
 
     def _spill(self, occ: Occurrence) -> None:
         assert self.spool is not None
-        self._m_spilled.inc()
         try:
             dropped = self.spool.append(occ)
         except OSError as exc:
@@ -181,6 +180,7 @@ class Pipeline:
                 occ.key,
             )
             return
+        self._m_spilled.inc()
         for lost in dropped:
             self.metrics.dropped.labels(self.name, "spool_full").inc()
             self._throttled.warning(
@@ -210,9 +210,7 @@ class Pipeline:
             and self.started.is_set()
             and not self._closing
             and len(self._queue) >= high_water * self.queue_max
-            and not (
-                spilling and self.spool is not None and self.spool.bytes < high_water * self.spool.max_bytes
-            )
+            and not (spilling and self.can_spill)
         )
 
     @property

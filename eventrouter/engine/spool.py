@@ -68,7 +68,8 @@ class Spool:
         # the page cache when it returns (a SIGKILL keeps it), exactly as with open-write-close.
         self._fd = -1
         self._fd_seg: _Segment | None = None
-        self._finalizer = weakref.finalize(self, Spool._close_fd, [self._fd])
+        # Closes the fd if the spool is dropped unclosed (no ResourceWarning: a raw descriptor).
+        self._fd_closer: weakref.finalize[[int], Spool] | None = None
         self._open()
 
     # ---- persistence format -------------------------------------------------------------------
@@ -137,8 +138,7 @@ class Spool:
             self._close_writer()
             self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             self._fd_seg = seg
-            self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, Spool._close_fd, [self._fd])
+            self._fd_closer = weakref.finalize(self, os.close, self._fd)
         _write_all(self._fd, line)
         seg.records += 1
         seg.size += len(line)
@@ -146,16 +146,11 @@ class Spool:
         self._bytes += len(line)
         return dropped
 
-    @staticmethod
-    def _close_fd(box: list[int]) -> None:
-        if box[0] >= 0:
-            with contextlib.suppress(OSError):
-                os.close(box[0])
-
     def _close_writer(self) -> None:
-        if self._fd >= 0:
-            self._finalizer.detach()
-            Spool._close_fd([self._fd])
+        if self._fd_closer is not None:
+            with contextlib.suppress(OSError):
+                self._fd_closer()  # runs os.close once; a finalizer never runs twice
+            self._fd_closer = None
         self._fd = -1
         self._fd_seg = None
 
