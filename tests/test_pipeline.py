@@ -74,6 +74,48 @@ async def _finish(p: Pipeline, task: asyncio.Task[None]) -> None:
     await asyncio.wait_for(task, 10)
 
 
+async def test_a_filling_batch_goes_out_once_full_and_takes_late_arrivals_at_its_deadline(
+    metrics: Metrics,
+) -> None:
+    """Offers wake the batcher only when they can fill its batch; what arrived without waking it
+    goes out with the batch at its deadline."""
+    sink = _sink()
+    p = _pipeline(sink, metrics, batch_max_events=10, batch_max_wait=60)
+    task = await _run(p)
+    p.offer(make_occurrence())
+    await until(lambda: p._wake_at == 9)  # a batch of one is waiting up to 60 s for nine more
+    for _ in range(9):
+        p.offer(make_occurrence())
+        await asyncio.sleep(0)
+    await sink.wait_for(10, timeout=10)  # full long before its 60 s deadline
+    assert sink.batches == [10]
+    await _finish(p, task)
+
+    sink = _sink()
+    p = _pipeline(sink, metrics, name="late", batch_max_events=10, batch_max_wait=0.2)
+    task = await _run(p)
+    p.offer(make_occurrence())
+    await until(lambda: p._wake_at == 9)
+    p.offer(make_occurrence())
+    p.offer(make_occurrence())  # two that do not fill the batch: no wake-up, taken at the deadline
+    await sink.wait_for(3, timeout=10)
+    assert sink.batches == [3]
+    await _finish(p, task)
+
+
+async def test_relist_patience_is_renewed_once_the_sink_has_caught_up(metrics: Metrics) -> None:
+    from eventrouter.engine.pipeline import INTAKE_PATIENCE
+
+    sink = _sink()
+    p = _pipeline(sink, metrics, batch_max_wait=0.01)
+    p.intake_patience = 0.0  # spent by a relist
+    p.offer(make_occurrence())
+    task = await _run(p)
+    await sink.wait_for(1)
+    await until(lambda: p.intake_patience == INTAKE_PATIENCE)  # idle again: the next relist may wait
+    await _finish(p, task)
+
+
 async def test_batches_respect_max_events_and_bytes(metrics: Metrics) -> None:
     sink = _sink()
     occs = [make_occurrence() for _ in range(25)]
