@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from pathlib import Path
@@ -577,3 +578,21 @@ async def test_memory_queue_bound_is_smaller_when_the_disk_spool_takes_the_backl
     for i in range(1_001):
         p.offer(make_occurrence(uid=f"u{i}"))
     assert len(p._queue) == 1_000 and len(spool) == 1
+
+
+async def test_an_idle_pipeline_keeps_no_occurrence_it_delivered(metrics: Metrics) -> None:
+    """The last batch is not kept while the pipeline waits for the next one (memory of an idle
+    router: a relist's last batch, records and encodings, stayed in every pipeline)."""
+    sink = _sink()
+    p = _pipeline(sink, metrics)
+    task = await _run(p)
+    for _ in range(5):
+        p.offer(make_occurrence())
+    await sink.wait_for(5)
+    uids = {occ.uid for occ in sink.received}
+    sink.received.clear()
+    await p.wait_idle(10)
+    gc.collect()
+    kept = [o for o in gc.get_objects() if isinstance(o, Occurrence) and o.uid in uids]
+    assert kept == []
+    await _finish(p, task)

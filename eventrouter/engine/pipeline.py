@@ -534,6 +534,9 @@ class Pipeline:
             if batch is None:
                 break
             await self._deliver(batch)
+            # Not kept while waiting for the next one: an idle router would otherwise hold its
+            # last batch (records and encodings, ~4 KiB an occurrence) in every pipeline.
+            del batch
         self.idle.set()
 
     # ---- shutdown -----------------------------------------------------------------------------
