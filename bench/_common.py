@@ -79,6 +79,22 @@ def hwm_mib(pid: int) -> float:
     return status_kib(pid, "VmHWM") / 1024
 
 
+def rss_by_region_mib(pid: int) -> dict[str, float]:
+    """Resident MiB of glibc's main heap (``[heap]``: malloc'd blocks, e.g. dict tables and buffers),
+    of anonymous mappings (CPython's 1 MiB small-object arenas, large mmap'd blocks, thread stacks)
+    and of mapped files (the interpreter, extension modules, shared libraries), from smaps."""
+    out = {"heap": 0.0, "anon_maps": 0.0, "files": 0.0}
+    region = "anon_maps"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        first = line.split(maxsplit=6)
+        if "-" in first[0] and not first[0].endswith(":"):
+            name = first[5] if len(first) > 5 else ""
+            region = "heap" if name == "[heap]" else "files" if name.startswith("/") else "anon_maps"
+        elif first[0] == "Rss:":
+            out[region] += int(first[1]) / 1024
+    return {k: round(v, 1) for k, v in out.items()}
+
+
 def cpu_seconds(pid: int) -> float:
     """user+system CPU seconds of a process, from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

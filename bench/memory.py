@@ -94,6 +94,7 @@ class Sampler:
             # interpreter, extension modules and shared libraries such as OpenSSL: shared, reclaimable).
             "end_anon_mib": round(c.status_kib(self.pid, "RssAnon") / 1024, 1),
             "end_file_mib": round(c.status_kib(self.pid, "RssFile") / 1024, 1),
+            "end_regions_mib": c.rss_by_region_mib(self.pid),
             "router_cpu_s": round(c.cpu_seconds(self.pid) - self.cpu0, 1),
         }
 

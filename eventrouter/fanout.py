@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.record import Occurrence
@@ -65,7 +65,7 @@ class Fanout:
         for pipeline in self.pipelines:
             pipeline.checkpoint.forget(uids)
 
-    def prune(self, live: set[str]) -> None:
+    def prune(self, live: Container[str]) -> None:
         """After a complete list: drop checkpoint entries of events the API server no longer holds."""
         for pipeline in self.pipelines:
             pipeline.checkpoint.prune(live)

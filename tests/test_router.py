@@ -321,6 +321,28 @@ async def test_readiness_is_off_while_draining_and_undelivered_items_are_counted
     assert router.metrics.dropped.labels("mem", "shutdown")._value.get() == 3
 
 
+@pytest.mark.parametrize("namespaces", [[], ["shop", "payments"]])
+async def test_checkpoints_of_events_gone_while_stopped_are_pruned_once_every_namespace_is_listed(
+    api: FakeApiServer, tmp_path: Path, namespaces: list[str]
+) -> None:
+    data = tmp_path / "data"
+    made = [
+        api.create_event(event_object(namespace=ns, object_name=f"{ns}-pod")) for ns in ("shop", "payments")
+    ]
+    gone = api.create_event(event_object(namespace="shop", object_name="gone-pod"))
+    router = _router(_settings(api, tmp_path, data_dir=data, namespaces=namespaces))
+    async with router.running():
+        await _mem(router).wait_for(3)
+        await until(lambda: len(router.pipelines[0].checkpoint.table.entries) == 3)
+    api.delete_event("shop", gone["metadata"]["name"])  # while stopped: no DELETED is ever seen
+    router2 = _router(_settings(api, tmp_path, data_dir=data, namespaces=namespaces))
+    async with router2.running():
+        table = router2.pipelines[0].checkpoint.table
+        await until(lambda: gone["metadata"]["uid"] not in table.entries)
+        assert set(table.entries) == {obj["metadata"]["uid"] for obj in made}
+    assert _mem(router2).received == []  # nothing re-delivered
+
+
 async def test_chosen_namespaces_are_listed_and_watched_alone(api: FakeApiServer, tmp_path: Path) -> None:
     router = _router(_settings(api, tmp_path, namespaces=["shop", "payments"]))
     async with router.running():

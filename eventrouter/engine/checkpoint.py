@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -240,7 +240,7 @@ class SinkCheckpoint:
             self.backend.remove(gone)
             self._note(len(gone))
 
-    def prune(self, live: set[str]) -> int:
+    def prune(self, live: Container[str]) -> int:
         """Drop entries for events the API server no longer holds (after a complete list)."""
         table, index = self.table, self.index
         gone = [uid for uid in table.entries if uid not in live and table.get(index, uid)]
