@@ -719,7 +719,9 @@ class LokiSink(Sink[LokiOptions]):
             if hit is not None:
                 return hit
         labels = self._labels(record)
-        result = labels, bytes_field(1, labels_string(labels))
+        # The pairs serve only the JSON body; protobuf pushes use the encoded field alone, so the
+        # cache (up to 4,096 label sets) does not hold ~2 MiB of pair tuples it never reads.
+        result = (() if self._protobuf else labels), bytes_field(1, labels_string(labels))
         # Only str/None keys: then an equal key means equal label values (1 == True == 1.0 would not).
         if key is not None and len(result[1]) <= _CACHE_LABELS_MAX and _plain(key):
             if len(self._label_cache) >= _CACHE_MAX:
