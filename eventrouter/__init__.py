@@ -4,6 +4,7 @@ The public surface for sink plugins is this module: subclass ``Sink``, describe 
 ``SinkOptions`` model, return ``Outcome``s. See docs/writing-a-sink.md.
 """
 
+from eventrouter.memory import BoundedCache
 from eventrouter.options import FilterOptions, PipelineOptions, Secret, SinkOptions
 from eventrouter.record import Occurrence, normalise
 from eventrouter.sink import (
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "OK",
+    "BoundedCache",
     "FilterOptions",
     "Occurrence",
     "Outcome",

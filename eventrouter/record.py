@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from eventrouter.memory import BoundedCache
+
 __all__ = [
     "SCHEMA_VERSION",
     "MalformedEvent",
@@ -71,9 +73,9 @@ def parse_time_ns(value: object) -> int | None:
 
 
 _DIGITS = frozenset("0123456789")  # str.isdigit also takes "²", which int() refuses
-_SECONDS: dict[str, int | None] = {}  # "YYYY-MM-DDTHH:MM:SS" → epoch seconds
-_TEXTS: dict[int, str] = {}  # epoch seconds → "YYYY-MM-DDTHH:MM:SS"
 _CACHE_MAX = 8192
+_SECONDS: BoundedCache[str, int | None] = BoundedCache(_CACHE_MAX)  # "YYYY-MM-DDTHH:MM:SS" → epoch s
+_TEXTS: BoundedCache[int, str] = BoundedCache(_CACHE_MAX)  # epoch seconds → "YYYY-MM-DDTHH:MM:SS"
 
 
 def _parse_cached(value: object) -> int | None:
@@ -86,9 +88,7 @@ def _parse_cached(value: object) -> int | None:
     if seconds == -1:
         if not (head[4] == head[7] == "-" and head[13] == head[16] == ":" and head.isascii()) or "." in head:
             return parse_time_ns(value)  # not the API server's form: no shortcut
-        if len(_SECONDS) >= _CACHE_MAX:
-            _SECONDS.clear()
-        seconds = _SECONDS[head] = _head_seconds(head)
+        seconds = _SECONDS.put(head, _head_seconds(head))
     if seconds is None:
         return None
     if len(value) == 20:
@@ -124,9 +124,7 @@ def _format_cached(ns: int) -> str:
     seconds, frac = divmod(ns, 1_000_000_000)
     base = _TEXTS.get(seconds)
     if base is None:
-        if len(_TEXTS) >= _CACHE_MAX:
-            _TEXTS.clear()
-        base = _TEXTS[seconds] = _second_text(seconds)
+        base = _TEXTS.put(seconds, _second_text(seconds))
     if frac:
         return f"{base}.{frac:09d}".rstrip("0") + "Z"
     return base + "Z"
@@ -183,7 +181,7 @@ def event_time_ns(obj: JSON) -> int | None:
     return None
 
 
-_TIMES: dict[str, tuple[int, str] | None] = {}  # whole-second value → (epoch ns, canonical text)
+_TIMES: BoundedCache[str, tuple[int, str] | None] = BoundedCache(_CACHE_MAX)  # value → (ns, text)
 _MISS = object()
 
 
@@ -214,9 +212,7 @@ def _time(value: object) -> tuple[int, str] | None:
     else:
         result = (ns, _format_cached(ns))
     if len(value) == 20:
-        if len(_TIMES) >= _CACHE_MAX:
-            _TIMES.clear()
-        _TIMES[value] = result
+        _TIMES.put(value, result)
     return result
 
 

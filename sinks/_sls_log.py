@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from eventrouter import Occurrence
+from eventrouter import BoundedCache, Occurrence
 from eventrouter.protowire import bytes_field, varint
 
 __all__ = ["encode_log", "encode_occurrence", "log_contents"]
@@ -85,7 +85,7 @@ class _Key:
         # (one char per byte); other lengths, and other keys, go through `long`.
         self.short = [self._prefix(n) for n in range(table)]
         self.text = [prefix.decode("latin-1") for prefix in self.short]
-        self.long: dict[int, bytes] = {}
+        self.long: BoundedCache[int, bytes] = BoundedCache(1024)
 
     def _prefix(self, n: int) -> bytes:
         value_len = varint(n)
@@ -99,9 +99,7 @@ class _Key:
             return self.short[n]
         found = self.long.get(n)
         if found is None:
-            if len(self.long) >= 1024:
-                self.long.clear()
-            found = self.long[n] = self._prefix(n)
+            found = self.long.put(n, self._prefix(n))
         return found
 
     def pair(self, data: bytes) -> bytes:
@@ -210,10 +208,10 @@ _CACHE_MAX = 4096
 # Only tuples of exact str (and the schema int, type-checked before the lookup) are stored: a hit then
 # implies the very same values, since no other type compares equal to a str (unlike True == 1 == 1.0,
 # which flatten apart).
-_SETTLED: dict[tuple[Any, ...], tuple[str, str, str, str]] = {}
-_REASONS: dict[tuple[Any, ...], tuple[str, str]] = {}
-_NAMESPACES: dict[tuple[Any, ...], tuple[str, str]] = {}
-_SECONDS_HIGH: dict[int, bytes] = {}  # the Time varint's other bytes, per 128 s
+_SETTLED: BoundedCache[tuple[Any, ...], tuple[str, str, str, str]] = BoundedCache(_CACHE_MAX)
+_REASONS: BoundedCache[tuple[Any, ...], tuple[str, str]] = BoundedCache(_CACHE_MAX)
+_NAMESPACES: BoundedCache[tuple[Any, ...], tuple[str, str]] = BoundedCache(_CACHE_MAX)
+_SECONDS_HIGH: BoundedCache[int, bytes] = BoundedCache(_CACHE_MAX)  # Time varint's high bytes, per 128 s
 _IS_ASCII = str.isascii
 
 
@@ -228,11 +226,9 @@ def _pairs(names: tuple[str, ...], values: Sequence[Any]) -> str:
     return b"".join(out).decode("latin-1")
 
 
-def _store(cache: dict[Any, Any], key: tuple[Any, ...], value: Any, strings: tuple[Any, ...]) -> None:
+def _store(cache: BoundedCache[Any, Any], key: tuple[Any, ...], value: Any, strings: tuple[Any, ...]) -> None:
     if all(type(s) is str for s in strings):
-        if len(cache) >= _CACHE_MAX:
-            cache.clear()
-        cache[key] = value
+        cache.put(key, value)
 
 
 _TAIL = (
@@ -281,10 +277,7 @@ def _namespaces(key: tuple[Any, ...]) -> tuple[str, str]:
 
 
 def _seconds_high(high: int) -> bytes:
-    if len(_SECONDS_HIGH) >= _CACHE_MAX:
-        _SECONDS_HIGH.clear()
-    found = _SECONDS_HIGH[high] = varint(high)
-    return found
+    return _SECONDS_HIGH.put(high, varint(high))
 
 
 def encode_occurrence(occ: Occurrence, seconds: int, nanos: int, adjusted: bool) -> bytes | None:

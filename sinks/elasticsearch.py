@@ -39,6 +39,7 @@ from pydantic import AliasChoices, BeforeValidator, Field, field_validator, mode
 
 from eventrouter import (
     OK,
+    BoundedCache,
     Occurrence,
     Outcome,
     RetryableError,
@@ -258,7 +259,7 @@ def _compile_index(template: str) -> tuple[_IndexName, bool]:
         tm = time.gmtime(bucket * bucket_ns // 1_000_000_000)
         return [time.strftime(f, tm) for f in date_format]
 
-    cache: dict[tuple[Any, ...], str] = {}
+    cache: BoundedCache[tuple[Any, ...], str] = BoundedCache(10_000)  # field values are open-ended
 
     def name(occ: Occurrence) -> str:
         bucket = occ.time_ns // bucket_ns
@@ -277,11 +278,7 @@ def _compile_index(template: str) -> tuple[_IndexName, bool]:
                 out.append(next(dates))
             else:
                 out.append(next(vals))
-        result = "".join(out)
-        if len(cache) > 10_000:  # bounded: field values are open-ended
-            cache.clear()
-        cache[key] = result
-        return result
+        return cache.put(key, "".join(out))
 
     return name, bool(fields)
 
@@ -298,15 +295,12 @@ def _field_value(record: dict[str, Any], path: str) -> str:
 # ---------------------------------------------------------------------------------------- encoding
 
 
-def _timestamp(ns: int, cache: dict[int, bytes]) -> bytes:
+def _timestamp(ns: int, cache: BoundedCache[int, bytes]) -> bytes:
     """RFC 3339 UTC keeping the sub-second precision the event had (ms, µs or ns digits)."""
     seconds, frac = divmod(ns, 1_000_000_000)
     base = cache.get(seconds)
     if base is None:
-        if len(cache) > 4096:
-            cache.clear()
-        base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)).encode()
-        cache[seconds] = base
+        base = cache.put(seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)).encode())
     if frac % 1_000_000 == 0:
         return b"%s.%03dZ" % (base, frac // 1_000_000)
     if frac % 1000 == 0:
@@ -477,8 +471,8 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         self._nodes = options.node_urls()
         self._index_name, _ = _compile_index(options.index)
         self._action = options.op_type or ("create" if options.data_stream else "index")
-        self._prefix_cache: dict[str, bytes] = {}
-        self._ts_cache: dict[int, bytes] = {}
+        self._prefix_cache: BoundedCache[str, bytes] = BoundedCache(10_000)
+        self._ts_cache: BoundedCache[int, bytes] = BoundedCache(4096)
         self._repl = options.dot_replacement
         # With our template the raw object is not indexed, so its dotted keys cannot clash: keep it as is.
         self._raw_verbatim = options.index_template
@@ -634,10 +628,9 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         index = self.options.data_stream or self._index_name(occ)
         prefix = self._prefix_cache.get(index)
         if prefix is None:
-            if len(self._prefix_cache) > 10_000:
-                self._prefix_cache.clear()
-            prefix = b'{"%s":{"_index":%s,"_id":' % (self._action.encode(), orjson.dumps(index))
-            self._prefix_cache[index] = prefix
+            prefix = self._prefix_cache.put(
+                index, b'{"%s":{"_index":%s,"_id":' % (self._action.encode(), orjson.dumps(index))
+            )
         doc_id = orjson.dumps(f"{occ.uid}-{occ.number}")
         ts = _timestamp(occ.time_ns, self._ts_cache)
         record = occ.record

@@ -47,6 +47,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from eventrouter import (
     OK,
+    BoundedCache,
     Occurrence,
     Outcome,
     RetryableError,
@@ -351,16 +352,14 @@ def _retry_after(value: str | None) -> float | None:
 
 
 _PLAIN_LABEL = re.compile(r'[^\x00-\x1f\x7f"\\]*')
-_QUOTED: dict[str, str] = {}
+_QUOTED: BoundedCache[str, str] = BoundedCache(4096)
 
 
 def _quote_label_value(value: str) -> str:
     # Label values repeat (namespaces, reasons, kinds): quote each distinct value once.
     quoted = _QUOTED.get(value)
     if quoted is None:
-        if len(_QUOTED) >= 4096:
-            _QUOTED.clear()
-        quoted = _QUOTED[value] = _quote_slow(value)
+        quoted = _QUOTED.put(value, _quote_slow(value))
     return quoted
 
 
@@ -495,16 +494,12 @@ def _plain(key: Any) -> bool:
 _SECONDS_LOW = [varint_field(1, 0x80 | low)[:2] for low in range(128)]
 """Timestamp.seconds tag and the first (continued) varint byte of seconds >= 128."""
 _TIMESTAMP_TAGS = [_TAG_TIMESTAMP + varint(size) for size in range(128)]
-_FIELD2: dict[int, bytes] = {}
+_FIELD2: BoundedCache[int, bytes] = BoundedCache(_CACHE_MAX)
 """Tag and length varint by size of a field 2 (EntryAdapter.line, StreamAdapter.entries; sizes recur)."""
 
 
 def _field2(size: int) -> bytes:
-    data = _TAG_LINE + varint(size)
-    if len(_FIELD2) >= _CACHE_MAX:
-        _FIELD2.clear()
-    _FIELD2[size] = data
-    return data
+    return _FIELD2.put(size, _TAG_LINE + varint(size))
 
 
 def _metadata_field(name: str, value: str) -> bytes:
@@ -557,8 +552,10 @@ class LokiSink(Sink[LokiOptions]):
                 top.append(head)
         self._key_top = itemgetter(*top)  # a normalised record has every top-level field
         self._key_nested = tuple(nested)
-        self._label_cache: dict[tuple[Any, ...], tuple[tuple[tuple[str, str], ...], bytes]] = {}
-        self._seconds: dict[int, bytes] = {}
+        self._label_cache: BoundedCache[tuple[Any, ...], tuple[tuple[tuple[str, str], ...], bytes]] = (
+            BoundedCache(_CACHE_MAX)
+        )
+        self._seconds: BoundedCache[int, bytes] = BoundedCache(_CACHE_MAX)
         self._protobuf = options.format == "protobuf"
         self._fast_line = options.line_format == "json" and not options.include_raw
         self._max_line = options.max_line_bytes
@@ -724,9 +721,7 @@ class LokiSink(Sink[LokiOptions]):
         result = (() if self._protobuf else labels), bytes_field(1, labels_string(labels))
         # Only str/None keys: then an equal key means equal label values (1 == True == 1.0 would not).
         if key is not None and len(result[1]) <= _CACHE_LABELS_MAX and _plain(key):
-            if len(self._label_cache) >= _CACHE_MAX:
-                self._label_cache.clear()
-            self._label_cache[key] = result
+            self._label_cache.put(key, result)
         return result
 
     def _labels(self, record: dict[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -798,9 +793,7 @@ class LokiSink(Sink[LokiOptions]):
             # 128-second block, so any plausible spread of event times hits the cache.
             high = self._seconds.get(seconds >> 7)
             if high is None:
-                if len(self._seconds) >= _CACHE_MAX:
-                    self._seconds.clear()
-                high = self._seconds[seconds >> 7] = varint(seconds >> 7)
+                high = self._seconds.put(seconds >> 7, varint(seconds >> 7))
             timestamp = _SECONDS_LOW[seconds & 0x7F] + high
         else:
             timestamp = varint_field(1, seconds) if seconds else b""

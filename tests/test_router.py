@@ -495,6 +495,41 @@ async def test_freed_memory_is_returned_after_a_relist_and_periodically(
         await until(lambda: router.memory_trims >= 3)
 
 
+async def test_encoding_caches_are_emptied_after_a_relist(api: FakeApiServer, tmp_path: Path) -> None:
+    """What a relist put in the caches would keep the arenas of its transient objects (bench.memory)."""
+    from eventrouter.memory import BoundedCache
+
+    for i in range(50):
+        api.create_event(event_object(object_name=f"web-{i}"))
+    filled: BoundedCache[str, str] = BoundedCache(100)
+    filled.put("from", "the relist")
+    router = _router(_settings(api, tmp_path, memory_trim_interval=3600))
+    async with router.running():
+        await _mem(router).wait_for(50)
+        await until(lambda: router.cache_entries_cleared > 0)
+        assert not filled
+        # The periodic trim leaves them alone: in steady state they are what makes encoding cheap.
+        filled.put("steady", "state")
+        router._trim()
+        assert filled == {"steady": "state"}
+
+
+def test_a_bounded_cache_empties_itself_when_full_and_on_clear_caches() -> None:
+    from eventrouter.memory import BoundedCache, clear_caches
+
+    cache: BoundedCache[int, str] = BoundedCache(2)
+    assert cache.put(1, "a") == "a"
+    cache.put(2, "b")
+    cache.put(3, "c")  # full: emptied first, never more than maxsize entries
+    assert cache == {3: "c"}
+    other: BoundedCache[int, str] = BoundedCache(5)
+    other.put(1, "x")
+    assert clear_caches() >= 2
+    assert not cache and not other
+    del cache, other
+    clear_caches()  # collected caches are dropped from the registry, not an error
+
+
 def test_freed_memory_can_be_returned_to_the_os() -> None:
     import platform
 
