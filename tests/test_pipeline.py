@@ -104,6 +104,30 @@ async def test_a_filling_batch_goes_out_once_full_and_takes_late_arrivals_at_its
     await _finish(p, task)
 
 
+async def test_a_batch_full_by_bytes_goes_out_without_waiting_for_its_deadline(metrics: Metrics) -> None:
+    """Large occurrences fill a batch by bytes long before its event count: the offer that fills it
+    wakes the batcher, the batch does not wait out batch_max_wait."""
+    big = [make_occurrence(message="m" * 3000) for _ in range(5)]
+    sink = _sink()
+    p = _pipeline(sink, metrics, batch_max_events=100, batch_max_bytes=8000, batch_max_wait=60)
+    task = await _run(p)
+    p.offer(big[0])
+    await until(lambda: p._wake_at == 99)  # one taken; waiting up to 60 s for more
+    p.offer(big[1])
+    await asyncio.sleep(0)
+    assert sink.batches == []  # 2 × 3.7 kB still fit in 8 kB: no wake-up yet
+    p.offer(big[2])  # the third does not fit: the batch is full
+    await sink.wait_for(2, timeout=10)  # long before its 60 s deadline
+    assert sink.batches == [2]
+    await until(lambda: p._wake_at == 99)  # the third taken, waiting again
+    p.offer(big[3])
+    p.offer(big[4])  # fills the second batch by bytes
+    await sink.wait_for(4, timeout=10)
+    assert sink.batches == [2, 2]
+    await _finish(p, task)
+    assert sink.batches == [2, 2, 1]
+
+
 async def test_relist_patience_is_renewed_once_the_sink_has_caught_up(metrics: Metrics) -> None:
     from eventrouter.engine.pipeline import INTAKE_PATIENCE
 

@@ -80,7 +80,11 @@ class Pipeline:
         self._wakeup = asyncio.Event()
         # Queue length at which an offer wakes the batcher: 1 while it waits for work, the rest of
         # the batch while it fills one. Waking it per offer cost ~10 loop turns per occurrence and sink.
+        # Large occurrences fill a batch by bytes first: ``_wake_bytes`` is the room left in bytes,
+        # ``_offered_bytes`` what arrived since the batcher went to wait.
         self._wake_at = 1
+        self._wake_bytes = 0
+        self._offered_bytes = 0
         self._closing = False
         self._stop_now = asyncio.Event()
         self._in_flight: list[Occurrence] = []
@@ -162,7 +166,9 @@ class Pipeline:
         else:
             self._queue.append(occ)
             if len(self._queue) < self._wake_at:
-                return  # the batch being filled waits for its deadline or for enough to fill it
+                self._offered_bytes += occ.size
+                if self._offered_bytes < self._wake_bytes:
+                    return  # the batch being filled waits for its deadline or for enough to fill it
         self._wakeup.set()
 
     def _spill(self, occ: Occurrence) -> None:
@@ -314,6 +320,8 @@ class Pipeline:
                 break  # the rest is on disk: send this batch, refill before the next
             self._wakeup.clear()
             self._wake_at = opts.batch_max_events - len(batch)
+            self._wake_bytes = opts.batch_max_bytes - size
+            self._offered_bytes = 0
             try:
                 async with asyncio.timeout(remaining):
                     await self._wakeup.wait()
