@@ -83,7 +83,7 @@ class Sampler:
         if self._task is not None:
             self._task.cancel()
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, Any]:
         values = [v for _, v in self.samples] or [0.0]
         half = values[len(values) // 2 :]
         return {

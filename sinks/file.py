@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import stat
 import threading
@@ -76,8 +77,9 @@ class _Writer:
     """The blocking part, run in a worker thread. One lock: a send abandoned by the engine's
     timeout may still be running when the next one (or aclose) starts."""
 
-    def __init__(self, path: Path, options: FileOptions) -> None:
+    def __init__(self, path: Path, options: FileOptions, log: logging.Logger) -> None:
         self.path = path
+        self.log = log
         self.max_bytes = options.max_bytes
         self.max_files = options.max_files
         self.fsync = options.fsync
@@ -89,14 +91,29 @@ class _Writer:
     # -- file handling -------------------------------------------------------------------------
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        fd = os.open(self.path, flags, self.mode)
+        flags = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags | os.O_RDWR, self.mode)  # read: its last byte, below
+            readable = True
+        except PermissionError:  # a write-only file: append without the check
+            fd = os.open(self.path, flags | os.O_WRONLY, self.mode)
+            readable = False
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             os.close(fd)
             raise IsADirectoryError(errno.EISDIR, "not a regular file", str(self.path))
         self.fd = fd
         self.size = info.st_size
+        if readable and self.size and os.pread(fd, 1, self.size - 1) != b"\n":
+            # A write cut short (SIGKILL, OOM kill, power loss) left a partial last line; appending to
+            # it would merge it with the next record and spoil both. The batch it belonged to was not
+            # acknowledged, so it is written again whole: end the fragment as a line of its own.
+            self._write_all(fd, b"\n")
+            self.log.warning(
+                "%s ended in a partial line (a write cut short, e.g. by a kill); ended it as a line of "
+                "its own before appending",
+                self.path,
+            )
 
     def close(self) -> None:
         with self.lock:
@@ -211,7 +228,7 @@ class FileSink(Sink[FileOptions]):
     def __init__(self, options: FileOptions, context: SinkContext) -> None:
         super().__init__(options, context)
         self.path = _path_of(options)
-        self._writer = _Writer(self.path, options)
+        self._writer = _Writer(self.path, options, self.log)
 
     async def start(self) -> None:
         if not str(self.path) or str(self.path) == ".":

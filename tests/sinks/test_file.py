@@ -236,3 +236,26 @@ def test_fsync_option_syncs_once_per_batch(tmp_path: Path, fsync: str, expected:
     calls = [x for x in trace.read_text().splitlines() if "fsync(" in x and "= 0" in x]
     assert len(calls) == expected
     assert len(lines_of(target)) == 40
+
+
+async def test_a_partial_last_line_left_by_a_kill_is_not_merged_with_the_next_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SIGKILL mid-write leaves a fragment without its newline; the next start must not append
+    the first new record to it (that record would be unreadable as a JSON line)."""
+    target = tmp_path / "events.jsonl"
+    whole = fixed(1).json + b"\n"
+    target.write_bytes(whole + fixed(2).json[:30])
+    sink = make_sink(path=str(target))
+    await sink.start()
+    assert await sink.send([fixed(2), fixed(3)]) == [OK, OK]
+    await sink.aclose()
+    lines = lines_of(target)
+    assert lines == [whole, fixed(2).json[:30] + b"\n", fixed(2).json + b"\n", fixed(3).json + b"\n"]
+    assert f"{target} ended in a partial line" in caplog.text
+    # A file that ends in a newline is appended to as it is.
+    sink = make_sink(path=str(target))
+    await sink.start()
+    await sink.send([fixed(4)])
+    await sink.aclose()
+    assert lines_of(target)[4:] == [fixed(4).json + b"\n"]
