@@ -355,6 +355,12 @@ async def apiserver_restart(
             for _ in range(restarts):
                 await asyncio.sleep(1.0)
                 load.paused = True
+                # The ledger requires every write made while observing; a server that goes away drops
+                # the watch events it has not sent yet (the fake one clears its watch queues, as a
+                # crashed API server does), and the relist then shows only the newest count, which
+                # the ledger could not tell from a loss. So the router first has what was sent.
+                # (Without this wait: lost=1 in two full-suite runs, sessions 4 and 5.)
+                await until(lambda: ledger.complete(memory_keys(router)), timeout=30)
                 old = api
                 await old.close()
                 ledger.observing = False
@@ -384,7 +390,7 @@ async def apiserver_restart(
             try:
                 await until(lambda: ledger.complete(memory_keys(router)), timeout=30)
             except TimeoutError:
-                # Seen once in CI (not reproduced locally): say what is missing and where the watch is.
+                # Say what is missing and where the watch is.
                 w = router.watchers[0]
                 raise AssertionError(
                     f"{ledger.account('mem', memory_keys(router))}; watcher rv={w.resource_version} "
