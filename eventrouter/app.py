@@ -311,7 +311,7 @@ class Router:
         # glibc's malloc_trim: ~10 ms on a 60 MB heap, ~60 ms when it has much to return.
         self.memory_trims += 1
         if caches:
-            # After a burst: cache entries it filled would keep the arenas of its transient objects.
+            # After a burst: the cache entries it filled (every value it saw) would stay, with their heap.
             self.cache_entries_cleared += clear_caches()
         release_free_memory()
 

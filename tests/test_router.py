@@ -496,7 +496,7 @@ async def test_freed_memory_is_returned_after_a_relist_and_periodically(
 
 
 async def test_encoding_caches_are_emptied_after_a_relist(api: FakeApiServer, tmp_path: Path) -> None:
-    """What a relist put in the caches would keep the arenas of its transient objects (bench.memory)."""
+    """What a relist put in the caches (every value it saw) would otherwise stay, with its heap."""
     from eventrouter.memory import BoundedCache
 
     for i in range(50):
