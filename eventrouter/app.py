@@ -322,12 +322,20 @@ class Router:
             await asyncio.sleep(1)
         self._trim(caches=True)
 
-        # A sink that caught up from its spool has freed what it decoded: once more when all have.
+        # A sink still catching up (from its spool, or the rest of its memory queue) frees what it
+        # decodes and encodes: once more when all have. The memory queues get 30 s after the spools
+        # have drained, as a steady load may never leave every queue empty at once.
         def spooling() -> bool:
             return any(p.spool is not None and len(p.spool) for p in self.pipelines)
 
-        if spooling():
+        def queued() -> bool:
+            return any(p.queued for p in self.pipelines)
+
+        if spooling() or queued():
             while spooling():  # noqa: ASYNC110 - the spool has no event
+                await asyncio.sleep(1)
+            deadline = time.monotonic() + 30
+            while queued() and time.monotonic() < deadline:  # noqa: ASYNC110 - no event either
                 await asyncio.sleep(1)
             self._trim(caches=True)
 

@@ -449,9 +449,13 @@ async def test_with_a_disk_spool_a_slow_sink_does_not_hold_up_a_relist_for_the_o
         assert queued <= 100 and spooled == len(spool)
         assert router.metrics.spilled.labels("slow")._value.get() >= spooled
         assert router.metrics.spilled.labels("fast")._value.get() == 0
+        slow_sink.delay = 0.05  # ~2.5 s to catch up: still behind when the first trim comes (≤ 1 s)
         slow_sink.blocked.set()
         await slow_sink.wait_for(1000, timeout=60)
         assert len(set(fast_sink.keys)) == len(set(slow_sink.keys)) == 1000
+        # Once the spool and then the memory queues have drained, the memory is given back again
+        # (the first time was when the memory queues came down to half).
+        await until(lambda: router.memory_trims >= 2, timeout=40)
         for name in ("fast", "slow"):
             for reason in ("queue_full", "spool_full"):
                 assert router.metrics.dropped.labels(name, reason)._value.get() == 0
