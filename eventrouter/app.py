@@ -322,20 +322,20 @@ class Router:
             await asyncio.sleep(1)
         self._trim(caches=True)
 
-        # A sink still catching up (from its spool, or the rest of its memory queue) frees what it
-        # decodes and encodes: once more when all have. The memory queues get 30 s after the spools
-        # have drained, as a steady load may never leave every queue empty at once.
+        # A sink still catching up (from its spool, its memory queue, a batch in flight) frees what
+        # it decodes and encodes: once more when all have. After the spools have drained the rest
+        # gets 30 s, as a steady load may never leave every pipeline empty at once.
         def spooling() -> bool:
             return any(p.spool is not None and len(p.spool) for p in self.pipelines)
 
-        def queued() -> bool:
-            return any(p.queued for p in self.pipelines)
+        def behind() -> bool:
+            return any(p.depth for p in self.pipelines)
 
-        if spooling() or queued():
+        if behind():
             while spooling():  # noqa: ASYNC110 - the spool has no event
                 await asyncio.sleep(1)
             deadline = time.monotonic() + 30
-            while queued() and time.monotonic() < deadline:  # noqa: ASYNC110 - no event either
+            while behind() and time.monotonic() < deadline:  # noqa: ASYNC110 - no event either
                 await asyncio.sleep(1)
             self._trim(caches=True)
 
