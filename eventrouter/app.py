@@ -243,7 +243,7 @@ class Router:
 
     # ---- source -------------------------------------------------------------------------------
 
-    def _listed(self, namespace: str | None, live: set[str]) -> None:
+    def _listed(self, namespace: str | None) -> None:
         self._listed_namespaces.add(namespace)
         if self._trim_task is None or self._trim_task.done():
             self._trim_task = self._guard(self._trim_after_burst(), "memory-trim")

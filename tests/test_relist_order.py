@@ -153,7 +153,7 @@ async def test_a_relist_that_fails_midway_hands_everything_on_at_the_next_one(tm
             tracker=OccurrenceTracker(cluster="t"),
             publish=published.append,
             forget=lambda uids: None,
-            listed=lambda ns, live: None,
+            listed=lambda ns: None,
             metrics=Metrics(),
             settings=WatchSettings(page_size=10, backoff_initial=0.01, backoff_max=0.02, relist_sorted=True),
             needed=needed,

@@ -203,7 +203,7 @@ async def test_an_object_the_source_cannot_handle_is_dropped_counted_and_the_str
         tracker=Unforeseen(),
         publish=published.append,
         forget=lambda uids: None,
-        listed=lambda ns, live: None,
+        listed=lambda ns: None,
         metrics=metrics,
         settings=WatchSettings(backoff_initial=0.01),
     )

@@ -64,7 +64,7 @@ class EventWatcher:
         tracker: OccurrenceTracker,
         publish: Callable[[Occurrence], None],
         forget: Callable[[list[str]], None],
-        listed: Callable[[str | None, set[str]], None],
+        listed: Callable[[str | None], None],
         metrics: Metrics,
         settings: WatchSettings | None = None,
         room: Callable[[], Awaitable[object]] | None = None,
@@ -178,7 +178,7 @@ class EventWatcher:
             raise  # `listing` stays True until a list succeeds: the tracker is incomplete till then
         self.listing = False
         self.tracker_gc(live)
-        self.listed(self.namespace, live)
+        self.listed(self.namespace)
         self.tracked_gauge()
         return rv
 
