@@ -8,7 +8,15 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Container, Coroutine, Iterable, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterable,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +119,7 @@ class Router:
         self._tasks: list[asyncio.Task[None]] = []
         self._pipeline_tasks: list[asyncio.Task[None]] = []
         self._listed_namespaces: set[str | None] = set()
+        self._keys_shared = False  # checkpoint entries read at start re-keyed on the trackers' uids
         self._http: web.AppRunner | None = None
         self.http_port: int | None = None
         self.draining = False
@@ -253,9 +262,13 @@ class Router:
             # completed a list, and a tracker is pruned only when a list completes, so one relisting
             # now still holds every event of its last. The lists' uid sets are not kept (2 MiB per
             # 50,000 events): the trackers hold the same uids, less the malformed items.
-            self.fanout.prune(self._tracked())
+            tracked = self._tracked()
+            self.fanout.prune(tracked)
+            if not self._keys_shared:
+                self._keys_shared = True
+                self.fanout.share_keys(tracked)
 
-    def _tracked(self) -> Container[str]:
+    def _tracked(self) -> Collection[str]:
         """Every event uid the watchers' trackers hold (a view for one watcher, no copy)."""
         if len(self.watchers) == 1:
             return self.watchers[0].tracker.seen.keys()

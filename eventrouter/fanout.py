@@ -65,6 +65,11 @@ class Fanout:
         for pipeline in self.pipelines:
             pipeline.checkpoint.forget(uids)
 
+    def share_keys(self, uids: Iterable[str]) -> None:
+        """Key the checkpoint tables on the tracker's uid strings (once, after the first lists)."""
+        for table in {id(p.checkpoint.table): p.checkpoint.table for p in self.pipelines}.values():
+            table.share_keys(uids)
+
     def prune(self, live: Container[str]) -> None:
         """After a complete list: drop checkpoint entries of events the API server no longer holds."""
         for pipeline in self.pipelines:

@@ -63,3 +63,22 @@ def test_each_sink_persists_and_reloads_only_its_own_numbers(tmp_path: Path) -> 
     b2 = SinkCheckpoint(FileCheckpoint(tmp_path, "b"), table=again, index=1)
     assert (a2.state, b2.state) == ({"x": 3, "y": 1}, {"x": 3})
     assert again.entries == {"x": 3, "y": [1, 0]}
+
+
+def test_share_keys_rekeys_on_the_given_strings_and_changes_nothing_else() -> None:
+    table = CheckpointTable(2)
+    sinks = [SinkCheckpoint(MemoryCheckpoint(), table=table, index=i) for i in range(2)]
+    loaded = ["-".join(["a", str(i)]) for i in range(3)]  # strings of their own, as read from a file
+    for sink in sinks:
+        sink.ack({loaded[0]: 2, loaded[1]: 1})
+    sinks[0].ack({loaded[2]: 4})  # sink 1 lags: a row of one number per sink
+    before = [sink.state for sink in sinks]
+    entries = table.entries
+    tracker_uids = ["-".join(["a", str(i)]) for i in (0, 2, 7)]  # equal, distinct objects; a-7 unknown
+    assert table.share_keys(tracker_uids) == 2
+    assert table.entries is entries  # readers keep its .get
+    assert [sink.state for sink in sinks] == before
+    keyed_on = {uid: uid for uid in table.entries}
+    assert keyed_on["a-0"] is tracker_uids[0] and keyed_on["a-2"] is tracker_uids[1]
+    assert keyed_on["a-1"] is loaded[1]  # not tracked: kept as it was (the prune decides about it)
+    assert [sink.accepted("a-2") for sink in sinks] == [4, 0]

@@ -114,6 +114,30 @@ async def test_events_created_while_stopped_are_delivered_once_after_restart(
     assert sorted(n for _, n in second if n > 1) == [3] * 6
 
 
+async def test_after_a_restart_the_checkpoints_share_the_trackers_uid_strings(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """Entries read from the checkpoint file are keyed on strings of their own: without re-keying,
+    every live event's uid would be held twice (~100 bytes each) for as long as it lives."""
+    data = tmp_path / "data"
+    for i in range(5):
+        api.create_event(event_object(object_name=f"web-{i}"))
+    router = _router(_settings(api, tmp_path, data_dir=data))
+    async with router.running():
+        await _mem(router).wait_for(5)
+    router2 = _router(_settings(api, tmp_path, data_dir=data))
+    async with router2.running():
+        await _ready(router2)
+        await until(lambda: router2._keys_shared)
+        tracker = router2.watchers[0].tracker
+        table = router2.pipelines[0].checkpoint.table
+        keyed_on = {uid: uid for uid in table.entries}
+        assert len(tracker.seen) == 5 and len(keyed_on) == 5
+        assert all(keyed_on[uid] is uid for uid in tracker.seen)
+        assert router2.pipelines[0].checkpoint.state == router.pipelines[0].checkpoint.state
+    assert _mem(router2).keys == []  # nothing delivered again
+
+
 async def test_a_410_relist_mid_stream_loses_and_duplicates_nothing(
     api: FakeApiServer, tmp_path: Path
 ) -> None:

@@ -96,7 +96,13 @@ class RelistOrder:
         f = self._file
         if f is not None:
             f.flush()
-        held, offsets, lengths, received = self._held, self._offsets, self._lengths, self._received
+        held, offsets, lengths, received, uids = (
+            self._held,
+            self._offsets,
+            self._lengths,
+            self._received,
+            self._uids,
+        )
         try:
             for start in range(0, len(order), page):
                 chunk: list[Occurrence] = []
@@ -108,11 +114,13 @@ class RelistOrder:
                     assert f is not None
                     f.seek(offset)
                     raw = f.read(lengths[row])
-                    chunk.append(
-                        normalise(
-                            orjson.loads(raw), cluster=self.cluster, received_at=received[row], raw_json=raw
-                        )
+                    occ = normalise(
+                        orjson.loads(raw), cluster=self.cluster, received_at=received[row], raw_json=raw
                     )
+                    if occ.uid == uids[row]:
+                        # The tracker's string: the checkpoints then share it, not one copy more per event.
+                        occ.uid = uids[row]
+                    chunk.append(occ)
                 self._handed = start + len(chunk)
                 yield chunk
         finally:
