@@ -128,6 +128,8 @@ class Router:
         self.elector: LeaderElector | None = None
         self._trim_task: asyncio.Task[None] | None = None
         self.memory_trims = 0
+        # Seconds a trim after a burst waits for backlogs that do not come down (a sink that is down).
+        self.burst_trim_patience = 60.0
         self.cache_entries_cleared = 0
         self.checkpoint_store: ConfigMapCheckpointStore | None = None
         self.exit_code = 0
@@ -331,26 +333,37 @@ class Router:
     async def _trim_after_burst(self) -> None:
         """Once the memory queues have drained after a relist, empty the encoding caches and hand the
         freed memory back to the OS (a slow sink's backlog in its disk spool does not hold this up)."""
-        while any(p.queued > p.queue_max // 2 for p in self.pipelines):  # noqa: ASYNC110 - no event
-            await asyncio.sleep(1)
+        await self._wait_while_draining(lambda: [p for p in self.pipelines if p.queued > p.queue_max // 2])
         self._trim(caches=True)
 
         # A sink still catching up (from its spool, its memory queue, a batch in flight) frees what
         # it decodes and encodes: once more when all have. After the spools have drained the rest
         # gets 30 s, as a steady load may never leave every pipeline empty at once.
-        def spooling() -> bool:
-            return any(p.spool is not None and len(p.spool) for p in self.pipelines)
-
-        def behind() -> bool:
-            return any(p.depth for p in self.pipelines)
-
-        if behind():
-            while spooling():  # noqa: ASYNC110 - the spool has no event
-                await asyncio.sleep(1)
-            deadline = time.monotonic() + 30
-            while behind() and time.monotonic() < deadline:  # noqa: ASYNC110 - no event either
-                await asyncio.sleep(1)
+        if any(p.depth for p in self.pipelines):
+            await self._wait_while_draining(
+                lambda: [p for p in self.pipelines if p.spool is not None and len(p.spool)]
+            )
+            await self._wait_while_draining(lambda: [p for p in self.pipelines if p.depth], limit=30)
             self._trim(caches=True)
+
+    async def _wait_while_draining(
+        self, waiting_for: Callable[[], list[Pipeline]], limit: float | None = None
+    ) -> None:
+        """Until ``waiting_for()`` is empty, ``limit`` seconds have passed, or its pipelines' backlog
+        (queue and spool) has not come down for ``burst_trim_patience`` seconds: a sink that is down
+        keeps its queue full and its spool growing, and must not hold the trim off while it is."""
+        start = time.monotonic()
+        lowest, since = -1, start
+        while pipelines := waiting_for():
+            now = time.monotonic()
+            backlog = sum(p.depth for p in pipelines)
+            if lowest < 0 or backlog < lowest:
+                lowest, since = backlog, now
+            elif now - since >= self.burst_trim_patience:
+                return
+            if limit is not None and now - start >= limit:
+                return
+            await asyncio.sleep(1)
 
     async def _trim_periodically(self) -> None:
         while True:

@@ -487,6 +487,38 @@ async def test_with_a_disk_spool_a_slow_sink_does_not_hold_up_a_relist_for_the_o
         await router.stop()
 
 
+async def test_a_sink_that_stays_down_does_not_hold_off_the_trims_after_a_relist(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """Its memory queue stays full and its spool grows: waiting for them to drain would keep what
+    the relist put in the caches for as long as the sink is down."""
+    from eventrouter.memory import BoundedCache
+
+    for i in range(300):
+        api.create_event(event_object(object_name=f"r-{i}"))
+    opts = {"batch_max_wait": 0.02, "queue_max_events": 100, "batch_max_events": 20}
+    up = spec_for_class(MemorySink, {"name": "up", **opts}, type_="memory")
+    down = spec_for_class(MemorySink, {"name": "down", "send_timeout": 600, **opts}, type_="memory")
+    router = Router(
+        _settings(api, tmp_path, data_dir=tmp_path / "data", memory_trim_interval=3600), [up, down]
+    )
+    router.burst_trim_patience = 0.5
+    await router.start_pipelines()
+    up_sink, down_sink = router.sinks["up"], router.sinks["down"]
+    assert isinstance(up_sink, MemorySink) and isinstance(down_sink, MemorySink)
+    down_sink.blocked = asyncio.Event()  # never set: every send hangs
+    filled: BoundedCache[str, str] = BoundedCache(100)
+    filled.put("from", "the relist")
+    await router.start_source()
+    try:
+        await up_sink.wait_for(300, timeout=30)
+        await until(lambda: router.memory_trims >= 2, timeout=30)  # both trims after the relist
+        assert not filled and router.cache_entries_cleared > 0
+        assert len(down_sink.keys) == 0 and router.pipelines[1].depth > 100  # still down, nothing lost
+    finally:
+        await router.stop()
+
+
 async def test_with_a_disk_spool_a_relist_still_waits_for_sinks_that_keep_up(
     api: FakeApiServer, tmp_path: Path
 ) -> None:
