@@ -14,6 +14,10 @@ webhook, Loki, Kafka (Tansu), Elasticsearch (osmem) and SLS sinks; RSS is read f
 3. ``--load-rate`` writes/s for ``--load-seconds`` (Events expire after 30 s, as with a short TTL);
 4. idle again; then the optional soak: RSS every 5 s, least-squares slope over its second half.
 
+With ``--restart`` the router is stopped after phase 2 and started again on the same ``--data-dir``
+(phase "restart": until its relist is complete, then ``--idle`` seconds): every sink already has all
+the events, so nothing is delivered again and the checkpoints are read from disk.
+
 osmem indexes only a few hundred documents/s, so the Elasticsearch pipeline runs behind; with
 ``--data-dir`` its backlog goes to the disk spool beyond 1,000 queued (the engine's memory bound with
 a spool; a relist waits 5 s in all for it first), which is what a deployment with a persistent volume
@@ -167,6 +171,33 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     m = await rp.metrics(session)
                     result["phases"]["idle"] = {**sm.summary(), "backlog": _depths(m), **_source(m)}
                     _say("idle", result["phases"]["idle"])
+                    if args.restart:
+                        # 2b. stop cleanly and start again on the same --data-dir: every sink has all
+                        # of them, so the relist delivers nothing and the checkpoints come from disk.
+                        await rp.stop()
+                        rp = await c.spawn_router(
+                            kubeconfig, flags, tmp / "router2.log", extra=["--data-dir", str(tmp / "data")]
+                        )
+                        with Sampler(rp.pid, 0.1) as sm:
+                            await c.wait_metrics(rp, session)
+                            t0 = time.monotonic()
+                            while time.monotonic() - t0 < args.relist_timeout:
+                                m = await rp.metrics(session)
+                                if _source(m)["relists"] >= 1 and m.get("eventrouter_tracked_events", 0) >= n:
+                                    break
+                                await asyncio.sleep(0.5)
+                            listed = round(time.monotonic() - t0, 1)
+                            await asyncio.sleep(args.idle)
+                        m = await rp.metrics(session)
+                        result["phases"]["restart"] = {
+                            **sm.summary(),
+                            "listed_s": listed,
+                            "peak_hwm_mib": round(c.hwm_mib(rp.pid), 1),
+                            "delivered_again": c.delivered(m),
+                            "backlog": _depths(m),
+                            **_source(m),
+                        }
+                        _say("restart", result["phases"]["restart"])
                     # 3. load
                     api.ttl = 30.0
                     load = Load(api)
@@ -226,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-seconds", type=float, default=30.0)
     p.add_argument("--soak", type=float, default=0.0, help="soak seconds (e.g. 600); 0 = no soak")
     p.add_argument("--soak-rate", type=float, default=1000.0)
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="after the idle phase, restart the router on the same --data-dir and measure it idle again",
+    )
     p.add_argument("--out", type=Path, default=CACHE / "results" / "memory.json")
     args = p.parse_args(argv)
     c.dump(asyncio.run(run(args)), args.out)

@@ -89,10 +89,14 @@ async def sink_outage(tmp: Path, mode: str, *, outage: float = 5.0, rate: float 
     sink is not held up by the broken one."""
     out = tmp / "file.jsonl"
     facts: dict[str, Any] = {"mode": mode}
+    # Timeouts are the "hang" scenario; in the others a 1 s timeout only measured the machine: the
+    # receiver shares the test's event loop, and one stall of a second in a late, large test process
+    # timed out a send the receiver had taken (8 duplicates, correctly re-sent).
+    send_timeout = 1 if mode == "hang" else 10
     async with api_server() as api, WebhookReceiver() as hook:
         specs = build_specs(
             [
-                f"webhook:{hook.url}?batch_max_events=50&batch_max_wait=0.05&send_timeout=1&{FAST_RETRY}",
+                f"webhook:{hook.url}?batch_max_events=50&batch_max_wait=0.05&send_timeout={send_timeout}&{FAST_RETRY}",
                 f"file:{out}?batch_max_wait=0.05",
             ]
         )
