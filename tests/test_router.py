@@ -519,6 +519,36 @@ async def test_a_sink_that_stays_down_does_not_hold_off_the_trims_after_a_relist
         await router.stop()
 
 
+async def test_the_trim_after_a_relist_waits_for_a_sink_that_is_catching_up(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """The other side of the patience: a backlog that keeps coming down is waited for, however long,
+    so the second trim comes once the slow sink has everything (and frees what it decoded)."""
+    for i in range(120):
+        api.create_event(event_object(object_name=f"r-{i}"))
+    router = _router(
+        _settings(api, tmp_path, memory_trim_interval=3600), queue_max_events=100, batch_max_events=20
+    )
+    router.burst_trim_patience = 2.0  # the catch-up below takes ~5 s: more than twice this
+    backlog_at_trim: list[int] = []
+    trim = router._trim
+
+    def recording_trim(*, caches: bool = False) -> None:
+        backlog_at_trim.append(sum(p.depth for p in router.pipelines))
+        trim(caches=caches)
+
+    router._trim = recording_trim  # type: ignore[method-assign]
+    await router.start_pipelines()
+    _mem(router).delay = 1.0  # one batch of 20 a second
+    await router.start_source()
+    try:
+        await _mem(router).wait_for(120, timeout=60)
+        await until(lambda: len(backlog_at_trim) >= 2, timeout=30)
+        assert backlog_at_trim[1] == 0, backlog_at_trim  # not after 2 s of patience, at ~60 still queued
+    finally:
+        await router.stop()
+
+
 async def test_with_a_disk_spool_a_relist_still_waits_for_sinks_that_keep_up(
     api: FakeApiServer, tmp_path: Path
 ) -> None:
