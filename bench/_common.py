@@ -303,12 +303,18 @@ def finished(metrics: dict[str, float]) -> dict[str, int]:
 
 
 async def spawn_router(
-    kubeconfig: str, flags: list[str], log_path: Path, *, extra: list[str] | None = None
+    kubeconfig: str,
+    flags: list[str],
+    log_path: Path,
+    *,
+    extra: list[str] | None = None,
+    python: str | None = None,
 ) -> RouterProcess:
-    """``python -m eventrouter.cli run`` as its own process, pinned to the router CPU."""
+    """``python -m eventrouter.cli run`` as its own process, pinned to the router CPU; ``python``: another
+    interpreter (a venv with only what the image installs), else this one."""
     port = free_port()
     args = [
-        PY,
+        python or PY,
         "-m",
         "eventrouter.cli",
         "run",

@@ -120,7 +120,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     c.pin(c.other_cpus())
     events = retained_events(args.retained)
     n = len(events)
-    result: dict[str, Any] = {"machine": c.machine(), "retained": n, "phases": {}}
+    result: dict[str, Any] = {
+        "machine": c.machine(),
+        "retained": n,
+        "router_python": args.router_python or sys.executable,
+        "phases": {},
+    }
     sinks = list(c.ALL_SINKS)
     fast = [x for x in sinks if x != "elasticsearch"]
     with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmpdir:
@@ -135,7 +140,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             with s.es_index() as es_url:
                 flags = [s.flag(x, tmp, es_url=es_url) for x in sinks]
                 rp = await c.spawn_router(
-                    kubeconfig, flags, tmp / "router.log", extra=["--data-dir", str(tmp / "data")]
+                    kubeconfig,
+                    flags,
+                    tmp / "router.log",
+                    extra=["--data-dir", str(tmp / "data")],
+                    python=args.router_python,
                 )
                 try:
                     # 1. start + relist
@@ -176,7 +185,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         # of them, so the relist delivers nothing and the checkpoints come from disk.
                         await rp.stop()
                         rp = await c.spawn_router(
-                            kubeconfig, flags, tmp / "router2.log", extra=["--data-dir", str(tmp / "data")]
+                            kubeconfig,
+                            flags,
+                            tmp / "router2.log",
+                            extra=["--data-dir", str(tmp / "data")],
+                            python=args.router_python,
                         )
                         with Sampler(rp.pid, 0.1) as sm:
                             await c.wait_metrics(rp, session)
@@ -261,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         "--restart",
         action="store_true",
         help="after the idle phase, restart the router on the same --data-dir and measure it idle again",
+    )
+    p.add_argument(
+        "--router-python",
+        default=None,
+        help="the router's interpreter, e.g. a venv with only `pip install .[all]` (what the image holds; "
+        "the test extras add modules the router then imports, such as requests); default: this one",
     )
     p.add_argument("--out", type=Path, default=CACHE / "results" / "memory.json")
     args = p.parse_args(argv)

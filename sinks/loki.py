@@ -33,6 +33,7 @@ import gzip
 import re
 import ssl
 import string
+from array import array
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -467,10 +468,48 @@ class _Entry:
         self.size = size
 
 
+_NEWEST_SLOTS = 1 << 14
+"""Slots of the newest-per-stream table (2 × 128 KiB)."""
+
+
+class _NewestPerStream:
+    """Per stream, the newest entry timestamp Loki accepted from this sink (a lower bound of Loki's).
+
+    A direct-mapped table of two arrays, so no Python object per stream or per update: a dict kept
+    one int per stream, made anew by each update, and those of a relist's last pushes sat among the
+    relist's freed objects, keeping thousands of blocks (and so whole pymalloc arenas) alive after
+    it. Two streams on one slot: the later takes it and the other's newest is forgotten, which only
+    means fewer of its entries are predicted late (Loki still judges them)."""
+
+    __slots__ = ("_hashes", "_mask", "_newest", "used")
+
+    def __init__(self, slots: int = _NEWEST_SLOTS) -> None:
+        if slots & (slots - 1):
+            raise ValueError("slots must be a power of two")
+        self._mask = slots - 1
+        self._hashes = array("q", bytes(8 * slots))
+        self._newest = array("q", bytes(8 * slots))
+        self.used = False
+
+    def get(self, stream: bytes) -> int | None:
+        h = hash(stream)
+        i = h & self._mask
+        return self._newest[i] if self._hashes[i] == h else None
+
+    def update(self, stream: bytes, ts_ns: int) -> None:
+        h = hash(stream)
+        i = h & self._mask
+        if self._hashes[i] != h:
+            self._hashes[i] = h
+            self._newest[i] = ts_ns
+        elif ts_ns > self._newest[i]:
+            self._newest[i] = ts_ns
+        self.used = True
+
+
 _ORDER = attrgetter("ts_ns", "index")
 _BEHIND_NS = 3600 * _NS
 """Loki refuses entries this far behind their stream's newest (max_chunk_age 2h / 2, Loki's default)."""
-_NEWEST_MAX = 16384
 _CACHE_MAX = 4096
 """Entries per cache (label sets, timestamps); a full cache is cleared, not evicted piecemeal."""
 _CACHE_LABELS_MAX = 1024
@@ -559,8 +598,7 @@ class LokiSink(Sink[LokiOptions]):
         self._protobuf = options.format == "protobuf"
         self._fast_line = options.line_format == "json" and not options.include_raw
         self._max_line = options.max_line_bytes
-        self._newest: dict[bytes, int] = {}
-        """Per stream, the newest entry timestamp Loki accepted from this sink (a lower bound of Loki's)."""
+        self._newest = _NewestPerStream()
         self._metadata = options.structured_metadata
         self._headers = self._build_headers(parts.username, parts.password)
         self._push_headers = {"Content-Type": "application/x-protobuf"}
@@ -652,10 +690,11 @@ class LokiSink(Sink[LokiOptions]):
         # be that far behind (a relist in key order, not time order) go in a second push, so one late
         # entry does not dead-letter a whole push of good ones; if Loki's window is wider it takes them.
         late: list[_Entry] = []
-        if self._newest:
+        if self._newest.used:
             on_time: list[_Entry] = []
+            newest_of = self._newest.get
             for entry in entries:
-                newest = self._newest.get(entry.stream)
+                newest = newest_of(entry.stream)
                 (late if newest is not None and entry.ts_ns < newest - _BEHIND_NS else on_time).append(entry)
             entries = on_time
         if entries:
@@ -680,12 +719,9 @@ class LokiSink(Sink[LokiOptions]):
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise RetryableError(f"loki: cannot reach {self._shown}: {_describe(exc)}") from None
         if 200 <= status < 300:
-            newest = self._newest
-            if len(newest) >= _NEWEST_MAX:
-                newest.clear()  # forgetting only means fewer entries are predicted late
+            update = self._newest.update
             for entry in entries:
-                if entry.ts_ns > newest.get(entry.stream, entry.ts_ns - 1):
-                    newest[entry.stream] = entry.ts_ns
+                update(entry.stream, entry.ts_ns)
             return
         message = text[:2000] or (response.reason or "")
         if status == 429 or status >= 500 or status in (401, 403, 404, 408):

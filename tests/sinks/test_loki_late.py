@@ -4,6 +4,7 @@ Loki-compatible receiver, which refuses them as Loki's ingester does (max_chunk_
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from eventrouter import Occurrence, OutcomeKind, SinkContext
 from eventrouter.testing import make_occurrence
 from eventrouter.testing.receivers.loki import LokiReceiver
-from eventrouter_sinks.loki import LokiOptions, LokiSink
+from eventrouter_sinks.loki import LokiOptions, LokiSink, _NewestPerStream
 
 CONTEXT = SinkContext(name="loki", cluster="test", data_dir=None, logger=logging.getLogger("test.loki"))
 
@@ -80,3 +81,29 @@ async def test_a_retryable_answer_to_the_late_push_retries_only_the_late_items()
         assert [o.kind for o in outcomes] == [OutcomeKind.RETRY, OutcomeKind.OK]
         assert "503" in outcomes[0].reason and outcomes[0].retry_after == 3.0
         assert sorted(e.ts_ns for e in loki.entries) == [newest.time_ns, fresh.time_ns]
+
+
+def test_the_newest_per_stream_table_holds_no_object_per_stream_or_update() -> None:
+    # Each update of a dict made a new int that outlived the relist it came from, and each stream's
+    # key stayed after the label cache was emptied: thousands of blocks pinning whole pymalloc arenas.
+    table = _NewestPerStream()
+    streams = [f'{{namespace="ns-{i}"}}'.encode() for i in range(3000)]
+    stamps = [1_796_098_874_000_000_000 + i for i in range(3000)]
+    before = [sys.getrefcount(x) for x in streams + stamps]
+    for stream, ts in zip(streams, stamps, strict=True):
+        table.update(stream, ts)
+        table.update(stream, ts - 5)  # older: the newest stays
+    del stream, ts  # the loop's own references
+    assert [sys.getrefcount(x) for x in streams + stamps] == before
+    found = [table.get(stream) for stream in streams]
+    assert sum(got == ts for got, ts in zip(found, stamps, strict=True)) > 2000  # a few share a slot
+    assert all(got is None or got == ts for got, ts in zip(found, stamps, strict=True))
+    assert table.get(b'{namespace="never-sent"}') is None
+
+
+def test_two_streams_on_one_slot_forget_the_older_stream_only() -> None:
+    table = _NewestPerStream(slots=1)
+    table.update(b'{namespace="a"}', 100)
+    table.update(b'{namespace="b"}', 50)
+    assert table.get(b'{namespace="b"}') == 50
+    assert table.get(b'{namespace="a"}') is None  # forgotten: its entries are no longer predicted late
