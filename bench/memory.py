@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -128,6 +130,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     sinks = list(c.ALL_SINKS)
     fast = [x for x in sinks if x != "elasticsearch"]
+    census = args.out.with_suffix(".census.txt") if args.census else None
     with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmpdir:
         tmp = Path(tmpdir)
         async with (
@@ -145,6 +148,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     tmp / "router.log",
                     extra=["--data-dir", str(tmp / "data")],
                     python=args.router_python,
+                    census=census,
                 )
                 try:
                     # 1. start + relist
@@ -180,6 +184,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     m = await rp.metrics(session)
                     result["phases"]["idle"] = {**sm.summary(), "backlog": _depths(m), **_source(m)}
                     _say("idle", result["phases"]["idle"])
+                    if census is not None:
+                        result["census"] = await _census(rp.pid, census)
                     if args.restart:
                         # 2b. stop cleanly and start again on the same --data-dir: every sink has all
                         # of them, so the relist delivers nothing and the checkpoints come from disk.
@@ -255,6 +261,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+async def _census(pid: int, path: Path, timeout: float = 300.0) -> dict[str, Any]:
+    """Signal the idle router to write its pymalloc census and wait for the file (the census takes
+    ~10–40 s in a 100 MiB router)."""
+    path.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no census from the router after {timeout:.0f} s (see its log)")
+        await asyncio.sleep(0.5)
+    head = path.read_text().splitlines()
+    sparse = next((line for line in head if line.startswith("sparse arenas")), "")
+    summary = {"report": str(path), "arenas": head[0] if head else "", "sparse": sparse}
+    _say("census", summary)
+    return summary
+
+
 def _say(phase: str, data: dict[str, Any]) -> None:
     print(f"{phase:11s} {data}", file=sys.stderr, flush=True)
 
@@ -280,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the router's interpreter, e.g. a venv with only `pip install .[all]` (what the image holds; "
         "the test extras add modules the router then imports, such as requests); default: this one",
+    )
+    p.add_argument(
+        "--census",
+        action="store_true",
+        help="after the idle phase, have the router write which objects hold its pymalloc arenas "
+        "(to the --out path with .census.txt; CPython 3.11/3.12 on 64-bit Linux)",
     )
     p.add_argument("--out", type=Path, default=CACHE / "results" / "memory.json")
     args = p.parse_args(argv)
