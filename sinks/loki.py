@@ -470,6 +470,7 @@ class _Entry:
 
 _NEWEST_SLOTS = 1 << 14
 """Slots of the newest-per-stream table (2 × 128 KiB)."""
+_I64 = 1 << 63
 
 
 class _NewestPerStream:
@@ -497,6 +498,8 @@ class _NewestPerStream:
         return self._newest[i] if self._hashes[i] == h else None
 
     def update(self, stream: bytes, ts_ns: int) -> None:
+        if not -_I64 <= ts_ns < _I64:
+            return  # after 2262 (a hostile or broken event time): not kept, not predicted
         h = hash(stream)
         i = h & self._mask
         if self._hashes[i] != h:

@@ -101,6 +101,28 @@ def test_the_newest_per_stream_table_holds_no_object_per_stream_or_update() -> N
     assert table.get(b'{namespace="never-sent"}') is None
 
 
+def test_a_time_beyond_what_the_table_holds_is_not_kept() -> None:
+    table = _NewestPerStream()
+    year_9999 = 253_402_300_799 * 1_000_000_000  # a valid RFC 3339 time, more than an int64 of ns
+    table.update(b'{namespace="a"}', year_9999)
+    assert table.get(b'{namespace="a"}') is None
+
+
+async def test_an_accepted_entry_from_the_year_9999_does_not_fail_the_push() -> None:
+    # Loki refuses it by default (creation_grace_period); a server that takes it must not make the sink
+    # fail a push it has stored (the newest-per-stream table holds int64 nanoseconds only).
+    far = make_occurrence(first_timestamp="9999-12-31T23:59:59Z", namespace="shop", object_name="a")
+    soon = _at(60, namespace="shop", object_name="b")
+    async with LokiReceiver(creation_grace_period=9000 * 365 * 86400) as loki:
+        sink = _sink(loki.url)
+        try:
+            outcomes = await sink.send([far, soon])
+        finally:
+            await sink.aclose()
+        assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.OK, OutcomeKind.OK]
+        assert sorted(e.ts_ns for e in loki.entries) == [soon.time_ns, far.time_ns]
+
+
 def test_two_streams_on_one_slot_forget_the_older_stream_only() -> None:
     table = _NewestPerStream(slots=1)
     table.update(b'{namespace="a"}', 100)
