@@ -20,7 +20,7 @@ if _path:
         # Runs between two bytecodes of the router: an error must not propagate into its code.
         try:
             _census.write_report(_path)
-        except Exception:  # noqa: BLE001 - reported to the bench in the file it waits for
+        except Exception:  # reported to the bench in the file it waits for
             import traceback
 
             with open(_path, "w") as out:
