@@ -16,14 +16,16 @@ if _path:
     _census = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(_census)
 
+    _report: str = _path
+
     def _on_signal(signum: int, frame: object) -> None:
         # Runs between two bytecodes of the router: an error must not propagate into its code.
         try:
-            _census.write_report(_path)
+            _census.write_report(_report)
         except Exception:  # reported to the bench in the file it waits for
             import traceback
 
-            with open(_path, "w") as out:
+            with open(_report, "w") as out:
                 out.write("census failed:\n" + traceback.format_exc())
 
     signal.signal(signal.SIGUSR2, _on_signal)
