@@ -26,7 +26,6 @@ import re
 import struct
 import sys
 import tempfile
-import types
 from array import array
 from typing import Any
 
@@ -134,7 +133,7 @@ class _Pools:
                 self.block[self.blocks] = b
                 self.blocks += 1
             steps = 0  # free list: marked with word8 = 1
-            while free and steps < POOL // 16 and p + OVERHEAD <= free < p + POOL:
+            while free and steps < POOL // 16 and p + OVERHEAD <= free < p + self.next_offset[k]:
                 self.word8[first + (free - p - OVERHEAD) // size] = 1
                 (free,) = unpack("Q", read(free, 8))
                 steps += 1
@@ -159,8 +158,8 @@ def _type_names() -> dict[int, str]:
     return names
 
 
-# Untracked objects whose referents the walk follows too (code objects hold names and constants).
-_CONTAINERS = (dict, tuple, list, frozenset, types.CodeType)
+# Containers the collector untracks once they hold only atoms (str, int, ...): the walk follows them.
+_CONTAINERS = (dict, tuple, list, frozenset)
 
 
 def _short(o: object) -> str:
