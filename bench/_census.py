@@ -86,6 +86,7 @@ class _Pools:
         self.word8 = array("Q", bytes(8 * MAX_BLOCKS))
         self.word24 = array("Q", bytes(8 * MAX_BLOCKS))
         self.n = self.blocks = 0
+        self.truncated = False  # more blocks in sparse arenas than MAX_BLOCKS: the rest unread
         self._scan(regions)
         top = max(self.arena[: self.n], default=-1) + 1
         self.arena_pools = array("q", bytes(8 * top))
@@ -128,6 +129,7 @@ class _Pools:
             p, size, free = self.addr[k], self.size[k], self.free[k]
             first = self.blocks
             if first + (self.next_offset[k] - OVERHEAD) // size >= MAX_BLOCKS:
+                self.truncated = True
                 return
             for b in range(p + OVERHEAD, p + self.next_offset[k], size):
                 self.block[self.blocks] = b
@@ -286,7 +288,10 @@ def write_report(path: str) -> None:
             blocks[pools.block[j]] = "?"
     sparse = [a for a in range(len(pools.arena_pools)) if 0 < pools.arena_pools[a] <= SPARSE_POOLS]
     lines.append(f"sparse arenas (≤ {SPARSE_POOLS} of 64 pools in use): {len(sparse)} {sparse}")
-    lines.append(f"allocated blocks in them: {len(blocks)}")
+    lines.append(
+        f"allocated blocks in them: {len(blocks)}"
+        + (f" (only the first {MAX_BLOCKS:,} block slots read)" if pools.truncated else "")
+    )
     for name, n in collections.Counter(blocks.values()).most_common(25):
         lines.append(f"  {n:7d} {name}")
     held, found = _holders(blocks)
