@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -42,11 +43,13 @@ def test_a_shared_table_behaves_as_one_dict_per_sink(width: int, ops: list[tuple
         for j in range(width):
             assert sinks[j].state == model[j]
             assert all(sinks[j].accepted(uid) == model[j].get(uid, 0) for uid in UIDS)
-        # Compact: an entry every sink agrees on is one int, and nobody's entry is not stored at all.
-        for uid, value in table.entries.items():
+        # Compact: one int per uid (the highest any sink holds), a sink's own number only where it is
+        # lower, and nothing for a uid no sink holds.
+        for uid in UIDS:
             numbers = [m.get(uid, 0) for m in model]
-            assert value == (numbers[0] if len(set(numbers)) == 1 else numbers)
-            assert any(numbers)
+            assert table.entries.get(uid) == (max(numbers) or None)
+            for j in range(width):
+                assert table.behind[j].get(uid) == (numbers[j] if numbers[j] < max(numbers) else None)
 
 
 def test_each_sink_persists_and_reloads_only_its_own_numbers(tmp_path: Path) -> None:
@@ -55,14 +58,14 @@ def test_each_sink_persists_and_reloads_only_its_own_numbers(tmp_path: Path) -> 
     b = SinkCheckpoint(FileCheckpoint(tmp_path, "b"), table=table, index=1)
     a.ack({"x": 3, "y": 1})
     b.ack({"x": 3})
-    assert table.entries == {"x": 3, "y": [1, 0]}
+    assert (table.entries, table.behind) == ({"x": 3, "y": 1}, ({}, {"y": 0}))
     a.close()
     b.close()
     again = CheckpointTable(2)
     a2 = SinkCheckpoint(FileCheckpoint(tmp_path, "a"), table=again, index=0)
     b2 = SinkCheckpoint(FileCheckpoint(tmp_path, "b"), table=again, index=1)
     assert (a2.state, b2.state) == ({"x": 3, "y": 1}, {"x": 3})
-    assert again.entries == {"x": 3, "y": [1, 0]}
+    assert (again.entries, again.behind) == ({"x": 3, "y": 1}, ({}, {"y": 0}))
 
 
 def test_share_keys_rekeys_on_the_given_strings_and_changes_nothing_else() -> None:
@@ -71,7 +74,7 @@ def test_share_keys_rekeys_on_the_given_strings_and_changes_nothing_else() -> No
     loaded = ["-".join(["a", str(i)]) for i in range(3)]  # strings of their own, as read from a file
     for sink in sinks:
         sink.ack({loaded[0]: 2, loaded[1]: 1})
-    sinks[0].ack({loaded[2]: 4})  # sink 1 lags: a row of one number per sink
+    sinks[0].ack({loaded[2]: 4})  # sink 1 lags: its own number is kept aside
     before = [sink.state for sink in sinks]
     entries = table.entries
     tracker_uids = ["-".join(["a", str(i)]) for i in (0, 2, 7)]  # equal, distinct objects; a-7 unknown
@@ -81,4 +84,22 @@ def test_share_keys_rekeys_on_the_given_strings_and_changes_nothing_else() -> No
     keyed_on = {uid: uid for uid in table.entries}
     assert keyed_on["a-0"] is tracker_uids[0] and keyed_on["a-2"] is tracker_uids[1]
     assert keyed_on["a-1"] is loaded[1]  # not tracked: kept as it was (the prune decides about it)
+    assert next(iter(table.behind[1])) is tracker_uids[1]
     assert [sink.accepted("a-2") for sink in sinks] == [4, 0]
+
+
+def test_a_sink_far_behind_the_others_costs_no_object_per_entry() -> None:
+    # Six sinks accept a relist of 3,000 events while the seventh has none of them yet: the table
+    # must not hold a Python object per event for that (a row per event kept the relist's arenas).
+    table = CheckpointTable(7)
+    sinks = [SinkCheckpoint(MemoryCheckpoint(), table=table, index=i) for i in range(7)]
+    uids = [f"uid-{i:05d}" for i in range(3000)]
+    gc.collect()
+    before = len(gc.get_objects())
+    for sink in sinks[:6]:
+        sink.ack(dict.fromkeys(uids, 1))
+    gc.collect()
+    assert len(gc.get_objects()) - before < 50
+    assert [sinks[6].accepted(u) for u in uids[:3]] == [0, 0, 0] and sinks[0].accepted(uids[0]) == 1
+    sinks[6].ack(dict.fromkeys(uids, 1))  # caught up: nothing kept aside any more
+    assert table.behind == ({},) * 7 and len(table.entries) == 3000

@@ -135,64 +135,81 @@ class FileCheckpoint:
 
 
 class CheckpointTable:
-    """The accepted occurrence numbers of every sink of a router in one dict.
+    """The accepted occurrence numbers of every sink of a router, without a Python object per entry.
 
-    ``uid → n`` while every sink has accepted the same ``n`` (the usual state once an occurrence is
-    delivered everywhere), else ``uid → [n per sink]``. Seven per-sink dicts of 50,000 events were
-    ~13 MiB; this is ~2 MiB in the usual state, ~7 MiB while a sink lags far behind."""
+    ``entries``: uid → the highest ``n`` any sink accepted (the usual state once an occurrence is
+    delivered everywhere: every sink holds it). ``behind[i]``: uid → sink ``i``'s own ``n`` where it is
+    lower. A sink lagging far behind (Elasticsearch draining 50,000 relisted events from its spool)
+    costs one slot in its ``behind`` dict per entry, not a list per event: 50,000 seven-number rows
+    were 100,000 small objects (~6 MiB) spread over the pymalloc arenas the relist used, and kept
+    those arenas from being returned once the rows were gone."""
 
     def __init__(self, width: int) -> None:
         if width < 1:
             raise ValueError("a checkpoint table needs at least one sink")
         self.width = width
-        self.entries: dict[str, int | list[int]] = {}  # never rebound: readers keep its .get
+        # Never rebound: readers keep their .get.
+        self.entries: dict[str, int] = {}
+        self.behind: tuple[dict[str, int], ...] = tuple({} for _ in range(width))
 
     def get(self, index: int, uid: str) -> int:
-        value = self.entries.get(uid, 0)
-        return value if type(value) is int else value[index]  # type: ignore[index]
+        behind = self.behind[index]
+        if behind:
+            n = behind.get(uid)
+            if n is not None:
+                return n
+        return self.entries.get(uid, 0)
 
     def set(self, index: int, uid: str, n: int) -> None:
-        entries = self.entries
-        value = entries.get(uid)
-        if isinstance(value, list):
-            value[index] = n
-            if value.count(n) == self.width:  # every sink agrees again: one int
-                if n:
-                    entries[uid] = n
-                else:
-                    del entries[uid]
-        elif value == n or (value is None and not n):
+        entries, behind = self.entries, self.behind
+        top = entries.get(uid, 0)
+        own = behind[index]
+        if n == top:
+            # The hot path of a lagging sink: it catches up with the others.
+            if own and own.pop(uid, None) is not None and not own:
+                own.clear()  # frees the emptied dict's table (a pop never shrinks it)
             return
-        elif self.width == 1:
-            if n:
-                entries[uid] = n
-            else:
-                del entries[uid]
+        row = [self.get(j, uid) for j in range(self.width)]
+        if row[index] == n:
+            return
+        row[index] = n
+        top = max(row)
+        if not top:
+            entries.pop(uid, None)
         else:
-            row = [value or 0] * self.width
-            row[index] = n
-            entries[uid] = row
+            entries[uid] = top
+        for j, value in enumerate(row):
+            lag = behind[j]
+            if value == top:
+                if lag and lag.pop(uid, None) is not None and not lag:
+                    lag.clear()
+            else:
+                lag[uid] = value
 
     def share_keys(self, uids: Iterable[str]) -> int:
         """Key the entries of these uids on these very strings (the tracker's). Entries read from a
         backend after a restart are keyed on strings of their own: one more copy per event (~100
         bytes) for as long as the event lives. Returns the number of entries re-keyed."""
         entries = self.entries
-        rekeyed = {uid: value for uid in uids if (value := entries.get(uid)) is not None}
-        if rekeyed:
+        keys = {uid: uid for uid in uids if uid in entries}
+        if keys:
             # Rebuilt, not popped and re-inserted one by one (that doubles the dict's table); the
-            # same dict object, as readers keep its .get.
-            rest = [(uid, value) for uid, value in entries.items() if uid not in rekeyed]
-            entries.clear()
-            entries.update(rekeyed)
-            entries.update(rest)
-        return len(rekeyed)
+            # same dict objects, as readers keep their .get.
+            for table in (entries, *self.behind):
+                if table:
+                    fresh = {keys.get(uid, uid): value for uid, value in table.items()}
+                    table.clear()
+                    table.update(fresh)
+        return len(keys)
 
     def view(self, index: int) -> dict[str, int]:
         """One sink's entries (for its backend's snapshot and for tests)."""
+        behind = self.behind[index]
+        if not behind:
+            return dict(self.entries)
         out: dict[str, int] = {}
-        for uid, value in self.entries.items():
-            n = value if type(value) is int else value[index]  # type: ignore[index]
+        for uid, top in self.entries.items():
+            n = behind.get(uid, top)
             if n:
                 out[uid] = n
         return out
@@ -216,10 +233,14 @@ class SinkCheckpoint:
         # accepted(uid): the highest occurrence number this sink accepted (0: none). Called per
         # occurrence and sink (offer, batch): one call, not a method calling the table's.
         get = self.table.entries.get
+        behind = self.table.behind[index]
 
         def accepted(uid: str) -> int:
-            value = get(uid, 0)
-            return value if type(value) is int else value[index]  # type: ignore[index]
+            if behind:  # empty but while this sink lags behind another
+                n = behind.get(uid)
+                if n is not None:
+                    return n
+            return get(uid, 0)
 
         self.accepted = accepted
         for uid, n in backend.load().items():
