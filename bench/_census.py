@@ -33,7 +33,8 @@ __all__ = ["arena_counts", "write_report"]
 
 POOL = 16 * 1024  # POOL_BITS 14 with the radix tree (3.10+ on 64-bit)
 OVERHEAD = 48  # sizeof(struct pool_header)
-SPARSE_POOLS = 40  # an arena with at most this many pools in use is "sparse"
+# An arena with at most this many pools in use is "sparse" (bench.memory --census-sparse).
+SPARSE_POOLS = int(os.environ.get("EVENTROUTER_BENCH_CENSUS_SPARSE", "40"))
 MAX_BLOCKS = 3_000_000
 
 

@@ -310,8 +310,18 @@ def main(argv: list[str] | None = None) -> int:
         help="after the idle phase, have the router write which objects hold its pymalloc arenas "
         "(to the --out path with .census.txt; CPython 3.11/3.12 on 64-bit Linux)",
     )
+    p.add_argument(
+        "--census-sparse",
+        type=int,
+        default=None,
+        metavar="POOLS",
+        help="with --census: take apart the arenas with at most POOLS of their 64 pools in use (default 40; "
+        "60 also shows the relist's fuller arenas)",
+    )
     p.add_argument("--out", type=Path, default=CACHE / "results" / "memory.json")
     args = p.parse_args(argv)
+    if args.census_sparse is not None:
+        os.environ["EVENTROUTER_BENCH_CENSUS_SPARSE"] = str(args.census_sparse)  # read by bench/_census.py
     c.dump(asyncio.run(run(args)), args.out)
     return 0
 
