@@ -169,6 +169,17 @@ class CheckpointTable:
             if own and own.pop(uid, None) is not None and not own:
                 own.clear()  # frees the emptied dict's table (a pop never shrinks it)
             return
+        if n > top:
+            # The first sink to accept a new occurrence: the others, where they were level, fall behind.
+            for j, lag in enumerate(behind):
+                if j == index:
+                    if lag and lag.pop(uid, None) is not None and not lag:
+                        lag.clear()
+                elif uid not in lag:
+                    lag[uid] = top
+            entries[uid] = n
+            return
+        # Lower than the highest (a forget): recompute the row.
         row = [self.get(j, uid) for j in range(self.width)]
         if row[index] == n:
             return
