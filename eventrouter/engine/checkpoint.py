@@ -134,6 +134,12 @@ class FileCheckpoint:
         self.compact(state)
 
 
+def _level(behind: dict[str, int], uid: str) -> None:
+    """The sink is level with the highest again: forget its own number for ``uid``."""
+    if behind.pop(uid, None) is not None and not behind:
+        behind.clear()  # frees the emptied dict's table (a pop never shrinks it)
+
+
 class CheckpointTable:
     """The accepted occurrence numbers of every sink of a router, without a Python object per entry.
 
@@ -166,15 +172,15 @@ class CheckpointTable:
         own = behind[index]
         if n == top:
             # The hot path of a lagging sink: it catches up with the others.
-            if own and own.pop(uid, None) is not None and not own:
-                own.clear()  # frees the emptied dict's table (a pop never shrinks it)
+            if own:
+                _level(own, uid)
             return
         if n > top:
             # The first sink to accept a new occurrence: the others, where they were level, fall behind.
             for j, lag in enumerate(behind):
                 if j == index:
-                    if lag and lag.pop(uid, None) is not None and not lag:
-                        lag.clear()
+                    if lag:
+                        _level(lag, uid)
                 elif uid not in lag:
                     lag[uid] = top
             entries[uid] = n
@@ -192,8 +198,8 @@ class CheckpointTable:
         for j, value in enumerate(row):
             lag = behind[j]
             if value == top:
-                if lag and lag.pop(uid, None) is not None and not lag:
-                    lag.clear()
+                if lag:
+                    _level(lag, uid)
             else:
                 lag[uid] = value
 
