@@ -138,7 +138,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             FakeApiServer(token="bench", history_size=max(10_000, n * 2), watcher_buffer=1_000_000) as api,
             aiohttp.ClientSession() as session,
         ):
-            preload(api, events)
+            warm = min(args.warm, n)
+            preload(api, events[:warm] if warm else events)
             kubeconfig = api.kubeconfig(tmp / "kubeconfig")
             with s.es_index() as es_url:
                 flags = [s.flag(x, tmp, es_url=es_url) for x in sinks]
@@ -151,6 +152,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     census=census,
                 )
                 try:
+                    if warm:
+                        # --warm: every sink delivers a few first; the rest then comes by a relist
+                        # after 410 Gone (the history compacted while the watch was down), as in a
+                        # running router, instead of by the first list of a cold one.
+                        await c.wait_metrics(rp, session)
+                        while True:
+                            d = c.finished(await rp.metrics(session))
+                            if all(d.get(x, 0) >= warm for x in sinks):
+                                break
+                            await asyncio.sleep(0.2)
+                        result["warm_rss_mib"] = round(c.rss_mib(rp.pid), 1)
+                        # No await in between: the router cannot reconnect before the history is gone.
+                        api.disconnect_watches("bench: --warm")
+                        preload(api, events[warm:])
+                        api.compact()
                     # 1. start + relist
                     # Until every sink has everything: osmem's backlog would otherwise compete with
                     # the load phase for the rig's CPU. Polled every 0.5 s (a scrape costs the router).
@@ -317,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="POOLS",
         help="with --census: take apart the arenas with at most POOLS of their 64 pools in use (default 40; "
         "60 also shows the relist's fuller arenas)",
+    )
+    p.add_argument(
+        "--warm",
+        type=int,
+        default=0,
+        help="start with this many of the retained events, wait until every sink has them, then have the "
+        "router relist all of them after 410 Gone (a relist in a running router, not a cold start)",
     )
     p.add_argument("--out", type=Path, default=CACHE / "results" / "memory.json")
     args = p.parse_args(argv)

@@ -131,6 +131,10 @@ async def run_case(flags: list[str], lines: list[bytes], profile: Path | None = 
         profile.with_suffix(".txt").write_text(
             profiler.output_text(unicode=True, color=False, show_all=False)
         )
+        # Self time per function: where the hot path's microseconds go, without the call tree.
+        profile.with_suffix(".flat.txt").write_text(
+            profiler.output_text(unicode=True, color=False, flat=True, show_all=True)
+        )
     m = router.metrics
     watcher.flush_metrics()
     occurrences = int(m.occurrences._value.get())
