@@ -157,10 +157,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         # after 410 Gone (the history compacted while the watch was down), as in a
                         # running router, instead of by the first list of a cold one.
                         await c.wait_metrics(rp, session)
+                        warm_deadline = time.monotonic() + args.relist_timeout
                         while True:
                             d = c.finished(await rp.metrics(session))
                             if all(d.get(x, 0) >= warm for x in sinks):
                                 break
+                            if time.monotonic() > warm_deadline:
+                                raise RuntimeError(
+                                    f"--warm: the sinks did not all deliver {warm} events: {d}"
+                                )
                             await asyncio.sleep(0.2)
                         result["warm_rss_mib"] = round(c.rss_mib(rp.pid), 1)
                         # No await in between: the router cannot reconnect before the history is gone.
