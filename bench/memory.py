@@ -131,6 +131,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     sinks = list(c.ALL_SINKS)
     fast = [x for x in sinks if x != "elasticsearch"]
     census = args.out.with_suffix(".census.txt") if args.census else None
+    census_at = args.census_at if census is not None else None
+    peak_census = args.out.with_suffix(".relist.census.txt")
     with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmpdir:
         tmp = Path(tmpdir)
         async with (
@@ -181,6 +183,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         t0 = time.monotonic()
                         deadline = t0 + args.relist_timeout
                         while time.monotonic() < deadline:
+                            if (
+                                census is not None
+                                and census_at is not None
+                                and c.rss_mib(rp.pid) >= census_at
+                            ):
+                                # Once, near the relist's peak: what the burst holds while it runs.
+                                census_at = None
+                                result["census_relist"] = await _census(rp.pid, census, move_to=peak_census)
                             d = c.finished(await rp.metrics(session))
                             if fast_done is None and all(d.get(x, 0) >= n for x in fast):
                                 fast_done = round(time.monotonic() - t0, 1)
@@ -282,9 +292,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-async def _census(pid: int, path: Path, timeout: float = 300.0) -> dict[str, Any]:
-    """Signal the idle router to write its pymalloc census and wait for the file (the census takes
-    ~10–40 s in a 100 MiB router)."""
+async def _census(
+    pid: int, path: Path, timeout: float = 300.0, move_to: Path | None = None
+) -> dict[str, Any]:
+    """Signal the router to write its pymalloc census and wait for the file (the census takes
+    ~10–40 s in a 100 MiB router, which stands still meanwhile); ``move_to``: renamed there."""
     path.unlink(missing_ok=True)
     os.kill(pid, signal.SIGUSR2)
     deadline = time.monotonic() + timeout
@@ -293,6 +305,8 @@ async def _census(pid: int, path: Path, timeout: float = 300.0) -> dict[str, Any
             raise RuntimeError(f"no census from the router after {timeout:.0f} s (see its log)")
         await asyncio.sleep(0.5)
     head = path.read_text().splitlines()
+    if move_to is not None:
+        path = path.rename(move_to)
     sparse = next((line for line in head if line.startswith("sparse arenas")), "")
     summary = {"report": str(path), "arenas": head[0] if head else "", "sparse": sparse}
     _say("census", summary)
@@ -338,6 +352,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="POOLS",
         help="with --census: take apart the arenas with at most POOLS of their 64 pools in use (default 40; "
         "60 also shows the relist's fuller arenas)",
+    )
+    p.add_argument(
+        "--census-at",
+        type=float,
+        default=None,
+        metavar="MIB",
+        help="with --census: also once during the relist, when the router's RSS first reaches MIB "
+        "(to the --out path with .relist.census.txt; the router pauses while it is written)",
     )
     p.add_argument(
         "--warm",

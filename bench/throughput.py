@@ -214,9 +214,14 @@ async def _one(
                 "--out",
                 str(out),
             ]
-            if case in ("elasticsearch", "all") and args.es_fraction < 1:
-                # osmem indexes ~500 docs/s: a prefix keeps the default run short.
-                cmd += ["--lines", str(int(n_lines * args.es_fraction))]
+            fraction = args.es_fraction if case in ("elasticsearch", "all") else 1.0
+            if args.fraction is not None:
+                fraction = args.fraction
+            if fraction < 1:
+                # osmem indexes ~500 docs/s: a prefix keeps the default run short. --fraction runs
+                # every case on that prefix, so that they compare on the same events (the first
+                # 20% have colder caches and more first occurrences than the whole corpus).
+                cmd += ["--lines", str(int(n_lines * fraction))]
             if args.profile:
                 prof = CACHE / "profiles" / f"throughput-{case}"
                 prof.parent.mkdir(parents=True, exist_ok=True)
@@ -294,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.2,
         help="share of the corpus for the elasticsearch and all cases (osmem is slow; 1 = everything)",
+    )
+    p.add_argument(
+        "--fraction",
+        type=float,
+        default=None,
+        help="share of the corpus for every case (overrides --es-fraction), e.g. 0.2 to compare the "
+        "other cases with elasticsearch on the same events",
     )
     args = p.parse_args(argv)
     if args.child:

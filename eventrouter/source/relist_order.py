@@ -45,7 +45,7 @@ class RelistOrder:
         self._file: IO[bytes] | None = None
         self._file_failed = False
         self._end = 0
-        self._order: list[int] = []  # rows sorted by time, set by drain()
+        self._order = array("q")  # rows sorted by time, set by drain()
         self._handed = 0  # rows of _order already yielded by drain()
 
     def __len__(self) -> int:
@@ -91,7 +91,11 @@ class RelistOrder:
     def drain(self, page: int) -> Generator[list[Occurrence], None, None]:
         """Everything added, oldest first (event time, then list order: the sort is stable), ``page``
         at a time."""
-        self._order = order = sorted(range(len(self._uids)), key=self._times.__getitem__)
+        # An array, not the sorted list: that list's 50,000 row ints would live, interleaved with the
+        # drain's own objects, until the last row is handed on, raising pymalloc's arena high-water
+        # and keeping arenas that other survivors then pin; sorted in one step (nothing else runs
+        # meanwhile), its ints are freed together, the pools they took are free again at once.
+        self._order = order = array("q", sorted(range(len(self._uids)), key=self._times.__getitem__))
         self._handed = 0
         f = self._file
         if f is not None:
@@ -134,7 +138,7 @@ class RelistOrder:
         self._lengths = array("q")
         self._uids = []
         self._held = []
-        self._order = []
+        self._order = array("q")
         self._handed = 0
         self._end = 0
         if self._file is not None:
