@@ -91,6 +91,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 rig0 = _rig_cpu(s)
                 rp = await c.spawn_router(kubeconfig, flags, tmp / "router.log", extra=extra)
                 marks: dict[str, float] = {}
+                # CPU seconds of the router and of the rig when each mark was first seen: which side
+                # set the pace up to that point (both near the wall time: neither waited).
+                cpu_at: dict[str, dict[str, float]] = {}
+
+                def mark(name: str, now: float) -> None:
+                    if name not in marks:
+                        marks[name] = now
+                        cpu_at[name] = {
+                            "router": round(c.cpu_seconds(rp.pid), 2),
+                            "rig": round(_rig_cpu(s) - rig0, 2),
+                        }
+
                 hwm = 0.0
                 try:
                     deadline = time.monotonic() + args.timeout
@@ -106,12 +118,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         now = time.monotonic() - rp.started
                         hwm = max(hwm, c.hwm_mib(rp.pid))
                         if with_metrics:
-                            marks.setdefault("metrics_up", now)
+                            mark("metrics_up", now)
                         if m.get("eventrouter_occurrences_total", 0) >= n:
-                            marks.setdefault("listed", now)
+                            mark("listed", now)
                         for name, count in c.finished(m).items():
                             if count >= n:
-                                marks.setdefault(f"delivered:{name}", now)
+                                mark(f"delivered:{name}", now)
                         if all(f"delivered:{x}" in marks for x in sinks):
                             # CPU the router used up to now: below the wall time means it waited on
                             # the API server or the receivers (the other CPU), not on itself.
@@ -130,10 +142,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 finally:
                     await rp.stop()
     result["seconds"] = {k: round(v, 2) for k, v in marks.items()}
+    result["cpu_s_at"] = cpu_at
     done = [marks.get(f"delivered:{x}") for x in sinks]
     result["all_delivered_s"] = round(max(d for d in done if d is not None), 2) if all(done) else None
     for k, v in result["seconds"].items():
-        print(f"{k:28s} {v:7.2f} s after process start", file=sys.stderr)
+        cpu = cpu_at[k]
+        print(
+            f"{k:28s} {v:7.2f} s after process start (CPU s so far: router {cpu['router']:.2f}, "
+            f"rig {cpu['rig']:.2f})",
+            file=sys.stderr,
+        )
     print(
         f"RSS peak {result['rss_peak_mib']} MiB, router CPU {result.get('router_cpu_s')} s", file=sys.stderr
     )
