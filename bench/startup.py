@@ -125,12 +125,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             if count >= n:
                                 mark(f"delivered:{name}", now)
                         if all(f"delivered:{x}" in marks for x in sinks):
-                            # CPU the router used up to now: below the wall time means it waited on
-                            # the API server or the receivers (the other CPU), not on itself.
-                            result["router_cpu_s"] = round(c.cpu_seconds(rp.pid), 2)
-                            # The other CPU: the API server, this poller and every receiver. Near
-                            # the wall time means that CPU, not the router, set the pace.
-                            result["rig_cpu_s"] = round(_rig_cpu(s) - rig0, 2)
+                            # At the last delivery. Router CPU below the wall time: it waited on the
+                            # API server or the receivers (the other CPU), not on itself. Rig CPU (the
+                            # API server, this poller, every receiver) near the wall time: that CPU,
+                            # not the router, set the pace.
+                            last = cpu_at[max((f"delivered:{x}" for x in sinks), key=marks.__getitem__)]
+                            result["router_cpu_s"], result["rig_cpu_s"] = last["router"], last["rig"]
                             break
                         await asyncio.sleep(0.05)
                     m = await rp.metrics(session)

@@ -214,9 +214,10 @@ async def _one(
                 "--out",
                 str(out),
             ]
-            fraction = args.es_fraction if case in ("elasticsearch", "all") else 1.0
             if args.fraction is not None:
                 fraction = args.fraction
+            else:
+                fraction = args.es_fraction if case in ("elasticsearch", "all") else 1.0
             if fraction < 1:
                 # osmem indexes ~500 docs/s: a prefix keeps the default run short. --fraction runs
                 # every case on that prefix, so that they compare on the same events (the first
