@@ -47,7 +47,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eventrouter", description=__doc__.split("\n")[0])
+    # Not from __doc__: `python -OO` (or PYTHONOPTIMIZE=2) strips docstrings.
+    parser = argparse.ArgumentParser(
+        prog="eventrouter", description="Route every Kubernetes Event occurrence to pluggable sinks."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="watch the cluster's events and route them to the sinks")
@@ -388,7 +391,15 @@ async def _replay(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "sinks":
-        return _sinks(args)
+        try:
+            code = _sinks(args)
+            sys.stdout.flush()  # a pipe is block-buffered: the write that fails may be this one
+            return code
+        except BrokenPipeError:
+            # `eventrouter sinks | head`: the reader went away. Point stdout at /dev/null so that the
+            # interpreter's final flush does not raise again, and exit as Python's docs advise.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
     setup_logging(args.log_level, args.log_format)
     try:
         if args.command == "run":

@@ -116,6 +116,42 @@ def test_sinks_lists_every_builtin_with_options(capsys: pytest.CaptureFixture[st
     assert {row["name"] for row in doc["common"]["filter"]} >= {"level", "namespaces", "min_count"}
 
 
+def test_the_cli_runs_under_python_OO_with_the_same_output() -> None:
+    """`python -OO` (PYTHONOPTIMIZE=2) strips docstrings: nothing the CLI prints may come from one."""
+    for args in (("--help",), ("run", "--help"), ("sinks",)):
+        plain = _eventrouter(*args)
+        optimised = _eventrouter(*args, env={"PYTHONOPTIMIZE": "2"})
+        assert plain.returncode == optimised.returncode == 0, optimised.stderr
+        assert optimised.stdout == plain.stdout
+
+
+def test_replay_under_python_OO_delivers_every_occurrence(tmp_path: Path) -> None:
+    out = tmp_path / "events.jsonl"
+    result = _eventrouter(
+        "replay", str(DATA / "watch-core-v1.jsonl"), f"--sink=file:{out}", env={"PYTHONOPTIMIZE": "2"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert len({(x["uid"], x["occurrence"]) for x in map(json.loads, out.read_text().splitlines())}) == 126
+
+
+def test_sinks_into_a_closed_pipe_exits_without_a_traceback() -> None:
+    """`eventrouter sinks | head`: the reader is gone before the listing is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "eventrouter.cli", "sinks"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 def test_check_reports_unreachable_sinks_with_exit_1() -> None:
     result = _eventrouter("check", "--sink=webhook:http://127.0.0.1:9/hook?access_token=tok123")
     assert result.returncode == 1, result.stderr
