@@ -7,6 +7,7 @@ import contextlib
 import os
 import platform
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -309,14 +310,16 @@ async def spawn_router(
     *,
     extra: list[str] | None = None,
     python: str | None = None,
+    env: dict[str, str] | None = None,
     census: Path | None = None,
 ) -> RouterProcess:
     """``python -m eventrouter.cli run`` as its own process, pinned to the router CPU; ``python``: another
-    interpreter (a venv with only what the image installs), else this one; ``census``: SIGUSR2 makes
-    the router write a pymalloc census there (``bench/_census.py``)."""
+    interpreter (a venv with only what the image installs), else this one, with any interpreter flags
+    after it (``"/venv/bin/python -OO"``); ``env``: added to the router's environment (an allocator's
+    settings); ``census``: SIGUSR2 makes the router write a pymalloc census there (``bench/_census.py``)."""
     port = free_port()
     args = [
-        python or PY,
+        *(shlex.split(python) if python else [PY]),
         "-m",
         "eventrouter.cli",
         "run",
@@ -333,18 +336,18 @@ async def spawn_router(
     ]
     log = log_path.open("wb")
     started = time.monotonic()
-    env = None
+    child_env = {**os.environ, **(env or {})}
     if census is not None:
         hook = str(Path(__file__).parent / "_hook")
         path = os.pathsep.join(p for p in (hook, os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, "PYTHONPATH": path, "EVENTROUTER_BENCH_CENSUS": str(census)}
+        child_env.update({"PYTHONPATH": path, "EVENTROUTER_BENCH_CENSUS": str(census)})
     proc = await asyncio.create_subprocess_exec(
         *args,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=log,
         cwd=_root(),
-        env=env,
+        env=child_env,
     )
     pin({ROUTER_CPU}, proc.pid)
     return RouterProcess(proc, port, log, started)

@@ -122,10 +122,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     c.pin(c.other_cpus())
     events = retained_events(args.retained)
     n = len(events)
+    router_env = dict(item.split("=", 1) for item in args.router_env)
     result: dict[str, Any] = {
         "machine": c.machine(),
         "retained": n,
         "router_python": args.router_python or sys.executable,
+        "router_env": router_env,
         "phases": {},
     }
     sinks = list(c.ALL_SINKS)
@@ -151,6 +153,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     tmp / "router.log",
                     extra=["--data-dir", str(tmp / "data")],
                     python=args.router_python,
+                    env=router_env,
                     census=census,
                 )
                 try:
@@ -227,6 +230,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             tmp / "router2.log",
                             extra=["--data-dir", str(tmp / "data")],
                             python=args.router_python,
+                            env=router_env,
                         )
                         with Sampler(rp.pid, 0.1) as sm:
                             await c.wait_metrics(rp, session)
@@ -337,7 +341,16 @@ def main(argv: list[str] | None = None) -> int:
         "--router-python",
         default=None,
         help="the router's interpreter, e.g. a venv with only `pip install .[all]` (what the image holds; "
-        "the test extras add modules the router then imports, such as requests); default: this one",
+        "the test extras add modules the router then imports, such as requests); default: this one. "
+        "Interpreter flags may follow it: '/tmp/prod/bin/python -OO'",
+    )
+    p.add_argument(
+        "--router-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="add to the router's environment (repeatable), e.g. an allocator: "
+        "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2, PYTHONMALLOC=malloc, MALLOC_CONF=...",
     )
     p.add_argument(
         "--census",
@@ -371,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=CACHE / "results" / "memory.json")
     args = p.parse_args(argv)
+    if bad := [item for item in args.router_env if "=" not in item]:
+        p.error(f"--router-env wants NAME=VALUE, got {bad[0]!r}")
     if args.census_sparse is not None:
         os.environ["EVENTROUTER_BENCH_CENSUS_SPARSE"] = str(args.census_sparse)  # read by bench/_census.py
     c.dump(asyncio.run(run(args)), args.out)
