@@ -3,6 +3,9 @@ entries more than an hour behind their stream's newest."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import tracemalloc
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -205,9 +208,67 @@ def test_an_unusable_temp_dir_keeps_the_relist_in_memory(
     order = RelistOrder(cluster="", directory=str(tmp_path / "missing"), in_memory=2)
     for occ in occs:
         order.add(occ)
-    assert "cannot use a temporary file" in caplog.text
     drained = [occ.uid for page in order.drain(4) for occ in page]
+    # The rows beyond the first two wait for one write, which fails when the drain starts.
+    assert "cannot use a temporary file" in caplog.text
     assert drained == [occ.uid for occ in sorted(occs, key=lambda o: o.time_ns)]
+
+
+_FULL_DISK = """
+import json, resource, signal, sys, tempfile
+from eventrouter.record import normalise
+from eventrouter.source import relist_order
+from eventrouter.source.relist_order import RelistOrder
+from eventrouter.testing import event_object
+
+# The kernel refuses to grow any file of this process past the limit (EFBIG): a disk that fills up
+# after the first chunks. Ignored, SIGXFSZ would end the process instead of failing the write.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv[2])
+objects = [
+    event_object(name=f"ev-{i:05d}", last_timestamp=f"2026-11-22T{(2999 - i) // 60 % 24:02d}:{(2999 - i) % 60:02d}:00Z")
+    for i in range(3000)
+]
+occs = [normalise(obj, cluster="c", received_at=float(i)) for i, obj in enumerate(objects)]
+raw_bytes = sum(len(o.raw_json) for o in occs)
+order = RelistOrder(cluster="c", directory=sys.argv[1], in_memory=0)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+for occ in occs:
+    order.add(occ)
+written_rows = sum(1 for o in order._offsets if o >= 0)
+drained = [occ for page in order.drain(100) for occ in page]
+by_uid = {o.uid: o for o in occs}
+print(json.dumps({
+    "raw_bytes": raw_bytes,
+    "chunk": relist_order.WRITE_CHUNK,
+    "written_rows": written_rows,
+    "failed": order._file_failed,
+    "count": len(drained),
+    "oldest_first": [o.time_ns for o in drained] == sorted(o.time_ns for o in occs),
+    "same": all(
+        (o.record, o.raw_json, o.received_at) == (by_uid[o.uid].record, by_uid[o.uid].raw_json, by_uid[o.uid].received_at)
+        for o in drained
+    ),
+}))
+"""
+
+
+def test_a_temp_dir_that_fills_up_mid_relist_keeps_the_rest_in_memory(tmp_path: Path) -> None:
+    limit = relist_order.WRITE_CHUNK * 2
+    result = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(tmp_path), str(limit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert got["raw_bytes"] > 2 * limit, "the relist must be larger than what fits"
+    # Some chunks reached the file before the limit, the rest fell back to memory: all 3,000 come
+    # back, oldest first, exactly as they were built.
+    assert got["failed"] and 0 < got["written_rows"] < 3000
+    assert (got["count"], got["oldest_first"], got["same"]) == (3000, True, True)
+    assert "cannot use a temporary file" in result.stderr and "File too large" in result.stderr
 
 
 async def test_relists_are_sorted_only_when_a_sink_asks_for_time_order(tmp_path: Path) -> None:
