@@ -70,11 +70,13 @@ def test_drain_is_oldest_first_and_rebuilds_the_same_occurrences(tmp_path: Path,
     by_uid = {o.uid: o for o in originals}
     for occ in drained:
         want = by_uid[occ.uid]
-        assert (occ.record, occ.raw_json, occ.received_at, occ.number) == (
+        assert (occ.record, occ.raw_json, occ.received_at, occ.number, occ.time_ns, occ.json) == (
             want.record,
             want.raw_json,
             want.received_at,
             want.number,
+            want.time_ns,
+            want.json,
         )
         # The same uid string as the tracker holds, also when rebuilt from the file: the checkpoint
         # table keys on it, and a copy per relisted event would be ~5 MiB at 50,000.
