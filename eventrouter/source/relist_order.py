@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 WRITE_CHUNK = 256 * 1024
 """Raw JSON gathered before one write to the temporary file: a write per occurrence was a system
-call per relisted event, ~8% of the router's CPU in a start-up relist of 50,000."""
+call per relisted event, ~10% of the router's busy samples in a start-up relist of 50,000."""
 
 
 class RelistOrder:
