@@ -217,7 +217,7 @@ def test_an_unusable_temp_dir_keeps_the_relist_in_memory(
 
 
 _FULL_DISK = """
-import json, resource, signal, sys, tempfile
+import json, resource, signal, sys
 from eventrouter.record import normalise
 from eventrouter.source import relist_order
 from eventrouter.source.relist_order import RelistOrder

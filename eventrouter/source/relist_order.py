@@ -76,15 +76,14 @@ class RelistOrder:
             if self._pending_bytes >= WRITE_CHUNK:
                 self._write_pending()
             return
+        self._offsets.append(0)
+        self._lengths.append(0)
         self._hold(row, occ)
 
     def _hold(self, row: int, occ: Occurrence) -> None:
-        if row == len(self._offsets):
-            self._offsets.append(-1 - len(self._held))
-            self._lengths.append(0)
-        else:  # a row whose write failed
-            self._offsets[row] = -1 - len(self._held)
-            self._lengths[row] = 0
+        """Keep ``row``'s occurrence in memory (a new row, or one whose write failed)."""
+        self._offsets[row] = -1 - len(self._held)
+        self._lengths[row] = 0
         self._held.append(occ)
 
     def _write_pending(self) -> None:
