@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from eventrouter.gc_tuning import tune_gc
 from eventrouter.logs import setup_logging
 from eventrouter.plugins import PluginError, discover
 from eventrouter.sink import SinkContext
+from eventrouter.source import unicode_repair
 from eventrouter.source.watcher import WatchSettings
 
 __all__ = ["main"]
@@ -306,18 +307,31 @@ async def _check(args: argparse.Namespace) -> int:
 
 
 def read_recording(data: bytes) -> Iterator[tuple[str, Any]]:
-    """A ``kubectl get events -o json`` List, or JSON lines of watch events / bare Event objects."""
+    """A ``kubectl get events -o json`` List, or JSON lines of watch events / bare Event objects.
+
+    Broken Unicode (invalid UTF-8, lone surrogate escapes) is replaced by U+FFFD, as the watch does;
+    each repaired object is preceded by a ``("REPAIRED", None)`` marker, an unreadable line is a
+    ``("MALFORMED", None)``."""
     text = data.lstrip()
     if text.startswith(b"{"):
+        broken = False
         try:
-            doc = orjson.loads(text)
+            try:
+                doc = orjson.loads(text)
+            except orjson.JSONDecodeError as exc:
+                doc = unicode_repair.parse_refused(text, exc)
+                broken = True
         except orjson.JSONDecodeError:
             doc = None
         if isinstance(doc, dict) and isinstance(doc.get("items"), list):
-            for item in doc["items"]:
+            for n, item in enumerate(doc["items"]):
+                if broken:
+                    item = yield from _repaired(item, f"item {n}")
                 yield "LIST", item
             return
         if isinstance(doc, dict):
+            if broken:
+                doc = yield from _repaired(doc, "the document")
             yield from _line_item(doc)
             return
     for n, line in enumerate(data.splitlines(), 1):
@@ -326,10 +340,26 @@ def read_recording(data: bytes) -> Iterator[tuple[str, Any]]:
         try:
             obj = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            log.warning("replay: line %d is not JSON (%s); skipped", n, exc)
-            yield "MALFORMED", None
-            continue
+            try:
+                obj = unicode_repair.parse_refused(line, exc)
+            except orjson.JSONDecodeError:
+                log.warning("replay: line %d is not JSON (%s); skipped", n, exc)
+                yield "MALFORMED", None
+                continue
+            obj = yield from _repaired(obj, f"line {n}")
         yield from _line_item(obj)
+
+
+def _repaired(obj: Any, where: str) -> Generator[tuple[str, Any], None, Any]:
+    obj, strings = unicode_repair.repair(obj)
+    if strings:
+        log.warning(
+            "replay: %s had invalid UTF-8 or lone surrogate escapes in %d strings: replaced by U+FFFD",
+            where,
+            strings,
+        )
+        yield "REPAIRED", None
+    return obj
 
 
 def _line_item(obj: Any) -> Iterator[tuple[str, Any]]:
@@ -353,14 +383,19 @@ async def _replay(args: argparse.Namespace) -> int:
     items = list(read_recording(data))
     router = Router(settings, specs)
     await router.start_pipelines()
-    occurrences, malformed = await router.replay((k, o) for k, o in items if k != "MALFORMED")
+    markers = ("MALFORMED", "REPAIRED")
+    occurrences, malformed = await router.replay((k, o) for k, o in items if k not in markers)
     malformed += sum(1 for k, _ in items if k == "MALFORMED")
+    repaired = sum(1 for k, _ in items if k == "REPAIRED")
+    if repaired:
+        router.metrics.source_repaired.labels("invalid_unicode").inc(repaired)
     drained = await router.drain(args.timeout)
     await router.stop()
     m = router.metrics
     summary: dict[str, Any] = {
         "occurrences": occurrences,
         "malformed": malformed,
+        "repaired": repaired,
         "drained": drained,
         "sinks": {},
     }

@@ -55,6 +55,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.source_repaired = Counter(
+            "eventrouter_source_repaired",
+            "Objects delivered with broken Unicode (invalid UTF-8, lone surrogate escapes) replaced"
+            " by U+FFFD, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.watch_restarts = Counter(
             "eventrouter_watch_restarts", "Watch streams reopened, by reason.", ["reason"], registry=r
         )

@@ -170,6 +170,31 @@ def test_replay_routes_a_recording_to_a_file(tmp_path: Path) -> None:
     assert summary["occurrences"] == 126 and summary["sinks"]["file"]["delivered"] == 126
 
 
+def test_replay_repairs_broken_unicode_and_delivers_the_event(tmp_path: Path) -> None:
+    # A kubectl List that orjson refuses (one item with invalid UTF-8, one with a lone surrogate
+    # escape), and the same two items as JSON lines: nothing is skipped, each broken char is U+FFFD.
+    doc = json.loads((DATA / "list-core-v1.json").read_text())
+    doc["items"][0]["message"], doc["items"][1]["message"] = "MARK0", "MARK1"
+    uids = [doc["items"][0]["metadata"]["uid"], doc["items"][1]["metadata"]["uid"]]
+
+    def broken(text: str) -> bytes:
+        return text.encode().replace(b'"MARK0"', b'"caf\xe9"').replace(b'"MARK1"', b'"a \\ud800"')
+
+    listing, lines = tmp_path / "list.json", tmp_path / "lines.jsonl"
+    listing.write_bytes(broken(json.dumps(doc, indent=2)))
+    lines.write_bytes(broken("\n".join(json.dumps(item) for item in doc["items"][:2])))
+    for recording, total in ((listing, 92), (lines, 2)):
+        out = tmp_path / f"{recording.stem}.out.jsonl"
+        result = _eventrouter("replay", str(recording), f"--sink=file:{out}")
+        assert result.returncode == 0, result.stderr
+        records = {r["uid"]: r for r in map(json.loads, out.read_text().splitlines())}
+        assert len(records) == total
+        assert [records[u]["message"] for u in uids] == ["caf\ufffd", "a \ufffd"]
+        summary = json.loads(result.stderr.strip().splitlines()[-1])
+        assert summary["repaired"] == 2 and summary["malformed"] == 0, summary
+        assert "replaced by U+FFFD" in result.stderr
+
+
 def test_replay_of_a_kubectl_list_with_data_dir_skips_what_was_delivered(tmp_path: Path) -> None:
     out, data = tmp_path / "events.jsonl", tmp_path / "data"
     args = ("replay", str(DATA / "list-core-v1.json"), f"--sink=file:{out}", "--data-dir", str(data))

@@ -20,6 +20,7 @@ import orjson
 
 from eventrouter.metrics import Metrics
 from eventrouter.record import MalformedEvent, Occurrence
+from eventrouter.source import unicode_repair
 from eventrouter.source.kube import ApiError, KubeClient, raise_for_status
 from eventrouter.source.relist_order import RelistOrder
 from eventrouter.source.tracker import OccurrenceTracker
@@ -197,13 +198,21 @@ class EventWatcher:
             finally:
                 resp.release()
             received_at = time.time()
+            broken = False
             try:
-                doc = orjson.loads(body)
+                try:
+                    doc = orjson.loads(body)
+                except orjson.JSONDecodeError as exc:
+                    # One broken string must not cost the page: the relist would fail on it forever.
+                    doc = unicode_repair.parse_refused(body, exc)
+                    broken = True
                 items = doc.get("items") or []
                 meta = doc.get("metadata") or {}
             except (orjson.JSONDecodeError, AttributeError) as exc:
                 raise ApiError(500, "InvalidList", f"list answer is not an EventList: {exc}") from None
             for item in items:
+                if broken:
+                    item = self._repaired(item, "a list page")
                 self._handle("LIST", item, received_at, order)
                 uid = (item.get("metadata") or {}).get("uid") if isinstance(item, dict) else None
                 if isinstance(uid, str):
@@ -233,6 +242,25 @@ class EventWatcher:
             if self.room is not None:
                 await self.room()  # at the sinks' pace, a page at a time, as the list itself
                 self._progress()
+
+    def _repaired(self, obj: Any, where: str) -> Any:
+        """``obj`` with its broken strings replaced by U+FFFD; counted and logged by name if any."""
+        obj, strings = unicode_repair.repair(obj)
+        if strings:
+            self.metrics.source_repaired.labels("invalid_unicode").inc()
+            meta = obj.get("metadata") if isinstance(obj, dict) else None
+            meta = meta if isinstance(meta, dict) else {}
+            log.warning(
+                "%s of %s had invalid UTF-8 or lone surrogate escapes in %d strings of event %s/%s"
+                " (uid %s): replaced by U+FFFD, as the API server itself would store them",
+                where,
+                self.where,
+                strings,
+                str(meta.get("namespace", "?"))[:253],
+                str(meta.get("name", "?"))[:253],
+                str(meta.get("uid", "?"))[:64],
+            )
+        return obj
 
     def tracker_gc(self, live: set[str]) -> None:
         gone = self.tracker.prune(live)
@@ -294,7 +322,11 @@ class EventWatcher:
                 lines += 1
                 received_at = time.time()
                 try:
-                    ev = orjson.loads(line)
+                    try:
+                        ev = orjson.loads(line)
+                    except orjson.JSONDecodeError as exc:
+                        ev = unicode_repair.parse_refused(line, exc)
+                        ev["object"] = self._repaired(ev["object"], "a watch line")
                     kind = ev["type"]
                     obj = ev["object"]
                 except (orjson.JSONDecodeError, KeyError, TypeError):

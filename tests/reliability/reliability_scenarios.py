@@ -654,11 +654,12 @@ async def hostile_api_objects(tmp: Path) -> Report:
 
 class HostileApiServer:
     """Serves one watch stream of raw bytes (invalid UTF-8, non-objects, 1 MiB lines, unknown types)
-    and an empty list: what a broken proxy or a buggy API server could send. The FakeApiServer cannot
-    produce these because it stores (valid) JSON."""
+    after a list of raw bytes (empty by default): what a broken proxy or a buggy API server could
+    send. The FakeApiServer cannot produce these because it stores (valid) JSON."""
 
-    def __init__(self, lines: list[bytes]) -> None:
+    def __init__(self, lines: list[bytes], list_body: bytes | None = None) -> None:
         self.lines = lines
+        self.list_body = list_body
         self.watches = 0
         self._closing = asyncio.Event()
         self._runner: Any = None
@@ -669,6 +670,8 @@ class HostileApiServer:
 
         async def events(request: web.Request) -> web.StreamResponse:
             if request.query.get("watch") != "true":
+                if self.list_body is not None:
+                    return web.Response(body=self.list_body, content_type="application/json")
                 return web.json_response(
                     {
                         "kind": "EventList",
@@ -720,12 +723,47 @@ class HostileApiServer:
         return str(path)
 
 
-def hostile_lines() -> tuple[list[bytes], set[tuple[str, int]], dict[str, int]]:
-    """(lines, occurrences that must be delivered, source_dropped counts by reason)."""
+def _hostile_event(uid: str, **extra: Any) -> dict[str, Any]:
+    return event_object(uid=uid, object_name=uid, resource_version="2") | extra
+
+
+# Broken Unicode spliced into JSON text (MARK is the placeholder replaced), and the message that each
+# must be delivered with: U+FFFD per invalid byte or lone surrogate, as Go's decoder makes it.
+BROKEN_UNICODE = [
+    (b"caf\xe9 \xff\xfe \xc3\x28", "caf\ufffd \ufffd\ufffd \ufffd("),
+    (b"\\ud800 alone", "\ufffd alone"),
+    (b"low \\udc00 and a pair \\ud83d\\ude00", "low \ufffd and a pair \U0001f600"),
+]
+
+
+def hostile_list_page() -> tuple[bytes, dict[str, str]]:
+    """An EventList page whose items carry broken Unicode, beside a clean one: (body, uid → message
+    each must be delivered with). orjson refuses the whole page."""
     import orjson
 
-    def ev(uid: str, **extra: Any) -> dict[str, Any]:
-        return event_object(uid=uid, object_name=uid, resource_version="2") | extra
+    items = [_hostile_event("list-clean", message="clean")]
+    want = {"list-clean": "clean"}
+    for n, (_, fixed) in enumerate(BROKEN_UNICODE):
+        items.append(_hostile_event(f"list-broken-{n}", message=f"MARK{n}"))
+        want[f"list-broken-{n}"] = fixed
+    # A key name broken too: the event is delivered, its message (under a broken key) is not found.
+    items.append(_hostile_event("list-broken-key", message="KEYMARK"))
+    want["list-broken-key"] = ""
+    body = orjson.dumps(
+        {"kind": "EventList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}
+    )
+    for n, (raw, _) in enumerate(BROKEN_UNICODE):
+        body = body.replace(f'"MARK{n}"'.encode(), b'"' + raw + b'"')
+    body = body.replace(b'"message":"KEYMARK"', b'"mess\x80age":"KEYMARK"')
+    return body, want
+
+
+def hostile_lines() -> tuple[list[bytes], set[tuple[str, int]], dict[str, int], dict[str, str]]:
+    """(lines, occurrences that must be delivered, source_dropped counts by reason, uid → message of
+    the events whose broken Unicode must be repaired)."""
+    import orjson
+
+    ev = _hostile_event
 
     good = [ev(f"good-{i}") for i in range(5)]
     big = ev("big-1mib", message="B" * MIB)
@@ -738,15 +776,18 @@ def hostile_lines() -> tuple[list[bytes], set[tuple[str, int]], dict[str, int]]:
 
     add("ADDED", good[0])
     want.add(("good-0", 1))
-    # Invalid UTF-8 inside a JSON string: raw bytes a JSON parser must refuse.
-    raw = orjson.dumps({"type": "ADDED", "object": ev("bad-utf8", message="MARK")})
-    lines.append(raw.replace(b"MARK", b"caf\xe9 \xff\xfe \xc3\x28"))
-    dropped["malformed_line"] += 1
-    # Invalid UTF-8 in a key name, and a lone surrogate escape (valid JSON text, not valid Unicode).
+    # Invalid UTF-8 inside a JSON string (raw bytes orjson refuses), lone surrogate escapes (valid
+    # JSON text, not valid Unicode), and invalid UTF-8 in a key name: repaired, delivered.
+    repaired: dict[str, str] = {}
+    for n, (broken, fixed) in enumerate(BROKEN_UNICODE):
+        raw = orjson.dumps({"type": "ADDED", "object": ev(f"bad-utf8-{n}", message="MARK")})
+        lines.append(raw.replace(b'"MARK"', b'"' + broken + b'"'))
+        want.add((f"bad-utf8-{n}", 1))
+        repaired[f"bad-utf8-{n}"] = fixed
+    raw = orjson.dumps({"type": "ADDED", "object": ev("bad-key", message="MARK")})
     lines.append(raw.replace(b'"message"', b'"mess\x80age"'))
-    dropped["malformed_line"] += 1
-    lines.append(raw.replace(b"MARK", b"\\ud800"))
-    dropped["malformed_line"] += 1
+    want.add(("bad-key", 1))
+    repaired["bad-key"] = ""
     add("ADDED", good[1])
     want.add(("good-1", 1))
     for junk in (
@@ -775,14 +816,18 @@ def hostile_lines() -> tuple[list[bytes], set[tuple[str, int]], dict[str, int]]:
     want.add(("good-3", 2))
     add("ADDED", good[4])
     want.add(("good-4", 1))
-    return lines, want, dropped
+    return lines, want, dropped, repaired
 
 
 async def hostile_stream(tmp: Path) -> Report:
-    """Raw hostile bytes in the watch stream: every line is either delivered or counted in
-    eventrouter_source_dropped{reason}; the watch keeps running (no relist, no crash)."""
-    lines, want, dropped = hostile_lines()
-    async with HostileApiServer(lines) as server:
+    """Raw hostile bytes in the list and the watch stream: every line is either delivered or counted
+    in eventrouter_source_dropped{reason}, broken Unicode is repaired (U+FFFD) and counted in
+    eventrouter_source_repaired; the watch keeps running (no relist, no crash)."""
+    lines, want, dropped, repaired = hostile_lines()
+    page, listed = hostile_list_page()
+    want |= {(uid, 1) for uid in listed}
+    repaired |= {uid: m for uid, m in listed.items() if uid != "list-clean"}
+    async with HostileApiServer(lines, list_body=page) as server:
         tmp.mkdir(parents=True, exist_ok=True)
         settings = RouterSettings(
             cluster_name="rel",
@@ -800,7 +845,15 @@ async def hostile_stream(tmp: Path) -> Report:
                 "watches_opened": server.watches,
                 **{f"dropped_{k}": v for k, v in counted.items()},
                 **{f"expected_dropped_{k}": v for k, v in dropped.items()},
+                "repaired": router.metrics.source_repaired.labels("invalid_unicode")._value.get(),
+                "expected_repaired": len(repaired),
                 "running": not router.stopped.is_set(),
             }
+        sink = router.sinks["mem"]
+        assert isinstance(sink, MemorySink)
+        messages = {o.uid: o.record["message"] for o in sink.received}
+        facts["repaired_messages_wrong"] = {
+            uid: messages.get(uid) for uid, m in repaired.items() if messages.get(uid) != m
+        }
         got = memory_keys(router)
         return Report("hostile watch stream", [Ledger.of(want).account("mem", got)], facts)

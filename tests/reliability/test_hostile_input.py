@@ -15,12 +15,15 @@ async def test_odd_objects_are_delivered_or_dead_lettered_by_every_sink(tmp_path
     assert report.facts["malformed"] == 0  # each has a uid: none may be dropped at the source
 
 
-async def test_invalid_utf8_and_junk_lines_are_counted_and_the_watch_goes_on(tmp_path: Path) -> None:
+async def test_junk_lines_are_counted_broken_unicode_repaired_and_the_watch_goes_on(tmp_path: Path) -> None:
     report = await hostile_stream(tmp_path)
     check(report)
     f = report.facts
     for reason in ("malformed_line", "malformed", "unknown_watch_type"):
         assert f[f"dropped_{reason}"] == f[f"expected_dropped_{reason}"], reason
+    # Invalid UTF-8 and lone surrogates, in the list page and in watch lines: delivered with U+FFFD.
+    assert f["repaired"] == f["expected_repaired"] == 8
+    assert f["repaired_messages_wrong"] == {}
     assert f["watches_opened"] == 1 and f["running"]
 
 
