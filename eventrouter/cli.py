@@ -353,9 +353,15 @@ def read_recording(data: bytes) -> Iterator[tuple[str, Any]]:
 def _repaired(obj: Any, where: str) -> Generator[tuple[str, Any], None, Any]:
     obj, strings = unicode_repair.repair(obj)
     if strings:
+        event = obj.get("object", obj) if isinstance(obj, dict) else obj  # a watch event or an Event
+        meta = event.get("metadata") if isinstance(event, dict) else None
+        meta = meta if isinstance(meta, dict) else {}
         log.warning(
-            "replay: %s had invalid UTF-8 or lone surrogate escapes in %d strings: replaced by U+FFFD",
+            "replay: %s (event %s/%s) had invalid UTF-8 or lone surrogate escapes in %d strings:"
+            " replaced by U+FFFD",
             where,
+            str(meta.get("namespace", "?"))[:253],
+            str(meta.get("name", "?"))[:253],
             strings,
         )
         yield "REPAIRED", None

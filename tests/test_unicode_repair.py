@@ -50,8 +50,7 @@ def test_text_orjson_refuses_for_another_reason_is_still_refused(text: bytes) ->
         loads(text)
     with pytest.raises(orjson.JSONDecodeError) as direct:
         orjson.loads(text)
-    if b"\\ud800" not in text:
-        assert str(caught.value) == str(direct.value)  # orjson's own message
+    assert str(caught.value) == str(direct.value)  # orjson's own message, naming where it stopped
 
 
 def test_integers_beyond_64_bits_become_floats_as_orjson_makes_them() -> None:
