@@ -78,6 +78,7 @@ async def run_case(flags: list[str], lines: list[bytes], profile: Path | None = 
     from eventrouter.app import Router, RouterSettings
     from eventrouter.config import build_specs
     from eventrouter.gc_tuning import tune_gc
+    from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS
     from eventrouter.source.tracker import OccurrenceTracker
     from eventrouter.source.watcher import EventWatcher
 
@@ -143,13 +144,9 @@ async def run_case(flags: list[str], lines: list[bytes], profile: Path | None = 
         sinks[p.name] = {
             "delivered": int(m.delivered.labels(p.name)._value.get()),
             "dead_lettered": int(
-                sum(m.dead_lettered.labels(p.name, r)._value.get() for r in ("rejected", "retries_exhausted"))
+                sum(m.dead_lettered.labels(p.name, r)._value.get() for r in DEAD_LETTER_REASONS)
             ),
-            "dropped": int(
-                sum(
-                    m.dropped.labels(p.name, r)._value.get() for r in ("queue_full", "spool_full", "shutdown")
-                )
-            ),
+            "dropped": int(sum(m.dropped.labels(p.name, r)._value.get() for r in SINK_DROP_REASONS)),
         }
     await router.stop()
     return {

@@ -26,6 +26,7 @@ from eventrouter.app import Router, RouterSettings
 from eventrouter.config import ConfigError, RouterConfig, SinkSpec, build_specs, load_yaml
 from eventrouter.gc_tuning import tune_gc
 from eventrouter.logs import setup_logging
+from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS
 from eventrouter.plugins import PluginError, discover
 from eventrouter.sink import SinkContext
 from eventrouter.source import unicode_repair
@@ -412,13 +413,9 @@ async def _replay(args: argparse.Namespace) -> int:
             "filtered": int(m.filtered.labels(p.name)._value.get()),
             "skipped": int(m.skipped.labels(p.name)._value.get()),
             "dead_lettered": int(
-                sum(m.dead_lettered.labels(p.name, r)._value.get() for r in ("rejected", "retries_exhausted"))
+                sum(m.dead_lettered.labels(p.name, r)._value.get() for r in DEAD_LETTER_REASONS)
             ),
-            "dropped": int(
-                sum(
-                    m.dropped.labels(p.name, r)._value.get() for r in ("queue_full", "spool_full", "shutdown")
-                )
-            ),
+            "dropped": int(sum(m.dropped.labels(p.name, r)._value.get() for r in SINK_DROP_REASONS)),
         }
         lost += row["dropped"]
         summary["sinks"][p.name] = row

@@ -11,7 +11,22 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["Metrics", "observe_many"]
+__all__ = [
+    "DEAD_LETTER_REASONS",
+    "SINK_DROP_REASONS",
+    "Metrics",
+    "observe_many",
+]
+
+# The fixed reasons, exported at 0 from the start: an alert on increase() sees a series' first
+# increment only if the series existed before it (one drop would otherwise never fire).
+SINK_DROP_REASONS = ("queue_full", "spool_full", "spool_error", "shutdown")
+DEAD_LETTER_REASONS = ("rejected", "retries_exhausted")
+SEND_ERROR_KINDS = ("retryable", "timeout", "exception", "contract", "start")
+SOURCE_DROP_REASONS = ("malformed", "malformed_line", "unknown_watch_type")
+SOURCE_REPAIR_REASONS = ("invalid_unicode",)
+WATCH_RESTART_REASONS = ("timeout", "expired", "connection", "error")  # and http_<status>
+RELIST_REASONS = ("initial", "expired")
 
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
@@ -165,3 +180,20 @@ class Metrics:
             "Checkpoint entries left out of the last ConfigMap write to stay under 1 MiB (re-delivery risk).",
             registry=r,
         )
+        for counter, reasons in (
+            (self.source_dropped, SOURCE_DROP_REASONS),
+            (self.source_repaired, SOURCE_REPAIR_REASONS),
+            (self.watch_restarts, WATCH_RESTART_REASONS),
+            (self.relists, RELIST_REASONS),
+        ):
+            for reason in reasons:
+                counter.labels(reason)
+
+    def sink_children(self, sink: str) -> None:
+        """Export a sink's reason-labelled counters at 0 (see SINK_DROP_REASONS)."""
+        for reason in SINK_DROP_REASONS:
+            self.dropped.labels(sink, reason)
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_lettered.labels(sink, reason)
+        for kind in SEND_ERROR_KINDS:
+            self.send_errors.labels(sink, kind)

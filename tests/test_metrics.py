@@ -31,3 +31,49 @@ def test_observe_many_equals_observing_each_value() -> None:
     exact = [line for line in _exposition(one) if "_sum" not in line]
     assert exact == [line for line in _exposition(many) if "_sum" not in line]
     assert h_many.labels("a")._sum.get() == pytest.approx(h_one.labels("a")._sum.get(), rel=1e-12)
+
+
+def test_the_zero_initialised_reasons_are_every_reason_the_code_counts() -> None:
+    """A reason counted in the code but missing from its list would appear only at its first
+    increment, which an increase() alert never sees."""
+    import re
+    from pathlib import Path
+
+    from eventrouter import metrics as m
+
+    lists = {
+        "dropped": m.SINK_DROP_REASONS,
+        "dead_lettered": m.DEAD_LETTER_REASONS,
+        "send_errors": m.SEND_ERROR_KINDS,
+        "source_dropped": m.SOURCE_DROP_REASONS,
+        "source_repaired": m.SOURCE_REPAIR_REASONS,
+        "watch_restarts": m.WATCH_RESTART_REASONS,
+        "relists": m.RELIST_REASONS,
+    }
+    root = Path(m.__file__).parent
+    code = "\n".join(p.read_text(encoding="utf-8") for p in root.rglob("*.py") if "testing" not in p.parts)
+    found: dict[str, set[str]] = {name: set() for name in lists}
+    for name, literal in re.findall(r"\.(\w+)\.labels\((?:[\w.]+, )?\"(\w+)\"\)", code):
+        if name in found:
+            found[name].add(literal)
+    for name, reasons in lists.items():
+        assert found[name] <= set(reasons), (name, found[name] - set(reasons))
+    assert found["dropped"] == set(m.SINK_DROP_REASONS)  # the pattern does find them
+    # relist reasons are passed in a variable: its values are the list's.
+    assert set(re.findall(r'relist_reason = "(\w+)"', code)) | set(
+        re.findall(r'relist_reason = None, "(\w+)"', code)
+    ) == set(m.RELIST_REASONS)
+
+
+def test_a_sink_and_the_source_export_every_reason_at_zero() -> None:
+    from eventrouter.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.sink_children("s")
+    text = generate_latest(metrics.registry).decode()
+    for reason in ("queue_full", "spool_full", "spool_error", "shutdown"):
+        assert f'eventrouter_sink_dropped_total{{reason="{reason}",sink="s"}} 0.0' in text
+    for kind in ("retryable", "timeout", "exception", "contract", "start"):
+        assert f'eventrouter_sink_send_errors_total{{kind="{kind}",sink="s"}} 0.0' in text
+    for reason in ("timeout", "expired", "connection", "error"):
+        assert f'eventrouter_watch_restarts_total{{reason="{reason}"}} 0.0' in text

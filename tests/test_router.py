@@ -18,6 +18,7 @@ import pytest
 
 from eventrouter.app import Router, RouterSettings
 from eventrouter.config import spec_for_class
+from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS
 from eventrouter.record import parse_time_ns
 from eventrouter.source.watcher import WatchSettings
 from eventrouter.testing import MemorySink, event_object, recorded_watch
@@ -312,6 +313,16 @@ async def test_health_ready_and_metrics_endpoints(api: FakeApiServer, tmp_path: 
             text = await r.text()
         assert 'eventrouter_sink_delivered_total{sink="mem"} 1.0' in text
         assert "eventrouter_relists_total" in text and "eventrouter_sink_queue_depth" in text
+        # Loss counters exist at 0 before the first loss: increase() in an alert sees that one too.
+        for family, reasons in (
+            ("eventrouter_sink_dropped_total", SINK_DROP_REASONS),
+            ("eventrouter_sink_dead_lettered_total", DEAD_LETTER_REASONS),
+        ):
+            for reason in reasons:
+                assert f'{family}{{reason="{reason}",sink="mem"}} 0.0' in text, (family, reason)
+        for reason in ("malformed", "malformed_line", "unknown_watch_type"):
+            assert f'eventrouter_source_dropped_total{{reason="{reason}"}} 0.0' in text
+        assert 'eventrouter_source_repaired_total{reason="invalid_unicode"} 0.0' in text
         # A watch that makes no progress (no events, no bookmarks) fails /healthz.
         api.bookmark_interval = 3600
         api.faults.stall_next_watch(30)

@@ -122,6 +122,7 @@ class Pipeline:
         self._m_event_lag = m.event_lag.labels(name)
         self._m_up = m.sink_up.labels(name)
         self._m_up.set(1)
+        m.sink_children(name)
         if spool is not None:
             self._m_spool.set(len(spool))
 
