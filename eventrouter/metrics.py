@@ -72,8 +72,8 @@ class Metrics:
         )
         self.source_repaired = Counter(
             "eventrouter_source_repaired",
-            "Objects delivered with broken Unicode (invalid UTF-8, lone surrogate escapes) replaced"
-            " by U+FFFD, by reason.",
+            "Objects whose broken Unicode (invalid UTF-8, lone surrogate escapes) was replaced by"
+            " U+FFFD before use, by reason.",
             ["reason"],
             registry=r,
         )
