@@ -339,34 +339,31 @@ def read_recording(data: bytes) -> Iterator[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            obj = orjson.loads(line)
+            obj, strings = unicode_repair.loads(line)
         except orjson.JSONDecodeError as exc:
-            try:
-                obj = unicode_repair.parse_refused(line, exc)
-            except orjson.JSONDecodeError:
-                log.warning("replay: line %d is not JSON (%s); skipped", n, exc)
-                yield "MALFORMED", None
-                continue
-            obj = yield from _repaired(obj, f"line {n}")
+            log.warning("replay: line %d is not JSON (%s); skipped", n, exc)
+            yield "MALFORMED", None
+            continue
+        if strings:
+            yield from _note_repaired(obj, strings, f"line {n}")
         yield from _line_item(obj)
 
 
 def _repaired(obj: Any, where: str) -> Generator[tuple[str, Any], None, Any]:
     obj, strings = unicode_repair.repair(obj)
     if strings:
-        event = obj.get("object", obj) if isinstance(obj, dict) else obj  # a watch event or an Event
-        meta = event.get("metadata") if isinstance(event, dict) else None
-        meta = meta if isinstance(meta, dict) else {}
-        log.warning(
-            "replay: %s (event %s/%s) had invalid UTF-8 or lone surrogate escapes in %d strings:"
-            " replaced by U+FFFD",
-            where,
-            str(meta.get("namespace", "?"))[:253],
-            str(meta.get("name", "?"))[:253],
-            strings,
-        )
-        yield "REPAIRED", None
+        yield from _note_repaired(obj, strings, where)
     return obj
+
+
+def _note_repaired(obj: Any, strings: int, where: str) -> Iterator[tuple[str, Any]]:
+    log.warning(
+        "replay: %s (event %s) had invalid UTF-8 or lone surrogate escapes in %d strings: replaced by U+FFFD",
+        where,
+        unicode_repair.describe(obj),
+        strings,
+    )
+    yield "REPAIRED", None
 
 
 def _line_item(obj: Any) -> Iterator[tuple[str, Any]]:

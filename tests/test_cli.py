@@ -193,7 +193,7 @@ def test_replay_repairs_broken_unicode_and_delivers_the_event(tmp_path: Path) ->
         summary = json.loads(result.stderr.strip().splitlines()[-1])
         assert summary["repaired"] == 2 and summary["malformed"] == 0, summary
         name = doc["items"][1]["metadata"]["name"]
-        assert "replaced by U+FFFD" in result.stderr and f"/{name})" in result.stderr
+        assert "replaced by U+FFFD" in result.stderr and f"/{name} (uid " in result.stderr
 
 
 def test_replay_of_a_kubectl_list_with_data_dir_skips_what_was_delivered(tmp_path: Path) -> None:

@@ -89,3 +89,11 @@ def test_any_document_with_lone_surrogate_escapes_is_the_same_document_repaired(
     assert doc == want
     assert (strings == 0) == (want == decoded)
     orjson.dumps(doc)  # every string is valid Unicode now: orjson can write it again
+
+
+def test_describe_names_the_event_of_an_object_or_of_a_watch_event() -> None:
+    from eventrouter.source.unicode_repair import describe
+
+    event = {"metadata": {"namespace": "ns", "name": "pod.1", "uid": "u-1"}}
+    assert describe(event) == describe({"type": "ADDED", "object": event}) == "ns/pod.1 (uid u-1)"
+    assert describe({"metadata": "broken"}) == describe([1]) == "?/? (uid ?)"

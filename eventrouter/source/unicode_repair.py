@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["REPLACEMENT", "loads", "parse_refused", "repair"]
+__all__ = ["REPLACEMENT", "describe", "loads", "parse_refused", "repair"]
 
 REPLACEMENT = "\ufffd"
 
@@ -74,6 +74,18 @@ def repair(value: Any) -> tuple[Any, int]:
         total = sum(n for _, n in items)
         return ([v for v, _ in items], total) if total else (value, 0)
     return value, 0
+
+
+def describe(obj: Any) -> str:
+    """``namespace/name (uid …)`` of an Event object or a watch event around one, for the log line
+    that names what was repaired; ``?`` for what it lacks."""
+    if isinstance(obj, dict) and isinstance(obj.get("object"), dict):
+        obj = obj["object"]
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    namespace = str(meta.get("namespace", "?"))[:253]
+    name = str(meta.get("name", "?"))[:253]
+    return f"{namespace}/{name} (uid {str(meta.get('uid', '?'))[:64]})"
 
 
 def _broken(value: Any) -> bool:

@@ -248,17 +248,13 @@ class EventWatcher:
         obj, strings = unicode_repair.repair(obj)
         if strings:
             self.metrics.source_repaired.labels("invalid_unicode").inc()
-            meta = obj.get("metadata") if isinstance(obj, dict) else None
-            meta = meta if isinstance(meta, dict) else {}
             log.warning(
-                "%s of %s had invalid UTF-8 or lone surrogate escapes in %d strings of event %s/%s"
-                " (uid %s): replaced by U+FFFD, as the API server itself would store them",
+                "%s of %s had invalid UTF-8 or lone surrogate escapes in %d strings of event %s:"
+                " replaced by U+FFFD, as the API server itself would store them",
                 where,
                 self.where,
                 strings,
-                str(meta.get("namespace", "?"))[:253],
-                str(meta.get("name", "?"))[:253],
-                str(meta.get("uid", "?"))[:64],
+                unicode_repair.describe(obj),
             )
         return obj
 
