@@ -4,7 +4,10 @@
 # stage 2 installs only those wheels into a clean python:3.11-slim, with no source tree, compiler
 # or pip left behind, and runs as the unprivileged user 65532.
 
-FROM python:3.11-slim AS builder
+# The base of both stages. Override it only for a mirror or a stand-in (scripts/image-test.sh).
+ARG PYTHON_IMAGE=python:3.11-slim
+
+FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
@@ -13,7 +16,7 @@ COPY . .
 RUN pip wheel --wheel-dir /wheels ".[all]"
 
 
-FROM python:3.11-slim
+FROM ${PYTHON_IMAGE}
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG CREATED=unknown

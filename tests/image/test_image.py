@@ -1,0 +1,356 @@
+"""The container image, built from ./Dockerfile by `bash scripts/image-test.sh` (buildah, no Docker
+engine) and run with podman the way the chart's Deployment runs it.
+
+Marked `image` and left out of the default test run: building needs root, buildah and podman,
+which scripts/image-test.sh installs. Without EVENTROUTER_IMAGE these tests fail, never skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from importlib.metadata import distribution
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import helm_python as helm
+import pytest
+import yaml
+
+from eventrouter.record import occurrence_number
+from eventrouter.testing import event_object, recorded_watch
+from eventrouter.testing.apiserver import FakeApiServer
+from eventrouter.testing.receivers.webhook import WebhookReceiver
+from eventrouter.testing.tls import self_signed
+from eventrouter.testing.waiting import until
+
+pytestmark = pytest.mark.image
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "eventrouter"
+UID = 65532
+SA_TOKEN = "image-test-token"
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    name = os.environ.get("EVENTROUTER_IMAGE")
+    if not name:
+        pytest.fail("EVENTROUTER_IMAGE is not set: build the image and run these with scripts/image-test.sh")
+    return name
+
+
+def _cgroup_hybrid() -> bool:
+    return os.path.ismount("/sys/fs/cgroup/unified")
+
+
+def podman(*args: str) -> list[str]:
+    """The podman command line. crun refuses hosts that mount cgroup v1 and v2 side by side
+    ("hybrid", as this sandbox does): in a mount namespace of its own without the v2 mount, the
+    host is plain v1 to it."""
+    if _cgroup_hybrid():
+        return [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            'umount /sys/fs/cgroup/unified && exec podman "$@"',
+            "podman",
+            *args,
+        ]
+    return ["podman", *args]
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(podman(*args), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"podman {' '.join(args)} exited {done.returncode}: {done.stderr[-2000:]}"
+    return done
+
+
+def inspect(ref: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(run("image", "inspect", ref).stdout)[0]
+    return doc
+
+
+# --- what the image is ----------------------------------------------------------------------------
+
+
+def test_the_image_runs_eventrouter_as_65532_and_carries_its_labels(image: str) -> None:
+    config = inspect(image)["Config"]
+    assert config["User"] == f"{UID}:{UID}"
+    assert config["Entrypoint"] == ["eventrouter"]  # exec form: the router is PID 1 and gets SIGTERM
+    assert config["Cmd"][0] == "run"
+    assert "8080/tcp" in config["ExposedPorts"]
+    assert config["WorkingDir"] == "/var/lib/eventrouter"
+    assert "PYTHONDONTWRITEBYTECODE=1" in config["Env"]
+    labels = config["Labels"]
+    assert labels["org.opencontainers.image.title"] == "eventrouter"
+    assert labels["org.opencontainers.image.version"] == distribution("eventrouter").version
+    for key in ("description", "source", "licenses", "revision"):
+        assert labels[f"org.opencontainers.image.{key}"]
+
+
+CONTENTS = """\
+import importlib.metadata as md, importlib.util, json, os, shutil, sys
+eps = md.entry_points(group="eventrouter.sinks")
+loaded = {ep.name: ep.load().__module__ for ep in eps}  # every built-in sink imports, deps included
+print(json.dumps({
+    "sinks": sorted(loaded),
+    "version": md.version("eventrouter"),
+    "package": os.path.dirname(importlib.util.find_spec("eventrouter").origin),
+    "pip": [m for m in ("pip", "setuptools", "wheel") if importlib.util.find_spec(m)],
+    "tools": [t for t in ("pip", "pip3", "gcc", "cc", "make", "git") if shutil.which(t)],
+    "leftovers": [p for p in ("/src", "/wheels", "/root/.cache") if os.path.exists(p)],
+    "uid": os.getuid(),
+    "home_writable": os.access("/", os.W_OK),
+}))
+"""
+
+
+def test_the_image_holds_every_built_in_sink_and_no_build_tools(image: str) -> None:
+    done = run("run", "--rm", "--network", "none", "--entrypoint", "python", image, "-c", CONTENTS)
+    got = json.loads(done.stdout)
+    here = sorted(
+        ep.name for ep in distribution("eventrouter").entry_points if ep.group == "eventrouter.sinks"
+    )
+    assert got["sinks"] == here and {"loki", "kafka", "elasticsearch", "sls", "webhook"} <= set(here)
+    assert got["version"] == distribution("eventrouter").version
+    # Installed from the wheel into site-packages, not a copy of the source tree.
+    assert got["package"].endswith("/site-packages/eventrouter")
+    assert got["pip"] == [] and got["tools"] == [] and got["leftovers"] == []
+    assert got["uid"] == UID and got["home_writable"] is False
+    listing = run("run", "--rm", "--network", "none", image, "sinks").stdout
+    for name in here:
+        assert f"\n{name}" in "\n" + listing or f"{name}:" in listing, (
+            f"`eventrouter sinks` does not list {name}"
+        )
+
+
+def test_the_final_stage_adds_little_beyond_the_python_base(image: str) -> None:
+    """Multi-stage: wheels and the source tree stay in the builder; the image adds one layer of
+    installed packages on top of its base."""
+    ours, base = inspect(image), inspect(os.environ.get("PYTHON_IMAGE", "python:3.11-slim"))
+    added = ours["RootFS"]["Layers"][len(base["RootFS"]["Layers"]) :]
+    assert ours["RootFS"]["Layers"][: len(base["RootFS"]["Layers"])] == base["RootFS"]["Layers"]
+    assert len(added) == 1
+    added_mib = (ours["Size"] - base["Size"]) / 2**20
+    # Measured 102 MiB: kubernetes-asyncio 48, elasticsearch 12, the rest (scripts/image-test.sh).
+    assert added_mib < 130, f"the image adds {added_mib:.0f} MiB to its base"
+
+
+# --- the image run as the chart runs it --------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def render_chart(values: dict[str, Any]) -> dict[str, Any]:
+    with helm.Chart.load(CHART) as chart:
+        rendered = chart.render(values, name="er", namespace="monitoring")
+    docs = [
+        d for path, text in rendered.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d
+    ]
+    return {d["kind"]: d for d in docs if d["kind"] in ("Deployment", "ConfigMap")}
+
+
+class Pod:
+    """One container of the chart's Deployment, run by podman with the pod's security context,
+    volumes, service account and environment translated one for one."""
+
+    def __init__(self, image: str, api: FakeApiServer, ca: Path, tmp: Path, values: dict[str, Any]) -> None:
+        self.image, self.tmp = image, tmp
+        self.name = f"eventrouter-image-test-{os.getpid()}"
+        self.metrics_port = free_port()
+        objs = render_chart({**values, "metrics": {"port": self.metrics_port}})
+        spec = objs["Deployment"]["spec"]["template"]["spec"]
+        (self.container,) = spec["containers"]
+        self.grace = int(spec["terminationGracePeriodSeconds"])
+        (tmp / "config.yaml").write_text(objs["ConfigMap"]["data"]["config.yaml"])
+        sa = tmp / "serviceaccount"
+        sa.mkdir()
+        (sa / "token").write_text(SA_TOKEN)
+        (sa / "ca.crt").write_bytes(ca.read_bytes())
+        (sa / "namespace").write_text("monitoring")
+        for f in [tmp / "config.yaml", *sa.iterdir()]:
+            f.chmod(0o644)  # as Kubernetes projects them: readable by the pod's user
+        self.data = tmp / "data"
+        self.data.mkdir()
+        os.chown(self.data, UID, UID)  # what fsGroup does to the emptyDir
+        self.api_port = api.url.rsplit(":", 1)[1]
+        self.log = tmp / "container.log"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    def security_flags(self) -> list[str]:
+        sc = self.container["securityContext"]
+        # Every field of the chart's security context is translated; a new one must be added here.
+        assert sorted(sc) == [
+            "allowPrivilegeEscalation", "capabilities", "readOnlyRootFilesystem", "runAsGroup",
+            "runAsNonRoot", "runAsUser", "seccompProfile",
+        ]  # fmt: skip
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}  # podman's default profile
+        flags = ["--user", f"{sc['runAsUser']}:{sc['runAsGroup']}"]
+        flags += ["--cap-drop", ",".join(sc["capabilities"]["drop"])]
+        if sc["readOnlyRootFilesystem"]:
+            flags += ["--read-only", "--read-only-tmpfs=false"]  # only what the pod mounts is writable
+        if not sc["allowPrivilegeEscalation"]:
+            flags += ["--security-opt", "no-new-privileges"]
+        return flags
+
+    def mount_flags(self) -> list[str]:
+        mounts = {m["name"]: m for m in self.container["volumeMounts"]}
+        assert sorted(mounts) == ["config", "data", "tmp"], "a new volume must be mounted here too"
+        assert mounts["config"]["mountPath"] == "/etc/eventrouter/config.yaml"
+        return [
+            "-v", f"{self.tmp / 'config.yaml'}:/etc/eventrouter/config.yaml:ro",
+            "-v", f"{self.data}:{mounts['data']['mountPath']}:rw",
+            "--tmpfs", f"{mounts['tmp']['mountPath']}:rw,size=64m,mode=1777",
+            "-v", f"{self.tmp / 'serviceaccount'}:{SA_DIR}:ro",
+        ]  # fmt: skip
+
+    def env_flags(self) -> list[str]:
+        values = {"POD_NAME": self.name, "POD_NAMESPACE": "monitoring"}
+        flags = []
+        for var in self.container["env"]:
+            flags += ["-e", f"{var['name']}={values[var['name']]}"]
+        # What the kubelet gives every pod: the API server's address.
+        return [
+            *flags,
+            "-e",
+            "KUBERNETES_SERVICE_HOST=127.0.0.1",
+            "-e",
+            f"KUBERNETES_SERVICE_PORT={self.api_port}",
+        ]
+
+    async def start(self) -> None:
+        cmd = podman(
+            "run", "--rm", "--name", self.name, "--network", "host", "--stop-timeout", str(self.grace),
+            *self.security_flags(), *self.mount_flags(), *self.env_flags(),
+            self.image, *self.container["args"],
+        )  # fmt: skip
+        with self.log.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(*cmd, stdout=log, stderr=log)
+
+    async def get(self, path: str) -> tuple[int, str]:
+        try:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(
+                    f"http://127.0.0.1:{self.metrics_port}{path}", timeout=aiohttp.ClientTimeout(5)
+                ) as resp,
+            ):
+                return resp.status, await resp.text()
+        except aiohttp.ClientError:
+            return 0, ""
+
+    async def until_ready(self, timeout: float = 60) -> None:
+        async with asyncio.timeout(timeout):
+            while (await self.get("/readyz"))[0] != 200:  # noqa: ASYNC110 - another process: no event
+                await asyncio.sleep(0.1)
+
+    async def stop(self) -> int:
+        """As the kubelet stops a pod: SIGTERM to PID 1, SIGKILL after the grace period."""
+        assert self.proc is not None
+        stop = await asyncio.create_subprocess_exec(*podman("stop", "--time", str(self.grace), self.name))
+        assert await asyncio.wait_for(stop.wait(), self.grace + 30) == 0
+        return await asyncio.wait_for(self.proc.wait(), 30)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            subprocess.run(podman("rm", "--force", "--time", "0", self.name), capture_output=True, timeout=60)
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[tuple[FakeApiServer, Path]]:
+    ca, server_tls = await self_signed(tmp_path)
+    async with FakeApiServer(token=SA_TOKEN, ssl_context=server_tls) as api:
+        api.bookmark_interval = 0.5
+        yield api, ca
+
+
+@pytest.fixture
+async def hook() -> AsyncIterator[WebhookReceiver]:
+    async with WebhookReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def pod_factory(image: str, tmp_path: Path) -> Iterator[list[Pod]]:
+    pods: list[Pod] = []
+    yield pods
+    for pod in pods:  # a failed test must not leave a container running
+        pod.kill()
+
+
+def received(hook: WebhookReceiver) -> collections.Counter[tuple[str, int]]:
+    return collections.Counter((r["uid"], r["occurrence"]) for req in hook.accepted for r in req.json())
+
+
+def metric(text: str, name: str, sink: str) -> float:
+    prefix = f'{name}{{sink="{sink}"}} '
+    return sum(float(line.removeprefix(prefix)) for line in text.splitlines() if line.startswith(prefix))
+
+
+async def test_the_chart_s_pod_delivers_the_recorded_traffic_and_restarts_without_duplicates(
+    image: str,
+    cluster: tuple[FakeApiServer, Path],
+    hook: WebhookReceiver,
+    tmp_path: Path,
+    pod_factory: list[Pod],
+) -> None:
+    """Read-only root, user 65532, no capabilities, in-cluster service account over TLS, the config
+    from the chart's ConfigMap and the data dir on a volume: every recorded occurrence arrives;
+    `podman stop` drains and exits 0; a restart on the same data dir delivers nothing twice."""
+    api, ca = cluster
+    values = {
+        "config": {"sinks": [{"type": "webhook", "name": "hook", "url": hook.url, "batch_max_wait": 0.05}]}
+    }
+    pod = Pod(image, api, ca, tmp_path, values)
+    pod_factory.append(pod)
+    await pod.start()
+    await pod.until_ready()
+    recording = recorded_watch()
+    await api.load_recording(recording)
+    # Every occurrence the recording went through, repeats included, not only the final counts.
+    want = {
+        (e["object"]["metadata"]["uid"], occurrence_number(e["object"]))
+        for e in recording
+        if e["type"] != "DELETED"
+    }
+    assert len(want) == 126
+    await until(lambda: set(received(hook)) >= want, timeout=60)
+    status, text = await pod.get("/metrics")
+    assert status == 200 and metric(text, "eventrouter_sink_delivered_total", "hook") == 126
+    assert await pod.stop() == 0
+    log = pod.log.read_text()
+    assert "stopped after draining" in log, log[-3000:]
+    assert list((pod.data).iterdir()), "nothing written to the data dir"
+
+    # While the pod is gone: new events and a repeat of an old one.
+    for i in range(5):
+        api.create_event(event_object(object_name=f"after-{i}"))
+    old = next(e["metadata"] for e in api.events() if not e["metadata"]["name"].startswith("after-"))
+    api.bump(old["namespace"], old["name"])
+    new = {(e["metadata"]["uid"], occurrence_number(e)) for e in api.events()} - want
+    assert len(new) == 6
+    want |= new
+    await pod.start()
+    await until(lambda: set(received(hook)) >= want, timeout=60)
+    # Delivered by the new container: exactly what is new, so nothing old was sent again.
+    await pod.until_ready()
+    status, text = await pod.get("/metrics")
+    assert metric(text, "eventrouter_sink_delivered_total", "hook") == len(new)
+    assert await pod.stop() == 0
+    got = received(hook)
+    assert set(got) == want
+    assert [k for k, n in got.items() if n > 1] == [], "duplicates after a clean restart"
