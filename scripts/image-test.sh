@@ -8,6 +8,7 @@
 #                       else a stand-in built by scripts/image-base.sh (no registry is reachable here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "image-test: run as root (buildah and podman run rootful here)" >&2; exit 1; }
 tools=(buildah podman debootstrap)
 missing=()
 for t in "${tools[@]}"; do command -v "$t" >/dev/null || missing+=("$t"); done

@@ -99,10 +99,23 @@ def test_the_image_runs_eventrouter_as_65532_and_carries_its_labels(image: str) 
 
 CONTENTS = """\
 import importlib.metadata as md, importlib.util, json, os, shutil, sys
+from packaging.requirements import Requirement
 eps = md.entry_points(group="eventrouter.sinks")
-loaded = {ep.name: ep.load().__module__ for ep in eps}  # every built-in sink imports, deps included
+loaded = {ep.name: ep.load().__module__ for ep in eps}  # every built-in sink imports
+extras = [e for e in md.metadata("eventrouter").get_all("Provides-Extra") if e != "test"]
+def wanted(r):
+    return r.marker is None or any(r.marker.evaluate({"extra": e}) for e in extras)
+def missing(name):
+    try:
+        md.version(name)
+    except md.PackageNotFoundError:
+        return True
+    return False
+reqs = [Requirement(r) for r in md.requires("eventrouter")]
 print(json.dumps({
     "sinks": sorted(loaded),
+    "extras": sorted(extras),
+    "missing": sorted(r.name for r in reqs if wanted(r) and r.name != "eventrouter" and missing(r.name)),
     "version": md.version("eventrouter"),
     "package": os.path.dirname(importlib.util.find_spec("eventrouter").origin),
     "pip": [m for m in ("pip", "setuptools", "wheel") if importlib.util.find_spec(m)],
@@ -122,6 +135,9 @@ def test_the_image_holds_every_built_in_sink_and_no_build_tools(image: str) -> N
     )
     assert got["sinks"] == here and {"loki", "kafka", "elasticsearch", "sls", "webhook"} <= set(here)
     assert got["version"] == distribution("eventrouter").version
+    # Every dependency of every extra but the tests' (kafka, elasticsearch, all) is installed.
+    assert "kafka" in got["extras"] and "elasticsearch" in got["extras"]
+    assert got["missing"] == []
     # Installed from the wheel into site-packages, not a copy of the source tree.
     assert got["package"].endswith("/site-packages/eventrouter")
     assert got["pip"] == [] and got["tools"] == [] and got["leftovers"] == []
