@@ -73,6 +73,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     events = retained_events(args.retained)
     n = len(events)
     result: dict[str, Any] = {"machine": c.machine(), "retained": n, "sinks": sinks}
+    result["router_python"] = args.router_python or sys.executable
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmpdir:
         tmp = Path(tmpdir)
         async with (
@@ -89,7 +90,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 flags = [s.flag(x, tmp, es_url=es_url) for x in sinks]
                 extra = ["--data-dir", str(tmp / "data")] if args.data_dir else []
                 rig0 = _rig_cpu(s)
-                rp = await c.spawn_router(kubeconfig, flags, tmp / "router.log", extra=extra)
+                rp = await c.spawn_router(
+                    kubeconfig, flags, tmp / "router.log", extra=extra, python=args.router_python
+                )
                 marks: dict[str, float] = {}
                 # CPU seconds of the router and of the rig when each mark was first seen: which side
                 # set the pace up to that point (both near the wall time: neither waited).
@@ -178,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         "--data-dir", action="store_true", help="run the router with --data-dir (checkpoints, spool)"
     )
     p.add_argument("--timeout", type=float, default=180.0)
+    p.add_argument(
+        "--router-python",
+        default=None,
+        help="the router's interpreter (default: this one), e.g. a venv with only `.[all]`, or the "
+        "image's own with 'bench/in-image localhost/eventrouter:test'",
+    )
     p.add_argument("--out", type=Path, default=CACHE / "results" / "startup.json")
     args = p.parse_args(argv)
     c.dump(asyncio.run(run(args)), args.out)
