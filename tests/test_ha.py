@@ -86,26 +86,15 @@ async def test_standby_takes_over_and_nothing_is_lost(api: FakeApiServer, tmp_pa
     await until(lambda: holder(api) == "a", timeout=20)
     await b.start()
     await until(lambda: len(a.delivered()) >= 50, timeout=20)
-    stop = asyncio.Event()
-
-    async def load() -> None:
-        i = 0
-        while not stop.is_set():
-            api.create_event(event_object(object_name=f"during-{i}"))
-            i += 1
-            await asyncio.sleep(0.01)
-
-    loader = asyncio.create_task(load())
-    await until(lambda: len(a.delivered()) >= 100, timeout=20)
-    assert b.delivered() == []  # the standby delivers nothing while a leads
-    # Kill only after a checkpoint write that covers most of what a delivered so far.
-    written = checkpoint_version(api)
-    await until(lambda: checkpoint_version(api) not in (None, written), timeout=20)
-    await a.signal(kill)
-    await until(lambda: holder(api) == "b", timeout=20)
-    await until(lambda: len(b.delivered()) >= 20, timeout=20)
-    stop.set()
-    await loader
+    async with api.steady_events():
+        await until(lambda: len(a.delivered()) >= 100, timeout=20)
+        assert b.delivered() == []  # the standby delivers nothing while a leads
+        # Kill only after a checkpoint write that covers most of what a delivered so far.
+        written = checkpoint_version(api)
+        await until(lambda: checkpoint_version(api) not in (None, written), timeout=20)
+        await a.signal(kill)
+        await until(lambda: holder(api) == "b", timeout=20)
+        await until(lambda: len(b.delivered()) >= 20, timeout=20)
     want = expected(api)
     await until(lambda: want <= set(a.delivered()) | set(b.delivered()), timeout=30)
     assert await b.signal(signal.SIGTERM) == 0

@@ -34,7 +34,7 @@ import contextlib
 import math
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -424,6 +424,28 @@ class FakeApiServer:
         for w in watchers:
             w.terminate(why)
         return len(watchers)
+
+    @contextlib.asynccontextmanager
+    async def steady_events(self, prefix: str = "during", interval: float = 0.01) -> AsyncIterator[None]:
+        """A steady load for fault tests: a new Event (``<prefix>-0``, ``-1``, …) every ``interval``
+        seconds while the block runs."""
+        from .factories import event_object
+
+        stop = asyncio.Event()
+
+        async def create() -> None:
+            i = 0
+            while not stop.is_set():
+                self.create_event(event_object(object_name=f"{prefix}-{i}"))
+                i += 1
+                await asyncio.sleep(interval)
+
+        task = asyncio.create_task(create())
+        try:
+            yield
+        finally:
+            stop.set()
+            await task
 
     def create_event(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Store a new Event (uid and creationTimestamp kept when given) and emit ADDED."""

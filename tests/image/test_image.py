@@ -460,27 +460,16 @@ async def test_the_chart_s_two_replicas_hand_over_without_losing_anything_when_t
     await until(lambda: lease_holder(api, lease) == "er-a", timeout=60)
     await b.start()
     await until(lambda: len(delivered(a)) >= 50, timeout=30)
-    stop = asyncio.Event()
-
-    async def load() -> None:
-        i = 0
-        while not stop.is_set():
-            api.create_event(event_object(object_name=f"during-{i}"))
-            i += 1
-            await asyncio.sleep(0.01)
-
-    loader = asyncio.create_task(load())
-    await until(lambda: len(delivered(a)) >= 100, timeout=30)
-    await b.until_ready()  # a standby is ready (it serves /metrics) but delivers nothing
-    assert delivered(b) == []
-    written = checkpoint_version()
-    await until(lambda: checkpoint_version() not in (None, written), timeout=30)
-    run("kill", "--signal", "KILL", a.name)
-    assert a.proc is not None and await asyncio.wait_for(a.proc.wait(), 30) != 0
-    await until(lambda: lease_holder(api, lease) == "er-b", timeout=30)
-    await until(lambda: len(delivered(b)) >= 20, timeout=30)
-    stop.set()
-    await loader
+    async with api.steady_events():
+        await until(lambda: len(delivered(a)) >= 100, timeout=30)
+        await b.until_ready()  # a standby is ready (it serves /metrics) but delivers nothing
+        assert delivered(b) == []
+        written = checkpoint_version()
+        await until(lambda: checkpoint_version() not in (None, written), timeout=30)
+        run("kill", "--signal", "KILL", a.name)
+        assert a.proc is not None and await asyncio.wait_for(a.proc.wait(), 30) != 0
+        await until(lambda: lease_holder(api, lease) == "er-b", timeout=30)
+        await until(lambda: len(delivered(b)) >= 20, timeout=30)
     want = {(e["metadata"]["uid"], occurrence_number(e)) for e in api.events()}
     await until(lambda: want <= set(delivered(a)) | set(delivered(b)), timeout=60)
     assert await b.stop() == 0
