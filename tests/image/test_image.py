@@ -8,6 +8,7 @@ which scripts/image-test.sh installs. Without EVENTROUTER_IMAGE these tests fail
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import json
 import os
@@ -176,7 +177,7 @@ def render_chart(values: dict[str, Any]) -> dict[str, Any]:
     docs = [
         d for path, text in rendered.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d
     ]
-    return {d["kind"]: d for d in docs if d["kind"] in ("Deployment", "ConfigMap")}
+    return {d["kind"]: d for d in docs if d["kind"] in ("Deployment", "ConfigMap", "Secret")}
 
 
 class Pod:
@@ -199,6 +200,7 @@ class Pod:
         self.fs_group = int(spec["securityContext"]["fsGroup"])
         self.grace = int(spec["terminationGracePeriodSeconds"])
         self.config_map = objs["ConfigMap"]
+        self.secret = {k: base64.b64decode(v) for k, v in objs.get("Secret", {}).get("data", {}).items()}
         sa = self.tmp / "serviceaccount"
         sa.mkdir()
         (sa / "token").write_text(SA_TOKEN)
@@ -211,7 +213,7 @@ class Pod:
         self.proc: asyncio.subprocess.Process | None = None
 
     def dir(self, volume: str) -> Path:
-        """The host directory behind one of the pod's emptyDir volumes."""
+        """The host directory behind one of the pod's volumes (emptyDir or Secret)."""
         return self.tmp / "volumes" / volume
 
     def security_flags(self) -> list[str]:
@@ -241,6 +243,16 @@ class Pod:
                 source.write_text(self.config_map["data"][key])
                 source.chmod(0o644)
                 flags += ["-v", f"{source}:{target}:ro"]
+            elif "secret" in volume:
+                # The kubelet writes one file per key, owned by root with the group fsGroup, and adds
+                # group read to defaultMode (read-only volumes): the router reads them by its group.
+                source = self.dir(mount["name"])
+                source.mkdir(parents=True, exist_ok=True)
+                for key, value in self.secret.items():
+                    (source / key).write_bytes(value)
+                    (source / key).chmod(volume["secret"]["defaultMode"] | 0o440)
+                    os.chown(source / key, 0, self.fs_group)
+                flags += ["-v", f"{source}:{target}:ro"]
             elif "emptyDir" in volume and target == "/tmp":
                 size = volume["emptyDir"].get("sizeLimit", "64Mi").removesuffix("i").lower()
                 flags += ["--tmpfs", f"{target}:rw,size={size},mode=1777"]
@@ -254,10 +266,15 @@ class Pod:
         return flags
 
     def env_flags(self) -> list[str]:
-        values = {"POD_NAME": self.pod_name, "POD_NAMESPACE": "monitoring"}
+        fields = {"metadata.name": self.pod_name, "metadata.namespace": "monitoring"}
         flags = []
         for var in self.container["env"]:
-            flags += ["-e", f"{var['name']}={values[var['name']]}"]
+            source = var["valueFrom"]
+            if "fieldRef" in source:
+                value = fields[source["fieldRef"]["fieldPath"]]
+            else:
+                value = self.secret[source["secretKeyRef"]["key"]].decode()
+            flags += ["-e", f"{var['name']}={value}"]
         # What the kubelet gives every pod: the API server's address.
         return [
             *flags,
@@ -288,9 +305,21 @@ class Pod:
         except aiohttp.ClientError:
             return 0, ""
 
+    async def probe(self, kind: str) -> int:
+        """The chart's livenessProbe or readinessProbe, as the kubelet sends it: the HTTP status."""
+        get = self.container[kind]["httpGet"]
+        ports = {p["name"]: p["containerPort"] for p in self.container["ports"]}
+        assert ports[get["port"]] == self.metrics_port
+        return (await self.get(get["path"]))[0]
+
     async def until_ready(self, timeout: float = 60) -> None:
+        assert self.proc is not None
         async with asyncio.timeout(timeout):
-            while (await self.get("/readyz"))[0] != 200:  # noqa: ASYNC110 - another process: no event
+            while await self.probe("readinessProbe") != 200:  # another process: polling, no event
+                if self.proc.returncode is not None:
+                    raise AssertionError(
+                        f"the container exited {self.proc.returncode}: {self.log.read_text()[-2000:]}"
+                    )
                 await asyncio.sleep(0.1)
 
     async def stop(self) -> int:
@@ -313,9 +342,13 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[FakeApiServer, Path]]:
         yield api, ca
 
 
+HOOK_SECRET = "image-test-hmac-S3cret"
+HOOK_TOKEN = "image-test-bearer-T0ken"
+
+
 @pytest.fixture
 async def hook() -> AsyncIterator[WebhookReceiver]:
-    async with WebhookReceiver() as receiver:
+    async with WebhookReceiver(secret=HOOK_SECRET) as receiver:
         yield receiver
 
 
@@ -347,8 +380,17 @@ async def test_the_chart_s_pod_delivers_the_recorded_traffic_and_restarts_withou
     from the chart's ConfigMap and the data dir on a volume: every recorded occurrence arrives;
     `podman stop` drains and exits 0; a restart on the same data dir delivers nothing twice."""
     api, ca = cluster
+    # Credentials as the chart documents them: a Secret it creates, one key read as a file, one as env.
+    webhook = {
+        "type": "webhook", "name": "hook", "url": hook.url, "batch_max_wait": 0.05,
+        "secret": "file:/etc/eventrouter/secrets/hook-secret", "bearer_token": "env:HOOK_TOKEN",
+    }  # fmt: skip
     values = {
-        "config": {"sinks": [{"type": "webhook", "name": "hook", "url": hook.url, "batch_max_wait": 0.05}]}
+        "config": {"sinks": [webhook]},
+        "credentials": {
+            "values": {"hook-secret": HOOK_SECRET, "hook-token": HOOK_TOKEN},
+            "env": [{"name": "HOOK_TOKEN", "key": "hook-token"}],
+        },
     }
     pod = Pod(image, api, ca, tmp_path, values)
     pod_factory.append(pod)
@@ -366,6 +408,11 @@ async def test_the_chart_s_pod_delivers_the_recorded_traffic_and_restarts_withou
     await until(lambda: set(received(hook)) >= want, timeout=60)
     status, text = await pod.get("/metrics")
     assert status == 200 and metric(text, "eventrouter_sink_delivered_total", "hook") == 126
+    assert await pod.probe("livenessProbe") == 200
+    # The credentials arrived: every request signed with the file's secret and sent with the env token.
+    assert all(r.signature_ok for r in hook.accepted)
+    assert {r.headers["Authorization"] for r in hook.accepted} == {f"Bearer {HOOK_TOKEN}"}
+    assert HOOK_SECRET not in pod.log.read_text() and HOOK_TOKEN not in pod.log.read_text()
     assert await pod.stop() == 0
     log = pod.log.read_text()
     assert "stopped after draining" in log, log[-3000:]
