@@ -35,7 +35,7 @@ import socket
 import tempfile
 import time
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 __all__ = ["TansuBroker", "free_port"]
 
@@ -148,6 +148,29 @@ class TansuBroker:
             )
         finally:
             await admin.close()
+
+    async def consume(self, *topics: str, expected: int, timeout: float = 20.0, **client: Any) -> list[Any]:
+        """The first ``expected`` records of ``topics`` from the start, read by an ordinary aiokafka
+        consumer with the given client options (TimeoutError when fewer arrive)."""
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(
+            *topics,
+            bootstrap_servers=self.bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            **client,
+        )
+        await consumer.start()
+        try:
+            got: list[Any] = []
+            async with asyncio.timeout(timeout):
+                while len(got) < expected:
+                    for records in (await consumer.getmany(timeout_ms=500)).values():
+                        got.extend(records)
+            return got
+        finally:
+            await consumer.stop()
 
     async def stop(self, *, graceful: bool = False) -> None:
         """Stop the broker; the port refuses connections afterwards. Safe to call twice.

@@ -1,0 +1,91 @@
+"""Every built-in sink's destination at once on loopback (Loki, SLS and webhook receivers, a Tansu
+Kafka broker, and an OpenSearch-compatible server the caller runs), with the ``--sink`` flags that
+reach them and what each destination received: for tests that route one traffic to all of them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from ...record import parse_time_ns
+from ..factories import recorded_watch
+from .loki import LokiReceiver
+from .sls import AccessKey, SLSReceiver
+from .tansu import TansuBroker
+from .webhook import WebhookReceiver
+
+__all__ = ["Destinations", "destinations"]
+
+Key = tuple[str, int]
+"""(event uid, occurrence)."""
+
+
+def _recording_end() -> float:
+    return (
+        max(parse_time_ns(e["object"]["metadata"]["creationTimestamp"]) or 0 for e in recorded_watch()) / 1e9
+    )
+
+
+@dataclass
+class Destinations:
+    loki: LokiReceiver
+    sls: SLSReceiver
+    hook: WebhookReceiver
+    kafka: TansuBroker
+    es_url: str
+
+    def flags(self, file_path: str) -> list[str]:
+        """One ``--sink`` flag per destination; the file sink writes ``file_path``."""
+        return [
+            f"loki:{self.loki.url}?tenant=e2e",
+            f"kafka:?brokers={self.kafka.bootstrap}&topic=k8s-events&idempotence=false",
+            f"elasticsearch:{self.es_url}?index=e2e-{{yyyy.MM.dd}}",
+            f"sls:{self.sls.url}?project=p&logStore=k8s-event&accessKeyId=AK&accessKeySecret=SK",
+            f"webhook:{self.hook.url}/events?batch_max_events=50",
+            f"file:{file_path}",
+        ]
+
+    async def received(self, file: Path, expected: int) -> dict[str, list[Key]]:
+        """What each destination holds, read the way its users read it; the Elasticsearch side is
+        its document count (``_count``) as that many placeholder keys."""
+        loki = [
+            (doc["uid"], doc["occurrence"])
+            for stream in self.loki.query_range()
+            for doc in (json.loads(line) for _, line, _ in stream.values)
+        ]
+        kafka = [
+            json.loads(r.value) for r in await self.kafka.consume("k8s-events", expected=expected, timeout=30)
+        ]
+        async with aiohttp.ClientSession() as http, http.post(f"{self.es_url}/e2e-*/_count") as resp:
+            es_count = int((await resp.json())["count"])
+        return {
+            "loki": loki,
+            "kafka": [(d["uid"], d["occurrence"]) for d in kafka],
+            "elasticsearch": [("", i) for i in range(es_count)],
+            "sls": [
+                (json.loads(log.fields["eventId"])["metadata"]["uid"], int(log.fields["occurrence"]))
+                for log in self.sls.logs()
+            ],
+            "webhook": [(d["uid"], d["occurrence"]) for req in self.hook.accepted for d in req.json()],
+            "file": [(d["uid"], d["occurrence"]) for d in map(json.loads, file.read_text().splitlines())],
+        }
+
+
+@contextlib.asynccontextmanager
+async def destinations(es_url: str) -> AsyncIterator[Destinations]:
+    """Loki (its clock an hour after the recording ends, so the recorded events are recent to it),
+    SLS, webhook and Kafka, started and stopped around the block; ``es_url``: a running
+    OpenSearch-compatible server."""
+    end = _recording_end()
+    async with (
+        LokiReceiver(now=lambda: end + 3600) as loki,
+        SLSReceiver(projects={"p": ["k8s-event"]}, keys=[AccessKey("AK", "SK")], default_project="p") as sls,
+        WebhookReceiver() as hook,
+        TansuBroker() as kafka,
+    ):
+        yield Destinations(loki, sls, hook, kafka, es_url)
