@@ -203,6 +203,7 @@ class Pod:
         self.fs_group = int(spec["securityContext"]["fsGroup"])
         self.grace = int(spec["terminationGracePeriodSeconds"])
         self.config_map = objs["ConfigMap"]
+        self.secret_name = objs.get("Secret", {}).get("metadata", {}).get("name")
         self.secret = {k: base64.b64decode(v) for k, v in objs.get("Secret", {}).get("data", {}).items()}
         sa = self.tmp / "serviceaccount"
         sa.mkdir()
@@ -249,6 +250,7 @@ class Pod:
             elif "secret" in volume:
                 # The kubelet writes one file per key, owned by root with the group fsGroup, and adds
                 # group read to defaultMode (read-only volumes): the router reads them by its group.
+                assert volume["secret"]["secretName"] == self.secret_name
                 source = self.dir(mount["name"])
                 source.mkdir(parents=True, exist_ok=True)
                 for key, value in self.secret.items():
@@ -272,8 +274,10 @@ class Pod:
         fields = {"metadata.name": self.pod_name, "metadata.namespace": "monitoring"}
         flags = []
         for var in self.container["env"]:
-            source = var["valueFrom"]
-            if "fieldRef" in source:
+            source = var.get("valueFrom", {})
+            if "value" in var:
+                value = var["value"]
+            elif "fieldRef" in source:
                 value = fields[source["fieldRef"]["fieldPath"]]
             else:
                 value = self.secret[source["secretKeyRef"]["key"]].decode()

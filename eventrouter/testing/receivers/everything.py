@@ -51,8 +51,8 @@ class Destinations:
         ]
 
     async def received(self, file: Path, expected: int) -> dict[str, list[Key]]:
-        """What each destination holds, read the way its users read it; the Elasticsearch side is
-        its document count (``_count``) as that many placeholder keys."""
+        """What each destination holds, read back the way its users read it (Loki's query_range, a
+        Kafka consumer, Elasticsearch's _search, SLS's stored logs, the webhook's requests, the file)."""
         loki = [
             (doc["uid"], doc["occurrence"])
             for stream in self.loki.query_range()
@@ -61,12 +61,16 @@ class Destinations:
         kafka = [
             json.loads(r.value) for r in await self.kafka.consume("k8s-events", expected=expected, timeout=30)
         ]
-        async with aiohttp.ClientSession() as http, http.post(f"{self.es_url}/e2e-*/_count") as resp:
-            es_count = int((await resp.json())["count"])
+        query = {"size": expected * 2, "query": {"match_all": {}}}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{self.es_url}/e2e-*/_search", json=query) as resp,
+        ):
+            hits = (await resp.json())["hits"]["hits"]
         return {
             "loki": loki,
             "kafka": [(d["uid"], d["occurrence"]) for d in kafka],
-            "elasticsearch": [("", i) for i in range(es_count)],
+            "elasticsearch": [(h["_source"]["uid"], h["_source"]["occurrence"]) for h in hits],
             "sls": [
                 (json.loads(log.fields["eventId"])["metadata"]["uid"], int(log.fields["occurrence"]))
                 for log in self.sls.logs()
