@@ -180,9 +180,14 @@ async def _demo_setup(
     log.info("demo: built-in API server at %s replays events recorded from a real 1.24 cluster", api.url)
     if not specs:
         out = Path("eventrouter-demo")
-        out.mkdir(exist_ok=True)
-        specs = build_specs(["stdout:", f"file:{out.resolve() / 'events.jsonl'}"])
-        log.info("demo: writing to stdout and %s", out / "events.jsonl")
+        try:
+            out.mkdir(exist_ok=True)
+        except OSError as exc:  # a read-only root or another user's directory, as in a container
+            log.warning("demo: cannot create %s (%s): writing to stdout only", out.absolute(), exc.strerror)
+            specs = build_specs(["stdout:"])
+        else:
+            specs = build_specs(["stdout:", f"file:{out.resolve() / 'events.jsonl'}"])
+            log.info("demo: writing to stdout and %s", out / "events.jsonl")
     return specs, api
 
 

@@ -163,18 +163,33 @@ async def test_sigkill_under_load_loses_nothing_and_duplicates_are_bounded(
     assert all(not line.endswith(b"}") for line in router.torn)
 
 
-async def test_demo_runs_without_a_cluster_and_delivers_every_recorded_occurrence(tmp_path: Path) -> None:
-    """The README's first command: the embedded API server replays the recording into stdout and a file."""
-    out = tmp_path / "eventrouter-demo" / "events.jsonl"
+async def _demo(cwd: Path) -> tuple[list[dict[str, object]], str]:
+    """`eventrouter run --demo` in ``cwd`` until the recording's 126 occurrences are on stdout, then
+    SIGTERM: (records printed, what it logged); it must exit 0."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "eventrouter.cli", "run", "--demo", "--metrics-addr", "127.0.0.1:0",
-        cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout is not None
     lines = [await asyncio.wait_for(proc.stdout.readline(), 30) for _ in range(126)]
     proc.send_signal(signal.SIGTERM)
-    rest, _ = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0
+    rest, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()[-2000:]
     records = [json.loads(x) for x in lines + rest.splitlines()]
     assert len({(r["uid"], r["occurrence"]) for r in records[:126]}) == 126
+    return records, err.decode()
+
+
+async def test_demo_runs_without_a_cluster_and_delivers_every_recorded_occurrence(tmp_path: Path) -> None:
+    """The README's first command: the embedded API server replays the recording into stdout and a file."""
+    await _demo(tmp_path)
+    out = tmp_path / "eventrouter-demo" / "events.jsonl"
     assert len(out.read_text().splitlines()) >= 126
+
+
+async def test_demo_where_it_cannot_write_says_so_and_still_prints_everything(tmp_path: Path) -> None:
+    """As in a container with a read-only root: no ./eventrouter-demo/ can be made (here a file is in
+    its way, since root may write anywhere); the demo names it, and stdout still gets every occurrence."""
+    (tmp_path / "eventrouter-demo").write_text("in the way")
+    _, log = await _demo(tmp_path)
+    assert f"cannot create {tmp_path / 'eventrouter-demo'}" in log and "writing to stdout only" in log

@@ -581,3 +581,32 @@ async def test_every_built_in_sink_delivers_the_recorded_traffic_from_the_image(
             assert len(keys) == len(set(keys)) == 126, (
                 f"{name}: {len(keys)} received, {len(set(keys))} distinct"
             )
+
+
+async def test_the_demo_runs_in_the_image_as_any_user_on_a_read_only_root(image: str) -> None:
+    """The README's demo in the image, as a platform that assigns a random uid in group 0 runs it
+    (OpenShift), on a read-only root with a writable /tmp: every recorded occurrence is printed and
+    the router says why it writes no file."""
+    name = f"eventrouter-image-test-{os.getpid()}-demo"
+    cmd = podman(
+        "run", "--rm", "--name", name, "--network", "none", "--user", "1000700000:0",
+        "--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp:rw,size=64m,mode=1777",
+        image, "run", "--demo", "--metrics-addr", "127.0.0.1:0",
+    )  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    try:
+        lines = [await asyncio.wait_for(proc.stdout.readline(), 60) for _ in range(126)]
+        stop = await asyncio.create_subprocess_exec(*podman("stop", "--time", "30", name))
+        assert await asyncio.wait_for(stop.wait(), 60) == 0
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            rm = await asyncio.create_subprocess_exec(*podman("rm", "--force", "--time", "0", name))
+            await asyncio.wait_for(rm.wait(), 60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    records = [json.loads(line) for line in lines]
+    assert len({(r["uid"], r["occurrence"]) for r in records}) == 126
+    assert "writing to stdout only" in err.decode()
