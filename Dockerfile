@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1.7
 # eventrouter container image: `docker build -t eventrouter .` (BuildKit, the default builder).
-# Stage 1 builds wheels for eventrouter and every dependency of every built-in sink (extras "all");
+# Stage 1 builds wheels for eventrouter and every dependency of every built-in sink (extras "all"),
+# at the versions pinned in image-constraints.txt;
 # stage 2 installs only those wheels into a clean python:3.11-slim, with no source tree, compiler
 # or pip left behind, and runs as the unprivileged user 65532.
 
@@ -11,9 +12,12 @@ FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
-# .dockerignore sends only pyproject.toml, README/LICENSE and the eventrouter/ and sinks/ packages.
+# .dockerignore sends only pyproject.toml, README/LICENSE, image-constraints.txt and the
+# eventrouter/ and sinks/ packages.
 COPY . .
-RUN pip wheel --wheel-dir /wheels ".[all]"
+# Every dependency at the version pinned in image-constraints.txt (scripts/image-lock.sh), so a
+# later build holds what the image tests ran against.
+RUN pip wheel --wheel-dir /wheels --constraint image-constraints.txt ".[all]"
 
 
 FROM ${PYTHON_IMAGE}

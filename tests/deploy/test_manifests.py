@@ -13,17 +13,22 @@ import fnmatch
 import json
 import re
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import helm_python as helm
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "eventrouter"
 MANIFESTS = ROOT / "deploy" / "eventrouter.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+CONSTRAINTS = ROOT / "image-constraints.txt"
 NAME = NAMESPACE = "eventrouter"
 
 # Only Helm's bookkeeping differs between a Helm install and the plain manifests.
@@ -192,6 +197,30 @@ def test_dockerfile_runs_as_non_root_with_the_eventrouter_entrypoint() -> None:
         assert f"org.opencontainers.image.{key}=" in labels
 
 
+def test_the_image_is_built_with_every_dependency_pinned_within_pyproject_s_ranges() -> None:
+    """image-constraints.txt (scripts/image-lock.sh) pins each package exactly once, and every
+    requirement of eventrouter[all] is pinned to a version its range in pyproject.toml admits."""
+    builder_runs = " ".join(rest for op, rest in _stages()[0] if op == "RUN")
+    assert "--constraint image-constraints.txt" in builder_runs
+    pins: dict[str, Version] = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and canonicalize_name(name) not in pins, line
+            pins[canonicalize_name(name)] = Version(version)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    wanted = [Requirement(r) for r in project["dependencies"]]
+    wanted += [Requirement(r) for extra in ("kafka", "elasticsearch") for r in extras[extra]]
+    assert extras["all"] == ["eventrouter[kafka,elasticsearch]"], "a new extra must be pinned here too"
+    for req in wanted:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not pinned in image-constraints.txt: run scripts/image-lock.sh"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"image-constraints.txt pins {req.name} {pins[name]} outside {req.specifier}: run scripts/image-lock.sh"
+        )
+
+
 def _ignored(path: str, patterns: list[str]) -> bool:
     """Docker's rule, simplified: the last matching pattern wins; `!` re-includes; a directory
     pattern also covers everything below it."""
@@ -234,6 +263,7 @@ def test_dockerignore_keeps_the_package_and_drops_everything_else() -> None:
         assert _ignored(path, patterns), f"{path} should not be sent to the Docker build"
     for path in (
         "pyproject.toml",
+        "image-constraints.txt",
         "README.md",
         "LICENSE",
         "eventrouter/__init__.py",

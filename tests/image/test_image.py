@@ -24,6 +24,7 @@ import aiohttp
 import helm_python as helm
 import pytest
 import yaml
+from packaging.utils import canonicalize_name
 
 import eventrouter.testing
 from eventrouter.record import occurrence_number
@@ -122,6 +123,7 @@ print(json.dumps({
     "extras": sorted(extras),
     "missing": sorted(r.name for r in reqs if wanted(r) and r.name != "eventrouter" and missing(r.name)),
     "version": md.version("eventrouter"),
+    "installed": sorted(f"{d.metadata['Name']}=={d.version}" for d in md.distributions()),
     "package": os.path.dirname(importlib.util.find_spec("eventrouter").origin),
     "pip": [m for m in ("pip", "setuptools", "wheel") if importlib.util.find_spec(m)],
     "tools": [t for t in ("pip", "pip3", "gcc", "cc", "make", "git") if shutil.which(t)],
@@ -143,6 +145,13 @@ def test_the_image_holds_every_built_in_sink_and_no_build_tools(image: str) -> N
     # Every dependency of every extra but the tests' (kafka, elasticsearch, all) is installed.
     assert "kafka" in got["extras"] and "elasticsearch" in got["extras"]
     assert got["missing"] == []
+    # Exactly the versions scripts/image-lock.sh pinned, and nothing else besides eventrouter.
+    pinned = [
+        line for line in (ROOT / "image-constraints.txt").read_text().splitlines() if line and line[0] != "#"
+    ]
+    installed = {canonicalize_name(n): v for n, _, v in (x.partition("==") for x in got["installed"])}
+    assert installed.pop(canonicalize_name("eventrouter")) == got["version"]
+    assert installed == {canonicalize_name(n): v for n, _, v in (x.partition("==") for x in pinned)}
     # Installed from the wheel into site-packages, not a copy of the source tree.
     assert got["package"].endswith("/site-packages/eventrouter")
     assert got["pip"] == [] and got["tools"] == [] and got["leftovers"] == []
