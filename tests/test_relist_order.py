@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -213,6 +214,25 @@ def test_an_unusable_temp_dir_keeps_the_relist_in_memory(
     drained = [occ.uid for page in order.drain(4) for occ in page]
     # The rows beyond the first two wait for one write, which fails when the drain starts.
     assert "cannot use a temporary file" in caplog.text
+    assert drained == [occ.uid for occ in sorted(occs, key=lambda o: o.time_ns)]
+
+
+def test_no_usable_temp_dir_at_all_keeps_the_relist_in_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only root without a writable /tmp: tempfile finds no directory at all (tests/image runs
+    the real thing); the relist still sorts everything, in memory, and says why."""
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(tempfile, "_candidate_tempdir_list", lambda: [str(tmp_path / "missing")])
+    with pytest.raises(FileNotFoundError):
+        tempfile.gettempdir()
+    occs = [normalise(obj) for obj in _spread_events(6, 60)]
+    order = RelistOrder(cluster="", in_memory=2)
+    for occ in occs:
+        order.add(occ)
+    drained = [occ.uid for page in order.drain(4) for occ in page]
+    assert "cannot use a temporary file in the temp dir (" in caplog.text
+    assert "No usable temporary directory" in caplog.text
     assert drained == [occ.uid for occ in sorted(occs, key=lambda o: o.time_ns)]
 
 

@@ -109,9 +109,11 @@ class RelistOrder:
         except OSError as exc:
             # A full or read-only temp dir must not stop the source: keep the rest in memory.
             self._file_failed = True
+            # Not gettempdir() here: with no usable temp dir at all (a read-only root without a
+            # writable /tmp) it raises again, and the relist would fail instead of falling back.
             log.warning(
                 "relist: cannot use a temporary file in %s (%s); sorting the rest in memory",
-                self.directory or tempfile.gettempdir(),
+                self.directory or tempfile.tempdir or "the temp dir",
                 exc,
             )
             for row, raw in pending:
