@@ -31,6 +31,7 @@ from eventrouter.record import occurrence_number
 from eventrouter.testing import event_object, recorded_watch
 from eventrouter.testing.apiserver import FakeApiServer
 from eventrouter.testing.receivers.everything import destinations
+from eventrouter.testing.receivers.loki import LokiReceiver
 from eventrouter.testing.receivers.osmem import OsmemServer, osmem_fixture_server
 from eventrouter.testing.receivers.webhook import WebhookReceiver
 from eventrouter.testing.tls import self_signed
@@ -619,3 +620,42 @@ async def test_the_demo_runs_in_the_image_as_any_user_on_a_read_only_root(image:
     records = [json.loads(line) for line in lines]
     assert len({(r["uid"], r["occurrence"]) for r in records}) == 126
     assert "writing to stdout only" in err.decode()
+
+
+async def test_a_relist_with_nowhere_to_write_sorts_in_memory_and_delivers_everything(
+    image: str, tmp_path: Path
+) -> None:
+    """`docker run --read-only` with no tmpfs and no --data-dir: a Loki sink asks for the relist
+    oldest-first, which waits in a temporary file beyond 500 events, and no directory at all is
+    writable. The relist sorts in memory instead, says so, and Loki gets every event in order."""
+    name = f"eventrouter-image-test-{os.getpid()}-readonly"
+    async with FakeApiServer(token="t0ken") as api, LokiReceiver() as loki:
+        for i in range(700):
+            api.create_event(event_object(object_name=f"pod-{i}"))
+        kubeconfig = Path(api.kubeconfig(tmp_path / "kubeconfig"))
+        kubeconfig.chmod(0o644)
+        log = tmp_path / "container.log"
+        cmd = podman(
+            "run", "--rm", "--name", name, "--network", "host", "--read-only", "--read-only-tmpfs=false",
+            "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "-v", f"{kubeconfig}:/kube/config:ro",
+            image, "run", "--kubeconfig", "/kube/config", "--metrics-addr", "127.0.0.1:0",
+            f"--sink=loki:{loki.url}?batch_max_wait=0.05",
+        )  # fmt: skip
+        with log.open("wb") as out:
+            proc = await asyncio.create_subprocess_exec(*cmd, stdout=out, stderr=out)
+        try:
+
+            def lines() -> int:
+                return sum(len(stream.values) for stream in loki.query_range())
+
+            await until(lambda: lines() >= 700 or proc.returncode is not None, timeout=90)
+            stop = await asyncio.create_subprocess_exec(*podman("stop", "--time", "30", name))
+            assert await asyncio.wait_for(stop.wait(), 60) == 0
+            assert await asyncio.wait_for(proc.wait(), 60) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.returncode is None:
+                rm = await asyncio.create_subprocess_exec(*podman("rm", "--force", "--time", "0", name))
+                await asyncio.wait_for(rm.wait(), 60)
+        text = log.read_text()
+        assert "cannot use a temporary file in the temp dir (" in text, text[-3000:]
+        assert lines() == 700
