@@ -627,7 +627,7 @@ async def test_a_relist_with_nowhere_to_write_sorts_in_memory_and_delivers_every
 ) -> None:
     """`docker run --read-only` with no tmpfs and no --data-dir: a Loki sink asks for the relist
     oldest-first, which waits in a temporary file beyond 500 events, and no directory at all is
-    writable. The relist sorts in memory instead, says so, and Loki gets every event in order."""
+    writable. The relist sorts in memory instead, says so, and Loki gets every event."""
     name = f"eventrouter-image-test-{os.getpid()}-readonly"
     async with FakeApiServer(token="t0ken") as api, LokiReceiver() as loki:
         for i in range(700):
