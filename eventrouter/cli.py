@@ -108,8 +108,26 @@ def _load(args: argparse.Namespace) -> tuple[RouterConfig, list[SinkSpec]]:
     return cfg, specs
 
 
+def _writable_data_dir(path: Path) -> Path:
+    """The data dir, made if missing, once a file could be written there: a volume that was not
+    mounted (a read-only root in a container) is a configuration error named at start, not a
+    traceback from the first sink that needs it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"--data-dir {path}: cannot write there ({exc.strerror}); mount a writable volume there"
+            " or leave --data-dir out"
+        ) from None
+    return path
+
+
 def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
     data_dir = args.data_dir or (Path(cfg.data_dir) if cfg.data_dir else None)
+    if data_dir is not None:
+        data_dir = _writable_data_dir(data_dir)
     return RouterSettings(
         cluster_name=args.cluster_name or cfg.cluster_name,
         namespaces=list(getattr(args, "namespace", []) or cfg.namespaces),

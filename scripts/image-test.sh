@@ -53,8 +53,10 @@ pipconf=$work/pip.conf
 cert=${PIP_CERT:-$(pip config get global.cert 2>/dev/null || echo /etc/ssl/certs/ca-certificates.crt)}
 printf '[global]\ncert = /run/host-ca.pem\n' >"$pipconf"
 buildah rmi --prune >/dev/null 2>&1 || true  # earlier builds' dangling layers
+# No layer cache: buildah's cache key for the final stage's RUN does not cover the wheels bind-mounted
+# from the builder, so a cached layer kept the previous build's eventrouter (seen here).
 started=$(date +%s)
-buildah build --isolation chroot --network host --pull=never --layers \
+buildah build --isolation chroot --network host --pull=never --layers=false \
   --build-arg "PYTHON_IMAGE=$base" --build-arg "REVISION=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
   -v "$cert:/run/host-ca.pem:ro" -v "$pipconf:/etc/pip.conf:ro" \
   -t "$image" . >"$work/build.log" 2>&1 || { tail -n 40 "$work/build.log" >&2; exit 1; }

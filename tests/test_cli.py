@@ -88,6 +88,17 @@ def test_bad_config_exits_2_and_never_echoes_secrets(tmp_path: Path) -> None:
     assert "hunter2" not in result.stderr + result.stdout
 
 
+def test_a_data_dir_that_cannot_be_written_exits_2_naming_it(tmp_path: Path) -> None:
+    """As a volume that was not mounted on a read-only root (tests/image runs that case): here a file
+    stands where the data dir should be, since root may write anywhere."""
+    (tmp_path / "volume").write_text("not a directory")
+    data = tmp_path / "volume" / "eventrouter"
+    result = _eventrouter("run", "--demo", "--metrics-addr", "127.0.0.1:0", "--data-dir", str(data))
+    assert result.returncode == 2, result.stderr
+    assert f"--data-dir {data}: cannot write there (Not a directory)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_secrets_from_env_and_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     secret_file = tmp_path / "s"
     secret_file.write_text("from-file\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import hashlib
 import json
 import os
 import re
@@ -105,7 +106,7 @@ def test_the_image_runs_eventrouter_as_65532_and_carries_its_labels(image: str) 
 
 
 CONTENTS = """\
-import importlib.metadata as md, importlib.util, json, os, shutil, sys
+import hashlib, importlib.metadata as md, importlib.util, json, os, pathlib, shutil, sys
 from packaging.requirements import Requirement
 eps = md.entry_points(group="eventrouter.sinks")
 loaded = {ep.name: ep.load().__module__ for ep in eps}  # every built-in sink imports
@@ -131,6 +132,12 @@ print(json.dumps({
     "leftovers": [p for p in ("/src", "/wheels", "/root/.cache") if os.path.exists(p)],
     "uid": os.getuid(),
     "root_writable": os.access("/", os.W_OK),
+    "sources": {
+        f"{pkg}/{p.relative_to(base).as_posix()}": hashlib.sha256(p.read_bytes()).hexdigest()
+        for pkg, base in ((pkg, pathlib.Path(importlib.util.find_spec(pkg).origin).parent)
+                          for pkg in ("eventrouter", "eventrouter_sinks"))
+        for p in sorted(base.rglob("*.py"))
+    },
 }))
 """
 
@@ -153,6 +160,14 @@ def test_the_image_holds_every_built_in_sink_and_no_build_tools(image: str) -> N
     installed = {canonicalize_name(n): v for n, _, v in (x.partition("==") for x in got["installed"])}
     assert installed.pop(canonicalize_name("eventrouter")) == got["version"]
     assert installed == {canonicalize_name(n): v for n, _, v in (x.partition("==") for x in pinned)}
+    # Built from this working tree, not a cached layer of an earlier build.
+    here_sources = {
+        f"{pkg}/{p.relative_to(base).as_posix()}": hashlib.sha256(p.read_bytes()).hexdigest()
+        for pkg, base in (("eventrouter", ROOT / "eventrouter"), ("eventrouter_sinks", ROOT / "sinks"))
+        for p in sorted(base.rglob("*.py"))
+        if "__pycache__" not in p.parts
+    }
+    assert got["sources"] == here_sources, "the image holds other sources than this tree: rebuild it"
     # Installed from the wheel into site-packages, not a copy of the source tree.
     assert got["package"].endswith("/site-packages/eventrouter")
     assert got["pip"] == [] and got["tools"] == [] and got["leftovers"] == []
@@ -591,6 +606,19 @@ async def test_every_built_in_sink_delivers_the_recorded_traffic_from_the_image(
             assert len(keys) == len(set(keys)) == 126, (
                 f"{name}: {len(keys)} received, {len(set(keys))} distinct"
             )
+
+
+def test_a_data_dir_without_its_volume_is_a_configuration_error(image: str) -> None:
+    """--data-dir on the image's read-only root, the volume forgotten: exit 2 naming the directory,
+    no traceback, before anything is watched."""
+    cmd = podman(
+        "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp:rw,size=64m,mode=1777",
+        image, "run", "--demo", "--metrics-addr", "127.0.0.1:0", "--data-dir", "/var/lib/eventrouter",
+    )  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--data-dir /var/lib/eventrouter: cannot write there (Read-only file system)" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 async def test_the_demo_runs_in_the_image_as_any_user_on_a_read_only_root(image: str) -> None:
