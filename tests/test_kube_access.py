@@ -3,7 +3,9 @@ with token rotation, against the project's API test server."""
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -161,3 +163,60 @@ def test_only_the_used_parts_of_kubernetes_asyncio_are_imported() -> None:
     assert done.returncode == 0, done.stderr
     slim, full = (int(n) for n in done.stdout.split())
     assert slim < 40 and full > 800
+
+
+def _run_router(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eventrouter.cli",
+            "run",
+            "--sink=stdout:",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def _outside_a_cluster(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBERNETES_SERVICE_HOST", "KUBECONFIG")}
+    return {**env, "HOME": str(home)}
+
+
+def test_no_cluster_and_no_kubeconfig_exits_2_saying_what_is_missing(tmp_path: Path) -> None:
+    done = _run_router(env=_outside_a_cluster(tmp_path))  # a HOME without .kube/config
+    assert done.returncode == 2, done.stderr
+    assert "no Kubernetes API to watch: not in a pod (KUBERNETES_SERVICE_HOST is not set)" in done.stderr
+    assert "--demo" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_kubeconfig_that_cannot_be_read_exits_2_naming_it(tmp_path: Path) -> None:
+    bad = tmp_path / "kubeconfig"
+    bad.mkdir()  # unreadable as a file even for root
+    done = _run_router("--kubeconfig", str(bad), env=_outside_a_cluster(tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert f"kubeconfig {bad}: cannot read {bad}: Is a directory" in done.stderr
+    assert "Traceback" not in done.stderr
+    bad.rmdir()
+    bad.write_text("apiVersion: v1\nkind: Config\nclusters: []\n")
+    done = _run_router("--kubeconfig", str(bad), env=_outside_a_cluster(tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert f"kubeconfig {bad}: Invalid kube-config file" in done.stderr
+
+
+async def test_in_cluster_without_the_service_account_files_names_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eventrouter.source.kube import KubeAccessError, connect
+
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
+    missing = tmp_path / "serviceaccount"
+    with pytest.raises(KubeAccessError, match=f"in-cluster service account \\({missing}\\): "):
+        await connect(service_account_dir=str(missing))

@@ -33,6 +33,11 @@ class ApiError(Exception):
         self.retry_after = retry_after
 
 
+class KubeAccessError(ValueError):
+    """No way to reach the API server was configured, or its credentials cannot be read: a
+    configuration error (exit code 2), named with the file or setting at fault."""
+
+
 class KubeClient:
     """A thin wrapper over kubernetes_asyncio's ApiClient for raw GET/streaming requests."""
 
@@ -102,7 +107,8 @@ async def connect(
     context: str | None = None,
     service_account_dir: str = SERVICE_ACCOUNT,
 ) -> KubeClient:
-    """In-cluster config when running in a pod and no kubeconfig is given, else the kubeconfig."""
+    """In-cluster config when running in a pod and no kubeconfig is given, else the kubeconfig.
+    KubeAccessError when neither is there or its files cannot be read."""
     client, config = load()
     configuration = client.Configuration()
     if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
@@ -111,14 +117,30 @@ async def connect(
             token_filename=os.path.join(service_account_dir, "token"),
             cert_filename=os.path.join(service_account_dir, "ca.crt"),
         )
-        incluster.load_and_set(configuration)
+        try:
+            incluster.load_and_set(configuration)
+        except (OSError, config.ConfigException) as exc:
+            raise KubeAccessError(
+                f"in-cluster service account ({service_account_dir}): {_reason(exc)}"
+            ) from None
         describe = "in-cluster service account"
     else:
         path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
-        loader = await config.load_kube_config(
-            config_file=path, context=context, client_configuration=configuration, persist_config=False
-        )
-        describe = f"kubeconfig {path or '~/.kube/config'}" + (f" context {context}" if context else "")
+        if path is None and not os.path.exists(os.path.expanduser("~/.kube/config")):
+            # kubernetes-asyncio reads a missing default file as an empty config and fails on it.
+            raise KubeAccessError(
+                "no Kubernetes API to watch: not in a pod (KUBERNETES_SERVICE_HOST is not set) and no"
+                " kubeconfig (--kubeconfig, $KUBECONFIG or ~/.kube/config); `eventrouter run --demo`"
+                " runs without a cluster"
+            )
+        shown = path or "~/.kube/config"
+        try:
+            loader = await config.load_kube_config(
+                config_file=path, context=context, client_configuration=configuration, persist_config=False
+            )
+        except (OSError, config.ConfigException) as exc:
+            raise KubeAccessError(f"kubeconfig {shown}: {_reason(exc)}") from None
+        describe = f"kubeconfig {shown}" + (f" context {context}" if context else "")
         if "exec" in getattr(loader, "_user", {}):
             # Exec credential plugins hand out short-lived tokens: re-run the plugin when it expires.
             async def refresh(conf: Configuration) -> None:
@@ -131,3 +153,9 @@ async def connect(
     api.user_agent = "eventrouter"
     log.info("kubernetes API %s via %s", configuration.host, describe)
     return KubeClient(api, describe=describe)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.filename:
+        return f"cannot read {exc.filename}: {exc.strerror}"
+    return str(exc)
