@@ -87,6 +87,22 @@ def inspect(ref: str) -> dict[str, Any]:
     return doc
 
 
+async def stop_container(name: str, grace: int = 30) -> None:
+    """As the kubelet stops a pod: SIGTERM to PID 1, SIGKILL after ``grace`` seconds."""
+    stop = await asyncio.create_subprocess_exec(*podman("stop", "--time", str(grace), name))
+    assert await asyncio.wait_for(stop.wait(), grace + 30) == 0
+
+
+@pytest.fixture
+def containers() -> Iterator[list[str]]:
+    """Names of the containers a test starts: whatever still runs at its end is removed, so a failed
+    test leaves none behind."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        subprocess.run(podman("rm", "--force", "--time", "0", name), capture_output=True, timeout=60)
+
+
 # --- what the image is ----------------------------------------------------------------------------
 
 
@@ -355,15 +371,10 @@ class Pod:
                 await asyncio.sleep(0.1)
 
     async def stop(self) -> int:
-        """As the kubelet stops a pod: SIGTERM to PID 1, SIGKILL after the grace period."""
+        """As the kubelet stops a pod, within the chart's grace period: the container's exit code."""
         assert self.proc is not None
-        stop = await asyncio.create_subprocess_exec(*podman("stop", "--time", str(self.grace), self.name))
-        assert await asyncio.wait_for(stop.wait(), self.grace + 30) == 0
+        await stop_container(self.name, self.grace)
         return await asyncio.wait_for(self.proc.wait(), 30)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            subprocess.run(podman("rm", "--force", "--time", "0", self.name), capture_output=True, timeout=60)
 
 
 @pytest.fixture
@@ -385,11 +396,10 @@ async def hook() -> AsyncIterator[WebhookReceiver]:
 
 
 @pytest.fixture
-def pod_factory(image: str, tmp_path: Path) -> Iterator[list[Pod]]:
+def pod_factory(containers: list[str]) -> Iterator[list[Pod]]:
     pods: list[Pod] = []
     yield pods
-    for pod in pods:  # a failed test must not leave a container running
-        pod.kill()
+    containers.extend(pod.name for pod in pods)  # removed by `containers` at the end
 
 
 def received(hook: WebhookReceiver) -> collections.Counter[tuple[str, int]]:
@@ -621,11 +631,14 @@ def test_a_data_dir_without_its_volume_is_a_configuration_error(image: str) -> N
     assert "Traceback" not in done.stderr
 
 
-async def test_the_demo_runs_in_the_image_as_any_user_on_a_read_only_root(image: str) -> None:
+async def test_the_demo_runs_in_the_image_as_any_user_on_a_read_only_root(
+    image: str, containers: list[str]
+) -> None:
     """The README's demo in the image, as a platform that assigns a random uid in group 0 runs it
     (OpenShift), on a read-only root with a writable /tmp: every recorded occurrence is printed and
     the router says why it writes no file."""
     name = f"eventrouter-image-test-{os.getpid()}-demo"
+    containers.append(name)
     cmd = podman(
         "run", "--rm", "--name", name, "--network", "none", "--user", "1000700000:0",
         "--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp:rw,size=64m,mode=1777",
@@ -635,15 +648,9 @@ async def test_the_demo_runs_in_the_image_as_any_user_on_a_read_only_root(image:
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     assert proc.stdout is not None
-    try:
-        lines = [await asyncio.wait_for(proc.stdout.readline(), 60) for _ in range(126)]
-        stop = await asyncio.create_subprocess_exec(*podman("stop", "--time", "30", name))
-        assert await asyncio.wait_for(stop.wait(), 60) == 0
-        _, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            rm = await asyncio.create_subprocess_exec(*podman("rm", "--force", "--time", "0", name))
-            await asyncio.wait_for(rm.wait(), 60)
+    lines = [await asyncio.wait_for(proc.stdout.readline(), 60) for _ in range(126)]
+    await stop_container(name)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()[-2000:]
     records = [json.loads(line) for line in lines]
     assert len({(r["uid"], r["occurrence"]) for r in records}) == 126
@@ -651,12 +658,13 @@ async def test_the_demo_runs_in_the_image_as_any_user_on_a_read_only_root(image:
 
 
 async def test_a_relist_with_nowhere_to_write_sorts_in_memory_and_delivers_everything(
-    image: str, tmp_path: Path
+    image: str, tmp_path: Path, containers: list[str]
 ) -> None:
     """`docker run --read-only` with no tmpfs and no --data-dir: a Loki sink asks for the relist
     oldest-first, which waits in a temporary file beyond 500 events, and no directory at all is
     writable. The relist sorts in memory instead, says so, and Loki gets every event."""
     name = f"eventrouter-image-test-{os.getpid()}-readonly"
+    containers.append(name)
     async with FakeApiServer(token="t0ken") as api, LokiReceiver() as loki:
         for i in range(700):
             api.create_event(event_object(object_name=f"pod-{i}"))
@@ -671,19 +679,13 @@ async def test_a_relist_with_nowhere_to_write_sorts_in_memory_and_delivers_every
         )  # fmt: skip
         with log.open("wb") as out:
             proc = await asyncio.create_subprocess_exec(*cmd, stdout=out, stderr=out)
-        try:
 
-            def lines() -> int:
-                return sum(len(stream.values) for stream in loki.query_range())
+        def lines() -> int:
+            return sum(len(stream.values) for stream in loki.query_range())
 
-            await until(lambda: lines() >= 700 or proc.returncode is not None, timeout=90)
-            stop = await asyncio.create_subprocess_exec(*podman("stop", "--time", "30", name))
-            assert await asyncio.wait_for(stop.wait(), 60) == 0
-            assert await asyncio.wait_for(proc.wait(), 60) == 0, log.read_text()[-3000:]
-        finally:
-            if proc.returncode is None:
-                rm = await asyncio.create_subprocess_exec(*podman("rm", "--force", "--time", "0", name))
-                await asyncio.wait_for(rm.wait(), 60)
+        await until(lambda: lines() >= 700 or proc.returncode is not None, timeout=90)
+        await stop_container(name)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0, log.read_text()[-3000:]
         text = log.read_text()
         assert "cannot use a temporary file in the temp dir (" in text, text[-3000:]
         assert lines() == 700
