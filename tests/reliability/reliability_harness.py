@@ -375,11 +375,14 @@ class RouterProcess:
                     await asyncio.sleep(0.05)  # a remote counter: polled
         except TimeoutError:
             # Say where the router is: the log of this process (the last 40 lines) and the value.
-            lines = self.log.read_bytes()[self._log_offset :].splitlines()[-40:]
-            tail = b"\n".join(lines).decode(errors="replace")
             raise AssertionError(
-                f"{name} = {value:g} after {timeout:g}s, wanted >= {at_least:g}; router log:\n{tail}"
+                f"{name} = {value:g} after {timeout:g}s, wanted >= {at_least:g}; router log:\n{self.tail()}"
             ) from None
+
+    def tail(self, lines: int = 40) -> str:
+        """The last lines this process (the latest start) logged."""
+        rows = self.log.read_bytes()[self._log_offset :].splitlines()[-lines:]
+        return b"\n".join(rows).decode(errors="replace")
 
     async def signal(self, sig: int, timeout: float = 30) -> int:
         assert self.proc is not None
@@ -390,6 +393,9 @@ class RouterProcess:
         return await self.signal(signal.SIGKILL)
 
     async def term(self) -> int:
+        # Until the router has installed its handler, SIGTERM kills Python outright (exit -15): a clean
+        # stop is only asked of a router that serves, which it does after installing it.
+        await self.wait_serving()
         return await self.signal(signal.SIGTERM)
 
     async def close(self) -> None:

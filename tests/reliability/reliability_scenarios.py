@@ -289,7 +289,8 @@ async def kill_storm(
             await until(
                 lambda: ledger.complete(webhook_keys(hook)) and ledger.complete(file_keys(out)), timeout=120
             )
-            assert await router.term() == 0
+            code = await router.term()
+            assert code == 0, f"SIGTERM: exit {code}; router log:\n{router.tail()}"
             facts = {
                 "kills": kills,
                 "batch_max_events": batch,
