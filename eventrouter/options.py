@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -28,6 +29,7 @@ __all__ = [
     "PipelineOptions",
     "Secret",
     "SinkOptions",
+    "http_url",
     "resolve_secret",
     "split_list",
 ]
@@ -52,7 +54,34 @@ def resolve_secret(value: Any) -> Any:
                 return path.read_text(encoding="utf-8").rstrip("\r\n")
             except OSError as exc:
                 raise ValueError(f"cannot read secret file {str(path)!r}: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise ValueError(f"secret file {str(path)!r} is not UTF-8 text") from None
     return value
+
+
+def http_url(value: str, *, option: str = "url") -> SplitResult:
+    """``value`` split, once it is an http(s) URL with a host and a valid port; otherwise a
+    ValueError naming ``option`` and the URL without its credentials. Checked when the options are
+    validated, a malformed address is a configuration error (exit 2) instead of a sink that fails
+    to start again and again."""
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018 - raises on a port that is not a number in 0-65535
+    except ValueError as exc:
+        raise ValueError(f"{option} {_address(value)!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{option} must be http(s)://host[:port][/path], not {_address(value)!r}")
+    return parts
+
+
+def _address(url: str) -> str:
+    """scheme://host:port of a URL that may not parse, for messages: no user info (credentials), and
+    no path or query (tokens hide there too)."""
+    scheme, sep, rest = url.strip().partition("://")
+    if not sep:
+        scheme, rest = "", scheme
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    return f"{scheme}{sep}{netloc.rpartition('@')[2]}" + ("/…" if len(netloc) < len(rest) else "")
 
 
 Secret = Annotated[SecretStr, BeforeValidator(resolve_secret)]

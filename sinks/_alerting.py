@@ -40,7 +40,7 @@ import aiohttp
 from pydantic import AliasChoices, BeforeValidator, Field, field_validator
 
 from eventrouter import OK, Occurrence, Outcome, Sink, SinkContext, SinkOptions, reject, retry
-from eventrouter.options import StrList
+from eventrouter.options import StrList, http_url
 
 __all__ = [
     "AlertOptions",
@@ -417,6 +417,13 @@ class AlertOptions(SinkOptions):
         60.0, gt=0, description="Seconds to pause after a 'send too fast' answer (doubles up to 600)."
     )
     max_pending: int = Field(10_000, ge=1, description="Most occurrences held for digests at once.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value:  # empty: the robot's or API's default address
+            http_url(value)
+        return value
 
     @field_validator("group_by")
     @classmethod

@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit, urlu
 import orjson
 from pydantic import AliasChoices, Field, model_validator
 
-from eventrouter import Secret, SinkContext, SinkError
+from eventrouter import Secret, SinkContext
 from eventrouter.options import StrList
 
 from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest
@@ -170,14 +170,6 @@ class DingTalkSink(AlertSink[DingTalkOptions]):
         return urlunsplit(parts._replace(query=urlencode(query)))
 
     # -------------------------------------------------------------- delivery
-
-    async def start(self) -> None:
-        await super().start()
-        parts = urlsplit(self.options.url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise SinkError(
-                f"{self.context.name}: url {self.redact(self.options.url)!r} is not an http(s) URL"
-            )
 
     async def deliver(self, title: str, text: str, digest: Digest) -> Delivery:
         body = orjson.dumps(self.payload(title, text, digest))

@@ -52,6 +52,7 @@ from eventrouter import (
     reject,
     retry,
 )
+from eventrouter.options import http_url
 
 __all__ = ["ElasticsearchOptions", "ElasticsearchSink"]
 
@@ -89,7 +90,7 @@ class ElasticsearchOptions(SinkOptions):
     hosts: _NodeList = Field(
         default_factory=list,
         validation_alias=AliasChoices("hosts", "nodes"),
-        description="More node URLs besides `url` (kube-eventer: nodes); `url` may also hold a,b.",
+        description="More node URLs besides `url` (kube-eventer: nodes); `url` may also hold a,b. A bare host gets http and port 9200; a URL without a port, its scheme's (80, 443).",
     )
     index: str = Field(
         "k8s-events-{yyyy.MM.dd}",
@@ -183,6 +184,7 @@ class ElasticsearchOptions(SinkOptions):
     def _consistent(self) -> ElasticsearchOptions:
         if not self.url.strip(" ,") and not self.hosts:
             raise ValueError("no node URL: give the URL (elasticsearch:https://es:9200) or hosts=")
+        self.node_urls()  # raises naming a node that is not an http(s) address
         if self.data_stream and self.op_type == "index":
             raise ValueError("data streams accept only op_type=create")
         schemes = 0
@@ -200,7 +202,26 @@ class ElasticsearchOptions(SinkOptions):
 
     def node_urls(self) -> list[str]:
         urls = [u.strip() for u in self.url.split(",") if u.strip()] + list(self.hosts)
-        return [u if "://" in u else f"http://{u}" for u in urls]
+        return [_node_url(u) for u in urls]
+
+
+def _node_url(text: str) -> str:
+    """A node address as the transport needs it, with scheme and port: ``es`` → ``http://es:9200``
+    (Elasticsearch's port, as Beats and kube-eventer assume for a bare host), ``https://es.example.com``
+    → port 443 (a URL with a scheme means that scheme's port, as behind an ingress). ValueError naming
+    the node when it is not an http(s) address."""
+    url = text.strip()
+    bare = "://" not in url
+    parts = http_url(f"http://{url}" if bare else url, option="node")
+    if parts.port is None:
+        host = parts.hostname or ""
+        netloc = parts.netloc.rpartition("@")[0]
+        netloc = (netloc + "@" if netloc else "") + (f"[{host}]" if ":" in host else host)
+        port = 9200 if bare else (443 if parts.scheme == "https" else 80)
+        url = urlunsplit(parts._replace(netloc=f"{netloc}:{port}"))
+    elif bare:
+        url = f"http://{url}"
+    return url
 
 
 def _check_index_literal(text: str, *, what: str) -> None:

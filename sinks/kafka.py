@@ -146,6 +146,22 @@ def render_topic(parts: Sequence[tuple[str, str | None]], record: dict[str, Any]
     return "_" if topic in ("", ".", "..") else topic
 
 
+def _broker_address(text: str) -> None:
+    """A bootstrap address as aiokafka reads it (``host``, ``host:port``, ``[v6]:port``; port 9092
+    when left out), or ValueError naming it: a typo is a configuration error at start, not a
+    producer that cannot connect."""
+    from aiokafka.conn import get_ip_port_afi
+
+    try:
+        host, port, _ = get_ip_port_afi(text)
+    except ValueError:
+        host, port = "", 0
+    if not host or "/" in host or not 0 < port < 65536:
+        raise ValueError(
+            f"broker {text!r} must be host or host:port with a port in 1-65535 (e.g. kafka-0:9092)"
+        )
+
+
 class KafkaOptions(SinkOptions):
     brokers: list[str] = Field(
         default_factory=list,
@@ -211,6 +227,13 @@ class KafkaOptions(SinkOptions):
     @classmethod
     def _brokers_list(cls, value: Any) -> Any:
         return _flatten(value)
+
+    @field_validator("brokers")
+    @classmethod
+    def _brokers_addresses(cls, value: list[str]) -> list[str]:
+        for broker in value:
+            _broker_address(broker)
+        return value
 
     @field_validator("acks", mode="before")
     @classmethod

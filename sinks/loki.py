@@ -61,6 +61,7 @@ from eventrouter import (
     reject,
     retry,
 )
+from eventrouter.options import http_url
 from eventrouter.protowire import bytes_field, varint, varint_field
 
 __all__ = ["LokiOptions", "LokiSink"]
@@ -290,13 +291,18 @@ class LokiOptions(SinkOptions):
                 raise ValueError(f"header {name.strip()} is set by the sink and cannot be overridden")
         return value
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value:  # empty: _check names what is missing
+            http_url(value)
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> LokiOptions:
         if not self.url:
             raise ValueError("url is required: Loki's address, e.g. loki:http://loki:3100")
         parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"url must be http(s)://host[:port][/prefix], not {_redact(self.url)!r}")
         if self.gzip and self.format != "json":
             raise ValueError("gzip=true needs format=json (protobuf bodies are already snappy-compressed)")
         if self.password is not None and self.username is None:

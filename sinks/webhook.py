@@ -54,7 +54,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
-from pydantic import AliasChoices, BeforeValidator, Field, field_validator
+from pydantic import AliasChoices, BeforeValidator, Field, field_validator, model_validator
 
 import eventrouter
 from eventrouter import (
@@ -72,6 +72,7 @@ from eventrouter import (
     reject,
     retry,
 )
+from eventrouter.options import http_url
 
 __all__ = [
     "BodyTemplate",
@@ -337,6 +338,26 @@ class WebhookOptions(SinkOptions):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value.strip():  # empty: _required names what is missing
+            http_url(value)
+        return value
+
+    @model_validator(mode="after")
+    def _required(self) -> WebhookOptions:
+        if not self.url.strip():
+            raise ValueError("url is required: the webhook's address, e.g. webhook:https://host/path")
+        return self
+
+    @field_validator("healthcheck_url")
+    @classmethod
+    def _healthcheck_url(cls, value: str | None) -> str | None:
+        if value:
+            http_url(value, option="healthcheck_url")
+        return value
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:  # type: ignore[override]
         for name, value in super().__repr_args__():

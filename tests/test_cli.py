@@ -72,6 +72,88 @@ def test_bad_configuration_names_the_sink_and_option(flag: str, expected: str) -
     assert expected in str(info.value)
 
 
+# A malformed address is a configuration error (exit 2) naming the sink and the option, never a sink
+# that "cannot start" again and again; the message shows no credentials of the URL.
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [
+        (
+            "webhook:http://u:pw-SECRET@127.0.0.1:99999/h?token=q-SECRET",
+            "option 'url': Value error, url 'http://127.0.0.1:99999/…': Port out of range",
+        ),
+        (
+            "webhook:ftp://h/x",
+            "option 'url': Value error, url must be http(s)://host[:port][/path], not 'ftp://h/…'",
+        ),
+        ("webhook:", "url is required"),
+        (
+            "webhook:http://h/x?healthcheck_url=http://[::1",
+            "option 'healthcheck_url': Value error, healthcheck_url 'http://[::1': Invalid IPv6 URL",
+        ),
+        (
+            "loki:http://u:pw-SECRET@loki:port",
+            "option 'url': Value error, url 'http://loki:port': Port could not be cast",
+        ),
+        ("loki:loki:3100", "option 'url': Value error, url must be http(s)://"),
+        (
+            "dingtalk:http://:80/robot/send?access_token=t-SECRET",
+            "(sink 'dingtalk'): option 'url': Value error, url must be",
+        ),
+        (
+            "wecom:https://qyapi:70000/cgi-bin/webhook/send?key=k-SECRET",
+            "(sink 'wecom'): option 'url': Value error, url 'https://qyapi:70000/…'",
+        ),
+        (
+            "elasticsearch:http://es:9200,ftp://x",
+            "(sink 'elasticsearch'): option '(options)': Value error, node must be http(s)://",
+        ),
+        (
+            "elasticsearch:http://es?hosts=es2:99999",
+            "Value error, node 'http://es2:99999': Port out of range",
+        ),
+        (
+            "kafka:?brokers=k0:9092,k1:port&topic=t",
+            "(sink 'kafka'): option 'brokers': Value error, broker 'k1:port' must be host or host:port",
+        ),
+        ("kafka:?brokers=kafka://k0:9092&topic=t", "broker 'kafka://k0:9092' must be host or host:port"),
+    ],
+)
+def test_malformed_addresses_are_configuration_errors(flag: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_specs([flag])
+    assert expected in str(info.value)
+    assert "SECRET" not in str(info.value)
+
+
+def test_addresses_without_a_port_get_the_usual_one() -> None:
+    (es,) = build_specs(
+        ["elasticsearch:es-master,http://es-a,https://es.example.com/prefix?hosts=[::1]:9201"]
+    )
+    assert es.options.node_urls() == [  # type: ignore[attr-defined]
+        "http://es-master:9200",
+        "http://es-a:80",
+        "https://es.example.com:443/prefix",
+        "http://[::1]:9201",
+    ]
+    (kafka,) = build_specs(["kafka:?brokers=kafka,[::1]:9093&topic=t"])
+    assert kafka.options.brokers == ["kafka", "[::1]:9093"]  # type: ignore[attr-defined]
+
+
+def test_a_config_or_secret_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"\xff\xfesinks: []\n")
+    result = _eventrouter("check", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert f"config file {str(config)!r} is not UTF-8 text (byte 0)" in result.stderr
+    assert "Traceback" not in result.stderr
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"\x80binary")
+    with pytest.raises(
+        ConfigError, match=f"option 'secret': Value error, secret file '{secret}' is not UTF-8 text"
+    ):
+        build_specs([f"webhook:http://h/x?secret=file:{secret}"])
+
+
 def test_duplicate_sink_names_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="already used"):
         build_specs([f"file:{tmp_path}/a", f"file:{tmp_path}/b"])
