@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import (
     AsyncIterator,
@@ -458,8 +459,14 @@ class Router:
         app.router.add_get("/readyz", probe(self.ready))
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host or "0.0.0.0", int(port))
-        await site.start()
+        site = web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port))
+        try:
+            await site.start()
+        except (OSError, OverflowError) as exc:
+            await runner.cleanup()
+            errno = getattr(exc, "errno", None)
+            why = os.strerror(errno) if errno else str(exc)
+            raise ValueError(f"metrics address {addr}: cannot listen there ({why})") from None
         self._http = runner
         server = site._server
         sockets = getattr(server, "sockets", None) or []

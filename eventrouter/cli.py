@@ -37,12 +37,30 @@ __all__ = ["main"]
 log = logging.getLogger("eventrouter")
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _listen_addr(text: str) -> str:
+    """``host:port`` (``[v6]:port``; an empty host listens everywhere), checked before anything starts."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not host:port with a port in 0-65535")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise argparse.ArgumentTypeError(f"{text!r}: an IPv6 address goes in brackets, e.g. [::]:8080")
+    return text
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", action="append", default=[], metavar="TYPE:URL?OPTS", help="a sink, repeatable")
     p.add_argument("--config", type=Path, help="YAML file with cluster_name, namespaces and sinks")
     p.add_argument("--data-dir", type=Path, help="checkpoints, spools and dead letters (persistent volume)")
     p.add_argument("--cluster-name", help="stamped on every record as `cluster`")
-    p.add_argument("--log-level", default=os.environ.get("EVENTROUTER_LOG_LEVEL", "info"))
+    p.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default=os.environ.get("EVENTROUTER_LOG_LEVEL", "info"),
+    )
     p.add_argument(
         "--log-format", choices=["text", "json"], default=os.environ.get("EVENTROUTER_LOG_FORMAT", "text")
     )
@@ -60,7 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--namespace", action="append", default=[], help="watch only these (repeatable)")
     run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG)")
     run.add_argument("--context", help="kubeconfig context")
-    run.add_argument("--metrics-addr", default="0.0.0.0:8080", help="host:port for /metrics /healthz /readyz")
+    run.add_argument(
+        "--metrics-addr",
+        type=_listen_addr,
+        default="0.0.0.0:8080",
+        help="host:port for /metrics /healthz /readyz",
+    )
     run.add_argument("--shutdown-timeout", type=float, default=25.0, help="seconds to drain on SIGTERM")
     run.add_argument("--field-selector", default="", help="server-side field selector, e.g. type=Warning")
     run.add_argument("--watch-timeout", type=int, default=290, help="server-side watch timeoutSeconds")
@@ -458,6 +481,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             # interpreter's final flush does not raise again, and exit as Python's docs advise.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 1
+    if args.log_level not in LOG_LEVELS:  # from $EVENTROUTER_LOG_LEVEL, which argparse does not check
+        print(
+            f"eventrouter: configuration error:\nlog level {args.log_level!r}: use one of {', '.join(LOG_LEVELS)}",
+            file=sys.stderr,
+        )
+        return 2
     setup_logging(args.log_level, args.log_format)
     try:
         if args.command == "run":

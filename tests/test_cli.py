@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,38 @@ def test_a_config_or_secret_file_that_is_not_utf8_is_named(tmp_path: Path) -> No
         ConfigError, match=f"option 'secret': Value error, secret file '{secret}' is not UTF-8 text"
     ):
         build_specs([f"webhook:http://h/x?secret=file:{secret}"])
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (
+            ["--metrics-addr", "127.0.0.1:99999"],
+            {},
+            "argument --metrics-addr: '127.0.0.1:99999' is not host:port",
+        ),
+        (["--metrics-addr", "8080"], {}, "argument --metrics-addr: '8080' is not host:port"),
+        (["--metrics-addr", "::1:8080"], {}, "an IPv6 address goes in brackets"),
+        (["--log-level", "loud"], {}, "argument --log-level: invalid choice: 'loud'"),
+        ([], {"EVENTROUTER_LOG_LEVEL": "LOUD"}, "log level 'loud': use one of debug, info"),
+    ],
+)
+def test_bad_flags_exit_2_naming_the_flag(args: list[str], env: dict[str, str], expected: str) -> None:
+    result = _eventrouter("run", "--demo", *args, env=env)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_metrics_address_in_use_exits_2_naming_it() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = _eventrouter("run", "--demo", "--metrics-addr", addr)
+    assert result.returncode == 2, result.stderr
+    assert f"metrics address {addr}: cannot listen there (Address already in use)" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_duplicate_sink_names_are_refused(tmp_path: Path) -> None:
