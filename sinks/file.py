@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 
 from eventrouter import (
     OK,
@@ -62,6 +62,12 @@ class FileOptions(SinkOptions):
         False, description="fsync after each batch (and before each rotation): durable on OK."
     )
     file_mode: int = Field(0o644, ge=0, le=0o7777, description="Permissions of newly created files.")
+
+    @model_validator(mode="after")
+    def _has_path(self) -> FileOptions:
+        if str(_path_of(self)) in ("", "."):
+            raise ValueError("the file sink needs a path: --sink=file:/var/log/events.jsonl or path=...")
+        return self
 
 
 def _path_of(options: FileOptions) -> Path:
@@ -231,8 +237,6 @@ class FileSink(Sink[FileOptions]):
         self._writer = _Writer(self.path, options, self.log)
 
     async def start(self) -> None:
-        if not str(self.path) or str(self.path) == ".":
-            raise SinkError("file sink needs a path: --sink=file:/var/log/events.jsonl or path=...")
         try:
             await asyncio.to_thread(self._open_checked)
         except OSError as exc:

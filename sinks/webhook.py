@@ -269,9 +269,21 @@ def standard_webhooks_signature(key: bytes, msg_id: str, timestamp: int, body: b
 
 
 def _basic_auth(user: str, password: str) -> str:
-    if ":" in user:
-        raise SinkError("webhook sink: option username must not contain ':'")
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def _read_template(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read body_template_file {path}: {exc}") from None
+
+
+def _compile_template(text: str, option: str) -> BodyTemplate:
+    try:
+        return BodyTemplate(text)
+    except TemplateError as exc:
+        raise ValueError(f"{option} {exc}") from None
 
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -280,7 +292,7 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 def _headers_input(value: Any) -> Any:
     """``Name:Value`` (also kube-eventer's ``Name=Value``), a list of those, or a YAML mapping.
 
-    Malformed entries are kept under a descriptive (invalid) name and refused by ``start()``: a
+    Malformed entries are kept under a descriptive (invalid) name and refused by the validator: a
     pydantic error would print the input, and header values are often credentials."""
     if value is None:
         return {}
@@ -347,9 +359,34 @@ class WebhookOptions(SinkOptions):
         return value
 
     @model_validator(mode="after")
-    def _required(self) -> WebhookOptions:
+    def _consistent(self) -> WebhookOptions:
+        # Checked here, not when the sink starts: a start that fails is retried for ever, while a
+        # configuration error stops the router at once (exit 2) naming the option. The messages name
+        # options and header names, never values (header values are often credentials).
         if not self.url.strip():
             raise ValueError("url is required: the webhook's address, e.g. webhook:https://host/path")
+        if self.username is not None and ":" in self.username:
+            raise ValueError("username must not contain ':'")
+        if self.bearer_token is not None and (self.username is not None or urlsplit(self.url).username):
+            raise ValueError(
+                "set bearer_token or basic auth (username/password or user info in the url), not both"
+            )
+        for name, value in self.headers.items():
+            if not _TOKEN.match(name):
+                raise ValueError(f"headers: {name!r} is not a valid header name")
+            if any(c in value.get_secret_value() for c in "\r\n"):
+                raise ValueError(f"headers: the value of {name!r} contains a line break")
+        if self.body_template is not None and self.body_template_file is not None:
+            raise ValueError("set body_template or body_template_file, not both")
+        if self.body_template is not None:
+            _compile_template(self.body_template, "body_template")
+        if self.body_template_file is not None:
+            _compile_template(_read_template(self.body_template_file), "body_template_file")
+        if self.secret is not None and self.signature == "standard":
+            try:
+                standard_webhooks_key(self.secret.get_secret_value())
+            except ValueError as exc:
+                raise ValueError(f"secret is {exc}") from None
         return self
 
     @field_validator("healthcheck_url")
@@ -411,40 +448,21 @@ class WebhookSink(Sink[WebhookOptions]):
             headers["Authorization"] = _basic_auth(opts.username, password)
         elif parts.username is not None:
             headers["Authorization"] = _basic_auth(unquote(parts.username), unquote(parts.password or ""))
+        # The options' validator has refused conflicting auth, bad headers and templates already.
         if opts.bearer_token is not None:
-            if "Authorization" in headers:
-                raise SinkError("webhook sink: set bearer_token or basic auth (username/password), not both")
             headers["Authorization"] = "Bearer " + opts.bearer_token.get_secret_value()
-        for name, value in opts.headers.items():
-            if not _TOKEN.match(name):
-                raise SinkError(f"webhook sink: option headers: {name!r} is not a valid header name")
-            text = value.get_secret_value()
-            if "\r" in text or "\n" in text:
-                raise SinkError(f"webhook sink: option headers: value of {name!r} contains a line break")
-            headers[name] = text
+        headers.update((name, value.get_secret_value()) for name, value in opts.headers.items())
         self._headers = headers
-
-        if opts.body_template is not None and opts.body_template_file is not None:
-            raise SinkError("webhook sink: set body_template or body_template_file, not both")
-        template_text, option = opts.body_template, "body_template"
-        if opts.body_template_file is not None:
-            option = "body_template_file"
-            try:
-                template_text = opts.body_template_file.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                path = opts.body_template_file
-                raise SinkError(f"webhook sink: cannot read body_template_file {path}: {exc}") from None
-        if template_text is not None:
-            try:
-                self._template = BodyTemplate(template_text)
-            except TemplateError as exc:
-                raise SinkError(f"webhook sink: option {option} {exc}") from None
-
+        try:
+            if opts.body_template_file is not None:  # read again: it may have changed since
+                text = _read_template(opts.body_template_file)
+                self._template = _compile_template(text, "body_template_file")
+            elif opts.body_template is not None:
+                self._template = _compile_template(opts.body_template, "body_template")
+        except ValueError as exc:
+            raise SinkError(f"webhook sink: option {exc}") from None
         if opts.secret is not None and opts.signature == "standard":
-            try:
-                self._standard_key = standard_webhooks_key(opts.secret.get_secret_value())
-            except ValueError as exc:
-                raise SinkError(f"webhook sink: option secret is {exc}") from None
+            self._standard_key = standard_webhooks_key(opts.secret.get_secret_value())
 
     def _ssl(self) -> ssl.SSLContext | bool:
         opts = self.options

@@ -87,6 +87,7 @@ def test_bad_configuration_names_the_sink_and_option(flag: str, expected: str) -
             "option 'url': Value error, url must be http(s)://host[:port][/path], not 'ftp://h/…'",
         ),
         ("webhook:", "url is required"),
+        ("file:", "the file sink needs a path"),
         (
             "webhook:http://h/x?healthcheck_url=http://[::1",
             "option 'healthcheck_url': Value error, healthcheck_url 'http://[::1': Invalid IPv6 URL",

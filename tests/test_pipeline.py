@@ -21,7 +21,7 @@ from eventrouter.fanout import Fanout
 from eventrouter.metrics import Metrics
 from eventrouter.options import FilterOptions, PipelineOptions
 from eventrouter.record import Occurrence
-from eventrouter.sink import OK, Outcome, SinkContext, reject, retry
+from eventrouter.sink import OK, Outcome, SinkContext, SinkError, reject, retry
 from eventrouter.testing import MemorySink, MemorySinkOptions, make_occurrence
 from eventrouter.testing.waiting import until
 
@@ -620,3 +620,31 @@ async def test_an_idle_pipeline_keeps_no_occurrence_it_delivered(metrics: Metric
     kept = [o for o in gc.get_objects() if isinstance(o, Occurrence) and o.uid in uids]
     assert kept == []
     await _finish(p, task)
+
+
+async def test_a_sink_that_cannot_start_yet_is_still_tried_while_draining(metrics: Metrics) -> None:
+    """A drain (SIGTERM, the end of a replay) gives a sink that has not started yet the same chance as
+    one that started and then failed: it is tried until the deadline, and what it then accepts is
+    delivered. Before, a failed start during a drain gave up at once and dropped the whole queue."""
+
+    class LateSink(MemorySink):
+        attempts = 0
+
+        async def start(self) -> None:
+            self.attempts += 1
+            if self.attempts <= 3:
+                raise SinkError("destination not up yet")
+            await super().start()
+
+    ctx = SinkContext(name="late", cluster="t", data_dir=None, logger=logging.getLogger("late"))
+    sink = LateSink(MemorySinkOptions.model_validate({}), ctx)
+    p = _pipeline(sink, metrics, name="late")
+    occs = [make_occurrence(object_name=f"late-{i}") for i in range(5)]
+    for occ in occs:
+        p.offer(occ)
+    task = await _run(p)
+    p.close()  # the drain begins before the sink could start
+    await asyncio.wait_for(task, 10)
+    assert sink.attempts == 4
+    assert sink.keys == [(o.uid, o.number) for o in occs]
+    assert value(metrics.send_errors, "late", "start") == 3

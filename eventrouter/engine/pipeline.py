@@ -520,8 +520,8 @@ class Pipeline:
                 delay = self._backoff(attempt, None)
                 reason = str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
                 self.log.error("sink %s cannot start: %s (retry in %.1fs)", self.name, reason, delay)
-                if self._closing:
-                    return False
+                # Closing (a drain) is no reason to give up: what is queued may still be delivered
+                # before the drain's deadline, as for a sink that started and then failed.
                 try:
                     async with asyncio.timeout(delay):
                         await self._stop_now.wait()

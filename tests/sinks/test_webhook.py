@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import shutil
 import socket
 import time
@@ -16,6 +17,8 @@ from typing import Any
 import pytest
 
 from eventrouter import OK, Occurrence, OutcomeKind, RetryableError, SinkContext, SinkError, normalise
+from eventrouter.config import ConfigError, build_spec
+from eventrouter.plugins import discover
 from eventrouter.testing import make_occurrence, recorded_watch
 from eventrouter.testing.receivers.webhook import WebhookReceiver
 from eventrouter.testing.tls import certificate, server_context
@@ -31,6 +34,13 @@ from eventrouter_sinks.webhook import (
 
 LOG = logging.getLogger("test.webhook")
 WHSEC = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+
+
+def config_error(**entry: Any) -> str:
+    """The configuration error (exit 2) for a webhook sink entry, as `eventrouter run` prints it."""
+    with pytest.raises(ConfigError) as info:
+        build_spec({"type": "webhook", **entry}, where="sink", plugins=discover())
+    return str(info.value)
 
 
 def context() -> SinkContext:
@@ -149,20 +159,26 @@ async def test_body_template_from_file(hook: WebhookReceiver, tmp_path: Path) ->
 @pytest.mark.parametrize(
     ("template", "match"),
     [
-        ('{"text": "{{message}}"', "option body_template is not valid JSON"),
-        ('{"text": {{message}} {{reason}}}', "option body_template is not valid JSON"),
-        ("{{message}}}", "option body_template is not valid JSON"),
-        ('{"text": "{{mesage}}"}', r"option body_template placeholder \{\{mesage\}\} names no record field"),
+        ('{"text": "{{message}}"', "Value error, body_template is not valid JSON"),
+        ('{"text": {{message}} {{reason}}}', "Value error, body_template is not valid JSON"),
+        ("{{message}}}", "Value error, body_template is not valid JSON"),
+        (
+            '{"text": "{{mesage}}"}',
+            r"Value error, body_template placeholder \{\{mesage\}\} names no record field",
+        ),
         ('{"text": "{{involved_object.colour}}"}', r"\{\{involved_object.colour\}\} names no record field"),
     ],
 )
-async def test_invalid_body_template_is_refused_at_start(
-    hook: WebhookReceiver, template: str, match: str
-) -> None:
-    sink = WebhookSink(WebhookOptions.model_validate({"url": hook.url, "body_template": template}), context())
-    with pytest.raises(SinkError, match=match):
-        await sink.start()
-    await sink.aclose()
+def test_invalid_body_template_is_a_configuration_error(tmp_path: Path, template: str, match: str) -> None:
+    assert re.search(match, config_error(url="http://h/x", body_template=template))
+    file = tmp_path / "body.json"
+    file.write_text(template)
+    error = config_error(url="http://h/x", body_template_file=str(file))
+    assert re.search(match.replace("body_template", "body_template_file"), error)
+    assert "cannot read body_template_file" in config_error(
+        url="http://h/x", body_template_file=str(tmp_path / "no")
+    )
+    assert "not both" in config_error(url="http://h/x", body_template="{}", body_template_file=str(file))
 
 
 async def test_unencodable_record_is_rejected_alone(hook: WebhookReceiver) -> None:
@@ -231,17 +247,10 @@ async def test_standard_webhooks_batch_id_is_stable_for_the_same_batch() -> None
     assert hook.requests[1].signature_ok is True
 
 
-async def test_invalid_standard_secret_is_refused_at_start() -> None:
-    sink = WebhookSink(
-        WebhookOptions.model_validate(
-            {"url": "http://127.0.0.1:1/h", "secret": "whsec_***not base64", "signature": "standard"}
-        ),
-        context(),
-    )
-    with pytest.raises(SinkError, match="option secret is not a Standard Webhooks secret") as info:
-        await sink.start()
-    assert "not base64" not in str(info.value)
-    await sink.aclose()
+def test_invalid_standard_secret_is_a_configuration_error() -> None:
+    error = config_error(url="http://127.0.0.1:1/h", secret="whsec_***not base64", signature="standard")
+    assert "Value error, secret is not a Standard Webhooks secret" in error
+    assert "not base64" not in error
 
 
 # -- outcomes ---------------------------------------------------------------------------------------
@@ -362,21 +371,22 @@ async def test_custom_headers_bearer_and_basic_auth(
     assert third.headers["Authorization"] == "Basic " + base64.b64encode(b"bob:pw2").decode()
 
 
-async def test_bad_header_name_is_refused_at_start_without_the_value() -> None:
-    sink = WebhookSink(
-        WebhookOptions.model_validate({"url": "http://127.0.0.1:1/", "headers": ["Bad Name:s3cr3t"]}),
-        context(),
-    )
-    with pytest.raises(SinkError, match="option headers: 'Bad Name' is not a valid header name") as info:
-        await sink.start()
-    assert "s3cr3t" not in str(info.value)
-    await sink.aclose()
-    options = WebhookOptions.model_validate({"url": "http://127.0.0.1:1/", "headers": ["A:1", "s3cr3t"]})
-    sink = WebhookSink(options, context())
-    with pytest.raises(SinkError, match="option headers: '<entry #2 is not Name:Value>'") as info:
-        await sink.start()
-    assert "s3cr3t" not in str(info.value)
-    await sink.aclose()
+def test_bad_headers_and_auth_are_configuration_errors_without_the_values() -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"headers": ["Bad Name:s3cr3t"]}, "headers: 'Bad Name' is not a valid header name"),
+        (
+            {"headers": ["A:1", "s3cr3t"]},
+            "headers: '<entry #2 is not Name:Value>' is not a valid header name",
+        ),
+        ({"headers": {"X-A": "s3cr3t\r\nX-B: 1"}}, "headers: the value of 'X-A' contains a line break"),
+        ({"username": "a:b", "password": "s3cr3t"}, "username must not contain ':'"),
+        ({"username": "u", "password": "s3cr3t", "token": "s3cr3t"}, "set bearer_token or basic auth"),
+        ({"url": "http://u:s3cr3t@h/x", "bearer_token": "s3cr3t"}, "set bearer_token or basic auth"),
+    ]
+    for entry, expected in cases:
+        error = config_error(**{"url": "http://127.0.0.1:1/", **entry})
+        assert expected in error, (entry, error)
+        assert "s3cr3t" not in error
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make a certificate")
@@ -458,7 +468,9 @@ async def test_secrets_never_in_logs_reprs_or_reasons(
         }
     )
     sink = WebhookSink(options, context())
-    bearer = WebhookOptions.model_validate({"url": url, "bearer_token": "bearersecret"})
+    bearer = WebhookOptions.model_validate(
+        {"url": url.replace("user:urlpass@", ""), "bearer_token": "bearersecret"}
+    )
     texts = [repr(options), str(options), repr(sink), repr(bearer), str(bearer)]
     await sink.start()
     await sink.check()
