@@ -12,6 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from eventrouter import OK, Occurrence, OutcomeKind, SinkContext, SinkError, normalise
 from eventrouter.testing import make_occurrence, recorded_watch
@@ -153,8 +154,8 @@ async def test_unwritable_path_fails_start_naming_the_path(tmp_path: Path) -> No
     folder.mkdir()
     with pytest.raises(SinkError, match=r"a-folder.*(directory|regular file)"):
         await make_sink(path=str(folder)).start()
-    with pytest.raises(SinkError, match="needs a path"):
-        await make_sink().start()
+    with pytest.raises(ValidationError, match="the file sink needs a path"):  # exit 2, before any start
+        make_sink()
 
 
 async def test_write_failure_gives_retry_outcomes_then_recovers(tmp_path: Path) -> None:
