@@ -30,6 +30,7 @@ __all__ = [
     "Secret",
     "SinkOptions",
     "http_url",
+    "readable_file",
     "resolve_secret",
     "split_list",
 ]
@@ -56,6 +57,19 @@ def resolve_secret(value: Any) -> Any:
                 raise ValueError(f"cannot read secret file {str(path)!r}: {exc.strerror}") from None
             except UnicodeDecodeError:
                 raise ValueError(f"secret file {str(path)!r} is not UTF-8 text") from None
+    return value
+
+
+def readable_file(value: Any) -> Any:
+    """A file option (CA bundle, client certificate, template) that names a file this process can
+    open: a missing or unreadable one is a configuration error at start, not a sink that fails to
+    start again and again. ``None`` (not set) passes."""
+    if value is not None:
+        try:
+            with open(value, "rb"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot read {str(value)!r}: {exc.strerror}") from None
     return value
 
 

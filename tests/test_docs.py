@@ -255,9 +255,12 @@ def test_migration_flag_examples_are_valid_and_match_the_yaml(monkeypatch: pytes
         "&kinds=Pod",
     ],
 )
-def test_kube_eventer_options_the_guide_says_carry_over_are_accepted(flag: str) -> None:
+def test_kube_eventer_options_the_guide_says_carry_over_are_accepted(flag: str, tmp_path: Path) -> None:
     from eventrouter.config import build_specs
 
+    for name in ("ca.pem", "c.pem", "k.pem"):  # file options must name files that are there
+        (tmp_path / name).write_text("PEM")
+        flag = flag.replace(f"=/{name}", f"={tmp_path / name}")
     assert len(build_specs([flag])) == 1
 
 

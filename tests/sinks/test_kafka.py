@@ -324,7 +324,10 @@ async def _send_error(sink: KafkaSink) -> BaseException:
     raise AssertionError("send on a sink that failed to start must raise RetryableError")
 
 
-def test_kube_eventer_option_names_and_secret_redaction() -> None:
+def test_kube_eventer_option_names_and_secret_redaction(tmp_path: Path) -> None:
+    ca, crt, key = (tmp_path / name for name in ("ca.pem", "tls.crt", "tls.key"))
+    for file in (ca, crt, key):
+        file.write_text("PEM")
     options = KafkaOptions.model_validate(
         {
             "brokers": ["k1:9092", "k2:9092,k3:9092"],  # repeated key, and a comma list
@@ -332,20 +335,16 @@ def test_kube_eventer_option_names_and_secret_redaction() -> None:
             "compression": "LZ4",
             "user": "alice",
             "password": PASSWORD,
-            "cacert": "/etc/kafka/ca.pem",
-            "cert": "/etc/kafka/tls.crt",
-            "key": "/etc/kafka/tls.key",
+            "cacert": str(ca),
+            "cert": str(crt),
+            "key": str(key),
             "insecuressl": "false",
         }
     )
     assert options.brokers == ["k1:9092", "k2:9092", "k3:9092"]
     assert options.topic == "kube-events"
     assert options.compression == "lz4"
-    assert (options.ca_file, options.cert_file, options.key_file) == (
-        "/etc/kafka/ca.pem",
-        "/etc/kafka/tls.crt",
-        "/etc/kafka/tls.key",
-    )
+    assert (options.ca_file, options.cert_file, options.key_file) == (str(ca), str(crt), str(key))
     for text in (repr(options), str(options), options.model_dump_json()):
         assert PASSWORD not in text
     sink = KafkaSink(options, SinkContext("kafka", CLUSTER, None, logging.getLogger("test")))
@@ -395,11 +394,25 @@ def test_sasl_scram_and_tls_map_to_the_producer_security_settings() -> None:
     assert insecure.verify_mode is ssl.CERT_NONE and not insecure.check_hostname
 
 
-async def test_missing_ca_file_is_a_sink_error_naming_the_file(make_sink: MakeSink) -> None:
-    sink = make_sink(brokers="127.0.0.1:1", ca_file="/nonexistent/ca.pem", user="u", password=PASSWORD)
+def test_a_missing_ca_file_is_a_configuration_error_naming_the_file() -> None:
+    with pytest.raises(ValidationError) as info:
+        KafkaOptions.model_validate(
+            {"brokers": "127.0.0.1:1", "ca_file": "/nonexistent/ca.pem", "user": "u", "password": PASSWORD}
+        )
+    assert "cannot read '/nonexistent/ca.pem': No such file or directory" in str(info.value)
+    assert PASSWORD not in str(info.value)
+
+
+async def test_an_unusable_ca_file_is_a_sink_error_naming_the_file(
+    make_sink: MakeSink, tmp_path: Path
+) -> None:
+    """A file that is there but holds no certificate fails the start, naming it."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate")
+    sink = make_sink(brokers="127.0.0.1:1", ca_file=str(ca), user="u", password=PASSWORD)
     with pytest.raises(SinkError) as info:
         await sink.start()
-    assert "/nonexistent/ca.pem" in str(info.value)
+    assert str(ca) in str(info.value)
     assert PASSWORD not in str(info.value)
 
 

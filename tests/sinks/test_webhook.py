@@ -175,7 +175,7 @@ def test_invalid_body_template_is_a_configuration_error(tmp_path: Path, template
     file.write_text(template)
     error = config_error(url="http://h/x", body_template_file=str(file))
     assert re.search(match.replace("body_template", "body_template_file"), error)
-    assert "cannot read body_template_file" in config_error(
+    assert "option 'body_template_file': Value error, cannot read" in config_error(
         url="http://h/x", body_template_file=str(tmp_path / "no")
     )
     assert "not both" in config_error(url="http://h/x", body_template="{}", body_template_file=str(file))
