@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from urllib.parse import SplitResult, urlsplit
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     BeforeValidator,
@@ -25,6 +26,7 @@ from pydantic import (
 )
 
 __all__ = [
+    "FilePath",
     "FilterOptions",
     "PipelineOptions",
     "Secret",
@@ -71,6 +73,10 @@ def readable_file(value: Any) -> Any:
         except OSError as exc:
             raise ValueError(f"cannot read {str(value)!r}: {exc.strerror}") from None
     return value
+
+
+FilePath = Annotated[str, AfterValidator(readable_file)]
+"""A file option (``ca_file``, ``cert_file``, …): the file must be there and readable at start."""
 
 
 def http_url(value: str, *, option: str = "url") -> SplitResult:

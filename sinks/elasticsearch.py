@@ -35,7 +35,7 @@ from elastic_transport import (
 )
 from elastic_transport import ConnectionTimeout as TransportTimeout
 from elastic_transport.client_utils import url_to_node_config
-from pydantic import AfterValidator, AliasChoices, BeforeValidator, Field, field_validator, model_validator
+from pydantic import AliasChoices, BeforeValidator, Field, field_validator, model_validator
 
 from eventrouter import (
     OK,
@@ -52,7 +52,7 @@ from eventrouter import (
     reject,
     retry,
 )
-from eventrouter.options import http_url, readable_file
+from eventrouter.options import FilePath, http_url
 
 __all__ = ["ElasticsearchOptions", "ElasticsearchSink"]
 
@@ -127,15 +127,11 @@ class ElasticsearchOptions(SinkOptions):
     )
     api_key: Secret | None = Field(None, description="API key: the encoded form, or id:key.")
     bearer_token: Secret | None = Field(None, description="Bearer token (Authorization: Bearer ...).")
-    ca_file: Annotated[str | None, AfterValidator(readable_file)] = Field(
+    ca_file: FilePath | None = Field(
         None, description="PEM file of the CA that signed the cluster's certificate."
     )
-    cert_file: Annotated[str | None, AfterValidator(readable_file)] = Field(
-        None, description="Client certificate (PEM) for mutual TLS."
-    )
-    key_file: Annotated[str | None, AfterValidator(readable_file)] = Field(
-        None, description="Client private key (PEM) for mutual TLS."
-    )
+    cert_file: FilePath | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    key_file: FilePath | None = Field(None, description="Client private key (PEM) for mutual TLS.")
     insecure_skip_verify: bool = Field(False, description="Do not verify the cluster's TLS certificate.")
     timeout: float = Field(30.0, gt=0, description="Seconds one HTTP request may take.")
     compress: bool = Field(False, description="gzip request bodies.")

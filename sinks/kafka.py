@@ -45,9 +45,9 @@ import ssl
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import AfterValidator, AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from eventrouter import (
     OK,
@@ -63,7 +63,7 @@ from eventrouter import (
     reject,
     retry,
 )
-from eventrouter.options import readable_file
+from eventrouter.options import FilePath
 
 __all__ = ["KafkaOptions", "KafkaSink", "render_topic", "ssl_context", "topic_fields"]
 
@@ -200,13 +200,13 @@ class KafkaOptions(SinkOptions):
     tls: bool = Field(
         False, description="Connect with TLS (implied by ca_file, cert_file or insecure_skip_verify)."
     )
-    ca_file: Annotated[str | None, AfterValidator(readable_file)] = Field(
+    ca_file: FilePath | None = Field(
         None, validation_alias=AliasChoices("ca_file", "cacert"), description="CA bundle for the brokers."
     )
-    cert_file: Annotated[str | None, AfterValidator(readable_file)] = Field(
+    cert_file: FilePath | None = Field(
         None, validation_alias=AliasChoices("cert_file", "cert"), description="Client certificate (mTLS)."
     )
-    key_file: Annotated[str | None, AfterValidator(readable_file)] = Field(
+    key_file: FilePath | None = Field(
         None, validation_alias=AliasChoices("key_file", "key"), description="Client private key (mTLS)."
     )
     insecure_skip_verify: bool = Field(

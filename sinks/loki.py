@@ -38,13 +38,13 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from operator import attrgetter, itemgetter
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 import cramjam
 import orjson
-from pydantic import AfterValidator, AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from eventrouter import (
     OK,
@@ -61,7 +61,7 @@ from eventrouter import (
     reject,
     retry,
 )
-from eventrouter.options import http_url, readable_file
+from eventrouter.options import FilePath, http_url
 from eventrouter.protowire import bytes_field, varint, varint_field
 
 __all__ = ["LokiOptions", "LokiSink"]
@@ -228,9 +228,7 @@ class LokiOptions(SinkOptions):
         default_factory=list,
         description="Extra HTTP headers as Name:Value (repeat the key for more); values are kept secret.",
     )
-    ca_file: Annotated[str | None, AfterValidator(readable_file)] = Field(
-        None, description="PEM bundle to verify Loki's TLS certificate."
-    )
+    ca_file: FilePath | None = Field(None, description="PEM bundle to verify Loki's TLS certificate.")
     insecure_skip_verify: bool = Field(False, description="Do not verify Loki's TLS certificate.")
     timeout: float = Field(10.0, gt=0, description="Seconds one HTTP request may take.")
     max_line_bytes: int = Field(

@@ -47,13 +47,13 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 import aiohttp
 import cramjam
 import orjson
-from pydantic import AfterValidator, AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from eventrouter import (
     OK,
@@ -68,7 +68,7 @@ from eventrouter import (
     reject,
     retry,
 )
-from eventrouter.options import readable_file
+from eventrouter.options import FilePath
 from eventrouter.protowire import bytes_field
 
 from ._sls_log import encode_log, encode_occurrence, log_contents
@@ -150,9 +150,7 @@ class SLSOptions(SinkOptions):
     check_on_start: bool = Field(
         True, description="GetLogStore at start to prove project, logstore and credentials."
     )
-    ca_file: Annotated[str | None, AfterValidator(readable_file)] = Field(
-        None, description="CA bundle for TLS verification."
-    )
+    ca_file: FilePath | None = Field(None, description="CA bundle for TLS verification.")
     tls_skip_verify: bool = Field(False, description="Do not verify the server's TLS certificate.")
     request_timeout: float = Field(30.0, gt=0, description="Seconds one HTTP request may take.")
 

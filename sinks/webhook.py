@@ -54,7 +54,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
-from pydantic import AfterValidator, AliasChoices, BeforeValidator, Field, field_validator, model_validator
+from pydantic import AliasChoices, BeforeValidator, Field, field_validator, model_validator
 
 import eventrouter
 from eventrouter import (
@@ -72,7 +72,7 @@ from eventrouter import (
     reject,
     retry,
 )
-from eventrouter.options import http_url, readable_file
+from eventrouter.options import FilePath, http_url
 
 __all__ = [
     "BodyTemplate",
@@ -272,9 +272,9 @@ def _basic_auth(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-def _read_template(path: Path) -> str:
+def _read_template(path: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read body_template_file {path}: {exc}") from None
 
@@ -324,24 +324,16 @@ class WebhookOptions(SinkOptions):
     body_template: str | None = Field(
         None, description="JSON body with {{field}} placeholders, values JSON-escaped (see docs)."
     )
-    body_template_file: Annotated[Path | None, AfterValidator(readable_file)] = Field(
-        None, description="Read body_template from this file."
-    )
+    body_template_file: FilePath | None = Field(None, description="Read body_template from this file.")
     secret: Secret | None = Field(None, description="HMAC-SHA256 signing secret (signature header).")
     signature: Literal["github", "standard"] = Field(
         "github",
         description="github: X-Hub-Signature-256; standard: Standard Webhooks (secret whsec_<base64>).",
     )
     timeout: float = Field(10.0, gt=0, description="Seconds one HTTP request may take.")
-    ca_file: Annotated[Path | None, AfterValidator(readable_file)] = Field(
-        None, description="CA bundle (PEM) to verify the server's certificate."
-    )
-    cert_file: Annotated[Path | None, AfterValidator(readable_file)] = Field(
-        None, description="Client certificate (PEM) for mutual TLS."
-    )
-    key_file: Annotated[Path | None, AfterValidator(readable_file)] = Field(
-        None, description="Client certificate key (PEM) for mutual TLS."
-    )
+    ca_file: FilePath | None = Field(None, description="CA bundle (PEM) to verify the server's certificate.")
+    cert_file: FilePath | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    key_file: FilePath | None = Field(None, description="Client certificate key (PEM) for mutual TLS.")
     insecure_skip_verify: bool = Field(False, description="Do not verify the server's certificate.")
     username: str | None = Field(None, description="HTTP basic auth user.")
     password: Secret | None = Field(None, description="HTTP basic auth password.")
