@@ -151,8 +151,10 @@ def _broker_address(text: str) -> None:
     """A bootstrap address as aiokafka reads it (``host``, ``host:port``, ``[v6]:port``; port 9092
     when left out), or ValueError naming it: a typo is a configuration error at start, not a
     producer that cannot connect."""
-    from aiokafka.conn import get_ip_port_afi
-
+    try:
+        from aiokafka.conn import get_ip_port_afi
+    except ImportError:  # the kafka extra is not installed: the sink's start says so
+        return
     try:
         host, port, _ = get_ip_port_afi(text)
     except ValueError:

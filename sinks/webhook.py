@@ -354,7 +354,7 @@ class WebhookOptions(SinkOptions):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if value.strip():  # empty: _required names what is missing
+        if value.strip():  # empty: _consistent names what is missing
             http_url(value)
         return value
 
