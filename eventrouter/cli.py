@@ -237,8 +237,11 @@ async def _demo_traffic(router: Router, api: Any) -> None:
     then keep raising a crash-looping pod's BackOff count every few seconds."""
     from eventrouter.testing import recorded_watch
 
-    while not router.ready()[0]:  # noqa: ASYNC110 - readiness has no event to await
+    # After the initial list, not after every sink started: a sink whose destination is down queues
+    # (and says so) while the others show the demo.
+    while not router.watchers:  # noqa: ASYNC110 - the watchers are made by the router's start
         await asyncio.sleep(0.05)
+    await asyncio.gather(*(w.initial_list_done.wait() for w in router.watchers))
     await api.load_recording(recorded_watch())
     backoffs = [e for e in api.events() if e.get("reason") == "BackOff"]
     while backoffs:

@@ -196,3 +196,21 @@ async def test_demo_where_it_cannot_write_says_so_and_still_prints_everything(tm
     (tmp_path / "eventrouter-demo").write_text("in the way")
     _, log = await _demo(tmp_path)
     assert f"cannot create {tmp_path / 'eventrouter-demo'}" in log and "writing to stdout only" in log
+
+
+async def test_demo_with_a_destination_that_is_down_still_delivers_to_the_others(tmp_path: Path) -> None:
+    """The demo's traffic starts after the initial list, not once every sink has started: a Loki that
+    is not running holds up only its own pipeline."""
+    out = tmp_path / "events.jsonl"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "eventrouter.cli", "run", "--demo", "--metrics-addr", "127.0.0.1:0",
+        f"--sink=file:{out}", "--sink=loki:http://127.0.0.1:1", "--shutdown-timeout", "1",
+        cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await until(lambda: out.exists() and len(out.read_text().splitlines()) >= 126, timeout=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "sink loki cannot start" in err.decode()
