@@ -34,12 +34,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
 from pydantic import AliasChoices, BeforeValidator, Field, field_validator
 
-from eventrouter import OK, Occurrence, Outcome, Sink, SinkContext, SinkOptions, reject, retry
+from eventrouter import OK, Occurrence, Outcome, Sink, SinkContext, SinkError, SinkOptions, reject, retry
 from eventrouter.options import StrList, http_url
 
 __all__ = [
@@ -619,6 +620,27 @@ class AlertSink(Sink[OptionsT]):
                 self.log.warning(
                     "%s: silence %s has already expired; it has no effect", self.context.name, s.text
                 )
+
+    def probe_url(self) -> str | None:
+        """The address ``eventrouter check`` probes, without query (no token leaves in it); None when
+        ``start()`` already reached the destination."""
+        parts = urlsplit(self.options.url)
+        return urlunsplit(parts._replace(query="", fragment=""))
+
+    async def check(self) -> None:
+        """Start, then probe the robot's address with HEAD: any HTTP answer (a robot endpoint says 405)
+        proves it is reachable. No message is sent, so the token itself is proven only by the first
+        digest (its errcode is logged and counted)."""
+        await self.start()
+        url = self.probe_url()
+        if url is None:
+            return
+        try:
+            async with self.session().head(url, allow_redirects=False) as resp:
+                self.log.info("%s: %s answered HEAD with %d", self.context.name, url, resp.status)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            reason = self.redact(f"{type(exc).__name__}: {exc}")
+            raise SinkError(f"{self.context.name}: cannot reach {url}: {reason}") from None
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -266,6 +266,12 @@ class WeComSink(AlertSink[WeComOptions]):
 
     # -------------------------------------------------------------- lifecycle and delivery
 
+    def probe_url(self) -> str | None:
+        if self.options.app:
+            return None  # start() fetched an access token: reached, and the credentials proven
+        parts = urlsplit(self.options.url or DEFAULT_ROBOT_URL)
+        return urlunsplit(parts._replace(query="", fragment=""))
+
     async def start(self) -> None:
         await super().start()
         if self.options.app:

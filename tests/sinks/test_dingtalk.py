@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
-from eventrouter import Occurrence, OutcomeKind, SinkContext, normalise
+from eventrouter import Occurrence, OutcomeKind, SinkContext, SinkError, normalise
 from eventrouter.config import parse_sink_flag, spec_for_class
 from eventrouter.options import COMMON_KEYS, field_names
 from eventrouter.testing import make_occurrence, recorded_watch
@@ -561,3 +561,19 @@ async def test_templates_are_validated_and_fill_escaped_values(robot: DingTalkRe
     (msg,) = robot.accepted
     assert msg.title == "prod: BackOff on w*1"
     assert '[shop] BackOff x1: a "b" \\*c\\*' in msg.text  # the operator's template is as written
+
+
+async def test_check_reaches_the_robot_without_a_message_or_the_token(robot: DingTalkReceiver) -> None:
+    """`eventrouter check`: a HEAD to the robot's address (answered 405, as the robot answers what
+    is not a POST) proves it reachable; no message is sent and the token stays out of the request."""
+    sink = DingTalkSink(DingTalkOptions.model_validate({"url": robot.url, "secret": SECRET}), ctx())
+    await sink.check()
+    await sink.aclose()
+    assert [(r.query, r.body) for r in robot.requests] == [({}, b"")]
+    assert robot.accepted == []
+    closed = f"http://127.0.0.1:1/robot/send?access_token={TOKEN}"  # nothing listens on port 1
+    sink = DingTalkSink(DingTalkOptions.model_validate({"url": closed}), ctx())
+    with pytest.raises(SinkError, match=r"cannot reach http://127\.0\.0\.1:1/robot/send: ") as info:
+        await sink.check()
+    await sink.aclose()
+    assert TOKEN not in str(info.value)

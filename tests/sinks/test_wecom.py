@@ -329,3 +329,29 @@ def test_robot_and_application_modes_are_exclusive_and_complete() -> None:
         WeComOptions.model_validate({})
     with pytest.raises(ValueError, match="text or markdown"):
         WeComOptions.model_validate({"key": "k", "msg_type": "actionCard"})
+
+
+async def test_check_reaches_the_robot_without_a_message_or_the_key(
+    wecom: WeComReceiver, clock: ManualClock
+) -> None:
+    """The group robot: a HEAD to its address, no message, no key. The application API's start
+    fetches an access token, which proves address and credentials: nothing more is sent."""
+
+    def unstarted(**opts: Any) -> WeComSink:  # as `eventrouter check` makes it
+        ctx = SinkContext(name="wecom", cluster="prod", data_dir=None, logger=logging.getLogger("test.wecom"))
+        return WeComSink(WeComOptions.model_validate(opts), ctx, clock=clock)
+
+    for sink in (unstarted(url=wecom.robot_url), unstarted(**app_opts(wecom))):
+        await sink.check()
+        await sink.aclose()
+    assert wecom.accepted == []
+    assert [(r.path, r.body) for r in wecom.requests] == [
+        ("/cgi-bin/webhook/send", b""),
+        ("/cgi-bin/gettoken", b""),
+    ]
+    assert "key" not in wecom.requests[0].query
+    closed = unstarted(url=f"http://127.0.0.1:1/cgi-bin/webhook/send?key={KEY}")  # nothing listens on port 1
+    with pytest.raises(SinkError, match=r"cannot reach http://127\.0\.0\.1:1/cgi-bin/webhook/send: ") as info:
+        await closed.check()
+    await closed.aclose()
+    assert KEY not in str(info.value)
