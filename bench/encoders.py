@@ -100,6 +100,7 @@ def _encoders(sinks: dict[str, Any]) -> dict[str, Callable[[Sequence[Any]], obje
         return b"[" + b",".join(webhook._encode(o) for o in batch) + b"]"
 
     def enc_loki(batch: Sequence[Any]) -> object:
+        loki.set_window(time.time_ns())  # as send does: each entry's time is checked against it
         return loki.encode([loki._entry(i, o) for i, o in enumerate(batch)])
 
     def enc_kafka(batch: Sequence[Any]) -> object:

@@ -22,6 +22,12 @@
   far behind (a relist arrives in key order, not time order) are sent in a second push of their own, so
   only they are dead-lettered when Loki refuses them, not the whole push (and they are delivered if
   Loki's window is wider). The sink cannot reorder what it already sent; only a time-ordered relist can.
+- Loki refuses entries older than ``reject_old_samples_max_age`` (168 h) or further ahead than
+  ``creation_grace_period`` (10 min): a node whose clock is off, an event kept for days. With
+  ``clamp_time=true`` (default) such an entry is stamped at the time the router received it (kept in the
+  spool, so a re-sent entry is identical) and its line says ``"time_adjusted": true``; its real time stays in
+  the line's ``time``. What is still outside (``clamp_time=false``, or received over ``max_age`` ago) is
+  pushed apart, like a late entry, so only it is dead-lettered if Loki refuses it.
 - Lines over ``max_line_bytes`` are truncated (the JSON stays valid and says ``"truncated": true``)
   or, with ``oversize=reject``, rejected one by one; never a whole-batch failure.
 """
@@ -30,9 +36,11 @@ from __future__ import annotations
 
 import base64
 import gzip
+import math
 import re
 import ssl
 import string
+import time
 from array import array
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -73,6 +81,12 @@ MAX_LABEL_VALUE_BYTES = 2048
 """Loki's default max_label_value_length; longer values would make Loki refuse the stream."""
 DEFAULT_MAX_LINE_BYTES = 256_000
 """Loki's default max_line_size "256KB", which Loki parses as 256,000 bytes (KB = 1000)."""
+DEFAULT_MAX_AGE = 168 * 3600.0
+"""Loki's default reject_old_samples_max_age: older entries are refused (400 "timestamp too old")."""
+DEFAULT_FUTURE_GRACE = 600.0
+"""Loki's default creation_grace_period: entries further ahead are refused (400 "timestamp too new")."""
+_CLOCK_MARGIN_NS = 60 * 1_000_000_000
+"""Kept inside Loki's time window on both sides: Loki judges by its own clock, not the router's."""
 
 # Fields a label template may use, and which of them are unbounded per object or per event.
 TEMPLATE_FIELDS = frozenset(
@@ -239,6 +253,22 @@ class LokiOptions(SinkOptions):
     oversize: Literal["truncate", "reject"] = Field(
         "truncate",
         description="Lines over max_line_bytes: truncate (marked) or reject to the dead-letter file.",
+    )
+    clamp_time: bool = Field(
+        True,
+        description="Entries whose event time is outside the window Loki accepts (now - max_age ... now + "
+        "future_grace: a node's clock off, a very old event) are stamped at the time the router received "
+        "them and marked time_adjusted (true), instead of being sent as they are for Loki to refuse (false).",
+    )
+    max_age: float = Field(
+        DEFAULT_MAX_AGE,
+        gt=0,
+        description="Seconds: Loki's reject_old_samples_max_age (default 168h); older entries are refused.",
+    )
+    future_grace: float = Field(
+        DEFAULT_FUTURE_GRACE,
+        gt=0,
+        description="Seconds: Loki's creation_grace_period (default 10m); entries further ahead are refused.",
     )
 
     @field_validator("default_labels", mode="before")
@@ -517,6 +547,7 @@ class _NewestPerStream:
 
 
 _ORDER = attrgetter("ts_ns", "index")
+_TIME_ADJUSTED: dict[str, Any] = {"time_adjusted": True}
 _BEHIND_NS = 3600 * _NS
 """Loki refuses entries this far behind their stream's newest (max_chunk_age 2h / 2, Loki's default)."""
 _CACHE_MAX = 4096
@@ -608,6 +639,12 @@ class LokiSink(Sink[LokiOptions]):
         self._fast_line = options.line_format == "json" and not options.include_raw
         self._max_line = options.max_line_bytes
         self._newest = _NewestPerStream()
+        self._max_age_ns = int(options.max_age * _NS)
+        self._grace_ns = int(options.future_grace * _NS)
+        # Loki's time window for the batch being encoded (set by send); open until then.
+        self._oldest_ns: float = -math.inf
+        self._newest_ns: float = math.inf
+        self._outside = False  # an entry of this batch is outside it (and not clamped)
         self._metadata = options.structured_metadata
         self._headers = self._build_headers(parts.username, parts.password)
         self._push_headers = {"Content-Type": "application/x-protobuf"}
@@ -679,9 +716,15 @@ class LokiSink(Sink[LokiOptions]):
         if status != 200:
             self.log.warning("loki: %s/ready answered %s %r; pushing anyway", self._shown, status, text)
 
+    def set_window(self, now_ns: int) -> None:
+        """Loki's time window (max_age, future_grace) around ``now_ns``, for the entries encoded next."""
+        self._oldest_ns = now_ns - self._max_age_ns + _CLOCK_MARGIN_NS
+        self._newest_ns = now_ns + self._grace_ns - _CLOCK_MARGIN_NS
+
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
         outcomes: list[Outcome] = [OK] * len(batch)
         entries: list[_Entry] = []
+        self.set_window(time.time_ns())
         for index, occurrence in enumerate(batch):
             try:
                 entry = self._entry(index, occurrence)
@@ -695,17 +738,24 @@ class LokiSink(Sink[LokiOptions]):
         if not entries:
             return outcomes
         # Loki refuses entries more than max_chunk_age/2 (1 h by default) behind the newest entry it
-        # holds for their stream, and answers 400 for the whole push. Entries this sink already knows to
-        # be that far behind (a relist in key order, not time order) go in a second push, so one late
-        # entry does not dead-letter a whole push of good ones; if Loki's window is wider it takes them.
+        # holds for their stream, and those outside its time window, and answers 400 for the whole push.
+        # Entries this sink already expects to be refused (a relist in key order, not time order; a time
+        # left outside the window by clamp_time=false) go in a second push, so they do not dead-letter a
+        # whole push of good ones; if Loki's limits are wider than expected it takes them.
         late: list[_Entry] = []
-        if self._newest.used:
+        oldest, newest_ok = self._oldest_ns, self._newest_ns
+        if self._newest.used or self._outside:
             on_time: list[_Entry] = []
             newest_of = self._newest.get
             for entry in entries:
+                ts_ns = entry.ts_ns
                 newest = newest_of(entry.stream)
-                (late if newest is not None and entry.ts_ns < newest - _BEHIND_NS else on_time).append(entry)
+                if (newest is not None and ts_ns < newest - _BEHIND_NS) or not oldest <= ts_ns <= newest_ok:
+                    late.append(entry)
+                else:
+                    on_time.append(entry)
             entries = on_time
+            self._outside = False
         if entries:
             await self._push(entries, outcomes)
         if late:
@@ -788,22 +838,38 @@ class LokiSink(Sink[LokiOptions]):
             out.append(("type", record.get("type") or "Normal"))
         return tuple(sorted(out))
 
-    def _line(self, occurrence: Occurrence, message: str | None = None, original: int = 0) -> bytes:
-        record = occurrence.to_dict(include_raw=self.options.include_raw)
-        if message is not None:
-            record = {**record, "message": message, "truncated": True, "original_bytes": original}
+    def _line(self, occurrence: Occurrence, marks: dict[str, Any] | None = None) -> bytes:
+        """The log line; ``marks`` are fields added to the record (``time_adjusted``, or a truncated
+        ``message`` with ``truncated`` and ``original_bytes``)."""
+        if not marks:
+            if self.options.line_format == "logfmt":
+                return logfmt_line(occurrence.to_dict(include_raw=self.options.include_raw)).encode("utf-8")
+            return occurrence.encode(include_raw=self.options.include_raw)
+        record = {**occurrence.to_dict(include_raw=self.options.include_raw), **marks}
+        if "truncated" in marks:
             record.pop("raw", None)  # the raw object repeats the message: the first thing to drop
         if self.options.line_format == "logfmt":
-            extra = (("truncated", "true"),) if message is not None else ()
+            extra = tuple((name, "true") for name in ("truncated", "time_adjusted") if name in marks)
             return logfmt_line(record, extra=extra).encode("utf-8")
-        if message is None:
-            return occurrence.encode(include_raw=self.options.include_raw)
         return orjson.dumps(record)
 
     def _entry(self, index: int, occurrence: Occurrence) -> _Entry | Outcome:
         record = occurrence.record
+        ts_ns = occurrence.time_ns
+        marks: dict[str, Any] | None = None
+        if not self._oldest_ns <= ts_ns <= self._newest_ns:
+            received_ns = int(occurrence.received_at * _NS)
+            if self.options.clamp_time and self._oldest_ns <= received_ns <= self._newest_ns:
+                # The time the router received it: inside Loki's window, and the same on every retry and
+                # re-delivery (it is kept in the spool), so Loki still de-duplicates a re-sent entry.
+                ts_ns, marks = received_ns, _TIME_ADJUSTED
+            else:
+                self._outside = True  # send() pushes it apart, for Loki to judge
         try:
-            line = occurrence.json if self._fast_line else self._line(occurrence)
+            if marks is not None:
+                line = self._line(occurrence, marks)
+            else:
+                line = occurrence.json if self._fast_line else self._line(occurrence)
         except (orjson.JSONEncodeError, UnicodeEncodeError):
             # Lone surrogates in some string: encode a repaired copy (U+FFFD) instead of failing.
             occurrence = Occurrence(
@@ -815,16 +881,15 @@ class LokiSink(Sink[LokiOptions]):
                 received_at=occurrence.received_at,
             )
             record = occurrence.record
-            line = self._line(occurrence)
+            line = self._line(occurrence, marks)
         limit = self._max_line
         if len(line) > limit:
             if self.options.oversize == "reject":
                 return reject(
                     f"loki: line of {len(line)} bytes exceeds max_line_bytes={limit} (oversize=reject)"
                 )
-            line = self._truncate(occurrence, line, limit)
+            line = self._truncate(occurrence, line, limit, marks)
         labels, stream = self._stream(record)
-        ts_ns = occurrence.time_ns
         if not self._protobuf:
             metadata: list[tuple[str, str]] = []
             if self._metadata:
@@ -874,7 +939,9 @@ class LokiSink(Sink[LokiOptions]):
                 out.append((name, value if type(value) is str else str(value)))
         return out
 
-    def _truncate(self, occurrence: Occurrence, line: bytes, limit: int) -> bytes:
+    def _truncate(
+        self, occurrence: Occurrence, line: bytes, limit: int, marks: dict[str, Any] | None = None
+    ) -> bytes:
         """Shorten the message until the line fits, keeping JSON valid; byte-cut as a last resort.
         Deterministic, so a retried entry is identical and Loki de-duplicates it."""
         message = str(occurrence.record.get("message") or "").encode("utf-8")
@@ -883,7 +950,10 @@ class LokiSink(Sink[LokiOptions]):
         for _ in range(4):
             keep = max(0, len(message) - excess - 64)
             shortened = _cut_utf8(message, keep).decode("utf-8") + "…"
-            candidate = self._line(occurrence, shortened, original)
+            candidate = self._line(
+                occurrence,
+                {**(marks or {}), "message": shortened, "truncated": True, "original_bytes": original},
+            )
             if len(candidate) <= limit:
                 return candidate
             excess += len(candidate) - limit

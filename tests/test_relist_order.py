@@ -21,7 +21,7 @@ from eventrouter.source.relist_order import RelistOrder
 from eventrouter.source.watcher import WatchSettings
 from eventrouter.testing import MemorySink, event_object
 from eventrouter.testing.apiserver import FakeApiServer
-from eventrouter.testing.receivers.loki import LokiReceiver
+from eventrouter.testing.receivers.loki import KEEP_OLD_SAMPLES, LokiReceiver
 from eventrouter.testing.waiting import until
 from eventrouter_sinks.loki import LokiSink
 
@@ -143,13 +143,15 @@ async def test_a_relist_spanning_three_hours_is_not_refused_by_loki(tmp_path: Pa
     # an hour behind the first entries of the stream.
     async with (
         FakeApiServer() as api,
-        LokiReceiver(now=lambda: (BASE + timedelta(hours=3)).timestamp()) as loki,
+        LokiReceiver(reject_old_samples_max_age=KEEP_OLD_SAMPLES) as loki,
     ):
         for obj in _spread_events(300, 180):
             api.create_event(obj)
         settings = _settings(api, tmp_path, page_size=50, data_dir=tmp_path / "data")
         spec = spec_for_class(
-            LokiSink, {"url": loki.url, "batch_max_wait": 0.02, "batch_max_events": 20}, type_="loki"
+            LokiSink,
+            {"url": loki.url, "batch_max_wait": 0.02, "batch_max_events": 20, "max_age": KEEP_OLD_SAMPLES},
+            type_="loki",
         )
         router = Router(settings, [spec])
         async with router.running():

@@ -23,7 +23,7 @@ from eventrouter.options import COMMON_KEYS
 from eventrouter.protowire import bytes_field, varint_field
 from eventrouter.record import occurrence_number, parse_time_ns
 from eventrouter.testing import make_occurrence, recorded_watch
-from eventrouter.testing.receivers.loki import LokiReceiver
+from eventrouter.testing.receivers.loki import KEEP_OLD_SAMPLES, LokiReceiver
 from eventrouter.testing.tls import certificate, server_context
 from eventrouter_sinks.loki import LokiOptions, LokiSink
 
@@ -112,11 +112,9 @@ async def test_replaying_the_recording_delivers_every_occurrence_once_with_label
         occurrences.append(normalise(obj, cluster="rec-1"))
         expected[(uid, number)] = obj
     assert len(occurrences) == 126
-    # The recording is from 2026-11-22 01:29-01:32 UTC; pin the receiver's clock an hour later so the
-    # age checks judge it as a live Loki would have, whenever the test runs.
-    newest = max(o.time_ns for o in occurrences) / NS
-    async with LokiReceiver(now=lambda: newest + 3600) as receiver:
-        sink = await _sink(receiver.url, structured_metadata="true")
+    # The recording is from 2026-11-22 01:29-01:32 UTC: a Loki that keeps old samples takes it.
+    async with LokiReceiver(reject_old_samples_max_age=KEEP_OLD_SAMPLES) as receiver:
+        sink = await _sink(receiver.url, structured_metadata="true", max_age=str(KEEP_OLD_SAMPLES))
         try:
             await sink.start()
             for start in range(0, len(occurrences), 20):
@@ -168,22 +166,69 @@ async def test_replaying_the_recording_delivers_every_occurrence_once_with_label
     assert any(k for k, obj in expected.items() if obj.get("eventTime") and not obj.get("lastTimestamp"))
 
 
-async def test_too_old_entry_gives_partial_400_and_every_item_of_the_push_is_rejected_with_lokis_message(
+async def test_entries_outside_lokis_time_window_are_stamped_at_receipt_and_marked(
     loki: LokiReceiver,
 ) -> None:
+    # A week-old event (reject_old_samples_max_age) and one from a node whose clock is an hour ahead
+    # (creation_grace_period): Loki would refuse both, and with them the push they are in.
+    old = make_occurrence(first_timestamp=_iso(time.time() - 8 * 86400), reason="Old")
+    ahead = make_occurrence(first_timestamp=_iso(time.time() + 3600), reason="Ahead")
+    fresh = recent(5, reason="Fresh")
+    for line_format in ("json", "logfmt"):
+        sink = await _sink(loki.url, line_format=line_format)
+        try:
+            for _ in range(2):  # sent twice (a retry): identical entries, which Loki de-duplicates
+                outcomes = await sink.send([old, ahead, fresh])
+                assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.OK] * 3
+        finally:
+            await sink.aclose()
+    stored = {(e.label_dict["reason"], e.line[:1]): e for e in loki.entries}
+    assert len(loki.entries) == 12 and len(stored) == 6
+    for occurrence in (old, ahead):
+        reason = occurrence.record["reason"]
+        as_json, as_logfmt = stored[(reason, "{")], stored[(reason, "t")]
+        assert as_json.ts_ns == as_logfmt.ts_ns == int(occurrence.received_at * NS)
+        record = orjson.loads(as_json.line)
+        assert record["time_adjusted"] is True and record["time"] == occurrence.record["time"]
+        assert as_logfmt.line.startswith("time=") and " time_adjusted=true" in as_logfmt.line
+    assert stored[("Fresh", "{")].ts_ns == fresh.time_ns
+    assert "time_adjusted" not in orjson.loads(stored[("Fresh", "{")].line)
+    assert sum(len(s.values) for s in loki.query_range()) == 6
+
+
+async def test_without_clamp_time_only_the_entries_outside_the_window_are_refused(loki: LokiReceiver) -> None:
     old = make_occurrence(first_timestamp=_iso(time.time() - 8 * 86400), reason="Old")
     fresh = recent(5, reason="Fresh")
-    sink = await _sink(loki.url)
+    sink = await _sink(loki.url, clamp_time="false")
     try:
         outcomes = await sink.send([old, fresh])
     finally:
         await sink.aclose()
-    assert outcomes is not None
-    assert [o.kind for o in outcomes] == [OutcomeKind.REJECT, OutcomeKind.REJECT]
-    assert all("has timestamp too old" in o.reason and "400" in o.reason for o in outcomes)
-    # Loki's partial success: the fresh entry is stored although the push answered 400.
+    assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.REJECT, OutcomeKind.OK]
+    assert "has timestamp too old" in outcomes[0].reason and "400" in outcomes[0].reason
     assert [e.label_dict["reason"] for e in loki.entries] == ["Fresh"]
-    assert loki.pushes[-1].status == 400 and loki.pushes[-1].accepted == 1
+    # The old entry went in a push of its own: Loki judged it, and nothing else with it.
+    assert [(p.status, p.accepted) for p in loki.pushes] == [(204, 1), (400, 0)]
+
+
+async def test_a_loki_stricter_than_configured_gives_partial_400_and_every_item_of_the_push_is_rejected() -> (
+    None
+):
+    # Loki keeps one day, the sink expects the default week: the two-day-old entry is not predicted.
+    old = make_occurrence(first_timestamp=_iso(time.time() - 2 * 86400), reason="Old")
+    fresh = recent(5, reason="Fresh")
+    async with LokiReceiver(reject_old_samples_max_age=86400) as loki:
+        sink = await _sink(loki.url)
+        try:
+            outcomes = await sink.send([old, fresh])
+        finally:
+            await sink.aclose()
+        assert outcomes is not None
+        assert [o.kind for o in outcomes] == [OutcomeKind.REJECT, OutcomeKind.REJECT]
+        assert all("has timestamp too old" in o.reason and "400" in o.reason for o in outcomes)
+        # Loki's partial success: the fresh entry is stored although the push answered 400.
+        assert [e.label_dict["reason"] for e in loki.entries] == ["Fresh"]
+        assert loki.pushes[-1].status == 400 and loki.pushes[-1].accepted == 1
 
 
 async def test_injected_400_rejects_items_with_the_message_and_is_not_retried(loki: LokiReceiver) -> None:
@@ -335,10 +380,10 @@ async def test_label_sanitisation_and_escaping_with_the_recorded_chinese_quote_b
     occurrence = normalise(obj, cluster="rec")
     message = occurrence.record["message"]
     assert '"' in message and "\\" in message and "\n" in message
-    # Pin the clock to the recording so the entry is fresh.
-    async with LokiReceiver(now=lambda: occurrence.time_ns / NS + 60) as receiver:
+    async with LokiReceiver(reject_old_samples_max_age=KEEP_OLD_SAMPLES) as receiver:
         sink = await _sink(
             receiver.url,
+            max_age=str(KEEP_OLD_SAMPLES),
             labels='msg={message},app.kubernetes.io/name=shop,__internal=x,9lives=y,"quote"=z-{involved_object.kind}',
             allow_high_cardinality_labels="true",
             line_format="logfmt",
@@ -598,9 +643,8 @@ async def test_dashboard_queries_select_what_the_sink_writes() -> None:
     occurrences = [
         normalise(line["object"], cluster="rec") for line in recorded_watch() if line["type"] == "ADDED"
     ]
-    newest = max(o.time_ns for o in occurrences) / NS
-    async with LokiReceiver(now=lambda: newest + 60) as receiver:
-        sink = await _sink(receiver.url)
+    async with LokiReceiver(reject_old_samples_max_age=KEEP_OLD_SAMPLES) as receiver:
+        sink = await _sink(receiver.url, max_age=str(KEEP_OLD_SAMPLES))
         try:
             await sink.send(occurrences)
         finally:

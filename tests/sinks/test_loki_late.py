@@ -22,8 +22,8 @@ def _at(seconds_ago: float, **kwargs: Any) -> Occurrence:
     return make_occurrence(first_timestamp=when, **kwargs)
 
 
-def _sink(url: str) -> LokiSink:
-    return LokiSink(LokiOptions.model_validate({"url": url}), CONTEXT)
+def _sink(url: str, **options: str) -> LokiSink:
+    return LokiSink(LokiOptions.model_validate({"url": url, **options}), CONTEXT)
 
 
 async def test_entries_far_behind_a_sent_newer_one_are_pushed_apart_and_only_they_are_rejected() -> None:
@@ -110,11 +110,12 @@ def test_a_time_beyond_what_the_table_holds_is_not_kept() -> None:
 
 async def test_an_accepted_entry_from_the_year_9999_does_not_fail_the_push() -> None:
     # Loki refuses it by default (creation_grace_period); a server that takes it must not make the sink
-    # fail a push it has stored (the newest-per-stream table holds int64 nanoseconds only).
+    # fail a push it has stored (the newest-per-stream table holds int64 nanoseconds only). Sent as it
+    # is (clamp_time=false), in a push of its own.
     far = make_occurrence(first_timestamp="9999-12-31T23:59:59Z", namespace="shop", object_name="a")
     soon = _at(60, namespace="shop", object_name="b")
     async with LokiReceiver(creation_grace_period=9000 * 365 * 86400) as loki:
-        sink = _sink(loki.url)
+        sink = _sink(loki.url, clamp_time="false")
         try:
             outcomes = await sink.send([far, soon])
         finally:

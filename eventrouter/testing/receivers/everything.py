@@ -12,9 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from ...record import parse_time_ns
-from ..factories import recorded_watch
-from .loki import LokiReceiver
+from .loki import KEEP_OLD_SAMPLES, LokiReceiver
 from .sls import AccessKey, SLSReceiver
 from .tansu import TansuBroker
 from .webhook import WebhookReceiver
@@ -23,12 +21,6 @@ __all__ = ["Destinations", "destinations"]
 
 Key = tuple[str, int]
 """(event uid, occurrence)."""
-
-
-def _recording_end() -> float:
-    return (
-        max(parse_time_ns(e["object"]["metadata"]["creationTimestamp"]) or 0 for e in recorded_watch()) / 1e9
-    )
 
 
 @dataclass
@@ -42,7 +34,7 @@ class Destinations:
     def flags(self, file_path: str) -> list[str]:
         """One ``--sink`` flag per destination; the file sink writes ``file_path``."""
         return [
-            f"loki:{self.loki.url}?tenant=e2e",
+            f"loki:{self.loki.url}?tenant=e2e&max_age={KEEP_OLD_SAMPLES:.0f}",
             f"kafka:?brokers={self.kafka.bootstrap}&topic=k8s-events&idempotence=false",
             f"elasticsearch:{self.es_url}?index=e2e-{{yyyy.MM.dd}}",
             f"sls:{self.sls.url}?project=p&logStore=k8s-event&accessKeyId=AK&accessKeySecret=SK",
@@ -82,12 +74,10 @@ class Destinations:
 
 @contextlib.asynccontextmanager
 async def destinations(es_url: str) -> AsyncIterator[Destinations]:
-    """Loki (its clock an hour after the recording ends, so the recorded events are recent to it),
-    SLS, webhook and Kafka, started and stopped around the block; ``es_url``: a running
-    OpenSearch-compatible server."""
-    end = _recording_end()
+    """Loki (keeping old samples, so the recorded events keep their time in it), SLS, webhook and Kafka,
+    started and stopped around the block; ``es_url``: a running OpenSearch-compatible server."""
     async with (
-        LokiReceiver(now=lambda: end + 3600) as loki,
+        LokiReceiver(reject_old_samples_max_age=KEEP_OLD_SAMPLES) as loki,
         SLSReceiver(projects={"p": ["k8s-event"]}, keys=[AccessKey("AK", "SK")], default_project="p") as sls,
         WebhookReceiver() as hook,
         TansuBroker() as kafka,

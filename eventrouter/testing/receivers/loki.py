@@ -40,7 +40,19 @@ from aiohttp import web
 
 from eventrouter.protowire import DecodeError, decode_fields
 
-__all__ = ["LokiReceiver", "Push", "StoredEntry", "Stream", "format_labels", "parse_labels"]
+__all__ = [
+    "KEEP_OLD_SAMPLES",
+    "LokiReceiver",
+    "Push",
+    "StoredEntry",
+    "Stream",
+    "format_labels",
+    "parse_labels",
+]
+
+KEEP_OLD_SAMPLES = 100 * 365 * 86400.0
+"""A reject_old_samples_max_age (seconds) that takes recorded traffic whenever a test runs; give the sink
+the same ``max_age``, or it stamps such old entries at their receipt (``clamp_time``)."""
 
 _NS = 1_000_000_000
 _MIN_SECONDS = -62135596800  # 0001-01-01, the bound gogo's stdtime conversion enforces
@@ -511,7 +523,7 @@ class LokiReceiver:
     15 label names, label name/value length 1024/2048, reject_old_samples_max_age 168h,
     creation_grace_period 10m, unordered writes with max_chunk_age 2h (entries more than an hour
     behind the stream's newest are refused), structured metadata allowed (64KB, 128 pairs).
-    ``now`` (epoch seconds) drives the age checks; tests of recorded data may pin it.
+    ``now`` (epoch seconds) drives the age checks.
     """
 
     def __init__(
