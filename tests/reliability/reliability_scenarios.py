@@ -537,6 +537,10 @@ def summary(reports: Sequence[Report]) -> str:
 MIB = 1024 * 1024
 
 
+def _iso_from_now(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds))
+
+
 def hostile_objects() -> list[dict[str, Any]]:
     """Objects the API server stores (name and namespace are valid, the rest is anything): missing
     fields, wrong types, 1 MiB messages, label values that are not valid label names or values."""
@@ -572,6 +576,11 @@ def hostile_objects() -> list[dict[str, Any]]:
         base(object_name="cjk-1mib", message="事件" * (MIB // 6)),
         base(object_name="control-chars", message="nul\x00 bell\x07 esc\x1b[31m tab\t cr\r lf\n del\x7f"),
         base(object_name="weird-reason", reason='Bad Reason/With*Chars"{}\\', kind="Ünïcödé Kind"),
+        # Times Loki refuses (outside now - 168 h ... now + 10 min): a node whose clock runs two hours
+        # ahead, an event kept for eight days (--event-ttl), a year-9999 eventTime.
+        base(object_name="clock-ahead", last_timestamp=_iso_from_now(2 * 3600)),
+        base(object_name="week-old", first_timestamp=_iso_from_now(-8 * 86400)),
+        base(object_name="year-9999", count=None, event_time="9999-12-31T23:59:59.000000Z"),
     ]
     labelled = base(object_name="weird-labels")
     labelled["metadata"]["labels"] = weird_labels
@@ -646,6 +655,7 @@ async def hostile_api_objects(tmp: Path) -> Report:
                     for n in names
                 },
                 "loki_truncated": sum(1 for e in loki.entries if '"truncated":true' in e.line),
+                "loki_time_adjusted": len({e.line for e in loki.entries if '"time_adjusted":true' in e.line}),
                 "loki_pushes_refused": sum(1 for p in loki.pushes if p.status >= 400),
             }
         # Rejected-with-a-reason counts as accounted for (not lost); both together must cover everything.
