@@ -104,6 +104,7 @@ def _encoders(sinks: dict[str, Any]) -> dict[str, Callable[[Sequence[Any]], obje
         return loki.encode([loki._entry(i, o) for i, o in enumerate(batch)])
 
     def enc_kafka(batch: Sequence[Any]) -> object:
+        kafka.set_window(int(time.time() * 1000))  # as send does
         out = []
         for o in batch:
             m = kafka.encode(o)

@@ -11,7 +11,13 @@ Record layout
              The key is *not* unique per record: never enable log compaction on the topic.
     headers  ``cluster``, ``namespace``, ``type``, ``reason`` and ``occurrence`` (``<event uid>/<n>``, the
              identity consumers de-duplicate on after an at-least-once re-delivery), UTF-8 bytes.
-    timestamp the event's normalised time (``timestamp=event``, default) or the send time (``send``).
+    timestamp the event's normalised time (``timestamp=event``, default) or the send time (``send``). An
+             event time more than ``future_grace`` (1 h) ahead — a node whose clock runs ahead — is
+             replaced by the time the router received the event, with a ``time_adjusted: true`` header:
+             Kafka 4 refuses it (``log.message.timestamp.after.max.ms``), and a far-future timestamp
+             would keep its segment from ever expiring by time. A broker that still refuses a record's
+             timestamp (a stricter topic) gets it again with the send time and that header; it is then
+             written after the records that followed it in its produce batch.
 
 Topic: a literal name or a template over record fields, e.g. ``topic=k8s-events-{namespace}``. Fields:
 cluster, namespace, name, uid, type, reason, action, reporting_component, reporting_instance,
@@ -24,7 +30,8 @@ packed in order into produce batches per topic-partition (aiokafka's batch API; 
 min(max_request_size, 512 KiB) each, compressed per batch) and an item is OK only once its produce batch
 was acknowledged by the broker (``acks=all`` by default; idempotence on by default). Oversized records and
 authorisation failures are rejected (dead-lettered) per item; a produce batch the broker finds too large
-is sent again one record per batch, so each record gets its own outcome. Broker outages, timeouts and
+(or finds a timestamp in it out of range) is sent again one record per batch, so each record gets
+its own outcome. Broker outages, timeouts and
 other errors give retry outcomes, and the rest of the batch is not enqueued once the broker is known
 unreachable (nor later batches of a partition whose batch could not be enqueued), so per-object order
 survives.
@@ -39,10 +46,12 @@ certificate turns TLS on, and ``user`` + ``password`` turn SASL PLAIN on.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import re
 import ssl
 import string
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -180,6 +189,13 @@ class KafkaOptions(SinkOptions):
     )
     timestamp: Literal["event", "send"] = Field(
         "event", description="Kafka record timestamp: the event's normalised time, or the send time."
+    )
+    future_grace: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds: an event time further ahead (a node's clock off) is not used as the record "
+        "timestamp (Kafka 4 refuses it: log.message.timestamp.after.max.ms, 1 h); the time the router "
+        "received it is, with a time_adjusted header.",
     )
     acks: Literal["all", "1", "0"] = Field("all", description="Broker acknowledgements: all (-1), 1 or 0.")
     idempotence: bool = Field(
@@ -331,6 +347,22 @@ class _Batch:
     items: list[tuple[int, _Message]]
 
 
+_TIME_ADJUSTED = ("time_adjusted", b"true")
+_CLOCK_MARGIN_MS = 60_000
+"""Kept inside the broker's window: it judges by its own clock, not the router's."""
+
+
+def _whole_batch_errors() -> tuple[type[BaseException], ...]:
+    from aiokafka import errors as kerr
+
+    return (
+        kerr.MessageSizeTooLargeError,
+        kerr.RecordListTooLargeError,
+        kerr.RecordTooLargeError,
+        kerr.InvalidTimestampError,
+    )
+
+
 # aiokafka's default (16 KiB) holds ~8 of our records; bigger batches mean few produce batches per
 # engine batch (compression is per batch too). Never above max_request_size: the broker's limit.
 _MAX_BATCH_BYTES = 512 * 1024
@@ -351,6 +383,8 @@ class KafkaSink(Sink[KafkaOptions]):
         self._key_by = options.key_by
         self._include_raw = options.include_raw
         self._event_time = options.timestamp == "event"
+        self._grace_ms = int(options.future_grace * 1000) - _CLOCK_MARGIN_MS
+        self._latest_ms: float = math.inf  # set per batch by send (set_window)
         self._producer: Any = None
         self._murmur2: Any = None
 
@@ -463,21 +497,34 @@ class KafkaSink(Sink[KafkaOptions]):
             return occurrence.uid.encode()  # no object to group by: keep one Event's occurrences together
         return f"{kind}/{involved.get('namespace') or ''}/{name}".encode()
 
+    def set_window(self, now_ms: int) -> None:
+        """The latest event time (ms) used as a record timestamp, for the records encoded next."""
+        self._latest_ms = now_ms + self._grace_ms
+
     def encode(self, occurrence: Occurrence) -> _Message:
         record = occurrence.record
         get = record.get
+        headers = [
+            ("cluster", _header(get("cluster"))),
+            ("namespace", _header(get("namespace"))),
+            ("type", _header(get("type"))),
+            ("reason", _header(get("reason"))),
+            ("occurrence", occurrence.key.encode("utf-8", "replace")),
+        ]
+        timestamp_ms = None
+        if self._event_time:
+            timestamp_ms = occurrence.time_ns // 1_000_000
+            if timestamp_ms > self._latest_ms:
+                # Kafka 4 refuses it, and a far-future timestamp keeps a segment from ever expiring by
+                # time: use the time the router received it (the value keeps the event's own time).
+                timestamp_ms = int(occurrence.received_at * 1000)
+                headers.append(_TIME_ADJUSTED)
         return _Message(
             self._static_topic or render_topic(self._parts, record),
             self._key(occurrence),
             occurrence.encode(include_raw=self._include_raw),
-            [
-                ("cluster", _header(get("cluster"))),
-                ("namespace", _header(get("namespace"))),
-                ("type", _header(get("type"))),
-                ("reason", _header(get("reason"))),
-                ("occurrence", occurrence.key.encode("utf-8", "replace")),
-            ],
-            occurrence.time_ns // 1_000_000 if self._event_time else None,
+            headers,
+            timestamp_ms,
         )
 
     # -- delivery ------------------------------------------------------------------------------
@@ -496,6 +543,11 @@ class KafkaSink(Sink[KafkaOptions]):
             return reject(f"not authorised to write to kafka topic {topic!r}: {text}")
         if isinstance(exc, kerr.UnknownTopicOrPartitionError):
             return retry(f"kafka topic {topic!r} unknown (missing, auto-create off, or broker down): {text}")
+        if isinstance(exc, kerr.InvalidTimestampError):  # even the send time: the clocks disagree
+            return retry(
+                f"kafka refused the record's timestamp for topic {topic!r} although it is the send time: "
+                f"the broker's clock and this host's differ more than the topic allows: {text}"
+            )
         if isinstance(exc, kerr.KafkaTimeoutError):
             return retry(f"kafka timed out after {self.options.request_timeout_ms} ms: {text}")
         # Connection loss, leader changes, broker errors we cannot judge: never lose the record.
@@ -566,10 +618,10 @@ class KafkaSink(Sink[KafkaOptions]):
         producer = self._producer
         if producer is None:
             raise RetryableError("kafka producer is not started")
-        from aiokafka import errors as kerr
         from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
         outcomes: list[Outcome | None] = [None] * len(batch)
+        self.set_window(int(time.time() * 1000))
         limit = self.options.max_request_size
         estimate = DefaultRecordBatchBuilder.estimate_size_in_bytes
         by_topic: dict[str, list[tuple[int, _Message]]] = {}
@@ -638,38 +690,12 @@ class KafkaSink(Sink[KafkaOptions]):
             lane.append(job)
             lanes.append(lane)
 
-        submitted, stop = await self._submit(lanes, outcomes, stop)
-        alone: list[list[_Batch]] = []
-        if submitted:
+        # At most three rounds: the batches; the records of a batch the broker refused as a whole, one
+        # by one; a record whose event time the broker refused, stamped with the send time.
+        while lanes:
+            submitted, stop = await self._submit(lanes, outcomes, stop)
             results = await asyncio.gather(*(future for _, future in submitted), return_exceptions=True)
-            too_large = (
-                kerr.MessageSizeTooLargeError | kerr.RecordListTooLargeError | kerr.RecordTooLargeError
-            )
-            for (job, _), result in zip(submitted, results, strict=True):
-                if not isinstance(result, BaseException):
-                    for i, _ in job.items:
-                        outcomes[i] = OK
-                elif isinstance(result, too_large) and len(job.items) > 1:
-                    # The broker's batch limit is below ours: find out which records fit on their own.
-                    alone.append(
-                        [
-                            _Batch(job.topic, job.partition, self._single(item[1]), [item])
-                            for item in job.items
-                        ]
-                    )
-                else:
-                    outcome = self._classify(result, job.topic)
-                    for i, _ in job.items:
-                        outcomes[i] = outcome
-        if alone:
-            self.log.info(
-                "kafka: a produce batch was too large for the broker, sending its records one by one"
-            )
-            submitted, stop = await self._submit(alone, outcomes, stop)
-            results = await asyncio.gather(*(future for _, future in submitted), return_exceptions=True)
-            for (job, _), result in zip(submitted, results, strict=True):
-                [(i, _)] = job.items
-                outcomes[i] = self._classify(result, job.topic) if isinstance(result, BaseException) else OK
+            lanes = self._settle(submitted, results, outcomes)
 
         final = [o if o is not None else retry("kafka: no outcome recorded (bug)") for o in outcomes]
         failed = [outcome for outcome in final if outcome.kind is not OutcomeKind.OK]
@@ -678,6 +704,55 @@ class KafkaSink(Sink[KafkaOptions]):
                 "kafka: %d of %d records not accepted (first: %s)", len(failed), len(final), failed[0].reason
             )
         return final
+
+    def _settle(
+        self,
+        submitted: list[tuple[_Batch, asyncio.Future[Any]]],
+        results: Sequence[Any],
+        outcomes: list[Outcome | None],
+    ) -> list[list[_Batch]]:
+        """Outcomes of acknowledged and failed produce batches; the lanes worth another round."""
+        from aiokafka import errors as kerr
+
+        again: list[list[_Batch]] = []
+        for (job, _), result in zip(submitted, results, strict=True):
+            if not isinstance(result, BaseException):
+                for i, _ in job.items:
+                    outcomes[i] = OK
+            elif isinstance(result, _whole_batch_errors()) and len(job.items) > 1:
+                # The broker refused the batch for what one record may hold (too large for its limit, a
+                # timestamp out of its range): send each alone, so each record gets its own outcome.
+                self.log.info(
+                    "kafka: the broker refused a produce batch (%s); sending its %d records one by one",
+                    type(result).__name__,
+                    len(job.items),
+                )
+                again.append(
+                    [_Batch(job.topic, job.partition, self._single(item[1]), [item]) for item in job.items]
+                )
+            elif isinstance(result, kerr.InvalidTimestampError) and job.items[0][1].timestamp_ms is not None:
+                # The event time is out of the broker's range (log.message.timestamp.after.max.ms, one
+                # hour ahead by default since Kafka 4.0: a node whose clock runs ahead). Deliver it with
+                # the send time, marked; the value keeps the event's own time.
+                [(i, message)] = job.items
+                headers = (
+                    message.headers
+                    if _TIME_ADJUSTED in message.headers
+                    else [*message.headers, _TIME_ADJUSTED]
+                )
+                adjusted = _Message(message.topic, message.key, message.value, headers, None)
+                self.log.warning(
+                    "kafka: the broker refused event time %d ms of %s (%s); sending it with the send time",
+                    message.timestamp_ms,
+                    dict(message.headers).get("occurrence", b"?").decode("utf-8", "replace"),
+                    result,
+                )
+                again.append([_Batch(job.topic, job.partition, self._single(adjusted), [(i, adjusted)])])
+            else:
+                outcome = self._classify(result, job.topic)
+                for i, _ in job.items:
+                    outcomes[i] = outcome
+        return again
 
     def _single(self, message: _Message) -> Any:
         """A new batch holding ``message`` (the first record always fits: its size was checked)."""

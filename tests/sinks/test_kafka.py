@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import ssl
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -588,3 +589,112 @@ def test_native_murmur2_is_the_java_clients_murmur2() -> None:
     keys += ["Pod/ns/ünïcode-€".encode(), b"", b"\xff" * 9]
     for key in keys:
         assert murmurhash2(key, _MURMUR2_SEED) & 0x7FFFFFFF == murmur2(key) & 0x7FFFFFFF, key
+
+
+def _iso_from_now(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds))
+
+
+async def test_the_timestamp_proxy_refuses_a_partition_batch_as_kafka_4_does() -> None:
+    """The test server's contract: a batch holding a record over an hour ahead of the broker's clock is
+    refused with INVALID_TIMESTAMP for its partition; the request's other partition is written."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import InvalidTimestampError
+
+    from eventrouter.testing.receivers.kafka_timestamps import TimestampCheckProxy
+
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        TimestampCheckProxy(listen_port=port, target_port=broker.port) as proxy,
+    ):
+        producer = AIOKafkaProducer(
+            bootstrap_servers=f"127.0.0.1:{port}", acks="all", enable_idempotence=False
+        )
+        await producer.start()
+        try:
+            now_ms = int(time.time() * 1000)
+            # One produce request: partition 0 gets a fresh and a far-ahead record, partition 1 a fresh one.
+            futures = [
+                await producer.send("ts", b"fresh-0", partition=0, timestamp_ms=now_ms),
+                await producer.send("ts", b"ahead", partition=0, timestamp_ms=now_ms + 2 * 3600 * 1000),
+                await producer.send("ts", b"fresh-1", partition=1, timestamp_ms=now_ms - 86400 * 1000),
+            ]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        finally:
+            await producer.stop()
+        assert [type(r) for r in results[:2]] == [InvalidTimestampError, InvalidTimestampError]
+        assert not isinstance(results[2], BaseException)
+        assert [(t, p) for t, p, _ in proxy.refused] == [("ts", 0)]
+        assert "is out of range" in proxy.refused[0][2]
+        assert [r.value for r in await broker.consume("ts", expected=1)] == [b"fresh-1"]
+
+
+async def test_an_event_time_over_an_hour_ahead_is_not_the_record_timestamp(make_sink: MakeSink) -> None:
+    """A node whose clock runs two hours ahead: its event reaches a Kafka 4 broker (which refuses the
+    event time) stamped with its receipt, in order with the object's other events."""
+    from eventrouter.testing.receivers.kafka_timestamps import TimestampCheckProxy
+
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        TimestampCheckProxy(listen_port=port, target_port=broker.port) as proxy,
+    ):
+        batch = [
+            make_occurrence(reason="Before", object_name="web-0"),
+            make_occurrence(reason="Ahead", object_name="web-0", last_timestamp=_iso_from_now(2 * 3600)),
+            make_occurrence(reason="After", object_name="web-0"),
+            make_occurrence(reason="Other", object_name="db-0", last_timestamp=_iso_from_now(-86400)),
+        ]
+        sink = make_sink(brokers=f"127.0.0.1:{port}", topic="ahead")
+        await sink.start()
+        outcomes = await sink.send(batch)
+        assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.OK] * 4
+        assert proxy.refused == []  # predicted: nothing was sent that the broker refuses
+        records = await broker.consume("ahead", expected=4)
+    by_reason = {json.loads(r.value)["reason"]: r for r in records}
+    ahead = by_reason["Ahead"]
+    assert dict(ahead.headers)["time_adjusted"] == b"true"
+    assert ahead.timestamp == int(batch[1].received_at * 1000)
+    assert json.loads(ahead.value)["time"] == batch[1].record["time"]  # the event's own time is kept
+    for reason, occurrence in zip(("Before", "After", "Other"), batch[::2] + batch[3:], strict=False):
+        assert by_reason[reason].timestamp == occurrence.time_ns // 1_000_000
+        assert "time_adjusted" not in dict(by_reason[reason].headers)
+    web = [json.loads(r.value)["reason"] for r in records if r.key == b"Pod/default/web-0"]
+    assert web == ["Before", "Ahead", "After"]
+
+
+async def test_a_timestamp_a_stricter_broker_refuses_is_sent_again_with_the_send_time(
+    make_sink: MakeSink,
+) -> None:
+    """A topic that allows only 5 minutes ahead: the sink cannot predict it. The refused produce batch
+    is sent again record by record, and the refused record once more with the send time: every record
+    is delivered and the pipeline does not retry it for ever."""
+    from eventrouter.testing.receivers.kafka_timestamps import TimestampCheckProxy
+
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        TimestampCheckProxy(listen_port=port, target_port=broker.port, after_max_ms=300_000) as proxy,
+    ):
+        batch = [
+            make_occurrence(reason="Before", object_name="web-0"),
+            make_occurrence(reason="Ahead", object_name="web-0", last_timestamp=_iso_from_now(1800)),
+            make_occurrence(reason="After", object_name="web-0"),
+        ]
+        sink = make_sink(brokers=f"127.0.0.1:{port}", topic="strict")
+        await sink.start()
+        sent_from = int(time.time() * 1000)
+        outcomes = await sink.send(batch)
+        sent_until = int(time.time() * 1000)
+        assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.OK] * 3
+        # Refused twice: the produce batch of three, then the record alone.
+        assert [(t, p) for t, p, _ in proxy.refused] == [("strict", proxy.refused[0][1])] * 2
+        records = await broker.consume("strict", expected=3)
+    by_reason = {json.loads(r.value)["reason"]: r for r in records}
+    assert dict(by_reason["Ahead"].headers)["time_adjusted"] == b"true"
+    assert sent_from <= by_reason["Ahead"].timestamp <= sent_until
+    assert [by_reason[r].timestamp for r in ("Before", "After")] == [
+        batch[0].time_ns // 1_000_000,
+        batch[2].time_ns // 1_000_000,
+    ]
