@@ -16,7 +16,8 @@
   rejected with Loki's message and goes to the dead-letter file, never retried. Entries that Loki did
   store are therefore also dead-lettered — re-sending them later is harmless because Loki
   de-duplicates identical entries. 429, 5xx, 401/403/404/408 and connection errors are retried by the
-  engine (RetryableError, honouring Retry-After).
+  engine (RetryableError, honouring Retry-After). A push answered 413 (a proxy's body limit) is sent
+  again in halves.
 - Loki refuses entries more than an hour (max_chunk_age/2) behind the newest entry of their stream. The
   sink remembers, per stream, the newest entry Loki accepted from it; entries already known to be that
   far behind (a relist arrives in key order, not time order) are sent in a second push of their own, so
@@ -781,6 +782,13 @@ class LokiSink(Sink[LokiOptions]):
             update = self._newest.update
             for entry in entries:
                 update(entry.stream, entry.ts_ns)
+            return
+        if status == 413 and len(entries) > 1:
+            # A body limit below this push (a proxy's: nginx's client_max_body_size is 1m by default):
+            # halve it, so only an entry too large on its own is refused.
+            mid = len(entries) // 2
+            await self._push(entries[:mid], outcomes)
+            await self._push(entries[mid:], outcomes)
             return
         message = text[:2000] or (response.reason or "")
         if status == 429 or status >= 500 or status in (401, 403, 404, 408):

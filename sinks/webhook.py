@@ -29,7 +29,8 @@ Signatures (``secret=...``) over the exact bytes sent:
 
 Outcomes: any 2xx is OK; 408, 429, 5xx, connection errors and timeouts are retried (honouring
 Retry-After, seconds or HTTP-date); redirects and other 4xx are rejected with the status and a short
-excerpt of the answer. Redirects are never followed (a 302 would turn the POST into a GET).
+excerpt of the answer. A batch answered 413 (a body limit below ``batch_max_bytes``, e.g. a proxy's) is
+sent again in halves, so only a record too large on its own is rejected. Redirects are never followed (a 302 would turn the POST into a GET).
 
 Every URL in logs and errors is redacted: no userinfo, no query values, no token-like path segments.
 """
@@ -540,8 +541,8 @@ class WebhookSink(Sink[WebhookOptions]):
                 text = text.replace(raw, self._redacted)
         return f"{type(exc).__name__}: {text}"[:300]
 
-    async def _post(self, body: bytes, keys: Sequence[str]) -> Outcome:
-        """One request → OK, retry(...) or reject(...)."""
+    async def _post(self, body: bytes, keys: Sequence[str]) -> tuple[int | None, Outcome]:
+        """One request → its status (None: no answer) and OK, retry(...) or reject(...)."""
         if self._session is None:
             await self.start()
         assert self._session is not None
@@ -556,18 +557,38 @@ class WebhookSink(Sink[WebhookOptions]):
             ) as resp:
                 status = resp.status
                 if 200 <= status < 300:
-                    return OK
+                    return status, OK
                 excerpt = (await resp.content.read(512)).decode("utf-8", "replace")
                 excerpt = " ".join(excerpt.split())[:200]
                 detail = f"HTTP {status} from {self._redacted}" + (f": {excerpt}" if excerpt else "")
                 if status in _RETRY_STATUSES or status >= 500:
-                    return retry(detail, retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+                    after = parse_retry_after(resp.headers.get("Retry-After"))
+                    return status, retry(detail, retry_after=after)
                 if 300 <= status < 400:
                     where = redact_url(resp.headers.get("Location", ""))
-                    return reject(f"HTTP {status} redirect from {self._redacted} to {where!r} (not followed)")
-                return reject(detail)
+                    return status, reject(
+                        f"HTTP {status} redirect from {self._redacted} to {where!r} (not followed)"
+                    )
+                return status, reject(detail)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return retry(f"{self._redacted}: {self._describe(exc)}")
+            return None, retry(f"{self._redacted}: {self._describe(exc)}")
+
+    async def _post_batch(
+        self, items: list[tuple[int, bytes]], batch: Sequence[Occurrence], outcomes: list[Outcome | None]
+    ) -> Outcome | None:
+        """POST ``items`` as one JSON array, halving it while the endpoint answers 413 (a body limit
+        below ours: nginx's client_max_body_size is 1m by default), so only a record too large on
+        its own is rejected. Returns the outcome when the items went as one request."""
+        body = b"[" + b",".join(b for _, b in items) + b"]"
+        status, outcome = await self._post(body, [batch[i].key for i, _ in items])
+        if status == 413 and len(items) > 1:
+            mid = len(items) // 2
+            await self._post_batch(items[:mid], batch, outcomes)
+            await self._post_batch(items[mid:], batch, outcomes)
+            return None
+        for i, _ in items:
+            outcomes[i] = outcome
+        return outcome
 
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
         outcomes: list[Outcome | None] = [None] * len(batch)
@@ -585,15 +606,12 @@ class WebhookSink(Sink[WebhookOptions]):
                     # The endpoint is down or throttling: do not spend a timeout per remaining item.
                     outcomes[i] = retry(f"not sent: {stop.reason}", retry_after=stop.retry_after)
                     continue
-                outcome = await self._post(body, [batch[i].key])
+                _, outcome = await self._post(body, [batch[i].key])
                 outcomes[i] = outcome
                 if outcome.kind is OutcomeKind.RETRY:
                     stop = outcome
         elif bodies:
-            body = b"[" + b",".join(b for _, b in bodies) + b"]"
-            outcome = await self._post(body, [batch[i].key for i, _ in bodies])
-            if outcome.kind is OutcomeKind.RETRY and len(bodies) == len(batch):
-                raise RetryableError(outcome.reason, retry_after=outcome.retry_after)
-            for i, _ in bodies:
-                outcomes[i] = outcome
+            whole = await self._post_batch(bodies, batch, outcomes)
+            if whole is not None and whole.kind is OutcomeKind.RETRY and len(bodies) == len(batch):
+                raise RetryableError(whole.reason, retry_after=whole.retry_after)
         return [o if o is not None else OK for o in outcomes]

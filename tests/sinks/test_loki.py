@@ -231,6 +231,30 @@ async def test_a_loki_stricter_than_configured_gives_partial_400_and_every_item_
         assert loki.pushes[-1].status == 400 and loki.pushes[-1].accepted == 1
 
 
+async def test_a_gateway_body_limit_below_the_push_halves_it_and_refuses_only_an_entry_too_large_alone() -> (
+    None
+):
+    # A gateway before Loki takes 16 KiB bodies (the Loki chart's nginx gateway: 4M; nginx's default 1m).
+    batch = [recent(60 - i, reason="Fine", object_name=f"web-{i}", message="m" * 500) for i in range(40)]
+    big = recent(30, reason="Big", object_name="big", message="x" * 20_000)
+    batch.insert(17, big)
+    async with LokiReceiver(max_body_bytes=16384) as receiver:
+        sink = await _sink(receiver.url, format="json")
+        try:
+            outcomes = await sink.send(batch)
+        finally:
+            await sink.aclose()
+        assert outcomes is not None
+        assert [o.kind for o in outcomes] == [OutcomeKind.OK] * 17 + [OutcomeKind.REJECT] + [
+            OutcomeKind.OK
+        ] * 23
+        assert "413" in outcomes[17].reason
+        stored = [orjson.loads(line)["uid"] for s in receiver.query_range() for _, line, _ in s.values]
+        assert sorted(stored) == sorted(o.uid for o in batch if o is not big)
+        assert {p.status for p in receiver.pushes} == {204, 413}
+        assert all(p.body_size <= 16384 for p in receiver.pushes if p.status == 204)
+
+
 async def test_injected_400_rejects_items_with_the_message_and_is_not_retried(loki: LokiReceiver) -> None:
     loki.fail_next(400, message="entry for stream '{}' has timestamp too new: 2099-01-01T00:00:00Z")
     batch = [recent(5), recent(6)]

@@ -523,7 +523,8 @@ class LokiReceiver:
     15 label names, label name/value length 1024/2048, reject_old_samples_max_age 168h,
     creation_grace_period 10m, unordered writes with max_chunk_age 2h (entries more than an hour
     behind the stream's newest are refused), structured metadata allowed (64KB, 128 pairs).
-    ``now`` (epoch seconds) drives the age checks.
+    ``now`` (epoch seconds) drives the age checks. ``max_body_bytes`` is the largest push body taken
+    (Loki's default 100 MB; beyond it aiohttp answers 413, as a gateway with a body limit does).
     """
 
     def __init__(
@@ -545,6 +546,7 @@ class LokiReceiver:
         max_structured_metadata_entries_count: int = 128,
         now: Callable[[], float] = time.time,
         ssl_context: Any = None,
+        max_body_bytes: int = 100 * 1024 * 1024,
     ) -> None:
         self.auth_enabled = auth_enabled
         self.username = username
@@ -562,6 +564,7 @@ class LokiReceiver:
         self.max_structured_metadata_entries_count = max_structured_metadata_entries_count
         self.now = now
         self.ssl_context = ssl_context
+        self.max_body_bytes = max_body_bytes
         self.entries: list[StoredEntry] = []
         """Every stored entry in arrival order, duplicates included (queries de-duplicate)."""
         self.pushes: list[Push] = []
@@ -582,7 +585,7 @@ class LokiReceiver:
         return self._url
 
     async def __aenter__(self) -> LokiReceiver:
-        app = web.Application(client_max_size=100 * 1024 * 1024)
+        app = web.Application(client_max_size=self.max_body_bytes)
         app.router.add_post("/loki/api/v1/push", self._handle_push)
         app.router.add_get("/ready", self._handle_ready)
         app.router.add_get("/loki/api/v1/query_range", self._handle_query_range)
@@ -711,10 +714,16 @@ class LokiReceiver:
         return web.Response(text="ready\n")
 
     async def _handle_push(self, request: web.Request) -> web.Response:
-        body = await request.read()
         headers = dict(request.headers.items())
         ctype = request.headers.get("Content-Type", "")
         cenc = request.headers.get("Content-Encoding", "")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:  # aiohttp's own 413, as a gateway with a body limit
+            self.pushes.append(
+                Push(headers, ctype, cenc, request.content_length or 0, 413, exc.text or "", 0)
+            )
+            raise
 
         def answer(
             status: int, message: str, accepted: int = 0, extra: dict[str, str] | None = None

@@ -23,6 +23,8 @@ Every request is recorded (method, path, query, headers, raw body, answer status
 Fault injection: ``fail_next(n, status, retry_after=..., body=...)`` answers the next ``n`` requests
 with that status (after recording, before checks); ``hang_next(n)`` never answers the next ``n``
 requests (until the receiver closes) — the client must time out. ``ssl_context`` serves HTTPS.
+``max_body_bytes`` is the largest body taken (aiohttp answers 413 beyond it, as a proxy with a body
+limit does; the request is recorded without its body).
 """
 
 from __future__ import annotations
@@ -95,8 +97,10 @@ class WebhookReceiver:
         port: int = 0,
         path: str = "/hook",
         ssl_context: ssl.SSLContext | None = None,
+        max_body_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.secret = secret
+        self.max_body_bytes = max_body_bytes
         self.signature = signature
         self.tolerance = tolerance
         self.ok_status = ok_status
@@ -133,7 +137,7 @@ class WebhookReceiver:
             await self._changed.wait_for(lambda: len(self.requests) >= count)
 
     async def __aenter__(self) -> WebhookReceiver:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=self.max_body_bytes)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -155,7 +159,16 @@ class WebhookReceiver:
             self._changed.notify_all()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:  # aiohttp's own 413, as a proxy with a body limit answers
+            self.requests.append(
+                RecordedRequest(
+                    request.method, request.path, request.query_string, CIMultiDict(request.headers), b"", 413
+                )
+            )
+            await self._notify()
+            raise
         rec = RecordedRequest(
             method=request.method,
             path=request.path,
