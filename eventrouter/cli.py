@@ -114,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     _common(check)
 
     replay = sub.add_parser(
-        "replay", help="route a `kubectl get events -A -o json` or a JSON-lines watch recording"
+        "replay",
+        help="route a `kubectl get events -A -o json`, a JSON-lines watch recording or a dead-letter file",
     )
     _common(replay)
     replay.add_argument("file", help="file to read, - for stdin")
@@ -357,7 +358,8 @@ async def _check(args: argparse.Namespace) -> int:
 
 
 def read_recording(data: bytes) -> Iterator[tuple[str, Any]]:
-    """A ``kubectl get events -o json`` List, or JSON lines of watch events / bare Event objects.
+    """A ``kubectl get events -o json`` List, or JSON lines of watch events, bare Event objects or
+    dead-letter entries (``<data-dir>/deadletter/<sink>.jsonl``: their ``event``).
 
     Broken Unicode (invalid UTF-8, lone surrogate escapes) is replaced by U+FFFD, as the watch does;
     each repaired object is preceded by a ``("REPAIRED", None)`` marker, an unreadable line is a
@@ -418,8 +420,22 @@ def _note_repaired(obj: Any, strings: int, where: str) -> Iterator[tuple[str, An
 def _line_item(obj: Any) -> Iterator[tuple[str, Any]]:
     if isinstance(obj, dict) and "type" in obj and isinstance(obj.get("object"), dict):
         yield str(obj["type"]), obj["object"]
+    elif isinstance(obj, dict) and obj.keys() >= DEAD_LETTER_FIELDS:
+        # A dead-letter line: the Event object it was made from (its occurrence number included).
+        if isinstance(obj.get("event"), dict):
+            yield "LIST", obj["event"]
+        else:
+            log.warning(
+                "replay: dead-letter line for %s has no event object (written before eventrouter kept it); "
+                "skipped",
+                obj.get("key"),
+            )
+            yield "MALFORMED", None
     else:
         yield "LIST", obj
+
+
+DEAD_LETTER_FIELDS = frozenset({"sink", "reason", "key", "record"})
 
 
 async def _replay(args: argparse.Namespace) -> int:

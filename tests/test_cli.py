@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -321,6 +322,50 @@ def test_replay_repairs_broken_unicode_and_delivers_the_event(tmp_path: Path) ->
         assert summary["repaired"] == 2 and summary["malformed"] == 0, summary
         name = doc["items"][1]["metadata"]["name"]
         assert "replaced by U+FFFD" in result.stderr and f"/{name} (uid " in result.stderr
+
+
+async def test_a_dead_letter_file_replays_once_the_cause_is_fixed(tmp_path: Path) -> None:
+    # The hook checks signatures and the sink has no secret: every batch is refused (401) and every
+    # occurrence dead-lettered. With the secret given, replaying the dead-letter file delivers them.
+    from eventrouter.testing.receivers.webhook import WebhookReceiver
+
+    secret, data = "It's a Secret to Everybody", tmp_path / "data"
+    recording = str(DATA / "watch-core-v1.jsonl")
+    async with WebhookReceiver(secret=secret) as hook:
+        sink = f"--sink=webhook:{hook.url}?batch_max_wait=0.05"
+        first = await asyncio.to_thread(
+            _eventrouter, "replay", recording, sink, "--data-dir", str(data), "--cluster-name", "rec"
+        )
+        assert first.returncode == 0, first.stderr
+        assert json.loads(first.stderr.strip().splitlines()[-1])["sinks"]["webhook"]["dead_lettered"] == 126
+        assert hook.accepted == [] and {r.status for r in hook.requests} == {401}
+        deadletter = data / "deadletter" / "webhook.jsonl"
+        entries = [json.loads(line) for line in deadletter.read_text().splitlines()]
+        assert len(entries) == 126 and all("HTTP 401" in e["reason"] for e in entries)
+
+        fixed = f"{sink}&secret={secret}"
+        second = await asyncio.to_thread(
+            _eventrouter, "replay", str(deadletter), fixed, "--cluster-name", "rec"
+        )
+        assert second.returncode == 0, second.stderr
+        summary = json.loads(second.stderr.strip().splitlines()[-1])
+        assert summary["occurrences"] == 126 and summary["sinks"]["webhook"]["delivered"] == 126, summary
+        assert all(r.signature_ok for r in hook.accepted)
+        delivered = [record for r in hook.accepted for record in r.json()]
+    # The same occurrences, the same records: what was refused is what arrives.
+    assert sorted(f"{r['uid']}/{r['occurrence']}" for r in delivered) == sorted(e["key"] for e in entries)
+    by_key = {e["key"]: e["record"] for e in entries}
+    assert all(r == by_key[f"{r['uid']}/{r['occurrence']}"] for r in delivered)
+
+
+def test_a_dead_letter_line_without_its_event_is_counted_malformed(tmp_path: Path) -> None:
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({"sink": "es", "reason": "400", "key": "u/1", "record": {"uid": "u"}}) + "\n")
+    out = tmp_path / "out.jsonl"
+    result = _eventrouter("replay", str(old), f"--sink=file:{out}")
+    summary = json.loads(result.stderr.strip().splitlines()[-1])
+    assert summary["malformed"] == 1 and summary["occurrences"] == 0
+    assert "dead-letter line for u/1 has no event object" in result.stderr
 
 
 def test_replay_of_a_kubectl_list_with_data_dir_skips_what_was_delivered(tmp_path: Path) -> None:

@@ -229,6 +229,7 @@ async def test_rejected_items_go_to_the_dead_letter_file_with_reason(
     assert [x["key"] for x in lines] == [bad.key]
     assert lines[0]["reason"].startswith("400 mapper_parsing_exception")
     assert lines[0]["record"]["reason"] == "Bad"
+    assert lines[0]["event"] == bad.raw  # what `eventrouter replay` needs to send it again
     assert value(metrics.dead_lettered, "mem", "rejected") == 1
 
 

@@ -3,6 +3,10 @@
 ``<data-dir>/deadletter/<sink>.jsonl``, rotated at a size bound so a misconfigured sink cannot fill
 the disk (the rotation itself is counted in the log). Without --data-dir the reason is only logged
 and counted.
+
+Each line: ``sink``, ``reason``, ``dead_lettered_at``, ``key`` (``<uid>/<occurrence>``), ``record`` (the
+normalised record) and ``event`` (the Event object as the API server sent it), so that, once the cause
+is fixed, ``eventrouter replay FILE --sink=...`` delivers the same occurrences again.
 """
 
 from __future__ import annotations
@@ -34,17 +38,14 @@ class DeadLetter:
         if self.path is None or not items:
             return
         now = time.time()
+        # The record and the event are spliced in as the JSON they already are.
         lines = b"".join(
-            orjson.dumps(
-                {
-                    "sink": self.sink,
-                    "reason": reason,
-                    "dead_lettered_at": now,
-                    "key": occ.key,
-                    "record": occ.record,
-                }
-            )
-            + b"\n"
+            orjson.dumps({"sink": self.sink, "reason": reason, "dead_lettered_at": now, "key": occ.key})[:-1]
+            + b',"record":'
+            + occ.json
+            + b',"event":'
+            + occ.raw_json
+            + b"}\n"
             for occ, reason in items
         )
         try:
