@@ -349,7 +349,7 @@ class _Batch:
 
 _TIME_ADJUSTED = ("time_adjusted", b"true")
 _CLOCK_MARGIN_MS = 60_000
-"""Kept inside the broker's window: it judges by its own clock, not the router's."""
+"""Kept inside the broker's window (at most a quarter of it): it judges by its own clock."""
 
 
 def _whole_batch_errors() -> tuple[type[BaseException], ...]:
@@ -383,7 +383,8 @@ class KafkaSink(Sink[KafkaOptions]):
         self._key_by = options.key_by
         self._include_raw = options.include_raw
         self._event_time = options.timestamp == "event"
-        self._grace_ms = int(options.future_grace * 1000) - _CLOCK_MARGIN_MS
+        grace_ms = int(options.future_grace * 1000)
+        self._grace_ms = grace_ms - min(_CLOCK_MARGIN_MS, grace_ms // 4)
         self._latest_ms: float = math.inf  # set per batch by send (set_window)
         self._producer: Any = None
         self._murmur2: Any = None

@@ -87,7 +87,7 @@ DEFAULT_MAX_AGE = 168 * 3600.0
 DEFAULT_FUTURE_GRACE = 600.0
 """Loki's default creation_grace_period: entries further ahead are refused (400 "timestamp too new")."""
 _CLOCK_MARGIN_NS = 60 * 1_000_000_000
-"""Kept inside Loki's time window on both sides: Loki judges by its own clock, not the router's."""
+"""Kept inside Loki's time window on both sides (at most a quarter of it): Loki judges by its own clock."""
 
 # Fields a label template may use, and which of them are unbounded per object or per event.
 TEMPLATE_FIELDS = frozenset(
@@ -719,8 +719,8 @@ class LokiSink(Sink[LokiOptions]):
 
     def set_window(self, now_ns: int) -> None:
         """Loki's time window (max_age, future_grace) around ``now_ns``, for the entries encoded next."""
-        self._oldest_ns = now_ns - self._max_age_ns + _CLOCK_MARGIN_NS
-        self._newest_ns = now_ns + self._grace_ns - _CLOCK_MARGIN_NS
+        self._oldest_ns = now_ns - self._max_age_ns + min(_CLOCK_MARGIN_NS, self._max_age_ns // 4)
+        self._newest_ns = now_ns + self._grace_ns - min(_CLOCK_MARGIN_NS, self._grace_ns // 4)
 
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
         outcomes: list[Outcome] = [OK] * len(batch)
