@@ -456,6 +456,18 @@ def _error_text(error: Any) -> str:
     return str(error) if error is not None else "no error detail"
 
 
+def _disk_block(error: Any) -> bool:
+    """The read-only-allow-delete block a node past its flood-stage disk watermark puts on its indices:
+    Elasticsearch before 7.6 answers it 403 (7.6+ and OpenSearch 429), and lifts it by itself once
+    disk space is back, so it is worth retrying (elastic/elasticsearch#49393). A block an operator
+    set (``index.blocks.write``) stays a rejection."""
+    return (
+        isinstance(error, dict)
+        and error.get("type") == "cluster_block_exception"
+        and "read-only / allow delete" in str(error.get("reason", ""))
+    )
+
+
 def _body_error(body: Any) -> str:
     if isinstance(body, dict) and "error" in body:
         return _error_text(body["error"])
@@ -759,7 +771,7 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         error = _error_text(result.get("error"))
         if status == 409 and action == "create":
             return OK  # already indexed under this _id: a re-delivery
-        if status == 429 or status >= 500:
+        if status == 429 or status >= 500 or (status == 403 and _disk_block(result.get("error"))):
             return retry(f"{status} {error}", retry_after=retry_after)
         return reject(f"{status} {error}")
 

@@ -480,6 +480,22 @@ async def test_item_level_429_retried_5xx_retried_4xx_rejected(fake: FakeBulkSer
     assert outcomes[1].reason == "400 document_parsing_exception: bad field"
 
 
+async def test_the_flood_stage_disk_block_of_elasticsearch_before_7_6_is_retried_a_write_block_rejected(
+    fake: FakeBulkServer,
+) -> None:
+    batch = [occurrence() for _ in range(2)]
+    disk = "index [e] blocked by: [FORBIDDEN/12/index read-only / allow delete (api)];"
+    manual = "index [e] blocked by: [FORBIDDEN/8/index write (api)];"
+    fake.item_status = {
+        f"{batch[0].uid}-1": (403, {"type": "cluster_block_exception", "reason": disk}),
+        f"{batch[1].uid}-1": (403, {"type": "cluster_block_exception", "reason": manual}),
+    }
+    async with running_sink(fake.url) as sink:
+        outcomes = await send(sink, batch)
+    assert outcome_kinds(outcomes) == [OutcomeKind.RETRY, OutcomeKind.REJECT]
+    assert outcomes[0].reason == f"403 cluster_block_exception: {disk}"
+
+
 async def test_too_large_request_is_split_and_single_document_rejected(fake: FakeBulkServer) -> None:
     fake.max_content_length = 4000
     batch = [occurrence(message="m" * 600) for _ in range(8)] + [occurrence(message="z" * 5000)]
