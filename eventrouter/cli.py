@@ -359,7 +359,8 @@ async def _check(args: argparse.Namespace) -> int:
 
 def read_recording(data: bytes) -> Iterator[tuple[str, Any]]:
     """A ``kubectl get events -o json`` List, or JSON lines of watch events, bare Event objects or
-    dead-letter entries (``<data-dir>/deadletter/<sink>.jsonl``: their ``event``).
+    dead-letter entries (``<data-dir>/deadletter/<sink>.jsonl``: their ``event``, after a
+    ``("DEADLETTER", sink name)`` marker).
 
     Broken Unicode (invalid UTF-8, lone surrogate escapes) is replaced by U+FFFD, as the watch does;
     each repaired object is preceded by a ``("REPAIRED", None)`` marker, an unreadable line is a
@@ -422,6 +423,7 @@ def _line_item(obj: Any) -> Iterator[tuple[str, Any]]:
         yield str(obj["type"]), obj["object"]
     elif isinstance(obj, dict) and obj.keys() >= DEAD_LETTER_FIELDS:
         # A dead-letter line: the Event object it was made from (its occurrence number included).
+        yield "DEADLETTER", str(obj["sink"])
         if isinstance(obj.get("event"), dict):
             yield "LIST", obj["event"]
         else:
@@ -438,21 +440,45 @@ def _line_item(obj: Any) -> Iterator[tuple[str, Any]]:
 DEAD_LETTER_FIELDS = frozenset({"sink", "reason", "key", "record"})
 
 
+def _dead_letter_replay(
+    dead_from: set[str], specs: list[SinkSpec], settings: RouterSettings
+) -> tuple[list[SinkSpec], RouterSettings]:
+    """A dead-letter file goes back to the sinks that refused it when they are configured (the others
+    have those occurrences already), and without the data dir: its checkpoint counts them as done."""
+    configured = {spec.name for spec in specs}
+    if dead_from <= configured:
+        specs = [spec for spec in specs if spec.name in dead_from]
+        log.info("replay: dead letters of %s: sending them to that sink only", ", ".join(sorted(dead_from)))
+    else:
+        log.info(
+            "replay: dead letters of %s, which is not configured here: sending them to %s",
+            ", ".join(sorted(dead_from - configured)),
+            ", ".join(spec.name for spec in specs),
+        )
+    if settings.data_dir is not None:
+        log.info("replay: dead letters are sent without --data-dir (its checkpoint counts them as done)")
+        settings.data_dir = None
+    return specs, settings
+
+
 async def _replay(args: argparse.Namespace) -> int:
     cfg, specs = _load(args)
     if not specs:
         raise ConfigError("no sinks configured")
-    settings = _settings(args, cfg)
-    settings.metrics_addr = None
-    settings.shutdown_timeout = args.timeout
     try:
         data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {args.file!r}: {exc.strerror}") from None
     items = list(read_recording(data))
+    settings = _settings(args, cfg)
+    settings.metrics_addr = None
+    settings.shutdown_timeout = args.timeout
+    dead_from = {str(name) for kind, name in items if kind == "DEADLETTER"}
+    if dead_from:
+        specs, settings = _dead_letter_replay(dead_from, specs, settings)
     router = Router(settings, specs)
     await router.start_pipelines()
-    markers = ("MALFORMED", "REPAIRED")
+    markers = ("MALFORMED", "REPAIRED", "DEADLETTER")
     occurrences, malformed = await router.replay((k, o) for k, o in items if k not in markers)
     malformed += sum(1 for k, _ in items if k == "MALFORMED")
     repaired = sum(1 for k, _ in items if k == "REPAIRED")

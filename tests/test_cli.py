@@ -343,13 +343,25 @@ async def test_a_dead_letter_file_replays_once_the_cause_is_fixed(tmp_path: Path
         entries = [json.loads(line) for line in deadletter.read_text().splitlines()]
         assert len(entries) == 126 and all("HTTP 401" in e["reason"] for e in entries)
 
-        fixed = f"{sink}&secret={secret}"
+        # Replayed with the router's own configuration: another sink, and the data dir whose checkpoint
+        # counts the dead letters as done. They go to the sink that refused them, and only there.
+        fixed, other = f"{sink}&secret={secret}", tmp_path / "other.jsonl"
         second = await asyncio.to_thread(
-            _eventrouter, "replay", str(deadletter), fixed, "--cluster-name", "rec"
+            _eventrouter,
+            "replay",
+            str(deadletter),
+            fixed,
+            f"--sink=file:{other}",
+            "--data-dir",
+            str(data),
+            "--cluster-name",
+            "rec",
         )
         assert second.returncode == 0, second.stderr
         summary = json.loads(second.stderr.strip().splitlines()[-1])
         assert summary["occurrences"] == 126 and summary["sinks"]["webhook"]["delivered"] == 126, summary
+        assert list(summary["sinks"]) == ["webhook"] and not other.exists()
+        assert "dead letters of webhook: sending them to that sink only" in second.stderr
         assert all(r.signature_ok for r in hook.accepted)
         delivered = [record for r in hook.accepted for record in r.json()]
     # The same occurrences, the same records: what was refused is what arrives.
