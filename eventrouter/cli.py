@@ -360,7 +360,7 @@ async def _check(args: argparse.Namespace) -> int:
 def read_recording(data: bytes) -> Iterator[tuple[str, Any]]:
     """A ``kubectl get events -o json`` List, or JSON lines of watch events, bare Event objects or
     dead-letter entries (``<data-dir>/deadletter/<sink>.jsonl``: their ``event``, after a
-    ``("DEADLETTER", sink name)`` marker).
+    ``("DEADLETTER", (sink name, cluster))`` marker).
 
     Broken Unicode (invalid UTF-8, lone surrogate escapes) is replaced by U+FFFD, as the watch does;
     each repaired object is preceded by a ``("REPAIRED", None)`` marker, an unreadable line is a
@@ -423,7 +423,8 @@ def _line_item(obj: Any) -> Iterator[tuple[str, Any]]:
         yield str(obj["type"]), obj["object"]
     elif isinstance(obj, dict) and obj.keys() >= DEAD_LETTER_FIELDS:
         # A dead-letter line: the Event object it was made from (its occurrence number included).
-        yield "DEADLETTER", str(obj["sink"])
+        record = obj["record"]
+        yield "DEADLETTER", (str(obj["sink"]), record.get("cluster") if isinstance(record, dict) else None)
         if isinstance(obj.get("event"), dict):
             yield "LIST", obj["event"]
         else:
@@ -441,10 +442,15 @@ DEAD_LETTER_FIELDS = frozenset({"sink", "reason", "key", "record"})
 
 
 def _dead_letter_replay(
-    dead_from: set[str], specs: list[SinkSpec], settings: RouterSettings
+    dead: set[tuple[str, Any]], specs: list[SinkSpec], settings: RouterSettings
 ) -> tuple[list[SinkSpec], RouterSettings]:
     """A dead-letter file goes back to the sinks that refused it when they are configured (the others
-    have those occurrences already), and without the data dir: its checkpoint counts them as done."""
+    have those occurrences already), without the data dir (its checkpoint counts them as done), and
+    stamped with the cluster name its records have unless one is given."""
+    dead_from = {sink for sink, _ in dead}
+    clusters = {cluster for _, cluster in dead if cluster}
+    if not settings.cluster_name and len(clusters) == 1:
+        settings.cluster_name = clusters.pop()
     configured = {spec.name for spec in specs}
     if dead_from <= configured:
         specs = [spec for spec in specs if spec.name in dead_from]
@@ -473,9 +479,9 @@ async def _replay(args: argparse.Namespace) -> int:
     settings = _settings(args, cfg)
     settings.metrics_addr = None
     settings.shutdown_timeout = args.timeout
-    dead_from = {str(name) for kind, name in items if kind == "DEADLETTER"}
-    if dead_from:
-        specs, settings = _dead_letter_replay(dead_from, specs, settings)
+    dead = {origin for kind, origin in items if kind == "DEADLETTER"}
+    if dead:
+        specs, settings = _dead_letter_replay(dead, specs, settings)
     router = Router(settings, specs)
     await router.start_pipelines()
     markers = ("MALFORMED", "REPAIRED", "DEADLETTER")

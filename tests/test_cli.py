@@ -354,9 +354,7 @@ async def test_a_dead_letter_file_replays_once_the_cause_is_fixed(tmp_path: Path
             f"--sink=file:{other}",
             "--data-dir",
             str(data),
-            "--cluster-name",
-            "rec",
-        )
+        )  # no --cluster-name: the records' own ("rec") is kept
         assert second.returncode == 0, second.stderr
         summary = json.loads(second.stderr.strip().splitlines()[-1])
         assert summary["occurrences"] == 126 and summary["sinks"]["webhook"]["delivered"] == 126, summary
