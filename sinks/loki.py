@@ -792,6 +792,8 @@ class LokiSink(Sink[LokiOptions]):
             return
         message = text[:2000] or (response.reason or "")
         if status == 429 or status >= 500 or status in (401, 403, 404, 408):
+            if status == 401 and "org id" in message and not self.options.tenant:
+                message += " (this Loki is multi-tenant: set tenant=<org id>)"
             raise RetryableError(f"loki: {self._shown} answered {status}: {message}", retry_after=retry_after)
         # 400 (and other 4xx) is final. It may be partial: Loki stored the valid entries but does not say
         # which, so every item of this push goes to the dead-letter file with Loki's message.

@@ -463,7 +463,9 @@ async def test_tenant_basic_auth_and_custom_headers_are_sent() -> None:
         # Without a tenant Loki answers 401 "no org id": retried (a configuration fix brings it back).
         no_tenant = await _sink(receiver.url, username="bob", password="pw")
         try:
-            with pytest.raises(RetryableError, match="no org id"):
+            with pytest.raises(
+                RetryableError, match=r"no org id \(this Loki is multi-tenant: set tenant=<org id>\)"
+            ):
                 await no_tenant.send([recent(5)])
         finally:
             await no_tenant.aclose()
