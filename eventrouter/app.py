@@ -373,9 +373,15 @@ class Router:
 
     async def replay(self, objects: Iterable[tuple[str, Any]], *, page: int = 500) -> tuple[int, int]:
         """Route recorded (type, object) pairs through the same tracker and pipelines, pausing every
-        ``page`` objects while a working sink is backlogged. Returns (occurrences, malformed)."""
+        ``page`` objects (at most half the smallest memory queue) while a working sink is backlogged.
+        Returns (occurrences, malformed)."""
+        smallest = min((p.queue_max for p in self.pipelines), default=1000)
+        page = max(1, min(page, smallest // 2))
         tracker = OccurrenceTracker(cluster=self.settings.cluster_name)
         count = malformed = seen = 0
+        # Reading a file never yields to the loop: until a sink has started, nothing would take from
+        # its queue, and a file larger than the queue would overflow it before the sink ran at all.
+        await asyncio.gather(*(p.start_tried.wait() for p in self.pipelines))
         for kind, obj in objects:
             self.metrics.watch_events.labels(kind).inc()
             if kind == "DELETED":
@@ -385,6 +391,7 @@ class Router:
             seen += 1
             if seen % page == 0:
                 await self.fanout.wait_for_room()
+                await asyncio.sleep(0)  # let the pipelines take what is queued
             try:
                 occ = tracker.observe(obj)
             except MalformedEvent as exc:

@@ -9,15 +9,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 from pydantic import BaseModel
@@ -29,7 +30,7 @@ from eventrouter.logs import setup_logging
 from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS
 from eventrouter.plugins import PluginError, discover
 from eventrouter.sink import SinkContext
-from eventrouter.source import unicode_repair
+from eventrouter.source.recording import read_recording
 from eventrouter.source.watcher import WatchSettings
 
 __all__ = ["main"]
@@ -357,108 +358,24 @@ async def _check(args: argparse.Namespace) -> int:
 # ---- replay --------------------------------------------------------------------------------------
 
 
-def read_recording(data: bytes) -> Iterator[tuple[str, Any]]:
-    """A ``kubectl get events -o json`` List, or JSON lines of watch events, bare Event objects or
-    dead-letter entries (``<data-dir>/deadletter/<sink>.jsonl``: their ``event``, after a
-    ``("DEADLETTER", (sink name, cluster))`` marker).
-
-    Broken Unicode (invalid UTF-8, lone surrogate escapes) is replaced by U+FFFD, as the watch does;
-    each repaired object is preceded by a ``("REPAIRED", None)`` marker, an unreadable line is a
-    ``("MALFORMED", None)``."""
-    text = data.lstrip()
-    if text.startswith(b"{"):
-        broken = False
-        try:
-            try:
-                doc = orjson.loads(text)
-            except orjson.JSONDecodeError as exc:
-                doc = unicode_repair.parse_refused(text, exc)
-                broken = True
-        except orjson.JSONDecodeError:
-            doc = None
-        if isinstance(doc, dict) and isinstance(doc.get("items"), list):
-            for n, item in enumerate(doc["items"]):
-                if broken:
-                    item = yield from _repaired(item, f"item {n}")
-                yield "LIST", item
-            return
-        if isinstance(doc, dict):
-            if broken:
-                doc = yield from _repaired(doc, "the document")
-            yield from _line_item(doc)
-            return
-    for n, line in enumerate(data.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj, strings = unicode_repair.loads(line)
-        except orjson.JSONDecodeError as exc:
-            log.warning("replay: line %d is not JSON (%s); skipped", n, exc)
-            yield "MALFORMED", None
-            continue
-        if strings:
-            yield from _note_repaired(obj, strings, f"line {n}")
-        yield from _line_item(obj)
-
-
-def _repaired(obj: Any, where: str) -> Generator[tuple[str, Any], None, Any]:
-    obj, strings = unicode_repair.repair(obj)
-    if strings:
-        yield from _note_repaired(obj, strings, where)
-    return obj
-
-
-def _note_repaired(obj: Any, strings: int, where: str) -> Iterator[tuple[str, Any]]:
-    log.warning(
-        "replay: %s (event %s) had invalid UTF-8 or lone surrogate escapes in %d strings: replaced by U+FFFD",
-        where,
-        unicode_repair.describe(obj),
-        strings,
-    )
-    yield "REPAIRED", None
-
-
-def _line_item(obj: Any) -> Iterator[tuple[str, Any]]:
-    if isinstance(obj, dict) and "type" in obj and isinstance(obj.get("object"), dict):
-        yield str(obj["type"]), obj["object"]
-    elif isinstance(obj, dict) and obj.keys() >= DEAD_LETTER_FIELDS:
-        # A dead-letter line: the Event object it was made from (its occurrence number included).
-        record = obj["record"]
-        yield "DEADLETTER", (str(obj["sink"]), record.get("cluster") if isinstance(record, dict) else None)
-        if isinstance(obj.get("event"), dict):
-            yield "LIST", obj["event"]
-        else:
-            log.warning(
-                "replay: dead-letter line for %s has no event object (written before eventrouter kept it); "
-                "skipped",
-                obj.get("key"),
-            )
-            yield "MALFORMED", None
-    else:
-        yield "LIST", obj
-
-
-DEAD_LETTER_FIELDS = frozenset({"sink", "reason", "key", "record"})
-
-
 def _dead_letter_replay(
-    dead: set[tuple[str, Any]], specs: list[SinkSpec], settings: RouterSettings
+    origin: tuple[str, Any], specs: list[SinkSpec], settings: RouterSettings
 ) -> tuple[list[SinkSpec], RouterSettings]:
-    """A dead-letter file goes back to the sinks that refused it when they are configured (the others
-    have those occurrences already), without the data dir (its checkpoint counts them as done), and
-    stamped with the cluster name its records have unless one is given."""
-    dead_from = {sink for sink, _ in dead}
-    clusters = {cluster for _, cluster in dead if cluster}
-    if not settings.cluster_name and len(clusters) == 1:
-        settings.cluster_name = clusters.pop()
-    configured = {spec.name for spec in specs}
-    if dead_from <= configured:
-        specs = [spec for spec in specs if spec.name in dead_from]
-        log.info("replay: dead letters of %s: sending them to that sink only", ", ".join(sorted(dead_from)))
+    """A dead-letter file (``origin``: the sink and cluster of its first entry) goes back to the sink
+    that refused it when that one is configured (the others have those occurrences already), without
+    the data dir (its checkpoint counts them as done), and stamped with its records' cluster name
+    unless one is given."""
+    sink, cluster = origin
+    if not settings.cluster_name and cluster:
+        settings.cluster_name = str(cluster)
+    chosen = [spec for spec in specs if spec.name == sink]
+    if chosen:
+        specs = chosen
+        log.info("replay: dead letters of %s: sending them to that sink only", sink)
     else:
         log.info(
             "replay: dead letters of %s, which is not configured here: sending them to %s",
-            ", ".join(sorted(dead_from - configured)),
+            sink,
             ", ".join(spec.name for spec in specs),
         )
     if settings.data_dir is not None:
@@ -467,27 +384,72 @@ def _dead_letter_replay(
     return specs, settings
 
 
+def _open_recording(name: str) -> BinaryIO:
+    """The file to replay (``-``: stdin), read as the replay goes, a line at a time: short blocking
+    reads of a local file, not the whole file in memory."""
+    if name == "-":
+        return sys.stdin.buffer
+    try:
+        return Path(name).open("rb")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {name!r}: {exc.strerror}") from None
+
+
+class _ReplayInput:
+    """The events of a recording for ``Router.replay``, counting the markers ``read_recording`` puts
+    between them. The first dead-letter marker (read before the router is built) says where a
+    dead-letter file came from."""
+
+    def __init__(self, items: Iterator[tuple[str, Any]]) -> None:
+        self.malformed = self.repaired = 0
+        head: list[tuple[str, Any]] = []
+        for item in items:
+            head.append(item)
+            if item[0] not in ("MALFORMED", "REPAIRED"):
+                break
+        self.origin: tuple[str, Any] | None = next((o for k, o in head if k == "DEADLETTER"), None)
+        self._items = itertools.chain(head, items)
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        other: set[str] = set()
+        for kind, obj in self._items:
+            if kind == "MALFORMED":
+                self.malformed += 1
+            elif kind == "REPAIRED":
+                self.repaired += 1
+            elif kind == "DEADLETTER":
+                first_sink = self.origin[0] if self.origin is not None else None
+                if obj[0] != first_sink and obj[0] not in other:
+                    other.add(obj[0])
+                    log.warning(
+                        "replay: dead letters of %s after those of %s: sent where %s's go",
+                        obj[0],
+                        first_sink,
+                        first_sink,
+                    )
+            else:
+                yield kind, obj
+
+
 async def _replay(args: argparse.Namespace) -> int:
     cfg, specs = _load(args)
     if not specs:
         raise ConfigError("no sinks configured")
-    try:
-        data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {args.file!r}: {exc.strerror}") from None
-    items = list(read_recording(data))
-    settings = _settings(args, cfg)
-    settings.metrics_addr = None
-    settings.shutdown_timeout = args.timeout
-    dead = {origin for kind, origin in items if kind == "DEADLETTER"}
-    if dead:
-        specs, settings = _dead_letter_replay(dead, specs, settings)
-    router = Router(settings, specs)
-    await router.start_pipelines()
-    markers = ("MALFORMED", "REPAIRED", "DEADLETTER")
-    occurrences, malformed = await router.replay((k, o) for k, o in items if k not in markers)
-    malformed += sum(1 for k, _ in items if k == "MALFORMED")
-    repaired = sum(1 for k, _ in items if k == "REPAIRED")
+    with _open_recording(args.file) as stream:
+        try:
+            source = _ReplayInput(read_recording(stream))
+        except OSError as exc:  # a directory, an unreadable device
+            raise ConfigError(f"cannot read {args.file!r}: {exc.strerror}") from None
+        settings = _settings(args, cfg)
+        settings.metrics_addr = None
+        settings.shutdown_timeout = args.timeout
+        if source.origin is not None:
+            specs, settings = _dead_letter_replay(source.origin, specs, settings)
+        router = Router(settings, specs)
+        await router.start_pipelines()
+        occurrences, malformed = await router.replay(source)
+    malformed += source.malformed
+    repaired = source.repaired
     if repaired:
         router.metrics.source_repaired.labels("invalid_unicode").inc(repaired)
     drained = await router.drain(args.timeout)

@@ -298,6 +298,26 @@ def test_replay_routes_a_recording_to_a_file(tmp_path: Path) -> None:
     assert summary["occurrences"] == 126 and summary["sinks"]["file"]["delivered"] == 126
 
 
+def test_replay_of_more_than_the_memory_queue_holds_waits_for_the_sink_and_drops_nothing(
+    tmp_path: Path,
+) -> None:
+    # The file is read without a pause of its own: the replay must let the sink start and keep up.
+    out = tmp_path / "events.jsonl"
+    result = _eventrouter(
+        "replay", str(DATA / "watch-core-v1.jsonl"), f"--sink=file:{out}?queue_max_events=20"
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stderr.strip().splitlines()[-1])
+    assert summary["sinks"]["file"] == {
+        "delivered": 126,
+        "filtered": 0,
+        "skipped": 0,
+        "dead_lettered": 0,
+        "dropped": 0,
+    }
+    assert len(out.read_text().splitlines()) == 126
+
+
 def test_replay_repairs_broken_unicode_and_delivers_the_event(tmp_path: Path) -> None:
     # A kubectl List that orjson refuses (one item with invalid UTF-8, one with a lone surrogate
     # escape), and the same two items as JSON lines: nothing is skipped, each broken char is U+FFFD.

@@ -98,6 +98,8 @@ class Pipeline:
         self.idle = asyncio.Event()
         self.idle.set()
         self.started = asyncio.Event()
+        self.start_tried = asyncio.Event()
+        """Set once the sink's first start finished, whether it succeeded or failed."""
         self.healthy = True  # the last send (or start) succeeded
         self._room = asyncio.Event()
         self._room.set()
@@ -516,6 +518,7 @@ class Pipeline:
                 raise
             except Exception as exc:
                 self._set_up(False)
+                self.start_tried.set()
                 self.metrics.send_errors.labels(self.name, "start").inc()
                 delay = self._backoff(attempt, None)
                 reason = str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
@@ -529,6 +532,7 @@ class Pipeline:
                     pass
                 continue
             self.started.set()
+            self.start_tried.set()
             self._set_up(True)
             return True
         return False
@@ -536,6 +540,7 @@ class Pipeline:
     async def run(self) -> None:
         """Start the sink, then deliver until closed and drained (or told to stop now)."""
         if not self.started.is_set() and not await self._start_sink():
+            self.start_tried.set()  # stopped before a first try: nobody waits for it
             self.idle.set()
             return
         while not self._stop_now.is_set():

@@ -40,6 +40,16 @@ def loads(data: bytes) -> tuple[Any, int]:
         return repair(parse_refused(data, exc))
 
 
+def loads_unrepaired(data: bytes) -> tuple[Any, bool]:
+    """The document, and whether its broken characters are still in it (kept as surrogates) for the
+    caller to ``repair`` piece by piece (a List, item by item). Raises ``orjson.JSONDecodeError`` for
+    text that is not JSON."""
+    try:
+        return orjson.loads(data), False
+    except orjson.JSONDecodeError as exc:
+        return parse_refused(data, exc), True
+
+
 def parse_refused(data: bytes, refused: orjson.JSONDecodeError) -> Any:
     """Parse text that orjson refused (with ``refused``), keeping its broken characters as
     surrogates for ``repair``. Raises ``refused`` again unless the text parses and has at least one

@@ -198,14 +198,9 @@ class EventWatcher:
             finally:
                 resp.release()
             received_at = time.time()
-            broken = False
             try:
-                try:
-                    doc = orjson.loads(body)
-                except orjson.JSONDecodeError as exc:
-                    # One broken string must not cost the page: the relist would fail on it forever.
-                    doc = unicode_repair.parse_refused(body, exc)
-                    broken = True
+                # One broken string must not cost the page: the relist would fail on it forever.
+                doc, broken = unicode_repair.loads_unrepaired(body)
                 items = doc.get("items") or []
                 meta = doc.get("metadata") or {}
             except (orjson.JSONDecodeError, AttributeError) as exc:

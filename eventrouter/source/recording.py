@@ -1,0 +1,125 @@
+"""Reading what ``eventrouter replay`` routes: a ``kubectl get events -o json`` List, or JSON lines of
+watch events, bare Event objects, Lists or dead-letter entries (``<data-dir>/deadletter/<sink>.jsonl``).
+
+JSON lines are read one at a time, so a large file (a dead-letter file grows to 100 MiB) costs the
+memory of one line, not of the file; a document over several lines (kubectl's pretty-printed List)
+is read whole.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator, Iterable, Iterator
+from typing import Any
+
+import orjson
+
+from eventrouter.source import unicode_repair
+
+__all__ = ["DEAD_LETTER_FIELDS", "read_recording"]
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_FIELDS = frozenset({"sink", "reason", "key", "record"})
+"""The fields that make a JSON line a dead-letter entry."""
+
+
+def read_recording(lines: Iterable[bytes]) -> Iterator[tuple[str, Any]]:
+    """(watch event type or ``LIST``, Event object) pairs from the lines of a file.
+
+    Broken Unicode (invalid UTF-8, lone surrogate escapes) is replaced by U+FFFD, as the watch does;
+    each repaired object is preceded by a ``("REPAIRED", None)`` marker, an unreadable line is a
+    ``("MALFORMED", None)``, and a dead-letter entry's Event by ``("DEADLETTER", (sink, cluster))``."""
+    numbered = enumerate(lines, 1)
+    for number, line in numbered:
+        if not line.strip():
+            continue
+        try:
+            obj, strings = unicode_repair.loads(line)
+        except orjson.JSONDecodeError:
+            # Not one JSON value per line: one document over several lines (or a broken first line).
+            yield from _document(line + b"".join(rest for _, rest in numbered), first_line=number)
+            return
+        yield from _value(obj, strings, f"line {number}")
+        break
+    yield from _json_lines(numbered)
+
+
+def _json_lines(numbered: Iterable[tuple[int, bytes]]) -> Iterator[tuple[str, Any]]:
+    for number, line in numbered:
+        if not line.strip():
+            continue
+        try:
+            obj, strings = unicode_repair.loads(line)
+        except orjson.JSONDecodeError as exc:
+            log.warning("replay: line %d is not JSON (%s); skipped", number, exc)
+            yield "MALFORMED", None
+            continue
+        yield from _value(obj, strings, f"line {number}")
+
+
+def _document(data: bytes, *, first_line: int) -> Iterator[tuple[str, Any]]:
+    text = data.lstrip()
+    if text.startswith(b"{"):
+        try:
+            doc, broken = unicode_repair.loads_unrepaired(text)
+        except orjson.JSONDecodeError:
+            doc, broken = None, False
+        if isinstance(doc, dict):
+            yield from _items(doc, repaired=broken, where="the document")
+            return
+    # Not a document either: JSON lines of which some are broken.
+    yield from _json_lines(enumerate(data.splitlines(), first_line))
+
+
+def _value(obj: Any, strings: int, where: str) -> Iterator[tuple[str, Any]]:
+    """One parsed line; ``strings``: how many of its strings were repaired."""
+    if strings:
+        yield from _note_repaired(obj, strings, where)
+    yield from _items(obj, repaired=False, where=where)
+
+
+def _items(obj: Any, *, repaired: bool, where: str) -> Iterator[tuple[str, Any]]:
+    """The events of one JSON value; ``repaired``: repair each (a document orjson refused)."""
+    if isinstance(obj, dict) and isinstance(obj.get("items"), list):  # a List
+        for n, item in enumerate(obj["items"]):
+            if repaired:
+                item = yield from _repaired(item, f"item {n}")
+            yield "LIST", item
+        return
+    if repaired:
+        obj = yield from _repaired(obj, where)
+    if isinstance(obj, dict) and "type" in obj and isinstance(obj.get("object"), dict):
+        yield str(obj["type"]), obj["object"]
+    elif isinstance(obj, dict) and obj.keys() >= DEAD_LETTER_FIELDS:
+        # A dead-letter entry: the Event object it was made from (its occurrence number included).
+        record = obj["record"]
+        yield "DEADLETTER", (str(obj["sink"]), record.get("cluster") if isinstance(record, dict) else None)
+        if isinstance(obj.get("event"), dict):
+            yield "LIST", obj["event"]
+        else:
+            log.warning(
+                "replay: dead-letter line for %s has no event object (written before eventrouter kept it); "
+                "skipped",
+                obj.get("key"),
+            )
+            yield "MALFORMED", None
+    else:
+        yield "LIST", obj
+
+
+def _repaired(obj: Any, where: str) -> Generator[tuple[str, Any], None, Any]:
+    obj, strings = unicode_repair.repair(obj)
+    if strings:
+        yield from _note_repaired(obj, strings, where)
+    return obj
+
+
+def _note_repaired(obj: Any, strings: int, where: str) -> Iterator[tuple[str, Any]]:
+    log.warning(
+        "replay: %s (event %s) had invalid UTF-8 or lone surrogate escapes in %d strings: replaced by U+FFFD",
+        where,
+        unicode_repair.describe(obj),
+        strings,
+    )
+    yield "REPAIRED", None
