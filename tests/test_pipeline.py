@@ -233,6 +233,27 @@ async def test_rejected_items_go_to_the_dead_letter_file_with_reason(
     assert value(metrics.dead_lettered, "mem", "rejected") == 1
 
 
+def test_dead_letter_rotation_says_what_it_discards(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "dl.jsonl"
+    dl = DeadLetter(path, sink="mem", max_bytes=3000)
+    batches = [[(make_occurrence(message=f"m{n}-{i}"), "400") for i in range(2)] for n in range(3)]
+    with caplog.at_level(logging.WARNING):
+        dl.write(batches[0])
+        first = path.stat().st_size
+        for batch in batches[1:]:
+            dl.write(batch)
+    rotations = [r.getMessage() for r in caplog.records if "rotated" in r.getMessage()]
+    assert len(rotations) == 2
+    assert "is gone" not in rotations[0]  # nothing older to discard yet
+    assert f"(the previous dl.jsonl.1, {first} bytes of older dead letters, is gone)" in rotations[1]
+    kept = [
+        orjson.loads(x)["key"]
+        for f in (path.with_suffix(".jsonl.1"), path)
+        for x in f.read_bytes().splitlines()
+    ]
+    assert kept == [occ.key for occ, _ in batches[1] + batches[2]]  # the newest two batches
+
+
 async def test_retries_exhausted_are_dead_lettered_not_lost(metrics: Metrics, tmp_path: Path) -> None:
     sink = _sink()
     sink.down = True

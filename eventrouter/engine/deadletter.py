@@ -50,8 +50,18 @@ class DeadLetter:
         )
         try:
             if self.path.exists() and self.path.stat().st_size + len(lines) > self.max_bytes:
-                os.replace(self.path, self.path.with_suffix(self.path.suffix + ".1"))
-                log.warning("dead-letter file %s rotated at %d bytes", self.path, self.max_bytes)
+                older = self.path.with_suffix(self.path.suffix + ".1")
+                discarded = older.stat().st_size if older.exists() else 0
+                os.replace(self.path, older)
+                log.warning(
+                    "dead-letter file %s rotated at %d bytes to %s%s; re-send them with `eventrouter replay`",
+                    self.path,
+                    self.max_bytes,
+                    older.name,
+                    f" (the previous {older.name}, {discarded} bytes of older dead letters, is gone)"
+                    if discarded
+                    else "",
+                )
             with open(self.path, "ab") as fh:
                 fh.write(lines)
         except OSError as exc:
