@@ -35,7 +35,7 @@ from eventrouter.engine.checkpoint import (
     safe_name,
 )
 from eventrouter.engine.configmap_checkpoint import ConfigMapCheckpointStore
-from eventrouter.engine.deadletter import DeadLetter
+from eventrouter.engine.deadletter import DEADLETTER_MAX, DeadLetter
 from eventrouter.engine.filter import compile_filter
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.engine.spool import Spool
@@ -63,6 +63,8 @@ class RouterSettings:
     data_dir: Path | None = None
     """Checkpoints, dead letters and spools live here. Without it a restart re-delivers what the API
     server still holds and the spool is off."""
+    data_dir_max_bytes: int | None = None
+    """The data dir's volume size: each sink's spool and dead-letter files are bounded to share it."""
     kubeconfig: str | None = None
     context: str | None = None
     metrics_addr: str | None = "0.0.0.0:8080"
@@ -91,6 +93,27 @@ class RouterSettings:
     memory_trim_interval: float = 60.0
     """How often freed heap is handed back to the OS (besides after each relist): a sink catching up
     from its spool frees memory long after the relist (measured: 155 → 124 MiB RSS at one trim)."""
+
+
+DISK_RESERVE = 0.2
+"""Of a data dir's budget, kept for what is not per sink: checkpoints and a relist's sorted file
+(~1.5 KiB per retained event: 75 MB for 50,000)."""
+
+
+def disk_bounds(specs: Sequence[SinkSpec], budget: int | None) -> dict[str, tuple[int, int]]:
+    """Per sink, (spool bytes, bytes per dead-letter file) so that together they fit ``budget``: each
+    sink gets an equal share of what the reserve leaves, three quarters for its spool and a quarter
+    for its two dead-letter files (the current one and the rotated one). Smaller configured bounds
+    stay. Without a budget, the configured bounds."""
+    if budget is None or not specs:
+        return {spec.name: (spec.pipeline.spool_max_bytes, DEADLETTER_MAX) for spec in specs}
+    share = int(budget * (1 - DISK_RESERVE)) // len(specs)
+    bounds: dict[str, tuple[int, int]] = {}
+    for spec in specs:
+        deadletter = min(DEADLETTER_MAX, max(1, share // 8))
+        spool = min(spec.pipeline.spool_max_bytes, max(0, share - 2 * deadletter))
+        bounds[spec.name] = (spool, deadletter)
+    return bounds
 
 
 def _checkpoint_backend(settings: RouterSettings, name: str) -> CheckpointBackend:
@@ -140,7 +163,21 @@ class Router:
     def _build(self) -> None:
         data = self.settings.data_dir
         table = CheckpointTable(max(1, len(self.specs)))
+        bounds = disk_bounds(self.specs, self.settings.data_dir_max_bytes) if data else {}
+        if data and self.settings.data_dir_max_bytes:
+            log.info(
+                "data dir %s holds at most %.0f MiB: %s",
+                data,
+                self.settings.data_dir_max_bytes / 2**20,
+                "; ".join(
+                    f"{name} spool {spool / 2**20:.0f} MiB, dead letters 2 x {dead / 2**20:.0f} MiB"
+                    for name, (spool, dead) in bounds.items()
+                ),
+            )
         for index, spec in enumerate(self.specs):
+            spool_bytes, deadletter_bytes = bounds.get(
+                spec.name, (spec.pipeline.spool_max_bytes, DEADLETTER_MAX)
+            )
             sink_dir = data / "sinks" / safe_name(spec.name) if data else None
             if sink_dir:
                 sink_dir.mkdir(parents=True, exist_ok=True)
@@ -150,10 +187,10 @@ class Router:
             )
             sink = spec.sink_cls(spec.options, context)
             spool = None
-            if data is not None and spec.pipeline.spool_max_bytes > 0:
+            if data is not None and spool_bytes > 0:
                 spool = Spool(
                     data / "spool" / safe_name(spec.name),
-                    max_bytes=spec.pipeline.spool_max_bytes,
+                    max_bytes=spool_bytes,
                     cluster=self.settings.cluster_name,
                 )
             pipeline = Pipeline(
@@ -163,7 +200,9 @@ class Router:
                 predicate=compile_filter(spec.filter),
                 checkpoint=SinkCheckpoint(self._backend_factory(spec.name), table=table, index=index),
                 deadletter=DeadLetter(
-                    data / "deadletter" / f"{safe_name(spec.name)}.jsonl" if data else None, sink=spec.name
+                    data / "deadletter" / f"{safe_name(spec.name)}.jsonl" if data else None,
+                    sink=spec.name,
+                    max_bytes=deadletter_bytes,
                 ),
                 metrics=self.metrics,
                 spool=spool,

@@ -51,10 +51,37 @@ def _listen_addr(text: str) -> str:
     return text
 
 
+_SIZE_UNITS = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_SIZE_UNITS |= {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _byte_size(text: str) -> int:
+    """Bytes as a number or a Kubernetes quantity (``512Mi``, ``1Gi``, ``2G``)."""
+    number, unit = text.strip(), ""
+    for suffix in sorted(_SIZE_UNITS, key=len, reverse=True):
+        if suffix and number.endswith(suffix):
+            number, unit = number[: -len(suffix)], suffix
+            break
+    try:
+        value = int(float(number) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected bytes or a size like 512Mi, 1Gi") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", action="append", default=[], metavar="TYPE:URL?OPTS", help="a sink, repeatable")
     p.add_argument("--config", type=Path, help="YAML file with cluster_name, namespaces and sinks")
     p.add_argument("--data-dir", type=Path, help="checkpoints, spools and dead letters (persistent volume)")
+    p.add_argument(
+        "--data-dir-max-bytes",
+        type=_byte_size,
+        metavar="SIZE",
+        help="the volume's size (bytes, or 512Mi, 1Gi, 2G): each sink's spool and dead letters are bounded "
+        "to share it, so the data dir never outgrows it (a kubelet evicts a pod whose emptyDir does)",
+    )
     p.add_argument("--cluster-name", help="stamped on every record as `cluster`")
     p.add_argument(
         "--log-level",
@@ -157,6 +184,7 @@ def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
         cluster_name=args.cluster_name or cfg.cluster_name,
         namespaces=list(getattr(args, "namespace", []) or cfg.namespaces),
         data_dir=data_dir,
+        data_dir_max_bytes=args.data_dir_max_bytes,
         kubeconfig=getattr(args, "kubeconfig", None),
         context=getattr(args, "context", None),
         metrics_addr=getattr(args, "metrics_addr", None),

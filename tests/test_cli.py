@@ -388,6 +388,20 @@ async def test_a_dead_letter_file_replays_once_the_cause_is_fixed(tmp_path: Path
     assert all(r == by_key[f"{r['uid']}/{r['occurrence']}"] for r in delivered)
 
 
+def test_data_dir_max_bytes_takes_kubernetes_quantities() -> None:
+    from eventrouter.cli import _byte_size
+
+    assert [_byte_size(v) for v in ("1Gi", "512Mi", "2G", "1000", "1.5Gi")] == [
+        2**30,
+        512 * 2**20,
+        2 * 10**9,
+        1000,
+        3 * 2**29,
+    ]
+    result = _eventrouter("replay", "-", "--sink=stdout:", "--data-dir-max-bytes", "lots")
+    assert result.returncode == 2 and "--data-dir-max-bytes: 'lots': expected bytes" in result.stderr
+
+
 def test_a_dead_letter_line_without_its_event_is_counted_malformed(tmp_path: Path) -> None:
     old = tmp_path / "old.jsonl"
     old.write_text(json.dumps({"sink": "es", "reason": "400", "key": "u/1", "record": {"uid": "u"}}) + "\n")

@@ -639,3 +639,37 @@ def test_freed_memory_can_be_returned_to_the_os() -> None:
     blob = [bytes(1000) for _ in range(50_000)]
     del blob
     assert release_free_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+def test_a_data_dir_budget_bounds_every_sinks_spool_and_dead_letters_to_fit_it(tmp_path: Path) -> None:
+    from eventrouter.app import DISK_RESERVE, disk_bounds
+    from eventrouter.engine.deadletter import DEADLETTER_MAX
+
+    specs = [
+        spec_for_class(MemorySink, {"name": "a"}, type_="memory"),
+        spec_for_class(MemorySink, {"name": "b", "spool_max_bytes": 10 * 2**20}, type_="memory"),
+        spec_for_class(MemorySink, {"name": "c"}, type_="memory"),
+    ]
+    budget = 2**30  # the chart's default emptyDir sizeLimit
+    router = Router(RouterSettings(data_dir=tmp_path, data_dir_max_bytes=budget, metrics_addr=None), specs)
+    router._build()
+    used = {
+        p.name: (p.spool.max_bytes if p.spool is not None else 0, p.deadletter.max_bytes)
+        for p in router.pipelines
+    }
+    assert used == disk_bounds(specs, budget)
+    # Every sink's spool and both its dead-letter files fit the volume with the reserve left over.
+    assert sum(spool + 2 * dead for spool, dead in used.values()) <= budget * (1 - DISK_RESERVE)
+    share = int(budget * (1 - DISK_RESERVE)) // 3
+    assert used["a"] == (share - 2 * (share // 8), share // 8)
+    assert used["b"] == (10 * 2**20, share // 8)  # a smaller configured spool stays
+    # Without a budget, the configured bounds.
+    plain = Router(RouterSettings(data_dir=tmp_path / "p", metrics_addr=None), specs)
+    plain._build()
+    assert [
+        (p.spool.max_bytes if p.spool is not None else 0, p.deadletter.max_bytes) for p in plain.pipelines
+    ] == [
+        (256 * 2**20, DEADLETTER_MAX),
+        (10 * 2**20, DEADLETTER_MAX),
+        (256 * 2**20, DEADLETTER_MAX),
+    ]

@@ -21,13 +21,16 @@ import orjson
 
 from eventrouter.record import Occurrence
 
-__all__ = ["DeadLetter"]
+__all__ = ["DEADLETTER_MAX", "DeadLetter"]
+
+DEADLETTER_MAX = 100 * 1024 * 1024
+"""Bytes per dead-letter file before it is rotated (one rotated file is kept)."""
 
 log = logging.getLogger(__name__)
 
 
 class DeadLetter:
-    def __init__(self, path: Path | None, *, sink: str, max_bytes: int = 100 * 1024 * 1024) -> None:
+    def __init__(self, path: Path | None, *, sink: str, max_bytes: int = DEADLETTER_MAX) -> None:
         self.path = path
         self.sink = sink
         self.max_bytes = max_bytes

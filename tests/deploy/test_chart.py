@@ -200,6 +200,7 @@ def test_default_args_env_and_config(chart: helm.Chart) -> None:
         "--log-level=info",
         "--shutdown-timeout=25",
         "--data-dir=/var/lib/eventrouter",
+        "--data-dir-max-bytes=1Gi",  # the emptyDir's sizeLimit: spools and dead letters fit in it
     ]
     assert "command" not in c  # the image's ENTRYPOINT is `eventrouter`
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]}
@@ -495,12 +496,15 @@ def test_persistence_renders_a_pvc_mounted_as_the_data_dir(chart: helm.Chart) ->
     }
     assert mounts(docs)["data"]["mountPath"] == "/var/lib/eventrouter"
     assert "--data-dir=/var/lib/eventrouter" in container(docs)["args"]
+    assert "--data-dir-max-bytes=5Gi" in container(docs)["args"]
 
 
 def test_persistence_with_an_existing_claim_creates_no_pvc(chart: helm.Chart) -> None:
     docs = render(chart, {"persistence": {"enabled": True, "existingClaim": "my-claim"}})
     assert of_kind(docs, "PersistentVolumeClaim") == []
     assert volumes(docs)["data"]["persistentVolumeClaim"] == {"claimName": "my-claim"}
+    # Its size is not the chart's to know: the configured bounds apply.
+    assert not any(a.startswith("--data-dir-max-bytes") for a in container(docs)["args"])
 
 
 def test_service_monitor_scrapes_the_metrics_service(chart: helm.Chart) -> None:
