@@ -211,7 +211,8 @@ class PipelineOptions(_Strict):
     spool_max_bytes: int = Field(
         256 * 1024 * 1024,
         ge=0,
-        description="Disk spool bound in bytes (needs --data-dir; 0 disables the spool).",
+        description="Disk spool bound in bytes (needs --data-dir; 0 disables the spool; "
+        "--data-dir-max-bytes may lower it to fit the volume).",
     )
     batch_max_events: int = Field(
         500,
