@@ -163,7 +163,7 @@ class Router:
     def _build(self) -> None:
         data = self.settings.data_dir
         table = CheckpointTable(max(1, len(self.specs)))
-        bounds = disk_bounds(self.specs, self.settings.data_dir_max_bytes) if data else {}
+        bounds = disk_bounds(self.specs, self.settings.data_dir_max_bytes)
         if data and self.settings.data_dir_max_bytes:
             log.info(
                 "data dir %s holds at most %.0f MiB: %s",
@@ -175,9 +175,7 @@ class Router:
                 ),
             )
         for index, spec in enumerate(self.specs):
-            spool_bytes, deadletter_bytes = bounds.get(
-                spec.name, (spec.pipeline.spool_max_bytes, DEADLETTER_MAX)
-            )
+            spool_bytes, deadletter_bytes = bounds[spec.name]
             sink_dir = data / "sinks" / safe_name(spec.name) if data else None
             if sink_dir:
                 sink_dir.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,9 @@ Signatures (``secret=...``) over the exact bytes sent:
 
 Outcomes: any 2xx is OK; 408, 429, 5xx, connection errors and timeouts are retried (honouring
 Retry-After, seconds or HTTP-date); redirects and other 4xx are rejected with the status and a short
-excerpt of the answer. A batch answered 413 (a body limit below ``batch_max_bytes``, e.g. a proxy's) is
-sent again in halves, so only a record too large on its own is rejected. Redirects are never followed (a 302 would turn the POST into a GET).
+excerpt of the answer. A batch answered 413 (a body limit below ``batch_max_bytes``, e.g. a proxy's)
+is sent again in halves, so only a record too large on its own is rejected. Redirects are never
+followed (a 302 would turn the POST into a GET).
 
 Every URL in logs and errors is redacted: no userinfo, no query values, no token-like path segments.
 """
