@@ -36,6 +36,8 @@ OVERHEAD = 48  # sizeof(struct pool_header)
 # An arena with at most this many pools in use is "sparse" (bench.memory --census-sparse).
 SPARSE_POOLS = int(os.environ.get("EVENTROUTER_BENCH_CENSUS_SPARSE", "40"))
 MAX_BLOCKS = 3_000_000
+# Only arenas from this index on (bench.memory --census-from): those a burst added.
+FROM_ARENA = int(os.environ.get("EVENTROUTER_BENCH_CENSUS_FROM", "0"))
 
 
 def arena_counts() -> dict[str, int]:
@@ -125,7 +127,7 @@ class _Pools:
         read, unpack = ctypes.string_at, struct.unpack_from
         for k in range(self.n):
             pools = self.arena_pools[self.arena[k]]
-            if pools > SPARSE_POOLS:
+            if pools > SPARSE_POOLS or self.arena[k] < FROM_ARENA:
                 continue
             p, size, free = self.addr[k], self.size[k], self.free[k]
             first = self.blocks
@@ -287,7 +289,9 @@ def write_report(path: str) -> None:
             blocks[pools.block[j] + 16] = names[w24]
         else:
             blocks[pools.block[j]] = "?"
-    sparse = [a for a in range(len(pools.arena_pools)) if 0 < pools.arena_pools[a] <= SPARSE_POOLS]
+    sparse = [
+        a for a in range(FROM_ARENA, len(pools.arena_pools)) if 0 < pools.arena_pools[a] <= SPARSE_POOLS
+    ]
     lines.append(f"sparse arenas (≤ {SPARSE_POOLS} of 64 pools in use): {len(sparse)} {sparse}")
     lines.append(
         f"allocated blocks in them: {len(blocks)}"

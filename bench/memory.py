@@ -367,6 +367,14 @@ def main(argv: list[str] | None = None) -> int:
         "60 also shows the relist's fuller arenas)",
     )
     p.add_argument(
+        "--census-from",
+        type=int,
+        default=None,
+        metavar="ARENA",
+        help="with --census: take apart only the arenas from this index on (those the relist added; "
+        "with --census-sparse 64, all of them: what shares their pools with the tracked uids)",
+    )
+    p.add_argument(
         "--census-at",
         type=float,
         default=None,
@@ -388,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--router-env wants NAME=VALUE, got {bad[0]!r}")
     if args.census_sparse is not None:
         os.environ["EVENTROUTER_BENCH_CENSUS_SPARSE"] = str(args.census_sparse)  # read by bench/_census.py
+    if args.census_from is not None:
+        os.environ["EVENTROUTER_BENCH_CENSUS_FROM"] = str(args.census_from)
     c.dump(asyncio.run(run(args)), args.out)
     return 0
 
