@@ -17,6 +17,8 @@ import aiohttp
 import orjson
 import pytest
 
+from eventrouter.app import Router, RouterSettings
+from eventrouter.config import spec_for_class
 from eventrouter.engine.checkpoint import SinkCheckpoint
 from eventrouter.engine.configmap_checkpoint import (
     CONFIGMAP_LIMIT,
@@ -27,7 +29,11 @@ from eventrouter.engine.configmap_checkpoint import (
     decode_state,
     encode_state,
 )
+from eventrouter.metrics import SINK_DROP_REASONS
+from eventrouter.sink import OK, reject
 from eventrouter.source.kube import KubeClient, connect
+from eventrouter.source.watcher import WatchSettings
+from eventrouter.testing import MemorySink, event_object
 from eventrouter.testing.apiserver import FakeApiServer
 from eventrouter.testing.waiting import until
 
@@ -294,3 +300,57 @@ async def test_configmap_deleted_while_running_is_created_again(
     ckpt.ack({"b": 1})
     assert await store.flush()  # PUT answers 404: created again with everything
     assert stored_states(api) == {"loki": {"a": 1, "b": 1}}
+
+
+async def test_beside_a_configmap_checkpoint_a_data_dir_holds_the_spool_and_the_dead_letters(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """What the chart's configMap mode (two replicas, leader election) runs: the checkpoint in the
+    ConfigMap, shared by the replicas, and a local data dir for the rest. A sink down for longer than
+    its memory queue holds spills to disk instead of dropping, what it refuses goes to its dead-letter
+    file, and no checkpoint is written to the data dir (a standby's would be stale)."""
+    events = [api.create_event(event_object(namespace=NS, object_name=f"r-{i}")) for i in range(300)]
+    data = tmp_path / "data"
+    settings = RouterSettings(
+        kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
+        metrics_addr=None,
+        data_dir=data,
+        checkpoint_configmap=NAME,
+        checkpoint_namespace=NS,
+        checkpoint_flush_interval=0.1,
+        shutdown_timeout=5.0,
+        watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
+    )
+    opts = {
+        "name": "mem",
+        "batch_max_wait": 0.02,
+        "queue_max_events": 50,
+        "batch_max_events": 20,
+        "fail": True,
+    }
+    router = Router(settings, [spec_for_class(MemorySink, opts, type_="memory")])
+    running = asyncio.create_task(router.run())
+    try:
+        await until(lambda: bool(router.pipelines), timeout=10)
+        pipeline, sink = router.pipelines[0], router.sinks["mem"]
+        assert isinstance(sink, MemorySink) and pipeline.spool is not None
+        await until(lambda: pipeline.depth == 300, timeout=20)
+        assert len(pipeline.spool) >= 300 - 50 - 20  # beyond the memory queue: on disk, not dropped
+        refused = events[7]["metadata"]["uid"]
+        sink.decide = lambda occ: reject("refused by the test") if occ.uid == refused else OK
+        sink.down = False
+        await sink.wait_for(299, timeout=30)
+        await until(lambda: bool(api.objects("configmaps")), timeout=10)
+        await until(lambda: len(stored_states(api).get("mem", {})) == 300, timeout=10)
+    finally:
+        router.request_stop()
+        await asyncio.wait_for(running, 30)
+    assert sorted(occ.uid for occ in sink.received) == sorted(
+        e["metadata"]["uid"] for e in events if e is not events[7]
+    )
+    for reason in SINK_DROP_REASONS:
+        assert router.metrics.dropped.labels("mem", reason)._value.get() == 0
+    (line,) = (data / "deadletter" / "mem.jsonl").read_bytes().splitlines()
+    letter = orjson.loads(line)
+    assert (letter["reason"], letter["event"]["metadata"]["uid"]) == ("refused by the test", refused)
+    assert not (data / "checkpoints").exists()

@@ -32,6 +32,7 @@ class Replica:
         self.kubeconfig = api.kubeconfig(tmp / f"kubeconfig-{name}")
         self.out = tmp / f"events-{name}.jsonl"
         self.log = tmp / f"{name}.log"
+        self.data = tmp / f"data-{name}"
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -43,6 +44,8 @@ class Replica:
                 "--leader-elect", "--leader-elect-name", "er",
                 "--leader-elect-lease-duration", "2", "--leader-elect-renew-deadline", "1.5",
                 "--leader-elect-retry-period", "0.2", "--checkpoint-configmap", "er-checkpoint",
+                # As the chart runs them: each replica's own spool and dead letters.
+                "--data-dir", self.data, "--data-dir-max-bytes", "64Mi",
                 env={**os.environ, "POD_NAME": self.name, "POD_NAMESPACE": "default"},
                 stdout=asyncio.subprocess.DEVNULL, stderr=log,
             )  # fmt: skip
@@ -104,6 +107,7 @@ async def test_standby_takes_over_and_nothing_is_lost(api: FakeApiServer, tmp_pa
         f"{signal.Signals(kill).name}: expected={len(want)} a={len(a.delivered())} b={len(b.delivered())} duplicates={dup}"
     )
     assert want <= set(both)  # lost = 0
+    assert not (a.data / "checkpoints").exists() and not (b.data / "checkpoints").exists()  # the ConfigMap's
     if kill == signal.SIGTERM:
         assert dup == 0  # a clean hand-over: nothing delivered by both
     else:

@@ -405,10 +405,7 @@ def _bytes(quantity: str) -> int:
     return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
 
 
-@pytest.mark.parametrize("mode", ["configMap", "none"])
-def test_without_a_data_dir_tmp_has_room_for_a_sorted_relist_of_100k_events(
-    chart: helm.Chart, mode: str
-) -> None:
+def test_without_a_data_dir_tmp_has_room_for_a_sorted_relist_of_100k_events(chart: helm.Chart) -> None:
     """A relist sorted for Loki keeps the listed events' raw JSON in a temporary file until the list is
     complete: in /tmp when there is no data dir. The kubelet evicts a pod whose emptyDir outgrows its
     limit, and the old 64Mi held ~55,000 events of the recorded kind (~45,000 of the bench corpus's)."""
@@ -418,12 +415,16 @@ def test_without_a_data_dir_tmp_has_room_for_a_sorted_relist_of_100k_events(
         if line["type"] in ("ADDED", "MODIFIED")
     ]
     mean = sum(sizes) / len(sizes)
-    docs = render(chart, {"checkpoint": {"mode": mode}})
+    docs = render(chart, {"checkpoint": {"mode": "none"}})
     limit = _bytes(volumes(docs)["tmp"]["emptyDir"]["sizeLimit"])
     assert limit >= 100_000 * mean * 1.25, f"{limit} bytes for 100,000 events of {mean:.0f} bytes"
-    # With a data dir the relist waits there; /tmp stays small. An explicit limit is honoured.
-    assert volumes(render(chart))["tmp"]["emptyDir"]["sizeLimit"] == "64Mi"
-    explicit = render(chart, {"checkpoint": {"mode": mode}, "tmpSizeLimit": "3Gi"})
+    # With a data dir (modes dataDir and configMap) the relist waits there; /tmp stays small.
+    for mode in ("dataDir", "configMap"):
+        assert (
+            volumes(render(chart, {"checkpoint": {"mode": mode}}))["tmp"]["emptyDir"]["sizeLimit"] == "64Mi"
+        )
+    # An explicit limit is honoured.
+    explicit = render(chart, {"checkpoint": {"mode": "none"}, "tmpSizeLimit": "3Gi"})
     assert volumes(explicit)["tmp"]["emptyDir"]["sizeLimit"] == "3Gi"
 
 
@@ -444,8 +445,14 @@ def test_configmap_checkpoint_adds_a_role_limited_to_that_configmap(chart: helm.
     assert bound_subjects(one(docs, "RoleBinding", name)) == [("ServiceAccount", FULLNAME, NAMESPACE)]
     args = container(docs)["args"]
     assert f"--checkpoint-configmap={name}" in args
-    assert not any(a.startswith("--data-dir") for a in args)
-    assert "data" not in volumes(docs) and "data" not in mounts(docs)
+    # Each replica's own disk spool and dead letters stay in a data dir on an emptyDir, bounded to it.
+    assert "--data-dir=/var/lib/eventrouter" in args and "--data-dir-max-bytes=1Gi" in args
+    assert volumes(docs)["data"] == {"name": "data", "emptyDir": {"sizeLimit": "1Gi"}}
+    assert mounts(docs)["data"]["mountPath"] == "/var/lib/eventrouter"
+    # Mode none: no checkpoint and no data dir.
+    bare = render(chart, {"checkpoint": {"mode": "none"}})
+    assert not any(a.startswith(("--data-dir", "--checkpoint")) for a in container(bare)["args"])
+    assert "data" not in volumes(bare) and "data" not in mounts(bare)
     assert one(docs, "ClusterRole")["rules"] == [EVENTS_RULE]
 
 
