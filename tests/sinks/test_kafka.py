@@ -664,6 +664,39 @@ async def test_an_event_time_over_an_hour_ahead_is_not_the_record_timestamp(make
     assert web == ["Before", "Ahead", "After"]
 
 
+async def test_a_broker_whose_clock_is_hours_behind_gets_a_retry_that_names_the_clocks(
+    make_sink: MakeSink,
+) -> None:
+    """The broker refuses even the send time (its clock is two hours behind this host's): nothing can
+    be adjusted, so every record is retried (never dead-lettered) with a reason that says so; once the
+    clocks agree the retry delivers each record exactly once."""
+    from eventrouter.testing.receivers.kafka_timestamps import TimestampCheckProxy
+
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        TimestampCheckProxy(
+            listen_port=port, target_port=broker.port, now=lambda: time.time() - 7200
+        ) as proxy,
+    ):
+        batch = [make_occurrence(reason=f"R{i}", object_name=f"pod-{i}") for i in range(3)]
+        sink = make_sink(brokers=f"127.0.0.1:{port}", topic="skewed")
+        await sink.start()
+        outcomes = await sink.send(batch)
+        assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.RETRY] * 3
+        for outcome in outcomes:
+            assert "although it is the send time" in outcome.reason and "'skewed'" in outcome.reason
+        refused = len(proxy.refused)
+        # Each record at most three times: in its batch, alone, alone with the send time.
+        assert 3 <= refused <= 9
+        proxy.now = time.time
+        outcomes = await sink.send(batch)
+        assert outcomes is None or [o.kind for o in outcomes] == [OutcomeKind.OK] * 3
+        assert len(proxy.refused) == refused
+        records = await consume(broker.bootstrap, ["skewed"], expected=3)
+    assert sorted(json.loads(r.value)["reason"] for r in records) == ["R0", "R1", "R2"]
+
+
 async def test_a_timestamp_a_stricter_broker_refuses_is_sent_again_with_the_send_time(
     make_sink: MakeSink,
 ) -> None:

@@ -196,6 +196,30 @@ async def test_entries_outside_lokis_time_window_are_stamped_at_receipt_and_mark
     assert sum(len(s.values) for s in loki.query_range()) == 6
 
 
+async def test_an_entry_both_outside_the_window_and_too_long_carries_both_marks(loki: LokiReceiver) -> None:
+    """Clamped and truncated at once: stamped at receipt, shortened to the limit, and its line says
+    both; sent twice (a retry) it is the same entry, which Loki de-duplicates."""
+    old = make_occurrence(first_timestamp=_iso(time.time() - 8 * 86400), reason="Old", message="x" * 5000)
+    for line_format in ("json", "logfmt"):
+        sink = await _sink(loki.url, line_format=line_format, max_line_bytes="2048")
+        try:
+            for _ in range(2):
+                outcomes = await sink.send([old])
+                assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.OK]
+        finally:
+            await sink.aclose()
+    as_json, again, as_logfmt, _ = loki.entries
+    assert as_json == again
+    assert as_json.ts_ns == as_logfmt.ts_ns == int(old.received_at * NS)
+    assert len(as_json.line.encode()) <= 2048 and len(as_logfmt.line.encode()) <= 2048
+    record = orjson.loads(as_json.line)
+    assert record["time_adjusted"] is True and record["time"] == old.record["time"]
+    assert record["truncated"] is True and record["original_bytes"] > 5000
+    assert record["message"].startswith("xxx") and record["message"].endswith("…")
+    assert " time_adjusted=true" in as_logfmt.line and " truncated=true" in as_logfmt.line
+    assert sum(len(s.values) for s in loki.query_range()) == 2
+
+
 async def test_without_clamp_time_only_the_entries_outside_the_window_are_refused(loki: LokiReceiver) -> None:
     old = make_occurrence(first_timestamp=_iso(time.time() - 8 * 86400), reason="Old")
     fresh = recent(5, reason="Fresh")
