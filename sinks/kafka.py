@@ -29,7 +29,9 @@ Delivery: the batch's records are partitioned as ``AIOKafkaProducer.send`` would
 packed in order into produce batches per topic-partition (aiokafka's batch API; up to
 min(max_request_size, 512 KiB) each, compressed per batch) and an item is OK only once its produce batch
 was acknowledged by the broker (``acks=all`` by default; idempotence on by default). Oversized records and
-authorisation failures are rejected (dead-lettered) per item; a produce batch the broker finds too large
+authorisation failures are rejected (dead-lettered) per item; a record over ``max_request_size`` first
+gets its message cut to fit (``oversize=truncate``, the default: the value then says ``"truncated": true``
+and ``original_bytes``, without ``raw``, and a ``truncated: true`` header is added); a produce batch the broker finds too large
 (or finds a timestamp in it out of range) is sent again one record per batch, so each record gets
 its own outcome. Broker outages, timeouts and
 other errors give retry outcomes, and the rest of the batch is not enqueued once the broker is known
@@ -56,6 +58,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import orjson
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from eventrouter import (
@@ -73,6 +76,7 @@ from eventrouter import (
     retry,
 )
 from eventrouter.options import FilePath
+from eventrouter.truncate import shorten_message
 
 __all__ = ["KafkaOptions", "KafkaSink", "render_topic", "ssl_context", "topic_fields"]
 
@@ -239,7 +243,12 @@ class KafkaOptions(SinkOptions):
     max_request_size: int = Field(
         1_048_576,
         ge=1024,
-        description="Largest record in bytes; larger records are dead-lettered.",
+        description="Largest record in bytes (keep it at most the topic's max.message.bytes); see oversize.",
+    )
+    oversize: Literal["truncate", "reject"] = Field(
+        "truncate",
+        description="Records over max_request_size: the message cut to fit (the value says truncated, "
+        "with a truncated header) or reject to the dead-letter file.",
     )
 
     @field_validator("brokers", mode="before")
@@ -348,6 +357,7 @@ class _Batch:
 
 
 _TIME_ADJUSTED = ("time_adjusted", b"true")
+_TRUNCATED = ("truncated", b"true")
 _CLOCK_MARGIN_MS = 60_000
 """Kept inside the broker's window (at most a quarter of it): it judges by its own clock."""
 
@@ -383,6 +393,7 @@ class KafkaSink(Sink[KafkaOptions]):
         self._key_by = options.key_by
         self._include_raw = options.include_raw
         self._event_time = options.timestamp == "event"
+        self._truncate = options.oversize == "truncate"
         grace_ms = int(options.future_grace * 1000)
         self._grace_ms = grace_ms - min(_CLOCK_MARGIN_MS, grace_ms // 4)
         self._latest_ms: float = math.inf  # set per batch by send (set_window)
@@ -528,6 +539,21 @@ class KafkaSink(Sink[KafkaOptions]):
             timestamp_ms,
         )
 
+    def _shortened(self, occurrence: Occurrence, message: _Message, size: int, limit: int) -> _Message | None:
+        """The record with its message cut so that it fits ``limit``; None when the rest of it is too
+        large on its own."""
+        from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+        headers = [*message.headers, _TRUNCATED]
+        overhead = DefaultRecordBatchBuilder.estimate_size_in_bytes(message.key, b"", headers)
+        record = occurrence.to_dict(include_raw=False)  # the raw object repeats the message
+        value = shorten_message(
+            occurrence, len(message.value), limit - overhead, lambda cut: orjson.dumps({**record, **cut})
+        )
+        if value is None:
+            return None
+        return _Message(message.topic, message.key, value, headers, message.timestamp_ms)
+
     # -- delivery ------------------------------------------------------------------------------
 
     def _classify(self, exc: BaseException, topic: str) -> Outcome:
@@ -634,8 +660,11 @@ class KafkaSink(Sink[KafkaOptions]):
                 continue
             size = estimate(message.key, message.value, message.headers)
             if size > limit:
-                outcomes[i] = reject(f"record is {size} bytes, over kafka max_request_size={limit}")
-                continue
+                fitted = self._shortened(occurrence, message, size, limit) if self._truncate else None
+                if fitted is None:
+                    outcomes[i] = reject(f"record is {size} bytes, over kafka max_request_size={limit}")
+                    continue
+                message = fitted
             by_topic.setdefault(message.topic, []).append((i, message))
 
         # Partition as AIOKafkaProducer.send would (murmur2 of the key; random for no key), keeping the

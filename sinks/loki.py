@@ -72,6 +72,7 @@ from eventrouter import (
 )
 from eventrouter.options import FilePath, http_url
 from eventrouter.protowire import bytes_field, varint, varint_field
+from eventrouter.truncate import cut_utf8, shorten_message
 
 __all__ = ["LokiOptions", "LokiSink"]
 
@@ -428,14 +429,6 @@ def _quote_slow(value: str) -> str:
 def labels_string(labels: Sequence[tuple[str, str]]) -> str:
     """``{a="b",c="d"}`` as Loki's protobuf StreamAdapter.labels expects."""
     return "{" + ",".join(f"{name}={_quote_label_value(value)}" for name, value in labels) + "}"
-
-
-def _cut_utf8(data: bytes, limit: int) -> bytes:
-    """At most ``limit`` bytes, not splitting a UTF-8 character."""
-    if len(data) <= limit:
-        return data
-    cut = data[:limit]
-    return cut.decode("utf-8", "ignore").encode("utf-8")
 
 
 _LOGFMT_PLAIN = re.compile(r"[^\s=\"\\\x00-\x1f\x7f]+")
@@ -842,7 +835,7 @@ class LokiSink(Sink[LokiOptions]):
             value = _fix_surrogates(value)
             data = value.encode("utf-8")
             if len(data) > MAX_LABEL_VALUE_BYTES:
-                value = _cut_utf8(data, MAX_LABEL_VALUE_BYTES).decode("utf-8")
+                value = cut_utf8(data, MAX_LABEL_VALUE_BYTES).decode("utf-8")
             out.append((name, value))
         if not out:
             out.append(("type", record.get("type") or "Normal"))
@@ -954,23 +947,13 @@ class LokiSink(Sink[LokiOptions]):
     ) -> bytes:
         """Shorten the message until the line fits, keeping JSON valid; byte-cut as a last resort.
         Deterministic, so a retried entry is identical and Loki de-duplicates it."""
-        message = str(occurrence.record.get("message") or "").encode("utf-8")
-        original = len(line)
-        excess = len(line) - limit
-        for _ in range(4):
-            keep = max(0, len(message) - excess - 64)
-            shortened = _cut_utf8(message, keep).decode("utf-8") + "…"
-            candidate = self._line(
-                occurrence,
-                {**(marks or {}), "message": shortened, "truncated": True, "original_bytes": original},
-            )
-            if len(candidate) <= limit:
-                return candidate
-            excess += len(candidate) - limit
-            if keep == 0:
-                break
-        marker = f"… [truncated from {original} bytes]".encode()
-        return _cut_utf8(line, limit - len(marker)) + marker
+        shortened = shorten_message(
+            occurrence, len(line), limit, lambda cut: self._line(occurrence, {**(marks or {}), **cut})
+        )
+        if shortened is not None:
+            return shortened
+        marker = f"… [truncated from {len(line)} bytes]".encode()
+        return cut_utf8(line, limit - len(marker)) + marker
 
     def encode(self, entries: Sequence[_Entry]) -> bytes:
         """The push body: one stream per label set (in first-seen order), entries sorted by time."""

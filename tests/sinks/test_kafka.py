@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from eventrouter import Occurrence, OutcomeKind, RetryableError, SinkContext, SinkError, normalise
 from eventrouter.options import COMMON_KEYS, field_names
-from eventrouter.testing import make_occurrence, recorded_watch
+from eventrouter.testing import event_object, make_occurrence, recorded_watch
 from eventrouter.testing.receivers.tansu import TansuBroker, free_port
 from eventrouter_sinks.kafka import KafkaOptions, KafkaSink, ssl_context
 
@@ -191,7 +191,7 @@ async def test_oversized_and_unencodable_records_are_rejected_while_the_rest_of_
     huge = make_occurrence(cluster=CLUSTER, message="x" * 2_000_000)
     broken = make_occurrence(cluster=CLUSTER, message="not utf-8: \udcff")  # lone surrogate
     batch = [*good[:2], huge, *good[2:4], broken, *good[4:]]
-    sink = make_sink(brokers=broker.bootstrap, topic="events")
+    sink = make_sink(brokers=broker.bootstrap, topic="events", oversize="reject")
     await sink.start()
 
     outcomes = await sink.send(batch)
@@ -210,6 +210,38 @@ async def test_oversized_and_unencodable_records_are_rejected_while_the_rest_of_
     assert "cannot encode" in outcomes[5].reason
     records = await consume(broker.bootstrap, ["events"], len(good))
     assert {occurrence_header(r) for r in records} == {o.key for o in good}
+
+
+async def test_an_oversized_record_is_delivered_with_its_message_cut_by_default(
+    broker: TansuBroker, make_sink: MakeSink
+) -> None:
+    """A 2 MB message: the record is cut to max_request_size and says so, rather than dead-lettered
+    (a dead letter of it could never be re-sent as it is). Only a record whose other fields are too
+    large on their own is rejected."""
+    small = make_occurrence(cluster=CLUSTER, object_name="small")
+    huge = make_occurrence(cluster=CLUSTER, object_name="huge", message="x" * 2_000_000 + "尾")
+    obj = event_object(object_name="annotated")
+    obj["metadata"]["annotations"] = {"big": "z" * 1_200_000}
+    annotated = normalise(obj, cluster=CLUSTER)
+    sink = make_sink(brokers=broker.bootstrap, topic="cut", include_raw=True)
+    await sink.start()
+
+    outcomes = await sink.send([small, huge, annotated])
+
+    assert outcomes is not None and [o.kind for o in outcomes[:2]] == [OutcomeKind.OK] * 2
+    assert outcomes[2].kind is OutcomeKind.REJECT and "max_request_size=1048576" in outcomes[2].reason
+    records = {r.key: r for r in await consume(broker.bootstrap, ["cut"], 2)}
+    cut = records[b"Pod/default/huge"]
+    assert 1_048_576 - 1024 < len(cut.value) < 1_048_576  # as much of the message as fits
+    value = json.loads(cut.value)
+    assert value["truncated"] is True and value["original_bytes"] == len(huge.encode(include_raw=True))
+    assert value["message"].startswith("xxx") and value["message"].endswith("…") and "raw" not in value
+    assert {k: v for k, v in value.items() if k not in ("message", "truncated", "original_bytes")} == {
+        k: v for k, v in huge.record.items() if k != "message"
+    }
+    assert dict(cut.headers)["truncated"] == b"true"
+    plain = records[b"Pod/default/small"]
+    assert json.loads(plain.value)["raw"] == small.raw and "truncated" not in dict(plain.headers)
 
 
 async def test_broker_outage_gives_retries_and_resending_after_restart_loses_nothing(
