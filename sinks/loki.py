@@ -18,17 +18,16 @@
   de-duplicates identical entries. 429, 5xx, 401/403/404/408 and connection errors are retried by the
   engine (RetryableError, honouring Retry-After). A push answered 413 (a proxy's body limit) is sent
   again in halves.
-- Loki refuses entries more than an hour (max_chunk_age/2) behind the newest entry of their stream. The
-  sink remembers, per stream, the newest entry Loki accepted from it; entries already known to be that
-  far behind (a relist arrives in key order, not time order) are sent in a second push of their own, so
-  only they are dead-lettered when Loki refuses them, not the whole push (and they are delivered if
-  Loki's window is wider). The sink cannot reorder what it already sent; only a time-ordered relist can.
-- Loki refuses entries older than ``reject_old_samples_max_age`` (168 h) or further ahead than
-  ``creation_grace_period`` (10 min): a node whose clock is off, an event kept for days. With
-  ``clamp_time=true`` (default) such an entry is stamped at the time the router received it (kept in the
-  spool, so a re-sent entry is identical) and its line says ``"time_adjusted": true``; its real time stays in
-  the line's ``time``. What is still outside (``clamp_time=false``, or received over ``max_age`` ago) is
-  pushed apart, like a late entry, so only it is dead-lettered if Loki refuses it.
+- Loki refuses entries older than ``reject_old_samples_max_age`` (168 h), further ahead than
+  ``creation_grace_period`` (10 min), or more than ``max_chunk_age``/2 (1 h) behind the newest entry of
+  their stream: a node whose clock is off, an event kept for days, a replay or a relist in key order
+  rather than time order. The sink remembers, per stream, the newest entry Loki accepted from it. With
+  ``clamp_time=true`` (default) an entry Loki would refuse for its time is stamped at the time the
+  router received it (kept in the spool, so a re-sent entry is identical) and its line says
+  ``"time_adjusted": true``; its real time stays in the line's ``time``. What would still be refused
+  (``clamp_time=false``, or received too long ago) is sent in a push of its own, so only it is
+  dead-lettered if Loki refuses it, not the whole push (and it is delivered if Loki's limits are wider
+  than ``max_age``, ``future_grace`` and ``max_behind`` say).
 - Lines over ``max_line_bytes`` are truncated (the JSON stays valid and says ``"truncated": true``)
   or, with ``oversize=reject``, rejected one by one; never a whole-batch failure.
 """
@@ -87,6 +86,9 @@ DEFAULT_MAX_AGE = 168 * 3600.0
 """Loki's default reject_old_samples_max_age: older entries are refused (400 "timestamp too old")."""
 DEFAULT_FUTURE_GRACE = 600.0
 """Loki's default creation_grace_period: entries further ahead are refused (400 "timestamp too new")."""
+DEFAULT_MAX_BEHIND = 3600.0
+"""Half Loki's default max_chunk_age (2h): entries further behind the newest of their stream are refused
+(400 "entry too far behind")."""
 _CLOCK_MARGIN_NS = 60 * 1_000_000_000
 """Kept inside Loki's time window on both sides (at most a quarter of it): Loki judges by its own clock."""
 
@@ -271,6 +273,12 @@ class LokiOptions(SinkOptions):
         DEFAULT_FUTURE_GRACE,
         gt=0,
         description="Seconds: Loki's creation_grace_period (default 10m); entries further ahead are refused.",
+    )
+    max_behind: float = Field(
+        DEFAULT_MAX_BEHIND,
+        gt=0,
+        description="Seconds: half Loki's max_chunk_age (default 2h); entries further behind the newest "
+        "of their stream are refused.",
     )
 
     @field_validator("default_labels", mode="before")
@@ -475,7 +483,7 @@ class _Entry:
     key, cached per label set); with protobuf, ``parts`` is the whole ``StreamAdapter.entries`` field
     (``size`` bytes) ready to join, and ``metadata`` is only kept for the JSON body."""
 
-    __slots__ = ("index", "labels", "line", "metadata", "parts", "size", "stream", "ts_ns")
+    __slots__ = ("index", "labels", "late", "line", "metadata", "parts", "size", "stream", "ts_ns")
 
     def __init__(
         self,
@@ -487,8 +495,11 @@ class _Entry:
         metadata: Sequence[tuple[str, str]],
         parts: tuple[bytes, ...] = (),
         size: int = 0,
+        *,
+        late: bool = False,
     ) -> None:
         self.index = index
+        self.late = late  # predicted refused for its time: pushed apart
         self.labels = labels
         self.stream = stream
         self.ts_ns = ts_ns
@@ -542,8 +553,6 @@ class _NewestPerStream:
 
 _ORDER = attrgetter("ts_ns", "index")
 _TIME_ADJUSTED: dict[str, Any] = {"time_adjusted": True}
-_BEHIND_NS = 3600 * _NS
-"""Loki refuses entries this far behind their stream's newest (max_chunk_age 2h / 2, Loki's default)."""
 _CACHE_MAX = 4096
 """Entries per cache (label sets, timestamps); a full cache is cleared, not evicted piecemeal."""
 _CACHE_LABELS_MAX = 1024
@@ -635,10 +644,11 @@ class LokiSink(Sink[LokiOptions]):
         self._newest = _NewestPerStream()
         self._max_age_ns = int(options.max_age * _NS)
         self._grace_ns = int(options.future_grace * _NS)
+        self._behind_ns = int(options.max_behind * _NS)
         # Loki's time window for the batch being encoded (set by send); open until then.
         self._oldest_ns: float = -math.inf
         self._newest_ns: float = math.inf
-        self._outside = False  # an entry of this batch is outside it (and not clamped)
+        self._late = False  # an entry of this batch is predicted refused for its time (and not clamped)
         self._metadata = options.structured_metadata
         self._headers = self._build_headers(parts.username, parts.password)
         self._push_headers = {"Content-Type": "application/x-protobuf"}
@@ -733,23 +743,14 @@ class LokiSink(Sink[LokiOptions]):
             return outcomes
         # Loki refuses entries more than max_chunk_age/2 (1 h by default) behind the newest entry it
         # holds for their stream, and those outside its time window, and answers 400 for the whole push.
-        # Entries this sink already expects to be refused (a relist in key order, not time order; a time
-        # left outside the window by clamp_time=false) go in a second push, so they do not dead-letter a
-        # whole push of good ones; if Loki's limits are wider than expected it takes them.
+        # Entries this sink still expects to be refused (not clamped: clamp_time=false, or received too
+        # long ago) go in a second push, so they do not dead-letter a whole push of good ones; if Loki's
+        # limits are wider than expected it takes them.
         late: list[_Entry] = []
-        oldest, newest_ok = self._oldest_ns, self._newest_ns
-        if self._newest.used or self._outside:
-            on_time: list[_Entry] = []
-            newest_of = self._newest.get
-            for entry in entries:
-                ts_ns = entry.ts_ns
-                newest = newest_of(entry.stream)
-                if (newest is not None and ts_ns < newest - _BEHIND_NS) or not oldest <= ts_ns <= newest_ok:
-                    late.append(entry)
-                else:
-                    on_time.append(entry)
-            entries = on_time
-            self._outside = False
+        if self._late:
+            late = [entry for entry in entries if entry.late]
+            entries = [entry for entry in entries if not entry.late]
+            self._late = False
         if entries:
             await self._push(entries, outcomes)
         if late:
@@ -858,16 +859,27 @@ class LokiSink(Sink[LokiOptions]):
 
     def _entry(self, index: int, occurrence: Occurrence) -> _Entry | Outcome:
         record = occurrence.record
+        labels, stream = self._stream(record)
         ts_ns = occurrence.time_ns
         marks: dict[str, Any] | None = None
-        if not self._oldest_ns <= ts_ns <= self._newest_ns:
+        late = False
+        # Loki refuses an entry outside its time window, or over an hour behind the newest entry it
+        # holds for the stream (as far as this sink knows: what it pushed there).
+        newest = self._newest.get(stream) if self._newest.used else None
+        if not self._oldest_ns <= ts_ns <= self._newest_ns or (
+            newest is not None and ts_ns < newest - self._behind_ns
+        ):
             received_ns = int(occurrence.received_at * _NS)
-            if self.options.clamp_time and self._oldest_ns <= received_ns <= self._newest_ns:
-                # The time the router received it: inside Loki's window, and the same on every retry and
+            if (
+                self.options.clamp_time
+                and self._oldest_ns <= received_ns <= self._newest_ns
+                and (newest is None or received_ns >= newest - self._behind_ns)
+            ):
+                # The time the router received it: one Loki takes, and the same on every retry and
                 # re-delivery (it is kept in the spool), so Loki still de-duplicates a re-sent entry.
                 ts_ns, marks = received_ns, _TIME_ADJUSTED
             else:
-                self._outside = True  # send() pushes it apart, for Loki to judge
+                late = self._late = True  # send() pushes it apart, for Loki to judge
         try:
             if marks is not None:
                 line = self._line(occurrence, marks)
@@ -892,13 +904,12 @@ class LokiSink(Sink[LokiOptions]):
                     f"loki: line of {len(line)} bytes exceeds max_line_bytes={limit} (oversize=reject)"
                 )
             line = self._truncate(occurrence, line, limit, marks)
-        labels, stream = self._stream(record)
         if not self._protobuf:
             metadata: list[tuple[str, str]] = []
             if self._metadata:
                 for name, value in self._metadata_values(occurrence, record):
                     metadata.append((name, _fix_surrogates(value)))
-            return _Entry(index, labels, stream, ts_ns, line, metadata)
+            return _Entry(index, labels, stream, ts_ns, line, metadata, late=late)
         # EntryAdapter{timestamp=1, line=2, structuredMetadata=3...} as one StreamAdapter.entries field.
         seconds, nanos = divmod(ts_ns, _NS)
         if seconds >= 128:
@@ -926,7 +937,7 @@ class LokiSink(Sink[LokiOptions]):
             size += len(head)
             prefix = _FIELD2.get(size) or _field2(size)
             parts = (prefix + head, line)
-        return _Entry(index, labels, stream, ts_ns, line, (), parts, len(prefix) + size)
+        return _Entry(index, labels, stream, ts_ns, line, (), parts, len(prefix) + size, late=late)
 
     @staticmethod
     def _metadata_values(occurrence: Occurrence, record: dict[str, Any]) -> list[tuple[str, str]]:

@@ -9,6 +9,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from eventrouter import Occurrence, OutcomeKind, SinkContext
 from eventrouter.testing import make_occurrence
 from eventrouter.testing.receivers.loki import LokiReceiver
@@ -26,13 +28,39 @@ def _sink(url: str, **options: str) -> LokiSink:
     return LokiSink(LokiOptions.model_validate({"url": url, **options}), CONTEXT)
 
 
+async def test_an_entry_far_behind_its_streams_newest_is_stamped_at_receipt_and_marked() -> None:
+    """A replay or a relist in key order: an entry three hours behind an entry already sent to its
+    stream. Loki would refuse it (and with it its push); stamped at receipt it is stored, marked, the
+    same on a retry (Loki de-duplicates it)."""
+    newest = _at(60, namespace="shop", object_name="a")
+    late = _at(3 * 3600, namespace="shop", object_name="b")
+    fine_same_stream = _at(1800, namespace="shop", object_name="c")
+    async with LokiReceiver() as loki:
+        sink = _sink(loki.url)
+        try:
+            await sink.send([newest])
+            for _ in range(2):
+                outcomes = await sink.send([late, fine_same_stream])
+                assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.OK] * 2
+        finally:
+            await sink.aclose()
+        assert all(p.status == 204 for p in loki.pushes)
+        by_object = {orjson.loads(e.line)["involved_object"]["name"]: e for e in loki.entries}
+        assert by_object["b"].ts_ns == int(late.received_at * 1e9)
+        record = orjson.loads(by_object["b"].line)
+        assert record["time_adjusted"] is True and record["time"] == late.record["time"]
+        assert by_object["c"].ts_ns == fine_same_stream.time_ns
+        assert "time_adjusted" not in orjson.loads(by_object["c"].line)
+        assert sum(len(s.values) for s in loki.query_range()) == 3
+
+
 async def test_entries_far_behind_a_sent_newer_one_are_pushed_apart_and_only_they_are_rejected() -> None:
     newest = _at(60, namespace="shop", object_name="a")
     late = _at(3 * 3600, namespace="shop", object_name="b")
     fine_same_stream = _at(1800, namespace="shop", object_name="c")
     other_stream = _at(3 * 3600, namespace="web", object_name="d")
     async with LokiReceiver() as loki:
-        sink = _sink(loki.url)
+        sink = _sink(loki.url, clamp_time="false")
         try:
             first = await sink.send([newest])
             assert first is not None and [o.kind for o in first] == [OutcomeKind.OK]
@@ -54,7 +82,7 @@ async def test_late_entries_are_delivered_when_lokis_window_is_wider() -> None:
     newest = _at(60, namespace="shop", object_name="a")
     late = _at(3 * 3600, namespace="shop", object_name="b")
     async with LokiReceiver(max_chunk_age=12 * 3600) as loki:
-        sink = _sink(loki.url)
+        sink = _sink(loki.url, max_behind=str(6 * 3600))
         try:
             await sink.send([newest])
             outcomes = await sink.send([late])
@@ -69,7 +97,7 @@ async def test_a_retryable_answer_to_the_late_push_retries_only_the_late_items()
     late = _at(3 * 3600, namespace="shop", object_name="b")
     fresh = _at(30, namespace="shop", object_name="c")
     async with LokiReceiver() as loki:
-        sink = _sink(loki.url)
+        sink = _sink(loki.url, clamp_time="false")
         try:
             await sink.send([newest])
             loki.fail_next(204, store=True)  # the on-time push: stored as usual
