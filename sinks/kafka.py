@@ -28,15 +28,14 @@ name is cut at 249 characters.
 Delivery: the batch's records are partitioned as ``AIOKafkaProducer.send`` would (murmur2 of the key),
 packed in order into produce batches per topic-partition (aiokafka's batch API; up to
 min(max_request_size, 512 KiB) each, compressed per batch) and an item is OK only once its produce batch
-was acknowledged by the broker (``acks=all`` by default; idempotence on by default). Oversized records and
-authorisation failures are rejected (dead-lettered) per item; a record over ``max_request_size`` first
-gets its message cut to fit (``oversize=truncate``, the default: the value then says ``"truncated": true``
-and ``original_bytes``, without ``raw``, and a ``truncated: true`` header is added); a produce batch the broker finds too large
-(or finds a timestamp in it out of range) is sent again one record per batch, so each record gets
-its own outcome. Broker outages, timeouts and
-other errors give retry outcomes, and the rest of the batch is not enqueued once the broker is known
-unreachable (nor later batches of a partition whose batch could not be enqueued), so per-object order
-survives.
+was acknowledged by the broker (``acks=all`` by default; idempotence on by default). A record over
+``max_request_size`` gets its message cut to fit (``oversize=truncate``, the default: the value then says
+``"truncated": true`` and ``original_bytes``, without ``raw``, and a ``truncated: true`` header is added).
+Records still too large and authorisation failures are rejected (dead-lettered) per item; a produce batch
+the broker finds too large (or finds a timestamp in it out of range) is sent again one record per batch,
+so each record gets its own outcome. Broker outages, timeouts and other errors give retry outcomes, and
+the rest of the batch is not enqueued once the broker is known unreachable (nor later batches of a
+partition whose batch could not be enqueued), so per-object order survives.
 Keep ``request_timeout_ms`` below the pipeline's ``send_timeout`` so a send finishes before the engine
 gives up on it.
 
@@ -539,7 +538,7 @@ class KafkaSink(Sink[KafkaOptions]):
             timestamp_ms,
         )
 
-    def _shortened(self, occurrence: Occurrence, message: _Message, size: int, limit: int) -> _Message | None:
+    def _shortened(self, occurrence: Occurrence, message: _Message, limit: int) -> _Message | None:
         """The record with its message cut so that it fits ``limit``; None when the rest of it is too
         large on its own."""
         from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -660,7 +659,7 @@ class KafkaSink(Sink[KafkaOptions]):
                 continue
             size = estimate(message.key, message.value, message.headers)
             if size > limit:
-                fitted = self._shortened(occurrence, message, size, limit) if self._truncate else None
+                fitted = self._shortened(occurrence, message, limit) if self._truncate else None
                 if fitted is None:
                     outcomes[i] = reject(f"record is {size} bytes, over kafka max_request_size={limit}")
                     continue

@@ -260,9 +260,10 @@ class LokiOptions(SinkOptions):
     )
     clamp_time: bool = Field(
         True,
-        description="Entries whose event time is outside the window Loki accepts (now - max_age ... now + "
-        "future_grace: a node's clock off, a very old event) are stamped at the time the router received "
-        "them and marked time_adjusted (true), instead of being sent as they are for Loki to refuse (false).",
+        description="Entries whose event time Loki would refuse (outside now - max_age ... now + "
+        "future_grace: a node's clock off, a very old event; or over max_behind behind their stream's "
+        "newest: a replay) are stamped at the time the router received them and marked time_adjusted "
+        "(true), instead of being sent as they are for Loki to refuse (false).",
     )
     max_age: float = Field(
         DEFAULT_MAX_AGE,
