@@ -46,6 +46,7 @@ from eventrouter.metrics import Metrics
 from eventrouter.record import MalformedEvent, Occurrence
 from eventrouter.sink import SinkContext
 from eventrouter.source.kube import KubeClient, connect
+from eventrouter.source.relist_order import RelistOrder
 from eventrouter.source.tracker import OccurrenceTracker
 from eventrouter.source.watcher import EventWatcher, WatchSettings
 
@@ -322,13 +323,12 @@ class Router:
         namespaces: list[str | None] = [*self.settings.namespaces] or [None]
         # A list page must fit in the smallest memory queue, or a relist would overflow it.
         smallest = min((p.queue_max for p in self.pipelines), default=1000)
+        relist_sorted, relist_dir = self._relist_order()
         watch = dataclasses.replace(
             self.settings.watch,
             page_size=max(10, min(self.settings.watch.page_size, smallest // 2)),
-            relist_sorted=self.settings.watch.relist_sorted
-            or any(p.sink.wants_time_order for p in self.pipelines),
-            relist_dir=self.settings.watch.relist_dir
-            or (str(self.settings.data_dir) if self.settings.data_dir else None),
+            relist_sorted=relist_sorted,
+            relist_dir=relist_dir,
         )
         for ns in namespaces:
             watcher = EventWatcher(
@@ -411,10 +411,35 @@ class Router:
     async def replay(self, objects: Iterable[tuple[str, Any]], *, page: int = 500) -> tuple[int, int]:
         """Route recorded (type, object) pairs through the same tracker and pipelines, pausing every
         ``page`` objects (at most half the smallest memory queue) while a working sink is backlogged.
+        When a sink wants time order (Loki), the whole file is read first and handed on oldest first,
+        as a relist is: a recording or a dead-letter file is in file order, not time order.
         Returns (occurrences, malformed)."""
         smallest = min((p.queue_max for p in self.pipelines), default=1000)
         page = max(1, min(page, smallest // 2))
         tracker = OccurrenceTracker(cluster=self.settings.cluster_name)
+        relist_sorted, relist_dir = self._relist_order()
+        order = RelistOrder(cluster=tracker.cluster, directory=relist_dir) if relist_sorted else None
+        try:
+            return await self._replay(objects, tracker, order, page)
+        finally:
+            if order is not None:
+                order.close()
+
+    def _relist_order(self) -> tuple[bool, str | None]:
+        """Whether lists (and replays) are handed on oldest first, and where they wait meanwhile."""
+        data_dir = str(self.settings.data_dir) if self.settings.data_dir else None
+        return (
+            self.settings.watch.relist_sorted or any(p.sink.wants_time_order for p in self.pipelines),
+            self.settings.watch.relist_dir or data_dir,
+        )
+
+    async def _replay(
+        self,
+        objects: Iterable[tuple[str, Any]],
+        tracker: OccurrenceTracker,
+        order: RelistOrder | None,
+        page: int,
+    ) -> tuple[int, int]:
         count = malformed = seen = 0
         # Reading a file never yields to the loop: until a sink has started, nothing would take from
         # its queue, and a file larger than the queue would overflow it before the sink ran at all.
@@ -439,7 +464,17 @@ class Router:
             if occ is not None:
                 count += 1
                 self.metrics.occurrences.inc()
-                self.fanout.publish(occ)
+                if order is not None:
+                    order.add(occ)
+                else:
+                    self.fanout.publish(occ)
+        if order is not None and len(order):
+            log.info("replay: handing %d occurrences to the sinks, oldest first", len(order))
+            for chunk in order.drain(page):
+                for occ in chunk:
+                    self.fanout.publish(occ)
+                await self.fanout.wait_for_room()
+                await asyncio.sleep(0)
         return count, malformed
 
     def publish(self, occ: Occurrence) -> None:

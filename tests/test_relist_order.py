@@ -138,6 +138,36 @@ async def test_a_relist_reaches_the_sink_in_event_time_order(tmp_path: Path) -> 
             assert times == sorted(times)
 
 
+async def test_a_relist_holding_times_beyond_64_bit_nanoseconds_completes(tmp_path: Path) -> None:
+    """A year-9999 eventTime (and one from 1600) does not fit the sort's 64-bit nanoseconds: it sorts
+    last (first), and the relist completes. Before, it raised in the middle of the list and the
+    watch task's crash stopped the router: one such event in a cluster stopped every router with a
+    sink that wants time order (Loki)."""
+    async with FakeApiServer() as api:
+        for obj in _spread_events(20, 60):
+            api.create_event(obj)
+        api.create_event(
+            event_object(
+                namespace="shop", name="far-future", count=None, event_time="9999-12-31T23:59:59.000000Z"
+            )
+        )
+        api.create_event(
+            event_object(
+                namespace="shop", name="far-past", count=None, event_time="1600-01-01T00:00:00.000000Z"
+            )
+        )
+        settings = _settings(api, tmp_path, page_size=10, sort=True)
+        spec = spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.02}, type_="memory")
+        router = Router(settings, [spec])
+        async with router.running():
+            sink = router.sinks["mem"]
+            assert isinstance(sink, MemorySink)
+            await sink.wait_for(22)
+            await until(lambda: router.ready()[0])
+            names = [occ.record["name"] for occ in sink.received]
+            assert names[0] == "far-past" and names[-1] == "far-future"
+
+
 async def test_a_relist_spanning_three_hours_is_not_refused_by_loki(tmp_path: Path) -> None:
     # Without the ordering the key-order list (newest first) makes Loki refuse everything more than
     # an hour behind the first entries of the stream.
@@ -159,6 +189,8 @@ async def test_a_relist_spanning_three_hours_is_not_refused_by_loki(tmp_path: Pa
             await until(lambda: m.delivered.labels("loki")._value.get() == 300)
             assert m.dead_lettered.labels("loki", "rejected")._value.get() == 0
             assert len({e.line for e in loki.entries}) == 300
+            # Each at its own time: none had to be stamped at receipt (clamp_time) to be taken.
+            assert not any('"time_adjusted":true' in e.line for e in loki.entries)
 
 
 async def test_a_relist_that_fails_midway_hands_everything_on_at_the_next_one(tmp_path: Path) -> None:

@@ -30,6 +30,9 @@ __all__ = ["RelistOrder"]
 
 log = logging.getLogger(__name__)
 
+_I64_MAX = (1 << 63) - 1
+_I64_MIN = -(1 << 63)
+
 WRITE_CHUNK = 256 * 1024
 """Raw JSON gathered before one write to the temporary file: a write per occurrence was a system
 call per relisted event, ~10% of the router's busy samples in a start-up relist of 50,000."""
@@ -62,7 +65,12 @@ class RelistOrder:
 
     def add(self, occ: Occurrence) -> None:
         row = len(self._uids)
-        self._times.append(occ.time_ns)
+        try:
+            self._times.append(occ.time_ns)
+        except OverflowError:
+            # Beyond a signed 64-bit count of nanoseconds (before 1678 or after 2262: a year-9999
+            # eventTime): first or last. Raising here would fail every relist of the cluster.
+            self._times.append(_I64_MAX if occ.time_ns > 0 else _I64_MIN)
         self._received.append(occ.received_at)
         self._uids.append(occ.uid)
         if len(self._held) >= self.in_memory and not self._file_failed:

@@ -158,3 +158,37 @@ def test_two_streams_on_one_slot_forget_the_older_stream_only() -> None:
     table.update(b'{namespace="b"}', 50)
     assert table.get(b'{namespace="b"}') == 50
     assert table.get(b'{namespace="a"}') is None  # forgotten: its entries are no longer predicted late
+
+
+async def test_a_replay_is_handed_to_loki_oldest_first_so_every_entry_keeps_its_time() -> None:
+    """A recording (or a dead-letter file) is in file order: here an event three hours older than the
+    one before it, in the same stream, each pushed on its own. Replayed oldest first, as a relist is,
+    Loki takes every entry at its own time: nothing refused, nothing stamped at receipt."""
+    from eventrouter.app import Router, RouterSettings
+    from eventrouter.config import build_specs
+    from eventrouter.testing import event_object
+
+    def at(seconds_ago: float, name: str) -> dict[str, Any]:
+        when = datetime.fromtimestamp(time.time() - seconds_ago, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return event_object(namespace="shop", object_name=name, first_timestamp=when)
+
+    objects = [at(60, "a"), at(3 * 3600, "b"), at(1800, "c")]
+    async with LokiReceiver() as loki:
+        router = Router(
+            RouterSettings(cluster_name="test", metrics_addr=None),
+            build_specs([f"loki:{loki.url}?batch_max_events=1&batch_max_wait=0.01"]),
+        )
+        await router.start_pipelines()
+        try:
+            assert await router.replay(("ADDED", obj) for obj in objects) == (3, 0)
+            assert await router.drain(30)
+        finally:
+            await router.stop()
+    pushed = [orjson.loads(e.line)["involved_object"]["name"] for e in loki.entries]
+    assert pushed == ["b", "c", "a"] and all(p.status == 204 for p in loki.pushes)
+    assert all("time_adjusted" not in orjson.loads(e.line) for e in loki.entries)
+    wanted = sorted(
+        int(datetime.strptime(o["firstTimestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp())
+        for o in objects
+    )
+    assert sorted(e.ts_ns // 1_000_000_000 for e in loki.entries) == wanted
