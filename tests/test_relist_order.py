@@ -127,15 +127,24 @@ async def test_a_relist_reaches_the_sink_in_event_time_order(tmp_path: Path) -> 
     async with FakeApiServer() as api:
         for obj in _spread_events(120, 180):
             api.create_event(obj)
-        settings = _settings(api, tmp_path, page_size=25, sort=True)
-        spec = spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.02}, type_="memory")
-        router = Router(settings, [spec])
-        async with router.running():
-            sink = router.sinks["mem"]
-            assert isinstance(sink, MemorySink)
-            await sink.wait_for(120)
-            times = [occ.time_ns for occ in sink.received]
-            assert times == sorted(times)
+        received = await _sorted_relist(api, tmp_path, page_size=25, count=120)
+        times = [occ.time_ns for occ in received]
+        assert times == sorted(times)
+
+
+async def _sorted_relist(
+    api: FakeApiServer, tmp_path: Path, *, page_size: int, count: int
+) -> list[Occurrence]:
+    """What a memory sink receives from a router's sorted first list, once it has ``count`` and the
+    router is ready."""
+    spec = spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.02}, type_="memory")
+    router = Router(_settings(api, tmp_path, page_size=page_size, sort=True), [spec])
+    async with router.running():
+        sink = router.sinks["mem"]
+        assert isinstance(sink, MemorySink)
+        await sink.wait_for(count)
+        await until(lambda: router.ready()[0])
+        return list(sink.received)
 
 
 async def test_a_relist_holding_times_beyond_64_bit_nanoseconds_completes(tmp_path: Path) -> None:
@@ -156,16 +165,8 @@ async def test_a_relist_holding_times_beyond_64_bit_nanoseconds_completes(tmp_pa
                 namespace="shop", name="far-past", count=None, event_time="1600-01-01T00:00:00.000000Z"
             )
         )
-        settings = _settings(api, tmp_path, page_size=10, sort=True)
-        spec = spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.02}, type_="memory")
-        router = Router(settings, [spec])
-        async with router.running():
-            sink = router.sinks["mem"]
-            assert isinstance(sink, MemorySink)
-            await sink.wait_for(22)
-            await until(lambda: router.ready()[0])
-            names = [occ.record["name"] for occ in sink.received]
-            assert names[0] == "far-past" and names[-1] == "far-future"
+        names = [occ.record["name"] for occ in await _sorted_relist(api, tmp_path, page_size=10, count=22)]
+        assert names[0] == "far-past" and names[-1] == "far-future"
 
 
 async def test_a_relist_spanning_three_hours_is_not_refused_by_loki(tmp_path: Path) -> None:
