@@ -536,7 +536,7 @@ def summary(reports: Sequence[Report]) -> str:
 # ---- 6. malformed and hostile input -----------------------------------------------------------------
 
 
-def _deadletter_keys(path: Path) -> list[tuple[str, int]]:
+def deadletter_keys(path: Path) -> list[tuple[str, int]]:
     import json
 
     if not path.exists():
@@ -583,7 +583,7 @@ async def hostile_api_objects(tmp: Path) -> Report:
                     "loki": loki_keys(loki),
                     "file": file_keys(out),
                 }
-                dead = {n: _deadletter_keys(data / "deadletter" / f"{n}.jsonl") for n in names}
+                dead = {n: deadletter_keys(data / "deadletter" / f"{n}.jsonl") for n in names}
                 return {n: received[n] + dead[n] for n in names}
 
             with contextlib.suppress(TimeoutError):
@@ -594,7 +594,7 @@ async def hostile_api_objects(tmp: Path) -> Report:
                 "objects": len(ledger.numbers),
                 "malformed": router.metrics.source_dropped.labels("malformed")._value.get(),
                 **{
-                    f"dead_lettered_{n}": len(_deadletter_keys(data / "deadletter" / f"{n}.jsonl"))
+                    f"dead_lettered_{n}": len(deadletter_keys(data / "deadletter" / f"{n}.jsonl"))
                     for n in names
                 },
                 "loki_truncated": sum(1 for e in loki.entries if '"truncated":true' in e.line),

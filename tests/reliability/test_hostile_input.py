@@ -57,3 +57,41 @@ async def test_webhook_sends_a_body_over_1_mib_without_warning(tmp_path: Path) -
             await until(lambda: router.ready()[0])
             ledger.create(event_object(object_name="big", message="M" * (1024 * 1024 + 10)))
             await until(lambda: ledger.complete(webhook_keys(hook)), timeout=5)
+
+
+async def test_hostile_objects_already_held_by_the_api_server_are_listed_and_delivered(
+    tmp_path: Path,
+) -> None:
+    """The same objects, there before the router starts: they come by the first list, which a Loki
+    sink has handed on oldest first (the sort once crashed the watch, and with it the router, on a
+    year-9999 eventTime). The router becomes ready and every sink accounts for every occurrence."""
+    from reliability_harness import Ledger, loki_keys
+    from reliability_scenarios import api_server, deadletter_keys, memory_keys, memory_spec, settings_for
+
+    from eventrouter.app import Router
+    from eventrouter.config import build_specs
+    from eventrouter.testing import event_object
+    from eventrouter.testing.hostile import hostile_objects
+    from eventrouter.testing.receivers.loki import LokiReceiver
+    from eventrouter.testing.waiting import until
+
+    data = tmp_path / "data"
+    async with api_server() as api, LokiReceiver() as loki:
+        ledger = Ledger(api)
+        for obj in [*hostile_objects(), event_object(object_name="after-hostile")]:
+            ledger.create(obj)
+        router = Router(
+            settings_for(api, tmp_path, data_dir=data),
+            [memory_spec(), *build_specs([f"loki:{loki.url}?batch_max_wait=0.02"])],
+        )
+        async with router.running():
+            await until(lambda: router.ready()[0], timeout=20)
+            await until(lambda: ledger.complete(memory_keys(router)), timeout=20)
+            await until(
+                lambda: ledger.complete(
+                    loki_keys(loki) + deadletter_keys(data / "deadletter" / "loki.jsonl")
+                ),
+                timeout=20,
+            )
+        assert router.metrics.source_dropped.labels("malformed")._value.get() == 0
+        assert deadletter_keys(data / "deadletter" / "loki.jsonl") == []
