@@ -15,7 +15,9 @@ Record layout
              event time more than ``future_grace`` (1 h) ahead — a node whose clock runs ahead — is
              replaced by the time the router received the event, with a ``time_adjusted: true`` header:
              Kafka 4 refuses it (``log.message.timestamp.after.max.ms``), and a far-future timestamp
-             would keep its segment from ever expiring by time. A broker that still refuses a record's
+             would keep its segment from ever expiring by time. So is an event time before 1970: a
+             negative timestamp is invalid to Kafka's clients (Kafka Streams' default extractor fails
+             on it). A broker that still refuses a record's
              timestamp (a stricter topic) gets it again with the send time and that header; it is then
              written after the records that followed it in its produce batch.
 
@@ -525,9 +527,11 @@ class KafkaSink(Sink[KafkaOptions]):
         timestamp_ms = None
         if self._event_time:
             timestamp_ms = occurrence.time_ns // 1_000_000
-            if timestamp_ms > self._latest_ms:
-                # Kafka 4 refuses it, and a far-future timestamp keeps a segment from ever expiring by
-                # time: use the time the router received it (the value keeps the event's own time).
+            if timestamp_ms > self._latest_ms or timestamp_ms < 0:
+                # Kafka 4 refuses one far ahead, and a far-future timestamp keeps a segment from ever
+                # expiring by time; one before 1970 is invalid to Kafka's own clients (the Java
+                # producer refuses it, Kafka Streams' default extractor fails on it): use the time the
+                # router received it (the value keeps the event's own time).
                 timestamp_ms = int(occurrence.received_at * 1000)
                 headers.append(_TIME_ADJUSTED)
         return _Message(

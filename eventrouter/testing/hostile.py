@@ -57,6 +57,9 @@ def hostile_objects() -> list[dict[str, Any]]:
         base(object_name="clock-ahead", last_timestamp=_iso_from_now(2 * 3600)),
         base(object_name="week-old", first_timestamp=_iso_from_now(-8 * 86400)),
         base(object_name="year-9999", count=None, event_time="9999-12-31T23:59:59.000000Z"),
+        # Before the Unix epoch: negative seconds; before 1678: beyond 64-bit nanoseconds.
+        base(object_name="before-epoch", count=None, event_time="1969-12-31T23:59:58.500000Z"),
+        base(object_name="year-1600", count=None, event_time="1600-01-01T00:00:00.000000Z"),
     ]
     labelled = base(object_name="weird-labels")
     labelled["metadata"]["labels"] = weird_labels

@@ -696,6 +696,26 @@ async def test_an_event_time_over_an_hour_ahead_is_not_the_record_timestamp(make
     assert web == ["Before", "Ahead", "After"]
 
 
+async def test_an_event_time_before_1970_is_not_the_record_timestamp(
+    broker: TansuBroker, make_sink: MakeSink
+) -> None:
+    """A negative record timestamp is invalid to Kafka's own clients (the Java producer refuses it,
+    Kafka Streams' default extractor fails on it): such an event is stamped with its receipt and
+    marked, and its value keeps its own time."""
+    epoch = make_occurrence(reason="Epoch", count=None, event_time="1969-12-31T23:59:58.500000Z")
+    old = make_occurrence(reason="Old", count=None, event_time="1600-01-01T00:00:00.000000Z")
+    sink = make_sink(brokers=broker.bootstrap, topic="epoch")
+    await sink.start()
+    outcomes = await sink.send([epoch, old])
+    assert outcomes is None or [o.kind for o in outcomes] == [OutcomeKind.OK] * 2
+    records = {json.loads(r.value)["reason"]: r for r in await consume(broker.bootstrap, ["epoch"], 2)}
+    for occurrence in (epoch, old):
+        record = records[occurrence.record["reason"]]
+        assert record.timestamp == int(occurrence.received_at * 1000)
+        assert dict(record.headers)["time_adjusted"] == b"true"
+        assert json.loads(record.value)["time"] == occurrence.record["time"]
+
+
 async def test_a_broker_whose_clock_is_hours_behind_gets_a_retry_that_names_the_clocks(
     make_sink: MakeSink,
 ) -> None:
