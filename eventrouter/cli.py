@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -387,12 +388,17 @@ async def _check(args: argparse.Namespace) -> int:
 
 
 def _dead_letter_replay(
-    origin: tuple[str, Any], specs: list[SinkSpec], settings: RouterSettings
+    origin: tuple[str, Any], specs: list[SinkSpec], settings: RouterSettings, path: str
 ) -> tuple[list[SinkSpec], RouterSettings]:
     """A dead-letter file (``origin``: the sink and cluster of its first entry) goes back to the sink
     that refused it when that one is configured (the others have those occurrences already), without
     the data dir (its checkpoint counts them as done), and stamped with its records' cluster name
-    unless one is given."""
+    unless one is given. Handed on oldest first (a sink that wants time order), the file waits in a
+    temporary file in the data dir or beside the dead letters, on their volume: not in /tmp, which
+    in the chart's pod is a small emptyDir that a large file would get the pod evicted for."""
+    if settings.watch.relist_dir is None and (settings.data_dir is not None or path != "-"):
+        spare = str(settings.data_dir) if settings.data_dir is not None else str(Path(path).resolve().parent)
+        settings.watch = dataclasses.replace(settings.watch, relist_dir=spare)
     sink, cluster = origin
     if not settings.cluster_name and cluster:
         settings.cluster_name = str(cluster)
@@ -472,7 +478,7 @@ async def _replay(args: argparse.Namespace) -> int:
         settings.metrics_addr = None
         settings.shutdown_timeout = args.timeout
         if source.origin is not None:
-            specs, settings = _dead_letter_replay(source.origin, specs, settings)
+            specs, settings = _dead_letter_replay(source.origin, specs, settings, args.file)
         router = Router(settings, specs)
         await router.start_pipelines()
         occurrences, malformed = await router.replay(source)

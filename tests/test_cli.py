@@ -421,3 +421,18 @@ def test_replay_of_a_kubectl_list_with_data_dir_skips_what_was_delivered(tmp_pat
     assert second.returncode == 0
     assert len(out.read_text().splitlines()) == 92  # nothing twice
     assert json.loads(second.stderr.strip().splitlines()[-1])["sinks"]["file"]["skipped"] == 92
+
+
+def test_a_dead_letter_replay_sorted_for_loki_waits_on_the_data_volume_not_in_tmp(tmp_path: Path) -> None:
+    """Sorted for a sink that wants time order, a replay waits in a temporary file. Dead letters are
+    replayed without the data dir; the file must still not go to /tmp, which in the chart's pod is a
+    64Mi emptyDir that a large dead-letter file would get the pod evicted for."""
+    from eventrouter.app import RouterSettings
+    from eventrouter.cli import _dead_letter_replay
+
+    specs = build_specs(["loki:http://loki:3100"])
+    dead = tmp_path / "deadletter" / "loki.jsonl"
+    _, settings = _dead_letter_replay(("loki", "c"), specs, RouterSettings(data_dir=tmp_path), str(dead))
+    assert settings.data_dir is None and settings.watch.relist_dir == str(tmp_path)
+    _, settings = _dead_letter_replay(("loki", "c"), specs, RouterSettings(), str(dead))
+    assert settings.watch.relist_dir == str(dead.parent.resolve())
