@@ -864,7 +864,7 @@ class LokiSink(Sink[LokiOptions]):
         ts_ns = occurrence.time_ns
         marks: dict[str, Any] | None = None
         late = False
-        # Loki refuses an entry outside its time window, or over an hour behind the newest entry it
+        # Loki refuses an entry outside its time window, or over max_behind behind the newest entry it
         # holds for the stream (as far as this sink knows: what it pushed there).
         newest = self._newest.get(stream) if self._newest.used else None
         if not self._oldest_ns <= ts_ns <= self._newest_ns or (
