@@ -347,6 +347,16 @@ class Router:
             self._tasks.append(self._guard(watcher.run(), f"watch:{ns or '*'}"))
         self._tasks.append(self._guard(self._prune_deleted(), "checkpoint-prune"))
         self._tasks.append(self._guard(self._trim_periodically(), "memory-trim-periodic"))
+        if self.settings.data_dir is not None:
+            self._tasks.append(self._guard(self._retry_checkpoints(), "checkpoint-retry"))
+
+    async def _retry_checkpoints(self) -> None:
+        """A checkpoint that could not be written (a full disk) is retried on each ack; this also
+        retries it in a quiet cluster, where acks may not come for a long time."""
+        while True:
+            await asyncio.sleep(SinkCheckpoint.retry_interval)
+            for p in self.pipelines:
+                p.checkpoint.retry()
 
     async def _prune_deleted(self) -> None:
         """Drop checkpoint entries of deleted events. A sink behind the events' TTL (a backlog on
@@ -592,13 +602,25 @@ class Router:
             if not left:
                 continue
             if p.spool is not None:
-                for lost in p.spool.extend(left):
-                    self.metrics.dropped.labels(p.name, "spool_full").inc()
-                    log.warning("sink %s: spool full at shutdown, dropped %s", p.name, lost)
+                kept = 0
+                try:
+                    for occ in left:
+                        for lost in p.spool.append(occ):
+                            self.metrics.dropped.labels(p.name, "spool_full").inc()
+                            log.warning("sink %s: spool full at shutdown, dropped %s", p.name, lost)
+                        kept += 1
+                except OSError as exc:
+                    self.metrics.data_dir_errors.labels(p.name, "spool").inc()
+                    self.metrics.dropped.labels(p.name, "spool_error").inc(len(left) - kept)
+                    log.error(
+                        "sink %s: cannot write the disk spool at shutdown (%s): %d undelivered occurrences "
+                        "not kept; re-delivered after restart only while the API server still holds them",
+                        p.name,
+                        exc.strerror or exc,
+                        len(left) - kept,
+                    )
                 log.info(
-                    "sink %s: %d undelivered occurrences kept in the spool for the next start",
-                    p.name,
-                    len(left),
+                    "sink %s: %d undelivered occurrences kept in the spool for the next start", p.name, kept
                 )
             else:
                 self.metrics.dropped.labels(p.name, "shutdown").inc(len(left))

@@ -20,13 +20,14 @@ __all__ = [
 
 # The fixed reasons, exported at 0 from the start: an alert on increase() sees a series' first
 # increment only if the series existed before it (one drop would otherwise never fire).
-SINK_DROP_REASONS = ("queue_full", "spool_full", "spool_error", "shutdown")
+SINK_DROP_REASONS = ("queue_full", "spool_full", "spool_error", "spool_unreadable", "shutdown")
 DEAD_LETTER_REASONS = ("rejected", "retries_exhausted")
 SEND_ERROR_KINDS = ("retryable", "timeout", "exception", "contract", "start")
 SOURCE_DROP_REASONS = ("malformed", "malformed_line", "unknown_watch_type")
 SOURCE_REPAIR_REASONS = ("invalid_unicode",)
 WATCH_RESTART_REASONS = ("timeout", "expired", "connection", "error")  # and http_<status>
 RELIST_REASONS = ("initial", "expired")
+DATA_DIR_FILES = ("spool", "checkpoint", "deadletter")
 
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
@@ -111,7 +112,8 @@ class Metrics:
         )
         self.dropped = Counter(
             "eventrouter_sink_dropped",
-            "Occurrences dropped without delivery, by reason (queue_full, spool_full, spool_error, shutdown).",
+            "Occurrences dropped without delivery, by reason (queue_full, spool_full, spool_error, "
+            "spool_unreadable, shutdown).",
             ["sink", "reason"],
             registry=r,
         )
@@ -174,6 +176,20 @@ class Metrics:
             ["sink"],
             registry=r,
         )
+        self.data_dir_errors = Counter(
+            "eventrouter_data_dir_errors",
+            "Writes to the data dir that failed (disk full, I/O error), by sink and file (spool, checkpoint, "
+            "deadletter). The router goes on; see eventrouter_checkpoint_durable.",
+            ["sink", "file"],
+            registry=r,
+        )
+        self.checkpoint_durable = Gauge(
+            "eventrouter_checkpoint_durable",
+            "0 while the sink's checkpoint cannot be written to the data dir (a restart then re-delivers "
+            "what it accepted since), 1 otherwise.",
+            ["sink"],
+            registry=r,
+        )
         self.leader = Gauge("eventrouter_leader", "1 while this replica holds the lease.", registry=r)
         self.checkpoint_truncated = Gauge(
             "eventrouter_checkpoint_truncated",
@@ -197,3 +213,6 @@ class Metrics:
             self.dead_lettered.labels(sink, reason)
         for kind in SEND_ERROR_KINDS:
             self.send_errors.labels(sink, kind)
+        for file in DATA_DIR_FILES:
+            self.data_dir_errors.labels(sink, file)
+        self.checkpoint_durable.labels(sink).set(1)

@@ -37,6 +37,7 @@ from eventrouter import (
     reject,
     retry,
 )
+from eventrouter.appendfile import append_all
 
 __all__ = ["FileOptions", "FileSink"]
 
@@ -168,18 +169,9 @@ class _Writer:
             self._sync_dir()
 
     def _write_all(self, fd: int, data: bytes) -> None:
-        start = self.size
-        view = memoryview(data)
-        try:
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-        except OSError:
-            # Never leave a partial line behind: the retry would append after it and break the JSON lines.
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, start)
-            raise
-        self.size = start + len(data)
+        # Never leave a partial line behind: the retry would append after it and break the JSON lines.
+        append_all(fd, data, self.size)
+        self.size += len(data)
 
     # -- one batch ------------------------------------------------------------------------------
     def write_batch(self, lines: list[bytes | None]) -> list[bool | str]:

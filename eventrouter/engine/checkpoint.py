@@ -12,9 +12,12 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Container, Iterable, Mapping
+import time
+from collections.abc import Callable, Container, Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
+
+from eventrouter.appendfile import append_to
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,9 @@ class FileCheckpoint:
         # which the next complete list prunes.
         self._removals = ""
 
+    def __str__(self) -> str:
+        return str(self.snapshot.with_suffix(""))
+
     def load(self) -> dict[str, int]:
         state: dict[str, int] = {}
         if self.snapshot.exists():
@@ -97,11 +103,7 @@ class FileCheckpoint:
 
     def _append(self, text: str) -> None:
         text, self._removals = self._removals + text, ""
-        with open(self.journal, "a", encoding="utf-8") as fh:
-            fh.write(text)
-            if self.fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
+        append_to(self.journal, text.encode(), fsync=self.fsync)
         self._journal_lines += text.count("\n")
 
     def record(self, acks: Mapping[str, int]) -> None:
@@ -120,11 +122,16 @@ class FileCheckpoint:
     def compact(self, state: Mapping[str, int]) -> None:
         self._removals = ""  # the snapshot is written without them
         tmp = self.snapshot.with_suffix(".snapshot.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write("".join(f"{uid} {n}\n" for uid, n in state.items()))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.snapshot)
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write("".join(f"{uid} {n}\n" for uid, n in state.items()))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.snapshot)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # a half-written snapshot must not keep a full disk full
+            raise
         # The snapshot holds everything the journal said; replaying an old journal on top is harmless.
         with contextlib.suppress(FileNotFoundError):
             os.truncate(self.journal, 0)
@@ -234,7 +241,14 @@ class CheckpointTable:
 
 class SinkCheckpoint:
     """The in-memory view used by a pipeline (its column of a CheckpointTable, shared with the other
-    sinks of the router, or a table of its own), persisted through a backend."""
+    sinks of the router, or a table of its own), persisted through a backend.
+
+    A backend write that fails (a full disk) never stops delivery: the table in memory stays right,
+    ``durable`` turns False, and from then on, at most every ``retry_interval`` seconds, a whole
+    snapshot is tried instead of journal lines (the journal now misses some). Until one succeeds, a
+    restart re-delivers what was accepted meanwhile; nothing is lost."""
+
+    retry_interval = 5.0
 
     def __init__(
         self,
@@ -265,6 +279,11 @@ class SinkCheckpoint:
                 self.table.set(index, uid, n)
         self.compact_every = compact_every
         self._since_compact = 0
+        self.durable = True
+        self.write_errors = 0
+        self._retry_at = 0.0
+        self.on_write: Callable[[OSError | None], None] | None = None
+        """Told of each failed write (the error) and of the first write that succeeds after one (None)."""
 
     @property
     def state(self) -> dict[str, int]:
@@ -279,7 +298,7 @@ class SinkCheckpoint:
                 table.set(index, uid, n)
                 fresh[uid] = n
         if fresh:
-            self.backend.record(fresh)
+            self._persist(lambda: self.backend.record(fresh))
             self._note(len(fresh))
 
     def forget(self, uids: Iterable[str]) -> None:
@@ -290,7 +309,7 @@ class SinkCheckpoint:
                 table.set(index, uid, 0)
                 gone.append(uid)
         if gone:
-            self.backend.remove(gone)
+            self._persist(lambda: self.backend.remove(gone))
             self._note(len(gone))
 
     def prune(self, live: Container[str]) -> int:
@@ -300,18 +319,52 @@ class SinkCheckpoint:
         for uid in gone:
             table.set(index, uid, 0)
         if gone:
-            self.backend.compact(self.state)
-            self._since_compact = 0
+            self._compact()
         return len(gone)
 
     def _note(self, lines: int) -> None:
         self._since_compact += lines
         if self._since_compact >= self.compact_every:
-            try:
-                self.backend.compact(self.state)
-            except OSError as exc:  # the journal still holds everything; try again later
-                log.error("checkpoint compaction failed: %s", exc)
+            self._compact()
+
+    def _compact(self) -> None:
+        self._since_compact = 0
+        self._persist(lambda: self.backend.compact(self.state))
+
+    def retry(self) -> None:
+        """Try to make the state durable again now, if it is not (a periodic call: a quiet cluster
+        may send no ack for a long time after the disk has room again)."""
+        if not self.durable:
+            self._persist(lambda: None)
+
+    def _persist(self, write: Callable[[], None]) -> None:
+        if not self.durable:
+            if time.monotonic() < self._retry_at:
+                return
+            write = lambda: self.backend.compact(self.state)  # noqa: E731 - the journal misses lines
+        try:
+            write()
+        except OSError as exc:
+            self.write_errors += 1
+            self._retry_at = time.monotonic() + self.retry_interval
+            if self.durable:
+                self.durable = False
+                log.error(
+                    "checkpoint %s cannot be written (%s): delivery goes on; until it can, a restart "
+                    "re-delivers what is accepted meanwhile (retried every %gs)",
+                    self.backend,
+                    exc.strerror or exc,
+                    self.retry_interval,
+                )
+            if self.on_write is not None:
+                self.on_write(exc)
+            return
+        if not self.durable:
+            self.durable = True
             self._since_compact = 0
+            log.warning("checkpoint %s written again after %d failed writes", self.backend, self.write_errors)
+            if self.on_write is not None:
+                self.on_write(None)
 
     def close(self) -> None:
         self.backend.close(self.state)

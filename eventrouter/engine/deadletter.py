@@ -19,6 +19,7 @@ from pathlib import Path
 
 import orjson
 
+from eventrouter.appendfile import append_to
 from eventrouter.record import Occurrence
 
 __all__ = ["DEADLETTER_MAX", "DeadLetter"]
@@ -37,9 +38,10 @@ class DeadLetter:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(self, items: Sequence[tuple[Occurrence, str]]) -> None:
+    def write(self, items: Sequence[tuple[Occurrence, str]]) -> bool:
+        """Append the items; False (the error logged) when the file cannot be written."""
         if self.path is None or not items:
-            return
+            return True
         now = time.time()
         # The record and the event are spliced in as the JSON they already are.
         lines = b"".join(
@@ -65,7 +67,15 @@ class DeadLetter:
                     if discarded
                     else "",
                 )
-            with open(self.path, "ab") as fh:
-                fh.write(lines)
+            append_to(self.path, lines)
         except OSError as exc:
-            log.error("cannot write dead-letter file %s: %s (%d occurrences)", self.path, exc, len(items))
+            log.error(
+                "cannot write dead-letter file %s: %s; %d dead-lettered occurrences are in the log only: %s",
+                self.path,
+                exc.strerror or exc,
+                len(items),
+                ", ".join(f"{occ.key} ({reason})" for occ, reason in items[:20])
+                + (f" and {len(items) - 20} more" if len(items) > 20 else ""),
+            )
+            return False
+        return True

@@ -123,6 +123,10 @@ class Pipeline:
         self._m_lag = m.delivery_lag.labels(name)
         self._m_event_lag = m.event_lag.labels(name)
         self._m_up = m.sink_up.labels(name)
+        self._m_durable = m.checkpoint_durable.labels(name)
+        checkpoint.on_write = self._checkpoint_written
+        self._m_queue_full = m.dropped.labels(name, "queue_full")
+        self._m_spool_error = m.dropped.labels(name, "spool_error")
         self._m_up.set(1)
         m.sink_children(name)
         if spool is not None:
@@ -152,18 +156,21 @@ class Pipeline:
             )
             return
         self.idle.clear()
-        if self.spool is not None and (len(self.spool) or len(self._queue) >= self.queue_max):
+        spool = self.spool
+        if spool is not None and (len(spool) or len(self._queue) >= self.queue_max) and self._spill(occ):
             # Once spilling starts, everything goes through the spool until it drains: order is kept.
-            self._spill(occ)
+            pass
         elif len(self._queue) >= self.queue_max:
             dropped = self._queue.popleft()
             self._queue.append(occ)
-            self.metrics.dropped.labels(self.name, "queue_full").inc()
+            # With a spool, the memory queue fills only while the disk fails: that is the cause.
+            (self._m_queue_full if spool is None else self._m_spool_error).inc()
             self._throttled.warning(
                 "queue_full",
-                "sink %s: memory queue full (%d), dropped oldest occurrence %s",
+                "sink %s: memory queue full (%d)%s, dropped oldest occurrence %s",
                 self.name,
                 self.queue_max,
+                "" if spool is None else " and the disk spool cannot be written",
                 dropped.key,
             )
         else:
@@ -174,21 +181,26 @@ class Pipeline:
                     return  # the batch being filled waits for its deadline or for enough to fill it
         self._wakeup.set()
 
-    def _spill(self, occ: Occurrence) -> None:
+    def _spill(self, occ: Occurrence) -> bool:
+        """Append to the spool; False when the disk cannot take it (the caller keeps it in memory)."""
         assert self.spool is not None
+        if not self.spool.writable:
+            return False
         try:
             dropped = self.spool.append(occ)
         except OSError as exc:
-            # A full or broken disk must not stop the source: this occurrence is lost, counted.
-            self.metrics.dropped.labels(self.name, "spool_error").inc()
+            # A full or broken disk must not stop the source, nor lose what memory still holds: the
+            # memory queue takes over (oldest dropped past its bound, counted) until the disk works.
+            self.metrics.data_dir_errors.labels(self.name, "spool").inc()
             self._throttled.warning(
-                "spool_error",
-                "sink %s: cannot write the disk spool (%s), dropped %s",
+                "spool_write",
+                "sink %s: cannot write the disk spool (%s); occurrences wait in memory (at most %d, "
+                "then the oldest are dropped) until it can be written again",
                 self.name,
-                exc,
-                occ.key,
+                exc.strerror or exc,
+                self.queue_max,
             )
-            return
+            return False
         self._m_spilled.inc()
         for lost in dropped:
             self.metrics.dropped.labels(self.name, "spool_full").inc()
@@ -196,6 +208,16 @@ class Pipeline:
                 "spool_full", "sink %s: disk spool full, dropped oldest occurrence %s", self.name, lost
             )
         self._m_spool.set(len(self.spool))
+        return True
+
+    def _dead_letter(self, items: list[tuple[Occurrence, str]]) -> None:
+        if not self.deadletter.write(items):
+            self.metrics.data_dir_errors.labels(self.name, "deadletter").inc()
+
+    def _checkpoint_written(self, error: OSError | None) -> None:
+        if error is not None:
+            self.metrics.data_dir_errors.labels(self.name, "checkpoint").inc()
+        self._m_durable.set(0 if error is not None else 1)
 
     def flush_metrics(self) -> None:
         """Move the locally counted intake into the Prometheus counter (per batch and per scrape)."""
@@ -225,7 +247,8 @@ class Pipeline:
     @property
     def can_spill(self) -> bool:
         """A disk spool with room below half its bound takes what the memory queue cannot."""
-        return self.spool is not None and self.spool.bytes < self.spool.max_bytes // 2
+        spool = self.spool
+        return spool is not None and spool.writable and spool.bytes < spool.max_bytes // 2
 
     async def wait_for_room(self, high_water: float) -> None:
         while self.backlogged(high_water):
@@ -254,6 +277,9 @@ class Pipeline:
             self.spool.commit()
             if len(self.spool):
                 self._queue.extend(self.spool.pop(self.options.batch_max_events))
+                if self.spool.unreadable:
+                    self.metrics.dropped.labels(self.name, "spool_unreadable").inc(self.spool.unreadable)
+                    self.spool.unreadable = 0
             self._m_spool.set(len(self.spool))
 
     def _take(self, batch: list[Occurrence], size: int, keys: set[tuple[str, int]]) -> int:
@@ -421,7 +447,7 @@ class Pipeline:
                     # The event's own age, once per send: the oldest accepted (relists make it large).
                     self._m_event_lag.observe(max(0.0, now - oldest_event_ns / 1e9))
                 if dead:
-                    self.deadletter.write(dead)
+                    self._dead_letter(dead)
                     for occ, reason in dead[:3]:
                         self.log.warning("sink %s rejected %s: %s", self.name, occ.key, reason)
                     if len(dead) > 3:
@@ -445,7 +471,7 @@ class Pipeline:
                 limit = self.options.retry_max_attempts
                 if limit and attempt >= limit:
                     reason = f"retries exhausted after {attempt} attempts: {last_reason}"
-                    self.deadletter.write([(occ, reason) for occ in retry_items])
+                    self._dead_letter([(occ, reason) for occ in retry_items])
                     self.metrics.dead_lettered.labels(self.name, "retries_exhausted").inc(len(retry_items))
                     self.log.error(
                         "sink %s: %d occurrences dead-lettered, %s", self.name, len(retry_items), reason

@@ -21,9 +21,14 @@ from pathlib import Path
 
 import orjson
 
+from eventrouter.appendfile import append_all
 from eventrouter.record import MalformedEvent, Occurrence, normalise, occurrence_number
 
 __all__ = ["Spool"]
+
+WRITE_RETRY_SECONDS = 5.0
+"""After a failed write (a full disk) the spool takes nothing for this long: the pipeline keeps
+occurrences in memory meanwhile, instead of trying the disk again for each one."""
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +41,6 @@ class _Segment:
     size: int = 0
     read_records: int = 0  # durable + in-memory read position within this segment
     read_offset: int = 0
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 class Spool:
@@ -70,6 +69,9 @@ class Spool:
         self._fd_seg: _Segment | None = None
         # Closes the fd if the spool is dropped unclosed (no ResourceWarning: a raw descriptor).
         self._fd_closer: weakref.finalize[[int], Spool] | None = None
+        self._retry_at = 0.0
+        self.unreadable = 0
+        """Records skipped by ``pop`` because they could not be read back; the pipeline counts them."""
         self._open()
 
     # ---- persistence format -------------------------------------------------------------------
@@ -123,8 +125,14 @@ class Spool:
 
     # ---- writing ------------------------------------------------------------------------------
 
+    @property
+    def writable(self) -> bool:
+        """False for a while after a write failed."""
+        return not self._retry_at or time.monotonic() >= self._retry_at
+
     def append(self, occ: Occurrence) -> list[str]:
-        """Append one occurrence; returns the keys of occurrences dropped to stay within the bound."""
+        """Append one occurrence; returns the keys of occurrences dropped to stay within the bound.
+        On a write error (``OSError``) nothing of it stays in the file and ``writable`` turns False."""
         line = self.encode(occ)
         dropped: list[str] = []
         while self._segments and self._bytes + len(line) > self.max_bytes:
@@ -134,17 +142,29 @@ class Spool:
             number = seg.number + 1 if seg else int(time.time() * 1000)
             seg = _Segment(number, self.directory / f"{number}.seg")
             self._segments.append(seg)
-        if self._fd_seg is not seg:
+        try:
+            if self._fd_seg is not seg:
+                self._open_writer(seg)
+            append_all(self._fd, line, seg.size)
+        except OSError:
             self._close_writer()
-            self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            self._fd_seg = seg
-            self._fd_closer = weakref.finalize(self, os.close, self._fd)
-        _write_all(self._fd, line)
+            self._retry_at = time.monotonic() + WRITE_RETRY_SECONDS
+            raise
+        self._retry_at = 0.0
         seg.records += 1
         seg.size += len(line)
         self._count += 1
         self._bytes += len(line)
         return dropped
+
+    def _open_writer(self, seg: _Segment) -> None:
+        self._close_writer()
+        fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = fd
+        self._fd_seg = seg
+        self._fd_closer = weakref.finalize(self, os.close, fd)
+        if os.fstat(fd).st_size > seg.size:
+            os.ftruncate(fd, seg.size)  # the torn tail of a failed write, if cutting it back failed then
 
     def _close_writer(self) -> None:
         if self._fd_closer is not None:
@@ -170,9 +190,10 @@ class Spool:
         return dropped
 
     def _drop_oldest(self) -> list[str]:
-        seg = self._segments.popleft()
+        seg = self._segments[0]
+        data = seg.path.read_bytes()[seg.read_offset : seg.size]  # an error leaves the spool as it was
+        self._segments.popleft()
         keys: list[str] = []
-        data = seg.path.read_bytes()[seg.read_offset :]
         for line in data.splitlines():
             try:
                 raw, _ = orjson.loads(line)
@@ -207,6 +228,7 @@ class Spool:
                     try:
                         out.append(self._decode(line))
                     except (orjson.JSONDecodeError, MalformedEvent, ValueError, TypeError) as exc:
+                        self.unreadable += 1
                         log.error("spool %s: unreadable record skipped: %s", self.directory, exc)
         return out
 
