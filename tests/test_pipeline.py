@@ -474,20 +474,33 @@ def test_spool_appends_reach_the_file_at_once_and_never_a_deleted_segment(tmp_pa
     reopened.close()
 
 
-async def test_a_spool_that_cannot_be_written_drops_counts_and_never_raises(
+async def test_a_spool_that_cannot_be_written_keeps_occurrences_in_memory_and_never_raises(
     metrics: Metrics, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     import shutil
 
     spool = Spool(tmp_path / "spool", max_bytes=10_000_000)
-    p = _pipeline(_sink(), metrics, spool=spool, queue_max_events=2)
-    for _ in range(3):
-        p.offer(make_occurrence())  # the third is spilled to disk
+    p = _pipeline(_sink(), metrics, spool=spool, queue_max_events=3)
+    occs = [make_occurrence() for _ in range(6)]
+    p.offer(occs[0])
+    p.offer(occs[1])
+    p.offer(occs[2])
+    p.offer(occs[3])  # the memory queue is full: spilled to disk
+    assert len(spool) == 1
+    p._queue.popleft()  # room in memory again (as after a batch was taken)
     spool.close()
     shutil.rmtree(tmp_path / "spool")  # the disk is gone (as full or read-only would be)
-    p.offer(make_occurrence())  # must not raise into the source
-    assert value(metrics.dropped, "mem", "spool_error") == 1
+    p.offer(occs[4])  # must not raise into the source; memory still has room: kept, not dropped
+    assert list(p._queue)[-1] is occs[4]
+    assert value(metrics.data_dir_errors, "mem", "spool") == 1
+    assert value(metrics.dropped, "mem", "spool_error") == 0
     assert "cannot write the disk spool" in caplog.text
+    # For a while the disk is not tried again, and a relist must not count on the spool.
+    assert not spool.writable and not p.can_spill
+    p.offer(occs[5])  # memory full now: the oldest there is dropped, counted against the disk
+    assert value(metrics.data_dir_errors, "mem", "spool") == 1
+    assert value(metrics.dropped, "mem", "spool_error") == 1
+    assert list(p._queue) == [occs[2], occs[4], occs[5]]
 
 
 async def test_spool_bound_drops_oldest_and_counts(metrics: Metrics, tmp_path: Path) -> None:

@@ -1,0 +1,166 @@
+"""A data dir that cannot be written (a full disk, a failed volume): the router keeps delivering,
+counts and logs every failed write, loses nothing, and is durable again once the disk is.
+
+The failures are the kernel's own: a file size limit (``RLIMIT_FSIZE``, which fails a write part way
+through, as a disk filling up does) in a child process, and folders taken away under the router."""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from eventrouter.engine.checkpoint import FileCheckpoint, SinkCheckpoint
+from eventrouter.testing import event_object
+from eventrouter.testing.apiserver import FakeApiServer
+from eventrouter.testing.waiting import until
+from tests.test_router import _expected, _mem, _ready, _router, _settings, api  # noqa: F401 - fixture
+
+
+def test_a_write_that_fails_part_way_leaves_no_torn_line_behind(tmp_path: Path) -> None:
+    """Each append-only file (spool, checkpoint journal, dead letters) under a size limit that cuts a
+    record in two: the failed record is gone whole, and the next one (after the limit is lifted)
+    reads back intact. Without the cut-back the next record was glued onto the torn one and lost."""
+    script = textwrap.dedent(
+        """
+        import json, resource, sys
+        from pathlib import Path
+        from eventrouter.engine.checkpoint import FileCheckpoint
+        from eventrouter.engine.deadletter import DeadLetter
+        from eventrouter.engine.spool import Spool
+        from eventrouter.testing import make_occurrence
+
+        tmp = Path(sys.argv[1])
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        first, failed, last = (make_occurrence(message=m * 300) for m in "abc")
+        out = {}
+
+        spool = Spool(tmp / "spool", max_bytes=10_000_000)
+        spool.append(first)
+        size = spool.bytes
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, hard))  # inside the next record
+        try:
+            spool.append(failed)
+        except OSError as exc:
+            out["spool_error"] = exc.strerror
+        out["spool_file_after_error"] = (tmp / "spool" / next((tmp / "spool").glob("*.seg")).name).stat().st_size
+        out["spool_writable"] = spool.writable
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        spool.append(last)
+        spool.close()
+        again = Spool(tmp / "spool", max_bytes=10_000_000)
+        out["spool_read"] = [o.record["message"][:1] for o in again.pop(10)]
+        out["spool_unreadable"] = again.unreadable
+        out["spool_size"] = size
+
+        journal = FileCheckpoint(tmp / "cp", "s")
+        journal.record({"uid-1": 1})
+        size = journal.journal.stat().st_size
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 5, hard))
+        try:
+            journal.record({"uid-2": 2})
+        except OSError as exc:
+            out["journal_error"] = exc.strerror
+        out["journal_file_after_error"] = journal.journal.stat().st_size - size
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        journal.record({"uid-3": 3})
+        out["journal_read"] = FileCheckpoint(tmp / "cp", "s").load()
+
+        dead = DeadLetter(tmp / "dl.jsonl", sink="s")
+        dead.write([(first, "no")])
+        size = (tmp / "dl.jsonl").stat().st_size
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, hard))
+        out["deadletter_written"] = dead.write([(failed, "no")])
+        out["deadletter_file_after_error"] = (tmp / "dl.jsonl").stat().st_size - size
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        dead.write([(last, "no")])
+        out["deadletter_read"] = [
+            json.loads(line)["record"]["message"][:1] for line in (tmp / "dl.jsonl").read_text().splitlines()
+        ]
+        print(json.dumps(out))
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["spool_error"] == "File too large"
+    assert out["spool_file_after_error"] == out["spool_size"]  # cut back to the last whole record
+    assert out["spool_writable"] is False  # not tried again for a while
+    assert out["spool_read"] == ["a", "c"] and out["spool_unreadable"] == 0
+    assert out["journal_error"] == "File too large" and out["journal_file_after_error"] == 0
+    assert out["journal_read"] == {"uid-1": 1, "uid-3": 3}
+    assert out["deadletter_written"] is False and out["deadletter_file_after_error"] == 0
+    assert out["deadletter_read"] == ["a", "c"]
+
+
+async def test_a_checkpoint_that_cannot_be_written_is_retried_as_a_whole_snapshot(tmp_path: Path) -> None:
+    folder = tmp_path / "cp"
+    events: list[OSError | None] = []
+    cp = SinkCheckpoint(FileCheckpoint(folder, "s"))
+    cp.on_write = events.append
+    cp.ack({"a": 1})
+    shutil.rmtree(folder)  # the volume is gone
+    cp.ack({"b": 2})  # never raises into the pipeline
+    cp.forget(["a"])
+    assert not cp.durable and len(events) == 1 and isinstance(events[0], OSError)
+    assert cp.state == {"b": 2}  # the table in memory stays right
+    cp.retry()  # within retry_interval (5 s): not tried again
+    cp.ack({"c": 3})
+    assert cp.write_errors == 1
+    folder.mkdir()
+    # The first write once retry_interval has passed is a whole snapshot: the journal missed lines.
+    await until(lambda: (cp.retry(), cp.durable)[1], timeout=cp.retry_interval + 5)
+    assert events[-1] is None and cp.write_errors == 1
+    assert FileCheckpoint(folder, "s").load() == {"b": 2, "c": 3}
+    cp.ack({"d": 4})  # back to journal lines
+    assert FileCheckpoint(folder, "s").load() == {"b": 2, "c": 3, "d": 4}
+
+
+async def test_the_router_keeps_delivering_while_its_checkpoints_cannot_be_written(
+    api: FakeApiServer,  # noqa: F811 - the fixture
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, the first ack after the disk filled raised out of the pipeline task, which stopped the
+    router: every sink stopped delivering, and a restart crashed the same way (a crash loop)."""
+    monkeypatch.setattr(SinkCheckpoint, "retry_interval", 0.2)  # 5 s in production
+    data = tmp_path / "data"
+    router = _router(_settings(api, tmp_path, data_dir=data))
+    m = router.metrics
+    async with router.running():
+        sink = _mem(router)
+        await _ready(router)
+        for i in range(5):
+            api.create_event(event_object(object_name=f"before-{i}"))
+        await sink.wait_for(5)
+        # The checkpoint folder becomes unwritable: a file where the folder was.
+        shutil.rmtree(data / "checkpoints")
+        (data / "checkpoints").write_text("not a folder")
+        for i in range(10):
+            api.create_event(event_object(object_name=f"during-{i}"))
+        await sink.wait_for(15)
+        assert router.ready()[0]
+        assert m.checkpoint_durable.labels("mem")._value.get() == 0
+        assert m.data_dir_errors.labels("mem", "checkpoint")._value.get() >= 1
+        assert "cannot be written" in caplog.text
+        # The disk works again: the periodic retry persists everything, also without new acks.
+        (data / "checkpoints").unlink()
+        (data / "checkpoints").mkdir()
+        await until(lambda: m.checkpoint_durable.labels("mem")._value.get() == 1, timeout=15)
+    second = _router(_settings(api, tmp_path, data_dir=data))
+    async with second.running():
+        await _ready(second)
+        api.create_event(event_object(object_name="after"))
+        await _mem(second).wait_for(1)
+    both = collections.Counter(sink.keys + _mem(second).keys)
+    assert _expected(api) <= set(both)  # lost = 0
+    assert all(n == 1 for n in both.values()), [k for k, n in both.items() if n > 1]  # duplicates = 0
