@@ -9,6 +9,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 
 from eventrouter.app import Router, RouterSettings
 from eventrouter.config import spec_for_class
+from eventrouter.engine.checkpoint import SinkCheckpoint
 from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS
 from eventrouter.record import parse_time_ns
 from eventrouter.source.watcher import WatchSettings
@@ -673,3 +675,45 @@ def test_a_data_dir_budget_bounds_every_sinks_spool_and_dead_letters_to_fit_it(t
         (10 * 2**20, DEADLETTER_MAX),
         (256 * 2**20, DEADLETTER_MAX),
     ]
+
+
+async def test_the_router_keeps_delivering_while_its_checkpoints_cannot_be_written(
+    api: FakeApiServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, the first ack after the disk filled raised out of the pipeline task, which stopped the
+    router: every sink stopped delivering, and a restart crashed the same way (a crash loop)."""
+    monkeypatch.setattr(SinkCheckpoint, "retry_interval", 0.2)  # 5 s in production
+    data = tmp_path / "data"
+    router = _router(_settings(api, tmp_path, data_dir=data))
+    m = router.metrics
+    async with router.running():
+        sink = _mem(router)
+        await _ready(router)
+        for i in range(5):
+            api.create_event(event_object(object_name=f"before-{i}"))
+        await sink.wait_for(5)
+        # The checkpoint folder becomes unwritable: a file where the folder was.
+        shutil.rmtree(data / "checkpoints")
+        (data / "checkpoints").write_text("not a folder")
+        for i in range(10):
+            api.create_event(event_object(object_name=f"during-{i}"))
+        await sink.wait_for(15)
+        assert router.ready()[0]
+        assert m.checkpoint_durable.labels("mem")._value.get() == 0
+        assert m.data_dir_errors.labels("mem", "checkpoint")._value.get() >= 1
+        assert "cannot be written" in caplog.text
+        # The disk works again: the periodic retry persists everything, also without new acks.
+        (data / "checkpoints").unlink()
+        (data / "checkpoints").mkdir()
+        await until(lambda: m.checkpoint_durable.labels("mem")._value.get() == 1, timeout=15)
+    second = _router(_settings(api, tmp_path, data_dir=data))
+    async with second.running():
+        await _ready(second)
+        api.create_event(event_object(object_name="after"))
+        await _mem(second).wait_for(1)
+    both = collections.Counter(sink.keys + _mem(second).keys)
+    assert _expected(api) <= set(both)  # lost = 0
+    assert all(n == 1 for n in both.values()), [k for k, n in both.items() if n > 1]  # duplicates = 0
