@@ -58,6 +58,12 @@ SCENARIOS: dict[str, tuple[Scenario, Scenario, Callable[[Report], int]]] = {
         lambda t: sc.disk_spool(t, "sigkill"),
         lambda r: 2 * int(r.facts["batch_max_events"]),
     ),
+    "data_disk_full": (
+        # Under the memory queue's bound (1,000): with the disk full, memory is the only buffer.
+        lambda t: sc.data_disk_full(t, before=200, during=800, bumps=300),
+        sc.data_disk_full,
+        lambda r: 0,
+    ),
     "kill_storm": (
         lambda t: sc.kill_storm(t, kills=20, rate=300.0, batch=100),
         lambda t: sc.kill_storm(t, kills=10),

@@ -177,7 +177,10 @@ class Spool:
     def _unlink(self, seg: _Segment) -> None:
         if seg is self._fd_seg:
             self._close_writer()  # never write on into a deleted file
-        seg.path.unlink(missing_ok=True)
+        try:
+            seg.path.unlink(missing_ok=True)
+        except OSError as exc:  # a volume remounted read-only: read again after a restart, not lost
+            log.error("spool %s: cannot delete %s: %s", self.directory, seg.path.name, exc)
 
     def close(self) -> None:
         """Close the append descriptor (the spool stays usable: the next append reopens)."""
@@ -190,9 +193,13 @@ class Spool:
         return dropped
 
     def _drop_oldest(self) -> list[str]:
-        seg = self._segments[0]
-        data = seg.path.read_bytes()[seg.read_offset : seg.size]  # an error leaves the spool as it was
-        self._segments.popleft()
+        seg = self._segments.popleft()
+        try:
+            data = seg.path.read_bytes()[seg.read_offset : seg.size]
+        except OSError as exc:
+            # Dropped all the same, and counted: only their keys are unknown.
+            log.error("spool %s: cannot read segment %s to drop it: %s", self.directory, seg.path.name, exc)
+            data = b""
         keys: list[str] = []
         for line in data.splitlines():
             try:
@@ -200,6 +207,7 @@ class Spool:
                 keys.append(f"{raw['metadata']['uid']}/{occurrence_number(raw)}")
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 keys.append("?")
+        keys.extend(["?"] * max(0, seg.records - seg.read_records - len(keys)))
         self._unlink(seg)
         self._count -= seg.records - seg.read_records
         self._bytes -= seg.size

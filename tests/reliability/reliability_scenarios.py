@@ -242,6 +242,82 @@ async def disk_spool(
         )
 
 
+async def data_disk_full(tmp: Path, *, before: int = 20, during: int = 60, bumps: int = 15) -> Report:
+    """The data dir's volume fills up under a running router (its file size limit, ``RLIMIT_FSIZE``,
+    lowered to 0 from outside: every write to a file fails, as on a full disk) while events, repeats
+    and deletions keep coming to a webhook and a Loki sink. The router keeps delivering everything;
+    once the volume has room again it makes its checkpoints durable, and after a SIGKILL and a
+    restart nothing is delivered twice."""
+    import resource
+
+    sinks_of = ("webhook", "loki")
+    facts: dict[str, Any] = {}
+    async with (
+        api_server() as api,
+        WebhookReceiver() as hook,
+        LokiReceiver() as loki,
+    ):
+        sinks = [
+            f"webhook:{hook.url}?batch_max_events=20&batch_max_wait=0.05&{FAST_RETRY}",
+            f"loki:{loki.url}?batch_max_events=20&batch_max_wait=0.05&{FAST_RETRY}",
+        ]
+        async with RouterProcess(api, tmp, sinks).managed() as router:
+            ledger = Ledger(api)
+
+            def complete() -> bool:
+                return ledger.complete(webhook_keys(hook)) and ledger.complete(loki_keys(loki))
+
+            async def samples(name: str, **labels: str) -> list[float]:
+                got = await router.metrics()
+                return [metric(got, name, sink=s, **labels) for s in sinks_of]
+
+            await router.start()
+            await router.wait_serving()
+            for i in range(before):
+                ledger.create(event_object(object_name=f"full-a-{i}"))
+            await until(complete, timeout=60, interval=0.1)
+            assert router.proc is not None
+            _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.prlimit(router.proc.pid, resource.RLIMIT_FSIZE, (0, hard))  # the disk is full
+            for i in range(during):
+                ledger.create(event_object(object_name=f"full-b-{i}"))
+            for uid in ledger.live[:bumps]:
+                ledger.bump(uid)
+            for uid in ledger.live[-5:]:
+                ledger.delete(uid)  # the watch forgets their checkpoint entries: more writes that fail
+            await until(complete, timeout=60, interval=0.1)
+            assert router.proc.returncode is None, "the router stopped with its disk full"
+            facts["checkpoint_errors_while_full"] = await samples(
+                "eventrouter_data_dir_errors", file="checkpoint"
+            )
+            facts["durable_while_full"] = await samples("eventrouter_checkpoint_durable")
+            port = await router.wait_serving()
+            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                facts["readyz_while_full"] = resp.status
+            resource.prlimit(router.proc.pid, resource.RLIMIT_FSIZE, (hard, hard))  # room again
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(30):
+                    while await samples("eventrouter_checkpoint_durable") != [1.0, 1.0]:  # noqa: ASYNC110
+                        await asyncio.sleep(0.1)  # a remote gauge: polled
+            except TimeoutError:
+                raise AssertionError(f"checkpoints not durable again; router log:\n{router.tail()}") from None
+            facts["durable_again_after_s"] = round(time.monotonic() - started, 1)
+            # A SIGKILL, not a clean stop: what the restart skips is what the retried snapshot holds.
+            facts["exit_kill"] = await router.kill()
+            await router.start()
+            await router.wait_serving()
+            for i in range(5):
+                ledger.create(event_object(object_name=f"full-c-{i}"))
+            await until(complete, timeout=60, interval=0.1)
+            facts["exit_term"] = await router.term()
+        return Report(
+            "data disk full",
+            [ledger.account("webhook", webhook_keys(hook)), ledger.account("loki", loki_keys(loki))],
+            facts,
+        )
+
+
 def spooled_uids(spool_dir: Path) -> set[str]:
     """Event uids with an occurrence in the spool's segment files (read from disk, not from the router)."""
     import orjson
