@@ -59,8 +59,8 @@ SCENARIOS: dict[str, tuple[Scenario, Scenario, Callable[[Report], int]]] = {
         lambda r: 2 * int(r.facts["batch_max_events"]),
     ),
     "data_disk_full": (
-        # Under the memory queue's bound (1,000): with the disk full, memory is the only buffer.
-        lambda t: sc.data_disk_full(t, before=200, during=800, bumps=300),
+        # A burst under the memory queue's bound (1,000): with the disk full, memory is the only buffer.
+        lambda t: sc.data_disk_full(t, before=200, during=600, bumps=200),
         sc.data_disk_full,
         lambda r: 0,
     ),
