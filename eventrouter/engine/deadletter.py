@@ -70,7 +70,7 @@ class DeadLetter:
             append_to(self.path, lines)
         except OSError as exc:
             log.error(
-                "cannot write dead-letter file %s: %s; %d dead-lettered occurrences are in the log only: %s",
+                "cannot write dead-letter file %s: %s; %d dead-lettered occurrences not kept: %s",
                 self.path,
                 exc.strerror or exc,
                 len(items),
