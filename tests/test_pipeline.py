@@ -521,6 +521,28 @@ async def test_spool_bound_drops_oldest_and_counts(metrics: Metrics, tmp_path: P
     assert sink.received[-1] is not occs[-1] or sink.keys[-1] == (occs[-1].uid, occs[-1].number)
 
 
+async def test_a_spool_segment_removed_under_the_router_is_counted_and_the_rest_delivered(
+    metrics: Metrics, tmp_path: Path
+) -> None:
+    sink = _sink()
+    occs = [make_occurrence(message="x" * 2000) for _ in range(60)]
+    spool = Spool(tmp_path / "spool", max_bytes=10_000_000, segment_bytes=20_000)
+    p = _pipeline(sink, metrics, spool=spool, queue_max_events=10)
+    for o in occs:
+        p.offer(o)
+    segments = sorted((tmp_path / "spool").glob("*.seg"), key=lambda f: int(f.stem))
+    assert len(segments) >= 3
+    first = segments[0].read_bytes().count(b"\n")
+    segments[0].unlink()  # a data dir cleaned by hand under the running router
+    task = await _run(p)
+    await p.wait_idle(10)
+    await _finish(p, task)
+    # Before, opening the missing file raised out of the pipeline task and stopped the router.
+    assert value(metrics.dropped, "mem", "spool_unreadable") == first
+    assert len(sink.received) + first == 60
+    assert set(sink.keys) == {(o.uid, o.number) for o in occs[:10] + occs[10 + first :]}
+
+
 async def test_spool_replay_after_crash_skips_what_was_accepted(metrics: Metrics, tmp_path: Path) -> None:
     occs = [make_occurrence() for _ in range(30)]
     spool = Spool(tmp_path / "spool", max_bytes=10_000_000)

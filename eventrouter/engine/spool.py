@@ -226,18 +226,44 @@ class Spool:
                 self._bytes -= seg.size
                 self._unlink(seg)
                 continue
-            with open(seg.path, "rb") as fh:
-                fh.seek(seg.read_offset)
-                while len(out) < limit and seg.read_records < seg.records:
-                    line = fh.readline()
-                    seg.read_offset += len(line)
-                    seg.read_records += 1
-                    self._count -= 1
-                    try:
-                        out.append(self._decode(line))
-                    except (orjson.JSONDecodeError, MalformedEvent, ValueError, TypeError) as exc:
-                        self.unreadable += 1
-                        log.error("spool %s: unreadable record skipped: %s", self.directory, exc)
+            try:
+                fh = open(seg.path, "rb")  # noqa: SIM115 - closed below; its errors are handled apart
+            except FileNotFoundError:
+                # Removed under the router (a data dir cleaned by hand): those records are gone, counted.
+                missing = seg.records - seg.read_records
+                log.error(
+                    "spool %s: %s is gone: %d spooled occurrences lost",
+                    self.directory,
+                    seg.path.name,
+                    missing,
+                )
+                self.unreadable += missing
+                self._count -= missing
+                seg.read_records, seg.read_offset = seg.records, seg.size
+                continue
+            except OSError as exc:
+                log.error(
+                    "spool %s: cannot read %s (%s); tried again later", self.directory, seg.path.name, exc
+                )
+                break
+            with fh:
+                try:
+                    fh.seek(seg.read_offset)
+                    while len(out) < limit and seg.read_records < seg.records:
+                        line = fh.readline()
+                        seg.read_offset += len(line)
+                        seg.read_records += 1
+                        self._count -= 1
+                        try:
+                            out.append(self._decode(line))
+                        except (orjson.JSONDecodeError, MalformedEvent, ValueError, TypeError) as exc:
+                            self.unreadable += 1
+                            log.error("spool %s: unreadable record skipped: %s", self.directory, exc)
+                except OSError as exc:  # an I/O error: what was read is handed on, the rest waits
+                    log.error(
+                        "spool %s: cannot read %s (%s); tried again later", self.directory, seg.path.name, exc
+                    )
+                    break
         return out
 
     def commit(self) -> None:
