@@ -503,13 +503,22 @@ async def test_a_spool_that_cannot_be_written_keeps_occurrences_in_memory_and_ne
     assert list(p._queue) == [occs[2], occs[4], occs[5]]
 
 
-async def test_spool_bound_drops_oldest_and_counts(metrics: Metrics, tmp_path: Path) -> None:
+def _spilled(
+    metrics: Metrics, tmp_path: Path, n: int, max_bytes: int
+) -> tuple[MemorySink, list[Occurrence], Spool, Pipeline]:
+    """``n`` occurrences of ~2 KB offered to a pipeline whose memory queue holds 10: the rest spilled
+    into spool segments of ~10 occurrences each."""
     sink = _sink()
-    occs = [make_occurrence(message="x" * 2000) for _ in range(200)]
-    spool = Spool(tmp_path / "spool", max_bytes=100_000, segment_bytes=20_000)
+    occs = [make_occurrence(message="x" * 2000) for _ in range(n)]
+    spool = Spool(tmp_path / "spool", max_bytes=max_bytes, segment_bytes=20_000)
     p = _pipeline(sink, metrics, spool=spool, queue_max_events=10)
     for o in occs:
         p.offer(o)
+    return sink, occs, spool, p
+
+
+async def test_spool_bound_drops_oldest_and_counts(metrics: Metrics, tmp_path: Path) -> None:
+    sink, occs, spool, p = _spilled(metrics, tmp_path, 200, 100_000)
     dropped = value(metrics.dropped, "mem", "spool_full")
     assert dropped > 0
     assert spool.bytes <= 100_000
@@ -524,12 +533,7 @@ async def test_spool_bound_drops_oldest_and_counts(metrics: Metrics, tmp_path: P
 async def test_a_spool_segment_removed_under_the_router_is_counted_and_the_rest_delivered(
     metrics: Metrics, tmp_path: Path
 ) -> None:
-    sink = _sink()
-    occs = [make_occurrence(message="x" * 2000) for _ in range(60)]
-    spool = Spool(tmp_path / "spool", max_bytes=10_000_000, segment_bytes=20_000)
-    p = _pipeline(sink, metrics, spool=spool, queue_max_events=10)
-    for o in occs:
-        p.offer(o)
+    sink, occs, _, p = _spilled(metrics, tmp_path, 60, 10_000_000)
     segments = sorted((tmp_path / "spool").glob("*.seg"), key=lambda f: int(f.stem))
     assert len(segments) >= 3
     first = segments[0].read_bytes().count(b"\n")
