@@ -547,6 +547,26 @@ async def test_a_spool_segment_removed_under_the_router_is_counted_and_the_rest_
     assert set(sink.keys) == {(o.uid, o.number) for o in occs[:10] + occs[10 + first :]}
 
 
+async def test_a_spool_segment_that_cannot_be_read_is_counted_and_read_again_later(
+    metrics: Metrics, tmp_path: Path
+) -> None:
+    _, _, spool, p = _spilled(metrics, tmp_path, 30, 10_000_000)
+    p._queue.clear()  # as if the memory queue had been delivered: the next batch comes from the spool
+    waiting = len(spool)
+    segment = min((tmp_path / "spool").glob("*.seg"), key=lambda f: int(f.stem))
+    data = segment.read_bytes()
+    segment.unlink()
+    segment.mkdir()  # opening it now fails with a real I/O error (EISDIR), not "gone"
+    p._refill()  # never raises into the pipeline task
+    assert value(metrics.data_dir_errors, "mem", "spool") == 1
+    assert len(spool) == waiting and not p._queue  # nothing lost: the records wait
+    segment.rmdir()
+    segment.write_bytes(data)  # readable again
+    p._refill()
+    assert len(p._queue) == min(waiting, p.options.batch_max_events)
+    assert value(metrics.dropped, "mem", "spool_unreadable") == 0
+
+
 async def test_spool_replay_after_crash_skips_what_was_accepted(metrics: Metrics, tmp_path: Path) -> None:
     occs = [make_occurrence() for _ in range(30)]
     spool = Spool(tmp_path / "spool", max_bytes=10_000_000)

@@ -280,6 +280,9 @@ class Pipeline:
                 if self.spool.unreadable:
                     self.metrics.dropped.labels(self.name, "spool_unreadable").inc(self.spool.unreadable)
                     self.spool.unreadable = 0
+                if self.spool.read_errors:
+                    self.metrics.data_dir_errors.labels(self.name, "spool").inc(self.spool.read_errors)
+                    self.spool.read_errors = 0
             self._m_spool.set(len(self.spool))
 
     def _take(self, batch: list[Occurrence], size: int, keys: set[tuple[str, int]]) -> int:

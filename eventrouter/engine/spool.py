@@ -72,6 +72,8 @@ class Spool:
         self._retry_at = 0.0
         self.unreadable = 0
         """Records skipped by ``pop`` because they could not be read back; the pipeline counts them."""
+        self.read_errors = 0
+        """Reads by ``pop`` that failed (the records wait for the next pop); the pipeline counts them."""
         self._open()
 
     # ---- persistence format -------------------------------------------------------------------
@@ -242,6 +244,7 @@ class Spool:
                 seg.read_records, seg.read_offset = seg.records, seg.size
                 continue
             except OSError as exc:
+                self.read_errors += 1
                 log.error(
                     "spool %s: cannot read %s (%s); tried again later", self.directory, seg.path.name, exc
                 )
@@ -260,6 +263,7 @@ class Spool:
                             self.unreadable += 1
                             log.error("spool %s: unreadable record skipped: %s", self.directory, exc)
                 except OSError as exc:  # an I/O error: what was read is handed on, the rest waits
+                    self.read_errors += 1
                     log.error(
                         "spool %s: cannot read %s (%s); tried again later", self.directory, seg.path.name, exc
                     )
