@@ -560,9 +560,17 @@ async def test_a_spool_segment_that_cannot_be_read_is_counted_and_read_again_lat
     p._refill()  # never raises into the pipeline task
     assert value(metrics.data_dir_errors, "mem", "spool") == 1
     assert len(spool) == waiting and not p._queue  # nothing lost: the records wait
+    p._refill()  # not tried again for 5 s: one log line per period, not one per offer
+    assert value(metrics.data_dir_errors, "mem", "spool") == 1
     segment.rmdir()
     segment.write_bytes(data)  # readable again
-    p._refill()
+
+    def refilled() -> bool:
+        p._refill()
+        return bool(p._queue)
+
+    await until(refilled, timeout=15)
+    assert value(metrics.data_dir_errors, "mem", "spool") == 1
     assert len(p._queue) == min(waiting, p.options.batch_max_events)
     assert value(metrics.dropped, "mem", "spool_unreadable") == 0
 

@@ -26,9 +26,10 @@ from eventrouter.record import MalformedEvent, Occurrence, normalise, occurrence
 
 __all__ = ["Spool"]
 
-WRITE_RETRY_SECONDS = 5.0
+RETRY_SECONDS = 5.0
 """After a failed write (a full disk) the spool takes nothing for this long: the pipeline keeps
-occurrences in memory meanwhile, instead of trying the disk again for each one."""
+occurrences in memory meanwhile, instead of trying the disk again for each one. After a failed read
+``pop`` returns nothing for as long (one try and one log line per period, not one per offer)."""
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class Spool:
         # Closes the fd if the spool is dropped unclosed (no ResourceWarning: a raw descriptor).
         self._fd_closer: weakref.finalize[[int], Spool] | None = None
         self._retry_at = 0.0
+        self._read_retry_at = 0.0
         self.unreadable = 0
         """Records skipped by ``pop`` because they could not be read back; the pipeline counts them."""
         self.read_errors = 0
@@ -150,7 +152,7 @@ class Spool:
             append_all(self._fd, line, seg.size)
         except OSError:
             self._close_writer()
-            self._retry_at = time.monotonic() + WRITE_RETRY_SECONDS
+            self._retry_at = time.monotonic() + RETRY_SECONDS
             raise
         self._retry_at = 0.0
         seg.records += 1
@@ -219,6 +221,9 @@ class Spool:
 
     def pop(self, limit: int) -> list[Occurrence]:
         out: list[Occurrence] = []
+        if self._read_retry_at and time.monotonic() < self._read_retry_at:
+            return out
+        self._read_retry_at = 0.0
         while self._segments and len(out) < limit:
             seg = self._segments[0]
             if seg.read_records >= seg.records:
@@ -245,6 +250,7 @@ class Spool:
                 continue
             except OSError as exc:
                 self.read_errors += 1
+                self._read_retry_at = time.monotonic() + RETRY_SECONDS
                 log.error(
                     "spool %s: cannot read %s (%s); tried again later", self.directory, seg.path.name, exc
                 )
@@ -264,6 +270,7 @@ class Spool:
                             log.error("spool %s: unreadable record skipped: %s", self.directory, exc)
                 except OSError as exc:  # an I/O error: what was read is handed on, the rest waits
                     self.read_errors += 1
+                    self._read_retry_at = time.monotonic() + RETRY_SECONDS
                     log.error(
                         "spool %s: cannot read %s (%s); tried again later", self.directory, seg.path.name, exc
                     )
