@@ -249,11 +249,7 @@ class Spool:
                 seg.read_records, seg.read_offset = seg.records, seg.size
                 continue
             except OSError as exc:
-                self.read_errors += 1
-                self._read_retry_at = time.monotonic() + RETRY_SECONDS
-                log.error(
-                    "spool %s: cannot read %s (%s); tried again later", self.directory, seg.path.name, exc
-                )
+                self._read_failed(seg, exc)
                 break
             with fh:
                 try:
@@ -269,13 +265,14 @@ class Spool:
                             self.unreadable += 1
                             log.error("spool %s: unreadable record skipped: %s", self.directory, exc)
                 except OSError as exc:  # an I/O error: what was read is handed on, the rest waits
-                    self.read_errors += 1
-                    self._read_retry_at = time.monotonic() + RETRY_SECONDS
-                    log.error(
-                        "spool %s: cannot read %s (%s); tried again later", self.directory, seg.path.name, exc
-                    )
+                    self._read_failed(seg, exc)
                     break
         return out
+
+    def _read_failed(self, seg: _Segment, exc: OSError) -> None:
+        self.read_errors += 1
+        self._read_retry_at = time.monotonic() + RETRY_SECONDS
+        log.error("spool %s: cannot read %s (%s); tried again later", self.directory, seg.path.name, exc)
 
     def commit(self) -> None:
         """Make the read position durable and delete fully read segments."""
