@@ -233,6 +233,25 @@ async def test_rejected_items_go_to_the_dead_letter_file_with_reason(
     assert value(metrics.dead_lettered, "mem", "rejected") == 1
 
 
+async def test_a_dead_letter_file_that_cannot_be_written_is_counted_and_its_keys_logged(
+    metrics: Metrics, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    sink = _sink()
+    sink.decide = lambda o: reject("400 bad")
+    p = _pipeline(sink, metrics, deadletter=tmp_path / "dl" / "mem.jsonl")
+    shutil.rmtree(tmp_path / "dl")  # the folder is gone: the write fails (ENOENT)
+    task = await _run(p)
+    bad = make_occurrence()
+    p.offer(bad)
+    await p.wait_idle(5)
+    await _finish(p, task)
+    assert value(metrics.dead_lettered, "mem", "rejected") == 1
+    assert value(metrics.data_dir_errors, "mem", "deadletter") == 1
+    assert f"not kept: {bad.key} (400 bad)" in caplog.text
+
+
 def test_dead_letter_rotation_says_what_it_discards(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "dl.jsonl"
     dl = DeadLetter(path, sink="mem", max_bytes=3000)

@@ -19,7 +19,7 @@ import pytest
 
 from eventrouter.app import Router, RouterSettings
 from eventrouter.config import spec_for_class
-from eventrouter.engine.checkpoint import SinkCheckpoint
+from eventrouter.engine.checkpoint import FileCheckpoint, SinkCheckpoint
 from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS
 from eventrouter.record import parse_time_ns
 from eventrouter.source.watcher import WatchSettings
@@ -717,3 +717,27 @@ async def test_the_router_keeps_delivering_while_its_checkpoints_cannot_be_writt
     both = collections.Counter(sink.keys + _mem(second).keys)
     assert _expected(api) <= set(both)  # lost = 0
     assert all(n == 1 for n in both.values()), [k for k, n in both.items() if n > 1]  # duplicates = 0
+
+
+async def test_a_stop_whose_spool_cannot_be_written_counts_what_it_could_not_keep_and_closes_every_sink(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """At stop, undelivered occurrences go to the spool. Before, a spool that could not be written
+    raised out of the stop half way, and the other sinks' checkpoints were never written."""
+    data = tmp_path / "data"
+    down = spec_for_class(MemorySink, {"name": "down", "batch_max_wait": 0.02, "fail": True}, type_="memory")
+    up = spec_for_class(MemorySink, {"name": "up", "batch_max_wait": 0.02}, type_="memory")
+    router = Router(_settings(api, tmp_path, data_dir=data, shutdown_timeout=0.3), [down, up])
+    m = router.metrics
+    async with router.running():
+        await _ready(router)
+        for i in range(5):
+            api.create_event(event_object(object_name=f"stop-{i}"))
+        await router.sinks["up"].wait_for(5)
+        await until(lambda: router.pipelines[0].depth == 5)  # the down sink holds them
+        shutil.rmtree(data / "spool" / "down")
+        (data / "spool" / "down").write_text("not a folder")  # its spool cannot be written now
+    assert m.dropped.labels("down", "spool_error")._value.get() == 5
+    assert m.data_dir_errors.labels("down", "spool")._value.get() == 1
+    # The stop went on: the healthy sink's checkpoint was written, so a restart skips its five.
+    assert len(FileCheckpoint(data / "checkpoints", "up").load()) == 5
