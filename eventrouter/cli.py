@@ -119,6 +119,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--stall-timeout", type=float, default=600.0, help="/healthz fails after this long without progress"
     )
+    run.add_argument(
+        "--reload-interval",
+        type=float,
+        default=5.0,
+        help="seconds between checks of the files sink options name (file: secrets, certificates, "
+        "templates); a changed one rebuilds its sink. 0: read them only at start",
+    )
     run.add_argument("--leader-elect", action="store_true", help="only the Lease holder watches and delivers")
     run.add_argument("--leader-elect-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
     run.add_argument("--leader-elect-name", default="eventrouter", help="Lease name")
@@ -191,6 +198,7 @@ def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
         metrics_addr=getattr(args, "metrics_addr", None),
         shutdown_timeout=getattr(args, "shutdown_timeout", 25.0),
         stall_timeout=getattr(args, "stall_timeout", 600.0),
+        reload_interval=getattr(args, "reload_interval", 5.0),
         leader_elect=getattr(args, "leader_elect", False),
         leader_namespace=getattr(args, "leader_elect_namespace", "default"),
         leader_name=getattr(args, "leader_elect_name", "eventrouter"),

@@ -73,6 +73,15 @@ class SinkSpec:
     pipeline: PipelineOptions
     source: str = field(default="", compare=False)
     """Where it was configured (``--sink #1`` or ``config.yaml sinks[0]``), for messages."""
+    entry: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The flat options as configured, ``file:`` references unread: validated again when a file
+    they name changes (a rotated credential), see ``reread``."""
+    origin: str = field(default="sink", compare=False, repr=False)
+
+    def reread(self) -> SinkSpec:
+        """The same sink validated again from its configured options: re-reads every ``file:``
+        secret and checks every file option again. Raises ConfigError as at start."""
+        return spec_for_class(self.sink_cls, self.entry, type_=self.type, where=self.origin)
 
     def describe(self) -> str:
         return (
@@ -147,6 +156,8 @@ def spec_for_class(
     sink_cls: builtins.type[Sink[Any]], entry: Mapping[str, Any], *, type_: str, where: str = "sink"
 ) -> SinkSpec:
     """Validate flat options for a known sink class (also used by tests and embedders)."""
+    configured = dict(entry)
+    origin = where
     entry = dict(entry)
     entry.pop("type", None)
     from_query = set(entry.pop(QUERY_KEYS, ()))
@@ -197,6 +208,8 @@ def spec_for_class(
         filter=filter_opts,
         pipeline=pipeline_opts,
         source=where,
+        entry=configured,
+        origin=origin,
     )
 
 

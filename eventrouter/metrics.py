@@ -28,6 +28,7 @@ SOURCE_REPAIR_REASONS = ("invalid_unicode",)
 WATCH_RESTART_REASONS = ("timeout", "expired", "connection", "error")  # and http_<status>
 RELIST_REASONS = ("initial", "expired")
 DATA_DIR_FILES = ("spool", "checkpoint", "deadletter")
+RELOAD_RESULTS = ("applied", "unchanged", "invalid")
 
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
@@ -190,6 +191,14 @@ class Metrics:
             ["sink"],
             registry=r,
         )
+        self.sink_reloads = Counter(
+            "eventrouter_sink_reloads",
+            "Checks of a sink's options after a file they name changed (a rotated credential or "
+            "certificate), by result: applied (a new instance sends from then on), unchanged (same "
+            "values), invalid (cannot be read or validated: the sink keeps the options it had).",
+            ["sink", "result"],
+            registry=r,
+        )
         self.leader = Gauge("eventrouter_leader", "1 while this replica holds the lease.", registry=r)
         self.checkpoint_truncated = Gauge(
             "eventrouter_checkpoint_truncated",
@@ -215,4 +224,6 @@ class Metrics:
             self.send_errors.labels(sink, kind)
         for file in DATA_DIR_FILES:
             self.data_dir_errors.labels(sink, file)
+        for result in RELOAD_RESULTS:
+            self.sink_reloads.labels(sink, result)
         self.checkpoint_durable.labels(sink).set(1)

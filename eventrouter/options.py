@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args, get_origin
 from urllib.parse import SplitResult, urlsplit
 
 from pydantic import (
@@ -31,6 +31,7 @@ __all__ = [
     "PipelineOptions",
     "Secret",
     "SinkOptions",
+    "file_options",
     "http_url",
     "readable_file",
     "resolve_secret",
@@ -76,7 +77,22 @@ def readable_file(value: Any) -> Any:
 
 
 FilePath = Annotated[str, AfterValidator(readable_file)]
-"""A file option (``ca_file``, ``cert_file``, …): the file must be there and readable at start."""
+"""A file option (``ca_file``, ``cert_file``, …): the file must be there and readable at start.
+The router watches it: when it changes, the sink is rebuilt with it (``eventrouter.engine.reload``)."""
+
+
+def file_options(model: type[BaseModel]) -> list[str]:
+    """The fields of ``model`` declared as ``FilePath`` (alone, optional or in a union)."""
+
+    def is_file(annotation: Any) -> bool:
+        if get_origin(annotation) is Annotated:
+            args = get_args(annotation)
+            if any(getattr(m, "func", None) is readable_file for m in args[1:]):
+                return True
+            return is_file(args[0])
+        return any(is_file(arg) for arg in get_args(annotation))
+
+    return [name for name, info in model.model_fields.items() if is_file(info.annotation)]
 
 
 def http_url(value: str, *, option: str = "url") -> SplitResult:

@@ -101,7 +101,8 @@ OptionsT = TypeVar("OptionsT", bound=SinkOptions)
 class Sink(abc.ABC, Generic[OptionsT]):
     """Base class of every sink.
 
-    Lifecycle: ``__init__`` (no I/O) → ``start()`` → many ``send()`` → ``aclose()``.
+    Lifecycle: ``__init__`` (no I/O) → ``start()`` → many ``send()`` → ``aclose()``. When a file
+    named by its options changes, a new instance takes over (``take_over``) between two sends.
     ``send`` is never called concurrently for one sink instance.
     """
 
@@ -135,6 +136,12 @@ class Sink(abc.ABC, Generic[OptionsT]):
     async def check(self) -> None:
         """Reach the destination for ``eventrouter check`` (defaults to ``start``)."""
         await self.start()
+
+    def take_over(self, previous: Sink[OptionsT]) -> None:
+        """Called on an instance built from re-read options (a credential, certificate or template
+        file changed) before its ``start``, with the instance it replaces, already closed. Keep here
+        what must outlive the swap: occurrences held inside the sink (alert digests) or what the
+        destination expects to continue. The engine keeps the queue, spool and checkpoint itself."""
 
     async def aclose(self) -> None:
         """Release connections. Must be safe to call twice and without a prior ``start``."""

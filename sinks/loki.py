@@ -659,6 +659,12 @@ class LokiSink(Sink[LokiOptions]):
                 self._push_headers["Content-Encoding"] = "gzip"
         self._session: aiohttp.ClientSession | None = None
 
+    def take_over(self, previous: Sink[LokiOptions]) -> None:
+        """Each stream's newest accepted time carries over, so entries Loki would refuse as too far
+        behind are still predicted (and clamped) after a credential change."""
+        if isinstance(previous, LokiSink):
+            self._newest = previous._newest
+
     def _build_headers(self, url_user: str | None, url_password: str | None) -> dict[str, str]:
         opts = self.options
         headers = {"User-Agent": f"eventrouter/{__version__}"}

@@ -87,6 +87,9 @@ class Pipeline:
         self._offered_bytes = 0
         self._closing = False
         self._stop_now = asyncio.Event()
+        # Set by stop_now and by a reloaded sink: ends a wait between retries or start attempts.
+        self._nudge = asyncio.Event()
+        self._replacement: Sink[Any] | None = None
         self._in_flight: list[Occurrence] = []
         # Sinks that hold items on purpose (alert digests) answer RETRY with a due time; with
         # `defer_retries` those items wait aside while later batches go on (no head-of-line blocking).
@@ -377,6 +380,10 @@ class Pipeline:
         return float(delay)
 
     async def _send_once(self, items: Sequence[Occurrence]) -> Sequence[Outcome]:
+        if self._replacement is not None:
+            await self._use_replacement()
+            if not await self._start_sink():
+                return [retry("stopped before the reloaded sink started")] * len(items)
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.options.send_timeout):
@@ -496,11 +503,7 @@ class Pipeline:
                 )
                 pending = retry_items
                 self._in_flight = pending
-                try:
-                    async with asyncio.timeout(delay):
-                        await self._stop_now.wait()
-                except TimeoutError:
-                    pass
+                await self._pause(delay)
                 if self._stop_now.is_set():
                     return  # `_in_flight` keeps what is left, for the spool or the drop count
         finally:
@@ -539,6 +542,8 @@ class Pipeline:
         pipeline (its queue fills, then spills or drops, all counted) while the rest runs."""
         attempt = 0
         while not self._stop_now.is_set():
+            if self._replacement is not None:  # options re-read while this one could not start
+                await self._use_replacement()
             attempt += 1
             try:
                 async with asyncio.timeout(self.options.send_timeout):
@@ -554,17 +559,63 @@ class Pipeline:
                 self.log.error("sink %s cannot start: %s (retry in %.1fs)", self.name, reason, delay)
                 # Closing (a drain) is no reason to give up: what is queued may still be delivered
                 # before the drain's deadline, as for a sink that started and then failed.
-                try:
-                    async with asyncio.timeout(delay):
-                        await self._stop_now.wait()
-                except TimeoutError:
-                    pass
+                await self._pause(delay)
                 continue
             self.started.set()
             self.start_tried.set()
             self._set_up(True)
             return True
         return False
+
+    async def _pause(self, delay: float) -> None:
+        """Wait ``delay`` seconds, less when told to stop or given a reloaded sink to try."""
+        self._nudge.clear()
+        if self._stop_now.is_set() or self._replacement is not None:
+            return
+        try:
+            async with asyncio.timeout(delay):
+                await self._nudge.wait()
+        except TimeoutError:
+            pass
+
+    # ---- reloaded options ---------------------------------------------------------------------
+
+    def replace_sink(self, sink: Sink[Any]) -> None:
+        """Send with ``sink`` (the same sink built from re-read options: a rotated credential) from
+        the next send or start attempt on. A send in progress finishes with the current instance; a
+        wait between retries ends at once. Queue, spool, checkpoint and metrics stay."""
+        superseded, self._replacement = self._replacement, sink
+        if superseded is not None:  # never started: nothing to release but what __init__ made
+            asyncio.get_running_loop().create_task(self._close_quietly(superseded))
+        self._nudge.set()
+
+    async def _use_replacement(self) -> None:
+        new, self._replacement = self._replacement, None
+        if new is None:
+            return
+        old, self.sink = self.sink, new
+        await self._close_quietly(old)
+        try:
+            new.take_over(old)
+        except Exception:
+            self.log.exception("sink %s: take_over from the previous instance raised", self.name)
+        self.started.clear()
+        self.log.info("sink %s: now sending with its re-read options", self.name)
+
+    async def _close_quietly(self, sink: Sink[Any]) -> None:
+        try:
+            await sink.aclose()
+        except Exception as exc:
+            self.log.warning(
+                "sink %s: closing the previous instance raised %s: %s", self.name, type(exc).__name__, exc
+            )
+
+    async def close_sink(self) -> None:
+        """Release the sink's connections (and those of a reloaded one not used yet)."""
+        pending, self._replacement = self._replacement, None
+        for sink in (self.sink, pending):
+            if sink is not None:
+                await self._close_quietly(sink)
 
     async def run(self) -> None:
         """Start the sink, then deliver until closed and drained (or told to stop now)."""
@@ -594,6 +645,7 @@ class Pipeline:
         """Give up on what is left (drain deadline passed)."""
         self._closing = True
         self._stop_now.set()
+        self._nudge.set()
         self._wakeup.set()
 
     def leftovers(self) -> list[Occurrence]:

@@ -361,6 +361,40 @@ async def test_repeats_within_the_window_become_one_digest_line(
     assert counted(robot.accepted[1]) == 12
 
 
+async def test_a_digest_being_collected_survives_a_secret_rotation(
+    robot: DingTalkReceiver, clock: ManualClock
+) -> None:
+    """The router rebuilds a sink whose secret file changed (engine/reload.py); the new instance
+    takes over the digests the old one collected, so the repeats held before the change go out in
+    one digest, each once, signed with the new secret."""
+    old = await make_sink(robot.url, secret=SECRET, clock=clock)
+    uid = "uid-web-0-backoff"
+    t0 = stamp(clock.wall())
+    assert kinds(await old.send([occ(1, uid=uid, first_timestamp=t0, last_timestamp=t0)])) == [OutcomeKind.OK]
+    held: list[Occurrence] = []
+    for n in range(2, 6):
+        clock.advance(20)
+        o = occ(n, uid=uid, first_timestamp=t0, last_timestamp=stamp(clock.wall()))
+        assert kinds(await old.send([o])) == [OutcomeKind.RETRY]
+        held.append(o)
+    await old.aclose()
+    rotated = "SEC" + "fedcba9876543210" * 4
+    robot.secret = rotated
+    new = DingTalkSink(
+        DingTalkOptions.model_validate({"url": robot.url, "secret": rotated}), ctx(), clock=clock
+    )
+    new.take_over(old)
+    await new.start()
+    try:
+        clock.advance(300 - 4 * 20)
+        assert kinds(await new.send(held[:1])) == [OutcomeKind.OK]
+        assert kinds(await new.send(held[1:])) == [OutcomeKind.OK] * 3  # already in that digest
+    finally:
+        await new.aclose()
+    assert len(robot.accepted) == 2 and not [r for r in robot.requests if r.errcode != 0]
+    assert "**BackOff** \u00d74 in 1 min" in robot.accepted[1].text and counted(robot.accepted[1]) == 4
+
+
 async def test_too_long_digest_is_summarised_with_counts_and_all_count_as_delivered(
     robot: DingTalkReceiver,
 ) -> None:

@@ -220,6 +220,31 @@ async def test_an_entry_both_outside_the_window_and_too_long_carries_both_marks(
     assert sum(len(s.values) for s in loki.query_range()) == 2
 
 
+async def test_a_sink_rebuilt_for_new_credentials_still_knows_each_stream_s_newest_entry(
+    loki: LokiReceiver,
+) -> None:
+    """The router rebuilds the sink when a credential file changes (engine/reload.py); the new
+    instance takes over what Loki has accepted per stream, so an entry over an hour behind it is
+    still clamped instead of being refused (400 "entry too far behind")."""
+    first = await _sink(loki.url)
+    try:
+        accepted = await first.send([recent(60, reason="Fresh")])
+    finally:
+        await first.aclose()
+    assert accepted is None or [o.kind for o in accepted] == [OutcomeKind.OK]
+    second = await _sink(loki.url, bearer_token="rotated")
+    second.take_over(first)
+    late = recent(2 * 3600 + 60, reason="Fresh", object_name="web-1")
+    try:
+        outcomes = await second.send([late])
+    finally:
+        await second.aclose()
+    assert outcomes is None or [o.kind for o in outcomes] == [OutcomeKind.OK]
+    record = orjson.loads(loki.entries[-1].line)
+    assert record["time_adjusted"] is True and record["time"] == late.record["time"]
+    assert [p.status for p in loki.pushes] == [204, 204]
+
+
 async def test_without_clamp_time_only_the_entries_outside_the_window_are_refused(loki: LokiReceiver) -> None:
     old = make_occurrence(first_timestamp=_iso(time.time() - 8 * 86400), reason="Old")
     fresh = recent(5, reason="Fresh")

@@ -1,0 +1,145 @@
+"""A sink rebuilt when a file its options name changes: a rotated credential, certificate or template.
+
+Kubernetes updates a Secret or ConfigMap mounted as a volume in place (an atomic swap of the
+``..data`` symlink; not with ``subPath``), and cert-manager renews certificates that way. A value
+read once at start would stay the old one until a restart: Loki answers 401 and the sink retries
+for ever while its spool fills, Elasticsearch and webhooks dead-letter every event, a client
+certificate expires. So the files named by ``file:`` secrets and by file options (``ca_file``,
+``cert_file``, ``body_template_file``, …) are checked every few seconds. When one has changed and
+reads the same on two checks in a row (a file being written by hand is not taken half-way), the
+sink's options are validated again. If their values differ, a new instance of the sink takes over
+between two sends (``Pipeline.replace_sink``); its queue, spool and checkpoint stay, so nothing is
+lost or sent twice. Options that cannot be read or validated are logged and counted, and the sink
+goes on with the options it had.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from eventrouter.config import QUERY_KEYS, ConfigError, SinkSpec
+from eventrouter.engine.pipeline import Pipeline
+from eventrouter.metrics import Metrics
+from eventrouter.options import file_options
+
+__all__ = ["SinkReloader", "watched_files"]
+
+log = logging.getLogger("eventrouter.reload")
+
+Signature = tuple[int, int, int, int] | None
+"""(device, inode, mtime in ns, size) of a file; None while it cannot be read."""
+
+
+def watched_files(spec: SinkSpec) -> dict[str, list[str]]:
+    """Path → the options that name it: ``file:`` references in the configured options (secrets,
+    also in lists and in mappings such as headers) and the values of the model's file options."""
+    files: dict[str, list[str]] = {}
+
+    def add(path: str, option: str) -> None:
+        options = files.setdefault(path, [])
+        if option not in options:
+            options.append(option)
+
+    def walk(value: Any, option: str) -> None:
+        if isinstance(value, str):
+            if value.startswith("file:") and len(value) > 5:
+                add(value[5:], option)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item, option)
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                walk(item, f"{option}.{key}")
+
+    for key, value in spec.entry.items():
+        if key not in ("type", QUERY_KEYS):
+            walk(value, key)
+    for name in file_options(type(spec.options)):
+        value = getattr(spec.options, name)
+        if isinstance(value, str) and value:
+            add(value, name)
+    return files
+
+
+def _signature(path: str) -> Signature:
+    try:
+        st = os.stat(path)  # follows symlinks: a swapped ..data directory gives a new inode
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class SinkReloader:
+    """Watches one sink's files; ``check()`` (every few seconds) rebuilds the sink when they changed."""
+
+    def __init__(self, spec: SinkSpec, pipeline: Pipeline, metrics: Metrics) -> None:
+        self.spec = spec
+        self.pipeline = pipeline
+        self.files = watched_files(spec)
+        self._m = {
+            result: metrics.sink_reloads.labels(spec.name, result)
+            for result in ("applied", "unchanged", "invalid")
+        }
+        self._applied = self._signatures()  # what the running options were read from
+        self._seen = self._applied  # at the last check
+
+    def _signatures(self) -> dict[str, Signature]:
+        return {path: _signature(path) for path in self.files}
+
+    def check(self) -> bool:
+        """True when the sink was rebuilt with re-read options. Never raises."""
+        now = self._signatures()
+        settled = now == self._seen
+        self._seen = now
+        if now == self._applied or not settled:
+            return False
+        changed = [path for path in self.files if now[path] != self._applied.get(path)]
+        self._applied = now
+        name = self.spec.name
+        where = ", ".join(f"{path} ({', '.join(self.files[path])})" for path in changed)
+        try:
+            spec = self.spec.reread()
+            sink = spec.sink_cls(spec.options, self.pipeline.sink.context)
+        except ConfigError as exc:
+            self._m["invalid"].inc()
+            log.error(
+                "sink %s: %s changed, but its options are invalid now; it goes on with the options it had: %s",
+                name,
+                where,
+                exc,
+            )
+            return False
+        except Exception as exc:  # a plugin's __init__ may raise anything
+            self._m["invalid"].inc()
+            log.error(
+                "sink %s: %s changed, but the sink cannot be built with it (%s: %s); it goes on with the "
+                "options it had",
+                name,
+                where,
+                type(exc).__name__,
+                exc,
+            )
+            return False
+        old = self.spec.options
+        differ = [
+            field for field in type(old).model_fields if getattr(old, field) != getattr(spec.options, field)
+        ]
+        if not differ:
+            self._m["unchanged"].inc()
+            log.info("sink %s: %s changed on disk with the same values; nothing to do", name, where)
+            return False
+        self.spec = dataclasses.replace(self.spec, options=spec.options)
+        self.pipeline.replace_sink(sink)
+        self._m["applied"].inc()
+        # Option names and paths only: the values may be secrets.
+        log.info(
+            "sink %s: %s changed (%s); the sink is rebuilt with it before its next send",
+            name,
+            where,
+            ", ".join(differ),
+        )
+        return True

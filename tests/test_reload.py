@@ -1,0 +1,199 @@
+"""Sink options re-read when a file they name changes (engine/reload.py): a credential rotated in a
+Secret volume, laid out and swapped as the kubelet does (eventrouter.testing.secret_volume), reaches
+the sink without a restart and without losing or repeating an occurrence."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from eventrouter.app import Router, RouterSettings
+from eventrouter.config import build_specs
+from eventrouter.engine.reload import watched_files
+from eventrouter.options import file_options
+from eventrouter.source.watcher import WatchSettings
+from eventrouter.testing import event_object
+from eventrouter.testing.apiserver import FakeApiServer
+from eventrouter.testing.receivers.loki import LokiReceiver
+from eventrouter.testing.secret_volume import SecretVolume
+from eventrouter.testing.waiting import until
+from eventrouter_sinks.loki import LokiSink
+from eventrouter_sinks.webhook import WebhookOptions
+
+OLD, NEW = "old-token-7d1c", "new-token-93fa"
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeApiServer]:
+    async with FakeApiServer(token="secret-token") as server:
+        server.bookmark_interval = 0.2
+        yield server
+
+
+def _router(api: FakeApiServer, tmp_path: Path, flag: str, **kw: Any) -> Router:
+    settings = RouterSettings(
+        cluster_name="test",
+        kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
+        metrics_addr=None,
+        shutdown_timeout=5.0,
+        watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
+        reload_interval=kw.pop("reload_interval", 0.05),
+        **kw,
+    )
+    return Router(settings, build_specs([flag]))
+
+
+def _reloads(router: Router, result: str, sink: str = "loki") -> float:
+    value = router.metrics.registry.get_sample_value(
+        "eventrouter_sink_reloads_total", {"sink": sink, "result": result}
+    )
+    return value or 0.0
+
+
+def _loki_keys(loki: LokiReceiver) -> collections.Counter[tuple[str, int]]:
+    records = (json.loads(e.line) for e in loki.entries)
+    return collections.Counter((r["uid"], r["count"]) for r in records)
+
+
+def _loki_flag(loki: LokiReceiver, token_file: Path, **opts: Any) -> str:
+    query = "&".join(f"{k}={v}" for k, v in {"batch_max_wait": 0.02, **opts}.items())
+    return f"loki:{loki.url}?bearer_token=file:{token_file}&{query}"
+
+
+# ---- which files are watched ----------------------------------------------------------------------
+
+
+def test_the_watched_files_are_the_file_references_and_the_file_options(tmp_path: Path) -> None:
+    for name in ("token", "ca.crt", "hook-secret"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "header").write_text("X-Api-Key: abc")
+    (tmp_path / "template.json").write_text('{"m": "{{message}}"}')
+    loki, hook = build_specs(
+        [
+            f"loki:http://loki:3100?bearer_token=file:{tmp_path}/token&headers=file:{tmp_path}/header"
+            f"&ca_file={tmp_path}/ca.crt&tenant=ops",
+            f"webhook:http://hook/x?secret=file:{tmp_path}/hook-secret&bearer_token=env:HOME"
+            f"&body_template_file={tmp_path}/template.json",
+        ]
+    )
+    assert watched_files(loki) == {
+        f"{tmp_path}/token": ["bearer_token"],
+        f"{tmp_path}/header": ["headers"],
+        f"{tmp_path}/ca.crt": ["ca_file"],
+    }
+    # env: references and literals are not files; a template is (a ConfigMap may hold it).
+    assert watched_files(hook) == {
+        f"{tmp_path}/hook-secret": ["secret"],
+        f"{tmp_path}/template.json": ["body_template_file"],
+    }
+    assert set(file_options(WebhookOptions)) == {"body_template_file", "ca_file", "cert_file", "key_file"}
+
+
+def test_a_secret_volume_swaps_every_key_at_once_as_the_kubelet_does(tmp_path: Path) -> None:
+    volume = SecretVolume(tmp_path / "secrets", {"token": OLD, "user": "bob"})
+    token = volume.file("token")
+    before = os.stat(token).st_ino
+    assert token.is_symlink() and os.readlink(token) == "..data/token"
+    volume.update({"token": NEW})
+    assert token.read_text() == NEW and os.stat(token).st_ino != before
+    assert not volume.file("user").exists()  # a key that left the payload
+    assert [p.name for p in volume.path.iterdir() if p.name.startswith("..2")].__len__() == 1
+
+
+# ---- a rotated credential under a running router ----------------------------------------------------
+
+
+async def test_a_rotated_loki_token_is_used_without_a_restart_and_nothing_is_lost_or_repeated(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    volume = SecretVolume(tmp_path / "secrets", {"loki-token": OLD})
+    async with LokiReceiver(bearer_token=OLD) as loki:
+        # A retry waits 30-60 s: only the reload's nudge delivers within the test's 10 s.
+        flag = _loki_flag(loki, volume.file("loki-token"), retry_initial_backoff=60, retry_max_backoff=60)
+        router = _router(api, tmp_path, flag)
+        async with router.running():
+            first_sink = router.sinks["loki"]
+            for i in range(10):
+                api.create_event(event_object(object_name=f"before-{i}"))
+            await until(lambda: sum(_loki_keys(loki).values()) == 10)
+            # The credential is rotated at Loki first: the router's pushes are refused (401) ...
+            loki.bearer_token = NEW
+            for i in range(10):
+                api.create_event(event_object(object_name=f"during-{i}"))
+            await until(lambda: any(p.status == 401 for p in loki.pushes))
+            # ... until the kubelet brings the new Secret into the pod.
+            volume.update({"loki-token": NEW})
+            await until(lambda: sum(_loki_keys(loki).values()) == 20)
+            for i in range(5):
+                api.create_event(event_object(object_name=f"after-{i}"))
+            await until(lambda: sum(_loki_keys(loki).values()) == 25)
+            assert router.sinks["loki"] is not first_sink
+            assert _reloads(router, "applied") == 1 and _reloads(router, "invalid") == 0
+            dead = router.metrics.registry.get_sample_value(
+                "eventrouter_sink_dead_lettered_total", {"sink": "loki", "reason": "rejected"}
+            )
+            assert dead == 0
+        keys = _loki_keys(loki)
+    assert len(keys) == 25 and set(keys.values()) == {1}
+    assert all(p.status == 204 for p in loki.pushes if p.status != 401)
+    reload_lines = [r.getMessage() for r in caplog.records if "rebuilt" in r.getMessage()]
+    assert reload_lines == [
+        f"sink loki: {volume.file('loki-token')} (bearer_token) changed (bearer_token); "
+        "the sink is rebuilt with it before its next send"
+    ]
+    assert OLD not in caplog.text and NEW not in caplog.text
+
+
+async def test_a_credential_file_that_goes_away_is_an_error_and_the_sink_keeps_what_it_had(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    volume = SecretVolume(tmp_path / "secrets", {"loki-token": OLD})
+    async with LokiReceiver(bearer_token=OLD) as loki:
+        router = _router(api, tmp_path, _loki_flag(loki, volume.file("loki-token")))
+        async with router.running():
+            sink = router.sinks["loki"]
+            volume.update({"other": "x"})  # the key left the Secret
+            await until(lambda: _reloads(router, "invalid") == 1)
+            for i in range(5):
+                api.create_event(event_object(object_name=f"web-{i}"))
+            await until(lambda: sum(_loki_keys(loki).values()) == 5)
+            assert router.sinks["loki"] is sink
+            # The same Secret again, with the same value: checked, nothing rebuilt.
+            volume.update({"loki-token": OLD})
+            await until(lambda: _reloads(router, "unchanged") == 1)
+            assert router.sinks["loki"] is sink and _reloads(router, "applied") == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, errors
+    assert f"{volume.file('loki-token')} (bearer_token) changed, but its options are invalid now" in errors[0]
+    assert "cannot read secret file" in errors[0] and OLD not in caplog.text
+
+
+async def test_a_change_is_taken_only_once_the_file_reads_the_same_on_two_checks(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    token = tmp_path / "token"
+    token.write_text(OLD)
+    async with LokiReceiver(bearer_token=OLD) as loki:
+        router = _router(api, tmp_path, _loki_flag(loki, token), reload_interval=0)
+        async with router.running(watch=False):
+            (reloader,) = router.reloaders
+            assert not reloader.check()  # nothing changed
+            token.write_text("half-wri")  # a file being written by hand
+            assert not reloader.check()
+            token.write_text(NEW)
+            os.utime(token, ns=(1, 1))  # a different mtime from the half-written state's
+            assert not reloader.check()  # changed again since the last check: not settled
+            assert reloader.check()  # the same on two checks: taken
+            assert not reloader.check()
+            assert _reloads(router, "applied") == 1
+            assert isinstance(router.pipelines[0]._replacement, LokiSink)
+            assert router.pipelines[0]._replacement.options.bearer_token is not None
+            assert router.pipelines[0]._replacement.options.bearer_token.get_secret_value() == NEW
