@@ -64,6 +64,11 @@ SCENARIOS: dict[str, tuple[Scenario, Scenario, Callable[[Report], int]]] = {
         sc.data_disk_full,
         lambda r: 0,
     ),
+    "credentials_rotated": (
+        lambda t: sc.credentials_rotated(t, before=200, rate=200.0, after=100),
+        sc.credentials_rotated,
+        lambda r: 0,
+    ),
     "kill_storm": (
         lambda t: sc.kill_storm(t, kills=20, rate=300.0, batch=100),
         lambda t: sc.kill_storm(t, kills=10),

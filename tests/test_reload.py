@@ -197,3 +197,25 @@ async def test_a_change_is_taken_only_once_the_file_reads_the_same_on_two_checks
             assert isinstance(router.pipelines[0]._replacement, LokiSink)
             assert router.pipelines[0]._replacement.options.bearer_token is not None
             assert router.pipelines[0]._replacement.options.bearer_token.get_secret_value() == NEW
+
+
+async def test_a_certificate_file_rewritten_in_place_rebuilds_the_sink_only_when_its_content_changed(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """A file option's value is a path, equal before and after a rotation: its content decides."""
+    token, ca = tmp_path / "token", tmp_path / "ca.pem"
+    token.write_text(OLD)
+    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nold\n")
+    async with LokiReceiver(bearer_token=OLD) as loki:
+        flag = _loki_flag(loki, token, ca_file=ca)
+        router = _router(api, tmp_path, flag, reload_interval=0)
+        async with router.running(watch=False):
+            (reloader,) = router.reloaders
+            ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nold\n")  # the same bytes again
+            os.utime(ca, ns=(2, 2))
+            assert not reloader.check() and not reloader.check()
+            assert _reloads(router, "unchanged") == 1
+            ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nnew\n")
+            os.utime(ca, ns=(3, 3))
+            assert not reloader.check() and reloader.check()
+            assert _reloads(router, "applied") == 1

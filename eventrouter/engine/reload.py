@@ -16,6 +16,7 @@ goes on with the options it had.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -65,6 +66,19 @@ def watched_files(spec: SinkSpec) -> dict[str, list[str]]:
     return files
 
 
+def _file_option_paths(spec: SinkSpec) -> set[str]:
+    values = (getattr(spec.options, name) for name in file_options(type(spec.options)))
+    return {value for value in values if isinstance(value, str) and value}
+
+
+def _digest(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").digest()
+    except OSError:
+        return None
+
+
 def _signature(path: str) -> Signature:
     try:
         st = os.stat(path)  # follows symlinks: a swapped ..data directory gives a new inode
@@ -84,6 +98,9 @@ class SinkReloader:
             result: metrics.sink_reloads.labels(spec.name, result)
             for result in ("applied", "unchanged", "invalid")
         }
+        # A file option's value is its path, which stays the same when the file is rotated: what
+        # changed is its content (a CA bundle, a client certificate), compared by digest.
+        self._contents = {path: _digest(path) for path in _file_option_paths(spec)}
         self._applied = self._signatures()  # what the running options were read from
         self._seen = self._applied  # at the last check
 
@@ -128,6 +145,11 @@ class SinkReloader:
         differ = [
             field for field in type(old).model_fields if getattr(old, field) != getattr(spec.options, field)
         ]
+        contents = {path: _digest(path) for path in _file_option_paths(spec)}
+        for path, digest in contents.items():
+            if digest != self._contents.get(path):
+                differ.extend(o for o in self.files.get(path, ()) if o not in differ)
+        self._contents = contents
         if not differ:
             self._m["unchanged"].inc()
             log.info("sink %s: %s changed on disk with the same values; nothing to do", name, where)

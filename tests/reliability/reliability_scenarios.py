@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 from reliability_harness import (
+    Key,
     Ledger,
     Load,
     Report,
@@ -316,6 +317,103 @@ async def data_disk_full(tmp: Path, *, before: int = 20, during: int = 60, bumps
             [ledger.account("webhook", webhook_keys(hook)), ledger.account("loki", loki_keys(loki))],
             facts,
         )
+
+
+async def credentials_rotated(tmp: Path, *, before: int = 20, rate: float = 50.0, after: int = 10) -> Report:
+    """Credentials rotated under load, the way a cluster does it: Loki's bearer token changes at
+    Loki first, and the webhook's server certificate is re-issued by a new CA, so both sinks are
+    refused (401, and a certificate that no longer verifies). Then the kubelet brings the new
+    Secret into the pod (an atomic swap of the volume's ``..data``). The router picks the new token
+    and CA bundle up without a restart and delivers everything, dead-lettering nothing; a restart
+    afterwards starts on the new files and delivers nothing twice."""
+    from eventrouter.testing.secret_volume import SecretVolume
+    from eventrouter.testing.tls import certificate, server_context
+
+    sinks_of = ("loki", "webhook")
+    facts: dict[str, Any] = {}
+    old_cert, old_key = await asyncio.to_thread(certificate, tmp, name="ca-old")
+    new_cert, new_key = await asyncio.to_thread(certificate, tmp, name="ca-new")
+    volume = SecretVolume(tmp / "secrets", {"loki-token": "token-old", "ca.crt": old_cert.read_bytes()})
+    port = free_port()
+    hooks = [WebhookReceiver(port=port, ssl_context=server_context(old_cert, old_key))]
+    async with api_server() as api, LokiReceiver(bearer_token="token-old") as loki:
+        await hooks[0].__aenter__()
+        try:
+            sinks = [
+                f"loki:{loki.url}?bearer_token=file:{volume.file('loki-token')}"
+                f"&batch_max_events=20&batch_max_wait=0.05&{FAST_RETRY}",
+                f"webhook:https://127.0.0.1:{port}/hook?ca_file={volume.file('ca.crt')}"
+                f"&batch_max_events=20&batch_max_wait=0.05&{FAST_RETRY}",
+            ]
+            async with RouterProcess(api, tmp, sinks).managed() as router:
+                ledger = Ledger(api)
+
+                def hook_keys() -> list[Key]:
+                    return [k for h in hooks for k in webhook_keys(h)]
+
+                def complete() -> bool:
+                    return ledger.complete(loki_keys(loki)) and ledger.complete(hook_keys())
+
+                async def samples(name: str, **labels: str) -> list[float]:
+                    got = await router.metrics()
+                    return [metric(got, name, sink=s, **labels) for s in sinks_of]
+
+                await router.start()
+                await router.wait_serving()
+                for i in range(before):
+                    ledger.create(event_object(object_name=f"rot-a-{i}"))
+                await until(complete, timeout=60, interval=0.1)
+                load = Load(ledger, rate=rate, prefix="rot-b")
+                load.start()
+                # The rotation at the destinations: both sinks are refused from now on.
+                loki.bearer_token = "token-new"
+                await hooks[0].__aexit__(None, None, None)  # ends kept-alive TLS connections too
+                hooks.append(WebhookReceiver(port=port, ssl_context=server_context(new_cert, new_key)))
+                await hooks[1].__aenter__()
+                try:
+                    async with asyncio.timeout(60):
+                        while await samples("eventrouter_sink_up") != [0.0, 0.0]:  # noqa: ASYNC110
+                            await asyncio.sleep(0.1)  # a remote gauge: polled
+                except TimeoutError:
+                    raise AssertionError(
+                        f"the sinks were not refused; router log:\n{router.tail()}"
+                    ) from None
+                facts["loki_401"] = sum(1 for p in loki.pushes if p.status == 401)
+                facts["made_before_the_new_secret"] = load.made
+                # The kubelet's update of the Secret volume.
+                volume.update({"loki-token": "token-new", "ca.crt": new_cert.read_bytes()})
+                swapped = time.monotonic()
+                await until(lambda: load.made > facts["made_before_the_new_secret"] + rate, timeout=30)
+                await load.stop()
+                await until(complete, timeout=60, interval=0.1)
+                facts["delivered_all_after_s"] = round(time.monotonic() - swapped, 1)
+                facts["reloads_applied"] = await samples("eventrouter_sink_reloads", result="applied")
+                facts["reloads_invalid"] = await samples("eventrouter_sink_reloads", result="invalid")
+                facts["dead_lettered"] = [
+                    a + b
+                    for a, b in zip(
+                        await samples("eventrouter_sink_dead_lettered", reason="rejected"),
+                        await samples("eventrouter_sink_dead_lettered", reason="retries_exhausted"),
+                        strict=True,
+                    )
+                ]
+                facts["exit_term"] = await router.term()
+                # A restart reads the new files at start: nothing twice, the rest delivered.
+                await router.start()
+                await router.wait_serving()
+                for i in range(after):
+                    ledger.create(event_object(object_name=f"rot-c-{i}"))
+                await until(complete, timeout=60, interval=0.1)
+                facts["exit_term_after_restart"] = await router.term()
+                log = router.log.read_text(errors="replace")
+                facts["secrets_in_log"] = sum(log.count(t) for t in ("token-old", "token-new"))
+        finally:
+            await hooks[-1].__aexit__(None, None, None)
+    return Report(
+        "credentials rotated",
+        [ledger.account("loki", loki_keys(loki)), ledger.account("webhook", hook_keys())],
+        facts,
+    )
 
 
 def spooled_uids(spool_dir: Path) -> set[str]:
