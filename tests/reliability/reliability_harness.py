@@ -35,6 +35,7 @@ from typing import IO, Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from eventrouter.config import parse_sink_flag
 from eventrouter.record import occurrence_number
 from eventrouter.testing.apiserver import FakeApiServer
 from eventrouter.testing.receivers.loki import LokiReceiver
@@ -314,6 +315,7 @@ class RouterProcess:
         tmp.mkdir(parents=True, exist_ok=True)
         self.kubeconfig = api.kubeconfig(tmp / "kubeconfig")
         self.sinks = sinks
+        self.sink_names = [str(e.get("name") or e["type"]) for e in map(parse_sink_flag, sinks)]
         self.data = tmp / "data"
         self.log = tmp / "router.log"
         self.shutdown_timeout = shutdown_timeout
@@ -366,6 +368,11 @@ class RouterProcess:
                 labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
                 out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
         return out
+
+    async def per_sink(self, name: str, **labels: str) -> list[float]:
+        """One sample of ``name`` for each sink, in the order of the ``--sink`` flags."""
+        got = await self.metrics()
+        return [metric(got, name, sink=s, **labels) for s in self.sink_names]
 
     async def wait_metric(self, name: str, at_least: float, timeout: float = 30) -> None:
         value = 0.0

@@ -251,7 +251,6 @@ async def data_disk_full(tmp: Path, *, before: int = 20, during: int = 60, bumps
     restart nothing is delivered twice."""
     import resource
 
-    sinks_of = ("webhook", "loki")
     facts: dict[str, Any] = {}
     async with (
         api_server() as api,
@@ -267,10 +266,6 @@ async def data_disk_full(tmp: Path, *, before: int = 20, during: int = 60, bumps
 
             def complete() -> bool:
                 return ledger.complete(webhook_keys(hook)) and ledger.complete(loki_keys(loki))
-
-            async def samples(name: str, **labels: str) -> list[float]:
-                got = await router.metrics()
-                return [metric(got, name, sink=s, **labels) for s in sinks_of]
 
             await router.start()
             await router.wait_serving()
@@ -288,10 +283,10 @@ async def data_disk_full(tmp: Path, *, before: int = 20, during: int = 60, bumps
                 ledger.delete(uid)  # the watch forgets their checkpoint entries: more writes that fail
             await until(complete, timeout=60, interval=0.1)
             assert router.proc.returncode is None, "the router stopped with its disk full"
-            facts["checkpoint_errors_while_full"] = await samples(
+            facts["checkpoint_errors_while_full"] = await router.per_sink(
                 "eventrouter_data_dir_errors", file="checkpoint"
             )
-            facts["durable_while_full"] = await samples("eventrouter_checkpoint_durable")
+            facts["durable_while_full"] = await router.per_sink("eventrouter_checkpoint_durable")
             port = await router.wait_serving()
             async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/readyz") as resp:
                 facts["readyz_while_full"] = resp.status
@@ -299,7 +294,7 @@ async def data_disk_full(tmp: Path, *, before: int = 20, during: int = 60, bumps
             started = time.monotonic()
             try:
                 async with asyncio.timeout(30):
-                    while await samples("eventrouter_checkpoint_durable") != [1.0, 1.0]:  # noqa: ASYNC110
+                    while await router.per_sink("eventrouter_checkpoint_durable") != [1.0, 1.0]:  # noqa: ASYNC110
                         await asyncio.sleep(0.1)  # a remote gauge: polled
             except TimeoutError:
                 raise AssertionError(f"checkpoints not durable again; router log:\n{router.tail()}") from None
@@ -329,7 +324,6 @@ async def credentials_rotated(tmp: Path, *, before: int = 20, rate: float = 50.0
     from eventrouter.testing.secret_volume import SecretVolume
     from eventrouter.testing.tls import certificate, server_context
 
-    sinks_of = ("loki", "webhook")
     facts: dict[str, Any] = {}
     old_cert, old_key = await asyncio.to_thread(certificate, tmp, name="ca-old")
     new_cert, new_key = await asyncio.to_thread(certificate, tmp, name="ca-new")
@@ -354,10 +348,6 @@ async def credentials_rotated(tmp: Path, *, before: int = 20, rate: float = 50.0
                 def complete() -> bool:
                     return ledger.complete(loki_keys(loki)) and ledger.complete(hook_keys())
 
-                async def samples(name: str, **labels: str) -> list[float]:
-                    got = await router.metrics()
-                    return [metric(got, name, sink=s, **labels) for s in sinks_of]
-
                 await router.start()
                 await router.wait_serving()
                 for i in range(before):
@@ -372,7 +362,7 @@ async def credentials_rotated(tmp: Path, *, before: int = 20, rate: float = 50.0
                 await hooks[1].__aenter__()
                 try:
                     async with asyncio.timeout(60):
-                        while await samples("eventrouter_sink_up") != [0.0, 0.0]:  # noqa: ASYNC110
+                        while await router.per_sink("eventrouter_sink_up") != [0.0, 0.0]:  # noqa: ASYNC110
                             await asyncio.sleep(0.1)  # a remote gauge: polled
                 except TimeoutError:
                     raise AssertionError(
@@ -387,13 +377,13 @@ async def credentials_rotated(tmp: Path, *, before: int = 20, rate: float = 50.0
                 await load.stop()
                 await until(complete, timeout=60, interval=0.1)
                 facts["delivered_all_after_s"] = round(time.monotonic() - swapped, 1)
-                facts["reloads_applied"] = await samples("eventrouter_sink_reloads", result="applied")
-                facts["reloads_invalid"] = await samples("eventrouter_sink_reloads", result="invalid")
+                facts["reloads_applied"] = await router.per_sink("eventrouter_sink_reloads", result="applied")
+                facts["reloads_invalid"] = await router.per_sink("eventrouter_sink_reloads", result="invalid")
                 facts["dead_lettered"] = [
                     a + b
                     for a, b in zip(
-                        await samples("eventrouter_sink_dead_lettered", reason="rejected"),
-                        await samples("eventrouter_sink_dead_lettered", reason="retries_exhausted"),
+                        await router.per_sink("eventrouter_sink_dead_lettered", reason="rejected"),
+                        await router.per_sink("eventrouter_sink_dead_lettered", reason="retries_exhausted"),
                         strict=True,
                     )
                 ]
