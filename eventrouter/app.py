@@ -38,7 +38,7 @@ from eventrouter.engine.configmap_checkpoint import ConfigMapCheckpointStore
 from eventrouter.engine.deadletter import DEADLETTER_MAX, DeadLetter
 from eventrouter.engine.filter import compile_filter
 from eventrouter.engine.pipeline import Pipeline
-from eventrouter.engine.reload import SinkReloader
+from eventrouter.engine.reload import SETTLE, SinkReloader
 from eventrouter.engine.spool import Spool
 from eventrouter.fanout import Fanout
 from eventrouter.leader import LeaderElector
@@ -373,8 +373,10 @@ class Router:
 
     async def _reload_sinks(self) -> None:
         """Rebuild a sink whose credential, certificate or template file changed (engine/reload.py)."""
+        interval = self.settings.reload_interval
         while True:
-            await asyncio.sleep(self.settings.reload_interval)
+            settling = any(r.settling for r in self.reloaders)
+            await asyncio.sleep(min(interval, SETTLE) if settling else interval)
             for reloader in self.reloaders:
                 reloader.check()
 

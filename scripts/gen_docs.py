@@ -153,7 +153,9 @@ sinks:
 The part after `TYPE:` and before `?` becomes the option `url`; every query key is an option. List
 options accept `a,b` or a repeated key. `Secret` options accept a literal, `env:NAME` (an environment
 variable) or `file:/path` (a mounted Secret file) and are never printed; their defaults are not shown
-here. An unknown key is an error that names the sink and the key.
+here. An unknown key is an error that names the sink and the key. When a `file:` secret or a file
+option (`ca_file`, `cert_file`, `key_file`, `body_template_file`) changes on disk, the sink is rebuilt
+with it between two batches, without a restart (`--reload-interval`, 5 s).
 
 Besides its own options below, every sink accepts the [filter options](#filter-options-every-sink) and
 the [pipeline options](#pipeline-options-every-sink); a sink's own options may not reuse those names.

@@ -6,11 +6,11 @@ read once at start would stay the old one until a restart: Loki answers 401 and 
 for ever while its spool fills, Elasticsearch and webhooks dead-letter every event, a client
 certificate expires. So the files named by ``file:`` secrets and by file options (``ca_file``,
 ``cert_file``, ``body_template_file``, …) are checked every few seconds. When one has changed and
-reads the same on two checks in a row (a file being written by hand is not taken half-way), the
-sink's options are validated again. If their values differ, a new instance of the sink takes over
-between two sends (``Pipeline.replace_sink``); its queue, spool and checkpoint stay, so nothing is
-lost or sent twice. Options that cannot be read or validated are logged and counted, and the sink
-goes on with the options it had.
+reads the same on a second look SETTLE s later (a file being written by hand is not taken half-way),
+the sink's options are validated again. If their values (or a file option's content) differ, a new
+instance of the sink takes over between two sends (``Pipeline.replace_sink``); its queue, spool and
+checkpoint stay, so nothing is lost or sent twice. Options that cannot be read or validated are
+logged and counted, and the sink goes on with the options it had.
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.options import file_options
 
-__all__ = ["SinkReloader", "watched_files"]
+__all__ = ["SETTLE", "SinkReloader", "watched_files"]
 
 log = logging.getLogger("eventrouter.reload")
+
+SETTLE = 1.0
+"""Seconds until a file seen changed is looked at again (and taken if it reads the same)."""
 
 Signature = tuple[int, int, int, int] | None
 """(device, inode, mtime in ns, size) of a file; None while it cannot be read."""
@@ -103,6 +106,11 @@ class SinkReloader:
         self._contents = {path: _digest(path) for path in _file_option_paths(spec)}
         self._applied = self._signatures()  # what the running options were read from
         self._seen = self._applied  # at the last check
+
+    @property
+    def settling(self) -> bool:
+        """A change was seen at the last check and is waiting for a second look (after SETTLE s)."""
+        return self._seen != self._applied
 
     def _signatures(self) -> dict[str, Signature]:
         return {path: _signature(path) for path in self.files}

@@ -374,6 +374,20 @@ class RouterProcess:
         got = await self.metrics()
         return [metric(got, name, sink=s, **labels) for s in self.sink_names]
 
+    async def wait_per_sink(
+        self, name: str, want: list[float], *, timeout: float = 60, **labels: str
+    ) -> None:
+        """Until ``per_sink(name, **labels)`` reads ``want``; AssertionError with the log otherwise."""
+        got: list[float] = []
+        try:
+            async with asyncio.timeout(timeout):
+                while (got := await self.per_sink(name, **labels)) != want:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)  # a remote metric: polled
+        except TimeoutError:
+            raise AssertionError(
+                f"{name}{labels or ''} = {got} after {timeout:g}s, wanted {want}; router log:\n{self.tail()}"
+            ) from None
+
     async def wait_metric(self, name: str, at_least: float, timeout: float = 30) -> None:
         value = 0.0
         try:
