@@ -535,6 +535,67 @@ async def test_sasl_options_authenticate_against_the_broker(make_sink: MakeSink,
         assert proxy.failures >= 1 and any(m == mechanism for m, _ in proxy.authenticated)
 
 
+async def test_a_rotated_sasl_password_is_taken_from_the_secret_volume_without_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The password changes at the broker first (connections dropped, re-authentication refused),
+    then in the pod's Secret volume: the router rebuilds the producer with it (engine/reload.py) and
+    every event reaches the topic once; none is dead-lettered."""
+    from eventrouter.app import Router, RouterSettings
+    from eventrouter.config import build_specs
+    from eventrouter.testing.apiserver import FakeApiServer
+    from eventrouter.testing.receivers.kafka_sasl import SASLProxy
+    from eventrouter.testing.secret_volume import SecretVolume
+    from eventrouter.testing.waiting import until
+
+    rotated = PASSWORD + "-2"
+    volume = SecretVolume(tmp_path / "secrets", {"kafka-password": PASSWORD})
+    sasl_port = free_port()
+    flag = (
+        f"kafka:?brokers=127.0.0.1:{sasl_port}&topic=rotation&sasl_mechanism=SCRAM-SHA-512&user=alice"
+        f"&password=file:{volume.file('kafka-password')}&idempotence=false&batch_max_wait=0.02"
+        "&retry_initial_backoff=0.1&retry_max_backoff=1"
+    )
+    async with TansuBroker(advertised_port=sasl_port) as broker, FakeApiServer() as api:
+        proxies = [SASLProxy(listen_port=sasl_port, target_port=broker.port, users={"alice": PASSWORD})]
+        await proxies[0].__aenter__()
+        try:
+            settings = RouterSettings(
+                kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
+                metrics_addr=None,
+                reload_interval=0.05,
+            )
+            router = Router(settings, build_specs([flag]))
+            sent = router.metrics.delivered.labels("kafka")
+            async with router.running():
+                for i in range(10):
+                    api.create_event(event_object(object_name=f"before-{i}"))
+                await until(lambda: sent._value.get() == 10, timeout=30)
+                await proxies[0].__aexit__(None, None, None)  # the broker's password changes
+                proxies.append(
+                    SASLProxy(listen_port=sasl_port, target_port=broker.port, users={"alice": rotated})
+                )
+                await proxies[1].__aenter__()
+                for i in range(10):
+                    api.create_event(event_object(object_name=f"during-{i}"))
+                await until(lambda: proxies[1].failures >= 1, timeout=30)
+                volume.update({"kafka-password": rotated})
+                await until(lambda: sent._value.get() == 20, timeout=30)
+                dead = router.metrics.dead_lettered.labels("kafka", "rejected")._value.get()
+                reloads = router.metrics.sink_reloads.labels("kafka", "applied")._value.get()
+            client = {
+                "security_protocol": "SASL_PLAINTEXT",
+                "sasl_mechanism": "SCRAM-SHA-512",
+                "sasl_plain_username": "alice",
+                "sasl_plain_password": rotated,
+            }
+            uids = await consumed_uids(f"127.0.0.1:{sasl_port}", "rotation", 20, **client)
+        finally:
+            await proxies[-1].__aexit__(None, None, None)
+    assert len(set(uids)) == 20 and dead == 0 and reloads == 1
+    assert ("SCRAM-SHA-512", "scram") in proxies[1].authenticated  # with the rotated password
+
+
 async def test_records_of_many_keys_land_in_the_partitions_aiokafka_send_chooses(
     broker: TansuBroker, make_sink: MakeSink
 ) -> None:
