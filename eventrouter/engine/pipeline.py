@@ -90,6 +90,7 @@ class Pipeline:
         # Set by stop_now and by a reloaded sink: ends a wait between retries or start attempts.
         self._nudge = asyncio.Event()
         self._replacement: Sink[Any] | None = None
+        self._superseded: list[Sink[Any]] = []  # replacements replaced before they were used
         self._in_flight: list[Occurrence] = []
         # Sinks that hold items on purpose (alert digests) answer RETRY with a due time; with
         # `defer_retries` those items wait aside while later batches go on (no head-of-line blocking).
@@ -584,9 +585,9 @@ class Pipeline:
         """Send with ``sink`` (the same sink built from re-read options: a rotated credential) from
         the next send or start attempt on. A send in progress finishes with the current instance; a
         wait between retries ends at once. Queue, spool, checkpoint and metrics stay."""
-        superseded, self._replacement = self._replacement, sink
-        if superseded is not None:  # never started: nothing to release but what __init__ made
-            asyncio.get_running_loop().create_task(self._close_quietly(superseded))
+        if self._replacement is not None:  # never started; closed with the next swap
+            self._superseded.append(self._replacement)
+        self._replacement = sink
         self._nudge.set()
 
     async def _use_replacement(self) -> None:
@@ -594,7 +595,9 @@ class Pipeline:
         if new is None:
             return
         old, self.sink = self.sink, new
-        await self._close_quietly(old)
+        for sink in (old, *self._superseded):
+            await self._close_quietly(sink)
+        self._superseded.clear()
         try:
             new.take_over(old)
         except Exception:
@@ -613,9 +616,10 @@ class Pipeline:
     async def close_sink(self) -> None:
         """Release the sink's connections (and those of a reloaded one not used yet)."""
         pending, self._replacement = self._replacement, None
-        for sink in (self.sink, pending):
+        for sink in (self.sink, pending, *self._superseded):
             if sink is not None:
                 await self._close_quietly(sink)
+        self._superseded.clear()
 
     async def run(self) -> None:
         """Start the sink, then deliver until closed and drained (or told to stop now)."""
