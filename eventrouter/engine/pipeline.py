@@ -607,7 +607,9 @@ class Pipeline:
 
     async def _close_quietly(self, sink: Sink[Any]) -> None:
         try:
-            await sink.aclose()
+            # Bounded: a close that flushes into a broken connection must not stall the pipeline.
+            async with asyncio.timeout(self.options.send_timeout):
+                await sink.aclose()
         except Exception as exc:
             self.log.warning(
                 "sink %s: closing the previous instance raised %s: %s", self.name, type(exc).__name__, exc
