@@ -298,6 +298,8 @@ def test_credentials_mounted_as_files_and_env_from_secret_refs(chart: helm.Chart
     docs = render(chart, SECRET_VALUES)
     secret_name = f"{FULLNAME}-credentials"
     assert volumes(docs)["credentials"]["secret"]["secretName"] == secret_name
+    # The whole Secret as a folder, no subPath: only so does the kubelet bring a rotated value into
+    # the running pod, where the router re-reads its `file:` credentials (engine/reload.py).
     assert mounts(docs)["credentials"] == {
         "name": "credentials",
         "mountPath": "/etc/eventrouter/secrets",
