@@ -16,7 +16,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from eventrouter.options import COMMON_KEYS, FilterOptions, PipelineOptions, SinkOptions, field_names
+from eventrouter.options import (
+    COMMON_KEYS,
+    FilterOptions,
+    PipelineOptions,
+    SinkOptions,
+    field_names,
+    safe_name,
+)
 from eventrouter.plugins import PluginError, SinkPlugin, discover
 from eventrouter.sink import Sink
 
@@ -254,6 +261,7 @@ def build_specs(
     for i, flag in enumerate(flags, 1):
         specs.append(build_spec(parse_sink_flag(flag), where=f"--sink #{i}", plugins=plugins))
     seen: dict[str, str] = {}
+    files: dict[str, SinkSpec] = {}
     for spec in specs:
         if spec.name in seen:
             raise ConfigError(
@@ -261,4 +269,12 @@ def build_specs(
                 "give each instance a distinct name= option"
             )
         seen[spec.name] = spec.source
+        # Two names that make the same file name would share a spool, checkpoint and dead letters.
+        other = files.setdefault(safe_name(spec.name), spec)
+        if other is not spec:
+            raise ConfigError(
+                f"{spec.source}: sink name {spec.name!r} and {other.name!r} ({other.source}) are both "
+                f"stored as {safe_name(spec.name)!r} in the data dir; give them names that differ in "
+                "letters, digits, '_', '.' or '-'"
+            )
     return specs

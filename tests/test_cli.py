@@ -194,6 +194,19 @@ def test_duplicate_sink_names_are_refused(tmp_path: Path) -> None:
         build_specs([f"file:{tmp_path}/a", f"file:{tmp_path}/b"])
 
 
+def test_sink_names_that_would_share_files_in_the_data_dir_are_refused(tmp_path: Path) -> None:
+    # Both would keep their spool, checkpoint and dead letters under "es_prod": one sink's checkpoint
+    # would mark the other's occurrences delivered.
+    with pytest.raises(
+        ConfigError,
+        match=r"'es_prod' and 'es prod' \(--sink #1 \(sink 'es prod'\)\) are both stored as 'es_prod'",
+    ):
+        build_specs([f"file:{tmp_path}/a?name=es prod", f"file:{tmp_path}/b?name=es_prod"])
+    for name in (".", ".."):
+        with pytest.raises(ConfigError, match=r"option 'name': Value error, '\.+' cannot name a sink"):
+            build_specs([f"file:{tmp_path}/a?name={name}"])
+
+
 def test_bad_config_exits_2_and_never_echoes_secrets(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(

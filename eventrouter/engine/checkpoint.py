@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Container, Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
 from eventrouter.appendfile import append_to
+from eventrouter.options import safe_name
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,6 @@ __all__ = [
     "SinkCheckpoint",
     "safe_name",
 ]
-
-
-def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "_"
 
 
 class CheckpointBackend(Protocol):
