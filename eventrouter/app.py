@@ -26,6 +26,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from eventrouter.config import SinkSpec
+from eventrouter.datalock import DataDirInUse, DataDirLock
 from eventrouter.engine.checkpoint import (
     CheckpointBackend,
     CheckpointTable,
@@ -142,6 +143,7 @@ class Router:
         self._backend_factory = checkpoint_backend or (lambda name: _checkpoint_backend(settings, name))
         self.pipelines: list[Pipeline] = []
         self.reloaders: list[SinkReloader] = []
+        self._data_lock: DataDirLock | None = None
         self.fanout = Fanout([])
         self.watchers: list[EventWatcher] = []
         self.kube: KubeClient | None = None
@@ -239,6 +241,8 @@ class Router:
         return task
 
     async def start_pipelines(self) -> None:
+        if self.settings.data_dir is not None:
+            await self._lock_data_dir(self.settings.data_dir)
         self._build()
         for p in self.pipelines:
             self._pipeline_tasks.append(self._guard(p.run(), f"pipeline:{p.name}"))
@@ -246,6 +250,25 @@ class Router:
             self._tasks.append(self._guard(self._reload_sinks(), "sink-reload"))
         if self.settings.metrics_addr and self._http is None:
             await self._start_http(self.settings.metrics_addr)
+
+    async def _lock_data_dir(self, data_dir: Path) -> None:
+        """Take the data dir's lock (datalock.py). Without leader election another holder is a mistake:
+        DataDirInUse. With it, a new leader on a shared volume waits for the old one to finish its
+        drain and exit (it is on standby meanwhile, so nothing is lost)."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock = self._data_lock = DataDirLock(data_dir)
+        waited = 0.0
+        while True:
+            try:
+                lock.acquire()
+                return
+            except DataDirInUse as exc:
+                if not self.settings.leader_elect:
+                    raise
+                if waited % 10 == 0:
+                    log.warning("%s; waiting for it before delivering", exc)
+            await asyncio.sleep(1.0)
+            waited += 1.0
 
     async def run(self, kube: KubeClient | None = None) -> None:
         """The ``run`` command's lifecycle: serve probes, elect a leader when asked, then build the
@@ -668,6 +691,8 @@ class Router:
                 await self.checkpoint_store.flush()
             except Exception as exc:
                 log.error("cannot persist the checkpoint ConfigMap: %s", exc)
+        if self._data_lock is not None:
+            self._data_lock.release()
         if self.elector is not None:
             await self.elector.release()
         if self.kube is not None:

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from eventrouter.app import Router, RouterSettings
 from eventrouter.config import ConfigError, RouterConfig, SinkSpec, build_specs, load_yaml
+from eventrouter.datalock import DataDirInUse
 from eventrouter.gc_tuning import tune_gc
 from eventrouter.logs import setup_logging
 from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS
@@ -552,6 +553,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_replay(args))
     except ConfigError as exc:
         print(f"eventrouter: configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    except DataDirInUse as exc:
+        print(f"eventrouter: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -207,6 +207,26 @@ def test_sink_names_that_would_share_files_in_the_data_dir_are_refused(tmp_path:
             build_specs([f"file:{tmp_path}/a?name={name}"])
 
 
+def test_a_data_dir_another_process_uses_exits_2_naming_it_and_its_holder(tmp_path: Path) -> None:
+    from eventrouter.datalock import DataDirLock
+
+    data = tmp_path / "data"
+    data.mkdir()
+    held = DataDirLock(data)
+    held.acquire()  # this test process is the other router
+    try:
+        for args in (["run", "--demo", "--metrics-addr", "127.0.0.1:0"], ["replay", "-"]):
+            result = _eventrouter(*args, "--data-dir", str(data), "--sink=stdout")
+            assert result.returncode == 2, result.stderr
+            assert f"data dir {data} is in use by eventrouter pid {os.getpid()} on " in result.stderr
+            assert "Traceback" not in result.stderr
+    finally:
+        held.release()
+    # Released (or its process gone, SIGKILL included): the next router takes it.
+    result = _eventrouter("replay", "-", "--data-dir", str(data), "--sink=stdout")
+    assert result.returncode == 0, result.stderr
+
+
 def test_bad_config_exits_2_and_never_echoes_secrets(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(

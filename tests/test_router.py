@@ -741,3 +741,30 @@ async def test_a_stop_whose_spool_cannot_be_written_counts_what_it_could_not_kee
     assert m.data_dir_errors.labels("down", "spool")._value.get() == 1
     # The stop went on: the healthy sink's checkpoint was written, so a restart skips its five.
     assert len(FileCheckpoint(data / "checkpoints", "up").load()) == 5
+
+
+async def test_a_new_leader_waits_for_the_data_dir_until_the_old_one_has_let_go(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two replicas on one ReadWriteMany volume: the new leader's pipelines start only once the old
+    leader (here: this test) has released the data dir's lock, which it does at the end of its drain."""
+    from eventrouter.datalock import DataDirLock
+
+    data = tmp_path / "data"
+    data.mkdir()
+    old_leader = DataDirLock(data)
+    old_leader.acquire()
+    router = _router(_settings(api, tmp_path, data_dir=data, leader_elect=True))
+    starting = asyncio.create_task(router.start_pipelines())
+    try:
+        await until(lambda: "is in use by eventrouter pid" in caplog.text)
+        assert not starting.done() and not router.pipelines
+        old_leader.release()
+        await asyncio.wait_for(starting, 5)
+        assert router.pipelines and (data / "checkpoints").is_dir()
+    finally:
+        old_leader.release()
+        if not starting.done():
+            starting.cancel()
+        await router.stop()
+    assert "waiting for it before delivering" in caplog.text
