@@ -224,6 +224,48 @@ class Router:
                 self.reloaders.append(reloader)
             log.info("sink %s configured", spec.describe())
         self.fanout = Fanout(self.pipelines)
+        if data is not None:
+            self._report_orphans(data)
+
+    def _report_orphans(self, data: Path) -> None:
+        """Say once at start what the data dir holds for sinks that are not configured (removed or
+        renamed): their spooled occurrences reach nobody unless a sink of that name comes back."""
+        configured = {safe_name(spec.name) for spec in self.specs}
+        spools = data / "spool"
+        for folder in sorted(spools.iterdir()) if spools.is_dir() else ():
+            if folder.name in configured or not folder.is_dir():
+                continue
+            try:
+                spool = Spool(folder, max_bytes=1 << 62, cluster=self.settings.cluster_name)
+                count, size = len(spool), spool.bytes
+                spool.close()
+            except OSError as exc:
+                log.warning(
+                    "data dir: cannot read the spool %s of a sink that is not configured: %s", folder, exc
+                )
+                continue
+            self.metrics.orphaned.labels(folder.name).set(count)
+            if count:
+                log.warning(
+                    "data dir: the spool of sink %r, which is not configured, holds %d occurrences "
+                    "(%.1f MiB) never delivered: configure a sink of that name again to deliver them, "
+                    "or remove %s",
+                    folder.name,
+                    count,
+                    size / 2**20,
+                    folder,
+                )
+        letters = data / "deadletter"
+        for path in sorted(letters.glob("*.jsonl")) if letters.is_dir() else ():
+            with contextlib.suppress(OSError):
+                if path.stem in configured or not path.stat().st_size:
+                    continue
+                log.info(
+                    "data dir: dead letters of sink %r, which is not configured, are in %s "
+                    "(eventrouter replay can send them to another sink)",
+                    path.stem,
+                    path,
+                )
 
     def _guard(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         async def guarded() -> None:

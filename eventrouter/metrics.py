@@ -199,6 +199,13 @@ class Metrics:
             ["sink", "result"],
             registry=r,
         )
+        self.orphaned = Gauge(
+            "eventrouter_data_dir_orphaned_occurrences",
+            "Occurrences in the data dir's spool of a sink that is not configured (removed or renamed), "
+            "counted at start: they are delivered only if a sink of that name is configured again.",
+            ["sink"],
+            registry=r,
+        )
         self.leader = Gauge("eventrouter_leader", "1 while this replica holds the lease.", registry=r)
         self.checkpoint_truncated = Gauge(
             "eventrouter_checkpoint_truncated",

@@ -768,3 +768,31 @@ async def test_a_new_leader_waits_for_the_data_dir_until_the_old_one_has_let_go(
             starting.cancel()
         await router.stop()
     assert "waiting for it before delivering" in caplog.text
+
+
+async def test_a_spool_left_by_a_sink_no_longer_configured_is_counted_and_named_at_start(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sink renamed or removed while its destination was down leaves occurrences in its spool that
+    no configured sink will send: said at start, with a gauge an alert can read."""
+    data = tmp_path / "data"
+    for i in range(30):
+        api.create_event(event_object(object_name=f"web-{i}"))
+    down = Router(
+        _settings(api, tmp_path, data_dir=data, shutdown_timeout=0.2),
+        [spec_for_class(MemorySink, {"name": "es old", "fail": True, "queue_max_events": 5}, type_="memory")],
+    )
+    async with down.running():
+        await until(lambda: len(down.pipelines[0].spool or []) >= 20)
+    renamed = _router(_settings(api, tmp_path, data_dir=data))
+    async with renamed.running():
+        await _mem(renamed).wait_for(30)
+    stranded = renamed.metrics.registry.get_sample_value(
+        "eventrouter_data_dir_orphaned_occurrences", {"sink": "es_old"}
+    )
+    assert stranded is not None and 20 <= stranded <= 30
+    warning = next(r.getMessage() for r in caplog.records if "which is not configured" in r.getMessage())
+    assert (
+        f"the spool of sink 'es_old', which is not configured, holds {int(stranded)} occurrences" in warning
+    )
+    assert str(data / "spool" / "es_old") in warning
