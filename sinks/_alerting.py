@@ -645,13 +645,13 @@ class AlertSink(Sink[OptionsT]):
     def take_over(self, previous: Sink[OptionsT]) -> None:
         """Digests being collected, the record of what was already sent (so that the engine's
         re-sends of those occurrences are answered OK, not paged twice) and the rate limit's
-        history carry over a credential change."""
+        history carry over a credential change. Which refusals were logged does not: the same
+        refusal with the new credential is news."""
         if isinstance(previous, AlertSink):
             self.limiter = previous.limiter
             self._groups = previous._groups
             self._pending_of = previous._pending_of
             self._done = previous._done
-            self._logged = previous._logged
             self._last_flush = previous._last_flush
             self.sent_messages = previous.sent_messages
 
