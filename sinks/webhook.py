@@ -25,7 +25,10 @@ Signatures (``secret=...``) over the exact bytes sent:
     ``signature=standard`` (standardwebhooks.com): ``webhook-id`` (hash of the occurrence keys: stable
     across retries, the receiver's idempotency key), ``webhook-timestamp`` and
     ``webhook-signature: v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`` where the key is the
-    base64 after ``whsec_``.
+    base64 after ``whsec_``. Several keys separated by spaces (``whsec_old whsec_new``) each sign, one
+    ``v1,`` signature per key as the spec allows, so a receiver can move to a new key without a
+    refused request: put both in the secret file (the router reads it again when it changes), move
+    the receiver, then leave only the new one.
 
 Outcomes: any 2xx is OK; 408, 429, 5xx, connection errors and timeouts are retried (honouring
 Retry-After, seconds or HTTP-date); redirects and other 4xx are rejected with the status and a short
@@ -83,6 +86,7 @@ __all__ = [
     "WebhookSink",
     "parse_retry_after",
     "redact_url",
+    "standard_webhooks_keys",
     "standard_webhooks_signature",
 ]
 
@@ -260,6 +264,14 @@ def standard_webhooks_key(secret: str) -> bytes:
         raise ValueError("not a Standard Webhooks secret (whsec_ followed by base64)") from None
 
 
+def standard_webhooks_keys(secret: str) -> list[bytes]:
+    """One HMAC key per whitespace-separated ``whsec_`` secret (several while a key is rotated)."""
+    keys = [standard_webhooks_key(part) for part in secret.split()]
+    if not keys:
+        raise ValueError("empty: not a Standard Webhooks secret (whsec_ followed by base64)")
+    return keys
+
+
 def standard_webhooks_signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
     return "v1," + base64.b64encode(mac).decode()
@@ -330,7 +342,10 @@ class WebhookOptions(SinkOptions):
     secret: Secret | None = Field(None, description="HMAC-SHA256 signing secret (signature header).")
     signature: Literal["github", "standard"] = Field(
         "github",
-        description="github: X-Hub-Signature-256; standard: Standard Webhooks (secret whsec_<base64>).",
+        description=(
+            "github: X-Hub-Signature-256; standard: Standard Webhooks (secret whsec_<base64>; several "
+            "separated by spaces each sign, for a key rotation)."
+        ),
     )
     timeout: float = Field(10.0, gt=0, description="Seconds one HTTP request may take.")
     ca_file: FilePath | None = Field(None, description="CA bundle (PEM) to verify the server's certificate.")
@@ -386,7 +401,7 @@ class WebhookOptions(SinkOptions):
             _compile_template(_read_template(self.body_template_file), "body_template_file")
         if self.secret is not None and self.signature == "standard":
             try:
-                standard_webhooks_key(self.secret.get_secret_value())
+                standard_webhooks_keys(self.secret.get_secret_value())
             except ValueError as exc:
                 raise ValueError(f"secret is {exc}") from None
         return self
@@ -426,7 +441,7 @@ class WebhookSink(Sink[WebhookOptions]):
         self._headers: dict[str, str] = {}
         self._target = ""
         self._redacted = redact_url(options.url)
-        self._standard_key: bytes | None = None
+        self._standard_keys: list[bytes] = []
 
     # -- configuration ---------------------------------------------------------------------------
     def _configure(self) -> None:
@@ -464,7 +479,7 @@ class WebhookSink(Sink[WebhookOptions]):
         except ValueError as exc:
             raise SinkError(f"webhook sink: option {exc}") from None
         if opts.secret is not None and opts.signature == "standard":
-            self._standard_key = standard_webhooks_key(opts.secret.get_secret_value())
+            self._standard_keys = standard_webhooks_keys(opts.secret.get_secret_value())
 
     def _ssl(self) -> ssl.SSLContext | bool:
         opts = self.options
@@ -520,13 +535,14 @@ class WebhookSink(Sink[WebhookOptions]):
         secret = self.options.secret
         if secret is None:
             return {}
-        if self._standard_key is not None:
+        if self._standard_keys:
             msg_id = "evr_" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:40]
             ts = int(time.time())
+            signatures = (standard_webhooks_signature(key, msg_id, ts, body) for key in self._standard_keys)
             return {
                 "webhook-id": msg_id,
                 "webhook-timestamp": str(ts),
-                "webhook-signature": standard_webhooks_signature(self._standard_key, msg_id, ts, body),
+                "webhook-signature": " ".join(signatures),
             }
         return {"X-Hub-Signature-256": github_signature(secret.get_secret_value().encode(), body)}
 

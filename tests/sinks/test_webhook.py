@@ -235,6 +235,26 @@ async def test_standard_webhooks_signature_and_stable_id_across_retry() -> None:
     assert all(r.headers["webhook-signature"].startswith("v1,") for r in hook.requests)
 
 
+async def test_a_standard_webhooks_key_rotation_signs_with_both_keys_so_no_request_is_refused() -> None:
+    """Secret "whsec_old whsec_new": one v1 signature per key, so a receiver on either key accepts,
+    and the receiver can move to the new key with nothing refused in between."""
+    new_key = "whsec_" + base64.b64encode(b"the-new-key-0123456789abcdef!").decode()
+    both = f"{WHSEC} {new_key}"
+    async with (
+        WebhookReceiver(secret=WHSEC, signature="standard") as old_receiver,
+        WebhookReceiver(secret=new_key, signature="standard") as new_receiver,
+    ):
+        for hook in (old_receiver, new_receiver):
+            async with webhook(url=hook.url, secret=both, signature="standard") as sink:
+                assert await sink.send(recorded()[:3]) == [OK] * 3
+            async with webhook(url=hook.url, secret=new_key, signature="standard") as sink:
+                after = await sink.send(recorded()[3:4])
+            (with_both, with_new) = hook.requests
+            assert with_both.signature_ok and len(with_both.headers["webhook-signature"].split()) == 2
+            assert with_new.signature_ok is (hook is new_receiver)
+            assert kinds(after) == [OutcomeKind.OK if hook is new_receiver else OutcomeKind.REJECT]
+
+
 async def test_standard_webhooks_batch_id_is_stable_for_the_same_batch() -> None:
     async with WebhookReceiver(secret=WHSEC, signature="standard") as hook:
         occs = recorded()[:5]
