@@ -594,6 +594,48 @@ async def test_a_spool_segment_that_cannot_be_read_is_counted_and_read_again_lat
     assert value(metrics.dropped, "mem", "spool_unreadable") == 0
 
 
+def _segmented_spool(path: Path, count: int, **kw: Any) -> tuple[Spool, list[Occurrence], list[Path]]:
+    occs = [make_occurrence(object_name=f"web-{i}") for i in range(count)]
+    spool = Spool(path, max_bytes=10_000_000, segment_bytes=4096, **kw)  # a few records per segment
+    spool.extend(occs)
+    spool.commit()
+    return spool, occs, sorted(path.glob("*.seg"), key=lambda f: int(f.stem))
+
+
+def test_a_segment_unreadable_for_the_quarantine_period_is_set_aside_and_the_rest_goes_on(
+    tmp_path: Path,
+) -> None:
+    spool, occs, segments = _segmented_spool(tmp_path / "spool", 30, quarantine_after=0.0)
+    assert len(segments) >= 3
+    head = segments[0]
+    in_head = head.read_bytes().count(b"\n")
+    head.unlink()
+    head.mkdir()  # opening it fails with a real I/O error (EISDIR)
+    assert spool.pop(100) == []  # the failing read: set aside at once with a period of 0
+    assert spool.unreadable == in_head and spool.read_errors == 1
+    assert (tmp_path / "spool" / "unreadable" / head.name).is_dir() and not head.exists()
+    rest = spool.pop(100)
+    assert [o.key for o in rest] == [o.key for o in occs[in_head:]]
+    assert len(spool) == 0
+
+
+def test_a_segment_unreadable_at_start_is_set_aside_instead_of_stopping_the_router(tmp_path: Path) -> None:
+    spool, occs, segments = _segmented_spool(tmp_path / "spool", 30)
+    spool.close()
+    head = segments[0]
+    in_head = head.read_bytes().count(b"\n")
+    head.unlink()
+    head.mkdir()
+    again = Spool(tmp_path / "spool", max_bytes=10_000_000, segment_bytes=4096)  # raised before
+    assert (tmp_path / "spool" / "unreadable" / head.name).exists()
+    metrics = Metrics()
+    sink = _sink()
+    p = _pipeline(sink, metrics, spool=again, batch_max_events=100)
+    p._refill()
+    assert [o.key for o in p._queue] == [o.key for o in occs[in_head:]]
+    assert value(metrics.data_dir_errors, "mem", "spool") == 1  # counted, the records it held unknown
+
+
 async def test_spool_replay_after_crash_skips_what_was_accepted(metrics: Metrics, tmp_path: Path) -> None:
     occs = [make_occurrence() for _ in range(30)]
     spool = Spool(tmp_path / "spool", max_bytes=10_000_000)

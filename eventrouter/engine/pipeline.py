@@ -281,12 +281,13 @@ class Pipeline:
             self.spool.commit()
             if len(self.spool):
                 self._queue.extend(self.spool.pop(self.options.batch_max_events))
-                if self.spool.unreadable:
-                    self.metrics.dropped.labels(self.name, "spool_unreadable").inc(self.spool.unreadable)
-                    self.spool.unreadable = 0
-                if self.spool.read_errors:
-                    self.metrics.data_dir_errors.labels(self.name, "spool").inc(self.spool.read_errors)
-                    self.spool.read_errors = 0
+            # Also what opening the spool found (a segment set aside at start), even if nothing is left.
+            if self.spool.unreadable:
+                self.metrics.dropped.labels(self.name, "spool_unreadable").inc(self.spool.unreadable)
+                self.spool.unreadable = 0
+            if self.spool.read_errors:
+                self.metrics.data_dir_errors.labels(self.name, "spool").inc(self.spool.read_errors)
+                self.spool.read_errors = 0
             self._m_spool.set(len(self.spool))
 
     def _take(self, batch: list[Occurrence], size: int, keys: set[tuple[str, int]]) -> int:

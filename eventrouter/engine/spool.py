@@ -31,6 +31,11 @@ RETRY_SECONDS = 5.0
 occurrences in memory meanwhile, instead of trying the disk again for each one. After a failed read
 ``pop`` returns nothing for as long (one try and one log line per period, not one per offer)."""
 
+QUARANTINE_SECONDS = 600.0
+"""A segment that cannot be read for this long (an I/O error on its blocks) is set aside in
+``unreadable/`` and its occurrences counted as given up, so that it does not hold back everything
+spooled after it for good; the file stays there for whoever can recover it."""
+
 log = logging.getLogger(__name__)
 
 
@@ -53,8 +58,12 @@ class Spool:
         segment_bytes: int = 4 * 1024 * 1024,
         cluster: str = "",
         decode: Callable[[bytes], Occurrence] | None = None,
+        quarantine_after: float = QUARANTINE_SECONDS,
     ) -> None:
         self.directory = directory
+        self.quarantine_after = quarantine_after
+        self._failing: _Segment | None = None  # the head segment whose reads fail, since when
+        self._failing_since = 0.0
         self.max_bytes = max_bytes
         self.segment_bytes = max(1024, min(segment_bytes, max_bytes // 4 or 1024))
         self.cluster = cluster
@@ -98,7 +107,20 @@ class Spool:
                 cursor_seg, cursor_records = int(a), int(b)
         for path in sorted(self.directory.glob("*.seg"), key=lambda p: int(p.stem)):
             number = int(path.stem)
-            data = path.read_bytes()
+            try:
+                data = path.read_bytes()
+            except OSError as exc:  # not a reason to keep the router from starting: set aside
+                self.read_errors += 1
+                where = self._set_aside(path)
+                log.error(
+                    "spool %s: cannot read %s at start (%s): an unknown number of spooled occurrences "
+                    "given up, the segment %s",
+                    self.directory,
+                    path.name,
+                    exc.strerror or exc,
+                    where,
+                )
+                continue
             if data and not data.endswith(b"\n"):
                 # Torn last write (crash): keep the complete lines only.
                 data = data[: data.rfind(b"\n") + 1]
@@ -267,12 +289,48 @@ class Spool:
                 except OSError as exc:  # an I/O error: what was read is handed on, the rest waits
                     self._read_failed(seg, exc)
                     break
+                if self._failing is seg:
+                    self._failing = None  # readable again
         return out
 
     def _read_failed(self, seg: _Segment, exc: OSError) -> None:
         self.read_errors += 1
-        self._read_retry_at = time.monotonic() + RETRY_SECONDS
+        now = time.monotonic()
+        if self._failing is not seg:
+            self._failing, self._failing_since = seg, now
+        if now - self._failing_since >= self.quarantine_after and self._segments and seg is self._segments[0]:
+            self._segments.popleft()
+            if seg is self._fd_seg:
+                self._close_writer()
+            missing = seg.records - seg.read_records
+            self.unreadable += missing
+            self._count -= missing
+            self._bytes -= seg.size
+            self._failing = None
+            log.error(
+                "spool %s: %s unreadable for %.0fs (%s): its %d occurrences are given up and counted, the "
+                "segment %s; the rest of the spool goes on",
+                self.directory,
+                seg.path.name,
+                now - self._failing_since,
+                exc.strerror or exc,
+                missing,
+                self._set_aside(seg.path),
+            )
+            return
+        self._read_retry_at = now + RETRY_SECONDS
         log.error("spool %s: cannot read %s (%s); tried again later", self.directory, seg.path.name, exc)
+
+    def _set_aside(self, path: Path) -> str:
+        """Move an unreadable segment to ``unreadable/`` (never read again); says where it is."""
+        target = self.directory / "unreadable" / path.name
+        try:
+            target.parent.mkdir(exist_ok=True)
+            os.replace(path, target)
+        except OSError as exc:
+            # Left in place, it is tried again at the next start, and set aside then.
+            return f"left in place ({exc.strerror or exc})"
+        return f"moved to {target}"
 
     def commit(self) -> None:
         """Make the read position durable and delete fully read segments."""
