@@ -175,12 +175,20 @@ class Router:
     def _build(self) -> None:
         data = self.settings.data_dir
         table = CheckpointTable(max(1, len(self.specs)))
-        bounds = disk_bounds(self.specs, self.settings.data_dir_max_bytes)
-        if data and self.settings.data_dir_max_bytes:
+        budget = self.settings.data_dir_max_bytes
+        stranded = self._report_orphans(data) if data is not None else 0
+        if budget and stranded:
+            # Spools of sinks no longer configured take their room on the volume until removed.
+            budget = max(0, budget - stranded)
+        bounds = disk_bounds(self.specs, budget)
+        if data and budget is not None:
             log.info(
-                "data dir %s holds at most %.0f MiB: %s",
+                "data dir %s holds at most %.0f MiB%s: %s",
                 data,
-                self.settings.data_dir_max_bytes / 2**20,
+                budget / 2**20,
+                f" (besides {stranded / 2**20:.1f} MiB of spools of sinks not configured)"
+                if stranded
+                else "",
                 "; ".join(
                     f"{name} spool {spool / 2**20:.0f} MiB, dead letters 2 x {dead / 2**20:.0f} MiB"
                     for name, (spool, dead) in bounds.items()
@@ -224,13 +232,13 @@ class Router:
                 self.reloaders.append(reloader)
             log.info("sink %s configured", spec.describe())
         self.fanout = Fanout(self.pipelines)
-        if data is not None:
-            self._report_orphans(data)
 
-    def _report_orphans(self, data: Path) -> None:
+    def _report_orphans(self, data: Path) -> int:
         """Say once at start what the data dir holds for sinks that are not configured (removed or
-        renamed): their spooled occurrences reach nobody unless a sink of that name comes back."""
+        renamed): their spooled occurrences reach nobody unless a sink of that name comes back.
+        Returns the bytes those spools take."""
         configured = {safe_name(spec.name) for spec in self.specs}
+        stranded = 0
         spools = data / "spool"
         for folder in sorted(spools.iterdir()) if spools.is_dir() else ():
             if folder.name in configured or not folder.is_dir():
@@ -244,6 +252,7 @@ class Router:
                     "data dir: cannot read the spool %s of a sink that is not configured: %s", folder, exc
                 )
                 continue
+            stranded += size
             self.metrics.orphaned.labels(folder.name).set(count)
             if count:
                 log.warning(
@@ -266,6 +275,7 @@ class Router:
                     path.stem,
                     path,
                 )
+        return stranded
 
     def _guard(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         async def guarded() -> None:

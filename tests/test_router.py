@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from eventrouter.app import Router, RouterSettings
+from eventrouter.app import Router, RouterSettings, disk_bounds
 from eventrouter.config import spec_for_class
 from eventrouter.engine.checkpoint import FileCheckpoint, SinkCheckpoint
 from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS
@@ -775,6 +775,7 @@ async def test_a_spool_left_by_a_sink_no_longer_configured_is_counted_and_named_
 ) -> None:
     """A sink renamed or removed while its destination was down leaves occurrences in its spool that
     no configured sink will send: said at start, with a gauge an alert can read."""
+    caplog.set_level(logging.INFO, logger="eventrouter")
     data = tmp_path / "data"
     for i in range(30):
         api.create_event(event_object(object_name=f"web-{i}"))
@@ -784,9 +785,16 @@ async def test_a_spool_left_by_a_sink_no_longer_configured_is_counted_and_named_
     )
     async with down.running():
         await until(lambda: len(down.pipelines[0].spool or []) >= 20)
-    renamed = _router(_settings(api, tmp_path, data_dir=data))
+    on_disk = sum(f.stat().st_size for f in (data / "spool" / "es_old").glob("*.seg"))
+    volume = 64 * 2**20
+    renamed = _router(_settings(api, tmp_path, data_dir=data, data_dir_max_bytes=volume))
     async with renamed.running():
         await _mem(renamed).wait_for(30)
+        # The stranded spool keeps its room on the volume: the configured sink's share is smaller.
+        spool = renamed.pipelines[0].spool
+        assert spool is not None
+        assert spool.max_bytes == disk_bounds(renamed.specs, volume - on_disk)["mem"][0]
+        assert spool.max_bytes < disk_bounds(renamed.specs, volume)["mem"][0]
     stranded = renamed.metrics.registry.get_sample_value(
         "eventrouter_data_dir_orphaned_occurrences", {"sink": "es_old"}
     )
@@ -796,3 +804,4 @@ async def test_a_spool_left_by_a_sink_no_longer_configured_is_counted_and_named_
         f"the spool of sink 'es_old', which is not configured, holds {int(stranded)} occurrences" in warning
     )
     assert str(data / "spool" / "es_old") in warning
+    assert "MiB of spools of sinks not configured" in caplog.text
