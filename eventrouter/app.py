@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -309,18 +310,16 @@ class Router:
         drain and exit (it is on standby meanwhile, so nothing is lost)."""
         data_dir.mkdir(parents=True, exist_ok=True)
         lock = self._data_lock = DataDirLock(data_dir)
-        waited = 0.0
-        while True:
+        for attempt in itertools.count():
             try:
                 lock.acquire()
                 return
             except DataDirInUse as exc:
                 if not self.settings.leader_elect:
                     raise
-                if waited % 10 == 0:
+                if attempt % 10 == 0:  # one line every 10 s
                     log.warning("%s; waiting for it before delivering", exc)
             await asyncio.sleep(1.0)
-            waited += 1.0
 
     async def run(self, kube: KubeClient | None = None) -> None:
         """The ``run`` command's lifecycle: serve probes, elect a leader when asked, then build the

@@ -62,16 +62,20 @@ def watched_files(spec: SinkSpec) -> dict[str, list[str]]:
     for key, value in spec.entry.items():
         if key not in ("type", QUERY_KEYS):
             walk(value, key)
-    for name in file_options(type(spec.options)):
-        value = getattr(spec.options, name)
-        if isinstance(value, str) and value:
-            add(value, name)
+    for path, name in _file_option_paths(spec).items():
+        add(path, name)
     return files
 
 
-def _file_option_paths(spec: SinkSpec) -> set[str]:
-    values = (getattr(spec.options, name) for name in file_options(type(spec.options)))
-    return {value for value in values if isinstance(value, str) and value}
+def _file_option_paths(spec: SinkSpec) -> dict[str, str]:
+    """Path → the file option (``FilePath`` field) set to it."""
+    values = ((getattr(spec.options, name), name) for name in file_options(type(spec.options)))
+    return {value: name for value, name in values if isinstance(value, str) and value}
+
+
+def _contents(spec: SinkSpec) -> dict[str, bytes | None]:
+    """The digest of each file option's file: its value, a path, stays the same when it is rotated."""
+    return {path: _digest(path) for path in _file_option_paths(spec)}
 
 
 def _digest(path: str) -> bytes | None:
@@ -101,9 +105,7 @@ class SinkReloader:
             result: metrics.sink_reloads.labels(spec.name, result)
             for result in ("applied", "unchanged", "invalid")
         }
-        # A file option's value is its path, which stays the same when the file is rotated: what
-        # changed is its content (a CA bundle, a client certificate), compared by digest.
-        self._contents = {path: _digest(path) for path in _file_option_paths(spec)}
+        self._contents = _contents(spec)
         self._applied = self._signatures()  # what the running options were read from
         self._seen = self._applied  # at the last check
 
@@ -153,7 +155,7 @@ class SinkReloader:
         differ = [
             field for field in type(old).model_fields if getattr(old, field) != getattr(spec.options, field)
         ]
-        contents = {path: _digest(path) for path in _file_option_paths(spec)}
+        contents = _contents(spec)
         for path, digest in contents.items():
             if digest != self._contents.get(path):
                 differ.extend(o for o in self.files.get(path, ()) if o not in differ)
