@@ -219,3 +219,19 @@ async def test_a_certificate_file_rewritten_in_place_rebuilds_the_sink_only_when
             os.utime(ca, ns=(3, 3))
             assert not reloader.check() and reloader.check()
             assert _reloads(router, "applied") == 1
+
+
+async def test_reload_interval_0_reads_the_files_only_at_start(api: FakeApiServer, tmp_path: Path) -> None:
+    from eventrouter.cli import _parser, _settings
+    from eventrouter.config import RouterConfig
+
+    args = _parser().parse_args(["run", "--reload-interval", "0"])
+    assert _settings(args, RouterConfig()).reload_interval == 0
+    token = tmp_path / "token"
+    token.write_text(OLD)
+    async with LokiReceiver(bearer_token=OLD) as loki:
+        for interval, watching in ((0.0, False), (5.0, True)):
+            router = _router(api, tmp_path, _loki_flag(loki, token), reload_interval=interval)
+            async with router.running(watch=False):
+                assert router.reloaders  # the files are known either way
+                assert any(t.get_name() == "sink-reload" for t in router._tasks) is watching
