@@ -798,3 +798,100 @@ async def test_a_sink_that_cannot_start_yet_is_still_tried_while_draining(metric
     assert sink.attempts == 4
     assert sink.keys == [(o.uid, o.number) for o in occs]
     assert value(metrics.send_errors, "late", "start") == 3
+
+
+# ---- a sink replaced by one built from re-read options (engine/reload.py) -----------------------
+
+
+def _ctx(name: str = "mem") -> SinkContext:
+    return SinkContext(name=name, cluster="t", data_dir=None, logger=logging.getLogger(name))
+
+
+async def test_a_replaced_sink_finishes_its_send_and_the_next_batch_goes_to_the_new_one(
+    metrics: Metrics,
+) -> None:
+    old, new = _sink(), _sink()
+    old.blocked = asyncio.Event()
+    p = _pipeline(old, metrics)
+    task = await _run(p)
+    first = make_occurrence(object_name="first")
+    p.offer(first)
+    await until(lambda: bool(p._in_flight))  # the old instance holds the batch
+    p.replace_sink(new)
+    second = make_occurrence(object_name="second")
+    p.offer(second)
+    old.blocked.set()
+    await new.wait_for(1)
+    assert old.keys == [(first.uid, first.number)]
+    assert new.keys == [(second.uid, second.number)]
+    assert p.sink is new and new.started and old.closed == 1
+    await _finish(p, task)
+    await p.close_sink()  # the router's last step
+    assert new.closed == 1 and old.closed == 1
+
+
+async def test_a_replacement_ends_a_wait_between_retries_at_once(metrics: Metrics) -> None:
+    """The old credential is refused and the next retry is a minute away: the new one sends now."""
+    old, new = _sink(), _sink()
+    old.down = True
+    p = _pipeline(old, metrics, retry_initial_backoff=60, retry_max_backoff=60)
+    task = await _run(p)
+    occ = make_occurrence()
+    p.offer(occ)
+    await until(lambda: value(metrics.send_errors, "mem", "retryable") == 1)
+    p.replace_sink(new)
+    await new.wait_for(1, timeout=10)
+    assert new.keys == [(occ.uid, occ.number)] and old.keys == []
+    await _finish(p, task)
+
+
+async def test_closing_a_replaced_sink_is_bounded_by_send_timeout_and_a_failing_take_over_is_logged(
+    metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A close that hangs on a broken connection, or a plugin's take_over that raises, must not stop
+    the pipeline: both are logged and the new instance sends."""
+    never = asyncio.Event()
+
+    class HangingClose(MemorySink):
+        async def aclose(self) -> None:
+            await never.wait()
+
+    class BadTakeOver(MemorySink):
+        def take_over(self, previous: Any) -> None:
+            raise RuntimeError("cannot carry over")
+
+    old = HangingClose(MemorySinkOptions.model_validate({}), _ctx())
+    new = BadTakeOver(MemorySinkOptions.model_validate({}), _ctx())
+    p = _pipeline(old, metrics, send_timeout=0.2)
+    task = await _run(p)
+    p.offer(make_occurrence(object_name="before"))
+    await old.wait_for(1)
+    p.replace_sink(new)
+    occ = make_occurrence(object_name="after")
+    p.offer(occ)
+    await new.wait_for(1, timeout=10)
+    assert new.keys == [(occ.uid, occ.number)]
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert (logging.WARNING, "sink mem: closing the previous instance raised TimeoutError: ") in messages
+    assert (logging.ERROR, "sink mem: take_over from the previous instance raised") in messages
+    await _finish(p, task)
+
+
+async def test_a_replacement_replaced_before_its_first_send_is_closed_and_never_used(
+    metrics: Metrics,
+) -> None:
+    old, unused, newest = _sink(), _sink(), _sink()
+    old.blocked = asyncio.Event()
+    p = _pipeline(old, metrics)
+    task = await _run(p)
+    p.offer(make_occurrence())
+    await until(lambda: bool(p._in_flight))
+    p.replace_sink(unused)
+    p.replace_sink(newest)  # the file changed again before the pipeline's next send
+    old.blocked.set()
+    occ = make_occurrence(object_name="next")
+    p.offer(occ)
+    await newest.wait_for(1)
+    assert newest.keys == [(occ.uid, occ.number)]
+    assert unused.closed == 1 and not unused.started and unused.keys == []
+    await _finish(p, task)

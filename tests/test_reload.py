@@ -10,16 +10,22 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from eventrouter.app import Router, RouterSettings
-from eventrouter.config import build_specs
-from eventrouter.engine.reload import watched_files
-from eventrouter.options import file_options
+from eventrouter.config import build_specs, spec_for_class
+from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
+from eventrouter.engine.deadletter import DeadLetter
+from eventrouter.engine.filter import compile_filter
+from eventrouter.engine.pipeline import Pipeline
+from eventrouter.engine.reload import SETTLE, SinkReloader, watched_files
+from eventrouter.metrics import Metrics
+from eventrouter.options import Secret, file_options
+from eventrouter.sink import SinkContext
 from eventrouter.source.watcher import WatchSettings
-from eventrouter.testing import event_object
+from eventrouter.testing import MemorySink, MemorySinkOptions, event_object
 from eventrouter.testing.apiserver import FakeApiServer
 from eventrouter.testing.receivers.loki import LokiReceiver
 from eventrouter.testing.secret_volume import SecretVolume
@@ -235,3 +241,73 @@ async def test_reload_interval_0_reads_the_files_only_at_start(api: FakeApiServe
             async with router.running(watch=False):
                 assert router.reloaders  # the files are known either way
                 assert any(t.get_name() == "sink-reload" for t in router._tasks) is watching
+
+
+class _KeyedOptions(MemorySinkOptions):
+    api_key: Secret
+
+
+class _KeyedSink(MemorySink):
+    """A plugin that checks its credential's form when built, as a client library may."""
+
+    options_model = _KeyedOptions  # type: ignore[assignment]  # a narrower model, as a plugin has
+
+    def __init__(self, options: _KeyedOptions, context: object) -> None:
+        if not options.api_key.get_secret_value().startswith("ak-"):
+            raise ValueError("api_key must start with 'ak-'")
+        super().__init__(options, context)
+
+
+async def test_a_plugin_that_cannot_be_built_with_the_new_file_is_counted_invalid_and_keeps_its_instance(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = tmp_path / "key"
+    key.write_text("ak-old-1")
+    spec = spec_for_class(_KeyedSink, {"name": "plug", "api_key": f"file:{key}"}, type_="keyed")
+    context = SinkContext(name="plug", cluster="t", data_dir=None, logger=logging.getLogger("plug"))
+    sink = _KeyedSink(cast(_KeyedOptions, spec.options), context)
+    metrics = Metrics()
+    pipeline = Pipeline(
+        name="plug",
+        sink=sink,
+        options=spec.pipeline,
+        predicate=compile_filter(spec.filter),
+        checkpoint=SinkCheckpoint(MemoryCheckpoint()),
+        deadletter=DeadLetter(None, sink="plug"),
+        metrics=metrics,
+    )
+    reloader = SinkReloader(spec, pipeline, metrics)
+    key.write_text("not-a-key-value")
+    assert not reloader.check() and not reloader.check()  # seen, then settled: its __init__ raises
+    assert pipeline._replacement is None and pipeline.sink is sink
+    invalid = metrics.registry.get_sample_value(
+        "eventrouter_sink_reloads_total", {"sink": "plug", "result": "invalid"}
+    )
+    assert invalid == 1
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert error == (
+        f"sink plug: {key} (api_key) changed, but the sink cannot be built with it (ValueError: api_key "
+        "must start with 'ak-'); it goes on with the options it had"
+    )
+    assert "not-a-key-value" not in caplog.text
+    key.write_text("ak-new-2")  # put right: taken
+    assert not reloader.check() and reloader.check()
+    assert isinstance(pipeline._replacement, _KeyedSink)
+    assert pipeline._replacement.options.api_key.get_secret_value() == "ak-new-2"
+
+
+async def test_the_router_looks_at_a_changed_file_again_after_settle_not_after_a_whole_interval(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """Every `interval` s the files are checked; a change seen is taken on a second look SETTLE s
+    later. With an interval three times SETTLE, taking it within two SETTLEs of being seen shows
+    the second look did not wait for the next interval."""
+    interval = 3 * SETTLE
+    volume = SecretVolume(tmp_path / "secrets", {"loki-token": OLD})
+    async with LokiReceiver(bearer_token=OLD) as loki:
+        router = _router(api, tmp_path, _loki_flag(loki, volume.file("loki-token")), reload_interval=interval)
+        async with router.running(watch=False):
+            (reloader,) = router.reloaders
+            volume.update({"loki-token": NEW})
+            await until(lambda: reloader.settling, timeout=interval + 5)
+            await until(lambda: _reloads(router, "applied") == 1, timeout=2 * SETTLE)

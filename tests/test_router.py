@@ -786,6 +786,12 @@ async def test_a_spool_left_by_a_sink_no_longer_configured_is_counted_and_named_
     async with down.running():
         await until(lambda: len(down.pipelines[0].spool or []) >= 20)
     on_disk = sum(f.stat().st_size for f in (data / "spool" / "es_old").glob("*.seg"))
+    # Dead letters of a removed sink are named too (once), an empty file or the sink's own are not.
+    letters = data / "deadletter"
+    letters.mkdir(exist_ok=True)
+    (letters / "gone.jsonl").write_text('{"reason": "rejected"}\n')
+    (letters / "empty.jsonl").touch()
+    (letters / "mem.jsonl").write_text('{"reason": "rejected"}\n')
     volume = 64 * 2**20
     renamed = _router(_settings(api, tmp_path, data_dir=data, data_dir_max_bytes=volume))
     async with renamed.running():
@@ -805,3 +811,8 @@ async def test_a_spool_left_by_a_sink_no_longer_configured_is_counted_and_named_
     )
     assert str(data / "spool" / "es_old") in warning
     assert "MiB of spools of sinks not configured" in caplog.text
+    named = [r.getMessage() for r in caplog.records if "dead letters of sink" in r.getMessage()]
+    assert named == [
+        f"data dir: dead letters of sink 'gone', which is not configured, are in {letters / 'gone.jsonl'} "
+        "(eventrouter replay can send them to another sink)"
+    ]
