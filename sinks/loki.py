@@ -383,6 +383,28 @@ def _redact(url: str) -> str:
         return "<invalid url>"
 
 
+_BLOCKED_UNTIL = re.compile(r"ingestion blocked for user .* until '([^']+)'")
+
+
+def _blocked(status: int, text: str) -> bool:
+    """A 2xx that stored nothing: Loki's blocked-ingestion code (260 unless configured otherwise)."""
+    return status == 260 or "ingestion blocked" in text
+
+
+def _blocked_for(text: str) -> float | None:
+    """Seconds until the block named in Loki's message ends (``until '2026-12-05T22:00:00Z'``)."""
+    match = _BLOCKED_UNTIL.search(text)
+    if match is None:
+        return None
+    try:
+        until = datetime.fromisoformat(match.group(1))
+    except ValueError:
+        return None
+    if until.tzinfo is None:
+        until = until.replace(tzinfo=UTC)
+    return max(0.0, (until - datetime.now(UTC)).total_seconds())
+
+
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -769,7 +791,7 @@ class LokiSink(Sink[LokiOptions]):
         return outcomes
 
     async def _push(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
-        """POST one push; 2xx leaves ``outcomes`` OK, a final 4xx rejects every item of this push."""
+        """POST one push; 200/204 leave ``outcomes`` OK, a final 4xx rejects every item of this push."""
         body = self.encode(entries)
         session = self._ensure_session()
         try:
@@ -779,7 +801,7 @@ class LokiSink(Sink[LokiOptions]):
                 retry_after = _retry_after(response.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise RetryableError(f"loki: cannot reach {self._shown}: {_describe(exc)}") from None
-        if 200 <= status < 300:
+        if status in (200, 204) or (200 <= status < 300 and not _blocked(status, text)):
             update = self._newest.update
             for entry in entries:
                 update(entry.stream, entry.ts_ns)
@@ -792,6 +814,14 @@ class LokiSink(Sink[LokiOptions]):
             await self._push(entries[mid:], outcomes)
             return
         message = text[:2000] or (response.reason or "")
+        if 200 <= status < 300:
+            # Ingestion blocked by the operator (limits_config.block_ingestion_until): Loki discarded
+            # the push and answers 260 by default, a 2xx. Not stored: retried, at the earliest when
+            # the block ends.
+            raise RetryableError(
+                f"loki: {self._shown} answered {status}, nothing stored: {message}",
+                retry_after=retry_after if retry_after is not None else _blocked_for(text),
+            )
         if status == 429 or status >= 500 or status in (401, 403, 404, 408):
             if status == 401 and "org id" in message and not self.options.tenant:
                 message += " (this Loki is multi-tenant: set tenant=<org id>)"

@@ -339,6 +339,28 @@ async def test_429_and_5xx_raise_retryable_error_honouring_retry_after(
     assert len(loki.entries) == 1
 
 
+async def test_a_push_discarded_because_ingestion_is_blocked_is_retried_when_the_block_ends(
+    loki: LokiReceiver,
+) -> None:
+    """An operator's ``block_ingestion_until``: Loki discards the push and answers 260 (a 2xx).
+    Counted as delivered, every occurrence would be lost without a trace."""
+    loki.block_ingestion_until = time.time() + 120
+    sink = await _sink(loki.url)
+    batch = [recent(5, object_name="a"), recent(4, object_name="b")]
+    try:
+        with pytest.raises(RetryableError) as caught:
+            await sink.send(batch)
+        assert caught.value.reason.startswith(f"loki: {loki.url} answered 260, nothing stored: ")
+        assert "ingestion blocked for user fake until '" in caught.value.reason
+        assert caught.value.retry_after is not None and 100 < caught.value.retry_after <= 120
+        assert loki.entries == [] and loki.discarded_blocked == 2
+        loki.block_ingestion_until = time.time() - 1  # the block has ended
+        assert await sink.send(batch) is not None
+    finally:
+        await sink.aclose()
+    assert len(loki.entries) == 2
+
+
 async def test_retried_push_resends_identical_entries_and_query_deduplicates(loki: LokiReceiver) -> None:
     # The push is stored but its answer is a 500 (an ingester wrote, the response was lost).
     loki.fail_next(500, store=True)

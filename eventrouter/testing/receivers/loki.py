@@ -547,6 +547,8 @@ class LokiReceiver:
         now: Callable[[], float] = time.time,
         ssl_context: Any = None,
         max_body_bytes: int = 100 * 1024 * 1024,
+        block_ingestion_until: float | None = None,
+        block_ingestion_status_code: int = 260,
     ) -> None:
         self.auth_enabled = auth_enabled
         self.username = username
@@ -565,9 +567,14 @@ class LokiReceiver:
         self.now = now
         self.ssl_context = ssl_context
         self.max_body_bytes = max_body_bytes
+        # limits_config.block_ingestion_until / block_ingestion_status_code (an operator's stop):
+        # pushes are discarded and answered with that code, Loki's default 260, a 2xx.
+        self.block_ingestion_until = block_ingestion_until
+        self.block_ingestion_status_code = block_ingestion_status_code
         self.entries: list[StoredEntry] = []
         """Every stored entry in arrival order, duplicates included (queries de-duplicate)."""
         self.pushes: list[Push] = []
+        self.discarded_blocked = 0  # entries discarded while ingestion was blocked
         self.ready = True
         self._faults: list[_Fault] = []
         self._newest: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
@@ -745,6 +752,9 @@ class LokiReceiver:
             return answer(fault.status, fault.message, 0, extra)
         try:
             streams = self._parse(body, ctype, cenc)
+            blocked = self._blocked(tenant, streams)
+            if blocked is not None:
+                return blocked
             accepted, errors = self._ingest(tenant, streams)
         except (_BadRequest, LabelParseError, DecodeError) as exc:
             return answer(400, str(exc))
@@ -756,6 +766,22 @@ class LokiReceiver:
         if errors:
             return answer(400, _group_errors(errors), accepted)
         return answer(204, "", accepted)
+
+    def _blocked(self, tenant: str, streams: list[_InStream]) -> web.Response | None:
+        """The distributor's ``ShouldBlockIngestion``: every entry discarded; the configured code
+        answers, with the error as the body, or an empty success when the code is 200. (Loki looks
+        after validating the streams; a push whose every entry is invalid would get its 400 first.)"""
+        until = self.block_ingestion_until
+        if until is None or self.now() >= until or not any(s.entries for s in streams):
+            return None
+        code = self.block_ingestion_status_code
+        self.discarded_blocked += sum(len(s.entries) for s in streams)
+        when = datetime.fromtimestamp(until, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        message = f"ingestion blocked for user {tenant or 'fake'} until '{when}' with status code '{code}'"
+        self.pushes.append(Push({}, "", "", 0, code, message, 0))
+        if code == 200:
+            return web.Response(status=204)
+        return web.Response(status=code, text=message + "\n")
 
     def _parse(self, body: bytes, ctype: str, cenc: str) -> list[_InStream]:
         if cenc in ("", "snappy"):
