@@ -602,6 +602,27 @@ def _segmented_spool(path: Path, count: int, **kw: Any) -> tuple[Spool, list[Occ
     return spool, occs, sorted(path.glob("*.seg"), key=lambda f: int(f.stem))
 
 
+def test_a_segment_read_to_its_end_stays_until_commit_so_a_crash_reads_its_popped_records_again(
+    tmp_path: Path,
+) -> None:
+    """A refill that crosses a segment's end pops records that are not delivered yet; the durable
+    cursor still points into that segment. Deleting it at the pop lost those records to a SIGKILL."""
+    spool, occs, segments = _segmented_spool(tmp_path / "spool", 30)
+    in_head = segments[0].read_bytes().count(b"\n")
+    popped = spool.pop(in_head + 2)  # the head and two records of the next segment
+    assert len(popped) == in_head + 2
+    assert segments[0].exists()
+    # SIGKILL now (nothing committed): the next start reads every popped record again.
+    again = Spool(tmp_path / "spool", max_bytes=10_000_000, segment_bytes=4096)
+    assert [o.key for o in again.pop(100)] == [o.key for o in occs]
+    # Delivered and committed: the segment read to its end goes.
+    spool.commit()
+    assert not segments[0].exists() and segments[1].exists()
+    assert len(Spool(tmp_path / "spool", max_bytes=10_000_000, segment_bytes=4096)) == 30 - in_head - 2
+    spool.close()
+    again.close()
+
+
 def test_a_segment_unreadable_for_the_quarantine_period_is_set_aside_and_the_rest_goes_on(
     tmp_path: Path,
 ) -> None:

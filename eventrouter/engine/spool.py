@@ -246,14 +246,13 @@ class Spool:
         if self._read_retry_at and time.monotonic() < self._read_retry_at:
             return out
         self._read_retry_at = 0.0
-        while self._segments and len(out) < limit:
-            seg = self._segments[0]
+        # A segment read to its end stays until ``commit``: what was popped from it is not delivered
+        # yet, and the durable cursor still points into it (a crash reads it again).
+        segments = iter(list(self._segments))
+        seg = next(segments, None)
+        while seg is not None and len(out) < limit:
             if seg.read_records >= seg.records:
-                if len(self._segments) == 1:
-                    break
-                self._segments.popleft()
-                self._bytes -= seg.size
-                self._unlink(seg)
+                seg = next(segments, None)
                 continue
             try:
                 fh = open(seg.path, "rb")  # noqa: SIM115 - closed below; its errors are handled apart
@@ -298,8 +297,8 @@ class Spool:
         now = time.monotonic()
         if self._failing is not seg:
             self._failing, self._failing_since = seg, now
-        if now - self._failing_since >= self.quarantine_after and self._segments and seg is self._segments[0]:
-            self._segments.popleft()
+        if now - self._failing_since >= self.quarantine_after and seg in self._segments:
+            self._segments.remove(seg)
             if seg is self._fd_seg:
                 self._close_writer()
             missing = seg.records - seg.read_records
