@@ -286,6 +286,7 @@ class Router:
                 raise
             except Exception:
                 log.exception("task %s crashed; stopping the router", name)
+                self.exit_code = 1  # a restart policy (on-failure) must see it
                 self.request_stop()
 
         task = asyncio.create_task(guarded(), name=name)

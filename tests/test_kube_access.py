@@ -24,6 +24,9 @@ import json, pathlib, sys
 here = pathlib.Path(sys.argv[1])
 calls = here / "calls"
 calls.write_text(str(int(calls.read_text() or 0) + 1) if calls.exists() else "1")
+if (here / "fail-once").exists():
+    (here / "fail-once").unlink()
+    sys.exit("error: could not get token: RequestError: send request failed (the STS endpoint)")
 print(json.dumps({
     "apiVersion": "client.authentication.k8s.io/v1beta1",
     "kind": "ExecCredential",
@@ -51,9 +54,7 @@ def _router(kubeconfig: Path, context: str | None = None) -> Router:
     )
 
 
-async def test_exec_credential_plugin_tokens_are_used_and_refreshed(
-    api: FakeApiServer, tmp_path: Path
-) -> None:
+def _exec_kubeconfig(api: FakeApiServer, tmp_path: Path) -> Path:
     plugin = tmp_path / "plugin.py"
     plugin.write_text(PLUGIN)
     plugin.chmod(plugin.stat().st_mode | stat.S_IEXEC)
@@ -83,7 +84,13 @@ async def test_exec_credential_plugin_tokens_are_used_and_refreshed(
             }
         )
     )
-    router = _router(kubeconfig)
+    return kubeconfig
+
+
+async def test_exec_credential_plugin_tokens_are_used_and_refreshed(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    router = _router(_exec_kubeconfig(api, tmp_path))
     async with router.running():
         api.create_event(event_object(object_name="before-rotation"))
         sink = router.sinks["mem"]
@@ -95,6 +102,30 @@ async def test_exec_credential_plugin_tokens_are_used_and_refreshed(
         api.create_event(event_object(object_name="after-rotation"))
         await sink.wait_for(2)
     assert int((tmp_path / "calls").read_text()) >= 2
+
+
+async def test_an_exec_credential_plugin_that_fails_once_is_retried_and_the_router_keeps_running(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token refresh during a short STS outage: the plugin exits 1 once. Before, the exception
+    crashed the watch task and the router stopped, with exit code 0."""
+    router = _router(_exec_kubeconfig(api, tmp_path))
+    async with router.running():
+        api.create_event(event_object(object_name="before"))
+        sink = router.sinks["mem"]
+        await sink.wait_for(1)
+        (tmp_path / "fail-once").touch()
+        (tmp_path / "token").write_text("tok-2")
+        api.tokens = {"tok-2"}
+        api.disconnect_watches()
+        api.create_event(event_object(object_name="after"))
+        await sink.wait_for(2)
+        assert not (tmp_path / "fail-once").exists()  # the failing run happened
+        assert not router._stopping
+    assert router.exit_code == 0
+    failed = [r.getMessage() for r in caplog.records if "CredentialPluginFailed" in r.getMessage()]
+    assert failed and "the exec credential plugin of" in failed[0] and "could not get token" in failed[0]
+    assert "crashed" not in caplog.text
 
 
 async def test_kubeconfig_context_is_honoured(api: FakeApiServer, tmp_path: Path) -> None:

@@ -178,6 +178,71 @@ async def test_watch_closing_at_once_triggers_a_relist(api: FakeApiServer, tmp_p
         await until(lambda: router.metrics.relists.labels("expired")._value.get() >= 1)
 
 
+async def test_a_watch_cut_mid_stream_goes_on_from_the_last_line_it_handled_so_a_deleted_event_is_not_sent_again(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """Resumed from where the broken watch started, the stream replays an event already deleted:
+    its uid forgotten and its checkpoint entries pruned, it looked new and was delivered twice."""
+    api.bookmark_interval = 3600  # bookmarks would count as lines of the cut watch
+    router = _router(_settings(api, tmp_path))
+    async with router.running():
+        await _ready(router)
+        api.faults.cut_next_watch(after_lines=3, mid_object=True)
+        _cut_watches(api)
+        mem = _mem(router)
+        gone = api.create_event(event_object(object_name="ci-pod"))  # line 1
+        await mem.wait_for(1)
+        await router.pipelines[0].wait_idle(10)
+        api.delete_event(
+            gone["metadata"]["namespace"], gone["metadata"]["name"]
+        )  # line 2: its namespace went
+        await until(lambda: gone["metadata"]["uid"] not in router._tracked())
+        api.create_event(event_object(object_name="b"))  # line 3
+        api.create_event(event_object(object_name="c"))  # line 4, cut in half
+        await mem.wait_for(3)
+        watches = [r.query["resourceVersion"] for r in api.requests if r.query.get("watch") == "true"]
+        # From a line it handled: at least the ADDED that was delivered (a reset may discard lines
+        # the kernel had received but the router had not read yet).
+        assert int(watches[-1]) >= int(gone["metadata"]["resourceVersion"]) > int(watches[0])
+        await router.pipelines[0].wait_idle(10)
+    assert sorted(collections.Counter(mem.keys).values()) == [1, 1, 1]
+
+
+async def test_list_items_whose_metadata_is_not_an_object_are_counted_and_the_list_goes_on(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """A broken proxy's list page: the same objects in a watch stream were dropped and counted; in a
+    list they raised AttributeError, the watch task crashed and the router stopped."""
+    for i in range(3):
+        api.create_event(event_object(object_name=f"kept-{i}"))
+    api.faults.malformed_next_list({"metadata": "oops", "reason": "x"}, {"metadata": ["a"]}, 17)
+    router = _router(_settings(api, tmp_path))
+    async with router.running():
+        await _ready(router)
+        await _mem(router).wait_for(3)
+        api.create_event(event_object(object_name="after"))
+        await _mem(router).wait_for(4)
+    assert api.faults.applied == ["list_item"] and api.faults.pending == 0
+    assert router.metrics.source_dropped.labels("malformed")._value.get() == 3
+    assert router.metrics.relists.labels("initial")._value.get() == 1  # listed once: it did not fail
+
+
+async def test_a_task_that_crashes_stops_the_router_with_exit_code_1(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """A bug must end in a restart under any restart policy: it exited 0 before (on-failure: down)."""
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    router = _router(_settings(api, tmp_path))
+    async with router.running():
+        await _ready(router)
+        router._guard(broken(), "broken")
+        await until(lambda: router._stopping)
+    assert router.exit_code == 1
+
+
 async def test_malformed_watch_lines_are_counted_and_skipped(api: FakeApiServer, tmp_path: Path) -> None:
     router = _router(_settings(api, tmp_path))
     async with router.running():

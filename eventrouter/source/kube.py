@@ -144,7 +144,14 @@ async def connect(
         if "exec" in getattr(loader, "_user", {}):
             # Exec credential plugins hand out short-lived tokens: re-run the plugin when it expires.
             async def refresh(conf: Configuration) -> None:
-                await loader.load_from_exec_plugin()
+                try:
+                    await loader.load_from_exec_plugin()
+                except (config.ConfigException, RuntimeError, OSError) as exc:
+                    # One failed run (an STS or metadata-server outage) fails this request only: the
+                    # caller retries with backoff, as for an API server that cannot be reached.
+                    raise ApiError(
+                        0, "CredentialPluginFailed", f"the exec credential plugin of {shown} failed: {exc}"
+                    ) from None
                 if getattr(loader, "token", None):
                     conf.api_key["BearerToken"] = loader.token
 

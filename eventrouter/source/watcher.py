@@ -203,13 +203,17 @@ class EventWatcher:
                 doc, broken = unicode_repair.loads_unrepaired(body)
                 items = doc.get("items") or []
                 meta = doc.get("metadata") or {}
-            except (orjson.JSONDecodeError, AttributeError) as exc:
+                if not isinstance(items, list) or not isinstance(meta, dict):
+                    raise TypeError("items is not a list, or metadata not an object")
+            except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
                 raise ApiError(500, "InvalidList", f"list answer is not an EventList: {exc}") from None
             for item in items:
                 if broken:
                     item = self._repaired(item, "a list page")
                 self._handle("LIST", item, received_at, order)
-                uid = (item.get("metadata") or {}).get("uid") if isinstance(item, dict) else None
+                # _handle dropped (and counted) an item without an object as metadata.
+                item_meta = item.get("metadata") if isinstance(item, dict) else None
+                uid = item_meta.get("uid") if isinstance(item_meta, dict) else None
                 if isinstance(uid, str):
                     live.add(uid)
             rv = str(meta.get("resourceVersion") or rv)
@@ -355,6 +359,12 @@ class EventWatcher:
 
     # ---- loop ---------------------------------------------------------------------------------
 
+    def _resume_from(self, rv: str | None) -> str | None:
+        """Where a broken watch goes on: the last resourceVersion it handled, not the one it started
+        at. Replayed from the start, an event deleted meanwhile (its uid forgotten, its checkpoint
+        entries pruned) would look new and be delivered again. None (a list failed) stays None."""
+        return None if rv is None else (self.resource_version or rv)
+
     async def run(self) -> None:
         rv: str | None = None
         failures = 0
@@ -383,6 +393,7 @@ class EventWatcher:
                 delay_reason = "expired"
             except ApiError as exc:
                 failures += 1
+                rv = self._resume_from(rv)
                 if exc.status == 410:
                     rv, relist_reason = None, "expired"
                 level = logging.ERROR if exc.status in (401, 403) else logging.WARNING
@@ -393,6 +404,7 @@ class EventWatcher:
                     await asyncio.sleep(exc.retry_after)
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
                 failures += 1
+                rv = self._resume_from(rv)
                 log.warning("watch of %s broke: %s: %s", self.where, type(exc).__name__, exc)
                 self.metrics.watch_restarts.labels("connection").inc()
                 delay_reason = "connection"

@@ -151,6 +151,12 @@ class Faults:
         """Put one line that is not JSON into the next watch stream after ``after_lines`` lines."""
         self._pending.append(_Fault("malformed", count, after_lines=after_lines))
 
+    def malformed_next_list(self, *items: Any, count: int = 1) -> None:
+        """Put ``items`` (any JSON values, e.g. ``{"metadata": "oops"}``) first in the items of the
+        next list page, as a broken proxy or aggregated API could answer; the rest is the real page."""
+        joined = b",".join(orjson.dumps(item) for item in items)
+        self._pending.append(_Fault("list_item", count, message=joined.decode()))
+
     def empty_next_watch(self, count: int = 1) -> None:
         """200 and an immediately finished body with no lines (kubernetes#104171)."""
         self._pending.append(_Fault("empty", count))
@@ -164,8 +170,10 @@ class Faults:
 
     def take(self, verb: str, resource: str) -> _Fault | None:
         for f in self._pending:
-            applies = (f.kind == "fail" and verb in f.verbs and f.resource == resource) or (
-                f.kind != "fail" and verb == "watch" and resource == "events"
+            applies = (
+                (f.kind == "fail" and verb in f.verbs and f.resource == resource)
+                or (f.kind == "list_item" and verb == "list" and resource == "events")
+                or (f.kind not in ("fail", "list_item") and verb == "watch" and resource == "events")
             )
             if applies:
                 f.remaining -= 1
@@ -769,7 +777,13 @@ class FakeApiServer:
             raise self._fault_error(fault)
         if watching:
             return await self._watch(request, ns, fields, labels, fault)
-        return self._list(ns, q, fields, labels)
+        response = self._list(ns, q, fields, labels)
+        if fault is not None and fault.kind == "list_item" and isinstance(response.body, bytes):
+            body, extra = response.body, (fault.message or "null").encode()
+            items_open = body.rindex(b'"items":[') + len(b'"items":[')
+            sep = b"," if body[items_open : items_open + 1] != b"]" else b""
+            response.body = body[:items_open] + extra + sep + body[items_open:]
+        return response
 
     def _injected(self, verb: str, resource: str) -> None:
         fault = self.faults.take(verb, resource)
