@@ -695,17 +695,23 @@ class Router:
                 t.cancel()
             await asyncio.gather(*self._pipeline_tasks, return_exceptions=True)
         for p in self.pipelines:
-            left = p.leftovers()
+            older, newer = p.leftovers()
+            left = older + newer
             if not left:
                 continue
             if p.spool is not None:
                 kept = 0
                 try:
-                    for occ in left:
-                        for lost in p.spool.append(occ):
-                            self.metrics.dropped.labels(p.name, "spool_full").inc()
-                            log.warning("sink %s: spool full at shutdown, dropped %s", p.name, lost)
+                    # Older than the spool's backlog: before it (a newer occurrence of the same event
+                    # delivered first would make the checkpoint skip the older one as a copy).
+                    dropped = p.spool.prepend(older)
+                    kept = len(older)
+                    for occ in newer:
+                        dropped.extend(p.spool.append(occ))
                         kept += 1
+                    for lost in dropped:
+                        self.metrics.dropped.labels(p.name, "spool_full").inc()
+                        log.warning("sink %s: spool full at shutdown, dropped %s", p.name, lost)
                 except OSError as exc:
                     self.metrics.data_dir_errors.labels(p.name, "spool").inc()
                     self.metrics.dropped.labels(p.name, "spool_error").inc(len(left) - kept)

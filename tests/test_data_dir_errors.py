@@ -121,3 +121,66 @@ async def test_a_checkpoint_that_cannot_be_written_is_retried_as_a_whole_snapsho
     assert FileCheckpoint(folder, "s").load() == {"b": 2, "c": 3}
     cp.ack({"d": 4})  # back to journal lines
     assert FileCheckpoint(folder, "s").load() == {"b": 2, "c": 3, "d": 4}
+
+
+def test_an_occurrence_offered_while_the_spool_cannot_be_written_waits_behind_it(tmp_path: Path) -> None:
+    """A failed spool write while older occurrences are spooled: the new one went into the memory
+    queue, ahead of them. Its event's older occurrence, still spooled, was then skipped as a copy by
+    the checkpoint: lost, counted nowhere. Now it waits behind the spool and arrives after it."""
+    script = textwrap.dedent(
+        """
+        import asyncio, json, logging, resource, sys
+        from pathlib import Path
+        from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
+        from eventrouter.engine.deadletter import DeadLetter
+        from eventrouter.engine.pipeline import Pipeline
+        from eventrouter.engine.spool import Spool
+        from eventrouter.metrics import Metrics
+        from eventrouter.options import PipelineOptions
+        from eventrouter.sink import SinkContext
+        from eventrouter.testing import MemorySink, MemorySinkOptions, make_occurrence
+
+        async def main() -> dict:
+            tmp = Path(sys.argv[1])
+            metrics = Metrics()
+            ctx = SinkContext(name="mem", cluster="t", data_dir=None, logger=logging.getLogger("mem"))
+            sink = MemorySink(MemorySinkOptions.model_validate({}), ctx)
+            spool = Spool(tmp / "spool", max_bytes=10_000_000)
+            options = {"batch_max_wait": 0.01, "queue_max_events": 10, "batch_max_events": 5}
+            p = Pipeline(
+                name="mem", sink=sink, options=PipelineOptions.model_validate(options), predicate=None,
+                checkpoint=SinkCheckpoint(MemoryCheckpoint()), deadletter=DeadLetter(None, sink="mem"),
+                metrics=metrics, spool=spool,
+            )
+            for _ in range(10):
+                p.offer(make_occurrence())  # the memory queue is full
+            p.offer(make_occurrence(uid="uid-a", count=1))  # spilled
+            for _ in range(5):
+                p._queue.popleft()  # room in memory again, as after a batch was taken
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (spool.bytes, hard))  # the disk is full
+            p.offer(make_occurrence(uid="uid-a", count=2))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            out = {"spool": len(spool), "queued": len(p._queue), "depth": p.depth}
+            task = asyncio.create_task(p.run())
+            await p.wait_idle(10)
+            p.close()
+            await task
+            out["uid_a"] = [n for uid, n in sink.keys if uid == "uid-a"]
+            out["delivered"] = len(sink.keys)
+            out["skipped"] = metrics.skipped.labels("mem")._value.get()
+            out["spool_errors"] = metrics.data_dir_errors.labels("mem", "spool")._value.get()
+            out["dropped"] = metrics.dropped.labels("mem", "spool_error")._value.get()
+            return out
+
+        print(json.dumps(asyncio.run(main())))
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["spool"] == 1 and out["queued"] == 5 and out["depth"] == 7  # one waits behind the spool
+    assert out["spool_errors"] == 1 and out["dropped"] == 0
+    assert out["uid_a"] == [1, 2] and out["delivered"] == 7 and out["skipped"] == 0

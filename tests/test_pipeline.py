@@ -448,7 +448,9 @@ async def test_spool_takes_overflow_in_order_and_survives_restart(metrics: Metri
     # Shut down while the sink is down: leftovers go to the spool, nothing is lost.
     p.stop_now()
     await asyncio.wait_for(task, 5)
-    spool.extend(p.leftovers())
+    older, newer = p.leftovers()
+    assert newer == []  # nothing waited behind the spool: it could always be written
+    spool.prepend(older)  # older than the spool's backlog: first
     spool.commit()
     p.checkpoint.close()
     reopened = Spool(tmp_path / "spool", max_bytes=10_000_000)
@@ -464,8 +466,7 @@ async def test_spool_takes_overflow_in_order_and_survives_restart(metrics: Metri
     task2 = await _run(p2)
     await sink2.wait_for(100)
     await _finish(p2, task2)
-    assert sorted(sink2.keys) == sorted((o.uid, o.number) for o in occs)
-    assert len(set(sink2.keys)) == 100
+    assert sink2.keys == [(o.uid, o.number) for o in occs]  # each once, in the order offered
 
 
 def test_spool_appends_reach_the_file_at_once_and_never_a_deleted_segment(tmp_path: Path) -> None:
@@ -500,7 +501,7 @@ async def test_a_spool_that_cannot_be_written_keeps_occurrences_in_memory_and_ne
 
     spool = Spool(tmp_path / "spool", max_bytes=10_000_000)
     p = _pipeline(_sink(), metrics, spool=spool, queue_max_events=3)
-    occs = [make_occurrence() for _ in range(6)]
+    occs = [make_occurrence() for _ in range(8)]
     p.offer(occs[0])
     p.offer(occs[1])
     p.offer(occs[2])
@@ -509,17 +510,35 @@ async def test_a_spool_that_cannot_be_written_keeps_occurrences_in_memory_and_ne
     p._queue.popleft()  # room in memory again (as after a batch was taken)
     spool.close()
     shutil.rmtree(tmp_path / "spool")  # the disk is gone (as full or read-only would be)
-    p.offer(occs[4])  # must not raise into the source; memory still has room: kept, not dropped
-    assert list(p._queue)[-1] is occs[4]
+    # Must not raise into the source. Older ones are spooled: it waits behind them, in memory.
+    p.offer(occs[4])
+    assert list(p._overflow) == [occs[4]] and list(p._queue) == occs[1:3]
     assert value(metrics.data_dir_errors, "mem", "spool") == 1
     assert value(metrics.dropped, "mem", "spool_error") == 0
     assert "cannot write the disk spool" in caplog.text
     # For a while the disk is not tried again, and a relist must not count on the spool.
     assert not spool.writable and not p.can_spill
-    p.offer(occs[5])  # memory full now: the oldest there is dropped, counted against the disk
+    for occ in occs[5:8]:  # what waits behind the spool is bounded as memory is: the oldest goes
+        p.offer(occ)
     assert value(metrics.data_dir_errors, "mem", "spool") == 1
     assert value(metrics.dropped, "mem", "spool_error") == 1
-    assert list(p._queue) == [occs[2], occs[4], occs[5]]
+    assert list(p._overflow) == occs[5:8]
+    assert p.depth == 2 + 1 + 3
+
+
+async def test_a_spool_that_cannot_be_written_and_holds_nothing_drops_the_oldest_in_memory(
+    metrics: Metrics, tmp_path: Path
+) -> None:
+    import shutil
+
+    spool = Spool(tmp_path / "spool", max_bytes=10_000_000)
+    p = _pipeline(_sink(), metrics, spool=spool, queue_max_events=2)
+    shutil.rmtree(tmp_path / "spool")
+    occs = [make_occurrence() for _ in range(3)]
+    for occ in occs:
+        p.offer(occ)  # nothing is spooled: memory alone keeps the order
+    assert list(p._queue) == occs[1:] and not p._overflow
+    assert value(metrics.dropped, "mem", "spool_error") == 1
 
 
 def _spilled(
@@ -583,15 +602,15 @@ async def test_a_spool_segment_that_cannot_be_read_is_counted_and_read_again_lat
     assert value(metrics.data_dir_errors, "mem", "spool") == 1
     segment.rmdir()
     segment.write_bytes(data)  # readable again
-
-    def refilled() -> bool:
-        p._refill()
-        return bool(p._queue)
-
-    await until(refilled, timeout=15)
+    # With nothing new offered, the pipeline tries the spool again by itself (it waited for the
+    # next offer before, which in a quiet cluster may not come for a long time).
+    sink = p.sink
+    assert isinstance(sink, MemorySink)
+    task = await _run(p)
+    await sink.wait_for(waiting, timeout=15)
     assert value(metrics.data_dir_errors, "mem", "spool") == 1
-    assert len(p._queue) == min(waiting, p.options.batch_max_events)
     assert value(metrics.dropped, "mem", "spool_unreadable") == 0
+    await _finish(p, task)
 
 
 def _segmented_spool(path: Path, count: int, **kw: Any) -> tuple[Spool, list[Occurrence], list[Path]]:
@@ -898,6 +917,33 @@ async def test_closing_a_replaced_sink_is_bounded_by_send_timeout_and_a_failing_
     await _finish(p, task)
 
 
+async def test_replacements_made_while_the_previous_instance_closes_are_closed_too(metrics: Metrics) -> None:
+    """Two more rotations while the replaced instance is still closing: the first of them is
+    superseded before it was used, and was dropped without being closed (its connections leaked)."""
+    closing, may_close = asyncio.Event(), asyncio.Event()
+
+    class SlowClose(MemorySink):
+        async def aclose(self) -> None:
+            closing.set()
+            await may_close.wait()
+            await super().aclose()
+
+    old = SlowClose(MemorySinkOptions.model_validate({}), _ctx())
+    first, unused, newest = _sink(), _sink(), _sink()
+    p = _pipeline(old, metrics)
+    task = await _run(p)
+    p.replace_sink(first)
+    p.offer(make_occurrence())
+    await closing.wait()  # the swap to `first` is closing `old`
+    p.replace_sink(unused)
+    p.replace_sink(newest)
+    may_close.set()
+    await newest.wait_for(1)  # the newest is taken before the batch is sent
+    assert unused.closed == 1 and not unused.started
+    assert first.closed == 1 and first.keys == []
+    await _finish(p, task)
+
+
 async def test_a_replacement_replaced_before_its_first_send_is_closed_and_never_used(
     metrics: Metrics,
 ) -> None:
@@ -915,4 +961,63 @@ async def test_a_replacement_replaced_before_its_first_send_is_closed_and_never_
     await newest.wait_for(1)
     assert newest.keys == [(occ.uid, occ.number)]
     assert unused.closed == 1 and not unused.started and unused.keys == []
+    await _finish(p, task)
+
+
+# ---- deferred retries (alert robots: `defer_retries`) -------------------------------------------
+
+
+def _robot(name: str = "robot") -> MemorySink:
+    """A sink that holds items back on purpose: everything it does not take comes back later."""
+    sink = _sink(name)
+    sink.defer_retries = True  # type: ignore[attr-defined]
+    sink.decide = lambda occ: retry("robot unreachable", retry_after=60)
+    return sink
+
+
+async def test_deferred_retries_count_against_the_memory_bound(metrics: Metrics, tmp_path: Path) -> None:
+    """A robot that is down answers RETRY for everything: deferred aside, the items never filled the
+    memory queue, so nothing spilled and nothing was dropped while memory grew without bound."""
+    spool = Spool(tmp_path / "spool", max_bytes=10_000_000)
+    p = _pipeline(_robot(), metrics, name="robot", spool=spool, queue_max_events=20, batch_max_events=10)
+    bare = _pipeline(_robot("bare"), metrics, name="bare", queue_max_events=20, batch_max_events=10)
+    tasks = [await _run(p), await _run(bare)]
+    for _ in range(200):
+        p.offer(make_occurrence())
+        bare.offer(make_occurrence())
+        await asyncio.sleep(0)
+    await until(lambda: len(p._deferred) == 20 and not bare._in_flight)
+    assert len(p._queue) == 0 and len(spool) == 180  # the rest waits on disk
+    assert value(metrics.dropped, "robot", "spool_error") == 0
+    # Without a disk: bounded (a batch sent meanwhile comes back on top), the oldest dropped, counted.
+    held = len(bare._queue) + len(bare._deferred)
+    assert held <= 20 + 10
+    assert value(metrics.dropped, "bare", "queue_full") >= 200 - 30
+    for task, pipeline in zip(tasks, (p, bare), strict=True):
+        pipeline.stop_now()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_the_spool_read_position_stays_before_deferred_items_it_gave(
+    metrics: Metrics, tmp_path: Path
+) -> None:
+    """Items taken from the spool and deferred are in memory only: the durable read position must
+    not pass them, or a SIGKILL loses them (their events may be gone from the API server)."""
+    occs = [make_occurrence(object_name=f"w-{i}") for i in range(15)]
+    spool = Spool(tmp_path / "spool", max_bytes=10_000_000)
+    spool.extend(occs)
+    spool.commit()
+    sink = _robot()
+    taking = False
+    sink.decide = lambda occ: OK if taking else retry("robot unreachable", retry_after=0.2)
+    p = _pipeline(sink, metrics, name="robot", spool=spool, batch_max_events=10)
+    task = await _run(p)
+    await until(lambda: len(p._deferred) == 15)  # both refills taken and deferred
+    # SIGKILL now: the next start reads all 15 again.
+    assert [o.key for o in Spool(tmp_path / "spool", max_bytes=10_000_000).pop(100)] == [o.key for o in occs]
+    taking = True  # the robot takes them when they next come due
+    await sink.wait_for(15)
+    await until(lambda: not p._spooled_deferred)
+    p._refill()  # the next refill may pass them now
+    assert len(Spool(tmp_path / "spool", max_bytes=10_000_000)) == 0
     await _finish(p, task)

@@ -243,6 +243,35 @@ async def test_a_task_that_crashes_stops_the_router_with_exit_code_1(
     assert router.exit_code == 1
 
 
+async def test_leftovers_of_a_clean_stop_go_before_the_spool_so_an_older_occurrence_is_not_skipped(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """A SIGTERM while the sink is down and spilling: the memory queue is older than the spool.
+    Appended after it, an event's newer occurrence (spooled) was delivered first after the restart,
+    and the checkpoint then skipped the older one as a copy: lost, counted only as `skipped`."""
+    data = tmp_path / "data"
+    opts = {"queue_max_events": 10, "batch_max_events": 5}
+    down = _router(_settings(api, tmp_path, data_dir=data, shutdown_timeout=0.3), fail=True, **opts)
+    async with down.running():
+        await _ready(down)
+        a = api.create_event(event_object(name="ev-a", object_name="a"))  # a/1: in memory
+        for i in range(20):
+            api.create_event(event_object(object_name=f"o{i}"))  # the queue fills, then it spills
+        await until(lambda: down.pipelines[0].depth == 21)
+        api.bump("default", "ev-a")  # a/2: spooled, behind a/1
+        for i in range(10):
+            api.create_event(event_object(object_name=f"late{i}"))  # spooled behind a/2
+        await until(lambda: down.pipelines[0].depth == 32)
+    up = _router(_settings(api, tmp_path, data_dir=data), **opts)
+    async with up.running():
+        await _ready(up)
+        await up.pipelines[0].wait_idle(10)
+        keys = _mem(up).keys
+    uid = a["metadata"]["uid"]
+    assert [n for u, n in keys if u == uid] == [1, 2]
+    assert len(keys) == 32 and len(set(keys)) == 32  # (the relist's copies are skipped as such)
+
+
 async def test_malformed_watch_lines_are_counted_and_skipped(api: FakeApiServer, tmp_path: Path) -> None:
     router = _router(_settings(api, tmp_path))
     async with router.running():

@@ -18,7 +18,7 @@ from typing import Any
 
 from eventrouter.engine.checkpoint import SinkCheckpoint
 from eventrouter.engine.deadletter import DeadLetter
-from eventrouter.engine.spool import Spool
+from eventrouter.engine.spool import RETRY_SECONDS, Spool
 from eventrouter.metrics import Metrics, observe_many
 from eventrouter.options import PipelineOptions
 from eventrouter.record import Occurrence
@@ -77,6 +77,9 @@ class Pipeline:
         self.log = logger or logging.getLogger(f"eventrouter.sink.{name}")
         self._throttled = _Throttled(self.log)
         self._queue: collections.deque[Occurrence] = collections.deque()
+        # Offered while the spool holds older occurrences but cannot be written (a full disk): they
+        # wait here, behind the spool, and go into the spool once it can be written again.
+        self._overflow: collections.deque[Occurrence] = collections.deque()
         self._wakeup = asyncio.Event()
         # Queue length at which an offer wakes the batcher: 1 while it waits for work, the rest of
         # the batch while it fills one. Waking it per offer cost ~10 loop turns per occurrence and sink.
@@ -98,6 +101,10 @@ class Pipeline:
         self._deferred: list[tuple[float, int, Occurrence]] = []
         self._seq = itertools.count()
         self._held: dict[str, set[int]] = {}  # uid → occurrence numbers deferred and not finished
+        # Deferred occurrences that came from the spool: its read position is not made durable past
+        # them until they finish (a crash would lose them). `_from_spool`: those of the last refill.
+        self._spooled_deferred: set[tuple[str, int]] = set()
+        self._from_spool: set[tuple[str, int]] = set()
         self._done: dict[str, int] = {}  # finished, not yet checkpointed (a lower one is pending)
         self.idle = asyncio.Event()
         self.idle.set()
@@ -161,22 +168,18 @@ class Pipeline:
             return
         self.idle.clear()
         spool = self.spool
-        if spool is not None and (len(spool) or len(self._queue) >= self.queue_max) and self._spill(occ):
+        # Deferred retries (alert digests) are held in memory too: they count against the bound.
+        full = len(self._queue) + len(self._deferred) >= self.queue_max
+        if spool is not None and (len(spool) or self._overflow or full):
             # Once spilling starts, everything goes through the spool until it drains: order is kept.
-            pass
-        elif len(self._queue) >= self.queue_max:
-            dropped = self._queue.popleft()
-            self._queue.append(occ)
-            # With a spool, the memory queue fills only while the disk fails: that is the cause.
-            (self._m_queue_full if spool is None else self._m_spool_error).inc()
-            self._throttled.warning(
-                "queue_full",
-                "sink %s: memory queue full (%d)%s, dropped oldest occurrence %s",
-                self.name,
-                self.queue_max,
-                "" if spool is None else " and the disk spool cannot be written",
-                dropped.key,
-            )
+            if (not self._overflow or self._spill_overflow()) and self._spill(occ):
+                pass
+            elif len(spool) or self._overflow:
+                self._hold_back(occ)
+            else:
+                self._into_memory(occ, full)
+        elif full:
+            self._into_memory(occ, full)
         else:
             self._queue.append(occ)
             if len(self._queue) < self._wake_at:
@@ -184,6 +187,52 @@ class Pipeline:
                 if self._offered_bytes < self._wake_bytes:
                     return  # the batch being filled waits for its deadline or for enough to fill it
         self._wakeup.set()
+
+    def _into_memory(self, occ: Occurrence, full: bool) -> None:
+        """Queue in memory; when memory is full, the oldest occurrence there is dropped, counted."""
+        if full:
+            if self._queue:
+                dropped = self._queue.popleft()
+            else:  # memory holds deferred retries only (an alert robot down): the first due goes
+                dropped = heapq.heappop(self._deferred)[2]
+                self._release(dropped)
+            # With a spool, memory fills only while the disk fails: that is the cause.
+            (self._m_queue_full if self.spool is None else self._m_spool_error).inc()
+            self._throttled.warning(
+                "queue_full",
+                "sink %s: memory queue full (%d)%s, dropped oldest occurrence %s",
+                self.name,
+                self.queue_max,
+                "" if self.spool is None else " and the disk spool cannot be written",
+                dropped.key,
+            )
+        self._queue.append(occ)
+
+    def _hold_back(self, occ: Occurrence) -> None:
+        """The spool holds older occurrences and cannot be written now. Sent before them, a newer
+        occurrence of an event would make the checkpoint skip an older one as a copy (lost): it waits
+        behind the spool instead, in memory (bounded: the oldest dropped, counted)."""
+        if len(self._overflow) >= self.queue_max:
+            dropped = self._overflow.popleft()
+            self._m_spool_error.inc()
+            self._throttled.warning(
+                "queue_full",
+                "sink %s: memory queue full (%d) and the disk spool cannot be written, dropped oldest "
+                "occurrence %s",
+                self.name,
+                self.queue_max,
+                dropped.key,
+            )
+        self._overflow.append(occ)
+
+    def _spill_overflow(self) -> bool:
+        """Move what waited behind the spool into it, in order; False while the disk cannot take it."""
+        overflow = self._overflow
+        while overflow:
+            if not self._spill(overflow[0]):
+                return False
+            overflow.popleft()
+        return True
 
     def _spill(self, occ: Occurrence) -> bool:
         """Append to the spool; False when the disk cannot take it (the caller keeps it in memory)."""
@@ -267,7 +316,7 @@ class Pipeline:
     @property
     def depth(self) -> int:
         spooled = len(self.spool) if self.spool else 0
-        return len(self._queue) + spooled + len(self._in_flight) + len(self._deferred)
+        return len(self._queue) + spooled + len(self._in_flight) + len(self._deferred) + len(self._overflow)
 
     # ---- batching and sending -----------------------------------------------------------------
 
@@ -278,9 +327,20 @@ class Pipeline:
         finished, so the spool's read position can be made durable first. A crash replays at most
         one batch from the spool, and the checkpoint skips what was already accepted."""
         if self.spool is not None and not self._queue:
-            self.spool.commit()
+            if not self._spooled_deferred:
+                self.spool.commit()
             if len(self.spool):
-                self._queue.extend(self.spool.pop(self.options.batch_max_events))
+                # Deferred retries count against the memory bound: a robot that is down must not make
+                # the spool's backlog pile up in memory.
+                room = min(self.options.batch_max_events, self.queue_max - len(self._deferred))
+                popped = self.spool.pop(room) if room > 0 else []
+                self._queue.extend(popped)
+                if self._defer:
+                    self._from_spool = {(o.uid, o.number) for o in popped}
+            elif self._overflow:
+                self._queue.extend(self._overflow)  # the spool has drained: what waited behind it
+                self._overflow.clear()
+                self._from_spool = set()
             # Also what opening the spool found (a segment set aside at start), even if nothing is left.
             if self.spool.unreadable:
                 self.metrics.dropped.labels(self.name, "spool_unreadable").inc(self.spool.unreadable)
@@ -335,6 +395,8 @@ class Pipeline:
                 self.intake_patience = INTAKE_PATIENCE  # caught up: a next relist may wait again
             self._wakeup.clear()
             wait = self._deferred[0][0] - time.monotonic() if self._deferred else None
+            if wait is None and self.spool is not None and len(self.spool):
+                wait = RETRY_SECONDS  # a spool read failed: try it again then, not at the next offer
             try:
                 async with asyncio.timeout(wait):
                     await self._wakeup.wait()
@@ -473,6 +535,8 @@ class Pipeline:
                             delay = out.retry_after if out.retry_after is not None else self._backoff(1, None)
                             heapq.heappush(self._deferred, (time.monotonic() + delay, next(self._seq), occ))
                             self._held.setdefault(occ.uid, set()).add(occ.number)
+                            if (occ.uid, occ.number) in self._from_spool:
+                                self._spooled_deferred.add((occ.uid, occ.number))
                     retry_items = []
                     pending = []
                 self._checkpoint(done, retry_items)
@@ -514,6 +578,8 @@ class Pipeline:
         self._in_flight = []
 
     def _release(self, occ: Occurrence) -> None:
+        if self._spooled_deferred:
+            self._spooled_deferred.discard((occ.uid, occ.number))
         numbers = self._held.get(occ.uid)
         if numbers is not None:
             numbers.discard(occ.number)
@@ -596,9 +662,9 @@ class Pipeline:
         if new is None:
             return
         old, self.sink = self.sink, new
-        for sink in (old, *self._superseded):
-            await self._close_quietly(sink)
-        self._superseded.clear()
+        await self._close_quietly(old)
+        while self._superseded:  # taken out before each await: a swap meanwhile adds to it
+            await self._close_quietly(self._superseded.pop())
         try:
             new.take_over(old)
         except Exception:
@@ -619,10 +685,11 @@ class Pipeline:
     async def close_sink(self) -> None:
         """Release the sink's connections (and those of a reloaded one not used yet)."""
         pending, self._replacement = self._replacement, None
-        for sink in (self.sink, pending, *self._superseded):
+        for sink in (self.sink, pending):
             if sink is not None:
                 await self._close_quietly(sink)
-        self._superseded.clear()
+        while self._superseded:
+            await self._close_quietly(self._superseded.pop())
 
     async def run(self) -> None:
         """Start the sink, then deliver until closed and drained (or told to stop now)."""
@@ -655,21 +722,30 @@ class Pipeline:
         self._nudge.set()
         self._wakeup.set()
 
-    def leftovers(self) -> list[Occurrence]:
-        """What was not delivered: in flight first, then queued (order kept)."""
+    def leftovers(self) -> tuple[list[Occurrence], list[Occurrence]]:
+        """What was not delivered: (older than the spool's backlog: in flight, deferred, queued;
+        newer than it: what waited behind it), each in order."""
         deferred = [occ for _, _, occ in sorted(self._deferred)]
-        items = list(self._in_flight) + deferred + list(self._queue)
+        older = list(self._in_flight) + deferred + list(self._queue)
+        newer = list(self._overflow)
         self._in_flight = []
         self._deferred.clear()
         self._queue.clear()
-        return items
+        self._overflow.clear()
+        return older, newer
 
     async def wait_idle(self, timeout: float | None = None) -> None:
         """Wait until everything offered so far has been sent (tests, drains)."""
         async with asyncio.timeout(timeout):
             while True:
                 await self.idle.wait()
-                if not (self._queue or self._in_flight or self._deferred or (self.spool and len(self.spool))):
+                if not (
+                    self._queue
+                    or self._in_flight
+                    or self._deferred
+                    or self._overflow
+                    or (self.spool and len(self.spool))
+                ):
                     return
                 self.idle.clear()
                 self._wakeup.set()

@@ -105,6 +105,9 @@ class Spool:
             with contextlib.suppress(ValueError):
                 a, b = cursor.read_text().split()
                 cursor_seg, cursor_records = int(a), int(b)
+        for stale in self.directory.glob("*.tmp"):  # a prepend interrupted before its swap
+            with contextlib.suppress(OSError):
+                stale.unlink()
         for path in sorted(self.directory.glob("*.seg"), key=lambda p: int(p.stem)):
             number = int(path.stem)
             try:
@@ -211,6 +214,38 @@ class Spool:
     def close(self) -> None:
         """Close the append descriptor (the spool stays usable: the next append reopens)."""
         self._close_writer()
+
+    def prepend(self, occs: list[Occurrence]) -> list[str]:
+        """Put ``occs`` before everything not read yet; returns the keys dropped to stay within the
+        bound (only when the spool was empty: put first, they exceed it by at most their own size).
+
+        At shutdown the batch in flight and the memory queue are older than what was spilled behind
+        them. Appended after it, a newer occurrence of an event would be delivered first, and the
+        checkpoint would then skip the older one as a copy. The first segment holding unread records
+        is rewritten with ``occs`` first; the durable cursor moves to its start before the swap, so a
+        crash in between reads a few records twice (skipped by the checkpoint), never loses one.
+        Raises ``OSError``: nothing of ``occs`` is kept then."""
+        if not occs:
+            return []
+        self.commit()  # segments read to their end go: the head is the first with unread records
+        if not self._segments:
+            return self.extend(occs)
+        head = self._segments[0]
+        with open(head.path, "rb") as fh:
+            fh.seek(head.read_offset)
+            rest = fh.read(head.size - head.read_offset)
+        data = b"".join(self.encode(occ) for occ in occs) + rest
+        tmp = head.path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        self._write_cursor(f"{head.number} 0")
+        if head is self._fd_seg:
+            self._close_writer()  # never write on into the replaced file
+        os.replace(tmp, head.path)
+        self._count += len(occs)
+        self._bytes += len(data) - head.size
+        head.records = head.records - head.read_records + len(occs)
+        head.size, head.read_records, head.read_offset = len(data), 0, 0
+        return []
 
     def extend(self, occs: list[Occurrence]) -> list[str]:
         dropped: list[str] = []
@@ -349,12 +384,15 @@ class Spool:
                 text = "0 0"
             else:
                 text = f"{head.number} {head.read_records}"
-        cursor = self.directory / "cursor"
-        tmp = self.directory / "cursor.tmp"
         try:
-            if cursor.exists() and cursor.read_text() == text:
-                return
-            tmp.write_text(text)
-            os.replace(tmp, cursor)
+            self._write_cursor(text)
         except OSError as exc:
             log.error("spool %s: cannot persist read position: %s", self.directory, exc)
+
+    def _write_cursor(self, text: str) -> None:
+        cursor = self.directory / "cursor"
+        if cursor.exists() and cursor.read_text() == text:
+            return
+        tmp = self.directory / "cursor.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, cursor)
