@@ -49,6 +49,7 @@ certificate turns TLS on, and ``user`` + ``password`` turn SASL PLAIN on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import re
@@ -400,6 +401,11 @@ class KafkaSink(Sink[KafkaOptions]):
         self._latest_ms: float = math.inf  # set per batch by send (set_window)
         self._producer: Any = None
         self._murmur2: Any = None
+        # An idempotent producer takes a partition's sequence numbers when it sends a batch, and never
+        # gives them back when the batch then fails for good (refused, expired): the broker refuses
+        # every later batch of that partition as out of order. Set then: a new producer (a new
+        # producer id, sequences from 0) is made before the next batch goes out.
+        self._sequence_lost = False
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -569,6 +575,9 @@ class KafkaSink(Sink[KafkaOptions]):
             )
         if isinstance(exc, kerr.RecordListTooLargeError | kerr.InvalidTopicError):
             return reject(f"kafka refused the record for topic {topic!r}: {text}")
+        if isinstance(exc, kerr.PolicyViolationError | kerr.UnsupportedForMessageFormatError):
+            # The topic's own rules (a create-topic policy, an old message.format.version): final.
+            return reject(f"kafka refused the record for topic {topic!r}: {text}")
         if isinstance(exc, kerr.TopicAuthorizationFailedError | kerr.ClusterAuthorizationFailedError):
             return reject(f"not authorised to write to kafka topic {topic!r}: {text}")
         if isinstance(exc, kerr.UnknownTopicOrPartitionError):
@@ -644,7 +653,26 @@ class KafkaSink(Sink[KafkaOptions]):
                 submitted.append((job, future))
         return submitted, stop
 
+    async def _renew_producer(self) -> None:
+        """Replace the producer after a lost sequence number (``_sequence_lost``). RetryableError
+        when the new one cannot start: the next send tries again."""
+        old, self._producer = self._producer, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.stop()
+        try:
+            await self.start()
+        except SinkError as exc:
+            raise RetryableError(f"kafka: a new idempotent producer cannot start: {exc}") from None
+        self._sequence_lost = False
+        self.log.warning(
+            "kafka: a produce batch failed after taking sequence numbers; sending on with a new idempotent "
+            "producer (the broker would refuse the old one's next batches as out of order)"
+        )
+
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
+        if self._sequence_lost:
+            await self._renew_producer()
         producer = self._producer
         if producer is None:
             raise RetryableError("kafka producer is not started")
@@ -728,7 +756,18 @@ class KafkaSink(Sink[KafkaOptions]):
         while lanes:
             submitted, stop = await self._submit(lanes, outcomes, stop)
             results = await asyncio.gather(*(future for _, future in submitted), return_exceptions=True)
+            if self.options.idempotence and any(isinstance(r, BaseException) for r in results):
+                self._sequence_lost = True
             lanes = self._settle(submitted, results, outcomes)
+            if lanes and self._sequence_lost:
+                try:
+                    await self._renew_producer()  # the records sent again one by one need it
+                except RetryableError as exc:
+                    for lane in lanes:
+                        for job in lane:
+                            for i, _ in job.items:
+                                outcomes[i] = retry(exc.reason)
+                    break
 
         final = [o if o is not None else retry("kafka: no outcome recorded (bug)") for o in outcomes]
         failed = [outcome for outcome in final if outcome.kind is not OutcomeKind.OK]

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from eventrouter import Occurrence, OutcomeKind, RetryableError, SinkContext, SinkError, normalise
 from eventrouter.options import COMMON_KEYS, field_names
 from eventrouter.testing import event_object, make_occurrence, recorded_watch
+from eventrouter.testing.receivers.kafka_checks import BrokerChecksProxy
 from eventrouter.testing.receivers.tansu import TansuBroker, free_port
 from eventrouter_sinks.kafka import KafkaOptions, KafkaSink, ssl_context
 
@@ -694,12 +695,10 @@ async def test_the_timestamp_proxy_refuses_a_partition_batch_as_kafka_4_does() -
     from aiokafka import AIOKafkaProducer
     from aiokafka.errors import InvalidTimestampError
 
-    from eventrouter.testing.receivers.kafka_timestamps import TimestampCheckProxy
-
     port = free_port()
     async with (
         TansuBroker(advertised_port=port) as broker,
-        TimestampCheckProxy(listen_port=port, target_port=broker.port) as proxy,
+        BrokerChecksProxy(listen_port=port, target_port=broker.port) as proxy,
     ):
         producer = AIOKafkaProducer(
             bootstrap_servers=f"127.0.0.1:{port}", acks="all", enable_idempotence=False
@@ -723,15 +722,46 @@ async def test_the_timestamp_proxy_refuses_a_partition_batch_as_kafka_4_does() -
         assert [r.value for r in await broker.consume("ts", expected=1)] == [b"fresh-1"]
 
 
-async def test_an_event_time_over_an_hour_ahead_is_not_the_record_timestamp(make_sink: MakeSink) -> None:
-    """A node whose clock runs two hours ahead: its event reaches a Kafka 4 broker (which refuses the
-    event time) stamped with its receipt, in order with the object's other events."""
-    from eventrouter.testing.receivers.kafka_timestamps import TimestampCheckProxy
-
+async def test_an_idempotent_producer_whose_batch_was_refused_goes_on_with_a_new_producer_id(
+    make_sink: MakeSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch over the topic's max.message.bytes is refused for good after it took the partition's
+    sequence numbers (aiokafka never gives them back), so the broker refused every later batch of that
+    partition as out of order: the sink stalled until a restart (aio-libs/aiokafka#1017). The
+    broker's sequence check is the relay's (Tansu has no idempotent producers)."""
     port = free_port()
     async with (
         TansuBroker(advertised_port=port) as broker,
-        TimestampCheckProxy(listen_port=port, target_port=broker.port) as proxy,
+        BrokerChecksProxy(
+            listen_port=port, target_port=broker.port, idempotence=True, max_message_bytes=3_000
+        ) as proxy,
+    ):
+        sink = make_sink(brokers=f"127.0.0.1:{port}", topic="seq", key_by="none", idempotence=True)
+        await sink.start()
+        # One object: one partition. Together over 3,000 bytes, each alone under it.
+        batch = [make_occurrence(object_name="web-0", message=f"{i}" * 900) for i in range(5)]
+        outcomes = await sink.send(batch)
+        assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.OK] * 5
+        later = [make_occurrence(object_name="web-0", reason="Later")]
+        assert [o.kind for o in await sink.send(later) or ()] == [OutcomeKind.OK]
+        records = await broker.consume("seq", expected=6)
+    assert sorted(r.value for r in records) == sorted(sink.encode(o).value for o in batch + later)
+    refusals = {message.split(":")[0] for _, _, message in proxy.refused}
+    # Only the size, never the order: each record sent again alone went with a new producer id.
+    assert refusals == {
+        "The request included a message larger than the max message size the server will accept"
+    }
+    assert len(proxy.producer_ids) == 2
+    assert "sending on with a new idempotent producer" in caplog.text
+
+
+async def test_an_event_time_over_an_hour_ahead_is_not_the_record_timestamp(make_sink: MakeSink) -> None:
+    """A node whose clock runs two hours ahead: its event reaches a Kafka 4 broker (which refuses the
+    event time) stamped with its receipt, in order with the object's other events."""
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        BrokerChecksProxy(listen_port=port, target_port=broker.port) as proxy,
     ):
         batch = [
             make_occurrence(reason="Before", object_name="web-0"),
@@ -783,14 +813,10 @@ async def test_a_broker_whose_clock_is_hours_behind_gets_a_retry_that_names_the_
     """The broker refuses even the send time (its clock is two hours behind this host's): nothing can
     be adjusted, so every record is retried (never dead-lettered) with a reason that says so; once the
     clocks agree the retry delivers each record exactly once."""
-    from eventrouter.testing.receivers.kafka_timestamps import TimestampCheckProxy
-
     port = free_port()
     async with (
         TansuBroker(advertised_port=port) as broker,
-        TimestampCheckProxy(
-            listen_port=port, target_port=broker.port, now=lambda: time.time() - 7200
-        ) as proxy,
+        BrokerChecksProxy(listen_port=port, target_port=broker.port, now=lambda: time.time() - 7200) as proxy,
     ):
         batch = [make_occurrence(reason=f"R{i}", object_name=f"pod-{i}") for i in range(3)]
         sink = make_sink(brokers=f"127.0.0.1:{port}", topic="skewed")
@@ -816,12 +842,10 @@ async def test_a_timestamp_a_stricter_broker_refuses_is_sent_again_with_the_send
     """A topic that allows only 5 minutes ahead: the sink cannot predict it. The refused produce batch
     is sent again record by record, and the refused record once more with the send time: every record
     is delivered and the pipeline does not retry it for ever."""
-    from eventrouter.testing.receivers.kafka_timestamps import TimestampCheckProxy
-
     port = free_port()
     async with (
         TansuBroker(advertised_port=port) as broker,
-        TimestampCheckProxy(listen_port=port, target_port=broker.port, after_max_ms=300_000) as proxy,
+        BrokerChecksProxy(listen_port=port, target_port=broker.port, after_max_ms=300_000) as proxy,
     ):
         batch = [
             make_occurrence(reason="Before", object_name="web-0"),

@@ -1,13 +1,25 @@
-"""What a Kafka 4 broker checks and Tansu 0.6 does not: record timestamps.
+"""What a Kafka 4 broker checks and Tansu 0.6 does not: record timestamps, the topic's largest
+batch, and the sequence numbers of idempotent producers.
 
-A relay in front of a plaintext broker that validates each Produce request as Kafka's LogValidator does
-for a CreateTime topic: a record batch holding a timestamp more than ``after_max_ms`` ahead of the
-broker's clock (``log.message.timestamp.after.max.ms``, one hour by default since Kafka 4.0) or, if
-set, more than ``before_max_ms`` behind it (``log.message.timestamp.before.max.ms``, unbounded by
-default) is refused with INVALID_TIMESTAMP (32) for its partition, and the request's other partitions
-are written. Everything else is relayed unchanged, and responses go back in request order, as a broker
-sends them. Start the broker with ``advertised_port`` set to this relay's port, so that clients produce
-through it.
+A relay in front of a plaintext broker that validates each Produce request's record batches in the
+order Kafka's ``UnifiedLog.append`` does, refusing a partition's batch with its error code while the
+request's other partitions are written; a refused batch changes nothing (no sequence is taken):
+
+1. ``max_message_bytes`` (the topic's ``max.message.bytes``; None: not checked): a larger batch is
+   refused with MESSAGE_TOO_LARGE (10);
+2. timestamps, as ``LogValidator`` does for a CreateTime topic: one more than ``after_max_ms`` ahead of
+   the broker's clock (``log.message.timestamp.after.max.ms``, one hour by default since Kafka 4.0) or,
+   if set, more than ``before_max_ms`` behind it (``log.message.timestamp.before.max.ms``) is refused
+   with INVALID_TIMESTAMP (32);
+3. with ``idempotence``: this relay answers InitProducerId (Tansu refuses it) with a new producer id,
+   and a batch of a producer id must carry the partition's next sequence number (0 for a new producer
+   id, then the previous batch's last + 1, ``ProducerAppendInfo.checkSequence``), or it is refused with
+   OUT_OF_ORDER_SEQUENCE_NUMBER (45). Accepted batches reach the broker without their producer fields.
+   Not emulated: Kafka answers a batch sent again after it was written (its response lost) with the
+   first write's offset, from the last five batches it keeps per producer; here that is out of order.
+
+Everything else is relayed unchanged, and responses go back in request order, as a broker sends them.
+Start the broker with ``advertised_port`` set to this relay's port, so that clients produce through it.
 """
 
 from __future__ import annotations
@@ -22,10 +34,13 @@ from typing import Any
 
 from eventrouter.testing.receivers._relay import Relay
 
-__all__ = ["TimestampCheckProxy"]
+__all__ = ["BrokerChecksProxy"]
 
 API_PRODUCE = 0
+API_INIT_PRODUCER_ID = 22
+MESSAGE_TOO_LARGE = 10
 INVALID_TIMESTAMP = 32
+OUT_OF_ORDER_SEQUENCE_NUMBER = 45
 AFTER_MAX_MS = 3_600_000
 """Kafka 4.0's default log.message.timestamp.after.max.ms."""
 
@@ -36,6 +51,7 @@ class _Refused:
     partition: int
     index: int  # of the first offending record in the batch
     message: str
+    code: int = INVALID_TIMESTAMP
 
 
 @dataclass(slots=True)
@@ -47,6 +63,7 @@ class _Pending:
     version: int
     refused: list[_Refused] = field(default_factory=list)
     forwarded: bool = True
+    answer: bytes | None = None  # a response body of this relay's own (InitProducerId)
 
 
 def _frame(payload: bytes) -> bytes:
@@ -58,7 +75,7 @@ async def _read_frame(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(size)
 
 
-class TimestampCheckProxy(Relay):
+class BrokerChecksProxy(Relay):
     def __init__(
         self,
         *,
@@ -66,15 +83,22 @@ class TimestampCheckProxy(Relay):
         target_port: int,
         after_max_ms: int = AFTER_MAX_MS,
         before_max_ms: int | None = None,
+        max_message_bytes: int | None = None,
+        idempotence: bool = False,
         now: Callable[[], float] = time.time,
         host: str = "127.0.0.1",
     ) -> None:
         super().__init__(listen_port=listen_port, target_port=target_port, host=host)
         self.after_max_ms = after_max_ms
         self.before_max_ms = before_max_ms
+        self.max_message_bytes = max_message_bytes
+        self.idempotence = idempotence
         self.now = now
         self.refused: list[tuple[str, int, str]] = []
         """(topic, partition, message) of every partition batch refused, in order."""
+        self.producer_ids: list[int] = []
+        """Every producer id handed out, in order (InitProducerId with ``idempotence``)."""
+        self._next_sequence: dict[tuple[int, str, int], int] = {}
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -106,6 +130,9 @@ class TimestampCheckProxy(Relay):
         while True:
             request = await _read_frame(reader)
             api_key, version, correlation_id = struct.unpack_from(">hhi", request)
+            if api_key == API_INIT_PRODUCER_ID and self.idempotence and version == 0:
+                await pending.put(_Pending(correlation_id, version, forwarded=False, answer=self._new_id()))
+                continue
             if api_key != API_PRODUCE or not 3 <= version <= 8:  # v3+: record batches (magic 2)
                 await pending.put(_Pending(correlation_id, version))
                 up.write(_frame(request))
@@ -134,10 +161,15 @@ class TimestampCheckProxy(Relay):
         now_ms = int(self.now() * 1000)
         refused: list[_Refused] = []
         kept: list[tuple[str, list[tuple[int, bytes]]]] = []
+        stripped = False
         for topic, partitions in topics:
             keep = []
             for partition, data in partitions:
-                problem = self._invalid(MemoryRecords(data), now_ms) if data else None
+                problem = self._invalid(MemoryRecords(data), now_ms, len(data)) if data else None
+                if problem is None and data and self.idempotence:
+                    problem, unowned = self._sequence(topic, partition, data)
+                    stripped = stripped or unowned != data
+                    data = unowned
                 if problem is None:
                     keep.append((partition, data))
                 else:
@@ -145,14 +177,58 @@ class TimestampCheckProxy(Relay):
                     self.refused.append((topic, partition, problem[1]))
             if keep:
                 kept.append((topic, keep))
-        if not refused:
+        if not refused and not stripped:
             return acks, body, []
         if not kept:
             return acks, None, refused
         encoded: bytes = schema(transactional_id, acks, timeout, kept).encode()
         return acks, encoded, refused
 
-    def _invalid(self, records: Any, now_ms: int) -> tuple[int, str] | None:
+    def _new_id(self) -> bytes:
+        """An InitProducerIdResponse v0 body: no throttle, no error, a new id, epoch 0."""
+        producer_id = 1000 + len(self.producer_ids)
+        self.producer_ids.append(producer_id)
+        return struct.pack(">ihqh", 0, 0, producer_id, 0)
+
+    def _sequence(self, topic: str, partition: int, data: bytes) -> tuple[tuple[int, str, int] | None, bytes]:
+        """Check a partition's batches against the producer's next sequence number; the batches as
+        the broker gets them (producer fields cleared, CRC computed again), or the refusal."""
+        from aiokafka.record._crc32c import crc
+
+        out = bytearray(data)
+        at = 0
+        updates: dict[tuple[int, str, int], int] = {}
+        while at + 61 <= len(out):
+            (length,) = struct.unpack_from(">i", out, at + 8)
+            producer_id, _epoch, base_sequence, count = struct.unpack_from(">qhii", out, at + 43)
+            if producer_id >= 0:
+                key = (producer_id, topic, partition)
+                expected = updates.get(key, self._next_sequence.get(key, 0))
+                if base_sequence != expected:
+                    message = (
+                        f"Out of order sequence number for producer {producer_id} in partition "
+                        f"{topic}-{partition}: {base_sequence} (incoming seq. number), {expected - 1} "
+                        "(current end sequence number)"
+                    )
+                    return (0, message, OUT_OF_ORDER_SEQUENCE_NUMBER), data
+                updates[key] = base_sequence + count
+                struct.pack_into(">qhi", out, at + 43, -1, -1, -1)
+                end = at + 12 + length
+                struct.pack_into(">I", out, at + 17, crc(out[at + 21 : end]))
+            at += 12 + length
+        self._next_sequence.update(updates)
+        return None, bytes(out)
+
+    def _invalid(self, records: Any, now_ms: int, size: int) -> tuple[int, str, int] | None:
+        if self.max_message_bytes is not None and size > self.max_message_bytes:
+            return (
+                0,
+                (
+                    f"The request included a message larger than the max message size the server will "
+                    f"accept: {size} bytes, max.message.bytes={self.max_message_bytes}"
+                ),
+                MESSAGE_TOO_LARGE,
+            )
         index = 0
         while (batch := records.next_batch()) is not None:
             for record in batch:
@@ -161,9 +237,13 @@ class TimestampCheckProxy(Relay):
                 behind = self.before_max_ms is not None and now_ms - ts > self.before_max_ms
                 if ahead or behind:
                     low = now_ms - self.before_max_ms if self.before_max_ms is not None else "-inf"
-                    return index, (
-                        f"Timestamp {ts} of message with offset {index} is out of range. The timestamp "
-                        f"should be within [{low}, {now_ms + self.after_max_ms}]"
+                    return (
+                        index,
+                        (
+                            f"Timestamp {ts} of message with offset {index} is out of range. The timestamp "
+                            f"should be within [{low}, {now_ms + self.after_max_ms}]"
+                        ),
+                        INVALID_TIMESTAMP,
                     )
                 index += 1
         return None
@@ -177,6 +257,8 @@ class TimestampCheckProxy(Relay):
                 response = await _read_frame(up)
                 if owed.refused:
                     response = response[:4] + self._patch(owed, response[4:])
+            elif owed.answer is not None:
+                response = struct.pack(">i", owed.correlation_id) + owed.answer
             else:
                 response = struct.pack(">i", owed.correlation_id) + self._patch(owed, None)
             writer.write(_frame(response))
@@ -184,7 +266,7 @@ class TimestampCheckProxy(Relay):
 
     @staticmethod
     def _patch(owed: _Pending, body: bytes | None) -> bytes:
-        """The broker's Produce response body with an INVALID_TIMESTAMP entry per refused partition."""
+        """The broker's Produce response body with an error entry per refused partition."""
         from aiokafka.protocol import produce
 
         response = getattr(produce, f"ProduceResponse_v{owed.version}")
@@ -195,7 +277,7 @@ class TimestampCheckProxy(Relay):
             topics, throttle = [(t, list(p)) for t, p in decoded[0]], decoded[1]
         by_topic = {topic: partitions for topic, partitions in topics}
         for r in owed.refused:
-            entry: tuple[Any, ...] = (r.partition, INVALID_TIMESTAMP, -1, -1)
+            entry: tuple[Any, ...] = (r.partition, r.code, -1, -1)
             if owed.version >= 5:
                 entry += (-1,)  # log_start_offset
             if owed.version >= 8:
