@@ -590,25 +590,37 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             raise SinkError(
                 f"elasticsearch: cannot reach {', '.join(self._nodes)}: {_transport_text(exc)}"
             ) from None
-        if meta.status in (401, 403):
+        if meta.status == 401:
             await self.aclose()
             raise SinkError(
                 f"elasticsearch: credentials rejected by {_node_text(meta)} "
                 f"({meta.status} {_body_error(body)})"
             )
-        if meta.status != 200:
+        if meta.status == 403:
+            # Authenticated, but GET / needs the `monitor` cluster privilege, which a writer that holds
+            # index privileges only (create_doc, create_index) lacks: its bulk requests work. The
+            # first bulk request says whether writing is allowed.
+            self.log.warning(
+                "%s: %s refused GET / (403 %s); going on: a role with index privileges only may write "
+                "without seeing the cluster's version",
+                self.context.name,
+                _node_text(meta),
+                _body_error(body),
+            )
+        elif meta.status != 200:
             await self.aclose()
             raise SinkError(
                 f"elasticsearch: GET / on {_node_text(meta)} answered {meta.status}: {_body_error(body)}"
             )
-        version = body.get("version", {}) if isinstance(body, dict) else {}
-        self.log.info(
-            "%s: connected to %s %s at %s",
-            self.context.name,
-            version.get("distribution", "elasticsearch"),
-            version.get("number", "?"),
-            _node_text(meta),
-        )
+        else:
+            version = body.get("version", {}) if isinstance(body, dict) else {}
+            self.log.info(
+                "%s: connected to %s %s at %s",
+                self.context.name,
+                version.get("distribution", "elasticsearch"),
+                version.get("number", "?"),
+                _node_text(meta),
+            )
         if self.options.index_template:
             await self._install_template()
 
@@ -735,15 +747,19 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             raise RetryableError(
                 f"elasticsearch: bulk answered {status}: {_body_error(resp)}", retry_after=_retry_after(meta)
             )
-        if status >= 300:
-            reason = f"bulk request refused: {status} {_body_error(resp)}"
-            if status in (401, 403):
+        if status in (401, 403, 404):
+            # The credentials (revoked or rotated before the Secret reached the pod), the role or the
+            # URL: the same documents succeed once that is put right. Retried, not dead-lettered.
+            if status != 404:
                 self.log.error(
                     "%s: credentials rejected by %s (%s); check username/password, api_key or bearer_token",
                     self.context.name,
                     _node_text(meta),
                     status,
                 )
+            raise RetryableError(f"elasticsearch: bulk request refused: {status} {_body_error(resp)}")
+        if status >= 300:
+            reason = f"bulk request refused: {status} {_body_error(resp)}"
             for i, _ in entries:
                 outcomes[i] = reject(reason)
             return

@@ -347,6 +347,7 @@ class FakeBulkServer:
     item_status: dict[str, tuple[int, dict[str, str]]] = field(default_factory=dict)
     max_content_length: int = 100 * 1024 * 1024
     bulk_sizes: list[int] = field(default_factory=list)
+    monitor: bool = True  # the user holds the `monitor` cluster privilege (GET /)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_content_length * 2)
@@ -369,6 +370,13 @@ class FakeBulkServer:
         denied = self._denied(request)
         if denied:
             return denied
+        if not self.monitor:
+            reason = (
+                "action [cluster:monitor/main] is unauthorized for user [writer] with effective roles "
+                "[events_writer], this action is granted by the cluster privileges [monitor,manage,all]"
+            )
+            error = {"type": "security_exception", "reason": reason}
+            return web.json_response({"error": {**error, "root_cause": [error]}, "status": 403}, status=403)
         return web.json_response(
             {
                 "name": "n1",
@@ -552,16 +560,33 @@ async def test_wrong_credentials_fail_start_clearly(fake: FakeBulkServer) -> Non
     assert SECRET not in str(info.value)
 
 
-async def test_whole_request_401_rejects_all_and_logs_credentials_rejected(
+async def test_whole_request_401_is_retried_until_the_new_credentials_arrive(
     fake: FakeBulkServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A key revoked at the cluster before the rotated Secret reaches the pod (the kubelet takes up
+    to a minute): the documents wait and go with the new key; they were dead-lettered before."""
     async with running_sink(fake.url, bearer_token=SECRET) as sink:
         fake.auth = "Bearer rotated"  # credentials revoked while running
-        outcomes = await send(sink, [occurrence(), occurrence()])
-    assert outcome_kinds(outcomes) == [OutcomeKind.REJECT] * 2
-    assert "401 security_exception: unable to authenticate user" in outcomes[0].reason
+        with pytest.raises(RetryableError) as refused:
+            await send(sink, [occurrence(), occurrence()])
+        assert "401 security_exception: unable to authenticate user" in refused.value.reason
+        fake.auth = f"Bearer {SECRET}"  # (as the reloaded sink's new key would be)
+        assert outcome_kinds(await send(sink, [occurrence(), occurrence()])) == [OutcomeKind.OK] * 2
     assert "credentials rejected" in caplog.text
     assert SECRET not in caplog.text
+
+
+async def test_a_writer_without_the_monitor_privilege_starts_and_writes(
+    fake: FakeBulkServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GET / needs `cluster:monitor/main`; a role with index privileges only is refused there (403)
+    but may write: the sink did not start, for ever."""
+    fake.auth, fake.monitor = f"Bearer {SECRET}", False
+    async with running_sink(fake.url, bearer_token=SECRET) as sink:
+        assert outcome_kinds(await send(sink, [occurrence()])) == [OutcomeKind.OK]
+    assert (
+        "refused GET / (403 security_exception: action [cluster:monitor/main] is unauthorized" in caplog.text
+    )
 
 
 async def test_tls_ca_file_and_skip_verify(fake: FakeBulkServer, tmp_path: Path) -> None:
