@@ -59,6 +59,7 @@ from eventrouter import (
     OK,
     Occurrence,
     Outcome,
+    OutcomeKind,
     RetryableError,
     Secret,
     Sink,
@@ -225,6 +226,7 @@ class SLSSink(Sink[SLSOptions]):
         self._source = options.source or context.cluster or socket.gethostname()
         self._session: aiohttp.ClientSession | None = None
         self._logged_codes: set[str] = set()
+        self._delivered = False  # a request of the current send was accepted (send's own state)
         self._key_id = ""
         self._key_secret = ""
         self._token: str | None = None
@@ -454,12 +456,16 @@ class SLSSink(Sink[SLSOptions]):
             )
             return retry(what, retry_after=retry_after)
         if code in _CREDENTIAL_CODES:
+            # An expired STS token, a key revoked before its rotated Secret reached the pod, a RAM
+            # policy being fixed: the same logs succeed once that is put right (a `file:` credential is
+            # read again within seconds of its change). Retried, as the SDK does for expired tokens.
             self._log_once(
                 code,
                 f"sls sink {self.context.name}: credentials refused ({code}) for {self._where}: check "
-                "accessKeyId/accessKeySecret/securityToken and the RAM policy; the items are dead-lettered",
+                "accessKeyId/accessKeySecret/securityToken and the RAM policy; retrying until they work",
             )
-        elif code in _TARGET_CODES:
+            return retry(what, retry_after=retry_after)
+        if code in _TARGET_CODES:
             self._log_once(
                 code,
                 f"sls sink {self.context.name}: {code} for {self._where}: the target does not exist; "
@@ -489,40 +495,67 @@ class SLSSink(Sink[SLSOptions]):
             else:
                 encoded.append((index, log))
         resource = f"/logstores/{self.options.logstore}/shards/lb"
-        delivered = False
+        self._delivered = False
         stop: Outcome | None = None
-        outcomes_for: Outcome
         for chunk in self._chunks(encoded, len(header)):
             if stop is not None:
                 for index in chunk.indexes:
                     outcomes[index] = stop
                 continue
-            raw = b"".join(chunk.logs) + header
-            body, compress_type = self._compress(raw)
-            headers = {
-                "Content-Type": "application/x-protobuf",
-                "x-log-bodyrawsize": str(len(raw)),
-                "x-log-compresstype": compress_type,
-            }
-            try:
-                status, code, message, retry_after = await self._request("POST", resource, body, headers)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                reason = f"cannot reach {self._where}: {_describe(exc)}"
-                if not delivered:
-                    raise RetryableError(reason) from None
-                stop = outcomes_for = retry(reason)
-            else:
-                if status == 200:
-                    delivered = True
-                    outcomes_for = OK
-                else:
-                    outcomes_for = self._failure(status, code, message, retry_after)
-                    # Quota, 5xx, credentials and missing targets hold for the rest of the batch too.
-                    if code not in ("PostBodyInvalid", "InvalidTimestamp", "PostBodyTooLarge"):
-                        stop = outcomes_for
-            for index in chunk.indexes:
-                outcomes[index] = outcomes_for
+            stop = await self._put(resource, header, chunk.indexes, chunk.logs, outcomes)
         return [outcome if outcome is not None else OK for outcome in outcomes]
+
+    async def _put(
+        self,
+        resource: str,
+        header: bytes,
+        indexes: list[int],
+        logs: list[bytes],
+        outcomes: list[Outcome | None],
+    ) -> Outcome | None:
+        """One PutLogs request for ``logs``; their outcomes go into ``outcomes``. Returns what the
+        batch's requests not sent yet get when the rest must wait (quota, 5xx, credentials, a missing
+        target, unreachable), None to go on."""
+        raw = b"".join(logs) + header
+        body, compress_type = self._compress(raw)
+        headers = {
+            "Content-Type": "application/x-protobuf",
+            "x-log-bodyrawsize": str(len(raw)),
+            "x-log-compresstype": compress_type,
+        }
+        try:
+            status, code, message, retry_after = await self._request("POST", resource, body, headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            reason = f"cannot reach {self._where}: {_describe(exc)}"
+            if not self._delivered:
+                raise RetryableError(reason) from None
+            stop = retry(reason)
+            for index in indexes:
+                outcomes[index] = stop
+            return stop
+        if status == 200:
+            self._delivered = True
+            for index in indexes:
+                outcomes[index] = OK
+            return None
+        if len(logs) > 1 and (status == 413 or code in ("PostBodyTooLarge", "PostBodyInvalid")):
+            # Over a limit below ours (a proxy's; the service's "3 MB" may be 3,000,000 bytes), or one
+            # log the service cannot read: halve, so that only a log refused on its own is dead-lettered.
+            mid = len(logs) // 2
+            held = await self._put(resource, header, indexes[:mid], logs[:mid], outcomes)
+            if held is not None:
+                for index in indexes[mid:]:
+                    outcomes[index] = held
+                return held
+            return await self._put(resource, header, indexes[mid:], logs[mid:], outcomes)
+        outcome = self._failure(status, code, message, retry_after)
+        for index in indexes:
+            outcomes[index] = outcome
+        if outcome.kind is OutcomeKind.RETRY:
+            return outcome  # quota, 5xx, credentials: the same for the rest of the batch now
+        if code in _TARGET_CODES:
+            return retry(f"not sent: {outcome.reason}")  # refused the same next time: not sent now
+        return None  # this request's logs only (a bad timestamp, an unknown code): the rest go on
 
 
 def _retry_after(value: str | None) -> float | None:

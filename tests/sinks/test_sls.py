@@ -190,7 +190,7 @@ async def test_sts_security_token(receiver: SLSReceiver, make_sink: MakeSink) ->
     assert receiver.requests[-1].headers["x-acs-security-token"] == STS_TOKEN
     no_token = await make_sink(start=False, accessKeyId=STS_ID, accessKeySecret=STS_SECRET)
     outcomes = await no_token.send([fresh()])
-    assert outcomes is not None and outcomes[0].kind is OutcomeKind.REJECT
+    assert outcomes is not None and outcomes[0].kind is OutcomeKind.RETRY  # until the token is there
     assert "Unauthorized" in outcomes[0].reason
 
 
@@ -242,16 +242,43 @@ async def test_an_event_too_big_for_one_request_is_rejected_alone(
 async def test_receiver_enforces_the_limits_the_sink_keeps(
     receiver: SLSReceiver, make_sink: MakeSink
 ) -> None:
+    """The sink's own bounds raised past the service's: the receiver refuses (PostBodyTooLarge), and
+    the sink halves the request until the service takes it."""
     sink = await make_sink()
     sink.max_logs = 5000  # the sink's own knob, raised past the service limit
-    outcomes = await sink.send([tiny(i) for i in range(4097)])
-    assert outcomes is not None and outcomes[0].kind is OutcomeKind.REJECT
-    assert "PostBodyTooLarge" in outcomes[0].reason
+    assert kinds(await sink.send([tiny(i) for i in range(4097)])) == [OutcomeKind.OK] * 4097
     sink.max_bytes = 5 * 1024 * 1024
-    outcomes = await sink.send([fresh(message="q" * 1_000_000) for _ in range(2)] * 2)
-    assert outcomes is not None and outcomes[0].kind is OutcomeKind.REJECT
-    assert "PostBodyTooLarge" in outcomes[0].reason
-    assert receiver.groups == []
+    assert kinds(await sink.send([fresh(message="q" * 1_000_000) for _ in range(4)])) == [OutcomeKind.OK] * 4
+    refused = [r.error_code for r in receiver.requests if r.status != 200]
+    assert len(refused) >= 2 and set(refused) == {"PostBodyTooLarge"}  # once per send at least
+    assert len(receiver.logs()) == 4097 + 4
+
+
+async def test_a_byte_limit_below_the_sinks_is_met_by_halving_the_request(
+    receiver: SLSReceiver, make_sink: MakeSink
+) -> None:
+    """The documented "3 MB" may be 3,000,000 bytes, and the sink packs up to 3 MiB: every log of a
+    refused request was dead-lettered although each fits alone."""
+    receiver.max_raw_body = 3_000_000
+    sink = await make_sink()
+    batch = [fresh(message=f"{i:04d}" + "x" * 1300) for i in range(2300)]  # ~3.1 MB: one request
+    assert kinds(await sink.send(batch)) == [OutcomeKind.OK] * 2300
+    refused = [r.error_code for r in receiver.requests if r.status != 200]
+    assert refused and set(refused) == {"PostBodyTooLarge"}  # each request over 3,000,000 bytes, halved
+    assert [log.fields["message"][:4] for log in receiver.logs()] == [f"{i:04d}" for i in range(2300)]
+
+
+async def test_a_request_refused_with_an_unknown_code_costs_only_its_own_logs(
+    receiver: SLSReceiver, make_sink: MakeSink
+) -> None:
+    """A batch split over three requests whose first is refused with a code the sink does not know:
+    the other two were dead-lettered without being sent."""
+    sink = await make_sink()
+    receiver.fail_next(1, "PostBodyUncompressError", 400)
+    outcomes = await sink.send([tiny(i) for i in range(9000)])
+    assert outcomes is not None
+    assert kinds(outcomes) == [OutcomeKind.REJECT] * 4096 + [OutcomeKind.OK] * (9000 - 4096)
+    assert len(receiver.logs()) == 9000 - 4096
 
 
 async def test_bad_text_costs_one_item(receiver: SLSReceiver, make_sink: MakeSink) -> None:
@@ -287,10 +314,10 @@ async def test_out_of_window_time_is_dead_lettered_when_clamping_is_off(
         (503, "ServerBusy", OutcomeKind.RETRY),
         (502, "BadGateway", OutcomeKind.RETRY),
         (400, "RequestTimeExpired", OutcomeKind.RETRY),
-        (400, "PostBodyInvalid", OutcomeKind.REJECT),
         (400, "InvalidTimestamp", OutcomeKind.REJECT),
-        (401, "SignatureNotMatch", OutcomeKind.REJECT),
-        (401, "Unauthorized", OutcomeKind.REJECT),
+        (401, "SignatureNotMatch", OutcomeKind.RETRY),
+        (401, "Unauthorized", OutcomeKind.RETRY),
+        (401, "SecurityTokenExpired", OutcomeKind.RETRY),
         (404, "LogStoreNotExist", OutcomeKind.REJECT),
         (404, "ProjectNotExist", OutcomeKind.REJECT),
     ],
@@ -306,6 +333,18 @@ async def test_error_code_outcomes(
     if expected is OutcomeKind.RETRY:
         assert outcomes[0].retry_after == 7
     assert kinds(await sink.send([fresh()])) == [OutcomeKind.OK]  # the fault was for one request only
+
+
+async def test_a_request_the_service_cannot_read_is_halved_down_to_the_log_it_refuses(
+    receiver: SLSReceiver, make_sink: MakeSink
+) -> None:
+    sink = await make_sink()
+    receiver.fail_next(1, "PostBodyInvalid", 400)  # the two logs together; each alone is taken
+    assert kinds(await sink.send([fresh(), fresh()])) == [OutcomeKind.OK] * 2
+    receiver.fail_next(1, "PostBodyInvalid", 400)
+    outcomes = await sink.send([fresh()])
+    assert outcomes is not None and kinds(outcomes) == [OutcomeKind.REJECT]
+    assert "PostBodyInvalid" in outcomes[0].reason
 
 
 async def test_later_requests_of_a_split_batch_keep_their_own_outcome(
@@ -347,14 +386,14 @@ async def test_missing_logstore_and_project_are_rejected_naming_them(
     assert "no-such-project" in outcomes[0].reason
 
 
-async def test_wrong_secret_is_rejected_and_never_logged(
+async def test_wrong_secret_is_retried_and_never_logged(
     receiver: SLSReceiver, make_sink: MakeSink, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     sink = await make_sink(start=False, accessKeySecret=WRONG_SECRET)
     outcomes = await sink.send([fresh(), fresh()])
     await sink.send([fresh()])
-    assert outcomes is not None and kinds(outcomes) == [OutcomeKind.REJECT] * 2
+    assert outcomes is not None and kinds(outcomes) == [OutcomeKind.RETRY] * 2
     assert "SignatureNotMatch" in outcomes[0].reason and PROJECT in outcomes[0].reason
     assert receiver.requests[-1].status == 401
     errors = [
