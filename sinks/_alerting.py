@@ -539,6 +539,18 @@ class Delivery:
     """For rejections: what to log once (same cause, one log line)."""
 
 
+def http_failure(who: str, status: int, retry_after: float | None = None) -> Delivery:
+    """A status other than 200: not the robot API's answer (it answers 200 with an errcode) but a
+    gateway's or a proxy's. 408, 425, 429 and 5xx may pass later; another (a wrong URL's 404, an
+    egress proxy's 403) does not until someone acts: dead-lettered, logged once per status."""
+    reason = f"{who} answered HTTP {status}"
+    if status in (408, 425, 429) or status >= 500:
+        return Delivery("retry", reason, retry_after=retry_after)
+    return Delivery(
+        "reject", f"{reason}, not the API's own answer: check the URL and any proxy", cause=f"http {status}"
+    )
+
+
 OptionsT = TypeVar("OptionsT", bound=AlertOptions)
 
 

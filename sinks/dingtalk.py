@@ -22,7 +22,7 @@ from pydantic import AliasChoices, Field, model_validator
 from eventrouter import Secret, SinkContext
 from eventrouter.options import StrList
 
-from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest
+from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest, http_failure
 
 __all__ = ["DingTalkOptions", "DingTalkSink", "dingtalk_sign"]
 
@@ -61,6 +61,12 @@ class DingTalkOptions(AlertOptions):
         DEFAULT_URL, description="Robot webhook URL (an access_token in its query is taken out)."
     )
     access_token: Secret | None = Field(None, description="The robot's access_token (or in the URL query).")
+    throttle_backoff: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds to pause after a 'send too fast' answer (130101): DingTalk throttles the robot "
+        "for 10 minutes, so an earlier try only fails again.",
+    )
     secret: Secret | None = Field(
         None,
         validation_alias=AliasChoices("secret", "sign"),
@@ -179,7 +185,7 @@ class DingTalkSink(AlertSink[DingTalkOptions]):
             status = resp.status
             retry_after = _retry_after(resp.headers.get("Retry-After"))
         if status != 200:
-            return Delivery("retry", f"DingTalk robot answered HTTP {status}", retry_after=retry_after)
+            return http_failure("DingTalk robot", status, retry_after)
         return self.classify(raw)
 
     def classify(self, raw: bytes) -> Delivery:

@@ -21,7 +21,7 @@ from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 from eventrouter import Secret, SinkContext, SinkError
 from eventrouter.options import StrList
 
-from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest
+from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest, http_failure
 
 __all__ = ["WeComOptions", "WeComSink"]
 
@@ -241,7 +241,7 @@ class WeComSink(AlertSink[WeComOptions]):
             raw = await resp.content.read(64 * 1024)
             status = resp.status
         if status != 200:
-            return Delivery("retry", f"WeCom gettoken answered HTTP {status}")
+            return http_failure("WeCom gettoken", status)
         try:
             reply = orjson.loads(raw)
             code = int(reply.get("errcode", 0))
@@ -303,7 +303,7 @@ class WeComSink(AlertSink[WeComOptions]):
             raw = await resp.content.read(256 * 1024)
             status = resp.status
         if status != 200:
-            return Delivery("retry", f"WeCom answered HTTP {status}")
+            return http_failure("WeCom", status)
         try:
             reply = orjson.loads(raw)
             code = int(reply["errcode"])

@@ -448,6 +448,24 @@ async def test_flood_500_warnings_in_a_minute_respects_the_limit_and_loses_nothi
 # ------------------------------------------------------------------------------------------ errcodes
 
 
+async def test_send_too_fast_waits_out_dingtalks_ten_minute_throttle_by_default(
+    robot: DingTalkReceiver, clock: ManualClock
+) -> None:
+    """DingTalk throttles a robot for 10 minutes: tries at 60, 180 and 420 s only failed again."""
+    sink = await make_sink(robot.url, secret=SECRET, clock=clock)
+    robot.fail_next(1, errcode=130101, errmsg="send too fast, exceed 20 times per minute")
+    try:
+        outs = await sink.send([occ()])
+        assert outs is not None and [o.retry_after for o in outs] == [600]
+        clock.advance(420)  # where a 60 s back-off's third try fell
+        assert kinds(await sink.send([occ()])) == [OutcomeKind.RETRY]
+        assert len(robot.requests) == 1  # nothing sent inside the throttle
+        clock.advance(180)
+        assert kinds(await sink.send([occ()])) == [OutcomeKind.OK]
+    finally:
+        await sink.aclose()
+
+
 async def test_send_too_fast_is_retried_after_backoff_then_delivered(
     robot: DingTalkReceiver, clock: ManualClock
 ) -> None:
@@ -490,6 +508,23 @@ async def test_http_errors_and_non_json_bodies_are_retried(
         await sink.aclose()
     assert again.kind is OutcomeKind.OK
     assert counted(robot.accepted[0]) == 2  # the retried one went out with the next digest
+
+
+async def test_a_4xx_from_a_proxy_is_dead_lettered_once_logged_not_retried_for_ever(
+    robot: DingTalkReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DingTalk answers 200 with an errcode; a 404 or 403 is a wrong URL or an egress proxy's, and
+    retried it only spent the robot's rate budget while the backlog grew."""
+    sink = await make_sink(robot.url, secret=SECRET)
+    robot.fail_next(2, status=404)
+    try:
+        (out,) = await sink.send([occ()]) or []
+        (again,) = await sink.send([occ(object_name="other")]) or []
+    finally:
+        await sink.aclose()
+    assert out.kind is OutcomeKind.REJECT and "HTTP 404" in out.reason and "check the URL" in out.reason
+    assert again.kind is OutcomeKind.REJECT
+    assert sum("HTTP 404" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR) == 1
 
 
 async def test_unreachable_robot_is_retried_and_the_token_is_not_in_the_reason() -> None:
