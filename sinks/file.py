@@ -98,6 +98,7 @@ class _Writer:
     # -- file handling -------------------------------------------------------------------------
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        existed = os.path.lexists(self.path)
         flags = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
             fd = os.open(self.path, flags | os.O_RDWR, self.mode)  # read: its last byte, below
@@ -111,6 +112,10 @@ class _Writer:
             raise IsADirectoryError(errno.EISDIR, "not a regular file", str(self.path))
         self.fd = fd
         self.size = info.st_size
+        if self.fsync and not existed:
+            # A new file (first start, after logrotate moved the old one away): its lines are
+            # fsynced, and so must be its name, or a power loss can take the file with them.
+            self._sync_dir()
         if readable and self.size and os.pread(fd, 1, self.size - 1) != b"\n":
             # A write cut short (SIGKILL, OOM kill, power loss) left a partial last line; appending to
             # it would merge it with the next record and spoil both. The batch it belonged to was not

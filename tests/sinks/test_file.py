@@ -219,13 +219,15 @@ FSYNC_CHILD = textwrap.dedent(
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to observe fsync(2)")
-@pytest.mark.parametrize(("fsync", "expected"), [("true", 4), ("false", 0)])
+@pytest.mark.parametrize(("fsync", "expected"), [("true", 4 + 1), ("false", 0)])
 def test_fsync_option_syncs_once_per_batch(tmp_path: Path, fsync: str, expected: int) -> None:
+    """Once per batch, and with fsync the folder once when the file is created (its name is data too:
+    without it a power loss could take the new file, fsynced lines and all)."""
     target = tmp_path / "events.jsonl"
     trace = tmp_path / "trace.txt"
     proc = subprocess.run(
         [
-            *("strace", "-f", "-e", "trace=fsync,fdatasync", "-o", str(trace)),
+            *("strace", "-f", "-e", "trace=fsync,fdatasync,openat", "-o", str(trace)),
             *(sys.executable, "-c", FSYNC_CHILD, str(target), fsync),
         ],
         capture_output=True,
@@ -234,8 +236,13 @@ def test_fsync_option_syncs_once_per_batch(tmp_path: Path, fsync: str, expected:
     if proc.returncode != 0 and b"ptrace" in proc.stderr:
         pytest.skip("ptrace not permitted here")
     assert proc.returncode == 0, proc.stderr.decode()
-    calls = [x for x in trace.read_text().splitlines() if "fsync(" in x and "= 0" in x]
+    lines = trace.read_text().splitlines()
+    calls = [x for x in lines if "fsync(" in x and "= 0" in x]
     assert len(calls) == expected
+    if expected:  # the first is the folder's: opened O_DIRECTORY, before any line was written
+        (opened,) = [x for x in lines if f'"{tmp_path}"' in x and "O_DIRECTORY" in x]
+        folder_fd = opened.rsplit("= ", 1)[1].strip()
+        assert calls[0].split("fsync(", 1)[1].startswith(f"{folder_fd})")
     assert len(lines_of(target)) == 40
 
 
