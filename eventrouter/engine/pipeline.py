@@ -293,7 +293,7 @@ class Pipeline:
             self.healthy
             and self.started.is_set()
             and not self._closing
-            and len(self._queue) >= high_water * self.queue_max
+            and len(self._queue) + len(self._overflow) >= high_water * self.queue_max
             and not (spilling and self.can_spill)
         )
 
