@@ -812,6 +812,26 @@ async def test_an_idle_pipeline_keeps_no_occurrence_it_delivered(metrics: Metric
     await _finish(p, task)
 
 
+async def test_a_batch_still_being_filled_when_the_task_is_cancelled_is_left_over_not_lost(
+    metrics: Metrics,
+) -> None:
+    """A stop gives the pipelines 1 s, then cancels them. A batch taken from the queue and waiting
+    for more lived only in the task's frame: cancelled there, it was gone, counted nowhere."""
+    sink = _sink()
+    p = _pipeline(sink, metrics, batch_max_events=10, batch_max_wait=60)
+    task = await _run(p)
+    occs = [make_occurrence() for _ in range(3)]
+    for occ in occs:
+        p.offer(occ)
+    await until(lambda: len(p._filling) == 3 and not p._queue)
+    assert p.depth == 3
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    older, newer = p.leftovers()
+    assert older == occs and newer == [] and sink.received == []
+
+
 async def test_a_sink_that_cannot_start_yet_is_still_tried_while_draining(metrics: Metrics) -> None:
     """A drain (SIGTERM, the end of a replay) gives a sink that has not started yet the same chance as
     one that started and then failed: it is tried until the deadline, and what it then accepts is

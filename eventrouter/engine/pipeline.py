@@ -95,6 +95,9 @@ class Pipeline:
         self._replacement: Sink[Any] | None = None
         self._superseded: list[Sink[Any]] = []  # replacements replaced before they were used
         self._in_flight: list[Occurrence] = []
+        # The batch being filled (taken from the queue, not sent yet): a cancel while it waits for
+        # more must leave it to ``leftovers``, not lose it with the task's frame.
+        self._filling: list[Occurrence] = []
         # Sinks that hold items on purpose (alert digests) answer RETRY with a due time; with
         # `defer_retries` those items wait aside while later batches go on (no head-of-line blocking).
         self._defer = bool(getattr(sink, "defer_retries", False))
@@ -316,7 +319,8 @@ class Pipeline:
     @property
     def depth(self) -> int:
         spooled = len(self.spool) if self.spool else 0
-        return len(self._queue) + spooled + len(self._in_flight) + len(self._deferred) + len(self._overflow)
+        held = len(self._in_flight) + len(self._filling) + len(self._deferred) + len(self._overflow)
+        return len(self._queue) + spooled + held
 
     # ---- batching and sending -----------------------------------------------------------------
 
@@ -404,6 +408,7 @@ class Pipeline:
                 pass
             self._refill()
         batch: list[Occurrence] = []
+        self._filling = batch
         keys: set[tuple[str, int]] = set()
         size = self._take(batch, self._take_due(batch, 0, keys), keys)
         deadline = time.monotonic() + opts.batch_max_wait
@@ -433,6 +438,7 @@ class Pipeline:
         self._m_queue.set(len(self._queue))
         self.flush_metrics()
         self._room.set()
+        self._filling = []  # the caller makes it `_in_flight` before it next awaits
         return batch
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -723,12 +729,13 @@ class Pipeline:
         self._wakeup.set()
 
     def leftovers(self) -> tuple[list[Occurrence], list[Occurrence]]:
-        """What was not delivered: (older than the spool's backlog: in flight, deferred, queued;
-        newer than it: what waited behind it), each in order."""
+        """What was not delivered: (older than the spool's backlog: in flight, the batch being
+        filled, deferred, queued; newer than it: what waited behind it), each in order."""
         deferred = [occ for _, _, occ in sorted(self._deferred)]
-        older = list(self._in_flight) + deferred + list(self._queue)
+        older = list(self._in_flight) + self._filling + deferred + list(self._queue)
         newer = list(self._overflow)
         self._in_flight = []
+        self._filling = []
         self._deferred.clear()
         self._queue.clear()
         self._overflow.clear()
@@ -742,6 +749,7 @@ class Pipeline:
                 if not (
                     self._queue
                     or self._in_flight
+                    or self._filling
                     or self._deferred
                     or self._overflow
                     or (self.spool and len(self.spool))
