@@ -372,6 +372,7 @@ def _whole_batch_errors() -> tuple[type[BaseException], ...]:
         kerr.RecordListTooLargeError,
         kerr.RecordTooLargeError,
         kerr.InvalidTimestampError,
+        kerr.UnknownError,  # INVALID_RECORD (87) among them: one record's fault, e.g. a missing key
     )
 
 
@@ -578,6 +579,15 @@ class KafkaSink(Sink[KafkaOptions]):
         if isinstance(exc, kerr.PolicyViolationError | kerr.UnsupportedForMessageFormatError):
             # The topic's own rules (a create-topic policy, an old message.format.version): final.
             return reject(f"kafka refused the record for topic {topic!r}: {text}")
+        if type(exc) is kerr.UnknownError:
+            # A broker answer aiokafka cannot name: UNKNOWN_SERVER_ERROR, or a code it does not know,
+            # most often INVALID_RECORD (the broker's record validation). Final, as the Java client has
+            # it; retried it would hold up the sink for good.
+            return reject(
+                f"kafka refused the record for topic {topic!r} with an error this client cannot name "
+                "(often INVALID_RECORD: a compacted topic needs keys, key_by=object; or the broker's own "
+                f"record validation): {text}"
+            )
         if isinstance(exc, kerr.TopicAuthorizationFailedError | kerr.ClusterAuthorizationFailedError):
             return reject(f"not authorised to write to kafka topic {topic!r}: {text}")
         if isinstance(exc, kerr.UnknownTopicOrPartitionError):

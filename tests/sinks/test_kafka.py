@@ -755,6 +755,31 @@ async def test_an_idempotent_producer_whose_batch_was_refused_goes_on_with_a_new
     assert "sending on with a new idempotent producer" in caplog.text
 
 
+async def test_records_a_compacted_topic_refuses_are_dead_lettered_not_retried_for_ever(
+    make_sink: MakeSink,
+) -> None:
+    """A compacted topic refuses records without a key with INVALID_RECORD (87), a code aiokafka
+    cannot name (UnknownError): retried, it held up the sink for good."""
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        BrokerChecksProxy(listen_port=port, target_port=broker.port, compacted_topics=("compact",)) as proxy,
+    ):
+        keyless = make_sink(brokers=f"127.0.0.1:{port}", topic="compact", key_by="none")
+        await keyless.start()
+        outcomes = await keyless.send([make_occurrence(object_name=f"web-{i}") for i in range(3)])
+        assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.REJECT] * 3
+        assert "a compacted topic needs keys" in outcomes[0].reason
+        keyed = make_sink(brokers=f"127.0.0.1:{port}", topic="compact", key_by="object")
+        await keyed.start()
+        outcomes = await keyed.send([make_occurrence(object_name=f"web-{i}") for i in range(3)])
+        assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.OK] * 3
+        assert len(await broker.consume("compact", expected=3)) == 3
+    assert {message.split(" in topic")[0] for _, _, message in proxy.refused} == {
+        "Compacted topic cannot accept message without key"
+    }
+
+
 async def test_an_event_time_over_an_hour_ahead_is_not_the_record_timestamp(make_sink: MakeSink) -> None:
     """A node whose clock runs two hours ahead: its event reaches a Kafka 4 broker (which refuses the
     event time) stamped with its receipt, in order with the object's other events."""

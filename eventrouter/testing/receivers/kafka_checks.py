@@ -1,5 +1,5 @@
-"""What a Kafka 4 broker checks and Tansu 0.6 does not: record timestamps, the topic's largest
-batch, and the sequence numbers of idempotent producers.
+"""What a Kafka 4 broker checks and Tansu 0.6 does not: record timestamps, keys on compacted topics,
+the topic's largest batch, and the sequence numbers of idempotent producers.
 
 A relay in front of a plaintext broker that validates each Produce request's record batches in the
 order Kafka's ``UnifiedLog.append`` does, refusing a partition's batch with its error code while the
@@ -10,7 +10,8 @@ request's other partitions are written; a refused batch changes nothing (no sequ
 2. timestamps, as ``LogValidator`` does for a CreateTime topic: one more than ``after_max_ms`` ahead of
    the broker's clock (``log.message.timestamp.after.max.ms``, one hour by default since Kafka 4.0) or,
    if set, more than ``before_max_ms`` behind it (``log.message.timestamp.before.max.ms``) is refused
-   with INVALID_TIMESTAMP (32);
+   with INVALID_TIMESTAMP (32); a record without a key for a topic in ``compacted_topics``
+   (``cleanup.policy=compact``) is refused with INVALID_RECORD (87), a code aiokafka does not know;
 3. with ``idempotence``: this relay answers InitProducerId (Tansu refuses it) with a new producer id,
    and a batch of a producer id must carry the partition's next sequence number (0 for a new producer
    id, then the previous batch's last + 1, ``ProducerAppendInfo.checkSequence``), or it is refused with
@@ -41,6 +42,7 @@ API_INIT_PRODUCER_ID = 22
 MESSAGE_TOO_LARGE = 10
 INVALID_TIMESTAMP = 32
 OUT_OF_ORDER_SEQUENCE_NUMBER = 45
+INVALID_RECORD = 87
 AFTER_MAX_MS = 3_600_000
 """Kafka 4.0's default log.message.timestamp.after.max.ms."""
 
@@ -84,6 +86,7 @@ class BrokerChecksProxy(Relay):
         after_max_ms: int = AFTER_MAX_MS,
         before_max_ms: int | None = None,
         max_message_bytes: int | None = None,
+        compacted_topics: tuple[str, ...] = (),
         idempotence: bool = False,
         now: Callable[[], float] = time.time,
         host: str = "127.0.0.1",
@@ -92,6 +95,7 @@ class BrokerChecksProxy(Relay):
         self.after_max_ms = after_max_ms
         self.before_max_ms = before_max_ms
         self.max_message_bytes = max_message_bytes
+        self.compacted_topics = set(compacted_topics)
         self.idempotence = idempotence
         self.now = now
         self.refused: list[tuple[str, int, str]] = []
@@ -165,7 +169,9 @@ class BrokerChecksProxy(Relay):
         for topic, partitions in topics:
             keep = []
             for partition, data in partitions:
-                problem = self._invalid(MemoryRecords(data), now_ms, len(data)) if data else None
+                problem = (
+                    self._invalid(topic, partition, MemoryRecords(data), now_ms, len(data)) if data else None
+                )
                 if problem is None and data and self.idempotence:
                     problem, unowned = self._sequence(topic, partition, data)
                     stripped = stripped or unowned != data
@@ -219,7 +225,9 @@ class BrokerChecksProxy(Relay):
         self._next_sequence.update(updates)
         return None, bytes(out)
 
-    def _invalid(self, records: Any, now_ms: int, size: int) -> tuple[int, str, int] | None:
+    def _invalid(
+        self, topic: str, partition: int, records: Any, now_ms: int, size: int
+    ) -> tuple[int, str, int] | None:
         if self.max_message_bytes is not None and size > self.max_message_bytes:
             return (
                 0,
@@ -232,6 +240,9 @@ class BrokerChecksProxy(Relay):
         index = 0
         while (batch := records.next_batch()) is not None:
             for record in batch:
+                if record.key is None and topic in self.compacted_topics:
+                    message = f"Compacted topic cannot accept message without key in topic partition {topic}-{partition}."
+                    return index, message, INVALID_RECORD
                 ts = record.timestamp
                 ahead = ts - now_ms > self.after_max_ms
                 behind = self.before_max_ms is not None and now_ms - ts > self.before_max_ms
