@@ -408,6 +408,10 @@ class Router:
 
     async def start_source(self, kube: KubeClient | None = None) -> None:
         self.kube = kube or await connect(kubeconfig=self.settings.kubeconfig, context=self.settings.context)
+        # The first list waits for each sink's first start (bounded by its send_timeout): a relist
+        # is paced by the sinks' queues (Fanout.wait_for_room), and a sink still starting (a Kafka
+        # bootstrap, a TLS handshake) takes nothing, so its queue would overflow without a spool.
+        await asyncio.gather(*(p.start_tried.wait() for p in self.pipelines))
         namespaces: list[str | None] = [*self.settings.namespaces] or [None]
         # A list page must fit in the smallest memory queue, or a relist would overflow it.
         smallest = min((p.queue_max for p in self.pipelines), default=1000)
@@ -553,9 +557,13 @@ class Router:
         await asyncio.gather(*(p.start_tried.wait() for p in self.pipelines))
         for kind, obj in objects:
             self.metrics.watch_events.labels(kind).inc()
-            if kind == "DELETED":
+            if kind in ("DELETED", "BOOKMARK", "ERROR"):
                 continue
             if kind not in ("ADDED", "MODIFIED", "LIST"):
+                # As the live watch does: counted and said, not skipped without a trace.
+                malformed += 1
+                self.metrics.source_dropped.labels("unknown_watch_type").inc()
+                log.warning("replay: skipped an object recorded with the unknown watch type %r", kind)
                 continue
             seen += 1
             if seen % page == 0:
@@ -628,6 +636,9 @@ class Router:
                 self.metrics.checkpoint_truncated.set(self.checkpoint_store.truncated)
             if self.watchers:
                 self.metrics.last_progress.set(min(w.last_progress for w in self.watchers))
+            elif self.elector is not None and not self.elector.is_leader:
+                # A standby watches nothing, and is fine: 0 would fire EventrouterWatchStalled.
+                self.metrics.last_progress.set(time.time())
                 for w in self.watchers:
                     w.flush_metrics()
             body = generate_latest(self.metrics.registry)
@@ -701,17 +712,17 @@ class Router:
                 continue
             if p.spool is not None:
                 kept = 0
+                dropped: list[str] = []
                 try:
-                    # Older than the spool's backlog: before it (a newer occurrence of the same event
-                    # delivered first would make the checkpoint skip the older one as a copy).
-                    dropped = p.spool.prepend(older)
-                    kept = len(older)
-                    for occ in newer:
+                    rest = left
+                    if older and len(p.spool):
+                        # Older than the spool's backlog: before it (a newer occurrence of the same
+                        # event delivered first would make the checkpoint skip the older one as a copy).
+                        p.spool.prepend(older)  # all or nothing
+                        kept, rest = len(older), newer
+                    for occ in rest:
                         dropped.extend(p.spool.append(occ))
                         kept += 1
-                    for lost in dropped:
-                        self.metrics.dropped.labels(p.name, "spool_full").inc()
-                        log.warning("sink %s: spool full at shutdown, dropped %s", p.name, lost)
                 except OSError as exc:
                     self.metrics.data_dir_errors.labels(p.name, "spool").inc()
                     self.metrics.dropped.labels(p.name, "spool_error").inc(len(left) - kept)
@@ -722,6 +733,10 @@ class Router:
                         exc.strerror or exc,
                         len(left) - kept,
                     )
+                finally:
+                    for lost in dropped:
+                        self.metrics.dropped.labels(p.name, "spool_full").inc()
+                        log.warning("sink %s: spool full at shutdown, dropped %s", p.name, lost)
                 log.info(
                     "sink %s: %d undelivered occurrences kept in the spool for the next start", p.name, kept
                 )

@@ -67,7 +67,11 @@ def parse_time_ns(value: object) -> int | None:
         return None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    if parsed.year <= 1:
+    try:
+        utc = parsed.astimezone(UTC)  # "9999-12-31T23:59:59-01:00" is past year 9999 in UTC
+    except OverflowError:
+        return None
+    if utc.year <= 1:
         return None
     return int(parsed.timestamp()) * 1_000_000_000 + frac_ns
 

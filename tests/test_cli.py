@@ -331,6 +331,23 @@ def test_replay_routes_a_recording_to_a_file(tmp_path: Path) -> None:
     assert summary["occurrences"] == 126 and summary["sinks"]["file"]["delivered"] == 126
 
 
+def test_replay_counts_and_names_an_object_of_an_unknown_watch_type(tmp_path: Path) -> None:
+    """A recording line typed "Added" (not ADDED): the live watch counts and logs it, the replay
+    skipped it without a trace."""
+    lines = (DATA / "watch-core-v1.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    odd = dict(first, type="Added")
+    odd["object"] = dict(first["object"], metadata=dict(first["object"]["metadata"], uid="odd-uid-1"))
+    recording = tmp_path / "rec.jsonl"
+    recording.write_text("\n".join([json.dumps(odd), *lines]) + "\n")
+    out = tmp_path / "events.jsonl"
+    result = _eventrouter("replay", str(recording), f"--sink=file:{out}")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stderr.strip().splitlines()[-1])
+    assert summary["malformed"] == 1 and summary["occurrences"] == 126
+    assert "skipped an object recorded with the unknown watch type 'Added'" in result.stderr
+
+
 def test_replay_of_more_than_the_memory_queue_holds_waits_for_the_sink_and_drops_nothing(
     tmp_path: Path,
 ) -> None:

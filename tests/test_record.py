@@ -26,6 +26,17 @@ def test_null_and_year_one_times_are_skipped_in_the_chain() -> None:
     assert event_time_ns(obj) == 1795310943311521000
 
 
+def test_a_time_whose_offset_takes_it_out_of_range_is_no_time() -> None:
+    """Valid as written, past year 9999 (or before year 1) in UTC: formatting it raised
+    OverflowError, which dropped the whole event (and stopped a replay)."""
+    assert parse_time_ns("9999-12-31T23:59:59-01:00") is None
+    assert parse_time_ns("0001-01-01T00:30:00+01:00") is None
+    assert parse_time_ns("2026-01-01T00:00:00+01:00") == parse_time_ns("2025-12-31T23:00:00Z")
+    obj = event_object(count=None, event_time="2026-11-22T01:29:03.311521Z")
+    obj["lastTimestamp"] = "9999-12-31T23:59:59-01:00"
+    assert event_time_ns(obj) == 1795310943311521000  # the next time in the chain
+
+
 def test_time_chain_order() -> None:
     obj = event_object(
         count=3,

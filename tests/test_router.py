@@ -272,6 +272,45 @@ async def test_leftovers_of_a_clean_stop_go_before_the_spool_so_an_older_occurre
     assert len(keys) == 32 and len(set(keys)) == 32  # (the relist's copies are skipped as such)
 
 
+async def test_the_first_list_waits_for_a_sink_still_starting_so_its_queue_does_not_overflow(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """Without a spool a relist is paced by the sinks' queues; a sink still starting (a Kafka
+    bootstrap) took nothing, so 900 of 1,000 retained events were dropped from its queue of 100."""
+
+    class SlowStart(MemorySink):
+        async def start(self) -> None:
+            await asyncio.sleep(1.0)
+            await super().start()
+
+    for i in range(300):
+        api.create_event(event_object(object_name=f"kept-{i}"))
+    spec = spec_for_class(
+        SlowStart, {"name": "mem", "batch_max_wait": 0.01, "queue_max_events": 50}, type_="memory"
+    )
+    router = Router(_settings(api, tmp_path), [spec])
+    async with router.running():
+        await _mem(router).wait_for(300)
+    assert router.metrics.dropped.labels("mem", "queue_full")._value.get() == 0
+
+
+async def test_a_quiet_watch_without_bookmarks_stays_healthy(api: FakeApiServer, tmp_path: Path) -> None:
+    """No events and no bookmarks (an API server without the watch cache): each watch ends at its
+    timeout and is opened again. That is progress; /healthz failed and the pod was restarted."""
+    api.bookmark_interval = 3600
+    router = _router(_settings(api, tmp_path, watch_timeout=1, stall_timeout=2.5))
+    async with router.running():
+        await _ready(router)
+        verdicts: list[bool] = []
+
+        def watched_past_the_stall_timeout() -> bool:
+            verdicts.append(router.healthy()[0])
+            return router.metrics.watch_restarts.labels("timeout")._value.get() >= 4
+
+        await until(watched_past_the_stall_timeout, timeout=15, interval=0.1)
+    assert all(verdicts), router.healthy()
+
+
 async def test_malformed_watch_lines_are_counted_and_skipped(api: FakeApiServer, tmp_path: Path) -> None:
     router = _router(_settings(api, tmp_path))
     async with router.running():

@@ -224,7 +224,8 @@ class Spool:
         checkpoint would then skip the older one as a copy. The first segment holding unread records
         is rewritten with ``occs`` first; the durable cursor moves to its start before the swap, so a
         crash in between reads a few records twice (skipped by the checkpoint), never loses one.
-        Raises ``OSError``: nothing of ``occs`` is kept then."""
+        Raises ``OSError``: with unread records, nothing of ``occs`` is kept then; with none they are
+        appended, and those written before the error stay."""
         if not occs:
             return []
         self.commit()  # segments read to their end go: the head is the first with unread records

@@ -313,6 +313,9 @@ class EventWatcher:
         lines = 0
         try:
             await raise_for_status(resp)
+            # An open watch is progress too: a quiet cluster on an API server without bookmarks sends
+            # no line for a whole watch, and /healthz must not restart a router that is fine.
+            self._progress()
             async for line in self._lines(resp):
                 lines += 1
                 received_at = time.time()
