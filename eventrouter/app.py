@@ -377,6 +377,11 @@ class Router:
             self.elector.stop()  # never lead again from this process: it exits and restarts as a standby
         for p in self.pipelines:
             p.stop_now()
+        # A send in progress is abandoned too (its batch is left over): it could otherwise go on for
+        # up to send_timeout while the new leader delivers. Its outcome is unknown: at most that
+        # batch comes twice.
+        for t in self._pipeline_tasks:
+            t.cancel()
         self.request_stop()
 
     # ---- source -------------------------------------------------------------------------------
@@ -692,9 +697,17 @@ class Router:
         self.draining = True
         if self._trim_task is not None:
             self._tasks.append(self._trim_task)
+        # A leader keeps its lease and keeps writing the shared checkpoint while it drains: a standby
+        # taking over meanwhile would deliver beside it, from a checkpoint without the drain's acks.
+        # A renewal that fails during the drain stops delivery at once (_lost_lease).
+        leading = self.elector is not None and self.elector.is_leader
+        lasting = [
+            t for t in self._tasks if leading and t.get_name() in ("leader-election", "checkpoint-configmap")
+        ]
         for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            if t not in lasting:
+                t.cancel()
+        await asyncio.gather(*(t for t in self._tasks if t not in lasting), return_exceptions=True)
         started = time.monotonic()
         drained = await self.drain(self.settings.shutdown_timeout)
         if not drained:
@@ -759,6 +772,10 @@ class Router:
             except OSError as exc:
                 log.error("sink %s: cannot persist checkpoint: %s", p.name, exc)
             await p.close_sink()
+        for t in lasting:
+            if t.get_name() == "checkpoint-configmap":
+                t.cancel()
+                await asyncio.gather(t, return_exceptions=True)
         if self.checkpoint_store is not None:
             try:
                 await self.checkpoint_store.flush()

@@ -305,7 +305,7 @@ async def test_a_quiet_watch_without_bookmarks_stays_healthy(api: FakeApiServer,
 
         def watched_past_the_stall_timeout() -> bool:
             verdicts.append(router.healthy()[0])
-            return router.metrics.watch_restarts.labels("timeout")._value.get() >= 4
+            return bool(router.metrics.watch_restarts.labels("timeout")._value.get() >= 4)
 
         await until(watched_past_the_stall_timeout, timeout=15, interval=0.1)
     assert all(verdicts), router.healthy()
