@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -48,7 +49,7 @@ from eventrouter.memory import clear_caches, release_free_memory
 from eventrouter.metrics import Metrics
 from eventrouter.record import MalformedEvent, Occurrence
 from eventrouter.sink import SinkContext
-from eventrouter.source.kube import KubeClient, connect
+from eventrouter.source.kube import ApiError, KubeClient, connect
 from eventrouter.source.relist_order import RelistOrder
 from eventrouter.source.tracker import OccurrenceTracker
 from eventrouter.source.watcher import EventWatcher, WatchSettings
@@ -337,6 +338,7 @@ class Router:
                 flush_interval=s.checkpoint_flush_interval,
             )
             self.checkpoint_store = store
+            store.on_write = self._configmap_written
             self._backend_factory = store.backend
         if s.leader_elect:
             self.elector = LeaderElector(
@@ -357,11 +359,37 @@ class Router:
             await self._lead()
         await self.stopped.wait()
 
+    def _configmap_written(self, ok: bool) -> None:
+        if not ok:
+            self.metrics.checkpoint_configmap_errors.inc()
+        for p in self.pipelines:
+            self.metrics.checkpoint_durable.labels(p.name).set(1 if ok else 0)
+
+    async def _load_checkpoint(self, store: ConfigMapCheckpointStore) -> None:
+        """Read the shared checkpoint, retrying with backoff: a failover is when the API server is most
+        likely to answer 5xx or 429 once, and giving up made both replicas crash-loop. (A lost lease
+        cancels this.)"""
+        delay = 0.5
+        while True:
+            try:
+                await store.load()
+                return
+            except (ApiError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                log.error(
+                    "cannot read the checkpoint ConfigMap %s/%s (%s); retrying in %.1fs",
+                    store.namespace,
+                    store.name,
+                    exc,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
     async def _lead(self) -> None:
         """Start delivering: load the shared checkpoint (the previous leader's latest), then pipelines
         and the watch (a relist gives each sink what it has not accepted yet)."""
         if self.checkpoint_store is not None:
-            await self.checkpoint_store.load()
+            await self._load_checkpoint(self.checkpoint_store)
             self._tasks.append(self._guard(self.checkpoint_store.run(), "checkpoint-configmap"))
         await self.start_pipelines()
         await self.start_source(self.kube)
@@ -778,9 +806,14 @@ class Router:
                 await asyncio.gather(t, return_exceptions=True)
         if self.checkpoint_store is not None:
             try:
-                await self.checkpoint_store.flush()
+                flushed = await self.checkpoint_store.flush()
             except Exception as exc:
                 log.error("cannot persist the checkpoint ConfigMap: %s", exc)
+                flushed = False
+            if not flushed:
+                # What was delivered since the last write comes again after the restart: say so in
+                # the exit code too, not only in the log.
+                self.exit_code = self.exit_code or 1
         if self._data_lock is not None:
             self._data_lock.release()
         if self.elector is not None:

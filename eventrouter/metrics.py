@@ -186,8 +186,8 @@ class Metrics:
         )
         self.checkpoint_durable = Gauge(
             "eventrouter_checkpoint_durable",
-            "0 while the sink's checkpoint cannot be written to the data dir (a restart then re-delivers "
-            "what it accepted since), 1 otherwise.",
+            "0 while the sink's checkpoint cannot be written (to the data dir, or the checkpoint "
+            "ConfigMap): a restart then re-delivers what it accepted since; 1 otherwise.",
             ["sink"],
             registry=r,
         )
@@ -207,6 +207,12 @@ class Metrics:
             registry=r,
         )
         self.leader = Gauge("eventrouter_leader", "1 while this replica holds the lease.", registry=r)
+        self.checkpoint_configmap_errors = Counter(
+            "eventrouter_checkpoint_configmap_errors",
+            "Writes of the checkpoint ConfigMap that failed (RBAC, an admission webhook, the API server "
+            "down); eventrouter_checkpoint_durable is 0 for every sink until a write succeeds.",
+            registry=r,
+        )
         self.checkpoint_truncated = Gauge(
             "eventrouter_checkpoint_truncated",
             "Checkpoint entries left out of the last ConfigMap write to stay under 1 MiB (re-delivery risk).",

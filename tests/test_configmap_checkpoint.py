@@ -354,3 +354,59 @@ async def test_beside_a_configmap_checkpoint_a_data_dir_holds_the_spool_and_the_
     letter = orjson.loads(line)
     assert (letter["reason"], letter["event"]["metadata"]["uid"]) == ("refused by the test", refused)
     assert not (data / "checkpoints").exists()
+
+
+def _configmap_router(api: FakeApiServer, tmp_path: Path) -> Router:
+    settings = RouterSettings(
+        kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
+        metrics_addr=None,
+        checkpoint_configmap=NAME,
+        checkpoint_namespace=NS,
+        checkpoint_flush_interval=0.1,
+        shutdown_timeout=5.0,
+        watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
+    )
+    return Router(
+        settings, [spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.01}, type_="memory")]
+    )
+
+
+async def test_a_configmap_checkpoint_that_cannot_be_written_is_counted_and_exits_1(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """RBAC without update/create on configmaps (or an admission webhook): only a log line said so,
+    eventrouter_checkpoint_durable stayed 1, and the stop exited 0, while a restart re-delivered all."""
+    api.forbid(TOKEN, verbs=["create", "update"], resources=["configmaps"])
+    for i in range(20):
+        api.create_event(event_object(namespace=NS, object_name=f"w-{i}"))
+    router = _configmap_router(api, tmp_path)
+    running = asyncio.create_task(router.run())
+    await until(lambda: bool(router.pipelines) and len(router.sinks["mem"].received) == 20, timeout=10)  # type: ignore[attr-defined]
+    m = router.metrics
+    await until(lambda: m.checkpoint_configmap_errors._value.get() >= 1, timeout=10)
+    assert m.checkpoint_durable.labels("mem")._value.get() == 0
+    api.permit(TOKEN)  # the role is fixed: the next write goes through
+    await until(lambda: m.checkpoint_durable.labels("mem")._value.get() == 1, timeout=10)
+    assert len(stored_states(api).get("mem", {})) == 20
+    api.forbid(TOKEN, verbs=["create", "update"], resources=["configmaps"])
+    api.create_event(event_object(namespace=NS, object_name="late"))
+    await until(lambda: len(router.sinks["mem"].received) == 21, timeout=10)  # type: ignore[attr-defined]
+    router.request_stop()
+    await asyncio.wait_for(running, 10)
+    assert router.exit_code == 1  # the last write failed: the restart re-delivers "late"
+
+
+async def test_a_checkpoint_configmap_that_cannot_be_read_once_is_read_again(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """A failover is when the API server answers 5xx or 429 once: the load gave up, the router exited
+    1, and both replicas could crash-loop."""
+    api.faults.fail_next(500, verbs=("get",), resource="configmaps")
+    api.create_event(event_object(namespace=NS, object_name="after-takeover"))
+    router = _configmap_router(api, tmp_path)
+    running = asyncio.create_task(router.run())
+    await until(lambda: bool(router.pipelines) and len(router.sinks["mem"].received) == 1, timeout=10)  # type: ignore[attr-defined]
+    assert api.faults.applied == ["fail"]
+    router.request_stop()
+    await asyncio.wait_for(running, 10)
+    assert router.exit_code == 0

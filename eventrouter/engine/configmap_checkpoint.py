@@ -28,7 +28,7 @@ import math
 import re
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -263,6 +263,8 @@ class ConfigMapCheckpointStore:
         self.flushes = 0  # successful writes
         self.rounds = 0  # run() write attempts
         self.errors = 0  # failed writes
+        self.on_write: Callable[[bool], None] | None = None
+        """Told the outcome of each write (True: persisted): the router's metrics."""
 
     def __repr__(self) -> str:
         return f"<ConfigMapCheckpointStore {self.namespace}/{self.name} sinks={sorted(self._states)}>"
@@ -314,6 +316,12 @@ class ConfigMapCheckpointStore:
 
     async def flush(self) -> bool:
         """Write the current state if it changed since the last write. True when persisted."""
+        ok = await self._flush()
+        if self.on_write is not None:
+            self.on_write(ok)
+        return ok
+
+    async def _flush(self) -> bool:
         async with self._lock:
             for attempt in range(5):
                 if not self.dirty:

@@ -410,6 +410,10 @@ class FakeApiServer:
             frozenset(resources) if resources is not None else None,
         )
 
+    def permit(self, token: str) -> None:
+        """Lift what ``forbid`` denied ``token`` (the role was fixed)."""
+        self._rules.pop(token, None)
+
     # --- Python-side store API -----------------------------------------------------------------
 
     @property
