@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import signal
 import socket
@@ -41,6 +42,7 @@ log = logging.getLogger("eventrouter")
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
 
 
 def _listen_addr(text: str) -> str:
@@ -66,9 +68,27 @@ def _byte_size(text: str) -> int:
             break
     try:
         value = int(float(number) * _SIZE_UNITS[unit])
-    except ValueError:
+    except (ValueError, OverflowError):  # "inf" too
         raise argparse.ArgumentTypeError(f"{text!r}: expected bytes or a size like 512Mi, 1Gi") from None
     if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A duration in seconds: finite and not negative (``nan`` made a drain wait for ever)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number of seconds, 0 or more")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
         raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
     return value
 
@@ -92,7 +112,10 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("EVENTROUTER_LOG_LEVEL", "info"),
     )
     p.add_argument(
-        "--log-format", choices=["text", "json"], default=os.environ.get("EVENTROUTER_LOG_FORMAT", "text")
+        "--log-format",
+        type=str.lower,
+        choices=LOG_FORMATS,
+        default=os.environ.get("EVENTROUTER_LOG_FORMAT", "text"),
     )
 
 
@@ -114,15 +137,18 @@ def _parser() -> argparse.ArgumentParser:
         default="0.0.0.0:8080",
         help="host:port for /metrics /healthz /readyz",
     )
-    run.add_argument("--shutdown-timeout", type=float, default=25.0, help="seconds to drain on SIGTERM")
+    run.add_argument("--shutdown-timeout", type=_seconds, default=25.0, help="seconds to drain on SIGTERM")
     run.add_argument("--field-selector", default="", help="server-side field selector, e.g. type=Warning")
     run.add_argument("--watch-timeout", type=int, default=290, help="server-side watch timeoutSeconds")
     run.add_argument(
-        "--stall-timeout", type=float, default=600.0, help="/healthz fails after this long without progress"
+        "--stall-timeout",
+        type=_positive_seconds,
+        default=600.0,
+        help="/healthz fails after this long without progress",
     )
     run.add_argument(
         "--reload-interval",
-        type=float,
+        type=_seconds,
         default=5.0,
         help="seconds between checks of the files sink options name (file: secrets, certificates, "
         "templates); a changed one rebuilds its sink. 0: read them only at start",
@@ -130,12 +156,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--leader-elect", action="store_true", help="only the Lease holder watches and delivers")
     run.add_argument("--leader-elect-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
     run.add_argument("--leader-elect-name", default="eventrouter", help="Lease name")
-    run.add_argument("--leader-elect-lease-duration", type=float, default=15.0, help="seconds")
-    run.add_argument("--leader-elect-renew-deadline", type=float, default=10.0, help="seconds")
-    run.add_argument("--leader-elect-retry-period", type=float, default=2.0, help="seconds")
+    run.add_argument("--leader-elect-lease-duration", type=_positive_seconds, default=15.0, help="seconds")
+    run.add_argument("--leader-elect-renew-deadline", type=_positive_seconds, default=10.0, help="seconds")
+    run.add_argument("--leader-elect-retry-period", type=_positive_seconds, default=2.0, help="seconds")
     run.add_argument(
         "--checkpoint-configmap",
         help="keep checkpoints in this ConfigMap (namespace: $POD_NAMESPACE) instead of --data-dir",
+    )
+    run.add_argument(
+        "--checkpoint-flush-interval",
+        type=_positive_seconds,
+        default=1.0,
+        help="seconds between writes of the checkpoint ConfigMap (at least 1 s per 64 KiB of it: each "
+        "write is a revision in etcd); what was delivered since the last write comes again after a "
+        "leader is killed",
     )
     run.add_argument(
         "--demo",
@@ -156,7 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _common(replay)
     replay.add_argument("file", help="file to read, - for stdin")
-    replay.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for delivery")
+    replay.add_argument("--timeout", type=_seconds, default=120.0, help="seconds to wait for delivery")
     return parser
 
 
@@ -208,6 +242,7 @@ def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
         renew_deadline=getattr(args, "leader_elect_renew_deadline", 10.0),
         retry_period=getattr(args, "leader_elect_retry_period", 2.0),
         checkpoint_configmap=getattr(args, "checkpoint_configmap", None),
+        checkpoint_flush_interval=getattr(args, "checkpoint_flush_interval", 1.0),
         checkpoint_namespace=os.environ.get("POD_NAMESPACE", "default"),
         watch=WatchSettings(
             field_selector=getattr(args, "field_selector", "") or cfg.field_selector,
@@ -540,6 +575,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_level not in LOG_LEVELS:  # from $EVENTROUTER_LOG_LEVEL, which argparse does not check
         print(
             f"eventrouter: configuration error:\nlog level {args.log_level!r}: use one of {', '.join(LOG_LEVELS)}",
+            file=sys.stderr,
+        )
+        return 2
+    args.log_format = args.log_format.lower()
+    if args.log_format not in LOG_FORMATS:  # from $EVENTROUTER_LOG_FORMAT: a typo gave text logs
+        print(
+            f"eventrouter: configuration error:\nlog format {args.log_format!r}: use one of "
+            f"{', '.join(LOG_FORMATS)}",
             file=sys.stderr,
         )
         return 2

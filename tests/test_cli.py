@@ -169,6 +169,13 @@ def test_a_config_or_secret_file_that_is_not_utf8_is_named(tmp_path: Path) -> No
         (["--metrics-addr", "::1:8080"], {}, "an IPv6 address goes in brackets"),
         (["--log-level", "loud"], {}, "argument --log-level: invalid choice: 'loud'"),
         ([], {"EVENTROUTER_LOG_LEVEL": "LOUD"}, "log level 'loud': use one of debug, info"),
+        ([], {"EVENTROUTER_LOG_FORMAT": "jsn"}, "log format 'jsn': use one of text, json"),
+        # nan made a SIGTERM drain wait for ever; inf raised OverflowError (a traceback, exit 1).
+        (["--shutdown-timeout", "nan"], {}, "argument --shutdown-timeout: 'nan': expected a finite number"),
+        (["--shutdown-timeout", "-5"], {}, "argument --shutdown-timeout: '-5': expected a finite number"),
+        (["--data-dir-max-bytes", "inf"], {}, "argument --data-dir-max-bytes: 'inf': expected bytes"),
+        (["--stall-timeout", "0"], {}, "argument --stall-timeout: '0': must be more than 0"),
+        (["--checkpoint-flush-interval", "0"], {}, "argument --checkpoint-flush-interval: '0': must be more"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(args: list[str], env: dict[str, str], expected: str) -> None:

@@ -410,3 +410,14 @@ async def test_a_checkpoint_configmap_that_cannot_be_read_once_is_read_again(
     router.request_stop()
     await asyncio.wait_for(running, 10)
     assert router.exit_code == 0
+
+
+def test_a_large_checkpoint_configmap_is_written_less_often(
+    store_factory: Callable[..., ConfigMapCheckpointStore],
+) -> None:
+    """Each write is a whole new revision in etcd, kept until compaction: a 1 MiB ConfigMap every
+    second is ~300 MiB of history. At most ~64 KiB/s on average: 1 MiB every 16 s."""
+    store = store_factory(flush_interval=1.0)
+    assert store.write_interval == 1.0
+    store.last_size = 1024 * 1024
+    assert store.write_interval == 16.0

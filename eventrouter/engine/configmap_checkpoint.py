@@ -51,6 +51,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CONFIGMAP_LIMIT = 1024 * 1024  # kube-apiserver: "Too long: must have at most 1048576 bytes"
+WRITE_BYTES_PER_SECOND = 64 * 1024
+"""At most this much is written per second on average: every write is a new revision of the whole
+ConfigMap in etcd, kept until compaction (5 min by default). A 1 MiB checkpoint then goes out every 16 s
+instead of every second (~300 MiB of history against etcd's 2 GiB default quota)."""
 DATA_KEY = "checkpoint"
 SUMMARY_KEY = "summary"
 _MAGIC = b"ERCK\x01"
@@ -270,6 +274,12 @@ class ConfigMapCheckpointStore:
         return f"<ConfigMapCheckpointStore {self.namespace}/{self.name} sinks={sorted(self._states)}>"
 
     @property
+    def write_interval(self) -> float:
+        """Seconds between writes: ``flush_interval``, longer for a large ConfigMap (see
+        WRITE_BYTES_PER_SECOND); the re-delivery window after a leader is killed grows with it."""
+        return max(self.flush_interval, self.last_size / WRITE_BYTES_PER_SECOND)
+
+    @property
     def dirty(self) -> bool:
         return self._generation != self._flushed_generation
 
@@ -306,7 +316,7 @@ class ConfigMapCheckpointStore:
         previous write finished, for the smallest re-delivery window at failover); failures are retried."""
         while True:
             await self._changed.wait()
-            await asyncio.sleep(self.flush_interval)  # coalesce the acks of this interval into one write
+            await asyncio.sleep(self.write_interval)  # coalesce the acks of this interval into one write
             self._changed.clear()
             ok = await self.flush()
             self.rounds += 1
