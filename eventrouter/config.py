@@ -22,6 +22,7 @@ from eventrouter.options import (
     PipelineOptions,
     SinkOptions,
     field_names,
+    redact_url,
     safe_name,
 )
 from eventrouter.plugins import PluginError, SinkPlugin, discover
@@ -44,28 +45,6 @@ QUERY_KEYS = "__url_query_keys__"
 
 class ConfigError(Exception):
     """Invalid configuration; the message names the sink and option. Exit code 2."""
-
-
-_SECRET_HINTS = re.compile(r"(token|secret|password|passwd|key|sign|auth|credential)", re.I)
-
-
-def redact_url(url: str) -> str:
-    """Strip userinfo and query values that look like credentials (access_token=..., sign=...)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = urllib.parse.urlencode(
-        [
-            (k, "***" if _SECRET_HINTS.search(k) else v)
-            for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-        ],
-        safe="*,{}",
-    )
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
 
 from pydantic import (
     AfterValidator,
@@ -109,6 +109,25 @@ def http_url(value: str, *, option: str = "url") -> SplitResult:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{option} must be http(s)://host[:port][/path], not {_address(value)!r}")
     return parts
+
+
+_TOKENISH = re.compile(r"^(?=.*[0-9])(?=.*[A-Za-z])[A-Za-z0-9_\-.~%]{16,}$")
+
+
+def redact_url(url: str) -> str:
+    """A URL as logs and messages may show it: ``https://user:pw@host/services/T0/B0/abcDEF123456789xyz
+    ?token=abc&level=Warning#x`` → ``https://***@host/services/T0/B0/***?token=***&level=***``. No
+    user info, no query values (Azure's ``code=``/``sig=``, a webhook's ``?key=``), no fragment, and no
+    long token-like path segments (Slack, Discord and Teams keep the secret in the path)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    host = parts.netloc.rpartition("@")
+    netloc = f"***@{host[2]}" if host[1] else host[2]
+    path = "/".join("***" if _TOKENISH.match(seg) else seg for seg in parts.path.split("/"))
+    query = "&".join(f"{k}=***" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, netloc, path, query, ""))
 
 
 def _address(url: str) -> str:

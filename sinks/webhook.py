@@ -55,7 +55,7 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
@@ -77,7 +77,7 @@ from eventrouter import (
     reject,
     retry,
 )
-from eventrouter.options import FilePath, http_url
+from eventrouter.options import FilePath, http_url, redact_url
 
 __all__ = [
     "BodyTemplate",
@@ -89,27 +89,6 @@ __all__ = [
     "standard_webhooks_keys",
     "standard_webhooks_signature",
 ]
-
-# --------------------------------------------------------------------------------------------------
-# URL redaction
-# --------------------------------------------------------------------------------------------------
-
-_TOKENISH = re.compile(r"^(?=.*[0-9])(?=.*[A-Za-z])[A-Za-z0-9_\-.~%]{16,}$")
-
-
-def redact_url(url: str) -> str:
-    """``https://user:pw@host/services/T0/B0/abcDEF123456789xyz?token=abc`` →
-    ``https://host/services/T0/B0/***?token=***``: no userinfo, no query values, no fragment, and no
-    long token-like path segments (Slack/Discord/Teams keep the secret in the path)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc.rpartition("@")[2]
-    path = "/".join("***" if _TOKENISH.match(seg) else seg for seg in parts.path.split("/"))
-    query = "&".join(f"{k}=***" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
-    return urlunsplit((parts.scheme, netloc, path, query, ""))
-
 
 # --------------------------------------------------------------------------------------------------
 # Retry-After

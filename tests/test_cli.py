@@ -271,8 +271,18 @@ def test_secrets_from_env_and_files(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_urls_are_redacted() -> None:
     assert redact_url("https://u:p@h/robot/send?access_token=abc&level=Warning") == (
-        "https://***@h/robot/send?access_token=***&level=Warning"
+        "https://***@h/robot/send?access_token=***&level=***"
     )
+
+
+def test_the_configured_line_hides_a_secret_in_the_path_or_any_query_value(tmp_path: Path) -> None:
+    """Slack/Discord/Teams keep the secret in the path, Azure in `code=` or `sig=`: the start-up
+    line ``sink … configured`` and `check` printed them (only names hinting at a secret were hidden)."""
+    url = "http://127.0.0.1:9/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX1a?code=AZFUNCSECRET"
+    result = _eventrouter("check", f"--sink=webhook:{url}")
+    assert "XXXXXXXXXXXXXXXXXXXXXXXX1a" not in result.stdout + result.stderr
+    assert "AZFUNCSECRET" not in result.stdout + result.stderr
+    assert "http://127.0.0.1:9/services/T00000000/B00000000/***?code=***" in result.stdout + result.stderr
 
 
 def test_sinks_lists_every_builtin_with_options(capsys: pytest.CaptureFixture[str]) -> None:

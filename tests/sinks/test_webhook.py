@@ -467,7 +467,7 @@ async def test_start_does_not_contact_the_endpoint() -> None:
 @pytest.mark.parametrize(
     ("url", "redacted"),
     [
-        ("https://u:p@h.example:8443/a?token=abc&x=1#frag", "https://h.example:8443/a?token=***&x=***"),
+        ("https://u:p@h.example:8443/a?token=abc&x=1#frag", "https://***@h.example:8443/a?token=***&x=***"),
         (
             "https://hooks.slack.com/services/T000/B000/XXXXXXXXXXXX1234XXXXXXXX",
             "https://hooks.slack.com/services/T000/B000/***",
