@@ -282,6 +282,9 @@ def _compile_template(text: str, option: str) -> BodyTemplate:
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+
+
 def _headers_input(value: Any) -> Any:
     """``Name:Value`` (also kube-eventer's ``Name=Value``), a list of those, or a YAML mapping.
 
@@ -296,10 +299,13 @@ def _headers_input(value: Any) -> Any:
         for n, entry in enumerate(value, 1):
             text = entry if isinstance(entry, str) else str(entry)
             cut = min((i for i in (text.find(":"), text.find("=")) if i > 0), default=-1)
-            if cut < 0:
+            name = text[:cut].strip() if cut > 0 else ""
+            if not _HEADER_NAME.fullmatch(name):
+                # Not Name:Value (e.g. "Authorization Basic dXNl...==" cut at its base64 padding):
+                # never echo it, the text is likely a credential.
                 result[f"<entry #{n} is not Name:Value>"] = text
             else:
-                result[text[:cut].strip()] = text[cut + 1 :].strip()
+                result[name] = text[cut + 1 :].strip()
         return result
     return value
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from eventrouter.cli import main
-from eventrouter.config import QUERY_KEYS, ConfigError, build_specs, parse_sink_flag, redact_url
+from eventrouter.config import QUERY_KEYS, ConfigError, build_specs, load_yaml, parse_sink_flag, redact_url
 
 DATA = Path(__file__).resolve().parents[1] / "eventrouter" / "testing" / "data"
 
@@ -267,6 +267,26 @@ def test_secrets_from_env_and_files(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert "from-env" not in repr(a.options) and "from-file" not in repr(b.options)
     with pytest.raises(ConfigError, match="environment variable 'MISSING_SECRET_VAR' is not set"):
         build_specs(["webhook:http://h/x?secret=env:MISSING_SECRET_VAR"])
+
+
+def test_a_yaml_error_names_the_place_but_never_shows_the_line(tmp_path: Path) -> None:
+    """PyYAML's message quotes the line, and an unclosed quote is most likely a credential's."""
+    config = tmp_path / "config.yaml"
+    config.write_text('sinks:\n  - type: loki\n    url: http://loki:3100\n    password: "s3cr3tP@ss\n')
+    with pytest.raises(ConfigError) as refused:
+        load_yaml(config)
+    assert "s3cr3tP@ss" not in str(refused.value)
+    assert f"config file {str(config)!r} is not valid YAML at line 5, column 1" in str(refused.value)
+
+
+def test_a_key_given_twice_in_the_yaml_is_refused(tmp_path: Path) -> None:
+    """YAML keeps the last of two `sinks:` silently: a whole list of sinks was gone without a word."""
+    config = tmp_path / "config.yaml"
+    config.write_text("sinks:\n  - type: stdout\ncluster_name: x\nsinks:\n  - type: stdout\n    name: b\n")
+    with pytest.raises(
+        ConfigError, match="at line 4, column 1: the key 'sinks' is given twice in one mapping"
+    ):
+        load_yaml(config)
 
 
 def test_urls_are_redacted() -> None:
