@@ -205,7 +205,7 @@ class Router:
             context = SinkContext(
                 name=spec.name, cluster=self.settings.cluster_name, data_dir=sink_dir, logger=logger
             )
-            sink = spec.sink_cls(spec.options, context)
+            sink = spec.build(context)
             spool = None
             if data is not None and spool_bytes > 0:
                 spool = Spool(

@@ -413,7 +413,7 @@ async def _check(args: argparse.Namespace) -> int:
             data_dir=None,
             logger=logging.getLogger(f"eventrouter.sink.{spec.name}"),
         )
-        sink = spec.sink_cls(spec.options, context)
+        sink = spec.build(context)
         try:
             async with asyncio.timeout(spec.pipeline.send_timeout):
                 await sink.check()

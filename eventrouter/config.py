@@ -26,7 +26,7 @@ from eventrouter.options import (
     safe_name,
 )
 from eventrouter.plugins import PluginError, SinkPlugin, discover
-from eventrouter.sink import Sink
+from eventrouter.sink import Sink, SinkContext
 
 __all__ = [
     "ConfigError",
@@ -68,6 +68,16 @@ class SinkSpec:
         """The same sink validated again from its configured options: re-reads every ``file:``
         secret and checks every file option again. Raises ConfigError as at start."""
         return spec_for_class(self.sink_cls, self.entry, type_=self.type, where=self.origin)
+
+    def build(self, context: SinkContext) -> Sink[Any]:
+        """The sink instance. ConfigError naming the sink when its constructor refuses (a plugin's
+        own checks): a traceback and exit 1 before."""
+        try:
+            return self.sink_cls(self.options, context)
+        except Exception as exc:
+            raise ConfigError(
+                f"{self.source}: the {self.type} sink cannot be built: {type(exc).__name__}: {exc}"
+            ) from None
 
     def describe(self) -> str:
         return (

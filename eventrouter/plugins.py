@@ -7,10 +7,17 @@ third-party package only fails when it is used and the error names that package.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from dataclasses import dataclass
 from typing import Any
 
+from eventrouter.options import SinkOptions
 from eventrouter.sink import Sink
+
+log = logging.getLogger(__name__)
+
+BUILTIN = "eventrouter"
+"""The distribution whose sinks no other package can replace under their names."""
 
 __all__ = ["GROUP", "PluginError", "SinkPlugin", "discover", "load"]
 
@@ -41,18 +48,35 @@ class SinkPlugin:
                 f"sink {self.name!r} from {self.distribution} points at {self.value}, "
                 "which is not an eventrouter.sink.Sink subclass"
             )
+        model = getattr(obj, "options_model", None)
+        if not (isinstance(model, type) and issubclass(model, SinkOptions)):
+            raise PluginError(
+                f"sink {self.name!r} from {self.distribution} {self.version}: its options_model is "
+                f"{model!r}, not an eventrouter.options.SinkOptions subclass"
+            )
         return obj
 
 
 def discover() -> dict[str, SinkPlugin]:
-    """Installed sinks by name. When two distributions claim a name, the first by name wins."""
+    """Installed sinks by name. When two distributions claim a name, eventrouter's own sink wins
+    (a package must not take over `loki` and the credentials configured for it), else the first
+    distribution by name; the other is named in a warning."""
     found: dict[str, SinkPlugin] = {}
     eps = sorted(
         importlib.metadata.entry_points(group=GROUP),
-        key=lambda ep: (ep.name, ep.dist.name if ep.dist else ""),
+        key=lambda ep: (ep.name, (ep.dist.name if ep.dist else "") != BUILTIN, ep.dist.name if ep.dist else ""),
     )
     for ep in eps:
         if ep.name in found:
+            other = ep.dist.name if ep.dist else "?"
+            if other != found[ep.name].distribution:
+                log.warning(
+                    "sink type %r is registered by %s and by %s: the one from %s is used",
+                    ep.name,
+                    found[ep.name].distribution,
+                    other,
+                    found[ep.name].distribution,
+                )
             continue
         dist = ep.dist
         found[ep.name] = SinkPlugin(

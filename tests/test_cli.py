@@ -523,3 +523,71 @@ def test_a_dead_letter_replay_sorted_for_loki_waits_on_the_data_volume_not_in_tm
     assert settings.data_dir is None and settings.watch.relist_dir == str(tmp_path)
     _, settings = _dead_letter_replay(("loki", "c"), specs, RouterSettings(), str(dead))
     assert settings.watch.relist_dir == str(dead.parent.resolve())
+
+
+# ---- plugins that misbehave ------------------------------------------------------------------------
+
+_BADPLUG = '''
+from eventrouter import Sink, SinkOptions
+
+
+class Impostor(Sink[SinkOptions]):
+    """Claims the name of a built-in sink."""
+
+    options_model = SinkOptions
+
+
+class NoModel(Sink[SinkOptions]):
+    options_model = dict
+
+
+class Refuses(Sink[SinkOptions]):
+    options_model = SinkOptions
+
+    def __init__(self, options, context):
+        raise ValueError("the region is not supported by this client")
+
+    async def send(self, batch):
+        return None
+'''
+
+
+def _install_badplug(tmp_path: Path) -> dict[str, str]:
+    """A distribution on a path entry, found by importlib.metadata as an installed one is."""
+    (tmp_path / "badplug.py").write_text(_BADPLUG)
+    info = tmp_path / "badplug-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: badplug\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[eventrouter.sinks]\nloki = badplug:Impostor\nnomodel = badplug:NoModel\nrefuses = badplug:Refuses\n"
+    )
+    return {"PYTHONPATH": str(tmp_path)}
+
+
+def test_a_plugin_cannot_take_over_a_builtin_sinks_name(tmp_path: Path) -> None:
+    """The first distribution by name won: a package registering `loki` received the Loki token."""
+    env = _install_badplug(tmp_path)
+    result = _eventrouter("sinks", "loki", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "(eventrouter " in result.stdout and "badplug" not in result.stdout
+    assert (
+        "sink type 'loki' is registered by eventrouter and by badplug: the one from eventrouter is used"
+        in (result.stderr)
+    )
+
+
+def test_broken_plugins_are_named_not_a_traceback(tmp_path: Path) -> None:
+    env = _install_badplug(tmp_path)
+    listing = _eventrouter("sinks", env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert (
+        "nomodel  [broken]" in listing.stdout
+        and "not an eventrouter.options.SinkOptions subclass" in listing.stdout
+    )
+    assert "stdout" in listing.stdout  # the others are listed still
+    for command in ("check", "run"):
+        args = [command, "--sink=refuses:"] + (["--demo"] if command == "run" else [])
+        result = _eventrouter(*args, env=env)
+        assert result.returncode == 2, result.stderr
+        assert "the refuses sink cannot be built: ValueError: the region is not supported" in result.stderr
+        assert "Traceback" not in result.stderr
