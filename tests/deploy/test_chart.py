@@ -232,6 +232,32 @@ def test_termination_grace_exceeds_shutdown_timeout(chart: helm.Chart) -> None:
     assert pod_spec(docs)["terminationGracePeriodSeconds"] > timeout
     with pytest.raises(helm.HelmRenderError, match="terminationGracePeriodSeconds"):
         render(chart, {"shutdownTimeout": 30, "terminationGracePeriodSeconds": 30})
+    # After the drain: spools, the checkpoint and the lease release still need their seconds.
+    with pytest.raises(helm.HelmRenderError, match="at least 5 s below terminationGracePeriodSeconds"):
+        render(chart, {"shutdownTimeout": 29, "terminationGracePeriodSeconds": 30})
+    render(chart, {"shutdownTimeout": 25, "terminationGracePeriodSeconds": 30})
+
+
+def test_a_rolling_update_without_leader_election_is_refused(chart: helm.Chart) -> None:
+    """The old and the new pod would both deliver during the rollout."""
+    with pytest.raises(helm.HelmRenderError, match="RollingUpdate needs leaderElection"):
+        render(chart, {"strategy": {"type": "RollingUpdate"}})
+
+
+@pytest.mark.parametrize("modes", [["ReadWriteOnce"], ["ReadWriteOncePod"]])
+def test_a_leader_on_a_readwriteonce_claim_goes_before_its_successor_starts(
+    chart: helm.Chart, modes: list[str]
+) -> None:
+    """A surged pod on another node cannot attach the claim (or, ReadWriteOncePod, is never
+    scheduled), and the old pod waited for it to be ready: the rollout hung."""
+    values = {"leaderElection": {"enabled": True}, "persistence": {"enabled": True, "accessModes": modes}}
+    strategy = one(render(chart, values), "Deployment")["spec"]["strategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    shared = {
+        "leaderElection": {"enabled": True},
+        "persistence": {"enabled": True, "accessModes": ["ReadWriteMany"]},
+    }
+    assert one(render(chart, shared), "Deployment")["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 1
 
 
 # --- sinks and credentials ---------------------------------------------------------------------
@@ -298,6 +324,9 @@ def test_credentials_mounted_as_files_and_env_from_secret_refs(chart: helm.Chart
     docs = render(chart, SECRET_VALUES)
     secret_name = f"{FULLNAME}-credentials"
     assert volumes(docs)["credentials"]["secret"]["secretName"] == secret_name
+    # Owner and group (fsGroup, which the router is in): 0400 left a root-owned file it cannot read.
+    assert volumes(docs)["credentials"]["secret"]["defaultMode"] == 0o440
+    assert pod_spec(docs)["securityContext"]["fsGroup"] == 65532
     # The whole Secret as a folder, no subPath: only so does the kubelet bring a rotated value into
     # the running pod, where the router re-reads its `file:` credentials (engine/reload.py).
     assert mounts(docs)["credentials"] == {
@@ -337,12 +366,56 @@ def test_existing_secret_and_chart_values_together_are_refused(chart: helm.Chart
         {"sinks": {"flags": ["sls:https://cn-hangzhou.log.aliyuncs.com?access_key_secret=abc123"]}},
         {"config": {"sinks": [{"type": "loki", "url": "http://loki:3100", "password": "abc123"}]}},
         {"config": {"sinks": [{"type": "webhook", "url": "http://hook", "token": "abc123"}]}},
+        {"sinks": {"flags": ["wecom:https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=abc123"]}},
+        {
+            "sinks": {
+                "flags": ["dingtalk:https://oapi.dingtalk.com/robot/send?access_token=env:DT&sign=SECabc"]
+            }
+        },
+        {
+            "config": {
+                "sinks": [
+                    {"type": "dingtalk", "url": "https://oapi.dingtalk.com/robot/send?access_token=abc"}
+                ]
+            }
+        },
     ],
-    ids=["flag-token", "flag-access-key-secret", "config-password", "config-token"],
+    ids=[
+        "flag-token",
+        "flag-access-key-secret",
+        "config-password",
+        "config-token",
+        "wecom-key",
+        "dingtalk-sign",
+        "config-url-query",
+    ],
 )
 def test_literal_credential_is_refused(chart: helm.Chart, values: dict[str, Any]) -> None:
     with pytest.raises(helm.HelmRenderError, match="looks like a credential"):
         render(chart, values)
+
+
+def test_a_literal_header_value_is_refused(chart: helm.Chart) -> None:
+    sink = {"type": "webhook", "url": "http://hook", "headers": {"Authorization": "Bearer abc123"}}
+    with pytest.raises(helm.HelmRenderError, match='header "Authorization" holds a literal value'):
+        render(chart, {"config": {"sinks": [sink]}})
+    sink["headers"] = {"Authorization": "file:/etc/eventrouter/secrets/hook-auth"}
+    render(chart, {"config": {"sinks": [sink]}})
+
+
+def test_a_pdb_of_max_unavailable_0_stays_0(chart: helm.Chart) -> None:
+    values = {"podDisruptionBudget": {"enabled": True, "maxUnavailable": 0}}
+    assert one(render(chart, values), "PodDisruptionBudget")["spec"]["maxUnavailable"] == 0
+    values = {"podDisruptionBudget": {"enabled": True}}
+    assert one(render(chart, values), "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+
+
+def test_the_metrics_service_name_fits_63_characters(chart: helm.Chart) -> None:
+    docs = parse(
+        chart.render({"metrics": {"service": {"enabled": True}}}, name="p" * 44, namespace=NAMESPACE)
+    )
+    (service,) = of_kind(docs, "Service")
+    assert len(service["metadata"]["name"]) <= 63 and service["metadata"]["name"].endswith("-metrics")
 
 
 # --- feature switches --------------------------------------------------------------------------

@@ -74,7 +74,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 Refuse a credential written as a literal: option keys that name a secret must hold an
 `env:NAME` or `file:/path` reference, so no secret ends up in the ConfigMap or the pod's args.
 */}}
-{{- define "eventrouter.secretKeyPattern" -}}(?i)(password|passwd|token|secret|api_?key|access_?key|private_?key)${{- end -}}
+{{- define "eventrouter.secretKeyPattern" -}}(?i)(password|passwd|token|secret|api_?key|access_?key|access_?key_?id|private_?key|^key|^sign|corpsecret)${{- end -}}
 
 {{- define "eventrouter.checkSecretValue" -}}
 {{- $where := index . 0 -}}
@@ -87,13 +87,26 @@ Refuse a credential written as a literal: option keys that name a secret must ho
 {{- end -}}
 {{- end -}}
 
+{{- define "eventrouter.checkQuery" -}}
+{{- $where := index . 0 -}}
+{{- range $pair := splitList "&" (index . 1) -}}
+{{- if contains "=" $pair -}}
+{{- $kv := splitn "=" 2 $pair -}}
+{{- include "eventrouter.checkSecretValue" (list $where $kv._0 $kv._1) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "eventrouter.validate" -}}
 {{- $v := .Values -}}
 {{- if and (gt (int $v.replicaCount) 1) (not $v.leaderElection.enabled) -}}
 {{- fail "replicaCount > 1 requires leaderElection.enabled=true: without it every replica delivers every event" -}}
 {{- end -}}
-{{- if ge (int $v.shutdownTimeout) (int $v.terminationGracePeriodSeconds) -}}
-{{- fail (printf "shutdownTimeout (%d) must be below terminationGracePeriodSeconds (%d) so the drain finishes before the kubelet kills the pod" (int $v.shutdownTimeout) (int $v.terminationGracePeriodSeconds)) -}}
+{{- if gt (add (int $v.shutdownTimeout) 5) (int $v.terminationGracePeriodSeconds) -}}
+{{- fail (printf "shutdownTimeout (%d) must be at least 5 s below terminationGracePeriodSeconds (%d): after the drain the router still writes its spools, the checkpoint and the lease release before the kubelet kills the pod" (int $v.shutdownTimeout) (int $v.terminationGracePeriodSeconds)) -}}
+{{- end -}}
+{{- if and $v.strategy (eq (toString $v.strategy.type) "RollingUpdate") (not $v.leaderElection.enabled) -}}
+{{- fail "strategy RollingUpdate needs leaderElection.enabled=true: without it the old and the new pod would both deliver during the rollout" -}}
 {{- end -}}
 {{- if $v.leaderElection.enabled -}}
 {{- if not (lt (float64 $v.leaderElection.renewDeadline) (float64 $v.leaderElection.leaseDuration)) -}}
@@ -131,16 +144,21 @@ Refuse a credential written as a literal: option keys that name a secret must ho
 {{- $where := printf "config.sinks[%d] (%s)" $i (toString (default $sink.type $sink.name)) -}}
 {{- range $key, $value := $sink -}}
 {{- include "eventrouter.checkSecretValue" (list $where $key $value) -}}
+{{- if and (eq (toString $key) "url") (contains "?" (toString $value)) -}}
+{{- include "eventrouter.checkQuery" (list $where (index (splitn "?" 2 (toString $value)) "_1")) -}}
+{{- end -}}
+{{- if and (has (toString $key) (list "headers" "header")) (kindIs "map" $value) -}}
+{{- range $name, $header := $value -}}
+{{- if not (regexMatch "^(env:|file:)" (toString $header)) -}}
+{{- fail (printf "%s: header %q holds a literal value; give it as env:VAR_NAME or file:/path (headers carry credentials)" $where (toString $name)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- range $i, $flag := $v.sinks.flags -}}
-{{- $query := "" -}}
-{{- if contains "?" $flag -}}{{- $query = index (splitn "?" 2 $flag) "_1" -}}{{- end -}}
-{{- range $pair := splitList "&" $query -}}
-{{- if contains "=" $pair -}}
-{{- $kv := splitn "=" 2 $pair -}}
-{{- include "eventrouter.checkSecretValue" (list (printf "sinks.flags[%d]" $i) $kv._0 $kv._1) -}}
-{{- end -}}
+{{- if contains "?" $flag -}}
+{{- include "eventrouter.checkQuery" (list (printf "sinks.flags[%d]" $i) (index (splitn "?" 2 $flag) "_1")) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
