@@ -540,7 +540,7 @@ async def _replay(args: argparse.Namespace) -> int:
         "drained": drained,
         "sinks": {},
     }
-    lost = 0
+    lost = refused = 0
     for p in router.pipelines:
         row = {
             "delivered": int(m.delivered.labels(p.name)._value.get()),
@@ -552,9 +552,11 @@ async def _replay(args: argparse.Namespace) -> int:
             "dropped": int(sum(m.dropped.labels(p.name, r)._value.get() for r in SINK_DROP_REASONS)),
         }
         lost += row["dropped"]
+        refused += row["dead_lettered"]
         summary["sinks"][p.name] = row
     print(orjson.dumps(summary).decode(), file=sys.stderr)
-    return 0 if drained and not lost else 1
+    # Something not delivered (dropped, or refused by the sink) is no success: a script must see it.
+    return 0 if drained and not lost and not refused else 1
 
 
 # ---- entry ---------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import Any
 
 import orjson
 
@@ -27,7 +28,22 @@ class JsonFormatter(logging.Formatter):
                 doc[key] = value
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(doc, default=str).decode()
+        try:
+            return orjson.dumps(doc, default=str).decode()
+        except TypeError:
+            # A lone surrogate (a path or a name that was not UTF-8, decoded with surrogateescape):
+            # orjson refuses it, and the whole line was lost. The text form keeps it, escaped.
+            return orjson.dumps(_escaped(doc), default=str).decode()
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escaped(v) for v in value]
+    return str(value) if not isinstance(value, int | float | bool | type(None)) else value
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:

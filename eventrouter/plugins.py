@@ -64,7 +64,11 @@ def discover() -> dict[str, SinkPlugin]:
     found: dict[str, SinkPlugin] = {}
     eps = sorted(
         importlib.metadata.entry_points(group=GROUP),
-        key=lambda ep: (ep.name, (ep.dist.name if ep.dist else "") != BUILTIN, ep.dist.name if ep.dist else ""),
+        key=lambda ep: (
+            ep.name,
+            (ep.dist.name if ep.dist else "") != BUILTIN,
+            ep.dist.name if ep.dist else "",
+        ),
     )
     for ep in eps:
         if ep.name in found:

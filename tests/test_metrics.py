@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 
 import pytest
@@ -77,3 +79,15 @@ def test_a_sink_and_the_source_export_every_reason_at_zero() -> None:
         assert f'eventrouter_sink_send_errors_total{{kind="{kind}",sink="s"}} 0.0' in text
     for reason in ("timeout", "expired", "connection", "error"):
         assert f'eventrouter_watch_restarts_total{{reason="{reason}"}} 0.0' in text
+
+
+def test_a_json_log_line_with_text_that_was_not_utf8_is_written_escaped() -> None:
+    """A path that was not UTF-8 (decoded with surrogateescape) made orjson refuse the record and
+    the whole line was lost ("--- Logging error ---")."""
+    from eventrouter.logs import JsonFormatter
+
+    record = logging.LogRecord(
+        "eventrouter", logging.ERROR, __file__, 1, "cannot open %s", ("out\udcff.jsonl",), None
+    )
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "cannot open out\\udcff.jsonl" and line["level"] == "error"
