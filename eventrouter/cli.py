@@ -521,6 +521,13 @@ async def _replay(args: argparse.Namespace) -> int:
         settings = _settings(args, cfg)
         settings.metrics_addr = None
         settings.shutdown_timeout = args.timeout
+        if settings.namespaces or settings.watch.field_selector:
+            # They choose what the API server sends; a recording holds what it sent then.
+            log.warning(
+                "replay: the configuration's namespaces and field_selector are not applied to a "
+                "recording; every object in it is replayed (a sink's own filter, e.g. namespaces= or "
+                "level=, selects)"
+            )
         if source.origin is not None:
             specs, settings = _dead_letter_replay(source.origin, specs, settings, args.file)
         router = Router(settings, specs)

@@ -6,6 +6,8 @@ Errors name the sink and the option at fault and never echo secret values.
 from __future__ import annotations
 
 import builtins
+import difflib
+import logging
 import re
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -41,6 +43,9 @@ __all__ = [
 
 QUERY_KEYS = "__url_query_keys__"
 """Entry key listing which options came from a --sink URL query (they may belong to the URL)."""
+
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(Exception):
@@ -112,6 +117,20 @@ def parse_sink_flag(flag: str) -> dict[str, Any]:
     return entry
 
 
+def _with_url_query(entry: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """A YAML sink whose ``url`` has a query takes its options as ``--sink`` does (its keys were
+    ignored: a tenant, a level filter, a password in the URL); a key also given as an option is an
+    error (which one was meant is not known)."""
+    url, type_ = entry.get("url"), entry.get("type")
+    if not (isinstance(url, str) and "?" in url and isinstance(type_, str)) or QUERY_KEYS in entry:
+        return entry
+    parsed = parse_sink_flag(f"{type_}:{url}")
+    both = sorted(k for k in parsed[QUERY_KEYS] if k in entry)
+    if both:
+        raise ConfigError(f"{where}: {', '.join(map(repr, both))} given in the url's query and as options")
+    return {**entry, **{k: v for k, v in parsed.items() if k != "type"}}
+
+
 def _coerce_query_value(model: type[BaseModel], key: str, value: Any) -> Any:
     """A repeated key for a scalar field keeps the last value, like most URL parsers."""
     info = model.model_fields.get(key)
@@ -178,6 +197,16 @@ def spec_for_class(
         # router does not know stay in the URL instead of being refused as unknown options.
         known = field_names(model)
         extra = {k: v for k, v in own.items() if k not in known and k in from_query}
+        for key in extra:
+            close = difflib.get_close_matches(key, [*known, *COMMON_KEYS], n=1, cutoff=0.75)
+            if close:
+                log.warning(
+                    "%s: query key %r is not an option and stays in the URL (sent to the endpoint); "
+                    "did you mean %r?",
+                    where,
+                    key,
+                    close[0],
+                )
         if extra:
             own = {k: v for k, v in own.items() if k not in extra}
             pairs = [(k, x) for k, v in extra.items() for x in (v if isinstance(v, list) else [v])]
@@ -267,7 +296,8 @@ def build_specs(
     for i, entry in enumerate(yaml_sinks):
         if not isinstance(entry, Mapping):
             raise ConfigError(f"{yaml_source} sinks[{i}]: expected a mapping")
-        specs.append(build_spec(entry, where=f"{yaml_source} sinks[{i}]", plugins=plugins))
+        where = f"{yaml_source} sinks[{i}]"
+        specs.append(build_spec(_with_url_query(entry, where), where=where, plugins=plugins))
     for i, flag in enumerate(flags, 1):
         specs.append(build_spec(parse_sink_flag(flag), where=f"--sink #{i}", plugins=plugins))
     seen: dict[str, str] = {}

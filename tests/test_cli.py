@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -289,6 +290,31 @@ def test_a_key_given_twice_in_the_yaml_is_refused(tmp_path: Path) -> None:
         load_yaml(config)
 
 
+def test_a_yaml_url_query_gives_options_as_a_sink_flag_does(tmp_path: Path) -> None:
+    """Its keys were ignored: the tenant, the level filter, a password in the URL."""
+    config = tmp_path / "config.yaml"
+    config.write_text("sinks:\n  - type: loki\n    url: http://loki:3100?tenant=team-a&level=Warning\n")
+    (spec,) = build_specs([], load_yaml(config).sinks)
+    assert spec.options.url == "http://loki:3100"
+    assert spec.options.tenant == "team-a" and spec.filter.level == "Warning"  # type: ignore[attr-defined]
+    config.write_text("sinks:\n  - type: loki\n    url: http://loki:3100?tenant=a\n    tenant: b\n")
+    with pytest.raises(ConfigError, match="'tenant' given in the url's query and as options"):
+        build_specs([], load_yaml(config).sinks)
+
+
+def test_a_webhook_query_key_that_looks_like_an_option_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Unknown keys stay in a webhook's URL (its own parameters); a misspelt filter was one of them."""
+    (spec,) = build_specs(["webhook:http://hook/x?levle=Warning&team=ops"])
+    assert spec.options.url == "http://hook/x?levle=Warning&team=ops"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "--sink #1 (sink 'webhook'): query key 'levle' is not an option and stays in the URL (sent to the "
+        "endpoint); did you mean 'level'?"
+    ]
+
+
 def test_urls_are_redacted() -> None:
     assert redact_url("https://u:p@h/robot/send?access_token=abc&level=Warning") == (
         "https://***@h/robot/send?access_token=***&level=***"
@@ -383,6 +409,16 @@ def test_replay_counts_and_names_an_object_of_an_unknown_watch_type(tmp_path: Pa
     summary = json.loads(result.stderr.strip().splitlines()[-1])
     assert summary["malformed"] == 1 and summary["occurrences"] == 126
     assert "skipped an object recorded with the unknown watch type 'Added'" in result.stderr
+
+
+def test_replay_says_that_the_configs_namespaces_are_not_applied(tmp_path: Path) -> None:
+    """`replay --config` with the router's own file: its namespaces silently did not apply."""
+    config, out = tmp_path / "config.yaml", tmp_path / "events.jsonl"
+    config.write_text("namespaces: [kube-system]\nsinks:\n  - type: file\n    url: " + str(out) + "\n")
+    result = _eventrouter("replay", str(DATA / "watch-core-v1.jsonl"), "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "replay: the configuration's namespaces and field_selector are not applied" in result.stderr
+    assert len(out.read_text().splitlines()) == 126
 
 
 def test_replay_of_more_than_the_memory_queue_holds_waits_for_the_sink_and_drops_nothing(
