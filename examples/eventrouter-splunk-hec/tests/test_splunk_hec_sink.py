@@ -67,6 +67,11 @@ def test_options_refuse_a_missing_token_and_credentials_in_the_url() -> None:
         SplunkHECOptions.model_validate({"url": "http://splunk:8088"})
     with pytest.raises(ValidationError, match="must not carry credentials"):
         SplunkHECOptions.model_validate({"url": "http://admin:hunter2@splunk:8088", "token": TOKEN})
+    # A CA bundle that is not there is a configuration error naming it, not a start that fails for ever.
+    with pytest.raises(ValidationError, match="ca_file"):
+        SplunkHECOptions.model_validate(
+            {"url": "https://splunk:8088", "token": TOKEN, "ca_file": "/no/such.pem"}
+        )
 
 
 async def test_the_recording_is_indexed_with_time_host_sourcetype_and_fields(hec: FakeHEC) -> None:

@@ -49,6 +49,7 @@ from eventrouter import (
     reject,
     retry,
 )
+from eventrouter.options import FilePath
 from pydantic import AliasChoices, Field, field_validator
 
 __all__ = ["DEFAULT_PATH", "SplunkHECOptions", "SplunkHECSink", "redact"]
@@ -78,7 +79,7 @@ class SplunkHECOptions(SinkOptions):
     )
     timeout: float = Field(10.0, gt=0, description="Seconds one HTTP request may take.")
     verify_tls: bool = Field(True, description="Verify the server certificate (https).")
-    ca_file: str | None = Field(None, description="PEM bundle to verify the server with (https).")
+    ca_file: FilePath | None = Field(None, description="PEM bundle to verify the server with (https).")
 
     @field_validator("url")
     @classmethod
