@@ -47,6 +47,8 @@ QUERY_KEYS = "__url_query_keys__"
 
 log = logging.getLogger(__name__)
 
+_REFERENCE = re.compile(r"env:[A-Za-z_][A-Za-z0-9_]*|file:/\S*")
+
 
 class ConfigError(Exception):
     """Invalid configuration; the message names the sink and option. Exit code 2."""
@@ -212,6 +214,19 @@ def spec_for_class(
             pairs = [(k, x) for k, v in extra.items() for x in (v if isinstance(v, list) else [v])]
             sep = "&" if "?" in str(own.get("url", "")) else "?"
             own["url"] = str(own.get("url", "")) + sep + urllib.parse.urlencode(pairs)
+    for key, value in own.items():
+        info = model.model_fields.get(key)
+        if (
+            info is not None
+            and info.annotation in (str, str | None)
+            and isinstance(value, str)
+            and _REFERENCE.fullmatch(value)
+        ):
+            # It was used as the literal text "env:ES_USER": a user name or tenant that never matched.
+            raise ConfigError(
+                f"{where}: option {key!r} takes its value as written; env: and file: references are "
+                "read for credentials only"
+            )
     clash = (field_names(model) - {"url", "include_raw"}) & COMMON_KEYS
     if clash:
         raise ConfigError(f"{where}: sink {type_!r} defines reserved option names {sorted(clash)}")

@@ -315,6 +315,17 @@ def test_a_webhook_query_key_that_looks_like_an_option_is_warned_about(
     ]
 
 
+def test_an_env_reference_on_an_option_that_is_not_a_credential_is_refused() -> None:
+    """Only credentials read env: and file:; anywhere else the text was used as it is, so a user
+    name or a tenant "env:ES_USER" never matched anything, without a word."""
+    for flag, option in (
+        ("elasticsearch:http://es:9200?username=env:ES_USER", "username"),
+        ("loki:http://loki:3100?tenant=file:/etc/tenant", "tenant"),
+    ):
+        with pytest.raises(ConfigError, match=f"option '{option}' takes its value as written"):
+            build_specs([flag])
+
+
 def test_urls_are_redacted() -> None:
     assert redact_url("https://u:p@h/robot/send?access_token=abc&level=Warning") == (
         "https://***@h/robot/send?access_token=***&level=***"
