@@ -34,7 +34,7 @@ from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS
 from eventrouter.plugins import PluginError, discover
 from eventrouter.sink import SinkContext
 from eventrouter.source.recording import read_recording
-from eventrouter.source.watcher import WatchSettings
+from eventrouter.source.watcher import WatchSettings, check_field_selector
 
 __all__ = ["main"]
 
@@ -220,6 +220,11 @@ def _writable_data_dir(path: Path) -> Path:
 
 
 def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
+    selector = getattr(args, "field_selector", "") or cfg.field_selector
+    try:
+        check_field_selector(selector)
+    except ValueError as exc:
+        raise ConfigError(f"field selector {selector!r}: {exc}") from None
     data_dir = args.data_dir or (Path(cfg.data_dir) if cfg.data_dir else None)
     if data_dir is not None:
         data_dir = _writable_data_dir(data_dir)
@@ -245,7 +250,7 @@ def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
         checkpoint_flush_interval=getattr(args, "checkpoint_flush_interval", 1.0),
         checkpoint_namespace=os.environ.get("POD_NAMESPACE", "default"),
         watch=WatchSettings(
-            field_selector=getattr(args, "field_selector", "") or cfg.field_selector,
+            field_selector=selector,
             watch_timeout=getattr(args, "watch_timeout", 290),
         ),
     )

@@ -417,6 +417,16 @@ async def test_field_selectors_on_list_match_the_real_index(
         "reason": "BadRequest",
         "code": 400,
     }
+    # fields.ParseSelector trims nothing and unescapes strictly; an empty term is skipped.
+    for selector, message in (
+        ("type=Warning, reason=BackOff", "field label not supported:  reason"),
+        ("reason=a=b", "invalid field selector: unescaped character in value: 61"),
+        ("reason=a\\x", "invalid field selector: invalid escape sequence: \\x"),
+    ):
+        status, body = await get_json(http, EVENTS, fieldSelector=selector)
+        assert (status, body["message"]) == (400, message), selector
+    status, _ = await get_json(http, EVENTS, fieldSelector="type=Warning,")
+    assert status == 200
 
 
 async def test_watch_selector_turns_objects_leaving_it_into_deleted(

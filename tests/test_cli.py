@@ -177,6 +177,9 @@ def test_a_config_or_secret_file_that_is_not_utf8_is_named(tmp_path: Path) -> No
         (["--data-dir-max-bytes", "inf"], {}, "argument --data-dir-max-bytes: 'inf': expected bytes"),
         (["--stall-timeout", "0"], {}, "argument --stall-timeout: '0': must be more than 0"),
         (["--checkpoint-flush-interval", "0"], {}, "argument --checkpoint-flush-interval: '0': must be more"),
+        # The API server trims nothing: every list failed with 400, and the router was never ready.
+        (["--field-selector", "type=Warning, reason=BackOff"], {}, "field ' reason' cannot select Events"),
+        (["--field-selector", "reason=a=b"], {}, "field selector 'reason=a=b': cannot understand"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(args: list[str], env: dict[str, str], expected: str) -> None:

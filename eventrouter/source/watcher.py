@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -32,6 +33,44 @@ log = logging.getLogger(__name__)
 
 class _Expired(Exception):
     """The resourceVersion we hold is gone: relist."""
+
+
+# The field labels kube-apiserver indexes for core/v1 Events (pkg/registry/core/event/strategy.go).
+EVENT_FIELD_LABELS = (
+    "metadata.name",
+    "metadata.namespace",
+    "involvedObject.kind",
+    "involvedObject.namespace",
+    "involvedObject.name",
+    "involvedObject.uid",
+    "involvedObject.apiVersion",
+    "involvedObject.resourceVersion",
+    "involvedObject.fieldPath",
+    "reason",
+    "reportingComponent",
+    "source",
+    "type",
+)
+_SELECTOR_TERM = re.compile(r"((?:[^\\=!]|\\.)*?)(!=|==|=)((?:[^\\=,]|\\[\\,=])*)")
+
+
+def check_field_selector(text: str) -> None:
+    """Raise ValueError for a selector the API server refuses (as fields.ParseSelector does: nothing
+    is trimmed, so "type=Warning, reason=BackOff" names a field " reason"): sent as it was, every list
+    failed with 400 and the router retried for ever, never ready."""
+    for term in re.split(r"(?<!\\),", text):
+        if not term:
+            continue
+        m = _SELECTOR_TERM.fullmatch(term)
+        if m is None:
+            raise ValueError(
+                f"cannot understand {term!r} (field=value, field==value or field!=value; a comma, "
+                "an = or a backslash in a value is escaped with a backslash)"
+            )
+        if m.group(1) not in EVENT_FIELD_LABELS:
+            raise ValueError(
+                f"field {m.group(1)!r} cannot select Events (use one of {', '.join(EVENT_FIELD_LABELS)})"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,7 +89,24 @@ def _split_unescaped(text: str, sep: str) -> list[str]:
 
 
 def _unescape(text: str) -> str:
-    return re.sub(r"\\(.)", r"\1", text)
+    r"""fields.UnescapeValue: only ``\\``, ``\,`` and ``\=`` are escapes; an unescaped ``=`` or ``,``
+    in a value is an error."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            seq = text[i : i + 2]
+            if len(seq) < 2 or seq[1] not in "\\,=":
+                raise bad_request(f"invalid field selector: invalid escape sequence: {seq}")
+            out.append(seq[1])
+            i += 2
+            continue
+        if ch in "=,":
+            raise bad_request(f"invalid field selector: unescaped character in value: {ord(ch)}")
+        out.append(ch)
+        i += 1
+    return "".join(out)
 
 
 class FieldSelector:
@@ -98,14 +115,15 @@ class FieldSelector:
     def __init__(self, text: str, supported: frozenset[str]) -> None:
         self.text = text
         self.terms: list[tuple[str, bool, str]] = []  # (field, equal?, value)
-        if not text.strip():
-            return
-        for raw in _split_unescaped(text, ","):
-            term = raw.strip()
+        # As fields.ParseSelector: terms split at unescaped commas, empty ones skipped, nothing
+        # trimmed (" reason" is a field label of its own, and not a supported one).
+        for term in _split_unescaped(text, ","):
+            if not term:
+                continue
             m = re.match(r"^((?:[^\\=!]|\\.)*?)(!=|==|=)(.*)$", term)
             if not m:
                 raise bad_request(f"invalid selector: '{text}'; can't understand '{term}'")
-            field, op, value = m.group(1).strip(), m.group(2), _unescape(m.group(3))
+            field, op, value = m.group(1), m.group(2), _unescape(m.group(3))
             if field not in supported:
                 raise bad_request(f"field label not supported: {field}")
             self.terms.append((field, op != "!=", value))
