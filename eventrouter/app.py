@@ -445,6 +445,8 @@ class Router:
         # is paced by the sinks' queues (Fanout.wait_for_room), and a sink still starting (a Kafka
         # bootstrap, a TLS handshake) takes nothing, so its queue would overflow without a spool.
         await asyncio.gather(*(p.start_tried.wait() for p in self.pipelines))
+        if self._stopping:
+            return  # stopped meanwhile (a SIGTERM right after taking the lease): no watch to start
         namespaces: list[str | None] = [*self.settings.namespaces] or [None]
         # A list page must fit in the smallest memory queue, or a relist would overflow it.
         smallest = min((p.queue_max for p in self.pipelines), default=1000)
