@@ -302,6 +302,24 @@ async def test_configmap_deleted_while_running_is_created_again(
     assert stored_states(api) == {"loki": {"a": 1, "b": 1}}
 
 
+def _configmap_router(
+    api: FakeApiServer, tmp_path: Path, *, data_dir: Path | None = None, **opts: Any
+) -> Router:
+    """A router with the checkpoint in the ConfigMap (and ``data_dir`` for the rest), one memory sink."""
+    settings = RouterSettings(
+        kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
+        metrics_addr=None,
+        data_dir=data_dir,
+        checkpoint_configmap=NAME,
+        checkpoint_namespace=NS,
+        checkpoint_flush_interval=0.1,
+        shutdown_timeout=5.0,
+        watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
+    )
+    sink = {"name": "mem", "batch_max_wait": 0.01, **opts}
+    return Router(settings, [spec_for_class(MemorySink, sink, type_="memory")])
+
+
 async def test_beside_a_configmap_checkpoint_a_data_dir_holds_the_spool_and_the_dead_letters(
     api: FakeApiServer, tmp_path: Path
 ) -> None:
@@ -311,24 +329,8 @@ async def test_beside_a_configmap_checkpoint_a_data_dir_holds_the_spool_and_the_
     file, and no checkpoint is written to the data dir (a standby's would be stale)."""
     events = [api.create_event(event_object(namespace=NS, object_name=f"r-{i}")) for i in range(300)]
     data = tmp_path / "data"
-    settings = RouterSettings(
-        kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
-        metrics_addr=None,
-        data_dir=data,
-        checkpoint_configmap=NAME,
-        checkpoint_namespace=NS,
-        checkpoint_flush_interval=0.1,
-        shutdown_timeout=5.0,
-        watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
-    )
-    opts = {
-        "name": "mem",
-        "batch_max_wait": 0.02,
-        "queue_max_events": 50,
-        "batch_max_events": 20,
-        "fail": True,
-    }
-    router = Router(settings, [spec_for_class(MemorySink, opts, type_="memory")])
+    opts = {"batch_max_wait": 0.02, "queue_max_events": 50, "batch_max_events": 20, "fail": True}
+    router = _configmap_router(api, tmp_path, data_dir=data, **opts)
     running = asyncio.create_task(router.run())
     try:
         await until(lambda: bool(router.pipelines), timeout=10)
@@ -354,21 +356,6 @@ async def test_beside_a_configmap_checkpoint_a_data_dir_holds_the_spool_and_the_
     letter = orjson.loads(line)
     assert (letter["reason"], letter["event"]["metadata"]["uid"]) == ("refused by the test", refused)
     assert not (data / "checkpoints").exists()
-
-
-def _configmap_router(api: FakeApiServer, tmp_path: Path) -> Router:
-    settings = RouterSettings(
-        kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
-        metrics_addr=None,
-        checkpoint_configmap=NAME,
-        checkpoint_namespace=NS,
-        checkpoint_flush_interval=0.1,
-        shutdown_timeout=5.0,
-        watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
-    )
-    return Router(
-        settings, [spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.01}, type_="memory")]
-    )
 
 
 async def test_a_configmap_checkpoint_that_cannot_be_written_is_counted_and_exits_1(
@@ -417,6 +404,11 @@ def test_a_large_checkpoint_configmap_is_written_less_often(
 ) -> None:
     """Each write is a whole new revision in etcd, kept until compaction: a 1 MiB ConfigMap every
     second is ~300 MiB of history. At most ~64 KiB/s on average: 1 MiB every 16 s."""
+    from eventrouter.cli import _parser, _settings
+    from eventrouter.config import RouterConfig
+
+    args = _parser().parse_args(["run", "--checkpoint-flush-interval", "3"])
+    assert _settings(args, RouterConfig()).checkpoint_flush_interval == 3.0
     store = store_factory(flush_interval=1.0)
     assert store.write_interval == 1.0
     store.last_size = 1024 * 1024
