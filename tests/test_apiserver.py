@@ -858,3 +858,73 @@ async def test_a_watcher_keeps_up_with_thousands_of_writes_per_second(
         elapsed = time.monotonic() - started
     assert received == total
     assert total / elapsed > 5_000, f"{total / elapsed:.0f} events/s"
+
+
+@pytest.fixture
+async def etcd() -> AsyncIterator[FakeApiServer]:
+    """Events straight from etcd, as kube-apiserver 1.24 serves them by default."""
+    async with FakeApiServer(
+        token=TOKEN, watch_cache=False, bookmark_interval=0.05, history_size=3
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+async def etcd_http(etcd: FakeApiServer) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(etcd.url, headers={"Authorization": f"Bearer {TOKEN}"}) as session:
+        yield session
+
+
+async def test_without_the_watch_cache_a_watch_sends_no_bookmarks(
+    etcd: FakeApiServer, etcd_http: aiohttp.ClientSession
+) -> None:
+    rv = str(etcd.resource_version)
+    quiet = await read_watch(
+        etcd_http, EVENTS, resourceVersion=rv, allowWatchBookmarks="true", timeoutSeconds="1"
+    )
+    assert quiet == []  # a second of nothing: the cacher would have sent ~20 bookmarks at this interval
+    etcd.create_event(event_object(name="ev-0"))
+    lines = await read_watch(
+        etcd_http, EVENTS, resourceVersion=rv, allowWatchBookmarks="true", timeoutSeconds="1"
+    )
+    assert [line["type"] for line in lines] == ["ADDED"]
+
+
+async def test_without_the_watch_cache_history_is_kept_until_compaction_and_lists_at_0_are_paged(
+    etcd: FakeApiServer, etcd_http: aiohttp.ClientSession
+) -> None:
+    start = str(etcd.resource_version)
+    for i in range(6):
+        etcd.create_event(event_object(name=f"ev-{i}"))
+    # etcd replays every change after the resourceVersion, however many (the cache kept 3 here).
+    lines = await read_watch(etcd_http, EVENTS, 6, resourceVersion=start, timeoutSeconds="5")
+    assert [line["object"]["metadata"]["name"] for line in lines] == [f"ev-{i}" for i in range(6)]
+    # resourceVersion=0 goes to etcd too: limit and continue are honoured.
+    _, page = await get_json(etcd_http, EVENTS, resourceVersion="0", limit="2")
+    assert [i["metadata"]["name"] for i in page["items"]] == ["ev-0", "ev-1"]
+    assert page["metadata"]["remainingItemCount"] == 4 and page["metadata"]["continue"]
+
+
+async def test_the_compactor_compacts_to_the_previous_ticks_revision_and_an_older_watch_gets_etcds_410() -> (
+    None
+):
+    async with (
+        FakeApiServer(token=TOKEN, watch_cache=False, compaction_interval=0.2) as etcd,
+        aiohttp.ClientSession(etcd.url, headers={"Authorization": f"Bearer {TOKEN}"}) as http,
+    ):
+        before = etcd.resource_version
+        etcd.create_event(event_object(name="ev-0"))
+        after = etcd.resource_version
+        # The first tick compacts to the revision seen when the compactor started, the second past ev-0.
+        await etcd.wait_until(lambda: etcd.oldest_resource_version > before, timeout=5)
+        assert etcd.oldest_resource_version == after
+        [line] = await read_watch(http, EVENTS, resourceVersion=str(before))
+        assert line["type"] == "ERROR"
+        assert (line["object"]["code"], line["object"]["reason"], line["object"]["message"]) == (
+            410,
+            "Expired",
+            "The resourceVersion for the provided watch is too old.",
+        )
+        etcd.create_event(event_object(name="ev-1"))
+        lines = await read_watch(http, EVENTS, 1, resourceVersion=str(after), timeoutSeconds="5")
+        assert [line["object"]["metadata"]["name"] for line in lines] == ["ev-1"]

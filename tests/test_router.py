@@ -311,6 +311,35 @@ async def test_a_quiet_watch_without_bookmarks_stays_healthy(api: FakeApiServer,
     assert all(verdicts), router.healthy()
 
 
+async def test_without_a_watch_cache_a_quiet_spell_past_compaction_relists_and_delivers_nothing_twice(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kube-apiserver 1.24 serves Events from etcd: no bookmarks, and its compactor forgets the
+    history every few minutes. On a quiet cluster the watch's resourceVersion falls behind it, the
+    next watch gets 410 and the router relists: routine, so logged at INFO, and nothing is sent twice."""
+    caplog.set_level(logging.INFO, logger="eventrouter.source.watcher")
+    async with FakeApiServer(token="secret-token", watch_cache=False, compaction_interval=0.1) as api:
+        router = _router(_settings(api, tmp_path, watch_timeout=1))
+        async with router.running():
+            await _ready(router)
+            objs = [api.create_event(event_object(object_name=f"a-{i}")) for i in range(10)]
+            await _mem(router).wait_for(10)
+            # No Event changes, but other writes move etcd's revision (node leases do, every 10 s).
+            quiet_from = api.resource_version
+            api.create_object("configmaps", {"metadata": {"name": "lease-like", "namespace": "default"}})
+            await api.wait_until(lambda: api.oldest_resource_version > quiet_from, timeout=5)
+            await until(lambda: router.metrics.relists.labels("expired")._value.get() >= 1, timeout=10)
+            api.bump(objs[0]["metadata"]["namespace"], objs[0]["metadata"]["name"])
+            api.create_event(event_object(object_name="after"))
+            await _mem(router).wait_for(12)
+        got = collections.Counter(_mem(router).keys)
+        assert set(got) == _expected(api) | {(o["metadata"]["uid"], 1) for o in objs}
+        assert all(n == 1 for n in got.values()), got
+        expired = [r for r in caplog.records if "resourceVersion expired" in r.getMessage()]
+        assert expired and expired[0].levelno == logging.INFO
+        assert "The resourceVersion for the provided watch is too old." in expired[0].getMessage()
+
+
 async def test_malformed_watch_lines_are_counted_and_skipped(api: FakeApiServer, tmp_path: Path) -> None:
     router = _router(_settings(api, tmp_path))
     async with router.running():

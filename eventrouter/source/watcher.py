@@ -426,7 +426,11 @@ class EventWatcher:
                 continue
             except _Expired as exc:
                 # Repeats raised while we could not watch fold into one record with the new count.
-                log.warning("resourceVersion expired for %s (%s): relisting", self.where, exc)
+                # Once after a watch that went well is routine: kube-apiserver serves Events from etcd
+                # (no watch cache, no bookmarks by default), so a quiet spell outlives the compacted
+                # history. Only a repeat says something is wrong.
+                level = logging.INFO if failures == 0 else logging.WARNING
+                log.log(level, "resourceVersion expired for %s (%s): relisting", self.where, exc)
                 self.metrics.watch_restarts.labels("expired").inc()
                 rv, relist_reason = None, "expired"
                 failures += 1

@@ -18,6 +18,21 @@ cache:
   coordination.k8s.io Leases (optimistic concurrency) for leader election and checkpoints;
 * fault injection (``api.faults``) and a log of every request (``api.requests``).
 
+Two ways to serve Events, as kube-apiserver can be set up:
+
+* ``watch_cache=True`` (this server's default): Events go through the watch cache, as with
+  ``--watch-cache-sizes=events#N``: bookmarks, ``resourceVersion=0`` lists from the cache, a bounded
+  history (``history_size``).
+* ``watch_cache=False``: straight from etcd, **the default of kube-apiserver 1.24** (its
+  ``DefaultWatchCacheSizes`` sets ``events`` to 0): no bookmarks whatever the client asks, every list
+  honours ``limit``, a watch replays every change etcd still holds and answers an in-stream 410
+  "The resourceVersion for the provided watch is too old." below the compacted revision.
+
+``compaction_interval`` runs etcd's compactor as kube-apiserver does (``--etcd-compaction-interval``,
+5 min): each tick compacts to the revision seen at the tick before, so between one and two intervals
+of history stay. On a quiet cluster without bookmarks a watch's resourceVersion falls behind it and
+the next watch gets 410.
+
 Usage::
 
     async with FakeApiServer(token="t") as api:
@@ -281,6 +296,8 @@ class FakeApiServer:
         forbidden_tokens: Mapping[str, str] | Iterable[str] = (),
         history_size: int = 10_000,
         bookmark_interval: float = 1.0,
+        watch_cache: bool = True,
+        compaction_interval: float | None = None,
         ttl: float | None = None,
         ttl_check_interval: float = 0.05,
         watcher_buffer: int = 100_000,
@@ -299,6 +316,8 @@ class FakeApiServer:
             for tok in forbidden_tokens:
                 self.forbid(tok)
         self.bookmark_interval = bookmark_interval
+        self.watch_cache = watch_cache
+        self.compaction_interval = compaction_interval
         self.ttl = ttl
         self.ttl_check_interval = ttl_check_interval
         self.default_watch_timeout = default_watch_timeout
@@ -309,7 +328,11 @@ class FakeApiServer:
         self._ssl = ssl_context  # serve HTTPS (in-cluster clients only speak TLS)
         self._revision = Revision()
         self._events = EventStore(
-            self._revision, history_size=history_size, watcher_buffer=watcher_buffer, extract=event_fields
+            self._revision,
+            # etcd keeps every revision until it is compacted; the watch cache keeps a window.
+            history_size=history_size if watch_cache else None,
+            watcher_buffer=watcher_buffer,
+            extract=event_fields,
         )
         self._events.on_change = self._notify
         self._resources: dict[str, _Resource] = {
@@ -329,6 +352,7 @@ class FakeApiServer:
         }
         self._runner: web.AppRunner | None = None
         self._ttl_task: asyncio.Task[None] | None = None
+        self._compactor: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
         self._changed: asyncio.Event | None = None
         self._active = 0
@@ -361,17 +385,20 @@ class FakeApiServer:
             f"{scheme}://[{self._host}]:{port}" if ":" in self._host else f"{scheme}://{self._host}:{port}"
         )
         self._ttl_task = asyncio.create_task(self._ttl_loop(), name="fake-apiserver-ttl")
+        if self.compaction_interval is not None:
+            self._compactor = asyncio.create_task(self._compact_loop(), name="fake-apiserver-compactor")
 
     async def close(self) -> None:
         """Ends every watch stream and stops the server (idempotent)."""
         self._closing.set()
         for w in list(self._events.watchers):
             w.terminate("server shutting down")
-        if self._ttl_task is not None:
-            self._ttl_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ttl_task
-            self._ttl_task = None
+        for task in (self._ttl_task, self._compactor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._ttl_task = self._compactor = None
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -504,9 +531,10 @@ class FakeApiServer:
         """Current Events, sorted by namespace/name."""
         return [s.copy() for s in self._events.snapshot().objs]
 
-    def compact(self) -> None:
-        """Forget the history up to now: older resourceVersions and continue tokens answer 410."""
-        self._events.compact()
+    def compact(self, resource_version: int | None = None) -> None:
+        """Forget the history up to ``resource_version`` (default: now): older resourceVersions and
+        continue tokens answer 410."""
+        self._events.compact(resource_version)
 
     def expire(self) -> list[dict[str, Any]]:
         """Delete (with DELETED) every Event whose last write is older than ``ttl``."""
@@ -585,6 +613,16 @@ class FakeApiServer:
             await asyncio.sleep(self.ttl_check_interval)
             if self.ttl is not None:
                 self._events.expire(self.ttl)
+
+    async def _compact_loop(self) -> None:
+        # kube-apiserver's compactor (storage/etcd3/compact.go): compact to the previous tick's revision.
+        assert self.compaction_interval is not None
+        previous = self._revision.value
+        while True:
+            await asyncio.sleep(self.compaction_interval)
+            self._events.compact(previous)
+            previous = self._revision.value
+            self._notify()
 
     # --- HTTP ----------------------------------------------------------------------------------
 
@@ -856,10 +894,10 @@ class FakeApiServer:
             else:
                 snap = store.snapshot(at)
             return self._page(snap, ns, start, limit, fields, labels)
-        if rv_text == "0" or (limit <= 0 and match != "Exact"):
+        if (rv_text == "0" and self.watch_cache) or (limit <= 0 and match != "Exact"):
             # The watch cache answers: its whole current state, limit ignored (kube-apiserver 1.24).
             return self._page(store.snapshot(), ns, "", 0, fields, labels)
-        if rv is None or match == "NotOlderThan":
+        if not rv or match == "NotOlderThan":  # 0 without the cache: etcd's latest, paged
             snap = store.snapshot()
         else:
             if rv < store.oldest_valid:
@@ -946,7 +984,8 @@ class FakeApiServer:
                 timeout = float(int(q["timeoutSeconds"]))
             except ValueError:
                 raise bad_request(f"invalid timeoutSeconds: {q['timeoutSeconds']!r}") from None
-        bookmarks = q.get("allowWatchBookmarks", "") in TRUE
+        # Bookmarks come from the watch cache; etcd's watch has none to send.
+        bookmarks = q.get("allowWatchBookmarks", "") in TRUE and self.watch_cache
         send_initial = q.get("sendInitialEvents", "") in TRUE
         if send_initial and not (bookmarks and q.get("resourceVersionMatch") == "NotOlderThan"):
             raise invalid(
@@ -972,9 +1011,14 @@ class FakeApiServer:
             return resp
 
         if since is not None and not send_initial and since < self._events.oldest_valid:
-            # The watch cache answers "too old" inside a 200 stream, then ends it.
+            # "Too old" comes inside a 200 stream, which then ends (the cacher's words, or etcd's).
             await resp.prepare(request)
-            status = ApiError(410, f"too old resource version: {since} ({self._events.oldest_valid})").status
+            message = (
+                f"too old resource version: {since} ({self._events.oldest_valid})"
+                if self.watch_cache
+                else "The resourceVersion for the provided watch is too old."
+            )
+            status = ApiError(410, message).status
             await resp.write(_error_line(status))
             await resp.write_eof()
             return resp

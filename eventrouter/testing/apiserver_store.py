@@ -329,7 +329,7 @@ class EventStore(ObjectStore):
         self,
         revision: Revision,
         *,
-        history_size: int,
+        history_size: int | None,
         watcher_buffer: int,
         extract: Callable[[Mapping[str, Any]], dict[str, str]],
         clock: Callable[[], float] = time.monotonic,
@@ -353,12 +353,10 @@ class EventStore(ObjectStore):
 
     def _record(self, ch: Change) -> None:
         self._hist.append(ch)
-        if len(self._hist) - self._hist_start > self.history_size:
+        if self.history_size is not None and len(self._hist) - self._hist_start > self.history_size:
             self.oldest_valid = self._hist[self._hist_start].rv
             self._hist_start += 1
-            if self._hist_start > 1024 and self._hist_start * 2 > len(self._hist):
-                del self._hist[: self._hist_start]
-                self._hist_start = 0
+            self._shrink()
         for w in self.watchers:
             w.offer(ch)
         self.on_change()
@@ -416,12 +414,22 @@ class EventStore(ObjectStore):
             gone.append(self.delete(ns, name))
         return gone
 
-    def compact(self) -> None:
-        """Forget the history up to now: older resourceVersions answer 410 Expired."""
-        self.oldest_valid = self.revision.value
-        self._hist = []
-        self._hist_start = 0
-        self._snapshots.clear()
+    def _shrink(self) -> None:
+        if self._hist_start > 1024 and self._hist_start * 2 > len(self._hist):
+            del self._hist[: self._hist_start]
+            self._hist_start = 0
+
+    def compact(self, rv: int | None = None) -> None:
+        """Forget the history up to ``rv`` (default: now), as etcd's compaction does: a watch or a
+        list at an older resourceVersion answers 410 Expired."""
+        target = self.revision.value if rv is None else min(rv, self.revision.value)
+        if target <= self.oldest_valid:
+            return
+        self.oldest_valid = target
+        self._hist_start = bisect.bisect_right(self._hist, target, lo=self._hist_start, key=lambda c: c.rv)
+        self._shrink()
+        for at in [at for at in self._snapshots if at < target]:
+            del self._snapshots[at]
 
     # --- reads ---------------------------------------------------------------------------------
 
