@@ -94,6 +94,11 @@ SCENARIOS: dict[str, tuple[Scenario, Scenario, Callable[[Report], int]]] = {
         lambda t: sc.bookmarks_only(t, duration=15.0),
         lambda r: 0,
     ),
+    "etcd_quiet": (
+        lambda t: sc.etcd_quiet(t, spells=60),
+        lambda t: sc.etcd_quiet(t),
+        lambda r: 0,
+    ),
     "hostile_objects": (sc.hostile_api_objects, sc.hostile_api_objects, lambda r: 0),
     "hostile_stream": (sc.hostile_stream, sc.hostile_stream, lambda r: 0),
     "cardinality": (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from reliability_harness import check
-from reliability_scenarios import apiserver_restart, bookmarks_only, gone_storm, watch_cuts
+from reliability_scenarios import apiserver_restart, bookmarks_only, etcd_quiet, gone_storm, watch_cuts
 
 
 async def test_watch_cut_mid_object_again_and_again_loses_no_occurrence(tmp_path: Path) -> None:
@@ -35,3 +35,12 @@ async def test_bookmarks_only_keep_healthz_ok_and_deliver_nothing_twice(tmp_path
     assert report.facts["healthz_failures"] == 0 and report.facts["healthz_probes"] >= 40
     assert report.facts["received_during_quiet"] == 0
     assert report.facts["watch_reopens"] >= 5
+
+
+async def test_without_a_watch_cache_quiet_spells_past_compaction_relist_and_deliver_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    report = await etcd_quiet(tmp_path, spells=3)
+    check(report)
+    assert report.facts["relists_expired"] >= 3 and report.facts["bookmarks"] == 0
+    assert report.facts["healthz_failures"] == 0
