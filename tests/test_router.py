@@ -294,6 +294,32 @@ async def test_the_first_list_waits_for_a_sink_still_starting_so_its_queue_does_
     assert router.metrics.dropped.labels("mem", "queue_full")._value.get() == 0
 
 
+async def test_a_stop_while_the_first_list_waits_for_a_starting_sink_returns_and_starts_no_watch(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """A SIGTERM while a sink's first start is still in progress (a Kafka bootstrap): the stop's
+    deadline cancelled the start, the first list waited for it for ever and the process did not exit;
+    and had the start ended, the watch the first list then started ran on after the router stopped."""
+    release = asyncio.Event()
+
+    class Starting(MemorySink):
+        async def start(self) -> None:
+            await release.wait()
+            await super().start()
+
+    api.create_event(event_object())
+    spec = spec_for_class(Starting, {"name": "mem", "batch_max_wait": 0.01}, type_="memory")
+    router = Router(_settings(api, tmp_path, shutdown_timeout=0.2), [spec])
+    await router.start_pipelines()
+    source = asyncio.create_task(router.start_source())
+    await until(lambda: router.kube is not None)
+    await router.stop()
+    release.set()
+    await asyncio.wait_for(source, 5)
+    assert router.watchers == [] and not any(t.get_name().startswith("watch:") for t in router._tasks)
+    assert api.count_requests() == 0  # no list, no watch
+
+
 async def test_a_quiet_watch_without_bookmarks_stays_healthy(api: FakeApiServer, tmp_path: Path) -> None:
     """No events and no bookmarks (an API server without the watch cache): each watch ends at its
     timeout and is opened again. That is progress; /healthz failed and the pod was restarted."""

@@ -699,8 +699,13 @@ class Pipeline:
 
     async def run(self) -> None:
         """Start the sink, then deliver until closed and drained (or told to stop now)."""
-        if not self.started.is_set() and not await self._start_sink():
-            self.start_tried.set()  # stopped before a first try: nobody waits for it
+        try:
+            started = self.started.is_set() or await self._start_sink()
+        finally:
+            # Stopped, or cancelled by a stop's deadline, before a first try ended: the first list
+            # waits for this, and would wait for ever (the process did not exit after SIGTERM).
+            self.start_tried.set()
+        if not started:
             self.idle.set()
             return
         while not self._stop_now.is_set():
