@@ -485,6 +485,16 @@ class Router:
             for p in self.pipelines:
                 p.checkpoint.retry()
 
+    def reload_files(self) -> None:
+        """SIGHUP: re-read the sinks' credential, certificate and template files now, as the periodic
+        check would once they have settled (the sender says they have)."""
+        log.info(
+            "SIGHUP: re-reading the sinks' credential, certificate and template files "
+            "(other configuration changes need a restart)"
+        )
+        rebuilt = [r.spec.name for r in self.reloaders if r.check() or r.check()]
+        log.info("SIGHUP: %s", f"rebuilt {', '.join(rebuilt)}" if rebuilt else "no sink's files changed")
+
     async def _reload_sinks(self) -> None:
         """Rebuild a sink whose credential, certificate or template file changed (engine/reload.py)."""
         interval = self.settings.reload_interval
@@ -800,7 +810,14 @@ class Router:
             try:
                 p.checkpoint.close()
             except OSError as exc:
-                log.error("sink %s: cannot persist checkpoint: %s", p.name, exc)
+                log.error(
+                    "sink %s: cannot persist checkpoint: %s; what it accepted since its last write is "
+                    "delivered again after the restart",
+                    p.name,
+                    exc,
+                )
+                # A stop that will duplicate must not look clean (as for the ConfigMap below).
+                self.exit_code = self.exit_code or 1
             await p.close_sink()
         for t in lasting:
             if t.get_name() == "checkpoint-configmap":

@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -219,6 +220,26 @@ def _writable_data_dir(path: Path) -> Path:
     return path
 
 
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # a DNS-1123 label
+
+
+def _namespaces(values: Sequence[str]) -> list[str]:
+    """Namespace names as the API server takes them. Anything else listed an empty namespace
+    without an error: the router was ready and healthy and delivered nothing."""
+    names: list[str] = []
+    for ns in values:
+        if len(ns) > 63 or not _NAMESPACE.fullmatch(ns):
+            several = "," in ns or " " in ns.strip()
+            hint = " (one per --namespace, repeated, or a list under `namespaces:`)" if several else ""
+            raise ConfigError(
+                f"namespace {ns!r} is not a namespace name: lower-case letters, digits and '-', "
+                f"at most 63 characters{hint}"
+            )
+        if ns not in names:  # the same one twice started two watches of it
+            names.append(ns)
+    return names
+
+
 def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
     selector = getattr(args, "field_selector", "") or cfg.field_selector
     try:
@@ -230,7 +251,7 @@ def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
         data_dir = _writable_data_dir(data_dir)
     return RouterSettings(
         cluster_name=args.cluster_name or cfg.cluster_name,
-        namespaces=list(getattr(args, "namespace", []) or cfg.namespaces),
+        namespaces=_namespaces(getattr(args, "namespace", []) or cfg.namespaces),
         data_dir=data_dir,
         data_dir_max_bytes=args.data_dir_max_bytes,
         kubeconfig=getattr(args, "kubeconfig", None),
@@ -273,6 +294,8 @@ async def _run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, router.request_stop)
+        # Its default action ended the process at once: no drain, no spool, no checkpoint.
+        loop.add_signal_handler(signal.SIGHUP, router.reload_files)
         if demo_api is not None:
             stack.push_async_callback(_cancel, asyncio.create_task(_demo_traffic(router, demo_api)))
         try:

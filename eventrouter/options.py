@@ -217,6 +217,21 @@ class FilterOptions(_Strict):
             raise ValueError(f"level must be Normal or Warning, not {value!r}")
         return canonical
 
+    @field_validator("types")
+    @classmethod
+    def _types(cls, value: list[str]) -> list[str]:
+        # Spelt as the API server does; other types are kept as given (core/v1 does not check them).
+        return [{"normal": "Normal", "warning": "Warning"}.get(t.lower(), t) for t in value]
+
+    @model_validator(mode="after")
+    def _level_and_types(self) -> FilterOptions:
+        if self.level == "Warning" and self.types and "Warning" not in self.types:
+            raise ValueError(
+                f"level=Warning keeps Warning events only and types={','.join(self.types)} has no Warning: "
+                "together they keep nothing (use one of them)"
+            )
+        return self
+
     @field_validator("message", "exclude_message")
     @classmethod
     def _regex(cls, value: str | None) -> str | None:

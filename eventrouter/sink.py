@@ -53,13 +53,16 @@ class Outcome:
     reason: str = ""
     retry_after: float | None = None
     """Seconds the destination asked us to wait (Retry-After), if it did."""
+    held: bool = False
+    """RETRY that is no failure: the sink holds the item on purpose (a digest window, its own rate
+    limit) and wants it back after ``retry_after``. Not counted as an attempt or a retry."""
 
 
 OK = Outcome(OutcomeKind.OK)
 
 
-def retry(reason: str, *, retry_after: float | None = None) -> Outcome:
-    return Outcome(OutcomeKind.RETRY, reason, retry_after)
+def retry(reason: str, *, retry_after: float | None = None, held: bool = False) -> Outcome:
+    return Outcome(OutcomeKind.RETRY, reason, retry_after, held)
 
 
 def reject(reason: str) -> Outcome:

@@ -155,7 +155,7 @@ options accept `a,b` or a repeated key. `Secret` options accept a literal, `env:
 variable) or `file:/path` (a mounted Secret file) and are never printed; their defaults are not shown
 here. An unknown key is an error that names the sink and the key. When a `file:` secret or a file
 option (`ca_file`, `cert_file`, `key_file`, `body_template_file`) changes on disk, the sink is rebuilt
-with it between two batches, without a restart (`--reload-interval`, 5 s).
+with it between two batches, without a restart (`--reload-interval`, 5 s; a SIGHUP checks at once).
 
 Besides its own options below, every sink accepts the [filter options](#filter-options-every-sink) and
 the [pipeline options](#pipeline-options-every-sink); a sink's own options may not reuse those names.

@@ -180,6 +180,14 @@ def test_a_config_or_secret_file_that_is_not_utf8_is_named(tmp_path: Path) -> No
         # The API server trims nothing: every list failed with 400, and the router was never ready.
         (["--field-selector", "type=Warning, reason=BackOff"], {}, "field ' reason' cannot select Events"),
         (["--field-selector", "reason=a=b"], {}, "field selector 'reason=a=b': cannot understand"),
+        # Each was watched as one (empty) namespace: ready and healthy, and nothing delivered.
+        (
+            ["--namespace", "default,kube-system"],
+            {},
+            "namespace 'default,kube-system' is not a namespace name: lower-case letters, digits and '-', "
+            "at most 63 characters (one per --namespace, repeated, or a list under `namespaces:`)",
+        ),
+        (["--namespace", "Default"], {}, "namespace 'Default' is not a namespace name"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(args: list[str], env: dict[str, str], expected: str) -> None:

@@ -739,6 +739,66 @@ async def test_deferred_retries_do_not_block_new_batches(metrics: Metrics, tmp_p
     assert cp.accepted("u-held") == 2
 
 
+async def test_deferred_failures_count_towards_retry_max_attempts_but_holds_do_not(
+    metrics: Metrics, tmp_path: Path
+) -> None:
+    """An alert robot that keeps failing an item: with retry_max_attempts it was retried for ever
+    (each deferral restarted at attempt 1). Holds for a digest window are no failures."""
+    sink = _sink()
+    sink.defer_retries = True  # type: ignore[attr-defined]
+    failing, waiting = make_occurrence(uid="u-fail"), make_occurrence(uid="u-wait")
+    holds = tries = 0
+
+    def decide(o: Occurrence) -> Outcome:
+        nonlocal holds, tries
+        if o.uid == failing.uid:
+            tries += 1
+            return retry("robot answered 502")
+        holds += 1
+        return OK if holds > 5 else retry("held for the digest", retry_after=0.01, held=True)
+
+    sink.decide = decide
+    p = _pipeline(sink, metrics, deadletter=tmp_path / "dl", retry_max_attempts=3)
+    task = await _run(p)
+    p.offer(failing)
+    p.offer(waiting)
+    await until(lambda: value(metrics.dead_lettered, "mem", "retries_exhausted") == 1)
+    await sink.wait_for(1)
+    await _finish(p, task)
+    assert sink.keys == [(waiting.uid, waiting.number)]  # held five times, then sent: not exhausted
+    assert tries == 3
+    [line] = (tmp_path / "dl").read_text().splitlines()
+    assert orjson.loads(line)["reason"] == "retries exhausted after 3 attempts: robot answered 502"
+    assert value(metrics.retries, "mem") == 2  # the two failures that were tried again; no holds
+
+
+async def test_a_sink_failing_for_hours_keeps_retrying_without_crashing_its_pipeline(
+    metrics: Metrics,
+) -> None:
+    """After 1,024 failed attempts 2**n overflowed the float: the pipeline task crashed and the
+    router stopped (about 6 hours of outage at the defaults)."""
+    sink = _sink()
+    sink.decide = lambda o: retry("down")
+    p = _pipeline(sink, metrics, retry_initial_backoff=0.0001, retry_max_backoff=0.0001)
+    task = await _run(p)
+    p.offer(make_occurrence())
+    await until(lambda: value(metrics.retries, "mem") > 1100 or task.done(), timeout=30)
+    assert not task.done()
+    p.stop_now()
+    await asyncio.wait_for(task, 10)
+
+
+def test_a_damaged_checkpoint_file_is_read_line_by_line_and_its_bad_lines_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Invalid UTF-8 or a '²' for a number stopped every start with a message naming no file."""
+    cp = FileCheckpoint(tmp_path, "mem")
+    cp.snapshot.write_bytes(b"u1 3\nu2 \xff\xfe\nu3 \xc2\xb2\nu4 7\n")
+    cp.journal.write_bytes(b"+ u5 \xc2\xb2\n+ u6 2\n")
+    assert cp.load() == {"u1": 3, "u4": 7, "u6": 2}
+    assert f"checkpoint {cp.snapshot}: skipped 2 unreadable snapshot lines" in caplog.text
+
+
 def test_checkpoint_forgets_deleted_events_in_groups_and_on_close(tmp_path: Path) -> None:
     cp = SinkCheckpoint(FileCheckpoint(tmp_path, "mem"))
     cp.ack({f"u{i}": 1 for i in range(400)})
@@ -756,7 +816,9 @@ def test_checkpoint_forgets_deleted_events_in_groups_and_on_close(tmp_path: Path
     ("options", "kept", "dropped"),
     [
         ({"types": "Warning"}, {"type": "Warning"}, {"type": "Normal"}),
+        ({"types": "warning"}, {"type": "Warning"}, {"type": "Normal"}),  # kept nothing before
         ({"level": "Normal"}, {"type": "Normal"}, None),
+        ({"level": "warning", "types": "Normal,Warning"}, {"type": "Warning"}, {"type": "Normal"}),
         ({"namespaces": "shop,pay-*"}, {"namespace": "pay-eu"}, {"namespace": "default"}),
         ({"exclude_namespaces": "kube-*"}, {"namespace": "shop"}, {"namespace": "kube-system"}),
         ({"kinds": "Pod"}, {"kind": "Pod"}, {"kind": "Node"}),
@@ -779,6 +841,14 @@ def test_every_filter_option_keeps_and_drops(
     assert predicate is not None
     assert predicate(make_occurrence(**kept))
     assert not predicate(make_occurrence(**dropped))
+
+
+def test_level_warning_with_types_without_warning_is_refused() -> None:
+    """Together they keep nothing; the filter used to keep everything (a robot paged Normal events)."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="level=Warning keeps Warning events only and types=Normal"):
+        FilterOptions.model_validate({"level": "Warning", "types": "Normal"})
 
 
 async def test_memory_queue_bound_is_smaller_when_the_disk_spool_takes_the_backlog(tmp_path: Path) -> None:

@@ -119,6 +119,22 @@ async def test_sigterm_drains_exits_0_and_a_restart_delivers_nothing_twice(
     assert [k for k, n in got.items() if n > 1] == [], "duplicates after a clean restart"
 
 
+async def test_sighup_re_reads_files_and_the_router_goes_on(
+    api: FakeApiServer, router: RouterProcess
+) -> None:
+    """SIGHUP had its default action: the process ended at once, with no drain and no checkpoint."""
+    api.create_event(event_object(object_name="before"))
+    await router.start()
+    await until(lambda: len(router.delivered()) >= 1, timeout=30)
+    assert router.proc is not None
+    router.proc.send_signal(signal.SIGHUP)
+    await until(lambda: "SIGHUP: no sink's files changed" in router.log.read_text(), timeout=10)
+    api.create_event(event_object(object_name="after"))
+    await until(lambda: len(router.delivered()) >= 2, timeout=30)
+    assert await router.signal(signal.SIGTERM) == 0
+    assert "stopped after draining" in router.log.read_text()
+
+
 async def test_sigkill_under_load_loses_nothing_and_duplicates_are_bounded(
     api: FakeApiServer, router: RouterProcess
 ) -> None:

@@ -243,6 +243,20 @@ async def test_reload_interval_0_reads_the_files_only_at_start(api: FakeApiServe
                 assert any(t.get_name() == "sink-reload" for t in router._tasks) is watching
 
 
+async def test_sighup_rebuilds_a_sink_whose_file_changed_at_once(api: FakeApiServer, tmp_path: Path) -> None:
+    """With the periodic check off (reload_interval 0), a SIGHUP is how an operator says "re-read"."""
+    token = tmp_path / "token"
+    token.write_text(OLD)
+    async with LokiReceiver(bearer_token=OLD) as loki:
+        router = _router(api, tmp_path, _loki_flag(loki, token), reload_interval=0)
+        async with router.running(watch=False):
+            router.reload_files()
+            assert _reloads(router, "applied") == 0  # nothing changed
+            token.write_text(NEW)
+            router.reload_files()
+            assert _reloads(router, "applied") == 1
+
+
 class _KeyedOptions(MemorySinkOptions):
     api_key: Secret
 

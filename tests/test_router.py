@@ -907,6 +907,19 @@ async def test_the_router_keeps_delivering_while_its_checkpoints_cannot_be_writt
     assert all(n == 1 for n in both.values()), [k for k, n in both.items() if n > 1]  # duplicates = 0
 
 
+async def test_a_stop_whose_checkpoint_cannot_be_written_exits_1(api: FakeApiServer, tmp_path: Path) -> None:
+    """The restart re-delivers what was accepted since the last write: the exit said 0 (clean)."""
+    data = tmp_path / "data"
+    router = _router(_settings(api, tmp_path, data_dir=data))
+    async with router.running():
+        await _ready(router)
+        api.create_event(event_object())
+        await _mem(router).wait_for(1)
+        shutil.rmtree(data / "checkpoints")
+        (data / "checkpoints").write_text("not a folder")
+    assert router.exit_code == 1
+
+
 async def test_a_stop_whose_spool_cannot_be_written_counts_what_it_could_not_keep_and_closes_every_sink(
     api: FakeApiServer, tmp_path: Path
 ) -> None:

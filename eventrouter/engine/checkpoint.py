@@ -78,17 +78,25 @@ class FileCheckpoint:
         return str(self.snapshot.with_suffix(""))
 
     def load(self) -> dict[str, int]:
+        # Lines that cannot be read (a damaged disk, a hand edit) are skipped, counted and named: a
+        # missing entry only means that event is delivered again, while refusing the file stopped
+        # every start (a crash loop of every sink).
         state: dict[str, int] = {}
+        skipped = 0
         if self.snapshot.exists():
-            for line in self.snapshot.read_text(encoding="utf-8").splitlines():
+            for line in self.snapshot.read_text(encoding="utf-8", errors="replace").splitlines():
                 parts = line.split()
-                if len(parts) == 2 and parts[1].isdigit():
+                if len(parts) == 2 and _number(parts[1]):
                     state[parts[0]] = int(parts[1])
+                elif parts:
+                    skipped += 1
+        if skipped:
+            log.warning("checkpoint %s: skipped %d unreadable snapshot lines", self.snapshot, skipped)
         if self.journal.exists():
             # A torn last line (crash mid-write) is ignored: that batch is re-delivered, never lost.
             for line in self.journal.read_text(encoding="utf-8", errors="replace").splitlines():
                 parts = line.split()
-                if len(parts) == 3 and parts[0] == "+" and parts[2].isdigit():
+                if len(parts) == 3 and parts[0] == "+" and _number(parts[2]):
                     n = int(parts[2])
                     if n > state.get(parts[1], 0):
                         state[parts[1]] = n
@@ -135,6 +143,11 @@ class FileCheckpoint:
 
     def close(self, state: Mapping[str, int]) -> None:
         self.compact(state)
+
+
+def _number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²', which int() then refuses."""
+    return text.isascii() and text.isdigit()
 
 
 def _level(behind: dict[str, int], uid: str) -> None:

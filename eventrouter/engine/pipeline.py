@@ -104,6 +104,7 @@ class Pipeline:
         self._deferred: list[tuple[float, int, Occurrence]] = []
         self._seq = itertools.count()
         self._held: dict[str, set[int]] = {}  # uid → occurrence numbers deferred and not finished
+        self._failures: dict[tuple[str, int], int] = {}  # deferred occurrence → failed attempts so far
         # Deferred occurrences that came from the spool: its read position is not made durable past
         # them until they finish (a crash would lose them). `_from_spool`: those of the last refill.
         self._spooled_deferred: set[tuple[str, int]] = set()
@@ -443,11 +444,48 @@ class Pipeline:
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         opts = self.options
-        base = min(opts.retry_max_backoff, opts.retry_initial_backoff * (2 ** (attempt - 1)))
+        # Capped exponent: after ~1,000 failed attempts (hours of outage) 2**n overflowed the float
+        # and the pipeline task crashed, taking the router down with it.
+        base = min(opts.retry_max_backoff, opts.retry_initial_backoff * 2.0 ** min(attempt - 1, 64))
         delay = base / 2 + random.uniform(0, base / 2)  # equal jitter: spread, but never near zero
         if retry_after is not None:
             delay = max(delay, min(retry_after, opts.retry_max_backoff * 10))
         return float(delay)
+
+    def _defer_retries(
+        self, pending: Sequence[Occurrence], outcomes: Sequence[Outcome], done: dict[str, int]
+    ) -> None:
+        """Set aside what the sink wants again later. A hold (a digest window) is no failure; a
+        failure counts towards ``retry_max_attempts`` and backs off per occurrence."""
+        limit = self.options.retry_max_attempts
+        exhausted: list[tuple[Occurrence, str]] = []
+        failed = 0
+        for occ, out in zip(pending, outcomes, strict=True):
+            if out.kind is not OutcomeKind.RETRY:
+                continue
+            key = (occ.uid, occ.number)
+            tries = self._failures.get(key, 0)
+            if not out.held:
+                tries += 1
+                if limit and tries >= limit:
+                    self._release(occ)
+                    exhausted.append((occ, f"retries exhausted after {tries} attempts: {out.reason}"))
+                    done[occ.uid] = max(done.get(occ.uid, 0), occ.number)
+                    continue
+                self._failures[key] = tries
+                failed += 1
+            delay = out.retry_after if out.retry_after is not None else self._backoff(max(tries, 1), None)
+            heapq.heappush(self._deferred, (time.monotonic() + delay, next(self._seq), occ))
+            self._held.setdefault(occ.uid, set()).add(occ.number)
+            if key in self._from_spool:
+                self._spooled_deferred.add(key)
+        self._m_retries.inc(failed)
+        if exhausted:
+            self._dead_letter(exhausted)
+            self.metrics.dead_lettered.labels(self.name, "retries_exhausted").inc(len(exhausted))
+            self.log.error(
+                "sink %s: %d occurrences dead-lettered, %s", self.name, len(exhausted), exhausted[0][1]
+            )
 
     async def _send_once(self, items: Sequence[Occurrence]) -> Sequence[Outcome]:
         if self._replacement is not None:
@@ -535,14 +573,7 @@ class Pipeline:
                             "sink %s rejected %d more occurrences of this batch", self.name, len(dead) - 3
                         )
                 if retry_items and self._defer:
-                    self._m_retries.inc(len(retry_items))
-                    for occ, out in zip(pending, outcomes, strict=True):
-                        if out.kind is OutcomeKind.RETRY:
-                            delay = out.retry_after if out.retry_after is not None else self._backoff(1, None)
-                            heapq.heappush(self._deferred, (time.monotonic() + delay, next(self._seq), occ))
-                            self._held.setdefault(occ.uid, set()).add(occ.number)
-                            if (occ.uid, occ.number) in self._from_spool:
-                                self._spooled_deferred.add((occ.uid, occ.number))
+                    self._defer_retries(pending, outcomes, done)
                     retry_items = []
                     pending = []
                 self._checkpoint(done, retry_items)
@@ -584,6 +615,8 @@ class Pipeline:
         self._in_flight = []
 
     def _release(self, occ: Occurrence) -> None:
+        if self._failures:
+            self._failures.pop((occ.uid, occ.number), None)
         if self._spooled_deferred:
             self._spooled_deferred.discard((occ.uid, occ.number))
         numbers = self._held.get(occ.uid)
@@ -742,6 +775,7 @@ class Pipeline:
         self._in_flight = []
         self._filling = []
         self._deferred.clear()
+        self._failures.clear()
         self._queue.clear()
         self._overflow.clear()
         return older, newer
