@@ -63,7 +63,7 @@ class Fanout:
         """The events were deleted (TTL): their checkpoint entries are no longer needed."""
         uids = list(uids)
         for pipeline in self.pipelines:
-            pipeline.checkpoint.forget(uids)
+            pipeline.forget(uids)
 
     def share_keys(self, uids: Iterable[str]) -> None:
         """Key the checkpoint tables on the tracker's uid strings (once, after the first lists)."""
@@ -73,4 +73,4 @@ class Fanout:
     def prune(self, live: Container[str]) -> None:
         """After a complete list: drop checkpoint entries of events the API server no longer holds."""
         for pipeline in self.pipelines:
-            pipeline.checkpoint.prune(live)
+            pipeline.prune(live)

@@ -907,6 +907,57 @@ async def test_the_router_keeps_delivering_while_its_checkpoints_cannot_be_writt
     assert all(n == 1 for n in both.values()), [k for k, n in both.items() if n > 1]  # duplicates = 0
 
 
+async def test_an_event_deleted_while_a_spool_backlog_drains_after_a_restart_is_not_delivered_twice(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """After a clean stop with a backlog in the spool, the relist spills a second copy of each
+    occurrence behind the first. An event deleted (TTL) between its first copy's delivery and its
+    second's cleared its checkpoint entry, so the second copy was sent again."""
+
+    class Metered(MemorySink):
+        """Takes a batch only when the test allows one."""
+
+        allowed = 0
+        allow = asyncio.Condition()
+
+        async def send(self, batch: Any) -> Any:
+            async with Metered.allow:
+                await Metered.allow.wait_for(lambda: Metered.allowed > 0)
+                Metered.allowed -= 1
+            return await super().send(batch)
+
+    async def allow(batches: int) -> None:
+        async with Metered.allow:
+            Metered.allowed += batches
+            Metered.allow.notify_all()
+
+    data = tmp_path / "data"
+    opts = {"batch_max_wait": 0.02, "queue_max_events": 10, "batch_max_events": 5}
+    down = _router(_settings(api, tmp_path, data_dir=data, shutdown_timeout=0.3), fail=True, **opts)
+    async with down.running():
+        await _ready(down)
+        for i in range(30):
+            api.create_event(event_object(object_name=f"o{i}"))
+        await until(lambda: down.pipelines[0].depth == 30)
+    spec = spec_for_class(Metered, {"name": "mem", **opts}, type_="memory")
+    up = Router(_settings(api, tmp_path, data_dir=data), [spec])
+    async with up.running():
+        await _ready(up)
+        await until(lambda: up.metrics.spilled.labels("mem")._value.get() >= 30)  # the relisted copies
+        await allow(1)
+        sink = _mem(up)
+        await sink.wait_for(5)
+        first = sink.received[0]
+        [gone] = [e["metadata"] for e in api.events() if e["metadata"]["uid"] == first.uid]
+        api.delete_event(gone["namespace"], gone["name"])
+        await until(lambda: first.uid not in up.watchers[0].tracker.seen)
+        await allow(1000)
+        await up.pipelines[0].wait_idle(30)
+    got = collections.Counter(sink.keys)
+    assert [k for k, n in got.items() if n > 1] == []
+    assert len(got) == 30
+
+
 async def test_a_stop_whose_checkpoint_cannot_be_written_exits_1(api: FakeApiServer, tmp_path: Path) -> None:
     """The restart re-delivers what was accepted since the last write: the exit said 0 (clean)."""
     data = tmp_path / "data"

@@ -13,7 +13,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any
 
 from eventrouter.engine.checkpoint import SinkCheckpoint
@@ -105,6 +105,10 @@ class Pipeline:
         self._seq = itertools.count()
         self._held: dict[str, set[int]] = {}  # uid → occurrence numbers deferred and not finished
         self._failures: dict[tuple[str, int], int] = {}  # deferred occurrence → failed attempts so far
+        # Checkpoint entries removed (event deleted) while copies may still wait here: a relist after
+        # a restart spills a second copy of each spooled occurrence behind the first. Kept until the
+        # backlog is gone, so the copy is still known as delivered.
+        self._gone: dict[str, int] = {}
         # Deferred occurrences that came from the spool: its read position is not made durable past
         # them until they finish (a crash would lose them). `_from_spool`: those of the last refill.
         self._spooled_deferred: set[tuple[str, int]] = set()
@@ -355,15 +359,49 @@ class Pipeline:
                 self.spool.read_errors = 0
             self._m_spool.set(len(self.spool))
 
+    def _backlogged(self) -> bool:
+        return bool(
+            self._queue
+            or self._in_flight
+            or self._filling
+            or self._deferred
+            or self._overflow
+            or (self.spool is not None and len(self.spool))
+        )
+
+    def _note_gone(self, uids: Iterable[str]) -> None:
+        accepted = self.checkpoint.accepted
+        for uid in uids:
+            n = accepted(uid)
+            if n > self._gone.get(uid, 0):
+                self._gone[uid] = n
+
+    def forget(self, uids: list[str]) -> None:
+        """The events were deleted (TTL): drop their checkpoint entries."""
+        if self._backlogged():
+            self._note_gone(uids)
+        self.checkpoint.forget(uids)
+
+    def prune(self, live: Container[str]) -> None:
+        """After a complete list: drop checkpoint entries of events the API server no longer holds."""
+        if self._backlogged():
+            self._note_gone(uid for uid in self.checkpoint.table.entries if uid not in live)
+        self.checkpoint.prune(live)
+
     def _take(self, batch: list[Occurrence], size: int, keys: set[tuple[str, int]]) -> int:
         """Move queued occurrences into ``batch`` (whose (uid, number) pairs are ``keys``) up to its bounds."""
         max_events, max_bytes = self.options.batch_max_events, self.options.batch_max_bytes
         accepted = self.checkpoint.accepted
+        gone = self._gone
         queue = self._queue
         while queue and len(batch) < max_events:
             nxt = queue[0]
             key = (nxt.uid, nxt.number)
-            if nxt.number <= accepted(nxt.uid) or key in keys:
+            if (
+                nxt.number <= accepted(nxt.uid)
+                or key in keys
+                or (gone and nxt.number <= gone.get(nxt.uid, 0))
+            ):
                 # A second copy (spooled before a restart and relisted after it, or replayed from the
                 # spool after a crash): already delivered, or already in this batch.
                 queue.popleft()
@@ -398,6 +436,8 @@ class Pipeline:
             if not self._deferred:
                 self.idle.set()
                 self.intake_patience = INTAKE_PATIENCE  # caught up: a next relist may wait again
+                if self._gone and not self._backlogged():
+                    self._gone.clear()  # no copy of a deleted event is left to skip
             self._wakeup.clear()
             wait = self._deferred[0][0] - time.monotonic() if self._deferred else None
             if wait is None and self.spool is not None and len(self.spool):
