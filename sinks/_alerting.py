@@ -41,7 +41,7 @@ import aiohttp
 from pydantic import AliasChoices, BeforeValidator, Field, field_validator
 
 from eventrouter import OK, Occurrence, Outcome, Sink, SinkContext, SinkError, SinkOptions, reject, retry
-from eventrouter.options import StrList, http_url
+from eventrouter.options import StrList, http_url, redact_url
 
 __all__ = [
     "AlertOptions",
@@ -186,6 +186,10 @@ def text_clean(value: object) -> str:
         text = text.encode("utf-8", "replace").decode("utf-8")
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
     return _CONTROL.sub(" ", text)
+
+
+_ISO_TEXT = re.compile(r"[0-9][0-9T:.Z+\-]{0,39}")
+"""A record's ``time`` as the router writes it (digits, ``-``, ``:``, ``T``, ``.``, ``Z``)."""
 
 
 def one_line(value: object) -> str:
@@ -335,7 +339,7 @@ TITLE_FIELDS = (
 )
 
 
-def _check_template(template: str | None, allowed: Iterable[str], option: str) -> str | None:
+def check_template(template: str | None, allowed: Iterable[str], option: str) -> str | None:
     if template is None:
         return None
     allowed_set = set(allowed)
@@ -350,7 +354,21 @@ def _check_template(template: str | None, allowed: Iterable[str], option: str) -
             raise ValueError(f"{option}: unknown field {{{name}}}; use {', '.join(sorted(allowed_set))}")
         if conversion or (spec and "{" in spec):
             raise ValueError(f"{option}: {{{name}}} may not use conversions or nested fields")
+        try:
+            format("x", spec or "")  # every value is text: {count:d} fails on every send
+        except ValueError as exc:
+            raise ValueError(f"{option}: {{{name}:{spec}}}: {exc} (the values are text)") from None
+    sample_template(template, allowed_set, option)
     return template
+
+
+def sample_template(template: str, allowed: Iterable[str], option: str) -> str:
+    """``template`` filled with sample text, as a send fills it (every value is a str), so what would
+    fail on every send fails at start, naming the option (not the template: it may hold a secret)."""
+    try:
+        return template.format_map(dict.fromkeys(allowed, "x"))
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
+        raise ValueError(f"{option} cannot be filled in: {type(exc).__name__}: {exc}") from None
 
 
 class AlertOptions(SinkOptions):
@@ -449,12 +467,12 @@ class AlertOptions(SinkOptions):
     @field_validator("title_template")
     @classmethod
     def _title(cls, value: str | None) -> str | None:
-        return _check_template(value, TITLE_FIELDS, "title_template")
+        return check_template(value, TITLE_FIELDS, "title_template")
 
     @field_validator("line_template")
     @classmethod
     def _line(cls, value: str | None) -> str | None:
-        return _check_template(value, ENTRY_FIELDS, "line_template")
+        return check_template(value, ENTRY_FIELDS, "line_template")
 
 
 # ----------------------------------------------------------------------------------------- the pool
@@ -539,13 +557,24 @@ class Delivery:
     """For rejections: what to log once (same cause, one log line)."""
 
 
-def http_failure(who: str, status: int, retry_after: float | None = None) -> Delivery:
+def http_failure(
+    who: str, status: int, retry_after: float | None = None, location: str | None = None
+) -> Delivery:
     """A status other than 200: not the robot API's answer (it answers 200 with an errcode) but a
     gateway's or a proxy's. 408, 425, 429 and 5xx may pass later; another (a wrong URL's 404, an
-    egress proxy's 403) does not until someone acts: dead-lettered, logged once per status."""
+    egress proxy's 403) does not until someone acts: dead-lettered, logged once per status. A
+    redirect is not followed (a 301/302 would turn the POST into a body-less GET, and the token would
+    go wherever it points): dead-lettered too, saying where it pointed (without credentials)."""
     reason = f"{who} answered HTTP {status}"
     if status in (408, 425, 429) or status >= 500:
         return Delivery("retry", reason, retry_after=retry_after)
+    if 300 <= status < 400:
+        where = redact_url(location) if location else "nowhere (no Location)"
+        return Delivery(
+            "reject",
+            f"{reason}: redirect to {where} not followed: set the robot's URL to where it should go",
+            cause=f"http {status}",
+        )
     return Delivery(
         "reject", f"{reason}, not the API's own answer: check the URL and any proxy", cause=f"http {status}"
     )
@@ -697,7 +726,9 @@ class AlertSink(Sink[OptionsT]):
                 continue
             if len(self._pending_of) >= self.options.max_pending:
                 early[i] = retry(
-                    f"{self.options.max_pending} occurrences already wait for digests", retry_after=5
+                    f"{self.options.max_pending} occurrences already wait for digests",
+                    retry_after=5,
+                    held=True,
                 )
                 continue
             gkey = tuple(fields[f] for f in self.options.group_by)
@@ -706,7 +737,7 @@ class AlertSink(Sink[OptionsT]):
                 group = self._groups[gkey] = Group(gkey)
             group.pending[key] = occ
             self._pending_of[key] = group
-        await self._flush(deadline)
+        await self._flush(deadline, {occ.key for occ in batch})
         out: list[Outcome] = []
         now = self.clock.now()
         for i, occ in enumerate(batch):
@@ -730,6 +761,7 @@ class AlertSink(Sink[OptionsT]):
             return retry(
                 f"held for the digest of {'/'.join(group.key)} (window {humanize(self.options.window)})",
                 retry_after=due - now,
+                held=True,  # no failure: not an attempt towards retry_max_attempts
             )
         if self._last_failure:
             return retry(self._last_failure, retry_after=self._failure_retry_after)
@@ -737,6 +769,7 @@ class AlertSink(Sink[OptionsT]):
         return retry(
             f"waiting for the {self.robot} rate limit ({self.options.rate_per_minute} messages a minute)",
             retry_after=max(wait, 0.1),
+            held=True,
         )
 
     def _due_at(self, group: Group, now: float) -> float:
@@ -766,7 +799,7 @@ class AlertSink(Sink[OptionsT]):
             interval = 60.0 / self.options.rate_per_minute
         return max(0.0, self._last_flush + interval - now) if self._last_flush is not None else 0.0
 
-    async def _flush(self, deadline: float) -> None:
+    async def _flush(self, deadline: float, offered: set[str]) -> None:
         grace = self.options.window / 10
         while True:
             now = self.clock.now()
@@ -779,13 +812,21 @@ class AlertSink(Sink[OptionsT]):
                     return
                 await self.clock.sleep(wait)
                 continue
-            # A message goes out anyway: groups whose window ends within a tenth of it ride along.
+            # A message goes out anyway: groups whose window ends within a tenth of it ride along,
+            # but only those the engine offers whole in this batch. One it set aside (answered
+            # "held" earlier) would be paged while the engine still holds it: a stop before it comes
+            # back spools it, and the next start pages it again (its OK is only in this memory).
             due += [
                 g
                 for g in self._groups.values()
-                if g.pending and g not in due and self._due_at(g, now) - grace <= now
+                if g.pending
+                and g not in due
+                and self._due_at(g, now) - grace <= now
+                and offered.issuperset(g.pending)
             ]
-            views = self._views(due)
+            views = self._renderable(self._views(due), now)
+            if not views:
+                continue
             budget = max(1, min(3, self.limiter.free() // 2))  # keep budget for alerts still to come
             self._last_flush = now
             for digest, title, text in self._pack(views, budget):
@@ -806,6 +847,39 @@ class AlertSink(Sink[OptionsT]):
             detail = self.redact(str(exc)) or type(exc).__name__
             return Delivery("retry", f"{self.robot} unreachable: {type(exc).__name__}: {detail}")
 
+    def _renderable(self, views: list[GroupView], now: float) -> list[GroupView]:
+        """The views that render; a group whose line cannot be made (an event content no template or
+        time zone can show) is rejected with the reason, so it never fails the message of the rest
+        (``send`` raising would retry the batch for ever while the group stays pooled)."""
+        good = []
+        self._excerpt = self.options.excerpt_chars
+        for view in views:
+            try:
+                single = Digest([view], [])
+                title, text = self.compose(single)
+                self.payload_size(title, text, single)
+            except Exception as exc:  # any failure of one group's content
+                detail = self.redact(str(exc))
+                reason = _shorten(
+                    f"cannot render the event for a digest: {type(exc).__name__}: {detail}", 300
+                )
+                cause = f"render:{type(exc).__name__}"
+                if cause not in self._logged:
+                    self._logged.add(cause)
+                    group = _shorten(one_line("/".join(view.group.key)), 200)
+                    self.log.error("%s: %s (group %s)", self.context.name, reason, group)
+                self._finish(view, reject(reason), now)
+            else:
+                good.append(view)
+        return good
+
+    def _finish(self, view: GroupView, outcome: Outcome, now: float) -> None:
+        group = view.group
+        for occ in view.occurrences:
+            group.pending.pop(occ.key, None)
+            self._pending_of.pop(occ.key, None)
+            self._done[occ.key] = (outcome, now)
+
     def _settle(self, digest: Digest, result: Delivery) -> bool:
         """Record the answer for every occurrence in ``digest``; False stops this flush."""
         now = self.clock.now()
@@ -825,13 +899,9 @@ class AlertSink(Sink[OptionsT]):
             self._logged.add(result.cause)
             self.log.error("%s: %s", self.context.name, result.reason)
         for view in digest.views + digest.summarised:
-            group = view.group
-            for occ in view.occurrences:
-                group.pending.pop(occ.key, None)
-                self._pending_of.pop(occ.key, None)
-                self._done[occ.key] = (outcome, now)
+            self._finish(view, outcome, now)
             if result.kind == "ok":
-                group.last_notified = now
+                view.group.last_notified = now
         return True
 
     # --------------------------------------------------------------- rendering
@@ -856,8 +926,16 @@ class AlertSink(Sink[OptionsT]):
         views.sort(key=lambda v: (not v.new, v.first_ns))
         return views
 
-    def _time(self, ns: int) -> str:
-        dt = datetime.fromtimestamp(ns / 1e9, tz=self._tz)
+    def _time(self, ns: int, occurrences: Sequence[Occurrence] = ()) -> str:
+        try:
+            dt = datetime.fromtimestamp(ns / 1e9, tz=self._tz)
+        except (OverflowError, ValueError, OSError):
+            # Past what datetime holds in this zone (an event stamped late on 9999-12-31): the
+            # record's own RFC 3339 text, which the router made from the same time.
+            text = next((o.record.get("time") for o in occurrences if o.time_ns == ns), None)
+            if isinstance(text, str) and _ISO_TEXT.fullmatch(text):
+                return text
+            return f"{ns // 1_000_000_000} s after 1970 UTC"
         zone = "UTC" if self._tz is UTC else (dt.tzname() or "")
         return dt.strftime("%m-%d %H:%M:%S") + f" {zone}"
 
@@ -869,8 +947,8 @@ class AlertSink(Sink[OptionsT]):
         values.update(
             count=str(view.count),
             span=humanize(span),
-            first_time=self._time(view.first_ns),
-            last_time=self._time(view.last_ns),
+            first_time=self._time(view.first_ns, view.occurrences),
+            last_time=self._time(view.last_ns, view.occurrences),
         )
         return values
 

@@ -17,16 +17,27 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit, urlunsplit
 
 import orjson
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from eventrouter import Secret, SinkContext
-from eventrouter.options import StrList
+from eventrouter.options import StrList, http_url
 
-from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest, http_failure
+from ._alerting import (
+    AlertOptions,
+    AlertSink,
+    Clock,
+    Delivery,
+    Digest,
+    check_template,
+    http_failure,
+    sample_template,
+)
 
 __all__ = ["DingTalkOptions", "DingTalkSink", "dingtalk_sign"]
 
 DEFAULT_URL = "https://oapi.dingtalk.com/robot/send"
+ACTION_FIELDS = ("cluster", "namespace", "kind", "object", "reason")
+"""The fields ``action_url`` may use (filled in URL-encoded)."""
 
 
 def dingtalk_sign(secret: str, timestamp_ms: int) -> str:
@@ -86,6 +97,15 @@ class DingTalkOptions(AlertOptions):
     def _split(cls, data: Any) -> Any:
         return _split_url(data)
 
+    @field_validator("action_url")
+    @classmethod
+    def _action_url(cls, value: str) -> str:
+        # Filled in at every send: one that cannot be filled, or does not make a link, fails here.
+        if value:
+            check_template(value, ACTION_FIELDS, "action_url")
+            http_url(sample_template(value, ACTION_FIELDS, "action_url"), option="action_url")
+        return value
+
     @model_validator(mode="after")
     def _complete(self) -> DingTalkOptions:
         if self.access_token is None or not self.access_token.get_secret_value():
@@ -141,10 +161,7 @@ class DingTalkSink(AlertSink[DingTalkOptions]):
         kind = self.msg_type
         if kind == "actionCard":
             top = (digest.views or digest.summarised)[0].fields
-            fill = {
-                k: quote(top.get(k, ""), safe="")
-                for k in ("cluster", "namespace", "kind", "object", "reason")
-            }
+            fill = {k: quote(top.get(k, ""), safe="") for k in ACTION_FIELDS}
             try:
                 link = self.options.action_url.format_map(fill)
             except (KeyError, ValueError, IndexError):
@@ -180,12 +197,16 @@ class DingTalkSink(AlertSink[DingTalkOptions]):
     async def deliver(self, title: str, text: str, digest: Digest) -> Delivery:
         body = orjson.dumps(self.payload(title, text, digest))
         headers = {"Content-Type": "application/json; charset=utf-8"}
-        async with self.session().post(self._url(), data=body, headers=headers) as resp:
+        # Redirects are not followed: a 301/302 would turn the POST into a GET (aiohttp's default).
+        async with self.session().post(
+            self._url(), data=body, headers=headers, allow_redirects=False
+        ) as resp:
             raw = await resp.content.read(256 * 1024)
             status = resp.status
             retry_after = _retry_after(resp.headers.get("Retry-After"))
+            location = resp.headers.get("Location")
         if status != 200:
-            return http_failure("DingTalk robot", status, retry_after)
+            return http_failure("DingTalk robot", status, retry_after, location)
         return self.classify(raw)
 
     def classify(self, raw: bytes) -> Delivery:

@@ -378,6 +378,9 @@ class WebhookOptions(SinkOptions):
                 raise ValueError(f"headers: {name!r} is not a valid header name")
             if any(c in value.get_secret_value() for c in "\r\n"):
                 raise ValueError(f"headers: the value of {name!r} contains a line break")
+        if self.key_file is not None and self.cert_file is None:
+            # load_cert_chain only reads a key beside a certificate: alone it was silently ignored.
+            raise ValueError("key_file needs cert_file (the client certificate the key belongs to)")
         if self.body_template is not None and self.body_template_file is not None:
             raise ValueError("set body_template or body_template_file, not both")
         if self.body_template is not None:

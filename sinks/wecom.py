@@ -237,11 +237,12 @@ class WeComSink(AlertSink[WeComOptions]):
             corpid=self.options.corp_id,
             corpsecret=self.options.corp_secret.get_secret_value(),
         )
-        async with self.session().get(url) as resp:
+        async with self.session().get(url, allow_redirects=False) as resp:
             raw = await resp.content.read(64 * 1024)
             status = resp.status
+            location = resp.headers.get("Location")
         if status != 200:
-            return http_failure("WeCom gettoken", status)
+            return http_failure("WeCom gettoken", status, location=location)
         try:
             reply = orjson.loads(raw)
             code = int(reply.get("errcode", 0))
@@ -299,11 +300,13 @@ class WeComSink(AlertSink[WeComOptions]):
 
     async def _post(self, url: str, body: bytes) -> Delivery:
         headers = {"Content-Type": "application/json; charset=utf-8"}
-        async with self.session().post(url, data=body, headers=headers) as resp:
+        # Redirects are not followed: a 301/302 would turn the POST into a GET (aiohttp's default).
+        async with self.session().post(url, data=body, headers=headers, allow_redirects=False) as resp:
             raw = await resp.content.read(256 * 1024)
             status = resp.status
+            location = resp.headers.get("Location")
         if status != 200:
-            return http_failure("WeCom", status)
+            return http_failure("WeCom", status, location=location)
         try:
             reply = orjson.loads(raw)
             code = int(reply["errcode"])

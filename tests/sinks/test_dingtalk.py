@@ -8,6 +8,7 @@ limits are the real ones (20 messages per rolling 60 s, window 300 s), not scale
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections import Counter
@@ -23,7 +24,7 @@ from eventrouter.config import parse_sink_flag, spec_for_class
 from eventrouter.options import COMMON_KEYS, field_names
 from eventrouter.testing import make_occurrence, recorded_watch
 from eventrouter.testing.receivers.dingtalk import DingTalkMessage, DingTalkReceiver
-from eventrouter_sinks._alerting import ManualClock
+from eventrouter_sinks._alerting import GroupView, ManualClock
 from eventrouter_sinks.dingtalk import DingTalkOptions, DingTalkSink
 
 SECRET = "SEC0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcd"
@@ -395,6 +396,113 @@ async def test_a_digest_being_collected_survives_a_secret_rotation(
     assert "**BackOff** \u00d74 in 1 min" in robot.accepted[1].text and counted(robot.accepted[1]) == 4
 
 
+async def test_a_repeat_the_engine_set_aside_does_not_ride_along_so_a_restart_cannot_page_it_twice(
+    robot: DingTalkReceiver, clock: ManualClock
+) -> None:
+    """A message going out takes along groups whose window ends within a tenth of it. web-0's repeat
+    had been answered "held" and waited in the engine (after a clean stop: in the spool); it rode
+    along in web-1's message, and the next start's sink, which no longer knew that, paged it again.
+    Only groups the engine offers whole in the batch ride along now."""
+    sink = await make_sink(robot.url, secret=SECRET, clock=clock)
+    uid = "uid-web-0-backoff"
+    t0 = stamp(clock.wall())
+    try:
+        assert kinds(await sink.send([occ(1, uid=uid, first_timestamp=t0, last_timestamp=t0)])) == [
+            OutcomeKind.OK
+        ]
+        clock.advance(10)
+        repeat = occ(2, uid=uid, first_timestamp=t0, last_timestamp=stamp(clock.wall()))
+        (held,) = await sink.send([repeat]) or []
+        assert held.kind is OutcomeKind.RETRY and held.retry_after == pytest.approx(290)
+        clock.advance(275)  # web-0's window ends in 15 s, within a tenth of it
+        assert kinds(await sink.send([occ(object_name="web-1")])) == [OutcomeKind.OK]
+    finally:
+        await sink.aclose()
+    assert len(robot.accepted) == 2 and "shop/web-1" in robot.accepted[1].text
+    assert "shop/web-0" not in robot.accepted[1].text
+    # A stop now leaves the repeat in the spool, and the next start pages it: once in all.
+    restarted = await make_sink(robot.url, secret=SECRET, clock=clock)
+    try:
+        assert kinds(await restarted.send([repeat])) == [OutcomeKind.OK]
+    finally:
+        await restarted.aclose()
+    assert sum("shop/web-0" in m.text for m in robot.accepted) == 2
+
+
+async def test_a_held_group_offered_whole_in_the_batch_rides_along_with_a_due_one(
+    robot: DingTalkReceiver, clock: ManualClock
+) -> None:
+    sink = await make_sink(robot.url, secret=SECRET, clock=clock)
+    uid = "uid-web-0-backoff"
+    try:
+        assert kinds(await sink.send([occ(1, uid=uid)])) == [OutcomeKind.OK]
+        clock.advance(285)  # web-0's window ends in 15 s; its repeat and a new problem arrive together
+        outs = await sink.send([occ(2, uid=uid), occ(object_name="web-1")])
+    finally:
+        await sink.aclose()
+    assert kinds(outs) == [OutcomeKind.OK] * 2
+    assert len(robot.accepted) == 2
+    assert "shop/web-0" in robot.accepted[1].text and "shop/web-1" in robot.accepted[1].text
+
+
+@pytest.mark.parametrize(
+    ("time_zone", "times"),
+    [
+        (
+            "Asia/Shanghai",
+            {"first_timestamp": "9999-12-31T23:00:00Z", "last_timestamp": "9999-12-31T23:00:00Z"},
+        ),
+        ("UTC", {"count": None, "event_time": "9999-12-31T23:59:59.999999Z"}),
+    ],
+)
+async def test_an_event_time_past_what_the_time_zone_can_show_is_written_as_the_record_has_it(
+    robot: DingTalkReceiver, time_zone: str, times: dict[str, Any]
+) -> None:
+    """An event stamped late on 9999-12-31 (a node's broken clock): in Asia/Shanghai, or rounded to
+    float seconds, it is past year 9999, which datetime cannot hold. send() raised, the engine
+    retried the batch for ever, and the pooled group made every later digest raise too."""
+    sink = await make_sink(robot.url, secret=SECRET, time_zone=time_zone)
+    late = make_occurrence(cluster="prod", namespace="shop", object_name="clock-broken", **times)
+    try:
+        outs = await sink.send([late, occ(object_name="web-1")])
+    finally:
+        await sink.aclose()
+    assert kinds(outs) == [OutcomeKind.OK] * 2
+    (msg,) = robot.accepted
+    assert f"{late.record['time']} · Pod shop/clock-broken" in msg.text and "shop/web-1" in msg.text
+
+
+class _Unrenderable(DingTalkSink):
+    """Stands for any event content a line cannot be made of (no such content is known since the
+    time fix above): the line of the object named ``poison`` raises."""
+
+    def render_entry(self, view: GroupView, excerpt: int) -> str:
+        if view.fields["object"] == "poison":
+            raise ValueError("this line cannot be made")
+        return super().render_entry(view, excerpt)
+
+
+async def test_a_group_that_cannot_be_rendered_is_rejected_alone_and_the_rest_is_sent(
+    robot: DingTalkReceiver, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    options = DingTalkOptions.model_validate({"url": robot.url, "secret": SECRET})
+    sink = _Unrenderable(options, ctx(), clock=clock)
+    await sink.start()
+    try:
+        first = await sink.send([occ(object_name="poison"), occ(object_name="web-1")])
+        clock.advance(10)
+        second = await sink.send([occ(object_name="poison"), occ(object_name="web-2")])
+    finally:
+        await sink.aclose()
+    assert first is not None and second is not None
+    assert kinds(first) == kinds(second) == [OutcomeKind.REJECT, OutcomeKind.OK]
+    reason = "cannot render the event for a digest: ValueError: this line cannot be made"
+    assert first[0].reason == second[0].reason == reason
+    assert [m.text.count("shop/") for m in robot.accepted] == [1, 1]
+    assert "shop/poison" not in "".join(m.text for m in robot.accepted)
+    assert sum(reason in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR) == 1
+
+
 async def test_too_long_digest_is_summarised_with_counts_and_all_count_as_delivered(
     robot: DingTalkReceiver,
 ) -> None:
@@ -527,6 +635,26 @@ async def test_a_4xx_from_a_proxy_is_dead_lettered_once_logged_not_retried_for_e
     assert sum("HTTP 404" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR) == 1
 
 
+@pytest.mark.parametrize("status", [302, 307])
+async def test_a_redirect_is_dead_lettered_saying_where_it_points_and_never_followed(
+    robot: DingTalkReceiver, status: int
+) -> None:
+    """aiohttp follows redirects unless told not to: a 302 (an http→https front, a moved gateway)
+    turned the POST into a GET, dead-lettered as "HTTP 405" without a word about the redirect; a 307
+    sent the message, and the token in the Location, wherever it pointed."""
+    sink = await make_sink(robot.url, secret=SECRET)
+    robot.fail_next(1, status=status, location=f"{robot.url}&moved=1")
+    try:
+        (out,) = await sink.send([occ()]) or []
+    finally:
+        await sink.aclose()
+    assert out.kind is OutcomeKind.REJECT
+    where = f"{robot.base_url}?access_token=***&moved=***"
+    assert f"answered HTTP {status}: redirect to {where} not followed" in out.reason
+    assert TOKEN not in out.reason
+    assert [r.status for r in robot.requests] == [status] and robot.accepted == []
+
+
 async def test_unreachable_robot_is_retried_and_the_token_is_not_in_the_reason() -> None:
     async with DingTalkReceiver(access_token=TOKEN) as robot:
         url = robot.url
@@ -632,6 +760,47 @@ async def test_templates_are_validated_and_fill_escaped_values(robot: DingTalkRe
     assert '[shop] BackOff x1: a "b" \\*c\\*' in msg.text  # the operator's template is as written
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        (
+            "line_template",
+            "{reason} x{count:d} {object}",
+            "line_template: {count:d}: Unknown format code 'd'",
+        ),
+        ("title_template", "{reason} x{count:>3d}", "title_template: {count:>3d}: Unknown format code 'd'"),
+        ("action_url", "https://grafana/d/x?pod={object.name}", "action_url: unknown field {object.name}"),
+        ("action_url", "grafana.example/d/x?pod={object}", "action_url must be http(s)://host"),
+        ("action_url", "{cluster}", "action_url must be http(s)://host"),
+    ],
+)
+def test_a_template_that_cannot_be_filled_in_is_refused_at_start_naming_the_option(
+    option: str, value: str, says: str
+) -> None:
+    """These passed validation and then raised on every send (the values are text, and action_url
+    was not checked at all): the engine retried the batch for ever and the robot got nothing."""
+    entry = {
+        "access_token": "x",
+        "msg_type": "actionCard",
+        "action_url": "https://grafana/d/x",
+        option: value,
+    }
+    with pytest.raises(ValueError, match=re.escape(says)):
+        DingTalkOptions.model_validate(entry)
+
+
+def test_format_specs_text_can_take_and_action_url_fields_are_accepted() -> None:
+    options = DingTalkOptions.model_validate(
+        {
+            "access_token": "x",
+            "msg_type": "actionCard",
+            "title_template": "{reason:>12} x{count:<3}",
+            "action_url": "https://{cluster}.grafana.example/d/x?var-ns={namespace}&pod={object}",
+        }
+    )
+    assert options.title_template == "{reason:>12} x{count:<3}"
+
+
 async def test_check_reaches_the_robot_without_a_message_or_the_token(robot: DingTalkReceiver) -> None:
     """`eventrouter check`: a HEAD to the robot's address (answered 405, as the robot answers what
     is not a POST) proves it reachable; no message is sent and the token stays out of the request."""
@@ -646,3 +815,44 @@ async def test_check_reaches_the_robot_without_a_message_or_the_token(robot: Din
         await sink.check()
     await sink.aclose()
     assert TOKEN not in str(info.value)
+
+
+async def test_retry_max_attempts_counts_a_robots_failures_but_not_its_digest_holds(tmp_path: Any) -> None:
+    """Deferred retries skipped the attempt count: a robot behind a proxy answering 502 was asked
+    every 3 s for ever. A digest hold is no failure: with a limit of 1 it must not dead-letter."""
+    from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
+    from eventrouter.engine.deadletter import DeadLetter
+    from eventrouter.engine.pipeline import Pipeline
+    from eventrouter.metrics import Metrics
+    from eventrouter.options import PipelineOptions
+    from eventrouter.testing.waiting import until
+
+    metrics = Metrics()
+    async with DingTalkReceiver(access_token=TOKEN) as robot:
+        sink = DingTalkSink(
+            DingTalkOptions.model_validate({"url": robot.url, "min_interval": 0, "window": 0.3}), ctx()
+        )
+        options = {"batch_max_wait": 0.01, "retry_initial_backoff": 0.01, "retry_max_backoff": 0.05}
+        p = Pipeline(
+            name="dingtalk",
+            sink=sink,
+            options=PipelineOptions.model_validate({**options, "retry_max_attempts": 1}),
+            predicate=None,
+            checkpoint=SinkCheckpoint(MemoryCheckpoint()),
+            deadletter=DeadLetter(tmp_path / "dl", sink="dingtalk"),
+            metrics=metrics,
+        )
+        task = asyncio.create_task(p.run())
+        p.offer(occ(1, uid="u-web", object_name="web-0"))
+        await until(lambda: len(robot.accepted) == 1)
+        p.offer(occ(2, uid="u-web", object_name="web-0"))  # held for the window, then paged
+        await until(lambda: len(robot.accepted) == 2)
+        robot.fail_next(100, status=502)
+        p.offer(occ(1, object_name="db-0"))
+        exhausted = metrics.dead_lettered.labels("dingtalk", "retries_exhausted")
+        await until(lambda: exhausted._value.get() == 1)
+        p.close()
+        await asyncio.wait_for(task, 10)
+        await p.close_sink()
+    assert metrics.dead_lettered.labels("dingtalk", "rejected")._value.get() == 0
+    assert metrics.retries.labels("dingtalk")._value.get() == 0  # the hold was no retry

@@ -431,6 +431,15 @@ def test_bad_headers_and_auth_are_configuration_errors_without_the_values() -> N
         assert "s3cr3t" not in error and "czNjcjN0" not in error
 
 
+def test_key_file_without_cert_file_is_a_configuration_error(tmp_path: Path) -> None:
+    """A client key alone was accepted and never used (ssl loads a key only beside its
+    certificate): mutual TLS silently off, and the server's refusal the first sign of it."""
+    key = tmp_path / "client.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    error = config_error(url="https://127.0.0.1:1/", key_file=str(key))
+    assert "key_file needs cert_file" in error
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make a certificate")
 async def test_tls_ca_file_and_insecure_skip_verify(tmp_path: Path) -> None:
     cert, key = certificate(tmp_path)

@@ -128,6 +128,24 @@ async def test_invalid_webhook_key_is_rejected_with_93000_and_logged_once(
     assert "wrong-key" not in caplog.text
 
 
+async def test_a_redirect_is_dead_lettered_saying_where_it_points_and_never_followed(
+    wecom: WeComReceiver, clock: ManualClock
+) -> None:
+    """aiohttp follows redirects unless told not to: a 301 (a moved gateway) turned the POST into a
+    GET, dead-lettered as WeCom's "invalid request method" without a word about the redirect."""
+    sink = await make_sink(clock, url=wecom.robot_url)
+    wecom.fail_next(1, status=301, location=wecom.robot_url)
+    try:
+        (out,) = await sink.send([occ()]) or []
+    finally:
+        await sink.aclose()
+    assert out.kind is OutcomeKind.REJECT
+    where = f"{wecom.url}/cgi-bin/webhook/send?key=***"
+    assert f"WeCom answered HTTP 301: redirect to {where} not followed" in out.reason
+    assert KEY not in out.reason
+    assert [r.status for r in wecom.requests] == [301] and wecom.accepted == []
+
+
 async def test_api_freq_out_of_limit_backs_off_then_delivers(
     wecom: WeComReceiver, clock: ManualClock
 ) -> None:

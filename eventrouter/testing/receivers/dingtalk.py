@@ -23,8 +23,9 @@ understands, in this order:
 Accepted messages are kept in ``accepted`` (payload, mentions, receive time); every request with its
 answer in ``requests``. Fault injection: ``fail_next(n, errcode=, errmsg=)`` answers the next ``n``
 requests with that errcode; ``fail_next(n, status=502)`` with an HTTP status; ``fail_next(n,
-body=b"<html>")`` with a raw body. ``clock`` (monotonic seconds) drives the rate limit, ``wall``
-(epoch seconds) the timestamp check; tests may share a simulated clock with the sink.
+body=b"<html>")`` with a raw body; ``fail_next(n, status=302, location=url)`` with a redirect (a
+front that moved). ``clock`` (monotonic seconds) drives the rate limit, ``wall`` (epoch seconds) the
+timestamp check; tests may share a simulated clock with the sink.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class _Fault:
     errcode: int | None = None
     errmsg: str = ""
     body: bytes | None = None
+    location: str | None = None
 
 
 @dataclass
@@ -165,8 +167,9 @@ class DingTalkReceiver(LoopbackServer):
         errmsg: str = "",
         status: int = 200,
         body: bytes | None = None,
+        location: str | None = None,
     ) -> None:
-        self._faults.extend(_Fault(status, errcode, errmsg, body) for _ in range(n))
+        self._faults.extend(_Fault(status, errcode, errmsg, body, location) for _ in range(n))
 
     async def wait_for(self, count: int, within: float = 10.0) -> None:
         """Until at least ``count`` messages were accepted."""
@@ -184,6 +187,8 @@ class DingTalkReceiver(LoopbackServer):
             rec.status = fault.status
             if fault.body is not None:
                 return web.Response(status=fault.status, body=fault.body, content_type="text/html")
+            if fault.location is not None:  # a front that moved: the robot itself never sees it
+                return web.Response(status=fault.status, headers={"Location": fault.location})
             if fault.errcode is None:
                 return web.Response(status=fault.status, text="fault")
             return self._reply(rec, fault.errcode, fault.errmsg or "injected")

@@ -26,8 +26,9 @@ Application API
   ``invaliduser`` and when nobody is valid → 81013; ``text``/``markdown`` content ≤ 2048 bytes (40058).
 
 Accepted messages go to ``accepted`` (kind ``robot`` or ``app``); every request to ``requests``.
-Fault injection: ``fail_next(n, errcode=…)``, ``fail_next(n, status=502)``, ``fail_next(n, body=…)``
-(for message sends; gettoken is not affected), ``expire_tokens()`` ends every issued token now.
+Fault injection: ``fail_next(n, errcode=…)``, ``fail_next(n, status=502)``, ``fail_next(n, body=…)``,
+``fail_next(n, status=302, location=url)`` (a redirect) (for message sends; gettoken is not
+affected), ``expire_tokens()`` ends every issued token now.
 ``clock`` (monotonic seconds) drives rate limits and token lifetimes.
 """
 
@@ -80,6 +81,7 @@ class _Fault:
     errcode: int | None = None
     errmsg: str = ""
     body: bytes | None = None
+    location: str | None = None
 
 
 @dataclass
@@ -151,8 +153,9 @@ class WeComReceiver(LoopbackServer):
         errmsg: str = "",
         status: int = 200,
         body: bytes | None = None,
+        location: str | None = None,
     ) -> None:
-        self._faults.extend(_Fault(status, errcode, errmsg, body) for _ in range(n))
+        self._faults.extend(_Fault(status, errcode, errmsg, body, location) for _ in range(n))
 
     def expire_tokens(self) -> None:
         if self._token is not None:
@@ -178,6 +181,8 @@ class WeComReceiver(LoopbackServer):
             rec.status = fault.status
             if fault.body is not None:
                 return web.Response(status=fault.status, body=fault.body, content_type="text/html")
+            if fault.location is not None:  # a front that moved: the robot itself never sees it
+                return web.Response(status=fault.status, headers={"Location": fault.location})
             if fault.errcode is None:
                 return web.Response(status=fault.status, text="fault")
             return self._reply(rec, fault.errcode, fault.errmsg or "injected")
