@@ -17,7 +17,11 @@
   store are therefore also dead-lettered — re-sending them later is harmless because Loki
   de-duplicates identical entries. 429, 5xx, 401/403/404/408 and connection errors are retried by the
   engine (RetryableError, honouring Retry-After). A push answered 413 (a proxy's body limit) is sent
-  again in halves.
+  again in halves, and so is one larger than the tenant's ingestion rate limit (429 naming the limit:
+  Loki refuses a push larger than its burst for ever); later pushes stay within that limit. A 429 for
+  Loki's active stream limit retries the items of the stream it names only, and pushes the others
+  again at once (Loki stored them, or refused another stream it did not name; it de-duplicates).
+  When part of a split push was stored, only the items of the part that failed are retried.
 - Loki refuses entries older than ``reject_old_samples_max_age`` (168 h), further ahead than
   ``creation_grace_period`` (10 min), or more than ``max_chunk_age``/2 (1 h) behind the newest entry of
   their stream: a node whose clock is off, an event kept for days, a replay or a relist in key order
@@ -78,8 +82,12 @@ __all__ = ["LokiOptions", "LokiSink"]
 PUSH_PATH = "/loki/api/v1/push"
 MAX_LABELS = 15
 """Loki's default max_label_names_per_series."""
+MAX_LABEL_NAME_BYTES = 1024
+"""Loki's default max_label_name_length; a longer name makes Loki refuse every entry of the stream."""
 MAX_LABEL_VALUE_BYTES = 2048
 """Loki's default max_label_value_length; longer values would make Loki refuse the stream."""
+MAX_TENANT_CHARS = 150
+"""Loki (dskit) refuses longer tenant IDs, and characters other than a-z A-Z 0-9 ! - _ . * ' ( )."""
 DEFAULT_MAX_LINE_BYTES = 256_000
 """Loki's default max_line_size "256KB", which Loki parses as 256,000 bytes (KB = 1000)."""
 DEFAULT_MAX_AGE = 168 * 3600.0
@@ -308,6 +316,12 @@ class LokiOptions(SinkOptions):
         out: dict[str, str] = {}
         for raw_name, template in value.items():
             name = sanitise_label_name(raw_name)
+            if len(name) > MAX_LABEL_NAME_BYTES:  # sanitised: ASCII
+                # Not echoed: a name this long is most often a value pasted in the wrong place.
+                raise ValueError(
+                    f"a label name of {len(name)} bytes; Loki accepts at most {MAX_LABEL_NAME_BYTES} "
+                    "(max_label_name_length)"
+                )
             if name in out:
                 raise ValueError(f"labels {raw_name!r} and another label both become {name!r}")
             parse_template(template)
@@ -330,6 +344,34 @@ class LokiOptions(SinkOptions):
                 raise ValueError("each header must be Name:Value with a valid header name")
             if name.strip().lower() in ("content-type", "content-encoding", "content-length"):
                 raise ValueError(f"header {name.strip()} is set by the sink and cannot be overridden")
+            if _CONTROL.search(item.get_secret_value().partition(":")[2].strip()):
+                # No HTTP client sends it (aiohttp refuses a CR or LF: a header injection); the value
+                # is a secret, so only the header's name is said.
+                raise ValueError(
+                    f"the value of header {name.strip()} contains a control character (a line break?)"
+                )
+        return value
+
+    @field_validator("tenant")
+    @classmethod
+    def _check_tenant(cls, value: str | None) -> str | None:
+        # Loki checks X-Scope-OrgID with dskit's ValidTenantID and refuses every push otherwise; a CR
+        # or LF fails every request before it is sent (aiohttp). Not echoed.
+        if value and (  # empty: no tenant header
+            len(value) > MAX_TENANT_CHARS or not _TENANT.fullmatch(value) or value in (".", "..")
+        ):
+            raise ValueError(
+                f"Loki takes tenant IDs of up to {MAX_TENANT_CHARS} characters from a-z A-Z 0-9 ! - _ . * ' ( ) "
+                f"(not '.' or '..'); this one has {len(value)} characters"
+                + (", with a control character (a line break?)" if _CONTROL.search(value) else "")
+            )
+        return value
+
+    @field_validator("bearer_token")
+    @classmethod
+    def _check_token(cls, value: Secret | None) -> Secret | None:
+        if value is not None and _CONTROL.search(value.get_secret_value()):
+            raise ValueError("contains a control character (a line break?), which no HTTP header can carry")
         return value
 
     @field_validator("url")
@@ -368,6 +410,73 @@ class LokiOptions(SinkOptions):
                 f"labels: {len(names)} label names; Loki accepts at most {MAX_LABELS} per stream"
             )
         return self
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+"""Characters an HTTP header value cannot carry (a tab it can)."""
+_TENANT = re.compile(r"[a-zA-Z0-9!\-_.*'()]+")
+
+
+_RATE_LIMITED = re.compile(
+    r"Ingestion rate limit exceeded for user .* \(limit: (?P<limit>\d+) bytes/sec\) while attempting to "
+    r"ingest '(?P<lines>\d+)' lines totaling '(?P<bytes>\d+)' bytes"
+)
+_STREAM_LIMITED = re.compile(
+    r"Maximum active stream limit exceeded when trying to create stream (?P<labels>\{.*\}), reduce the number",
+    re.DOTALL,
+)
+_LABEL_PAIR = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*([,}])')
+_GO_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[0-7]{3}|.)", re.DOTALL)
+_GO_SIMPLE = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+
+
+def _go_unescape(match: re.Match[str]) -> str:
+    code = match.group(1)
+    if code[0] in "xuU" and len(code) > 1:
+        return chr(int(code[1:], 16))
+    if code[0] in "01234567" and len(code) == 3:
+        return chr(int(code, 8))
+    return _GO_SIMPLE.get(code, code)
+
+
+def _parse_label_set(text: str) -> dict[str, str] | None:
+    """``{a="b", c="d"}`` as Loki prints a stream (Go-quoted values) or as this sink writes it."""
+    text = text.strip()
+    if not text.startswith("{"):
+        return None
+    if text[1:].strip() == "}":
+        return {}
+    out: dict[str, str] = {}
+    pos = 1
+    while True:
+        match = _LABEL_PAIR.match(text, pos)
+        if match is None:
+            return None
+        out[match.group(1)] = _GO_ESCAPE.sub(_go_unescape, match.group(2))
+        pos = match.end()
+        if match.group(3) == "}":
+            return out if pos == len(text) else None
+
+
+def _stream_label_set(stream: bytes) -> dict[str, str] | None:
+    """The labels of an encoded ``StreamAdapter.labels`` field (tag, length varint, label string)."""
+    start = 1
+    while start < len(stream) and stream[start] & 0x80:
+        start += 1
+    return _parse_label_set(stream[start + 1 :].decode("utf-8", "replace"))
+
+
+def _weight(entries: Sequence[_Entry]) -> int:
+    """What Loki's rate limiter counts of these entries (line and structured metadata bytes), or a
+    little more (protobuf: the encoded metadata)."""
+    total = 0
+    for entry in entries:
+        total += len(entry.line)
+        if entry.metadata:
+            total += sum(len(k.encode()) + len(v.encode()) for k, v in entry.metadata)
+        elif len(entry.parts) > 2:
+            total += len(entry.parts[2])
+    return total
 
 
 def _redact(url: str) -> str:
@@ -672,6 +781,9 @@ class LokiSink(Sink[LokiOptions]):
         self._oldest_ns: float = -math.inf
         self._newest_ns: float = math.inf
         self._late = False  # an entry of this batch is predicted refused for its time (and not clamped)
+        # The tenant's ingestion rate (bytes/s) once Loki named it refusing a push over it: larger
+        # pushes are split before they are sent.
+        self._max_push_bytes: int | None = None
         self._metadata = options.structured_metadata
         self._headers = self._build_headers(parts.username, parts.password)
         self._push_headers = {"Content-Type": "application/x-protobuf"}
@@ -686,6 +798,7 @@ class LokiSink(Sink[LokiOptions]):
         behind are still predicted (and clamped) after a credential change."""
         if isinstance(previous, LokiSink):
             self._newest = previous._newest
+            self._max_push_bytes = previous._max_push_bytes
 
     def _build_headers(self, url_user: str | None, url_password: str | None) -> dict[str, str]:
         opts = self.options
@@ -791,7 +904,13 @@ class LokiSink(Sink[LokiOptions]):
         return outcomes
 
     async def _push(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
-        """POST one push; 200/204 leave ``outcomes`` OK, a final 4xx rejects every item of this push."""
+        """POST one push; 200/204 leave ``outcomes`` OK, a final 4xx rejects every item of this push.
+        RetryableError only when nothing of it is known stored: a push split in parts marks the
+        items of a part that failed after another was stored for retry instead."""
+        cap = self._max_push_bytes
+        if cap is not None and len(entries) > 1 and _weight(entries) > cap:
+            await self._push_halves(entries, outcomes)  # Loki would refuse it whole: see below
+            return
         body = self.encode(entries)
         session = self._ensure_session()
         try:
@@ -809,9 +928,7 @@ class LokiSink(Sink[LokiOptions]):
         if status == 413 and len(entries) > 1:
             # A body limit below this push (a proxy's: nginx's client_max_body_size is 1m by default):
             # halve it, so only an entry too large on its own is refused.
-            mid = len(entries) // 2
-            await self._push(entries[:mid], outcomes)
-            await self._push(entries[mid:], outcomes)
+            await self._push_halves(entries, outcomes)
             return
         message = text[:2000] or (response.reason or "")
         if 200 <= status < 300:
@@ -822,6 +939,34 @@ class LokiSink(Sink[LokiOptions]):
                 f"loki: {self._shown} answered {status}, nothing stored: {message}",
                 retry_after=retry_after if retry_after is not None else _blocked_for(text),
             )
+        if status == 429:
+            rate = _RATE_LIMITED.search(message)
+            if rate is not None and len(entries) > 1 and int(rate["bytes"]) > int(rate["limit"]):
+                # The tenant's ingestion rate limit (a token bucket of ingestion_burst_size_mb, 6 MiB,
+                # refilled at the named ingestion_rate_mb, 4 MiB/s): a push larger than the bucket is
+                # refused whole, for ever. From now on pushes stay within the named rate.
+                limit = int(rate["limit"])
+                if self._max_push_bytes != limit:
+                    self.log.warning(
+                        "loki: %s limits this tenant's ingestion to %d bytes/s; a push of %s bytes was "
+                        "refused, pushes are now split to at most %d bytes of lines",
+                        self._shown,
+                        limit,
+                        rate["bytes"],
+                        limit,
+                    )
+                    self._max_push_bytes = limit
+                await self._push_halves(entries, outcomes)
+                return
+            named = _STREAM_LIMITED.search(message)
+            if named is not None and await self._stream_refused(
+                entries,
+                outcomes,
+                named["labels"],
+                f"loki: {self._shown} answered 429: {message}",
+                retry_after,
+            ):
+                return
         if status == 429 or status >= 500 or status in (401, 403, 404, 408):
             if status == 401 and "org id" in message and not self.options.tenant:
                 message += " (this Loki is multi-tenant: set tenant=<org id>)"
@@ -831,6 +976,56 @@ class LokiSink(Sink[LokiOptions]):
         reason = f"loki: {status} (push of {len(entries)} entries refused, possibly partly stored): {message}"
         for entry in entries:
             outcomes[entry.index] = reject(reason)
+
+    async def _push_halves(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
+        """Push each half on its own. When the second fails after the first was stored, only its items
+        are retried: re-sending the stored half would spend the tenant's rate limit on it again."""
+        mid = len(entries) // 2
+        await self._push(entries[:mid], outcomes)  # raises only when nothing of it was stored
+        await self._push_or_retry(entries[mid:], outcomes)
+
+    async def _push_or_retry(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
+        try:
+            await self._push(entries, outcomes)
+        except RetryableError as exc:
+            for entry in entries:
+                outcomes[entry.index] = retry(exc.reason, retry_after=exc.retry_after)
+
+    async def _stream_refused(
+        self,
+        entries: list[_Entry],
+        outcomes: list[Outcome],
+        named: str,
+        reason: str,
+        retry_after: float | None,
+    ) -> bool:
+        """Loki's active stream limit: the ingester refused a new stream and stored the push's other
+        streams. The named stream's items are retried; the others are pushed again at once (Loki
+        de-duplicates what it stored), because Loki names only the last stream it refused. False when
+        the named stream is none of this push's."""
+        wanted = _parse_label_set(named)
+        if wanted is None:
+            return False
+        refused: list[_Entry] = []
+        rest: list[_Entry] = []
+        seen: dict[bytes, bool] = {}
+        for entry in entries:
+            hit = seen.get(entry.stream)
+            if hit is None:
+                labels = _stream_label_set(entry.stream)
+                # Loki names the stream as its distributor made it (with service_name, maybe a
+                # __stream_shard__): every label of ours there with the same value is a match.
+                hit = seen[entry.stream] = labels is not None and all(
+                    wanted.get(name) == value for name, value in labels.items()
+                )
+            (refused if hit else rest).append(entry)
+        if not refused:
+            return False
+        if rest:
+            await self._push_or_retry(rest, outcomes)
+        for entry in refused:
+            outcomes[entry.index] = retry(reason, retry_after=retry_after)
+        return True
 
     # -- encoding ----------------------------------------------------------------------------------
 

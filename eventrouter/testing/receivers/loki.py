@@ -525,6 +525,9 @@ class LokiReceiver:
     behind the stream's newest are refused), structured metadata allowed (64KB, 128 pairs).
     ``now`` (epoch seconds) drives the age checks. ``max_body_bytes`` is the largest push body taken
     (Loki's default 100 MB; beyond it aiohttp answers 413, as a gateway with a body limit does).
+    Off unless given (Loki has them on): the tenant's ingestion rate limit (``ingestion_rate`` bytes/s,
+    ``ingestion_burst`` bytes: 429, nothing stored) and its active stream limit (``max_streams``: 429
+    naming a refused new stream, the push's other streams stored).
     """
 
     def __init__(
@@ -549,6 +552,9 @@ class LokiReceiver:
         max_body_bytes: int = 100 * 1024 * 1024,
         block_ingestion_until: float | None = None,
         block_ingestion_status_code: int = 260,
+        ingestion_rate: float | None = None,
+        ingestion_burst: float | None = None,
+        max_streams: int | None = None,
     ) -> None:
         self.auth_enabled = auth_enabled
         self.username = username
@@ -571,6 +577,19 @@ class LokiReceiver:
         # pushes are discarded and answered with that code, Loki's default 260, a 2xx.
         self.block_ingestion_until = block_ingestion_until
         self.block_ingestion_status_code = block_ingestion_status_code
+        # The distributor's tenant rate limiter (limits_config.ingestion_rate_mb and
+        # ingestion_burst_size_mb, in bytes here; Loki's defaults are 4 MiB/s and 6 MiB): a token
+        # bucket, full at first; a push that does not fit is answered 429 and nothing is stored, and
+        # one larger than the burst never fits. None: no limit (the default here).
+        self.ingestion_rate = ingestion_rate
+        self.ingestion_burst = ingestion_burst
+        self._tokens: float | None = None
+        self._tokens_at = 0.0
+        self.rate_limited = 0  # pushes refused by the rate limiter
+        # The ingester's active stream limit (max_global_streams_per_user): a push's entries for a new
+        # stream beyond it are refused with 429, its other streams stored. None: no limit.
+        self.max_streams = max_streams
+        self.stream_limited = 0  # entries refused by the stream limit
         self.entries: list[StoredEntry] = []
         """Every stored entry in arrival order, duplicates included (queries de-duplicate)."""
         self.pushes: list[Push] = []
@@ -631,6 +650,10 @@ class LokiReceiver:
         ra = None if retry_after is None else str(retry_after)
         for _ in range(count):
             self._faults.append(_Fault(status, message or default, ra, store))
+
+    def refill_rate_limit(self) -> None:
+        """The ingestion rate limiter's bucket full again, as after a wait of ``burst / rate`` seconds."""
+        self._tokens = None
 
     async def wait_for_entries(self, count: int, timeout: float = 10.0) -> None:
         """Wait until at least ``count`` entries are stored (duplicates included)."""
@@ -755,6 +778,9 @@ class LokiReceiver:
             blocked = self._blocked(tenant, streams)
             if blocked is not None:
                 return blocked
+            limited = self._rate_limited(tenant, streams)
+            if limited is not None:
+                return answer(429, limited)
             accepted, errors = self._ingest(tenant, streams)
         except (_BadRequest, LabelParseError, DecodeError) as exc:
             return answer(400, str(exc))
@@ -763,6 +789,11 @@ class LokiReceiver:
                 self._changed.notify_all()
         if fault is not None:
             return answer(fault.status, fault.message, accepted, extra)
+        stream_limit = [e for e in errors if e.startswith(_STREAM_LIMIT_PREFIX)]
+        if stream_limit:
+            # The ingester's error wins over the distributor's 400; it names one stream only (its
+            # error "only reflects what happened to the last stream in the request").
+            return answer(429, stream_limit[-1], accepted)
         if errors:
             return answer(400, _group_errors(errors), accepted)
         return answer(204, "", accepted)
@@ -782,6 +813,47 @@ class LokiReceiver:
         if code == 200:
             return web.Response(status=204)
         return web.Response(status=code, text=message + "\n")
+
+    def _window(self) -> tuple[int, int]:
+        now_ns = int(self.now() * _NS)
+        oldest = now_ns - int(self.reject_old_samples_max_age * _NS)
+        return oldest, now_ns + int(self.creation_grace_period * _NS)
+
+    def _rate_limited(self, tenant: str, streams: list[_InStream]) -> str | None:
+        """The distributor's ``ingestionRateLimiter.AllowN(now, tenant, validatedLineSize)``: the
+        valid entries' lines plus structured metadata (names and values), against a token bucket of
+        ``ingestion_burst`` bytes refilled at ``ingestion_rate`` bytes/s (golang.org/x/time/rate)."""
+        rate = self.ingestion_rate
+        if rate is None:
+            return None
+        oldest, newest_ok = self._window()
+        lines = size = 0
+        for stream in streams:
+            shown = _format_labels_once(stream.labels)
+            if self._validate_labels(stream.labels, shown):
+                continue
+            for entry in stream.entries:
+                if self._validate_entry(entry, shown, oldest, newest_ok) is None:
+                    lines += 1
+                    size += len(entry.line.encode("utf-8", "surrogatepass"))
+                    size += sum(len(k.encode()) + len(v.encode()) for k, v in entry.metadata)
+        if not lines:
+            return None  # Loki answers its validation error before it looks at the rate
+        burst = self.ingestion_burst if self.ingestion_burst is not None else rate
+        now = time.monotonic()
+        tokens = burst if self._tokens is None else self._tokens + (now - self._tokens_at) * rate
+        tokens = min(burst, tokens)
+        self._tokens_at = now
+        if size <= tokens:
+            self._tokens = tokens - size
+            return None
+        self._tokens = tokens
+        self.rate_limited += 1
+        return (
+            f"Ingestion rate limit exceeded for user {tenant or 'fake'} (limit: {int(rate)} bytes/sec) while "
+            f"attempting to ingest '{lines}' lines totaling '{size}' bytes, reduce log volume or contact your "
+            "Loki administrator to see if the limit can be increased"
+        )
 
     def _parse(self, body: bytes, ctype: str, cenc: str) -> list[_InStream]:
         if cenc in ("", "snappy"):
@@ -820,9 +892,7 @@ class LokiReceiver:
         return streams
 
     def _ingest(self, tenant: str, streams: list[_InStream]) -> tuple[int, list[str]]:
-        now_ns = int(self.now() * _NS)
-        oldest = now_ns - int(self.reject_old_samples_max_age * _NS)
-        newest_ok = now_ns + int(self.creation_grace_period * _NS)
+        oldest, newest_ok = self._window()
         behind = int(self.max_chunk_age / 2 * _NS)
         errors: list[str] = []
         accepted = 0
@@ -835,6 +905,22 @@ class LokiReceiver:
                 errors.append(error)
                 continue
             key = (tenant, stream.labels)
+            if (
+                self.max_streams is not None
+                and key not in self._newest
+                and sum(1 for t, _ in self._newest if t == tenant) >= self.max_streams
+                and any(self._validate_entry(e, shown, oldest, newest_ok) is None for e in stream.entries)
+            ):
+                # The ingester refuses a new stream beyond the limit (Loki names it as its
+                # distributor made it: with service_name) and goes on with the push's other streams.
+                self.stream_limited += len(stream.entries)
+                errors.append(
+                    f"{_STREAM_LIMIT_PREFIX} when trying to create stream "
+                    f"{_format_labels_once(self._with_service_name(stream.labels))}, reduce the number of "
+                    "active streams (reduce labels or reduce label values), or contact your Loki "
+                    f"administrator to see if the limit can be increased, user: '{tenant or 'fake'}'"
+                )
+                continue
             for entry in stream.entries:
                 error = self._validate_entry(entry, shown, oldest, newest_ok)
                 if error is None and key in self._newest and entry.ts_ns < self._newest[key] - behind:
@@ -939,6 +1025,9 @@ class LokiReceiver:
             result.extend({"stream": dict(k), "values": v} for k, v in grouped.items())
         payload = {"status": "success", "data": {"resultType": "streams", "result": result, "stats": {}}}
         return web.json_response(payload)
+
+
+_STREAM_LIMIT_PREFIX = "Maximum active stream limit exceeded"
 
 
 def _group_errors(errors: list[str]) -> str:
