@@ -739,6 +739,35 @@ async def test_deferred_retries_do_not_block_new_batches(metrics: Metrics, tmp_p
     assert cp.accepted("u-held") == 2
 
 
+async def test_on_close_deferred_items_are_offered_once_more_so_one_already_carried_is_acknowledged(
+    metrics: Metrics,
+) -> None:
+    """An alert robot held X for its digest window, then carried it in a message it sent for another
+    batch. Its OK for X lives in its memory only; left over at a stop, X was spooled and, after the
+    restart, paged a second time."""
+    sink = _sink()
+    sink.defer_retries = True  # type: ignore[attr-defined]
+    held, other = make_occurrence(uid="u-held"), make_occurrence(uid="u-other")
+    carried: set[str] = set()
+
+    def decide(o: Occurrence) -> Outcome:
+        if o.uid == held.uid:
+            return OK if held.uid in carried else retry("held for the digest", retry_after=60, held=True)
+        carried.add(held.uid)  # the message for `other` took the held one along
+        return OK
+
+    sink.decide = decide
+    p = _pipeline(sink, metrics)
+    task = await _run(p)
+    p.offer(held)
+    await until(lambda: p.depth == 1 and not p._in_flight)  # set aside for 60 s
+    p.offer(other)
+    await sink.wait_for(1)
+    await _finish(p, task)
+    assert p.leftovers() == ([], [])
+    assert p.checkpoint.accepted(held.uid) == held.number
+
+
 async def test_deferred_failures_count_towards_retry_max_attempts_but_holds_do_not(
     metrics: Metrics, tmp_path: Path
 ) -> None:

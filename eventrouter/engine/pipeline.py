@@ -109,6 +109,7 @@ class Pipeline:
         # a restart spills a second copy of each spooled occurrence behind the first. Kept until the
         # backlog is gone, so the copy is still known as delivered.
         self._gone: dict[str, int] = {}
+        self._deferred_offered = False  # on close, the deferred items were offered once more
         # Deferred occurrences that came from the spool: its read position is not made durable past
         # them until they finish (a crash would lose them). `_from_spool`: those of the last refill.
         self._spooled_deferred: set[tuple[str, int]] = set()
@@ -432,6 +433,14 @@ class Pipeline:
         self._refill()
         while not self._queue and not self._due():
             if self._closing:
+                if self._deferred and not self._deferred_offered:
+                    # Closing: what waits aside is offered once more, whatever its due time. An alert
+                    # robot may have carried it in a message meanwhile: it answers OK now from its
+                    # memory of that, which a restart would lose and page the spooled copy again.
+                    self._deferred_offered = True
+                    self._deferred = [(0.0, seq, occ) for _, seq, occ in self._deferred]
+                    heapq.heapify(self._deferred)
+                    continue
                 return None
             if not self._deferred:
                 self.idle.set()
