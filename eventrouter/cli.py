@@ -591,7 +591,9 @@ async def _replay(args: argparse.Namespace) -> int:
         summary["sinks"][p.name] = row
     print(orjson.dumps(summary).decode(), file=sys.stderr)
     # Something not delivered (dropped, or refused by the sink) is no success: a script must see it.
-    return 0 if drained and not lost and not refused else 1
+    # Nor is a file of which nothing could be read (a format replay does not know).
+    unreadable = malformed > 0 and occurrences == 0
+    return 0 if drained and not lost and not refused and not unreadable else 1
 
 
 # ---- entry ---------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "MalformedEvent",
     "Occurrence",
+    "core_v1_event",
     "normalise",
     "occurrence_number",
     "parse_time_ns",
@@ -149,6 +150,38 @@ def _int(value: object) -> int | None:
     if isinstance(value, int):
         return value
     return None
+
+
+# events.k8s.io/v1 (and v1beta1) field → core/v1 field, as the API server converts between them
+# (kubernetes pkg/apis/events/v1/conversion.go). The other fields (series, eventTime, action,
+# reason, type, reportingInstance, related) have the same names in both.
+_EVENTS_API_NAMES = {
+    "regarding": "involvedObject",
+    "note": "message",
+    "deprecatedCount": "count",
+    "deprecatedSource": "source",
+    "deprecatedFirstTimestamp": "firstTimestamp",
+    "deprecatedLastTimestamp": "lastTimestamp",
+    "reportingController": "reportingComponent",
+}
+
+
+def core_v1_event(obj: Any, api_version: object = None) -> Any:
+    """An events.k8s.io Event (a recording of ``/apis/events.k8s.io/v1/events``) with core/v1's field
+    names, which ``normalise`` reads; any other value as it is. ``api_version``: the enclosing List's,
+    for items that do not carry their own (the API server's list responses)."""
+    if type(obj) is not dict:
+        return obj
+    version = obj.get("apiVersion", api_version)
+    if isinstance(version, str) and version.startswith("events.k8s.io/"):
+        pass
+    elif version is not None or "involvedObject" in obj or not obj.keys() & _EVENTS_API_NAMES.keys():
+        return obj  # core/v1, or not an Event; without an apiVersion, told by its field names
+    # Read as core/v1, its `note` and `regarding` were an empty message and involved object, and
+    # `deprecatedCount` raises were not occurrences.
+    converted = {_EVENTS_API_NAMES.get(k, k): v for k, v in obj.items()}
+    converted["apiVersion"] = "v1"
+    return converted
 
 
 def occurrence_number(obj: JSON) -> int:

@@ -251,3 +251,99 @@ async def test_in_cluster_without_the_service_account_files_names_them(
     missing = tmp_path / "serviceaccount"
     with pytest.raises(KubeAccessError, match=f"in-cluster service account \\({missing}\\): "):
         await connect(service_account_dir=str(missing))
+
+
+async def test_a_context_without_a_user_connects_without_credentials(tmp_path: Path) -> None:
+    """`kubectl proxy`, a plain-HTTP dev cluster: the context names a cluster only. The router
+    stopped with TypeError ("argument of type 'NoneType' is not iterable")."""
+    async with FakeApiServer() as api:  # no tokens: anonymous requests are allowed, as through a proxy
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "proxy", "cluster": {"server": api.url}}],
+                    "contexts": [{"name": "proxy", "context": {"cluster": "proxy"}}],
+                    "current-context": "proxy",
+                }
+            )
+        )
+        router = _router(kubeconfig)
+        async with router.running():
+            api.create_event(event_object(object_name="through-the-proxy"))
+            await router.sinks["mem"].wait_for(1)
+
+
+async def test_kubeconfig_files_listed_in_KUBECONFIG_are_merged_as_kubectl_merges_them(
+    api: FakeApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clusters and contexts in one file, credentials in another (a common split): only the first
+    file was read, so the context had no user (TypeError). As kubectl: missing and empty files are
+    skipped, and the first file's current-context wins (kubernetes-asyncio's merge takes the last)."""
+    from eventrouter.source.kube import KubeAccessError, connect
+
+    full = yaml.safe_load(Path(api.kubeconfig(tmp_path / "full")).read_text())
+    clusters, users, empty = tmp_path / "clusters.yaml", tmp_path / "users.yaml", tmp_path / "empty.yaml"
+    clusters.write_text(yaml.safe_dump({k: v for k, v in full.items() if k != "users"}))
+    users.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "users": full["users"],
+                "clusters": [{"name": "nowhere", "cluster": {"server": "http://127.0.0.1:9"}}],
+                "contexts": [{"name": "elsewhere", "context": {"cluster": "nowhere", "user": "fake"}}],
+                "current-context": "elsewhere",
+            }
+        )
+    )
+    empty.write_text("")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", f"{tmp_path}/missing.yaml:{clusters}:{empty}:{users}")
+    kube = await connect()
+    assert kube.describe == f"kubeconfig {clusters}, {users}"
+    assert kube.api.configuration.host == api.url  # the first file's current-context, not the last's
+    router = _router(clusters)  # its settings' kubeconfig is not used: the client is given
+    async with router.running(kube):
+        api.create_event(event_object(object_name="merged"))
+        await router.sinks["mem"].wait_for(1)
+    monkeypatch.setenv("KUBECONFIG", f"{tmp_path}/missing.yaml:{tmp_path}/gone.yaml")
+    with pytest.raises(KubeAccessError, match="none of its files exists"):
+        await connect()
+
+
+def test_an_exec_credential_plugin_that_is_not_installed_exits_2_saying_so(tmp_path: Path) -> None:
+    """It said "cannot read aws-iam-authenticator: No such file or directory": no file to look for."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],
+                "users": [
+                    {
+                        "name": "u",
+                        "user": {
+                            "exec": {
+                                "apiVersion": "client.authentication.k8s.io/v1beta1",
+                                "command": "eventrouter-test-no-such-plugin",
+                                "args": ["token"],
+                                "interactiveMode": "Never",
+                            }
+                        },
+                    }
+                ],
+                "contexts": [{"name": "ctx", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "ctx",
+            }
+        )
+    )
+    done = _run_router("--kubeconfig", str(kubeconfig), env=_outside_a_cluster(tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert (
+        f"kubeconfig {kubeconfig}: the exec credential plugin command 'eventrouter-test-no-such-plugin'"
+        " is not found on PATH" in done.stderr
+    )
+    assert "cannot read" not in done.stderr and "Traceback" not in done.stderr

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import yaml
 
 from eventrouter.source.kube_import import load
 
@@ -125,23 +126,23 @@ async def connect(
             ) from None
         describe = "in-cluster service account"
     else:
-        path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
-        if path is None and not os.path.exists(os.path.expanduser("~/.kube/config")):
-            # kubernetes-asyncio reads a missing default file as an empty config and fails on it.
-            raise KubeAccessError(
-                "no Kubernetes API to watch: not in a pod (KUBERNETES_SERVICE_HOST is not set) and no"
-                " kubeconfig (--kubeconfig, $KUBECONFIG or ~/.kube/config); `eventrouter run --demo`"
-                " runs without a cluster"
-            )
-        shown = path or "~/.kube/config"
+        files, shown, current = _kubeconfig_files(kubeconfig)
+        kube_config = config.kube_config
+        loader: Any = None
         try:
-            loader = await config.load_kube_config(
-                config_file=path, context=context, client_configuration=configuration, persist_config=False
+            # What load_kube_config does, with the loader kept for the error message.
+            merged = kube_config.KubeConfigMerger(kube_config.ENV_KUBECONFIG_PATH_SEPARATOR.join(files))
+            loader = kube_config.KubeConfigLoader(
+                config_dict=merged.config, config_base_path=None, active_context=context or current
             )
+            await loader.load_and_set(configuration)
         except (OSError, config.ConfigException) as exc:
-            raise KubeAccessError(f"kubeconfig {shown}: {_reason(exc)}") from None
+            raise KubeAccessError(
+                f"kubeconfig {shown}: {_exec_not_found(loader, exc) or _reason(exc)}"
+            ) from None
         describe = f"kubeconfig {shown}" + (f" context {context}" if context else "")
-        if "exec" in getattr(loader, "_user", {}):
+        user = getattr(loader, "_user", None)  # None: a context without a user (kubectl proxy)
+        if user is not None and "exec" in user:
             # Exec credential plugins hand out short-lived tokens: re-run the plugin when it expires.
             async def refresh(conf: Configuration) -> None:
                 try:
@@ -149,9 +150,13 @@ async def connect(
                 except (config.ConfigException, RuntimeError, OSError) as exc:
                     # One failed run (an STS or metadata-server outage) fails this request only: the
                     # caller retries with backoff, as for an API server that cannot be reached.
-                    raise ApiError(
-                        0, "CredentialPluginFailed", f"the exec credential plugin of {shown} failed: {exc}"
-                    ) from None
+                    missing = _exec_not_found(loader, exc)
+                    reason = (
+                        f"kubeconfig {shown}: {missing}"
+                        if missing
+                        else f"the exec credential plugin of {shown} failed: {exc}"
+                    )
+                    raise ApiError(0, "CredentialPluginFailed", reason) from None
                 if getattr(loader, "token", None):
                     conf.api_key["BearerToken"] = loader.token
 
@@ -160,6 +165,79 @@ async def connect(
     api.user_agent = "eventrouter"
     log.info("kubernetes API %s via %s", configuration.host, describe)
     return KubeClient(api, describe=describe)
+
+
+def _kubeconfig_files(kubeconfig: str | None) -> tuple[list[str], str, str | None]:
+    """The kubeconfig files to merge, how to name them, and the current context they choose.
+
+    As kubectl: ``--kubeconfig`` is one file; ``$KUBECONFIG`` may list several (``:``-separated),
+    of which those that do not exist or are empty are skipped; a name (cluster, user, context) and
+    ``current-context`` are taken from the first file that sets them. (kubernetes-asyncio's merge
+    lets the last file's ``current-context`` win: another cluster than the one kubectl shows.)"""
+    if kubeconfig:
+        paths = [kubeconfig]
+    elif os.environ.get("KUBECONFIG"):
+        paths = [p for p in os.environ["KUBECONFIG"].split(os.pathsep) if p]
+    else:
+        paths = ["~/.kube/config"]
+    files: list[str] = []
+    current: str | None = None
+    for path in paths:
+        full = os.path.expanduser(path)
+        try:
+            with open(full, encoding="utf-8") as f:
+                doc = yaml.safe_load(f)
+        except FileNotFoundError as exc:
+            if kubeconfig:  # named on the command line: it must be there
+                raise KubeAccessError(f"kubeconfig {path}: {_reason(exc)}") from None
+            continue
+        except OSError as exc:
+            raise KubeAccessError(f"kubeconfig {path}: {_reason(exc)}") from None
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            # Where, never the line itself: it may hold a token.
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise KubeAccessError(f"kubeconfig {path}: not valid YAML{where}: {problem}") from None
+        if not isinstance(doc, dict):
+            if doc is None and len(paths) > 1:
+                continue  # an empty file in the list
+            found = "nothing" if doc is None else f"a {type(doc).__name__}"
+            raise KubeAccessError(f"kubeconfig {path}: expected a kubeconfig (a mapping), found {found}")
+        files.append(full)
+        if current is None and doc.get("current-context"):
+            current = str(doc["current-context"])
+    if not files:
+        if paths == ["~/.kube/config"]:
+            # kubernetes-asyncio reads a missing default file as an empty config and fails on it.
+            raise KubeAccessError(
+                "no Kubernetes API to watch: not in a pod (KUBERNETES_SERVICE_HOST is not set) and no"
+                " kubeconfig (--kubeconfig, $KUBECONFIG or ~/.kube/config); `eventrouter run --demo`"
+                " runs without a cluster"
+            )
+        raise KubeAccessError(
+            f"kubeconfig $KUBECONFIG: none of its files exists or has content ({os.environ['KUBECONFIG']})"
+        )
+    shown = paths[0] if len(files) == 1 and len(paths) == 1 else ", ".join(files)
+    return files, shown, current
+
+
+def _exec_not_found(loader: Any, exc: Exception) -> str | None:
+    """What to say when ``exc`` is the exec credential plugin's command not being there (else None):
+    "cannot read aws-iam-authenticator" named no file the user could look for."""
+    user = getattr(loader, "_user", None)
+    if not isinstance(exc, FileNotFoundError) or user is None or "exec" not in user:
+        return None
+    spec = getattr(user["exec"], "value", None)
+    command = str(spec.get("command") or "") if isinstance(spec, dict) else ""
+    if not command or exc.filename != command:
+        return None
+    if os.sep in command:
+        return f"the exec credential plugin command {command!r} does not exist"
+    return (
+        f"the exec credential plugin command {command!r} is not found on PATH ({os.environ.get('PATH', '')}):"
+        " install it, or give its full path in the kubeconfig (users[].user.exec.command)"
+    )
 
 
 def _reason(exc: Exception) -> str:

@@ -1,19 +1,24 @@
-"""Reading what ``eventrouter replay`` routes: a ``kubectl get events -o json`` List, or JSON lines of
-watch events, bare Event objects, Lists or dead-letter entries (``<data-dir>/deadletter/<sink>.jsonl``).
+"""Reading what ``eventrouter replay`` routes: a ``kubectl get events -o json`` List, JSON lines of
+watch events, bare Event objects, Lists or dead-letter entries (``<data-dir>/deadletter/<sink>.jsonl``),
+or JSON values one after another (``kubectl get events -w -o json`` pretty-prints each object).
+events.k8s.io/v1 and v1beta1 Events are read with core/v1's field names.
 
 JSON lines are read one at a time, so a large file (a dead-letter file grows to 100 MiB) costs the
 memory of one line, not of the file; a document over several lines (kubectl's pretty-printed List)
-is read whole.
+and pretty-printed values one after another are read whole.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Generator, Iterable, Iterator
 from typing import Any
 
 import orjson
 
+from eventrouter.record import core_v1_event
 from eventrouter.source import unicode_repair
 
 __all__ = ["DEAD_LETTER_FIELDS", "read_recording"]
@@ -68,8 +73,51 @@ def _document(data: bytes, *, first_line: int) -> Iterator[tuple[str, Any]]:
         if isinstance(doc, dict):
             yield from _items(doc, repaired=broken, where="the document")
             return
+        # Not one document: values one after another, each over several lines (`kubectl get -w -o
+        # json`), when the first of them is one; read line by line, each of those was "not JSON".
+        chars = data.decode("utf-8", "surrogateescape")  # bytes back unchanged for orjson and repair
+        start = _skip_blank(chars, 0)
+        try:
+            _DECODER.raw_decode(chars, start)
+        except (ValueError, RecursionError):
+            pass
+        else:
+            yield from _values(chars, start, first_line=first_line + chars.count("\n", 0, start))
+            return
     # Not a document either: JSON lines of which some are broken.
     yield from _json_lines(enumerate(data.splitlines(), first_line))
+
+
+_DECODER = json.JSONDecoder()
+_BLANK = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+
+
+def _values(text: str, pos: int, *, first_line: int) -> Iterator[tuple[str, Any]]:
+    """The JSON values of ``text`` one after another from ``pos``. A value that cannot be read is
+    skipped up to the next line that starts with ``{`` (where kubectl starts each object)."""
+    line, counted = first_line, pos
+    while pos < len(text):
+        line += text.count("\n", counted, pos)
+        counted = pos
+        try:
+            # The stdlib decoder finds where the value ends; orjson (with repair) reads it as a line
+            # would be read, as strictly.
+            end = _DECODER.raw_decode(text, pos)[1]
+            obj, strings = unicode_repair.loads(text[pos:end].encode("utf-8", "surrogateescape"))
+        except (ValueError, RecursionError) as exc:  # orjson.JSONDecodeError is a ValueError
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)  # msg: no offsets
+            log.warning("replay: the JSON value at line %d cannot be read (%s); skipped", line, reason)
+            yield "MALFORMED", None
+            nxt = text.find("\n{", pos)
+            end = len(text) if nxt == -1 else nxt + 1
+        else:
+            yield from _value(obj, strings, f"line {line}")
+        pos = _skip_blank(text, end)
+
+
+def _skip_blank(text: str, pos: int) -> int:
+    blank = _BLANK.match(text, pos)
+    return blank.end() if blank else pos
 
 
 def _value(obj: Any, strings: int, where: str) -> Iterator[tuple[str, Any]]:
@@ -82,21 +130,23 @@ def _value(obj: Any, strings: int, where: str) -> Iterator[tuple[str, Any]]:
 def _items(obj: Any, *, repaired: bool, where: str) -> Iterator[tuple[str, Any]]:
     """The events of one JSON value; ``repaired``: repair each (a document orjson refused)."""
     if isinstance(obj, dict) and isinstance(obj.get("items"), list):  # a List
+        # The API server's own list responses give the apiVersion once, on the List.
+        version = obj.get("apiVersion")
         for n, item in enumerate(obj["items"]):
             if repaired:
                 item = yield from _repaired(item, f"item {n}")
-            yield "LIST", item
+            yield "LIST", core_v1_event(item, version)
         return
     if repaired:
         obj = yield from _repaired(obj, where)
     if isinstance(obj, dict) and "type" in obj and isinstance(obj.get("object"), dict):
-        yield str(obj["type"]), obj["object"]
+        yield str(obj["type"]), core_v1_event(obj["object"])
     elif isinstance(obj, dict) and obj.keys() >= DEAD_LETTER_FIELDS:
         # A dead-letter entry: the Event object it was made from (its occurrence number included).
         record = obj["record"]
         yield "DEADLETTER", (str(obj["sink"]), record.get("cluster") if isinstance(record, dict) else None)
         if isinstance(obj.get("event"), dict):
-            yield "LIST", obj["event"]
+            yield "LIST", core_v1_event(obj["event"])
         else:
             log.warning(
                 "replay: dead-letter line for %s has no event object (written before eventrouter kept it); "
@@ -105,7 +155,7 @@ def _items(obj: Any, *, repaired: bool, where: str) -> Iterator[tuple[str, Any]]
             )
             yield "MALFORMED", None
     else:
-        yield "LIST", obj
+        yield "LIST", core_v1_event(obj)
 
 
 def _repaired(obj: Any, where: str) -> Generator[tuple[str, Any], None, Any]:
