@@ -366,6 +366,18 @@ async def test_without_a_watch_cache_a_quiet_spell_past_compaction_relists_and_d
         assert "The resourceVersion for the provided watch is too old." in expired[0].getMessage()
 
 
+async def test_a_huge_retry_after_from_the_api_server_waits_no_longer_than_the_longest_backoff(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """A proxy's "Retry-After: 86400" on a 429 stopped the watch for a day (until a liveness restart)."""
+    router = _router(_settings(api, tmp_path))  # backoff_max 0.5 s
+    api.faults.fail_next(429, retry_after=86400)
+    async with router.running():
+        api.create_event(event_object())
+        await _mem(router).wait_for(1, timeout=10)
+    assert router.metrics.watch_restarts.labels("http_429")._value.get() == 1
+
+
 async def test_malformed_watch_lines_are_counted_and_skipped(api: FakeApiServer, tmp_path: Path) -> None:
     router = _router(_settings(api, tmp_path))
     async with router.running():

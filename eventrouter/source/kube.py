@@ -5,6 +5,7 @@ model objects on the hot path."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -95,6 +96,8 @@ async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
             retry_after = float(resp.headers["Retry-After"])
         except ValueError:
             retry_after = None
+        if retry_after is not None and not 0 <= retry_after < math.inf:
+            retry_after = None  # "nan", "inf", negative: no usable advice
     resp.release()
     raise ApiError(resp.status, reason, message, retry_after)
 

@@ -447,7 +447,9 @@ class EventWatcher:
                 self.metrics.watch_restarts.labels(f"http_{exc.status}" if exc.status else "error").inc()
                 delay_reason = "api"
                 if exc.retry_after:
-                    await asyncio.sleep(exc.retry_after)
+                    # Honoured up to our own longest backoff: a proxy's "Retry-After: 86400" (or an
+                    # unparsable huge one) stopped the watch until the liveness probe restarted us.
+                    await asyncio.sleep(min(exc.retry_after, self.settings.backoff_max))
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
                 failures += 1
                 rv = self._resume_from(rv)
