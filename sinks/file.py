@@ -21,10 +21,11 @@ import os
 import stat
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from eventrouter import (
     OK,
@@ -62,7 +63,46 @@ class FileOptions(SinkOptions):
     fsync: bool = Field(
         False, description="fsync after each batch (and before each rotation): durable on OK."
     )
-    file_mode: int = Field(0o644, ge=0, le=0o7777, description="Permissions of newly created files.")
+    file_mode: int = Field(
+        0o644,
+        ge=0,
+        le=0o7777,
+        description="Permissions of newly created files, in octal (default 0644): 0600, 600 or 0o600. "
+        "A YAML integer whose digits are all 0-7 is read as octal too (600 means 0600). Must include "
+        "owner write (0200).",
+    )
+
+    @field_validator("file_mode", mode="before")
+    @classmethod
+    def _octal(cls, value: object) -> object:
+        # Permissions are written in octal everywhere (chmod, kube-eventer's URLs); read as decimal,
+        # 0600 became 0o1130, a file its owner cannot open again after a restart.
+        if isinstance(value, str):
+            digits = value.strip().lower().removeprefix("0o")
+            if not digits or digits.strip("01234567"):
+                raise ValueError(f"file_mode must be octal permissions such as 0644 or 600, not {value!r}")
+            return int(digits, 8)
+        if isinstance(value, int) and not isinstance(value, bool) and not str(value).strip("01234567"):
+            # YAML reads 600 as decimal 600 (and 0600 as octal, 384, which has an 8 and stays).
+            mode = int(str(value), 8)
+            if not mode & 0o200:
+                raise ValueError(
+                    f"file_mode {value} was read as octal {mode:04o} (an integer whose digits are all 0-7 "
+                    "is taken as octal digits), which lacks owner write (0200); give the mode as text, "
+                    "e.g. '0644'"
+                )
+            return mode
+        return value
+
+    @field_validator("file_mode")
+    @classmethod
+    def _owner_writes(cls, value: int) -> int:
+        if not value & 0o200:
+            raise ValueError(
+                f"file_mode {value:04o} lacks owner write (0200): the sink could not open its own file "
+                "again after a restart or a rotation"
+            )
+        return value
 
     @model_validator(mode="after")
     def _has_path(self) -> FileOptions:
@@ -161,8 +201,6 @@ class _Writer:
             os.close(dir_fd)
 
     def _rotate(self) -> None:
-        if self.fd is not None and self.fsync:
-            os.fsync(self.fd)
         self._close()
         name = str(self.path)
         for i in range(self.max_files - 1, 0, -1):
@@ -196,10 +234,14 @@ class _Writer:
                         if chunk:
                             self._write_all(fd, b"".join(chunk))
                             chunk, chunk_size = [], 0
-                        self._rotate()  # fsyncs the old file first when fsync is set
+                        if self.fsync:
+                            os.fsync(fd)
+                        # In the file now (and synced): OK even if the rotation fails, else the retry
+                        # writes them a second time.
                         for j in pending:
                             result[j] = True
                         pending = []
+                        self._rotate()
                         assert self.fd is not None
                         fd = self.fd
                     chunk.append(line)
@@ -232,10 +274,22 @@ class FileSink(Sink[FileOptions]):
         super().__init__(options, context)
         self.path = _path_of(options)
         self._writer = _Writer(self.path, options, self.log)
+        # A thread of its own: a hung file system (NFS, a full disk's retries) must not take the loop's
+        # default pool, and with it other sinks and DNS lookups, down too.
+        self._pool: ThreadPoolExecutor | None = None
+        # The write in progress and the key of each of its lines (None: not written). A send the
+        # engine abandoned at its timeout goes on in the worker; the next send waits for it and does
+        # not write again what it wrote.
+        self._writing: tuple[asyncio.Future[list[bool | str]], list[str | None]] | None = None
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"sink-{self.context.name}")
+        return self._pool
 
     async def start(self) -> None:
         try:
-            await asyncio.to_thread(self._open_checked)
+            await asyncio.get_running_loop().run_in_executor(self._executor(), self._open_checked)
         except OSError as exc:
             raise SinkError(f"file sink cannot write {self.path}: {exc.strerror or exc}") from None
 
@@ -247,20 +301,51 @@ class FileSink(Sink[FileOptions]):
         if self.options.max_bytes and not os.access(self.path.parent, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, "folder not writable (needed for rotation)")
 
+    async def _settle(self) -> frozenset[str]:
+        """Wait for the write in progress (the engine's send timeout bounds the wait); the keys of
+        the lines it wrote."""
+        if self._writing is None:
+            return frozenset()
+        future, keys = self._writing
+        await asyncio.wait([future])  # a cancelled wait leaves the write running, and remembered
+        self._writing = None
+        if future.cancelled() or future.exception() is not None:
+            return frozenset()
+        return frozenset(
+            key for key, state in zip(keys, future.result(), strict=True) if key and state is True
+        )
+
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
+        # What a write abandoned at the engine's timeout wrote is OK now, not written again.
+        delivered = await self._settle()
         lines: list[bytes | None] = []
-        encode_errors: dict[int, str] = {}
+        keys: list[str | None] = []
+        settled: dict[int, Outcome] = {}
         for i, occ in enumerate(batch):
-            try:
-                lines.append(occ.encode(include_raw=self.options.include_raw) + b"\n")
-            except (TypeError, ValueError, orjson.JSONEncodeError) as exc:
-                lines.append(None)
-                encode_errors[i] = f"cannot encode {occ.key}: {exc}"
-        written = await asyncio.to_thread(self._writer.write_batch, lines)
+            if occ.key in delivered:
+                settled[i] = OK
+            else:
+                try:
+                    lines.append(occ.encode(include_raw=self.options.include_raw) + b"\n")
+                    keys.append(occ.key)
+                    continue
+                except (TypeError, ValueError, orjson.JSONEncodeError) as exc:
+                    settled[i] = reject(f"cannot encode {occ.key}: {exc}")
+            lines.append(None)
+            keys.append(None)
+        written: list[bool | str] = [False] * len(lines)
+        if any(line is not None for line in lines):
+            future = asyncio.get_running_loop().run_in_executor(
+                self._executor(), self._writer.write_batch, lines
+            )
+            future.add_done_callback(_retrieved)
+            self._writing = (future, keys)
+            await self._settle()
+            written = future.result()  # a bug in the worker raises here: the engine retries the batch
         outcomes: list[Outcome] = []
         for i, state in enumerate(written):
-            if i in encode_errors:
-                outcomes.append(reject(encode_errors[i]))
+            if i in settled:
+                outcomes.append(settled[i])
             elif state is True:
                 outcomes.append(OK)
             else:
@@ -269,7 +354,21 @@ class FileSink(Sink[FileOptions]):
         return outcomes
 
     async def aclose(self) -> None:
-        await asyncio.to_thread(self._writer.close)
+        pool, self._pool = self._pool, None
+        if pool is None:  # never started, or closed already (that close is queued behind the write)
+            return
+        try:
+            # After a write still in progress, if any (the worker runs one job at a time).
+            await asyncio.get_running_loop().run_in_executor(pool, self._writer.close)
+        finally:
+            pool.shutdown(wait=False)
 
     def __repr__(self) -> str:
         return f"FileSink(path={str(self.path)!r}, max_bytes={self.options.max_bytes})"
+
+
+def _retrieved(future: asyncio.Future[list[bool | str]]) -> None:
+    # The outcome is read by a later send; this keeps an abandoned one from being reported as
+    # "never retrieved" when the sink is closed before that.
+    if not future.cancelled():
+        future.exception()

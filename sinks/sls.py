@@ -26,7 +26,10 @@ Log time = the occurrence's normalised time (``Time`` seconds, ``Time_ns`` the n
 service accepts log times within [now - 7 days, now + 15 minutes]; with ``clamp_time=true`` (default)
 an occurrence outside that window is still delivered, stamped at the nearest allowed time, and carries
 ``time_adjusted=true`` (its real time stays in ``time`` and ``eventId``); with ``clamp_time=false`` it is
-dead-lettered instead.
+dead-lettered instead. The old edge is taken 25 minutes early: the service's clock may be up to 15
+minutes ahead of ours. A request refused with InvalidTimestamp all the same (a clock off the other way)
+is halved down to the log refused, which is sent once more stamped at the router's now
+(``clamp_time=true``) or dead-lettered alone.
 
 The engine's batch is split here into requests of at most 4096 logs and 3 MB of uncompressed protobuf;
 a single occurrence too big for one request is rejected alone.
@@ -82,6 +85,9 @@ MAX_REQUEST_BYTES = 3 * 1024 * 1024
 LOG_TIME_PAST = 7 * 24 * 3600
 LOG_TIME_FUTURE = 15 * 60
 _CLAMP_MARGIN = 600  # stay well inside the window: the request may be retried minutes later
+# The service takes a Date up to 15 minutes off its clock, so its "now - 7 days" may be that much
+# later than ours: a log near the old edge is stamped on the safe side of both clocks.
+_PAST_MARGIN = _CLAMP_MARGIN + 15 * 60
 _KE_PLACEHOLDER_HOST = "sls.aliyuncs.com"
 _REGION_HOST = re.compile(r"^([a-z0-9-]+?)(-intranet)?\.log\.aliyuncs\.com$")
 
@@ -227,6 +233,7 @@ class SLSSink(Sink[SLSOptions]):
         self._session: aiohttp.ClientSession | None = None
         self._logged_codes: set[str] = set()
         self._delivered = False  # a request of the current send was accepted (send's own state)
+        self._batch: Sequence[Occurrence] = ()  # the batch being sent (send's own state)
         self._key_id = ""
         self._key_secret = ""
         self._token: str | None = None
@@ -373,7 +380,7 @@ class SLSSink(Sink[SLSOptions]):
 
     def _encode(self, occ: Occurrence, now: float) -> tuple[bytes | None, str]:
         seconds, nanos = divmod(occ.time_ns, 1_000_000_000)
-        low = now - LOG_TIME_PAST + _CLAMP_MARGIN
+        low = now - LOG_TIME_PAST + _PAST_MARGIN
         # The fast path gives the definition's bytes, or None when the definition must decide.
         if low <= seconds <= now + LOG_TIME_FUTURE - _CLAMP_MARGIN:
             log = encode_occurrence(occ, seconds if seconds > 0 else 0, nanos, False)
@@ -389,7 +396,7 @@ class SLSSink(Sink[SLSOptions]):
         """The definition (log_contents + encode_log): for what the fast path leaves, and its errors."""
         seconds, nanos = divmod(occ.time_ns, 1_000_000_000)
         contents = log_contents(occ)
-        low, high = now - LOG_TIME_PAST + _CLAMP_MARGIN, now + LOG_TIME_FUTURE - _CLAMP_MARGIN
+        low, high = now - LOG_TIME_PAST + _PAST_MARGIN, now + LOG_TIME_FUTURE - _CLAMP_MARGIN
         if not low <= seconds <= high:
             if not self.options.clamp_time:
                 return None, (
@@ -403,6 +410,19 @@ class SLSSink(Sink[SLSOptions]):
         except UnicodeEncodeError as exc:
             return None, f"event {occ.key} has text that is not valid UTF-8 ({exc.reason} at {exc.start})"
         return log, ""
+
+    def _encode_at(self, occ: Occurrence, seconds: int) -> bytes | None:
+        """``occ``'s log stamped at ``seconds``, marked ``time_adjusted``; None if it cannot be encoded."""
+        nanos = occ.time_ns % 1_000_000_000
+        log = encode_occurrence(occ, seconds, nanos, True)
+        if log is None:
+            try:
+                log = bytes_field(
+                    1, encode_log(seconds, nanos, [*log_contents(occ), ("time_adjusted", "true")])
+                )
+            except UnicodeEncodeError:
+                return None
+        return log
 
     def _group_header(self) -> bytes:
         return bytes_field(3, self.options.topic) + bytes_field(4, self._source)
@@ -496,13 +516,17 @@ class SLSSink(Sink[SLSOptions]):
                 encoded.append((index, log))
         resource = f"/logstores/{self.options.logstore}/shards/lb"
         self._delivered = False
+        self._batch = batch
         stop: Outcome | None = None
-        for chunk in self._chunks(encoded, len(header)):
-            if stop is not None:
-                for index in chunk.indexes:
-                    outcomes[index] = stop
-                continue
-            stop = await self._put(resource, header, chunk.indexes, chunk.logs, outcomes)
+        try:
+            for chunk in self._chunks(encoded, len(header)):
+                if stop is not None:
+                    for index in chunk.indexes:
+                        outcomes[index] = stop
+                    continue
+                stop = await self._put(resource, header, chunk.indexes, chunk.logs, outcomes)
+        finally:
+            self._batch = ()
         return [outcome if outcome is not None else OK for outcome in outcomes]
 
     async def _put(
@@ -512,6 +536,8 @@ class SLSSink(Sink[SLSOptions]):
         indexes: list[int],
         logs: list[bytes],
         outcomes: list[Outcome | None],
+        *,
+        restamped: bool = False,
     ) -> Outcome | None:
         """One PutLogs request for ``logs``; their outcomes go into ``outcomes``. Returns what the
         batch's requests not sent yet get when the rest must wait (quota, 5xx, credentials, a missing
@@ -538,9 +564,12 @@ class SLSSink(Sink[SLSOptions]):
             for index in indexes:
                 outcomes[index] = OK
             return None
-        if len(logs) > 1 and (status == 413 or code in ("PostBodyTooLarge", "PostBodyInvalid")):
+        if len(logs) > 1 and (
+            status == 413 or code in ("PostBodyTooLarge", "PostBodyInvalid", "InvalidTimestamp")
+        ):
             # Over a limit below ours (a proxy's; the service's "3 MB" may be 3,000,000 bytes), or one
-            # log the service cannot read: halve, so that only a log refused on its own is dead-lettered.
+            # log the service cannot read or whose time it refuses (its clock is not ours): halve, so
+            # that only a log refused on its own is dead-lettered.
             mid = len(logs) // 2
             held = await self._put(resource, header, indexes[:mid], logs[:mid], outcomes)
             if held is not None:
@@ -548,6 +577,12 @@ class SLSSink(Sink[SLSOptions]):
                     outcomes[index] = held
                 return held
             return await self._put(resource, header, indexes[mid:], logs[mid:], outcomes)
+        if code == "InvalidTimestamp" and self.options.clamp_time and not restamped and self._batch:
+            # Inside our window, outside the service's: its clock is up to 15 minutes off ours (the
+            # Date check allows that). Our "now" is inside its window whatever the difference.
+            log = self._encode_at(self._batch[indexes[0]], int(time.time()))
+            if log is not None:
+                return await self._put(resource, header, indexes, [log], outcomes, restamped=True)
         outcome = self._failure(status, code, message, retry_after)
         for index in indexes:
             outcomes[index] = outcome

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -15,6 +17,8 @@ import pytest
 from pydantic import ValidationError
 
 from eventrouter import OK, Occurrence, OutcomeKind, SinkContext, SinkError, normalise
+from eventrouter.config import build_spec, parse_sink_flag
+from eventrouter.plugins import discover
 from eventrouter.testing import make_occurrence, recorded_watch
 from eventrouter_sinks.file import FileOptions, FileSink
 
@@ -104,6 +108,30 @@ async def test_rotation_removes_the_oldest_beyond_max_files(tmp_path: Path) -> N
     assert kept == [o.json + b"\n" for o in occs[12:]]
 
 
+@pytest.mark.parametrize("fsync", [False, True])
+async def test_lines_written_before_a_failed_rotation_are_ok_and_written_once(
+    tmp_path: Path, fsync: bool
+) -> None:
+    target = tmp_path / "events.jsonl"
+    line = len(fixed(0).json) + 1
+    occs = [fixed(i) for i in range(6)]
+    sink = make_sink(path=str(target), max_bytes=2 * line, max_files=5, fsync=fsync)
+    await sink.start()
+    for name in ("events.jsonl.4", "events.jsonl.5"):  # .4 → .5 cannot be renamed: the rotation fails
+        (tmp_path / name / "x").mkdir(parents=True)
+    outcomes = await sink.send(occs)
+    assert outcomes is not None
+    # The first two were in the file before the rotation was tried: OK, not sent again.
+    assert [o.kind for o in outcomes] == [OutcomeKind.OK] * 2 + [OutcomeKind.RETRY] * 4
+    assert "Directory not empty" in outcomes[2].reason
+    for name in ("events.jsonl.4", "events.jsonl.5"):
+        shutil.rmtree(tmp_path / name)
+    assert await sink.send(occs[2:]) == [OK] * 4  # the engine's retry
+    await sink.aclose()
+    everything = [x for p in sorted(tmp_path.iterdir(), reverse=True) for x in lines_of(p)]
+    assert everything == [o.json + b"\n" for o in occs]
+
+
 async def test_record_larger_than_max_bytes_gets_a_file_of_its_own(tmp_path: Path) -> None:
     target = tmp_path / "events.jsonl"
     small, big, after = fixed(1), fixed(2, size=600), fixed(3)
@@ -187,6 +215,59 @@ async def test_unencodable_record_is_rejected_alone(tmp_path: Path) -> None:
     assert outcomes is not None
     assert [o.kind for o in outcomes] == [OutcomeKind.OK, OutcomeKind.REJECT, OutcomeKind.OK]
     assert lines_of(target) == [fixed(1).json + b"\n", fixed(3).json + b"\n"]
+
+
+@pytest.mark.parametrize("given", ["0600", "600", "0o600", " 0600 ", 600, 0o600])
+async def test_file_mode_is_octal_and_the_file_opens_again_after_a_restart(
+    tmp_path: Path, given: object
+) -> None:
+    # YAML gives 600 for `file_mode: 600` and 384 (0o600) for `file_mode: 0600`.
+    target = tmp_path / "events.jsonl"
+    for i in range(2):  # the second start is a restart: it opens the file the first one created
+        sink = make_sink(path=str(target), file_mode=given)
+        await sink.start()
+        assert await sink.send([fixed(i)]) == [OK]
+        await sink.aclose()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert len(lines_of(target)) == 2
+
+
+def test_file_mode_in_a_sink_flag_is_octal(tmp_path: Path) -> None:
+    flag = f"file:{tmp_path}/events.jsonl?file_mode=0640"
+    spec = build_spec(parse_sink_flag(flag), where="--sink", plugins=discover())
+    assert isinstance(spec.options, FileOptions) and spec.options.file_mode == 0o640
+
+
+@pytest.mark.parametrize(
+    ("given", "error"),
+    [
+        ("0400", "lacks owner write"),  # the sink could not open its own file after a restart
+        (420, "read as octal 0420"),  # decimal 0o644, digits all 0-7: read as octal, then refused
+        ("rw-r--r--", "octal permissions"),
+        ("0689", "octal permissions"),
+        ("0o", "octal permissions"),
+        ("017777", "less than or equal"),
+    ],
+)
+def test_a_file_mode_that_cannot_work_is_refused_naming_the_option(given: object, error: str) -> None:
+    with pytest.raises(ValidationError, match=error) as refused:
+        FileOptions.model_validate({"path": "/var/log/events.jsonl", "file_mode": given})
+    assert "file_mode" in str(refused.value)
+
+
+async def test_a_write_abandoned_at_the_send_timeout_is_waited_for_not_repeated(tmp_path: Path) -> None:
+    target = tmp_path / "events.jsonl"
+    occs = [fixed(i) for i in range(5)]
+    sink = make_sink(path=str(target))
+    await sink.start()
+    with sink._writer.lock:  # the file system hangs (NFS): the write waits in its thread
+        for _ in range(3):  # as the engine does: each send abandoned at its timeout, then tried again
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await sink.send(occs)
+    assert await sink.send(occs) == [OK] * 5  # the write in progress ends and wrote them
+    await sink.aclose()
+    assert lines_of(target) == [o.json + b"\n" for o in occs]
 
 
 async def test_aclose_twice_and_without_start(tmp_path: Path) -> None:

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
+import fcntl
+import io
 import logging
 import os
 import subprocess
 import sys
+import termios
 import textwrap
+import threading
+from pathlib import Path
 
 import orjson
 import pytest
 
 from eventrouter import OK, Occurrence, OutcomeKind, SinkContext, normalise
 from eventrouter.testing import make_occurrence, recorded_watch
+from eventrouter.testing.waiting import until
+from eventrouter_sinks.file import FileOptions, FileSink
 from eventrouter_sinks.stdout import StdoutOptions, StdoutSink
 
 
@@ -80,6 +90,26 @@ async def test_text_format_is_one_summary_line_per_event(capfd: pytest.CaptureFi
     )
 
 
+async def test_text_format_escapes_every_field_not_only_the_message(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    forged = "\n2026-01-01T00:00:00Z Normal kube-system Pod/x Fake: all good"
+    occ = make_occurrence(
+        namespace="ns\rx",
+        kind="Pod\\",
+        object_name="web\n0",
+        reason="BackOff" + forged,
+        message="m",
+        first_timestamp="2024-05-01T10:00:00Z",
+    )
+    await sink(format="text").send([occ])
+    lines = capfd.readouterr().out.splitlines()
+    assert lines == [
+        "2024-05-01T10:00:00Z Warning ns\\rx Pod\\\\/web\\n0 BackOff\\n2026-01-01T00:00:00Z Normal kube-system "
+        "Pod/x Fake: all good: m"
+    ]
+
+
 async def test_unencodable_record_is_rejected_alone(capfd: pytest.CaptureFixture[str]) -> None:
     good = make_occurrence(message="good")
     bad = make_occurrence(message="bad")
@@ -145,3 +175,99 @@ def test_unknown_option_is_refused() -> None:
         StdoutOptions.model_validate({"colour": "yes"})
     with pytest.raises(ValueError, match="format"):
         StdoutOptions.model_validate({"format": "xml"})
+
+
+# -- a stalled or odd stdout ------------------------------------------------------------------------
+
+
+class Reader:
+    """The pipe's reader: away until ``come_back()``, then reads the pipe to its end."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.got = bytearray()
+        self.back = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.back.wait()
+        while chunk := os.read(self.fd, 1 << 20):
+            self.got.extend(chunk)
+        os.close(self.fd)
+
+    def come_back(self) -> None:
+        self.back.set()
+
+    def copies(self) -> dict[str, int]:
+        """Lines per message, once the writer has closed its end."""
+        self.come_back()
+        self.thread.join(10)
+        return dict(collections.Counter(orjson.loads(line)["message"] for line in self.got.splitlines()))
+
+
+async def test_a_stalled_reader_holds_up_no_other_sink_nor_dns_and_nothing_is_written_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read_end, write_end = os.pipe()  # nobody reads it yet: a log collector away, a pager
+    reader = Reader(read_end)
+    pipe = io.TextIOWrapper(io.BufferedWriter(io.FileIO(write_end, "w")), write_through=True)
+    monkeypatch.setattr(sys, "stdout", pipe)
+    s = sink()
+    occs = [
+        make_occurrence(message=f"{i}:" + "y" * 5000) for i in range(30)
+    ]  # 150 KB: more than a pipe holds
+    try:
+        await s.start()
+        for _ in range(40):  # as the engine does: each send abandoned at its timeout, then tried again
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.02):
+                    await s.send(occs)
+        # Other blocking work still gets a thread: a file sink, and DNS (aiohttp's default resolver).
+        other = FileSink(FileOptions.model_validate({"path": str(tmp_path / "events.jsonl")}), context())
+        async with asyncio.timeout(5):
+            await other.start()
+            assert await other.send(occs[:3]) == [OK] * 3
+            await asyncio.get_running_loop().getaddrinfo("localhost", 80)
+            await other.aclose()
+        reader.come_back()
+        async with asyncio.timeout(10):
+            # The engine's next try: the write in progress ends and delivered these; not written again.
+            assert await s.send(occs) == [OK] * 30
+    finally:
+        reader.come_back()  # blocked writes end, whatever failed above
+        await s.aclose()
+        pipe.close()
+    assert reader.copies() == {o.record["message"]: 1 for o in occs}
+
+
+def in_pipe(fd: int) -> int:
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4), sys.byteorder)
+
+
+async def test_a_non_blocking_stdout_is_made_blocking_and_every_line_is_written_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    read_end, write_end = os.pipe()
+    reader = Reader(read_end)
+    os.set_blocking(write_end, False)  # O_NONBLOCK set by a parent sharing the pipe
+    pipe = io.TextIOWrapper(io.BufferedWriter(io.FileIO(write_end, "w"), 8192), write_through=True)
+    monkeypatch.setattr(sys, "stdout", pipe)
+    s = sink()
+    occs = [make_occurrence(message=f"{i}:" + "z" * 3000) for i in range(100)]  # 300 KB
+    try:
+        with caplog.at_level(logging.WARNING, logger="test.stdout"):
+            await s.start()
+        send = asyncio.create_task(s.send(occs))
+        capacity = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+        await until(lambda: send.done() or in_pipe(read_end) >= capacity)  # the pipe is full
+        reader.come_back()
+        async with asyncio.timeout(10):
+            assert await send == [OK] * 100
+        assert "non-blocking" in caplog.text and os.get_blocking(write_end)
+    finally:
+        reader.come_back()
+        await s.aclose()
+        with contextlib.suppress(OSError):  # what a failed non-blocking write left in the buffer
+            pipe.close()
+    assert reader.copies() == {o.record["message"]: 1 for o in occs}
