@@ -16,6 +16,7 @@ Idempotence: ``_id`` is ``<event uid>-<occurrence>``, so a re-delivered occurren
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -52,7 +53,7 @@ from eventrouter import (
     reject,
     retry,
 )
-from eventrouter.options import FilePath, http_url
+from eventrouter.options import FilePath, http_url, redact_url
 
 __all__ = ["ElasticsearchOptions", "ElasticsearchSink"]
 
@@ -68,6 +69,10 @@ _NodeList = Annotated[list[str], BeforeValidator(_split)]
 # Characters Elasticsearch refuses in index names (plus upper case).
 _BAD_INDEX_CHARS = re.compile(r'[\\/*?"<>| ,#:A-Z]')
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+# Elasticsearch and OpenSearch refuse index names over 255 bytes (UTF-8): "index name is too long".
+_MAX_INDEX_BYTES = 255
+_HASH_LEN = 8  # hex digits of the suffix that keeps cut field values apart
+_MIN_FIELD_BYTES = 1 + 1 + _HASH_LEN  # what a cut field value needs at least: a character, -, the hash
 _DATE_TOKENS = re.compile(r"yyyy|YYYY|yy|MM|dd|HH|[A-Za-z]")
 _DATE_STRFTIME = {"yyyy": "%Y", "YYYY": "%Y", "yy": "%y", "MM": "%m", "dd": "%d", "HH": "%H"}
 # Top-level record fields usable as {field} in index names (strings only: an index name is text).
@@ -96,7 +101,7 @@ class ElasticsearchOptions(SinkOptions):
         "k8s-events-{yyyy.MM.dd}",
         description="Target index. {yyyy.MM.dd}-style parts take the event's UTC date "
         "(yyyy, yy, MM, dd, HH); {namespace}, {cluster}, {type}, {reason}, {involved_object.kind} "
-        "take record fields. "
+        "take record fields (cut, with a hash, so that the name stays within 255 bytes). "
         "kube-eventer's index=heapster is index=heapster-{yyyy.MM.dd} here.",
     )
     data_stream: str | None = Field(
@@ -117,7 +122,8 @@ class ElasticsearchOptions(SinkOptions):
         "_",
         validation_alias=AliasChoices("dot_replacement", "dots"),
         description="Replaces '.' in label/annotation keys (app.kubernetes.io/name would otherwise "
-        "become an object path and clash with a label `app`); '.' keeps keys as they are.",
+        "become an object path and clash with a label `app`); a key that then equals another gets a "
+        "number (team.io beside team_io: team_io_2); '.' keeps keys as they are.",
     )
     username: str | None = Field(
         None, validation_alias=AliasChoices("username", "esUserName"), description="Basic auth user."
@@ -143,28 +149,35 @@ class ElasticsearchOptions(SinkOptions):
     @model_validator(mode="before")
     @classmethod
     def _credentials_from_url(cls, data: Any) -> Any:
-        # https://user:pw@es:9200 → username/password fields, so the secret never stays in `url` (reprs).
+        # https://user:pw@es:9200 → username/password fields, so the secret never stays in `url` or
+        # `hosts` (reprs, messages, `eventrouter check`). Every node entry, not only `url`'s: the
+        # kube-eventer form is nodes=https://user:pw@es:9200.
         if not isinstance(data, dict):
             return data
-        url = data.get("url")
-        if not isinstance(url, str) or "@" not in url:
-            return data
-        nodes = []
         data = dict(data)
-        for node in url.split(","):
-            parts = urlsplit(node.strip())
-            if parts.username is not None or parts.password is not None:
-                if parts.username and not any(k in data for k in ("username", "esUserName")):
-                    data["username"] = unquote(parts.username)
-                if parts.password and not any(k in data for k in ("password", "esUserSecret")):
-                    data["password"] = unquote(parts.password)
-                host = parts.hostname or ""
-                if ":" in host:
-                    host = f"[{host}]"
-                netloc = host + (f":{parts.port}" if parts.port else "")
-                node = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-            nodes.append(node.strip())
-        data["url"] = ",".join(nodes)
+        found: set[tuple[str | None, str | None]] = set()
+        for key in ("url", "hosts", "nodes"):
+            value = data.get(key)
+            if isinstance(value, str) and "@" in value:
+                data[key] = ",".join(_without_credentials(node, found) for node in value.split(","))
+            elif isinstance(value, list | tuple) and any(isinstance(v, str) and "@" in v for v in value):
+                data[key] = [
+                    ",".join(_without_credentials(node, found) for node in v.split(","))
+                    if isinstance(v, str)
+                    else v
+                    for v in value
+                ]
+        if len(found) > 1:
+            raise ValueError(
+                "the node URLs carry different credentials; one set is sent to every node: give "
+                "username and password once (or credentials in one URL only)"
+            )
+        if found:
+            ((user, password),) = found
+            if user and not any(k in data for k in ("username", "esUserName")):
+                data["username"] = user
+            if password and not any(k in data for k in ("password", "esUserSecret")):
+                data["password"] = password
         return data
 
     @field_validator("index")
@@ -180,6 +193,11 @@ class ElasticsearchOptions(SinkOptions):
             _check_index_literal(value, what="data_stream")
             if not value or value.startswith(("-", "_", "+", ".")):
                 raise ValueError(f"data_stream {value!r} must not be empty or start with - _ + .")
+            if len(value.encode()) > _MAX_INDEX_BYTES:
+                raise ValueError(
+                    f"data_stream {value[:40]!r}…: over {_MAX_INDEX_BYTES} bytes, the longest name "
+                    "Elasticsearch and OpenSearch accept"
+                )
         return value
 
     @model_validator(mode="after")
@@ -205,6 +223,26 @@ class ElasticsearchOptions(SinkOptions):
     def node_urls(self) -> list[str]:
         urls = [u.strip() for u in self.url.split(",") if u.strip()] + list(self.hosts)
         return [_node_url(u) for u in urls]
+
+
+def _without_credentials(node: str, found: set[tuple[str | None, str | None]]) -> str:
+    """``node`` without its user info, which is added to ``found`` (decoded). The host and port stay
+    as written: a port that is not a number is refused later, naming the node."""
+    node = node.strip()
+    try:
+        parts = urlsplit(node)
+    except ValueError:
+        return node  # refused by node_urls, which names it without user info
+    if parts.username is None and parts.password is None:
+        return node
+    found.add(
+        (
+            unquote(parts.username) if parts.username else None,
+            unquote(parts.password) if parts.password else None,
+        )
+    )
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def _node_url(text: str) -> str:
@@ -277,6 +315,14 @@ def _compile_index(template: str) -> tuple[_IndexName, bool]:
         date_format.append(fmt)
     hourly = any("%H" in f for f in date_format)
     bucket_ns = 3_600_000_000_000 if hourly else 86_400_000_000_000
+    # Literal text and dates have a fixed length (years 1000-9999); the fields share what is left.
+    fixed = len(literal_text.encode()) + sum(len(time.strftime(f, time.gmtime(0))) for f in date_format)
+    if fixed + len(fields) * _MIN_FIELD_BYTES > _MAX_INDEX_BYTES:
+        raise ValueError(
+            f"index {template!r}: its names would be over {_MAX_INDEX_BYTES} bytes, the longest index "
+            f"name Elasticsearch and OpenSearch accept ({fixed} bytes besides its fields)"
+        )
+    field_budget = _MAX_INDEX_BYTES - fixed
 
     def date_text(bucket: int) -> list[str]:
         tm = time.gmtime(bucket * bucket_ns // 1_000_000_000)
@@ -292,7 +338,7 @@ def _compile_index(template: str) -> tuple[_IndexName, bool]:
         if found is not None:
             return found
         dates = iter(date_text(bucket)) if date_format else iter(())
-        vals = iter(values)
+        vals = iter(_fit(values, field_budget))
         out = []
         for kind, text in parts:
             if kind == "lit":
@@ -304,6 +350,31 @@ def _compile_index(template: str) -> tuple[_IndexName, bool]:
         return cache.put(key, "".join(out))
 
     return name, bool(fields)
+
+
+def _fit(values: tuple[str, ...], budget: int) -> tuple[str, ...]:
+    """Field values cut so that together they take at most ``budget`` UTF-8 bytes: a value is never
+    cut below an equal share of what the shorter ones leave; a cut one is cut on a character boundary
+    and ends in ``-`` and a hash of the whole value, so two values that differ only in their tail
+    still name two indices (a 240-character object name is legal in Kubernetes, and a name over 255
+    bytes made Elasticsearch refuse every document of it)."""
+    sizes = [len(v.encode()) for v in values]
+    if sum(sizes) <= budget:
+        return values
+    caps = [0] * len(values)
+    left, count = budget, len(values)
+    for i in sorted(range(len(values)), key=sizes.__getitem__):
+        caps[i] = min(sizes[i], left // count)
+        left -= caps[i]
+        count -= 1
+    out = []
+    for value, size, cap in zip(values, sizes, caps, strict=True):
+        if size > cap:
+            digest = hashlib.sha256(value.encode()).hexdigest()[:_HASH_LEN]
+            head = value.encode()[: cap - 1 - _HASH_LEN].decode("utf-8", "ignore")
+            value = f"{head}-{digest}" if head else digest  # never a leading -: may start the name
+        out.append(value)
+    return tuple(out)
 
 
 def _field_value(record: dict[str, Any], path: str) -> str:
@@ -335,13 +406,28 @@ def _has_dot(mapping: Any) -> bool:
     return isinstance(mapping, dict) and any("." in key for key in mapping)
 
 
-def _safe_keys(mapping: dict[str, Any], repl: str) -> dict[str, Any]:
-    return {key.replace(".", repl): value for key, value in mapping.items()}
+def _safe_keys(mapping: dict[Any, Any], repl: str, deep: bool = False) -> dict[str, Any]:
+    """``mapping`` with '.' in its keys replaced. A key that then equals another (``team.io`` and
+    ``team_io`` are both valid label keys) gets a number, ``team_io_2``: one value silently replaced
+    the other. Keys without a dot keep their names."""
+    taken = {key for key in mapping if isinstance(key, str) and "." not in key}
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = str(key)
+        if "." in name:
+            name = base = name.replace(".", repl)
+            number = 1
+            while name in taken:
+                number += 1
+                name = f"{base}{repl}{number}"
+            taken.add(name)
+        out[name] = _safe_keys_deep(value, repl) if deep else value
+    return out
 
 
 def _safe_keys_deep(value: Any, repl: str) -> Any:
     if isinstance(value, dict):
-        return {str(k).replace(".", repl): _safe_keys_deep(v, repl) for k, v in value.items()}
+        return _safe_keys(value, repl, deep=True)
     if isinstance(value, list):
         return [_safe_keys_deep(v, repl) for v in value]
     return value
@@ -504,6 +590,9 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         super().__init__(options, context)
         self._client: AsyncTransport | None = None
         self._nodes = options.node_urls()
+        # As messages show them: node URLs hold no credentials once validated, but a path or query
+        # may still carry a token (a proxy's).
+        self._shown = ", ".join(redact_url(u) for u in self._nodes)
         self._index_name, _ = _compile_index(options.index)
         self._action = options.op_type or ("create" if options.data_stream else "index")
         self._prefix_cache: BoundedCache[str, bytes] = BoundedCache(10_000)
@@ -519,7 +608,7 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         self._json_headers = {"content-type": "application/json", **self._headers}
 
     def __repr__(self) -> str:
-        return f"<ElasticsearchSink {self.context.name} nodes={self._nodes}>"
+        return f"<ElasticsearchSink {self.context.name} nodes=[{self._shown}]>"
 
     def _auth_header(self) -> dict[str, str]:
         o = self.options
@@ -577,7 +666,7 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 retry_on_timeout=False,
             )
         except (ValueError, TypeError) as exc:
-            raise SinkError(f"elasticsearch: bad node configuration {self._nodes}: {exc}") from None
+            raise SinkError(f"elasticsearch: bad node configuration {self._shown}: {exc}") from None
 
     async def start(self) -> None:
         if self._client is None:
@@ -587,9 +676,7 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             meta, body = await self._request("GET", "/", None, self._headers, tries=len(self._nodes))
         except TransportError as exc:
             await self.aclose()
-            raise SinkError(
-                f"elasticsearch: cannot reach {', '.join(self._nodes)}: {_transport_text(exc)}"
-            ) from None
+            raise SinkError(f"elasticsearch: cannot reach {self._shown}: {_transport_text(exc)}") from None
         if meta.status == 401:
             await self.aclose()
             raise SinkError(

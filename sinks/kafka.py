@@ -39,7 +39,12 @@ so each record gets its own outcome. Broker outages, timeouts and other errors g
 the rest of the batch is not enqueued once the broker is known unreachable (nor later batches of a
 partition whose batch could not be enqueued), so per-object order survives.
 Keep ``request_timeout_ms`` below the pipeline's ``send_timeout`` so a send finishes before the engine
-gives up on it.
+gives up on it. A send the engine gives up on (its ``send_timeout``) discards its producer without
+flushing it: aiokafka never expires an idempotent producer's batches, so what that send queued would
+otherwise be written once the broker is back, beside the engine's retry of the same records. The next
+send starts a new producer; ``aclose`` does not flush either (after a send returns nothing of it is
+queued; anything still queued belongs to a send the engine retries). A produce request already on its
+way to the broker when the send was given up may still be written: at least once, never lost.
 
 kube-eventer names accepted: ``brokers`` (repeatable), ``eventstopic``, ``compression``, ``user``,
 ``password``, ``cacert``, ``cert``, ``key``, ``insecuressl``. As in kube-eventer, giving a CA or a client
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import random
 import re
@@ -333,6 +339,33 @@ def ssl_context(options: KafkaOptions) -> ssl.SSLContext:
     return context
 
 
+class _BootstrapErrors(logging.Handler):
+    """Why each bootstrap connection failed. aiokafka logs it ('Unable connect to "%s:%s": %s', its
+    client.bootstrap) and raises only "Unable to bootstrap", which names no cause: a wrong password,
+    a mechanism the listener does not offer, TLS against a plaintext port all read the same."""
+
+    _MESSAGES = ("Unable connect to", "Unable to request metadata from")
+
+    def __init__(self, brokers: Sequence[str]) -> None:
+        super().__init__(logging.DEBUG)
+        from aiokafka.conn import get_ip_port_afi
+
+        self._brokers = {get_ip_port_afi(b)[:2] for b in brokers}
+        self.errors: list[tuple[str, BaseException]] = []  # (which step, the error)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args
+        if (
+            isinstance(record.msg, str)
+            and record.msg.startswith(self._MESSAGES)
+            and isinstance(args, tuple)
+            and len(args) == 3
+            and isinstance(args[2], BaseException)
+            and (args[0], args[1]) in self._brokers
+        ):
+            self.errors.append((record.msg.split('"')[0].strip(), args[2]))
+
+
 def _header(value: Any) -> bytes:
     if type(value) is str:
         return value.encode("utf-8", "replace")
@@ -362,6 +395,16 @@ _TIME_ADJUSTED = ("time_adjusted", b"true")
 _TRUNCATED = ("truncated", b"true")
 _CLOCK_MARGIN_MS = 60_000
 """Kept inside the broker's window (at most a quarter of it): it judges by its own clock."""
+
+
+def _halt(producer: Any) -> None:
+    """Stop an aiokafka producer's sender before it drains another batch, without flushing; its
+    ``stop()`` (which would flush) does nothing afterwards."""
+    producer._closed = True
+    # aiokafka internals (as of 0.14): read defensively, so another version degrades to a plain close.
+    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    if isinstance(task, asyncio.Task) and not task.done():
+        task.cancel()
 
 
 def _whole_batch_errors() -> tuple[type[BaseException], ...]:
@@ -407,6 +450,11 @@ class KafkaSink(Sink[KafkaOptions]):
         # every later batch of that partition as out of order. Set then: a new producer (a new
         # producer id, sequences from 0) is made before the next batch goes out.
         self._sequence_lost = False
+        # Set when a send ended (cancelled by the engine's send_timeout) with batches still queued in
+        # the producer: that producer was discarded unflushed, and the next send starts a new one.
+        self._abandoned = False
+        self._unsettled = False  # batches of the send in progress are queued and not yet settled
+        self._discarding: set[asyncio.Task[None]] = set()
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -460,15 +508,17 @@ class KafkaSink(Sink[KafkaOptions]):
             producer = AIOKafkaProducer(**config)
         except (ValueError, KafkaError) as exc:
             raise SinkError(f"kafka producer options rejected: {type(exc).__name__}: {exc}") from None
+        causes = _BootstrapErrors(self.options.brokers)
+        aiokafka_log = logging.getLogger("aiokafka")
+        aiokafka_log.addHandler(causes)
         try:
             await producer.start()
         except BaseException as exc:
             await producer.stop()
             brokers = self._describe_brokers()
             if isinstance(exc, KafkaConnectionError | OSError):
-                raise SinkError(
-                    f"cannot connect to Kafka brokers {brokers}: {type(exc).__name__}: {exc}"
-                ) from None
+                why = self._bootstrap_cause(causes.errors) or f"{type(exc).__name__}: {exc}"
+                raise SinkError(f"cannot connect to Kafka brokers {brokers}: {why}") from None
             if isinstance(exc, KafkaError):
                 hint = (
                     " (the idempotent producer is on: if the broker does not support it, set idempotence=false)"
@@ -479,7 +529,59 @@ class KafkaSink(Sink[KafkaOptions]):
                     f"Kafka brokers {brokers} refused the producer: {type(exc).__name__}: {exc}{hint}"
                 ) from None
             raise
+        finally:
+            aiokafka_log.removeHandler(causes)
         self._producer = producer
+
+    def _bootstrap_cause(self, errors: Sequence[tuple[str, BaseException]]) -> str | None:
+        """The most telling of the bootstrap connections' errors, with what to change; None when none
+        is known. Never the password (aiokafka's texts hold none)."""
+        from aiokafka import errors as kerr
+
+        o = self.options
+        mechanism = o.sasl_mechanism or "PLAIN"
+        found = [err for _, err in errors]
+        for err in found:
+            if isinstance(err, kerr.SaslAuthenticationFailed | kerr.AuthenticationFailedError):
+                return (
+                    f"SASL authentication of user {o.user!r} with {mechanism} failed: {err} (check user "
+                    "and password, and sasl_mechanism: a SCRAM user cannot log in with PLAIN)"
+                )
+        for err in found:
+            if isinstance(err, kerr.UnsupportedSaslMechanismError | kerr.IllegalSaslStateError):
+                # aiokafka's text names the enabled mechanisms when the handshake listed them; when the
+                # broker refused the handshake itself it is only a connection's repr.
+                detail = str(err) if "mechanisms" in str(err) else type(err).__name__
+                return (
+                    f"the broker does not accept SASL {mechanism} on this listener ({detail}): set "
+                    "sasl_mechanism to one it enables, or leave user and password out for a listener "
+                    "without SASL"
+                )
+        for err in found:
+            if isinstance(err, ssl.SSLCertVerificationError):
+                return (
+                    f"TLS: the broker's certificate is not trusted ({err.verify_message}): set ca_file to "
+                    "the CA that signed it"
+                )
+            if isinstance(err, ssl.SSLError):
+                return f"TLS handshake failed: {err} (is the port the broker's TLS listener?)"
+        for err in found:
+            if isinstance(err, TimeoutError) and o.use_tls:
+                return (
+                    f"no TLS handshake within request_timeout_ms={o.request_timeout_ms}: the port is most "
+                    "likely a plaintext listener (set tls=false, or use the broker's TLS port)"
+                )
+        for step, err in errors:
+            if step.startswith("Unable to request metadata") and isinstance(err, kerr.KafkaConnectionError):
+                needs = "TLS (tls=true)" if o.use_sasl else "SASL (user, password) or TLS (tls=true)"
+                return (
+                    f"the broker closed the connection without answering ({err}): its listener most "
+                    f"likely needs {needs}"
+                )
+        if found:
+            err = found[0]
+            return f"{type(err).__name__}: {err}".rstrip(": ")
+        return None
 
     async def check(self) -> None:
         await self.start()
@@ -495,8 +597,44 @@ class KafkaSink(Sink[KafkaOptions]):
     async def aclose(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
-            # stop() flushes what is still queued (bounded by request_timeout_ms), then closes.
-            await producer.stop()
+            # Not producer.stop(): it flushes, and anything still queued belongs to a send the engine
+            # gave up on and sends again (an idempotent producer's batches never expire: on a reload
+            # its sender went on and wrote them beside the new instance's retry).
+            await self._discard(producer)
+        if self._discarding:
+            await asyncio.gather(*self._discarding, return_exceptions=True)
+
+    def _abandon(self) -> None:
+        """Drop the producer of a send that was cancelled with batches queued, at once (before the
+        cancellation goes on): its sender stops before it drains another batch; the client is closed
+        in the background. The next send starts a new producer."""
+        producer, self._producer = self._producer, None
+        self._abandoned = True
+        self._unsettled = False
+        if producer is None:
+            return
+        _halt(producer)
+        task = asyncio.get_running_loop().create_task(self._discard(producer))
+        self._discarding.add(task)
+        task.add_done_callback(self._discarding.discard)
+        self.log.warning(
+            "kafka: a send was given up with produce batches still queued (broker unreachable or slow); "
+            "they are discarded, not flushed, and its records go again with a new producer"
+        )
+
+    async def _discard(self, producer: Any) -> None:
+        """Close ``producer`` without flushing what it has queued. aiokafka internals: ``stop()`` is
+        the only public close, and it waits for every queued batch (for ever, for an idempotent
+        producer whose broker is away)."""
+        _halt(producer)
+        sender_task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+        with contextlib.suppress(Exception):
+            await producer.client.close()  # a produce request under way fails at once
+        if isinstance(sender_task, asyncio.Task) and not sender_task.done():
+            # The cancelled sender waits for the requests it had started; bounded by their timeout.
+            await asyncio.wait([sender_task], timeout=self.options.request_timeout_ms / 1000 + 1)
+            with contextlib.suppress(Exception):
+                await producer.client.close()  # a connection one of them opened meanwhile
 
     # -- encoding ------------------------------------------------------------------------------
 
@@ -650,6 +788,7 @@ class KafkaSink(Sink[KafkaOptions]):
                     continue
                 try:
                     future = await producer.send_batch(job.builder, job.topic, partition=job.partition)
+                    self._unsettled = True
                 except Exception as exc:
                     outcome = self._classify(exc, job.topic)
                     for i, _ in job.items:
@@ -664,25 +803,36 @@ class KafkaSink(Sink[KafkaOptions]):
         return submitted, stop
 
     async def _renew_producer(self) -> None:
-        """Replace the producer after a lost sequence number (``_sequence_lost``). RetryableError
-        when the new one cannot start: the next send tries again."""
+        """Replace the producer after a lost sequence number (``_sequence_lost``) or a discarded one
+        (``_abandoned``). RetryableError when the new one cannot start: the next send tries again."""
         old, self._producer = self._producer, None
         if old is not None:
-            with contextlib.suppress(Exception):
-                await old.stop()
+            await self._discard(old)  # every batch of ours is settled: nothing to flush
         try:
             await self.start()
         except SinkError as exc:
-            raise RetryableError(f"kafka: a new idempotent producer cannot start: {exc}") from None
-        self._sequence_lost = False
-        self.log.warning(
-            "kafka: a produce batch failed after taking sequence numbers; sending on with a new idempotent "
-            "producer (the broker would refuse the old one's next batches as out of order)"
-        )
+            raise RetryableError(f"kafka: a new producer cannot start: {exc}") from None
+        if self._sequence_lost:
+            self.log.warning(
+                "kafka: a produce batch failed after taking sequence numbers; sending on with a new "
+                "idempotent producer (the broker would refuse the old one's next batches as out of order)"
+            )
+        self._sequence_lost = self._abandoned = False
 
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
-        if self._sequence_lost:
+        if self._sequence_lost or self._abandoned:
             await self._renew_producer()
+        try:
+            return await self._send(batch)
+        except BaseException:
+            # Cancelled (the engine's send_timeout, a lost lease, a stop's deadline) with batches
+            # queued: the engine counts them as not delivered and sends them again, so they must never
+            # be written. An idempotent producer retries them for ever, each time the broker is back.
+            if self._unsettled:
+                self._abandon()
+            raise
+
+    async def _send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome]:
         producer = self._producer
         if producer is None:
             raise RetryableError("kafka producer is not started")
@@ -766,6 +916,7 @@ class KafkaSink(Sink[KafkaOptions]):
         while lanes:
             submitted, stop = await self._submit(lanes, outcomes, stop)
             results = await asyncio.gather(*(future for _, future in submitted), return_exceptions=True)
+            self._unsettled = False
             if self.options.idempotence and any(isinstance(r, BaseException) for r in results):
                 self._sequence_lost = True
             lanes = self._settle(submitted, results, outcomes)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import base64
 import logging
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -257,6 +260,19 @@ async def test_dotted_label_keys_indexed_without_mapping_conflicts(cluster: Clus
     assert "labels.app" in outcomes[1].reason
 
 
+async def test_label_keys_equal_after_dot_replacement_keep_both_values(cluster: Cluster) -> None:
+    """`team.io` and `team_io` are both valid label keys; after replacing the dot one value replaced
+    the other without a word."""
+    labels = {"team.io": "payments", "team_io": "legacy", "a.b": "1", "a_b_2": "2"}
+    occ = occurrence(labels=labels)
+    async with running_sink(cluster.url, index="dots-twice", include_raw=True) as sink:
+        assert outcome_kinds(await sink.send([occ])) == [OutcomeKind.OK]
+    _, doc = await cluster.call("GET", f"/dots-twice/_doc/{occ.uid}-1")
+    expected = {"team_io_2": "payments", "team_io": "legacy", "a_b": "1", "a_b_2": "2"}
+    assert doc["_source"]["labels"] == expected
+    assert doc["_source"]["raw"]["metadata"]["labels"] == expected
+
+
 async def test_daily_index_names_come_from_event_time(cluster: Cluster) -> None:
     late = occurrence(first_timestamp="2024-02-28T23:59:59Z", last_timestamp="2024-02-28T23:59:59Z")
     leap = occurrence(first_timestamp="2024-02-29T00:00:00Z", last_timestamp="2024-02-29T00:00:00Z")
@@ -276,6 +292,38 @@ async def test_daily_index_names_come_from_event_time(cluster: Cluster) -> None:
         assert outcome_kinds(await sink.send([micro])) == [OutcomeKind.OK]
     status, doc = await cluster.call("GET", f"/ev-kube-system-2024.03/_doc/{micro.uid}-1")
     assert status == 200
+
+
+async def test_index_names_from_long_field_values_are_cut_to_255_bytes_and_stay_distinct(
+    cluster: Cluster,
+) -> None:
+    """Elasticsearch and OpenSearch refuse an index name over 255 bytes; an Event name of a
+    240-character object (legal in Kubernetes) gave one, and every document of it was dead-lettered."""
+    names = ["short.1", "x" * 240 + ".17a2b3c4d5e6f708", "x" * 240 + ".17a2b3c4d5e6f709", "ü" * 120 + ".1"]
+    batch = [occurrence(name=name, last_timestamp="2024-03-01T10:00:00Z") for name in names]
+    async with running_sink(
+        cluster.url, index="k8s-events-{involved_object.kind}-{name}-{yyyy.MM.dd}"
+    ) as sink:
+        assert outcome_kinds(await send(sink, batch)) == [OutcomeKind.OK] * 4
+        indices = [sink._index_name(occ) for occ in batch]
+    assert indices[0] == "k8s-events-pod-short.1-2024.03.01"
+    assert [len(i.encode()) for i in indices[1:]] == [255, 255, 255]
+    assert len(set(indices)) == 4  # the two names that differ only past the cut stay apart
+    assert all(i.startswith("k8s-events-pod-") and i.endswith("-2024.03.01") for i in indices)
+    for index in indices:
+        assert await cluster.count(quote(index, safe="")) == 1
+
+
+def test_an_index_template_whose_fixed_text_leaves_no_room_is_refused() -> None:
+    with pytest.raises(ValidationError, match="over 255 bytes"):
+        ElasticsearchOptions.model_validate(
+            {"url": "http://a", "index": "e" * 240 + "-{namespace}-{yyyy.MM.dd}"}
+        )
+    with pytest.raises(ValidationError, match="over 255 bytes"):
+        ElasticsearchOptions.model_validate({"url": "http://a", "index": "e" * 256})
+    with pytest.raises(ValidationError, match="over 255 bytes"):
+        ElasticsearchOptions.model_validate({"url": "http://a", "data_stream": "logs-" + "e" * 251})
+    assert ElasticsearchOptions.model_validate({"url": "http://a", "index": "e" * 244 + "-{namespace}"})
 
 
 async def test_unencodable_and_oversized_items_rejected_rest_ok(cluster: Cluster) -> None:
@@ -549,6 +597,57 @@ async def test_url_credentials_become_basic_auth_and_are_hidden(fake: FakeBulkSe
     async with running_sink(url) as sink:
         assert SECRET not in repr(sink.options) and SECRET not in sink.options.url
         assert outcome_kinds(await sink.send([occurrence()])) == [OutcomeKind.OK]
+
+
+@pytest.mark.parametrize("key", ["hosts", "nodes"])
+async def test_credentials_in_a_hosts_url_become_basic_auth_and_never_show(
+    fake: FakeBulkServer, key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only `url` had its user info moved out: a `hosts=` (kube-eventer `nodes=`) entry kept it, and
+    repr, start errors and `eventrouter check` showed the password."""
+    caplog.set_level(logging.DEBUG)
+    fake.auth = "Basic " + base64.b64encode(f"elastic:{SECRET}".encode()).decode()
+    dead, dead2 = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    live = fake.url.replace("http://127.0.0.1", f"http://elastic:{SECRET}@localhost")  # a second node
+    options = ElasticsearchOptions.model_validate({"url": fake.url, key: live})
+    assert options.username == "elastic" and options.password is not None
+    assert SECRET not in repr(options) and not any(SECRET in u for u in options.node_urls())
+    async with running_sink(fake.url, **{key: live}) as sink:
+        assert SECRET not in repr(sink)
+        assert outcome_kinds(await sink.send([occurrence()])) == [OutcomeKind.OK]
+    assert [r[2].get("Authorization") for r in fake.requests] == [fake.auth, fake.auth]
+
+    sink = ElasticsearchSink(
+        ElasticsearchOptions.model_validate(
+            {"url": f"http://{dead}", key: f"http://elastic:{SECRET}@{dead2}"}
+        ),
+        SinkContext("es", "test", None, logging.getLogger("test.es")),
+    )
+    with pytest.raises(SinkError) as info:
+        await sink.start()
+    assert f"cannot reach http://{dead}, http://{dead2}" in str(info.value)
+    assert SECRET not in str(info.value) and SECRET not in repr(sink)
+    assert SECRET not in caplog.text
+
+
+def test_check_with_credentials_in_a_nodes_url_never_prints_them() -> None:
+    first, second = free_port(), free_port()
+    flag = f"--sink=elasticsearch:http://127.0.0.1:{first}?nodes=http://elastic:{SECRET}@127.0.0.1:{second}"
+    result = subprocess.run(
+        [sys.executable, "-m", "eventrouter.cli", "check", flag], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert f"cannot reach http://127.0.0.1:{first}, http://127.0.0.1:{second}" in result.stdout
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_node_urls_with_different_credentials_are_refused_without_showing_them() -> None:
+    with pytest.raises(ValidationError) as info:
+        ElasticsearchOptions.model_validate(
+            {"url": f"http://elastic:{SECRET}@es1:9200", "hosts": "http://other:pw2@es2:9200"}
+        )
+    text = str(ValidationError.errors(info.value, include_input=False))
+    assert "different credentials" in text and SECRET not in text and "pw2" not in text
 
 
 async def test_wrong_credentials_fail_start_clearly(fake: FakeBulkServer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
@@ -893,3 +894,145 @@ async def test_a_timestamp_a_stricter_broker_refuses_is_sent_again_with_the_send
         batch[0].time_ns // 1_000_000,
         batch[2].time_ns // 1_000_000,
     ]
+
+
+async def _send_as_the_engine_does(
+    sink: KafkaSink, batch: Sequence[Occurrence], send_timeout: float
+) -> list[OutcomeKind]:
+    """``Pipeline._send_once``: a send the engine's ``send_timeout`` ends counts as retried."""
+    try:
+        async with asyncio.timeout(send_timeout):
+            outcomes = await sink.send(batch)
+    except (TimeoutError, RetryableError):
+        return [OutcomeKind.RETRY] * len(batch)
+    assert outcomes is not None
+    return [o.kind for o in outcomes]
+
+
+async def _deliver_as_the_engine_does(sink: KafkaSink, batch: Sequence[Occurrence]) -> None:
+    pending = list(batch)
+    for _ in range(20):
+        kinds = await _send_as_the_engine_does(sink, pending, send_timeout=10)
+        assert OutcomeKind.REJECT not in kinds
+        pending = [o for o, kind in zip(pending, kinds, strict=True) if kind is OutcomeKind.RETRY]
+        if not pending:
+            return
+        await asyncio.sleep(0.2)  # the engine's retry backoff
+    raise AssertionError(f"{len(pending)} records still retried")
+
+
+async def test_sends_given_up_during_a_broker_outage_leave_nothing_to_be_written_twice(
+    make_sink: MakeSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiokafka never expires an idempotent producer's batches: each send the engine's send_timeout
+    ended while the broker was away left its batch queued in the producer, written once the broker was
+    back beside the engine's retry of the same records (20 records for 10). The broker's sequence
+    checks are the relay's (Tansu has no idempotent producers); stopping the relay is the outage."""
+    port = free_port()
+    async with TansuBroker(advertised_port=port) as broker:
+        proxy = BrokerChecksProxy(listen_port=port, target_port=broker.port, idempotence=True)
+        sink = make_sink(brokers=f"127.0.0.1:{port}", topic="idem", idempotence=True, request_timeout_ms=1000)
+        before = [make_occurrence(object_name="web-0", reason=f"A{i}") for i in range(5)]
+        during = [make_occurrence(object_name="web-0", reason=f"B{i}") for i in range(5)]
+        async with proxy:
+            await sink.start()
+            assert await _send_as_the_engine_does(sink, before, send_timeout=10) == [OutcomeKind.OK] * 5
+        for _ in range(3):  # the broker is away: every attempt is retried
+            assert await _send_as_the_engine_does(sink, during, send_timeout=2.5) == [OutcomeKind.RETRY] * 5
+        async with proxy:  # back, with its records and producer state
+            await _deliver_as_the_engine_does(sink, during)
+            await sink.aclose()
+            records = await consume(broker.bootstrap, ["idem"], expected=10)
+    assert sorted(occurrence_header(r) for r in records) == sorted(o.key for o in before + during)
+    assert "discarded, not flushed" in caplog.text
+
+
+async def test_closing_a_sink_after_a_given_up_send_leaves_no_sender_that_writes_later(
+    make_sink: MakeSink,
+) -> None:
+    """A reload closes the old instance (bounded by send_timeout) and sends the same records with the
+    new one. ``aclose`` flushed (``producer.stop()``): with the broker away it never ended, the engine's
+    bound cancelled it, and the old producer's sender went on to write the stale batch once the broker
+    was back."""
+    port = free_port()
+    async with TansuBroker(advertised_port=port) as broker:
+        proxy = BrokerChecksProxy(listen_port=port, target_port=broker.port, idempotence=True)
+        old = make_sink(
+            brokers=f"127.0.0.1:{port}", topic="reload", idempotence=True, request_timeout_ms=1000
+        )
+        first = [make_occurrence(object_name="web-0", reason="First")]
+        batch = [make_occurrence(object_name="web-0", reason=f"R{i}") for i in range(5)]
+        async with proxy:
+            await old.start()
+            assert await _send_as_the_engine_does(old, first, send_timeout=10) == [OutcomeKind.OK]
+        producer = old._producer
+        assert await _send_as_the_engine_does(old, batch, send_timeout=2.5) == [OutcomeKind.RETRY] * 5
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.5):  # Pipeline._close_quietly
+                await old.aclose()
+        assert producer._sender.sender_task.done()  # nothing left that could write the stale batch
+        async with proxy:
+            new = make_sink(
+                brokers=f"127.0.0.1:{port}", topic="reload", idempotence=True, request_timeout_ms=1000
+            )
+            await new.start()
+            await _deliver_as_the_engine_does(new, batch)
+            await new.aclose()
+            records = await consume(broker.bootstrap, ["reload"], expected=6)
+    assert sorted(occurrence_header(r) for r in records) == sorted(o.key for o in first + batch)
+
+
+async def test_start_failures_name_the_sasl_or_tls_cause_without_the_password(
+    make_sink: MakeSink, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiokafka raises "Unable to bootstrap" for every cause: a wrong password, a mechanism the
+    listener does not offer, TLS against a plaintext port all read the same."""
+    from eventrouter.testing.receivers.kafka_sasl import SASLProxy
+    from eventrouter.testing.receivers.tls_proxy import TLSProxy
+    from eventrouter.testing.tls import self_signed
+
+    caplog.set_level(logging.DEBUG)
+    _, server_tls = await self_signed(tmp_path)
+    sasl_port, tls_port = free_port(), free_port()
+    async with (
+        TansuBroker(advertised_port=sasl_port) as broker,
+        SASLProxy(
+            listen_port=sasl_port,
+            target_port=broker.port,
+            users={"alice": PASSWORD},
+            mechanisms=("SCRAM-SHA-512",),
+        ),
+        TLSProxy(listen_port=tls_port, target_port=broker.port, ssl_context=server_tls),
+    ):
+        sasl = f"127.0.0.1:{sasl_port}"
+        cases: list[tuple[dict[str, Any], str]] = [
+            (
+                {"brokers": sasl, "user": "alice", "password": "wrong-pw", "sasl_mechanism": "SCRAM-SHA-512"},
+                "SASL authentication of user 'alice' with SCRAM-SHA-512 failed",
+            ),
+            (
+                {"brokers": sasl, "user": "alice", "password": PASSWORD},
+                "the broker does not accept SASL PLAIN on this listener (UnsupportedSaslMechanismError): "
+                "set sasl_mechanism to one it enables",
+            ),
+            ({"brokers": sasl}, "its listener most likely needs SASL (user, password) or TLS (tls=true)"),
+            (
+                {"brokers": broker.bootstrap, "user": "alice", "password": PASSWORD},
+                "the broker does not accept SASL PLAIN on this listener (UnsupportedSaslMechanismError)",
+            ),
+            (
+                {"brokers": broker.bootstrap, "tls": True},
+                "no TLS handshake within request_timeout_ms=1000: the port is most likely a plaintext listener",
+            ),
+            (
+                {"brokers": f"127.0.0.1:{tls_port}", "tls": True},
+                "TLS: the broker's certificate is not trusted (self-signed certificate",
+            ),
+        ]
+        for options, cause in cases:
+            with pytest.raises(SinkError) as info:
+                await make_sink(topic="t", request_timeout_ms=1000, **options).start()
+            assert cause in str(info.value)
+            assert str(info.value).startswith(f"cannot connect to Kafka brokers {options['brokers']}: ")
+            assert PASSWORD not in str(info.value) and "wrong-pw" not in str(info.value)
+    assert PASSWORD not in caplog.text and "wrong-pw" not in caplog.text

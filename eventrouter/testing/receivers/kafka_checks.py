@@ -21,6 +21,8 @@ request's other partitions are written; a refused batch changes nothing (no sequ
 
 Everything else is relayed unchanged, and responses go back in request order, as a broker sends them.
 Start the broker with ``advertised_port`` set to this relay's port, so that clients produce through it.
+Leaving the relay's ``async with`` and entering it again is a broker outage: its port refuses
+connections meanwhile, and it keeps its producer ids and sequence numbers, as the broker keeps its log.
 """
 
 from __future__ import annotations
