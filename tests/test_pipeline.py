@@ -801,6 +801,27 @@ async def test_deferred_failures_count_towards_retry_max_attempts_but_holds_do_n
     assert value(metrics.retries, "mem") == 2  # the two failures that were tried again; no holds
 
 
+async def test_a_held_retry_is_no_attempt_for_an_in_line_sink_either(
+    metrics: Metrics, tmp_path: Path
+) -> None:
+    sink = _sink()
+    holds = 0
+
+    def decide(o: Occurrence) -> Outcome:
+        nonlocal holds
+        holds += 1
+        return OK if holds > 3 else retry("waiting for its own rate limit", retry_after=0.01, held=True)
+
+    sink.decide = decide
+    p = _pipeline(sink, metrics, deadletter=tmp_path / "dl", retry_max_attempts=1)
+    task = await _run(p)
+    p.offer(make_occurrence())
+    await sink.wait_for(1)
+    await _finish(p, task)
+    assert value(metrics.dead_lettered, "mem", "retries_exhausted") == 0
+    assert value(metrics.retries, "mem") == 0
+
+
 async def test_a_sink_failing_for_hours_keeps_retrying_without_crashing_its_pipeline(
     metrics: Metrics,
 ) -> None:

@@ -588,6 +588,7 @@ class Pipeline:
                 last_reason = ""
                 lags: list[float] = []
                 oldest_event_ns = 0
+                failed = 0  # RETRY outcomes that are failures, not holds
                 held = self._held
                 for occ, out in zip(pending, outcomes, strict=True):
                     if held and out.kind is not OutcomeKind.RETRY and occ.uid in held:
@@ -606,6 +607,7 @@ class Pipeline:
                     else:
                         retry_items.append(occ)
                         last_reason = out.reason
+                        failed += not out.held
                         if out.retry_after is not None:
                             retry_after = max(retry_after or 0.0, out.retry_after)
                 if lags:
@@ -629,6 +631,15 @@ class Pipeline:
                 if not retry_items:
                     self._set_up(True)
                     break
+                if not failed:
+                    # Held on purpose (``retry(..., held=True)``): no failed attempt, the sink is up.
+                    attempt -= 1
+                    pending = retry_items
+                    self._in_flight = pending
+                    await self._pause(self._backoff(1, retry_after))
+                    if self._stop_now.is_set():
+                        return
+                    continue
                 self._set_up(False)
                 limit = self.options.retry_max_attempts
                 if limit and attempt >= limit:
@@ -642,7 +653,7 @@ class Pipeline:
                         done[occ.uid] = max(done.get(occ.uid, 0), occ.number)
                     self._checkpoint(done, [])
                     break
-                self._m_retries.inc(len(retry_items))
+                self._m_retries.inc(failed)
                 delay = self._backoff(attempt, retry_after)
                 self._throttled.warning(
                     "retry",
