@@ -681,11 +681,13 @@ class Router:
                 self.metrics.checkpoint_truncated.set(self.checkpoint_store.truncated)
             if self.watchers:
                 self.metrics.last_progress.set(min(w.last_progress for w in self.watchers))
-            elif self.elector is not None and not self.elector.is_leader:
-                # A standby watches nothing, and is fine: 0 would fire EventrouterWatchStalled.
-                self.metrics.last_progress.set(time.time())
                 for w in self.watchers:
-                    w.flush_metrics()
+                    w.flush_metrics()  # a watch without bookmarks flushed only when its stream ended
+                    w.tracked_gauge()
+            else:
+                # A standby, or a leader whose first list waits for its sinks to start: nothing to
+                # watch yet, and fine (as /healthz says): 0 would fire EventrouterWatchStalled.
+                self.metrics.last_progress.set(time.time())
             body = generate_latest(self.metrics.registry)
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -111,7 +111,9 @@ def http_url(value: str, *, option: str = "url") -> SplitResult:
     return parts
 
 
-_TOKENISH = re.compile(r"^(?=.*[0-9])(?=.*[A-Za-z])[A-Za-z0-9_\-.~%]{16,}$")
+_TOKENISH = re.compile(r"^.{16,}$")
+"""A path segment long enough to be a secret. Any characters: requiring a digit missed 1.5 % of
+Slack's (24 letters) and Telegram's ``bot123:AAH…`` has a ``:``; hiding a long plain name is harmless."""
 
 
 def redact_url(url: str) -> str:

@@ -801,6 +801,52 @@ async def test_deferred_failures_count_towards_retry_max_attempts_but_holds_do_n
     assert value(metrics.retries, "mem") == 2  # the two failures that were tried again; no holds
 
 
+async def test_a_robot_that_fails_is_down_and_says_so_but_one_that_holds_is_up(
+    metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deferring sink's failed sends set its items aside and reported it up, with no log line:
+    paging had stopped and EventrouterSinkFailing (sink_up == 0) never fired."""
+    sink = _sink()
+    sink.defer_retries = True  # type: ignore[attr-defined]
+    mode = "hold"
+
+    def decide(o: Occurrence) -> Outcome:
+        if mode == "hold":
+            return retry("held for the digest", retry_after=0.05, held=True)
+        return retry("robot answered HTTP 502") if mode == "fail" else OK
+
+    sink.decide = decide
+    p = _pipeline(sink, metrics)
+    task = await _run(p)
+    p.offer(make_occurrence())
+    await until(lambda: sink.batches)
+    assert value(metrics.sink_up, "mem") == 1 and "not accepted" not in caplog.text
+    mode = "fail"
+    await until(lambda: value(metrics.sink_up, "mem") == 0)
+    assert (
+        "sink mem: 1 occurrences not accepted (robot answered HTTP 502); set aside for a retry" in caplog.text
+    )
+    mode = "ok"
+    await sink.wait_for(1)
+    await until(lambda: value(metrics.sink_up, "mem") == 1)
+    await _finish(p, task)
+
+
+def test_throttled_warnings_say_how_many_they_held_back_once_the_period_is_over(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After a burst of drops the log said one, and the count of the rest never came."""
+    from eventrouter.engine.pipeline import _Throttled
+
+    throttled = _Throttled(logging.getLogger("t"), period=3600)
+    for i in range(95):
+        throttled.warning("queue_full", "dropped oldest occurrence %s", i)
+    throttled.report()  # the period is not over: nothing yet
+    assert caplog.text.count("dropped oldest") == 1 and "more" not in caplog.text
+    throttled.report(now=True)  # a stop
+    assert "94 more 'queue_full' conditions since the last report" in caplog.text
+
+
 async def test_a_held_retry_is_no_attempt_for_an_in_line_sink_either(
     metrics: Metrics, tmp_path: Path
 ) -> None:

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import logging
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -536,6 +537,57 @@ async def test_health_ready_and_metrics_endpoints(api: FakeApiServer, tmp_path: 
                         assert "no progress" in await r.text()
                         break
                 await asyncio.sleep(0.1)
+
+
+async def test_a_scrape_shows_the_source_counters_of_a_watch_still_open(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """Without bookmarks (1.24's default for Events) the watcher's counts reached /metrics only when
+    its stream ended, up to 290 s later: the source and sink counters did not balance."""
+    api.bookmark_interval = 3600
+    router = _router(_settings(api, tmp_path, metrics_addr="127.0.0.1:0"))
+    async with router.running(), aiohttp.ClientSession() as http:
+        await _ready(router)
+        for i in range(20):
+            api.create_event(event_object(object_name=f"s-{i}"))
+        await _mem(router).wait_for(20)
+        async with http.get(f"http://127.0.0.1:{router.http_port}/metrics") as r:
+            text = await r.text()
+    assert "eventrouter_occurrences_total 20.0" in text
+    assert 'eventrouter_watch_events_total{type="ADDED"} 20.0' in text
+    assert "eventrouter_tracked_events 20.0" in text
+
+
+async def test_the_watch_progress_gauge_is_not_0_while_the_first_list_waits_for_a_sink(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """0 fired EventrouterWatchStalled at every start with a sink slow to start, /healthz being 200."""
+    release = asyncio.Event()
+
+    class Starting(MemorySink):
+        async def start(self) -> None:
+            await release.wait()
+            await super().start()
+
+    spec = spec_for_class(Starting, {"name": "mem"}, type_="memory")
+    router = Router(_settings(api, tmp_path, metrics_addr="127.0.0.1:0"), [spec])
+    await router.start_pipelines()  # with its /metrics
+    source = asyncio.create_task(router.start_source())
+    try:
+        await until(lambda: router.kube is not None)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{router.http_port}/metrics") as r,
+        ):
+            text = await r.text()
+        [line] = [
+            x for x in text.splitlines() if x.startswith("eventrouter_watch_last_progress_timestamp_seconds ")
+        ]
+        assert abs(float(line.split()[1]) - time.time()) < 60
+    finally:
+        release.set()
+        await source
+        await router.stop()
 
 
 async def test_readiness_is_off_while_draining_and_undelivered_items_are_counted(

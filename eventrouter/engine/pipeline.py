@@ -51,6 +51,18 @@ class _Throttled:
         else:
             self.suppressed[key] += 1
 
+    def report(self, *, now: bool = False) -> None:
+        """Say how many were not logged once their period is over (the condition may have stopped,
+        so no next warning would say it), or at once (``now``: a stop)."""
+        at = time.monotonic()
+        for key, n in self.suppressed.items():
+            if n and (now or at - self.last.get(key, -1e9) >= self.period):
+                self.log.warning(
+                    "%d more %r conditions since the last report (exact counts: metrics)", n, key
+                )
+                self.suppressed[key] = 0
+                self.last[key] = at
+
 
 class Pipeline:
     def __init__(
@@ -282,10 +294,12 @@ class Pipeline:
         self._m_durable.set(0 if error is not None else 1)
 
     def flush_metrics(self) -> None:
-        """Move the locally counted intake into the Prometheus counter (per batch and per scrape)."""
+        """Move the locally counted intake into the Prometheus counter (per batch and per scrape),
+        and log what throttled warnings held back once their period is over."""
         if self._received:
             self._m_received.inc(self._received)
             self._received = 0
+        self._throttled.report()
 
     def _set_up(self, up: bool) -> None:
         self.healthy = up
@@ -606,7 +620,8 @@ class Pipeline:
                         done[occ.uid] = max(done.get(occ.uid, 0), occ.number)
                     else:
                         retry_items.append(occ)
-                        last_reason = out.reason
+                        if not out.held or not last_reason:  # a failure's reason over a hold's
+                            last_reason = out.reason
                         failed += not out.held
                         if out.retry_after is not None:
                             retry_after = max(retry_after or 0.0, out.retry_after)
@@ -624,9 +639,20 @@ class Pipeline:
                             "sink %s rejected %d more occurrences of this batch", self.name, len(dead) - 3
                         )
                 if retry_items and self._defer:
+                    if failed:  # a failed send, not only holds: the sink is down, say so
+                        self._set_up(False)
+                        self._throttled.warning(
+                            "retry",
+                            "sink %s: %d occurrences not accepted (%s); set aside for a retry",
+                            self.name,
+                            failed,
+                            last_reason,
+                        )
                     self._defer_retries(pending, outcomes, done)
-                    retry_items = []
-                    pending = []
+                    self._checkpoint(done, [])
+                    if not failed:
+                        self._set_up(True)
+                    break
                 self._checkpoint(done, retry_items)
                 if not retry_items:
                     self._set_up(True)
@@ -829,6 +855,7 @@ class Pipeline:
     def leftovers(self) -> tuple[list[Occurrence], list[Occurrence]]:
         """What was not delivered: (older than the spool's backlog: in flight, the batch being
         filled, deferred, queued; newer than it: what waited behind it), each in order."""
+        self._throttled.report(now=True)  # a stop: what was held back is said now or never
         deferred = [occ for _, _, occ in sorted(self._deferred)]
         older = list(self._in_flight) + self._filling + deferred + list(self._queue)
         newer = list(self._overflow)

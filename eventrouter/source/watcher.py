@@ -376,7 +376,10 @@ class EventWatcher:
                     if code == 410:
                         raise _Expired(str(obj.get("message", "410 Gone")))
                     message = obj.get("message") if isinstance(obj, dict) else obj
-                    raise ApiError(int(code or 500), "WatchError", str(message))
+                    # A status code, or 500: a list or a huge number crashed the watch task (or became
+                    # an unbounded metric label).
+                    status = code if type(code) is int and 100 <= code <= 599 else 500
+                    raise ApiError(status, "WatchError", str(message)[:1000])
                 meta = obj.get("metadata") if isinstance(obj, dict) else None
                 new_rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
                 if kind == "BOOKMARK":

@@ -5,8 +5,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
+import pytest
 from reliability_harness import check
-from reliability_scenarios import cardinality, hostile_api_objects, hostile_stream
+from reliability_scenarios import (
+    HostileApiServer,
+    cardinality,
+    hostile_api_objects,
+    hostile_stream,
+    memory_spec,
+)
+
+from eventrouter.app import Router, RouterSettings
+from eventrouter.source.watcher import WatchSettings
+from eventrouter.testing.waiting import until
 
 
 async def test_odd_objects_are_delivered_or_dead_lettered_by_every_sink(tmp_path: Path) -> None:
@@ -95,3 +107,31 @@ async def test_hostile_objects_already_held_by_the_api_server_are_listed_and_del
             )
         assert router.metrics.source_dropped.labels("malformed")._value.get() == 0
         assert deadletter_keys(data / "deadletter" / "loki.jsonl") == []
+
+
+@pytest.mark.parametrize("code", [[500], 2**62, "500", None])
+async def test_a_watch_error_whose_code_is_no_status_code_is_a_500_and_the_router_goes_on(
+    tmp_path: Path, code: object
+) -> None:
+    """A list for a code crashed the watch task (int() of it), which stopped the router; a huge
+    number became a metric label value of its own."""
+    line = orjson.dumps({"type": "ERROR", "object": {"kind": "Status", "code": code, "message": "x"}})
+    async with HostileApiServer([line]) as server:
+        settings = RouterSettings(
+            cluster_name="rel",
+            kubeconfig=server.kubeconfig(tmp_path / "kubeconfig"),
+            metrics_addr=None,
+            watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
+        )
+        router = Router(settings, [memory_spec()])
+        restarts = router.metrics.watch_restarts
+        async with router.running():
+            await until(lambda: server.watches >= 2)  # reconnected after the error
+            assert not router.stopped.is_set()
+        labels = {
+            s.labels["reason"]
+            for m in restarts.collect()
+            for s in m.samples
+            if s.name.endswith("_total") and s.value
+        }
+        assert labels == {"http_500"}

@@ -487,6 +487,15 @@ async def test_start_does_not_contact_the_endpoint() -> None:
             "https://hooks.slack.com/services/T000/B000/***",
         ),
         ("http://127.0.0.1:8080/hook", "http://127.0.0.1:8080/hook"),
+        # A Slack secret without a digit, a Telegram bot token: shown in messages before.
+        (
+            "https://hooks.slack.com/services/T0ABCDEFG/B0ABCDEFG/AbCdEfGhIjKlMnOpQrStUvWx",
+            "https://hooks.slack.com/services/T0ABCDEFG/B0ABCDEFG/***",
+        ),
+        (
+            "https://api.telegram.org/bot123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw/sendMessage",
+            "https://api.telegram.org/***/sendMessage",
+        ),
     ],
 )
 def test_redact_url(url: str, redacted: str) -> None:
