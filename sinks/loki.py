@@ -15,8 +15,12 @@
   the push and lists the errors, without saying which entries they were): every item of that push is
   rejected with Loki's message and goes to the dead-letter file, never retried. Entries that Loki did
   store are therefore also dead-lettered — re-sending them later is harmless because Loki
-  de-duplicates identical entries. 429, 5xx, 401/403/404/408 and connection errors are retried by the
-  engine (RetryableError, honouring Retry-After). A push answered 413 (a proxy's body limit) is sent
+  de-duplicates identical entries. Except the ingester's "entry too far behind" answer (another
+  writer made the stream's newest entry newer than this sink knew): it names the stream and its
+  cutoff, so only the entries before it are retried (then stamped at receipt, see below), the rest
+  of that stream is delivered and the push's other streams are pushed again at once. 429, 5xx,
+  401/403/404/408 and connection errors are retried by the engine (RetryableError, honouring
+  Retry-After). A push answered 413 (a proxy's body limit) is sent
   again in halves, and so is one larger than the tenant's ingestion rate limit (429 naming the limit:
   Loki refuses a push larger than its burst for ever); later pushes stay within that limit. A 429 for
   Loki's active stream limit retries the items of the stream it names only, and pushes the others
@@ -464,6 +468,68 @@ def _stream_label_set(stream: bytes) -> dict[str, str] | None:
     while start < len(stream) and stream[start] & 0x80:
         start += 1
     return _parse_label_set(stream[start + 1 :].decode("utf-8", "replace"))
+
+
+_IGNORED_BEHIND = re.compile(
+    r"entry with timestamp [^']+ ignored, reason: 'entry too far behind, entry timestamp is: [^',]+, "
+    r"oldest acceptable timestamp is: (?P<cutoff>[^',]+)',"
+)
+_IGNORED_TOTAL = re.compile(
+    r"user '.*', total ignored: (?P<ignored>\d+) out of (?P<total>\d+) for stream: (?P<labels>\{.*\})"
+)
+
+
+class _Behind:
+    """One stream of Loki's "entry too far behind" answer: its labels as Loki names them, the
+    latest cutoff listed (whole seconds, as Go's RFC3339 prints it), and Loki's counts."""
+
+    __slots__ = ("cutoff_ns", "ignored", "labels", "total")
+
+    def __init__(self, labels: dict[str, str], cutoff_ns: int, ignored: int, total: int) -> None:
+        self.labels = labels
+        self.cutoff_ns = cutoff_ns
+        self.ignored = ignored
+        self.total = total
+
+
+def _parse_behind(text: str) -> list[_Behind] | None:
+    """Loki's ingester answer for entries too far behind their stream's newest (pkg/ingester/
+    stream.go): per stream up to max_returned_stream_errors lines ``entry with timestamp … ignored,
+    reason: 'entry too far behind, entry timestamp is: …, oldest acceptable timestamp is: …',`` then
+    ``user '…', total ignored: N out of M for stream: {…}``. None when any line is something else."""
+    blocks: list[_Behind] = []
+    cutoff: int | None = None
+    for line in text.strip().split("\n"):
+        match = _IGNORED_BEHIND.fullmatch(line)
+        if match is not None:
+            try:
+                when = datetime.fromisoformat(match["cutoff"])
+            except ValueError:
+                return None
+            if when.tzinfo is None:
+                return None
+            seconds = int(when.timestamp())
+            cutoff = max(cutoff, seconds * _NS) if cutoff is not None else seconds * _NS
+            continue
+        total = _IGNORED_TOTAL.fullmatch(line)
+        labels = _parse_label_set(total["labels"]) if total is not None else None
+        if total is None or labels is None or cutoff is None:
+            return None
+        blocks.append(_Behind(labels, cutoff, int(total["ignored"]), int(total["total"])))
+        cutoff = None
+    return blocks if blocks and cutoff is None else None
+
+
+def _names_stream(loki: dict[str, str], stream: bytes) -> bool:
+    """Whether Loki's label set is this encoded stream's: the same labels, plus at most those Loki's
+    distributor adds (service_name, a stream shard)."""
+    ours = _stream_label_set(stream)
+    if ours is None or any(loki.get(name) != value for name, value in ours.items()):
+        return False
+    return all(name in ours or name in _ADDED_BY_LOKI for name in loki)
+
+
+_ADDED_BY_LOKI = frozenset({"service_name", "__stream_shard__"})
 
 
 def _weight(entries: Sequence[_Entry]) -> int:
@@ -971,6 +1037,10 @@ class LokiSink(Sink[LokiOptions]):
             if status == 401 and "org id" in message and not self.options.tenant:
                 message += " (this Loki is multi-tenant: set tenant=<org id>)"
             raise RetryableError(f"loki: {self._shown} answered {status}: {message}", retry_after=retry_after)
+        if status == 400:
+            behind = _parse_behind(text)
+            if behind is not None and await self._behind_refused(entries, outcomes, behind, message):
+                return
         # 400 (and other 4xx) is final. It may be partial: Loki stored the valid entries but does not say
         # which, so every item of this push goes to the dead-letter file with Loki's message.
         reason = f"loki: {status} (push of {len(entries)} entries refused, possibly partly stored): {message}"
@@ -1025,6 +1095,62 @@ class LokiSink(Sink[LokiOptions]):
             await self._push_or_retry(rest, outcomes)
         for entry in refused:
             outcomes[entry.index] = retry(reason, retry_after=retry_after)
+        return True
+
+    async def _behind_refused(
+        self, entries: list[_Entry], outcomes: list[Outcome], behind: list[_Behind], message: str
+    ) -> bool:
+        """Loki's ingester refused entries of a stream as too far behind the newest entry it holds for
+        it, newer than this sink knew (another writer: a replay, this router before a restart), and
+        stored the rest. Loki judges a stream's entries in push order (sorted here), so the refused
+        ones are its oldest: those before the cutoff it names. That stream's newest is raised to
+        match, so they are retried stamped at receipt (clamp_time), or rejected with Loki's reason if
+        they were sent although predicted refused. Loki names one stream per answer, and drops the
+        distributor's own refusals from it, so whatever it did not account for is pushed again at once
+        (it de-duplicates what it stored). False (reject the push as before) when the answer does not
+        fit this push."""
+        groups: dict[bytes, list[_Entry]] = {}
+        for entry in entries:
+            groups.setdefault(entry.stream, []).append(entry)
+        named: list[tuple[bytes, list[_Entry], list[_Entry], int]] = []
+        for block in behind:
+            streams = [stream for stream in groups if _names_stream(block.labels, stream)]
+            if len(streams) != 1:
+                return False
+            group = sorted(groups.pop(streams[0]), key=_ORDER)
+            # Go prints the cutoff in whole seconds: Loki's own is up to a second later.
+            bound = block.cutoff_ns + _NS
+            refused = [entry for entry in group if entry.ts_ns < bound]
+            if len(refused) < block.ignored:
+                return False  # Loki refused entries newer than its cutoff: not an answer we understand
+            if block.total == len(group):
+                # Loki judged every entry of ours: the refused are exactly the oldest ones, so none it
+                # stored is sent again (stamped at receipt it would be a second copy).
+                refused = refused[: block.ignored]
+                stored = group[block.ignored :]
+            else:
+                stored = []  # the distributor dropped some (their error is not in the answer): ask again
+                groups[streams[0]] = group[len(refused) :]
+            named.append((streams[0], refused, stored, bound))
+        update = self._newest.update
+        for stream, refused, stored, bound in named:
+            for entry in stored:
+                update(stream, entry.ts_ns)
+            final = f"loki: 400 (refused, the rest of the push stored): {message}"
+            again = (
+                f"loki: {self._shown} refused {len(refused)} entries as too far behind their stream's newest "
+                "entry, which another writer (a replay, an earlier run) made newer than this sink knew; "
+                "sent again: " + message.split("\n", 1)[0]
+            )
+            for entry in refused:
+                # Predicted refused and sent anyway (clamp_time=false, or received too long ago):
+                # Loki's refusal is final. Otherwise the retry is predicted, and clamped.
+                outcomes[entry.index] = reject(final) if entry.late else retry(again)
+            # From now on an entry before Loki's cutoff is predicted refused for this stream.
+            update(stream, bound + self._behind_ns)
+        rest = [entry for group in groups.values() for entry in group]
+        if rest:
+            await self._push_or_retry(sorted(rest, key=attrgetter("index")), outcomes)
         return True
 
     # -- encoding ----------------------------------------------------------------------------------

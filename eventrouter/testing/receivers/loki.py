@@ -433,7 +433,17 @@ def _decode_json(data: bytes) -> list[tuple[str, list[_InEntry]]]:
 
 
 def _rfc3339(ts_ns: int) -> str:
+    """Go's ``Format(time.RFC3339)`` of a UTC time: whole seconds (truncated), ``Z``."""
     return datetime.fromtimestamp(ts_ns // _NS, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _go_time(ts_ns: int) -> str:
+    """Go's ``time.Time.String()`` of a UTC time (how the ingester prints an entry's timestamp):
+    ``2006-01-02 15:04:05.999999999 +0000 UTC``, trailing zeros of the fraction dropped."""
+    seconds, nanos = divmod(ts_ns, _NS)
+    fraction = f"{nanos:09d}".rstrip("0")
+    text = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{text}.{fraction} +0000 UTC" if fraction else f"{text} +0000 UTC"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,6 +538,9 @@ class LokiReceiver:
     Off unless given (Loki has them on): the tenant's ingestion rate limit (``ingestion_rate`` bytes/s,
     ``ingestion_burst`` bytes: 429, nothing stored) and its active stream limit (``max_streams``: 429
     naming a refused new stream, the push's other streams stored).
+    Entries too far behind their stream's newest are answered as Loki's ingester does: 400 listing
+    at most ``max_returned_stream_errors`` (10) of them and the total, for one stream; the push's other
+    entries stored.
     """
 
     def __init__(
@@ -555,6 +568,7 @@ class LokiReceiver:
         ingestion_rate: float | None = None,
         ingestion_burst: float | None = None,
         max_streams: int | None = None,
+        max_returned_stream_errors: int = 10,
     ) -> None:
         self.auth_enabled = auth_enabled
         self.username = username
@@ -590,6 +604,8 @@ class LokiReceiver:
         # stream beyond it are refused with 429, its other streams stored. None: no limit.
         self.max_streams = max_streams
         self.stream_limited = 0  # entries refused by the stream limit
+        # The ingester's max_returned_stream_errors: refused entries listed per stream (0: all).
+        self.max_returned_stream_errors = max_returned_stream_errors
         self.entries: list[StoredEntry] = []
         """Every stored entry in arrival order, duplicates included (queries de-duplicate)."""
         self.pushes: list[Push] = []
@@ -781,7 +797,7 @@ class LokiReceiver:
             limited = self._rate_limited(tenant, streams)
             if limited is not None:
                 return answer(429, limited)
-            accepted, errors = self._ingest(tenant, streams)
+            accepted, errors, ingester_error = self._ingest(tenant, streams)
         except (_BadRequest, LabelParseError, DecodeError) as exc:
             return answer(400, str(exc))
         if accepted:
@@ -789,11 +805,12 @@ class LokiReceiver:
                 self._changed.notify_all()
         if fault is not None:
             return answer(fault.status, fault.message, accepted, extra)
-        stream_limit = [e for e in errors if e.startswith(_STREAM_LIMIT_PREFIX)]
-        if stream_limit:
-            # The ingester's error wins over the distributor's 400; it names one stream only (its
-            # error "only reflects what happened to the last stream in the request").
-            return answer(429, stream_limit[-1], accepted)
+        if ingester_error is not None:
+            # The ingester's error wins over the distributor's 400 (which is then not sent), and it
+            # describes one stream only. Loki's own ingester answers with what happened to the last
+            # stream of the push, so a refused stream followed by a stored one is answered 2xx; this
+            # receiver names the last refused stream instead, so tests see every push with a refusal.
+            return answer(*ingester_error, accepted)
         if errors:
             return answer(400, _group_errors(errors), accepted)
         return answer(204, "", accepted)
@@ -891,11 +908,15 @@ class LokiReceiver:
             streams.append(_InStream(labels, entries))
         return streams
 
-    def _ingest(self, tenant: str, streams: list[_InStream]) -> tuple[int, list[str]]:
+    def _ingest(self, tenant: str, streams: list[_InStream]) -> tuple[int, list[str], tuple[int, str] | None]:
+        """Store what Loki would: the entries stored, the distributor's validation errors, and the
+        ingester's error (status, message) if a stream it was handed failed."""
         oldest, newest_ok = self._window()
         behind = int(self.max_chunk_age / 2 * _NS)
         errors: list[str] = []
+        ingester_error: tuple[int, str] | None = None
         accepted = 0
+        user = tenant or "fake"
         for stream in streams:
             if not stream.entries:
                 continue
@@ -904,39 +925,64 @@ class LokiReceiver:
             if error:
                 errors.append(error)
                 continue
+            # The distributor drops the entries it refuses; the ingester gets the rest of the stream.
+            valid: list[_InEntry] = []
+            for entry in stream.entries:
+                error = self._validate_entry(entry, shown, oldest, newest_ok)
+                if error:
+                    errors.append(error)
+                else:
+                    valid.append(entry)
+            if not valid:
+                continue
             key = (tenant, stream.labels)
+            # The ingester names the stream as its distributor made it (with service_name).
+            named = _format_labels_once(self._with_service_name(stream.labels))
             if (
                 self.max_streams is not None
                 and key not in self._newest
                 and sum(1 for t, _ in self._newest if t == tenant) >= self.max_streams
-                and any(self._validate_entry(e, shown, oldest, newest_ok) is None for e in stream.entries)
             ):
-                # The ingester refuses a new stream beyond the limit (Loki names it as its
-                # distributor made it: with service_name) and goes on with the push's other streams.
-                self.stream_limited += len(stream.entries)
-                errors.append(
-                    f"{_STREAM_LIMIT_PREFIX} when trying to create stream "
-                    f"{_format_labels_once(self._with_service_name(stream.labels))}, reduce the number of "
+                # The ingester refuses a new stream beyond the limit and goes on with the push's
+                # other streams.
+                self.stream_limited += len(valid)
+                ingester_error = (
+                    429,
+                    f"{_STREAM_LIMIT_PREFIX} when trying to create stream {named}, reduce the number of "
                     "active streams (reduce labels or reduce label values), or contact your Loki "
-                    f"administrator to see if the limit can be increased, user: '{tenant or 'fake'}'"
+                    f"administrator to see if the limit can be increased, user: '{user}'",
                 )
                 continue
-            for entry in stream.entries:
-                error = self._validate_entry(entry, shown, oldest, newest_ok)
-                if error is None and key in self._newest and entry.ts_ns < self._newest[key] - behind:
-                    error = (
-                        f"entry with timestamp {_rfc3339(entry.ts_ns)} ignored, reason: 'entry too far behind, "
-                        f"oldest acceptable timestamp is: {_rfc3339(self._newest[key] - behind)}' for stream: {shown},"
-                    )
-                if error:
-                    errors.append(error)
+            # The ingester's stream.validateEntries: with unordered writes, an entry more than
+            # max_chunk_age/2 behind the highest timestamp the stream holds (raised by each entry it
+            # takes, in push order) is refused.
+            failed: list[tuple[int, int]] = []  # (entry timestamp, cutoff)
+            for entry in valid:
+                newest = self._newest.get(key)
+                if newest is not None and entry.ts_ns < newest - behind:
+                    failed.append((entry.ts_ns, newest - behind))
                     continue
-                self._newest[key] = max(self._newest.get(key, entry.ts_ns), entry.ts_ns)
+                self._newest[key] = entry.ts_ns if newest is None else max(newest, entry.ts_ns)
                 self.entries.append(
                     StoredEntry(tenant, stream.labels, entry.ts_ns, entry.line, entry.metadata)
                 )
                 accepted += 1
-        return accepted, errors
+            if failed:
+                ingester_error = (400, self._too_far_behind(user, named, failed, len(valid)))
+        return accepted, errors, ingester_error
+
+    def _too_far_behind(self, user: str, named: str, failed: list[tuple[int, int]], total: int) -> str:
+        """pkg/ingester/stream.go errorForFailedEntries: one line per refused entry (at most
+        ``max_returned_stream_errors``), with chunkenc's errTooFarBehind as the reason, then a total."""
+        listed = failed[: self.max_returned_stream_errors] if self.max_returned_stream_errors > 0 else failed
+        lines = [
+            f"entry with timestamp {_go_time(ts)} ignored, reason: 'entry too far behind, entry timestamp is: "
+            f"{_rfc3339(ts)}, oldest acceptable timestamp is: {_rfc3339(cutoff)}',\n"
+            for ts, cutoff in listed
+        ]
+        return (
+            "".join(lines) + f"user '{user}', total ignored: {len(failed)} out of {total} for stream: {named}"
+        )
 
     def _validate_labels(self, labels: tuple[tuple[str, str], ...], shown: str) -> str | None:
         if not labels:
