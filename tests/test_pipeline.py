@@ -847,6 +847,39 @@ def test_throttled_warnings_say_how_many_they_held_back_once_the_period_is_over(
     assert "94 more 'queue_full' conditions since the last report" in caplog.text
 
 
+@pytest.mark.parametrize("answer", ["cancelled", "bools", "generator"])
+async def test_a_sink_that_breaks_the_send_contract_is_retried_and_its_pipeline_goes_on(
+    metrics: Metrics, answer: str
+) -> None:
+    """A stray CancelledError from a plugin's send ended the pipeline task unseen (health and
+    metrics said all was well); outcomes of the wrong type crashed it and stopped the router."""
+    calls = 0
+
+    class Broken(MemorySink):
+        async def send(self, batch: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                return await super().send(batch)
+            if answer == "cancelled":
+                raise asyncio.CancelledError
+            if answer == "generator":  # any iterable of outcomes will do
+                return (outcome for outcome in await super().send(batch))
+            return [True] * len(batch)
+
+    ctx = SinkContext(name="mem", cluster="t", data_dir=None, logger=logging.getLogger("mem"))
+    sink = Broken(MemorySinkOptions.model_validate({}), ctx)
+    p = _pipeline(sink, metrics)
+    task = await _run(p)
+    p.offer(make_occurrence())
+    await sink.wait_for(1)
+    assert not task.done()
+    await _finish(p, task)
+    errors = {"cancelled": ("exception", 1), "bools": ("contract", 1), "generator": ("contract", 0)}
+    kind, count = errors[answer]
+    assert value(metrics.send_errors, "mem", kind) == count
+
+
 async def test_a_held_retry_is_no_attempt_for_an_in_line_sink_either(
     metrics: Metrics, tmp_path: Path
 ) -> None:

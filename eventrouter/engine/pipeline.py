@@ -565,6 +565,15 @@ class Pipeline:
         except TimeoutError:
             self.metrics.send_errors.labels(self.name, "timeout").inc()
             return [retry(f"send timed out after {self.options.send_timeout:g}s")] * len(items)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this pipeline is being stopped
+            # A CancelledError the sink let out (a cancelled future awaited inside a library) is
+            # not a stop: the pipeline task ended, unseen, while health and metrics said all was well.
+            self.metrics.send_errors.labels(self.name, "exception").inc()
+            self.log.error("sink %s: send raised CancelledError without being cancelled; retrying", self.name)
+            return [retry("send raised CancelledError")] * len(items)
         except Exception as exc:
             # A sink bug must not lose events: log it loudly and retry.
             self.metrics.send_errors.labels(self.name, "exception").inc()
@@ -574,13 +583,19 @@ class Pipeline:
             self._m_latency.observe(time.monotonic() - started)
         if outcomes is None:
             return [OK] * len(items)
-        if len(outcomes) != len(items):
+        try:
+            # A generator or a list of something else crashed the pipeline task, and the router.
+            outcomes = list(outcomes)
+        except Exception:  # not iterable: the contract error below
+            outcomes = []
+        if len(outcomes) != len(items) or not all(isinstance(o, Outcome) for o in outcomes):
             self.metrics.send_errors.labels(self.name, "contract").inc()
             self.log.error(
-                "sink %s returned %d outcomes for %d occurrences; retrying the batch",
+                "sink %s returned %d outcomes for %d occurrences (%s), not one Outcome each; retrying the batch",
                 self.name,
                 len(outcomes),
                 len(items),
+                ", ".join(sorted({type(o).__name__ for o in outcomes})) or "none",
             )
             return [retry("sink broke the outcome contract")] * len(items)
         return outcomes
