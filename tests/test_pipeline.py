@@ -494,6 +494,54 @@ def test_spool_appends_reach_the_file_at_once_and_never_a_deleted_segment(tmp_pa
     reopened.close()
 
 
+@pytest.mark.parametrize("popped", [2, 3, 5])  # within a segment (its tail dropped), or whole ones
+def test_the_spool_bound_never_deletes_records_in_flight_so_a_crash_reads_them_again(
+    tmp_path: Path, popped: int
+) -> None:
+    """Over the bound, the oldest segment was deleted even when records popped from it were still
+    being sent: a SIGKILL then lost them, counted as neither delivered nor dropped."""
+    directory = tmp_path / "spool"
+    first = [make_occurrence() for _ in range(10)]
+    size = max(len(Spool.encode(o)) for o in first)
+    spool = Spool(directory, max_bytes=12 * size, segment_bytes=10 * size)
+    for o in first:
+        spool.append(o)
+    in_flight = [f"{o.uid}/{o.number}" for o in spool.pop(popped)]  # being sent; not committed
+    dropped: list[str] = []
+    for _ in range(20):  # new ones push the bound again and again
+        dropped += spool.append(make_occurrence())
+    assert dropped and not set(dropped) & set(in_flight)
+    assert len(spool) + len(dropped) + len(in_flight) == 30  # every record accounted for
+    # SIGKILL now: no commit, no close. The records in flight are read again after the restart.
+    reopened = Spool(directory, max_bytes=100 * size)
+    assert [f"{o.uid}/{o.number}" for o in reopened.pop(popped)] == in_flight
+    reopened.close()
+    spool.close()
+
+
+def test_a_read_position_that_cannot_be_written_is_counted_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An inode-full volume failed every batch's cursor write: an unthrottled error line per batch
+    and no metric (the alert on eventrouter_data_dir_errors_total never fired)."""
+    directory = tmp_path / "spool"
+    spool = Spool(directory, max_bytes=10_000_000)
+    for _ in range(6):
+        spool.append(make_occurrence())
+    (directory / "cursor.tmp").mkdir()  # the cursor cannot be replaced, as on a full volume
+    for _ in range(3):
+        spool.pop(1)
+        spool.commit()
+    assert spool.read_errors == 3
+    assert caplog.text.count("cannot persist read position") == 1
+    (directory / "cursor.tmp").rmdir()
+    spool.pop(1)
+    spool.commit()
+    assert "read position written again after 3 failed writes" in caplog.text
+    assert len(Spool(directory, max_bytes=10_000_000)) == 2
+    spool.close()
+
+
 async def test_a_spool_that_cannot_be_written_keeps_occurrences_in_memory_and_never_raises(
     metrics: Metrics, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -878,6 +926,34 @@ async def test_a_sink_that_breaks_the_send_contract_is_retried_and_its_pipeline_
     errors = {"cancelled": ("exception", 1), "bools": ("contract", 1), "generator": ("contract", 0)}
     kind, count = errors[answer]
     assert value(metrics.send_errors, "mem", kind) == count
+
+
+async def test_a_stop_during_a_sink_swap_still_closes_the_previous_instance(metrics: Metrics) -> None:
+    """Cancelled while the previous instance was closing, it was dropped unclosed (its connections
+    leaked: a Kafka producer could go on writing)."""
+
+    class SlowClose(MemorySink):
+        closing = asyncio.Event()
+
+        async def aclose(self) -> None:
+            if not self.closed:
+                self.closed += 1
+                SlowClose.closing.set()
+                await asyncio.sleep(3600)  # a close that hangs, cancelled by the stop
+            self.closed += 1
+
+    ctx = SinkContext(name="mem", cluster="t", data_dir=None, logger=logging.getLogger("mem"))
+    old = SlowClose(MemorySinkOptions.model_validate({}), ctx)
+    p = _pipeline(old, metrics, send_timeout=3600)
+    task = await _run(p)
+    await until(lambda: old.started)
+    p.replace_sink(_sink())
+    p.offer(make_occurrence())  # the next send swaps
+    await SlowClose.closing.wait()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await p.close_sink()
+    assert old.closed == 2  # the close was tried again at the stop
 
 
 async def test_a_held_retry_is_no_attempt_for_an_in_line_sink_either(

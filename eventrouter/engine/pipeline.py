@@ -802,9 +802,15 @@ class Pipeline:
         if new is None:
             return
         old, self.sink = self.sink, new
-        await self._close_quietly(old)
+        self._superseded.append(old)
         while self._superseded:  # taken out before each await: a swap meanwhile adds to it
-            await self._close_quietly(self._superseded.pop())
+            closing = self._superseded.pop()
+            try:
+                await self._close_quietly(closing)
+            except asyncio.CancelledError:
+                # A stop: close_sink closes it (aclose may run twice); it was left unclosed.
+                self._superseded.append(closing)
+                raise
         try:
             new.take_over(old)
         except Exception:
