@@ -94,18 +94,44 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+class _Once(argparse.Action):
+    """A flag that takes one value: given twice, argparse kept the last silently (a second --config
+    replaced the first file's sinks, a second --data-dir left the checkpoints of the first unread)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        given: set[str] = namespace.__dict__.setdefault("_given_once", set())
+        if self.dest in given:
+            raise argparse.ArgumentError(self, "given more than once; it takes one value")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", action="append", default=[], metavar="TYPE:URL?OPTS", help="a sink, repeatable")
-    p.add_argument("--config", type=Path, help="YAML file with cluster_name, namespaces and sinks")
-    p.add_argument("--data-dir", type=Path, help="checkpoints, spools and dead letters (persistent volume)")
+    p.add_argument(
+        "--config", action=_Once, type=Path, help="YAML file with cluster_name, namespaces and sinks"
+    )
+    p.add_argument(
+        "--data-dir",
+        action=_Once,
+        type=Path,
+        help="checkpoints, spools and dead letters (persistent volume)",
+    )
     p.add_argument(
         "--data-dir-max-bytes",
+        action=_Once,
         type=_byte_size,
         metavar="SIZE",
         help="the volume's size (bytes, or 512Mi, 1Gi, 2G): each sink's spool and dead letters are bounded "
         "to share it, so the data dir never outgrows it (a kubelet evicts a pod whose emptyDir does)",
     )
-    p.add_argument("--cluster-name", help="stamped on every record as `cluster`")
+    p.add_argument("--cluster-name", action=_Once, help="stamped on every record as `cluster`")
     p.add_argument(
         "--log-level",
         type=str.lower,
@@ -120,6 +146,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _selection(p: argparse.ArgumentParser) -> None:
+    """What the router watches: `run`'s flags, which `check` validates as `run` does."""
+    p.add_argument("--namespace", action="append", default=[], help="watch only these (repeatable)")
+    p.add_argument(
+        "--field-selector",
+        action=_Once,
+        default="",
+        help="server-side field selector, e.g. type=Warning",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     # Not from __doc__: `python -OO` (or PYTHONOPTIMIZE=2) strips docstrings.
     parser = argparse.ArgumentParser(
@@ -129,9 +166,11 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="watch the cluster's events and route them to the sinks")
     _common(run)
-    run.add_argument("--namespace", action="append", default=[], help="watch only these (repeatable)")
-    run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG)")
-    run.add_argument("--context", help="kubeconfig context")
+    _selection(run)
+    run.add_argument(
+        "--kubeconfig", action=_Once, help="kubeconfig file (default: in-cluster, then $KUBECONFIG)"
+    )
+    run.add_argument("--context", action=_Once, help="kubeconfig context")
     run.add_argument(
         "--metrics-addr",
         type=_listen_addr,
@@ -139,7 +178,6 @@ def _parser() -> argparse.ArgumentParser:
         help="host:port for /metrics /healthz /readyz",
     )
     run.add_argument("--shutdown-timeout", type=_seconds, default=25.0, help="seconds to drain on SIGTERM")
-    run.add_argument("--field-selector", default="", help="server-side field selector, e.g. type=Warning")
     run.add_argument("--watch-timeout", type=int, default=290, help="server-side watch timeoutSeconds")
     run.add_argument(
         "--stall-timeout",
@@ -162,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--leader-elect-retry-period", type=_positive_seconds, default=2.0, help="seconds")
     run.add_argument(
         "--checkpoint-configmap",
+        action=_Once,
         help="keep checkpoints in this ConfigMap (namespace: $POD_NAMESPACE) instead of --data-dir",
     )
     run.add_argument(
@@ -184,6 +223,13 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate the configuration and reach every sink")
     _common(check)
+    _selection(check)
+    check.add_argument(
+        "--offline",
+        action="store_true",
+        help="validate the configuration and build every sink without contacting any (CI, a rendered "
+        "chart); exit 0 or 2",
+    )
 
     replay = sub.add_parser(
         "replay",
@@ -431,17 +477,24 @@ def _sinks(args: argparse.Namespace) -> int:
 
 async def _check(args: argparse.Namespace) -> int:
     cfg, specs = _load(args)
+    # What `run` refuses (namespaces, field selector, an unwritable data dir) passed `check`.
+    settings = _settings(args, cfg)
     if not specs:
         raise ConfigError("no sinks configured")
     failed = 0
     for spec in specs:
         context = SinkContext(
             name=spec.name,
-            cluster=cfg.cluster_name,
+            cluster=settings.cluster_name,
             data_dir=None,
             logger=logging.getLogger(f"eventrouter.sink.{spec.name}"),
         )
         sink = spec.build(context)
+        if args.offline:
+            print(f"valid {spec.describe()}")
+            with contextlib.suppress(Exception):
+                await sink.aclose()
+            continue
         try:
             async with asyncio.timeout(spec.pipeline.send_timeout):
                 await sink.check()

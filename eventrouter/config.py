@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from eventrouter.options import (
     COMMON_KEYS,
@@ -230,16 +230,32 @@ def spec_for_class(
     clash = (field_names(model) - {"url", "include_raw"}) & COMMON_KEYS
     if clash:
         raise ConfigError(f"{where}: sink {type_!r} defines reserved option names {sorted(clash)}")
-    try:
-        filter_opts = FilterOptions.model_validate(
-            {k: _coerce_query_value(FilterOptions, k, v) for k, v in filt.items()}
-        )
-        pipeline_opts = PipelineOptions.model_validate(
-            {k: _coerce_query_value(PipelineOptions, k, v) for k, v in pipe.items()}
-        )
-        options = model.model_validate({k: _coerce_query_value(model, k, v) for k, v in own.items()})
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(where, exc)) from None
+    parts: list[tuple[type[BaseModel], dict[str, Any]]] = [
+        (FilterOptions, filt),
+        (PipelineOptions, pipe),
+        (model, own),
+    ]
+    validated: list[Any] = []
+    for part_model, part in parts:
+        values = {k: _coerce_query_value(part_model, k, v) for k, v in part.items()}
+        try:
+            validated.append(part_model.model_validate(values))
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(where, exc)) from None
+        except Exception as exc:
+            # pydantic turns only a ValueError or AssertionError of a validator into an error: a
+            # plugin's TypeError (or an OSError) was a traceback and exit 1.
+            option = _option_at_fault(part_model, values, type(exc))
+            info = part_model.model_fields.get(option)
+            # Its text may quote the value: not when the option is a credential.
+            secret = info is not None and "SecretStr" in str(info.annotation)
+            raise ConfigError(
+                f"{where}: option {option!r}: cannot be validated ({type(exc).__name__}"
+                + ("" if secret else f": {exc}")
+                + ")"
+            ) from None
+    filter_opts, pipeline_opts, options = validated
+    _refuse_control_characters(options, where)
     return SinkSpec(
         name=name,
         type=type_,
@@ -251,6 +267,42 @@ def spec_for_class(
         entry=configured,
         origin=origin,
     )
+
+
+def _option_at_fault(model: type[BaseModel], values: Mapping[str, Any], error: type[Exception]) -> str:
+    """The option whose validator raised ``error`` (validated alone), else ``(options)``: a
+    model validator's, or one that only fails beside others."""
+    for key, value in values.items():
+        try:
+            model.model_validate({key: value})
+        except error:
+            return key
+        except Exception:  # missing required options and the like: not this one
+            continue
+    return "(options)"
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+"""What no credential holds; a tab, which an HTTP header value may carry, is left alone."""
+
+
+def _refuse_control_characters(options: BaseModel, where: str) -> None:
+    """A credential with a line break (``echo token | base64`` gives one; ``env:`` kept it) made every
+    request fail in aiohttp ("Forbidden control character") and the sink retried for ever. Refused
+    here, after the sink's own checks (which name a header), naming the option and never the value."""
+    for name in type(options).model_fields:
+        value = getattr(options, name)
+        items: list[tuple[str, Any]] = [(name, value)]
+        if isinstance(value, list | tuple):
+            items = [(f"{name}.{i}", item) for i, item in enumerate(value)]
+        elif isinstance(value, dict):
+            items = [(f"{name}.{key}", item) for key, item in value.items()]
+        for option, item in items:
+            if isinstance(item, SecretStr) and _CONTROL.search(item.get_secret_value()):
+                raise ConfigError(
+                    f"{where}: option {option!r}: contains a control character (a line break?), which "
+                    "no credential holds; check the Secret or file it comes from (`echo -n`, not `echo`)"
+                )
 
 
 class RouterConfig(BaseModel):
@@ -272,6 +324,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                # `<<: *defaults`: keys of the mapping itself override merged ones, as YAML says;
+                # SafeLoader merges them (flatten_mapping) in construct_mapping below.
+                continue
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
             if isinstance(key, str | int | float | bool) and key in seen:
                 mark = key_node.start_mark

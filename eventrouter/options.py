@@ -41,7 +41,8 @@ __all__ = [
 
 
 def resolve_secret(value: Any) -> Any:
-    """``env:NAME`` reads an environment variable, ``file:/path`` a file (trailing newline stripped).
+    """``env:NAME`` reads an environment variable, ``file:/path`` a file (trailing newlines stripped
+    from both: a Secret made with ``echo token | base64`` holds one, in a file or through secretKeyRef).
 
     Lets credentials come from Kubernetes Secrets mounted as env or files instead of plain flags.
     """
@@ -52,7 +53,7 @@ def resolve_secret(value: Any) -> Any:
             name = value[4:]
             if name not in os.environ:
                 raise ValueError(f"environment variable {name!r} is not set")
-            return os.environ[name]
+            return os.environ[name].rstrip("\r\n")
         if value.startswith("file:"):
             path = Path(value[5:])
             try:
@@ -158,9 +159,18 @@ def _instance_name(value: str | None) -> str | None:
 
 
 def split_list(value: Any) -> Any:
-    """Accept ``a,b,c`` (URL query form) as well as a YAML list."""
+    """Accept ``a,b,c`` (URL query form) as well as a YAML list, and both at once: a repeated query
+    key (``kinds=Pod,Node&kinds=Deployment``) gives a list whose items are ``a,b`` too, which were
+    kept whole (a kind ``Pod,Node`` that never matched)."""
     if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
+        value = [value]
+    if isinstance(value, list | tuple):
+        return [
+            part
+            for item in value
+            for part in ([p.strip() for p in item.split(",")] if isinstance(item, str) else [item])
+            if part != ""
+        ]
     return value
 
 
@@ -290,18 +300,26 @@ class PipelineOptions(_Strict):
     batch_max_wait: float = Field(
         0.2,
         ge=0,
+        allow_inf_nan=False,  # inf: a batch that never went out
         validation_alias=AliasChoices("batch_max_wait", "batch_wait"),
         description="Seconds to wait for a batch to fill after its first occurrence.",
     )
-    retry_initial_backoff: float = Field(0.5, gt=0, description="First retry delay in seconds.")
-    retry_max_backoff: float = Field(30.0, gt=0, description="Longest retry delay in seconds.")
+    retry_initial_backoff: float = Field(
+        0.5, gt=0, allow_inf_nan=False, description="First retry delay in seconds."
+    )
+    retry_max_backoff: float = Field(
+        30.0, gt=0, allow_inf_nan=False, description="Longest retry delay in seconds."
+    )
     retry_max_attempts: int = Field(
         0,
         ge=0,
         description="Attempts before an item is dead-lettered as 'retries exhausted' (0 = never give up).",
     )
     send_timeout: float = Field(
-        30.0, gt=0, description="Seconds one send may take before it counts as failed."
+        30.0,
+        gt=0,
+        allow_inf_nan=False,  # inf: a hung send held its sink for ever
+        description="Seconds one send may take before it counts as failed.",
     )
 
     @model_validator(mode="after")

@@ -460,7 +460,8 @@ class AlertOptions(SinkOptions):
         if value.upper() != "UTC":
             try:
                 ZoneInfo(value)
-            except (ZoneInfoNotFoundError, ValueError):
+            except (ZoneInfoNotFoundError, ValueError, OSError):
+                # OSError: a folder of the zone database (`Europe`) was opened as a zone, a traceback.
                 raise ValueError(f"unknown time zone {value!r}") from None
         return value
 

@@ -106,6 +106,11 @@ class FileOptions(SinkOptions):
 
     @model_validator(mode="after")
     def _has_path(self) -> FileOptions:
+        if self.path and self.url:
+            # path= won and `check` showed the URL's file: the events went where nobody looked.
+            raise ValueError(
+                "give the file once: in the URL (file:/var/log/events.jsonl) or as path=, not both"
+            )
         if str(_path_of(self)) in ("", "."):
             raise ValueError("the file sink needs a path: --sink=file:/var/log/events.jsonl or path=...")
         return self

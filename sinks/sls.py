@@ -371,6 +371,18 @@ class SLSSink(Sink[SLSOptions]):
             message,
         )
 
+    async def check(self) -> None:
+        """GetLogStore whatever check_on_start says: that option only spares the router's start the
+        request, while `eventrouter check` is asked to reach SLS (it said ok, contacting nothing)."""
+        if self.options.check_on_start:
+            await self.start()
+            return
+        probe = SLSSink(self.options.model_copy(update={"check_on_start": True}), self.context)
+        try:
+            await probe.start()
+        finally:
+            await probe.aclose()
+
     async def aclose(self) -> None:
         if self._session is not None:
             session, self._session = self._session, None

@@ -15,9 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Literal
 
 import orjson
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from eventrouter import OK, Occurrence, Outcome, RetryableError, Sink, SinkContext, SinkOptions, reject
+from eventrouter.options import redact_url
 
 __all__ = ["StdoutOptions", "StdoutSink", "text_line"]
 
@@ -28,6 +29,17 @@ class StdoutOptions(SinkOptions):
         "json",
         description="json: one record per line; text: `time type namespace kind/name reason: message`.",
     )
+
+    @field_validator("url")
+    @classmethod
+    def _no_address(cls, value: str) -> str:
+        # `stdout:stderr` wrote to stdout as if nothing was said.
+        if value.strip():
+            raise ValueError(
+                f"the stdout sink takes no address ({redact_url(value)!r}); options go after '?': "
+                "stdout:?stream=stderr&format=text"
+            )
+        return value
 
 
 def _one_line(text: str) -> str:

@@ -494,16 +494,48 @@ class WebhookSink(Sink[WebhookOptions]):
             )
 
     async def check(self) -> None:
-        """Start, then probe with HEAD: any HTTP answer (even 405) proves the endpoint is reachable."""
+        """Start, then probe with HEAD: any HTTP answer (even 405) proves the endpoint is reachable,
+        but a 401/403 to the credentials we send means it will refuse every event."""
         await self.start()
         assert self._session is not None
-        url = self.options.healthcheck_url or self._target
+        opts = self.options
+        url = opts.healthcheck_url or self._target
         try:
             headers = {k: v for k, v in self._headers.items() if k != "Content-Type"}
             async with self._session.head(url, headers=headers, allow_redirects=False) as resp:
-                self.log.info("webhook %s answered HEAD with %d", redact_url(url), resp.status)
+                status, reason = resp.status, resp.reason or ""
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise SinkError(f"webhook sink cannot reach {redact_url(url)}: {self._describe(exc)}") from None
+        self.log.info("webhook %s answered HEAD with %d", redact_url(url), status)
+        if status not in (401, 403):
+            return
+        # What of the request authenticates it: named, never shown. A header counts when its name
+        # says so (X-Api-Key, Private-Token, Cookie, ...); X-Source: or X-Amz-Acl: do not.
+        sent = [
+            *(["bearer_token"] if opts.bearer_token is not None else []),
+            *(["username/password"] if opts.username is not None else []),
+            *(["the user info in url"] if urlsplit(opts.url).username is not None else []),
+        ]
+        pattern = re.compile(r"auth|token|key|secret|pass|cookie|session|credential", re.IGNORECASE)
+        if names := [name for name in opts.headers if pattern.search(name)]:
+            sent.append(f"headers ({', '.join(names)})")
+        if sent:
+            raise SinkError(
+                f"webhook sink: {redact_url(url)} refused our credentials ({status} {reason!r} to HEAD); "
+                f"check {', '.join(sent)}"
+            )
+        # No credentials of ours: the endpoint may want some we lack (it will then refuse every event),
+        # or only refuse this HEAD: a URL with its credentials in the query (presigned URLs sign the
+        # method), a signature `secret` (a HEAD has no body to sign), API gateways that answer 403 to
+        # a method without a route. So a warning: failing check would fail working webhooks.
+        self.log.warning(
+            "webhook %s answered HEAD with %d %r and no credentials are configured (bearer_token, "
+            "username/password, headers): if it wants them for %s too, it will refuse every event",
+            redact_url(url),
+            status,
+            reason,
+            opts.method,
+        )
 
     async def aclose(self) -> None:
         session, self._session = self._session, None

@@ -64,6 +64,11 @@ def test_specs_split_filter_pipeline_and_sink_options(tmp_path: Path) -> None:
         ),
         ("file:/tmp/x?level=Critical", "option 'level': Value error, level must be Normal or Warning"),
         ("file:/tmp/x?message=(unclosed", "invalid regular expression"),
+        # inf: a batch that never went out, a send that held its sink for ever.
+        ("file:/tmp/x?batch_max_wait=inf", "option 'batch_max_wait': Input should be a finite number"),
+        ("file:/tmp/x?send_timeout=inf", "option 'send_timeout': Input should be a finite number"),
+        ("file:/tmp/x?retry_max_backoff=inf", "option 'retry_max_backoff': Input should be a finite number"),
+        ("file:/tmp/x?retry_initial_backoff=nan", "option 'retry_initial_backoff': Input should be a finite"),
         ("nosuch:http://x", "unknown sink type 'nosuch'"),
         ("no-colon", "unknown sink type 'no-colon'"),
         ("bad type:x", "invalid sink type 'bad type'"),
@@ -586,7 +591,22 @@ def test_a_dead_letter_replay_sorted_for_loki_waits_on_the_data_volume_not_in_tm
 # ---- plugins that misbehave ------------------------------------------------------------------------
 
 _BADPLUG = '''
+from pydantic import field_validator
+
 from eventrouter import Sink, SinkOptions
+
+
+class BuggyOptions(SinkOptions):
+    region: str = "x"
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value):
+        return int(value) + None  # a plugin's bug: TypeError, which pydantic lets through
+
+
+class BuggyValidator(Sink[SinkOptions]):
+    options_model = BuggyOptions
 
 
 class Impostor(Sink[SinkOptions]):
@@ -618,6 +638,7 @@ def _install_badplug(tmp_path: Path) -> dict[str, str]:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: badplug\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
         "[eventrouter.sinks]\nloki = badplug:Impostor\nnomodel = badplug:NoModel\nrefuses = badplug:Refuses\n"
+        "buggy = badplug:BuggyValidator\n"
     )
     return {"PYTHONPATH": str(tmp_path)}
 
@@ -649,3 +670,198 @@ def test_broken_plugins_are_named_not_a_traceback(tmp_path: Path) -> None:
         assert result.returncode == 2, result.stderr
         assert "the refuses sink cannot be built: ValueError: the region is not supported" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_plugin_validator_raising_another_error_than_valueerror_names_the_sink_and_option(
+    tmp_path: Path,
+) -> None:
+    """pydantic turns only a validator's ValueError into a validation error: a plugin's TypeError
+    was a traceback and exit 1, naming neither the sink nor the option."""
+    env = _install_badplug(tmp_path)
+    for command in ("check", "run"):
+        args = [command, "--sink=buggy:?region=7&name=b1"] + (["--demo"] if command == "run" else [])
+        result = _eventrouter(*args, env=env)
+        assert result.returncode == 2, result.stderr
+        assert (
+            "--sink #1 (sink 'b1'): option 'region': cannot be validated (TypeError: unsupported operand"
+            in result.stderr
+        )
+        assert "Traceback" not in result.stderr
+
+
+# ---- check validates what run refuses, flags given twice ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "args", "expected"),
+    [
+        (
+            'namespaces: ["default,kube-system"]\n',
+            [],
+            "namespace 'default,kube-system' is not a namespace name",
+        ),
+        ("", ["--namespace", "Default"], "namespace 'Default' is not a namespace name"),
+        ("field_selector: foo\n", [], "field selector 'foo': cannot understand 'foo'"),
+        ("", ["--field-selector", "reason=a=b"], "field selector 'reason=a=b': cannot understand"),
+        (
+            "data_dir: {tmp}/file/data\n",
+            [],
+            "--data-dir {tmp}/file/data: cannot write there (Not a directory)",
+        ),
+        ("", ["--data-dir", "{tmp}/file/data"], "--data-dir {tmp}/file/data: cannot write there"),
+    ],
+)
+def test_check_refuses_the_settings_run_refuses(
+    tmp_path: Path, config: str, args: list[str], expected: str
+) -> None:
+    """`check` validated the sinks only: a namespace list, field selector or data dir that `run`
+    refuses (exit 2) passed `check` (exit 0), the pipeline's gate."""
+    (tmp_path / "file").write_text("a file where the data dir's parent should be")
+    path = tmp_path / "c.yaml"
+    path.write_text(config.format(tmp=tmp_path) + "sinks:\n  - type: stdout\n")
+    args = [a.format(tmp=tmp_path) for a in args]
+    for offline in ([], ["--offline"]):
+        result = _eventrouter("check", f"--config={path}", *args, *offline)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert expected.format(tmp=tmp_path) in result.stderr
+        assert "Traceback" not in result.stderr
+    path.write_text(
+        "namespaces: [default, kube-system]\nfield_selector: type=Warning\nsinks:\n  - type: stdout\n"
+    )
+    result = _eventrouter(
+        "check", f"--config={path}", "--namespace=default", "--data-dir", str(tmp_path / "d")
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ok    stdout (stdout)\n"
+
+
+def test_check_offline_validates_and_builds_every_sink_without_contacting_it() -> None:
+    """For a gate that cannot reach the sinks (CI, a rendered chart): exit 0 for a valid
+    configuration whatever the sinks' state, 2 for an invalid one."""
+    sink = "--sink=webhook:http://127.0.0.1:9/hook?access_token=tok123"
+    result = _eventrouter("check", "--offline", sink)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "valid webhook (webhook http://127.0.0.1:9/hook?access_token=***)\n"
+    result = _eventrouter("check", "--offline", sink + "&batch_size=0")
+    assert result.returncode == 2 and "option 'batch_size'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flag", ["--config", "--data-dir", "--cluster-name", "--data-dir-max-bytes", "--field-selector"]
+)
+def test_a_single_value_flag_given_twice_is_refused_naming_it(tmp_path: Path, flag: str) -> None:
+    """argparse kept the last silently: a second --config replaced the first file's sinks, a second
+    --data-dir left the first one's checkpoints unread."""
+    values = {
+        "--config": [str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")],
+        "--data-dir": [str(tmp_path / "a"), str(tmp_path / "b")],
+        "--cluster-name": ["a", "b"],
+        "--data-dir-max-bytes": ["1Gi", "2Gi"],
+        "--field-selector": ["type=Warning", "type=Normal"],
+    }[flag]
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.yaml").write_text(f"sinks:\n  - type: stdout\n    name: from-{name}\n")
+    for command in ("check", "run"):
+        result = _eventrouter(command, "--sink=stdout", f"{flag}={values[0]}", flag, values[1])
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"argument {flag}: given more than once; it takes one value" in result.stderr
+
+
+# ---- the YAML file -----------------------------------------------------------------------------
+
+
+def test_yaml_merge_keys_are_taken_and_a_key_given_twice_still_refused(tmp_path: Path) -> None:
+    """The duplicate-key loader refused `<<: *anchor` ("could not determine a constructor for the
+    tag merge"), the usual way to share options between sinks."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "cluster_name: prod\n"
+        "sinks:\n"
+        "  - &common\n"
+        "    type: stdout\n"
+        "    name: all\n"
+        "    batch_max_events: 100\n"
+        "  - <<: *common\n"
+        "    name: warnings\n"  # the mapping's own key wins over the merged one, as YAML says
+        "    level: Warning\n"
+        "  - <<: [*common]\n"
+        "    name: third\n"
+    )
+    loaded = load_yaml(config)
+    assert loaded.sinks == [
+        {"type": "stdout", "name": "all", "batch_max_events": 100},
+        {"type": "stdout", "name": "warnings", "batch_max_events": 100, "level": "Warning"},
+        {"type": "stdout", "name": "third", "batch_max_events": 100},
+    ]
+    specs = build_specs([], loaded.sinks)
+    assert [(s.name, s.pipeline.batch_max_events, s.filter.level) for s in specs] == [
+        ("all", 100, None),
+        ("warnings", 100, "Warning"),
+        ("third", 100, None),
+    ]
+    config.write_text(
+        "sinks:\n  - &common\n    type: stdout\n  - <<: *common\n    name: a\n    level: Warning\n    name: b\n"
+    )
+    with pytest.raises(
+        ConfigError, match="at line 7, column 5: the key 'name' is given twice in one mapping"
+    ):
+        load_yaml(config)
+
+
+# ---- list options and credentials --------------------------------------------------------------
+
+
+def test_a_list_option_given_as_a_b_and_as_a_repeated_key_at_once_is_split() -> None:
+    """`kinds=Pod,Node&kinds=Deployment` kept ['Pod,Node', 'Deployment']: a kind "Pod,Node" that
+    never matched, and the Pods and Nodes the sink was meant for filtered out without a word."""
+    (spec,) = build_specs(
+        ["stdout:?kinds=Pod,Node&kinds=Deployment&exclude_namespaces=a, b&exclude_namespaces=c"]
+    )
+    assert spec.filter.kinds == ["Pod", "Node", "Deployment"]
+    assert spec.filter.exclude_namespaces == ["a", "b", "c"]
+    (spec,) = build_specs([], [{"type": "stdout", "reasons": ["BackOff,Failed", "Killing"]}])
+    assert spec.filter.reasons == ["BackOff", "Failed", "Killing"]
+
+
+async def test_an_env_credential_ending_in_a_newline_is_sent_without_it(tmp_path: Path) -> None:
+    """A Secret made with `echo token | base64` and mounted through secretKeyRef: `file:` stripped the
+    newline, `env:` kept it, and every request failed in aiohttp ("Forbidden control character")
+    while the sink retried for ever."""
+    from eventrouter.testing.receivers.webhook import WebhookReceiver
+
+    recording = str(DATA / "watch-core-v1.jsonl")
+    async with WebhookReceiver() as hook:
+        sink = f"--sink=webhook:{hook.url}?bearer_token=env:HOOK_TOKEN&batch_max_wait=0.05"
+        result = await asyncio.to_thread(
+            _eventrouter, "replay", recording, sink, "--timeout=20", env={"HOOK_TOKEN": "tok\r\n"}
+        )
+        assert result.returncode == 0, result.stderr
+        assert sum(len(r.json()) for r in hook.accepted) == 126
+        assert {r.headers["Authorization"] for r in hook.accepted} == {"Bearer tok"}
+
+
+def test_a_credential_with_a_control_character_is_refused_naming_the_option_not_the_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside the value no newline is stripped: a request could never carry it."""
+    monkeypatch.setenv("HOOK_TOKEN", "s3cr3t\nX-Other: 1")
+    (tmp_path / "pw").write_text("s3cr3t\x00pw\n")
+    cases = [
+        ("webhook:http://h/x?bearer_token=env:HOOK_TOKEN", "option 'bearer_token'"),
+        (f"webhook:http://h/x?username=u&password=file:{tmp_path / 'pw'}", "option 'password'"),
+        (f"elasticsearch:http://es:9200?username=u&password=file:{tmp_path / 'pw'}", "option 'password'"),
+        (
+            "kafka:?brokers=k:9092&topic=t&sasl_mechanism=PLAIN&username=u&password=env:HOOK_TOKEN",
+            "option 'password'",
+        ),
+        # The Loki sink's own check, which says the same, comes first.
+        ("loki:http://loki:3100?bearer_token=env:HOOK_TOKEN", "option 'bearer_token'"),
+    ]
+    for flag, option in cases:
+        with pytest.raises(ConfigError) as refused:
+            build_specs([flag])
+        message = str(refused.value)
+        assert option in message and "control character (a line break?)" in message, message
+        assert "s3cr3t" not in message
+    monkeypatch.setenv("HOOK_TOKEN", "tab\tinside")  # a header may carry a tab
+    build_specs(["webhook:http://h/x?bearer_token=env:HOOK_TOKEN"])

@@ -912,7 +912,7 @@ async def test_a_sink_that_breaks_the_send_contract_is_retried_and_its_pipeline_
             if answer == "cancelled":
                 raise asyncio.CancelledError
             if answer == "generator":  # any iterable of outcomes will do
-                return (outcome for outcome in await super().send(batch))
+                return (outcome for outcome in await super().send(batch) or [])
             return [True] * len(batch)
 
     ctx = SinkContext(name="mem", cluster="t", data_dir=None, logger=logging.getLogger("mem"))

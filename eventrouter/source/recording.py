@@ -41,13 +41,26 @@ def read_recording(lines: Iterable[bytes]) -> Iterator[tuple[str, Any]]:
             continue
         try:
             obj, strings = unicode_repair.loads(line)
-        except orjson.JSONDecodeError:
-            # Not one JSON value per line: one document over several lines (or a broken first line).
-            yield from _document(line + b"".join(rest for _, rest in numbered), first_line=number)
-            return
+        except orjson.JSONDecodeError as exc:
+            if _opens_document(line):
+                # Not one JSON value per line: one document over several lines, read whole.
+                yield from _document(line + b"".join(rest for _, rest in numbered), first_line=number)
+                return
+            # A torn first line (a cut, `tail -c`): reading the rest whole for it cost the memory of
+            # the whole file (a 100 MiB recording, ~1 GiB). Skipped; the next line is a first line.
+            log.warning("replay: line %d is not JSON (%s); skipped", number, exc)
+            yield "MALFORMED", None
+            continue
         yield from _value(obj, strings, f"line {number}")
         break
     yield from _json_lines(numbered)
+
+
+def _opens_document(line: bytes) -> bool:
+    """Whether a line that is no JSON value starts one over several lines, as pretty printers
+    (kubectl, jq, ``json.dumps(indent=…)``) write it: ``{`` and, at its end, an opening or a comma."""
+    text = line.strip()
+    return text.startswith(b"{") and text.endswith((b"{", b"[", b","))
 
 
 def _json_lines(numbered: Iterable[tuple[int, bytes]]) -> Iterator[tuple[str, Any]]:

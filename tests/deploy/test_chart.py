@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -704,3 +706,92 @@ def test_router_check_accepts_the_rendered_config_and_sink_flags(chart: helm.Cha
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert sorted(line.split()[0] for line in done.stdout.splitlines() if line.strip()) == ["ok", "ok"]
+
+
+def _readme_examples() -> dict[str, dict[str, Any]]:
+    text = (CHART / "README.md").read_text()
+    blocks = re.findall(r"^```yaml\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+    assert blocks, "no yaml example in the chart's README"
+    return {f"README.md example {i}": yaml.safe_load(block) for i, block in enumerate(blocks, 1)}
+
+
+def _values_yaml_examples() -> dict[str, dict[str, Any]]:
+    """The sinks values.yaml shows in comments, uncommented: its flags, and its config entry."""
+    text = (CHART / "values.yaml").read_text()
+    flags = re.findall(r'^ *# +- "([a-z]+:[^"]*)"$', text, flags=re.MULTILINE)
+    entry = "\n".join(
+        line[4:] for line in re.findall(r"^  # (?:- type: |  [a-z_]+: ).*$", text, re.MULTILINE)
+    )
+    assert flags and entry, "the commented examples of values.yaml moved: update this test"
+    return {
+        "values.yaml sinks.flags comment": {"sinks": {"flags": flags}},
+        "values.yaml config comment": {"config": {"sinks": yaml.safe_load(entry)}},
+    }
+
+
+DOCUMENTED: dict[str, dict[str, Any]] = {
+    "default": {},
+    **{f"ci/{path.name}": ci_values(path.name) for path in sorted((CHART / "ci").glob("*.yaml"))},
+    **_readme_examples(),
+    **_values_yaml_examples(),
+}
+
+
+def _check_options() -> set[str]:
+    from eventrouter import cli
+
+    commands = next(a for a in cli._parser()._actions if a.dest == "command" and a.choices is not None)
+    assert isinstance(commands.choices, dict)
+    return {opt for action in commands.choices["check"]._actions for opt in action.option_strings}
+
+
+@pytest.mark.parametrize("case", sorted(DOCUMENTED))
+def test_router_check_accepts_every_documented_values_file(
+    chart: helm.Chart, case: str, tmp_path: Path
+) -> None:
+    """The chart's own example, `loki:…?labels=cluster,namespace,reason` (README, ci/full-values.yaml,
+    values.yaml), was refused by the router (Loki's `labels` are name=template; the built-in ones are
+    `default_labels`), and so was values.yaml's Loki password without a username: `helm install`
+    passed and the pod crash-looped. Each values file and example is rendered and its config and
+    flags given to `eventrouter check --offline` (the sinks are not reachable from a test), with its
+    Secret's keys as files and env vars; the flags `check` does not take are `run`'s own."""
+    values = DOCUMENTED[case]
+    docs = render(chart, values)
+    c = container(docs)
+    credentials = values.get("credentials", {})
+    mount = credentials.get("mountPath", "/etc/eventrouter/secrets")
+    given = credentials.get("values") or {}
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    config_map = next(d for d in of_kind(docs, "ConfigMap") if "config.yaml" in d.get("data", {}))
+    config_text = config_map["data"]["config.yaml"].replace(mount, str(secrets))
+    args = [a.replace(mount, str(secrets)) for a in c["args"][1:]]
+    for key in re.findall(rf"file:{re.escape(str(secrets))}/([\w.-]+)", config_text + " ".join(args)):
+        (secrets / key).write_text(given.get(key, "example-value") + "\n")  # as `echo value | base64`
+    env = {
+        e["name"]: given.get(e["valueFrom"]["secretKeyRef"]["key"], "example-value") + "\n"
+        for e in c.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text)
+    local = {"--config": str(config), "--data-dir": str(tmp_path / "data")}
+    options = _check_options()
+    check_args = [
+        f"{flag}={local[flag]}" if flag in local else arg
+        for arg in args
+        if (flag := arg.split("=", 1)[0]) in options
+    ]
+    assert f"--config={config}" in check_args
+    done = subprocess.run(
+        [sys.executable, "-m", "eventrouter.cli", "check", "--offline", *check_args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **env},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    sinks = len(yaml.safe_load(config_text).get("sinks") or []) + sum(a.startswith("--sink=") for a in args)
+    lines = done.stdout.splitlines()
+    assert len(lines) == sinks > 0 and all(line.startswith("valid ") for line in lines), done.stdout

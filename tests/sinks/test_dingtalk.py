@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from eventrouter import Occurrence, OutcomeKind, SinkContext, SinkError, normalise
-from eventrouter.config import parse_sink_flag, spec_for_class
+from eventrouter.config import ConfigError, parse_sink_flag, spec_for_class
 from eventrouter.options import COMMON_KEYS, field_names
 from eventrouter.testing import make_occurrence, recorded_watch
 from eventrouter.testing.receivers.dingtalk import DingTalkMessage, DingTalkReceiver
@@ -856,3 +856,10 @@ async def test_retry_max_attempts_counts_a_robots_failures_but_not_its_digest_ho
         await p.close_sink()
     assert metrics.dead_lettered.labels("dingtalk", "rejected")._value.get() == 0
     assert metrics.retries.labels("dingtalk")._value.get() == 0  # the hold was no retry
+
+
+def test_a_folder_of_the_zone_database_as_time_zone_is_a_configuration_error() -> None:
+    """`time_zone=Europe` opened a folder of tzdata: IsADirectoryError, a traceback and exit 1."""
+    for zone in ("Europe", "America", "Etc"):
+        with pytest.raises(ConfigError, match=f"option 'time_zone': Value error, unknown time zone '{zone}'"):
+            spec_for_class(DingTalkSink, {"access_token": "t", "time_zone": zone}, type_="dingtalk")

@@ -348,3 +348,11 @@ async def test_a_partial_last_line_left_by_a_kill_is_not_merged_with_the_next_re
     await sink.send([fixed(4)])
     await sink.aclose()
     assert lines_of(target)[4:] == [fixed(4).json + b"\n"]
+
+
+def test_a_file_in_the_url_and_as_path_is_refused() -> None:
+    """`file:/a.jsonl?path=/b.jsonl` wrote to /b.jsonl while `check` and the logs named /a.jsonl."""
+    with pytest.raises(ValidationError, match="give the file once: in the URL"):
+        FileOptions.model_validate({"url": "/var/log/a.jsonl", "path": "/var/log/b.jsonl"})
+    spec = build_spec(parse_sink_flag("file:?path=/var/log/b.jsonl"), where="--sink #1", plugins=discover())
+    assert spec.describe() == "file (file)" and spec.options.path == "/var/log/b.jsonl"  # type: ignore[attr-defined]

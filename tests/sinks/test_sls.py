@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -476,6 +477,44 @@ async def test_unreachable_endpoint(make_sink: MakeSink) -> None:
     sink = await make_sink(start=False, url="http://127.0.0.1:9")
     with pytest.raises(RetryableError, match="cannot reach"):
         await sink.send([fresh()])
+
+
+async def _cli_check(flag: str) -> tuple[int | None, str]:
+    """`eventrouter check <flag>`: (exit code, what it printed and logged)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "eventrouter.cli", "check", flag,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode, out.decode()
+
+
+async def test_check_gets_the_logstore_even_with_check_on_start_false(
+    receiver: SLSReceiver, make_sink: MakeSink
+) -> None:
+    # check_on_start=false spares the router's start the request...
+    await make_sink(check_on_start=False)
+    assert receiver.requests == []
+
+    # ...but `eventrouter check` always asks SLS: it said ok for any of these without a request.
+    def flag(url: str = receiver.url, store: str = LOGSTORE, secret: str = SECRET) -> str:
+        return (
+            f"--sink=sls:{url}?project={PROJECT}&logStore={store}&accessKeyId={KEY_ID}"
+            f"&accessKeySecret={secret}&check_on_start=false"
+        )
+
+    code, out = await _cli_check(flag())
+    assert (code, out.splitlines()[-1]) == (0, f"ok    sls (sls {receiver.url})"), out
+    assert [(r.method, r.status) for r in receiver.requests] == [("GET", 200)]
+    code, out = await _cli_check(flag(store="missing-store"))
+    assert code == 1 and "FAIL" in out and "LogStoreNotExist" in out and "'missing-store'" in out, out
+    code, out = await _cli_check(flag(secret=WRONG_SECRET))
+    assert code == 1 and "credentials rejected (SignatureNotMatch)" in out, out
+    assert WRONG_SECRET not in out
+    port = receiver.port
+    await receiver.__aexit__(None, None, None)  # SLS goes away
+    code, out = await _cli_check(flag(url=f"http://127.0.0.1:{port}"))
+    assert code == 1 and "FAIL" in out and "cannot reach" in out, out
 
 
 # -- options ----------------------------------------------------------------------------------------

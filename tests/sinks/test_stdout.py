@@ -271,3 +271,15 @@ async def test_a_non_blocking_stdout_is_made_blocking_and_every_line_is_written_
         with contextlib.suppress(OSError):  # what a failed non-blocking write left in the buffer
             pipe.close()
     assert reader.copies() == {o.record["message"]: 1 for o in occs}
+
+
+def test_an_address_the_stdout_sink_would_ignore_is_refused() -> None:
+    """`--sink=stdout:stderr` wrote to stdout, as if nothing had been said."""
+    from eventrouter.config import ConfigError, build_specs
+
+    for flag in ("stdout:stderr", "stdout:/dev/stderr?format=text"):
+        with pytest.raises(ConfigError, match="option 'url': Value error, the stdout sink takes no address"):
+            build_specs([flag])
+    specs = build_specs(["stdout", "stdout:?name=b", "stdout:?format=text&stream=stderr&name=c"])
+    assert [(s.name, s.options.url) for s in specs] == [("stdout", ""), ("b", ""), ("c", "")]
+    assert build_specs([], [{"type": "stdout", "url": ""}])[0].options.url == ""

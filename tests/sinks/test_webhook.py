@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import re
 import shutil
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -471,6 +473,62 @@ async def test_check_reports_reachability(hook: WebhookReceiver) -> None:
         await sink.check()
     await sink.aclose()
     assert "abc123" not in str(info.value) and "pw" not in str(info.value)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"bearer_token": "tok-s3cret"}, "check bearer_token"),
+        ({"username": "u", "password": "pw-s3cret"}, "check username/password"),
+        ({"headers": ["X-Api-Key:key-s3cret", "X-Source:er"]}, "check headers (X-Api-Key)"),
+    ],
+)
+async def test_check_fails_when_the_endpoint_refuses_our_credentials(
+    status: int, options: dict[str, Any], named: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Sending would be refused for every event: check said ok (any answer proved reachability).
+    async with WebhookReceiver(head_status=status) as hook, webhook(url=hook.url, **options) as sink:
+        with pytest.raises(SinkError) as info:
+            await sink.check()
+    message = str(info.value)
+    assert f"{hook.url} refused our credentials ({status} " in message and message.endswith(named)
+    assert [r.method for r in hook.requests] == ["HEAD"]  # the credentials went with it
+    assert hook.requests[0].headers.keys() & {"Authorization", "X-Api-Key"}
+    assert "s3cret" not in message + caplog.text
+
+
+async def _cli_check(flag: str) -> tuple[int | None, str]:
+    """`eventrouter check <flag>`: (exit code, what it printed and logged)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "eventrouter.cli", "check", flag,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode, out.decode()
+
+
+async def test_eventrouter_check_fails_on_refused_credentials_and_warns_without_any() -> None:
+    async with WebhookReceiver(head_status=401) as hook:
+        code, out = await _cli_check(f"--sink=webhook:{hook.url}?bearer_token=tok-s3cret")
+        assert code == 1, out
+        assert (
+            f"FAIL  webhook (webhook {hook.url}): webhook sink: {hook.url} refused our credentials "
+            "(401 'Unauthorized' to HEAD); check bearer_token"
+        ) in out
+        userinfo = hook.url.replace("http://", "http://u:pw-s3cret@")
+        code, out2 = await _cli_check(f"--sink=webhook:{userinfo}")
+        assert code == 1, out2
+        assert "refused our credentials (401 'Unauthorized' to HEAD); check the user info in url" in out2
+        # Without credentials (a signing secret and a plain header are none) a 401 to HEAD may not
+        # be one to POST (a HEAD carries no signature): ok, with a warning saying what it may mean.
+        code, out3 = await _cli_check(f"--sink=webhook:{hook.url}?secret=hmac-s3cret&header=X-Source:er")
+        assert code == 0 and f"ok    webhook (webhook {hook.url})" in out3, out3
+        assert (
+            f"WARNING eventrouter.sink.webhook: webhook {hook.url} answered HEAD with 401 'Unauthorized' "
+            "and no credentials are configured"
+        ) in out3
+    assert "s3cret" not in out + out2 + out3
 
 
 async def test_start_does_not_contact_the_endpoint() -> None:
