@@ -583,11 +583,12 @@ class Pipeline:
             self._m_latency.observe(time.monotonic() - started)
         if outcomes is None:
             return [OK] * len(items)
-        try:
-            # A generator or a list of something else crashed the pipeline task, and the router.
-            outcomes = list(outcomes)
-        except Exception:  # not iterable: the contract error below
-            outcomes = []
+        if not isinstance(outcomes, list):
+            try:
+                # A generator or a list of something else crashed the pipeline task, and the router.
+                outcomes = list(outcomes)
+            except Exception:  # not iterable: the contract error below
+                outcomes = []
         if len(outcomes) != len(items) or not all(isinstance(o, Outcome) for o in outcomes):
             self.metrics.send_errors.labels(self.name, "contract").inc()
             self.log.error(

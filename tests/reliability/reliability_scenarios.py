@@ -43,7 +43,7 @@ FAST_RETRY = "retry_initial_backoff=0.1&retry_max_backoff=1"
 # ---- in-process router ----------------------------------------------------------------------------
 
 
-def settings_for(api: FakeApiServer, tmp: Path, **kw: Any) -> RouterSettings:
+def settings_for(api: FakeApiServer | HostileApiServer, tmp: Path, **kw: Any) -> RouterSettings:
     tmp.mkdir(parents=True, exist_ok=True)
     return RouterSettings(
         cluster_name="rel",
@@ -988,14 +988,7 @@ async def hostile_stream(tmp: Path) -> Report:
     want |= {(uid, 1) for uid in listed}
     repaired |= {uid: m for uid, m in listed.items() if uid != "list-clean"}
     async with HostileApiServer(lines, list_body=page) as server:
-        tmp.mkdir(parents=True, exist_ok=True)
-        settings = RouterSettings(
-            cluster_name="rel",
-            kubeconfig=server.kubeconfig(tmp / "kubeconfig"),
-            metrics_addr=None,
-            watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
-        )
-        router = Router(settings, [memory_spec()])
+        router = Router(settings_for(server, tmp), [memory_spec()])
         async with router.running():
             await until(lambda: want <= set(memory_keys(router)), timeout=30)
             await settle(router)

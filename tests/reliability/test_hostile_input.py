@@ -14,10 +14,10 @@ from reliability_scenarios import (
     hostile_api_objects,
     hostile_stream,
     memory_spec,
+    settings_for,
 )
 
-from eventrouter.app import Router, RouterSettings
-from eventrouter.source.watcher import WatchSettings
+from eventrouter.app import Router
 from eventrouter.testing.waiting import until
 
 
@@ -117,13 +117,7 @@ async def test_a_watch_error_whose_code_is_no_status_code_is_a_500_and_the_route
     number became a metric label value of its own."""
     line = orjson.dumps({"type": "ERROR", "object": {"kind": "Status", "code": code, "message": "x"}})
     async with HostileApiServer([line]) as server:
-        settings = RouterSettings(
-            cluster_name="rel",
-            kubeconfig=server.kubeconfig(tmp_path / "kubeconfig"),
-            metrics_addr=None,
-            watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
-        )
-        router = Router(settings, [memory_spec()])
+        router = Router(settings_for(server, tmp_path), [memory_spec()])
         restarts = router.metrics.watch_restarts
         async with router.running():
             await until(lambda: server.watches >= 2)  # reconnected after the error
