@@ -768,16 +768,18 @@ class Router:
             if p.spool is not None:
                 kept = 0
                 dropped: list[str] = []
+                owed = p.owed_at_stop(left)
                 try:
                     rest = left
                     if older and len(p.spool):
                         # Older than the spool's backlog: before it (a newer occurrence of the same
                         # event delivered first would make the checkpoint skip the older one as a copy).
-                        p.spool.prepend(older)  # all or nothing
+                        p.spool.prepend(older, owed)  # all or nothing
                         kept, rest = len(older), newer
                     for occ in rest:
-                        dropped.extend(p.spool.append(occ))
+                        dropped.extend(p.spool.extend([occ], owed))
                         kept += 1
+                    p.settle_at_stop()  # only once they are on disk: before, a crash would lose them
                 except OSError as exc:
                     self.metrics.data_dir_errors.labels(p.name, "spool").inc()
                     self.metrics.dropped.labels(p.name, "spool_error").inc(len(left) - kept)

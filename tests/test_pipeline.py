@@ -469,6 +469,39 @@ async def test_spool_takes_overflow_in_order_and_survives_restart(metrics: Metri
     assert sink2.keys == [(o.uid, o.number) for o in occs]  # each once, in the order offered
 
 
+def test_owed_marks_go_on_the_first_copy_only_survive_a_reopen_and_are_read_by_a_bound_drop(
+    tmp_path: Path,
+) -> None:
+    """What a stop keeps as owed (prepended before a backlog or appended to an empty spool) is read
+    back as owed once; a second copy of the same occurrence is a plain record."""
+    directory = tmp_path / "spool"
+    spool = Spool(directory, max_bytes=10_000_000)
+    a, b, c = (make_occurrence() for _ in range(3))
+    spool.extend([a, a, b], {(a.uid, a.number)})
+    spool.close()
+    reopened = Spool(directory, max_bytes=10_000_000)
+    assert [(o.uid, o.number) for o in reopened.pop(1)] == [(a.uid, a.number)]
+    assert reopened.owed == {(a.uid, a.number)}
+    reopened.owed.clear()
+    reopened.pop(10)
+    assert reopened.owed == set()  # the copy of a, and b
+    reopened.append(b)
+    owed = {(c.uid, c.number)}
+    reopened.prepend([c], owed)
+    assert owed == set()  # taken out as written
+    again = Spool(directory, max_bytes=10_000_000)
+    assert [(o.uid, o.number) for o in again.pop(1)] == [(c.uid, c.number)] and again.owed == {
+        (c.uid, c.number)
+    }
+    # The bound reads owed records like any other to name what it drops.
+    bounded = Spool(tmp_path / "small", max_bytes=10_000_000)
+    bounded.extend([a, b], {(a.uid, a.number)})
+    bounded.max_bytes = 1
+    assert bounded.append(c) == [f"{a.uid}/{a.number}", f"{b.uid}/{b.number}"]
+    for s in (reopened, again, bounded):
+        s.close()
+
+
 def test_spool_appends_reach_the_file_at_once_and_never_a_deleted_segment(tmp_path: Path) -> None:
     """The tail segment stays open between appends; each append is on disk when it returns (a
     SIGKILL, i.e. no close, loses nothing), and a drained segment that was deleted is never written

@@ -22,7 +22,8 @@ from eventrouter.app import Router, RouterSettings, disk_bounds
 from eventrouter.config import spec_for_class
 from eventrouter.engine.checkpoint import FileCheckpoint, SinkCheckpoint
 from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS
-from eventrouter.record import parse_time_ns
+from eventrouter.record import Occurrence, parse_time_ns
+from eventrouter.sink import OK, Outcome, retry
 from eventrouter.source.watcher import WatchSettings
 from eventrouter.testing import MemorySink, event_object, recorded_watch
 from eventrouter.testing.apiserver import FakeApiServer
@@ -411,7 +412,6 @@ async def test_an_object_the_source_cannot_handle_is_dropped_counted_and_the_str
 ) -> None:
     # Whatever normalise did not foresee: one object is dropped (counted, logged), not the stream.
     from eventrouter.metrics import Metrics
-    from eventrouter.record import Occurrence
     from eventrouter.source.kube import connect
     from eventrouter.source.tracker import OccurrenceTracker
     from eventrouter.source.watcher import EventWatcher
@@ -1020,6 +1020,40 @@ async def test_an_event_deleted_while_a_spool_backlog_drains_after_a_restart_is_
     got = collections.Counter(sink.keys)
     assert [k for k, n in got.items() if n > 1] == []
     assert len(got) == 30
+
+
+async def test_a_stop_while_an_older_occurrence_waits_and_a_newer_one_was_accepted_delivers_each_once(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """X/2 refused (retried) and X/3 accepted in one batch when the drain deadline passes: X/2 is kept
+    in the spool, owed, and the checkpoint records X/3. Before, the checkpoint stayed at X/1 for
+    X/2's sake, and after the restart the relist sent X/3 a second time."""
+    data = tmp_path / "data"
+    obj = api.create_event(event_object(object_name="web"))
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    router = _router(_settings(api, tmp_path, data_dir=data, shutdown_timeout=0.3), batch_max_wait=0.5)
+
+    def refuse_2(occ: Occurrence) -> Outcome:
+        return retry("refused") if occ.number == 2 else OK
+
+    async with router.running():
+        sink = _mem(router)
+        await sink.wait_for(1)
+        sink.decide = refuse_2
+        api.bump(ns, name)
+        api.bump(ns, name)  # within the batch wait: X/2 and X/3 go together
+        await sink.wait_for(2)
+        assert sink.keys[1][1] == 3 and sink.batches[-1] == 2
+        await until(lambda: router.metrics.retries.labels("mem")._value.get() >= 1)
+    assert router.metrics.dropped.labels("mem", "shutdown")._value.get() == 0
+    again = _router(_settings(api, tmp_path, data_dir=data))
+    async with again.running():
+        await _ready(again)
+        await _mem(again).wait_for(1)
+        await again.pipelines[0].wait_idle(10)
+    got = collections.Counter(sink.keys + _mem(again).keys)
+    assert got == {(obj["metadata"]["uid"], n): 1 for n in (1, 2, 3)}
+    assert again.metrics.registry.get_sample_value("eventrouter_sink_skipped_total", {"sink": "mem"}) == 1
 
 
 async def test_a_stop_whose_checkpoint_cannot_be_written_exits_1(api: FakeApiServer, tmp_path: Path) -> None:

@@ -127,6 +127,9 @@ class Pipeline:
         self._spooled_deferred: set[tuple[str, int]] = set()
         self._from_spool: set[tuple[str, int]] = set()
         self._done: dict[str, int] = {}  # finished, not yet checkpointed (a lower one is pending)
+        # Read from the spool marked owed (see ``Spool``): sent although the checkpoint is past them;
+        # a key leaves the set once it finished (accepted, rejected or given up).
+        self._owed: set[tuple[str, int]] = set()
         self.idle = asyncio.Event()
         self.idle.set()
         self.started = asyncio.Event()
@@ -359,6 +362,9 @@ class Pipeline:
                 room = min(self.options.batch_max_events, self.queue_max - len(self._deferred))
                 popped = self.spool.pop(room) if room > 0 else []
                 self._queue.extend(popped)
+                if self.spool.owed:
+                    self._owed |= self.spool.owed
+                    self.spool.owed.clear()
                 if self._defer:
                     self._from_spool = {(o.uid, o.number) for o in popped}
             elif self._overflow:
@@ -408,14 +414,14 @@ class Pipeline:
         max_events, max_bytes = self.options.batch_max_events, self.options.batch_max_bytes
         accepted = self.checkpoint.accepted
         gone = self._gone
+        owed = self._owed
         queue = self._queue
         while queue and len(batch) < max_events:
             nxt = queue[0]
             key = (nxt.uid, nxt.number)
-            if (
-                nxt.number <= accepted(nxt.uid)
-                or key in keys
-                or (gone and nxt.number <= gone.get(nxt.uid, 0))
+            if key in keys or (
+                (nxt.number <= accepted(nxt.uid) or (gone and nxt.number <= gone.get(nxt.uid, 0)))
+                and not (owed and key in owed)
             ):
                 # A second copy (spooled before a restart and relisted after it, or replayed from the
                 # spool after a crash): already delivered, or already in this batch.
@@ -532,6 +538,7 @@ class Pipeline:
                 tries += 1
                 if limit and tries >= limit:
                     self._release(occ)
+                    self._owed.discard(key)
                     exhausted.append((occ, f"retries exhausted after {tries} attempts: {out.reason}"))
                     done[occ.uid] = max(done.get(occ.uid, 0), occ.number)
                     continue
@@ -619,10 +626,12 @@ class Pipeline:
                 lags: list[float] = []
                 oldest_event_ns = 0
                 failed = 0  # RETRY outcomes that are failures, not holds
-                held = self._held
+                held, owed = self._held, self._owed
                 for occ, out in zip(pending, outcomes, strict=True):
                     if held and out.kind is not OutcomeKind.RETRY and occ.uid in held:
                         self._release(occ)
+                    if owed and out.kind is not OutcomeKind.RETRY:
+                        owed.discard((occ.uid, occ.number))
                     if out.kind is OutcomeKind.OK:
                         lag = now - occ.received_at
                         lags.append(lag if lag > 0.0 else 0.0)
@@ -693,6 +702,7 @@ class Pipeline:
                     )
                     for occ in retry_items:
                         done[occ.uid] = max(done.get(occ.uid, 0), occ.number)
+                        self._owed.discard((occ.uid, occ.number))
                     self._checkpoint(done, [])
                     break
                 self._m_retries.inc(failed)
@@ -873,6 +883,28 @@ class Pipeline:
         self._stop_now.set()
         self._nudge.set()
         self._wakeup.set()
+
+    def owed_at_stop(self, left: Iterable[Occurrence]) -> set[tuple[str, int]]:
+        """Which of the leftovers to keep in the spool as owed, so that ``settle_at_stop`` may then
+        record what was accepted past them: an occurrence that waited while a newer one of its event
+        was accepted (X/4 retried, X/5 accepted: the checkpoint held X/5 back for X/4's sake, and the
+        relist after the restart would send X/5 again), or one read from the spool owed and not
+        finished yet."""
+        done, owed, accepted = self._done, self._owed, self.checkpoint.accepted
+        keys: set[tuple[str, int]] = set()
+        for occ in left:
+            key = (occ.uid, occ.number)
+            newer = done.get(occ.uid, 0)
+            if key in owed or accepted(occ.uid) < occ.number < newer:
+                keys.add(key)
+        return keys
+
+    def settle_at_stop(self) -> None:
+        """The leftovers are in the spool, owed where ``owed_at_stop`` said: record what was
+        accepted past them."""
+        if self._done:
+            self.checkpoint.ack(self._done)
+            self._done.clear()
 
     def leftovers(self) -> tuple[list[Occurrence], list[Occurrence]]:
         """What was not delivered: (older than the spool's backlog: in flight, the batch being

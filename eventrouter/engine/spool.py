@@ -5,6 +5,11 @@ Segments of JSON lines (``<n>.seg``) plus a ``cursor`` file holding the durable 
 occurrences have finished. After a crash the uncommitted part is read again and the pipeline skips
 what the checkpoint says was accepted. When the byte bound is reached, the oldest segment is
 dropped and each occurrence in it is reported to the caller to be counted.
+
+A record written at shutdown may be *owed* (a third element, ``1``): it is delivered even though the
+checkpoint is past it. A stop whose drain deadline passed while X/4 of an event waited for a retry
+and X/5 had been accepted records X/5 in the checkpoint (so that the relist after the restart does not
+send X/5 again) and keeps X/4 in the spool, owed.
 """
 
 from __future__ import annotations
@@ -37,6 +42,18 @@ QUARANTINE_SECONDS = 600.0
 spooled after it for good; the file stays there for whoever can recover it."""
 
 log = logging.getLogger(__name__)
+
+
+def _owed_once(owed: set[tuple[str, int]] | None, occ: Occurrence) -> bool:
+    """True for the first record of a key in ``owed``, which is taken out of the set: a second copy
+    of the same occurrence is a copy, skipped by the checkpoint."""
+    if not owed:
+        return False
+    key = (occ.uid, occ.number)
+    if key in owed:
+        owed.remove(key)
+        return True
+    return False
 
 
 @dataclass(slots=True)
@@ -88,18 +105,24 @@ class Spool:
         """Reads by ``pop`` that failed (the records wait for the next pop) and read positions that
         could not be written; the pipeline counts them."""
         self._cursor_failures = 0  # in a row
+        self.owed: set[tuple[str, int]] = set()
+        """(uid, number) of owed records read by ``pop`` since the pipeline last took them."""
         self._open()
 
     # ---- persistence format -------------------------------------------------------------------
 
     @staticmethod
-    def encode(occ: Occurrence) -> bytes:
+    def encode(occ: Occurrence, owed: bool = False) -> bytes:
         # The raw object is enough: the record is rebuilt from it exactly as the source built it.
-        return b"[" + occ.raw_json + b"," + orjson.dumps(occ.received_at) + b"]\n"
+        tail = b",1]\n" if owed else b"]\n"
+        return b"[" + occ.raw_json + b"," + orjson.dumps(occ.received_at) + tail
 
     def _default_decode(self, line: bytes) -> Occurrence:
-        raw, received_at = orjson.loads(line)
-        return normalise(raw, cluster=self.cluster, received_at=received_at)
+        rec = orjson.loads(line)
+        occ = normalise(rec[0], cluster=self.cluster, received_at=rec[1])
+        if len(rec) > 2 and rec[2]:
+            self.owed.add((occ.uid, occ.number))
+        return occ
 
     def _open(self) -> None:
         cursor_seg, cursor_records = 0, 0
@@ -162,10 +185,10 @@ class Spool:
         """False for a while after a write failed."""
         return not self._retry_at or time.monotonic() >= self._retry_at
 
-    def append(self, occ: Occurrence) -> list[str]:
+    def append(self, occ: Occurrence, owed: bool = False) -> list[str]:
         """Append one occurrence; returns the keys of occurrences dropped to stay within the bound.
         On a write error (``OSError``) nothing of it stays in the file and ``writable`` turns False."""
-        line = self.encode(occ)
+        line = self.encode(occ, owed)
         dropped: list[str] = []
         while self._segments and self._bytes + len(line) > self.max_bytes:
             keys = self._drop_oldest()
@@ -221,7 +244,7 @@ class Spool:
         """Close the append descriptor (the spool stays usable: the next append reopens)."""
         self._close_writer()
 
-    def prepend(self, occs: list[Occurrence]) -> list[str]:
+    def prepend(self, occs: list[Occurrence], owed: set[tuple[str, int]] | None = None) -> list[str]:
         """Put ``occs`` before everything not read yet; returns the keys dropped to stay within the
         bound (only when the spool was empty: put first, they exceed it by at most their own size).
 
@@ -234,16 +257,16 @@ class Spool:
         few records are read twice (skipped by the checkpoint). None is lost. (Moving the cursor
         first, as ``commit`` does, lost the records in flight, which it passes.)
         Raises ``OSError``: with unread records, nothing of ``occs`` is kept then; with none they are
-        appended, and those written before the error stay."""
+        appended, and those written before the error stay. ``owed``: as for ``extend``."""
         if not occs:
             return []
         head = next((seg for seg in self._segments if seg.read_records < seg.records), None)
         if head is None:
-            return self.extend(occs)
+            return self.extend(occs, owed)
         with open(head.path, "rb") as fh:
             fh.seek(head.read_offset)
             rest = fh.read(head.size - head.read_offset)
-        data = b"".join(self.encode(occ) for occ in occs) + rest
+        data = b"".join(self.encode(occ, _owed_once(owed, occ)) for occ in occs) + rest
         cursor_seg = self._cursor_segment()
         number = min(self._segments[0].number, cursor_seg or self._segments[0].number) - 1
         seg = _Segment(
@@ -274,10 +297,12 @@ class Spool:
         except (OSError, ValueError, IndexError):
             return 0
 
-    def extend(self, occs: list[Occurrence]) -> list[str]:
+    def extend(self, occs: list[Occurrence], owed: set[tuple[str, int]] | None = None) -> list[str]:
+        """Append each of ``occs``; the first record of each (uid, number) in ``owed`` is marked owed
+        and its key taken out of the set."""
         dropped: list[str] = []
         for occ in occs:
-            dropped.extend(self.append(occ))
+            dropped.extend(self.append(occ, _owed_once(owed, occ)))
         return dropped
 
     def _drop_oldest(self) -> list[str] | None:
@@ -294,7 +319,7 @@ class Spool:
         keys: list[str] = []
         for line in data.splitlines():
             try:
-                raw, _ = orjson.loads(line)
+                raw = orjson.loads(line)[0]
                 keys.append(f"{raw['metadata']['uid']}/{occurrence_number(raw)}")
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 keys.append("?")

@@ -406,8 +406,7 @@ def spooled_uids(spool_dir: Path) -> set[str]:
     uids: set[str] = set()
     for seg in spool_dir.glob("*.seg"):
         for line in seg.read_bytes().splitlines():
-            raw, _ = orjson.loads(line)
-            uids.add(raw["metadata"]["uid"])
+            uids.add(orjson.loads(line)[0]["metadata"]["uid"])  # [raw, received_at] or [..., owed]
     return uids
 
 
