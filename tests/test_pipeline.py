@@ -516,7 +516,7 @@ def test_a_crash_anywhere_inside_prepend_loses_nothing_that_was_spooled(
     the old segments are deleted. Reopened, the spool holds every spooled record (a few twice, which
     the checkpoint skips), in the intended order; the memory ones once the new segment counts (before
     that the stop had kept nothing: the relist sends them again, their checkpoint never moved)."""
-    import eventrouter.engine.spool as spool_module
+    import os  # the spool's own (os.replace puts a segment and the cursor in place)
 
     directory = tmp_path / "spool"
     spool = Spool(directory, max_bytes=10_000_000, segment_bytes=1024)
@@ -527,7 +527,7 @@ def test_a_crash_anywhere_inside_prepend_loses_nothing_that_was_spooled(
     in_flight = spool.pop(3)
     memory = [make_occurrence() for _ in range(2)]
     calls = {"replace": 0}
-    real_replace = spool_module.os.replace
+    real_replace = os.replace
 
     def replace(src: Any, dst: Any) -> None:
         calls["replace"] += 1
@@ -539,9 +539,9 @@ def test_a_crash_anywhere_inside_prepend_loses_nothing_that_was_spooled(
         raise _Crash
 
     if at == "segment":
-        monkeypatch.setattr(spool_module.os, "replace", lambda src, dst: (_ for _ in ()).throw(_Crash()))
+        monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(_Crash()))
     elif at == "cursor":
-        monkeypatch.setattr(spool_module.os, "replace", replace)
+        monkeypatch.setattr(os, "replace", replace)
     elif at == "unlink":
         monkeypatch.setattr(Spool, "_unlink", unlink)
     if at == "none":
