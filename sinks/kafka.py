@@ -24,8 +24,12 @@ Record layout
 Topic: a literal name or a template over record fields, e.g. ``topic=k8s-events-{namespace}``. Fields:
 cluster, namespace, name, uid, type, reason, action, reporting_component, reporting_instance,
 source_component, source_host, kind/object_kind, object_name, object_namespace. Substituted values are
-mapped to Kafka's topic charset ``[a-zA-Z0-9._-]`` (others become ``_``, empty becomes ``_``) and the
-name is cut at 249 characters.
+mapped to Kafka's topic charset ``[a-zA-Z0-9._-]`` (others become ``_``, empty becomes ``_``; so values
+that differ only in such characters share a topic). A rendered name over Kafka's limit of 249 characters
+(``{object_name}`` may hold 253) keeps its first 240 and ends in ``-`` and the first 8 hex digits of the
+SHA-256 of the whole rendered name, so two long names that share a beginning still name two topics.
+A literal topic Kafka refuses (``.``, ``..``, over 249 characters) is a configuration error; a record
+whose topic Kafka's naming rules refuse is never sent, but rejected (dead-lettered) naming the topic.
 
 Delivery: the batch's records are partitioned as ``AIOKafkaProducer.send`` would (murmur2 of the key),
 packed in order into produce batches per topic-partition (aiokafka's batch API; up to
@@ -55,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import random
@@ -86,10 +91,13 @@ from eventrouter import (
 from eventrouter.options import FilePath
 from eventrouter.truncate import shorten_message
 
-__all__ = ["KafkaOptions", "KafkaSink", "render_topic", "ssl_context", "topic_fields"]
+__all__ = ["KafkaOptions", "KafkaSink", "render_topic", "ssl_context", "topic_fields", "topic_problem"]
 
-_MAX_TOPIC_LEN = 249
-_TOPIC_CHARS = re.compile(r"^[a-zA-Z0-9._-]*$")
+_MAX_TOPIC_LEN = 249  # Kafka's Topic.MAX_NAME_LENGTH
+_TOPIC_HASH_LEN = 8  # hex digits of the suffix that keeps long names apart (as the Elasticsearch sink's)
+# fullmatch, never match with ^…$: "$" also matches before a final newline, and "k8s-events\n" (a YAML
+# block scalar) passed as a valid name, then was retried for ever.
+_TOPIC_CHARS = re.compile(r"[a-zA-Z0-9._-]*")
 _TOPIC_BAD = re.compile(r"[^a-zA-Z0-9._-]")
 
 TOPIC_FIELDS = frozenset(
@@ -130,7 +138,7 @@ def _parse_template(template: str) -> list[tuple[str, str | None]]:
     except ValueError as exc:
         raise ValueError(f"topic template {template!r}: {exc}") from None
     for literal, field, spec, conversion in parsed:
-        if not _TOPIC_CHARS.match(literal):
+        if not _TOPIC_CHARS.fullmatch(literal):
             raise ValueError(
                 f"topic {template!r}: {literal!r} has characters Kafka does not allow (use a-z A-Z 0-9 . _ -)"
             )
@@ -160,11 +168,29 @@ def _sanitise(value: str) -> str:
     return _TOPIC_BAD.sub("_", value) or "_"
 
 
+def topic_problem(name: str) -> str | None:
+    """Why Kafka refuses ``name`` as a topic (its ``Topic.validate`` rules), or None. The broker says
+    INVALID_TOPIC_EXCEPTION in its metadata answer, which aiokafka only logs: it asks again until
+    ``request_timeout_ms`` and raises UnknownTopicOrPartitionError, which reads as "retry"."""
+    if name in ("", ".", ".."):
+        return "is not a valid topic name ('', '.' and '..' are not allowed)"
+    if len(name) > _MAX_TOPIC_LEN:
+        return f"is {len(name)} characters long, over Kafka's limit of {_MAX_TOPIC_LEN}"
+    if not _TOPIC_CHARS.fullmatch(name):
+        return "has characters Kafka does not allow (use a-z A-Z 0-9 . _ -)"
+    return None
+
+
 def render_topic(parts: Sequence[tuple[str, str | None]], record: dict[str, Any]) -> str:
-    """Fill a parsed template from a record; substituted values are made topic-safe."""
+    """Fill a parsed template from a record; substituted values are made topic-safe, and a name over
+    249 characters is cut and ends in a hash of the whole name."""
     values = topic_fields(record)
     topic = "".join(literal + (_sanitise(values[field]) if field else "") for literal, field in parts)
-    topic = topic[:_MAX_TOPIC_LEN]
+    if len(topic) > _MAX_TOPIC_LEN:
+        # Cut alone, two names sharing their first 249 characters (long object names with one
+        # prefix) wrote into one topic, each object's events mixed into the other's. ASCII only here.
+        digest = hashlib.sha256(topic.encode()).hexdigest()[:_TOPIC_HASH_LEN]
+        topic = f"{topic[: _MAX_TOPIC_LEN - 1 - _TOPIC_HASH_LEN]}-{digest}"
     return "_" if topic in ("", ".", "..") else topic
 
 
@@ -194,7 +220,8 @@ class KafkaOptions(SinkOptions):
     topic: str = Field(
         "k8s-events",
         validation_alias=AliasChoices("topic", "eventstopic"),
-        description="Topic name or template over record fields, e.g. k8s-events-{namespace}.",
+        description="Topic name or template over record fields, e.g. k8s-events-{namespace}. A rendered "
+        "name over 249 characters keeps its first 240, then - and 8 hex digits of its SHA-256.",
     )
     key_by: Literal["object", "object_uid", "event", "none"] = Field(
         "object", description="Record key: involved object kind/namespace/name (default), its uid, event uid."
@@ -292,7 +319,11 @@ class KafkaOptions(SinkOptions):
     def _topic(cls, value: str) -> str:
         if not value:
             raise ValueError("topic must not be empty")
-        _parse_template(value)
+        parts = _parse_template(value)
+        if all(field is None for _, field in parts):  # a template's names are made valid as rendered
+            problem = topic_problem(value)
+            if problem is not None:
+                raise ValueError(f"topic {value!r} {problem}")
         return value
 
     @model_validator(mode="before")
@@ -863,6 +894,14 @@ class KafkaSink(Sink[KafkaOptions]):
         stop: Outcome | None = None
         groups: dict[tuple[str, int], list[tuple[int, _Message]]] = {}
         for topic, items in by_topic.items():
+            problem = topic_problem(topic)
+            if problem is not None:
+                # Asked for it, the broker answers INVALID_TOPIC_EXCEPTION and aiokafka retries until
+                # request_timeout_ms: a retry for ever that also held back the batch's other topics.
+                refused = reject(f"kafka refuses topic {topic!r}: it {problem}")
+                for i, _ in items:
+                    outcomes[i] = refused
+                continue
             if stop is not None:
                 for i, _ in items:
                     outcomes[i] = retry(f"not sent: {stop.reason}")
