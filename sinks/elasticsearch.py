@@ -554,6 +554,75 @@ def _disk_block(error: Any) -> bool:
     )
 
 
+def _accepted_indices(items: list[Any]) -> set[str]:
+    return {
+        _item_index(result)
+        for item in items
+        if isinstance(item, dict)
+        for result in item.values()
+        if isinstance(result, dict)
+        and isinstance(result.get("status"), int)
+        and 200 <= result["status"] < 300
+    }
+
+
+def _item_index(result: dict[str, Any]) -> str:
+    error = result.get("error")
+    index = result.get("_index") or (error.get("index") if isinstance(error, dict) else None)
+    return str(index) if index else "?"
+
+
+# Elasticsearch's "this action is granted by the index privileges [create_doc,create,index,write,all]".
+_GRANTED_BY = re.compile(
+    r"action \[(.+?)\] is unauthorized.*granted by the (?:index )?privileges \[([^\]]*)\]"
+)
+# 400 answers about the target, not the document: every document sent there fails alike until the
+# operator acts (creates the pipeline, names the alias's write index, sets op_type=create).
+_TARGET_400 = re.compile(
+    r"pipeline with id \[.*\] does not exist"
+    r"|no write index is defined for alias"
+    r"|only write ops with an op_type of create are allowed in data streams"
+)
+
+
+def _operator_fault(status: int, error: Any, index: str) -> str | None:
+    """Why a bulk item was refused when the operator, not the document, is to put it right (a
+    privilege, a missing index, pipeline or write index, a read-only cluster); None when the
+    document itself is at fault (a mapping error, a version conflict, a write-blocked index)."""
+    kind = error.get("type") if isinstance(error, dict) else None
+    reason = str(error.get("reason", "")) if isinstance(error, dict) else str(error or "")
+    text = _error_text(error)
+    if status == 401:
+        return f"credentials rejected writing to index {index} ({text})"
+    if status == 403:
+        if kind == "cluster_block_exception":
+            # A cluster-wide read-only block is maintenance and is lifted; an index write block (ILM's
+            # readonly on an old daily index) stays: retrying would hold the sink for ever.
+            return f"the cluster is read-only ({text})" if "cluster read-only" in reason else None
+        granted = _GRANTED_BY.search(reason)
+        if granted and granted.group(1) == "indices:admin/auto_create":
+            return (
+                f"index {index} does not exist and the user's role may not create it: "
+                f"{granted.group(1)} needs one of the index privileges {granted.group(2)} ({text})"
+            )
+        if granted:
+            return (
+                f"the user's role lacks a privilege on index {index}: {granted.group(1)} needs one of "
+                f"the index privileges {granted.group(2)} ({text})"
+            )
+        return f"index {index} refused the user's writes ({text})"
+    if status == 404:
+        if kind == "index_not_found_exception":
+            return (
+                f"index {index} does not exist and the cluster does not create it ({text}); "
+                "create it, or allow its automatic creation (action.auto_create_index, an index template)"
+            )
+        return f"index {index} answered 404 ({text})"
+    if status == 400 and _TARGET_400.search(reason):
+        return f"index {index}: {text}"
+    return None
+
+
 def _body_error(body: Any) -> str:
     if isinstance(body, dict) and "error" in body:
         return _error_text(body["error"])
@@ -606,6 +675,11 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         self._headers = {"accept": "application/json", **self._auth_header()}
         self._bulk_headers = {"content-type": "application/x-ndjson", **self._headers}
         self._json_headers = {"content-type": "application/json", **self._headers}
+        # Refusals the operator has to put right (a role's privilege, a missing index or pipeline),
+        # already logged: once per run of failures, not at every retry. By index; the whole
+        # request's by status.
+        self._refusals: dict[str, str] = {}
+        self._request_refusal: int | None = None
 
     def __repr__(self) -> str:
         return f"<ElasticsearchSink {self.context.name} nodes=[{self._shown}]>"
@@ -807,10 +881,16 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 continue
             entries.append((i, line))
         if entries:
-            await self._bulk(entries, outcomes)
+            refused: dict[str, str] = {}  # index → why, when the operator has to put it right
+            accepted: set[str] = set()  # indices that took a document (tracked while any is refused)
+            await self._bulk(entries, outcomes, refused, accepted)
+            if refused or self._refusals:
+                self._note_refusals(refused, accepted)
         return outcomes
 
-    async def _bulk(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
+    async def _bulk(
+        self, entries: list[_Entry], outcomes: list[Outcome], refused: dict[str, str], accepted: set[str]
+    ) -> None:
         body = b"".join(line for _, line in entries)
         try:
             meta, resp = await self._request("POST", self._bulk_path, body, self._bulk_headers)
@@ -827,8 +907,8 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 )
                 return
             mid = len(entries) // 2
-            await self._bulk(entries[:mid], outcomes)
-            await self._bulk(entries[mid:], outcomes)
+            await self._bulk(entries[:mid], outcomes, refused, accepted)
+            await self._bulk(entries[mid:], outcomes, refused, accepted)
             return
         if status == 429 or status == 408 or status >= 500:
             raise RetryableError(
@@ -837,46 +917,107 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         if status in (401, 403, 404):
             # The credentials (revoked or rotated before the Secret reached the pod), the role or the
             # URL: the same documents succeed once that is put right. Retried, not dead-lettered.
-            if status != 404:
-                self.log.error(
-                    "%s: credentials rejected by %s (%s); check username/password, api_key or bearer_token",
-                    self.context.name,
-                    _node_text(meta),
-                    status,
-                )
+            self._log_request_refusal(meta, resp)
             raise RetryableError(f"elasticsearch: bulk request refused: {status} {_body_error(resp)}")
         if status >= 300:
             reason = f"bulk request refused: {status} {_body_error(resp)}"
             for i, _ in entries:
                 outcomes[i] = reject(reason)
             return
+        self._request_refusal = None
         items = resp.get("items") if isinstance(resp, dict) else None
         if not isinstance(items, list) or len(items) != len(entries):
             got = len(items) if isinstance(items, list) else "no"
             raise RetryableError(f"elasticsearch: bulk response has {got} items for {len(entries)} documents")
+        if self._refusals:
+            accepted.update(_accepted_indices(items))
         if resp.get("errors") is False:
             return
         retry_after = _retry_after(meta)
         for (i, _), item in zip(entries, items, strict=True):
-            outcomes[i] = self._item_outcome(item, retry_after)
+            outcomes[i], cause = self._item_outcome(item, retry_after)
+            if cause is not None:
+                refused.setdefault(cause[0], cause[1])
 
-    def _item_outcome(self, item: Any, retry_after: float | None) -> Outcome:
+    def _item_outcome(self, item: Any, retry_after: float | None) -> tuple[Outcome, tuple[str, str] | None]:
+        """The item's outcome, and (index, why) when the operator has to put something right."""
         if not isinstance(item, dict) or len(item) != 1:
-            return retry(f"malformed bulk item {item!r:.200}")
+            return retry(f"malformed bulk item {item!r:.200}"), None
         ((action, result),) = item.items()
         if not isinstance(result, dict):
-            return retry(f"malformed bulk item {item!r:.200}")
+            return retry(f"malformed bulk item {item!r:.200}"), None
         status = result.get("status")
         if not isinstance(status, int):
-            return retry(f"bulk item without status: {item!r:.200}")
+            return retry(f"bulk item without status: {item!r:.200}"), None
         if 200 <= status < 300:
-            return OK
+            return OK, None
         error = _error_text(result.get("error"))
         if status == 409 and action == "create":
-            return OK  # already indexed under this _id: a re-delivery
+            return OK, None  # already indexed under this _id: a re-delivery
         if status == 429 or status >= 500 or (status == 403 and _disk_block(result.get("error"))):
-            return retry(f"{status} {error}", retry_after=retry_after)
-        return reject(f"{status} {error}")
+            return retry(f"{status} {error}", retry_after=retry_after), None
+        index = _item_index(result)
+        cause = _operator_fault(status, result.get("error"), index)
+        if cause is not None:
+            # Not this document's fault: every document to that index fails alike until the
+            # operator acts, and then these succeed. The engine's backoff applies (no retry_after),
+            # the sink counts as down, and retry_max_attempts still ends it.
+            return retry(f"{status} {error}"), (index, cause)
+        return reject(f"{status} {error}"), None
+
+    def _note_refusals(self, refused: dict[str, str], accepted: set[str]) -> None:
+        """Log each index's refusal once per run of failures; say when an index accepts again."""
+        for index in sorted(accepted & self._refusals.keys() - refused.keys()):
+            del self._refusals[index]
+            self.log.info("%s: index %s accepts documents again", self.context.name, index)
+        if not refused:
+            # The run is over: a batch with no such refusal follows the refused documents only
+            # once they went in or were dead-lettered (retry_max_attempts).
+            self._refusals.clear()
+            return
+        new = [(index, cause) for index, cause in refused.items() if self._refusals.get(index) != cause]
+        if len(self._refusals) + len(new) > 4096:  # index names may come from field values
+            self._refusals.clear()
+        for index, cause in new[:3]:
+            self._refusals[index] = cause
+            self.log.error(
+                "%s: %s; its documents are retried (up to retry_max_attempts, if set) until that is put right",
+                self.context.name,
+                cause,
+            )
+        for index, cause in new[3:]:
+            self._refusals[index] = cause
+        if len(new) > 3:
+            self.log.error(
+                "%s: %d more indices refused the same way or alike", self.context.name, len(new) - 3
+            )
+
+    def _log_request_refusal(self, meta: ApiResponseMeta, body: Any) -> None:
+        """Say once per run of failures why the whole bulk request is refused (401, 403, 404)."""
+        status = meta.status
+        if self._request_refusal == status:
+            return
+        self._request_refusal = status
+        node = _node_text(meta)
+        error = body.get("error") if isinstance(body, dict) else None
+        if status == 401:
+            text = (
+                f"credentials rejected by {node} (401 {_body_error(body)}); "
+                "check username/password, api_key or bearer_token"
+            )
+        elif status == 404 and isinstance(error, dict) and error.get("type") == "index_not_found_exception":
+            text = _operator_fault(404, error, str(error.get("index") or "?")) or _body_error(body)
+        elif status == 404:
+            text = (
+                f"POST {node.rstrip('/')}/_bulk answered 404 ({_body_error(body)}): nothing serves the bulk "
+                "API there; is the URL's path right (a proxy's path prefix missing, extra or changed)?"
+            )
+        else:
+            text = (
+                f"{node} refused the bulk request (403 {_body_error(body)}): the user's role lacks a "
+                "privilege the bulk API needs"
+            )
+        self.log.error("%s: %s; retrying until that is put right", self.context.name, text)
 
 
 def _node_text(meta: ApiResponseMeta) -> str:

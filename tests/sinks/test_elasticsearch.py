@@ -6,11 +6,13 @@ aiohttp server on loopback that answers like Elasticsearch does (osmem has no se
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -395,7 +397,13 @@ class FakeBulkServer:
     item_status: dict[str, tuple[int, dict[str, str]]] = field(default_factory=dict)
     max_content_length: int = 100 * 1024 * 1024
     bulk_sizes: list[int] = field(default_factory=list)
+    bulk_times: list[float] = field(default_factory=list)  # time.monotonic() of each POST /_bulk
     monitor: bool = True  # the user holds the `monitor` cluster privilege (GET /)
+    auto_create: bool = True  # action.auto_create_index
+    indices: set[str] = field(default_factory=set)  # existing indices
+    # index → the action the user's role is not granted on it: "indices:data/write/bulk[s]" (no
+    # write/create_doc privilege) or "indices:admin/auto_create" (no create_index/auto_configure)
+    denied: dict[str, str] = field(default_factory=dict)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_content_length * 2)
@@ -441,6 +449,7 @@ class FakeBulkServer:
             return denied
         body = await request.read()
         self.bulk_sizes.append(len(body))
+        self.bulk_times.append(time.monotonic())
         if len(body) > self.max_content_length:
             return web.Response(status=413)
         if self.responses:
@@ -455,13 +464,41 @@ class FakeBulkServer:
         items = []
         for action_line in lines[:-1:2]:
             ((action, meta),) = orjson.loads(action_line).items()
-            status, error = self.item_status.get(meta["_id"], (201, {}))
+            status, error = self.item_status.get(meta["_id"], None) or self._item_answer(meta["_index"])
             item: dict[str, Any] = {"_index": meta["_index"], "_id": meta["_id"], "status": status}
             if error:
                 item["error"] = error
             items.append({action: item})
         errors = any(next(iter(i.values()))["status"] >= 300 for i in items)
         return web.json_response({"took": 1, "errors": errors, "items": items})
+
+    def _item_answer(self, index: str) -> tuple[int, dict[str, str]]:
+        """Status and error of a write to ``index`` as Elasticsearch 8 answers it in a bulk item."""
+        creating = index not in self.indices
+        action = self.denied.get(index)
+        if action == "indices:admin/auto_create" and not creating:
+            action = None
+        if action is not None:
+            granted = {
+                "indices:admin/auto_create": "auto_configure,create_index,manage,all",
+                "indices:data/write/bulk[s]": "create_doc,create,index,write,all",
+            }[action]
+            reason = (
+                f"action [{action}] is unauthorized for user [writer] with effective roles "
+                f"[events_writer] on indices [{index}], this action is granted by the index "
+                f"privileges [{granted}]"
+            )
+            return 403, {"type": "security_exception", "reason": reason}
+        if creating and not self.auto_create:
+            reason = f"no such index [{index}] and [action.auto_create_index] is [false]"
+            return 404, {
+                "type": "index_not_found_exception",
+                "reason": reason,
+                "index_uuid": "_na_",
+                "index": index,
+            }
+        self.indices.add(index)
+        return 201, {}
 
 
 @pytest.fixture
@@ -550,6 +587,214 @@ async def test_the_flood_stage_disk_block_of_elasticsearch_before_7_6_is_retried
         outcomes = await send(sink, batch)
     assert outcome_kinds(outcomes) == [OutcomeKind.RETRY, OutcomeKind.REJECT]
     assert outcomes[0].reason == f"403 cluster_block_exception: {disk}"
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The sink's error lines about refusals the operator has to put right."""
+    return [
+        r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and "put right" in r.getMessage()
+    ]
+
+
+async def test_an_index_the_cluster_does_not_create_is_retried_until_it_exists(
+    fake: FakeBulkServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """action.auto_create_index=false: Elasticsearch answers each item 404 index_not_found_exception.
+    Every document of that index was dead-lettered, though the same documents go in once the
+    operator creates the index (as the whole request's 401/403/404 was already retried)."""
+    caplog.set_level(logging.INFO)
+    fake.auto_create = False
+    fake.indices = {"other"}
+    batch = [occurrence() for _ in range(3)]
+    fake.item_status = {f"{batch[2].uid}-1": (400, {"type": "document_parsing_exception", "reason": "bad"})}
+    async with running_sink(fake.url, index="events") as sink:
+        outcomes = await send(sink, batch)
+        # A document the cluster refuses for its own content is still dead-lettered at once.
+        assert outcome_kinds(outcomes) == [OutcomeKind.RETRY, OutcomeKind.RETRY, OutcomeKind.REJECT]
+        assert outcomes[0].retry_after is None  # the engine's backoff applies
+        assert outcomes[0].reason == (
+            "404 index_not_found_exception: no such index [events] and [action.auto_create_index] is [false]"
+        )
+        for _ in range(2):  # the engine's retries
+            assert outcome_kinds(await send(sink, batch[:2])) == [OutcomeKind.RETRY] * 2
+        fake.indices.add("events")  # the operator creates the index
+        assert outcome_kinds(await send(sink, batch[:2])) == [OutcomeKind.OK] * 2
+    assert refusals(caplog) == [
+        "es: index events does not exist and the cluster does not create it (index_not_found_exception: "
+        "no such index [events] and [action.auto_create_index] is [false]); create it, or allow its "
+        "automatic creation (action.auto_create_index, an index template); its documents are retried "
+        "(up to retry_max_attempts, if set) until that is put right"
+    ]
+    assert "es: index events accepts documents again" in caplog.text
+
+
+async def test_a_role_without_create_index_or_write_privilege_is_retried_until_granted(
+    fake: FakeBulkServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bulk item answered 403 security_exception: the role lacks create_index (auto-creating the
+    day's index) or write/create_doc on it. Each was dead-lettered; now retried, logged once per
+    cause naming the index and the privileges that would grant it."""
+    caplog.set_level(logging.INFO)
+    fake.denied = {"events": "indices:admin/auto_create"}
+    async with running_sink(fake.url, index="events") as sink:
+        for _ in range(2):
+            assert outcome_kinds(await send(sink, [occurrence()])) == [OutcomeKind.RETRY]
+        fake.indices.add("events")  # an admin created it; the role still may not write to it
+        fake.denied = {"events": "indices:data/write/bulk[s]"}
+        for _ in range(2):
+            outcomes = await send(sink, [occurrence()])
+            assert outcome_kinds(outcomes) == [OutcomeKind.RETRY]
+        assert outcomes[0].reason.startswith(
+            "403 security_exception: action [indices:data/write/bulk[s]] is unauthorized for user [writer]"
+        )
+        fake.denied = {}  # the privilege is granted
+        assert outcome_kinds(await send(sink, [occurrence()])) == [OutcomeKind.OK]
+    logged = refusals(caplog)
+    assert len(logged) == 2, logged
+    assert logged[0].startswith(
+        "es: index events does not exist and the user's role may not create it: indices:admin/auto_create "
+        "needs one of the index privileges auto_configure,create_index,manage,all (security_exception: "
+    )
+    assert logged[1].startswith(
+        "es: the user's role lacks a privilege on index events: indices:data/write/bulk[s] needs one of "
+        "the index privileges create_doc,create,index,write,all (security_exception: "
+    )
+
+
+async def test_per_item_refusals_back_off_mark_the_sink_down_and_end_after_retry_max_attempts(
+    fake: FakeBulkServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through the engine: per-item 404s are retried with its backoff (no hot loop), the sink counts
+    as down, retry_max_attempts still dead-letters them, and the cause is logged once."""
+    from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
+    from eventrouter.engine.deadletter import DeadLetter
+    from eventrouter.engine.pipeline import Pipeline
+    from eventrouter.metrics import Metrics
+    from eventrouter.options import PipelineOptions
+    from eventrouter.testing.waiting import until
+
+    fake.auto_create = False
+    metrics = Metrics()
+    sink = ElasticsearchSink(
+        ElasticsearchOptions.model_validate({"url": fake.url, "index": "events"}),
+        SinkContext("es", "test", None, logging.getLogger("test.es")),
+    )
+    options = {
+        "batch_max_wait": 0.01,
+        "retry_initial_backoff": 0.2,
+        "retry_max_backoff": 0.4,
+        "retry_max_attempts": 3,
+    }
+    p = Pipeline(
+        name="es",
+        sink=sink,
+        options=PipelineOptions.model_validate(options),
+        predicate=None,
+        checkpoint=SinkCheckpoint(MemoryCheckpoint()),
+        deadletter=DeadLetter(tmp_path / "dl", sink="es"),
+        metrics=metrics,
+    )
+    task = asyncio.create_task(p.run())
+    p.offer(occurrence())
+    exhausted = metrics.dead_lettered.labels("es", "retries_exhausted")
+    await until(lambda: exhausted._value.get() == 1)
+    assert metrics.sink_up.labels("es")._value.get() == 0
+    p.close()
+    await asyncio.wait_for(task, 10)
+    await p.close_sink()
+    assert metrics.dead_lettered.labels("es", "rejected")._value.get() == 0
+    assert metrics.retries.labels("es")._value.get() == 2
+    # Three attempts, each after the engine's backoff (equal jitter: at least half the base delay).
+    times = fake.bulk_times
+    assert len(times) == 3
+    assert times[1] - times[0] >= 0.1 and times[2] - times[1] >= 0.2
+    (record,) = [orjson.loads(line) for line in (tmp_path / "dl").read_bytes().splitlines()]
+    assert record["reason"] == (
+        "retries exhausted after 3 attempts: 404 index_not_found_exception: no such index [events] "
+        "and [action.auto_create_index] is [false]"
+    )
+    assert len(refusals(caplog)) == 1
+
+
+async def test_a_cluster_read_only_block_is_retried_an_index_write_block_rejected(cluster: Cluster) -> None:
+    """osmem answers as OpenSearch does: 403 cluster_block_exception per item. A cluster-wide
+    read-only block (maintenance) is lifted again; the write block ILM puts on an old index is not."""
+    await cluster.call("PUT", "/old", {"settings": {"index.blocks.write": True}})
+    async with running_sink(cluster.url, index="events") as sink:
+        status, _ = await cluster.call(
+            "PUT", "/_cluster/settings", {"persistent": {"cluster.blocks.read_only": True}}
+        )
+        assert status == 200
+        outcomes = await send(sink, [occurrence()])
+        assert outcome_kinds(outcomes) == [OutcomeKind.RETRY]
+        assert (
+            outcomes[0].reason
+            == "403 cluster_block_exception: blocked by: [FORBIDDEN/6/cluster read-only (api)];"
+        )
+        await cluster.call("PUT", "/_cluster/settings", {"persistent": {"cluster.blocks.read_only": False}})
+        assert outcome_kinds(await send(sink, [occurrence()])) == [OutcomeKind.OK]
+    async with running_sink(cluster.url, index="old") as sink:
+        assert outcome_kinds(await send(sink, [occurrence()])) == [OutcomeKind.REJECT]
+
+
+async def test_a_missing_pipeline_or_alias_write_index_is_retried_until_put_right(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Answered 400 per item, but about the target, not the document: a `pipeline=` that does not
+    exist (yet), an alias over two indices without a write index. Every document was dead-lettered."""
+    caplog.set_level(logging.INFO)
+    for name in ("events-1", "events-2"):
+        await cluster.call("PUT", f"/{name}", {"aliases": {"events": {}}})
+    occ = occurrence()
+    async with running_sink(cluster.url, index="events") as sink:
+        outcomes = await send(sink, [occ])
+        assert outcome_kinds(outcomes) == [OutcomeKind.RETRY]
+        assert outcomes[0].reason.startswith(
+            "400 illegal_argument_exception: no write index is defined for alias"
+        )
+        actions = [{"add": {"index": "events-2", "alias": "events", "is_write_index": True}}]
+        assert (await cluster.call("POST", "/_aliases", {"actions": actions}))[0] == 200
+        assert outcome_kinds(await send(sink, [occ])) == [OutcomeKind.OK]
+    assert await cluster.count("events-2") == 1
+    async with running_sink(cluster.url, index="other", pipeline="k8s-events") as sink:
+        outcomes = await send(sink, [occ])
+        assert outcome_kinds(outcomes) == [OutcomeKind.RETRY]
+    logged = refusals(caplog)
+    assert len(logged) == 2, logged
+    assert logged[0].startswith(
+        "es: index events: illegal_argument_exception: no write index is defined for alias [events]"
+    )
+    assert logged[1] == (
+        "es: index other: illegal_argument_exception: pipeline with id [k8s-events] does not exist; its "
+        "documents are retried (up to retry_max_attempts, if set) until that is put right"
+    )
+
+
+async def test_whole_request_404_and_403_are_logged_once_with_their_cause(
+    fake: FakeBulkServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 404 for the whole request (a proxy in front of the cluster whose path changed) was retried
+    without a word; a 403 was logged as "credentials rejected", at every retry."""
+    role = (
+        "action [indices:data/write/bulk] is unauthorized for user [writer] with effective roles [viewer], "
+        "this action is granted by the index privileges [create_doc,create,delete,index,write,all]"
+    )
+    forbidden = {"error": {"type": "security_exception", "reason": role}, "status": 403}
+    async with running_sink(fake.url) as sink:
+        fake.responses = [(404, {"Content-Type": "text/html"}, "404 page not found")] * 2 + [
+            (403, {}, forbidden)
+        ] * 2
+        for _ in range(4):
+            with pytest.raises(RetryableError):
+                await sink.send([occurrence()])
+        assert outcome_kinds(await sink.send([occurrence()])) == [OutcomeKind.OK]
+    assert refusals(caplog) == [
+        f"es: POST {fake.url}/_bulk answered 404 (404 page not found): nothing serves the bulk API there; "
+        "is the URL's path right (a proxy's path prefix missing, extra or changed)?; retrying until that "
+        "is put right",
+        f"es: {fake.url} refused the bulk request (403 security_exception: {role}): the user's role lacks "
+        "a privilege the bulk API needs; retrying until that is put right",
+    ]
 
 
 async def test_too_large_request_is_split_and_single_document_rejected(fake: FakeBulkServer) -> None:
