@@ -779,7 +779,11 @@ class Router:
                     for occ in rest:
                         dropped.extend(p.spool.extend([occ], owed))
                         kept += 1
-                    p.settle_at_stop()  # only once they are on disk: before, a crash would lose them
+                    # Only once they are on disk (before, a crash would lose them), and only when the
+                    # spool is read by whoever reads this checkpoint: a ConfigMap checkpoint is read
+                    # by the next leader, which has a spool of its own, and would skip X/4 for good.
+                    if self.checkpoint_store is None:
+                        p.settle_at_stop()
                 except OSError as exc:
                     self.metrics.data_dir_errors.labels(p.name, "spool").inc()
                     self.metrics.dropped.labels(p.name, "spool_error").inc(len(left) - kept)

@@ -56,13 +56,20 @@ class Outcome:
     held: bool = False
     """RETRY that is no failure: the sink holds the item on purpose (a digest window, its own rate
     limit) and wants it back after ``retry_after``. Not counted as an attempt or a retry."""
+    defer: bool = False
+    """RETRY of an item refused for a cause of its own (its Loki stream over the stream limit, its
+    Elasticsearch index refused) while the destination takes the rest: when every RETRY of a send
+    says so, those items wait aside (each with its own backoff, still counting towards
+    ``retry_max_attempts``) and later batches go on. Without it a retry holds up the pipeline."""
 
 
 OK = Outcome(OutcomeKind.OK)
 
 
-def retry(reason: str, *, retry_after: float | None = None, held: bool = False) -> Outcome:
-    return Outcome(OutcomeKind.RETRY, reason, retry_after, held)
+def retry(
+    reason: str, *, retry_after: float | None = None, held: bool = False, defer: bool = False
+) -> Outcome:
+    return Outcome(OutcomeKind.RETRY, reason, retry_after, held, defer)
 
 
 def reject(reason: str) -> Outcome:

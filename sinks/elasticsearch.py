@@ -961,8 +961,14 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         if cause is not None:
             # Not this document's fault: every document to that index fails alike until the
             # operator acts, and then these succeed. The engine's backoff applies (no retry_after),
-            # the sink counts as down, and retry_max_attempts still ends it.
-            return retry(f"{status} {error}"), (index, cause)
+            # the sink counts as down, and retry_max_attempts still ends it. A cause of that index
+            # alone (not the credentials, not a read-only cluster) sets them aside: the other
+            # indices go on meanwhile.
+            err = result.get("error")
+            own = status != 401 and not (
+                isinstance(err, dict) and err.get("type") == "cluster_block_exception"
+            )
+            return retry(f"{status} {error}", defer=own), (index, cause)
         return reject(f"{status} {error}"), None
 
     def _note_refusals(self, refused: dict[str, str], accepted: set[str]) -> None:

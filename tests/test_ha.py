@@ -18,6 +18,7 @@ import pytest
 from eventrouter.app import Router, RouterSettings
 from eventrouter.config import spec_for_class
 from eventrouter.record import occurrence_number
+from eventrouter.sink import OK, retry
 from eventrouter.source.watcher import WatchSettings
 from eventrouter.testing import FakeApiServer, MemorySink, event_object
 from eventrouter.testing.waiting import until
@@ -160,6 +161,7 @@ async def test_a_leader_that_cannot_renew_stops_delivering_and_exits_1(
 
 def _elected(api: FakeApiServer, tmp_path: Path, identity: str, **kw: Any) -> Router:
     """An in-process replica with leader election and the ConfigMap checkpoint, on short timings."""
+    sink = {"batch_max_wait": kw.pop("batch_max_wait", 0.01)}
     settings = RouterSettings(
         kubeconfig=api.kubeconfig(tmp_path / f"kubeconfig-{identity}"),
         metrics_addr=kw.pop("metrics_addr", None),
@@ -175,9 +177,7 @@ def _elected(api: FakeApiServer, tmp_path: Path, identity: str, **kw: Any) -> Ro
         watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.2),
         **kw,
     )
-    spec = spec_for_class(
-        MemorySink, {"name": "mem", "batch_max_events": 10, "batch_max_wait": 0.01}, type_="memory"
-    )
+    spec = spec_for_class(MemorySink, {"name": "mem", "batch_max_events": 10, **sink}, type_="memory")
     return Router(settings, [spec])
 
 
@@ -231,3 +231,33 @@ async def test_a_leader_that_loses_its_lease_abandons_the_send_in_progress(
     sink.blocked.set()
     await asyncio.sleep(0)
     assert a.exit_code == 1 and sink.received == []  # the send was abandoned, not completed later
+
+
+async def test_a_leader_stopping_with_x4_waiting_leaves_the_shared_checkpoint_before_it(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """X/2 refused and X/3 accepted when the drain deadline passes, each replica with a data dir of its
+    own (the chart's configMap mode). Kept in a's spool, X/2 is not the next leader's to send: had a
+    recorded X/3 in the shared checkpoint (item 79, for a checkpoint of its own), b would skip the
+    event and X/2 would stay on a's volume. b's relist sends X/3 again instead (a duplicate, no loss)."""
+    a = _elected(api, tmp_path, "a", data_dir=tmp_path / "data-a", shutdown_timeout=0.3, batch_max_wait=0.5)
+    obj = api.create_event(event_object(object_name="web"))
+    ns, name, uid = obj["metadata"]["namespace"], obj["metadata"]["name"], obj["metadata"]["uid"]
+    running_a = asyncio.create_task(a.run())
+    await until(lambda: holder(api) == "a" and bool(a.pipelines), timeout=10)
+    await _mem(a).wait_for(1)
+    _mem(a).decide = lambda occ: retry("refused") if occ.number == 2 else OK
+    api.bump(ns, name)
+    api.bump(ns, name)  # within the batch wait: X/2 and X/3 go together
+    await _mem(a).wait_for(2)
+    await until(lambda: a.metrics.retries.labels("mem")._value.get() >= 1)
+    b = _elected(api, tmp_path, "b", data_dir=tmp_path / "data-b")
+    running_b = asyncio.create_task(b.run())
+    a.request_stop()
+    await asyncio.wait_for(running_a, 20)
+    await until(lambda: holder(api) == "b" and bool(b.pipelines), timeout=20)
+    await _mem(b).wait_for(1)
+    b.request_stop()
+    await asyncio.wait_for(running_b, 20)
+    assert _mem(a).keys == [(uid, 1), (uid, 3)]
+    assert _mem(b).keys == [(uid, 3)]

@@ -1412,3 +1412,93 @@ async def test_the_spool_read_position_stays_before_deferred_items_it_gave(
     p._refill()  # the next refill may pass them now
     assert len(Spool(tmp_path / "spool", max_bytes=10_000_000)) == 0
     await _finish(p, task)
+
+
+# ---- items set aside by the sink (`retry(..., defer=True)`) -------------------------------------
+
+
+def _refusing_b(sink: MemorySink, state: dict[str, bool]) -> None:
+    """A destination that refuses one key of its own (a Loki stream over the stream limit, an
+    Elasticsearch index without the privilege) while it takes the rest."""
+
+    def decide(occ: Occurrence) -> Outcome:
+        if state["refusing"] and occ.record["involved_object"]["name"].startswith("b"):
+            return retry("stream b is over the stream limit", defer=True)
+        return OK
+
+    sink.decide = decide
+
+
+async def test_items_refused_for_a_cause_of_their_own_wait_aside_while_later_batches_go_on(
+    metrics: Metrics,
+) -> None:
+    """Retried in place, b-0 held up every later batch for as long as its stream was refused."""
+    sink = _sink()
+    state = {"refusing": True}
+    _refusing_b(sink, state)
+    p = _pipeline(sink, metrics, batch_max_events=5)
+    task = await _run(p)
+    b = make_occurrence(object_name="b-0")
+    p.offer(b)
+    later = [make_occurrence(object_name=f"a-{i}") for i in range(20)]
+    for occ in later:
+        await until(lambda: not p._queue)  # one batch at a time: each after b-0 was refused
+        p.offer(occ)
+    await sink.wait_for(20)
+    assert (b.uid, b.number) not in sink.keys and b.uid in p._held  # aside, or in a batch of its own
+    assert value(metrics.retries, "mem") >= 1
+    state["refusing"] = False
+    await sink.wait_for(21)
+    await p.wait_idle(5)
+    assert sorted(sink.keys) == sorted((o.uid, o.number) for o in [b, *later])
+    assert p.checkpoint.accepted(b.uid) == b.number
+    await _finish(p, task)
+
+
+async def test_items_set_aside_still_end_at_retry_max_attempts_and_a_plain_retry_blocks(
+    metrics: Metrics, tmp_path: Path
+) -> None:
+    """Set aside, an item still counts its failed attempts: dead-lettered after retry_max_attempts.
+    A send with any plain retry (the destination failing, not one key) is retried in place."""
+    sink = _sink()
+    state = {"refusing": True}
+    _refusing_b(sink, state)
+    p = _pipeline(sink, metrics, retry_max_attempts=3, deadletter=tmp_path / "dl")
+    task = await _run(p)
+    p.offer(make_occurrence(object_name="b-0"))
+    await until(lambda: value(metrics.dead_lettered, "mem", "retries_exhausted") == 1)
+    assert not p._deferred and "retries exhausted after 3 attempts" in (tmp_path / "dl").read_text()
+    plain = make_occurrence(object_name="c-0")
+    sink.decide = lambda occ: retry("503") if occ is plain else retry("refused", defer=True)
+    p.offer(plain)
+    p.offer(make_occurrence(object_name="b-1"))
+    await until(lambda: value(metrics.retries, "mem") >= 5)
+    assert p._in_flight and not p._deferred  # both retried in place
+    sink.decide = None
+    await sink.wait_for(2)
+    await _finish(p, task)
+
+
+async def test_an_item_from_the_spool_set_aside_keeps_the_read_position_before_it(
+    metrics: Metrics, tmp_path: Path
+) -> None:
+    """Set aside, a spooled item is in memory only: the durable read position must not pass it."""
+    spool = Spool(tmp_path / "spool", max_bytes=10_000_000)
+    occs = [make_occurrence(object_name=n) for n in ("a-0", "b-0", "a-1")]
+    spool.extend(occs)
+    spool.commit()
+    sink = _sink()
+    state = {"refusing": True}
+    _refusing_b(sink, state)
+    p = _pipeline(sink, metrics, spool=spool, retry_initial_backoff=0.2, retry_max_backoff=0.2)
+    task = await _run(p)
+    await sink.wait_for(2)
+    await until(lambda: len(p._deferred) == 1)
+    p._refill()
+    assert [o.key for o in Spool(tmp_path / "spool", max_bytes=10_000_000).pop(10)] == [o.key for o in occs]
+    state["refusing"] = False
+    await sink.wait_for(3)
+    await p.wait_idle(5)
+    assert p._popped == []  # nothing delivered is kept referenced once idle
+    assert len(Spool(tmp_path / "spool", max_bytes=10_000_000)) == 0
+    await _finish(p, task)

@@ -112,6 +112,8 @@ class Pipeline:
         self._filling: list[Occurrence] = []
         # Sinks that hold items on purpose (alert digests) answer RETRY with a due time; with
         # `defer_retries` those items wait aside while later batches go on (no head-of-line blocking).
+        # Any sink may ask the same for single items (``retry(..., defer=True)``: refused for a
+        # cause of their own, a Loki stream or an Elasticsearch index, while the rest goes in).
         self._defer = bool(getattr(sink, "defer_retries", False))
         self._deferred: list[tuple[float, int, Occurrence]] = []
         self._seq = itertools.count()
@@ -123,9 +125,9 @@ class Pipeline:
         self._gone: dict[str, int] = {}
         self._deferred_offered = False  # on close, the deferred items were offered once more
         # Deferred occurrences that came from the spool: its read position is not made durable past
-        # them until they finish (a crash would lose them). `_from_spool`: those of the last refill.
+        # them until they finish (a crash would lose them). `_popped`: those of the last refill.
         self._spooled_deferred: set[tuple[str, int]] = set()
-        self._from_spool: set[tuple[str, int]] = set()
+        self._popped: list[Occurrence] = []
         self._done: dict[str, int] = {}  # finished, not yet checkpointed (a lower one is pending)
         # Read from the spool marked owed (see ``Spool``): sent although the checkpoint is past them;
         # a key leaves the set once it finished (accepted, rejected or given up).
@@ -362,15 +364,16 @@ class Pipeline:
                 room = min(self.options.batch_max_events, self.queue_max - len(self._deferred))
                 popped = self.spool.pop(room) if room > 0 else []
                 self._queue.extend(popped)
+                self._popped = popped
                 if self.spool.owed:
                     self._owed |= self.spool.owed
                     self.spool.owed.clear()
-                if self._defer:
-                    self._from_spool = {(o.uid, o.number) for o in popped}
-            elif self._overflow:
-                self._queue.extend(self._overflow)  # the spool has drained: what waited behind it
-                self._overflow.clear()
-                self._from_spool = set()
+            else:
+                # Not kept once delivered: an idle router would hold its last batch (session 5).
+                self._popped = []
+                if self._overflow:
+                    self._queue.extend(self._overflow)  # the spool has drained: what waited behind it
+                    self._overflow.clear()
             # Also what opening the spool found (a segment set aside at start), even if nothing is left.
             if self.spool.unreadable:
                 self.metrics.dropped.labels(self.name, "spool_unreadable").inc(self.spool.unreadable)
@@ -529,6 +532,7 @@ class Pipeline:
         limit = self.options.retry_max_attempts
         exhausted: list[tuple[Occurrence, str]] = []
         failed = 0
+        from_spool = {(o.uid, o.number) for o in self._popped}
         for occ, out in zip(pending, outcomes, strict=True):
             if out.kind is not OutcomeKind.RETRY:
                 continue
@@ -547,7 +551,7 @@ class Pipeline:
             delay = out.retry_after if out.retry_after is not None else self._backoff(max(tries, 1), None)
             heapq.heappush(self._deferred, (time.monotonic() + delay, next(self._seq), occ))
             self._held.setdefault(occ.uid, set()).add(occ.number)
-            if key in self._from_spool:
+            if key in from_spool:
                 self._spooled_deferred.add(key)
         self._m_retries.inc(failed)
         if exhausted:
@@ -626,6 +630,7 @@ class Pipeline:
                 lags: list[float] = []
                 oldest_event_ns = 0
                 failed = 0  # RETRY outcomes that are failures, not holds
+                in_place = 0  # RETRY outcomes to be retried in place (not set aside)
                 held, owed = self._held, self._owed
                 for occ, out in zip(pending, outcomes, strict=True):
                     if held and out.kind is not OutcomeKind.RETRY and occ.uid in held:
@@ -648,6 +653,7 @@ class Pipeline:
                         if not out.held or not last_reason:  # a failure's reason over a hold's
                             last_reason = out.reason
                         failed += not out.held
+                        in_place += not out.defer
                         if out.retry_after is not None:
                             retry_after = max(retry_after or 0.0, out.retry_after)
                 if lags:
@@ -663,7 +669,7 @@ class Pipeline:
                         self.log.warning(
                             "sink %s rejected %d more occurrences of this batch", self.name, len(dead) - 3
                         )
-                if retry_items and self._defer:
+                if retry_items and (self._defer or not in_place):
                     if failed:  # a failed send, not only holds: the sink is down, say so
                         self._set_up(False)
                         self._throttled.warning(

@@ -716,6 +716,51 @@ async def test_per_item_refusals_back_off_mark_the_sink_down_and_end_after_retry
     assert len(refusals(caplog)) == 1
 
 
+async def test_an_index_the_role_may_not_write_holds_up_no_other_index(fake: FakeBulkServer) -> None:
+    """``index=events-{namespace}``: namespace b's index refused (the role lacks the privilege) is set
+    aside while a's documents go in, and goes in once the privilege is granted. Before, the engine
+    retried b's document in place and sent nothing else meanwhile."""
+    from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
+    from eventrouter.engine.deadletter import DeadLetter
+    from eventrouter.engine.pipeline import Pipeline
+    from eventrouter.metrics import Metrics
+    from eventrouter.options import PipelineOptions
+    from eventrouter.testing.waiting import until
+
+    fake.denied["events-b"] = "indices:data/write/bulk[s]"
+    metrics = Metrics()
+    sink = ElasticsearchSink(
+        ElasticsearchOptions.model_validate({"url": fake.url, "index": "events-{namespace}"}),
+        SinkContext("es", "test", None, logging.getLogger("test.es")),
+    )
+    options = {"batch_max_wait": 0.01, "retry_initial_backoff": 0.05, "retry_max_backoff": 0.1}
+    p = Pipeline(
+        name="es",
+        sink=sink,
+        options=PipelineOptions.model_validate(options),
+        predicate=None,
+        checkpoint=SinkCheckpoint(MemoryCheckpoint()),
+        deadletter=DeadLetter(None, sink="es"),
+        metrics=metrics,
+    )
+    task = asyncio.create_task(p.run())
+    delivered = metrics.delivered.labels("es")
+    b = occurrence(namespace="b")
+    p.offer(b)
+    await until(lambda: metrics.retries.labels("es")._value.get() >= 1)
+    for i in range(1, 11):
+        p.offer(occurrence(namespace="a", object_name=f"a-{i}"))
+        want = float(i)
+        await until(lambda: delivered._value.get() == want)  # noqa: B023 - awaited before the next turn
+    assert "events-a" in fake.indices and p.checkpoint.accepted(b.uid) == 0
+    del fake.denied["events-b"]
+    await until(lambda: p.checkpoint.accepted(b.uid) == b.number)
+    assert delivered._value.get() == 11
+    p.close()
+    await asyncio.wait_for(task, 10)
+    await p.close_sink()
+
+
 async def test_a_cluster_read_only_block_is_retried_an_index_write_block_rejected(cluster: Cluster) -> None:
     """osmem answers as OpenSearch does: 403 cluster_block_exception per item. A cluster-wide
     read-only block (maintenance) is lifted again; the write block ILM puts on an old index is not."""
