@@ -29,6 +29,11 @@ from pydantic import ValidationError
 
 from eventrouter import Occurrence, Outcome, OutcomeKind, RetryableError, SinkContext, SinkError, normalise
 from eventrouter.config import parse_sink_flag, spec_for_class
+from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
+from eventrouter.engine.deadletter import DeadLetter
+from eventrouter.engine.pipeline import Pipeline
+from eventrouter.metrics import Metrics
+from eventrouter.options import PipelineOptions
 from eventrouter.testing import event_object, recorded_watch
 from eventrouter.testing.receivers.osmem import OsmemServer, osmem_fixture_server
 from eventrouter.testing.tls import certificate, server_context
@@ -661,39 +666,35 @@ async def test_a_role_without_create_index_or_write_privilege_is_retried_until_g
     )
 
 
+def _engine(url: str, index: str, metrics: Metrics, deadletter: Path | None, **options: Any) -> Pipeline:
+    """The sink behind the engine's own pipeline (its backoff, its set-aside retries)."""
+
+    sink = ElasticsearchSink(
+        ElasticsearchOptions.model_validate({"url": url, "index": index}),
+        SinkContext("es", "test", None, logging.getLogger("test.es")),
+    )
+    return Pipeline(
+        name="es",
+        sink=sink,
+        options=PipelineOptions.model_validate({"batch_max_wait": 0.01, **options}),
+        predicate=None,
+        checkpoint=SinkCheckpoint(MemoryCheckpoint()),
+        deadletter=DeadLetter(deadletter, sink="es"),
+        metrics=metrics,
+    )
+
+
 async def test_per_item_refusals_back_off_mark_the_sink_down_and_end_after_retry_max_attempts(
     fake: FakeBulkServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Through the engine: per-item 404s are retried with its backoff (no hot loop), the sink counts
     as down, retry_max_attempts still dead-letters them, and the cause is logged once."""
-    from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
-    from eventrouter.engine.deadletter import DeadLetter
-    from eventrouter.engine.pipeline import Pipeline
-    from eventrouter.metrics import Metrics
-    from eventrouter.options import PipelineOptions
     from eventrouter.testing.waiting import until
 
     fake.auto_create = False
     metrics = Metrics()
-    sink = ElasticsearchSink(
-        ElasticsearchOptions.model_validate({"url": fake.url, "index": "events"}),
-        SinkContext("es", "test", None, logging.getLogger("test.es")),
-    )
-    options = {
-        "batch_max_wait": 0.01,
-        "retry_initial_backoff": 0.2,
-        "retry_max_backoff": 0.4,
-        "retry_max_attempts": 3,
-    }
-    p = Pipeline(
-        name="es",
-        sink=sink,
-        options=PipelineOptions.model_validate(options),
-        predicate=None,
-        checkpoint=SinkCheckpoint(MemoryCheckpoint()),
-        deadletter=DeadLetter(tmp_path / "dl", sink="es"),
-        metrics=metrics,
-    )
+    options = {"retry_initial_backoff": 0.2, "retry_max_backoff": 0.4, "retry_max_attempts": 3}
+    p = _engine(fake.url, "events", metrics, tmp_path / "dl", **options)
     task = asyncio.create_task(p.run())
     p.offer(occurrence())
     exhausted = metrics.dead_lettered.labels("es", "retries_exhausted")
@@ -720,28 +721,12 @@ async def test_an_index_the_role_may_not_write_holds_up_no_other_index(fake: Fak
     """``index=events-{namespace}``: namespace b's index refused (the role lacks the privilege) is set
     aside while a's documents go in, and goes in once the privilege is granted. Before, the engine
     retried b's document in place and sent nothing else meanwhile."""
-    from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
-    from eventrouter.engine.deadletter import DeadLetter
-    from eventrouter.engine.pipeline import Pipeline
-    from eventrouter.metrics import Metrics
-    from eventrouter.options import PipelineOptions
     from eventrouter.testing.waiting import until
 
     fake.denied["events-b"] = "indices:data/write/bulk[s]"
     metrics = Metrics()
-    sink = ElasticsearchSink(
-        ElasticsearchOptions.model_validate({"url": fake.url, "index": "events-{namespace}"}),
-        SinkContext("es", "test", None, logging.getLogger("test.es")),
-    )
-    options = {"batch_max_wait": 0.01, "retry_initial_backoff": 0.05, "retry_max_backoff": 0.1}
-    p = Pipeline(
-        name="es",
-        sink=sink,
-        options=PipelineOptions.model_validate(options),
-        predicate=None,
-        checkpoint=SinkCheckpoint(MemoryCheckpoint()),
-        deadletter=DeadLetter(None, sink="es"),
-        metrics=metrics,
+    p = _engine(
+        fake.url, "events-{namespace}", metrics, None, retry_initial_backoff=0.05, retry_max_backoff=0.1
     )
     task = asyncio.create_task(p.run())
     delivered = metrics.delivered.labels("es")
