@@ -21,7 +21,6 @@ import os
 import stat
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
@@ -39,6 +38,8 @@ from eventrouter import (
     retry,
 )
 from eventrouter.appendfile import append_all
+
+from ._worker import CLOSE_GRACE, SinkThread, retrieved
 
 __all__ = ["FileOptions", "FileSink"]
 
@@ -281,15 +282,15 @@ class FileSink(Sink[FileOptions]):
         self._writer = _Writer(self.path, options, self.log)
         # A thread of its own: a hung file system (NFS, a full disk's retries) must not take the loop's
         # default pool, and with it other sinks and DNS lookups, down too.
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: SinkThread | None = None
         # The write in progress and the key of each of its lines (None: not written). A send the
         # engine abandoned at its timeout goes on in the worker; the next send waits for it and does
         # not write again what it wrote.
         self._writing: tuple[asyncio.Future[list[bool | str]], list[str | None]] | None = None
 
-    def _executor(self) -> ThreadPoolExecutor:
+    def _executor(self) -> SinkThread:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"sink-{self.context.name}")
+            self._pool = SinkThread(f"sink-{self.context.name}")
         return self._pool
 
     async def start(self) -> None:
@@ -343,7 +344,7 @@ class FileSink(Sink[FileOptions]):
             future = asyncio.get_running_loop().run_in_executor(
                 self._executor(), self._writer.write_batch, lines
             )
-            future.add_done_callback(_retrieved)
+            future.add_done_callback(retrieved)
             self._writing = (future, keys)
             await self._settle()
             written = future.result()  # a bug in the worker raises here: the engine retries the batch
@@ -363,17 +364,16 @@ class FileSink(Sink[FileOptions]):
         if pool is None:  # never started, or closed already (that close is queued behind the write)
             return
         try:
-            # After a write still in progress, if any (the worker runs one job at a time).
-            await asyncio.get_running_loop().run_in_executor(pool, self._writer.close)
+            # After a write still in progress, if any (the worker runs one job at a time). One hung
+            # (a stalled NFS server) is not waited for beyond a moment: it and the close behind it
+            # are left to the daemon thread, which does not hold up the process's exit.
+            closed = asyncio.get_running_loop().run_in_executor(pool, self._writer.close)
+            closed.add_done_callback(retrieved)
+            await asyncio.wait([closed], timeout=CLOSE_GRACE)
+            if closed.done():
+                closed.result()
         finally:
             pool.shutdown(wait=False)
 
     def __repr__(self) -> str:
         return f"FileSink(path={str(self.path)!r}, max_bytes={self.options.max_bytes})"
-
-
-def _retrieved(future: asyncio.Future[list[bool | str]]) -> None:
-    # The outcome is read by a later send; this keeps an abandoned one from being reported as
-    # "never retrieved" when the sink is closed before that.
-    if not future.cancelled():
-        future.exception()

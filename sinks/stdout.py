@@ -11,7 +11,6 @@ import contextlib
 import os
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Literal
 
 import orjson
@@ -19,6 +18,8 @@ from pydantic import Field, field_validator
 
 from eventrouter import OK, Occurrence, Outcome, RetryableError, Sink, SinkContext, SinkOptions, reject
 from eventrouter.options import redact_url
+
+from ._worker import CLOSE_GRACE, SinkThread, retrieved
 
 __all__ = ["StdoutOptions", "StdoutSink", "text_line"]
 
@@ -78,14 +79,14 @@ class StdoutSink(Sink[StdoutOptions]):
         super().__init__(options, context)
         # A thread of its own: a stalled reader (a pager, a log collector away) blocks a write for as
         # long as it likes, and must not take the loop's default pool (file sinks, DNS lookups) with it.
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: SinkThread | None = None
         # The write in progress and the keys it carries. A send the engine abandoned at its timeout
         # goes on in the worker; the next send waits for it instead of writing the same lines again.
         self._writing: tuple[asyncio.Future[None], frozenset[str]] | None = None
 
-    def _executor(self) -> ThreadPoolExecutor:
+    def _executor(self) -> SinkThread:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"sink-{self.context.name}")
+            self._pool = SinkThread(f"sink-{self.context.name}")
         return self._pool
 
     async def start(self) -> None:
@@ -160,7 +161,7 @@ class StdoutSink(Sink[StdoutOptions]):
             future = asyncio.get_running_loop().run_in_executor(
                 self._executor(), self._write, stream, b"".join(chunks)
             )
-            future.add_done_callback(_retrieved)
+            future.add_done_callback(retrieved)
             self._writing = (future, frozenset(keys))
             await self._settle()
             if future.cancelled():
@@ -172,17 +173,16 @@ class StdoutSink(Sink[StdoutOptions]):
         return outcomes
 
     async def aclose(self) -> None:
-        # A write blocked on a stalled reader is left to finish in its thread; it is never waited for.
+        # A write in progress ends first, if it does within a moment; one blocked on a stalled reader
+        # is left in its (daemon) thread, and no longer keeps the process from exiting.
         pool, self._pool = self._pool, None
-        if pool is not None:
+        if pool is None:  # never started, or closed already
+            return
+        try:
+            if self._writing is not None:
+                await asyncio.wait([self._writing[0]], timeout=CLOSE_GRACE)
+        finally:
             pool.shutdown(wait=False)
 
     def __repr__(self) -> str:
         return f"StdoutSink(stream={self.options.stream!r}, format={self.options.format!r})"
-
-
-def _retrieved(future: asyncio.Future[None]) -> None:
-    # The outcome is read by a later send; this keeps an abandoned one from being reported as
-    # "never retrieved" when the sink is closed before that.
-    if not future.cancelled():
-        future.exception()

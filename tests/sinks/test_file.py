@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -268,6 +269,47 @@ async def test_a_write_abandoned_at_the_send_timeout_is_waited_for_not_repeated(
     assert await sink.send(occs) == [OK] * 5  # the write in progress ends and wrote them
     await sink.aclose()
     assert lines_of(target) == [o.json + b"\n" for o in occs]
+
+
+HUNG_CHILD = textwrap.dedent(
+    """
+    import asyncio, logging, sys, time
+    from eventrouter import SinkContext
+    from eventrouter.testing import make_occurrence
+    from eventrouter_sinks.file import FileOptions, FileSink
+
+    async def main():
+        ctx = SinkContext(name="file", cluster="c", data_dir=None, logger=logging.getLogger("x"))
+        s = FileSink(FileOptions.model_validate({"path": sys.argv[1]}), ctx)
+        await s.start()
+        s._writer.lock.acquire()  # the file system hangs for good (NFS): the write waits in its thread
+        try:
+            async with asyncio.timeout(0.2):  # the engine's send timeout
+                await s.send([make_occurrence(message="never")])
+        except TimeoutError:
+            print("send abandoned", file=sys.stderr)
+        started = time.monotonic()
+        async with asyncio.timeout(5):  # the engine bounds a close by its send timeout
+            await s.aclose()
+        print(f"closed in {time.monotonic() - started:.3f}s", file=sys.stderr)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_a_hung_write_holds_up_neither_close_nor_the_process_exit(tmp_path: Path) -> None:
+    """The worker was a ThreadPoolExecutor thread, which Python joins at exit: a write hung on the
+    file system kept the process from exiting after its shutdown, until SIGKILL."""
+    target = tmp_path / "events.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-c", HUNG_CHILD, str(target)], capture_output=True, timeout=30, check=True
+    )
+    assert b"send abandoned" in proc.stderr
+    closed = re.search(rb"closed in ([0-9.]+)s", proc.stderr)
+    assert closed is not None, proc.stderr
+    assert float(closed[1]) < 4  # a moment for the write in progress, not all of the engine's bound
+    assert target.read_bytes() == b""  # the abandoned batch was not written (nor acknowledged)
 
 
 async def test_aclose_twice_and_without_start(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import pytest
 from eventrouter import OK, Occurrence, OutcomeKind, SinkContext, normalise
 from eventrouter.testing import make_occurrence, recorded_watch
 from eventrouter.testing.waiting import until
+from eventrouter_sinks._worker import CLOSE_GRACE
 from eventrouter_sinks.file import FileOptions, FileSink
 from eventrouter_sinks.stdout import StdoutOptions, StdoutSink
 
@@ -236,6 +237,47 @@ async def test_a_stalled_reader_holds_up_no_other_sink_nor_dns_and_nothing_is_wr
             assert await s.send(occs) == [OK] * 30
     finally:
         reader.come_back()  # blocked writes end, whatever failed above
+        await s.aclose()
+        pipe.close()
+    assert reader.copies() == {o.record["message"]: 1 for o in occs}
+
+
+@pytest.mark.parametrize("reader_back", [True, False], ids=["healthy", "stalled"])
+async def test_close_waits_a_moment_for_a_write_in_progress_then_leaves_it_to_a_daemon_thread(
+    monkeypatch: pytest.MonkeyPatch, reader_back: bool
+) -> None:
+    """A write in progress on a healthy stream ends before ``aclose`` returns. One blocked on a
+    stalled reader is not waited for beyond a moment, and its thread is a daemon: Python joined the
+    old executor's thread at exit, and the process never exited."""
+    read_end, write_end = os.pipe()
+    reader = Reader(read_end)
+    pipe = io.TextIOWrapper(io.BufferedWriter(io.FileIO(write_end, "w")), write_through=True)
+    monkeypatch.setattr(sys, "stdout", pipe)
+    s = sink()
+    occs = [make_occurrence(message=f"{i}:" + "y" * 5000) for i in range(30)]  # more than a pipe holds
+    try:
+        await s.start()
+        with pytest.raises(TimeoutError):  # abandoned at the engine's send timeout: the write goes on
+            async with asyncio.timeout(0.05):
+                await s.send(occs)
+        assert s._writing is not None
+        writing = s._writing[0]
+        if reader_back:
+            reader.come_back()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await s.aclose()
+        took = loop.time() - started
+        if reader_back:
+            assert writing.done() and writing.exception() is None and took < CLOSE_GRACE
+        else:
+            assert not writing.done() and CLOSE_GRACE * 0.9 <= took < CLOSE_GRACE + 2
+            workers = [t for t in threading.enumerate() if t.name == "sink-stdout"]
+            assert workers and all(t.daemon for t in workers)
+            reader.come_back()
+            await until(writing.done)  # left to its thread, which still finishes it
+    finally:
+        reader.come_back()
         await s.aclose()
         pipe.close()
     assert reader.copies() == {o.record["message"]: 1 for o in occs}
