@@ -1502,3 +1502,31 @@ async def test_an_item_from_the_spool_set_aside_keeps_the_read_position_before_i
     assert p._popped == []  # nothing delivered is kept referenced once idle
     assert len(Spool(tmp_path / "spool", max_bytes=10_000_000)) == 0
     await _finish(p, task)
+
+
+async def test_a_copy_of_an_occurrence_waiting_aside_is_skipped_not_sent_beside_it(metrics: Metrics) -> None:
+    """A robot holds X/2 for its digest window; a second copy of X/2 offered meanwhile (a restart's
+    spool copy beside its relisted one) was taken as new and paged beside the first."""
+    sink = _sink("robot")
+    sink.defer_retries = True  # type: ignore[attr-defined]
+    seen: set[tuple[str, int]] = set()
+
+    def decide(occ: Occurrence) -> Outcome:
+        key = (occ.uid, occ.number)
+        if key in seen:
+            return OK
+        seen.add(key)
+        return retry("digest window", retry_after=0.3, held=True)
+
+    sink.decide = decide
+    p = _pipeline(sink, metrics, name="robot")
+    task = await _run(p)
+    occ = make_occurrence()
+    p.offer(occ)
+    await until(lambda: len(p._deferred) == 1)
+    p.offer(make_occurrence(uid=occ.uid))  # the same uid and count: a copy
+    await sink.wait_for(1)
+    await p.wait_idle(5)
+    assert sink.keys == [(occ.uid, occ.number)]
+    assert value(metrics.skipped, "robot") == 1
+    await _finish(p, task)

@@ -418,16 +418,22 @@ class Pipeline:
         accepted = self.checkpoint.accepted
         gone = self._gone
         owed = self._owed
+        held = self._held
         queue = self._queue
         while queue and len(batch) < max_events:
             nxt = queue[0]
             key = (nxt.uid, nxt.number)
-            if key in keys or (
-                (nxt.number <= accepted(nxt.uid) or (gone and nxt.number <= gone.get(nxt.uid, 0)))
-                and not (owed and key in owed)
+            if (
+                key in keys
+                or (
+                    (nxt.number <= accepted(nxt.uid) or (gone and nxt.number <= gone.get(nxt.uid, 0)))
+                    and not (owed and key in owed)
+                )
+                or (held and nxt.number in held.get(nxt.uid, ()))
             ):
                 # A second copy (spooled before a restart and relisted after it, or replayed from the
-                # spool after a crash): already delivered, or already in this batch.
+                # spool after a crash): already delivered, already in this batch, or waiting aside
+                # (an alert robot's digest would have paged it twice).
                 queue.popleft()
                 self._m_skipped.inc()
                 continue
@@ -446,8 +452,12 @@ class Pipeline:
         now = time.monotonic()
         while self._deferred and self._deferred[0][0] <= now and len(batch) < self.options.batch_max_events:
             occ = heapq.heappop(self._deferred)[2]
+            key = (occ.uid, occ.number)
+            if key in keys:  # a copy waiting aside beside the first: that one answers for both
+                self._m_skipped.inc()
+                continue
             batch.append(occ)
-            keys.add((occ.uid, occ.number))
+            keys.add(key)
             size += occ.size
         return size
 
