@@ -211,6 +211,19 @@ def _shorten(text: str, limit: int) -> str:
     return text[:limit].rstrip() + f" …(+{len(text) - limit} chars)"
 
 
+def _cut_bytes(text: str, limit: int) -> str:
+    """At most ``limit`` UTF-8 bytes of ``text``, cut on a character boundary, marked when cut."""
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode("utf-8", "ignore").rstrip() + "…"
+
+
+SUMMARY_LEVELS: tuple[tuple[int, int | None], ...] = ((8, None), (8, 64), (4, 32), (2, 16), (0, 0))
+"""(reasons listed, UTF-8 bytes per reason) of a digest's summary, tried in turn until the message
+fits: first the usual 64 characters, last the bare "…and N more events"."""
+
+
 def humanize(seconds: float) -> str:
     s = round(seconds)
     if s < 60:
@@ -610,6 +623,7 @@ class AlertSink(Sink[OptionsT]):
         self._session: aiohttp.ClientSession | None = None
         self._last_failure = ""
         self._failure_retry_after: float | None = None
+        self._failure_held = False
         self._throttle = options.throttle_backoff
         self._last_flush: float | None = None
         self.sent_messages = 0
@@ -710,6 +724,7 @@ class AlertSink(Sink[OptionsT]):
         self._expire(now)
         self._last_failure = ""
         self._failure_retry_after = None
+        self._failure_held = False
         early: list[Outcome | None] = [None] * len(batch)
         wall = self.clock.wall()
         for i, occ in enumerate(batch):
@@ -741,16 +756,20 @@ class AlertSink(Sink[OptionsT]):
         await self._flush(deadline, {occ.key for occ in batch})
         out: list[Outcome] = []
         now = self.clock.now()
+        # One answer per key: a second copy in the batch (a spool copy beside a relist copy) found
+        # the first one's answer already taken from ``_done`` and was told "sending again": paged twice.
+        answers: dict[str, Outcome] = {}
         for i, occ in enumerate(batch):
             first = early[i]
             if first is not None:
                 out.append(first)
                 continue
-            done = self._done.pop(occ.key, None)
-            if done is not None:
-                out.append(done[0])
-                continue
-            out.append(self._waiting(occ.key, now))
+            answer = answers.get(occ.key)
+            if answer is None:
+                done = self._done.pop(occ.key, None)
+                answer = done[0] if done is not None else self._waiting(occ.key, now)
+                answers[occ.key] = answer
+            out.append(answer)
         return out
 
     def _waiting(self, key: str, now: float) -> Outcome:
@@ -765,7 +784,7 @@ class AlertSink(Sink[OptionsT]):
                 held=True,  # no failure: not an attempt towards retry_max_attempts
             )
         if self._last_failure:
-            return retry(self._last_failure, retry_after=self._failure_retry_after)
+            return retry(self._last_failure, retry_after=self._failure_retry_after, held=self._failure_held)
         wait = max(self.limiter.wait_time(), self._spacing_wait(now))
         return retry(
             f"waiting for the {self.robot} rate limit ({self.options.rate_per_minute} messages a minute)",
@@ -888,8 +907,18 @@ class AlertSink(Sink[OptionsT]):
             self._last_failure = result.reason
             self._failure_retry_after = result.retry_after
             if result.too_fast:
+                # The robot throttles us (someone else shares it, or its own limit): nothing is wrong
+                # with the alerts, so they are held, not failed: a throttle that outlasts
+                # retry_max_attempts must not dead-letter them. The engine logs no hold: say it here.
+                self.log.warning(
+                    "%s: %s; sending nothing for %s (held alerts wait, none is dropped)",
+                    self.context.name,
+                    result.reason,
+                    humanize(self._throttle),
+                )
                 self.limiter.pause(self._throttle)
                 self._failure_retry_after = self._throttle
+                self._failure_held = True
                 self._throttle = min(self._throttle * 2, 600.0)
             return False
         outcome = OK if result.kind == "ok" else reject(result.reason)
@@ -1007,15 +1036,20 @@ class AlertSink(Sink[OptionsT]):
     def summary(self, rest: list[GroupView]) -> str:
         if not rest:
             return ""
+        total = sum(v.count for v in rest)
+        noun = "event" if total == 1 else "events"
+        listed, cut = self._summary_level
+        if not listed:
+            return f"…and {total} more {noun}"
         by_reason: Counter[str] = Counter()
         for v in rest:
-            by_reason[one_line(v.fields["reason"])[:64] or "(no reason)"] += v.count
-        top = by_reason.most_common(8)
+            reason = one_line(v.fields["reason"])
+            reason = reason[:64] if cut is None else _cut_bytes(reason, cut)
+            by_reason[reason or "(no reason)"] += v.count
+        top = by_reason.most_common(listed)
         others = sum(by_reason.values()) - sum(n for _, n in top)
         esc = md_escape if self.markdown else one_line
         parts = [f"{esc(r)} {TIMES}{n}" for r, n in top] + ([f"other {TIMES}{others}"] if others else [])
-        total = sum(v.count for v in rest)
-        noun = "event" if total == 1 else "events"
         return f"…and {total} more {noun}: " + ", ".join(parts)
 
     def title(self, digest: Digest) -> str:
@@ -1079,6 +1113,7 @@ class AlertSink(Sink[OptionsT]):
         return self.title(digest), sep.join(parts)
 
     _excerpt: int = 0
+    _summary_level: tuple[int, int | None] = SUMMARY_LEVELS[0]
 
     def _pack(self, views: list[GroupView], budget: int) -> Iterable[tuple[Digest, str, str]]:
         """Up to ``budget`` messages covering every view: whole lines while they fit, and the last
@@ -1088,21 +1123,29 @@ class AlertSink(Sink[OptionsT]):
         for n in range(budget):
             last = n == budget - 1
             self._excerpt = self.options.excerpt_chars
-            # Largest prefix of whole lines that fits (with the summary of what follows, if last).
-            lo, hi, best = 1, len(rest), 0
-            while lo <= hi:
-                mid = (lo + hi) // 2
-                if self._fits(Digest(rest[:mid], rest[mid:] if last else []), limit):
-                    best, lo = mid, mid + 1
-                else:
-                    hi = mid - 1
+            # Largest prefix of whole lines that fits (with the summary of what follows, if last;
+            # a shorter summary only when not one line fits beside the usual one).
+            best = 0
+            for level in SUMMARY_LEVELS if last else SUMMARY_LEVELS[:1]:
+                self._summary_level = level
+                lo, hi = 1, len(rest)
+                while lo <= hi:
+                    mid = (lo + hi) // 2
+                    if self._fits(Digest(rest[:mid], rest[mid:] if last else []), limit):
+                        best, lo = mid, mid + 1
+                    else:
+                        hi = mid - 1
+                if best:
+                    break
             if best == 0:
                 best = self._fit_single(rest[0], last, rest[1:], limit)
                 if best == 0:
                     last = True  # not even one line fits: this message summarises everything left
             digest = Digest(rest[:best], rest[best:] if last else [])
+            self._fit_summary(digest, limit)
             title, text = self.compose(digest)
             self._excerpt = self.options.excerpt_chars
+            self._summary_level = SUMMARY_LEVELS[0]
             yield digest, title, text
             rest = rest[best:]
             if last or not rest:
@@ -1118,6 +1161,15 @@ class AlertSink(Sink[OptionsT]):
                 return 1
         self._excerpt = self.options.excerpt_chars
         return 0
+
+    def _fit_summary(self, digest: Digest, limit: int) -> None:
+        """A message that is only a summary was never measured: eight long reasons (64 characters of
+        up to 4 bytes each) passed WeCom's 2048 bytes, and the robot refused it for good. List fewer
+        reasons, cut shorter, until the message fits; the last level is the bare count."""
+        for level in SUMMARY_LEVELS:
+            self._summary_level = level
+            if not digest.summarised or self._fits(digest, limit):
+                return
 
     def _fits(self, digest: Digest, limit: int) -> bool:
         title, text = self.compose(digest)

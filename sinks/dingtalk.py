@@ -3,8 +3,9 @@
 ``--sink=dingtalk:https://oapi.dingtalk.com/robot/send?access_token=...&secret=SEC...``
 
 The robot answers HTTP 200 for everything and says in ``errcode`` what happened: 0 is the only
-success; 130101 ("send too fast") backs off; 310000 (keywords, signature, timestamp, IP allowlist)
-and an unknown ``access_token`` are permanent — rejected and logged once per cause.
+success; 130101 and 410100 ("send too fast": the robot is throttled) back off, holding the alerts;
+310000 (keywords, signature, timestamp, IP allowlist) and an unknown ``access_token`` are permanent —
+rejected and logged once per cause.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import hashlib
 import hmac
 import re
 from typing import Any, ClassVar
-from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import orjson
 from pydantic import AliasChoices, Field, field_validator, model_validator
@@ -32,6 +33,7 @@ from ._alerting import (
     http_failure,
     sample_template,
 )
+from ._scrub import scrub
 
 __all__ = ["DingTalkOptions", "DingTalkSink", "dingtalk_sign"]
 
@@ -75,7 +77,7 @@ class DingTalkOptions(AlertOptions):
     throttle_backoff: float = Field(
         600.0,
         gt=0,
-        description="Seconds to pause after a 'send too fast' answer (130101): DingTalk throttles the robot "
+        description="Seconds to pause after a 'send too fast' answer (130101, 410100): DingTalk throttles the robot "
         "for 10 minutes, so an earlier try only fails again.",
     )
     secret: Secret | None = Field(
@@ -117,6 +119,10 @@ class DingTalkOptions(AlertOptions):
 
 _TOKENISH = re.compile(r"(access_token|sign|secret|timestamp)=[^&\s'\"]*")
 
+TOO_FAST = {130101, 410100}
+"""Rate limited ("send too fast", the robot throttled for 10 minutes): 130101, and 410100 in newer
+DingTalk answers; neither says anything about the message."""
+
 
 class DingTalkSink(AlertSink[DingTalkOptions]):
     """DingTalk group robot: digests of Warning events, at most ``rate_per_minute`` messages a minute."""
@@ -134,10 +140,7 @@ class DingTalkSink(AlertSink[DingTalkOptions]):
         ]
 
     def redact(self, text: str) -> str:
-        for s in self._secrets:
-            if s:
-                text = text.replace(s, "****").replace(quote_plus(s), "****")
-        return _TOKENISH.sub(r"\1=****", text)
+        return _TOKENISH.sub(r"\1=****", scrub(text, self._secrets))
 
     # -------------------------------------------------------------- message
 
@@ -215,14 +218,14 @@ class DingTalkSink(AlertSink[DingTalkOptions]):
             code = int(reply["errcode"])
             msg = self.redact(str(reply.get("errmsg", "")))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            snippet = self.redact(raw[:120].decode("utf-8", "replace"))
+            snippet = self.redact(raw.decode("utf-8", "replace"))[:120]  # whole: a cut token stays hidden
             return Delivery(
                 "retry", f"DingTalk robot answered something that is not its JSON reply: {snippet!r}"
             )
         if code == 0:
             return Delivery("ok")
         said = f"errcode {code} ({msg})"
-        if code == 130101:
+        if code in TOO_FAST:
             return Delivery("retry", f"DingTalk robot says send too fast: {said}", too_fast=True)
         if code == -1:
             return Delivery("retry", f"DingTalk is busy: {said}")

@@ -55,7 +55,7 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
@@ -78,6 +78,8 @@ from eventrouter import (
     retry,
 )
 from eventrouter.options import FilePath, http_url, redact_url
+
+from ._scrub import scrub
 
 __all__ = [
     "BodyTemplate",
@@ -430,6 +432,7 @@ class WebhookSink(Sink[WebhookOptions]):
         self._target = ""
         self._redacted = redact_url(options.url)
         self._standard_keys: list[bytes] = []
+        self._secrets: list[str] = []
 
     # -- configuration ---------------------------------------------------------------------------
     def _configure(self) -> None:
@@ -458,6 +461,7 @@ class WebhookSink(Sink[WebhookOptions]):
             headers["Authorization"] = "Bearer " + opts.bearer_token.get_secret_value()
         headers.update((name, value.get_secret_value()) for name, value in opts.headers.items())
         self._headers = headers
+        self._secrets = self._credentials(parts)
         try:
             if opts.body_template_file is not None:  # read again: it may have changed since
                 text = _read_template(opts.body_template_file)
@@ -468,6 +472,27 @@ class WebhookSink(Sink[WebhookOptions]):
             raise SinkError(f"webhook sink: option {exc}") from None
         if opts.secret is not None and opts.signature == "standard":
             self._standard_keys = standard_webhooks_keys(opts.secret.get_secret_value())
+
+    def _credentials(self, parts: SplitResult) -> list[str]:
+        """Everything of ours an error answer must not carry into a reason (log line, dead-letter
+        file): gateways echo the credential they refused. The bearer token, the passwords, the
+        signing secret(s); the Authorization header as sent and the custom header values, with their
+        long words (the token of "Bearer <token>"); the URL's user name, query values and token-like
+        path segments (what redact_url hides). Header and URL values under 4 characters are no
+        secret and would only garble the excerpt (`X-Version: 1` would hide every "1")."""
+        opts = self.options
+        named = [v.get_secret_value() for v in opts.headers.values()]
+        named.append(self._headers.get("Authorization", ""))
+        named += [word for v in named for word in v.split() if len(word) >= 8]
+        named += [unquote(parts.username or ""), *(v for _, v in parse_qsl(parts.query))]
+        values = [v for v in named if len(v) >= 4]
+        for secret in (opts.bearer_token, opts.password, opts.secret):
+            if secret is not None:
+                values += [secret.get_secret_value(), *secret.get_secret_value().split()]
+        values.append(unquote(parts.password or ""))
+        shown = urlsplit(self._redacted).path.split("/")
+        values += [unquote(seg) for seg, s in zip(parts.path.split("/"), shown, strict=False) if s == "***"]
+        return values
 
     def _ssl(self) -> ssl.SSLContext | bool:
         opts = self.options
@@ -596,6 +621,8 @@ class WebhookSink(Sink[WebhookOptions]):
                 if 200 <= status < 300:
                     return status, OK
                 excerpt = (await resp.content.read(512)).decode("utf-8", "replace")
+                # Our secrets out before anything is cut, and one cut off by the read too.
+                excerpt = scrub(excerpt, self._secrets, partial=not resp.content.at_eof())
                 excerpt = " ".join(excerpt.split())[:200]
                 detail = f"HTTP {status} from {self._redacted}" + (f": {excerpt}" if excerpt else "")
                 if status in _RETRY_STATUSES or status >= 500:

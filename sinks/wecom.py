@@ -22,6 +22,7 @@ from eventrouter import Secret, SinkContext, SinkError
 from eventrouter.options import StrList
 
 from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest, http_failure
+from ._scrub import scrub
 
 __all__ = ["WeComOptions", "WeComSink"]
 
@@ -174,9 +175,7 @@ class WeComSink(AlertSink[WeComOptions]):
         ]
 
     def redact(self, text: str) -> str:
-        for s in self._secrets():
-            text = text.replace(s, "****")
-        return _TOKENISH.sub(r"\1=****", text)
+        return _TOKENISH.sub(r"\1=****", scrub(text, self._secrets()))
 
     def mention_line(self, digest: Digest) -> str:
         if self.options.app:
@@ -312,7 +311,7 @@ class WeComSink(AlertSink[WeComOptions]):
             code = int(reply["errcode"])
             msg = self.redact(str(reply.get("errmsg", "")))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            snippet = self.redact(raw[:120].decode("utf-8", "replace"))
+            snippet = self.redact(raw.decode("utf-8", "replace"))[:120]  # whole: a cut token stays hidden
             return Delivery("retry", f"WeCom answered something that is not its JSON reply: {snippet!r}")
         if code == 0:
             invalid = {k: reply.get(k) for k in ("invaliduser", "invalidparty", "invalidtag") if reply.get(k)}

@@ -595,6 +595,105 @@ async def test_send_too_fast_is_retried_after_backoff_then_delivered(
     assert counted(robot.accepted[0]) == 2
 
 
+@pytest.mark.parametrize("errcode", [130101, 410100])
+async def test_send_too_fast_holds_the_alerts_so_a_throttle_never_counts_as_failed_attempts(
+    robot: DingTalkReceiver, clock: ManualClock, errcode: int
+) -> None:
+    """ "Send too fast" was a failure: each answer counted towards retry_max_attempts, and so did the
+    occurrences of the same send whose digests never went out. It says nothing of the alerts: they
+    are held (no attempt, never dead-lettered). 410100 is the newer DingTalk's code for it."""
+    # One line per message (1024 bytes, 600-character messages): three digests, the first throttled.
+    sink = await make_sink(
+        robot.url, secret=SECRET, clock=clock, throttle_backoff=30, max_message_bytes=1024, excerpt_chars=600
+    )
+    robot.fail_next(1, errcode=errcode, errmsg="send too fast, exceed 20 times per minute")
+    batch = [occ(object_name=f"web-{i}", message=f"{i}" * 600) for i in range(3)]
+    try:
+        outs = await sink.send(batch)
+        assert len(robot.requests) == 1  # the other two digests were never sent
+        assert outs is not None and kinds(outs) == [OutcomeKind.RETRY] * 3
+        assert all(o.held and o.retry_after == 30 and str(errcode) in o.reason for o in outs)
+        clock.advance(30)
+        assert kinds(await sink.send(batch)) == [OutcomeKind.OK] * 3
+    finally:
+        await sink.aclose()
+    assert robot.errcodes() == [errcode, 0, 0, 0]
+    assert [counted(m) for m in robot.accepted] == [1, 1, 1]
+
+
+async def test_a_throttle_outlasting_retry_max_attempts_dead_letters_nothing(tmp_path: Any) -> None:
+    """Three "send too fast" answers with retry_max_attempts=3 dead-lettered the alert as "retries
+    exhausted" while the robot was only throttled."""
+    from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
+    from eventrouter.engine.deadletter import DeadLetter
+    from eventrouter.engine.pipeline import Pipeline
+    from eventrouter.metrics import Metrics
+    from eventrouter.options import PipelineOptions
+    from eventrouter.testing.waiting import until
+
+    metrics = Metrics()
+    async with DingTalkReceiver(access_token=TOKEN) as robot:
+        # A short throttle_backoff so that three throttles pass within the test.
+        options = {"url": robot.url, "min_interval": 0, "throttle_backoff": 0.05}
+        sink = DingTalkSink(DingTalkOptions.model_validate(options), ctx())
+        p = Pipeline(
+            name="dingtalk",
+            sink=sink,
+            options=PipelineOptions.model_validate(
+                {
+                    "batch_max_wait": 0.01,
+                    "retry_initial_backoff": 0.01,
+                    "retry_max_backoff": 0.05,
+                    "retry_max_attempts": 3,
+                }
+            ),
+            predicate=None,
+            checkpoint=SinkCheckpoint(MemoryCheckpoint()),
+            deadletter=DeadLetter(tmp_path / "dl", sink="dingtalk"),
+            metrics=metrics,
+        )
+        task = asyncio.create_task(p.run())
+        robot.fail_next(3, errcode=130101, errmsg="send too fast, exceed 20 times per minute")
+        p.offer(occ(object_name="web-0", reason="BackOff"))
+        exhausted = metrics.dead_lettered.labels("dingtalk", "retries_exhausted")
+        try:
+            await until(lambda: exhausted._value.get() > 0 or len(robot.accepted) == 1, timeout=10)
+        finally:
+            p.close()
+            await asyncio.wait_for(task, 10)
+            await p.close_sink()
+        assert robot.errcodes() == [130101, 130101, 130101, 0]
+    assert exhausted._value.get() == 0
+    assert metrics.retries.labels("dingtalk")._value.get() == 0  # a throttle is no failed attempt
+    assert metrics.delivered.labels("dingtalk")._value.get() == 1
+
+
+async def test_two_copies_of_one_occurrence_in_a_batch_get_one_answer_and_one_page(
+    robot: DingTalkReceiver, clock: ManualClock
+) -> None:
+    """Two copies of a key in one send (a spool copy beside a relist copy, both held aside by the
+    engine): the first took the answer the digest left, the second was told "digest state lost;
+    sending again" and was paged once more. Every copy now gets the same answer."""
+    sink = await make_sink(robot.url, secret=SECRET, clock=clock)
+    uid = "uid-web-0-backoff"
+    try:
+        first = occ(1, uid=uid)
+        assert kinds(await sink.send([first, first])) == [OutcomeKind.OK] * 2
+        clock.advance(10)
+        repeat = occ(2, uid=uid, message="occurrence-2")
+        held = await sink.send([repeat, repeat])
+        assert held is not None and [o.kind for o in held] == [OutcomeKind.RETRY] * 2
+        assert held[0] == held[1] and held[0].held
+        clock.advance(290)  # the window ends: both copies come back together
+        assert kinds(await sink.send([repeat, repeat])) == [OutcomeKind.OK] * 2
+        clock.advance(5)
+        assert kinds(await sink.send([occ(object_name="web-1")])) == [OutcomeKind.OK]
+    finally:
+        await sink.aclose()
+    assert len(robot.accepted) == 3
+    assert sum("occurrence-2" in m.text for m in robot.accepted) == 1
+
+
 @pytest.mark.parametrize(
     ("fault", "reason"),
     [

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -605,3 +606,56 @@ async def test_secrets_never_in_logs_reprs_or_reasons(
     for text in texts:
         for secret in secrets:
             assert secret not in text, (secret, text)
+
+
+BEARER = "tok_live_9f8e7d6c5b4a3f2e1d0c"
+
+
+@pytest.mark.parametrize(
+    ("options", "secret"),
+    [
+        ({"bearer_token": BEARER}, BEARER),
+        ({"username": "alice", "password": "pa55-w0rd"}, "pa55-w0rd"),
+        ({"headers": ["X-Api-Key:key-4f3e2d1c", "X-Auth:Token tk-8a7b6c5d4e"]}, "tk-8a7b6c5d4e"),
+        ({"headers": "X-Api-Key:key-4f3e2d1c"}, "key-4f3e2d1c"),
+        ({"secret": "hmac-signing-7a6b"}, "hmac-signing-7a6b"),
+        ({"userinfo": "bob:s3cr3t%2Fpw"}, "s3cr3t/pw"),
+        ({"query": "?token=q-t0ken-5e6f&level=Warning"}, "q-t0ken-5e6f"),
+        ({"path": "/T0123456789ABCDEFXYZ"}, "T0123456789ABCDEFXYZ"),
+    ],
+    ids=["bearer", "basic", "header-word", "header", "signing", "userinfo", "query", "path"],
+)
+async def test_an_answer_quoting_our_credentials_never_carries_them_into_a_reason(
+    options: dict[str, Any], secret: str
+) -> None:
+    """Up to 200 characters of an error answer went into the reason (logged, written to the
+    dead-letter file) as they came: gateways that quote the credential they refused put it there."""
+    async with WebhookReceiver() as hook:
+        userinfo = options.pop("userinfo", "")
+        url = hook.url.replace("http://", f"http://{userinfo}@") if userinfo else hook.url
+        url += options.pop("path", "") + options.pop("query", "")
+        hook.fail_next(1, 401, body=f'{{"error":"invalid credential {secret}"}}'.encode())
+        hook.fail_next(1, 503, echo=True)  # the request as it came: URL, Authorization, headers
+        hook.fail_next(1, 403, body=f"refused {quote(secret, safe='')}".encode())
+        reasons: list[str] = []
+        async with webhook(url=url, mode="event", **options) as sink:
+            for name in ("a", "b", "c"):
+                reasons += [o.reason for o in await sink.send([make_occurrence(object_name=name)]) or []]
+    assert [r.status for r in hook.requests] == [401, 503, 403]
+    assert reasons[0].endswith('{"error":"invalid credential ****"}'), reasons[0]
+    assert reasons[2].endswith("refused ****"), reasons[2]
+    auth = hook.requests[1].headers.get("Authorization", "").split()  # e.g. Basic base64(user:password)
+    for reason in reasons:
+        assert secret not in reason and quote(secret, safe="") not in reason, reason
+        assert not auth or auth[-1] not in reason, reason
+
+
+async def test_a_credential_cut_off_by_the_excerpt_limit_is_hidden_too(hook: WebhookReceiver) -> None:
+    """Only the first 512 bytes of an answer are read: a token they end in the middle of is masked
+    as well (150 two-byte characters and 200 spaces leave 6 of its characters in the read)."""
+    hook.fail_next(1, 401, body=("é" * 150 + " " * 200 + f"token {BEARER} refused").encode())
+    async with webhook(url=hook.url, mode="event", bearer_token=BEARER) as sink:
+        (out,) = await sink.send([make_occurrence()]) or []
+    assert out.kind is OutcomeKind.REJECT
+    assert out.reason.endswith("é token ****"), out.reason
+    assert BEARER[:6] not in out.reason

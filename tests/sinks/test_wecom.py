@@ -146,20 +146,23 @@ async def test_a_redirect_is_dead_lettered_saying_where_it_points_and_never_foll
     assert [r.status for r in wecom.requests] == [301] and wecom.accepted == []
 
 
-async def test_api_freq_out_of_limit_backs_off_then_delivers(
-    wecom: WeComReceiver, clock: ManualClock
+@pytest.mark.parametrize("errcode", [45009, 45011])
+async def test_api_freq_out_of_limit_backs_off_holding_the_alert_then_delivers(
+    wecom: WeComReceiver, clock: ManualClock, errcode: int
 ) -> None:
+    """A rate-limit answer is a hold, not a failed attempt: repeated, it must never dead-letter."""
     sink = await make_sink(clock, url=wecom.robot_url, throttle_backoff=20)
-    wecom.fail_next(1, errcode=45009, errmsg="api freq out of limit")
+    wecom.fail_next(1, errcode=errcode, errmsg="api freq out of limit")
     batch = [occ(object_name="a")]
     try:
         (out,) = await sink.send(batch) or []
-        assert out.kind is OutcomeKind.RETRY and "45009" in out.reason and out.retry_after == 20
+        assert out.kind is OutcomeKind.RETRY and str(errcode) in out.reason and out.retry_after == 20
+        assert out.held
         clock.advance(20)
         assert kinds(await sink.send(batch)) == [OutcomeKind.OK]
     finally:
         await sink.aclose()
-    assert wecom.errcodes("/cgi-bin/webhook/send") == [45009, 0]
+    assert wecom.errcodes("/cgi-bin/webhook/send") == [errcode, 0]
 
 
 async def test_markdown_digest_fits_4096_bytes_and_summarises_the_rest(
@@ -175,6 +178,42 @@ async def test_markdown_digest_fits_4096_bytes_and_summarises_the_rest(
     (msg,) = wecom.accepted
     assert len(msg.text.encode()) <= 4096
     assert _SUMMARY.search(msg.text) and counted(msg.text) == 80
+
+
+@pytest.mark.parametrize(
+    ("reason_chars", "label", "summary"),
+    [
+        # Lines fit, but not beside the usual summary of the rest: a shorter summary.
+        (64, "", re.compile(r"…and \d+ more events: .*…")),
+        # No line fits (each reason alone is 2400 bytes): a message of the summary only.
+        (600, "", re.compile(r"^…and 12 more events: (?:\S+… ×1, ){8}other ×4$", re.M)),
+        # A header that leaves room for little more: the bare count.
+        (600, "标签" * 320, re.compile(r"^…and 12 more events$", re.M)),
+    ],
+)
+async def test_a_summary_of_long_reasons_is_shortened_until_the_message_fits_wecoms_2048_bytes(
+    wecom: WeComReceiver, clock: ManualClock, reason_chars: int, label: str, summary: re.Pattern[str]
+) -> None:
+    """A summary was never measured: eight reasons of 64 four-byte characters made a 2176-byte text
+    message, WeCom answered 40058, and every occurrence of the digest was dead-lettered. It now
+    lists fewer reasons, cut by bytes on a character boundary, down to the bare count."""
+    # Text (2048 bytes); 3 messages a minute leave a budget of one message for all 12 groups.
+    sink = await make_sink(clock, url=wecom.robot_url, msg_type="text", rate_per_minute=3, label=label)
+    reasons = [chr(0x1F600 + i) * reason_chars for i in range(12)]
+    batch = [occ(object_name=f"pod-{i}", reason=r, message="x") for i, r in enumerate(reasons)]
+    try:
+        outs = await sink.send(batch)
+    finally:
+        await sink.aclose()
+    assert wecom.errcodes() == [0] and kinds(outs) == [OutcomeKind.OK] * 12
+    (msg,) = wecom.accepted
+    assert len(msg.text.encode()) <= 2048
+    assert summary.search(msg.text), msg.text
+    lines = sum(f"shop/pod-{i}\n" in msg.text for i in range(12))
+    (more,) = map(int, re.findall(r"…and (\d+) more events", msg.text))
+    assert lines + more == 12
+    for listed in re.findall(r"(\S+)… ×1", msg.text):  # a cut reason is a whole-character prefix
+        assert any(r.startswith(listed) for r in reasons)
 
 
 async def test_flood_500_warnings_through_the_group_robot_respects_its_limit(

@@ -20,8 +20,10 @@ What it checks on every request (a strict but ordinary webhook consumer):
 
 Every request is recorded (method, path, query, headers, raw body, answer status, signature check).
 
-Fault injection: ``fail_next(n, status, retry_after=..., body=...)`` answers the next ``n`` requests
-with that status (after recording, before checks); ``hang_next(n)`` never answers the next ``n``
+Fault injection: ``fail_next(n, status, retry_after=..., body=..., echo=True)`` answers the next
+``n`` requests with that status (after recording, before checks); ``echo`` appends what the request
+carried (method, path and query, headers but the plain HTTP ones), as API gateways do that quote the
+credential they refused; ``hang_next(n)`` never answers the next ``n``
 requests (until the receiver closes) — the client must time out. ``ssl_context`` serves HTTPS.
 ``max_body_bytes`` is the largest body taken (aiohttp answers 413 beyond it, as a proxy with a body
 limit does; the request is recorded without its body).
@@ -82,6 +84,7 @@ class _Fault:
     status: int | None  # None: hang
     retry_after: str | None = None
     body: bytes = b""
+    echo: bool = False
 
 
 class WebhookReceiver:
@@ -125,8 +128,10 @@ class WebhookReceiver:
         """Requests answered with 2xx."""
         return [r for r in self.requests if r.status is not None and 200 <= r.status < 300]
 
-    def fail_next(self, n: int, status: int, *, retry_after: str | None = None, body: bytes = b"") -> None:
-        self._faults.extend(_Fault(status, retry_after, body) for _ in range(n))
+    def fail_next(
+        self, n: int, status: int, *, retry_after: str | None = None, body: bytes = b"", echo: bool = False
+    ) -> None:
+        self._faults.extend(_Fault(status, retry_after, body, echo) for _ in range(n))
 
     def hang_next(self, n: int = 1) -> None:
         self._faults.extend(_Fault(None) for _ in range(n))
@@ -192,7 +197,12 @@ class WebhookReceiver:
                 await self._release.wait()
                 return web.Response(status=503)
             headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else None
-            return web.Response(status=fault.status, body=fault.body, headers=headers)
+            body = fault.body
+            if fault.echo:
+                plain = {"host", "accept", "accept-encoding", "content-type", "content-length"}
+                sent = "; ".join(f"{k}: {v}" for k, v in request.headers.items() if k.lower() not in plain)
+                body += f" refused {request.method} {request.path_qs} with {sent}".encode()
+            return web.Response(status=fault.status, body=body, headers=headers)
         if request.method not in ("POST", "PUT"):
             return web.Response(status=405, text="method not allowed")
         if self.secret is not None:
