@@ -23,9 +23,13 @@
   Retry-After). A push answered 413 (a proxy's body limit) is sent
   again in halves, and so is one larger than the tenant's ingestion rate limit (429 naming the limit:
   Loki refuses a push larger than its burst for ever); later pushes stay within that limit. A 429 for
-  Loki's active stream limit retries the items of the stream it names only, and pushes the others
-  again at once (Loki stored them, or refused another stream it did not name; it de-duplicates).
+  Loki's active stream limit retries the items of the stream it names only, set aside so they hold
+  up no other stream, and pushes the others again at once (Loki de-duplicates what it stored).
   When part of a split push was stored, only the items of the part that failed are retried.
+- Loki's ingester answers for the last stream of a push only: a refused stream followed by a stored
+  one gets a 2xx. So a stream Loki has not taken from this sink in the last 20 minutes (it may be
+  new to Loki, which then may refuse it for the active stream limit) is pushed last, one such stream
+  per push, and up to four such pushes go at once.
 - Loki refuses entries older than ``reject_old_samples_max_age`` (168 h), further ahead than
   ``creation_grace_period`` (10 min), or more than ``max_chunk_age``/2 (1 h) behind the newest entry of
   their stream: a node whose clock is off, an event kept for days, a replay or a relist in key order
@@ -42,6 +46,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import math
@@ -103,6 +108,13 @@ DEFAULT_MAX_BEHIND = 3600.0
 (400 "entry too far behind")."""
 _CLOCK_MARGIN_NS = 60 * 1_000_000_000
 """Kept inside Loki's time window on both sides (at most a quarter of it): Loki judges by its own clock."""
+STREAM_KNOWN_FOR = 20 * 60.0
+"""Seconds after Loki last took a stream from this sink that the sink counts on the stream still being
+in Loki's ingester. An idle stream is flushed after chunk_idle_period (30 min by default) and then
+forgotten, so its next entry creates it anew, which the active stream limit may refuse. 20 min leaves
+10 min to spare (a request's latency, a chunk_idle_period set a little lower)."""
+_PARALLEL_PUSHES = 4
+"""Pushes of one send in flight at once (the connection pool's size)."""
 
 # Fields a label template may use, and which of them are unbounded per object or per event.
 TEMPLATE_FIELDS = frozenset(
@@ -840,6 +852,10 @@ class LokiSink(Sink[LokiOptions]):
         self._fast_line = options.line_format == "json" and not options.include_raw
         self._max_line = options.max_line_bytes
         self._newest = _NewestPerStream()
+        # Per stream, when (time.monotonic_ns) Loki last took entries of it from this sink: one it has
+        # not taken within STREAM_KNOWN_FOR may be new to Loki, and is pushed where its refusal shows.
+        self._taken = _NewestPerStream()
+        self._known_ns = int(STREAM_KNOWN_FOR * _NS)
         self._max_age_ns = int(options.max_age * _NS)
         self._grace_ns = int(options.future_grace * _NS)
         self._behind_ns = int(options.max_behind * _NS)
@@ -864,6 +880,7 @@ class LokiSink(Sink[LokiOptions]):
         behind are still predicted (and clamped) after a credential change."""
         if isinstance(previous, LokiSink):
             self._newest = previous._newest
+            self._taken = previous._taken
             self._max_push_bytes = previous._max_push_bytes
 
     def _build_headers(self, url_user: str | None, url_password: str | None) -> dict[str, str]:
@@ -960,14 +977,72 @@ class LokiSink(Sink[LokiOptions]):
             entries = [entry for entry in entries if not entry.late]
             self._late = False
         if entries:
-            await self._push(entries, outcomes)
+            await self._push_streams(entries, outcomes)
         if late:
             try:
-                await self._push(late, outcomes)
+                await self._push_streams(late, outcomes)
             except RetryableError as exc:  # the on-time entries are stored: retry only these
                 for entry in late:
                     outcomes[entry.index] = retry(str(exc), retry_after=exc.retry_after)
         return outcomes
+
+    def _plan(self, entries: list[_Entry]) -> list[list[_Entry]]:
+        """The pushes for these entries. Loki's ingester answers for the last stream of a push only
+        (pkg/ingester/instance.go ``Push``: ``_, appendErr = s.Push(...)`` per stream, so a later
+        stream's success overwrites an earlier one's error): a new stream refused for the active
+        stream limit, followed by a stream Loki stored, is answered 2xx and would be lost unseen. So
+        a stream Loki has not taken from this sink within STREAM_KNOWN_FOR goes last in its push, one
+        such stream per push; streams it took recently (Loki creates none of them) go before it."""
+        groups: dict[bytes, list[_Entry]] = {}
+        for entry in entries:
+            group = groups.get(entry.stream)
+            if group is None:
+                groups[entry.stream] = [entry]
+            else:
+                group.append(entry)
+        if len(groups) == 1:
+            return [entries]
+        since = time.monotonic_ns() - self._known_ns
+        taken = self._taken.get if self._taken.used else None
+        known: list[_Entry] = []
+        new: list[list[_Entry]] = []
+        for stream, group in groups.items():
+            at = taken(stream) if taken is not None else None
+            if at is not None and at >= since:
+                known += group
+            else:
+                new.append(group)
+        if not new:
+            return [entries]
+        return [known + new[0], *new[1:]]
+
+    async def _push_streams(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
+        """Push ``entries`` as ``_plan`` says. One push raises RetryableError as ``_push`` does; of
+        several (independent: each stream is in one), a few go at once, and when Loki fails as a whole
+        (5xx, the tenant's rate, unreachable) that push's items and those of pushes not sent yet are
+        retried, while what the others stored is not sent again."""
+        pushes = self._plan(entries)
+        if len(pushes) == 1:
+            await self._push(pushes[0], outcomes)
+            return
+        for start in range(0, len(pushes), _PARALLEL_PUSHES):
+            wave = pushes[start : start + _PARALLEL_PUSHES]
+            results = await asyncio.gather(*(self._push(p, outcomes) for p in wave), return_exceptions=True)
+            failed: RetryableError | None = None
+            for push, result in zip(wave, results, strict=True):
+                if isinstance(result, RetryableError):
+                    failed = result
+                    for entry in push:
+                        outcomes[entry.index] = retry(result.reason, retry_after=result.retry_after)
+                elif isinstance(result, BaseException):
+                    raise result
+            if failed is not None:
+                if start == 0 and all(isinstance(result, RetryableError) for result in results):
+                    raise failed  # nothing stored: the whole batch, as one push would
+                for push in pushes[start + len(wave) :]:
+                    for entry in push:
+                        outcomes[entry.index] = retry(failed.reason, retry_after=failed.retry_after)
+                return
 
     async def _push(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
         """POST one push; 200/204 leave ``outcomes`` OK, a final 4xx rejects every item of this push.
@@ -988,8 +1063,10 @@ class LokiSink(Sink[LokiOptions]):
             raise RetryableError(f"loki: cannot reach {self._shown}: {_describe(exc)}") from None
         if status in (200, 204) or (200 <= status < 300 and not _blocked(status, text)):
             update = self._newest.update
+            taken, now = self._taken.update, time.monotonic_ns()
             for entry in entries:
                 update(entry.stream, entry.ts_ns)
+                taken(entry.stream, now)
             return
         if status == 413 and len(entries) > 1:
             # A body limit below this push (a proxy's: nginx's client_max_body_size is 1m by default):
@@ -1069,10 +1146,11 @@ class LokiSink(Sink[LokiOptions]):
         reason: str,
         retry_after: float | None,
     ) -> bool:
-        """Loki's active stream limit: the ingester refused a new stream and stored the push's other
-        streams. The named stream's items are retried; the others are pushed again at once (Loki
-        de-duplicates what it stored), because Loki names only the last stream it refused. False when
-        the named stream is none of this push's."""
+        """Loki's active stream limit: the ingester refused a new stream (``_plan`` makes it the push's
+        last, whose result Loki answers) and stored the push's other streams. The named stream's items
+        are retried, set aside (``defer``: its refusal holds up no other stream); the others are pushed
+        again at once (Loki de-duplicates what it stored). False when the named stream is none of
+        this push's."""
         wanted = _parse_label_set(named)
         if wanted is None:
             return False
@@ -1082,19 +1160,16 @@ class LokiSink(Sink[LokiOptions]):
         for entry in entries:
             hit = seen.get(entry.stream)
             if hit is None:
-                labels = _stream_label_set(entry.stream)
-                # Loki names the stream as its distributor made it (with service_name, maybe a
-                # __stream_shard__): every label of ours there with the same value is a match.
-                hit = seen[entry.stream] = labels is not None and all(
-                    wanted.get(name) == value for name, value in labels.items()
-                )
+                # Exactly the named stream (plus what Loki's distributor adds): a stream with one label
+                # fewer (an empty value is dropped) is another stream, one Loki may have stored.
+                hit = seen[entry.stream] = _names_stream(wanted, entry.stream)
             (refused if hit else rest).append(entry)
         if not refused:
             return False
         if rest:
             await self._push_or_retry(rest, outcomes)
         for entry in refused:
-            outcomes[entry.index] = retry(reason, retry_after=retry_after)
+            outcomes[entry.index] = retry(reason, retry_after=retry_after, defer=True)
         return True
 
     async def _behind_refused(
@@ -1133,7 +1208,9 @@ class LokiSink(Sink[LokiOptions]):
                 groups[streams[0]] = group[len(refused) :]
             named.append((streams[0], refused, stored, bound))
         update = self._newest.update
+        now = time.monotonic_ns()
         for stream, refused, stored, bound in named:
+            self._taken.update(stream, now)  # Loki holds the stream: it refused entries behind its newest
             for entry in stored:
                 update(stream, entry.ts_ns)
             final = f"loki: 400 (refused, the rest of the push stored): {message}"
@@ -1145,12 +1222,14 @@ class LokiSink(Sink[LokiOptions]):
             for entry in refused:
                 # Predicted refused and sent anyway (clamp_time=false, or received too long ago):
                 # Loki's refusal is final. Otherwise the retry is predicted, and clamped.
-                outcomes[entry.index] = reject(final) if entry.late else retry(again)
+                # Set aside (defer): a cause of this stream's own, which holds up no other stream.
+                outcomes[entry.index] = reject(final) if entry.late else retry(again, defer=True)
             # From now on an entry before Loki's cutoff is predicted refused for this stream.
             update(stream, bound + self._behind_ns)
-        rest = [entry for group in groups.values() for entry in group]
+        again_ids = {id(entry) for group in groups.values() for entry in group}
+        rest = [entry for entry in entries if id(entry) in again_ids]  # in push order: a new stream last
         if rest:
-            await self._push_or_retry(sorted(rest, key=attrgetter("index")), outcomes)
+            await self._push_or_retry(rest, outcomes)
         return True
 
     # -- encoding ----------------------------------------------------------------------------------

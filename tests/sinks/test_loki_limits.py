@@ -69,8 +69,8 @@ async def test_the_receiver_limits_a_tenants_ingestion_rate_as_lokis_distributor
 
 async def test_the_receiver_refuses_a_new_stream_beyond_the_stream_limit_and_stores_the_others() -> None:
     """The ingester refuses a new stream beyond ``max_global_streams_per_user`` (429) and stores the
-    push's other streams; like the ingester, it names the last stream it refused, as the distributor
-    made it (with service_name)."""
+    push's other streams; like the ingester, it answers for the push's last stream (refused here),
+    naming it as the distributor made it (with service_name)."""
     async with LokiReceiver(max_streams=2) as loki, aiohttp.ClientSession() as http:
         async with http.post(loki.url + PUSH, json=_json_push("a", ["1"])) as response:
             assert response.status == 204
@@ -163,8 +163,8 @@ async def test_a_backlog_through_a_tenant_with_a_small_burst_delivers_every_entr
 async def test_the_stream_limit_retries_only_the_refused_streams_items() -> None:
     """Loki's ingester refuses a new stream over the tenant's active stream limit and stores the other
     streams of the push. Before, the whole push was retried (re-storing the others each time). Now only
-    the named stream's items wait; Loki names only the last stream it refused, so the others are pushed
-    again at once and judged on their own."""
+    the named stream's items wait, set aside; Loki answers for a push's last stream only, so each
+    stream new to the sink goes last in a push of its own (c after a, d alone)."""
     async with LokiReceiver(max_streams=1) as loki:
         sink = _sink(loki.url)
         try:
@@ -186,6 +186,7 @@ async def test_the_stream_limit_retries_only_the_refused_streams_items() -> None
             ]
             assert 'create stream {cluster="test", kind="Pod", namespace="c"' in outcomes[0].reason
             assert 'create stream {cluster="test", kind="Pod", namespace="d"' in outcomes[2].reason
+            assert outcomes[0].defer and outcomes[2].defer
             loki.max_streams = 3  # idle streams flushed, or the limit raised
             again = await sink.send([batch[0], batch[2]])
         finally:

@@ -186,15 +186,19 @@ async def test_without_clamp_time_a_refused_entry_is_retried_once_then_rejected_
 
 
 async def test_the_push_s_other_streams_are_pushed_again_at_once() -> None:
-    """Loki's answer names one stream; the push's other streams (stored, or refused without a word)
-    are pushed again at once and judged on their own: Loki de-duplicates what it stored."""
+    """Loki's answer names one stream (the push's last); the push's other streams (stored, or refused
+    without a word) are pushed again at once and judged on their own: Loki de-duplicates what it
+    stored."""
     now = time.time()
     async with LokiReceiver() as loki:
         live, replay = _sink(loki.url), _sink(loki.url)
         try:
             await live.send([_at(now - 30, namespace="shop", object_name="a")])
+            # Loki took the web stream from the replay just now: it goes before the shop stream, new
+            # to the replay, which goes last in the same push.
+            await replay.send([_at(now - 3 * 3600 - 60, namespace="web", object_name="web-first")])
             batch = [
-                _at(now - 3 * 3600, namespace="web", object_name="web-old"),  # a new stream: stored
+                _at(now - 3 * 3600, namespace="web", object_name="web-old"),
                 _at(now - 3 * 3600, namespace="shop", object_name="shop-old"),
                 _at(now - 20, namespace="shop", object_name="shop-fresh"),
             ]
@@ -204,9 +208,11 @@ async def test_the_push_s_other_streams_are_pushed_again_at_once() -> None:
             await replay.aclose()
     assert outcomes is not None
     assert [o.kind for o in outcomes] == [OutcomeKind.OK, OutcomeKind.RETRY, OutcomeKind.OK]
-    assert [p.status for p in loki.pushes] == [204, 400, 204]
-    assert _names(loki) == {"a": 1, "web-old": 2, "shop-fresh": 1}  # web-old: identical, one in queries
-    assert sum(len(s.values) for s in loki.query_range()) == 3
+    assert outcomes[1].defer  # the shop stream's own cause: it holds up no other stream
+    assert [p.status for p in loki.pushes] == [204, 204, 400, 204]
+    # web-old: identical, one in queries
+    assert _names(loki) == {"a": 1, "web-first": 1, "web-old": 2, "shop-fresh": 1}
+    assert sum(len(s.values) for s in loki.query_range()) == 4
 
 
 async def test_an_answer_with_a_line_the_sink_does_not_understand_rejects_the_push_as_before() -> None:

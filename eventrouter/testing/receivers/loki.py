@@ -536,11 +536,13 @@ class LokiReceiver:
     ``now`` (epoch seconds) drives the age checks. ``max_body_bytes`` is the largest push body taken
     (Loki's default 100 MB; beyond it aiohttp answers 413, as a gateway with a body limit does).
     Off unless given (Loki has them on): the tenant's ingestion rate limit (``ingestion_rate`` bytes/s,
-    ``ingestion_burst`` bytes: 429, nothing stored) and its active stream limit (``max_streams``: 429
-    naming a refused new stream, the push's other streams stored).
+    ``ingestion_burst`` bytes: 429, nothing stored) and its active stream limit (``max_streams``: a
+    new stream beyond it is refused, 429 naming it, the push's other streams stored).
     Entries too far behind their stream's newest are answered as Loki's ingester does: 400 listing
     at most ``max_returned_stream_errors`` (10) of them and the total, for one stream; the push's other
     entries stored.
+    Like Loki's ingester, the answer is what happened to the *last* stream of the push that reached
+    the ingester: a refused stream followed by a stored one is answered 2xx (the refusal unseen).
     """
 
     def __init__(
@@ -666,6 +668,12 @@ class LokiReceiver:
         ra = None if retry_after is None else str(retry_after)
         for _ in range(count):
             self._faults.append(_Fault(status, message or default, ra, store))
+
+    def forget_streams(self) -> None:
+        """The ingester forgets every stream, as it does one that received nothing for
+        chunk_idle_period (30 min) once its chunks are flushed: the next entry creates it anew (which
+        the stream limit may refuse). Stored entries stay queryable."""
+        self._newest.clear()
 
     def refill_rate_limit(self) -> None:
         """The ingestion rate limiter's bucket full again, as after a wait of ``burst / rate`` seconds."""
@@ -807,9 +815,7 @@ class LokiReceiver:
             return answer(fault.status, fault.message, accepted, extra)
         if ingester_error is not None:
             # The ingester's error wins over the distributor's 400 (which is then not sent), and it
-            # describes one stream only. Loki's own ingester answers with what happened to the last
-            # stream of the push, so a refused stream followed by a stored one is answered 2xx; this
-            # receiver names the last refused stream instead, so tests see every push with a refusal.
+            # describes the push's last stream only (see _ingest).
             return answer(*ingester_error, accepted)
         if errors:
             return answer(400, _group_errors(errors), accepted)
@@ -910,7 +916,16 @@ class LokiReceiver:
 
     def _ingest(self, tenant: str, streams: list[_InStream]) -> tuple[int, list[str], tuple[int, str] | None]:
         """Store what Loki would: the entries stored, the distributor's validation errors, and the
-        ingester's error (status, message) if a stream it was handed failed."""
+        ingester's error (status, message): what happened to the *last* stream it was handed.
+
+        Loki's ingester (pkg/ingester/instance.go ``Push``, 2.x and 3.x) loops over the streams of
+        the request: a stream it cannot create (the stream limit) sets ``appendErr = err; continue``,
+        and every other stream sets ``_, appendErr = s.Push(...)``, so a later stream's result, nil
+        included, overwrites an earlier one's error ("the returned error only reflects what happened
+        to *the last stream in the request*", its doc comment). The distributor
+        (pkg/distributor/distributor.go) hands the ingester the streams with valid entries, in push
+        order (``sendStreamsErr``), and answers its 400 for invalid entries only when the ingester
+        succeeded. A stream whose every entry the distributor refused never reaches the ingester."""
         oldest, newest_ok = self._window()
         behind = int(self.max_chunk_age / 2 * _NS)
         errors: list[str] = []
@@ -944,7 +959,7 @@ class LokiReceiver:
                 and sum(1 for t, _ in self._newest if t == tenant) >= self.max_streams
             ):
                 # The ingester refuses a new stream beyond the limit and goes on with the push's
-                # other streams.
+                # other streams; a later stream's result overwrites this error.
                 self.stream_limited += len(valid)
                 ingester_error = (
                     429,
@@ -967,8 +982,8 @@ class LokiReceiver:
                     StoredEntry(tenant, stream.labels, entry.ts_ns, entry.line, entry.metadata)
                 )
                 accepted += 1
-            if failed:
-                ingester_error = (400, self._too_far_behind(user, named, failed, len(valid)))
+            # This stream's result, an earlier stream's error overwritten (also by success).
+            ingester_error = (400, self._too_far_behind(user, named, failed, len(valid))) if failed else None
         return accepted, errors, ingester_error
 
     def _too_far_behind(self, user: str, named: str, failed: list[tuple[int, int]], total: int) -> str:
