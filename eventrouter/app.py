@@ -166,6 +166,10 @@ class Router:
         self.cache_entries_cleared = 0
         self.checkpoint_store: ConfigMapCheckpointStore | None = None
         self.exit_code = 0
+        # Wall time this process started leading (took the lease, or started without leader
+        # election): until a watch exists, its last progress for /healthz and the stall alert.
+        self._leading_since: float | None = None
+        self._lead_blocked: str | None = None  # why the lead has not got to the watch, for the probes
 
     @property
     def sinks(self) -> dict[str, Any]:
@@ -233,7 +237,12 @@ class Router:
             if reloader.files:
                 self.reloaders.append(reloader)
             log.info("sink %s configured", spec.describe())
-        self.fanout = Fanout(self.pipelines)
+        watch = self.settings.watch
+        self.fanout = Fanout(
+            self.pipelines,
+            scoped=bool(self.settings.namespaces),
+            selective=bool(watch.field_selector or watch.label_selector),
+        )
 
     def _report_orphans(self, data: Path) -> int:
         """Say once at start what the data dir holds for sinks that are not configured (removed or
@@ -361,20 +370,26 @@ class Router:
 
     def _configmap_written(self, ok: bool) -> None:
         if not ok:
-            self.metrics.checkpoint_configmap_errors.inc()
+            self.metrics.checkpoint_configmap_errors.labels("write").inc()
         for p in self.pipelines:
             self.metrics.checkpoint_durable.labels(p.name).set(1 if ok else 0)
 
     async def _load_checkpoint(self, store: ConfigMapCheckpointStore) -> None:
         """Read the shared checkpoint, retrying with backoff: a failover is when the API server is most
         likely to answer 5xx or 429 once, and giving up made both replicas crash-loop. (A lost lease
-        cancels this.)"""
+        cancels this.) Failures are counted, and /healthz fails once they outlast --stall-timeout (the
+        liveness probe restarts the pod, which releases the lease to the standby)."""
         delay = 0.5
         while True:
             try:
                 await store.load()
+                self._lead_blocked = None
                 return
             except (ApiError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                self.metrics.checkpoint_configmap_errors.labels("read").inc()
+                self._lead_blocked = (
+                    f"cannot read the checkpoint ConfigMap {store.namespace}/{store.name} ({exc})"
+                )
                 log.error(
                     "cannot read the checkpoint ConfigMap %s/%s (%s); retrying in %.1fs",
                     store.namespace,
@@ -388,6 +403,7 @@ class Router:
     async def _lead(self) -> None:
         """Start delivering: load the shared checkpoint (the previous leader's latest), then pipelines
         and the watch (a relist gives each sink what it has not accepted yet)."""
+        self._leading_since = time.time()
         if self.checkpoint_store is not None:
             await self._load_checkpoint(self.checkpoint_store)
             self._tasks.append(self._guard(self.checkpoint_store.run(), "checkpoint-configmap"))
@@ -628,6 +644,9 @@ class Router:
                     order.add(occ)
                 else:
                     self.fanout.publish(occ)
+            elif tracker.dropped:  # a lowered count, a series not raised: counted as the watch does
+                for reason, n in tracker.take_dropped().items():
+                    self.metrics.source_dropped.labels(reason).inc(n)
         if order is not None and len(order):
             log.info("replay: handing %d occurrences to the sinks, oldest first", len(order))
             for chunk in order.drain(page):
@@ -643,9 +662,20 @@ class Router:
     # ---- health -------------------------------------------------------------------------------
 
     def healthy(self) -> tuple[bool, str]:
-        if not self.watchers:
-            return True, "no watch (replay or standby)"
         now = time.time()
+        if not self.watchers:
+            if self._leading_since is None:
+                return True, "no watch (replay or standby)"
+            # A leader that cannot get to its watch (the checkpoint ConfigMap unreadable: RBAC, 5xx)
+            # held the lease for ever, healthy: it now fails as a stalled watch would, so the
+            # liveness probe restarts it and the standby takes over.
+            waited = now - self._leading_since
+            why = f"leading for {waited:.0f}s, the watch has not begun"
+            if self._lead_blocked:
+                why += f": {self._lead_blocked}"
+            if waited > self.settings.stall_timeout:
+                return False, f"{why} (more than --stall-timeout {self.settings.stall_timeout:g}s)"
+            return True, why
         stale = [w for w in self.watchers if now - w.last_progress > self.settings.stall_timeout]
         if stale:
             ages = ", ".join(f"{w.where}: {now - w.last_progress:.0f}s" for w in stale)
@@ -656,8 +686,12 @@ class Router:
         if self.draining:
             return False, "draining"
         if self.elector is not None and not self.elector.is_leader:
-            return True, "standby: another replica holds the lease"
+            # Ready even when it can never lead (the Lease refused): a standby must be Ready for a
+            # rollout to go on and for its /metrics behind the Service; the reason says what is wrong.
+            return True, f"standby: {self.elector.standby_reason()}"
         if not self.watchers:
+            if self._lead_blocked:
+                return False, f"leading, but the watch has not begun: {self._lead_blocked}"
             return False, "starting: the watch has not begun"
         waiting = [w.where for w in self.watchers if not w.initial_list_done.is_set()]
         if waiting:
@@ -684,9 +718,12 @@ class Router:
                 for w in self.watchers:
                     w.flush_metrics()  # a watch without bookmarks flushed only when its stream ended
                     w.tracked_gauge()
+            elif self._leading_since is not None:
+                # A leader not watching yet (its first list waits for its sinks to start, or the
+                # checkpoint ConfigMap cannot be read): as /healthz judges it, from taking the lease.
+                self.metrics.last_progress.set(self._leading_since)
             else:
-                # A standby, or a leader whose first list waits for its sinks to start: nothing to
-                # watch yet, and fine (as /healthz says): 0 would fire EventrouterWatchStalled.
+                # A standby: nothing to watch, and fine; 0 would fire EventrouterWatchStalled.
                 self.metrics.last_progress.set(time.time())
             body = generate_latest(self.metrics.registry)
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -840,6 +877,17 @@ class Router:
             if not flushed:
                 # What was delivered since the last write comes again after the restart: say so in
                 # the exit code too, not only in the log.
+                self.exit_code = self.exit_code or 1
+            elif left_out := self.checkpoint_store.truncated:
+                # Written, but without the entries that did not fit: the next leader delivers those
+                # events again, a stop that will duplicate as the one above.
+                log.error(
+                    "the last write of the checkpoint ConfigMap %s/%s left out %d entries (over 1 MiB): "
+                    "the next leader delivers those events again; use --data-dir for clusters this large",
+                    self.checkpoint_store.namespace,
+                    self.checkpoint_store.name,
+                    left_out,
+                )
                 self.exit_code = self.exit_code or 1
         if self._data_lock is not None:
             self._data_lock.release()

@@ -30,6 +30,7 @@ from eventrouter.app import Router, RouterSettings
 from eventrouter.config import ConfigError, RouterConfig, SinkSpec, build_specs, load_yaml
 from eventrouter.datalock import DataDirInUse
 from eventrouter.gc_tuning import tune_gc
+from eventrouter.leader import LEASE_DURATION_MAX, check_timings
 from eventrouter.logs import setup_logging
 from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS
 from eventrouter.plugins import PluginError, discover
@@ -91,6 +92,15 @@ def _positive_seconds(text: str) -> float:
     value = _seconds(text)
     if value == 0:
         raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
+    return value
+
+
+def _lease_seconds(text: str) -> float:
+    value = _positive_seconds(text)
+    if math.ceil(value) > LEASE_DURATION_MAX:  # 1e10 was written to the Lease and refused: no leader
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: at most {LEASE_DURATION_MAX} seconds (the Lease's leaseDurationSeconds is an int32)"
+        )
     return value
 
 
@@ -195,7 +205,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--leader-elect", action="store_true", help="only the Lease holder watches and delivers")
     run.add_argument("--leader-elect-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
     run.add_argument("--leader-elect-name", default="eventrouter", help="Lease name")
-    run.add_argument("--leader-elect-lease-duration", type=_positive_seconds, default=15.0, help="seconds")
+    run.add_argument("--leader-elect-lease-duration", type=_lease_seconds, default=15.0, help="seconds")
     run.add_argument("--leader-elect-renew-deadline", type=_positive_seconds, default=10.0, help="seconds")
     run.add_argument("--leader-elect-retry-period", type=_positive_seconds, default=2.0, help="seconds")
     run.add_argument(
@@ -295,6 +305,20 @@ def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
     data_dir = args.data_dir or (Path(cfg.data_dir) if cfg.data_dir else None)
     if data_dir is not None:
         data_dir = _writable_data_dir(data_dir)
+    if getattr(args, "leader_elect", False):
+        try:  # as client-go refuses them, before anything starts, naming the options
+            check_timings(
+                args.leader_elect_lease_duration,
+                args.leader_elect_renew_deadline,
+                args.leader_elect_retry_period,
+                (
+                    "--leader-elect-lease-duration",
+                    "--leader-elect-renew-deadline",
+                    "--leader-elect-retry-period",
+                ),
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return RouterSettings(
         cluster_name=args.cluster_name or cfg.cluster_name,
         namespaces=_namespaces(getattr(args, "namespace", []) or cfg.namespaces),

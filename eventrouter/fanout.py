@@ -10,14 +10,30 @@ from collections.abc import Container, Iterable, Sequence
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.record import Occurrence
 
-__all__ = ["Fanout"]
+__all__ = ["UNSEEN_KEEP", "Fanout"]
 
 log = logging.getLogger(__name__)
 
+UNSEEN_KEEP = 2 * 3600.0
+"""Seconds the checkpoint entry of an event a scoped watch no longer sees is kept. Twice the API
+server's default ``--event-ttl`` (1 h): an event still alive after that was written again since, with
+a higher count (a new occurrence), unless the cluster keeps Events longer."""
+
 
 class Fanout:
-    def __init__(self, pipelines: Sequence[Pipeline]) -> None:
+    def __init__(
+        self, pipelines: Sequence[Pipeline], *, scoped: bool = False, selective: bool = False
+    ) -> None:
         self.pipelines = list(pipelines)
+        # A watch limited to namespaces or by a selector lists only part of the events: those it
+        # does not list may be alive (another namespace; a scope narrowed by an upgrade that is
+        # rolled back). Their entries are kept for UNSEEN_KEEP instead of dropped at the next list,
+        # which delivered them all again once the scope was widened. With a selector, a DELETED may
+        # only mean "no longer selected" (a label changed): the entry is kept likewise.
+        self.scoped = scoped or selective
+        self.selective = selective
+        self.unseen_keep = UNSEEN_KEEP
+        self._unseen: dict[str, float] = {}  # uid → when it was first not seen
 
     def publish(self, occ: Occurrence) -> None:
         for pipeline in self.pipelines:
@@ -61,6 +77,9 @@ class Fanout:
 
     def forget(self, uids: Iterable[str]) -> None:
         """The events were deleted (TTL): their checkpoint entries are no longer needed."""
+        if self.selective:
+            self._note_unseen(uids)
+            return
         uids = list(uids)
         for pipeline in self.pipelines:
             pipeline.forget(uids)
@@ -71,6 +90,31 @@ class Fanout:
             table.share_keys(uids)
 
     def prune(self, live: Container[str]) -> None:
-        """After a complete list: drop checkpoint entries of events the API server no longer holds."""
-        for pipeline in self.pipelines:
-            pipeline.prune(live)
+        """After a complete list: drop checkpoint entries of events the API server no longer holds
+        (a scoped watch: of events not seen for ``unseen_keep``)."""
+        if not self.scoped:
+            for pipeline in self.pipelines:
+                pipeline.prune(live)
+            return
+        tables = {id(p.checkpoint.table): p.checkpoint.table for p in self.pipelines}.values()
+        self._note_unseen(uid for table in tables for uid in table.entries if uid not in live)
+        self.sweep(live)
+
+    def _note_unseen(self, uids: Iterable[str]) -> None:
+        now = time.monotonic()
+        unseen = self._unseen
+        for uid in uids:
+            unseen.setdefault(uid, now)
+
+    def sweep(self, live: Container[str]) -> None:
+        """Drop the entries of events not seen for ``unseen_keep`` (a scoped watch; periodic)."""
+        if not self._unseen:
+            return
+        cutoff = time.monotonic() - self.unseen_keep
+        back = [uid for uid in self._unseen if uid in live]
+        expired = [uid for uid, since in self._unseen.items() if since <= cutoff and uid not in live]
+        for uid in back + expired:
+            del self._unseen[uid]
+        if expired:
+            for pipeline in self.pipelines:
+                pipeline.forget(expired)

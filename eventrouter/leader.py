@@ -31,12 +31,49 @@ import orjson
 from eventrouter.metrics import Metrics
 from eventrouter.source.kube import ApiError, KubeClient, raise_for_status
 
-__all__ = ["LeaderElector", "micro_time"]
+__all__ = ["LEASE_DURATION_MAX", "LeaderElector", "check_timings", "micro_time"]
 
 log = logging.getLogger(__name__)
 
 # Errors of one request: API answers, connection failures and our own per-request deadline.
 _REQUEST_ERRORS = (ApiError, aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError)
+
+
+LEASE_DURATION_MAX = 2**31 - 1
+"""leaseDurationSeconds is an int32: the API server refuses a Lease with more, so every replica
+would stand by for ever."""
+JITTER_FACTOR = 1.2
+"""client-go's: a standby's retry waits up to this many retry periods (see ``_acquire``)."""
+
+
+def check_timings(
+    lease_duration: float,
+    renew_deadline: float,
+    retry_period: float,
+    names: tuple[str, str, str] = ("lease duration", "renew deadline", "retry period"),
+) -> None:
+    """Refuse timings client-go's NewLeaderElector refuses (and a leaseDurationSeconds the API server
+    refuses), naming the settings by ``names`` (the command line's option names)."""
+    lease, renew, retry = names
+    for name, value in zip(names, (lease_duration, renew_deadline, retry_period), strict=True):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"leader election: {name} ({value:g}s) must be a positive number of seconds")
+    if math.ceil(lease_duration) > LEASE_DURATION_MAX:
+        raise ValueError(
+            f"leader election: {lease} ({lease_duration:g}s) must be at most {LEASE_DURATION_MAX} s: the "
+            "Lease's leaseDurationSeconds is an int32, and the API server refuses a larger one"
+        )
+    if renew_deadline >= lease_duration:
+        raise ValueError(
+            f"leader election: {renew} ({renew_deadline:g}s) must be shorter than the {lease} "
+            f"({lease_duration:g}s): a leader that cannot renew must stop before its lease expires"
+        )
+    if renew_deadline <= JITTER_FACTOR * retry_period:
+        raise ValueError(
+            f"leader election: {renew} ({renew_deadline:g}s) must be longer than {JITTER_FACTOR:g} x the "
+            f"{retry} ({retry_period:g}s): a leader must get more than one renewal attempt, with "
+            "jitter, before its deadline"
+        )
 
 
 def micro_time(now: datetime | None = None) -> str:
@@ -62,18 +99,7 @@ class LeaderElector:
     ) -> None:
         if not identity:
             raise ValueError("leader election identity must not be empty")
-        if not (lease_duration > 0 and renew_deadline > 0 and retry_period > 0):
-            raise ValueError("leader election durations must be positive")
-        if renew_deadline >= lease_duration:
-            raise ValueError(
-                f"leader election renew deadline ({renew_deadline:g}s) must be shorter than the lease "
-                f"duration ({lease_duration:g}s): a leader that cannot renew must stop before its lease expires"
-            )
-        if retry_period >= renew_deadline:
-            raise ValueError(
-                f"leader election retry period ({retry_period:g}s) must be shorter than the renew deadline "
-                f"({renew_deadline:g}s)"
-            )
+        check_timings(lease_duration, renew_deadline, retry_period)
         self.kube = kube
         self.namespace = namespace
         self.name = name
@@ -191,17 +217,32 @@ class LeaderElector:
         self._observed_holder = ""
         log.info("leader election: released %s", self._where())
 
+    def standby_reason(self) -> str:
+        """Why this replica does not lead, for /readyz: "another replica holds the lease" was also said
+        when the Lease could not be read or written at all (403) and nobody led."""
+        if self._last_error is not None:
+            return f"cannot read or write the {self._where()}: {self._last_error}"
+        holder = self._observed_holder
+        if holder and holder != self.identity:
+            return f"{holder!r} holds the {self._where()}"
+        return f"waiting for the {self._where()}"
+
     async def try_acquire_or_renew(self, timeout: float | None = None) -> bool:
         """One attempt, as client-go's tryAcquireOrRenew: True when this replica holds the lease now."""
         try:
             async with asyncio.timeout(timeout):
-                return await self._try(timeout)
+                held = await self._try(timeout)
         except _REQUEST_ERRORS as exc:
             self._note_error(exc)
             return False
-        except Exception:  # e.g. a failing credential plugin: never let it skip on_stopped_leading
+        except Exception as exc:  # e.g. a failing credential plugin: never let it skip on_stopped_leading
             log.exception("leader election: %s: unexpected error", self._where())
+            self._last_error = f"{type(exc).__name__}: {exc}"
             return False
+        # Only a whole attempt clears it: cleared when the read succeeded, a write refused every time
+        # (RBAC with `get` but not `update`) was logged again at every retry.
+        self._last_error = None
+        return held
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -218,6 +259,7 @@ class LeaderElector:
     def _note_error(self, exc: BaseException) -> None:
         if isinstance(exc, ApiError) and exc.status == 409:
             self.conflicts += 1
+            self._last_error = None  # read and written: another replica was just quicker
             log.info("leader election: %s was updated by another replica first (409)", self._where())
             return
         text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ApiError) else str(exc)
@@ -347,7 +389,6 @@ class LeaderElector:
             elif not holder:
                 log.info("leader election: %s is free", self._where())
             self._observed_holder = holder
-        self._last_error = None
 
     async def _get(self, timeout: float | None = None) -> dict[str, Any] | None:
         resp = await self.kube.request("GET", self.path, timeout=_client_timeout(timeout))

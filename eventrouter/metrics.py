@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = [
+    "CHECKPOINT_CONFIGMAP_OPS",
     "DEAD_LETTER_REASONS",
     "SINK_DROP_REASONS",
     "Metrics",
@@ -23,12 +24,19 @@ __all__ = [
 SINK_DROP_REASONS = ("queue_full", "spool_full", "spool_error", "spool_unreadable", "shutdown")
 DEAD_LETTER_REASONS = ("rejected", "retries_exhausted")
 SEND_ERROR_KINDS = ("retryable", "timeout", "exception", "contract", "start")
-SOURCE_DROP_REASONS = ("malformed", "malformed_line", "unknown_watch_type")
+SOURCE_DROP_REASONS = (
+    "malformed",
+    "malformed_line",
+    "unknown_watch_type",
+    "count_decreased",
+    "series_not_raised",
+)
 SOURCE_REPAIR_REASONS = ("invalid_unicode",)
 WATCH_RESTART_REASONS = ("timeout", "expired", "connection", "error")  # and http_<status>
 RELIST_REASONS = ("initial", "expired")
 DATA_DIR_FILES = ("spool", "checkpoint", "deadletter")
 RELOAD_RESULTS = ("applied", "unchanged", "invalid")
+CHECKPOINT_CONFIGMAP_OPS = ("read", "write")
 
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
@@ -68,7 +76,8 @@ class Metrics:
         )
         self.source_dropped = Counter(
             "eventrouter_source_dropped",
-            "Objects the source could not use (malformed), by reason.",
+            "Objects the source could not use (malformed), or whose occurrence it did not deliver (a"
+            " count lowered by its writer, a series that moved on without a higher count), by reason.",
             ["reason"],
             registry=r,
         )
@@ -209,8 +218,10 @@ class Metrics:
         self.leader = Gauge("eventrouter_leader", "1 while this replica holds the lease.", registry=r)
         self.checkpoint_configmap_errors = Counter(
             "eventrouter_checkpoint_configmap_errors",
-            "Writes of the checkpoint ConfigMap that failed (RBAC, an admission webhook, the API server "
-            "down); eventrouter_checkpoint_durable is 0 for every sink until a write succeeds.",
+            "Reads (op=read: at takeover, retried; nothing is delivered until one succeeds) and writes "
+            "(op=write; eventrouter_checkpoint_durable is 0 for every sink until one succeeds) of the "
+            "checkpoint ConfigMap that failed: RBAC, an admission webhook, the API server down.",
+            ["op"],
             registry=r,
         )
         self.checkpoint_truncated = Gauge(
@@ -226,6 +237,8 @@ class Metrics:
         ):
             for reason in reasons:
                 counter.labels(reason)
+        for op in CHECKPOINT_CONFIGMAP_OPS:
+            self.checkpoint_configmap_errors.labels(op)
 
     def sink_children(self, sink: str) -> None:
         """Export a sink's reason-labelled counters at 0 (see SINK_DROP_REASONS)."""

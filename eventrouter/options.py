@@ -189,7 +189,8 @@ class SinkOptions(_Strict):
 
 
 class FilterOptions(_Strict):
-    """Which occurrences a sink receives. Empty lists mean "no restriction"."""
+    """Which occurrences a sink receives. Empty lists, and an empty message or exclude_message, mean
+    "no restriction"."""
 
     types: StrList = Field(
         default_factory=list,
@@ -200,22 +201,32 @@ class FilterOptions(_Strict):
         None,
         description="kube-eventer style minimum level: Normal keeps all, Warning keeps Warning only.",
     )
+    # Names match ignoring case (engine/filter.py): `kinds=pod` matched nothing, as Kubernetes spells
+    # it Pod, while `types=warning` was already taken as Warning. (Namespaces are lower case anyway.)
     namespaces: StrList = Field(default_factory=list, description="Keep only these namespaces.")
     exclude_namespaces: StrList = Field(default_factory=list, description="Drop these namespaces.")
-    kinds: StrList = Field(default_factory=list, description="Keep only these involved-object kinds.")
-    exclude_kinds: StrList = Field(default_factory=list, description="Drop these involved-object kinds.")
-    reasons: StrList = Field(default_factory=list, description="Keep only these reasons.")
-    exclude_reasons: StrList = Field(default_factory=list, description="Drop these reasons.")
+    kinds: StrList = Field(
+        default_factory=list, description="Keep only these involved-object kinds (any case: pod is Pod)."
+    )
+    exclude_kinds: StrList = Field(
+        default_factory=list, description="Drop these involved-object kinds (any case)."
+    )
+    reasons: StrList = Field(
+        default_factory=list, description="Keep only these reasons (any case: backoff is BackOff)."
+    )
+    exclude_reasons: StrList = Field(default_factory=list, description="Drop these reasons (any case).")
     message: str | None = Field(
         None,
         validation_alias=AliasChoices("message", "message_regex"),
-        description="Keep only messages matching this regular expression (search).",
+        description="Keep only messages matching this regular expression (search; empty: keep all).",
     )
-    exclude_message: str | None = Field(None, description="Drop messages matching this regular expression.")
+    exclude_message: str | None = Field(
+        None, description="Drop messages matching this regular expression (search; empty: drop none)."
+    )
     components: StrList = Field(
         default_factory=list,
         validation_alias=AliasChoices("components", "component"),
-        description="Keep only these reporting/source components.",
+        description="Keep only these reporting/source components (any case).",
     )
     min_count: int = Field(1, ge=1, description="Keep only occurrences whose number is at least this.")
 
@@ -247,6 +258,10 @@ class FilterOptions(_Strict):
     @field_validator("message", "exclude_message")
     @classmethod
     def _regex(cls, value: str | None) -> str | None:
+        if value == "":
+            # Unset, as an empty list is: the empty regex matches every message, so a Helm value
+            # left blank (`exclude_message: ""`) dropped everything, counted only as filtered.
+            return None
         if value is not None:
             try:
                 re.compile(value)

@@ -164,11 +164,11 @@ third-party sinks.
 """
 
 _FILTER_NOTES = """\
-Empty lists mean "no restriction". All given conditions must hold. `namespaces`, `kinds`, `reasons`,
-`components` and their `exclude_` forms match exact names, or shell-style globs (`kube-*`) when a
-value contains `*`, `?` or `[`. `components` matches the record's `reporting_component` or
-`source_component`. `message` and `exclude_message` are regular expressions searched anywhere in the
-message. `level=Warning` keeps Warning events only; `level=Normal` keeps all. `min_count` compares
+Empty lists mean "no restriction", and so does an empty `message` or `exclude_message`. All given
+conditions must hold. `namespaces`, `kinds`, `reasons`, `components` and their `exclude_` forms match
+names ignoring case (`kinds=pod` is `Pod`), or shell-style globs (`kube-*`) when a value contains `*`,
+`?` or `[`. `components` matches the record's `reporting_component` or `source_component`. `message`
+and `exclude_message` are regular expressions searched anywhere in the message. `level=Warning` keeps Warning events only; `level=Normal` keeps all. `min_count` compares
 the occurrence number.
 """
 

@@ -182,6 +182,25 @@ def test_a_config_or_secret_file_that_is_not_utf8_is_named(tmp_path: Path) -> No
         (["--data-dir-max-bytes", "inf"], {}, "argument --data-dir-max-bytes: 'inf': expected bytes"),
         (["--stall-timeout", "0"], {}, "argument --stall-timeout: '0': must be more than 0"),
         (["--checkpoint-flush-interval", "0"], {}, "argument --checkpoint-flush-interval: '0': must be more"),
+        # leaseDurationSeconds is an int32: the API server refused every write of 1e10, nobody led.
+        (
+            ["--leader-elect", "--leader-elect-lease-duration", "1e10"],
+            {},
+            "argument --leader-elect-lease-duration: '1e10': at most 2147483647 seconds",
+        ),
+        # As client-go: renewDeadline > 1.2 x retryPeriod (a retry's jitter), checked before starting.
+        (
+            ["--leader-elect", "--leader-elect-renew-deadline", "2.2"],
+            {},
+            "leader election: --leader-elect-renew-deadline (2.2s) must be longer than 1.2 x the "
+            "--leader-elect-retry-period (2s)",
+        ),
+        (
+            ["--leader-elect", "--leader-elect-lease-duration", "10"],
+            {},
+            "leader election: --leader-elect-renew-deadline (10s) must be shorter than the "
+            "--leader-elect-lease-duration (10s)",
+        ),
         # The API server trims nothing: every list failed with 400, and the router was never ready.
         (["--field-selector", "type=Warning, reason=BackOff"], {}, "field ' reason' cannot select Events"),
         (["--field-selector", "reason=a=b"], {}, "field selector 'reason=a=b': cannot understand"),

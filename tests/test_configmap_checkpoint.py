@@ -370,7 +370,7 @@ async def test_a_configmap_checkpoint_that_cannot_be_written_is_counted_and_exit
     running = asyncio.create_task(router.run())
     await until(lambda: bool(router.pipelines) and len(router.sinks["mem"].received) == 20, timeout=10)  # type: ignore[attr-defined]
     m = router.metrics
-    await until(lambda: m.checkpoint_configmap_errors._value.get() >= 1, timeout=10)
+    await until(lambda: m.checkpoint_configmap_errors.labels("write")._value.get() >= 1, timeout=10)
     assert m.checkpoint_durable.labels("mem")._value.get() == 0
     api.permit(TOKEN)  # the role is fixed: the next write goes through
     await until(lambda: m.checkpoint_durable.labels("mem")._value.get() == 1, timeout=10)
@@ -394,9 +394,37 @@ async def test_a_checkpoint_configmap_that_cannot_be_read_once_is_read_again(
     running = asyncio.create_task(router.run())
     await until(lambda: bool(router.pipelines) and len(router.sinks["mem"].received) == 1, timeout=10)  # type: ignore[attr-defined]
     assert api.faults.applied == ["fail"]
+    assert router.metrics.checkpoint_configmap_errors.labels("read")._value.get() == 1
     router.request_stop()
     await asyncio.wait_for(running, 10)
     assert router.exit_code == 0
+
+
+async def test_a_stop_whose_last_checkpoint_write_left_entries_out_exits_1(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over 1 MiB, the checkpoint is written without its least recently acknowledged entries, and the
+    next leader delivers those events again; that stop exited 0, where one whose write failed exits 1
+    (items 35, 45)."""
+    for i in range(300):
+        api.create_event(event_object(namespace=NS, object_name=f"t-{i}"))
+    router = _configmap_router(api, tmp_path)
+    running = asyncio.create_task(router.run())
+    await until(lambda: router.checkpoint_store is not None, timeout=10)
+    store = router.checkpoint_store
+    assert store is not None
+    store.limit = 2_000  # what 1 MiB is for ~60,000 events: 300 do not fit
+    await until(lambda: bool(router.pipelines) and len(router.sinks["mem"].received) == 300, timeout=20)  # type: ignore[attr-defined]
+    caplog.set_level(logging.ERROR, logger="eventrouter")
+    router.request_stop()
+    await asyncio.wait_for(running, 10)
+    left_out = store.truncated
+    assert 0 < left_out < 300 and len(stored_states(api)["mem"]) == 300 - left_out
+    assert router.exit_code == 1
+    assert any(
+        f"checkpoint ConfigMap {NS}/{NAME} left out {left_out} entries" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
 
 
 def test_a_large_checkpoint_configmap_is_written_less_often(

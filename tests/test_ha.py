@@ -9,10 +9,12 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from eventrouter.app import Router, RouterSettings
@@ -261,3 +263,84 @@ async def test_a_leader_stopping_with_x4_waiting_leaves_the_shared_checkpoint_be
     await asyncio.wait_for(running_b, 20)
     assert _mem(a).keys == [(uid, 1), (uid, 3)]
     assert _mem(b).keys == [(uid, 3)]
+
+
+async def _probe(router: Router, path: str) -> tuple[int, str]:
+    assert router.http_port is not None
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{router.http_port}{path}") as r:
+        return r.status, (await r.text()).strip()
+
+
+async def _probe_until(router: Router, path: str, status: int, timeout: float, saying: str = "") -> str:
+    """The probe's body once it answers ``status`` with ``saying`` in it (polled: a probe's answer is
+    computed when it is asked)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            got, text = await _probe(router, path)
+            if got == status and saying in text:
+                return text
+            await asyncio.sleep(0.05)
+
+
+async def _last_progress(router: Router) -> float:
+    _, text = await _probe(router, "/metrics")
+    [line] = [
+        x for x in text.splitlines() if x.startswith("eventrouter_watch_last_progress_timestamp_seconds ")
+    ]
+    return float(line.split()[1])
+
+
+async def test_a_leader_that_cannot_read_the_checkpoint_configmap_is_counted_and_fails_liveness(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """RBAC without `get` on configmaps (or a persistent 5xx): the leader retried the read for ever and
+    held the lease; /healthz said 200, the last-progress gauge read the scrape time (no
+    EventrouterWatchStalled), no error was counted. Reads are now counted, and from taking the lease
+    it is judged as a stalled watch: /healthz fails after --stall-timeout, so the liveness probe
+    restarts it and the standby gets the lease. Once readable again, it goes on."""
+    api.forbid("t0ken", verbs=["get"], resources=["configmaps"])
+    api.create_event(event_object(object_name="e1"))
+    before = time.time()
+    a = _elected(api, tmp_path, "a", metrics_addr="127.0.0.1:0", stall_timeout=3.0)
+    running = asyncio.create_task(a.run())
+    await until(lambda: a.metrics.leader._value.get() == 1, timeout=10)
+
+    def reads() -> float:
+        value = a.metrics.registry.get_sample_value(
+            "eventrouter_checkpoint_configmap_errors_total", {"op": "read"}
+        )
+        return value or 0.0
+
+    await until(lambda: reads() >= 1, timeout=5)
+    status, text = await _probe(a, "/readyz")
+    assert status == 503 and "cannot read the checkpoint ConfigMap default/er-checkpoint" in text, text
+    text = await _probe_until(a, "/healthz", 503, timeout=3.0 + 3)
+    assert "the watch has not begun: cannot read the checkpoint ConfigMap" in text, text
+    assert "403" in text and "--stall-timeout 3s" in text, text
+    progress = await _last_progress(a)
+    assert before <= progress <= before + 3.0 and time.time() - progress > 3.0  # the stall alert fires
+    assert reads() >= 3
+    api.permit("t0ken")  # the role is fixed: the next read goes through, no restart needed
+    await until(lambda: bool(a.pipelines), timeout=10)
+    await _mem(a).wait_for(1)
+    assert (await _probe(a, "/healthz"))[0] == 200
+    a.request_stop()
+    await asyncio.wait_for(running, 10)
+    assert a.exit_code == 0
+
+
+async def test_a_replica_refused_the_lease_is_ready_and_says_so(api: FakeApiServer, tmp_path: Path) -> None:
+    """RBAC without rights on leases: nobody leads, and every replica's /readyz said "standby:
+    another replica holds the lease". It stays 200 (a standby must be Ready for a rollout to go on and
+    its /metrics to be scraped), with the true reason."""
+    api.forbid("t0ken", resources=["leases"])
+    a = _elected(api, tmp_path, "a", metrics_addr="127.0.0.1:0")
+    running = asyncio.create_task(a.run())
+    await until(lambda: a.http_port is not None, timeout=10)
+    text = await _probe_until(a, "/readyz", 200, timeout=5, saying="403")
+    assert text.startswith("standby: cannot read or write the lease default/er: 403 Forbidden"), text
+    assert holder(api) is None and a.metrics.leader._value.get() == 0
+    api.permit("t0ken")
+    await until(lambda: holder(api) == "a" and bool(a.pipelines), timeout=10)
+    a.request_stop()
+    await asyncio.wait_for(running, 10)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from eventrouter.leader import LeaderElector
+from eventrouter.leader import LEASE_DURATION_MAX, LeaderElector, check_timings
 from eventrouter.metrics import Metrics
 from eventrouter.source.kube import KubeClient, connect
 from eventrouter.testing.apiserver import FakeApiServer
@@ -234,8 +236,64 @@ async def test_renew_deadline_must_be_shorter_than_the_lease(
     kube = (await replicas("a")).kube
     with pytest.raises(ValueError, match=r"renew deadline .* must be shorter than the lease duration"):
         LeaderElector(kube, namespace=NS, name=NAME, identity="x", lease_duration=10, renew_deadline=10)
-    with pytest.raises(ValueError, match=r"retry period .* must be shorter than the renew deadline"):
+    with pytest.raises(ValueError, match=r"renew deadline .* must be longer than 1.2 x the .*retry period"):
         LeaderElector(kube, namespace=NS, name=NAME, identity="x", renew_deadline=2, retry_period=2)
+
+
+def test_leader_timings_are_refused_as_client_go_and_the_api_server_refuse_them() -> None:
+    """leaseDurationSeconds is an int32: 1e10 was written to the Lease, the API server refused every
+    write, and every replica stood by for ever. client-go also wants renewDeadline > 1.2 x retryPeriod
+    (the jitter of a retry); 2.2 s against 2 s was taken."""
+    check_timings(15, 10, 2)
+    check_timings(LEASE_DURATION_MAX, 10, 2)
+    with pytest.raises(ValueError, match=r"lease duration \(1e\+10s\) must be at most 2147483647 s: .*int32"):
+        check_timings(1e10, 10, 2)
+    with pytest.raises(ValueError, match=r"must be at most 2147483647"):
+        check_timings(LEASE_DURATION_MAX + 0.5, 10, 2)  # written rounded up
+    with pytest.raises(ValueError, match=r"renew deadline \(2.2s\) must be longer than 1.2 x the .*\(2s\)"):
+        check_timings(15, 2.2, 2)
+    with pytest.raises(ValueError, match=r"retry period \(nans\) must be a positive number"):
+        check_timings(15, 10, math.nan)
+    with pytest.raises(
+        ValueError, match=r"^leader election: --renew \(20s\) must be shorter than the --lease \(15s\)"
+    ):
+        check_timings(15, 20, 2, ("--lease", "--renew", "--retry"))
+
+
+async def test_a_standby_refused_the_lease_says_why_and_logs_it_once(
+    api: FakeApiServer, replicas: Callable[..., Awaitable[Replica]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A free Lease that this replica may read but not update: the reason was cleared by each read,
+    so the same 403 was logged at every retry (10 lines a second here), and /readyz said that another
+    replica held the lease."""
+    api.create_object(
+        "leases",
+        {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": NAME, "namespace": NS},
+            "spec": {"holderIdentity": "", "leaseDurationSeconds": 1},
+        },
+    )
+    api.forbid(TOKENS["a"], verbs=["update", "create"], resources=["leases"])
+    a = await replicas("a")
+    caplog.set_level(logging.INFO, logger="eventrouter.leader")
+    a.start()
+    await until(lambda: _attempts(api) >= 10, timeout=5)  # ten refused updates
+    refused = [r for r in caplog.records if r.levelno >= logging.WARNING and "403" in r.getMessage()]
+    assert len(refused) == 1, [r.getMessage() for r in refused]
+    assert a.elector.standby_reason().startswith(f"cannot read or write the lease {NS}/{NAME}: 403 Forbidden")
+    assert not a.elector.is_leader
+    api.permit(TOKENS["a"])
+    await until(lambda: a.elector.is_leader, timeout=LEASE + SLACK)
+    b = await replicas("b")
+    b.start()
+    await until(lambda: b.elector._observed_holder == "a")
+    assert b.elector.standby_reason() == f"'a' holds the lease {NS}/{NAME}"
+
+
+def _attempts(api: FakeApiServer) -> int:
+    return sum(1 for r in api.requests if r.method == "PUT" and r.path == LEASE_PATH)
 
 
 async def test_failing_leader_work_steps_down_releases_and_raises(

@@ -15,14 +15,18 @@ Predicate = Callable[[Occurrence], bool]
 
 
 def _matcher(patterns: Iterable[str]) -> Callable[[str], bool] | None:
-    """Exact names, or shell-style globs (``kube-*``) when a pattern has wildcards."""
-    exact = {p for p in patterns if not any(c in p for c in "*?[")}
-    globs = [re.compile(fnmatch.translate(p)) for p in patterns if any(c in p for c in "*?[")]
+    """Names, or shell-style globs (``kube-*``) when a pattern has wildcards, ignoring case.
+
+    Kinds and reasons are CamelCase (``Pod``, ``BackOff``): ``kinds=pod`` matched nothing, silently,
+    while ``types=warning`` is taken as ``Warning``. Two kinds or reasons that differ only in case
+    name the same thing, and namespaces are lower case anyway."""
+    exact = {p.casefold() for p in patterns if not any(c in p for c in "*?[")}
+    globs = [re.compile(fnmatch.translate(p), re.IGNORECASE) for p in patterns if any(c in p for c in "*?[")]
     if not exact and not globs:
         return None
 
     def match(value: str) -> bool:
-        return value in exact or any(g.match(value) for g in globs)
+        return value.casefold() in exact or any(g.match(value) for g in globs)
 
     return match
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import logging
+import time
 from typing import Any
 
 from eventrouter.record import MalformedEvent, Occurrence, normalise, occurrence_number
@@ -12,15 +14,34 @@ __all__ = ["OccurrenceTracker"]
 log = logging.getLogger(__name__)
 
 
+THROTTLE_PERIOD = 10.0
+"""Seconds between two warnings of one kind: a relist may hold thousands of events a writer lowered."""
+
+
 class OccurrenceTracker:
     """Remembers the highest occurrence number handed on per live event uid.
 
     Bounded by the number of live Event objects: entries go on DELETED and after a complete list.
-    """
+
+    A write whose number is below the highest handed on (a writer lowered its count), or one whose
+    ``series.lastObservedTime`` moved on without a higher number, is not delivered: it is counted in
+    ``dropped`` (drained by the watcher into ``eventrouter_source_dropped_total``) and logged,
+    throttled. The same object delivered again (a relist, a write that changed nothing counted)
+    stays silent."""
 
     def __init__(self, *, cluster: str = "") -> None:
         self.cluster = cluster
         self.seen: dict[str, int] = {}
+        # Only for the few events a writer lowered: the number last seen below `seen`, so the same
+        # lowered object listed again is not a new decrease.
+        self.lowered: dict[str, int] = {}
+        # For events with a series: the lastObservedTime last handed on or seen, to tell a new
+        # occurrence that did not raise the number (old client-go numbering started a series at
+        # count 1) from the same object delivered again.
+        self.observed: dict[str, object] = {}
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self._last_warning: dict[str, float] = {}
+        self._suppressed: collections.Counter[str] = collections.Counter()
 
     def observe(self, obj: Any, *, received_at: float | None = None) -> Occurrence | None:
         """ADDED, MODIFIED or a listed item → a new occurrence, or None when the number did not rise.
@@ -33,17 +54,87 @@ class OccurrenceTracker:
         if not isinstance(uid, str) or not uid:
             return normalise(obj, cluster=self.cluster)  # raises with a precise message
         number = occurrence_number(obj)
-        if number <= self.seen.get(uid, 0):
+        series = obj.get("series")
+        highest = self.seen.get(uid, 0)
+        if number <= highest:
+            if number < highest:
+                self._lowered(uid, meta, highest, number)
+            else:
+                if self.lowered:
+                    self.lowered.pop(uid, None)
+                if type(series) is dict:
+                    self._series_unraised(uid, meta, number, series.get("lastObservedTime"))
             return None
         occ = normalise(obj, cluster=self.cluster, received_at=received_at, owned=True, number=number)
         self.seen[uid] = number
+        if self.lowered:
+            self.lowered.pop(uid, None)
+        if type(series) is dict:
+            self.observed[uid] = series.get("lastObservedTime")
+        elif self.observed:
+            self.observed.pop(uid, None)
         return occ
+
+    def _lowered(self, uid: str, meta: Any, highest: int, number: int) -> None:
+        if self.lowered.get(uid) == number:
+            return  # the same lowered object again (a relist, a write that changed no count)
+        self.lowered[uid] = number
+        self.dropped["count_decreased"] += 1
+        self._warn(
+            "count_decreased",
+            "event %s (uid %s): occurrence number %d is below %d, already handed on: its writer lowered "
+            "the count; not delivered, nor will be the numbers up to %d (counted in "
+            'eventrouter_source_dropped_total{reason="count_decreased"})',
+            _name(meta),
+            uid,
+            number,
+            highest,
+            highest,
+        )
+
+    def _series_unraised(self, uid: str, meta: Any, number: int, observed: object) -> None:
+        before = self.observed.get(uid, _NONE)
+        if before == observed:
+            return  # the same series object again
+        self.observed[uid] = observed
+        self.dropped["series_not_raised"] += 1
+        self._warn(
+            "series_not_raised",
+            "event %s (uid %s): series.lastObservedTime moved from %s to %s while the occurrence number "
+            "stayed %d: its writer did not raise series.count (old client-go started a series at count 1), "
+            "so that occurrence has no number of its own and is not delivered (counted in "
+            'eventrouter_source_dropped_total{reason="series_not_raised"})',
+            _name(meta),
+            uid,
+            "no series" if before is _NONE else before,
+            observed,
+            number,
+        )
+
+    def take_dropped(self) -> collections.Counter[str]:
+        """What was not delivered since the last call, by reason (for the metrics)."""
+        dropped, self.dropped = self.dropped, collections.Counter()
+        return dropped
+
+    def _warn(self, key: str, msg: str, *args: object) -> None:
+        """The first at once, then at most one every THROTTLE_PERIOD with how many were not logged."""
+        now = time.monotonic()
+        if now - self._last_warning.get(key, -1e9) < THROTTLE_PERIOD:
+            self._suppressed[key] += 1
+            return
+        if self._suppressed[key]:
+            msg += f" (+{self._suppressed[key]} similar since the last report)"
+        log.warning(msg, *args)
+        self._last_warning[key] = now
+        self._suppressed[key] = 0
 
     def deleted(self, obj: Any) -> str | None:
         meta = obj.get("metadata") if isinstance(obj, dict) else None
         uid = meta.get("uid") if isinstance(meta, dict) else None
         if isinstance(uid, str):
             self.seen.pop(uid, None)
+            self.lowered.pop(uid, None)
+            self.observed.pop(uid, None)
             return uid
         return None
 
@@ -51,7 +142,17 @@ class OccurrenceTracker:
         gone = [uid for uid in self.seen if uid not in live]
         for uid in gone:
             del self.seen[uid]
+        for side in (self.lowered, self.observed):
+            for uid in [uid for uid in side if uid not in live]:
+                del side[uid]
         return len(gone)
 
     def __len__(self) -> int:
         return len(self.seen)
+
+
+_NONE = object()
+
+
+def _name(meta: Any) -> str:
+    return f"{meta.get('namespace') or ''}/{meta.get('name') or ''}"

@@ -185,12 +185,16 @@ class EventWatcher:
                 exc,
             )
             return
-        if occ is not None:
-            if order is not None and (self.needed is None or self.needed(occ)):
-                order.add(occ)  # handed on oldest-first once the list is complete
-                return
-            self._new_occurrences += 1
-            self.publish(occ)
+        if occ is None:
+            if self.tracker.dropped:  # a lowered count, a series that moved without a number
+                for reason, n in self.tracker.take_dropped().items():
+                    self.metrics.source_dropped.labels(reason).inc(n)
+            return
+        if order is not None and (self.needed is None or self.needed(occ)):
+            order.add(occ)  # handed on oldest-first once the list is complete
+            return
+        self._new_occurrences += 1
+        self.publish(occ)
 
     # ---- list ---------------------------------------------------------------------------------
 

@@ -457,6 +457,12 @@ def test_leader_election_adds_only_a_lease_role(chart: helm.Chart) -> None:
 def test_leader_election_durations_must_be_ordered(chart: helm.Chart) -> None:
     with pytest.raises(helm.HelmRenderError, match="renewDeadline"):
         render(chart, {"leaderElection": {"enabled": True, "leaseDuration": 10, "renewDeadline": 10}})
+    # client-go's rule, which the router applies too (it exited 2 on what the chart rendered).
+    with pytest.raises(helm.HelmRenderError, match=r"more than 1\.2 × leaderElection\.retryPeriod"):
+        render(chart, {"leaderElection": {"enabled": True, "renewDeadline": 2.2, "retryPeriod": 2}})
+    # leaseDurationSeconds is an int32: the API server refuses more, and every replica stood by.
+    with pytest.raises(helm.HelmValuesError, match="leaseDuration"):
+        render(chart, {"leaderElection": {"enabled": True, "leaseDuration": 1e10}})
 
 
 def test_two_replicas_without_leader_election_fail(chart: helm.Chart) -> None:

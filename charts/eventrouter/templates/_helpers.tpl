@@ -112,8 +112,8 @@ Refuse a credential written as a literal: option keys that name a secret must ho
 {{- if not (lt (float64 $v.leaderElection.renewDeadline) (float64 $v.leaderElection.leaseDuration)) -}}
 {{- fail "leaderElection.renewDeadline must be below leaderElection.leaseDuration: a leader must stop before its lease can expire" -}}
 {{- end -}}
-{{- if not (lt (float64 $v.leaderElection.retryPeriod) (float64 $v.leaderElection.renewDeadline)) -}}
-{{- fail "leaderElection.retryPeriod must be below leaderElection.renewDeadline" -}}
+{{- if not (lt (mulf 1.2 (float64 $v.leaderElection.retryPeriod)) (float64 $v.leaderElection.renewDeadline)) -}}
+{{- fail "leaderElection.renewDeadline must be more than 1.2 × leaderElection.retryPeriod (as client-go requires): a leader needs room for a jittered retry before it stops" -}}
 {{- end -}}
 {{- end -}}
 {{- if and $v.credentials.existingSecret $v.credentials.values -}}
