@@ -115,6 +115,28 @@ async def test_a_stream_new_to_the_sink_is_pushed_last_so_its_refusal_for_the_st
     assert _names(loki) == {"a-0": 1, "a-1": 1, "b-0": 1, "c-0": 1}
 
 
+async def test_without_new_stream_pushes_a_batch_is_one_push_with_its_new_streams_last() -> None:
+    """``new_stream_pushes=false`` (throughput): one push per batch, the streams new to the sink at its
+    end, so a stream the limit refuses, followed only by other new streams it refuses too, is seen."""
+    async with LokiReceiver(max_streams=1) as loki:
+        sink = _sink(loki.url, new_stream_pushes=False)
+        try:
+            await sink.send([_at(30, namespace="a", object_name="a-0")])
+            before = len(loki.pushes)
+            batch = [
+                _at(20, namespace="b", object_name="b-0"),  # new, over the limit
+                _at(10, namespace="a", object_name="a-1"),
+                _at(5, namespace="c", object_name="c-0"),  # new, over the limit
+            ]
+            outcomes = await sink.send(batch)
+        finally:
+            await sink.aclose()
+    assert _kinds(outcomes, 3) == [OutcomeKind.RETRY, OutcomeKind.OK, OutcomeKind.RETRY]
+    # One push for the batch, then one per stream the limit named (the rest pushed again each time).
+    assert len(loki.pushes) - before == 3
+    assert _names(loki) == {"a-0": 1, "a-1": 1}
+
+
 async def test_a_stream_not_pushed_for_longer_than_loki_keeps_an_idle_stream_counts_as_new_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
