@@ -801,6 +801,9 @@ class Router:
             older, newer = p.leftovers()
             left = older + newer
             if not left:
+                p.settle_at_stop()  # nothing pending: whatever was held back can be recorded
+                if p.spool is not None:
+                    p.spool.keep_aside([])
                 continue
             if p.spool is not None:
                 kept = 0
@@ -821,6 +824,7 @@ class Router:
                     # by the next leader, which has a spool of its own, and would skip X/4 for good.
                     if self.checkpoint_store is None:
                         p.settle_at_stop()
+                    p.spool.keep_aside([])  # what was set aside is among the leftovers just kept
                 except OSError as exc:
                     self.metrics.data_dir_errors.labels(p.name, "spool").inc()
                     self.metrics.dropped.labels(p.name, "spool_error").inc(len(left) - kept)

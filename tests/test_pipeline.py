@@ -1479,10 +1479,13 @@ async def test_items_set_aside_still_end_at_retry_max_attempts_and_a_plain_retry
     await _finish(p, task)
 
 
-async def test_an_item_from_the_spool_set_aside_keeps_the_read_position_before_it(
+async def test_an_item_from_the_spool_set_aside_is_kept_apart_and_the_read_position_passes_it(
     metrics: Metrics, tmp_path: Path
 ) -> None:
-    """Set aside, a spooled item is in memory only: the durable read position must not pass it."""
+    """Set aside, a spooled item is in memory only. Before, the durable read position stayed before it
+    for as long as it waited (hours, for a refused Loki stream): every segment read since stayed on
+    disk, counted towards the bound, and new spills were dropped. It is now kept in the spool's file of
+    its own: a crash reads it back (and only it), and the segments go."""
     spool = Spool(tmp_path / "spool", max_bytes=10_000_000)
     occs = [make_occurrence(object_name=n) for n in ("a-0", "b-0", "a-1")]
     spool.extend(occs)
@@ -1495,12 +1498,16 @@ async def test_an_item_from_the_spool_set_aside_keeps_the_read_position_before_i
     await sink.wait_for(2)
     await until(lambda: len(p._deferred) == 1)
     p._refill()
-    assert [o.key for o in Spool(tmp_path / "spool", max_bytes=10_000_000).pop(10)] == [o.key for o in occs]
+    assert not list((tmp_path / "spool").glob("*.seg"))  # read past, deleted
+    crashed = Spool(tmp_path / "spool", max_bytes=10_000_000)  # SIGKILL now: only b-0 is read back
+    assert [o.key for o in crashed.pop(10)] == [occs[1].key]
     state["refusing"] = False
     await sink.wait_for(3)
     await p.wait_idle(5)
+    p._refill()
     assert p._popped == []  # nothing delivered is kept referenced once idle
     assert len(Spool(tmp_path / "spool", max_bytes=10_000_000)) == 0
+    assert not (tmp_path / "spool" / "aside").exists()
     await _finish(p, task)
 
 
@@ -1530,3 +1537,60 @@ async def test_a_copy_of_an_occurrence_waiting_aside_is_skipped_not_sent_beside_
     assert sink.keys == [(occ.uid, occ.number)]
     assert value(metrics.skipped, "robot") == 1
     await _finish(p, task)
+
+
+async def test_an_item_set_aside_then_given_up_in_place_is_let_go(metrics: Metrics, tmp_path: Path) -> None:
+    """X/1 set aside, then due in a batch the destination failed as a whole until retry_max_attempts:
+    dead-lettered, but still held, so X/2 accepted later was never recorded and a clean restart's
+    relist sent it again."""
+    sink = _sink()
+    x1 = make_occurrence(object_name="b-0", count=1)
+    x2 = make_occurrence(object_name="b-0", uid=x1.uid, count=2)
+    sink.decide = lambda occ: retry("stream b over the limit", defer=True) if occ.number == 1 else OK
+    p = _pipeline(sink, metrics, retry_max_attempts=3, deadletter=tmp_path / "dl", retry_initial_backoff=0.05)
+    task = await _run(p)
+    p.offer(x1)
+    await until(lambda: len(p._deferred) == 1)
+    sink.down = True  # the whole destination fails while X/1 is due: retried in place, given up
+    await until(lambda: value(metrics.dead_lettered, "mem", "retries_exhausted") == 1)
+    sink.down = False
+    assert not p._held and not p._failures
+    p.offer(x2)
+    await sink.wait_for(1)
+    await p.wait_idle(5)
+    assert p.checkpoint.accepted(x1.uid) == 2
+    await _finish(p, task)
+
+
+async def test_a_spooled_item_set_aside_for_long_does_not_make_the_spool_drop_new_spills(
+    metrics: Metrics, tmp_path: Path
+) -> None:
+    """One spooled item refused for a cause of its own for as long as the test runs: before, the read
+    position stayed before it, every segment read since counted towards the bound, and new spills
+    were dropped as `spool_full` though the unread backlog was small."""
+    spool = Spool(tmp_path / "spool", max_bytes=300_000, segment_bytes=20_000)
+    b = make_occurrence(object_name="b-0")
+    spool.extend([b] + [make_occurrence(object_name="a-x") for _ in range(5)])
+    spool.commit()
+    sink = _sink()
+    _refusing_b(sink, {"refusing": True})
+    p = _pipeline(
+        sink,
+        metrics,
+        spool=spool,
+        queue_max_events=20,
+        batch_max_events=20,
+        retry_initial_backoff=0.5,
+        retry_max_backoff=1.0,
+    )
+    task = await _run(p)
+    for _ in range(40):  # about 2.4 MB spilled and read in all, 8 times the bound
+        for _ in range(60):
+            p.offer(make_occurrence(object_name="a-y"))
+        await until(lambda: len(spool) == 0 and not p._queue, timeout=20)
+    await until(lambda: len(sink.received) == 5 + 40 * 60)  # the last batch, in flight a moment ago
+    assert value(metrics.dropped, "mem", "spool_full") == 0 and b.uid in p._held
+    p._refill()
+    assert sum(f.stat().st_size for f in (tmp_path / "spool").glob("*.seg")) < 300_000
+    p.stop_now()
+    await asyncio.wait_for(task, 5)

@@ -356,7 +356,10 @@ class Pipeline:
         finished, so the spool's read position can be made durable first. A crash replays at most
         one batch from the spool, and the checkpoint skips what was already accepted."""
         if self.spool is not None and not self._queue:
-            if not self._spooled_deferred:
+            # Items from the spool set aside in memory go to the spool's file of their own first: the
+            # read position may then pass them, however long they wait.
+            aside = self._spooled_aside() if self._spooled_deferred else []
+            if self.spool.keep_aside(aside, self._owed):
                 self.spool.commit()
             if len(self.spool):
                 # Deferred retries count against the memory bound: a robot that is down must not make
@@ -382,6 +385,16 @@ class Pipeline:
                 self.metrics.data_dir_errors.labels(self.name, "spool").inc(self.spool.read_errors)
                 self.spool.read_errors = 0
             self._m_spool.set(len(self.spool))
+
+    def _spooled_aside(self) -> list[Occurrence]:
+        """The deferred occurrences that came from the spool (one per key)."""
+        keys = self._spooled_deferred
+        seen: dict[tuple[str, int], Occurrence] = {}
+        for _, _, occ in self._deferred:
+            key = (occ.uid, occ.number)
+            if key in keys:
+                seen.setdefault(key, occ)
+        return list(seen.values())
 
     def _backlogged(self) -> bool:
         return bool(
@@ -719,6 +732,9 @@ class Pipeline:
                     for occ in retry_items:
                         done[occ.uid] = max(done.get(occ.uid, 0), occ.number)
                         self._owed.discard((occ.uid, occ.number))
+                        # One set aside before (``defer``) and given up here: no longer held, or it
+                        # would block its event's checkpoint and the spool's read position for good.
+                        self._release(occ)
                     self._checkpoint(done, [])
                     break
                 self._m_retries.inc(failed)

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +107,13 @@ class Spool:
         self._cursor_failures = 0  # in a row
         self.owed: set[tuple[str, int]] = set()
         """(uid, number) of owed records read by ``pop`` since the pipeline last took them."""
+        # Records popped and then set aside by the pipeline (an item a sink refuses for a cause of its
+        # own may wait for hours): kept in a file of their own so that the read position can pass
+        # them. Read back first after a crash. `_aside_keys`: what the file holds now.
+        self._aside_path = directory / "aside"
+        self._aside_keys: frozenset[tuple[str, int]] = frozenset()
+        self._aside_lines: collections.deque[bytes] = collections.deque()
+        self._aside_failed = False
         self._open()
 
     # ---- persistence format -------------------------------------------------------------------
@@ -134,6 +141,7 @@ class Spool:
         for stale in self.directory.glob("*.tmp"):  # a prepend interrupted before its swap
             with contextlib.suppress(OSError):
                 stale.unlink()
+        self._load_aside()
         for path in sorted(self.directory.glob("*.seg"), key=lambda p: int(p.stem)):
             number = int(path.stem)
             try:
@@ -168,11 +176,29 @@ class Spool:
             self._segments.append(seg)
             self._count += seg.records - seg.read_records
             self._bytes += seg.size
-        if self._count:
-            log.info("spool %s: %d occurrences waiting from before the restart", self.directory, self._count)
+        if len(self):
+            log.info("spool %s: %d occurrences waiting from before the restart", self.directory, len(self))
+
+    def _load_aside(self) -> None:
+        try:
+            data = self._aside_path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self.read_errors += 1
+            log.error(
+                "spool %s: cannot read %s (%s): the occurrences set aside there are given up",
+                self.directory,
+                self._aside_path.name,
+                exc,
+            )
+            return
+        self._aside_lines.extend(line + b"\n" for line in data.splitlines() if line)
+        # Unknown keys until read: the first ``keep_aside`` rewrites the file whatever it is given.
+        self._aside_keys = frozenset({("", -1)}) if self._aside_lines else frozenset()
 
     def __len__(self) -> int:
-        return self._count
+        return self._count + len(self._aside_lines)
 
     @property
     def bytes(self) -> int:
@@ -243,6 +269,38 @@ class Spool:
     def close(self) -> None:
         """Close the append descriptor (the spool stays usable: the next append reopens)."""
         self._close_writer()
+
+    def keep_aside(self, occs: list[Occurrence], owed: Container[tuple[str, int]] = ()) -> bool:
+        """Keep ``occs`` (popped, then set aside by the pipeline) in a file of their own, in place of
+        what it held; an empty list removes it. Then ``commit`` may move the read position past them:
+        before, one item set aside for hours held the read position, every segment read since stayed
+        on disk and counted towards the bound, and new spills were dropped as over it. False when the
+        file cannot be written (counted in ``read_errors``, logged once per run of failures): the
+        caller must not commit then."""
+        keys = frozenset((occ.uid, occ.number) for occ in occs)
+        if keys == self._aside_keys:
+            return True
+        try:
+            if occs:
+                tmp = self._aside_path.with_suffix(".tmp")
+                tmp.write_bytes(b"".join(self.encode(occ, (occ.uid, occ.number) in owed) for occ in occs))
+                os.replace(tmp, self._aside_path)
+            else:
+                self._aside_path.unlink(missing_ok=True)
+        except OSError as exc:
+            self.read_errors += 1
+            if not self._aside_failed:
+                log.error(
+                    "spool %s: cannot keep the occurrences set aside in %s: %s",
+                    self.directory,
+                    self._aside_path.name,
+                    exc,
+                )
+            self._aside_failed = True
+            return False
+        self._aside_failed = False
+        self._aside_keys = keys
+        return True
 
     def prepend(self, occs: list[Occurrence], owed: set[tuple[str, int]] | None = None) -> list[str]:
         """Put ``occs`` before everything not read yet; returns the keys dropped to stay within the
@@ -343,6 +401,13 @@ class Spool:
 
     def pop(self, limit: int) -> list[Occurrence]:
         out: list[Occurrence] = []
+        while self._aside_lines and len(out) < limit:  # set aside before a crash: the oldest
+            line = self._aside_lines.popleft()
+            try:
+                out.append(self._decode(line))
+            except (orjson.JSONDecodeError, MalformedEvent, ValueError, TypeError) as exc:
+                self.unreadable += 1
+                log.error("spool %s: unreadable record skipped: %s", self.directory, exc)
         if self._read_retry_at and time.monotonic() < self._read_retry_at:
             return out
         self._read_retry_at = 0.0
