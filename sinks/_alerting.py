@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import re
 import string
 import time
@@ -243,7 +244,8 @@ _SILENCE_KEYS = ("reason", "namespace", "kind", "object", "type", "message", "ho
 @dataclass(frozen=True)
 class Silence:
     """``reason=BackOff,namespace=kube-*,until=2026-12-01T00:00:00Z``: shell-style patterns (all must
-    match) and an expiry; ``message`` matches anywhere in the message (glob, e.g. ``*probe*``)."""
+    match, ignoring case) and an expiry; ``message`` matches anywhere in the message (glob, e.g.
+    ``*probe*``), case as written."""
 
     matchers: tuple[tuple[str, str], ...]
     until: float
@@ -286,11 +288,20 @@ class Silence:
         for key, pattern in self.matchers:
             value = fields.get(key, "")
             if key == "message":
+                # Free text, matched as written (as the `message` filter's regex is): ignoring case
+                # would silence more than the pattern says, and a silence keeps pages from people.
                 if not fnmatch.fnmatchcase(value, pattern if "*" in pattern else f"*{pattern}*"):
                     return False
-            elif not fnmatch.fnmatchcase(value, pattern):
+            elif not _name_glob(pattern).match(value):
                 return False
         return True
+
+
+@functools.lru_cache(maxsize=256)
+def _name_glob(pattern: str) -> re.Pattern[str]:
+    """A silence's pattern for a name (reason, kind, namespace, …), ignoring case as the sink filters
+    do (item 93): `reason=oomkilling` passes OOMKilling through the filter, so it must silence it too."""
+    return re.compile(fnmatch.translate(pattern), re.IGNORECASE)
 
 
 def _parse_until(value: str) -> float:
@@ -432,17 +443,21 @@ class AlertOptions(SinkOptions):
     time_zone: str = Field("UTC", description="Time zone for times in messages, e.g. Asia/Shanghai.")
     silences: Annotated[list[Silence], BeforeValidator(_silences)] = Field(
         default_factory=list,
-        description="reason=BackOff,namespace=kube-*,until=2026-12-01T00:00:00Z (';' or repeat for more).",
+        description=(
+            "reason=BackOff,namespace=kube-*,until=2026-12-01T00:00:00Z (';' or repeat for more);"
+            " ignoring case, except message=."
+        ),
     )
     at_mobiles: StrList = Field(default_factory=list, description="Mobiles to @ in every digest.")
     at_user_ids: StrList = Field(default_factory=list, description="User ids to @ in every digest.")
     at_reasons: StrList = Field(
-        default_factory=list, description="If set, @mobiles/@user ids only when a digest has these reasons."
+        default_factory=list,
+        description="If set, @mobiles/@user ids only when a digest has these reasons (ignoring case).",
     )
     at_all: bool = Field(False, description="@all in every digest.")
     at_all_reasons: StrList = Field(
         default_factory=list,
-        description="@all when a digest contains one of these reasons (e.g. OOMKilling).",
+        description="@all when a digest contains one of these reasons (e.g. OOMKilling; ignoring case).",
     )
     request_timeout: float = Field(10.0, gt=0, description="Seconds per HTTP request.")
     throttle_backoff: float = Field(
@@ -1083,11 +1098,13 @@ class AlertSink(Sink[OptionsT]):
     def mentions(self, digest: Digest) -> tuple[list[str], list[str], bool]:
         """(mobiles, user ids, @all) for this digest by the configured rules."""
         o = self.options
-        reasons = digest.reasons
-        people = not o.at_reasons or bool(reasons & set(o.at_reasons))
+        # Ignoring case, as the sink filters match reasons (item 93): with `reasons=oomkilling`
+        # the filter lets OOMKilling through, and `at_all_reasons=oomkilling` must page for it.
+        reasons = {r.casefold() for r in digest.reasons}
+        people = not o.at_reasons or bool(reasons & {r.casefold() for r in o.at_reasons})
         mobiles = list(o.at_mobiles) if people else []
         users = list(o.at_user_ids) if people else []
-        at_all = o.at_all or bool(reasons & set(o.at_all_reasons))
+        at_all = o.at_all or bool(reasons & {r.casefold() for r in o.at_all_reasons})
         return mobiles, users, at_all
 
     def mention_line(self, digest: Digest) -> str:

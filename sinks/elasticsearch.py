@@ -19,6 +19,7 @@ import base64
 import hashlib
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from email.utils import parsedate_to_datetime
 from typing import Annotated, Any, ClassVar, Literal
@@ -276,8 +277,10 @@ def _check_index_literal(text: str, *, what: str) -> None:
 _IndexName = Callable[[Occurrence], str]
 
 
-def _compile_index(template: str) -> tuple[_IndexName, bool]:
-    """``k8s-events-{yyyy.MM.dd}`` → a function occurrence → index name; second value: depends on fields."""
+def _compile_index(template: str) -> tuple[_IndexName, bool, int | None]:
+    """``k8s-events-{yyyy.MM.dd}`` → a function occurrence → index name; second value: depends on
+    fields; third: the span of one date bucket in nanoseconds (a day or an hour) when the names hold
+    the year (a later date never names an earlier index again; ``{dd}`` alone cycles), else None."""
     pieces = _PLACEHOLDER.split(template)
     literal_text = "".join(pieces[0::2])
     if "{" in literal_text or "}" in literal_text:
@@ -349,7 +352,8 @@ def _compile_index(template: str) -> tuple[_IndexName, bool]:
                 out.append(next(vals))
         return cache.put(key, "".join(out))
 
-    return name, bool(fields)
+    yearly = any("%Y" in f or "%y" in f for f in date_format)
+    return name, bool(fields), bucket_ns if yearly else None
 
 
 def _fit(values: tuple[str, ...], budget: int) -> tuple[str, ...]:
@@ -623,6 +627,23 @@ def _operator_fault(status: int, error: Any, index: str) -> str | None:
     return None
 
 
+def _index_missing(item: Any, index: str) -> bool:
+    """A refused bulk item's index is ``index`` and does not exist, and the cluster (404
+    index_not_found_exception) or the user's role (403 on indices:admin/auto_create) does not create it."""
+    ((_, result),) = item.items()
+    error = result.get("error")
+    if not isinstance(error, dict) or _item_index(result) != index:
+        return False
+    if result.get("status") == 404:
+        return error.get("type") == "index_not_found_exception"
+    granted = _GRANTED_BY.search(str(error.get("reason", "")))
+    return (
+        result.get("status") == 403
+        and granted is not None
+        and granted.group(1) == "indices:admin/auto_create"
+    )
+
+
 def _body_error(body: Any) -> str:
     if isinstance(body, dict) and "error" in body:
         return _error_text(body["error"])
@@ -654,6 +675,8 @@ _Entry = tuple[int, bytes]  # (position in the batch, action line + document lin
 class ElasticsearchSink(Sink[ElasticsearchOptions]):
     options_model = ElasticsearchOptions
     description = "Elasticsearch 7/8/9 and OpenSearch: _bulk into daily indices or a data stream."
+    refusal_memory: ClassVar[float] = 3600.0
+    """Seconds without a refusal from an index after which its refusal is logged again."""
 
     def __init__(self, options: ElasticsearchOptions, context: SinkContext) -> None:
         super().__init__(options, context)
@@ -662,7 +685,11 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         # As messages show them: node URLs hold no credentials once validated, but a path or query
         # may still carry a token (a proxy's).
         self._shown = ", ".join(redact_url(u) for u in self._nodes)
-        self._index_name, _ = _compile_index(options.index)
+        self._index_name, by_field, bucket_ns = _compile_index(options.index)
+        # Dated names from the date alone (the default k8s-events-{yyyy.MM.dd}): one series, so a
+        # newer index accepting documents says an older missing one was removed (_reject_removed).
+        self._series_ns = None if options.data_stream or by_field else bucket_ns
+        self._newest_ok: tuple[int, str] | None = None  # (time bucket, index) of the newest accepted
         self._action = options.op_type or ("create" if options.data_stream else "index")
         self._prefix_cache: BoundedCache[str, bytes] = BoundedCache(10_000)
         self._ts_cache: BoundedCache[int, bytes] = BoundedCache(4096)
@@ -676,9 +703,9 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         self._bulk_headers = {"content-type": "application/x-ndjson", **self._headers}
         self._json_headers = {"content-type": "application/json", **self._headers}
         # Refusals the operator has to put right (a role's privilege, a missing index or pipeline),
-        # already logged: once per run of failures, not at every retry. By index; the whole
-        # request's by status.
-        self._refusals: dict[str, str] = {}
+        # already logged: once per run of failures, not at every retry. By index (cause, when last
+        # refused; oldest first); the whole request's by status.
+        self._refusals: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._request_refusal: int | None = None
 
     def __repr__(self) -> str:
@@ -883,13 +910,77 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         if entries:
             refused: dict[str, str] = {}  # index → why, when the operator has to put it right
             accepted: set[str] = set()  # indices that took a document (tracked while any is refused)
-            await self._bulk(entries, outcomes, refused, accepted)
+            missing: set[int] = set()  # positions refused because their (dated) index does not exist
+            await self._bulk(batch, entries, outcomes, refused, accepted, missing)
+            if missing and self._series_ns is not None:
+                self._reject_removed(batch, outcomes, refused, missing, self._series_ns)
             if refused or self._refusals:
                 self._note_refusals(refused, accepted)
         return outcomes
 
+    def _note_newest(
+        self, batch: Sequence[Occurrence], entries: list[_Entry], items: list[Any], span: int
+    ) -> None:
+        """Remember the newest dated index that accepted a document in this run (as the template
+        names it: an ingest pipeline may send a document elsewhere)."""
+        newest = self._newest_ok[0] if self._newest_ok is not None else None
+        for (i, _), item in zip(entries, items, strict=True):
+            bucket = batch[i].time_ns // span
+            if newest is not None and bucket <= newest:
+                continue
+            result = next(iter(item.values()), None) if isinstance(item, dict) else None
+            status = result.get("status") if isinstance(result, dict) else None
+            if isinstance(result, dict) and isinstance(status, int) and 200 <= status < 300:
+                index = self._index_name(batch[i])
+                if _item_index(result) == index:
+                    newest = bucket
+                    self._newest_ok = (bucket, index)
+
+    def _reject_removed(
+        self,
+        batch: Sequence[Occurrence],
+        outcomes: list[Outcome],
+        refused: dict[str, str],
+        missing: set[int],
+        span: int,
+    ) -> None:
+        """Dead-letter a late document whose daily (hourly) index is gone while a newer one accepts.
+
+        With automatic index creation off (or a role that may not create indices), a late event for
+        a day whose index retention removed (an ILM delete phase, Curator) was refused for ever: with
+        the default retry_max_attempts=0, set aside and retried every 30 s, one ERROR a run. The
+        index will not come back, so it is rejected: counted, in the dead-letter file, replayable
+        once the index is restored. Only for names made of a date with its year alone (one series,
+        never named again: a newer index of it accepting says this one was there and is gone), older
+        than both that index and the current date. A missing index of today, of a template with
+        record fields, or before any newer one accepted in this run (a cluster being set up) is
+        still retried."""
+        if self._newest_ok is None:
+            return
+        newest, newer_index = self._newest_ok
+        current = time.time_ns() // span
+        gone: set[str] = set()
+        for i in sorted(missing):
+            bucket = batch[i].time_ns // span
+            index = self._index_name(batch[i])
+            if bucket < newest and bucket < current and index != newer_index:  # {yyyy.MM}: same month
+                outcomes[i] = reject(
+                    f"{outcomes[i].reason}; index {index} is older than {newer_index}, which accepts "
+                    "documents: removed by retention (an ILM delete phase, Curator), it is not created "
+                    "again (restore it, then replay this)"
+                )
+                gone.add(index)
+        for index in gone:  # rejected, not retried: no "retried until put right" line
+            refused.pop(index, None)
+
     async def _bulk(
-        self, entries: list[_Entry], outcomes: list[Outcome], refused: dict[str, str], accepted: set[str]
+        self,
+        batch: Sequence[Occurrence],
+        entries: list[_Entry],
+        outcomes: list[Outcome],
+        refused: dict[str, str],
+        accepted: set[str],
+        missing: set[int],
     ) -> None:
         body = b"".join(line for _, line in entries)
         try:
@@ -907,8 +998,8 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 )
                 return
             mid = len(entries) // 2
-            await self._bulk(entries[:mid], outcomes, refused, accepted)
-            await self._bulk(entries[mid:], outcomes, refused, accepted)
+            await self._bulk(batch, entries[:mid], outcomes, refused, accepted, missing)
+            await self._bulk(batch, entries[mid:], outcomes, refused, accepted, missing)
             return
         if status == 429 or status == 408 or status >= 500:
             raise RetryableError(
@@ -931,6 +1022,8 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             raise RetryableError(f"elasticsearch: bulk response has {got} items for {len(entries)} documents")
         if self._refusals:
             accepted.update(_accepted_indices(items))
+        if self._series_ns is not None:
+            self._note_newest(batch, entries, items, self._series_ns)
         if resp.get("errors") is False:
             return
         retry_after = _retry_after(meta)
@@ -938,6 +1031,8 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             outcomes[i], cause = self._item_outcome(item, retry_after)
             if cause is not None:
                 refused.setdefault(cause[0], cause[1])
+                if self._series_ns is not None and _index_missing(item, self._index_name(batch[i])):
+                    missing.add(i)
 
     def _item_outcome(self, item: Any, retry_after: float | None) -> tuple[Outcome, tuple[str, str] | None]:
         """The item's outcome, and (index, why) when the operator has to put something right."""
@@ -972,31 +1067,42 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         return reject(f"{status} {error}"), None
 
     def _note_refusals(self, refused: dict[str, str], accepted: set[str]) -> None:
-        """Log each index's refusal once per run of failures; say when an index accepts again."""
+        """Log each index's refusal once per run of failures; say when an index accepts again.
+
+        A run ends when that index accepts a document, or after ``refusal_memory`` seconds without a
+        refusal from it (its documents went to the dead letters, or nothing was sent there since),
+        not when some batch had no refusal: the refused documents are set aside (item 82) and
+        retried while batches for other indices go in, so that logged the cause again at every
+        retry, 120-240 ERROR lines an hour for as long as it lasted."""
+        now = time.monotonic()
         for index in sorted(accepted & self._refusals.keys() - refused.keys()):
             del self._refusals[index]
             self.log.info("%s: index %s accepts documents again", self.context.name, index)
+        horizon = now - self.refusal_memory
+        while self._refusals and next(iter(self._refusals.values()))[1] <= horizon:
+            self._refusals.popitem(last=False)
         if not refused:
-            # The run is over: a batch with no such refusal follows the refused documents only
-            # once they went in or were dead-lettered (retry_max_attempts).
-            self._refusals.clear()
             return
-        new = [(index, cause) for index, cause in refused.items() if self._refusals.get(index) != cause]
-        if len(self._refusals) + len(new) > 4096:  # index names may come from field values
-            self._refusals.clear()
-        for index, cause in new[:3]:
-            self._refusals[index] = cause
+        new = [(index, cause) for index, cause in refused.items() if self._remembered(index) != cause]
+        for index, cause in refused.items():
+            self._refusals[index] = (cause, now)
+            self._refusals.move_to_end(index)
+        while len(self._refusals) > 4096:  # index names may come from field values
+            self._refusals.popitem(last=False)
+        for _index, cause in new[:3]:
             self.log.error(
                 "%s: %s; its documents are retried (up to retry_max_attempts, if set) until that is put right",
                 self.context.name,
                 cause,
             )
-        for index, cause in new[3:]:
-            self._refusals[index] = cause
         if len(new) > 3:
             self.log.error(
                 "%s: %d more indices refused the same way or alike", self.context.name, len(new) - 3
             )
+
+    def _remembered(self, index: str) -> str | None:
+        found = self._refusals.get(index)
+        return found[0] if found is not None else None
 
     def _log_request_refusal(self, meta: ApiResponseMeta, body: Any) -> None:
         """Say once per run of failures why the whole bulk request is refused (401, 403, 404)."""

@@ -1594,3 +1594,26 @@ async def test_a_spooled_item_set_aside_for_long_does_not_make_the_spool_drop_ne
     assert sum(f.stat().st_size for f in (tmp_path / "spool").glob("*.seg")) < 300_000
     p.stop_now()
     await asyncio.wait_for(task, 5)
+
+
+async def test_a_key_refused_on_its_own_leaves_the_sink_up_while_the_rest_goes_in(metrics: Metrics) -> None:
+    """One index refused, others taken: sink_up flipped to 0 at each retry of the refused item and
+    back at the next batch. It stays 1 now; with nothing else taken (all traffic to that index) it is 0."""
+    sink = _sink()
+    state = {"refusing": True}
+    _refusing_b(sink, state)
+    # b-0 due again at once: every later batch carries it beside an a-*.
+    p = _pipeline(sink, metrics, retry_initial_backoff=0.001, retry_max_backoff=0.001)
+    task = await _run(p)
+    up = metrics.sink_up.labels("mem")
+    p.offer(make_occurrence(object_name="b-0"))
+    await until(lambda: up._value.get() == 0)  # nothing else taken: down
+    samples = []
+    for i in range(20):
+        p.offer(make_occurrence(object_name=f"a-{i}"))
+        await sink.wait_for(i + 1)
+        samples.append(up._value.get())
+    assert samples == [1] * 20
+    state["refusing"] = False
+    await p.wait_idle(5)
+    await _finish(p, task)

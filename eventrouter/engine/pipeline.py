@@ -654,6 +654,7 @@ class Pipeline:
                 oldest_event_ns = 0
                 failed = 0  # RETRY outcomes that are failures, not holds
                 in_place = 0  # RETRY outcomes to be retried in place (not set aside)
+                own = 0  # failures of items refused for a cause of their own (``defer``)
                 held, owed = self._held, self._owed
                 for occ, out in zip(pending, outcomes, strict=True):
                     if held and out.kind is not OutcomeKind.RETRY and occ.uid in held:
@@ -677,6 +678,7 @@ class Pipeline:
                             last_reason = out.reason
                         failed += not out.held
                         in_place += not out.defer
+                        own += out.defer and not out.held
                         if out.retry_after is not None:
                             retry_after = max(retry_after or 0.0, out.retry_after)
                 if lags:
@@ -693,8 +695,12 @@ class Pipeline:
                             "sink %s rejected %d more occurrences of this batch", self.name, len(dead) - 3
                         )
                 if retry_items and (self._defer or not in_place):
-                    if failed:  # a failed send, not only holds: the sink is down, say so
+                    # Down: a failed send, not only holds; or items refused for a cause of their own
+                    # with nothing else taken (one index refused, and all the traffic goes there).
+                    taken = bool(lags or dead)
+                    if failed > own or (own and not taken):
                         self._set_up(False)
+                    if failed:
                         self._throttled.warning(
                             "retry",
                             "sink %s: %d occurrences not accepted (%s); set aside for a retry",
@@ -704,7 +710,10 @@ class Pipeline:
                         )
                     self._defer_retries(pending, outcomes, done)
                     self._checkpoint(done, [])
-                    if not failed:
+                    if failed <= own and (taken or not own):
+                        # Only holds, or items refused for a cause of their own (one Loki stream,
+                        # one index) while the destination takes the rest: it is up (the refused
+                        # ones are counted in eventrouter_sink_retries_total and logged).
                         self._set_up(True)
                     break
                 self._checkpoint(done, retry_items)

@@ -21,7 +21,8 @@ import pytest
 
 from eventrouter import Occurrence, OutcomeKind, SinkContext, SinkError, normalise
 from eventrouter.config import ConfigError, parse_sink_flag, spec_for_class
-from eventrouter.options import COMMON_KEYS, field_names
+from eventrouter.engine.filter import compile_filter
+from eventrouter.options import COMMON_KEYS, FilterOptions, field_names
 from eventrouter.testing import make_occurrence, recorded_watch
 from eventrouter.testing.receivers.dingtalk import DingTalkMessage, DingTalkReceiver
 from eventrouter_sinks._alerting import GroupView, ManualClock
@@ -262,6 +263,31 @@ async def test_at_reasons_limit_who_is_mentioned(robot: DingTalkReceiver) -> Non
         await sink.aclose()
     (msg,) = robot.accepted
     assert msg.mentions["mobiles"] == [] and "@13800000000" not in msg.text
+
+
+async def test_at_reasons_and_at_all_reasons_match_reasons_ignoring_case_as_the_filters_do(
+    robot: DingTalkReceiver,
+) -> None:
+    # The sink filter `reasons=oomkilling` lets OOMKilling through (item 93); the same lower-case
+    # name in the mention rules mentioned nobody, silently.
+    keep = compile_filter(FilterOptions.model_validate({"reasons": ["oomkilling", "backoff"]}))
+    oom = occ(reason="OOMKilling", kind="Node", object_name="node-1")
+    assert keep is not None and keep(oom)
+    sink = await make_sink(
+        robot.url,
+        secret=SECRET,
+        at_mobiles="13800000000",
+        at_reasons="oomkilling",
+        at_all_reasons="OOMKILLING",
+    )
+    try:
+        assert kinds(await sink.send([oom])) == [OutcomeKind.OK]
+        assert kinds(await sink.send([occ(reason="BackOff")])) == [OutcomeKind.OK]
+    finally:
+        await sink.aclose()
+    paged, other = robot.accepted
+    assert paged.mentions == {"mobiles": ["13800000000"], "user_ids": [], "all": True}
+    assert other.mentions == {"mobiles": [], "user_ids": [], "all": False}
 
 
 # ------------------------------------------------------------------------------------------ escaping
@@ -790,6 +816,39 @@ async def test_silences_reject_matching_events_until_they_expire(
     finally:
         await sink.aclose()
     assert later.kind is OutcomeKind.OK
+
+
+async def test_silences_match_names_ignoring_case_and_messages_as_written(
+    robot: DingTalkReceiver, clock: ManualClock
+) -> None:
+    # Reasons, kinds, namespaces and components ignore case as the sink filters do (item 93); a
+    # message is free text: its glob is matched as written, so a silence keeps no more from people
+    # than its pattern says.
+    spec = (
+        "reason=backoff,kind=POD,namespace=Kube-*,component=KUBELET,until=2999-01-01T00:00:00Z;"
+        "message=*Probe*,until=2999-01-01T00:00:00Z"
+    )
+    sink = await make_sink(robot.url, secret=SECRET, clock=clock, silences=spec)
+    try:
+        outs = await sink.send(
+            [
+                occ(namespace="kube-system", reason="BackOff", kind="Pod", component="kubelet"),
+                occ(namespace="kube-system", reason="BackOff", kind="Node", object_name="n1"),
+                occ(namespace="shop", reason="Unhealthy", message="Probe failed: 503"),
+                occ(
+                    namespace="shop",
+                    reason="Unhealthy",
+                    object_name="web-1",
+                    message="Readiness probe failed",
+                ),
+            ]
+        )
+    finally:
+        await sink.aclose()
+    assert kinds(outs) == [OutcomeKind.REJECT, OutcomeKind.OK, OutcomeKind.REJECT, OutcomeKind.OK]
+    assert outs is not None and outs[0].reason.startswith("silenced by reason=backoff,kind=POD")
+    (msg,) = robot.accepted
+    assert "Readiness probe failed" in msg.text and "n1" in msg.text
 
 
 def test_silence_without_expiry_is_a_config_error() -> None:

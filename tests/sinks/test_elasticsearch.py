@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import socket
 import subprocess
@@ -744,6 +745,152 @@ async def test_an_index_the_role_may_not_write_holds_up_no_other_index(fake: Fak
     p.close()
     await asyncio.wait_for(task, 10)
     await p.close_sink()
+
+
+async def test_a_refusal_set_aside_is_logged_once_while_other_indices_go_on(
+    fake: FakeBulkServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Index b is missing (auto-create off): its document is set aside (item 82) and retried while
+    batches for index a go in. A batch without a refusal made the sink forget b's, so b's cause was
+    logged again at every retry (120-240 ERROR lines an hour at the default backoff). Now once; again
+    only after b accepted a document and is refused anew."""
+    from eventrouter.testing.waiting import until
+
+    caplog.set_level(logging.INFO)
+    fake.auto_create = False
+    fake.indices = {"events-a"}
+    metrics = Metrics()
+    p = _engine(
+        fake.url, "events-{namespace}", metrics, None, retry_initial_backoff=0.01, retry_max_backoff=0.02
+    )
+    task = asyncio.create_task(p.run())
+    delivered = metrics.delivered.labels("es")
+    retries = metrics.retries.labels("es")
+    b = occurrence(namespace="b")
+    p.offer(b)
+    i = 0
+    while retries._value.get() < 6 or i < 6:  # b retried between batches of a that had no refusal
+        i += 1
+        p.offer(occurrence(namespace="a", object_name=f"a-{i}"))
+        want = float(i)
+        await until(lambda: delivered._value.get() == want)  # noqa: B023 - awaited before the next turn
+    assert len(refusals(caplog)) == 1, refusals(caplog)
+    fake.indices.add("events-b")  # the operator creates it
+    await until(lambda: p.checkpoint.accepted(b.uid) == b.number)
+    await until(lambda: "index events-b accepts documents again" in caplog.text)
+    fake.indices.discard("events-b")  # and deletes it again: a new run of failures, said again
+    p.offer(occurrence(namespace="b", object_name="b-2"))
+    await until(lambda: len(refusals(caplog)) == 2)
+    p.close()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await p.close_sink()
+
+
+class _ForgetfulSink(ElasticsearchSink):
+    refusal_memory = 0.0  # the hour without a refusal, passed at once
+
+
+async def test_a_refusal_is_remembered_until_its_index_accepts_or_an_hour_passes_without_one(
+    fake: FakeBulkServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.auto_create = False
+    fake.indices = {"events-a"}
+    async with running_sink(fake.url, index="events-{namespace}") as sink:
+        for _ in range(3):
+            assert outcome_kinds(await send(sink, [occurrence(namespace="b")])) == [OutcomeKind.RETRY]
+            assert outcome_kinds(await send(sink, [occurrence(namespace="a")])) == [OutcomeKind.OK]
+    assert len(refusals(caplog)) == 1, refusals(caplog)
+    caplog.clear()
+    opts = ElasticsearchOptions.model_validate({"url": fake.url, "index": "events-{namespace}"})
+    sink = _ForgetfulSink(opts, SinkContext("es", "test", None, logging.getLogger("test.es")))
+    await sink.start()
+    try:
+        for _ in range(2):
+            assert outcome_kinds(await send(sink, [occurrence(namespace="b")])) == [OutcomeKind.RETRY]
+    finally:
+        await sink.aclose()
+    assert len(refusals(caplog)) == 2, refusals(caplog)  # the memory stays bounded in time
+
+
+def _stamp(days_ago: float) -> dict[str, Any]:
+    text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - days_ago * 86400))
+    return {"first_timestamp": text, "last_timestamp": text}
+
+
+def _daily(days_ago: float, prefix: str = "events-") -> str:
+    return prefix + time.strftime("%Y.%m.%d", time.gmtime(time.time() - days_ago * 86400))
+
+
+async def test_a_late_document_for_a_removed_daily_index_is_dead_lettered_not_retried_for_ever(
+    fake: FakeBulkServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Auto-create off, a job creates each day's index, retention (an ILM delete phase) removed the
+    one of 10 days ago: a late event for it was set aside and retried every 30 s for ever (default
+    retry_max_attempts=0), one ERROR line each time. While today's index accepts documents the old
+    one will not come back: the late document is dead-lettered with the reason, replayable."""
+    from eventrouter.testing.waiting import until
+
+    fake.auto_create = False
+    fake.indices = {_daily(0)}
+    metrics = Metrics()
+    p = _engine(
+        fake.url,
+        "events-{yyyy.MM.dd}",
+        metrics,
+        tmp_path / "dl",
+        retry_initial_backoff=0.01,
+        retry_max_backoff=0.02,
+    )
+    task = asyncio.create_task(p.run())
+    p.offer(occurrence(object_name="live"))
+    await until(lambda: metrics.delivered.labels("es")._value.get() == 1)
+    late = occurrence(object_name="late", **_stamp(10))
+    p.offer(late)
+    rejected = metrics.dead_lettered.labels("es", "rejected")
+    await until(lambda: rejected._value.get() == 1)
+    p.close()
+    await asyncio.wait_for(task, 10)
+    await p.close_sink()
+    assert metrics.retries.labels("es")._value.get() == 0 and refusals(caplog) == []
+    (record,) = [orjson.loads(line) for line in (tmp_path / "dl").read_bytes().splitlines()]
+    assert record["key"] == late.key  # `eventrouter replay` sends it once the index is restored
+    assert record["reason"] == (
+        f"404 index_not_found_exception: no such index [{_daily(10)}] and [action.auto_create_index] "
+        f"is [false]; index {_daily(10)} is older than {_daily(0)}, which accepts documents: removed by "
+        "retention (an ILM delete phase, Curator), it is not created again (restore it, then replay this)"
+    )
+
+
+async def test_a_missing_index_is_still_retried_unless_a_newer_one_of_a_date_only_name_accepts(
+    fake: FakeBulkServer,
+) -> None:
+    """Only what the index template tells for sure: a newer index of the same dated series accepted a
+    document in this run, and the missing one is of an earlier date than today's."""
+    fake.auto_create = False
+    fake.indices = {_daily(0), _daily(-1), _daily(0, "ev-a-")}
+    old = occurrence(object_name="late", **_stamp(10))
+    async with running_sink(fake.url, index="events-{yyyy.MM.dd}") as sink:
+        # Nothing accepted yet in this run (a cluster where no index exists yet): retried.
+        assert outcome_kinds(await send(sink, [old])) == [OutcomeKind.RETRY]
+        # Tomorrow's index (an event stamped ahead) accepted; today's is missing: still retried.
+        fake.indices.discard(_daily(0))
+        tomorrow, today = occurrence(**_stamp(-1)), occurrence()
+        assert outcome_kinds(await send(sink, [tomorrow, today])) == [OutcomeKind.OK, OutcomeKind.RETRY]
+        # A role that may not create the removed index (403 on auto_create): the same fact.
+        fake.denied[_daily(10)] = "indices:admin/auto_create"
+        (gone,) = await send(sink, [old])
+        assert gone.kind is OutcomeKind.REJECT and f"older than {_daily(-1)}" in gone.reason
+    # Names with a record field: another namespace's index of today says nothing about this one.
+    async with running_sink(fake.url, index="ev-{namespace}-{yyyy.MM.dd}") as sink:
+        fresh, late = occurrence(namespace="a"), occurrence(namespace="a", **_stamp(10))
+        assert outcome_kinds(await send(sink, [fresh, late])) == [OutcomeKind.OK, OutcomeKind.RETRY]
+    # A name without the year ({dd} cycles every month): retried.
+    fake.indices.add(time.strftime("d-%d", time.gmtime()))
+    async with running_sink(fake.url, index="d-{dd}") as sink:
+        late = occurrence(**_stamp(1))
+        assert outcome_kinds(await send(sink, [occurrence(), late])) == [OutcomeKind.OK, OutcomeKind.RETRY]
 
 
 async def test_a_cluster_read_only_block_is_retried_an_index_write_block_rejected(cluster: Cluster) -> None:

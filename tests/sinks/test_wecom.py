@@ -111,6 +111,30 @@ async def test_group_robot_text_mentions_use_the_mention_lists(
     assert 'a "q" \\ b' in msg.text and "**" not in msg.text
 
 
+async def test_mention_reasons_match_ignoring_case_as_the_sink_filters_do(
+    wecom: WeComReceiver, clock: ManualClock
+) -> None:
+    # `reasons=oomkilling` passes OOMKilling through the filter (item 93): the same name in the
+    # mention rules must page for it, not mention nobody.
+    sink = await make_sink(
+        clock,
+        url=wecom.robot_url,
+        msg_type="text",
+        at_mobiles="13800000000",
+        at_reasons="oomkilling",
+        at_all_reasons="oomKilling",
+    )
+    try:
+        assert kinds(await sink.send([occ(reason="OOMKilling", kind="Node", object_name="node-1")])) == [
+            OutcomeKind.OK
+        ]
+    finally:
+        await sink.aclose()
+    (msg,) = wecom.accepted
+    assert msg.payload["text"]["mentioned_mobile_list"] == ["13800000000"]
+    assert msg.payload["text"]["mentioned_list"] == ["@all"]
+
+
 async def test_invalid_webhook_key_is_rejected_with_93000_and_logged_once(
     wecom: WeComReceiver, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
