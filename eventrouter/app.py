@@ -17,6 +17,7 @@ from collections.abc import (
     Collection,
     Coroutine,
     Iterable,
+    Iterator,
     Sequence,
 )
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from eventrouter.engine.filter import compile_filter
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.engine.reload import SETTLE, SinkReloader
 from eventrouter.engine.spool import Spool
-from eventrouter.fanout import Fanout
+from eventrouter.fanout import Fanout, UnseenFile, UnseenStore
 from eventrouter.leader import LeaderElector
 from eventrouter.memory import clear_caches, release_free_memory
 from eventrouter.metrics import Metrics
@@ -238,10 +239,16 @@ class Router:
                 self.reloaders.append(reloader)
             log.info("sink %s configured", spec.describe())
         watch = self.settings.watch
+        # The first-unseen times of a scoped watch go where the checkpoints go. Without either, the
+        # checkpoints start empty at each start anyway.
+        unseen: UnseenStore | None = self.checkpoint_store
+        if unseen is None and data is not None:
+            unseen = UnseenFile(data / "checkpoints" / "unseen.times")
         self.fanout = Fanout(
             self.pipelines,
             scoped=bool(self.settings.namespaces),
             selective=bool(watch.field_selector or watch.label_selector),
+            unseen_store=unseen,
         )
 
     def _report_orphans(self, data: Path) -> int:
@@ -580,17 +587,31 @@ class Router:
             await asyncio.sleep(self.settings.memory_trim_interval)
             self._trim()
 
-    async def replay(self, objects: Iterable[tuple[str, Any]], *, page: int = 500) -> tuple[int, int]:
+    async def replay(
+        self, objects: Iterable[tuple[str, Any]], *, page: int = 500, dead_letters: bool | None = None
+    ) -> tuple[int, int]:
         """Route recorded (type, object) pairs through the same tracker and pipelines, pausing every
         ``page`` objects (at most half the smallest memory queue) while a working sink is backlogged.
         When a sink wants time order (Loki), the whole file is read first and handed on oldest first,
         as a relist is: a recording or a dead-letter file is in file order, not time order.
+
+        ``dead_letters`` (by default: when ``objects`` has an ``origin``, as the replay command's
+        input of a dead-letter file has): every distinct (uid, number) is sent, and the whole file is
+        handed on in event time order, numbers rising per event. It is in the order its sink gave up
+        on them ((uid, 5) refused at once, (uid, 3) given up later): the tracker skipped 3 as a
+        lowered count, and 3 sent after 5 was accepted is skipped by the sink's checkpoint.
         Returns (occurrences, malformed)."""
         smallest = min((p.queue_max for p in self.pipelines), default=1000)
         page = max(1, min(page, smallest // 2))
-        tracker = OccurrenceTracker(cluster=self.settings.cluster_name)
+        if dead_letters is None:
+            dead_letters = getattr(objects, "origin", None) is not None
+        tracker = OccurrenceTracker(cluster=self.settings.cluster_name, exact=dead_letters)
         relist_sorted, relist_dir = self._relist_order()
-        order = RelistOrder(cluster=tracker.cluster, directory=relist_dir) if relist_sorted else None
+        order = (
+            RelistOrder(cluster=tracker.cluster, directory=relist_dir)
+            if relist_sorted or dead_letters
+            else None
+        )
         try:
             return await self._replay(objects, tracker, order, page)
         finally:
@@ -649,7 +670,8 @@ class Router:
                     self.metrics.source_dropped.labels(reason).inc(n)
         if order is not None and len(order):
             log.info("replay: handing %d occurrences to the sinks, oldest first", len(order))
-            for chunk in order.drain(page):
+            chunks = order.drain(page)
+            for chunk in _numbers_rising(chunks) if tracker.exact else chunks:
                 for occ in chunk:
                     self.fanout.publish(occ)
                 await self.fanout.wait_for_room()
@@ -868,6 +890,7 @@ class Router:
                 # A stop that will duplicate must not look clean (as for the ConfigMap below).
                 self.exit_code = self.exit_code or 1
             await p.close_sink()
+        self.fanout.save_unseen()  # before the ConfigMap's last write, which carries them
         for t in lasting:
             if t.get_name() == "checkpoint-configmap":
                 t.cancel()
@@ -915,3 +938,27 @@ class Router:
         finally:
             if not self.stopped.is_set():
                 await self.stop()
+
+
+def _numbers_rising(chunks: Iterable[list[Occurrence]]) -> Iterator[list[Occurrence]]:
+    """Chunks in time order with the occurrences of one time in number order: (uid, 5) and (uid, 3)
+    written in the same second stay in file order in a stable sort by time, and 3 handed on after 5
+    was accepted is skipped as a copy. The last time of a chunk waits for the next chunk."""
+    tail: list[Occurrence] = []
+    for chunk in chunks:
+        run = tail + chunk
+        if not run:
+            continue
+        last = run[-1].time_ns
+        cut = len(run)
+        while cut and run[cut - 1].time_ns == last:
+            cut -= 1
+        tail = run[cut:]
+        if cut:
+            yield sorted(run[:cut], key=_time_then_number)
+    if tail:
+        yield sorted(tail, key=_time_then_number)
+
+
+def _time_then_number(occ: Occurrence) -> tuple[int, int]:
+    return occ.time_ns, occ.number

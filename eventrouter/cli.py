@@ -637,7 +637,7 @@ async def _replay(args: argparse.Namespace) -> int:
             specs, settings = _dead_letter_replay(source.origin, specs, settings, args.file)
         router = Router(settings, specs)
         await router.start_pipelines()
-        occurrences, malformed = await router.replay(source)
+        occurrences, malformed = await router.replay(source, dead_letters=source.origin is not None)
     malformed += source.malformed
     repaired = source.repaired
     if repaired:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
 
+from eventrouter.engine.checkpoint import CheckpointTable
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.record import Occurrence
 
-__all__ = ["UNSEEN_KEEP", "Fanout"]
+__all__ = ["UNSEEN_KEEP", "Fanout", "UnseenFile", "UnseenStore"]
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +25,94 @@ server's default ``--event-ttl`` (1 h): an event still alive after that was writ
 a higher count (a new occurrence), unless the cluster keeps Events longer."""
 
 
+class UnseenStore(Protocol):
+    """Where a scoped watch keeps, across restarts, when it first missed each event (wall-clock
+    seconds). Kept in memory only, every restart noted them all again at its own start: a router
+    restarted more often than UNSEEN_KEEP (rollouts, OOM kills, failovers) never dropped the entries
+    of deleted events, and its checkpoint grew without bound."""
+
+    def load_unseen(self) -> dict[str, float]: ...
+
+    def save_unseen(self, unseen: Mapping[str, float]) -> None: ...
+
+
+class UnseenFile:
+    """``<data-dir>/checkpoints/unseen.times``: ``uid seconds`` lines, replaced atomically, written at
+    each prune (when changed) and at stop. Losing it (unreadable, a full disk) only makes the entries
+    of unseen events wait one more keep period from the next start."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._saved: dict[str, float] | None = None  # what the file holds, when known
+        self._failing = False
+
+    def load_unseen(self) -> dict[str, float]:
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            log.warning(
+                "cannot read %s (%s): the entries of events the scoped watch does not see are kept for "
+                "%s from now",
+                self.path,
+                exc.strerror or exc,
+                _duration(UNSEEN_KEEP),
+            )
+            return {}
+        unseen: dict[str, float] = {}
+        skipped = 0
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isascii() and parts[1].isdigit():
+                unseen[parts[0]] = float(parts[1])
+            elif parts:
+                skipped += 1
+        if skipped:
+            log.warning("%s: skipped %d unreadable lines", self.path, skipped)
+        self._saved = dict(unseen)
+        return unseen
+
+    def save_unseen(self, unseen: Mapping[str, float]) -> None:
+        if unseen == self._saved:
+            return
+        snapshot = dict(unseen)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            if not snapshot:  # an unscoped watch, or every entry gone: no file
+                self.path.unlink(missing_ok=True)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    fh.write("".join(f"{uid} {int(since)}\n" for uid, since in snapshot.items()))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if not self._failing:  # once per episode: retried at every prune
+                log.warning(
+                    "cannot write %s (%s): after a restart the entries of events the scoped watch does "
+                    "not see are kept for %s more",
+                    self.path,
+                    exc.strerror or exc,
+                    _duration(UNSEEN_KEEP),
+                )
+            self._failing = True
+            return
+        self._failing = False
+        self._saved = snapshot
+
+
 class Fanout:
     def __init__(
-        self, pipelines: Sequence[Pipeline], *, scoped: bool = False, selective: bool = False
+        self,
+        pipelines: Sequence[Pipeline],
+        *,
+        scoped: bool = False,
+        selective: bool = False,
+        unseen_store: UnseenStore | None = None,
     ) -> None:
         self.pipelines = list(pipelines)
         # A watch limited to namespaces or by a selector lists only part of the events: those it
@@ -33,7 +123,23 @@ class Fanout:
         self.scoped = scoped or selective
         self.selective = selective
         self.unseen_keep = UNSEEN_KEEP
-        self._unseen: dict[str, float] = {}  # uid → when it was first not seen
+        # uid → when it was first not seen, in wall-clock seconds: the times outlive a restart
+        # (``unseen_store``). A clock set back keeps entries longer; set forward, it drops them
+        # earlier (an event that comes back into scope then is delivered again, not lost).
+        # Never rebound: a ConfigMap store reads this very map at each write.
+        self._unseen: dict[str, float] = {}
+        self.unseen_store = unseen_store
+        # Nothing is saved before the first prune: until then the store keeps what it holds (a
+        # replay, which never prunes, must not rewrite it for its own sinks).
+        self._saving = False
+        if unseen_store is not None and self.scoped:
+            now = time.time()
+            tables = self._tables()
+            for uid, since in unseen_store.load_unseen().items():
+                # Entries gone meanwhile (an unscoped run, a prune) are not kept; a time in the
+                # future (a clock set back) would keep its entry for ever.
+                if any(uid in table.entries for table in tables):
+                    self._unseen[uid] = min(since, now)
 
     def publish(self, occ: Occurrence) -> None:
         for pipeline in self.pipelines:
@@ -92,16 +198,34 @@ class Fanout:
     def prune(self, live: Container[str]) -> None:
         """After a complete list: drop checkpoint entries of events the API server no longer holds
         (a scoped watch: of events not seen for ``unseen_keep``)."""
+        self._saving = True
         if not self.scoped:
             for pipeline in self.pipelines:
                 pipeline.prune(live)
+            self.save_unseen()  # empty: clears what a scoped run before this one kept
             return
-        tables = {id(p.checkpoint.table): p.checkpoint.table for p in self.pipelines}.values()
+        tables = self._tables()
         self._note_unseen(uid for table in tables for uid in table.entries if uid not in live)
         self.sweep(live)
+        self.save_unseen()
+
+    def save_unseen(self) -> None:
+        """Hand the first-unseen times to ``unseen_store`` (at each prune, and at stop), without the
+        uids no checkpoint holds any more (a DELETED of a scoped watch without a selector)."""
+        if self.unseen_store is None or not self._saving:
+            return
+        unseen = self._unseen
+        if unseen:
+            tables = self._tables()
+            for uid in [uid for uid in unseen if not any(uid in table.entries for table in tables)]:
+                del unseen[uid]
+        self.unseen_store.save_unseen(unseen)
+
+    def _tables(self) -> list[CheckpointTable]:
+        return list({id(p.checkpoint.table): p.checkpoint.table for p in self.pipelines}.values())
 
     def _note_unseen(self, uids: Iterable[str]) -> None:
-        now = time.monotonic()
+        now = time.time()
         unseen = self._unseen
         for uid in uids:
             unseen.setdefault(uid, now)
@@ -110,7 +234,7 @@ class Fanout:
         """Drop the entries of events not seen for ``unseen_keep`` (a scoped watch; periodic)."""
         if not self._unseen:
             return
-        cutoff = time.monotonic() - self.unseen_keep
+        cutoff = time.time() - self.unseen_keep
         back = [uid for uid in self._unseen if uid in live]
         expired = [uid for uid, since in self._unseen.items() if since <= cutoff and uid not in live]
         for uid in back + expired:
@@ -118,3 +242,7 @@ class Fanout:
         if expired:
             for pipeline in self.pipelines:
                 pipeline.forget(expired)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds:g} s"

@@ -16,9 +16,10 @@
   rejected with Loki's message and goes to the dead-letter file, never retried. Entries that Loki did
   store are therefore also dead-lettered — re-sending them later is harmless because Loki
   de-duplicates identical entries. Except the ingester's "entry too far behind" answer (another
-  writer made the stream's newest entry newer than this sink knew): it names the stream and its
-  cutoff, so only the entries before it are retried (then stamped at receipt, see below), the rest
-  of that stream is delivered and the push's other streams are pushed again at once. 429, 5xx,
+  writer made the stream's newest entry newer than this sink knew): it names the stream, its
+  cutoff and the refused entries' exact timestamps (up to 10), so only the refused entries are
+  retried (then stamped at receipt, see below; one it cannot place is pushed again as it was), the
+  rest of that stream is delivered and the push's other streams are pushed again at once. 429, 5xx,
   401/403/404/408 and connection errors are retried by the engine (RetryableError, honouring
   Retry-After). A push answered 413 (a proxy's body limit) is sent
   again in halves, and so is one larger than the tenant's ingestion rate limit (429 naming the limit:
@@ -26,6 +27,14 @@
   Loki's active stream limit retries the items of the stream it names only, set aside so they hold
   up no other stream, and pushes the others again at once (Loki de-duplicates what it stored).
   When part of a split push was stored, only the items of the part that failed are retried.
+  Newer entries of a stream whose entries wait aside are held back (not sent, no attempt) while
+  they would put those over ``max_behind`` behind, so the ones set aside go in first.
+- A send cut off by the engine (``send_timeout``) is retried identical: what its finished pushes
+  taught the sink is applied only when a send returns. An entry Loki then refuses as too far behind
+  (Loki refuses, rather than de-duplicates, an identical entry behind its cutoff) is answered OK if
+  a finished push stored it, and rejected, not stamped anew, if its push's outcome is unknown (a
+  timeout, 5xx). A send starts no wave of pushes after 15 s (``PUSHES_DEADLINE``), so a long one
+  ends normally; what it did not push is sent again.
 - Loki's ingester answers for the last stream of a push only: a refused stream followed by a stored
   one gets a 2xx. So a stream Loki has not taken from this sink in the last 20 minutes (it may be
   new to Loki, which then may refuse it for the active stream limit) is pushed last, one such stream
@@ -49,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import calendar
 import gzip
 import math
 import re
@@ -56,6 +66,7 @@ import ssl
 import string
 import time
 from array import array
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -73,6 +84,7 @@ from eventrouter import (
     BoundedCache,
     Occurrence,
     Outcome,
+    OutcomeKind,
     RetryableError,
     Secret,
     Sink,
@@ -116,6 +128,22 @@ forgotten, so its next entry creates it anew, which the active stream limit may 
 10 min to spare (a request's latency, a chunk_idle_period set a little lower)."""
 _PARALLEL_PUSHES = 4
 """Pushes of one send in flight at once (the connection pool's size)."""
+PUSHES_DEADLINE = 15.0
+"""Seconds into a send after which it starts no further wave of pushes. The engine cuts a send off
+after the pipeline's send_timeout (30 s by default), which a sink cannot read; a push started by
+then ends within one request's timeout (10 s by default), so a send of many waves (a relist's batch
+of ~300 new streams is ~75) ends normally instead of being cut off with some pushes stored. The
+pushes not started are answered retry (held: not sent, no failure) and sent again in place."""
+STREAM_HOLD = 300.0
+"""Seconds an entry set aside (``defer``) keeps its stream's much newer entries back after the sink
+last answered it: longer than the engine waits before offering it again (at most retry_max_backoff,
+30 s by default, or a Retry-After up to ten times that; the sink cannot read them). So an entry the
+engine gave up (retry_max_attempts) holds its stream back this long at most."""
+_HOLD_AGAIN = 5.0
+"""Seconds before a held-back entry is offered again (not an attempt: nothing was sent)."""
+_SENT_MAX = 20_000
+"""Entries whose storing is unknown (a push timed out, cut off) or known from a send cut off, kept
+so that Loki refusing an identical one as too far behind is not answered with a second copy."""
 
 # Fields a label template may use, and which of them are unbounded per object or per event.
 TEMPLATE_FIELDS = frozenset(
@@ -493,7 +521,7 @@ def _stream_label_set(stream: bytes) -> dict[str, str] | None:
 
 
 _IGNORED_BEHIND = re.compile(
-    r"entry with timestamp [^']+ ignored, reason: 'entry too far behind, entry timestamp is: [^',]+, "
+    r"entry with timestamp (?P<ts>[^']+) ignored, reason: 'entry too far behind, entry timestamp is: [^',]+, "
     r"oldest acceptable timestamp is: (?P<cutoff>[^',]+)',"
 )
 _IGNORED_TOTAL = re.compile(
@@ -501,17 +529,43 @@ _IGNORED_TOTAL = re.compile(
 )
 
 
+_GO_TIME = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))? ([+-])(\d\d)(\d\d)(?: \S+)?"
+)
+
+
+def _parse_go_time(text: str) -> int | None:
+    """Nanoseconds of Go's ``time.Time.String()`` (``2006-01-02 15:04:05.999999999 -0700 MST``), how
+    the ingester lists a refused entry's timestamp: exact to the nanosecond, in Loki's local zone."""
+    match = _GO_TIME.fullmatch(text)
+    if match is None:
+        return None
+    year, month, day, hour, minute, second = (int(match[i]) for i in range(1, 7))
+    try:
+        seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+    except (ValueError, OverflowError):
+        return None
+    offset = (int(match[9]) * 60 + int(match[10])) * 60
+    seconds -= offset if match[8] == "+" else -offset
+    return seconds * _NS + int((match[7] or "").ljust(9, "0"))
+
+
 class _Behind:
     """One stream of Loki's "entry too far behind" answer: its labels as Loki names them, the
-    latest cutoff listed (whole seconds, as Go's RFC3339 prints it), and Loki's counts."""
+    latest cutoff listed (whole seconds, as Go's RFC3339 prints it), Loki's counts, and the exact
+    timestamps of the refused entries it listed (the first ``max_returned_stream_errors``, 10 by
+    default; None when one of them could not be read)."""
 
-    __slots__ = ("cutoff_ns", "ignored", "labels", "total")
+    __slots__ = ("cutoff_ns", "ignored", "labels", "listed", "total")
 
-    def __init__(self, labels: dict[str, str], cutoff_ns: int, ignored: int, total: int) -> None:
+    def __init__(
+        self, labels: dict[str, str], cutoff_ns: int, ignored: int, total: int, listed: list[int] | None
+    ) -> None:
         self.labels = labels
         self.cutoff_ns = cutoff_ns
         self.ignored = ignored
         self.total = total
+        self.listed = listed
 
 
 def _parse_behind(text: str) -> list[_Behind] | None:
@@ -521,6 +575,7 @@ def _parse_behind(text: str) -> list[_Behind] | None:
     ``user '…', total ignored: N out of M for stream: {…}``. None when any line is something else."""
     blocks: list[_Behind] = []
     cutoff: int | None = None
+    listed: list[int] | None = []
     for line in text.strip().split("\n"):
         match = _IGNORED_BEHIND.fullmatch(line)
         if match is not None:
@@ -532,13 +587,15 @@ def _parse_behind(text: str) -> list[_Behind] | None:
                 return None
             seconds = int(when.timestamp())
             cutoff = max(cutoff, seconds * _NS) if cutoff is not None else seconds * _NS
+            ts = _parse_go_time(match["ts"])
+            listed = None if listed is None or ts is None else [*listed, ts]
             continue
         total = _IGNORED_TOTAL.fullmatch(line)
         labels = _parse_label_set(total["labels"]) if total is not None else None
         if total is None or labels is None or cutoff is None:
             return None
-        blocks.append(_Behind(labels, cutoff, int(total["ignored"]), int(total["total"])))
-        cutoff = None
+        blocks.append(_Behind(labels, cutoff, int(total["ignored"]), int(total["total"]), listed))
+        cutoff, listed = None, []
     return blocks if blocks and cutoff is None else None
 
 
@@ -876,6 +933,23 @@ class LokiSink(Sink[LokiOptions]):
         # The tenant's ingestion rate (bytes/s) once Loki named it refusing a push over it: larger
         # pushes are split before they are sent.
         self._max_push_bytes: int | None = None
+        # What the send under way learned, applied to the two tables above only when it returns: a
+        # send cut off (send_timeout) is retried whole, and predicted as before it is byte-identical,
+        # so Loki de-duplicates what its finished pushes stored instead of taking a re-stamped copy.
+        self._stored: list[list[_Entry]] = []  # pushes Loki answered 2xx
+        self._raised: list[tuple[bytes, int]] = []  # newest raised from Loki's "too far behind"
+        self._deadline = math.inf  # time.monotonic() after which the send starts no further wave
+        # Entries (by hash of stream, timestamp, line) sent in a push whose outcome is unknown
+        # (False), or that Loki stored if they reached its ingester (True: a push of a send cut off,
+        # the rest of a stream Loki answered "too far behind" for). Loki refuses an identical entry
+        # behind its cutoff instead of de-duplicating it (pkg/ingester/stream.go validateEntries),
+        # which must not be taken for a refusal of a new entry and stamped anew (a second copy).
+        self._sent: dict[int, bool] = {}
+        # Per stream, the entries set aside (defer) for it: (uid, number) → (timestamp, expiry in
+        # time.monotonic_ns). A newer entry of the stream that would put one of them over max_behind
+        # behind Loki's newest waits aside too, so they go in first (see _hold_back).
+        self._aside: dict[bytes, dict[tuple[str, int], tuple[int, int]]] = {}
+        self._deferring = False  # an outcome of the send under way is a defer
         self._metadata = options.structured_metadata
         self._headers = self._build_headers(parts.username, parts.password)
         self._push_headers = {"Content-Type": "application/x-protobuf"}
@@ -892,6 +966,8 @@ class LokiSink(Sink[LokiOptions]):
             self._newest = previous._newest
             self._taken = previous._taken
             self._max_push_bytes = previous._max_push_bytes
+            self._sent = previous._sent
+            self._aside = previous._aside
 
     def _build_headers(self, url_user: str | None, url_password: str | None) -> dict[str, str]:
         opts = self.options
@@ -960,6 +1036,11 @@ class LokiSink(Sink[LokiOptions]):
         self._oldest_ns = now_ns - self._max_age_ns + min(_CLOCK_MARGIN_NS, self._max_age_ns // 4)
         self._newest_ns = now_ns + self._grace_ns - min(_CLOCK_MARGIN_NS, self._grace_ns // 4)
 
+    pushes_deadline: float = PUSHES_DEADLINE
+    """Seconds into a send after which it starts no further wave of pushes (tests lower it)."""
+    stream_hold: float = STREAM_HOLD
+    """Seconds an entry set aside holds its stream's much newer entries back (tests lower it)."""
+
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
         outcomes: list[Outcome] = [OK] * len(batch)
         entries: list[_Entry] = []
@@ -975,7 +1056,26 @@ class LokiSink(Sink[LokiOptions]):
             else:
                 entries.append(entry)
         if not entries:
+            self._late = False
             return outcomes
+        self._stored, self._raised, self._deferring = [], [], False
+        self._deadline = time.monotonic() + self.pushes_deadline
+        encoded = entries
+        try:
+            if self._aside:
+                entries = self._hold_back(batch, entries, outcomes)
+            await self._send_entries(entries, outcomes)
+        except BaseException:
+            # Cut off (send_timeout) or failed as a whole: the engine sends the batch again. What
+            # Loki stored meanwhile is not applied to the prediction, so the retry is identical;
+            # remembered, so Loki refusing an identical entry as too far behind is answered OK.
+            self._remember([entry for push in self._stored for entry in push], stored=True)
+            self._stored, self._raised = [], []
+            raise
+        self._settle(batch, encoded, outcomes)
+        return outcomes
+
+    async def _send_entries(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
         # Loki refuses entries more than max_chunk_age/2 (1 h by default) behind the newest entry it
         # holds for their stream, and those outside its time window, and answers 400 for the whole push.
         # Entries this sink still expects to be refused (not clamped: clamp_time=false, or received too
@@ -989,12 +1089,120 @@ class LokiSink(Sink[LokiOptions]):
         if entries:
             await self._push_streams(entries, outcomes)
         if late:
+            if entries and time.monotonic() >= self._deadline:
+                self._not_started([late], outcomes)
+                return
             try:
                 await self._push_streams(late, outcomes)
             except RetryableError as exc:  # the on-time entries are stored: retry only these
                 for entry in late:
                     outcomes[entry.index] = retry(str(exc), retry_after=exc.retry_after)
-        return outcomes
+
+    def _settle(self, batch: Sequence[Occurrence], entries: list[_Entry], outcomes: list[Outcome]) -> None:
+        """The send returned: what Loki stored raises each stream's newest and marks it taken, and
+        the entries set aside (defer) for their stream are noted, those answered otherwise let go."""
+        update = self._newest.update
+        taken, now = self._taken.update, time.monotonic_ns()
+        for push in self._stored:
+            for entry in push:
+                update(entry.stream, entry.ts_ns)
+                taken(entry.stream, now)
+        for stream, ts_ns in self._raised:
+            update(stream, ts_ns)
+            taken(stream, now)  # Loki holds the stream: it refused entries behind its newest
+        self._stored, self._raised = [], []
+        if not (self._deferring or self._aside):
+            return
+        aside = self._aside
+        clamp, newest, behind = self.options.clamp_time, self._newest.get, self._behind_ns
+        for entry in entries:
+            outcome = outcomes[entry.index]
+            occurrence = batch[entry.index]
+            key = (occurrence.uid, occurrence.number)
+            ts_ns = entry.ts_ns
+            if outcome.kind is OutcomeKind.RETRY and outcome.defer:
+                # The timestamp it will be sent again with: stamped at receipt if now predicted
+                # too far behind (Loki refused it so), as _entry does.
+                top = newest(entry.stream)
+                if clamp and top is not None and ts_ns < top - behind:
+                    ts_ns = max(ts_ns, int(occurrence.received_at * _NS))
+                if top is None or ts_ns >= top - behind:
+                    hold = self.stream_hold + (outcome.retry_after or 0.0)
+                    aside.setdefault(entry.stream, {})[key] = (ts_ns, now + int(hold * _NS))
+                    continue
+                # Predicted refused even so: sent apart and judged alone, nothing to keep in order.
+            records = aside.get(entry.stream)
+            if records is not None and records.pop(key, None) is not None and not records:
+                del aside[entry.stream]
+
+    def _hold_back(
+        self, batch: Sequence[Occurrence], entries: list[_Entry], outcomes: list[Outcome]
+    ) -> list[_Entry]:
+        """The entries to push now. A stream's entries set aside (refused for the stream limit, or
+        as too far behind) come back on their own backoff, and newer entries of that stream keep
+        arriving: pushed first, those would make Loki's newest for the stream more than max_behind
+        ahead of the ones waiting, which Loki then refuses (and the sink predicts late and
+        dead-letters). So an entry over half max_behind newer than the oldest entry of its stream
+        waiting aside (not in this batch) waits aside too, held (no attempt, nothing was sent), and
+        comes back after _HOLD_AGAIN seconds. A record ends when its entry is answered otherwise, or
+        STREAM_HOLD after its last answer (the engine gave it up)."""
+        now = time.monotonic_ns()
+        for stream, waiting in list(self._aside.items()):
+            for key in [key for key, (_, until) in waiting.items() if until < now]:
+                del waiting[key]
+            if not waiting:
+                del self._aside[stream]
+        if not self._aside:
+            return entries
+        in_batch = {(occurrence.uid, occurrence.number) for occurrence in batch}
+        floors: dict[bytes, int | None] = {}
+        reason = ""
+        kept: list[_Entry] = []
+        for entry in entries:
+            records = self._aside.get(entry.stream)
+            if records is None:
+                kept.append(entry)
+                continue
+            if entry.stream in floors:
+                floor = floors[entry.stream]
+            else:
+                older = [ts for key, (ts, _) in records.items() if key not in in_batch]
+                floor = floors[entry.stream] = min(older) if older else None
+            if floor is None or entry.ts_ns <= floor + self._behind_ns // 2:
+                kept.append(entry)
+                continue
+            if not reason:
+                reason = (
+                    f"loki: held back while older entries of its stream wait aside (refused by "
+                    f"{self._shown}), so that they go in first"
+                )
+            outcomes[entry.index] = retry(reason, retry_after=_HOLD_AGAIN, held=True, defer=True)
+            self._deferring = True
+        return kept
+
+    def _not_started(self, pushes: Sequence[list[_Entry]], outcomes: list[Outcome]) -> None:
+        """Pushes the send did not start before its deadline: sent again by the engine, in place."""
+        count = sum(len(push) for push in pushes)
+        reason = (
+            f"loki: not sent, the send had pushed for {self.pushes_deadline:g}s "
+            f"({len(pushes)} pushes of {count} entries left for the next)"
+        )
+        for push in pushes:
+            for entry in push:
+                outcomes[entry.index] = retry(reason, held=True)
+
+    def _remember(self, entries: Sequence[_Entry], *, stored: bool) -> None:
+        """Note entries sent whose storing is unknown (``stored`` False: a push timed out, cut off,
+        answered 5xx, or Loki's answer left it open) or known (True) though the send did not say so."""
+        sent = self._sent
+        for entry in entries:
+            key = hash((entry.stream, entry.ts_ns, entry.line))
+            if stored:
+                sent[key] = True
+            else:
+                sent.setdefault(key, False)
+        while len(sent) > _SENT_MAX:
+            del sent[next(iter(sent))]
 
     def _plan(self, entries: list[_Entry]) -> list[list[_Entry]]:
         """The pushes for these entries. Loki's ingester answers for the last stream of a push only
@@ -1038,6 +1246,9 @@ class LokiSink(Sink[LokiOptions]):
             await self._push(pushes[0], outcomes)
             return
         for start in range(0, len(pushes), _PARALLEL_PUSHES):
+            if start and time.monotonic() >= self._deadline:
+                self._not_started(pushes[start:], outcomes)
+                return
             wave = pushes[start : start + _PARALLEL_PUSHES]
             results = await asyncio.gather(*(self._push(p, outcomes) for p in wave), return_exceptions=True)
             failed: RetryableError | None = None
@@ -1071,14 +1282,20 @@ class LokiSink(Sink[LokiOptions]):
                 status = response.status
                 text = (await response.text(errors="replace")).strip()
                 retry_after = _retry_after(response.headers.get("Retry-After"))
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
             raise RetryableError(f"loki: cannot reach {self._shown}: {_describe(exc)}") from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self._remember(entries, stored=False)  # sent, perhaps stored: no answer
+            raise RetryableError(f"loki: cannot reach {self._shown}: {_describe(exc)}") from None
+        except asyncio.CancelledError:
+            self._remember(entries, stored=False)  # the send was cut off with this push under way
+            raise
         if status in (200, 204) or (200 <= status < 300 and not _blocked(status, text)):
-            update = self._newest.update
-            taken, now = self._taken.update, time.monotonic_ns()
-            for entry in entries:
-                update(entry.stream, entry.ts_ns)
-                taken(entry.stream, now)
+            self._stored.append(entries)  # applied to the prediction when the send returns
+            if self._sent:  # stored now: answered OK, or remembered stored if the send is cut off
+                sent = self._sent
+                for entry in entries:
+                    sent.pop(hash((entry.stream, entry.ts_ns, entry.line)), None)
             return
         if status == 413 and len(entries) > 1:
             # A body limit below this push (a proxy's: nginx's client_max_body_size is 1m by default):
@@ -1123,6 +1340,8 @@ class LokiSink(Sink[LokiOptions]):
             ):
                 return
         if status == 429 or status >= 500 or status in (401, 403, 404, 408):
+            if status >= 500:
+                self._remember(entries, stored=False)  # a distributor may have stored some of it
             if status == 401 and "org id" in message and not self.options.tenant:
                 message += " (this Loki is multi-tenant: set tenant=<org id>)"
             raise RetryableError(f"loki: {self._shown} answered {status}: {message}", retry_after=retry_after)
@@ -1182,6 +1401,7 @@ class LokiSink(Sink[LokiOptions]):
             await self._push_or_retry(rest, outcomes)
         for entry in refused:
             outcomes[entry.index] = retry(reason, retry_after=retry_after, defer=True)
+        self._deferring = True
         return True
 
     async def _behind_refused(
@@ -1189,13 +1409,13 @@ class LokiSink(Sink[LokiOptions]):
     ) -> bool:
         """Loki's ingester refused entries of a stream as too far behind the newest entry it holds for
         it, newer than this sink knew (another writer: a replay, this router before a restart), and
-        stored the rest. Loki judges a stream's entries in push order (sorted here), so the refused
-        ones are its oldest: those before the cutoff it names. That stream's newest is raised to
-        match, so they are retried stamped at receipt (clamp_time), or rejected with Loki's reason if
-        they were sent although predicted refused. Loki names one stream per answer, and drops the
-        distributor's own refusals from it, so whatever it did not account for is pushed again at once
-        (it de-duplicates what it stored). False (reject the push as before) when the answer does not
-        fit this push."""
+        stored the rest. Loki judges a stream's entries in push order (sorted here) against its newest
+        before the push, so the refused ones are its oldest: those before the cutoff it names. That
+        stream's newest is raised to match, so they are retried stamped at receipt (clamp_time), or
+        rejected with Loki's reason if they were sent although predicted refused. Loki names one stream
+        per answer, and drops the distributor's own refusals from it, so whatever it did not account
+        for is pushed again at once (it de-duplicates what it stored). False (reject the push as
+        before) when the answer does not fit this push."""
         groups: dict[bytes, list[_Entry]] = {}
         for entry in entries:
             groups.setdefault(entry.stream, []).append(entry)
@@ -1207,42 +1427,100 @@ class LokiSink(Sink[LokiOptions]):
             group = sorted(groups.pop(streams[0]), key=_ORDER)
             # Go prints the cutoff in whole seconds: Loki's own is up to a second later.
             bound = block.cutoff_ns + _NS
-            refused = [entry for entry in group if entry.ts_ns < bound]
-            if len(refused) < block.ignored:
+            if sum(1 for entry in group if entry.ts_ns < bound) < block.ignored:
                 return False  # Loki refused entries newer than its cutoff: not an answer we understand
             if block.total == len(group):
                 # Loki judged every entry of ours: the refused are exactly the oldest ones, so none it
                 # stored is sent again (stamped at receipt it would be a second copy).
-                refused = refused[: block.ignored]
-                stored = group[block.ignored :]
+                refused, stored = group[: block.ignored], group[block.ignored :]
             else:
-                stored = []  # the distributor dropped some (their error is not in the answer): ask again
-                groups[streams[0]] = group[len(refused) :]
+                split = self._split_behind(group, block)
+                if split is None:
+                    return False
+                refused, groups[streams[0]] = split
+                stored = []
             named.append((streams[0], refused, stored, bound))
-        update = self._newest.update
-        now = time.monotonic_ns()
+        sent = self._sent
         for stream, refused, stored, bound in named:
-            self._taken.update(stream, now)  # Loki holds the stream: it refused entries behind its newest
             for entry in stored:
-                update(stream, entry.ts_ns)
+                self._raised.append((stream, entry.ts_ns))
             final = f"loki: 400 (refused, the rest of the push stored): {message}"
             again = (
                 f"loki: {self._shown} refused {len(refused)} entries as too far behind their stream's newest "
                 "entry, which another writer (a replay, an earlier run) made newer than this sink knew; "
                 "sent again: " + message.split("\n", 1)[0]
             )
+            unsure = (
+                f"loki: {self._shown} refused an entry as too far behind its stream's newest, and an "
+                "identical one was sent in a push whose outcome is unknown (timed out, cut off, 5xx, or "
+                "in the second of Loki's cutoff), so it may be stored: not sent again with a new "
+                "timestamp (a second copy); " + message.split("\n", 1)[0]
+            )
             for entry in refused:
-                # Predicted refused and sent anyway (clamp_time=false, or received too long ago):
-                # Loki's refusal is final. Otherwise the retry is predicted, and clamped.
-                # Set aside (defer): a cause of this stream's own, which holds up no other stream.
-                outcomes[entry.index] = reject(final) if entry.late else retry(again, defer=True)
+                known = sent.pop(hash((entry.stream, entry.ts_ns, entry.line)), None) if sent else None
+                if known:
+                    # Stored by a push of a send cut off (its retry is identical): Loki refused this
+                    # copy as behind its newest, which that push raised, instead of de-duplicating it.
+                    outcomes[entry.index] = OK
+                elif known is not None:
+                    outcomes[entry.index] = reject(unsure)
+                elif entry.late:
+                    # Predicted refused and sent anyway (clamp_time=false, or received too long ago):
+                    # Loki's refusal is final.
+                    outcomes[entry.index] = reject(final)
+                else:
+                    # The retry is predicted, and clamped. Set aside (defer): a cause of this stream's
+                    # own, which holds up no other stream.
+                    outcomes[entry.index] = retry(again, defer=True)
+                    self._deferring = True
             # From now on an entry before Loki's cutoff is predicted refused for this stream.
-            update(stream, bound + self._behind_ns)
+            self._raised.append((stream, bound + self._behind_ns))
         again_ids = {id(entry) for group in groups.values() for entry in group}
         rest = [entry for entry in entries if id(entry) in again_ids]  # in push order: a new stream last
         if rest:
             await self._push_or_retry(rest, outcomes)
         return True
+
+    def _split_behind(self, group: list[_Entry], block: _Behind) -> tuple[list[_Entry], list[_Entry]] | None:
+        """The refused entries of a stream, and those to push again, when Loki's total is not this
+        push's count for it: the distributor dropped some (over max_line_size…; their error is not
+        in the answer), so the count does not say which were refused. The timestamps Loki lists do,
+        exact to the nanosecond. An entry that may be stored is pushed again with its own timestamp
+        (Loki de-duplicates it), never stamped anew. None when the answer does not fit."""
+        listed = block.listed
+        if listed and len(listed) == block.ignored:
+            # Every refused entry is listed; the others reached the ingester and were stored, or
+            # were dropped by the distributor (pushed again, which answers their error).
+            want = Counter(listed)
+            refused: list[_Entry] = []
+            rest: list[_Entry] = []
+            for entry in group:
+                if want[entry.ts_ns] > 0:
+                    want[entry.ts_ns] -= 1
+                    refused.append(entry)
+                else:
+                    rest.append(entry)
+            if any(want.values()):
+                return None  # a listed timestamp none of ours has
+            self._remember(rest, stored=True)  # Loki refusing one of them later is its newest's doing
+            return refused, rest
+        # More refused than listed (or unreadable): those before Loki's exact cutoff, which is after
+        # every listed one and within the second after the one it prints.
+        low = block.cutoff_ns if not listed else max(block.cutoff_ns, max(listed) + 1)
+        high = block.cutoff_ns + _NS
+        refused = [entry for entry in group if entry.ts_ns < low]
+        unsure = [entry for entry in group if low <= entry.ts_ns < high]
+        rest = [entry for entry in group if entry.ts_ns >= high]
+        if len(refused) + len(unsure) == block.ignored:
+            refused, unsure = refused + unsure, []  # Loki counts them all: every one was refused
+        self._remember(rest, stored=True)
+        if unsure and group[-1].ts_ns >= block.cutoff_ns + self._behind_ns:
+            # This push may have raised Loki's newest for the stream (an entry of it newer than Loki's
+            # newest before it can be), so pushed again an unsure entry may be refused though stored:
+            # then it is rejected, not stamped anew. Otherwise the push again meets the same cutoff,
+            # and Loki refuses it again exactly when it refused it first.
+            self._remember(unsure, stored=False)
+        return refused, unsure + rest
 
     # -- encoding ----------------------------------------------------------------------------------
 

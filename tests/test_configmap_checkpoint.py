@@ -8,6 +8,7 @@ import base64
 import contextlib
 import logging
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,10 +24,12 @@ from eventrouter.engine.checkpoint import SinkCheckpoint
 from eventrouter.engine.configmap_checkpoint import (
     CONFIGMAP_LIMIT,
     DATA_KEY,
+    UNSEEN_KEY,
     CheckpointFormatError,
     ConfigMapCheckpointStore,
     configmap_size,
     decode_state,
+    decode_unseen,
     encode_state,
 )
 from eventrouter.metrics import SINK_DROP_REASONS
@@ -303,9 +306,15 @@ async def test_configmap_deleted_while_running_is_created_again(
 
 
 def _configmap_router(
-    api: FakeApiServer, tmp_path: Path, *, data_dir: Path | None = None, **opts: Any
+    api: FakeApiServer,
+    tmp_path: Path,
+    *,
+    data_dir: Path | None = None,
+    watch: dict[str, Any] | None = None,
+    **opts: Any,
 ) -> Router:
-    """A router with the checkpoint in the ConfigMap (and ``data_dir`` for the rest), one memory sink."""
+    """A router with the checkpoint in the ConfigMap (and ``data_dir`` for the rest), one memory sink;
+    ``watch``: more WatchSettings (a selector)."""
     settings = RouterSettings(
         kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
         metrics_addr=None,
@@ -314,7 +323,7 @@ def _configmap_router(
         checkpoint_namespace=NS,
         checkpoint_flush_interval=0.1,
         shutdown_timeout=5.0,
-        watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
+        watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5, **(watch or {})),
     )
     sink = {"name": "mem", "batch_max_wait": 0.01, **opts}
     return Router(settings, [spec_for_class(MemorySink, sink, type_="memory")])
@@ -329,7 +338,12 @@ async def test_beside_a_configmap_checkpoint_a_data_dir_holds_the_spool_and_the_
     file, and no checkpoint is written to the data dir (a standby's would be stale)."""
     events = [api.create_event(event_object(namespace=NS, object_name=f"r-{i}")) for i in range(300)]
     data = tmp_path / "data"
-    opts = {"batch_max_wait": 0.02, "queue_max_events": 50, "batch_max_events": 20, "fail": True}
+    opts: dict[str, Any] = {
+        "batch_max_wait": 0.02,
+        "queue_max_events": 50,
+        "batch_max_events": 20,
+        "fail": True,
+    }
     router = _configmap_router(api, tmp_path, data_dir=data, **opts)
     running = asyncio.create_task(router.run())
     try:
@@ -441,3 +455,107 @@ def test_a_large_checkpoint_configmap_is_written_less_often(
     assert store.write_interval == 1.0
     store.last_size = 1024 * 1024
     assert store.write_interval == 16.0
+
+
+def _received(router: Router) -> int:
+    sink = router.sinks["mem"]
+    assert isinstance(sink, MemorySink)
+    return len(sink.received)
+
+
+def stored_unseen(api: FakeApiServer) -> dict[str, float]:
+    binary = stored(api)["binaryData"]
+    order = decode_state(base64.b64decode(binary[DATA_KEY]))[1]
+    return decode_unseen(base64.b64decode(binary[UNSEEN_KEY]), order) if UNSEEN_KEY in binary else {}
+
+
+async def test_a_scoped_watchs_first_unseen_times_go_to_the_next_leader_with_the_checkpoint(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """They lived in the leader's memory only: each new leader (a failover, a rollout) noted the
+    entries of deleted events again at its own start, and with leaders changing more often than
+    UNSEEN_KEEP they never went. They are written beside the checkpoint and read by the next leader."""
+    selector = {"field_selector": "type=Warning"}
+    objs = [api.create_event(event_object(namespace=NS, object_name=f"w-{i}")) for i in range(3)]
+    uids = {o["metadata"]["uid"] for o in objs}
+    router = _configmap_router(api, tmp_path, watch=selector)
+    running = asyncio.create_task(router.run())
+    await until(lambda: bool(router.pipelines) and _received(router) == 3, timeout=10)
+    before = time.time()
+    for o in objs:  # their TTL (or no longer selected: a selector cannot tell)
+        api.delete_event(NS, o["metadata"]["name"])
+    await until(lambda: not router.watchers[0].tracker.seen, timeout=10)
+    router.request_stop()
+    await asyncio.wait_for(running, 10)
+    assert router.exit_code == 0
+    noted = stored_unseen(api)
+    assert noted.keys() == uids and all(before - 1 <= t <= time.time() for t in noted.values())
+
+    nxt = _configmap_router(api, tmp_path, watch=selector)
+    running = asyncio.create_task(nxt.run())
+    try:
+        await until(lambda: bool(nxt.pipelines) and nxt.ready()[0], timeout=10)
+        assert nxt.fanout._unseen == noted  # not noted again at this leader's start
+    finally:
+        nxt.request_stop()
+        await asyncio.wait_for(running, 10)
+    assert stored_unseen(api) == noted
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_entries_of_events_a_selector_does_not_see_are_left_out_first_and_are_no_error(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a selector, the entries kept for deleted events counted against the 1 MiB: live entries
+    were left out for them, and the stop exited 1 saying "the next leader delivers those events
+    again", counting live 140 events where 60 were. They are left out first, and that alone is
+    neither counted in ``truncated`` nor an error."""
+    router = _configmap_router(api, tmp_path, watch={"field_selector": "type=Warning"})
+    running = asyncio.create_task(router.run())
+    await until(lambda: router.checkpoint_store is not None, timeout=10)
+    store = router.checkpoint_store
+    assert store is not None
+    store.limit = 2_000  # what 1 MiB is for ~60,000 events: about 100 entries fit
+    old = [api.create_event(event_object(namespace="x", object_name=f"old-{i}")) for i in range(80)]
+    await until(lambda: bool(router.pipelines) and _received(router) == 80, timeout=20)
+    for o in old:  # their TTL passed: DELETED
+        api.delete_event("x", o["metadata"]["name"])
+    live = [api.create_event(event_object(namespace="x", object_name=f"new-{i}")) for i in range(60)]
+    await until(lambda: _received(router) == 140, timeout=20)
+    await until(lambda: len(router.fanout._unseen) == 80, timeout=10)
+    caplog.set_level(logging.WARNING, logger="eventrouter")
+    router.request_stop()
+    await asyncio.wait_for(running, 10)
+    kept = stored_states(api)["mem"]
+    assert {o["metadata"]["uid"] for o in live} <= kept.keys()
+    assert store.truncated == 0 and 0 < store.unseen_left_out == 140 - len(kept)
+    assert router.exit_code == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any(
+        f"left out the entries of {store.unseen_left_out} events" in r.getMessage() for r in caplog.records
+    )
+    # The times of the entries kept went with them.
+    assert stored_unseen(api).keys() == kept.keys() - {o["metadata"]["uid"] for o in live}
+
+
+async def test_over_the_limit_unseen_entries_go_first_and_the_error_counts_live_events_only(
+    api: FakeApiServer, store_factory: Callable[..., ConfigMapCheckpointStore], caplog: Any
+) -> None:
+    """The error said "140 live events do not fit" for 60 live ones and 80 kept for deleted events,
+    and left out live entries, the least recently acknowledged, before those."""
+    live, unseen = uids(60, seed=5), uids(80, seed=6)
+    store = store_factory(limit=1_000)  # ~50 entries fit
+    await store.load()
+    ckpt = SinkCheckpoint(store.backend("mem"))
+    for part in (live[:30], unseen, live[30:]):  # the unseen ones are not the oldest
+        ckpt.ack(dict.fromkeys(part, 1))
+    store.save_unseen(dict.fromkeys(unseen, 1.7e9))
+    with caplog.at_level(logging.WARNING):
+        assert await store.flush()
+    assert store.unseen_left_out == 80 and 0 < store.truncated < 30
+    assert stored_states(api) == {"mem": dict.fromkeys(live[store.truncated :], 1)}
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"checkpoint ConfigMap {NS}/{NAME}: 60 live events do not fit"
+    )
+    assert stored_unseen(api) == {}

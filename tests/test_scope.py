@@ -3,14 +3,17 @@ checkpoint entries of the others are kept (for ``UNSEEN_KEEP``), not dropped at 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import eventrouter.fanout as fanout_mod
 from eventrouter.app import Router
 from eventrouter.config import spec_for_class
 from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
@@ -114,3 +117,42 @@ def test_entries_not_seen_go_after_the_keep_period_and_those_seen_again_stay() -
     fanout.unseen_keep = 0.0
     fanout.sweep({"live", "back"})
     assert [p.checkpoint.state for p in pipelines] == [{"back": 2, "live": 1}] * 2
+
+
+async def test_restarts_more_often_than_the_keep_period_still_drop_the_entries_of_deleted_events(
+    api: FakeApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first-unseen times lived in memory only: every start noted them again at its own time, so
+    a router restarted more often than the keep period (rollouts, OOM kills, failovers) never dropped
+    the entries of deleted events, and its checkpoint grew without bound. They are kept in the data
+    dir, in wall-clock seconds, and a time whose entry is gone is not kept."""
+    keep = 4.0  # stands for UNSEEN_KEEP = 2 h
+    monkeypatch.setattr(fanout_mod, "UNSEEN_KEEP", keep)
+    data = tmp_path / "data"
+    times = data / "checkpoints" / "unseen.times"
+    settings = router_settings(
+        api, tmp_path, data_dir=data, watch={"field_selector": "type=Warning"}, checkpoint_prune_interval=0.1
+    )
+    spec = spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.02}, type_="memory")
+    objs = [api.create_event(event_object(object_name=f"w{i}", type="Warning")) for i in range(5)]
+    deleted = {o["metadata"]["uid"] for o in objs}
+    router = Router(settings, [spec])
+    async with router.running():
+        await router.sinks["mem"].wait_for(5)  # type: ignore[attr-defined]
+        await until(lambda: len(router.pipelines[0].checkpoint.state) == 5)
+        before = time.time()
+        for o in objs:  # their TTL: DELETED, which under a selector may mean "no longer selected"
+            api.delete_event(o["metadata"]["namespace"], o["metadata"]["name"])
+        await until(lambda: times.exists() and len(times.read_text().splitlines()) == 5)
+    noted = {uid: float(t) for uid, t in (line.split() for line in times.read_text().splitlines())}
+    assert noted.keys() == deleted and all(before - 1 <= t <= time.time() for t in noted.values())
+    # A time of an entry no checkpoint holds any more (a scope widened, then narrowed again) goes.
+    times.write_text(times.read_text() + f"no-longer-in-any-checkpoint {time.time():.0f}\n")
+
+    # Down for the keep period (or restarted several times within it: the clock is the same).
+    await asyncio.sleep(keep)
+    router = Router(settings, [spec])
+    async with router.running():
+        # Dropped at the first prune, not one keep period after this start.
+        await until(lambda: not router.pipelines[0].checkpoint.state.keys() & deleted, timeout=keep / 2)
+    assert not times.exists()

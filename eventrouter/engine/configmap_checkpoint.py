@@ -17,6 +17,11 @@ state is packed (``binaryData["checkpoint"]``, zlib when that helps):
 differs (value 0 = absent), so sinks that accepted the same events cost almost nothing more: about
 17 bytes per live event in all. When even that does not fit, the least recently acknowledged events
 are left out of the ConfigMap (logged and counted): after a restart they are re-delivered, never lost.
+
+A scoped watch (namespaces, a selector) keeps the entries of events it does not see for a while
+(fanout.py); when they were first not seen goes beside the state (``binaryData["unseen"]``, see
+``encode_unseen``), and those entries are the first left out when the ConfigMap is full: they are
+mostly of deleted events, and leaving them out is neither counted in ``truncated`` nor an error.
 """
 
 from __future__ import annotations
@@ -41,11 +46,15 @@ from eventrouter.source.kube import ApiError, KubeClient, raise_for_status
 
 __all__ = [
     "CONFIGMAP_LIMIT",
+    "DATA_KEY",
+    "UNSEEN_KEY",
     "CheckpointFormatError",
     "ConfigMapCheckpointStore",
     "configmap_size",
     "decode_state",
+    "decode_unseen",
     "encode_state",
+    "encode_unseen",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,7 +66,9 @@ ConfigMap in etcd, kept until compaction (5 min by default). A 1 MiB checkpoint 
 instead of every second (~300 MiB of history against etcd's 2 GiB default quota)."""
 DATA_KEY = "checkpoint"
 SUMMARY_KEY = "summary"
+UNSEEN_KEY = "unseen"
 _MAGIC = b"ERCK\x01"
+_UNSEEN_MAGIC = b"ERUS\x01"
 _RAW, _ZLIB = 0, 1
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -122,6 +133,58 @@ def encode_state(states: Mapping[str, Mapping[str, int]], order: Sequence[str]) 
     return bytes([_RAW]) + bytes(out)
 
 
+def encode_unseen(order: Sequence[str], unseen: Mapping[str, float]) -> bytes:
+    """When each uid of ``unseen`` found in ``order`` (encode_state's) was first not seen:
+    ``"ERUS" version(1) | varint #entries | (varint index delta, varint whole seconds)*``, beside the
+    state and not in it, so that a router of an earlier version still reads the state."""
+    out = bytearray()
+    count = last = 0
+    for index, uid in enumerate(order):
+        since = unseen.get(uid)
+        if since is not None:
+            out += varint(index - last) + varint(max(0, int(since)))
+            last = index
+            count += 1
+    data = _UNSEEN_MAGIC + varint(count) + bytes(out)
+    packed = zlib.compress(data, 6)
+    if len(packed) < len(data):
+        return bytes([_ZLIB]) + packed
+    return bytes([_RAW]) + data
+
+
+def decode_unseen(blob: bytes, order: Sequence[str]) -> dict[str, float]:
+    """The inverse of encode_unseen, against the ``order`` decoded from the same ConfigMap."""
+    data = _unpack(blob)
+    if not data.startswith(_UNSEEN_MAGIC):
+        raise CheckpointFormatError("not the first-unseen times of an eventrouter checkpoint (version 1)")
+    count, pos = _read_varint(data, len(_UNSEEN_MAGIC))
+    unseen: dict[str, float] = {}
+    index = 0
+    for _ in range(count):
+        delta, pos = _read_varint(data, pos)
+        since, pos = _read_varint(data, pos)
+        index += delta
+        if index >= len(order):
+            raise CheckpointFormatError("unseen index out of range")
+        unseen[order[index]] = float(since)
+    if pos != len(data):
+        raise CheckpointFormatError("trailing bytes")
+    return unseen
+
+
+def _unpack(blob: bytes) -> bytes:
+    if not blob:
+        raise CheckpointFormatError("empty checkpoint")
+    if blob[0] == _ZLIB:
+        try:
+            return zlib.decompress(blob[1:])
+        except zlib.error as exc:
+            raise CheckpointFormatError(f"bad compression: {exc}") from None
+    if blob[0] == _RAW:
+        return blob[1:]
+    raise CheckpointFormatError(f"unknown encoding {blob[0]}")
+
+
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
     try:
         return read_varint(data, pos)
@@ -131,17 +194,7 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
 
 def decode_state(blob: bytes) -> tuple[dict[str, dict[str, int]], list[str]]:
     """The inverse of encode_state: (states by sink, uids oldest first)."""
-    if not blob:
-        raise CheckpointFormatError("empty checkpoint")
-    if blob[0] == _ZLIB:
-        try:
-            data = zlib.decompress(blob[1:])
-        except zlib.error as exc:
-            raise CheckpointFormatError(f"bad compression: {exc}") from None
-    elif blob[0] == _RAW:
-        data = blob[1:]
-    else:
-        raise CheckpointFormatError(f"unknown encoding {blob[0]}")
+    data = _unpack(blob)
     if not data.startswith(_MAGIC):
         raise CheckpointFormatError("not an eventrouter checkpoint (version 1)")
     pos = len(_MAGIC)
@@ -252,6 +305,11 @@ class ConfigMapCheckpointStore:
         self._order: dict[str, None] = {}
         # Uids removed since the last successful write: a merge must not bring them back.
         self._removed: dict[str, set[str]] = {}
+        # The fanout's first-unseen times (uid → wall-clock seconds; its own map, read at each write),
+        # those read at load, and those of the last write.
+        self._unseen: Mapping[str, float] = {}
+        self._unseen_loaded: dict[str, float] = {}
+        self._unseen_written: dict[str, float] = {}
         self._sinks: set[str] = set()
         self._resource_version: str | None = None
         self._exists = False
@@ -262,6 +320,10 @@ class ConfigMapCheckpointStore:
         # Reported numbers.
         self.last_size = 0  # bytes the last written ConfigMap counted against the limit
         self.truncated = 0  # uids left out of the last write because they would not fit
+        # Uids of events the scoped watch does not see, left out of the last write before any other
+        # (not in ``truncated``: mostly deleted events; one that comes back into scope is delivered
+        # again after a restart).
+        self.unseen_left_out = 0
         self.truncations = 0  # writes that had to leave uids out
         self.conflicts = 0  # 409 answers merged
         self.flushes = 0  # successful writes
@@ -290,6 +352,7 @@ class ConfigMapCheckpointStore:
         obj = await self._get()
         self._states, self._order = {}, {}
         self._removed = {}
+        self._unseen = self._unseen_loaded = {}
         if obj is None:
             self._exists, self._resource_version = False, None
             log.info("checkpoint ConfigMap %s/%s does not exist yet", self.namespace, self.name)
@@ -299,12 +362,39 @@ class ConfigMapCheckpointStore:
         states, order = self._parse(obj)
         self._states = states
         self._order = dict.fromkeys(order)
+        encoded = (obj.get("binaryData") or {}).get(UNSEEN_KEY)
+        if encoded and order:
+            try:
+                self._unseen_loaded = decode_unseen(base64.b64decode(encoded), order)
+            except (CheckpointFormatError, ValueError) as exc:
+                log.warning(
+                    "checkpoint ConfigMap %s/%s: the first-unseen times are unreadable (%s); the "
+                    "entries of events a scoped watch does not see are kept for the keep period from now",
+                    self.namespace,
+                    self.name,
+                    exc,
+                )
+        # Written again as read until the fanout hands its own (at its first prune): a leader that
+        # fails before must not write the ConfigMap without them.
+        self._unseen = self._unseen_written = dict(self._unseen_loaded)
         log.info(
             "checkpoint ConfigMap %s/%s: %s",
             self.namespace,
             self.name,
             ", ".join(f"{s}={len(m)}" for s, m in sorted(states.items())) or "empty",
         )
+
+    def load_unseen(self) -> dict[str, float]:
+        """When each event a scoped watch did not see was first not seen, as the last leader wrote it
+        (fanout.UnseenStore)."""
+        return dict(self._unseen_loaded)
+
+    def save_unseen(self, unseen: Mapping[str, float]) -> None:
+        """The fanout's first-unseen times (fanout.UnseenStore): kept as the caller's own map, read at
+        each write; written (soon) when it changed since the last write."""
+        self._unseen = unseen
+        if unseen != self._unseen_written:
+            self._touch()
 
     def backend(self, sink: str) -> CheckpointBackend:
         self._sinks.add(sink)
@@ -399,24 +489,34 @@ class ConfigMapCheckpointStore:
 
     # ---- persistence ---------------------------------------------------------------------------
 
-    def _snapshot(self) -> tuple[dict[str, dict[str, int]], list[str]]:
+    def _snapshot(self) -> tuple[dict[str, dict[str, int]], list[str], dict[str, float]]:
         states = {s: dict(self._states.get(s, {})) for s in sorted(self._sinks)}
         live = [uid for uid in self._order if any(uid in m for m in states.values())]
         if len(live) != len(self._order):
             self._order = dict.fromkeys(live)  # forget uids no sink holds any more
-        return states, live
+        held = self._order
+        # Copied here, in the loop's thread: the fanout changes its map while _build runs.
+        unseen = {uid: since for uid, since in self._unseen.items() if uid in held}
+        return states, live, unseen
 
-    def _build(self, states: dict[str, dict[str, int]], order: list[str]) -> tuple[dict[str, Any], int]:
-        """The ConfigMap body within the limit, dropping the oldest uids when needed; (body, dropped)."""
-        dropped = 0
+    def _build(
+        self, states: dict[str, dict[str, int]], order: list[str], unseen: dict[str, float]
+    ) -> tuple[dict[str, Any], int, int]:
+        """The ConfigMap body within the limit, dropping uids when needed: first those of ``unseen``,
+        then the oldest; (body, dropped, unseen dropped)."""
+        dropped = dropped_unseen = 0
+        unseen_order = [uid for uid in order if uid in unseen]  # oldest first
         while True:
             blob = encode_state(states, order)
+            times = encode_unseen(order, unseen) if unseen_order else b""
             summary = orjson.dumps(
                 {
                     "format": "eventrouter-checkpoint/1",
                     "updated": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                     "sinks": {s: len(m) for s, m in sorted(states.items())},
                     **({"truncated": dropped} if dropped else {}),
+                    **({"unseen": len(unseen_order)} if unseen_order else {}),
+                    **({"unseen_left_out": dropped_unseen} if dropped_unseen else {}),
                 }
             ).decode()
             body: dict[str, Any] = {
@@ -431,22 +531,37 @@ class ConfigMapCheckpointStore:
                 "binaryData": {DATA_KEY: base64.b64encode(blob).decode("ascii")},
             }
             size = len(DATA_KEY) + len(blob) + len(SUMMARY_KEY) + len(summary.encode())
+            if times:
+                body["binaryData"][UNSEEN_KEY] = base64.b64encode(times).decode("ascii")
+                size += len(UNSEEN_KEY) + len(times)
             if size <= self.limit or not order:
-                return body, dropped
+                return body, dropped, dropped_unseen
             # Random uids do not compress: size is about proportional to the number of uids.
             excess = math.ceil(len(order) * (size - self.limit) / size * 1.02) + 1
-            cut = order[:excess]
-            order = order[excess:]
+            if unseen_order:
+                # Entries of events not seen go first: mostly of deleted events, they must not cost
+                # the entries of live ones (whose events the next leader would deliver again).
+                cut = unseen_order[:excess]
+                unseen_order = unseen_order[excess:]
+                gone = set(cut)
+                order = [uid for uid in order if uid not in gone]
+                for uid in cut:
+                    del unseen[uid]
+                dropped_unseen += len(cut)
+            else:
+                cut = order[:excess]
+                order = order[excess:]
+                dropped += len(cut)
             for m in states.values():
                 for uid in cut:
                     m.pop(uid, None)
-            dropped += len(cut)
 
     async def _write_once(self) -> None:
         generation = self._generation
-        states, order = self._snapshot()
+        states, order, unseen = self._snapshot()
+        written_unseen = dict(unseen)  # _build takes out what it leaves out
         started = time.monotonic()
-        body, dropped = await asyncio.to_thread(self._build, states, order)
+        body, dropped, dropped_unseen = await asyncio.to_thread(self._build, states, order, unseen)
         if dropped:
             self.truncations += 1
         if dropped and not self.truncated:  # once per episode, not every flush_interval
@@ -456,9 +571,19 @@ class ConfigMapCheckpointStore:
                 "for clusters this large.",
                 self.namespace,
                 self.name,
-                len(order),
+                len(order) - len(written_unseen),
                 self.limit,
                 dropped,
+            )
+        if dropped_unseen and not self.unseen_left_out:
+            log.warning(
+                "checkpoint ConfigMap %s/%s: left out the entries of %d events the scoped watch does not "
+                "see (mostly deleted) to fit in %d bytes; one of them that comes back into scope is "
+                "delivered again after a restart",
+                self.namespace,
+                self.name,
+                dropped_unseen,
+                self.limit,
             )
         if self._exists:
             body["metadata"]["resourceVersion"] = self._resource_version
@@ -479,9 +604,11 @@ class ConfigMapCheckpointStore:
         self._resource_version = (written.get("metadata") or {}).get("resourceVersion")
         self._flushed_generation = generation
         self._removed = {}
+        self._unseen_written = written_unseen
         if self.truncated and not dropped:
             log.warning("checkpoint ConfigMap %s/%s fits again", self.namespace, self.name)
         self.truncated = dropped
+        self.unseen_left_out = dropped_unseen
         self.last_size = configmap_size(body)
         self.flushes += 1
         log.debug(

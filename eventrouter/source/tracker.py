@@ -27,11 +27,20 @@ class OccurrenceTracker:
     ``series.lastObservedTime`` moved on without a higher number, is not delivered: it is counted in
     ``dropped`` (drained by the watcher into ``eventrouter_source_dropped_total``) and logged,
     throttled. The same object delivered again (a relist, a write that changed nothing counted)
-    stays silent."""
+    stays silent.
 
-    def __init__(self, *, cluster: str = "") -> None:
+    ``exact`` (the replay of a dead-letter file): every distinct (uid, number) is handed on once, in
+    whatever order they come. Such a file is in the order the sink gave up on them, not in number
+    order ((uid, 5) refused at once, (uid, 3) retried and given up later): remembering only the
+    highest number skipped 3, a dead letter lost on replay, and called it a lowered count."""
+
+    def __init__(self, *, cluster: str = "", exact: bool = False) -> None:
         self.cluster = cluster
+        self.exact = exact
         self.seen: dict[str, int] = {}
+        # Only with ``exact``, only for uids handed on with more than one number: the numbers below
+        # the highest (in ``seen``) handed on.
+        self.below: dict[str, set[int]] = {}
         # Only for the few events a writer lowered: the number last seen below `seen`, so the same
         # lowered object listed again is not a new decrease.
         self.lowered: dict[str, int] = {}
@@ -54,6 +63,8 @@ class OccurrenceTracker:
         if not isinstance(uid, str) or not uid:
             return normalise(obj, cluster=self.cluster)  # raises with a precise message
         number = occurrence_number(obj)
+        if self.exact:
+            return self._observe_exact(obj, uid, number, received_at)
         series = obj.get("series")
         highest = self.seen.get(uid, 0)
         if number <= highest:
@@ -73,6 +84,19 @@ class OccurrenceTracker:
             self.observed[uid] = series.get("lastObservedTime")
         elif self.observed:
             self.observed.pop(uid, None)
+        return occ
+
+    def _observe_exact(self, obj: Any, uid: str, number: int, received_at: float | None) -> Occurrence | None:
+        highest = self.seen.get(uid, 0)
+        if number == highest or (number < highest and number in self.below.get(uid, ())):
+            return None  # this very occurrence again (dead-lettered twice)
+        occ = normalise(obj, cluster=self.cluster, received_at=received_at, owned=True, number=number)
+        if number < highest:
+            self.below.setdefault(uid, set()).add(number)
+        else:
+            if highest:
+                self.below.setdefault(uid, set()).add(highest)
+            self.seen[uid] = number
         return occ
 
     def _lowered(self, uid: str, meta: Any, highest: int, number: int) -> None:
@@ -135,6 +159,7 @@ class OccurrenceTracker:
             self.seen.pop(uid, None)
             self.lowered.pop(uid, None)
             self.observed.pop(uid, None)
+            self.below.pop(uid, None)
             return uid
         return None
 
@@ -142,7 +167,7 @@ class OccurrenceTracker:
         gone = [uid for uid in self.seen if uid not in live]
         for uid in gone:
             del self.seen[uid]
-        for side in (self.lowered, self.observed):
+        for side in (self.lowered, self.observed, self.below):
             for uid in [uid for uid in side if uid not in live]:
                 del side[uid]
         return len(gone)

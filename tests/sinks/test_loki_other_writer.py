@@ -18,7 +18,7 @@ import orjson
 from eventrouter import Occurrence, OutcomeKind, SinkContext
 from eventrouter.testing import event_object, make_occurrence
 from eventrouter.testing.receivers.loki import LokiReceiver
-from eventrouter_sinks.loki import LokiOptions, LokiSink
+from eventrouter_sinks.loki import LokiOptions, LokiSink, _parse_go_time
 
 CONTEXT = SinkContext(name="loki", cluster="test", data_dir=None, logger=logging.getLogger("test.loki"))
 PUSH = "/loki/api/v1/push"
@@ -163,6 +163,118 @@ async def test_an_entry_loki_stored_within_the_cutoff_s_second_is_not_sent_again
             await replay.aclose()
     assert again is None or [o.kind for o in again] == [OutcomeKind.OK]
     assert _names(loki) == {"a": 1, "refused": 1, "stored": 1}
+
+
+async def test_an_entry_stored_in_the_cutoff_s_second_beside_one_the_distributor_dropped_is_not_sent_again() -> (
+    None
+):
+    """The reviewer's reproduction: an entry over this Loki's max_line_size is dropped by the
+    distributor, so Loki's total (3) is not the push's count (4) and does not say which entries it
+    refused. Before, every entry before the printed cutoff + 1 s was taken as refused: one Loki
+    stored in that second was stamped at receipt and stored a second time. Now the refused entries are
+    the ones whose exact timestamps Loki lists."""
+    n = math.floor(time.time()) - 60  # the other writer's newest, a whole second: Loki's exact cutoff
+    async with LokiReceiver(max_line_size=2000) as loki:
+        live, replay = _sink(loki.url), _sink(loki.url)
+        try:
+            await live.send([_at(n, object_name="other")])
+            batch = [
+                _at(n - 3600 - 10, object_name="a"),  # too far behind
+                _at(n - 3600 + 0.4, object_name="b"),  # stored: in the second after the printed cutoff
+                _at(n - 1800, object_name="c", message="x" * 3000),  # dropped by the distributor
+                _at(n - 1200, object_name="d"),
+            ]
+            outcomes = await replay.send(batch)
+            assert outcomes is not None
+            assert "total ignored: 1 out of 3" in loki.pushes[1].message
+            rest = [occ for occ, o in zip(batch, outcomes, strict=True) if o.kind is OutcomeKind.RETRY]
+            again = await replay.send(rest)
+        finally:
+            await live.aclose()
+            await replay.aclose()
+    queried = Counter(
+        orjson.loads(line)["involved_object"]["name"] for s in loki.query_range() for _, line, _ in s.values
+    )
+    assert queried == {"other": 1, "a": 1, "b": 1, "d": 1}
+    assert rest == batch[:1] and (again is None or [o.kind for o in again] == [OutcomeKind.OK])
+    assert outcomes[2].kind is OutcomeKind.REJECT and "Max entry size" in outcomes[2].reason
+
+
+def _refused_and_unsure(n: int, newest_of_push: float) -> list[Occurrence]:
+    """Twelve entries too far behind (Loki lists ten), one dropped by the distributor among them, one
+    stored in the second after the printed cutoff ("b"), and the push's newest."""
+    batch = [_at(n - 3600 - 100 + i, object_name=f"a-{i}") for i in range(12)]
+    batch.append(_at(n - 3600 - 50, object_name="c", message="x" * 3000))
+    batch.append(_at(n - 3600 + 0.4, object_name="b"))
+    batch.append(_at(newest_of_push, object_name="d"))
+    return batch
+
+
+async def test_an_unsure_entry_is_pushed_again_with_its_own_time_and_loki_tells_whether_it_was_stored() -> (
+    None
+):
+    """More refused entries than Loki lists, and one dropped by the distributor: the entry in the
+    second after the printed cutoff cannot be told from Loki's counts. It is pushed again with its own
+    timestamp; nothing of the push was newer than Loki's newest, so the same cutoff judges it again:
+    Loki takes it as the copy it holds (delivered), where before it was stamped at receipt and stored
+    twice."""
+    n = math.floor(time.time()) - 60
+    async with LokiReceiver(max_line_size=2000) as loki:
+        live, replay = _sink(loki.url), _sink(loki.url)
+        try:
+            await live.send([_at(n, object_name="other")])
+            batch = _refused_and_unsure(n, n - 1200)
+            outcomes = await replay.send(batch)
+        finally:
+            await live.aclose()
+            await replay.aclose()
+    assert outcomes is not None
+    assert "total ignored: 12 out of 14" in loki.pushes[1].message
+    kinds = {o.record["involved_object"]["name"]: out.kind for o, out in zip(batch, outcomes, strict=True)}
+    assert kinds == {f"a-{i}": OutcomeKind.RETRY for i in range(12)} | {
+        "c": OutcomeKind.RETRY,  # taken for refused: stamped anew, the distributor will answer its error
+        "b": OutcomeKind.OK,
+        "d": OutcomeKind.OK,
+    }
+    assert [p.status for p in loki.pushes] == [204, 400, 204]  # b and d pushed again: both de-duplicated
+    assert sorted(_names(loki).items()) == [("b", 2), ("d", 2), ("other", 1)]  # identical: one in queries
+    assert not any('"time_adjusted":true' in e.line for e in loki.entries)
+
+
+async def test_an_unsure_entry_loki_refuses_again_behind_a_newest_the_push_raised_is_rejected_not_stamped_anew() -> (
+    None
+):
+    """As above, but the push's newest entry is newer than Loki's newest: pushed again, the unsure
+    entry is refused behind the newest that entry raised, whether Loki stored it or not. It is
+    rejected with the reason (here it was stored), not stamped at receipt (a second copy)."""
+    n = math.floor(time.time()) - 60
+    async with LokiReceiver(max_line_size=2000) as loki:
+        live, replay = _sink(loki.url), _sink(loki.url)
+        try:
+            await live.send([_at(n, object_name="other")])
+            batch = _refused_and_unsure(n, n + 30)
+            outcomes = await replay.send(batch)
+            assert outcomes is not None
+            if outcomes[13].kind is OutcomeKind.RETRY:
+                await replay.send(batch[13:14])  # what the engine does with "b"
+        finally:
+            await live.aclose()
+            await replay.aclose()
+    queried = Counter(
+        orjson.loads(line)["involved_object"]["name"] for s in loki.query_range() for _, line, _ in s.values
+    )
+    assert queried == {"other": 1, "b": 1, "d": 1}
+    out = {o.record["involved_object"]["name"]: out for o, out in zip(batch, outcomes, strict=True)}
+    assert out["b"].kind is OutcomeKind.REJECT and "may be stored" in out["b"].reason
+    assert out["d"].kind is OutcomeKind.OK
+
+
+def test_the_refused_entries_timestamps_are_read_exactly_in_any_zone() -> None:
+    """Go's time.Time.String() in Loki's local zone, fraction trimmed; the nanoseconds must be exact."""
+    assert _parse_go_time("2027-01-15 06:00:01.854444845 +0000 UTC") == 1_799_992_801_854_444_845
+    assert _parse_go_time("2027-01-15 07:00:01.5 +0100 CET") == 1_799_992_801_500_000_000
+    assert _parse_go_time("2027-01-15 00:30:01 -0530 -0530") == 1_799_992_801_000_000_000
+    assert _parse_go_time("2027-01-15T06:00:01Z") is None
 
 
 async def test_without_clamp_time_a_refused_entry_is_retried_once_then_rejected_with_lokis_reason() -> None:

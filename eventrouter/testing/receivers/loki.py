@@ -543,6 +543,7 @@ class LokiReceiver:
     entries stored.
     Like Loki's ingester, the answer is what happened to the *last* stream of the push that reached
     the ingester: a refused stream followed by a stored one is answered 2xx (the refusal unseen).
+    ``push_delay`` makes the ingester slow for chosen pushes.
     """
 
     def __init__(
@@ -571,6 +572,7 @@ class LokiReceiver:
         ingestion_burst: float | None = None,
         max_streams: int | None = None,
         max_returned_stream_errors: int = 10,
+        push_delay: Callable[[list[dict[str, str]]], float] | None = None,
     ) -> None:
         self.auth_enabled = auth_enabled
         self.username = username
@@ -608,6 +610,10 @@ class LokiReceiver:
         self.stream_limited = 0  # entries refused by the stream limit
         # The ingester's max_returned_stream_errors: refused entries listed per stream (0: all).
         self.max_returned_stream_errors = max_returned_stream_errors
+        # A slow ingester: seconds to wait before taking a push, given its streams' label sets. The
+        # push is stored after the wait even when the client gave up meanwhile (aiohttp does not
+        # cancel a handler whose client left), as Loki stores a push whose answer came too late.
+        self.push_delay = push_delay
         self.entries: list[StoredEntry] = []
         """Every stored entry in arrival order, duplicates included (queries de-duplicate)."""
         self.pushes: list[Push] = []
@@ -799,6 +805,10 @@ class LokiReceiver:
             return answer(fault.status, fault.message, 0, extra)
         try:
             streams = self._parse(body, ctype, cenc)
+            if self.push_delay is not None:
+                delay = self.push_delay([dict(stream.labels) for stream in streams])
+                if delay > 0:
+                    await asyncio.sleep(delay)
             blocked = self._blocked(tenant, streams)
             if blocked is not None:
                 return blocked
