@@ -124,8 +124,9 @@ class Pipeline:
         # backlog is gone, so the copy is still known as delivered.
         self._gone: dict[str, int] = {}
         self._deferred_offered = False  # on close, the deferred items were offered once more
-        # Deferred occurrences that came from the spool: its read position is not made durable past
-        # them until they finish (a crash would lose them). `_popped`: those of the last refill.
+        # Deferred occurrences that came from the spool, in memory only: kept in the spool's aside file
+        # (``Spool.keep_aside``) before its read position passes them, or a crash would lose them.
+        # `_popped`: those of the last refill.
         self._spooled_deferred: set[tuple[str, int]] = set()
         self._popped: list[Occurrence] = []
         self._done: dict[str, int] = {}  # finished, not yet checkpointed (a lower one is pending)
