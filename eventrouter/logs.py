@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import sys
 import time
@@ -9,9 +10,41 @@ from typing import Any
 
 import orjson
 
-__all__ = ["setup_logging"]
+__all__ = ["Throttled", "setup_logging"]
 
 _STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+class Throttled:
+    """Log the first occurrence of a condition at once, then a count at most every ``period`` seconds."""
+
+    def __init__(self, log: logging.Logger, period: float = 10.0) -> None:
+        self.log = log
+        self.period = period
+        self.last: dict[str, float] = {}
+        self.suppressed: collections.Counter[str] = collections.Counter()
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last.get(key, -1e9) >= self.period:
+            extra = f" (+{self.suppressed[key]} similar since last report)" if self.suppressed[key] else ""
+            self.log.warning(msg + extra, *args)
+            self.last[key] = now
+            self.suppressed[key] = 0
+        else:
+            self.suppressed[key] += 1
+
+    def report(self, *, now: bool = False) -> None:
+        """Say how many were not logged once their period is over (the condition may have stopped,
+        so no next warning would say it), or at once (``now``: a stop)."""
+        at = time.monotonic()
+        for key, n in self.suppressed.items():
+            if n and (now or at - self.last.get(key, -1e9) >= self.period):
+                self.log.warning(
+                    "%d more %r conditions since the last report (exact counts: metrics)", n, key
+                )
+                self.suppressed[key] = 0
+                self.last[key] = at
 
 
 class JsonFormatter(logging.Formatter):

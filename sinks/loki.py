@@ -67,7 +67,7 @@ import string
 import time
 from array import array
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from operator import attrgetter, itemgetter
@@ -253,6 +253,18 @@ def _fix_surrogates(value: Any) -> Any:
     if isinstance(value, list):
         return [_fix_surrogates(v) for v in value]
     return value
+
+
+def _by_stream(entries: Iterable[_Entry]) -> dict[bytes, list[_Entry]]:
+    """Entries grouped by stream, streams in first-seen order (the order of a push)."""
+    groups: dict[bytes, list[_Entry]] = {}
+    for entry in entries:
+        group = groups.get(entry.stream)
+        if group is None:
+            groups[entry.stream] = [entry]
+        else:
+            group.append(entry)
+    return groups
 
 
 class LokiOptions(SinkOptions):
@@ -1211,13 +1223,7 @@ class LokiSink(Sink[LokiOptions]):
         stream limit, followed by a stream Loki stored, is answered 2xx and would be lost unseen. So
         a stream Loki has not taken from this sink within STREAM_KNOWN_FOR goes last in its push, one
         such stream per push; streams it took recently (Loki creates none of them) go before it."""
-        groups: dict[bytes, list[_Entry]] = {}
-        for entry in entries:
-            group = groups.get(entry.stream)
-            if group is None:
-                groups[entry.stream] = [entry]
-            else:
-                group.append(entry)
+        groups = _by_stream(entries)
         if len(groups) == 1:
             return [entries]
         since = time.monotonic_ns() - self._known_ns
@@ -1695,13 +1701,7 @@ class LokiSink(Sink[LokiOptions]):
 
     def encode(self, entries: Sequence[_Entry]) -> bytes:
         """The push body: one stream per label set (in first-seen order), entries sorted by time."""
-        streams: dict[bytes, list[_Entry]] = {}
-        for entry in entries:
-            group = streams.get(entry.stream)
-            if group is None:
-                streams[entry.stream] = [entry]
-            else:
-                group.append(entry)
+        streams = _by_stream(entries)
         for stream_entries in streams.values():
             if len(stream_entries) > 1:
                 stream_entries.sort(key=_ORDER)

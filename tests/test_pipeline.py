@@ -980,9 +980,9 @@ def test_throttled_warnings_say_how_many_they_held_back_once_the_period_is_over(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """After a burst of drops the log said one, and the count of the rest never came."""
-    from eventrouter.engine.pipeline import _Throttled
+    from eventrouter.logs import Throttled
 
-    throttled = _Throttled(logging.getLogger("t"), period=3600)
+    throttled = Throttled(logging.getLogger("t"), period=3600)
     for i in range(95):
         throttled.warning("queue_full", "dropped oldest occurrence %s", i)
     throttled.report()  # the period is not over: nothing yet

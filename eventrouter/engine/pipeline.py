@@ -19,6 +19,7 @@ from typing import Any
 from eventrouter.engine.checkpoint import SinkCheckpoint
 from eventrouter.engine.deadletter import DeadLetter
 from eventrouter.engine.spool import RETRY_SECONDS, Spool
+from eventrouter.logs import Throttled
 from eventrouter.metrics import Metrics, observe_many
 from eventrouter.options import PipelineOptions
 from eventrouter.record import Occurrence
@@ -30,38 +31,6 @@ INTAKE_PATIENCE = 5.0
 """Seconds in all that a relist waits for a sink that has a disk spool before that sink's overflow
 goes to the spool: a slow sink (an Elasticsearch indexing a few hundred documents a second) must not
 hold the relist up for the others, and a fast one is never spilled (spilling costs ~20 µs an item)."""
-
-
-class _Throttled:
-    """Log the first occurrence of a condition at once, then a count at most every ``period`` seconds."""
-
-    def __init__(self, log: logging.Logger, period: float = 10.0) -> None:
-        self.log = log
-        self.period = period
-        self.last: dict[str, float] = {}
-        self.suppressed: collections.Counter[str] = collections.Counter()
-
-    def warning(self, key: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self.last.get(key, -1e9) >= self.period:
-            extra = f" (+{self.suppressed[key]} similar since last report)" if self.suppressed[key] else ""
-            self.log.warning(msg + extra, *args)
-            self.last[key] = now
-            self.suppressed[key] = 0
-        else:
-            self.suppressed[key] += 1
-
-    def report(self, *, now: bool = False) -> None:
-        """Say how many were not logged once their period is over (the condition may have stopped,
-        so no next warning would say it), or at once (``now``: a stop)."""
-        at = time.monotonic()
-        for key, n in self.suppressed.items():
-            if n and (now or at - self.last.get(key, -1e9) >= self.period):
-                self.log.warning(
-                    "%d more %r conditions since the last report (exact counts: metrics)", n, key
-                )
-                self.suppressed[key] = 0
-                self.last[key] = at
 
 
 class Pipeline:
@@ -87,7 +56,7 @@ class Pipeline:
         self.metrics = metrics
         self.spool = spool
         self.log = logger or logging.getLogger(f"eventrouter.sink.{name}")
-        self._throttled = _Throttled(self.log)
+        self._throttled = Throttled(self.log)
         self._queue: collections.deque[Occurrence] = collections.deque()
         # Offered while the spool holds older occurrences but cannot be written (a full disk): they
         # wait here, behind the spool, and go into the spool once it can be written again.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import collections
 import logging
-import time
 from typing import Any
 
+from eventrouter.logs import Throttled
 from eventrouter.record import MalformedEvent, Occurrence, normalise, occurrence_number
 
 __all__ = ["OccurrenceTracker"]
@@ -49,8 +49,7 @@ class OccurrenceTracker:
         # count 1) from the same object delivered again.
         self.observed: dict[str, object] = {}
         self.dropped: collections.Counter[str] = collections.Counter()
-        self._last_warning: dict[str, float] = {}
-        self._suppressed: collections.Counter[str] = collections.Counter()
+        self._throttled = Throttled(log, THROTTLE_PERIOD)
 
     def observe(self, obj: Any, *, received_at: float | None = None) -> Occurrence | None:
         """ADDED, MODIFIED or a listed item → a new occurrence, or None when the number did not rise.
@@ -104,7 +103,7 @@ class OccurrenceTracker:
             return  # the same lowered object again (a relist, a write that changed no count)
         self.lowered[uid] = number
         self.dropped["count_decreased"] += 1
-        self._warn(
+        self._throttled.warning(
             "count_decreased",
             "event %s (uid %s): occurrence number %d is below %d, already handed on: its writer lowered "
             "the count; not delivered, nor will be the numbers up to %d (counted in "
@@ -122,7 +121,7 @@ class OccurrenceTracker:
             return  # the same series object again
         self.observed[uid] = observed
         self.dropped["series_not_raised"] += 1
-        self._warn(
+        self._throttled.warning(
             "series_not_raised",
             "event %s (uid %s): series.lastObservedTime moved from %s to %s while the occurrence number "
             "stayed %d: its writer did not raise series.count (old client-go started a series at count 1), "
@@ -139,18 +138,6 @@ class OccurrenceTracker:
         """What was not delivered since the last call, by reason (for the metrics)."""
         dropped, self.dropped = self.dropped, collections.Counter()
         return dropped
-
-    def _warn(self, key: str, msg: str, *args: object) -> None:
-        """The first at once, then at most one every THROTTLE_PERIOD with how many were not logged."""
-        now = time.monotonic()
-        if now - self._last_warning.get(key, -1e9) < THROTTLE_PERIOD:
-            self._suppressed[key] += 1
-            return
-        if self._suppressed[key]:
-            msg += f" (+{self._suppressed[key]} similar since the last report)"
-        log.warning(msg, *args)
-        self._last_warning[key] = now
-        self._suppressed[key] = 0
 
     def deleted(self, obj: Any) -> str | None:
         meta = obj.get("metadata") if isinstance(obj, dict) else None
