@@ -31,6 +31,7 @@ class Counts:
     def __init__(self, hook: WebhookReceiver, loki: LokiReceiver, sls: SLSReceiver) -> None:
         self.hook, self.loki, self.sls = hook, loki, sls
         self.totals = {"webhook": 0, "loki": 0, "sls": 0}
+        self.requests = dict.fromkeys(self.totals, 0)  # requests answered 2xx: a sink's pushes per batch
         self.keep_keys = False
         self.keys: list[tuple[str, int, float]] = []  # (uid, occurrence, arrival) from webhook bodies
 
@@ -44,12 +45,15 @@ class Counts:
             docs = orjson.loads(r.body)
             docs = docs if isinstance(docs, list) else [docs]
             self.totals["webhook"] += len(docs)
+            self.requests["webhook"] += 1
             if self.keep_keys:
                 self.keys.extend((d["uid"], d["occurrence"], r.arrived) for d in docs)
         self.totals["loki"] += len(self.loki.entries)
         self.loki.entries.clear()
+        self.requests["loki"] += sum(200 <= p.status < 300 for p in self.loki.pushes)
         self.loki.pushes.clear()
         self.totals["sls"] += sum(len(g.logs) for g in self.sls.groups)
+        self.requests["sls"] += len(self.sls.groups)
         self.sls.groups.clear()
         self.sls.requests.clear()
 
@@ -59,6 +63,7 @@ class Counts:
         # out-of-order window would otherwise refuse them as "too far behind").
         self.loki._newest.clear()
         self.totals = dict.fromkeys(self.totals, 0)
+        self.requests = dict.fromkeys(self.totals, 0)
         self.keys.clear()
 
 
@@ -73,7 +78,7 @@ async def main() -> None:
 
         async def get_counts(request: web.Request) -> web.Response:
             counts.collect()
-            body: dict[str, Any] = {"totals": counts.totals, "now": time.time()}
+            body: dict[str, Any] = {"totals": counts.totals, "requests": counts.requests, "now": time.time()}
             if request.query.get("keys"):
                 body["keys"], counts.keys = counts.keys, []
             return web.Response(body=orjson.dumps(body), content_type="application/json")

@@ -244,7 +244,8 @@ async def _one(
             if rc != 0:
                 return {"error": f"child exited with {rc}"}
             res: dict[str, Any] = orjson.loads(out.read_bytes())
-            res["received"] = (await s.counts())["totals"]
+            counted = await s.counts()
+            res["received"], res["requests"] = counted["totals"], counted["requests"]
             return res
 
 
@@ -285,7 +286,11 @@ class _null:
 
 
 def _row(case: str, r: dict[str, Any]) -> str:
-    delivered = ", ".join(f"{k} {v['delivered']}" for k, v in r["sinks"].items())
+    requests = r.get("requests", {})
+    delivered = ", ".join(
+        f"{k} {v['delivered']}" + (f" in {requests[k]} requests" if requests.get(k) else "")
+        for k, v in r["sinks"].items()
+    )
     return (
         f"{case:14s} {r['occurrences']:>7d} occ  wall {r['wall_s']:6.2f}s {r['per_wall_s']:>7d}/s   "
         f"cpu {r['cpu_s']:6.2f}s {r['per_cpu_s']:>7d}/s ({r['cpu_us_per_occurrence']} µs/occ, "

@@ -137,6 +137,26 @@ async def test_without_new_stream_pushes_a_batch_is_one_push_with_its_new_stream
     assert _names(loki) == {"a-0": 1, "a-1": 1}
 
 
+async def test_each_of_many_streams_is_pushed_as_new_once_and_then_rides_in_one_push() -> None:
+    """The sink remembered the streams Loki took in a direct-mapped table: of 1,500 streams about 70
+    shared a slot with another and pushed it out, so both went as new streams (a push each) in every
+    later batch: twice the pushes of a relist."""
+    streams = 1500
+    batch = [_at(60, namespace=f"ns-{i}", object_name=f"o-{i}") for i in range(streams)]
+    later = [_at(30, namespace=f"ns-{i}", object_name=f"p-{i}") for i in range(streams)]
+    async with LokiReceiver() as loki:
+        sink = _sink(loki.url)
+        try:
+            assert _kinds(await sink.send(batch), streams) == [OutcomeKind.OK] * streams
+            first = len(loki.pushes)
+            assert _kinds(await sink.send(later), streams) == [OutcomeKind.OK] * streams
+        finally:
+            await sink.aclose()
+    assert first == streams  # each new stream last in a push of its own
+    assert len(loki.pushes) - first == 1  # all taken within STREAM_KNOWN_FOR: one push
+    assert len(_names(loki)) == 2 * streams
+
+
 async def test_a_stream_not_pushed_for_longer_than_loki_keeps_an_idle_stream_counts_as_new_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

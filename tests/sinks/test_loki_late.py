@@ -124,7 +124,8 @@ def test_the_newest_per_stream_table_holds_no_object_per_stream_or_update() -> N
     del stream, ts  # the loop's own references
     assert [sys.getrefcount(x) for x in streams + stamps] == before
     found = [table.get(stream) for stream in streams]
-    assert sum(got == ts for got, ts in zip(found, stamps, strict=True)) > 2000  # a few share a slot
+    # A bucket holds several streams: direct-mapped, ~250 of 3,000 lost their slot to another.
+    assert sum(got == ts for got, ts in zip(found, stamps, strict=True)) >= 2995
     assert all(got is None or got == ts for got, ts in zip(found, stamps, strict=True))
     assert table.get(b'{namespace="never-sent"}') is None
 
@@ -152,7 +153,7 @@ async def test_an_accepted_entry_from_the_year_9999_does_not_fail_the_push() -> 
         assert sorted(e.ts_ns for e in loki.entries) == [soon.time_ns, far.time_ns]
 
 
-def test_two_streams_on_one_slot_forget_the_older_stream_only() -> None:
+def test_a_full_bucket_forgets_its_stalest_stream_only() -> None:
     table = _NewestPerStream(slots=1)
     table.update(b'{namespace="a"}', 100)
     table.update(b'{namespace="b"}', 50)
