@@ -42,6 +42,14 @@ the broker finds too large (or finds a timestamp in it out of range) is sent aga
 so each record gets its own outcome. Broker outages, timeouts and other errors give retry outcomes, and
 the rest of the batch is not enqueued once the broker is known unreachable (nor later batches of a
 partition whose batch could not be enqueued), so per-object order survives.
+A topic that does not exist, on a broker that does not create topics (``auto.create.topics.enable=false``,
+or a client not allowed to create them), holds back no other topic. aiokafka alone waits
+``request_timeout_ms`` for such a topic and raises UnknownTopicOrPartition, as it does when the broker is
+down, so the topics of a send that the producer has no partitions for yet are first asked about in one
+metadata request. The records of a topic the broker reports as unknown are set aside (a retry each with
+its own backoff, still counted towards ``retry_max_attempts``) while the send's other topics are delivered;
+the topic is logged once (again after an hour without it), and asked about again at each retry, so the
+records go in once it is created. When no broker answers that request, the whole batch is retried.
 Keep ``request_timeout_ms`` below the pipeline's ``send_timeout`` so a send finishes before the engine
 gives up on it. A send the engine gives up on (its ``send_timeout``) discards its producer without
 flushing it: aiokafka never expires an idempotent producer's batches, so what that send queued would
@@ -67,7 +75,8 @@ import re
 import ssl
 import string
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -94,6 +103,10 @@ from eventrouter.truncate import shorten_message
 __all__ = ["KafkaOptions", "KafkaSink", "render_topic", "ssl_context", "topic_fields", "topic_problem"]
 
 _MAX_TOPIC_LEN = 249  # Kafka's Topic.MAX_NAME_LENGTH
+_UNKNOWN_TOPIC_OR_PARTITION = 3
+_LEADER_NOT_AVAILABLE = 5  # in a metadata answer: being created (auto-create on)
+_MISSING_MEMORY = 3600.0  # seconds: a missing topic not seen missing for this long is logged again
+_MISSING_KEPT = 4096  # missing topics remembered (names may come from field values)
 _TOPIC_HASH_LEN = 8  # hex digits of the suffix that keeps long names apart (as the Elasticsearch sink's)
 # fullmatch, never match with ^…$: "$" also matches before a final newline, and "k8s-events\n" (a YAML
 # block scalar) passed as a valid name, then was retried for ever.
@@ -221,7 +234,9 @@ class KafkaOptions(SinkOptions):
         "k8s-events",
         validation_alias=AliasChoices("topic", "eventstopic"),
         description="Topic name or template over record fields, e.g. k8s-events-{namespace}. A rendered "
-        "name over 249 characters keeps its first 240, then - and 8 hex digits of its SHA-256.",
+        "name over 249 characters keeps its first 240, then - and 8 hex digits of its SHA-256. Records "
+        "of a topic that does not exist (broker auto-create off) are set aside and retried while other "
+        "topics go on.",
     )
     key_by: Literal["object", "object_uid", "event", "none"] = Field(
         "object", description="Record key: involved object kind/namespace/name (default), its uid, event uid."
@@ -486,6 +501,9 @@ class KafkaSink(Sink[KafkaOptions]):
         self._abandoned = False
         self._unsettled = False  # batches of the send in progress are queued and not yet settled
         self._discarding: set[asyncio.Task[None]] = set()
+        # Topics a broker reported as unknown (auto-create off), already logged: topic -> when last
+        # found missing (oldest first). Logged again only after _MISSING_MEMORY without that.
+        self._missing: OrderedDict[str, float] = OrderedDict()
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -797,6 +815,70 @@ class KafkaSink(Sink[KafkaOptions]):
         available = list(producer.client.cluster.available_partitions_for_topic(topic) or ())
         return all_partitions, available
 
+    async def _absent(self, topics: Collection[str]) -> tuple[set[str], Outcome | None]:
+        """Of ``topics``, those a broker reports as unknown, or the outcome of an outage when no broker
+        answers. Only topics the producer has no partitions for are asked about, all in one metadata
+        request: aiokafka waits ``request_timeout_ms`` for each such topic and then raises
+        UnknownTopicOrPartitionError, whether the topic is missing or the broker down."""
+        cluster = self._producer.client.cluster
+        unknown = [topic for topic in topics if cluster.partitions_for_topic(topic) is None]
+        if not unknown:
+            return set(), None
+        try:
+            errors = await self._topic_errors(unknown)
+        except Exception as exc:  # no broker answered: the producer cannot deliver either
+            text = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+            return set(), retry(f"kafka brokers {self._describe_brokers()} unreachable: {text}")
+        absent = {topic for topic in unknown if errors.get(topic) == _UNKNOWN_TOPIC_OR_PARTITION}
+        self._note_missing(absent, {t for t in unknown if errors.get(t) in (0, _LEADER_NOT_AVAILABLE)})
+        return absent, None
+
+    async def _topic_errors(self, topics: list[str]) -> dict[str, int]:
+        """Each topic's error code in a broker's metadata answer (0: it exists). Asked as the producer
+        asks (a broker with auto-create on creates them); the first broker that answers does. Raises
+        the last failure (or TimeoutError after ``request_timeout_ms``) when none answers."""
+        from aiokafka.errors import KafkaConnectionError, KafkaError
+        from aiokafka.protocol.metadata import MetadataRequest
+
+        client = self._producer.client
+        request = MetadataRequest(topics)
+        failure: BaseException = KafkaConnectionError("no broker known")
+        async with asyncio.timeout(self.options.request_timeout_ms / 1000):
+            for broker in client.cluster.brokers():
+                try:
+                    answer = await client.send(broker.nodeId, request)
+                except (KafkaError, OSError) as exc:  # refused, timed out, connection lost
+                    failure = exc
+                    continue
+                # (error_code, topic, ...) in every version of the answer.
+                return {entry[1]: entry[0] for entry in answer.topics}
+        raise failure
+
+    def _note_missing(self, absent: set[str], present: set[str]) -> None:
+        """Log each missing topic once per run of sightings; say when one exists again."""
+        now = time.monotonic()
+        for topic in sorted(present & self._missing.keys()):
+            del self._missing[topic]
+            self.log.info("kafka: topic %r exists now; its records are sent", topic)
+        new = []
+        for topic in sorted(absent):
+            seen = self._missing.pop(topic, None)
+            if seen is None or now - seen >= _MISSING_MEMORY:
+                new.append(topic)
+            self._missing[topic] = now
+        while len(self._missing) > _MISSING_KEPT:
+            self._missing.popitem(last=False)
+        for topic in new[:3]:
+            self.log.error(
+                "kafka: topic %r does not exist and the broker does not create it (auto.create.topics."
+                "enable=false, or this client may not create topics): create it, or enable auto-create; "
+                "its records are set aside and retried (up to retry_max_attempts, if set) while other "
+                "topics go on",
+                topic,
+            )
+        if len(new) > 3:
+            self.log.error("kafka: %d more topics do not exist and are not created", len(new) - 3)
+
     async def _submit(
         self, lanes: list[list[_Batch]], outcomes: list[Outcome | None], stop: Outcome | None
     ) -> tuple[list[tuple[_Batch, asyncio.Future[Any]]], Outcome | None]:
@@ -891,16 +973,27 @@ class KafkaSink(Sink[KafkaOptions]):
 
         # Partition as AIOKafkaProducer.send would (murmur2 of the key; random for no key), keeping the
         # batch order within each topic-partition.
-        stop: Outcome | None = None
         groups: dict[tuple[str, int], list[tuple[int, _Message]]] = {}
-        for topic, items in by_topic.items():
+        for topic in list(by_topic):
             problem = topic_problem(topic)
             if problem is not None:
                 # Asked for it, the broker answers INVALID_TOPIC_EXCEPTION and aiokafka retries until
                 # request_timeout_ms: a retry for ever that also held back the batch's other topics.
                 refused = reject(f"kafka refuses topic {topic!r}: it {problem}")
-                for i, _ in items:
+                for i, _ in by_topic.pop(topic):
                     outcomes[i] = refused
+        absent, stop = await self._absent(by_topic.keys()) if by_topic else (set(), None)
+        for topic, items in by_topic.items():
+            if topic in absent:
+                # Its records wait aside (each with its own backoff) while later batches go on; the
+                # topic is asked about again when they come back.
+                missing = retry(
+                    f"kafka topic {topic!r} does not exist and the broker does not create it: create the "
+                    "topic, or enable auto-create (auto.create.topics.enable=true)",
+                    defer=True,
+                )
+                for i, _ in items:
+                    outcomes[i] = missing
                 continue
             if stop is not None:
                 for i, _ in items:
@@ -970,7 +1063,8 @@ class KafkaSink(Sink[KafkaOptions]):
                     break
 
         final = [o if o is not None else retry("kafka: no outcome recorded (bug)") for o in outcomes]
-        failed = [outcome for outcome in final if outcome.kind is not OutcomeKind.OK]
+        # Records of a missing topic are not counted here: that topic was logged once (_note_missing).
+        failed = [outcome for outcome in final if outcome.kind is not OutcomeKind.OK and not outcome.defer]
         if failed:
             self.log.warning(
                 "kafka: %d of %d records not accepted (first: %s)", len(failed), len(final), failed[0].reason

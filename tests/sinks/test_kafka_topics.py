@@ -1,4 +1,5 @@
-"""Kafka topic names: templates cut with a hash, and names Kafka refuses (against the Tansu broker)."""
+"""Kafka topic names: templates cut with a hash, names Kafka refuses, and topics missing on a broker that
+does not create them (against the Tansu broker)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.conn import create_conn
 from aiokafka.errors import UnknownTopicOrPartitionError
+from aiokafka.protocol.metadata import MetadataRequest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from eventrouter import OutcomeKind, SinkContext
 from eventrouter.testing import make_occurrence
+from eventrouter.testing.receivers.kafka_no_autocreate import broker_without_auto_create
 from eventrouter.testing.receivers.tansu import TansuBroker
 from eventrouter_sinks.kafka import KafkaOptions, KafkaSink, topic_problem
 
@@ -147,3 +151,129 @@ async def test_events_of_two_long_object_names_land_in_two_topics(broker: TansuB
         assert {r.topic for r in records} == {topic}
         with pytest.raises(TimeoutError):
             await broker.consume(topic, expected=2, timeout=1.0)
+
+
+async def test_the_no_auto_create_relay_makes_tansu_answer_as_a_broker_with_auto_create_off() -> None:
+    """The test server's contract: through the relay a plain aiokafka producer finds a created topic,
+    and for a missing one gets UnknownTopicOrPartitionError after request_timeout_ms, the topic never
+    created; without the relay Tansu creates it."""
+    async with broker_without_auto_create() as (broker, relay):
+        port = relay.listen_port
+        await broker.create_topics("there")
+        producer = AIOKafkaProducer(
+            bootstrap_servers=f"127.0.0.1:{port}", enable_idempotence=False, request_timeout_ms=500
+        )
+        await producer.start()
+        try:
+            assert len(await producer.partitions_for("there")) == 4
+            with pytest.raises(UnknownTopicOrPartitionError):
+                await producer.partitions_for("not-there")
+            await (await producer.send("there", b"one"))
+        finally:
+            await producer.stop()
+        assert ["not-there"] in relay.asked
+        # Straight to Tansu (it advertises the relay: one connection, no client), the same request with
+        # the flag as aiokafka sets it creates the topic: not-there was creatable, the relay kept it so.
+        direct = await create_conn(broker.host, broker.port)
+        try:
+            for flag, code in ((False, 3), (True, 0)):  # 3: UNKNOWN_TOPIC_OR_PARTITION
+                answer = await direct.send(MetadataRequest(["not-there"], allow_auto_topic_creation=flag))
+                assert [(t[0], t[1]) for t in answer.topics] == [(code, "not-there")]
+        finally:
+            direct.close()
+        assert [r.value for r in await broker.consume("there", expected=1)] == [b"one"]
+
+
+async def test_a_missing_topic_is_set_aside_while_other_topics_are_delivered_and_goes_in_once_created(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With auto-create off, a namespace whose topic nobody created made aiokafka wait
+    request_timeout_ms and raise UnknownTopicOrPartitionError (as for a broker outage): every record of
+    the batch was retried, the other namespaces' too, for as long as the topic was missing. Now the
+    missing topic's records are set aside (a deferred retry) and logged once, the others delivered in
+    the same send, and once the topic exists its records go in at their retry."""
+    caplog.set_level(logging.INFO, logger="test.kafka")
+    async with broker_without_auto_create() as (broker, relay):
+        port = relay.listen_port
+        await broker.create_topics("k8s-events-shop")
+        sink = sink_for(
+            KafkaOptions.model_validate(
+                {
+                    "brokers": f"127.0.0.1:{port}",
+                    "topic": "k8s-events-{namespace}",
+                    "idempotence": False,
+                    "request_timeout_ms": 3000,
+                }
+            )
+        )
+        shop = [make_occurrence(cluster=CLUSTER, namespace="shop", object_name=f"web-{i}") for i in range(3)]
+        dev = [make_occurrence(cluster=CLUSTER, namespace="dev", object_name=f"api-{i}") for i in range(3)]
+        batch = [dev[0], shop[0], dev[1], shop[1], shop[2], dev[2]]
+        await sink.start()
+        try:
+            started = time.monotonic()
+            outcomes = await sink.send(batch)
+            elapsed = time.monotonic() - started
+            assert outcomes is not None
+            by_key = {occ.key: out for occ, out in zip(batch, outcomes, strict=True)}
+            assert [by_key[o.key].kind for o in shop] == [OutcomeKind.OK] * 3, outcomes
+            for occurrence in dev:
+                outcome = by_key[occurrence.key]
+                assert outcome.kind is OutcomeKind.RETRY and outcome.defer, outcome
+                assert "kafka topic 'k8s-events-dev' does not exist" in outcome.reason
+                assert "create the topic, or enable auto-create" in outcome.reason
+            assert elapsed < 2.0  # no wait of request_timeout_ms for the missing topic
+            records = await broker.consume("k8s-events-shop", expected=3)
+            assert {dict(r.headers)["occurrence"].decode() for r in records} == {o.key for o in shop}
+
+            # Their retry (and new records for it): asked about again, still missing, set aside at once.
+            asked = sum("k8s-events-dev" in topics for topics in relay.asked)
+            again = await sink.send(dev)
+            assert sum("k8s-events-dev" in topics for topics in relay.asked) == asked + 1
+            assert again is not None
+            assert all(o.kind is OutcomeKind.RETRY and o.defer for o in again), again
+            said = [r for r in caplog.records if "k8s-events-dev" in r.getMessage()]
+            assert len(said) == 1 and said[0].levelno == logging.ERROR, [r.getMessage() for r in said]
+            assert "does not exist and the broker does not create it" in said[0].getMessage()
+
+            await broker.create_topics("k8s-events-dev")
+            # The engine sends the set-aside records again after their backoff: now they go in.
+            delivered = await sink.send(dev)
+            assert delivered is not None and [o.kind for o in delivered] == [OutcomeKind.OK] * 3, delivered
+        finally:
+            await sink.aclose()
+        records = await broker.consume("k8s-events-dev", expected=3)
+        assert {dict(r.headers)["occurrence"].decode() for r in records} == {o.key for o in dev}
+        assert any("'k8s-events-dev' exists now" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_new_topic_while_the_broker_is_down_is_retried_with_the_batch_at_once_not_set_aside(
+    broker: TansuBroker,
+) -> None:
+    """Missing topic or outage: with no broker answering, the batch is retried as a whole (nothing set
+    aside as missing), without first waiting request_timeout_ms for the topic's metadata."""
+    sink = sink_for(
+        KafkaOptions.model_validate(
+            {
+                "brokers": broker.bootstrap,
+                "topic": "k8s-events-{namespace}",
+                "idempotence": False,
+                "request_timeout_ms": 3000,
+            }
+        )
+    )
+    await sink.start()
+    try:
+        first = await sink.send([make_occurrence(cluster=CLUSTER, namespace="a")])
+        assert first is not None and [o.kind for o in first] == [OutcomeKind.OK]  # k8s-events-a is known
+        await broker.stop()
+        batch = [make_occurrence(cluster=CLUSTER, namespace=ns, object_name="x") for ns in ("a", "b", "c")]
+        started = time.monotonic()
+        outcomes = await sink.send(batch)
+        elapsed = time.monotonic() - started
+    finally:
+        await sink.aclose()
+    assert outcomes is not None
+    assert all(o.kind is OutcomeKind.RETRY and not o.defer for o in outcomes), outcomes
+    assert all("unreachable" in o.reason for o in outcomes), outcomes
+    assert elapsed < 2.0  # before: request_timeout_ms waiting for the metadata of k8s-events-b
