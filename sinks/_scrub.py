@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from urllib.parse import quote, quote_plus
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
-__all__ = ["scrub"]
+from eventrouter.options import redact_url
+
+__all__ = ["credentials", "scrub"]
 
 MIN_CUT = 4
 """A secret cut off at the end of an excerpt is masked from this many characters on: fewer say
@@ -30,3 +32,24 @@ def scrub(text: str, secrets: Iterable[str], *, partial: bool = False) -> str:
             if cut:
                 text = text[:-cut] + "****"
     return text
+
+
+def credentials(
+    secrets: Iterable[str | None] = (), *, sent: Iterable[str] = (), urls: Iterable[str] = ()
+) -> list[str]:
+    """Our credentials, for ``scrub``: built once per sink. ``secrets`` (passwords, tokens, keys, the
+    token of an Authorization header as sent) whatever their length; ``sent``, header values as sent
+    (the whole Authorization value, custom headers) with their words of 8+ characters; ``urls``, their
+    user info, query values and the long path segments ``redact_url`` hides. Of ``sent`` and ``urls``
+    only values of 4+ characters but the URL password: shorter ones are no secret and would only
+    garble the excerpt (``X-Version: 1`` would hide every "1")."""
+    values = [s for s in secrets if s]
+    named = [v for v in sent if v]
+    named += [word for v in named for word in v.split() if len(word) >= 8]
+    for url in urls:
+        parts = urlsplit(url)
+        values.append(unquote(parts.password or ""))
+        named += [unquote(parts.username or ""), *(v for _, v in parse_qsl(parts.query))]
+        shown = urlsplit(redact_url(url)).path.split("/")
+        named += [unquote(seg) for seg, s in zip(parts.path.split("/"), shown, strict=False) if s == "***"]
+    return [v for v in values if v] + [v for v in named if len(v) >= 4]

@@ -56,6 +56,8 @@ from eventrouter import (
 )
 from eventrouter.options import FilePath, http_url, redact_url
 
+from ._scrub import credentials, scrub
+
 __all__ = ["ElasticsearchOptions", "ElasticsearchSink"]
 
 
@@ -589,10 +591,16 @@ _TARGET_400 = re.compile(
 )
 
 
-def _operator_fault(status: int, error: Any, index: str) -> str | None:
+def _operator_fault(status: int, error: Any, index: str, secrets: Sequence[str]) -> str | None:
     """Why a bulk item was refused when the operator, not the document, is to put it right (a
-    privilege, a missing index, pipeline or write index, a read-only cluster); None when the
-    document itself is at fault (a mapping error, a version conflict, a write-blocked index)."""
+    privilege, a missing index, pipeline or write index, a read-only cluster), without our
+    credentials; None when the document itself is at fault (a mapping error, a version conflict, a
+    write-blocked index)."""
+    cause = _operator_cause(status, error, index)  # read from the error as it came
+    return scrub(cause, secrets) if cause is not None else None
+
+
+def _operator_cause(status: int, error: Any, index: str) -> str | None:
     kind = error.get("type") if isinstance(error, dict) else None
     reason = str(error.get("reason", "")) if isinstance(error, dict) else str(error or "")
     text = _error_text(error)
@@ -644,13 +652,34 @@ def _index_missing(item: Any, index: str) -> bool:
     )
 
 
-def _body_error(body: Any) -> str:
+def _body_error(body: Any, secrets: Sequence[str]) -> str:
+    """A whole request's error as reasons and logs quote it: without our credentials, which a
+    gateway in front of the cluster echoes with the request it refused (a text page, or JSON)."""
     if isinstance(body, dict) and "error" in body:
-        return _error_text(body["error"])
+        return scrub(_error_text(body["error"]), secrets)
     if isinstance(body, (bytes, str)):
-        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-        return text.strip()[:300] or "empty body"
+        text = (body.decode("utf-8", "replace") if isinstance(body, bytes) else body).strip()
+        return scrub(text[:300], secrets, partial=len(text) > 300) or "empty body"
     return "no error detail"
+
+
+def _item_text(item: Any, secrets: Sequence[str]) -> str:
+    """A malformed bulk item as a reason quotes it: cut, without our credentials."""
+    text = repr(item)
+    return scrub(text[:200], secrets, partial=len(text) > 200)
+
+
+def _api_key_forms(key: str) -> list[str]:
+    """An API key given encoded or as id:key: both forms, and the key part."""
+    if ":" in key:
+        pair, encoded = key, base64.b64encode(key.encode()).decode()
+    else:
+        encoded = key
+        try:
+            pair = base64.b64decode(key, validate=True).decode()
+        except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+            pair = ""
+    return [encoded, pair, pair.partition(":")[2]]
 
 
 def _retry_after(meta: ApiResponseMeta) -> float | None:
@@ -702,6 +731,12 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         self._headers = {"accept": "application/json", **self._auth_header()}
         self._bulk_headers = {"content-type": "application/x-ndjson", **self._headers}
         self._json_headers = {"content-type": "application/json", **self._headers}
+        # Ours, out of the error text quoted in reasons and logs: a gateway echoes the request it refused.
+        auth = self._headers.get("authorization", "")
+        secrets = [s.get_secret_value() for s in (options.password, options.bearer_token) if s is not None]
+        if options.api_key is not None:
+            secrets += _api_key_forms(options.api_key.get_secret_value())
+        self._secrets = credentials([*secrets, auth.partition(" ")[2]], sent=[auth], urls=self._nodes)
         # Refusals the operator has to put right (a role's privilege, a missing index or pipeline),
         # already logged: once per run of failures, not at every retry. By index (cause, when last
         # refused; oldest first); the whole request's by status.
@@ -778,11 +813,11 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         except TransportError as exc:
             await self.aclose()
             raise SinkError(f"elasticsearch: cannot reach {self._shown}: {_transport_text(exc)}") from None
+        why = _body_error(body, self._secrets) if meta.status != 200 else ""
         if meta.status == 401:
             await self.aclose()
             raise SinkError(
-                f"elasticsearch: credentials rejected by {_node_text(meta)} "
-                f"({meta.status} {_body_error(body)})"
+                f"elasticsearch: credentials rejected by {_node_text(meta)} ({meta.status} {why})"
             )
         if meta.status == 403:
             # Authenticated, but GET / needs the `monitor` cluster privilege, which a writer that holds
@@ -793,13 +828,11 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 "without seeing the cluster's version",
                 self.context.name,
                 _node_text(meta),
-                _body_error(body),
+                why,
             )
         elif meta.status != 200:
             await self.aclose()
-            raise SinkError(
-                f"elasticsearch: GET / on {_node_text(meta)} answered {meta.status}: {_body_error(body)}"
-            )
+            raise SinkError(f"elasticsearch: GET / on {_node_text(meta)} answered {meta.status}: {why}")
         else:
             version = body.get("version", {}) if isinstance(body, dict) else {}
             self.log.info(
@@ -828,7 +861,7 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             await self.aclose()
             raise SinkError(
                 f"elasticsearch: installing index template {name!r} on {_node_text(meta)} failed: "
-                f"{meta.status} {_body_error(body)}"
+                f"{meta.status} {_body_error(body, self._secrets)}"
             )
         self.log.info("%s: index template %r installed", self.context.name, name)
 
@@ -990,12 +1023,11 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         except TransportError as exc:
             raise RetryableError(f"elasticsearch: bulk request failed: {_transport_text(exc)}") from None
         status = meta.status
+        why = _body_error(resp, self._secrets) if status >= 300 else ""
         if status == 413:
             # Too large for http.max_content_length: halve until it fits; a single document is refused.
             if len(entries) == 1:
-                outcomes[entries[0][0]] = reject(
-                    f"document too large for the cluster (413 {_body_error(resp)})"
-                )
+                outcomes[entries[0][0]] = reject(f"document too large for the cluster (413 {why})")
                 return
             mid = len(entries) // 2
             await self._bulk(batch, entries[:mid], outcomes, refused, accepted, missing)
@@ -1003,15 +1035,15 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             return
         if status == 429 or status == 408 or status >= 500:
             raise RetryableError(
-                f"elasticsearch: bulk answered {status}: {_body_error(resp)}", retry_after=_retry_after(meta)
+                f"elasticsearch: bulk answered {status}: {why}", retry_after=_retry_after(meta)
             )
         if status in (401, 403, 404):
             # The credentials (revoked or rotated before the Secret reached the pod), the role or the
             # URL: the same documents succeed once that is put right. Retried, not dead-lettered.
             self._log_request_refusal(meta, resp)
-            raise RetryableError(f"elasticsearch: bulk request refused: {status} {_body_error(resp)}")
+            raise RetryableError(f"elasticsearch: bulk request refused: {status} {why}")
         if status >= 300:
-            reason = f"bulk request refused: {status} {_body_error(resp)}"
+            reason = f"bulk request refused: {status} {why}"
             for i, _ in entries:
                 outcomes[i] = reject(reason)
             return
@@ -1037,22 +1069,22 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
     def _item_outcome(self, item: Any, retry_after: float | None) -> tuple[Outcome, tuple[str, str] | None]:
         """The item's outcome, and (index, why) when the operator has to put something right."""
         if not isinstance(item, dict) or len(item) != 1:
-            return retry(f"malformed bulk item {item!r:.200}"), None
+            return retry(f"malformed bulk item {_item_text(item, self._secrets)}"), None
         ((action, result),) = item.items()
         if not isinstance(result, dict):
-            return retry(f"malformed bulk item {item!r:.200}"), None
+            return retry(f"malformed bulk item {_item_text(item, self._secrets)}"), None
         status = result.get("status")
         if not isinstance(status, int):
-            return retry(f"bulk item without status: {item!r:.200}"), None
+            return retry(f"bulk item without status: {_item_text(item, self._secrets)}"), None
         if 200 <= status < 300:
             return OK, None
-        error = _error_text(result.get("error"))
+        error = scrub(_error_text(result.get("error")), self._secrets)
         if status == 409 and action == "create":
             return OK, None  # already indexed under this _id: a re-delivery
         if status == 429 or status >= 500 or (status == 403 and _disk_block(result.get("error"))):
             return retry(f"{status} {error}", retry_after=retry_after), None
         index = _item_index(result)
-        cause = _operator_fault(status, result.get("error"), index)
+        cause = _operator_fault(status, result.get("error"), index, self._secrets)
         if cause is not None:
             # Not this document's fault: every document to that index fails alike until the
             # operator acts, and then these succeed. The engine's backoff applies (no retry_after),
@@ -1112,21 +1144,22 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         self._request_refusal = status
         node = _node_text(meta)
         error = body.get("error") if isinstance(body, dict) else None
+        why = _body_error(body, self._secrets)
         if status == 401:
             text = (
-                f"credentials rejected by {node} (401 {_body_error(body)}); "
+                f"credentials rejected by {node} (401 {why}); "
                 "check username/password, api_key or bearer_token"
             )
         elif status == 404 and isinstance(error, dict) and error.get("type") == "index_not_found_exception":
-            text = _operator_fault(404, error, str(error.get("index") or "?")) or _body_error(body)
+            text = _operator_fault(404, error, str(error.get("index") or "?"), self._secrets) or why
         elif status == 404:
             text = (
-                f"POST {node.rstrip('/')}/_bulk answered 404 ({_body_error(body)}): nothing serves the bulk "
+                f"POST {node.rstrip('/')}/_bulk answered 404 ({why}): nothing serves the bulk "
                 "API there; is the URL's path right (a proxy's path prefix missing, extra or changed)?"
             )
         else:
             text = (
-                f"{node} refused the bulk request (403 {_body_error(body)}): the user's role lacks a "
+                f"{node} refused the bulk request (403 {why}): the user's role lacks a "
                 "privilege the bulk API needs"
             )
         self.log.error("%s: %s; retrying until that is put right", self.context.name, text)

@@ -99,6 +99,8 @@ from eventrouter.options import FilePath, http_url
 from eventrouter.protowire import bytes_field, varint, varint_field
 from eventrouter.truncate import cut_utf8, shorten_message
 
+from ._scrub import credentials, scrub
+
 __all__ = ["LokiOptions", "LokiSink"]
 
 PUSH_PATH = "/loki/api/v1/push"
@@ -982,6 +984,14 @@ class LokiSink(Sink[LokiOptions]):
         self._deferring = False  # an outcome of the send under way is a defer
         self._metadata = options.structured_metadata
         self._headers = self._build_headers(parts.username, parts.password)
+        # Ours, out of the answers quoted in reasons and logs: a gateway echoes the request it refused.
+        auth = self._headers.get("Authorization", "")
+        self._secrets = credentials(
+            [s.get_secret_value() for s in (options.password, options.bearer_token) if s is not None]
+            + [auth.partition(" ")[2]],  # the Basic token as sent (base64), or the bearer token
+            sent=[auth, *(h.get_secret_value().partition(":")[2].strip() for h in options.headers)],
+            urls=[options.url],
+        )
         self._push_headers = {"Content-Type": "application/x-protobuf"}
         if options.format == "json":
             self._push_headers = {"Content-Type": "application/json"}
@@ -1050,7 +1060,8 @@ class LokiSink(Sink[LokiOptions]):
         try:
             async with session.get(url) as response:
                 status = response.status
-                text = (await response.text(errors="replace"))[:200].strip()
+                text = await response.text(errors="replace")
+                text = scrub(text[:200], self._secrets, partial=len(text) > 200).strip()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise SinkError(f"loki: cannot reach {self._shown}: {_describe(exc)}") from None
         if status in (401, 403):
@@ -1326,7 +1337,9 @@ class LokiSink(Sink[LokiOptions]):
             # halve it, so only an entry too large on its own is refused.
             await self._push_halves(entries, outcomes)
             return
-        message = text[:2000] or (response.reason or "")
+        # Loki's own answers are read from ``raw``; ``message`` is quoted, without our credentials.
+        raw = text[:2000] or (response.reason or "")
+        message = scrub(raw, self._secrets, partial=len(text) > 2000)
         if 200 <= status < 300:
             # Ingestion blocked by the operator (limits_config.block_ingestion_until): Loki discarded
             # the push and answers 260 by default, a 2xx. Not stored: retried, at the earliest when
@@ -1336,7 +1349,7 @@ class LokiSink(Sink[LokiOptions]):
                 retry_after=retry_after if retry_after is not None else _blocked_for(text),
             )
         if status == 429:
-            rate = _RATE_LIMITED.search(message)
+            rate = _RATE_LIMITED.search(raw)
             if rate is not None and len(entries) > 1 and int(rate["bytes"]) > int(rate["limit"]):
                 # The tenant's ingestion rate limit (a token bucket of ingestion_burst_size_mb, 6 MiB,
                 # refilled at the named ingestion_rate_mb, 4 MiB/s): a push larger than the bucket is
@@ -1354,7 +1367,7 @@ class LokiSink(Sink[LokiOptions]):
                     self._max_push_bytes = limit
                 await self._push_halves(entries, outcomes)
                 return
-            named = _STREAM_LIMITED.search(message)
+            named = _STREAM_LIMITED.search(raw)
             if named is not None and await self._stream_refused(
                 entries,
                 outcomes,

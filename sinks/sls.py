@@ -75,6 +75,7 @@ from eventrouter import (
 from eventrouter.options import FilePath
 from eventrouter.protowire import bytes_field
 
+from ._scrub import credentials, scrub
 from ._sls_log import encode_log, encode_occurrence, log_contents
 
 __all__ = ["SLSOptions", "SLSSink", "encode_log", "log_contents"]
@@ -237,6 +238,7 @@ class SLSSink(Sink[SLSOptions]):
         self._key_id = ""
         self._key_secret = ""
         self._token: str | None = None
+        self._secrets: list[str] = []
         self._lz4_buffer = bytearray()
         self.max_logs = MAX_LOGS_PER_REQUEST
         self.max_bytes = MAX_REQUEST_BYTES
@@ -259,6 +261,8 @@ class SLSSink(Sink[SLSOptions]):
             else os.environ.get("ALIBABA_CLOUD_SECURITY_TOKEN") or ""
         )
         self._token = token or None
+        # Out of answers quoted in reasons and logs (the AccessKeyId is no secret: it names the key).
+        self._secrets = credentials([self._key_secret, self._token])
         if not self._key_id or not self._key_secret:
             raise SinkError(
                 f"sls sink {self.context.name}: accessKeyId and accessKeySecret are required "
@@ -324,12 +328,15 @@ class SLSSink(Sink[SLSOptions]):
                 if isinstance(parsed, dict):
                     code = str(parsed.get("errorCode") or "")
                     message = str(parsed.get("errorMessage") or "")
-            except orjson.JSONDecodeError:
-                message = payload[:200].decode("utf-8", "replace")
+            except orjson.JSONDecodeError:  # a gateway's page: a credential cut off at its end goes too
+                text = payload[:200].decode("utf-8", "replace")
+                message = scrub(text, self._secrets, partial=len(payload) > 200)
             request_id = resp.headers.get("x-log-requestid", "")
             if request_id:
                 message = f"{message} (request id {request_id})"
-            return resp.status, code or f"HTTP{resp.status}", message, retry_after
+            # Quoted in reasons and logs: without our credentials (a gateway echoes those it refused).
+            code = scrub(code, self._secrets)
+            return resp.status, code or f"HTTP{resp.status}", scrub(message, self._secrets), retry_after
 
     # -- lifecycle --------------------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
@@ -79,7 +79,7 @@ from eventrouter import (
 )
 from eventrouter.options import FilePath, http_url, redact_url
 
-from ._scrub import scrub
+from ._scrub import credentials, scrub
 
 __all__ = [
     "BodyTemplate",
@@ -461,7 +461,7 @@ class WebhookSink(Sink[WebhookOptions]):
             headers["Authorization"] = "Bearer " + opts.bearer_token.get_secret_value()
         headers.update((name, value.get_secret_value()) for name, value in opts.headers.items())
         self._headers = headers
-        self._secrets = self._credentials(parts)
+        self._secrets = self._credentials(opts.url)
         try:
             if opts.body_template_file is not None:  # read again: it may have changed since
                 text = _read_template(opts.body_template_file)
@@ -473,26 +473,23 @@ class WebhookSink(Sink[WebhookOptions]):
         if opts.secret is not None and opts.signature == "standard":
             self._standard_keys = standard_webhooks_keys(opts.secret.get_secret_value())
 
-    def _credentials(self, parts: SplitResult) -> list[str]:
+    def _credentials(self, url: str) -> list[str]:
         """Everything of ours an error answer must not carry into a reason (log line, dead-letter
         file): gateways echo the credential they refused. The bearer token, the passwords, the
-        signing secret(s); the Authorization header as sent and the custom header values, with their
-        long words (the token of "Bearer <token>"); the URL's user name, query values and token-like
-        path segments (what redact_url hides). Header and URL values under 4 characters are no
-        secret and would only garble the excerpt (`X-Version: 1` would hide every "1")."""
+        signing secret(s) and their words; the Authorization header as sent and the custom header
+        values (see ``_scrub.credentials``); the URL's credentials and token-like path segments."""
         opts = self.options
-        named = [v.get_secret_value() for v in opts.headers.values()]
-        named.append(self._headers.get("Authorization", ""))
-        named += [word for v in named for word in v.split() if len(word) >= 8]
-        named += [unquote(parts.username or ""), *(v for _, v in parse_qsl(parts.query))]
-        values = [v for v in named if len(v) >= 4]
-        for secret in (opts.bearer_token, opts.password, opts.secret):
-            if secret is not None:
-                values += [secret.get_secret_value(), *secret.get_secret_value().split()]
-        values.append(unquote(parts.password or ""))
-        shown = urlsplit(self._redacted).path.split("/")
-        values += [unquote(seg) for seg, s in zip(parts.path.split("/"), shown, strict=False) if s == "***"]
-        return values
+        secrets = [
+            s.get_secret_value() for s in (opts.bearer_token, opts.password, opts.secret) if s is not None
+        ]
+        return credentials(
+            [*secrets, *(word for s in secrets for word in s.split())],
+            sent=[
+                *(v.get_secret_value() for v in opts.headers.values()),
+                self._headers.get("Authorization", ""),
+            ],
+            urls=[url],
+        )
 
     def _ssl(self) -> ssl.SSLContext | bool:
         opts = self.options

@@ -36,6 +36,7 @@ from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.options import PipelineOptions
 from eventrouter.testing import event_object, recorded_watch
+from eventrouter.testing.dead_letters import dead_letter
 from eventrouter.testing.receivers.osmem import OsmemServer, osmem_fixture_server
 from eventrouter.testing.tls import certificate, server_context
 from eventrouter_sinks.elasticsearch import ElasticsearchOptions, ElasticsearchSink
@@ -1108,6 +1109,132 @@ async def test_a_writer_without_the_monitor_privilege_starts_and_writes(
     assert (
         "refused GET / (403 security_exception: action [cluster:monitor/main] is unauthorized" in caplog.text
     )
+
+
+class EchoGateway:
+    """A reverse proxy in front of the cluster, as an API gateway: forwards every request, but answers
+    the next ones queued in ``refuse`` itself, with that status and a page (JSON or text) quoting the
+    request it refused, its Authorization header included, after what it ``says``."""
+
+    _PLAIN = frozenset({"host", "accept", "accept-encoding", "content-type", "content-length"})
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.refuse: list[tuple[int, bool]] = []  # (status, a JSON page) for the next requests
+        self.says = ""
+        self.refused: list[tuple[str, dict[str, str]]] = []  # ("METHOD path", headers) answered here
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> EchoGateway:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if self.refuse:
+            status, as_json = self.refuse.pop(0)
+            self.refused.append((f"{request.method} {request.path}", dict(request.headers)))
+            sent = "; ".join(f"{k}: {v}" for k, v in request.headers.items() if k.lower() not in self._PLAIN)
+            echo = f"{self.says} refused {request.method} {request.path_qs} with {sent}"
+            if as_json:
+                error = {"type": "gateway_exception", "reason": echo}
+                return web.json_response({"error": error, "status": status}, status=status)
+            return web.Response(status=status, text=echo)
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        url = self.upstream + request.path_qs
+        async with self._session.request(request.method, url, data=body, headers=headers) as resp:
+            data = await resp.read()
+            hop = ("content-length", "transfer-encoding", "connection")
+            back = {k: v for k, v in resp.headers.items() if k.lower() not in hop}
+            return web.Response(status=resp.status, body=data, headers=back)
+
+
+ES_KEY_ID, ES_KEY = "VuaCfGcBCdbkQm-e5aOx", "ui2lp2axTNmsyakw9tvNnw"
+ES_ENCODED = base64.b64encode(f"{ES_KEY_ID}:{ES_KEY}".encode()).decode()
+
+
+@pytest.mark.parametrize(
+    ("options", "secrets"),
+    [
+        ({"username": "elastic", "password": SECRET}, [SECRET]),
+        ({"api_key": f"{ES_KEY_ID}:{ES_KEY}"}, [f"{ES_KEY_ID}:{ES_KEY}", ES_ENCODED, ES_KEY]),
+        ({"api_key": ES_ENCODED}, [ES_ENCODED, f"{ES_KEY_ID}:{ES_KEY}", ES_KEY]),
+        ({"bearer_token": SECRET}, [SECRET]),
+    ],
+    ids=["basic", "api-key-id-key", "api-key-encoded", "bearer"],
+)
+async def test_a_gateway_echoing_the_request_leaves_no_credential_in_reasons_or_logs(
+    cluster: Cluster,
+    options: dict[str, str],
+    secrets: list[str],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An API gateway before the cluster answers with the request it refused (the Authorization
+    header as sent) and the credential it names: the cluster's error text went into reasons (logged,
+    written to the dead-letter file) and start-up errors as it came."""
+    caplog.set_level(logging.DEBUG)
+    # As eventrouter.logs sets it: the transport's DEBUG trace quotes whole bodies, and is never on.
+    caplog.set_level(logging.WARNING, logger="elastic_transport")
+    context = SinkContext("es", "test", None, logging.getLogger("test.es"))
+    async with EchoGateway(cluster.url) as gateway:
+        gateway.says = f"invalid credential {secrets[-1]};"
+        opts = ElasticsearchOptions.model_validate({"url": gateway.url, "index": "echoed", **options})
+        sink = ElasticsearchSink(opts, context)
+        gateway.refuse = [(401, True)]  # GET / at start
+        with pytest.raises(SinkError) as start:
+            await sink.start()
+        try:
+            await sink.start()
+            gateway.refuse = [(400, False)]  # a text page
+            (outcome,) = await send(sink, [occurrence(object_name="direct")])
+        finally:
+            await sink.aclose()
+        # Through the engine: a start that warns (403), bulk requests retried (502, 401: given up
+        # after one attempt) and refused for good (400).
+        gateway.refuse = [(403, True), (502, False), (401, False), (400, True)]
+        records = await dead_letter(
+            "es",
+            ElasticsearchSink(opts, context),
+            tmp_path / "dl",
+            [
+                (occurrence(object_name="a"), "retries_exhausted"),
+                (occurrence(object_name="b"), "retries_exhausted"),
+                (occurrence(object_name="c"), "rejected"),
+            ],
+        )
+    assert [what for what, _ in gateway.refused] == ["GET /", "POST /_bulk", "GET /", *["POST /_bulk"] * 3]
+    assert "credentials rejected" in str(start.value)
+    assert outcome.kind is OutcomeKind.REJECT and "invalid credential ****;" in outcome.reason
+    assert [r["reason"].split(":")[:2] for r in records] == [
+        ["retries exhausted after 1 attempts", " elasticsearch"],
+        ["retries exhausted after 1 attempts", " elasticsearch"],
+        ["bulk request refused", " 400 gateway_exception"],
+    ]
+    assert "refused GET / (403 gateway_exception: invalid credential ****;" in caplog.text
+    assert "credentials rejected by" in caplog.text  # the 401's own line
+    tokens = {headers["Authorization"].partition(" ")[2] for _, headers in gateway.refused}
+    assert len(tokens) == 1
+    texts = [str(start.value), outcome.reason, *(r["reason"] for r in records), caplog.text]
+    for text in texts:
+        assert "****" in text
+        for hidden in (*secrets, *(quote(s, safe="") for s in secrets), *tokens):
+            assert hidden not in text, (hidden, text)
 
 
 async def test_tls_ca_file_and_skip_verify(fake: FakeBulkServer, tmp_path: Path) -> None:

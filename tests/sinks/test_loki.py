@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import cramjam
@@ -23,6 +24,7 @@ from eventrouter.options import COMMON_KEYS
 from eventrouter.protowire import bytes_field, varint_field
 from eventrouter.record import occurrence_number, parse_time_ns
 from eventrouter.testing import make_occurrence, recorded_watch
+from eventrouter.testing.dead_letters import dead_letter
 from eventrouter.testing.receivers.loki import KEEP_OLD_SAMPLES, LokiReceiver
 from eventrouter.testing.tls import certificate, server_context
 from eventrouter_sinks.loki import LokiOptions, LokiSink
@@ -567,6 +569,90 @@ async def test_start_fails_clearly_on_wrong_credentials_without_leaking_them() -
             await sink.aclose()
     message = str(caught.value)
     assert "401" in message and receiver.url in message and "wrong-secret" not in message
+
+
+TOKEN = "tok-live-7d6c5b4a3f2e1d0c"
+PASSWORD = "pa55/w0rd-9e8d"  # "/" is %2F in a URL's user info
+API_KEY = "hdr-key-4f3e2d1c0b"
+
+
+@pytest.mark.parametrize(
+    ("options", "auth", "secret"),
+    [
+        ({"bearer_token": TOKEN}, {"bearer_token": TOKEN}, TOKEN),
+        ({"username": "alice", "password": PASSWORD}, {"username": "alice", "password": PASSWORD}, PASSWORD),
+        (
+            {"userinfo": f"alice:{quote(PASSWORD, safe='')}"},
+            {"username": "alice", "password": PASSWORD},
+            PASSWORD,
+        ),
+        ({"headers": [f"X-Api-Key:{API_KEY}", "X-Team:1"]}, {}, API_KEY),
+    ],
+    ids=["bearer", "basic", "userinfo", "header"],
+)
+async def test_an_answer_echoing_the_request_keeps_our_credentials_out_of_reasons_and_logs(
+    options: dict[str, Any],
+    auth: dict[str, Any],
+    secret: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A gateway in front of Loki answers with the request it refused (the Authorization header, the
+    custom headers) and the credential it quotes: Loki's answer went into reasons (logged, written to
+    the dead-letter file) as it came."""
+    caplog.set_level(logging.DEBUG)
+    userinfo = options.pop("userinfo", "")
+    async with LokiReceiver(**auth) as receiver:
+        url = receiver.url.replace("http://", f"http://{userinfo}@") if userinfo else receiver.url
+        opts = LokiOptions.model_validate({"url": url, **options})
+        receiver.fail_next(400, message=f"invalid credential {secret};", echo=True)
+        sink = LokiSink(opts, CONTEXT)
+        try:
+            (outcome,) = await sink.send([recent(5, object_name="direct")]) or []
+        finally:
+            await sink.aclose()
+        # Through the engine: retried (and given up after one attempt), then refused for good.
+        receiver.fail_next(502, message=f"bad gateway for {secret};", echo=True)
+        receiver.fail_next(400, message=f"invalid credential {secret};", echo=True)
+        records = await dead_letter(
+            "loki",
+            LokiSink(opts, CONTEXT),
+            tmp_path / "dl",
+            [(recent(5, object_name="a"), "retries_exhausted"), (recent(5, object_name="b"), "rejected")],
+        )
+    sent = receiver.pushes[0].headers.get("Authorization", "")
+    assert all(
+        p.status in (400, 502) and "refused POST /loki/api/v1/push" in p.message for p in receiver.pushes
+    )
+    assert outcome.kind is OutcomeKind.REJECT and "invalid credential ****;" in outcome.reason
+    assert records[0]["reason"].startswith(
+        f"retries exhausted after 1 attempts: loki: {receiver.url} answered 502"
+    )
+    assert records[1]["reason"].startswith("loki: 400 (push of 1 entries refused, possibly partly stored)")
+    if "headers" in options:
+        assert "X-Team: 1" in outcome.reason  # a value too short to be a secret is left alone
+    texts = [outcome.reason, *(r["reason"] for r in records), caplog.text]
+    token = sent.partition(" ")[2]  # Basic: base64 of user:password, as sent
+    for text in texts:
+        assert "****" in text
+        for hidden in (secret, quote(secret, safe=""), token):
+            assert not hidden or hidden not in text, (hidden, text)
+
+
+async def test_a_stream_named_in_lokis_answer_is_found_though_its_labels_are_quoted_masked() -> None:
+    """Loki's stream-limit answer names the refused stream by its labels, which the sink parses: a
+    label value equal to a credential (a custom header's value) is masked in the reason only."""
+    async with LokiReceiver(max_streams=1) as receiver:
+        sink = await _sink(receiver.url, headers="X-Team:payments-b")
+        try:
+            assert await sink.send([recent(30, namespace="a", object_name="a-0")]) is not None
+            outcomes = await sink.send([recent(20, namespace="payments-b"), recent(10, namespace="a")])
+        finally:
+            await sink.aclose()
+    assert outcomes is not None
+    assert [o.kind for o in outcomes] == [OutcomeKind.RETRY, OutcomeKind.OK]
+    assert outcomes[0].defer and 'namespace="****"' in outcomes[0].reason
+    assert "payments-b" not in outcomes[0].reason
 
 
 async def test_start_and_send_when_unreachable(unused_tcp_port: int) -> None:

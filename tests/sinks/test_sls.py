@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,6 +22,7 @@ from eventrouter import Occurrence, OutcomeKind, RetryableError, SinkContext, Si
 from eventrouter.options import COMMON_KEYS
 from eventrouter.record import occurrence_number
 from eventrouter.testing import event_object, make_occurrence, recorded_watch
+from eventrouter.testing.dead_letters import dead_letter
 from eventrouter.testing.receivers.sls import AccessKey, SLSReceiver
 from eventrouter_sinks.sls import SLSOptions, SLSSink, endpoint_url
 
@@ -464,6 +466,50 @@ async def test_wrong_secret_is_retried_and_never_logged(
     texts = [caplog.text, message, repr(sink.options), str(sink.options), *(o.reason for o in outcomes)]
     for text in texts:
         assert WRONG_SECRET not in text and SECRET not in text
+
+
+async def test_an_answer_quoting_our_credentials_leaves_them_out_of_reasons_and_logs(
+    receiver: SLSReceiver, make_sink: MakeSink, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway in front of SLS answers with a text page quoting the request it refused (its
+    x-acs-security-token), and an errorMessage may name a credential: both went into reasons (logged,
+    written to the dead-letter file) and start-up messages as they came."""
+    caplog.set_level(logging.DEBUG)
+    sts = {"accessKeyId": STS_ID, "accessKeySecret": STS_SECRET, "securityToken": STS_TOKEN}
+    named = f"denied for secret {STS_SECRET} and token {STS_TOKEN}"
+    receiver.fail_next(1, "Unauthorized", 401, echo=True)  # GetLogStore at start: a warning, goes on
+    sink = await make_sink(**sts)
+    receiver.fail_next(1, "Unauthorized", 401, named)  # the service's JSON: retried
+    receiver.fail_next(1, "Forbidden", 403, echo=True)  # the gateway's page: rejected
+    direct = [o.reason for batch in ([fresh()], [fresh()]) for o in await sink.send(batch) or []]
+    # Through the engine: the same, given up after one attempt, then refused for good.
+    receiver.fail_next(1, "Unauthorized", 401, echo=True)
+    receiver.fail_next(1, "Unauthorized", 401, named)
+    receiver.fail_next(1, "Forbidden", 403, echo=True)
+    options = SLSOptions.model_validate(
+        {"url": receiver.url, "project": PROJECT, "logStore": LOGSTORE, **sts}
+    )
+    context = SinkContext(name="sls", cluster="c1", data_dir=None, logger=logging.getLogger(LOGGER))
+    records = await dead_letter(
+        "sls",
+        SLSSink(options, context),
+        tmp_path / "dl",
+        [(fresh(object_name="a"), "retries_exhausted"), (fresh(object_name="b"), "rejected")],
+    )
+    assert [r.status for r in receiver.requests] == [401, 401, 403] * 2
+    assert direct[0].startswith("SLS 401 Unauthorized: denied for secret **** and token **** (request id ")
+    # The AccessKeyId names the key: no secret, left as it is.
+    assert direct[1].startswith(f"SLS 403 HTTP403: refused POST /logstores/{LOGSTORE}/shards/lb with ")
+    assert f"Authorization: LOG {STS_ID}:" in direct[1] and "x-acs-security-token: ****" in direct[1]
+    reasons = [r["reason"] for r in records]
+    assert reasons[0].startswith(
+        "retries exhausted after 1 attempts: SLS 401 Unauthorized: denied for secret **** and token **** "
+    )
+    assert reasons[1].startswith("SLS 403 HTTP403: refused POST") and "token: ****" in reasons[1]
+    assert "could not verify" in caplog.text and "x-acs-security-token: ****" in caplog.text
+    for text in [*direct, *reasons, caplog.text]:
+        assert "****" in text
+        assert STS_SECRET not in text and STS_TOKEN not in text, text
 
 
 async def test_start_fails_clearly_for_a_missing_logstore(make_sink: MakeSink) -> None:

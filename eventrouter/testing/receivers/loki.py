@@ -16,7 +16,9 @@ Usage::
 
 Fault injection: ``loki.fail_next(429, count=2, retry_after=3)`` answers the next pushes with that
 status before looking at them; ``store=True`` stores the push first and then fails (a response lost
-after a successful write, the case de-duplication is for).
+after a successful write, the case de-duplication is for); ``echo=True`` appends what the push carried
+(method, path and query, headers but the plain HTTP ones), as gateways in front of Loki do that quote
+the credential they refused.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import re
 import time
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -125,6 +127,13 @@ class _Fault:
     message: str
     retry_after: str | None
     store: bool
+    echo: bool = False
+
+
+def _echo(request: web.Request) -> str:
+    plain = {"host", "accept", "accept-encoding", "content-type", "content-length"}
+    sent = "; ".join(f"{k}: {v}" for k, v in request.headers.items() if k.lower() not in plain)
+    return f" refused {request.method} {request.path_qs} with {sent}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -664,8 +673,10 @@ class LokiReceiver:
         message: str | None = None,
         retry_after: float | str | None = None,
         store: bool = False,
+        echo: bool = False,
     ) -> None:
-        """Answer the next ``count`` pushes with ``status``; with ``store`` the push is stored first."""
+        """Answer the next ``count`` pushes with ``status``; with ``store`` the push is stored first;
+        with ``echo`` the message quotes the request (its headers: Authorization, X-Scope-OrgID...)."""
         default = {
             429: "Ingestion rate limit exceeded for user fake (limit: 4194304 bytes/sec) while attempting "
             "to ingest lines, reduce log volume or contact your Loki administrator",
@@ -673,7 +684,7 @@ class LokiReceiver:
         }.get(status, "rpc error: code = Unavailable desc = injected failure")
         ra = None if retry_after is None else str(retry_after)
         for _ in range(count):
-            self._faults.append(_Fault(status, message or default, ra, store))
+            self._faults.append(_Fault(status, message or default, ra, store, echo))
 
     def forget_streams(self) -> None:
         """The ingester forgets every stream, as it does one that received nothing for
@@ -801,6 +812,8 @@ class LokiReceiver:
             return answer(401, "no org id")
         fault = self._faults.pop(0) if self._faults else None
         extra = {"Retry-After": fault.retry_after} if fault and fault.retry_after else None
+        if fault is not None and fault.echo:
+            fault = replace(fault, message=fault.message + _echo(request))
         if fault is not None and not fault.store:
             return answer(fault.status, fault.message, 0, extra)
         try:

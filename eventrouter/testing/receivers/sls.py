@@ -38,7 +38,9 @@ the service's current body limit (error messages seen from it say 5 MB and 10 MB
 3 MB is enforced here so a client that passes is within every reading).
 
 Fault injection: ``fail_next(n, error_code, status)`` answers the next ``n`` requests with that error
-(after reading the body, before any check) — quota errors, 5xx and the like.
+(after reading the body, before any check) — quota errors, 5xx and the like. With ``echo=True`` a
+gateway in front of the service answers instead: a text page (no JSON, no ``x-log-requestid``) quoting
+the request and the credentials it refused (``Authorization``, ``x-acs-security-token``).
 """
 
 from __future__ import annotations
@@ -294,6 +296,12 @@ def decode_log_group(data: bytes) -> dict[str, Any]:
     return out
 
 
+def _echo(request: web.Request) -> str:
+    quoted = ("Authorization", "x-acs-security-token")
+    sent = "; ".join(f"{name}: {request.headers[name]}" for name in quoted if name in request.headers)
+    return f"refused {request.method} {request.path_qs} with {sent}"
+
+
 def _project_from_host(host: str, default: str | None) -> str | None:
     if host.startswith("["):  # [v6]:port
         return default
@@ -335,7 +343,7 @@ class SLSReceiver:
         """Seconds added to the receiver's clock: simulates a client with a skewed clock."""
         self.groups: list[ReceivedLogGroup] = []
         self.requests: list[SLSRequest] = []
-        self._faults: list[tuple[int, str, str, float | None] | None] = []
+        self._faults: list[tuple[int, str, str, float | None, bool] | None] = []
         self._runner: web.AppRunner | None = None
         self._changed = asyncio.Condition()
 
@@ -364,10 +372,13 @@ class SLSReceiver:
         *,
         retry_after: float | None = None,
         after: int = 0,
+        echo: bool = False,
     ) -> None:
-        """Answer ``n`` requests with this error (quota, 5xx, ...), after letting ``after`` through."""
+        """Answer ``n`` requests with this error (quota, 5xx, ...), after letting ``after`` through;
+        with ``echo``, as a gateway that quotes the credentials it refused (see the module's doc)."""
         self._faults.extend([None] * after)
-        self._faults.extend([(status, error_code, message or f"injected {error_code}", retry_after)] * n)
+        fault = (status, error_code, message or f"injected {error_code}", retry_after, echo)
+        self._faults.extend([fault] * n)
 
     async def wait_for_logs(self, count: int, within: float = 10.0) -> None:
         async with asyncio.timeout(within), self._changed:
@@ -401,8 +412,11 @@ class SLSReceiver:
         try:
             fault = self._faults.pop(0) if self._faults else None
             if fault is not None:
-                status, code, message, retry_after = fault
+                status, code, message, retry_after, echo = fault
                 headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
+                if echo:
+                    self._record(request, None, status, code)
+                    return web.Response(status=status, text=_echo(request), headers=headers)
                 return self._error(request, request_id, None, status, code, message, headers)
             project = _project_from_host(request.headers.get("Host", ""), self.default_project)
             response = await self._dispatch(request, body, project, request_id)

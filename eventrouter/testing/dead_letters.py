@@ -1,0 +1,53 @@
+"""Occurrences driven through a real engine Pipeline until its dead-letter file holds them (tests)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from eventrouter import Occurrence, Sink
+from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
+from eventrouter.engine.deadletter import DeadLetter
+from eventrouter.engine.pipeline import Pipeline
+from eventrouter.metrics import Metrics
+from eventrouter.options import PipelineOptions
+from eventrouter.testing.waiting import until
+
+__all__ = ["dead_letter"]
+
+
+async def dead_letter(
+    name: str, sink: Sink[Any], directory: Path, steps: Sequence[tuple[Occurrence, str]]
+) -> list[dict[str, Any]]:
+    """Offer each occurrence of ``steps`` in turn to a Pipeline of ``sink`` (one attempt, no
+    waiting for a batch) and await its dead-lettering for the reason given (``retries_exhausted``,
+    ``rejected``); then stop and close the sink. Returns the dead-letter file's records."""
+    metrics = Metrics()
+    pipeline = Pipeline(
+        name=name,
+        sink=sink,
+        options=PipelineOptions.model_validate({"batch_max_wait": 0.01, "retry_max_attempts": 1}),
+        predicate=None,
+        checkpoint=SinkCheckpoint(MemoryCheckpoint()),
+        deadletter=DeadLetter(directory, sink=name),
+        metrics=metrics,
+    )
+    task = asyncio.create_task(pipeline.run())
+    expected: dict[str, int] = {}
+    for occurrence, reason in steps:
+        expected[reason] = expected.get(reason, 0) + 1
+        pipeline.offer(occurrence)
+        # Each dead-lettered before the next is offered: the file keeps the order of ``steps``.
+        await until(_counted(metrics.dead_lettered.labels(name, reason), expected[reason]))
+    pipeline.close()
+    await asyncio.wait_for(task, 10)
+    await pipeline.close_sink()
+    return [orjson.loads(line) for line in directory.read_bytes().splitlines()]
+
+
+def _counted(counter: Any, want: int) -> Callable[[], bool]:
+    return lambda: bool(counter._value.get() == want)
