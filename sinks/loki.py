@@ -833,30 +833,30 @@ class _NewestPerStream:
     def get(self, stream: bytes) -> int | None:
         h = hash(stream)
         i = h & self._mask
-        hashes = self._hashes
-        for j in range(i, i + self._ways):
-            if hashes[j] == h:
-                return self._newest[j]
-        return None
+        try:
+            return self._newest[self._hashes.index(h, i, i + self._ways)]
+        except ValueError:
+            return None
 
     def update(self, stream: bytes, ts_ns: int) -> None:
         if not -_I64 <= ts_ns < _I64:
             return  # after 2262 (a hostile or broken event time): not kept, not predicted
         h = hash(stream)
         i = h & self._mask
-        hashes, newest = self._hashes, self._newest
         end = i + self._ways
-        for j in range(i, end):
-            if hashes[j] == h:
-                if ts_ns > newest[j]:
-                    newest[j] = ts_ns
-                break
-        else:  # a free slot (hash 0: no label string hashes to 0 in practice), else the smallest
-            j = next((k for k in range(i, end) if hashes[k] == 0), -1)
-            if j < 0:
+        hashes, newest = self._hashes, self._newest
+        try:
+            j = hashes.index(h, i, end)
+        except ValueError:
+            try:  # a free slot (hash 0: no label string hashes to 0 in practice), else the smallest
+                j = hashes.index(0, i, end)
+            except ValueError:
                 j = min(range(i, end), key=newest.__getitem__)
             hashes[j] = h
             newest[j] = ts_ns
+        else:
+            if ts_ns > newest[j]:
+                newest[j] = ts_ns
         self.used = True
 
 
