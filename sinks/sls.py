@@ -33,6 +33,12 @@ is halved down to the log refused, which is sent once more stamped at the router
 
 The engine's batch is split here into requests of at most 4096 logs and 3 MB of uncompressed protobuf;
 a single occurrence too big for one request is rejected alone.
+
+Causes of the whole target that the operator puts right (refused credentials, a clock off by more than
+15 minutes, a project or logstore that does not exist, e.g. one being re-created) are retried with the
+engine's backoff (``retry_max_attempts`` still ends them), logged once per run of failures, as the start
+waits for a missing project or logstore. What a request carries (a body or a log time the service
+refuses) is rejected.
 """
 
 from __future__ import annotations
@@ -505,11 +511,24 @@ class SLSSink(Sink[SLSOptions]):
             )
             return retry(what, retry_after=retry_after)
         if code in _TARGET_CODES:
+            # The sink's only target: a logstore being re-created or deleted by mistake, a project not
+            # created yet. Its logs go in once it exists; start() waits for it the same way.
+            if code == "ProjectNotExist":
+                todo = (
+                    f"create project {self.options.project!r} in this region, or correct project or "
+                    "the endpoint"
+                )
+            else:
+                todo = (
+                    f"create logstore {self.options.logstore!r} in project {self.options.project!r}, "
+                    "or correct logStore"
+                )
             self._log_once(
                 code,
-                f"sls sink {self.context.name}: {code} for {self._where}: the target does not exist; "
-                "rejected items are dead-lettered",
+                f"sls sink {self.context.name}: {code} for {self._where}: {todo}; its occurrences are "
+                "retried (up to retry_max_attempts, if set) until it exists",
             )
+            return retry(what, retry_after=retry_after)
         return reject(what)
 
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
@@ -560,7 +579,7 @@ class SLSSink(Sink[SLSOptions]):
     ) -> Outcome | None:
         """One PutLogs request for ``logs``; their outcomes go into ``outcomes``. Returns what the
         batch's requests not sent yet get when the rest must wait (quota, 5xx, credentials, a missing
-        target, unreachable), None to go on."""
+        project or logstore, unreachable), None to go on."""
         raw = b"".join(logs) + header
         body, compress_type = self._compress(raw)
         headers = {
@@ -582,6 +601,14 @@ class SLSSink(Sink[SLSOptions]):
             self._delivered = True
             for index in indexes:
                 outcomes[index] = OK
+            if self._logged_codes:  # a run of failures is over: the next one is logged again
+                self.log.info(
+                    "sls sink %s: %s accepts logs again (after %s)",
+                    self.context.name,
+                    self._where,
+                    ", ".join(sorted(self._logged_codes)),
+                )
+                self._logged_codes.clear()
             return None
         if len(logs) > 1 and (
             status == 413 or code in ("PostBodyTooLarge", "PostBodyInvalid", "InvalidTimestamp")
@@ -606,9 +633,7 @@ class SLSSink(Sink[SLSOptions]):
         for index in indexes:
             outcomes[index] = outcome
         if outcome.kind is OutcomeKind.RETRY:
-            return outcome  # quota, 5xx, credentials: the same for the rest of the batch now
-        if code in _TARGET_CODES:
-            return retry(f"not sent: {outcome.reason}")  # refused the same next time: not sent now
+            return outcome  # quota, 5xx, credentials, a missing target: the same for the rest now
         return None  # this request's logs only (a bad timestamp, an unknown code): the rest go on
 
 

@@ -19,11 +19,16 @@ from aliyun.log.log_logs_pb2 import LogGroup  # type: ignore[attr-defined]
 from pydantic import ValidationError
 
 from eventrouter import Occurrence, OutcomeKind, RetryableError, SinkContext, SinkError, normalise
-from eventrouter.options import COMMON_KEYS
+from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
+from eventrouter.engine.deadletter import DeadLetter
+from eventrouter.engine.pipeline import Pipeline
+from eventrouter.metrics import Metrics
+from eventrouter.options import COMMON_KEYS, PipelineOptions
 from eventrouter.record import occurrence_number
 from eventrouter.testing import event_object, make_occurrence, recorded_watch
 from eventrouter.testing.dead_letters import dead_letter
 from eventrouter.testing.receivers.sls import AccessKey, SLSReceiver
+from eventrouter.testing.waiting import until
 from eventrouter_sinks.sls import SLSOptions, SLSSink, endpoint_url
 
 PROJECT = "k8s-log-c1"
@@ -320,8 +325,8 @@ async def test_out_of_window_time_is_dead_lettered_when_clamping_is_off(
         (401, "SignatureNotMatch", OutcomeKind.RETRY),
         (401, "Unauthorized", OutcomeKind.RETRY),
         (401, "SecurityTokenExpired", OutcomeKind.RETRY),
-        (404, "LogStoreNotExist", OutcomeKind.REJECT),
-        (404, "ProjectNotExist", OutcomeKind.REJECT),
+        (404, "LogStoreNotExist", OutcomeKind.RETRY),
+        (404, "ProjectNotExist", OutcomeKind.RETRY),
     ],
 )
 async def test_error_code_outcomes(
@@ -429,20 +434,122 @@ async def test_clock_skew_is_retried_and_explained(
     assert "clock" in caplog.text and "NTP" in caplog.text
 
 
-async def test_missing_logstore_and_project_are_rejected_naming_them(
+def target_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.ERROR
+        and ("LogStoreNotExist" in r.getMessage() or "ProjectNotExist" in r.getMessage())
+    ]
+
+
+async def test_missing_logstore_and_project_are_retried_naming_them_and_logged_once_per_run(
     receiver: SLSReceiver, make_sink: MakeSink, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger=LOGGER):
-        sink = await make_sink(start=False, logStore="no-such-store")
-        outcomes = await sink.send([fresh()])
-        await sink.send([fresh()])
-    assert outcomes is not None and outcomes[0].kind is OutcomeKind.REJECT
+    """The sink's only target missing (being re-created, deleted by mistake, not created yet): its logs
+    go in once it exists, as at start. They were dead-lettered, with every log of the batch behind them."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    sink = await make_sink(start=False, logStore="no-such-store")
+    outcomes = await sink.send([tiny(i) for i in range(5000)])  # two requests: the second not sent
+    await sink.send([fresh()])
+    assert outcomes is not None and kinds(outcomes) == [OutcomeKind.RETRY] * 5000
+    assert outcomes[0].retry_after is None  # the engine's backoff applies
     assert "LogStoreNotExist" in outcomes[0].reason and "no-such-store" in outcomes[0].reason
-    assert sum("LogStoreNotExist" in r.getMessage() for r in caplog.records) == 1  # logged once
+    assert [r.error_code for r in receiver.requests] == ["LogStoreNotExist"] * 2
+    assert target_errors(caplog) == [
+        f"sls sink sls: LogStoreNotExist for project {PROJECT!r}, logstore 'no-such-store' at "
+        f"{receiver.url}: create logstore 'no-such-store' in project {PROJECT!r}, or correct logStore; "
+        "its occurrences are retried (up to retry_max_attempts, if set) until it exists"
+    ]
+    receiver.projects[PROJECT].add("no-such-store")  # the operator creates it
+    assert kinds(await sink.send([fresh()])) == [OutcomeKind.OK]
+    assert "accepts logs again (after LogStoreNotExist)" in caplog.text
+    receiver.projects[PROJECT].discard("no-such-store")  # deleted again: a new run, logged again
+    assert kinds(await sink.send([fresh()])) == [OutcomeKind.RETRY]
+    assert len(target_errors(caplog)) == 2
+
     other = await make_sink(start=False, project="no-such-project")
     outcomes = await other.send([fresh()])
-    assert outcomes is not None and "ProjectNotExist" in outcomes[0].reason
-    assert "no-such-project" in outcomes[0].reason
+    assert outcomes is not None and kinds(outcomes) == [OutcomeKind.RETRY]
+    assert "ProjectNotExist" in outcomes[0].reason and "no-such-project" in outcomes[0].reason
+    assert "create project 'no-such-project' in this region" in target_errors(caplog)[-1]
+
+
+def _pipeline(sink: SLSSink, metrics: Metrics, deadletter: Path, **options: Any) -> Pipeline:
+    return Pipeline(
+        name="sls",
+        sink=sink,
+        options=PipelineOptions.model_validate({"batch_max_wait": 0.01, **options}),
+        predicate=None,
+        checkpoint=SinkCheckpoint(MemoryCheckpoint()),
+        deadletter=DeadLetter(deadletter, sink="sls"),
+        metrics=metrics,
+    )
+
+
+async def test_a_logstore_removed_after_start_loses_nothing_sent_meanwhile(
+    receiver: SLSReceiver, make_sink: MakeSink, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through the engine: the logstore goes away after the sink started (re-created, or deleted by
+    mistake for a few seconds). Everything sent meanwhile was dead-lettered at the first answer; the
+    start waited for the same LogStoreNotExist. Now retried with the engine's backoff until it is back."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    metrics = Metrics()
+    sink = await make_sink(start=False)
+    pipeline = _pipeline(sink, metrics, tmp_path / "dl", retry_initial_backoff=0.02, retry_max_backoff=0.1)
+    task = asyncio.create_task(pipeline.run())
+    dead = [metrics.dead_lettered.labels("sls", why) for why in ("rejected", "retries_exhausted")]
+
+    def refused() -> int:
+        return sum(r.error_code == "LogStoreNotExist" for r in receiver.requests)
+
+    try:
+        first = fresh(message="before")
+        pipeline.offer(first)
+        await receiver.wait_for_logs(1)  # started (GetLogStore found it) and delivering
+        receiver.projects[PROJECT].discard(LOGSTORE)
+        meanwhile = [fresh(message=f"meanwhile-{i}") for i in range(30)]
+        for occ in meanwhile:
+            pipeline.offer(occ)
+        # Several attempts refused (or, before, the first refusal dead-lettered them).
+        await until(lambda: refused() >= 3 or any(c._value.get() for c in dead))
+        assert [c._value.get() for c in dead] == [0, 0]
+        assert metrics.sink_up.labels("sls")._value.get() == 0
+        receiver.projects[PROJECT].add(LOGSTORE)  # re-created
+        await receiver.wait_for_logs(1 + len(meanwhile))
+        await pipeline.wait_idle(10)
+    finally:
+        pipeline.close()
+        await asyncio.wait_for(task, 10)
+        await pipeline.close_sink()
+    assert [c._value.get() for c in dead] == [0, 0]
+    assert not (tmp_path / "dl").exists() or not (tmp_path / "dl").read_bytes()
+    stored = [(log.fields["uid"], log.fields["message"]) for log in receiver.logs()]
+    assert sorted(stored) == sorted((occ.uid, occ.record["message"]) for occ in [first, *meanwhile])
+    assert metrics.delivered.labels("sls")._value.get() == 1 + len(meanwhile)
+    assert metrics.sink_up.labels("sls")._value.get() == 1
+    assert len(target_errors(caplog)) == 1  # once for the run of failures
+    assert "accepts logs again (after LogStoreNotExist)" in caplog.text
+
+
+async def test_a_missing_logstore_is_dead_lettered_after_retry_max_attempts(
+    receiver: SLSReceiver, tmp_path: Path
+) -> None:
+    options = SLSOptions.model_validate(
+        {
+            "url": receiver.url,
+            "project": PROJECT,
+            "logStore": "no-such-store",
+            "accessKeyId": KEY_ID,
+            "accessKeySecret": SECRET,
+            "check_on_start": False,
+        }
+    )
+    context = SinkContext(name="sls", cluster="c1", data_dir=None, logger=logging.getLogger(LOGGER))
+    (record,) = await dead_letter(
+        "sls", SLSSink(options, context), tmp_path / "dl", [(fresh(), "retries_exhausted")]
+    )
+    assert record["reason"].startswith("retries exhausted after 1 attempts: SLS 404 LogStoreNotExist: ")
 
 
 async def test_wrong_secret_is_retried_and_never_logged(
