@@ -7,7 +7,8 @@ Rotation (like logrotate/RotatingFileHandler): before a record would make the cu
 oldest (``.N``, N = ``max_files``) is overwritten. A record larger than ``max_bytes`` still gets written,
 alone, to a fresh file. Every record is a complete line in exactly one file.
 
-An item is OK only once it is written (unbuffered ``write(2)``) and, with ``fsync=true``, fsynced.
+An item is OK only once it is written (unbuffered ``write(2)``) and, with ``fsync=true``, fsynced
+(lines whose fsync failed are cut off the file again, for the retry to write them once).
 If the file is removed or renamed by someone else (external logrotate), the next batch reopens the path.
 """
 
@@ -140,6 +141,9 @@ class _Writer:
         self.lock = threading.Lock()
         self.fd: int | None = None
         self.size = 0
+        # A created or rotated file's name is not durable until its folder is fsynced; until that
+        # succeeds it is tried again before each batch (a reopen sees the file as existing).
+        self.dir_unsynced = False
 
     # -- file handling -------------------------------------------------------------------------
     def open(self) -> None:
@@ -161,7 +165,8 @@ class _Writer:
         if self.fsync and not existed:
             # A new file (first start, after logrotate moved the old one away): its lines are
             # fsynced, and so must be its name, or a power loss can take the file with them.
-            self._sync_dir()
+            self.dir_unsynced = True
+        self._sync_dir()  # or one that failed before: the reopen finds the file there already
         if readable and self.size and os.pread(fd, 1, self.size - 1) != b"\n":
             # A write cut short (SIGKILL, OOM kill, power loss) left a partial last line; appending to
             # it would merge it with the next record and spoil both. The batch it belonged to was not
@@ -200,11 +205,15 @@ class _Writer:
         return self.fd
 
     def _sync_dir(self) -> None:
+        """fsync the folder if a file was created or renamed in it since the last success."""
+        if not self.dir_unsynced:
+            return
         dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        self.dir_unsynced = False
 
     def _rotate(self) -> None:
         self._close()
@@ -213,14 +222,33 @@ class _Writer:
             with contextlib.suppress(FileNotFoundError):
                 os.replace(f"{name}.{i}", f"{name}.{i + 1}")
         os.replace(name, f"{name}.1")
+        self.dir_unsynced = self.fsync  # the renames, synced by open() with the new file's name
         self.open()
-        if self.fsync:
-            self._sync_dir()
 
     def _write_all(self, fd: int, data: bytes) -> None:
         # Never leave a partial line behind: the retry would append after it and break the JSON lines.
         append_all(fd, data, self.size)
         self.size += len(data)
+
+    def _cut_back(self, size: int, count: int, failed: str) -> None:
+        """Remove the lines written since ``size`` (``count`` of them) after their fsync failed: they
+        are answered retry, and left in the file the retry would append them a second time."""
+        if self.fd is None or self.size <= size:  # nothing written since (a failed write is cut back)
+            return
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            self.log.error(
+                "cannot cut %s back to %d bytes after its %s failed: %s; the %d lines of this batch "
+                "stay in it and the retry writes them again (duplicates)",
+                self.path,
+                size,
+                failed,
+                exc.strerror or exc,
+                count,
+            )
+        else:
+            self.size = size
 
     # -- one batch ------------------------------------------------------------------------------
     def write_batch(self, lines: list[bytes | None]) -> list[bool | str]:
@@ -228,6 +256,11 @@ class _Writer:
         with self.lock:
             result: list[bool | str] = [False] * len(lines)
             pending: list[int] = []  # indexes written to the current file but not yet synced
+            # The current file's size before pending's lines: on a failure it is cut back to it.
+            # Lines of earlier batches (and this batch's before a rotation) lie before it: they
+            # were answered OK.
+            unsynced_from: int | None = None
+            doing = "write"
             try:
                 fd = self._ensure_current()
                 chunk: list[bytes] = []
@@ -238,15 +271,18 @@ class _Writer:
                     over = self.max_bytes and self.size + chunk_size + len(line) > self.max_bytes
                     if over and (self.size or chunk):
                         if chunk:
+                            unsynced_from = self.size
                             self._write_all(fd, b"".join(chunk))
                             chunk, chunk_size = [], 0
                         if self.fsync:
+                            doing = "fsync"
                             os.fsync(fd)
+                            doing = "write"
                         # In the file now (and synced): OK even if the rotation fails, else the retry
                         # writes them a second time.
                         for j in pending:
                             result[j] = True
-                        pending = []
+                        pending, unsynced_from = [], None
                         self._rotate()
                         assert self.fd is not None
                         fd = self.fd
@@ -254,16 +290,21 @@ class _Writer:
                     chunk_size += len(line)
                     pending.append(i)
                 if chunk:
+                    unsynced_from = self.size
                     self._write_all(fd, b"".join(chunk))
                 if self.fsync:
+                    doing = "fsync"
                     os.fsync(fd)
                 for j in pending:
                     result[j] = True
             except OSError as exc:
-                reason = f"cannot write {self.path}: {exc.strerror or exc}"
+                reason = f"cannot {doing} {self.path}: {exc.strerror or exc}"
                 for i, line in enumerate(lines):
                     if line is not None and result[i] is False:
                         result[i] = reason
+                if unsynced_from is not None:
+                    # After a failed fsync the lines are in the file but maybe not on the disk.
+                    self._cut_back(unsynced_from, len(pending), f"{doing} ({exc.strerror or exc})")
                 # Start from a clean open next time (the fd may be the one that failed).
                 with contextlib.suppress(OSError):
                     self._close()

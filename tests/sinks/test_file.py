@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from eventrouter import OK, Occurrence, OutcomeKind, SinkContext, SinkError, normalise
 from eventrouter.config import build_spec, parse_sink_flag
 from eventrouter.plugins import discover
-from eventrouter.testing import make_occurrence, recorded_watch
+from eventrouter.testing import event_object, make_occurrence, recorded_watch
 from eventrouter_sinks.file import FileOptions, FileSink
 
 
@@ -367,6 +367,150 @@ def test_fsync_option_syncs_once_per_batch(tmp_path: Path, fsync: str, expected:
         folder_fd = opened.rsplit("= ", 1)[1].strip()
         assert calls[0].split("fsync(", 1)[1].startswith(f"{folder_fd})")
     assert len(lines_of(target)) == 40
+
+
+def _under_strace(
+    tmp_path: Path, trace: str, inject: list[str], *argv: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` under strace, tracing ``trace`` to tmp_path/trace.txt and failing the calls ``inject``
+    names (strace's own fault injection: a real EIO from the kernel's side of the call)."""
+    injected = [arg for spec in inject for arg in ("-e", f"inject={spec}")]
+    proc = subprocess.run(
+        ["strace", "-f", "-qq", "-e", f"trace={trace}", *injected, "-o", str(tmp_path / "trace.txt"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if proc.returncode != 0 and "ptrace" in proc.stderr:
+        pytest.skip("ptrace not permitted here")
+    return proc
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to fail fsync(2)")
+@pytest.mark.parametrize("cut_fails", [False, True])
+def test_a_failed_fsync_is_cut_back_so_the_retry_writes_each_record_once(
+    tmp_path: Path, cut_fails: bool
+) -> None:
+    """The real `eventrouter replay`; the second fsync (the first batch's, after the folder's) fails
+    with EIO. Its lines were in the file already: the retry appended them a second time (1100 lines
+    for 600 records). They are cut off again; if even that fails, the duplicates are logged."""
+    recording = tmp_path / "events.json"
+    items = [
+        event_object(object_name=f"pod-{i}", message=f"m{i}", resource_version=str(1000 + i))
+        for i in range(600)
+    ]
+    recording.write_bytes(
+        orjson.dumps({"kind": "EventList", "apiVersion": "v1", "metadata": {}, "items": items})
+    )
+    out = tmp_path / "out" / "events.jsonl"
+    inject = ["fsync:error=EIO:when=2"] + (["ftruncate:error=EIO"] if cut_fails else [])
+    proc = _under_strace(
+        tmp_path,
+        "fsync,ftruncate",
+        inject,
+        *(sys.executable, "-m", "eventrouter.cli", "replay", str(recording), f"--sink=file:{out}?fsync=true"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = orjson.loads(proc.stderr.splitlines()[-1])["sinks"]["file"]
+    assert (summary["delivered"], summary["dropped"], summary["dead_lettered"]) == (600, 0, 0)
+    uids = [orjson.loads(x)["uid"] for x in lines_of(out)]
+    assert set(uids) == {item["metadata"]["uid"] for item in items}
+    if not cut_fails:
+        assert len(uids) == 600  # each record exactly once
+    else:  # left in the file, and said so
+        said = re.search(
+            r"the (\d+) lines of this batch stay in it and the retry writes them again", proc.stderr
+        )
+        assert said is not None, proc.stderr
+        assert len(uids) == 600 + int(said[1])
+    assert f"cannot fsync {out}: Input/output error" in proc.stderr  # the retry's reason
+    injected = [
+        x.split()[1].split("(")[0]
+        for x in (tmp_path / "trace.txt").read_text().splitlines()
+        if "INJECTED" in x
+    ]
+    assert injected == ["fsync", "ftruncate"] if cut_fails else ["fsync"]
+
+
+ROTATING_CHILD = textwrap.dedent(
+    """
+    import asyncio, json, logging, sys
+    from eventrouter import OutcomeKind, SinkContext
+    from eventrouter.testing import make_occurrence
+    from eventrouter_sinks.file import FileOptions, FileSink
+
+    async def main():
+        occs = [
+            make_occurrence(
+                uid=f"00000000-0000-0000-0000-{i:012d}",
+                name=f"ev-{i:06d}",
+                message=f"m{i:06d}".ljust(50, "."),
+                first_timestamp="2024-05-01T10:00:00Z",
+            )
+            for i in range(6)
+        ]
+        line = len(occs[0].json) + 1
+        opts = FileOptions.model_validate({"path": sys.argv[1], "fsync": True, "max_bytes": 3 * line})
+        ctx = SinkContext(name="file", cluster="c", data_dir=None, logger=logging.getLogger("x"))
+        s = FileSink(opts, ctx)
+        await s.start()
+        sends = []
+        for batch in (occs[0:2], occs[2:4], occs[4:6]):
+            while batch and len(sends) < 10:  # as the engine: what is answered retry is sent again
+                outcomes = await s.send(batch)
+                sends.append([o.kind.value for o in outcomes])
+                batch = [occ for occ, o in zip(batch, outcomes) if o.kind is OutcomeKind.RETRY]
+        await s.aclose()
+        print(json.dumps({"sends": sends, "lines": [o.json.decode() + "\\n" for o in occs]}))
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to fail fsync(2)")
+@pytest.mark.parametrize(
+    ("when", "sends"),
+    [
+        # fsyncs: 1 the folder at start; 2 batch [0, 1]; batch [2, 3] rotates after 2 (3 lines a file):
+        # 3 before the rotation, 4 the folder after it, 5 the new file with 3; 6 batch [4, 5].
+        (2, [["retry", "retry"], ["ok", "ok"], ["ok", "ok"], ["ok", "ok"]]),
+        (3, [["ok", "ok"], ["retry", "retry"], ["ok", "ok"], ["ok", "ok"]]),
+        (4, [["ok", "ok"], ["ok", "retry"], ["ok"], ["ok", "ok"]]),
+        (5, [["ok", "ok"], ["ok", "retry"], ["ok"], ["ok", "ok"]]),
+    ],
+)
+def test_a_failed_fsync_around_a_rotation_cuts_back_only_the_lines_not_yet_answered(
+    tmp_path: Path, when: int, sends: list[list[str]]
+) -> None:
+    """Lines of an earlier batch, and of this one before a rotation, were answered OK and stay; those
+    whose fsync failed are cut off (the retry wrote them twice). A failed fsync of the folder after a
+    rotation is tried again before the next batch (the reopen found the file there and skipped it)."""
+    target = tmp_path / "logs" / "events.jsonl"
+    proc = _under_strace(
+        tmp_path,
+        "fsync,openat",
+        [f"fsync:error=EIO:when={when}"],
+        *(sys.executable, "-c", ROTATING_CHILD, str(target)),
+    )
+    assert proc.returncode == 0, proc.stderr
+    told = orjson.loads(proc.stdout)
+    assert told["sends"] == sends
+    assert files_in(target.parent) == ["events.jsonl", "events.jsonl.1"]
+    everything = [
+        x.decode() for name in ("events.jsonl.1", "events.jsonl") for x in lines_of(target.parent / name)
+    ]
+    assert everything == told["lines"]  # every record once, in order
+    # Which fd each fsync was of: the folder's are opened O_DIRECTORY (then closed; numbers are reused).
+    opened: dict[str, str] = {}
+    folder_syncs = []
+    for entry in (tmp_path / "trace.txt").read_text().splitlines():
+        if (m := re.search(r'openat\(AT_FDCWD, "([^"]*)", ([A-Z_|]+).*\) = (\d+)$', entry)) is not None:
+            opened[m[3]] = m[1] if "O_DIRECTORY" in m[2] else ""
+        elif (m := re.search(r"fsync\((\d+)\) += (\S+)", entry)) and opened.get(m[1]) == str(target.parent):
+            folder_syncs.append(m[2])
+    # Once for the new file, once after the rotation: a failed one is followed by one that worked.
+    assert folder_syncs == (["0", "-1", "0"] if when == 4 else ["0", "0"])
 
 
 async def test_a_partial_last_line_left_by_a_kill_is_not_merged_with_the_next_record(
