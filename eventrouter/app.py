@@ -730,8 +730,8 @@ class Router:
         async def metrics(_: web.Request) -> web.Response:
             for p in self.pipelines:
                 p.flush_metrics()
-                # The memory queue only: the spool, in-flight and deferred items have gauges or
-                # counters of their own (depth would count the spool twice with spool_depth).
+                # The memory queue and the items set aside in memory: the spool has a gauge of its
+                # own (depth would count it twice with spool_depth).
                 self.metrics.queue_depth.labels(p.name).set(p.queued)
             if self.checkpoint_store is not None:
                 self.metrics.checkpoint_truncated.set(self.checkpoint_store.truncated)

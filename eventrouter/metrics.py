@@ -140,7 +140,11 @@ class Metrics:
             "eventrouter_sink_send_errors", "Failed send calls, by kind.", ["sink", "kind"], registry=r
         )
         self.queue_depth = Gauge(
-            "eventrouter_sink_queue_depth", "Occurrences waiting in the memory queue.", ["sink"], registry=r
+            "eventrouter_sink_queue_depth",
+            "Occurrences waiting in memory: the memory queue and the items set aside for a later retry"
+            " (what queue_max_events bounds).",
+            ["sink"],
+            registry=r,
         )
         self.spool_depth = Gauge(
             "eventrouter_sink_spool_depth", "Occurrences waiting in the disk spool.", ["sink"], registry=r

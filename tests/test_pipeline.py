@@ -1617,3 +1617,31 @@ async def test_a_key_refused_on_its_own_leaves_the_sink_up_while_the_rest_goes_i
     state["refusing"] = False
     await p.wait_idle(5)
     await _finish(p, task)
+
+
+async def test_a_set_aside_item_retried_alone_in_a_quiet_sink_leaves_it_up(metrics: Metrics) -> None:
+    """b-0 refused for its own cause while a-0 beside it went in, then nothing else to send: each retry
+    of b-0 alone marked the sink down until the next batch. A send of set-aside items only says
+    nothing of the rest: sink_up stays 1. A new item for the refused key alone still marks it down."""
+    sink = _sink()
+    state = {"refusing": True}
+    _refusing_b(sink, state)
+    p = _pipeline(sink, metrics, retry_initial_backoff=0.05, retry_max_backoff=0.05)
+    task = await _run(p)
+    up = metrics.sink_up.labels("mem")
+    p.offer(make_occurrence(object_name="b-0"))
+    p.offer(make_occurrence(object_name="a-0"))  # one batch: a-0 taken, b-0 set aside
+    await sink.wait_for(1)
+    assert up._value.get() == 1 and value(metrics.retries, "mem") == 1
+    assert p.queued == 1  # b-0 waits aside: in memory, so in the queue-depth gauge
+    for n in range(1, 5):
+        tries = n + 1  # b-0 retried alone, refused again
+        await until(lambda: value(metrics.retries, "mem") >= tries)  # noqa: B023 - awaited at once
+        assert up._value.get() == 1, f"down after retry {n} of the set-aside item alone"
+    p.offer(make_occurrence(object_name="b-1"))  # new traffic, and all of it to the refused key
+    await until(lambda: up._value.get() == 0)
+    state["refusing"] = False
+    await sink.wait_for(3)
+    await p.wait_idle(5)
+    assert up._value.get() == 1
+    await _finish(p, task)

@@ -4,6 +4,7 @@ the sink without a restart and without losing or repeating an occurrence."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
@@ -25,9 +26,10 @@ from eventrouter.metrics import Metrics
 from eventrouter.options import Secret, file_options
 from eventrouter.sink import SinkContext
 from eventrouter.source.watcher import WatchSettings
-from eventrouter.testing import MemorySink, MemorySinkOptions, event_object
+from eventrouter.testing import MemorySink, MemorySinkOptions, event_object, make_occurrence
 from eventrouter.testing.apiserver import FakeApiServer
 from eventrouter.testing.receivers.loki import LokiReceiver
+from eventrouter.testing.receivers.webhook import WebhookReceiver
 from eventrouter.testing.secret_volume import SecretVolume
 from eventrouter.testing.waiting import until
 from eventrouter_sinks.loki import LokiSink
@@ -325,3 +327,52 @@ async def test_the_router_looks_at_a_changed_file_again_after_settle_not_after_a
             volume.update({"loki-token": NEW})
             await until(lambda: reloader.settling, timeout=interval + 5)
             await until(lambda: _reloads(router, "applied") == 1, timeout=2 * SETTLE)
+
+
+async def test_a_reload_during_a_retry_after_wait_sends_nothing_before_the_time_the_destination_asked(
+    tmp_path: Path,
+) -> None:
+    """A 429 with Retry-After: 2, then a rotated credential: the reload ended the wait at once and the
+    new instance's request came well before the 2 s. Now the wait ends at the time asked, and the new
+    instance sends then. A stop still ends such a wait at once."""
+    volume = SecretVolume(tmp_path / "secrets", {"token": OLD})
+    async with WebhookReceiver() as hook:
+        (spec,) = build_specs(
+            [f"webhook:{hook.url}?bearer_token=file:{volume.file('token')}&batch_max_wait=0.01"]
+        )
+        context = SinkContext(name=spec.name, cluster="t", data_dir=None, logger=logging.getLogger("hook"))
+        metrics = Metrics()
+        pipeline = Pipeline(
+            name=spec.name,
+            sink=spec.build(context),
+            options=spec.pipeline,
+            predicate=None,
+            checkpoint=SinkCheckpoint(MemoryCheckpoint()),
+            deadletter=DeadLetter(None, sink=spec.name),
+            metrics=metrics,
+        )
+        reloader = SinkReloader(spec, pipeline, metrics)
+        task = asyncio.create_task(pipeline.run())
+        hook.fail_next(1, 429, retry_after="2")
+        pipeline.offer(make_occurrence(object_name="web-0"))
+        await until(lambda: hook.requests and hook.requests[0].status == 429)
+        refused = hook.requests[0]
+        volume.update({"token": NEW})
+        assert not reloader.check() and reloader.check()  # seen, then settled: the sink is rebuilt
+        await hook.wait_for(2)
+        again = hook.requests[1]
+        assert again.arrived - refused.arrived >= 2.0, (
+            f"sent {again.arrived - refused.arrived:.2f}s after the 429"
+        )
+        assert again.headers["Authorization"] == f"Bearer {NEW}"  # the new instance, once the wait ended
+        await until(lambda: again.status == 200)
+
+        hook.fail_next(1, 503, retry_after="30")
+        pipeline.offer(make_occurrence(object_name="web-1"))
+        await until(lambda: len(hook.requests) == 3 and hook.requests[2].status == 503)
+        volume.update({"token": OLD})
+        assert not reloader.check() and reloader.check()  # a reload during the wait: it goes on ...
+        pipeline.stop_now()
+        await asyncio.wait_for(task, 2)  # ... and a stop ends it at once, 28 s before its time
+        await pipeline.close_sink()
+    assert len(hook.requests) == 3

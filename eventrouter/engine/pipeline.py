@@ -308,8 +308,9 @@ class Pipeline:
 
     @property
     def queued(self) -> int:
-        """Occurrences in the memory queue (bounded by ``queue_max_events``)."""
-        return len(self._queue)
+        """Occurrences in the memory queue and set aside in memory: what ``queue_max_events`` bounds
+        (the queue-depth gauge; items set aside were in no gauge)."""
+        return len(self._queue) + len(self._deferred)
 
     @property
     def depth(self) -> int:
@@ -501,7 +502,7 @@ class Pipeline:
             finally:
                 self._wake_at = 1
             size = self._take(batch, size, keys)
-        self._m_queue.set(len(self._queue))
+        self._m_queue.set(self.queued)
         self.flush_metrics()
         self._room.set()
         self._filling = []  # the caller makes it `_in_flight` before it next awaits
@@ -514,8 +515,12 @@ class Pipeline:
         base = min(opts.retry_max_backoff, opts.retry_initial_backoff * 2.0 ** min(attempt - 1, 64))
         delay = base / 2 + random.uniform(0, base / 2)  # equal jitter: spread, but never near zero
         if retry_after is not None:
-            delay = max(delay, min(retry_after, opts.retry_max_backoff * 10))
+            delay = max(delay, self._server_wait(retry_after))
         return float(delay)
+
+    def _server_wait(self, retry_after: float) -> float:
+        """A destination's Retry-After, bounded: a wild value must not stop the sink for days."""
+        return min(retry_after, self.options.retry_max_backoff * 10)
 
     def _defer_retries(
         self, pending: Sequence[Occurrence], outcomes: Sequence[Outcome], done: dict[str, int]
@@ -626,6 +631,8 @@ class Pipeline:
                 in_place = 0  # RETRY outcomes to be retried in place (not set aside)
                 own = 0  # failures of items refused for a cause of their own (``defer``)
                 held, owed = self._held, self._owed
+                # Every item set aside before (retried alone in a quiet sink): no news of the rest.
+                aside_only = bool(held) and all(occ.number in held.get(occ.uid, ()) for occ in pending)
                 for occ, out in zip(pending, outcomes, strict=True):
                     if held and out.kind is not OutcomeKind.RETRY and occ.uid in held:
                         self._release(occ)
@@ -667,8 +674,11 @@ class Pipeline:
                 if retry_items and (self._defer or not in_place):
                     # Down: a failed send, not only holds; or items refused for a cause of their own
                     # with nothing else taken (one index refused, and all the traffic goes there).
+                    # A send of set-aside items only, refused again for their own cause, says nothing
+                    # of the sink's other traffic: sink_up stays what the last send that carried any
+                    # made it (up if that was taken, down if nothing was), until the next such send.
                     taken = bool(lags or dead)
-                    if failed > own or (own and not taken):
+                    if failed > own or (own and not taken and not aside_only):
                         self._set_up(False)
                     if failed:
                         self._throttled.warning(
@@ -718,6 +728,7 @@ class Pipeline:
                     break
                 self._m_retries.inc(failed)
                 delay = self._backoff(attempt, retry_after)
+                firm = 0.0 if retry_after is None else self._server_wait(retry_after)
                 self._throttled.warning(
                     "retry",
                     "sink %s: %d occurrences not accepted (%s); retry %d in %.2fs",
@@ -729,7 +740,7 @@ class Pipeline:
                 )
                 pending = retry_items
                 self._in_flight = pending
-                await self._pause(delay)
+                await self._pause(delay, firm)
                 if self._stop_now.is_set():
                     return  # `_in_flight` keeps what is left, for the spool or the drop count
         finally:
@@ -797,16 +808,22 @@ class Pipeline:
             return True
         return False
 
-    async def _pause(self, delay: float) -> None:
-        """Wait ``delay`` seconds, less when told to stop or given a reloaded sink to try."""
-        self._nudge.clear()
-        if self._stop_now.is_set() or self._replacement is not None:
-            return
-        try:
-            async with asyncio.timeout(delay):
-                await self._nudge.wait()
-        except TimeoutError:
-            pass
+    async def _pause(self, delay: float, firm: float = 0.0) -> None:
+        """Wait ``delay`` seconds, less when told to stop or given a reloaded sink to try. A reloaded
+        sink waits for the first ``firm`` seconds all the same: the destination's own Retry-After, which
+        a rotated credential does not change (the new instance was sent at once, before the time asked)."""
+        start = time.monotonic()
+        end, floor = start + delay, start + min(firm, delay)
+        while not self._stop_now.is_set():
+            self._nudge.clear()
+            remaining = (floor if self._replacement is not None else end) - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._nudge.wait()
+            except TimeoutError:
+                pass
 
     # ---- reloaded options ---------------------------------------------------------------------
 
