@@ -31,10 +31,24 @@ Signatures (``secret=...``) over the exact bytes sent:
     the receiver, then leave only the new one.
 
 Outcomes: any 2xx is OK; 408, 429, 5xx, connection errors and timeouts are retried (honouring
-Retry-After, seconds or HTTP-date); redirects and other 4xx are rejected with the status and a short
-excerpt of the answer. A batch answered 413 (a body limit below ``batch_max_bytes``, e.g. a proxy's)
-is sent again in halves, so only a record too large on its own is rejected. Redirects are never
-followed (a 302 would turn the POST into a GET).
+Retry-After, seconds or HTTP-date); so are 401 and 403 (credentials being rotated, or missing: put
+right, the same events go in; logged once, never dead-lettered). Redirects and other 4xx are rejected
+with the status and a short excerpt of the answer. A batch answered 413 (a body limit below
+``batch_max_bytes``, e.g. a proxy's) is sent again in halves, so only a record too large on its own is
+rejected; once a half is answered retry (429, 5xx), the halves left get that answer without being
+sent. Redirects are never followed (a 302 would turn the POST into a GET).
+
+``mode=event`` sends one request at a time, in order. After a retry answer the rest of the send is not
+sent (retried with it), except after a 5xx without Retry-After, a 401 or a 403: then the next event is
+sent once as a probe. If the receiver takes it, the failed event is its own problem (a receiver bug
+for that payload): it waits aside with its own backoff (``retry_max_attempts`` still applies) while the
+rest goes on; if the probe fails too, all of it is retried in place. A failed event with no next one
+to probe with waits aside when the receiver's latest answer to another event was a success.
+
+A send starts no request that could end more than ``SEND_BUDGET`` (25 s) after it began (its time so
+far plus ``timeout``): the engine cuts a send off after ``send_timeout`` (30 s by default) and sends it
+again whole, so at a slow receiver (mode=event, 500 events, 60 ms each) or through many 413 halves the
+same head was sent again and again and the tail never. What a send did not start is sent again.
 
 Every URL in logs and errors is redacted: no userinfo, no query values, no token-like path segments.
 """
@@ -77,11 +91,13 @@ from eventrouter import (
     reject,
     retry,
 )
+from eventrouter.logs import Throttled
 from eventrouter.options import FilePath, http_url, redact_url
 
 from ._scrub import credentials, scrub
 
 __all__ = [
+    "SEND_BUDGET",
     "BodyTemplate",
     "TemplateError",
     "WebhookOptions",
@@ -334,7 +350,14 @@ class WebhookOptions(SinkOptions):
             "separated by spaces each sign, for a key rotation)."
         ),
     )
-    timeout: float = Field(10.0, gt=0, description="Seconds one HTTP request may take.")
+    timeout: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "Seconds one HTTP request may take. A send starts no request later than 25 s minus this "
+            "(so it ends before the default send_timeout); the rest is sent next."
+        ),
+    )
     ca_file: FilePath | None = Field(None, description="CA bundle (PEM) to verify the server's certificate.")
     cert_file: FilePath | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
     key_file: FilePath | None = Field(None, description="Client certificate key (PEM) for mutual TLS.")
@@ -415,6 +438,34 @@ class WebhookOptions(SinkOptions):
 # --------------------------------------------------------------------------------------------------
 
 _RETRY_STATUSES = {408, 425, 429}
+_REFUSED = (401, 403)
+"""Credentials refused: being rotated (the endpoint first, then the pod's Secret) or missing. Retried:
+put right, the same events go in; dead-lettering them lost a whole rotation's events."""
+SEND_BUDGET = 25.0
+"""Seconds a send may last: it starts no request that could end after that (its time so far plus the
+``timeout`` option; the first request always starts). The engine cuts a send off after the pipeline's
+``send_timeout`` (30 s by default), which a sink cannot read, and sends the whole batch again: what
+went in before the cutoff went in again, and at a slow receiver the tail was never reached. What a
+send does not start is answered retry (held: not sent, no failure) and the engine sends it again in
+place, at once."""
+_LOG_REFUSED_EVERY = 600.0
+"""Seconds between two warnings about refused credentials (the first at once)."""
+
+
+@dataclass(slots=True)
+class _Send:
+    """One send's progress: when it must stop starting requests, and why it stopped."""
+
+    until: float
+    """time.monotonic() after which no request starts (but the first)."""
+    began: float
+    requests: int = 0
+    stop: Outcome | None = None
+    """A RETRY answered to the endpoint as a whole: what is left of the send gets it, unsent."""
+
+    def rest(self) -> Outcome:
+        assert self.stop is not None
+        return retry(f"not sent: {self.stop.reason}", retry_after=self.stop.retry_after)
 
 
 class WebhookSink(Sink[WebhookOptions]):
@@ -433,6 +484,22 @@ class WebhookSink(Sink[WebhookOptions]):
         self._redacted = redact_url(options.url)
         self._standard_keys: list[bytes] = []
         self._secrets: list[str] = []
+        self._refused_log = Throttled(self.log, _LOG_REFUSED_EVERY)
+        self._refusing = False  # the last answer was a 401/403 (logged): a 2xx ends that run
+        # mode=event: the key of the last event sent and whether the endpoint took it (answered it,
+        # not a retry), and the same for the latest one of another event before it: after a 5xx with
+        # no next event to probe with, that says whether the endpoint takes other events.
+        self._last: tuple[str, bool] = ("", False)
+        self._other_taken = False
+
+    send_budget: float = SEND_BUDGET
+    """Seconds a send may last (``SEND_BUDGET``; tests lower it)."""
+
+    def take_over(self, previous: Sink[WebhookOptions]) -> None:
+        """What the endpoint last answered carries over a credential change: a failed event sent
+        alone next is judged by it. (New credentials refused too are logged again: that is news.)"""
+        if isinstance(previous, WebhookSink):
+            self._last, self._other_taken = previous._last, previous._other_taken
 
     # -- configuration ---------------------------------------------------------------------------
     def _configure(self) -> None:
@@ -622,7 +689,7 @@ class WebhookSink(Sink[WebhookOptions]):
                 excerpt = scrub(excerpt, self._secrets, partial=not resp.content.at_eof())
                 excerpt = " ".join(excerpt.split())[:200]
                 detail = f"HTTP {status} from {self._redacted}" + (f": {excerpt}" if excerpt else "")
-                if status in _RETRY_STATUSES or status >= 500:
+                if status in _RETRY_STATUSES or status >= 500 or status in _REFUSED:
                     after = parse_retry_after(resp.headers.get("Retry-After"))
                     return status, retry(detail, retry_after=after)
                 if 300 <= status < 400:
@@ -634,22 +701,150 @@ class WebhookSink(Sink[WebhookOptions]):
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return None, retry(f"{self._redacted}: {self._describe(exc)}")
 
+    def _log_refused(self, status: int | None, outcome: Outcome) -> None:
+        """A 401/403 taken as refusing the request, not its event: once per run (then every 10 min)."""
+        if status not in _REFUSED:
+            return
+        self._refusing = True
+        opts = self.options
+        sent = [
+            *(["bearer_token"] if opts.bearer_token is not None else []),
+            *(["username/password"] if opts.username is not None else []),
+            *(["the user info in url"] if urlsplit(opts.url).username is not None else []),
+            *(["the query of url"] if urlsplit(opts.url).query else []),
+            *(["secret (signature)"] if opts.secret is not None else []),
+            *([f"headers ({', '.join(opts.headers)})"] if opts.headers else []),
+        ]
+        if sent:
+            advice = f"check {', '.join(sent)} (a rotated file: credential is taken within seconds)"
+        else:
+            advice = (
+                "no credentials are configured (bearer_token, username/password, secret, headers, "
+                "a token in url): it may want some"
+            )
+        self._refused_log.warning(
+            "refused",
+            "webhook %s: our credentials refused? %s; retrying until that is put right "
+            "(nothing is dead-lettered for it): %s",
+            self.context.name,
+            advice,
+            outcome.reason,
+        )
+
+    def _accepted(self) -> None:
+        if self._refusing:  # a run of refused credentials is over: the next one is logged at once
+            self._refusing = False
+            self._refused_log = Throttled(self.log, _LOG_REFUSED_EVERY)
+
+    def _begin(self) -> _Send:
+        now = time.monotonic()
+        return _Send(until=now + self.send_budget - self.options.timeout, began=now)
+
+    def _out_of_time(self, run: _Send) -> bool:
+        return run.requests > 0 and time.monotonic() > run.until
+
+    def _not_started(self, indices: Sequence[int], outcomes: list[Outcome | None], run: _Send) -> None:
+        """What the send did not start within its budget: sent again by the engine, in place."""
+        reason = (
+            f"not sent: the send had run for {time.monotonic() - run.began:.1f}s of its "
+            f"{self.send_budget:g}s ({len(indices)} occurrences left for the next)"
+        )
+        for i in indices:
+            outcomes[i] = retry(reason, held=True)
+
     async def _post_batch(
-        self, items: list[tuple[int, bytes]], batch: Sequence[Occurrence], outcomes: list[Outcome | None]
+        self,
+        items: list[tuple[int, bytes]],
+        batch: Sequence[Occurrence],
+        outcomes: list[Outcome | None],
+        run: _Send,
     ) -> Outcome | None:
         """POST ``items`` as one JSON array, halving it while the endpoint answers 413 (a body limit
         below ours: nginx's client_max_body_size is 1m by default), so only a record too large on
         its own is rejected. Returns the outcome when the items went as one request."""
+        if run.stop is not None:  # an earlier half was answered retry: the endpoint wants a pause
+            rest = run.rest()
+            for i, _ in items:
+                outcomes[i] = rest
+            return None
+        if self._out_of_time(run):
+            self._not_started([i for i, _ in items], outcomes, run)
+            return None
         body = b"[" + b",".join(b for _, b in items) + b"]"
+        run.requests += 1
         status, outcome = await self._post(body, [batch[i].key for i, _ in items])
         if status == 413 and len(items) > 1:
             mid = len(items) // 2
-            await self._post_batch(items[:mid], batch, outcomes)
-            await self._post_batch(items[mid:], batch, outcomes)
+            await self._post_batch(items[:mid], batch, outcomes, run)
+            await self._post_batch(items[mid:], batch, outcomes, run)
             return None
         for i, _ in items:
             outcomes[i] = outcome
+        if outcome.kind is OutcomeKind.RETRY:
+            run.stop = outcome
+            self._log_refused(status, outcome)
+        elif outcome.kind is OutcomeKind.OK:
+            self._accepted()
         return outcome
+
+    async def _send_events(
+        self,
+        batch: Sequence[Occurrence],
+        bodies: list[tuple[int, bytes]],
+        outcomes: list[Outcome | None],
+        run: _Send,
+    ) -> None:
+        """One request per occurrence, in order. A retry answer stops the send (the rest is retried
+        with it, unsent), except a 5xx without Retry-After, a 401 or a 403: the next event is sent
+        once as a probe, and if the endpoint takes it the failed event waits aside (``defer``) while
+        the rest goes on. One receiver bug for one payload no longer holds up the whole sink."""
+        suspect: tuple[int, int | None] | None = None  # (index, status) of an event awaiting its probe
+        for pos, (i, body) in enumerate(bodies):
+            if run.stop is not None:
+                outcomes[i] = run.rest()
+                continue
+            if self._out_of_time(run):
+                self._not_started([j for j, _ in bodies[pos:]], outcomes, run)
+                break
+            key = batch[i].key
+            run.requests += 1
+            status, outcome = await self._post(body, [key])
+            self._note(key, outcome.kind is not OutcomeKind.RETRY)
+            outcomes[i] = outcome
+            if outcome.kind is OutcomeKind.OK:
+                self._accepted()
+            if suspect is not None:  # this request was the probe
+                failed, failed_status = suspect
+                suspect = None
+                if outcome.kind is OutcomeKind.RETRY:  # the endpoint fails the next one too
+                    self._log_refused(failed_status, _known(outcomes[failed]))
+                    run.stop = outcome
+                    continue
+                outcomes[failed] = self._aside(_known(outcomes[failed]))
+            if outcome.kind is OutcomeKind.RETRY:
+                if status is not None and (
+                    status in _REFUSED or (status >= 500 and outcome.retry_after is None)
+                ):
+                    suspect = (i, status)
+                else:
+                    run.stop = outcome
+        if suspect is not None:  # no next event to probe with: the last one, or out of time
+            failed, failed_status = suspect
+            if self._other_taken:  # the endpoint answered (no retry) the latest other event sent
+                outcomes[failed] = self._aside(_known(outcomes[failed]))
+            else:
+                self._log_refused(failed_status, _known(outcomes[failed]))
+
+    def _note(self, key: str, taken: bool) -> None:
+        last_key, last_taken = self._last
+        if key != last_key:
+            self._other_taken = last_taken
+        self._last = (key, taken)
+
+    @staticmethod
+    def _aside(outcome: Outcome) -> Outcome:
+        """Failed for a cause of its own (the endpoint takes other events): set aside."""
+        return retry(outcome.reason, retry_after=outcome.retry_after, defer=True)
 
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
         outcomes: list[Outcome | None] = [None] * len(batch)
@@ -660,19 +855,16 @@ class WebhookSink(Sink[WebhookOptions]):
             except (TypeError, ValueError, orjson.JSONEncodeError) as exc:
                 outcomes[i] = reject(f"cannot encode {occ.key}: {exc}")
 
+        run = self._begin()
         if self.options.mode == "event":
-            stop: Outcome | None = None
-            for i, body in bodies:
-                if stop is not None:
-                    # The endpoint is down or throttling: do not spend a timeout per remaining item.
-                    outcomes[i] = retry(f"not sent: {stop.reason}", retry_after=stop.retry_after)
-                    continue
-                _, outcome = await self._post(body, [batch[i].key])
-                outcomes[i] = outcome
-                if outcome.kind is OutcomeKind.RETRY:
-                    stop = outcome
+            await self._send_events(batch, bodies, outcomes, run)
         elif bodies:
-            whole = await self._post_batch(bodies, batch, outcomes)
+            whole = await self._post_batch(bodies, batch, outcomes, run)
             if whole is not None and whole.kind is OutcomeKind.RETRY and len(bodies) == len(batch):
                 raise RetryableError(whole.reason, retry_after=whole.retry_after)
         return [o if o is not None else OK for o in outcomes]
+
+
+def _known(outcome: Outcome | None) -> Outcome:
+    assert outcome is not None
+    return outcome

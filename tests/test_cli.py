@@ -514,14 +514,15 @@ def test_replay_repairs_broken_unicode_and_delivers_the_event(tmp_path: Path) ->
 
 
 async def test_a_dead_letter_file_replays_once_the_cause_is_fixed(tmp_path: Path) -> None:
-    # The hook checks signatures and the sink has no secret: every batch is refused (401) and every
-    # occurrence dead-lettered. With the secret given, replaying the dead-letter file delivers them.
+    # The hook checks signatures and the sink has no secret: every batch is refused (401), retried
+    # once (retry_max_attempts=1) and dead-lettered. With the secret given, replaying the
+    # dead-letter file delivers them.
     from eventrouter.testing.receivers.webhook import WebhookReceiver
 
     secret, data = "It's a Secret to Everybody", tmp_path / "data"
     recording = str(DATA / "watch-core-v1.jsonl")
     async with WebhookReceiver(secret=secret) as hook:
-        sink = f"--sink=webhook:{hook.url}?batch_max_wait=0.05"
+        sink = f"--sink=webhook:{hook.url}?batch_max_wait=0.05&retry_max_attempts=1"
         first = await asyncio.to_thread(
             _eventrouter, "replay", recording, sink, "--data-dir", str(data), "--cluster-name", "rec"
         )

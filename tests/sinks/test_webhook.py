@@ -10,7 +10,8 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from email.utils import formatdate
 from pathlib import Path
@@ -19,12 +20,29 @@ from urllib.parse import quote
 
 import pytest
 
-from eventrouter import OK, Occurrence, OutcomeKind, RetryableError, SinkContext, SinkError, normalise
-from eventrouter.config import ConfigError, build_spec
+from eventrouter import (
+    OK,
+    Occurrence,
+    OutcomeKind,
+    RetryableError,
+    Sink,
+    SinkContext,
+    SinkError,
+    normalise,
+)
+from eventrouter.config import ConfigError, build_spec, build_specs
+from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
+from eventrouter.engine.deadletter import DeadLetter
+from eventrouter.engine.pipeline import Pipeline
+from eventrouter.engine.reload import SinkReloader
+from eventrouter.metrics import Metrics
+from eventrouter.options import PipelineOptions
 from eventrouter.plugins import discover
 from eventrouter.testing import make_occurrence, recorded_watch
-from eventrouter.testing.receivers.webhook import WebhookReceiver
+from eventrouter.testing.receivers.webhook import RecordedRequest, WebhookReceiver
+from eventrouter.testing.secret_volume import SecretVolume
 from eventrouter.testing.tls import certificate, server_context
+from eventrouter.testing.waiting import until
 from eventrouter_sinks.webhook import (
     WebhookOptions,
     WebhookSink,
@@ -216,17 +234,24 @@ async def test_github_signature_verified_by_receiver() -> None:
         async with webhook(url=hook.url, secret=secret) as sink:
             assert await sink.send(recorded()[:3]) == [OK] * 3
         async with webhook(url=hook.url, secret="wrong") as sink:
-            outcomes = await sink.send(recorded()[:1])
-    assert [r.signature_ok for r in hook.requests] == [True, False]
-    assert kinds(outcomes) == [OutcomeKind.REJECT]
+            with pytest.raises(RetryableError) as info:
+                await sink.send(recorded()[:2])
+        async with webhook(url=hook.url, secret="wrong", mode="event") as sink:
+            outcomes = await sink.send(recorded()[:2])
+    assert [r.signature_ok for r in hook.requests] == [True, False, False, False]
+    # Retried, not dead-lettered: a wrong secret is put right (a rotation reaching the pod) and the
+    # same events then go in. In place: the next event, sent as a probe, was refused too.
+    assert "HTTP 401" in info.value.reason
+    assert kinds(outcomes) == [OutcomeKind.RETRY] * 2
     assert outcomes is not None and "HTTP 401" in outcomes[0].reason
+    assert not any(o.defer for o in outcomes)
 
 
 async def test_standard_webhooks_signature_and_stable_id_across_retry() -> None:
     async with WebhookReceiver(secret=WHSEC, signature="standard") as hook:
         occs = recorded()[:2]
         async with webhook(url=hook.url, secret=WHSEC, signature="standard", mode="event") as sink:
-            hook.fail_next(1, 503)
+            hook.fail_next(1, 503, retry_after="1")  # the endpoint asks for a pause: no probe
             first = await sink.send(occs)
             second = await sink.send(occs)
     assert kinds(first) == [OutcomeKind.RETRY, OutcomeKind.RETRY]
@@ -250,12 +275,13 @@ async def test_a_standard_webhooks_key_rotation_signs_with_both_keys_so_no_reque
         for hook in (old_receiver, new_receiver):
             async with webhook(url=hook.url, secret=both, signature="standard") as sink:
                 assert await sink.send(recorded()[:3]) == [OK] * 3
-            async with webhook(url=hook.url, secret=new_key, signature="standard") as sink:
+            async with webhook(url=hook.url, secret=new_key, signature="standard", mode="event") as sink:
                 after = await sink.send(recorded()[3:4])
             (with_both, with_new) = hook.requests
             assert with_both.signature_ok and len(with_both.headers["webhook-signature"].split()) == 2
             assert with_new.signature_ok is (hook is new_receiver)
-            assert kinds(after) == [OutcomeKind.OK if hook is new_receiver else OutcomeKind.REJECT]
+            # The old receiver refuses the new key alone: retried (until it moves), not dead-lettered.
+            assert kinds(after) == [OutcomeKind.OK if hook is new_receiver else OutcomeKind.RETRY]
 
 
 async def test_standard_webhooks_batch_id_is_stable_for_the_same_batch() -> None:
@@ -656,6 +682,214 @@ async def test_a_credential_cut_off_by_the_excerpt_limit_is_hidden_too(hook: Web
     hook.fail_next(1, 401, body=("é" * 150 + " " * 200 + f"token {BEARER} refused").encode())
     async with webhook(url=hook.url, mode="event", bearer_token=BEARER) as sink:
         (out,) = await sink.send([make_occurrence()]) or []
-    assert out.kind is OutcomeKind.REJECT
+    assert out.kind is OutcomeKind.RETRY  # refused credentials are retried (a rotation), not dead-lettered
     assert out.reason.endswith("é token ****"), out.reason
     assert BEARER[:6] not in out.reason
+
+
+async def test_a_401_or_403_without_credentials_of_ours_is_retried_too_and_says_so(
+    hook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A receiver that wants credentials we do not send: a configuration error, which dead-lettered
+    every event until someone noticed. Now retried like refused credentials (put right, the same
+    events go in), with a warning saying none are configured."""
+    hook.fail_next(2, 403, body=b"forbidden")
+    async with webhook(url=hook.url, mode="event") as sink:
+        outcomes = await sink.send(recorded()[:3])
+    assert kinds(outcomes) == [OutcomeKind.RETRY] * 3
+    assert [r.status for r in hook.requests] == [403, 403]  # the event, its probe; the third not sent
+    (line,) = [r.getMessage() for r in caplog.records if "credentials refused" in r.getMessage()]
+    assert "no credentials are configured" in line and "HTTP 403" in line
+
+
+# -- through the engine: slow receivers, refused credentials, an event the receiver fails on -----------
+
+
+class _QuickBudget(WebhookSink):
+    send_budget = 1.0  # of the engine's send_timeout of 1.5 s below (SEND_BUDGET: 25 of 30 s)
+
+
+def _engine(sink: Sink[Any], tmp_path: Path, metrics: Metrics, **opts: Any) -> Pipeline:
+    options = {"batch_max_wait": 0.01, "retry_initial_backoff": 0.01, "retry_max_backoff": 0.05, **opts}
+    return Pipeline(
+        name="webhook",
+        sink=sink,
+        options=PipelineOptions.model_validate(options),
+        predicate=None,
+        checkpoint=SinkCheckpoint(MemoryCheckpoint()),
+        deadletter=DeadLetter(tmp_path / "dead-letters", sink="webhook"),
+        metrics=metrics,
+    )
+
+
+async def _stop(pipeline: Pipeline, task: asyncio.Task[None]) -> None:
+    """Drain and stop; a pipeline that cannot drain (a test failing) is stopped at once."""
+    pipeline.close()
+    try:
+        await asyncio.wait_for(asyncio.shield(task), 10)
+    finally:
+        if not task.done():
+            pipeline.stop_now()
+            await asyncio.wait_for(task, 5)
+        await pipeline.close_sink()
+
+
+def _taken(requests: Iterable[RecordedRequest]) -> list[tuple[str, int]]:
+    """(uid, occurrence) of every record the receiver accepted, in the order it took them."""
+    keys: list[tuple[str, int]] = []
+    for request in requests:
+        if request.status is not None and 200 <= request.status < 300:
+            body = request.json()
+            keys += [(r["uid"], r["occurrence"]) for r in (body if isinstance(body, list) else [body])]
+    return keys
+
+
+def _count(metric: Any, *labels: str) -> float:
+    return float(metric.labels(*labels)._value.get())
+
+
+@pytest.mark.parametrize("mode", ["event", "batch"])
+async def test_a_send_longer_than_send_timeout_stops_in_time_and_delivers_everything_once(
+    tmp_path: Path, mode: str
+) -> None:
+    """500 occurrences in one batch against the engine's send_timeout of 1.5 s. mode=event: one request
+    each at a receiver answering after 5 ms (2.5 s or more); batch: a 16 KiB body limit (a proxy's)
+    halves the batch into 32 requests answered after 80 ms (2.6 s or more). Before, the engine cut
+    each send off and sent the whole batch again: what went in before the cutoff went in again, the
+    tail never. Now a send starts no request past its budget, and what it did not start the engine
+    sends again in place."""
+    occs = [make_occurrence(object_name=f"pod-{i}", message=f"event {i} " + "x" * 300) for i in range(500)]
+    metrics = Metrics()
+    delay, limit = (0.005, 64 * 1024 * 1024) if mode == "event" else (0.08, 16 * 1024)
+    async with WebhookReceiver(delay=delay, max_body_bytes=limit) as hook:
+        options = WebhookOptions.model_validate({"url": hook.url, "mode": mode, "timeout": 0.6})
+        pipeline = _engine(_QuickBudget(options, context()), tmp_path, metrics, send_timeout=1.5)
+        task = asyncio.create_task(pipeline.run())
+        try:
+            for occ in occs:
+                pipeline.offer(occ)  # one batch of 500 (batch_max_events)
+            await until(lambda: _count(metrics.delivered, "webhook") >= 500, timeout=20)
+        finally:
+            await _stop(pipeline, task)
+    taken = _taken(hook.requests)
+    assert Counter(taken) == {(o.uid, o.number): 1 for o in occs}  # each once
+    assert taken == [(o.uid, o.number) for o in occs]  # in order
+    assert _count(metrics.delivered, "webhook") == 500
+    assert _count(metrics.send_errors, "webhook", "timeout") == 0
+    if mode == "batch":
+        assert {r.status for r in hook.requests} == {200, 413}
+
+
+async def test_after_a_half_is_answered_retry_the_halves_left_are_not_sent() -> None:
+    """A 413 halves a batch; the first half is answered 429 Retry-After: 30. The second half went out
+    at once all the same, into a receiver that had asked for 30 s. Now it gets the same answer, unsent."""
+    occs = [make_occurrence(message=f"m{i}") for i in range(4)]
+    assert sum(len(o.json) for o in occs) > 2000 > sum(len(o.json) for o in occs[2:]) + 3
+    async with WebhookReceiver(max_body_bytes=2000) as hook, webhook(url=hook.url) as sink:
+        hook.fail_next(1, 429, retry_after="30")  # aiohttp's own 413 comes first, without it
+        outcomes = await sink.send(occs)
+    assert [r.status for r in hook.requests] == [413, 429]
+    assert outcomes is not None
+    assert [(o.kind, o.retry_after) for o in outcomes] == [(OutcomeKind.RETRY, 30.0)] * 4
+    assert "not sent" in outcomes[3].reason and "HTTP 429" in outcomes[3].reason
+
+
+@pytest.mark.parametrize("mode", ["batch", "event"])
+async def test_a_signing_secret_rotated_at_the_receiver_first_dead_letters_nothing(
+    tmp_path: Path, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The receiver moves to the new secret before the kubelet brings it into the pod: its 401s were
+    dead-lettered, every event of the rotation lost to the replay. Now they are retried (logged
+    once) and go in with the new secret once the `file:` secret is swapped and the sink rebuilt."""
+    old, new = "hmac-old-5c1e", "hmac-new-8d2f"
+    volume = SecretVolume(tmp_path / "secrets", {"hook-secret": old})
+    async with WebhookReceiver(secret=old) as hook:
+        flag = (
+            f"webhook:{hook.url}?secret=file:{volume.file('hook-secret')}&mode={mode}"
+            "&batch_max_wait=0.01&retry_initial_backoff=0.01&retry_max_backoff=0.05"
+        )
+        (spec,) = build_specs([flag])
+        metrics = Metrics()
+        sink = spec.build(SinkContext(name=spec.name, cluster="t", data_dir=None, logger=LOG))
+        pipeline = _engine(sink, tmp_path, metrics, **spec.pipeline.model_dump())
+        reloader = SinkReloader(spec, pipeline, metrics)
+        task = asyncio.create_task(pipeline.run())
+        occs = [make_occurrence(object_name=f"pod-{i}") for i in range(15)]
+        try:
+            for occ in occs[:5]:
+                pipeline.offer(occ)
+            await until(lambda: _count(metrics.delivered, spec.name) == 5)
+            hook.secret = new  # the receiver first
+            for occ in occs[5:]:
+                pipeline.offer(occ)
+            dead = metrics.dead_lettered.labels(spec.name, "rejected")
+            await until(lambda: sum(r.status == 401 for r in hook.requests) >= 6 or dead._value.get())
+            assert _count(metrics.dead_lettered, spec.name, "rejected") == 0  # retried, 3 rounds or more
+            volume.update({"hook-secret": new})  # then the pod's Secret volume
+            assert not reloader.check() and reloader.check()  # seen, then settled: rebuilt
+            await until(lambda: _count(metrics.delivered, spec.name) == 15)
+        finally:
+            await _stop(pipeline, task)
+    assert _count(metrics.dead_lettered, spec.name, "rejected") == 0
+    assert Counter(_taken(hook.requests)) == {(o.uid, o.number): 1 for o in occs}
+    refused = [r.getMessage() for r in caplog.records if "credentials refused" in r.getMessage()]
+    assert len(refused) == 1, refused  # once, however many 401s
+    assert "check secret (signature)" in refused[0] and "HTTP 401" in refused[0]
+    assert old not in caplog.text and new not in caplog.text
+
+
+async def test_an_event_the_receiver_fails_on_waits_aside_while_the_rest_goes_on(tmp_path: Path) -> None:
+    """mode=event, a receiver that answers 500 to one payload (a bug of its own) and takes the rest.
+    The first retry answer stopped the send and the engine retried it in place: that event held up
+    every later one for ever. Now the next event is sent as a probe; taken, the failed one waits aside
+    (its own backoff) and the rest goes in. A receiver down for everything is still retried in place:
+    nothing else is set aside, and each attempt costs two requests (the event and its probe)."""
+    occs = [make_occurrence(object_name=f"pod-{i}", message=f"event {i}") for i in range(200)]
+    poison = make_occurrence(object_name="pod-57", message="poison pill")
+    occs[57] = poison
+    metrics = Metrics()
+    async with WebhookReceiver() as hook:
+        hook.fail_matching(lambda body: b"poison" in body, 500)
+        options = WebhookOptions.model_validate({"url": hook.url, "mode": "event"})
+        pipeline = _engine(WebhookSink(options, context()), tmp_path, metrics, batch_max_events=50)
+        task = asyncio.create_task(pipeline.run())
+
+        def aside() -> set[tuple[str, int]]:
+            return {(o.uid, o.number) for _, _, o in pipeline._deferred}
+
+        def failed_on_poison() -> int:
+            return sum(r.status == 500 for r in hook.requests)
+
+        try:
+            for occ in occs:
+                pipeline.offer(occ)
+            await until(lambda: _count(metrics.delivered, "webhook") == 199)
+            assert _taken(hook.requests) == [(o.uid, o.number) for o in occs if o is not poison]
+            # Alone now, it is still set aside (the receiver's last answer to another event was a 2xx).
+            seen = failed_on_poison()
+            await until(lambda: failed_on_poison() >= seen + 3)
+            assert aside() == {(poison.uid, poison.number)}
+            assert _count(metrics.sink_up, "webhook") == 1
+
+            hook.fail_matching(lambda body: True, 503)  # down
+            later = [make_occurrence(object_name=f"later-{i}") for i in range(20)]
+            down_from = len(hook.requests)
+            for occ in later:
+                pipeline.offer(occ)
+            await until(
+                lambda: len(hook.requests) >= down_from + 8 and _count(metrics.sink_up, "webhook") == 0
+            )
+            assert aside() <= {(poison.uid, poison.number)}  # the later ones are retried in place
+            sent = {r.json()["involved_object"]["name"] for r in hook.requests[down_from:]}
+            assert sent <= {"pod-57", "later-0", "later-1"}, sent  # the first and its probe only
+
+            hook.fail_matching(lambda body: b"poison" in body, 500)  # up again, but for that one
+            await until(lambda: _count(metrics.delivered, "webhook") == 219)
+            assert _taken(hook.requests)[199:] == [(o.uid, o.number) for o in later]
+            assert _count(metrics.dead_lettered, "webhook", "retries_exhausted") == 0
+
+            hook.fail_matching(None)  # the receiver's bug fixed
+            await until(lambda: _count(metrics.delivered, "webhook") == 220)
+        finally:
+            await _stop(pipeline, task)
+    assert Counter(_taken(hook.requests)) == {(o.uid, o.number): 1 for o in [*occs, *later]}

@@ -24,9 +24,12 @@ Fault injection: ``fail_next(n, status, retry_after=..., body=..., echo=True)`` 
 ``n`` requests with that status (after recording, before checks); ``echo`` appends what the request
 carried (method, path and query, headers but the plain HTTP ones), as API gateways do that quote the
 credential they refused; ``hang_next(n)`` never answers the next ``n``
-requests (until the receiver closes) — the client must time out. ``ssl_context`` serves HTTPS.
-``max_body_bytes`` is the largest body taken (aiohttp answers 413 beyond it, as a proxy with a body
-limit does; the request is recorded without its body).
+requests (until the receiver closes) — the client must time out. ``fail_matching(predicate, status)``
+answers ``status`` to every request whose raw body ``predicate`` accepts, until ``fail_matching(None)``
+(a receiver with a bug for some payloads; ``lambda body: True``: one that is down). ``delay`` (also
+settable later) answers each request that many seconds after it arrived, as a receiver far away or
+slow does. ``ssl_context`` serves HTTPS. ``max_body_bytes`` is the largest body taken (aiohttp answers
+413 beyond it at once, as a proxy with a body limit does; the request is recorded without its body).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -101,8 +105,10 @@ class WebhookReceiver:
         path: str = "/hook",
         ssl_context: ssl.SSLContext | None = None,
         max_body_bytes: int = 64 * 1024 * 1024,
+        delay: float = 0.0,
     ) -> None:
         self.secret = secret
+        self.delay = delay
         self.max_body_bytes = max_body_bytes
         self.signature = signature
         self.tolerance = tolerance
@@ -114,6 +120,7 @@ class WebhookReceiver:
         self.ssl_context = ssl_context
         self.requests: list[RecordedRequest] = []
         self._faults: deque[_Fault] = deque()
+        self._matching: tuple[Callable[[bytes], bool], _Fault] | None = None
         self._release = asyncio.Event()
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -132,6 +139,18 @@ class WebhookReceiver:
         self, n: int, status: int, *, retry_after: str | None = None, body: bytes = b"", echo: bool = False
     ) -> None:
         self._faults.extend(_Fault(status, retry_after, body, echo) for _ in range(n))
+
+    def fail_matching(
+        self,
+        predicate: Callable[[bytes], bool] | None,
+        status: int = 500,
+        *,
+        retry_after: str | None = None,
+        body: bytes = b"internal error",
+    ) -> None:
+        """Answer ``status`` to every request whose body ``predicate`` accepts (after ``fail_next``
+        faults, before any check); None ends it."""
+        self._matching = None if predicate is None else (predicate, _Fault(status, retry_after, body))
 
     def hang_next(self, n: int = 1) -> None:
         self._faults.extend(_Fault(None) for _ in range(n))
@@ -189,10 +208,14 @@ class WebhookReceiver:
         return response
 
     async def _answer(self, request: web.Request, rec: RecordedRequest) -> web.Response:
+        if self.delay > 0:
+            await asyncio.sleep(self.delay)
         if request.method in ("HEAD", "OPTIONS"):
             return web.Response(status=self.head_status)
-        if self._faults:
-            fault = self._faults.popleft()
+        fault = self._faults.popleft() if self._faults else None
+        if fault is None and self._matching is not None and self._matching[0](rec.body):
+            fault = self._matching[1]
+        if fault is not None:
             if fault.status is None:
                 await self._release.wait()
                 return web.Response(status=503)
