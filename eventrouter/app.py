@@ -858,6 +858,8 @@ class Router:
                         len(left) - kept,
                     )
                 finally:
+                    dropped += p.spool.lost_on_error  # dropped by the append whose write then failed
+                    p.spool.lost_on_error = []
                     for lost in dropped:
                         self.metrics.dropped.labels(p.name, "spool_full").inc()
                         log.warning("sink %s: spool full at shutdown, dropped %s", p.name, lost)

@@ -184,3 +184,60 @@ def test_an_occurrence_offered_while_the_spool_cannot_be_written_waits_behind_it
     assert out["spool"] == 1 and out["queued"] == 5 and out["depth"] == 7  # one waits behind the spool
     assert out["spool_errors"] == 1 and out["dropped"] == 0
     assert out["uid_a"] == [1, 2] and out["delivered"] == 7 and out["skipped"] == 0
+
+
+def test_records_dropped_over_the_bound_by_a_spill_whose_write_fails_are_counted(tmp_path: Path) -> None:
+    """A spill drops the spool's oldest segment to make room, then its own write fails (the disk
+    full): the append raised, so the dropped keys never reached the pipeline. Those occurrences were
+    gone from the disk and counted nowhere. Now they are counted as spool_full and logged."""
+    script = textwrap.dedent(
+        """
+        import json, logging, resource, sys
+        from pathlib import Path
+        from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
+        from eventrouter.engine.deadletter import DeadLetter
+        from eventrouter.engine.pipeline import Pipeline
+        from eventrouter.engine.spool import Spool
+        from eventrouter.metrics import Metrics
+        from eventrouter.options import PipelineOptions
+        from eventrouter.sink import SinkContext
+        from eventrouter.testing import MemorySink, MemorySinkOptions, make_occurrence
+
+        tmp = Path(sys.argv[1])
+        metrics = Metrics()
+        ctx = SinkContext(name="mem", cluster="t", data_dir=None, logger=logging.getLogger("mem"))
+        sink = MemorySink(MemorySinkOptions.model_validate({}), ctx)
+        # Small segments: each spilled record fills one, and the bound holds about nine.
+        spool = Spool(tmp / "spool", max_bytes=20_000, segment_bytes=1_000)
+        p = Pipeline(
+            name="mem", sink=sink, options=PipelineOptions.model_validate({"queue_max_events": 1}),
+            predicate=None, checkpoint=SinkCheckpoint(MemoryCheckpoint()),
+            deadletter=DeadLetter(None, sink="mem"), metrics=metrics, spool=spool,
+        )
+        occs = [make_occurrence(object_name=f"m-{i}", message="x" * 1500) for i in range(12)]
+        for occ in occs[:11]:
+            p.offer(occ)  # one in memory, the rest spilled (the oldest dropped over the bound)
+        full_before = metrics.dropped.labels("mem", "spool_full")._value.get()
+        spooled = len(spool)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))  # the next write fails
+        p.offer(occs[11])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        full = metrics.dropped.labels("mem", "spool_full")._value.get()
+        print(json.dumps({
+            "spooled_before": spooled, "spooled_after": len(spool), "full_before": full_before,
+            "full": full, "in_memory": p.depth - len(spool),
+            "errors": metrics.data_dir_errors.labels("mem", "spool")._value.get(),
+        }))
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["errors"] == 1 and out["in_memory"] == 2  # the failed spill waits in memory
+    lost = out["spooled_before"] - out["spooled_after"]
+    assert lost > 0  # the append dropped the oldest segment before its write failed
+    assert out["full"] - out["full_before"] == lost  # each counted
+    assert "dropped oldest occurrence" in run.stderr

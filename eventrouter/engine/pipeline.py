@@ -240,6 +240,8 @@ class Pipeline:
         except OSError as exc:
             # A full or broken disk must not stop the source, nor lose what memory still holds: the
             # memory queue takes over (oldest dropped past its bound, counted) until the disk works.
+            self._spool_full(self.spool.lost_on_error)
+            self.spool.lost_on_error = []
             self.metrics.data_dir_errors.labels(self.name, "spool").inc()
             self._throttled.warning(
                 "spool_write",
@@ -251,13 +253,16 @@ class Pipeline:
             )
             return False
         self._m_spilled.inc()
+        self._spool_full(dropped)
+        self._m_spool.set(len(self.spool))
+        return True
+
+    def _spool_full(self, dropped: list[str]) -> None:
         for lost in dropped:
             self.metrics.dropped.labels(self.name, "spool_full").inc()
             self._throttled.warning(
                 "spool_full", "sink %s: disk spool full, dropped oldest occurrence %s", self.name, lost
             )
-        self._m_spool.set(len(self.spool))
-        return True
 
     def _dead_letter(self, items: list[tuple[Occurrence, str]]) -> None:
         if not self.deadletter.write(items):

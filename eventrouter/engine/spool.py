@@ -102,6 +102,9 @@ class Spool:
         self.unreadable = 0
         """Records skipped by ``pop`` because they could not be read back; the pipeline counts them."""
         self.read_errors = 0
+        # Keys dropped over the bound by an append whose own write then failed (it raised, so it
+        # could not return them): for the caller to count and take out.
+        self.lost_on_error: list[str] = []
         """Reads by ``pop`` that failed (the records wait for the next pop) and read positions that
         could not be written; the pipeline counts them."""
         self._cursor_failures = 0  # in a row
@@ -233,6 +236,7 @@ class Spool:
         except OSError:
             self._close_writer()
             self._retry_at = time.monotonic() + RETRY_SECONDS
+            self.lost_on_error.extend(dropped)  # gone from the disk all the same: the caller counts them
             raise
         self._retry_at = 0.0
         seg.records += 1
