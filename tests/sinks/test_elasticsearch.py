@@ -30,13 +30,10 @@ from pydantic import ValidationError
 
 from eventrouter import Occurrence, Outcome, OutcomeKind, RetryableError, SinkContext, SinkError, normalise
 from eventrouter.config import parse_sink_flag, spec_for_class
-from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
-from eventrouter.engine.deadletter import DeadLetter
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
-from eventrouter.options import PipelineOptions
 from eventrouter.testing import event_object, recorded_watch
-from eventrouter.testing.dead_letters import dead_letter
+from eventrouter.testing.pipelines import dead_letter, pipeline_for
 from eventrouter.testing.receivers.osmem import OsmemServer, osmem_fixture_server
 from eventrouter.testing.tls import certificate, server_context
 from eventrouter_sinks.elasticsearch import ElasticsearchOptions, ElasticsearchSink
@@ -675,15 +672,7 @@ def _engine(url: str, index: str, metrics: Metrics, deadletter: Path | None, **o
         ElasticsearchOptions.model_validate({"url": url, "index": index}),
         SinkContext("es", "test", None, logging.getLogger("test.es")),
     )
-    return Pipeline(
-        name="es",
-        sink=sink,
-        options=PipelineOptions.model_validate({"batch_max_wait": 0.01, **options}),
-        predicate=None,
-        checkpoint=SinkCheckpoint(MemoryCheckpoint()),
-        deadletter=DeadLetter(deadletter, sink="es"),
-        metrics=metrics,
-    )
+    return pipeline_for("es", sink, metrics, deadletter, **options)
 
 
 async def test_per_item_refusals_back_off_mark_the_sink_down_and_end_after_retry_max_attempts(

@@ -24,7 +24,7 @@ from eventrouter.options import COMMON_KEYS
 from eventrouter.protowire import bytes_field, varint_field
 from eventrouter.record import occurrence_number, parse_time_ns
 from eventrouter.testing import make_occurrence, recorded_watch
-from eventrouter.testing.dead_letters import dead_letter
+from eventrouter.testing.pipelines import dead_letter
 from eventrouter.testing.receivers.loki import KEEP_OLD_SAMPLES, LokiReceiver
 from eventrouter.testing.tls import certificate, server_context
 from eventrouter_sinks.loki import LokiOptions, LokiSink

@@ -19,14 +19,11 @@ from aliyun.log.log_logs_pb2 import LogGroup  # type: ignore[attr-defined]
 from pydantic import ValidationError
 
 from eventrouter import Occurrence, OutcomeKind, RetryableError, SinkContext, SinkError, normalise
-from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
-from eventrouter.engine.deadletter import DeadLetter
-from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
-from eventrouter.options import COMMON_KEYS, PipelineOptions
+from eventrouter.options import COMMON_KEYS
 from eventrouter.record import occurrence_number
 from eventrouter.testing import event_object, make_occurrence, recorded_watch
-from eventrouter.testing.dead_letters import dead_letter
+from eventrouter.testing.pipelines import dead_letter, pipeline_for
 from eventrouter.testing.receivers.sls import AccessKey, SLSReceiver
 from eventrouter.testing.waiting import until
 from eventrouter_sinks.sls import SLSOptions, SLSSink, endpoint_url
@@ -475,18 +472,6 @@ async def test_missing_logstore_and_project_are_retried_naming_them_and_logged_o
     assert "create project 'no-such-project' in this region" in target_errors(caplog)[-1]
 
 
-def _pipeline(sink: SLSSink, metrics: Metrics, deadletter: Path, **options: Any) -> Pipeline:
-    return Pipeline(
-        name="sls",
-        sink=sink,
-        options=PipelineOptions.model_validate({"batch_max_wait": 0.01, **options}),
-        predicate=None,
-        checkpoint=SinkCheckpoint(MemoryCheckpoint()),
-        deadletter=DeadLetter(deadletter, sink="sls"),
-        metrics=metrics,
-    )
-
-
 async def test_a_logstore_removed_after_start_loses_nothing_sent_meanwhile(
     receiver: SLSReceiver, make_sink: MakeSink, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -496,7 +481,9 @@ async def test_a_logstore_removed_after_start_loses_nothing_sent_meanwhile(
     caplog.set_level(logging.INFO, logger=LOGGER)
     metrics = Metrics()
     sink = await make_sink(start=False)
-    pipeline = _pipeline(sink, metrics, tmp_path / "dl", retry_initial_backoff=0.02, retry_max_backoff=0.1)
+    pipeline = pipeline_for(
+        "sls", sink, metrics, tmp_path / "dl", retry_initial_backoff=0.02, retry_max_backoff=0.1
+    )
     task = asyncio.create_task(pipeline.run())
     dead = [metrics.dead_lettered.labels("sls", why) for why in ("rejected", "retries_exhausted")]
 

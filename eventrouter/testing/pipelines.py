@@ -1,4 +1,5 @@
-"""Occurrences driven through a real engine Pipeline until its dead-letter file holds them (tests)."""
+"""A real engine Pipeline around a sink under test, and occurrences driven through it until its
+dead-letter file holds them."""
 
 from __future__ import annotations
 
@@ -17,7 +18,23 @@ from eventrouter.metrics import Metrics
 from eventrouter.options import PipelineOptions
 from eventrouter.testing.waiting import until
 
-__all__ = ["dead_letter"]
+__all__ = ["dead_letter", "pipeline_for"]
+
+
+def pipeline_for(
+    name: str, sink: Sink[Any], metrics: Metrics, deadletter: Path | None, **options: Any
+) -> Pipeline:
+    """``sink`` behind the engine's own pipeline (its backoff, set-aside retries and dead letters in
+    ``deadletter``), a batch taken at once, a memory checkpoint; ``options`` are PipelineOptions."""
+    return Pipeline(
+        name=name,
+        sink=sink,
+        options=PipelineOptions.model_validate({"batch_max_wait": 0.01, **options}),
+        predicate=None,
+        checkpoint=SinkCheckpoint(MemoryCheckpoint()),
+        deadletter=DeadLetter(deadletter, sink=name),
+        metrics=metrics,
+    )
 
 
 async def dead_letter(
@@ -27,15 +44,7 @@ async def dead_letter(
     waiting for a batch) and await its dead-lettering for the reason given (``retries_exhausted``,
     ``rejected``); then stop and close the sink. Returns the dead-letter file's records."""
     metrics = Metrics()
-    pipeline = Pipeline(
-        name=name,
-        sink=sink,
-        options=PipelineOptions.model_validate({"batch_max_wait": 0.01, "retry_max_attempts": 1}),
-        predicate=None,
-        checkpoint=SinkCheckpoint(MemoryCheckpoint()),
-        deadletter=DeadLetter(directory, sink=name),
-        metrics=metrics,
-    )
+    pipeline = pipeline_for(name, sink, metrics, directory, retry_max_attempts=1)
     task = asyncio.create_task(pipeline.run())
     expected: dict[str, int] = {}
     for occurrence, reason in steps:
