@@ -208,7 +208,12 @@ class Router:
                 sink_dir.mkdir(parents=True, exist_ok=True)
             logger = logging.getLogger(f"eventrouter.sink.{spec.name}")
             context = SinkContext(
-                name=spec.name, cluster=self.settings.cluster_name, data_dir=sink_dir, logger=logger
+                name=spec.name,
+                cluster=self.settings.cluster_name,
+                data_dir=sink_dir,
+                logger=logger,
+                send_timeout=spec.pipeline.send_timeout,
+                retry_wait_max=spec.pipeline.retry_wait_max,
             )
             sink = spec.build(context)
             spool = None

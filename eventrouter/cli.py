@@ -512,6 +512,8 @@ async def _check(args: argparse.Namespace) -> int:
             cluster=settings.cluster_name,
             data_dir=None,
             logger=logging.getLogger(f"eventrouter.sink.{spec.name}"),
+            send_timeout=spec.pipeline.send_timeout,
+            retry_wait_max=spec.pipeline.retry_wait_max,
         )
         sink = spec.build(context)
         if args.offline:

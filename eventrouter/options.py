@@ -343,6 +343,12 @@ class PipelineOptions(_Strict):
             raise ValueError("retry_max_backoff must be >= retry_initial_backoff")
         return self
 
+    @property
+    def retry_wait_max(self) -> float:
+        """The longest the engine waits before offering a retried item again: ``retry_max_backoff``,
+        or a destination's Retry-After up to ten times that (a wild value must not stop a sink for days)."""
+        return self.retry_max_backoff * 10
+
 
 def field_names(model: type[BaseModel]) -> set[str]:
     """Every key a model accepts, aliases included."""

@@ -103,6 +103,32 @@ class SinkContext:
     data_dir: Path | None
     """Private folder for this sink's files, when the router has ``--data-dir``."""
     logger: logging.Logger
+    send_timeout: float = 30.0
+    """The pipeline's ``send_timeout``: the engine cuts a send off after it and sends the batch again
+    whole. A sink that sends a batch in several requests keeps within ``send_budget`` instead."""
+    retry_wait_max: float = 300.0
+    """The longest the engine waits before offering a retried item again (``retry_max_backoff``, or a
+    Retry-After up to ten times that): what a sink holding state for a retried item must outlast."""
+
+    @property
+    def send_budget(self) -> float:
+        """Seconds a send may spend before it ends on its own: five sixths of ``send_timeout``, the
+        rest left for answering. What it did not send by then it answers retry (``held``)."""
+        return self.send_timeout * 5 / 6
+
+    def warn_if_outlasting(self, seconds: float, option: str) -> None:
+        """Warn (at start) when one request may take longer than the engine lets a send last: the
+        engine cuts such a send off and sends its batch again whole, so what went in goes in twice."""
+        if seconds > self.send_timeout:
+            self.logger.warning(
+                "%s: %s=%gs is longer than the pipeline's send_timeout=%gs: a request that slow is cut "
+                "off and its batch sent again whole (duplicates); lower %s or raise send_timeout",
+                self.name,
+                option,
+                seconds,
+                self.send_timeout,
+                option,
+            )
 
 
 OptionsT = TypeVar("OptionsT", bound=SinkOptions)

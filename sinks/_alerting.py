@@ -428,7 +428,10 @@ class AlertOptions(SinkOptions):
     max_send_wait: float = Field(
         10.0,
         ge=0,
-        description="Seconds one send may wait for the rate limiter; keep below the engine's send_timeout.",
+        description=(
+            "Seconds one send may wait for the rate limiter (at most five sixths of send_timeout less "
+            "request_timeout)."
+        ),
     )
     max_message_bytes: int | None = Field(
         None, ge=1024, description="Largest message; default per robot (docs/alerting.md)."
@@ -684,6 +687,7 @@ class AlertSink(Sink[OptionsT]):
         return self._session
 
     async def start(self) -> None:
+        self.context.warn_if_outlasting(self.options.request_timeout, "request_timeout")
         self.session()
         now = self.clock.wall()
         for s in self.options.silences:
@@ -735,7 +739,10 @@ class AlertSink(Sink[OptionsT]):
 
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
         now = self.clock.now()
-        deadline = now + self.options.max_send_wait
+        # Within the send's budget, one request's time left over: the engine cuts a send off at its
+        # send_timeout and sends it again whole, paging again what went out.
+        wait = min(self.options.max_send_wait, self.context.send_budget - self.options.request_timeout)
+        deadline = now + max(0.0, wait)
         self._expire(now)
         self._last_failure = ""
         self._failure_retry_after = None
@@ -864,9 +871,11 @@ class AlertSink(Sink[OptionsT]):
                 continue
             budget = max(1, min(3, self.limiter.free() // 2))  # keep budget for alerts still to come
             self._last_flush = now
-            for digest, title, text in self._pack(views, budget):
+            for index, (digest, title, text) in enumerate(self._pack(views, budget)):
                 if self.limiter.wait_time() > 0:
                     break
+                if index and self.clock.now() > deadline:
+                    return  # one more could end past the send's budget: the rest goes next send
                 self.limiter.begin()
                 try:
                     result = await self._deliver_safely(title, text, digest)

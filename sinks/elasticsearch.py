@@ -805,6 +805,7 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             raise SinkError(f"elasticsearch: bad node configuration {self._shown}: {exc}") from None
 
     async def start(self) -> None:
+        self.context.warn_if_outlasting(self.options.timeout, "timeout")
         if self._client is None:
             self._client = self._make_client()
         try:

@@ -537,6 +537,7 @@ class KafkaSink(Sink[KafkaOptions]):
     async def start(self) -> None:
         if self._producer is not None:
             return
+        self.context.warn_if_outlasting(self.options.request_timeout_ms / 1000, "request_timeout_ms/1000")
         try:
             import murmurhash2
             from aiokafka import AIOKafkaProducer

@@ -33,8 +33,9 @@
   taught the sink is applied only when a send returns. An entry Loki then refuses as too far behind
   (Loki refuses, rather than de-duplicates, an identical entry behind its cutoff) is answered OK if
   a finished push stored it, and rejected, not stamped anew, if its push's outcome is unknown (a
-  timeout, 5xx). A send starts no wave of pushes after 15 s (``PUSHES_DEADLINE``), so a long one
-  ends normally; what it did not push is sent again.
+  timeout, 5xx). A send starts no wave of pushes after its budget less one request's ``timeout`` (15 s
+  by default: ``SinkContext.send_budget``), so a long one ends normally; what it did not push is
+  sent again.
 - Loki's ingester answers for the last stream of a push only: a refused stream followed by a stored
   one gets a 2xx. So a stream Loki has not taken from this sink in the last 20 minutes (it may be
   new to Loki, which then may refuse it for the active stream limit) is pushed last, one such stream
@@ -130,17 +131,6 @@ forgotten, so its next entry creates it anew, which the active stream limit may 
 10 min to spare (a request's latency, a chunk_idle_period set a little lower)."""
 _PARALLEL_PUSHES = 4
 """Pushes of one send in flight at once (the connection pool's size)."""
-PUSHES_DEADLINE = 15.0
-"""Seconds into a send after which it starts no further wave of pushes. The engine cuts a send off
-after the pipeline's send_timeout (30 s by default), which a sink cannot read; a push started by
-then ends within one request's timeout (10 s by default), so a send of many waves (a relist's batch
-of ~300 new streams is ~75) ends normally instead of being cut off with some pushes stored. The
-pushes not started are answered retry (held: not sent, no failure) and sent again in place."""
-STREAM_HOLD = 300.0
-"""Seconds an entry set aside (``defer``) keeps its stream's much newer entries back after the sink
-last answered it: longer than the engine waits before offering it again (at most retry_max_backoff,
-30 s by default, or a Retry-After up to ten times that; the sink cannot read them). So an entry the
-engine gave up (retry_max_attempts) holds its stream back this long at most."""
 _HOLD_AGAIN = 5.0
 """Seconds before a held-back entry is offered again (not an attempt: nothing was sent)."""
 _SENT_MAX = 20_000
@@ -1055,6 +1045,7 @@ class LokiSink(Sink[LokiOptions]):
     async def start(self) -> None:
         """Reach ``/ready``: fail on connection errors and refused credentials; warn on anything else
         (Loki answers 503 while starting, gateways may not expose /ready)."""
+        self.context.warn_if_outlasting(self.options.timeout, "timeout")
         session = self._ensure_session()
         url = self._base + "/ready"
         try:
@@ -1077,10 +1068,22 @@ class LokiSink(Sink[LokiOptions]):
         self._oldest_ns = now_ns - self._max_age_ns + min(_CLOCK_MARGIN_NS, self._max_age_ns // 4)
         self._newest_ns = now_ns + self._grace_ns - min(_CLOCK_MARGIN_NS, self._grace_ns // 4)
 
-    pushes_deadline: float = PUSHES_DEADLINE
-    """Seconds into a send after which it starts no further wave of pushes (tests lower it)."""
-    stream_hold: float = STREAM_HOLD
-    """Seconds an entry set aside holds its stream's much newer entries back (tests lower it)."""
+    @property
+    def pushes_deadline(self) -> float:
+        """Seconds into a send after which it starts no further wave of pushes: its budget less one
+        push's ``timeout`` (15 s by default), so a push started by then ends before the engine's
+        send_timeout. A send of many waves (a relist's batch of ~300 new streams is ~75) so ends
+        normally instead of being cut off with some pushes stored. The pushes not started are
+        answered retry (held: not sent, no failure) and sent again in place."""
+        return max(0.0, self.context.send_budget - self.options.timeout)
+
+    @property
+    def stream_hold(self) -> float:
+        """Seconds an entry set aside (``defer``) keeps its stream's much newer entries back after the
+        sink last answered it: the longest the engine waits before offering it again (300 s by
+        default). So an entry the engine gave up (retry_max_attempts) holds its stream back this long
+        at most."""
+        return self.context.retry_wait_max
 
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
         outcomes: list[Outcome] = [OK] * len(batch)
@@ -1186,7 +1189,7 @@ class LokiSink(Sink[LokiOptions]):
         dead-letters). So an entry over half max_behind newer than the oldest entry of its stream
         waiting aside (not in this batch) waits aside too, held (no attempt, nothing was sent), and
         comes back after _HOLD_AGAIN seconds. A record ends when its entry is answered otherwise, or
-        STREAM_HOLD after its last answer (the engine gave it up)."""
+        ``stream_hold`` after its last answer (the engine gave it up)."""
         now = time.monotonic_ns()
         for stream, waiting in list(self._aside.items()):
             for key in [key for key, (_, until) in waiting.items() if until < now]:

@@ -347,6 +347,7 @@ class SLSSink(Sink[SLSOptions]):
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.context.warn_if_outlasting(self.options.request_timeout, "request_timeout")
         self._credentials()
         self._ensure_session()
         if not self.options.check_on_start:

@@ -45,9 +45,9 @@ for that payload): it waits aside with its own backoff (``retry_max_attempts`` s
 rest goes on; if the probe fails too, all of it is retried in place. A failed event with no next one
 to probe with waits aside when the receiver's latest answer to another event was a success.
 
-A send starts no request that could end more than ``SEND_BUDGET`` (25 s) after it began (its time so
-far plus ``timeout``): the engine cuts a send off after ``send_timeout`` (30 s by default) and sends it
-again whole, so at a slow receiver (mode=event, 500 events, 60 ms each) or through many 413 halves the
+A send starts no request that could end more than its budget after it began (its time so far plus
+``timeout``; the budget is five sixths of the pipeline's ``send_timeout``, 25 s by default): the engine
+cuts a send off after ``send_timeout`` and sends it again whole, so at a slow receiver (mode=event, 500 events, 60 ms each) or through many 413 halves the
 same head was sent again and again and the tail never. What a send did not start is sent again.
 
 Every URL in logs and errors is redacted: no userinfo, no query values, no token-like path segments.
@@ -97,7 +97,6 @@ from eventrouter.options import FilePath, http_url, redact_url
 from ._scrub import credentials, scrub
 
 __all__ = [
-    "SEND_BUDGET",
     "BodyTemplate",
     "TemplateError",
     "WebhookOptions",
@@ -354,8 +353,8 @@ class WebhookOptions(SinkOptions):
         10.0,
         gt=0,
         description=(
-            "Seconds one HTTP request may take. A send starts no request later than 25 s minus this "
-            "(so it ends before the default send_timeout); the rest is sent next."
+            "Seconds one HTTP request may take. A send starts no request later than five sixths of "
+            "send_timeout minus this (so it ends before the engine cuts it off); the rest is sent next."
         ),
     )
     ca_file: FilePath | None = Field(None, description="CA bundle (PEM) to verify the server's certificate.")
@@ -441,13 +440,6 @@ _RETRY_STATUSES = {408, 425, 429}
 _REFUSED = (401, 403)
 """Credentials refused: being rotated (the endpoint first, then the pod's Secret) or missing. Retried:
 put right, the same events go in; dead-lettering them lost a whole rotation's events."""
-SEND_BUDGET = 25.0
-"""Seconds a send may last: it starts no request that could end after that (its time so far plus the
-``timeout`` option; the first request always starts). The engine cuts a send off after the pipeline's
-``send_timeout`` (30 s by default), which a sink cannot read, and sends the whole batch again: what
-went in before the cutoff went in again, and at a slow receiver the tail was never reached. What a
-send does not start is answered retry (held: not sent, no failure) and the engine sends it again in
-place, at once."""
 _LOG_REFUSED_EVERY = 600.0
 """Seconds between two warnings about refused credentials (the first at once)."""
 
@@ -492,8 +484,14 @@ class WebhookSink(Sink[WebhookOptions]):
         self._last: tuple[str, bool] = ("", False)
         self._other_taken = False
 
-    send_budget: float = SEND_BUDGET
-    """Seconds a send may last (``SEND_BUDGET``; tests lower it)."""
+    @property
+    def send_budget(self) -> float:
+        """Seconds a send may last: it starts no request that could end after that (its time so far
+        plus ``timeout``; the first request always starts). The engine cuts a send off after
+        ``send_timeout`` and sends the whole batch again: what went in before the cutoff went in
+        again, and at a slow receiver the tail was never reached. What a send does not start is
+        answered retry (held: not sent, no failure), and the engine sends it again in place, at once."""
+        return self.context.send_budget
 
     def take_over(self, previous: Sink[WebhookOptions]) -> None:
         """What the endpoint last answered carries over a credential change: a failed event sent
@@ -575,6 +573,7 @@ class WebhookSink(Sink[WebhookOptions]):
 
     async def start(self) -> None:
         # No request here: many webhooks only accept POST, and a start must not emit a fake event.
+        self.context.warn_if_outlasting(self.options.timeout, "timeout")
         self._configure()
         if self._session is None:
             connector = aiohttp.TCPConnector(ssl=self._ssl())

@@ -76,6 +76,19 @@ def _expected(api: FakeApiServer) -> set[tuple[str, int]]:
     return {(e["metadata"]["uid"], occurrence_number(e)) for e in api.events()}
 
 
+async def test_each_sink_is_told_its_pipelines_send_timeout_and_longest_retry_wait(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """Sinks that send a batch in several requests (Loki, the webhook, the robots) keep a send within
+    a budget of the engine's send_timeout, and Loki holds a stream back for as long as the engine may
+    wait to retry. They could not read either and assumed the defaults (30 s, 300 s)."""
+    router = _router(_settings(api, tmp_path), send_timeout=12, retry_max_backoff=4)
+    async with router.running():
+        await _ready(router)
+        context = _mem(router).context
+    assert (context.send_timeout, context.retry_wait_max, context.send_budget) == (12, 40, 10)
+
+
 async def test_recorded_traffic_through_the_api_server_yields_exactly_its_occurrences(
     api: FakeApiServer, tmp_path: Path
 ) -> None:

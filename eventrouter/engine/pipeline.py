@@ -525,7 +525,7 @@ class Pipeline:
 
     def _server_wait(self, retry_after: float) -> float:
         """A destination's Retry-After, bounded: a wild value must not stop the sink for days."""
-        return min(retry_after, self.options.retry_max_backoff * 10)
+        return min(retry_after, self.options.retry_wait_max)
 
     def _defer_retries(
         self, pending: Sequence[Occurrence], outcomes: Sequence[Outcome], done: dict[str, int]

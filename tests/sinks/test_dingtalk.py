@@ -32,8 +32,14 @@ SECRET = "SEC0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcd"
 TOKEN = "robot-token-7f3a"
 
 
-def ctx(name: str = "dingtalk") -> SinkContext:
-    return SinkContext(name=name, cluster="prod", data_dir=None, logger=logging.getLogger(f"test.{name}"))
+def ctx(name: str = "dingtalk", send_timeout: float = 30.0) -> SinkContext:
+    return SinkContext(
+        name=name,
+        cluster="prod",
+        data_dir=None,
+        logger=logging.getLogger(f"test.{name}"),
+        send_timeout=send_timeout,
+    )
 
 
 def stamp(epoch: float) -> str:
@@ -577,6 +583,70 @@ async def test_flood_500_warnings_in_a_minute_respects_the_limit_and_loses_nothi
     assert max_in_any_minute([m.at for m in robot.accepted]) <= 20
     assert sum(counted(m) for m in robot.accepted) == 500  # every occurrence is in exactly one digest
     assert len(robot.accepted) < 500 / 5
+
+
+async def test_a_send_waits_for_the_rate_limiter_only_within_the_engines_send_timeout(
+    robot: DingTalkReceiver, clock: ManualClock
+) -> None:
+    """The engine cuts a send off after its send_timeout and sends the batch again whole, paging again
+    a message that went out meanwhile. The sink could not read send_timeout: it waited up to
+    max_send_wait (10 s) for its pacing and then sent. With send_timeout=6 (a budget of 5 s) and
+    request_timeout=3 it now waits at most 2 s and answers held, to come back when it may send."""
+    context = ctx(send_timeout=6)
+    options = {"url": robot.url, "secret": SECRET, "rate_per_minute": 12, "request_timeout": 3}
+    sink = DingTalkSink(DingTalkOptions.model_validate(options), context, clock=clock)
+    await sink.start()
+    try:
+        assert kinds(await sink.send([occ(namespace="a", reason="BackOff")])) == [OutcomeKind.OK]
+        began = clock.now()
+        second = occ(namespace="b", reason="Unhealthy")
+        outs = await sink.send([second])  # 5 s apart (min_interval, 60/12): over the 2 s it may wait
+        assert outs is not None and outs[0].kind is OutcomeKind.RETRY and outs[0].held
+        assert clock.now() - began <= 2
+        assert len(robot.accepted) == 1
+        clock.advance(5)
+        assert kinds(await sink.send([second])) == [OutcomeKind.OK]
+    finally:
+        await sink.aclose()
+    assert len(robot.accepted) == 2
+
+
+async def test_a_send_starts_no_further_message_past_its_budget() -> None:
+    """A batch too big for one message goes out as up to three. Each may take request_timeout, so
+    three in a row could outlast the engine's send_timeout, which then sends the batch again: what
+    went out is paged twice. Now a send starts no further message past its limiter deadline (here
+    5/6 × 1.2 s − 0.5 s = 0.5 s) at a robot answering after 0.3 s; the rest goes with the next send."""
+    context = ctx(send_timeout=1.2)
+    batch = [occ(namespace=f"ns-{i}", reason="BackOff", message="m" * 100) for i in range(60)]
+    async with DingTalkReceiver(access_token=TOKEN, secret=SECRET, rate_per_minute=60, delay=0.3) as robot:
+        options = {
+            "url": robot.url,
+            "secret": SECRET,
+            "rate_per_minute": 60,
+            "min_interval": 0,
+            "request_timeout": 0.5,
+            "max_message_bytes": 2500,
+        }
+        sink = DingTalkSink(DingTalkOptions.model_validate(options), context)
+        await sink.start()
+        try:
+            outs = await sink.send(batch)
+            assert outs is not None
+            sent = len(robot.accepted)
+            assert 1 <= sent < 3  # the old code sent all three (0.9 s of a 1.2 s send_timeout)
+            assert {o.kind for o in outs} == {OutcomeKind.OK, OutcomeKind.RETRY}
+            assert all(o.held for o in outs if o.kind is OutcomeKind.RETRY)
+            rest = [b for b, o in zip(batch, outs, strict=True) if o.kind is OutcomeKind.RETRY]
+            for _ in range(10):  # what the engine does: offer what is left again
+                again = await sink.send(rest) or []
+                rest = [b for b, o in zip(rest, again, strict=True) if o.kind is OutcomeKind.RETRY]
+                if not rest:
+                    break
+                await asyncio.sleep(min(o.retry_after or 0 for o in again))
+        finally:
+            await sink.aclose()
+    assert not rest
+    assert sum(counted(m) for m in robot.accepted) == 60  # each occurrence in exactly one message
 
 
 # ------------------------------------------------------------------------------------------ errcodes

@@ -91,8 +91,10 @@ async def test_an_entry_set_aside_for_its_stream_goes_in_before_a_much_newer_one
     assert {p.status for p in loki.pushes} == {204, 429}  # nothing refused as too far behind
 
 
-class _ShortHold(LokiSink):
-    stream_hold = 0.5
+# The hold is the engine's longest wait before offering a retried item again.
+SHORT_HOLD = SinkContext(
+    name="loki", cluster="test", data_dir=None, logger=logging.getLogger("test.loki"), retry_wait_max=0.5
+)
 
 
 async def test_a_stream_is_held_back_only_for_much_newer_entries_and_only_until_the_hold_ends() -> None:
@@ -102,7 +104,7 @@ async def test_a_stream_is_held_back_only_for_much_newer_entries_and_only_until_
     at retry_max_attempts), the stream is held back no longer than the hold lasts."""
     now = time.time()
     async with LokiReceiver(max_streams=1) as loki:
-        sink = _ShortHold(LokiOptions.model_validate({"url": loki.url}), CONTEXT)
+        sink = LokiSink(LokiOptions.model_validate({"url": loki.url}), SHORT_HOLD)
         try:
             await sink.send([_at(now - 30, namespace="a", object_name="a-0")])
             first = await sink.send([_at(now - 7205, namespace="b", object_name="b-old")])

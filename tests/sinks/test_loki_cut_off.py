@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from eventrouter import Occurrence, OutcomeKind, RetryableError, SinkContext
 from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
@@ -106,8 +107,17 @@ async def test_a_send_cut_off_among_its_pushes_is_retried_identical_and_stored_o
     assert any(p.status == 400 and "too far behind" in p.message for p in loki.pushes)  # the retry's
 
 
-class _QuickDeadline(LokiSink):
-    pushes_deadline = 0.45
+def _quick_deadline(url: str, send_timeout: float) -> LokiSink:
+    """A sink whose pushes_deadline comes from the engine's send_timeout: five sixths of it less one
+    push's timeout of 0.8 s (0.45 s of a send_timeout of 1.5 s)."""
+    context = SinkContext(
+        name="loki",
+        cluster="test",
+        data_dir=None,
+        logger=logging.getLogger("test.loki"),
+        send_timeout=send_timeout,
+    )
+    return LokiSink(LokiOptions.model_validate({"url": url, "timeout": 0.8}), context)
 
 
 async def test_a_send_of_many_waves_starts_no_push_after_its_deadline_and_returns_normally() -> None:
@@ -116,7 +126,8 @@ async def test_a_send_of_many_waves_starts_no_push_after_its_deadline_and_return
     the send ends normally instead of being cut off by the engine's send_timeout with some pushes
     stored; the retry sends the rest. Before, every wave went out however long it took."""
     async with LokiReceiver(push_delay=lambda streams: 0.3) as loki:
-        sink = _QuickDeadline(LokiOptions.model_validate({"url": loki.url}), CONTEXT)
+        sink = _quick_deadline(loki.url, send_timeout=1.5)
+        assert sink.pushes_deadline == pytest.approx(0.45)
         try:
             batch = [_at(60 - i, namespace=f"ns-{i}", object_name=f"o-{i}") for i in range(12)]
             outcomes = await sink.send(batch)
@@ -203,7 +214,7 @@ async def test_through_the_engine_a_long_send_ends_before_send_timeout_and_pushe
     now = time.time()
     metrics = Metrics()
     async with LokiReceiver(push_delay=lambda streams: 0.2) as loki:
-        sink = _QuickDeadline(LokiOptions.model_validate({"url": loki.url}), CONTEXT)
+        sink = _quick_deadline(loki.url, send_timeout=2.0)
         pipeline = Pipeline(
             name="loki",
             sink=sink,

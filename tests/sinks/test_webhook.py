@@ -64,8 +64,8 @@ def config_error(**entry: Any) -> str:
     return str(info.value)
 
 
-def context() -> SinkContext:
-    return SinkContext(name="webhook", cluster="test", data_dir=None, logger=LOG)
+def context(send_timeout: float = 30.0) -> SinkContext:
+    return SinkContext(name="webhook", cluster="test", data_dir=None, logger=LOG, send_timeout=send_timeout)
 
 
 @asynccontextmanager
@@ -702,11 +702,22 @@ async def test_a_401_or_403_without_credentials_of_ours_is_retried_too_and_says_
     assert "no credentials are configured" in line and "HTTP 403" in line
 
 
+async def test_a_request_timeout_over_the_engines_send_timeout_is_warned_of_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request allowed longer than the engine lets a send last is cut off and its batch sent again
+    whole: the start says so, naming both options."""
+    sink = WebhookSink(
+        WebhookOptions.model_validate({"url": "http://127.0.0.1:9/h", "timeout": 40}), context(20)
+    )
+    with caplog.at_level(logging.WARNING):
+        await sink.start()
+    await sink.aclose()
+    (line,) = [r.getMessage() for r in caplog.records if "send_timeout" in r.getMessage()]
+    assert "timeout=40s" in line and "send_timeout=20s" in line and "duplicates" in line
+
+
 # -- through the engine: slow receivers, refused credentials, an event the receiver fails on -----------
-
-
-class _QuickBudget(WebhookSink):
-    send_budget = 1.0  # of the engine's send_timeout of 1.5 s below (SEND_BUDGET: 25 of 30 s)
 
 
 def _engine(sink: Sink[Any], tmp_path: Path, metrics: Metrics, **opts: Any) -> Pipeline:
@@ -763,7 +774,8 @@ async def test_a_send_longer_than_send_timeout_stops_in_time_and_delivers_everyt
     delay, limit = (0.005, 64 * 1024 * 1024) if mode == "event" else (0.08, 16 * 1024)
     async with WebhookReceiver(delay=delay, max_body_bytes=limit) as hook:
         options = WebhookOptions.model_validate({"url": hook.url, "mode": mode, "timeout": 0.6})
-        pipeline = _engine(_QuickBudget(options, context()), tmp_path, metrics, send_timeout=1.5)
+        # The sink reads its budget from the engine's send_timeout (1.25 s of 1.5 s).
+        pipeline = _engine(WebhookSink(options, context(1.5)), tmp_path, metrics, send_timeout=1.5)
         task = asyncio.create_task(pipeline.run())
         try:
             for occ in occs:

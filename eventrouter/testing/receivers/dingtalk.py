@@ -130,8 +130,11 @@ class DingTalkReceiver(LoopbackServer):
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         host: str = "127.0.0.1",
+        delay: float = 0.0,
     ) -> None:
         self.access_token = access_token
+        self.delay = delay
+        """Seconds each answer takes (a robot slow to answer; real time)."""
         self.secret = secret
         self.keywords = list(keywords)
         self.ip_allowlist = list(ip_allowlist) if ip_allowlist is not None else None
@@ -182,6 +185,8 @@ class DingTalkReceiver(LoopbackServer):
         body = await request.read()
         rec = DingTalkRequest(dict(request.query), body)
         self.requests.append(rec)
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self._faults:
             fault = self._faults.popleft()
             rec.status = fault.status
