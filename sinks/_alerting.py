@@ -42,6 +42,7 @@ import aiohttp
 from pydantic import AliasChoices, BeforeValidator, Field, field_validator
 
 from eventrouter import OK, Occurrence, Outcome, Sink, SinkContext, SinkError, SinkOptions, reject, retry
+from eventrouter.logs import Throttled
 from eventrouter.options import StrList, http_url, redact_url
 
 __all__ = [
@@ -155,9 +156,14 @@ class RateLimiter:
     def begin(self) -> None:
         self._in_flight += 1
 
-    def end(self) -> None:
+    def end(self, *, counted: bool = True) -> None:
+        """A send answered; ``counted=False`` when the robot refused the sender (token, signature)
+        before the message reached anyone: the robots count only the messages they take, and
+        refusals counted used up the minute, so the alerts of a rotation waited a minute once the
+        new secret was in."""
         self._in_flight -= 1
-        self._log.append(self.clock.now())
+        if counted:
+            self._log.append(self.clock.now())
 
     def pause(self, seconds: float) -> None:
         """The robot said "too fast" (someone else shares it): send nothing for a while."""
@@ -223,6 +229,12 @@ def _cut_bytes(text: str, limit: int) -> str:
 SUMMARY_LEVELS: tuple[tuple[int, int | None], ...] = ((8, None), (8, 64), (4, 32), (2, 16), (0, 0))
 """(reasons listed, UTF-8 bytes per reason) of a digest's summary, tried in turn until the message
 fits: first the usual 64 characters, last the bare "…and N more events"."""
+
+
+TYPE_BYTES = 64
+"""UTF-8 bytes of an event type in a digest's header (Kubernetes sets Normal or Warning)."""
+TYPES_LISTED = 4
+"""Event types counted by name in a digest's header; the rest as "N other"."""
 
 
 def humanize(seconds: float) -> str:
@@ -466,6 +478,7 @@ class AlertOptions(SinkOptions):
     throttle_backoff: float = Field(
         60.0, gt=0, description="Seconds to pause after a 'send too fast' answer (doubles up to 600)."
     )
+    # Bounds the repeats held for a window; a new or due group may use a tenth more (``_full``).
     max_pending: int = Field(10_000, ge=1, description="Most occurrences held for digests at once.")
 
     @field_validator("url")
@@ -587,6 +600,9 @@ class Delivery:
     too_fast: bool = False
     cause: str = ""
     """For rejections: what to log once (same cause, one log line)."""
+    refused: bool = False
+    """A retry because the robot refused our credentials (token, key, signature), not the message:
+    being rotated (the robot first, then the pod's Secret) or wrong. Warned of once per run."""
 
 
 def http_failure(
@@ -611,6 +627,9 @@ def http_failure(
         "reject", f"{reason}, not the API's own answer: check the URL and any proxy", cause=f"http {status}"
     )
 
+
+_LOG_REFUSED_EVERY = 600.0
+"""Seconds between two warnings about refused credentials (the first at once), as the webhook's."""
 
 OptionsT = TypeVar("OptionsT", bound=AlertOptions)
 
@@ -644,6 +663,8 @@ class AlertSink(Sink[OptionsT]):
         self._failure_held = False
         self._throttle = options.throttle_backoff
         self._last_flush: float | None = None
+        self._refused_log = Throttled(self.log, _LOG_REFUSED_EVERY)
+        self._refusing = False  # the last answer refused our credentials (warned): an OK ends that run
         self.sent_messages = 0
         """Messages the robot accepted (errcode 0)."""
 
@@ -698,7 +719,8 @@ class AlertSink(Sink[OptionsT]):
 
     def probe_url(self) -> str | None:
         """The address ``eventrouter check`` probes, without query (no token leaves in it); None when
-        ``start()`` already reached the destination."""
+        ``start()`` already reached the destination. It may carry user info (a gateway's password):
+        shown only through ``redact_url``."""
         parts = urlsplit(self.options.url)
         return urlunsplit(parts._replace(query="", fragment=""))
 
@@ -710,12 +732,13 @@ class AlertSink(Sink[OptionsT]):
         url = self.probe_url()
         if url is None:
             return
+        shown = redact_url(url)
         try:
             async with self.session().head(url, allow_redirects=False) as resp:
-                self.log.info("%s: %s answered HEAD with %d", self.context.name, url, resp.status)
+                self.log.info("%s: %s answered HEAD with %d", self.context.name, shown, resp.status)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             reason = self.redact(f"{type(exc).__name__}: {exc}")
-            raise SinkError(f"{self.context.name}: cannot reach {url}: {reason}") from None
+            raise SinkError(f"{self.context.name}: cannot reach {shown}: {reason}") from None
 
     def take_over(self, previous: Sink[OptionsT]) -> None:
         """Digests being collected, the record of what was already sent (so that the engine's
@@ -762,15 +785,12 @@ class AlertSink(Sink[OptionsT]):
             if silence is not None:
                 early[i] = reject(f"silenced by {silence.text}")
                 continue
-            if len(self._pending_of) >= self.options.max_pending:
-                early[i] = retry(
-                    f"{self.options.max_pending} occurrences already wait for digests",
-                    retry_after=5,
-                    held=True,
-                )
-                continue
             gkey = tuple(fields[f] for f in self.options.group_by)
             group = self._groups.get(gkey)
+            full = self._full(group, now)
+            if full is not None:
+                early[i] = full
+                continue
             if group is None:
                 group = self._groups[gkey] = Group(gkey)
             group.pending[key] = occ
@@ -793,6 +813,21 @@ class AlertSink(Sink[OptionsT]):
                 answers[occ.key] = answer
             out.append(answer)
         return out
+
+    def _full(self, group: Group | None, now: float) -> Outcome | None:
+        """Why the pool takes no more of ``group`` now, or None. ``max_pending`` bounds the repeats
+        held for a window; a new or due group goes out in this send, so it may use a reserve above
+        that (a tenth): a pool full of held repeats held a new problem back until their windows
+        ended (300 s). The reserve fills only while the robot takes nothing."""
+        pending = len(self._pending_of)
+        limit = self.options.max_pending
+        if pending < limit:
+            return None
+        due = now if group is None else self._due_at(group, now)
+        if due <= now and pending < limit + max(1, limit // 10):
+            return None
+        wait = max(5.0, due - now)  # a held group's repeat is not wanted before its window ends
+        return retry(f"{limit} occurrences already wait for digests", retry_after=wait, held=True)
 
     def _waiting(self, key: str, now: float) -> Outcome:
         group = self._pending_of.get(key)
@@ -877,10 +912,11 @@ class AlertSink(Sink[OptionsT]):
                 if index and self.clock.now() > deadline:
                     return  # one more could end past the send's budget: the rest goes next send
                 self.limiter.begin()
+                result = None
                 try:
                     result = await self._deliver_safely(title, text, digest)
                 finally:
-                    self.limiter.end()
+                    self.limiter.end(counted=result is None or not result.refused)
                 if not self._settle(digest, result):
                     return
 
@@ -892,30 +928,50 @@ class AlertSink(Sink[OptionsT]):
             return Delivery("retry", f"{self.robot} unreachable: {type(exc).__name__}: {detail}")
 
     def _renderable(self, views: list[GroupView], now: float) -> list[GroupView]:
-        """The views that render; a group whose line cannot be made (an event content no template or
-        time zone can show) is rejected with the reason, so it never fails the message of the rest
-        (``send`` raising would retry the batch for ever while the group stays pooled)."""
-        good = []
-        self._excerpt = self.options.excerpt_chars
+        """The views that render, those whose line fits a message first; a group whose line cannot
+        be made (an event content no template or time zone can show) is rejected with the reason, so
+        it never fails the message of the rest (``send`` raising would retry the batch for ever while
+        the group stays pooled). So is one that does not fit even as a count: sent, the robot refused
+        the whole message (460101, 40058) and every alert in it was dead-lettered."""
+        lines: list[GroupView] = []
+        counts: list[GroupView] = []  # too long for a line: summarised, after the lines that fit
+        limit = self.max_bytes
         for view in views:
             try:
-                single = Digest([view], [])
-                title, text = self.compose(single)
-                self.payload_size(title, text, single)
+                line = self._fits(Digest([view], []), limit) or self._fit_single(view, False, [], limit) > 0
+                count = line or self._fits_bare(Digest([], [view]), limit)
             except Exception as exc:  # any failure of one group's content
                 detail = self.redact(str(exc))
-                reason = _shorten(
-                    f"cannot render the event for a digest: {type(exc).__name__}: {detail}", 300
+                self._refuse(
+                    view,
+                    f"cannot render the event for a digest: {type(exc).__name__}: {detail}",
+                    f"render:{type(exc).__name__}",
+                    now,
                 )
-                cause = f"render:{type(exc).__name__}"
-                if cause not in self._logged:
-                    self._logged.add(cause)
-                    group = _shorten(one_line("/".join(view.group.key)), 200)
-                    self.log.error("%s: %s (group %s)", self.context.name, reason, group)
-                self._finish(view, reject(reason), now)
+                continue
+            finally:
+                self._excerpt = self.options.excerpt_chars
+            if line:
+                lines.append(view)
+            elif count:
+                counts.append(view)
             else:
-                good.append(view)
-        return good
+                self._refuse(
+                    view,
+                    f"the event does not fit the {self.robot}'s {limit}-byte message, not even as a count",
+                    "render:too-large",
+                    now,
+                )
+        return lines + counts
+
+    def _refuse(self, view: GroupView, reason: str, cause: str, now: float) -> None:
+        """Reject one group for its own content, logged once per cause."""
+        reason = _shorten(reason, 300)
+        if cause not in self._logged:
+            self._logged.add(cause)
+            group = _shorten(one_line("/".join(view.group.key)), 200)
+            self.log.error("%s: %s (group %s)", self.context.name, reason, group)
+        self._finish(view, reject(reason), now)
 
     def _finish(self, view: GroupView, outcome: Outcome, now: float) -> None:
         group = view.group
@@ -930,6 +986,17 @@ class AlertSink(Sink[OptionsT]):
         if result.kind == "retry":
             self._last_failure = result.reason
             self._failure_retry_after = result.retry_after
+            if result.refused:
+                # Every message is refused until the credential is put right (a rotated file: one is
+                # taken within seconds): held in the engine, not dead-lettered, and said once a run.
+                self._refusing = True
+                self._refused_log.warning(
+                    "refused",
+                    "%s: our credentials refused? %s; retrying until that is put right "
+                    "(nothing is dead-lettered for it)",
+                    self.context.name,
+                    result.reason,
+                )
             if result.too_fast:
                 # The robot throttles us (someone else shares it, or its own limit): nothing is wrong
                 # with the alerts, so they are held, not failed: a throttle that outlasts
@@ -949,6 +1016,9 @@ class AlertSink(Sink[OptionsT]):
         if result.kind == "ok":
             self.sent_messages += 1
             self._throttle = self.options.throttle_backoff
+            if self._refusing:  # that run of refusals is over: the next one is news, logged at once
+                self._refusing = False
+                self._refused_log = Throttled(self.log, _LOG_REFUSED_EVERY)
         elif result.cause not in self._logged:
             self._logged.add(result.cause)
             self.log.error("%s: %s", self.context.name, result.reason)
@@ -1041,8 +1111,13 @@ class AlertSink(Sink[OptionsT]):
         ]
         kinds: Counter[str] = Counter()
         for v in digest.views + digest.summarised:
-            kinds[v.fields["type"] or "Normal"] += v.count
-        what = ", ".join(f"{n} {t}" for t, n in sorted(kinds.items()))
+            # The type is free text (legacy core/v1 Events): cut, and a few listed, so that no event's
+            # type can make even a bare summary larger than the robot accepts.
+            kinds[_cut_bytes(one_line(v.fields["type"]), TYPE_BYTES) or "Normal"] += v.count
+        top = sorted(kinds.items(), key=lambda kn: (-kn[1], kn[0]))
+        shown = sorted(top[:TYPES_LISTED])
+        others = sum(n for _, n in top[TYPES_LISTED:])
+        what = ", ".join([f"{n} {t}" for t, n in shown] + ([f"{others} other"] if others else []))
         parts = [f"cluster {', '.join(clusters)}"]
         parts += [lbl for lbl in self.options.label]
         if self.options.cluster_id:
@@ -1168,7 +1243,19 @@ class AlertSink(Sink[OptionsT]):
                 if best == 0:
                     last = True  # not even one line fits: this message summarises everything left
             digest = Digest(rest[:best], rest[best:] if last else [])
-            self._fit_summary(digest, limit)
+            if not self._fit_summary(digest, limit):
+                # Too many clusters or types even for a bare count: count fewer (each fits alone,
+                # ``_renderable`` made sure); the rest stays pooled for the next message.
+                lo, hi, size = 1, len(digest.summarised) - 1, 1
+                while lo <= hi:
+                    mid = (lo + hi) // 2
+                    if self._fits_bare(Digest([], digest.summarised[:mid]), limit):
+                        size, lo = mid, mid + 1
+                    else:
+                        hi = mid - 1
+                digest = Digest([], digest.summarised[:size])
+                self._summary_level = SUMMARY_LEVELS[-1]
+                rest = []
             title, text = self.compose(digest)
             self._excerpt = self.options.excerpt_chars
             self._summary_level = SUMMARY_LEVELS[0]
@@ -1188,14 +1275,24 @@ class AlertSink(Sink[OptionsT]):
         self._excerpt = self.options.excerpt_chars
         return 0
 
-    def _fit_summary(self, digest: Digest, limit: int) -> None:
+    def _fit_summary(self, digest: Digest, limit: int) -> bool:
         """A message that is only a summary was never measured: eight long reasons (64 characters of
         up to 4 bytes each) passed WeCom's 2048 bytes, and the robot refused it for good. List fewer
-        reasons, cut shorter, until the message fits; the last level is the bare count."""
+        reasons, cut shorter, until the message fits; the last level is the bare count. False when
+        not even that fits."""
         for level in SUMMARY_LEVELS:
             self._summary_level = level
             if not digest.summarised or self._fits(digest, limit):
-                return
+                return True
+        return False
+
+    def _fits_bare(self, digest: Digest, limit: int) -> bool:
+        """Whether ``digest`` fits with its summary at the last level (a bare count)."""
+        level, self._summary_level = self._summary_level, SUMMARY_LEVELS[-1]
+        try:
+            return self._fits(digest, limit)
+        finally:
+            self._summary_level = level
 
     def _fits(self, digest: Digest, limit: int) -> bool:
         title, text = self.compose(digest)

@@ -4,8 +4,10 @@
 
 The robot answers HTTP 200 for everything and says in ``errcode`` what happened: 0 is the only
 success; 130101 and 410100 ("send too fast": the robot is throttled) back off, holding the alerts;
-310000 (keywords, signature, timestamp, IP allowlist) and an unknown ``access_token`` are permanent —
-rejected and logged once per cause.
+310000 for the signature, its timestamp or the IP allowlist and an unknown ``access_token`` (300001,
+300005) refuse the sender, not the message: retried (a secret reset in the console comes into the pod
+a little later), warned of once per run; 310000 "keywords not in content" and the others are the
+message's own: rejected and logged once per cause.
 """
 
 from __future__ import annotations
@@ -33,13 +35,18 @@ from ._alerting import (
     http_failure,
     sample_template,
 )
-from ._scrub import scrub
+from ._scrub import credentials, scrub
 
 __all__ = ["DingTalkOptions", "DingTalkSink", "dingtalk_sign"]
 
 DEFAULT_URL = "https://oapi.dingtalk.com/robot/send"
 ACTION_FIELDS = ("cluster", "namespace", "kind", "object", "reason")
 """The fields ``action_url`` may use (filled in URL-encoded)."""
+LINK_MAX = 2048
+"""Longest filled-in ``action_url``: an event's object name has no bound (legacy core/v1 Events), and
+a link longer than browsers and proxies reliably take is no link."""
+FIELD_MAX = 253
+"""A field longer than a Kubernetes name (DNS subdomain) is left out of an overlong link."""
 
 
 def dingtalk_sign(secret: str, timestamp_ms: int) -> str:
@@ -119,6 +126,9 @@ class DingTalkOptions(AlertOptions):
 
 _TOKENISH = re.compile(r"(access_token|sign|secret|timestamp)=[^&\s'\"]*")
 
+REFUSED_TOKEN = {300001, 300005}
+"""The access_token is no robot's (``token is not exist``): the robot removed, or its webhook reset."""
+
 TOO_FAST = {130101, 410100}
 """Rate limited ("send too fast", the robot throttled for 10 minutes): 130101, and 410100 in newer
 DingTalk answers; neither says anything about the message."""
@@ -135,9 +145,11 @@ class DingTalkSink(AlertSink[DingTalkOptions]):
 
     def __init__(self, options: DingTalkOptions, context: SinkContext, *, clock: Clock | None = None) -> None:
         super().__init__(options, context, clock=clock)
-        self._secrets = [
-            s.get_secret_value() for s in (options.access_token, options.secret) if s is not None
-        ]
+        # The URL's user info too (an authenticating egress gateway): an error may quote the URL.
+        self._secrets = credentials(
+            [s.get_secret_value() for s in (options.access_token, options.secret) if s is not None],
+            urls=[options.url],
+        )
 
     def redact(self, text: str) -> str:
         return _TOKENISH.sub(r"\1=****", scrub(text, self._secrets))
@@ -163,12 +175,7 @@ class DingTalkSink(AlertSink[DingTalkOptions]):
     def payload(self, title: str, text: str, digest: Digest) -> dict[str, Any]:
         kind = self.msg_type
         if kind == "actionCard":
-            top = (digest.views or digest.summarised)[0].fields
-            fill = {k: quote(top.get(k, ""), safe="") for k in ACTION_FIELDS}
-            try:
-                link = self.options.action_url.format_map(fill)
-            except (KeyError, ValueError, IndexError):
-                link = self.options.action_url
+            link = self._link((digest.views or digest.summarised)[0].fields)
             return {
                 "msgtype": "actionCard",
                 "actionCard": {
@@ -183,6 +190,21 @@ class DingTalkSink(AlertSink[DingTalkOptions]):
         if kind == "text":
             return {"msgtype": "text", "text": {"content": text}, "at": at}
         return {"msgtype": "markdown", "markdown": {"title": title, "text": text}, "at": at}
+
+    def _link(self, top: dict[str, str]) -> str:
+        """``action_url`` filled in from the first group; when that is over ``LINK_MAX``, without
+        the fields longer than a name (emptied: a dashboard shows everything rather than nothing), so
+        one event's name can never make the card larger than the robot accepts."""
+        template = self.options.action_url
+        fill = {k: quote(top.get(k, ""), safe="") for k in ACTION_FIELDS}
+        try:
+            link = template.format_map(fill)
+            if len(link) > LINK_MAX:
+                short = {k: ("" if len(top.get(k, "")) > FIELD_MAX else v) for k, v in fill.items()}
+                link = template.format_map(short)
+        except (KeyError, ValueError, IndexError):
+            return template
+        return link if len(link) <= LINK_MAX else template.format_map(dict.fromkeys(ACTION_FIELDS, ""))
 
     def _url(self) -> str:
         assert self.options.access_token is not None
@@ -229,14 +251,38 @@ class DingTalkSink(AlertSink[DingTalkOptions]):
             return Delivery("retry", f"DingTalk robot says send too fast: {said}", too_fast=True)
         if code == -1:
             return Delivery("retry", f"DingTalk is busy: {said}")
+        refused = _refused(code, msg)
+        if refused:
+            # The sender refused, whatever it sends (item 111's 401/403): dead-lettering every alert
+            # until the new secret reached the pod lost a whole rotation's pages.
+            return Delivery("retry", f"DingTalk robot refused our request: {said}: {refused}", refused=True)
         hint: dict[int, str] = {
-            310000: "the robot's security settings refused it (keywords, secret/sign, timestamp or IP allowlist)",
-            300001: "the access_token is not valid for any robot",
-            300005: "the access_token is not valid for any robot",
+            310000: "the robot's keyword security refused it (set keywords= to the robot's keywords)",
             460101: "the message is longer than the robot accepts (lower max_message_bytes)",
         }
         reason = f"DingTalk robot refused the message: {said}: " + hint.get(code, "permanent error")
         return Delivery("reject", reason, cause=f"{code}:{_cause(msg)}")
+
+
+def _refused(code: int, msg: str) -> str:
+    """What to check when the robot refused the sender (its credentials, clock or address) rather
+    than the message; '' when the message's own content is the cause (310000 keywords not in content)."""
+    if code in REFUSED_TOKEN:
+        return (
+            "the access_token is not valid for any robot (removed, or its webhook reset?): check access_token"
+        )
+    if code != 310000:
+        return ""
+    text = msg.casefold()
+    if "keyword" in text:
+        return ""
+    if "sign" in text:
+        return "the signature does not match: check secret (reset in the DingTalk console?)"
+    if "timestamp" in text:
+        return "the signature's timestamp is refused: is this host's clock more than an hour off?"
+    if "whitelist" in text or "allowlist" in text:
+        return "this address is not in the robot's IP allowlist"
+    return "the robot's security settings refused it: check access_token, secret and its IP allowlist"
 
 
 def _cause(msg: str) -> str:

@@ -6,7 +6,9 @@ Application API (kube-eventer's ``wechat`` sink): ``--sink=wechat:?corp_id=..&co
 and refreshed (then the message resent once) when the API answers 40014 / 42001.
 
 Replies are HTTP 200 with an ``errcode``: 0 is the only success; 45009 ("api freq out of limit")
-backs off; 93000 (bad webhook key), credential, agent and recipient errors are permanent.
+backs off; a refused webhook key (93000), corp id or secret (40013, 40001, 40091) or address (60020)
+is retried (a key or secret reset in the console reaches the pod a little later), warned of once per
+run; agent, recipient and message errors are permanent.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import orjson
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 
 from eventrouter import Secret, SinkContext, SinkError
-from eventrouter.options import StrList
+from eventrouter.options import StrList, redact_url
 
 from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest, http_failure
-from ._scrub import scrub
+from ._scrub import credentials, scrub
 
 __all__ = ["WeComOptions", "WeComSink"]
 
@@ -120,13 +122,17 @@ _TOKENISH = re.compile(r"(access_token|key|corpsecret)=[^&\s'\"]*")
 # Answers meaning "the token is no good": refresh it and resend once.
 TOKEN_EXPIRED = {40014, 42001, 41001}
 RETRYABLE = {-1, 45033, 45009, 45011}
-HINTS: dict[int, str] = {
-    93000: "the webhook key is not valid (robot removed?)",
-    40001: "corp_secret is not valid",
-    40013: "corp_id is not valid",
-    40091: "corp_secret is not valid",
-    40056: "agent_id is not valid",
+REFUSED: dict[int, str] = {
+    93000: "the webhook key is not valid (robot removed, or its webhook reset?): check key",
+    40001: "corp_secret is not valid (reset in the WeCom console?): check corp_secret",
+    40013: "corp_id is not valid: check corp_id",
+    40091: "corp_secret is not valid (reset in the WeCom console?): check corp_secret",
     60020: "this address is not in the application's trusted IP list",
+}
+"""The sender refused, whatever it sends (item 111's 401/403): retried, never dead-lettered: a
+rotation's alerts go out once the new credential reaches the pod."""
+HINTS: dict[int, str] = {
+    40056: "agent_id is not valid",
     81013: "no recipient (to_user / to_party / to_tag) is valid",
     40058: "the message is longer than WeCom accepts (lower max_message_bytes)",
     44004: "the message is empty",
@@ -149,6 +155,8 @@ class WeComSink(AlertSink[WeComOptions]):
         self._token: str | None = None
         self._token_expires = 0.0
         self._token_refresh_at = 0.0
+        # The URL's user info too (an authenticating egress gateway): an error may quote the URL.
+        self._url_secrets = credentials(urls=[options.url]) if options.url else []
 
     # -------------------------------------------------------------- shape
 
@@ -172,7 +180,7 @@ class WeComSink(AlertSink[WeComOptions]):
                 self._token or "",
             )
             if s
-        ]
+        ] + self._url_secrets
 
     def redact(self, text: str) -> str:
         return _TOKENISH.sub(r"\1=****", scrub(text, self._secrets()))
@@ -278,8 +286,9 @@ class WeComSink(AlertSink[WeComOptions]):
             try:
                 got = await self._get_token(force=True)
             except Exception as exc:  # unreachable at boot: say where, never with the secret
+                where = redact_url(self._api(""))
                 raise SinkError(
-                    f"{self.context.name}: cannot reach WeCom at {self._api('')}: {self.redact(str(exc))}"
+                    f"{self.context.name}: cannot reach WeCom at {where}: {self.redact(str(exc))}"
                 ) from None
             if isinstance(got, Delivery):
                 raise SinkError(f"{self.context.name}: {got.reason}")
@@ -329,5 +338,9 @@ class WeComSink(AlertSink[WeComOptions]):
             return Delivery("retry", f"WeCom says api freq out of limit: {said}", too_fast=True)
         if code in RETRYABLE:
             return Delivery("retry", f"WeCom is busy: {said}")
+        if code in REFUSED:
+            return Delivery(
+                "retry", f"WeCom {what} refused our request: {said}: {REFUSED[code]}", refused=True
+            )
         reason = f"WeCom {what} refused the message: {said}: {HINTS.get(code, 'permanent error')}"
         return Delivery("reject", reason, cause=f"{what}:{code}:{re.split(r'[,;]', msg, maxsplit=1)[0]}")

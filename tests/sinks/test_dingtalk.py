@@ -20,11 +20,16 @@ import orjson
 import pytest
 
 from eventrouter import Occurrence, OutcomeKind, SinkContext, SinkError, normalise
-from eventrouter.config import ConfigError, parse_sink_flag, spec_for_class
+from eventrouter.config import ConfigError, build_specs, parse_sink_flag, spec_for_class
 from eventrouter.engine.filter import compile_filter
+from eventrouter.engine.reload import SinkReloader
+from eventrouter.metrics import Metrics
 from eventrouter.options import COMMON_KEYS, FilterOptions, field_names
 from eventrouter.testing import make_occurrence, recorded_watch
+from eventrouter.testing.pipelines import pipeline_for
 from eventrouter.testing.receivers.dingtalk import DingTalkMessage, DingTalkReceiver
+from eventrouter.testing.secret_volume import SecretVolume
+from eventrouter.testing.waiting import until
 from eventrouter_sinks._alerting import GroupView, ManualClock
 from eventrouter_sinks.dingtalk import DingTalkOptions, DingTalkSink
 
@@ -145,9 +150,11 @@ async def test_signed_markdown_digest_is_accepted_and_reported_ok(robot: DingTal
     assert counted(msg) == 3
 
 
-async def test_wrong_secret_is_rejected_with_310000_logged_once_and_secret_never_logged(
+async def test_a_wrong_secret_310000_is_retried_warned_of_once_and_the_secret_never_logged(
     robot: DingTalkReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """ "sign not match" refuses the sender, not the message (item 111's 401): dead-lettered, every
+    alert of a secret rotation was lost. Retried now (a failure: the sink is down), one warning."""
     wrong = "SECwrongwrongwrongwrong"
     sink = await make_sink(robot.url, secret=wrong)
     caplog.set_level(logging.DEBUG)
@@ -157,16 +164,18 @@ async def test_wrong_secret_is_rejected_with_310000_logged_once_and_secret_never
     finally:
         await sink.aclose()
     assert first is not None and second is not None
-    assert {o.kind for o in [*first, *second]} == {OutcomeKind.REJECT}
+    assert {(o.kind, o.held) for o in [*first, *second]} == {(OutcomeKind.RETRY, False)}
     assert all("310000" in o.reason and "sign not match" in o.reason for o in [*first, *second])
     assert robot.errcodes() == [310000, 310000]
-    errors = [r for r in caplog.records if "310000" in r.getMessage()]
-    assert len(errors) == 1 and errors[0].levelno == logging.ERROR
+    warned = [r for r in caplog.records if "credentials refused" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert "check secret" in warned[0].getMessage()
+    assert sink.limiter.free() == 20  # refused before the robot: no message of its minute
     everything = caplog.text + " ".join(o.reason for o in [*first, *second]) + repr(sink.options)
     assert wrong not in everything and TOKEN not in everything and SECRET not in everything
 
 
-async def test_expired_timestamp_is_refused_like_the_service(clock: ManualClock) -> None:
+async def test_an_expired_timestamp_is_refused_like_the_service_and_retried(clock: ManualClock) -> None:
     # The receiver's wall clock is 2 h ahead: the sink's signature timestamp is outside the hour.
     async with DingTalkReceiver(access_token=TOKEN, secret=SECRET, wall=lambda: clock.wall() + 7200) as robot:
         sink = await make_sink(robot.url, secret=SECRET, clock=clock)
@@ -174,16 +183,74 @@ async def test_expired_timestamp_is_refused_like_the_service(clock: ManualClock)
             (out,) = await sink.send([occ()]) or []
         finally:
             await sink.aclose()
-    assert out.kind is OutcomeKind.REJECT and "invalid timestamp" in out.reason
+    assert out.kind is OutcomeKind.RETRY and "invalid timestamp" in out.reason and "clock" in out.reason
 
 
-async def test_unknown_access_token_is_rejected_permanently(robot: DingTalkReceiver) -> None:
+async def test_an_unknown_access_token_is_retried_not_dead_lettered(robot: DingTalkReceiver) -> None:
+    """300001: the robot's webhook was reset (a new access_token) or the robot removed; dead-lettering
+    lost every alert until the new token reached the pod."""
     sink = await make_sink(robot.base_url + "?access_token=nope", secret=SECRET)
+    alert = occ()
     try:
-        (out,) = await sink.send([occ()]) or []
+        (out,) = await sink.send([alert]) or []
+        robot.access_token = "nope"  # the pod's token is the robot's again
+        (again,) = await sink.send([alert]) or []
     finally:
         await sink.aclose()
-    assert out.kind is OutcomeKind.REJECT and "300001" in out.reason
+    assert out.kind is OutcomeKind.RETRY and "300001" in out.reason and "check access_token" in out.reason
+    assert again.kind is OutcomeKind.OK and robot.errcodes() == [300001, 0]
+
+
+async def test_a_signing_secret_reset_in_the_console_first_dead_letters_nothing(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The secret is reset in the DingTalk console (the old one stops at once); the pod's Secret
+    volume follows a little later. Every alert of that gap was dead-lettered (310000 sign not
+    match), never paged. Now they wait in the engine and are paged once, with the new secret."""
+    old, new = "SEC" + "a" * 61, "SEC" + "b" * 61
+    volume = SecretVolume(tmp_path / "secrets", {"ding-secret": old})
+    metrics = Metrics()
+    async with DingTalkReceiver(access_token=TOKEN, secret=old) as robot:
+        (spec,) = build_specs(
+            [
+                f"dingtalk:{robot.url}&secret=file:{volume.file('ding-secret')}&min_interval=0"
+                "&batch_max_wait=0.01&retry_initial_backoff=0.01&retry_max_backoff=0.05"
+            ]
+        )
+        sink = spec.build(ctx(spec.name))
+        timing = spec.pipeline.model_dump(
+            include={"batch_max_wait", "retry_initial_backoff", "retry_max_backoff"}
+        )
+        pipeline = pipeline_for(spec.name, sink, metrics, tmp_path / "dl", **timing)
+        reloader = SinkReloader(spec, pipeline, metrics)
+        task = asyncio.create_task(pipeline.run())
+        delivered = metrics.delivered.labels(spec.name)
+        dead = metrics.dead_lettered.labels(spec.name, "rejected")
+        pods = [occ(object_name=f"pod-{i}") for i in range(15)]
+        try:
+            for o in pods[:5]:
+                pipeline.offer(o)
+            await until(lambda: delivered._value.get() == 5)
+            robot.secret = new  # reset in the console
+            for o in pods[5:10]:  # alerts while the kubelet has not synced the Secret yet
+                pipeline.offer(o)
+            await until(lambda: robot.errcodes().count(310000) >= 3 or dead._value.get() > 0)
+            assert dead._value.get() == 0  # retried, three rounds or more
+            volume.update({"ding-secret": new})  # the pod's Secret volume follows
+            assert not reloader.check() and reloader.check()  # seen, then settled: rebuilt
+            for o in pods[10:]:
+                pipeline.offer(o)
+            await until(lambda: delivered._value.get() == 15)
+        finally:
+            pipeline.close()
+            await asyncio.wait_for(task, 10)
+            await pipeline.close_sink()
+    assert dead._value.get() == 0
+    paged = Counter(re.findall(r"shop/(pod-\d+)", "".join(m.text for m in robot.accepted)))
+    assert paged == {f"pod-{i}": 1 for i in range(15)}
+    refused = [r.getMessage() for r in caplog.records if "credentials refused" in r.getMessage()]
+    assert len(refused) == 1 and "sign not match" in refused[0], refused  # once, however many refusals
+    assert old not in caplog.text and new not in caplog.text
 
 
 # ------------------------------------------------------------------------------------------ keywords
@@ -477,6 +544,40 @@ async def test_a_held_group_offered_whole_in_the_batch_rides_along_with_a_due_on
     assert "shop/web-0" in robot.accepted[1].text and "shop/web-1" in robot.accepted[1].text
 
 
+async def test_a_pool_full_of_held_repeats_does_not_hold_back_a_new_problem(
+    robot: DingTalkReceiver, clock: ManualClock
+) -> None:
+    """``max_pending`` bounded every occurrence: with the pool full of repeats held for their
+    window, a new problem was answered "retry in 5 s" until those windows ended, 300 s later. The
+    bound now holds back only repeats of held groups; a new or due group goes out in the same send
+    (a reserve of a tenth above the bound, used only while the robot takes nothing)."""
+    sink = await make_sink(robot.url, secret=SECRET, clock=clock, max_pending=50)
+    try:
+        first = [occ(1, uid=f"u{i}", object_name=f"web-{i}") for i in range(10)]
+        assert kinds(await sink.send(first)) == [OutcomeKind.OK] * 10
+        clock.advance(5)
+        repeats = [occ(n, uid=f"u{i}", object_name=f"web-{i}") for n in range(2, 7) for i in range(10)]
+        outs = await sink.send(repeats)
+        assert outs is not None and all(o.kind is OutcomeKind.RETRY and o.held for o in outs)
+        oom = occ(object_name="node-7", kind="Node", namespace="", reason="OOMKilling")
+        assert kinds(await sink.send([oom])) == [OutcomeKind.OK]  # paged in the same send
+        assert "OOMKilling" in robot.accepted[-1].text
+        (extra,) = await sink.send([occ(7, uid="u0", object_name="web-0")]) or []
+        # The pool is full: a held group's repeat waits, and need not come back before its window ends.
+        assert "50 occurrences already wait" in extra.reason and extra.held
+        assert extra.retry_after == pytest.approx(295)
+        # While the robot takes nothing, new problems fill the reserve (5) and no more.
+        robot.fail_next(20, status=502)
+        clock.advance(5)
+        news = [occ(object_name=f"db-{i}", reason="Unhealthy") for i in range(10)]
+        outs = await sink.send(news)
+        assert outs is not None and all(o.kind is OutcomeKind.RETRY for o in outs)
+        assert sum("already wait" in o.reason for o in outs) == 5
+        assert sum("HTTP 502" in o.reason for o in outs) == 5
+    finally:
+        await sink.aclose()
+
+
 @pytest.mark.parametrize(
     ("time_zone", "times"),
     [
@@ -556,6 +657,50 @@ async def test_too_long_digest_is_summarised_with_counts_and_all_count_as_delive
     assert counted(msg) == 60
     # Every line shown is whole: each listed pod has its message quote right after it.
     assert msg.text.count("> mmmm") == len(_ENTRY.findall(msg.text))
+
+
+async def test_one_event_too_long_for_a_line_is_counted_and_its_link_shortened_never_over_the_limit(
+    robot: DingTalkReceiver, clock: ManualClock
+) -> None:
+    """A 20,000-character object name (legacy core/v1 Events do not bound it) in an actionCard: the
+    card's link was filled from it, the message went over 20,000 bytes, the robot refused it (460101)
+    and the five innocent alerts in it were dead-lettered. Now the lines that fit go out, the long
+    one is counted, and a link that would be too long leaves that field out."""
+    action = "https://grafana.example/d/k8s?var-ns={namespace}&var-pod={object}"
+    sink = await make_sink(robot.url, secret=SECRET, clock=clock, msg_type="actionCard", action_url=action)
+    batch = [
+        occ(object_name="p" * 20_000),
+        *(occ(object_name=f"web-{i}", reason="OOMKilling") for i in range(5)),
+    ]
+    try:
+        outs = await sink.send(batch)
+    finally:
+        await sink.aclose()
+    assert kinds(outs) == [OutcomeKind.OK] * 6
+    assert robot.errcodes() == [0, 0]
+    assert all(len(orjson.dumps(m.payload)) <= 19_000 for m in robot.accepted)
+    lines, count = robot.accepted
+    assert all(f"shop/web-{i}" in lines.text for i in range(5)) and counted(lines) == 5
+    assert lines.payload["actionCard"]["singleURL"] == action.format(namespace="shop", object="web-0")
+    assert "…and 1 more event: BackOff" in count.text and counted(count) == 1
+    assert count.payload["actionCard"]["singleURL"] == action.format(namespace="shop", object="")
+
+
+async def test_an_event_that_cannot_fit_even_as_a_count_is_rejected_alone(
+    robot: DingTalkReceiver, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The last guard: what no shortening makes fit (here a 30,000-character cluster name, shown
+    in every header) is rejected with its reason, never sent over the limit with the rest."""
+    sink = await make_sink(robot.url, secret=SECRET, clock=clock)
+    huge = make_occurrence(cluster="c" * 30_000, namespace="shop", object_name="huge")
+    try:
+        outs = await sink.send([huge, *(occ(object_name=f"web-{i}") for i in range(3))])
+    finally:
+        await sink.aclose()
+    assert kinds(outs) == [OutcomeKind.REJECT] + [OutcomeKind.OK] * 3
+    assert outs is not None and "does not fit the DingTalk robot's 19000-byte message" in outs[0].reason
+    assert robot.errcodes() == [0] and counted(robot.accepted[0]) == 3
+    assert sum("does not fit" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR) == 1
 
 
 async def test_flood_500_warnings_in_a_minute_respects_the_limit_and_loses_nothing(
@@ -1043,6 +1188,30 @@ async def test_check_reaches_the_robot_without_a_message_or_the_token(robot: Din
         await sink.check()
     await sink.aclose()
     assert TOKEN not in str(info.value)
+
+
+async def test_check_never_shows_a_password_in_the_robots_url(
+    robot: DingTalkReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An authenticating egress gateway in front of the robot (user info in the URL): `check`
+    logged the probed address and put it in its error with the password."""
+    caplog.set_level(logging.INFO)
+    password = "hunter2-gw-pass"
+    live = f"http://gw:{password}@127.0.0.1:{robot.port}/robot/send?access_token={TOKEN}"
+    sink = DingTalkSink(DingTalkOptions.model_validate({"url": live}), ctx())
+    await sink.check()
+    await sink.aclose()
+    assert f"http://***@127.0.0.1:{robot.port}/robot/send answered HEAD with 405" in caplog.text
+    closed = f"http://gw:{password}@127.0.0.1:1/robot/send?access_token={TOKEN}"
+    sink = DingTalkSink(DingTalkOptions.model_validate({"url": closed}), ctx())
+    with pytest.raises(SinkError, match=r"cannot reach http://\*\*\*@127\.0\.0\.1:1/robot/send: ") as info:
+        await sink.check()
+    await sink.aclose()
+    assert password not in caplog.text + str(info.value) and TOKEN not in caplog.text + str(info.value)
+    assert (
+        sink.redact(f"GET {closed} failed")
+        == "GET http://gw:****@127.0.0.1:1/robot/send?access_token=**** failed"
+    )
 
 
 async def test_retry_max_attempts_counts_a_robots_failures_but_not_its_digest_holds(tmp_path: Any) -> None:

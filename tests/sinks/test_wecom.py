@@ -135,20 +135,28 @@ async def test_mention_reasons_match_ignoring_case_as_the_sink_filters_do(
     assert msg.payload["text"]["mentioned_list"] == ["@all"]
 
 
-async def test_invalid_webhook_key_is_rejected_with_93000_and_logged_once(
+async def test_an_invalid_webhook_key_93000_is_retried_warned_of_once_then_delivered(
     wecom: WeComReceiver, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """93000: the robot's webhook was reset (a new key) or the robot removed. Dead-lettered, every
+    alert until the new key reached the pod was lost (item 111 retried the webhook's 401/403)."""
     sink = await make_sink(clock, url=wecom.url + "/cgi-bin/webhook/send?key=wrong-key")
     caplog.set_level(logging.DEBUG)
+    a, b = occ(object_name="a"), occ(object_name="b")
     try:
-        first = await sink.send([occ(object_name="a")])
+        first = await sink.send([a])
         clock.advance(10)
-        second = await sink.send([occ(object_name="b")])
+        second = await sink.send([b])
+        wecom.robot_key = "wrong-key"  # the key the pod has is the robot's again
+        clock.advance(10)
+        third = await sink.send([a, b])
     finally:
         await sink.aclose()
     assert first is not None and second is not None
-    assert all(o.kind is OutcomeKind.REJECT and "93000" in o.reason for o in [*first, *second])
-    assert len([r for r in caplog.records if "93000" in r.getMessage()]) == 1
+    assert all(o.kind is OutcomeKind.RETRY and not o.held and "93000" in o.reason for o in [*first, *second])
+    assert kinds(third) == [OutcomeKind.OK] * 2 and counted(wecom.accepted[0].text) == 2
+    warned = [r.getMessage() for r in caplog.records if "credentials refused" in r.getMessage()]
+    assert len(warned) == 1 and "check key" in warned[0]
     assert "wrong-key" not in caplog.text
 
 
@@ -238,6 +246,26 @@ async def test_a_summary_of_long_reasons_is_shortened_until_the_message_fits_wec
     assert lines + more == 12
     for listed in re.findall(r"(\S+)… ×1", msg.text):  # a cut reason is a whole-character prefix
         assert any(r.startswith(listed) for r in reasons)
+
+
+async def test_a_long_free_text_event_type_never_sends_the_message_over_the_limit(
+    wecom: WeComReceiver, clock: ManualClock
+) -> None:
+    """The header counts events by type, and the type is free text: one of 5,007 characters made
+    the markdown message 5 KiB, WeCom answered 40058 and the five innocent alerts in it were
+    dead-lettered with it. A type is now cut to 64 bytes there (and at most four are named)."""
+    sink = await make_sink(clock, url=wecom.robot_url)
+    odd = [occ(object_name=f"x-{i}", type="Warning" + "!" * 5000) for i in range(2)]
+    weird = [occ(object_name=f"job-{i}", type=f"Custom{i}") for i in range(4)]
+    try:
+        outs = await sink.send([*odd, *(occ(object_name=f"web-{i}") for i in range(5)), *weird])
+    finally:
+        await sink.aclose()
+    assert wecom.errcodes() == [0] and kinds(outs) == [OutcomeKind.OK] * 11
+    (msg,) = wecom.accepted
+    assert len(msg.text.encode()) <= 4096 and counted(msg.text) == 11
+    cut = "Warning" + "!" * 57 + "…"  # 64 bytes, marked
+    assert f"Kubernetes: 11 events (1 Custom0, 1 Custom1, 5 Warning, 2 {cut}, 2 other)" in msg.text
 
 
 async def test_flood_500_warnings_through_the_group_robot_respects_its_limit(
@@ -363,6 +391,40 @@ async def test_wrong_corp_secret_fails_at_start_without_the_secret(
     assert "not-it" not in str(err.value)
 
 
+async def test_a_corp_secret_reset_in_the_console_is_retried_until_the_pod_has_the_new_one(
+    wecom: WeComReceiver, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The application's secret is reset (the old token ended with it): gettoken answers 40001 until
+    the new secret reaches the pod. Every alert of that gap was dead-lettered; now it is retried and
+    goes out once the sink is rebuilt with the new secret (engine/reload.py)."""
+    caplog.set_level(logging.DEBUG)
+    old = await make_sink(clock, **app_opts(wecom))
+    wecom.corp_secret = "corp-secret-rotated"
+    wecom.expire_tokens()
+    alert = occ(object_name="a")
+    try:
+        (out,) = await old.send([alert]) or []
+    finally:
+        await old.aclose()
+    assert out.kind is OutcomeKind.RETRY and not out.held and "40001" in out.reason
+    new = WeComSink(
+        WeComOptions.model_validate(app_opts(wecom, corp_secret="corp-secret-rotated")),
+        SinkContext(name="wecom", cluster="prod", data_dir=None, logger=logging.getLogger("test.wecom")),
+        clock=clock,
+    )
+    new.take_over(old)
+    await new.start()
+    try:
+        clock.advance(5)
+        assert kinds(await new.send([alert])) == [OutcomeKind.OK]
+    finally:
+        await new.aclose()
+    assert len(wecom.accepted) == 1 and counted(wecom.accepted[0].text) == 1
+    warned = [r.getMessage() for r in caplog.records if "credentials refused" in r.getMessage()]
+    assert len(warned) == 1 and "check corp_secret" in warned[0]
+    assert CORP_SECRET not in caplog.text and "corp-secret-rotated" not in caplog.text
+
+
 async def test_unknown_recipients_81013_are_rejected(wecom: WeComReceiver, clock: ManualClock) -> None:
     sink = await make_sink(clock, **app_opts(wecom, to_user="mallory"))
     try:
@@ -436,3 +498,35 @@ async def test_check_reaches_the_robot_without_a_message_or_the_key(
         await closed.check()
     await closed.aclose()
     assert KEY not in str(info.value)
+
+
+async def test_check_and_start_never_show_a_password_in_the_url(
+    wecom: WeComReceiver, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An authenticating egress gateway in front of WeCom (user info in the URL): `check` logged
+    the probed address with the password, and so did its error and the application API's start."""
+    caplog.set_level(logging.INFO)
+    password = "hunter2-gw-pass"
+    ctx = SinkContext(name="wecom", cluster="prod", data_dir=None, logger=logging.getLogger("test.wecom"))
+    live = WeComSink(
+        WeComOptions.model_validate(
+            {"url": f"http://gw:{password}@127.0.0.1:{wecom.port}/cgi-bin/webhook/send?key={KEY}"}
+        ),
+        ctx,
+        clock=clock,
+    )
+    await live.check()
+    await live.aclose()
+    assert f"http://***@127.0.0.1:{wecom.port}/cgi-bin/webhook/send answered HEAD with" in caplog.text
+    errors = []
+    for opts in (
+        {"url": f"http://gw:{password}@127.0.0.1:1/cgi-bin/webhook/send?key={KEY}"},
+        {**app_opts(wecom), "url": f"http://gw:{password}@127.0.0.1:1"},
+    ):
+        closed = WeComSink(WeComOptions.model_validate(opts), ctx, clock=clock)
+        with pytest.raises(SinkError, match=r"cannot reach .*http://\*\*\*@127\.0\.0\.1:1") as info:
+            await closed.check()
+        await closed.aclose()
+        errors.append(str(info.value))
+    assert password not in caplog.text + " ".join(errors)
+    assert KEY not in caplog.text + " ".join(errors) and CORP_SECRET not in " ".join(errors)
