@@ -18,8 +18,8 @@ Record layout
              would keep its segment from ever expiring by time. So is an event time before 1970: a
              negative timestamp is invalid to Kafka's clients (Kafka Streams' default extractor fails
              on it). A broker that still refuses a record's
-             timestamp (a stricter topic) gets it again with the send time and that header; it is then
-             written after the records that followed it in its produce batch.
+             timestamp (a stricter topic) gets it again with the send time and that header, in its
+             place among its object's records.
 
 Topic: a literal name or a template over record fields, e.g. ``topic=k8s-events-{namespace}``. Fields:
 cluster, namespace, name, uid, type, reason, action, reporting_component, reporting_instance,
@@ -38,10 +38,12 @@ was acknowledged by the broker (``acks=all`` by default; idempotence on by defau
 ``max_request_size`` gets its message cut to fit (``oversize=truncate``, the default: the value then says
 ``"truncated": true`` and ``original_bytes``, without ``raw``, and a ``truncated: true`` header is added).
 Records still too large and authorisation failures are rejected (dead-lettered) per item; a produce batch
-the broker finds too large (or finds a timestamp in it out of range) is sent again one record per batch,
-so each record gets its own outcome. Broker outages, timeouts and other errors give retry outcomes, and
-the rest of the batch is not enqueued once the broker is known unreachable (nor later batches of a
-partition whose batch could not be enqueued), so per-object order survives.
+the broker refuses as a whole (too large for the topic, a timestamp in it out of range) is sent again in
+halves (up to 8 records: one record per batch), so each record gets its own outcome. A topic-partition's
+produce batches go one after the other, each once the one before was acknowledged, and a refused batch's
+pieces go in its place: one object's records are written in batch order. Broker outages, timeouts and
+other errors give retry outcomes, and the rest of the batch is not enqueued once the broker is known
+unreachable (nor later batches of a partition whose batch is retried), so per-object order survives.
 A topic that does not exist, on a broker that does not create topics (``auto.create.topics.enable=false``,
 or a client not allowed to create them), holds back no other topic. aiokafka alone waits
 ``request_timeout_ms`` for such a topic and raises UnknownTopicOrPartition, as it does when the broker is
@@ -50,13 +52,18 @@ metadata request. The records of a topic the broker reports as unknown are set a
 its own backoff, still counted towards ``retry_max_attempts``) while the send's other topics are delivered;
 the topic is logged once (again after an hour without it), and asked about again at each retry, so the
 records go in once it is created. When no broker answers that request, the whole batch is retried.
-Keep ``request_timeout_ms`` below the pipeline's ``send_timeout`` so a send finishes before the engine
-gives up on it. A send the engine gives up on (its ``send_timeout``) discards its producer without
-flushing it: aiokafka never expires an idempotent producer's batches, so what that send queued would
-otherwise be written once the broker is back, beside the engine's retry of the same records. The next
-send starts a new producer; ``aclose`` does not flush either (after a send returns nothing of it is
-queued; anything still queued belongs to a send the engine retries). A produce request already on its
-way to the broker when the send was given up may still be written: at least once, never lost.
+A send ends by itself within ``send_budget`` (five sixths of the pipeline's ``send_timeout``, from
+``SinkContext``): aiokafka never expires an idempotent producer's batches, and retries a batch the broker
+answers with a retriable error (NOT_ENOUGH_REPLICAS while a partition lacks in-sync replicas,
+REQUEST_TIMED_OUT) for ever. What was acknowledged by then is OK; a batch not acknowledged is retried (with
+what follows it on its partition) and its producer discarded without flushing; what was not sent yet
+(refused batches going again in pieces, slowly) comes back as a hold, sent again at once without counting
+as a failed attempt. No batch is handed over in the budget's last tenth. A send the engine gives up on all
+the same (its ``send_timeout``, a stop) discards its producer without flushing it, so what that send
+queued is not written beside the engine's retry of the same records. The next send starts a new producer;
+``aclose`` does not flush either (after a send returns nothing of it is queued; anything still queued
+belongs to a send the engine retries). A produce request already on its way to the broker when the send
+was given up may still be written: at least once, never lost.
 
 kube-eventer names accepted: ``brokers`` (repeatable), ``eventstopic``, ``compression``, ``user``,
 ``password``, ``cacert``, ``cert``, ``key``, ``insecuressl``. As in kube-eventer, giving a CA or a client
@@ -75,7 +82,7 @@ import re
 import ssl
 import string
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -465,6 +472,44 @@ def _whole_batch_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+_ONE_BY_ONE = 8
+"""A refused produce batch of up to this many records is sent again one record per batch, a larger one
+in halves: for a few records halving costs more round trips (and, with idempotence, new producers)."""
+
+
+@dataclass(slots=True)
+class _SendState:
+    """What the lanes of one send share (times are the event loop's clock)."""
+
+    budget: float  # seconds: the context's send_budget
+    submit_by: float  # no batch is handed to the producer after this
+    deadline: float  # a batch not acknowledged by then is given up with the producer
+    late: Outcome  # the records not sent in time (held: sent again at once, no failed attempt)
+    stop: Outcome | None = None  # the broker is unreachable: nothing more is sent
+    unacknowledged: bool = False  # a batch was given up at the deadline: the producer must go
+
+
+def _answer(outcomes: list[Outcome | None], jobs: Collection[_Batch], outcome: Outcome) -> None:
+    """Give every record of ``jobs`` ``outcome``; a deque is emptied (its batches are settled)."""
+    for job in jobs:
+        for i, _ in job.items:
+            outcomes[i] = outcome
+    if isinstance(jobs, deque):
+        jobs.clear()
+
+
+def _failure(future: asyncio.Future[Any]) -> BaseException | None:
+    """Why a settled produce batch failed; None when it was acknowledged."""
+    error: BaseException | None
+    if future.cancelled():  # not done by aiokafka: as a lost connection (retried)
+        from aiokafka.errors import KafkaConnectionError
+
+        error = KafkaConnectionError("produce batch cancelled")
+    else:
+        error = future.exception()
+    return error
+
+
 # aiokafka's default (16 KiB) holds ~8 of our records; bigger batches mean few produce batches per
 # engine batch (compression is per batch too). Never above max_request_size: the broker's limit.
 _MAX_BATCH_BYTES = 512 * 1024
@@ -499,7 +544,7 @@ class KafkaSink(Sink[KafkaOptions]):
         # Set when a send ended (cancelled by the engine's send_timeout) with batches still queued in
         # the producer: that producer was discarded unflushed, and the next send starts a new one.
         self._abandoned = False
-        self._unsettled = False  # batches of the send in progress are queued and not yet settled
+        self._unsettled = 0  # batches of the send in progress handed to the producer and not settled
         self._discarding: set[asyncio.Task[None]] = set()
         # Topics a broker reported as unknown (auto-create off), already logged: topic -> when last
         # found missing (oldest first). Logged again only after _MISSING_MEMORY without that.
@@ -654,13 +699,13 @@ class KafkaSink(Sink[KafkaOptions]):
         if self._discarding:
             await asyncio.gather(*self._discarding, return_exceptions=True)
 
-    def _abandon(self) -> None:
-        """Drop the producer of a send that was cancelled with batches queued, at once (before the
-        cancellation goes on): its sender stops before it drains another batch; the client is closed
-        in the background. The next send starts a new producer."""
+    def _abandon(self, why: str) -> None:
+        """Drop the producer of a send that ends with batches queued (cancelled, or past its budget), at
+        once (before a cancellation goes on): its sender stops before it drains another batch; the
+        client is closed in the background. The next send starts a new producer."""
         producer, self._producer = self._producer, None
         self._abandoned = True
-        self._unsettled = False
+        self._unsettled = 0
         if producer is None:
             return
         _halt(producer)
@@ -668,8 +713,8 @@ class KafkaSink(Sink[KafkaOptions]):
         self._discarding.add(task)
         task.add_done_callback(self._discarding.discard)
         self.log.warning(
-            "kafka: a send was given up with produce batches still queued (broker unreachable or slow); "
-            "they are discarded, not flushed, and its records go again with a new producer"
+            "kafka: %s; they are discarded, not flushed, and their records go again with a new producer",
+            why,
         )
 
     async def _discard(self, producer: Any) -> None:
@@ -880,42 +925,6 @@ class KafkaSink(Sink[KafkaOptions]):
         if len(new) > 3:
             self.log.error("kafka: %d more topics do not exist and are not created", len(new) - 3)
 
-    async def _submit(
-        self, lanes: list[list[_Batch]], outcomes: list[Outcome | None], stop: Outcome | None
-    ) -> tuple[list[tuple[_Batch, asyncio.Future[Any]]], Outcome | None]:
-        """Hand each lane's (one topic-partition's) batches to the producer, in lane order.
-
-        Lanes are interleaved: aiokafka keeps one queued batch per partition (``send_batch`` waits until
-        the previous one is taken), so round-robin lets one produce request carry every partition."""
-        producer = self._producer
-        submitted: list[tuple[_Batch, asyncio.Future[Any]]] = []
-        held: dict[int, Outcome] = {}  # lane -> why its later batches are kept back (order within a key)
-        for rank in range(max((len(lane) for lane in lanes), default=0)):
-            for number, lane in enumerate(lanes):
-                if rank >= len(lane):
-                    continue
-                job = lane[rank]
-                hold = held.get(number) if stop is None else retry(f"not sent: {stop.reason}")
-                if hold is not None:
-                    for i, _ in job.items:
-                        outcomes[i] = hold
-                    continue
-                try:
-                    future = await producer.send_batch(job.builder, job.topic, partition=job.partition)
-                    self._unsettled = True
-                except Exception as exc:
-                    outcome = self._classify(exc, job.topic)
-                    for i, _ in job.items:
-                        outcomes[i] = outcome
-                    held[number] = retry(
-                        f"not sent: an earlier batch for the same partition failed: {outcome.reason}"
-                    )
-                    if self._stops_batch(outcome, exc):
-                        stop = outcome
-                    continue
-                submitted.append((job, future))
-        return submitted, stop
-
     async def _renew_producer(self) -> None:
         """Replace the producer after a lost sequence number (``_sequence_lost``) or a discarded one
         (``_abandoned``). RetryableError when the new one cannot start: the next send tries again."""
@@ -934,19 +943,24 @@ class KafkaSink(Sink[KafkaOptions]):
         self._sequence_lost = self._abandoned = False
 
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
+        # The send's own deadline, from its start: it ends with an outcome per record before the
+        # engine's send_timeout cuts it off and sends the whole batch again (what went in, twice).
+        started = asyncio.get_running_loop().time()
         if self._sequence_lost or self._abandoned:
             await self._renew_producer()
         try:
-            return await self._send(batch)
+            return await self._send(batch, started)
         except BaseException:
             # Cancelled (the engine's send_timeout, a lost lease, a stop's deadline) with batches
             # queued: the engine counts them as not delivered and sends them again, so they must never
             # be written. An idempotent producer retries them for ever, each time the broker is back.
             if self._unsettled:
-                self._abandon()
+                self._abandon(
+                    "a send was given up with produce batches still queued (broker unreachable or slow)"
+                )
             raise
 
-    async def _send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome]:
+    async def _send(self, batch: Sequence[Occurrence], started: float) -> Sequence[Outcome]:
         producer = self._producer
         if producer is None:
             raise RetryableError("kafka producer is not started")
@@ -1023,103 +1037,208 @@ class KafkaSink(Sink[KafkaOptions]):
                 else:
                     group.append(item)
 
-        lanes: list[list[_Batch]] = []
-        for (topic, partition), items in groups.items():
-            lane: list[_Batch] = []
-            job = _Batch(topic, partition, producer.create_batch(), [])
-            for item in items:
-                message = item[1]
-                if (
-                    job.builder.append(
-                        timestamp=message.timestamp_ms,
-                        key=message.key,
-                        value=message.value,
-                        headers=message.headers,
-                    )
-                    is None
-                ):  # full: it goes as it is; the record starts the next batch
-                    lane.append(job)
-                    job = _Batch(topic, partition, self._single(message), [])
-                job.items.append(item)
-            lane.append(job)
-            lanes.append(lane)
-
-        # At most three rounds: the batches; the records of a batch the broker refused as a whole, one
-        # by one; a record whose event time the broker refused, stamped with the send time.
+        budget = self.context.send_budget
+        state = _SendState(
+            budget=budget,
+            # No batch is handed to the producer in the budget's last tenth: what is under way then is
+            # normally answered before the deadline, and is not given up (and maybe written twice).
+            submit_by=started + budget * 0.9,
+            deadline=started + budget,
+            late=retry(
+                f"kafka: not sent within this send's time budget ({budget:g}s, 5/6 of send_timeout; "
+                "slow round trips, or refused batches sent again in pieces): sent again at once",
+                held=True,
+            ),
+            stop=stop,
+        )
+        lanes = [deque(self._pack(topic, partition, items)) for (topic, partition), items in groups.items()]
+        # Rounds: each lane (one topic-partition) is delivered batch after batch. With idempotence a
+        # refused batch ends its lane's round (it took the partition's sequence numbers): the lane goes
+        # on with a new producer once every lane has stopped.
         while lanes:
-            submitted, stop = await self._submit(lanes, outcomes, stop)
-            results = await asyncio.gather(*(future for _, future in submitted), return_exceptions=True)
-            self._unsettled = False
-            if self.options.idempotence and any(isinstance(r, BaseException) for r in results):
-                self._sequence_lost = True
-            lanes = self._settle(submitted, results, outcomes)
-            if lanes and self._sequence_lost:
-                try:
-                    await self._renew_producer()  # the records sent again one by one need it
-                except RetryableError as exc:
-                    for lane in lanes:
-                        for job in lane:
-                            for i, _ in job.items:
-                                outcomes[i] = retry(exc.reason)
-                    break
+            async with asyncio.TaskGroup() as tasks:
+                running = [
+                    (lane, tasks.create_task(self._deliver_lane(lane, outcomes, state))) for lane in lanes
+                ]
+            lanes = [lane for lane, task in running if task.result()]
+            if not lanes or state.unacknowledged:
+                break
+            if asyncio.get_running_loop().time() >= state.submit_by:
+                break
+            try:
+                async with asyncio.timeout_at(state.deadline):
+                    await self._renew_producer()  # the pieces of a refused batch need it
+            except TimeoutError:  # the next send starts one (_sequence_lost is still set)
+                break
+            except RetryableError as exc:
+                for lane in lanes:
+                    _answer(outcomes, lane, retry(exc.reason))
+                lanes = []
+        for lane in lanes:  # out of time, or the producer is given up
+            _answer(outcomes, lane, state.late)
+        if state.unacknowledged:
+            self._abandon(
+                f"produce batches not acknowledged within the send's time budget ({budget:g}s, 5/6 of "
+                "send_timeout; the broker is slow or keeps answering a retriable error)"
+            )
 
         final = [o if o is not None else retry("kafka: no outcome recorded (bug)") for o in outcomes]
         # Records of a missing topic are not counted here: that topic was logged once (_note_missing).
-        failed = [outcome for outcome in final if outcome.kind is not OutcomeKind.OK and not outcome.defer]
+        failed = [o for o in final if o.kind is not OutcomeKind.OK and not o.defer and not o.held]
         if failed:
             self.log.warning(
                 "kafka: %d of %d records not accepted (first: %s)", len(failed), len(final), failed[0].reason
             )
+        late = sum(o.held for o in final)
+        if late:
+            self.log.info("kafka: %d of %d records not sent within this send's time budget", late, len(final))
         return final
 
-    def _settle(
-        self,
-        submitted: list[tuple[_Batch, asyncio.Future[Any]]],
-        results: Sequence[Any],
-        outcomes: list[Outcome | None],
-    ) -> list[list[_Batch]]:
-        """Outcomes of acknowledged and failed produce batches; the lanes worth another round."""
+    async def _deliver_lane(
+        self, lane: deque[_Batch], outcomes: list[Outcome | None], state: _SendState
+    ) -> bool:
+        """Deliver one topic-partition's batches in order, each once the one before was acknowledged,
+        so that a refused batch goes again (in pieces) before anything that followed it. True when the
+        lane stopped for a new producer (idempotence: a batch failed after taking sequence numbers)
+        with batches left; otherwise every record of the lane has its outcome."""
+        loop = asyncio.get_running_loop()
+        producer = self._producer
+        while lane:
+            job = lane[0]
+            if state.stop is not None:
+                _answer(outcomes, lane, retry(f"not sent: {state.stop.reason}"))
+                return False
+            if loop.time() >= state.submit_by:
+                _answer(outcomes, lane, state.late)
+                return False
+            try:
+                async with asyncio.timeout_at(state.submit_by):
+                    future = await producer.send_batch(job.builder, job.topic, partition=job.partition)
+            except TimeoutError:  # the producer waits for metadata: the broker is slow or away
+                _answer(outcomes, lane, retry(f"kafka: the producer took no batch for {job.topic!r} in time"))
+                return False
+            except Exception as exc:
+                outcome = self._classify(exc, job.topic)
+                _answer(outcomes, [lane.popleft()], outcome)
+                _answer(
+                    outcomes,
+                    lane,
+                    retry(f"not sent: an earlier batch for the same partition failed: {outcome.reason}"),
+                )
+                if self._stops_batch(outcome, exc):
+                    state.stop = outcome
+                return False
+            self._unsettled += 1
+            try:
+                await asyncio.wait([future], timeout=max(0.0, state.deadline - loop.time()))
+            finally:
+                if future.done():
+                    self._unsettled -= 1
+            lane.popleft()
+            if not future.done():
+                # aiokafka never expires an idempotent producer's batch: it retries NOT_ENOUGH_REPLICAS,
+                # REQUEST_TIMED_OUT and the like for ever. Given up here (the producer discarded unflushed)
+                # instead of by the engine's send_timeout, which sent the whole batch again.
+                state.unacknowledged = True
+                _answer(
+                    outcomes,
+                    [job],
+                    retry(
+                        f"kafka: produce batch for {job.topic!r} partition {job.partition} not acknowledged "
+                        f"within this send's time budget ({state.budget:g}s): the broker is slow or keeps "
+                        "answering a retriable error (not enough in-sync replicas, no leader)"
+                    ),
+                )
+                _answer(
+                    outcomes,
+                    lane,
+                    retry("not sent: an earlier batch for the same partition was not acknowledged"),
+                )
+                return False
+            error = _failure(future)
+            if error is None:
+                _answer(outcomes, [job], OK)
+                continue
+            if self.options.idempotence:
+                self._sequence_lost = True
+            pieces = self._pieces(job, error)
+            if pieces:
+                lane.extendleft(reversed(pieces))
+            else:
+                outcome = self._classify(error, job.topic)
+                _answer(outcomes, [job], outcome)
+                if outcome.kind is OutcomeKind.RETRY:
+                    # Nothing after it is written first: the engine sends them again, in order.
+                    _answer(
+                        outcomes,
+                        lane,
+                        retry(f"not sent: an earlier batch for the same partition failed: {outcome.reason}"),
+                    )
+                    return False
+            if self.options.idempotence:
+                return bool(lane)
+        return False
+
+    def _pieces(self, job: _Batch, error: BaseException) -> list[_Batch] | None:
+        """What to send instead of a refused batch, in its place; None when its outcome is final."""
         from aiokafka import errors as kerr
 
-        again: list[list[_Batch]] = []
-        for (job, _), result in zip(submitted, results, strict=True):
-            if not isinstance(result, BaseException):
-                for i, _ in job.items:
-                    outcomes[i] = OK
-            elif isinstance(result, _whole_batch_errors()) and len(job.items) > 1:
-                # The broker refused the batch for what one record may hold (too large for its limit, a
-                # timestamp out of its range): send each alone, so each record gets its own outcome.
-                self.log.info(
-                    "kafka: the broker refused a produce batch (%s); sending its %d records one by one",
-                    type(result).__name__,
-                    len(job.items),
+        items = job.items
+        if isinstance(error, _whole_batch_errors()) and len(items) > 1:
+            # The broker refused the batch for what one record may hold (too large for its limit, a
+            # timestamp out of its range): halves, so a batch refused for its size goes in two requests
+            # and one bad record is found in a few (one per record took longer than send_timeout for
+            # a few hundred records); a few records go one by one.
+            half = (len(items) + 1) // 2 if len(items) > _ONE_BY_ONE else 1
+            self.log.info(
+                "kafka: the broker refused a produce batch (%s); sending its %d records %s",
+                type(error).__name__,
+                len(items),
+                "one by one" if half == 1 else "again in two halves",
+            )
+            return [
+                piece
+                for start in range(0, len(items), half)
+                for piece in self._pack(job.topic, job.partition, items[start : start + half])
+            ]
+        if isinstance(error, kerr.InvalidTimestampError) and items[0][1].timestamp_ms is not None:
+            # The event time is out of the broker's range (log.message.timestamp.after.max.ms, one
+            # hour ahead by default since Kafka 4.0: a node whose clock runs ahead). Deliver it with
+            # the send time, marked; the value keeps the event's own time.
+            [(i, message)] = items
+            headers = (
+                message.headers if _TIME_ADJUSTED in message.headers else [*message.headers, _TIME_ADJUSTED]
+            )
+            adjusted = _Message(message.topic, message.key, message.value, headers, None)
+            self.log.warning(
+                "kafka: the broker refused event time %d ms of %s (%s); sending it with the send time",
+                message.timestamp_ms,
+                dict(message.headers).get("occurrence", b"?").decode("utf-8", "replace"),
+                error,
+            )
+            return [_Batch(job.topic, job.partition, self._single(adjusted), [(i, adjusted)])]
+        return None
+
+    def _pack(self, topic: str, partition: int, items: Sequence[tuple[int, _Message]]) -> list[_Batch]:
+        """``items`` in order, in as few produce batches as they fit in."""
+        batches: list[_Batch] = []
+        job: _Batch | None = None
+        for item in items:
+            message = item[1]
+            if (
+                job is None
+                or job.builder.append(
+                    timestamp=message.timestamp_ms,
+                    key=message.key,
+                    value=message.value,
+                    headers=message.headers,
                 )
-                again.append(
-                    [_Batch(job.topic, job.partition, self._single(item[1]), [item]) for item in job.items]
-                )
-            elif isinstance(result, kerr.InvalidTimestampError) and job.items[0][1].timestamp_ms is not None:
-                # The event time is out of the broker's range (log.message.timestamp.after.max.ms, one
-                # hour ahead by default since Kafka 4.0: a node whose clock runs ahead). Deliver it with
-                # the send time, marked; the value keeps the event's own time.
-                [(i, message)] = job.items
-                headers = (
-                    message.headers
-                    if _TIME_ADJUSTED in message.headers
-                    else [*message.headers, _TIME_ADJUSTED]
-                )
-                adjusted = _Message(message.topic, message.key, message.value, headers, None)
-                self.log.warning(
-                    "kafka: the broker refused event time %d ms of %s (%s); sending it with the send time",
-                    message.timestamp_ms,
-                    dict(message.headers).get("occurrence", b"?").decode("utf-8", "replace"),
-                    result,
-                )
-                again.append([_Batch(job.topic, job.partition, self._single(adjusted), [(i, adjusted)])])
-            else:
-                outcome = self._classify(result, job.topic)
-                for i, _ in job.items:
-                    outcomes[i] = outcome
-        return again
+                is None
+            ):  # full: it goes as it is; the record starts the next batch
+                job = _Batch(topic, partition, self._single(message), [])
+                batches.append(job)
+            job.items.append(item)
+        return batches
 
     def _single(self, message: _Message) -> Any:
         """A new batch holding ``message`` (the first record always fits: its size was checked)."""

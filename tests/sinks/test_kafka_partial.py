@@ -1,0 +1,295 @@
+"""Kafka: sends that partly fail. A partition whose batches the broker keeps refusing with a retriable
+error, produce batches refused as a whole and sent again in pieces (slowly, over a slow network), and
+one object's order through all of it. Tansu behind the project's broker checks relay (faults added by
+``kafka_faults.FaultyBroker``), records read back with aiokafka."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from eventrouter import Occurrence, Outcome, OutcomeKind, SinkContext
+from eventrouter.metrics import Metrics
+from eventrouter.testing import make_occurrence
+from eventrouter.testing.pipelines import pipeline_for
+from eventrouter.testing.receivers.kafka_faults import NOT_ENOUGH_REPLICAS, FaultyBroker
+from eventrouter.testing.receivers.tansu import TansuBroker, free_port
+from eventrouter.testing.waiting import until
+from eventrouter_sinks.kafka import KafkaOptions, KafkaSink
+
+
+def kafka_sink(port: int, send_timeout: float, **options: Any) -> KafkaSink:
+    """A sink as the router builds it: its context carries the pipeline's send_timeout."""
+    model = KafkaOptions.model_validate(
+        {"brokers": f"127.0.0.1:{port}", "request_timeout_ms": 1000, **options}
+    )
+    context = SinkContext(
+        name="kafka",
+        cluster="c",
+        data_dir=None,
+        logger=logging.getLogger("test.kafka"),
+        send_timeout=send_timeout,
+    )
+    return KafkaSink(model, context)
+
+
+async def log_of(bootstrap: str, *topics: str, at_least: int) -> list[Any]:
+    """Every record of ``topics`` (at least ``at_least``), in log order per partition."""
+    consumer = AIOKafkaConsumer(
+        *topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        records: list[Any] = []
+        async with asyncio.timeout(20):
+            while len(records) < at_least:
+                for got in (await consumer.getmany(timeout_ms=500)).values():
+                    records.extend(got)
+            # A fetch returns at once when data is there: an empty short one says there is no more.
+            while any((more := await consumer.getmany(timeout_ms=300)).values()):
+                for got in more.values():
+                    records.extend(got)
+        return sorted(records, key=lambda r: (r.topic, r.partition, r.offset))
+    finally:
+        await consumer.stop()
+
+
+def occurrence_of(record: Any) -> str:
+    value: bytes = dict(record.headers)["occurrence"]
+    return value.decode()
+
+
+def copies(records: list[Any]) -> collections.Counter[tuple[str, str]]:
+    return collections.Counter((r.topic, occurrence_of(r)) for r in records)
+
+
+def iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def as_the_engine_does(sink: KafkaSink, batch: list[Occurrence]) -> list[Outcome]:
+    """``Pipeline._send_once``: a send the engine's ``send_timeout`` ends is a retry of the whole batch,
+    so it must end by itself with an outcome per record (TimeoutError here)."""
+    async with asyncio.timeout(sink.context.send_timeout):
+        outcomes = await sink.send(batch)
+    assert outcomes is not None
+    return list(outcomes)
+
+
+def two_topics() -> list[Occurrence]:
+    return [
+        make_occurrence(namespace=ns, object_name=f"{ns}-{i}") for i in range(10) for ns in ("good", "bad")
+    ]
+
+
+async def test_a_partition_answering_not_enough_replicas_writes_the_other_topics_records_once(
+    tmp_path: Path,
+) -> None:
+    """The idempotent producer (the default) never expires a batch the broker answers with a retriable
+    error: the send waited until the engine's send_timeout cut it off, and the engine sent the whole
+    batch again, so the healthy topic's records, already acknowledged, were written at every attempt
+    (3 copies each after 12 s). The send now ends within its budget: the acknowledged records OK, the
+    refused partition's retried, its producer discarded unflushed."""
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        FaultyBroker(
+            listen_port=port,
+            target_port=broker.port,
+            idempotence=True,
+            refuse={"k8s-bad": NOT_ENOUGH_REPLICAS},
+        ) as relay,
+    ):
+        await broker.create_topics("k8s-good", "k8s-bad", partitions=1)
+        metrics = Metrics()
+        sink = kafka_sink(port, send_timeout=2.0, topic="k8s-{namespace}")
+        pipeline = pipeline_for(
+            "kafka",
+            sink,
+            metrics,
+            tmp_path / "dl",
+            send_timeout=2.0,
+            retry_initial_backoff=0.1,
+            retry_max_backoff=0.2,
+        )
+        task = asyncio.create_task(pipeline.run())
+        batch = two_topics()
+        for occurrence in batch:
+            pipeline.offer(occurrence)
+        # Two attempts given up, each with its producer (the first, and one new one per attempt).
+        await until(lambda: len(relay.producer_ids) >= 3, timeout=20)
+        relay.refuse.clear()
+        await pipeline.wait_idle(timeout=20)
+        pipeline.close()
+        await asyncio.wait_for(task, 10)
+        await pipeline.close_sink()
+        records = await log_of(broker.bootstrap, "k8s-good", "k8s-bad", at_least=20)
+    assert copies(records) == {(f"k8s-{o.record['namespace']}", o.key): 1 for o in batch}
+    assert metrics.send_errors.labels("kafka", "timeout")._value.get() == 0  # each send ended by itself
+    assert metrics.delivered.labels("kafka")._value.get() == 20
+
+
+async def test_a_stop_while_a_partition_is_refused_keeps_only_that_partitions_records(tmp_path: Path) -> None:
+    """A stop whose drain deadline ends the send (App.stop: stop_now, 1 s, cancel): the pipeline's
+    leftovers, spooled and sent again after the restart, held the healthy topic's records too, although
+    Kafka had them."""
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        FaultyBroker(
+            listen_port=port,
+            target_port=broker.port,
+            idempotence=True,
+            refuse={"k8s-bad": NOT_ENOUGH_REPLICAS},
+        ) as relay,
+    ):
+        await broker.create_topics("k8s-good", "k8s-bad", partitions=1)
+        metrics = Metrics()
+        sink = kafka_sink(port, send_timeout=2.0, topic="k8s-{namespace}")
+        pipeline = pipeline_for(
+            "kafka", sink, metrics, tmp_path / "dl", send_timeout=2.0, retry_initial_backoff=0.1
+        )
+        task = asyncio.create_task(pipeline.run())
+        for occurrence in two_topics():
+            pipeline.offer(occurrence)
+        await until(lambda: metrics.delivered.labels("kafka")._value.get() == 10, timeout=10)
+        await until(lambda: len(relay.producer_ids) >= 2)  # the refused records are being sent again
+        pipeline.close()
+        pipeline.stop_now()
+        await asyncio.wait([task], timeout=1)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        older, newer = pipeline.leftovers()
+        await pipeline.close_sink()
+        good = await log_of(broker.bootstrap, "k8s-good", at_least=10)
+    assert len(good) == 10
+    assert sorted(o.record["namespace"] for o in older + newer) == ["bad"] * 10
+
+
+async def test_a_batch_refused_for_its_size_goes_again_in_halves_within_the_send(tmp_path: Path) -> None:
+    """A produce batch over the topic's max.message.bytes was sent again one record per batch: one round
+    trip per record, a few hundred of them took longer than send_timeout over a 70 ms network; the
+    engine sent the whole batch again and the same happened, each attempt writing ~400 more copies and
+    never getting further. Halves: two more requests."""
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        FaultyBroker(
+            listen_port=port,
+            target_port=broker.port,
+            idempotence=True,
+            max_message_bytes=300_000,
+            answer_delay=0.07,
+        ) as relay,
+    ):
+        await broker.create_topics("t", partitions=1)
+        sink = kafka_sink(port, send_timeout=3.0, topic="t")
+        await sink.start()
+        batch = [make_occurrence(object_name="web-0", message=f"m{i:04d} " + "x" * 1500) for i in range(500)]
+        outcomes = await as_the_engine_does(sink, batch)
+        await sink.aclose()
+        records = await log_of(broker.bootstrap, "t", at_least=len(batch))
+    assert [o.kind for o in outcomes] == [OutcomeKind.OK] * len(batch)
+    assert [occurrence_of(r) for r in records] == [o.key for o in batch]  # once each, in order
+    # Both produce batches (512 KiB and the rest, ~330 KiB) once each; their halves fit.
+    assert [message.split(":")[0] for _, _, message in relay.refused] == [
+        "The request included a message larger than the max message size the server will accept"
+    ] * 2
+
+
+async def test_a_slow_fallback_ends_each_send_in_its_budget_and_every_record_goes_in_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Many records the topic refuses (older than its log.message.timestamp.before.max.ms) in one
+    object's relist: each is found and sent again with the send time, one round trip at a time, longer
+    than send_timeout. Each send now stops in its budget: what went in is OK, the rest comes back as a
+    hold (sent again at once, no failed attempt), so every attempt gets further and nothing is written
+    twice; with ``retry_max_attempts=1`` nothing is dead-lettered."""
+    caplog.set_level(logging.INFO, logger="test.kafka")
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        FaultyBroker(listen_port=port, target_port=broker.port, before_max_ms=600_000, answer_delay=0.02),
+    ):
+        await broker.create_topics("t", partitions=1)
+        metrics = Metrics()
+        sink = kafka_sink(port, send_timeout=2.0, topic="t", idempotence=False)
+        pipeline = pipeline_for(
+            "kafka",
+            sink,
+            metrics,
+            tmp_path / "dl",
+            send_timeout=2.0,
+            retry_max_attempts=1,
+            retry_initial_backoff=0.05,
+        )
+        task = asyncio.create_task(pipeline.run())
+        now = time.time()
+        batch = [
+            make_occurrence(
+                object_name="web-0",
+                message=f"m{i:04d} " + "x" * 2000,
+                first_timestamp=iso(now - (1200 if i % 4 == 0 else 5)),
+            )
+            for i in range(200)
+        ]
+        for occurrence in batch:
+            pipeline.offer(occurrence)
+        await pipeline.wait_idle(timeout=60)
+        pipeline.close()
+        await asyncio.wait_for(task, 10)
+        await pipeline.close_sink()
+        records = await log_of(broker.bootstrap, "t", at_least=len(batch))
+    assert [occurrence_of(r) for r in records] == [o.key for o in batch]  # once each, in order
+    assert metrics.dead_lettered.labels("kafka", "retries_exhausted")._value.get() == 0
+    assert metrics.send_errors.labels("kafka", "timeout")._value.get() == 0
+    assert metrics.retries.labels("kafka")._value.get() == 0  # holds, no failed attempt
+    assert "records not sent within this send's time budget" in caplog.text  # more than one send
+    adjusted = [r for r in records if dict(r.headers).get("time_adjusted") == b"true"]
+    assert len(adjusted) == 50
+
+
+@pytest.mark.parametrize("idempotence", [True, False], ids=["idempotent", "plain"])
+@pytest.mark.parametrize("refusal", ["size", "timestamp"])
+async def test_records_sent_again_after_a_refused_batch_keep_one_objects_order(
+    idempotence: bool, refusal: str
+) -> None:
+    """Two produce batches of one partition refused as a whole (over max.message.bytes, or holding
+    records older than the topic allows): their records went again in one lane per refused batch,
+    and the lanes were interleaved (batch index 0, 137, 1, 138, ...); a re-stamped record went after
+    the records that followed it. Now a partition's batches go one after the other, each refused one
+    replaced in its place by its pieces."""
+    port = free_port()
+    checks: dict[str, Any] = (
+        {"max_message_bytes": 300_000} if refusal == "size" else {"before_max_ms": 600_000}
+    )
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        FaultyBroker(listen_port=port, target_port=broker.port, idempotence=idempotence, **checks) as relay,
+    ):
+        await broker.create_topics("order", partitions=1)
+        sink = kafka_sink(port, send_timeout=30.0, topic="order", idempotence=idempotence)
+        await sink.start()
+        now = time.time()
+        batch = [
+            make_occurrence(
+                object_name="web-0",
+                message=f"m{i:04d} " + "x" * 3000,
+                first_timestamp=iso(now - (1200 if refusal == "timestamp" and i % 40 == 0 else 5)),
+            )
+            for i in range(330)
+        ]
+        outcomes = await as_the_engine_does(sink, batch)
+        await sink.aclose()
+        records = await log_of(broker.bootstrap, "order", at_least=len(batch))
+    assert [o.kind for o in outcomes] == [OutcomeKind.OK] * len(batch)
+    assert [occurrence_of(r) for r in records] == [o.key for o in batch]
+    assert len(relay.refused) >= 2
