@@ -11,11 +11,21 @@ the engine owns retries and backoff.
 
 Idempotence: ``_id`` is ``<event uid>-<occurrence>``, so a re-delivered occurrence overwrites itself
 (``index``) or is refused as already present (``create``, 409, counted as delivered).
+
+Time: a send ends on its own within the engine's ``send_budget`` (five sixths of ``send_timeout``): each
+request's timeout is ``timeout`` or what is left of that, whichever is less, so a node that stops
+answering times out in the transport, which marks it dead, rather than being cut off by the engine,
+which left it in the round-robin. ``_bulk`` carries ``timeout=`` (half the request's), so the cluster
+answers an item whose shard it waits for before we give up on the whole request.
+
+Redirects are not followed (aiohttp re-sent a POST answered 301/302 as a GET without its body): start
+fails naming the ``Location``; one met while sending is logged and retried.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import re
 import time
@@ -25,11 +35,14 @@ from email.utils import parsedate_to_datetime
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+import aiohttp
 import elastic_transport
 import orjson
 from elastic_transport import (
+    AiohttpHttpNode,
     ApiResponseMeta,
     AsyncTransport,
+    HttpHeaders,
     NodeConfig,
     OrjsonSerializer,
     Serializer,
@@ -466,6 +479,45 @@ _SERIALIZERS: dict[str, Serializer] = {
 _USER_AGENT = f"eventrouter/{__version__} (elastic-transport/{elastic_transport.__version__})"
 
 
+class _NoRedirects:
+    """A node's aiohttp session that follows no redirect: aiohttp re-sends a POST answered 301/302
+    as a GET without its body (the cluster answers 405, and every document was dead-lettered), and a
+    307/308 sends the documents on to wherever ``Location`` says. The node uses ``request`` and
+    ``close`` only."""
+
+    __slots__ = ("_session",)
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        return self._session.request(method, url, allow_redirects=False, **kwargs)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+class _Node(AiohttpHttpNode):
+    def _create_aiohttp_session(self) -> None:
+        super()._create_aiohttp_session()
+        assert self.session is not None
+        self.session = _NoRedirects(self.session)  # type: ignore[assignment]  # request/close alike
+
+    async def perform_request(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        resp = await super().perform_request(*args, **kwargs)
+        if 300 <= resp.meta.status < 400:
+            # A redirect's page is no answer of the cluster's (Location is): not decoded, so that one
+            # of a media type the transport cannot read (octet-stream) says "redirect", not "cannot
+            # reach … SerializationError".
+            headers = HttpHeaders({k: v for k, v in resp.meta.headers.items() if k.lower() != "content-type"})
+            return resp._replace(meta=dataclasses.replace(resp.meta, headers=headers), body=b"")
+        return resp
+
+    def __repr__(self) -> str:
+        # How the transport's own warnings (a node marked dead) show it: no token of the URL's path.
+        return f"<ElasticsearchNode({redact_url(self.base_url)})>"
+
+
 def index_template_body(options: ElasticsearchOptions) -> dict[str, Any]:
     """The composable index template installed by ``index_template=true``."""
     keyword = {"type": "keyword", "ignore_above": 1024}
@@ -560,15 +612,27 @@ def _disk_block(error: Any) -> bool:
     )
 
 
-def _accepted_indices(items: list[Any]) -> set[str]:
-    return {
-        _item_index(result)
+def _unavailable_shards(error: Any) -> bool:
+    """A bulk item refused because its shard's primary is not active (a red index), after the
+    request's ``timeout``; the other indices' items of the request go in meanwhile."""
+    return isinstance(error, dict) and error.get("type") == "unavailable_shards_exception"
+
+
+def _results(items: list[Any]) -> list[dict[str, Any]]:
+    return [
+        result
         for item in items
         if isinstance(item, dict)
         for result in item.values()
         if isinstance(result, dict)
-        and isinstance(result.get("status"), int)
-        and 200 <= result["status"] < 300
+    ]
+
+
+def _accepted_indices(items: list[Any]) -> set[str]:
+    return {
+        _item_index(result)
+        for result in _results(items)
+        if isinstance(result.get("status"), int) and 200 <= result["status"] < 300
     }
 
 
@@ -589,6 +653,13 @@ _TARGET_400 = re.compile(
     r"|no write index is defined for alias"
     r"|only write ops with an op_type of create are allowed in data streams"
 )
+# A new index (the day's, at midnight) the cluster may not create: it is at cluster.max_shards_per_node.
+# 400 validation_exception (ES 7/8, OpenSearch: "… [2] total shards, … maximum shards open") or
+# illegal_argument_exception (newer ES: "… [2] shards, … maximum normal shards open").
+_SHARD_LIMIT = re.compile(
+    r"this action would add \[\d+\] (?:total )?shards, but this cluster currently has "
+    r"\[\d+\]/\[\d+\] maximum (?:\w+ )?shards open"
+)
 
 
 def _operator_fault(status: int, error: Any, index: str, secrets: Sequence[str]) -> str | None:
@@ -607,6 +678,13 @@ def _operator_cause(status: int, error: Any, index: str) -> str | None:
     if status == 401:
         return f"credentials rejected writing to index {index} ({text})"
     if status == 403:
+        if kind == "index_create_block_exception" or "create-index blocked" in reason:
+            # OpenSearch's cluster.blocks.create_index: set by hand, or by OpenSearch itself while
+            # every data node is past its high disk watermark (lifted once space is back).
+            return (
+                f"index {index} does not exist and the cluster blocks creating indices ({text}); "
+                "free disk space or lift cluster.blocks.create_index, or create the index"
+            )
         if kind == "cluster_block_exception":
             # A cluster-wide read-only block is maintenance and is lifted; an index write block (ILM's
             # readonly on an old daily index) stays: retrying would hold the sink for ever.
@@ -630,6 +708,11 @@ def _operator_cause(status: int, error: Any, index: str) -> str | None:
                 "create it, or allow its automatic creation (action.auto_create_index, an index template)"
             )
         return f"index {index} answered 404 ({text})"
+    if status == 400 and _SHARD_LIMIT.search(reason):
+        return (
+            f"index {index} cannot be created: the cluster is at its shard limit ({text}); raise "
+            "cluster.max_shards_per_node or delete (shrink, merge) old indices"
+        )
     if status == 400 and _TARGET_400.search(reason):
         return f"index {index}: {text}"
     return None
@@ -699,6 +782,27 @@ def _retry_after(meta: ApiResponseMeta) -> float | None:
 # ---------------------------------------------------------------------------------------- the sink
 
 _Entry = tuple[int, bytes]  # (position in the batch, action line + document line)
+
+
+@dataclasses.dataclass(slots=True)
+class _Run:
+    """One send, across its bulk requests (several when a 413 halves it)."""
+
+    began: float
+    deadline: float
+    """time.monotonic() by which the send ends on its own (the context's ``send_budget``)."""
+    taken: int = 0
+    """Requests the cluster answered 2xx."""
+    last: float = 0.0
+    """Seconds the latest request took."""
+    stop: RetryableError | None = None
+    """A part answered retry as a whole: the parts not sent yet get that answer."""
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Index → why, when the operator has to put it right."""
+    accepted: set[str] = dataclasses.field(default_factory=set)
+    """Indices that took a document (tracked while any is refused)."""
+    missing: set[int] = dataclasses.field(default_factory=set)
+    """Positions refused because their (dated) index does not exist."""
 
 
 class ElasticsearchSink(Sink[ElasticsearchOptions]):
@@ -795,6 +899,11 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             return AsyncTransport(
                 self._node_configs(),
                 serializers=_SERIALIZERS,
+                node_class=_Node,
+                # A node marked dead is tried again after 1, 2, 4 … s, then every 5 min instead of
+                # every 30 s: one that accepts and never answers costs a send its request timeout
+                # each time (a node that comes back is used again at once when the others fail).
+                max_dead_node_backoff=300.0,
                 meta_header=False,
                 # The engine owns retries; they are switched off per request too.
                 max_retries=0,
@@ -805,16 +914,36 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             raise SinkError(f"elasticsearch: bad node configuration {self._shown}: {exc}") from None
 
     async def start(self) -> None:
-        self.context.warn_if_outlasting(self.options.timeout, "timeout")
+        if self.options.timeout > self.context.send_timeout:
+            self.log.warning(
+                "%s: timeout=%gs is longer than the pipeline's send_timeout=%gs: each request's timeout "
+                "is cut to what is left of its send (at most %gs)",
+                self.context.name,
+                self.options.timeout,
+                self.context.send_timeout,
+                self.context.send_budget,
+            )
         if self._client is None:
             self._client = self._make_client()
+        deadline = time.monotonic() + self.context.send_budget
+        tries = len(self._nodes)
         try:
-            # At start every node may be tried once, so one dead node does not fail the boot.
-            meta, body = await self._request("GET", "/", None, self._headers, tries=len(self._nodes))
+            # At start every node may be tried once, so one dead node does not fail the boot: each
+            # within its share of the budget, so that one that never answers leaves time for the next.
+            meta, body = await self._request(
+                "GET", "/", None, self._headers, timeout=self._time_left(deadline, tries), tries=tries
+            )
         except TransportError as exc:
             await self.aclose()
             raise SinkError(f"elasticsearch: cannot reach {self._shown}: {_transport_text(exc)}") from None
         why = _body_error(body, self._secrets) if meta.status != 200 else ""
+        if 300 <= meta.status < 400:
+            await self.aclose()
+            raise SinkError(
+                f"elasticsearch: GET / on {_node_text(meta)} answered {meta.status} "
+                f"({_location(meta)}): a redirect, which the sink does not follow (a bulk POST would "
+                "come back a GET, or go on to another host); give that URL"
+            )
         if meta.status == 401:
             await self.aclose()
             raise SinkError(
@@ -844,14 +973,18 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 _node_text(meta),
             )
         if self.options.index_template:
-            await self._install_template()
+            await self._install_template(deadline)
 
-    async def _install_template(self) -> None:
+    async def _install_template(self, deadline: float) -> None:
         name = self.options.template_name
         payload = orjson.dumps(index_template_body(self.options))
         try:
             meta, body = await self._request(
-                "PUT", f"/_index_template/{quote(name, safe='')}", payload, self._json_headers
+                "PUT",
+                f"/_index_template/{quote(name, safe='')}",
+                payload,
+                self._json_headers,
+                timeout=self._time_left(deadline),
             )
         except TransportError as exc:
             await self.aclose()
@@ -874,7 +1007,14 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
     # -- requests
 
     async def _request(
-        self, method: str, path: str, body: bytes | None, headers: dict[str, str], *, tries: int = 1
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        *,
+        timeout: float,
+        tries: int = 1,
     ) -> tuple[ApiResponseMeta, Any]:
         assert self._client is not None
         resp = await self._client.perform_request(
@@ -883,12 +1023,21 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             body=body,
             headers=headers,
             # The engine owns retries and backoff; the transport must not retry behind its back.
+            # Only start's GET / tries the next node, after a timeout too (a node that never answers).
             max_retries=tries - 1,
             retry_on_status=(),
-            retry_on_timeout=False,
-            request_timeout=self.options.timeout,
+            retry_on_timeout=tries > 1,
+            request_timeout=timeout,
         )
         return resp.meta, resp.body
+
+    def _time_left(self, deadline: float, share: int = 1) -> float:
+        """A request's timeout: ``timeout``, or what is left until ``deadline`` (divided among
+        ``share`` tries) if that is less; at least a tenth of the budget. The transport then times out
+        a node that does not answer, and marks it dead, before the engine cuts the send off (which
+        left the node in the round-robin: with two nodes, every other send waited for it)."""
+        left = max(deadline - time.monotonic(), self.context.send_budget / 10)
+        return min(self.options.timeout, left / share)
 
     # -- encoding
 
@@ -928,6 +1077,7 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
         if self._client is None:
             raise RetryableError("elasticsearch sink is not started")
+        began = time.monotonic()
         outcomes: list[Outcome] = [OK] * len(batch)
         entries: list[_Entry] = []
         limit = self.options.max_document_bytes
@@ -942,14 +1092,12 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 continue
             entries.append((i, line))
         if entries:
-            refused: dict[str, str] = {}  # index → why, when the operator has to put it right
-            accepted: set[str] = set()  # indices that took a document (tracked while any is refused)
-            missing: set[int] = set()  # positions refused because their (dated) index does not exist
-            await self._bulk(batch, entries, outcomes, refused, accepted, missing)
-            if missing and self._series_ns is not None:
-                self._reject_removed(batch, outcomes, refused, missing, self._series_ns)
-            if refused or self._refusals:
-                self._note_refusals(refused, accepted)
+            run = _Run(began, began + self.context.send_budget)
+            await self._bulk(batch, entries, outcomes, run)
+            if run.missing and self._series_ns is not None:
+                self._reject_removed(batch, outcomes, run.refused, run.missing, self._series_ns)
+            if run.refused or self._refusals:
+                self._note_refusals(run.refused, run.accepted)
         return outcomes
 
     def _note_newest(
@@ -1008,21 +1156,24 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             refused.pop(index, None)
 
     async def _bulk(
-        self,
-        batch: Sequence[Occurrence],
-        entries: list[_Entry],
-        outcomes: list[Outcome],
-        refused: dict[str, str],
-        accepted: set[str],
-        missing: set[int],
+        self, batch: Sequence[Occurrence], entries: list[_Entry], outcomes: list[Outcome], run: _Run
     ) -> None:
         body = b"".join(line for _, line in entries)
+        timeout = self._time_left(run.deadline)
+        # The cluster's own wait (for an index's creation, its primary shard; 1 min by default) ends
+        # first, at half of ours: it answers those items 503 and indexes the rest, where the whole
+        # request timed out here and every document of it was sent again.
+        wait = f"timeout={max(1, int(timeout * 500))}ms"
+        path = f"{self._bulk_path}&{wait}" if "?" in self._bulk_path else f"{self._bulk_path}?{wait}"
+        started = time.monotonic()
         try:
-            meta, resp = await self._request("POST", self._bulk_path, body, self._bulk_headers)
+            meta, resp = await self._request("POST", path, body, self._bulk_headers, timeout=timeout)
         except TransportTimeout as exc:
             raise RetryableError(f"elasticsearch: bulk request timed out: {_transport_text(exc)}") from None
         except TransportError as exc:
             raise RetryableError(f"elasticsearch: bulk request failed: {_transport_text(exc)}") from None
+        finally:
+            run.last = time.monotonic() - started
         status = meta.status
         why = _body_error(resp, self._secrets) if status >= 300 else ""
         if status == 413:
@@ -1031,16 +1182,20 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 outcomes[entries[0][0]] = reject(f"document too large for the cluster (413 {why})")
                 return
             mid = len(entries) // 2
-            await self._bulk(batch, entries[:mid], outcomes, refused, accepted, missing)
-            await self._bulk(batch, entries[mid:], outcomes, refused, accepted, missing)
+            for half in (entries[:mid], entries[mid:]):
+                await self._half(batch, half, outcomes, run)
             return
         if status == 429 or status == 408 or status >= 500:
             raise RetryableError(
                 f"elasticsearch: bulk answered {status}: {why}", retry_after=_retry_after(meta)
             )
-        if status in (401, 403, 404):
+        if 300 <= status < 400:
+            self._log_request_refusal(meta, resp)
+            raise RetryableError(f"elasticsearch: bulk request redirected: {status} ({_location(meta)})")
+        if status in (401, 403, 404, 405):
             # The credentials (revoked or rotated before the Secret reached the pod), the role or the
-            # URL: the same documents succeed once that is put right. Retried, not dead-lettered.
+            # URL (405: something before the cluster takes no POST there): the same documents succeed
+            # once that is put right. Retried, not dead-lettered.
             self._log_request_refusal(meta, resp)
             raise RetryableError(f"elasticsearch: bulk request refused: {status} {why}")
         if status >= 300:
@@ -1049,26 +1204,69 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 outcomes[i] = reject(reason)
             return
         self._request_refusal = None
+        run.taken += 1
         items = resp.get("items") if isinstance(resp, dict) else None
         if not isinstance(items, list) or len(items) != len(entries):
             got = len(items) if isinstance(items, list) else "no"
             raise RetryableError(f"elasticsearch: bulk response has {got} items for {len(entries)} documents")
         if self._refusals:
-            accepted.update(_accepted_indices(items))
+            run.accepted.update(_accepted_indices(items))
         if self._series_ns is not None:
             self._note_newest(batch, entries, items, self._series_ns)
         if resp.get("errors") is False:
             return
         retry_after = _retry_after(meta)
+        # A red index's items wait aside while the cluster took other documents of this request,
+        # and when the request went to that index alone (a set-aside item retried alone says nothing
+        # of the others: retried in place, it held them all up again). Documents of several indices
+        # all refused: a cluster-wide outage, retried in place as a whole-request 503 is.
+        took = _accepted_indices(items)
+        red_aside = bool(took) or len({_item_index(r) for r in _results(items)}) <= 1
         for (i, _), item in zip(entries, items, strict=True):
-            outcomes[i], cause = self._item_outcome(item, retry_after)
+            outcomes[i], cause = self._item_outcome(item, retry_after, red_aside)
             if cause is not None:
-                refused.setdefault(cause[0], cause[1])
+                run.refused.setdefault(cause[0], cause[1])
                 if self._series_ns is not None and _index_missing(item, self._index_name(batch[i])):
-                    missing.add(i)
+                    run.missing.add(i)
 
-    def _item_outcome(self, item: Any, retry_after: float | None) -> tuple[Outcome, tuple[str, str] | None]:
-        """The item's outcome, and (index, why) when the operator has to put something right."""
+    async def _half(
+        self, batch: Sequence[Occurrence], entries: list[_Entry], outcomes: list[Outcome], run: _Run
+    ) -> None:
+        """Send one half of a request answered 413, unless the send is out of time (then it is
+        answered retry, held: sent next, at once) or another part was answered retry as a whole
+        (then it gets that answer, unsent). What went in before stays OK, where a later half's
+        failure had the whole batch sent again, and one cut off by the engine the same again.
+
+        Out of time: less than a tenth of the budget left, or, once a part went in (each send gets
+        that far), less than twice what the latest request took: a request cut short by our
+        deadline marked a slow but working node dead, and what it sent may have gone in anyway."""
+        if run.stop is not None:
+            for i, _ in entries:
+                outcomes[i] = retry(f"not sent: {run.stop.reason}", retry_after=run.stop.retry_after)
+            return
+        left = run.deadline - time.monotonic()
+        if left < self.context.send_budget / 10 or (run.taken and left < 2 * run.last):
+            reason = (
+                f"not sent: the send had run for {time.monotonic() - run.began:.1f}s of its "
+                f"{self.context.send_budget:g}s ({len(entries)} documents left for the next)"
+            )
+            for i, _ in entries:
+                outcomes[i] = retry(reason, held=True)
+            return
+        try:
+            await self._bulk(batch, entries, outcomes, run)
+        except RetryableError as exc:
+            if not run.taken:
+                raise  # nothing went in: the send failed as a whole
+            run.stop = exc
+            for i, _ in entries:
+                outcomes[i] = retry(exc.reason, retry_after=exc.retry_after)
+
+    def _item_outcome(
+        self, item: Any, retry_after: float | None, red_aside: bool = False
+    ) -> tuple[Outcome, tuple[str, str] | None]:
+        """The item's outcome, and (index, why) when the operator has to put something right.
+        ``red_aside``: an item of an index with no active primary (red) is set aside (``defer``)."""
         if not isinstance(item, dict) or len(item) != 1:
             return retry(f"malformed bulk item {_item_text(item, self._secrets)}"), None
         ((action, result),) = item.items()
@@ -1082,6 +1280,13 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         error = scrub(_error_text(result.get("error")), self._secrets)
         if status == 409 and action == "create":
             return OK, None  # already indexed under this _id: a re-delivery
+        if status >= 500 and _unavailable_shards(result.get("error")):
+            red = _item_index(result)
+            why = (
+                f"index {red}: a primary shard is not active, the index is red (a node left, or its "
+                f"shards cannot be allocated) ({error})"
+            )
+            return retry(f"{status} {error}", retry_after=retry_after, defer=red_aside), (red, why)
         if status == 429 or status >= 500 or (status == 403 and _disk_block(result.get("error"))):
             return retry(f"{status} {error}", retry_after=retry_after), None
         index = _item_index(result)
@@ -1093,10 +1298,12 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             # alone (not the credentials, not a read-only cluster) sets them aside: the other
             # indices go on meanwhile.
             err = result.get("error")
-            own = status != 401 and not (
-                isinstance(err, dict) and err.get("type") == "cluster_block_exception"
+            read_only = (
+                isinstance(err, dict)
+                and err.get("type") == "cluster_block_exception"
+                and "cluster read-only" in str(err.get("reason", ""))
             )
-            return retry(f"{status} {error}", defer=own), (index, cause)
+            return retry(f"{status} {error}", defer=status != 401 and not read_only), (index, cause)
         return reject(f"{status} {error}"), None
 
     def _note_refusals(self, refused: dict[str, str], accepted: set[str]) -> None:
@@ -1138,7 +1345,8 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         return found[0] if found is not None else None
 
     def _log_request_refusal(self, meta: ApiResponseMeta, body: Any) -> None:
-        """Say once per run of failures why the whole bulk request is refused (401, 403, 404)."""
+        """Say once per run of failures why the whole bulk request is refused (3xx, 401, 403, 404,
+        405)."""
         status = meta.status
         if self._request_refusal == status:
             return
@@ -1158,6 +1366,17 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 f"POST {node.rstrip('/')}/_bulk answered 404 ({why}): nothing serves the bulk "
                 "API there; is the URL's path right (a proxy's path prefix missing, extra or changed)?"
             )
+        elif 300 <= status < 400:
+            text = (
+                f"POST {node.rstrip('/')}/_bulk answered {status} ({_location(meta)}): a redirect, which "
+                "the sink does not follow (the POST would come back a GET, or go on to another host); "
+                "give that URL"
+            )
+        elif status == 405:
+            text = (
+                f"POST {node.rstrip('/')}/_bulk answered 405 ({why}): what answers there takes no POST "
+                "(a proxy before the cluster, or the URL's path); is the URL right?"
+            )
         else:
             text = (
                 f"{node} refused the bulk request (403 {why}): the user's role lacks a "
@@ -1167,8 +1386,14 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
 
 
 def _node_text(meta: ApiResponseMeta) -> str:
+    # Redacted as every URL we show: a proxy may take a token as a path segment.
     node = meta.node
-    return f"{node.scheme}://{node.host}:{node.port}{node.path_prefix}"
+    return redact_url(f"{node.scheme}://{node.host}:{node.port}{node.path_prefix}")
+
+
+def _location(meta: ApiResponseMeta) -> str:
+    location = meta.headers.get("location")
+    return f"Location: {redact_url(location)}" if location else "no Location"
 
 
 def _transport_text(exc: TransportError) -> str:

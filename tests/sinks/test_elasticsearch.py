@@ -35,6 +35,7 @@ from eventrouter.metrics import Metrics
 from eventrouter.testing import event_object, recorded_watch
 from eventrouter.testing.pipelines import dead_letter, pipeline_for
 from eventrouter.testing.receivers.osmem import OsmemServer, osmem_fixture_server
+from eventrouter.testing.receivers.silent import SilentServer
 from eventrouter.testing.tls import certificate, server_context
 from eventrouter_sinks.elasticsearch import ElasticsearchOptions, ElasticsearchSink
 
@@ -408,6 +409,11 @@ class FakeBulkServer:
     # index → the action the user's role is not granted on it: "indices:data/write/bulk[s]" (no
     # write/create_doc privilege) or "indices:admin/auto_create" (no create_index/auto_configure)
     denied: dict[str, str] = field(default_factory=dict)
+    # The error a new index is refused with: the cluster is at cluster.max_shards_per_node (400).
+    shard_limit: dict[str, str] | None = None
+    red: set[str] = field(default_factory=set)  # indices whose primary shard is not active
+    accepted_ids: list[str] = field(default_factory=list)  # _id of each document answered 2xx
+    delay: float = 0.0  # seconds each bulk request takes to answer (a busy cluster)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_content_length * 2)
@@ -454,6 +460,8 @@ class FakeBulkServer:
         body = await request.read()
         self.bulk_sizes.append(len(body))
         self.bulk_times.append(time.monotonic())
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if len(body) > self.max_content_length:
             return web.Response(status=413)
         if self.responses:
@@ -470,6 +478,8 @@ class FakeBulkServer:
             ((action, meta),) = orjson.loads(action_line).items()
             status, error = self.item_status.get(meta["_id"], None) or self._item_answer(meta["_index"])
             item: dict[str, Any] = {"_index": meta["_index"], "_id": meta["_id"], "status": status}
+            if 200 <= status < 300:
+                self.accepted_ids.append(meta["_id"])
             if error:
                 item["error"] = error
             items.append({action: item})
@@ -501,6 +511,14 @@ class FakeBulkServer:
                 "index_uuid": "_na_",
                 "index": index,
             }
+        if creating and self.shard_limit is not None:
+            return 400, self.shard_limit
+        if index in self.red:  # after the bulk request's `timeout`
+            reason = (
+                f"[{index}][0] primary shard is not active Timeout: [1m], request: "
+                f"[BulkShardRequest [[{index}][0]] containing [1] requests]"
+            )
+            return 503, {"type": "unavailable_shards_exception", "reason": reason}
         self.indices.add(index)
         return 201, {}
 
@@ -1103,12 +1121,17 @@ async def test_a_writer_without_the_monitor_privilege_starts_and_writes(
 class EchoGateway:
     """A reverse proxy in front of the cluster, as an API gateway: forwards every request, but answers
     the next ones queued in ``refuse`` itself, with that status and a page (JSON or text) quoting the
-    request it refused, its Authorization header included, after what it ``says``."""
+    request it refused, its Authorization header included, after what it ``says``. With ``prefix``
+    it serves the cluster under that path only (a gateway keyed by a path token); with ``redirect``
+    set it answers every request so, Location the cluster's own URL (an http → https redirect)."""
 
     _PLAIN = frozenset({"host", "accept", "accept-encoding", "content-type", "content-length"})
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, prefix: str = "") -> None:
         self.upstream = upstream
+        self.prefix = prefix
+        self.redirect: int | None = None
+        self.redirected: list[str] = []  # "METHOD path" answered with a redirect
         self.refuse: list[tuple[int, bool]] = []  # (status, a JSON page) for the next requests
         self.says = ""
         self.refused: list[tuple[str, dict[str, str]]] = []  # ("METHOD path", headers) answered here
@@ -1134,6 +1157,15 @@ class EchoGateway:
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
+        if self.redirect is not None:
+            self.redirected.append(f"{request.method} {request.path}")
+            location = f"{self.upstream}{request.path_qs}"
+            # A page of a media type the transport does not decode (application/octet-stream).
+            return web.Response(status=self.redirect, headers={"Location": location}, body=b"moved")
+        path = request.path_qs
+        if not path.startswith(self.prefix):
+            return web.Response(status=404, text="404 page not found")
+        path = path[len(self.prefix) :] or "/"
         if self.refuse:
             status, as_json = self.refuse.pop(0)
             self.refused.append((f"{request.method} {request.path}", dict(request.headers)))
@@ -1145,7 +1177,7 @@ class EchoGateway:
             return web.Response(status=status, text=echo)
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-        url = self.upstream + request.path_qs
+        url = self.upstream + path
         async with self._session.request(request.method, url, data=body, headers=headers) as resp:
             data = await resp.read()
             hop = ("content-length", "transfer-encoding", "connection")
@@ -1244,6 +1276,366 @@ async def test_tls_ca_file_and_skip_verify(fake: FakeBulkServer, tmp_path: Path)
                 pass
     finally:
         await runner.cleanup()
+
+
+# ------------------------------------------------------------------------------------------ session 24
+
+SHARD_LIMITS = {
+    "es7-opensearch": {
+        "type": "validation_exception",
+        "reason": "Validation Failed: 1: this action would add [2] total shards, but this cluster "
+        "currently has [1000]/[1000] maximum shards open;",
+    },
+    "newer-es": {
+        "type": "illegal_argument_exception",
+        "reason": "Validation Failed: 1: this action would add [2] shards, but this cluster currently "
+        "has [1000]/[1000] maximum normal shards open;",
+    },
+}
+
+
+@pytest.mark.parametrize("error", SHARD_LIMITS.values(), ids=SHARD_LIMITS.keys())
+async def test_a_new_index_refused_for_the_shard_limit_waits_aside_until_the_limit_is_raised(
+    fake: FakeBulkServer, error: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At midnight the sink writes to the day's new index; a cluster at cluster.max_shards_per_node
+    refuses to create it and answers each item 400. Every document of the day was dead-lettered."""
+    from eventrouter.testing.waiting import until
+
+    fake.shard_limit = error
+    fake.indices = {_daily(1)}  # yesterday's index exists; today's must be created
+    today, yesterday, old = occurrence(), occurrence(**_stamp(1)), occurrence(**_stamp(10))
+    async with running_sink(fake.url, index="events-{yyyy.MM.dd}") as sink:
+        outcomes = await send(sink, [today, yesterday, old])
+    # A late one for a day whose index is gone is refused alike: not taken for "removed by retention".
+    assert outcome_kinds(outcomes) == [OutcomeKind.RETRY, OutcomeKind.OK, OutcomeKind.RETRY]
+    assert outcomes[0].defer and outcomes[2].defer and outcomes[0].retry_after is None
+    assert outcomes[0].reason == f"400 {error['type']}: {error['reason']}"
+
+    metrics = Metrics()
+    options = {"retry_initial_backoff": 0.01, "retry_max_backoff": 0.02}
+    p = _engine(fake.url, "events-{yyyy.MM.dd}", metrics, tmp_path / "dl", **options)
+    task = asyncio.create_task(p.run())
+    day = [occurrence(object_name=f"e-{i}") for i in range(10)]
+    for occ in day:
+        p.offer(occ)
+    retries = metrics.retries.labels("es")
+    await until(lambda: retries._value.get() >= 30)  # set aside and retried, three times each
+    assert metrics.dead_lettered.labels("es", "rejected")._value.get() == 0
+    fake.shard_limit = None  # the operator raises the limit (or deletes old indices)
+    await until(lambda: metrics.delivered.labels("es")._value.get() == 10)
+    p.close()
+    await asyncio.wait_for(task, 10)
+    await p.close_sink()
+    assert not (tmp_path / "dl").exists()
+    ids = [f"{occ.uid}-{occ.number}" for occ in day]
+    assert sorted(i for i in fake.accepted_ids if i in ids) == sorted(ids)  # each once
+    said = [
+        f"es: index {index} cannot be created: the cluster is at its shard limit ({error['type']}: "
+        f"{error['reason']}); raise cluster.max_shards_per_node or delete (shrink, merge) old indices; "
+        "its documents are retried (up to retry_max_attempts, if set) until that is put right"
+        for index in (_daily(0), _daily(10))
+    ]
+    # Once per index and sink (the direct one: today's and the old one; the engine's: today's).
+    assert refusals(caplog) == [said[0], said[1], said[0]]
+
+
+@pytest.mark.parametrize("kind", ["index_create_block_exception", "cluster_block_exception"])
+async def test_a_create_index_block_is_retried_aside_and_named_not_blamed_on_the_role(
+    fake: FakeBulkServer, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OpenSearch's cluster.blocks.create_index (set by hand, or by OpenSearch while every node is past
+    its high disk watermark) refuses the day's new index 403: the log said the role refused the
+    writes (index_create_block_exception), or the documents were dead-lettered (the block as a
+    cluster_block_exception)."""
+    block = {"type": kind, "reason": "blocked by: [FORBIDDEN/10/cluster create-index blocked (api)];"}
+    batch = [occurrence()]
+    fake.item_status = {f"{batch[0].uid}-1": (403, block)}
+    async with running_sink(fake.url, index="events") as sink:
+        (outcome,) = await send(sink, batch)
+    assert outcome.kind is OutcomeKind.RETRY and outcome.defer
+    assert refusals(caplog) == [
+        f"es: index events does not exist and the cluster blocks creating indices ({kind}: "
+        "blocked by: [FORBIDDEN/10/cluster create-index blocked (api)];); free disk space or lift "
+        "cluster.blocks.create_index, or create the index; its documents are retried (up to "
+        "retry_max_attempts, if set) until that is put right"
+    ]
+
+
+def _bulk_waits(fake: FakeBulkServer) -> list[float]:
+    """The `timeout` (seconds) each bulk request asked the cluster to wait at most."""
+    waits = []
+    for method, path, _ in fake.requests:
+        if method == "POST":
+            query = dict(part.split("=", 1) for part in path.partition("?")[2].split("&"))
+            assert query["timeout"].endswith("ms"), path
+            waits.append(int(query["timeout"][:-2]) / 1000)
+    return waits
+
+
+async def test_a_red_index_holds_up_no_other_index_and_the_cluster_answers_before_the_request_times_out(
+    fake: FakeBulkServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An index whose primary shard is not active (red) gets its items answered 503
+    unavailable_shards_exception while the other indices' items go in. It was retried in place, and
+    nothing newer was sent meanwhile; the bulk request carried no `timeout`, so a real cluster held
+    its answer for its default minute, past the request's own timeout, and every send failed whole."""
+    from eventrouter.testing.waiting import until
+
+    caplog.set_level(logging.INFO)
+    fake.red.add("events-b")
+    metrics = Metrics()
+    options = {"retry_initial_backoff": 0.01, "retry_max_backoff": 0.02}
+    p = _engine(fake.url, "events-{namespace}", metrics, None, **options)
+    task = asyncio.create_task(p.run())
+    delivered = metrics.delivered.labels("es")
+    retries = metrics.retries.labels("es")
+    b = occurrence(namespace="b")
+    p.offer(b)
+    i = 0
+    while retries._value.get() < 6 or i < 6:  # b retried alone between batches of a
+        i += 1
+        p.offer(occurrence(namespace="a", object_name=f"a-{i}"))
+        want = float(i)
+        await until(lambda: delivered._value.get() == want)  # noqa: B023 - awaited before the next turn
+    assert p.checkpoint.accepted(b.uid) == 0
+    fake.red.clear()  # its shards are allocated again
+    await until(lambda: p.checkpoint.accepted(b.uid) == b.number)
+    await until(lambda: "index events-b accepts documents again" in caplog.text)
+    p.close()
+    await asyncio.wait_for(task, 10)
+    await p.close_sink()
+    (line,) = refusals(caplog)
+    assert line.startswith(
+        "es: index events-b: a primary shard is not active, the index is red (a node left, or its shards "
+        "cannot be allocated) (unavailable_shards_exception: [events-b][0] primary shard is not active"
+    )
+    # Half the request's timeout (30 s, cut to the send's budget: 25 s of send_timeout's 30 s).
+    waits = _bulk_waits(fake)
+    assert len(waits) == len(fake.bulk_sizes) and all(10 < w <= 12.5 for w in waits), waits
+
+
+async def test_a_red_index_is_retried_in_place_when_every_index_of_a_request_is_refused(
+    fake: FakeBulkServer,
+) -> None:
+    """Set aside when the cluster took another document of the request, or when the request went to
+    that index alone (a set-aside one retried alone); in place when documents of several indices
+    were all refused (a cluster-wide outage), as a whole-request 503 is."""
+    fake.red = {"events-a", "events-b"}
+    a, b, c = occurrence(namespace="a"), occurrence(namespace="b"), occurrence(namespace="c")
+    async with running_sink(fake.url, index="events-{namespace}", pipeline="p") as sink:
+        both = await send(sink, [a, b])
+        mixed = await send(sink, [a, c])
+        (alone,) = await send(sink, [b])
+    assert outcome_kinds(both) == [OutcomeKind.RETRY] * 2 and not any(o.defer for o in both)
+    assert outcome_kinds(mixed) == [OutcomeKind.RETRY, OutcomeKind.OK] and mixed[0].defer
+    assert alone.kind is OutcomeKind.RETRY and alone.defer
+    assert all(path.startswith("/_bulk?pipeline=p&timeout=") for m, path, _ in fake.requests if m == "POST")
+
+
+async def test_a_send_split_by_413s_ends_within_its_budget_and_sends_what_is_left_next(
+    fake: FakeBulkServer,
+) -> None:
+    """A batch answered 413 is sent again in halves, one request after another: at a cluster taking
+    0.2 s a request, 8 documents of which 2 fit took 6 requests, past the engine's send_timeout
+    (1.2 s here), which cut the send off and sent the whole batch again, to be cut off at the same
+    point: the head went in again and again, the tail never. A send now starts no further half once
+    it is out of time; what it did not send is answered retry (held) and goes next."""
+    from eventrouter.testing.waiting import until
+
+    fake.delay = 0.2
+    fake.max_content_length = 3000  # two documents of ~1.4 kB
+    context = SinkContext("es", "test", None, logging.getLogger("test.es"), send_timeout=1.2)
+    sink = ElasticsearchSink(
+        ElasticsearchOptions.model_validate({"url": fake.url, "index": "events"}), context
+    )
+    metrics = Metrics()
+    settings = {"send_timeout": 1.2, "batch_max_events": 8, "retry_initial_backoff": 0.01}
+    p = pipeline_for("es", sink, metrics, None, **settings)
+    task = asyncio.create_task(p.run())
+    batch = [occurrence(message="m" * 600) for _ in range(8)]
+    for occ in batch:
+        p.offer(occ)
+    await until(lambda: metrics.delivered.labels("es")._value.get() == 8)
+    p.close()
+    await asyncio.wait_for(task, 10)
+    await p.close_sink()
+    assert metrics.send_errors.labels("es", "timeout")._value.get() == 0
+    assert metrics.retries.labels("es")._value.get() == 0  # held, not failed
+    assert sorted(fake.accepted_ids) == sorted(f"{occ.uid}-{occ.number}" for occ in batch)  # each once
+
+
+TOKEN = "k8sEvT0k3nXyZabcdef0123456789"
+
+
+async def test_a_token_in_the_node_urls_path_shows_in_no_log_start_error_or_check_output(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An API gateway serving the cluster under /gw/<token>/: the sink's own lines (connected, start
+    errors and so `eventrouter check`, a refused bulk request) and the transport's (a node marked dead)
+    printed the token, which every other URL we show has redacted."""
+    caplog.set_level(logging.WARNING, logger="elastic_transport")
+    caplog.set_level(logging.INFO)  # last: it sets the capturing handler's level too
+    async with EchoGateway(cluster.url, prefix=f"/gw/{TOKEN}") as gateway:
+        good, wrong = f"{gateway.url}/gw/{TOKEN}/", f"{gateway.url}/gw/{TOKEN}/wrong/"
+        dead = f"http://127.0.0.1:{free_port()}/gw/{TOKEN}/"
+        async with running_sink(good, hosts=dead) as sink:
+            for _ in range(3):  # the round-robin reaches the dead node; the transport marks it dead
+                try:
+                    await send(sink, [occurrence()])
+                except RetryableError:
+                    break
+            gateway.refuse = [(404, False)]  # the dead node rests: this one goes to the gateway
+            with pytest.raises(RetryableError, match="404"):
+                await send(sink, [occurrence()])
+        with pytest.raises(SinkError) as start:
+            async with running_sink(wrong):
+                pass
+        check = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "eventrouter.cli",
+            "check",
+            f"--sink=elasticsearch:{wrong}",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output = (await asyncio.wait_for(check.communicate(), 60))[0].decode()
+    assert check.returncode != 0
+    assert f"GET / on {gateway.url}/gw/***/wrong answered 404" in str(start.value)
+    assert f"GET / on {gateway.url}/gw/***/wrong answered 404" in output
+    assert f"connected to opensearch 3.8.0 at {gateway.url}/gw/***" in caplog.text
+    assert f"POST {gateway.url}/gw/***/_bulk answered 404" in caplog.text
+    assert f"<ElasticsearchNode(http://127.0.0.1:{dead.split(':')[2].split('/')[0]}/gw/***)>" in caplog.text
+    for text in (caplog.text, str(start.value), output):
+        assert TOKEN not in text
+
+
+@pytest.mark.parametrize("code", [301, 302, 307, 308])
+async def test_a_url_that_redirects_fails_start_naming_where_to(cluster: Cluster, code: int) -> None:
+    """An http:// URL behind an ingress that redirects to https (OpenShift's Redirect, 302): start's
+    GET / followed the redirect and said "connected", then every bulk POST came back a GET (301/302,
+    405: every document dead-lettered) or went on to the other host (307/308)."""
+    async with EchoGateway(f"{cluster.url}/{TOKEN}") as front:
+        front.redirect = code
+        with pytest.raises(SinkError) as info:
+            async with running_sink(front.url):
+                pass
+    assert str(info.value) == (
+        f"elasticsearch: GET / on {front.url} answered {code} (Location: {cluster.url}/***/): a redirect, "
+        "which the sink does not follow (a bulk POST would come back a GET, or go on to another host); "
+        "give that URL"
+    )
+    assert front.redirected == ["GET /"]
+
+
+@pytest.mark.parametrize("code", [301, 302, 308])
+async def test_a_redirect_met_while_sending_is_retried_and_logged_once_never_dead_lettered(
+    cluster: Cluster, code: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from eventrouter.testing.waiting import until
+
+    async with EchoGateway(cluster.url) as front:
+        options = ElasticsearchOptions.model_validate({"url": front.url, "index": "moved"})
+        sink = ElasticsearchSink(options, SinkContext("es", "test", None, logging.getLogger("test.es")))
+        metrics = Metrics()
+        backoff = {"retry_initial_backoff": 0.01, "retry_max_backoff": 0.02}
+        p = pipeline_for("es", sink, metrics, tmp_path / "dl", **backoff)
+        task = asyncio.create_task(p.run())
+        await p.started.wait()  # through the front while it still forwards
+        front.redirect = code  # then the ingress starts redirecting
+        for _ in range(5):
+            p.offer(occurrence())
+        failed = metrics.send_errors.labels("es", "retryable")
+        await until(lambda: failed._value.get() >= 3)
+        front.redirect = None  # the URL is put right
+        await until(lambda: metrics.delivered.labels("es")._value.get() == 5)
+        p.close()
+        await asyncio.wait_for(task, 10)
+        await p.close_sink()
+    assert not (tmp_path / "dl").exists()
+    assert await cluster.count("moved") == 5
+    assert set(front.redirected) == {"POST /_bulk"}  # never followed as a GET
+    assert refusals(caplog) == [
+        f"es: POST {front.url}/_bulk answered {code} (Location: {cluster.url}/_bulk?timeout=***): a "
+        "redirect, which the sink does not follow (the POST would come back a GET, or go on to another "
+        "host); give that URL; retrying until that is put right"
+    ]
+
+
+async def test_a_405_for_the_whole_request_is_retried_not_dead_lettered(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Something before the cluster that takes no POST there answered 405: every document was rejected."""
+    async with EchoGateway(cluster.url) as gateway, running_sink(gateway.url, index="m") as sink:
+        gateway.refuse = [(405, False)]
+        with pytest.raises(RetryableError, match="bulk request refused: 405"):
+            await send(sink, [occurrence()])
+        assert outcome_kinds(await send(sink, [occurrence()])) == [OutcomeKind.OK]
+    (line,) = refusals(caplog)
+    assert line.startswith(f"es: POST {gateway.url}/_bulk answered 405 (")
+    assert line.endswith(
+        "): what answers there takes no POST (a proxy before the cluster, or the URL's path); is the URL "
+        "right?; retrying until that is put right"
+    )
+
+
+async def test_a_node_that_never_answers_is_marked_dead_and_no_send_is_cut_off_by_the_engine(
+    cluster: Cluster,
+) -> None:
+    """Nodes [one that accepts and never answers, a live one], the request timeout equal to the engine's
+    send_timeout (both 30 s by default): the engine's timer, started first (before a batch of 500 is
+    encoded), cut each send to the hung node off, and the transport never marked it dead, so every
+    other send waited the whole timeout, for as long as it stayed so. Each request now ends within the
+    send's budget: the transport's timeout marks the node dead, and it is tried again after 1, 2, 4 … s.
+    Scaled to 1 s, with the request timeout 50 ms over it for what that encoding takes: two timers due
+    within a millisecond fire together, and then the transport's, inside, wins."""
+    from eventrouter.testing.waiting import until
+
+    async with SilentServer() as hung:
+        context = SinkContext("es", "test", None, logging.getLogger("test.es"), send_timeout=1.0)
+        options = ElasticsearchOptions.model_validate(
+            {"url": hung.url, "hosts": cluster.url, "timeout": 1.05}
+        )
+        metrics = Metrics()
+        settings = {"send_timeout": 1.0, "retry_initial_backoff": 0.01, "retry_max_backoff": 0.05}
+        p = pipeline_for("es", ElasticsearchSink(options, context), metrics, None, **settings)
+        task = asyncio.create_task(p.run())
+        delivered = metrics.delivered.labels("es")
+        began, bursts = time.monotonic(), 0
+        while time.monotonic() - began < 4.0:  # a burst every 0.1 s for 4 s, each delivered in turn
+            bursts += 1
+            for _ in range(5):
+                p.offer(occurrence())
+            want = 5.0 * bursts
+            await until(lambda: delivered._value.get() == want)  # noqa: B023 - awaited before the next turn
+            await asyncio.sleep(0.1)
+        p.close()
+        await asyncio.wait_for(task, 10)
+        await p.close_sink()
+    assert metrics.send_errors.labels("es", "timeout")._value.get() == 0
+    # Dead after each try, for 1, 2, 4 … s (plus start's try): at most 4 tries in ~4 s, of 40 sends.
+    assert 1 <= hung.connections <= 4, (hung.connections, bursts)
+    assert await cluster.count("k8s-events-*") == 5 * bursts
+
+
+async def test_start_tries_the_next_node_within_send_timeout_when_one_never_answers(cluster: Cluster) -> None:
+    """Start tries every node once; a node that never answers took the whole request timeout (equal
+    to send_timeout by default, which bounds start), and start failed at every attempt on which the
+    round-robin began with it."""
+    async with SilentServer() as hung:
+        context = SinkContext("es", "test", None, logging.getLogger("test.es"), send_timeout=1.0)
+        options = ElasticsearchOptions.model_validate({"url": hung.url, "hosts": cluster.url, "timeout": 1.0})
+        starts = 0
+        while not hung.connections:  # the transport orders the nodes at random
+            starts += 1
+            assert starts <= 30
+            sink = ElasticsearchSink(options, context)
+            try:
+                async with asyncio.timeout(context.send_timeout):  # as the engine bounds start()
+                    await sink.start()
+            finally:
+                await sink.aclose()
 
 
 # ------------------------------------------------------------------------------------------ options/encoding
