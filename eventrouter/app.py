@@ -233,6 +233,7 @@ class Router:
                     data / "deadletter" / f"{safe_name(spec.name)}.jsonl" if data else None,
                     sink=spec.name,
                     max_bytes=deadletter_bytes,
+                    on_discard=self.metrics.dropped.labels(spec.name, "deadletter_rotated").inc,
                 ),
                 metrics=self.metrics,
                 spool=spool,
@@ -377,7 +378,18 @@ class Router:
             )
             self._tasks.append(self._guard(self.elector.run(self._lead, self._lost_lease), "leader-election"))
         else:
-            await self._lead()
+            # A task of its own, which stop() cancels before it closes the kube client: awaited here,
+            # a SIGTERM while the checkpoint ConfigMap could not be read left its retry running into
+            # the closed client ("Session is closed"), a traceback and exit 1. Its errors (the data
+            # dir in use) are still raised from here.
+            lead = asyncio.create_task(self._lead(), name="lead")
+            self._tasks.append(lead)
+            try:
+                await lead
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not lead.cancelled() or (current is not None and current.cancelling()):
+                    raise  # run() itself was cancelled
         await self.stopped.wait()
 
     def _configmap_written(self, ok: bool) -> None:
@@ -883,6 +895,7 @@ class Router:
         for p in self.pipelines:
             p.flush_metrics()
             if p.spool is not None:
+                p.keep_gone()  # before the checkpoint is written: copies still spooled stay skipped
                 p.spool.commit()
                 p.spool.close()
             try:

@@ -155,31 +155,46 @@ class Fanout:
         sink never holds it up (it spills or drops, counted), and the live watch never waits here.
         A sink with a disk spool holds it up for ``INTAKE_PATIENCE`` seconds in all; after that the
         rest of the intake waits in its spool (until it has caught up once more).
-        Returns False when ``max_wait`` ran out (the intake goes on; the queues bound memory)."""
-        busy = [p for p in self.pipelines if p.backlogged(high_water)]
-        if not busy:
-            return True
+        Returns False when ``max_wait`` ran out (the intake goes on; the queues bound memory).
+
+        Returns True only from a pass that found no sink to wait for, with no await after it: the
+        caller's next (synchronous) hand-on is then admitted atomically. Several intakes (a watcher per
+        namespace, relisting together) wake together when a queue falls below ``high_water``; returning
+        after one wait per sink, each handed on a page and the queue overflowed."""
         deadline = time.monotonic() + max_wait
-        for p in busy:
-            patient = p.can_spill
-            limit = deadline - time.monotonic()
-            if patient:
-                limit = min(limit, p.intake_patience)
-            if limit <= 0 and patient:
-                continue
-            started = time.monotonic()
-            try:
-                async with asyncio.timeout(max(0.0, limit)):
-                    await p.wait_for_room(high_water)
-            except TimeoutError:
-                if not patient:
-                    log.warning("sink %s still backlogged after %.0fs; relist goes on", p.name, max_wait)
-                    return False
-                log.info("sink %s is slower than the relist: the rest of it waits in its disk spool", p.name)
-            finally:
+        while True:
+            # A sink with a spool whose patience is spent is not waited for: its overflow spills.
+            busy = [
+                p
+                for p in self.pipelines
+                if p.backlogged(high_water) and not (p.can_spill and p.intake_patience <= 0)
+            ]
+            if not busy:
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("sink %s still backlogged after %.0fs; relist goes on", busy[0].name, max_wait)
+                return False
+            for p in busy:
+                patient = p.can_spill
+                limit = deadline - time.monotonic()
                 if patient:
-                    p.intake_patience = max(0.0, p.intake_patience - (time.monotonic() - started))
-        return True
+                    limit = min(limit, p.intake_patience)
+                if limit <= 0 and patient:
+                    continue
+                started = time.monotonic()
+                try:
+                    async with asyncio.timeout(max(0.0, limit)):
+                        await p.wait_for_room(high_water)
+                except TimeoutError:
+                    if not patient:
+                        log.warning("sink %s still backlogged after %.0fs; relist goes on", p.name, max_wait)
+                        return False
+                    log.info(
+                        "sink %s is slower than the relist: the rest of it waits in its disk spool", p.name
+                    )
+                finally:
+                    if patient:
+                        p.intake_patience = max(0.0, p.intake_patience - (time.monotonic() - started))
 
     def forget(self, uids: Iterable[str]) -> None:
         """The events were deleted (TTL): their checkpoint entries are no longer needed."""
@@ -199,6 +214,8 @@ class Fanout:
         """After a complete list: drop checkpoint entries of events the API server no longer holds
         (a scoped watch: of events not seen for ``unseen_keep``)."""
         self._saving = True
+        for pipeline in self.pipelines:
+            pipeline.listed()  # nothing listed before can be offered as new again
         if not self.scoped:
             for pipeline in self.pipelines:
                 pipeline.prune(live)

@@ -21,7 +21,14 @@ __all__ = [
 
 # The fixed reasons, exported at 0 from the start: an alert on increase() sees a series' first
 # increment only if the series existed before it (one drop would otherwise never fire).
-SINK_DROP_REASONS = ("queue_full", "spool_full", "spool_error", "spool_unreadable", "shutdown")
+SINK_DROP_REASONS = (
+    "queue_full",
+    "spool_full",
+    "spool_error",
+    "spool_unreadable",
+    "shutdown",
+    "deadletter_rotated",
+)
 DEAD_LETTER_REASONS = ("rejected", "retries_exhausted")
 SEND_ERROR_KINDS = ("retryable", "timeout", "exception", "contract", "start")
 SOURCE_DROP_REASONS = (
@@ -113,7 +120,8 @@ class Metrics:
         )
         self.skipped = Counter(
             "eventrouter_sink_skipped",
-            "Occurrences not sent because the checkpoint says the sink already accepted them.",
+            "Occurrences not sent (again) because the checkpoint says the sink already accepted them, "
+            "or a record of them already waits in the disk spool.",
             ["sink"],
             registry=r,
         )
@@ -123,7 +131,7 @@ class Metrics:
         self.dropped = Counter(
             "eventrouter_sink_dropped",
             "Occurrences dropped without delivery, by reason (queue_full, spool_full, spool_error, "
-            "spool_unreadable, shutdown).",
+            "spool_unreadable, shutdown; deadletter_rotated: dead letters discarded by a rotation).",
             ["sink", "reason"],
             registry=r,
         )

@@ -179,5 +179,11 @@ class Sink(abc.ABC, Generic[OptionsT]):
         what must outlive the swap: occurrences held inside the sink (alert digests) or what the
         destination expects to continue. The engine keeps the queue, spool and checkpoint itself."""
 
+    def given_up(self, occurrences: Sequence[Occurrence]) -> None:
+        """The engine gave these up: dead-lettered (refused, or ``retry_max_attempts`` spent) or
+        dropped from a full memory queue, and counted so. A sink that keeps occurrences between sends
+        (alert digests) forgets them here, so that it never delivers what was counted as not
+        delivered. Synchronous; must not raise."""
+
     async def aclose(self) -> None:
         """Release connections. Must be safe to call twice and without a prior ``start``."""

@@ -829,6 +829,17 @@ class AlertSink(Sink[OptionsT]):
         wait = max(5.0, due - now)  # a held group's repeat is not wanted before its window ends
         return retry(f"{limit} occurrences already wait for digests", retry_after=wait, held=True)
 
+    def given_up(self, occurrences: Sequence[Occurrence]) -> None:
+        """The engine dead-lettered or dropped these: out of the pool, or a later digest paged them
+        while the dead-letter file and the metrics said they were not delivered (and a replay of
+        that file paged them again)."""
+        for occ in occurrences:
+            key = occ.key
+            self._done.pop(key, None)
+            group = self._pending_of.pop(key, None)
+            if group is not None:
+                group.pending.pop(key, None)
+
     def _waiting(self, key: str, now: float) -> Outcome:
         group = self._pending_of.get(key)
         if group is None:  # pragma: no cover - every pooled key is pending or done

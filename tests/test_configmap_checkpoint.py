@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import logging
 import random
@@ -38,6 +39,7 @@ from eventrouter.source.kube import KubeClient, connect
 from eventrouter.source.watcher import WatchSettings
 from eventrouter.testing import MemorySink, event_object
 from eventrouter.testing.apiserver import FakeApiServer
+from eventrouter.testing.memory import Gate, gated
 from eventrouter.testing.waiting import until
 
 NS, NAME = "monitoring", "eventrouter-checkpoint"
@@ -414,6 +416,24 @@ async def test_a_checkpoint_configmap_that_cannot_be_read_once_is_read_again(
     assert router.exit_code == 0
 
 
+async def test_a_stop_while_the_checkpoint_configmap_cannot_be_read_exits_0(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """Without leader election, a SIGTERM while the ConfigMap could not be read (RBAC without `get`,
+    a 5xx): the stop closed the kube client under the read's retry, whose next attempt raised
+    "Session is closed" out of run(), a traceback and exit 1."""
+    api.forbid(TOKEN, verbs=["get"], resources=["configmaps"])
+    router = _configmap_router(api, tmp_path)
+    running = asyncio.create_task(router.run())
+    reads = router.metrics.checkpoint_configmap_errors.labels("read")
+    await until(lambda: reads._value.get() >= 1, timeout=10)
+    router.request_stop()
+    await asyncio.wait_for(running, 10)  # returns, raises nothing
+    assert router.exit_code == 0 and router.stopped.is_set()
+    assert reads._value.get() == 1  # no read after the stop
+    assert not router.pipelines  # it never got to lead
+
+
 async def test_a_stop_whose_last_checkpoint_write_left_entries_out_exits_1(
     api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -439,6 +459,66 @@ async def test_a_stop_whose_last_checkpoint_write_left_entries_out_exits_1(
         f"checkpoint ConfigMap {NS}/{NAME} left out {left_out} entries" in r.getMessage()
         for r in caplog.records
     ), [r.getMessage() for r in caplog.records]
+
+
+async def test_copies_of_deleted_events_still_spooled_at_a_clean_stop_are_not_delivered_again(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """As with a data dir checkpoint (tests/test_router.py): the relisted copies of the spooled
+    occurrences wait behind newer events, the originals are delivered and their events deleted, and
+    the drain deadline passes before the copies drain. The stop's last ConfigMap write lacked what
+    the pipeline had accepted of the deleted events, and after the restart (the same pod, its data
+    dir kept) the copies were delivered again."""
+
+    gate = Gate()  # the sink takes a batch only when the test allows one
+    allow = gate.allow
+
+    async def stop(router: Router, running: asyncio.Task[None]) -> None:
+        router.request_stop()
+        await asyncio.wait_for(running, 10)
+        assert router.exit_code == 0
+
+    data = tmp_path / "data"
+    opts: dict[str, Any] = {"batch_max_wait": 0.02, "queue_max_events": 10, "batch_max_events": 5}
+    down = _configmap_router(api, tmp_path, data_dir=data, fail=True, **opts)
+    down.settings.shutdown_timeout = 0.5
+    running = asyncio.create_task(down.run())
+    await until(lambda: down.ready()[0], timeout=10)
+    for i in range(5):
+        api.create_event(event_object(namespace=NS, object_name=f"z{i}"))  # listed last
+    await until(lambda: down.pipelines[0].depth == 5, timeout=10)
+    await stop(down, running)
+    for i in range(10):
+        api.create_event(event_object(namespace=NS, object_name=f"a{i}"))
+    up = Router(down.settings, [spec_for_class(gated(gate), {"name": "mem", **opts}, type_="memory")])
+    running = asyncio.create_task(up.run())
+    try:
+        # The 5 spooled read back before the relist came, 10 new ones, and the relisted copies.
+        await until(lambda: bool(up.pipelines) and up.pipelines[0].depth == 20, timeout=20)
+        await until(lambda: up.ready()[0], timeout=10)
+        await allow(1)
+        sink = up.sinks["mem"]
+        assert isinstance(sink, MemorySink)
+        await sink.wait_for(5)
+        first = sink.received[:5]
+        assert sorted(occ.record["involved_object"]["name"] for occ in first) == [f"z{i}" for i in range(5)]
+        for occ in first:
+            [gone] = [e["metadata"] for e in api.events() if e["metadata"]["uid"] == occ.uid]
+            api.delete_event(gone["namespace"], gone["name"])
+        await until(lambda: all(occ.uid not in up.watchers[0].tracker.seen for occ in first), timeout=10)
+    finally:
+        await stop(up, running)  # the drain deadline passes with the copies still waiting
+        await allow(10**6)
+    again = _configmap_router(api, tmp_path, data_dir=data, **opts)
+    running = asyncio.create_task(again.run())
+    try:
+        await until(lambda: again.ready()[0], timeout=10)
+        await again.pipelines[0].wait_idle(30)
+    finally:
+        await stop(again, running)
+    got = collections.Counter(sink.keys + again.sinks["mem"].keys)  # type: ignore[attr-defined]
+    assert [k for k, n in got.items() if n > 1] == []
+    assert len(got) == 15
 
 
 def test_a_large_checkpoint_configmap_is_written_less_often(

@@ -7,13 +7,18 @@ through, as a disk filling up does) in a child process, and folders taken away u
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import orjson
+
 from eventrouter.engine.checkpoint import FileCheckpoint, SinkCheckpoint
+from eventrouter.engine.deadletter import DeadLetter
+from eventrouter.testing import make_occurrence
 from eventrouter.testing.waiting import until
 
 
@@ -93,6 +98,39 @@ def test_a_write_that_fails_part_way_leaves_no_torn_line_behind(tmp_path: Path) 
     assert out["journal_read"] == {"uid-1": 1, "uid-3": 3}
     assert out["deadletter_written"] is False and out["deadletter_file_after_error"] == 0
     assert out["deadletter_read"] == ["a", "c"]
+
+
+def test_a_dead_letter_written_after_a_kill_cut_the_last_one_short_reads_back_and_replays(
+    tmp_path: Path,
+) -> None:
+    """A kill (SIGKILL, the OOM killer) during a dead-letter append leaves part of a line at the end
+    of the file. The restarted router glued its next dead letter onto it, so that one was unreadable
+    too, although counted and acknowledged: replay skipped it. Item 4 for the file sink, now for the
+    dead-letter file: the fragment is ended as a line of its own first."""
+    path = tmp_path / "deadletter" / "mem.jsonl"
+    before = [make_occurrence(object_name=f"before-{i}") for i in range(3)]
+    assert DeadLetter(path, sink="mem").write([(occ, "HTTP 400") for occ in before])
+    os.truncate(path, path.stat().st_size - 700)  # the last letter's write cut short by the kill
+    after = [make_occurrence(object_name=f"after-{i}") for i in range(3)]
+    letters = DeadLetter(path, sink="mem")  # the restarted router
+    assert letters.write([(occ, "HTTP 400") for occ in after[:2]])
+    assert letters.write([(occ, "HTTP 400") for occ in after[2:]])
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == 6  # the fragment is a line of its own
+    kept = [*before[:2], *after]
+    assert [orjson.loads(line)["key"] for line in lines[:2] + lines[3:]] == [occ.key for occ in kept]
+    out = tmp_path / "replayed.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "eventrouter.cli", "replay", str(path), f"--sink=file:{out}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "line 3 is not JSON" in done.stderr  # the fragment, skipped and said
+    replayed = {(r["uid"], r["occurrence"]) for r in map(json.loads, out.read_text().splitlines())}
+    assert replayed == {(occ.uid, occ.number) for occ in kept}
 
 
 async def test_a_checkpoint_that_cannot_be_written_is_retried_as_a_whole_snapshot(tmp_path: Path) -> None:

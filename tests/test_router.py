@@ -23,10 +23,11 @@ from eventrouter.config import spec_for_class
 from eventrouter.engine.checkpoint import FileCheckpoint, SinkCheckpoint
 from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS
 from eventrouter.record import Occurrence, parse_time_ns
-from eventrouter.sink import OK, Outcome, retry
+from eventrouter.sink import OK, Outcome, reject, retry
 from eventrouter.source.watcher import WatchSettings
 from eventrouter.testing import MemorySink, event_object, recorded_watch
 from eventrouter.testing.apiserver import FakeApiServer
+from eventrouter.testing.memory import Gate, gated
 from eventrouter.testing.waiting import until
 
 
@@ -87,6 +88,18 @@ async def test_each_sink_is_told_its_pipelines_send_timeout_and_longest_retry_wa
         await _ready(router)
         context = _mem(router).context
     assert (context.send_timeout, context.retry_wait_max, context.send_budget) == (12, 40, 10)
+
+
+async def _spooled_while_down(
+    api: FakeApiServer, tmp_path: Path, data: Path, names: list[str], opts: dict[str, Any]
+) -> None:
+    """A router on ``data`` whose sink is down takes events of ``names`` into its spool, then stops."""
+    down = _router(_settings(api, tmp_path, data_dir=data, shutdown_timeout=0.3), fail=True, **opts)
+    async with down.running():
+        await _ready(down)
+        for name in names:
+            api.create_event(event_object(object_name=name))
+        await until(lambda: down.pipelines[0].depth == len(names))
 
 
 async def test_recorded_traffic_through_the_api_server_yields_exactly_its_occurrences(
@@ -945,6 +958,35 @@ def test_a_data_dir_budget_bounds_every_sinks_spool_and_dead_letters_to_fit_it(t
     ]
 
 
+async def test_dead_letters_stay_within_their_share_of_the_data_dir_and_what_a_rotation_discards_is_counted(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """A batch of dead letters larger than the file bound rotated the file at every write: both
+    files held a whole batch each, far over their share of the volume (item 14), and the letters a
+    rotation discarded were logged in bytes only, never counted."""
+    data = tmp_path / "data"
+    for i in range(60):  # ~4 KiB a dead letter: a batch of 20 is 4 times the bound below
+        api.create_event(event_object(object_name=f"o{i}", message="x" * 1500))
+    settings = _settings(api, tmp_path, data_dir=data, data_dir_max_bytes=200_000)
+    discarded = 0.0
+    for run, new in enumerate((60, 30)):  # and a restart, which finds the files of the first run
+        for i in range(30 if run else 0):
+            api.create_event(event_object(object_name=f"later-{i}", message="x" * 1500))
+        router = _router(settings, batch_max_events=20, batch_max_wait=0.2)
+        async with router.running(watch=False):
+            _mem(router).decide = lambda occ: reject("HTTP 400 mapping error")
+            await router.start_source()
+            dead = router.metrics.dead_lettered.labels("mem", "rejected")
+            await until(lambda: dead._value.get() == new)  # noqa: B023 - awaited in this iteration
+        discarded += router.metrics.dropped.labels("mem", "deadletter_rotated")._value.get()
+    bound = router.pipelines[0].deadletter.max_bytes
+    assert bound == 20_000
+    files = [data / "deadletter" / "mem.jsonl", data / "deadletter" / "mem.jsonl.1"]
+    lines = [line for f in files for line in f.read_bytes().splitlines()]
+    assert all(f.stat().st_size <= bound for f in files)  # no single letter is over the bound here
+    assert discarded > 0 and len(lines) + discarded == 90  # every dead letter on disk or counted
+
+
 async def test_the_router_keeps_delivering_while_its_checkpoints_cannot_be_written(
     api: FakeApiServer,
     tmp_path: Path,
@@ -994,36 +1036,19 @@ async def test_an_event_deleted_while_a_spool_backlog_drains_after_a_restart_is_
     occurrence behind the first. An event deleted (TTL) between its first copy's delivery and its
     second's cleared its checkpoint entry, so the second copy was sent again."""
 
-    class Metered(MemorySink):
-        """Takes a batch only when the test allows one."""
-
-        allowed = 0
-        allow = asyncio.Condition()
-
-        async def send(self, batch: Any) -> Any:
-            async with Metered.allow:
-                await Metered.allow.wait_for(lambda: Metered.allowed > 0)
-                Metered.allowed -= 1
-            return await super().send(batch)
-
-    async def allow(batches: int) -> None:
-        async with Metered.allow:
-            Metered.allowed += batches
-            Metered.allow.notify_all()
+    gate = Gate()  # the sink takes a batch only when the test allows one
+    allow = gate.allow
 
     data = tmp_path / "data"
     opts = {"batch_max_wait": 0.02, "queue_max_events": 10, "batch_max_events": 5}
-    down = _router(_settings(api, tmp_path, data_dir=data, shutdown_timeout=0.3), fail=True, **opts)
-    async with down.running():
-        await _ready(down)
-        for i in range(30):
-            api.create_event(event_object(object_name=f"o{i}"))
-        await until(lambda: down.pipelines[0].depth == 30)
-    spec = spec_for_class(Metered, {"name": "mem", **opts}, type_="memory")
+    await _spooled_while_down(api, tmp_path, data, [f"o{i}" for i in range(30)], opts)
+    spec = spec_for_class(gated(gate), {"name": "mem", **opts}, type_="memory")
     up = Router(_settings(api, tmp_path, data_dir=data), [spec])
     async with up.running():
         await _ready(up)
-        await until(lambda: up.metrics.spilled.labels("mem")._value.get() >= 30)  # the relisted copies
+        await until(
+            lambda: up.metrics.skipped.labels("mem")._value.get() >= 30
+        )  # the relist: each in the spool (item 123)
         await allow(1)
         sink = _mem(up)
         await sink.wait_for(5)
@@ -1036,6 +1061,53 @@ async def test_an_event_deleted_while_a_spool_backlog_drains_after_a_restart_is_
     got = collections.Counter(sink.keys)
     assert [k for k, n in got.items() if n > 1] == []
     assert len(got) == 30
+
+
+async def test_copies_of_deleted_events_still_spooled_at_a_second_clean_stop_are_not_delivered_again(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """Item 50 across one more clean stop. The relist after a restart offers again what the spool
+    kept, once the spool's backlog has been read: the copies wait behind the newer events. The
+    originals are delivered and their events deleted (TTL), and the drain deadline passes before the
+    copies drain. What the pipeline accepted of the deleted events was kept in memory only, the stop
+    wrote the checkpoint without it, and after the restart the copies were delivered a second time."""
+
+    gate = Gate()  # the sink takes a batch only when the test allows one
+    allow = gate.allow
+
+    data = tmp_path / "data"
+    opts = {"batch_max_wait": 0.02, "queue_max_events": 10, "batch_max_events": 5}
+    # Listed last: names in key order.
+    await _spooled_while_down(api, tmp_path, data, [f"z{i}" for i in range(5)], opts)
+    for i in range(10):
+        api.create_event(event_object(object_name=f"a{i}"))  # while the router is stopped
+    spec = spec_for_class(gated(gate), {"name": "mem", **opts}, type_="memory")
+    up = Router(_settings(api, tmp_path, data_dir=data, shutdown_timeout=0.5), [spec])
+    async with up.running(watch=False):
+        up.pipelines[0].intake_patience = 0.0  # the relist spills at once instead of waiting 5 s
+        await up.start_source()
+        await _ready(up)
+        # The 5 spooled read back before the relist came, 10 new ones, and the relisted copies.
+        await until(lambda: up.pipelines[0].depth == 20)
+        await allow(1)
+        sink = _mem(up)
+        await sink.wait_for(5)
+        first = sink.received[:5]
+        assert sorted(occ.record["involved_object"]["name"] for occ in first) == [f"z{i}" for i in range(5)]
+        for occ in first:
+            [gone] = [e["metadata"] for e in api.events() if e["metadata"]["uid"] == occ.uid]
+            api.delete_event(gone["namespace"], gone["name"])
+        await until(lambda: all(occ.uid not in up.watchers[0].tracker.seen for occ in first))
+        # A clean stop (a rolling update): the drain deadline passes with the copies still waiting.
+    await allow(10**6)
+    assert up.exit_code == 0
+    again = _router(_settings(api, tmp_path, data_dir=data), **opts)
+    async with again.running():
+        await _ready(again)
+        await again.pipelines[0].wait_idle(30)
+    got = collections.Counter(sink.keys + _mem(again).keys)
+    assert [k for k, n in got.items() if n > 1] == []
+    assert len(got) == 15
 
 
 async def test_a_stop_while_an_older_occurrence_waits_and_a_newer_one_was_accepted_delivers_each_once(

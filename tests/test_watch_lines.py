@@ -1,9 +1,14 @@
-"""The watch body splitter: lines come out whole and in order however the chunks fall."""
+"""The watch body splitter: lines come out whole and in order however the chunks fall. And how a
+watch that ends goes on: a watch that worked starts the reconnect backoff over, and the client's read
+timeout outlasts the server-side watch timeout."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -11,8 +16,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eventrouter.app import Router
+from eventrouter.cli import main
+from eventrouter.config import spec_for_class
 from eventrouter.source.kube import ApiError
 from eventrouter.source.watcher import EventWatcher, WatchSettings
+from eventrouter.testing import MemorySink, event_object
+from eventrouter.testing.apiserver import FakeApiServer
+from eventrouter.testing.routers import router_settings
+from eventrouter.testing.waiting import until
 
 
 class _Body:
@@ -62,3 +74,89 @@ def test_a_line_over_the_limit_is_refused_before_it_is_complete() -> None:
     with pytest.raises(ApiError, match="LineTooLong"):
         _split(b"x" * 5000, [100], limit=1000)
     assert _split(b"a\n" + b"y" * 900 + b"\nb\n", [100], limit=1000) == [b"a", b"y" * 900, b"b"]
+
+
+# ---- after a watch ends -------------------------------------------------------------------------
+
+
+def _router(api: FakeApiServer, tmp_path: Path, watch: WatchSettings) -> Router:
+    settings = dataclasses.replace(router_settings(api, tmp_path), watch=watch)
+    spec = spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.02}, type_="memory")
+    return Router(settings, [spec])
+
+
+def _delivered(router: Router, name: str) -> bool:
+    sink = router.sinks["mem"]
+    assert isinstance(sink, MemorySink)
+    return any(o.record["involved_object"]["name"] == name for o in sink.received)
+
+
+def _reconnect_delays(caplog: pytest.LogCaptureFixture) -> list[float]:
+    """The delays the watcher chose (its debug record), not wall-clock measurements."""
+    delays = []
+    for r in caplog.records:
+        if r.name == "eventrouter.source.watcher" and str(r.msg).startswith("reconnecting"):
+            assert isinstance(r.args, tuple) and isinstance(r.args[1], float)
+            delays.append(r.args[1])
+    return delays
+
+
+async def test_watches_cut_after_they_worked_reconnect_at_once_however_often(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Five watches in a row deliver a line and are then cut (a proxy's connection limit, a reset).
+    The failure count was reset only by a watch ending at its own timeout: the reconnects backed off
+    0.5, 1, 2, 4, 8 s (then 15-30 s), and every event written meanwhile waited that long."""
+    async with FakeApiServer(token="t") as api:
+        router = _router(api, tmp_path, WatchSettings(watch_timeout=30))  # the product's backoffs
+        async with router.running():
+            await router.watchers[0].initial_list_done.wait()
+            caplog.set_level(logging.DEBUG, logger="eventrouter.source.watcher")
+            api.faults.cut_next_watch(after_lines=1, count=5)
+            api.disconnect_watches()  # this one ends cleanly; the next five are cut
+            async with api.steady_events(interval=0.02):
+                await until(lambda: api.faults.pending == 0, timeout=30)
+            api.create_event(event_object(object_name="after-the-cuts"))
+            await until(lambda: _delivered(router, "after-the-cuts"), timeout=20)
+        assert router.metrics.watch_restarts.labels("connection")._value.get() == 5
+    delays = _reconnect_delays(caplog)
+    assert len(delays) == 5
+    assert max(delays) <= 0.5  # backoff_initial: each cut watch had worked
+
+
+async def test_a_watch_open_longer_than_the_longest_backoff_starts_the_backoff_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Quiet watches (no line) reset by a load balancer's idle timeout, each after longer than
+    backoff_max: the connections worked, and reconnects that far apart are no storm."""
+    async with FakeApiServer(token="t") as api:
+        watch = WatchSettings(watch_timeout=30, backoff_initial=0.1, backoff_max=0.4)
+        router = _router(api, tmp_path, watch)
+        async with router.running():
+            await router.watchers[0].initial_list_done.wait()
+            caplog.set_level(logging.DEBUG, logger="eventrouter.source.watcher")
+            api.faults.stall_next_watch(0.5, count=3, reset=True)
+            api.disconnect_watches()  # this one ends cleanly; the next three are reset
+            await until(lambda: api.faults.pending == 0, timeout=20)
+            api.create_event(event_object(object_name="after-the-resets"))
+            await until(lambda: _delivered(router, "after-the-resets"), timeout=20)
+        assert router.metrics.watch_restarts.labels("connection")._value.get() == 3
+    delays = _reconnect_delays(caplog)
+    assert len(delays) == 3
+    assert max(delays) <= 0.1  # backoff_initial (the old code: up to 0.1, 0.2, 0.4)
+
+
+def test_the_read_timeout_outlasts_the_server_side_watch_timeout(capsys: pytest.CaptureFixture[str]) -> None:
+    """--watch-timeout 600 (or 0: the API server's 30-60 min) with the fixed 330 s read timeout: on a
+    quiet cluster without bookmarks every watch ended in the read timeout, counted as broken."""
+    assert WatchSettings().read_timeout == 330
+    assert WatchSettings(watch_timeout=600).read_timeout == 640
+    assert dataclasses.replace(WatchSettings(), watch_timeout=900).read_timeout == 940
+    assert WatchSettings(watch_timeout=30, read_timeout=500).read_timeout == 500
+    with pytest.raises(ValueError, match="watch_timeout"):
+        WatchSettings(watch_timeout=0)
+    for value in ("0", "-5"):
+        with pytest.raises(SystemExit) as exc:
+            main(["run", "--watch-timeout", value, "--sink", "stdout"])
+        assert exc.value.code == 2
+        assert f"--watch-timeout: {value!r}: must be 1 or more" in capsys.readouterr().err

@@ -73,6 +73,9 @@ class FileCheckpoint:
         # per deleted event would be a file open per event. A crash only leaves stale entries,
         # which the next complete list prunes.
         self._removals = ""
+        # The journal read at load ended in part of a line (a kill mid-append): the next append ends
+        # it first, or its first line would be glued onto the fragment and that ack lost.
+        self._torn = False
 
     def __str__(self) -> str:
         return str(self.snapshot.with_suffix(""))
@@ -94,7 +97,9 @@ class FileCheckpoint:
             log.warning("checkpoint %s: skipped %d unreadable snapshot lines", self.snapshot, skipped)
         if self.journal.exists():
             # A torn last line (crash mid-write) is ignored: that batch is re-delivered, never lost.
-            for line in self.journal.read_text(encoding="utf-8", errors="replace").splitlines():
+            text = self.journal.read_text(encoding="utf-8", errors="replace")
+            self._torn = bool(text) and not text.endswith("\n")
+            for line in text.splitlines():
                 parts = line.split()
                 if len(parts) == 3 and parts[0] == "+" and _number(parts[2]):
                     n = int(parts[2])
@@ -107,7 +112,9 @@ class FileCheckpoint:
 
     def _append(self, text: str) -> None:
         text, self._removals = self._removals + text, ""
-        append_to(self.journal, text.encode(), fsync=self.fsync)
+        torn = "\n" if self._torn else ""
+        append_to(self.journal, (torn + text).encode(), fsync=self.fsync)
+        self._torn = False
         self._journal_lines += text.count("\n")
 
     def record(self, acks: Mapping[str, int]) -> None:
@@ -140,6 +147,7 @@ class FileCheckpoint:
         with contextlib.suppress(FileNotFoundError):
             os.truncate(self.journal, 0)
         self._journal_lines = 0
+        self._torn = False
 
     def close(self, state: Mapping[str, int]) -> None:
         self.compact(state)

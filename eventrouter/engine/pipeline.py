@@ -102,6 +102,7 @@ class Pipeline:
         # Read from the spool marked owed (see ``Spool``): sent although the checkpoint is past them;
         # a key leaves the set once it finished (accepted, rejected or given up).
         self._owed: set[tuple[str, int]] = set()
+        self._spooled_copies = 0  # offered again while the spool holds them (``Spool.holds``)
         self.idle = asyncio.Event()
         self.idle.set()
         self.started = asyncio.Event()
@@ -156,6 +157,14 @@ class Pipeline:
                     "filtered %s (%s %s %s)", occ.key, rec["type"], rec["namespace"], rec["reason"]
                 )
             return
+        spool = self.spool
+        if spool is not None and spool.held_at_open is not None and spool.holds(occ):
+            # The relist after a restart offers again what the spool kept: a second record of each,
+            # behind the backlog, filled the bound after a few restarts during an outage, and the
+            # bound then dropped the oldest records, the originals.
+            self._m_skipped.inc()
+            self._spooled_copies += 1
+            return
         if self._closing:
             self.metrics.dropped.labels(self.name, "shutdown").inc()
             self._throttled.warning(
@@ -163,7 +172,6 @@ class Pipeline:
             )
             return
         self.idle.clear()
-        spool = self.spool
         # Deferred retries (alert digests) are held in memory too: they count against the bound.
         full = len(self._queue) + len(self._deferred) >= self.queue_max
         if spool is not None and (len(spool) or self._overflow or full):
@@ -192,6 +200,7 @@ class Pipeline:
             else:  # memory holds deferred retries only (an alert robot down): the first due goes
                 dropped = heapq.heappop(self._deferred)[2]
                 self._release(dropped)
+            self._given_up([dropped])
             # With a spool, memory fills only while the disk fails: that is the cause.
             (self._m_queue_full if self.spool is None else self._m_spool_error).inc()
             self._throttled.warning(
@@ -210,6 +219,7 @@ class Pipeline:
         behind the spool instead, in memory (bounded: the oldest dropped, counted)."""
         if len(self._overflow) >= self.queue_max:
             dropped = self._overflow.popleft()
+            self._given_up([dropped])
             self._m_spool_error.inc()
             self._throttled.warning(
                 "queue_full",
@@ -267,6 +277,15 @@ class Pipeline:
     def _dead_letter(self, items: list[tuple[Occurrence, str]]) -> None:
         if not self.deadletter.write(items):
             self.metrics.data_dir_errors.labels(self.name, "deadletter").inc()
+        self._given_up([occ for occ, _ in items])
+
+    def _given_up(self, occs: Sequence[Occurrence]) -> None:
+        """Tell the sink: an alert robot kept a given-up occurrence pooled and paged it with its next
+        digest, while the dead-letter file and the metrics said it was not delivered."""
+        try:
+            self.sink.given_up(occs)
+        except Exception:  # a plugin's bug must not stop the pipeline
+            self.log.exception("sink %s: given_up() failed", self.name)
 
     def _checkpoint_written(self, error: OSError | None) -> None:
         if error is not None:
@@ -394,6 +413,26 @@ class Pipeline:
         if self._backlogged():
             self._note_gone(uids)
         self.checkpoint.forget(uids)
+
+    def listed(self) -> None:
+        """Every watched namespace has been listed once: what the spool held at open cannot be
+        offered as new any more, so its keys are freed."""
+        if self.spool is not None and self.spool.held_at_open is not None:
+            self.spool.release_held_at_open()
+        if self._spooled_copies:
+            self.log.info(
+                "sink %s: %d relisted occurrences were already in the disk spool: not spooled twice",
+                self.name,
+                self._spooled_copies,
+            )
+            self._spooled_copies = 0
+
+    def keep_gone(self) -> None:
+        """At a stop with records still spooled: what was accepted of events deleted (or pruned)
+        meanwhile goes into the checkpoint. Kept only in memory, the restart sent those copies
+        again; the first complete list after the restart prunes the entries."""
+        if self._gone and self.spool is not None and len(self.spool):
+            self.checkpoint.ack(self._gone)
 
     def prune(self, live: Container[str]) -> None:
         """After a complete list: drop checkpoint entries of events the API server no longer holds."""

@@ -10,16 +10,23 @@ A record written at shutdown may be *owed* (a third element, ``1``): it is deliv
 checkpoint is past it. A stop whose drain deadline passed while X/4 of an event waited for a retry
 and X/5 had been accepted records X/5 in the checkpoint (so that the relist after the restart does not
 send X/5 again) and keeps X/4 in the spool, owed.
+
+At open the spool notes the (uid, number) of its unread records (``holds``): the relist after a
+restart offers each of them again, and a second record of each, behind the backlog, filled the bound
+after a few restarts, which then dropped the oldest records, the originals.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
+import hashlib
 import logging
 import os
 import time
 import weakref
+from array import array
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +63,43 @@ def _owed_once(owed: set[tuple[str, int]] | None, occ: Occurrence) -> bool:
     return False
 
 
+def _digest(uid: str, number: int) -> int:
+    """96 bits of the occurrence's key. A relist of 10^6 against a spool of 10^6 records finds a
+    digest alike by chance (a copy kept out that was not one: lost) with a chance of ~10^-17; with
+    64 bits it would be ~5 * 10^-8 per such restart."""
+    return int.from_bytes(hashlib.blake2b(f"{uid}/{number}".encode(), digest_size=12).digest(), "little")
+
+
+class _HeldAtOpen:
+    """The keys of the records unread at open, 16 bytes each: a sorted array of the digests' high 64
+    bits, beside their low 32 bits and the ordinal of the segment that holds the record (0: the aside
+    file). A set of (uid, number) tuples cost ~200 bytes a key. ``alive[ordinal]`` goes to 0 when
+    the unread records of that segment are dropped (the bound), set aside as unreadable, or gone:
+    then a relisted occurrence of it is the only copy left and must be spooled."""
+
+    __slots__ = ("alive", "hi", "lo", "ordinal")
+
+    def __init__(self, keys: list[int], segments: int) -> None:
+        keys.sort()  # each key: digest << 32 | ordinal
+        self.hi = array("Q", (k >> 64 for k in keys))
+        self.lo = array("I", ((k >> 32) & 0xFFFFFFFF for k in keys))
+        self.ordinal = array("I", (k & 0xFFFFFFFF for k in keys))
+        self.alive = bytearray(b"\x01") * (segments + 1)
+
+    def __len__(self) -> int:
+        return len(self.hi)
+
+    def holds(self, uid: str, number: int) -> bool:
+        digest = _digest(uid, number)
+        hi, lo = digest >> 32, digest & 0xFFFFFFFF
+        i = bisect.bisect_left(self.hi, hi)
+        while i < len(self.hi) and self.hi[i] == hi:
+            if self.lo[i] == lo and self.alive[self.ordinal[i]]:
+                return True
+            i += 1
+        return False
+
+
 @dataclass(slots=True)
 class _Segment:
     number: int
@@ -65,6 +109,7 @@ class _Segment:
     read_records: int = 0  # durable + in-memory read position within this segment
     read_offset: int = 0
     sealed: bool = False  # its unread tail was dropped: nothing more is written to it
+    ordinal: int = 0  # in ``_HeldAtOpen`` (from 1): it held unread records at open
 
 
 class Spool:
@@ -117,6 +162,8 @@ class Spool:
         self._aside_keys: frozenset[tuple[str, int]] = frozenset()
         self._aside_lines: collections.deque[bytes] = collections.deque()
         self._aside_failed = False
+        self.held_at_open: _HeldAtOpen | None = None
+        """See ``holds``; None once nothing unread at open can still be offered as new (freed)."""
         self._open()
 
     # ---- persistence format -------------------------------------------------------------------
@@ -145,6 +192,10 @@ class Spool:
             with contextlib.suppress(OSError):
                 stale.unlink()
         self._load_aside()
+        keys: list[int] = []
+        for line in self._aside_lines:
+            self._note_key(keys, line, 0)
+        ordinals = 0
         for path in sorted(self.directory.glob("*.seg"), key=lambda p: int(p.stem)):
             number = int(path.stem)
             try:
@@ -176,11 +227,62 @@ class Spool:
                     offset = data.index(b"\n", offset) + 1
                 seg.read_records = min(cursor_records, seg.records)
                 seg.read_offset = offset
+            if seg.read_records < seg.records:
+                ordinals += 1
+                seg.ordinal = ordinals
+                view, start = memoryview(data), seg.read_offset
+                while (end := data.find(b"\n", start)) >= 0:  # no copy of the lines (4 MiB a segment)
+                    self._note_key(keys, view[start:end], ordinals)
+                    start = end + 1
+                view.release()
+            del data
             self._segments.append(seg)
             self._count += seg.records - seg.read_records
             self._bytes += seg.size
+        if keys:
+            self.held_at_open = _HeldAtOpen(keys, ordinals)
+            keys.clear()  # ~52 bytes a key while it is built
         if len(self):
             log.info("spool %s: %d occurrences waiting from before the restart", self.directory, len(self))
+
+    @staticmethod
+    def _note_key(keys: list[int], line: bytes | memoryview, ordinal: int) -> None:
+        """Adds the key of one record (an unreadable one has none: its relisted copy is spooled)."""
+        try:
+            raw = orjson.loads(line)[0]
+            uid = raw["metadata"]["uid"]
+            if type(uid) is str and uid:
+                keys.append(_digest(uid, occurrence_number(raw)) << 32 | ordinal)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
+            pass
+
+    def holds(self, occ: Occurrence) -> bool:
+        """True when a record of ``occ`` was unread at open and is still in the spool, or popped from
+        it and in the pipeline's hands: the relist after a restart offers it again, and that copy
+        need not be spooled. Within a run the source never offers an occurrence twice, so only what
+        was here at open can be offered again; records dropped or set aside since are not held."""
+        held = self.held_at_open
+        return held is not None and held.holds(occ.uid, occ.number)
+
+    def release_held_at_open(self) -> None:
+        """Free ``holds``'s keys: the first list after the start is complete, so nothing that was
+        here at open can be offered as new any more."""
+        self.held_at_open = None
+
+    def _lost_at_open(self, seg: _Segment) -> None:
+        """``seg``'s unread records are no longer in the spool (dropped, set aside, gone)."""
+        if self.held_at_open is not None and seg.ordinal:
+            self.held_at_open.alive[seg.ordinal] = 0
+        seg.ordinal = 0
+
+    def _check_read_at_open(self) -> None:
+        """Once every record unread at open has been popped, the keys are freed: what the pipeline
+        holds of them is delivered, kept at a stop, or counted; a copy offered after that is spooled
+        and skipped by the checkpoint once the first is accepted (a batch in flight, at most)."""
+        if self.held_at_open is None or self._aside_lines:
+            return
+        if not any(seg.ordinal and seg.read_records < seg.records for seg in self._segments):
+            self.held_at_open = None
 
     def _load_aside(self) -> None:
         try:
@@ -322,6 +424,7 @@ class Spool:
         appended, and those written before the error stay. ``owed``: as for ``extend``."""
         if not occs:
             return []
+        self.held_at_open = None  # a stop: nothing more is offered (and the segments change below)
         head = next((seg for seg in self._segments if seg.read_records < seg.records), None)
         if head is None:
             return self.extend(occs, owed)
@@ -387,6 +490,7 @@ class Spool:
                 keys.append("?")
         keys.extend(["?"] * max(0, seg.records - seg.read_records - len(keys)))
         self._count -= seg.records - seg.read_records
+        self._lost_at_open(seg)
         if seg.read_records:
             # Records popped from it are in flight, and the durable cursor points into it: deleted
             # now, a crash before they finish lost them, counted nowhere. The file stays until
@@ -437,6 +541,7 @@ class Spool:
                 self.unreadable += missing
                 self._count -= missing
                 seg.read_records, seg.read_offset = seg.records, seg.size
+                self._lost_at_open(seg)
                 continue
             except OSError as exc:
                 self._read_failed(seg, exc)
@@ -459,6 +564,8 @@ class Spool:
                     break
                 if self._failing is seg:
                     self._failing = None  # readable again
+        if self.held_at_open is not None:
+            self._check_read_at_open()
         return out
 
     def _read_failed(self, seg: _Segment, exc: OSError) -> None:
@@ -475,6 +582,7 @@ class Spool:
             self._count -= missing
             self._bytes -= seg.size
             self._failing = None
+            self._lost_at_open(seg)
             log.error(
                 "spool %s: %s unreadable for %.0fs (%s): its %d occurrences are given up and counted, the "
                 "segment %s; the rest of the spool goes on",

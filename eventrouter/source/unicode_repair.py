@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -64,25 +65,66 @@ def parse_refused(data: bytes, refused: orjson.JSONDecodeError) -> Any:
     return doc
 
 
+_DONE: Any = object()  # what next() gives for a finished frame
+
+
+class _Frame:
+    """A container being repaired: its items still to do, and what is done."""
+
+    __slots__ = ("container", "key", "keys", "parts", "todo", "total")
+
+    def __init__(self, container: dict[Any, Any] | list[Any]) -> None:
+        self.container = container
+        self.keys = isinstance(container, dict)
+        self.todo: Iterator[Any] = iter(container.items() if isinstance(container, dict) else container)
+        self.parts: list[Any] = []  # (key, value) pairs of a dict, values of a list
+        self.key: Any = None  # the repaired key of the dict value being repaired
+        self.total = 0
+
+    def add(self, value: Any, n: int) -> None:
+        self.parts.append((self.key, value) if self.keys else value)
+        self.total += n
+
+    def result(self) -> tuple[Any, int]:
+        if not self.total:
+            return self.container, 0
+        return (dict(self.parts) if self.keys else self.parts), self.total
+
+
 def repair(value: Any) -> tuple[Any, int]:
     """``value`` with every surrogate in its strings (keys included) replaced by U+FFFD, and how many
-    strings changed. Containers without a broken string are returned as they are."""
+    strings changed. Containers without a broken string are returned as they are.
+
+    Iterative: json.loads takes ~1,000 levels of nesting, and recursing two frames a level, a broken
+    string ~500 deep raised RecursionError out of the watcher: the router stopped, and failed again
+    on the same list page at every start."""
+    if not isinstance(value, dict | list):
+        return _repair_leaf(value)
+    stack = [_Frame(value)]
+    while True:
+        frame = stack[-1]
+        child = next(frame.todo, _DONE)
+        if child is _DONE:
+            stack.pop()
+            done = frame.result()
+            if not stack:
+                return done
+            stack[-1].add(*done)
+            continue
+        if frame.keys:
+            key, child = child
+            frame.key, n = _repair_leaf(key)
+            frame.total += n
+        if isinstance(child, dict | list):
+            stack.append(_Frame(child))
+        else:
+            frame.add(*_repair_leaf(child))
+
+
+def _repair_leaf(value: Any) -> tuple[Any, int]:
     if isinstance(value, str):
         fixed, n = _SURROGATE.subn(REPLACEMENT, value)
         return fixed, 1 if n else 0
-    if isinstance(value, dict):
-        total = 0
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            k, nk = repair(k)
-            v, nv = repair(v)
-            total += nk + nv
-            out[k] = v
-        return (out, total) if total else (value, 0)
-    if isinstance(value, list):
-        items = [repair(v) for v in value]
-        total = sum(n for _, n in items)
-        return ([v for v, _ in items], total) if total else (value, 0)
     return value, 0
 
 
@@ -99,12 +141,18 @@ def describe(obj: Any) -> str:
 
 
 def _broken(value: Any) -> bool:
-    if isinstance(value, str):
-        return _SURROGATE.search(value) is not None
-    if isinstance(value, dict):
-        return any(_broken(k) or _broken(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_broken(v) for v in value)
+    # Iterative, as repair: any depth json.loads takes.
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v) is not None:
+                return True
+        elif isinstance(v, dict):
+            todo.extend(v)
+            todo.extend(v.values())
+        elif isinstance(v, list):
+            todo.extend(v)
     return False
 
 

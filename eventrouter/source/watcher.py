@@ -73,6 +73,10 @@ def check_field_selector(text: str) -> None:
             )
 
 
+READ_TIMEOUT_MARGIN = 40
+"""Seconds the client waits beyond the watch's server-side timeout before calling it stuck."""
+
+
 @dataclass(frozen=True, slots=True)
 class WatchSettings:
     page_size: int = 500
@@ -80,7 +84,10 @@ class WatchSettings:
     watch_timeout: int = 290
     """Server-side ``timeoutSeconds``: the API server ends each watch after this and we reopen it."""
     read_timeout: float = 330.0
-    """Client-side bound on silence within a watch; longer means the stream is stuck."""
+    """Client-side bound on silence within a watch; longer means the stream is stuck. Raised to
+    ``watch_timeout + READ_TIMEOUT_MARGIN`` when below it: a quiet watch (no bookmarks, which
+    kube-apiserver serves Events without by default) must end by its server-side timeout, not in a
+    read timeout that counts as a broken connection."""
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     field_selector: str = ""
@@ -93,6 +100,15 @@ class WatchSettings:
     time order (``Sink.wants_time_order``: Loki refuses entries over an hour out of order)."""
     relist_dir: str | None = None
     """Where a large relist waits for sorting (default: the system temp dir; --data-dir when set)."""
+
+    def __post_init__(self) -> None:
+        if self.watch_timeout < 1:
+            # 0 lets the API server pick (30-60 min with the default --min-request-timeout), beyond
+            # any read timeout we could derive from it.
+            raise ValueError(f"watch_timeout must be at least 1 second, not {self.watch_timeout}")
+        floor = self.watch_timeout + READ_TIMEOUT_MARGIN
+        if self.read_timeout < floor:
+            object.__setattr__(self, "read_timeout", float(floor))
 
 
 class EventWatcher:
@@ -126,6 +142,7 @@ class EventWatcher:
         self.listing = False  # a list is in progress or failed: the tracker is not a complete picture
         self.last_progress = time.time()
         self.resource_version: str | None = None
+        self.watch_worked = False  # the last _watch handled a line (or stayed open a while)
         # Label children resolved once: a lookup per watch line is measurable at thousands per second.
         self._m_types = {
             t: metrics.watch_events.labels(t) for t in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "LIST")
@@ -241,6 +258,17 @@ class EventWatcher:
             finally:
                 resp.release()
             received_at = time.time()
+            if self.room is not None and order is None:
+                # Every page, the first too, is handed on only once every sink has room, and with no
+                # await between that check and the (synchronous) hand-on below: watchers relisting
+                # together (start-up, 410s after an API server restart) take turns, and a queue holds
+                # at most half its bound plus one page. Checked only between pages, each watcher's
+                # first page went out unchecked and all woke together, each with a page of half the
+                # queue: the oldest occurrences were dropped (queue_full), and already marked seen,
+                # no later relist offered them again. The page waits as its raw bytes. (Sorted, the
+                # pages wait for the sinks in _hand_on instead; fetching on keeps continue tokens fresh.)
+                await self.room()
+                self._progress()
             try:
                 # One broken string must not cost the page: the relist would fail on it forever.
                 doc, broken = unicode_repair.loads_unrepaired(body)
@@ -265,25 +293,30 @@ class EventWatcher:
             self.flush_metrics()
             if not cont:
                 break
-            if self.room is not None and order is None:
-                # Fetch the next page only when the sinks have room: a large relist then needs
-                # memory for about one page per sink, not the whole cluster's events. (Sorted, the
-                # pages wait for the sinks in _hand_on instead; fetching on keeps continue tokens fresh.)
-                await self.room()
-                self._progress()
         return rv, live
 
     async def _hand_on(self, order: RelistOrder) -> None:
-        log.info("handing %d listed occurrences of %s to the sinks, oldest first", len(order), self.where)
-        for chunk in order.drain(self.settings.page_size):
-            for occ in chunk:
-                self.publish(occ)
-            self._new_occurrences += len(chunk)
-            self.flush_metrics()
-            self._progress()
-            if self.room is not None:
-                await self.room()  # at the sinks' pace, a page at a time, as the list itself
+        total, handed = len(order), 0
+        log.info("handing %d listed occurrences of %s to the sinks, oldest first", total, self.where)
+        chunks = order.drain(self.settings.page_size)
+        try:
+            while handed < total:
+                if self.room is not None:
+                    # At the sinks' pace, as the list itself: before each chunk, the first too, with
+                    # no await between the check and the hand-on. Checked before drain yields the
+                    # chunk: a yielded chunk counts as handed on, and a relist failing while it
+                    # waited here would have lost it.
+                    await self.room()
+                    self._progress()
+                chunk = next(chunks)
+                for occ in chunk:
+                    self.publish(occ)
+                handed += len(chunk)
+                self._new_occurrences += len(chunk)
+                self.flush_metrics()
                 self._progress()
+        finally:
+            chunks.close()  # drained: frees the order (its temporary file)
 
     def _repaired(self, obj: Any, where: str) -> Any:
         """``obj`` with its broken strings replaced by U+FFFD; counted and logged by name if any."""
@@ -354,6 +387,7 @@ class EventWatcher:
         opened = time.monotonic()
         resp = await self.kube.request("GET", self.path, query, timeout=timeout)
         lines = 0
+        handled = False
         try:
             await raise_for_status(resp)
             # An open watch is progress too: a quiet cluster on an API server without bookmarks sends
@@ -397,9 +431,13 @@ class EventWatcher:
                 if isinstance(new_rv, str) and new_rv:
                     rv = new_rv
                     self.resource_version = rv
+                handled = True
         finally:
             resp.release()
             self.flush_metrics()
+            # A watch that handled an event or a bookmark, or stayed open longer than the longest
+            # backoff, worked: however it ends, the backoff starts over (see run).
+            self.watch_worked = handled or time.monotonic() - opened >= s.backoff_max
         if lines == 0 and time.monotonic() - opened < min(1.0, s.watch_timeout / 2):
             # An empty 200 at once: the resourceVersion is stale (kubernetes#104171). Relist.
             raise _Expired("watch closed at once without any event")
@@ -414,11 +452,19 @@ class EventWatcher:
         entries pruned) would look new and be delivered again. None (a list failed) stays None."""
         return None if rv is None else (self.resource_version or rv)
 
+    def _failures(self, failures: int) -> int:
+        """The failure count after a break. A watch that worked starts it over: counted on, a few
+        cuts of working watches (a proxy's or load balancer's connection limit, a reset) within one
+        watch timeout backed every reconnect off to 15-30 s, and every event written meanwhile waited
+        that long. Storms (errors, 410s and cuts before any line) still back off."""
+        return 1 if self.watch_worked else failures + 1
+
     async def run(self) -> None:
         rv: str | None = None
         failures = 0
         relist_reason = "initial"
         while True:
+            self.watch_worked = False  # a failing list is not reset by the watch before it
             try:
                 if rv is None:
                     self.metrics.relists.labels(relist_reason).inc()
@@ -432,6 +478,8 @@ class EventWatcher:
                 self.metrics.watch_restarts.labels("timeout").inc()
                 continue
             except _Expired as exc:
+                if self.watch_worked:
+                    failures = 0  # an in-stream 410 after events: routine, relisted at once
                 # Repeats raised while we could not watch fold into one record with the new count.
                 # Once after a watch that went well is routine: kube-apiserver serves Events from etcd
                 # (no watch cache, no bookmarks by default), so a quiet spell outlives the compacted
@@ -445,7 +493,7 @@ class EventWatcher:
                     continue  # the first relist goes at once; storms back off below
                 delay_reason = "expired"
             except ApiError as exc:
-                failures += 1
+                failures = self._failures(failures)
                 rv = self._resume_from(rv)
                 if exc.status == 410:
                     rv, relist_reason = None, "expired"
@@ -458,7 +506,7 @@ class EventWatcher:
                     # unparsable huge one) stopped the watch until the liveness probe restarted us.
                     await asyncio.sleep(min(exc.retry_after, self.settings.backoff_max))
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-                failures += 1
+                failures = self._failures(failures)
                 rv = self._resume_from(rv)
                 log.warning("watch of %s broke: %s: %s", self.where, type(exc).__name__, exc)
                 self.metrics.watch_restarts.labels("connection").inc()

@@ -121,6 +121,8 @@ class _Fault:
     after_lines: int = 0
     mid_object: bool = True
     seconds: float = 0.0
+    raw: bytes = b""  # what a "malformed" or "list_item" fault sends, as it is
+    reset: bool = False  # a "stall" ends in a connection reset
 
 
 class Faults:
@@ -158,19 +160,26 @@ class Faults:
         """Send ``after_lines`` lines, then half of the next one (``mid_object``), then reset."""
         self._pending.append(_Fault("cut", count, after_lines=after_lines, mid_object=mid_object))
 
-    def stall_next_watch(self, seconds: float, count: int = 1) -> None:
-        """Send the 200 headers, then nothing at all (not even bookmarks) for ``seconds``, then end."""
-        self._pending.append(_Fault("stall", count, seconds=seconds))
+    def stall_next_watch(self, seconds: float, count: int = 1, *, reset: bool = False) -> None:
+        """Send the 200 headers, then nothing at all (not even bookmarks) for ``seconds``, then end
+        (``reset``: reset the connection instead, as a load balancer's idle timeout does)."""
+        self._pending.append(_Fault("stall", count, seconds=seconds, reset=reset))
 
-    def malformed_next_watch_line(self, after_lines: int = 0, count: int = 1) -> None:
-        """Put one line that is not JSON into the next watch stream after ``after_lines`` lines."""
-        self._pending.append(_Fault("malformed", count, after_lines=after_lines))
+    def malformed_next_watch_line(
+        self, after_lines: int = 0, count: int = 1, line: bytes = MALFORMED_LINE
+    ) -> None:
+        """Put one line that is not JSON (or ``line``, as it is: e.g. an event with invalid UTF-8 or
+        a lone surrogate escape, as a broken proxy could send) into the next watch stream after
+        ``after_lines`` lines."""
+        line = line if line.endswith(b"\n") else line + b"\n"
+        self._pending.append(_Fault("malformed", count, after_lines=after_lines, raw=line))
 
     def malformed_next_list(self, *items: Any, count: int = 1) -> None:
-        """Put ``items`` (any JSON values, e.g. ``{"metadata": "oops"}``) first in the items of the
-        next list page, as a broken proxy or aggregated API could answer; the rest is the real page."""
-        joined = b",".join(orjson.dumps(item) for item in items)
-        self._pending.append(_Fault("list_item", count, message=joined.decode()))
+        """Put ``items`` (any JSON values, e.g. ``{"metadata": "oops"}``; ``bytes`` go as they are:
+        invalid UTF-8, lone surrogate escapes) first in the items of the next list page, as a broken
+        proxy or aggregated API could answer; the rest is the real page."""
+        joined = b",".join(item if isinstance(item, bytes) else orjson.dumps(item) for item in items)
+        self._pending.append(_Fault("list_item", count, raw=joined or b"null"))
 
     def empty_next_watch(self, count: int = 1) -> None:
         """200 and an immediately finished body with no lines (kubernetes#104171)."""
@@ -821,7 +830,7 @@ class FakeApiServer:
             return await self._watch(request, ns, fields, labels, fault)
         response = self._list(ns, q, fields, labels)
         if fault is not None and fault.kind == "list_item" and isinstance(response.body, bytes):
-            body, extra = response.body, (fault.message or "null").encode()
+            body, extra = response.body, fault.raw
             items_open = body.rindex(b'"items":[') + len(b'"items":[')
             sep = b"," if body[items_open : items_open + 1] != b"]" else b""
             response.body = body[:items_open] + extra + sep + body[items_open:]
@@ -1007,6 +1016,9 @@ class FakeApiServer:
             if fault.kind == "stall":
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), min(fault.seconds, deadline - loop.time()))
+                if fault.reset and request.transport is not None:
+                    request.transport.abort()  # no terminating chunk: the client sees a broken body
+                    return resp
             await resp.write_eof()
             return resp
 
@@ -1059,7 +1071,7 @@ class FakeApiServer:
             if now >= deadline:
                 break
             if malformed_at is not None and sent >= malformed_at:
-                await resp.write(MALFORMED_LINE)
+                await resp.write(fault.raw if fault is not None else MALFORMED_LINE)
                 malformed_at = None
                 continue
             if w.queue:

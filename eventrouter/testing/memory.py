@@ -11,7 +11,7 @@ from eventrouter.options import SinkOptions
 from eventrouter.record import Occurrence
 from eventrouter.sink import OK, Outcome, RetryableError, Sink
 
-__all__ = ["MemorySink", "MemorySinkOptions"]
+__all__ = ["Gate", "MemorySink", "MemorySinkOptions", "gated"]
 
 
 class MemorySinkOptions(SinkOptions):
@@ -64,3 +64,32 @@ class MemorySink(Sink[MemorySinkOptions]):
 
     async def aclose(self) -> None:
         self.closed += 1
+
+
+class Gate:
+    """Lets a sink take a batch only when the test allows one (``gated``)."""
+
+    def __init__(self) -> None:
+        self.allowed = 0
+        self._changed = asyncio.Condition()
+
+    async def allow(self, batches: int) -> None:
+        async with self._changed:
+            self.allowed += batches
+            self._changed.notify_all()
+
+    async def take(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.allowed > 0)
+            self.allowed -= 1
+
+
+def gated(gate: Gate) -> type[MemorySink]:
+    """A MemorySink class whose sends each wait for ``gate`` to allow one batch."""
+
+    class Gated(MemorySink):
+        async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
+            await gate.take()
+            return await super().send(batch)
+
+    return Gated

@@ -14,6 +14,7 @@ import re
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -792,6 +793,37 @@ async def test_a_send_starts_no_further_message_past_its_budget() -> None:
             await sink.aclose()
     assert not rest
     assert sum(counted(m) for m in robot.accepted) == 60  # each occurrence in exactly one message
+
+
+async def test_an_alert_the_engine_gave_up_is_not_paged_with_a_later_digest(tmp_path: Path) -> None:
+    """retry_max_attempts=2 and the robot's front answers 502 twice: the engine dead-letters the
+    alert (retries exhausted). The sink kept it pooled and paged it with the next digest, while the
+    dead-letter file and the metrics said it was not delivered (and a replay paged it again)."""
+    async with DingTalkReceiver(access_token=TOKEN, secret=SECRET) as robot:
+        sink = DingTalkSink(
+            DingTalkOptions.model_validate({"url": robot.url, "secret": SECRET, "min_interval": 0}), ctx()
+        )
+        metrics = Metrics()
+        dead = tmp_path / "dead-letters"
+        options = {"retry_max_attempts": 2, "retry_initial_backoff": 0.05, "retry_max_backoff": 0.1}
+        pipeline = pipeline_for("dingtalk", sink, metrics, dead, **options)
+        task = asyncio.create_task(pipeline.run())
+        try:
+            robot.fail_next(2, status=502)
+            pipeline.offer(occ(namespace="shop", object_name="db-0", reason="OOMKilling"))
+            exhausted = metrics.dead_lettered.labels("dingtalk", "retries_exhausted")
+            await until(lambda: exhausted._value.get() == 1)
+            pipeline.offer(occ(namespace="shop", object_name="web-1", reason="BackOff"))
+            await until(lambda: metrics.delivered.labels("dingtalk")._value.get() == 1)
+        finally:
+            pipeline.close()
+            await asyncio.wait_for(task, 10)
+            await pipeline.close_sink()
+    (message,) = robot.accepted
+    assert "web-1" in message.text and "db-0" not in message.text
+    assert [
+        orjson.loads(line)["record"]["involved_object"]["name"] for line in dead.read_bytes().splitlines()
+    ] == ["db-0"]
 
 
 # ------------------------------------------------------------------------------------------ errcodes
