@@ -1216,14 +1216,8 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         if resp.get("errors") is False:
             return
         retry_after = _retry_after(meta)
-        # A red index's items wait aside while the cluster took other documents of this request,
-        # and when the request went to that index alone (a set-aside item retried alone says nothing
-        # of the others: retried in place, it held them all up again). Documents of several indices
-        # all refused: a cluster-wide outage, retried in place as a whole-request 503 is.
-        took = _accepted_indices(items)
-        red_aside = bool(took) or len({_item_index(r) for r in _results(items)}) <= 1
         for (i, _), item in zip(entries, items, strict=True):
-            outcomes[i], cause = self._item_outcome(item, retry_after, red_aside)
+            outcomes[i], cause = self._item_outcome(item, retry_after)
             if cause is not None:
                 run.refused.setdefault(cause[0], cause[1])
                 if self._series_ns is not None and _index_missing(item, self._index_name(batch[i])):
@@ -1262,11 +1256,8 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             for i, _ in entries:
                 outcomes[i] = retry(exc.reason, retry_after=exc.retry_after)
 
-    def _item_outcome(
-        self, item: Any, retry_after: float | None, red_aside: bool = False
-    ) -> tuple[Outcome, tuple[str, str] | None]:
-        """The item's outcome, and (index, why) when the operator has to put something right.
-        ``red_aside``: an item of an index with no active primary (red) is set aside (``defer``)."""
+    def _item_outcome(self, item: Any, retry_after: float | None) -> tuple[Outcome, tuple[str, str] | None]:
+        """The item's outcome, and (index, why) when the operator has to put something right."""
         if not isinstance(item, dict) or len(item) != 1:
             return retry(f"malformed bulk item {_item_text(item, self._secrets)}"), None
         ((action, result),) = item.items()
@@ -1286,7 +1277,15 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 f"index {red}: a primary shard is not active, the index is red (a node left, or its "
                 f"shards cannot be allocated) ({error})"
             )
-            return retry(f"{status} {error}", retry_after=retry_after, defer=red_aside), (red, why)
+            # Always set aside, as an index refused for an operator's cause is. Retried in place when
+            # nothing of the request was taken (item 132), it held up every other index whenever the
+            # request carried red indices only: set-aside retries of two red indices come due together
+            # (during a request held for its `timeout`), a 413's later half, a batch of their documents
+            # alone. A cluster where every index is red is no worse off aside: the engine marks the
+            # sink down when such a refusal takes nothing, each item keeps its own backoff and
+            # retry_max_attempts, the pile counts against the queue bound, and each request waits
+            # out its `timeout` at the cluster, which paces the sends.
+            return retry(f"{status} {error}", retry_after=retry_after, defer=True), (red, why)
         if status == 429 or status >= 500 or (status == 403 and _disk_block(result.get("error"))):
             return retry(f"{status} {error}", retry_after=retry_after), None
         index = _item_index(result)

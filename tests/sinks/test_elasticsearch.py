@@ -414,6 +414,7 @@ class FakeBulkServer:
     red: set[str] = field(default_factory=set)  # indices whose primary shard is not active
     accepted_ids: list[str] = field(default_factory=list)  # _id of each document answered 2xx
     delay: float = 0.0  # seconds each bulk request takes to answer (a busy cluster)
+    bulk_indices: list[set[str]] = field(default_factory=list)  # the indices of each request's documents
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_content_length * 2)
@@ -474,8 +475,10 @@ class FakeBulkServer:
         lines = body.split(b"\n")
         assert lines[-1] == b"", "bulk body must end with a newline"
         items = []
+        self.bulk_indices.append(set())
         for action_line in lines[:-1:2]:
             ((action, meta),) = orjson.loads(action_line).items()
+            self.bulk_indices[-1].add(meta["_index"])
             status, error = self.item_status.get(meta["_id"], None) or self._item_answer(meta["_index"])
             item: dict[str, Any] = {"_index": meta["_index"], "_id": meta["_id"], "status": status}
             if 200 <= status < 300:
@@ -1415,22 +1418,72 @@ async def test_a_red_index_holds_up_no_other_index_and_the_cluster_answers_befor
     assert len(waits) == len(fake.bulk_sizes) and all(10 < w <= 12.5 for w in waits), waits
 
 
-async def test_a_red_index_is_retried_in_place_when_every_index_of_a_request_is_refused(
+async def test_a_red_index_is_set_aside_even_when_every_index_of_a_request_is_refused(
     fake: FakeBulkServer,
 ) -> None:
-    """Set aside when the cluster took another document of the request, or when the request went to
-    that index alone (a set-aside one retried alone); in place when documents of several indices
-    were all refused (a cluster-wide outage), as a whole-request 503 is."""
+    """A red index's items were set aside only when the cluster took another document of the request
+    or the request went to that index alone; documents of several indices all refused were retried
+    in place, as a cluster-wide outage, and held up every other index (see the test below)."""
     fake.red = {"events-a", "events-b"}
     a, b, c = occurrence(namespace="a"), occurrence(namespace="b"), occurrence(namespace="c")
     async with running_sink(fake.url, index="events-{namespace}", pipeline="p") as sink:
         both = await send(sink, [a, b])
         mixed = await send(sink, [a, c])
         (alone,) = await send(sink, [b])
-    assert outcome_kinds(both) == [OutcomeKind.RETRY] * 2 and not any(o.defer for o in both)
+    assert outcome_kinds(both) == [OutcomeKind.RETRY] * 2 and all(o.defer for o in both)
     assert outcome_kinds(mixed) == [OutcomeKind.RETRY, OutcomeKind.OK] and mixed[0].defer
     assert alone.kind is OutcomeKind.RETRY and alone.defer
     assert all(path.startswith("/_bulk?pipeline=p&timeout=") for m, path, _ in fake.requests if m == "POST")
+
+
+async def test_two_red_indices_set_aside_and_due_together_hold_up_no_other_index(
+    fake: FakeBulkServer,
+) -> None:
+    """Set aside beside a document of a green index, the items of two red indices came due together
+    (against a real cluster: during a request held for its `timeout`) and went out alone: two
+    indices, all refused, nothing taken, read as a cluster-wide outage and retried in place. Every
+    document for the green index waited for as long as either stayed red (for good, with
+    retry_max_attempts=0 and a primary lost). A cluster where every index is red still marks the
+    sink down, and all goes in once the shards are back."""
+    from eventrouter.testing.waiting import until
+
+    fake.red = {"events-a", "events-b"}
+    fake.delay = 0.6  # a and b, set aside after the first request, come due during the second
+    metrics = Metrics()
+    options = {"retry_initial_backoff": 0.2, "retry_max_backoff": 0.4}
+    p = _engine(fake.url, "events-{namespace}", metrics, None, **options)
+    a, b = occurrence(namespace="a"), occurrence(namespace="b")
+    for o in (a, b, occurrence(namespace="c", object_name="c0")):
+        p.offer(o)
+    task = asyncio.create_task(p.run())
+    await until(lambda: len(fake.bulk_indices) == 1)
+    p.offer(occurrence(namespace="c", object_name="c1"))  # sent once the first request is answered
+    await until(lambda: len(fake.bulk_indices) == 2)
+    fake.delay = 0.0
+    await until(lambda: len(fake.bulk_indices) == 3)
+    assert fake.bulk_indices[:3] == [
+        {"events-a", "events-b", "events-c"},
+        {"events-c"},
+        {"events-a", "events-b"},
+    ]
+    delivered = metrics.delivered.labels("es")
+    for i in range(40):
+        p.offer(occurrence(namespace="c", object_name=f"live-{i}"))
+    await until(lambda: delivered._value.get() == 42, timeout=5)  # was 2: c waited behind a and b
+    assert p.checkpoint.accepted(a.uid) == p.checkpoint.accepted(b.uid) == 0
+    assert p.healthy
+    fake.red.add("events-c")  # every index red: the sink is down, nothing is lost
+    late = occurrence(namespace="c", object_name="late")
+    p.offer(late)
+    await until(lambda: not p.healthy)
+    fake.red.clear()
+    for o in (a, b, late):
+        await until(lambda: p.checkpoint.accepted(o.uid) == o.number)  # noqa: B023 - awaited in turn
+    await until(lambda: p.healthy)
+    assert delivered._value.get() == 45
+    p.close()
+    await asyncio.wait_for(task, 10)
+    await p.close_sink()
 
 
 async def test_a_send_split_by_413s_ends_within_its_budget_and_sends_what_is_left_next(
