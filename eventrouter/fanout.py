@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -15,7 +15,7 @@ from eventrouter.engine.checkpoint import CheckpointTable
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.record import Occurrence
 
-__all__ = ["UNSEEN_KEEP", "Fanout", "UnseenFile", "UnseenStore"]
+__all__ = ["ROOM_WAIT", "UNSEEN_KEEP", "Fanout", "UnseenFile", "UnseenStore"]
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,10 @@ UNSEEN_KEEP = 2 * 3600.0
 """Seconds the checkpoint entry of an event a scoped watch no longer sees is kept. Twice the API
 server's default ``--event-ttl`` (1 h): an event still alive after that was written again since, with
 a higher count (a new occurrence), unless the cluster keeps Events longer."""
+
+ROOM_WAIT = 60.0
+"""Seconds a bulk intake waits for a working sink that takes nothing from its queue meanwhile
+(``Fanout.wait_for_room``); a sink that keeps taking batches is waited for as long as it takes."""
 
 
 class UnseenStore(Protocol):
@@ -123,6 +127,7 @@ class Fanout:
         self.scoped = scoped or selective
         self.selective = selective
         self.unseen_keep = UNSEEN_KEEP
+        self.room_wait = ROOM_WAIT
         # uid → when it was first not seen, in wall-clock seconds: the times outlive a restart
         # (``unseen_store``). A clock set back keeps entries longer; set forward, it drops them
         # earlier (an event that comes back into scope then is delivered again, not lost).
@@ -149,19 +154,29 @@ class Fanout:
         """False when every sink's checkpoint already holds this occurrence (a relist after a restart)."""
         return any(occ.number > p.checkpoint.accepted(occ.uid) for p in self.pipelines)
 
-    async def wait_for_room(self, *, high_water: float = 0.5, max_wait: float = 60.0) -> bool:
+    async def wait_for_room(
+        self,
+        *,
+        high_water: float = 0.5,
+        max_wait: float | None = None,
+        progress: Callable[[], object] | None = None,
+    ) -> bool:
         """Bulk intake (a relist, a replay) pauses here while a *working* sink's memory queue is past
         ``high_water``: catching up at the sinks' pace instead of dropping what does not fit. A failing
         sink never holds it up (it spills or drops, counted), and the live watch never waits here.
         A sink with a disk spool holds it up for ``INTAKE_PATIENCE`` seconds in all; after that the
         rest of the intake waits in its spool (until it has caught up once more).
-        Returns False when ``max_wait`` ran out (the intake goes on; the queues bound memory).
+        Returns False when a sink it waits for took nothing from its queue for ``max_wait``
+        (``room_wait``): the intake goes on, the queues bound memory. A sink that keeps taking batches
+        is waited for however long that takes: ``max_wait`` in all, intakes taking turns (a watcher per
+        namespace) each waited longer than that for a slow sink, went on unchecked, and the queue
+        overflowed. ``progress`` is called each time a sink waited for takes a batch.
 
         Returns True only from a pass that found no sink to wait for, with no await after it: the
         caller's next (synchronous) hand-on is then admitted atomically. Several intakes (a watcher per
         namespace, relisting together) wake together when a queue falls below ``high_water``; returning
         after one wait per sink, each handed on a page and the queue overflowed."""
-        deadline = time.monotonic() + max_wait
+        quiet_max = self.room_wait if max_wait is None else max_wait
         while True:
             # A sink with a spool whose patience is spent is not waited for: its overflow spills.
             busy = [
@@ -171,27 +186,31 @@ class Fanout:
             ]
             if not busy:
                 return True
-            if time.monotonic() >= deadline:
-                log.warning("sink %s still backlogged after %.0fs; relist goes on", busy[0].name, max_wait)
-                return False
             for p in busy:
+                # Each wait is for the sink's next batch, not for all the room: one slow sink in a
+                # turn of several intakes is waited for as long as it keeps taking batches.
+                limit = quiet_max
                 patient = p.can_spill
-                limit = deadline - time.monotonic()
                 if patient:
+                    if p.intake_patience <= 0:
+                        continue
                     limit = min(limit, p.intake_patience)
-                if limit <= 0 and patient:
-                    continue
                 started = time.monotonic()
                 try:
-                    async with asyncio.timeout(max(0.0, limit)):
-                        await p.wait_for_room(high_water)
+                    async with asyncio.timeout(limit):
+                        await p.room_or_batch(high_water)
                 except TimeoutError:
-                    if not patient:
-                        log.warning("sink %s still backlogged after %.0fs; relist goes on", p.name, max_wait)
+                    if limit >= quiet_max:
+                        log.warning(
+                            "sink %s took nothing from its queue for %.0fs; relist goes on", p.name, quiet_max
+                        )
                         return False
                     log.info(
                         "sink %s is slower than the relist: the rest of it waits in its disk spool", p.name
                     )
+                else:
+                    if progress is not None:
+                        progress()
                 finally:
                     if patient:
                         p.intake_patience = max(0.0, p.intake_patience - (time.monotonic() - started))

@@ -171,3 +171,64 @@ async def test_an_intake_goes_on_only_after_a_pass_that_finds_room_in_every_sink
     for p, task in zip((pa, pb), tasks, strict=True):
         p.close()
         await asyncio.wait_for(task, 10)
+
+
+@pytest.mark.parametrize("relist_sorted", [False, True])
+async def test_a_turn_longer_than_the_room_wait_still_waits_for_a_sink_taking_batches(
+    api: FakeApiServer, tmp_path: Path, relist_sorted: bool
+) -> None:
+    """Six watchers take turns at a sink that takes a batch every 0.1 s: each waits up to 5 pages of
+    others, longer than the room wait (60 s in the product, 1 s here: 12 namespaces at ~70 docs/s).
+    Timed in all, each then went on unchecked and the queue overflowed (queue_full); a sink that keeps
+    taking batches is now waited for, and only one that takes nothing for the room wait is not."""
+    namespaces = [f"ns{i}" for i in range(6)]
+    want: set[tuple[str, int]] = set()
+    for ns in namespaces:
+        for i in range(600):
+            obj = api.create_event(event_object(namespace=ns, object_name=f"o{i}"))
+            want.add((obj["metadata"]["uid"], 1))
+    router = _router(api, tmp_path, namespaces=namespaces, watch={"relist_sorted": relist_sorted})
+    await router.start_pipelines()
+    router.fanout.room_wait = 1.0
+    _mem(router).delay = 0.1  # 100 per 0.1 s: a page of 500 in 0.5 s, a turn of six in ~3 s
+    await router.start_source()
+    try:
+        async with asyncio.timeout(60):
+            await asyncio.gather(*(w.initial_list_done.wait() for w in router.watchers))
+        await router.pipelines[0].wait_idle(60)
+        assert _queue_full(router) == 0
+        assert set(_mem(router).keys) == want
+    finally:
+        await router.stop()
+
+
+async def test_watchers_waiting_their_turn_behind_a_sink_taking_batches_stay_healthy(
+    tmp_path: Path,
+) -> None:
+    """A watcher waiting for room made no progress for /healthz until its page went: with waits no
+    longer cut at the room wait, a turn of many namespaces behind a slow sink outlasted --stall-timeout
+    and the liveness probe restarted the router mid-relist. Each batch the sink takes is progress."""
+    # Bookmarks every 0.1 s: a watcher done with its list stays healthy on its quiet watch.
+    async with FakeApiServer(token="t", bookmark_interval=0.1) as api:
+        namespaces = [f"ns{i}" for i in range(3)]
+        for ns in namespaces:
+            for i in range(1000):
+                api.create_event(event_object(namespace=ns, object_name=f"o{i}"))
+        router = _router(api, tmp_path, namespaces=namespaces, stall_timeout=1.0)
+        await router.start_pipelines()
+        _mem(router).delay = 0.2  # a batch every 0.2 s, a page of 500 in 1 s: turns of up to 2 s
+        await router.start_source()
+        verdicts: list[tuple[bool, str]] = []
+        try:
+
+            def listed() -> bool:
+                verdicts.append(router.healthy())
+                return all(w.initial_list_done.is_set() for w in router.watchers)
+
+            await until(listed, timeout=60, interval=0.05)
+            assert [why for ok, why in verdicts if not ok] == []
+            await router.pipelines[0].wait_idle(60)
+            assert _queue_full(router) == 0
+            assert len(set(_mem(router).keys)) == 3000
+        finally:
+            await router.stop()

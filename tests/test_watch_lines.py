@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eventrouter.app import Router
-from eventrouter.cli import main
-from eventrouter.config import spec_for_class
+from eventrouter.cli import _parser, _settings, main
+from eventrouter.config import RouterConfig, spec_for_class
 from eventrouter.source.kube import ApiError
 from eventrouter.source.watcher import EventWatcher, WatchSettings
 from eventrouter.testing import MemorySink, event_object
@@ -160,3 +160,67 @@ def test_the_read_timeout_outlasts_the_server_side_watch_timeout(capsys: pytest.
             main(["run", "--watch-timeout", value, "--sink", "stdout"])
         assert exc.value.code == 2
         assert f"--watch-timeout: {value!r}: must be 1 or more" in capsys.readouterr().err
+
+
+GONE = (
+    b'{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","status":"Failure",'
+    b'"message":"too old resource version","reason":"Expired","code":410}}'
+)
+
+
+async def test_watches_that_end_in_410_after_a_line_back_off_their_relists(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Four watches in a row deliver a line, then an in-stream 410 (a watch behind compaction under
+    load, a proxy in a bad state). Any handled line started the count over: each relisted at once, a
+    LIST of the whole namespace dozens of times a second. Only a watch that stayed open longer than
+    the longest backoff starts it over now; these back off as a storm."""
+    async with FakeApiServer(token="t", watch_cache=False) as api:
+        watch = WatchSettings(watch_timeout=30, backoff_initial=0.1, backoff_max=30.0)
+        router = _router(api, tmp_path, watch)
+        relists = router.metrics.relists.labels("expired")
+        async with router.running():
+            await router.watchers[0].initial_list_done.wait()
+            caplog.set_level(logging.DEBUG, logger="eventrouter.source.watcher")
+            api.faults.malformed_next_watch_line(after_lines=1, count=4, line=GONE)
+            api.disconnect_watches()  # this one ends cleanly; the next four end in 410
+            async with api.steady_events(interval=0.02):
+                await until(lambda: api.faults.pending == 0 and relists._value.get() >= 4, timeout=30)
+                api.create_event(event_object(object_name="after-the-410s"))
+                await until(lambda: _delivered(router, "after-the-410s"), timeout=20)
+        assert relists._value.get() == 4
+    delays = _reconnect_delays(caplog)
+    # The first relist at once, then 0.1-0.2, 0.2-0.4 and 0.4-0.8 s (the old code: all at once).
+    assert len(delays) == 3, delays
+    assert delays[0] >= 0.1 and delays[1] >= 0.2 and delays[2] >= 0.4, delays
+
+
+def test_a_stall_timeout_shorter_than_a_quiet_watch_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--watch-timeout 1800 (taken at its word since the read timeout outlasts it) with the default
+    --stall-timeout 600: on a quiet cluster a watch of Events (no bookmarks by default) sends nothing
+    for 30 min, and /healthz failed from 600 s to 1,800 s of each; the liveness probe restarted the
+    router again and again. Refused before anything starts, naming both ways out."""
+    base = [
+        "run",
+        "--sink",
+        "stdout",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--kubeconfig",
+        str(tmp_path / "none"),
+    ]
+    for args, least, most in (
+        (["--watch-timeout", "1800"], 1840, " or --watch-timeout to at most 560"),
+        (["--stall-timeout", "300"], 330, " or --watch-timeout to at most 260"),
+        (["--watch-timeout", "600", "--stall-timeout", "639.5"], 640, " or --watch-timeout to at most 599"),
+        (["--stall-timeout", "30"], 330, ""),
+    ):
+        assert main([*base, *args]) == 2
+        err = capsys.readouterr().err
+        assert f"raise --stall-timeout to at least {least} (--watch-timeout + 40){most}\n" in err, err
+    accepted = _parser().parse_args([*base, "--watch-timeout", "1800", "--stall-timeout", "1840"])
+    settings = _settings(accepted, RouterConfig())
+    assert (settings.watch.watch_timeout, settings.stall_timeout) == (1800, 1840)
+    assert _settings(_parser().parse_args(base), RouterConfig()).stall_timeout == 600  # the defaults

@@ -325,8 +325,11 @@ class Pipeline:
         spool = self.spool
         return spool is not None and spool.writable and spool.bytes < spool.max_bytes // 2
 
-    async def wait_for_room(self, high_water: float) -> None:
-        while self.backlogged(high_water):
+    async def room_or_batch(self, high_water: float) -> None:
+        """Return once the queue is below ``high_water``, or the sink has taken a batch from it (or
+        gone down, or closes): a bulk intake waiting in turn with others can tell a slow sink from a
+        stuck one (``Fanout.wait_for_room``)."""
+        if self.backlogged(high_water):
             self._room.clear()
             await self._room.wait()
 

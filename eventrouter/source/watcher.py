@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 
 class _Expired(Exception):
     """The resourceVersion we hold is gone: relist."""
+
+
+class RoomWait(Protocol):
+    """``Fanout.wait_for_room`` as a watcher calls it: ``progress`` is called each time a sink it
+    waits for takes a batch, so a watcher waiting its turn behind a slow but working sink is not
+    judged stalled by /healthz."""
+
+    def __call__(self, *, progress: Callable[[], object]) -> Awaitable[object]: ...
 
 
 # The field labels kube-apiserver indexes for core/v1 Events (pkg/registry/core/event/strategy.go).
@@ -123,7 +131,7 @@ class EventWatcher:
         listed: Callable[[str | None], None],
         metrics: Metrics,
         settings: WatchSettings | None = None,
-        room: Callable[[], Awaitable[object]] | None = None,
+        room: RoomWait | None = None,
         needed: Callable[[Occurrence], bool] | None = None,
     ) -> None:
         self.kube = kube
@@ -143,6 +151,7 @@ class EventWatcher:
         self.last_progress = time.time()
         self.resource_version: str | None = None
         self.watch_worked = False  # the last _watch handled a line (or stayed open a while)
+        self.watch_lasted = False  # the last _watch stayed open longer than the longest backoff
         # Label children resolved once: a lookup per watch line is measurable at thousands per second.
         self._m_types = {
             t: metrics.watch_events.labels(t) for t in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "LIST")
@@ -267,7 +276,7 @@ class EventWatcher:
                 # queue: the oldest occurrences were dropped (queue_full), and already marked seen,
                 # no later relist offered them again. The page waits as its raw bytes. (Sorted, the
                 # pages wait for the sinks in _hand_on instead; fetching on keeps continue tokens fresh.)
-                await self.room()
+                await self.room(progress=self._progress)
                 self._progress()
             try:
                 # One broken string must not cost the page: the relist would fail on it forever.
@@ -306,7 +315,7 @@ class EventWatcher:
                     # no await between the check and the hand-on. Checked before drain yields the
                     # chunk: a yielded chunk counts as handed on, and a relist failing while it
                     # waited here would have lost it.
-                    await self.room()
+                    await self.room(progress=self._progress)
                     self._progress()
                 chunk = next(chunks)
                 for occ in chunk:
@@ -437,7 +446,8 @@ class EventWatcher:
             self.flush_metrics()
             # A watch that handled an event or a bookmark, or stayed open longer than the longest
             # backoff, worked: however it ends, the backoff starts over (see run).
-            self.watch_worked = handled or time.monotonic() - opened >= s.backoff_max
+            self.watch_lasted = time.monotonic() - opened >= s.backoff_max
+            self.watch_worked = handled or self.watch_lasted
         if lines == 0 and time.monotonic() - opened < min(1.0, s.watch_timeout / 2):
             # An empty 200 at once: the resourceVersion is stale (kubernetes#104171). Relist.
             raise _Expired("watch closed at once without any event")
@@ -464,7 +474,8 @@ class EventWatcher:
         failures = 0
         relist_reason = "initial"
         while True:
-            self.watch_worked = False  # a failing list is not reset by the watch before it
+            # A failing list is not reset by the watch before it.
+            self.watch_worked = self.watch_lasted = False
             try:
                 if rv is None:
                     self.metrics.relists.labels(relist_reason).inc()
@@ -478,8 +489,12 @@ class EventWatcher:
                 self.metrics.watch_restarts.labels("timeout").inc()
                 continue
             except _Expired as exc:
-                if self.watch_worked:
-                    failures = 0  # an in-stream 410 after events: routine, relisted at once
+                if self.watch_lasted:
+                    # An in-stream 410 after a watch that went on a while: routine, relisted at once.
+                    # Not after one that only handled a line or two: each 410 is a full LIST, and a
+                    # watch behind compaction under load (or a broken proxy) that delivers a line and
+                    # then 410 every time relisted dozens of times a second, with no backoff.
+                    failures = 0
                 # Repeats raised while we could not watch fold into one record with the new count.
                 # Once after a watch that went well is routine: kube-apiserver serves Events from etcd
                 # (no watch cache, no bookmarks by default), so a quiet spell outlives the compacted
