@@ -639,3 +639,76 @@ async def test_over_the_limit_unseen_entries_go_first_and_the_error_counts_live_
         f"checkpoint ConfigMap {NS}/{NAME}: 60 live events do not fit"
     )
     assert stored_unseen(api) == {}
+
+
+async def test_marks_kept_at_a_stop_mid_drain_push_no_live_event_out_of_a_full_configmap(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """Item 124 kept at a stop what was accepted of events deleted during a backlog's drain, all of
+    them (nearly the whole drain), as the most recently acknowledged entries. Past the ConfigMap's
+    limit the write leaves out the least recently acknowledged first: the live events' entries. The
+    stop exited 1 and the next start delivered every live event again. Only the marks of events the
+    spool still holds records of are kept now."""
+    data = tmp_path / "data"
+    settings = RouterSettings(
+        kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
+        metrics_addr=None,
+        data_dir=data,
+        checkpoint_configmap=NAME,
+        checkpoint_namespace=NS,
+        checkpoint_flush_interval=0.1,
+        checkpoint_prune_interval=0.3,  # the entries of deleted events go while the drain runs
+        shutdown_timeout=0.3,
+        watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
+    )
+    opts = {"name": "mem", "batch_max_wait": 0.01, "queue_max_events": 10, "batch_max_events": 10}
+
+    async def run(router: Router, body: Callable[[], Any]) -> None:
+        task = asyncio.create_task(router.run())
+        try:
+            await until(lambda: router.ready()[0], timeout=30)
+            if router.checkpoint_store is not None:
+                router.checkpoint_store.limit = 6_000  # what 1 MiB is for ~60,000 events: ~350 fit
+            await body()
+        finally:
+            router.request_stop()
+            await asyncio.wait_for(task, 60)
+
+    first = Router(settings, [spec_for_class(MemorySink, opts, type_="memory")])
+    live = [api.create_event(event_object(namespace=NS, object_name=f"live{i}")) for i in range(100)]
+    old: list[dict[str, Any]] = []
+
+    async def outage() -> None:
+        sink = first.sinks["mem"]
+        assert isinstance(sink, MemorySink)
+        await sink.wait_for(100)
+        sink.down = True
+        old.extend(api.create_event(event_object(namespace=NS, object_name=f"old{i}")) for i in range(300))
+        await until(lambda: first.pipelines[0].depth == 300, timeout=60)
+
+    await run(first, outage)
+    for obj in old:  # their TTL passes while the sink is down
+        api.delete_event(NS, obj["metadata"]["name"])
+    gate = Gate()
+    second = Router(settings, [spec_for_class(gated(gate), opts, type_="memory")])
+
+    async def drain_part() -> None:
+        sink = second.sinks["mem"]
+        assert isinstance(sink, MemorySink)
+        while len(sink.received) < 260:  # the sink is back; a rolling update comes mid-drain
+            await gate.allow(1)
+            await sink.wait_for(len(sink.received) + 1)
+        # A prune (every 0.3 s) has moved the drained deleted events' entries to what is kept in memory.
+        await until(lambda: len(second.pipelines[0]._gone) >= 250)
+
+    await run(second, drain_part)
+    await gate.allow(10**6)
+    assert second.exit_code == 0
+    third = Router(settings, [spec_for_class(MemorySink, opts, type_="memory")])
+
+    async def rest() -> None:
+        await third.pipelines[0].wait_idle(60)
+
+    await run(third, rest)
+    again = {(o["metadata"]["uid"], 1) for o in live} & set(third.sinks["mem"].keys)  # type: ignore[attr-defined]
+    assert again == set()

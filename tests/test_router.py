@@ -1063,6 +1063,33 @@ async def test_an_event_deleted_while_a_spool_backlog_drains_after_a_restart_is_
     assert len(got) == 30
 
 
+async def test_occurrences_of_one_event_set_aside_at_a_stop_are_spooled_in_number_order(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """X/1 set aside (its index red) failed more often than X/2, so it waited longer: a clean stop
+    spooled the leftovers in due-time order, X/2 before X/1. After the restart X/2 was accepted first
+    and X/1 skipped as a copy: lost, counted nowhere, exit 0."""
+    data = tmp_path / "data"
+    opts = {"batch_max_wait": 0.01, "retry_initial_backoff": 1.0, "retry_max_backoff": 60.0}
+    first = _router(_settings(api, tmp_path, data_dir=data, shutdown_timeout=1.0), **opts)
+    async with first.running():
+        await _ready(first)
+        _mem(first).decide = lambda occ: retry("index red", defer=True)
+        x = api.create_event(event_object(object_name="db-0", reason="BackOff"))
+        uid = x["metadata"]["uid"]
+        failures = first.pipelines[0]._failures
+        await until(lambda: failures.get((uid, 1), 0) >= 3, timeout=30)
+        api.bump("default", x["metadata"]["name"])  # X/2, due long before X/1
+        await until(lambda: (uid, 2) in failures, timeout=10)
+    assert first.exit_code == 0
+    # One occurrence a batch: the two records fall into two batches, as among other records.
+    second = _router(_settings(api, tmp_path, data_dir=data), **{**opts, "batch_max_events": 1})
+    async with second.running():
+        await _mem(second).wait_for(2)
+    assert [n for u, n in _mem(second).keys if u == uid] == [1, 2]
+    assert second.metrics.skipped.labels("mem")._value.get() == 0
+
+
 async def test_copies_of_deleted_events_still_spooled_at_a_second_clean_stop_are_not_delivered_again(
     api: FakeApiServer, tmp_path: Path
 ) -> None:

@@ -435,7 +435,14 @@ class Pipeline:
         meanwhile goes into the checkpoint. Kept only in memory, the restart sent those copies
         again; the first complete list after the restart prunes the entries."""
         if self._gone and self.spool is not None and len(self.spool):
-            self.checkpoint.ack(self._gone)
+            # Only for events the spool still holds records of: ``_gone`` holds what was accepted of
+            # every event deleted since the backlog began (nearly all of a long drain), and acked, those
+            # marks pushed live events' entries out of a full checkpoint ConfigMap (their events then
+            # delivered again after the restart).
+            held = self.spool.unread_uids()
+            gone = {uid: n for uid, n in self._gone.items() if uid in held}
+            if gone:
+                self.checkpoint.ack(gone)
 
     def prune(self, live: Container[str]) -> None:
         """After a complete list: drop checkpoint entries of events the API server no longer holds."""
@@ -986,7 +993,7 @@ class Pipeline:
         filled, deferred, queued; newer than it: what waited behind it), each in order."""
         self._throttled.report(now=True)  # a stop: what was held back is said now or never
         deferred = [occ for _, _, occ in sorted(self._deferred)]
-        older = list(self._in_flight) + self._filling + deferred + list(self._queue)
+        older = _numbers_rising(list(self._in_flight) + self._filling + deferred + list(self._queue))
         newer = list(self._overflow)
         self._in_flight = []
         self._filling = []
@@ -1012,3 +1019,19 @@ class Pipeline:
                     return
                 self.idle.clear()
                 self._wakeup.set()
+
+
+def _numbers_rising(occs: list[Occurrence]) -> list[Occurrence]:
+    """``occs`` with each event's occurrences in rising number order, in the places they hold. Items
+    set aside wait in due-time order (a longer backoff for one failed more often), and one may be in
+    flight while an older one waits aside: spooled so at a stop, the newer went first after the
+    restart and the older was skipped as a copy (the checkpoint past it): lost, counted nowhere."""
+    places: dict[str, list[int]] = {}
+    for i, occ in enumerate(occs):
+        places.setdefault(occ.uid, []).append(i)
+    out = list(occs)
+    for where in places.values():
+        if len(where) > 1:
+            for i, occ in zip(where, sorted((occs[i] for i in where), key=lambda o: o.number), strict=True):
+                out[i] = occ
+    return out

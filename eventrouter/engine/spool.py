@@ -256,6 +256,28 @@ class Spool:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
             pass
 
+    def unread_uids(self) -> set[str]:
+        """The uids of the records not read yet, and of the aside file: at a stop the marks of
+        deleted events are kept for these only (``Pipeline.keep_gone``). A scan of the unread part."""
+        uids: set[str] = set()
+        lines: list[bytes | memoryview] = list(self._aside_lines)
+        for seg in self._segments:
+            if seg.read_records >= seg.records:
+                continue
+            try:
+                data = seg.path.read_bytes()
+            except OSError:
+                continue  # counted where it is read (pop); its marks are not needed to skip copies
+            lines.extend(data[seg.read_offset :].splitlines())
+        for line in lines:
+            try:
+                uid = orjson.loads(line)[0]["metadata"]["uid"]
+            except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+                continue
+            if type(uid) is str:
+                uids.add(uid)
+        return uids
+
     def holds(self, occ: Occurrence) -> bool:
         """True when a record of ``occ`` was unread at open and is still in the spool, or popped from
         it and in the pipeline's hands: the relist after a restart offers it again, and that copy
