@@ -546,6 +546,7 @@ class KafkaSink(Sink[KafkaOptions]):
         self._abandoned = False
         self._unsettled = 0  # batches of the send in progress handed to the producer and not settled
         self._discarding: set[asyncio.Task[None]] = set()
+        self._warned_timeout = False
         # Topics a broker reported as unknown (auto-create off), already logged: topic -> when last
         # found missing (oldest first). Logged again only after _MISSING_MEMORY without that.
         self._missing: OrderedDict[str, float] = OrderedDict()
@@ -582,7 +583,9 @@ class KafkaSink(Sink[KafkaOptions]):
     async def start(self) -> None:
         if self._producer is not None:
             return
-        self.context.warn_if_outlasting(self.options.request_timeout_ms / 1000, "request_timeout_ms/1000")
+        if not self._warned_timeout:  # once: every renewed producer starts here
+            self._warned_timeout = True
+            self.context.warn_if_outlasting(self.options.request_timeout_ms / 1000, "request_timeout_ms/1000")
         try:
             import murmurhash2
             from aiokafka import AIOKafkaProducer
@@ -1083,6 +1086,16 @@ class KafkaSink(Sink[KafkaOptions]):
             )
 
         final = [o if o is not None else retry("kafka: no outcome recorded (bug)") for o in outcomes]
+        if any(o.held for o in final) and all(o.kind is OutcomeKind.RETRY for o in final):
+            # Nothing settled: a hold (sent again at once, no failed attempt) would repeat this send for
+            # ever, unseen (sink up, no retry counted, retry_max_attempts never reached), when the
+            # broker refuses batches slower than the budget lets them be sent again in pieces.
+            stuck = retry(
+                f"kafka: no record acknowledged or refused within this send's time budget "
+                f"({self.context.send_budget:g}s): the broker answers slower than refused batches can be "
+                "sent again in pieces"
+            )
+            final = [stuck if o.held else o for o in final]
         # Records of a missing topic are not counted here: that topic was logged once (_note_missing).
         failed = [o for o in final if o.kind is not OutcomeKind.OK and not o.defer and not o.held]
         if failed:

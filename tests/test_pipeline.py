@@ -786,6 +786,25 @@ def test_a_segment_read_to_its_end_stays_until_commit_so_a_crash_reads_its_poppe
     again.close()
 
 
+def test_the_aside_file_read_at_open_stays_until_its_records_are_popped(tmp_path: Path) -> None:
+    """Occurrences set aside (item 97) wait in the spool's aside file, past its read position. After a
+    restart the pipeline's first refill, with nothing of its own set aside yet, removed that file
+    before popping its records: a second crash before they were delivered lost them (those of
+    events deleted meanwhile for good), counted nowhere."""
+    occs = [make_occurrence(object_name=f"aside-{i}") for i in range(3)]
+    first = Spool(tmp_path / "spool", max_bytes=1 << 20)
+    assert first.keep_aside(occs)
+    first.close()
+    started = Spool(tmp_path / "spool", max_bytes=1 << 20)  # a restart
+    assert started.keep_aside([])  # the first refill: may commit, nothing new to keep
+    assert not started.keep_aside(occs[:1])  # something new set aside: no commit while the file waits
+    # A crash now: the next start still finds them.
+    again = Spool(tmp_path / "spool", max_bytes=1 << 20)
+    assert [o.key for o in again.pop(10)] == [o.key for o in occs]
+    assert again.keep_aside([])  # popped (and finished by the next refill): the file may go
+    assert not (tmp_path / "spool" / "aside").exists()
+
+
 def test_a_segment_unreadable_for_the_quarantine_period_is_set_aside_and_the_rest_goes_on(
     tmp_path: Path,
 ) -> None:

@@ -405,6 +405,11 @@ class Spool:
         on disk and counted towards the bound, and new spills were dropped as over it. False when the
         file cannot be written (counted in ``read_errors``, logged once per run of failures): the
         caller must not commit then."""
+        if self._aside_lines:
+            # The file read at open still holds records not popped: it is their only copy on disk (the
+            # cursor passed them in the run that wrote it). Replaced or removed at the first refill, a
+            # crash before they were delivered lost them. New ones wait for it: no commit meanwhile.
+            return not occs
         keys = frozenset((occ.uid, occ.number) for occ in occs)
         if keys == self._aside_keys:
             return True

@@ -293,3 +293,50 @@ async def test_records_sent_again_after_a_refused_batch_keep_one_objects_order(
     assert [o.kind for o in outcomes] == [OutcomeKind.OK] * len(batch)
     assert [occurrence_of(r) for r in records] == [o.key for o in batch]
     assert len(relay.refused) >= 2
+
+
+async def test_a_send_that_settles_nothing_in_its_budget_counts_as_a_failed_attempt(tmp_path: Path) -> None:
+    """The same refusals at a broker answering after 0.2 s with the idempotent producer: a refusal
+    costs a new producer, and no record settles within a 2 s send_timeout. Everything came back as a
+    hold (sent again at once, no failed attempt): the sink stuck for good, reported up, no retry
+    counted, retry_max_attempts never reached. Now such a send is a failed attempt."""
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        FaultyBroker(
+            listen_port=port,
+            target_port=broker.port,
+            idempotence=True,
+            before_max_ms=600_000,
+            answer_delay=0.2,
+        ),
+    ):
+        await broker.create_topics("t", partitions=1)
+        metrics = Metrics()
+        sink = kafka_sink(port, send_timeout=2.0, topic="t")
+        pipeline = pipeline_for(
+            "kafka",
+            sink,
+            metrics,
+            tmp_path / "dl",
+            send_timeout=2.0,
+            retry_max_attempts=2,
+            retry_initial_backoff=0.05,
+        )
+        task = asyncio.create_task(pipeline.run())
+        now = time.time()
+        for i in range(200):
+            pipeline.offer(
+                make_occurrence(
+                    object_name="web-0",
+                    message=f"m{i:04d} " + "x" * 2000,
+                    first_timestamp=iso(now - (1200 if i % 4 == 0 else 5)),
+                )
+            )
+        exhausted = metrics.dead_lettered.labels("kafka", "retries_exhausted")
+        delivered = metrics.delivered.labels("kafka")
+        await until(lambda: exhausted._value.get() + delivered._value.get() == 200, timeout=60)
+        assert metrics.retries.labels("kafka")._value.get() > 0
+        pipeline.close()
+        await asyncio.wait_for(task, 10)
+        await pipeline.close_sink()
