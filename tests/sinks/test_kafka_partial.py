@@ -9,6 +9,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from eventrouter import Occurrence, Outcome, OutcomeKind, SinkContext
+from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.testing import make_occurrence
 from eventrouter.testing.pipelines import pipeline_for
@@ -39,6 +41,34 @@ def kafka_sink(port: int, send_timeout: float, **options: Any) -> KafkaSink:
         send_timeout=send_timeout,
     )
     return KafkaSink(model, context)
+
+
+def every_fourth_too_old() -> list[Occurrence]:
+    """200 records of one object, every 4th older than a topic with before_max_ms=600000 allows."""
+    now = time.time()
+    return [
+        make_occurrence(
+            object_name="web-0",
+            message=f"m{i:04d} " + "x" * 2000,
+            first_timestamp=iso(now - (1200 if i % 4 == 0 else 5)),
+        )
+        for i in range(200)
+    ]
+
+
+def started(pipeline: Pipeline, batch: Sequence[Occurrence] = ()) -> asyncio.Task[None]:
+    """``pipeline`` running, with ``batch`` offered."""
+    task = asyncio.create_task(pipeline.run())
+    for occurrence in batch:
+        pipeline.offer(occurrence)
+    return task
+
+
+async def stopped(pipeline: Pipeline, task: asyncio.Task[None]) -> None:
+    """Drained, stopped, its sink closed."""
+    pipeline.close()
+    await asyncio.wait_for(task, 10)
+    await pipeline.close_sink()
 
 
 async def log_of(bootstrap: str, *topics: str, at_least: int) -> list[Any]:
@@ -120,17 +150,13 @@ async def test_a_partition_answering_not_enough_replicas_writes_the_other_topics
             retry_initial_backoff=0.1,
             retry_max_backoff=0.2,
         )
-        task = asyncio.create_task(pipeline.run())
         batch = two_topics()
-        for occurrence in batch:
-            pipeline.offer(occurrence)
+        task = started(pipeline, batch)
         # Two attempts given up, each with its producer (the first, and one new one per attempt).
         await until(lambda: len(relay.producer_ids) >= 3, timeout=20)
         relay.refuse.clear()
         await pipeline.wait_idle(timeout=20)
-        pipeline.close()
-        await asyncio.wait_for(task, 10)
-        await pipeline.close_sink()
+        await stopped(pipeline, task)
         records = await log_of(broker.bootstrap, "k8s-good", "k8s-bad", at_least=20)
     assert copies(records) == {(f"k8s-{o.record['namespace']}", o.key): 1 for o in batch}
     assert metrics.send_errors.labels("kafka", "timeout")._value.get() == 0  # each send ended by itself
@@ -231,22 +257,10 @@ async def test_a_slow_fallback_ends_each_send_in_its_budget_and_every_record_goe
             retry_max_attempts=1,
             retry_initial_backoff=0.05,
         )
-        task = asyncio.create_task(pipeline.run())
-        now = time.time()
-        batch = [
-            make_occurrence(
-                object_name="web-0",
-                message=f"m{i:04d} " + "x" * 2000,
-                first_timestamp=iso(now - (1200 if i % 4 == 0 else 5)),
-            )
-            for i in range(200)
-        ]
-        for occurrence in batch:
-            pipeline.offer(occurrence)
+        batch = every_fourth_too_old()
+        task = started(pipeline, batch)
         await pipeline.wait_idle(timeout=60)
-        pipeline.close()
-        await asyncio.wait_for(task, 10)
-        await pipeline.close_sink()
+        await stopped(pipeline, task)
         records = await log_of(broker.bootstrap, "t", at_least=len(batch))
     assert [occurrence_of(r) for r in records] == [o.key for o in batch]  # once each, in order
     assert metrics.dead_lettered.labels("kafka", "retries_exhausted")._value.get() == 0
@@ -323,20 +337,9 @@ async def test_a_send_that_settles_nothing_in_its_budget_counts_as_a_failed_atte
             retry_max_attempts=2,
             retry_initial_backoff=0.05,
         )
-        task = asyncio.create_task(pipeline.run())
-        now = time.time()
-        for i in range(200):
-            pipeline.offer(
-                make_occurrence(
-                    object_name="web-0",
-                    message=f"m{i:04d} " + "x" * 2000,
-                    first_timestamp=iso(now - (1200 if i % 4 == 0 else 5)),
-                )
-            )
+        task = started(pipeline, every_fourth_too_old())
         exhausted = metrics.dead_lettered.labels("kafka", "retries_exhausted")
         delivered = metrics.delivered.labels("kafka")
         await until(lambda: exhausted._value.get() + delivered._value.get() == 200, timeout=60)
         assert metrics.retries.labels("kafka")._value.get() > 0
-        pipeline.close()
-        await asyncio.wait_for(task, 10)
-        await pipeline.close_sink()
+        await stopped(pipeline, task)
