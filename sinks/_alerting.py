@@ -25,6 +25,7 @@ How it fits (see docs/alerting.md for the whole story):
 from __future__ import annotations
 
 import asyncio
+import base64
 import fnmatch
 import functools
 import re
@@ -35,15 +36,29 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.request import getproxies
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
-from pydantic import AliasChoices, BeforeValidator, Field, field_validator
+from pydantic import AliasChoices, BeforeValidator, Field, SecretStr, field_validator
 
-from eventrouter import OK, Occurrence, Outcome, Sink, SinkContext, SinkError, SinkOptions, reject, retry
+from eventrouter import (
+    OK,
+    Occurrence,
+    Outcome,
+    Secret,
+    Sink,
+    SinkContext,
+    SinkError,
+    SinkOptions,
+    reject,
+    retry,
+)
 from eventrouter.logs import Throttled
 from eventrouter.options import StrList, http_url, redact_url
+
+from ._scrub import credentials
 
 __all__ = [
     "AlertOptions",
@@ -475,6 +490,17 @@ class AlertOptions(SinkOptions):
         description="@all when a digest contains one of these reasons (e.g. OOMKilling; ignoring case).",
     )
     request_timeout: float = Field(10.0, gt=0, description="Seconds per HTTP request.")
+    proxy: Secret | None = Field(
+        None,
+        description=(
+            "HTTP proxy for the robot's requests, http://[user:password@]host:port (the user info goes as "
+            "Proxy-Authorization; file: takes a rotated password within seconds)."
+        ),
+    )
+    trust_env: bool = Field(
+        False,
+        description="Without proxy: use HTTPS_PROXY / HTTP_PROXY / NO_PROXY of the environment (and ~/.netrc).",
+    )
     throttle_backoff: float = Field(
         60.0, gt=0, description="Seconds to pause after a 'send too fast' answer (doubles up to 600)."
     )
@@ -486,6 +512,16 @@ class AlertOptions(SinkOptions):
     def _url(cls, value: str) -> str:
         if value:  # empty: the robot's or API's default address
             http_url(value)
+        return value
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None  # `proxy=` (empty): none
+        parts = http_url(value.get_secret_value(), option="proxy")
+        if ":" in unquote(parts.username or ""):
+            raise ValueError("proxy: the user name cannot contain ':' (Basic authentication)")
         return value
 
     @field_validator("group_by")
@@ -599,23 +635,55 @@ class Delivery:
     retry_after: float | None = None
     too_fast: bool = False
     cause: str = ""
-    """For rejections: what to log once (same cause, one log line)."""
+    """For rejections: what to log once (same cause, one log line); for a refusal by a gateway or
+    proxy (``http 407``), which run of refusals it belongs to."""
     refused: bool = False
-    """A retry because the robot refused our credentials (token, key, signature), not the message:
-    being rotated (the robot first, then the pod's Secret) or wrong. Warned of once per run."""
+    """A retry because the robot, or a gateway or proxy in front of it, refused our credentials
+    (token, key, signature, proxy password), not the message: being rotated (the robot first, then
+    the pod's Secret) or wrong. Warned of once per run."""
+
+
+REFUSED_STATUSES = (401, 403, 407)
+"""HTTP statuses of something between us and the robot refusing the request: a gateway's 401/403
+(credentials in the URL's user info, a policy), a proxy's 407 (its credentials). The robots
+themselves answer 200 with an errcode, so the robot never saw the message."""
 
 
 def http_failure(
-    who: str, status: int, retry_after: float | None = None, location: str | None = None
+    who: str,
+    status: int,
+    retry_after: float | None = None,
+    location: str | None = None,
+    *,
+    advice: str = "",
 ) -> Delivery:
     """A status other than 200: not the robot API's answer (it answers 200 with an errcode) but a
-    gateway's or a proxy's. 408, 425, 429 and 5xx may pass later; another (a wrong URL's 404, an
-    egress proxy's 403) does not until someone acts: dead-lettered, logged once per status. A
-    redirect is not followed (a 301/302 would turn the POST into a body-less GET, and the token would
-    go wherever it points): dead-lettered too, saying where it pointed (without credentials)."""
+    gateway's or a proxy's. 408, 425, 429 and 5xx may pass later; so may a refusal (401, 403, 407:
+    credentials being rotated, a policy), retried as the robots' own refusals of the sender are
+    (``refused``; ``advice`` says what to check). Another (a wrong URL's 404) does not until someone
+    acts: dead-lettered, logged once per status. A redirect is not followed (a 301/302 would turn the
+    POST into a body-less GET, and the token would go wherever it points): dead-lettered too, saying
+    where it pointed (without credentials)."""
     reason = f"{who} answered HTTP {status}"
     if status in (408, 425, 429) or status >= 500:
         return Delivery("retry", reason, retry_after=retry_after)
+    if status in REFUSED_STATUSES:
+        # Dead-lettered, every alert of a proxy's or gateway's credential rotation was lost (item 118
+        # retried the robots' own refusals). A failure, not a hold: retry_max_attempts still applies.
+        if status == 407:
+            said = f"{reason}: a proxy refused our request (Proxy Authentication Required)"
+        else:
+            said = (
+                f"{reason}, not the robot's own answer (it refuses with HTTP 200 and an errcode): "
+                "a gateway or proxy in front of it refused our request"
+            )
+        return Delivery(
+            "retry",
+            f"{said}: {advice}" if advice else said,
+            retry_after=retry_after,
+            refused=True,
+            cause=f"http {status}",
+        )
     if 300 <= status < 400:
         where = redact_url(location) if location else "nowhere (no Location)"
         return Delivery(
@@ -626,6 +694,16 @@ def http_failure(
     return Delivery(
         "reject", f"{reason}, not the API's own answer: check the URL and any proxy", cause=f"http {status}"
     )
+
+
+def _basic(url: str) -> str:
+    """The Basic token aiohttp makes of ``url``'s user info ('' without): it sends it as
+    Proxy-Authorization, and an error may quote the request's headers."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return ""
+    pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    return base64.b64encode(pair.encode("utf-8")).decode("ascii")
 
 
 _LOG_REFUSED_EVERY = 600.0
@@ -667,6 +745,13 @@ class AlertSink(Sink[OptionsT]):
         self._refusing = False  # the last answer refused our credentials (warned): an OK ends that run
         self.sent_messages = 0
         """Messages the robot accepted (errcode 0)."""
+        self._proxy = options.proxy.get_secret_value() if options.proxy is not None else None
+        proxies = [self._proxy] if self._proxy else []
+        if options.trust_env and not proxies:
+            proxies = list(getproxies().values())
+        self.proxy_secrets = credentials(urls=proxies) + [_basic(url) for url in proxies if _basic(url)]
+        """The proxy's user name and password (and their Basic token), for ``redact``: aiohttp's
+        error for a refused tunnel quotes the proxy's URL with them."""
 
     # --------------------------------------------------------------- subclass hooks
 
@@ -704,8 +789,44 @@ class AlertSink(Sink[OptionsT]):
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.options.request_timeout),
                 raise_for_status=False,
+                trust_env=self.options.trust_env,
             )
         return self._session
+
+    def request_options(self) -> dict[str, Any]:
+        """Keyword arguments of every request: the ``proxy`` with its user info, which aiohttp sends
+        as Proxy-Authorization to the proxy (with a plain-http robot's request, or in the CONNECT to
+        an https one; ``proxy_headers`` would go only into a CONNECT). Per request, not to the
+        session: older aiohttp versions take it only there."""
+        return {"proxy": self._proxy} if self._proxy else {}
+
+    def refusal_advice(self, status: int) -> str:
+        """What to check when a gateway or proxy in front of the robot refused a request (401, 403,
+        407): the options involved by name, never their values."""
+        o = self.options
+        proxy = urlsplit(self._proxy) if self._proxy else None
+        if status == 407:
+            if proxy is not None and (proxy.username or proxy.password):
+                return (
+                    "check the user name and password in proxy (a rotated file: one is taken within seconds)"
+                )
+            if proxy is not None:
+                return "proxy has no user name and password, and the proxy wants some"
+            if o.trust_env:
+                return "check the user name and password of the environment's HTTPS_PROXY / HTTP_PROXY"
+            return "no proxy is configured (proxy, trust_env), yet one in between wants credentials"
+        if urlsplit(o.url).username is not None:
+            return (
+                "check the user name and password in url, and the policy of the gateway or proxy in between"
+            )
+        return "url has no user name and password for it (it may want some), or its policy refuses us"
+
+    def http_failure(
+        self, who: str, status: int, retry_after: float | None = None, location: str | None = None
+    ) -> Delivery:
+        """``http_failure`` with what to check for a refusal, from this sink's options."""
+        advice = self.refusal_advice(status) if status in REFUSED_STATUSES else ""
+        return http_failure(who, status, retry_after, location, advice=advice)
 
     async def start(self) -> None:
         self.context.warn_if_outlasting(self.options.request_timeout, "request_timeout")
@@ -734,11 +855,29 @@ class AlertSink(Sink[OptionsT]):
             return
         shown = redact_url(url)
         try:
-            async with self.session().head(url, allow_redirects=False) as resp:
-                self.log.info("%s: %s answered HEAD with %d", self.context.name, shown, resp.status)
+            async with self.session().head(url, allow_redirects=False, **self.request_options()) as resp:
+                status = resp.status
+                self.log.info("%s: %s answered HEAD with %d", self.context.name, shown, status)
+        except aiohttp.ClientHttpProxyError as exc:  # the proxy refused the tunnel to an https robot
+            status = exc.status
+            if status not in REFUSED_STATUSES:
+                raise SinkError(
+                    f"{self.context.name}: cannot reach {shown}: the proxy answered HTTP {status} to CONNECT"
+                ) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             reason = self.redact(f"{type(exc).__name__}: {exc}")
             raise SinkError(f"{self.context.name}: cannot reach {shown}: {reason}") from None
+        if status not in REFUSED_STATUSES:
+            return
+        refused = self.http_failure(shown, status).reason
+        # A proxy wants its credentials for every method, and so does a gateway refusing the
+        # credentials in the URL: every alert would be refused. Without credentials of ours a 401/403
+        # may be the gateway's answer to HEAD alone (no route for it): said, not failed.
+        if status == 407 or urlsplit(self.options.url).username is not None:
+            raise SinkError(f"{self.context.name}: {refused}")
+        self.log.warning(
+            "%s: %s (to HEAD: if to POST too, every alert will wait)", self.context.name, refused
+        )
 
     def take_over(self, previous: Sink[OptionsT]) -> None:
         """Digests being collected, the record of what was already sent (so that the engine's
@@ -934,6 +1073,10 @@ class AlertSink(Sink[OptionsT]):
     async def _deliver_safely(self, title: str, text: str, digest: Digest) -> Delivery:
         try:
             return await self.deliver(title, text, digest)
+        except aiohttp.ClientHttpProxyError as exc:
+            # The proxy answered the CONNECT to an https robot: a status like any other answer (its
+            # text quotes the proxy's URL with the password: never used).
+            return self.http_failure(f"{self.robot}'s proxy (CONNECT)", exc.status)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             detail = self.redact(str(exc)) or type(exc).__name__
             return Delivery("retry", f"{self.robot} unreachable: {type(exc).__name__}: {detail}")
@@ -999,12 +1142,13 @@ class AlertSink(Sink[OptionsT]):
             self._failure_retry_after = result.retry_after
             if result.refused:
                 # Every message is refused until the credential is put right (a rotated file: one is
-                # taken within seconds): held in the engine, not dead-lettered, and said once a run.
+                # taken within seconds): held in the engine, not dead-lettered, and said once a run
+                # of each cause (a proxy's 407 put right, the robot's own refusal next is news).
                 self._refusing = True
                 self._refused_log.warning(
-                    "refused",
+                    f"refused {result.cause}".strip(),
                     "%s: our credentials refused? %s; retrying until that is put right "
-                    "(nothing is dead-lettered for it)",
+                    "(not dead-lettered for it, unless retry_max_attempts runs out)",
                     self.context.name,
                     result.reason,
                 )

@@ -6,8 +6,9 @@ The robot answers HTTP 200 for everything and says in ``errcode`` what happened:
 success; 130101 and 410100 ("send too fast": the robot is throttled) back off, holding the alerts;
 310000 for the signature, its timestamp or the IP allowlist and an unknown ``access_token`` (300001,
 300005) refuse the sender, not the message: retried (a secret reset in the console comes into the pod
-a little later), warned of once per run; 310000 "keywords not in content" and the others are the
-message's own: rejected and logged once per cause.
+a little later), warned of once per run, and so is a 401/403/407 of a gateway or proxy in front of
+the robot (``proxy``, or the URL's user info); 310000 "keywords not in content" and the others are
+the message's own: rejected and logged once per cause.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from ._alerting import (
     Delivery,
     Digest,
     check_template,
-    http_failure,
     sample_template,
 )
 from ._scrub import credentials, scrub
@@ -146,9 +146,12 @@ class DingTalkSink(AlertSink[DingTalkOptions]):
     def __init__(self, options: DingTalkOptions, context: SinkContext, *, clock: Clock | None = None) -> None:
         super().__init__(options, context, clock=clock)
         # The URL's user info too (an authenticating egress gateway): an error may quote the URL.
-        self._secrets = credentials(
-            [s.get_secret_value() for s in (options.access_token, options.secret) if s is not None],
-            urls=[options.url],
+        self._secrets = (
+            credentials(
+                [s.get_secret_value() for s in (options.access_token, options.secret) if s is not None],
+                urls=[options.url],
+            )
+            + self.proxy_secrets
         )
 
     def redact(self, text: str) -> str:
@@ -224,14 +227,14 @@ class DingTalkSink(AlertSink[DingTalkOptions]):
         headers = {"Content-Type": "application/json; charset=utf-8"}
         # Redirects are not followed: a 301/302 would turn the POST into a GET (aiohttp's default).
         async with self.session().post(
-            self._url(), data=body, headers=headers, allow_redirects=False
+            self._url(), data=body, headers=headers, allow_redirects=False, **self.request_options()
         ) as resp:
             raw = await resp.content.read(256 * 1024)
             status = resp.status
             retry_after = _retry_after(resp.headers.get("Retry-After"))
             location = resp.headers.get("Location")
         if status != 200:
-            return http_failure("DingTalk robot", status, retry_after, location)
+            return self.http_failure("DingTalk robot", status, retry_after, location)
         return self.classify(raw)
 
     def classify(self, raw: bytes) -> Delivery:

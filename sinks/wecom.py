@@ -8,7 +8,8 @@ and refreshed (then the message resent once) when the API answers 40014 / 42001.
 Replies are HTTP 200 with an ``errcode``: 0 is the only success; 45009 ("api freq out of limit")
 backs off; a refused webhook key (93000), corp id or secret (40013, 40001, 40091) or address (60020)
 is retried (a key or secret reset in the console reaches the pod a little later), warned of once per
-run; agent, recipient and message errors are permanent.
+run, and so is a 401/403/407 of a gateway or proxy in front of WeCom (``proxy``, or the URL's user
+info); agent, recipient and message errors are permanent.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 from eventrouter import Secret, SinkContext, SinkError
 from eventrouter.options import StrList, redact_url
 
-from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest, http_failure
+from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest
 from ._scrub import credentials, scrub
 
 __all__ = ["WeComOptions", "WeComSink"]
@@ -156,7 +157,7 @@ class WeComSink(AlertSink[WeComOptions]):
         self._token_expires = 0.0
         self._token_refresh_at = 0.0
         # The URL's user info too (an authenticating egress gateway): an error may quote the URL.
-        self._url_secrets = credentials(urls=[options.url]) if options.url else []
+        self._url_secrets = (credentials(urls=[options.url]) if options.url else []) + self.proxy_secrets
 
     # -------------------------------------------------------------- shape
 
@@ -244,12 +245,12 @@ class WeComSink(AlertSink[WeComOptions]):
             corpid=self.options.corp_id,
             corpsecret=self.options.corp_secret.get_secret_value(),
         )
-        async with self.session().get(url, allow_redirects=False) as resp:
+        async with self.session().get(url, allow_redirects=False, **self.request_options()) as resp:
             raw = await resp.content.read(64 * 1024)
             status = resp.status
             location = resp.headers.get("Location")
         if status != 200:
-            return http_failure("WeCom gettoken", status, location=location)
+            return self.http_failure("WeCom gettoken", status, location=location)
         try:
             reply = orjson.loads(raw)
             code = int(reply.get("errcode", 0))
@@ -309,12 +310,14 @@ class WeComSink(AlertSink[WeComOptions]):
     async def _post(self, url: str, body: bytes) -> Delivery:
         headers = {"Content-Type": "application/json; charset=utf-8"}
         # Redirects are not followed: a 301/302 would turn the POST into a GET (aiohttp's default).
-        async with self.session().post(url, data=body, headers=headers, allow_redirects=False) as resp:
+        async with self.session().post(
+            url, data=body, headers=headers, allow_redirects=False, **self.request_options()
+        ) as resp:
             raw = await resp.content.read(256 * 1024)
             status = resp.status
             location = resp.headers.get("Location")
         if status != 200:
-            return http_failure("WeCom", status, location=location)
+            return self.http_failure("WeCom", status, location=location)
         try:
             reply = orjson.loads(raw)
             code = int(reply["errcode"])

@@ -993,8 +993,9 @@ async def test_http_errors_and_non_json_bodies_are_retried(
 async def test_a_4xx_from_a_proxy_is_dead_lettered_once_logged_not_retried_for_ever(
     robot: DingTalkReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """DingTalk answers 200 with an errcode; a 404 or 403 is a wrong URL or an egress proxy's, and
-    retried it only spent the robot's rate budget while the backlog grew."""
+    """DingTalk answers 200 with an errcode; a 404 is a wrong URL (or a proxy's), and retried it only
+    spent the robot's rate budget while the backlog grew. (A gateway's or proxy's 401/403/407 refuses
+    our credentials, not the URL: retried, tests/sinks/test_robot_proxy.py.)"""
     sink = await make_sink(robot.url, secret=SECRET)
     robot.fail_next(2, status=404)
     try:

@@ -44,6 +44,26 @@ class Relay:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError
 
+    async def splice(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        upstream: asyncio.StreamWriter,
+    ) -> None:
+        """Copy both ways until either side closes."""
+        pumps = [
+            asyncio.create_task(self.pump(reader, upstream)),
+            asyncio.create_task(self.pump(up_reader, writer)),
+        ]
+        self._tasks.update(pumps)
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in pumps:
+                task.cancel()
+                self._tasks.discard(task)
+
     @staticmethod
     async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Copy bytes one way until either side closes (ssl.SSLError is an OSError)."""

@@ -25,15 +25,7 @@ class TLSProxy(Relay):
         except OSError:
             writer.close()
             return
-        pumps = [
-            asyncio.create_task(self.pump(reader, up_writer)),
-            asyncio.create_task(self.pump(up_reader, writer)),
-        ]
-        self._tasks.update(pumps)
         try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            await self.splice(reader, writer, up_reader, up_writer)
         finally:
-            for task in pumps:
-                task.cancel()
-                self._tasks.discard(task)
             await self.close(writer, up_writer)
