@@ -123,11 +123,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     events = retained_events(args.retained)
     n = len(events)
     router_env = dict(item.split("=", 1) for item in args.router_env)
+    sink_options: dict[str, str] = {}
+    for item in args.sink_option:
+        sink, option = item.split(":", 1)
+        sink_options[sink] = f"{sink_options[sink]}&{option}" if sink in sink_options else option
     result: dict[str, Any] = {
         "machine": c.machine(),
         "retained": n,
         "router_python": args.router_python or sys.executable,
         "router_env": router_env,
+        "sink_options": sink_options,
         "phases": {},
     }
     sinks = list(c.ALL_SINKS)
@@ -146,7 +151,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             preload(api, events[:warm] if warm else events)
             kubeconfig = api.kubeconfig(tmp / "kubeconfig")
             with s.es_index() as es_url:
-                flags = [s.flag(x, tmp, es_url=es_url) for x in sinks]
+                flags = [s.flag(x, tmp, es_url=es_url, extra=sink_options.get(x, "")) for x in sinks]
                 rp = await c.spawn_router(
                     kubeconfig,
                     flags,
@@ -353,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
         "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2, PYTHONMALLOC=malloc, MALLOC_CONF=...",
     )
     p.add_argument(
+        "--sink-option",
+        action="append",
+        default=[],
+        metavar="SINK:NAME=VALUE",
+        help="add an option to one sink's --sink URL (repeatable), e.g. loki:new_stream_pushes=false",
+    )
+    p.add_argument(
         "--census",
         action="store_true",
         help="after the idle phase, have the router write which objects hold its pymalloc arenas "
@@ -394,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if bad := [item for item in args.router_env if "=" not in item]:
         p.error(f"--router-env wants NAME=VALUE, got {bad[0]!r}")
+    if bad := [x for x in args.sink_option if ":" not in x or x.split(":", 1)[0] not in c.ALL_SINKS]:
+        p.error(f"--sink-option wants SINK:NAME=VALUE with SINK one of {', '.join(c.ALL_SINKS)}, got {bad[0]!r}")
     if args.census_sparse is not None:
         os.environ["EVENTROUTER_BENCH_CENSUS_SPARSE"] = str(args.census_sparse)  # read by bench/_census.py
     if args.census_from is not None:
