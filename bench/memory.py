@@ -407,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad := [item for item in args.router_env if "=" not in item]:
         p.error(f"--router-env wants NAME=VALUE, got {bad[0]!r}")
     if bad := [x for x in args.sink_option if ":" not in x or x.split(":", 1)[0] not in c.ALL_SINKS]:
-        p.error(f"--sink-option wants SINK:NAME=VALUE with SINK one of {', '.join(c.ALL_SINKS)}, got {bad[0]!r}")
+        p.error(
+            f"--sink-option wants SINK:NAME=VALUE with SINK one of {', '.join(c.ALL_SINKS)}, got {bad[0]!r}"
+        )
     if args.census_sparse is not None:
         os.environ["EVENTROUTER_BENCH_CENSUS_SPARSE"] = str(args.census_sparse)  # read by bench/_census.py
     if args.census_from is not None:
