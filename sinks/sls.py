@@ -34,11 +34,23 @@ is halved down to the log refused, which is sent once more stamped at the router
 The engine's batch is split here into requests of at most 4096 logs and 3 MB of uncompressed protobuf;
 a single occurrence too big for one request is rejected alone.
 
+Time: a send ends on its own within the engine's ``send_budget`` (five sixths of ``send_timeout``): each
+request's timeout is ``request_timeout`` or what is left of that budget, whichever is less, and a
+further request of the send (the next part of a split batch, a half of a refused one) starts only while
+a tenth of the budget and twice the slowest answer of the send are left. What it did not send is
+answered retry (held): the engine sends it again in place, at once, and what went in is not sent again.
+Before, a batch of several requests (30 s each by default) could outlast ``send_timeout``: the engine
+cut it off and sent the whole batch again, the parts already stored too.
+
 Causes of the whole target that the operator puts right (refused credentials, a clock off by more than
-15 minutes, a project or logstore that does not exist, e.g. one being re-created) are retried with the
-engine's backoff (``retry_max_attempts`` still ends them), logged once per run of failures, as the start
-waits for a missing project or logstore. What a request carries (a body or a log time the service
-refuses) is rejected.
+15 minutes, a project or logstore that does not exist, e.g. one being re-created, a suspended project,
+a logstore without a shard) are retried with the engine's backoff (``retry_max_attempts`` still ends
+them), logged once per run of failures, as the start waits for a missing project or logstore. What a
+request carries (a body or a log time the service refuses) is rejected. An error code this sink does
+not know is judged by its status and logged once per run naming it: 401, 403 and 404 refuse the project
+or logstore as a whole (Alibaba's own C producer retries them all by default), so they are retried; any
+other 4xx, and an answer without SLS's error JSON (a proxy's page), is taken as a refusal of the
+request's logs, which are dead-lettered.
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ import email.utils
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -107,7 +120,16 @@ _RETRY_CODES = {
     "InternalServerError",
     "RequestTimeout",
 }
-_TARGET_CODES = {"ProjectNotExist", "LogStoreNotExist"}
+_TARGET_CODES = {
+    "ProjectNotExist",
+    "LogStoreNotExist",
+    # A suspended project: an overdue account; until late 2025 also a project in the recycle bin,
+    # since answered ProjectInRecycleBin (Alibaba's error tables and announcement of 2025-09-26).
+    "ProjectForbidden",
+    "ProjectInRecycleBin",
+    # The logstore has no shard to write to (documented for the shard APIs; UNCONFIRMED for PutLogs).
+    "LogStoreWithoutShard",
+}
 _CREDENTIAL_CODES = {
     "SignatureNotMatch",
     "Unauthorized",
@@ -115,6 +137,13 @@ _CREDENTIAL_CODES = {
     "SecurityToken.Expired",
     "SecurityTokenExpired",
 }
+# About the request's own logs: halved down to the log refused, which is rejected.
+_REQUEST_CODES = {"PostBodyInvalid", "InvalidTimestamp", "PostBodyTooLarge"}
+# A code not named above from the service with one of these statuses refuses the project or logstore
+# as a whole, not the request's logs: retried (aliyun-log-c-sdk's producer retries every 403 as a
+# quota error, and every 401 and 404 unless told to drop them; iLogtail retries a code it does not know
+# several times before it drops the data).
+_TARGET_STATUSES = {401, 403, 404}
 
 
 class SLSOptions(SinkOptions):
@@ -166,7 +195,7 @@ class SLSOptions(SinkOptions):
     )
     ca_file: FilePath | None = Field(None, description="CA bundle for TLS verification.")
     tls_skip_verify: bool = Field(False, description="Do not verify the server's TLS certificate.")
-    request_timeout: float = Field(30.0, gt=0, description="Seconds one HTTP request may take.")
+    request_timeout: float = Field(30.0, gt=0, description="Seconds one HTTP request may take (at most what is left of the send's budget, 5/6 of send_timeout).")
 
     @model_validator(mode="after")
     def _target(self) -> SLSOptions:
@@ -216,6 +245,31 @@ class _Chunk:
     size: int
 
 
+@dataclass(slots=True)
+class _Answer:
+    status: int
+    code: str
+    """The service's errorCode, or ``HTTP<status>`` for an answer without one (a gateway's page)."""
+    message: str
+    retry_after: float | None
+    from_service: bool
+    """The answer carried SLS's error JSON (``errorCode``)."""
+
+
+@dataclass(slots=True)
+class _Send:
+    """One send's progress across its requests."""
+
+    began: float
+    deadline: float
+    """time.monotonic() by which the send ends on its own (the context's ``send_budget``)."""
+    requests: int = 0
+    slowest: float = 0.0
+    """Seconds the slowest answered request of this send took."""
+    delivered: bool = False
+    """A request of this send was accepted."""
+
+
 class SLSSink(Sink[SLSOptions]):
     """PutLogs to one project/logstore; splits batches to the service's limits."""
 
@@ -238,8 +292,10 @@ class SLSSink(Sink[SLSOptions]):
         self._where = f"project {options.project!r}, logstore {options.logstore!r} at {self._endpoint}"
         self._source = options.source or context.cluster or socket.gethostname()
         self._session: aiohttp.ClientSession | None = None
-        self._logged_codes: set[str] = set()
-        self._delivered = False  # a request of the current send was accepted (send's own state)
+        # The codes logged in the current run of failures, each with the requests it refused: the run
+        # ends at the next request accepted, and the next run is logged again.
+        self._refused: dict[str, int] = {}
+        self._warned_timeout = False
         self._batch: Sequence[Occurrence] = ()  # the batch being sent (send's own state)
         self._key_id = ""
         self._key_secret = ""
@@ -318,16 +374,22 @@ class SLSSink(Sink[SLSOptions]):
         return headers
 
     async def _request(
-        self, method: str, resource: str, body: bytes, headers: dict[str, str]
-    ) -> tuple[int, str, str, float | None]:
-        """Send one signed request: (status, errorCode, errorMessage, retry_after)."""
+        self, method: str, resource: str, body: bytes, headers: dict[str, str], timeout: float
+    ) -> _Answer:
+        """Send one signed request, given ``timeout`` seconds in all."""
         session = self._ensure_session()
         signed = self._signed_headers(method, resource, body, headers)
-        async with session.request(method, self._base + resource, data=body or None, headers=signed) as resp:
+        async with session.request(
+            method,
+            self._base + resource,
+            data=body or None,
+            headers=signed,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as resp:
             payload = await resp.read()
             retry_after = _retry_after(resp.headers.get("Retry-After"))
             if resp.status == 200:
-                return 200, "", "", None
+                return _Answer(200, "", "", None, True)
             code, message = "", ""
             try:
                 parsed = orjson.loads(payload)
@@ -342,29 +404,50 @@ class SLSSink(Sink[SLSOptions]):
                 message = f"{message} (request id {request_id})"
             # Quoted in reasons and logs: without our credentials (a gateway echoes those it refused).
             code = scrub(code, self._secrets)
-            return resp.status, code or f"HTTP{resp.status}", scrub(message, self._secrets), retry_after
+            return _Answer(
+                resp.status,
+                code or f"HTTP{resp.status}",
+                scrub(message, self._secrets),
+                retry_after,
+                bool(code),
+            )
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.context.warn_if_outlasting(self.options.request_timeout, "request_timeout")
+        context = self.context
+        if self.options.request_timeout > context.send_timeout and not self._warned_timeout:
+            # Once: the engine tries a failed start again and again (a missing logstore).
+            self._warned_timeout = True
+            self.log.warning(
+                "sls sink %s: request_timeout=%gs is longer than the pipeline's send_timeout=%gs: each "
+                "request's timeout is cut to what is left of its send (at most %gs); lower "
+                "request_timeout or raise send_timeout",
+                context.name,
+                self.options.request_timeout,
+                context.send_timeout,
+                context.send_budget,
+            )
         self._credentials()
         self._ensure_session()
         if not self.options.check_on_start:
             return
         resource = f"/logstores/{self.options.logstore}"
+        # The engine cuts a start off after send_timeout, as it does a send.
+        timeout = min(self.options.request_timeout, context.send_budget)
         try:
-            status, code, message = (await self._request("GET", resource, b"", {"x-log-bodyrawsize": "0"}))[
-                :3
-            ]
+            answer = await self._request("GET", resource, b"", {"x-log-bodyrawsize": "0"}, timeout)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise SinkError(
                 f"sls sink {self.context.name}: cannot reach {self._where}: {_describe(exc)}"
             ) from None
+        status, code, message = answer.status, answer.code, answer.message
         if status == 200:
             return
         if code in _TARGET_CODES:
-            raise SinkError(f"sls sink {self.context.name}: {code} for {self._where}: {message}")
+            raise SinkError(
+                f"sls sink {self.context.name}: {code} for {self._where}: {message}; {self._todo(code)}"
+            )
         if code == "SignatureNotMatch" or code == "InvalidAccessKeyId":
             raise SinkError(
                 f"sls sink {self.context.name}: credentials rejected ({code}) for {self._where}: "
@@ -485,20 +568,44 @@ class SLSSink(Sink[SLSOptions]):
         size = cramjam.lz4.compress_block_into(raw, self._lz4_buffer, store_size=False)
         return bytes(memoryview(self._lz4_buffer)[:size]), "lz4"
 
-    def _log_once(self, code: str, text: str) -> None:
-        if code not in self._logged_codes:
-            self._logged_codes.add(code)
-            self.log.error("%s", text)
+    def _log_once(self, code: str, text: str, level: int = logging.ERROR) -> None:
+        """Log ``text`` at the first request refused with ``code`` in this run of failures; count each."""
+        if code not in self._refused:
+            self._refused[code] = 0
+            self.log.log(level, "%s", text)
+        self._refused[code] += 1
 
-    def _failure(self, status: int, code: str, message: str, retry_after: float | None) -> Outcome:
+    def _todo(self, code: str) -> str:
+        """What the operator does about a target code (_TARGET_CODES)."""
+        project, logstore = self.options.project, self.options.logstore
+        if code == "ProjectNotExist":
+            return f"create project {project!r} in this region, or correct project or the endpoint"
+        if code == "LogStoreNotExist":
+            return f"create logstore {logstore!r} in project {project!r}, or correct logStore"
+        if code == "ProjectForbidden":
+            return (
+                f"project {project!r} is disabled (an overdue account, or the project is in the recycle "
+                "bin): settle the account or restore the project"
+            )
+        if code == "ProjectInRecycleBin":
+            return f"project {project!r} is in the recycle bin: restore it"
+        return f"logstore {logstore!r} has no shard to write to: check its shards in the SLS console"
+
+    def _failure(self, answer: _Answer, count: int) -> Outcome:
+        """The outcome of ``count`` logs refused by ``answer``; logged once per run when the operator
+        has something to put right or the code is one this sink does not know."""
+        status, code, message, retry_after = answer.status, answer.code, answer.message, answer.retry_after
         what = f"SLS {status} {code}: {message} ({self._where})"
-        if code in _RETRY_CODES or status >= 500 or status == 429:
+        name = self.context.name
+        if code in _RETRY_CODES or status >= 500 or status in (408, 429):
             return retry(what, retry_after=retry_after)
         if code == "RequestTimeExpired":
-            self.log.warning(
-                "sls sink %s: RequestTimeExpired — this machine's clock differs from the SLS service's by "
-                "more than 15 minutes, so every request is refused until the clock is fixed (NTP); retrying",
-                self.context.name,
+            self._log_once(
+                code,
+                f"sls sink {name}: RequestTimeExpired — this machine's clock differs from the SLS service's "
+                "by more than 15 minutes, so every request is refused until the clock is fixed (NTP); "
+                f"retrying ({message})",
+                logging.WARNING,
             )
             return retry(what, retry_after=retry_after)
         if code in _CREDENTIAL_CODES:
@@ -513,23 +620,38 @@ class SLSSink(Sink[SLSOptions]):
             return retry(what, retry_after=retry_after)
         if code in _TARGET_CODES:
             # The sink's only target: a logstore being re-created or deleted by mistake, a project not
-            # created yet. Its logs go in once it exists; start() waits for it the same way.
-            if code == "ProjectNotExist":
-                todo = (
-                    f"create project {self.options.project!r} in this region, or correct project or "
-                    "the endpoint"
-                )
-            else:
-                todo = (
-                    f"create logstore {self.options.logstore!r} in project {self.options.project!r}, "
-                    "or correct logStore"
-                )
+            # created yet or suspended. Its logs go in once that is put right; start() waits the same way.
+            until = "it exists" if code.endswith("NotExist") else "that is put right"
             self._log_once(
                 code,
-                f"sls sink {self.context.name}: {code} for {self._where}: {todo}; its occurrences are "
-                "retried (up to retry_max_attempts, if set) until it exists",
+                f"sls sink {name}: {code} for {self._where}: {self._todo(code)}; its occurrences are "
+                f"retried (up to retry_max_attempts, if set) until {until}",
             )
             return retry(what, retry_after=retry_after)
+        if code in _REQUEST_CODES:
+            return reject(what)
+        if answer.from_service and status in _TARGET_STATUSES:
+            self._log_once(
+                code,
+                f"sls sink {name}: SLS answered {status} {code} for {self._where}, a code this sink does not "
+                f"know ({message}): a {status} refuses the project or logstore as a whole, not these logs, "
+                "so its occurrences are retried (up to retry_max_attempts, if set) until that is put right",
+            )
+            return retry(what, retry_after=retry_after)
+        # Not known: taken as the request's own (a body the service refuses). Named in the log, as a
+        # whole target refused so would dead-letter everything until it is noticed.
+        self._log_once(
+            code,
+            f"sls sink {name}: SLS answered {status} {code} for {self._where}, "
+            + (
+                "a code this sink does not know"
+                if answer.from_service
+                else "with no SLS error code (a proxy?)"
+            )
+            + f" ({message}): taken as a refusal of the request's own logs, which are dead-lettered "
+            f"({count} in this request, and those of every request refused so: if it refuses them all, "
+            "put that right and replay the dead-letter file)",
+        )
         return reject(what)
 
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
@@ -554,7 +676,8 @@ class SLSSink(Sink[SLSOptions]):
             else:
                 encoded.append((index, log))
         resource = f"/logstores/{self.options.logstore}/shards/lb"
-        self._delivered = False
+        began = time.monotonic()
+        run = _Send(began, began + self.context.send_budget)
         self._batch = batch
         stop: Outcome | None = None
         try:
@@ -563,13 +686,27 @@ class SLSSink(Sink[SLSOptions]):
                     for index in chunk.indexes:
                         outcomes[index] = stop
                     continue
-                stop = await self._put(resource, header, chunk.indexes, chunk.logs, outcomes)
+                stop = await self._put(run, resource, header, chunk.indexes, chunk.logs, outcomes)
         finally:
             self._batch = ()
         return [outcome if outcome is not None else OK for outcome in outcomes]
 
+    def _another_fits(self, run: _Send) -> bool:
+        """A further request of the send starts only while a tenth of its budget and twice its slowest
+        answer are left: one cut short by the budget may have been stored all the same, and would be
+        sent again (the first request always starts: each send gets that far)."""
+        left = run.deadline - time.monotonic()
+        return left >= self.context.send_budget / 10 and left >= 2 * run.slowest
+
+    def _timeout(self, run: _Send) -> float:
+        """A request's timeout: ``request_timeout``, or what is left of the send's budget if that is
+        less (at least a tenth of it), so the send ends before the engine cuts it off."""
+        left = max(run.deadline - time.monotonic(), self.context.send_budget / 10)
+        return min(self.options.request_timeout, left)
+
     async def _put(
         self,
+        run: _Send,
         resource: str,
         header: bytes,
         indexes: list[int],
@@ -580,7 +717,16 @@ class SLSSink(Sink[SLSOptions]):
     ) -> Outcome | None:
         """One PutLogs request for ``logs``; their outcomes go into ``outcomes``. Returns what the
         batch's requests not sent yet get when the rest must wait (quota, 5xx, credentials, a missing
-        project or logstore, unreachable), None to go on."""
+        project or logstore, unreachable, the send's budget spent), None to go on."""
+        if run.requests and not self._another_fits(run):
+            later = retry(
+                f"not sent: the send had run for {time.monotonic() - run.began:.1f}s of its "
+                f"{self.context.send_budget:g}s (sent next, at once)",
+                held=True,
+            )
+            for index in indexes:
+                outcomes[index] = later
+            return later
         raw = b"".join(logs) + header
         body, compress_type = self._compress(raw)
         headers = {
@@ -588,28 +734,39 @@ class SLSSink(Sink[SLSOptions]):
             "x-log-bodyrawsize": str(len(raw)),
             "x-log-compresstype": compress_type,
         }
+        timeout = self._timeout(run)
+        run.requests += 1
+        started = time.monotonic()
         try:
-            status, code, message, retry_after = await self._request("POST", resource, body, headers)
+            answer = await self._request("POST", resource, body, headers, timeout)
         except (aiohttp.ClientError, TimeoutError) as exc:
             reason = f"cannot reach {self._where}: {_describe(exc)}"
-            if not self._delivered:
+            if isinstance(exc, TimeoutError) and timeout < self.options.request_timeout:
+                reason += (
+                    f" (no answer within {timeout:.3g}s, what was left of the send's "
+                    f"{self.context.send_budget:g}s)"
+                )
+            if not run.delivered:
                 raise RetryableError(reason) from None
             stop = retry(reason)
             for index in indexes:
                 outcomes[index] = stop
             return stop
+        run.slowest = max(run.slowest, time.monotonic() - started)
+        status, code = answer.status, answer.code
         if status == 200:
-            self._delivered = True
+            run.delivered = True
             for index in indexes:
                 outcomes[index] = OK
-            if self._logged_codes:  # a run of failures is over: the next one is logged again
+            if self._refused:  # a run of failures is over: the next one is logged again
                 self.log.info(
-                    "sls sink %s: %s accepts logs again (after %s)",
+                    "sls sink %s: %s accepts logs again (after %s); requests refused meanwhile: %s",
                     self.context.name,
                     self._where,
-                    ", ".join(sorted(self._logged_codes)),
+                    ", ".join(sorted(self._refused)),
+                    ", ".join(f"{c} {n}" for c, n in sorted(self._refused.items())),
                 )
-                self._logged_codes.clear()
+                self._refused.clear()
             return None
         if len(logs) > 1 and (
             status == 413 or code in ("PostBodyTooLarge", "PostBodyInvalid", "InvalidTimestamp")
@@ -618,19 +775,19 @@ class SLSSink(Sink[SLSOptions]):
             # log the service cannot read or whose time it refuses (its clock is not ours): halve, so
             # that only a log refused on its own is dead-lettered.
             mid = len(logs) // 2
-            held = await self._put(resource, header, indexes[:mid], logs[:mid], outcomes)
+            held = await self._put(run, resource, header, indexes[:mid], logs[:mid], outcomes)
             if held is not None:
                 for index in indexes[mid:]:
                     outcomes[index] = held
                 return held
-            return await self._put(resource, header, indexes[mid:], logs[mid:], outcomes)
+            return await self._put(run, resource, header, indexes[mid:], logs[mid:], outcomes)
         if code == "InvalidTimestamp" and self.options.clamp_time and not restamped and self._batch:
             # Inside our window, outside the service's: its clock is up to 15 minutes off ours (the
             # Date check allows that). Our "now" is inside its window whatever the difference.
             log = self._encode_at(self._batch[indexes[0]], int(time.time()))
             if log is not None:
-                return await self._put(resource, header, indexes, [log], outcomes, restamped=True)
-        outcome = self._failure(status, code, message, retry_after)
+                return await self._put(run, resource, header, indexes, [log], outcomes, restamped=True)
+        outcome = self._failure(answer, len(indexes))
         for index in indexes:
             outcomes[index] = outcome
         if outcome.kind is OutcomeKind.RETRY:

@@ -324,6 +324,17 @@ async def test_out_of_window_time_is_dead_lettered_when_clamping_is_off(
         (401, "SecurityTokenExpired", OutcomeKind.RETRY),
         (404, "LogStoreNotExist", OutcomeKind.RETRY),
         (404, "ProjectNotExist", OutcomeKind.RETRY),
+        # Not in the reference: a suspended project (overdue, or in the recycle bin), a logstore
+        # without a shard. They dead-lettered everything sent until it was put right.
+        (403, "ProjectForbidden", OutcomeKind.RETRY),
+        (403, "ProjectInRecycleBin", OutcomeKind.RETRY),
+        (400, "LogStoreWithoutShard", OutcomeKind.RETRY),
+        # Codes the sink does not know, by their status: 401/403/404 refuse the target as a whole,
+        # 408 is a timeout (both were dead-lettered); another 4xx is about the request's own logs.
+        (403, "SomeFutureRefusal", OutcomeKind.RETRY),
+        (404, "SomeFutureNotFound", OutcomeKind.RETRY),
+        (408, "SomeFutureTimeout", OutcomeKind.RETRY),
+        (400, "SomeFutureInvalid", OutcomeKind.REJECT),
     ],
 )
 async def test_error_code_outcomes(
@@ -429,6 +440,126 @@ async def test_clock_skew_is_retried_and_explained(
     assert outcomes is not None and outcomes[0].kind is OutcomeKind.RETRY
     assert "RequestTimeExpired" in outcomes[0].reason
     assert "clock" in caplog.text and "NTP" in caplog.text
+
+
+async def test_clock_skew_is_logged_once_per_run_of_refusals(
+    receiver: SLSReceiver, make_sink: MakeSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The RequestTimeExpired warning was logged at every attempt: with the engine's backoff, every
+    30 s or sooner for as long as the clock stayed wrong."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+
+    def warnings() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.WARNING and "RequestTimeExpired" in r.getMessage()
+        ]
+
+    sink = await make_sink()
+    receiver.clock_offset = 3600.0  # the service's clock is an hour ahead of ours
+    for _ in range(3):
+        assert kinds(await sink.send([fresh()])) == [OutcomeKind.RETRY]  # still retried, each time
+    assert len(warnings()) == 1
+    assert "NTP" in warnings()[0] and "has been expired while server time is" in warnings()[0]
+    receiver.clock_offset = 0.0  # NTP fixed it
+    assert kinds(await sink.send([fresh()])) == [OutcomeKind.OK]
+    assert (
+        "accepts logs again (after RequestTimeExpired); requests refused meanwhile: RequestTimeExpired 3"
+        in caplog.text
+    )
+    receiver.clock_offset = -3600.0  # off again: a new run, logged again
+    assert kinds(await sink.send([fresh()])) == [OutcomeKind.RETRY]
+    assert len(warnings()) == 2
+
+
+async def test_codes_the_sink_does_not_know_are_judged_by_status_named_and_logged_once_per_run(
+    receiver: SLSReceiver, make_sink: MakeSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any code not listed in the sink was dead-lettered with every log of its request, and nothing
+    said which: a new code refusing the project as a whole (the service adds some: ProjectInRecycleBin
+    in 2025) cost a whole outage's events, unexplained. A 401/403/404 now refuses the project or
+    logstore (retried); another 4xx the request's logs (dead-lettered); each code logged once per run."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    sink = await make_sink()
+    receiver.fail_next(3, "SomeFutureRefusal", 403, "the project refuses writes")
+    for _ in range(3):
+        outcomes = await sink.send([fresh(), fresh()])
+        assert outcomes is not None and kinds(outcomes) == [OutcomeKind.RETRY] * 2
+        assert "SomeFutureRefusal" in outcomes[0].reason
+    receiver.fail_next(2, "SomeFutureInvalid", 400, "the log group is invalid")
+    for _ in range(2):
+        outcomes = await sink.send([fresh()])
+        assert outcomes is not None and kinds(outcomes) == [OutcomeKind.REJECT]
+        assert "SLS 400 SomeFutureInvalid: the log group is invalid" in outcomes[0].reason
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2
+    assert errors[0].startswith(
+        f"sls sink sls: SLS answered 403 SomeFutureRefusal for project {PROJECT!r}, logstore {LOGSTORE!r}"
+    )
+    assert "a code this sink does not know (the project refuses writes (request id " in errors[0]
+    assert "refuses the project or logstore as a whole, not these logs" in errors[0]
+    assert "retried (up to retry_max_attempts, if set)" in errors[0]
+    assert errors[1].startswith("sls sink sls: SLS answered 400 SomeFutureInvalid for ")
+    assert "taken as a refusal of the request's own logs, which are dead-lettered (1 in this" in errors[1]
+    assert kinds(await sink.send([fresh()])) == [OutcomeKind.OK]
+    assert (
+        "accepts logs again (after SomeFutureInvalid, SomeFutureRefusal); requests refused meanwhile: "
+        "SomeFutureInvalid 2, SomeFutureRefusal 3"
+    ) in caplog.text
+
+
+async def test_a_suspended_project_loses_nothing_sent_meanwhile(
+    receiver: SLSReceiver, make_sink: MakeSink, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through the engine: the project is suspended after the sink started (an overdue account, or
+    moved to the recycle bin): SLS answers 403 ProjectForbidden, a code the reference does not list,
+    which dead-lettered everything sent until it was lifted. Now retried and logged once, naming it,
+    and a start against it fails naming it (it logged "could not verify" and started)."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    metrics = Metrics()
+    sink = await make_sink(start=False)
+    pipeline = pipeline_for(
+        "sls", sink, metrics, tmp_path / "dl", retry_initial_backoff=0.02, retry_max_backoff=0.1
+    )
+    task = asyncio.create_task(pipeline.run())
+    dead = [metrics.dead_lettered.labels("sls", why) for why in ("rejected", "retries_exhausted")]
+
+    def refused() -> int:
+        return sum(r.error_code == "ProjectForbidden" for r in receiver.requests)
+
+    try:
+        first = fresh(message="before")
+        pipeline.offer(first)
+        await receiver.wait_for_logs(1)
+        receiver.forbidden.add(PROJECT)
+        meanwhile = [fresh(message=f"meanwhile-{i}") for i in range(30)]
+        for occ in meanwhile:
+            pipeline.offer(occ)
+        await until(lambda: refused() >= 3 or any(c._value.get() for c in dead))
+        assert [c._value.get() for c in dead] == [0, 0]
+        assert metrics.sink_up.labels("sls")._value.get() == 0
+        receiver.forbidden.discard(PROJECT)  # the account is settled
+        await receiver.wait_for_logs(1 + len(meanwhile))
+        await pipeline.wait_idle(10)
+    finally:
+        pipeline.close()
+        await asyncio.wait_for(task, 10)
+        await pipeline.close_sink()
+    assert [c._value.get() for c in dead] == [0, 0]
+    stored = [(log.fields["uid"], log.fields["message"]) for log in receiver.logs()]
+    assert sorted(stored) == sorted((occ.uid, occ.record["message"]) for occ in [first, *meanwhile])
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [
+        f"sls sink sls: ProjectForbidden for project {PROJECT!r}, logstore {LOGSTORE!r} at {receiver.url}: "
+        f"project {PROJECT!r} is disabled (an overdue account, or the project is in the recycle bin): "
+        "settle the account or restore the project; its occurrences are retried (up to "
+        "retry_max_attempts, if set) until that is put right"
+    ]
+    assert "accepts logs again (after ProjectForbidden)" in caplog.text
+    receiver.forbidden.add(PROJECT)
+    with pytest.raises(SinkError, match=r"ProjectForbidden .*has been forbidden.*settle the account"):
+        await make_sink()
 
 
 def target_errors(caplog: pytest.LogCaptureFixture) -> list[str]:

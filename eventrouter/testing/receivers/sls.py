@@ -41,6 +41,12 @@ Fault injection: ``fail_next(n, error_code, status)`` answers the next ``n`` req
 (after reading the body, before any check) — quota errors, 5xx and the like. With ``echo=True`` a
 gateway in front of the service answers instead: a text page (no JSON, no ``x-log-requestid``) quoting
 the request and the credentials it refused (``Authorization``, ``x-acs-security-token``).
+``delay`` (also settable later) holds every answer that many seconds after the request was handled, as
+a far or slow service does: what it stored stays stored when the client gives up waiting (so a client
+that cuts a request short and sends it again stores it twice). A project in ``forbidden`` (suspended:
+an overdue account, or the project in the recycle bin) is answered 403 ProjectForbidden
+``project <name> has been forbidden`` after authentication (the code and text as Alibaba's error
+tables give them; the order of checks is UNCONFIRMED).
 """
 
 from __future__ import annotations
@@ -331,6 +337,7 @@ class SLSReceiver:
         max_raw_body: int = MAX_RAW_BODY,
         max_logs: int = MAX_LOGS,
         clock_offset: float = 0.0,
+        delay: float = 0.0,
     ) -> None:
         self.projects: dict[str, set[str]] = {p: set(stores) for p, stores in projects.items()}
         self.keys: dict[str, AccessKey] = {k.id: k for k in keys}
@@ -341,6 +348,10 @@ class SLSReceiver:
         self.max_logs = max_logs
         self.clock_offset = clock_offset
         """Seconds added to the receiver's clock: simulates a client with a skewed clock."""
+        self.delay = delay
+        """Seconds every answer waits after its request was handled (stored or refused)."""
+        self.forbidden: set[str] = set()
+        """Suspended projects: every request to them is answered 403 ProjectForbidden."""
         self.groups: list[ReceivedLogGroup] = []
         self.requests: list[SLSRequest] = []
         self._faults: list[tuple[int, str, str, float | None, bool] | None] = []
@@ -406,6 +417,12 @@ class SLSReceiver:
     # -- request handling -------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        response = await self._answer(request)
+        if self.delay > 0:  # handled (stored) already: a client that stops waiting does not undo it
+            await asyncio.sleep(self.delay)
+        return response
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         request_id = uuid.uuid4().hex[:24].upper()
         body = await request.read()
         project: str | None = None
@@ -458,6 +475,8 @@ class SLSReceiver:
         if project is None or project not in self.projects:
             raise _Reject(404, "ProjectNotExist", f"The Project does not exist : {project}")
         self._authenticate(request, body)
+        if project in self.forbidden:
+            raise _Reject(403, "ProjectForbidden", f"project {project} has been forbidden")
         logstore = parts[1]
         if logstore not in self.projects[project]:
             raise _Reject(404, "LogStoreNotExist", f"logstore {logstore} does not exist")
