@@ -195,7 +195,12 @@ class SLSOptions(SinkOptions):
     )
     ca_file: FilePath | None = Field(None, description="CA bundle for TLS verification.")
     tls_skip_verify: bool = Field(False, description="Do not verify the server's TLS certificate.")
-    request_timeout: float = Field(30.0, gt=0, description="Seconds one HTTP request may take (at most what is left of the send's budget, 5/6 of send_timeout).")
+    request_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds one HTTP request may take (at most what is left of the send's budget: "
+        "5/6 of send_timeout).",
+    )
 
     @model_validator(mode="after")
     def _target(self) -> SLSOptions:
