@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import (
@@ -53,9 +54,9 @@ from eventrouter.sink import SinkContext
 from eventrouter.source.kube import ApiError, KubeClient, connect
 from eventrouter.source.relist_order import RelistOrder
 from eventrouter.source.tracker import OccurrenceTracker
-from eventrouter.source.watcher import EventWatcher, WatchSettings
+from eventrouter.source.watcher import READ_TIMEOUT_MARGIN, EventWatcher, WatchSettings
 
-__all__ = ["Router", "RouterSettings"]
+__all__ = ["Router", "RouterSettings", "check_stall_timeout"]
 
 log = logging.getLogger("eventrouter")
 
@@ -78,7 +79,12 @@ class RouterSettings:
     shutdown_timeout: float = 25.0
     """Seconds to drain queues on SIGTERM; keep below the pod's terminationGracePeriodSeconds."""
     stall_timeout: float = 600.0
-    """/healthz fails when no watch event, bookmark or list completed for this long."""
+    """/healthz fails when no watch event, bookmark or list completed for this long. At least
+    ``watch.watch_timeout`` + 40 s (``check_stall_timeout``), unless ``allow_short_stall_timeout``."""
+    allow_short_stall_timeout: bool = False
+    """Accept a ``stall_timeout`` shorter than a quiet watch may last: only where quiet watches make
+    progress sooner (an API server sending bookmarks often; tests of stall detection against the test
+    API server). Without it the Router refuses such settings, as the command line does."""
     watch: WatchSettings = field(default_factory=WatchSettings)
     leader_elect: bool = False
     """Only the holder of the Lease watches and delivers; the others stand by."""
@@ -102,6 +108,30 @@ class RouterSettings:
     memory_trim_interval: float = 60.0
     """How often freed heap is handed back to the OS (besides after each relist): a sink catching up
     from its spool frees memory long after the relist (measured: 155 → 124 MiB RSS at one trim)."""
+
+
+def check_stall_timeout(
+    watch_timeout: int,
+    stall_timeout: float,
+    names: tuple[str, str] = ("stall_timeout", "watch.watch_timeout"),
+) -> None:
+    """Refuse a stall timeout shorter than a quiet watch lasts, naming the settings by ``names``
+    (the command line's option names, or RouterSettings' fields). A quiet watch sends nothing until
+    the API server ends it at its timeout (Events have no bookmarks by default: no watch cache), and
+    only its reopening counts as progress: /healthz failed during every quiet watch, and the liveness
+    probe restarted the router again and again (``--watch-timeout 1800``)."""
+    stall, watch = names
+    least = watch_timeout + READ_TIMEOUT_MARGIN  # as long as the client itself waits on a silent watch
+    if stall_timeout >= least:
+        return
+    most = math.floor(stall_timeout) - READ_TIMEOUT_MARGIN if math.isfinite(stall_timeout) else 0
+    lower = f" or {watch} to at most {most}" if most >= 1 else ""
+    raise ValueError(
+        f"{stall} {stall_timeout:g} is too short for {watch} {watch_timeout}: on a quiet "
+        "cluster a watch of Events (no bookmarks by default) sends nothing until its timeout ends it, "
+        f"and /healthz would fail during every such watch; raise {stall} to at least {least}"
+        f" ({watch} + {READ_TIMEOUT_MARGIN}){lower}"
+    )
 
 
 DISK_RESERVE = 0.2
@@ -140,6 +170,15 @@ class Router:
         metrics: Metrics | None = None,
         checkpoint_backend: Callable[[str], CheckpointBackend] | None = None,
     ) -> None:
+        if not settings.allow_short_stall_timeout:
+            # Here, not in RouterSettings: settings are changed after they are built (tests do).
+            try:
+                check_stall_timeout(settings.watch.watch_timeout, settings.stall_timeout)
+            except ValueError as exc:
+                raise ValueError(
+                    f"RouterSettings: {exc}; allow_short_stall_timeout=True accepts it where quiet "
+                    "watches make progress sooner (bookmarks)"
+                ) from None
         self.settings = settings
         self.specs = list(specs)
         self.metrics = metrics or Metrics()
@@ -880,6 +919,7 @@ class Router:
                     for lost in dropped:
                         self.metrics.dropped.labels(p.name, "spool_full").inc()
                         log.warning("sink %s: spool full at shutdown, dropped %s", p.name, lost)
+                    p.tell_spool_drops()
                 log.info(
                     "sink %s: %d undelivered occurrences kept in the spool for the next start", p.name, kept
                 )

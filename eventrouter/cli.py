@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 import orjson
 from pydantic import BaseModel
 
-from eventrouter.app import Router, RouterSettings
+from eventrouter.app import Router, RouterSettings, check_stall_timeout
 from eventrouter.config import ConfigError, RouterConfig, SinkSpec, build_specs, load_yaml
 from eventrouter.datalock import DataDirInUse
 from eventrouter.gc_tuning import tune_gc
@@ -36,7 +36,7 @@ from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS
 from eventrouter.plugins import PluginError, discover
 from eventrouter.sink import SinkContext
 from eventrouter.source.recording import read_recording
-from eventrouter.source.watcher import READ_TIMEOUT_MARGIN, WatchSettings, check_field_selector
+from eventrouter.source.watcher import WatchSettings, check_field_selector
 
 __all__ = ["main"]
 
@@ -339,7 +339,10 @@ def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
             raise ConfigError(str(exc)) from None
     watch_timeout = getattr(args, "watch_timeout", 290)
     stall_timeout = getattr(args, "stall_timeout", 600.0)
-    _check_stall_timeout(watch_timeout, stall_timeout)
+    try:
+        check_stall_timeout(watch_timeout, stall_timeout, ("--stall-timeout", "--watch-timeout"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return RouterSettings(
         cluster_name=args.cluster_name or cfg.cluster_name,
         namespaces=_namespaces(getattr(args, "namespace", []) or cfg.namespaces),
@@ -365,24 +368,6 @@ def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
             field_selector=selector,
             watch_timeout=watch_timeout,
         ),
-    )
-
-
-def _check_stall_timeout(watch_timeout: int, stall_timeout: float) -> None:
-    """A quiet watch sends nothing until the API server ends it at ``--watch-timeout`` (Events have
-    no bookmarks by default: no watch cache), and only its reopening counts as progress. A stall
-    timeout shorter than that (--watch-timeout 1800) failed /healthz during every quiet watch, and the
-    liveness probe restarted the router again and again."""
-    least = watch_timeout + READ_TIMEOUT_MARGIN  # as long as the client itself waits on a silent watch
-    if stall_timeout >= least:
-        return
-    most = math.floor(stall_timeout) - READ_TIMEOUT_MARGIN
-    lower = f" or --watch-timeout to at most {most}" if most >= 1 else ""
-    raise ConfigError(
-        f"--stall-timeout {stall_timeout:g} is too short for --watch-timeout {watch_timeout}: on a quiet "
-        "cluster a watch of Events (no bookmarks by default) sends nothing until its timeout ends it, "
-        f"and /healthz would fail during every such watch; raise --stall-timeout to at least {least}"
-        f" (--watch-timeout + {READ_TIMEOUT_MARGIN}){lower}"
     )
 
 

@@ -301,7 +301,9 @@ async def test_a_leader_that_cannot_read_the_checkpoint_configmap_is_counted_and
     api.forbid("t0ken", verbs=["get"], resources=["configmaps"])
     api.create_event(event_object(object_name="e1"))
     before = time.time()
-    a = _elected(api, tmp_path, "a", metrics_addr="127.0.0.1:0", stall_timeout=3.0)
+    a = _elected(
+        api, tmp_path, "a", metrics_addr="127.0.0.1:0", stall_timeout=3.0, allow_short_stall_timeout=True
+    )
     running = asyncio.create_task(a.run())
     await until(lambda: a.metrics.leader._value.get() == 1, timeout=10)
 

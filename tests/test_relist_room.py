@@ -212,7 +212,9 @@ async def test_watchers_waiting_their_turn_behind_a_sink_taking_batches_stay_hea
         for ns in namespaces:
             for i in range(1000):
                 api.create_event(event_object(namespace=ns, object_name=f"o{i}"))
-        router = _router(api, tmp_path, namespaces=namespaces, stall_timeout=1.0)
+        router = _router(
+            api, tmp_path, namespaces=namespaces, stall_timeout=1.0, allow_short_stall_timeout=True
+        )
         await router.start_pipelines()
         _mem(router).delay = 0.2  # a batch every 0.2 s, a page of 500 in 1 s: turns of up to 2 s
         await router.start_source()

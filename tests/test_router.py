@@ -352,7 +352,10 @@ async def test_a_quiet_watch_without_bookmarks_stays_healthy(api: FakeApiServer,
     """No events and no bookmarks (an API server without the watch cache): each watch ends at its
     timeout and is opened again. That is progress; /healthz failed and the pod was restarted."""
     api.bookmark_interval = 3600
-    router = _router(_settings(api, tmp_path, watch_timeout=1, stall_timeout=2.5))
+    # Shorter than watch_timeout + 40 s: the test server ends each watch on time.
+    router = _router(
+        _settings(api, tmp_path, watch_timeout=1, stall_timeout=2.5, allow_short_stall_timeout=True)
+    )
     async with router.running():
         await _ready(router)
         verdicts: list[bool] = []
@@ -527,7 +530,8 @@ async def test_wrong_token_is_reported_and_the_router_keeps_trying(
 
 async def test_health_ready_and_metrics_endpoints(api: FakeApiServer, tmp_path: Path) -> None:
     settings = _settings(api, tmp_path, metrics_addr="127.0.0.1:0")
-    settings.stall_timeout = 1.0
+    settings.stall_timeout = 1.0  # the test server's bookmarks every 0.2 s are progress
+    settings.allow_short_stall_timeout = True
     router = _router(settings)
     async with router.running(), aiohttp.ClientSession() as http:
         base = f"http://127.0.0.1:{router.http_port}"

@@ -139,6 +139,9 @@ class Pipeline:
         m.sink_children(name)
         if spool is not None:
             self._m_spool.set(len(spool))
+            # Records dropped over the spool's bound are rebuilt for a sink that hears of given-up
+            # occurrences, and only for one (a replacement after a reload is of the same type).
+            spool.decode_dropped = type(sink).given_up is not Sink.given_up
 
     # ---- intake -------------------------------------------------------------------------------
 
@@ -273,6 +276,18 @@ class Pipeline:
             self._throttled.warning(
                 "spool_full", "sink %s: disk spool full, dropped oldest occurrence %s", self.name, lost
             )
+        self.tell_spool_drops()
+
+    def tell_spool_drops(self) -> None:
+        """Tell the sink of the records the spool dropped over its bound (``given_up``), as of every
+        other occurrence the engine gives up: the contract promises every one, and a sink keeping
+        state per occurrence must not wait for, or send later, what is gone. (The robots never hold a
+        record still unread in the spool; at a stop, leftovers they pooled are spooled and may be
+        dropped.) Counted and logged by the caller, by key."""
+        spool = self.spool
+        if spool is not None and spool.dropped_occurrences:
+            dropped, spool.dropped_occurrences = spool.dropped_occurrences, []
+            self._given_up(dropped)
 
     def _dead_letter(self, items: list[tuple[Occurrence, str]]) -> None:
         if not self.deadletter.write(items):

@@ -612,7 +612,14 @@ async def bookmarks_only(tmp: Path, *, duration: float = 20.0) -> Report:
     2 s). /healthz must answer 200 throughout (its stall timeout is 2 s) and nothing is re-delivered;
     an event after the quiet period is delivered at once."""
     async with api_server(bookmark_interval=0.5) as api:
-        settings = settings_for(api, tmp, metrics_addr="127.0.0.1:0", stall_timeout=2.0, watch_timeout=2)
+        settings = settings_for(
+            api,
+            tmp,
+            metrics_addr="127.0.0.1:0",
+            stall_timeout=2.0,
+            watch_timeout=2,
+            allow_short_stall_timeout=True,
+        )
         router = Router(settings, [memory_spec()])
         ledger = Ledger(api)
         async with router.running(), aiohttp.ClientSession() as http:
@@ -649,7 +656,14 @@ async def etcd_quiet(tmp: Path, *, spells: int = 3, compaction: float = 0.5) -> 
     (as node leases do); each spell lasts until the router's next watch was answered 410 and it
     relisted. Nothing lost, nothing delivered twice, /healthz 200 throughout (stall timeout 2 s)."""
     async with FakeApiServer(token="rel-token", watch_cache=False, compaction_interval=compaction) as api:
-        settings = settings_for(api, tmp, metrics_addr="127.0.0.1:0", stall_timeout=2.0, watch_timeout=1)
+        settings = settings_for(
+            api,
+            tmp,
+            metrics_addr="127.0.0.1:0",
+            stall_timeout=2.0,
+            watch_timeout=1,
+            allow_short_stall_timeout=True,
+        )
         router = Router(settings, [memory_spec()])
         ledger = Ledger(api)
         expired = router.metrics.relists.labels("expired")
