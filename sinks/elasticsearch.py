@@ -14,9 +14,17 @@ Idempotence: ``_id`` is ``<event uid>-<occurrence>``, so a re-delivered occurren
 
 Time: a send ends on its own within the engine's ``send_budget`` (five sixths of ``send_timeout``): each
 request's timeout is ``timeout`` or what is left of that, whichever is less, so a node that stops
-answering times out in the transport, which marks it dead, rather than being cut off by the engine,
-which left it in the round-robin. ``_bulk`` carries ``timeout=`` (half the request's), so the cluster
-answers an item whose shard it waits for before we give up on the whole request.
+answering times out in the transport rather than being cut off by the engine, which left it in the
+round-robin. ``_bulk`` carries ``timeout=`` (half the request's), so the cluster answers an item whose
+shard it waits for before we give up on the whole request.
+
+Nodes: the transport's pool (elasticsearch-py's) marks a node dead when a request to it fails or
+times out, and tries it again after 1, 2, 4 … s. A node not known to answer (back from its dead time,
+or its latest request cut short) is first sent ``HEAD /`` with a tenth of a request's time when
+another node is alive: one still hanging holds the send up that long, not its whole budget, is marked
+dead again, and the next node takes the request. A request cut short because earlier requests of the
+same send (a 413's halves, a failed probe) had used part of its time marks no node dead (it may be
+slow and working): that node is probed before its next request instead.
 
 Redirects are not followed (aiohttp re-sent a POST answered 301/302 as a GET without its body): start
 fails naming the ``Location``; one met while sending is logged and retried.
@@ -31,6 +39,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from email.utils import parsedate_to_datetime
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -42,14 +51,17 @@ from elastic_transport import (
     AiohttpHttpNode,
     ApiResponseMeta,
     AsyncTransport,
+    BaseNode,
     HttpHeaders,
     NodeConfig,
+    NodePool,
     OrjsonSerializer,
     Serializer,
     TransportError,
 )
+from elastic_transport import ConnectionError as TransportConnectionError
 from elastic_transport import ConnectionTimeout as TransportTimeout
-from elastic_transport.client_utils import url_to_node_config
+from elastic_transport.client_utils import DEFAULT, url_to_node_config
 from pydantic import AliasChoices, BeforeValidator, Field, field_validator, model_validator
 
 from eventrouter import (
@@ -497,14 +509,72 @@ class _NoRedirects:
         await self._session.close()
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Try:
+    """What a node is told of the bulk request it is given (through ``_TRY``, set around it)."""
+
+    probe: float
+    """Seconds a probe may take, if the node is due one."""
+    cut: bool
+    """Earlier requests of the send used part of this one's time (it gets less than ``timeout``)."""
+
+
+# Set around each bulk request, in the sending task; None (start's, the template's requests): the
+# transport's own rules alone (a timeout marks the node dead, no probe).
+_TRY: ContextVar[_Try | None] = ContextVar("eventrouter_es_try", default=None)
+
+
+class _CutShort(TransportError):
+    """A request that timed out with less than its time because earlier requests of its send used the
+    rest: it says nothing of the node, which may be slow and working, so the transport does not mark it
+    dead (it does for a ConnectionTimeout or ConnectionError only)."""
+
+
+class _ProbeFailed(TransportConnectionError):
+    """A node not known to answer did not answer ``HEAD /`` in the probe's time: a ConnectionError, so
+    the transport marks it dead again (its dead time doubles)."""
+
+
 class _Node(AiohttpHttpNode):
+    def __init__(self, config: NodeConfig) -> None:
+        super().__init__(config)
+        self.unproven = False
+        """Not known to answer: back from its dead time, or its latest request was cut short."""
+        self.probe_due = False
+        """Set by the pool as it hands the node out: unproven while another node is alive."""
+
     def _create_aiohttp_session(self) -> None:
         super()._create_aiohttp_session()
         assert self.session is not None
         self.session = _NoRedirects(self.session)  # type: ignore[assignment]  # request/close alike
 
-    async def perform_request(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        resp = await super().perform_request(*args, **kwargs)
+    async def perform_request(  # type: ignore[override]
+        self,
+        method: str,
+        target: str,
+        body: bytes | None = None,
+        headers: HttpHeaders | None = None,
+        request_timeout: Any = DEFAULT,
+    ) -> Any:
+        given = _TRY.get()
+        due, self.probe_due = self.probe_due, False
+        timeout: float | None = self.config.request_timeout if request_timeout is DEFAULT else request_timeout
+        if due and given is not None and timeout is not None:
+            started = time.monotonic()
+            # Never cut short: a bulk request gets a tenth of the budget or more, the probe at most that.
+            await self._probe(min(given.probe, timeout), headers)
+            timeout = max(timeout - (time.monotonic() - started), 0.001)
+        try:
+            resp = await super().perform_request(method, target, body, headers, timeout)
+        except TransportTimeout:
+            if given is None or not given.cut:
+                raise  # it had a request's whole time: the transport marks it dead
+            self.unproven = True
+            raise _CutShort(
+                f"{self!r} gave no answer in the {timeout:.2g}s the send had left: not marked dead "
+                "(it may be slow and working)"
+            ) from None
+        self.unproven = False
         if 300 <= resp.meta.status < 400:
             # A redirect's page is no answer of the cluster's (Location is): not decoded, so that one
             # of a media type the transport cannot read (octet-stream) says "redirect", not "cannot
@@ -513,9 +583,41 @@ class _Node(AiohttpHttpNode):
             return resp._replace(meta=dataclasses.replace(resp.meta, headers=headers), body=b"")
         return resp
 
+    async def _probe(self, timeout: float, headers: HttpHeaders | None) -> None:
+        """``HEAD /`` (elasticsearch-py's ping) within ``timeout``. Any answer will do: a node that
+        hangs gives none."""
+        plain = HttpHeaders({k: v for k, v in (headers or {}).items() if k.lower() != "content-type"})
+        try:
+            await super().perform_request("HEAD", "/", None, plain, timeout)
+        except TransportError as exc:
+            raise _ProbeFailed(
+                f"{self!r}, back from its dead time or cut short before, gave no answer to HEAD / "
+                f"within {timeout:.2g}s ({type(exc).__name__})"
+            ) from None
+        self.unproven = False
+
     def __repr__(self) -> str:
         # How the transport's own warnings (a node marked dead) show it: no token of the URL's path.
         return f"<ElasticsearchNode({redact_url(self.base_url)})>"
+
+
+class _Pool(NodePool):
+    """The transport's pool, whose dead/resurrect rules stay as they are, telling a node it hands out
+    whether to probe first: a node back from its dead time (or whose latest request was cut short)
+    is probed when another node is alive to take the request instead. Alone (one node, or every
+    other dead) it gets the request as it is: there is nowhere else to send it."""
+
+    def resurrect(self, force: bool = False) -> BaseNode | None:  # type: ignore[override]
+        node: BaseNode | None = super().resurrect(True) if force else super().resurrect(False)
+        if isinstance(node, _Node):
+            node.unproven = True
+        return node
+
+    def get(self) -> BaseNode:
+        node = super().get()
+        if isinstance(node, _Node):
+            node.probe_due = node.unproven and len(self._alive_nodes) > 1
+        return node
 
 
 def index_template_body(options: ElasticsearchOptions) -> dict[str, Any]:
@@ -793,6 +895,8 @@ class _Run:
     """time.monotonic() by which the send ends on its own (the context's ``send_budget``)."""
     taken: int = 0
     """Requests the cluster answered 2xx."""
+    requests: int = 0
+    """Bulk requests made (a node failing its probe counts)."""
     last: float = 0.0
     """Seconds the latest request took."""
     stop: RetryableError | None = None
@@ -846,6 +950,9 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         # refused; oldest first); the whole request's by status.
         self._refusals: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._request_refusal: int | None = None
+        # HEAD / to a node not known to answer, before a bulk request: a tenth of the longest a request
+        # may take (2.5 s by default), so that one still hanging holds a send up that long, not 25 s.
+        self._probe_time = min(options.timeout, context.send_budget) / 10
 
     def __repr__(self) -> str:
         return f"<ElasticsearchSink {self.context.name} nodes=[{self._shown}]>"
@@ -900,9 +1007,10 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 self._node_configs(),
                 serializers=_SERIALIZERS,
                 node_class=_Node,
+                node_pool_class=_Pool,
                 # A node marked dead is tried again after 1, 2, 4 … s, then every 5 min instead of
-                # every 30 s: one that accepts and never answers costs a send its request timeout
-                # each time (a node that comes back is used again at once when the others fail).
+                # every 30 s: each try of one that accepts and never answers costs a send the probe's
+                # time (a node that comes back is used again at once when the others fail).
                 max_dead_node_backoff=300.0,
                 meta_header=False,
                 # The engine owns retries; they are switched off per request too.
@@ -1034,8 +1142,9 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
     def _time_left(self, deadline: float, share: int = 1) -> float:
         """A request's timeout: ``timeout``, or what is left until ``deadline`` (divided among
         ``share`` tries) if that is less; at least a tenth of the budget. The transport then times out
-        a node that does not answer, and marks it dead, before the engine cuts the send off (which
-        left the node in the round-robin: with two nodes, every other send waited for it)."""
+        a node that does not answer before the engine cuts the send off (which left the node in the
+        round-robin: with two nodes, every other send waited for it); it is marked dead then, or, cut
+        short before its `timeout`, probed before its next request."""
         left = max(deadline - time.monotonic(), self.context.send_budget / 10)
         return min(self.options.timeout, left / share)
 
@@ -1159,15 +1268,13 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         self, batch: Sequence[Occurrence], entries: list[_Entry], outcomes: list[Outcome], run: _Run
     ) -> None:
         body = b"".join(line for _, line in entries)
-        timeout = self._time_left(run.deadline)
-        # The cluster's own wait (for an index's creation, its primary shard; 1 min by default) ends
-        # first, at half of ours: it answers those items 503 and indexes the rest, where the whole
-        # request timed out here and every document of it was sent again.
-        wait = f"timeout={max(1, int(timeout * 500))}ms"
-        path = f"{self._bulk_path}&{wait}" if "?" in self._bulk_path else f"{self._bulk_path}?{wait}"
         started = time.monotonic()
         try:
-            meta, resp = await self._request("POST", path, body, self._bulk_headers, timeout=timeout)
+            meta, resp = await self._bulk_request(body, run)
+        except _CutShort as exc:
+            raise RetryableError(f"elasticsearch: bulk request cut short: {exc.message}") from None
+        except _ProbeFailed as exc:
+            raise RetryableError(f"elasticsearch: bulk request not sent: {exc.message}") from None
         except TransportTimeout as exc:
             raise RetryableError(f"elasticsearch: bulk request timed out: {_transport_text(exc)}") from None
         except TransportError as exc:
@@ -1223,6 +1330,29 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 if self._series_ns is not None and _index_missing(item, self._index_name(batch[i])):
                     run.missing.add(i)
 
+    async def _bulk_request(self, body: bytes, run: _Run) -> tuple[ApiResponseMeta, Any]:
+        """POST the body; a node that fails its probe is marked dead by the transport, and the pool
+        hands out the next, in the same send, as long as the send has time left."""
+        for tries_left in range(len(self._nodes) - 1, -1, -1):
+            timeout = self._time_left(run.deadline)
+            # The cluster's own wait (for an index's creation, its primary shard; 1 min by default)
+            # ends first, at half of ours: it answers those items 503 and indexes the rest, where the
+            # whole request timed out here and every document of it was sent again.
+            wait = f"timeout={max(1, int(timeout * 500))}ms"
+            path = f"{self._bulk_path}&{wait}" if "?" in self._bulk_path else f"{self._bulk_path}?{wait}"
+            # The send's first request has its whole time (or `timeout`): a node silent for that long is
+            # marked dead. A later one given less than `timeout` may be cut short by the send's budget.
+            token = _TRY.set(_Try(self._probe_time, cut=run.requests > 0 and timeout < self.options.timeout))
+            run.requests += 1
+            try:
+                return await self._request("POST", path, body, self._bulk_headers, timeout=timeout)
+            except _ProbeFailed:
+                if not tries_left or run.deadline - time.monotonic() < self.context.send_budget / 10:
+                    raise
+            finally:
+                _TRY.reset(token)
+        raise AssertionError("unreachable")  # the last try returns or raises
+
     async def _half(
         self, batch: Sequence[Occurrence], entries: list[_Entry], outcomes: list[Outcome], run: _Run
     ) -> None:
@@ -1233,7 +1363,8 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
 
         Out of time: less than a tenth of the budget left, or, once a part went in (each send gets
         that far), less than twice what the latest request took: a request cut short by our
-        deadline marked a slow but working node dead, and what it sent may have gone in anyway."""
+        deadline wastes that time (and its node is probed before its next request), and what it sent
+        may have gone in anyway."""
         if run.stop is not None:
             for i, _ in entries:
                 outcomes[i] = retry(f"not sent: {run.stop.reason}", retry_after=run.stop.retry_after)

@@ -13,12 +13,15 @@ __all__ = ["SilentServer"]
 
 
 class SilentServer:
-    """Async context manager on a free loopback port; ``connections`` counts what reached it."""
+    """Async context manager on a free loopback port; ``connections`` counts what reached it, and
+    ``requests`` holds each one's request line (``POST /_bulk?…``, ``HEAD /``) once it came: a
+    request is never answered, so a connection carries one."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.host = host
         self.port = 0
         self.connections = 0
+        self.requests: list[str] = []
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -43,10 +46,14 @@ class SilentServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self._writers.add(writer)
+        head = b""
         try:
             with contextlib.suppress(OSError):
-                while await reader.read(65536):  # until the client gives up and closes
-                    pass
+                while data := await reader.read(65536):  # until the client gives up and closes
+                    if b"\n" not in head:
+                        head += data
+                        if b"\n" in head:  # "METHOD target HTTP/1.1"
+                            self.requests.append(head.split(b"\n", 1)[0].decode("latin-1").rsplit(" ", 1)[0])
         finally:
             self._writers.discard(writer)
             writer.close()
