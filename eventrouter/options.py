@@ -97,19 +97,55 @@ def file_options(model: type[BaseModel]) -> list[str]:
     return [name for name, info in model.model_fields.items() if is_file(info.annotation)]
 
 
-def http_url(value: str, *, option: str = "url") -> SplitResult:
-    """``value`` split, once it is an http(s) URL with a host and a valid port; otherwise a
-    ValueError naming ``option`` and the URL without its credentials. Checked when the options are
-    validated, a malformed address is a configuration error (exit 2) instead of a sink that fails
-    to start again and again."""
+def http_url(value: str, *, option: str = "url", address_only: bool = False) -> SplitResult:
+    """``value`` split, once it is an http(s) URL with a host and a valid port (and with
+    ``address_only``, no path but ``/``, no query, no fragment: a proxy); otherwise a ValueError
+    naming ``option`` and the URL without its credentials. Checked when the options are validated, a
+    malformed address is a configuration error (exit 2) instead of a sink that fails to start again
+    and again."""
+    text = value.strip()
     try:
-        parts = urlsplit(value.strip())
+        parts = urlsplit(text)
         parts.port  # noqa: B018 - raises on a port that is not a number in 0-65535
     except ValueError as exc:
-        raise ValueError(f"{option} {_address(value)!r}: {exc}") from None
+        # Never the parser's text: it quotes the "port" (or the netloc), which is the start of the
+        # password when a raw / ? # ends the address inside it.
+        raise ValueError(f"{option} {_address(text)!r}: {_parse_error(exc)}{_userinfo_hint(text)}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{option} must be http(s)://host[:port][/path], not {_address(value)!r}")
+        raise ValueError(
+            f"{option} must be http(s)://host[:port][/path], not {_address(text)!r}{_userinfo_hint(text)}"
+        )
+    if address_only and (parts.path.strip("/") or parts.query or parts.fragment):
+        raise ValueError(
+            f"{option} must be http(s)://[user:password@]host[:port], without a path, query or "
+            f"fragment, not {_address(text)!r}{_userinfo_hint(text)}"
+        )
     return parts
+
+
+def _parse_error(exc: ValueError) -> str:
+    """What ``urlsplit`` found wrong, in words of ours: its own text may quote the input."""
+    said = str(exc)
+    for known in ("Port out of range 0-65535", "Invalid IPv6 URL"):
+        if said.startswith(known):
+            return known
+    if said.startswith("Port could not be cast"):
+        return "Port could not be cast to an integer"
+    if "NFKC" in said:
+        return "its address has characters that read as / ? # @ or : once NFKC-normalised"
+    return "not a valid URL"
+
+
+def _userinfo_hint(url: str) -> str:
+    """Advice for a URL with an ``@`` past its address (the first ``/``, ``?`` or ``#`` after the
+    scheme): likely user info whose password has one of them raw, which ends the address there (the
+    rest of the password then reads as a port, a path or a fragment)."""
+    if not _at_past_address(url):
+        return ""
+    return (
+        "; if it holds user:password@, percent-encode any / ? # @ in them (%2F %3F %23 %40): "
+        "raw, they end the address"
+    )
 
 
 _TOKENISH = re.compile(r"^.{16,}$")
@@ -135,12 +171,31 @@ def redact_url(url: str) -> str:
 
 def _address(url: str) -> str:
     """scheme://host:port of a URL that may not parse, for messages: no user info (credentials), and
-    no path or query (tokens hide there too)."""
+    no path or query (tokens hide there too). A URL with an ``@`` past its address shows none: either
+    a password holds a raw ``/``, ``?`` or ``#`` (what precedes it, read as host:port, is the user
+    name and the start of the password) or the path or query holds the ``@`` (what follows it is no
+    host, and may be a token)."""
+    start, netloc, rest = _split_address(url)
+    if _at_past_address(url):
+        return f"{start}…"
+    return f"{start}{netloc.rpartition('@')[2]}" + ("/…" if rest else "")
+
+
+def _at_past_address(url: str) -> bool:
+    """An ``@`` past the address, also as ``%40``: a webhook's query keys the router does not know
+    are put back into its URL encoded, the rest of a password cut at a raw ``?`` among them."""
+    rest = _split_address(url)[2]
+    return "@" in rest or "%40" in rest
+
+
+def _split_address(url: str) -> tuple[str, str, str]:
+    """``url`` as ``scheme://``, the address (``[user info@]host[:port]``: up to the first ``/``,
+    ``?`` or ``#``) and what follows, without parsing it (it may not parse)."""
     scheme, sep, rest = url.strip().partition("://")
     if not sep:
         scheme, rest = "", scheme
     netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    return f"{scheme}{sep}{netloc.rpartition('@')[2]}" + ("/…" if len(netloc) < len(rest) else "")
+    return f"{scheme}{sep}", netloc, rest[len(netloc) :]
 
 
 Secret = Annotated[SecretStr, BeforeValidator(resolve_secret)]

@@ -519,7 +519,7 @@ class AlertOptions(SinkOptions):
     def _proxy(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value():
             return None  # `proxy=` (empty): none
-        parts = http_url(value.get_secret_value(), option="proxy")
+        parts = http_url(value.get_secret_value(), option="proxy", address_only=True)
         if ":" in unquote(parts.username or ""):
             raise ValueError("proxy: the user name cannot contain ':' (Basic authentication)")
         return value

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
+
+import yarl
 
 from eventrouter.options import redact_url
 
@@ -40,16 +43,33 @@ def credentials(
     """Our credentials, for ``scrub``: built once per sink. ``secrets`` (passwords, tokens, keys, the
     token of an Authorization header as sent) whatever their length; ``sent``, header values as sent
     (the whole Authorization value, custom headers) with their words of 8+ characters; ``urls``, their
-    user info, query values and the long path segments ``redact_url`` hides. Of ``sent`` and ``urls``
-    only values of 4+ characters but the URL password: shorter ones are no secret and would only
-    garble the excerpt (``X-Version: 1`` would hide every "1")."""
+    user info (also as yarl writes it), query values and the long path segments ``redact_url`` hides.
+    Of ``sent`` and ``urls`` only values of 4+ characters but the URL password: shorter ones are no
+    secret and would only garble the excerpt (``X-Version: 1`` would hide every "1")."""
     values = [s for s in secrets if s]
     named = [v for v in sent if v]
     named += [word for v in named for word in v.split() if len(word) >= 8]
     for url in urls:
         parts = urlsplit(url)
-        values.append(unquote(parts.password or ""))
-        named += [unquote(parts.username or ""), *(v for _, v in parse_qsl(parts.query))]
+        user, password = unquote(parts.username or ""), unquote(parts.password or "")
+        users, passwords = _as_yarl_writes(url, user, password)
+        values += [password, *passwords]
+        named += [user, *users]
+        named += [v for _, v in parse_qsl(parts.query)]
         shown = urlsplit(redact_url(url)).path.split("/")
         named += [unquote(seg) for seg, s in zip(parts.path.split("/"), shown, strict=False) if s == "***"]
-    return [v for v in values if v] + [v for v in named if len(v) >= 4]
+    return list(dict.fromkeys([v for v in values if v] + [v for v in named if len(v) >= 4]))
+
+
+def _as_yarl_writes(url: str, user: str, password: str) -> tuple[list[str], list[str]]:
+    """The user names and passwords of ``url`` as aiohttp's errors quote them (yarl's ``raw_user``,
+    ``raw_password``): yarl encodes some characters (space, ``@``, ``#``, non-ASCII) and keeps others
+    (``! $ , ;``), a mix neither ``quote`` nor ``quote_plus`` writes. Both as yarl reads the URL given
+    (its escapes normalised, not re-encoded) and as it encodes the decoded values: yarl's own
+    quoting, not a guess at its safe set."""
+    built: list[yarl.URL] = []
+    with contextlib.suppress(ValueError, TypeError):  # not a URL yarl takes: aiohttp cannot quote it
+        built.append(yarl.URL(url))
+    with contextlib.suppress(ValueError, TypeError):
+        built.append(yarl.URL.build(scheme="http", host="h", user=user or None, password=password or None))
+    return [u.raw_user or "" for u in built], [u.raw_password or "" for u in built]

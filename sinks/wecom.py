@@ -18,6 +18,7 @@ import re
 from typing import Annotated, Any, ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import aiohttp
 import orjson
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 
@@ -284,10 +285,15 @@ class WeComSink(AlertSink[WeComOptions]):
     async def start(self) -> None:
         await super().start()
         if self.options.app:
+            where = redact_url(self._api(""))
             try:
                 got = await self._get_token(force=True)
+            except aiohttp.ClientHttpProxyError as exc:
+                # The proxy answered the CONNECT: its status alone, with what to check (the text
+                # quotes the proxy's URL with its password, encoded as yarl writes it).
+                refused = self.http_failure("its proxy (CONNECT)", exc.status).reason
+                raise SinkError(f"{self.context.name}: cannot reach WeCom at {where}: {refused}") from None
             except Exception as exc:  # unreachable at boot: say where, never with the secret
-                where = redact_url(self._api(""))
                 raise SinkError(
                     f"{self.context.name}: cannot reach WeCom at {where}: {self.redact(str(exc))}"
                 ) from None
