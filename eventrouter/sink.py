@@ -113,7 +113,9 @@ class SinkContext:
     @property
     def send_budget(self) -> float:
         """Seconds a send may spend before it ends on its own: five sixths of ``send_timeout``, the
-        rest left for answering. What it did not send by then it answers retry (``held``)."""
+        rest left for answering. What it did not send by then it answers retry (``held``). A sink may
+        wait past it for the answer to a request it started late in the budget (Kafka does), never
+        past ``send_timeout`` less a margin: given up, what that request wrote would be sent again."""
         return self.send_timeout * 5 / 6
 
     def warn_if_outlasting(self, seconds: float, option: str) -> None:

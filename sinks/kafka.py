@@ -58,7 +58,14 @@ answers with a retriable error (NOT_ENOUGH_REPLICAS while a partition lacks in-s
 REQUEST_TIMED_OUT) for ever. What was acknowledged by then is OK; a batch not acknowledged is retried (with
 what follows it on its partition) and its producer discarded without flushing; what was not sent yet
 (refused batches going again in pieces, slowly) comes back as a hold, sent again at once without counting
-as a failed attempt. No batch is handed over in the budget's last tenth. A send the engine gives up on all
+as a failed attempt. No batch is handed over in the budget's last tenth, nor one whose answer, if as slow
+as the slowest of the send, would come too late. A batch handed over is waited for until
+``request_timeout_ms`` after that (its produce request answered or timed out), past the budget if need be
+but not past ``send_timeout`` less a margin (1 s, at most a twelfth): a slow acknowledgement (``acks=all``
+with a slow follower) is not given up and then sent again beside what the broker wrote. A new producer
+(after an idempotence refusal or a discarded one) is waited for until the budget's last tenth; one still
+starting then (the broker slow to hand out a producer id) goes on starting for the next send, and this
+send is retried with nothing sent. A send the engine gives up on all
 the same (its ``send_timeout``, a stop) discards its producer without flushing it, so what that send
 queued is not written beside the engine's retry of the same records. The next send starts a new producer;
 ``aclose`` does not flush either (after a send returns nothing of it is queued; anything still queued
@@ -460,6 +467,28 @@ def _halt(producer: Any) -> None:
         task.cancel()
 
 
+async def _start(producer: Any, patience: float) -> None:
+    """``producer.start()``; cancelled during its bootstrap, the bootstrap may first end for up to
+    ``patience`` seconds (its metadata request's own bound): cancelled in that request, aiokafka (as of
+    0.14) leaves the connection open. The producer id wait after the bootstrap is safe to cancel."""
+    # aiokafka internals (producer.start() is the bootstrap, then this), read defensively as in _halt.
+    start_sender: Any = getattr(getattr(producer, "_sender", None), "start", None)
+    if patience <= 0 or not callable(start_sender):
+        await producer.start()
+        return
+    bootstrap = asyncio.ensure_future(producer.client.bootstrap())
+    try:
+        await asyncio.shield(bootstrap)
+    except asyncio.CancelledError:
+        await asyncio.wait([bootstrap], timeout=patience)
+        bootstrap.cancel()
+        await asyncio.wait([bootstrap])  # a cancelled connect closes its connection at once
+        if not bootstrap.cancelled():
+            bootstrap.exception()  # retrieved: the cancellation is what is raised
+        raise
+    await start_sender()
+
+
 def _whole_batch_errors() -> tuple[type[BaseException], ...]:
     from aiokafka import errors as kerr
 
@@ -477,16 +506,34 @@ _ONE_BY_ONE = 8
 in halves: for a few records halving costs more round trips (and, with idempotence, new producers)."""
 
 
+_SUBMIT_SHARE = 0.9
+"""No batch is handed to the producer (nor a new producer started) after this share of the budget."""
+_ANSWER_MARGIN = 1.0
+"""Seconds (at most a twelfth of ``send_timeout``) a send keeps between the last acknowledgement it
+waits for and the engine's ``send_timeout``: to answer, and for an event loop late in waking it."""
+
+
 @dataclass(slots=True)
 class _SendState:
     """What the lanes of one send share (times are the event loop's clock)."""
 
     budget: float  # seconds: the context's send_budget
     submit_by: float  # no batch is handed to the producer after this
-    deadline: float  # a batch not acknowledged by then is given up with the producer
+    deadline: float  # the budget's end: a batch handed over long before is given up then
+    last_ack: float  # nothing is waited for after this (send_timeout less _ANSWER_MARGIN)
+    answer_time: float  # seconds (request_timeout_ms): a produce request is answered or timed out by then
     late: Outcome  # the records not sent in time (held: sent again at once, no failed attempt)
     stop: Outcome | None = None  # the broker is unreachable: nothing more is sent
-    unacknowledged: bool = False  # a batch was given up at the deadline: the producer must go
+    unacknowledged: bool = False  # a batch was given up unacknowledged: the producer must go
+    slowest: float = 0.0  # seconds: the longest a batch of this send took to be answered
+
+    def ack_by(self, handed: float) -> float:
+        """Until when the acknowledgement of a batch handed over at ``handed`` is waited for. Its
+        request may be answered up to ``answer_time`` later: given up before that, a batch the broker
+        writes is sent again (a copy); so a batch handed over late in the budget is waited for past it,
+        up to ``last_ack``. One handed over earlier and still unanswered at the budget's end is one
+        aiokafka retries (a retriable error, for ever with idempotence): given up then."""
+        return max(self.deadline, min(handed + self.answer_time, self.last_ack))
 
 
 def _answer(outcomes: list[Outcome | None], jobs: Collection[_Batch], outcome: Outcome) -> None:
@@ -546,6 +593,7 @@ class KafkaSink(Sink[KafkaOptions]):
         self._abandoned = False
         self._unsettled = 0  # batches of the send in progress handed to the producer and not settled
         self._discarding: set[asyncio.Task[None]] = set()
+        self._starting: asyncio.Task[None] | None = None  # a new producer's start, outlasting a send
         self._warned_timeout = False
         # Topics a broker reported as unknown (auto-create off), already logged: topic -> when last
         # found missing (oldest first). Logged again only after _MISSING_MEMORY without that.
@@ -581,6 +629,11 @@ class KafkaSink(Sink[KafkaOptions]):
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self._begin(0.0)
+
+    async def _begin(self, patience: float) -> None:
+        """``start``; ``patience``: see ``_start`` (a new producer's start, cancelled by ``aclose``
+        only, lets a bootstrap under way end; the first start's cancellation, at a stop, is prompt)."""
         if self._producer is not None:
             return
         if not self._warned_timeout:  # once: every renewed producer starts here
@@ -610,7 +663,7 @@ class KafkaSink(Sink[KafkaOptions]):
         aiokafka_log = logging.getLogger("aiokafka")
         aiokafka_log.addHandler(causes)
         try:
-            await producer.start()
+            await _start(producer, patience)
         except BaseException as exc:
             await producer.stop()
             brokers = self._describe_brokers()
@@ -693,6 +746,10 @@ class KafkaSink(Sink[KafkaOptions]):
                 ) from None
 
     async def aclose(self) -> None:
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
         producer, self._producer = self._producer, None
         if producer is not None:
             # Not producer.stop(): it flushes, and anything still queued belongs to a send the engine
@@ -711,14 +768,18 @@ class KafkaSink(Sink[KafkaOptions]):
         self._unsettled = 0
         if producer is None:
             return
-        _halt(producer)
-        task = asyncio.get_running_loop().create_task(self._discard(producer))
-        self._discarding.add(task)
-        task.add_done_callback(self._discarding.discard)
+        self._discard_later(producer)
         self.log.warning(
             "kafka: %s; they are discarded, not flushed, and their records go again with a new producer",
             why,
         )
+
+    def _discard_later(self, producer: Any) -> None:
+        """Stop ``producer``'s sender at once and close it in the background (``aclose`` waits)."""
+        _halt(producer)
+        task = asyncio.get_running_loop().create_task(self._discard(producer))
+        self._discarding.add(task)
+        task.add_done_callback(self._discarding.discard)
 
     async def _discard(self, producer: Any) -> None:
         """Close ``producer`` without flushing what it has queued. aiokafka internals: ``stop()`` is
@@ -928,14 +989,29 @@ class KafkaSink(Sink[KafkaOptions]):
         if len(new) > 3:
             self.log.error("kafka: %d more topics do not exist and are not created", len(new) - 3)
 
-    async def _renew_producer(self) -> None:
+    async def _renew_producer(self, until: float) -> bool:
         """Replace the producer after a lost sequence number (``_sequence_lost``) or a discarded one
-        (``_abandoned``). RetryableError when the new one cannot start: the next send tries again."""
-        old, self._producer = self._producer, None
-        if old is not None:
-            await self._discard(old)  # every batch of ours is settled: nothing to flush
+        (``_abandoned``), waiting for its start until ``until`` (the loop's clock). False when it is
+        still starting then: it goes on in the background, and the next send waits for the same start
+        (a cancelled aiokafka start may leave a connection open, and a new idempotent producer waits for
+        its id as long as the broker takes). RetryableError when it cannot start: the next send tries
+        again."""
+        task = self._starting
+        if task is None:
+            old, self._producer = self._producer, None
+            if old is not None:
+                # Every batch of ours is settled: nothing to flush, and nothing to wait for (its close
+                # may wait for a request of its own, up to request_timeout_ms, out of this budget).
+                self._discard_later(old)
+            patience = self.options.request_timeout_ms / 1000
+            task = self._starting = asyncio.get_running_loop().create_task(self._begin(patience))
+        loop = asyncio.get_running_loop()
+        await asyncio.wait([task], timeout=max(0.0, until - loop.time()))
+        if not task.done():
+            return False
+        self._starting = None
         try:
-            await self.start()
+            task.result()
         except SinkError as exc:
             raise RetryableError(f"kafka: a new producer cannot start: {exc}") from None
         if self._sequence_lost:
@@ -944,13 +1020,22 @@ class KafkaSink(Sink[KafkaOptions]):
                 "idempotent producer (the broker would refuse the old one's next batches as out of order)"
             )
         self._sequence_lost = self._abandoned = False
+        return True
 
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
         # The send's own deadline, from its start: it ends with an outcome per record before the
         # engine's send_timeout cuts it off and sends the whole batch again (what went in, twice).
         started = asyncio.get_running_loop().time()
         if self._sequence_lost or self._abandoned:
-            await self._renew_producer()
+            # Within the budget: a new producer's start (metadata, a producer id) took as long as the
+            # broker made it, past the engine's send_timeout. Nothing of this send is queued yet.
+            budget = self.context.send_budget
+            if not await self._renew_producer(started + budget * _SUBMIT_SHARE):
+                raise RetryableError(
+                    f"kafka: a new producer did not start within this send's time budget "
+                    f"({budget * _SUBMIT_SHARE:g}s of {budget:g}s; the broker is slow to answer metadata "
+                    "or a producer id): nothing was sent"
+                )
         try:
             return await self._send(batch, started)
         except BaseException:
@@ -1041,15 +1126,19 @@ class KafkaSink(Sink[KafkaOptions]):
                     group.append(item)
 
         budget = self.context.send_budget
+        send_timeout = self.context.send_timeout
         state = _SendState(
             budget=budget,
             # No batch is handed to the producer in the budget's last tenth: what is under way then is
             # normally answered before the deadline, and is not given up (and maybe written twice).
-            submit_by=started + budget * 0.9,
+            submit_by=started + budget * _SUBMIT_SHARE,
             deadline=started + budget,
+            last_ack=started + send_timeout - min(_ANSWER_MARGIN, send_timeout / 12),
+            answer_time=self.options.request_timeout_ms / 1000,
             late=retry(
                 f"kafka: not sent within this send's time budget ({budget:g}s, 5/6 of send_timeout; "
-                "slow round trips, or refused batches sent again in pieces): sent again at once",
+                "slow round trips or acknowledgements, or refused batches sent again in pieces): sent "
+                "again at once",
                 held=True,
             ),
             stop=stop,
@@ -1069,10 +1158,9 @@ class KafkaSink(Sink[KafkaOptions]):
             if asyncio.get_running_loop().time() >= state.submit_by:
                 break
             try:
-                async with asyncio.timeout_at(state.deadline):
-                    await self._renew_producer()  # the pieces of a refused batch need it
-            except TimeoutError:  # the next send starts one (_sequence_lost is still set)
-                break
+                # The pieces of a refused batch need it. Started later, it could hand over nothing.
+                if not await self._renew_producer(state.submit_by):
+                    break  # held; the next send waits for the same start (_sequence_lost is still set)
             except RetryableError as exc:
                 for lane in lanes:
                     _answer(outcomes, lane, retry(exc.reason))
@@ -1081,7 +1169,7 @@ class KafkaSink(Sink[KafkaOptions]):
             _answer(outcomes, lane, state.late)
         if state.unacknowledged:
             self._abandon(
-                f"produce batches not acknowledged within the send's time budget ({budget:g}s, 5/6 of "
+                f"produce batches not acknowledged within the send's time ({budget:g}s budget, 5/6 of "
                 "send_timeout; the broker is slow or keeps answering a retriable error)"
             )
 
@@ -1121,7 +1209,10 @@ class KafkaSink(Sink[KafkaOptions]):
             if state.stop is not None:
                 _answer(outcomes, lane, retry(f"not sent: {state.stop.reason}"))
                 return False
-            if loop.time() >= state.submit_by:
+            now = loop.time()
+            # Nor a batch whose answer, as slow as this send's slowest, would come after it is given
+            # up (acks=all with a slow follower): written, then sent again, it would be a copy.
+            if now >= state.submit_by or now + state.slowest > state.ack_by(now):
                 _answer(outcomes, lane, state.late)
                 return False
             try:
@@ -1141,9 +1232,10 @@ class KafkaSink(Sink[KafkaOptions]):
                 if self._stops_batch(outcome, exc):
                     state.stop = outcome
                 return False
+            handed = loop.time()
             self._unsettled += 1
             try:
-                await asyncio.wait([future], timeout=max(0.0, state.deadline - loop.time()))
+                await asyncio.wait([future], timeout=max(0.0, state.ack_by(handed) - handed))
             finally:
                 if future.done():
                     self._unsettled -= 1
@@ -1158,8 +1250,9 @@ class KafkaSink(Sink[KafkaOptions]):
                     [job],
                     retry(
                         f"kafka: produce batch for {job.topic!r} partition {job.partition} not acknowledged "
-                        f"within this send's time budget ({state.budget:g}s): the broker is slow or keeps "
-                        "answering a retriable error (not enough in-sync replicas, no leader)"
+                        f"{loop.time() - handed:.1f}s after it was handed over (this send's time budget: "
+                        f"{state.budget:g}s): the broker is slow or keeps answering a retriable error (not "
+                        "enough in-sync replicas, no leader)"
                     ),
                 )
                 _answer(
@@ -1168,6 +1261,9 @@ class KafkaSink(Sink[KafkaOptions]):
                     retry("not sent: an earlier batch for the same partition was not acknowledged"),
                 )
                 return False
+            took = loop.time() - handed
+            if took > state.slowest:
+                state.slowest = took
             error = _failure(future)
             if error is None:
                 _answer(outcomes, [job], OK)

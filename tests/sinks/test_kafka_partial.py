@@ -1,12 +1,14 @@
 """Kafka: sends that partly fail. A partition whose batches the broker keeps refusing with a retriable
-error, produce batches refused as a whole and sent again in pieces (slowly, over a slow network), and
-one object's order through all of it. Tansu behind the project's broker checks relay (faults added by
-``kafka_faults.FaultyBroker``), records read back with aiokafka."""
+error, produce batches refused as a whole and sent again in pieces (slowly, over a slow network), slow
+acknowledgements and a slow new producer, and one object's order through all of it. Tansu behind the
+project's broker checks relay (faults added by ``kafka_faults.FaultyBroker``), records read back with
+aiokafka."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -17,12 +19,18 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from eventrouter import Occurrence, Outcome, OutcomeKind, SinkContext
+from eventrouter import Occurrence, Outcome, OutcomeKind, RetryableError, SinkContext
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.testing import make_occurrence
 from eventrouter.testing.pipelines import pipeline_for
-from eventrouter.testing.receivers.kafka_faults import NOT_ENOUGH_REPLICAS, FaultyBroker
+from eventrouter.testing.receivers.kafka_faults import (
+    API_INIT_PRODUCER_ID,
+    API_METADATA,
+    API_PRODUCE,
+    NOT_ENOUGH_REPLICAS,
+    FaultyBroker,
+)
 from eventrouter.testing.receivers.tansu import TansuBroker, free_port
 from eventrouter.testing.waiting import until
 from eventrouter_sinks.kafka import KafkaOptions, KafkaSink
@@ -343,3 +351,141 @@ async def test_a_send_that_settles_nothing_in_its_budget_counts_as_a_failed_atte
         await until(lambda: exhausted._value.get() + delivered._value.get() == 200, timeout=60)
         assert metrics.retries.labels("kafka")._value.get() > 0
         await stopped(pipeline, task)
+
+
+async def test_a_batch_handed_over_late_is_waited_for_past_the_budget_and_written_once() -> None:
+    """A new producer slow to get its id (after a refusal took the old one's sequence numbers) left the
+    send's batch handed over at ~4 s of its 6.7 s budget (``send_timeout=8``), and acks=all with a slow
+    follower acknowledged it 3 s later. It was given up at the budget's end, written all the same, and
+    sent again: every record twice. Its produce request may be answered up to request_timeout_ms after
+    it went: it is now waited for past the budget, within send_timeout."""
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        FaultyBroker(
+            listen_port=port, target_port=broker.port, idempotence=True, compacted_topics=("ka-bad",)
+        ) as relay,
+    ):
+        await broker.create_topics("ka-good", "ka-bad", partitions=1)
+        sink = kafka_sink(
+            port, send_timeout=8.0, topic="ka-{namespace}", key_by="none", request_timeout_ms=6000
+        )
+        await sink.start()
+        # Refused (a compacted topic needs keys) after taking a sequence number: the next send starts
+        # a new producer.
+        [refused] = await as_the_engine_does(sink, [make_occurrence(namespace="bad")])
+        assert refused.kind is OutcomeKind.REJECT
+        relay.api_delays.update({API_INIT_PRODUCER_ID: 4.0, API_PRODUCE: 3.0})
+        batch = [make_occurrence(namespace="good", object_name=f"web-{i}") for i in range(10)]
+        outcomes = await as_the_engine_does(sink, batch)
+        relay.api_delays.clear()
+        retried = [o for o, outcome in zip(batch, outcomes, strict=True) if outcome.kind is OutcomeKind.RETRY]
+        if retried:  # as the engine does: the same records again
+            await as_the_engine_does(sink, retried)
+        await sink.aclose()
+        records = await log_of(broker.bootstrap, "ka-good", at_least=len(batch))
+    assert copies(records) == {("ka-good", o.key): 1 for o in batch}
+    assert [o.kind for o in outcomes] == [OutcomeKind.OK] * len(batch)
+
+
+async def test_a_batch_whose_acknowledgement_would_come_too_late_is_not_handed_over() -> None:
+    """acks=all with a slow follower: every acknowledgement 2 s late, and a partition's three produce
+    batches going one after the other in a 5 s budget (``send_timeout=6``). The third, handed over at
+    ~4 s, was acknowledged at ~6 s: given up before, written all the same, and sent again. Now a batch
+    whose answer, as slow as the send's slowest, would come after the send must end is not handed
+    over: sent again at once (a hold), and every record is written once."""
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        FaultyBroker(
+            listen_port=port, target_port=broker.port, idempotence=True, api_delays={API_PRODUCE: 2.0}
+        ),
+    ):
+        await broker.create_topics("t", partitions=1)
+        # Produce batches of up to 8 KiB: three records of ~2.2 KB each.
+        sink = kafka_sink(port, send_timeout=6.0, topic="t", request_timeout_ms=3000, max_request_size=8192)
+        await sink.start()
+        batch = [make_occurrence(object_name="web-0", message=f"m{i:04d} " + "x" * 1500) for i in range(9)]
+        first = await as_the_engine_does(sink, batch)
+        pending = [o for o, outcome in zip(batch, first, strict=True) if outcome.kind is OutcomeKind.RETRY]
+        for _ in range(3):  # as the engine does: what was held goes again at once
+            if not pending:
+                break
+            outcomes = await as_the_engine_does(sink, pending)
+            pending = [
+                o for o, outcome in zip(pending, outcomes, strict=True) if outcome.kind is OutcomeKind.RETRY
+            ]
+        await sink.aclose()
+        records = await log_of(broker.bootstrap, "t", at_least=len(batch))
+    assert [occurrence_of(r) for r in records] == [o.key for o in batch]  # once each, in order
+    assert [o.kind for o in first] == [OutcomeKind.OK] * 6 + [OutcomeKind.RETRY] * 3
+    assert all(o.held for o in first[6:])
+
+
+async def test_a_new_producer_slow_to_start_ends_the_send_within_its_budget(tmp_path: Path) -> None:
+    """After a refusal took the idempotent producer's sequence numbers, the next send starts a new
+    producer, which waits for its producer id as long as the broker takes (aiokafka asks again after
+    each request_timeout_ms): the send outlasted the engine's send_timeout at every attempt. The start
+    now counts in the send's budget: the send ends by itself, nothing sent, as a failed attempt; once
+    the broker hands out ids again every record goes in once."""
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        FaultyBroker(
+            listen_port=port, target_port=broker.port, idempotence=True, compacted_topics=("kc-bad",)
+        ) as relay,
+    ):
+        await broker.create_topics("kc-good", "kc-bad", partitions=1)
+        metrics = Metrics()
+        sink = kafka_sink(port, send_timeout=2.0, topic="kc-{namespace}", key_by="none")
+        pipeline = pipeline_for(
+            "kafka",
+            sink,
+            metrics,
+            tmp_path / "dl",
+            send_timeout=2.0,
+            retry_initial_backoff=0.1,
+            retry_max_backoff=0.2,
+        )
+        task = started(pipeline, [make_occurrence(namespace="bad")])
+        await until(lambda: metrics.dead_lettered.labels("kafka", "rejected")._value.get() == 1)
+        relay.api_delays[API_INIT_PRODUCER_ID] = 5.0
+        batch = [make_occurrence(namespace="good", object_name=f"web-{i}") for i in range(10)]
+        for occurrence in batch:
+            pipeline.offer(occurrence)
+        retryable = metrics.send_errors.labels("kafka", "retryable")
+        timeout = metrics.send_errors.labels("kafka", "timeout")
+        await until(lambda: retryable._value.get() + timeout._value.get() >= 2, timeout=20)
+        relay.api_delays.clear()
+        await pipeline.wait_idle(timeout=20)
+        await stopped(pipeline, task)
+        records = await log_of(broker.bootstrap, "kc-good", at_least=len(batch))
+    assert copies(records) == {("kc-good", o.key): 1 for o in batch}
+    assert timeout._value.get() == 0  # each send ended by itself
+    assert metrics.delivered.labels("kafka")._value.get() == len(batch)
+
+
+async def test_a_sink_closed_while_a_new_producer_bootstraps_leaves_no_connection_open() -> None:
+    """A new producer whose bootstrap metadata comes late (3 s): the send ends within its budget, the
+    start going on for the next send. Closing the sink then cancels that start: aiokafka, cancelled in
+    its bootstrap's metadata request, leaves that connection open (a ResourceWarning once collected);
+    the bootstrap is let end first. Before, the send itself waited past the engine's send_timeout."""
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        FaultyBroker(
+            listen_port=port, target_port=broker.port, idempotence=True, compacted_topics=("kd-bad",)
+        ) as relay,
+    ):
+        await broker.create_topics("kd-good", "kd-bad", partitions=1)
+        sink = kafka_sink(
+            port, send_timeout=2.0, topic="kd-{namespace}", key_by="none", request_timeout_ms=5000
+        )
+        await sink.start()
+        [refused] = await as_the_engine_does(sink, [make_occurrence(namespace="bad")])
+        assert refused.kind is OutcomeKind.REJECT  # the next send starts a new producer
+        relay.api_delays[API_METADATA] = 3.0
+        with pytest.raises(RetryableError, match="a new producer did not start"):
+            await as_the_engine_does(sink, [make_occurrence(namespace="good")])
+        await sink.aclose()
+    gc.collect()  # a connection left open warns here

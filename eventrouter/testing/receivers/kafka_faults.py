@@ -1,5 +1,5 @@
 """Broker faults on top of the broker checks relay (``kafka_checks.BrokerChecksProxy``): a topic whose
-partitions answer a retriable error, and a slow network.
+partitions answer a retriable error, and a slow network or a slow broker.
 
 - ``refuse``: topic -> error code, e.g. ``{"k8s-bad": NOT_ENOUGH_REPLICAS}``: every produce batch for the
   topic is refused with that code (nothing written, no sequence number taken), the request's other
@@ -7,33 +7,83 @@ partitions answer a retriable error, and a slow network.
   in-sync replicas than ``min.insync.replicas`` (a rolling restart); aiokafka retries such a batch, for
   ever with idempotence. Change the mapping (``refuse.clear()``) to end the fault.
 - ``answer_delay``: seconds every answer reaches the client after the broker gave it (a round trip that
-  long), in order; requests are not held back, so what a client pipelines stays pipelined.
+  long); requests are not held back, so what a client pipelines stays pipelined.
+- ``api_delays``: API key -> seconds more for the answers to that request type only, e.g.
+  ``{API_PRODUCE: 2.0}`` (acknowledgements of ``acks=all`` waiting for a slow follower: the records are
+  written at once, their acknowledgement comes late) or ``{API_INIT_PRODUCER_ID: 5.0}`` (a new idempotent
+  producer waiting for its id). Change the mapping to change the fault.
+
+Answers keep their request order on a connection whatever their delays, as a broker sends them: one
+held back holds back those after it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
+from collections.abc import Callable
 from typing import Any, cast
 
-from eventrouter.testing.receivers.kafka_checks import BrokerChecksProxy, _Pending
+from eventrouter.testing.receivers.kafka_checks import (
+    API_INIT_PRODUCER_ID,
+    API_PRODUCE,
+    BrokerChecksProxy,
+    _Pending,
+)
 
-__all__ = ["NOT_ENOUGH_REPLICAS", "FaultyBroker"]
+__all__ = ["API_INIT_PRODUCER_ID", "API_METADATA", "API_PRODUCE", "NOT_ENOUGH_REPLICAS", "FaultyBroker"]
 
 NOT_ENOUGH_REPLICAS = 19
+API_METADATA = 3
+
+
+class _Tap:
+    """The part of a StreamReader the relay's request loop uses (``readexactly``: a frame's size, then
+    the frame), noting each request's API key by its correlation id."""
+
+    def __init__(self, reader: asyncio.StreamReader, apis: dict[int, int]) -> None:
+        self._reader = reader
+        self._apis = apis
+        self._size_next = True
+
+    async def readexactly(self, n: int) -> bytes:
+        data = await self._reader.readexactly(n)
+        if self._size_next:
+            self._size_next = False
+        else:
+            self._size_next = True
+            api_key, _, correlation_id = struct.unpack_from(">hhi", data)
+            self._apis[correlation_id] = api_key
+        return data
 
 
 class _LateWriter:
-    """The part of a StreamWriter the relay's answer loop uses, writing each answer ``delay`` later."""
+    """The part of a StreamWriter the relay's answer loop uses, writing each answer after its delay
+    and never before the answers written to it earlier."""
 
-    def __init__(self, writer: asyncio.StreamWriter, delay: float) -> None:
+    def __init__(
+        self, writer: asyncio.StreamWriter, delay: Callable[[int | None], float], apis: dict[int, int]
+    ) -> None:
         self._writer = writer
-        self._delay = delay
+        self._delay = delay  # API key (None: not known) -> seconds
+        self._apis = apis
+        self._due = 0.0  # when the answer written last goes out (the loop's clock)
+        self._waiting = 0  # answers not written yet
 
     def write(self, data: bytes) -> None:
-        # Equal delays fire in the order they were set: answers keep their request order.
-        asyncio.get_running_loop().call_later(self._delay, self._write, data)
+        # A frame: its size, then the answer, which starts with the request's correlation id.
+        (correlation_id,) = struct.unpack_from(">i", data, 4)
+        delay = self._delay(self._apis.pop(correlation_id, None))
+        if delay <= 0 and not self._waiting:
+            self._write(data, counted=False)
+            return
+        loop = asyncio.get_running_loop()
+        self._due = max(self._due, loop.time() + delay)
+        self._waiting += 1
+        loop.call_at(self._due, self._write, data)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, counted: bool = True) -> None:
+        self._waiting -= counted
         if not self._writer.is_closing():
             self._writer.write(data)
 
@@ -47,11 +97,15 @@ class FaultyBroker(BrokerChecksProxy):
         *,
         refuse: dict[str, int] | None = None,
         answer_delay: float = 0.0,
+        api_delays: dict[int, float] | None = None,
         **checks: Any,
     ) -> None:
         super().__init__(**checks)
         self.refuse: dict[str, int] = dict(refuse or {})
         self.answer_delay = answer_delay
+        self.api_delays: dict[int, float] = dict(api_delays or {})
+        # Per connection (its queue of answers owed): correlation id -> API key of the requests read.
+        self._apis: dict[asyncio.Queue[_Pending], dict[int, int]] = {}
 
     def _invalid(
         self, topic: str, partition: int, records: Any, now_ms: int, size: int
@@ -61,9 +115,27 @@ class FaultyBroker(BrokerChecksProxy):
             return 0, f"{topic}-{partition} refused with error {code} (a fault of the test relay)", code
         return super()._invalid(topic, partition, records, now_ms, size)
 
+    def _delay(self, api_key: int | None) -> float:
+        return self.answer_delay + (self.api_delays.get(api_key, 0.0) if api_key is not None else 0.0)
+
+    async def _requests(
+        self, reader: asyncio.StreamReader, up: asyncio.StreamWriter, pending: asyncio.Queue[_Pending]
+    ) -> None:
+        tap = _Tap(reader, self._apis.setdefault(pending, {}))
+        try:
+            await super()._requests(cast(asyncio.StreamReader, tap), up, pending)
+        finally:
+            # BrokerChecksProxy._serve closes both sides only after both directions ended: the relay's
+            # exit, cancelling a connection that was closing, left its sockets open (a ResourceWarning).
+            up.close()
+
     async def _responses(
         self, up: asyncio.StreamReader, writer: asyncio.StreamWriter, pending: asyncio.Queue[_Pending]
     ) -> None:
-        if self.answer_delay > 0:
-            writer = cast(asyncio.StreamWriter, _LateWriter(writer, self.answer_delay))
-        await super()._responses(up, writer, pending)
+        apis = self._apis.setdefault(pending, {})
+        try:
+            late = _LateWriter(writer, self._delay, apis)
+            await super()._responses(up, cast(asyncio.StreamWriter, late), pending)
+        finally:
+            self._apis.pop(pending, None)
+            writer.close()  # as up in _requests
