@@ -40,7 +40,19 @@ further request of the send (the next part of a split batch, a half of a refused
 a tenth of the budget and twice the slowest answer of the send are left. What it did not send is
 answered retry (held): the engine sends it again in place, at once, and what went in is not sent again.
 Before, a batch of several requests (30 s each by default) could outlast ``send_timeout``: the engine
-cut it off and sent the whole batch again, the parts already stored too.
+cut it off and sent the whole batch again, the parts already stored too. A send in which no log was
+stored or refused (a refusal answered too slowly for its pieces to start) is a failed attempt instead:
+backoff, ``retry_max_attempts``, a warning at most every 10 minutes. A hold would repeat it at once,
+for ever, unseen.
+
+What the service refused is carried across sends: after a refusal for size (PostBodyTooLarge, 413: a
+limit below ours, a proxy's) requests hold at most half the refused one's logs and bytes, and after a
+refusal for content (PostBodyInvalid, InvalidTimestamp) not halved down within its send, at most half
+its logs; a log whose time was refused and whose re-stamped request did not start is sent re-stamped.
+So each send starts where the last one stopped, and a slow service still gets the batch in. The
+limits double again after every 16 requests taken. A send that did nothing because its first request,
+over the limits before that doubling, was refused is held (sent again at once), not failed: that
+refusal brought the limits back to a size taken, so raising them never costs a failed attempt.
 
 Causes of the whole target that the operator puts right (refused credentials, a clock off by more than
 15 minutes, a project or logstore that does not exist, e.g. one being re-created, a suspended project,
@@ -68,7 +80,7 @@ import ssl
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -91,6 +103,7 @@ from eventrouter import (
     reject,
     retry,
 )
+from eventrouter.logs import Throttled
 from eventrouter.options import FilePath
 from eventrouter.protowire import bytes_field
 
@@ -144,6 +157,11 @@ _REQUEST_CODES = {"PostBodyInvalid", "InvalidTimestamp", "PostBodyTooLarge"}
 # quota error, and every 401 and 404 unless told to drop them; iLogtail retries a code it does not know
 # several times before it drops the data).
 _TARGET_STATUSES = {401, 403, 404}
+# Requests taken after which limits learned from refusals (_Fit) are doubled again.
+_GROW_AFTER = 16
+# Logs remembered for re-stamping at the next send (their request ran out of the send's budget).
+_RESTAMP_KEEP = 1024
+_LOG_STUCK_EVERY = 600.0  # seconds between warnings of sends that did nothing (then with a count)
 
 
 class SLSOptions(SinkOptions):
@@ -268,11 +286,32 @@ class _Send:
     began: float
     deadline: float
     """time.monotonic() by which the send ends on its own (the context's ``send_budget``)."""
+    restamped: set[int] = field(default_factory=set)
+    """Indexes of the batch encoded at the send's now (their time refused at an earlier send)."""
     requests: int = 0
     slowest: float = 0.0
     """Seconds the slowest answered request of this send took."""
     delivered: bool = False
     """A request of this send was accepted."""
+    refused: int = 0
+    """The fewest logs of a request refused for its content (halved) in this send."""
+    code: str = ""
+    """The last code a request was refused with and sent again (in pieces, or re-stamped)."""
+    probe: bool = False
+    """The first request, over the limits before they were last doubled, was refused for its size."""
+
+
+@dataclass(slots=True)
+class _Fit:
+    """Request limits learned from the service's refusals, carried across sends."""
+
+    logs: int
+    size: int
+    """Raw bytes (the LogGroup before compression, as ``x-log-bodyrawsize``)."""
+    before: tuple[int, int] | None = None
+    """The limits before they were last doubled (16 requests taken under them)."""
+    taken: int = 0
+    """Requests accepted since the limits were last set."""
 
 
 class SLSSink(Sink[SLSOptions]):
@@ -302,6 +341,11 @@ class SLSSink(Sink[SLSOptions]):
         self._refused: dict[str, int] = {}
         self._warned_timeout = False
         self._batch: Sequence[Occurrence] = ()  # the batch being sent (send's own state)
+        # Limits below ours the service refused beyond (None: ours), and the keys of logs to send
+        # re-stamped at our now: what a send learned and could not finish, for the next one.
+        self._fit: _Fit | None = None
+        self._restamp: dict[tuple[str, int], None] = {}
+        self._stuck_log = Throttled(self.log, _LOG_STUCK_EVERY)
         self._key_id = ""
         self._key_secret = ""
         self._token: str | None = None
@@ -541,26 +585,76 @@ class SLSSink(Sink[SLSOptions]):
     def _group_header(self) -> bytes:
         return bytes_field(3, self.options.topic) + bytes_field(4, self._source)
 
+    def _limits(self) -> tuple[int, int]:
+        """Most logs and raw bytes of a request: ours, or less after the service refused more."""
+        fit = self._fit
+        if fit is None:
+            return self.max_logs, self.max_bytes
+        return min(fit.logs, self.max_logs), min(fit.size, self.max_bytes)
+
     def _chunks(self, logs: list[tuple[int, bytes]], header_size: int) -> list[_Chunk]:
-        if 0 < len(logs) <= self.max_logs:  # usually the whole batch fits one request
+        limits = self._limits()
+        if 0 < len(logs) <= limits[0]:  # usually the whole batch fits one request
             indexes, blobs = zip(*logs, strict=True)
             size = header_size + sum(map(len, blobs))
-            if size <= self.max_bytes:
+            if size <= limits[1]:
                 return [_Chunk(list(indexes), list(blobs), size)]
-        chunks: list[_Chunk] = []
-        current = _Chunk([], [], header_size)
-        for index, log in logs:
-            if current.logs and (
-                len(current.logs) >= self.max_logs or current.size + len(log) > self.max_bytes
-            ):
-                chunks.append(current)
-                current = _Chunk([], [], header_size)
-            current.indexes.append(index)
-            current.logs.append(log)
-            current.size += len(log)
-        if current.logs:
-            chunks.append(current)
-        return chunks
+        return _pack(logs, header_size, limits)
+
+    def _shrink(self, logs: int, size: int | None, code: str) -> None:
+        """After a refusal of a request of ``logs`` logs (and ``size`` raw bytes, when refused for its
+        size): later requests hold at most half of each, until _GROW_AFTER of them are taken."""
+        fit = self._fit
+        most_logs, most_bytes = (fit.logs, fit.size) if fit else (self.max_logs, self.max_bytes)
+        new = _Fit(
+            min(most_logs, (logs + 1) // 2), most_bytes if size is None else min(most_bytes, size // 2)
+        )
+        self._fit = new
+        if fit is None and size is not None:
+            # Once an episode: a proxy's limit, or the service's below ours; it costs requests, not logs.
+            self.log.warning(
+                "sls sink %s: %s refused a request of %d logs, %d bytes as too large (%s), a limit below "
+                "the sink's (%d logs, %d bytes; a proxy's?): requests now hold at most %d logs, %d bytes, "
+                "doubled again after every %d taken",
+                self.context.name,
+                self._where,
+                logs,
+                size,
+                code,
+                self.max_logs,
+                self.max_bytes,
+                new.logs,
+                new.size,
+                _GROW_AFTER,
+            )
+        else:
+            self.log.debug(
+                "sls sink %s: %s refused a request of %d logs (%s): requests now hold at most %d logs, %d bytes",
+                self.context.name,
+                self._where,
+                logs,
+                code,
+                new.logs,
+                new.size,
+            )
+
+    def _taken(self) -> None:
+        """A request was accepted: limits learned from refusals double after _GROW_AFTER, so that one
+        refusal does not shrink requests for good (a proxy's limit raised, a bad log gone)."""
+        fit = self._fit
+        if fit is None:
+            return
+        fit.taken += 1
+        if fit.taken < _GROW_AFTER:
+            return
+        logs, size = min(fit.logs * 2, self.max_logs), min(fit.size * 2, self.max_bytes)
+        if logs >= self.max_logs and size >= self.max_bytes:
+            self._fit = None
+        else:
+            self._fit = _Fit(logs, size, (fit.logs, fit.size))
+        self.log.debug(
+            "sls sink %s: request limits raised to %d logs, %d bytes", self.context.name, logs, size
+        )
 
     def _compress(self, raw: bytes) -> tuple[bytes, str]:
         if self.options.compress == "deflate":
@@ -666,9 +760,18 @@ class SLSSink(Sink[SLSOptions]):
         outcomes: list[Outcome | None] = [None] * len(batch)
         header = self._group_header()
         encoded: list[tuple[int, bytes]] = []
+        restamp = self._restamp
+        restamped: set[int] = set()
         for index, occ in enumerate(batch):
             try:
-                log, why = self._encode(occ, now)
+                log, why = None, ""
+                if restamp and (occ.uid, occ.number) in restamp:
+                    # Its time refused at an earlier send whose re-stamped request did not start.
+                    log = self._encode_at(occ, int(now))
+                if log is not None:
+                    restamped.add(index)
+                else:
+                    log, why = self._encode(occ, now)
             except Exception as exc:  # bad input must cost one item, never the batch
                 log, why = None, f"cannot encode event {occ.key}: {type(exc).__name__}: {exc}"
             if log is None:
@@ -682,19 +785,54 @@ class SLSSink(Sink[SLSOptions]):
                 encoded.append((index, log))
         resource = f"/logstores/{self.options.logstore}/shards/lb"
         began = time.monotonic()
-        run = _Send(began, began + self.context.send_budget)
+        run = _Send(began, began + self.context.send_budget, restamped)
         self._batch = batch
-        stop: Outcome | None = None
         try:
-            for chunk in self._chunks(encoded, len(header)):
-                if stop is not None:
-                    for index in chunk.indexes:
-                        outcomes[index] = stop
-                    continue
-                stop = await self._put(run, resource, header, chunk.indexes, chunk.logs, outcomes)
+            await self._put_all(run, resource, header, self._chunks(encoded, len(header)), outcomes)
         finally:
             self._batch = ()
-        return [outcome if outcome is not None else OK for outcome in outcomes]
+        return self._settle(run, batch, [outcome if outcome is not None else OK for outcome in outcomes])
+
+    def _settle(self, run: _Send, batch: Sequence[Occurrence], final: list[Outcome]) -> list[Outcome]:
+        """Keep what the send learned for the next; a send that stored or refused nothing fails."""
+        for index in run.restamped:
+            if final[index].kind is not OutcomeKind.RETRY:
+                self._restamp.pop((batch[index].uid, batch[index].number), None)
+        if run.refused:
+            # Refused for its content and not halved down within the send: the next starts from
+            # the half (each send then settles a log, or halves again).
+            self._shrink(run.refused, None, run.code)
+        if not any(o.held for o in final) or any(o.kind is not OutcomeKind.RETRY for o in final):
+            return final
+        if run.probe:
+            # Only the limits raised again were refused: back to a size taken, the next send does more.
+            return final
+        # Nothing stored or refused: a hold (sent again at once, no failed attempt) would repeat a
+        # refusal answered too slowly to split within a send for ever, unseen (sink up, no retry
+        # counted, retry_max_attempts never reached). A failure backs off, counts and is bounded.
+        budget = self.context.send_budget
+        stuck = retry(
+            f"no log stored or refused within the send's {budget:g}s budget: SLS answered {run.code} in "
+            f"{run.slowest:.2g}s, too slowly for the refused request's pieces to start ({self._where})"
+        )
+        logs, size = self._limits()
+        # Throttled: while it lasts such sends come between sends that do get pieces in.
+        self._stuck_log.warning(
+            "stuck",
+            "sls sink %s: no log stored or refused within a send's %gs budget (5/6 of send_timeout): %s "
+            "refused a request (%s) and answered in %.2gs, too slowly for its pieces to start in the same "
+            "send. Later sends carry at most %d logs, %d bytes a request%s; a send that does nothing is "
+            "retried with backoff (up to retry_max_attempts, if set)",
+            self.context.name,
+            budget,
+            self._where,
+            run.code,
+            run.slowest,
+            logs,
+            size,
+            ", a log whose time is refused stamped at our now" if self._restamp else "",
+        )
+        return [stuck if o.held else o for o in final]
 
     def _another_fits(self, run: _Send) -> bool:
         """A further request of the send starts only while a tenth of its budget and twice its slowest
@@ -709,6 +847,24 @@ class SLSSink(Sink[SLSOptions]):
         left = max(run.deadline - time.monotonic(), self.context.send_budget / 10)
         return min(self.options.request_timeout, left)
 
+    async def _put_all(
+        self,
+        run: _Send,
+        resource: str,
+        header: bytes,
+        chunks: list[_Chunk],
+        outcomes: list[Outcome | None],
+    ) -> Outcome | None:
+        """The requests of ``chunks`` in turn; once one returns what the rest get, they get that."""
+        stop: Outcome | None = None
+        for chunk in chunks:
+            if stop is not None:
+                for index in chunk.indexes:
+                    outcomes[index] = stop
+                continue
+            stop = await self._put(run, resource, header, chunk.indexes, chunk.logs, outcomes)
+        return stop
+
     async def _put(
         self,
         run: _Send,
@@ -720,9 +876,16 @@ class SLSSink(Sink[SLSOptions]):
         *,
         restamped: bool = False,
     ) -> Outcome | None:
-        """One PutLogs request for ``logs``; their outcomes go into ``outcomes``. Returns what the
-        batch's requests not sent yet get when the rest must wait (quota, 5xx, credentials, a missing
-        project or logstore, unreachable, the send's budget spent), None to go on."""
+        """One PutLogs request for ``logs`` (several, over limits the service refused before); their
+        outcomes go into ``outcomes``. Returns what the batch's requests not sent yet get when the rest
+        must wait (quota, 5xx, credentials, a missing project or logstore, unreachable, the send's
+        budget spent), None to go on."""
+        if len(logs) > 1:
+            limits = self._limits()
+            if len(logs) > limits[0] or len(header) + sum(map(len, logs)) > limits[1]:
+                # Over a limit the service refused (in this send or an earlier one): in pieces.
+                pieces = _pack(list(zip(indexes, logs, strict=True)), len(header), limits)
+                return await self._put_all(run, resource, header, pieces, outcomes)
         if run.requests and not self._another_fits(run):
             later = retry(
                 f"not sent: the send had run for {time.monotonic() - run.began:.1f}s of its "
@@ -753,16 +916,17 @@ class SLSSink(Sink[SLSOptions]):
                 )
             if not run.delivered:
                 raise RetryableError(reason) from None
-            stop = retry(reason)
+            failed = retry(reason)
             for index in indexes:
-                outcomes[index] = stop
-            return stop
+                outcomes[index] = failed
+            return failed
         run.slowest = max(run.slowest, time.monotonic() - started)
         status, code = answer.status, answer.code
         if status == 200:
             run.delivered = True
             for index in indexes:
                 outcomes[index] = OK
+            self._taken()
             if self._refused:  # a run of failures is over: the next one is logged again
                 self.log.info(
                     "sls sink %s: %s accepts logs again (after %s); requests refused meanwhile: %s",
@@ -773,31 +937,67 @@ class SLSSink(Sink[SLSOptions]):
                 )
                 self._refused.clear()
             return None
-        if len(logs) > 1 and (
-            status == 413 or code in ("PostBodyTooLarge", "PostBodyInvalid", "InvalidTimestamp")
-        ):
-            # Over a limit below ours (a proxy's; the service's "3 MB" may be 3,000,000 bytes), or one
-            # log the service cannot read or whose time it refuses (its clock is not ours): halve, so
-            # that only a log refused on its own is dead-lettered.
+        if len(logs) > 1 and (status == 413 or code in _REQUEST_CODES):
+            run.code = code
+            if status == 413 or code == "PostBodyTooLarge":
+                # Over a limit below ours (a proxy's; the service's "3 MB" may be 3,000,000 bytes):
+                # this request and later ones (of later sends too) go in pieces of half its size.
+                before = self._fit.before if self._fit else None
+                if run.requests == 1 and before and (len(logs) > before[0] or len(raw) > before[1]):
+                    run.probe = True  # larger than what was taken: the limits go back to that
+                self._shrink(len(logs), len(raw), code)
+                return await self._put(run, resource, header, indexes, logs, outcomes)
+            # One log the service cannot read or whose time it refuses (its clock is not ours):
+            # halved, so that only a log refused on its own is dead-lettered.
             mid = len(logs) // 2
-            held = await self._put(run, resource, header, indexes[:mid], logs[:mid], outcomes)
-            if held is not None:
-                for index in indexes[mid:]:
-                    outcomes[index] = held
-                return held
-            return await self._put(run, resource, header, indexes[mid:], logs[mid:], outcomes)
-        if code == "InvalidTimestamp" and self.options.clamp_time and not restamped and self._batch:
+            halves = [_Chunk(indexes[:mid], logs[:mid], 0), _Chunk(indexes[mid:], logs[mid:], 0)]
+            stop = await self._put_all(run, resource, header, halves, outcomes)
+            if stop is not None and stop.held:  # not halved down in time: the next send goes on
+                run.refused = min(run.refused or len(logs), len(logs))
+            return stop
+        if (
+            code == "InvalidTimestamp"
+            and self.options.clamp_time
+            and not restamped
+            and indexes[0] not in run.restamped
+            and self._batch
+        ):
             # Inside our window, outside the service's: its clock is up to 15 minutes off ours (the
             # Date check allows that). Our "now" is inside its window whatever the difference.
-            log = self._encode_at(self._batch[indexes[0]], int(time.time()))
+            run.code = code
+            occ = self._batch[indexes[0]]
+            log = self._encode_at(occ, int(time.time()))
             if log is not None:
-                return await self._put(run, resource, header, indexes, [log], outcomes, restamped=True)
+                stop = await self._put(run, resource, header, indexes, [log], outcomes, restamped=True)
+                if stop is not None and stop.held:  # not sent in time: the next send stamps it so
+                    self._restamp[(occ.uid, occ.number)] = None
+                    if len(self._restamp) > _RESTAMP_KEEP:  # the engine gave up on the oldest
+                        del self._restamp[next(iter(self._restamp))]
+                return stop
         outcome = self._failure(answer, len(indexes))
         for index in indexes:
             outcomes[index] = outcome
         if outcome.kind is OutcomeKind.RETRY:
             return outcome  # quota, 5xx, credentials, a missing target: the same for the rest now
         return None  # this request's logs only (a bad timestamp, an unknown code): the rest go on
+
+
+def _pack(logs: list[tuple[int, bytes]], header_size: int, limits: tuple[int, int]) -> list[_Chunk]:
+    """``logs`` (index, log) in requests of at most ``limits`` (logs, raw bytes); a log over them goes
+    alone."""
+    chunks: list[_Chunk] = []
+    current = _Chunk([], [], header_size)
+    most_logs, most_bytes = limits
+    for index, log in logs:
+        if current.logs and (len(current.logs) >= most_logs or current.size + len(log) > most_bytes):
+            chunks.append(current)
+            current = _Chunk([], [], header_size)
+        current.indexes.append(index)
+        current.logs.append(log)
+        current.size += len(log)
+    if current.logs:
+        chunks.append(current)
+    return chunks
 
 
 def _retry_after(value: str | None) -> float | None:
