@@ -26,6 +26,8 @@ from eventrouter.options import (
     field_names,
     redact_url,
     safe_name,
+    shown_address,
+    userinfo_hint,
 )
 from eventrouter.plugins import PluginError, SinkPlugin, discover
 from eventrouter.sink import Sink, SinkContext
@@ -94,9 +96,10 @@ class SinkSpec:
         )
 
 
-def parse_sink_flag(flag: str) -> dict[str, Any]:
+def parse_sink_flag(flag: str, *, where: str = "--sink", name: str | None = None) -> dict[str, Any]:
     """``TYPE:URL?k=v&k=v2`` → flat dict: ``url`` is the part before ``?``, every query key is an
-    option (of the engine or of the sink, e.g. DingTalk's ``access_token``). Repeated keys become lists."""
+    option (of the engine or of the sink, e.g. DingTalk's ``access_token``). Repeated keys become lists.
+    ``where`` and ``name`` (default: the type) name the sink in errors."""
     if ":" not in flag:
         flag += ":"  # `--sink=stdout` needs no URL
     type_, rest = flag.split(":", 1)
@@ -104,10 +107,12 @@ def parse_sink_flag(flag: str) -> dict[str, Any]:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", type_):
         raise ConfigError(f"--sink: invalid sink type {type_!r}")
     url, _, query = rest.partition("?")
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    _refuse_user_info_cut_at_a_query(rest, [k for k, _ in pairs], f"{where} (sink {name or type_!r})")
     entry: dict[str, Any] = {"type": type_, QUERY_KEYS: []}
     if url:
         entry["url"] = url
-    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+    for key, value in pairs:
         if key in entry and key not in ("type", "url"):
             existing = entry[key]
             entry[key] = [*existing, value] if isinstance(existing, list) else [existing, value]
@@ -119,6 +124,36 @@ def parse_sink_flag(flag: str) -> dict[str, Any]:
     return entry
 
 
+def _refuse_user_info_cut_at_a_query(whole: str, keys: Sequence[str], where: str) -> None:
+    """A raw ``?`` in a URL's password ends the address there: what follows (the rest of the
+    password, ``@``, the host…) was taken as the options' query, so an "unknown option" error named
+    the rest of the password, and the url's own error showed its start as host:port
+    (``'http://svc:Sup3r'``). Refused naming the option only, never a part of the URL: when an
+    ``@`` follows the ``?`` and what precedes it is no ``host[:port]`` (a password seldom reads as a
+    port), or when a query key holds an ``@`` (no option's name does; a webhook sent it on). An
+    ``@`` in a query value after a valid address (``?password=p@ss``) is taken as before."""
+    reason = ""
+    before, sep, after = whole.partition("?")
+    if sep and "@" in after and "://" in before:
+        # The address the ? ends: of the last URL before it (Elasticsearch takes a list of them).
+        address = re.split(r"[/#]", before.rpartition("://")[2], maxsplit=1)[0]
+        try:
+            parts = urllib.parse.urlsplit(f"//{address}")
+            parts.port  # noqa: B018 - raises on a port that is no number: the start of a password
+            valid = bool(parts.hostname)
+        except ValueError:
+            valid = False
+        if not valid:
+            reason = "what precedes its first ? is no host[:port], and an @ follows it"
+    if not reason and any("@" in key for key in keys):
+        reason = "a key of its query holds an @, which no option's name does"
+    if reason:
+        # Shaped as the url's own validation errors ("Value error, url …") so all of them read alike.
+        raise ConfigError(
+            f"{where}: option 'url': Value error, url {shown_address(whole)!r}: {reason}{userinfo_hint(whole)}"
+        )
+
+
 def _with_url_query(entry: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     """A YAML sink whose ``url`` has a query takes its options as ``--sink`` does (its keys were
     ignored: a tenant, a level filter, a password in the URL); a key also given as an option is an
@@ -126,7 +161,8 @@ def _with_url_query(entry: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     url, type_ = entry.get("url"), entry.get("type")
     if not (isinstance(url, str) and "?" in url and isinstance(type_, str)) or QUERY_KEYS in entry:
         return entry
-    parsed = parse_sink_flag(f"{type_}:{url}")
+    name = entry.get("name")
+    parsed = parse_sink_flag(f"{type_}:{url}", where=where, name=name if isinstance(name, str) else None)
     both = sorted(k for k in parsed[QUERY_KEYS] if k in entry)
     if both:
         raise ConfigError(f"{where}: {', '.join(map(repr, both))} given in the url's query and as options")
@@ -150,7 +186,9 @@ def _format_errors(where: str, exc: ValidationError, keys: Mapping[str, Any] | N
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown option"
-        lines.append(f"{where}: option {loc!r}: {msg}")
+        # A name with an @ is no option's: likely a piece of a URL's user info, never shown.
+        shown = "(a name holding an @, not shown)" if "@" in loc else repr(loc)
+        lines.append(f"{where}: option {shown}: {msg}")
     return "\n".join(lines)
 
 
@@ -370,7 +408,8 @@ def build_specs(
         where = f"{yaml_source} sinks[{i}]"
         specs.append(build_spec(_with_url_query(entry, where), where=where, plugins=plugins))
     for i, flag in enumerate(flags, 1):
-        specs.append(build_spec(parse_sink_flag(flag), where=f"--sink #{i}", plugins=plugins))
+        where = f"--sink #{i}"
+        specs.append(build_spec(parse_sink_flag(flag, where=where), where=where, plugins=plugins))
     seen: dict[str, str] = {}
     files: dict[str, SinkSpec] = {}
     for spec in specs:

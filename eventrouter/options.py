@@ -36,7 +36,9 @@ __all__ = [
     "readable_file",
     "resolve_secret",
     "safe_name",
+    "shown_address",
     "split_list",
+    "userinfo_hint",
 ]
 
 
@@ -110,15 +112,17 @@ def http_url(value: str, *, option: str = "url", address_only: bool = False) -> 
     except ValueError as exc:
         # Never the parser's text: it quotes the "port" (or the netloc), which is the start of the
         # password when a raw / ? # ends the address inside it.
-        raise ValueError(f"{option} {_address(text)!r}: {_parse_error(exc)}{_userinfo_hint(text)}") from None
+        raise ValueError(
+            f"{option} {shown_address(text)!r}: {_parse_error(exc)}{userinfo_hint(text)}"
+        ) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(
-            f"{option} must be http(s)://host[:port][/path], not {_address(text)!r}{_userinfo_hint(text)}"
+            f"{option} must be http(s)://host[:port][/path], not {shown_address(text)!r}{userinfo_hint(text)}"
         )
     if address_only and (parts.path.strip("/") or parts.query or parts.fragment):
         raise ValueError(
             f"{option} must be http(s)://[user:password@]host[:port], without a path, query or "
-            f"fragment, not {_address(text)!r}{_userinfo_hint(text)}"
+            f"fragment, not {shown_address(text)!r}{userinfo_hint(text)}"
         )
     return parts
 
@@ -136,7 +140,7 @@ def _parse_error(exc: ValueError) -> str:
     return "not a valid URL"
 
 
-def _userinfo_hint(url: str) -> str:
+def userinfo_hint(url: str) -> str:
     """Advice for a URL with an ``@`` past its address (the first ``/``, ``?`` or ``#`` after the
     scheme): likely user info whose password has one of them raw, which ends the address there (the
     rest of the password then reads as a port, a path or a fragment)."""
@@ -169,7 +173,7 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, path, query, ""))
 
 
-def _address(url: str) -> str:
+def shown_address(url: str) -> str:
     """scheme://host:port of a URL that may not parse, for messages: no user info (credentials), and
     no path or query (tokens hide there too). A URL with an ``@`` past its address shows none: either
     a password holds a raw ``/``, ``?`` or ``#`` (what precedes it, read as host:port, is the user

@@ -885,3 +885,28 @@ def test_a_credential_with_a_control_character_is_refused_naming_the_option_not_
         assert "s3cr3t" not in message
     monkeypatch.setenv("HOOK_TOKEN", "tab\tinside")  # a header may carry a tab
     build_specs(["webhook:http://h/x?bearer_token=env:HOOK_TOKEN"])
+
+
+def test_a_raw_query_in_a_url_password_exits_2_showing_nothing_of_it(tmp_path: Path) -> None:
+    """`--sink TYPE:URL` and a YAML `url:` were split at the password's raw `?`: the error named the
+    rest of it as an unknown option and showed its start as the url's host:port."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "sinks:\n  - type: loki\n    name: logs\n    url: http://svc:Sup3r?Pw@loki:3100\n    tenant: t\n"
+    )
+    for args, where in (
+        (
+            ["--sink=dingtalk:http://svc:Sup3r?Pw@gw:80/robot/send?access_token=x"],
+            "--sink #1 (sink 'dingtalk')",
+        ),
+        ([f"--config={config}"], f"{config} sinks[0] (sink 'logs')"),
+    ):
+        result = _eventrouter("check", "--offline", *args)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"{where}: option 'url': Value error, url 'http://…': " in result.stderr
+        assert "percent-encode any / ? # @" in result.stderr
+        for part in ("Sup3r", "Pw", "svc"):
+            assert part not in result.stdout + result.stderr
+    result = _eventrouter("check", "--offline", "--sink=loki:http://loki:3100?tenant=x")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "valid loki (loki http://loki:3100)\n"

@@ -159,3 +159,58 @@ def test_the_parsers_own_text_is_never_quoted() -> None:
     assert "NFKC" in str(nfkc.value)
     with pytest.raises(ValueError, match=r"^url 'http://h:1_0': Port could not be cast to an integer$"):
         http_url("http://h:1_0")
+
+
+CUT_AT_A_QUERY = [
+    # (--sink flag or YAML entry, the sink's name in the error)
+    ("dingtalk:http://svc:Sup3r?Pw@gw:80/robot/send?access_token=x", "dingtalk"),
+    ("loki:http://svc:Sup3r?Pw@loki:3100?tenant=t", "loki"),
+    ("loki:http://svc:Sup3r?Pw/x@loki:3100", "loki"),  # a / after the ?: still the password
+    ("loki:http://svc:Sup3r?P=w&x@loki:3100", "loki"),  # = and & in it: no key holds the @
+    ("loki:http://svc:Sup3r#P?w@loki:3100", "loki"),
+    ("elasticsearch:http://es0:9200,http://svc:Sup3r?Pw@es:9200", "elasticsearch"),
+    ("loki:http://svc:1234?Pw@loki:3100", "loki"),  # starting with digits: read as a port
+    ("webhook:http://svc:1234?Pw@hook.corp/x", "webhook"),  # was valid: sent to svc:1234, shown
+    (
+        {"type": "dingtalk", "name": "alerts", "url": "http://svc:Sup3r?Pw@gw/robot/send?access_token=t"},
+        "alerts",
+    ),
+    ({"type": "loki", "url": "http://svc:Sup3r?Pw@loki:3100", "tenant": "t"}, "loki"),
+]
+
+
+@pytest.mark.parametrize(("given", "name"), CUT_AT_A_QUERY)
+def test_a_raw_query_in_a_url_password_is_refused_naming_the_sink_and_url_only(
+    given: str | dict[str, str], name: str
+) -> None:
+    """The configuration split the URL at the password's raw ``?``: the rest of it was named as an
+    unknown option (``option 'Pw@gw:80/robot/send?access_token'``) and its start shown as the url's
+    host:port (``url 'http://svc:Sup3r'``), or, with a webhook, put back into a valid URL to svc:1234
+    and shown at every start."""
+    with pytest.raises(ConfigError) as info:
+        build_specs(*(([given], []) if isinstance(given, str) else ([], [given])))
+    text = str(info.value)
+    assert text.count("\n") == 0 and f"(sink {name!r}): option 'url': Value error, url " in text
+    for part in ("Sup3r", "Pw", "svc", "1234", "P=w"):
+        assert part not in text
+    assert "percent-encode any / ? # @" in text
+
+
+def test_an_at_in_a_query_value_after_a_valid_address_is_an_option_as_before() -> None:
+    """Not refused: a password option given in the query, with an @, as the docs show them."""
+    (loki,) = build_specs(["loki:http://loki:3100?tenant=x"])
+    assert loki.options.url == "http://loki:3100" and loki.options.tenant == "x"  # type: ignore[attr-defined]
+    (loki,) = build_specs([], [{"type": "loki", "url": "http://loki:3100?username=u&password=p@ss"}])
+    assert loki.options.password.get_secret_value() == "p@ss"  # type: ignore[attr-defined]
+    (es,) = build_specs(["elasticsearch:http://es0:9200,http://es1?username=u&password=p@ss"])
+    assert es.options.password.get_secret_value() == "p@ss"  # type: ignore[attr-defined]
+    (hook,) = build_specs(["webhook:http://u:p%3Fw@hook/x?team=a@b"])  # ? encoded, and a key of its own
+    assert hook.options.url == "http://u:p%3Fw@hook/x?team=a%40b"
+
+
+def test_an_unknown_option_whose_name_holds_an_at_is_not_quoted() -> None:
+    """A name no option has, likely a piece of a URL's user info (a YAML key)."""
+    with pytest.raises(ConfigError) as info:
+        build_specs([], [{"type": "loki", "url": "http://loki:3100", "svc:Sup3r?Pw@loki": "x"}])
+    text = str(info.value)
+    assert text == "config sinks[0] (sink 'loki'): option (a name holding an @, not shown): unknown option"
