@@ -59,10 +59,13 @@ REQUEST_TIMED_OUT) for ever. What was acknowledged by then is OK; a batch not ac
 what follows it on its partition) and its producer discarded without flushing; what was not sent yet
 (refused batches going again in pieces, slowly) comes back as a hold, sent again at once without counting
 as a failed attempt. No batch is handed over in the budget's last tenth, nor one whose answer, if as slow
-as the slowest of the send, would come too late. A batch handed over is waited for until
-``request_timeout_ms`` after that (its produce request answered or timed out), past the budget if need be
-but not past ``send_timeout`` less a margin (1 s, at most a twelfth): a slow acknowledgement (``acks=all``
-with a slow follower) is not given up and then sent again beside what the broker wrote. A new producer
+as the slowest of the send, would come too late. A batch handed over late (in the budget's last
+``request_timeout_ms`` and its second half) is waited for until ``request_timeout_ms`` after that (its
+produce request answered or timed out), past the budget if need be but not past ``send_timeout`` less a
+margin (1 s, at most a twelfth): a slow acknowledgement (``acks=all`` with a slow follower) is not given up
+and then sent again beside what the broker wrote. One handed over earlier and unanswered at the budget's
+end is given up then (a partition answering a retriable error). A batch given up whose answer still comes
+before the send ends (another batch waited for past the budget) counts as answered. A new producer
 (after an idempotence refusal or a discarded one) is waited for until the budget's last tenth; one still
 starting then (the broker slow to hand out a producer id) goes on starting for the next send, and this
 send is retried with nothing sent. A send the engine gives up on all
@@ -480,11 +483,15 @@ async def _start(producer: Any, patience: float) -> None:
     try:
         await asyncio.shield(bootstrap)
     except asyncio.CancelledError:
-        await asyncio.wait([bootstrap], timeout=patience)
-        bootstrap.cancel()
-        await asyncio.wait([bootstrap])  # a cancelled connect closes its connection at once
-        if not bootstrap.cancelled():
-            bootstrap.exception()  # retrieved: the cancellation is what is raised
+        try:
+            await asyncio.wait([bootstrap], timeout=patience)
+        finally:
+            # Even when cancelled again in that wait: left running, the bootstrap went on against the
+            # client closed under it and, answered, started a metadata synchronizer that ran for ever.
+            bootstrap.cancel()
+            await asyncio.wait([bootstrap])  # a cancelled connect closes its connection at once
+            if not bootstrap.cancelled():
+                bootstrap.exception()  # retrieved: the cancellation is what is raised
         raise
     await start_sender()
 
@@ -519,10 +526,14 @@ class _SendState:
 
     budget: float  # seconds: the context's send_budget
     submit_by: float  # no batch is handed to the producer after this
-    deadline: float  # the budget's end: a batch handed over long before is given up then
+    deadline: float  # the budget's end: a batch handed over by late_from is given up then
+    late_from: float  # a batch handed over after this is waited for past the deadline (see ack_by)
     last_ack: float  # nothing is waited for after this (send_timeout less _ANSWER_MARGIN)
     answer_time: float  # seconds (request_timeout_ms): a produce request is answered or timed out by then
     late: Outcome  # the records not sent in time (held: sent again at once, no failed attempt)
+    # The batches given up unacknowledged, judged again when the send ends (_send): until the producer
+    # is halted then, aiokafka goes on retrying them and their answers still come.
+    given_up: list[tuple[_Batch, asyncio.Future[Any]]]
     stop: Outcome | None = None  # the broker is unreachable: nothing more is sent
     unacknowledged: bool = False  # a batch was given up unacknowledged: the producer must go
     slowest: float = 0.0  # seconds: the longest a batch of this send took to be answered
@@ -530,9 +541,16 @@ class _SendState:
     def ack_by(self, handed: float) -> float:
         """Until when the acknowledgement of a batch handed over at ``handed`` is waited for. Its
         request may be answered up to ``answer_time`` later: given up before that, a batch the broker
-        writes is sent again (a copy); so a batch handed over late in the budget is waited for past it,
-        up to ``last_ack``. One handed over earlier and still unanswered at the budget's end is one
-        aiokafka retries (a retriable error, for ever with idempotence): given up then."""
+        writes is sent again (a copy). So a batch handed over late (after ``late_from``: in the budget's
+        last ``answer_time`` and its second half) is waited for past the budget's end, until
+        ``answer_time`` after it was handed over but not after ``last_ack``. One handed over earlier and
+        still unanswered at the budget's end has gone unanswered for ``answer_time`` (or half the budget,
+        if less): it is one aiokafka retries (a retriable error, for ever with idempotence), given up at
+        the budget's end. Without the half-budget bound, a stuck partition's batch handed over at the
+        send's start was waited for until ``last_ack`` whenever ``answer_time`` exceeded the budget: the
+        engine's margin gone at every send of an outage."""
+        if handed <= self.late_from:
+            return self.deadline
         return max(self.deadline, min(handed + self.answer_time, self.last_ack))
 
 
@@ -749,7 +767,11 @@ class KafkaSink(Sink[KafkaOptions]):
         starting, self._starting = self._starting, None
         if starting is not None:
             starting.cancel()
-            await asyncio.gather(starting, return_exceptions=True)
+            # Not gather: cut off itself (the engine bounds a close by send_timeout), it cancelled the
+            # start again during _start's patience. A cancelled wait leaves it to end in the background.
+            await asyncio.wait([starting])
+            if not starting.cancelled():
+                starting.exception()  # retrieved: a start that failed first is of no interest now
         producer, self._producer = self._producer, None
         if producer is not None:
             # Not producer.stop(): it flushes, and anything still queued belongs to a send the engine
@@ -1133,6 +1155,9 @@ class KafkaSink(Sink[KafkaOptions]):
             # normally answered before the deadline, and is not given up (and maybe written twice).
             submit_by=started + budget * _SUBMIT_SHARE,
             deadline=started + budget,
+            # Waited for past the budget: only a batch handed over in its last request_timeout_ms and
+            # its second half. Earlier, and still unanswered at its end, it is stuck (see ack_by).
+            late_from=started + budget - min(self.options.request_timeout_ms / 1000, budget / 2),
             last_ack=started + send_timeout - min(_ANSWER_MARGIN, send_timeout / 12),
             answer_time=self.options.request_timeout_ms / 1000,
             late=retry(
@@ -1141,6 +1166,7 @@ class KafkaSink(Sink[KafkaOptions]):
                 "again at once",
                 held=True,
             ),
+            given_up=[],
             stop=stop,
         )
         lanes = [deque(self._pack(topic, partition, items)) for (topic, partition), items in groups.items()]
@@ -1168,6 +1194,13 @@ class KafkaSink(Sink[KafkaOptions]):
         for lane in lanes:  # out of time, or the producer is given up
             _answer(outcomes, lane, state.late)
         if state.unacknowledged:
+            # A batch given up at the budget's end while another lane's late batch was waited for past
+            # it: its producer went on retrying it (its late answer could come too). Written meanwhile
+            # and answered retry, it was written again by the engine's resend. Judged again here, with
+            # no await before _abandon halts the producer: still pending, it stays a retry.
+            for job, future in state.given_up:
+                if future.done():
+                    _answer(outcomes, [job], self._settled_late(job, future))
             self._abandon(
                 f"produce batches not acknowledged within the send's time ({budget:g}s budget, 5/6 of "
                 "send_timeout; the broker is slow or keeps answering a retriable error)"
@@ -1245,6 +1278,7 @@ class KafkaSink(Sink[KafkaOptions]):
                 # REQUEST_TIMED_OUT and the like for ever. Given up here (the producer discarded unflushed)
                 # instead of by the engine's send_timeout, which sent the whole batch again.
                 state.unacknowledged = True
+                state.given_up.append((job, future))
                 _answer(
                     outcomes,
                     [job],
@@ -1287,6 +1321,23 @@ class KafkaSink(Sink[KafkaOptions]):
             if self.options.idempotence:
                 return bool(lane)
         return False
+
+    def _settled_late(self, job: _Batch, future: asyncio.Future[Any]) -> Outcome:
+        """The outcome of a given-up batch whose answer came before its send ended. The records after
+        it in its partition stay unsent (retry): they go after it, in order."""
+        from aiokafka.errors import InvalidTimestampError
+
+        error = _failure(future)
+        if error is None:
+            return OK
+        outcome = self._classify(error, job.topic)
+        if isinstance(error, _whole_batch_errors()) and (
+            len(job.items) > 1
+            or (isinstance(error, InvalidTimestampError) and job.items[0][1].timestamp_ms is not None)
+        ):
+            # What _pieces sends again in pieces (or with the send time) in a lane: the next send does.
+            return retry(f"kafka: refused as a whole after the send's budget, sent again: {outcome.reason}")
+        return outcome
 
     def _pieces(self, job: _Batch, error: BaseException) -> list[_Batch] | None:
         """What to send instead of a refused batch, in its place; None when its outcome is final."""

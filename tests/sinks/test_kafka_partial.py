@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import gc
 import logging
 import time
@@ -120,6 +121,20 @@ async def as_the_engine_does(sink: KafkaSink, batch: list[Occurrence]) -> list[O
         outcomes = await sink.send(batch)
     assert outcomes is not None
     return list(outcomes)
+
+
+def coroutine_of(task: asyncio.Task[Any]) -> str:
+    return getattr(getattr(task.get_coro(), "cr_code", None), "co_qualname", "")
+
+
+def aiokafka_tasks() -> list[str]:
+    """The coroutines of aiokafka's own tasks still running."""
+    return sorted(
+        coroutine_of(task)
+        for task in asyncio.all_tasks()
+        if not task.done()
+        and "aiokafka" in getattr(getattr(task.get_coro(), "cr_code", None), "co_filename", "")
+    )
 
 
 def two_topics() -> list[Occurrence]:
@@ -489,3 +504,126 @@ async def test_a_sink_closed_while_a_new_producer_bootstraps_leaves_no_connectio
             await as_the_engine_does(sink, [make_occurrence(namespace="good")])
         await sink.aclose()
     gc.collect()  # a connection left open warns here
+
+
+async def test_a_batch_given_up_while_a_late_one_is_waited_for_is_written_once() -> None:
+    """A partition answering NOT_ENOUGH_REPLICAS (a rolling restart) given up at the budget's end, while
+    another partition's batch handed over late (acknowledgements 1.9 s apart, its fifth batch at ~7.6 s
+    of a 10 s budget) was still waited for past it. Its producer, halted only when that wait ended,
+    went on retrying the given-up batch: both partitions recovered at 9.5 s, the broker wrote it, and
+    the engine, told retry, sent it again: two copies. A given-up batch is now judged again when the
+    send ends, just before its producer is halted: acknowledged by then, it is OK."""
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        FaultyBroker(
+            listen_port=port,
+            target_port=broker.port,
+            idempotence=True,
+            refuse={"g-bad": NOT_ENOUGH_REPLICAS},
+            api_delays={API_PRODUCE: 1.9},
+        ) as relay,
+    ):
+        await broker.create_topics("g-good", "g-bad", partitions=1)
+        # Produce batches of up to 8 KiB: three records of ~2.2 KB each, five for "good".
+        sink = kafka_sink(
+            port, send_timeout=12.0, topic="g-{namespace}", request_timeout_ms=6000, max_request_size=8192
+        )
+        await sink.start()
+        batch = [make_occurrence(namespace="bad", object_name="a-0", message="a " + "x" * 1500)] + [
+            make_occurrence(namespace="good", object_name="web-0", message=f"m{i:04d} " + "x" * 1500)
+            for i in range(15)
+        ]
+
+        def worse() -> None:  # the request carrying "good"'s fifth batch meets the fault too
+            relay.refuse["g-good"] = NOT_ENOUGH_REPLICAS
+            relay.api_delays[API_PRODUCE] = 2.5
+
+        def recovered() -> None:  # after that request went, before the budget ends
+            relay.refuse.clear()
+            relay.api_delays[API_PRODUCE] = 0.1
+
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        loop.call_at(began + 7.0, worse)
+        loop.call_at(began + 9.5, recovered)
+        first = await as_the_engine_does(sink, batch)
+        pending = [o for o, outcome in zip(batch, first, strict=True) if outcome.kind is not OutcomeKind.OK]
+        for _ in range(3):  # as the engine does: what was not OK goes again
+            if not pending:
+                break
+            outcomes = await as_the_engine_does(sink, pending)
+            pending = [
+                o for o, outcome in zip(pending, outcomes, strict=True) if outcome.kind is not OutcomeKind.OK
+            ]
+        await sink.aclose()
+        records = await log_of(broker.bootstrap, "g-good", "g-bad", at_least=len(batch))
+    assert copies(records) == {(f"g-{o.record['namespace']}", o.key): 1 for o in batch}
+    assert [o.kind for o in first] == [OutcomeKind.OK] * len(batch)
+
+
+async def test_a_stuck_partition_ends_the_send_at_its_budget_when_request_timeout_exceeds_it() -> None:
+    """Item 120's partition answering NOT_ENOUGH_REPLICAS for ever, with request_timeout_ms over the
+    send's budget (6 s, send_timeout=6: budget 5 s). Its batch, handed over at the send's start, was
+    waited for as one handed over late, until send_timeout less the margin (5.5 s): at every send of
+    the outage only 0.5 s was left before the engine's send_timeout, and a loop slow for that long had
+    the engine send the whole batch again (the acknowledged records twice). A batch handed over in the
+    budget's first half and unanswered at its end is now given up there."""
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        FaultyBroker(
+            listen_port=port,
+            target_port=broker.port,
+            idempotence=True,
+            refuse={"s-bad": NOT_ENOUGH_REPLICAS},
+        ),
+    ):
+        await broker.create_topics("s-good", "s-bad", partitions=1)
+        sink = kafka_sink(port, send_timeout=6.0, topic="s-{namespace}", request_timeout_ms=6000)
+        await sink.start()
+        batch = two_topics()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        outcomes = await as_the_engine_does(sink, batch)
+        took = loop.time() - began
+        await sink.aclose()
+    assert [o.kind for o in outcomes] == [OutcomeKind.OK, OutcomeKind.RETRY] * 10
+    assert took < sink.context.send_budget + 0.25  # before: send_timeout less the margin (5.5 s)
+
+
+async def test_a_close_cut_off_while_a_new_producer_bootstraps_leaves_no_task_running() -> None:
+    """The sink closed as the engine closes it (``Pipeline._close_quietly``: ``aclose`` bounded by
+    send_timeout) while a new producer's bootstrap metadata comes late (6 s, request_timeout_ms=8000).
+    The bound cancelled ``aclose`` while the start let the bootstrap end, and ``gather`` cancelled the
+    start again: the bootstrap, neither cancelled nor awaited, went on against the closed client, and
+    its late answer started aiokafka's metadata synchronizer there, running for ever (reconnecting every
+    metadata_max_age_ms). The start now ends in the background and always cancels its bootstrap."""
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        FaultyBroker(
+            listen_port=port, target_port=broker.port, idempotence=True, compacted_topics=("ke-bad",)
+        ) as relay,
+    ):
+        await broker.create_topics("ke-good", "ke-bad", partitions=1)
+        sink = kafka_sink(
+            port, send_timeout=2.0, topic="ke-{namespace}", key_by="none", request_timeout_ms=8000
+        )
+        await sink.start()
+        [refused] = await as_the_engine_does(sink, [make_occurrence(namespace="bad")])
+        assert refused.kind is OutcomeKind.REJECT  # the next send starts a new producer
+        relay.api_delays[API_METADATA] = 6.0
+        with pytest.raises(RetryableError, match="a new producer did not start"):
+            await as_the_engine_does(sink, [make_occurrence(namespace="good")])
+        relay.api_delays.clear()  # the bootstrap's answer stays late; later ones come at once
+        starting = sink._starting
+        bootstrap = [t for t in asyncio.all_tasks() if coroutine_of(t) == "AIOKafkaClient.bootstrap"]
+        assert starting is not None and len(bootstrap) == 1
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(sink.context.send_timeout):  # as Pipeline._close_quietly
+                await sink.aclose()
+        await asyncio.wait([starting, *bootstrap], timeout=10)  # the bootstrap's late answer came
+        with contextlib.suppress(TimeoutError):
+            await until(lambda: not aiokafka_tasks(), timeout=1)
+        assert aiokafka_tasks() == []
