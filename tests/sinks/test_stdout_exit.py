@@ -58,8 +58,18 @@ def occurrences(out: bytes) -> set[tuple[str, int]]:
     return rows
 
 
+def environment(unbuffered: bool) -> dict[str, str]:
+    """The router's environment, with or without PYTHONUNBUFFERED (set in the image, not by `pip
+    install` or a systemd unit): without it stdout's buffer is a BufferedWriter, whose lock a write
+    left blocked held at exit, and the interpreter's last flush aborted the process on it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 async def run_router(
-    api: FakeApiServer, tmp_path: Path, stdout: int, *extra: str
+    api: FakeApiServer, tmp_path: Path, stdout: int, *extra: str, unbuffered: bool
 ) -> asyncio.subprocess.Process:
     log = (tmp_path / "router.log").open("ab")  # handed to the child
     try:
@@ -68,18 +78,20 @@ async def run_router(
             "--kubeconfig", api.kubeconfig(tmp_path / "kubeconfig"), "--sink=stdout:?batch_max_events=20",
             "--metrics-addr", "127.0.0.1:0", "--watch-timeout", "30",
             "--shutdown-timeout", str(DEADLINE), *extra,
-            stdout=stdout, stderr=log,
+            stdout=stdout, stderr=log, env=environment(unbuffered),
         )  # fmt: skip
     finally:
         log.close()
 
 
+@pytest.mark.parametrize("unbuffered", [True, False], ids=["unbuffered", "buffered"])
 @pytest.mark.parametrize("spool", [False, True], ids=["no-data-dir", "data-dir"])
 async def test_a_stalled_stdout_reader_does_not_keep_the_router_from_exiting_after_sigterm(
-    api: FakeApiServer, tmp_path: Path, spool: bool
+    api: FakeApiServer, tmp_path: Path, spool: bool, unbuffered: bool
 ) -> None:
     """Python joined the sink's ThreadPoolExecutor thread at exit, blocked for ever on the full pipe:
-    the process never exited and the kubelet had to SIGKILL it."""
+    the process never exited and the kubelet had to SIGKILL it. Without PYTHONUNBUFFERED it then
+    exited, but with `Fatal Python error: _enter_buffered_busy` (SIGABRT, -6)."""
     for i in range(EVENTS):
         api.create_event(event_object(object_name=f"p-{i}", message=f"m{i} " + "x" * 300))
     want = {(e["metadata"]["uid"], occurrence_number(e)) for e in api.events()}
@@ -88,7 +100,7 @@ async def test_a_stalled_stdout_reader_does_not_keep_the_router_from_exiting_aft
     read_end, write_end = os.pipe()  # the test never reads it while the router runs
     proc = None
     try:
-        proc = await run_router(api, tmp_path, write_end, *extra)
+        proc = await run_router(api, tmp_path, write_end, *extra, unbuffered=unbuffered)
         os.close(write_end)
         write_end = -1
         # Every event handed to the sink, and the pipe full (each of its page-sized slots in use; the
@@ -129,7 +141,7 @@ async def test_a_stalled_stdout_reader_does_not_keep_the_router_from_exiting_aft
             os.close(write_end)
     if spool:
         # A restart with a reader delivers what was kept: nothing lost.
-        proc = await run_router(api, tmp_path, asyncio.subprocess.PIPE, *extra)
+        proc = await run_router(api, tmp_path, asyncio.subprocess.PIPE, *extra, unbuffered=unbuffered)
         assert proc.stdout is not None
         got = b""
         try:
