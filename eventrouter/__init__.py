@@ -7,6 +7,7 @@ The public surface for sink plugins is this module: subclass ``Sink``, describe 
 from eventrouter.memory import BoundedCache
 from eventrouter.options import FilterOptions, PipelineOptions, Secret, SinkOptions
 from eventrouter.record import Occurrence, normalise
+from eventrouter.retry_after import parse_retry_after
 from eventrouter.sink import (
     OK,
     Outcome,
@@ -36,6 +37,7 @@ __all__ = [
     "SinkError",
     "SinkOptions",
     "normalise",
+    "parse_retry_after",
     "reject",
     "retry",
 ]

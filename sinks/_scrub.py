@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 from collections.abc import Iterable
 from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
@@ -43,9 +45,10 @@ def credentials(
     """Our credentials, for ``scrub``: built once per sink. ``secrets`` (passwords, tokens, keys, the
     token of an Authorization header as sent) whatever their length; ``sent``, header values as sent
     (the whole Authorization value, custom headers) with their words of 8+ characters; ``urls``, their
-    user info (also as yarl writes it), query values and the long path segments ``redact_url`` hides.
-    Of ``sent`` and ``urls`` only values of 4+ characters but the URL password: shorter ones are no
-    secret and would only garble the excerpt (``X-Version: 1`` would hide every "1")."""
+    user info, query values and the long path segments ``redact_url`` hides, each also as yarl writes
+    it (aiohttp's errors quote the URL so). Of ``sent`` and ``urls`` only values of 4+ characters but
+    the URL password: shorter ones are no secret and would only garble the excerpt (``X-Version: 1``
+    would hide every "1"). Each also JSON-escaped, as an error body may quote it."""
     values = [s for s in secrets if s]
     named = [v for v in sent if v]
     named += [word for v in named for word in v.split() if len(word) >= 8]
@@ -55,10 +58,49 @@ def credentials(
         users, passwords = _as_yarl_writes(url, user, password)
         values += [password, *passwords]
         named += [user, *users]
-        named += [v for _, v in parse_qsl(parts.query)]
+        queries = [v for _, v in parse_qsl(parts.query)]
         shown = urlsplit(redact_url(url)).path.split("/")
-        named += [unquote(seg) for seg, s in zip(parts.path.split("/"), shown, strict=False) if s == "***"]
-    return list(dict.fromkeys([v for v in values if v] + [v for v in named if len(v) >= 4]))
+        tokens = [unquote(seg) for seg, s in zip(parts.path.split("/"), shown, strict=False) if s == "***"]
+        named += [*queries, *tokens, *_as_yarl_quotes(url, queries, tokens)]
+    found = dict.fromkeys([v for v in values if v] + [v for v in named if len(v) >= 4])
+    return list(dict.fromkeys(form for s in found for form in (s, *_json_escaped(s))))
+
+
+def _json_escaped(secret: str) -> set[str]:
+    r"""``secret`` as a JSON encoder may quote it in an error body (a gateway echoing what it
+    refused): non-ASCII as ``\u00e4`` (Python's ``json``) or ``\u00E4`` (Java, .NET), ``/`` as
+    ``\/`` (PHP's ``json_encode``), quotes and backslashes escaped. None equal to ``secret``."""
+    forms = {json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
+    forms |= {_UNICODE_ESCAPE.sub(lambda m: m[0].upper().replace("\\U", "\\u"), f) for f in forms}
+    forms |= {f.replace("/", "\\/") for f in forms}
+    return forms - {secret}
+
+
+_UNICODE_ESCAPE = re.compile(r"\\u[0-9a-f]{4}")
+
+
+def _as_yarl_quotes(url: str, queries: list[str], tokens: list[str]) -> list[str]:
+    """The query values and hidden path segments (``tokens``, decoded) of ``url`` as aiohttp sends
+    the URL and its errors quote it: yarl decodes escapes it need not keep (``%2f`` in a query as
+    ``/``, ``%7E`` as ``~``, ``%3D`` in a path as ``=``), keeps others as given (``%20``, ``%2B``)
+    and encodes non-ASCII, a mix of the decoded value and ``quote`` of it. As for the user info,
+    both the URL as yarl reads it and the decoded values as yarl encodes them."""
+    try:
+        read = yarl.URL(url)
+    except (ValueError, TypeError):  # not a URL yarl takes: aiohttp cannot quote it
+        return []
+    found = [pair.partition("=")[2] for pair in read.raw_query_string.split("&")]
+    # yarl drops "." and ".." segments: a hidden one is known by its place or by what it decodes to.
+    hidden = set(tokens)
+    raw_shown = zip(read.raw_path.split("/"), urlsplit(redact_url(str(read))).path.split("/"), strict=False)
+    found += [raw for raw, shown in raw_shown if shown == "***" or unquote(raw) in hidden]
+    for value in queries:
+        with contextlib.suppress(ValueError, TypeError):
+            found.append(yarl.URL.build(scheme="http", host="h", query={"k": value}).raw_query_string[2:])
+    for token in tokens:
+        with contextlib.suppress(ValueError, TypeError):
+            found.append(yarl.URL.build(scheme="http", host="h", path="/" + token).raw_path[1:])
+    return found
 
 
 def _as_yarl_writes(url: str, user: str, password: str) -> tuple[list[str], list[str]]:

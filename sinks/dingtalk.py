@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 import orjson
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from eventrouter import Secret, SinkContext
+from eventrouter import Secret, SinkContext, parse_retry_after
 from eventrouter.options import StrList, http_url
 
 from ._alerting import (
@@ -231,7 +231,7 @@ class DingTalkSink(AlertSink[DingTalkOptions]):
         ) as resp:
             raw = await resp.content.read(256 * 1024)
             status = resp.status
-            retry_after = _retry_after(resp.headers.get("Retry-After"))
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
             location = resp.headers.get("Location")
         if status != 200:
             return self.http_failure("DingTalk robot", status, retry_after, location)
@@ -291,9 +291,3 @@ def _refused(code: int, msg: str) -> str:
 def _cause(msg: str) -> str:
     """The stable part of an errmsg (DingTalk appends links and request ids)."""
     return re.split(r"[,;\uff0c\uff1b]| more:", msg, maxsplit=1)[0].strip()
-
-
-def _retry_after(value: str | None) -> float | None:
-    if value and value.strip().isdigit():
-        return float(value.strip())
-    return None

@@ -40,7 +40,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
-from email.utils import parsedate_to_datetime
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -76,6 +75,7 @@ from eventrouter import (
     SinkError,
     SinkOptions,
     __version__,
+    parse_retry_after,
     reject,
     retry,
 )
@@ -868,17 +868,7 @@ def _api_key_forms(key: str) -> list[str]:
 
 
 def _retry_after(meta: ApiResponseMeta) -> float | None:
-    value = meta.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
+    return parse_retry_after(meta.headers.get("retry-after"))
 
 
 # ---------------------------------------------------------------------------------------- the sink

@@ -391,11 +391,19 @@ class KafkaOptions(SinkOptions):
         return self.user is not None
 
 
+def _no_pass_phrase() -> str:
+    """For load_cert_chain: without it OpenSSL asks for an encrypted key's pass phrase on the terminal
+    (the event loop waits for someone to type) or fails with "[Errno 22] Invalid argument"."""
+    raise ssl.SSLError(
+        0, "the client key (key_file, or cert_file when it holds it) is encrypted: give a decrypted key"
+    )
+
+
 def ssl_context(options: KafkaOptions) -> ssl.SSLContext:
     """The TLS context for the brokers; OSError/ssl.SSLError name the file that failed."""
     context = ssl.create_default_context(cafile=options.ca_file)
     if options.cert_file:
-        context.load_cert_chain(options.cert_file, options.key_file)
+        context.load_cert_chain(options.cert_file, options.key_file, password=_no_pass_phrase)
     if options.insecure_skip_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

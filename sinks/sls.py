@@ -106,6 +106,7 @@ from eventrouter import (
 from eventrouter.logs import Throttled
 from eventrouter.options import FilePath
 from eventrouter.protowire import bytes_field
+from eventrouter.retry_after import parse_retry_after as _retry_after
 
 from ._scrub import credentials, scrub
 from ._sls_log import encode_log, encode_occurrence, log_contents
@@ -998,19 +999,6 @@ def _pack(logs: list[tuple[int, bytes]], header_size: int, limits: tuple[int, in
     if current.logs:
         chunks.append(current)
     return chunks
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 def _describe(exc: BaseException) -> str:

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import io
@@ -65,14 +66,13 @@ import ssl
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
+import yarl
 from pydantic import AliasChoices, BeforeValidator, Field, field_validator, model_validator
 
 import eventrouter
@@ -88,6 +88,7 @@ from eventrouter import (
     SinkError,
     SinkOptions,
     normalise,
+    parse_retry_after,
     reject,
     retry,
 )
@@ -101,37 +102,10 @@ __all__ = [
     "TemplateError",
     "WebhookOptions",
     "WebhookSink",
-    "parse_retry_after",
     "redact_url",
     "standard_webhooks_keys",
     "standard_webhooks_signature",
 ]
-
-# --------------------------------------------------------------------------------------------------
-# Retry-After
-# --------------------------------------------------------------------------------------------------
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Retry-After as seconds from now: delta-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if seconds == seconds else None  # NaN
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    current = now if now is not None else time.time()
-    return max(0.0, when.timestamp() - current)
-
 
 # --------------------------------------------------------------------------------------------------
 # Body template
@@ -360,6 +334,9 @@ class WebhookOptions(SinkOptions):
     ca_file: FilePath | None = Field(None, description="CA bundle (PEM) to verify the server's certificate.")
     cert_file: FilePath | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
     key_file: FilePath | None = Field(None, description="Client certificate key (PEM) for mutual TLS.")
+    key_password: Secret | None = Field(
+        None, description="Pass phrase of an encrypted key_file (never asked for on a terminal)."
+    )
     insecure_skip_verify: bool = Field(False, description="Do not verify the server's certificate.")
     username: str | None = Field(None, description="HTTP basic auth user.")
     password: Secret | None = Field(None, description="HTTP basic auth password.")
@@ -369,7 +346,11 @@ class WebhookOptions(SinkOptions):
         description="Authorization: Bearer token.",
     )
     healthcheck_url: str | None = Field(
-        None, description="URL that `eventrouter check` probes with HEAD (default: the webhook URL)."
+        None,
+        description=(
+            "URL that `eventrouter check` probes with HEAD (default: the webhook URL). Our credentials "
+            "(Authorization, headers) go with it only when it has url's scheme, host and port."
+        ),
     )
 
     @field_validator("method", mode="before")
@@ -405,6 +386,8 @@ class WebhookOptions(SinkOptions):
         if self.key_file is not None and self.cert_file is None:
             # load_cert_chain only reads a key beside a certificate: alone it was silently ignored.
             raise ValueError("key_file needs cert_file (the client certificate the key belongs to)")
+        if self.key_password is not None and self.cert_file is None:
+            raise ValueError("key_password needs cert_file and the encrypted key (key_file or in cert_file)")
         if self.body_template is not None and self.body_template_file is not None:
             raise ValueError("set body_template or body_template_file, not both")
         if self.body_template is not None:
@@ -476,6 +459,7 @@ class WebhookSink(Sink[WebhookOptions]):
         self._redacted = redact_url(options.url)
         self._standard_keys: list[bytes] = []
         self._secrets: list[str] = []
+        self._shown_urls: list[tuple[str, str]] = []
         self._refused_log = Throttled(self.log, _LOG_REFUSED_EVERY)
         self._refusing = False  # the last answer was a 401/403 (logged): a 2xx ends that run
         # mode=event: the key of the last event sent and whether the endpoint took it (answered it,
@@ -526,7 +510,12 @@ class WebhookSink(Sink[WebhookOptions]):
             headers["Authorization"] = "Bearer " + opts.bearer_token.get_secret_value()
         headers.update((name, value.get_secret_value()) for name, value in opts.headers.items())
         self._headers = headers
-        self._secrets = self._credentials(opts.url)
+        self._secrets = self._credentials()
+        # As configured and as yarl writes them (aiohttp's errors quote that): never shown unredacted.
+        self._shown_urls = _url_forms(
+            [(opts.url, self._redacted), (self._target, self._redacted)]
+            + ([(opts.healthcheck_url, redact_url(opts.healthcheck_url))] if opts.healthcheck_url else [])
+        )
         try:
             if opts.body_template_file is not None:  # read again: it may have changed since
                 text = _read_template(opts.body_template_file)
@@ -538,14 +527,16 @@ class WebhookSink(Sink[WebhookOptions]):
         if opts.secret is not None and opts.signature == "standard":
             self._standard_keys = standard_webhooks_keys(opts.secret.get_secret_value())
 
-    def _credentials(self, url: str) -> list[str]:
+    def _credentials(self) -> list[str]:
         """Everything of ours an error answer must not carry into a reason (log line, dead-letter
         file): gateways echo the credential they refused. The bearer token, the passwords, the
         signing secret(s) and their words; the Authorization header as sent and the custom header
-        values (see ``_scrub.credentials``); the URL's credentials and token-like path segments."""
+        values (see ``_scrub.credentials``); the URLs' credentials and token-like path segments."""
         opts = self.options
         secrets = [
-            s.get_secret_value() for s in (opts.bearer_token, opts.password, opts.secret) if s is not None
+            s.get_secret_value()
+            for s in (opts.bearer_token, opts.password, opts.secret, opts.key_password)
+            if s is not None
         ]
         return credentials(
             [*secrets, *(word for s in secrets for word in s.split())],
@@ -553,7 +544,7 @@ class WebhookSink(Sink[WebhookOptions]):
                 *(v.get_secret_value() for v in opts.headers.values()),
                 self._headers.get("Authorization", ""),
             ],
-            urls=[url],
+            urls=[opts.url, *([opts.healthcheck_url] if opts.healthcheck_url else [])],
         )
 
     def _ssl(self) -> ssl.SSLContext | bool:
@@ -562,14 +553,41 @@ class WebhookSink(Sink[WebhookOptions]):
             return True
         try:
             ctx = ssl.create_default_context(cafile=str(opts.ca_file) if opts.ca_file else None)
-            if opts.cert_file:
-                ctx.load_cert_chain(str(opts.cert_file), str(opts.key_file) if opts.key_file else None)
         except (OSError, ssl.SSLError) as exc:
-            raise SinkError(f"webhook sink: cannot load ca_file/cert_file/key_file: {exc}") from None
+            raise SinkError(f"webhook sink: cannot load ca_file: {exc}") from None
+        if opts.cert_file:
+            self._load_client_certificate(ctx, opts.cert_file)
         if opts.insecure_skip_verify:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
+
+    def _load_client_certificate(self, ctx: ssl.SSLContext, cert_file: str) -> None:
+        opts = self.options
+        where = "key_file" if opts.key_file else "cert_file"  # the file holding the key
+        asked = False
+
+        def pass_phrase() -> str:
+            # Without a password argument OpenSSL asks on the terminal (the event loop, so every
+            # sink, the watch and /healthz, waits for someone to type) or, without one, fails with
+            # "[Errno 22] Invalid argument", naming nothing.
+            nonlocal asked
+            asked = True
+            if opts.key_password is None:
+                raise _PassPhraseAsked
+            return opts.key_password.get_secret_value()
+
+        try:
+            ctx.load_cert_chain(cert_file, opts.key_file, password=pass_phrase)
+        except _PassPhraseAsked:
+            raise SinkError(
+                f"webhook sink: {where} is encrypted (it wants a pass phrase): give a decrypted key, "
+                "or its pass phrase in key_password"
+            ) from None
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            if asked:  # the key is encrypted and the pass phrase given did not open it
+                raise SinkError(f"webhook sink: key_password does not decrypt {where} ({exc})") from None
+            raise SinkError(f"webhook sink: cannot load cert_file/key_file: {exc}") from None
 
     async def start(self) -> None:
         # No request here: many webhooks only accept POST, and a start must not emit a fake event.
@@ -588,14 +606,32 @@ class WebhookSink(Sink[WebhookOptions]):
         assert self._session is not None
         opts = self.options
         url = opts.healthcheck_url or self._target
-        try:
+        # Our credentials go where the events go, not to a status page elsewhere or a plain-http
+        # health port: a healthcheck_url at another scheme, host or port gets a HEAD without them.
+        ours = _origin(url) == _origin(self._target)
+        if ours:
             headers = {k: v for k, v in self._headers.items() if k != "Content-Type"}
+        else:
+            headers = {"User-Agent": self._headers["User-Agent"]}
+        try:
             async with self._session.head(url, headers=headers, allow_redirects=False) as resp:
                 status, reason = resp.status, resp.reason or ""
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise SinkError(f"webhook sink cannot reach {redact_url(url)}: {self._describe(exc)}") from None
-        self.log.info("webhook %s answered HEAD with %d", redact_url(url), status)
+        withheld = "" if ours else f" ({_WITHHELD})"
+        self.log.info("webhook %s answered HEAD with %d%s", redact_url(url), status, withheld)
         if status not in (401, 403):
+            return
+        if not ours:  # says nothing of our credentials: they were not sent
+            self.log.warning(
+                "webhook %s answered HEAD with %d %r (%s): it is reachable; whether %s takes our "
+                "credentials is not checked",
+                redact_url(url),
+                status,
+                reason,
+                _WITHHELD,
+                self._redacted,
+            )
             return
         # What of the request authenticates it: named, never shown. A header counts when its name
         # says so (X-Api-Key, Private-Token, Cookie, ...); X-Source: or X-Amz-Acl: do not.
@@ -659,12 +695,17 @@ class WebhookSink(Sink[WebhookOptions]):
             return f"no answer within {self.options.timeout:g}s"
         if isinstance(exc, aiohttp.ClientConnectorError):
             return f"cannot connect ({exc.os_error.strerror or type(exc.os_error).__name__})"
-        text = str(exc)
-        # Some aiohttp errors quote the request URL; never let its query or userinfo through.
-        for raw in {self.options.url, self._target}:
-            if raw:
-                text = text.replace(raw, self._redacted)
-        return f"{type(exc).__name__}: {text}"[:300]
+        if isinstance(exc, aiohttp.ClientResponseError):
+            # An answer aiohttp cannot parse (a header over 8190 bytes, a bad status line or
+            # Content-Length): its text ends in the request URL, which no replacement needs to
+            # find. Its status (400 for a parse error) and message alone.
+            message = " ".join(scrub(str(exc.message), self._secrets).split())[:100]
+            text = f"invalid HTTP answer ({type(exc).__name__} {exc.status}): {message}"
+        else:
+            text = f"{type(exc).__name__}: {exc}"
+            for raw, shown in self._shown_urls:  # some aiohttp errors quote the request URL
+                text = text.replace(raw, shown)
+        return scrub(text, self._secrets)[:300]
 
     async def _post(self, body: bytes, keys: Sequence[str]) -> tuple[int | None, Outcome]:
         """One request → its status (None: no answer) and OK, retry(...) or reject(...)."""
@@ -862,6 +903,36 @@ class WebhookSink(Sink[WebhookOptions]):
             if whole is not None and whole.kind is OutcomeKind.RETRY and len(bodies) == len(batch):
                 raise RetryableError(whole.reason, retry_after=whole.retry_after)
         return [o if o is not None else OK for o in outcomes]
+
+
+class _PassPhraseAsked(Exception):
+    """OpenSSL wants a pass phrase for the client key and key_password is not set."""
+
+
+_WITHHELD = "sent without our credentials: healthcheck_url is not at url's scheme, host and port"
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host and port (the scheme's default when not written) of ``url``."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:  # not past the options' validation; -1 is no port the other can have
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _url_forms(urls: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(URL, what to show instead) for each URL as given and as yarl writes it (``%2f`` in a query
+    as ``/``, ``%7E`` as ``~``, non-ASCII encoded): aiohttp's errors quote the latter. Longest
+    first, so no URL is replaced inside a longer one."""
+    forms: dict[str, str] = {}
+    for url, shown in urls:
+        forms.setdefault(url, shown)
+        with contextlib.suppress(ValueError, TypeError):
+            forms.setdefault(str(yarl.URL(url)), shown)
+    return sorted(forms.items(), key=lambda form: len(form[0]), reverse=True)
 
 
 def _known(outcome: Outcome | None) -> Outcome:

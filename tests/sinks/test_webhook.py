@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import json
 import logging
 import re
 import shutil
@@ -19,6 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+import yarl
 
 from eventrouter import (
     OK,
@@ -47,7 +50,6 @@ from eventrouter_sinks.webhook import (
     WebhookOptions,
     WebhookSink,
     github_signature,
-    parse_retry_after,
     redact_url,
     standard_webhooks_key,
     standard_webhooks_signature,
@@ -525,6 +527,36 @@ async def test_check_fails_when_the_endpoint_refuses_our_credentials(
     assert "s3cret" not in message + caplog.text
 
 
+async def test_check_sends_our_credentials_only_to_a_healthcheck_url_at_urls_scheme_host_and_port(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`check` sent the bearer token and every custom header to healthcheck_url wherever it was: a
+    public status page, a plain-http health port. Now only to url's scheme, host and port; elsewhere
+    a HEAD without them, and the check says so (a 401 there is no verdict on our credentials)."""
+    caplog.set_level(logging.INFO)
+    creds: dict[str, Any] = {"bearer_token": "tok-s3cret-1234", "headers": ["X-Api-Key:key-s3cret-5678"]}
+    async with WebhookReceiver(head_status=200) as hook, WebhookReceiver(head_status=401) as elsewhere:
+        async with webhook(url=hook.url, healthcheck_url=hook.url + "/health", **creds) as sink:
+            await sink.check()  # the same scheme, host and port: with them
+        async with webhook(url=hook.url, healthcheck_url=elsewhere.url, **creds) as sink:
+            await sink.check()  # another port
+        https = elsewhere.url.replace("http://", "https://")
+        async with webhook(url=https, healthcheck_url=elsewhere.url, **creds) as sink:
+            await sink.check()  # plain http for an https url, at its host and port
+    (ours,) = hook.requests
+    assert ours.headers["Authorization"] == "Bearer tok-s3cret-1234"
+    assert ours.headers["X-Api-Key"] == "key-s3cret-5678"
+    assert [r.method for r in elsewhere.requests] == ["HEAD", "HEAD"]
+    for request in elsewhere.requests:
+        assert not request.headers.keys() & {"Authorization", "X-Api-Key"}, request.headers
+        assert "s3cret" not in str(request.headers)
+    ours_line, *withheld = [r.getMessage() for r in caplog.records if "answered HEAD" in r.getMessage()]
+    assert ours_line == f"webhook {hook.url}/health answered HEAD with 200"
+    assert len(withheld) == 4, withheld  # an info and a warning (a 401: not a verdict) each
+    assert all(f"webhook {elsewhere.url} answered HEAD with 401" in line for line in withheld), withheld
+    assert all("sent without our credentials: healthcheck_url is not at url's" in w for w in withheld)
+
+
 async def _cli_check(flag: str) -> tuple[int | None, str]:
     """`eventrouter check <flag>`: (exit code, what it printed and logged)."""
     proc = await asyncio.create_subprocess_exec(
@@ -587,15 +619,6 @@ def test_redact_url(url: str, redacted: str) -> None:
     assert redact_url(url) == redacted
 
 
-def test_parse_retry_after() -> None:
-    now = 1_700_000_000.0
-    assert parse_retry_after("3", now=now) == 3.0
-    assert parse_retry_after(formatdate(now + 120, usegmt=True), now=now) == 120.0
-    assert parse_retry_after(formatdate(now - 120, usegmt=True), now=now) == 0.0
-    assert parse_retry_after("soon", now=now) is None
-    assert parse_retry_after(None) is None
-
-
 async def test_secrets_never_in_logs_reprs_or_reasons(
     hook: WebhookReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -648,14 +671,22 @@ BEARER = "tok_live_9f8e7d6c5b4a3f2e1d0c"
         ({"userinfo": "bob:s3cr3t%2Fpw"}, "s3cr3t/pw"),
         ({"query": "?token=q-t0ken-5e6f&level=Warning"}, "q-t0ken-5e6f"),
         ({"path": "/T0123456789ABCDEFXYZ"}, "T0123456789ABCDEFXYZ"),
+        # A / or non-ASCII, which JSON encoders escape (see _json_quoted).
+        ({"bearer_token": "k9/Tq+Zr2/aXw8Lm"}, "k9/Tq+Zr2/aXw8Lm"),
+        ({"username": "svc", "password": "pässwört-2024"}, "pässwört-2024"),
+        ({"headers": "X-Api-Key:Zx/91kQ/77pLmn"}, "Zx/91kQ/77pLmn"),
     ],
-    ids=["bearer", "basic", "header-word", "header", "signing", "userinfo", "query", "path"],
-)
+    ids=[
+        "bearer", "basic", "header-word", "header", "signing", "userinfo", "query", "path",
+        "bearer-slash", "basic-non-ascii", "header-slash",
+    ],
+)  # fmt: skip
 async def test_an_answer_quoting_our_credentials_never_carries_them_into_a_reason(
     options: dict[str, Any], secret: str
 ) -> None:
     """Up to 200 characters of an error answer went into the reason (logged, written to the
-    dead-letter file) as they came: gateways that quote the credential they refused put it there."""
+    dead-letter file) as they came: gateways that quote the credential they refused put it there,
+    also in a JSON body whose encoder escapes / (PHP) or non-ASCII (Python, Java, .NET)."""
     async with WebhookReceiver() as hook:
         userinfo = options.pop("userinfo", "")
         url = hook.url.replace("http://", f"http://{userinfo}@") if userinfo else hook.url
@@ -663,17 +694,54 @@ async def test_an_answer_quoting_our_credentials_never_carries_them_into_a_reaso
         hook.fail_next(1, 401, body=f'{{"error":"invalid credential {secret}"}}'.encode())
         hook.fail_next(1, 503, echo=True)  # the request as it came: URL, Authorization, headers
         hook.fail_next(1, 403, body=f"refused {quote(secret, safe='')}".encode())
+        quoted = _json_quoted(secret)
+        for status, form in zip([400, 401, 400], quoted.values(), strict=True):
+            hook.fail_next(1, status, body=f'{{"error":"invalid credential {form}"}}'.encode())
         reasons: list[str] = []
         async with webhook(url=url, mode="event", **options) as sink:
-            for name in ("a", "b", "c"):
+            for name in ("a", "b", "c", "d", "e", "f"):
                 reasons += [o.reason for o in await sink.send([make_occurrence(object_name=name)]) or []]
-    assert [r.status for r in hook.requests] == [401, 503, 403]
-    assert reasons[0].endswith('{"error":"invalid credential ****"}'), reasons[0]
+    assert [r.status for r in hook.requests] == [401, 503, 403, 400, 401, 400]
+    for n in (0, 3, 4, 5):
+        assert reasons[n].endswith('{"error":"invalid credential ****"}'), reasons[n]
     assert reasons[2].endswith("refused ****"), reasons[2]
     auth = hook.requests[1].headers.get("Authorization", "").split()  # e.g. Basic base64(user:password)
     for reason in reasons:
         assert secret not in reason and quote(secret, safe="") not in reason, reason
         assert not auth or auth[-1] not in reason, reason
+        assert not any(form in reason for form in quoted.values()), reason
+
+
+@pytest.mark.parametrize(
+    "tail",
+    ["?sig=Az%2FKey%20S3cret%C3%A9x", "/T0AB/B0CD/AbC%2BdEf%3D%3D99xyz"],
+    ids=["query", "path"],
+)
+async def test_an_answer_quoting_the_url_as_sent_never_carries_its_secret(tail: str) -> None:
+    """aiohttp sends (and its errors quote) the URL as yarl writes it: ``%2F`` in a query as ``/``
+    beside a ``%20`` kept, ``%3D`` in a path as ``=`` beside a ``%2B`` kept. That is neither the
+    secret, nor its quote() or quote_plus(): a receiver quoting the request in its error answer put
+    it into the reason (logged, dead-lettered)."""
+    async with WebhookReceiver() as hook:
+        url = hook.url + tail
+        hook.fail_next(1, 503, echo=True)  # "... refused POST <path and query as sent> ..."
+        async with webhook(url=url, mode="event") as sink:
+            (out,) = await sink.send([make_occurrence()]) or []
+    sent = yarl.URL(url)
+    written = sent.raw_query_string.partition("=")[2] if sent.query else sent.raw_path.rpartition("/")[2]
+    assert written in {"Az/Key%20S3cret%C3%A9x", "AbC%2BdEf==99xyz"}
+    assert " refused POST /hook" in out.reason and "****" in out.reason, out.reason
+    assert written not in out.reason and "S3cret" not in out.reason and "dEf" not in out.reason, out.reason
+
+
+def _json_quoted(secret: str) -> dict[str, str]:
+    """``secret`` inside a JSON string as encoders write it."""
+    python = json.dumps(secret)[1:-1]  # non-ASCII as \u00e4
+    return {
+        "php json_encode": python.replace("/", "\\/"),  # and / as \/
+        "python json.dumps": python,
+        "upper-case escapes": re.sub(r"\\u([0-9a-f]{4})", lambda m: "\\u" + m[1].upper(), python),
+    }
 
 
 async def test_a_credential_cut_off_by_the_excerpt_limit_is_hidden_too(hook: WebhookReceiver) -> None:
@@ -905,3 +973,91 @@ async def test_an_event_the_receiver_fails_on_waits_aside_while_the_rest_goes_on
         finally:
             await _stop(pipeline, task)
     assert Counter(_taken(hook.requests)) == {(o.uid, o.number): 1 for o in [*occs, *later]}
+
+
+async def test_a_retry_after_date_no_datetime_can_hold_sends_no_event_twice(tmp_path: Path) -> None:
+    """mode=event: the receiver answers event 7 with 429 and a Retry-After date of an 11-digit
+    year, three times. Parsing it raised OverflowError out of send; the engine sent the whole batch
+    again, and events 0-6, taken already, went in again each time. Now the header counts as none
+    (the engine's own backoff) and each event goes in once."""
+    occs = [make_occurrence(object_name=f"pod-{i}", message=f"event {i}") for i in range(10)]
+    left = [3]
+
+    def seventh(body: bytes) -> bool:
+        if b'"event 7"' in body and left[0] > 0:
+            left[0] -= 1
+            return True
+        return False
+
+    metrics = Metrics()
+    async with WebhookReceiver() as hook:
+        hook.fail_matching(seventh, 429, retry_after="Mon, 01 Jan 99999999999 00:00:00 GMT")
+        options = WebhookOptions.model_validate({"url": hook.url, "mode": "event"})
+        pipeline = _engine(WebhookSink(options, context()), tmp_path, metrics, batch_max_events=10)
+        task = asyncio.create_task(pipeline.run())
+        try:
+            for occ in occs:
+                pipeline.offer(occ)  # one batch: event 7 has 7 taken before it in its send
+            await until(lambda: _count(metrics.delivered, "webhook") == 10)
+        finally:
+            await _stop(pipeline, task)
+    assert [r.status for r in hook.requests].count(429) == 3
+    assert Counter(_taken(hook.requests)) == {(o.uid, o.number): 1 for o in occs}
+    assert _count(metrics.send_errors, "webhook", "exception") == 0
+
+
+async def _malformed_answers(answer: bytes) -> asyncio.Server:
+    """A server answering every request with ``answer`` (not HTTP aiohttp can parse)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize(
+    ("tail", "forms"),
+    [
+        # An Azure function key (base64: a /), percent-encoded as it must be: yarl writes it raw.
+        ("/api/hook?code=Az%2fKey%2fSecret99", ["Az/Key/Secret99", "Az%2fKey%2fSecret99", "Az%2FKey%2FSecret99"]),
+        # A token path segment with an encoded ~: yarl writes ~.
+        ("/services/T0AB/B0CD/%7Eslack-s3cret-tok3n", ["~slack-s3cret-tok3n", "%7Eslack-s3cret-tok3n"]),
+    ],
+    ids=["query", "path"],
+)  # fmt: skip
+async def test_a_malformed_answer_never_shows_the_urls_secret(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tail: str, forms: list[str]
+) -> None:
+    """A response header over 8190 bytes (a gateway's CSP or Set-Cookie): aiohttp's error ends in
+    the request URL as yarl writes it, which replacing the URL as configured missed. It went into
+    the retry reason, the log, the dead-letter file once retries ran out, and `check`'s error."""
+    caplog.set_level(logging.DEBUG)
+    server = await _malformed_answers(b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * 20_000 + b"\r\n\r\n")
+    port = server.sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}{tail}"
+    metrics = Metrics()
+    try:
+        options = WebhookOptions.model_validate({"url": url, "mode": "event"})
+        pipeline = _engine(WebhookSink(options, context()), tmp_path, metrics, retry_max_attempts=2)
+        task = asyncio.create_task(pipeline.run())
+        try:
+            pipeline.offer(make_occurrence())
+            await until(lambda: _count(metrics.dead_lettered, "webhook", "retries_exhausted") == 1)
+        finally:
+            await _stop(pipeline, task)
+        async with webhook(url=url) as sink:
+            with pytest.raises(SinkError) as info:
+                await sink.check()
+    finally:
+        server.close()
+        await server.wait_closed()
+    dead = (tmp_path / "dead-letters").read_text()
+    for text in (dead, caplog.text, str(info.value)):
+        for form in forms:
+            assert form not in text, (form, text)
+    assert "invalid HTTP answer (ClientResponseError 400): Got more than 8190 bytes" in dead
+    assert "invalid HTTP answer" in str(info.value)
