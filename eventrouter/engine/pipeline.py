@@ -98,6 +98,7 @@ class Pipeline:
         # `_popped`: those of the last refill.
         self._spooled_deferred: set[tuple[str, int]] = set()
         self._popped: list[Occurrence] = []
+        self._popped_keys: set[tuple[str, int]] | None = None  # built when needed (``_behind_older``)
         self._done: dict[str, int] = {}  # finished, not yet checkpointed (a lower one is pending)
         # Read from the spool marked owed (see ``Spool``): sent although the checkpoint is past them;
         # a key leaves the set once it finished (accepted, rejected or given up).
@@ -116,6 +117,11 @@ class Pipeline:
         self.intake_patience = INTAKE_PATIENCE
         self._received = 0
         self.queue_max = options.queue_bound(spooled=spool is not None)
+        # Items set aside for a key of their own (``defer``: one Loki stream, one index) take at most
+        # half the memory bound, so that a key refused for long leaves the other half to the other
+        # keys. Beyond it they are parked in the spool, or without one the oldest set aside are
+        # dropped (counted). An alert robot's holds and failures are its whole traffic: no share.
+        self._aside_max: int | None = None if self._defer else max(1, self.queue_max // 2)
         # Metric children resolved once: label lookups are not free on the hot path.
         m = metrics
         self._m_received = m.received.labels(name)
@@ -138,7 +144,7 @@ class Pipeline:
         self._m_up.set(1)
         m.sink_children(name)
         if spool is not None:
-            self._m_spool.set(len(spool))
+            self._m_spool.set(self._spool_depth())
             # Records dropped over the spool's bound are rebuilt for a sink that hears of given-up
             # occurrences, and only for one (a replacement after a reload is of the same type).
             spool.decode_dropped = type(sink).given_up is not Sink.given_up
@@ -198,6 +204,15 @@ class Pipeline:
     def _into_memory(self, occ: Occurrence, full: bool) -> None:
         """Queue in memory; when memory is full, the oldest occurrence there is dropped, counted."""
         if full:
+            if self._aside_max is not None and len(self._deferred) > self._aside_max:
+                # Items set aside for a refused key over their share give way first: the other keys
+                # keep their place (before, each new occurrence pushed out the oldest of another key).
+                if self.spool is None:
+                    self._drop_aside(1, self._m_queue_full, "")
+                else:
+                    self._drop_aside(1, self._m_spool_error, " and the disk spool cannot be written")
+                self._queue.append(occ)
+                return
             if self._queue:
                 dropped = self._queue.popleft()
             else:  # memory holds deferred retries only (an alert robot down): the first due goes
@@ -267,8 +282,13 @@ class Pipeline:
             return False
         self._m_spilled.inc()
         self._spool_full(dropped)
-        self._m_spool.set(len(self.spool))
+        self._m_spool.set(self._spool_depth())
         return True
+
+    def _spool_depth(self) -> int:
+        """What the spool holds: its backlog and the records parked in it."""
+        spool = self.spool
+        return 0 if spool is None else len(spool) + spool.parked_count
 
     def _spool_full(self, dropped: list[str]) -> None:
         for lost in dropped:
@@ -356,7 +376,7 @@ class Pipeline:
 
     @property
     def depth(self) -> int:
-        spooled = len(self.spool) if self.spool else 0
+        spooled = self._spool_depth()
         held = len(self._in_flight) + len(self._filling) + len(self._deferred) + len(self._overflow)
         return len(self._queue) + spooled + held
 
@@ -381,6 +401,7 @@ class Pipeline:
                 popped = self.spool.pop(room) if room > 0 else []
                 self._queue.extend(popped)
                 self._popped = popped
+                self._popped_keys = None
                 if self.spool.owed:
                     self._owed |= self.spool.owed
                     self.spool.owed.clear()
@@ -397,7 +418,19 @@ class Pipeline:
             if self.spool.read_errors:
                 self.metrics.data_dir_errors.labels(self.name, "spool").inc(self.spool.read_errors)
                 self.spool.read_errors = 0
-            self._m_spool.set(len(self.spool))
+            self._m_spool.set(self._spool_depth())
+        spool = self.spool
+        if (
+            spool is not None
+            and self._aside_max is not None
+            and not self._closing  # a drain delivers no parked record: they stay for the next start
+            and spool.parked_count
+            and (room := self._aside_max - len(self._deferred)) > 0
+        ):
+            # Room in the share of items set aside (some finished): the first parked come back, due
+            # now. Kept in the aside file at the next refill, before the parked read position passes.
+            self._unpark(room, ())
+            self._m_spool.set(self._spool_depth())
 
     def _spooled_aside(self) -> list[Occurrence]:
         """The deferred occurrences that came from the spool (one per key)."""
@@ -416,7 +449,7 @@ class Pipeline:
             or self._filling
             or self._deferred
             or self._overflow
-            or (self.spool is not None and len(self.spool))
+            or (self.spool is not None and (len(self.spool) or self.spool.parked_count))
         )
 
     def _note_gone(self, uids: Iterable[str]) -> None:
@@ -473,6 +506,11 @@ class Pipeline:
         owed = self._owed
         held = self._held
         queue = self._queue
+        # Something set aside for a key the sink refuses: newer occurrences of its events wait behind.
+        ordered = self._aside_max is not None and bool(
+            held or (self.spool is not None and self.spool.parked_count)
+        )
+        waited = False
         while queue and len(batch) < max_events:
             nxt = queue[0]
             key = (nxt.uid, nxt.number)
@@ -490,29 +528,127 @@ class Pipeline:
                 queue.popleft()
                 self._m_skipped.inc()
                 continue
+            if ordered and self._behind_older(nxt, keys):
+                queue.popleft()
+                waited = True
+                continue
             nxt_size = nxt.size
             if batch and size + nxt_size > max_bytes:
                 break
             batch.append(queue.popleft())
             keys.add(key)
             size += nxt_size
+        if waited and self._aside_max is not None and len(self._deferred) > self._aside_max:
+            self._bound_aside([])
         return size
+
+    def _behind_older(self, occ: Occurrence, keys: set[tuple[str, int]]) -> bool:
+        """True when ``occ`` went to wait behind older occurrences of its event set aside: parked
+        (it is parked after them) or in memory and not in this batch (it waits with them, held: no
+        attempt, and goes out with them, after them, ``_with_their_events``). Sent before them, it
+        went in first once the key was taken again: the event's occurrences out of order. It waits
+        at most their backoff, or their turn among the parked ones, also when it alone would be
+        taken (an index of its own day)."""
+        spool = self.spool
+        uid, number = occ.uid, occ.number
+        key = (uid, number)
+        if (
+            spool is not None
+            and spool.parked_count
+            and (lowest := spool.parked_floor(uid)) is not None
+            and lowest < number
+            and spool.parking
+        ):
+            try:
+                dropped = spool.park(occ, 0, key in self._owed)
+            except OSError:
+                spool.lost_on_error, lost = [], spool.lost_on_error
+                self._spool_full(lost)
+                return False  # sent now: out of order, nothing lost (the floor holds the checkpoint)
+            self._owed.discard(key)
+            if dropped:
+                self._spool_full(dropped)
+            return True
+        numbers = self._held.get(uid)
+        if not numbers or all(n > number or (uid, n) in keys for n in numbers):
+            return False  # none older, or all of them in this batch: it goes after them
+        due = min((entry[0] for entry in self._deferred if entry[2].uid == uid), default=time.monotonic())
+        heapq.heappush(self._deferred, (due, next(self._seq), occ))
+        numbers.add(number)
+        if self._popped:
+            if self._popped_keys is None:
+                self._popped_keys = {(o.uid, o.number) for o in self._popped}
+            if key in self._popped_keys:
+                self._spooled_deferred.add(key)  # from the spool: in the aside file before it is passed
+        return True
 
     def _due(self) -> bool:
         return bool(self._deferred) and self._deferred[0][0] <= time.monotonic()
 
     def _take_due(self, batch: list[Occurrence], size: int, keys: set[tuple[str, int]]) -> int:
+        deferred = self._deferred
+        if not deferred:
+            return size
         now = time.monotonic()
-        while self._deferred and self._deferred[0][0] <= now and len(batch) < self.options.batch_max_events:
-            occ = heapq.heappop(self._deferred)[2]
+        limit = self.options.batch_max_events
+        if self._queue or (self.spool is not None and len(self.spool)):
+            # Other traffic waits: items set aside take at most half a batch, so that many of a
+            # refused key coming due at once do not hold the other keys up batch after batch.
+            limit = max(1, limit // 2)
+        taken: list[tuple[float, int, Occurrence]] = []
+        seen: set[tuple[str, int]] = set()
+        while deferred and deferred[0][0] <= now and len(batch) + len(taken) < limit:
+            entry = heapq.heappop(deferred)
+            occ = entry[2]
             key = (occ.uid, occ.number)
-            if key in keys:  # a copy waiting aside beside the first: that one answers for both
+            if key in keys or key in seen:  # a copy waiting aside beside the first: that one answers for both
                 self._m_skipped.inc()
                 continue
+            taken.append(entry)
+            seen.add(key)
+        if taken and self._aside_max is not None:
+            taken = self._with_their_events(taken, seen)
+        for _, _, occ in taken:
             batch.append(occ)
-            keys.add(key)
+            keys.add((occ.uid, occ.number))
             size += occ.size
         return size
+
+    def _with_their_events(
+        self, taken: list[tuple[float, int, Occurrence]], seen: set[tuple[str, int]]
+    ) -> list[tuple[float, int, Occurrence]]:
+        """Each event's items set aside go out together, lowest number first, when one of them is due:
+        one going in while an older one of its event still waited (a longer backoff, refused again,
+        parked) put the event's occurrences out of order once the key was taken again. What of an
+        event is over the batch's bound waits (its newest)."""
+        held, deferred = self._held, self._deferred
+        counts = collections.Counter(entry[2].uid for entry in taken)
+        wanted = {uid for uid, n in counts.items() if len(held.get(uid, ())) > n}
+        if wanted:
+            rest = [entry for entry in deferred if entry[2].uid in wanted]
+            if rest:
+                deferred[:] = [entry for entry in deferred if entry[2].uid not in wanted]
+                heapq.heapify(deferred)
+                for entry in rest:
+                    key = (entry[2].uid, entry[2].number)
+                    if key in seen:
+                        self._m_skipped.inc()
+                        continue
+                    seen.add(key)
+                    taken.append(entry)
+        events: dict[str, list[tuple[float, int, Occurrence]]] = {}
+        for entry in taken:
+            events.setdefault(entry[2].uid, []).append(entry)
+        room = self.options.batch_max_events
+        out: list[tuple[float, int, Occurrence]] = []
+        for group in events.values():
+            group.sort(key=lambda entry: entry[2].number)
+            for entry in group:
+                if len(out) < room:
+                    out.append(entry)
+                else:
+                    heapq.heappush(deferred, entry)
+        return out
 
     async def _next_batch(self) -> list[Occurrence] | None:
         opts = self.options
@@ -535,7 +671,7 @@ class Pipeline:
                     self._gone.clear()  # no copy of a deleted event is left to skip
             self._wakeup.clear()
             wait = self._deferred[0][0] - time.monotonic() if self._deferred else None
-            if wait is None and self.spool is not None and len(self.spool):
+            if wait is None and self.spool is not None and (len(self.spool) or self.spool.parked_count):
                 wait = RETRY_SECONDS  # a spool read failed: try it again then, not at the next offer
             try:
                 async with asyncio.timeout(wait):
@@ -600,6 +736,10 @@ class Pipeline:
         exhausted: list[tuple[Occurrence, str]] = []
         failed = 0
         from_spool = {(o.uid, o.number) for o in self._popped}
+        refused: list[tuple[float, int, Occurrence]] = []
+        # One due time per event (its oldest item's), so that its items stay together (see
+        # ``_with_their_events``) without retrying the older ones sooner than their backoff.
+        event_due: dict[str, float] | None = {} if self._aside_max is not None else None
         for occ, out in zip(pending, outcomes, strict=True):
             if out.kind is not OutcomeKind.RETRY:
                 continue
@@ -616,17 +756,185 @@ class Pipeline:
                 self._failures[key] = tries
                 failed += 1
             delay = out.retry_after if out.retry_after is not None else self._backoff(max(tries, 1), None)
-            heapq.heappush(self._deferred, (time.monotonic() + delay, next(self._seq), occ))
+            due = time.monotonic() + delay
+            if event_due is not None:
+                due = event_due.setdefault(occ.uid, due)
+            entry = (due, next(self._seq), occ)
+            heapq.heappush(self._deferred, entry)
+            refused.append(entry)
             self._held.setdefault(occ.uid, set()).add(occ.number)
             if key in from_spool:
                 self._spooled_deferred.add(key)
         self._m_retries.inc(failed)
+        if self._aside_max is not None and refused:
+            self._bound_aside(refused)
         if exhausted:
             self._dead_letter(exhausted)
             self.metrics.dead_lettered.labels(self.name, "retries_exhausted").inc(len(exhausted))
             self.log.error(
                 "sink %s: %d occurrences dead-lettered, %s", self.name, len(exhausted), exhausted[0][1]
             )
+
+    def _bound_aside(self, refused: list[tuple[float, int, Occurrence]]) -> None:
+        """Keep the items set aside in memory within their share (``_aside_max``; ``refused``: those
+        just set aside again). Before, they counted against the whole memory bound: a key refused
+        for long with more items than it filled the queue, and every other key's new occurrences
+        were dropped, or spilled and never read back. With a spool, whole events over the share are
+        parked on disk; while records are parked, each event refused again goes behind them and the
+        first parked come forward in its place and time (round robin: a key refused for minutes does
+        not wait behind one refused for hours). Without a spool, once memory is full, the oldest set
+        aside over the share are dropped (and so at each offer, ``_into_memory``)."""
+        assert self._aside_max is not None
+        share, heap, spool = self._aside_max, self._deferred, self.spool
+        if spool is None:
+            # Over their share only while memory is full: each new occurrence finds room, taken from them.
+            excess = min(len(heap) - share, len(self._queue) + len(heap) - self.queue_max)
+            if excess > 0:
+                self._drop_aside(excess, self._m_queue_full, "")
+            return
+        parked = spool.parked_count
+        over = len(heap) - share
+        dues: list[float] = []
+        if (over > 0 or parked) and spool.parking:
+            # Whole events: while records are parked, every event refused again (round robin); then,
+            # or else, as many as are over the share, the last refused first, then the latest due.
+            # An event with newer records parked stays (they join it when read back: its older ones
+            # going behind them, a newer one accepted alone, an index of its own day, would wait for
+            # ever), unless no other can leave room. Parked records come back in number order all
+            # the same (``_unpark``).
+            refused_uids = list(dict.fromkeys(occ.uid for _, _, occ in reversed(refused)))
+            floor = spool.parked_floor
+            chosen: set[str] = {uid for uid in refused_uids if floor(uid) is None} if parked else set()
+            if parked and not chosen and len(heap) >= share:
+                chosen = set(refused_uids)
+            sizes = collections.Counter(entry[2].uid for entry in heap)
+            over -= sum(sizes[uid] for uid in chosen)
+            if over > 0:
+                later = list(dict.fromkeys(refused_uids + [e[2].uid for e in sorted(heap, reverse=True)]))
+                for uid in [uid for uid in later if floor(uid) is None] + later:
+                    if over <= 0:
+                        break
+                    if uid not in chosen:
+                        chosen.add(uid)
+                        over -= sizes[uid]
+            leaving = [entry for entry in heap if entry[2].uid in chosen]
+            if leaving:
+                dues = self._park(leaving)
+        if (room := share - len(self._deferred)) > 0 and spool.parked_count and not self._closing:
+            # The first parked come forward into the room left, in the parked ones' places in time.
+            self._unpark(room, sorted(dues))
+        self._m_spool.set(self._spool_depth())
+        if len(self._deferred) > self.queue_max:  # the disk cannot be written: memory's bound still holds
+            self._drop_aside(
+                len(self._deferred) - self.queue_max,
+                self._m_spool_error,
+                " and the disk spool cannot be written",
+            )
+
+    def _park(self, leaving: list[tuple[float, int, Occurrence]]) -> list[float]:
+        """Move ``leaving`` (entries of the items set aside) to the spool's parked FIFO, each event's
+        in number order; returns their due times. What the disk does not take stays in memory."""
+        spool = self.spool
+        assert spool is not None
+        gone = {seq for _, seq, _ in leaving}
+        heap = self._deferred
+        heap[:] = [entry for entry in heap if entry[1] not in gone]
+        heapq.heapify(heap)
+        leaving.sort(key=lambda entry: (entry[2].uid, entry[2].number))
+        dues: list[float] = []
+        dropped: list[str] = []
+        for i, (due, _, occ) in enumerate(leaving):
+            key = (occ.uid, occ.number)
+            try:
+                dropped.extend(spool.park(occ, self._failures.get(key, 0), key in self._owed))
+            except OSError as exc:
+                for entry in leaving[i:]:
+                    heapq.heappush(heap, entry)
+                dropped.extend(spool.lost_on_error)
+                spool.lost_on_error = []
+                self.metrics.data_dir_errors.labels(self.name, "spool").inc()
+                self._throttled.warning(
+                    "spool_write",
+                    "sink %s: cannot park occurrences set aside in the disk spool (%s); they wait in "
+                    "memory (at most %d, then the oldest are dropped)",
+                    self.name,
+                    exc.strerror or exc,
+                    self.queue_max,
+                )
+                break
+            dues.append(due)
+            self._release(occ)  # the parked FIFO's floor keeps the checkpoint before it now
+            self._owed.discard(key)  # the record says so
+        if dropped:
+            self._spool_full(dropped)
+        return dues
+
+    def _unpark(self, count: int, dues: Sequence[float]) -> None:
+        """Bring ``count`` parked records back among the items set aside in memory, due at ``dues``
+        (then now), with their failed attempts so far."""
+        spool = self.spool
+        assert spool is not None
+        if spool.behind_open:
+            # Records spooled before the restart first: an event's older occurrences kept at the
+            # stop (or in the aside file at a crash) are there, and go before its parked ones.
+            return
+        back = spool.unpark(count)
+        if spool.owed:
+            self._owed |= spool.owed
+            spool.owed.clear()
+        now = time.monotonic()
+        accepted, held, owed, floor = self.checkpoint.accepted, self._held, self._owed, spool.parked_floor
+        dropped: list[str] = []
+        due = iter(dues)
+        for occ, tries in back:
+            key = (occ.uid, occ.number)
+            if (occ.number <= accepted(occ.uid) and key not in owed) or occ.number in held.get(occ.uid, ()):
+                # A copy: accepted before a crash (read again), or waiting aside beside it.
+                self._m_skipped.inc()
+                continue
+            if (lowest := floor(occ.uid)) is not None and lowest < occ.number:
+                # An older occurrence of its event is still parked (round robin put it behind): this
+                # one goes behind it again, so that the event's come back, and go out, in number order.
+                try:
+                    dropped.extend(spool.park(occ, tries, key in owed))
+                    owed.discard(key)  # the record says so
+                    continue
+                except OSError:
+                    dropped.extend(spool.lost_on_error)
+                    spool.lost_on_error = []  # kept in memory: out of order, nothing lost
+            heapq.heappush(self._deferred, (next(due, now), next(self._seq), occ))
+            held.setdefault(occ.uid, set()).add(occ.number)
+            if tries:
+                self._failures[key] = tries
+            self._spooled_deferred.add(key)  # in the aside file before the parked position passes it
+        if dropped:
+            self._spool_full(dropped)
+
+    def _drop_aside(self, count: int, counter: Any, cause: str) -> None:
+        """Drop the ``count`` oldest (by receipt) items set aside in memory: counted, logged, and told
+        to the sink (``given_up``)."""
+        oldest = heapq.nsmallest(count, self._deferred, key=lambda entry: (entry[2].received_at, entry[1]))
+        leaving = {seq for _, seq, _ in oldest}
+        heap = self._deferred
+        heap[:] = [entry for entry in heap if entry[1] not in leaving]
+        heapq.heapify(heap)
+        occs = [occ for _, _, occ in oldest]
+        for occ in occs:
+            self._release(occ)
+            self._owed.discard((occ.uid, occ.number))
+        self._given_up(occs)
+        counter.inc(len(occs))
+        self._throttled.warning(
+            "aside_full",
+            "sink %s: occurrences set aside for a key the sink refuses are over their share of the memory "
+            "queue (%d of %d)%s: dropped the oldest %d (%s)",
+            self.name,
+            self._aside_max,
+            self.queue_max,
+            cause,
+            len(occs),
+            ", ".join(occ.key for occ in occs[:3]) + (", ..." if len(occs) > 3 else ""),
+        )
 
     async def _send_once(self, items: Sequence[Occurrence]) -> Sequence[Outcome]:
         if self._replacement is not None:
@@ -841,6 +1149,12 @@ class Pipeline:
             held = self._held.get(uid)
             if held:
                 blocked[uid] = min(blocked.get(uid, min(held)), min(held))
+        spool = self.spool
+        if spool is not None and spool.parked_count:
+            floor = spool.parked_floor
+            for uid in done:
+                if (lowest := floor(uid)) is not None and lowest < blocked.get(uid, lowest + 1):
+                    blocked[uid] = lowest  # parked: a crash or restart would skip it as a copy
         ready = {uid: n for uid, n in done.items() if uid not in blocked or n < blocked[uid]}
         if ready:
             self.checkpoint.ack(ready)
@@ -1000,7 +1314,22 @@ class Pipeline:
         """The leftovers are in the spool, owed where ``owed_at_stop`` said: record what was
         accepted past them."""
         if self._done:
-            self.checkpoint.ack(self._done)
+            done = self._done
+            spool = self.spool
+            if spool is not None and spool.parked_count:
+                # An occurrence parked (X/1) below one accepted (X/2): recorded past it, it would be
+                # skipped as a copy after the restart, so it is kept owed first, as leftovers are.
+                # What cannot be kept so is not recorded (the relist sends X/2 again: no loss).
+                floor = spool.parked_floor
+                behind = {
+                    uid: n for uid, n in done.items() if (lowest := floor(uid)) is not None and lowest < n
+                }
+                if behind:
+                    ok, dropped = spool.owe_parked(behind)
+                    if dropped:
+                        self._spool_full(dropped)
+                    done = {uid: n for uid, n in done.items() if uid not in behind or uid in ok}
+            self.checkpoint.ack(done)
             self._done.clear()
 
     def leftovers(self) -> tuple[list[Occurrence], list[Occurrence]]:
@@ -1029,7 +1358,7 @@ class Pipeline:
                     or self._filling
                     or self._deferred
                     or self._overflow
-                    or (self.spool and len(self.spool))
+                    or (self.spool and (len(self.spool) or self.spool.parked_count))
                 ):
                     return
                 self.idle.clear()

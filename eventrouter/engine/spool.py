@@ -14,11 +14,17 @@ send X/5 again) and keeps X/4 in the spool, owed.
 At open the spool notes the (uid, number) of its unread records (``holds``): the relist after a
 restart offers each of them again, and a second record of each, behind the backlog, filled the bound
 after a few restarts, which then dropped the oldest records, the originals.
+
+Items a sink refuses for a key of its own (``defer``: one Loki stream, one Elasticsearch index) beyond
+the pipeline's share of memory wait in a second FIFO, ``parked/`` (``park``, ``unpark``), read back
+as the pipeline has room for them: a key refused for long must not crowd the memory queue, nor the
+main FIFO, which every other key's backlog goes through. Both share the byte bound.
 """
 
 from __future__ import annotations
 
 import bisect
+import builtins
 import collections
 import contextlib
 import hashlib
@@ -27,7 +33,7 @@ import os
 import time
 import weakref
 from array import array
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,7 +177,13 @@ class Spool:
         self._aside_failed = False
         self.held_at_open: _HeldAtOpen | None = None
         """See ``holds``; None once nothing unread at open can still be offered as new (freed)."""
+        self._parked: _Parked | None = None
+        self._open_tail: tuple[int, int] | None = None  # the FIFO's end at open (``behind_open``)
         self._open()
+        if not isinstance(self, _Parked) and (directory / "parked").is_dir():
+            self._parked = _Parked(self)
+            if self._parked.held_at_open is not None and self.held_at_open is None:
+                self.held_at_open = _HeldAtOpen([], 0)  # the gate of ``holds``: parked records are held
 
     # ---- persistence format -------------------------------------------------------------------
 
@@ -249,19 +261,27 @@ class Spool:
         if keys:
             self.held_at_open = _HeldAtOpen(keys, ordinals)
             keys.clear()  # ~52 bytes a key while it is built
+        if self._segments:
+            last = self._segments[-1]
+            self._open_tail = (last.number, last.records)
         if len(self):
             log.info("spool %s: %d occurrences waiting from before the restart", self.directory, len(self))
 
-    @staticmethod
-    def _note_key(keys: list[int], line: bytes | memoryview, ordinal: int) -> None:
+    def _note_key(self, keys: list[int], line: bytes | memoryview, ordinal: int) -> None:
         """Adds the key of one record (an unreadable one has none: its relisted copy is spooled)."""
         try:
             raw = orjson.loads(line)[0]
             uid = raw["metadata"]["uid"]
             if type(uid) is str and uid:
-                keys.append(_digest(uid, occurrence_number(raw)) << 32 | ordinal)
+                number = occurrence_number(raw)
+                keys.append(_digest(uid, number) << 32 | ordinal)
+                if ordinal:
+                    self._noted(uid, number)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
             pass
+
+    def _noted(self, uid: str, number: int) -> None:
+        """A record unread at open (``_Parked`` keeps its floors)."""
 
     def unread_uids(self) -> set[str]:
         """The uids of the records not read yet, and of the aside file: at a stop the marks of
@@ -283,6 +303,8 @@ class Spool:
                 continue
             if type(uid) is str:
                 uids.add(uid)
+        if self._parked is not None:
+            uids |= self._parked.unread_uids()
         return uids
 
     def holds(self, occ: Occurrence) -> bool:
@@ -291,12 +313,19 @@ class Spool:
         need not be spooled. Within a run the source never offers an occurrence twice, so only what
         was here at open can be offered again; records dropped or set aside since are not held."""
         held = self.held_at_open
-        return held is not None and held.holds(occ.uid, occ.number)
+        if held is None:
+            return False
+        if held.holds(occ.uid, occ.number):
+            return True
+        parked = self._parked.held_at_open if self._parked is not None else None
+        return parked is not None and parked.holds(occ.uid, occ.number)
 
     def release_held_at_open(self) -> None:
         """Free ``holds``'s keys: the first list after the start is complete, so nothing that was
         here at open can be offered as new any more."""
         self.held_at_open = None
+        if self._parked is not None:
+            self._parked.held_at_open = None
 
     def _lost_at_open(self, seg: _Segment) -> None:
         """``seg``'s unread records are no longer in the spool (dropped, set aside, gone)."""
@@ -310,6 +339,8 @@ class Spool:
         and skipped by the checkpoint once the first is accepted (a batch in flight, at most)."""
         if self.held_at_open is None or self._aside_lines:
             return
+        if self._parked is not None and self._parked.held_at_open is not None:
+            return  # the gate of ``holds`` for the parked records too
         if not any(seg.ordinal and seg.read_records < seg.records for seg in self._segments):
             self.held_at_open = None
 
@@ -336,7 +367,8 @@ class Spool:
 
     @property
     def bytes(self) -> int:
-        return self._bytes
+        """On disk, the parked records included (they share the bound)."""
+        return self._bytes + (self._parked._bytes if self._parked is not None else 0)
 
     # ---- writing ------------------------------------------------------------------------------
 
@@ -348,13 +380,42 @@ class Spool:
     def append(self, occ: Occurrence, owed: bool = False) -> list[str]:
         """Append one occurrence; returns the keys of occurrences dropped to stay within the bound.
         On a write error (``OSError``) nothing of it stays in the file and ``writable`` turns False."""
-        line = self.encode(occ, owed)
+        parked = self._parked
+        if parked is None or not parked._bytes:
+            return self._append_line(self.encode(occ, owed), ())
+        try:
+            return self._append_line(self.encode(occ, owed), (parked,), self._bytes_with(parked))
+        finally:
+            self._took_from(parked)
+
+    def _bytes_with(self, other: Spool) -> Callable[[], int]:
+        return lambda: self._bytes + other._bytes
+
+    def _append_line(
+        self,
+        line: builtins.bytes,
+        others: tuple[Spool, ...],
+        total: Callable[[], int] | None = None,
+        bound: int = 0,
+    ) -> list[str]:
+        """Append one encoded record. Over the bound (``total()`` against ``bound or max_bytes``, with
+        the FIFO sharing it), this FIFO's oldest unread records are dropped first, then the other's."""
         dropped: list[str] = []
-        while self._segments and self._bytes + len(line) > self.max_bytes:
+        size = len(line)
+        limit = bound or self.max_bytes
+        while self._segments and (
+            self._bytes + size > self.max_bytes or (total is not None and total() + size > limit)
+        ):
             keys = self._drop_oldest()
             if keys is None:
                 break  # only records in flight are left: they go at the next commit
             dropped.extend(keys)
+        for other in others:
+            while total is not None and total() + size > limit:
+                keys = other._drop_oldest()
+                if keys is None:
+                    break
+                dropped.extend(keys)
         seg = self._segments[-1] if self._segments else None
         if seg is None or seg.sealed or (seg.size + len(line) > self.segment_bytes and seg.size):
             number = seg.number + 1 if seg else int(time.time() * 1000)
@@ -404,6 +465,8 @@ class Spool:
     def close(self) -> None:
         """Close the append descriptor (the spool stays usable: the next append reopens)."""
         self._close_writer()
+        if self._parked is not None:
+            self._parked.close()
 
     def keep_aside(self, occs: list[Occurrence], owed: Container[tuple[str, int]] = ()) -> bool:
         """Keep ``occs`` (popped, then set aside by the pipeline) in a file of their own, in place of
@@ -458,7 +521,7 @@ class Spool:
         appended, and those written before the error stay. ``owed``: as for ``extend``."""
         if not occs:
             return []
-        self.held_at_open = None  # a stop: nothing more is offered (and the segments change below)
+        self.release_held_at_open()  # a stop: nothing more is offered (and the segments change below)
         head = next((seg for seg in self._segments if seg.read_records < seg.records), None)
         if head is None:
             return self.extend(occs, owed)
@@ -652,7 +715,11 @@ class Spool:
         return f"moved to {target}"
 
     def commit(self) -> None:
-        """Make the read position durable and delete fully read segments."""
+        """Make the read position durable and delete fully read segments (of the parked FIFO too)."""
+        parked = self._parked
+        if parked is not None:
+            parked.commit()
+            self._took_from(parked)
         while len(self._segments) > 1 and self._segments[0].read_records >= self._segments[0].records:
             seg = self._segments.popleft()
             self._bytes -= seg.size
@@ -695,3 +762,277 @@ class Spool:
         tmp = self.directory / "cursor.tmp"
         tmp.write_text(text)
         os.replace(tmp, cursor)
+
+    # ---- the parked FIFO ----------------------------------------------------------------------
+
+    @property
+    def parked_count(self) -> int:
+        """Records waiting in the parked FIFO (not in ``len``: the main FIFO's backlog decides whether
+        new occurrences go through the disk, and a key refused for hours must not send every other
+        key's traffic through it)."""
+        parked = self._parked
+        return len(parked) if parked is not None else 0
+
+    @property
+    def behind_open(self) -> bool:
+        """True while records spooled before the start (the aside file's, the FIFO's up to its end at
+        open) are not all read: the parked records wait for them (``Pipeline._unpark``)."""
+        if self._aside_lines:
+            return True
+        tail = self._open_tail
+        if tail is None:
+            return False
+        for seg in self._segments:
+            if seg.read_records < seg.records:
+                if seg.number < tail[0] or (seg.number == tail[0] and seg.read_records < tail[1]):
+                    return True
+                break
+        self._open_tail = None
+        return False
+
+    @property
+    def parking(self) -> bool:
+        """False for a while after a write to the parked FIFO failed."""
+        return self._parked is None or self._parked.writable
+
+    def park(self, occ: Occurrence, tries: int = 0, owed: bool = False) -> list[str]:
+        """Append ``occ`` (set aside by the pipeline, ``tries`` failed attempts so far) to the parked
+        FIFO; returns the keys dropped to stay within the bound: the parked FIFO's oldest first (it
+        takes at most half the bound), then the main FIFO's. Raises ``OSError`` as ``append`` does."""
+        parked = self._parked
+        if parked is None:
+            parked = self._parked = _Parked(self)
+        parked.decode_dropped = self.decode_dropped
+        try:
+            return parked.add(occ, tries, owed)
+        finally:
+            self._took_from(parked)
+
+    def unpark(self, limit: int) -> list[tuple[Occurrence, int]]:
+        """The next ``limit`` parked records, oldest first, with their failed attempts so far; their
+        owed marks go to ``owed``. Like ``pop``: the read position is durable only at ``commit``."""
+        parked = self._parked
+        if parked is None or not len(parked):
+            return []
+        try:
+            occs = parked.pop(limit)
+        finally:
+            self._took_from(parked)
+        tries = parked.tries
+        out = [(occ, tries.pop((occ.uid, occ.number), 0)) for occ in occs]
+        if self.held_at_open is not None and parked.held_at_open is None:
+            self._check_read_at_open()
+        return out
+
+    def parked_floor(self, uid: str) -> int | None:
+        """The lowest number of ``uid`` parked (None: none is): the checkpoint must not pass it, or a
+        crash or a restart would skip it as a copy once a newer occurrence was accepted; and a newer
+        one read back before it waits behind it (``Pipeline._unpark``)."""
+        parked = self._parked
+        return parked.floor(uid) if parked is not None else None
+
+    def owe_parked(self, behind: Mapping[str, int]) -> tuple[set[str], list[str]]:
+        """A stop records accepted occurrences past parked ones of their events (``behind``: uid →
+        the number it records). Recorded so, a parked record would be skipped as a copy after the
+        restart; not recorded, the relist would send the accepted one again. So each parked record
+        of those events below that number is parked again, owed (delivered though the checkpoint is
+        past it; its first record is skipped as a copy), as item 79 keeps leftovers. Only at a stop
+        that records them: a record owed that another leader then delivered would be sent twice.
+        Returns the uids that may be recorded (all their records kept so) and the keys dropped over
+        the bound meanwhile."""
+        parked = self._parked
+        if parked is None:
+            return set(behind), []
+        try:
+            below = parked.records_below(behind)
+        except OSError as exc:
+            log.error("spool %s: cannot read the parked records at the stop: %s", self.directory, exc)
+            return set(), []
+        ok = set(behind)
+        dropped: list[str] = []
+        for occ, tries in below:
+            if occ.uid not in ok:
+                continue
+            try:
+                dropped.extend(self.park(occ, tries, owed=True))
+            except OSError as exc:
+                log.error("spool %s: cannot keep a parked record owed at the stop: %s", self.directory, exc)
+                ok.discard(occ.uid)
+        return ok, dropped
+
+    def _took_from(self, parked: Spool) -> None:
+        """What the parked FIFO dropped, could not read or write is counted and told as the main one's."""
+        if parked.dropped_occurrences:
+            self.dropped_occurrences.extend(parked.dropped_occurrences)
+            parked.dropped_occurrences = []
+        if parked.lost_on_error:
+            self.lost_on_error.extend(parked.lost_on_error)
+            parked.lost_on_error = []
+        if parked.owed:
+            self.owed |= parked.owed
+            parked.owed.clear()
+        self.unreadable += parked.unreadable
+        self.read_errors += parked.read_errors
+        parked.unreadable = parked.read_errors = 0
+        parked.decode_dropped = self.decode_dropped
+
+
+class _Parked(Spool):
+    """The parked FIFO in ``<spool>/parked/``: segments, cursor, bound and reading as the main one's.
+    A record carries its failed attempts (``[raw, received_at, owed, tries]``: ``retry_max_attempts``
+    still ends it). ``floor`` answers per event from a table of its parked numbers, keyed by a
+    64-bit hash of the uid (~120 bytes an event with one record parked, ~100 more with several, then
+    8 a record: 100,000 events, 12 MiB), rebuilt at open; the records themselves are not in memory."""
+
+    def __init__(self, main: Spool) -> None:
+        self._main = main
+        self.tries: dict[tuple[str, int], int] = {}
+        self._floors: dict[int, int | list[int]] = {}
+        self._moved = True
+        super().__init__(
+            main.directory / "parked",
+            max_bytes=max(1, main.max_bytes // 2),
+            segment_bytes=main.segment_bytes,
+            cluster=main.cluster,
+        )
+        self.decode_dropped = main.decode_dropped
+
+    def _noted(self, uid: str, number: int) -> None:
+        self._floor_add(uid, number)
+
+    def _floor_add(self, uid: str, number: int) -> None:
+        key = hash(uid)
+        had = self._floors.get(key)
+        if had is None:
+            self._floors[key] = number
+        elif type(had) is int:
+            self._floors[key] = [had, number] if had <= number else [number, had]
+        else:
+            assert isinstance(had, list)
+            bisect.insort(had, number)
+
+    def _floor_remove(self, uid: str, number: int) -> None:
+        key = hash(uid)
+        had = self._floors.get(key)
+        if had is None:
+            return
+        if type(had) is int:
+            if had == number:
+                del self._floors[key]
+            return
+        assert isinstance(had, list)
+        i = bisect.bisect_left(had, number)
+        if i < len(had) and had[i] == number:
+            del had[i]
+            if len(had) == 1:
+                self._floors[key] = had[0]
+
+    def floor(self, uid: str) -> int | None:
+        had = self._floors.get(hash(uid))
+        if had is None or type(had) is int:
+            return had
+        assert isinstance(had, list)
+        return had[0]
+
+    def _forget_floors_if_empty(self) -> None:
+        if not len(self):
+            self._floors.clear()
+
+    def _rebuild_floors(self) -> None:
+        """Records given up unread (a segment gone or set aside, a record that cannot be read) left
+        their numbers behind: a phantom floor would keep its event's newer occurrences parked for
+        good. Rebuilt from what is left (an error path: one read of the unread part)."""
+        self._floors = {}
+        for seg in self._segments:
+            if seg.read_records >= seg.records:
+                continue
+            try:
+                with open(seg.path, "rb") as fh:
+                    fh.seek(seg.read_offset)
+                    data = fh.read(seg.size - seg.read_offset)
+            except OSError:
+                continue  # unreadable: given up when it is read, not waited for
+            for line in data.splitlines():
+                self._note_key([], line, 1)
+
+    def commit(self) -> None:
+        if self._moved:  # nothing read or dropped since: the read position on disk is right
+            self._moved = False
+            super().commit()
+
+    def add(self, occ: Occurrence, tries: int, owed: bool) -> list[str]:
+        line = (
+            b"["
+            + occ.raw_json
+            + b","
+            + orjson.dumps(occ.received_at)
+            + (b",1," if owed else b",0,")
+            + str(tries).encode()
+            + b"]\n"
+        )
+        main = self._main
+        dropped = self._append_line(line, (main,), self._bytes_with(main), main.max_bytes)
+        self._floor_add(occ.uid, occ.number)
+        return dropped
+
+    def _default_decode(self, line: bytes) -> Occurrence:
+        rec = orjson.loads(line)
+        with contextlib.suppress(KeyError, TypeError, ValueError, IndexError):  # read back: no longer parked
+            self._floor_remove(rec[0]["metadata"]["uid"], occurrence_number(rec[0]))
+        occ = normalise(rec[0], cluster=self.cluster, received_at=rec[1])
+        if len(rec) > 2 and rec[2]:
+            self.owed.add((occ.uid, occ.number))
+        if len(rec) > 3 and rec[3]:
+            self.tries[(occ.uid, occ.number)] = int(rec[3])
+        return occ
+
+    def pop(self, limit: int) -> list[Occurrence]:
+        self._moved = True
+        unreadable = self.unreadable
+        out = super().pop(limit)
+        if self.unreadable != unreadable:
+            self._rebuild_floors()
+        self._forget_floors_if_empty()
+        return out
+
+    def _drop_oldest(self) -> list[str] | None:
+        self._moved = True
+        keys = super()._drop_oldest()
+        for key in keys or ():
+            uid, _, number = key.rpartition("/")
+            if uid:
+                self._floor_remove(uid, int(number))
+        if keys and "?" in keys:
+            self._rebuild_floors()
+        self._forget_floors_if_empty()
+        return keys
+
+    def _read_failed(self, seg: _Segment, exc: OSError) -> None:
+        unreadable = self.unreadable
+        super()._read_failed(seg, exc)
+        if self.unreadable != unreadable:  # a segment set aside
+            self._moved = True
+            self._rebuild_floors()
+        self._forget_floors_if_empty()
+
+    def records_below(self, behind: Mapping[str, int]) -> list[tuple[Occurrence, int]]:
+        """The unread records (not owed already) of the events in ``behind`` below its number."""
+        out: list[tuple[Occurrence, int]] = []
+        for seg in list(self._segments):
+            if seg.read_records >= seg.records:
+                continue
+            with open(seg.path, "rb") as fh:
+                fh.seek(seg.read_offset)
+                data = fh.read(seg.size - seg.read_offset)
+            for line in data.splitlines():
+                try:
+                    rec = orjson.loads(line)
+                    raw = rec[0]
+                    number, upto = occurrence_number(raw), behind.get(raw["metadata"]["uid"])
+                    if upto is None or number >= upto or (len(rec) > 2 and rec[2]):
+                        continue
+                    occ = normalise(raw, cluster=self.cluster, received_at=rec[1], owned=True, number=number)
+                except (orjson.JSONDecodeError, MalformedEvent, KeyError, TypeError, ValueError, IndexError):
+                    continue  # unreadable: counted when it is read
+                out.append((occ, int(rec[3]) if len(rec) > 3 else 0))
+        return out

@@ -1,0 +1,356 @@
+"""A key the sink refuses for long (``retry(..., defer=True)``: a Loki stream over the stream limit, an
+Elasticsearch index the role may not write) with more items than the memory queue holds. Before, the
+items set aside counted against the whole bound (item 97's Left): the queue filled with them, and the
+other keys' new occurrences were dropped (no spool) or spilled and never read back (a spool). Now they
+take at most half the bound: beyond it they are parked in the spool, or without one the oldest set
+aside give way, counted and told to the sink."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from eventrouter.app import Router, RouterSettings
+from eventrouter.config import spec_for_class
+from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
+from eventrouter.engine.deadletter import DeadLetter
+from eventrouter.engine.pipeline import Pipeline
+from eventrouter.engine.spool import Spool
+from eventrouter.metrics import SINK_DROP_REASONS, Metrics
+from eventrouter.options import PipelineOptions
+from eventrouter.record import Occurrence
+from eventrouter.sink import OK, Outcome, SinkContext, retry
+from eventrouter.source.watcher import WatchSettings
+from eventrouter.testing import MemorySink, MemorySinkOptions, event_object, make_occurrence
+from eventrouter.testing.apiserver import FakeApiServer
+from eventrouter.testing.waiting import until
+
+Key = tuple[str, int]
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+class Listening(MemorySink):
+    """A memory sink that notes what the engine says it gave up."""
+
+    def __init__(self, options: MemorySinkOptions, context: object) -> None:
+        super().__init__(options, context)
+        self.given: list[Key] = []
+
+    def given_up(self, occurrences: Sequence[Occurrence]) -> None:
+        self.given.extend((occ.uid, occ.number) for occ in occurrences)
+
+
+def _sink() -> Listening:
+    ctx = SinkContext(name="mem", cluster="test", data_dir=None, logger=logging.getLogger("mem"))
+    return Listening(MemorySinkOptions.model_validate({}), ctx)
+
+
+def _pipeline(sink: MemorySink, metrics: Metrics, spool: Spool | None = None, **opts: Any) -> Pipeline:
+    options = {
+        "batch_max_wait": 0.01,
+        "retry_initial_backoff": 0.02,
+        "retry_max_backoff": 0.1,
+        "queue_max_events": 20,
+        "batch_max_events": 10,
+        **opts,
+    }
+    return Pipeline(
+        name="mem",
+        sink=sink,
+        options=PipelineOptions.model_validate(options),
+        predicate=None,
+        checkpoint=SinkCheckpoint(MemoryCheckpoint()),
+        deadletter=DeadLetter(None, sink="mem"),
+        metrics=metrics,
+        spool=spool,
+    )
+
+
+def _refusing(sink: MemorySink, refused: set[str]) -> None:
+    """The destination refuses the keys (first letter of the object's name) in ``refused`` for a
+    cause of their own, and takes the rest."""
+
+    def decide(occ: Occurrence) -> Outcome:
+        if occ.record["involved_object"]["name"][0] in refused:
+            return retry("stream over the stream limit", defer=True)
+        return OK
+
+    sink.decide = decide
+
+
+def _occurrences(prefix: str, events: int, each: int) -> list[Occurrence]:
+    """``events`` events of ``each`` occurrences, in the order a watch hands them on (X/1 before X/2)."""
+    firsts = [make_occurrence(object_name=f"{prefix}-{e}") for e in range(events)]
+    return [
+        make_occurrence(object_name=f"{prefix}-{e}", uid=firsts[e].uid, count=n)
+        for n in range(1, each + 1)
+        for e in range(events)
+    ]
+
+
+def _keys(occs: Sequence[Occurrence]) -> list[Key]:
+    return [(o.uid, o.number) for o in occs]
+
+
+def _drops(metrics: Metrics) -> dict[str, float]:
+    return {r: metrics.dropped.labels("mem", r)._value.get() for r in SINK_DROP_REASONS}
+
+
+async def _offer_in_pages(
+    p: Pipeline, sink: MemorySink, refused: list[Occurrence], others: list[Occurrence]
+) -> None:
+    """Pages of six of each, as a watch hands them on; each page's other keys are awaited delivered."""
+    for i in range(0, len(others), 6):
+        for occ in refused[i : i + 6] + others[i : i + 6]:
+            p.offer(occ)
+        await sink.wait_for(i + 6)  # only the other keys are accepted meanwhile
+
+
+async def test_without_a_spool_a_key_refused_for_long_gives_way_to_the_other_keys(metrics: Metrics) -> None:
+    """60 items of a refused key and 60 of others through a queue of 20. Before, once the set-aside
+    items filled the queue each new occurrence pushed out the oldest one queued, another key's too,
+    and the others were lost. Now the set-aside items give way past half the bound: every other item
+    is delivered, and each refused one is delivered once the key is taken again or dropped, counted
+    `queue_full` and told to the sink, never both, never silently."""
+    sink = _sink()
+    _refusing(sink, {"b"})
+    p = _pipeline(sink, metrics)
+    task = asyncio.create_task(p.run())
+    refused, others = _occurrences("b", 6, 10), _occurrences("a", 60, 1)
+    await _offer_in_pages(p, sink, refused, others)
+    assert sorted(sink.keys) == sorted(_keys(others))
+    assert p.queued <= 20 and len(p._deferred) <= 20
+    _refusing(sink, set())  # the key is taken again
+    wanted = set(_keys(refused))
+
+    def got() -> set[Key]:
+        return {k for k in sink.keys if k in wanted}
+
+    await until(lambda: len(got()) + len(sink.given) == len(refused))
+    await p.wait_idle(5)
+    assert sorted(got() | set(sink.given)) == sorted(_keys(refused)) and not got() & set(sink.given)
+    assert len(sink.given) >= len(refused) - 20  # memory could not hold the rest
+    drops = _drops(metrics)
+    assert drops.pop("queue_full") == len(sink.given) and set(drops.values()) == {0}
+    assert [k for k, n in collections.Counter(sink.keys).items() if n > 1] == []
+    for uid in {o.uid for o in refused}:
+        numbers = [n for u, n in sink.keys if u == uid]
+        assert numbers == sorted(numbers), numbers  # each event's in number order
+        assert p.checkpoint.accepted(uid) == max(numbers, default=0)
+    p.close()
+    await asyncio.wait_for(task, 10)
+
+
+async def test_with_a_spool_set_aside_items_past_half_the_queue_are_parked_on_disk_and_read_back_in_turn(
+    metrics: Metrics, tmp_path: Path
+) -> None:
+    """The same through a queue of 20 with a disk spool. Before, once the set-aside items filled the
+    queue nothing more was read back from the spool: every other key's occurrences stayed there until
+    the refused key was taken again. Now what is over half the bound waits in the spool's parked FIFO
+    (kept across a crash), the other keys flow, nothing is dropped; a second key refused for a while
+    gets its turn at once it is taken again, while the first is still refused; then everything is
+    delivered once."""
+    spool = Spool(tmp_path / "spool", max_bytes=10_000_000)
+    sink = _sink()
+    _refusing(sink, {"b", "c"})
+    p = _pipeline(sink, metrics, spool=spool)
+    task = asyncio.create_task(p.run())
+    refused, briefly = _occurrences("b", 6, 10), _occurrences("c", 3, 4)
+    others = _occurrences("a", 72, 1)
+    await _offer_in_pages(p, sink, refused + briefly, others)
+    assert sorted(sink.keys) == sorted(_keys(others))
+    assert len(p._deferred) <= 10 and spool.parked_count > 0
+    gauge = metrics.spool_depth.labels("mem")._value.get()
+    assert gauge == len(spool) + spool.parked_count
+    # A SIGKILL now: what is parked is on disk (the rest waits in memory or the aside file).
+    crashed = Spool(tmp_path / "spool", max_bytes=10_000_000)
+    on_disk = {(o.uid, o.number) for o, _ in crashed.unpark(10**6)} | set(_keys(crashed.pop(10**6)))
+    crashed.close()
+    held = {(uid, n) for uid, numbers in p._held.items() for n in numbers}
+    assert set(_keys(refused + briefly)) <= on_disk | held
+    _refusing(sink, {"b"})  # c is taken again: its items come back in turn while b is still refused
+    await until(lambda: set(_keys(briefly)) <= set(sink.keys), timeout=20)
+    assert not set(_keys(refused)) & set(sink.keys)
+    _refusing(sink, set())
+    await until(lambda: set(_keys(refused)) <= set(sink.keys), timeout=20)
+    await p.wait_idle(5)
+    assert sorted(sink.keys) == sorted(_keys(others + refused + briefly))  # each once
+    assert set(_drops(metrics).values()) == {0} and sink.given == []
+    for uid in {o.uid for o in refused + briefly}:
+        numbers = [n for u, n in sink.keys if u == uid]
+        assert numbers == sorted(numbers), numbers  # each event's in number order
+        assert p.checkpoint.accepted(uid) == numbers[-1]
+    p._refill()
+    assert spool.parked_count == 0 and len(spool) == 0
+    assert not list((tmp_path / "spool" / "parked").glob("*.seg"))
+    p.close()
+    await asyncio.wait_for(task, 10)
+
+
+async def test_parked_items_keep_their_failed_attempts_and_still_end_at_retry_max_attempts(
+    metrics: Metrics, tmp_path: Path
+) -> None:
+    """20 items of a refused key through a queue of 10 with `retry_max_attempts=4`: the others go on
+    while they wait (before, they waited until the refused ones were given up), and each refused one
+    is sent exactly 4 times, parked or not, then dead-lettered and told to the sink."""
+    spool = Spool(tmp_path / "spool", max_bytes=10_000_000)
+    sink = _sink()
+    sent: collections.Counter[Key] = collections.Counter()
+
+    def decide(occ: Occurrence) -> Outcome:
+        if occ.record["involved_object"]["name"].startswith("b"):
+            sent[(occ.uid, occ.number)] += 1
+            return retry("index refused", defer=True)
+        return OK
+
+    sink.decide = decide
+    p = _pipeline(
+        sink,
+        metrics,
+        spool=spool,
+        queue_max_events=10,
+        batch_max_events=5,
+        retry_max_attempts=4,
+        retry_initial_backoff=0.2,
+        retry_max_backoff=0.4,
+    )
+    task = asyncio.create_task(p.run())
+    refused, others = _occurrences("b", 24, 1), _occurrences("a", 24, 1)
+    await _offer_in_pages(p, sink, refused, others)
+    assert sink.given == [] and spool.parked_count > 0  # the others went by while these wait
+    dead = metrics.dead_lettered.labels("mem", "retries_exhausted")
+    await until(lambda: dead._value.get() == len(refused), timeout=30)
+    await p.wait_idle(5)
+    assert sent == {key: 4 for key in _keys(refused)}
+    assert sorted(sink.given) == sorted(_keys(refused))
+    assert spool.parked_count == 0 and not p._deferred and not p._held
+    p.close()
+    await asyncio.wait_for(task, 10)
+
+
+def test_the_parked_fifo_shares_the_spools_bound_and_is_read_back_after_a_restart(tmp_path: Path) -> None:
+    """Parked records take at most half the spool's bound (their oldest dropped past it, and the
+    main FIFO's appends drop theirs first), keep their failed attempts and owed marks, are held
+    against relisted copies, and their floors (the checkpoint's bar) are rebuilt at open."""
+    spool = Spool(tmp_path, max_bytes=40_000, segment_bytes=4_000)
+    spool.decode_dropped = True
+    x = make_occurrence(object_name="b-x", count=3)
+    parked = [make_occurrence(object_name=f"b-{i}") for i in range(40)] + [x]
+    dropped: list[str] = []
+    for i, occ in enumerate(parked):
+        dropped += spool.park(occ, tries=i % 3, owed=occ is x)
+    assert spool.bytes <= 20_000 and dropped == [occ.key for occ in parked[: len(dropped)]]
+    assert [o.key for o in spool.dropped_occurrences] == dropped  # rebuilt for ``given_up``
+    assert spool.parked_floor(x.uid) == 3 and spool.parked_floor(parked[0].uid) is None
+    still = spool.parked_count
+    for _ in range(60):
+        assert spool.append(make_occurrence(object_name="a-0")) == [] or spool.parked_count == still
+    assert spool.bytes <= 40_000 and spool.parked_count == still  # the main FIFO gave way to itself
+    spool.commit()
+    spool.close()
+    reopened = Spool(tmp_path, max_bytes=40_000, segment_bytes=4_000)
+    assert reopened.parked_floor(x.uid) == 3 and reopened.holds(x)
+    back = reopened.unpark(10**6)
+    assert [o.key for o, _ in back] == [o.key for o in parked if o.key not in set(dropped)]
+    assert {o.key: t for o, t in back}[x.key] == (len(parked) - 1) % 3 and reopened.owed == {(x.uid, 3)}
+    assert reopened.parked_floor(x.uid) is None and reopened.parked_count == 0
+    reopened.close()
+
+
+# ---- through the router: a clean stop with occurrences parked --------------------------------------
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeApiServer]:
+    async with FakeApiServer(token="secret-token") as server:
+        server.bookmark_interval = 0.2
+        yield server
+
+
+def _router(api: FakeApiServer, tmp_path: Path, **opts: Any) -> Router:
+    settings = RouterSettings(
+        cluster_name="test",
+        kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
+        metrics_addr=None,
+        data_dir=tmp_path / "data",
+        shutdown_timeout=5.0,
+        watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
+    )
+    spec = spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.02, **opts}, type_="memory")
+    return Router(settings, [spec])
+
+
+def _mem(router: Router) -> MemorySink:
+    sink = router.sinks["mem"]
+    assert isinstance(sink, MemorySink)
+    return sink
+
+
+async def test_a_clean_stop_with_occurrences_parked_keeps_them_and_delivers_each_once_after_the_restart(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """13 events of a refused key (db-*) through a queue of 10, 20 others behind them, and X whose
+    first occurrence is refused (its day's index) while its second is accepted. Before, the set-aside
+    items filled the queue and the others never left the spool. Now they flow; X/2 goes out with X/1
+    (after it) and is taken, X/1 is parked; the checkpoint stays before X/1. At a clean stop the stop
+    keeps X/1 owed and records X/2. After the restart (everything taken) each occurrence is delivered
+    exactly once, X/1 too, nothing lost as a copy."""
+    opts = {
+        "queue_max_events": 10,
+        "batch_max_events": 5,
+        "retry_initial_backoff": 0.2,
+        "retry_max_backoff": 0.4,
+    }
+
+    def decide(occ: Occurrence) -> Outcome:
+        name = occ.record["involved_object"]["name"]
+        if name.startswith("db-") and not (name == "db-x" and occ.number >= 2):
+            return retry("index refused", defer=True)
+        return OK
+
+    first = _router(api, tmp_path, **opts)
+    async with first.running():
+        await until(lambda: first.ready()[0])
+        _mem(first).decide = decide
+        pipeline, spool = first.pipelines[0], first.pipelines[0].spool
+        assert spool is not None
+        x = api.create_event(event_object(object_name="db-x", name="db-x"))
+        uid = x["metadata"]["uid"]
+        for i in range(12):
+            api.create_event(event_object(object_name=f"db-{i}", name=f"db-{i}"))
+        for i in range(20):
+            api.create_event(event_object(object_name=f"a-{i}", name=f"a-{i}"))
+        await _mem(first).wait_for(20, timeout=20)  # the others, past every refused one
+        assert spool.parked_count
+        api.bump("default", "db-x")
+        await until(lambda: (uid, 2) in _mem(first).keys, timeout=20)
+        # X/1 goes round with the others: stop while it is parked, X/2 accepted.
+        await until(lambda: spool.parked_floor(uid) == 1 and uid not in pipeline._held, timeout=20)
+        assert pipeline.checkpoint.accepted(uid) == 0
+    assert first.exit_code == 0
+    # X/1 stayed parked, and a copy of it is owed: delivered though the checkpoint records X/2.
+    kept = Spool(tmp_path / "data" / "spool" / "mem", max_bytes=10**9, cluster="test")
+    assert [key for key in _keys([o for o, _ in kept.unpark(10**6)]) if key[0] == uid] == [(uid, 1), (uid, 1)]
+    assert kept.owed == {(uid, 1)}
+    kept.close()
+    second = _router(api, tmp_path, **opts)
+    async with second.running():
+        await until(lambda: second.ready()[0])
+        await _mem(second).wait_for(13)
+        await second.pipelines[0].wait_idle(10)
+    both = collections.Counter(_mem(first).keys + _mem(second).keys)
+    assert [k for k, n in both.items() if n > 1] == []
+    assert set(both) == {(e["metadata"]["uid"], 1) for e in api.events()} | {(uid, 2)}
+    assert (uid, 1) in _mem(second).keys
+    numbers = [n for u, n in _mem(first).keys + _mem(second).keys if u == uid]
+    assert numbers == [2, 1]  # X/2 (another index) was taken first: X/1 was not lost for it
