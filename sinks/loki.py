@@ -11,6 +11,8 @@
   ``[a-zA-Z_][a-zA-Z0-9_]*``; templates over per-object fields (object name/uid, event name/uid,
   message) are refused unless ``allow_high_cardinality_labels=true``: every distinct value is a new
   Loki stream, which is what makes Loki slow and expensive. Use ``structured_metadata=true`` for those.
+  A U+FFFD in a value (a Go client's invalid UTF-8, a lone surrogate repaired) becomes ``?``: Loki's
+  label parser (Prometheus' lexer) refuses the whole push for it. The line keeps the value.
 - Responses: 2xx all delivered. 400 is final and may be *partial* (Loki stores the valid entries of
   the push and lists the errors, without saying which entries they were): every item of that push is
   rejected with Loki's message and goes to the dead-letter file, never retried. Entries that Loki did
@@ -26,6 +28,9 @@
   Loki refuses a push larger than its burst for ever); later pushes stay within that limit. A 429 for
   Loki's active stream limit retries the items of the stream it names only, set aside so they hold
   up no other stream, and pushes the others again at once (Loki de-duplicates what it stored).
+  So does a 429 for Loki's per-stream rate limit; each stream is kept within that limit beforehand
+  (``per_stream_rate``, ``per_stream_burst``: Loki's defaults), entries over it held back until it
+  refills, since Loki answers for a push's last stream only (see below).
   When part of a split push was stored, only the items of the part that failed are retried.
   Newer entries of a stream whose entries wait aside are held back (not sent, no attempt) while
   they would put those over ``max_behind`` behind, so the ones set aside go in first.
@@ -47,12 +52,16 @@
   rather than time order. The sink remembers, per stream, the newest entry Loki accepted from it. With
   ``clamp_time=true`` (default) an entry Loki would refuse for its time is stamped at the time the
   router received it (kept in the spool, so a re-sent entry is identical) and its line says
-  ``"time_adjusted": true``; its real time stays in the line's ``time``. What would still be refused
-  (``clamp_time=false``, or received too long ago) is sent in a push of its own, so only it is
-  dead-lettered if Loki refuses it, not the whole push (and it is delivered if Loki's limits are wider
-  than ``max_age``, ``future_grace`` and ``max_behind`` say).
+  ``"time_adjusted": true``; its real time stays in the line's ``time``. Whether an entry is too far
+  ahead is judged against its receipt, not the attempt's clock, and an entry sent in a push whose
+  outcome is unknown is sent again with the timestamp it had, so no retry stamps it otherwise. What
+  would still be refused (``clamp_time=false``, or received too long ago) is sent in a push of its
+  own, so only it is dead-lettered if Loki refuses it, not the whole push (and it is delivered if
+  Loki's limits are wider than ``max_age``, ``future_grace`` and ``max_behind`` say).
 - Lines over ``max_line_bytes`` are truncated (the JSON stays valid and says ``"truncated": true``)
   or, with ``oversize=reject``, rejected one by one; never a whole-batch failure.
+- Entries Loki took truncated or stamped at receipt are counted (``LokiSink.modified``) and logged
+  with their counts, at most once a minute.
 """
 
 from __future__ import annotations
@@ -70,7 +79,6 @@ from array import array
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from operator import attrgetter, itemgetter
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -98,6 +106,7 @@ from eventrouter import (
 )
 from eventrouter.options import FilePath, http_url
 from eventrouter.protowire import bytes_field, varint, varint_field
+from eventrouter.retry_after import parse_retry_after as _retry_after
 from eventrouter.truncate import cut_utf8, shorten_message
 
 from ._scrub import credentials, scrub
@@ -122,6 +131,12 @@ DEFAULT_FUTURE_GRACE = 600.0
 DEFAULT_MAX_BEHIND = 3600.0
 """Half Loki's default max_chunk_age (2h): entries further behind the newest of their stream are refused
 (400 "entry too far behind")."""
+DEFAULT_STREAM_RATE = 3 << 20
+"""Loki's default per_stream_rate_limit "3MB", which its ByteSize (c2h5oh/datasize) reads as 3 MiB/s."""
+DEFAULT_STREAM_BURST = 15 << 20
+"""Loki's default per_stream_rate_limit_burst "15MB" (15 MiB)."""
+_METADATA_ROOM = 1024
+"""Bytes of structured metadata an entry may weigh besides its line (names, uids, occurrence)."""
 _CLOCK_MARGIN_NS = 60 * 1_000_000_000
 """Kept inside Loki's time window on both sides (at most a quarter of it): Loki judges by its own clock."""
 STREAM_KNOWN_FOR = 20 * 60.0
@@ -247,6 +262,21 @@ def _fix_surrogates(value: Any) -> Any:
     return value
 
 
+def _label_value(value: str) -> str:
+    """A label value Loki parses. Loki reads a stream's labels with Prometheus' PromQL lexer
+    (pkg/loghttp/push/push.go ``syntax.ParseLabels``), whose ``lexString`` refuses a literal U+FFFD
+    (``case utf8.RuneError``, promql/parser/lex.go) and with it the whole push (400 "couldn't parse
+    labels"). Go writes invalid UTF-8 as U+FFFD, and so does ``_fix_surrogates``: it becomes ``?``
+    (the line keeps the value as it came). In both formats, so a stream is the same whichever."""
+    value = _fix_surrogates(value)
+    if "\ufffd" in value:
+        value = value.replace("\ufffd", "?")
+    data = value.encode("utf-8")
+    if len(data) > MAX_LABEL_VALUE_BYTES:
+        value = cut_utf8(data, MAX_LABEL_VALUE_BYTES).decode("utf-8")
+    return value
+
+
 def _by_stream(entries: Iterable[_Entry]) -> dict[bytes, list[_Entry]]:
     """Entries grouped by stream, streams in first-seen order (the order of a push)."""
     groups: dict[bytes, list[_Entry]] = {}
@@ -337,6 +367,20 @@ class LokiOptions(SinkOptions):
         gt=0,
         description="Seconds: half Loki's max_chunk_age (default 2h); entries further behind the newest "
         "of their stream are refused.",
+    )
+    per_stream_rate: int = Field(
+        DEFAULT_STREAM_RATE,
+        ge=0,
+        description="Bytes per second of lines (and structured metadata) pushed into one stream at most: "
+        "Loki's per_stream_rate_limit (3MB, which Loki reads as 3 MiB). Loki refuses a stream over it (429) "
+        "and answers a push for its last stream only, so a refused stream followed by a stored one would "
+        "be lost unseen: entries over it wait instead (held back, not an attempt). Lowered to the limit "
+        "Loki names if it refuses a stream anyway. 0: no budget (Loki's answer is still read).",
+    )
+    per_stream_burst: int = Field(
+        DEFAULT_STREAM_BURST,
+        ge=0,
+        description="Bytes one stream may take at once: Loki's per_stream_rate_limit_burst (15MB = 15 MiB).",
     )
     new_stream_pushes: bool = Field(
         True,
@@ -462,6 +506,11 @@ class LokiOptions(SinkOptions):
                         "event and would create unbounded Loki streams; use structured_metadata=true, or set "
                         "allow_high_cardinality_labels=true if you really want it"
                     )
+        if self.per_stream_rate and self.per_stream_burst < self.max_line_bytes + _METADATA_ROOM:
+            raise ValueError(
+                f"per_stream_burst={self.per_stream_burst} is below max_line_bytes={self.max_line_bytes} "
+                f"(+{_METADATA_ROOM} for metadata): a stream could not take its largest entry"
+            )
         names = {n for n in self.default_labels} | set(self.labels)
         if len(names) > MAX_LABELS:
             raise ValueError(
@@ -479,6 +528,19 @@ _RATE_LIMITED = re.compile(
     r"Ingestion rate limit exceeded for user .* \(limit: (?P<limit>\d+) bytes/sec\) while attempting to "
     r"ingest '(?P<lines>\d+)' lines totaling '(?P<bytes>\d+)' bytes"
 )
+_STREAM_RATE_LIMITED = re.compile(
+    r"Per stream rate limit exceeded \(limit: (?P<limit>\d+)(?P<unit>[KMGTPE]?B)/sec\)"
+)
+_BYTE_UNITS = {
+    "B": 1,
+    "KB": 1 << 10,
+    "MB": 1 << 20,
+    "GB": 1 << 30,
+    "TB": 1 << 40,
+    "PB": 1 << 50,
+    "EB": 1 << 60,
+}
+"""Loki's ByteSize (c2h5oh/datasize) units: binary."""
 _STREAM_LIMITED = re.compile(
     r"Maximum active stream limit exceeded when trying to create stream (?P<labels>\{.*\}), reduce the number",
     re.DOTALL,
@@ -615,16 +677,24 @@ def _names_stream(loki: dict[str, str], stream: bytes) -> bool:
 _ADDED_BY_LOKI = frozenset({"service_name", "__stream_shard__"})
 
 
+def _stream_text(stream: bytes) -> str:
+    """The label string of an encoded ``StreamAdapter.labels`` field, for messages."""
+    start = 1
+    while start < len(stream) and stream[start] & 0x80:
+        start += 1
+    return stream[start + 1 :].decode("utf-8", "replace")
+
+
 def _weight(entries: Sequence[_Entry]) -> int:
     """What Loki's rate limiter counts of these entries (line and structured metadata bytes), or a
     little more (protobuf: the encoded metadata)."""
-    total = 0
-    for entry in entries:
-        total += len(entry.line)
-        if entry.metadata:
-            total += sum(len(k.encode()) + len(v.encode()) for k, v in entry.metadata)
-        elif len(entry.parts) > 2:
-            total += len(entry.parts[2])
+    total = sum([len(entry.line) for entry in entries])
+    if entries and (entries[0].metadata or len(entries[0].parts) > 2):  # structured_metadata=true
+        for entry in entries:
+            if entry.metadata:
+                total += sum(len(k.encode()) + len(v.encode()) for k, v in entry.metadata)
+            elif len(entry.parts) > 2:
+                total += len(entry.parts[2])
     return total
 
 
@@ -661,22 +731,6 @@ def _blocked_for(text: str) -> float | None:
     if until.tzinfo is None:
         until = until.replace(tzinfo=UTC)
     return max(0.0, (until - datetime.now(UTC)).total_seconds())
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 _PLAIN_LABEL = re.compile(r'[^\x00-\x1f\x7f"\\]*')
@@ -764,7 +818,18 @@ class _Entry:
     key, cached per label set); with protobuf, ``parts`` is the whole ``StreamAdapter.entries`` field
     (``size`` bytes) ready to join, and ``metadata`` is only kept for the JSON body."""
 
-    __slots__ = ("index", "labels", "late", "line", "metadata", "parts", "size", "stream", "ts_ns")
+    __slots__ = (
+        "index",
+        "labels",
+        "late",
+        "line",
+        "metadata",
+        "modified",
+        "parts",
+        "size",
+        "stream",
+        "ts_ns",
+    )
 
     def __init__(
         self,
@@ -778,9 +843,11 @@ class _Entry:
         size: int = 0,
         *,
         late: bool = False,
+        modified: int = 0,
     ) -> None:
         self.index = index
         self.late = late  # predicted refused for its time: pushed apart
+        self.modified = modified  # _STAMPED | _TRUNCATED: what its line says it differs in
         self.labels = labels
         self.stream = stream
         self.ts_ns = ts_ns
@@ -790,6 +857,8 @@ class _Entry:
         self.size = size
 
 
+_BUDGETS_MAX = 1 << 14
+"""Streams whose rate budget is kept; beyond it those with a full bucket are forgotten."""
 _NEWEST_SLOTS = 1 << 14
 """Slots of the newest-per-stream table (2 × 128 KiB)."""
 _WAYS = 8
@@ -851,6 +920,12 @@ class _NewestPerStream:
 
 
 _ORDER = attrgetter("ts_ns", "index")
+_STAMPED = 1
+"""_Entry.modified: stamped at its receipt instead of its own time (``"time_adjusted": true``)."""
+_TRUNCATED = 2
+"""_Entry.modified: its message cut to fit max_line_bytes (``"truncated": true``)."""
+_MODIFIED_LOG_EVERY = 60.0
+"""Seconds between two logs of the entries delivered changed (their counts add up meanwhile)."""
 _TIME_ADJUSTED: dict[str, Any] = {"time_adjusted": True}
 _CACHE_MAX = 4096
 """Entries per cache (label sets, timestamps); a full cache is cleared, not evicted piecemeal."""
@@ -951,10 +1026,23 @@ class LokiSink(Sink[LokiOptions]):
         # Loki's time window for the batch being encoded (set by send); open until then.
         self._oldest_ns: float = -math.inf
         self._newest_ns: float = math.inf
+        self._ahead_ns: float = math.inf  # how far ahead of now it reaches (less the clock margin)
         self._late = False  # an entry of this batch is predicted refused for its time (and not clamped)
+        # Entries delivered changed, by "time_adjusted" and "truncated": in total (``modified``) and
+        # since the last log (logged at most every _MODIFIED_LOG_EVERY seconds, and at close).
+        self._modified_batch = False  # an entry of the batch being encoded is changed
+        self.modified: Counter[str] = Counter()
+        self._modified_unlogged: Counter[str] = Counter()
+        self._modified_logged_at = -math.inf
         # The tenant's ingestion rate (bytes/s) once Loki named it refusing a push over it: larger
         # pushes are split before they are sent.
         self._max_push_bytes: int | None = None
+        # Loki's per-stream rate limit kept on this side: per stream, its bucket (bytes, when in
+        # time.monotonic) refilled at _stream_rate up to _stream_burst (lowered when Loki refuses a
+        # stream within them: its limits are lower than the options say).
+        self._stream_rate = float(options.per_stream_rate)
+        self._stream_burst = float(options.per_stream_burst)
+        self._budgets: dict[bytes, tuple[float, float]] = {}
         # What the send under way learned, applied to the two tables above only when it returns: a
         # send cut off (send_timeout) is retried whole, and predicted as before it is byte-identical,
         # so Loki de-duplicates what its finished pushes stored instead of taking a re-stamped copy.
@@ -967,6 +1055,12 @@ class LokiSink(Sink[LokiOptions]):
         # behind its cutoff instead of de-duplicating it (pkg/ingester/stream.go validateEntries),
         # which must not be taken for a refusal of a new entry and stamped anew (a second copy).
         self._sent: dict[int, bool] = {}
+        # The timestamp each of those entries was sent with, by (uid, number): sent again, an entry
+        # keeps it whatever the clock says by then (at the window's old edge, or its stream's newest
+        # raised meanwhile), so Loki de-duplicates it rather than keeping a copy stamped otherwise.
+        # Forgotten once the entry is answered OK or rejected.
+        self._chosen: dict[tuple[str, int], int] = {}
+        self._batch: Sequence[Occurrence] = ()  # the batch of the send under way
         # Per stream, the entries set aside (defer) for it: (uid, number) → (timestamp, expiry in
         # time.monotonic_ns). A newer entry of the stream that would put one of them over max_behind
         # behind Loki's newest waits aside too, so they go in first (see _hold_back).
@@ -996,7 +1090,17 @@ class LokiSink(Sink[LokiOptions]):
             self._newest = previous._newest
             self._taken = previous._taken
             self._max_push_bytes = previous._max_push_bytes
+            self._budgets = previous._budgets
+            if (previous.options.per_stream_rate, previous.options.per_stream_burst) == (
+                self.options.per_stream_rate,
+                self.options.per_stream_burst,
+            ):  # what Loki taught it, unless the options changed
+                self._stream_rate, self._stream_burst = previous._stream_rate, previous._stream_burst
             self._sent = previous._sent
+            self._chosen = previous._chosen
+            self.modified = previous.modified
+            self._modified_unlogged = previous._modified_unlogged
+            self._modified_logged_at = previous._modified_logged_at
             self._aside = previous._aside
 
     def _build_headers(self, url_user: str | None, url_password: str | None) -> dict[str, str]:
@@ -1054,7 +1158,9 @@ class LokiSink(Sink[LokiOptions]):
                 text = await response.text(errors="replace")
                 text = scrub(text[:200], self._secrets, partial=len(text) > 200).strip()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise SinkError(f"loki: cannot reach {self._shown}: {_describe(exc)}") from None
+            raise SinkError(
+                f"loki: cannot reach {self._shown}: {scrub(_describe(exc), self._secrets)}"
+            ) from None
         if status in (401, 403):
             raise SinkError(
                 f"loki: {self._shown} refused our credentials ({status} {text!r}); check username/password, "
@@ -1066,7 +1172,8 @@ class LokiSink(Sink[LokiOptions]):
     def set_window(self, now_ns: int) -> None:
         """Loki's time window (max_age, future_grace) around ``now_ns``, for the entries encoded next."""
         self._oldest_ns = now_ns - self._max_age_ns + min(_CLOCK_MARGIN_NS, self._max_age_ns // 4)
-        self._newest_ns = now_ns + self._grace_ns - min(_CLOCK_MARGIN_NS, self._grace_ns // 4)
+        self._ahead_ns = self._grace_ns - min(_CLOCK_MARGIN_NS, self._grace_ns // 4)
+        self._newest_ns = now_ns + self._ahead_ns
 
     @property
     def pushes_deadline(self) -> float:
@@ -1089,6 +1196,7 @@ class LokiSink(Sink[LokiOptions]):
         outcomes: list[Outcome] = [OK] * len(batch)
         entries: list[_Entry] = []
         self.set_window(time.time_ns())
+        self._modified_batch = False
         for index, occurrence in enumerate(batch):
             try:
                 entry = self._entry(index, occurrence)
@@ -1104,6 +1212,7 @@ class LokiSink(Sink[LokiOptions]):
             return outcomes
         self._stored, self._raised, self._deferring = [], [], False
         self._deadline = time.monotonic() + self.pushes_deadline
+        self._batch = batch
         encoded = entries
         try:
             if self._aside:
@@ -1116,8 +1225,53 @@ class LokiSink(Sink[LokiOptions]):
             self._remember([entry for push in self._stored for entry in push], stored=True)
             self._stored, self._raised = [], []
             raise
+        finally:
+            self._batch = ()
         self._settle(batch, encoded, outcomes)
+        if self._modified_batch:
+            self._count_modified(encoded, outcomes)
+        elif self._modified_unlogged:
+            self._count_modified([], outcomes)  # counted before: logged once its period is over
+        if self._chosen:
+            chosen = self._chosen
+            for entry in encoded:
+                if outcomes[entry.index].kind is not OutcomeKind.RETRY:
+                    occurrence = batch[entry.index]
+                    chosen.pop((occurrence.uid, occurrence.number), None)
         return outcomes
+
+    def _count_modified(self, entries: list[_Entry], outcomes: list[Outcome], *, flush: bool = False) -> None:
+        """Count the entries Loki took with a line that says it differs from the event (stamped at
+        receipt, message truncated): nothing is lost, but only a query of Loki would show it. Logged
+        with their counts, at most every _MODIFIED_LOG_EVERY seconds (``flush``: now, at close)."""
+        found: Counter[str] = Counter()
+        for entry in entries:
+            if entry.modified and outcomes[entry.index].kind is OutcomeKind.OK:
+                if entry.modified & _STAMPED:
+                    found["time_adjusted"] += 1
+                if entry.modified & _TRUNCATED:
+                    found["truncated"] += 1
+        self.modified.update(found)
+        unlogged = self._modified_unlogged
+        unlogged.update(found)
+        now = time.monotonic()
+        if not unlogged or (not flush and now - self._modified_logged_at < _MODIFIED_LOG_EVERY):
+            return
+        self.log.warning(
+            "loki: %s took %d entries stamped at the time the router received them (their own time is "
+            "outside Loki's window or over max_behind behind their stream's newest; the line keeps it in "
+            '"time" and says "time_adjusted": true) and %d with their message truncated to max_line_bytes=%d '
+            '("truncated": true), since %s',
+            self._shown,
+            unlogged["time_adjusted"],
+            unlogged["truncated"],
+            self._max_line,
+            "start"
+            if self._modified_logged_at == -math.inf
+            else f"{now - self._modified_logged_at:.0f}s ago",
+        )
+        unlogged.clear()
+        self._modified_logged_at = now
 
     async def _send_entries(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
         # Loki refuses entries more than max_chunk_age/2 (1 h by default) behind the newest entry it
@@ -1238,24 +1392,97 @@ class LokiSink(Sink[LokiOptions]):
     def _remember(self, entries: Sequence[_Entry], *, stored: bool) -> None:
         """Note entries sent whose storing is unknown (``stored`` False: a push timed out, cut off,
         answered 5xx, or Loki's answer left it open) or known (True) though the send did not say so."""
-        sent = self._sent
+        sent, chosen, batch = self._sent, self._chosen, self._batch
         for entry in entries:
             key = hash((entry.stream, entry.ts_ns, entry.line))
             if stored:
                 sent[key] = True
             else:
                 sent.setdefault(key, False)
+            occurrence = batch[entry.index]
+            chosen[occurrence.uid, occurrence.number] = entry.ts_ns
         while len(sent) > _SENT_MAX:
             del sent[next(iter(sent))]
+        while len(chosen) > _SENT_MAX:
+            del chosen[next(iter(chosen))]
 
-    def _plan(self, entries: list[_Entry]) -> list[list[_Entry]]:
+    def _over_budget(self, groups: dict[bytes, list[_Entry]], outcomes: list[Outcome]) -> bool:
+        """Hold back what Loki's per-stream rate limit would refuse. Loki's ingester refuses a stream
+        whose entries in a push do not fit its token bucket (pkg/ingester/stream.go validateEntries;
+        whole, with shard_streams on), 429, and answers a push for its last stream only, so a stream
+        refused before a stored one is answered 2xx: lost unseen, whichever place it has. Kept within
+        the same bucket here (per_stream_rate, per_stream_burst), a stream is never refused for it.
+        Per push and stream, not per entry; the oldest go first, the rest wait (held, defer: no
+        attempt, no other stream held up) until the bucket has refilled. True if any was held."""
+        rate, burst = self._stream_rate, self._stream_burst
+        now = time.monotonic()
+        budgets = self._budgets
+        held = False
+        for stream, group in list(groups.items()):
+            weight = _weight(group)
+            tokens, at = budgets.get(stream) or (burst, now)
+            tokens = min(burst, tokens + (now - at) * rate)
+            if weight <= tokens:
+                budgets[stream] = (tokens - weight, now)
+                continue
+            group.sort(key=_ORDER)
+            fit = 0
+            for entry in group:
+                size = _weight((entry,))
+                if size > tokens and (fit or tokens < burst):
+                    break  # (an entry over the burst on its own goes when the bucket is full)
+                tokens = max(0.0, tokens - size)
+                fit += 1
+            budgets[stream] = (tokens, now)
+            waiting = group[fit:]
+            wait = max(0.1, (min(float(_weight(waiting)), burst) - tokens) / rate)
+            reason = (
+                f"loki: held back {len(waiting)} entries of stream {_stream_text(stream)}: over "
+                f"{rate:.0f} bytes/s (per_stream_rate, Loki's per_stream_rate_limit), which Loki would "
+                f"refuse the stream for; sent in {wait:.1f}s"
+            )
+            for entry in waiting:
+                outcomes[entry.index] = retry(reason, retry_after=wait, held=True, defer=True)
+            if fit:
+                del group[fit:]
+            else:
+                del groups[stream]
+            held = True
+        if held:
+            self._deferring = True
+        if len(budgets) > _BUDGETS_MAX:  # forget the full ones: a stream not in the table is full
+            for stream, (tokens, at) in list(budgets.items()):
+                if tokens + (now - at) * rate >= burst:
+                    del budgets[stream]
+            if len(budgets) > _BUDGETS_MAX:
+                budgets.clear()
+        return held
+
+    def _charge(self, entries: list[_Entry]) -> None:
+        """A push sent again (its streams Loki may have stored already) spends their buckets again
+        at Loki: so here too (never below empty)."""
+        if not self._stream_rate:
+            return
+        now = time.monotonic()
+        rate, burst = self._stream_rate, self._stream_burst
+        for stream, group in _by_stream(entries).items():
+            tokens, at = self._budgets.get(stream) or (burst, now)
+            tokens = min(burst, tokens + (now - at) * rate)
+            self._budgets[stream] = (max(0.0, tokens - _weight(group)), now)
+
+    def _plan(self, entries: list[_Entry], outcomes: list[Outcome]) -> list[list[_Entry]]:
         """The pushes for these entries. Loki's ingester answers for the last stream of a push only
         (pkg/ingester/instance.go ``Push``: ``_, appendErr = s.Push(...)`` per stream, so a later
         stream's success overwrites an earlier one's error): a new stream refused for the active
         stream limit, followed by a stream Loki stored, is answered 2xx and would be lost unseen. So
         a stream Loki has not taken from this sink within STREAM_KNOWN_FOR goes last in its push, one
-        such stream per push; streams it took recently (Loki creates none of them) go before it."""
+        such stream per push; streams it took recently (Loki creates none of them) go before it.
+        Entries over their stream's rate budget are held back (``_over_budget``)."""
         groups = _by_stream(entries)
+        if self._stream_rate and self._over_budget(groups, outcomes):
+            entries = [entry for group in groups.values() for entry in group]
+            if not entries:
+                return []
         if len(groups) == 1:
             return [entries]
         since = time.monotonic_ns() - self._known_ns
@@ -1279,7 +1506,9 @@ class LokiSink(Sink[LokiOptions]):
         several (independent: each stream is in one), a few go at once, and when Loki fails as a whole
         (5xx, the tenant's rate, unreachable) that push's items and those of pushes not sent yet are
         retried, while what the others stored is not sent again."""
-        pushes = self._plan(entries)
+        pushes = self._plan(entries, outcomes)
+        if not pushes:
+            return
         if len(pushes) == 1:
             await self._push(pushes[0], outcomes)
             return
@@ -1321,10 +1550,14 @@ class LokiSink(Sink[LokiOptions]):
                 text = (await response.text(errors="replace")).strip()
                 retry_after = _retry_after(response.headers.get("Retry-After"))
         except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
-            raise RetryableError(f"loki: cannot reach {self._shown}: {_describe(exc)}") from None
+            raise RetryableError(
+                f"loki: cannot reach {self._shown}: {scrub(_describe(exc), self._secrets)}"
+            ) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self._remember(entries, stored=False)  # sent, perhaps stored: no answer
-            raise RetryableError(f"loki: cannot reach {self._shown}: {_describe(exc)}") from None
+            raise RetryableError(
+                f"loki: cannot reach {self._shown}: {scrub(_describe(exc), self._secrets)}"
+            ) from None
         except asyncio.CancelledError:
             self._remember(entries, stored=False)  # the send was cut off with this push under way
             raise
@@ -1379,6 +1612,23 @@ class LokiSink(Sink[LokiOptions]):
                 retry_after,
             ):
                 return
+            # The per-stream rate limit: the stream is named on the answer's last line, which the
+            # entries listed before it (up to 10, each quoting the stream) can put past ``raw``.
+            limited = _STREAM_RATE_LIMITED.search(raw)
+            total = _IGNORED_TOTAL.search(text) if limited is not None else None
+            if (
+                limited is not None
+                and total is not None
+                and await self._stream_refused(
+                    entries,
+                    outcomes,
+                    total["labels"],
+                    f"loki: {self._shown} answered 429: {message}",
+                    retry_after,
+                    rate_limit=int(limited["limit"]) * _BYTE_UNITS[limited["unit"]],
+                )
+            ):
+                return
         if status == 429 or status >= 500 or status in (401, 403, 404, 408):
             if status >= 500:
                 self._remember(entries, stored=False)  # a distributor may have stored some of it
@@ -1416,12 +1666,15 @@ class LokiSink(Sink[LokiOptions]):
         named: str,
         reason: str,
         retry_after: float | None,
+        *,
+        rate_limit: int | None = None,
     ) -> bool:
         """Loki's active stream limit: the ingester refused a new stream (``_plan`` makes it the push's
         last, whose result Loki answers) and stored the push's other streams. The named stream's items
         are retried, set aside (``defer``: its refusal holds up no other stream); the others are pushed
         again at once (Loki de-duplicates what it stored). False when the named stream is none of
-        this push's."""
+        this push's. ``rate_limit``: refused for Loki's per-stream rate limit (bytes/s), which
+        ``_over_budget`` keeps to unless Loki's limits are lower than the options say (learned)."""
         wanted = _parse_label_set(named)
         if wanted is None:
             return False
@@ -1437,12 +1690,46 @@ class LokiSink(Sink[LokiOptions]):
             (refused if hit else rest).append(entry)
         if not refused:
             return False
+        if rate_limit:
+            weight = _weight(refused)
+            if retry_after is None:
+                retry_after = weight / rate_limit  # the time Loki's bucket takes to hold as much
+            if self._stream_rate:
+                self._learn_stream_rate(refused, weight, rate_limit)
         if rest:
+            self._charge(rest)
             await self._push_or_retry(rest, outcomes)
         for entry in refused:
             outcomes[entry.index] = retry(reason, retry_after=retry_after, defer=True)
         self._deferring = True
         return True
+
+    def _learn_stream_rate(self, refused: list[_Entry], weight: int, limit: int) -> None:
+        """Loki refused a stream for its rate although within this sink's budget: its bucket is
+        empty, and its limits are lower than per_stream_rate/per_stream_burst say. The rate it names
+        is taken; its burst it does not name, so the budget's becomes half what was refused (at
+        least its largest entry): a push over Loki's burst is refused for ever, so the stream's
+        pushes shrink until they fit."""
+        stream = refused[0].stream
+        self._budgets[stream] = (0.0, time.monotonic())
+        rate = min(self._stream_rate, float(limit))
+        burst = self._stream_burst
+        if weight / 2 < burst:
+            burst = max(weight / 2, float(max(_weight((entry,)) for entry in refused)))
+        if (rate, burst) != (self._stream_rate, self._stream_burst):
+            self.log.warning(
+                "loki: %s refused stream %s over its per-stream rate limit (%d bytes/s) though within "
+                "per_stream_rate=%d and per_stream_burst=%d: now at most %d bytes/s and %d at once per "
+                "stream; set them to Loki's per_stream_rate_limit and per_stream_rate_limit_burst",
+                self._shown,
+                _stream_text(stream),
+                limit,
+                self._stream_rate,
+                self._stream_burst,
+                rate,
+                burst,
+            )
+            self._stream_rate, self._stream_burst = rate, burst
 
     async def _behind_refused(
         self, entries: list[_Entry], outcomes: list[Outcome], behind: list[_Behind], message: str
@@ -1518,6 +1805,7 @@ class LokiSink(Sink[LokiOptions]):
         again_ids = {id(entry) for group in groups.values() for entry in group}
         rest = [entry for entry in entries if id(entry) in again_ids]  # in push order: a new stream last
         if rest:
+            self._charge(rest)
             await self._push_or_retry(rest, outcomes)
         return True
 
@@ -1598,15 +1886,13 @@ class LokiSink(Sink[LokiOptions]):
             pairs[name] = render_template(template, record)
         out: list[tuple[str, str]] = []
         for name, value in pairs.items():
-            if not value:
-                continue  # Loki drops empty label values anyway
-            value = _fix_surrogates(value)
-            data = value.encode("utf-8")
-            if len(data) > MAX_LABEL_VALUE_BYTES:
-                value = cut_utf8(data, MAX_LABEL_VALUE_BYTES).decode("utf-8")
-            out.append((name, value))
+            if value:  # Loki drops empty label values anyway
+                out.append((name, _label_value(value)))
         if not out:
-            out.append(("type", record.get("type") or "Normal"))
+            fallback = record.get("type")
+            out.append(
+                ("type", _label_value(fallback) if isinstance(fallback, str) and fallback else "Normal")
+            )
         return tuple(sorted(out))
 
     def _line(self, occurrence: Occurrence, marks: dict[str, Any] | None = None) -> bytes:
@@ -1633,20 +1919,38 @@ class LokiSink(Sink[LokiOptions]):
         # Loki refuses an entry outside its time window, or over max_behind behind the newest entry it
         # holds for the stream (as far as this sink knows: what it pushed there).
         newest = self._newest.get(stream) if self._newest.used else None
-        if not self._oldest_ns <= ts_ns <= self._newest_ns or (
-            newest is not None and ts_ns < newest - self._behind_ns
-        ):
-            received_ns = int(occurrence.received_at * _NS)
-            if (
-                self.options.clamp_time
-                and self._oldest_ns <= received_ns <= self._newest_ns
-                and (newest is None or received_ns >= newest - self._behind_ns)
+        chosen = self._chosen.get((occurrence.uid, occurrence.number)) if self._chosen else None
+        if chosen is not None:
+            # Sent before in a push Loki may have stored (no answer, a 5xx, a send cut off): the
+            # same timestamp again, though the clock or the stream's newest moved on meanwhile, so
+            # Loki de-duplicates it instead of keeping a copy stamped otherwise. Predicted refused
+            # now, it is pushed apart and Loki judges (refused, it is rejected: _behind_refused).
+            if chosen != ts_ns:
+                ts_ns, marks = chosen, _TIME_ADJUSTED
+            if not self._oldest_ns <= ts_ns <= self._newest_ns or (
+                newest is not None and ts_ns < newest - self._behind_ns
             ):
-                # The time the router received it: one Loki takes, and the same on every retry and
-                # re-delivery (it is kept in the spool), so Loki still de-duplicates a re-sent entry.
-                ts_ns, marks = received_ns, _TIME_ADJUSTED
-            else:
-                late = self._late = True  # send() pushes it apart, for Loki to judge
+                late = self._late = True
+        else:
+            refused = not self._oldest_ns <= ts_ns <= self._newest_ns or (
+                newest is not None and ts_ns < newest - self._behind_ns
+            )
+            # Ahead of its receipt by more than Loki's grace: judged against the receipt, not this
+            # attempt's clock, so every attempt (and one after a restart) stamps it the same; by the
+            # clock, one a few seconds inside the edge would be stamped at receipt first and keep
+            # its own time on a retry: two entries in Loki if the first push was stored unanswered.
+            if refused or (self.options.clamp_time and ts_ns - self._ahead_ns > occurrence.received_at * _NS):
+                received_ns = int(occurrence.received_at * _NS)
+                if (
+                    self.options.clamp_time
+                    and self._oldest_ns <= received_ns <= self._newest_ns
+                    and (newest is None or received_ns >= newest - self._behind_ns)
+                ):
+                    # The time the router received it: one Loki takes, and the same on every retry
+                    # and re-delivery (it is kept in the spool), so Loki still de-duplicates it.
+                    ts_ns, marks = received_ns, _TIME_ADJUSTED
+                elif refused:
+                    late = self._late = True  # send() pushes it apart, for Loki to judge
         try:
             if marks is not None:
                 line = self._line(occurrence, marks)
@@ -1664,6 +1968,7 @@ class LokiSink(Sink[LokiOptions]):
             )
             record = occurrence.record
             line = self._line(occurrence, marks)
+        modified = 0 if marks is None else _STAMPED
         limit = self._max_line
         if len(line) > limit:
             if self.options.oversize == "reject":
@@ -1671,12 +1976,15 @@ class LokiSink(Sink[LokiOptions]):
                     f"loki: line of {len(line)} bytes exceeds max_line_bytes={limit} (oversize=reject)"
                 )
             line = self._truncate(occurrence, line, limit, marks)
+            modified |= _TRUNCATED
+        if modified:
+            self._modified_batch = True
         if not self._protobuf:
             metadata: list[tuple[str, str]] = []
             if self._metadata:
                 for name, value in self._metadata_values(occurrence, record):
                     metadata.append((name, _fix_surrogates(value)))
-            return _Entry(index, labels, stream, ts_ns, line, metadata, late=late)
+            return _Entry(index, labels, stream, ts_ns, line, metadata, late=late, modified=modified)
         # EntryAdapter{timestamp=1, line=2, structuredMetadata=3...} as one StreamAdapter.entries field.
         seconds, nanos = divmod(ts_ns, _NS)
         if seconds >= 128:
@@ -1704,7 +2012,9 @@ class LokiSink(Sink[LokiOptions]):
             size += len(head)
             prefix = _FIELD2.get(size) or _field2(size)
             parts = (prefix + head, line)
-        return _Entry(index, labels, stream, ts_ns, line, (), parts, len(prefix) + size, late=late)
+        return _Entry(
+            index, labels, stream, ts_ns, line, (), parts, len(prefix) + size, late=late, modified=modified
+        )
 
     @staticmethod
     def _metadata_values(occurrence: Occurrence, record: dict[str, Any]) -> list[tuple[str, str]]:
@@ -1766,6 +2076,8 @@ class LokiSink(Sink[LokiOptions]):
         return bytes(cramjam.snappy.compress_raw(b"".join(out)))
 
     async def aclose(self) -> None:
+        if self._modified_unlogged:
+            self._count_modified([], [], flush=True)
         session, self._session = self._session, None
         if session is not None and not session.closed:
             await session.close()

@@ -519,7 +519,8 @@ async def test_lone_surrogates_in_a_message_are_replaced_never_crash_the_batch(
     lines = {orjson.loads(e.line)["uid"]: (e, orjson.loads(e.line)) for e in loki.entries}
     entry, record = lines[broken.uid]
     assert record["message"] == "bad \ufffd byte and \ufffd half"
-    assert entry.label_dict["m"] == "bad \ufffd byte and \ufffd half"
+    # Not U+FFFD in a label: Loki's label parser (Prometheus' lexer) refuses the whole push for it.
+    assert entry.label_dict["m"] == "bad ? byte and ? half"
     assert lines[fine.uid][1] == fine.record
 
 

@@ -181,13 +181,21 @@ def _format_labels_once(labels: tuple[tuple[str, str], ...]) -> str:
 _SIMPLE_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\"}
 
 
-def _read_string(text: str, pos: int) -> tuple[str, int]:
+def _read_string(text: str, pos: int, *, promql: bool = True) -> tuple[str, int]:
+    """A quoted string at ``text[pos]``. ``promql``: by the rules of Prometheus' PromQL lexer, which
+    Loki parses every pushed stream's labels with (promql/parser/lex.go): ``lexString`` and
+    ``lexRawString`` refuse ``utf8.RuneError``, which ``next()`` (utf8.DecodeRuneInString) returns for
+    a literal U+FFFD as for an invalid byte (both arrive here as U+FFFD), and ``lexEscape`` refuses an
+    escaped surrogate; ``\\ufffd`` is taken. Loki's LogQL query lexer (text/scanner) takes both."""
     quote = text[pos]
     pos += 1
     if quote == "`":
         end = text.find("`", pos)
         if end == -1:
             raise LabelParseError(f"1:{pos}: parse error: unterminated raw string")
+        bad = text.find("\ufffd", pos, end) if promql else -1
+        if bad != -1:
+            raise LabelParseError(f"1:{bad + 1}: parse error: invalid UTF-8 rune")
         return text[pos:end], end + 1
     out: list[str] = []
     while True:
@@ -196,6 +204,8 @@ def _read_string(text: str, pos: int) -> tuple[str, int]:
         ch = text[pos]
         if ch == quote:
             return "".join(out), pos + 1
+        if ch == "\ufffd" and promql:
+            raise LabelParseError(f"1:{pos + 1}: parse error: invalid UTF-8 rune")
         if ch != "\\":
             out.append(ch)
             pos += 1
@@ -222,6 +232,10 @@ def _read_string(text: str, pos: int) -> tuple[str, int]:
                 raise LabelParseError(
                     f"1:{pos + 1}: parse error: invalid escape sequence in string"
                 ) from None
+            if (esc not in "uU" and code > 255) or (promql and 0xD800 <= code < 0xE000):
+                raise LabelParseError(
+                    f"1:{pos + 1}: parse error: escape sequence is an invalid Unicode code point"
+                )
             pos += start + width
         else:
             raise LabelParseError(f"1:{pos + 1}: parse error: unknown escape sequence {esc!r}")
@@ -477,7 +491,7 @@ def _parse_query(query: str) -> tuple[list[tuple[str, str, str]], list[tuple[str
         m = _MATCHER.match(text, pos)
         if not m or m.end() >= len(text) or text[m.end()] not in "\"'`":
             raise ValueError(f"parse error at {pos}: expected label matcher")
-        value, pos = _read_string(text, m.end())
+        value, pos = _read_string(text, m.end(), promql=False)
         matchers.append((m.group(1), m.group(2), value))
     filters: list[tuple[str, str]] = []
     while pos < len(text):
@@ -488,7 +502,7 @@ def _parse_query(query: str) -> tuple[list[tuple[str, str, str]], list[tuple[str
             raise ValueError(
                 f"unsupported in the test receiver at {pos}: only line filters follow the selector"
             )
-        value, pos = _read_string(text, m.end())
+        value, pos = _read_string(text, m.end(), promql=False)
         filters.append((m.group(1), value))
     if all(_matches({}, [matcher]) for matcher in matchers):
         raise ValueError("queries require at least one matcher that does not match the empty string")
@@ -545,8 +559,13 @@ class LokiReceiver:
     ``now`` (epoch seconds) drives the age checks. ``max_body_bytes`` is the largest push body taken
     (Loki's default 100 MB; beyond it aiohttp answers 413, as a gateway with a body limit does).
     Off unless given (Loki has them on): the tenant's ingestion rate limit (``ingestion_rate`` bytes/s,
-    ``ingestion_burst`` bytes: 429, nothing stored) and its active stream limit (``max_streams``: a
-    new stream beyond it is refused, 429 naming it, the push's other streams stored).
+    ``ingestion_burst`` bytes: 429, nothing stored), its active stream limit (``max_streams``: a
+    new stream beyond it is refused, 429 naming it, the push's other streams stored) and the
+    per-stream rate limit (``per_stream_rate`` bytes/s, ``per_stream_burst`` bytes: a stream's entries
+    over it refused, all of them with ``per_stream_whole``, 429 "Per stream rate limit exceeded"
+    naming it, the push's other streams stored).
+    A label value holding a literal U+FFFD (or invalid UTF-8) fails the whole push, 400 "couldn't
+    parse labels", as Prometheus' lexer refuses it.
     Entries too far behind their stream's newest are answered as Loki's ingester does: 400 listing
     at most ``max_returned_stream_errors`` (10) of them and the total, for one stream; the push's other
     entries stored.
@@ -582,6 +601,9 @@ class LokiReceiver:
         max_streams: int | None = None,
         max_returned_stream_errors: int = 10,
         push_delay: Callable[[list[dict[str, str]]], float] | None = None,
+        per_stream_rate: float | None = None,
+        per_stream_burst: float | None = None,
+        per_stream_whole: bool = True,
     ) -> None:
         self.auth_enabled = auth_enabled
         self.username = username
@@ -617,6 +639,16 @@ class LokiReceiver:
         # stream beyond it are refused with 429, its other streams stored. None: no limit.
         self.max_streams = max_streams
         self.stream_limited = 0  # entries refused by the stream limit
+        # The ingester's per-stream rate limit (limits_config.per_stream_rate_limit and
+        # per_stream_rate_limit_burst, in bytes here; Loki's defaults "3MB" and "15MB" are 3 MiB/s and
+        # 15 MiB: its ByteSize is binary), a golang.org/x/time/rate bucket per stream, full at first.
+        # ``per_stream_whole`` (shard_streams.enabled, Loki 3.x's default): a push's entries of a
+        # stream are refused all together when they do not fit; otherwise entry by entry. None: off.
+        self.per_stream_rate = per_stream_rate
+        self.per_stream_burst = per_stream_burst
+        self.per_stream_whole = per_stream_whole
+        self._stream_tokens: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[float, float]] = {}
+        self.stream_rate_limited = 0  # entries refused by the per-stream rate limit
         # The ingester's max_returned_stream_errors: refused entries listed per stream (0: all).
         self.max_returned_stream_errors = max_returned_stream_errors
         # A slow ingester: seconds to wait before taking a push, given its streams' label sets. The
@@ -691,10 +723,15 @@ class LokiReceiver:
         chunk_idle_period (30 min) once its chunks are flushed: the next entry creates it anew (which
         the stream limit may refuse). Stored entries stay queryable."""
         self._newest.clear()
+        self._stream_tokens.clear()  # a stream created anew has a new limiter
 
     def refill_rate_limit(self) -> None:
         """The ingestion rate limiter's bucket full again, as after a wait of ``burst / rate`` seconds."""
         self._tokens = None
+
+    def refill_stream_rate_limits(self) -> None:
+        """Every stream's rate limiter full again, as after a wait of ``burst / rate`` seconds."""
+        self._stream_tokens.clear()
 
     async def wait_for_entries(self, count: int, timeout: float = 10.0) -> None:
         """Wait until at least ``count`` entries are stored (duplicates included)."""
@@ -991,32 +1028,84 @@ class LokiReceiver:
                     f"administrator to see if the limit can be increased, user: '{user}'",
                 )
                 continue
-            # The ingester's stream.validateEntries: with unordered writes, an entry more than
-            # max_chunk_age/2 behind the highest timestamp the stream holds (raised by each entry it
-            # takes, in push order) is refused.
-            failed: list[tuple[int, int]] = []  # (entry timestamp, cutoff)
+            # The ingester's stream.validateEntries (pkg/ingester/stream.go): with unordered writes,
+            # an entry more than max_chunk_age/2 behind the highest timestamp the stream holds (raised
+            # by each entry it takes, in push order) is refused; entry by entry, one the per-stream
+            # rate limiter does not allow is refused first.
+            failed: list[tuple[int, str, bool]] = []  # (entry timestamp, reason, rate limited)
+            to_store: list[_InEntry] = []
+            newest = self._newest.get(key)
+            limited = self.per_stream_rate is not None
             for entry in valid:
-                newest = self._newest.get(key)
+                if limited and not self.per_stream_whole:
+                    size = _entry_size(entry)
+                    if not self._stream_allows(key, size):
+                        failed.append((entry.ts_ns, self._stream_rate_reason(named, size), True))
+                        continue
                 if newest is not None and entry.ts_ns < newest - behind:
-                    failed.append((entry.ts_ns, newest - behind))
+                    failed.append((entry.ts_ns, _behind_reason(entry.ts_ns, newest - behind), False))
                     continue
-                self._newest[key] = entry.ts_ns if newest is None else max(newest, entry.ts_ns)
+                newest = entry.ts_ns if newest is None else max(newest, entry.ts_ns)
+                to_store.append(entry)
+            if (
+                limited
+                and self.per_stream_whole
+                and to_store
+                and not self._stream_allows(key, sum(_entry_size(e) for e in to_store))
+            ):
+                # Whole stream (rateLimitWholeStream): none of it is stored, and the answer lists the
+                # entries the limiter refused only (those too far behind are left out of it).
+                self.stream_rate_limited += len(to_store)
+                refused = [(e.ts_ns, self._stream_rate_reason(named, _entry_size(e)), True) for e in to_store]
+                ingester_error = (429, self._failed_entries(user, named, refused, len(valid)))
+                continue
+            self.stream_rate_limited += sum(1 for _, _, rate in failed if rate)
+            if newest is not None:
+                self._newest[key] = newest
+            for entry in to_store:
                 self.entries.append(
                     StoredEntry(tenant, stream.labels, entry.ts_ns, entry.line, entry.metadata)
                 )
-                accepted += 1
-            # This stream's result, an earlier stream's error overwritten (also by success).
-            ingester_error = (400, self._too_far_behind(user, named, failed, len(valid))) if failed else None
+            accepted += len(to_store)
+            # This stream's result, an earlier stream's error overwritten (also by success). Its
+            # status is that of the last entry refused (errorForFailedEntries).
+            ingester_error = (
+                (429 if failed[-1][2] else 400, self._failed_entries(user, named, failed, len(valid)))
+                if failed
+                else None
+            )
         return accepted, errors, ingester_error
 
-    def _too_far_behind(self, user: str, named: str, failed: list[tuple[int, int]], total: int) -> str:
+    def _stream_allows(self, key: tuple[str, tuple[tuple[str, str], ...]], size: int) -> bool:
+        """The stream's limiter ``AllowN(now, size)`` (golang.org/x/time/rate): refilled at the rate
+        up to the burst; ``size`` over the burst is never allowed; a refusal takes no tokens."""
+        rate = self.per_stream_rate or 0.0
+        burst = self.per_stream_burst if self.per_stream_burst is not None else rate
+        now = time.monotonic()
+        tokens, at = self._stream_tokens.get(key, (burst, now))
+        tokens = min(burst, tokens + (now - at) * rate)
+        if size <= tokens:
+            self._stream_tokens[key] = (tokens - size, now)
+            return True
+        self._stream_tokens[key] = (tokens, now)
+        return False
+
+    def _stream_rate_reason(self, named: str, size: int) -> str:
+        """pkg/validation ``ErrStreamRateLimit.Error()``, sizes as Loki's flagext.ByteSize prints them."""
+        return (
+            f"Per stream rate limit exceeded (limit: {_byte_size(int(self.per_stream_rate or 0))}/sec) while "
+            f"attempting to ingest for stream '{named}' totaling {_byte_size(size)}, consider splitting a "
+            "stream via additional labels or contact your Loki administrator to see if the limit can be "
+            "increased"
+        )
+
+    def _failed_entries(self, user: str, named: str, failed: list[tuple[int, str, bool]], total: int) -> str:
         """pkg/ingester/stream.go errorForFailedEntries: one line per refused entry (at most
-        ``max_returned_stream_errors``), with chunkenc's errTooFarBehind as the reason, then a total."""
-        listed = failed[: self.max_returned_stream_errors] if self.max_returned_stream_errors > 0 else failed
+        ``max_returned_stream_errors``) with its reason, then a total."""
+        cap = self.max_returned_stream_errors
+        listed = failed[:cap] if cap > 0 else failed
         lines = [
-            f"entry with timestamp {_go_time(ts)} ignored, reason: 'entry too far behind, entry timestamp is: "
-            f"{_rfc3339(ts)}, oldest acceptable timestamp is: {_rfc3339(cutoff)}',\n"
-            for ts, cutoff in listed
+            f"entry with timestamp {_go_time(ts)} ignored, reason: '{reason}',\n" for ts, reason, _ in listed
         ]
         return (
             "".join(lines) + f"user '{user}', total ignored: {len(failed)} out of {total} for stream: {named}"
@@ -1112,6 +1201,32 @@ class LokiReceiver:
 
 
 _STREAM_LIMIT_PREFIX = "Maximum active stream limit exceeded"
+
+
+def _behind_reason(ts_ns: int, cutoff_ns: int) -> str:
+    """chunkenc's ErrTooFarBehind."""
+    return (
+        f"entry too far behind, entry timestamp is: {_rfc3339(ts_ns)}, oldest acceptable timestamp is: "
+        f"{_rfc3339(cutoff_ns)}"
+    )
+
+
+def _entry_size(entry: _InEntry) -> int:
+    """util.EntryTotalSize: the line and the structured metadata's names and values, in bytes."""
+    size = len(entry.line.encode("utf-8", "surrogatepass"))
+    for name, value in entry.metadata:
+        size += len(name.encode()) + len(value.encode())
+    return size
+
+
+def _byte_size(size: int) -> str:
+    """Loki's flagext.ByteSize.String() (c2h5oh/datasize): the largest binary unit dividing it exactly."""
+    if size == 0:
+        return "0B"
+    for unit, factor in (("EB", 1 << 60), ("PB", 1 << 50), ("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20)):
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size // 1024}KB" if size % 1024 == 0 else f"{size}B"
 
 
 def _group_errors(errors: list[str]) -> str:
