@@ -210,6 +210,31 @@ async def test_retry_after_is_honoured(metrics: Metrics) -> None:
     assert seen[1] - seen[0] >= 0.5
 
 
+async def test_a_wild_retry_after_for_one_item_is_bounded_as_for_a_whole_batch(metrics: Metrics) -> None:
+    """One item set aside with `Retry-After: 86400` while the rest of its batch was taken (a webhook in
+    mode=event answering 403): it was set aside for exactly that, unbounded, held until a restart with
+    nothing more logged. It now waits at most `retry_wait_max`, as a whole batch does."""
+    sink = _sink()
+    bad = make_occurrence(reason="Refused")
+    answers = {"bad": 0}
+
+    def decide(occ: Occurrence) -> Outcome:
+        if occ is bad and answers["bad"] == 0:
+            answers["bad"] += 1
+            return retry("403 (a gateway's policy)", retry_after=86_400.0, defer=True)
+        return OK
+
+    sink.decide = decide
+    p = _pipeline(sink, metrics)  # retry_max_backoff 0.05: retry_wait_max 0.5 s
+    task = await _run(p)
+    good = [make_occurrence() for _ in range(3)]
+    for o in [good[0], bad, *good[1:]]:
+        p.offer(o)
+    await sink.wait_for(4, timeout=5)
+    await _finish(p, task)
+    assert sorted(sink.keys) == sorted((o.uid, o.number) for o in [*good, bad])
+
+
 async def test_rejected_items_go_to_the_dead_letter_file_with_reason(
     metrics: Metrics, tmp_path: Path
 ) -> None:

@@ -755,7 +755,12 @@ class Pipeline:
                     continue
                 self._failures[key] = tries
                 failed += 1
-            delay = out.retry_after if out.retry_after is not None else self._backoff(max(tries, 1), None)
+            # Bounded as every other Retry-After: `inf` or a day set an item aside until a restart.
+            delay = (
+                self._server_wait(out.retry_after)
+                if out.retry_after is not None
+                else self._backoff(max(tries, 1), None)
+            )
             due = time.monotonic() + delay
             if event_due is not None:
                 due = event_due.setdefault(occ.uid, due)
