@@ -15,6 +15,7 @@ __all__ = [
     "CHECKPOINT_CONFIGMAP_OPS",
     "DEAD_LETTER_REASONS",
     "SINK_DROP_REASONS",
+    "SINK_MODIFIED_REASONS",
     "Metrics",
     "observe_many",
 ]
@@ -30,6 +31,7 @@ SINK_DROP_REASONS = (
     "deadletter_rotated",
 )
 DEAD_LETTER_REASONS = ("rejected", "retries_exhausted")
+SINK_MODIFIED_REASONS = ("truncated", "time_adjusted", "other")
 SEND_ERROR_KINDS = ("retryable", "timeout", "exception", "contract", "start")
 SOURCE_DROP_REASONS = (
     "malformed",
@@ -127,6 +129,14 @@ class Metrics:
         )
         self.delivered = Counter(
             "eventrouter_sink_delivered", "Occurrences the sink accepted.", ["sink"], registry=r
+        )
+        self.modified = Counter(
+            "eventrouter_sink_modified",
+            "Occurrences a sink delivered changed, by reason (truncated: the message cut to the "
+            "destination's limit; time_adjusted: stamped at the router's receipt, not its own time); "
+            "the record says so too.",
+            ["sink", "reason"],
+            registry=r,
         )
         self.dropped = Counter(
             "eventrouter_sink_dropped",
@@ -258,6 +268,8 @@ class Metrics:
             self.dropped.labels(sink, reason)
         for reason in DEAD_LETTER_REASONS:
             self.dead_lettered.labels(sink, reason)
+        for reason in SINK_MODIFIED_REASONS:
+            self.modified.labels(sink, reason)
         for kind in SEND_ERROR_KINDS:
             self.send_errors.labels(sink, kind)
         for file in DATA_DIR_FILES:

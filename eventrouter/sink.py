@@ -15,6 +15,7 @@ with a pydantic options model in ``options_model`` (see ``eventrouter.options.Si
 from __future__ import annotations
 
 import abc
+import collections
 import enum
 import logging
 from collections.abc import Sequence
@@ -159,6 +160,10 @@ class Sink(abc.ABC, Generic[OptionsT]):
         self.options = options
         self.context = context
         self.log = context.logger
+        self.modified: collections.Counter[str] = collections.Counter()
+        """Occurrences delivered changed, in total, by reason (``truncated``, ``time_adjusted``;
+        another is counted as ``other``): the engine exports the increase after each send as
+        ``eventrouter_sink_modified_total``. Carry it over in ``take_over``."""
 
     async def start(self) -> None:
         """Connect and check the destination; raise SinkError with a clear message if it cannot work."""

@@ -235,6 +235,31 @@ async def test_a_wild_retry_after_for_one_item_is_bounded_as_for_a_whole_batch(m
     assert sorted(sink.keys) == sorted((o.uid, o.number) for o in [*good, bad])
 
 
+async def test_what_a_sink_delivered_changed_is_exported_by_reason(metrics: Metrics) -> None:
+    """A sink counts what it delivered changed (Loki: truncated, stamped at receipt) in ``modified``;
+    the engine exports the increase after each send, an unknown reason as ``other``."""
+    sink = _sink()
+
+    odd = make_occurrence(reason="Odd")
+
+    def decide(occ: Occurrence) -> Outcome:
+        sink.modified["truncated"] += 1
+        if occ is odd:
+            sink.modified["shortened-name"] += 1
+        return OK
+
+    sink.decide = decide
+    p = _pipeline(sink, metrics)
+    task = await _run(p)
+    assert value(metrics.modified, "mem", "time_adjusted") == 0  # exported at 0 from the start
+    for o in [make_occurrence(), odd, make_occurrence()]:
+        p.offer(o)
+    await p.wait_idle(5)
+    await _finish(p, task)
+    assert value(metrics.modified, "mem", "truncated") == 3
+    assert value(metrics.modified, "mem", "other") == 1
+
+
 async def test_rejected_items_go_to_the_dead_letter_file_with_reason(
     metrics: Metrics, tmp_path: Path
 ) -> None:

@@ -20,7 +20,7 @@ from eventrouter.engine.checkpoint import SinkCheckpoint
 from eventrouter.engine.deadletter import DeadLetter
 from eventrouter.engine.spool import RETRY_SECONDS, Spool
 from eventrouter.logs import Throttled
-from eventrouter.metrics import Metrics, observe_many
+from eventrouter.metrics import SINK_MODIFIED_REASONS, Metrics, observe_many
 from eventrouter.options import PipelineOptions
 from eventrouter.record import Occurrence
 from eventrouter.sink import OK, Outcome, OutcomeKind, RetryableError, Sink, SinkError, retry
@@ -99,6 +99,7 @@ class Pipeline:
         self._spooled_deferred: set[tuple[str, int]] = set()
         self._popped: list[Occurrence] = []
         self._popped_keys: set[tuple[str, int]] | None = None  # built when needed (``_behind_older``)
+        self._modified_seen: dict[str, int] = {}  # the sink's ``modified`` totals already exported
         self._done: dict[str, int] = {}  # finished, not yet checkpointed (a lower one is pending)
         # Read from the spool marked owed (see ``Spool``): sent although the checkpoint is past them;
         # a key leaves the set once it finished (accepted, rejected or given up).
@@ -941,6 +942,16 @@ class Pipeline:
             ", ".join(occ.key for occ in occs[:3]) + (", ..." if len(occs) > 3 else ""),
         )
 
+    def _count_modified(self) -> None:
+        """Export the increase of the sink's ``modified`` totals (a plugin may not call the base
+        ``__init__``: read with getattr). A replacement that did not carry them over starts at 0."""
+        for reason, total in self.sink.modified.items():
+            seen = self._modified_seen.get(reason, 0)
+            if total != seen:
+                label = reason if reason in SINK_MODIFIED_REASONS else "other"
+                self.metrics.modified.labels(self.name, label).inc(total - seen if total > seen else total)
+                self._modified_seen[reason] = total
+
     async def _send_once(self, items: Sequence[Occurrence]) -> Sequence[Outcome]:
         if self._replacement is not None:
             await self._use_replacement()
@@ -972,6 +983,8 @@ class Pipeline:
             return [retry(f"{type(exc).__name__}: {exc}")] * len(items)
         finally:
             self._m_latency.observe(time.monotonic() - started)
+        if getattr(self.sink, "modified", None):
+            self._count_modified()
         if outcomes is None:
             return [OK] * len(items)
         if not isinstance(outcomes, list):
