@@ -6,22 +6,28 @@ credential outside the Secret, probes and the security context on every variant.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import collections
+import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import helm_python as helm
 import pytest
 import yaml
 
-from eventrouter.record import normalise
-from eventrouter.testing import recorded_watch
+from eventrouter.record import normalise, occurrence_number
+from eventrouter.testing import FakeApiServer, event_object, recorded_watch
+from eventrouter.testing.waiting import until
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "eventrouter"
 RELEASE = "er"
@@ -30,6 +36,16 @@ FULLNAME = "er-eventrouter"
 SECRET_VALUE = "hunter2-S3cr3t-Value"
 
 EVENTS_RULE = {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list", "watch"]}
+# What the router asks of its checkpoint ConfigMap: GET at start, POST once, PUT each write.
+CHECKPOINT_RULES = [
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+    {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": [f"{FULLNAME}-checkpoint"],
+        "verbs": ["get", "update"],
+    },
+]
 
 Doc = dict[str, Any]
 
@@ -146,13 +162,27 @@ def test_schema_accepts_every_ci_values_file(chart: helm.Chart) -> None:
 
 def test_default_render_has_exactly_the_plain_install_objects(chart: helm.Chart) -> None:
     kinds = sorted(doc["kind"] for doc in render(chart))
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "ServiceAccount"]
+    assert kinds == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "Deployment",
+        "Role",
+        "RoleBinding",
+        "ServiceAccount",
+    ]
 
 
-def test_default_rbac_is_exactly_events_get_list_watch(chart: helm.Chart) -> None:
+def test_default_rbac_is_exactly_events_get_list_watch_and_the_checkpoint_configmap(
+    chart: helm.Chart,
+) -> None:
     docs = render(chart)
     assert one(docs, "ClusterRole")["rules"] == [EVENTS_RULE]
-    assert of_kind(docs, "Role") == [] and of_kind(docs, "RoleBinding") == []
+    # The checkpoint ConfigMap (the default checkpoint.mode): that name only, in the release namespace.
+    role = one(docs, "Role")
+    assert role["metadata"] == {**role["metadata"], "name": f"{FULLNAME}-checkpoint", "namespace": NAMESPACE}
+    assert role["rules"] == CHECKPOINT_RULES
+    assert one(docs, "RoleBinding")["roleRef"]["name"] == f"{FULLNAME}-checkpoint"
     binding = one(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -203,6 +233,8 @@ def test_default_args_env_and_config(chart: helm.Chart) -> None:
         "--shutdown-timeout=25",
         "--data-dir=/var/lib/eventrouter",
         "--data-dir-max-bytes=1Gi",  # the emptyDir's sizeLimit: spools and dead letters fit in it
+        # The checkpoint outlives the pod: a new pod delivers nothing twice.
+        f"--checkpoint-configmap={FULLNAME}-checkpoint",
     ]
     assert "command" not in c  # the image's ENTRYPOINT is `eventrouter`
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]}
@@ -214,6 +246,7 @@ def test_default_args_env_and_config(chart: helm.Chart) -> None:
 
 
 def test_default_data_dir_is_an_emptydir(chart: helm.Chart) -> None:
+    """It holds the disk spool and dead letters; the checkpoint is in the ConfigMap."""
     docs = render(chart)
     assert volumes(docs)["data"]["emptyDir"] == {"sizeLimit": "1Gi"}
     assert mounts(docs)["data"]["mountPath"] == "/var/lib/eventrouter"
@@ -252,11 +285,16 @@ def test_a_leader_on_a_readwriteonce_claim_goes_before_its_successor_starts(
 ) -> None:
     """A surged pod on another node cannot attach the claim (or, ReadWriteOncePod, is never
     scheduled), and the old pod waited for it to be ready: the rollout hung."""
-    values = {"leaderElection": {"enabled": True}, "persistence": {"enabled": True, "accessModes": modes}}
+    values = {
+        "leaderElection": {"enabled": True},
+        "checkpoint": {"mode": "dataDir"},
+        "persistence": {"enabled": True, "accessModes": modes},
+    }
     strategy = one(render(chart, values), "Deployment")["spec"]["strategy"]
     assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
     shared = {
         "leaderElection": {"enabled": True},
+        "checkpoint": {"mode": "dataDir"},
         "persistence": {"enabled": True, "accessModes": ["ReadWriteMany"]},
     }
     assert one(render(chart, shared), "Deployment")["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 1
@@ -338,9 +376,27 @@ def test_credentials_mounted_as_files_and_env_from_secret_refs(chart: helm.Chart
     }
     env = {e["name"]: e["valueFrom"] for e in container(docs)["env"]}
     assert env["DINGTALK_TOKEN"] == {"secretKeyRef": {"name": secret_name, "key": "dingtalk-token"}}
-    # A change of credentials rolls the pods.
-    annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
-    assert "checksum/credentials" in annotations
+
+
+def test_the_pod_template_carries_no_hash_of_the_secret(chart: helm.Chart) -> None:
+    """`checksum/credentials` was an unsalted sha256 of the rendered Secret, whose every other byte is
+    known (chart, release, namespace, key names from the `file:` paths): whoever may read Deployments
+    (the built-in `view` role) but not Secrets could test guesses of a password offline. The router
+    re-reads `file:` credentials itself; NOTES tells to restart for `env:` ones."""
+    rendered = render_text(chart, SECRET_VALUES)
+    secret_text = next(text for path, text in rendered.items() if path.endswith("/secret.yaml"))
+    digests = {
+        hashlib.sha256(secret_text.encode()).hexdigest(),
+        hashlib.sha256(secret_text.strip().encode()).hexdigest(),
+    }
+    annotations = one(parse(rendered), "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/credentials" not in annotations
+    texts = [yaml.safe_dump(doc) for doc in parse(rendered) if doc["kind"] != "Secret"]
+    assert not [d for d in digests for text in texts if d in text]
+    notes = next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+    assert "rollout restart" in notes and "DINGTALK_TOKEN" in notes
+    # The config's checksum stays: a config change still rolls the pods.
+    assert "checksum/config" in annotations
 
 
 def test_existing_secret_is_mounted_and_not_created(chart: helm.Chart) -> None:
@@ -405,6 +461,195 @@ def test_a_literal_header_value_is_refused(chart: helm.Chart) -> None:
     render(chart, {"config": {"sinks": [sink]}})
 
 
+def _credential_options() -> dict[tuple[str, str], str]:
+    """(sink type, option name or alias) of every credential option of the built-in sinks (SecretStr
+    in their options models) → its shape: "scalar", "list" (Loki's headers) or "dict" (webhook's)."""
+    from pydantic import AliasChoices
+
+    from eventrouter.plugins import BUILTIN, discover
+
+    found: dict[tuple[str, str], str] = {}
+    for sink_type, plugin in sorted(discover().items()):
+        if plugin.distribution != BUILTIN:
+            continue
+        for field, info in plugin.load().options_model.model_fields.items():
+            annotation = str(info.annotation)
+            if "SecretStr" not in annotation:
+                continue
+            shape = (
+                "list"
+                if annotation.startswith("list[")
+                else "dict"
+                if annotation.startswith("dict[")
+                else "scalar"
+            )
+            names = {field}
+            if isinstance(info.validation_alias, AliasChoices):
+                names |= {c for c in info.validation_alias.choices if isinstance(c, str)}
+            elif isinstance(info.validation_alias, str):
+                names.add(info.validation_alias)
+            for name in names:
+                found[(sink_type, name)] = shape
+    return found
+
+
+CREDENTIAL_OPTIONS = _credential_options()
+CHART_CREDENTIAL_NAMES = CHART / "files" / "credential-options.txt"
+
+
+def test_the_chart_knows_every_credential_option_of_the_built_in_sinks() -> None:
+    """The refusal matched a pattern of key names, which missed `headers`/`header` (Loki, webhook)
+    and `proxy` (DingTalk, WeCom): the chart's list is the options models' own."""
+    listed = {
+        line.strip()
+        for line in CHART_CREDENTIAL_NAMES.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    derived = {name for _, name in CREDENTIAL_OPTIONS}
+    assert listed == derived, (
+        f"update {CHART_CREDENTIAL_NAMES.relative_to(CHART)}: add {sorted(derived - listed)}, "
+        f"remove {sorted(listed - derived)}"
+    )
+
+
+def _literal_forms(sink_type: str, name: str, shape: str) -> dict[str, dict[str, Any]]:
+    """Every way values can carry a literal for the option: flag, extraArgs, config scalar, list,
+    map and string, and the config url's query."""
+    literal = f"X-Api-Key:{SECRET_VALUE}" if name.startswith("header") else SECRET_VALUE
+    flag = f"{sink_type}:https://sink.example/k8s?{name}={literal}"
+    config: dict[str, Any] = {"type": sink_type, "name": "s", "url": "https://sink.example/k8s"}
+    return {
+        "flag": {"sinks": {"flags": [flag]}},
+        "extraArgs": {"extraArgs": [f"--sink={flag}"]},
+        "config": {"config": {"sinks": [{**config, name: literal}]}},
+        "config list": {"config": {"sinks": [{**config, name: [literal]}]}},
+        "config map": {"config": {"sinks": [{**config, name: {"X-Api-Key": SECRET_VALUE}}]}},
+        "config url": {
+            "config": {"sinks": [{**config, "url": f"https://sink.example/k8s?{name}={literal}"}]}
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("sink_type", "name"), sorted(CREDENTIAL_OPTIONS), ids=[f"{t}.{n}" for t, n in sorted(CREDENTIAL_OPTIONS)]
+)
+def test_a_literal_in_any_credential_option_of_any_sink_is_refused(
+    chart: helm.Chart, sink_type: str, name: str
+) -> None:
+    shape = CREDENTIAL_OPTIONS[(sink_type, name)]
+    for form, values in _literal_forms(sink_type, name, shape).items():
+        with pytest.raises(helm.HelmRenderError) as refused:
+            render(chart, values)
+        message = str(refused.value)
+        assert "env:VAR_NAME" in message, (form, message)
+        assert SECRET_VALUE not in message, form
+    # The reference each shape takes renders: the whole value, or (webhook headers) the header's value.
+    reference = "X-Api-Key:env:CRED" if shape == "dict" else "env:CRED"
+    config: dict[str, Any] = {"type": sink_type, "name": "s", "url": "https://sink.example/k8s"}
+    render(chart, {"sinks": {"flags": [f"{sink_type}:https://sink.example/k8s?{name}={reference}"]}})
+    render(chart, {"config": {"sinks": [{**config, name: reference}]}})
+    render(chart, {"config": {"sinks": [{**config, name: [reference]}]}})
+    if shape == "dict":
+        render(
+            chart, {"config": {"sinks": [{**config, name: {"X-Api-Key": "file:/etc/eventrouter/secrets/k"}}]}}
+        )
+
+
+LEAKS: dict[str, dict[str, Any]] = {
+    # The review's table (each rendered, and `eventrouter check --offline` took the result).
+    "flag-webhook-header": {
+        "sinks": {"flags": [f"webhook:https://h/k8s?header=Authorization:Bearer%20{SECRET_VALUE}"]}
+    },
+    "flag-loki-headers": {"sinks": {"flags": [f"loki:http://loki:3100?headers=X-Api-Key:{SECRET_VALUE}"]}},
+    "flag-dingtalk-proxy": {
+        "sinks": {
+            "flags": [
+                "dingtalk:https://oapi.dingtalk.com/robot/send?access_token=env:T"
+                f"&proxy=http://proxyuser:{SECRET_VALUE}@proxy:3128"
+            ]
+        }
+    },
+    "flag-proxy-percent-encoded": {
+        "sinks": {
+            "flags": [f"wecom:https://q/send?key=env:K&proxy=http%3A%2F%2Fu%3A{SECRET_VALUE}%40proxy%3A3128"]
+        }
+    },
+    "config-loki-headers-list": {
+        "config": {
+            "sinks": [
+                {"type": "loki", "url": "http://l", "headers": [f"Authorization:Bearer {SECRET_VALUE}"]}
+            ]
+        }
+    },
+    "config-webhook-headers-string": {
+        "config": {
+            "sinks": [
+                {"type": "webhook", "url": "http://h", "headers": f"Authorization:Bearer {SECRET_VALUE}"}
+            ]
+        }
+    },
+    "config-wecom-proxy": {
+        "config": {
+            "sinks": [{"type": "wecom", "url": "http://h", "proxy": f"http://u:{SECRET_VALUE}@proxy:3128"}]
+        }
+    },
+    "flag-url-user-info": {"sinks": {"flags": [f"loki:http://u:{SECRET_VALUE}@loki:3100"]}},
+    "flag-url-user-info-with-a-raw-?": {"sinks": {"flags": [f"loki:http://u:ab?{SECRET_VALUE}@loki:3100"]}},
+    "config-url-user-info": {
+        "config": {"sinks": [{"type": "webhook", "url": f"https://u:{SECRET_VALUE}@h/k8s"}]}
+    },
+    "flag-percent-encoded-key": {
+        "sinks": {"flags": [f"loki:http://loki:3100?pass%77ord={SECRET_VALUE}&username=u"]}
+    },
+    "extraArgs-sink": {"extraArgs": [f"--sink=loki:http://loki:3100?password={SECRET_VALUE}"]},
+    "extraArgs-sink-as-two-args": {"extraArgs": ["--sink", f"loki:http://loki:3100?password={SECRET_VALUE}"]},
+    "extraArgs-abbreviated": {"extraArgs": [f"--sin=loki:http://loki:3100?password={SECRET_VALUE}"]},
+    "config-other-url-query": {
+        "config": {
+            "sinks": [
+                {
+                    "type": "webhook",
+                    "url": "https://h/k8s",
+                    "healthcheck_url": f"https://h/health?access_token={SECRET_VALUE}",
+                }
+            ]
+        }
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(LEAKS))
+def test_credentials_the_refusal_missed_are_refused_at_render(chart: helm.Chart, case: str) -> None:
+    """Each rendered into the pod's args or the ConfigMap (item 40's check looked at key names only,
+    not at headers, proxies, URL user info, percent-encoded keys or extraArgs)."""
+    with pytest.raises(helm.HelmRenderError, match=r"env:VAR_NAME|plain text") as refused:
+        render(chart, LEAKS[case])
+    assert SECRET_VALUE not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"sinks": {"flags": ["dingtalk:https://o/robot/send?access_token=env:T&proxy=http://proxy:3128"]}},
+        {"sinks": {"flags": ["webhook:https://h/k8s?header=Authorization:env:HOOK_AUTH"]}},
+        {"sinks": {"flags": ["loki:http://loki:3100?headers=file:/etc/eventrouter/secrets/loki-header"]}},
+        {"sinks": {"flags": ["webhook:https://h?x=a@b"]}},  # an @ in a query value: no user info
+        {"config": {"sinks": [{"type": "loki", "url": "http://l", "headers": ["env:LOKI_HEADER"]}]}},
+        {"extraArgs": ["--watch-timeout=290", "--sink=stdout:?level=Warning"]},
+    ],
+    ids=[
+        "proxy-address",
+        "webhook-header-ref",
+        "loki-header-file",
+        "at-in-query-value",
+        "loki-list-ref",
+        "extra",
+    ],
+)
+def test_references_and_plain_addresses_still_render(chart: helm.Chart, values: dict[str, Any]) -> None:
+    render(chart, values)
+
+
 def test_a_pdb_of_max_unavailable_0_stays_0(chart: helm.Chart) -> None:
     values = {"podDisruptionBudget": {"enabled": True, "maxUnavailable": 0}}
     assert one(render(chart, values), "PodDisruptionBudget")["spec"]["maxUnavailable"] == 0
@@ -439,7 +684,10 @@ def test_leader_election_adds_only_a_lease_role(chart: helm.Chart) -> None:
     binding = one(docs, "RoleBinding", f"{FULLNAME}-leader-election")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert bound_subjects(binding) == [("ServiceAccount", FULLNAME, NAMESPACE)]
-    assert len(of_kind(docs, "Role")) == 1
+    assert sorted(r["metadata"]["name"] for r in of_kind(docs, "Role")) == [
+        f"{FULLNAME}-checkpoint",
+        f"{FULLNAME}-leader-election",
+    ]
     assert one(docs, "ClusterRole")["rules"] == [EVENTS_RULE]
     args = container(docs)["args"]
     for arg in (
@@ -478,9 +726,20 @@ def test_two_replicas_with_leader_election_render_spread_pods(chart: helm.Chart)
 
 
 def test_two_replicas_cannot_share_a_readwriteonce_volume(chart: helm.Chart) -> None:
-    values = {"replicaCount": 2, "leaderElection": {"enabled": True}, "persistence": {"enabled": True}}
+    values = {
+        "replicaCount": 2,
+        "leaderElection": {"enabled": True},
+        "checkpoint": {"mode": "dataDir"},
+        "persistence": {"enabled": True},
+    }
     with pytest.raises(helm.HelmRenderError, match="ReadWriteOnce"):
         render(chart, values)
+
+
+def test_persistence_without_the_data_dir_checkpoint_is_refused_naming_the_fix(chart: helm.Chart) -> None:
+    """The default moved to configMap: values that only set persistence.enabled are told what to add."""
+    with pytest.raises(helm.HelmRenderError, match=r"persistence\.enabled needs checkpoint\.mode=dataDir"):
+        render(chart, {"persistence": {"enabled": True}})
 
 
 def _bytes(quantity: str) -> int:
@@ -516,15 +775,8 @@ def test_configmap_checkpoint_adds_a_role_limited_to_that_configmap(chart: helm.
     name = f"{FULLNAME}-checkpoint"
     role = one(docs, "Role", name)
     assert role["metadata"]["namespace"] == NAMESPACE
-    assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
-        {
-            "apiGroups": [""],
-            "resources": ["configmaps"],
-            "resourceNames": [name],
-            "verbs": ["get", "update", "patch"],
-        },
-    ]
+    # No `patch`: the router never sends one.
+    assert role["rules"] == CHECKPOINT_RULES
     assert bound_subjects(one(docs, "RoleBinding", name)) == [("ServiceAccount", FULLNAME, NAMESPACE)]
     args = container(docs)["args"]
     assert f"--checkpoint-configmap={name}" in args
@@ -539,14 +791,39 @@ def test_configmap_checkpoint_adds_a_role_limited_to_that_configmap(chart: helm.
     assert one(docs, "ClusterRole")["rules"] == [EVENTS_RULE]
 
 
+@pytest.mark.parametrize("name", [FULLNAME, f"{FULLNAME}-dashboard", "kube-root-ca.crt"])
+def test_a_checkpoint_configmap_named_as_one_holding_something_else_is_refused(
+    chart: helm.Chart, name: str
+) -> None:
+    """The checkpoint write is a PUT of its own data: with the chart's config ConfigMap's name it
+    removed config.yaml (and was granted `update` on it), and the next pod could not mount its config."""
+    with pytest.raises(
+        helm.HelmRenderError, match=r"checkpoint\.configMapName .*each checkpoint write replaces"
+    ):
+        render(chart, {"checkpoint": {"configMapName": name}, "grafanaDashboard": {"enabled": True}})
+    other = render(chart, {"checkpoint": {"configMapName": "my-checkpoint"}})
+    assert "--checkpoint-configmap=my-checkpoint" in container(other)["args"]
+    # Not used without mode configMap.
+    render(chart, {"checkpoint": {"mode": "dataDir", "configMapName": name}})
+
+
 def test_watch_namespaces_gives_a_role_per_namespace_and_no_clusterrole(chart: helm.Chart) -> None:
     docs = render(chart, VARIANTS["namespaced"])
     assert of_kind(docs, "ClusterRole") == [] and of_kind(docs, "ClusterRoleBinding") == []
-    roles = {r["metadata"]["namespace"]: r for r in of_kind(docs, "Role")}
+    assert one(docs, "Role", f"{FULLNAME}-checkpoint")["metadata"]["namespace"] == NAMESPACE
+    roles = {
+        r["metadata"]["namespace"]: r
+        for r in of_kind(docs, "Role")
+        if r["metadata"]["name"].endswith("-events")
+    }
     assert sorted(roles) == ["checkout", "payments"]
     for role in roles.values():
         assert role["rules"] == [EVENTS_RULE]
-    bindings = {b["metadata"]["namespace"]: b for b in of_kind(docs, "RoleBinding")}
+    bindings = {
+        b["metadata"]["namespace"]: b
+        for b in of_kind(docs, "RoleBinding")
+        if b["metadata"]["name"].endswith("-events")
+    }
     assert sorted(bindings) == ["checkout", "payments"]
     for ns, binding in bindings.items():
         assert binding["roleRef"]["name"] == roles[ns]["metadata"]["name"]
@@ -557,6 +834,25 @@ def test_watch_namespaces_gives_a_role_per_namespace_and_no_clusterrole(chart: h
         "--namespace=checkout",
     ]
     assert "--cluster-name=prod-eu-1" in args
+
+
+@pytest.mark.parametrize("cluster", ["prod #blue", "eu: west", "'quoted'", 'a"b', "true", "007"])
+def test_values_with_yaml_syntax_reach_the_router_as_written(chart: helm.Chart, cluster: str) -> None:
+    """`--cluster-name={{ . }}` unquoted: "prod #blue" rendered as --cluster-name=prod (the rest a YAML
+    comment: two clusters sharing a sink merged), "eu: west" as a map the API server refuses. The
+    data dir and the mount paths the same."""
+    values = {
+        "clusterName": cluster,
+        "checkpoint": {"dataDir": f"/var/lib/{cluster}"},
+        "credentials": {"values": {"k": "v"}, "mountPath": f"/etc/{cluster}"},
+    }
+    docs = render(chart, values)
+    args = container(docs)["args"]
+    assert f"--cluster-name={cluster}" in args
+    assert f"--data-dir=/var/lib/{cluster}" in args
+    assert mounts(docs)["data"]["mountPath"] == f"/var/lib/{cluster}"
+    assert mounts(docs)["credentials"]["mountPath"] == f"/etc/{cluster}"
+    assert all(isinstance(arg, str) for arg in args)
 
 
 @pytest.mark.parametrize(
@@ -575,7 +871,11 @@ def test_config_keys_owned_by_chart_values_are_refused(
 
 
 def test_persistence_renders_a_pvc_mounted_as_the_data_dir(chart: helm.Chart) -> None:
-    docs = render(chart, {"persistence": {"enabled": True, "size": "5Gi", "storageClass": "fast"}})
+    values = {
+        "checkpoint": {"mode": "dataDir"},
+        "persistence": {"enabled": True, "size": "5Gi", "storageClass": "fast"},
+    }
+    docs = render(chart, values)
     pvc = one(docs, "PersistentVolumeClaim", f"{FULLNAME}-data")
     assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi"
@@ -590,7 +890,11 @@ def test_persistence_renders_a_pvc_mounted_as_the_data_dir(chart: helm.Chart) ->
 
 
 def test_persistence_with_an_existing_claim_creates_no_pvc(chart: helm.Chart) -> None:
-    docs = render(chart, {"persistence": {"enabled": True, "existingClaim": "my-claim"}})
+    values = {
+        "checkpoint": {"mode": "dataDir"},
+        "persistence": {"enabled": True, "existingClaim": "my-claim"},
+    }
+    docs = render(chart, values)
     assert of_kind(docs, "PersistentVolumeClaim") == []
     assert volumes(docs)["data"]["persistentVolumeClaim"] == {"claimName": "my-claim"}
     # Its size is not the chart's to know: the configured bounds apply.
@@ -663,6 +967,23 @@ def test_notes_summarise_the_install(chart: helm.Chart) -> None:
     assert "leader election" in notes
     assert f"ConfigMap {FULLNAME}-checkpoint" in notes
     assert "port-forward" in notes
+
+
+def _notes(chart: helm.Chart, values: dict[str, Any]) -> str:
+    return next(t for p, t in render_text(chart, values).items() if p.endswith("NOTES.txt"))
+
+
+def test_notes_warn_that_a_checkpoint_on_an_emptydir_sends_everything_again_from_each_new_pod(
+    chart: helm.Chart,
+) -> None:
+    assert f"ConfigMap {FULLNAME}-checkpoint" in _notes(chart, {})
+    assert "WARNING" not in _notes(chart, {})
+    warned = _notes(chart, {"checkpoint": {"mode": "dataDir"}})
+    assert "WARNING: the checkpoint is on an emptyDir" in warned and "to every sink" in warned
+    persistent = {"checkpoint": {"mode": "dataDir"}, "persistence": {"enabled": True}}
+    assert "WARNING" not in _notes(chart, persistent)
+    # Without the chart's RBAC the operator must grant the checkpoint's verbs.
+    assert "grant the service account get and update" in _notes(chart, {"rbac": {"create": False}})
 
 
 # --- the router accepts what the chart renders ------------------------------------------------
@@ -801,3 +1122,204 @@ def test_router_check_accepts_every_documented_values_file(
     sinks = len(yaml.safe_load(config_text).get("sinks") or []) + sum(a.startswith("--sink=") for a in args)
     lines = done.stdout.splitlines()
     assert len(lines) == sinks > 0 and all(line.startswith("valid ") for line in lines), done.stdout
+
+
+# --- the default install across a pod replacement ----------------------------------------------
+
+
+class ChartPod:
+    """One pod of the default render as a process: the rendered args, config and fieldRef env, a
+    data dir of its own (a new pod gets a new emptyDir) and the test API server for the cluster."""
+
+    def __init__(self, docs: list[Doc], api: FakeApiServer, tmp: Path, name: str) -> None:
+        self.dir = tmp / name
+        self.dir.mkdir()
+        self.out = self.dir / "stdout.jsonl"  # the default sink is stdout
+        self.log = self.dir / "stderr.log"
+        config = self.dir / "config.yaml"
+        config.write_text(one(docs, "ConfigMap", FULLNAME)["data"]["config.yaml"])
+        local = {
+            "--config": str(config),
+            "--data-dir": str(self.dir / "data"),
+            "--metrics-addr": "127.0.0.1:0",
+        }
+        c = container(docs)
+        self.args = [
+            f"{flag}={local[flag]}" if (flag := arg.split("=", 1)[0]) in local else arg for arg in c["args"]
+        ]
+        assert sum(a.split("=", 1)[0] in local for a in self.args) == len(local), self.args
+        self.args.append(f"--kubeconfig={api.kubeconfig(self.dir / 'kubeconfig', namespace=NAMESPACE)}")
+        fields = {"metadata.name": name, "metadata.namespace": NAMESPACE}
+        self.env = {e["name"]: fields[e["valueFrom"]["fieldRef"]["fieldPath"]] for e in c["env"]}
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with open(self.out, "ab") as out, open(self.log, "ab") as log:  # noqa: ASYNC230 - once per start
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "eventrouter.cli", *self.args,
+                env={**os.environ, **self.env}, stdout=out, stderr=log,
+            )  # fmt: skip
+
+    def port(self) -> int | None:
+        """The metrics port, from the router's own log line (--metrics-addr ...:0)."""
+        found = re.search(rb"serving /metrics /healthz /readyz on [^\"]*:(\d+)", self.log.read_bytes())
+        return int(found[1]) if found else None
+
+    async def ready(self) -> bool:
+        port = self.port()
+        if port is None:
+            return False
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/readyz") as r:
+            return r.status == 200
+
+    def delivered(self) -> list[tuple[str, int]]:
+        text = self.out.read_bytes()
+        complete = text[: text.rfind(b"\n") + 1]  # a line without its newline is still being written
+        return [(d["uid"], d["occurrence"]) for d in map(json.loads, complete.splitlines())]
+
+    async def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), 60)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+
+async def _until_ready(pod: ChartPod) -> None:
+    async with asyncio.timeout(60):
+        while not await pod.ready():  # noqa: ASYNC110 - a probe over HTTP has no event to await
+            await asyncio.sleep(0.1)
+
+
+def _configmap_verbs(api: FakeApiServer) -> set[tuple[str, str]]:
+    """(verb, name) of every ConfigMap request the router made, as RBAC sees it."""
+    verbs = {"GET": "get", "PUT": "update", "POST": "create", "PATCH": "patch", "DELETE": "delete"}
+    prefix = f"/api/v1/namespaces/{NAMESPACE}/configmaps"
+    return {
+        (verbs[r.method], r.path.removeprefix(prefix).strip("/"))
+        for r in api.requests
+        if r.path.startswith(prefix)
+    }
+
+
+async def test_a_new_pod_of_the_default_install_delivers_nothing_twice(
+    chart: helm.Chart, tmp_path: Path
+) -> None:
+    """The default kept the checkpoint in a data dir on an emptyDir: a pod replaced after a clean stop
+    (helm upgrade, rollout restart, a drain) got a new, empty one and delivered everything the API
+    server held again, to every sink (20 of 20 here). With the checkpoint in the ConfigMap the new pod
+    delivers only what is new; and the router asks for no more than the rendered Role grants."""
+    docs = render(chart)
+    async with FakeApiServer(token="t0ken") as api:
+        api.bookmark_interval = 0.5
+        for i in range(20):
+            api.create_event(event_object(object_name=f"before-{i}"))
+        first, second = ChartPod(docs, api, tmp_path, "pod-1"), ChartPod(docs, api, tmp_path, "pod-2")
+        try:
+            await first.start()
+            await _until_ready(first)
+            await until(lambda: len(first.delivered()) >= 20, timeout=30)
+            assert await first.stop() == 0
+            assert "stopped after draining" in first.log.read_text()
+            # While no pod runs: new events and a repeat of an old one.
+            for i in range(3):
+                api.create_event(event_object(object_name=f"after-{i}"))
+            old = next(e["metadata"] for e in api.events() if e["involvedObject"]["name"] == "before-0")
+            api.bump(old["namespace"], old["name"])
+            await second.start()
+            # Ready: its initial list is handed on; the stop drains what it queued.
+            await _until_ready(second)
+            await until(lambda: len(second.delivered()) >= 4, timeout=30)
+            assert await second.stop() == 0
+        finally:
+            first.kill()
+            second.kill()
+        want = {(e["metadata"]["uid"], occurrence_number(e)) for e in api.events()}
+        got = collections.Counter(first.delivered()) + collections.Counter(second.delivered())
+        assert set(got) >= want, "lost occurrences"
+        again = sorted(set(first.delivered()) & set(second.delivered()))
+        assert again == [], f"{len(again)} delivered again by the new pod"
+        assert [k for k, n in got.items() if n > 1] == []
+        assert len(second.delivered()) == 4
+        # Only what the Role allows: get/update on the checkpoint's name, create (not limitable).
+        role = one(docs, "Role", f"{FULLNAME}-checkpoint")
+        granted = {
+            (verb, name)
+            for rule in role["rules"]
+            for verb in rule["verbs"]
+            for name in rule.get("resourceNames", [""])
+        }
+        used = _configmap_verbs(api)
+        assert used == {
+            ("get", f"{FULLNAME}-checkpoint"),
+            ("create", ""),
+            ("update", f"{FULLNAME}-checkpoint"),
+        }
+        assert used <= granted, f"not granted: {sorted(used - granted)}"
+
+
+# --- the dashboard and the documented Loki sinks -----------------------------------------------
+
+
+def _dashboard_selected_labels() -> set[str]:
+    """Every label name a stream selector of the bundled dashboard (panel targets and variable
+    queries) matches on."""
+    body = json.loads((CHART / "files" / "dashboard.json").read_text())
+    queries = [t["expr"] for panel in body["panels"] for t in panel.get("targets", [])]
+    for variable in body.get("templating", {}).get("list", []):
+        query = variable.get("query")
+        queries.append(query.get("query", "") if isinstance(query, dict) else str(query or ""))
+    names = {
+        name
+        for query in queries
+        for selector in re.findall(r"\{([^{}]*)\}", query)
+        for name in re.findall(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)\s*\"", selector)
+    }
+    assert names, "no stream selector found in the dashboard"
+    return names
+
+
+def _documented_loki_sinks() -> dict[str, dict[str, Any]]:
+    """The Loki sinks of every documented values file and example, as flat options."""
+    from eventrouter.config import parse_sink_flag
+
+    found: dict[str, dict[str, Any]] = {}
+    for case, values in DOCUMENTED.items():
+        for i, flag in enumerate(values.get("sinks", {}).get("flags", [])):
+            if flag.startswith("loki:"):
+                found[f"{case}: sinks.flags[{i}]"] = parse_sink_flag(flag)
+        for i, sink in enumerate(values.get("config", {}).get("sinks", []) or []):
+            if sink.get("type") == "loki":
+                found[f"{case}: config.sinks[{i}]"] = sink
+    return found
+
+
+DOCUMENTED_LOKI = _documented_loki_sinks()
+
+
+@pytest.mark.parametrize("case", sorted(DOCUMENTED_LOKI))
+def test_the_documented_loki_sinks_set_every_label_the_dashboard_selects_on(case: str) -> None:
+    """The chart's Loki examples set `default_labels=cluster,namespace[,reason]`, and every query of
+    the chart's own dashboard selects on `type` (some on `kind`): with the examples it showed nothing,
+    without an error. The labels each example's sink sets, as its options model validates them."""
+    from eventrouter.config import QUERY_KEYS, spec_for_class
+    from eventrouter.plugins import load
+    from eventrouter_sinks.loki import LokiOptions
+
+    entry = DOCUMENTED_LOKI[case]
+    labelling = {
+        k: v for k, v in entry.items() if k in ("type", "url", "default_labels", "labels", QUERY_KEYS)
+    }
+    options = spec_for_class(load("loki"), labelling, type_="loki", where=case).options
+    assert isinstance(options, LokiOptions)
+    names = set(options.default_labels) | set(options.labels)
+    missing = _dashboard_selected_labels() - names
+    assert not missing, f"{case}: the dashboard selects on {sorted(missing)}, which this sink does not set"
+
+
+def test_the_dashboard_selects_on_labels_and_documented_loki_sinks_exist() -> None:
+    assert {"type", "cluster", "namespace", "kind"} <= _dashboard_selected_labels()
+    # README, ci/full-values.yaml (which also enables the dashboard) and values.yaml's comments.
+    assert len(DOCUMENTED_LOKI) >= 4, sorted(DOCUMENTED_LOKI)

@@ -41,7 +41,8 @@ HEADER = """\
 # in namespace "eventrouter") for users without Helm.
 #   kubectl apply -f deploy/eventrouter.yaml
 # Routes every Event occurrence to the pod's stdout; edit the ConfigMap's config.yaml to add sinks
-# (credentials as env:NAME / file:/path references to a Secret, never literals).
+# (credentials as env:NAME / file:/path references to a Secret, never literals). The router keeps its
+# checkpoint in ConfigMap eventrouter-checkpoint (it creates it), so a new pod delivers nothing twice.
 # Generated: python tests/deploy/test_manifests.py --write (tests/deploy/test_manifests.py keeps it
 # equal to the chart).
 """
@@ -76,7 +77,15 @@ def chart_default_objects() -> list[Doc]:
     for path, text in sorted(rendered.items()):
         if not path.endswith("NOTES.txt"):
             docs.extend(_strip_helm(doc) for doc in yaml.safe_load_all(text) if doc)
-    order = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment"]
+    order = [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+        "Deployment",
+    ]
     return sorted(docs, key=lambda d: order.index(d["kind"]) if d["kind"] in order else len(order))
 
 
@@ -123,6 +132,8 @@ def test_plain_manifests_have_the_expected_kinds_in_apply_order() -> None:
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
         "ConfigMap",
         "Deployment",
     ]
@@ -135,6 +146,29 @@ def test_plain_manifests_have_the_expected_kinds_in_apply_order() -> None:
 def test_plain_clusterrole_only_reads_events() -> None:
     (role,) = [doc for doc in plain_objects() if doc["kind"] == "ClusterRole"]
     assert role["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list", "watch"]}]
+
+
+def test_plain_manifests_keep_the_checkpoint_in_a_configmap_the_role_names() -> None:
+    """An emptyDir checkpoint was lost with each new pod (a rollout restart after a config edit, a
+    drain): everything the API server held went to every sink again. The checkpoint is in a
+    ConfigMap, and the Role grants that one name (plus `create`, which RBAC cannot limit by name)."""
+    (deployment,) = [doc for doc in plain_objects() if doc["kind"] == "Deployment"]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"--checkpoint-configmap={NAME}-checkpoint" in args
+    (role,) = [doc for doc in plain_objects() if doc["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": [f"{NAME}-checkpoint"],
+            "verbs": ["get", "update"],
+        },
+    ]
+    (binding,) = [doc for doc in plain_objects() if doc["kind"] == "RoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]
 
 
 # --- Dockerfile --------------------------------------------------------------------------------

@@ -73,27 +73,106 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/*
 Refuse a credential written as a literal: option keys that name a secret must hold an
 `env:NAME` or `file:/path` reference, so no secret ends up in the ConfigMap or the pod's args.
+The names are those of files/credential-options.txt (every credential option of the built-in
+sinks, kept equal to their options models by a test) and whatever this pattern matches (others').
 */}}
-{{- define "eventrouter.secretKeyPattern" -}}(?i)(password|passwd|token|secret|api_?key|access_?key|access_?key_?id|private_?key|^key|^sign|corpsecret)${{- end -}}
+{{- define "eventrouter.secretKeyPattern" -}}(?i)(password|passwd|token|secret|api_?key|access_?key|access_?key_?id|private_?key|^key|^sign|corpsecret|^headers?|^proxy)${{- end -}}
 
+{{- define "eventrouter.credentialHint" -}}give it as env:VAR_NAME or file:/path and put the value in credentials.values or credentials.existingSecret{{- end -}}
+
+{{/* "true" when the text holds a URL's user info (scheme://user:password@host), also when a raw `?`
+in the password cut the address short as the router reads it (it then takes the rest as a query). */}}
+{{- define "eventrouter.hasUserInfo" -}}
+{{- $text := toString . -}}
+{{- $before := index (splitn "?" 2 $text) "_0" -}}
+{{- if regexMatch `[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*@` $before -}}true
+{{- else if and (contains "?" $text) (contains "://" $before) (contains "@" (index (splitn "?" 2 $text) "_1")) -}}
+{{- $address := regexReplaceAll `[/#].*$` (regexReplaceAll `^.*://` $before "") "" -}}
+{{- if not (regexMatch `^(\[[0-9A-Fa-f:.]*\]|[A-Za-z0-9._~-]*)(:[0-9]*)?$` $address) -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The characters a query value is percent-decoded from by the router that make a URL's user info. */}}
+{{- define "eventrouter.decodeUrlChars" -}}
+{{- toString . | replace "%3A" ":" | replace "%3a" ":" | replace "%2F" "/" | replace "%2f" "/" | replace "%40" "@" | replace "%3F" "?" | replace "%3f" "?" -}}
+{{- end -}}
+
+{{/* [where, what, text]: refuse user info in a URL. */}}
+{{- define "eventrouter.checkUserInfo" -}}
+{{- if include "eventrouter.hasUserInfo" (index . 2) -}}
+{{- fail (printf "%s: %s holds a URL's user info (scheme://user:password@host), which would be readable in the pod spec or the ConfigMap; give the user and password as options (username=, password=file:/path or env:VAR_NAME) and put the value in credentials.values or credentials.existingSecret" (index . 0) (index . 1)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* [where, key, value, credential option names]: a credential option's value, as a scalar, a list
+(each item) or a map (each value, as YAML headers are written), must be an env:/file: reference. A
+header given as Name:Value may reference its value only (the webhook sink resolves it per header);
+a proxy may be a plain http(s)://host:port without user info. */}}
 {{- define "eventrouter.checkSecretValue" -}}
 {{- $where := index . 0 -}}
-{{- $key := index . 1 -}}
+{{- $key := toString (index . 1) -}}
 {{- $value := index . 2 -}}
-{{- if and (regexMatch (include "eventrouter.secretKeyPattern" dict) (toString $key)) (ne (toString $value) "") -}}
-{{- if not (regexMatch "^(env:|file:)" (toString $value)) -}}
-{{- fail (printf "%s: option %q looks like a credential; give it as env:VAR_NAME or file:/path and put the value in credentials.values or credentials.existingSecret" $where (toString $key)) -}}
+{{- $name := lower $key -}}
+{{- $isHeader := has $name (list "header" "headers") -}}
+{{- if or (regexMatch (include "eventrouter.secretKeyPattern" dict) $key) (has $name (index . 3)) -}}
+{{- if kindIs "map" $value -}}
+{{- range $header, $item := $value -}}
+{{- if not (regexMatch "^(env:|file:)" (toString $item)) -}}
+{{- if $isHeader -}}
+{{- fail (printf "%s: header %q holds a literal value; give it as env:VAR_NAME or file:/path (headers carry credentials)" $where (toString $header)) -}}
+{{- else -}}
+{{- fail (printf "%s: option %q looks like a credential; %s" $where $key (include "eventrouter.credentialHint" dict)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- else -}}
+{{- $items := list $value -}}
+{{- if kindIs "slice" $value -}}{{- $items = $value -}}{{- end -}}
+{{- range $n, $item := $items -}}
+{{- $text := toString $item -}}
+{{- if and (ne $text "") (ne $text "<nil>") (not (regexMatch "^(env:|file:)" $text)) -}}
+{{- if $isHeader -}}
+{{- $headerValue := regexReplaceAll `^[^:=]*[:=]` $text "" -}}
+{{- if or (not (regexMatch `^[^:=]+[:=]` $text)) (not (regexMatch `^\s*(env:|file:)` $headerValue)) -}}
+{{- fail (printf "%s: option %q, item %d: a header's value is a literal; write Name:env:VAR_NAME or Name:file:/path (the webhook sink), or the whole Name:Value as env:VAR_NAME or file:/path (Loki), and put the value in credentials.values or credentials.existingSecret (headers carry credentials)" $where $key (add1 $n)) -}}
+{{- end -}}
+{{- else if and (eq $name "proxy") (regexMatch `^(?i)https?://[A-Za-z0-9.:\[\]_-]+/?$` $text) -}}
+{{- /* A proxy's address alone is no secret; user info in it is refused as in any URL. */ -}}
+{{- else -}}
+{{- fail (printf "%s: option %q looks like a credential; %s" $where $key (include "eventrouter.credentialHint" dict)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
 
+{{/* [where, query, credential option names]: each key=value of a URL's query. */}}
 {{- define "eventrouter.checkQuery" -}}
 {{- $where := index . 0 -}}
+{{- $names := index . 2 -}}
 {{- range $pair := splitList "&" (index . 1) -}}
-{{- if contains "=" $pair -}}
 {{- $kv := splitn "=" 2 $pair -}}
-{{- include "eventrouter.checkSecretValue" (list $where $kv._0 $kv._1) -}}
+{{- $key := $kv._0 -}}
+{{- /* The router percent-decodes keys (pass%77ord is password) and takes + as a space: a key written
+       so would pass a check of its name. No option's name holds them, nor an @ (user info). */ -}}
+{{- if regexMatch `[%+@]` $key -}}
+{{- fail (printf "%s: a query key holds %%, + or @ (percent-encoded, or part of a URL's user info); write option names as plain text so that credentials can be checked" $where) -}}
 {{- end -}}
+{{- if contains "=" $pair -}}
+{{- include "eventrouter.checkSecretValue" (list $where $key $kv._1 $names) -}}
+{{- include "eventrouter.checkUserInfo" (list $where (printf "option %q" $key) (include "eventrouter.decodeUrlChars" $kv._1)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* [where, TYPE:URL?query flag, credential option names]. */}}
+{{- define "eventrouter.checkFlag" -}}
+{{- $where := index . 0 -}}
+{{- $flag := toString (index . 1) -}}
+{{- include "eventrouter.checkUserInfo" (list $where "the sink's URL" $flag) -}}
+{{- if contains "?" $flag -}}
+{{- include "eventrouter.checkQuery" (list $where (index (splitn "?" 2 $flag) "_1") (index . 2)) -}}
 {{- end -}}
 {{- end -}}
 
@@ -135,30 +214,56 @@ Refuse a credential written as a literal: option keys that name a secret must ho
 {{- fail "no sinks configured: set sinks.flags and/or config.sinks" -}}
 {{- end -}}
 {{- if and $v.persistence.enabled (ne $v.checkpoint.mode "dataDir") -}}
-{{- fail "persistence.enabled needs checkpoint.mode=dataDir" -}}
+{{- fail (printf "persistence.enabled needs checkpoint.mode=dataDir (the default is configMap, which needs no volume; set checkpoint.mode=dataDir to keep the checkpoint on the claim, for checkpoints past the ConfigMap's 1 MiB, about 50,000 events), not %q" (toString $v.checkpoint.mode)) -}}
+{{- end -}}
+{{- if eq $v.checkpoint.mode "configMap" -}}
+{{- $checkpoint := include "eventrouter.checkpointConfigMapName" . -}}
+{{- $fullname := include "eventrouter.fullname" . -}}
+{{- /* Each checkpoint write replaces the whole ConfigMap's data: the chart's config.yaml (the next pod
+       could not mount it), the dashboard or the cluster's CA bundle would be gone. */ -}}
+{{- if has $checkpoint (list $fullname (printf "%s-dashboard" $fullname) "kube-root-ca.crt") -}}
+{{- fail (printf "checkpoint.configMapName %q is a ConfigMap the chart or the cluster keeps something else in (each checkpoint write replaces its data); leave it empty for %s-checkpoint, or choose another name" $checkpoint $fullname) -}}
+{{- end -}}
 {{- end -}}
 {{- if and $v.persistence.enabled (gt (int $v.replicaCount) 1) (not (has "ReadWriteMany" $v.persistence.accessModes)) -}}
 {{- fail "replicaCount > 1 cannot share a ReadWriteOnce volume: use checkpoint.mode=configMap, or a ReadWriteMany claim" -}}
 {{- end -}}
+{{- $names := list -}}
+{{- range $line := .Files.Lines "files/credential-options.txt" -}}
+{{- $line = trim $line -}}
+{{- if and $line (not (hasPrefix "#" $line)) -}}{{- $names = append $names (lower $line) -}}{{- end -}}
+{{- end -}}
+{{- if not $names -}}
+{{- fail "files/credential-options.txt is missing from the chart" -}}
+{{- end -}}
 {{- range $i, $sink := ($v.config.sinks | default list) -}}
 {{- $where := printf "config.sinks[%d] (%s)" $i (toString (default $sink.type $sink.name)) -}}
 {{- range $key, $value := $sink -}}
-{{- include "eventrouter.checkSecretValue" (list $where $key $value) -}}
-{{- if and (eq (toString $key) "url") (contains "?" (toString $value)) -}}
-{{- include "eventrouter.checkQuery" (list $where (index (splitn "?" 2 (toString $value)) "_1")) -}}
-{{- end -}}
-{{- if and (has (toString $key) (list "headers" "header")) (kindIs "map" $value) -}}
-{{- range $name, $header := $value -}}
-{{- if not (regexMatch "^(env:|file:)" (toString $header)) -}}
-{{- fail (printf "%s: header %q holds a literal value; give it as env:VAR_NAME or file:/path (headers carry credentials)" $where (toString $name)) -}}
+{{- include "eventrouter.checkSecretValue" (list $where $key $value $names) -}}
+{{- $texts := list $value -}}
+{{- if kindIs "slice" $value -}}{{- $texts = $value -}}{{- else if kindIs "map" $value -}}{{- $texts = values $value -}}{{- end -}}
+{{- range $text := $texts -}}
+{{- if kindIs "string" $text -}}
+{{- include "eventrouter.checkUserInfo" (list $where (printf "option %q" (toString $key)) $text) -}}
+{{- /* The router takes the options in `url`'s query as --sink does; other URLs keep theirs, and
+       a credential in them is as readable. */ -}}
+{{- if and (regexMatch `^[A-Za-z][A-Za-z0-9+.-]*://` $text) (contains "?" $text) -}}
+{{- include "eventrouter.checkQuery" (list $where (index (splitn "?" 2 $text) "_1") $names) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
 {{- range $i, $flag := $v.sinks.flags -}}
-{{- if contains "?" $flag -}}
-{{- include "eventrouter.checkQuery" (list (printf "sinks.flags[%d]" $i) (index (splitn "?" 2 $flag) "_1")) -}}
+{{- include "eventrouter.checkFlag" (list (printf "sinks.flags[%d]" $i) $flag $names) -}}
+{{- end -}}
+{{- /* A --sink in extraArgs is as visible in the pod spec (argparse also takes --si and --sin). */ -}}
+{{- range $i, $arg := ($v.extraArgs | default list) -}}
+{{- $arg = toString $arg -}}
+{{- if regexMatch `^--si(n|nk)?=` $arg -}}
+{{- include "eventrouter.checkFlag" (list (printf "extraArgs[%d]" $i) (regexReplaceAll `^--si(n|nk)?=` $arg "") $names) -}}
+{{- else if and (regexMatch `^--si(n|nk)?$` $arg) (lt (add1 $i) (len $v.extraArgs)) -}}
+{{- include "eventrouter.checkFlag" (list (printf "extraArgs[%d]" (add1 $i)) (index $v.extraArgs (add1 $i)) $names) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
