@@ -12,7 +12,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,34 @@ def copies(records: list[Any]) -> collections.Counter[tuple[str, str]]:
 
 def iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@contextlib.asynccontextmanager
+async def renewing(
+    prefix: str, *, send_timeout: float, request_timeout_ms: int
+) -> AsyncIterator[tuple[KafkaSink, FaultyBroker, TansuBroker]]:
+    """An idempotent sink (topics ``<prefix>-good`` and ``<prefix>-bad``, one partition each) whose
+    first send was refused after taking a sequence number (a compacted topic needs keys): its next
+    send starts a new producer."""
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        FaultyBroker(
+            listen_port=port, target_port=broker.port, idempotence=True, compacted_topics=(f"{prefix}-bad",)
+        ) as relay,
+    ):
+        await broker.create_topics(f"{prefix}-good", f"{prefix}-bad", partitions=1)
+        sink = kafka_sink(
+            port,
+            send_timeout=send_timeout,
+            topic=f"{prefix}-{{namespace}}",
+            key_by="none",
+            request_timeout_ms=request_timeout_ms,
+        )
+        await sink.start()
+        [refused] = await as_the_engine_does(sink, [make_occurrence(namespace="bad")])
+        assert refused.kind is OutcomeKind.REJECT
+        yield sink, relay, broker
 
 
 async def as_the_engine_does(sink: KafkaSink, batch: list[Occurrence]) -> list[Outcome]:
@@ -374,22 +402,7 @@ async def test_a_batch_handed_over_late_is_waited_for_past_the_budget_and_writte
     follower acknowledged it 3 s later. It was given up at the budget's end, written all the same, and
     sent again: every record twice. Its produce request may be answered up to request_timeout_ms after
     it went: it is now waited for past the budget, within send_timeout."""
-    port = free_port()
-    async with (
-        TansuBroker(advertised_port=port) as broker,
-        FaultyBroker(
-            listen_port=port, target_port=broker.port, idempotence=True, compacted_topics=("ka-bad",)
-        ) as relay,
-    ):
-        await broker.create_topics("ka-good", "ka-bad", partitions=1)
-        sink = kafka_sink(
-            port, send_timeout=8.0, topic="ka-{namespace}", key_by="none", request_timeout_ms=6000
-        )
-        await sink.start()
-        # Refused (a compacted topic needs keys) after taking a sequence number: the next send starts
-        # a new producer.
-        [refused] = await as_the_engine_does(sink, [make_occurrence(namespace="bad")])
-        assert refused.kind is OutcomeKind.REJECT
+    async with renewing("ka", send_timeout=8.0, request_timeout_ms=6000) as (sink, relay, broker):
         relay.api_delays.update({API_INIT_PRODUCER_ID: 4.0, API_PRODUCE: 3.0})
         batch = [make_occurrence(namespace="good", object_name=f"web-{i}") for i in range(10)]
         outcomes = await as_the_engine_does(sink, batch)
@@ -485,20 +498,7 @@ async def test_a_sink_closed_while_a_new_producer_bootstraps_leaves_no_connectio
     start going on for the next send. Closing the sink then cancels that start: aiokafka, cancelled in
     its bootstrap's metadata request, leaves that connection open (a ResourceWarning once collected);
     the bootstrap is let end first. Before, the send itself waited past the engine's send_timeout."""
-    port = free_port()
-    async with (
-        TansuBroker(advertised_port=port) as broker,
-        FaultyBroker(
-            listen_port=port, target_port=broker.port, idempotence=True, compacted_topics=("kd-bad",)
-        ) as relay,
-    ):
-        await broker.create_topics("kd-good", "kd-bad", partitions=1)
-        sink = kafka_sink(
-            port, send_timeout=2.0, topic="kd-{namespace}", key_by="none", request_timeout_ms=5000
-        )
-        await sink.start()
-        [refused] = await as_the_engine_does(sink, [make_occurrence(namespace="bad")])
-        assert refused.kind is OutcomeKind.REJECT  # the next send starts a new producer
+    async with renewing("kd", send_timeout=2.0, request_timeout_ms=5000) as (sink, relay, _):
         relay.api_delays[API_METADATA] = 3.0
         with pytest.raises(RetryableError, match="a new producer did not start"):
             await as_the_engine_does(sink, [make_occurrence(namespace="good")])
@@ -599,20 +599,7 @@ async def test_a_close_cut_off_while_a_new_producer_bootstraps_leaves_no_task_ru
     start again: the bootstrap, neither cancelled nor awaited, went on against the closed client, and
     its late answer started aiokafka's metadata synchronizer there, running for ever (reconnecting every
     metadata_max_age_ms). The start now ends in the background and always cancels its bootstrap."""
-    port = free_port()
-    async with (
-        TansuBroker(advertised_port=port) as broker,
-        FaultyBroker(
-            listen_port=port, target_port=broker.port, idempotence=True, compacted_topics=("ke-bad",)
-        ) as relay,
-    ):
-        await broker.create_topics("ke-good", "ke-bad", partitions=1)
-        sink = kafka_sink(
-            port, send_timeout=2.0, topic="ke-{namespace}", key_by="none", request_timeout_ms=8000
-        )
-        await sink.start()
-        [refused] = await as_the_engine_does(sink, [make_occurrence(namespace="bad")])
-        assert refused.kind is OutcomeKind.REJECT  # the next send starts a new producer
+    async with renewing("ke", send_timeout=2.0, request_timeout_ms=8000) as (sink, relay, _):
         relay.api_delays[API_METADATA] = 6.0
         with pytest.raises(RetryableError, match="a new producer did not start"):
             await as_the_engine_does(sink, [make_occurrence(namespace="good")])
