@@ -8,23 +8,21 @@ import logging
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Unpack
 
 import pytest
 
 from eventrouter.app import Router
 from eventrouter.config import spec_for_class
-from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
-from eventrouter.engine.deadletter import DeadLetter
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.engine.spool import Spool
 from eventrouter.metrics import Metrics
-from eventrouter.options import PipelineOptions
 from eventrouter.record import Occurrence
 from eventrouter.sink import Outcome, SinkContext, retry
 from eventrouter.testing import MemorySink, MemorySinkOptions, event_object, make_occurrence
 from eventrouter.testing.apiserver import FakeApiServer
 from eventrouter.testing.memory import Gate
+from eventrouter.testing.pipelines import Knobs, pipeline_for
 from eventrouter.testing.routers import router_settings
 from eventrouter.testing.waiting import until
 
@@ -55,18 +53,13 @@ def _context() -> SinkContext:
     return SinkContext(name="mem", cluster="test", data_dir=None, logger=logging.getLogger("mem"))
 
 
-def _pipeline(sink: MemorySink, metrics: Metrics, spool: Spool | None = None, **opts: Any) -> Pipeline:
-    options = {"batch_max_wait": 0.01, "retry_initial_backoff": 0.01, "retry_max_backoff": 0.05, **opts}
-    return Pipeline(
-        name="mem",
-        sink=sink,
-        options=PipelineOptions.model_validate(options),
-        predicate=None,
-        checkpoint=SinkCheckpoint(MemoryCheckpoint()),
-        deadletter=DeadLetter(None, sink="mem"),
-        metrics=metrics,
-        spool=spool,
-    )
+_FAST: Knobs = {"retry_initial_backoff": 0.01, "retry_max_backoff": 0.05}
+
+
+def _pipeline(
+    sink: MemorySink, metrics: Metrics, spool: Spool | None = None, **opts: Unpack[Knobs]
+) -> Pipeline:
+    return pipeline_for("mem", sink, metrics, None, spool=spool, **(_FAST | opts))
 
 
 def _dropped(metrics: Metrics, reason: str) -> float:

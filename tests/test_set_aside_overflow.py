@@ -12,23 +12,21 @@ import collections
 import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import pytest
 
 from eventrouter.app import Router, RouterSettings
 from eventrouter.config import spec_for_class
-from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
-from eventrouter.engine.deadletter import DeadLetter
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.engine.spool import Spool
 from eventrouter.metrics import SINK_DROP_REASONS, Metrics
-from eventrouter.options import PipelineOptions
 from eventrouter.record import Occurrence
 from eventrouter.sink import OK, Outcome, SinkContext, retry
 from eventrouter.source.watcher import WatchSettings
 from eventrouter.testing import MemorySink, MemorySinkOptions, event_object, make_occurrence
 from eventrouter.testing.apiserver import FakeApiServer
+from eventrouter.testing.pipelines import Knobs, pipeline_for
 from eventrouter.testing.waiting import until
 
 Key = tuple[str, int]
@@ -55,25 +53,18 @@ def _sink() -> Listening:
     return Listening(MemorySinkOptions.model_validate({}), ctx)
 
 
-def _pipeline(sink: MemorySink, metrics: Metrics, spool: Spool | None = None, **opts: Any) -> Pipeline:
-    options = {
-        "batch_max_wait": 0.01,
-        "retry_initial_backoff": 0.02,
-        "retry_max_backoff": 0.1,
-        "queue_max_events": 20,
-        "batch_max_events": 10,
-        **opts,
-    }
-    return Pipeline(
-        name="mem",
-        sink=sink,
-        options=PipelineOptions.model_validate(options),
-        predicate=None,
-        checkpoint=SinkCheckpoint(MemoryCheckpoint()),
-        deadletter=DeadLetter(None, sink="mem"),
-        metrics=metrics,
-        spool=spool,
-    )
+_KNOBS: Knobs = {
+    "retry_initial_backoff": 0.02,
+    "retry_max_backoff": 0.1,
+    "queue_max_events": 20,
+    "batch_max_events": 10,
+}
+
+
+def _pipeline(
+    sink: MemorySink, metrics: Metrics, spool: Spool | None = None, **opts: Unpack[Knobs]
+) -> Pipeline:
+    return pipeline_for("mem", sink, metrics, None, spool=spool, **(_KNOBS | opts))
 
 
 def _refusing(sink: MemorySink, refused: set[str]) -> None:

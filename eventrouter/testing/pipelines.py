@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import orjson
 
@@ -14,18 +14,40 @@ from eventrouter import Occurrence, Sink
 from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
 from eventrouter.engine.deadletter import DeadLetter
 from eventrouter.engine.pipeline import Pipeline
+from eventrouter.engine.spool import Spool
 from eventrouter.metrics import Metrics
 from eventrouter.options import PipelineOptions
 from eventrouter.testing.waiting import until
 
-__all__ = ["dead_letter", "pipeline_for"]
+__all__ = ["Knobs", "dead_letter", "pipeline_for"]
+
+
+class Knobs(TypedDict, total=False):
+    """The PipelineOptions a test sets, typed one by one: with ``**options: Any`` beside ``spool=``
+    a caller's ``**dict[str, float]`` would be checked against ``Spool | None`` (and refused)."""
+
+    queue_max_events: int
+    spool_max_bytes: int
+    batch_max_events: int
+    batch_max_bytes: int
+    batch_max_wait: float
+    retry_initial_backoff: float
+    retry_max_backoff: float
+    retry_max_attempts: int
+    send_timeout: float
 
 
 def pipeline_for(
-    name: str, sink: Sink[Any], metrics: Metrics, deadletter: Path | None, **options: Any
+    name: str,
+    sink: Sink[Any],
+    metrics: Metrics,
+    deadletter: Path | None,
+    *,
+    spool: Spool | None = None,
+    **options: Unpack[Knobs],
 ) -> Pipeline:
     """``sink`` behind the engine's own pipeline (its backoff, set-aside retries and dead letters in
-    ``deadletter``), a batch taken at once, a memory checkpoint; ``options`` are PipelineOptions."""
+    ``deadletter``, overflow in ``spool``), a batch taken at once, a memory checkpoint."""
     return Pipeline(
         name=name,
         sink=sink,
@@ -34,6 +56,7 @@ def pipeline_for(
         checkpoint=SinkCheckpoint(MemoryCheckpoint()),
         deadletter=DeadLetter(deadletter, sink=name),
         metrics=metrics,
+        spool=spool,
     )
 
 

@@ -7,7 +7,7 @@ import ssl
 import subprocess
 from pathlib import Path
 
-__all__ = ["certificate", "self_signed", "server_context"]
+__all__ = ["certificate", "encrypted_key", "self_signed", "server_context"]
 
 
 def certificate(directory: Path, *, name: str = "cert") -> tuple[Path, Path]:
@@ -22,6 +22,17 @@ def certificate(directory: Path, *, name: str = "cert") -> tuple[Path, Path]:
     if done.returncode != 0:
         raise RuntimeError(f"openssl could not make a certificate: {done.stderr.decode(errors='replace')}")
     return cert, key
+
+
+def encrypted_key(key: Path, pass_phrase: str) -> Path:
+    """``key`` encrypted with AES-256 under ``pass_phrase`` (PKCS#8, as `openssl pkey` writes it), beside it."""
+    out = key.with_name(key.stem + "-encrypted.pem")
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(key), "-aes256", "-passout", f"pass:{pass_phrase}", "-out", str(out)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert out.read_text().startswith("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    return out
 
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:

@@ -805,8 +805,15 @@ async def test_an_alert_the_engine_gave_up_is_not_paged_with_a_later_digest(tmp_
         )
         metrics = Metrics()
         dead = tmp_path / "dead-letters"
-        options = {"retry_max_attempts": 2, "retry_initial_backoff": 0.05, "retry_max_backoff": 0.1}
-        pipeline = pipeline_for("dingtalk", sink, metrics, dead, **options)
+        pipeline = pipeline_for(
+            "dingtalk",
+            sink,
+            metrics,
+            dead,
+            retry_max_attempts=2,
+            retry_initial_backoff=0.05,
+            retry_max_backoff=0.1,
+        )
         task = asyncio.create_task(pipeline.run())
         try:
             robot.fail_next(2, status=502)

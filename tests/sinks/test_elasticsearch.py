@@ -1503,8 +1503,9 @@ async def test_a_send_split_by_413s_ends_within_its_budget_and_sends_what_is_lef
         ElasticsearchOptions.model_validate({"url": fake.url, "index": "events"}), context
     )
     metrics = Metrics()
-    settings = {"send_timeout": 1.2, "batch_max_events": 8, "retry_initial_backoff": 0.01}
-    p = pipeline_for("es", sink, metrics, None, **settings)
+    p = pipeline_for(
+        "es", sink, metrics, None, send_timeout=1.2, batch_max_events=8, retry_initial_backoff=0.01
+    )
     task = asyncio.create_task(p.run())
     batch = [occurrence(message="m" * 600) for _ in range(8)]
     for occ in batch:
@@ -1592,8 +1593,9 @@ async def test_a_redirect_met_while_sending_is_retried_and_logged_once_never_dea
         options = ElasticsearchOptions.model_validate({"url": front.url, "index": "moved"})
         sink = ElasticsearchSink(options, SinkContext("es", "test", None, logging.getLogger("test.es")))
         metrics = Metrics()
-        backoff = {"retry_initial_backoff": 0.01, "retry_max_backoff": 0.02}
-        p = pipeline_for("es", sink, metrics, tmp_path / "dl", **backoff)
+        p = pipeline_for(
+            "es", sink, metrics, tmp_path / "dl", retry_initial_backoff=0.01, retry_max_backoff=0.02
+        )
         task = asyncio.create_task(p.run())
         await p.started.wait()  # through the front while it still forwards
         front.redirect = code  # then the ingress starts redirecting
@@ -1651,8 +1653,15 @@ async def test_a_node_that_never_answers_is_marked_dead_and_no_send_is_cut_off_b
             {"url": hung.url, "hosts": cluster.url, "timeout": 1.05}
         )
         metrics = Metrics()
-        settings = {"send_timeout": 1.0, "retry_initial_backoff": 0.01, "retry_max_backoff": 0.05}
-        p = pipeline_for("es", ElasticsearchSink(options, context), metrics, None, **settings)
+        p = pipeline_for(
+            "es",
+            ElasticsearchSink(options, context),
+            metrics,
+            None,
+            send_timeout=1.0,
+            retry_initial_backoff=0.01,
+            retry_max_backoff=0.05,
+        )
         task = asyncio.create_task(p.run())
         delivered = metrics.delivered.labels("es")
         began, bursts = time.monotonic(), 0

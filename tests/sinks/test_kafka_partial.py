@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -24,7 +24,7 @@ from eventrouter import Occurrence, Outcome, OutcomeKind, RetryableError, SinkCo
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.testing import make_occurrence
-from eventrouter.testing.pipelines import pipeline_for
+from eventrouter.testing.pipelines import Knobs, pipeline_for
 from eventrouter.testing.receivers.kafka_faults import (
     API_INIT_PRODUCER_ID,
     API_METADATA,
@@ -37,10 +37,23 @@ from eventrouter.testing.waiting import until
 from eventrouter_sinks.kafka import KafkaOptions, KafkaSink
 
 
-def kafka_sink(port: int, send_timeout: float, **options: Any) -> KafkaSink:
-    """A sink as the router builds it: its context carries the pipeline's send_timeout."""
+@contextlib.asynccontextmanager
+async def relayed(*topics: str, **faults: Any) -> AsyncIterator[tuple[TansuBroker, FaultyBroker]]:
+    """Tansu behind a relay with ``faults`` (FaultyBroker's arguments), the broker advertising the
+    relay so that every connection goes through it; ``topics`` of one partition each."""
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        FaultyBroker(listen_port=port, target_port=broker.port, **faults) as relay,
+    ):
+        await broker.create_topics(*topics, partitions=1)
+        yield broker, relay
+
+
+def kafka_sink(relay: FaultyBroker, send_timeout: float, **options: Any) -> KafkaSink:
+    """A sink through ``relay`` as the router builds it: its context carries the pipeline's send_timeout."""
     model = KafkaOptions.model_validate(
-        {"brokers": f"127.0.0.1:{port}", "request_timeout_ms": 1000, **options}
+        {"brokers": f"127.0.0.1:{relay.listen_port}", "request_timeout_ms": 1000, **options}
     )
     context = SinkContext(
         name="kafka",
@@ -63,6 +76,13 @@ def every_fourth_too_old() -> list[Occurrence]:
         )
         for i in range(200)
     ]
+
+
+def engine(sink: KafkaSink, tmp_path: Path, **knobs: Unpack[Knobs]) -> tuple[Pipeline, Metrics]:
+    """The engine's pipeline around ``sink``, with the send_timeout its context carries."""
+    metrics = Metrics()
+    knobs = {"send_timeout": sink.context.send_timeout, **knobs}
+    return pipeline_for("kafka", sink, metrics, tmp_path / "dl", **knobs), metrics
 
 
 def started(pipeline: Pipeline, batch: Sequence[Occurrence] = ()) -> asyncio.Task[None]:
@@ -121,16 +141,11 @@ async def renewing(
     """An idempotent sink (topics ``<prefix>-good`` and ``<prefix>-bad``, one partition each) whose
     first send was refused after taking a sequence number (a compacted topic needs keys): its next
     send starts a new producer."""
-    port = free_port()
-    async with (
-        TansuBroker(advertised_port=port) as broker,
-        FaultyBroker(
-            listen_port=port, target_port=broker.port, idempotence=True, compacted_topics=(f"{prefix}-bad",)
-        ) as relay,
-    ):
-        await broker.create_topics(f"{prefix}-good", f"{prefix}-bad", partitions=1)
+    async with relayed(
+        f"{prefix}-good", f"{prefix}-bad", idempotence=True, compacted_topics=(f"{prefix}-bad",)
+    ) as (broker, relay):
         sink = kafka_sink(
-            port,
+            relay,
             send_timeout=send_timeout,
             topic=f"{prefix}-{{namespace}}",
             key_by="none",
@@ -179,28 +194,10 @@ async def test_a_partition_answering_not_enough_replicas_writes_the_other_topics
     batch again, so the healthy topic's records, already acknowledged, were written at every attempt
     (3 copies each after 12 s). The send now ends within its budget: the acknowledged records OK, the
     refused partition's retried, its producer discarded unflushed."""
-    port = free_port()
-    async with (
-        TansuBroker(advertised_port=port) as broker,
-        FaultyBroker(
-            listen_port=port,
-            target_port=broker.port,
-            idempotence=True,
-            refuse={"k8s-bad": NOT_ENOUGH_REPLICAS},
-        ) as relay,
-    ):
-        await broker.create_topics("k8s-good", "k8s-bad", partitions=1)
-        metrics = Metrics()
-        sink = kafka_sink(port, send_timeout=2.0, topic="k8s-{namespace}")
-        pipeline = pipeline_for(
-            "kafka",
-            sink,
-            metrics,
-            tmp_path / "dl",
-            send_timeout=2.0,
-            retry_initial_backoff=0.1,
-            retry_max_backoff=0.2,
-        )
+    refused = {"k8s-bad": NOT_ENOUGH_REPLICAS}
+    async with relayed("k8s-good", "k8s-bad", idempotence=True, refuse=refused) as (broker, relay):
+        sink = kafka_sink(relay, send_timeout=2.0, topic="k8s-{namespace}")
+        pipeline, metrics = engine(sink, tmp_path, retry_initial_backoff=0.1, retry_max_backoff=0.2)
         batch = two_topics()
         task = started(pipeline, batch)
         # Two attempts given up, each with its producer (the first, and one new one per attempt).
@@ -218,25 +215,11 @@ async def test_a_stop_while_a_partition_is_refused_keeps_only_that_partitions_re
     """A stop whose drain deadline ends the send (App.stop: stop_now, 1 s, cancel): the pipeline's
     leftovers, spooled and sent again after the restart, held the healthy topic's records too, although
     Kafka had them."""
-    port = free_port()
-    async with (
-        TansuBroker(advertised_port=port) as broker,
-        FaultyBroker(
-            listen_port=port,
-            target_port=broker.port,
-            idempotence=True,
-            refuse={"k8s-bad": NOT_ENOUGH_REPLICAS},
-        ) as relay,
-    ):
-        await broker.create_topics("k8s-good", "k8s-bad", partitions=1)
-        metrics = Metrics()
-        sink = kafka_sink(port, send_timeout=2.0, topic="k8s-{namespace}")
-        pipeline = pipeline_for(
-            "kafka", sink, metrics, tmp_path / "dl", send_timeout=2.0, retry_initial_backoff=0.1
-        )
-        task = asyncio.create_task(pipeline.run())
-        for occurrence in two_topics():
-            pipeline.offer(occurrence)
+    refused = {"k8s-bad": NOT_ENOUGH_REPLICAS}
+    async with relayed("k8s-good", "k8s-bad", idempotence=True, refuse=refused) as (broker, relay):
+        sink = kafka_sink(relay, send_timeout=2.0, topic="k8s-{namespace}")
+        pipeline, metrics = engine(sink, tmp_path, retry_initial_backoff=0.1)
+        task = started(pipeline, two_topics())
         await until(lambda: metrics.delivered.labels("kafka")._value.get() == 10, timeout=10)
         await until(lambda: len(relay.producer_ids) >= 2)  # the refused records are being sent again
         pipeline.close()
@@ -256,19 +239,9 @@ async def test_a_batch_refused_for_its_size_goes_again_in_halves_within_the_send
     trip per record, a few hundred of them took longer than send_timeout over a 70 ms network; the
     engine sent the whole batch again and the same happened, each attempt writing ~400 more copies and
     never getting further. Halves: two more requests."""
-    port = free_port()
-    async with (
-        TansuBroker(advertised_port=port) as broker,
-        FaultyBroker(
-            listen_port=port,
-            target_port=broker.port,
-            idempotence=True,
-            max_message_bytes=300_000,
-            answer_delay=0.07,
-        ) as relay,
-    ):
-        await broker.create_topics("t", partitions=1)
-        sink = kafka_sink(port, send_timeout=3.0, topic="t")
+    over_a_slow_network = {"max_message_bytes": 300_000, "answer_delay": 0.07}
+    async with relayed("t", idempotence=True, **over_a_slow_network) as (broker, relay):
+        sink = kafka_sink(relay, send_timeout=3.0, topic="t")
         await sink.start()
         batch = [make_occurrence(object_name="web-0", message=f"m{i:04d} " + "x" * 1500) for i in range(500)]
         outcomes = await as_the_engine_does(sink, batch)
@@ -291,23 +264,9 @@ async def test_a_slow_fallback_ends_each_send_in_its_budget_and_every_record_goe
     hold (sent again at once, no failed attempt), so every attempt gets further and nothing is written
     twice; with ``retry_max_attempts=1`` nothing is dead-lettered."""
     caplog.set_level(logging.INFO, logger="test.kafka")
-    port = free_port()
-    async with (
-        TansuBroker(advertised_port=port) as broker,
-        FaultyBroker(listen_port=port, target_port=broker.port, before_max_ms=600_000, answer_delay=0.02),
-    ):
-        await broker.create_topics("t", partitions=1)
-        metrics = Metrics()
-        sink = kafka_sink(port, send_timeout=2.0, topic="t", idempotence=False)
-        pipeline = pipeline_for(
-            "kafka",
-            sink,
-            metrics,
-            tmp_path / "dl",
-            send_timeout=2.0,
-            retry_max_attempts=1,
-            retry_initial_backoff=0.05,
-        )
+    async with relayed("t", before_max_ms=600_000, answer_delay=0.02) as (broker, relay):
+        sink = kafka_sink(relay, send_timeout=2.0, topic="t", idempotence=False)
+        pipeline, metrics = engine(sink, tmp_path, retry_max_attempts=1, retry_initial_backoff=0.05)
         batch = every_fourth_too_old()
         task = started(pipeline, batch)
         await pipeline.wait_idle(timeout=60)
@@ -332,16 +291,11 @@ async def test_records_sent_again_after_a_refused_batch_keep_one_objects_order(
     and the lanes were interleaved (batch index 0, 137, 1, 138, ...); a re-stamped record went after
     the records that followed it. Now a partition's batches go one after the other, each refused one
     replaced in its place by its pieces."""
-    port = free_port()
     checks: dict[str, Any] = (
         {"max_message_bytes": 300_000} if refusal == "size" else {"before_max_ms": 600_000}
     )
-    async with (
-        TansuBroker(advertised_port=port) as broker,
-        FaultyBroker(listen_port=port, target_port=broker.port, idempotence=idempotence, **checks) as relay,
-    ):
-        await broker.create_topics("order", partitions=1)
-        sink = kafka_sink(port, send_timeout=30.0, topic="order", idempotence=idempotence)
+    async with relayed("order", idempotence=idempotence, **checks) as (broker, relay):
+        sink = kafka_sink(relay, send_timeout=30.0, topic="order", idempotence=idempotence)
         await sink.start()
         now = time.time()
         batch = [
@@ -365,29 +319,9 @@ async def test_a_send_that_settles_nothing_in_its_budget_counts_as_a_failed_atte
     costs a new producer, and no record settles within a 2 s send_timeout. Everything came back as a
     hold (sent again at once, no failed attempt): the sink stuck for good, reported up, no retry
     counted, retry_max_attempts never reached. Now such a send is a failed attempt."""
-    port = free_port()
-    async with (
-        TansuBroker(advertised_port=port) as broker,
-        FaultyBroker(
-            listen_port=port,
-            target_port=broker.port,
-            idempotence=True,
-            before_max_ms=600_000,
-            answer_delay=0.2,
-        ),
-    ):
-        await broker.create_topics("t", partitions=1)
-        metrics = Metrics()
-        sink = kafka_sink(port, send_timeout=2.0, topic="t")
-        pipeline = pipeline_for(
-            "kafka",
-            sink,
-            metrics,
-            tmp_path / "dl",
-            send_timeout=2.0,
-            retry_max_attempts=2,
-            retry_initial_backoff=0.05,
-        )
+    async with relayed("t", idempotence=True, before_max_ms=600_000, answer_delay=0.2) as (_, relay):
+        sink = kafka_sink(relay, send_timeout=2.0, topic="t")
+        pipeline, metrics = engine(sink, tmp_path, retry_max_attempts=2, retry_initial_backoff=0.05)
         task = started(pipeline, every_fourth_too_old())
         exhausted = metrics.dead_lettered.labels("kafka", "retries_exhausted")
         delivered = metrics.delivered.labels("kafka")
@@ -422,16 +356,9 @@ async def test_a_batch_whose_acknowledgement_would_come_too_late_is_not_handed_o
     ~4 s, was acknowledged at ~6 s: given up before, written all the same, and sent again. Now a batch
     whose answer, as slow as the send's slowest, would come after the send must end is not handed
     over: sent again at once (a hold), and every record is written once."""
-    port = free_port()
-    async with (
-        TansuBroker(advertised_port=port) as broker,
-        FaultyBroker(
-            listen_port=port, target_port=broker.port, idempotence=True, api_delays={API_PRODUCE: 2.0}
-        ),
-    ):
-        await broker.create_topics("t", partitions=1)
+    async with relayed("t", idempotence=True, api_delays={API_PRODUCE: 2.0}) as (broker, relay):
         # Produce batches of up to 8 KiB: three records of ~2.2 KB each.
-        sink = kafka_sink(port, send_timeout=6.0, topic="t", request_timeout_ms=3000, max_request_size=8192)
+        sink = kafka_sink(relay, send_timeout=6.0, topic="t", request_timeout_ms=3000, max_request_size=8192)
         await sink.start()
         batch = [make_occurrence(object_name="web-0", message=f"m{i:04d} " + "x" * 1500) for i in range(9)]
         first = await as_the_engine_does(sink, batch)
@@ -456,25 +383,10 @@ async def test_a_new_producer_slow_to_start_ends_the_send_within_its_budget(tmp_
     each request_timeout_ms): the send outlasted the engine's send_timeout at every attempt. The start
     now counts in the send's budget: the send ends by itself, nothing sent, as a failed attempt; once
     the broker hands out ids again every record goes in once."""
-    port = free_port()
-    async with (
-        TansuBroker(advertised_port=port) as broker,
-        FaultyBroker(
-            listen_port=port, target_port=broker.port, idempotence=True, compacted_topics=("kc-bad",)
-        ) as relay,
-    ):
-        await broker.create_topics("kc-good", "kc-bad", partitions=1)
-        metrics = Metrics()
-        sink = kafka_sink(port, send_timeout=2.0, topic="kc-{namespace}", key_by="none")
-        pipeline = pipeline_for(
-            "kafka",
-            sink,
-            metrics,
-            tmp_path / "dl",
-            send_timeout=2.0,
-            retry_initial_backoff=0.1,
-            retry_max_backoff=0.2,
-        )
+    compacted = ("kc-bad",)
+    async with relayed("kc-good", "kc-bad", idempotence=True, compacted_topics=compacted) as (broker, relay):
+        sink = kafka_sink(relay, send_timeout=2.0, topic="kc-{namespace}", key_by="none")
+        pipeline, metrics = engine(sink, tmp_path, retry_initial_backoff=0.1, retry_max_backoff=0.2)
         task = started(pipeline, [make_occurrence(namespace="bad")])
         await until(lambda: metrics.dead_lettered.labels("kafka", "rejected")._value.get() == 1)
         relay.api_delays[API_INIT_PRODUCER_ID] = 5.0
@@ -513,21 +425,11 @@ async def test_a_batch_given_up_while_a_late_one_is_waited_for_is_written_once()
     went on retrying the given-up batch: both partitions recovered at 9.5 s, the broker wrote it, and
     the engine, told retry, sent it again: two copies. A given-up batch is now judged again when the
     send ends, just before its producer is halted: acknowledged by then, it is OK."""
-    port = free_port()
-    async with (
-        TansuBroker(advertised_port=port) as broker,
-        FaultyBroker(
-            listen_port=port,
-            target_port=broker.port,
-            idempotence=True,
-            refuse={"g-bad": NOT_ENOUGH_REPLICAS},
-            api_delays={API_PRODUCE: 1.9},
-        ) as relay,
-    ):
-        await broker.create_topics("g-good", "g-bad", partitions=1)
+    faults: dict[str, Any] = {"refuse": {"g-bad": NOT_ENOUGH_REPLICAS}, "api_delays": {API_PRODUCE: 1.9}}
+    async with relayed("g-good", "g-bad", idempotence=True, **faults) as (broker, relay):
         # Produce batches of up to 8 KiB: three records of ~2.2 KB each, five for "good".
         sink = kafka_sink(
-            port, send_timeout=12.0, topic="g-{namespace}", request_timeout_ms=6000, max_request_size=8192
+            relay, send_timeout=12.0, topic="g-{namespace}", request_timeout_ms=6000, max_request_size=8192
         )
         await sink.start()
         batch = [make_occurrence(namespace="bad", object_name="a-0", message="a " + "x" * 1500)] + [
@@ -569,18 +471,9 @@ async def test_a_stuck_partition_ends_the_send_at_its_budget_when_request_timeou
     the outage only 0.5 s was left before the engine's send_timeout, and a loop slow for that long had
     the engine send the whole batch again (the acknowledged records twice). A batch handed over in the
     budget's first half and unanswered at its end is now given up there."""
-    port = free_port()
-    async with (
-        TansuBroker(advertised_port=port) as broker,
-        FaultyBroker(
-            listen_port=port,
-            target_port=broker.port,
-            idempotence=True,
-            refuse={"s-bad": NOT_ENOUGH_REPLICAS},
-        ),
-    ):
-        await broker.create_topics("s-good", "s-bad", partitions=1)
-        sink = kafka_sink(port, send_timeout=6.0, topic="s-{namespace}", request_timeout_ms=6000)
+    refused = {"s-bad": NOT_ENOUGH_REPLICAS}
+    async with relayed("s-good", "s-bad", idempotence=True, refuse=refused) as (_, relay):
+        sink = kafka_sink(relay, send_timeout=6.0, topic="s-{namespace}", request_timeout_ms=6000)
         await sink.start()
         batch = two_topics()
         loop = asyncio.get_running_loop()

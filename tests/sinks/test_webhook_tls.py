@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import os
-import pty
-import select
 import shutil
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,7 +17,8 @@ import pytest
 from eventrouter import OK, SinkContext, SinkError
 from eventrouter.testing import make_occurrence
 from eventrouter.testing.receivers.webhook import WebhookReceiver
-from eventrouter.testing.tls import certificate, server_context
+from eventrouter.testing.terminal import on_a_terminal, sink_probe
+from eventrouter.testing.tls import certificate, encrypted_key, server_context
 from eventrouter_sinks.webhook import WebhookOptions, WebhookSink
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
@@ -28,75 +26,15 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs t
 PASS_PHRASE = "pass-phrase-4e7f"
 
 
-def _encrypted(key: Path) -> Path:
-    """``key`` encrypted with AES-256 under PASS_PHRASE (PKCS#8, as `openssl pkey` writes it)."""
-    out = key.with_name(key.stem + "-encrypted.pem")
-    subprocess.run(
-        ["openssl", "pkey", "-in", str(key), "-aes256", "-passout", f"pass:{PASS_PHRASE}", "-out", str(out)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    assert out.read_text().startswith("-----BEGIN ENCRYPTED PRIVATE KEY-----")
-    return out
-
-
 @pytest.fixture
 async def client_cert(tmp_path: Path) -> tuple[Path, Path]:
     """A client certificate and its key, encrypted."""
     cert, key = await asyncio.to_thread(certificate, tmp_path, name="client")
-    return cert, await asyncio.to_thread(_encrypted, key)
+    return cert, await asyncio.to_thread(encrypted_key, key, PASS_PHRASE)
 
 
-# The child: its terminal is the pty (setsid by start_new_session, then TIOCSCTTY), where OpenSSL
-# asks for a pass phrase when none is given. A heartbeat measures how long its event loop stalls.
-CHILD = r"""
-import asyncio, fcntl, logging, sys, termios, time
-fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-from eventrouter import SinkContext
-from eventrouter_sinks.webhook import WebhookOptions, WebhookSink
-
-async def main():
-    beats = [time.monotonic()]
-    async def beat():
-        while True:
-            await asyncio.sleep(0.02)
-            beats.append(time.monotonic())
-    task = asyncio.create_task(beat())
-    await asyncio.sleep(0.1)
-    options = WebhookOptions.model_validate(
-        {"url": "https://127.0.0.1:9/hook", "cert_file": sys.argv[1], "key_file": sys.argv[2]}
-    )
-    sink = WebhookSink(options, SinkContext(name="hook", cluster="c", data_dir=None, logger=logging.getLogger("t")))
-    began = time.monotonic()
-    try:
-        await sink.start()
-        print("STARTED", flush=True)
-    except Exception as exc:
-        print(f"FAILED after {time.monotonic() - began:.2f}s: {exc}", flush=True)
-    await asyncio.sleep(0.1)
-    task.cancel()
-    print(f"STALL {max(b - a for a, b in zip(beats, beats[1:])):.2f}", flush=True)
-
-asyncio.run(main())
-"""
-
-
-def _read_until_done(fd: int, within: float) -> str:
-    """What the child writes on the pty, until its last line ("STALL ...") or its exit, at most
-    ``within`` seconds (a child waiting for a pass phrase writes neither)."""
-    out = b""
-    deadline = time.monotonic() + within
-    while b"STALL " not in out and (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            break
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:  # EIO: the child exited, the pty's other end is closed
-            break
-        if not chunk:
-            break
-        out += chunk
-    return out.decode(errors="replace")
+def _probe_options(cert: Path, key: Path) -> str:
+    return json.dumps({"url": "https://127.0.0.1:9/hook", "cert_file": str(cert), "key_file": str(key)})
 
 
 async def test_an_encrypted_key_file_fails_the_start_at_once_naming_it_without_asking_on_a_terminal(
@@ -107,22 +45,8 @@ async def test_an_encrypted_key_file_fails_the_start_at_once_naming_it_without_a
     someone to type, at each retried start; without a terminal the start failed with "[Errno 22]
     Invalid argument", naming nothing. Now no pass phrase is ever asked for: the start fails at
     once, naming key_file and what to do."""
-    cert, encrypted = client_cert
-    master, slave = pty.openpty()
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", CHILD, str(cert), str(encrypted),
-            stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-        )  # fmt: skip
-    finally:
-        os.close(slave)
-    try:
-        out = await asyncio.to_thread(_read_until_done, master, 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        os.close(master)
+    code = sink_probe("webhook", "WebhookOptions", "WebhookSink", terminal=True)
+    out = await on_a_terminal(code, _probe_options(*client_cert), "start", last=b"STALL ", within=30)
     lines = [line.strip() for line in out.splitlines() if line.strip()]
     assert "Enter PEM pass phrase" not in out and len(lines) == 2, out  # nothing else on the terminal
     failed, stall = lines
@@ -132,9 +56,9 @@ async def test_an_encrypted_key_file_fails_the_start_at_once_naming_it_without_a
 
 
 async def test_without_a_terminal_the_start_fails_naming_key_file(client_cert: tuple[Path, Path]) -> None:
-    cert, encrypted = client_cert
+    code = sink_probe("webhook", "WebhookOptions", "WebhookSink", terminal=False)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CHILD.replace("fcntl.ioctl(0, termios.TIOCSCTTY, 0)", ""), str(cert), str(encrypted),
+        sys.executable, "-c", code, _probe_options(*client_cert), "start",
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     out = (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
@@ -165,7 +89,7 @@ async def test_key_password_opens_an_encrypted_key_for_mutual_tls(
 ) -> None:
     """An encrypted key, kept so, with its pass phrase beside it (env:, file: or literal)."""
     hook, ca = mutual_tls
-    encrypted = await asyncio.to_thread(_encrypted, tmp_path / "client-key.pem")
+    encrypted = await asyncio.to_thread(encrypted_key, tmp_path / "client-key.pem", PASS_PHRASE)
     phrase = tmp_path / "pass-phrase"
     phrase.write_text(PASS_PHRASE + "\n")
     client = {"ca_file": str(ca), "cert_file": str(tmp_path / "client.pem"), "key_file": str(encrypted)}
