@@ -29,8 +29,13 @@
   Loki's active stream limit retries the items of the stream it names only, set aside so they hold
   up no other stream, and pushes the others again at once (Loki de-duplicates what it stored).
   So does a 429 for Loki's per-stream rate limit; each stream is kept within that limit beforehand
-  (``per_stream_rate``, ``per_stream_burst``: Loki's defaults), entries over it held back until it
-  refills, since Loki answers for a push's last stream only (see below).
+  (``per_stream_rate``, ``per_stream_burst``: Loki's defaults, planned with a 5 % margin), entries
+  over it held back until it refills, since Loki answers for a push's last stream only (see below).
+  Loki checks its bucket later than the sink plans, so a stream the budget held part of, or left
+  near empty, is pushed last in a push of its own: Loki's 429 for it is then its answer. Streams
+  pushed again at once are charged to the budget again (Loki charges a stored entry again before
+  de-duplicating it): what does not fit waits, held. The budget is lowered only when Loki's answer
+  proves its limits lower than the options, and goes back to them after 10 min without such proof.
   When part of a split push was stored, only the items of the part that failed are retried.
   Newer entries of a stream whose entries wait aside are held back (not sent, no attempt) while
   they would put those over ``max_behind`` behind, so the ones set aside go in first.
@@ -374,8 +379,9 @@ class LokiOptions(SinkOptions):
         description="Bytes per second of lines (and structured metadata) pushed into one stream at most: "
         "Loki's per_stream_rate_limit (3MB, which Loki reads as 3 MiB). Loki refuses a stream over it (429) "
         "and answers a push for its last stream only, so a refused stream followed by a stored one would "
-        "be lost unseen: entries over it wait instead (held back, not an attempt). Lowered to the limit "
-        "Loki names if it refuses a stream anyway. 0: no budget (Loki's answer is still read).",
+        "be lost unseen: entries over 95% of it wait instead (held back, not an attempt), and a stream near "
+        "it is pushed last. Lowered for 10 min to what a refusal by Loki proves (the rate it names, a "
+        "smaller burst). 0: no budget (Loki's answer is still read).",
     )
     per_stream_burst: int = Field(
         DEFAULT_STREAM_BURST,
@@ -859,6 +865,21 @@ class _Entry:
 
 _BUDGETS_MAX = 1 << 14
 """Streams whose rate budget is kept; beyond it those with a full bucket are forgotten."""
+_BUDGET_SHARE = 0.95
+"""The share of per_stream_rate and per_stream_burst the budget plans with. Loki checks a stream's
+bucket when the push reaches its ingester, later than the sink plans it and by a varying delay, and
+some 3.x releases count structured metadata they add (``detected_level``, ~21 bytes an entry)."""
+_RESERVE_SECONDS = 1.0
+_RESERVE_SHARE = 0.1
+"""A stream whose bucket a push leaves below max(_RESERVE_SHARE × burst, rate × _RESERVE_SECONDS)
+(at most half the burst) is pushed last in a push of its own, where Loki's 429 for it is the answer."""
+_UNCOUNTED = 32
+"""Bytes an entry may weigh at Loki beyond what ``_weight`` counts (a ``detected_level`` pair)."""
+_PROOF_SLACK = 0.1
+"""Seconds by which Loki's view of a stream's idle time may fall short of this sink's (a push's
+varying way to the ingester): a refusal proves Loki's burst lower only with that to spare."""
+_LEARNED_FOR = 600.0
+"""Seconds a per-stream limit learned from Loki is kept after its last proof; then the options again."""
 _NEWEST_SLOTS = 1 << 14
 """Slots of the newest-per-stream table (2 × 128 KiB)."""
 _WAYS = 8
@@ -1038,11 +1059,21 @@ class LokiSink(Sink[LokiOptions]):
         # pushes are split before they are sent.
         self._max_push_bytes: int | None = None
         # Loki's per-stream rate limit kept on this side: per stream, its bucket (bytes, when in
-        # time.monotonic) refilled at _stream_rate up to _stream_burst (lowered when Loki refuses a
-        # stream within them: its limits are lower than the options say).
+        # time.monotonic it was last planned or pushed) refilled at _stream_rate up to _stream_burst
+        # (both times _BUDGET_SHARE), lowered while Loki's answers prove its limits lower than the
+        # options (_learned_at: when last proved; None: the options).
         self._stream_rate = float(options.per_stream_rate)
         self._stream_burst = float(options.per_stream_burst)
         self._budgets: dict[bytes, tuple[float, float]] = {}
+        self._learned_at: float | None = None
+        # Since when this sink knows every push of a stream (its start, or when full budgets were
+        # forgotten): a stream it has no record of was last pushed before then, if at all.
+        self._known_since = time.monotonic()
+        # Per stream planned by the send under way: (when, when it was planned before), and per
+        # stream, when the last send that pushed it returned (Loki had checked its pushes by then):
+        # how long Loki's bucket had to refill, for a refusal to prove Loki's burst lower.
+        self._idle: dict[bytes, tuple[float, float]] = {}
+        self._answered: dict[bytes, float] = {}
         # What the send under way learned, applied to the two tables above only when it returns: a
         # send cut off (send_timeout) is retried whole, and predicted as before it is byte-identical,
         # so Loki de-duplicates what its finished pushes stored instead of taking a re-stamped copy.
@@ -1096,6 +1127,9 @@ class LokiSink(Sink[LokiOptions]):
                 self.options.per_stream_burst,
             ):  # what Loki taught it, unless the options changed
                 self._stream_rate, self._stream_burst = previous._stream_rate, previous._stream_burst
+                self._learned_at = previous._learned_at
+            self._known_since = previous._known_since
+            self._answered = previous._answered
             self._sent = previous._sent
             self._chosen = previous._chosen
             self.modified = previous.modified
@@ -1213,6 +1247,7 @@ class LokiSink(Sink[LokiOptions]):
         self._stored, self._raised, self._deferring = [], [], False
         self._deadline = time.monotonic() + self.pushes_deadline
         self._batch = batch
+        self._idle.clear()
         encoded = entries
         try:
             if self._aside:
@@ -1227,6 +1262,8 @@ class LokiSink(Sink[LokiOptions]):
             raise
         finally:
             self._batch = ()
+            if self._idle:
+                self._answer_times()
         self._settle(batch, encoded, outcomes)
         if self._modified_batch:
             self._count_modified(encoded, outcomes)
@@ -1406,24 +1443,60 @@ class LokiSink(Sink[LokiOptions]):
         while len(chosen) > _SENT_MAX:
             del chosen[next(iter(chosen))]
 
-    def _over_budget(self, groups: dict[bytes, list[_Entry]], outcomes: list[Outcome]) -> bool:
+    def _share(self) -> tuple[float, float, float]:
+        """The budget's rate and burst (a _BUDGET_SHARE of what Loki is taken to allow) and its
+        reserve. A learned limit not proved again for _LEARNED_FOR seconds gives way to the options
+        (Loki's limits may have been raised; if not, its next 429 proves them again)."""
+        learned = self._learned_at
+        if learned is not None and time.monotonic() - learned >= _LEARNED_FOR:
+            self._learned_at = None
+            self._stream_rate = float(self.options.per_stream_rate)
+            self._stream_burst = float(self.options.per_stream_burst)
+            self.log.info(
+                "loki: %s refused no stream for its rate in %.0fs that proved its limits lower: back to "
+                "per_stream_rate=%d and per_stream_burst=%d",
+                self._shown,
+                _LEARNED_FOR,
+                self.options.per_stream_rate,
+                self.options.per_stream_burst,
+            )
+        rate, burst = self._stream_rate * _BUDGET_SHARE, self._stream_burst * _BUDGET_SHARE
+        return rate, burst, min(max(burst * _RESERVE_SHARE, rate * _RESERVE_SECONDS), burst / 2)
+
+    def _over_budget(
+        self, groups: dict[bytes, list[_Entry]], outcomes: list[Outcome]
+    ) -> tuple[bool, set[bytes]]:
         """Hold back what Loki's per-stream rate limit would refuse. Loki's ingester refuses a stream
         whose entries in a push do not fit its token bucket (pkg/ingester/stream.go validateEntries;
         whole, with shard_streams on), 429, and answers a push for its last stream only, so a stream
-        refused before a stored one is answered 2xx: lost unseen, whichever place it has. Kept within
-        the same bucket here (per_stream_rate, per_stream_burst), a stream is never refused for it.
-        Per push and stream, not per entry; the oldest go first, the rest wait (held, defer: no
-        attempt, no other stream held up) until the bucket has refilled. True if any was held."""
-        rate, burst = self._stream_rate, self._stream_burst
+        refused before a stored one is answered 2xx: lost unseen, whichever place it has. Each stream
+        is kept within a bucket of _BUDGET_SHARE of Loki's (per_stream_rate, per_stream_burst), per
+        push and stream, not per entry; the oldest go first, the rest wait (held, defer: no attempt,
+        no other stream held up) until the bucket has refilled.
+
+        The copy cannot be exact: Loki checks when the push reaches its ingester, a varying delay
+        after this plan, and may count more (detected_level). So a stream held back in part, or
+        left below the reserve by this push, is returned to be pushed last in a push of its own,
+        where Loki's 429 for it is the answer (``_stream_refused``). Also returned: whether any was
+        held."""
+        rate, burst, reserve = self._share()
         now = time.monotonic()
-        budgets = self._budgets
+        budgets, idle = self._budgets, self._idle
         held = False
+        tight: set[bytes] = set()
         for stream, group in list(groups.items()):
             weight = _weight(group)
-            tokens, at = budgets.get(stream) or (burst, now)
-            tokens = min(burst, tokens + (now - at) * rate)
+            last = budgets.get(stream)
+            if last is None:
+                tokens = burst
+                idle[stream] = (now, self._known_since)
+            else:
+                tokens = min(burst, last[0] + (now - last[1]) * rate)
+                idle[stream] = (now, last[1])
             if weight <= tokens:
                 budgets[stream] = (tokens - weight, now)
+                if tokens - weight < reserve:
+                    tight.add(stream)
                 continue
             group.sort(key=_ORDER)
             fit = 0
@@ -1433,18 +1506,20 @@ class LokiSink(Sink[LokiOptions]):
                     break  # (an entry over the burst on its own goes when the bucket is full)
                 tokens = max(0.0, tokens - size)
                 fit += 1
-            budgets[stream] = (tokens, now)
+            if fit:  # (none: as it was, so it still says when the stream was last pushed)
+                budgets[stream] = (tokens, now)
             waiting = group[fit:]
             wait = max(0.1, (min(float(_weight(waiting)), burst) - tokens) / rate)
             reason = (
                 f"loki: held back {len(waiting)} entries of stream {_stream_text(stream)}: over "
-                f"{rate:.0f} bytes/s (per_stream_rate, Loki's per_stream_rate_limit), which Loki would "
-                f"refuse the stream for; sent in {wait:.1f}s"
+                f"{self._stream_rate:.0f} bytes/s (per_stream_rate, Loki's per_stream_rate_limit), which "
+                f"Loki would refuse the stream for; sent in {wait:.1f}s"
             )
             for entry in waiting:
                 outcomes[entry.index] = retry(reason, retry_after=wait, held=True, defer=True)
             if fit:
                 del group[fit:]
+                tight.add(stream)
             else:
                 del groups[stream]
             held = True
@@ -1456,19 +1531,55 @@ class LokiSink(Sink[LokiOptions]):
                     del budgets[stream]
             if len(budgets) > _BUDGETS_MAX:
                 budgets.clear()
-        return held
+            self._known_since = now  # when those were last pushed is forgotten
+        return held, tight
 
-    def _charge(self, entries: list[_Entry]) -> None:
-        """A push sent again (its streams Loki may have stored already) spends their buckets again
-        at Loki: so here too (never below empty)."""
+    def _answer_times(self) -> None:
+        """The send returned: Loki has checked every push of it (or never will), so each stream it
+        planned had its bucket there refilling since at the latest now."""
+        now, answered = time.monotonic(), self._answered
+        for stream in self._idle:
+            answered[stream] = now
+        if len(answered) > _BUDGETS_MAX:
+            answered.clear()
+            self._known_since = now  # a stream not in it was last pushed before now, if at all
+
+    def _again(self, entries: list[_Entry], outcomes: list[Outcome]) -> list[_Entry]:
+        """Of entries to push again at once (Loki refused another stream of their push and answered
+        for that one only), those their stream's budget takes a second time. Loki may hold them
+        already, but charges its per-stream bucket before it de-duplicates: pushed again regardless,
+        a stream would be refused for its rate and its stored entries retried as failures. A stream
+        that does not fit, or would be left below the reserve while not the push's last, waits: held
+        (no attempt), sent once its bucket has refilled (Loki keeps one copy)."""
         if not self._stream_rate:
-            return
+            return entries
+        rate, burst, reserve = self._share()
         now = time.monotonic()
-        rate, burst = self._stream_rate, self._stream_burst
-        for stream, group in _by_stream(entries).items():
-            tokens, at = self._budgets.get(stream) or (burst, now)
+        budgets = self._budgets
+        groups = _by_stream(entries)
+        final = next(reversed(groups))
+        kept: set[bytes] = set()
+        for stream, group in groups.items():
+            weight = _weight(group)
+            tokens, at = budgets.get(stream) or (burst, self._known_since)
             tokens = min(burst, tokens + (now - at) * rate)
-            self._budgets[stream] = (max(0.0, tokens - _weight(group)), now)
+            self._idle[stream] = (now, at)
+            if weight + (0.0 if stream == final else reserve) <= tokens:
+                budgets[stream] = (tokens - weight, now)
+                kept.add(stream)
+                continue
+            wait = max(0.1, (min(float(weight), burst) - tokens) / rate)
+            reason = (
+                f"loki: held back {len(group)} entries of stream {_stream_text(stream)}: {self._shown} "
+                f"refused another stream of their push, and may hold them; pushed again at once they "
+                f"would be charged to its per-stream rate limit twice (per_stream_rate); sent in {wait:.1f}s"
+            )
+            for entry in group:
+                outcomes[entry.index] = retry(reason, retry_after=wait, held=True, defer=True)
+            self._deferring = True
+        if len(kept) == len(groups):
+            return entries
+        return [entry for entry in entries if entry.stream in kept]
 
     def _plan(self, entries: list[_Entry], outcomes: list[Outcome]) -> list[list[_Entry]]:
         """The pushes for these entries. Loki's ingester answers for the last stream of a push only
@@ -1477,29 +1588,40 @@ class LokiSink(Sink[LokiOptions]):
         stream limit, followed by a stream Loki stored, is answered 2xx and would be lost unseen. So
         a stream Loki has not taken from this sink within STREAM_KNOWN_FOR goes last in its push, one
         such stream per push; streams it took recently (Loki creates none of them) go before it.
-        Entries over their stream's rate budget are held back (``_over_budget``)."""
+        Entries over their stream's rate budget are held back (``_over_budget``), and a stream at
+        its budget's edge goes last in a push of its own too (after the new ones)."""
         groups = _by_stream(entries)
-        if self._stream_rate and self._over_budget(groups, outcomes):
-            entries = [entry for group in groups.values() for entry in group]
-            if not entries:
-                return []
+        tight: set[bytes] = set()
+        if self._stream_rate:
+            held, tight = self._over_budget(groups, outcomes)
+            if held:
+                entries = [entry for group in groups.values() for entry in group]
+                if not entries:
+                    return []
         if len(groups) == 1:
             return [entries]
         since = time.monotonic_ns() - self._known_ns
         taken = self._taken.get if self._taken.used else None
         known: list[_Entry] = []
         new: list[list[_Entry]] = []
+        last: list[list[_Entry]] = []
         for stream, group in groups.items():
+            if tight and stream in tight:
+                last.append(group)
+                continue
             at = taken(stream) if taken is not None else None
             if at is not None and at >= since:
                 known += group
             else:
                 new.append(group)
-        if not new:
+        if not new and not last:
             return [entries]
-        if not self.options.new_stream_pushes:
-            return [known + [entry for group in new for entry in group]]
-        return [known + new[0], *new[1:]]
+        if self.options.new_stream_pushes:
+            last = new + last
+        elif new:
+            known += [entry for group in new for entry in group]  # new streams last of the first push
+            return [known, *last]
+        return [known + last[0], *last[1:]]
 
     async def _push_streams(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
         """Push ``entries`` as ``_plan`` says. One push raises RetryableError as ``_push`` does; of
@@ -1672,9 +1794,10 @@ class LokiSink(Sink[LokiOptions]):
         """Loki's active stream limit: the ingester refused a new stream (``_plan`` makes it the push's
         last, whose result Loki answers) and stored the push's other streams. The named stream's items
         are retried, set aside (``defer``: its refusal holds up no other stream); the others are pushed
-        again at once (Loki de-duplicates what it stored). False when the named stream is none of
-        this push's. ``rate_limit``: refused for Loki's per-stream rate limit (bytes/s), which
-        ``_over_budget`` keeps to unless Loki's limits are lower than the options say (learned)."""
+        again at once (Loki de-duplicates what it stored), as far as their budget takes them again
+        (``_again``). False when the named stream is none of this push's. ``rate_limit``: refused
+        for Loki's per-stream rate limit (bytes/s), which ``_over_budget`` keeps to, and a stream at
+        its edge is pushed last (this answer); what the refusal proves is learned."""
         wanted = _parse_label_set(named)
         if wanted is None:
             return False
@@ -1692,44 +1815,74 @@ class LokiSink(Sink[LokiOptions]):
             return False
         if rate_limit:
             weight = _weight(refused)
-            if retry_after is None:
-                retry_after = weight / rate_limit  # the time Loki's bucket takes to hold as much
+            # The time Loki's bucket takes to hold the refused entries (as Loki may count them),
+            # and a little more: refused again after it, the stream proves Loki's burst lower.
+            wait = (weight + _UNCOUNTED * len(refused)) / rate_limit + 2 * _PROOF_SLACK
+            retry_after = wait if retry_after is None else max(retry_after, wait)
             if self._stream_rate:
-                self._learn_stream_rate(refused, weight, rate_limit)
+                self._learn_stream_rate(refused, weight, rate_limit, wait)
         if rest:
-            self._charge(rest)
-            await self._push_or_retry(rest, outcomes)
+            rest = self._again(rest, outcomes)
+            if rest:
+                await self._push_or_retry(rest, outcomes)
         for entry in refused:
             outcomes[entry.index] = retry(reason, retry_after=retry_after, defer=True)
         self._deferring = True
         return True
 
-    def _learn_stream_rate(self, refused: list[_Entry], weight: int, limit: int) -> None:
-        """Loki refused a stream for its rate although within this sink's budget: its bucket is
-        empty, and its limits are lower than per_stream_rate/per_stream_burst say. The rate it names
-        is taken; its burst it does not name, so the budget's becomes half what was refused (at
-        least its largest entry): a push over Loki's burst is refused for ever, so the stream's
-        pushes shrink until they fit."""
+    def _learn_stream_rate(self, refused: list[_Entry], weight: int, limit: int, wait: float) -> None:
+        """Loki refused a stream for its per-stream rate: its bucket there is empty, so this one's is
+        too. That alone says nothing of Loki's limits: the bucket may have been drained by the
+        process before a restart, a second writer, this sink pushing stored entries again, or a
+        push that reached Loki later than planned. So the budget is lowered only as far as the
+        answer proves: to the rate Loki names, when below per_stream_rate; and its burst, when Loki
+        had the time to refill the whole refused push since this sink last pushed the stream (or
+        started) and still refused it (its burst is below that push: then half of it, at least its
+        largest entry, so the stream's pushes shrink until they fit). What was proved lasts
+        _LEARNED_FOR seconds after the last proof; then the options again (``_share``). The stream's
+        bucket here takes the refused push again only after ``wait``, the time that proof needs."""
         stream = refused[0].stream
-        self._budgets[stream] = (0.0, time.monotonic())
-        rate = min(self._stream_rate, float(limit))
-        burst = self._stream_burst
-        if weight / 2 < burst:
-            burst = max(weight / 2, float(max(_weight((entry,)) for entry in refused)))
+        now = time.monotonic()
+        rate, burst = self._stream_rate, self._stream_burst
+        wrong: list[str] = []
+        if limit < self.options.per_stream_rate:
+            wrong.append(
+                f"per_stream_rate={self.options.per_stream_rate} to its per_stream_rate_limit ({limit})"
+            )
+            rate = min(rate, float(limit))
+        planned = self._idle.get(stream)
+        if planned is not None and weight <= burst:
+            # Since Loki last checked a push of it, at the latest: the answer (a push's plan is
+            # earlier than Loki's check by a varying delay, a send's end later).
+            at, last = planned
+            taken = self._taken.get(stream)
+            last = max(last, self._answered.get(stream, last), last if taken is None else taken / _NS)
+            idle = at - last
+            if weight + _UNCOUNTED * len(refused) <= limit * (idle - _PROOF_SLACK):
+                wrong.append(
+                    f"per_stream_burst={self.options.per_stream_burst} to its per_stream_rate_limit_burst "
+                    f"(below {weight}: it refused that much of a stream this sink had not pushed for "
+                    f"{idle:.1f}s)"
+                )
+                burst = min(burst, max(weight / 2, float(max(_weight((entry,)) for entry in refused))))
+        if wrong:
+            self._learned_at = now
         if (rate, burst) != (self._stream_rate, self._stream_burst):
             self.log.warning(
-                "loki: %s refused stream %s over its per-stream rate limit (%d bytes/s) though within "
-                "per_stream_rate=%d and per_stream_burst=%d: now at most %d bytes/s and %d at once per "
-                "stream; set them to Loki's per_stream_rate_limit and per_stream_rate_limit_burst",
+                "loki: %s refused stream %s over its per-stream rate limit (%d bytes/s), which proves "
+                "its limits lower than the options: now at most %d bytes/s and %d at once per stream "
+                "(for %.0fs after the last such refusal); set %s",
                 self._shown,
                 _stream_text(stream),
                 limit,
-                self._stream_rate,
-                self._stream_burst,
                 rate,
                 burst,
+                _LEARNED_FOR,
+                " and ".join(wrong),
             )
             self._stream_rate, self._stream_burst = rate, burst
+        # Empty, and below: it refills to the refused push in ``wait`` (held back until then).
+        self._budgets[stream] = (min(0.0, weight - rate * _BUDGET_SHARE * wait), now)
 
     async def _behind_refused(
         self, entries: list[_Entry], outcomes: list[Outcome], behind: list[_Behind], message: str
@@ -1805,8 +1958,9 @@ class LokiSink(Sink[LokiOptions]):
         again_ids = {id(entry) for group in groups.values() for entry in group}
         rest = [entry for entry in entries if id(entry) in again_ids]  # in push order: a new stream last
         if rest:
-            self._charge(rest)
-            await self._push_or_retry(rest, outcomes)
+            rest = self._again(rest, outcomes)
+            if rest:
+                await self._push_or_retry(rest, outcomes)
         return True
 
     def _split_behind(self, group: list[_Entry], block: _Behind) -> tuple[list[_Entry], list[_Entry]] | None:

@@ -563,7 +563,11 @@ class LokiReceiver:
     new stream beyond it is refused, 429 naming it, the push's other streams stored) and the
     per-stream rate limit (``per_stream_rate`` bytes/s, ``per_stream_burst`` bytes: a stream's entries
     over it refused, all of them with ``per_stream_whole``, 429 "Per stream rate limit exceeded"
-    naming it, the push's other streams stored).
+    naming it, the push's other streams stored; ``count_detected_level``: bytes more per entry, as
+    Loki releases that counted their own ``detected_level`` metadata).
+    An entry identical (timestamp and line) to its stream's last appended one is skipped before it is
+    counted or judged, as Loki's ingester does; ``entries`` lists it again, as it lists every duplicate
+    (queries de-duplicate).
     A label value holding a literal U+FFFD (or invalid UTF-8) fails the whole push, 400 "couldn't
     parse labels", as Prometheus' lexer refuses it.
     Entries too far behind their stream's newest are answered as Loki's ingester does: 400 listing
@@ -604,6 +608,7 @@ class LokiReceiver:
         per_stream_rate: float | None = None,
         per_stream_burst: float | None = None,
         per_stream_whole: bool = True,
+        count_detected_level: int = 0,
     ) -> None:
         self.auth_enabled = auth_enabled
         self.username = username
@@ -649,6 +654,14 @@ class LokiReceiver:
         self.per_stream_whole = per_stream_whole
         self._stream_tokens: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[float, float]] = {}
         self.stream_rate_limited = 0  # entries refused by the per-stream rate limit
+        # Bytes the limiter counts per entry beyond its line and structured metadata: Loki 3.x
+        # releases whose distributor adds ``detected_level`` structured metadata (discover_log_levels,
+        # on by default) and whose ingester counted it (util.EntryTotalSize before it excluded
+        # constants.LevelLabel): len("detected_level") + len(level), 21 for "unknown". 0: as Loki now.
+        self.count_detected_level = count_detected_level
+        # Per stream, its last appended entry (timestamp, line): Loki's stream.lastLine. The ingester
+        # skips an entry identical to it before counting or storing anything (validateEntries).
+        self._last_line: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[int, str]] = {}
         # The ingester's max_returned_stream_errors: refused entries listed per stream (0: all).
         self.max_returned_stream_errors = max_returned_stream_errors
         # A slow ingester: seconds to wait before taking a push, given its streams' label sets. The
@@ -724,6 +737,7 @@ class LokiReceiver:
         the stream limit may refuse). Stored entries stay queryable."""
         self._newest.clear()
         self._stream_tokens.clear()  # a stream created anew has a new limiter
+        self._last_line.clear()  # ... and no last line: a duplicate of it is appended again
 
     def refill_rate_limit(self) -> None:
         """The ingestion rate limiter's bucket full again, as after a wait of ``burst / rate`` seconds."""
@@ -1034,11 +1048,19 @@ class LokiReceiver:
             # rate limiter does not allow is refused first.
             failed: list[tuple[int, str, bool]] = []  # (entry timestamp, reason, rate limited)
             to_store: list[_InEntry] = []
+            # What ``entries`` gets: to_store, and in its place each entry identical to the stream's
+            # last line, which Loki skips before anything else (not counted, never refused). It holds
+            # that entry already; listed again here as any duplicate is (queries show one).
+            to_record: list[_InEntry] = []
             newest = self._newest.get(key)
             limited = self.per_stream_rate is not None
+            last = self._last_line.get(key)
             for entry in valid:
+                if last is not None and entry.ts_ns == last[0] and entry.line == last[1]:
+                    to_record.append(entry)
+                    continue
                 if limited and not self.per_stream_whole:
-                    size = _entry_size(entry)
+                    size = self._entry_size(entry)
                     if not self._stream_allows(key, size):
                         failed.append((entry.ts_ns, self._stream_rate_reason(named, size), True))
                         continue
@@ -1046,27 +1068,33 @@ class LokiReceiver:
                     failed.append((entry.ts_ns, _behind_reason(entry.ts_ns, newest - behind), False))
                     continue
                 newest = entry.ts_ns if newest is None else max(newest, entry.ts_ns)
+                last = (entry.ts_ns, entry.line)
                 to_store.append(entry)
+                to_record.append(entry)
             if (
                 limited
                 and self.per_stream_whole
                 and to_store
-                and not self._stream_allows(key, sum(_entry_size(e) for e in to_store))
+                and not self._stream_allows(key, sum(self._entry_size(e) for e in to_store))
             ):
                 # Whole stream (rateLimitWholeStream): none of it is stored, and the answer lists the
                 # entries the limiter refused only (those too far behind are left out of it).
                 self.stream_rate_limited += len(to_store)
-                refused = [(e.ts_ns, self._stream_rate_reason(named, _entry_size(e)), True) for e in to_store]
+                refused = [
+                    (e.ts_ns, self._stream_rate_reason(named, self._entry_size(e)), True) for e in to_store
+                ]
                 ingester_error = (429, self._failed_entries(user, named, refused, len(valid)))
                 continue
             self.stream_rate_limited += sum(1 for _, _, rate in failed if rate)
             if newest is not None:
                 self._newest[key] = newest
-            for entry in to_store:
+            if to_store:
+                self._last_line[key] = (to_store[-1].ts_ns, to_store[-1].line)
+            for entry in to_record:
                 self.entries.append(
                     StoredEntry(tenant, stream.labels, entry.ts_ns, entry.line, entry.metadata)
                 )
-            accepted += len(to_store)
+            accepted += len(to_record)
             # This stream's result, an earlier stream's error overwritten (also by success). Its
             # status is that of the last entry refused (errorForFailedEntries).
             ingester_error = (
@@ -1089,6 +1117,10 @@ class LokiReceiver:
             return True
         self._stream_tokens[key] = (tokens, now)
         return False
+
+    def _entry_size(self, entry: _InEntry) -> int:
+        """What the per-stream limiter counts of an entry (util.EntryTotalSize)."""
+        return _entry_size(entry) + self.count_detected_level
 
     def _stream_rate_reason(self, named: str, size: int) -> str:
         """pkg/validation ``ErrStreamRateLimit.Error()``, sizes as Loki's flagext.ByteSize prints them."""
