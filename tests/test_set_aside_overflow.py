@@ -345,3 +345,43 @@ async def test_a_clean_stop_with_occurrences_parked_keeps_them_and_delivers_each
     assert (uid, 1) in _mem(second).keys
     numbers = [n for u, n in _mem(first).keys + _mem(second).keys if u == uid]
     assert numbers == [2, 1]  # X/2 (another index) was taken first: X/1 was not lost for it
+
+
+@pytest.mark.parametrize("kept", ["main-fifo", "aside-file"])
+async def test_a_parked_occurrence_waits_until_its_events_older_ones_spooled_before_the_start_were_sent(
+    api: FakeApiServer, tmp_path: Path, kept: str
+) -> None:
+    """At the start the spool holds b-0..b-3 and X/1 from before it (kept at a clean stop in the
+    main FIFO, or in the aside file at a crash) and X/2 parked. Before, parked records came back as
+    soon as those were *read*: X/2, due at once, went first in a batch of five, X/1 followed in the
+    next, and was skipped there as a copy (the checkpoint had passed it): lost, counted nowhere. Now
+    the parked records wait until the records read from before the start have left memory."""
+    x = api.create_event(event_object(object_name="db-x", name="db-x"))
+    uid = x["metadata"]["uid"]
+    before = [
+        make_occurrence(
+            object_name=f"b-{i}",
+            uid=api.create_event(event_object(object_name=f"b-{i}", name=f"b-{i}"))["metadata"]["uid"],
+        )
+        for i in range(4)
+    ]
+    api.bump("default", "db-x")
+    x1, x2 = (make_occurrence(object_name="db-x", uid=uid, count=n) for n in (1, 2))
+    spool = Spool(tmp_path / "data" / "spool" / "mem", max_bytes=10**9, cluster="test")
+    for occ in [*before, x1]:
+        spool.append(occ)
+    if kept == "aside-file":  # popped, set aside, then SIGKILLed: read back from the aside file first
+        assert spool.keep_aside(spool.pop(5))
+    spool.park(x2)
+    spool.commit()
+    spool.close()
+    router = _router(api, tmp_path, queue_max_events=10, batch_max_events=5)
+    async with router.running():
+        await until(lambda: router.ready()[0])
+        await router.pipelines[0].wait_idle(10)
+        got = _mem(router).keys
+        assert router.pipelines[0].checkpoint.accepted(uid) == 2
+    assert router.exit_code == 0
+    assert sorted(got) == sorted(_keys([*before, x1, x2]))  # each once, X/1 too
+    assert [n for u, n in got if u == uid] == [1, 2]
+    assert router.metrics.skipped.labels("mem")._value.get() == 5  # the relisted copies, no more

@@ -99,6 +99,9 @@ class Pipeline:
         self._spooled_deferred: set[tuple[str, int]] = set()
         self._popped: list[Occurrence] = []
         self._popped_keys: set[tuple[str, int]] | None = None  # built when needed (``_behind_older``)
+        # Records spooled before the start, read back and not yet sent (at the queue's front): parked
+        # records wait until they have left memory (``_unpark``).
+        self._before_start: set[tuple[str, int]] = set()
         self._modified_seen: dict[str, int] = {}  # the sink's ``modified`` totals already exported
         self._done: dict[str, int] = {}  # finished, not yet checkpointed (a lower one is pending)
         # Read from the spool marked owed (see ``Spool``): sent although the checkpoint is past them;
@@ -389,6 +392,12 @@ class Pipeline:
         Called only between batches, when nothing is in flight: everything popped before has
         finished, so the spool's read position can be made durable first. A crash replays at most
         one batch from the spool, and the checkpoint skips what was already accepted."""
+        if self._before_start and (
+            not self._queue or (self._queue[0].uid, self._queue[0].number) not in self._before_start
+        ):
+            # Nothing is in flight between batches: what was read from before the start was sent
+            # (accepted, rejected, or set aside: then held, and its parked ones go out behind it).
+            self._before_start = set()
         if self.spool is not None and not self._queue:
             # Items from the spool set aside in memory go to the spool's file of their own first: the
             # read position may then pass them, however long they wait.
@@ -399,7 +408,10 @@ class Pipeline:
                 # Deferred retries count against the memory bound: a robot that is down must not make
                 # the spool's backlog pile up in memory.
                 room = min(self.options.batch_max_events, self.queue_max - len(self._deferred))
+                behind = self.spool.behind_open
                 popped = self.spool.pop(room) if room > 0 else []
+                if behind:
+                    self._before_start = {(occ.uid, occ.number) for occ in popped}
                 self._queue.extend(popped)
                 self._popped = popped
                 self._popped_keys = None
@@ -880,9 +892,11 @@ class Pipeline:
         (then now), with their failed attempts so far."""
         spool = self.spool
         assert spool is not None
-        if spool.behind_open:
+        if spool.behind_open or self._before_start:
             # Records spooled before the restart first: an event's older occurrences kept at the
-            # stop (or in the aside file at a crash) are there, and go before its parked ones.
+            # stop (or in the aside file at a crash) are there, and go before its parked ones. Read
+            # is not enough: a parked X/2, due at once, went first in a batch, and X/1, queued
+            # behind the batch's bound, was then skipped as a copy (lost).
             return
         back = spool.unpark(count)
         if spool.owed:
