@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -26,6 +27,31 @@ PY = sys.executable
 ROUTER_CPU = 0
 OTHER_CPU = 1
 ALL_SINKS = ("stdout", "file", "webhook", "loki", "kafka", "elasticsearch", "sls")
+
+
+def add_sink_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sink-option",
+        action="append",
+        default=[],
+        metavar="SINK:NAME=VALUE",
+        help="add an option to one sink's --sink URL (repeatable), e.g. loki:new_stream_pushes=false",
+    )
+
+
+def sink_options(values: list[str]) -> dict[str, str]:
+    """``--sink-option loki:new_stream_pushes=false`` (repeatable; ``loki=...``, the spelling of
+    earlier sessions' records, too) → {"loki": "new_stream_pushes=false"}: the query to add."""
+    options: dict[str, str] = {}
+    for value in values:
+        m = re.fullmatch(r"([a-z]+)[:=]([^=&]+=.*)", value)
+        if m is None or m[1] not in ALL_SINKS:
+            raise SystemExit(
+                f"--sink-option wants SINK:NAME=VALUE with SINK one of {', '.join(ALL_SINKS)}, got {value!r}"
+            )
+        sink, query = m[1], m[2]
+        options[sink] = f"{options[sink]}&{query}" if sink in options else query
+    return options
 
 
 def pin(cpus: set[int], pid: int = 0) -> bool:

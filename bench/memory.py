@@ -134,10 +134,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     events = retained_events(args.retained)
     n = len(events)
     router_env = dict(item.split("=", 1) for item in args.router_env)
-    sink_options: dict[str, str] = {}
-    for item in args.sink_option:
-        sink, option = item.split(":", 1)
-        sink_options[sink] = f"{sink_options[sink]}&{option}" if sink in sink_options else option
+    sink_options = c.sink_options(args.sink_option)
     result: dict[str, Any] = {
         "machine": c.machine(),
         "retained": n,
@@ -369,13 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         help="add to the router's environment (repeatable), e.g. an allocator: "
         "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2, PYTHONMALLOC=malloc, MALLOC_CONF=...",
     )
-    p.add_argument(
-        "--sink-option",
-        action="append",
-        default=[],
-        metavar="SINK:NAME=VALUE",
-        help="add an option to one sink's --sink URL (repeatable), e.g. loki:new_stream_pushes=false",
-    )
+    c.add_sink_option(p)
     p.add_argument(
         "--census",
         action="store_true",
@@ -418,10 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if bad := [item for item in args.router_env if "=" not in item]:
         p.error(f"--router-env wants NAME=VALUE, got {bad[0]!r}")
-    if bad := [x for x in args.sink_option if ":" not in x or x.split(":", 1)[0] not in c.ALL_SINKS]:
-        p.error(
-            f"--sink-option wants SINK:NAME=VALUE with SINK one of {', '.join(c.ALL_SINKS)}, got {bad[0]!r}"
-        )
+    c.sink_options(args.sink_option)  # refuses a malformed one before anything starts
     if args.census_sparse is not None:
         os.environ["EVENTROUTER_BENCH_CENSUS_SPARSE"] = str(args.census_sparse)  # read by bench/_census.py
     if args.census_from is not None:

@@ -190,19 +190,6 @@ def _flags(case: str, s: c.Services, tmp: Path, es_url: str, options: dict[str, 
     ]
 
 
-def _sink_options(values: list[str]) -> dict[str, str]:
-    """``--sink-option loki=new_stream_pushes=false`` (repeatable) → {"loki": "new_stream_pushes=false"}."""
-    options: dict[str, str] = {}
-    for value in values:
-        sink, _, query = value.partition("=")
-        if sink not in c.ALL_SINKS or not query:
-            raise SystemExit(
-                f"--sink-option {value!r}: expected SINK=KEY=VALUE with SINK one of {c.ALL_SINKS}"
-            )
-        options[sink] = f"{options[sink]}&{query}" if sink in options else query
-    return options
-
-
 async def _one(
     case: str, s: c.Services, corpus: Path, n_lines: int, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -212,7 +199,7 @@ async def _one(
         await s.reset()
         es_ctx = s.es_index() if case in ("elasticsearch", "all") else _null()
         with es_ctx as es_url:
-            flags = _flags(case, s, tmp, es_url, _sink_options(args.sink_option))
+            flags = _flags(case, s, tmp, es_url, c.sink_options(args.sink_option))
             out = tmp / "result.json"
             cmd = [
                 c.PY,
@@ -306,13 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--profile", choices=CASES, help="profile one case with pyinstrument")
     p.add_argument("--repeat", type=int, default=1, help="runs per case; the median by CPU is reported")
-    p.add_argument(
-        "--sink-option",
-        action="append",
-        default=[],
-        metavar="SINK=KEY=VALUE",
-        help="an option added to that sink's --sink flag, e.g. loki=new_stream_pushes=false (repeatable)",
-    )
+    c.add_sink_option(p)
     p.add_argument("--out", type=Path, default=CACHE / "results" / "throughput.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
