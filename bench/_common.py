@@ -321,6 +321,17 @@ def dropped(metrics: dict[str, float]) -> dict[str, int]:
     return out
 
 
+def sending(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per sink: seconds spent in sends and batches sent. A sink whose sends took nearly the whole
+    wall time set the pace of a relist (the source waits for room in its queue)."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        m = re.fullmatch(r'eventrouter_sink_send_duration_seconds_(sum|count)\{sink="([^"]+)"\}', key)
+        if m:
+            out.setdefault(m[2], {})["send_s" if m[1] == "sum" else "sends"] = round(value, 2)
+    return out
+
+
 def finished(metrics: dict[str, float]) -> dict[str, int]:
     """Per sink: occurrences accepted or dead-lettered (nothing left to do for them)."""
     done = delivered(metrics)

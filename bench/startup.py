@@ -141,6 +141,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     result["delivered"] = c.delivered(m)
                     result["dead_lettered"] = c.dead_lettered(m)
                     result["dropped"] = c.dropped(m)
+                    result["sending"] = c.sending(m)
                     result["rss_peak_mib"] = round(hwm, 1)
                     result["rss_after_mib"] = round(c.rss_mib(rp.pid), 1)
                 finally:
