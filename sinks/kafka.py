@@ -298,6 +298,11 @@ class KafkaOptions(SinkOptions):
     key_file: FilePath | None = Field(
         None, validation_alias=AliasChoices("key_file", "key"), description="Client private key (mTLS)."
     )
+    key_password: Secret | None = Field(
+        None,
+        description="Pass phrase of an encrypted key_file (literal, env:NAME or file:/path; never asked "
+        "for on a terminal).",
+    )
     insecure_skip_verify: bool = Field(
         False,
         validation_alias=AliasChoices("insecure_skip_verify", "insecuressl"),
@@ -380,6 +385,8 @@ class KafkaOptions(SinkOptions):
             raise ValueError(f"sasl_mechanism={self.sasl_mechanism} needs user and password")
         if self.key_file and not self.cert_file:
             raise ValueError("key_file needs cert_file")
+        if self.key_password is not None and not self.cert_file:
+            raise ValueError("key_password needs cert_file and the encrypted key (key_file or in cert_file)")
         return self
 
     @property
@@ -391,23 +398,49 @@ class KafkaOptions(SinkOptions):
         return self.user is not None
 
 
-def _no_pass_phrase() -> str:
-    """For load_cert_chain: without it OpenSSL asks for an encrypted key's pass phrase on the terminal
-    (the event loop waits for someone to type) or fails with "[Errno 22] Invalid argument"."""
-    raise ssl.SSLError(
-        0, "the client key (key_file, or cert_file when it holds it) is encrypted: give a decrypted key"
-    )
+_ENCRYPTED_KEY = (
+    "the client key (key_file, or cert_file when it holds it) is encrypted: give a decrypted key, or its "
+    "pass phrase in key_password"
+)
 
 
 def ssl_context(options: KafkaOptions) -> ssl.SSLContext:
-    """The TLS context for the brokers; OSError/ssl.SSLError name the file that failed."""
+    """The TLS context for the brokers; OSError/ssl.SSLError name the file that failed, never the pass
+    phrase (OpenSSL's texts do not hold it)."""
     context = ssl.create_default_context(cafile=options.ca_file)
     if options.cert_file:
-        context.load_cert_chain(options.cert_file, options.key_file, password=_no_pass_phrase)
+        _load_client_key(context, options.cert_file, options)
     if options.insecure_skip_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def _load_client_key(context: ssl.SSLContext, cert_file: str, options: KafkaOptions) -> None:
+    """The client certificate and its key, opened with ``key_password`` when OpenSSL asks for one."""
+    phrase = options.key_password
+    asked = False
+
+    def pass_phrase() -> str:
+        # Always given: without it OpenSSL asks for an encrypted key's pass phrase on the terminal (the
+        # event loop waits for someone to type) or fails with "[Errno 22] Invalid argument".
+        nonlocal asked
+        asked = True
+        if phrase is None:
+            raise ssl.SSLError(0, _ENCRYPTED_KEY)
+        return phrase.get_secret_value()
+
+    try:
+        context.load_cert_chain(cert_file, options.key_file, password=pass_phrase)
+    except (ssl.SSLError, ValueError) as exc:
+        # Asked and given, the pass phrase did not open the key (OpenSSL says only "[SSL] PEM lib"), or
+        # is over OpenSSL's 1024 bytes (ValueError). A key it opened that does not match the
+        # certificate is said as OpenSSL says it.
+        if not asked or phrase is None or getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+            raise
+        where = f"key_file {options.key_file}" if options.key_file else f"cert_file {cert_file}"
+        detail = f": {exc}" if isinstance(exc, ValueError) else ""
+        raise ssl.SSLError(0, f"key_password does not decrypt the client key ({where}){detail}") from None
 
 
 class _BootstrapErrors(logging.Handler):

@@ -1,6 +1,7 @@
-"""Kafka sink: an encrypted client key (key_file) fails the start at once, naming the key, and never makes
-OpenSSL ask for a pass phrase on a terminal. Tansu behind a TLS proxy that wants the client's
-certificate: the same key decrypted is let in, so the failure is the encryption's alone."""
+"""Kafka sink: an encrypted client key (key_file) without its pass phrase fails the start at once, naming
+the key, and never makes OpenSSL ask for a pass phrase on a terminal; with ``key_password`` it is let in.
+Tansu behind a TLS proxy that wants the client's certificate: the same key decrypted is let in, so the
+failure is the encryption's alone."""
 
 from __future__ import annotations
 
@@ -18,18 +19,21 @@ from typing import Any
 
 import pytest
 
-from eventrouter import OK, SinkContext
+from eventrouter import OK, SinkContext, SinkError
 from eventrouter.testing import make_occurrence
 from eventrouter.testing.receivers.tansu import TansuBroker, free_port
 from eventrouter.testing.receivers.tls_proxy import TLSProxy
 from eventrouter.testing.terminal import on_a_terminal, sink_probe
 from eventrouter.testing.tls import certificate, encrypted_key, self_signed
-from eventrouter_sinks.kafka import KafkaOptions, KafkaSink
+from eventrouter_sinks.kafka import KafkaOptions, KafkaSink, ssl_context
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
 PASS_PHRASE = "pass-phrase-9c2a"
-ENCRYPTED = "the client key (key_file, or cert_file when it holds it) is encrypted: give a decrypted key"
+ENCRYPTED = (
+    "the client key (key_file, or cert_file when it holds it) is encrypted: give a decrypted key, or its "
+    "pass phrase in key_password"
+)
 
 
 @dataclass
@@ -71,12 +75,16 @@ async def mutual_tls(tmp_path: Path) -> AsyncIterator[MutualTLS]:
         yield MutualTLS(proxy, f"127.0.0.1:{port}", ca, cert, key, encrypted)
 
 
-async def _decrypted_key_is_let_in(tls: MutualTLS) -> None:
-    """The same options with the key decrypted: checked and a record acknowledged through the proxy."""
-    sink = KafkaSink(
-        KafkaOptions.model_validate(tls.options(tls.key)),
+def kafka_sink(options: dict[str, Any]) -> KafkaSink:
+    return KafkaSink(
+        KafkaOptions.model_validate(options),
         SinkContext(name="kafka", cluster="c", data_dir=None, logger=logging.getLogger("test.kafka")),
     )
+
+
+async def _decrypted_key_is_let_in(tls: MutualTLS) -> None:
+    """The same options with the key decrypted: checked and a record acknowledged through the proxy."""
+    sink = kafka_sink(tls.options(tls.key))
     try:
         await sink.check()
         assert await sink.send([make_occurrence()]) == [OK]
@@ -88,7 +96,7 @@ async def _decrypted_key_is_let_in(tls: MutualTLS) -> None:
 async def test_an_encrypted_key_file_fails_the_start_at_once_naming_it_without_asking_on_a_terminal(
     mutual_tls: MutualTLS,
 ) -> None:
-    """Without ``_no_pass_phrase`` OpenSSL asked "Enter PEM pass phrase:" on the controlling terminal (a
+    """Without a pass phrase callback OpenSSL asked "Enter PEM pass phrase:" on the controlling terminal (a
     shell, a pod with tty: true) and the router's event loop (every sink, the watch, the health
     endpoints) waited for someone to type, at each retried start. The start now fails at once, naming
     the key file and what to do, before any connection to the brokers."""
@@ -121,3 +129,62 @@ async def test_without_a_terminal_the_check_fails_naming_the_key_file(mutual_tls
     assert float(failed.split()[2].removesuffix("s:")) < 10, out
     assert mutual_tls.proxy.handshakes == 0
     await _decrypted_key_is_let_in(mutual_tls)
+
+
+async def test_an_encrypted_key_file_with_its_key_password_is_let_in_and_a_wrong_one_names_the_key(
+    mutual_tls: MutualTLS, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Kafka sink had no ``key_password`` (the webhook has): an encrypted key had to be decrypted
+    onto the pod's disk. Now its pass phrase, from a ``file:`` reference (a mounted Secret, trailing
+    newline and all), opens it: checked and a record acknowledged through the proxy. A wrong one fails
+    the start at once, before any connection, naming the key file and the option, never the value; so
+    does a pass phrase given without a client certificate, at validation."""
+    caplog.set_level(logging.DEBUG)
+    phrase_file = tmp_path / "key-password"
+    phrase_file.write_text(PASS_PHRASE + "\n")
+    sink = kafka_sink({**mutual_tls.options(mutual_tls.encrypted), "key_password": f"file:{phrase_file}"})
+    try:
+        await sink.check()
+        assert await sink.send([make_occurrence()]) == [OK]
+    finally:
+        await sink.aclose()
+    assert mutual_tls.proxy.handshakes > 0
+    let_in = mutual_tls.proxy.handshakes
+
+    wrong = "not-the-" + PASS_PHRASE
+    sink = kafka_sink({**mutual_tls.options(mutual_tls.encrypted), "key_password": wrong})
+    with pytest.raises(SinkError) as failed:
+        async with asyncio.timeout(10):  # at once: no prompt, no connection attempts
+            await sink.start()
+    await sink.aclose()
+    message = str(failed.value)
+    assert f"key_password does not decrypt the client key (key_file {mutual_tls.encrypted})" in message
+    assert wrong not in message and PASS_PHRASE not in message
+    assert mutual_tls.proxy.handshakes == let_in
+    assert PASS_PHRASE not in caplog.text and wrong not in caplog.text
+    assert "**********" in repr(sink.options.key_password)  # printed masked wherever options are shown
+
+    without_cert = {"brokers": mutual_tls.bootstrap, "key_password": wrong}
+    with pytest.raises(ValueError, match="key_password needs cert_file") as refused:
+        KafkaOptions.model_validate(without_cert)
+    assert wrong not in str(refused.value)
+
+
+async def test_a_key_password_that_opens_a_key_of_another_certificate_is_not_blamed(tmp_path: Path) -> None:
+    """The pass phrase opened the key, but the key is not the certificate's: OpenSSL's own "key values
+    mismatch" is said, not that key_password does not decrypt it (which would send the operator after
+    the wrong Secret)."""
+    cert, _ = await asyncio.to_thread(certificate, tmp_path, name="client")
+    _, other = await asyncio.to_thread(certificate, tmp_path, name="other")
+    encrypted = await asyncio.to_thread(encrypted_key, other, PASS_PHRASE)
+    options = KafkaOptions.model_validate(
+        {
+            "brokers": "127.0.0.1:9",
+            "cert_file": str(cert),
+            "key_file": str(encrypted),
+            "key_password": PASS_PHRASE,
+        }
+    )
+    with pytest.raises(ssl.SSLError) as failed:
+        ssl_context(options)
+    assert "KEY_VALUES_MISMATCH" in str(failed.value) and "key_password" not in str(failed.value)
