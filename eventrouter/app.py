@@ -308,7 +308,9 @@ class Router:
                 continue
             try:
                 spool = Spool(folder, max_bytes=1 << 62, cluster=self.settings.cluster_name)
-                count, size = len(spool), spool.bytes
+                # The parked FIFO's records are undelivered too (len counts the main FIFO only).
+                parked = spool.parked_count
+                count, size = len(spool) + parked, spool.bytes
                 spool.close()
             except OSError as exc:
                 log.warning(
@@ -320,10 +322,11 @@ class Router:
             if count:
                 log.warning(
                     "data dir: the spool of sink %r, which is not configured, holds %d occurrences "
-                    "(%.1f MiB) never delivered: configure a sink of that name again to deliver them, "
-                    "or remove %s",
+                    "(%d of them parked; %.1f MiB) never delivered: configure a sink of that name again "
+                    "to deliver them, or remove %s",
                     folder.name,
                     count,
+                    parked,
                     size / 2**20,
                     folder,
                 )
@@ -882,6 +885,7 @@ class Router:
                 p.settle_at_stop()  # nothing pending: whatever was held back can be recorded
                 if p.spool is not None:
                     p.spool.keep_aside([])
+                    _say_kept(p, 0)
                 continue
             if p.spool is not None:
                 kept = 0
@@ -920,9 +924,7 @@ class Router:
                         self.metrics.dropped.labels(p.name, "spool_full").inc()
                         log.warning("sink %s: spool full at shutdown, dropped %s", p.name, lost)
                     p.tell_spool_drops()
-                log.info(
-                    "sink %s: %d undelivered occurrences kept in the spool for the next start", p.name, kept
-                )
+                _say_kept(p, kept)
             else:
                 self.metrics.dropped.labels(p.name, "shutdown").inc(len(left))
                 log.warning(
@@ -1022,3 +1024,24 @@ def _numbers_rising(chunks: Iterable[list[Occurrence]]) -> Iterator[list[Occurre
 
 def _time_then_number(occ: Occurrence) -> tuple[int, int]:
     return occ.time_ns, occ.number
+
+
+def _say_kept(p: Pipeline, written: int) -> None:
+    """At a stop: what the spool keeps for the next start, all of it (the main FIFO's backlog and
+    the parked FIFO's records, which ``len`` leaves out), the parked ones said apart: they wait for a
+    key the sink refused. Said whenever this stop wrote to it or it holds anything."""
+    spool = p.spool
+    if spool is None:
+        return
+    parked = spool.parked_count
+    total = len(spool) + parked
+    if not (written or total):
+        return
+    log.info(
+        "sink %s: %d undelivered occurrences kept in the spool for the next start (%d written at this "
+        "stop, %d parked: set aside for a key the sink refused)",
+        p.name,
+        total,
+        written,
+        parked,
+    )

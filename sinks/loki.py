@@ -43,7 +43,7 @@
   taught the sink is applied only when a send returns. An entry Loki then refuses as too far behind
   (Loki refuses, rather than de-duplicates, an identical entry behind its cutoff) is answered OK if
   a finished push stored it, and rejected, not stamped anew, if its push's outcome is unknown (a
-  timeout, 5xx). A send starts no wave of pushes after its budget less one request's ``timeout`` (15 s
+  timeout, 5xx). A send starts no push beyond its first four after its budget less one request's ``timeout`` (15 s
   by default: ``SinkContext.send_budget``), so a long one ends normally; what it did not push is
   sent again.
 - Loki's ingester answers for the last stream of a push only: a refused stream followed by a stored
@@ -114,6 +114,7 @@ from eventrouter.protowire import bytes_field, varint, varint_field
 from eventrouter.retry_after import parse_retry_after as _retry_after
 from eventrouter.truncate import cut_utf8, shorten_message
 
+from ._headers import HEADERS_HELP, Headers, check_headers
 from ._scrub import credentials, scrub
 
 __all__ = ["LokiOptions", "LokiSink"]
@@ -334,9 +335,8 @@ class LokiOptions(SinkOptions):
     bearer_token: Secret | None = Field(
         None, validation_alias=AliasChoices("bearer_token", "token"), description="Bearer token."
     )
-    headers: list[Secret] = Field(
-        default_factory=list,
-        description="Extra HTTP headers as Name:Value (repeat the key for more); values are kept secret.",
+    headers: Headers = Field(
+        default_factory=dict, validation_alias=AliasChoices("headers", "header"), description=HEADERS_HELP
     )
     ca_file: FilePath | None = Field(None, description="PEM bundle to verify Loki's TLS certificate.")
     insecure_skip_verify: bool = Field(False, description="Do not verify Loki's TLS certificate.")
@@ -436,28 +436,10 @@ class LokiOptions(SinkOptions):
             out[name] = template
         return out
 
-    @field_validator("headers", mode="before")
-    @classmethod
-    def _listify_headers(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return [f"{k}:{v}" for k, v in value.items()]
-        return [value] if isinstance(value, str) else value
-
     @field_validator("headers")
     @classmethod
-    def _check_headers(cls, value: list[Any]) -> list[Any]:
-        for item in value:
-            name, sep, _ = item.get_secret_value().partition(":")
-            if not sep or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name.strip()):
-                raise ValueError("each header must be Name:Value with a valid header name")
-            if name.strip().lower() in ("content-type", "content-encoding", "content-length"):
-                raise ValueError(f"header {name.strip()} is set by the sink and cannot be overridden")
-            if _CONTROL.search(item.get_secret_value().partition(":")[2].strip()):
-                # No HTTP client sends it (aiohttp refuses a CR or LF: a header injection); the value
-                # is a secret, so only the header's name is said.
-                raise ValueError(
-                    f"the value of header {name.strip()} contains a control character (a line break?)"
-                )
+    def _check_headers(cls, value: dict[str, Secret]) -> dict[str, Secret]:
+        check_headers(value, reserved=("content-type", "content-encoding", "content-length"))
         return value
 
     @field_validator("tenant")
@@ -1079,7 +1061,7 @@ class LokiSink(Sink[LokiOptions]):
         # so Loki de-duplicates what its finished pushes stored instead of taking a re-stamped copy.
         self._stored: list[list[_Entry]] = []  # pushes Loki answered 2xx
         self._raised: list[tuple[bytes, int]] = []  # newest raised from Loki's "too far behind"
-        self._deadline = math.inf  # time.monotonic() after which the send starts no further wave
+        self._deadline = math.inf  # time.monotonic() after which the send starts no further push
         # Entries (by hash of stream, timestamp, line) sent in a push whose outcome is unknown
         # (False), or that Loki stored if they reached its ingester (True: a push of a send cut off,
         # the rest of a stream Loki answered "too far behind" for). Loki refuses an identical entry
@@ -1104,7 +1086,7 @@ class LokiSink(Sink[LokiOptions]):
         self._secrets = credentials(
             [s.get_secret_value() for s in (options.password, options.bearer_token) if s is not None]
             + [auth.partition(" ")[2]],  # the Basic token as sent (base64), or the bearer token
-            sent=[auth, *(h.get_secret_value().partition(":")[2].strip() for h in options.headers)],
+            sent=[auth, *(v.get_secret_value() for v in options.headers.values())],
             urls=[options.url],
         )
         self._push_headers = {"Content-Type": "application/x-protobuf"}
@@ -1153,9 +1135,7 @@ class LokiSink(Sink[LokiOptions]):
             headers["Authorization"] = f"Basic {token}"
         elif opts.bearer_token is not None:
             headers["Authorization"] = f"Bearer {opts.bearer_token.get_secret_value()}"
-        for item in opts.headers:
-            name, _, value = item.get_secret_value().partition(":")
-            headers[name.strip()] = value.strip()
+        headers.update((name, value.get_secret_value()) for name, value in opts.headers.items())
         return headers
 
     def _ssl(self) -> ssl.SSLContext | None:
@@ -1211,9 +1191,10 @@ class LokiSink(Sink[LokiOptions]):
 
     @property
     def pushes_deadline(self) -> float:
-        """Seconds into a send after which it starts no further wave of pushes: its budget less one
-        push's ``timeout`` (15 s by default), so a push started by then ends before the engine's
-        send_timeout. A send of many waves (a relist's batch of ~300 new streams is ~75) so ends
+        """Seconds into a send after which it starts no further push (beyond the first four, which
+        always go): its budget less one push's ``timeout`` (15 s by default), so a push started by
+        then ends before the engine's send_timeout. A send of many pushes (a relist's batch of ~300
+        new streams) so ends
         normally instead of being cut off with some pushes stored. The pushes not started are
         answered retry (held: not sent, no failure) and sent again in place."""
         return max(0.0, self.context.send_budget - self.options.timeout)
@@ -1634,27 +1615,48 @@ class LokiSink(Sink[LokiOptions]):
         if len(pushes) == 1:
             await self._push(pushes[0], outcomes)
             return
-        for start in range(0, len(pushes), _PARALLEL_PUSHES):
-            if start and time.monotonic() >= self._deadline:
-                self._not_started(pushes[start:], outcomes)
-                return
-            wave = pushes[start : start + _PARALLEL_PUSHES]
-            results = await asyncio.gather(*(self._push(p, outcomes) for p in wave), return_exceptions=True)
-            failed: RetryableError | None = None
-            for push, result in zip(wave, results, strict=True):
-                if isinstance(result, RetryableError):
-                    failed = result
-                    for entry in push:
-                        outcomes[entry.index] = retry(result.reason, retry_after=result.retry_after)
-                elif isinstance(result, BaseException):
-                    raise result
-            if failed is not None:
-                if start == 0 and all(isinstance(result, RetryableError) for result in results):
-                    raise failed  # nothing stored: the whole batch, as one push would
-                for push in pushes[start + len(wave) :]:
-                    for entry in push:
-                        outcomes[entry.index] = retry(failed.reason, retry_after=failed.retry_after)
-                return
+        # A pool, not waves: a wave waited for its slowest push before the next began, and a relist's
+        # first batches (nearly every stream new: a push each) spent most of their time so.
+        todo = iter(pushes)
+        started = 0
+        answered = False  # a push that did not fail as a whole (stored, or its items rejected)
+        failed: RetryableError | None = None
+
+        async def worker() -> None:
+            nonlocal started, answered, failed
+            for push in todo:
+                if failed is not None or (started >= _PARALLEL_PUSHES and time.monotonic() >= self._deadline):
+                    rest = [push, *todo]
+                    if failed is None:
+                        self._not_started(rest, outcomes)
+                    else:
+                        self._not_sent(rest, outcomes, failed)
+                    return
+                started += 1
+                try:
+                    await self._push(push, outcomes)
+                except RetryableError as exc:
+                    failed = exc
+                    self._not_sent([push], outcomes, exc)
+                else:
+                    answered = True
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(_PARALLEL_PUSHES, len(pushes))):
+                    group.create_task(worker())
+        except BaseExceptionGroup as errors:  # a bug, not Loki's answer: raised as it is, not wrapped
+            raise errors.exceptions[0] from None
+        if failed is not None and not answered:
+            raise failed  # nothing stored: the whole batch, as one push would
+
+    @staticmethod
+    def _not_sent(pushes: Sequence[list[_Entry]], outcomes: list[Outcome], failed: RetryableError) -> None:
+        """Pushes that failed, or not started after one failed (Loki failing as a whole: 5xx, the
+        tenant's rate, unreachable): retried, while what the others stored is not sent again."""
+        for push in pushes:
+            for entry in push:
+                outcomes[entry.index] = retry(failed.reason, retry_after=failed.retry_after)
 
     async def _push(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
         """POST one push; 200/204 leave ``outcomes`` OK, a final 4xx rejects every item of this push.

@@ -67,13 +67,13 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
 import yarl
-from pydantic import AliasChoices, BeforeValidator, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 import eventrouter
 from eventrouter import (
@@ -95,6 +95,7 @@ from eventrouter import (
 from eventrouter.logs import Throttled
 from eventrouter.options import FilePath, http_url, redact_url
 
+from ._headers import HEADERS_HELP, Headers, check_headers
 from ._scrub import credentials, scrub
 
 __all__ = [
@@ -270,46 +271,13 @@ def _compile_template(text: str, option: str) -> BodyTemplate:
         raise ValueError(f"{option} {exc}") from None
 
 
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-
-
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
-
-
-def _headers_input(value: Any) -> Any:
-    """``Name:Value`` (also kube-eventer's ``Name=Value``), a list of those, or a YAML mapping.
-
-    Malformed entries are kept under a descriptive (invalid) name and refused by the validator: a
-    pydantic error would print the input, and header values are often credentials."""
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        value = [value]
-    if isinstance(value, list | tuple):
-        result: dict[str, Any] = {}
-        for n, entry in enumerate(value, 1):
-            text = entry if isinstance(entry, str) else str(entry)
-            cut = min((i for i in (text.find(":"), text.find("=")) if i > 0), default=-1)
-            name = text[:cut].strip() if cut > 0 else ""
-            if not _HEADER_NAME.fullmatch(name):
-                # Not Name:Value (e.g. "Authorization Basic dXNl...==" cut at its base64 padding):
-                # never echo it, the text is likely a credential.
-                result[f"<entry #{n} is not Name:Value>"] = text
-            else:
-                result[name] = text[cut + 1 :].strip()
-        return result
-    return value
-
-
 class WebhookOptions(SinkOptions):
     method: Literal["POST", "PUT"] = Field("POST", description="HTTP method: POST or PUT (never GET).")
     mode: Literal["batch", "event"] = Field(
         "batch", description="batch: one request per batch (JSON array); event: one request per occurrence."
     )
-    headers: Annotated[dict[str, Secret], BeforeValidator(_headers_input)] = Field(
-        default_factory=dict,
-        validation_alias=AliasChoices("headers", "header"),
-        description="Extra headers, repeatable `headers=Name:Value`; values may be env:NAME or file:/path.",
+    headers: Headers = Field(
+        default_factory=dict, validation_alias=AliasChoices("headers", "header"), description=HEADERS_HELP
     )
     body_template: str | None = Field(
         None, description="JSON body with {{field}} placeholders, values JSON-escaped (see docs)."
@@ -378,11 +346,10 @@ class WebhookOptions(SinkOptions):
             raise ValueError(
                 "set bearer_token or basic auth (username/password or user info in the url), not both"
             )
-        for name, value in self.headers.items():
-            if not _TOKEN.match(name):
-                raise ValueError(f"headers: {name!r} is not a valid header name")
-            if any(c in value.get_secret_value() for c in "\r\n"):
-                raise ValueError(f"headers: the value of {name!r} contains a line break")
+        try:
+            check_headers(self.headers)
+        except ValueError as exc:
+            raise ValueError(f"headers: {exc}") from None
         if self.key_file is not None and self.cert_file is None:
             # load_cert_chain only reads a key beside a certificate: alone it was silently ignored.
             raise ValueError("key_file needs cert_file (the client certificate the key belongs to)")

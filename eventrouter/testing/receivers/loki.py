@@ -1054,6 +1054,10 @@ class LokiReceiver:
             to_record: list[_InEntry] = []
             newest = self._newest.get(key)
             limited = self.per_stream_rate is not None
+            # validateEntries' copy of s.lastLine: moved past each entry that passed the checks
+            # below, before the whole-stream rate check; the stream's own (_last_line) only for
+            # entries stored (storeEntries). An entry refused for the rate is judged again when sent
+            # again, and entry by entry a copy of it later in the push too.
             last = self._last_line.get(key)
             for entry in valid:
                 if last is not None and entry.ts_ns == last[0] and entry.line == last[1]:
