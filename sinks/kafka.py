@@ -75,6 +75,21 @@ queued is not written beside the engine's retry of the same records. The next se
 belongs to a send the engine retries). A produce request already on its way to the broker when the send
 was given up may still be written: at least once, never lost.
 
+A partition the broker refuses (a batch not acknowledged at the budget's end, or answered a retriable error)
+holds back no other: when the broker took another batch of the send, answered that partition with an error,
+or refused it before, its records are set aside (a retry each, still counted towards
+``retry_max_attempts``) and later batches go on. They are offered again together, after the partition's own
+backoff (1 s, doubled at each refusal up to the pipeline's ``retry_max_backoff``). A send then gives such a
+partition's batch up at the broker's first answer that proves nothing was written (UNKNOWN_TOPIC_OR_PARTITION,
+LEADER_NOT_AVAILABLE, NOT_LEADER_OR_FOLLOWER, NOT_ENOUGH_REPLICAS), read from this producer's own produce
+answers (never from log lines: another sink's, or a log level above WARNING); its producer goes on. Answers
+that leave the write open (REQUEST_TIMED_OUT, NOT_ENOUGH_REPLICAS_AFTER_APPEND, a lost connection) are waited
+for as before. A later record of the partition goes only after every one before it (by when the router
+received it) was written or given up by the engine (``given_up``), however long they wait (parked in the
+spool); the others wait aside too (held: no attempt), offered again just after them. Nothing the broker
+acknowledged is sent again. With no answer from the broker at all (it is away) the records are retried in
+place, as the others.
+
 kube-eventer names accepted: ``brokers`` (repeatable), ``eventstopic``, ``compression``, ``user``,
 ``password``, ``cacert``, ``cert``, ``key``, ``insecuressl``. As in kube-eventer, giving a CA or a client
 certificate turns TLS on, and ``user`` + ``password`` turn SASL PLAIN on.
@@ -84,13 +99,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
+import itertools
 import logging
 import math
 import random
 import re
 import ssl
 import string
+import struct
 import time
 from collections import OrderedDict, deque
 from collections.abc import Collection, Sequence
@@ -549,6 +567,52 @@ def _whole_batch_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _partition_errors() -> tuple[type[BaseException], ...]:
+    """A broker's answer for one partition (not a lost connection, nor the client's own timeout)."""
+    from aiokafka.errors import BrokerResponseError
+
+    return (BrokerResponseError,)
+
+
+def _error_name(code: int) -> str:
+    """Kafka's name of a protocol error code, e.g. NOT_ENOUGH_REPLICAS (19)."""
+    from aiokafka.errors import for_code
+
+    name = getattr(for_code(code), "message", "") or "error"
+    return f"{name} ({code})"
+
+
+def _give_back_sequence(producer: Any, job: _Batch) -> bool:
+    """Set ``producer``'s next sequence number for the batch's partition back to the batch's own, as
+    the broker, which did not write it, still expects. aiokafka internals (as of 0.14: the transaction
+    manager's numbers; the batch as sent, whose v2 header holds its producer id, base sequence and
+    record count), read defensively: False when they differ or another batch of the partition took
+    numbers since (the caller then makes a new producer, as for any lost sequence)."""
+    from aiokafka.structs import TopicPartition
+
+    manager = getattr(producer, "_txn_manager", None)
+    numbers = getattr(manager, "_sequence_numbers", None)
+    sent = getattr(job.builder, "_buffer", None)
+    if (
+        not isinstance(numbers, dict)
+        or not isinstance(sent, bytes | bytearray | memoryview)
+        or len(sent) < 61
+    ):
+        return False
+    producer_id, _epoch, base, count = struct.unpack_from(">qhii", sent, 43)
+    tp = TopicPartition(job.topic, job.partition)
+    taken = numbers.get(tp)
+    if (
+        producer_id != getattr(manager, "producer_id", None)
+        or count != len(job.items)
+        or not isinstance(taken, int)
+        or (taken - base) % 2**32 != count
+    ):
+        return False
+    numbers[tp] = base
+    return True
+
+
 _ONE_BY_ONE = 8
 """A refused produce batch of up to this many records is sent again one record per batch, a larger one
 in halves: for a few records halving costs more round trips (and, with idempotence, new producers)."""
@@ -559,6 +623,33 @@ _SUBMIT_SHARE = 0.9
 _ANSWER_MARGIN = 1.0
 """Seconds (at most a twelfth of ``send_timeout``) a send keeps between the last acknowledgement it
 waits for and the engine's ``send_timeout``: to answer, and for an event loop late in waking it."""
+_API_PRODUCE = 0
+_NOTHING_WRITTEN = frozenset({3, 5, 6, 19})
+"""Produce answers for a partition that prove its batch was not appended (Kafka's protocol errors):
+UNKNOWN_TOPIC_OR_PARTITION (the broker does not host it), LEADER_NOT_AVAILABLE, NOT_LEADER_OR_FOLLOWER
+(only a leader appends), NOT_ENOUGH_REPLICAS (refused before the append). Never REQUEST_TIMED_OUT (7) nor
+NOT_ENOUGH_REPLICAS_AFTER_APPEND (20): the leader may have written the batch."""
+_CUT_CODE = -1
+"""What a partition's answer proving nothing written becomes, for a batch the send gives up at once: an
+error aiokafka does not retry (UnknownError), so the batch fails instead of being retried for ever."""
+_Place = tuple[float, float]
+"""A record's place in its partition: when the router received it, then a tie-break (the order in
+which the sink noted it; infinity for one not noted)."""
+_PROBE_FIRST = 1.0
+"""Seconds before a refused partition's records set aside are offered again the first time; doubled at
+each refusal, up to the pipeline's retry_max_backoff."""
+_HOLD_AGAIN = 1.0
+"""Seconds after its partition's set-aside records a record held back behind them is offered again
+(not an attempt: nothing was sent): they come first, and it finds them written."""
+
+
+@dataclass(slots=True)
+class _Refused:
+    """A topic-partition refused (a retriable error) while the broker took others."""
+
+    backoff: float  # seconds between two offers of its records set aside (see _PROBE_FIRST)
+    probe_at: float  # when they are offered again (time.monotonic)
+    until: float  # no longer known refused then (time.monotonic): its batches are waited for again
 
 
 @dataclass(slots=True)
@@ -578,6 +669,10 @@ class _SendState:
     stop: Outcome | None = None  # the broker is unreachable: nothing more is sent
     unacknowledged: bool = False  # a batch was given up unacknowledged: the producer must go
     slowest: float = 0.0  # seconds: the longest a batch of this send took to be answered
+    taken: bool = False  # a batch of this send was acknowledged: the broker takes records
+    # Partitions whose batch was not acknowledged, or answered a retriable error: their records are
+    # set aside (defer) when the partition, not the broker, is known to refuse (see _defer_refused).
+    refused: set[tuple[str, int]] = dataclasses.field(default_factory=set)
 
     def ack_by(self, handed: float) -> float:
         """Until when the acknowledgement of a batch handed over at ``handed`` is waited for. Its
@@ -657,6 +752,45 @@ class KafkaSink(Sink[KafkaOptions]):
         # Topics a broker reported as unknown (auto-create off), already logged: topic -> when last
         # found missing (oldest first). Logged again only after _MISSING_MEMORY without that.
         self._missing: OrderedDict[str, float] = OrderedDict()
+        # Per topic-partition refused while the broker took others: its records set aside (defer) and
+        # those held back behind them, (uid, number) -> their place (see _Place). A record of the
+        # partition goes only after every one before it here. Each is kept until answered otherwise or
+        # given up by the engine (given_up), never by time: one parked in the spool may wait longer than
+        # any backoff, and forgotten, a newer record of its object went in first.
+        self._aside: dict[tuple[str, int], dict[tuple[str, int], _Place]] = {}
+        self._aside_at: dict[tuple[str, int], tuple[str, int]] = {}  # (uid, number) -> its partition
+        self._aside_order = itertools.count()
+        # The partitions refused so, until a batch of theirs is acknowledged (or retry_wait_max passes).
+        self._refused: dict[tuple[str, int], _Refused] = {}
+        # The send in progress, as its producer's own produce answers tell it (_note_answers): the
+        # partitions known refused (given up at the first answer proving nothing written), each
+        # partition's last error code, those whose batch in flight an answer left maybe written, and
+        # those whose batch was failed at once (with the code that proved nothing written).
+        self._probing: frozenset[tuple[str, int]] = frozenset()
+        self._answered: dict[tuple[str, int], int] = {}
+        self._open: set[tuple[str, int]] = set()
+        self._cut: dict[tuple[str, int], int] = {}
+
+    def take_over(self, previous: Sink[KafkaOptions]) -> None:
+        """The set-aside records' order carries over (a credential or certificate file rotated)."""
+        if isinstance(previous, KafkaSink):
+            self._aside, self._aside_at = previous._aside, previous._aside_at
+            self._aside_order, self._refused = previous._aside_order, previous._refused
+            self.modified = previous.modified
+
+    def given_up(self, occurrences: Sequence[Occurrence]) -> None:
+        """Dead-lettered or dropped: a record set aside no longer holds its partition back."""
+        if not self._aside_at:
+            return
+        for occurrence in occurrences:
+            self._forget((occurrence.uid, occurrence.number))
+
+    def _forget(self, key: tuple[str, int]) -> None:
+        where = self._aside_at.pop(key, None)
+        if where is not None and (waiting := self._aside.get(where)) is not None:
+            waiting.pop(key, None)
+            if not waiting:
+                del self._aside[where]
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -718,6 +852,7 @@ class KafkaSink(Sink[KafkaOptions]):
             producer = AIOKafkaProducer(**config)
         except (ValueError, KafkaError) as exc:
             raise SinkError(f"kafka producer options rejected: {type(exc).__name__}: {exc}") from None
+        self._watch(producer)
         causes = _BootstrapErrors(self.options.brokers)
         aiokafka_log = logging.getLogger("aiokafka")
         aiokafka_log.addHandler(causes)
@@ -742,6 +877,56 @@ class KafkaSink(Sink[KafkaOptions]):
         finally:
             aiokafka_log.removeHandler(causes)
         self._producer = producer
+
+    def _watch(self, producer: Any) -> None:
+        """Read ``producer``'s produce answers as its sender gets them: its client's ``send`` on this
+        instance (the sender calls ``self._client.send``), so no other producer's answers, whatever its
+        client_id, and no log line (the router's --log-level=error silences aiokafka's). aiokafka
+        retries a partition's retriable error for ever with idempotence and tells nothing of it."""
+        client = producer.client
+        send = client.send
+
+        async def answered(node_id: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+            produce = getattr(request, "API_KEY", None) == _API_PRODUCE
+            try:
+                response = await send(node_id, request, *args, **kwargs)
+            except BaseException:
+                if produce and producer is self._producer:
+                    # Lost on its way back (connection, timeout): the broker may have written it all.
+                    with contextlib.suppress(Exception):
+                        for topic, partitions in request.topics:
+                            self._open.update((topic, entry[0]) for entry in partitions)
+                raise
+            if produce and response is not None and producer is self._producer:
+                with contextlib.suppress(Exception):  # another aiokafka's layout: nothing learnt
+                    self._note_answers(response)
+            return response
+
+        client.send = answered
+
+    def _note_answers(self, response: Any) -> None:
+        """Each partition's error code; a batch of a partition known refused, answered with a code
+        proving nothing was written (and never answered otherwise before), is failed at once: the code
+        becomes one aiokafka does not retry, so the batch is not written later beside the records the
+        engine sends again (see _deliver_lane), and the producer goes on."""
+        changed = False
+        topics = []
+        for topic, partitions in response.topics:
+            infos = []
+            for info in partitions:
+                where, code = (topic, info[0]), info[1]
+                if code:
+                    self._answered[where] = code
+                    if code not in _NOTHING_WRITTEN:
+                        self._open.add(where)
+                    elif where in self._probing and where not in self._open:
+                        self._cut[where] = code
+                        info = (info[0], _CUT_CODE, *info[2:])
+                        changed = True
+                infos.append(info)
+            topics.append((topic, infos))
+        if changed:
+            response.topics = topics
 
     def _bootstrap_cause(self, errors: Sequence[tuple[str, BaseException]]) -> str | None:
         """The most telling of the bootstrap connections' errors, with what to change; None when none
@@ -1187,6 +1372,8 @@ class KafkaSink(Sink[KafkaOptions]):
                     groups[(topic, partition)] = [item]
                 else:
                     group.append(item)
+        if self._aside:
+            self._hold_back(batch, groups, outcomes)
 
         budget = self.context.send_budget
         send_timeout = self.context.send_timeout
@@ -1210,6 +1397,53 @@ class KafkaSink(Sink[KafkaOptions]):
             given_up=[],
             stop=stop,
         )
+        now = time.monotonic()
+        for where in [where for where, refused in self._refused.items() if refused.until < now]:
+            del self._refused[where]
+        # Read by _note_answers while this send runs; the refused partitions' batches are given up at
+        # the broker's first answer proving nothing was written (their records wait aside again).
+        self._probing, self._answered = frozenset(self._refused), {}
+        try:
+            await self._deliver(groups, outcomes, state)
+        finally:
+            self._probing = frozenset()
+        if state.refused:
+            self._defer_refused(groups, outcomes, state)
+
+        final = [o if o is not None else retry("kafka: no outcome recorded (bug)") for o in outcomes]
+        if self._aside or self._refused:
+            self._settle_aside(batch, groups, final)
+        if any(o.held and not o.defer for o in final) and all(o.kind is OutcomeKind.RETRY for o in final):
+            # Nothing settled: a hold (sent again at once, no failed attempt) would repeat this send for
+            # ever, unseen (sink up, no retry counted, retry_max_attempts never reached), when the
+            # broker refuses batches slower than the budget lets them be sent again in pieces. (A
+            # record held back behind its partition's set-aside ones waits aside: no repeat.)
+            stuck = retry(
+                f"kafka: no record acknowledged or refused within this send's time budget "
+                f"({self.context.send_budget:g}s): the broker answers slower than refused batches can be "
+                "sent again in pieces"
+            )
+            final = [stuck if o.held and not o.defer else o for o in final]
+        # Records of a missing topic or a refused partition are not counted here: that topic or
+        # partition was logged (_note_missing, _defer_refused).
+        failed = [o for o in final if o.kind is not OutcomeKind.OK and not o.defer and not o.held]
+        if failed:
+            self.log.warning(
+                "kafka: %d of %d records not accepted (first: %s)", len(failed), len(final), failed[0].reason
+            )
+        late = sum(o.held and not o.defer for o in final)
+        if late:
+            self.log.info("kafka: %d of %d records not sent within this send's time budget", late, len(final))
+        return final
+
+    async def _deliver(
+        self,
+        groups: dict[tuple[str, int], list[tuple[int, _Message]]],
+        outcomes: list[Outcome | None],
+        state: _SendState,
+    ) -> None:
+        """Every topic-partition's records to the broker, each an outcome (see ``_deliver_lane``)."""
+        budget = state.budget
         lanes = [deque(self._pack(topic, partition, items)) for (topic, partition), items in groups.items()]
         # Rounds: each lane (one topic-partition) is delivered batch after batch. With idempotence a
         # refused batch ends its lane's round (it took the partition's sequence numbers): the lane goes
@@ -1247,28 +1481,6 @@ class KafkaSink(Sink[KafkaOptions]):
                 "send_timeout; the broker is slow or keeps answering a retriable error)"
             )
 
-        final = [o if o is not None else retry("kafka: no outcome recorded (bug)") for o in outcomes]
-        if any(o.held for o in final) and all(o.kind is OutcomeKind.RETRY for o in final):
-            # Nothing settled: a hold (sent again at once, no failed attempt) would repeat this send for
-            # ever, unseen (sink up, no retry counted, retry_max_attempts never reached), when the
-            # broker refuses batches slower than the budget lets them be sent again in pieces.
-            stuck = retry(
-                f"kafka: no record acknowledged or refused within this send's time budget "
-                f"({self.context.send_budget:g}s): the broker answers slower than refused batches can be "
-                "sent again in pieces"
-            )
-            final = [stuck if o.held else o for o in final]
-        # Records of a missing topic are not counted here: that topic was logged once (_note_missing).
-        failed = [o for o in final if o.kind is not OutcomeKind.OK and not o.defer and not o.held]
-        if failed:
-            self.log.warning(
-                "kafka: %d of %d records not accepted (first: %s)", len(failed), len(final), failed[0].reason
-            )
-        late = sum(o.held for o in final)
-        if late:
-            self.log.info("kafka: %d of %d records not sent within this send's time budget", late, len(final))
-        return final
-
     async def _deliver_lane(
         self, lane: deque[_Batch], outcomes: list[Outcome | None], state: _SendState
     ) -> bool:
@@ -1289,6 +1501,9 @@ class KafkaSink(Sink[KafkaOptions]):
             if now >= state.submit_by or now + state.slowest > state.ack_by(now):
                 _answer(outcomes, lane, state.late)
                 return False
+            where = (job.topic, job.partition)
+            self._open.discard(where)  # what the answers to this batch say, from now on
+            self._cut.pop(where, None)
             try:
                 async with asyncio.timeout_at(state.submit_by):
                     future = await producer.send_batch(job.builder, job.topic, partition=job.partition)
@@ -1320,14 +1535,21 @@ class KafkaSink(Sink[KafkaOptions]):
                 # instead of by the engine's send_timeout, which sent the whole batch again.
                 state.unacknowledged = True
                 state.given_up.append((job, future))
+                state.refused.add(where)
+                code = self._answered.get(where)
+                why = (
+                    f"the broker keeps answering {_error_name(code)}, a retriable error"
+                    if code is not None
+                    else "the broker is slow or keeps answering a retriable error (not enough in-sync "
+                    "replicas, no leader)"
+                )
                 _answer(
                     outcomes,
                     [job],
                     retry(
                         f"kafka: produce batch for {job.topic!r} partition {job.partition} not acknowledged "
                         f"{loop.time() - handed:.1f}s after it was handed over (this send's time budget: "
-                        f"{state.budget:g}s): the broker is slow or keeps answering a retriable error (not "
-                        "enough in-sync replicas, no leader)"
+                        f"{state.budget:g}s): {why}"
                     ),
                 )
                 _answer(
@@ -1342,7 +1564,18 @@ class KafkaSink(Sink[KafkaOptions]):
             error = _failure(future)
             if error is None:
                 _answer(outcomes, [job], OK)
+                state.taken = True
                 continue
+            cut = self._was_cut(job, error, producer)
+            if cut is not None:
+                # Refused again, nothing written: its records wait aside again (_defer_refused), the
+                # producer goes on (its sequence number for the partition given back).
+                state.refused.add(where)
+                _answer(outcomes, [job], cut)
+                _answer(
+                    outcomes, lane, retry(f"not sent: an earlier batch for the same partition: {cut.reason}")
+                )
+                return False
             if self.options.idempotence:
                 self._sequence_lost = True
             pieces = self._pieces(job, error)
@@ -1352,6 +1585,10 @@ class KafkaSink(Sink[KafkaOptions]):
                 outcome = self._classify(error, job.topic)
                 _answer(outcomes, [job], outcome)
                 if outcome.kind is OutcomeKind.RETRY:
+                    if isinstance(error, _partition_errors()):
+                        # The broker answered for this partition (a batch expired retrying NOT_ENOUGH_
+                        # REPLICAS without idempotence): the partition refuses, not the broker.
+                        state.refused.add(where)
                     # Nothing after it is written first: the engine sends them again, in order.
                     _answer(
                         outcomes,
@@ -1363,6 +1600,142 @@ class KafkaSink(Sink[KafkaOptions]):
                 return bool(lane)
         return False
 
+    # -- a refused partition's records set aside ------------------------------------------------
+
+    def _hold_back(
+        self,
+        batch: Sequence[Occurrence],
+        groups: dict[tuple[str, int], list[tuple[int, _Message]]],
+        outcomes: list[Outcome | None],
+    ) -> None:
+        """Keep each partition's order behind its records set aside. The engine offers those again
+        each on its own backoff, and newer records of the partition keep coming: written first, they
+        went in before older ones of their object. So a record of a partition goes only when every
+        record before it there is in this batch (those go first, in their order), or gone; the others
+        wait aside, held (no attempt: nothing was sent), and are offered again _HOLD_AGAIN after the
+        set-aside ones, which all come back at once (see _defer_refused). Removes them from
+        ``groups``, gives them their outcome and notes their place."""
+        now = time.monotonic()
+        keys = {(occurrence.uid, occurrence.number) for occurrence in batch}
+        for where, items in list(groups.items()):
+            waiting = self._aside.get(where)
+            if not waiting:
+                continue
+            refused = self._refused.get(where)
+            wait = (max(0.0, refused.probe_at - now) if refused is not None else 0.0) + _HOLD_AGAIN
+            held: Outcome | None = None
+            # The place of the first record noted for the partition and not in this batch: nothing
+            # after it may go. A record not noted takes its place by when it was received: a newer
+            # occurrence of a set-aside event, which the engine kept back itself, goes with it.
+            floor = min((place for key, place in waiting.items() if key not in keys), default=None)
+            kept: list[tuple[_Place, tuple[int, _Message]]] = []
+            for item in items:
+                occurrence = batch[item[0]]
+                key = (occurrence.uid, occurrence.number)
+                place = waiting.get(key) or (occurrence.received_at, math.inf)
+                if floor is None or place < floor:
+                    kept.append((place, item))
+                    continue
+                if held is None:
+                    held = retry(
+                        f"kafka: held back while older records of its partition ({where[0]!r} partition "
+                        f"{where[1]}) wait aside, so that they go in first",
+                        retry_after=wait,
+                        held=True,
+                        defer=True,
+                    )
+                outcomes[item[0]] = held
+                if key not in waiting:
+                    waiting[key] = (occurrence.received_at, float(next(self._aside_order)))
+                    self._aside_at[key] = where
+            if kept:
+                kept.sort(key=lambda pair: pair[0])  # stable: the batch's order among equals
+                groups[where] = [item for _, item in kept]
+            else:
+                del groups[where]
+
+    def _defer_refused(
+        self,
+        groups: dict[tuple[str, int], list[tuple[int, _Message]]],
+        outcomes: list[Outcome | None],
+        state: _SendState,
+    ) -> None:
+        """Set aside (``defer``) the retried records of the partitions refused in this send, so that
+        later batches of other partitions go on (retried in place, one partition refusing held up
+        every other), when the partition, not the broker, refuses: the broker acknowledged another
+        batch of this send, answered this partition with an error, or refused it before. Otherwise
+        (the broker away: nothing answered) they are retried in place, as the others. They all come
+        back at once (``retry_after``: the partition's own backoff): each at its own time on the
+        engine's jittered backoff, each found an older one still missing and was held back again
+        (``_hold_back``), a few records per round."""
+        now = time.monotonic()
+        for where in state.refused:
+            refused = self._refused.get(where)
+            if not (state.taken or refused is not None or where in self._answered):
+                continue
+            backoff = _PROBE_FIRST if refused is None else min(refused.backoff * 2, self._probe_max)
+            deferred: dict[str, Outcome] = {}
+            count = 0
+            for i, _ in groups.get(where, ()):
+                outcome = outcomes[i]
+                if outcome is None or outcome.kind is not OutcomeKind.RETRY or outcome.held or outcome.defer:
+                    continue
+                aside = deferred.get(outcome.reason)
+                if aside is None:
+                    aside = deferred[outcome.reason] = retry(outcome.reason, retry_after=backoff, defer=True)
+                outcomes[i] = aside
+                count += 1
+            if not count:
+                continue
+            if refused is None:
+                self.log.warning(
+                    "kafka: topic %r partition %d refused (%s): %d records set aside, and later records of "
+                    "the partition held back behind them, while other partitions go on",
+                    where[0],
+                    where[1],
+                    next(iter(deferred)),
+                    count,
+                )
+            self._refused[where] = _Refused(backoff, now + backoff, now + self.context.retry_wait_max)
+
+    @property
+    def _probe_max(self) -> float:
+        """The pipeline's retry_max_backoff: the context's retry_wait_max is ten times that."""
+        return max(_PROBE_FIRST, self.context.retry_wait_max / 10)
+
+    def _settle_aside(
+        self,
+        batch: Sequence[Occurrence],
+        groups: dict[tuple[str, int], list[tuple[int, _Message]]],
+        final: Sequence[Outcome],
+    ) -> None:
+        """Note the records set aside, in the order they had in their partition (this send's lane
+        order), and let go of those answered otherwise; a partition that acknowledged a batch is no
+        longer refused."""
+        aside, at, order = self._aside, self._aside_at, self._aside_order
+        for i, outcome in enumerate(final):  # where it was noted: its key may map elsewhere now
+            if outcome.kind is not OutcomeKind.RETRY and at:
+                self._forget((batch[i].uid, batch[i].number))
+        for where, items in groups.items():
+            taken = False
+            for i, _ in items:  # in lane order: the partition's
+                outcome = final[i]
+                if outcome.kind is not OutcomeKind.RETRY:
+                    taken = taken or outcome.kind is OutcomeKind.OK
+                    continue
+                if not outcome.defer:
+                    continue  # retried in place: it keeps its place
+                key = (batch[i].uid, batch[i].number)
+                was = at.get(key)
+                if was is not None and was != where:
+                    self._forget(key)  # noted where its key mapped before partitions were added
+                waiting = aside.setdefault(where, {})
+                if key not in waiting:
+                    waiting[key] = (batch[i].received_at, float(next(order)))
+                    at[key] = where
+            if taken and self._refused.pop(where, None) is not None:
+                self.log.info("kafka: topic %r partition %d takes records again", where[0], where[1])
+
     def _settled_late(self, job: _Batch, future: asyncio.Future[Any]) -> Outcome:
         """The outcome of a given-up batch whose answer came before its send ended. The records after
         it in its partition stay unsent (retry): they go after it, in order."""
@@ -1371,6 +1744,9 @@ class KafkaSink(Sink[KafkaOptions]):
         error = _failure(future)
         if error is None:
             return OK
+        cut = self._was_cut(job, error, self._producer)
+        if cut is not None:
+            return cut
         outcome = self._classify(error, job.topic)
         if isinstance(error, _whole_batch_errors()) and (
             len(job.items) > 1
@@ -1379,6 +1755,24 @@ class KafkaSink(Sink[KafkaOptions]):
             # What _pieces sends again in pieces (or with the send time) in a lane: the next send does.
             return retry(f"kafka: refused as a whole after the send's budget, sent again: {outcome.reason}")
         return outcome
+
+    def _was_cut(self, job: _Batch, error: BaseException, producer: Any) -> Outcome | None:
+        """The retry of a batch failed at once for a refused partition (``_note_answers``), or None for
+        another failure. The partition's sequence number is given back to ``producer``, which took it for
+        the batch the broker did not write: the next batch would otherwise be refused as out of order."""
+        from aiokafka.errors import UnknownError
+
+        where = (job.topic, job.partition)
+        code = self._cut.get(where)
+        if code is None or type(error) is not UnknownError:
+            return None
+        del self._cut[where]
+        if self.options.idempotence and not _give_back_sequence(producer, job):
+            self._sequence_lost = True  # aiokafka's internals differ: a new producer, as for a refusal
+        return retry(
+            f"kafka: topic {job.topic!r} partition {job.partition} refused the batch again ({_error_name(code)}: "
+            "nothing written)"
+        )
 
     def _pieces(self, job: _Batch, error: BaseException) -> list[_Batch] | None:
         """What to send instead of a refused batch, in its place; None when its outcome is final."""

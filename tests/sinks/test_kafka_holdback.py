@@ -1,0 +1,309 @@
+"""Kafka: a partition the broker refuses holds back none of the sink's other topics or partitions, keeps
+its own order, and a retry of it ends at the broker's first answer proving nothing was written, read
+from the sink's own producer (whatever the log level, whatever another Kafka sink of the process is
+told). Tansu behind the project's broker checks relay (``kafka_faults.FaultyBroker``: a topic's batches
+refused with NOT_ENOUGH_REPLICAS, slow acknowledgements), records read back with aiokafka."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Unpack
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from eventrouter import Occurrence, Outcome, OutcomeKind, SinkContext
+from eventrouter.engine.pipeline import Pipeline
+from eventrouter.logs import setup_logging
+from eventrouter.metrics import Metrics
+from eventrouter.testing import make_occurrence
+from eventrouter.testing.pipelines import Knobs, pipeline_for
+from eventrouter.testing.receivers.kafka_faults import API_PRODUCE, NOT_ENOUGH_REPLICAS, FaultyBroker
+from eventrouter.testing.receivers.tansu import TansuBroker, free_port
+from eventrouter.testing.waiting import until
+from eventrouter_sinks.kafka import KafkaOptions, KafkaSink
+
+
+@contextlib.asynccontextmanager
+async def relayed(*topics: str, **faults: Any) -> AsyncIterator[tuple[TansuBroker, FaultyBroker]]:
+    """Tansu behind a relay with ``faults`` (FaultyBroker's arguments), the broker advertising the
+    relay so that every connection goes through it; ``topics`` of one partition each."""
+    port = free_port()
+    async with (
+        TansuBroker(advertised_port=port) as broker,
+        FaultyBroker(listen_port=port, target_port=broker.port, **faults) as relay,
+    ):
+        await broker.create_topics(*topics, partitions=1)
+        yield broker, relay
+
+
+def kafka_sink(
+    relay: FaultyBroker,
+    send_timeout: float,
+    name: str = "kafka",
+    retry_wait_max: float = 300.0,
+    **options: Any,
+) -> KafkaSink:
+    """A sink through ``relay`` as the router builds it: its context carries the pipeline's send_timeout
+    and retry_wait_max."""
+    model = KafkaOptions.model_validate(
+        {"brokers": f"127.0.0.1:{relay.listen_port}", "request_timeout_ms": 1000, **options}
+    )
+    context = SinkContext(
+        name=name,
+        cluster="c",
+        data_dir=None,
+        logger=logging.getLogger(f"test.{name}"),
+        send_timeout=send_timeout,
+        retry_wait_max=retry_wait_max,
+    )
+    return KafkaSink(model, context)
+
+
+def engine(sink: KafkaSink, tmp_path: Path, **knobs: Unpack[Knobs]) -> tuple[Pipeline, Metrics]:
+    """The engine's pipeline around ``sink``, with the send_timeout its context carries."""
+    metrics = Metrics()
+    knobs = {"send_timeout": sink.context.send_timeout, **knobs}
+    return pipeline_for("kafka", sink, metrics, tmp_path / "dl", **knobs), metrics
+
+
+def started(pipeline: Pipeline, batch: Sequence[Occurrence] = ()) -> asyncio.Task[None]:
+    """``pipeline`` running, with ``batch`` offered."""
+    task = asyncio.create_task(pipeline.run())
+    for occurrence in batch:
+        pipeline.offer(occurrence)
+    return task
+
+
+async def stopped(pipeline: Pipeline, task: asyncio.Task[None]) -> None:
+    """Drained, stopped, its sink closed."""
+    pipeline.close()
+    await asyncio.wait_for(task, 10)
+    await pipeline.close_sink()
+
+
+async def log_of(bootstrap: str, *topics: str, at_least: int) -> list[Any]:
+    """Every record of ``topics`` (at least ``at_least``), in log order per partition."""
+    consumer = AIOKafkaConsumer(
+        *topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        records: list[Any] = []
+        async with asyncio.timeout(20):
+            while len(records) < at_least:
+                for got in (await consumer.getmany(timeout_ms=500)).values():
+                    records.extend(got)
+            # A fetch returns at once when data is there: an empty short one says there is no more.
+            while any((more := await consumer.getmany(timeout_ms=300)).values()):
+                for got in more.values():
+                    records.extend(got)
+        return sorted(records, key=lambda r: (r.topic, r.partition, r.offset))
+    finally:
+        await consumer.stop()
+
+
+def occurrence_of(record: Any) -> str:
+    value: bytes = dict(record.headers)["occurrence"]
+    return value.decode()
+
+
+def copies(records: list[Any]) -> collections.Counter[tuple[str, str]]:
+    return collections.Counter((r.topic, occurrence_of(r)) for r in records)
+
+
+async def as_the_engine_does(sink: KafkaSink, batch: list[Occurrence]) -> list[Outcome]:
+    """``Pipeline._send_once``: a send the engine's ``send_timeout`` ends is a retry of the whole batch,
+    so it must end by itself with an outcome per record (TimeoutError here)."""
+    async with asyncio.timeout(sink.context.send_timeout):
+        outcomes = await sink.send(batch)
+    assert outcomes is not None
+    return list(outcomes)
+
+
+@pytest.fixture
+def log_level_error() -> Iterator[None]:
+    """The router's ``--log-level=error`` (``setup_logging``: aiokafka's logger at ERROR too), undone
+    after the test."""
+    root, aiokafka = logging.getLogger(), logging.getLogger("aiokafka")
+    saved = (root.level, root.handlers[:], aiokafka.level)
+    setup_logging("error")
+    try:
+        yield
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+        aiokafka.setLevel(saved[2])
+
+
+async def test_a_refused_partition_holds_up_no_other_topic_and_keeps_its_own_order(tmp_path: Path) -> None:
+    """A partition answering NOT_ENOUGH_REPLICAS (a rolling restart) was retried in place: the engine's
+    later batches, of every other topic, waited until it took records again. Its records now wait aside
+    (defer) while other topics go on, offered again (refused again, in a send that holds up nothing),
+    and the partition's later records are held back behind them: after the fault every record is
+    written once, in its partition's order. Among them a second occurrence of a refused event (the
+    engine keeps it behind the first itself)."""
+    refused = {"h-bad": NOT_ENOUGH_REPLICAS}
+    async with relayed("h-good", "h-bad", idempotence=True, refuse=refused) as (broker, relay):
+        sink = kafka_sink(relay, send_timeout=2.0, retry_wait_max=10.0, topic="h-{namespace}")
+        pipeline, metrics = engine(sink, tmp_path, retry_initial_backoff=0.2, retry_max_backoff=1.0)
+        offered = [
+            make_occurrence(namespace=ns, object_name=f"{ns}-{i}")
+            for i in range(10)
+            for ns in ("good", "bad")
+        ]
+        task = started(pipeline, offered)
+        delivered = metrics.delivered.labels("kafka")
+        await until(lambda: delivered._value.get() == 10, timeout=10)
+        first_bad = offered[1].record
+        for wave in range(3):  # later batches while the partition still refuses
+            again = [make_occurrence(namespace="bad", object_name="bad-0", uid=first_bad["uid"], count=2)]
+            fresh = [
+                make_occurrence(namespace=ns, object_name=f"{ns}-{i}", message=f"wave {wave}")
+                for i in range(5)
+                for ns in ("good", "bad")
+            ]
+            for occurrence in (again if wave == 0 else []) + fresh:
+                offered.append(occurrence)
+                pipeline.offer(occurrence)
+            # Each wave's healthy records are written while the fault is still on (before: never).
+            written = 10 + 5 * (wave + 1)
+            await until(lambda: delivered._value.get() == written, timeout=10)  # noqa: B023 - awaited here
+        assert relay.refuse  # still refusing
+        relay.refuse.clear()
+        await pipeline.wait_idle(timeout=30)
+        await stopped(pipeline, task)
+        records = await log_of(broker.bootstrap, "h-good", "h-bad", at_least=len(offered))
+    assert copies(records) == {(f"h-{o.record['namespace']}", o.key): 1 for o in offered}
+    for topic in ("h-good", "h-bad"):  # each partition in the order its records were offered
+        assert [occurrence_of(r) for r in records if r.topic == topic] == [
+            o.key for o in offered if f"h-{o.record['namespace']}" == topic
+        ]
+    assert metrics.send_errors.labels("kafka", "timeout")._value.get() == 0
+    assert metrics.delivered.labels("kafka")._value.get() == len(offered)
+
+
+async def test_records_given_up_while_set_aside_no_longer_hold_their_partition_back(tmp_path: Path) -> None:
+    """A refused partition's records given up by the engine (``retry_max_attempts``) while set aside: the
+    other topic's later records went on meanwhile (before: only after them), and once the partition takes
+    records again its later ones are not held back behind the dead-lettered ones (the engine tells the
+    sink, ``given_up``; the sink keeps a record's place for as long as the engine holds it)."""
+    refused = {"u-bad": NOT_ENOUGH_REPLICAS}
+    async with relayed("u-good", "u-bad", idempotence=True, refuse=refused) as (broker, relay):
+        sink = kafka_sink(relay, send_timeout=2.0, topic="u-{namespace}")
+        pipeline, metrics = engine(
+            sink, tmp_path, retry_max_attempts=2, retry_initial_backoff=0.2, retry_max_backoff=30.0
+        )
+        first = [
+            make_occurrence(namespace=ns, object_name=f"{ns}-{i}") for i in range(5) for ns in ("good", "bad")
+        ]
+        task = started(pipeline, first)
+        delivered = metrics.delivered.labels("kafka")
+        exhausted = metrics.dead_lettered.labels("kafka", "retries_exhausted")
+        await until(lambda: delivered._value.get() == 5, timeout=10)
+        good = [make_occurrence(namespace="good", object_name=f"good-{i}", message="later") for i in range(5)]
+        for occurrence in good:
+            pipeline.offer(occurrence)
+        await until(lambda: delivered._value.get() == 10, timeout=10)
+        assert exhausted._value.get() == 0  # delivered while the refused records still wait aside
+        await until(lambda: exhausted._value.get() == 5, timeout=10)
+        relay.refuse.clear()
+        bad = [make_occurrence(namespace="bad", object_name=f"bad-{i}", message="later") for i in range(5)]
+        for occurrence in bad:
+            pipeline.offer(occurrence)
+        await until(lambda: delivered._value.get() == 15, timeout=10)
+        await stopped(pipeline, task)
+        records = await log_of(broker.bootstrap, "u-good", "u-bad", at_least=15)
+    assert copies(records) == {(f"u-{o.record['namespace']}", o.key): 1 for o in first[::2] + good + bad}
+
+
+@pytest.mark.usefixtures("log_level_error")
+async def test_a_retry_of_a_refused_partition_ends_at_its_refusal_with_the_log_level_at_error() -> None:
+    """The router's ``--log-level=error`` puts aiokafka's logger at ERROR: its warning for each refused
+    answer, which the parked branch read to stop waiting, is never made, and every retry of the refused
+    partition took the whole send budget (5 s here), holding up the engine's later batches of every
+    other topic. The sink reads its producer's answers: the retry ends at the broker's refusal, the
+    producer goes on (no new producer id), and once the partition takes records again every record is
+    written once, in order."""
+    refused = {"e-bad": NOT_ENOUGH_REPLICAS}
+    async with relayed("e-good", "e-bad", idempotence=True, refuse=refused) as (broker, relay):
+        sink = kafka_sink(relay, send_timeout=6.0, topic="e-{namespace}")
+        await sink.start()
+        try:
+            bad = make_occurrence(namespace="bad", object_name="b-0")
+            goods = [make_occurrence(namespace="good", object_name=f"g-{i}") for i in range(4)]
+            first = await as_the_engine_does(sink, [bad, goods[0]])  # waits its budget: first refusal
+            assert [(o.kind, o.defer) for o in first] == [(OutcomeKind.RETRY, True), (OutcomeKind.OK, False)]
+            producers: list[int] = []  # the producer ids handed out by the end of each retry
+            for good in goods[1:3]:  # retries of the refused partition, beside another topic's record
+                began = time.monotonic()
+                again = await as_the_engine_does(sink, [bad, good])
+                took = time.monotonic() - began
+                assert [(o.kind, o.defer) for o in again] == [
+                    (OutcomeKind.RETRY, True),
+                    (OutcomeKind.OK, False),
+                ]
+                assert took < 1.5, f"a retry of the refused partition took {took:.2f}s of a 5s budget"
+                assert "NOT_ENOUGH_REPLICAS (19)" in again[0].reason
+                producers.append(len(relay.producer_ids))
+            relay.refuse.clear()
+            last = await as_the_engine_does(sink, [bad, goods[3]])
+            assert [o.kind for o in last] == [OutcomeKind.OK, OutcomeKind.OK]
+            # One new producer, for the one the first send gave up waiting; then it goes on (its
+            # sequence number for the partition given back, which the relay checks).
+            assert len(relay.producer_ids) == producers[0] == producers[1] == 2
+        finally:
+            await sink.aclose()
+        records = await log_of(broker.bootstrap, "e-good", "e-bad", at_least=5)
+    assert copies(records) == {("e-bad", bad.key): 1, **{("e-good", g.key): 1 for g in goods}}
+
+
+async def test_two_kafka_sinks_with_one_topic_name_each_judge_their_own_partition() -> None:
+    """Two Kafka sinks of one process, two clusters, one topic name (and one client_id). Sink A's
+    partition was refused, has recovered, and acknowledges slowly (acks=all, a slow follower: written
+    at once); sink B's partition of that name is refused meanwhile. The parked branch learnt refusals
+    from aiokafka's log lines, whoever's producer logged them: A's retry stopped waiting at B's refusal
+    and gave up a batch its broker wrote, which the engine's resend wrote again. Each sink now reads
+    its own producer's answers: A's retry is acknowledged, written once, not held by B's refusal; B's
+    records of its other topic go on while its own partition refuses."""
+    refuse = {"p-bad": NOT_ENOUGH_REPLICAS}
+    async with (
+        relayed("p-good", "p-bad", idempotence=True, refuse=refuse) as (broker_a, relay_a),
+        relayed("p-good", "p-bad", idempotence=True, refuse=refuse) as (broker_b, relay_b),
+    ):
+        a = kafka_sink(relay_a, send_timeout=6.0, name="kafka-a", topic="p-{namespace}")
+        b = kafka_sink(relay_b, send_timeout=6.0, name="kafka-b", topic="p-{namespace}")
+        await a.start()
+        await b.start()
+        try:
+            a_bad, b_bad = (make_occurrence(namespace="bad", object_name=f"{n}-bad") for n in "ab")
+            a_good, b_good = (make_occurrence(namespace="good", object_name=f"{n}-good") for n in "ab")
+            first = await as_the_engine_does(a, [a_bad, a_good])  # waits its budget: first refusal
+            assert [(o.kind, o.defer) for o in first] == [(OutcomeKind.RETRY, True), (OutcomeKind.OK, False)]
+            relay_a.refuse.clear()  # A's partition recovered; its acknowledgements are slow
+            relay_a.api_delays[API_PRODUCE] = 0.5
+            # B's first send is refused for its whole budget (5 s), A's retry waits for its answer.
+            b_first, a_retry = await asyncio.gather(
+                as_the_engine_does(b, [b_bad, b_good]), as_the_engine_does(a, [a_bad])
+            )
+            relay_a.api_delays.clear()
+            if a_retry[0].kind is not OutcomeKind.OK:
+                await as_the_engine_does(a, [a_bad])  # the engine sends it again
+            assert [(o.kind, o.defer) for o in b_first] == [
+                (OutcomeKind.RETRY, True),
+                (OutcomeKind.OK, False),
+            ]
+        finally:
+            await a.aclose()
+            await b.aclose()
+        records_a = await log_of(broker_a.bootstrap, "p-good", "p-bad", at_least=2)
+        records_b = await log_of(broker_b.bootstrap, "p-good", "p-bad", at_least=1)
+    assert copies(records_a) == {("p-bad", a_bad.key): 1, ("p-good", a_good.key): 1}
+    assert [o.kind for o in a_retry] == [OutcomeKind.OK], a_retry[0].reason
+    assert copies(records_b) == {("p-good", b_good.key): 1}
