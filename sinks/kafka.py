@@ -624,11 +624,14 @@ _ANSWER_MARGIN = 1.0
 """Seconds (at most a twelfth of ``send_timeout``) a send keeps between the last acknowledgement it
 waits for and the engine's ``send_timeout``: to answer, and for an event loop late in waking it."""
 _API_PRODUCE = 0
-_NOTHING_WRITTEN = frozenset({3, 5, 6, 19})
-"""Produce answers for a partition that prove its batch was not appended (Kafka's protocol errors):
-UNKNOWN_TOPIC_OR_PARTITION (the broker does not host it), LEADER_NOT_AVAILABLE, NOT_LEADER_OR_FOLLOWER
-(only a leader appends), NOT_ENOUGH_REPLICAS (refused before the append). Never REQUEST_TIMED_OUT (7) nor
-NOT_ENOUGH_REPLICAS_AFTER_APPEND (20): the leader may have written the batch."""
+_NOTHING_WRITTEN = frozenset({19})
+"""Produce answers for a partition that prove its batch was not appended: NOT_ENOUGH_REPLICAS, refused
+before the append (Kafka's ``Partition.appendRecordsToLeader``). Not NOT_LEADER_OR_FOLLOWER (6) nor
+UNKNOWN_TOPIC_OR_PARTITION (3): an acks=all batch is appended to the leader's log first, and a leader
+that moves (or a replica removed) while it waits for the followers answers those (``DelayedProduce``),
+the new leader usually holding the batch; nor REQUEST_TIMED_OUT (7), NOT_ENOUGH_REPLICAS_AFTER_APPEND
+(20). Cut short there, the sequence given back, a resent batch of other records was written beside it
+(a session 27 review). aiokafka retries those with the same sequence: the broker drops a copy."""
 _CUT_CODE = -1
 """What a partition's answer proving nothing written becomes, for a batch the send gives up at once: an
 error aiokafka does not retry (UnknownError), so the batch fails instead of being retried for ever."""
