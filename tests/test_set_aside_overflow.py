@@ -385,3 +385,63 @@ async def test_a_parked_occurrence_waits_until_its_events_older_ones_spooled_bef
     assert sorted(got) == sorted(_keys([*before, x1, x2]))  # each once, X/1 too
     assert [n for u, n in got if u == uid] == [1, 2]
     assert router.metrics.skipped.labels("mem")._value.get() == 5  # the relisted copies, no more
+
+
+async def test_a_key_refused_briefly_keeps_its_own_backoff_while_another_has_many_parked(
+    metrics: Metrics, tmp_path: Path
+) -> None:
+    """150 events of a key refused all along (b) through a queue of 20 (a share of 10): about 140
+    parked, going round. Then c (one event, two occurrences) is refused for its first three sends,
+    and d (one event) all along. Before, each event refused went behind every parked record at once,
+    so each of c's retries waited a whole round of b (about 140 sends of b each). Now an event never
+    parked keeps its own short backoff in memory: c is delivered after fewer sends of b than one
+    round, in number order, once; and the round goes on meanwhile (d in memory all along holds it
+    up for none of b's records). Counted in sends, not seconds: a loaded host stretches both."""
+    spool = Spool(tmp_path / "spool", max_bytes=10_000_000)
+    sink = _sink()
+    sends: collections.Counter[Key] = collections.Counter()
+    b_sends = 0
+    c_log: list[tuple[Key, int]] = []  # each send of c, with the sends of b so far
+
+    def decide(occ: Occurrence) -> Outcome:
+        nonlocal b_sends
+        key = (occ.uid, occ.number)
+        sends[key] += 1
+        name = occ.record["involved_object"]["name"]
+        if name.startswith("b"):
+            b_sends += 1
+            return retry("stream over the stream limit", defer=True)
+        if name.startswith("c"):
+            c_log.append((key, b_sends))
+            if sends[key] <= 3:
+                return retry("index refused for a while", defer=True)
+        if name.startswith("d"):
+            return retry("index refused", defer=True)
+        return OK
+
+    sink.decide = decide
+    p = _pipeline(sink, metrics, spool=spool)
+    task = asyncio.create_task(p.run())
+    refused = _occurrences("b", 150, 1)
+    for occ in refused:
+        p.offer(occ)
+    # Every b sent at least twice: the records parked have come back and gone behind again.
+    await until(lambda: all(sends[key] >= 2 for key in _keys(refused)), timeout=60)
+    parked = spool.parked_count
+    assert parked >= 120
+    c, d = _occurrences("c", 1, 2), _occurrences("d", 1, 1)
+    turns = {key: sends[key] for key in _keys(refused)}
+    for occ in c + d:
+        p.offer(occ)
+    await until(lambda: set(_keys(c)) <= set(sink.keys), timeout=30)
+    b_meanwhile = c_log[-1][1] - c_log[0][1]
+    assert b_meanwhile < parked, (b_meanwhile, parked, c_log)  # before: more than three rounds
+    assert all(sends[key] == 4 for key in _keys(c))  # three refused, then taken once
+    assert [n for u, n in sink.keys if u == c[0].uid] == [1, 2]
+    # The round goes on with d set aside all along: every b record gets another turn.
+    await until(lambda: all(sends[key] > turns[key] for key in turns), timeout=60)
+    assert not set(_keys(d)) & set(sink.keys) and sink.given == []
+    assert set(_drops(metrics).values()) == {0}
+    p.close()
+    p.stop_now()
+    await asyncio.wait_for(task, 10)

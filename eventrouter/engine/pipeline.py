@@ -84,9 +84,13 @@ class Pipeline:
         # Any sink may ask the same for single items (``retry(..., defer=True)``: refused for a
         # cause of their own, a Loki stream or an Elasticsearch index, while the rest goes in).
         self._defer = bool(getattr(sink, "defer_retries", False))
-        self._deferred: list[tuple[float, int, Occurrence]] = []
+        self._aside = _Aside()
+        self._deferred = self._aside.heap  # read as a heap; changed only through ``_aside``
         self._seq = itertools.count()
         self._held: dict[str, set[int]] = {}  # uid → occurrence numbers deferred and not finished
+        # Events read back from the parked FIFO (refused for long) and not finished since: refused
+        # again, they go behind the parked ones (``_to_park``).
+        self._went_round: set[str] = set()
         self._failures: dict[tuple[str, int], int] = {}  # deferred occurrence → failed attempts so far
         # Checkpoint entries removed (event deleted) while copies may still wait here: a relist after
         # a restart spills a second copy of each spooled occurrence behind the first. Kept until the
@@ -220,7 +224,7 @@ class Pipeline:
             if self._queue:
                 dropped = self._queue.popleft()
             else:  # memory holds deferred retries only (an alert robot down): the first due goes
-                dropped = heapq.heappop(self._deferred)[2]
+                dropped = self._aside.pop()[2]
                 self._release(dropped)
             self._given_up([dropped])
             # With a spool, memory fills only while the disk fails: that is the cause.
@@ -585,8 +589,8 @@ class Pipeline:
         numbers = self._held.get(uid)
         if not numbers or all(n > number or (uid, n) in keys for n in numbers):
             return False  # none older, or all of them in this batch: it goes after them
-        due = min((entry[0] for entry in self._deferred if entry[2].uid == uid), default=time.monotonic())
-        heapq.heappush(self._deferred, (due, next(self._seq), occ))
+        due = self._aside.due_of(uid)
+        self._aside.push((time.monotonic() if due is None else due, next(self._seq), occ))
         numbers.add(number)
         if self._popped:
             if self._popped_keys is None:
@@ -611,7 +615,7 @@ class Pipeline:
         taken: list[tuple[float, int, Occurrence]] = []
         seen: set[tuple[str, int]] = set()
         while deferred and deferred[0][0] <= now and len(batch) + len(taken) < limit:
-            entry = heapq.heappop(deferred)
+            entry = self._aside.pop()
             occ = entry[2]
             key = (occ.uid, occ.number)
             if key in keys or key in seen:  # a copy waiting aside beside the first: that one answers for both
@@ -634,14 +638,13 @@ class Pipeline:
         one going in while an older one of its event still waited (a longer backoff, refused again,
         parked) put the event's occurrences out of order once the key was taken again. What of an
         event is over the batch's bound waits (its newest)."""
-        held, deferred = self._held, self._deferred
+        held, aside = self._held, self._aside
         counts = collections.Counter(entry[2].uid for entry in taken)
         wanted = {uid for uid, n in counts.items() if len(held.get(uid, ())) > n}
         if wanted:
-            rest = [entry for entry in deferred if entry[2].uid in wanted]
+            rest = aside.entries_of(wanted)
             if rest:
-                deferred[:] = [entry for entry in deferred if entry[2].uid not in wanted]
-                heapq.heapify(deferred)
+                aside.remove(rest)
                 for entry in rest:
                     key = (entry[2].uid, entry[2].number)
                     if key in seen:
@@ -660,7 +663,7 @@ class Pipeline:
                 if len(out) < room:
                     out.append(entry)
                 else:
-                    heapq.heappush(deferred, entry)
+                    aside.push(entry)
         return out
 
     async def _next_batch(self) -> list[Occurrence] | None:
@@ -673,8 +676,7 @@ class Pipeline:
                     # robot may have carried it in a message meanwhile: it answers OK now from its
                     # memory of that, which a restart would lose and page the spooled copy again.
                     self._deferred_offered = True
-                    self._deferred = [(0.0, seq, occ) for _, seq, occ in self._deferred]
-                    heapq.heapify(self._deferred)
+                    self._aside.replace([(0.0, seq, occ) for _, seq, occ in self._deferred])
                     continue
                 return None
             if not self._deferred:
@@ -732,12 +734,17 @@ class Pipeline:
         # and the pipeline task crashed, taking the router down with it.
         base = min(opts.retry_max_backoff, opts.retry_initial_backoff * 2.0 ** min(attempt - 1, 64))
         delay = base / 2 + random.uniform(0, base / 2)  # equal jitter: spread, but never near zero
-        if retry_after is not None:
-            delay = max(delay, self._server_wait(retry_after))
+        if (wait := self._server_wait(retry_after)) is not None:
+            delay = max(delay, wait)
         return float(delay)
 
-    def _server_wait(self, retry_after: float) -> float:
-        """A destination's Retry-After, bounded: a wild value must not stop the sink for days."""
+    def _server_wait(self, retry_after: float | None) -> float | None:
+        """A destination's Retry-After, bounded: a wild value must not stop the sink for days. One
+        that is no delay (NaN, negative: a plugin's arithmetic) is none, and the backoff applies: a
+        NaN due time headed the heap of items set aside, and none of them came due until a stop; a
+        negative one retried at once, without a backoff."""
+        if retry_after is None or not retry_after >= 0.0:  # NaN is not >= 0
+            return None
         return min(retry_after, self.options.retry_wait_max)
 
     def _defer_retries(
@@ -769,16 +776,13 @@ class Pipeline:
                 self._failures[key] = tries
                 failed += 1
             # Bounded as every other Retry-After: `inf` or a day set an item aside until a restart.
-            delay = (
-                self._server_wait(out.retry_after)
-                if out.retry_after is not None
-                else self._backoff(max(tries, 1), None)
-            )
+            wait = self._server_wait(out.retry_after)
+            delay = wait if wait is not None else self._backoff(max(tries, 1), None)
             due = time.monotonic() + delay
             if event_due is not None:
                 due = event_due.setdefault(occ.uid, due)
             entry = (due, next(self._seq), occ)
-            heapq.heappush(self._deferred, entry)
+            self._aside.push(entry)
             refused.append(entry)
             self._held.setdefault(occ.uid, set()).add(occ.number)
             if key in from_spool:
@@ -797,11 +801,10 @@ class Pipeline:
         """Keep the items set aside in memory within their share (``_aside_max``; ``refused``: those
         just set aside again). Before, they counted against the whole memory bound: a key refused
         for long with more items than it filled the queue, and every other key's new occurrences
-        were dropped, or spilled and never read back. With a spool, whole events over the share are
-        parked on disk; while records are parked, each event refused again goes behind them and the
-        first parked come forward in its place and time (round robin: a key refused for minutes does
-        not wait behind one refused for hours). Without a spool, once memory is full, the oldest set
-        aside over the share are dropped (and so at each offer, ``_into_memory``)."""
+        were dropped, or spilled and never read back. With a spool, whole events are parked on disk
+        (``_to_park``: those refused for long go round, the others keep their own backoff) and the
+        first parked come forward into the room left. Without a spool, once memory is full, the
+        oldest set aside over the share are dropped (and so at each offer, ``_into_memory``)."""
         assert self._aside_max is not None
         share, heap, spool = self._aside_max, self._deferred, self.spool
         if spool is None:
@@ -810,34 +813,11 @@ class Pipeline:
             if excess > 0:
                 self._drop_aside(excess, self._m_queue_full, "")
             return
-        parked = spool.parked_count
-        over = len(heap) - share
         dues: list[float] = []
-        if (over > 0 or parked) and spool.parking:
-            # Whole events: while records are parked, every event refused again (round robin); then,
-            # or else, as many as are over the share, the last refused first, then the latest due.
-            # An event with newer records parked stays (they join it when read back: its older ones
-            # going behind them, a newer one accepted alone, an index of its own day, would wait for
-            # ever), unless no other can leave room. Parked records come back in number order all
-            # the same (``_unpark``).
-            refused_uids = list(dict.fromkeys(occ.uid for _, _, occ in reversed(refused)))
-            floor = spool.parked_floor
-            chosen: set[str] = {uid for uid in refused_uids if floor(uid) is None} if parked else set()
-            if parked and not chosen and len(heap) >= share:
-                chosen = set(refused_uids)
-            sizes = collections.Counter(entry[2].uid for entry in heap)
-            over -= sum(sizes[uid] for uid in chosen)
-            if over > 0:
-                later = list(dict.fromkeys(refused_uids + [e[2].uid for e in sorted(heap, reverse=True)]))
-                for uid in [uid for uid in later if floor(uid) is None] + later:
-                    if over <= 0:
-                        break
-                    if uid not in chosen:
-                        chosen.add(uid)
-                        over -= sizes[uid]
-            leaving = [entry for entry in heap if entry[2].uid in chosen]
+        if (len(heap) > share or spool.parked_count) and spool.parking:
+            leaving = self._to_park(refused)
             if leaving:
-                dues = self._park(leaving)
+                dues = self._park(self._aside.entries_of(leaving))
         if (room := share - len(self._deferred)) > 0 and spool.parked_count and not self._closing:
             # The first parked come forward into the room left, in the parked ones' places in time.
             self._unpark(room, sorted(dues))
@@ -849,15 +829,66 @@ class Pipeline:
                 " and the disk spool cannot be written",
             )
 
+    def _to_park(self, refused: list[tuple[float, int, Occurrence]]) -> list[str]:
+        """The events set aside that leave memory for the parked FIFO, whole. While records are
+        parked, an event that came back from them (refused for long) and is refused again goes
+        behind them, and the first parked come forward in its place and time (round robin). An event
+        never parked stays in memory with its own backoff, the short ones of a key refused for the
+        first time: before, it went behind the parked ones at once, and a key refused for 1 s while
+        another had 10,000 parked waited a whole round for each retry (30.7 s; minutes at the
+        default backoffs). Those take at most half the share, so that the round goes on. Over that,
+        and over the share, those refused longest go first: that came back from the parked ones,
+        then with the most failed attempts, then received first. An event with newer records parked
+        stays (they join it when read back: its older ones going behind them, a newer one accepted
+        alone, an index of its own day, would wait for ever), unless no other can leave room. Parked
+        records come back in number order all the same (``_unpark``)."""
+        assert self._aside_max is not None and self.spool is not None
+        share, heap, went_round = self._aside_max, self._deferred, self._went_round
+        floor, failures = self.spool.parked_floor, self._failures
+        sizes: dict[str, int] = {}
+        tries: dict[str, int] = {}
+        since: dict[str, float] = {}  # its oldest received
+        for _, _, occ in heap:
+            uid = occ.uid
+            sizes[uid] = sizes.get(uid, 0) + 1
+            tries[uid] = max(tries.get(uid, 0), failures.get((uid, occ.number), 0))
+            since[uid] = min(since.get(uid, occ.received_at), occ.received_at)
+
+        def first(uid: str) -> tuple[bool, bool, int, float]:
+            return floor(uid) is None, uid in went_round, tries[uid], -since[uid]
+
+        chosen: list[str] = []
+        if self.spool.parked_count:
+            again = [
+                uid for uid in dict.fromkeys(e[2].uid for e in refused) if uid in went_round and uid in sizes
+            ]
+            chosen = [uid for uid in again if floor(uid) is None]
+            if not chosen and len(heap) >= share:
+                chosen = again
+            fresh = sorted((uid for uid in sizes if uid not in went_round), key=first, reverse=True)
+            excess = sum(sizes[uid] for uid in fresh) - share // 2
+            for uid in fresh:
+                if excess <= 0:
+                    break
+                chosen.append(uid)
+                excess -= sizes[uid]
+        over = len(heap) - share - sum(sizes[uid] for uid in chosen)
+        if over > 0:
+            taken = set(chosen)
+            for uid in sorted((uid for uid in sizes if uid not in taken), key=first, reverse=True):
+                if over <= 0:
+                    break
+                chosen.append(uid)
+                over -= sizes[uid]
+        return chosen
+
     def _park(self, leaving: list[tuple[float, int, Occurrence]]) -> list[float]:
         """Move ``leaving`` (entries of the items set aside) to the spool's parked FIFO, each event's
         in number order; returns their due times. What the disk does not take stays in memory."""
         spool = self.spool
         assert spool is not None
-        gone = {seq for _, seq, _ in leaving}
-        heap = self._deferred
-        heap[:] = [entry for entry in heap if entry[1] not in gone]
-        heapq.heapify(heap)
+        aside = self._aside
+        aside.remove(leaving)
         leaving.sort(key=lambda entry: (entry[2].uid, entry[2].number))
         dues: list[float] = []
         dropped: list[str] = []
@@ -867,7 +898,7 @@ class Pipeline:
                 dropped.extend(spool.park(occ, self._failures.get(key, 0), key in self._owed))
             except OSError as exc:
                 for entry in leaving[i:]:
-                    heapq.heappush(heap, entry)
+                    aside.push(entry)
                 dropped.extend(spool.lost_on_error)
                 spool.lost_on_error = []
                 self.metrics.data_dir_errors.labels(self.name, "spool").inc()
@@ -922,8 +953,9 @@ class Pipeline:
                 except OSError:
                     dropped.extend(spool.lost_on_error)
                     spool.lost_on_error = []  # kept in memory: out of order, nothing lost
-            heapq.heappush(self._deferred, (next(due, now), next(self._seq), occ))
+            self._aside.push((next(due, now), next(self._seq), occ))
             held.setdefault(occ.uid, set()).add(occ.number)
+            self._went_round.add(occ.uid)
             if tries:
                 self._failures[key] = tries
             self._spooled_deferred.add(key)  # in the aside file before the parked position passes it
@@ -933,11 +965,7 @@ class Pipeline:
     def _drop_aside(self, count: int, counter: Any, cause: str) -> None:
         """Drop the ``count`` oldest (by receipt) items set aside in memory: counted, logged, and told
         to the sink (``given_up``)."""
-        oldest = heapq.nsmallest(count, self._deferred, key=lambda entry: (entry[2].received_at, entry[1]))
-        leaving = {seq for _, seq, _ in oldest}
-        heap = self._deferred
-        heap[:] = [entry for entry in heap if entry[1] not in leaving]
-        heapq.heapify(heap)
+        oldest = self._aside.drop_oldest(count)
         occs = [occ for _, _, occ in oldest]
         for occ in occs:
             self._release(occ)
@@ -1065,8 +1093,8 @@ class Pipeline:
                         failed += not out.held
                         in_place += not out.defer
                         own += out.defer and not out.held
-                        if out.retry_after is not None:
-                            retry_after = max(retry_after or 0.0, out.retry_after)
+                        if (wait := self._server_wait(out.retry_after)) is not None:
+                            retry_after = max(retry_after or 0.0, wait)
                 if lags:
                     self._m_delivered.inc(len(lags))
                     observe_many(self._m_lag, lags)
@@ -1137,7 +1165,7 @@ class Pipeline:
                     break
                 self._m_retries.inc(failed)
                 delay = self._backoff(attempt, retry_after)
-                firm = 0.0 if retry_after is None else self._server_wait(retry_after)
+                firm = self._server_wait(retry_after) or 0.0
                 self._throttled.warning(
                     "retry",
                     "sink %s: %d occurrences not accepted (%s); retry %d in %.2fs",
@@ -1167,6 +1195,7 @@ class Pipeline:
             numbers.discard(occ.number)
             if not numbers:
                 del self._held[occ.uid]
+                self._went_round.discard(occ.uid)
 
     def _checkpoint(self, done: dict[str, int], still_pending: Sequence[Occurrence]) -> None:
         """Advance the checkpoint for finished occurrences unless a lower one of the same event is
@@ -1373,7 +1402,7 @@ class Pipeline:
         newer = list(self._overflow)
         self._in_flight = []
         self._filling = []
-        self._deferred.clear()
+        self._aside.clear()
         self._failures.clear()
         self._queue.clear()
         self._overflow.clear()
@@ -1411,3 +1440,166 @@ def _numbers_rising(occs: list[Occurrence]) -> list[Occurrence]:
             for i, occ in zip(where, sorted((occs[i] for i in where), key=lambda o: o.number), strict=True):
                 out[i] = occ
     return out
+
+
+_Entry = tuple[float, int, Occurrence]
+"""An item set aside: (due, seq, occurrence), in due-time order, then by ``seq`` (never equal)."""
+
+
+class _Aside:
+    """The items set aside: ``heap``, a min-heap of entries by due time as ``heapq`` keeps one, that
+    also knows where each entry sits (seq → index), so that any entry leaves in O(log n). Beside it,
+    cleaned lazily (an entry whose seq has left is skipped, and rebuilt once they are mostly stale):
+    the entries by receipt, which give way first when memory is full (before, each offer then sorted
+    and rebuilt the whole heap: 5,000 offers blocked the event loop for seconds), and each event's by
+    due time, for its earliest due and its entries without a scan of the heap (before, each newer
+    occurrence waiting behind an older one of its event scanned it all: quadratic)."""
+
+    __slots__ = ("_at", "_count", "_events", "_received", "heap")
+
+    def __init__(self) -> None:
+        self.heap: list[_Entry] = []
+        self._at: dict[int, int] = {}  # seq → index in ``heap``
+        self._received: list[tuple[float, int]] = []  # (received_at, seq), a heap
+        self._events: dict[str, list[tuple[float, int]]] = {}  # uid → its (due, seq), a heap
+        self._count: dict[str, int] = {}  # uid → its entries in ``heap``
+
+    def push(self, entry: _Entry) -> None:
+        heap, seq, occ = self.heap, entry[1], entry[2]
+        heap.append(entry)
+        self._up(len(heap) - 1)
+        received = self._received
+        heapq.heappush(received, (occ.received_at, seq))
+        if len(received) > 2 * len(heap) + 16:
+            self._received = [(e[2].received_at, e[1]) for e in heap]
+            heapq.heapify(self._received)
+        uid = occ.uid
+        count = self._count[uid] = self._count.get(uid, 0) + 1
+        dues = self._events.get(uid)
+        if dues is None:
+            dues = self._events[uid] = []
+        heapq.heappush(dues, (entry[0], seq))
+        if len(dues) > 2 * count + 8:
+            self._events[uid] = dues = [(due, s) for due, s in dues if self._live(s, due)]
+            heapq.heapify(dues)
+
+    def pop(self) -> _Entry:
+        """The entry due first (``heap`` is not empty)."""
+        return self._take_at(0)
+
+    def remove(self, entries: Iterable[_Entry]) -> None:
+        """Take ``entries`` out (those still in)."""
+        at = self._at
+        for entry in entries:
+            i = at.get(entry[1])
+            if i is not None:
+                self._take_at(i)
+
+    def entries_of(self, uids: Iterable[str]) -> list[_Entry]:
+        """The entries of the events ``uids``, each once."""
+        heap, at = self.heap, self._at
+        out: list[_Entry] = []
+        for uid in uids:
+            seen: set[int] = set()
+            for due, seq in self._events.get(uid, ()):
+                if seq not in seen and self._live(seq, due):
+                    seen.add(seq)
+                    out.append(heap[at[seq]])
+        return out
+
+    def due_of(self, uid: str) -> float | None:
+        """The earliest due time of ``uid``'s entries (None: it has none)."""
+        dues = self._events.get(uid)
+        while dues:
+            due, seq = dues[0]
+            if self._live(seq, due):
+                return due
+            heapq.heappop(dues)
+        return None
+
+    def drop_oldest(self, count: int) -> list[_Entry]:
+        """Take out the ``count`` entries received first (then by ``seq``), oldest first."""
+        received, heap, at = self._received, self.heap, self._at
+        out: list[_Entry] = []
+        while received and len(out) < count:
+            _, seq = heapq.heappop(received)
+            i = at.get(seq)
+            if i is not None:
+                out.append(heap[i])
+                self._take_at(i)
+        return out
+
+    def replace(self, entries: list[_Entry]) -> None:
+        """Hold ``entries`` instead (in the same ``heap`` list)."""
+        heap = self.heap
+        heap[:] = entries
+        heapq.heapify(heap)
+        self._at = {entry[1]: i for i, entry in enumerate(heap)}
+        self._received = [(entry[2].received_at, entry[1]) for entry in heap]
+        heapq.heapify(self._received)
+        events: dict[str, list[tuple[float, int]]] = {}
+        for due, seq, occ in heap:
+            events.setdefault(occ.uid, []).append((due, seq))
+        for dues in events.values():
+            heapq.heapify(dues)
+        self._events = events
+        self._count = {uid: len(dues) for uid, dues in events.items()}
+
+    def clear(self) -> None:
+        self.replace([])
+
+    def _live(self, seq: int, due: float) -> bool:
+        """The (due, seq) noted beside the heap is still one of its entries."""
+        i = self._at.get(seq)
+        return i is not None and self.heap[i][0] == due
+
+    def _take_at(self, i: int) -> _Entry:
+        heap, at = self.heap, self._at
+        entry = heap[i]
+        last = heap.pop()
+        del at[entry[1]]
+        if i < len(heap):
+            heap[i] = last
+            at[last[1]] = i
+            self._down(i)
+            self._up(at[last[1]])
+        uid = entry[2].uid
+        left = self._count[uid] - 1
+        if left:
+            self._count[uid] = left
+        else:
+            del self._count[uid]
+            del self._events[uid]
+        return entry
+
+    def _up(self, i: int) -> None:
+        """Move ``heap[i]`` towards the root to its place (``heapq``'s order)."""
+        heap, at = self.heap, self._at
+        entry = heap[i]
+        while i:
+            parent = (i - 1) >> 1
+            above = heap[parent]
+            if not entry < above:
+                break
+            heap[i] = above
+            at[above[1]] = i
+            i = parent
+        heap[i] = entry
+        at[entry[1]] = i
+
+    def _down(self, i: int) -> None:
+        """Move ``heap[i]`` towards the leaves to its place."""
+        heap, at = self.heap, self._at
+        n = len(heap)
+        entry = heap[i]
+        while (child := 2 * i + 1) < n:
+            if child + 1 < n and heap[child + 1] < heap[child]:
+                child += 1
+            below = heap[child]
+            if not below < entry:
+                break
+            heap[i] = below
+            at[below[1]] = i
+            i = child
+        heap[i] = entry
+        at[entry[1]] = i
