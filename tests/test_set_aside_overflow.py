@@ -445,3 +445,27 @@ async def test_a_key_refused_briefly_keeps_its_own_backoff_while_another_has_man
     p.close()
     p.stop_now()
     await asyncio.wait_for(task, 10)
+
+
+async def test_items_set_aside_are_left_over_at_a_stop_in_the_order_received_not_due(
+    metrics: Metrics,
+) -> None:
+    """Three events of one object refused for a cause of their own, the first with the longest wait.
+    A stop keeps what waits aside (the spool, then the sink after the restart) in the order received:
+    before, in due-time order, so the object's events went out newest first after the restart (a
+    Kafka partition, keyed by the object, keeps them so)."""
+    sink = _sink()
+    waits = {1: 3.0, 2: 2.0, 3: 1.0}
+    occs = [make_occurrence(object_name="x", name=f"x.{i}") for i in waits]
+    wait_of = {occ.uid: waits[i] for i, occ in zip(waits, occs, strict=True)}
+    sink.decide = lambda occ: retry("partition refused", defer=True, retry_after=wait_of[occ.uid])
+    p = _pipeline(sink, metrics, retry_max_backoff=1.0)  # Retry-After up to 10 s taken as given
+    task = asyncio.create_task(p.run())
+    for occ in occs:
+        p.offer(occ)
+    await until(lambda: len(p._deferred) == 3)
+    assert sorted(p._deferred)[0][2].uid == occs[2].uid  # the last received is due first
+    older, newer = p.leftovers()
+    assert [o.uid for o in older] == [o.uid for o in occs] and newer == []
+    p.stop_now()
+    await asyncio.wait_for(task, 10)
