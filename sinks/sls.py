@@ -730,12 +730,20 @@ class SLSSink(Sink[SLSOptions]):
             return retry(what, retry_after=retry_after)
         if code in _REQUEST_CODES:
             return reject(what)
-        if answer.from_service and status in _TARGET_STATUSES:
+        if status in _TARGET_STATUSES:
+            # Also without SLS's error JSON: a gateway's or proxy's 401/403 (its credentials, its
+            # policy) or 404 (a path prefix) refuses every request alike, never these logs alone, and
+            # rejected, every occurrence was dead-lettered until someone noticed (as the robots', item 139).
+            said = (
+                "a code this sink does not know"
+                if answer.from_service
+                else "with no SLS error code (a proxy?)"
+            )
             self._log_once(
                 code,
-                f"sls sink {name}: SLS answered {status} {code} for {self._where}, a code this sink does not "
-                f"know ({message}): a {status} refuses the project or logstore as a whole, not these logs, "
-                "so its occurrences are retried (up to retry_max_attempts, if set) until that is put right",
+                f"sls sink {name}: SLS answered {status} {code} for {self._where}, {said} ({message}): a "
+                f"{status} refuses the project or logstore as a whole, not these logs, so its occurrences "
+                "are retried (up to retry_max_attempts, if set) until that is put right",
             )
             return retry(what, retry_after=retry_after)
         # Not known: taken as the request's own (a body the service refuses). Named in the log, as a

@@ -707,9 +707,11 @@ async def test_an_answer_quoting_our_credentials_leaves_them_out_of_reasons_and_
     receiver.fail_next(1, "Unauthorized", 401, echo=True)  # GetLogStore at start: a warning, goes on
     sink = await make_sink(**sts)
     receiver.fail_next(1, "Unauthorized", 401, named)  # the service's JSON: retried
-    receiver.fail_next(1, "Forbidden", 403, echo=True)  # the gateway's page: rejected
-    direct = [o.reason for batch in ([fresh()], [fresh()]) for o in await sink.send(batch) or []]
-    # Through the engine: the same, given up after one attempt, then refused for good.
+    receiver.fail_next(1, "Forbidden", 403, echo=True)  # the gateway's page: retried too
+    outcomes = [o for batch in ([fresh()], [fresh()]) for o in await sink.send(batch) or []]
+    assert kinds(outcomes) == [OutcomeKind.RETRY, OutcomeKind.RETRY]
+    direct = [o.reason for o in outcomes]
+    # Through the engine: the same, each given up after its one attempt.
     receiver.fail_next(1, "Unauthorized", 401, echo=True)
     receiver.fail_next(1, "Unauthorized", 401, named)
     receiver.fail_next(1, "Forbidden", 403, echo=True)
@@ -721,7 +723,7 @@ async def test_an_answer_quoting_our_credentials_leaves_them_out_of_reasons_and_
         "sls",
         SLSSink(options, context),
         tmp_path / "dl",
-        [(fresh(object_name="a"), "retries_exhausted"), (fresh(object_name="b"), "rejected")],
+        [(fresh(object_name="a"), "retries_exhausted"), (fresh(object_name="b"), "retries_exhausted")],
     )
     assert [r.status for r in receiver.requests] == [401, 401, 403] * 2
     assert direct[0].startswith("SLS 401 Unauthorized: denied for secret **** and token **** (request id ")
@@ -732,11 +734,32 @@ async def test_an_answer_quoting_our_credentials_leaves_them_out_of_reasons_and_
     assert reasons[0].startswith(
         "retries exhausted after 1 attempts: SLS 401 Unauthorized: denied for secret **** and token **** "
     )
-    assert reasons[1].startswith("SLS 403 HTTP403: refused POST") and "token: ****" in reasons[1]
+    assert reasons[1].startswith("retries exhausted after 1 attempts: SLS 403 HTTP403: refused POST")
+    assert "token: ****" in reasons[1]
     assert "could not verify" in caplog.text and "x-acs-security-token: ****" in caplog.text
     for text in [*direct, *reasons, caplog.text]:
         assert "****" in text
         assert STS_SECRET not in text and STS_TOKEN not in text, text
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+async def test_a_proxys_page_refusing_the_whole_target_is_retried_not_dead_lettered(
+    receiver: SLSReceiver, make_sink: MakeSink, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway in front of SLS answers 401/403 (its own credentials or policy) or 404 (a path
+    prefix) with a page of its own, no SLS error JSON: it refuses every request alike. Before, the
+    logs were rejected, dead-lettered, every request's until someone noticed; now they are retried,
+    as for SLS's own 401/403/404, and the log says it came with no SLS error code."""
+    sink = await make_sink()
+    caplog.set_level(logging.WARNING)
+    receiver.fail_next(2, "Denied", status, echo=True)
+    for _ in range(2):
+        outcomes = await sink.send([fresh(), fresh()])
+        assert outcomes is not None and kinds(outcomes) == [OutcomeKind.RETRY] * 2
+        assert f"SLS {status} HTTP{status}" in outcomes[0].reason
+    said = [r.getMessage() for r in caplog.records if "no SLS error code (a proxy?)" in r.getMessage()]
+    assert len(said) == 1 and "are retried" in said[0]  # once per run
+    assert kinds(await sink.send([fresh()])) == [OutcomeKind.OK]
 
 
 async def test_start_fails_clearly_for_a_missing_logstore(make_sink: MakeSink) -> None:
