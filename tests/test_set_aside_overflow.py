@@ -469,3 +469,53 @@ async def test_items_set_aside_are_left_over_at_a_stop_in_the_order_received_not
     assert [o.uid for o in older] == [o.uid for o in occs] and newer == []
     p.stop_now()
     await asyncio.wait_for(task, 10)
+
+
+async def test_the_aside_file_read_back_after_a_crash_keeps_each_events_number_order(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """The spool holds x/1 y/1 y/2 x/2 y/3 from before the start; the sink refuses both keys for a
+    cause of their own (Retry-After 5 s and 6 s: nothing comes due), so the pipeline keeps them in
+    the spool's aside file; then it dies (its task cancelled: no stop). After a crash the aside file
+    is read back first, in its order. Written in the heap's list order (x/1 x/2 y/2 y/1 y/3), y/2 went
+    out in a batch before y/1, and y/1 was skipped as a copy: lost, counted only as skipped."""
+    x = api.create_event(event_object(object_name="x", name="x"))
+    y = api.create_event(event_object(object_name="y", name="y"))
+    api.bump("default", "x")
+    api.bump("default", "y")
+    api.bump("default", "y")
+    occ = {
+        f"{n}/{c}": make_occurrence(object_name=n, uid=e["metadata"]["uid"], count=c)
+        for n, e, top in (("x", x, 2), ("y", y, 3))
+        for c in range(1, top + 1)
+    }
+    folder = tmp_path / "data" / "spool" / "mem"
+    spool = Spool(folder, max_bytes=10**9, cluster="test")
+    for key in ["x/1", "y/1", "y/2", "x/2", "y/3"]:
+        spool.append(occ[key])
+    spool.commit()
+    spool.close()
+    sink = _sink()
+    waits = {x["metadata"]["uid"]: 5.0, y["metadata"]["uid"]: 6.0}
+    sink.decide = lambda o: retry("refused", defer=True, retry_after=waits[o.uid])
+    spool = Spool(folder, max_bytes=10**9, cluster="test")
+    p = _pipeline(
+        sink, metrics=Metrics(), spool=spool, queue_max_events=10, batch_max_events=3, retry_max_backoff=1
+    )
+    task = asyncio.create_task(p.run())
+    await until(
+        lambda: (folder / "aside").exists() and len((folder / "aside").read_bytes().splitlines()) == 5
+    )
+    task.cancel()  # the crash: no stop, no leftovers
+    await asyncio.gather(task, return_exceptions=True)
+    spool.close()
+    router = _router(api, tmp_path, queue_max_events=10, batch_max_events=3)
+    async with router.running():
+        await until(lambda: router.ready()[0])
+        await router.pipelines[0].wait_idle(10)
+        got = _mem(router).keys
+    assert sorted(got) == sorted(_keys(list(occ.values())))  # y/1 too
+    for e in (x, y):
+        assert [n for u, n in got if u == e["metadata"]["uid"]] == sorted(
+            n for u, n in got if u == e["metadata"]["uid"]
+        )

@@ -450,14 +450,17 @@ class Pipeline:
             self._m_spool.set(self._spool_depth())
 
     def _spooled_aside(self) -> list[Occurrence]:
-        """The deferred occurrences that came from the spool (one per key)."""
+        """The deferred occurrences that came from the spool (one per key), in the order received,
+        each event's in number order. After a crash the aside file is read back first, in its order:
+        written in the heap's list order (y/2 before y/1), y/2 went out in an earlier batch and y/1
+        was then skipped as a copy (lost, counted only as skipped)."""
         keys = self._spooled_deferred
         seen: dict[tuple[str, int], Occurrence] = {}
-        for _, _, occ in self._deferred:
+        for _, _, occ in sorted(self._deferred, key=lambda entry: (entry[2].received_at, entry[1])):
             key = (occ.uid, occ.number)
             if key in keys:
                 seen.setdefault(key, occ)
-        return list(seen.values())
+        return _numbers_rising(list(seen.values()))
 
     def _backlogged(self) -> bool:
         return bool(
