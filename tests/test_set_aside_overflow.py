@@ -519,3 +519,42 @@ async def test_the_aside_file_read_back_after_a_crash_keeps_each_events_number_o
         assert [n for u, n in got if u == e["metadata"]["uid"]] == sorted(
             n for u, n in got if u == e["metadata"]["uid"]
         )
+
+
+class _Slow(Listening):
+    """Takes everything, each send suspending as a real destination's I/O does."""
+
+    async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
+        await asyncio.sleep(0.001)
+        return await super().send(batch)
+
+
+async def test_records_read_back_from_the_parked_fifo_are_not_read_again_after_a_crash_under_steady_traffic(
+    metrics: Metrics, tmp_path: Path
+) -> None:
+    """Five records parked, 300 others queued (steady traffic: the memory queue is not empty between
+    batches). The parked ones come back and are delivered; then the pipeline dies. Before, the parked
+    FIFO's read position was made durable only at a refill with an empty queue, so all five were
+    still parked on disk: read again after the restart (a copy still parked holds its event's
+    checkpoint back, and its later occurrences went out again)."""
+    spool = Spool(tmp_path / "spool", max_bytes=10**9, cluster="test")
+    parked = [make_occurrence(object_name=f"p-{i}") for i in range(5)]
+    for occ in parked:
+        spool.park(occ)
+    spool.commit()
+    sink = _Slow(
+        MemorySinkOptions.model_validate({}),
+        SinkContext(name="mem", cluster="test", data_dir=None, logger=logging.getLogger("mem")),
+    )
+    p = _pipeline(sink, metrics, spool=spool, queue_max_events=1000, batch_max_events=5)
+    for i in range(300):
+        p.offer(make_occurrence(object_name=f"q-{i}"))
+    task = asyncio.create_task(p.run())
+    await until(lambda: set(_keys(parked)) <= set(sink.keys))
+    assert len(p._queue) > 100  # never empty meanwhile
+    task.cancel()  # the crash
+    await asyncio.gather(task, return_exceptions=True)
+    spool.close()
+    reopened = Spool(tmp_path / "spool", max_bytes=10**9, cluster="test")
+    assert reopened.parked_count == 0
+    reopened.close()

@@ -103,6 +103,7 @@ class Pipeline:
         self._spooled_deferred: set[tuple[str, int]] = set()
         self._popped: list[Occurrence] = []
         self._popped_keys: set[tuple[str, int]] | None = None  # built when needed (``_behind_older``)
+        self._parked_read = False  # records read back from the parked FIFO since its position was durable
         # Records spooled before the start, read back and not yet sent (at the queue's front): parked
         # records wait until they have left memory (``_unpark``).
         self._before_start: set[tuple[str, int]] = set()
@@ -402,12 +403,23 @@ class Pipeline:
             # Nothing is in flight between batches: what was read from before the start was sent
             # (accepted, rejected, or set aside: then held, and its parked ones go out behind it).
             self._before_start = set()
+        if self.spool is not None and self._queue and self._parked_read:
+            # Under steady traffic the queue is seldom empty here, and the parked FIFO's read position
+            # was made durable only then: after a SIGKILL every record read back from it since was read
+            # again, a copy still parked holding the checkpoint back. What was read back is finished or
+            # waits aside (in the aside file first); what is queued came from the main FIFO, whose
+            # position waits for it.
+            aside = self._spooled_aside() if self._spooled_deferred else []
+            if self.spool.keep_aside(aside, self._owed):
+                self.spool.commit_parked()
+                self._parked_read = False
         if self.spool is not None and not self._queue:
             # Items from the spool set aside in memory go to the spool's file of their own first: the
             # read position may then pass them, however long they wait.
             aside = self._spooled_aside() if self._spooled_deferred else []
             if self.spool.keep_aside(aside, self._owed):
                 self.spool.commit()
+                self._parked_read = False
             if len(self.spool):
                 # Deferred retries count against the memory bound: a robot that is down must not make
                 # the spool's backlog pile up in memory.
@@ -948,6 +960,7 @@ class Pipeline:
             # behind the batch's bound, was then skipped as a copy (lost).
             return
         back = spool.unpark(count)
+        self._parked_read = self._parked_read or bool(back)
         if spool.owed:
             self._owed |= spool.owed
             spool.owed.clear()

@@ -714,6 +714,15 @@ class Spool:
             return f"left in place ({exc.strerror or exc})"
         return f"moved to {target}"
 
+    def commit_parked(self) -> None:
+        """Make the parked FIFO's read position durable alone: the main FIFO's records read may not
+        be finished yet (queued in memory), those read back from the parked FIFO are (finished, or in
+        the aside file: ``keep_aside`` first)."""
+        parked = self._parked
+        if parked is not None:
+            parked.commit()
+            self._took_from(parked)
+
     def commit(self) -> None:
         """Make the read position durable and delete fully read segments (of the parked FIFO too)."""
         parked = self._parked
