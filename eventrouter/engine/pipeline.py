@@ -639,7 +639,7 @@ class Pipeline:
             taken.append(entry)
             seen.add(key)
         if taken and self._aside_max is not None:
-            taken = self._with_their_events(taken, seen)
+            taken = self._with_their_events(taken, seen, limit - len(batch))
         for _, _, occ in taken:
             batch.append(occ)
             keys.add((occ.uid, occ.number))
@@ -647,12 +647,13 @@ class Pipeline:
         return size
 
     def _with_their_events(
-        self, taken: list[tuple[float, int, Occurrence]], seen: set[tuple[str, int]]
+        self, taken: list[tuple[float, int, Occurrence]], seen: set[tuple[str, int]], room: int
     ) -> list[tuple[float, int, Occurrence]]:
         """Each event's items set aside go out together, lowest number first, when one of them is due:
         one going in while an older one of its event still waited (a longer backoff, refused again,
         parked) put the event's occurrences out of order once the key was taken again. What of an
-        event is over the batch's bound waits (its newest)."""
+        event is over ``room`` (the batch's bound, half of it while other traffic waits) waits (its
+        newest): filling the whole batch, a refused key's events held the others up."""
         held, aside = self._held, self._aside
         counts = collections.Counter(entry[2].uid for entry in taken)
         wanted = {uid for uid, n in counts.items() if len(held.get(uid, ())) > n}
@@ -670,7 +671,6 @@ class Pipeline:
         events: dict[str, list[tuple[float, int, Occurrence]]] = {}
         for entry in taken:
             events.setdefault(entry[2].uid, []).append(entry)
-        room = self.options.batch_max_events
         out: list[tuple[float, int, Occurrence]] = []
         for group in events.values():
             group.sort(key=lambda entry: entry[2].number)

@@ -153,6 +153,7 @@ class Destination:
             times.clear()
             if self.log is not None:
                 self.log.write(f"hasty {self.generation} {occ.uid} {occ.number}\n")
+                self.log.flush()  # a send that stores nothing flushes nothing else before a SIGKILL
         return retry("stream over its limit (fuzz)", defer=True)
 
 
