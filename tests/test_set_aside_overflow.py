@@ -268,7 +268,9 @@ async def api() -> AsyncIterator[FakeApiServer]:
         yield server
 
 
-def _router(api: FakeApiServer, tmp_path: Path, **opts: Any) -> Router:
+def _router(
+    api: FakeApiServer, tmp_path: Path, sink_class: type[MemorySink] = MemorySink, /, **opts: Any
+) -> Router:
     settings = RouterSettings(
         cluster_name="test",
         kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
@@ -277,7 +279,7 @@ def _router(api: FakeApiServer, tmp_path: Path, **opts: Any) -> Router:
         shutdown_timeout=5.0,
         watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
     )
-    spec = spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.02, **opts}, type_="memory")
+    spec = spec_for_class(sink_class, {"name": "mem", "batch_max_wait": 0.02, **opts}, type_="memory")
     return Router(settings, [spec])
 
 
@@ -558,3 +560,62 @@ async def test_records_read_back_from_the_parked_fifo_are_not_read_again_after_a
     reopened = Spool(tmp_path / "spool", max_bytes=10**9, cluster="test")
     assert reopened.parked_count == 0
     reopened.close()
+
+
+class _RefusingC(MemorySink):
+    """Refuses the events of key c (the object's first letter) for a cause of their own, from its
+    first send, until ``refused`` is emptied."""
+
+    def __init__(self, options: MemorySinkOptions, context: object) -> None:
+        super().__init__(options, context)
+        self.refused = {"c"}
+        self.decide = self._decide
+
+    def _decide(self, occ: Occurrence) -> Outcome:
+        if occ.record["involved_object"]["name"][0] in self.refused:
+            return retry("over its limit", defer=True)
+        return OK
+
+
+async def test_a_relisted_copy_of_a_parked_occurrence_is_not_sent_beside_it(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """At the start the main spool holds 10 events of a refused key (c) and 5 others, kept at a stop.
+    The first lists fail (an API hiccup), so the relist comes after the pipeline has read the backlog
+    (the spool's keys from before the start freed) and parked c's over the share. Its copies of the
+    parked occurrences were taken as new: sent beside the originals once c was taken again, stored
+    twice in one run."""
+    names = [f"c-{i}" for i in range(10)] + [f"a-{i}" for i in range(5)]
+    occs = [
+        make_occurrence(
+            object_name=n, uid=api.create_event(event_object(object_name=n, name=n))["metadata"]["uid"]
+        )
+        for n in names
+    ]
+    spool = Spool(tmp_path / "data" / "spool" / "mem", max_bytes=10**9, cluster="test")
+    for occ in occs:
+        spool.append(occ)
+    spool.commit()
+    spool.close()
+    api.faults.fail_next(500, count=8, verbs=("list",))
+    router = _router(
+        api,
+        tmp_path,
+        _RefusingC,
+        queue_max_events=10,
+        batch_max_events=4,
+        retry_initial_backoff=0.05,
+        retry_max_backoff=0.1,
+    )
+    async with router.running():
+        sink = _mem(router)
+        assert isinstance(sink, _RefusingC)
+        p = router.pipelines[0]
+        assert p.spool is not None
+        await until(lambda: router.watchers[0].initial_list_done.is_set(), timeout=30)
+        parked = p.spool.parked_count
+        sink.refused.clear()  # the key is taken again
+        await until(lambda: set(_keys(occs)) <= set(sink.keys), timeout=20)
+        await p.wait_idle(10)
+    assert parked  # c's over the share were parked when the relist's copies came
+    assert [k for k, n in collections.Counter(sink.keys).items() if n > 1] == []

@@ -542,6 +542,7 @@ class Pipeline:
         ordered = self._aside_max is not None and bool(
             held or (self.spool is not None and self.spool.parked_count)
         )
+        parked = self.spool.parked_holds if self.spool is not None and self.spool.parked_count else None
         waited = False
         while queue and len(batch) < max_events:
             nxt = queue[0]
@@ -553,10 +554,13 @@ class Pipeline:
                     and not (owed and key in owed)
                 )
                 or (held and nxt.number in held.get(nxt.uid, ()))
+                or (parked is not None and parked(nxt.uid, nxt.number))
             ):
                 # A second copy (spooled before a restart and relisted after it, or replayed from the
-                # spool after a crash): already delivered, already in this batch, or waiting aside
-                # (an alert robot's digest would have paged it twice).
+                # spool after a crash): already delivered, already in this batch, waiting aside
+                # (an alert robot's digest would have paged it twice), or parked (a relist's copy
+                # offered once the spool's keys from before the start were freed: it went out
+                # beside the parked original, stored twice in one run).
                 queue.popleft()
                 self._m_skipped.inc()
                 continue

@@ -840,6 +840,12 @@ class Spool:
         parked = self._parked
         return parked.floor(uid) if parked is not None else None
 
+    def parked_holds(self, uid: str, number: int) -> bool:
+        """``uid``'s occurrence ``number`` is parked: a queued one is a copy (a relist's, offered once
+        ``held_at_open`` was freed, i.e. before the relist ended)."""
+        parked = self._parked
+        return parked is not None and parked.holds_number(uid, number)
+
     def owe_parked(self, behind: Mapping[str, int]) -> tuple[set[str], list[str]]:
         """A stop records accepted occurrences past parked ones of their events (``behind``: uid →
         the number it records). Recorded so, a parked record would be skipped as a copy after the
@@ -935,6 +941,14 @@ class _Parked(Spool):
             del had[i]
             if len(had) == 1:
                 self._floors[key] = had[0]
+
+    def holds_number(self, uid: str, number: int) -> bool:
+        had = self._floors.get(hash(uid))
+        if had is None or type(had) is int:
+            return had == number
+        assert isinstance(had, list)
+        i = bisect.bisect_left(had, number)
+        return i < len(had) and had[i] == number
 
     def floor(self, uid: str) -> int | None:
         had = self._floors.get(hash(uid))
