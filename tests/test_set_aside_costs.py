@@ -218,3 +218,39 @@ async def test_an_odd_retry_after_from_a_plugin_is_a_backoff_and_stops_nothing(
     assert second - first >= 0.1  # a backoff, not at once
     p.close()
     await asyncio.wait_for(task, 10)
+
+
+class _RefusedAtOnce(MemorySink):
+    """Refuses everything for a cause of the key's own with Retry-After 0 (what a ``Retry-After: 0``,
+    a negative value or a date already past parse to), suspending on each send as I/O does."""
+
+    async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
+        self.batches.append(len(batch))
+        await asyncio.sleep(0)
+        return [retry("refused", retry_after=0.0, defer=True) for _ in batch]
+
+
+async def test_a_retry_after_of_zero_on_an_item_set_aside_still_backs_off() -> None:
+    """A failure set aside with Retry-After 0 was due at once: ~90 sends a second where the backoff
+    (0.2-0.4 s) allows about 5. Now it backs off at least as a retry in place does."""
+    sink = _RefusedAtOnce(
+        MemorySinkOptions.model_validate({}),
+        SinkContext(name="mem", cluster="test", data_dir=None, logger=logging.getLogger("mem")),
+    )
+    p = pipeline_for(
+        "mem",
+        sink,
+        Metrics(),
+        None,
+        queue_max_events=20,
+        batch_max_events=3,
+        retry_initial_backoff=0.2,
+        retry_max_backoff=0.4,
+    )
+    task = asyncio.create_task(p.run())
+    p.offer(make_occurrence(object_name="b-x"))
+    await asyncio.sleep(1.0)  # the time under test: sends within it are counted
+    sends = len(sink.batches)
+    p.stop_now()
+    await asyncio.wait_for(task, 10)
+    assert 1 <= sends <= 7, f"{sends} sends in 1 s"

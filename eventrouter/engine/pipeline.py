@@ -796,7 +796,10 @@ class Pipeline:
                 failed += 1
             # Bounded as every other Retry-After: `inf` or a day set an item aside until a restart.
             wait = self._server_wait(out.retry_after)
-            delay = wait if wait is not None else self._backoff(max(tries, 1), None)
+            # A hold keeps its own time (a digest window, a stream's refill); a failure backs off at
+            # least as a retry in place does: a Retry-After of 0 (a past date, parsed so) resent an
+            # item set aside ~90 times a second.
+            delay = wait if out.held and wait is not None else self._backoff(max(tries, 1), wait)
             due = time.monotonic() + delay
             if event_due is not None:
                 due = event_due.setdefault(occ.uid, due)
