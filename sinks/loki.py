@@ -43,13 +43,13 @@
   taught the sink is applied only when a send returns. An entry Loki then refuses as too far behind
   (Loki refuses, rather than de-duplicates, an identical entry behind its cutoff) is answered OK if
   a finished push stored it, and rejected, not stamped anew, if its push's outcome is unknown (a
-  timeout, 5xx). A send starts no push beyond its first four after its budget less one request's ``timeout`` (15 s
+  timeout, 5xx). A send starts no push beyond its first eight after its budget less one request's ``timeout`` (15 s
   by default: ``SinkContext.send_budget``), so a long one ends normally; what it did not push is
   sent again.
 - Loki's ingester answers for the last stream of a push only: a refused stream followed by a stored
   one gets a 2xx. So a stream Loki has not taken from this sink in the last 20 minutes (it may be
   new to Loki, which then may refuse it for the active stream limit) is pushed last, one such stream
-  per push, and up to four such pushes go at once. ``new_stream_pushes=false`` trades that for
+  per push, and up to eight such pushes go at once. ``new_stream_pushes=false`` trades that for
   throughput: one push per batch, new streams last (see the option).
 - Loki refuses entries older than ``reject_old_samples_max_age`` (168 h), further ahead than
   ``creation_grace_period`` (10 min), or more than ``max_chunk_age``/2 (1 h) behind the newest entry of
@@ -150,8 +150,10 @@ STREAM_KNOWN_FOR = 20 * 60.0
 in Loki's ingester. An idle stream is flushed after chunk_idle_period (30 min by default) and then
 forgotten, so its next entry creates it anew, which the active stream limit may refuse. 20 min leaves
 10 min to spare (a request's latency, a chunk_idle_period set a little lower)."""
-_PARALLEL_PUSHES = 4
-"""Pushes of one send in flight at once (the connection pool's size)."""
+_PARALLEL_PUSHES = 8
+"""Pushes of one send in flight at once (the connection pool's size). A first relist is nearly all
+streams Loki may not hold yet, a push each: eight at once took the six-sink start-up from 13.2–15.9 s
+to 11.6–12.9 s against four (docs/performance.md, section 4, "Session 27"); the CPU is the same."""
 _HOLD_AGAIN = 5.0
 """Seconds before a held-back entry is offered again (not an attempt: nothing was sent)."""
 _SENT_MAX = 20_000
@@ -1191,7 +1193,7 @@ class LokiSink(Sink[LokiOptions]):
 
     @property
     def pushes_deadline(self) -> float:
-        """Seconds into a send after which it starts no further push (beyond the first four, which
+        """Seconds into a send after which it starts no further push (beyond the first eight, which
         always go): its budget less one push's ``timeout`` (15 s by default), so a push started by
         then ends before the engine's send_timeout. A send of many pushes (a relist's batch of ~300
         new streams) so ends
