@@ -7,24 +7,29 @@ aiokafka."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Unpack
+from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 
-from eventrouter import Occurrence, Outcome, OutcomeKind, RetryableError, SinkContext
-from eventrouter.engine.pipeline import Pipeline
-from eventrouter.metrics import Metrics
+from eventrouter import Occurrence, OutcomeKind, RetryableError, SinkContext
 from eventrouter.testing import make_occurrence
-from eventrouter.testing.pipelines import Knobs, pipeline_for
+from eventrouter.testing.kafka_relay import (
+    as_the_engine_does,
+    copies,
+    engine,
+    log_of,
+    occurrence_of,
+    relayed,
+    started,
+    stopped,
+)
 from eventrouter.testing.receivers.kafka_faults import (
     API_INIT_PRODUCER_ID,
     API_METADATA,
@@ -32,22 +37,9 @@ from eventrouter.testing.receivers.kafka_faults import (
     NOT_ENOUGH_REPLICAS,
     FaultyBroker,
 )
-from eventrouter.testing.receivers.tansu import TansuBroker, free_port
+from eventrouter.testing.receivers.tansu import TansuBroker
 from eventrouter.testing.waiting import until
 from eventrouter_sinks.kafka import KafkaOptions, KafkaSink
-
-
-@contextlib.asynccontextmanager
-async def relayed(*topics: str, **faults: Any) -> AsyncIterator[tuple[TansuBroker, FaultyBroker]]:
-    """Tansu behind a relay with ``faults`` (FaultyBroker's arguments), the broker advertising the
-    relay so that every connection goes through it; ``topics`` of one partition each."""
-    port = free_port()
-    async with (
-        TansuBroker(advertised_port=port) as broker,
-        FaultyBroker(listen_port=port, target_port=broker.port, **faults) as relay,
-    ):
-        await broker.create_topics(*topics, partitions=1)
-        yield broker, relay
 
 
 def kafka_sink(relay: FaultyBroker, send_timeout: float, **options: Any) -> KafkaSink:
@@ -78,58 +70,6 @@ def every_fourth_too_old() -> list[Occurrence]:
     ]
 
 
-def engine(sink: KafkaSink, tmp_path: Path, **knobs: Unpack[Knobs]) -> tuple[Pipeline, Metrics]:
-    """The engine's pipeline around ``sink``, with the send_timeout its context carries."""
-    metrics = Metrics()
-    knobs = {"send_timeout": sink.context.send_timeout, **knobs}
-    return pipeline_for("kafka", sink, metrics, tmp_path / "dl", **knobs), metrics
-
-
-def started(pipeline: Pipeline, batch: Sequence[Occurrence] = ()) -> asyncio.Task[None]:
-    """``pipeline`` running, with ``batch`` offered."""
-    task = asyncio.create_task(pipeline.run())
-    for occurrence in batch:
-        pipeline.offer(occurrence)
-    return task
-
-
-async def stopped(pipeline: Pipeline, task: asyncio.Task[None]) -> None:
-    """Drained, stopped, its sink closed."""
-    pipeline.close()
-    await asyncio.wait_for(task, 10)
-    await pipeline.close_sink()
-
-
-async def log_of(bootstrap: str, *topics: str, at_least: int) -> list[Any]:
-    """Every record of ``topics`` (at least ``at_least``), in log order per partition."""
-    consumer = AIOKafkaConsumer(
-        *topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        records: list[Any] = []
-        async with asyncio.timeout(20):
-            while len(records) < at_least:
-                for got in (await consumer.getmany(timeout_ms=500)).values():
-                    records.extend(got)
-            # A fetch returns at once when data is there: an empty short one says there is no more.
-            while any((more := await consumer.getmany(timeout_ms=300)).values()):
-                for got in more.values():
-                    records.extend(got)
-        return sorted(records, key=lambda r: (r.topic, r.partition, r.offset))
-    finally:
-        await consumer.stop()
-
-
-def occurrence_of(record: Any) -> str:
-    value: bytes = dict(record.headers)["occurrence"]
-    return value.decode()
-
-
-def copies(records: list[Any]) -> collections.Counter[tuple[str, str]]:
-    return collections.Counter((r.topic, occurrence_of(r)) for r in records)
-
-
 def iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -155,15 +95,6 @@ async def renewing(
         [refused] = await as_the_engine_does(sink, [make_occurrence(namespace="bad")])
         assert refused.kind is OutcomeKind.REJECT
         yield sink, relay, broker
-
-
-async def as_the_engine_does(sink: KafkaSink, batch: list[Occurrence]) -> list[Outcome]:
-    """``Pipeline._send_once``: a send the engine's ``send_timeout`` ends is a retry of the whole batch,
-    so it must end by itself with an outcome per record (TimeoutError here)."""
-    async with asyncio.timeout(sink.context.send_timeout):
-        outcomes = await sink.send(batch)
-    assert outcomes is not None
-    return list(outcomes)
 
 
 def coroutine_of(task: asyncio.Task[Any]) -> str:
