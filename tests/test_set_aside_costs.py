@@ -27,21 +27,11 @@ from eventrouter.metrics import Metrics
 from eventrouter.record import Occurrence
 from eventrouter.sink import OK, Outcome, RetryableError, SinkContext, retry
 from eventrouter.testing import MemorySink, MemorySinkOptions, make_occurrence
-from eventrouter.testing.pipelines import Knobs, pipeline_for
+from eventrouter.testing.memory import Listening
+from eventrouter.testing.pipelines import Knobs, pipeline_for, sends_while_refused
 from eventrouter.testing.waiting import until
 
 Key = tuple[str, int]
-
-
-class Listening(MemorySink):
-    """A memory sink that notes what the engine says it gave up, in order."""
-
-    def __init__(self, options: MemorySinkOptions, context: object) -> None:
-        super().__init__(options, context)
-        self.given: list[Key] = []
-
-    def given_up(self, occurrences: Sequence[Occurrence]) -> None:
-        self.given.extend((occ.uid, occ.number) for occ in occurrences)
 
 
 def _context() -> SinkContext:
@@ -220,37 +210,16 @@ async def test_an_odd_retry_after_from_a_plugin_is_a_backoff_and_stops_nothing(
     await asyncio.wait_for(task, 10)
 
 
-class _RefusedAtOnce(MemorySink):
-    """Refuses everything for a cause of the key's own with Retry-After 0 (what a ``Retry-After: 0``,
-    a negative value or a date already past parse to), suspending on each send as I/O does."""
-
-    async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
-        self.batches.append(len(batch))
-        await asyncio.sleep(0)
-        return [retry("refused", retry_after=0.0, defer=True) for _ in batch]
-
-
 async def test_a_retry_after_of_zero_on_an_item_set_aside_still_backs_off() -> None:
     """A failure set aside with Retry-After 0 was due at once: ~90 sends a second where the backoff
     (0.2-0.4 s) allows about 5. Now it backs off at least as a retry in place does."""
-    sink = _RefusedAtOnce(
-        MemorySinkOptions.model_validate({}),
-        SinkContext(name="mem", cluster="test", data_dir=None, logger=logging.getLogger("mem")),
-    )
-    p = pipeline_for(
-        "mem",
-        sink,
-        Metrics(),
-        None,
+    refused = retry("refused", retry_after=0.0, defer=True)  # what Retry-After: 0 or a past date parse to
+    sends = await sends_while_refused(
+        refused,
+        [make_occurrence(object_name="b-x")],
         queue_max_events=20,
         batch_max_events=3,
         retry_initial_backoff=0.2,
         retry_max_backoff=0.4,
     )
-    task = asyncio.create_task(p.run())
-    p.offer(make_occurrence(object_name="b-x"))
-    await asyncio.sleep(1.0)  # the time under test: sends within it are counted
-    sends = len(sink.batches)
-    p.stop_now()
-    await asyncio.wait_for(task, 10)
     assert 1 <= sends <= 7, f"{sends} sends in 1 s"

@@ -7,18 +7,13 @@ A session 26 review's fuzz of this kind found occurrences lost, counted nowhere,
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from eventrouter.metrics import Metrics
-from eventrouter.record import Occurrence
-from eventrouter.sink import Outcome, SinkContext, retry
-from eventrouter.testing import MemorySink, MemorySinkOptions, make_occurrence
-from eventrouter.testing.pipelines import pipeline_for
+from eventrouter.sink import retry
+from eventrouter.testing import make_occurrence
+from eventrouter.testing.pipelines import sends_while_refused
 from eventrouter.testing.set_aside_fuzz import Plan, run_seed
 
 # Seeds that park a lot (14-36 records at most, on the 2-core machine): each must park some.
@@ -38,15 +33,6 @@ async def test_set_aside_items_parked_records_and_clean_restarts_lose_duplicate_
     assert result.parked_max > 0, f"the seed parked nothing: it tests less than it says\n{result.describe()}"
 
 
-class _Refusing(MemorySink):
-    """Refuses everything for a cause of the key's own, and suspends on each send as I/O does."""
-
-    async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
-        self.batches.append(len(batch))
-        await asyncio.sleep(0)
-        return [retry("stream over its limit", defer=True) for _ in batch]
-
-
 async def test_an_event_with_more_items_set_aside_than_a_batch_is_not_resent_at_once() -> None:
     """The fuzz's ``resent_at_once``, minimised: 7 occurrences of one event whose key is refused,
     batches of 3, backoff 0.2-0.4 s. An event's items set aside go out together, lowest first, at
@@ -54,27 +40,16 @@ async def test_an_event_with_more_items_set_aside_than_a_batch_is_not_resent_at_
     the next batch was due at once and brought X/1-X/3 along again: ~11,000 sends in a second instead
     of at most a handful, and with a sink whose send does not suspend (the memory sink) the event
     loop never ran again: the router froze (item 170). Now the rest waits as long as those refused."""
-    sink = _Refusing(
-        MemorySinkOptions.model_validate({}),
-        SinkContext(name="mem", cluster="test", data_dir=None, logger=logging.getLogger("mem")),
-    )
-    p = pipeline_for(
-        "mem",
-        sink,
-        Metrics(),
-        None,
+    first = make_occurrence(object_name="b-x")
+    occurrences = [make_occurrence(object_name="b-x", uid=first.uid, count=n) for n in range(1, 8)]
+    refused = retry("stream over its limit", defer=True)
+    sends = await sends_while_refused(
+        refused,
+        occurrences,
         queue_max_events=20,
         batch_max_events=3,
         retry_initial_backoff=0.2,
         retry_max_backoff=0.4,
     )
-    task = asyncio.create_task(p.run())
-    first = make_occurrence(object_name="b-x")
-    for n in range(1, 8):
-        p.offer(make_occurrence(object_name="b-x", uid=first.uid, count=n))
-    await asyncio.sleep(1.0)  # the time under test: sends within it are counted
-    sends = len(sink.batches)
-    p.stop_now()
-    await asyncio.wait_for(task, 10)
     # Due at 0, then at most every 0.2 s: 6 rounds of at most 3 batches (7 items, 3 a batch).
     assert sends <= 18, f"{sends} sends in 1 s"

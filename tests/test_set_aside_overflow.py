@@ -26,6 +26,7 @@ from eventrouter.sink import OK, Outcome, SinkContext, retry
 from eventrouter.source.watcher import WatchSettings
 from eventrouter.testing import MemorySink, MemorySinkOptions, event_object, make_occurrence
 from eventrouter.testing.apiserver import FakeApiServer
+from eventrouter.testing.memory import Listening
 from eventrouter.testing.pipelines import Knobs, pipeline_for
 from eventrouter.testing.waiting import until
 
@@ -35,17 +36,6 @@ Key = tuple[str, int]
 @pytest.fixture
 def metrics() -> Metrics:
     return Metrics()
-
-
-class Listening(MemorySink):
-    """A memory sink that notes what the engine says it gave up."""
-
-    def __init__(self, options: MemorySinkOptions, context: object) -> None:
-        super().__init__(options, context)
-        self.given: list[Key] = []
-
-    def given_up(self, occurrences: Sequence[Occurrence]) -> None:
-        self.given.extend((occ.uid, occ.number) for occ in occurrences)
 
 
 def _sink() -> Listening:

@@ -11,7 +11,7 @@ from eventrouter.options import SinkOptions
 from eventrouter.record import Occurrence
 from eventrouter.sink import OK, Outcome, RetryableError, Sink
 
-__all__ = ["Gate", "MemorySink", "MemorySinkOptions", "gated"]
+__all__ = ["Gate", "Listening", "MemorySink", "MemorySinkOptions", "gated"]
 
 
 class MemorySinkOptions(SinkOptions):
@@ -64,6 +64,17 @@ class MemorySink(Sink[MemorySinkOptions]):
 
     async def aclose(self) -> None:
         self.closed += 1
+
+
+class Listening(MemorySink):
+    """A memory sink that notes the (uid, number) of what the engine says it gave up, in order."""
+
+    def __init__(self, options: MemorySinkOptions, context: object) -> None:
+        super().__init__(options, context)
+        self.given: list[tuple[str, int]] = []
+
+    def given_up(self, occurrences: Sequence[Occurrence]) -> None:
+        self.given.extend((occ.uid, occ.number) for occ in occurrences)
 
 
 class Gate:

@@ -4,22 +4,24 @@ dead-letter file holds them."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
 import orjson
 
-from eventrouter import Occurrence, Sink
+from eventrouter import Occurrence, Outcome, Sink, SinkContext
 from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
 from eventrouter.engine.deadletter import DeadLetter
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.engine.spool import Spool
 from eventrouter.metrics import Metrics
 from eventrouter.options import PipelineOptions
+from eventrouter.testing.memory import MemorySink, MemorySinkOptions
 from eventrouter.testing.waiting import until
 
-__all__ = ["Knobs", "dead_letter", "pipeline_for"]
+__all__ = ["Knobs", "dead_letter", "pipeline_for", "sends_while_refused"]
 
 
 class Knobs(TypedDict, total=False):
@@ -83,3 +85,24 @@ async def dead_letter(
 
 def _counted(counter: Any, want: int) -> Callable[[], bool]:
     return lambda: bool(counter._value.get() == want)
+
+
+async def sends_while_refused(
+    outcome: Outcome, occurrences: Sequence[Occurrence], seconds: float = 1.0, **knobs: Unpack[Knobs]
+) -> int:
+    """The sends a pipeline makes in ``seconds`` to a memory sink answering ``outcome`` for every item,
+    each send suspending as I/O does (a sink whose send never suspends froze the loop in a retry
+    storm): a resend without its backoff shows as many more sends than the backoff allows."""
+    context = SinkContext(name="mem", cluster="test", data_dir=None, logger=logging.getLogger("mem"))
+    sink = MemorySink(MemorySinkOptions.model_validate({}), context)
+    sink.decide = lambda _: outcome
+    sink.delay = 1e-6
+    pipeline = pipeline_for("mem", sink, Metrics(), None, **knobs)
+    task = asyncio.create_task(pipeline.run())
+    for occurrence in occurrences:
+        pipeline.offer(occurrence)
+    await asyncio.sleep(seconds)  # the time under test: the sends within it are counted
+    sends = len(sink.batches)
+    pipeline.stop_now()
+    await asyncio.wait_for(task, 10)
+    return sends
