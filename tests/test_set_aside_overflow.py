@@ -16,18 +16,18 @@ from typing import Any, Unpack
 
 import pytest
 
-from eventrouter.app import Router, RouterSettings
+from eventrouter.app import Router
 from eventrouter.config import spec_for_class
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.engine.spool import Spool
 from eventrouter.metrics import SINK_DROP_REASONS, Metrics
 from eventrouter.record import Occurrence
 from eventrouter.sink import OK, Outcome, SinkContext, retry
-from eventrouter.source.watcher import WatchSettings
 from eventrouter.testing import MemorySink, MemorySinkOptions, event_object, make_occurrence
 from eventrouter.testing.apiserver import FakeApiServer
 from eventrouter.testing.memory import Listening
 from eventrouter.testing.pipelines import Knobs, pipeline_for
+from eventrouter.testing.routers import router_settings
 from eventrouter.testing.waiting import until
 
 Key = tuple[str, int]
@@ -261,14 +261,7 @@ async def api() -> AsyncIterator[FakeApiServer]:
 def _router(
     api: FakeApiServer, tmp_path: Path, sink_class: type[MemorySink] = MemorySink, /, **opts: Any
 ) -> Router:
-    settings = RouterSettings(
-        cluster_name="test",
-        kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
-        metrics_addr=None,
-        data_dir=tmp_path / "data",
-        shutdown_timeout=5.0,
-        watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
-    )
+    settings = router_settings(api, tmp_path, data_dir=tmp_path / "data")
     spec = spec_for_class(sink_class, {"name": "mem", "batch_max_wait": 0.02, **opts}, type_="memory")
     return Router(settings, [spec])
 

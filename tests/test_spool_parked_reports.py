@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from eventrouter.app import Router, RouterSettings
+from eventrouter.app import Router
 from eventrouter.config import spec_for_class
 from eventrouter.engine.spool import Spool
 from eventrouter.record import Occurrence
 from eventrouter.sink import OK, Outcome, retry
-from eventrouter.source.watcher import WatchSettings
 from eventrouter.testing import MemorySink, event_object, make_occurrence
 from eventrouter.testing.apiserver import FakeApiServer
+from eventrouter.testing.routers import router_settings
 from eventrouter.testing.waiting import until
 
 REFUSED = 13  # events of the key the sink refuses (db-*), through a memory queue of 10
@@ -35,14 +35,7 @@ async def api() -> AsyncIterator[FakeApiServer]:
 
 
 def _router(api: FakeApiServer, tmp_path: Path, name: str, **opts: Any) -> Router:
-    settings = RouterSettings(
-        cluster_name="test",
-        kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
-        metrics_addr=None,
-        data_dir=tmp_path / "data",
-        shutdown_timeout=1.0,
-        watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
-    )
+    settings = router_settings(api, tmp_path, data_dir=tmp_path / "data", shutdown_timeout=1.0)
     spec = spec_for_class(MemorySink, {"name": name, "batch_max_wait": 0.02, **opts}, type_="memory")
     return Router(settings, [spec])
 
