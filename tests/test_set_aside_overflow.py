@@ -155,7 +155,7 @@ async def test_with_a_spool_set_aside_items_past_half_the_queue_are_parked_on_di
     assert gauge == len(spool) + spool.parked_count
     # A SIGKILL now: what is parked is on disk (the rest waits in memory or the aside file).
     crashed = Spool(tmp_path / "spool", max_bytes=10_000_000)
-    on_disk = {(o.uid, o.number) for o, _ in crashed.unpark(10**6)} | set(_keys(crashed.pop(10**6)))
+    on_disk = {(u.occ.uid, u.occ.number) for u in crashed.unpark(10**6)} | set(_keys(crashed.pop(10**6)))
     crashed.close()
     held = {(uid, n) for uid, numbers in p._held.items() for n in numbers}
     assert set(_keys(refused + briefly)) <= on_disk | held
@@ -229,7 +229,7 @@ def test_the_parked_fifo_shares_the_spools_bound_and_is_read_back_after_a_restar
     parked = [make_occurrence(object_name=f"b-{i}") for i in range(40)] + [x]
     dropped: list[str] = []
     for i, occ in enumerate(parked):
-        dropped += spool.park(occ, tries=i % 3, owed=occ is x)
+        dropped += spool.park(occ, tries=i % 3, owed=occ is x, not_before=1e9 + i if occ is x else 0.0)
     assert spool.bytes <= 20_000 and dropped == [occ.key for occ in parked[: len(dropped)]]
     assert [o.key for o in spool.dropped_occurrences] == dropped  # rebuilt for ``given_up``
     assert spool.parked_floor(x.uid) == 3 and spool.parked_floor(parked[0].uid) is None
@@ -242,8 +242,14 @@ def test_the_parked_fifo_shares_the_spools_bound_and_is_read_back_after_a_restar
     reopened = Spool(tmp_path, max_bytes=40_000, segment_bytes=4_000)
     assert reopened.parked_floor(x.uid) == 3 and reopened.holds(x)
     back = reopened.unpark(10**6)
-    assert [o.key for o, _ in back] == [o.key for o in parked if o.key not in set(dropped)]
-    assert {o.key: t for o, t in back}[x.key] == (len(parked) - 1) % 3 and reopened.owed == {(x.uid, 3)}
+    assert [u.occ.key for u in back] == [o.key for o in parked if o.key not in set(dropped)]
+    assert {u.occ.key: u.tries for u in back}[x.key] == (len(parked) - 1) % 3 and reopened.owed == {
+        (x.uid, 3)
+    }
+    # The end of its backoff too (item 181); a record parked with none has none.
+    assert {u.occ.key: u.not_before for u in back} == {
+        o.key: 1e9 + 40 if o is x else 0.0 for o in parked[-len(back) :]
+    }
     assert reopened.parked_floor(x.uid) is None and reopened.parked_count == 0
     reopened.close()
 
@@ -316,7 +322,10 @@ async def test_a_clean_stop_with_occurrences_parked_keeps_them_and_delivers_each
     assert first.exit_code == 0
     # X/1 stayed parked, and a copy of it is owed: delivered though the checkpoint records X/2.
     kept = Spool(tmp_path / "data" / "spool" / "mem", max_bytes=10**9, cluster="test")
-    assert [key for key in _keys([o for o, _ in kept.unpark(10**6)]) if key[0] == uid] == [(uid, 1), (uid, 1)]
+    assert [key for key in _keys([u.occ for u in kept.unpark(10**6)]) if key[0] == uid] == [
+        (uid, 1),
+        (uid, 1),
+    ]
     assert kept.owed == {(uid, 1)}
     kept.close()
     second = _router(api, tmp_path, **opts)
@@ -430,6 +439,49 @@ async def test_a_key_refused_briefly_keeps_its_own_backoff_while_another_has_man
     p.close()
     p.stop_now()
     await asyncio.wait_for(task, 10)
+
+
+async def test_an_event_parked_behind_its_own_records_is_not_read_back_before_its_backoff(
+    metrics: Metrics, tmp_path: Path
+) -> None:
+    """Y (4 occurrences, refused) waits in memory at half the share; X's 8 records are parked (as a
+    restart leaves them). 4 of X come back into the share, are refused with Y and, at the share, go
+    behind X's other parked records; the room left reads those first and parks them again behind, so
+    X's refused ones were next, read back at the next refill due at once: ~600 sends in 2 s, with a
+    backoff of at least 0.2 s (item 181). A parked record now keeps the end of its backoff. Counted
+    over a fixed time: a loaded host only lowers the count."""
+    spool = Spool(tmp_path / "spool", max_bytes=10_000_000)
+    sink = _sink()
+    sends: collections.Counter[Key] = collections.Counter()
+
+    def decide(occ: Occurrence) -> Outcome:
+        sends[(occ.uid, occ.number)] += 1
+        return retry("stream over the stream limit", defer=True)
+
+    sink.decide = decide
+    p = _pipeline(
+        sink,
+        metrics,
+        spool=spool,
+        queue_max_events=16,
+        batch_max_events=8,
+        retry_initial_backoff=0.2,
+        retry_max_backoff=0.4,
+    )
+    task = asyncio.create_task(p.run())
+    y = _occurrences("y", 1, 4)
+    for occ in y:
+        p.offer(occ)
+    await until(lambda: all(sends[key] for key in _keys(y)))
+    x = _occurrences("x", 1, 8)
+    for occ in x:
+        spool.park(occ, tries=1)
+    await asyncio.sleep(2)  # the time under test: the sends within it are counted
+    p.stop_now()
+    await asyncio.wait_for(task, 10)
+    # Each at most once at once and then once per 0.2 s: 11 sends of each of the 12 in 2 s at most.
+    assert sum(sends.values()) <= 12 * 11, sends
+    assert max(sends[key] for key in _keys(x)) > 1  # X did come back and was refused again
 
 
 async def test_items_set_aside_are_left_over_at_a_stop_in_the_order_received_not_due(

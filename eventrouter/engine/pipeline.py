@@ -929,10 +929,14 @@ class Pipeline:
         leaving.sort(key=lambda entry: (entry[2].uid, entry[2].number))
         dues: list[float] = []
         dropped: list[str] = []
+        now, wall = time.monotonic(), time.time()
         for i, (due, _, occ) in enumerate(leaving):
             key = (occ.uid, occ.number)
+            # Its backoff goes with it: an event refused a moment ago and parked behind its own
+            # records was read back at the next refill due at once, a burst of resends (item 181).
+            not_before = wall + (due - now) if due > now else 0.0
             try:
-                dropped.extend(spool.park(occ, self._failures.get(key, 0), key in self._owed))
+                dropped.extend(spool.park(occ, self._failures.get(key, 0), key in self._owed, not_before))
             except OSError as exc:
                 for entry in leaving[i:]:
                     aside.push(entry)
@@ -971,11 +975,14 @@ class Pipeline:
         if spool.owed:
             self._owed |= spool.owed
             spool.owed.clear()
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
+        # A "not before" is wall-clock time (it outlives a restart): bounded as a server's wait is, so
+        # that a clock stepped back holds no record for long.
+        longest = max(self.options.retry_max_backoff, self.options.retry_wait_max)
         accepted, held, owed, floor = self.checkpoint.accepted, self._held, self._owed, spool.parked_floor
         dropped: list[str] = []
         due = iter(dues)
-        for occ, tries in back:
+        for occ, tries, not_before in back:
             key = (occ.uid, occ.number)
             if (occ.number <= accepted(occ.uid) and key not in owed) or occ.number in held.get(occ.uid, ()):
                 # A copy: accepted before a crash (read again), or waiting aside beside it.
@@ -985,13 +992,15 @@ class Pipeline:
                 # An older occurrence of its event is still parked (round robin put it behind): this
                 # one goes behind it again, so that the event's come back, and go out, in number order.
                 try:
-                    dropped.extend(spool.park(occ, tries, key in owed))
+                    dropped.extend(spool.park(occ, tries, key in owed, not_before))
                     owed.discard(key)  # the record says so
                     continue
                 except OSError:
                     dropped.extend(spool.lost_on_error)
                     spool.lost_on_error = []  # kept in memory: out of order, nothing lost
             at = next(due, now)
+            if not_before > wall:
+                at = max(at, now + min(not_before - wall, longest))
             if (event_at := self._aside.due_of(occ.uid)) is not None and event_at > at:
                 # Its event's items in memory were refused and wait their backoff: it waits with them.
                 # Due now, it brought them along at once (``_with_their_events``), again at each turn.

@@ -36,13 +36,14 @@ from array import array
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 
 from eventrouter.appendfile import append_all
 from eventrouter.record import MalformedEvent, Occurrence, normalise, occurrence_number
 
-__all__ = ["Spool"]
+__all__ = ["Spool", "Unparked"]
 
 RETRY_SECONDS = 5.0
 """After a failed write (a full disk) the spool takes nothing for this long: the pipeline keeps
@@ -74,6 +75,14 @@ def _digest(uid: str, number: int) -> int:
     digest alike by chance (a copy kept out that was not one: lost) with a chance of ~10^-17; with
     64 bits it would be ~5 * 10^-8 per such restart."""
     return int.from_bytes(hashlib.blake2b(f"{uid}/{number}".encode(), digest_size=12).digest(), "little")
+
+
+class Unparked(NamedTuple):
+    """A record read back from the parked FIFO."""
+
+    occ: Occurrence
+    tries: int  # failed attempts so far
+    not_before: float  # wall-clock time its backoff ends (0: none)
 
 
 class _HeldAtOpen:
@@ -804,22 +813,24 @@ class Spool:
         """False for a while after a write to the parked FIFO failed."""
         return self._parked is None or self._parked.writable
 
-    def park(self, occ: Occurrence, tries: int = 0, owed: bool = False) -> list[str]:
-        """Append ``occ`` (set aside by the pipeline, ``tries`` failed attempts so far) to the parked
-        FIFO; returns the keys dropped to stay within the bound: the parked FIFO's oldest first (it
-        takes at most half the bound), then the main FIFO's. Raises ``OSError`` as ``append`` does."""
+    def park(self, occ: Occurrence, tries: int = 0, owed: bool = False, not_before: float = 0.0) -> list[str]:
+        """Append ``occ`` (set aside by the pipeline, ``tries`` failed attempts so far, not to be sent
+        again before ``not_before``, a wall-clock time; 0: at once) to the parked FIFO; returns the
+        keys dropped to stay within the bound: the parked FIFO's oldest first (it takes at most half
+        the bound), then the main FIFO's. Raises ``OSError`` as ``append`` does."""
         parked = self._parked
         if parked is None:
             parked = self._parked = _Parked(self)
         parked.decode_dropped = self.decode_dropped
         try:
-            return parked.add(occ, tries, owed)
+            return parked.add(occ, tries, owed, not_before)
         finally:
             self._took_from(parked)
 
-    def unpark(self, limit: int) -> list[tuple[Occurrence, int]]:
-        """The next ``limit`` parked records, oldest first, with their failed attempts so far; their
-        owed marks go to ``owed``. Like ``pop``: the read position is durable only at ``commit``."""
+    def unpark(self, limit: int) -> list[Unparked]:
+        """The next ``limit`` parked records, oldest first, with their failed attempts so far and
+        their "not before" time; their owed marks go to ``owed``. Like ``pop``: the read position is
+        durable only at ``commit``."""
         parked = self._parked
         if parked is None or not len(parked):
             return []
@@ -827,8 +838,11 @@ class Spool:
             occs = parked.pop(limit)
         finally:
             self._took_from(parked)
-        tries = parked.tries
-        out = [(occ, tries.pop((occ.uid, occ.number), 0)) for occ in occs]
+        tries, waits = parked.tries, parked.not_before
+        out = [
+            Unparked(occ, tries.pop((occ.uid, occ.number), 0), waits.pop((occ.uid, occ.number), 0.0))
+            for occ in occs
+        ]
         if self.held_at_open is not None and parked.held_at_open is None:
             self._check_read_at_open()
         return out
@@ -865,11 +879,11 @@ class Spool:
             return set(), []
         ok = set(behind)
         dropped: list[str] = []
-        for occ, tries in below:
+        for occ, tries, not_before in below:
             if occ.uid not in ok:
                 continue
             try:
-                dropped.extend(self.park(occ, tries, owed=True))
+                dropped.extend(self.park(occ, tries, owed=True, not_before=not_before))
             except OSError as exc:
                 log.error("spool %s: cannot keep a parked record owed at the stop: %s", self.directory, exc)
                 ok.discard(occ.uid)
@@ -894,14 +908,16 @@ class Spool:
 
 class _Parked(Spool):
     """The parked FIFO in ``<spool>/parked/``: segments, cursor, bound and reading as the main one's.
-    A record carries its failed attempts (``[raw, received_at, owed, tries]``: ``retry_max_attempts``
-    still ends it). ``floor`` answers per event from a table of its parked numbers, keyed by a
+    A record carries its failed attempts (``[raw, received_at, owed, tries, not_before]``:
+    ``retry_max_attempts`` still ends it) and the wall-clock time its backoff ends (an event refused
+    a moment ago and parked behind its own records was read back due at once: a burst of resends). ``floor`` answers per event from a table of its parked numbers, keyed by a
     64-bit hash of the uid (~120 bytes an event with one record parked, ~100 more with several, then
     8 a record: 100,000 events, 12 MiB), rebuilt at open; the records themselves are not in memory."""
 
     def __init__(self, main: Spool) -> None:
         self._main = main
         self.tries: dict[tuple[str, int], int] = {}
+        self.not_before: dict[tuple[str, int], float] = {}
         self._floors: dict[int, int | list[int]] = {}
         self._moved = True
         super().__init__(
@@ -983,7 +999,7 @@ class _Parked(Spool):
             self._moved = False
             super().commit()
 
-    def add(self, occ: Occurrence, tries: int, owed: bool) -> list[str]:
+    def add(self, occ: Occurrence, tries: int, owed: bool, not_before: float = 0.0) -> list[str]:
         line = (
             b"["
             + occ.raw_json
@@ -991,6 +1007,7 @@ class _Parked(Spool):
             + orjson.dumps(occ.received_at)
             + (b",1," if owed else b",0,")
             + str(tries).encode()
+            + (b"," + orjson.dumps(round(not_before, 3)) if not_before > 0 else b"")
             + b"]\n"
         )
         main = self._main
@@ -1007,6 +1024,8 @@ class _Parked(Spool):
             self.owed.add((occ.uid, occ.number))
         if len(rec) > 3 and rec[3]:
             self.tries[(occ.uid, occ.number)] = int(rec[3])
+        if len(rec) > 4 and rec[4]:
+            self.not_before[(occ.uid, occ.number)] = float(rec[4])
         return occ
 
     def pop(self, limit: int) -> list[Occurrence]:
@@ -1038,9 +1057,9 @@ class _Parked(Spool):
             self._rebuild_floors()
         self._forget_floors_if_empty()
 
-    def records_below(self, behind: Mapping[str, int]) -> list[tuple[Occurrence, int]]:
+    def records_below(self, behind: Mapping[str, int]) -> list[Unparked]:
         """The unread records (not owed already) of the events in ``behind`` below its number."""
-        out: list[tuple[Occurrence, int]] = []
+        out: list[Unparked] = []
         for seg in list(self._segments):
             if seg.read_records >= seg.records:
                 continue
@@ -1057,5 +1076,7 @@ class _Parked(Spool):
                     occ = normalise(raw, cluster=self.cluster, received_at=rec[1], owned=True, number=number)
                 except (orjson.JSONDecodeError, MalformedEvent, KeyError, TypeError, ValueError, IndexError):
                     continue  # unreadable: counted when it is read
-                out.append((occ, int(rec[3]) if len(rec) > 3 else 0))
+                out.append(
+                    Unparked(occ, int(rec[3]) if len(rec) > 3 else 0, float(rec[4]) if len(rec) > 4 else 0.0)
+                )
         return out
