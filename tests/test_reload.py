@@ -79,16 +79,18 @@ def _loki_flag(loki: LokiReceiver, token_file: Path, **opts: Any) -> str:
 
 
 def test_the_watched_files_are_the_file_references_and_the_file_options(tmp_path: Path) -> None:
-    for name in ("token", "ca.crt", "hook-secret"):
+    for name in ("token", "ca.crt", "hook-secret", "api-key", "scope", "org"):
         (tmp_path / name).write_text("x")
     (tmp_path / "header").write_text("X-Api-Key: abc")
     (tmp_path / "template.json").write_text('{"m": "{{message}}"}')
-    loki, hook = build_specs(
+    loki, hook, named = build_specs(
         [
             f"loki:http://loki:3100?bearer_token=file:{tmp_path}/token&headers=file:{tmp_path}/header"
             f"&ca_file={tmp_path}/ca.crt&tenant=ops",
             f"webhook:http://hook/x?secret=file:{tmp_path}/hook-secret&bearer_token=env:HOME"
-            f"&body_template_file={tmp_path}/template.json",
+            f"&body_template_file={tmp_path}/template.json&headers=X-Api-Key=file:{tmp_path}/api-key"
+            "&headers=X-Team:ops",
+            f"loki:http://loki:3100?name=named&headers=X-Scope-Token:file:{tmp_path}/scope&headers=X-Org: file:{tmp_path}/org",
         ]
     )
     assert watched_files(loki) == {
@@ -96,10 +98,16 @@ def test_the_watched_files_are_the_file_references_and_the_file_options(tmp_path
         f"{tmp_path}/header": ["headers"],
         f"{tmp_path}/ca.crt": ["ca_file"],
     }
-    # env: references and literals are not files; a template is (a ConfigMap may hold it).
+    # env: references and literals are not files; a template is (a ConfigMap may hold it), and so is
+    # a file named inside a header entry (item 182: a rotated header value was never taken).
     assert watched_files(hook) == {
         f"{tmp_path}/hook-secret": ["secret"],
         f"{tmp_path}/template.json": ["body_template_file"],
+        f"{tmp_path}/api-key": ["headers.X-Api-Key"],
+    }
+    assert watched_files(named) == {
+        f"{tmp_path}/scope": ["headers.X-Scope-Token"],
+        f"{tmp_path}/org": ["headers.X-Org"],
     }
     assert set(file_options(WebhookOptions)) == {"body_template_file", "ca_file", "cert_file", "key_file"}
 

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +39,10 @@ Signature = tuple[int, int, int, int] | None
 """(device, inode, mtime in ns, size) of a file; None while it cannot be read."""
 
 
+_NAMED_FILE = re.compile(r"(?P<name>[!#$%&'*+.^_`|~0-9A-Za-z-]+)\s*[:=]\s*file:(?P<path>/\S*)")
+"""An entry ``Name:file:/path`` (or ``Name=file:/path``): a header whose value is read from a file."""
+
+
 def watched_files(spec: SinkSpec) -> dict[str, list[str]]:
     """Path → the options that name it: ``file:`` references in the configured options (secrets,
     also in lists and in mappings such as headers) and the values of the model's file options."""
@@ -52,6 +57,8 @@ def watched_files(spec: SinkSpec) -> dict[str, list[str]]:
         if isinstance(value, str):
             if value.startswith("file:") and len(value) > 5:
                 add(value[5:], option)
+            elif named := _NAMED_FILE.fullmatch(value):
+                add(named["path"], f"{option}.{named['name']}")
         elif isinstance(value, list | tuple):
             for item in value:
                 walk(item, option)
