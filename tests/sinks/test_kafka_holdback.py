@@ -1,13 +1,17 @@
 """Kafka: a partition the broker refuses holds back none of the sink's other topics or partitions, keeps
 its own order, and a retry of it ends at the broker's first answer proving nothing was written, read
 from the sink's own producer (whatever the log level, whatever another Kafka sink of the process is
-told). Tansu behind the project's broker checks relay (``kafka_faults.FaultyBroker``: a topic's batches
-refused with NOT_ENOUGH_REPLICAS, slow acknowledgements), records read back with aiokafka."""
+told), and a batch the broker wrote before answering an error is written once. Tansu behind the
+project's broker checks relay (``kafka_faults.FaultyBroker``: a topic's batches refused with
+NOT_ENOUGH_REPLICAS, a batch written and then answered NOT_LEADER_OR_FOLLOWER, slow acknowledgements;
+Kafka's duplicate-batch check), records read back with aiokafka."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from eventrouter import OutcomeKind, SinkContext
+from eventrouter import Occurrence, OutcomeKind, SinkContext
 from eventrouter.logs import setup_logging
 from eventrouter.testing import make_occurrence
 from eventrouter.testing.kafka_relay import (
@@ -28,7 +32,15 @@ from eventrouter.testing.kafka_relay import (
     started,
     stopped,
 )
-from eventrouter.testing.receivers.kafka_faults import API_PRODUCE, NOT_ENOUGH_REPLICAS, FaultyBroker
+from eventrouter.testing.receivers.kafka_checks import OUT_OF_ORDER_SEQUENCE_NUMBER
+from eventrouter.testing.receivers.kafka_faults import (
+    API_INIT_PRODUCER_ID,
+    API_PRODUCE,
+    NOT_ENOUGH_REPLICAS,
+    NOT_LEADER_OR_FOLLOWER,
+    UNKNOWN_TOPIC_OR_PARTITION,
+    FaultyBroker,
+)
 from eventrouter.testing.waiting import until
 from eventrouter_sinks.kafka import KafkaOptions, KafkaSink
 
@@ -236,3 +248,118 @@ async def test_two_kafka_sinks_with_one_topic_name_each_judge_their_own_partitio
     assert copies(records_a) == {("p-bad", a_bad.key): 1, ("p-good", a_good.key): 1}
     assert [o.kind for o in a_retry] == [OutcomeKind.OK], a_retry[0].reason
     assert copies(records_b) == {("p-good", b_good.key): 1}
+
+
+@pytest.mark.parametrize(
+    "code", [NOT_LEADER_OR_FOLLOWER, UNKNOWN_TOPIC_OR_PARTITION], ids=["not_leader", "unknown_partition"]
+)
+async def test_a_retry_written_and_then_answered_an_error_is_written_once(code: int) -> None:
+    """A refused partition's retry is written by the leader and then answered NOT_LEADER_OR_FOLLOWER (or
+    UNKNOWN_TOPIC_OR_PARTITION): Kafka's ``DelayedProduce`` when an acks=all leader moves after the
+    append (a rolling restart). The first version of the early stop cut such a batch short and gave its
+    sequence back: the engine's resend, with a newer record of the partition, was refused out of
+    sequence and a new producer wrote the batch's records again. The batch is now left to aiokafka,
+    whose retry the broker answers as a duplicate: every record written once, in order."""
+    refused = {"w-bad": NOT_ENOUGH_REPLICAS}
+    async with relayed("w-good", "w-bad", idempotence=True, refuse=refused) as (broker, relay):
+        sink = kafka_sink(relay, send_timeout=3.0, topic="w-{namespace}")
+        await sink.start()
+        offered: list[Occurrence] = []
+        outstanding: list[Occurrence] = []
+
+        async def send(*newer: Occurrence) -> None:
+            """The engine's next send: what is outstanding, then ``newer``."""
+            batch = outstanding + list(newer)
+            offered.extend(newer)
+            outcomes = await as_the_engine_does(sink, batch)
+            outstanding[:] = [o for o, r in zip(batch, outcomes, strict=True) if r.kind is OutcomeKind.RETRY]
+
+        try:
+            b1, b2, b3 = (make_occurrence(namespace="bad", object_name=f"b-{i}") for i in range(3))
+            g1, g2, g3 = (make_occurrence(namespace="good", object_name=f"g-{i}") for i in range(3))
+            await send(b1, b2, g1)  # waits its budget: the partition's first refusal
+            assert outstanding == [b1, b2]
+            relay.refuse.clear()
+            relay.after_append_once["w-bad"] = code  # the leader moves while the retry waits
+            await send(g2)
+            assert relay.after_append_once == {}  # the retry was written, then answered the error
+            await send(b3, g3)  # a newer record of the partition: a resend would differ from the batch
+            for _ in range(3):  # anything still outstanding, as the engine sends it again
+                if outstanding:
+                    await send()
+            assert outstanding == []
+        finally:
+            await sink.aclose()
+        records = await log_of(broker.bootstrap, "w-good", "w-bad", at_least=len(offered))
+    assert copies(records) == {(f"w-{o.record['namespace']}", o.key): 1 for o in offered}
+    for topic in ("w-good", "w-bad"):  # each partition in the order its records were offered
+        assert [occurrence_of(r) for r in records if r.topic == topic] == [
+            o.key for o in offered if f"w-{o.record['namespace']}" == topic
+        ]
+    # aiokafka's retry of the batch was answered as a duplicate, not written again.
+    assert [(topic, partition) for topic, partition, _, _ in relay.duplicates] == [("w-bad", 0)]
+
+
+class _Connection:
+    """One bare Kafka connection: requests framed by hand (header v1), answers read in order."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.correlation_id = 0
+
+    async def call(self, api_key: int, version: int, body: bytes) -> bytes:
+        """The answer's body (after its correlation id)."""
+        self.correlation_id += 1
+        header = struct.pack(">hhih", api_key, version, self.correlation_id, 1) + b"t"
+        self.writer.write(struct.pack(">i", len(header) + len(body)) + header + body)
+        await self.writer.drain()
+        (size,) = struct.unpack(">i", await self.reader.readexactly(4))
+        frame = await self.reader.readexactly(size)
+        assert struct.unpack_from(">i", frame) == (self.correlation_id,)
+        return frame[4:]
+
+
+async def test_the_relay_answers_a_batch_resent_with_its_sequence_as_a_duplicate_not_written() -> None:
+    """Kafka's duplicate-batch check, which a test of a resend depends on: a batch whose producer id,
+    epoch and (first, last) sequence equal one of the last five written on its partition is answered
+    NONE, with the first write's offset, and not appended; one of another range, or older than those
+    five, is out of sequence (before: every resend was out of sequence)."""
+    from aiokafka.protocol.produce import ProduceRequest_v3, ProduceResponse_v3
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+    async with relayed("dup", idempotence=True) as (broker, relay):
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.listen_port)
+        connection = _Connection(reader, writer)
+        try:
+            answer = await connection.call(API_INIT_PRODUCER_ID, 0, struct.pack(">hi", -1, 60_000))
+            (producer_id,) = struct.unpack_from(">q", answer, 6)
+
+            def batch(sequence: int, *values: str) -> bytes:
+                builder = DefaultRecordBatchBuilder(2, 0, 0, producer_id, 0, sequence, 1 << 20)
+                for i, value in enumerate(values):
+                    builder.append(i, int(time.time() * 1000), None, value.encode(), [])
+                return bytes(builder.build())
+
+            async def produce(data: bytes) -> tuple[int, int]:
+                """The partition's error code and base offset."""
+                request = ProduceRequest_v3(None, -1, 5000, [("dup", [(0, data)])])
+                body = await connection.call(API_PRODUCE, 3, request.encode())
+                [(_, [(_, error, offset, _)])], _ = ProduceResponse_v3.SCHEMA.decode(io.BytesIO(body))
+                return error, offset
+
+            first = batch(0, "a0", "a1")
+            assert await produce(first) == (0, 0)
+            assert await produce(first) == (0, 0)  # its answer lost, sent again: the first write's offset
+            assert relay.duplicates == [("dup", 0, producer_id, 0)]
+            assert await produce(batch(2, "a2")) == (0, 2)
+            assert (await produce(batch(0, "x0", "x1", "x2")))[0] == OUT_OF_ORDER_SEQUENCE_NUMBER
+            for sequence in range(3, 7):  # [0, 1] is no longer among the last five: [2] .. [6]
+                assert await produce(batch(sequence, f"a{sequence}")) == (0, sequence)
+            assert (await produce(first))[0] == OUT_OF_ORDER_SEQUENCE_NUMBER
+            assert await produce(batch(2, "a2")) == (0, 2)
+            assert len(relay.duplicates) == 2
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        records = await log_of(broker.bootstrap, "dup", at_least=7)
+    assert [(r.offset, r.value) for r in records] == [(i, f"a{i}".encode()) for i in range(7)]

@@ -1,11 +1,20 @@
 """Broker faults on top of the broker checks relay (``kafka_checks.BrokerChecksProxy``): a topic whose
-partitions answer a retriable error, and a slow network or a slow broker.
+partitions answer a retriable error, a batch written and then answered an error, and a slow network or
+a slow broker.
 
 - ``refuse``: topic -> error code, e.g. ``{"k8s-bad": NOT_ENOUGH_REPLICAS}``: every produce batch for the
   topic is refused with that code (nothing written, no sequence number taken), the request's other
   partitions are written. A Kafka broker answers NOT_ENOUGH_REPLICAS (19) while a partition has fewer
   in-sync replicas than ``min.insync.replicas`` (a rolling restart); aiokafka retries such a batch, for
   ever with idempotence. Change the mapping (``refuse.clear()``) to end the fault.
+- ``after_append_once``: topic -> error code, e.g. ``{"k8s-bad": NOT_LEADER_OR_FOLLOWER}``: the topic's
+  next batch is written (its sequence numbers taken, forwarded to the broker) and then answered with
+  that code instead of the broker's answer; the entry is then removed. Kafka's ``DelayedProduce`` does
+  so for an ``acks=all`` batch the leader appended before it moved (a rolling restart):
+  NOT_LEADER_OR_FOLLOWER (6), or UNKNOWN_TOPIC_OR_PARTITION (3) from a broker no longer hosting the
+  partition. The client's retry of that batch, with idempotence, is then answered NONE without being
+  written again (the duplicate-batch check of ``kafka_checks``), as the new leader, which holds the
+  batch, answers it.
 - ``answer_delay``: seconds every answer reaches the client after the broker gave it (a round trip that
   long); requests are not held back, so what a client pipelines stays pipelined.
 - ``api_delays``: API key -> seconds more for the answers to that request type only, e.g.
@@ -31,9 +40,19 @@ from eventrouter.testing.receivers.kafka_checks import (
     _Pending,
 )
 
-__all__ = ["API_INIT_PRODUCER_ID", "API_METADATA", "API_PRODUCE", "NOT_ENOUGH_REPLICAS", "FaultyBroker"]
+__all__ = [
+    "API_INIT_PRODUCER_ID",
+    "API_METADATA",
+    "API_PRODUCE",
+    "NOT_ENOUGH_REPLICAS",
+    "NOT_LEADER_OR_FOLLOWER",
+    "UNKNOWN_TOPIC_OR_PARTITION",
+    "FaultyBroker",
+]
 
 NOT_ENOUGH_REPLICAS = 19
+NOT_LEADER_OR_FOLLOWER = 6
+UNKNOWN_TOPIC_OR_PARTITION = 3
 API_METADATA = 3
 
 
@@ -96,12 +115,14 @@ class FaultyBroker(BrokerChecksProxy):
         self,
         *,
         refuse: dict[str, int] | None = None,
+        after_append_once: dict[str, int] | None = None,
         answer_delay: float = 0.0,
         api_delays: dict[int, float] | None = None,
         **checks: Any,
     ) -> None:
         super().__init__(**checks)
         self.refuse: dict[str, int] = dict(refuse or {})
+        self.after_append_once: dict[str, int] = dict(after_append_once or {})
         self.answer_delay = answer_delay
         self.api_delays: dict[int, float] = dict(api_delays or {})
         # Per connection (its queue of answers owed): correlation id -> API key of the requests read.
@@ -114,6 +135,9 @@ class FaultyBroker(BrokerChecksProxy):
         if code is not None:
             return 0, f"{topic}-{partition} refused with error {code} (a fault of the test relay)", code
         return super()._invalid(topic, partition, records, now_ms, size)
+
+    def _answer_written(self, topic: str, partition: int) -> int | None:
+        return self.after_append_once.pop(topic, None)
 
     def _delay(self, api_key: int | None) -> float:
         return self.answer_delay + (self.api_delays.get(api_key, 0.0) if api_key is not None else 0.0)
