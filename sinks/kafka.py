@@ -79,16 +79,17 @@ A partition the broker refuses (a batch not acknowledged at the budget's end, or
 holds back no other: when the broker took another batch of the send, answered that partition with an error,
 or refused it before, its records are set aside (a retry each, still counted towards
 ``retry_max_attempts``) and later batches go on. They are offered again together, after the partition's own
-backoff (1 s, doubled at each refusal up to the pipeline's ``retry_max_backoff``). A send then gives such a
-partition's batch up at the broker's first answer that proves nothing was written (UNKNOWN_TOPIC_OR_PARTITION,
-LEADER_NOT_AVAILABLE, NOT_LEADER_OR_FOLLOWER, NOT_ENOUGH_REPLICAS), read from this producer's own produce
-answers (never from log lines: another sink's, or a log level above WARNING); its producer goes on. Answers
-that leave the write open (REQUEST_TIMED_OUT, NOT_ENOUGH_REPLICAS_AFTER_APPEND, a lost connection) are waited
-for as before. A later record of the partition goes only after every one before it (by when the router
-received it) was written or given up by the engine (``given_up``), however long they wait (parked in the
-spool); the others wait aside too (held: no attempt), offered again just after them. Nothing the broker
-acknowledged is sent again. With no answer from the broker at all (it is away) the records are retried in
-place, as the others.
+backoff (1 s, doubled at each refusal up to the pipeline's ``retry_max_backoff``). A partition's batch is
+given up at the broker's first answer that proves nothing was written (NOT_ENOUGH_REPLICAS: refused before
+the append), its first refusal too, read from this producer's own produce answers (never from log lines:
+another sink's, or a log level above WARNING); its producer goes on, and the send ends when the other
+partitions' batches are answered. Answers that leave the write open (NOT_LEADER_OR_FOLLOWER,
+UNKNOWN_TOPIC_OR_PARTITION, REQUEST_TIMED_OUT, NOT_ENOUGH_REPLICAS_AFTER_APPEND, a lost connection), and a
+NOT_ENOUGH_REPLICAS to a batch one of them answered before, are waited for as before. A later record of the
+partition goes only after every one before it (by when the router received it) was written or given up by
+the engine (``given_up``), however long they wait (parked in the spool); the others wait aside too (held:
+no attempt), offered again just after them. Nothing the broker acknowledged is sent again. With no answer
+from the broker at all (it is away) the records are retried in place, as the others.
 
 kube-eventer names accepted: ``brokers`` (repeatable), ``eventstopic``, ``compression``, ``user``,
 ``password``, ``cacert``, ``cert``, ``key``, ``insecuressl``. As in kube-eventer, giving a CA or a client
@@ -631,10 +632,15 @@ UNKNOWN_TOPIC_OR_PARTITION (3): an acks=all batch is appended to the leader's lo
 that moves (or a replica removed) while it waits for the followers answers those (``DelayedProduce``),
 the new leader usually holding the batch; nor REQUEST_TIMED_OUT (7), NOT_ENOUGH_REPLICAS_AFTER_APPEND
 (20). Cut short there, the sequence given back, a resent batch of other records was written beside it
-(a session 27 review). aiokafka retries those with the same sequence: the broker drops a copy."""
+(a session 27 review). aiokafka retries those with the same sequence: the broker drops a copy. A retry
+of a batch one of those answered may be refused with 19 all the same (Kafka checks the in-sync replicas
+before its duplicate-batch check), so such a batch is never cut short (``_open``)."""
 _CUT_CODE = -1
 """What a partition's answer proving nothing written becomes, for a batch the send gives up at once: an
-error aiokafka does not retry (UnknownError), so the batch fails instead of being retried for ever."""
+error aiokafka does not retry (UnknownError), so the batch fails instead of being retried for ever. Even
+at the partition's first refusal: retried, it held the whole sink (every topic) until the send's budget
+at the start of each rolling restart, and its producer was renewed. A refusal that clears within
+aiokafka's retry backoff (100 ms) now costs the partition its first backoff (``_PROBE_FIRST``) instead."""
 _Place = tuple[float, float]
 """A record's place in its partition: when the router received it, then a tie-break (the order in
 which the sink noted it; infinity for one not noted)."""
@@ -763,13 +769,14 @@ class KafkaSink(Sink[KafkaOptions]):
         self._aside: dict[tuple[str, int], dict[tuple[str, int], _Place]] = {}
         self._aside_at: dict[tuple[str, int], tuple[str, int]] = {}  # (uid, number) -> its partition
         self._aside_order = itertools.count()
-        # The partitions refused so, until a batch of theirs is acknowledged (or retry_wait_max passes).
+        # The partitions refused so, until a batch of theirs is acknowledged and none set aside after it
+        # in that send (or retry_wait_max passes).
         self._refused: dict[tuple[str, int], _Refused] = {}
-        # The send in progress, as its producer's own produce answers tell it (_note_answers): the
-        # partitions known refused (given up at the first answer proving nothing written), each
+        # The send in progress, as its producer's own produce answers tell it (_note_answers): each
         # partition's last error code, those whose batch in flight an answer left maybe written, and
-        # those whose batch was failed at once (with the code that proved nothing written).
-        self._probing: frozenset[tuple[str, int]] = frozenset()
+        # those whose batch was failed at once (with the code that proved nothing written). One batch
+        # per partition is ever outstanding (a lane hands the next over once the one before settled,
+        # and aiokafka mutes a partition while a request carries it): what is noted is that batch's.
         self._answered: dict[tuple[str, int], int] = {}
         self._open: set[tuple[str, int]] = set()
         self._cut: dict[tuple[str, int], int] = {}
@@ -908,10 +915,11 @@ class KafkaSink(Sink[KafkaOptions]):
         client.send = answered
 
     def _note_answers(self, response: Any) -> None:
-        """Each partition's error code; a batch of a partition known refused, answered with a code
-        proving nothing was written (and never answered otherwise before), is failed at once: the code
-        becomes one aiokafka does not retry, so the batch is not written later beside the records the
-        engine sends again (see _deliver_lane), and the producer goes on."""
+        """Each partition's error code; a batch answered with a code proving nothing was written (and
+        never answered otherwise before: its earlier attempt may be written) is failed at once, at the
+        partition's first refusal too: the code becomes one aiokafka does not retry, so the batch is not
+        retried until the send's budget and then written beside the records the engine sends again
+        (see _deliver_lane), and the producer goes on (its sequence number given back, _was_cut)."""
         changed = False
         topics = []
         for topic, partitions in response.topics:
@@ -922,7 +930,7 @@ class KafkaSink(Sink[KafkaOptions]):
                     self._answered[where] = code
                     if code not in _NOTHING_WRITTEN:
                         self._open.add(where)
-                    elif where in self._probing and where not in self._open:
+                    elif where not in self._open:
                         self._cut[where] = code
                         info = (info[0], _CUT_CODE, *info[2:])
                         changed = True
@@ -1403,13 +1411,8 @@ class KafkaSink(Sink[KafkaOptions]):
         now = time.monotonic()
         for where in [where for where, refused in self._refused.items() if refused.until < now]:
             del self._refused[where]
-        # Read by _note_answers while this send runs; the refused partitions' batches are given up at
-        # the broker's first answer proving nothing was written (their records wait aside again).
-        self._probing, self._answered = frozenset(self._refused), {}
-        try:
-            await self._deliver(groups, outcomes, state)
-        finally:
-            self._probing = frozenset()
+        self._answered = {}  # read by _note_answers while this send runs
+        await self._deliver(groups, outcomes, state)
         if state.refused:
             self._defer_refused(groups, outcomes, state)
 
@@ -1571,8 +1574,8 @@ class KafkaSink(Sink[KafkaOptions]):
                 continue
             cut = self._was_cut(job, error, producer)
             if cut is not None:
-                # Refused again, nothing written: its records wait aside again (_defer_refused), the
-                # producer goes on (its sequence number for the partition given back).
+                # Refused, nothing written: its records and the lane's rest (never handed over) wait
+                # aside (_defer_refused), the producer goes on (its sequence number given back).
                 state.refused.add(where)
                 _answer(outcomes, [job], cut)
                 _answer(
@@ -1713,14 +1716,14 @@ class KafkaSink(Sink[KafkaOptions]):
         final: Sequence[Outcome],
     ) -> None:
         """Note the records set aside, in the order they had in their partition (this send's lane
-        order), and let go of those answered otherwise; a partition that acknowledged a batch is no
-        longer refused."""
+        order), and let go of those answered otherwise; a partition that acknowledged a batch and had
+        none set aside after it is no longer refused."""
         aside, at, order = self._aside, self._aside_at, self._aside_order
         for i, outcome in enumerate(final):  # where it was noted: its key may map elsewhere now
             if outcome.kind is not OutcomeKind.RETRY and at:
                 self._forget((batch[i].uid, batch[i].number))
         for where, items in groups.items():
-            taken = False
+            taken = deferred = False
             for i, _ in items:  # in lane order: the partition's
                 outcome = final[i]
                 if outcome.kind is not OutcomeKind.RETRY:
@@ -1728,6 +1731,9 @@ class KafkaSink(Sink[KafkaOptions]):
                     continue
                 if not outcome.defer:
                     continue  # retried in place: it keeps its place
+                # A batch taken, then one refused (a refusal starting mid-send): still refused, its
+                # backoff kept growing.
+                deferred = True
                 key = (batch[i].uid, batch[i].number)
                 was = at.get(key)
                 if was is not None and was != where:
@@ -1736,7 +1742,7 @@ class KafkaSink(Sink[KafkaOptions]):
                 if key not in waiting:
                     waiting[key] = (batch[i].received_at, float(next(order)))
                     at[key] = where
-            if taken and self._refused.pop(where, None) is not None:
+            if taken and not deferred and self._refused.pop(where, None) is not None:
                 self.log.info("kafka: topic %r partition %d takes records again", where[0], where[1])
 
     def _settled_late(self, job: _Batch, future: asyncio.Future[Any]) -> Outcome:
@@ -1762,7 +1768,9 @@ class KafkaSink(Sink[KafkaOptions]):
     def _was_cut(self, job: _Batch, error: BaseException, producer: Any) -> Outcome | None:
         """The retry of a batch failed at once for a refused partition (``_note_answers``), or None for
         another failure. The partition's sequence number is given back to ``producer``, which took it for
-        the batch the broker did not write: the next batch would otherwise be refused as out of order."""
+        the batch the broker did not write: the next batch would otherwise be refused as out of order.
+        That batch was the partition's only one outstanding (see ``_answered``); were another behind it,
+        ``_give_back_sequence`` would find the numbers moved on and a new producer would be made."""
         from aiokafka.errors import UnknownError
 
         where = (job.topic, job.partition)
@@ -1773,7 +1781,7 @@ class KafkaSink(Sink[KafkaOptions]):
         if self.options.idempotence and not _give_back_sequence(producer, job):
             self._sequence_lost = True  # aiokafka's internals differ: a new producer, as for a refusal
         return retry(
-            f"kafka: topic {job.topic!r} partition {job.partition} refused the batch again ({_error_name(code)}: "
+            f"kafka: topic {job.topic!r} partition {job.partition} refused the batch ({_error_name(code)}: "
             "nothing written)"
         )
 

@@ -1,10 +1,10 @@
 """Kafka: a partition the broker refuses holds back none of the sink's other topics or partitions, keeps
-its own order, and a retry of it ends at the broker's first answer proving nothing was written, read
-from the sink's own producer (whatever the log level, whatever another Kafka sink of the process is
-told), and a batch the broker wrote before answering an error is written once. Tansu behind the
-project's broker checks relay (``kafka_faults.FaultyBroker``: a topic's batches refused with
-NOT_ENOUGH_REPLICAS, a batch written and then answered NOT_LEADER_OR_FOLLOWER, slow acknowledgements;
-Kafka's duplicate-batch check), records read back with aiokafka."""
+its own order, and a send of it ends at the broker's first answer proving nothing was written (its
+first refusal too), read from the sink's own producer (whatever the log level, whatever another Kafka
+sink of the process is told), and a batch the broker wrote before answering an error is written once.
+Tansu behind the project's broker checks relay (``kafka_faults.FaultyBroker``: a topic's batches
+refused with NOT_ENOUGH_REPLICAS, a batch written and then answered NOT_LEADER_OR_FOLLOWER, slow
+acknowledgements; Kafka's duplicate-batch check), records read back with aiokafka."""
 
 from __future__ import annotations
 
@@ -169,9 +169,9 @@ async def test_a_retry_of_a_refused_partition_ends_at_its_refusal_with_the_log_l
     """The router's ``--log-level=error`` puts aiokafka's logger at ERROR: its warning for each refused
     answer, which the parked branch read to stop waiting, is never made, and every retry of the refused
     partition took the whole send budget (5 s here), holding up the engine's later batches of every
-    other topic. The sink reads its producer's answers: the retry ends at the broker's refusal, the
-    producer goes on (no new producer id), and once the partition takes records again every record is
-    written once, in order."""
+    other topic. The sink reads its producer's answers: each send, the first too, ends at the broker's
+    refusal, the producer goes on (no new producer id), and once the partition takes records again every
+    record is written once, in order."""
     refused = {"e-bad": NOT_ENOUGH_REPLICAS}
     async with relayed("e-good", "e-bad", idempotence=True, refuse=refused) as (broker, relay):
         sink = kafka_sink(relay, send_timeout=6.0, topic="e-{namespace}")
@@ -179,10 +179,8 @@ async def test_a_retry_of_a_refused_partition_ends_at_its_refusal_with_the_log_l
         try:
             bad = make_occurrence(namespace="bad", object_name="b-0")
             goods = [make_occurrence(namespace="good", object_name=f"g-{i}") for i in range(4)]
-            first = await as_the_engine_does(sink, [bad, goods[0]])  # waits its budget: first refusal
-            assert [(o.kind, o.defer) for o in first] == [(OutcomeKind.RETRY, True), (OutcomeKind.OK, False)]
-            producers: list[int] = []  # the producer ids handed out by the end of each retry
-            for good in goods[1:3]:  # retries of the refused partition, beside another topic's record
+            producers: list[int] = []  # the producer ids handed out by the end of each send
+            for good in goods[:3]:  # the first refusal, then retries, beside another topic's record
                 began = time.monotonic()
                 again = await as_the_engine_does(sink, [bad, good])
                 took = time.monotonic() - began
@@ -196,13 +194,104 @@ async def test_a_retry_of_a_refused_partition_ends_at_its_refusal_with_the_log_l
             relay.refuse.clear()
             last = await as_the_engine_does(sink, [bad, goods[3]])
             assert [o.kind for o in last] == [OutcomeKind.OK, OutcomeKind.OK]
-            # One new producer, for the one the first send gave up waiting; then it goes on (its
-            # sequence number for the partition given back, which the relay checks).
-            assert len(relay.producer_ids) == producers[0] == producers[1] == 2
+            # One producer throughout: its sequence number for the partition given back at each
+            # refusal, which the relay checks (before: a new one after the first refusal).
+            assert len(relay.producer_ids) == producers[0] == producers[1] == producers[2] == 1
         finally:
             await sink.aclose()
         records = await log_of(broker.bootstrap, "e-good", "e-bad", at_least=5)
     assert copies(records) == {("e-bad", bad.key): 1, **{("e-good", g.key): 1 for g in goods}}
+
+
+async def test_a_partitions_first_refusal_ends_the_send_when_the_other_topics_are_answered() -> None:
+    """A partition refused with NOT_ENOUGH_REPLICAS from the start of a rolling restart. Its first
+    refusal was retried by aiokafka until the send's budget (6.7 s of ``send_timeout=8``; ~25 s at the
+    defaults), the other topic's records answered only then, and the producer renewed. That batch is
+    now given up at the broker's first refusal, as a retry's is: the send ends when the other topic is
+    answered, its records set aside (the partition's first backoff), the producer kept. A send of that
+    partition's records alone ends at its refusal too. Once the partition takes records again they are
+    written once, in order, before a newer one of their object."""
+    refused = {"f-bad": NOT_ENOUGH_REPLICAS}
+    async with relayed("f-good", "f-bad", idempotence=True, refuse=refused) as (broker, relay):
+        sink = kafka_sink(relay, send_timeout=8.0, topic="f-{namespace}")
+        await sink.start()
+        loop = asyncio.get_running_loop()
+        try:
+            bad = [make_occurrence(namespace="bad", object_name="b-0", message=f"b{i}") for i in range(5)]
+            good = [make_occurrence(namespace="good", object_name=f"g-{i}") for i in range(5)]
+            began = loop.time()
+            first = await as_the_engine_does(sink, [o for pair in zip(bad, good, strict=True) for o in pair])
+            took = loop.time() - began
+            assert took < 2.0, f"the first refusal took {took:.2f}s of a {sink.context.send_budget:g}s budget"
+            assert [(o.kind, o.defer, o.retry_after) for o in first] == [
+                (OutcomeKind.RETRY, True, 1.0),  # set aside for the partition's first backoff
+                (OutcomeKind.OK, False, None),
+            ] * 5
+            assert "NOT_ENOUGH_REPLICAS (19)" in first[0].reason
+            began = loop.time()
+            again = await as_the_engine_does(sink, bad)  # the send holds only that partition's records
+            took = loop.time() - began
+            assert took < 2.0, f"a send of the refused partition alone took {took:.2f}s"
+            assert {(o.kind, o.defer, o.retry_after) for o in again} == {(OutcomeKind.RETRY, True, 2.0)}
+            relay.refuse.clear()
+            newer = make_occurrence(namespace="bad", object_name="b-0", message="b5")
+            last = await as_the_engine_does(sink, [*bad, newer])
+            assert [o.kind for o in last] == [OutcomeKind.OK] * 6
+            assert len(relay.producer_ids) == 1  # before: a new producer after the first send
+        finally:
+            await sink.aclose()
+        records = await log_of(broker.bootstrap, "f-good", "f-bad", at_least=11)
+    offered = [*bad, newer, *good]
+    assert copies(records) == {(f"f-{o.record['namespace']}", o.key): 1 for o in offered}
+    assert [occurrence_of(r) for r in records if r.topic == "f-bad"] == [o.key for o in [*bad, newer]]
+    assert [topic for topic, _, _ in relay.refused] == ["f-bad", "f-bad"]  # one batch per send
+
+
+async def test_a_refusal_starting_mid_send_sets_the_partitions_later_batches_aside_unsent() -> None:
+    """A partition whose records of one send fill four produce batches, refused from its second batch on
+    (the rolling restart begins while the first is acknowledged, 3 s late). The second batch was retried
+    until the send's budget (10 s of ``send_timeout=12``) and the producer renewed. It is now given up at
+    the broker's first refusal and its sequence numbers given back; the two behind it are never handed
+    over (a partition's batches go one after the other), so none can take numbers after the given-back
+    ones; all nine records are set aside at once, and the partition is still known refused (its backoff
+    doubles, though it took a batch in that send). Once it takes records again the same producer writes
+    them, each once, in order (the relay refuses a batch out of sequence)."""
+    async with relayed("n-good", "n-bad", idempotence=True, api_delays={API_PRODUCE: 3.0}) as (broker, relay):
+        # Produce batches of up to 8 KiB: three records of ~2.2 KB each.
+        sink = kafka_sink(
+            relay, send_timeout=12.0, topic="n-{namespace}", max_request_size=8192, request_timeout_ms=6000
+        )
+        await sink.start()
+        loop = asyncio.get_running_loop()
+        try:
+            bad = [
+                make_occurrence(namespace="bad", object_name="b-0", message=f"b{i:02d} " + "x" * 1500)
+                for i in range(12)
+            ]
+            good = [make_occurrence(namespace="good", object_name=f"g-{i}") for i in range(3)]
+            began = loop.time()
+            sending = asyncio.ensure_future(as_the_engine_does(sink, bad + good))
+            await log_of(broker.bootstrap, "n-bad", at_least=3)  # the first batch written, not yet answered
+            relay.refuse["n-bad"] = NOT_ENOUGH_REPLICAS
+            relay.api_delays.clear()
+            first = await sending
+            took = loop.time() - began
+            assert took < 5.0, f"the refusal took {took:.2f}s of a {sink.context.send_budget:g}s budget"
+            assert [(o.kind, o.defer, o.retry_after) for o in first] == [
+                (OutcomeKind.OK, False, None)
+            ] * 3 + [(OutcomeKind.RETRY, True, 1.0)] * 9 + [(OutcomeKind.OK, False, None)] * 3
+            assert [topic for topic, _, _ in relay.refused] == ["n-bad"]  # its later batches not sent
+            again = await as_the_engine_does(sink, bad[3:])
+            assert {(o.kind, o.defer, o.retry_after) for o in again} == {(OutcomeKind.RETRY, True, 2.0)}
+            relay.refuse.clear()
+            last = await as_the_engine_does(sink, bad[3:])
+            assert [o.kind for o in last] == [OutcomeKind.OK] * 9
+            assert len(relay.producer_ids) == 1
+        finally:
+            await sink.aclose()
+        records = await log_of(broker.bootstrap, "n-good", "n-bad", at_least=15)
+    assert copies(records) == {(f"n-{o.record['namespace']}", o.key): 1 for o in bad + good}
+    assert [occurrence_of(r) for r in records if r.topic == "n-bad"] == [o.key for o in bad]
 
 
 async def test_two_kafka_sinks_with_one_topic_name_each_judge_their_own_partition() -> None:
@@ -225,11 +314,11 @@ async def test_two_kafka_sinks_with_one_topic_name_each_judge_their_own_partitio
         try:
             a_bad, b_bad = (make_occurrence(namespace="bad", object_name=f"{n}-bad") for n in "ab")
             a_good, b_good = (make_occurrence(namespace="good", object_name=f"{n}-good") for n in "ab")
-            first = await as_the_engine_does(a, [a_bad, a_good])  # waits its budget: first refusal
+            first = await as_the_engine_does(a, [a_bad, a_good])  # the first refusal
             assert [(o.kind, o.defer) for o in first] == [(OutcomeKind.RETRY, True), (OutcomeKind.OK, False)]
             relay_a.refuse.clear()  # A's partition recovered; its acknowledgements are slow
             relay_a.api_delays[API_PRODUCE] = 0.5
-            # B's first send is refused for its whole budget (5 s), A's retry waits for its answer.
+            # B's first send is refused while A's retry waits for its answer.
             b_first, a_retry = await asyncio.gather(
                 as_the_engine_does(b, [b_bad, b_good]), as_the_engine_does(a, [a_bad])
             )
@@ -277,7 +366,7 @@ async def test_a_retry_written_and_then_answered_an_error_is_written_once(code: 
         try:
             b1, b2, b3 = (make_occurrence(namespace="bad", object_name=f"b-{i}") for i in range(3))
             g1, g2, g3 = (make_occurrence(namespace="good", object_name=f"g-{i}") for i in range(3))
-            await send(b1, b2, g1)  # waits its budget: the partition's first refusal
+            await send(b1, b2, g1)  # the partition's first refusal
             assert outstanding == [b1, b2]
             relay.refuse.clear()
             relay.after_append_once["w-bad"] = code  # the leader moves while the retry waits

@@ -35,6 +35,7 @@ from eventrouter.testing.receivers.kafka_faults import (
     API_METADATA,
     API_PRODUCE,
     NOT_ENOUGH_REPLICAS,
+    NOT_LEADER_OR_FOLLOWER,
     FaultyBroker,
 )
 from eventrouter.testing.receivers.tansu import TansuBroker
@@ -153,7 +154,8 @@ async def test_a_stop_while_a_partition_is_refused_keeps_only_that_partitions_re
         pipeline, metrics = engine(sink, tmp_path, retry_initial_backoff=0.1)
         task = started(pipeline, two_topics())
         await until(lambda: metrics.delivered.labels("kafka")._value.get() == 10, timeout=10)
-        await until(lambda: len(relay.producer_ids) >= 2)  # the refused records are being sent again
+        # The refused records set aside and offered again (each send ends at the broker's refusal).
+        await until(lambda: len(relay.refused) >= 2)
         pipeline.close()
         pipeline.stop_now()
         await asyncio.wait([task], timeout=1)
@@ -351,13 +353,14 @@ async def test_a_sink_closed_while_a_new_producer_bootstraps_leaves_no_connectio
 
 
 async def test_a_batch_given_up_while_a_late_one_is_waited_for_is_written_once() -> None:
-    """A partition answering NOT_ENOUGH_REPLICAS (a rolling restart) given up at the budget's end, while
-    another partition's batch handed over late (acknowledgements 1.9 s apart, its fifth batch at ~7.6 s
-    of a 10 s budget) was still waited for past it. Its producer, halted only when that wait ended,
-    went on retrying the given-up batch: both partitions recovered at 9.5 s, the broker wrote it, and
-    the engine, told retry, sent it again: two copies. A given-up batch is now judged again when the
-    send ends, just before its producer is halted: acknowledged by then, it is OK."""
-    faults: dict[str, Any] = {"refuse": {"g-bad": NOT_ENOUGH_REPLICAS}, "api_delays": {API_PRODUCE: 1.9}}
+    """A partition answering a retriable error that leaves the write open (NOT_LEADER_OR_FOLLOWER: its
+    leader moving in a rolling restart; a NOT_ENOUGH_REPLICAS is given up at once) given up at the
+    budget's end, while another partition's batch handed over late (acknowledgements 1.9 s apart, its
+    fifth batch at ~7.6 s of a 10 s budget) was still waited for past it. Its producer, halted only when
+    that wait ended, went on retrying the given-up batch: both partitions recovered at 9.5 s, the broker
+    wrote it, and the engine, told retry, sent it again: two copies. A given-up batch is now judged
+    again when the send ends, just before its producer is halted: acknowledged by then, it is OK."""
+    faults: dict[str, Any] = {"refuse": {"g-bad": NOT_LEADER_OR_FOLLOWER}, "api_delays": {API_PRODUCE: 1.9}}
     async with relayed("g-good", "g-bad", idempotence=True, **faults) as (broker, relay):
         # Produce batches of up to 8 KiB: three records of ~2.2 KB each, five for "good".
         sink = kafka_sink(
@@ -370,7 +373,7 @@ async def test_a_batch_given_up_while_a_late_one_is_waited_for_is_written_once()
         ]
 
         def worse() -> None:  # the request carrying "good"'s fifth batch meets the fault too
-            relay.refuse["g-good"] = NOT_ENOUGH_REPLICAS
+            relay.refuse["g-good"] = NOT_LEADER_OR_FOLLOWER
             relay.api_delays[API_PRODUCE] = 2.5
 
         def recovered() -> None:  # after that request went, before the budget ends
@@ -397,13 +400,14 @@ async def test_a_batch_given_up_while_a_late_one_is_waited_for_is_written_once()
 
 
 async def test_a_stuck_partition_ends_the_send_at_its_budget_when_request_timeout_exceeds_it() -> None:
-    """Item 120's partition answering NOT_ENOUGH_REPLICAS for ever, with request_timeout_ms over the
-    send's budget (6 s, send_timeout=6: budget 5 s). Its batch, handed over at the send's start, was
-    waited for as one handed over late, until send_timeout less the margin (5.5 s): at every send of
-    the outage only 0.5 s was left before the engine's send_timeout, and a loop slow for that long had
-    the engine send the whole batch again (the acknowledged records twice). A batch handed over in the
-    budget's first half and unanswered at its end is now given up there."""
-    refused = {"s-bad": NOT_ENOUGH_REPLICAS}
+    """Item 120's partition answering a retriable error for ever (NOT_LEADER_OR_FOLLOWER, which aiokafka
+    retries; a NOT_ENOUGH_REPLICAS is given up at once), with request_timeout_ms over the send's budget
+    (6 s, send_timeout=6: budget 5 s). Its batch, handed over at the send's start, was waited for as one
+    handed over late, until send_timeout less the margin (5.5 s): at every send of the outage only 0.5 s
+    was left before the engine's send_timeout, and a loop slow for that long had the engine send the
+    whole batch again (the acknowledged records twice). A batch handed over in the budget's first half
+    and unanswered at its end is now given up there."""
+    refused = {"s-bad": NOT_LEADER_OR_FOLLOWER}
     async with relayed("s-good", "s-bad", idempotence=True, refuse=refused) as (_, relay):
         sink = kafka_sink(relay, send_timeout=6.0, topic="s-{namespace}", request_timeout_ms=6000)
         await sink.start()
