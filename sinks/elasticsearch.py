@@ -141,7 +141,11 @@ class ElasticsearchOptions(SinkOptions):
         "for data streams; a 409 on re-delivery counts as delivered).",
     )
     pipeline: str | None = Field(None, description="Ingest pipeline to run on every document.")
-    index_template: bool = Field(False, description="Install an index template with mappings on start.")
+    index_template: bool = Field(
+        False,
+        description="Install an index template with mappings on start (every record field typed, "
+        "time fields as dates; label and annotation values keyword, never date-detected).",
+    )
     template_name: str = Field("eventrouter-k8s-events", description="Name of the installed index template.")
     template_priority: int = Field(
         200, ge=0, description="Template priority (built-in logs-*-* templates use 100)."
@@ -631,6 +635,11 @@ def index_template_body(options: ElasticsearchOptions) -> dict[str, Any]:
         # k8s-events-{yyyy.MM.dd} → k8s-events-*
         patterns = [re.sub(r"\*+", "*", _PLACEHOLDER.sub("*", options.index))]
     mappings: dict[str, Any] = {
+        # Every time field is mapped below. Detected, the first date-shaped label or annotation value
+        # of a day (2024-05-01) made that field a date in the day's index, and each later document
+        # with another value there was refused (mapper_parsing_exception, dead-lettered): a string
+        # detected as a date is no `string` to the dynamic templates below.
+        "date_detection": False,
         "dynamic_templates": [
             {"labels": {"path_match": "labels.*", "match_mapping_type": "string", "mapping": keyword}},
             {
@@ -702,16 +711,69 @@ def _error_text(error: Any) -> str:
     return str(error) if error is not None else "no error detail"
 
 
-def _disk_block(error: Any) -> bool:
-    """The read-only-allow-delete block a node past its flood-stage disk watermark puts on its indices:
-    Elasticsearch before 7.6 answers it 403 (7.6+ and OpenSearch 429), and lifts it by itself once
-    disk space is back, so it is worth retrying (elastic/elasticsearch#49393). A block an operator
-    set (``index.blocks.write``) stays a rejection."""
-    return (
-        isinstance(error, dict)
-        and error.get("type") == "cluster_block_exception"
-        and "read-only / allow delete" in str(error.get("reason", ""))
-    )
+# One block a cluster_block_exception names: "STATUS/id/description", e.g. "index [x] blocked by:
+# [FORBIDDEN/8/index write (api), TOO_MANY_REQUESTS/12/disk usage exceeded flood-stage watermark, …];"
+_BLOCK = re.compile(r"\b[A-Z][A-Z_]*/\d+/")
+
+
+def _disk_block(error: Any) -> Literal["index", "cluster"] | None:
+    """Which read-only-allow-delete block refused a bulk item, if that is all that did.
+
+    ``index``: the block a node past its flood-stage disk watermark puts on every index with a shard
+    there (``IndexMetadata.INDEX_READ_ONLY_ALLOW_DELETE_BLOCK``, id 12): 429 "TOO_MANY_REQUESTS/12/disk
+    usage exceeded flood-stage watermark, index has read-only-allow-delete block" from Elasticsearch
+    7.6+ and OpenSearch, 403 "FORBIDDEN/12/index read-only / allow delete (api)" before (item 12).
+    Lifted by the cluster itself once disk space is back (7.4+, elastic/elasticsearch#42559); the
+    other indices, on other nodes, take documents meanwhile. ``cluster``: the cluster-wide block
+    (``cluster.blocks.read_only_allow_delete``, "FORBIDDEN/13/cluster read-only / allow delete"),
+    which refuses every index alike. None when another block is named too (an operator's
+    ``index.blocks.write``, which stays a rejection) or it is no such block."""
+    if not isinstance(error, dict) or error.get("type") != "cluster_block_exception":
+        return None
+    reason = str(error.get("reason", ""))
+    found = list(_BLOCK.finditer(reason))
+    if not found:
+        return None
+    kinds = set()
+    ends = [m.start() for m in found[1:]] + [len(reason)]
+    for block, end in zip(found, ends, strict=True):
+        text = reason[block.end() : end]  # its description, up to the next block
+        if "cluster read-only / allow delete" in text:
+            kinds.add("cluster")
+        elif "index read-only / allow delete" in text or "read-only-allow-delete block" in text:
+            kinds.add("index")
+        else:
+            return None
+    return "cluster" if "cluster" in kinds else "index"
+
+
+# The type of an ingest processor's failure on a document, answered 500: Elasticsearch 7.5+ and
+# OpenSearch render the processor's own exception (the wrapper carrying its header is unwrapped):
+# the `fail` processor's FailProcessorException, dissect's DissectException.FindMatch.
+_PROCESSOR_EXCEPTION = re.compile(r"([a-z0-9_]+?)_processor_exception")
+_PROCESSOR_TYPES = {"find_match": "dissect", "dissect_exception": "dissect"}
+
+
+def _ingest_processor(error: Any) -> str | None:
+    """The type of the ingest processor that failed on this document (per-item 500), or None.
+    Before 7.5 every processor failure came as a 500 ``exception`` with ``header.processor_type``
+    (elastic/elasticsearch#48803); since then those with a status of their own (most: 400, rejected)
+    are unwrapped, and the rest keep 500 under the processor's exception type."""
+    if not isinstance(error, dict):
+        return None
+    header = error.get("header")
+    if isinstance(header, dict):
+        found = header.get("processor_type")
+        if isinstance(found, list):
+            found = found[0] if found else None
+        if isinstance(found, str) and found:
+            return found
+    kind = error.get("type")
+    if not isinstance(kind, str):
+        return None
+    if m := _PROCESSOR_EXCEPTION.fullmatch(kind):
+        return m.group(1)
+    return _PROCESSOR_TYPES.get(kind)
 
 
 def _unavailable_shards(error: Any) -> bool:
@@ -892,7 +954,8 @@ class _Run:
     stop: RetryableError | None = None
     """A part answered retry as a whole: the parts not sent yet get that answer."""
     refused: dict[str, str] = dataclasses.field(default_factory=dict)
-    """Index → why, when the operator has to put it right."""
+    """Index (or "index [error type]": some of its documents) → why, when the operator has to put it
+    right."""
     accepted: set[str] = dataclasses.field(default_factory=set)
     """Indices that took a document (tracked while any is refused)."""
     missing: set[int] = dataclasses.field(default_factory=set)
@@ -904,6 +967,9 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
     description = "Elasticsearch 7/8/9 and OpenSearch: _bulk into daily indices or a data stream."
     refusal_memory: ClassVar[float] = 3600.0
     """Seconds without a refusal from an index after which its refusal is logged again."""
+    server_error_tries: ClassVar[int] = 3
+    """Per-item 5xx answers in a row after which a document is set aside (``defer``): until then it
+    is retried in place, as a passing fault of the cluster is."""
 
     def __init__(self, options: ElasticsearchOptions, context: SinkContext) -> None:
         super().__init__(options, context)
@@ -940,6 +1006,8 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         # refused; oldest first); the whole request's by status.
         self._refusals: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._request_refusal: int | None = None
+        # _id → per-item 5xx answers in a row (oldest first; bounded): see server_error_tries.
+        self._server_errors: dict[str, int] = {}
         # HEAD / to a node not known to answer, before a bulk request: a tenth of the longest a request
         # may take (2.5 s by default), so that one still hanging holds a send up that long, not 25 s.
         self._probe_time = min(options.timeout, context.send_budget) / 10
@@ -1311,6 +1379,9 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         if self._series_ns is not None:
             self._note_newest(batch, entries, items, self._series_ns)
         if resp.get("errors") is False:
+            if self._server_errors:
+                for i, _ in entries:
+                    self._server_errors.pop(f"{batch[i].uid}-{batch[i].number}", None)
             return
         retry_after = _retry_after(meta)
         for (i, _), item in zip(entries, items, strict=True):
@@ -1378,7 +1449,9 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 outcomes[i] = retry(exc.reason, retry_after=exc.retry_after)
 
     def _item_outcome(self, item: Any, retry_after: float | None) -> tuple[Outcome, tuple[str, str] | None]:
-        """The item's outcome, and (index, why) when the operator has to put something right."""
+        """The item's outcome, and (key, why) when the operator has to put something right: the key
+        is the index, or "index [error type]" for a cause of some of its documents
+        (``_server_error``)."""
         if not isinstance(item, dict) or len(item) != 1:
             return retry(f"malformed bulk item {_item_text(item, self._secrets)}"), None
         ((action, result),) = item.items()
@@ -1387,12 +1460,13 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         status = result.get("status")
         if not isinstance(status, int):
             return retry(f"bulk item without status: {_item_text(item, self._secrets)}"), None
-        if 200 <= status < 300:
+        if 200 <= status < 300 or (status == 409 and action == "create"):  # 409: a re-delivery
+            if self._server_errors:
+                self._server_errors.pop(str(result.get("_id")), None)
             return OK, None
-        error = scrub(_error_text(result.get("error")), self._secrets)
-        if status == 409 and action == "create":
-            return OK, None  # already indexed under this _id: a re-delivery
-        if status >= 500 and _unavailable_shards(result.get("error")):
+        err = result.get("error")
+        error = scrub(_error_text(err), self._secrets)
+        if status >= 500 and _unavailable_shards(err):
             red = _item_index(result)
             why = (
                 f"index {red}: a primary shard is not active, the index is red (a node left, or its "
@@ -1407,17 +1481,33 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             # retry_max_attempts, the pile counts against the queue bound, and each request waits
             # out its `timeout` at the cluster, which paces the sends.
             return retry(f"{status} {error}", retry_after=retry_after, defer=True), (red, why)
-        if status == 429 or status >= 500 or (status == 403 and _disk_block(result.get("error"))):
+        block = _disk_block(err)
+        if block == "index":
+            # Retried in place, it held up every other index (on nodes with room) for as long as the
+            # disk stayed full, hours, and without a spool their documents were dropped: set aside,
+            # as a red index is. The cluster-wide block (below) refuses every index alike.
+            index = _item_index(result)
+            why = (
+                f"index {index} is read-only: a node holding one of its shards is past the flood-stage "
+                f"disk watermark ({error}); free disk space there (Elasticsearch 7.4+ and OpenSearch "
+                "lift the block once the node is below the high watermark; before 7.4 remove "
+                "index.blocks.read_only_allow_delete by hand)"
+            )
+            return retry(f"{status} {error}", retry_after=retry_after, defer=True), (index, why)
+        if status >= 500:
+            return self._server_error(result, status, error, retry_after)
+        if status == 429 or block == "cluster":
+            # A busy node's full write queue (es_rejected_execution_exception), a circuit breaker, a
+            # cluster-wide read-only-allow-delete block: passing, and every index alike. In place.
             return retry(f"{status} {error}", retry_after=retry_after), None
         index = _item_index(result)
-        cause = _operator_fault(status, result.get("error"), index, self._secrets)
+        cause = _operator_fault(status, err, index, self._secrets)
         if cause is not None:
             # Not this document's fault: every document to that index fails alike until the
             # operator acts, and then these succeed. The engine's backoff applies (no retry_after),
             # the sink counts as down, and retry_max_attempts still ends it. A cause of that index
             # alone (not the credentials, not a read-only cluster) sets them aside: the other
             # indices go on meanwhile.
-            err = result.get("error")
             read_only = (
                 isinstance(err, dict)
                 and err.get("type") == "cluster_block_exception"
@@ -1425,6 +1515,62 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             )
             return retry(f"{status} {error}", defer=status != 401 and not read_only), (index, cause)
         return reject(f"{status} {error}"), None
+
+    def _server_error(
+        self, result: dict[str, Any], status: int, error: str, retry_after: float | None
+    ) -> tuple[Outcome, tuple[str, str] | None]:
+        """A per-item 5xx other than a red index's. Elasticsearch answers 500 what it maps to no
+        status of its own: an ingest processor's failure on this document (the `fail` processor,
+        dissect finding no match, a processor's bug), which fails the same way at every try, as
+        well as a shard's passing fault. Retried in place, such a document held up the whole sink
+        for ever (retry_max_attempts=0), elastic/beats#14361. An ingest failure is set aside at
+        once; any other after ``server_error_tries`` answers in a row. Set aside, it is retried with
+        its own backoff (bounded by retry_max_attempts) while the other documents go on.
+
+        The cause is keyed by index and error type (not an index name: never "accepts documents
+        again"), and keeps the first text seen, so that it is logged once an hour while it lasts,
+        not once per document."""
+        err = result.get("error")
+        index = _item_index(result)
+        kind = err.get("type") if isinstance(err, dict) and err.get("type") else status
+        key = f"{index} [{kind}]"
+        processor = _ingest_processor(err)
+        if processor is not None:
+            why = self._remembered(key) or scrub(
+                f"index {index}: {self._pipeline_text(err)} failed a document in its {processor} "
+                f"processor ({error}); fix the pipeline, or give it an on_failure handler",
+                self._secrets,
+            )
+            return retry(f"{status} {error}", retry_after=retry_after, defer=True), (key, why)
+        doc = result.get("_id")
+        if not isinstance(doc, str):
+            return retry(f"{status} {error}", retry_after=retry_after), None
+        tries = self._server_errors.pop(doc, 0) + 1
+        self._server_errors[doc] = tries  # newest last
+        if len(self._server_errors) > 4096:
+            del self._server_errors[next(iter(self._server_errors))]
+        if tries < self.server_error_tries:
+            return retry(f"{status} {error}", retry_after=retry_after), None
+        why = self._remembered(key) or scrub(
+            f"index {index}: a document was answered {status} {tries} times in a row ({error}); set "
+            "aside while the others go in (a fault of that document, or of its shard)",
+            self._secrets,
+        )
+        return retry(f"{status} {error}", retry_after=retry_after, defer=True), (key, why)
+
+    def _pipeline_text(self, error: Any) -> str:
+        """Which pipeline failed, as far as the answer and the options tell."""
+        header = error.get("header") if isinstance(error, dict) else None
+        origin = header.get("pipeline_origin") if isinstance(header, dict) else None
+        if isinstance(origin, str):
+            origin = [origin]
+        if isinstance(origin, list) and origin:  # nested pipelines (7.x)
+            return ("ingest pipeline " if len(origin) == 1 else "ingest pipelines ") + ", ".join(
+                str(name) for name in origin
+            )
+        if self.options.pipeline:
+            return f"ingest pipeline {self.options.pipeline} (or the index's final_pipeline)"
+        return "the index's ingest pipeline (index.default_pipeline or index.final_pipeline)"
 
     def _note_refusals(self, refused: dict[str, str], accepted: set[str]) -> None:
         """Log each index's refusal once per run of failures; say when an index accepts again.

@@ -595,23 +595,35 @@ async def test_item_level_429_retried_5xx_retried_4xx_rejected(fake: FakeBulkSer
         OutcomeKind.RETRY,
     ]
     assert outcomes[0].reason == "429 es_rejected_execution_exception: queue full"
+    assert not outcomes[0].defer  # a busy node's write queue: passing, retried in place
     assert outcomes[1].reason == "400 document_parsing_exception: bad field"
 
 
 async def test_the_flood_stage_disk_block_of_elasticsearch_before_7_6_is_retried_a_write_block_rejected(
     fake: FakeBulkServer,
 ) -> None:
-    batch = [occurrence() for _ in range(2)]
+    """Since session 28 the disk block is set aside (the other indices go on, see
+    test_elasticsearch_blocks.py); the cluster-wide one is retried in place, and a write block named
+    beside the disk block stays a rejection (lifting the disk block leaves it)."""
+    batch = [occurrence() for _ in range(4)]
     disk = "index [e] blocked by: [FORBIDDEN/12/index read-only / allow delete (api)];"
     manual = "index [e] blocked by: [FORBIDDEN/8/index write (api)];"
+    both = "index [e] blocked by: [FORBIDDEN/8/index write (api), FORBIDDEN/12/index read-only / allow delete (api)];"
+    cluster = "blocked by: [FORBIDDEN/13/cluster read-only / allow delete (api)];"
     fake.item_status = {
-        f"{batch[0].uid}-1": (403, {"type": "cluster_block_exception", "reason": disk}),
-        f"{batch[1].uid}-1": (403, {"type": "cluster_block_exception", "reason": manual}),
+        f"{occ.uid}-1": (403, {"type": "cluster_block_exception", "reason": reason})
+        for occ, reason in zip(batch, (disk, manual, both, cluster), strict=True)
     }
     async with running_sink(fake.url) as sink:
         outcomes = await send(sink, batch)
-    assert outcome_kinds(outcomes) == [OutcomeKind.RETRY, OutcomeKind.REJECT]
+    assert outcome_kinds(outcomes) == [
+        OutcomeKind.RETRY,
+        OutcomeKind.REJECT,
+        OutcomeKind.REJECT,
+        OutcomeKind.RETRY,
+    ]
     assert outcomes[0].reason == f"403 cluster_block_exception: {disk}"
+    assert outcomes[0].defer and not outcomes[3].defer
 
 
 def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
