@@ -189,6 +189,7 @@ class Router:
         self.fanout = Fanout([])
         self.watchers: list[EventWatcher] = []
         self.kube: KubeClient | None = None
+        self._control: KubeClient | None = None  # the lease's and the checkpoint ConfigMap's
         self._tasks: list[asyncio.Task[None]] = []
         self._pipeline_tasks: list[asyncio.Task[None]] = []
         self._listed_namespaces: set[str | None] = set()
@@ -393,10 +394,16 @@ class Router:
         s = self.settings
         if s.metrics_addr and self._http is None:
             await self._start_http(s.metrics_addr)
-        self.kube = kube or await connect(kubeconfig=s.kubeconfig, context=s.context)
-        if s.checkpoint_configmap:
+        self.kube = kube or await connect(
+            kubeconfig=s.kubeconfig, context=s.context, connections=self._connections_needed()
+        )
+        # The lease and the ConfigMap never wait behind the watches' connections (item 186).
+        control = self._control = (
+            self.kube.own_connections() if s.checkpoint_configmap or s.leader_elect else None
+        )
+        if s.checkpoint_configmap and control is not None:
             store = ConfigMapCheckpointStore(
-                self.kube,
+                control,
                 namespace=s.checkpoint_namespace,
                 name=s.checkpoint_configmap,
                 flush_interval=s.checkpoint_flush_interval,
@@ -404,9 +411,9 @@ class Router:
             self.checkpoint_store = store
             store.on_write = self._configmap_written
             self._backend_factory = store.backend
-        if s.leader_elect:
+        if s.leader_elect and control is not None:
             self.elector = LeaderElector(
-                self.kube,
+                control,
                 namespace=s.leader_namespace,
                 name=s.leader_name,
                 identity=s.leader_identity,
@@ -521,8 +528,17 @@ class Router:
             live.update(w.tracker.seen)
         return live
 
+    def _connections_needed(self) -> int:
+        """API requests open at once: a watch per namespace for as long as it lasts, and a list of
+        each (a relist after a 410), with room for the rest (the Event API's probes)."""
+        return 2 * len(self.settings.namespaces) + 10
+
     async def start_source(self, kube: KubeClient | None = None) -> None:
-        self.kube = kube or await connect(kubeconfig=self.settings.kubeconfig, context=self.settings.context)
+        self.kube = kube or await connect(
+            kubeconfig=self.settings.kubeconfig,
+            context=self.settings.context,
+            connections=self._connections_needed(),
+        )
         # The first list waits for each sink's first start (bounded by its send_timeout): a relist
         # is paced by the sinks' queues (Fanout.wait_for_room), and a sink still starting (a Kafka
         # bootstrap, a TLS handshake) takes nothing, so its queue would overflow without a spool.
@@ -984,6 +1000,8 @@ class Router:
             await self.elector.release()
         if self.kube is not None:
             await self.kube.close()
+        if self._control is not None:
+            await self._control.close()
         if self._http is not None:
             await self._http.cleanup()
         log.info("stopped after draining for %.2fs", time.monotonic() - started)

@@ -76,6 +76,10 @@ def holder(api: FakeApiServer) -> str | None:
     return (lease.get("spec") or {}).get("holderIdentity") or None
 
 
+def _renewed(api: FakeApiServer) -> Any:
+    return (api.get_object("leases", "default", "er").get("spec") or {}).get("renewTime")
+
+
 def checkpoint_version(api: FakeApiServer) -> str | None:
     try:
         return str(api.get_object("configmaps", "default", "er-checkpoint")["metadata"]["resourceVersion"])
@@ -181,6 +185,37 @@ def _elected(api: FakeApiServer, tmp_path: Path, identity: str, **kw: Any) -> Ro
     )
     spec = spec_for_class(MemorySink, {"name": "mem", "batch_max_events": 10, **sink}, type_="memory")
     return Router(settings, [spec])
+
+
+async def test_a_leader_watching_over_a_hundred_namespaces_keeps_its_lease_and_writes_its_checkpoint(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """One watch per namespace, each holding a pooled connection for as long as it lasts; the lease and
+    the checkpoint ConfigMap shared kubernetes-asyncio's pool of 100: with 120 namespaces the 101st
+    watch never started, the renewals waited behind the watches until the leader lost its lease and
+    exited 1 (a crash loop), and the ConfigMap was never written (item 186). Now the pool fits the
+    watches, and the lease and the ConfigMap have connections of their own."""
+    namespaces = [f"team-{i:03d}" for i in range(120)]
+    router = _elected(api, tmp_path, "a", namespaces=namespaces)
+    running = asyncio.create_task(router.run())
+    try:
+        await until(lambda: api.active_watches == 120, timeout=30)
+        for ns in namespaces:
+            api.create_event(event_object(namespace=ns, object_name="x"))
+        await _mem(router).wait_for(120, timeout=30)
+        # Renewed all along: still leading five lease durations (2 s each) after every watch opened.
+        first = _renewed(api)
+        await until(lambda: _renewed(api) != first)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the time under test: the lease must hold throughout
+            assert holder(api) == "a" and not running.done(), router.exit_code
+            await asyncio.sleep(0.5)
+        summary = json.loads(api.get_object("configmaps", "default", "er-checkpoint")["data"]["summary"])
+        assert summary["sinks"] == {"mem": 120}
+    finally:
+        router.request_stop()
+        await asyncio.wait_for(running, 30)
+    assert router.exit_code == 0
 
 
 def _mem(router: Router) -> MemorySink:

@@ -40,6 +40,9 @@ class KubeAccessError(ValueError):
     configuration error (exit code 2), named with the file or setting at fault."""
 
 
+_USER_AGENT = "eventrouter"
+
+
 class KubeClient:
     """A thin wrapper over kubernetes_asyncio's ApiClient for raw GET/streaming requests."""
 
@@ -71,6 +74,15 @@ class KubeClient:
             _request_timeout=timeout or aiohttp.ClientTimeout(total=60),
         )
         return resp
+
+    def own_connections(self) -> KubeClient:
+        """The same API server and credentials over a connection pool of its own: for the lease and
+        the checkpoint ConfigMap. Each watch holds one pooled connection for as long as it lasts;
+        sharing their pool, a lease renewal waited behind 100 watches (kubernetes-asyncio's default
+        size) until the lease was lost, and the ConfigMap was never written (item 186)."""
+        api = type(self.api)(configuration=self.api.configuration)
+        api.user_agent = _USER_AGENT
+        return KubeClient(api, describe=self.describe)
 
     async def close(self) -> None:
         await self.api.close()
@@ -110,11 +122,15 @@ async def connect(
     kubeconfig: str | None = None,
     context: str | None = None,
     service_account_dir: str = SERVICE_ACCOUNT,
+    connections: int = 0,
 ) -> KubeClient:
     """In-cluster config when running in a pod and no kubeconfig is given, else the kubeconfig.
-    KubeAccessError when neither is there or its files cannot be read."""
+    KubeAccessError when neither is there or its files cannot be read. ``connections``: how many
+    requests may be open at once (one per watch, for as long as it lasts, and the lists), at least
+    kubernetes-asyncio's default of 100: past it, a namespace's watch waited for another to end."""
     client, config = load()
     configuration = client.Configuration()
+    configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize or 100, connections)
     if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
         # The loader re-reads the projected service-account token periodically, so rotation works.
         incluster = config.incluster_config.InClusterConfigLoader(
@@ -165,7 +181,7 @@ async def connect(
 
             configuration.refresh_api_key_hook = refresh
     api = client.ApiClient(configuration=configuration)
-    api.user_agent = "eventrouter"
+    api.user_agent = _USER_AGENT
     log.info("kubernetes API %s via %s", configuration.host, describe)
     return KubeClient(api, describe=describe)
 
