@@ -32,18 +32,28 @@ Signatures (``secret=...``) over the exact bytes sent:
 
 Outcomes: any 2xx is OK; 408, 429, 5xx, connection errors and timeouts are retried (honouring
 Retry-After, seconds or HTTP-date); so are 401 and 403 (credentials being rotated, or missing: put
-right, the same events go in; logged once, never dead-lettered). Redirects and other 4xx are rejected
-with the status and a short excerpt of the answer. A batch answered 413 (a body limit below
-``batch_max_bytes``, e.g. a proxy's) is sent again in halves, so only a record too large on its own is
-rejected; once a half is answered retry (429, 5xx), the halves left get that answer without being
-sent. Redirects are never followed (a 302 would turn the POST into a GET).
+right, the same events go in; logged once, never dead-lettered) and redirects (3xx: never followed, a
+302 would turn the POST into a GET; an ingress switched to force-ssl-redirect, a framework's
+trailing-slash redirect: logged once with where ``Location`` points, redacted, never dead-lettered;
+``retry_max_attempts`` still applies). Other 4xx are rejected with the status and a short excerpt of
+the answer. A batch answered 413 (a body limit below ``batch_max_bytes``, e.g. a proxy's) is sent
+again in halves, so only a record too large on its own is rejected; once a half is answered retry
+(429, 5xx with Retry-After), the halves left get that answer without being sent.
 
+A 5xx without Retry-After, a 401, a 403 or a redirect may be about the records sent (a receiver's bug
+for one payload, a WAF rule) as well as about the endpoint; a probe with other records tells which.
+``mode=batch``: the batch is halved as for a 413 (its first record alone first, while nothing of the
+send was taken) down to the record the receiver fails on, which waits aside with its own backoff
+(``retry_max_attempts`` still applies; its event's later occurrences wait with it) while the rest goes
+in, in order. It is set aside only after failing alone on both sides of a request of others taken (or,
+with none left, twice in a row, the receiver having failed nothing else since its last success), and
+only when every failed request of the send carried such a record: a flapping receiver sets nothing
+aside. A receiver that fails everything costs two requests an attempt and is retried in place.
 ``mode=event`` sends one request at a time, in order. After a retry answer the rest of the send is not
-sent (retried with it), except after a 5xx without Retry-After, a 401 or a 403: then the next event is
-sent once as a probe. If the receiver takes it, the failed event is its own problem (a receiver bug
-for that payload): it waits aside with its own backoff (``retry_max_attempts`` still applies) while the
-rest goes on; if the probe fails too, all of it is retried in place. A failed event with no next one
-to probe with waits aside when the receiver's latest answer to another event was a success.
+sent (retried with it), except after one of those answers: then the next event is sent once as a
+probe. If the receiver takes it, the failed event waits aside; if the probe fails too, all of it is
+retried in place. A failed event with no next one to probe with waits aside when the receiver's
+latest answer to another event was a success.
 
 A send starts no request that could end more than its budget after it began (its time so far plus
 ``timeout``; the budget is five sixths of the pipeline's ``send_timeout``, 25 s by default): the engine
@@ -64,7 +74,7 @@ import io
 import re
 import ssl
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -93,7 +103,7 @@ from eventrouter import (
     retry,
 )
 from eventrouter.logs import Throttled
-from eventrouter.options import FilePath, http_url, redact_url
+from eventrouter.options import FilePath, http_url, redact_url, shown_address
 
 from ._headers import HEADERS_HELP, Headers, check_headers
 from ._scrub import credentials, scrub
@@ -391,7 +401,13 @@ _REFUSED = (401, 403)
 """Credentials refused: being rotated (the endpoint first, then the pod's Secret) or missing. Retried:
 put right, the same events go in; dead-lettering them lost a whole rotation's events."""
 _LOG_REFUSED_EVERY = 600.0
-"""Seconds between two warnings about refused credentials (the first at once)."""
+"""Seconds between two warnings about refused credentials or a redirect (the first at once)."""
+_FAILING_MAX = 4096
+"""Keys of records set aside for failing alone kept at most (the oldest forgotten first): one
+forgotten costs its next send an attempt before it is known again."""
+
+_Item = tuple[int, bytes]
+"""A record of the send: its index in the batch and its encoded body."""
 
 
 @dataclass(slots=True)
@@ -404,10 +420,25 @@ class _Send:
     requests: int = 0
     stop: Outcome | None = None
     """A RETRY answered to the endpoint as a whole: what is left of the send gets it, unsent."""
+    taken: bool = False
+    """The endpoint answered (2xx, or a final 4xx) a request of this send: it is up for some records."""
+    whole: Outcome | None = None
+    """mode=batch: the retry answer to a request that carried every record of the send."""
 
     def rest(self) -> Outcome:
         assert self.stop is not None
         return retry(f"not sent: {self.stop.reason}", retry_after=self.stop.retry_after)
+
+
+@dataclass(slots=True)
+class _Part:
+    """Records of a batch-mode send that go as one request (a JSON array), in the batch's order."""
+
+    items: list[_Item]
+    confirm: bool = False
+    """Records that failed alone, sent again after a request of others was taken: one failing alone
+    again is its own problem (set aside), never a flap's: the receiver failed it on both sides of a
+    success."""
 
 
 class WebhookSink(Sink[WebhookOptions]):
@@ -428,12 +459,18 @@ class WebhookSink(Sink[WebhookOptions]):
         self._secrets: list[str] = []
         self._shown_urls: list[tuple[str, str]] = []
         self._refused_log = Throttled(self.log, _LOG_REFUSED_EVERY)
-        self._refusing = False  # the last answer was a 401/403 (logged): a 2xx ends that run
-        # mode=event: the key of the last event sent and whether the endpoint took it (answered it,
-        # not a retry), and the same for the latest one of another event before it: after a 5xx with
-        # no next event to probe with, that says whether the endpoint takes other events.
-        self._last: tuple[str, bool] = ("", False)
-        self._other_taken = False
+        self._refusing = False  # the last answer was a 401/403 or a redirect (logged): a 2xx ends that run
+        # What the endpoint answered lately, to judge a record that failed with no other left to
+        # probe with: the keys carried by every request it failed since it last answered one (None:
+        # none failed since), and whether it ever answered one.
+        self._common: set[str] | None = None
+        self._answered = False
+        # mode=batch: keys of records that failed alone (see _walk): set aside for it and not
+        # answered since, and those retried in place, which may have failed only because the
+        # endpoint did (forgotten when it answers a request). Their next send does not put them in
+        # a probe: one at the head goes alone first, the others wait for a request of others taken.
+        self._failing: dict[str, None] = {}
+        self._unsure: set[str] = set()
 
     @property
     def send_budget(self) -> float:
@@ -445,10 +482,11 @@ class WebhookSink(Sink[WebhookOptions]):
         return self.context.send_budget
 
     def take_over(self, previous: Sink[WebhookOptions]) -> None:
-        """What the endpoint last answered carries over a credential change: a failed event sent
+        """What the endpoint last answered carries over a credential change: a failed record sent
         alone next is judged by it. (New credentials refused too are logged again: that is news.)"""
         if isinstance(previous, WebhookSink):
-            self._last, self._other_taken = previous._last, previous._other_taken
+            self._common, self._answered = previous._common, previous._answered
+            self._failing, self._unsure = previous._failing, previous._unsure
 
     # -- configuration ---------------------------------------------------------------------------
     def _configure(self) -> None:
@@ -691,6 +729,15 @@ class WebhookSink(Sink[WebhookOptions]):
                 status = resp.status
                 if 200 <= status < 300:
                     return status, OK
+                if 300 <= status < 400:
+                    # Not followed: a 301/302 would turn the POST into a GET, a 307/308 send the
+                    # events wherever it points. An answer about the URL, not the events (an ingress
+                    # switched to force-ssl-redirect, a framework's trailing-slash redirect): retried,
+                    # as the Elasticsearch sink does, and logged (``_log_endpoint``).
+                    where = self._location(resp.headers.get("Location"))
+                    return status, retry(
+                        f"HTTP {status} redirect from {self._redacted} to {where} (not followed)"
+                    )
                 excerpt = (await resp.content.read(512)).decode("utf-8", "replace")
                 # Our secrets out before anything is cut, and one cut off by the read too.
                 excerpt = scrub(excerpt, self._secrets, partial=not resp.content.at_eof())
@@ -699,17 +746,40 @@ class WebhookSink(Sink[WebhookOptions]):
                 if status in _RETRY_STATUSES or status >= 500 or status in _REFUSED:
                     after = parse_retry_after(resp.headers.get("Retry-After"))
                     return status, retry(detail, retry_after=after)
-                if 300 <= status < 400:
-                    where = redact_url(resp.headers.get("Location", ""))
-                    return status, reject(
-                        f"HTTP {status} redirect from {self._redacted} to {where!r} (not followed)"
-                    )
                 return status, reject(detail)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return None, retry(f"{self._redacted}: {self._describe(exc)}")
 
-    def _log_refused(self, status: int | None, outcome: Outcome) -> None:
-        """A 401/403 taken as refusing the request, not its event: once per run (then every 10 min)."""
+    def _location(self, location: str | None) -> str:
+        """Where a redirect points, as logs may show it: redacted as every URL (no user info, query
+        values or token-like path segments) and our credentials scrubbed; only its scheme when an
+        ``@`` is left past its address (user info with a raw ``/`` in the password, which
+        ``urlsplit`` reads as a path)."""
+        if not location:
+            return "no Location"
+        try:
+            parts = urlsplit(location)
+        except ValueError:
+            return "an unparseable Location"
+        shown = redact_url(location)
+        if "@" in parts.path + parts.query + parts.fragment:
+            shown = shown_address(location)
+        return repr(scrub(shown, self._secrets)[:200])
+
+    def _log_endpoint(self, status: int | None, outcome: Outcome) -> None:
+        """A 401/403 or a redirect taken as the endpoint's answer, not the records': logged once per
+        run (then at most every 10 min; at once again after a 2xx)."""
+        if status is not None and 300 <= status < 400:
+            self._refusing = True
+            self._refused_log.warning(
+                "redirect",
+                "webhook %s: %s: give url the address it points to (a POST redirected would come "
+                "back a GET, or go on to another host); retrying until that is put right (nothing "
+                "is dead-lettered for it)",
+                self.context.name,
+                outcome.reason,
+            )
+            return
         if status not in _REFUSED:
             return
         self._refusing = True
@@ -739,7 +809,7 @@ class WebhookSink(Sink[WebhookOptions]):
         )
 
     def _accepted(self) -> None:
-        if self._refusing:  # a run of refused credentials is over: the next one is logged at once
+        if self._refusing:  # a run of refusals or redirects is over: the next one is logged at once
             self._refusing = False
             self._refused_log = Throttled(self.log, _LOG_REFUSED_EVERY)
 
@@ -759,52 +829,45 @@ class WebhookSink(Sink[WebhookOptions]):
         for i in indices:
             outcomes[i] = retry(reason, held=True)
 
-    async def _post_batch(
-        self,
-        items: list[tuple[int, bytes]],
-        batch: Sequence[Occurrence],
-        outcomes: list[Outcome | None],
-        run: _Send,
-    ) -> Outcome | None:
-        """POST ``items`` as one JSON array, halving it while the endpoint answers 413 (a body limit
-        below ours: nginx's client_max_body_size is 1m by default), so only a record too large on
-        its own is rejected. Returns the outcome when the items went as one request."""
-        if run.stop is not None:  # an earlier half was answered retry: the endpoint wants a pause
-            rest = run.rest()
-            for i, _ in items:
-                outcomes[i] = rest
-            return None
-        if self._out_of_time(run):
-            self._not_started([i for i, _ in items], outcomes, run)
-            return None
-        body = b"[" + b",".join(b for _, b in items) + b"]"
-        run.requests += 1
-        status, outcome = await self._post(body, [batch[i].key for i, _ in items])
-        if status == 413 and len(items) > 1:
-            mid = len(items) // 2
-            await self._post_batch(items[:mid], batch, outcomes, run)
-            await self._post_batch(items[mid:], batch, outcomes, run)
-            return None
-        for i, _ in items:
-            outcomes[i] = outcome
-        if outcome.kind is OutcomeKind.RETRY:
-            run.stop = outcome
-            self._log_refused(status, outcome)
-        elif outcome.kind is OutcomeKind.OK:
-            self._accepted()
-        return outcome
+    @staticmethod
+    def _either(status: int | None, outcome: Outcome) -> bool:
+        """A retry answer that may be about the records sent (a receiver's bug for one payload, a WAF
+        rule, a per-object authorization) as well as about the endpoint (down, our credentials, a
+        redirect): a probe with other records tells which. Not one with Retry-After (the endpoint
+        asks for a pause), a 408/425/429, or no answer at all."""
+        return status is not None and (
+            status in _REFUSED or 300 <= status < 400 or (status >= 500 and outcome.retry_after is None)
+        )
+
+    def _note(self, keys: Sequence[str], answered: bool) -> None:
+        """What the endpoint answered to a request carrying ``keys`` (answered: 2xx or a final 4xx)."""
+        if answered:
+            self._answered = True
+            self._common = None
+            self._unsure.clear()  # up: what failed alone before may have failed only with the rest
+            if self._failing:
+                for key in keys:
+                    self._failing.pop(key, None)
+        else:
+            self._common = set(keys) if self._common is None else self._common.intersection(keys)
+
+    def _failing_alone(self, key: str) -> bool:
+        """The endpoint failed nothing but requests carrying ``key`` since it last answered one: with
+        no other record to probe with, the latest answer to others says it takes them."""
+        return self._answered and self._common is not None and key in self._common
 
     async def _send_events(
         self,
         batch: Sequence[Occurrence],
-        bodies: list[tuple[int, bytes]],
+        bodies: list[_Item],
         outcomes: list[Outcome | None],
         run: _Send,
     ) -> None:
         """One request per occurrence, in order. A retry answer stops the send (the rest is retried
-        with it, unsent), except a 5xx without Retry-After, a 401 or a 403: the next event is sent
-        once as a probe, and if the endpoint takes it the failed event waits aside (``defer``) while
-        the rest goes on. One receiver bug for one payload no longer holds up the whole sink."""
+        with it, unsent), except one that may be about the event (``_either``: a 5xx without
+        Retry-After, a 401, a 403, a redirect): the next event is sent once as a probe, and if the
+        endpoint takes it the failed event waits aside (``defer``) while the rest goes on. One
+        receiver bug for one payload no longer holds up the whole sink."""
         suspect: tuple[int, int | None] | None = None  # (index, status) of an event awaiting its probe
         for pos, (i, body) in enumerate(bodies):
             if run.stop is not None:
@@ -816,7 +879,7 @@ class WebhookSink(Sink[WebhookOptions]):
             key = batch[i].key
             run.requests += 1
             status, outcome = await self._post(body, [key])
-            self._note(key, outcome.kind is not OutcomeKind.RETRY)
+            self._note([key], outcome.kind is not OutcomeKind.RETRY)
             outcomes[i] = outcome
             if outcome.kind is OutcomeKind.OK:
                 self._accepted()
@@ -824,38 +887,256 @@ class WebhookSink(Sink[WebhookOptions]):
                 failed, failed_status = suspect
                 suspect = None
                 if outcome.kind is OutcomeKind.RETRY:  # the endpoint fails the next one too
-                    self._log_refused(failed_status, _known(outcomes[failed]))
+                    self._log_endpoint(failed_status, _known(outcomes[failed]))
                     run.stop = outcome
                     continue
                 outcomes[failed] = self._aside(_known(outcomes[failed]))
             if outcome.kind is OutcomeKind.RETRY:
-                if status is not None and (
-                    status in _REFUSED or (status >= 500 and outcome.retry_after is None)
-                ):
+                if self._either(status, outcome):
                     suspect = (i, status)
                 else:
                     run.stop = outcome
         if suspect is not None:  # no next event to probe with: the last one, or out of time
             failed, failed_status = suspect
-            if self._other_taken:  # the endpoint answered (no retry) the latest other event sent
+            if self._failing_alone(batch[failed].key):
                 outcomes[failed] = self._aside(_known(outcomes[failed]))
             else:
-                self._log_refused(failed_status, _known(outcomes[failed]))
-
-    def _note(self, key: str, taken: bool) -> None:
-        last_key, last_taken = self._last
-        if key != last_key:
-            self._other_taken = last_taken
-        self._last = (key, taken)
+                self._log_endpoint(failed_status, _known(outcomes[failed]))
 
     @staticmethod
     def _aside(outcome: Outcome) -> Outcome:
         """Failed for a cause of its own (the endpoint takes other events): set aside."""
         return retry(outcome.reason, retry_after=outcome.retry_after, defer=True)
 
+    async def _walk(
+        self,
+        batch: Sequence[Occurrence],
+        bodies: list[_Item],
+        outcomes: list[Outcome | None],
+        run: _Send,
+    ) -> None:
+        """mode=batch: the records as one JSON array, or in parts when the endpoint does not take it
+        whole. A 413 (a body limit below ours: nginx's client_max_body_size is 1m by default) halves
+        it, so only a record too large on its own is rejected. So does a retry answer that may be
+        about the records rather than the endpoint (``_either``: a receiver's bug for one payload),
+        down to the record it fails on, which then waits aside (``defer``) while the rest goes in,
+        in order. Before, that record held up the whole sink, for ever.
+
+        * Nothing of the send taken yet, the first record goes alone, as a probe. Failing too, the
+          endpoint may be down (two requests an attempt while it is): all of it is retried in place,
+          and that record, remembered (``_unsure``), goes alone first at its next send.
+        * A record failing alone, while a record of another event is left, waits for the next
+          request: one such record (not one failed alone before, if any is left). Taken, the record
+          is sent alone again at once and set aside only if it fails again: a flap must fail it on
+          both sides of a success. The probe failing too, what is left is retried in place.
+        * With no other record to probe with, it is sent alone once more (unless it failed twice
+          already with nothing of the send taken: two requests an attempt), and failing again set
+          aside when the endpoint failed nothing but requests carrying it since it last answered
+          one (event mode's rule).
+        * Later records of an event with one set aside are held back with it (``held``), so that
+          the event's occurrences go in in order.
+        * Nothing is set aside when a failed request carried none of those records: the endpoint
+          flaps (``_unless_flapping``).
+
+        No record taken is sent again; what is not started within the send's budget is held."""
+        failing, unsure = self._failing, self._unsure
+
+        def known(i: int) -> bool:  # failed alone before, and not answered since
+            key = batch[i].key
+            return key in failing or key in unsure
+
+        stack = [_Part(bodies)]
+        if len(bodies) > 1 and known(bodies[0][0]):
+            stack = [_Part(bodies[1:]), _Part(bodies[:1])]  # alone first, not the whole again
+        suspects: list[_Item] = []  # failed alone, waiting for a request of other records
+        alone: dict[int, int | None] = {}  # failed alone in this send → the status
+        held: dict[str, Outcome] = {}  # uid of an event with a record set aside → its later records'
+        failed: list[list[int]] = []  # the records of each request failed (``_either``)
+        while stack:
+            part = stack.pop()
+            items = self._not_held(part.items, batch, outcomes, held)
+            if not items:
+                continue
+            if run.stop is not None:  # the endpoint fails other records too, or wants a pause
+                rest = run.rest()
+                for i, _ in items:
+                    outcomes[i] = rest
+                continue
+            if suspects and not part.confirm:
+                items = self._probe(items, batch, known, suspects, outcomes, stack)
+                if not items:
+                    continue
+            if self._out_of_time(run):
+                self._not_started([i for i, _ in items], outcomes, run)
+                continue
+            keys = [batch[i].key for i, _ in items]
+            run.requests += 1
+            status, outcome = await self._post(b"[" + b",".join(b for _, b in items) + b"]", keys)
+            answered = outcome.kind is not OutcomeKind.RETRY
+            self._note(keys, answered)
+            if status == 413 and len(items) > 1:
+                self._halve(items, part.confirm, stack)
+                continue
+            for i, _ in items:
+                outcomes[i] = outcome
+            if answered:
+                run.taken = True
+                if outcome.kind is OutcomeKind.OK:
+                    self._accepted()
+                if suspects:  # their probe was taken: each is tried alone again, all together first
+                    stack.append(_Part(sorted(suspects), confirm=True))
+                    suspects = []
+                continue
+            if run.whole is None and len(items) == len(bodies):
+                run.whole = outcome
+            if not self._either(status, outcome):
+                run.stop = outcome
+                continue
+            failed.append([i for i, _ in items])
+            if len(items) > 1:
+                if run.taken or part.confirm:
+                    self._halve(items, part.confirm, stack)
+                else:  # the first record alone, as a probe
+                    stack += [_Part(items[1:]), _Part(items[:1])]
+                continue
+            i = items[0][0]
+            again = i in alone or known(i)
+            alone[i] = status
+            if part.confirm:  # failed alone on both sides of a request of others that was taken
+                self._set_aside(i, batch, outcomes, held)
+            elif suspects:  # it was their probe: the endpoint fails other records too
+                run.stop = outcome
+                self._log_endpoint(status, outcome)
+            elif self._others_left(batch[i].uid, batch, stack):
+                if run.taken or again:
+                    suspects.append(items[0])
+                else:  # nothing of the send taken, and it did not fail alone before: down, maybe
+                    run.stop = outcome
+                    self._log_endpoint(status, outcome)
+            elif again or (not run.taken and sum(i in records for records in failed) > 1):
+                suspects.append(items[0])  # none left to probe with: judged by the latest answers
+            else:  # alone once more first: one flap is not enough to set it aside
+                stack.append(_Part(items))
+        for i, _ in sorted(suspects):  # no request of other records after them
+            uid = batch[i].uid
+            if uid in held:
+                outcomes[i] = held[uid]
+            elif run.stop is None and i in alone and self._failing_alone(batch[i].key):
+                self._set_aside(i, batch, outcomes, held)
+            elif i in alone and run.stop is None:  # (a stop logged its cause)
+                self._log_endpoint(alone[i], _known(outcomes[i]))
+        self._unless_flapping(failed, outcomes)
+        for i in alone:  # not in a probe again, alone first at the head
+            outcome = _known(outcomes[i])
+            if outcome.kind is OutcomeKind.RETRY:
+                key = batch[i].key
+                if outcome.defer:  # until answered
+                    failing.pop(key, None)
+                    failing[key] = None
+                else:  # until the endpoint answers a request
+                    unsure.add(key)
+        while len(failing) > _FAILING_MAX:
+            del failing[next(iter(failing))]
+
+    @staticmethod
+    def _unless_flapping(failed: list[list[int]], outcomes: list[Outcome | None]) -> None:
+        """Nothing set aside when the endpoint failed a request of this send carrying none of the
+        records set aside: it fails records it takes at other times (it flaps, or went down in
+        between), and a record failing alone may have been its victim. Those are retried in place
+        then, with the rest. A record the receiver cannot take fails every request carrying it, so
+        that explains every failure of a send that finds it."""
+        aside = {i for i, o in enumerate(outcomes) if o is not None and o.defer and not o.held}
+        if not aside or all(not aside.isdisjoint(records) for records in failed):
+            return
+        for i, o in enumerate(outcomes):
+            if o is not None and o.defer:
+                outcomes[i] = retry(o.reason, retry_after=o.retry_after, held=o.held)
+
+    @staticmethod
+    def _halve(items: list[_Item], confirm: bool, stack: list[_Part]) -> None:
+        """Both halves of ``items`` on ``stack``, the first to be sent first."""
+        mid = len(items) // 2
+        stack += [_Part(items[mid:], confirm), _Part(items[:mid], confirm)]
+
+    @staticmethod
+    def _others_left(uid: str, batch: Sequence[Occurrence], stack: list[_Part]) -> bool:
+        """A record of another event is still to be sent: a probe."""
+        return any(batch[i].uid != uid for part in stack for i, _ in part.items)
+
+    @staticmethod
+    def _probe(
+        items: list[_Item],
+        batch: Sequence[Occurrence],
+        known: Callable[[int], bool],
+        suspects: list[_Item],
+        outcomes: list[Outcome | None],
+        stack: list[_Part],
+    ) -> list[_Item]:
+        """The request after records failed alone (``suspects``): one record of another event, not
+        one that failed alone before if any is left (those would fail it; every record failed alone
+        while the endpoint was down: the first of another event). The records before it join the
+        suspects unsent (an event's occurrences go in order), the rest goes back on ``stack``."""
+        uids = {batch[i].uid for i, _ in suspects}
+        chosen = None
+        for fresh in (True, False):
+            skipped = set(uids)
+            for n, (i, _) in enumerate(items):
+                uid = batch[i].uid
+                if uid in skipped or (fresh and known(i)):
+                    skipped.add(uid)
+                    continue
+                chosen = n
+                break
+            if chosen is not None:
+                break
+        before = items if chosen is None else items[:chosen]
+        for i, body in before:
+            suspects.append((i, body))
+            if outcomes[i] is None:
+                outcomes[i] = retry("not sent: behind a record the endpoint failed alone")
+        if chosen is None:
+            return []
+        if chosen + 1 < len(items):
+            stack.append(_Part(items[chosen + 1 :]))
+        return [items[chosen]]
+
+    def _set_aside(
+        self, i: int, batch: Sequence[Occurrence], outcomes: list[Outcome | None], held: dict[str, Outcome]
+    ) -> None:
+        """Record ``i`` failed for a cause of its own: set aside, its event's later records with it."""
+        outcomes[i] = self._aside(_known(outcomes[i]))
+        occ = batch[i]
+        held.setdefault(
+            occ.uid,
+            retry(
+                f"held back behind {occ.key}, set aside: an event's occurrences go in in order",
+                held=True,
+                defer=True,
+            ),
+        )
+
+    @staticmethod
+    def _not_held(
+        items: list[_Item],
+        batch: Sequence[Occurrence],
+        outcomes: list[Outcome | None],
+        held: dict[str, Outcome],
+    ) -> list[_Item]:
+        """``items`` but the records of events with one set aside (those get their hold)."""
+        if not held:
+            return items
+        kept: list[_Item] = []
+        for i, body in items:
+            hold = held.get(batch[i].uid)
+            if hold is None:
+                kept.append((i, body))
+            else:
+                outcomes[i] = hold
+        return kept
+
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
         outcomes: list[Outcome | None] = [None] * len(batch)
-        bodies: list[tuple[int, bytes]] = []
+        bodies: list[_Item] = []
         for i, occ in enumerate(batch):
             try:
                 bodies.append((i, self._encode(occ)))
@@ -866,10 +1147,17 @@ class WebhookSink(Sink[WebhookOptions]):
         if self.options.mode == "event":
             await self._send_events(batch, bodies, outcomes, run)
         elif bodies:
-            whole = await self._post_batch(bodies, batch, outcomes, run)
-            if whole is not None and whole.kind is OutcomeKind.RETRY and len(bodies) == len(batch):
+            await self._walk(batch, bodies, outcomes, run)
+            whole = run.whole
+            if (
+                whole is not None
+                and not run.taken
+                and len(bodies) == len(batch)
+                and not any(o is not None and o.defer for o in outcomes)
+            ):
                 raise RetryableError(whole.reason, retry_after=whole.retry_after)
-        return [o if o is not None else OK for o in outcomes]
+        # Every record has its outcome by now; one without would be no success (never sent).
+        return [o if o is not None else retry("not sent") for o in outcomes]
 
 
 class _PassPhraseAsked(Exception):

@@ -20,11 +20,11 @@ What it checks on every request (a strict but ordinary webhook consumer):
 
 Every request is recorded (method, path, query, headers, raw body, answer status, signature check).
 
-Fault injection: ``fail_next(n, status, retry_after=..., body=..., echo=True)`` answers the next
-``n`` requests with that status (after recording, before checks); ``echo`` appends what the request
-carried (method, path and query, headers but the plain HTTP ones), as API gateways do that quote the
-credential they refused; ``hang_next(n)`` never answers the next ``n``
-requests (until the receiver closes) — the client must time out. ``fail_matching(predicate, status)``
+Fault injection: ``fail_next(n, status, retry_after=..., body=..., echo=True, headers=...)`` answers
+the next ``n`` requests with that status and headers (a redirect's ``Location``), after recording,
+before checks; ``echo`` appends what the request carried (method, path and query, headers but the
+plain HTTP ones), as API gateways do that quote the credential they refused; ``hang_next(n)`` never
+answers the next ``n`` requests (until the receiver closes) — the client must time out. ``fail_matching(predicate, status)``
 answers ``status`` to every request whose raw body ``predicate`` accepts, until ``fail_matching(None)``
 (a receiver with a bug for some payloads; ``lambda body: True``: one that is down). ``delay`` (also
 settable later) answers each request that many seconds after it arrived, as a receiver far away or
@@ -89,6 +89,7 @@ class _Fault:
     retry_after: str | None = None
     body: bytes = b""
     echo: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class WebhookReceiver:
@@ -136,9 +137,16 @@ class WebhookReceiver:
         return [r for r in self.requests if r.status is not None and 200 <= r.status < 300]
 
     def fail_next(
-        self, n: int, status: int, *, retry_after: str | None = None, body: bytes = b"", echo: bool = False
+        self,
+        n: int,
+        status: int,
+        *,
+        retry_after: str | None = None,
+        body: bytes = b"",
+        echo: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        self._faults.extend(_Fault(status, retry_after, body, echo) for _ in range(n))
+        self._faults.extend(_Fault(status, retry_after, body, echo, dict(headers or {})) for _ in range(n))
 
     def fail_matching(
         self,
@@ -219,7 +227,9 @@ class WebhookReceiver:
             if fault.status is None:
                 await self._release.wait()
                 return web.Response(status=503)
-            headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else None
+            headers = dict(fault.headers)  # a redirect's Location, ...
+            if fault.retry_after is not None:
+                headers["Retry-After"] = fault.retry_after
             body = fault.body
             if fault.echo:
                 plain = {"host", "accept", "accept-encoding", "content-type", "content-length"}
