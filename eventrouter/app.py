@@ -138,6 +138,12 @@ DISK_RESERVE = 0.2
 """Of a data dir's budget, kept for what is not per sink: checkpoints and a relist's sorted file
 (~1.5 KiB per retained event: 75 MB for 50,000)."""
 
+STOP_SCAN_SECONDS = 2.0
+"""At a stop with a ConfigMap checkpoint, how long the spools (all sinks together) are read to tell
+the records of events the API server still holds from the others: ~600 MB at 300 MB/s. What the
+stop does after its drain must fit terminationGracePeriodSeconds less --shutdown-timeout (5 s in the
+chart); records not read by then are reported as not checked."""
+
 
 def disk_bounds(specs: Sequence[SinkSpec], budget: int | None) -> dict[str, tuple[int, int]]:
     """Per sink, (spool bytes, bytes per dead-letter file) so that together they fit ``budget``: each
@@ -894,6 +900,7 @@ class Router:
             for t in self._pipeline_tasks:
                 t.cancel()
             await asyncio.gather(*self._pipeline_tasks, return_exceptions=True)
+        scan_until = time.monotonic() + STOP_SCAN_SECONDS
         for p in self.pipelines:
             older, newer = p.leftovers()
             left = older + newer
@@ -901,7 +908,7 @@ class Router:
                 p.settle_at_stop()  # nothing pending: whatever was held back can be recorded
                 if p.spool is not None:
                     p.spool.keep_aside([])
-                    _say_kept(p, 0)
+                    self._say_left(p, 0, scan_until)
                 continue
             if p.spool is not None:
                 kept = 0
@@ -940,7 +947,7 @@ class Router:
                         self.metrics.dropped.labels(p.name, "spool_full").inc()
                         log.warning("sink %s: spool full at shutdown, dropped %s", p.name, lost)
                     p.tell_spool_drops()
-                _say_kept(p, kept)
+                self._say_left(p, kept, scan_until)
             else:
                 self.metrics.dropped.labels(p.name, "shutdown").inc(len(left))
                 log.warning(
@@ -1006,6 +1013,105 @@ class Router:
             await self._http.cleanup()
         log.info("stopped after draining for %.2fs", time.monotonic() - started)
         self.stopped.set()
+
+    def _say_left(self, p: Pipeline, written: int, scan_until: float) -> None:
+        """At a stop, once the leftovers are in the spool: what it holds. With a checkpoint file the
+        next start reads both (``_say_kept``). A ConfigMap checkpoint is read by the next leader,
+        which has a spool of its own (the chart's data dir is an emptyDir): its relist sends each
+        event the API server still holds at its newest count, and the other records (of events
+        expired or deleted while their sink failed, older occurrences of a live event) are in this
+        data dir only: said at ERROR, not counted as dropped (this replica again on the same data
+        dir delivers them)."""
+        spool = p.spool
+        if spool is None:
+            return
+        if self.checkpoint_store is None:
+            _say_kept(p, written)
+            return
+        parked = spool.parked_count
+        total = len(spool) + parked
+        if not (written or total):
+            return
+        expected: list[str | None] = [*self.settings.namespaces] or [None]
+        # The trackers are a complete picture of what the API server holds once every namespace
+        # listed and while no relist is under way (one cut short forgets what it had not handed on).
+        knows = (
+            bool(self.watchers)
+            and all(ns in self._listed_namespaces for ns in expected)
+            and not any(w.listing for w in self.watchers)
+        )
+        highest: dict[str, int] = {}
+        if knows:
+            highest = (
+                self.watchers[0].tracker.seen
+                if len(self.watchers) == 1
+                else {uid: n for w in self.watchers for uid, n in w.tracker.seen.items()}
+            )
+        sent = older = gone = unreadable = 0
+        gone_events: set[str] = set()
+        for uid, number in spool.unread_keys(scan_until) if knows else ():
+            if not uid:
+                unreadable += 1
+            elif (top := highest.get(uid)) is None:
+                gone += 1
+                gone_events.add(uid)
+            elif number < top:
+                older += 1
+            else:
+                sent += 1
+        log.info(
+            "sink %s: %d undelivered occurrences left in this replica's spool (%d written at this stop, %d "
+            "parked: set aside for a key the sink refused); the next leader reads the checkpoint ConfigMap, "
+            "not this spool: %s",
+            p.name,
+            total,
+            written,
+            parked,
+            f"{sent} of them are of events the API server still holds: the next leader's relist sends them"
+            if knows
+            else "its relist sends again what the API server still holds",
+        )
+        advice = (
+            "delivered if this replica leads again on the same data dir (a container restart keeps an "
+            "emptyDir); lost if the pod's emptyDir is deleted (pod replaced). Keep the sink reachable "
+            "before a rollout, or use checkpoint.mode dataDir on a persistent volume"
+        )
+        if gone or older:
+            why = []
+            if gone:
+                why.append(
+                    f"{gone} of {len(gone_events)} events it no longer holds: expired or deleted while undelivered"
+                )
+            if older:
+                why.append(
+                    f"{older} older occurrences of events it holds at a newer count: the relist sends that one only"
+                )
+            log.error(
+                "sink %s: %d undelivered occurrences not retained by the API server (%s), kept only in %s: %s",
+                p.name,
+                gone + older,
+                "; ".join(why),
+                self.settings.data_dir,
+                advice,
+            )
+        unknown = total - sent - older - gone
+        if unknown > 0:
+            why = [] if knows else ["the watch had not completed its list"]
+            if knows and unknown > unreadable:
+                why.append(
+                    f"{unknown - unreadable} not read: a stop reads the spools for {STOP_SCAN_SECONDS:g}s at most"
+                )
+            if unreadable:
+                why.append(f"{unreadable} not readable")
+            log.warning(
+                "sink %s: %d undelivered occurrences not checked against the events the API server holds (%s): "
+                "those of events it no longer holds are kept only in %s: %s",
+                p.name,
+                unknown,
+                "; ".join(why),
+                self.settings.data_dir,
+                advice,
+            )
 
     @contextlib.asynccontextmanager
     async def running(self, kube: KubeClient | None = None, *, watch: bool = True) -> AsyncIterator[Router]:
