@@ -635,6 +635,30 @@ the new leader usually holding the batch; nor REQUEST_TIMED_OUT (7), NOT_ENOUGH_
 (a session 27 review). aiokafka retries those with the same sequence: the broker drops a copy. A retry
 of a batch one of those answered may be refused with 19 all the same (Kafka checks the in-sync replicas
 before its duplicate-batch check), so such a batch is never cut short (``_open``)."""
+
+
+def _produce_partitions(request: Any) -> list[tuple[str, int]] | None:
+    """The (topic, partition) pairs a produce request carries, or None when its layout is unknown.
+    aiokafka 0.14's ``ProduceRequest`` keeps them in ``_topics`` (earlier versions, the request struct
+    itself, in ``topics``): read as ``topics`` only, a request lost on its way back marked nothing
+    open, and a batch the broker had written was cut at its retry's NOT_ENOUGH_REPLICAS and written
+    again (a session 28 review)."""
+    for name in ("_topics", "topics"):
+        topics = getattr(request, name, None)
+        if isinstance(topics, list | tuple):
+            try:
+                return [(topic, entry[0]) for topic, partitions in topics for entry in partitions]
+            except (TypeError, ValueError, IndexError):
+                return None
+    return None
+
+
+_CUT_GRACE = 2.0
+"""Seconds a partition not known to refuse is left to aiokafka's retries (every 100 ms) after its first
+NOT_ENOUGH_REPLICAS of a send before its batch is cut: a follower briefly out of the in-sync replicas
+costs no attempt and no backoff (cut at once, a refusal flapping every 100 ms held the partition 11 s
+and dead-lettered records at retry_max_attempts=3; a session 28 review); a rolling restart's refusal
+lasts longer. A partition known to refuse is cut at its first refusal."""
 _CUT_CODE = -1
 """What a partition's answer proving nothing written becomes, for a batch the send gives up at once: an
 error aiokafka does not retry (UnknownError), so the batch fails instead of being retried for ever. Even
@@ -780,6 +804,11 @@ class KafkaSink(Sink[KafkaOptions]):
         self._answered: dict[tuple[str, int], int] = {}
         self._open: set[tuple[str, int]] = set()
         self._cut: dict[tuple[str, int], int] = {}
+        # The producer one of whose produce requests was lost on its way back with partitions that
+        # could not be read (another aiokafka's layout): none of its batches is cut, any may be written.
+        self._blind: object | None = None
+        # Per partition not known refused: when this send's first NOT_ENOUGH_REPLICAS came (_CUT_GRACE).
+        self._refusing_since: dict[tuple[str, int], float] = {}
 
     def take_over(self, previous: Sink[KafkaOptions]) -> None:
         """The set-aside records' order carries over (a credential or certificate file rotated)."""
@@ -903,9 +932,11 @@ class KafkaSink(Sink[KafkaOptions]):
             except BaseException:
                 if produce and producer is self._producer:
                     # Lost on its way back (connection, timeout): the broker may have written it all.
-                    with contextlib.suppress(Exception):
-                        for topic, partitions in request.topics:
-                            self._open.update((topic, entry[0]) for entry in partitions)
+                    sent = _produce_partitions(request)
+                    if sent is None:
+                        self._blind = producer  # which partitions it carried is unknown: none is cut
+                    else:
+                        self._open.update(sent)
                 raise
             if produce and response is not None and producer is self._producer:
                 with contextlib.suppress(Exception):  # another aiokafka's layout: nothing learnt
@@ -916,8 +947,9 @@ class KafkaSink(Sink[KafkaOptions]):
 
     def _note_answers(self, response: Any) -> None:
         """Each partition's error code; a batch answered with a code proving nothing was written (and
-        never answered otherwise before: its earlier attempt may be written) is failed at once, at the
-        partition's first refusal too: the code becomes one aiokafka does not retry, so the batch is not
+        never answered otherwise before: its earlier attempt may be written) is failed, at once for a
+        partition known to refuse, after ``_CUT_GRACE`` of refusals for another: the code becomes one
+        aiokafka does not retry, so the batch is not
         retried until the send's budget and then written beside the records the engine sends again
         (see _deliver_lane), and the producer goes on (its sequence number given back, _was_cut)."""
         changed = False
@@ -926,11 +958,17 @@ class KafkaSink(Sink[KafkaOptions]):
             infos = []
             for info in partitions:
                 where, code = (topic, info[0]), info[1]
-                if code:
-                    self._answered[where] = code
-                    if code not in _NOTHING_WRITTEN:
-                        self._open.add(where)
-                    elif where not in self._open:
+                if not code:
+                    self._refusing_since.pop(where, None)
+                    infos.append(info)
+                    continue
+                self._answered[where] = code
+                if code not in _NOTHING_WRITTEN:
+                    self._open.add(where)
+                elif where not in self._open and self._blind is not self._producer:
+                    now = time.monotonic()
+                    since = self._refusing_since.setdefault(where, now)
+                    if where in self._refused or now - since >= _CUT_GRACE:
                         self._cut[where] = code
                         info = (info[0], _CUT_CODE, *info[2:])
                         changed = True
@@ -1411,7 +1449,7 @@ class KafkaSink(Sink[KafkaOptions]):
         now = time.monotonic()
         for where in [where for where, refused in self._refused.items() if refused.until < now]:
             del self._refused[where]
-        self._answered = {}  # read by _note_answers while this send runs
+        self._answered, self._refusing_since = {}, {}  # read by _note_answers while this send runs
         await self._deliver(groups, outcomes, state)
         if state.refused:
             self._defer_refused(groups, outcomes, state)

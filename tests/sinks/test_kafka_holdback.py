@@ -188,7 +188,9 @@ async def test_a_retry_of_a_refused_partition_ends_at_its_refusal_with_the_log_l
                     (OutcomeKind.RETRY, True),
                     (OutcomeKind.OK, False),
                 ]
-                assert took < 1.5, f"a retry of the refused partition took {took:.2f}s of a 5s budget"
+                # The first refusal after _CUT_GRACE (2 s: a brief one is aiokafka's), the retries at once.
+                limit = 3.5 if good is goods[0] else 1.5
+                assert took < limit, f"a send with the refused partition took {took:.2f}s of a 5s budget"
                 assert "NOT_ENOUGH_REPLICAS (19)" in again[0].reason
                 producers.append(len(relay.producer_ids))
             relay.refuse.clear()
@@ -222,7 +224,8 @@ async def test_a_partitions_first_refusal_ends_the_send_when_the_other_topics_ar
             began = loop.time()
             first = await as_the_engine_does(sink, [o for pair in zip(bad, good, strict=True) for o in pair])
             took = loop.time() - began
-            assert took < 2.0, f"the first refusal took {took:.2f}s of a {sink.context.send_budget:g}s budget"
+            # After _CUT_GRACE (2 s of aiokafka's retries: a brief refusal costs nothing).
+            assert took < 3.5, f"the first refusal took {took:.2f}s of a {sink.context.send_budget:g}s budget"
             assert [(o.kind, o.defer, o.retry_after) for o in first] == [
                 (OutcomeKind.RETRY, True, 1.0),  # set aside for the partition's first backoff
                 (OutcomeKind.OK, False, None),
@@ -244,7 +247,83 @@ async def test_a_partitions_first_refusal_ends_the_send_when_the_other_topics_ar
     offered = [*bad, newer, *good]
     assert copies(records) == {(f"f-{o.record['namespace']}", o.key): 1 for o in offered}
     assert [occurrence_of(r) for r in records if r.topic == "f-bad"] == [o.key for o in [*bad, newer]]
-    assert [topic for topic, _, _ in relay.refused] == ["f-bad", "f-bad"]  # one batch per send
+    # The first send's batch retried by aiokafka for _CUT_GRACE, the second's cut at its first refusal.
+    assert {topic for topic, _, _ in relay.refused} == {"f-bad"}
+
+
+async def test_a_batch_written_whose_answer_came_too_late_is_not_cut_at_its_retrys_refusal() -> None:
+    """An acks=all batch the broker wrote, its answer later than ``request_timeout_ms`` (the client's
+    timer starts first), and a follower falling out of the in-sync replicas meanwhile: aiokafka's retry
+    meets NOT_ENOUGH_REPLICAS (Kafka checks the in-sync replicas before its duplicate-batch check).
+    The sink marks a partition whose request was lost so "maybe written" and does not cut its batch;
+    but it read the request's partitions from ``topics``, which aiokafka 0.14's ProduceRequest does not
+    have (``_topics``): nothing was marked, the batch was cut as "nothing written", its records set aside
+    and written again by a new producer (the resend is out of sequence). Now the retry waits: once the
+    refusal ends it is answered as the duplicate it is, and every record is written once."""
+    async with relayed(
+        "t-good",
+        "t-bad",
+        idempotence=True,
+        api_delays={API_PRODUCE: 1.6},
+        refuse_after_write={"t-bad": NOT_ENOUGH_REPLICAS},
+    ) as (broker, relay):
+        sink = kafka_sink(relay, send_timeout=8.0, topic="t-{namespace}")  # request_timeout_ms=1000
+        await sink.start()
+        lifted = asyncio.Event()
+
+        async def lift() -> None:  # the follower back in sync 2 s after the write
+            await until(lambda: "t-bad" in relay.refuse)
+            relay.api_delays.clear()
+            await asyncio.sleep(2.0)
+            relay.refuse.clear()
+            lifted.set()
+
+        lifting = asyncio.create_task(lift())
+        try:
+            bad = [make_occurrence(namespace="bad", object_name="b-0", message=f"b{i}") for i in range(3)]
+            good = [make_occurrence(namespace="good", object_name="g-0")]
+            first = await as_the_engine_does(sink, [*bad, *good])
+            # Waited for within the send (before: set aside as "nothing written" in 0.1 s).
+            assert [o.kind for o in first] == [OutcomeKind.OK] * 4, [o.reason for o in first]
+            await lifted.wait()
+            newer = make_occurrence(namespace="bad", object_name="b-0", message="b3")
+            assert [o.kind for o in await as_the_engine_does(sink, [newer])] == [OutcomeKind.OK]
+            # The retry answered as the duplicate it is; one producer throughout.
+            assert len(relay.producer_ids) == 1 and "t-bad" in {t for t, *_ in relay.duplicates}
+        finally:
+            lifting.cancel()
+            await sink.aclose()
+        records = await log_of(broker.bootstrap, "t-good", "t-bad", at_least=5)
+    assert copies(records) == {(f"t-{o.record['namespace']}", o.key): 1 for o in [*bad, newer, *good]}
+    assert [occurrence_of(r) for r in records if r.topic == "t-bad"] == [o.key for o in [*bad, newer]]
+
+
+async def test_a_brief_refusal_is_left_to_aiokafkas_retries_and_costs_no_attempt() -> None:
+    """A follower briefly out of the in-sync replicas (NOT_ENOUGH_REPLICAS for 0.5 s). Cut at its first
+    answer, each such blip cost the partition an attempt and a doubling backoff: a refusal flapping
+    every 100 ms held it 11 s and dead-lettered records at retry_max_attempts=3 (a session 28 review).
+    A partition not known to refuse is left to aiokafka's retries for _CUT_GRACE (2 s): the send takes
+    every record, with the producer it began with."""
+    async with relayed("q-good", "q-bad", idempotence=True, refuse={"q-bad": NOT_ENOUGH_REPLICAS}) as (
+        broker,
+        relay,
+    ):
+        sink = kafka_sink(relay, send_timeout=8.0, topic="q-{namespace}")
+        await sink.start()
+        asyncio.get_running_loop().call_later(0.5, relay.refuse.clear)
+        try:
+            batch = [
+                make_occurrence(namespace=ns, object_name=f"{ns}-0", message=f"m{i}")
+                for i in range(3)
+                for ns in ("bad", "good")
+            ]
+            outs = await as_the_engine_does(sink, batch)
+            assert [o.kind for o in outs] == [OutcomeKind.OK] * 6, [o.reason for o in outs]
+            assert len(relay.producer_ids) == 1 and relay.refused  # it was refused, and retried within
+        finally:
+            await sink.aclose()
+        records = await log_of(broker.bootstrap, "q-good", "q-bad", at_least=6)
+    assert copies(records) == {(f"q-{o.record['namespace']}", o.key): 1 for o in batch}
 
 
 async def test_a_refusal_starting_mid_send_sets_the_partitions_later_batches_aside_unsent() -> None:
@@ -276,11 +355,12 @@ async def test_a_refusal_starting_mid_send_sets_the_partitions_later_batches_asi
             relay.api_delays.clear()
             first = await sending
             took = loop.time() - began
-            assert took < 5.0, f"the refusal took {took:.2f}s of a {sink.context.send_budget:g}s budget"
+            assert took < 6.5, f"the refusal took {took:.2f}s of a {sink.context.send_budget:g}s budget"
             assert [(o.kind, o.defer, o.retry_after) for o in first] == [
                 (OutcomeKind.OK, False, None)
             ] * 3 + [(OutcomeKind.RETRY, True, 1.0)] * 9 + [(OutcomeKind.OK, False, None)] * 3
-            assert [topic for topic, _, _ in relay.refused] == ["n-bad"]  # its later batches not sent
+            # Only its second batch was refused (retried for _CUT_GRACE): its later ones were never sent.
+            assert {topic for topic, _, _ in relay.refused} == {"n-bad"}
             again = await as_the_engine_does(sink, bad[3:])
             assert {(o.kind, o.defer, o.retry_after) for o in again} == {(OutcomeKind.RETRY, True, 2.0)}
             relay.refuse.clear()

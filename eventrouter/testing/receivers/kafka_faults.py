@@ -15,6 +15,11 @@ a slow broker.
   partition. The client's retry of that batch, with idempotence, is then answered NONE without being
   written again (the duplicate-batch check of ``kafka_checks``), as the new leader, which holds the
   batch, answers it.
+- ``refuse_after_write``: topic -> error code: the topic's next batch is written and answered as usual,
+  and from then on the topic is refused with that code (``refuse``): an ``acks=all`` batch appended
+  while a follower falls out of the in-sync replicas, whose retry (its answer lost, or late past the
+  client's ``request_timeout_ms`` with ``api_delays``) meets NOT_ENOUGH_REPLICAS: Kafka checks the
+  in-sync replicas before its duplicate-batch check.
 - ``answer_delay``: seconds every answer reaches the client after the broker gave it (a round trip that
   long); requests are not held back, so what a client pipelines stays pipelined.
 - ``api_delays``: API key -> seconds more for the answers to that request type only, e.g.
@@ -116,6 +121,7 @@ class FaultyBroker(BrokerChecksProxy):
         *,
         refuse: dict[str, int] | None = None,
         after_append_once: dict[str, int] | None = None,
+        refuse_after_write: dict[str, int] | None = None,
         answer_delay: float = 0.0,
         api_delays: dict[int, float] | None = None,
         **checks: Any,
@@ -123,6 +129,7 @@ class FaultyBroker(BrokerChecksProxy):
         super().__init__(**checks)
         self.refuse: dict[str, int] = dict(refuse or {})
         self.after_append_once: dict[str, int] = dict(after_append_once or {})
+        self.refuse_after_write: dict[str, int] = dict(refuse_after_write or {})
         self.answer_delay = answer_delay
         self.api_delays: dict[int, float] = dict(api_delays or {})
         # Per connection (its queue of answers owed): correlation id -> API key of the requests read.
@@ -137,6 +144,8 @@ class FaultyBroker(BrokerChecksProxy):
         return super()._invalid(topic, partition, records, now_ms, size)
 
     def _answer_written(self, topic: str, partition: int) -> int | None:
+        if (code := self.refuse_after_write.pop(topic, None)) is not None:
+            self.refuse[topic] = code
         return self.after_append_once.pop(topic, None)
 
     def _delay(self, api_key: int | None) -> float:
