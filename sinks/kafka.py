@@ -81,7 +81,8 @@ or refused it before, its records are set aside (a retry each, still counted tow
 ``retry_max_attempts``) and later batches go on. They are offered again together, after the partition's own
 backoff (1 s, doubled at each refusal up to the pipeline's ``retry_max_backoff``). A partition's batch is
 given up at the broker's first answer that proves nothing was written (NOT_ENOUGH_REPLICAS: refused before
-the append), its first refusal too, read from this producer's own produce answers (never from log lines:
+the append) when the partition is known to refuse, and after 2 s of such answers when not (a brief one is
+aiokafka's to retry), read from this producer's own produce answers (never from log lines:
 another sink's, or a log level above WARNING); its producer goes on, and the send ends when the other
 partitions' batches are answered. Answers that leave the write open (NOT_LEADER_OR_FOLLOWER,
 UNKNOWN_TOPIC_OR_PARTITION, REQUEST_TIMED_OUT, NOT_ENOUGH_REPLICAS_AFTER_APPEND, a lost connection), and a
