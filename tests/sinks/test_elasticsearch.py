@@ -34,7 +34,7 @@ from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.testing import event_object, recorded_watch
 from eventrouter.testing.pipelines import dead_letter, pipeline_for
-from eventrouter.testing.receivers.osmem import OsmemServer, osmem_fixture_server
+from eventrouter.testing.receivers.osmem import Cluster, OsmemServer, osmem_fixture_server
 from eventrouter.testing.receivers.silent import SilentServer
 from eventrouter.testing.tls import certificate, server_context
 from eventrouter_sinks.elasticsearch import ElasticsearchOptions, ElasticsearchSink
@@ -81,26 +81,6 @@ async def send(sink: ElasticsearchSink, batch: list[Occurrence]) -> list[Outcome
     outcomes = await sink.send(batch)
     assert outcomes is not None and len(outcomes) == len(batch)
     return list(outcomes)
-
-
-class Cluster:
-    """Reads back through plain HTTP, independent of the sink's client."""
-
-    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
-        self.url = url
-        self.session = session
-
-    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        data = None if body is None else orjson.dumps(body)
-        headers = {"content-type": "application/json"}
-        async with self.session.request(method, self.url + path, data=data, headers=headers) as resp:
-            return resp.status, await resp.json(content_type=None)
-
-    async def count(self, index: str, query: Any = None) -> int:
-        await self.call("POST", "/_refresh")
-        status, body = await self.call("POST", f"/{index}/_count", {"query": query} if query else None)
-        assert status == 200, body
-        return int(body["count"])
 
 
 @pytest.fixture(scope="session")

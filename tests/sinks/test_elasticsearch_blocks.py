@@ -24,7 +24,7 @@ from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.testing import event_object
 from eventrouter.testing.pipelines import pipeline_for
-from eventrouter.testing.receivers.osmem import OsmemServer, osmem_fixture_server
+from eventrouter.testing.receivers.osmem import Cluster, OsmemServer, osmem_fixture_server
 from eventrouter.testing.waiting import until
 from eventrouter_sinks.elasticsearch import ElasticsearchOptions, ElasticsearchSink, index_template_body
 
@@ -38,35 +38,6 @@ FLOOD = (
 def osmem_server() -> Iterator[OsmemServer]:
     """Overrides the osmem plugin's fixture (which leaks the server's stdout pipe); osmem_clone uses it."""
     yield from osmem_fixture_server()
-
-
-class Cluster:
-    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
-        self.url = url
-        self.session = session
-
-    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        data = None if body is None else orjson.dumps(body)
-        headers = {"content-type": "application/json"}
-        async with self.session.request(method, self.url + path, data=data, headers=headers) as resp:
-            return resp.status, await resp.json(content_type=None)
-
-    async def count(self, index: str) -> int:
-        await self.call("POST", "/_refresh")
-        status, body = await self.call("GET", f"/{index}/_count")
-        return int(body["count"]) if status == 200 else 0
-
-    async def flood(self, index: str, on: bool) -> None:
-        """What DiskThresholdMonitor does to an index with a shard on a node past (and back below)
-        the flood-stage watermark."""
-        if on:
-            status, body = await self.call(
-                "PUT", f"/{index}", {"settings": {"index.blocks.read_only_allow_delete": True}}
-            )
-        else:
-            body = {"index.blocks.read_only_allow_delete": None}
-            status, body = await self.call("PUT", f"/{index}/_settings", body)
-        assert status == 200, body
 
 
 @pytest.fixture
