@@ -50,10 +50,11 @@ with none left, twice in a row, the receiver having failed nothing else since it
 only when every failed request of the send carried such a record: a flapping receiver sets nothing
 aside. A receiver that fails everything costs two requests an attempt and is retried in place.
 ``mode=event`` sends one request at a time, in order. After a retry answer the rest of the send is not
-sent (retried with it), except after one of those answers: then the next event is sent once as a
-probe. If the receiver takes it, the failed event waits aside; if the probe fails too, all of it is
-retried in place. A failed event with no next one to probe with waits aside when the receiver's
-latest answer to another event was a success.
+sent (retried with it), except after one of those answers: then the next record of another event is
+sent once as a probe (never the same event's next occurrence). If the receiver takes it, the failed
+record is sent again, and waits aside (its event's later occurrences with it) only if it fails again;
+if the probe fails too, all of it is retried in place. The rest is as in batch mode, one record a
+request: the same confirmation, and nothing set aside when the receiver flaps.
 
 A send starts no request that could end more than its budget after it began (its time so far plus
 ``timeout``; the budget is five sixths of the pipeline's ``send_timeout``, 25 s by default): the engine
@@ -856,53 +857,6 @@ class WebhookSink(Sink[WebhookOptions]):
         no other record to probe with, the latest answer to others says it takes them."""
         return self._answered and self._common is not None and key in self._common
 
-    async def _send_events(
-        self,
-        batch: Sequence[Occurrence],
-        bodies: list[_Item],
-        outcomes: list[Outcome | None],
-        run: _Send,
-    ) -> None:
-        """One request per occurrence, in order. A retry answer stops the send (the rest is retried
-        with it, unsent), except one that may be about the event (``_either``: a 5xx without
-        Retry-After, a 401, a 403, a redirect): the next event is sent once as a probe, and if the
-        endpoint takes it the failed event waits aside (``defer``) while the rest goes on. One
-        receiver bug for one payload no longer holds up the whole sink."""
-        suspect: tuple[int, int | None] | None = None  # (index, status) of an event awaiting its probe
-        for pos, (i, body) in enumerate(bodies):
-            if run.stop is not None:
-                outcomes[i] = run.rest()
-                continue
-            if self._out_of_time(run):
-                self._not_started([j for j, _ in bodies[pos:]], outcomes, run)
-                break
-            key = batch[i].key
-            run.requests += 1
-            status, outcome = await self._post(body, [key])
-            self._note([key], outcome.kind is not OutcomeKind.RETRY)
-            outcomes[i] = outcome
-            if outcome.kind is OutcomeKind.OK:
-                self._accepted()
-            if suspect is not None:  # this request was the probe
-                failed, failed_status = suspect
-                suspect = None
-                if outcome.kind is OutcomeKind.RETRY:  # the endpoint fails the next one too
-                    self._log_endpoint(failed_status, _known(outcomes[failed]))
-                    run.stop = outcome
-                    continue
-                outcomes[failed] = self._aside(_known(outcomes[failed]))
-            if outcome.kind is OutcomeKind.RETRY:
-                if self._either(status, outcome):
-                    suspect = (i, status)
-                else:
-                    run.stop = outcome
-        if suspect is not None:  # no next event to probe with: the last one, or out of time
-            failed, failed_status = suspect
-            if self._failing_alone(batch[failed].key):
-                outcomes[failed] = self._aside(_known(outcomes[failed]))
-            else:
-                self._log_endpoint(failed_status, _known(outcomes[failed]))
-
     @staticmethod
     def _aside(outcome: Outcome) -> Outcome:
         """Failed for a cause of its own (the endpoint takes other events): set aside."""
@@ -916,8 +870,10 @@ class WebhookSink(Sink[WebhookOptions]):
         run: _Send,
     ) -> None:
         """mode=batch: the records as one JSON array, or in parts when the endpoint does not take it
-        whole. A 413 (a body limit below ours: nginx's client_max_body_size is 1m by default) halves
-        it, so only a record too large on its own is rejected. So does a retry answer that may be
+        whole; mode=event: one request per record, in order, by the same rules (so an event's later
+        occurrences wait behind one set aside, and a flap sets nothing aside there either). A 413 (a
+        body limit below ours: nginx's client_max_body_size is 1m by default) halves a batch, so
+        only a record too large on its own is rejected. So does a retry answer that may be
         about the records rather than the endpoint (``_either``: a receiver's bug for one payload),
         down to the record it fails on, which then waits aside (``defer``) while the rest goes in,
         in order. Before, that record held up the whole sink, for ever.
@@ -928,18 +884,21 @@ class WebhookSink(Sink[WebhookOptions]):
         * A record failing alone, while a record of another event is left, waits for the next
           request: one such record (not one failed alone before, if any is left). Taken, the record
           is sent alone again at once and set aside only if it fails again: a flap must fail it on
-          both sides of a success. The probe failing too, what is left is retried in place.
+          both sides of a success. The probe failing too, what is left is retried in place. (In
+          mode=event the first record failing is such a record: its request was the send's only
+          failure yet, as the whole batch's is in mode=batch.)
         * With no other record to probe with, it is sent alone once more (unless it failed twice
           already with nothing of the send taken: two requests an attempt), and failing again set
           aside when the endpoint failed nothing but requests carrying it since it last answered
           one (event mode's rule).
         * Later records of an event with one set aside are held back with it (``held``), so that
-          the event's occurrences go in in order.
+          the event's occurrences go in in order; a probe is never one of a suspect's event.
         * Nothing is set aside when a failed request carried none of those records: the endpoint
           flaps (``_unless_flapping``).
 
         No record taken is sent again; what is not started within the send's budget is held."""
         failing, unsure = self._failing, self._unsure
+        single = self.options.mode == "event"  # a request per record, its body the record alone
 
         def known(i: int) -> bool:  # failed alone before, and not answered since
             key = batch[i].key
@@ -969,9 +928,16 @@ class WebhookSink(Sink[WebhookOptions]):
             if self._out_of_time(run):
                 self._not_started([i for i, _ in items], outcomes, run)
                 continue
+            if single:
+                if len(items) > 1:  # the head alone, the rest after it
+                    stack.append(_Part(items[1:], part.confirm))
+                    items = items[:1]
+                body = items[0][1]
+            else:
+                body = b"[" + b",".join(b for _, b in items) + b"]"
             keys = [batch[i].key for i, _ in items]
             run.requests += 1
-            status, outcome = await self._post(b"[" + b",".join(b for _, b in items) + b"]", keys)
+            status, outcome = await self._post(body, keys)
             answered = outcome.kind is not OutcomeKind.RETRY
             self._note(keys, answered)
             if status == 413 and len(items) > 1:
@@ -1002,18 +968,24 @@ class WebhookSink(Sink[WebhookOptions]):
             i = items[0][0]
             again = i in alone or known(i)
             alone[i] = status
-            if part.confirm:  # failed alone on both sides of a request of others that was taken
+            if part.confirm and again:  # failed alone on both sides of a request of others taken
                 self._set_aside(i, batch, outcomes, held)
-            elif suspects:  # it was their probe: the endpoint fails other records too
+            elif suspects and not part.confirm:  # it was their probe: the endpoint fails others too
                 run.stop = outcome
                 self._log_endpoint(status, outcome)
             elif self._others_left(batch[i].uid, batch, stack):
-                if run.taken or again:
+                # (A confirmation failing a record not failed alone before, sent with the suspects
+                # as it was behind one of its event: it too waits for a probe.)
+                if run.taken or again or len(failed) == 1:  # (mode=event: the send's first request)
                     suspects.append(items[0])
                 else:  # nothing of the send taken, and it did not fail alone before: down, maybe
                     run.stop = outcome
                     self._log_endpoint(status, outcome)
-            elif again or (not run.taken and sum(i in records for records in failed) > 1):
+            elif (
+                again
+                or (not run.taken and sum(i in records for records in failed) > 1)
+                or not self._failing_alone(batch[i].key)  # failing again would not set it aside
+            ):
                 suspects.append(items[0])  # none left to probe with: judged by the latest answers
             else:  # alone once more first: one flap is not enough to set it aside
                 stack.append(_Part(items))
@@ -1144,13 +1116,12 @@ class WebhookSink(Sink[WebhookOptions]):
                 outcomes[i] = reject(f"cannot encode {occ.key}: {exc}")
 
         run = self._begin()
-        if self.options.mode == "event":
-            await self._send_events(batch, bodies, outcomes, run)
-        elif bodies:
+        if bodies:
             await self._walk(batch, bodies, outcomes, run)
             whole = run.whole
             if (
-                whole is not None
+                self.options.mode == "batch"
+                and whole is not None
                 and not run.taken
                 and len(bodies) == len(batch)
                 and not any(o is not None and o.defer for o in outcomes)

@@ -280,9 +280,10 @@ async def test_a_standard_webhooks_key_rotation_signs_with_both_keys_so_no_reque
                 assert await sink.send(recorded()[:3]) == [OK] * 3
             async with webhook(url=hook.url, secret=new_key, signature="standard", mode="event") as sink:
                 after = await sink.send(recorded()[3:4])
-            (with_both, with_new) = hook.requests
+            # (A refusal with no other record to probe with is sent twice: once may be a flap.)
+            with_both, *with_new = hook.requests
             assert with_both.signature_ok and len(with_both.headers["webhook-signature"].split()) == 2
-            assert with_new.signature_ok is (hook is new_receiver)
+            assert {r.signature_ok for r in with_new} == {hook is new_receiver}
             # The old receiver refuses the new key alone: retried (until it moves), not dead-lettered.
             assert kinds(after) == [OutcomeKind.OK if hook is new_receiver else OutcomeKind.RETRY]
 
@@ -411,11 +412,13 @@ async def test_a_redirect_is_retried_and_never_followed_or_turned_into_get(hook:
     hook.fail_next(2, 302, headers={"Location": "https://127.0.0.1:9/hook"})
     async with webhook(url=hook.url) as sink:
         with pytest.raises(RetryableError) as info:
-            await sink.send(recorded()[:1])  # alone: sent twice before it is judged (one flap is not enough)
+            # Alone, at an endpoint that never answered: failing again could not set it aside, so
+            # it is not sent again at once.
+            await sink.send(recorded()[:1])
     assert (
         info.value.reason == f"HTTP 302 redirect from {hook.url} to 'https://127.0.0.1:9/hook' (not followed)"
     )
-    assert [r.method for r in hook.requests] == ["POST", "POST"]
+    assert [r.method for r in hook.requests] == ["POST"]
 
 
 def test_get_method_is_not_an_option() -> None:
@@ -704,12 +707,15 @@ async def test_an_answer_quoting_our_credentials_never_carries_them_into_a_reaso
         hook.fail_next(1, 403, body=f"refused {quote(secret, safe='')}".encode())
         quoted = _json_quoted(secret)
         for status, form in zip([400, 401, 400], quoted.values(), strict=True):
-            hook.fail_next(1, status, body=f'{{"error":"invalid credential {form}"}}'.encode())
+            # (The 401 follows an answer: failed twice alone, it would be set aside, so it is sent twice.)
+            hook.fail_next(
+                2 if status == 401 else 1, status, body=f'{{"error":"invalid credential {form}"}}'.encode()
+            )
         reasons: list[str] = []
         async with webhook(url=url, mode="event", **options) as sink:
             for name in ("a", "b", "c", "d", "e", "f"):
                 reasons += [o.reason for o in await sink.send([make_occurrence(object_name=name)]) or []]
-    assert [r.status for r in hook.requests] == [401, 503, 403, 400, 401, 400]
+    assert [r.status for r in hook.requests] == [401, 503, 403, 400, 401, 401, 400]
     for n in (0, 3, 4, 5):
         assert reasons[n].endswith('{"error":"invalid credential ****"}'), reasons[n]
     assert reasons[2].endswith("refused ****"), reasons[2]
@@ -948,6 +954,13 @@ async def test_an_event_the_receiver_fails_on_waits_aside_while_the_rest_goes_on
         def failed_on_poison() -> int:
             return sum(r.status == 500 for r in hook.requests)
 
+        def sends() -> float:  # the engine's send calls (one an attempt)
+            labels = {"sink": "webhook"}
+            return (
+                metrics.registry.get_sample_value("eventrouter_sink_send_duration_seconds_count", labels)
+                or 0.0
+            )
+
         try:
             for occ in occs:
                 pipeline.offer(occ)
@@ -961,15 +974,16 @@ async def test_an_event_the_receiver_fails_on_waits_aside_while_the_rest_goes_on
 
             hook.fail_matching(lambda body: True, 503)  # down
             later = [make_occurrence(object_name=f"later-{i}") for i in range(20)]
-            down_from = len(hook.requests)
+            down_from, sends_from = len(hook.requests), sends()
             for occ in later:
                 pipeline.offer(occ)
-            await until(
-                lambda: len(hook.requests) >= down_from + 8 and _count(metrics.sink_up, "webhook") == 0
-            )
+            await until(lambda: sends() >= sends_from + 4 and _count(metrics.sink_up, "webhook") == 0)
             assert aside() <= {(poison.uid, poison.number)}  # the later ones are retried in place
-            sent = {r.json()["involved_object"]["name"] for r in hook.requests[down_from:]}
-            assert sent <= {"pod-57", "later-0", "later-1"}, sent  # the first and its probe only
+            # The first event and its probe (one not failed alone yet), no more, at each attempt (at
+            # most one send under way: its requests are in, its count not yet).
+            down = [r.json()["involved_object"]["name"] for r in hook.requests[down_from:]]
+            assert len(down) <= 2 * (sends() - sends_from + 1), down
+            assert down[0] in {"pod-57", "later-0"} and "later-0" in down, down
 
             hook.fail_matching(lambda body: b"poison" in body, 500)  # up again, but for that one
             await until(lambda: _count(metrics.delivered, "webhook") == 219)
