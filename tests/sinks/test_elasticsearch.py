@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +34,7 @@ from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.testing import event_object, recorded_watch
 from eventrouter.testing.pipelines import dead_letter, pipeline_for
-from eventrouter.testing.receivers.osmem import Cluster, OsmemServer, osmem_fixture_server
+from eventrouter.testing.receivers.osmem import Cluster
 from eventrouter.testing.receivers.silent import SilentServer
 from eventrouter.testing.tls import certificate, server_context
 from eventrouter_sinks.elasticsearch import ElasticsearchOptions, ElasticsearchSink
@@ -81,18 +81,6 @@ async def send(sink: ElasticsearchSink, batch: list[Occurrence]) -> list[Outcome
     outcomes = await sink.send(batch)
     assert outcomes is not None and len(outcomes) == len(batch)
     return list(outcomes)
-
-
-@pytest.fixture(scope="session")
-def osmem_server() -> Iterator[OsmemServer]:
-    """Overrides the osmem plugin's fixture (which leaks the server's stdout pipe); osmem_clone uses it."""
-    yield from osmem_fixture_server()
-
-
-@pytest.fixture
-async def cluster(osmem_clone: Any) -> AsyncIterator[Cluster]:
-    async with aiohttp.ClientSession() as session:
-        yield Cluster(osmem_clone.url, session)
 
 
 def outcome_kinds(outcomes: Any) -> list[OutcomeKind]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.testing import event_object
 from eventrouter.testing.pipelines import pipeline_for
-from eventrouter.testing.receivers.osmem import Cluster, OsmemServer, osmem_fixture_server
+from eventrouter.testing.receivers.osmem import Cluster
 from eventrouter.testing.waiting import until
 from eventrouter_sinks.elasticsearch import ElasticsearchOptions, ElasticsearchSink, index_template_body
 
@@ -32,18 +32,6 @@ FLOOD = (
     "index [events-full] blocked by: [TOO_MANY_REQUESTS/12/disk usage exceeded flood-stage watermark, "
     "index has read-only-allow-delete block];"
 )
-
-
-@pytest.fixture(scope="session")
-def osmem_server() -> Iterator[OsmemServer]:
-    """Overrides the osmem plugin's fixture (which leaks the server's stdout pipe); osmem_clone uses it."""
-    yield from osmem_fixture_server()
-
-
-@pytest.fixture
-async def cluster(osmem_clone: Any) -> AsyncIterator[Cluster]:
-    async with aiohttp.ClientSession() as session:
-        yield Cluster(osmem_clone.url, session)
 
 
 def occurrence(namespace: str = "default", name: str = "web-0", reason: str = "BackOff") -> Occurrence:

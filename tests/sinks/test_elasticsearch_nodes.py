@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -16,18 +15,11 @@ from aiohttp import web
 
 from eventrouter import Occurrence, OutcomeKind, RetryableError, SinkContext, normalise
 from eventrouter.testing import event_object
-from eventrouter.testing.receivers.osmem import OsmemServer, osmem_fixture_server
 from eventrouter.testing.receivers.silent import SilentServer
 from eventrouter_sinks.elasticsearch import ElasticsearchOptions, ElasticsearchSink
 
 # The engine's send_timeout: the sink's budget is 1 s, its probe a tenth of that (`timeout` stays 30 s).
 SEND_TIMEOUT = 1.2
-
-
-@pytest.fixture(scope="session")
-def osmem_server() -> Iterator[OsmemServer]:
-    """Overrides the osmem plugin's fixture (which leaks the server's stdout pipe); osmem_clone uses it."""
-    yield from osmem_fixture_server()
 
 
 def occurrence() -> Occurrence:
