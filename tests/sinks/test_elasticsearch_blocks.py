@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import orjson
@@ -24,6 +24,7 @@ from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.testing import event_object
 from eventrouter.testing.pipelines import pipeline_for
+from eventrouter.testing.receivers._server import LoopbackServer
 from eventrouter.testing.receivers.osmem import Cluster
 from eventrouter.testing.waiting import until
 from eventrouter_sinks.elasticsearch import ElasticsearchOptions, ElasticsearchSink, index_template_body
@@ -187,35 +188,35 @@ async def test_the_disk_block_of_one_index_is_set_aside_a_cluster_wide_one_retri
 # ------------------------------------------------------------------------------ ingest pipelines
 
 
-class IngestFront:
+class IngestFront(LoopbackServer):
     """Before osmem, the ingest node for ``?pipeline=``: ``fails(document)`` gives the error of a
     document the pipeline fails (answered with ``status``, not passed on), or None. ``answered``
     holds the ``_id`` of each document it failed, ``requests`` the ``_id``s of each bulk request."""
 
+    client_max_size = 64 * 1024 * 1024
+
     def __init__(self, upstream: str, fails: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
+        super().__init__()
         self.upstream = upstream
         self.fails: Callable[[dict[str, Any]], dict[str, Any] | None] | None = fails
         self.status = 500
-        self.url = ""
         self.answered: list[str] = []
         self.requests: list[list[str]] = []
-        self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> IngestFront:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def __aenter__(self) -> Self:
+        await super().__aenter__()
         self._session = aiohttp.ClientSession()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._session is not None and self._runner is not None
-        await self._session.close()
-        await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+        await super().__aexit__(*exc)
 
     async def _handle(self, request: web.Request) -> web.Response:
         assert self._session is not None
