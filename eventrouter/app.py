@@ -51,7 +51,7 @@ from eventrouter.memory import clear_caches, release_free_memory
 from eventrouter.metrics import Metrics
 from eventrouter.record import MalformedEvent, Occurrence
 from eventrouter.sink import SinkContext
-from eventrouter.source.kube import ApiError, KubeClient, connect
+from eventrouter.source.kube import ApiError, KubeClient, connect, failure_text
 from eventrouter.source.relist_order import RelistOrder
 from eventrouter.source.tracker import OccurrenceTracker
 from eventrouter.source.watcher import READ_TIMEOUT_MARGIN, EventWatcher, WatchSettings
@@ -466,14 +466,15 @@ class Router:
                 return
             except (ApiError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
                 self.metrics.checkpoint_configmap_errors.labels("read").inc()
+                why = failure_text(exc)
                 self._lead_blocked = (
-                    f"cannot read the checkpoint ConfigMap {store.namespace}/{store.name} ({exc})"
+                    f"cannot read the checkpoint ConfigMap {store.namespace}/{store.name} ({why})"
                 )
                 log.error(
                     "cannot read the checkpoint ConfigMap %s/%s (%s); retrying in %.1fs",
                     store.namespace,
                     store.name,
-                    exc,
+                    why,
                     delay,
                 )
             await asyncio.sleep(delay)

@@ -15,6 +15,7 @@ import yaml
 
 from eventrouter.app import Router, RouterSettings
 from eventrouter.config import spec_for_class
+from eventrouter.source.kube import failure_text
 from eventrouter.source.watcher import WatchSettings
 from eventrouter.testing import FakeApiServer, MemorySink, event_object
 from eventrouter.testing.waiting import until
@@ -347,3 +348,11 @@ def test_an_exec_credential_plugin_that_is_not_installed_exits_2_saying_so(tmp_p
         " is not found on PATH" in done.stderr
     )
     assert "cannot read" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_request_that_timed_out_or_failed_without_text_is_named_not_logged_empty() -> None:
+    """The checkpoint ConfigMap's "not written: " and "cannot read ... ()" logged an empty reason for
+    a request timing out (asyncio's TimeoutError has no text): a session 28 review."""
+    assert failure_text(TimeoutError()) == "timed out"
+    assert failure_text(ConnectionResetError()) == "ConnectionResetError"
+    assert failure_text(OSError("no route to host")) == "no route to host"

@@ -42,7 +42,7 @@ import orjson
 
 from eventrouter.engine.checkpoint import CheckpointBackend
 from eventrouter.protowire import DecodeError, read_varint, varint
-from eventrouter.source.kube import ApiError, KubeClient, raise_for_status
+from eventrouter.source.kube import ApiError, KubeClient, failure_text, raise_for_status
 
 __all__ = [
     "CONFIGMAP_LIMIT",
@@ -446,7 +446,12 @@ class ConfigMapCheckpointStore:
                         raise
                 except (ApiError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
                     self.errors += 1
-                    log.error("checkpoint ConfigMap %s/%s not written: %s", self.namespace, self.name, exc)
+                    log.error(
+                        "checkpoint ConfigMap %s/%s not written: %s",
+                        self.namespace,
+                        self.name,
+                        failure_text(exc),
+                    )
                     return False
             return False
 

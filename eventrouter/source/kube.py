@@ -88,6 +88,15 @@ class KubeClient:
         await self.api.close()
 
 
+def failure_text(exc: BaseException) -> str:
+    """A request's failure as a log can say it: a timeout (asyncio's TimeoutError has no text) and
+    other errors without a message are named, not logged as an empty reason."""
+    text = str(exc)
+    if text:
+        return text
+    return "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+
+
 async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
     if 200 <= resp.status < 300:
         return
