@@ -76,7 +76,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -425,6 +425,8 @@ class _Send:
     """The endpoint answered (2xx, or a final 4xx) a request of this send: it is up for some records."""
     whole: Outcome | None = None
     """mode=batch: the retry answer to a request that carried every record of the send."""
+    unstarted: list[int] = field(default_factory=list)
+    """Records not sent for want of time (``_not_started``)."""
 
     def rest(self) -> Outcome:
         assert self.stop is not None
@@ -829,6 +831,7 @@ class WebhookSink(Sink[WebhookOptions]):
         )
         for i in indices:
             outcomes[i] = retry(reason, held=True)
+        run.unstarted.extend(indices)
 
     @staticmethod
     def _either(status: int | None, outcome: Outcome) -> bool:
@@ -1127,6 +1130,16 @@ class WebhookSink(Sink[WebhookOptions]):
                 and not any(o is not None and o.defer for o in outcomes)
             ):
                 raise RetryableError(whole.reason, retry_after=whole.retry_after)
+            if run.unstarted and any(o is not None and o.defer and not o.held for o in outcomes):
+                # A record set aside, and the send out of time: what it did not start waits aside too
+                # (due at once, no attempt). Retried in place, it took the record set aside back in
+                # place with it, at the head of every resend: the good records behind it waited a
+                # doubling backoff, or were dead-lettered with it at retry_max_attempts, most never
+                # sent (a session 28 review).
+                for i in run.unstarted:
+                    held = _known(outcomes[i])
+                    if held.held and not held.defer:
+                        outcomes[i] = retry(held.reason, retry_after=0.0, held=True, defer=True)
         # Every record has its outcome by now; one without would be no success (never sent).
         return [o if o is not None else retry("not sent") for o in outcomes]
 

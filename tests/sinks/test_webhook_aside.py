@@ -36,7 +36,9 @@ async def engine(
     options: dict[str, Any], metrics: Metrics, dead: Path, **knobs: Any
 ) -> AsyncIterator[Pipeline]:
     """A running Pipeline of a webhook sink; drained and stopped on the way out."""
-    sink = WebhookSink(WebhookOptions.model_validate(options), SinkContext(NAME, "t", None, LOG))
+    # The sink's budget from the engine's send_timeout, as the router gives it.
+    timing = {"send_timeout": knobs["send_timeout"]} if "send_timeout" in knobs else {}
+    sink = WebhookSink(WebhookOptions.model_validate(options), SinkContext(NAME, "t", None, LOG, **timing))
     pipeline = pipeline_for(NAME, sink, metrics, dead, **{**FAST, **knobs})
     task = asyncio.create_task(pipeline.run())
     try:
@@ -271,3 +273,28 @@ async def test_a_redirect_that_lasts_is_dead_lettered_only_when_retries_run_out(
     dead = (tmp_path / "dead").read_text()
     assert "retries exhausted after 3 attempts:" in dead
     assert f"HTTP 301 redirect from {hook.url} to 'https://hook.example/new' (not followed)" in dead
+
+
+async def test_records_a_send_had_no_time_for_wait_aside_with_the_one_set_aside_not_behind_it(
+    tmp_path: Path,
+) -> None:
+    """``mode=event``, 200 events with the record the receiver fails on first, a receiver taking
+    0.1 s a request and a 3 s send: each send sets the failing record aside and has no time for most
+    of the rest. Those were retried in place, which took the record set aside back in place with
+    them, at the head of every resend: at ``retry_max_attempts=3`` 161 records were dead-lettered
+    with it, 130 of them never sent (a session 28 review; with no limit, the rest waited a doubling
+    backoff). What a send had no time for now waits aside too, due at once, no attempt counted."""
+    occs = [make_occurrence(object_name=f"pod-{i}", message=f"event {i}") for i in range(200)]
+    occs[0] = make_occurrence(object_name="pod-0", message="poison pill")
+    metrics = Metrics()
+    async with WebhookReceiver(delay=0.1) as hook:
+        hook.fail_matching(lambda body: b"poison" in body, 500)
+        options = {"url": hook.url, "mode": "event", "timeout": 1.0}
+        knobs = {"batch_max_events": 200, "send_timeout": 3.0, "retry_max_attempts": 3}
+        async with engine(options, metrics, tmp_path / "dead", **knobs) as pipeline:
+            for occ in occs:
+                pipeline.offer(occ)
+            await until(lambda: count(metrics.delivered, NAME) == 199, timeout=60)
+            await until(lambda: count(metrics.dead_lettered, NAME, "retries_exhausted") == 1, timeout=30)
+    assert taken(hook.requests) == keys(occs[1:])  # once each, in order
+    assert count(metrics.dead_lettered, NAME, "rejected") == 0
