@@ -42,7 +42,7 @@ from eventrouter.testing.receivers.kafka_faults import (
     FaultyBroker,
 )
 from eventrouter.testing.waiting import until
-from eventrouter_sinks.kafka import KafkaOptions, KafkaSink
+from eventrouter_sinks.kafka import KafkaOptions, KafkaSink, _produce_partitions
 
 
 def kafka_sink(
@@ -532,3 +532,14 @@ async def test_the_relay_answers_a_batch_resent_with_its_sequence_as_a_duplicate
             await writer.wait_closed()
         records = await log_of(broker.bootstrap, "dup", at_least=7)
     assert [(r.offset, r.value) for r in records] == [(i, f"a{i}".encode()) for i in range(7)]
+
+
+def test_a_lost_requests_partitions_are_read_from_the_installed_aiokafkas_request() -> None:
+    """What marks a lost request's partitions "maybe written" (item 189): read from the request
+    aiokafka builds (0.14 keeps them in ``_topics``; read as ``topics`` only, nothing was ever marked),
+    and None for a layout it cannot read, which turns cutting off for that producer."""
+    from aiokafka.protocol.produce import ProduceRequest
+
+    request = ProduceRequest(None, -1, 1000, [("a", [(0, b"x"), (2, b"y")]), ("b", [(1, b"z")])])
+    assert _produce_partitions(request) == [("a", 0), ("a", 2), ("b", 1)]
+    assert _produce_partitions(object()) is None
