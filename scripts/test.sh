@@ -4,7 +4,8 @@ set -euo pipefail
 ruff check .
 ruff format --check eventrouter sinks tests bench
 mypy
-mypy tests --exclude tests/reliability
+# Two conftest.py files (tests/, tests/sinks/): module names from their paths, not both "conftest".
+mypy --explicit-package-bases tests --exclude tests/reliability
 mypy tests/reliability
 MYPYPATH=tests/reliability mypy bench
 lint-imports

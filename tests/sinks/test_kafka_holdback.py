@@ -13,13 +13,12 @@ import io
 import logging
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from eventrouter import Occurrence, OutcomeKind, SinkContext
+from eventrouter import Occurrence, OutcomeKind
 from eventrouter.logs import setup_logging
 from eventrouter.testing import make_occurrence
 from eventrouter.testing.kafka_relay import (
@@ -39,33 +38,9 @@ from eventrouter.testing.receivers.kafka_faults import (
     NOT_ENOUGH_REPLICAS,
     NOT_LEADER_OR_FOLLOWER,
     UNKNOWN_TOPIC_OR_PARTITION,
-    FaultyBroker,
 )
 from eventrouter.testing.waiting import until
-from eventrouter_sinks.kafka import KafkaOptions, KafkaSink, _produce_partitions
-
-
-def kafka_sink(
-    relay: FaultyBroker,
-    send_timeout: float,
-    name: str = "kafka",
-    retry_wait_max: float = 300.0,
-    **options: Any,
-) -> KafkaSink:
-    """A sink through ``relay`` as the router builds it: its context carries the pipeline's send_timeout
-    and retry_wait_max."""
-    model = KafkaOptions.model_validate(
-        {"brokers": f"127.0.0.1:{relay.listen_port}", "request_timeout_ms": 1000, **options}
-    )
-    context = SinkContext(
-        name=name,
-        cluster="c",
-        data_dir=None,
-        logger=logging.getLogger(f"test.{name}"),
-        send_timeout=send_timeout,
-        retry_wait_max=retry_wait_max,
-    )
-    return KafkaSink(model, context)
+from eventrouter_sinks.kafka import KafkaSink, _produce_partitions
 
 
 @pytest.fixture
@@ -83,7 +58,9 @@ def log_level_error() -> Iterator[None]:
         aiokafka.setLevel(saved[2])
 
 
-async def test_a_refused_partition_holds_up_no_other_topic_and_keeps_its_own_order(tmp_path: Path) -> None:
+async def test_a_refused_partition_holds_up_no_other_topic_and_keeps_its_own_order(
+    kafka_sink: Callable[..., KafkaSink], tmp_path: Path
+) -> None:
     """A partition answering NOT_ENOUGH_REPLICAS (a rolling restart) was retried in place: the engine's
     later batches, of every other topic, waited until it took records again. Its records now wait aside
     (defer) while other topics go on, offered again (refused again, in a send that holds up nothing),
@@ -130,7 +107,9 @@ async def test_a_refused_partition_holds_up_no_other_topic_and_keeps_its_own_ord
     assert metrics.delivered.labels("kafka")._value.get() == len(offered)
 
 
-async def test_records_given_up_while_set_aside_no_longer_hold_their_partition_back(tmp_path: Path) -> None:
+async def test_records_given_up_while_set_aside_no_longer_hold_their_partition_back(
+    kafka_sink: Callable[..., KafkaSink], tmp_path: Path
+) -> None:
     """A refused partition's records given up by the engine (``retry_max_attempts``) while set aside: the
     other topic's later records went on meanwhile (before: only after them), and once the partition takes
     records again its later ones are not held back behind the dead-lettered ones (the engine tells the
@@ -165,7 +144,9 @@ async def test_records_given_up_while_set_aside_no_longer_hold_their_partition_b
 
 
 @pytest.mark.usefixtures("log_level_error")
-async def test_a_retry_of_a_refused_partition_ends_at_its_refusal_with_the_log_level_at_error() -> None:
+async def test_a_retry_of_a_refused_partition_ends_at_its_refusal_with_the_log_level_at_error(
+    kafka_sink: Callable[..., KafkaSink],
+) -> None:
     """The router's ``--log-level=error`` puts aiokafka's logger at ERROR: its warning for each refused
     answer, which the parked branch read to stop waiting, is never made, and every retry of the refused
     partition took the whole send budget (5 s here), holding up the engine's later batches of every
@@ -205,7 +186,9 @@ async def test_a_retry_of_a_refused_partition_ends_at_its_refusal_with_the_log_l
     assert copies(records) == {("e-bad", bad.key): 1, **{("e-good", g.key): 1 for g in goods}}
 
 
-async def test_a_partitions_first_refusal_ends_the_send_when_the_other_topics_are_answered() -> None:
+async def test_a_partitions_first_refusal_ends_the_send_when_the_other_topics_are_answered(
+    kafka_sink: Callable[..., KafkaSink],
+) -> None:
     """A partition refused with NOT_ENOUGH_REPLICAS from the start of a rolling restart. Its first
     refusal was retried by aiokafka until the send's budget (6.7 s of ``send_timeout=8``; ~25 s at the
     defaults), the other topic's records answered only then, and the producer renewed. That batch is
@@ -251,7 +234,9 @@ async def test_a_partitions_first_refusal_ends_the_send_when_the_other_topics_ar
     assert {topic for topic, _, _ in relay.refused} == {"f-bad"}
 
 
-async def test_a_batch_written_whose_answer_came_too_late_is_not_cut_at_its_retrys_refusal() -> None:
+async def test_a_batch_written_whose_answer_came_too_late_is_not_cut_at_its_retrys_refusal(
+    kafka_sink: Callable[..., KafkaSink],
+) -> None:
     """An acks=all batch the broker wrote, its answer later than ``request_timeout_ms`` (the client's
     timer starts first), and a follower falling out of the in-sync replicas meanwhile: aiokafka's retry
     meets NOT_ENOUGH_REPLICAS (Kafka checks the in-sync replicas before its duplicate-batch check).
@@ -298,7 +283,9 @@ async def test_a_batch_written_whose_answer_came_too_late_is_not_cut_at_its_retr
     assert [occurrence_of(r) for r in records if r.topic == "t-bad"] == [o.key for o in [*bad, newer]]
 
 
-async def test_a_brief_refusal_is_left_to_aiokafkas_retries_and_costs_no_attempt() -> None:
+async def test_a_brief_refusal_is_left_to_aiokafkas_retries_and_costs_no_attempt(
+    kafka_sink: Callable[..., KafkaSink],
+) -> None:
     """A follower briefly out of the in-sync replicas (NOT_ENOUGH_REPLICAS for 0.5 s). Cut at its first
     answer, each such blip cost the partition an attempt and a doubling backoff: a refusal flapping
     every 100 ms held it 11 s and dead-lettered records at retry_max_attempts=3 (a session 28 review).
@@ -326,7 +313,9 @@ async def test_a_brief_refusal_is_left_to_aiokafkas_retries_and_costs_no_attempt
     assert copies(records) == {(f"q-{o.record['namespace']}", o.key): 1 for o in batch}
 
 
-async def test_a_refusal_starting_mid_send_sets_the_partitions_later_batches_aside_unsent() -> None:
+async def test_a_refusal_starting_mid_send_sets_the_partitions_later_batches_aside_unsent(
+    kafka_sink: Callable[..., KafkaSink],
+) -> None:
     """A partition whose records of one send fill four produce batches, refused from its second batch on
     (the rolling restart begins while the first is acknowledged, 3 s late). The second batch was retried
     until the send's budget (10 s of ``send_timeout=12``) and the producer renewed. It is now given up at
@@ -374,7 +363,9 @@ async def test_a_refusal_starting_mid_send_sets_the_partitions_later_batches_asi
     assert [occurrence_of(r) for r in records if r.topic == "n-bad"] == [o.key for o in bad]
 
 
-async def test_two_kafka_sinks_with_one_topic_name_each_judge_their_own_partition() -> None:
+async def test_two_kafka_sinks_with_one_topic_name_each_judge_their_own_partition(
+    kafka_sink: Callable[..., KafkaSink],
+) -> None:
     """Two Kafka sinks of one process, two clusters, one topic name (and one client_id). Sink A's
     partition was refused, has recovered, and acknowledges slowly (acks=all, a slow follower: written
     at once); sink B's partition of that name is refused meanwhile. The parked branch learnt refusals
@@ -422,7 +413,9 @@ async def test_two_kafka_sinks_with_one_topic_name_each_judge_their_own_partitio
 @pytest.mark.parametrize(
     "code", [NOT_LEADER_OR_FOLLOWER, UNKNOWN_TOPIC_OR_PARTITION], ids=["not_leader", "unknown_partition"]
 )
-async def test_a_retry_written_and_then_answered_an_error_is_written_once(code: int) -> None:
+async def test_a_retry_written_and_then_answered_an_error_is_written_once(
+    kafka_sink: Callable[..., KafkaSink], code: int
+) -> None:
     """A refused partition's retry is written by the leader and then answered NOT_LEADER_OR_FOLLOWER (or
     UNKNOWN_TOPIC_OR_PARTITION): Kafka's ``DelayedProduce`` when an acks=all leader moves after the
     append (a rolling restart). The first version of the early stop cut such a batch short and gave its

@@ -11,14 +11,14 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from eventrouter import Occurrence, OutcomeKind, RetryableError, SinkContext
+from eventrouter import Occurrence, OutcomeKind, RetryableError
 from eventrouter.testing import make_occurrence
 from eventrouter.testing.kafka_relay import (
     as_the_engine_does,
@@ -40,22 +40,7 @@ from eventrouter.testing.receivers.kafka_faults import (
 )
 from eventrouter.testing.receivers.tansu import TansuBroker
 from eventrouter.testing.waiting import until
-from eventrouter_sinks.kafka import KafkaOptions, KafkaSink
-
-
-def kafka_sink(relay: FaultyBroker, send_timeout: float, **options: Any) -> KafkaSink:
-    """A sink through ``relay`` as the router builds it: its context carries the pipeline's send_timeout."""
-    model = KafkaOptions.model_validate(
-        {"brokers": f"127.0.0.1:{relay.listen_port}", "request_timeout_ms": 1000, **options}
-    )
-    context = SinkContext(
-        name="kafka",
-        cluster="c",
-        data_dir=None,
-        logger=logging.getLogger("test.kafka"),
-        send_timeout=send_timeout,
-    )
-    return KafkaSink(model, context)
+from eventrouter_sinks.kafka import KafkaSink
 
 
 def every_fourth_too_old() -> list[Occurrence]:
@@ -77,7 +62,7 @@ def iso(seconds: float) -> str:
 
 @contextlib.asynccontextmanager
 async def renewing(
-    prefix: str, *, send_timeout: float, request_timeout_ms: int
+    kafka_sink: Callable[..., KafkaSink], prefix: str, *, send_timeout: float, request_timeout_ms: int
 ) -> AsyncIterator[tuple[KafkaSink, FaultyBroker, TansuBroker]]:
     """An idempotent sink (topics ``<prefix>-good`` and ``<prefix>-bad``, one partition each) whose
     first send was refused after taking a sequence number (a compacted topic needs keys): its next
@@ -119,6 +104,7 @@ def two_topics() -> list[Occurrence]:
 
 
 async def test_a_partition_answering_not_enough_replicas_writes_the_other_topics_records_once(
+    kafka_sink: Callable[..., KafkaSink],
     tmp_path: Path,
 ) -> None:
     """The idempotent producer (the default) never expires a batch the broker answers with a retriable
@@ -144,7 +130,9 @@ async def test_a_partition_answering_not_enough_replicas_writes_the_other_topics
     assert metrics.delivered.labels("kafka")._value.get() == 20
 
 
-async def test_a_stop_while_a_partition_is_refused_keeps_only_that_partitions_records(tmp_path: Path) -> None:
+async def test_a_stop_while_a_partition_is_refused_keeps_only_that_partitions_records(
+    kafka_sink: Callable[..., KafkaSink], tmp_path: Path
+) -> None:
     """A stop whose drain deadline ends the send (App.stop: stop_now, 1 s, cancel): the pipeline's
     leftovers, spooled and sent again after the restart, held the healthy topic's records too, although
     Kafka had them."""
@@ -168,7 +156,9 @@ async def test_a_stop_while_a_partition_is_refused_keeps_only_that_partitions_re
     assert sorted(o.record["namespace"] for o in older + newer) == ["bad"] * 10
 
 
-async def test_a_batch_refused_for_its_size_goes_again_in_halves_within_the_send(tmp_path: Path) -> None:
+async def test_a_batch_refused_for_its_size_goes_again_in_halves_within_the_send(
+    kafka_sink: Callable[..., KafkaSink], tmp_path: Path
+) -> None:
     """A produce batch over the topic's max.message.bytes was sent again one record per batch: one round
     trip per record, a few hundred of them took longer than send_timeout over a 70 ms network; the
     engine sent the whole batch again and the same happened, each attempt writing ~400 more copies and
@@ -190,7 +180,7 @@ async def test_a_batch_refused_for_its_size_goes_again_in_halves_within_the_send
 
 
 async def test_a_slow_fallback_ends_each_send_in_its_budget_and_every_record_goes_in_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    kafka_sink: Callable[..., KafkaSink], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Many records the topic refuses (older than its log.message.timestamp.before.max.ms) in one
     object's relist: each is found and sent again with the send time, one round trip at a time, longer
@@ -218,7 +208,7 @@ async def test_a_slow_fallback_ends_each_send_in_its_budget_and_every_record_goe
 @pytest.mark.parametrize("idempotence", [True, False], ids=["idempotent", "plain"])
 @pytest.mark.parametrize("refusal", ["size", "timestamp"])
 async def test_records_sent_again_after_a_refused_batch_keep_one_objects_order(
-    idempotence: bool, refusal: str
+    kafka_sink: Callable[..., KafkaSink], idempotence: bool, refusal: str
 ) -> None:
     """Two produce batches of one partition refused as a whole (over max.message.bytes, or holding
     records older than the topic allows): their records went again in one lane per refused batch,
@@ -248,7 +238,9 @@ async def test_records_sent_again_after_a_refused_batch_keep_one_objects_order(
     assert len(relay.refused) >= 2
 
 
-async def test_a_send_that_settles_nothing_in_its_budget_counts_as_a_failed_attempt(tmp_path: Path) -> None:
+async def test_a_send_that_settles_nothing_in_its_budget_counts_as_a_failed_attempt(
+    kafka_sink: Callable[..., KafkaSink], tmp_path: Path
+) -> None:
     """The same refusals at a broker answering after 0.2 s with the idempotent producer: a refusal
     costs a new producer, and no record settles within a 2 s send_timeout. Everything came back as a
     hold (sent again at once, no failed attempt): the sink stuck for good, reported up, no retry
@@ -264,13 +256,15 @@ async def test_a_send_that_settles_nothing_in_its_budget_counts_as_a_failed_atte
         await stopped(pipeline, task)
 
 
-async def test_a_batch_handed_over_late_is_waited_for_past_the_budget_and_written_once() -> None:
+async def test_a_batch_handed_over_late_is_waited_for_past_the_budget_and_written_once(
+    kafka_sink: Callable[..., KafkaSink],
+) -> None:
     """A new producer slow to get its id (after a refusal took the old one's sequence numbers) left the
     send's batch handed over at ~4 s of its 6.7 s budget (``send_timeout=8``), and acks=all with a slow
     follower acknowledged it 3 s later. It was given up at the budget's end, written all the same, and
     sent again: every record twice. Its produce request may be answered up to request_timeout_ms after
     it went: it is now waited for past the budget, within send_timeout."""
-    async with renewing("ka", send_timeout=8.0, request_timeout_ms=6000) as (sink, relay, broker):
+    async with renewing(kafka_sink, "ka", send_timeout=8.0, request_timeout_ms=6000) as (sink, relay, broker):
         relay.api_delays.update({API_INIT_PRODUCER_ID: 4.0, API_PRODUCE: 3.0})
         batch = [make_occurrence(namespace="good", object_name=f"web-{i}") for i in range(10)]
         outcomes = await as_the_engine_does(sink, batch)
@@ -284,7 +278,9 @@ async def test_a_batch_handed_over_late_is_waited_for_past_the_budget_and_writte
     assert [o.kind for o in outcomes] == [OutcomeKind.OK] * len(batch)
 
 
-async def test_a_batch_whose_acknowledgement_would_come_too_late_is_not_handed_over() -> None:
+async def test_a_batch_whose_acknowledgement_would_come_too_late_is_not_handed_over(
+    kafka_sink: Callable[..., KafkaSink],
+) -> None:
     """acks=all with a slow follower: every acknowledgement 2 s late, and a partition's three produce
     batches going one after the other in a 5 s budget (``send_timeout=6``). The third, handed over at
     ~4 s, was acknowledged at ~6 s: given up before, written all the same, and sent again. Now a batch
@@ -311,7 +307,9 @@ async def test_a_batch_whose_acknowledgement_would_come_too_late_is_not_handed_o
     assert all(o.held for o in first[6:])
 
 
-async def test_a_new_producer_slow_to_start_ends_the_send_within_its_budget(tmp_path: Path) -> None:
+async def test_a_new_producer_slow_to_start_ends_the_send_within_its_budget(
+    kafka_sink: Callable[..., KafkaSink], tmp_path: Path
+) -> None:
     """After a refusal took the idempotent producer's sequence numbers, the next send starts a new
     producer, which waits for its producer id as long as the broker takes (aiokafka asks again after
     each request_timeout_ms): the send outlasted the engine's send_timeout at every attempt. The start
@@ -339,12 +337,14 @@ async def test_a_new_producer_slow_to_start_ends_the_send_within_its_budget(tmp_
     assert metrics.delivered.labels("kafka")._value.get() == len(batch)
 
 
-async def test_a_sink_closed_while_a_new_producer_bootstraps_leaves_no_connection_open() -> None:
+async def test_a_sink_closed_while_a_new_producer_bootstraps_leaves_no_connection_open(
+    kafka_sink: Callable[..., KafkaSink],
+) -> None:
     """A new producer whose bootstrap metadata comes late (3 s): the send ends within its budget, the
     start going on for the next send. Closing the sink then cancels that start: aiokafka, cancelled in
     its bootstrap's metadata request, leaves that connection open (a ResourceWarning once collected);
     the bootstrap is let end first. Before, the send itself waited past the engine's send_timeout."""
-    async with renewing("kd", send_timeout=2.0, request_timeout_ms=5000) as (sink, relay, _):
+    async with renewing(kafka_sink, "kd", send_timeout=2.0, request_timeout_ms=5000) as (sink, relay, _):
         relay.api_delays[API_METADATA] = 3.0
         with pytest.raises(RetryableError, match="a new producer did not start"):
             await as_the_engine_does(sink, [make_occurrence(namespace="good")])
@@ -352,7 +352,9 @@ async def test_a_sink_closed_while_a_new_producer_bootstraps_leaves_no_connectio
     gc.collect()  # a connection left open warns here
 
 
-async def test_a_batch_given_up_while_a_late_one_is_waited_for_is_written_once() -> None:
+async def test_a_batch_given_up_while_a_late_one_is_waited_for_is_written_once(
+    kafka_sink: Callable[..., KafkaSink],
+) -> None:
     """A partition answering a retriable error that leaves the write open (NOT_LEADER_OR_FOLLOWER: its
     leader moving in a rolling restart; a NOT_ENOUGH_REPLICAS is given up at once) given up at the
     budget's end, while another partition's batch handed over late (acknowledgements 1.9 s apart, its
@@ -399,7 +401,9 @@ async def test_a_batch_given_up_while_a_late_one_is_waited_for_is_written_once()
     assert [o.kind for o in first] == [OutcomeKind.OK] * len(batch)
 
 
-async def test_a_stuck_partition_ends_the_send_at_its_budget_when_request_timeout_exceeds_it() -> None:
+async def test_a_stuck_partition_ends_the_send_at_its_budget_when_request_timeout_exceeds_it(
+    kafka_sink: Callable[..., KafkaSink],
+) -> None:
     """Item 120's partition answering a retriable error for ever (NOT_LEADER_OR_FOLLOWER, which aiokafka
     retries; a NOT_ENOUGH_REPLICAS is given up at once), with request_timeout_ms over the send's budget
     (6 s, send_timeout=6: budget 5 s). Its batch, handed over at the send's start, was waited for as one
@@ -421,14 +425,16 @@ async def test_a_stuck_partition_ends_the_send_at_its_budget_when_request_timeou
     assert took < sink.context.send_budget + 0.25  # before: send_timeout less the margin (5.5 s)
 
 
-async def test_a_close_cut_off_while_a_new_producer_bootstraps_leaves_no_task_running() -> None:
+async def test_a_close_cut_off_while_a_new_producer_bootstraps_leaves_no_task_running(
+    kafka_sink: Callable[..., KafkaSink],
+) -> None:
     """The sink closed as the engine closes it (``Pipeline._close_quietly``: ``aclose`` bounded by
     send_timeout) while a new producer's bootstrap metadata comes late (6 s, request_timeout_ms=8000).
     The bound cancelled ``aclose`` while the start let the bootstrap end, and ``gather`` cancelled the
     start again: the bootstrap, neither cancelled nor awaited, went on against the closed client, and
     its late answer started aiokafka's metadata synchronizer there, running for ever (reconnecting every
     metadata_max_age_ms). The start now ends in the background and always cancels its bootstrap."""
-    async with renewing("ke", send_timeout=2.0, request_timeout_ms=8000) as (sink, relay, _):
+    async with renewing(kafka_sink, "ke", send_timeout=2.0, request_timeout_ms=8000) as (sink, relay, _):
         relay.api_delays[API_METADATA] = 6.0
         with pytest.raises(RetryableError, match="a new producer did not start"):
             await as_the_engine_does(sink, [make_occurrence(namespace="good")])
