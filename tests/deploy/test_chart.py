@@ -16,7 +16,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import yaml
 
 from eventrouter.record import normalise, occurrence_number
 from eventrouter.testing import FakeApiServer, event_object, recorded_watch
+from eventrouter.testing.receivers.webhook import WebhookReceiver
 from eventrouter.testing.waiting import until
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "eventrouter"
@@ -83,15 +84,22 @@ def one(docs: list[Doc], kind: str, name: str | None = None) -> Doc:
     return found[0]
 
 
+def workload(docs: list[Doc]) -> Doc:
+    """The router's Deployment, or its StatefulSet (persistence.perReplica): exactly one of them."""
+    found = [doc for doc in docs if doc["kind"] in ("Deployment", "StatefulSet")]
+    assert len(found) == 1, f"expected one Deployment or StatefulSet, got {[d['kind'] for d in found]}"
+    return found[0]
+
+
 def container(docs: list[Doc]) -> Doc:
-    containers = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    containers = workload(docs)["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1
     result: Doc = containers[0]
     return result
 
 
 def pod_spec(docs: list[Doc]) -> Doc:
-    spec: Doc = one(docs, "Deployment")["spec"]["template"]["spec"]
+    spec: Doc = workload(docs)["spec"]["template"]["spec"]
     return spec
 
 
@@ -117,6 +125,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ha": ci_values("ha-values.yaml"),
     "namespaced": ci_values("namespaced-values.yaml"),
     "full": ci_values("full-values.yaml"),
+    "statefulset": ci_values("statefulset-values.yaml"),
 }
 
 
@@ -742,6 +751,268 @@ def test_persistence_without_the_data_dir_checkpoint_is_refused_naming_the_fix(c
         render(chart, {"persistence": {"enabled": True}})
 
 
+# --- persistence.perReplica: a StatefulSet, a claim per replica --------------------------------
+
+PER_REPLICA: dict[str, Any] = {"persistence": {"enabled": True, "perReplica": True}}
+SELECTOR = {"app.kubernetes.io/name": "eventrouter", "app.kubernetes.io/instance": RELEASE}
+
+
+def _with(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """`base` with some top-level keys' maps updated (one level deep), as a values file over another."""
+    merged = {**base}
+    for key, value in changes.items():
+        merged[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return merged
+
+
+def test_per_replica_claims_render_a_statefulset_whose_pods_mount_their_own_claim(chart: helm.Chart) -> None:
+    """The default's spool is on an emptyDir: a pod replaced while a sink was down longer than the
+    events' retention lost what it had spooled of the expired events (item 187). With a claim per
+    replica, the pod of an ordinal mounts claim data-<fullname>-<ordinal> again. ci/statefulset-values:
+    two replicas, leader election, the checkpoint in the ConfigMap."""
+    docs = render(chart, VARIANTS["statefulset"])
+    assert of_kind(docs, "Deployment") == []
+    sts = one(docs, "StatefulSet", FULLNAME)
+    spec = sts["spec"]
+    assert spec["replicas"] == 2
+    assert "strategy" not in spec  # the Deployment's
+    assert spec["selector"] == {"matchLabels": SELECTOR}
+    assert spec["template"]["metadata"]["labels"] == SELECTOR
+    # The spool and dead letters on the claim; the checkpoint in the ConfigMap, as without claims.
+    assert spec["volumeClaimTemplates"] == [
+        {
+            "metadata": {"name": "data", "labels": SELECTOR},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}},
+        }
+    ]
+    assert of_kind(docs, "PersistentVolumeClaim") == []  # the controller makes one per ordinal
+    assert "data" not in volumes(docs)  # a pod volume named `data` would hide the claim
+    assert mounts(docs)["data"] == {"name": "data", "mountPath": "/var/lib/eventrouter"}
+    args = container(docs)["args"]
+    assert "--data-dir=/var/lib/eventrouter" in args
+    assert "--data-dir-max-bytes=2Gi" in args  # the claim's size bounds the spools
+    assert f"--checkpoint-configmap={FULLNAME}-checkpoint" in args
+    assert one(docs, "Role", f"{FULLNAME}-checkpoint")["rules"] == CHECKPOINT_RULES
+    # A standby is not held back by ordinal 0; one pod at a time is replaced; the claims stay.
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert spec["updateStrategy"] == {"type": "RollingUpdate"}
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    # The governing Service exists, headless, and selects the pods.
+    governing = one(docs, "Service", spec["serviceName"])
+    assert governing["spec"]["clusterIP"] == "None"
+    assert governing["spec"]["selector"] == SELECTOR
+    # The PDB still selects the pods.
+    assert one(docs, "PodDisruptionBudget")["spec"]["selector"] == {"matchLabels": SELECTOR}
+
+
+def test_the_pods_of_per_replica_claims_are_scraped_once(chart: helm.Chart) -> None:
+    """The ServiceMonitor selects the chart's Services by the selector labels, which the governing
+    Service carries too: with a `metrics` port there, every pod would be scraped twice."""
+    docs = render(chart, VARIANTS["statefulset"])
+    wanted = one(docs, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
+    selected = [
+        svc for svc in of_kind(docs, "Service") if wanted.items() <= svc["metadata"]["labels"].items()
+    ]
+    assert len(selected) == 2, [svc["metadata"]["name"] for svc in selected]
+    scraped = [
+        svc["metadata"]["name"]
+        for svc in selected
+        if any(port.get("name") == "metrics" for port in svc["spec"].get("ports", []))
+    ]
+    assert scraped == [f"{FULLNAME}-metrics"]
+
+
+def test_per_replica_claims_in_data_dir_mode_give_each_replica_its_checkpoint(chart: helm.Chart) -> None:
+    """mode dataDir: one ReadWriteOnce claim cannot serve two replicas (refused); a claim each can.
+    More than one replica still needs leader election, and NOTES says a standby that takes over
+    starts without the leader's checkpoint."""
+    values = {
+        "replicaCount": 2,
+        "leaderElection": {"enabled": True},
+        "checkpoint": {"mode": "dataDir"},
+        "persistence": {"enabled": True},
+    }
+    with pytest.raises(helm.HelmRenderError, match="cannot share a ReadWriteOnce volume"):
+        render(chart, values)
+    values = _with(values, persistence={"perReplica": True})
+    rendered = render_text(chart, values)
+    docs = parse(rendered)
+    sts = one(docs, "StatefulSet", FULLNAME)
+    assert [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]] == ["data"]
+    assert of_kind(docs, "PersistentVolumeClaim") == []
+    args = container(docs)["args"]
+    assert "--data-dir=/var/lib/eventrouter" in args and "--data-dir-max-bytes=1Gi" in args
+    assert not any(a.startswith("--checkpoint-configmap") for a in args)
+    assert [r["metadata"]["name"] for r in of_kind(docs, "Role")] == [f"{FULLNAME}-leader-election"]
+    notes = next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+    assert "each replica has its own data dir" in notes
+    # Even with ReadWriteMany: the claims are still one per replica.
+    rwx = _with(values, persistence={"perReplica": True, "accessModes": ["ReadWriteMany"]})
+    notes = next(text for path, text in render_text(chart, rwx).items() if path.endswith("NOTES.txt"))
+    assert "each replica has its own data dir" in notes
+    with pytest.raises(helm.HelmRenderError, match=r"requires leaderElection\.enabled"):
+        render(chart, _with(values, leaderElection={"enabled": False}))
+    # One replica needs no leader election: the StatefulSet never runs two pods of one ordinal.
+    single = render(chart, {"checkpoint": {"mode": "dataDir"}, **PER_REPLICA})
+    assert one(single, "StatefulSet")["spec"]["updateStrategy"] == {"type": "RollingUpdate"}
+
+
+@pytest.mark.parametrize(
+    ("storage_class", "rendered"),
+    [("", None), ("-", ""), ("fast-ssd", "fast-ssd")],
+    ids=["default", "dash", "named"],
+)
+def test_per_replica_claims_take_the_persistence_settings(
+    chart: helm.Chart, storage_class: str, rendered: str | None
+) -> None:
+    """As the chart's single claim does: "" leaves the cluster's default StorageClass, "-" sets
+    storageClassName "" (no dynamic provisioning)."""
+    persistence = {
+        "enabled": True,
+        "perReplica": True,
+        "storageClass": storage_class,
+        "accessModes": ["ReadWriteOncePod"],
+        "size": "5Gi",
+        "annotations": {"backup.example.com/enabled": "true"},
+    }
+    docs = render(chart, {"persistence": persistence})
+    (template,) = one(docs, "StatefulSet")["spec"]["volumeClaimTemplates"]
+    assert template["metadata"]["annotations"] == {"backup.example.com/enabled": "true"}
+    spec = template["spec"]
+    assert spec.get("storageClassName") == rendered and ("storageClassName" in spec) == (rendered is not None)
+    assert spec["accessModes"] == ["ReadWriteOncePod"]
+    assert spec["resources"] == {"requests": {"storage": "5Gi"}}
+    assert "--data-dir-max-bytes=5Gi" in container(docs)["args"]
+
+
+def _chart_copy(tmp_path: Path) -> Path:
+    copy = tmp_path / "eventrouter"
+    for path in CHART.rglob("*"):
+        if path.is_file():
+            target = copy / path.relative_to(CHART)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    return copy
+
+
+def test_what_a_statefulset_cannot_change_does_not_depend_on_versions(
+    chart: helm.Chart, tmp_path: Path
+) -> None:
+    """Kubernetes refuses an update of a StatefulSet's serviceName, podManagementPolicy, selector or
+    volumeClaimTemplates: a chart or app version in them (the chart's usual labels) would fail every
+    `helm upgrade` to a new chart. A copy of the chart at another version renders them equal."""
+    newer = _chart_copy(tmp_path)
+    meta = yaml.safe_load((newer / "Chart.yaml").read_text())
+    meta.update(version="9.8.7", appVersion="9.8.7")
+    (newer / "Chart.yaml").write_text(yaml.safe_dump(meta))
+    fixed = ("serviceName", "podManagementPolicy", "selector", "volumeClaimTemplates")
+    values = VARIANTS["statefulset"]
+    before = one(render(chart, values), "StatefulSet")
+    changed = _with(values, image={"tag": "9.8.7"}, sinks={"flags": ["stdout:?name=more"]}, replicaCount=3)
+    with helm.Chart.load(newer) as loaded:
+        after = one(render(loaded, changed), "StatefulSet")
+    assert after["metadata"]["labels"]["helm.sh/chart"] == "eventrouter-9.8.7"  # the copy is another version
+    assert {k: after["spec"][k] for k in fixed} == {k: before["spec"][k] for k in fixed}
+
+
+def test_the_claims_retention_policy_is_left_out_where_kubernetes_has_none(tmp_path: Path) -> None:
+    """persistentVolumeClaimRetentionPolicy came with Kubernetes 1.23: Helm refuses a field the
+    cluster's schema does not know, so the chart (kubeVersion >= 1.21) leaves it out before (claims
+    are never deleted there). Chart.render takes no Kubernetes version; `helm lint --kube-version`
+    does, and a probe template added to a copy of the chart renders YAML lint cannot parse (lint
+    only logs a `fail`) when the field is rendered."""
+    copy = _chart_copy(tmp_path)
+    (copy / "templates" / "zz-probe.yaml").write_text(
+        '{{- if contains "persistentVolumeClaimRetentionPolicy" '
+        '(include (print $.Template.BasePath "/deployment.yaml") .) }}'
+        "PROBE: [the retention policy is rendered{{- end }}\n"
+    )
+    for kube_version, rendered in [
+        ("v1.21.0", False),
+        ("v1.22.17", False),
+        ("v1.23.0", True),
+        ("v1.33.0", True),
+    ]:
+        report = helm.lint(
+            copy, VARIANTS["statefulset"], strict=True, namespace=NAMESPACE, kube_version=kube_version
+        )
+        said = " ".join(str(m) for m in report["messages"]) + " ".join(map(str, report["errors"]))
+        assert ("zz-probe.yaml" in said) == rendered, (kube_version, report)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"persistence": {"perReplica": True}}, r"persistence\.perReplica needs persistence\.enabled=true"),
+        (
+            {"checkpoint": {"mode": "none"}, **PER_REPLICA},
+            r"persistence\.perReplica needs a data dir for the claims to hold",
+        ),
+        (
+            {"persistence": {"enabled": True, "perReplica": True, "existingClaim": "mine"}},
+            r"existingClaim cannot be each replica's own",
+        ),
+        ({"strategy": {"type": "Recreate"}, **PER_REPLICA}, r"strategy is the Deployment's"),
+        ({"replicaCount": 2, **PER_REPLICA}, r"replicaCount > 1 requires leaderElection\.enabled"),
+        ({"fullnameOverride": "e" * 53, **PER_REPLICA}, r"has 53 characters, more than 52"),
+    ],
+    ids=["without-enabled", "mode-none", "existing-claim", "strategy", "two-without-leader", "long-name"],
+)
+def test_per_replica_claims_refuse_what_they_cannot_honour(
+    chart: helm.Chart, values: dict[str, Any], message: str
+) -> None:
+    """A StatefulSet's pods carry controller-revision-hash=<name>-<hash>, at most 63 characters: with
+    a name over 52 Kubernetes creates no pod at all, and the release looked installed."""
+    with pytest.raises(helm.HelmRenderError, match=message):
+        render(chart, values)
+
+
+def test_per_replica_names_fit_their_limits_at_52_characters(chart: helm.Chart) -> None:
+    # A release name holding the chart's name is the fullname as it is.
+    docs = parse(chart.render(PER_REPLICA, name="eventrouter" + "r" * 41, namespace=NAMESPACE))
+    sts = one(docs, "StatefulSet")
+    assert len(sts["metadata"]["name"]) == 52
+    assert len(one(docs, "Service", sts["spec"]["serviceName"])["metadata"]["name"]) <= 63
+
+
+@pytest.mark.parametrize("value", ["yes", 1], ids=["string", "integer"])
+def test_the_schema_takes_per_replica_as_a_boolean_only(chart: helm.Chart, value: Any) -> None:
+    for ok in (True, False):
+        chart.validate_schema(chart.merge_values({"persistence": {"enabled": True, "perReplica": ok}}))
+    values = {"persistence": {"enabled": True, "perReplica": value}}
+    with pytest.raises(helm.HelmValuesError, match="perReplica"):
+        chart.validate_schema(chart.merge_values(values))
+    with pytest.raises(helm.HelmValuesError):
+        render(chart, values)
+
+
+def test_without_per_replica_claims_the_render_is_the_deployment_as_before(chart: helm.Chart) -> None:
+    """perReplica false (the default) changes nothing: the default render, and a single claim in mode
+    dataDir, are the Deployment's (deploy/eventrouter.yaml keeps the default's text)."""
+    off = {"persistence": {"perReplica": False}}
+    assert render_text(chart, off) == render_text(chart)
+    docs = render(chart)
+    assert of_kind(docs, "StatefulSet") == [] and of_kind(docs, "Service") == []
+    single = {"checkpoint": {"mode": "dataDir"}, "persistence": {"enabled": True, "perReplica": False}}
+    docs = render(chart, single)
+    assert one(docs, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    assert volumes(docs)["data"]["persistentVolumeClaim"] == {"claimName": f"{FULLNAME}-data"}
+    assert one(docs, "PersistentVolumeClaim")["metadata"]["name"] == f"{FULLNAME}-data"
+    assert of_kind(docs, "StatefulSet") == []
+
+
+def test_the_notes_of_per_replica_claims_name_the_statefulset_and_its_claims(chart: helm.Chart) -> None:
+    values = _with(
+        VARIANTS["statefulset"], credentials={"existingSecret": "s", "env": [{"name": "T", "key": "t"}]}
+    )
+    notes = next(text for path, text in render_text(chart, values).items() if path.endswith("NOTES.txt"))
+    assert f"each replica's own PersistentVolumeClaim data-{FULLNAME}-<ordinal>" in notes
+    assert "on an emptyDir" not in notes and "deployment/" not in notes
+    for command in ("rollout status", "logs", "port-forward", "rollout restart"):
+        assert f"{command} statefulset/{FULLNAME}" in notes, command
+    assert "claim template" in notes  # what Kubernetes will not let an upgrade change
+
+
 def _bytes(quantity: str) -> int:
     units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
     return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
@@ -1128,10 +1399,13 @@ def test_router_check_accepts_every_documented_values_file(
 
 
 class ChartPod:
-    """One pod of the default render as a process: the rendered args, config and fieldRef env, a
-    data dir of its own (a new pod gets a new emptyDir) and the test API server for the cluster."""
+    """One pod of a render as a process: the rendered args, config and fieldRef env, the test API
+    server for the cluster and a data dir: its own (a new pod gets a new emptyDir) unless `data`
+    names the volume a claim keeps."""
 
-    def __init__(self, docs: list[Doc], api: FakeApiServer, tmp: Path, name: str) -> None:
+    def __init__(
+        self, docs: list[Doc], api: FakeApiServer, tmp: Path, name: str, data: Path | None = None
+    ) -> None:
         self.dir = tmp / name
         self.dir.mkdir()
         self.out = self.dir / "stdout.jsonl"  # the default sink is stdout
@@ -1140,7 +1414,7 @@ class ChartPod:
         config.write_text(one(docs, "ConfigMap", FULLNAME)["data"]["config.yaml"])
         local = {
             "--config": str(config),
-            "--data-dir": str(self.dir / "data"),
+            "--data-dir": str(data or self.dir / "data"),
             "--metrics-addr": "127.0.0.1:0",
         }
         c = container(docs)
@@ -1258,6 +1532,100 @@ async def test_a_new_pod_of_the_default_install_delivers_nothing_twice(
             ("update", f"{FULLNAME}-checkpoint"),
         }
         assert used <= granted, f"not granted: {sorted(used - granted)}"
+
+
+def _data_volume(docs: list[Doc], pod: str, root: Path) -> Path:
+    """Where the `data` volume of the pod named `pod` lives, as Kubernetes keeps it: a claim of the
+    StatefulSet's claim template (data-<pod name>) or a named claim outlives the pod, an emptyDir is
+    the pod's own."""
+    templates = [t["metadata"]["name"] for t in workload(docs)["spec"].get("volumeClaimTemplates", [])]
+    if "data" in templates:
+        assert "data" not in volumes(docs)
+        return root / "claims" / f"data-{pod}"
+    claim = volumes(docs)["data"].get("persistentVolumeClaim")
+    return root / "claims" / claim["claimName"] if claim else root / "pods" / pod / "data"
+
+
+async def _until_metric(pod: ChartPod, series: str, ok: Callable[[float], bool]) -> None:
+    """Until the value of `series` (a metric's name and labels as /metrics writes them) passes `ok`."""
+    pattern = re.compile(rf"^{re.escape(series)} (\S+)$", re.MULTILINE)
+    port = pod.port()
+    assert port is not None, "not serving yet"
+    async with asyncio.timeout(30), aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
+                found = pattern.search(await r.text())
+            if found and ok(float(found[1])):
+                return
+            await asyncio.sleep(0.1)  # a metric over HTTP has no event to await
+
+
+async def test_a_replaced_pod_with_a_claim_per_replica_delivers_what_it_spooled_of_expired_events(
+    chart: helm.Chart, tmp_path: Path
+) -> None:
+    """Item 187: with the spool on an emptyDir, a pod replaced while its sink was down for longer than
+    the events' retention lost the spooled occurrences of the expired events (the relist cannot send
+    them, the stop says so at ERROR). With persistence.perReplica the render's own args run as the pod
+    of ordinal 0, twice, each time on the volume Kubernetes gives that pod: the replacement mounts
+    claim data-<fullname>-0 again and delivers all 20, once each; the default render's replacement
+    gets a new emptyDir."""
+    async with FakeApiServer(token="t0ken") as api, WebhookReceiver() as hook:
+        api.bookmark_interval = 0.5
+        sink = {
+            "type": "webhook",
+            "name": "hook",
+            "url": hook.url,
+            "batch_max_wait": 0.05,
+            "retry_initial_backoff": 0.1,
+            "retry_max_backoff": 0.5,
+        }
+        values = {
+            **PER_REPLICA,
+            "config": {"sinks": [sink]},
+            "shutdownTimeout": 2,  # the drain of a sink that is down, shortened for the test
+        }
+        docs = render(chart, values)
+        pod = f"{one(docs, 'StatefulSet')['metadata']['name']}-0"
+        claim = _data_volume(docs, pod, tmp_path)
+        assert claim == tmp_path / "claims" / f"data-{FULLNAME}-0"
+        default = render(chart, {"config": {"sinks": [sink]}})
+        replaced = {_data_volume(default, f"{FULLNAME}-{h}", tmp_path) for h in ("5d9f-abcde", "5d9f-fghij")}
+        assert len(replaced) == 2, "a Deployment's new pod gets a new emptyDir"
+
+        def delivered() -> list[tuple[str, int]]:
+            return [(r["uid"], r["occurrence"]) for q in hook.accepted for r in q.json()]
+
+        hook.fail_matching(lambda body: True, 503)  # the destination is down
+        first = ChartPod(docs, api, tmp_path, "ordinal-0-first", data=claim)
+        second = ChartPod(docs, api, tmp_path, "ordinal-0-replacement", data=claim)
+        try:
+            await first.start()
+            await _until_ready(first)
+            uids = [
+                api.create_event(event_object(object_name=f"spooled-{i}"))["metadata"]["uid"]
+                for i in range(20)
+            ]
+            await _until_metric(first, 'eventrouter_sink_received_total{sink="hook"}', lambda n: n >= 20)
+            # The retention passes while the sink is down: the API server deletes all 20, and the
+            # router sees them go (its stop then knows no relist can send them).
+            api.ttl = 0.0
+            await until(lambda: not api.events(), timeout=10)
+            api.ttl = None
+            await _until_metric(first, "eventrouter_tracked_events", lambda n: n == 0)
+            assert await first.stop() == 0
+            said = first.log.read_text()
+            assert "kept only in" in said and str(claim) in said, said[-2000:]
+            assert hook.accepted == []
+
+            hook.fail_matching(None)  # back up; a rollout replaced the pod meanwhile
+            await second.start()
+            await _until_ready(second)
+            await until(lambda: len(delivered()) >= 20, timeout=30)
+            assert await second.stop() == 0
+        finally:
+            first.kill()
+            second.kill()
+        assert sorted(delivered()) == sorted((uid, 1) for uid in uids)
 
 
 # --- the dashboard and the documented Loki sinks -----------------------------------------------

@@ -70,6 +70,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if eq .Values.checkpoint.mode "dataDir" -}}true{{- end -}}
 {{- end -}}
 
+{{/* "true" when each replica gets a claim of its own (persistence.perReplica): a StatefulSet with
+volumeClaimTemplates, whose pod of an ordinal mounts that ordinal's claim again when it is replaced. */}}
+{{- define "eventrouter.perReplica" -}}
+{{- if and .Values.persistence.enabled .Values.persistence.perReplica -}}true{{- end -}}
+{{- end -}}
+
+{{- define "eventrouter.workloadKind" -}}
+{{- if include "eventrouter.perReplica" . -}}StatefulSet{{- else -}}Deployment{{- end -}}
+{{- end -}}
+
 {{/*
 Refuse a credential written as a literal: option keys that name a secret must hold an
 `env:NAME` or `file:/path` reference, so no secret ends up in the ConfigMap or the pod's args.
@@ -213,8 +223,28 @@ a proxy may be a plain http(s)://host:port without user info. */}}
 {{- if and (not $v.sinks.flags) (not $v.config.sinks) -}}
 {{- fail "no sinks configured: set sinks.flags and/or config.sinks" -}}
 {{- end -}}
-{{- if and $v.persistence.enabled (ne $v.checkpoint.mode "dataDir") -}}
-{{- fail (printf "persistence.enabled needs checkpoint.mode=dataDir (the default is configMap, which needs no volume; set checkpoint.mode=dataDir to keep the checkpoint on the claim, for checkpoints past the ConfigMap's 1 MiB, about 50,000 events), not %q" (toString $v.checkpoint.mode)) -}}
+{{- if $v.persistence.perReplica -}}
+{{- if not $v.persistence.enabled -}}
+{{- fail "persistence.perReplica needs persistence.enabled=true: its size, storageClass, accessModes and annotations make each replica's claim" -}}
+{{- end -}}
+{{- if eq $v.checkpoint.mode "none" -}}
+{{- fail "persistence.perReplica needs a data dir for the claims to hold: checkpoint.mode configMap (each replica's spool and dead letters on its claim) or dataDir (its checkpoint too), not none" -}}
+{{- end -}}
+{{- if $v.persistence.existingClaim -}}
+{{- fail "persistence.perReplica creates a claim per replica (data-<fullname>-<ordinal>); persistence.existingClaim cannot be each replica's own: leave it empty" -}}
+{{- end -}}
+{{- if $v.strategy -}}
+{{- fail "strategy is the Deployment's; with persistence.perReplica the StatefulSet replaces one pod at a time, the old one gone before its successor starts: leave strategy empty" -}}
+{{- end -}}
+{{- /* The StatefulSet controller labels each pod controller-revision-hash=<name>-<hash of up to 10
+       characters>, a label value of at most 63: with a longer name no pod is ever created. */ -}}
+{{- $fullname := include "eventrouter.fullname" . -}}
+{{- if gt (len $fullname) 52 -}}
+{{- fail (printf "persistence.perReplica: the StatefulSet's name %q has %d characters, more than 52 (Kubernetes labels its pods controller-revision-hash=<name>-<hash>, at most 63 characters, and creates none otherwise); set fullnameOverride or a shorter release name" $fullname (len $fullname)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $v.persistence.enabled (ne $v.checkpoint.mode "dataDir") (not (and $v.persistence.perReplica (eq $v.checkpoint.mode "configMap"))) -}}
+{{- fail (printf "persistence.enabled needs checkpoint.mode=dataDir (the default is configMap, which needs no volume; set checkpoint.mode=dataDir to keep the checkpoint on the claim, for checkpoints past the ConfigMap's 1 MiB, about 50,000 events), or persistence.perReplica=true (a claim per replica for its spool and dead letters beside the ConfigMap checkpoint), not %q" (toString $v.checkpoint.mode)) -}}
 {{- end -}}
 {{- if eq $v.checkpoint.mode "configMap" -}}
 {{- $checkpoint := include "eventrouter.checkpointConfigMapName" . -}}
@@ -225,8 +255,8 @@ a proxy may be a plain http(s)://host:port without user info. */}}
 {{- fail (printf "checkpoint.configMapName %q is a ConfigMap the chart or the cluster keeps something else in (each checkpoint write replaces its data); leave it empty for %s-checkpoint, or choose another name" $checkpoint $fullname) -}}
 {{- end -}}
 {{- end -}}
-{{- if and $v.persistence.enabled (gt (int $v.replicaCount) 1) (not (has "ReadWriteMany" $v.persistence.accessModes)) -}}
-{{- fail "replicaCount > 1 cannot share a ReadWriteOnce volume: use checkpoint.mode=configMap, or a ReadWriteMany claim" -}}
+{{- if and $v.persistence.enabled (gt (int $v.replicaCount) 1) (not (has "ReadWriteMany" $v.persistence.accessModes)) (not $v.persistence.perReplica) -}}
+{{- fail "replicaCount > 1 cannot share a ReadWriteOnce volume: use checkpoint.mode=configMap, a ReadWriteMany claim, or persistence.perReplica=true (a claim per replica)" -}}
 {{- end -}}
 {{- $names := list -}}
 {{- range $line := .Files.Lines "files/credential-options.txt" -}}
