@@ -1074,8 +1074,9 @@ class Router:
         )
         advice = (
             "delivered if this replica leads again on the same data dir (a container restart keeps an "
-            "emptyDir); lost if the pod's emptyDir is deleted (pod replaced). Keep the sink reachable "
-            "before a rollout, or use checkpoint.mode dataDir on a persistent volume"
+            "emptyDir, a replacement pod mounts its claim again with the chart's persistence.perReplica); "
+            "lost if the data dir is deleted (an emptyDir when its pod is replaced). Keep the sink "
+            "reachable before a rollout, or give each replica a claim (persistence.perReplica)"
         )
         if gone or older:
             why = []

@@ -106,8 +106,8 @@ async def test_a_configmap_stop_says_the_records_of_expired_events_are_kept_only
         f"events it no longer holds: expired or deleted while undelivered), kept only in {data_a}: "
         "delivered if this replica leads again on the same data dir"
     ), error
-    assert "lost if the pod's emptyDir is deleted (pod replaced)" in error, error
-    assert "checkpoint.mode dataDir on a persistent volume" in error, error
+    assert "lost if the data dir is deleted (an emptyDir when its pod is replaced)" in error, error
+    assert "give each replica a claim (persistence.perReplica)" in error, error
     (info,) = _said(caplog, logging.INFO, "the next leader's relist sends them")
     assert re.fullmatch(
         rf"sink mem: {EXPIRED + LIVE} undelivered occurrences left in this replica's spool \(\d+ written at "
