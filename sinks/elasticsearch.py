@@ -960,6 +960,8 @@ class _Run:
     """Indices that took a document (tracked while any is refused)."""
     missing: set[int] = dataclasses.field(default_factory=set)
     """Positions refused because their (dated) index does not exist."""
+    unstarted: list[int] = dataclasses.field(default_factory=list)
+    """Positions not sent for want of time (``_half``)."""
 
 
 class ElasticsearchSink(Sink[ElasticsearchOptions]):
@@ -1265,6 +1267,17 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 self._reject_removed(batch, outcomes, run.refused, run.missing, self._series_ns)
             if run.refused or self._refusals:
                 self._note_refusals(run.refused, run.accepted)
+            if run.unstarted and any(o.defer and not o.held for o in outcomes):
+                # A document set aside, and the send out of time: what it did not start waits aside
+                # too (due at once, no attempt). Answered a retry in place, it took the one set aside
+                # back in place with it (the engine retries a batch whole when any of it is), at the
+                # head of every resend, each an attempt: at retry_max_attempts the documents not yet
+                # in were dead-lettered with it; without, they waited a doubling backoff behind it
+                # (what item 192 found in the webhook sink).
+                for i in run.unstarted:
+                    held = outcomes[i]
+                    if held.held and not held.defer:
+                        outcomes[i] = retry(held.reason, retry_after=0.0, held=True, defer=True)
         return outcomes
 
     def _note_newest(
@@ -1418,9 +1431,10 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         self, batch: Sequence[Occurrence], entries: list[_Entry], outcomes: list[Outcome], run: _Run
     ) -> None:
         """Send one half of a request answered 413, unless the send is out of time (then it is
-        answered retry, held: sent next, at once) or another part was answered retry as a whole
-        (then it gets that answer, unsent). What went in before stays OK, where a later half's
-        failure had the whole batch sent again, and one cut off by the engine the same again.
+        answered retry, held: sent next, at once; aside beside a document set aside, see ``send``)
+        or another part was answered retry as a whole (then it gets that answer, unsent). What went
+        in before stays OK, where a later half's failure had the whole batch sent again, and one cut
+        off by the engine the same again.
 
         Out of time: less than a tenth of the budget left, or, once a part went in (each send gets
         that far), less than twice what the latest request took: a request cut short by our
@@ -1438,6 +1452,7 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             )
             for i, _ in entries:
                 outcomes[i] = retry(reason, held=True)
+            run.unstarted.extend(i for i, _ in entries)
             return
         try:
             await self._bulk(batch, entries, outcomes, run)
