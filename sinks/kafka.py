@@ -94,7 +94,10 @@ from the broker at all (it is away) the records are retried in place, as the oth
 
 kube-eventer names accepted: ``brokers`` (repeatable), ``eventstopic``, ``compression``, ``user``,
 ``password``, ``cacert``, ``cert``, ``key``, ``insecuressl``. As in kube-eventer, giving a CA or a client
-certificate turns TLS on, and ``user`` + ``password`` turn SASL PLAIN on.
+certificate turns TLS on, and ``user`` + ``password`` turn SASL PLAIN on. A broker is ``host``,
+``host:port`` or an IPv6 address (``[2001:db8::1]:9092``); one written with user info
+(``user:password@host:9092``) or a scheme (``sasl_ssl://``) is a configuration error naming its
+position (``brokers[1]``), never its text: SASL credentials go in ``user`` and ``password=env:NAME``.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import ipaddress
 import itertools
 import logging
 import math
@@ -134,7 +138,7 @@ from eventrouter import (
     reject,
     retry,
 )
-from eventrouter.options import FilePath
+from eventrouter.options import FilePath, shown_address
 from eventrouter.truncate import shorten_message
 
 __all__ = ["KafkaOptions", "KafkaSink", "render_topic", "ssl_context", "topic_fields", "topic_problem"]
@@ -244,10 +248,38 @@ def render_topic(parts: Sequence[tuple[str, str | None]], record: dict[str, Any]
     return "_" if topic in ("", ".", "..") else topic
 
 
-def _broker_address(text: str) -> None:
-    """A bootstrap address as aiokafka reads it (``host``, ``host:port``, ``[v6]:port``; port 9092
-    when left out), or ValueError naming it: a typo is a configuration error at start, not a
-    producer that cannot connect."""
+_CREDENTIALS_HINT = (
+    "a broker is host or host:port (e.g. kafka-0:9092), without user info or a scheme: give SASL "
+    "credentials as user= and password=env:NAME (or file:/path), and TLS as tls=true or ca_file"
+)
+
+
+def _without_user_info(brokers: Sequence[str]) -> None:
+    """ValueError naming the positions of the brokers holding an ``@``, never their text: it is user
+    info (``user:password@host:9092``, the form other sinks take in their URL), which aiokafka reads
+    as a host name and then printed in every start retry, its own log lines and ``check``. All are
+    looked at before any is shown: a comma in the password splits it into two brokers, the first
+    (``user:pa``) holding no ``@``."""
+    held = [f"brokers[{i}]" for i, broker in enumerate(brokers) if "@" in broker]
+    if held:
+        raise ValueError(
+            f"{', '.join(held)} {'holds' if len(held) == 1 else 'hold'} an @ (user info, not shown): "
+            f"{_CREDENTIALS_HINT}"
+        )
+
+
+def _broker_address(text: str, position: str) -> None:
+    """A bootstrap address as aiokafka reads it (``host``, ``host:port``, ``[v6]:port``, a bare IPv6
+    address; port 9092 when left out), or ValueError naming it (``position``: ``brokers[1]``): a typo
+    is a configuration error at start, not a producer that cannot connect. ``text`` holds no ``@``
+    (``_without_user_info``); it is shown as URLs are all the same (no user info, path or query)."""
+    shown = shown_address(text)
+    if "://" in text:
+        raise ValueError(
+            f"broker {shown!r} must be host or host:port, without a scheme ({position}): the security "
+            "protocol follows from the options (user= and password=env:NAME for SASL, tls=true or "
+            "ca_file for TLS)"
+        )
     try:
         from aiokafka.conn import get_ip_port_afi
     except ImportError:  # the kafka extra is not installed: the sink's start says so
@@ -258,8 +290,23 @@ def _broker_address(text: str) -> None:
         host, port = "", 0
     if not host or "/" in host or not 0 < port < 65536:
         raise ValueError(
-            f"broker {text!r} must be host or host:port with a port in 1-65535 (e.g. kafka-0:9092)"
+            f"broker {shown!r} must be host or host:port with a port in 1-65535 ({position}; e.g. "
+            "kafka-0:9092)"
         )
+    if ":" in host and not _ipv6(host):
+        # aiokafka splits at the last ':' only: `a:b:9092` gave the host `a:b`, never resolved.
+        where = "its host in brackets is no IPv6 address" if text.startswith("[") else "its host holds a ':'"
+        raise ValueError(
+            f"broker {shown!r} must be host or host:port: {where} ({position}; an IPv6 address goes in "
+            "brackets, e.g. [2001:db8::1]:9092)"
+        )
+
+
+def _ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
 
 
 class KafkaOptions(SinkOptions):
@@ -351,8 +398,18 @@ class KafkaOptions(SinkOptions):
     @field_validator("brokers")
     @classmethod
     def _brokers_addresses(cls, value: list[str]) -> list[str]:
-        for broker in value:
-            _broker_address(broker)
+        _without_user_info(value)
+        for i, broker in enumerate(value):
+            _broker_address(broker, f"brokers[{i}]")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url_without_user_info(cls, value: str) -> str:
+        # `kafka:user:pw@k:9092` (the brokers' shorthand) is refused as brokers= is, and never shown:
+        # the check's "valid kafka (kafka URL)" line prints the URL.
+        if "@" in value:
+            raise ValueError(f"the sink's URL holds an @ (user info, not shown): {_CREDENTIALS_HINT}")
         return value
 
     @field_validator("acks", mode="before")
@@ -389,7 +446,7 @@ class KafkaOptions(SinkOptions):
         # `--sink=kafka:host:9092,host2:9092` as a shorthand for brokers=...
         if isinstance(data, dict) and not data.get("brokers") and isinstance(data.get("url"), str):
             url = data["url"].removeprefix("kafka://").strip("/")
-            if url:
+            if url and "@" not in url:  # refused as the url alone (_url_without_user_info), said once
                 data = {**data, "brokers": url}
         return data
 
@@ -857,7 +914,8 @@ class KafkaSink(Sink[KafkaOptions]):
         return config
 
     def _describe_brokers(self) -> str:
-        return ", ".join(self.options.brokers)
+        # Validated brokers hold no user info; shown_address all the same, as every address in a message.
+        return ", ".join(shown_address(broker) for broker in self.options.brokers)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
