@@ -24,7 +24,8 @@ or its latest request cut short) is first sent ``HEAD /`` with a tenth of a requ
 another node is alive: one still hanging holds the send up that long, not its whole budget, is marked
 dead again, and the next node takes the request. A request cut short because earlier requests of the
 same send (a 413's halves, a failed probe) had used part of its time marks no node dead (it may be
-slow and working): that node is probed before its next request instead.
+slow and working): that node is probed before its next request instead. A 413 marks no node dead
+either (the transport's rule did): it is about our request, which the sink halves.
 
 Redirects are not followed (aiohttp re-sent a POST answered 301/302 as a GET without its body): start
 fails naming the ``Location``; one met while sending is logged and retried.
@@ -527,6 +528,19 @@ class _Try:
 # transport's own rules alone (a timeout marks the node dead, no probe).
 _TRY: ContextVar[_Try | None] = ContextVar("eventrouter_es_try", default=None)
 
+# The status a node answered this task's latest request with (None: no answer, a connection error or
+# a timeout), which the pool reads when the transport marks that node dead. Per task, as the transport
+# marks the node in the task that made the request: another send's answer cannot stand in for it.
+_ANSWERED: ContextVar[int | None] = ContextVar("eventrouter_es_answered", default=None)
+
+# Answers elastic-transport counts as a failure of the node (it keeps one alive for 2xx and
+# 400-404/409 only) that say nothing of it: 413, our request over http.max_content_length (or a
+# proxy's body limit), which the sink halves. Each took a working node out of the round-robin with a
+# WARNING, and a batch halved twice ran every node dead and took them back by force. A whole-request
+# 429 still marks its node dead: it is that node's own limit (indexing pressure, a circuit breaker),
+# and the next sends going round it drained a backlog 4x faster than one send in three failing there.
+_NOT_THE_NODE = frozenset({413})
+
 
 class _CutShort(TransportError):
     """A request that timed out with less than its time because earlier requests of its send used the
@@ -560,6 +574,7 @@ class _Node(AiohttpHttpNode):
         headers: HttpHeaders | None = None,
         request_timeout: Any = DEFAULT,
     ) -> Any:
+        _ANSWERED.set(None)
         given = _TRY.get()
         due, self.probe_due = self.probe_due, False
         timeout: float | None = self.config.request_timeout if request_timeout is DEFAULT else request_timeout
@@ -579,6 +594,7 @@ class _Node(AiohttpHttpNode):
                 "(it may be slow and working)"
             ) from None
         self.unproven = False
+        _ANSWERED.set(resp.meta.status)
         if 300 <= resp.meta.status < 400:
             # A redirect's page is no answer of the cluster's (Location is): not decoded, so that one
             # of a media type the transport cannot read (octet-stream) says "redirect", not "cannot
@@ -606,10 +622,11 @@ class _Node(AiohttpHttpNode):
 
 
 class _Pool(NodePool):
-    """The transport's pool, whose dead/resurrect rules stay as they are, telling a node it hands out
-    whether to probe first: a node back from its dead time (or whose latest request was cut short)
-    is probed when another node is alive to take the request instead. Alone (one node, or every
-    other dead) it gets the request as it is: there is nowhere else to send it."""
+    """The transport's pool, whose dead/resurrect rules stay as they are (but for a 413, which marks
+    no node dead), telling a node it hands out whether to probe first: a node back from its dead time
+    (or whose latest request was cut short) is probed when another node is alive to take the request
+    instead. Alone (one node, or every other dead) it gets the request as it is: there is nowhere
+    else to send it."""
 
     def resurrect(self, force: bool = False) -> BaseNode | None:  # type: ignore[override]
         node: BaseNode | None = super().resurrect(True) if force else super().resurrect(False)
@@ -622,6 +639,13 @@ class _Pool(NodePool):
         if isinstance(node, _Node):
             node.probe_due = node.unproven and len(self._alive_nodes) > 1
         return node
+
+    def mark_dead(self, node: BaseNode, _now: float | None = None) -> None:
+        if _ANSWERED.get() in _NOT_THE_NODE:
+            # It answered, of our request only: alive, as after a 2xx.
+            self.mark_live(node)
+            return
+        super().mark_dead(node, _now)
 
 
 def index_template_body(options: ElasticsearchOptions) -> dict[str, Any]:
