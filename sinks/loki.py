@@ -27,7 +27,9 @@
   again in halves, and so is one larger than the tenant's ingestion rate limit (429 naming the limit:
   Loki refuses a push larger than its burst for ever); later pushes stay within that limit. A 429 for
   Loki's active stream limit retries the items of the stream it names only, set aside so they hold
-  up no other stream, and pushes the others again at once (Loki de-duplicates what it stored).
+  up no other stream, and pushes the others again at once (Loki de-duplicates what it stored). Loki
+  2.x names no stream: the refused one is then the push's only stream Loki may not hold (see below),
+  or, when that cannot be told, each stream of the push is pushed again on its own.
   So does a 429 for Loki's per-stream rate limit; each stream is kept within that limit beforehand
   (``per_stream_rate``, ``per_stream_burst``: Loki's defaults, planned with a 5 % margin), entries
   over it held back until it refills, since Loki answers for a push's last stream only (see below).
@@ -37,6 +39,9 @@
   de-duplicating it): what does not fit waits, held. The budget is lowered only when Loki's answer
   proves its limits lower than the options, and goes back to them after 10 min without such proof.
   When part of a split push was stored, only the items of the part that failed are retried.
+  A redirect (3xx) is never followed (a POST would come back a GET, a sign-in page's 200 be taken
+  as stored, or the push and its headers go to another host): the push is retried and the redirect
+  logged, where it points redacted; ``start`` fails on one, naming it.
   Newer entries of a stream whose entries wait aside are held back (not sent, no attempt) while
   they would put those over ``max_behind`` behind, so the ones set aside go in first.
 - A send cut off by the engine (``send_timeout``) is retried identical: what its finished pushes
@@ -45,7 +50,7 @@
   a finished push stored it, and rejected, not stamped anew, if its push's outcome is unknown (a
   timeout, 5xx). A send starts no push beyond its first eight after its budget less one request's ``timeout`` (15 s
   by default: ``SinkContext.send_budget``), so a long one ends normally; what it did not push is
-  sent again.
+  sent again: in place, or aside with what the send set aside, if anything.
 - Loki's ingester answers for the last stream of a push only: a refused stream followed by a stored
   one gets a 2xx. So a stream Loki has not taken from this sink in the last 20 minutes (it may be
   new to Loki, which then may refuse it for the active stream limit) is pushed last, one such stream
@@ -61,8 +66,9 @@
   ahead is judged against its receipt, not the attempt's clock, and an entry sent in a push whose
   outcome is unknown is sent again with the timestamp it had, so no retry stamps it otherwise. What
   would still be refused (``clamp_time=false``, or received too long ago) is sent in a push of its
-  own, so only it is dead-lettered if Loki refuses it, not the whole push (and it is delivered if
-  Loki's limits are wider than ``max_age``, ``future_grace`` and ``max_behind`` say).
+  own, one stream per push, so only it is dead-lettered if Loki refuses it, not the whole push (and
+  it is delivered if Loki's limits are wider than ``max_age``, ``future_grace`` and ``max_behind``
+  say).
 - Lines over ``max_line_bytes`` are truncated (the JSON stays valid and says ``"truncated": true``)
   or, with ``oversize=reject``, rejected one by one; never a whole-batch failure.
 - Entries Loki took truncated or stamped at receipt are counted (``LokiSink.modified``) and logged
@@ -109,7 +115,8 @@ from eventrouter import (
     reject,
     retry,
 )
-from eventrouter.options import FilePath, http_url
+from eventrouter.logs import Throttled
+from eventrouter.options import FilePath, http_url, redact_url, shown_address
 from eventrouter.protowire import bytes_field, varint, varint_field
 from eventrouter.retry_after import parse_retry_after as _retry_after
 from eventrouter.truncate import cut_utf8, shorten_message
@@ -156,6 +163,8 @@ streams Loki may not hold yet, a push each: eight at once took the six-sink star
 to 11.6–12.9 s against four (docs/performance.md, section 4, "Session 27"); the CPU is the same."""
 _HOLD_AGAIN = 5.0
 """Seconds before a held-back entry is offered again (not an attempt: nothing was sent)."""
+_LOG_REDIRECT_EVERY = 600.0
+"""Seconds between two warnings about pushes answered with a redirect (the first at once)."""
 _SENT_MAX = 20_000
 """Entries whose storing is unknown (a push timed out, cut off) or known from a send cut off, kept
 so that Loki refusing an identical one as too far behind is not answered with a second copy."""
@@ -535,6 +544,9 @@ _STREAM_LIMITED = re.compile(
     r"Maximum active stream limit exceeded when trying to create stream (?P<labels>\{.*\}), reduce the number",
     re.DOTALL,
 )
+_STREAM_LIMITED_UNNAMED = re.compile(r"Maximum active stream limit exceeded(?! when trying to create stream)")
+"""Loki 2.x's answer for the active stream limit (every 2.x release): it names no stream; 3.x's does
+(grafana/loki#12437)."""
 _LABEL_PAIR = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*([,}])')
 _GO_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[0-7]{3}|.)", re.DOTALL)
 _GO_SIMPLE = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
@@ -689,14 +701,16 @@ def _weight(entries: Sequence[_Entry]) -> int:
 
 
 def _redact(url: str) -> str:
-    """The URL without user info, query or fragment (where credentials hide)."""
+    """The URL without user info, query or fragment, and its token-like path segments masked as
+    ``redact_url`` masks them for every other sink (a gateway keyed by a path token): where
+    credentials hide. It is in every reason, log line and dead letter."""
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
         if ":" in host:
             host = f"[{host}]"
         netloc = host + (f":{parts.port}" if parts.port else "")
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        return redact_url(urlunsplit((parts.scheme, netloc, parts.path, "", "")))
     except ValueError:
         return "<invalid url>"
 
@@ -1064,6 +1078,7 @@ class LokiSink(Sink[LokiOptions]):
         self._stored: list[list[_Entry]] = []  # pushes Loki answered 2xx
         self._raised: list[tuple[bytes, int]] = []  # newest raised from Loki's "too far behind"
         self._deadline = math.inf  # time.monotonic() after which the send starts no further push
+        self._unstarted: list[_Entry] = []  # entries of pushes the send under way had no time for
         # Entries (by hash of stream, timestamp, line) sent in a push whose outcome is unknown
         # (False), or that Loki stored if they reached its ingester (True: a push of a send cut off,
         # the rest of a stream Loki answered "too far behind" for). Loki refuses an identical entry
@@ -1097,6 +1112,8 @@ class LokiSink(Sink[LokiOptions]):
             if options.gzip:
                 self._push_headers["Content-Encoding"] = "gzip"
         self._session: aiohttp.ClientSession | None = None
+        self._redirect_log = Throttled(self.log, _LOG_REDIRECT_EVERY)
+        self._redirecting = False  # the last push was answered with a redirect (logged)
 
     def take_over(self, previous: Sink[LokiOptions]) -> None:
         """Each stream's newest accepted time carries over, so entries Loki would refuse as too far
@@ -1169,14 +1186,23 @@ class LokiSink(Sink[LokiOptions]):
         session = self._ensure_session()
         url = self._base + "/ready"
         try:
-            async with session.get(url) as response:
+            # Not followed (see _push): a sign-in page's 200 behind it said "ready" for a Loki that
+            # stores nothing, and an http -> https redirect for one whose every push is refused.
+            async with session.get(url, allow_redirects=False) as response:
                 status = response.status
-                text = await response.text(errors="replace")
+                location = response.headers.get("Location")
+                text = "" if 300 <= status < 400 else await response.text(errors="replace")
                 text = scrub(text[:200], self._secrets, partial=len(text) > 200).strip()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise SinkError(
                 f"loki: cannot reach {self._shown}: {scrub(_describe(exc), self._secrets)}"
             ) from None
+        if 300 <= status < 400:
+            raise SinkError(
+                f"loki: GET {self._shown}/ready answered {status} (Location: {self._location(location)}): "
+                "a redirect, which the sink does not follow (a push would come back a GET, or go on to "
+                "another host with its headers); give that URL"
+            )
         if status in (401, 403):
             raise SinkError(
                 f"loki: {self._shown} refused our credentials ({status} {text!r}); check username/password, "
@@ -1184,6 +1210,39 @@ class LokiSink(Sink[LokiOptions]):
             )
         if status != 200:
             self.log.warning("loki: %s/ready answered %s %r; pushing anyway", self._shown, status, text)
+
+    def _location(self, location: str | None) -> str:
+        """Where a redirect points, as logs may show it: redacted as every URL (no user info, query
+        values or token-like path segments) and our credentials scrubbed; only its address when an
+        ``@`` is left past it (user info with a raw ``/`` in the password)."""
+        if not location:
+            return "none"
+        try:
+            parts = urlsplit(location)
+        except ValueError:
+            return "unparseable"
+        shown = redact_url(location)
+        if "@" in parts.path + parts.query + parts.fragment:
+            shown = shown_address(location)
+        return scrub(shown, self._secrets)[:200]
+
+    def _redirected(self, status: int, location: str | None) -> RetryableError:
+        """A push answered with a redirect: about the URL, not the entries (an ingress switched to
+        force-ssl-redirect, an auth front sending to its sign-in page). Never followed, never taken
+        as stored: retried, and logged at once, then at most every _LOG_REDIRECT_EVERY seconds
+        until a push is stored again."""
+        reason = (
+            f"loki: {self._shown} answered {status}, a redirect to {self._location(location)} (not "
+            "followed, nothing stored)"
+        )
+        self._redirecting = True
+        self._redirect_log.warning(
+            "redirect",
+            "%s: give url the address it points to (a push redirected would come back a GET, or go on "
+            "to another host with its headers); retrying until that is put right",
+            reason,
+        )
+        return RetryableError(reason)
 
     def set_window(self, now_ns: int) -> None:
         """Loki's time window (max_age, future_grace) around ``now_ns``, for the entries encoded next."""
@@ -1198,7 +1257,8 @@ class LokiSink(Sink[LokiOptions]):
         then ends before the engine's send_timeout. A send of many pushes (a relist's batch of ~300
         new streams) so ends
         normally instead of being cut off with some pushes stored. The pushes not started are
-        answered retry (held: not sent, no failure) and sent again in place."""
+        answered retry (held: not sent, no failure) and sent again in place, or aside (due at once)
+        when the send set anything aside (``_unstarted_aside``)."""
         return max(0.0, self.context.send_budget - self.options.timeout)
 
     @property
@@ -1227,7 +1287,7 @@ class LokiSink(Sink[LokiOptions]):
         if not entries:
             self._late = False
             return outcomes
-        self._stored, self._raised, self._deferring = [], [], False
+        self._stored, self._raised, self._deferring, self._unstarted = [], [], False, []
         self._deadline = time.monotonic() + self.pushes_deadline
         self._batch = batch
         self._idle.clear()
@@ -1247,6 +1307,10 @@ class LokiSink(Sink[LokiOptions]):
             self._batch = ()
             if self._idle:
                 self._answer_times()
+        if self._unstarted:
+            if self._deferring:
+                self._unstarted_aside(outcomes)
+            self._unstarted = []
         self._settle(batch, encoded, outcomes)
         if self._modified_batch:
             self._count_modified(encoded, outcomes)
@@ -1311,7 +1375,9 @@ class LokiSink(Sink[LokiOptions]):
                 self._not_started([late], outcomes)
                 return
             try:
-                await self._push_streams(late, outcomes)
+                # Each stream in a push of its own: Loki answers for a push's last stream only, so a
+                # late entry it refused followed by another stream's it took was answered 2xx (lost).
+                await self._push_streams(late, outcomes, alone=True)
             except RetryableError as exc:  # the on-time entries are stored: retry only these
                 for entry in late:
                     outcomes[entry.index] = retry(str(exc), retry_after=exc.retry_after)
@@ -1399,7 +1465,8 @@ class LokiSink(Sink[LokiOptions]):
         return kept
 
     def _not_started(self, pushes: Sequence[list[_Entry]], outcomes: list[Outcome]) -> None:
-        """Pushes the send did not start before its deadline: sent again by the engine, in place."""
+        """Pushes the send did not start before its deadline: sent again by the engine (in place, or
+        aside with what the send set aside: ``_unstarted_aside``)."""
         count = sum(len(push) for push in pushes)
         reason = (
             f"loki: not sent, the send had pushed for {self.pushes_deadline:g}s "
@@ -1408,6 +1475,21 @@ class LokiSink(Sink[LokiOptions]):
         for push in pushes:
             for entry in push:
                 outcomes[entry.index] = retry(reason, held=True)
+            self._unstarted += push
+
+    def _unstarted_aside(self, outcomes: list[Outcome]) -> None:
+        """The send set something aside (``defer``) and had no time for some pushes: those wait aside
+        too, due at once (held: nothing was sent, no attempt). The engine retries a whole batch in
+        place when any of it is: the stream set aside came back at the head of every resend, and
+        what was never sent waited its doubling backoff behind it, or was dead-lettered with it at
+        ``retry_max_attempts`` (webhook item 192's fault, here). Their order is kept: newer entries
+        of their streams are held back behind them (``_hold_back``, the records ``_settle`` makes),
+        and the engine sends an event's occurrences in order. Checked once the pool has ended: a
+        worker gives up on its pushes before another's comes back set aside."""
+        for entry in self._unstarted:
+            outcome = outcomes[entry.index]
+            if outcome.kind is OutcomeKind.RETRY and outcome.held and not outcome.defer:
+                outcomes[entry.index] = retry(outcome.reason, retry_after=0.0, held=True, defer=True)
 
     def _remember(self, entries: Sequence[_Entry], *, stored: bool) -> None:
         """Note entries sent whose storing is unknown (``stored`` False: a push timed out, cut off,
@@ -1606,12 +1688,21 @@ class LokiSink(Sink[LokiOptions]):
             return [known, *last]
         return [known + last[0], *last[1:]]
 
-    async def _push_streams(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
-        """Push ``entries`` as ``_plan`` says. One push raises RetryableError as ``_push`` does; of
-        several (independent: each stream is in one), a few go at once, and when Loki fails as a whole
-        (5xx, the tenant's rate, unreachable) that push's items and those of pushes not sent yet are
-        retried, while what the others stored is not sent again."""
+    async def _push_streams(
+        self, entries: list[_Entry], outcomes: list[Outcome], *, alone: bool = False
+    ) -> None:
+        """Push ``entries`` as ``_plan`` says (``alone``: each stream in a push of its own). One push
+        raises RetryableError as ``_push`` does; of several (independent: each stream is in one), a
+        few go at once, and when Loki fails as a whole (5xx, the tenant's rate, unreachable) that
+        push's items and those of pushes not sent yet are retried, while what the others stored is
+        not sent again."""
         pushes = self._plan(entries, outcomes)
+        if alone:
+            pushes = [group for push in pushes for group in _by_stream(push).values()]
+        await self._push_all(pushes, outcomes)
+
+    async def _push_all(self, pushes: list[list[_Entry]], outcomes: list[Outcome]) -> None:
+        """Send these pushes, a few at once (see ``_push_streams``)."""
         if not pushes:
             return
         if len(pushes) == 1:
@@ -1671,8 +1762,15 @@ class LokiSink(Sink[LokiOptions]):
         body = self.encode(entries)
         session = self._ensure_session()
         try:
-            async with session.post(self._push_url, data=body, headers=self._push_headers) as response:
+            # Redirects are not followed: aiohttp turned a POST answered 301/302 into a GET (Loki's
+            # 405: every entry dead-lettered) or into a sign-in page's 200 (taken as stored: lost),
+            # and re-sent a 307/308's body and our custom headers to wherever Location pointed.
+            async with session.post(
+                self._push_url, data=body, headers=self._push_headers, allow_redirects=False
+            ) as response:
                 status = response.status
+                if 300 <= status < 400:
+                    raise self._redirected(status, response.headers.get("Location"))
                 text = (await response.text(errors="replace")).strip()
                 retry_after = _retry_after(response.headers.get("Retry-After"))
         except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
@@ -1688,6 +1786,9 @@ class LokiSink(Sink[LokiOptions]):
             self._remember(entries, stored=False)  # the send was cut off with this push under way
             raise
         if status in (200, 204) or (200 <= status < 300 and not _blocked(status, text)):
+            if self._redirecting:  # a run of redirects is over: the next one is logged at once
+                self._redirecting = False
+                self._redirect_log = Throttled(self.log, _LOG_REDIRECT_EVERY)
             self._stored.append(entries)  # applied to the prediction when the send returns
             if self._sent:  # stored now: answered OK, or remembered stored if the send is cut off
                 sent = self._sent
@@ -1737,6 +1838,11 @@ class LokiSink(Sink[LokiOptions]):
                 f"loki: {self._shown} answered 429: {message}",
                 retry_after,
             ):
+                return
+            if named is None and _STREAM_LIMITED_UNNAMED.search(raw) is not None:
+                await self._unnamed_stream_refused(
+                    entries, outcomes, f"loki: {self._shown} answered 429: {message}", retry_after
+                )
                 return
             # The per-stream rate limit: the stream is named on the answer's last line, which the
             # entries listed before it (up to 10, each quoting the stream) can put past ``raw``.
@@ -1789,7 +1895,7 @@ class LokiSink(Sink[LokiOptions]):
         self,
         entries: list[_Entry],
         outcomes: list[Outcome],
-        named: str,
+        named: str | bytes,
         reason: str,
         retry_after: float | None,
         *,
@@ -1801,20 +1907,25 @@ class LokiSink(Sink[LokiOptions]):
         again at once (Loki de-duplicates what it stored), as far as their budget takes them again
         (``_again``). False when the named stream is none of this push's. ``rate_limit``: refused
         for Loki's per-stream rate limit (bytes/s), which ``_over_budget`` keeps to, and a stream at
-        its edge is pushed last (this answer); what the refusal proves is learned."""
-        wanted = _parse_label_set(named)
-        if wanted is None:
-            return False
+        its edge is pushed last (this answer); what the refusal proves is learned. ``named`` as
+        bytes: the encoded stream itself (Loki 2.x names none: ``_unnamed_stream_refused``)."""
         refused: list[_Entry] = []
         rest: list[_Entry] = []
-        seen: dict[bytes, bool] = {}
-        for entry in entries:
-            hit = seen.get(entry.stream)
-            if hit is None:
-                # Exactly the named stream (plus what Loki's distributor adds): a stream with one label
-                # fewer (an empty value is dropped) is another stream, one Loki may have stored.
-                hit = seen[entry.stream] = _names_stream(wanted, entry.stream)
-            (refused if hit else rest).append(entry)
+        if isinstance(named, bytes):
+            for entry in entries:
+                (refused if entry.stream == named else rest).append(entry)
+        else:
+            wanted = _parse_label_set(named)
+            if wanted is None:
+                return False
+            seen: dict[bytes, bool] = {}
+            for entry in entries:
+                hit = seen.get(entry.stream)
+                if hit is None:
+                    # Exactly the named stream (plus what Loki's distributor adds): a stream with one
+                    # label fewer (an empty value is dropped) is another stream, one Loki may have stored.
+                    hit = seen[entry.stream] = _names_stream(wanted, entry.stream)
+                (refused if hit else rest).append(entry)
         if not refused:
             return False
         if rate_limit:
@@ -1833,6 +1944,32 @@ class LokiSink(Sink[LokiOptions]):
             outcomes[entry.index] = retry(reason, retry_after=retry_after, defer=True)
         self._deferring = True
         return True
+
+    async def _unnamed_stream_refused(
+        self, entries: list[_Entry], outcomes: list[Outcome], reason: str, retry_after: float | None
+    ) -> None:
+        """Loki 2.x's answer for the active stream limit, which names no stream. Loki refuses only a
+        stream it does not hold, and answers for a push's last stream: so it is the push's stream
+        when it has one, and its last when that is the only one this sink has not had taken within
+        STREAM_KNOWN_FOR (``_plan`` puts one such stream last in a push). It is then set aside as
+        when Loki names it. Otherwise (several such streams:
+        ``new_stream_pushes=false``; or none: Loki forgot one sooner than this sink counts on) the
+        refused stream cannot be told: each stream of the push is pushed again on its own, where
+        Loki's answer is about it alone (it de-duplicates what it stored). Retried whole in place,
+        the push held up every stream of the sink for as long as the tenant stayed at its limit."""
+        groups = _by_stream(entries)
+        last = next(reversed(groups))
+        if len(groups) > 1:
+            since = time.monotonic_ns() - self._known_ns
+            taken = self._taken.get if self._taken.used else None
+            new = [
+                stream for stream in groups if taken is None or (at := taken(stream)) is None or at < since
+            ]
+            if new != [last]:
+                pushes = [self._again(group, outcomes) for group in groups.values()]
+                await self._push_all([push for push in pushes if push], outcomes)
+                return
+        await self._stream_refused(entries, outcomes, last, reason, retry_after)
 
     def _learn_stream_rate(self, refused: list[_Entry], weight: int, limit: int, wait: float) -> None:
         """Loki refused a stream for its per-stream rate: its bucket there is empty, so this one's is

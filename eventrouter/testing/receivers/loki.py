@@ -35,7 +35,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import cramjam
 from aiohttp import web
@@ -560,7 +560,8 @@ class LokiReceiver:
     (Loki's default 100 MB; beyond it aiohttp answers 413, as a gateway with a body limit does).
     Off unless given (Loki has them on): the tenant's ingestion rate limit (``ingestion_rate`` bytes/s,
     ``ingestion_burst`` bytes: 429, nothing stored), its active stream limit (``max_streams``: a
-    new stream beyond it is refused, 429 naming it, the push's other streams stored) and the
+    new stream beyond it is refused, 429 naming it, the push's other streams stored; with
+    ``stream_limit_wording="2.x"`` naming no stream, as every Loki 2.x answers) and the
     per-stream rate limit (``per_stream_rate`` bytes/s, ``per_stream_burst`` bytes: a stream's entries
     over it refused, all of them with ``per_stream_whole``, 429 "Per stream rate limit exceeded"
     naming it, the push's other streams stored; ``count_detected_level``: bytes more per entry, as
@@ -609,6 +610,7 @@ class LokiReceiver:
         per_stream_burst: float | None = None,
         per_stream_whole: bool = True,
         count_detected_level: int = 0,
+        stream_limit_wording: Literal["3.x", "2.x"] = "3.x",
     ) -> None:
         self.auth_enabled = auth_enabled
         self.username = username
@@ -644,6 +646,11 @@ class LokiReceiver:
         # stream beyond it are refused with 429, its other streams stored. None: no limit.
         self.max_streams = max_streams
         self.stream_limited = 0  # entries refused by the stream limit
+        # How the stream limit's refusal reads: "3.x" names the stream (since grafana/loki#12437);
+        # "2.x", as every 2.x release answers, does not.
+        if stream_limit_wording not in ("3.x", "2.x"):
+            raise ValueError(f"stream_limit_wording must be '3.x' or '2.x', not {stream_limit_wording!r}")
+        self.stream_limit_wording = stream_limit_wording
         # The ingester's per-stream rate limit (limits_config.per_stream_rate_limit and
         # per_stream_rate_limit_burst, in bytes here; Loki's defaults "3MB" and "15MB" are 3 MiB/s and
         # 15 MiB: its ByteSize is binary), a golang.org/x/time/rate bucket per stream, full at first.
@@ -1035,11 +1042,12 @@ class LokiReceiver:
                 # The ingester refuses a new stream beyond the limit and goes on with the push's
                 # other streams; a later stream's result overwrites this error.
                 self.stream_limited += len(valid)
+                which = "" if self.stream_limit_wording == "2.x" else f" when trying to create stream {named}"
                 ingester_error = (
                     429,
-                    f"{_STREAM_LIMIT_PREFIX} when trying to create stream {named}, reduce the number of "
-                    "active streams (reduce labels or reduce label values), or contact your Loki "
-                    f"administrator to see if the limit can be increased, user: '{user}'",
+                    f"{_STREAM_LIMIT_PREFIX}{which}, reduce the number of active streams (reduce labels "
+                    "or reduce label values), or contact your Loki administrator to see if the limit can "
+                    f"be increased, user: '{user}'",
                 )
                 continue
             # The ingester's stream.validateEntries (pkg/ingester/stream.go): with unordered writes,
