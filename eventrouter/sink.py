@@ -142,7 +142,9 @@ class Sink(abc.ABC, Generic[OptionsT]):
 
     Lifecycle: ``__init__`` (no I/O) → ``start()`` → many ``send()`` → ``aclose()``. When a file
     named by its options changes, a new instance takes over (``take_over``) between two sends.
-    ``send`` is never called concurrently for one sink instance.
+    The new instance is started while the one it replaces still stands, and takes over only once
+    started: if its ``start`` fails, the previous instance goes on sending and the new one's start is
+    tried again later. ``send`` is never called concurrently for one sink instance.
     """
 
     options_model: ClassVar[type[SinkOptions]] = SinkOptions
@@ -182,7 +184,8 @@ class Sink(abc.ABC, Generic[OptionsT]):
 
     def take_over(self, previous: Sink[OptionsT]) -> None:
         """Called on an instance built from re-read options (a credential, certificate or template
-        file changed) before its ``start``, with the instance it replaces, already closed. Keep here
+        file changed) once its ``start`` succeeded (before its start when the instance it replaces
+        never started), before its first send, with the instance it replaces, already closed. Keep here
         what must outlive the swap: occurrences held inside the sink (alert digests) or what the
         destination expects to continue. The engine keeps the queue, spool and checkpoint itself."""
 

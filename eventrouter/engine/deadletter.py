@@ -63,7 +63,9 @@ class DeadLetter:
         now = time.time()
         # The record and the event are spliced in as the JSON they already are.
         lines = [
-            orjson.dumps({"sink": self.sink, "reason": reason, "dead_lettered_at": now, "key": occ.key})[:-1]
+            orjson.dumps(
+                {"sink": self.sink, "reason": _json_text(reason), "dead_lettered_at": now, "key": occ.key}
+            )[:-1]
             + b',"record":'
             + occ.json
             + b',"event":'
@@ -174,6 +176,21 @@ class DeadLetter:
             self.discarded += letters
             if self.on_discard is not None:
                 self.on_discard(letters)
+
+
+def _json_text(reason: object) -> str:
+    """The reason as text orjson takes: a plugin's REJECT reason may be an exception object (orjson
+    refused it and the pipeline task, the router with it, ended), or text with a lone surrogate (a
+    body decoded with ``surrogateescape``), which orjson refuses as well."""
+    try:
+        text = reason if isinstance(reason, str) else str(reason)
+    except Exception:
+        text = f"<{type(reason).__name__} whose text cannot be read>"
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = text.encode(errors="replace").decode()
+    return text
 
 
 def _split_newest(lines: list[bytes], bound: int) -> tuple[list[bytes], list[bytes], int]:

@@ -11,6 +11,8 @@ import collections
 import heapq
 import itertools
 import logging
+import math
+import numbers
 import random
 import time
 from collections.abc import Callable, Container, Iterable, Sequence
@@ -75,6 +77,12 @@ class Pipeline:
         self._nudge = asyncio.Event()
         self._replacement: Sink[Any] | None = None
         self._superseded: list[Sink[Any]] = []  # replacements replaced before they were used
+        # A replacement whose start failed while the instance it replaces worked: that one goes on
+        # sending, and the replacement's start is tried again at the first send after `_failed_due`.
+        self._failed_replacement: Sink[Any] | None = None
+        self._failed_tries = 0
+        self._failed_due = 0.0
+        self._contract_said: set[str] = set()  # outcome contract faults already logged (once each)
         self._in_flight: list[Occurrence] = []
         # The batch being filled (taken from the queue, not sent yet): a cancel while it waits for
         # more must leave it to ``leftovers``, not lose it with the task's frame.
@@ -1047,17 +1055,23 @@ class Pipeline:
                 self._modified_seen[reason] = total
 
     async def _send_once(self, items: Sequence[Occurrence]) -> Sequence[Outcome]:
-        if self._replacement is not None:
-            await self._use_replacement()
-            if not await self._start_sink():
-                return [retry("stopped before the reloaded sink started")] * len(items)
+        if self._replacement_due() and not await self._take_replacement():
+            return [retry("stopped before the reloaded sink started")] * len(items)
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.options.send_timeout):
                 outcomes = await self.sink.send(items)
         except RetryableError as exc:
             self.metrics.send_errors.labels(self.name, "retryable").inc()
-            return [retry(exc.reason, retry_after=exc.retry_after)] * len(items)
+            # A plugin's subclass may not have called RetryableError.__init__: no attributes.
+            out = Outcome(
+                OutcomeKind.RETRY,
+                getattr(exc, "reason", None) or _text(exc),
+                getattr(exc, "retry_after", None),
+            )
+            if not _well_formed(out):
+                out = self._mended([out], "a RetryableError it raised")[0]
+            return [out] * len(items)
         except TimeoutError:
             self.metrics.send_errors.labels(self.name, "timeout").inc()
             return [retry(f"send timed out after {self.options.send_timeout:g}s")] * len(items)
@@ -1074,7 +1088,7 @@ class Pipeline:
             # A sink bug must not lose events: log it loudly and retry.
             self.metrics.send_errors.labels(self.name, "exception").inc()
             self.log.exception("sink %s: send raised %s", self.name, type(exc).__name__)
-            return [retry(f"{type(exc).__name__}: {exc}")] * len(items)
+            return [retry(f"{type(exc).__name__}: {_text(exc)}")] * len(items)
         finally:
             self._m_latency.observe(time.monotonic() - started)
         if getattr(self.sink, "modified", None):
@@ -1097,7 +1111,72 @@ class Pipeline:
                 ", ".join(sorted({type(o).__name__ for o in outcomes})) or "none",
             )
             return [retry("sink broke the outcome contract")] * len(items)
+        if not all(o is OK or _well_formed(o) for o in outcomes):
+            return self._mended(outcomes, "its outcomes")
         return outcomes
+
+    def _mended(self, outcomes: Sequence[Outcome], how: str) -> Sequence[Outcome]:
+        """Outcomes whose fields hold what the engine reads. A Retry-After passed on as the header's
+        text ("30") or a timedelta, or an exception as a REJECT's reason, ended the pipeline task (the
+        router with it, again after each restart); a kind given as its string (``Outcome("ok")``) was
+        taken as a retry, and an accepted batch was sent again for ever. A string naming a kind is
+        taken as that kind; any other kind retries the batch, as an object that is no Outcome does.
+        Counted once per send as a ``contract`` error, each fault logged once (types only: a reason
+        may quote the record)."""
+        faults: list[str] = []
+        mended: list[Outcome] = []
+        usable = True
+        for out in outcomes:
+            kind = out.kind
+            if not isinstance(kind, OutcomeKind):
+                named = _KINDS.get(kind.lower()) if isinstance(kind, str) else None
+                if named is None:
+                    faults.append(f"a kind of type {type(kind).__name__} that names no OutcomeKind")
+                    usable = False
+                    continue
+                faults.append(f"the kind as the string {named.value!r}, taken as {named}")
+                kind = named
+            reason = out.reason
+            if not isinstance(reason, str):
+                if reason is not None:
+                    faults.append(f"a reason of type {type(reason).__name__}, taken as its text")
+                reason = "" if reason is None else _text(reason)
+            wait = out.retry_after
+            if wait is not None and not isinstance(wait, float):
+                if isinstance(wait, numbers.Real) and not isinstance(wait, bool):
+                    try:
+                        wait = float(wait)
+                    except OverflowError:  # an int past a float's range: as long as can be (bounded)
+                        wait = math.inf
+                else:
+                    faults.append(
+                        f"a retry_after of type {type(wait).__name__}, not seconds as a number: "
+                        "ignored, the backoff applies"
+                    )
+                    wait = None
+            flags = []
+            for name in ("held", "defer"):
+                flag = getattr(out, name)
+                if not isinstance(flag, bool):
+                    faults.append(f"{name} of type {type(flag).__name__}, taken as a bool")
+                flags.append(_truth(flag))
+            mended.append(Outcome(kind, reason, wait, flags[0], flags[1]))
+        if faults:
+            self.metrics.send_errors.labels(self.name, "contract").inc()
+            new = [f for f in dict.fromkeys(faults) if f not in self._contract_said]
+            if new:
+                self._contract_said.update(new)
+                self.log.error(
+                    "sink %s broke the outcome contract in %s (each fault logged once; counted in "
+                    'eventrouter_sink_send_errors_total{kind="contract"}): %s%s',
+                    self.name,
+                    how,
+                    "; ".join(new),
+                    "" if usable else "; the batch is retried",
+                )
+        if not usable:
+            return [retry("sink broke the outcome contract")] * len(outcomes)
+        return mended
 
     async def _deliver(self, batch: list[Occurrence]) -> None:
         self._in_flight = batch
@@ -1329,15 +1408,83 @@ class Pipeline:
         wait between retries ends at once. Queue, spool, checkpoint and metrics stay."""
         if self._replacement is not None:  # never started; closed with the next swap
             self._superseded.append(self._replacement)
+        if self._failed_replacement is not None:  # a newer file: the one that could not start goes
+            self._superseded.append(self._failed_replacement)
+            self._failed_replacement = None
         self._replacement = sink
         self._nudge.set()
 
+    def _replacement_due(self) -> bool:
+        """A replacement to try at this send: a new one, or one whose start failed, once its time came."""
+        if self._replacement is not None:
+            return True
+        return self._failed_replacement is not None and time.monotonic() >= self._failed_due
+
+    async def _take_replacement(self) -> bool:
+        """Send with the replacement from now on if it starts; False when stopped before a sink
+        started. The working instance is kept until the replacement has started: closed first, a
+        sink whose new instance could not start (a rotated CA file that is no PEM, a credential the
+        destination does not take yet) was down for good. One that never started itself is no
+        better: the replacement takes its place at once and is started as a first start is."""
+        if not self.started.is_set():
+            await self._use_replacement()
+            return await self._start_sink()
+        await self._start_replacement()
+        return True
+
+    async def _start_replacement(self) -> None:
+        if self._replacement is not None:
+            new, self._replacement, tries = self._replacement, None, 0
+        elif self._failed_replacement is not None:
+            new, self._failed_replacement, tries = self._failed_replacement, None, self._failed_tries
+        else:
+            return
+        try:
+            async with asyncio.timeout(self.options.send_timeout):
+                await new.start()
+        except asyncio.CancelledError:
+            self._superseded.append(new)  # a stop: close_sink closes it
+            raise
+        except Exception as exc:
+            tries += 1
+            self.metrics.send_errors.labels(self.name, "start").inc()
+            reason = _text(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {_text(exc)}"
+            if self._replacement is None:
+                # Tried again, as a failing first start is (a credential not taken yet may be soon),
+                # at a send: the working instance's sends are not held up for it.
+                delay = self._backoff(tries, None)
+                self._failed_replacement, self._failed_tries = new, tries
+                self._failed_due = time.monotonic() + delay
+                then = f"tried again at a send in {delay:.3g}s or more"
+            else:  # a newer one came while it started
+                self._superseded.append(new)
+                then = "a newer one is tried next"
+            self.log.error(
+                "sink %s: the instance rebuilt with its re-read options cannot start: %s; the "
+                "previous instance goes on sending (the rebuilt one is %s)",
+                self.name,
+                reason,
+                then,
+            )
+            await self._close_superseded()
+            return
+        old, self.sink = self.sink, new
+        self._superseded.append(old)
+        await self._close_superseded()
+        self._took_over(new, old)
+
     async def _use_replacement(self) -> None:
+        """Swap at once (the instance replaced never started): started by the caller."""
         new, self._replacement = self._replacement, None
         if new is None:
             return
         old, self.sink = self.sink, new
         self._superseded.append(old)
+        await self._close_superseded()
+        self._took_over(new, old)
+        self.started.clear()
+
+    async def _close_superseded(self) -> None:
         while self._superseded:  # taken out before each await: a swap meanwhile adds to it
             closing = self._superseded.pop()
             try:
@@ -1346,11 +1493,12 @@ class Pipeline:
                 # A stop: close_sink closes it (aclose may run twice); it was left unclosed.
                 self._superseded.append(closing)
                 raise
+
+    def _took_over(self, new: Sink[Any], old: Sink[Any]) -> None:
         try:
             new.take_over(old)
         except Exception:
             self.log.exception("sink %s: take_over from the previous instance raised", self.name)
-        self.started.clear()
         self.log.info("sink %s: now sending with its re-read options", self.name)
 
     async def _close_quietly(self, sink: Sink[Any]) -> None:
@@ -1366,7 +1514,8 @@ class Pipeline:
     async def close_sink(self) -> None:
         """Release the sink's connections (and those of a reloaded one not used yet)."""
         pending, self._replacement = self._replacement, None
-        for sink in (self.sink, pending):
+        failed, self._failed_replacement = self._failed_replacement, None
+        for sink in (self.sink, pending, failed):
             if sink is not None:
                 await self._close_quietly(sink)
         while self._superseded:
@@ -1479,6 +1628,36 @@ class Pipeline:
                     return
                 self.idle.clear()
                 self._wakeup.set()
+
+
+_KINDS = {kind.value: kind for kind in OutcomeKind}
+
+
+def _well_formed(out: Outcome) -> bool:
+    """The fields hold the types the engine reads (checked for every outcome: kept cheap)."""
+    wait = out.retry_after
+    return (
+        type(out.kind) is OutcomeKind
+        and type(out.reason) is str
+        and (wait is None or type(wait) is float)
+        and type(out.held) is bool
+        and type(out.defer) is bool
+    )
+
+
+def _text(value: object) -> str:
+    """``str(value)``, also for a plugin's object whose ``__str__`` raises."""
+    try:
+        return str(value)
+    except Exception:
+        return f"<{type(value).__name__} whose text cannot be read>"
+
+
+def _truth(value: object) -> bool:
+    try:
+        return bool(value)
+    except Exception:  # a plugin's object whose __bool__ raises (a numpy array)
+        return False
 
 
 def _numbers_rising(occs: list[Occurrence]) -> list[Occurrence]:
