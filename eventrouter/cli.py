@@ -33,6 +33,7 @@ from eventrouter.gc_tuning import tune_gc
 from eventrouter.leader import LEASE_DURATION_MAX, check_timings
 from eventrouter.logs import setup_logging
 from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS
+from eventrouter.options import name_matches
 from eventrouter.plugins import PluginError, discover
 from eventrouter.sink import SinkContext
 from eventrouter.source.recording import read_recording
@@ -371,12 +372,77 @@ def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
     )
 
 
+_TYPE_TERM = re.compile(r"type(!=|==|=)((?:[^\\,]|\\.)*)")
+
+
+def _selected_types(selector: str) -> tuple[set[str] | None, set[str]]:
+    """The Event types a field selector lets through: (only these, or None for any; never these)."""
+    only: set[str] | None = None
+    never: set[str] = set()
+    for term in re.split(r"(?<!\\),", selector):
+        m = _TYPE_TERM.fullmatch(term)
+        if m is None:
+            continue
+        value = re.sub(r"\\(.)", r"\1", m.group(2))
+        if m.group(1) == "!=":
+            never.add(value)
+        else:
+            only = {value} if only is None else only & {value}
+    return only, never
+
+
+def _refuse_selections_that_keep_nothing(
+    args: argparse.Namespace, settings: RouterSettings, specs: Sequence[SinkSpec]
+) -> None:
+    """A sink whose own filter keeps nothing of what the router watches passed `check` and ran
+    "healthy", delivering nothing, counted only as filtered: a sink's ``namespaces=`` none of the
+    router's namespaces, its ``exclude_namespaces=`` all of them, or a ``type=`` field selector
+    without the types its filter keeps (an alert robot keeps Warning by default). Refused naming the
+    sink and both options (``FilterOptions`` refuses the contradictions within one sink)."""
+    watched = settings.namespaces
+    ns_option = "--namespace" if getattr(args, "namespace", []) else "namespaces: in the config"
+    selector = settings.watch.field_selector
+    sel_option = (
+        "--field-selector" if getattr(args, "field_selector", "") else "field_selector: in the config"
+    )
+    only, never = _selected_types(selector)
+    for spec in specs:
+        keep, drop = spec.filter.namespaces, spec.filter.exclude_namespaces
+        if watched and keep and not any(name_matches(keep, ns) for ns in watched):
+            raise ConfigError(
+                f"{spec.source}: option 'namespaces' ({','.join(keep)}) keeps none of the namespaces "
+                f"{ns_option} watches ({','.join(watched)}): the sink would receive nothing"
+            )
+        if watched and drop and all(name_matches(drop, ns) for ns in watched):
+            raise ConfigError(
+                f"{spec.source}: option 'exclude_namespaces' ({','.join(drop)}) drops every namespace "
+                f"{ns_option} watches ({','.join(watched)}): the sink would receive nothing"
+            )
+        # As engine/filter.py: level=Warning keeps Warning of the types listed (all when none are).
+        types = set(spec.filter.types)
+        if spec.filter.level == "Warning":
+            types = (types & {"Warning"}) if types else {"Warning"}
+        if types and not {t for t in types if (only is None or t in only) and t not in never}:
+            given = {"level", "type", "types"} & set(spec.entry)
+            how = (
+                f"types={','.join(spec.filter.types)}"
+                if spec.filter.types
+                else "level=Warning" + ("" if given else f", the {spec.type} sink's default")
+            )
+            raise ConfigError(
+                f"{spec.source}: option '{'types' if spec.filter.types else 'level'}' ({how}) keeps "
+                f"{','.join(sorted(types))} events only, and {sel_option} ({selector}) lets none of "
+                "them through: the sink would receive nothing"
+            )
+
+
 # ---- run -----------------------------------------------------------------------------------------
 
 
 async def _run(args: argparse.Namespace) -> int:
     cfg, specs = _load(args)
     settings = _settings(args, cfg)
+    _refuse_selections_that_keep_nothing(args, settings, specs)
     async with contextlib.AsyncExitStack() as stack:
         demo_api: Any = None
         if args.demo:
@@ -527,6 +593,7 @@ async def _check(args: argparse.Namespace) -> int:
     cfg, specs = _load(args)
     # What `run` refuses (namespaces, field selector, an unwritable data dir) passed `check`.
     settings = _settings(args, cfg)
+    _refuse_selections_that_keep_nothing(args, settings, specs)
     if not specs:
         raise ConfigError("no sinks configured")
     failed = 0

@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import AliasChoices, BaseModel, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
 
 from eventrouter.options import (
     COMMON_KEYS,
     FilterOptions,
+    OptionError,
     PipelineOptions,
     SinkOptions,
+    check_tls_files,
     field_names,
     redact_url,
     safe_name,
@@ -45,6 +48,10 @@ __all__ = [
 
 QUERY_KEYS = "__url_query_keys__"
 """Entry key listing which options came from a --sink URL query (they may belong to the URL)."""
+
+QUERY_PLUS = "__url_query_plus__"
+"""Entry key (only when there are any) listing the query keys whose raw value held a ``+``, which
+the query's form decoding (kube-eventer's too) reads as a space."""
 
 
 log = logging.getLogger(__name__)
@@ -110,6 +117,17 @@ def parse_sink_flag(flag: str, *, where: str = "--sink", name: str | None = None
     pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
     _refuse_user_info_cut_at_a_query(rest, [k for k, _ in pairs], f"{where} (sink {name or type_!r})")
     entry: dict[str, Any] = {"type": type_, QUERY_KEYS: []}
+    # Decoded as kube-eventer's Go ParseQuery does (migrated flags rely on it), `+` included; which
+    # keys had one is kept for spec_for_class to refuse it where a space is surely not meant.
+    plus = sorted(
+        {
+            urllib.parse.unquote_plus(raw_key)
+            for raw_key, _, raw_value in (part.partition("=") for part in query.split("&"))
+            if "+" in raw_value
+        }
+    )
+    if plus:
+        entry[QUERY_PLUS] = plus
     if url:
         entry["url"] = url
     for key, value in pairs:
@@ -165,7 +183,9 @@ def _with_url_query(entry: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     parsed = parse_sink_flag(f"{type_}:{url}", where=where, name=name if isinstance(name, str) else None)
     both = sorted(k for k in parsed[QUERY_KEYS] if k in entry)
     if both:
-        raise ConfigError(f"{where}: {', '.join(map(repr, both))} given in the url's query and as options")
+        raise ConfigError(
+            f"{where}: {', '.join(map(_shown_option, both))} given in the url's query and as options"
+        )
     return {**entry, **{k: v for k, v in parsed.items() if k != "type"}}
 
 
@@ -179,15 +199,42 @@ def _coerce_query_value(model: type[BaseModel], key: str, value: Any) -> Any:
     return value
 
 
+_OPTION_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _shown_option(name: str) -> str:
+    """An option's name as messages show it (quoted). A name no option has (a character outside
+    letters, digits, ``_ . -``) may hold a credential: ``?password:S3cret`` or a YAML flow
+    ``{password:S3cret}`` (``Name:Value``, as headers are written) makes an option *named*
+    ``password:S3cret``. Only its part before the first ``:``, ``=`` or white space is shown; a
+    name with an ``@`` (a piece of a URL's user info) not at all."""
+    if "@" in name:
+        return "(a name holding an @, not shown)"
+    if _OPTION_NAME.fullmatch(name):
+        return repr(name)
+    cut = re.search(r"[:=\s]", name)
+    if cut is None:
+        return repr(name)
+    head = name[: cut.start()]
+    if not _OPTION_NAME.fullmatch(head):
+        return "(a name that is no option's, not shown)"
+    return f"{head + cut.group(0) + '…'!r} (the rest not shown: did you mean {head}=…?)"
+
+
 def _format_errors(where: str, exc: ValidationError, keys: Mapping[str, Any] | None = None) -> str:
     lines = []
     for err in exc.errors(include_url=False, include_input=False):
-        loc = ".".join(str(p) for p in err["loc"]) or "(options)"
+        parts = [str(p) for p in err["loc"]]
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown option"
-        # A name with an @ is no option's: likely a piece of a URL's user info, never shown.
-        shown = "(a name holding an @, not shown)" if "@" in loc else repr(loc)
+        if not parts:
+            shown = repr("(options)")
+        elif _OPTION_NAME.fullmatch(parts[0]) and "@" not in ".".join(parts):
+            shown = repr(".".join(parts))  # nested parts (a header's name) are the sink's to check
+        else:
+            # The key as typed: what follows its first : = or space may be a credential.
+            shown = _shown_option(parts[0])
         lines.append(f"{where}: option {shown}: {msg}")
     return "\n".join(lines)
 
@@ -216,6 +263,7 @@ def spec_for_class(
     entry = dict(entry)
     entry.pop("type", None)
     from_query = set(entry.pop(QUERY_KEYS, ()))
+    with_plus = set(entry.pop(QUERY_PLUS, ()))
     # Sinks may supply defaults fitting their purpose (alert robots: Warning only).
     defaults: Mapping[str, Any] = getattr(sink_cls, "default_filter", {}) or {}
     filter_keys = field_names(FilterOptions)
@@ -238,6 +286,14 @@ def spec_for_class(
         known = field_names(model)
         extra = {k: v for k, v in own.items() if k not in known and k in from_query}
         for key in extra:
+            if re.search(r"[:=\s]", key):
+                # `?password:S3cret` (a header's Name:Value) made a key that was sent on to the
+                # endpoint and shown wherever the URL is: in the configured line, `check`, retries.
+                raise ConfigError(
+                    f"{where}: query key {_shown_option(key)}: holds a ':', '=' or space, as a "
+                    "credential typed name:value does; it is not sent on to the endpoint (write "
+                    "name=value)"
+                )
             close = difflib.get_close_matches(key, [*known, *COMMON_KEYS], n=1, cutoff=0.75)
             if close:
                 log.warning(
@@ -265,6 +321,7 @@ def spec_for_class(
                 f"{where}: option {key!r} takes its value as written; env: and file: references are "
                 "read for credentials only"
             )
+    _refuse_plus(with_plus, [FilterOptions, model], where)
     clash = (field_names(model) - {"url", "include_raw"}) & COMMON_KEYS
     if clash:
         raise ConfigError(f"{where}: sink {type_!r} defines reserved option names {sorted(clash)}")
@@ -294,6 +351,10 @@ def spec_for_class(
             ) from None
     filter_opts, pipeline_opts, options = validated
     _refuse_control_characters(options, where)
+    try:
+        check_tls_files(options)
+    except OptionError as exc:
+        raise ConfigError(f"{where}: option {exc.option!r}: {exc}") from None
     return SinkSpec(
         name=name,
         type=type_,
@@ -305,6 +366,40 @@ def spec_for_class(
         entry=configured,
         origin=origin,
     )
+
+
+_REGEX_OPTIONS = frozenset({"message", "message_regex", "exclude_message"})
+
+
+def _refuse_plus(keys: set[str], models: Sequence[type[BaseModel]], where: str) -> None:
+    """A ``+`` in a query value is a space once decoded: a base64 credential given as a literal
+    (``secret=k3y+Tok/en==``) was changed silently (401 for ever), and ``message=Back-off.+restarting``
+    kept nothing. Refused for credentials and regular expressions, where a space is surely not what
+    was meant (``+`` elsewhere is still a space: kube-eventer's flags rely on it), naming the option,
+    never the value."""
+    for key in sorted(keys):
+        if key in _REGEX_OPTIONS:
+            raise ConfigError(
+                f"{where}: option {key!r}: a + in a query reads as a space: write %2B (and %20 for a "
+                "space), or give the filter in a YAML sinks: entry"
+            )
+        for model in models:
+            info = next((i for n, i in model.model_fields.items() if key in _names_of(n, i)), None)
+            if info is not None and "SecretStr" in str(info.annotation):
+                raise ConfigError(
+                    f"{where}: option {key!r}: a + in a query reads as a space: write %2B, or use env:/file:"
+                )
+
+
+def _names_of(name: str, info: FieldInfo) -> set[str]:
+    """A field's name and its aliases."""
+    names = {name}
+    alias = info.validation_alias
+    if isinstance(alias, str):
+        names.add(alias)
+    elif isinstance(alias, AliasChoices):
+        names.update(choice for choice in alias.choices if isinstance(choice, str))
+    return names
 
 
 def _option_at_fault(model: type[BaseModel], values: Mapping[str, Any], error: type[Exception]) -> str:

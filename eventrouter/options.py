@@ -7,8 +7,10 @@ belongs to the sink's own ``options_model``.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
+import ssl
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
 from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
@@ -21,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -28,11 +31,14 @@ from pydantic import (
 __all__ = [
     "FilePath",
     "FilterOptions",
+    "OptionError",
     "PipelineOptions",
     "Secret",
     "SinkOptions",
+    "check_tls_files",
     "file_options",
     "http_url",
+    "name_matches",
     "readable_file",
     "resolve_secret",
     "safe_name",
@@ -55,15 +61,25 @@ def resolve_secret(value: Any) -> Any:
             name = value[4:]
             if name not in os.environ:
                 raise ValueError(f"environment variable {name!r} is not set")
-            return os.environ[name].rstrip("\r\n")
+            text = os.environ[name].rstrip("\r\n")
+            if not text:
+                # As good as unset: Loki sent "Bearer " and retried "refused" for ever, DingTalk sent
+                # unsigned requests, SLS fell back to another credential from the environment.
+                raise ValueError(
+                    f"environment variable {name!r} is set but empty: a credential is never empty"
+                )
+            return text
         if value.startswith("file:"):
             path = Path(value[5:])
             try:
-                return path.read_text(encoding="utf-8").rstrip("\r\n")
+                text = path.read_text(encoding="utf-8").rstrip("\r\n")
             except OSError as exc:
                 raise ValueError(f"cannot read secret file {str(path)!r}: {exc.strerror}") from None
             except UnicodeDecodeError:
                 raise ValueError(f"secret file {str(path)!r} is not UTF-8 text") from None
+            if not text:
+                raise ValueError(f"secret file {str(path)!r} is empty: a credential is never empty")
+            return text
     return value
 
 
@@ -83,6 +99,104 @@ def readable_file(value: Any) -> Any:
 FilePath = Annotated[str, AfterValidator(readable_file)]
 """A file option (``ca_file``, ``cert_file``, …): the file must be there and readable at start.
 The router watches it: when it changes, the sink is rebuilt with it (``eventrouter.engine.reload``)."""
+
+
+class OptionError(ValueError):
+    """A ValueError about one option, named in ``option`` (the configuration layer's messages say
+    ``option 'ca_file': …`` with it)."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+def check_tls_files(options: BaseModel) -> None:
+    """OptionError unless the TLS files a sink's options name hold what OpenSSL will load at its
+    start: ``ca_file`` a PEM bundle with a certificate, ``cert_file`` a certificate and, with
+    ``key_file`` (or in ``cert_file``), its key, opened with ``key_password`` if the model has one.
+
+    ``readable_file`` only opened them: a rotated Secret whose ``ca.crt`` held a key or text was
+    validated, counted an ``applied`` reload, and the new instance, which replaced the working one,
+    never started; given at start, it passed ``check --offline`` and was retried for ever. Applied by
+    the configuration layer (``config.spec_for_class``: start, ``check``, every reload) to the
+    ``FilePath`` fields of these names of any sink, a plugin's too. Never asks for a pass phrase on a
+    terminal; the messages name the option and its path, never what the files hold (OpenSSL's
+    reasons quote nothing of them)."""
+    fields = set(file_options(type(options)))
+    ca = getattr(options, "ca_file", None) if "ca_file" in fields else None
+    if isinstance(ca, str) and ca:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise OptionError(
+                "ca_file",
+                f"ca_file {ca!r} holds no certificate OpenSSL can load ({_tls_reason(exc)}): it must be "
+                "PEM, one or more -----BEGIN CERTIFICATE----- blocks",
+            ) from None
+    cert = getattr(options, "cert_file", None) if "cert_file" in fields else None
+    if isinstance(cert, str) and cert:
+        key = getattr(options, "key_file", None) if "key_file" in fields else None
+        _check_client_certificate(options, cert, key if isinstance(key, str) and key else None)
+
+
+class _PassPhraseAsked(Exception):
+    """OpenSSL wants a pass phrase and none is configured."""
+
+
+def _check_client_certificate(options: BaseModel, cert: str, key: str | None) -> None:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert)
+    except (OSError, ssl.SSLError) as exc:
+        raise OptionError(
+            "cert_file",
+            f"cert_file {cert!r} holds no certificate OpenSSL can load ({_tls_reason(exc)}): it must be PEM",
+        ) from None
+    where = "key_file" if key else "cert_file"  # the file holding the key
+    has_phrase = "key_password" in type(options).model_fields
+    phrase = getattr(options, "key_password", None) if has_phrase else None
+    asked = False
+
+    def pass_phrase() -> str:
+        # Always given: without it OpenSSL asks on the terminal (`check` waits for someone to type).
+        nonlocal asked
+        asked = True
+        if not isinstance(phrase, SecretStr):
+            raise _PassPhraseAsked
+        return phrase.get_secret_value()
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=pass_phrase)
+    except _PassPhraseAsked:
+        advice = (
+            "give a decrypted key, or its pass phrase in key_password"
+            if has_phrase
+            else "give a decrypted key"
+        )
+        raise OptionError(
+            where, f"{where} {key or cert!r} is encrypted (it wants a pass phrase): {advice}"
+        ) from None
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+            raise OptionError(
+                where, f"{where} {key or cert!r} is not the key of the certificate in cert_file {cert!r}"
+            ) from None
+        if asked:  # encrypted, and the pass phrase given does not open it
+            raise OptionError(
+                "key_password", f"key_password does not decrypt {where} {key or cert!r}"
+            ) from None
+        raise OptionError(
+            where,
+            f"{where} {key or cert!r} holds no private key OpenSSL can load ({_tls_reason(exc)}): it must be PEM",
+        ) from None
+
+
+def _tls_reason(exc: Exception) -> str:
+    """OpenSSL's reason, without the ``(_ssl.c:NNNN)`` of CPython's text."""
+    if isinstance(exc, ssl.SSLError):
+        return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(exc)) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return type(exc).__name__
 
 
 def file_options(model: type[BaseModel]) -> list[str]:
@@ -169,8 +283,14 @@ def redact_url(url: str) -> str:
     host = parts.netloc.rpartition("@")
     netloc = f"***@{host[2]}" if host[1] else host[2]
     path = "/".join("***" if _TOKENISH.match(seg) else seg for seg in parts.path.split("/"))
-    query = "&".join(f"{k}=***" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
+    query = "&".join(f"{_masked_key(k)}=***" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
     return urlunsplit((parts.scheme, netloc, path, query, ""))
+
+
+def _masked_key(key: str) -> str:
+    """A query key up to its first ``:``, ``=`` or white space: past it, a credential typed
+    ``password:S3cret`` (the ``Name:Value`` of a header) instead of ``password=S3cret``."""
+    return re.sub(r"[:=\s].*", lambda m: m.group(0)[0] + "***", key, count=1, flags=re.DOTALL)
 
 
 def shown_address(url: str) -> str:
@@ -247,6 +367,25 @@ class SinkOptions(_Strict):
     include_raw: bool = Field(False, description="Add the raw Event object to each record as `raw`.")
 
 
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def name_matches(patterns: list[str], value: str) -> bool:
+    """Whether a filter list (``namespaces``, ``kinds``, …) takes ``value``, as ``engine/filter.py``
+    matches: names ignoring case, shell-style globs when a pattern has ``*``, ``?`` or ``[``."""
+    return any(
+        re.match(fnmatch.translate(p), value, re.IGNORECASE) is not None
+        if _is_glob(p)
+        else p.casefold() == value.casefold()
+        for p in patterns
+    )
+
+
+_NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # a DNS-1123 label, as --namespace
+_NAMESPACE_GLOB = re.compile(r"[-a-z0-9*?\[\]!^]+")
+
+
 class FilterOptions(_Strict):
     """Which occurrences a sink receives. Empty lists, and an empty message or exclude_message, mean
     "no restriction"."""
@@ -312,6 +451,55 @@ class FilterOptions(_Strict):
                 f"level=Warning keeps Warning events only and types={','.join(self.types)} has no Warning: "
                 "together they keep nothing (use one of them)"
             )
+        return self
+
+    @field_validator("namespaces", "exclude_namespaces")
+    @classmethod
+    def _namespace_names(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        # What no namespace is called never matched: `namespaces=default kube-system` (one name with
+        # a space) kept nothing, counted only as filtered, as item 49 found for --namespace.
+        for name in value:
+            folded = name.lower()  # matched ignoring case
+            if _is_glob(name):
+                valid = _NAMESPACE_GLOB.fullmatch(folded) is not None
+            else:
+                valid = len(name) <= 63 and _NAMESPACE_NAME.fullmatch(folded) is not None
+            if not valid:
+                several = re.search(r"[\s;]", name.strip()) is not None
+                hint = (
+                    f" (several are separated by commas, {info.field_name}=a,b, or a YAML list)"
+                    if several
+                    else ""
+                )
+                raise ValueError(
+                    f"{name!r} is not a namespace name: letters, digits and '-', at most 63 characters, "
+                    f"or a glob such as kube-*{hint}"
+                )
+        return value
+
+    @field_validator("exclude_namespaces", "exclude_kinds", "exclude_reasons")
+    @classmethod
+    def _not_everything(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        for pattern in value:
+            if set(pattern) == {"*"}:
+                raise ValueError(
+                    f"{info.field_name}={pattern} drops everything: the sink would receive nothing "
+                    "(a sink that should receive nothing is one to remove)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _kept_and_dropped(self) -> FilterOptions:
+        # Exclusion wins, so a name in both is dropped: most likely one of the two lists is wrong.
+        for keep, drop in (
+            ("namespaces", "exclude_namespaces"),
+            ("kinds", "exclude_kinds"),
+            ("reasons", "exclude_reasons"),
+        ):
+            dropped: list[str] = getattr(self, drop)
+            for name in getattr(self, keep):
+                if not _is_glob(name) and name_matches(dropped, name):
+                    raise ValueError(f"{keep} keeps {name!r} and {drop} drops it: name it in one of them")
         return self
 
     @field_validator("message", "exclude_message")

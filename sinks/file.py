@@ -340,6 +340,34 @@ class FileSink(Sink[FileOptions]):
         except OSError as exc:
             raise SinkError(f"file sink cannot write {self.path}: {exc.strerror or exc}") from None
 
+    async def check(self) -> None:
+        """What ``start`` needs, without making anything: as ``start`` did, ``eventrouter check`` created
+        the file and its missing folders (it left ``/nonexistent-dir`` behind), a side effect of a
+        validation. The file, when there, must be a regular file this process may write; otherwise its
+        nearest existing folder must be a folder it may create in. With rotation, the file's folder
+        must be writable too, as ``start`` checks."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor(), self._writable)
+        except OSError as exc:
+            raise SinkError(f"file sink cannot write {self.path}: {exc.strerror or exc}") from None
+
+    def _writable(self) -> None:
+        if self.path.exists():
+            if not self.path.is_file():
+                raise IsADirectoryError(errno.EISDIR, "not a regular file")
+            if not os.access(self.path, os.W_OK):
+                raise PermissionError(errno.EACCES, "Permission denied")
+            if self.options.max_bytes and not os.access(self.path.parent, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "folder not writable (needed for rotation)")
+            return
+        folder = self.path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{folder} is not a directory")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, f"{folder} is not writable")
+
     def _open_checked(self) -> None:
         with self._writer.lock:
             self._writer._close()

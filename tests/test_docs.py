@@ -257,9 +257,13 @@ def test_migration_flag_examples_are_valid_and_match_the_yaml(monkeypatch: pytes
 )
 def test_kube_eventer_options_the_guide_says_carry_over_are_accepted(flag: str, tmp_path: Path) -> None:
     from eventrouter.config import build_specs
+    from eventrouter.testing.tls import certificate
 
-    for name in ("ca.pem", "c.pem", "k.pem"):  # file options must name files that are there
-        (tmp_path / name).write_text("PEM")
+    # File options must name files that are there, and TLS ones hold what OpenSSL loads: a
+    # certificate (ca.pem, c.pem) and its key (k.pem).
+    cert, key = certificate(tmp_path, name="client")
+    for name, pem in (("ca.pem", cert), ("c.pem", cert), ("k.pem", key)):
+        (tmp_path / name).write_bytes(pem.read_bytes())
         flag = flag.replace(f"=/{name}", f"={tmp_path / name}")
     assert len(build_specs([flag])) == 1
 

@@ -31,6 +31,7 @@ from eventrouter.testing.apiserver import FakeApiServer
 from eventrouter.testing.receivers.loki import LokiReceiver
 from eventrouter.testing.receivers.webhook import WebhookReceiver
 from eventrouter.testing.secret_volume import SecretVolume
+from eventrouter.testing.tls import certificate
 from eventrouter.testing.waiting import until
 from eventrouter_sinks.loki import LokiSink
 from eventrouter_sinks.webhook import WebhookOptions
@@ -79,8 +80,10 @@ def _loki_flag(loki: LokiReceiver, token_file: Path, **opts: Any) -> str:
 
 
 def test_the_watched_files_are_the_file_references_and_the_file_options(tmp_path: Path) -> None:
-    for name in ("token", "ca.crt", "hook-secret", "api-key", "scope", "org"):
+    for name in ("token", "hook-secret", "api-key", "scope", "org"):
         (tmp_path / name).write_text("x")
+    # A CA bundle is checked for a certificate OpenSSL can load (options.check_tls_files).
+    (tmp_path / "ca.crt").write_bytes(certificate(tmp_path, name="ca")[0].read_bytes())
     (tmp_path / "header").write_text("X-Api-Key: abc")
     (tmp_path / "template.json").write_text('{"m": "{{message}}"}')
     loki, hook, named = build_specs(
@@ -221,17 +224,21 @@ async def test_a_certificate_file_rewritten_in_place_rebuilds_the_sink_only_when
     """A file option's value is a path, equal before and after a rotation: its content decides."""
     token, ca = tmp_path / "token", tmp_path / "ca.pem"
     token.write_text(OLD)
-    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nold\n")
+    # Certificates OpenSSL loads: a file that holds none is refused (options.check_tls_files).
+    old, new = [
+        (await asyncio.to_thread(certificate, tmp_path, name=n))[0].read_bytes() for n in ("old", "new")
+    ]
+    ca.write_bytes(old)
     async with LokiReceiver(bearer_token=OLD) as loki:
         flag = _loki_flag(loki, token, ca_file=ca)
         router = _router(api, tmp_path, flag, reload_interval=0)
         async with router.running(watch=False):
             (reloader,) = router.reloaders
-            ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nold\n")  # the same bytes again
+            ca.write_bytes(old)  # the same bytes again
             os.utime(ca, ns=(2, 2))
             assert not reloader.check() and not reloader.check()
             assert _reloads(router, "unchanged") == 1
-            ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nnew\n")
+            ca.write_bytes(new)
             os.utime(ca, ns=(3, 3))
             assert not reloader.check() and reloader.check()
             assert _reloads(router, "applied") == 1
