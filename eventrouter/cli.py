@@ -15,11 +15,12 @@ import logging
 import math
 import os
 import re
+import secrets
 import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -315,6 +316,16 @@ def _namespaces(values: Sequence[str]) -> list[str]:
     return names
 
 
+def leader_identity(environ: Mapping[str, str]) -> str:
+    """The Lease holder name: unique per process, as ``LeaderElector`` requires. The pod's name alone
+    let two processes lead at once when a StatefulSet's replacement pod (same name) started while the
+    old one still ran (a force-deleted pod on a lost node). With ``POD_UID`` (the chart sets it) a
+    container restarted in its pod keeps its identity and takes its own lease back at once; without
+    it a random part makes each process its own, as client-go does."""
+    name = environ.get("POD_NAME") or socket.gethostname()
+    return f"{name}_{environ.get('POD_UID') or f'{os.getpid()}-{secrets.token_hex(4)}'}"
+
+
 def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
     selector = getattr(args, "field_selector", "") or cfg.field_selector
     try:
@@ -358,7 +369,7 @@ def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
         leader_elect=getattr(args, "leader_elect", False),
         leader_namespace=getattr(args, "leader_elect_namespace", "default"),
         leader_name=getattr(args, "leader_elect_name", "eventrouter"),
-        leader_identity=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+        leader_identity=leader_identity(os.environ),
         lease_duration=getattr(args, "leader_elect_lease_duration", 15.0),
         renew_deadline=getattr(args, "leader_elect_renew_deadline", 10.0),
         retry_period=getattr(args, "leader_elect_retry_period", 2.0),

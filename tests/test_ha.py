@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from eventrouter.app import Router, RouterSettings
+from eventrouter.cli import leader_identity
 from eventrouter.config import spec_for_class
 from eventrouter.record import occurrence_number
 from eventrouter.sink import OK, retry
@@ -34,8 +35,10 @@ async def api() -> AsyncIterator[FakeApiServer]:
 
 
 class Replica:
-    def __init__(self, api: FakeApiServer, tmp: Path, name: str) -> None:
+    def __init__(self, api: FakeApiServer, tmp: Path, name: str, pod: tuple[str, str] | None = None) -> None:
         self.name = name
+        # POD_NAME and POD_UID, as the chart gives them: the pod "name" with uid "uid-name" by default.
+        self.pod = pod or (name, f"uid-{name}")
         self.kubeconfig = api.kubeconfig(tmp / f"kubeconfig-{name}")
         self.out = tmp / f"events-{name}.jsonl"
         self.log = tmp / f"{name}.log"
@@ -53,7 +56,7 @@ class Replica:
                 "--leader-elect-retry-period", "0.2", "--checkpoint-configmap", "er-checkpoint",
                 # As the chart runs them: each replica's own spool and dead letters.
                 "--data-dir", self.data, "--data-dir-max-bytes", "64Mi",
-                env={**os.environ, "POD_NAME": self.name, "POD_NAMESPACE": "default"},
+                env={**os.environ, "POD_NAME": self.pod[0], "POD_UID": self.pod[1], "POD_NAMESPACE": "default"},
                 stdout=asyncio.subprocess.DEVNULL, stderr=log,
             )  # fmt: skip
 
@@ -69,15 +72,22 @@ class Replica:
 
 
 def holder(api: FakeApiServer) -> str | None:
+    """The pod holding the lease (its identity is the pod's name, "_", its uid)."""
     try:
         lease = api.get_object("leases", "default", "er")
     except Exception:
         return None
-    return (lease.get("spec") or {}).get("holderIdentity") or None
+    identity = (lease.get("spec") or {}).get("holderIdentity") or ""
+    return identity.split("_", 1)[0] or None
 
 
 def _renewed(api: FakeApiServer) -> Any:
     return (api.get_object("leases", "default", "er").get("spec") or {}).get("renewTime")
+
+
+async def _next_renewal(api: FakeApiServer) -> None:
+    renewed = _renewed(api)
+    await until(lambda: _renewed(api) != renewed, timeout=10)
 
 
 def checkpoint_version(api: FakeApiServer) -> str | None:
@@ -381,3 +391,48 @@ async def test_a_replica_refused_the_lease_is_ready_and_says_so(api: FakeApiServ
     await until(lambda: holder(api) == "a" and bool(a.pipelines), timeout=10)
     a.request_stop()
     await asyncio.wait_for(running, 10)
+
+
+async def test_a_replacement_pod_with_its_predecessors_name_stands_by_while_that_one_still_leads(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """A StatefulSet's replacement pod has its predecessor's name (the chart's persistence.perReplica),
+    and the old pod may still run (force-deleted on a lost node). The lease identity was the pod's name
+    alone, so the replacement took the lease as its own at once and both delivered every event. The
+    pod's uid is now part of the identity: the replacement stands by."""
+    old = Replica(api, tmp_path, "old", pod=("eventrouter-0", "uid-1"))
+    new = Replica(api, tmp_path, "new", pod=("eventrouter-0", "uid-2"))
+    await old.start()
+    await until(lambda: holder(api) == "eventrouter-0", timeout=20)
+    await new.start()
+    await until(lambda: b"standing by for the lease" in new.log.read_bytes(), timeout=20)
+    for i in range(30):
+        api.create_event(event_object(object_name=f"e-{i}"))
+    await until(lambda: len(old.delivered()) >= 30, timeout=20)
+    # Several of the replacement's tries (every 0.2 s) against the lease the old pod renews meanwhile.
+    for _ in range(3):
+        await _next_renewal(api)
+    assert new.delivered() == []  # before, all 30 (and the old pod's 30 as well)
+    lease = api.get_object("leases", "default", "er")["spec"]
+    assert lease["holderIdentity"] == "eventrouter-0_uid-1", lease
+    assert await old.signal(signal.SIGTERM) == 0
+    # Then it leads, from the shared checkpoint: only what comes after.
+    await until(
+        lambda: (
+            api.get_object("leases", "default", "er")["spec"].get("holderIdentity") == "eventrouter-0_uid-2"
+        )
+    )
+    api.create_event(event_object(object_name="after"))
+    await until(lambda: len(new.delivered()) >= 1, timeout=30)
+    assert await new.signal(signal.SIGTERM) == 0
+    assert len(new.delivered()) == 1 and len(old.delivered()) == 30
+
+
+def test_the_lease_identity_is_the_pods_name_and_uid_or_unique_per_process_without_a_uid() -> None:
+    """A container restarted in its pod (same uid) takes its own lease back at once; without POD_UID
+    (manifests older than the chart's) each process is its own, as client-go makes it."""
+    pod = {"POD_NAME": "eventrouter-0", "POD_UID": "u1"}
+    assert leader_identity(pod) == leader_identity(dict(pod)) == "eventrouter-0_u1"
+    assert leader_identity({**pod, "POD_UID": "u2"}) == "eventrouter-0_u2"
+    alone = [leader_identity({"POD_NAME": "eventrouter-0"}) for _ in range(2)]
+    assert alone[0] != alone[1] and all(a.startswith("eventrouter-0_") for a in alone)
