@@ -48,7 +48,11 @@ send was taken) down to the record the receiver fails on, which waits aside with
 in, in order. It is set aside only after failing alone on both sides of a request of others taken (or,
 with none left, twice in a row, the receiver having failed nothing else since its last success), and
 only when every failed request of the send carried such a record: a flapping receiver sets nothing
-aside. A receiver that fails everything costs two requests an attempt and is retried in place.
+aside. A receiver that fails everything costs two requests an attempt and is retried in place. A
+record set aside and not taken since stays aside when it fails alone again with no other record to
+probe with; their keys are kept in the sink's data dir (``webhook-set-aside.json``, with
+``--data-dir``), so that after a restart, read back first from the spool, they do not hold up the
+rest while the receiver still fails them.
 ``mode=event`` sends one request at a time, in order. After a retry answer the rest of the send is not
 sent (retried with it), except after one of those answers: then the next record of another event is
 sent once as a probe (never the same event's next occurrence). If the receiver takes it, the failed
@@ -72,6 +76,7 @@ import contextlib
 import hashlib
 import hmac
 import io
+import os
 import re
 import ssl
 import time
@@ -407,6 +412,9 @@ _FAILING_MAX = 4096
 """Keys of records set aside for failing alone kept at most (the oldest forgotten first): one
 forgotten costs its next send an attempt before it is known again."""
 
+_FAILING_FILE = "webhook-set-aside.json"
+"""In the sink's data dir: the keys of ``_failing`` (a JSON array, oldest first)."""
+
 _Item = tuple[int, bytes]
 """A record of the send: its index in the batch and its encoded body."""
 
@@ -462,6 +470,7 @@ class WebhookSink(Sink[WebhookOptions]):
         self._secrets: list[str] = []
         self._shown_urls: list[tuple[str, str]] = []
         self._refused_log = Throttled(self.log, _LOG_REFUSED_EVERY)
+        self._save_log = Throttled(self.log, _LOG_REFUSED_EVERY)
         self._refusing = False  # the last answer was a 401/403 or a redirect (logged): a 2xx ends that run
         # What the endpoint answered lately, to judge a record that failed with no other left to
         # probe with: the keys carried by every request it failed since it last answered one (None:
@@ -472,8 +481,67 @@ class WebhookSink(Sink[WebhookOptions]):
         # answered since, and those retried in place, which may have failed only because the
         # endpoint did (forgotten when it answers a request). Their next send does not put them in
         # a probe: one at the head goes alone first, the others wait for a request of others taken.
-        self._failing: dict[str, None] = {}
+        self._failing: dict[str, None] = self._read_failing()
+        self._failing_saved = frozenset(self._failing)
         self._unsure: set[str] = set()
+
+    # ``_failing`` is kept in the sink's data dir: after a restart the records set aside come back
+    # from the spool at the head of the first batch, often with none of another event to probe with,
+    # and the endpoint not answered yet in this run. Forgotten, they were retried in place, and held
+    # up the whole sink until the receiver took them.
+    def _failing_path(self) -> Path | None:
+        folder = self.context.data_dir
+        return folder / _FAILING_FILE if folder is not None else None
+
+    def _read_failing(self) -> dict[str, None]:
+        path = self._failing_path()
+        if path is None:
+            return {}
+        try:
+            keys = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, orjson.JSONDecodeError) as exc:
+            self.log.warning(
+                "webhook %s: cannot read %s (%s): the records set aside before are judged anew",
+                self.context.name,
+                path,
+                exc,
+            )
+            return {}
+        if not isinstance(keys, list):
+            return {}
+        return {key: None for key in keys[-_FAILING_MAX:] if isinstance(key, str)}
+
+    def _save_failing(self) -> None:
+        """Written when it changed (so a crash keeps it too: the spool reads its aside file back)."""
+        path = self._failing_path()
+        if path is None or self._failing.keys() == self._failing_saved:
+            return
+        keys = frozenset(self._failing)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            if not keys:
+                path.unlink(missing_ok=True)
+            else:
+                with open(tmp, "wb") as fh:
+                    fh.write(orjson.dumps(list(self._failing)))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self._save_log.warning(
+                "save",
+                "webhook %s: cannot write %s (%s): after a restart the records set aside now are "
+                "judged anew (retried in place while nothing else is sent)",
+                self.context.name,
+                path,
+                exc.strerror or exc,
+            )
+            return
+        self._failing_saved = keys
 
     @property
     def send_budget(self) -> float:
@@ -860,6 +928,15 @@ class WebhookSink(Sink[WebhookOptions]):
         no other record to probe with, the latest answer to others says it takes them."""
         return self._answered and self._common is not None and key in self._common
 
+    def _still_failing(self, key: str) -> bool:
+        """A record failing alone with no other to probe with stays aside when it was set aside before
+        and not answered since (``_failing``), whatever else failed meanwhile; otherwise it is set
+        aside when the endpoint failed nothing else since its last answer (``_failing_alone``).
+        Retried in place after another record's failure (a 401 on one request, a flap), it came
+        back alone at every attempt with nothing to probe with, and held up the whole sink for
+        ever: no request of others was answered again, and the engine sent nothing else."""
+        return key in self._failing or self._failing_alone(key)
+
     @staticmethod
     def _aside(outcome: Outcome) -> Outcome:
         """Failed for a cause of its own (the endpoint takes other events): set aside."""
@@ -926,6 +1003,10 @@ class WebhookSink(Sink[WebhookOptions]):
                 continue
             if suspects and not part.confirm:
                 items = self._probe(items, batch, known, suspects, outcomes, stack)
+                if not items:
+                    continue
+            elif suspects:  # a confirmation, past a record it failed again: its event waits
+                items = self._behind(items, batch, suspects, outcomes)
                 if not items:
                     continue
             if self._out_of_time(run):
@@ -996,7 +1077,7 @@ class WebhookSink(Sink[WebhookOptions]):
             uid = batch[i].uid
             if uid in held:
                 outcomes[i] = held[uid]
-            elif run.stop is None and i in alone and self._failing_alone(batch[i].key):
+            elif run.stop is None and i in alone and self._still_failing(batch[i].key):
                 self._set_aside(i, batch, outcomes, held)
             elif i in alone and run.stop is None:  # (a stop logged its cause)
                 self._log_endpoint(alone[i], _known(outcomes[i]))
@@ -1075,6 +1156,26 @@ class WebhookSink(Sink[WebhookOptions]):
             stack.append(_Part(items[chosen + 1 :]))
         return [items[chosen]]
 
+    @staticmethod
+    def _behind(
+        items: list[_Item], batch: Sequence[Occurrence], suspects: list[_Item], outcomes: list[Outcome | None]
+    ) -> list[_Item]:
+        """The records of a confirmation (``items``) of an event with a record that failed alone
+        again there and waits for the next probe (not set aside: its first failure alone since the
+        probe was taken): they join it unsent, as the records before a probe do (``_probe``). Sent,
+        X/2 went in before X/1, which had joined the suspects behind another record (two records
+        the receiver fails on, or a good one caught twice by a run of 401s)."""
+        uids = {batch[i].uid for i, _ in suspects}
+        kept: list[_Item] = []
+        for i, body in items:
+            if batch[i].uid not in uids:
+                kept.append((i, body))
+                continue
+            suspects.append((i, body))
+            if outcomes[i] is None:
+                outcomes[i] = retry("not sent: behind a record the endpoint failed alone")
+        return kept
+
     def _set_aside(
         self, i: int, batch: Sequence[Occurrence], outcomes: list[Outcome | None], held: dict[str, Outcome]
     ) -> None:
@@ -1140,6 +1241,7 @@ class WebhookSink(Sink[WebhookOptions]):
                     held = _known(outcomes[i])
                     if held.held and not held.defer:
                         outcomes[i] = retry(held.reason, retry_after=0.0, held=True, defer=True)
+        self._save_failing()
         # Every record has its outcome by now; one without would be no success (never sent).
         return [o if o is not None else retry("not sent") for o in outcomes]
 

@@ -1,0 +1,318 @@
+"""webhook sink: its walk (``_walk``: halving, probes, confirmation, records set aside) against
+credentials refused mid-walk, a confirmation that fails a record again, and a restart.
+
+Against the project's WebhookReceiver, through the engine's own Pipeline (``pipeline_for``) or a
+whole Router on the project's Kubernetes API test server with a data dir."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from eventrouter import Occurrence, Outcome, SinkContext
+from eventrouter.app import Router
+from eventrouter.config import build_specs
+from eventrouter.engine.pipeline import Pipeline
+from eventrouter.metrics import SINK_DROP_REASONS, Metrics
+from eventrouter.testing import event_object, make_occurrence
+from eventrouter.testing.apiserver import FakeApiServer
+from eventrouter.testing.pipelines import Knobs, pipeline_for
+from eventrouter.testing.receivers.webhook import RecordedRequest, WebhookReceiver
+from eventrouter.testing.routers import router_settings
+from eventrouter.testing.waiting import until
+from eventrouter_sinks.webhook import WebhookOptions, WebhookSink
+
+LOG = logging.getLogger("test.webhook.walk")
+NAME = "webhook"
+FAST: Knobs = {"retry_initial_backoff": 0.01, "retry_max_backoff": 0.05}
+TOKEN = "tok-7Hq2-rotated-Zx81"
+
+
+class Observed(WebhookSink):
+    """The webhook sink as it is, its answers to the engine kept: which records it set aside."""
+
+    def __init__(self, options: WebhookOptions, context: SinkContext) -> None:
+        super().__init__(options, context)
+        self.answers: list[tuple[tuple[str, int], Outcome]] = []
+
+    async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
+        outcomes = await super().send(batch)
+        assert outcomes is not None  # (a whole batch failing is raised, not answered)
+        self.answers += [((o.uid, o.number), out) for o, out in zip(batch, outcomes, strict=True)]
+        return outcomes
+
+    def set_aside(self) -> set[tuple[str, int]]:
+        """Every record ever answered set aside for a failure of its own (not held behind one)."""
+        return {key for key, out in self.answers if out.defer and not out.held}
+
+
+@asynccontextmanager
+async def engine(
+    options: dict[str, Any], metrics: Metrics, dead: Path, **knobs: Any
+) -> AsyncIterator[tuple[Pipeline, Observed]]:
+    """A running Pipeline of a webhook sink; drained and stopped on the way out."""
+    sink = Observed(WebhookOptions.model_validate(options), SinkContext(NAME, "t", None, LOG))
+    pipeline = pipeline_for(NAME, sink, metrics, dead, **{**FAST, **knobs})
+    task = asyncio.create_task(pipeline.run())
+    try:
+        yield pipeline, sink
+    finally:
+        pipeline.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 10)
+        finally:
+            if not task.done():  # a test failing: what cannot drain is stopped at once
+                pipeline.stop_now()
+                await asyncio.wait_for(task, 5)
+            await pipeline.close_sink()
+
+
+def records(request: RecordedRequest) -> list[dict[str, Any]]:
+    body = request.json()
+    return body if isinstance(body, list) else [body]
+
+
+def carried(request: RecordedRequest) -> list[tuple[str, int]]:
+    return [(r["uid"], r["occurrence"]) for r in records(request)]
+
+
+def taken(requests: Iterable[RecordedRequest]) -> list[tuple[str, int]]:
+    """(uid, occurrence) of every record the receiver accepted, in the order it took them."""
+    return [key for q in requests if q.status is not None and 200 <= q.status < 300 for key in carried(q)]
+
+
+def keys(occurrences: Iterable[Occurrence]) -> list[tuple[str, int]]:
+    return [(o.uid, o.number) for o in occurrences]
+
+
+def aside(pipeline: Pipeline) -> set[tuple[str, int]]:
+    """What the engine holds set aside (``defer``) now."""
+    return {(o.uid, o.number) for _, _, o in pipeline._deferred}
+
+
+def count(metric: Any, *labels: str) -> float:
+    return float(metric.labels(*labels)._value.get())
+
+
+@pytest.mark.parametrize("refusals", [6, 12])
+@pytest.mark.parametrize("status", [401, 403])
+async def test_credentials_refused_mid_walk_set_nothing_aside_lose_nothing_and_are_logged_once_without_the_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, status: int, refusals: int
+) -> None:
+    """mode=batch, 16 records, X/1 the 6th (a receiver's bug answers it 500) and X/2 the 12th. The
+    walk: the whole batch 500, the first record alone taken, the other 15 500, then halves. From
+    the first half on the receiver answers ``status`` to every request (credentials rotated at the
+    endpoint; its answer quotes the Authorization header it refused) for ``refusals`` requests,
+    across sends, then takes them again. A whole-destination refusal is no record's fault: nothing
+    but X is ever set aside, nothing is lost or sent twice, the order is kept (X/2 behind X/1), and
+    the refusal is logged once by the sink, with its reason and without the token."""
+    uid = str(uuid.uuid4())
+    occs = [make_occurrence(object_name=f"pod-{i}", message=f"event {i}") for i in range(16)]
+    occs[5] = make_occurrence(uid=uid, object_name="x", count=1, message="poison pill")
+    occs[11] = make_occurrence(uid=uid, object_name="x", count=2, message="again")
+    good = [key for key in keys(occs) if key[0] != uid]
+    caplog.set_level(logging.INFO)
+    metrics = Metrics()
+    seen = 0
+    async with WebhookReceiver() as hook:
+
+        def answer(body: bytes) -> bool:
+            nonlocal seen
+            seen += 1
+            if seen == 3:  # the whole, its first record alone, the other 15: then the halves
+                hook.fail_next(refusals, status, body=b"invalid credentials", echo=True)
+            return b"poison" in body
+
+        hook.fail_matching(answer, 500)
+        options = {"url": hook.url, "bearer_token": TOKEN}
+        async with engine(options, metrics, tmp_path / "dead", batch_max_events=16) as (pipeline, sink):
+            for occ in occs:
+                pipeline.offer(occ)
+            await until(lambda: count(metrics.delivered, NAME) == 14)
+            assert taken(hook.requests) == good  # once each, in order; X/2 held behind X/1
+            refused = [q for q in hook.requests if q.status == status]
+            assert len(refused) == refusals and len(carried(refused[0])) == 7  # from the first half on
+            hook.fail_matching(None)  # the receiver's bug fixed
+            await until(lambda: count(metrics.delivered, NAME) == 16)
+    assert taken(hook.requests) == [*good, (uid, 1), (uid, 2)]
+    assert {key for key in sink.set_aside() if key[0] != uid} == set()
+    assert count(metrics.dead_lettered, NAME, "rejected") == 0
+    assert count(metrics.dead_lettered, NAME, "retries_exhausted") == 0
+    assert count(metrics.retries, NAME) >= 1  # (counted as retries, with the reason in the log)
+    (line,) = [r.getMessage() for r in caplog.records if "our credentials refused?" in r.getMessage()]
+    assert f"HTTP {status} from {hook.url}: invalid credentials" in line and "check bearer_token" in line
+    assert "Authorization: ****" in line  # the receiver's echo, the token scrubbed
+    assert TOKEN not in caplog.text
+    assert not any(TOKEN in out.reason for _, out in sink.answers)
+
+
+@pytest.mark.parametrize("mode", ["batch", "event"])
+async def test_a_record_failed_again_at_a_confirmation_holds_its_events_later_occurrences_back(
+    tmp_path: Path, mode: str
+) -> None:
+    """[A/1, B/1, B/2, c]: the receiver fails A/1 and B/1 (one bug for two payloads, or a good B/1
+    caught by refused credentials twice). B/1, failed alone before, joined the suspects behind A/1
+    and went with them into the confirmation after c's probe was taken; there it failed alone for
+    the first time since (so not set aside) and waited for the next probe, while the confirmation
+    went on and sent B/2: the receiver took B/2 before B/1. Now B/2 waits with B/1."""
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    a1 = make_occurrence(uid=a, object_name="a", count=1, message="poison a")
+    b1 = make_occurrence(uid=b, object_name="b", count=1, message="poison b")
+    b2 = make_occurrence(uid=b, object_name="b", count=2, message="b again")
+    c = make_occurrence(object_name="c")
+    metrics = Metrics()
+    async with WebhookReceiver() as hook:
+        hook.fail_matching(lambda body: b"poison" in body, 500)
+        async with engine({"url": hook.url, "mode": mode}, metrics, tmp_path / "dead") as (pipeline, _):
+            for occ in (a1, b1, b2, c):
+                pipeline.offer(occ)
+            # Past the confirmation (B/1's 4th request), on to A's and B's records only, retried in
+            # place (item 188's Left: no other record to probe with).
+            await until(lambda: sum((b, 1) in carried(q) for q in hook.requests) >= 6)
+            assert (c.uid, 1) in taken(hook.requests)
+            assert (b, 2) not in taken(hook.requests)  # before: taken at the confirmation, B/1 not
+            hook.fail_matching(None)
+            await until(lambda: count(metrics.delivered, NAME) == 4)
+    got = taken(hook.requests)
+    assert Counter(got) == Counter(keys([a1, b1, b2, c]))  # each once
+    assert [n for u, n in got if u == b] == [1, 2]
+
+
+async def test_a_record_set_aside_stays_aside_after_another_record_failed_not_retried_in_place_for_ever(
+    tmp_path: Path,
+) -> None:
+    """One record a batch. X/1 (a receiver's bug answers it 500) fails alone twice after a success:
+    set aside. Then g1 is taken and R is answered 401 twice (credentials refused for a moment, with
+    a Retry-After): set aside too, as the last record of its send. X/1 came due next, failed, and as
+    the endpoint had failed R since its last answer it was retried in place: alone at every attempt,
+    with nothing to probe with, no request of others answered again, and the engine sending nothing
+    else: g2, R and everything after were held up for ever. A record set aside and not answered
+    since now stays aside."""
+    x1 = make_occurrence(object_name="x", message="poison pill")
+    g0, g1, g2, r = (make_occurrence(object_name=name) for name in ("g0", "g1", "g2", "r"))
+    metrics = Metrics()
+    # X/1 waits 0.5-1 s aside: g1 and R go in the meantime (R's wait is the Retry-After's, 2 s).
+    knobs: dict[str, Any] = {"batch_max_events": 1, "retry_initial_backoff": 1.0, "retry_max_backoff": 1.0}
+    async with WebhookReceiver() as hook:
+        hook.fail_matching(lambda body: b"poison" in body, 500)
+        async with engine({"url": hook.url}, metrics, tmp_path / "dead", **knobs) as (pipeline, sink):
+            pipeline.offer(g0)
+            await until(lambda: count(metrics.delivered, NAME) == 1)
+            pipeline.offer(x1)
+            await until(lambda: aside(pipeline) == {(x1.uid, 1)})
+            pipeline.offer(g1)
+            await until(lambda: count(metrics.delivered, NAME) == 2)
+            hook.fail_next(2, 401, retry_after="2")
+            pipeline.offer(r)
+            await until(lambda: (r.uid, 1) in aside(pipeline))
+            assert [q.status for q in hook.requests if (x1.uid, 1) in carried(q)] == [500, 500]
+            await until(lambda: sum((x1.uid, 1) in carried(q) for q in hook.requests) == 3)  # due, failed
+            pipeline.offer(g2)
+            await until(lambda: count(metrics.delivered, NAME) == 3, timeout=5)  # before: never
+            await until(lambda: count(metrics.delivered, NAME) == 4, timeout=5)  # R, once due
+            assert taken(hook.requests) == keys([g0, g1, g2, r])
+            hook.fail_matching(None)
+            await until(lambda: count(metrics.delivered, NAME) == 5, timeout=5)
+    assert taken(hook.requests) == keys([g0, g1, g2, r, x1])
+    assert sink.set_aside() == {(x1.uid, 1), (r.uid, 1)}  # (R: the lone-record rule, item 190's Left)
+    assert count(metrics.dead_lettered, NAME, "rejected") == 0
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeApiServer]:
+    async with FakeApiServer(token="secret-token") as server:
+        server.bookmark_interval = 0.2
+        yield server
+
+
+def router_aside(router: Router) -> set[tuple[str, int]]:
+    return {(o.uid, o.number) for _, _, o in router.pipelines[0]._deferred}
+
+
+def dropped(router: Router) -> float:
+    return sum(count(router.metrics.dropped, NAME, reason) for reason in SINK_DROP_REASONS)
+
+
+@pytest.mark.parametrize("batch", [1, 20])
+@pytest.mark.parametrize("mode", ["batch", "event"])
+async def test_an_event_set_aside_at_a_stop_goes_in_in_order_after_the_restart_and_holds_up_nothing(
+    api: FakeApiServer, tmp_path: Path, mode: str, batch: int
+) -> None:
+    """A router with a data dir: the receiver refuses X/1 (its own bug); X/2 and X/3 are held
+    behind it while the other events go in. A clean stop spools X's three; the next start reads
+    them back first. The sink had forgotten X/1 was set aside and the endpoint had answered nothing
+    yet in this run: with no record of another event to probe with, X's records were retried in
+    place and every event after them waited, until the receiver took X/1. The sink now keeps the
+    keys of the records it set aside in its data dir: X/1 is set aside again at once, the new
+    events go in meanwhile, and once the receiver takes X/1, X's occurrences go in in order, each
+    once."""
+    data = tmp_path / "data"
+    x_uid = ""
+    async with WebhookReceiver() as hook:
+
+        def refused(body: bytes) -> bool:
+            value = orjson.loads(body)
+            return any(
+                r["uid"] == x_uid and r["occurrence"] == 1
+                for r in (value if isinstance(value, list) else [value])
+            )
+
+        def delivered(uids: list[str]) -> bool:
+            return {u for u, _ in taken(hook.requests)} >= set(uids)
+
+        def create(prefix: str, n: int) -> list[str]:
+            return [
+                api.create_event(event_object(object_name=f"{prefix}{i}"))["metadata"]["uid"]
+                for i in range(n)
+            ]
+
+        hook.fail_matching(refused, 500)
+        flag = (
+            f"webhook:{hook.url}?mode={mode}&batch_max_events={batch}&batch_max_wait=0.01"
+            "&retry_initial_backoff=0.05&retry_max_backoff=0.2"
+        )
+
+        def router() -> Router:
+            settings = router_settings(api, tmp_path, data_dir=data, shutdown_timeout=1.0)
+            return Router(settings, build_specs([flag]))
+
+        first = router()
+        async with first.running():
+            await until(lambda: first.ready()[0])
+            others = create("a", 3)
+            await until(lambda: delivered(others))  # the endpoint answered
+            x_uid = api.create_event(event_object(name="ev-x", object_name="x"))["metadata"]["uid"]
+            others += create("b", 3)
+            await until(lambda: router_aside(first) == {(x_uid, 1)} and delivered(others))
+            api.bump("default", "ev-x")
+            api.bump("default", "ev-x")
+            others += create("c", 3)
+            await until(lambda: delivered(others))
+            await until(lambda: router_aside(first) == {(x_uid, 1), (x_uid, 2), (x_uid, 3)})
+        assert first.exit_code == 0 and dropped(first) == 0
+        restarted = len(hook.requests)
+
+        second = router()
+        async with second.running():
+            await until(lambda: second.ready()[0])
+            others += create("d", 3)
+            await until(lambda: delivered(others))  # before: not until the receiver took X/1
+            assert any(q.status == 500 for q in hook.requests[restarted:])  # X/1 sent, refused again
+            assert not any(u == x_uid for u, _ in taken(hook.requests))
+            assert not any((x_uid, n) in carried(q) for q in hook.requests for n in (2, 3))
+            hook.fail_matching(None)  # the receiver's bug fixed
+            await until(lambda: (x_uid, 3) in taken(hook.requests))
+            await second.pipelines[0].wait_idle(5)
+        assert second.exit_code == 0 and dropped(second) == 0
+    got = taken(hook.requests)
+    assert [n for u, n in got if u == x_uid] == [1, 2, 3]
+    assert Counter(got) == Counter([(x_uid, 1), (x_uid, 2), (x_uid, 3), *((u, 1) for u in others)])  # once
