@@ -138,6 +138,16 @@ DISK_RESERVE = 0.2
 """Of a data dir's budget, kept for what is not per sink: checkpoints and a relist's sorted file
 (~1.5 KiB per retained event: 75 MB for 50,000)."""
 
+STOP_AFTER_DRAIN = 5.0
+"""Seconds a stop has after --shutdown-timeout before the kubelet kills the pod: the chart's and
+deploy/'s terminationGracePeriodSeconds less shutdownTimeout, the least the chart accepts."""
+
+LEASE_RELEASE_RESERVE = 1.0
+"""Of those, what the last ConfigMap write leaves for the lease's release and closing the clients."""
+
+FINAL_WRITE_LEAST = 2.0
+"""Seconds the stop's ConfigMap write may take even when the drain used the whole grace period."""
+
 STOP_SCAN_SECONDS = 2.0
 """At a stop with a ConfigMap checkpoint, how long the spools (all sinks together) are read to tell
 the records of events the API server still holds from the others: ~600 MB at 300 MB/s. What the
@@ -234,12 +244,25 @@ class Router:
             # Spools of sinks no longer configured take their room on the volume until removed.
             budget = max(0, budget - stranded)
         bounds = disk_bounds(self.specs, budget)
+        off: set[str] = set()
+        while data is not None:
+            # A sink given no spool (spool_max_bytes=0, or no room left) whose spool folder still holds
+            # records: nothing reads them, said as for the spool of a sink not configured; what the
+            # folder takes is not the others' either.
+            newly = [s.name for s in self.specs if bounds[s.name][0] <= 0 and s.name not in off]
+            off.update(newly)
+            held = sum(self._report_spool_off(data, name) for name in newly)
+            if not (budget and held):
+                break
+            stranded += held
+            budget = max(0, budget - held)
+            bounds = disk_bounds(self.specs, budget)
         if data and budget is not None:
             log.info(
                 "data dir %s holds at most %.0f MiB%s: %s",
                 data,
                 budget / 2**20,
-                f" (besides {stranded / 2**20:.1f} MiB of spools of sinks not configured)"
+                f" (besides {stranded / 2**20:.1f} MiB of spools of sinks not configured or without a spool)"
                 if stranded
                 else "",
                 "; ".join(
@@ -290,6 +313,8 @@ class Router:
             if reloader.files:
                 self.reloaders.append(reloader)
             log.info("sink %s configured", spec.describe())
+        if self.checkpoint_store is not None:
+            self.checkpoint_store.report_unconfigured()
         watch = self.settings.watch
         # The first-unseen times of a scoped watch go where the checkpoints go. Without either, the
         # checkpoints start empty at each start anyway.
@@ -349,6 +374,37 @@ class Router:
                     path,
                 )
         return stranded
+
+    def _report_spool_off(self, data: Path, name: str) -> int:
+        """A configured sink runs without a spool: say what its spool folder still holds (undelivered
+        records a run with a spool kept, parked ones too) and count it as orphaned. Returns its bytes."""
+        folder = data / "spool" / safe_name(name)
+        if not folder.is_dir():
+            return 0
+        try:
+            spool = Spool(folder, max_bytes=1 << 62, cluster=self.settings.cluster_name)
+            parked = spool.parked_count
+            count, size = len(spool) + parked, spool.bytes
+            spool.close()
+        except OSError as exc:
+            log.warning(
+                "data dir: cannot read the spool %s of sink %s, which has no spool now: %s", folder, name, exc
+            )
+            return 0
+        self.metrics.orphaned.labels(folder.name).set(count)
+        if count:
+            log.warning(
+                "data dir: sink %s runs without a spool (spool_max_bytes 0, or no room left within "
+                "--data-dir-max-bytes), but its spool %s holds %d occurrences (%d of them parked; %.1f MiB) "
+                "never delivered: they are not read; give the sink a spool again to deliver them, or "
+                "remove the folder",
+                name,
+                folder,
+                count,
+                parked,
+                size / 2**20,
+            )
+        return size
 
     def _guard(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         async def guarded() -> None:
@@ -521,7 +577,7 @@ class Router:
             # now still holds every event of its last. The lists' uid sets are not kept (2 MiB per
             # 50,000 events): the trackers hold the same uids, less the malformed items.
             tracked = self._tracked()
-            self.fanout.prune(tracked)
+            self._prune(tracked)
             if not self._keys_shared:
                 self._keys_shared = True
                 self.fanout.share_keys(tracked)
@@ -619,7 +675,14 @@ class Router:
             watchers = self.watchers
             if not watchers or not all(w.initial_list_done.is_set() and not w.listing for w in watchers):
                 continue
-            self.fanout.prune(self._tracked())
+            self._prune(self._tracked())
+
+    def _prune(self, live: Collection[str]) -> None:
+        self.fanout.prune(live)
+        if self.checkpoint_store is not None and not self.fanout.scoped:
+            # A scoped watch does not see every event: the entries of sinks not configured then wait
+            # for their keep period only (UNCONFIGURED_KEEP), as those of unseen events do.
+            self.checkpoint_store.prune_unconfigured(live)
 
     def _trim(self, *, caches: bool = False) -> None:
         # glibc's malloc_trim: ~10 ms on a 60 MB heap, ~60 ms when it has much to return.
@@ -876,6 +939,7 @@ class Router:
 
     async def stop(self) -> None:
         """Stop watching, drain within the deadline, persist what is left, release everything."""
+        began = time.monotonic()
         self._stopping = True
         self.draining = True
         if self._trim_task is not None:
@@ -983,7 +1047,7 @@ class Router:
                 await asyncio.gather(t, return_exceptions=True)
         if self.checkpoint_store is not None:
             try:
-                flushed = await self.checkpoint_store.flush()
+                flushed = await self._final_configmap_write(self.checkpoint_store, began)
             except Exception as exc:
                 log.error("cannot persist the checkpoint ConfigMap: %s", exc)
                 flushed = False
@@ -1014,6 +1078,67 @@ class Router:
             await self._http.cleanup()
         log.info("stopped after draining for %.2fs", time.monotonic() - started)
         self.stopped.set()
+
+    async def _final_configmap_write(self, store: ConfigMapCheckpointStore, began: float) -> bool:
+        """The stop's last ConfigMap write, tried again on a 409, 429, 5xx, timeout or lost connection
+        (a failover is when the API server is busiest) while the lease is held, before it is released:
+        given up at once, the next leader delivered again all accepted since the previous write. Within
+        what the grace period leaves (``STOP_AFTER_DRAIN`` after --shutdown-timeout from ``began``, less
+        ``LEASE_RELEASE_RESERVE``) and at most the renew deadline; each attempt bounded by it."""
+        deadline = min(
+            began + self.settings.shutdown_timeout + STOP_AFTER_DRAIN - LEASE_RELEASE_RESERVE,
+            time.monotonic() + self.settings.renew_deadline,
+        )
+        then = "releasing the lease" if self.elector is not None else "stopping"
+        backoff = 0.25
+        for attempt in itertools.count(1):
+            if await store.flush(timeout=max(deadline - time.monotonic(), FINAL_WRITE_LEAST)):
+                if attempt > 1:
+                    log.info(
+                        "checkpoint ConfigMap %s/%s written at the stop's attempt %d; %s",
+                        store.namespace,
+                        store.name,
+                        attempt,
+                        then,
+                    )
+                return True
+            failure = store.last_failure
+            if not _worth_retrying(failure):
+                why = "not worth retrying"
+                break
+            if self.elector is not None and not self.elector.is_leader:
+                why = "the lease is lost: the next leader writes it"
+                break
+            wait = backoff
+            if isinstance(failure, ApiError) and failure.retry_after is not None:
+                wait = failure.retry_after
+            backoff = min(backoff * 2, 2.0)
+            left = deadline - time.monotonic()
+            if wait >= left:
+                why = f"no time left: {max(left, 0):.1f}s of the grace period"
+                break
+            log.warning(
+                "checkpoint ConfigMap %s/%s: the stop's write failed (%s); trying again in %.2fs, %.1fs left "
+                "before %s",
+                store.namespace,
+                store.name,
+                failure_text(failure) if failure is not None else "unknown",
+                wait,
+                left,
+                then,
+            )
+            await asyncio.sleep(wait)
+        log.error(
+            "checkpoint ConfigMap %s/%s not written at the stop after %d attempts (%s); %s: %s delivers again "
+            "what was accepted since its previous write",
+            store.namespace,
+            store.name,
+            attempt,
+            why,
+            then,
+            "the next leader" if self.elector is not None else "the next start",
+        )
+        return False
 
     def _say_left(self, p: Pipeline, written: int, scan_until: float) -> None:
         """At a stop, once the leftovers are in the spool: what it holds. With a checkpoint file the
@@ -1126,6 +1251,14 @@ class Router:
         finally:
             if not self.stopped.is_set():
                 await self.stop()
+
+
+def _worth_retrying(failure: BaseException | None) -> bool:
+    """A write refused for a while (409 after the store's merges, 429, 5xx), timed out or cut off, not
+    one refused for what it is (403 RBAC, 422 too large): trying again may succeed."""
+    if isinstance(failure, ApiError):
+        return failure.status in (409, 429) or failure.status >= 500
+    return isinstance(failure, aiohttp.ClientError | OSError | TimeoutError)
 
 
 def _numbers_rising(chunks: Iterable[list[Occurrence]]) -> Iterator[list[Occurrence]]:

@@ -22,6 +22,12 @@ A scoped watch (namespaces, a selector) keeps the entries of events it does not 
 (fanout.py); when they were first not seen goes beside the state (``binaryData["unseen"]``, see
 ``encode_unseen``), and those entries are the first left out when the ConfigMap is full: they are
 mostly of deleted events, and leaving them out is neither counted in ``truncated`` nor an error.
+
+The entries of a sink the running configuration lacks (taken out by an upgrade, disabled for a while)
+are written back as read (see ``UNCONFIGURED_KEEP``): dropped, a rollback or the sink enabled again
+sent it everything the API server still held. When each such sink was first written while not
+configured goes beside the state (``data["unconfigured"]``, JSON); their entries are the very first
+left out when the ConfigMap is full.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import math
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +53,8 @@ from eventrouter.source.kube import ApiError, KubeClient, failure_text, raise_fo
 __all__ = [
     "CONFIGMAP_LIMIT",
     "DATA_KEY",
+    "UNCONFIGURED_KEEP",
+    "UNCONFIGURED_KEY",
     "UNSEEN_KEY",
     "CheckpointFormatError",
     "ConfigMapCheckpointStore",
@@ -67,6 +75,14 @@ instead of every second (~300 MiB of history against etcd's 2 GiB default quota)
 DATA_KEY = "checkpoint"
 SUMMARY_KEY = "summary"
 UNSEEN_KEY = "unseen"
+UNCONFIGURED_KEY = "unconfigured"
+UNCONFIGURED_KEEP = 2 * 3600.0
+"""Seconds the entries of a sink that is not configured are kept (from when a router first wrote them
+without it). Twice the API server's default ``--event-ttl`` (1 h), as for the entries of events a
+scoped watch does not see (fanout.UNSEEN_KEEP): after that each event they name has expired or
+occurred again (a new count, sent once to the sink configured again, with or without its entry), so
+they would spare it nothing. Meanwhile they are also pruned to the events the API server holds, as
+the configured sinks' are (an unscoped watch)."""
 _MAGIC = b"ERCK\x01"
 _UNSEEN_MAGIC = b"ERUS\x01"
 _RAW, _ZLIB = 0, 1
@@ -311,6 +327,11 @@ class ConfigMapCheckpointStore:
         self._unseen_loaded: dict[str, float] = {}
         self._unseen_written: dict[str, float] = {}
         self._sinks: set[str] = set()
+        # Sinks whose entries are kept though not configured: when a router first wrote them so
+        # (wall-clock seconds, from the ConfigMap), and those dropped after UNCONFIGURED_KEEP (a merge
+        # must not bring them back).
+        self._unconfigured_since: dict[str, float] = {}
+        self._expired: set[str] = set()
         self._resource_version: str | None = None
         self._exists = False
         self._generation = 0
@@ -324,11 +345,16 @@ class ConfigMapCheckpointStore:
         # (not in ``truncated``: mostly deleted events; one that comes back into scope is delivered
         # again after a restart).
         self.unseen_left_out = 0
+        # Entries of sinks not configured left out of the last write to fit (before any other; not in
+        # ``truncated``: a sink configured again gets again only what the API server still holds).
+        self.unconfigured_left_out = 0
         self.truncations = 0  # writes that had to leave uids out
         self.conflicts = 0  # 409 answers merged
         self.flushes = 0  # successful writes
         self.rounds = 0  # run() write attempts
         self.errors = 0  # failed writes
+        self.last_failure: BaseException | None = None
+        """Why the last write failed (None after a success): the stop judges whether to try again."""
         self.on_write: Callable[[bool], None] | None = None
         """Told the outcome of each write (True: persisted): the router's metrics."""
 
@@ -345,6 +371,11 @@ class ConfigMapCheckpointStore:
     def dirty(self) -> bool:
         return self._generation != self._flushed_generation
 
+    @property
+    def unconfigured(self) -> list[str]:
+        """The sinks whose entries are kept though not configured (``backend()`` not called)."""
+        return sorted(s for s in self._states if s not in self._sinks)
+
     # ---- API -----------------------------------------------------------------------------------
 
     async def load(self) -> None:
@@ -353,6 +384,7 @@ class ConfigMapCheckpointStore:
         self._states, self._order = {}, {}
         self._removed = {}
         self._unseen = self._unseen_loaded = {}
+        self._unconfigured_since, self._expired = {}, set()
         if obj is None:
             self._exists, self._resource_version = False, None
             log.info("checkpoint ConfigMap %s/%s does not exist yet", self.namespace, self.name)
@@ -362,6 +394,7 @@ class ConfigMapCheckpointStore:
         states, order = self._parse(obj)
         self._states = states
         self._order = dict.fromkeys(order)
+        self._unconfigured_since = {s: t for s, t in self._parse_since(obj).items() if s in states}
         encoded = (obj.get("binaryData") or {}).get(UNSEEN_KEY)
         if encoded and order:
             try:
@@ -399,7 +432,66 @@ class ConfigMapCheckpointStore:
     def backend(self, sink: str) -> CheckpointBackend:
         self._sinks.add(sink)
         self._states.setdefault(sink, {})
+        self._unconfigured_since.pop(sink, None)
         return _SinkBackend(self, sink)
+
+    def report_unconfigured(self) -> None:
+        """Once the backends of the configured sinks exist (the router's start): say whose entries are
+        kept though not configured, and drop those kept for UNCONFIGURED_KEEP already."""
+        now = time.time()
+        self._expire_unconfigured(now)
+        for sink in self.unconfigured:
+            since = self._unconfigured_since.setdefault(sink, now)
+            if not self._states[sink]:
+                continue
+            log.info(
+                "checkpoint ConfigMap %s/%s: keeping the entries of sink %r, which is not configured "
+                "(%d events; not configured since %s): configured again by %s it gets only what it has not "
+                "accepted; they are pruned to the events the API server holds and dropped after that",
+                self.namespace,
+                self.name,
+                sink,
+                len(self._states[sink]),
+                _utc(since),
+                _utc(since + UNCONFIGURED_KEEP),
+            )
+
+    def prune_unconfigured(self, live: Container[str]) -> None:
+        """Drop the entries of sinks not configured whose events the API server no longer holds
+        (``live``: a complete list of an unscoped watch), as the configured sinks' are pruned."""
+        changed = False
+        for sink in self.unconfigured:
+            state = self._states[sink]
+            gone = [uid for uid in state if uid not in live]
+            if gone:
+                removed = self._removed.setdefault(sink, set())
+                for uid in gone:
+                    del state[uid]
+                    removed.add(uid)
+                changed = True
+        if changed:
+            self._touch()
+
+    def _expire_unconfigured(self, now: float) -> None:
+        for sink in self.unconfigured:
+            since = self._unconfigured_since.setdefault(sink, now)
+            if now - since < UNCONFIGURED_KEEP:
+                continue
+            entries = len(self._states.pop(sink))
+            del self._unconfigured_since[sink]
+            self._removed.pop(sink, None)
+            self._expired.add(sink)
+            self._touch()
+            log.info(
+                "checkpoint ConfigMap %s/%s: dropped the %d entries of sink %r, not configured since %s "
+                "(kept for %s)",
+                self.namespace,
+                self.name,
+                entries,
+                sink,
+                _utc(since),
+                _duration(UNCONFIGURED_KEEP),
+            )
 
     async def run(self) -> None:
         """Write changes until cancelled: at most one write per ``flush_interval`` (0: as soon as the
@@ -414,46 +506,63 @@ class ConfigMapCheckpointStore:
                 self._changed.set()
                 await asyncio.sleep(max(self.flush_interval, 1.0))  # do not hammer a failing API server
 
-    async def flush(self) -> bool:
-        """Write the current state if it changed since the last write. True when persisted."""
-        ok = await self._flush()
+    async def flush(self, *, timeout: float | None = None) -> bool:
+        """Write the current state if it changed since the last write. True when persisted.
+        ``timeout``: seconds the whole write may take (a 409's merge included); by default each
+        request may take the client's 60 s."""
+        ok = await self._flush(timeout)
         if self.on_write is not None:
             self.on_write(ok)
         return ok
 
-    async def _flush(self) -> bool:
+    async def _flush(self, timeout: float | None) -> bool:
+        requests = aiohttp.ClientTimeout(total=timeout) if timeout is not None else None
         async with self._lock:
-            for attempt in range(5):
-                if not self.dirty:
-                    return True
+            try:
+                async with asyncio.timeout(timeout):
+                    return await self._write_merging(requests)
+            except TimeoutError as exc:  # the whole write's bound (a request's own is caught inside)
+                self._failed(exc)
+                return False
+
+    async def _write_merging(self, timeout: aiohttp.ClientTimeout | None) -> bool:
+        for attempt in range(5):
+            if not self.dirty:
+                self.last_failure = None
+                return True
+            try:
                 try:
-                    try:
-                        await self._write_once()
-                        return True
-                    except ApiError as exc:
-                        if exc.status == 409 and attempt < 4:
-                            self.conflicts += 1
-                            log.warning(
-                                "checkpoint ConfigMap %s/%s was changed by another writer; merging",
-                                self.namespace,
-                                self.name,
-                            )
-                            await self._merge_current()
-                            continue
-                        if exc.status == 404 and attempt < 4:  # deleted under us: create it again
-                            self._exists, self._resource_version = False, None
-                            continue
-                        raise
-                except (ApiError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-                    self.errors += 1
-                    log.error(
-                        "checkpoint ConfigMap %s/%s not written: %s",
-                        self.namespace,
-                        self.name,
-                        failure_text(exc),
-                    )
-                    return False
-            return False
+                    await self._write_once(timeout)
+                    self.last_failure = None
+                    return True
+                except ApiError as exc:
+                    if exc.status == 409 and attempt < 4:
+                        self.conflicts += 1
+                        log.warning(
+                            "checkpoint ConfigMap %s/%s was changed by another writer; merging",
+                            self.namespace,
+                            self.name,
+                        )
+                        await self._merge_current(timeout)
+                        continue
+                    if exc.status == 404 and attempt < 4:  # deleted under us: create it again
+                        self._exists, self._resource_version = False, None
+                        continue
+                    raise
+            except (ApiError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                self._failed(exc)
+                return False
+        return False
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.last_failure = exc
+        log.error(
+            "checkpoint ConfigMap %s/%s not written: %s",
+            self.namespace,
+            self.name,
+            failure_text(exc),
+        )
 
     # ---- memory (called by the pipelines' SinkCheckpoint through the backends) ------------------
 
@@ -494,22 +603,40 @@ class ConfigMapCheckpointStore:
 
     # ---- persistence ---------------------------------------------------------------------------
 
-    def _snapshot(self) -> tuple[dict[str, dict[str, int]], list[str], dict[str, float]]:
-        states = {s: dict(self._states.get(s, {})) for s in sorted(self._sinks)}
+    def _snapshot(
+        self,
+    ) -> tuple[dict[str, dict[str, int]], list[str], dict[str, float], dict[str, float]]:
+        """What to write: (states, uids oldest first, first-unseen times, when each sink written
+        though not configured was first written so)."""
+        now = time.time()
+        self._expire_unconfigured(now)
+        # One pruned empty is left out: nothing of it to keep.
+        unconfigured = {
+            s: self._unconfigured_since.setdefault(s, now) for s in self.unconfigured if self._states[s]
+        }
+        states = {s: dict(self._states.get(s, {})) for s in sorted(self._sinks | unconfigured.keys())}
         live = [uid for uid in self._order if any(uid in m for m in states.values())]
         if len(live) != len(self._order):
             self._order = dict.fromkeys(live)  # forget uids no sink holds any more
         held = self._order
         # Copied here, in the loop's thread: the fanout changes its map while _build runs.
         unseen = {uid: since for uid, since in self._unseen.items() if uid in held}
-        return states, live, unseen
+        return states, live, unseen, unconfigured
 
     def _build(
-        self, states: dict[str, dict[str, int]], order: list[str], unseen: dict[str, float]
-    ) -> tuple[dict[str, Any], int, int]:
-        """The ConfigMap body within the limit, dropping uids when needed: first those of ``unseen``,
-        then the oldest; (body, dropped, unseen dropped)."""
+        self,
+        states: dict[str, dict[str, int]],
+        order: list[str],
+        unseen: dict[str, float],
+        unconfigured: dict[str, float] | None = None,
+    ) -> tuple[dict[str, Any], int, int, dict[str, int]]:
+        """The ConfigMap body within the limit, dropping entries when needed: first the sinks of
+        ``unconfigured`` (whole sinks, the longest not configured first: taking one sink's entry of an
+        event others hold at the same number costs a diff), then the uids of ``unseen``, then the
+        oldest; (body, dropped, unseen dropped, entries left out by sink not configured)."""
         dropped = dropped_unseen = 0
+        left_out: dict[str, int] = {}
+        kept = dict(unconfigured or {})
         unseen_order = [uid for uid in order if uid in unseen]  # oldest first
         while True:
             blob = encode_state(states, order)
@@ -522,8 +649,10 @@ class ConfigMapCheckpointStore:
                     **({"truncated": dropped} if dropped else {}),
                     **({"unseen": len(unseen_order)} if unseen_order else {}),
                     **({"unseen_left_out": dropped_unseen} if dropped_unseen else {}),
+                    **({"unconfigured_left_out": sum(left_out.values())} if left_out else {}),
                 }
             ).decode()
+            since = orjson.dumps({s: int(t) for s, t in sorted(kept.items())}).decode() if kept else ""
             body: dict[str, Any] = {
                 "apiVersion": "v1",
                 "kind": "ConfigMap",
@@ -539,8 +668,23 @@ class ConfigMapCheckpointStore:
             if times:
                 body["binaryData"][UNSEEN_KEY] = base64.b64encode(times).decode("ascii")
                 size += len(UNSEEN_KEY) + len(times)
+            if since:
+                body["data"][UNCONFIGURED_KEY] = since
+                size += len(UNCONFIGURED_KEY) + len(since.encode())
             if size <= self.limit or not order:
-                return body, dropped, dropped_unseen
+                return body, dropped, dropped_unseen, left_out
+            if kept:
+                # A sink not configured goes first: nothing runs that needs its entries now.
+                sink = min(kept, key=lambda s: (kept[s], s))
+                del kept[sink]
+                entries = states.pop(sink)
+                left_out[sink] = len(entries)
+                order = [uid for uid in order if any(uid in m for m in states.values())]
+                for uid in entries:
+                    if not any(uid in m for m in states.values()):
+                        unseen.pop(uid, None)
+                unseen_order = [uid for uid in unseen_order if uid in unseen]
+                continue
             # Random uids do not compress: size is about proportional to the number of uids.
             excess = math.ceil(len(order) * (size - self.limit) / size * 1.02) + 1
             if unseen_order:
@@ -561,12 +705,23 @@ class ConfigMapCheckpointStore:
                 for uid in cut:
                     m.pop(uid, None)
 
-    async def _write_once(self) -> None:
+    async def _write_once(self, timeout: aiohttp.ClientTimeout | None = None) -> None:
         generation = self._generation
-        states, order, unseen = self._snapshot()
+        states, order, unseen, unconfigured = self._snapshot()
         written_unseen = dict(unseen)  # _build takes out what it leaves out
         started = time.monotonic()
-        body, dropped, dropped_unseen = await asyncio.to_thread(self._build, states, order, unseen)
+        body, dropped, dropped_unseen, left_out = await asyncio.to_thread(
+            self._build, states, order, unseen, unconfigured
+        )
+        if left_out and not self.unconfigured_left_out:  # once per episode, as below
+            log.warning(
+                "checkpoint ConfigMap %s/%s: left out the entries of sinks that are not configured (%s) to fit "
+                "in %d bytes: a sink of that name configured again gets again what the API server holds",
+                self.namespace,
+                self.name,
+                ", ".join(f"{s}: {n}" for s, n in sorted(left_out.items())),
+                self.limit,
+            )
         if dropped:
             self.truncations += 1
         if dropped and not self.truncated:  # once per episode, not every flush_interval
@@ -592,12 +747,15 @@ class ConfigMapCheckpointStore:
             )
         if self._exists:
             body["metadata"]["resourceVersion"] = self._resource_version
-            resp = await self.kube.request("PUT", self.path, body=body, content_type="application/json")
+            resp = await self.kube.request(
+                "PUT", self.path, body=body, timeout=timeout, content_type="application/json"
+            )
         else:
             resp = await self.kube.request(
                 "POST",
                 f"/api/v1/namespaces/{self.namespace}/configmaps",
                 body=body,
+                timeout=timeout,
                 content_type="application/json",
             )
         try:
@@ -614,6 +772,7 @@ class ConfigMapCheckpointStore:
             log.warning("checkpoint ConfigMap %s/%s fits again", self.namespace, self.name)
         self.truncated = dropped
         self.unseen_left_out = dropped_unseen
+        self.unconfigured_left_out = sum(left_out.values())
         self.last_size = configmap_size(body)
         self.flushes += 1
         log.debug(
@@ -624,17 +783,21 @@ class ConfigMapCheckpointStore:
             time.monotonic() - started,
         )
 
-    async def _merge_current(self) -> None:
+    async def _merge_current(self, timeout: aiohttp.ClientTimeout | None = None) -> None:
         """After a 409: take the current resourceVersion and keep the higher number per uid (the
-        other writer can only be an old leader whose sinks accepted what it recorded)."""
-        obj = await self._get()
+        other writer can only be an old leader whose sinks accepted what it recorded). The sinks it
+        wrote that are not configured here are kept as those read at load are."""
+        obj = await self._get(timeout)
         if obj is None:
             self._exists, self._resource_version = False, None
             return
         self._exists = True
         self._resource_version = (obj.get("metadata") or {}).get("resourceVersion")
         theirs, _ = self._parse(obj)
-        for sink in self._sinks:
+        for sink, since in self._parse_since(obj).items():
+            if sink not in self._sinks and sink in theirs:
+                self._unconfigured_since[sink] = min(since, self._unconfigured_since.get(sink, since))
+        for sink in sorted(self._sinks | (theirs.keys() - self._expired)):
             mine = self._states.setdefault(sink, {})
             removed = self._removed.get(sink, set())
             for uid, n in theirs.get(sink, {}).items():
@@ -660,8 +823,33 @@ class ConfigMapCheckpointStore:
             )
             return {}, []
 
-    async def _get(self) -> dict[str, Any] | None:
-        resp = await self.kube.request("GET", self.path)
+    def _parse_since(self, obj: Mapping[str, Any]) -> dict[str, float]:
+        """``data["unconfigured"]``: when each sink written though not configured was first so."""
+        text = (obj.get("data") or {}).get(UNCONFIGURED_KEY)
+        if not text:
+            return {}
+        try:
+            since = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            since = None
+        if not isinstance(since, dict) or not all(
+            isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t)
+            for t in since.values()
+        ):
+            # Their keep period starts again now: kept a little longer, never lost.
+            log.warning(
+                "checkpoint ConfigMap %s/%s: %r is unreadable; the entries of sinks not configured are "
+                "kept for %s from now",
+                self.namespace,
+                self.name,
+                UNCONFIGURED_KEY,
+                _duration(UNCONFIGURED_KEEP),
+            )
+            return {}
+        return {str(s): float(t) for s, t in since.items()}
+
+    async def _get(self, timeout: aiohttp.ClientTimeout | None = None) -> dict[str, Any] | None:
+        resp = await self.kube.request("GET", self.path, timeout=timeout)
         try:
             if resp.status == 404:
                 return None
@@ -670,3 +858,11 @@ class ConfigMapCheckpointStore:
         finally:
             resp.release()
         return obj if isinstance(obj, dict) else None
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds:g} s"

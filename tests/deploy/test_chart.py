@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -247,7 +248,11 @@ def test_default_args_env_and_config(chart: helm.Chart) -> None:
     ]
     assert "command" not in c  # the image's ENTRYPOINT is `eventrouter`
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]}
-    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    assert env == {
+        "POD_NAME": "metadata.name",
+        "POD_UID": "metadata.uid",
+        "POD_NAMESPACE": "metadata.namespace",
+    }
     config = yaml.safe_load(one(docs, "ConfigMap")["data"]["config.yaml"])
     assert config == {"sinks": [{"type": "stdout", "name": "stdout"}]}
     assert mounts(docs)["config"]["mountPath"] == "/etc/eventrouter/config.yaml"
@@ -803,6 +808,16 @@ def test_per_replica_claims_render_a_statefulset_whose_pods_mount_their_own_clai
     assert governing["spec"]["selector"] == SELECTOR
     # The PDB still selects the pods.
     assert one(docs, "PodDisruptionBudget")["spec"]["selector"] == {"matchLabels": SELECTOR}
+
+
+@pytest.mark.parametrize("variant", ["default", "statefulset"])
+def test_the_pod_uid_goes_to_the_router_beside_the_pod_name(chart: helm.Chart, variant: str) -> None:
+    """The leader election identity was the pod name alone: a StatefulSet's replacement pod has the
+    name of the pod it replaces, found the Lease "held by itself" and led beside that pod when it
+    still ran (a force delete). The router takes POD_NAME and POD_UID (the pod's incarnation)."""
+    docs = render(chart, VARIANTS[variant] if variant != "default" else None)
+    fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container(docs)["env"]}
+    assert fields["POD_NAME"] == "metadata.name" and fields["POD_UID"] == "metadata.uid"
 
 
 def test_the_pods_of_per_replica_claims_are_scraped_once(chart: helm.Chart) -> None:
@@ -1423,7 +1438,7 @@ class ChartPod:
         ]
         assert sum(a.split("=", 1)[0] in local for a in self.args) == len(local), self.args
         self.args.append(f"--kubeconfig={api.kubeconfig(self.dir / 'kubeconfig', namespace=NAMESPACE)}")
-        fields = {"metadata.name": name, "metadata.namespace": NAMESPACE}
+        fields = {"metadata.name": name, "metadata.uid": str(uuid.uuid4()), "metadata.namespace": NAMESPACE}
         self.env = {e["name"]: fields[e["valueFrom"]["fieldRef"]["fieldPath"]] for e in c["env"]}
         self.proc: asyncio.subprocess.Process | None = None
 

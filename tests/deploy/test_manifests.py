@@ -171,6 +171,19 @@ def test_plain_manifests_keep_the_checkpoint_in_a_configmap_the_role_names() -> 
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]
 
 
+def test_plain_manifests_give_the_router_the_pod_uid_beside_the_pod_name() -> None:
+    """The leader election identity was the pod name alone, which a replacement pod of a StatefulSet
+    shares with the pod it replaces: POD_UID (the pod's incarnation) goes beside POD_NAME."""
+    (deployment,) = [doc for doc in plain_objects() if doc["kind"] == "Deployment"]
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in env}
+    assert fields == {
+        "POD_NAME": "metadata.name",
+        "POD_UID": "metadata.uid",
+        "POD_NAMESPACE": "metadata.namespace",
+    }
+
+
 # --- Dockerfile --------------------------------------------------------------------------------
 
 
