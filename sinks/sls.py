@@ -63,6 +63,15 @@ not know is judged by its status and logged once per run naming it: 401, 403 and
 or logstore as a whole (Alibaba's own C producer retries them all by default), so they are retried; any
 other 4xx, and an answer without SLS's error JSON (a proxy's page), is taken as a refusal of the
 request's logs, which are dead-lettered.
+
+What answers before SLS (an ingress, an auth proxy, a captive or egress gateway) is never taken for
+it. A redirect (3xx) is not followed: aiohttp turned a PutLogs answered 301/302 into a body-less GET,
+took a sign-in page's 200 as stored, and re-sent a 307/308's signed body and STS token to wherever
+``Location`` pointed. ``start()`` (and ``eventrouter check``) fails naming the ``Location``, redacted; met
+while sending, it is retried, never dead-lettered. A 2xx counts as stored only with the
+``x-log-requestid`` every SLS answer carries (sink-protocols.md §5): one without is a front's own page,
+retried and named by its status, Content-Type and Server header, never its body. Both are logged at
+once, then at most every 10 minutes, until a request is stored again.
 """
 
 from __future__ import annotations
@@ -104,7 +113,7 @@ from eventrouter import (
     retry,
 )
 from eventrouter.logs import Throttled
-from eventrouter.options import FilePath
+from eventrouter.options import FilePath, redact_url, shown_address
 from eventrouter.protowire import bytes_field
 from eventrouter.retry_after import parse_retry_after as _retry_after
 
@@ -163,6 +172,7 @@ _GROW_AFTER = 16
 # Logs remembered for re-stamping at the next send (their request ran out of the send's budget).
 _RESTAMP_KEEP = 1024
 _LOG_STUCK_EVERY = 600.0  # seconds between warnings of sends that did nothing (then with a count)
+_LOG_FRONT_EVERY = 600.0  # seconds between warnings of a redirect or a front's 2xx (then with a count)
 
 
 class SLSOptions(SinkOptions):
@@ -277,7 +287,9 @@ class _Answer:
     message: str
     retry_after: float | None
     from_service: bool
-    """The answer carried SLS's error JSON (``errorCode``)."""
+    """The answer carried SLS's error JSON (``errorCode``), or is its success."""
+    stored: bool = False
+    """A 2xx of SLS's own (``x-log-requestid``): the request's logs are stored."""
 
 
 @dataclass(slots=True)
@@ -347,6 +359,7 @@ class SLSSink(Sink[SLSOptions]):
         self._fit: _Fit | None = None
         self._restamp: dict[tuple[str, int], None] = {}
         self._stuck_log = Throttled(self.log, _LOG_STUCK_EVERY)
+        self._front_log = Throttled(self.log, _LOG_FRONT_EVERY)
         self._key_id = ""
         self._key_secret = ""
         self._token: str | None = None
@@ -435,11 +448,29 @@ class SLSSink(Sink[SLSOptions]):
             data=body or None,
             headers=signed,
             timeout=aiohttp.ClientTimeout(total=timeout),
+            # Followed, a 301/302 turned PutLogs into a body-less GET, a sign-in page's 200 was taken
+            # as stored, and a 307/308 took the signed body and the STS token to another host.
+            allow_redirects=False,
         ) as resp:
+            status = resp.status
+            if 300 <= status < 400:
+                where = self._location(resp.headers.get("Location"))
+                return _Answer(status, f"HTTP{status}", f"a redirect to {where}, not followed", None, False)
             payload = await resp.read()
             retry_after = _retry_after(resp.headers.get("Retry-After"))
-            if resp.status == 200:
-                return _Answer(200, "", "", None, True)
+            if 200 <= status < 300:
+                if resp.headers.get("x-log-requestid"):
+                    return _Answer(status, "", "", None, True, stored=True)
+                # Every SLS answer names its request: this one is a front's own (an auth proxy's or a
+                # captive gateway's page), and the logs went no further. Named, never quoted.
+                return _Answer(
+                    status,
+                    f"HTTP{status}",
+                    f"a {status} without x-log-requestid, not SLS's answer (Content-Type "
+                    f"{self._header(resp, 'Content-Type')}, Server {self._header(resp, 'Server')})",
+                    None,
+                    False,
+                )
             code, message = "", ""
             try:
                 parsed = orjson.loads(payload)
@@ -461,6 +492,26 @@ class SLSSink(Sink[SLSOptions]):
                 retry_after,
                 bool(code),
             )
+
+    def _location(self, location: str | None) -> str:
+        """Where a redirect points, as logs may show it: redacted as every URL (no user info, query
+        values or token-like path segments) and our credentials scrubbed; only its address when an
+        ``@`` is left past it (user info with a raw ``/`` in the password)."""
+        if not location:
+            return "no Location"
+        try:
+            parts = urlsplit(location)
+        except ValueError:
+            return "an unparseable Location"
+        shown = redact_url(location)
+        if "@" in parts.path + parts.query + parts.fragment:
+            shown = shown_address(location)
+        return repr(scrub(shown, self._secrets)[:200])
+
+    def _header(self, resp: aiohttp.ClientResponse, name: str) -> str:
+        """A header of an answer that is not SLS's, as logs may show it (quoted, cut, scrubbed)."""
+        value = resp.headers.get(name)
+        return "none" if value is None else repr(scrub(value[:100], self._secrets, partial=len(value) > 100))
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -492,8 +543,19 @@ class SLSSink(Sink[SLSOptions]):
                 f"sls sink {self.context.name}: cannot reach {self._where}: {_describe(exc)}"
             ) from None
         status, code, message = answer.status, answer.code, answer.message
-        if status == 200:
+        if answer.stored:
             return
+        if 300 <= status < 400:
+            raise SinkError(
+                f"sls sink {self.context.name}: GetLogStore for {self._where} answered {status}, {message} "
+                "(a PutLogs redirected would come back a GET, or go on to another host with its signed "
+                "body and security token): give the endpoint it points to"
+            )
+        if 200 <= status < 300:
+            raise SinkError(
+                f"sls sink {self.context.name}: GetLogStore for {self._where} answered {message}: a "
+                "proxy's or gateway's own page? Let requests through to SLS, or give its endpoint"
+            )
         if code in _TARGET_CODES:
             raise SinkError(
                 f"sls sink {self.context.name}: {code} for {self._where}: {message}; {self._todo(code)}"
@@ -697,6 +759,8 @@ class SLSSink(Sink[SLSOptions]):
         status, code, message, retry_after = answer.status, answer.code, answer.message, answer.retry_after
         what = f"SLS {status} {code}: {message} ({self._where})"
         name = self.context.name
+        if 200 <= status < 400:  # SLS's own 2xx never comes here: a redirect, or a front's page
+            return self._before_sls(answer, what)
         if code in _RETRY_CODES or status >= 500 or status in (408, 429):
             return retry(what, retry_after=retry_after)
         if code == "RequestTimeExpired":
@@ -761,6 +825,34 @@ class SLSSink(Sink[SLSOptions]):
             "put that right and replay the dead-letter file)",
         )
         return reject(what)
+
+    def _before_sls(self, answer: _Answer, what: str) -> Outcome:
+        """A redirect, or a 2xx that is not SLS's: about the endpoint, not these logs (an ingress
+        switched to https, an auth front's sign-in page, a gateway moved). Never followed, never
+        stored, never dead-lettered: retried (retry_max_attempts still ends it), logged at once, then
+        at most every _LOG_FRONT_EVERY seconds until a request is stored again; counted per code."""
+        status, code = answer.status, answer.code
+        self._refused[code] = self._refused.get(code, 0) + 1
+        if 300 <= status < 400:
+            key = "redirect"
+            todo = (
+                "give the endpoint it points to (a PutLogs redirected would come back a GET, or go on to "
+                "another host with its signed body and security token)"
+            )
+        else:
+            key = "not-sls"
+            todo = (
+                "something before SLS answered in its place (an auth proxy's sign-in or a captive gateway's "
+                "page?): let PutLogs through to SLS, or give its endpoint"
+            )
+        self._front_log.warning(
+            key,
+            "sls sink %s: %s: %s; retrying until that is put right (nothing is dead-lettered for it)",
+            self.context.name,
+            what,
+            todo,
+        )
+        return retry(what)
 
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
         if not self._key_secret:
@@ -931,7 +1023,7 @@ class SLSSink(Sink[SLSOptions]):
             return failed
         run.slowest = max(run.slowest, time.monotonic() - started)
         status, code = answer.status, answer.code
-        if status == 200:
+        if answer.stored:
             run.delivered = True
             for index in indexes:
                 outcomes[index] = OK
@@ -945,6 +1037,7 @@ class SLSSink(Sink[SLSOptions]):
                     ", ".join(f"{c} {n}" for c, n in sorted(self._refused.items())),
                 )
                 self._refused.clear()
+                self._front_log = Throttled(self.log, _LOG_FRONT_EVERY)  # the next run logged at once
             return None
         if len(logs) > 1 and (status == 413 or code in _REQUEST_CODES):
             run.code = code
