@@ -56,7 +56,7 @@ from eventrouter import (
     retry,
 )
 from eventrouter.logs import Throttled
-from eventrouter.options import StrList, http_url, redact_url
+from eventrouter.options import StrList, http_url, redact_url, shown_address
 
 from ._scrub import credentials
 
@@ -641,12 +641,31 @@ class Delivery:
     """A retry because the robot, or a gateway or proxy in front of it, refused our credentials
     (token, key, signature, proxy password), not the message: being rotated (the robot first, then
     the pod's Secret) or wrong. Warned of once per run."""
+    redirected: bool = False
+    """A retry because something in front of the robot answered with a redirect (not followed): the
+    robot never saw the message. Warned of once per run, as a refusal is."""
 
 
 REFUSED_STATUSES = (401, 403, 407)
 """HTTP statuses of something between us and the robot refusing the request: a gateway's 401/403
 (credentials in the URL's user info, a policy), a proxy's 407 (its credentials). The robots
 themselves answer 200 with an errcode, so the robot never saw the message."""
+
+
+def shown_location(location: str | None) -> str:
+    """Where a redirect points, as reasons and logs may show it: redacted as every URL (no user info,
+    query values or token-like path segments); only its address when an ``@`` is left past it (user
+    info with a raw ``/`` in the password, which ``urlsplit`` reads as a path). As the webhook and
+    Loki show one; the sink scrubs its own credentials out first (``AlertSink.http_failure``)."""
+    if not location:
+        return "nowhere (no Location)"
+    try:
+        parts = urlsplit(location)
+    except ValueError:
+        return "an unparseable Location"
+    if "@" in parts.path + parts.query + parts.fragment:
+        return shown_address(location)[:200]
+    return redact_url(location)[:200]
 
 
 def http_failure(
@@ -660,10 +679,10 @@ def http_failure(
     """A status other than 200: not the robot API's answer (it answers 200 with an errcode) but a
     gateway's or a proxy's. 408, 425, 429 and 5xx may pass later; so may a refusal (401, 403, 407:
     credentials being rotated, a policy), retried as the robots' own refusals of the sender are
-    (``refused``; ``advice`` says what to check). Another (a wrong URL's 404) does not until someone
-    acts: dead-lettered, logged once per status. A redirect is not followed (a 301/302 would turn the
-    POST into a body-less GET, and the token would go wherever it points): dead-lettered too, saying
-    where it pointed (without credentials)."""
+    (``refused``; ``advice`` says what to check). A redirect is never followed (a 301/302 would turn
+    the POST into a body-less GET, a 307/308 send the message and the token wherever it points), and
+    is retried (``redirected``), saying where it points (without credentials). Another status (a
+    wrong URL's 404) does not pass until someone acts: dead-lettered, logged once per status."""
     reason = f"{who} answered HTTP {status}"
     if status in (408, 425, 429) or status >= 500:
         return Delivery("retry", reason, retry_after=retry_after)
@@ -685,11 +704,16 @@ def http_failure(
             cause=f"http {status}",
         )
     if 300 <= status < 400:
-        where = redact_url(location) if location else "nowhere (no Location)"
+        # About the URL, not the alert (an egress gateway switched to https, or moved). Dead-
+        # lettered, every alert of that time went unpaged: retried, as the webhook, Loki and
+        # Elasticsearch do. A failure, not a hold: retry_max_attempts still ends a lasting one.
         return Delivery(
-            "reject",
-            f"{reason}: redirect to {where} not followed: set the robot's URL to where it should go",
+            "retry",
+            f"{reason}: redirect to {shown_location(location)} not followed: "
+            "set the robot's URL to where it should go",
+            retry_after=retry_after,
             cause=f"http {status}",
+            redirected=True,
         )
     return Delivery(
         "reject", f"{reason}, not the API's own answer: check the URL and any proxy", cause=f"http {status}"
@@ -742,7 +766,8 @@ class AlertSink(Sink[OptionsT]):
         self._throttle = options.throttle_backoff
         self._last_flush: float | None = None
         self._refused_log = Throttled(self.log, _LOG_REFUSED_EVERY)
-        self._refusing = False  # the last answer refused our credentials (warned): an OK ends that run
+        # The last answer refused our credentials or was a redirect (warned): an OK ends that run.
+        self._refusing = False
         self.sent_messages = 0
         """Messages the robot accepted (errcode 0)."""
         self._proxy = options.proxy.get_secret_value() if options.proxy is not None else None
@@ -824,8 +849,11 @@ class AlertSink(Sink[OptionsT]):
     def http_failure(
         self, who: str, status: int, retry_after: float | None = None, location: str | None = None
     ) -> Delivery:
-        """``http_failure`` with what to check for a refusal, from this sink's options."""
+        """``http_failure`` with what to check for a refusal, from this sink's options, and a
+        redirect's ``Location`` without our credentials (a gateway may put the token in its path)."""
         advice = self.refusal_advice(status) if status in REFUSED_STATUSES else ""
+        if location:
+            location = self.redact(location)
         return http_failure(who, status, retry_after, location, advice=advice)
 
     async def start(self) -> None:
@@ -854,9 +882,11 @@ class AlertSink(Sink[OptionsT]):
         if url is None:
             return
         shown = redact_url(url)
+        location: str | None = None
         try:
             async with self.session().head(url, allow_redirects=False, **self.request_options()) as resp:
                 status = resp.status
+                location = resp.headers.get("Location")
                 self.log.info("%s: %s answered HEAD with %d", self.context.name, shown, status)
         except aiohttp.ClientHttpProxyError as exc:  # the proxy refused the tunnel to an https robot
             status = exc.status
@@ -867,6 +897,14 @@ class AlertSink(Sink[OptionsT]):
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             reason = self.redact(f"{type(exc).__name__}: {exc}")
             raise SinkError(f"{self.context.name}: cannot reach {shown}: {reason}") from None
+        if 300 <= status < 400:
+            # Every alert would meet it too (never followed, retried until retry_max_attempts):
+            # said now, as Loki's and Elasticsearch's start do, not at the first page that fails.
+            raise SinkError(
+                f"{self.context.name}: {shown} answered HEAD with {status}, a redirect to "
+                f"{shown_location(self.redact(location or ''))}, which the sink does not follow: "
+                "set the robot's URL to where it points"
+            )
         if status not in REFUSED_STATUSES:
             return
         refused = self.http_failure(shown, status).reason
@@ -1066,7 +1104,8 @@ class AlertSink(Sink[OptionsT]):
                 try:
                     result = await self._deliver_safely(title, text, digest)
                 finally:
-                    self.limiter.end(counted=result is None or not result.refused)
+                    # Refused or redirected, the robot never saw it: not one of its messages a minute.
+                    self.limiter.end(counted=result is None or not (result.refused or result.redirected))
                 if not self._settle(digest, result):
                     return
 
@@ -1152,6 +1191,18 @@ class AlertSink(Sink[OptionsT]):
                     self.context.name,
                     result.reason,
                 )
+            if result.redirected:
+                # Every message meets it until the URL is put right: failed (retry_max_attempts
+                # ends a lasting one), not dead-lettered at once, and said once a run, not per digest.
+                self._refusing = True
+                self._refused_log.warning(
+                    "redirect",
+                    "%s: %s (a POST redirected would come back a GET, or go on to another host with "
+                    "the token); retrying until that is put right (not dead-lettered for it, unless "
+                    "retry_max_attempts runs out)",
+                    self.context.name,
+                    result.reason,
+                )
             if result.too_fast:
                 # The robot throttles us (someone else shares it, or its own limit): nothing is wrong
                 # with the alerts, so they are held, not failed: a throttle that outlasts
@@ -1171,7 +1222,7 @@ class AlertSink(Sink[OptionsT]):
         if result.kind == "ok":
             self.sent_messages += 1
             self._throttle = self.options.throttle_backoff
-            if self._refusing:  # that run of refusals is over: the next one is news, logged at once
+            if self._refusing:  # that run of refusals or redirects is over: the next one is news
                 self._refusing = False
                 self._refused_log = Throttled(self.log, _LOG_REFUSED_EVERY)
         elif result.cause not in self._logged:

@@ -7,8 +7,8 @@ success; 130101 and 410100 ("send too fast": the robot is throttled) back off, h
 310000 for the signature, its timestamp or the IP allowlist and an unknown ``access_token`` (300001,
 300005) refuse the sender, not the message: retried (a secret reset in the console comes into the pod
 a little later), warned of once per run, and so is a 401/403/407 of a gateway or proxy in front of
-the robot (``proxy``, or the URL's user info); 310000 "keywords not in content" and the others are
-the message's own: rejected and logged once per cause.
+the robot (``proxy``, or the URL's user info), or its redirect (never followed); 310000 "keywords not
+in content" and the others are the message's own: rejected and logged once per cause.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ Replies are HTTP 200 with an ``errcode``: 0 is the only success; 45009 ("api fre
 backs off; a refused webhook key (93000), corp id or secret (40013, 40001, 40091) or address (60020)
 is retried (a key or secret reset in the console reaches the pod a little later), warned of once per
 run, and so is a 401/403/407 of a gateway or proxy in front of WeCom (``proxy``, or the URL's user
-info); agent, recipient and message errors are permanent.
+info), or its redirect (never followed); a gateway's 429/5xx waits its Retry-After; agent,
+recipient and message errors are permanent.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import aiohttp
 import orjson
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 
-from eventrouter import Secret, SinkContext, SinkError
+from eventrouter import Secret, SinkContext, SinkError, parse_retry_after
 from eventrouter.options import StrList, redact_url
 
 from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest
@@ -249,9 +250,12 @@ class WeComSink(AlertSink[WeComOptions]):
         async with self.session().get(url, allow_redirects=False, **self.request_options()) as resp:
             raw = await resp.content.read(64 * 1024)
             status = resp.status
+            # A gateway's 429/503 says how long: retried at the engine's backoff, the alert used up
+            # retry_max_attempts within seconds (as DingTalk and every HTTP sink, honoured).
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
             location = resp.headers.get("Location")
         if status != 200:
-            return self.http_failure("WeCom gettoken", status, location=location)
+            return self.http_failure("WeCom gettoken", status, retry_after, location)
         try:
             reply = orjson.loads(raw)
             code = int(reply.get("errcode", 0))
@@ -321,9 +325,10 @@ class WeComSink(AlertSink[WeComOptions]):
         ) as resp:
             raw = await resp.content.read(256 * 1024)
             status = resp.status
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))  # as gettoken's
             location = resp.headers.get("Location")
         if status != 200:
-            return self.http_failure("WeCom", status, location=location)
+            return self.http_failure("WeCom", status, retry_after, location)
         try:
             reply = orjson.loads(raw)
             code = int(reply["errcode"])
