@@ -58,7 +58,9 @@ answers with a retriable error (NOT_ENOUGH_REPLICAS while a partition lacks in-s
 REQUEST_TIMED_OUT) for ever. What was acknowledged by then is OK; a batch not acknowledged is retried (with
 what follows it on its partition) and its producer discarded without flushing; what was not sent yet
 (refused batches going again in pieces, slowly) comes back as a hold, sent again at once without counting
-as a failed attempt. No batch is handed over in the budget's last tenth, nor one whose answer, if as slow
+as a failed attempt; beside records the same send set aside (a refused partition, a missing topic) it
+waits aside too, due at once and in its partition's place (in place, it took them back with it, each resend
+an attempt). No batch is handed over in the budget's last tenth, nor one whose answer, if as slow
 as the slowest of the send, would come too late. A batch handed over late (in the budget's last
 ``request_timeout_ms`` and its second half) is waited for until ``request_timeout_ms`` after that (its
 produce request answered or timed out), past the budget if need be but not past ``send_timeout`` less a
@@ -753,7 +755,7 @@ class _SendState:
     late_from: float  # a batch handed over after this is waited for past the deadline (see ack_by)
     last_ack: float  # nothing is waited for after this (send_timeout less _ANSWER_MARGIN)
     answer_time: float  # seconds (request_timeout_ms): a produce request is answered or timed out by then
-    late: Outcome  # the records not sent in time (held: sent again at once, no failed attempt)
+    late: Outcome  # the records not sent in time (held: sent again at once, no failed attempt; _send)
     # The batches given up unacknowledged, judged again when the send ends (_send): until the producer
     # is halted then, aiokafka goes on retrying them and their answers still come.
     given_up: list[tuple[_Batch, asyncio.Future[Any]]]
@@ -1514,7 +1516,22 @@ class KafkaSink(Sink[KafkaOptions]):
             self._defer_refused(groups, outcomes, state)
 
         final = [o if o is not None else retry("kafka: no outcome recorded (bug)") for o in outcomes]
-        if self._aside or self._refused:
+        late = sum(o.held and not o.defer for o in final)
+        aside_late = (
+            late > 0 and any(o.defer for o in final) and any(o.kind is not OutcomeKind.RETRY for o in final)
+        )
+        if aside_late:
+            # Records set aside (a refused partition, a missing topic, held back behind its own), and
+            # the send out of time: what it did not send waits aside too (due at once, no attempt).
+            # Held in place, it took those set aside back in place with it (the engine retries a batch
+            # whole when any of it is), at the head of every resend, each an attempt: at
+            # retry_max_attempts records never sent were dead-lettered with the refused partition's
+            # reason; without, they waited a doubling backoff behind it (webhook item 192's fault).
+            # Only when the send settled something: otherwise item 138's failed attempt below.
+            # Noted in their partitions' places (_settle_aside): newer records wait behind them.
+            waiting = retry(state.late.reason, retry_after=0.0, held=True, defer=True)
+            final = [waiting if o.held and not o.defer else o for o in final]
+        if self._aside or self._refused or aside_late:
             self._settle_aside(batch, groups, final)
         if any(o.held and not o.defer for o in final) and all(o.kind is OutcomeKind.RETRY for o in final):
             # Nothing settled: a hold (sent again at once, no failed attempt) would repeat this send for
@@ -1527,6 +1544,7 @@ class KafkaSink(Sink[KafkaOptions]):
                 "sent again in pieces"
             )
             final = [stuck if o.held and not o.defer else o for o in final]
+            late = 0  # failures now: counted below
         # Records of a missing topic or a refused partition are not counted here: that topic or
         # partition was logged (_note_missing, _defer_refused).
         failed = [o for o in final if o.kind is not OutcomeKind.OK and not o.defer and not o.held]
@@ -1534,9 +1552,13 @@ class KafkaSink(Sink[KafkaOptions]):
             self.log.warning(
                 "kafka: %d of %d records not accepted (first: %s)", len(failed), len(final), failed[0].reason
             )
-        late = sum(o.held and not o.defer for o in final)
         if late:
-            self.log.info("kafka: %d of %d records not sent within this send's time budget", late, len(final))
+            self.log.info(
+                "kafka: %d of %d records not sent within this send's time budget%s",
+                late,
+                len(final),
+                " (set aside, due at once, with the records set aside)" if aside_late else "",
+            )
         return final
 
     async def _deliver(
@@ -1812,9 +1834,9 @@ class KafkaSink(Sink[KafkaOptions]):
         groups: dict[tuple[str, int], list[tuple[int, _Message]]],
         final: Sequence[Outcome],
     ) -> None:
-        """Note the records set aside, in the order they had in their partition (this send's lane
-        order), and let go of those answered otherwise; a partition that acknowledged a batch and had
-        none set aside after it is no longer refused."""
+        """Note the records set aside (and those the send had no time for beside them), in the order
+        they had in their partition (this send's lane order), and let go of those answered otherwise;
+        a partition that acknowledged a batch and had none refused after it is no longer refused."""
         aside, at, order = self._aside, self._aside_at, self._aside_order
         for i, outcome in enumerate(final):  # where it was noted: its key may map elsewhere now
             if outcome.kind is not OutcomeKind.RETRY and at:
@@ -1829,8 +1851,8 @@ class KafkaSink(Sink[KafkaOptions]):
                 if not outcome.defer:
                     continue  # retried in place: it keeps its place
                 # A batch taken, then one refused (a refusal starting mid-send): still refused, its
-                # backoff kept growing.
-                deferred = True
+                # backoff kept growing. Not for records the send had no time for (held): not refused.
+                deferred = deferred or not outcome.held
                 key = (batch[i].uid, batch[i].number)
                 was = at.get(key)
                 if was is not None and was != where:
