@@ -19,6 +19,7 @@ from collections.abc import (
     Coroutine,
     Iterable,
     Iterator,
+    Mapping,
     Sequence,
 )
 from dataclasses import dataclass, field
@@ -162,13 +163,33 @@ def disk_bounds(specs: Sequence[SinkSpec], budget: int | None) -> dict[str, tupl
     stay. Without a budget, the configured bounds."""
     if budget is None or not specs:
         return {spec.name: (spec.pipeline.spool_max_bytes, DEADLETTER_MAX) for spec in specs}
-    share = int(budget * (1 - DISK_RESERVE)) // len(specs)
-    bounds: dict[str, tuple[int, int]] = {}
-    for spec in specs:
-        deadletter = min(DEADLETTER_MAX, max(1, share // 8))
-        spool = min(spec.pipeline.spool_max_bytes, max(0, share - 2 * deadletter))
-        bounds[spec.name] = (spool, deadletter)
-    return bounds
+    spool_room, deadletter = _share(len(specs), budget)
+    return {spec.name: (min(spec.pipeline.spool_max_bytes, spool_room), deadletter) for spec in specs}
+
+
+def _share(sinks: int, budget: int) -> tuple[int, int]:
+    """Of ``budget``, one sink's room for its spool and for each of its two dead-letter files."""
+    share = int(budget * (1 - DISK_RESERVE)) // sinks
+    deadletter = min(DEADLETTER_MAX, max(1, share // 8))
+    return max(0, share - 2 * deadletter), deadletter
+
+
+def budget_beside_spools_off(sinks: int, budget: int, held: Mapping[str, int]) -> int:
+    """The data dir's budget left when the sinks in ``held`` run without a spool while their spool
+    folders still hold that many bytes. Such a sink keeps its share (disk_bounds), whose spool room
+    it leaves unused: a folder is taken out of the budget only for what it holds beyond that room.
+    Taken out in full, it was counted twice, and a neighbour's spool shrank below what it held and
+    dropped its oldest records (item 202's first version). The room depends on the budget left, so
+    this is (to a byte) the largest B with B + sum(max(0, held - room(B))) <= budget: each step down
+    from ``budget`` takes out at least as much as the one before, and the steps shrink."""
+    settled = budget
+    for _ in range(1000):  # ~120 at most in a seeded search of 50,000 layouts
+        room = _share(sinks, settled)[0]
+        lower = max(0, budget - sum(max(0, size - room) for size in held.values()))
+        if lower >= settled:
+            return settled
+        settled = lower
+    return max(0, budget - sum(held.values()))  # never reached in practice: every folder in full
 
 
 def _checkpoint_backend(settings: RouterSettings, name: str) -> CheckpointBackend:
@@ -244,19 +265,20 @@ class Router:
             # Spools of sinks no longer configured take their room on the volume until removed.
             budget = max(0, budget - stranded)
         bounds = disk_bounds(self.specs, budget)
-        off: set[str] = set()
+        held: dict[str, int] = {}
+        beside = budget
         while data is not None:
             # A sink given no spool (spool_max_bytes=0, or no room left) whose spool folder still holds
             # records: nothing reads them, said as for the spool of a sink not configured; what the
-            # folder takes is not the others' either.
-            newly = [s.name for s in self.specs if bounds[s.name][0] <= 0 and s.name not in off]
-            off.update(newly)
-            held = sum(self._report_spool_off(data, name) for name in newly)
-            if not (budget and held):
+            # folder takes beyond the sink's unused spool room is not the others' either.
+            newly = [s.name for s in self.specs if bounds[s.name][0] <= 0 and s.name not in held]
+            held.update((name, self._report_spool_off(data, name)) for name in newly)
+            if not (beside and newly and any(held.values())):
                 break
-            stranded += held
-            budget = max(0, budget - held)
+            budget = budget_beside_spools_off(len(self.specs), beside, held)
             bounds = disk_bounds(self.specs, budget)
+        if budget is not None and beside is not None:
+            stranded += beside - budget
         if data and budget is not None:
             log.info(
                 "data dir %s holds at most %.0f MiB%s: %s",

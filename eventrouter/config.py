@@ -118,16 +118,16 @@ def parse_sink_flag(flag: str, *, where: str = "--sink", name: str | None = None
     _refuse_user_info_cut_at_a_query(rest, [k for k, _ in pairs], f"{where} (sink {name or type_!r})")
     entry: dict[str, Any] = {"type": type_, QUERY_KEYS: []}
     # Decoded as kube-eventer's Go ParseQuery does (migrated flags rely on it), `+` included; which
-    # keys had one is kept for spec_for_class to refuse it where a space is surely not meant.
-    plus = sorted(
-        {
-            urllib.parse.unquote_plus(raw_key)
-            for raw_key, _, raw_value in (part.partition("=") for part in query.split("&"))
-            if "+" in raw_value
-        }
-    )
+    # keys had one is kept for spec_for_class to refuse it where a space is surely not meant (but
+    # the space of kube-eventer's header=Authorization=Bearer+TOKEN: _scheme_space).
+    plus: set[str] = set()
+    for part in query.split("&"):
+        raw_key, _, raw_value = part.partition("=")
+        key = urllib.parse.unquote_plus(raw_key)
+        if "+" in raw_value and not _scheme_space(key, raw_value):
+            plus.add(key)
     if plus:
-        entry[QUERY_PLUS] = plus
+        entry[QUERY_PLUS] = sorted(plus)
     if url:
         entry["url"] = url
     for key, value in pairs:
@@ -140,6 +140,32 @@ def parse_sink_flag(flag: str, *, where: str = "--sink", name: str | None = None
             entry[key] = value
         entry[QUERY_KEYS].append(key)
     return entry
+
+
+_AUTH_SCHEMES = frozenset(
+    {
+        # IANA's registry, and schemes services document (GitLab/DRF Token, Elastic ApiKey, Splunk
+        # HEC, Opsgenie GenieKey, Okta SSWS).
+        *("basic", "bearer", "concealed", "digest", "dpop", "gnap", "hoba", "mutual", "negotiate"),
+        *("oauth", "privatetoken", "vapid", "token", "apikey", "api-key", "key", "splunk", "geniekey"),
+        "ssws",
+    }
+)
+"""Authorization schemes (lower case) after which a header value's ``+`` is taken as a space."""
+
+_SCHEME_START = re.compile(r"\s*[!#$%&'*.^_`|~0-9A-Za-z-]+\s*[:=]\s*([A-Za-z][A-Za-z0-9-]*)")
+
+
+def _scheme_space(key: str, raw_value: str) -> bool:
+    """kube-eventer's ``header=Authorization=Bearer+TOKEN``: its Go query parsing reads ``+`` as a
+    space, the usual way to write "Bearer TOKEN" in a URL. A single raw ``+`` right after a known
+    auth scheme at the start of a header's value is that space; any other ``+`` (a base64 value,
+    ``application/cloudevents+json``) is refused, as in any credential."""
+    if key not in ("header", "headers") or raw_value.count("+") != 1:
+        return False
+    before, _, after = raw_value.partition("+")
+    start = _SCHEME_START.fullmatch(urllib.parse.unquote(before))
+    return start is not None and start.group(1).lower() in _AUTH_SCHEMES and bool(after.strip())
 
 
 def _refuse_user_info_cut_at_a_query(whole: str, keys: Sequence[str], where: str) -> None:
@@ -221,6 +247,22 @@ def _shown_option(name: str) -> str:
     return f"{head + cut.group(0) + '…'!r} (the rest not shown: did you mean {head}=…?)"
 
 
+_KEY_PART = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token: a header's name
+
+
+def _shown_part(part: str) -> str:
+    """A part of an error's location past the option (a key of a mapping, an index) as messages show
+    it: a key no header or option is named may hold a credential typed ``Name:Value``; only its part
+    before the first ``:``, ``=`` or white space is shown."""
+    if _KEY_PART.fullmatch(part):
+        return part
+    cut = re.search(r"[:=\s]", part)
+    head = part[: cut.start()] if cut else ""
+    if cut is None or not _KEY_PART.fullmatch(head):
+        return "(a key not shown)"
+    return f"{head}{cut.group(0)}… (the rest not shown)"
+
+
 def _format_errors(where: str, exc: ValidationError, keys: Mapping[str, Any] | None = None) -> str:
     lines = []
     for err in exc.errors(include_url=False, include_input=False):
@@ -230,8 +272,10 @@ def _format_errors(where: str, exc: ValidationError, keys: Mapping[str, Any] | N
             msg = "unknown option"
         if not parts:
             shown = repr("(options)")
-        elif _OPTION_NAME.fullmatch(parts[0]) and "@" not in ".".join(parts):
-            shown = repr(".".join(parts))  # nested parts (a header's name) are the sink's to check
+        elif _OPTION_NAME.fullmatch(parts[0]):
+            # A nested part is a key as typed too: a YAML flow `headers: {Authorization:Bearer T}`
+            # makes a header *named* "Authorization:Bearer T" (pydantic then finds its value missing).
+            shown = repr(".".join([parts[0], *map(_shown_part, parts[1:])]))
         else:
             # The key as typed: what follows its first : = or space may be a credential.
             shown = _shown_option(parts[0])
@@ -293,6 +337,14 @@ def spec_for_class(
                     f"{where}: query key {_shown_option(key)}: holds a ':', '=' or space, as a "
                     "credential typed name:value does; it is not sent on to the endpoint (write "
                     "name=value)"
+                )
+            values = extra[key] if isinstance(extra[key], list) else [extra[key]]
+            if any(isinstance(v, str) and _REFERENCE.fullmatch(v.strip()) for v in values):
+                # Sent on as the text "env:NAME" (a webhook's `token` was bearer_token's alias once).
+                raise ConfigError(
+                    f"{where}: query key {key!r} is no option of this sink: it stays in the URL as "
+                    "written, where env: and file: are not read (give a credential in an option of "
+                    "the sink, e.g. the webhook's bearer_token=env:NAME)"
                 )
             close = difflib.get_close_matches(key, [*known, *COMMON_KEYS], n=1, cutoff=0.75)
             if close:
@@ -380,14 +432,15 @@ def _refuse_plus(keys: set[str], models: Sequence[type[BaseModel]], where: str) 
     for key in sorted(keys):
         if key in _REGEX_OPTIONS:
             raise ConfigError(
-                f"{where}: option {key!r}: a + in a query reads as a space: write %2B (and %20 for a "
-                "space), or give the filter in a YAML sinks: entry"
+                f"{where}: option {key!r}: a + in a query reads as a space: write %20 for a space, %2B "
+                "for a plus, or give the filter in a YAML sinks: entry"
             )
         for model in models:
             info = next((i for n, i in model.model_fields.items() if key in _names_of(n, i)), None)
             if info is not None and "SecretStr" in str(info.annotation):
                 raise ConfigError(
-                    f"{where}: option {key!r}: a + in a query reads as a space: write %2B, or use env:/file:"
+                    f"{where}: option {key!r}: a + in a query reads as a space: write %20 for a space, "
+                    "%2B for a plus, or use env:/file:"
                 )
 
 

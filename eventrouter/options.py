@@ -490,16 +490,22 @@ class FilterOptions(_Strict):
 
     @model_validator(mode="after")
     def _kept_and_dropped(self) -> FilterOptions:
-        # Exclusion wins, so a name in both is dropped: most likely one of the two lists is wrong.
+        # Exclusion wins: a sink whose every kept name is dropped receives nothing. A list that still
+        # keeps something beside a dropped name is valid (kinds=Pod,Node&exclude_kinds=Pod, as the
+        # migration guide's translation of a route tree's drop and match gives).
         for keep, drop in (
             ("namespaces", "exclude_namespaces"),
             ("kinds", "exclude_kinds"),
             ("reasons", "exclude_reasons"),
         ):
             dropped: list[str] = getattr(self, drop)
-            for name in getattr(self, keep):
-                if not _is_glob(name) and name_matches(dropped, name):
-                    raise ValueError(f"{keep} keeps {name!r} and {drop} drops it: name it in one of them")
+            kept: list[str] = getattr(self, keep)
+            if kept and all(not _is_glob(name) and name_matches(dropped, name) for name in kept):
+                names = ", ".join(map(repr, kept))
+                them = "it" if len(kept) == 1 else "them all"
+                raise ValueError(
+                    f"{keep} keeps {names} and {drop} drops {them}: the sink would receive nothing"
+                )
         return self
 
     @field_validator("message", "exclude_message")

@@ -37,7 +37,16 @@ def headers_input(value: Any) -> Any:
     if isinstance(value, str):
         value = [value]
     if isinstance(value, Mapping):
-        return {str(k).strip(): v.strip() if isinstance(v, str) else v for k, v in value.items()}
+        mapped: dict[str, Any] = {}
+        for n, (key, item) in enumerate(value.items(), 1):
+            name = str(key).strip()
+            if not _HEADER_NAME.fullmatch(name):
+                # A YAML flow `{Authorization:Bearer T}` (no space after the colon) is one key
+                # holding the credential, its value null: never echoed, as a malformed entry is not.
+                name = _shown_key(n, name)
+                item = "" if item is None else item
+            mapped[name] = item.strip() if isinstance(item, str) else item
+        return mapped
     if isinstance(value, list | tuple):
         result: dict[str, Any] = {}
         for n, entry in enumerate(value, 1):
@@ -59,6 +68,17 @@ def headers_input(value: Any) -> Any:
                 result[name] = text[cut + 1 :].strip()
         return result
     return value
+
+
+def _shown_key(n: int, key: str) -> str:
+    """A mapping key that is no header's name, as messages show it: its part before a ``:`` or ``=``
+    only when that part is a header's name (the rest may be a credential)."""
+    cut = re.search(r"[:=\s]", key)
+    if cut is None or cut.group(0) not in ":=" or not _HEADER_NAME.fullmatch(key[: cut.start()]):
+        return f"<key #{n} is not a header name>"
+    flow = cut.group(0) == ":" and not key[cut.end() : cut.end() + 1].isspace()  # {Name:Value}
+    hint = ": YAML needs a space after the colon" if flow else ""
+    return f"<key #{n} {key[: cut.start()]}{cut.group(0)}… (the rest not shown) is not a header name{hint}>"
 
 
 Headers = Annotated[dict[str, Secret], BeforeValidator(headers_input)]

@@ -324,11 +324,9 @@ class WebhookOptions(SinkOptions):
     insecure_skip_verify: bool = Field(False, description="Do not verify the server's certificate.")
     username: str | None = Field(None, description="HTTP basic auth user.")
     password: Secret | None = Field(None, description="HTTP basic auth password.")
-    bearer_token: Secret | None = Field(
-        None,
-        validation_alias=AliasChoices("bearer_token", "token"),
-        description="Authorization: Bearer token.",
-    )
+    # No `token` alias: endpoints such as Google Chat's take ?key=&token= in their URL, and unknown
+    # query keys stay there (url_query_passthrough); an alias took that token out as a Bearer header.
+    bearer_token: Secret | None = Field(None, description="Authorization: Bearer token.")
     healthcheck_url: str | None = Field(
         None,
         description=(

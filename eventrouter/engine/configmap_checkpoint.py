@@ -82,7 +82,12 @@ without it). Twice the API server's default ``--event-ttl`` (1 h), as for the en
 scoped watch does not see (fanout.UNSEEN_KEEP): after that each event they name has expired or
 occurred again (a new count, sent once to the sink configured again, with or without its entry), so
 they would spare it nothing. Meanwhile they are also pruned to the events the API server holds, as
-the configured sinks' are (an unscoped watch)."""
+the configured sinks' are (an unscoped watch).
+
+It assumes ``--event-ttl`` is at most 2 h: the router has no setting for it and cannot read the API
+server's. Where Events are kept longer (OpenShift keeps them 3 h), a sink configured again more than
+2 h after it was left out is sent again what it had accepted of the events still held: duplicates,
+never a loss."""
 _MAGIC = b"ERCK\x01"
 _UNSEEN_MAGIC = b"ERUS\x01"
 _RAW, _ZLIB = 0, 1

@@ -475,6 +475,24 @@ def test_a_literal_header_value_is_refused(chart: helm.Chart) -> None:
     render(chart, {"config": {"sinks": [sink]}})
 
 
+@pytest.mark.parametrize(
+    ("key", "shown"),
+    [(f"Authorization:Bearer {SECRET_VALUE}", "Authorization"), (f"X-Api-Key={SECRET_VALUE}", "X-Api-Key")],
+    ids=["flow-key", "name-equals-value"],
+)
+def test_a_header_typed_as_a_yaml_flow_key_is_refused_without_its_credential(
+    chart: helm.Chart, key: str, shown: str
+) -> None:
+    """`headers: {Authorization:Bearer TOKEN}` (no space after the colon) is one key holding the
+    credential, its value null: the render error printed the key whole."""
+    sink = {"type": "webhook", "name": "hook", "url": "http://hook", "headers": {key: None}}
+    with pytest.raises(helm.HelmRenderError) as refused:
+        render(chart, {"config": {"sinks": [sink]}})
+    message = str(refused.value)
+    assert f'config.sinks[0] (hook): header key "{shown}"… is not a header name' in message, message
+    assert SECRET_VALUE not in message, message
+
+
 def _credential_options() -> dict[tuple[str, str], str]:
     """(sink type, option name or alias) of every credential option of the built-in sinks (SecretStr
     in their options models) → its shape: "scalar", "list" (Loki's headers) or "dict" (webhook's)."""

@@ -464,7 +464,7 @@ def test_bad_headers_and_auth_are_configuration_errors_without_the_values() -> N
         ),
         ({"headers": {"X-A": "s3cr3t\r\nX-B: 1"}}, "headers: the value of 'X-A' contains a line break"),
         ({"username": "a:b", "password": "s3cr3t"}, "username must not contain ':'"),
-        ({"username": "u", "password": "s3cr3t", "token": "s3cr3t"}, "set bearer_token or basic auth"),
+        ({"username": "u", "password": "s3cr3t", "bearer_token": "s3cr3t"}, "set bearer_token or basic auth"),
         ({"url": "http://u:s3cr3t@h/x", "bearer_token": "s3cr3t"}, "set bearer_token or basic auth"),
     ]
     for entry, expected in cases:

@@ -128,7 +128,10 @@ a proxy may be a plain http(s)://host:port without user info. */}}
 {{- if kindIs "map" $value -}}
 {{- range $header, $item := $value -}}
 {{- if not (regexMatch "^(env:|file:)" (toString $item)) -}}
-{{- if $isHeader -}}
+{{- if and $isHeader (regexMatch `[:=\s]` (toString $header)) -}}
+{{- /* A YAML flow {Authorization:Bearer TOKEN} is one key holding the credential: never printed. */ -}}
+{{- fail (printf "%s: header key %q… is not a header name (the rest not shown; in YAML, Name: Value has a space after the colon); give the value as env:VAR_NAME or file:/path (headers carry credentials)" $where (regexReplaceAll `(?s)[:=\s].*$` (toString $header) "")) -}}
+{{- else if $isHeader -}}
 {{- fail (printf "%s: header %q holds a literal value; give it as env:VAR_NAME or file:/path (headers carry credentials)" $where (toString $header)) -}}
 {{- else -}}
 {{- fail (printf "%s: option %q looks like a credential; %s" $where $key (include "eventrouter.credentialHint" dict)) -}}
