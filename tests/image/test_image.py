@@ -235,6 +235,8 @@ class Pod:
         self.image, self.tmp = image, tmp / name
         self.tmp.mkdir()
         self.pod_name = name
+        # The pod's metadata.uid: a container restarted in this pod keeps it, as the kubelet's does.
+        self.pod_uid = f"uid-{name}-{os.getpid()}"
         self.name = f"eventrouter-image-test-{os.getpid()}-{name}"
         self.metrics_port = free_port()
         objs = render_chart({**values, "metrics": {"port": self.metrics_port}})
@@ -312,7 +314,11 @@ class Pod:
         return flags
 
     def env_flags(self) -> list[str]:
-        fields = {"metadata.name": self.pod_name, "metadata.namespace": "monitoring"}
+        fields = {
+            "metadata.name": self.pod_name,
+            "metadata.namespace": "monitoring",
+            "metadata.uid": self.pod_uid,
+        }
         flags = []
         for var in self.container["env"]:
             source = var.get("valueFrom", {})
