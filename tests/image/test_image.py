@@ -502,11 +502,13 @@ def lines_of(path: Path) -> list[tuple[str, int]]:
 
 
 def lease_holder(api: FakeApiServer, name: str) -> str | None:
+    """The pod holding the lease (its identity is the pod's name, "_", its uid)."""
     try:
         lease = api.get_object("leases", "monitoring", name)
     except Exception:
         return None
-    return (lease.get("spec") or {}).get("holderIdentity") or None
+    identity = (lease.get("spec") or {}).get("holderIdentity") or ""
+    return identity.split("_", 1)[0] or None
 
 
 async def test_the_chart_s_two_replicas_hand_over_without_losing_anything_when_the_leader_is_killed(
