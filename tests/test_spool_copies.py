@@ -25,9 +25,11 @@ from eventrouter.engine.spool import Spool
 from eventrouter.metrics import SINK_DROP_REASONS, Metrics
 from eventrouter.options import PipelineOptions
 from eventrouter.record import Occurrence, normalise
-from eventrouter.sink import SinkContext
+from eventrouter.sink import OK, Outcome, SinkContext, retry
 from eventrouter.source.watcher import WatchSettings
-from eventrouter.testing import FakeApiServer, MemorySink, MemorySinkOptions, event_object
+from eventrouter.testing import FakeApiServer, MemorySink, MemorySinkOptions, event_object, make_occurrence
+from eventrouter.testing.memory import Listening
+from eventrouter.testing.pipelines import pipeline_for
 from eventrouter.testing.waiting import until
 
 TOKEN = "t0ken"
@@ -193,3 +195,128 @@ def test_the_keys_held_at_open_survive_a_crash_and_are_freed_once_read(tmp_path:
     spool.pop(1)
     assert spool.held_at_open is None and not spool.holds(groups[0][0])
     spool.close()
+
+
+# ---- a relisted copy of an occurrence finished while an older one of its event waits aside --------
+
+
+class _RefusingDayOne(MemorySink):
+    """An index per day: X/1's day is refused (``defer``) while ``refusing``; X/2's is taken."""
+
+    def __init__(self, options: MemorySinkOptions, context: object) -> None:
+        super().__init__(options, context)
+        self.refusing = True
+        self.decide = self._decide
+
+    def _decide(self, occ: Occurrence) -> Outcome:
+        if self.refusing and occ.record["involved_object"]["name"] == "x" and occ.number == 1:
+            return retry("index of day 1 refused", defer=True)
+        return OK
+
+
+@pytest.mark.parametrize("lists_failing", [0, 8])
+async def test_a_relisted_copy_of_an_occurrence_accepted_while_an_older_one_waits_aside_is_not_sent_again(
+    api: FakeApiServer, tmp_path: Path, lists_failing: int
+) -> None:
+    """A clean stop kept X/1, X/2 and three others in the spool. After the restart the pipeline reads
+    them before the relist comes (at once, or after 8 failed lists); the sink refuses X/1's day and
+    takes X/2, whose checkpoint entry then waits below X/1. The relist offers X/2 again. Before, the
+    spool's keys from before the start were freed once all was read, and nothing else knew X/2 was
+    finished: the copy went aside behind X/1 and out again with it (X stored 2, 1, 2 in each run)."""
+    x = api.create_event(event_object(object_name="x", name="x"))
+    uid = x["metadata"]["uid"]
+    assert int(api.bump("default", "x")["count"]) == 2
+    others = [api.create_event(event_object(object_name=f"a-{i}", name=f"a-{i}")) for i in range(3)]
+    spool = Spool(tmp_path / "data" / "spool" / "mem", max_bytes=10**9, cluster="t")
+    kept = [_occurrence_of("x", uid, 1), _occurrence_of("x", uid, 2)]
+    kept += [_occurrence_of(o["metadata"]["name"], o["metadata"]["uid"], 1) for o in others]
+    for occ in kept:
+        spool.append(occ)
+    spool.commit()
+    spool.close()
+    if lists_failing:
+        api.faults.fail_next(500, count=lists_failing, verbs=("list",))
+    router = Router(
+        RouterSettings(
+            cluster_name="t",
+            kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
+            metrics_addr=None,
+            data_dir=tmp_path / "data",
+            watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
+        ),
+        [
+            spec_for_class(
+                _RefusingDayOne,
+                {
+                    "name": "mem",
+                    "batch_max_wait": 0.02,
+                    "queue_max_events": 10,
+                    "batch_max_events": 5,
+                    "retry_initial_backoff": 0.05,
+                    "retry_max_backoff": 0.1,
+                },
+                type_="memory",
+            )
+        ],
+    )
+    async with router.running():
+        sink = router.sinks["mem"]
+        assert isinstance(sink, _RefusingDayOne)
+        p = router.pipelines[0]
+        await until(lambda: router.watchers[0].initial_list_done.is_set(), timeout=30)
+        await until(lambda: (uid, 2) in sink.keys, timeout=10)
+        assert p.checkpoint.accepted(uid) == 0  # held below X/1, which waits aside
+        sink.refusing = False
+        assert p.spool is not None
+        spooled = p.spool
+        await until(lambda: (uid, 1) in sink.keys and not (p._queue or p._deferred or len(spooled)))
+        await p.wait_idle(10)
+    got = collections.Counter(sink.keys)
+    assert [k for k, n in got.items() if n > 1] == []
+    assert set(got) == {(occ.uid, occ.number) for occ in kept}
+    assert [n for u, n in sink.keys if u == uid] == [2, 1]
+    assert router.exit_code == 0
+
+
+def _occurrence_of(name: str, uid: str, count: int) -> Occurrence:
+    return normalise(event_object(object_name=name, name=name, uid=uid, count=count), cluster="t")
+
+
+async def test_a_copy_of_an_occurrence_finished_while_an_older_one_waits_aside_is_not_sent_again() -> None:
+    """X/1 refused for a cause of its own (its day's index) and set aside, X/2 taken: X's checkpoint
+    entry waits below X/1, X/2 finished and not recorded. A copy of X/2 then offered (the relist
+    after a restart, once the spool's keys from before the start were freed: its backlog was read
+    before the relist came) is a copy. Before, it went aside behind X/1 and out again with it."""
+    ctx = SinkContext(name="mem", cluster="test", data_dir=None, logger=logging.getLogger("mem"))
+    sink = Listening(MemorySinkOptions.model_validate({}), ctx)
+    refusing = True
+
+    def decide(occ: Occurrence) -> Outcome:
+        if refusing and occ.number == 1 and occ.record["involved_object"]["name"] == "x":
+            return retry("index of day 1 refused", defer=True)
+        return OK
+
+    sink.decide = decide
+    p = pipeline_for(
+        "mem", sink, Metrics(), None, queue_max_events=10, batch_max_events=5, retry_initial_backoff=0.05
+    )
+    x1 = make_occurrence(object_name="x")
+    x2 = make_occurrence(object_name="x", uid=x1.uid, count=2)
+    task = asyncio.create_task(p.run())
+    try:
+        p.offer(x1)
+        p.offer(x2)
+        await until(lambda: (x2.uid, 2) in sink.keys)
+        assert p.checkpoint.accepted(x1.uid) == 0 and p._done == {x1.uid: 2}
+        p.offer(make_occurrence(object_name="x", uid=x1.uid, count=2))  # the copy
+        other = make_occurrence(object_name="a")
+        p.offer(other)
+        await until(lambda: (other.uid, 1) in sink.keys)  # the copy was taken from the queue before it
+        refusing = False
+        await until(lambda: (x1.uid, 1) in sink.keys)
+        await p.wait_idle(10)
+    finally:
+        p.close()
+        await asyncio.wait_for(task, 10)
+    assert [n for u, n in sink.keys if u == x1.uid] == [2, 1]
+    assert p.checkpoint.accepted(x1.uid) == 2

@@ -522,7 +522,10 @@ class Pipeline:
         """At a stop with records still spooled: what was accepted of events deleted (or pruned)
         meanwhile goes into the checkpoint. Kept only in memory, the restart sent those copies
         again; the first complete list after the restart prunes the entries."""
-        if self._gone and self.spool is not None and len(self.spool):
+        # The parked FIFO's records too: a stop with only those left kept no mark, and a spool a
+        # previous version left (an owed copy of a parked record beside its original) sent the
+        # original after the next restart, then the copy.
+        if self._gone and self.spool is not None and (len(self.spool) or self.spool.parked_count):
             # Only for events the spool still holds records of: ``_gone`` holds what was accepted of
             # every event deleted since the backlog began (nearly all of a long drain), and acked, those
             # marks pushed live events' entries out of a full checkpoint ConfigMap (their events then
@@ -545,6 +548,7 @@ class Pipeline:
         gone = self._gone
         owed = self._owed
         held = self._held
+        done = self._done
         queue = self._queue
         # Something set aside for a key the sink refuses: newer occurrences of its events wait behind.
         ordered = self._aside_max is not None and bool(
@@ -563,12 +567,16 @@ class Pipeline:
                 )
                 or (held and nxt.number in held.get(nxt.uid, ()))
                 or (parked is not None and parked(nxt.uid, nxt.number))
+                or (done and done.get(nxt.uid) == nxt.number)
             ):
                 # A second copy (spooled before a restart and relisted after it, or replayed from the
                 # spool after a crash): already delivered, already in this batch, waiting aside
-                # (an alert robot's digest would have paged it twice), or parked (a relist's copy
+                # (an alert robot's digest would have paged it twice), parked (a relist's copy
                 # offered once the spool's keys from before the start were freed: it went out
-                # beside the parked original, stored twice in one run).
+                # beside the parked original, stored twice in one run), or finished and not
+                # recorded yet while an older occurrence of its event waits aside (a relist's copy
+                # likewise: set aside behind that one, it went out again with it). Only the number
+                # finished last (``_done``): an older one may be pending.
                 queue.popleft()
                 self._m_skipped.inc()
                 continue
@@ -988,12 +996,20 @@ class Pipeline:
         # that a clock stepped back holds no record for long.
         longest = max(self.options.retry_max_backoff, self.options.retry_wait_max)
         accepted, held, owed, floor = self.checkpoint.accepted, self._held, self._owed, spool.parked_floor
+        gone, done = self._gone, self._done
         dropped: list[str] = []
         due = iter(dues)
         for occ, tries, not_before in back:
-            key = (occ.uid, occ.number)
-            if (occ.number <= accepted(occ.uid) and key not in owed) or occ.number in held.get(occ.uid, ()):
-                # A copy: accepted before a crash (read again), or waiting aside beside it.
+            uid, number = occ.uid, occ.number
+            key = (uid, number)
+            if (
+                ((number <= accepted(uid) or (gone and number <= gone.get(uid, 0))) and key not in owed)
+                or number in held.get(uid, ())
+                or (done and done.get(uid) == number)
+            ):
+                # A copy: accepted before a crash (read again), or of an event deleted or pruned
+                # since (its checkpoint entry gone: as ``_take`` checks), waiting aside beside it, or
+                # finished and not recorded yet.
                 self._m_skipped.inc()
                 continue
             if (lowest := floor(occ.uid)) is not None and lowest < occ.number:
@@ -1580,16 +1596,14 @@ class Pipeline:
             spool = self.spool
             if spool is not None and spool.parked_count:
                 # An occurrence parked (X/1) below one accepted (X/2): recorded past it, it would be
-                # skipped as a copy after the restart, so it is kept owed first, as leftovers are.
+                # skipped as a copy after the restart, so it is marked owed first, as leftovers are.
                 # What cannot be kept so is not recorded (the relist sends X/2 again: no loss).
                 floor = spool.parked_floor
                 behind = {
                     uid: n for uid, n in done.items() if (lowest := floor(uid)) is not None and lowest < n
                 }
                 if behind:
-                    ok, dropped = spool.owe_parked(behind)
-                    if dropped:
-                        self._spool_full(dropped)
+                    ok = spool.owe_parked(behind)
                     done = {uid: n for uid, n in done.items() if uid not in behind or uid in ok}
             self.checkpoint.ack(done)
             self._done.clear()
@@ -1623,7 +1637,9 @@ class Pipeline:
                     or self._filling
                     or self._deferred
                     or self._overflow
-                    or (self.spool and (len(self.spool) or self.spool.parked_count))
+                    # ``is not None``: a Spool with an empty main FIFO is falsy (``__len__``), and
+                    # what was parked in it was not waited for.
+                    or (self.spool is not None and (len(self.spool) or self.spool.parked_count))
                 ):
                     return
                 self.idle.clear()

@@ -9,7 +9,8 @@ dropped and each occurrence in it is reported to the caller to be counted.
 A record written at shutdown may be *owed* (a third element, ``1``): it is delivered even though the
 checkpoint is past it. A stop whose drain deadline passed while X/4 of an event waited for a retry
 and X/5 had been accepted records X/5 in the checkpoint (so that the relist after the restart does not
-send X/5 again) and keeps X/4 in the spool, owed.
+send X/5 again) and keeps X/4 in the spool, owed. A parked X/4 is marked owed where it lies
+(``owe_parked``): one record per occurrence, whatever becomes of the event's checkpoint entry.
 
 At open the spool notes the (uid, number) of its unread records (``holds``): the relist after a
 restart offers each of them again, and a second record of each, behind the backlog, filled the bound
@@ -360,7 +361,8 @@ class Spool:
     def _check_read_at_open(self) -> None:
         """Once every record unread at open has been popped, the keys are freed: what the pipeline
         holds of them is delivered, kept at a stop, or counted; a copy offered after that is spooled
-        and skipped by the checkpoint once the first is accepted (a batch in flight, at most)."""
+        and skipped by the checkpoint once the first is accepted (a batch in flight, at most), or by
+        the pipeline's ``_done`` while the checkpoint waits below an older occurrence set aside."""
         if self.held_at_open is None or self._aside_lines:
             return
         if self._parked is not None and self._parked.held_at_open is not None:
@@ -875,34 +877,27 @@ class Spool:
         parked = self._parked
         return parked is not None and parked.holds_number(uid, number)
 
-    def owe_parked(self, behind: Mapping[str, int]) -> tuple[set[str], list[str]]:
+    def owe_parked(self, behind: Mapping[str, int]) -> set[str]:
         """A stop records accepted occurrences past parked ones of their events (``behind``: uid →
         the number it records). Recorded so, a parked record would be skipped as a copy after the
         restart; not recorded, the relist would send the accepted one again. So each parked record
-        of those events below that number is parked again, owed (delivered though the checkpoint is
-        past it; its first record is skipped as a copy), as item 79 keeps leftovers. Only at a stop
-        that records them: a record owed that another leader then delivered would be sent twice.
-        Returns the uids that may be recorded (all their records kept so) and the keys dropped over
-        the bound meanwhile."""
+        of those events below that number is marked owed, in place (delivered though the checkpoint
+        is past it), as item 79 keeps leftovers. Only at a stop that records them: a record owed
+        that another leader then delivered would be sent twice. Returns the uids that may be
+        recorded (all their records marked).
+
+        Before, an owed copy was parked beside the unmarked original: the original was delivered
+        after the restart once the event's checkpoint entry was gone (deleted, pruned), then the
+        copy too; and near the bound each copy dropped another parked record."""
         parked = self._parked
         if parked is None:
-            return set(behind), []
+            return set(behind)
         try:
-            below = parked.records_below(behind)
+            failed = parked.mark_owed(behind)
         except OSError as exc:
             log.error("spool %s: cannot read the parked records at the stop: %s", self.directory, exc)
-            return set(), []
-        ok = set(behind)
-        dropped: list[str] = []
-        for occ, tries, not_before in below:
-            if occ.uid not in ok:
-                continue
-            try:
-                dropped.extend(self.park(occ, tries, owed=True, not_before=not_before))
-            except OSError as exc:
-                log.error("spool %s: cannot keep a parked record owed at the stop: %s", self.directory, exc)
-                ok.discard(occ.uid)
-        return ok, dropped
+            return set()
+        return set(behind) - failed
 
     def _took_from(self, parked: Spool) -> None:
         """What the parked FIFO dropped, could not read or write is counted and told as the main one's."""
@@ -1072,26 +1067,79 @@ class _Parked(Spool):
             self._rebuild_floors()
         self._forget_floors_if_empty()
 
-    def records_below(self, behind: Mapping[str, int]) -> list[Unparked]:
-        """The unread records (not owed already) of the events in ``behind`` below its number."""
-        out: list[Unparked] = []
+    def mark_owed(self, behind: Mapping[str, int]) -> set[str]:
+        """Set the owed mark of each unread record of the events in ``behind`` below its number, in
+        the file: the mark is one byte (``0`` → ``1``), so nothing moves, the read positions and
+        sizes stay right and each occurrence keeps one record. The segments marked are synced
+        before the stop records the numbers past them. Returns the uids of which a record could not
+        be marked (logged): those must not be recorded. Raises ``OSError`` when a segment cannot be
+        read (nothing may be recorded then)."""
+        failed: set[str] = set()
         for seg in list(self._segments):
             if seg.read_records >= seg.records:
                 continue
             with open(seg.path, "rb") as fh:
                 fh.seek(seg.read_offset)
                 data = fh.read(seg.size - seg.read_offset)
-            for line in data.splitlines():
+            marks: list[int] = []  # offsets in the file of the marks to set
+            uids: set[str] = set()
+            start = 0
+            while (end := data.find(b"\n", start)) >= 0:
+                line, at = data[start:end], start
+                start = end + 1
                 try:
                     rec = orjson.loads(line)
-                    raw = rec[0]
-                    number, upto = occurrence_number(raw), behind.get(raw["metadata"]["uid"])
-                    if upto is None or number >= upto or (len(rec) > 2 and rec[2]):
-                        continue
-                    occ = normalise(raw, cluster=self.cluster, received_at=rec[1], owned=True, number=number)
-                except (orjson.JSONDecodeError, MalformedEvent, KeyError, TypeError, ValueError, IndexError):
+                    uid = rec[0]["metadata"]["uid"]
+                    upto = behind.get(uid)
+                    if upto is None or occurrence_number(rec[0]) >= upto or (len(rec) > 2 and rec[2]):
+                        continue  # not below what is recorded, or owed already
+                except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError, IndexError):
                     continue  # unreadable: counted when it is read
-                out.append(
-                    Unparked(occ, int(rec[3]) if len(rec) > 3 else 0, float(rec[4]) if len(rec) > 4 else 0.0)
-                )
-        return out
+                where = _owed_mark_at(line, rec)
+                if where is None:
+                    failed.add(uid)
+                    continue
+                marks.append(seg.read_offset + at + where)
+                uids.add(uid)
+            if not marks:
+                continue
+            try:
+                # Not the append descriptor: with O_APPEND a pwrite goes to the end.
+                fd = os.open(seg.path, os.O_WRONLY)
+                try:
+                    for offset in marks:
+                        if os.pwrite(fd, b"1", offset) != 1:
+                            raise OSError(f"short write at {offset}")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                # A mark set on an event not recorded is harmless (owed: delivered whatever the
+                # checkpoint says, which stays before it).
+                log.error("spool %s: cannot mark parked records owed at the stop: %s", self.directory, exc)
+                failed |= uids
+        if failed:
+            log.error(
+                "spool %s: %d events' parked records could not be marked owed at the stop: their newer "
+                "accepted occurrences are not recorded (sent again after the restart)",
+                self.directory,
+                len(failed),
+            )
+        return failed
+
+
+def _owed_mark_at(line: bytes, rec: list[object]) -> int | None:
+    """Where in a parked record's ``line`` (decoded as ``rec``) its owed mark ``0`` is: the elements
+    after ``received_at`` (mark, tries, not before) are numbers, so the mark follows the comma that
+    many from the end. None if the line is not as ``_Parked.add`` writes it."""
+    if len(rec) < 4 or not line.endswith(b"]"):
+        return None
+    parts = line[:-1].rsplit(b",", len(rec) - 2)
+    if len(parts) != len(rec) - 1 or parts[1] != b"0":
+        return None
+    where = len(parts[0]) + 1
+    try:
+        marked = orjson.loads(line[:where] + b"1" + line[where + 1 :])
+    except orjson.JSONDecodeError:
+        return None
+    return where if marked == [*rec[:2], 1, *rec[3:]] else None
