@@ -255,6 +255,39 @@ def _old_stop_left(directory: Path, x: Occurrence, others: list[Occurrence]) -> 
     spool.close()
 
 
+def _marks(directory: Path, name: str) -> list[bool]:
+    """The owed mark of each of ``name``'s records in the parked FIFO's files, in order (none read)."""
+    lines = (
+        orjson.loads(line)
+        for seg in sorted((directory / "parked").glob("*.seg"))
+        for line in seg.read_bytes().splitlines()
+    )
+    return [bool(rec[2]) for rec in lines if rec[0]["involvedObject"]["name"] == name]
+
+
+def test_an_occurrence_owed_already_is_not_marked_again_and_one_with_two_records_is_owed_once(
+    tmp_path: Path,
+) -> None:
+    """The version before left X/1's original beside an owed copy; this one, recording X/3 at a stop,
+    marked the original too: both owed, so after a later clean stop X/1 was delivered twice (a review
+    of item 207). An occurrence owed already takes no mark, and of two unmarked records of one
+    occurrence one is marked; the event may still be recorded."""
+    x, others = make_occurrence(object_name="x"), [make_occurrence(object_name=f"o-{i}") for i in range(3)]
+    _old_stop_left(tmp_path / "old", x, others)
+    spool = Spool(tmp_path / "old", max_bytes=10**7, cluster="test")
+    assert spool.owe_parked({x.uid: 3}) == {x.uid}
+    spool.close()
+    assert _marks(tmp_path / "old", "x") == [False, True]
+    twice = Spool(tmp_path / "twice", max_bytes=10**7, cluster="test")
+    twice.park(x, tries=1)
+    twice.park(others[0], tries=1)
+    twice.park(x, tries=1)
+    assert twice.owe_parked({x.uid: 3}) == {x.uid}
+    twice.commit()
+    twice.close()
+    assert _marks(tmp_path / "twice", "x") == [True, False]
+
+
 def _pipeline(directory: Path, recorded: dict[str, int]) -> tuple[Pipeline, MemorySink]:
     ctx = SinkContext(name="mem", cluster="test", data_dir=None, logger=logging.getLogger("mem"))
     sink = Listening(MemorySinkOptions.model_validate({}), ctx)

@@ -1075,14 +1075,19 @@ class _Parked(Spool):
         be marked (logged): those must not be recorded. Raises ``OSError`` when a segment cannot be
         read (nothing may be recorded then)."""
         failed: set[str] = set()
+        # Marks to set, per segment: (offset in the file, uid, number). Chosen once all unread
+        # records are read: an occurrence with an owed record already (a FIFO an older version left
+        # with the original and its owed copy) gets no second mark, and one with two unmarked
+        # records gets one, so that it is owed once.
+        found: list[tuple[_Segment, list[tuple[int, str, int]]]] = []
+        owed: set[tuple[str, int]] = set()
         for seg in list(self._segments):
             if seg.read_records >= seg.records:
                 continue
             with open(seg.path, "rb") as fh:
                 fh.seek(seg.read_offset)
                 data = fh.read(seg.size - seg.read_offset)
-            marks: list[int] = []  # offsets in the file of the marks to set
-            uids: set[str] = set()
+            candidates: list[tuple[int, str, int]] = []
             start = 0
             while (end := data.find(b"\n", start)) >= 0:
                 line, at = data[start:end], start
@@ -1090,16 +1095,29 @@ class _Parked(Spool):
                 try:
                     rec = orjson.loads(line)
                     uid = rec[0]["metadata"]["uid"]
+                    number = occurrence_number(rec[0])
+                    if len(rec) > 2 and rec[2]:
+                        owed.add((uid, number))
+                        continue  # owed already
                     upto = behind.get(uid)
-                    if upto is None or occurrence_number(rec[0]) >= upto or (len(rec) > 2 and rec[2]):
-                        continue  # not below what is recorded, or owed already
+                    if upto is None or number >= upto:
+                        continue  # not below what is recorded
                 except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError, IndexError):
                     continue  # unreadable: counted when it is read
                 where = _owed_mark_at(line, rec)
                 if where is None:
                     failed.add(uid)
                     continue
-                marks.append(seg.read_offset + at + where)
+                candidates.append((seg.read_offset + at + where, uid, number))
+            found.append((seg, candidates))
+        for seg, candidates in found:
+            marks: list[int] = []  # offsets in the file of the marks to set
+            uids: set[str] = set()
+            for offset, uid, number in candidates:
+                if (uid, number) in owed:
+                    continue
+                owed.add((uid, number))
+                marks.append(offset)
                 uids.add(uid)
             if not marks:
                 continue
