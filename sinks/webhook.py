@@ -50,9 +50,11 @@ with none left, twice in a row, the receiver having failed nothing else since it
 only when every failed request of the send carried such a record: a flapping receiver sets nothing
 aside. A receiver that fails everything costs two requests an attempt and is retried in place. A
 record set aside and not taken since stays aside when it fails alone again with no other record to
-probe with; their keys are kept in the sink's data dir (``webhook-set-aside.json``, with
-``--data-dir``), so that after a restart, read back first from the spool, they do not hold up the
-rest while the receiver still fails them.
+probe with, or as the probe of another such record; its failures do not count as the endpoint's
+when the next record failing alone is judged. Their keys are kept in the sink's data dir
+(``webhook-set-aside.json``, with ``--data-dir``), so that after a restart, read back first from
+the spool, they do not hold up the rest while the receiver still fails them; a record the engine
+gives up (dead-lettered, dropped) leaves it.
 ``mode=event`` sends one request at a time, in order. After a retry answer the rest of the send is not
 sent (retried with it), except after one of those answers: then the next record of another event is
 sent once as a probe (never the same event's next occurrence). If the receiver takes it, the failed
@@ -479,8 +481,10 @@ class WebhookSink(Sink[WebhookOptions]):
         # answered since, and those retried in place, which may have failed only because the
         # endpoint did (forgotten when it answers a request). Their next send does not put them in
         # a probe: one at the head goes alone first, the others wait for a request of others taken.
-        self._failing: dict[str, None] = self._read_failing()
-        self._failing_saved = frozenset(self._failing)
+        # (Read from the data dir by ``start``: ``__init__`` does no I/O.)
+        self._failing: dict[str, None] = {}
+        self._failing_saved: frozenset[str] = frozenset()
+        self._failing_read = False
         self._unsure: set[str] = set()
 
     # ``_failing`` is kept in the sink's data dir: after a restart the records set aside come back
@@ -511,6 +515,15 @@ class WebhookSink(Sink[WebhookOptions]):
             return {}
         return {key: None for key in keys[-_FAILING_MAX:] if isinstance(key, str)}
 
+    def _load_failing(self) -> None:
+        """``_failing`` as the data dir keeps it, once (a rebuilt sink takes its predecessor's)."""
+        if self._failing_read:
+            return
+        self._failing_read = True
+        kept = self._read_failing()
+        self._failing.update(kept)  # in place: a walk may hold it (a send before any start)
+        self._failing_saved = frozenset(kept)
+
     def _save_failing(self) -> None:
         """Written when it changed (so a crash keeps it too: the spool reads its aside file back)."""
         path = self._failing_path()
@@ -527,6 +540,7 @@ class WebhookSink(Sink[WebhookOptions]):
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, path)
+            _sync_dir(path.parent)  # the rename (or removal) too: a power cut brought back the old set
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -555,7 +569,23 @@ class WebhookSink(Sink[WebhookOptions]):
         alone next is judged by it. (New credentials refused too are logged again: that is news.)"""
         if isinstance(previous, WebhookSink):
             self._common, self._answered = previous._common, previous._answered
-            self._failing, self._unsure = previous._failing, previous._unsure
+            self._unsure = previous._unsure
+            if previous._failing_read:  # (one never started read nothing: this one's start reads it)
+                self._failing, self._failing_saved = previous._failing, previous._failing_saved
+                self._failing_read = True
+
+    def given_up(self, occurrences: Sequence[Occurrence]) -> None:
+        """Dead-lettered or dropped: never sent again, so no answer would ever take their keys out of
+        ``_failing`` and the data dir's file, where they stayed (up to 4,096, rewritten whole at each
+        change) and took the room of live ones."""
+        removed = False
+        for occ in occurrences:
+            self._unsure.discard(occ.key)
+            if occ.key in self._failing:
+                del self._failing[occ.key]
+                removed = True
+        if removed:  # at once: nothing may be sent before a stop
+            self._save_failing()
 
     # -- configuration ---------------------------------------------------------------------------
     def _configure(self) -> None:
@@ -667,6 +697,7 @@ class WebhookSink(Sink[WebhookOptions]):
         # No request here: many webhooks only accept POST, and a start must not emit a fake event.
         self.context.warn_if_outlasting(self.options.timeout, "timeout")
         self._configure()
+        self._load_failing()
         if self._session is None:
             connector = aiohttp.TCPConnector(ssl=self._ssl())
             self._session = aiohttp.ClientSession(
@@ -918,7 +949,9 @@ class WebhookSink(Sink[WebhookOptions]):
             if self._failing:
                 for key in keys:
                     self._failing.pop(key, None)
-        else:
+        elif not (self._failing and all(key in self._failing for key in keys)):
+            # (Only records set aside and not answered since: they fail by themselves, which says
+            # nothing of the endpoint, and must not hide another record failing alone.)
             self._common = set(keys) if self._common is None else self._common.intersection(keys)
 
     def _failing_alone(self, key: str) -> bool:
@@ -962,13 +995,14 @@ class WebhookSink(Sink[WebhookOptions]):
         * A record failing alone, while a record of another event is left, waits for the next
           request: one such record (not one failed alone before, if any is left). Taken, the record
           is sent alone again at once and set aside only if it fails again: a flap must fail it on
-          both sides of a success. The probe failing too, what is left is retried in place. (In
+          both sides of a success. The probe failing too, what is left is retried in place (a probe
+          set aside before and not taken since, none other left, is a suspect instead). (In
           mode=event the first record failing is such a record: its request was the send's only
           failure yet, as the whole batch's is in mode=batch.)
         * With no other record to probe with, it is sent alone once more (unless it failed twice
           already with nothing of the send taken: two requests an attempt), and failing again set
-          aside when the endpoint failed nothing but requests carrying it since it last answered
-          one (event mode's rule).
+          aside when the endpoint failed nothing but requests carrying it (or records set aside)
+          since it last answered one (event mode's rule).
         * Later records of an event with one set aside are held back with it (``held``), so that
           the event's occurrences go in in order; a probe is never one of a suspect's event.
         * Nothing is set aside when a failed request carried none of those records: the endpoint
@@ -1052,6 +1086,12 @@ class WebhookSink(Sink[WebhookOptions]):
             alone[i] = status
             if part.confirm and again:  # failed alone on both sides of a request of others taken
                 self._set_aside(i, batch, outcomes, held)
+            elif suspects and not part.confirm and batch[i].key in failing:
+                # A probe set aside before and not taken since (no other record left: two events
+                # set aside, read back first after a restart) fails by itself, not as the endpoint's
+                # answer: a suspect too, set aside again (``_still_failing``). As the endpoint's
+                # answer, all was retried in place, the same at every attempt, for ever.
+                suspects.append(items[0])
             elif suspects and not part.confirm:  # it was their probe: the endpoint fails others too
                 run.stop = outcome
                 self._log_endpoint(status, outcome)
@@ -1091,6 +1131,12 @@ class WebhookSink(Sink[WebhookOptions]):
                     unsure.add(key)
         while len(failing) > _FAILING_MAX:
             del failing[next(iter(failing))]
+        if self._common and self._common <= failing.keys():
+            # Every failure since the last answer is the doing of records now set aside: the next
+            # record failing alone with none other to probe with is judged as after that answer.
+            # Kept, a second record the receiver fails (Y/1 after X/1) was never set aside: retried
+            # in place alone, nothing else sent, nothing answered, the sink held up for ever.
+            self._common = None
 
     @staticmethod
     def _unless_flapping(failed: list[list[int]], outcomes: list[Outcome | None]) -> None:
@@ -1272,6 +1318,14 @@ def _url_forms(urls: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
         with contextlib.suppress(ValueError, TypeError):
             forms.setdefault(str(yarl.URL(url)), shown)
     return sorted(forms.items(), key=lambda form: len(form[0]), reverse=True)
+
+
+def _sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _known(outcome: Outcome | None) -> Outcome:
