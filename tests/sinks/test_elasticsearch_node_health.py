@@ -7,46 +7,26 @@ so it marks none. Against osmem-server behind one ``Front`` per node on loopback
 from __future__ import annotations
 
 import logging
-from typing import Self
 
-import aiohttp
 import pytest
 from aiohttp import web
 
 from eventrouter import Occurrence, OutcomeKind, SinkContext, normalise
 from eventrouter.testing import event_object
-from eventrouter.testing.receivers._server import LoopbackServer
 from eventrouter.testing.receivers.osmem import Cluster
+from eventrouter.testing.receivers.relay import Relay
 from eventrouter_sinks.elasticsearch import ElasticsearchOptions, ElasticsearchSink
 
 
-class Front(LoopbackServer):
+class Front(Relay):
     """A node of the cluster, as a proxy before osmem: a bulk request of more than ``max_documents``
     documents is answered 413 (as a body over ``http.max_content_length``), anything else passed on.
     ``requests`` holds "METHOD path" of each request, a bulk request answered 413 followed by "413"."""
 
-    client_max_size = 64 * 1024 * 1024
-
     def __init__(self, upstream: str, *, max_documents: int) -> None:
-        super().__init__()
-        self.upstream = upstream
+        super().__init__(upstream)
         self.max_documents = max_documents
         self.requests: list[str] = []
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    async def __aenter__(self) -> Self:
-        await super().__aenter__()
-        self._session = aiohttp.ClientSession()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-        await super().__aexit__(*exc)
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -55,16 +35,7 @@ class Front(LoopbackServer):
             self.requests.append(f"{seen} 413")
             return web.Response(status=413)
         self.requests.append(seen)
-        assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-        async with self._session.request(
-            request.method,
-            self.upstream + request.path,
-            params=request.query,
-            data=body or None,
-            headers=headers,
-        ) as resp:
-            return web.Response(status=resp.status, body=await resp.read(), content_type=resp.content_type)
+        return await self.relay(request, body)
 
 
 def occurrence() -> Occurrence:

@@ -12,9 +12,8 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -23,46 +22,27 @@ from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.testing import event_object
 from eventrouter.testing.pipelines import pipeline_for
-from eventrouter.testing.receivers._server import LoopbackServer
 from eventrouter.testing.receivers.osmem import Cluster
+from eventrouter.testing.receivers.relay import Relay
 from eventrouter.testing.waiting import until
 from eventrouter_sinks.elasticsearch import ElasticsearchOptions, ElasticsearchSink
 
 NAME = "es"
 
 
-class SlowFront(LoopbackServer):
+class SlowFront(Relay):
     """Before osmem: each bulk request takes ``delay`` seconds, and one larger than
     ``max_content_length`` bytes is answered 413 (not passed on). ``accepted`` holds the ``_id`` of
     each document osmem answered 2xx, in order; anything else is passed on as is."""
 
-    client_max_size = 64 * 1024 * 1024
-
     def __init__(self, upstream: str, *, delay: float, max_content_length: int) -> None:
-        super().__init__()
-        self.upstream = upstream
+        super().__init__(upstream)
         self.delay = delay
         self.max_content_length = max_content_length
         self.accepted: list[str] = []
         self.too_large = 0
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    async def __aenter__(self) -> Self:
-        await super().__aenter__()
-        self._session = aiohttp.ClientSession()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-        await super().__aexit__(*exc)
 
     async def _handle(self, request: web.Request) -> web.Response:
-        assert self._session is not None
         body = await request.read()
         bulk = request.path == "/_bulk"
         if bulk:
@@ -70,21 +50,14 @@ class SlowFront(LoopbackServer):
             if len(body) > self.max_content_length:
                 self.too_large += 1
                 return web.Response(status=413)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-        async with self._session.request(
-            request.method,
-            self.upstream + request.path,
-            params=request.query,
-            data=body or None,
-            headers=headers,
-        ) as resp:
-            answer = await resp.read()
-            if bulk and resp.status == 200:
-                for item in orjson.loads(answer)["items"]:
-                    ((_, result),) = item.items()
-                    if 200 <= result["status"] < 300:
-                        self.accepted.append(result["_id"])
-            return web.Response(status=resp.status, body=answer, content_type=resp.content_type)
+        answer = await self.relay(request, body)
+        if bulk and answer.status == 200:
+            assert isinstance(answer.body, bytes)
+            for item in orjson.loads(answer.body)["items"]:
+                ((_, result),) = item.items()
+                if 200 <= result["status"] < 300:
+                    self.accepted.append(result["_id"])
+        return answer
 
 
 def occurrence(namespace: str, name: str) -> Occurrence:

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -27,6 +26,7 @@ from eventrouter.metrics import Metrics
 from eventrouter.testing import make_occurrence
 from eventrouter.testing.pipelines import pipeline_for
 from eventrouter.testing.receivers.loki import LokiReceiver
+from eventrouter.testing.receivers.relay import Relay
 from eventrouter.testing.waiting import until
 from eventrouter_sinks.loki import LokiOptions, LokiSink
 
@@ -36,41 +36,20 @@ PUSH = "/loki/api/v1/push"
 TOKEN = "gw_7Hq2xLk9Pz4RmT8vWc3N"  # a gateway's path token
 
 
-class Front:
+class Front(Relay):
     """An HTTP front before the test Loki, as an ingress, an auth proxy or a path-keyed gateway:
     forwards every request under ``prefix`` to ``upstream`` (the prefix cut off), answers the
     statuses queued in ``fail`` itself first, and with ``redirect`` set answers every request with
     that status and ``location`` (default: the same path on ``upstream``). ``/login`` is a sign-in
     page (200, HTML). ``seen``: "METHOD path" of every request."""
 
-    _HOP = ("host", "content-length", "transfer-encoding", "connection")
-
     def __init__(self, upstream: str, prefix: str = "") -> None:
-        self.upstream = upstream
+        super().__init__(upstream)
         self.prefix = prefix
         self.redirect: int | None = None
         self.location: str | None = None
         self.fail: list[tuple[int, str]] = []
         self.seen: list[str] = []
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> Front:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        self._session = aiohttp.ClientSession(auto_decompress=False)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -85,12 +64,7 @@ class Front:
         if self.fail:
             status, text = self.fail.pop(0)
             return web.Response(status=status, text=text)
-        assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in self._HOP}
-        url = self.upstream + request.path_qs[len(self.prefix) :]
-        async with self._session.request(request.method, url, data=body, headers=headers) as resp:
-            back = {k: v for k, v in resp.headers.items() if k.lower() not in self._HOP}
-            return web.Response(status=resp.status, body=await resp.read(), headers=back)
+        return await self.relay(request, body, request.path_qs[len(self.prefix) :])
 
 
 def _when(offset: float) -> str:

@@ -19,7 +19,6 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -29,6 +28,7 @@ from eventrouter.metrics import Metrics
 from eventrouter.testing import make_occurrence
 from eventrouter.testing.pipelines import pipeline_for
 from eventrouter.testing.receivers.dingtalk import DingTalkReceiver
+from eventrouter.testing.receivers.relay import Relay
 from eventrouter.testing.receivers.wecom import WeComReceiver
 from eventrouter.testing.waiting import until
 from eventrouter_sinks._alerting import AlertSink, ManualClock
@@ -263,35 +263,14 @@ async def test_check_fails_on_a_redirect_saying_where_it_points(
 # -------------------------------------------------------------------------------------- Retry-After
 
 
-class Front:
+class Front(Relay):
     """A gateway before the WeCom receiver: answers the requests queued in ``answers`` itself (path,
     status and headers: a 429 or 503 with Retry-After), each once, and relays every other request."""
 
-    _HOP = ("host", "content-length", "transfer-encoding", "connection")
-
     def __init__(self, upstream: str) -> None:
-        self.upstream = upstream
+        super().__init__(upstream)
         self.answers: list[tuple[str, int, dict[str, str]]] = []
         self.answered: list[str] = []
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> Front:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        self._session = aiohttp.ClientSession()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -300,11 +279,7 @@ class Front:
                 del self.answers[i]
                 self.answered.append(path)
                 return web.Response(status=status, headers=headers, text="slow down")
-        assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in self._HOP}
-        url = self.upstream + request.path_qs
-        async with self._session.request(request.method, url, data=body, headers=headers) as resp:
-            return web.Response(status=resp.status, body=await resp.read(), content_type=resp.content_type)
+        return await self.relay(request, body)
 
 
 def in_two_minutes() -> str:

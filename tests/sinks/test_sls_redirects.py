@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -21,6 +20,7 @@ from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.testing import make_occurrence
 from eventrouter.testing.pipelines import pipeline_for
+from eventrouter.testing.receivers.relay import Relay
 from eventrouter.testing.receivers.sls import AccessKey, SLSReceiver
 from eventrouter.testing.waiting import until
 from eventrouter_sinks.sls import SLSOptions, SLSSink
@@ -37,7 +37,7 @@ GET = f"/logstores/{LOGSTORE}"
 PAGE = f"<html><body>Sign in to continue ({STS_TOKEN})</body></html>"  # a page quoting our token
 
 
-class Front:
+class Front(Relay):
     """An HTTP front before the test SLS: forwards every request to ``upstream`` with its ``Host``
     (SLS reads the project from it) and signed headers untouched. With ``redirect`` set it answers
     every request with that status and ``location`` (default: the same path on ``upstream``); with
@@ -45,33 +45,14 @@ class Front:
     as an auth proxy or a captive gateway does. ``/login`` is a sign-in page (200, HTML). ``seen``:
     "METHOD path" of every request."""
 
-    _HOP = ("content-length", "transfer-encoding", "connection", "content-encoding")
+    request_hop = frozenset({"content-length", "transfer-encoding", "connection", "content-encoding"})
 
     def __init__(self, upstream: str) -> None:
-        self.upstream = upstream
+        super().__init__(upstream)
         self.redirect: int | None = None
         self.location: str | None = None
         self.page: tuple[int, str] | None = None
         self.seen: list[str] = []
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> Front:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        self._session = aiohttp.ClientSession(auto_decompress=False)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -89,18 +70,10 @@ class Front:
         if self.redirect is not None:
             location = self.location or f"{self.upstream}{request.path_qs}"
             return web.Response(status=self.redirect, headers={"Location": location}, text="moved")
-        assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in self._HOP}
-        async with self._session.request(
-            request.method,
-            self.upstream + request.path_qs,
-            data=body or None,
-            headers=headers,
-            # Only what the sink sent and signed: a Content-Type added to the GET would not match.
-            skip_auto_headers=("Content-Type", "User-Agent", "Accept", "Accept-Encoding"),
-        ) as resp:
-            back = {k: v for k, v in resp.headers.items() if k.lower() not in self._HOP}
-            return web.Response(status=resp.status, body=await resp.read(), headers=back)
+        # Only what the sink sent and signed: a Content-Type added to the GET would not match.
+        return await self.relay(
+            request, body, skip_auto_headers=("Content-Type", "User-Agent", "Accept", "Accept-Encoding")
+        )
 
 
 class Other:
