@@ -12,9 +12,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -24,8 +23,8 @@ from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.testing import event_object
 from eventrouter.testing.pipelines import pipeline_for
-from eventrouter.testing.receivers._server import LoopbackServer
 from eventrouter.testing.receivers.osmem import Cluster
+from eventrouter.testing.receivers.relay import Relay
 from eventrouter.testing.waiting import until
 from eventrouter_sinks.elasticsearch import ElasticsearchOptions, ElasticsearchSink, index_template_body
 
@@ -188,50 +187,24 @@ async def test_the_disk_block_of_one_index_is_set_aside_a_cluster_wide_one_retri
 # ------------------------------------------------------------------------------ ingest pipelines
 
 
-class IngestFront(LoopbackServer):
+class IngestFront(Relay):
     """Before osmem, the ingest node for ``?pipeline=``: ``fails(document)`` gives the error of a
     document the pipeline fails (answered with ``status``, not passed on), or None. ``answered``
     holds the ``_id`` of each document it failed, ``requests`` the ``_id``s of each bulk request."""
 
-    client_max_size = 64 * 1024 * 1024
-
     def __init__(self, upstream: str, fails: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
-        super().__init__()
-        self.upstream = upstream
+        super().__init__(upstream)
         self.fails: Callable[[dict[str, Any]], dict[str, Any] | None] | None = fails
         self.status = 500
         self.answered: list[str] = []
         self.requests: list[list[str]] = []
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    async def __aenter__(self) -> Self:
-        await super().__aenter__()
-        self._session = aiohttp.ClientSession()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-        await super().__aexit__(*exc)
 
     async def _handle(self, request: web.Request) -> web.Response:
         assert self._session is not None
         body = await request.read()
         query = {k: v for k, v in request.query.items() if k != "pipeline"}  # osmem: no such pipeline
         if request.path != "/_bulk" or "pipeline" not in request.query:
-            headers = {
-                k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")
-            }
-            async with self._session.request(
-                request.method, self.upstream + request.path, params=query, data=body or None, headers=headers
-            ) as resp:
-                return web.Response(
-                    status=resp.status, body=await resp.read(), content_type=resp.content_type
-                )
+            return await self.relay(request, body, str(request.rel_url.with_query(query)))
         lines = body.split(b"\n")[:-1]
         keep: list[bytes] = []
         slots: list[dict[str, Any] | None] = []
