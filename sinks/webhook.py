@@ -50,8 +50,8 @@ with none left, twice in a row, the receiver having failed nothing else since it
 only when every failed request of the send carried such a record: a flapping receiver sets nothing
 aside. A receiver that fails everything costs two requests an attempt and is retried in place. A
 record set aside and not taken since stays aside when it fails alone again with no other record to
-probe with, or as the probe of another such record; its failures do not count as the endpoint's
-when the next record failing alone is judged. Their keys are kept in the sink's data dir
+probe with, or as the probe of another such record; when only such records failed since the last
+answer, the next record failing alone is judged as after that answer. Their keys are kept in the sink's data dir
 (``webhook-set-aside.json``, with ``--data-dir``), so that after a restart, read back first from
 the spool, they do not hold up the rest while the receiver still fails them; a record the engine
 gives up (dead-lettered, dropped) leaves it.
@@ -949,9 +949,10 @@ class WebhookSink(Sink[WebhookOptions]):
             if self._failing:
                 for key in keys:
                     self._failing.pop(key, None)
-        elif not (self._failing and all(key in self._failing for key in keys)):
-            # (Only records set aside and not answered since: they fail by themselves, which says
-            # nothing of the endpoint, and must not hide another record failing alone.)
+        else:
+            # (Failures of records set aside count too: when one fails beside a fresh record, that
+            # is the only sign the endpoint fails everything, and ignored, every fresh record of an
+            # outage was then set aside alone, 27 of 30 at a receiver down in a quiet cluster.)
             self._common = set(keys) if self._common is None else self._common.intersection(keys)
 
     def _failing_alone(self, key: str) -> bool:
@@ -1001,8 +1002,8 @@ class WebhookSink(Sink[WebhookOptions]):
           failure yet, as the whole batch's is in mode=batch.)
         * With no other record to probe with, it is sent alone once more (unless it failed twice
           already with nothing of the send taken: two requests an attempt), and failing again set
-          aside when the endpoint failed nothing but requests carrying it (or records set aside)
-          since it last answered one (event mode's rule).
+          aside when the endpoint failed nothing but requests carrying it since it last answered
+          one, or only records set aside (event mode's rule).
         * Later records of an event with one set aside are held back with it (``held``), so that
           the event's occurrences go in in order; a probe is never one of a suspect's event.
         * Nothing is set aside when a failed request carried none of those records: the endpoint
@@ -1086,11 +1087,17 @@ class WebhookSink(Sink[WebhookOptions]):
             alone[i] = status
             if part.confirm and again:  # failed alone on both sides of a request of others taken
                 self._set_aside(i, batch, outcomes, held)
-            elif suspects and not part.confirm and batch[i].key in failing:
-                # A probe set aside before and not taken since (no other record left: two events
-                # set aside, read back first after a restart) fails by itself, not as the endpoint's
-                # answer: a suspect too, set aside again (``_still_failing``). As the endpoint's
-                # answer, all was retried in place, the same at every attempt, for ever.
+            elif (
+                suspects
+                and not part.confirm
+                and batch[i].key in failing
+                and all(batch[j].key in failing for j, _ in suspects)
+            ):
+                # A probe set aside before and not taken since, behind suspects all set aside too
+                # (two events set aside, read back first after a restart) fails by itself, not as the
+                # endpoint's answer: a suspect too, set aside again (``_still_failing``). As the
+                # endpoint's answer, all was retried in place, the same at every attempt, for ever.
+                # Behind a fresh suspect its failure is the endpoint's: it may be down.
                 suspects.append(items[0])
             elif suspects and not part.confirm:  # it was their probe: the endpoint fails others too
                 run.stop = outcome
@@ -1135,7 +1142,9 @@ class WebhookSink(Sink[WebhookOptions]):
             # Every failure since the last answer is the doing of records now set aside: the next
             # record failing alone with none other to probe with is judged as after that answer.
             # Kept, a second record the receiver fails (Y/1 after X/1) was never set aside: retried
-            # in place alone, nothing else sent, nothing answered, the sink held up for ever.
+            # in place alone, nothing else sent, nothing answered, the sink held up for ever. (The
+            # cost: at a receiver down in a quiet cluster, a fresh record failing alone twice is set
+            # aside too; item 210.)
             self._common = None
 
     @staticmethod
