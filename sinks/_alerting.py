@@ -56,9 +56,9 @@ from eventrouter import (
     retry,
 )
 from eventrouter.logs import Throttled
-from eventrouter.options import StrList, http_url, redact_url, shown_address
+from eventrouter.options import StrList, http_url, redact_url
 
-from ._scrub import credentials
+from ._scrub import credentials, shown_location
 
 __all__ = [
     "AlertOptions",
@@ -652,20 +652,15 @@ REFUSED_STATUSES = (401, 403, 407)
 themselves answer 200 with an errcode, so the robot never saw the message."""
 
 
-def shown_location(location: str | None) -> str:
-    """Where a redirect points, as reasons and logs may show it: redacted as every URL (no user info,
-    query values or token-like path segments); only its address when an ``@`` is left past it (user
-    info with a raw ``/`` in the password, which ``urlsplit`` reads as a path). As the webhook and
-    Loki show one; the sink scrubs its own credentials out first (``AlertSink.http_failure``)."""
+def _shown_location(location: str | None) -> str:
+    """Where a redirect points, as reasons and logs may show it (``_scrub.shown_location``; the sink
+    scrubs its own credentials out first, ``AlertSink.http_failure``)."""
     if not location:
         return "nowhere (no Location)"
     try:
-        parts = urlsplit(location)
+        return shown_location(location)
     except ValueError:
         return "an unparseable Location"
-    if "@" in parts.path + parts.query + parts.fragment:
-        return shown_address(location)[:200]
-    return redact_url(location)[:200]
 
 
 def http_failure(
@@ -709,7 +704,7 @@ def http_failure(
         # Elasticsearch do. A failure, not a hold: retry_max_attempts still ends a lasting one.
         return Delivery(
             "retry",
-            f"{reason}: redirect to {shown_location(location)} not followed: "
+            f"{reason}: redirect to {_shown_location(location)} not followed: "
             "set the robot's URL to where it should go",
             retry_after=retry_after,
             cause=f"http {status}",
@@ -902,7 +897,7 @@ class AlertSink(Sink[OptionsT]):
             # said now, as Loki's and Elasticsearch's start do, not at the first page that fails.
             raise SinkError(
                 f"{self.context.name}: {shown} answered HEAD with {status}, a redirect to "
-                f"{shown_location(self.redact(location or ''))}, which the sink does not follow: "
+                f"{_shown_location(self.redact(location or ''))}, which the sink does not follow: "
                 "set the robot's URL to where it points"
             )
         if status not in REFUSED_STATUSES:

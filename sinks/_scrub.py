@@ -10,9 +10,9 @@ from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
 import yarl
 
-from eventrouter.options import redact_url
+from eventrouter.options import redact_url, shown_address
 
-__all__ = ["credentials", "scrub"]
+__all__ = ["credentials", "scrub", "shown_location"]
 
 MIN_CUT = 4
 """A secret cut off at the end of an excerpt is masked from this many characters on: fewer say
@@ -115,3 +115,16 @@ def _as_yarl_writes(url: str, user: str, password: str) -> tuple[list[str], list
     with contextlib.suppress(ValueError, TypeError):
         built.append(yarl.URL.build(scheme="http", host="h", user=user or None, password=password or None))
     return [u.raw_user or "" for u in built], [u.raw_password or "" for u in built]
+
+
+def shown_location(location: str, secrets: Iterable[str] = ()) -> str:
+    """Where a redirect points (a non-empty Location), as reasons and logs may show it: redacted as
+    every URL (no user info, query values or token-like path segments) and ``secrets`` scrubbed; only
+    its address when an ``@`` is left past it (user info with a raw ``/`` in the password, which
+    ``urlsplit`` reads as a path). Raises ValueError when it cannot be parsed. Shared by the sinks
+    that never follow a redirect (the robots, the webhook, Loki, SLS)."""
+    parts = urlsplit(location)
+    shown = (
+        shown_address(location) if "@" in parts.path + parts.query + parts.fragment else redact_url(location)
+    )
+    return scrub(shown, secrets)[:200]

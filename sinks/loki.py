@@ -116,13 +116,13 @@ from eventrouter import (
     retry,
 )
 from eventrouter.logs import Throttled
-from eventrouter.options import FilePath, http_url, redact_url, shown_address
+from eventrouter.options import FilePath, http_url, redact_url
 from eventrouter.protowire import bytes_field, varint, varint_field
 from eventrouter.retry_after import parse_retry_after as _retry_after
 from eventrouter.truncate import cut_utf8, shorten_message
 
 from ._headers import HEADERS_HELP, Headers, check_headers
-from ._scrub import credentials, scrub
+from ._scrub import credentials, scrub, shown_location
 
 __all__ = ["LokiOptions", "LokiSink"]
 
@@ -1212,19 +1212,13 @@ class LokiSink(Sink[LokiOptions]):
             self.log.warning("loki: %s/ready answered %s %r; pushing anyway", self._shown, status, text)
 
     def _location(self, location: str | None) -> str:
-        """Where a redirect points, as logs may show it: redacted as every URL (no user info, query
-        values or token-like path segments) and our credentials scrubbed; only its address when an
-        ``@`` is left past it (user info with a raw ``/`` in the password)."""
+        """Where a redirect points, as logs may show it (``shown_location``, our credentials out)."""
         if not location:
             return "none"
         try:
-            parts = urlsplit(location)
+            return shown_location(location, self._secrets)
         except ValueError:
             return "unparseable"
-        shown = redact_url(location)
-        if "@" in parts.path + parts.query + parts.fragment:
-            shown = shown_address(location)
-        return scrub(shown, self._secrets)[:200]
 
     def _redirected(self, status: int, location: str | None) -> RetryableError:
         """A push answered with a redirect: about the URL, not the entries (an ingress switched to

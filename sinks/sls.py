@@ -113,11 +113,11 @@ from eventrouter import (
     retry,
 )
 from eventrouter.logs import Throttled
-from eventrouter.options import FilePath, redact_url, shown_address
+from eventrouter.options import FilePath
 from eventrouter.protowire import bytes_field
 from eventrouter.retry_after import parse_retry_after as _retry_after
 
-from ._scrub import credentials, scrub
+from ._scrub import credentials, scrub, shown_location
 from ._sls_log import encode_log, encode_occurrence, log_contents
 
 __all__ = ["SLSOptions", "SLSSink", "encode_log", "log_contents"]
@@ -494,19 +494,13 @@ class SLSSink(Sink[SLSOptions]):
             )
 
     def _location(self, location: str | None) -> str:
-        """Where a redirect points, as logs may show it: redacted as every URL (no user info, query
-        values or token-like path segments) and our credentials scrubbed; only its address when an
-        ``@`` is left past it (user info with a raw ``/`` in the password)."""
+        """Where a redirect points, as logs may show it (``shown_location``, our credentials out)."""
         if not location:
             return "no Location"
         try:
-            parts = urlsplit(location)
+            return repr(shown_location(location, self._secrets))
         except ValueError:
             return "an unparseable Location"
-        shown = redact_url(location)
-        if "@" in parts.path + parts.query + parts.fragment:
-            shown = shown_address(location)
-        return repr(scrub(shown, self._secrets)[:200])
 
     def _header(self, resp: aiohttp.ClientResponse, name: str) -> str:
         """A header of an answer that is not SLS's, as logs may show it (quoted, cut, scrubbed)."""

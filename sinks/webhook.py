@@ -111,10 +111,10 @@ from eventrouter import (
     retry,
 )
 from eventrouter.logs import Throttled
-from eventrouter.options import FilePath, http_url, redact_url, shown_address
+from eventrouter.options import FilePath, http_url, redact_url
 
 from ._headers import HEADERS_HELP, Headers, check_headers
-from ._scrub import credentials, scrub
+from ._scrub import credentials, scrub, shown_location
 
 __all__ = [
     "BodyTemplate",
@@ -851,20 +851,13 @@ class WebhookSink(Sink[WebhookOptions]):
             return None, retry(f"{self._redacted}: {self._describe(exc)}")
 
     def _location(self, location: str | None) -> str:
-        """Where a redirect points, as logs may show it: redacted as every URL (no user info, query
-        values or token-like path segments) and our credentials scrubbed; only its scheme when an
-        ``@`` is left past its address (user info with a raw ``/`` in the password, which
-        ``urlsplit`` reads as a path)."""
+        """Where a redirect points, as logs may show it (``shown_location``, our credentials out)."""
         if not location:
             return "no Location"
         try:
-            parts = urlsplit(location)
+            return repr(shown_location(location, self._secrets))
         except ValueError:
             return "an unparseable Location"
-        shown = redact_url(location)
-        if "@" in parts.path + parts.query + parts.fragment:
-            shown = shown_address(location)
-        return repr(scrub(shown, self._secrets)[:200])
 
     def _log_endpoint(self, status: int | None, outcome: Outcome) -> None:
         """A 401/403 or a redirect taken as the endpoint's answer, not the records': logged once per
