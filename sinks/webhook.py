@@ -578,6 +578,9 @@ class WebhookSink(Sink[WebhookOptions]):
         """Dead-lettered or dropped: never sent again, so no answer would ever take their keys out of
         ``_failing`` and the data dir's file, where they stayed (up to 4,096, rewritten whole at each
         change) and took the room of live ones."""
+        # Given up before a start read the file (the spool drops its head, the records set aside,
+        # while start fails): read it now, or the next start would bring those keys back.
+        self._load_failing()
         removed = False
         for occ in occurrences:
             self._unsure.discard(occ.key)

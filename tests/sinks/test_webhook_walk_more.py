@@ -491,3 +491,28 @@ async def test_the_key_of_a_record_set_aside_then_dead_lettered_leaves_the_sink_
     assert taken(hook.requests) == keys([g0, g1])
     assert sink.set_aside() == {(x1.uid, 1)}
     assert not path.exists()
+
+
+async def test_a_key_given_up_before_the_first_start_is_not_read_back_from_the_data_dir(
+    tmp_path: Path,
+) -> None:
+    """The engine may give records up before the sink's first start succeeds (the spool drops its
+    head, the records set aside before a restart, while ``start`` fails: a template file not there
+    yet). ``given_up`` then removed nothing, as nothing was read yet, and the start read X/1's key
+    back from ``webhook-set-aside.json``, where it stayed (up to 4,096 keys, oldest first)."""
+    folder = tmp_path / "sink"
+    folder.mkdir()
+    path = folder / "webhook-set-aside.json"
+    x1, y1 = (make_occurrence(object_name=name) for name in ("x", "y"))
+    path.write_bytes(orjson.dumps([x1.key, y1.key]))  # both set aside before the restart
+    sink = WebhookSink(
+        WebhookOptions.model_validate({"url": "http://127.0.0.1:9/hook"}),
+        SinkContext(NAME, "t", folder, LOG),
+    )
+    sink.given_up([x1])  # X/1 dropped for the spool's bound, before any start
+    await sink.start()
+    try:
+        assert list(sink._failing) == [y1.key]  # before: X/1's key came back too
+        assert orjson.loads(path.read_bytes()) == [y1.key]
+    finally:
+        await sink.aclose()
