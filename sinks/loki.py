@@ -5,7 +5,8 @@
 - Body: snappy-block-compressed protobuf (Loki's native format) by default; ``format=json``
   (optionally ``gzip=true``) for proxies that only pass JSON.
 - Entry timestamp: the occurrence's normalised event time in nanoseconds, never the push time, so a
-  retried or re-delivered occurrence has the same (timestamp, labels, line) and Loki de-duplicates it.
+  retried or re-delivered occurrence has the same (timestamp, labels, line) and Loki de-duplicates it
+  (one Loki would refuse is stamped otherwise: ``clamp_time``, below).
 - Labels: a small, low-cardinality default set (cluster, namespace, kind, type, reason,
   reporting_component) plus user templates such as ``app={labels.app}``. Names are sanitised to
   ``[a-zA-Z_][a-zA-Z0-9_]*``; templates over per-object fields (object name/uid, event name/uid,
@@ -13,16 +14,16 @@
   Loki stream, which is what makes Loki slow and expensive. Use ``structured_metadata=true`` for those.
   A U+FFFD in a value (a Go client's invalid UTF-8, a lone surrogate repaired) becomes ``?``: Loki's
   label parser (Prometheus' lexer) refuses the whole push for it. The line keeps the value.
-- Responses: 2xx all delivered. 400 is final and may be *partial* (Loki stores the valid entries of
-  the push and lists the errors, without saying which entries they were): every item of that push is
-  rejected with Loki's message and goes to the dead-letter file, never retried. Entries that Loki did
-  store are therefore also dead-lettered — re-sending them later is harmless because Loki
-  de-duplicates identical entries. Except the ingester's "entry too far behind" answer (another
+- Responses: 2xx all delivered (a web page is not: see below). 400 is final and may be *partial*
+  (Loki stores the valid entries of the push and lists the errors, without saying which entries they
+  were): every item of that push is rejected with Loki's message and goes to the dead-letter file,
+  never retried. Entries that Loki did store are therefore also dead-lettered — re-sending them later
+  is harmless because Loki de-duplicates identical entries. Except the ingester's "entry too far behind" answer (another
   writer made the stream's newest entry newer than this sink knew): it names the stream, its
   cutoff and the refused entries' exact timestamps (up to 10), so only the refused entries are
   retried (then stamped at receipt, see below; one it cannot place is pushed again as it was), the
   rest of that stream is delivered and the push's other streams are pushed again at once. 429, 5xx,
-  401/403/404/408 and connection errors are retried by the engine (RetryableError, honouring
+  401/403/404/405/408 and connection errors are retried by the engine (RetryableError, honouring
   Retry-After). A push answered 413 (a proxy's body limit) is sent
   again in halves, and so is one larger than the tenant's ingestion rate limit (429 naming the limit:
   Loki refuses a push larger than its burst for ever); later pushes stay within that limit. A 429 for
@@ -41,7 +42,12 @@
   When part of a split push was stored, only the items of the part that failed are retried.
   A redirect (3xx) is never followed (a POST would come back a GET, a sign-in page's 200 be taken
   as stored, or the push and its headers go to another host): the push is retried and the redirect
-  logged, where it points redacted; ``start`` fails on one, naming it.
+  logged, where it points redacted; ``start`` fails on one, naming it. A 2xx with a web page (HTML:
+  an auth front's sign-in page, an ingress's default site; Loki answers a stored push 204 without a
+  body) is not stored either: retried, logged; ``start`` fails on one from ``/ready``. So are 404 and
+  405, which Loki never answers to a push (a wrong URL, a front or gateway that takes no POST there):
+  retried, never dead-lettered, logged naming the push URL. Each of these is logged at once, then
+  every 10 minutes until a push is stored.
   Newer entries of a stream whose entries wait aside are held back (not sent, no attempt) while
   they would put those over ``max_behind`` behind, so the ones set aside go in first.
 - A send cut off by the engine (``send_timeout``) is retried identical: what its finished pushes
@@ -60,12 +66,17 @@
   ``creation_grace_period`` (10 min), or more than ``max_chunk_age``/2 (1 h) behind the newest entry of
   their stream: a node whose clock is off, an event kept for days, a replay or a relist in key order
   rather than time order. The sink remembers, per stream, the newest entry Loki accepted from it. With
-  ``clamp_time=true`` (default) an entry Loki would refuse for its time is stamped at the time the
-  router received it (kept in the spool, so a re-sent entry is identical) and its line says
-  ``"time_adjusted": true``; its real time stays in the line's ``time``. Whether an entry is too far
-  ahead is judged against its receipt, not the attempt's clock, and an entry sent in a push whose
-  outcome is unknown is sent again with the timestamp it had, so no retry stamps it otherwise. What
-  would still be refused (``clamp_time=false``, or received too long ago) is sent in a push of its
+  ``clamp_time=true`` (default) an event whose recorder's clock was ahead of the API server's by more
+  than ``future_grace`` less a minute (its first time after its ``creationTimestamp``) is stamped at
+  its time by the API server's clock: ``creationTimestamp`` + (its time − its first time). That
+  depends on the object only, so a relist delivering it again (after a SIGKILL, or the ConfigMap
+  mode's next leader) stamps it the same and Loki keeps one copy. Any other entry Loki would refuse
+  for its time, and one whose stamp so Loki would refuse too, is stamped at the time the router
+  received it (kept in the spool, so a retried entry is identical; a relist's is not). Either way its
+  line says ``"time_adjusted": true`` and its real time stays in the line's ``time``. Whether an entry
+  is too far ahead is judged against its receipt, not the attempt's clock, and an entry sent in a push
+  whose outcome is unknown is sent again with the timestamp it had, so no retry stamps it otherwise.
+  What would still be refused (``clamp_time=false``, or received too long ago) is sent in a push of its
   own, one stream per push, so only it is dead-lettered if Loki refuses it, not the whole push (and
   it is delivered if Loki's limits are wider than ``max_age``, ``future_grace`` and ``max_behind``
   say).
@@ -118,6 +129,7 @@ from eventrouter import (
 from eventrouter.logs import Throttled
 from eventrouter.options import FilePath, http_url, redact_url
 from eventrouter.protowire import bytes_field, varint, varint_field
+from eventrouter.record import parse_time_ns
 from eventrouter.retry_after import parse_retry_after as _retry_after
 from eventrouter.truncate import cut_utf8, shorten_message
 
@@ -163,8 +175,9 @@ streams Loki may not hold yet, a push each: eight at once took the six-sink star
 to 11.6–12.9 s against four (docs/performance.md, section 4, "Session 27"); the CPU is the same."""
 _HOLD_AGAIN = 5.0
 """Seconds before a held-back entry is offered again (not an attempt: nothing was sent)."""
-_LOG_REDIRECT_EVERY = 600.0
-"""Seconds between two warnings about pushes answered with a redirect (the first at once)."""
+_LOG_FRONT_EVERY = 600.0
+"""Seconds between two warnings about pushes answered by something else than Loki (a redirect, a web
+page, 404, 405: the URL is to put right); the first at once."""
 _SENT_MAX = 20_000
 """Entries whose storing is unknown (a push timed out, cut off) or known from a send cut off, kept
 so that Loki refusing an identical one as too far behind is not answered with a second copy."""
@@ -294,6 +307,12 @@ def _label_value(value: str) -> str:
     return value
 
 
+_CREATION = b'"creationTimestamp":"'
+"""Found in the object's compact JSON: ``metadata``'s, which the API server writes before ``labels``
+and ``annotations`` (a quote inside a string is escaped, so no string value matches). Without parsing
+the object, which costs ~10 times as much."""
+
+
 def _by_stream(entries: Iterable[_Entry]) -> dict[bytes, list[_Entry]]:
     """Entries grouped by stream, streams in first-seen order (the order of a push)."""
     groups: dict[bytes, list[_Entry]] = {}
@@ -365,8 +384,12 @@ class LokiOptions(SinkOptions):
         True,
         description="Entries whose event time Loki would refuse (outside now - max_age ... now + "
         "future_grace: a node's clock off, a very old event; or over max_behind behind their stream's "
-        "newest: a replay) are stamped at the time the router received them and marked time_adjusted "
-        "(true), instead of being sent as they are for Loki to refuse (false).",
+        "newest: a replay) are stamped otherwise and marked time_adjusted (true), instead of being sent "
+        "as they are for Loki to refuse (false). An event from a node whose clock was ahead of the API "
+        "server's by more than future_grace less a minute (its first time after its creationTimestamp) "
+        "is stamped at its time by the API server's clock (creationTimestamp + its time - its first "
+        "time), the same on every delivery (a relist's too); any other, or if Loki would refuse that, "
+        "at the time the router received it.",
     )
     max_age: float = Field(
         DEFAULT_MAX_AGE,
@@ -715,6 +738,19 @@ def _redact(url: str) -> str:
         return "<invalid url>"
 
 
+_HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
+
+
+def _is_web_page(content_type: str, text: str) -> bool:
+    """An HTML page: never Loki's answer (text/plain errors, an empty 204), often a front's (an
+    auth proxy's sign-in page, an ingress's default site). Other bodies with a 2xx are taken as
+    stored: a Loki-compatible receiver may answer 200 with a short text or JSON."""
+    if content_type.partition(";")[0].strip().lower() in _HTML_TYPES:
+        return True
+    return text[:64].lstrip().lower().startswith(("<!doctype html", "<html"))
+
+
 _BLOCKED_UNTIL = re.compile(r"ingestion blocked for user .* until '([^']+)'")
 
 
@@ -940,7 +976,8 @@ class _NewestPerStream:
 
 _ORDER = attrgetter("ts_ns", "index")
 _STAMPED = 1
-"""_Entry.modified: stamped at its receipt instead of its own time (``"time_adjusted": true``)."""
+"""_Entry.modified: stamped otherwise than its own time (``"time_adjusted": true``): by the API server's
+clock, or at its receipt."""
 _TRUNCATED = 2
 """_Entry.modified: its message cut to fit max_line_bytes (``"truncated": true``)."""
 _MODIFIED_LOG_EVERY = 60.0
@@ -1042,6 +1079,9 @@ class LokiSink(Sink[LokiOptions]):
         self._max_age_ns = int(options.max_age * _NS)
         self._grace_ns = int(options.future_grace * _NS)
         self._behind_ns = int(options.max_behind * _NS)
+        # How far ahead of the API server's clock an event's recorder may be (its first time after
+        # its creation) before it is stamped by the API server's clock: Loki's grace less the margin.
+        self._skew_ns = self._grace_ns - min(_CLOCK_MARGIN_NS, self._grace_ns // 4)
         # Loki's time window for the batch being encoded (set by send); open until then.
         self._oldest_ns: float = -math.inf
         self._newest_ns: float = math.inf
@@ -1112,8 +1152,9 @@ class LokiSink(Sink[LokiOptions]):
             if options.gzip:
                 self._push_headers["Content-Encoding"] = "gzip"
         self._session: aiohttp.ClientSession | None = None
-        self._redirect_log = Throttled(self.log, _LOG_REDIRECT_EVERY)
-        self._redirecting = False  # the last push was answered with a redirect (logged)
+        self._front_log = Throttled(self.log, _LOG_FRONT_EVERY)
+        self._fronted = False  # the last push was answered by something before Loki (logged)
+        self._push_shown = _redact(self._push_url)
 
     def take_over(self, previous: Sink[LokiOptions]) -> None:
         """Each stream's newest accepted time carries over, so entries Loki would refuse as too far
@@ -1191,8 +1232,9 @@ class LokiSink(Sink[LokiOptions]):
             async with session.get(url, allow_redirects=False) as response:
                 status = response.status
                 location = response.headers.get("Location")
-                text = "" if 300 <= status < 400 else await response.text(errors="replace")
-                text = scrub(text[:200], self._secrets, partial=len(text) > 200).strip()
+                content_type = response.headers.get("Content-Type", "")
+                body = "" if 300 <= status < 400 else await response.text(errors="replace")
+                text = scrub(body[:200], self._secrets, partial=len(body) > 200).strip()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise SinkError(
                 f"loki: cannot reach {self._shown}: {scrub(_describe(exc), self._secrets)}"
@@ -1202,6 +1244,15 @@ class LokiSink(Sink[LokiOptions]):
                 f"loki: GET {self._shown}/ready answered {status} (Location: {self._location(location)}): "
                 "a redirect, which the sink does not follow (a push would come back a GET, or go on to "
                 "another host with its headers); give that URL"
+            )
+        if status != 204 and 200 <= status < 300 and _is_web_page(content_type, body):
+            # An auth front's sign-in page or an ingress's default site, answering for every path:
+            # not Loki, whose /ready answers "ready" (text/plain). Every push would be answered so.
+            raise SinkError(
+                f"loki: GET {self._shown}/ready answered {status} with a web page"
+                f"{self._page(content_type, body)}, not Loki: something before it (an auth front's "
+                "sign-in page, an ingress's default site) answers for it; give url Loki's address, and "
+                "the credentials its front takes"
             )
         if status in (401, 403):
             raise SinkError(
@@ -1220,23 +1271,36 @@ class LokiSink(Sink[LokiOptions]):
         except ValueError:
             return "unparseable"
 
+    def _page(self, content_type: str, body: str) -> str:
+        """`` (text/html, "<title>")`` of a web page, as logs may show it (our credentials out)."""
+        media = content_type.partition(";")[0].strip() or "no Content-Type"
+        match = _TITLE.search(body, 0, 4096)
+        title = " ".join(match[1].split())[:80] if match else ""
+        return f" ({media}" + (f", {scrub(title, self._secrets)!r})" if title else ")")
+
+    def _not_loki(
+        self, key: str, reason: str, advice: str, retry_after: float | None = None
+    ) -> RetryableError:
+        """A push answered by something before Loki, or a wrong URL: about the URL, not the entries.
+        Never taken as stored nor dead-lettered: retried (until the operator puts the URL right), and
+        logged at once, then at most every _LOG_FRONT_EVERY seconds until a push is stored again."""
+        self._fronted = True
+        self._front_log.warning(key, "%s: %s; retrying until that is put right", reason, advice)
+        return RetryableError(reason, retry_after=retry_after)
+
     def _redirected(self, status: int, location: str | None) -> RetryableError:
-        """A push answered with a redirect: about the URL, not the entries (an ingress switched to
-        force-ssl-redirect, an auth front sending to its sign-in page). Never followed, never taken
-        as stored: retried, and logged at once, then at most every _LOG_REDIRECT_EVERY seconds
-        until a push is stored again."""
+        """A push answered with a redirect (an ingress switched to force-ssl-redirect, an auth front
+        sending to its sign-in page): never followed (see ``_push``)."""
         reason = (
             f"loki: {self._shown} answered {status}, a redirect to {self._location(location)} (not "
             "followed, nothing stored)"
         )
-        self._redirecting = True
-        self._redirect_log.warning(
+        return self._not_loki(
             "redirect",
-            "%s: give url the address it points to (a push redirected would come back a GET, or go on "
-            "to another host with its headers); retrying until that is put right",
             reason,
+            "give url the address it points to (a push redirected would come back a GET, or go on to "
+            "another host with its headers)",
         )
-        return RetryableError(reason)
 
     def set_window(self, now_ns: int) -> None:
         """Loki's time window (max_age, future_grace) around ``now_ns``, for the entries encoded next."""
@@ -1319,9 +1383,10 @@ class LokiSink(Sink[LokiOptions]):
         return outcomes
 
     def _count_modified(self, entries: list[_Entry], outcomes: list[Outcome], *, flush: bool = False) -> None:
-        """Count the entries Loki took with a line that says it differs from the event (stamped at
-        receipt, message truncated): nothing is lost, but only a query of Loki would show it. Logged
-        with their counts, at most every _MODIFIED_LOG_EVERY seconds (``flush``: now, at close)."""
+        """Count the entries Loki took with a line that says it differs from the event (stamped
+        otherwise than its own time, message truncated): nothing is lost, but only a query of Loki
+        would show it. Logged with their counts, at most every _MODIFIED_LOG_EVERY seconds
+        (``flush``: now, at close)."""
         found: Counter[str] = Counter()
         for entry in entries:
             if entry.modified and outcomes[entry.index].kind is OutcomeKind.OK:
@@ -1336,10 +1401,11 @@ class LokiSink(Sink[LokiOptions]):
         if not unlogged or (not flush and now - self._modified_logged_at < _MODIFIED_LOG_EVERY):
             return
         self.log.warning(
-            "loki: %s took %d entries stamped at the time the router received them (their own time is "
-            "outside Loki's window or over max_behind behind their stream's newest; the line keeps it in "
-            '"time" and says "time_adjusted": true) and %d with their message truncated to max_line_bytes=%d '
-            '("truncated": true), since %s',
+            "loki: %s took %d entries stamped otherwise than their own time (a node clock ahead of the "
+            "API server's: at the API server's time of the occurrence; outside Loki's window or over "
+            "max_behind behind their stream's newest: at the time the router received them; the line "
+            'keeps it in "time" and says "time_adjusted": true) and %d with their message truncated to '
+            'max_line_bytes=%d ("truncated": true), since %s',
             self._shown,
             unlogged["time_adjusted"],
             unlogged["truncated"],
@@ -1399,11 +1465,11 @@ class LokiSink(Sink[LokiOptions]):
             key = (occurrence.uid, occurrence.number)
             ts_ns = entry.ts_ns
             if outcome.kind is OutcomeKind.RETRY and outcome.defer:
-                # The timestamp it will be sent again with: stamped at receipt if now predicted
-                # too far behind (Loki refused it so), as _entry does.
+                # The timestamp it will be sent again with: stamped anew if now predicted too far
+                # behind (Loki refused it so), as _entry does.
                 top = newest(entry.stream)
                 if clamp and top is not None and ts_ns < top - behind:
-                    ts_ns = max(ts_ns, int(occurrence.received_at * _NS))
+                    ts_ns = self._stamp(occurrence, top)[0]
                 if top is None or ts_ns >= top - behind:
                     hold = self.stream_hold + (outcome.retry_after or 0.0)
                     aside.setdefault(entry.stream, {})[key] = (ts_ns, now + int(hold * _NS))
@@ -1767,6 +1833,7 @@ class LokiSink(Sink[LokiOptions]):
                     raise self._redirected(status, response.headers.get("Location"))
                 text = (await response.text(errors="replace")).strip()
                 retry_after = _retry_after(response.headers.get("Retry-After"))
+                content_type = response.headers.get("Content-Type", "")
         except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
             raise RetryableError(
                 f"loki: cannot reach {self._shown}: {scrub(_describe(exc), self._secrets)}"
@@ -1779,10 +1846,20 @@ class LokiSink(Sink[LokiOptions]):
         except asyncio.CancelledError:
             self._remember(entries, stored=False)  # the send was cut off with this push under way
             raise
+        if status != 204 and 200 <= status < 300 and _is_web_page(content_type, text):
+            # Loki answers a stored push 204 without a body; a front answering for it (an auth
+            # proxy's sign-in page, an ingress's default site) 200 with a page: nothing stored.
+            raise self._not_loki(
+                "web page",
+                f"loki: {self._shown} answered {status} with a web page{self._page(content_type, text)}, "
+                "not Loki (nothing stored)",
+                "something before Loki (an auth front's sign-in page, an ingress's default site) answers "
+                "for it; give url Loki's address, and the credentials its front takes",
+            )
         if status in (200, 204) or (200 <= status < 300 and not _blocked(status, text)):
-            if self._redirecting:  # a run of redirects is over: the next one is logged at once
-                self._redirecting = False
-                self._redirect_log = Throttled(self.log, _LOG_REDIRECT_EVERY)
+            if self._fronted:  # a run of answers from a front is over: the next one is logged at once
+                self._fronted = False
+                self._front_log = Throttled(self.log, _LOG_FRONT_EVERY)
             self._stored.append(entries)  # applied to the prediction when the send returns
             if self._sent:  # stored now: answered OK, or remembered stored if the send is cut off
                 sent = self._sent
@@ -1855,7 +1932,20 @@ class LokiSink(Sink[LokiOptions]):
                 )
             ):
                 return
-        if status == 429 or status >= 500 or status in (401, 403, 404, 408):
+        if status in (404, 405):
+            # Loki takes POST at its push path: never 404 nor 405 there. Those come from what is
+            # before it, or from a URL that is not Loki's (a wrong path, a read-only gateway, a Loki
+            # target without a distributor): the operator's to put right, the entries are fine.
+            raise self._not_loki(
+                str(status),
+                f"loki: POST {self._push_shown} answered {status}, not Loki's answer to a push (nothing "
+                f"stored): {scrub(text[:200], self._secrets, partial=len(text) > 200) or message}",
+                "nothing there takes Loki's pushes (a wrong host or path, a gateway or an ingress route "
+                "that takes no POST, a Loki target without a distributor); give url Loki's address "
+                "(e.g. http://loki:3100, or the base path a gateway forwards to Loki)",
+                retry_after,
+            )
+        if status == 429 or status >= 500 or status in (401, 403, 408):
             if status >= 500:
                 self._remember(entries, stored=False)  # a distributor may have stored some of it
             if status == 401 and "org id" in message and not self.options.tenant:
@@ -2199,6 +2289,80 @@ class LokiSink(Sink[LokiOptions]):
             return logfmt_line(record, extra=extra).encode("utf-8")
         return orjson.dumps(record)
 
+    def _stamp(self, occurrence: Occurrence, newest: int | None) -> tuple[int, bool, bool]:
+        """The timestamp to send an entry with, not sent before: (timestamp, stamped otherwise than
+        its own time, predicted refused for its time). ``newest``: its stream's newest known to Loki.
+
+        Its own time, unless Loki would refuse it (outside its window, over max_behind behind the
+        stream's newest) or, with ``clamp_time``, it is more than Loki's grace ahead of its receipt.
+        Ahead is judged against the receipt, not this attempt's clock, so every attempt (and one
+        after a restart) stamps it the same; by the clock, one a few seconds inside the edge would be
+        stamped at receipt first and keep its own time on a retry: two entries in Loki if the first
+        push was stored unanswered. With ``clamp_time``, an event whose recorder's clock was ahead of
+        the API server's is stamped at its time by the API server's clock (``_api_time``), decided
+        from the object alone: a relist (after a SIGKILL, the ConfigMap mode's next leader) delivers
+        it again with another receipt, and a stamp at receipt made a second copy. Otherwise, or if
+        Loki would refuse that too, at its receipt, when Loki takes that."""
+        ts_ns = occurrence.time_ns
+        clamp = self.options.clamp_time
+        oldest, latest, behind = self._oldest_ns, self._newest_ns, self._behind_ns
+        if clamp:
+            api_ns = self._api_time(occurrence)
+            if (
+                api_ns is not None
+                and oldest <= api_ns <= latest
+                and api_ns - self._ahead_ns <= occurrence.received_at * _NS
+                and (newest is None or api_ns >= newest - behind)
+            ):
+                return api_ns, True, False
+        refused = not oldest <= ts_ns <= latest or (newest is not None and ts_ns < newest - behind)
+        if refused or (clamp and ts_ns - self._ahead_ns > occurrence.received_at * _NS):
+            received_ns = int(occurrence.received_at * _NS)
+            if (
+                clamp
+                and oldest <= received_ns <= latest
+                and (newest is None or received_ns >= newest - behind)
+            ):
+                # The time the router received it: one Loki takes, and the same on every retry (it
+                # is kept in the spool), so Loki still de-duplicates it; not on a relist's delivery.
+                return received_ns, True, False
+        return ts_ns, False, refused
+
+    def _api_time(self, occurrence: Occurrence) -> int | None:
+        """The occurrence's time by the API server's clock, when its recorder's clock was ahead of it
+        by more than Loki's grace (less the margin) when it created the Event: ``creationTimestamp``
+        (the API server's) + (its time − ``firstTimestamp``, or ``eventTime`` for an events.k8s.io
+        event). The same for every delivery of the occurrence: it depends on the object only (kept
+        in the spool as it came). None when the clock was not that far ahead or a field is missing.
+        ~0.6 µs for an event first seen less than a second after its creation (most)."""
+        first = occurrence.record.get("first_time")
+        if type(first) is not str:
+            return None
+        raw = occurrence.raw_json
+        start = raw.find(_CREATION)
+        if start == -1:
+            return None
+        start += len(_CREATION)
+        if (
+            self._skew_ns >= _NS
+            and raw.startswith(b'Z"', start + 19)
+            and first[:19].encode() <= raw[start : start + 19]
+        ):
+            # First seen less than a second after its creation: both "YYYY-MM-DDTHH:MM:SS" in UTC
+            # (the API server's Time, the record's time), so ordered as text.
+            return None
+        end = raw.find(b'"', start, start + 64)
+        first_ns = parse_time_ns(first)
+        created_ns = parse_time_ns(raw[start:end].decode("latin-1")) if end != -1 else None
+        if first_ns is None or created_ns is None or first_ns - created_ns <= self._skew_ns:
+            return None
+        # Rare: the object itself says (a label named creationTimestamp may come first in the bytes).
+        meta = orjson.loads(occurrence.raw_json).get("metadata")
+        created_ns = parse_time_ns(meta.get("creationTimestamp")) if isinstance(meta, dict) else None
+        if created_ns is None or first_ns - created_ns <= self._skew_ns:
+            return None
+        return occurrence.time_ns - (first_ns - created_ns)
+
     def _entry(self, index: int, occurrence: Occurrence) -> _Entry | Outcome:
         record = occurrence.record
         labels, stream = self._stream(record)
@@ -2221,25 +2385,11 @@ class LokiSink(Sink[LokiOptions]):
             ):
                 late = self._late = True
         else:
-            refused = not self._oldest_ns <= ts_ns <= self._newest_ns or (
-                newest is not None and ts_ns < newest - self._behind_ns
-            )
-            # Ahead of its receipt by more than Loki's grace: judged against the receipt, not this
-            # attempt's clock, so every attempt (and one after a restart) stamps it the same; by the
-            # clock, one a few seconds inside the edge would be stamped at receipt first and keep
-            # its own time on a retry: two entries in Loki if the first push was stored unanswered.
-            if refused or (self.options.clamp_time and ts_ns - self._ahead_ns > occurrence.received_at * _NS):
-                received_ns = int(occurrence.received_at * _NS)
-                if (
-                    self.options.clamp_time
-                    and self._oldest_ns <= received_ns <= self._newest_ns
-                    and (newest is None or received_ns >= newest - self._behind_ns)
-                ):
-                    # The time the router received it: one Loki takes, and the same on every retry
-                    # and re-delivery (it is kept in the spool), so Loki still de-duplicates it.
-                    ts_ns, marks = received_ns, _TIME_ADJUSTED
-                elif refused:
-                    late = self._late = True  # send() pushes it apart, for Loki to judge
+            ts_ns, stamped, late = self._stamp(occurrence, newest)
+            if stamped:
+                marks = _TIME_ADJUSTED
+            if late:
+                self._late = True  # send() pushes it apart, for Loki to judge
         try:
             if marks is not None:
                 line = self._line(occurrence, marks)

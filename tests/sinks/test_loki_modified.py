@@ -27,9 +27,7 @@ def _at(offset: float, **kwargs: Any) -> Occurrence:
 
 def _logged(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == LOG.name and "stamped at the time" in r.getMessage()
+        r.getMessage() for r in caplog.records if r.name == LOG.name and "stamped otherwise" in r.getMessage()
     ]
 
 
@@ -50,10 +48,11 @@ async def test_entries_delivered_stamped_at_receipt_or_truncated_are_counted_and
             assert outcomes is None or {o.kind for o in outcomes} == {OutcomeKind.OK}
             assert sink.modified == {"time_adjusted": 2, "truncated": 2}
             assert _logged(caplog) == [
-                f"loki: {loki.url} took 2 entries stamped at the time the router received them (their own "
-                "time is outside Loki's window or over max_behind behind their stream's newest; the line "
-                'keeps it in "time" and says "time_adjusted": true) and 2 with their message truncated to '
-                'max_line_bytes=2048 ("truncated": true), since start'
+                f"loki: {loki.url} took 2 entries stamped otherwise than their own time (a node clock ahead "
+                "of the API server's: at the API server's time of the occurrence; outside Loki's window or "
+                "over max_behind behind their stream's newest: at the time the router received them; the "
+                'line keeps it in "time" and says "time_adjusted": true) and 2 with their message truncated '
+                'to max_line_bytes=2048 ("truncated": true), since start'
             ]
             # Within the minute: counted, not logged again until then (or until the sink closes).
             await sink.send([_at(7200, object_name="ahead-2"), _at(-5, object_name="plain-2")])
@@ -64,5 +63,5 @@ async def test_entries_delivered_stamped_at_receipt_or_truncated_are_counted_and
     assert len(loki.entries) == 6
     assert sum('"time_adjusted":true' in e.line for e in loki.entries) == 3
     assert sum('"truncated":true' in e.line for e in loki.entries) == 2
-    assert _logged(caplog)[1].startswith(f"loki: {loki.url} took 1 entries stamped at the time")
+    assert _logged(caplog)[1].startswith(f"loki: {loki.url} took 1 entries stamped otherwise")
     assert " and 0 with their message truncated " in _logged(caplog)[1]

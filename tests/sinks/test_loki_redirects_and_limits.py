@@ -2,7 +2,9 @@
 redirect before Loki (followed, it stored nothing and said OK, dead-lettered everything, or sent the
 push and our headers to another host), Loki 2.x's stream-limit answer that names no stream (the whole
 sink held up), late entries of several streams in one push (a refusal answered 2xx), pushes a send
-had no time for retried in place behind a stream set aside, and a token in the URL's path printed."""
+had no time for retried in place behind a stream set aside, and a token in the URL's path printed.
+Then (session 30, item 197's Left) a front's web page answered 2xx with no redirect (taken as
+stored), and a 405 (dead-lettered)."""
 
 from __future__ import annotations
 
@@ -34,6 +36,10 @@ LOG = logging.getLogger("test.loki")
 CONTEXT = SinkContext(name="loki", cluster="test", data_dir=None, logger=LOG)
 PUSH = "/loki/api/v1/push"
 TOKEN = "gw_7Hq2xLk9Pz4RmT8vWc3N"  # a gateway's path token
+SIGN_IN = (
+    "<!DOCTYPE html>\n<html><head><title>Sign in \u00b7 Access</title></head>"
+    '<body><form action="/login"></form></body></html>'
+)
 
 
 class Front(Relay):
@@ -41,7 +47,8 @@ class Front(Relay):
     forwards every request under ``prefix`` to ``upstream`` (the prefix cut off), answers the
     statuses queued in ``fail`` itself first, and with ``redirect`` set answers every request with
     that status and ``location`` (default: the same path on ``upstream``). ``/login`` is a sign-in
-    page (200, HTML). ``seen``: "METHOD path" of every request."""
+    page (200, HTML), and with ``page`` set (status, Content-Type) every request is answered with
+    it, as an auth front in front of every path does. ``seen``: "METHOD path" of every request."""
 
     def __init__(self, upstream: str, prefix: str = "") -> None:
         super().__init__(upstream)
@@ -49,6 +56,7 @@ class Front(Relay):
         self.redirect: int | None = None
         self.location: str | None = None
         self.fail: list[tuple[int, str]] = []
+        self.page: tuple[int, str] | None = None
         self.seen: list[str] = []
 
     async def _handle(self, request: web.Request) -> web.Response:
@@ -56,6 +64,9 @@ class Front(Relay):
         self.seen.append(f"{request.method} {request.path}")
         if request.path == "/login":
             return web.Response(text="<html><body>Sign in</body></html>", content_type="text/html")
+        if self.page is not None:
+            status, content_type = self.page
+            return web.Response(status=status, text=SIGN_IN, content_type=content_type)
         if self.redirect is not None:
             location = self.location or f"{self.upstream}{request.path_qs}"
             return web.Response(status=self.redirect, headers={"Location": location}, text="moved")
@@ -359,3 +370,106 @@ async def test_a_token_in_the_urls_path_is_in_no_reason_or_log(caplog: pytest.Lo
     )
     assert TOKEN not in caplog.text
     assert len(loki.entries) == 1
+
+
+# ---- 7. a front's web page answered 2xx (no redirect) and 404/405 are not Loki's answers -----------
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/html", "text/plain"], ids=["text-html", "an-html-body-labelled-text"]
+)
+async def test_a_web_page_answered_2xx_by_a_front_is_never_taken_as_stored(
+    content_type: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An auth front (oauth2-proxy without --skip-auth-regex, a misrouted ingress) answers every path
+    200 with its sign-in page, no redirect. Before: start said ready, and every push was answered OK,
+    checkpointed and lost. Now start (and ``eventrouter check``) fails naming the page, and a push so
+    answered is retried, never dead-lettered, logged once until one is stored."""
+    caplog.set_level(logging.WARNING)
+    async with LokiReceiver() as loki, Front(loki.url) as front:
+        front.page = (200, content_type)
+        sink = _sink(front.url)
+        try:
+            with pytest.raises(SinkError) as info:
+                await sink.check()
+        finally:
+            await sink.aclose()
+        assert str(info.value) == (
+            f"loki: GET {front.url}/ready answered 200 with a web page ({content_type}, "
+            "'Sign in · Access'), not Loki: something before it (an auth front's sign-in page, an "
+            "ingress's default site) answers for it; give url Loki's address, and the credentials its "
+            "front takes"
+        )
+        front.page = None
+        metrics = Metrics()
+        pipeline = pipeline_for(
+            "loki",
+            _sink(front.url),
+            metrics,
+            tmp_path / "dl",
+            retry_initial_backoff=0.01,
+            retry_max_backoff=0.05,
+        )
+        async with _running(pipeline):
+            await pipeline.started.wait()  # through the front while it still forwards
+            front.page = (200, content_type)
+            for i in range(5):
+                pipeline.offer(_at(-10 + i, namespace=f"ns-{i % 2}", object_name=f"pod-{i}"))
+            retried = metrics.send_errors.labels("loki", "retryable")
+            answered = (metrics.delivered.labels("loki"), metrics.dead_lettered.labels("loki", "rejected"))
+            await until(lambda: retried._value.get() >= 3 or any(m._value.get() for m in answered))
+            assert [m._value.get() for m in answered] == [0, 0]  # (before: 5 delivered, none stored)
+            assert not loki.entries
+            front.page = None  # the front lets the router through
+            await until(lambda: _count(metrics.delivered, "loki") == 5)
+    assert not (tmp_path / "dl").exists()
+    assert _names(loki) == {f"pod-{i}": 1 for i in range(5)}
+    (warning,) = [m for r in caplog.records if (m := r.getMessage()).startswith("loki: ") and "web page" in m]
+    assert warning == (
+        f"loki: {front.url} answered 200 with a web page ({content_type}, 'Sign in · "
+        "Access'), not Loki (nothing stored): something before Loki (an auth front's sign-in page, an "
+        "ingress's default site) answers for it; give url Loki's address, and the credentials its front "
+        "takes; retrying until that is put right"
+    )
+
+
+@pytest.mark.parametrize("status", [404, 405])
+async def test_a_404_or_405_from_before_loki_is_retried_and_logged_never_dead_lettered(
+    status: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Loki never answers 404 or 405 to a push: a read-only gateway, an ingress route that takes no
+    POST, a wrong path answers so, for the operator to put right. Before, a 405 dead-lettered every
+    entry (a 404 was retried, logged by the engine only as a failed send). Now both are retried and
+    logged once, naming the status and the push URL, its path token masked, until a push is stored."""
+    caplog.set_level(logging.DEBUG)
+    async with LokiReceiver() as loki, Front(loki.url, prefix=f"/{TOKEN}") as gateway:
+        metrics = Metrics()
+        pipeline = pipeline_for(
+            "loki",
+            _sink(f"{gateway.url}/{TOKEN}"),
+            metrics,
+            tmp_path / "dl",
+            retry_initial_backoff=0.01,
+            retry_max_backoff=0.05,
+        )
+        async with _running(pipeline):
+            await pipeline.started.wait()
+            text = {404: "404 page not found", 405: "405: Method Not Allowed"}[status]
+            gateway.fail = [(status, text)] * 4
+            for i in range(5):
+                pipeline.offer(_at(-10 + i, namespace=f"ns-{i % 2}", object_name=f"pod-{i}"))
+            dead = metrics.dead_lettered.labels("loki", "rejected")
+            await until(lambda: _count(metrics.delivered, "loki") + dead._value.get() == 5)
+            assert dead._value.get() == 0  # (before, at 405: 5)
+            assert not gateway.fail
+    assert not (tmp_path / "dl").exists()
+    assert _names(loki) == {f"pod-{i}": 1 for i in range(5)}
+    (warning,) = [m for r in caplog.records if (m := r.getMessage()).startswith(f"loki: POST {gateway.url}")]
+    assert warning == (
+        f"loki: POST {gateway.url}/***{PUSH} answered {status}, not Loki's answer to a push (nothing "
+        f"stored): {text}: nothing there takes Loki's pushes (a wrong host or path, a gateway or an "
+        "ingress route that takes no POST, a Loki target without a distributor); give url Loki's "
+        "address (e.g. http://loki:3100, or the base path a gateway forwards to Loki); retrying until "
+        "that is put right"
+    )
+    assert TOKEN not in caplog.text
