@@ -55,7 +55,7 @@ from eventrouter.sink import SinkContext
 from eventrouter.source.kube import ApiError, KubeClient, connect, failure_text
 from eventrouter.source.relist_order import RelistOrder
 from eventrouter.source.tracker import OccurrenceTracker
-from eventrouter.source.watcher import READ_TIMEOUT_MARGIN, EventWatcher, WatchSettings
+from eventrouter.source.watcher import READ_TIMEOUT_MARGIN, EventWatcher, WatchSettings, shared_relists
 
 __all__ = ["Router", "RouterSettings", "check_stall_timeout"]
 
@@ -256,9 +256,13 @@ class Router:
 
     # ---- building -----------------------------------------------------------------------------
 
-    def _build(self) -> None:
+    def _open_data_dir(self) -> tuple[dict[str, tuple[int, int]], dict[str, Spool]]:
+        """The data dir's part of the build: the spools no sink reads reported, each sink's bounds, and
+        its spool opened, which reads every record it holds (a full 256 MiB spool: ~2.4 CPU-seconds,
+        ~30 s on a 5% share of a CPU). File work only (no event-loop object): start_pipelines runs it
+        in a worker thread, so that /healthz and the lease's renewals are answered meanwhile; the
+        liveness probe killed a router starting on a full spool, at every restart again."""
         data = self.settings.data_dir
-        table = CheckpointTable(max(1, len(self.specs)))
         budget = self.settings.data_dir_max_bytes
         stranded = self._report_orphans(data) if data is not None else 0
         if budget and stranded:
@@ -292,8 +296,24 @@ class Router:
                     for name, (spool, dead) in bounds.items()
                 ),
             )
+        spools = {
+            spec.name: Spool(
+                data / "spool" / safe_name(spec.name),
+                max_bytes=bounds[spec.name][0],
+                cluster=self.settings.cluster_name,
+            )
+            for spec in self.specs
+            if data is not None and bounds[spec.name][0] > 0
+        }
+        return bounds, spools
+
+    def _build(self, opened: tuple[dict[str, tuple[int, int]], dict[str, Spool]] | None = None) -> None:
+        """The pipelines, from ``opened`` (``_open_data_dir``'s, done here when not given)."""
+        data = self.settings.data_dir
+        table = CheckpointTable(max(1, len(self.specs)))
+        bounds, spools = opened if opened is not None else self._open_data_dir()
         for index, spec in enumerate(self.specs):
-            spool_bytes, deadletter_bytes = bounds[spec.name]
+            _, deadletter_bytes = bounds[spec.name]
             sink_dir = data / "sinks" / safe_name(spec.name) if data else None
             if sink_dir:
                 sink_dir.mkdir(parents=True, exist_ok=True)
@@ -307,13 +327,7 @@ class Router:
                 retry_wait_max=spec.pipeline.retry_wait_max,
             )
             sink = spec.build(context)
-            spool = None
-            if data is not None and spool_bytes > 0:
-                spool = Spool(
-                    data / "spool" / safe_name(spec.name),
-                    max_bytes=spool_bytes,
-                    cluster=self.settings.cluster_name,
-                )
+            spool = spools.get(spec.name)
             pipeline = Pipeline(
                 name=spec.name,
                 sink=sink,
@@ -433,7 +447,18 @@ class Router:
             try:
                 await coro
             except asyncio.CancelledError:
-                raise
+                task = asyncio.current_task()
+                if self._stopping or (task is not None and task.cancelling()):
+                    raise
+                # Nothing cancelled it: a CancelledError let out from within (a cancelled future
+                # awaited in a library) ended the task unseen while the router looked healthy.
+                log.error(
+                    "task %s ended with a CancelledError though nothing cancelled it (a bug); stopping "
+                    "the router",
+                    name,
+                )
+                self.exit_code = 1
+                self.request_stop()
             except Exception:
                 log.exception("task %s crashed; stopping the router", name)
                 self.exit_code = 1  # a restart policy (on-failure) must see it
@@ -447,7 +472,16 @@ class Router:
     async def start_pipelines(self) -> None:
         if self.settings.data_dir is not None:
             await self._lock_data_dir(self.settings.data_dir)
-        self._build()
+        # Off the event loop: opening the spools reads every record they hold (_open_data_dir).
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open_data_dir))
+        try:
+            opened = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # Stopped meanwhile: the thread still reads (and may trim) the spool files, and the stop
+            # must not give up the data dir's lock before it is done.
+            await asyncio.wait([opening])
+            raise
+        self._build(opened)
         for p in self.pipelines:
             self._pipeline_tasks.append(self._guard(p.run(), f"pipeline:{p.name}"))
         if self.reloaders and self.settings.reload_interval > 0:
@@ -640,6 +674,9 @@ class Router:
             relist_sorted=relist_sorted,
             relist_dir=relist_dir,
         )
+        # One for all the watchers: namespaces relisting together are handed on in one time order,
+        # within one memory budget (relist_merge.py).
+        relists = shared_relists(watch, self.settings.cluster_name)
         for ns in namespaces:
             watcher = EventWatcher(
                 self.kube,
@@ -652,6 +689,7 @@ class Router:
                 settings=watch,
                 room=self.fanout.wait_for_room,
                 needed=self.fanout.needed,
+                relists=relists,
             )
             self.watchers.append(watcher)
             self._tasks.append(self._guard(watcher.run(), f"watch:{ns or '*'}"))
@@ -865,9 +903,11 @@ class Router:
             if waited > self.settings.stall_timeout:
                 return False, f"{why} (more than --stall-timeout {self.settings.stall_timeout:g}s)"
             return True, why
-        stale = [w for w in self.watchers if now - w.last_progress > self.settings.stall_timeout]
+        # The monotonic clock: a wall clock stepped forward (NTP, a VM resumed) is no stall.
+        mono = time.monotonic()
+        stale = [w for w in self.watchers if mono - w.progressed > self.settings.stall_timeout]
         if stale:
-            ages = ", ".join(f"{w.where}: {now - w.last_progress:.0f}s" for w in stale)
+            ages = ", ".join(f"{w.where}: {mono - w.progressed:.0f}s" for w in stale)
             return False, f"watch made no progress within {self.settings.stall_timeout:g}s ({ages})"
         return True, "ok"
 
@@ -982,6 +1022,13 @@ class Router:
         if not drained:
             for p in self.pipelines:
                 p.stop_now()
+                # A write blocked in a sink's thread (stdout's reader away, a hung file system) ends
+                # at its line and its send says what went out: left to go on, it landed after its
+                # batch was spooled below, and the restart wrote it again (Sink.stop_sending).
+                try:
+                    p.sink.stop_sending()
+                except Exception:  # a plugin's bug must not stop the stop
+                    log.exception("sink %s: stop_sending() failed", p.name)
             # A send in progress gets a moment to finish; its outcome is unknown after that.
             await asyncio.wait(self._pipeline_tasks, timeout=1)
             for t in self._pipeline_tasks:
@@ -1044,6 +1091,7 @@ class Router:
                     len(left),
                     self.settings.shutdown_timeout,
                 )
+        cancelled = False  # the stop itself cancelled while a sink closed: raised once all is done
         for p in self.pipelines:
             p.flush_metrics()
             if p.spool is not None:
@@ -1061,7 +1109,7 @@ class Router:
                 )
                 # A stop that will duplicate must not look clean (as for the ConfigMap below).
                 self.exit_code = self.exit_code or 1
-            await p.close_sink()
+            cancelled = await self._close_sink(p) or cancelled
         self.fanout.save_unseen()  # before the ConfigMap's last write, which carries them
         for t in lasting:
             if t.get_name() == "checkpoint-configmap":
@@ -1100,6 +1148,26 @@ class Router:
             await self._http.cleanup()
         log.info("stopped after draining for %.2fs", time.monotonic() - started)
         self.stopped.set()
+        if cancelled:
+            raise asyncio.CancelledError  # the stop's own cancellation, once the rest was done
+
+    async def _close_sink(self, p: Pipeline) -> bool:
+        """Close ``p``'s sink, bounded (``Pipeline.close_sink``: send_timeout an instance); True when
+        the stop itself was cancelled meanwhile. Nothing a sink's ``aclose`` does ends the stop: what
+        follows (the other sinks' checkpoints and closes, the ConfigMap's last write, the lock and
+        lease releases) was skipped, and a CancelledError the sink let out ended the stop unfinished
+        (``run()`` never returned: the pod hung until SIGKILL)."""
+        try:
+            await p.close_sink()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                log.warning("sink %s: the stop was cancelled while it closed; finishing the stop", p.name)
+                return True
+            log.error("sink %s: closing it raised CancelledError without the stop being cancelled", p.name)
+        except Exception:
+            log.exception("sink %s: closing it failed; going on with the stop", p.name)
+        return False
 
     async def _final_configmap_write(self, store: ConfigMapCheckpointStore, began: float) -> bool:
         """The stop's last ConfigMap write, tried again on a 409, 429, 5xx, timeout or lost connection

@@ -17,15 +17,19 @@ __all__ = ["append_all", "append_to"]
 
 def append_all(fd: int, data: bytes, size: int) -> None:
     """Write all of ``data`` at the end of the file open on ``fd`` (``O_APPEND``), which is ``size``
-    bytes long. On an error the file is cut back to ``size`` before the error is raised."""
+    bytes long. On an error the file is cut back to ``size`` before the error is raised, if it ends
+    where this call's part of ``data`` ended: a file another process appended to meanwhile (two
+    routers writing one file sink path) keeps its lines, which that writer has acknowledged."""
     view = memoryview(data)
+    written = 0
     try:
-        while view:
-            view = view[os.write(fd, view) :]
+        while written < len(view):
+            written += os.write(fd, view[written:])
     except OSError:
         # Cutting back frees space, so it works on a full disk too.
         with contextlib.suppress(OSError):
-            os.ftruncate(fd, size)
+            if os.fstat(fd).st_size == size + written:
+                os.ftruncate(fd, size)
         raise
 
 

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import itertools
 import logging
 import math
@@ -277,7 +278,49 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace) -> tuple[RouterConfig, list[SinkSpec]]:
     cfg = load_yaml(args.config) if args.config else RouterConfig()
     specs = build_specs(args.sink, cfg.sinks, yaml_source=str(args.config or "config"))
+    _refuse_shared_files(specs)
     return cfg, specs
+
+
+def _refuse_shared_files(specs: Sequence[SinkSpec]) -> None:
+    """Two sinks of one router appending to one file (a sink written twice with different filters)
+    passed as valid. Each sink's cut-back of a failed write or fsync assumes the end of the file is its
+    own, and each rotates the file under the other. A sink class names the file it owns with
+    ``owned_file(options)`` (the file sink does); two the same after resolving links exit 2."""
+    owners: dict[str, SinkSpec] = {}
+    for spec in specs:
+        owned = getattr(spec.sink_cls, "owned_file", None)
+        path = owned(spec.options) if callable(owned) else None
+        if path is None:
+            continue
+        key = os.path.realpath(path)
+        other = owners.setdefault(key, spec)
+        if other is not spec:
+            raise ConfigError(
+                f"{spec.source}: sink {spec.name!r} writes {key}, as sink {other.name!r} ({other.source}) "
+                "does: two sinks on one file cut back and rotate each other's lines; give each its own "
+                "file, or use one sink"
+            )
+
+
+def _could_write_data_dir(path: Path) -> Path:
+    """What ``_writable_data_dir`` checks, without making anything (``check``, as for the file sink in
+    item 199): the data dir, or its nearest existing folder, must be a folder this process may write."""
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    why = (
+        None
+        if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+        else (os.strerror(errno.ENOTDIR) if not folder.is_dir() else os.strerror(errno.EACCES))
+    )
+    if why is not None:
+        where = "" if folder == path else f" ({folder} is where it would be made)"
+        raise ConfigError(
+            f"--data-dir {path}: cannot write there ({why}){where}; mount a writable volume there"
+            " or leave --data-dir out"
+        )
+    return path
 
 
 def _writable_data_dir(path: Path) -> Path:
@@ -326,7 +369,7 @@ def leader_identity(environ: Mapping[str, str]) -> str:
     return f"{name}_{environ.get('POD_UID') or f'{os.getpid()}-{secrets.token_hex(4)}'}"
 
 
-def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
+def _settings(args: argparse.Namespace, cfg: RouterConfig, *, make: bool = True) -> RouterSettings:
     selector = getattr(args, "field_selector", "") or cfg.field_selector
     try:
         check_field_selector(selector)
@@ -334,7 +377,7 @@ def _settings(args: argparse.Namespace, cfg: RouterConfig) -> RouterSettings:
         raise ConfigError(f"field selector {selector!r}: {exc}") from None
     data_dir = args.data_dir or (Path(cfg.data_dir) if cfg.data_dir else None)
     if data_dir is not None:
-        data_dir = _writable_data_dir(data_dir)
+        data_dir = _writable_data_dir(data_dir) if make else _could_write_data_dir(data_dir)
     if getattr(args, "leader_elect", False):
         try:  # as client-go refuses them, before anything starts, naming the options
             check_timings(
@@ -602,8 +645,9 @@ def _sinks(args: argparse.Namespace) -> int:
 
 async def _check(args: argparse.Namespace) -> int:
     cfg, specs = _load(args)
-    # What `run` refuses (namespaces, field selector, an unwritable data dir) passed `check`.
-    settings = _settings(args, cfg)
+    # What `run` refuses (namespaces, field selector, an unwritable data dir) passed `check`; a check
+    # makes no data dir, though (`check --offline` in CI left the folders behind).
+    settings = _settings(args, cfg, make=False)
     _refuse_selections_that_keep_nothing(args, settings, specs)
     if not specs:
         raise ConfigError("no sinks configured")

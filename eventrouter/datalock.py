@@ -15,6 +15,8 @@ import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
+from eventrouter.config import ConfigError
+
 __all__ = ["DataDirInUse", "DataDirLock"]
 
 
@@ -33,7 +35,8 @@ class DataDirLock:
         return self._fd is not None
 
     def acquire(self) -> None:
-        """Take the lock now or raise DataDirInUse; OSError if the file cannot be opened."""
+        """Take the lock now or raise DataDirInUse; ConfigError if the file system cannot lock it,
+        OSError if the file cannot be opened."""
         if self._fd is not None:
             return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -45,6 +48,15 @@ class DataDirLock:
             raise DataDirInUse(
                 f"data dir {self.data_dir} is in use by {holder}: two routers on one data dir would share "
                 "checkpoints and spools"
+            ) from None
+        except OSError as exc:
+            # ENOLCK: an NFS volume without lockd, and the like. A traceback before; running without
+            # the lock would let a second router share the checkpoints and spools unseen.
+            os.close(fd)
+            raise ConfigError(
+                f"--data-dir {self.data_dir}: cannot lock {self.path} ({exc.strerror or exc}); the data "
+                "dir needs a file system with working file locks (flock): a local volume, or NFS with "
+                "its lock service"
             ) from None
         except BaseException:
             os.close(fd)

@@ -151,8 +151,14 @@ class Fanout:
             pipeline.offer(occ)
 
     def needed(self, occ: Occurrence) -> bool:
-        """False when every sink's checkpoint already holds this occurrence (a relist after a restart)."""
-        return any(occ.number > p.checkpoint.accepted(occ.uid) for p in self.pipelines)
+        """False when no sink would take this occurrence: each has accepted it already (a relist after
+        a restart) or filters it out. A sink filtering it never records it, so with a robot taking
+        only Warnings beside Loki every Normal event was "needed" at every restart, and the sorted
+        relist held ~90% of the retained events back (memory, its temporary file) once more."""
+        for p in self.pipelines:
+            if occ.number > p.checkpoint.accepted(occ.uid) and (p.predicate is None or p.predicate(occ)):
+                return True
+        return False
 
     async def wait_for_room(
         self,

@@ -196,5 +196,12 @@ class Sink(abc.ABC, Generic[OptionsT]):
         (alert digests) forgets them here, so that it never delivers what was counted as not
         delivered. Synchronous; must not raise."""
 
+    def stop_sending(self) -> None:
+        """The router is stopping and its drain deadline passed: the send in progress is about to be
+        cut off and its batch spooled for the next start. A sink whose writes go on where the engine
+        cannot cancel them (a thread blocked in write(2), a hung file system) ends them at a point
+        it can answer for and lets its send return what went out, so that nothing spooled also lands
+        later (written twice after the restart). Synchronous; must not raise. Default: nothing."""
+
     async def aclose(self) -> None:
         """Release connections. Must be safe to call twice and without a prior ``start``."""

@@ -37,6 +37,9 @@ min(max_request_size, 512 KiB) each, compressed per batch) and an item is OK onl
 was acknowledged by the broker (``acks=all`` by default; idempotence on by default). A record over
 ``max_request_size`` gets its message cut to fit (``oversize=truncate``, the default: the value then says
 ``"truncated": true`` and ``original_bytes``, without ``raw``, and a ``truncated: true`` header is added).
+Records the broker took truncated or with a timestamp other than their event time are counted
+(``KafkaSink.modified``: ``eventrouter_sink_modified_total``) and logged with their counts, at once, then at
+most once a minute, and what is left at close.
 Records still too large and authorisation failures are rejected (dead-lettered) per item; a produce batch
 the broker refuses as a whole (too large for the topic, a timestamp in it out of range) is sent again in
 halves (up to 8 records: one record per batch), so each record gets its own outcome. A topic-partition's
@@ -118,7 +121,7 @@ import ssl
 import string
 import struct
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -140,6 +143,7 @@ from eventrouter import (
     reject,
     retry,
 )
+from eventrouter.logs import Throttled
 from eventrouter.options import FilePath, shown_address
 from eventrouter.truncate import shorten_message
 
@@ -578,6 +582,12 @@ _TIME_ADJUSTED = ("time_adjusted", b"true")
 _TRUNCATED = ("truncated", b"true")
 _CLOCK_MARGIN_MS = 60_000
 """Kept inside the broker's window (at most a quarter of it): it judges by its own clock."""
+_STAMPED = 1
+"""Sink._changed: sent with a timestamp other than its event time (the ``time_adjusted`` header)."""
+_CUT = 2
+"""Sink._changed: sent with its message cut to fit max_request_size (the ``truncated`` header)."""
+_MODIFIED_LOG_EVERY = 60.0
+"""Seconds between two logs of the records delivered changed (and of the broker refusing a timestamp)."""
 
 
 def _halt(producer: Any) -> None:
@@ -869,6 +879,13 @@ class KafkaSink(Sink[KafkaOptions]):
         self._blind: object | None = None
         # Per partition not known refused: when this send's first NOT_ENOUGH_REPLICAS came (_CUT_GRACE).
         self._refusing_since: dict[tuple[str, int], float] = {}
+        # Records delivered changed (stamped otherwise than their event time, message cut): the send
+        # in progress's, index -> _STAMPED | _CUT; in total (``modified``); since the last log
+        # (logged at most every _MODIFIED_LOG_EVERY seconds, and at close).
+        self._changed: dict[int, int] = {}
+        self._modified_unlogged: Counter[str] = Counter()
+        self._modified_logged_at = -math.inf
+        self._timestamp_log = Throttled(self.log, _MODIFIED_LOG_EVERY)
 
     def take_over(self, previous: Sink[KafkaOptions]) -> None:
         """The set-aside records' order carries over (a credential or certificate file rotated)."""
@@ -876,6 +893,8 @@ class KafkaSink(Sink[KafkaOptions]):
             self._aside, self._aside_at = previous._aside, previous._aside_at
             self._aside_order, self._refused = previous._aside_order, previous._refused
             self.modified = previous.modified
+            self._modified_unlogged = previous._modified_unlogged
+            self._modified_logged_at = previous._modified_logged_at
 
     def given_up(self, occurrences: Sequence[Occurrence]) -> None:
         """Dead-lettered or dropped: a record set aside no longer holds its partition back."""
@@ -1100,6 +1119,9 @@ class KafkaSink(Sink[KafkaOptions]):
                 ) from None
 
     async def aclose(self) -> None:
+        self._changed = {}  # of a send cut off: not delivered
+        if self._modified_unlogged:
+            self._count_modified((), flush=True)
         starting, self._starting = self._starting, None
         if starting is not None:
             starting.cancel()
@@ -1417,12 +1439,15 @@ class KafkaSink(Sink[KafkaOptions]):
         limit = self.options.max_request_size
         estimate = DefaultRecordBatchBuilder.estimate_size_in_bytes
         by_topic: dict[str, list[tuple[int, _Message]]] = {}
+        changed = self._changed = {}
         for i, occurrence in enumerate(batch):
             try:
                 message = self.encode(occurrence)
             except Exception as exc:  # a record we cannot encode must not fail the batch
                 outcomes[i] = reject(f"cannot encode record for kafka: {type(exc).__name__}: {exc}")
                 continue
+            if message.headers[-1] is _TIME_ADJUSTED:
+                changed[i] = _STAMPED
             size = estimate(message.key, message.value, message.headers)
             if size > limit:
                 fitted = self._shortened(occurrence, message, limit) if self._truncate else None
@@ -1430,6 +1455,7 @@ class KafkaSink(Sink[KafkaOptions]):
                     outcomes[i] = reject(f"record is {size} bytes, over kafka max_request_size={limit}")
                     continue
                 message = fitted
+                changed[i] = changed.get(i, 0) | _CUT
             by_topic.setdefault(message.topic, []).append((i, message))
 
         # Partition as AIOKafkaProducer.send would (murmur2 of the key; random for no key), keeping the
@@ -1559,7 +1585,47 @@ class KafkaSink(Sink[KafkaOptions]):
                 len(final),
                 " (set aside, due at once, with the records set aside)" if aside_late else "",
             )
+        if self._changed or self._modified_unlogged:
+            self._count_modified(final)
         return final
+
+    def _count_modified(self, final: Sequence[Outcome], *, flush: bool = False) -> None:
+        """Count the records the broker took changed (stamped otherwise than their event time, message
+        cut): nothing is lost, but only their headers said so, and an operator learned of them only by
+        reading the topic. Logged with their counts, at most every _MODIFIED_LOG_EVERY seconds
+        (``flush``: now, at close)."""
+        changed, self._changed = self._changed, {}
+        found: Counter[str] = Counter()
+        for i, marks in changed.items():
+            if final[i].kind is OutcomeKind.OK:
+                if marks & _STAMPED:
+                    found["time_adjusted"] += 1
+                if marks & _CUT:
+                    found["truncated"] += 1
+        self.modified.update(found)
+        unlogged = self._modified_unlogged
+        unlogged.update(found)
+        now = time.monotonic()
+        if not unlogged or (not flush and now - self._modified_logged_at < _MODIFIED_LOG_EVERY):
+            return
+        self.log.warning(
+            "kafka sink %s: the brokers (%s) took %d records with a timestamp other than their event time "
+            "(more than future_grace=%gs ahead, before 1970, or refused by the broker: the time the router "
+            'received them, or the send time; the value keeps it in "time", the header says '
+            "time_adjusted) and %d with their message cut to fit max_request_size=%d (the header says "
+            "truncated), since %s",
+            self.context.name,
+            self._describe_brokers(),
+            unlogged["time_adjusted"],
+            self.options.future_grace,
+            unlogged["truncated"],
+            self.options.max_request_size,
+            "start"
+            if self._modified_logged_at == -math.inf
+            else f"{now - self._modified_logged_at:.0f}s ago",
+        )
+        unlogged.clear()
+        self._modified_logged_at = now
 
     async def _deliver(
         self,
@@ -1935,7 +2001,10 @@ class KafkaSink(Sink[KafkaOptions]):
                 message.headers if _TIME_ADJUSTED in message.headers else [*message.headers, _TIME_ADJUSTED]
             )
             adjusted = _Message(message.topic, message.key, message.value, headers, None)
-            self.log.warning(
+            self._changed[i] = self._changed.get(i, 0) | _STAMPED
+            # Throttled: a node whose clock runs ahead gives one per event; each is counted (modified).
+            self._timestamp_log.warning(
+                "timestamp",
                 "kafka: the broker refused event time %d ms of %s (%s); sending it with the send time",
                 message.timestamp_ms,
                 dict(message.headers).get("occurrence", b"?").decode("utf-8", "replace"),

@@ -29,7 +29,9 @@ an occurrence outside that window is still delivered, stamped at the nearest all
 dead-lettered instead. The old edge is taken 25 minutes early: the service's clock may be up to 15
 minutes ahead of ours. A request refused with InvalidTimestamp all the same (a clock off the other way)
 is halved down to the log refused, which is sent once more stamped at the router's now
-(``clamp_time=true``) or dead-lettered alone.
+(``clamp_time=true``) or dead-lettered alone. The logs stored so are counted (``SLSSink.modified``:
+``eventrouter_sink_modified_total{reason="time_adjusted"}``) and logged with their count, at once, then at
+most once a minute, and what is left at close.
 
 The engine's batch is split here into requests of at most 4096 logs and 3 MB of uncompressed protobuf;
 a single occurrence too big for one request is rejected alone.
@@ -82,12 +84,14 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import math
 import os
 import re
 import socket
 import ssl
 import time
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -173,6 +177,7 @@ _GROW_AFTER = 16
 _RESTAMP_KEEP = 1024
 _LOG_STUCK_EVERY = 600.0  # seconds between warnings of sends that did nothing (then with a count)
 _LOG_FRONT_EVERY = 600.0  # seconds between warnings of a redirect or a front's 2xx (then with a count)
+_MODIFIED_LOG_EVERY = 60.0  # seconds between two logs of the logs delivered stamped otherwise
 
 
 class SLSOptions(SinkOptions):
@@ -301,6 +306,8 @@ class _Send:
     """time.monotonic() by which the send ends on its own (the context's ``send_budget``)."""
     restamped: set[int] = field(default_factory=set)
     """Indexes of the batch encoded at the send's now (their time refused at an earlier send)."""
+    adjusted: set[int] = field(default_factory=set)
+    """Indexes of the batch sent stamped otherwise than their own time (``time_adjusted``)."""
     requests: int = 0
     slowest: float = 0.0
     """Seconds the slowest answered request of this send took."""
@@ -360,6 +367,12 @@ class SLSSink(Sink[SLSOptions]):
         self._restamp: dict[tuple[str, int], None] = {}
         self._stuck_log = Throttled(self.log, _LOG_STUCK_EVERY)
         self._front_log = Throttled(self.log, _LOG_FRONT_EVERY)
+        # Logs delivered stamped otherwise than their own time: set by _encode for the log it just
+        # clamped; in total (``modified``); since the last log (at most every _MODIFIED_LOG_EVERY
+        # seconds, and at close).
+        self._clamped = False
+        self._modified_unlogged: Counter[str] = Counter()
+        self._modified_logged_at = -math.inf
         self._key_id = ""
         self._key_secret = ""
         self._token: str | None = None
@@ -586,7 +599,16 @@ class SLSSink(Sink[SLSOptions]):
         finally:
             await probe.aclose()
 
+    def take_over(self, previous: Sink[SLSOptions]) -> None:
+        """The counts of logs delivered changed carry over (a rotated key file)."""
+        if isinstance(previous, SLSSink):
+            self.modified = previous.modified
+            self._modified_unlogged = previous._modified_unlogged
+            self._modified_logged_at = previous._modified_logged_at
+
     async def aclose(self) -> None:
+        if self._modified_unlogged:
+            self._count_modified(set(), [], flush=True)
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
@@ -602,6 +624,7 @@ class SLSSink(Sink[SLSOptions]):
             if log is not None:
                 return log, ""
         elif self.options.clamp_time:
+            self._clamped = True
             log = encode_occurrence(occ, max(int(low) if seconds < low else int(now), 0), nanos, True)
             if log is not None:
                 return log, ""
@@ -620,6 +643,7 @@ class SLSSink(Sink[SLSOptions]):
                 )
             seconds = int(low) if seconds < low else int(now)
             contents.append(("time_adjusted", "true"))
+            self._clamped = True
         try:
             log = bytes_field(1, encode_log(max(seconds, 0), nanos, contents))
         except UnicodeEncodeError as exc:
@@ -857,6 +881,7 @@ class SLSSink(Sink[SLSOptions]):
         encoded: list[tuple[int, bytes]] = []
         restamp = self._restamp
         restamped: set[int] = set()
+        adjusted: set[int] = set()
         for index, occ in enumerate(batch):
             try:
                 log, why = None, ""
@@ -865,10 +890,15 @@ class SLSSink(Sink[SLSOptions]):
                     log = self._encode_at(occ, int(now))
                 if log is not None:
                     restamped.add(index)
+                    adjusted.add(index)
                 else:
                     log, why = self._encode(occ, now)
             except Exception as exc:  # bad input must cost one item, never the batch
                 log, why = None, f"cannot encode event {occ.key}: {type(exc).__name__}: {exc}"
+            if self._clamped:
+                self._clamped = False
+                if log is not None:
+                    adjusted.add(index)
             if log is None:
                 outcomes[index] = reject(why)
             elif len(header) + len(log) > self.max_bytes:
@@ -880,13 +910,44 @@ class SLSSink(Sink[SLSOptions]):
                 encoded.append((index, log))
         resource = f"/logstores/{self.options.logstore}/shards/lb"
         began = time.monotonic()
-        run = _Send(began, began + self.context.send_budget, restamped)
+        run = _Send(began, began + self.context.send_budget, restamped, adjusted)
         self._batch = batch
         try:
             await self._put_all(run, resource, header, self._chunks(encoded, len(header)), outcomes)
         finally:
             self._batch = ()
-        return self._settle(run, batch, [outcome if outcome is not None else OK for outcome in outcomes])
+        final = self._settle(run, batch, [outcome if outcome is not None else OK for outcome in outcomes])
+        if run.adjusted or self._modified_unlogged:
+            self._count_modified(run.adjusted, final)
+        return final
+
+    def _count_modified(self, adjusted: set[int], final: list[Outcome], *, flush: bool = False) -> None:
+        """Count the logs SLS stored stamped otherwise than their own time (``clamp_time``): nothing is
+        lost, but only their ``time_adjusted`` field said so, and an operator learned of them only by
+        querying the logstore. Logged with the count, at most every _MODIFIED_LOG_EVERY seconds
+        (``flush``: now, at close)."""
+        found = sum(final[index].kind is OutcomeKind.OK for index in adjusted)
+        if found:
+            self.modified["time_adjusted"] += found
+            self._modified_unlogged["time_adjusted"] += found
+        unlogged = self._modified_unlogged["time_adjusted"]
+        now = time.monotonic()
+        if not unlogged or (not flush and now - self._modified_logged_at < _MODIFIED_LOG_EVERY):
+            return
+        self.log.warning(
+            "sls sink %s: %s stored %d logs stamped otherwise than their own time (outside the window "
+            "SLS accepts, now - 7 days ... now + 15 minutes: at its nearest edge; or refused for their "
+            "time: at the router's now); each keeps its own time in time and eventId and says "
+            "time_adjusted=true, since %s",
+            self.context.name,
+            self._where,
+            unlogged,
+            "start"
+            if self._modified_logged_at == -math.inf
+            else f"{now - self._modified_logged_at:.0f}s ago",
+        )
+        self._modified_unlogged.clear()
+        self._modified_logged_at = now
 
     def _settle(self, run: _Send, batch: Sequence[Occurrence], final: list[Outcome]) -> list[Outcome]:
         """Keep what the send learned for the next; a send that stored or refused nothing fails."""
@@ -1064,6 +1125,7 @@ class SLSSink(Sink[SLSOptions]):
             occ = self._batch[indexes[0]]
             log = self._encode_at(occ, int(time.time()))
             if log is not None:
+                run.adjusted.add(indexes[0])
                 stop = await self._put(run, resource, header, indexes, [log], outcomes, restamped=True)
                 if stop is not None and stop.held:  # not sent in time: the next send stamps it so
                     self._restamp[(occ.uid, occ.number)] = None

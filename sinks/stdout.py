@@ -2,27 +2,49 @@
 
 ``--sink=stdout`` or ``--sink=stdout:?stream=stderr&format=text``. The JSON line is the normalised
 record exactly as every sink sees it (``include_raw=true`` adds the raw Event object).
+
+A write blocked on a slow or absent reader (a log shipper away) never lands after the engine has
+decided its batch's fate. On a pipe, terminal or socket the sink writes whole lines as room allows
+and, once told to stop, begins no new line: at the end of the send's budget (what went out is OK, the
+rest retried), when a send is cut off (the next send answers OK for what it wrote) and at the
+router's stop (``stop_sending``, before the leftovers are spooled). Only a line stuck part way can
+still end later; that is logged, and counted in the log line, as maybe written twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import fcntl
+import functools
 import io
+import itertools
 import logging
 import os
 import select
 import stat
 import sys
+import termios
 import threading
+import time
 from collections.abc import Sequence
 from typing import BinaryIO, Literal, NamedTuple, TextIO
 
 import orjson
 from pydantic import Field, field_validator
 
-from eventrouter import OK, Occurrence, Outcome, RetryableError, Sink, SinkContext, SinkOptions, reject
+from eventrouter import (
+    OK,
+    Occurrence,
+    Outcome,
+    RetryableError,
+    Sink,
+    SinkContext,
+    SinkOptions,
+    reject,
+    retry,
+)
 from eventrouter.appendfile import append_all
 from eventrouter.options import redact_url
 
@@ -117,23 +139,78 @@ def _write_file(fd: int, data: bytes, size: int) -> None:
         raise
 
 
-def _write_stream(fd: int, data: bytes) -> None:
-    """A pipe, terminal or socket: write until all is written, waiting for room (without spinning)
-    when the descriptor is non-blocking (O_NONBLOCK set again by whoever shares it)."""
-    view = memoryview(data)
-    poller: select.poll | None = None
-    while view:
-        try:
-            written = os.write(fd, view)
-        except BlockingIOError:
-            written = 0
-        if written:  # all, or a short write: the rest may go at once, or raise EAGAIN
-            view = view[written:]
-            continue
-        if poller is None:
-            poller = select.poll()
-            poller.register(fd, select.POLLOUT)
-        poller.poll()  # a reader gone or the descriptor closed wakes it too: the write then raises
+_STOPPING = retry("not written: the router is stopping", held=True)
+
+_TICK_MS = 50
+"""How long a write waiting for room looks away from its stop flag (a full pipe wakes no one)."""
+
+
+class _Write:
+    """One batch on its way out in the sink's thread. Once ``stop`` is set it begins no new line: what
+    it wrote (the lines before ``written``) is then final, and the rest is never written by it."""
+
+    def __init__(self, lines: list[bytes], keys: list[str]) -> None:
+        self.data = b"".join(lines)
+        self.ends = list(itertools.accumulate(map(len, lines)))
+        self.keys = keys
+        self.written = 0  # bytes out; set by the thread only
+        self.stop = threading.Event()
+        self.gone: frozenset[str] = frozenset()  # keys the engine gave up while this write went on
+
+    def count(self) -> int:
+        """Lines written whole."""
+        return bisect.bisect_right(self.ends, self.written)
+
+    def delivered(self) -> list[str]:
+        return self.keys[: self.count()]
+
+    def torn(self) -> str | None:
+        """The key of the line written in part, if the write is stuck inside one."""
+        n = self.count()
+        return self.keys[n] if n < len(self.keys) and self.written > (self.ends[n - 1] if n else 0) else None
+
+    def _next_end(self, room: int) -> int:
+        """Where the next write(2) ends: the whole lines that fit ``room``, or part of a line longer
+        than that; once stopped, never past the end of the line begun."""
+        written = self.written
+        target = min(written + room, len(self.data))
+        n = self.count()
+        if self.stop.is_set():
+            return min(target, self.ends[n])
+        if target == len(self.data):
+            return target
+        i = bisect.bisect_right(self.ends, target)
+        return self.ends[i - 1] if i and self.ends[i - 1] > written else target
+
+    def out(self, fd: int, mode: int) -> None:
+        """Write to a pipe, terminal or socket, never more than it has room for (a write(2) blocked
+        on a stalled reader cannot be called back), waiting for room without spinning, also when the
+        descriptor is non-blocking (O_NONBLOCK set again by whoever shares it)."""
+        view = memoryview(self.data)
+        fifo = stat.S_ISFIFO(mode)
+        # /dev/null and the like take everything at once; a terminal or socket a PIPE_BUF at a time.
+        whole = stat.S_ISCHR(mode) and not os.isatty(fd)
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        while self.written < len(view):
+            if self.stop.is_set() and self.torn() is None:
+                return
+            if not poller.poll(_TICK_MS):  # a reader gone or the descriptor closed wakes it too:
+                continue  # the write then raises
+            end = self._next_end(len(view) if whole else _room(fd, fifo))
+            with contextlib.suppress(BlockingIOError):  # no room after all: poll again
+                self.written += os.write(fd, view[self.written : end])
+
+
+def _room(fd: int, fifo: bool) -> int:
+    """Bytes one write(2) can take without blocking: the whole pipe when it is empty, else one
+    PIPE_BUF (poll's POLLOUT promises that much; a pipe counts its room in pages, not bytes)."""
+    if fifo:
+        with contextlib.suppress(OSError):
+            unread = int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4), sys.byteorder)
+            if not unread:
+                return int(fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ))
+    return select.PIPE_BUF
 
 
 class StdoutSink(Sink[StdoutOptions]):
@@ -147,9 +224,15 @@ class StdoutSink(Sink[StdoutOptions]):
         # A thread of its own: a stalled reader (a pager, a log collector away) blocks a write for as
         # long as it likes, and must not take the loop's default pool (file sinks, DNS lookups) with it.
         self._pool: SinkThread | None = None
-        # The write in progress and the keys it carries. A send the engine abandoned at its timeout
-        # goes on in the worker; the next send waits for it instead of writing the same lines again.
-        self._writing: tuple[asyncio.Future[None], frozenset[str]] | None = None
+        # The write of a send cut off before it ended (the engine's timeout, a stop): it begins no new
+        # line, and the next send waits for it and answers OK for what it wrote, not writing it again.
+        self._writing: tuple[asyncio.Future[None], _Write] | None = None
+        # Keys written whose send has not answered them yet (it was cut off): OK at their next send.
+        self._written: set[str] = set()
+        self._stopping = False  # stop_sending(): the router is stopping, nothing more is begun
+        self.unsettled = 0
+        """Records written that the engine counts as not delivered (spooled or dead-lettered), or that
+        may yet be written after that: each is logged by key; written twice if sent again."""
 
     def _executor(self) -> SinkThread:
         if self._pool is None:
@@ -186,7 +269,7 @@ class StdoutSink(Sink[StdoutOptions]):
 
     def _make_blocking(self, fd: int) -> None:
         # O_NONBLOCK set by whoever shares the pipe (node, some supervisors). A write waits for room
-        # whatever the mode (`_write_stream`); a blocking descriptor spares it the polling.
+        # whatever the mode (`_Write.out`); a blocking descriptor spares it the polling.
         try:
             if os.get_blocking(fd):
                 return
@@ -207,11 +290,12 @@ class StdoutSink(Sink[StdoutOptions]):
         return occ.encode(include_raw=self.options.include_raw) + b"\n"
 
     @staticmethod
-    def _write(target: _Target, data: bytes) -> None:
-        """All of ``data``, or an OSError. Runs in the sink's thread."""
+    def _write(target: _Target, w: _Write) -> None:
+        """All of the batch, the lines before a stop, or an OSError. Runs in the sink's thread."""
         if target.fd is None:
-            target.buffer.write(data)
+            target.buffer.write(w.data)
             target.buffer.flush()
+            w.written = len(w.data)
             return
         # The descriptor, not the stream's buffer. Under PYTHONUNBUFFERED (the image sets it) that is
         # the raw FileIO: one write(2), which may take part of the batch and drop the rest unsaid.
@@ -222,61 +306,183 @@ class StdoutSink(Sink[StdoutOptions]):
                 held.enter_context(lock)
             info = os.fstat(target.fd)
             if stat.S_ISREG(info.st_mode):
-                _write_file(target.fd, data, info.st_size)
+                if not w.stop.is_set():  # a file takes it at once, or fails it whole
+                    _write_file(target.fd, w.data, info.st_size)
+                    w.written = len(w.data)
             else:
-                _write_stream(target.fd, data)
+                w.out(target.fd, info.st_mode)
 
-    async def _settle(self) -> frozenset[str]:
-        """Wait for the write in progress (the engine's send timeout bounds the wait); the keys it
-        delivered, none if it failed."""
+    async def _settle(self) -> None:
+        """Wait for the write a cut-off send left (it begins no new line; the engine's send timeout
+        bounds the wait) and note what it wrote: those lines are OK, not written again."""
         if self._writing is None:
-            return frozenset()
-        future, keys = self._writing
-        await asyncio.wait([future])  # a cancelled wait leaves the write running, and remembered
+            return
+        future, w = self._writing
+        await asyncio.wait([future])  # a cancelled wait leaves the write, and it is remembered
         self._writing = None
-        return keys if not future.cancelled() and future.exception() is None else frozenset()
+        # Also after an error: on a stream the lines before it went out.
+        self._written.update(key for key in w.delivered() if key not in w.gone)
 
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
-        # What a write abandoned at the engine's timeout delivered is OK now, not written again.
-        delivered = await self._settle()
-        outcomes: list[Outcome] = []
+        began = time.monotonic()
+        await self._settle()
+        outcomes: list[Outcome | None] = []
         chunks: list[bytes] = []
         keys: list[str] = []
         for occ in batch:
-            if occ.key in delivered:
-                outcomes.append(OK)
+            if occ.key in self._written:
+                outcomes.append(OK)  # written by a send cut off before it could say so
+                continue
+            if self._stopping:
+                outcomes.append(_STOPPING)
                 continue
             try:
                 chunks.append(self._encode(occ))
                 keys.append(occ.key)
-                outcomes.append(OK)
+                outcomes.append(None)
             except (TypeError, ValueError, orjson.JSONEncodeError) as exc:
                 outcomes.append(reject(f"cannot encode {occ.key}: {exc}"))
         if chunks:
             target = self._target(self._text())
-            future = asyncio.get_running_loop().run_in_executor(
-                self._executor(), self._write, target, b"".join(chunks)
-            )
+            w = _Write(chunks, keys)
+            future = asyncio.get_running_loop().run_in_executor(self._executor(), self._write, target, w)
             future.add_done_callback(retrieved)
-            self._writing = (future, frozenset(keys))
-            await self._settle()
-            if future.cancelled():
-                raise RetryableError(f"the write to {self.options.stream} was cancelled")
-            if (error := future.exception()) is not None:
-                if isinstance(error, (OSError, ValueError)):  # ValueError: "I/O operation on closed file"
+            self._writing = (future, w)
+            budget = self.context.send_budget
+            try:
+                await asyncio.wait([future], timeout=max(0.0, budget - (time.monotonic() - began)))
+                if not future.done():
+                    # The reader is slow or away: what went out is said now, before the engine's
+                    # timeout leaves the write behind. The line begun is finished first.
+                    w.stop.set()
+                    await asyncio.wait([future])
+            except asyncio.CancelledError:
+                w.stop.set()  # nothing more begun; the next send answers what it wrote
+                raise
+            self._writing = None
+            error = None if future.cancelled() else future.exception()
+            if error is not None:
+                if not isinstance(error, (OSError, ValueError)):
+                    self._written.update(w.delivered())
+                    raise error  # a bug: the engine retries the batch, and what went out is OK then
+                if not w.count():  # ValueError: "I/O operation on closed file"
                     raise RetryableError(f"cannot write to {self.options.stream}: {error}") from error
-                raise error
-        return outcomes
+            rest = self._rest(w, error, future.cancelled(), budget)
+            done = w.count()
+            line = 0
+            for i, out in enumerate(outcomes):
+                if out is None:
+                    outcomes[i] = OK if line < done else rest
+                    line += 1
+        self._written.difference_update(occ.key for occ in batch)
+        return [OK if out is None else out for out in outcomes]
+
+    def _rest(self, w: _Write, error: BaseException | None, cancelled: bool, budget: float) -> Outcome:
+        """The outcome of a write's lines that did not go out."""
+        if error is not None:  # after some lines went out (a pipe's reader gone part way)
+            return retry(f"cannot write to {self.options.stream}: {error}")
+        if cancelled:
+            return retry(f"the write to {self.options.stream} was cancelled")
+        if self._stopping:
+            return _STOPPING
+        # A reader that took some is slow, not gone: the rest goes next without a failed attempt.
+        return retry(
+            f"{self.options.stream} took {'no more' if w.count() else 'nothing'} within the send's "
+            f"{budget:.3g}s (its reader is slow or away)",
+            held=w.count() > 0,
+        )
+
+    def stop_sending(self) -> None:
+        """The router is stopping (its drain deadline passed): the send in progress ends at the end of
+        the line being written and answers what went out, before the leftovers are spooled; nothing
+        new is begun. Without it, the write went on past the stop and landed after its batch was
+        spooled: written again after the restart."""
+        self._stopping = True
+        if self._writing is not None:
+            self._writing[1].stop.set()
+
+    def given_up(self, occurrences: Sequence[Occurrence]) -> None:
+        """Dead-lettered or dropped: what of them is on stdout already, or may yet be (a line stuck
+        part way), is said by key, for the dead-letter file to be pruned before a replay."""
+        gone = frozenset(occ.key for occ in occurrences)
+        out = gone & self._written
+        self._written -= gone
+        if self._writing is not None and not gone.isdisjoint(self._writing[1].keys):
+            future, w = self._writing
+            w.stop.set()
+            w.gone |= gone
+            out |= gone.intersection(w.delivered())
+            if not future.done():
+                torn = w.torn()
+                if torn in gone:
+                    self._say_unsettled(
+                        [torn],
+                        "given up (dead-lettered or dropped) while its line was being written to {stream}",
+                        maybe=True,
+                    )
+                maybe = frozenset({torn} if torn in gone else ())
+                future.add_done_callback(functools.partial(self._written_late, w, frozenset(out), maybe))
+        if out:
+            self._say_unsettled(
+                sorted(out), "given up (dead-lettered or dropped) but written to {stream} already"
+            )
+
+    def _written_late(
+        self, w: _Write, said: frozenset[str], maybe: frozenset[str], future: asyncio.Future[None]
+    ) -> None:
+        late = w.gone.intersection(w.delivered()) - said
+        if late:  # those said as maybe delivered are not counted again
+            self._say_unsettled(
+                sorted(late), "written to {stream} after they were given up", counted=len(late & maybe)
+            )
+
+    def _say_unsettled(
+        self, keys: Sequence[str], what: str, *, maybe: bool = False, counted: int = 0
+    ) -> None:
+        self.unsettled += len(keys) - counted
+        self.log.warning(
+            "sink %s: %d records %s: %s and also counted as not, so written twice if sent again (%d "
+            "such records in all): %s",
+            self.context.name,
+            len(keys),
+            what.format(stream=self.options.stream),
+            "maybe delivered (if the write ends)" if maybe else "delivered",
+            self.unsettled,
+            ", ".join(keys[:20]) + (f" and {len(keys) - 20} more" if len(keys) > 20 else ""),
+        )
 
     async def aclose(self) -> None:
-        # A write in progress ends first, if it does within a moment; one blocked on a stalled reader
-        # is left in its (daemon) thread, and no longer keeps the process from exiting.
+        # A write left by a cut-off send begins no new line; the one it is in gets a moment to end.
+        # One blocked for good is left in its (daemon) thread and does not keep the process from
+        # exiting. What such writes put out was never answered OK: it is said, as it comes again.
         pool, self._pool = self._pool, None
         if pool is None:  # never started, or closed already
             return
+        self._stopping = True
         try:
+            untold = set(self._written)
+            torn = None
             if self._writing is not None:
-                await asyncio.wait([self._writing[0]], timeout=CLOSE_GRACE)
+                future, w = self._writing
+                w.stop.set()
+                await asyncio.wait([future], timeout=CLOSE_GRACE)
+                untold.update(key for key in w.delivered() if key not in w.gone)
+                torn = None if future.done() else w.torn()
+                self._writing = None
+            self._written.clear()
+            if untold:
+                self._say_unsettled(
+                    sorted(untold),
+                    "written to {stream} by a send cut off before it could say so "
+                    "(kept for the next start, or counted as not delivered)",
+                )
+            if torn is not None:
+                self._say_unsettled(
+                    [torn],
+                    "in a line stuck part way on {stream} at the close (kept for the next start): it "
+                    "may yet be written if the reader comes back before the process exits",
+                    maybe=True,
+                )
         finally:
             pool.shutdown(wait=False)
 

@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 
@@ -50,9 +51,11 @@ class DeadLetter:
         # before this process first appends to it.
         self._tail_checked = False
         # Dead letters in the current and the rotated file, known for the files this process wrote
-        # (None: read once when a rotation discards that file).
-        self._letters: int | None = None
-        self._older_letters: int | None = None
+        # (None: read once when a rotation discards that file). Each with the file's identity and
+        # size when it was counted: an operator may have removed or edited the file since (replayed
+        # and deleted `.1`), and the letters it held then must not be counted as discarded.
+        self._letters: _Count | None = None
+        self._older_letters: _Count | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -104,12 +107,10 @@ class DeadLetter:
                     "ended it as a line of its own before appending",
                     path,
                 )
+            known = _known(path, self._letters) if size else _Count(0, 0, 0, 0)
             append_to(path, prefix + b"".join(lines))
             self._tail_checked = True
-            if not size:
-                self._letters = len(lines)
-            elif self._letters is not None:
-                self._letters += len(lines)
+            self._letters = None if known is None else _counted(path, known.letters + len(lines))
             return
         older = path.with_suffix(path.suffix + ".1")
         if total > self.max_bytes:
@@ -125,20 +126,22 @@ class DeadLetter:
         written = False
         try:
             if size:
+                current = _known(path, self._letters)
                 os.replace(path, older)  # the previous rotated file goes
                 gone = held[0]
-                self._older_letters, self._letters = self._letters, 0
+                # A rename keeps the inode and the size: the count still holds for it.
+                self._older_letters, self._letters = current, None
             if previous:
                 # The batch fills both files: what the rotated file holds now goes too, and it
                 # takes the batch's older part.
                 with open(older, "wb"):
                     pass
                 gone = (sum(n for n, _ in held), sum(b for _, b in held))
-                self._older_letters = 0
+                self._older_letters = _counted(older, 0)
                 append_to(older, b"".join(previous))
-                self._older_letters = len(previous)
+                self._older_letters = _counted(older, len(previous))
             append_to(path, b"".join(newest))
-            self._letters = len(newest)
+            self._letters = _counted(path, len(newest))
             written = True
             self._tail_checked = True
         finally:
@@ -214,11 +217,46 @@ def _ends_mid_line(path: Path) -> bool:
         return fh.read(1) != b"\n"
 
 
-def _held(path: Path, letters: int | None) -> tuple[int, int]:
-    """Dead letters and bytes in ``path``: the letters counted when not known."""
-    if letters is None:
+class _Count(NamedTuple):
+    """Dead letters in a file, and the file (device, inode) and size they were counted at."""
+
+    letters: int
+    dev: int
+    ino: int
+    size: int
+
+
+def _counted(path: Path, letters: int) -> _Count | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return _Count(letters, info.st_dev, info.st_ino, info.st_size)
+
+
+def _known(path: Path, count: _Count | None) -> _Count | None:
+    """``count`` if it still holds for ``path`` (the same file, at the size it had), else None."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    if count is None or (info.st_dev, info.st_ino, info.st_size) != (count.dev, count.ino, count.size):
+        return None
+    return count
+
+
+def _held(path: Path, count: _Count | None) -> tuple[int, int]:
+    """Dead letters and bytes in ``path`` ((0, 0) when it is gone): the count kept when it is still
+    that of this file at this size, else the lines counted again."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return 0, 0
+    except OSError:
         return _count_lines(path)
-    return letters, path.stat().st_size if path.exists() else 0
+    if count is not None and (info.st_dev, info.st_ino, info.st_size) == (count.dev, count.ino, count.size):
+        return count.letters, info.st_size
+    return _count_lines(path)
 
 
 def _count_lines(path: Path) -> tuple[int, int]:

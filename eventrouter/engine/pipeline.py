@@ -329,7 +329,26 @@ class Pipeline:
     def _dead_letter(self, items: list[tuple[Occurrence, str]]) -> None:
         if not self.deadletter.write(items):
             self.metrics.data_dir_errors.labels(self.name, "deadletter").inc()
+        if self.deadletter.path is None:
+            self._name_dead_letters(items)
         self._given_up([occ for occ, _ in items])
+
+    def _name_dead_letters(self, items: list[tuple[Occurrence, str]]) -> None:
+        """Without --data-dir the log is the dead letters' only record: each key is named with its
+        reason (the log named 3 rejected of a batch and no key given up after retries, so which to
+        send again was known nowhere). Grouped by reason, at most _NAMED_PER_LINE keys a line."""
+        for start in range(0, len(items), _NAMED_PER_LINE):
+            part = items[start : start + _NAMED_PER_LINE]
+            by_reason: dict[str, list[str]] = {}
+            for occ, reason in part:
+                by_reason.setdefault(_text(reason), []).append(occ.key)
+            self.log.warning(
+                "sink %s: %d dead-lettered occurrences not kept (no --data-dir: this log is their only "
+                "record): %s",
+                self.name,
+                len(part),
+                "; ".join(f"{', '.join(keys)} ({reason})" for reason, keys in by_reason.items()),
+            )
 
     def _given_up(self, occs: Sequence[Occurrence]) -> None:
         """Tell the sink: an alert robot kept a given-up occurrence pooled and paged it with its next
@@ -1092,8 +1111,7 @@ class Pipeline:
             self.metrics.send_errors.labels(self.name, "timeout").inc()
             return [retry(f"send timed out after {self.options.send_timeout:g}s")] * len(items)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if _cancelled():
                 raise  # this pipeline is being stopped
             # A CancelledError the sink let out (a cancelled future awaited inside a library) is
             # not a stop: the pipeline task ended, unseen, while health and metrics said all was well.
@@ -1249,12 +1267,13 @@ class Pipeline:
                     self._m_event_lag.observe(max(0.0, now - oldest_event_ns / 1e9))
                 if dead:
                     self._dead_letter(dead)
-                    for occ, reason in dead[:3]:
-                        self.log.warning("sink %s rejected %s: %s", self.name, occ.key, reason)
-                    if len(dead) > 3:
-                        self.log.warning(
-                            "sink %s rejected %d more occurrences of this batch", self.name, len(dead) - 3
-                        )
+                    if self.deadletter.path is not None:  # else _dead_letter named each
+                        for occ, reason in dead[:3]:
+                            self.log.warning("sink %s rejected %s: %s", self.name, occ.key, reason)
+                        if len(dead) > 3:
+                            self.log.warning(
+                                "sink %s rejected %d more occurrences of this batch", self.name, len(dead) - 3
+                            )
                 if retry_items and (self._defer or not in_place):
                     # Down: a failed send, not only holds; or items refused for a cause of their own
                     # with nothing else taken (one index refused, and all the traffic goes there).
@@ -1380,14 +1399,21 @@ class Pipeline:
             try:
                 async with asyncio.timeout(self.options.send_timeout):
                     await self.sink.start()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    if _cancelled():
+                        raise  # a stop
+                    # One a plugin let out ended the pipeline task unseen: nothing delivered again,
+                    # sink_up 1, no error counted or logged. A failed start, retried as any.
+                    reason = f"start() {_STRAY_CANCEL}"
+                elif isinstance(exc, SinkError):
+                    reason = str(exc)
+                else:
+                    reason = f"{type(exc).__name__}: {exc}"
                 self._set_up(False)
                 self.start_tried.set()
                 self.metrics.send_errors.labels(self.name, "start").inc()
                 delay = self._backoff(attempt, None)
-                reason = str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
                 self.log.error("sink %s cannot start: %s (retry in %.1fs)", self.name, reason, delay)
                 # Closing (a drain) is no reason to give up: what is queued may still be delivered
                 # before the drain's deadline, as for a sink that started and then failed.
@@ -1458,13 +1484,19 @@ class Pipeline:
         try:
             async with asyncio.timeout(self.options.send_timeout):
                 await new.start()
-        except asyncio.CancelledError:
-            self._superseded.append(new)  # a stop: close_sink closes it
-            raise
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and _cancelled():
+                self._superseded.append(new)  # a stop: close_sink closes it
+                raise
+            # A CancelledError the plugin let out ended the pipeline task unseen: a failed start.
             tries += 1
             self.metrics.send_errors.labels(self.name, "start").inc()
-            reason = _text(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {_text(exc)}"
+            if isinstance(exc, asyncio.CancelledError):
+                reason = f"start() {_STRAY_CANCEL}"
+            elif isinstance(exc, SinkError):
+                reason = _text(exc)
+            else:
+                reason = f"{type(exc).__name__}: {_text(exc)}"
             if self._replacement is None:
                 # Tried again, as a failing first start is (a credential not taken yet may be soon),
                 # at a send: the working instance's sends are not held up for it.
@@ -1522,6 +1554,13 @@ class Pipeline:
             # Bounded: a close that flushes into a broken connection must not stall the pipeline.
             async with asyncio.timeout(self.options.send_timeout):
                 await sink.aclose()
+        except asyncio.CancelledError:
+            if _cancelled():
+                raise  # a stop's deadline: close_sink closes what is left
+            # Let out by the plugin: it ended the pipeline task (a swap) or the router's stop (which
+            # then never finished: no checkpoint written, no lock or lease released) unseen.
+            self.metrics.send_errors.labels(self.name, "exception").inc()
+            self.log.error("sink %s: aclose() %s; going on", self.name, _STRAY_CANCEL)
         except Exception as exc:
             self.log.warning(
                 "sink %s: closing the previous instance raised %s: %s", self.name, type(exc).__name__, exc
@@ -1647,6 +1686,20 @@ class Pipeline:
 
 
 _KINDS = {kind.value: kind for kind in OutcomeKind}
+
+
+def _cancelled() -> bool:
+    """A CancelledError met now is a cancellation of the running task (a stop, a deadline), not one a
+    plugin let out (a cancelled future awaited inside a library): that one is the plugin's fault."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+_STRAY_CANCEL = "raised CancelledError without being cancelled (a sink bug)"
+
+_NAMED_PER_LINE = 100
+"""Dead-letter keys a log line names without --data-dir: ~5 KB, below a container runtime's line
+split (16 KiB)."""
 
 
 def _well_formed(out: Outcome) -> bool:

@@ -131,6 +131,12 @@ class _Segment:
 
 
 class Spool:
+    """One sink's spool in ``directory``. Built, it has read every unread record (``_open``: a full
+    256 MiB spool is ~2.4 CPU-seconds, ~30 s on a 5% share of a CPU), so the router builds its
+    spools in a worker thread, off the event loop that answers /healthz and renews the lease
+    (``Router._open_data_dir``): the constructor must stay file work only, making no event-loop
+    object (no task, future, lock or loop call). Everything else runs on the loop."""
+
     def __init__(
         self,
         directory: Path,

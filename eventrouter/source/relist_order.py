@@ -26,7 +26,7 @@ import orjson
 
 from eventrouter.record import Occurrence, normalise
 
-__all__ = ["RelistOrder"]
+__all__ = ["RelistBudget", "RelistOrder"]
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,28 @@ WRITE_CHUNK = 256 * 1024
 call per relisted event, ~10% of the router's busy samples in a start-up relist of 50,000."""
 
 
+class RelistBudget:
+    """How many relisted occurrences the orders sharing it hold in memory at once, in all (the rest
+    wait in their temporary files). One per router: with an order per namespace and a bound per order,
+    120 namespaces relisting at start-up held 60,000 occurrences (~250 MiB), not 500."""
+
+    def __init__(self, limit: int = 500) -> None:
+        self.limit = limit
+        self.held = 0
+
+
 class RelistOrder:
-    def __init__(self, *, cluster: str, directory: str | None = None, in_memory: int = 500) -> None:
+    def __init__(
+        self,
+        *,
+        cluster: str,
+        directory: str | None = None,
+        in_memory: int = 500,
+        budget: RelistBudget | None = None,
+    ) -> None:
         self.cluster = cluster
         self.directory = directory
-        self.in_memory = in_memory
+        self.budget = budget if budget is not None else RelistBudget(in_memory)
         # Parallel columns, one row per occurrence in list order: ~60 bytes a row (a tuple per row
         # would be ~300). A row's occurrence is in memory (offset -1 - its index in _held) or its raw
         # JSON is in the file at (offset, length).
@@ -51,7 +68,13 @@ class RelistOrder:
         self._offsets = array("q")
         self._lengths = array("q")
         self._uids: list[str] = []
-        self._held: list[Occurrence] = []
+        self._held: list[Occurrence | None] = []  # None: a discarded row's
+        self._held_count = 0  # occurrences of _held counted in the budget
+        # Rows of several lists in one order (namespaces relisting together): each row's member, set
+        # once a second member adds; a member whose list failed is discarded (its rows never drained).
+        self._members: array[int] | None = None
+        self._discarded: set[int] = set()
+        self._live = 0  # rows not discarded
         self._file: IO[bytes] | None = None
         self._file_failed = False
         self._end = 0  # where the next row's raw JSON goes in the file (written or pending)
@@ -61,10 +84,24 @@ class RelistOrder:
         self._handed = 0  # rows of _order already yielded by drain()
 
     def __len__(self) -> int:
-        return len(self._uids)
+        """Rows added and not discarded."""
+        return self._live
 
-    def add(self, occ: Occurrence) -> None:
+    @property
+    def left(self) -> int:
+        """Rows of the sorted order that ``drain`` has not yielded yet."""
+        return len(self._order) - self._handed
+
+    def tag_members(self) -> None:
+        """From now on rows belong to the member given to ``add``; the rows so far to member 0."""
+        if self._members is None:
+            self._members = array("I", [0]) * len(self._uids)
+
+    def add(self, occ: Occurrence, member: int = 0) -> None:
         row = len(self._uids)
+        self._live += 1
+        if self._members is not None:
+            self._members.append(member)
         try:
             self._times.append(occ.time_ns)
         except OverflowError:
@@ -73,7 +110,7 @@ class RelistOrder:
             self._times.append(_I64_MAX if occ.time_ns > 0 else _I64_MIN)
         self._received.append(occ.received_at)
         self._uids.append(occ.uid)
-        if len(self._held) >= self.in_memory and not self._file_failed:
+        if self.budget.held >= self.budget.limit and not self._file_failed:
             # Only the raw JSON waits for the write (the occurrence is rebuilt from it when drained).
             raw = occ.raw_json
             self._offsets.append(self._end)
@@ -93,6 +130,8 @@ class RelistOrder:
         self._offsets[row] = -1 - len(self._held)
         self._lengths[row] = 0
         self._held.append(occ)
+        self._held_count += 1
+        self.budget.held += 1
 
     def _write_pending(self) -> None:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
@@ -138,31 +177,76 @@ class RelistOrder:
             occ.uid = uid
         return occ
 
-    def not_handed_on(self) -> list[str]:
-        """Event uids added but not yet yielded by ``drain``: a relist that fails must forget them in
-        the tracker, or the next relist would not see them as new."""
-        rows = self._order[self._handed :] if self._order else range(len(self._uids))
+    def _rows_not_handed(self, member: int | None) -> list[int] | range | array[int]:
+        rows: list[int] | range | array[int] = (
+            self._order[self._handed :] if self._order else range(len(self._uids))
+        )
+        members = self._members
+        if member is not None and members is not None:
+            rows = [row for row in rows if members[row] == member]
+        elif self._discarded and members is not None:
+            rows = [row for row in rows if members[row] not in self._discarded]
+        return rows
+
+    def not_handed_on(self, member: int | None = None) -> list[str]:
+        """Event uids added (by ``member``) but not yet yielded by ``drain``: a relist that fails must
+        forget them in the tracker, or the next relist would not see them as new."""
+        return [self._uids[row] for row in self._rows_not_handed(member)]
+
+    def discard(self, member: int) -> list[str]:
+        """``member``'s rows not handed on yet are never handed on (its list failed, or its watcher
+        stopped): their occurrences leave memory, and their uids are returned, to be forgotten."""
+        if member in self._discarded:
+            return []
+        self.tag_members()
+        rows = self._rows_not_handed(member)
+        self._discarded.add(member)
+        held, offsets, freed = self._held, self._offsets, 0
+        for row in rows:
+            offset = offsets[row]
+            if offset < 0 and held[-1 - offset] is not None:
+                held[-1 - offset] = None
+                freed += 1
+        self._held_count -= freed
+        self.budget.held -= freed
+        self._live -= len(rows)
+        # Rows still in the file or the pending writes are skipped when drained (or in pending raw
+        # JSON, written with the rest: dropping them from a chunk would shift the offsets).
         return [self._uids[row] for row in rows]
 
     def drain(self, page: int) -> Generator[list[Occurrence], None, None]:
-        """Everything added, oldest first (event time, then list order: the sort is stable), ``page``
-        at a time."""
+        """Everything added (and not discarded), oldest first (event time, then list order: the sort
+        is stable), ``page`` at a time. Sorted at once, so ``left`` counts the rows to come."""
         # An array, not the sorted list: that list's 50,000 row ints would live, interleaved with the
         # drain's own objects, until the last row is handed on, raising pymalloc's arena high-water
         # and keeping arenas that other survivors then pin; sorted in one step (nothing else runs
         # meanwhile), its ints are freed together, the pools they took are free again at once.
         self._write_pending()
-        self._order = order = array("q", sorted(range(len(self._uids)), key=self._times.__getitem__))
+        rows: range | list[int] = range(len(self._uids))
+        if self._discarded and self._members is not None:
+            members, gone = self._members, self._discarded
+            rows = [row for row in rows if members[row] not in gone]
+        self._order = array("q", sorted(rows, key=self._times.__getitem__))
         self._handed = 0
+        return self._pages(page)
+
+    def _pages(self, page: int) -> Generator[list[Occurrence], None, None]:
+        order = self._order
         fd = self._file.fileno() if self._file is not None else -1
         held, offsets, lengths, rebuild = self._held, self._offsets, self._lengths, self._rebuild
+        members, gone = self._members, self._discarded
         try:
             for start in range(0, len(order), page):
                 chunk: list[Occurrence] = []
-                for row in order[start : start + page]:
+                rows = order[start : start + page]
+                for row in rows:
+                    if gone and members is not None and members[row] in gone:
+                        continue  # its member stopped while this order was drained
                     offset = offsets[row]
                     if offset < 0:
-                        chunk.append(held[-1 - offset])
+                        occ = held[-1 - offset]
+                        assert occ is not None  # only a discarded row's is
+                        chunk.append(occ)
                         continue
                     # One system call per row (a seek and a read were two).
                     raw = os.pread(fd, lengths[row], offset)
@@ -171,13 +255,18 @@ class RelistOrder:
                             f"relist: temporary file shorter than written ({offset} + {lengths[row]})"
                         )
                     chunk.append(rebuild(row, raw))
-                self._handed = start + len(chunk)
+                self._handed = start + len(rows)
                 yield chunk
         finally:
             if self._handed >= len(order):
                 self.close()
 
     def close(self) -> None:
+        self.budget.held -= self._held_count
+        self._held_count = 0
+        self._members = None
+        self._discarded = set()
+        self._live = 0
         self._times = array("q")
         self._received = array("d")
         self._offsets = array("q")

@@ -23,10 +23,11 @@ from eventrouter.metrics import Metrics
 from eventrouter.record import MalformedEvent, Occurrence
 from eventrouter.source import unicode_repair
 from eventrouter.source.kube import ApiError, KubeClient, raise_for_status
+from eventrouter.source.relist_merge import Member, RelistFailed, RelistMerge
 from eventrouter.source.relist_order import RelistOrder
 from eventrouter.source.tracker import OccurrenceTracker
 
-__all__ = ["EventWatcher", "WatchSettings"]
+__all__ = ["EventWatcher", "WatchSettings", "shared_relists"]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,20 @@ class WatchSettings:
             object.__setattr__(self, "read_timeout", float(floor))
 
 
+def shared_relists(settings: WatchSettings, cluster: str) -> RelistMerge | None:
+    """What a router's watchers share when relists are sorted (``relists`` of each EventWatcher):
+    relists at the same time, in several namespaces, are handed on in one time order within one
+    memory budget. A round waits for a watcher that is reconnecting at most as long as two of its
+    longest backoffs (a Retry-After is honoured up to one) and a request."""
+    if not settings.relist_sorted:
+        return None
+    return RelistMerge(cluster=cluster, directory=settings.relist_dir, gather=2 * settings.backoff_max + 5.0)
+
+
+REFUSED = frozenset({400, 401, 403, 404, 405, 406, 415, 422})
+"""API answers a retry soon will not change: a relisting round does not wait for such a watcher."""
+
+
 class EventWatcher:
     def __init__(
         self,
@@ -133,6 +148,7 @@ class EventWatcher:
         settings: WatchSettings | None = None,
         room: RoomWait | None = None,
         needed: Callable[[Occurrence], bool] | None = None,
+        relists: RelistMerge | None = None,
     ) -> None:
         self.kube = kube
         self.namespace = namespace
@@ -148,7 +164,10 @@ class EventWatcher:
         self.where = f"namespace {namespace}" if namespace else "all namespaces"
         self.initial_list_done = asyncio.Event()
         self.listing = False  # a list is in progress or failed: the tracker is not a complete picture
+        # Wall clock, exported as a gauge; /healthz judges by the monotonic one: a clock stepped
+        # forward by more than --stall-timeout (NTP, a VM resumed) failed it on a healthy watch.
         self.last_progress = time.time()
+        self.progressed = time.monotonic()
         self.resource_version: str | None = None
         self.watch_worked = False  # the last _watch handled a line (or stayed open a while)
         self.watch_lasted = False  # the last _watch stayed open longer than the longest backoff
@@ -159,6 +178,14 @@ class EventWatcher:
         self._m_occurrences = metrics.occurrences
         self._counts = dict.fromkeys(self._m_types, 0)
         self._new_occurrences = 0
+        # Sorted relists go through rounds shared with the router's other watchers (relist_merge).
+        if self.settings.relist_sorted and relists is None:
+            relists = shared_relists(self.settings, tracker.cluster)
+        self._seat = (
+            relists.seat(self.where, self._progress)
+            if relists is not None and self.settings.relist_sorted
+            else None
+        )
 
     def flush_metrics(self) -> None:
         """Move the per-line counts into the Prometheus counters (per page, per stream end, per scrape)."""
@@ -173,6 +200,7 @@ class EventWatcher:
     def _progress(self, now: float | None = None) -> None:
         # The gauge is refreshed from last_progress when /metrics is scraped, not per line.
         self.last_progress = now or time.time()
+        self.progressed = time.monotonic()
 
     def _selectors(self) -> list[tuple[str, str]]:
         q: list[tuple[str, str]] = []
@@ -184,7 +212,7 @@ class EventWatcher:
 
     # ---- objects ------------------------------------------------------------------------------
 
-    def _handle(self, kind: str, obj: Any, received_at: float, order: RelistOrder | None = None) -> None:
+    def _handle(self, kind: str, obj: Any, received_at: float, order: Member | None = None) -> None:
         if kind in self._counts:
             self._counts[kind] += 1
         else:
@@ -227,32 +255,30 @@ class EventWatcher:
     async def _list(self) -> str:
         """Paged list; every item goes through the tracker as it arrives. Returns the list's RV.
 
-        New occurrences are handed on once the list is complete, oldest first (``RelistOrder``);
-        those every sink already accepted go on at once (the sinks skip them, counted)."""
-        order = (
-            RelistOrder(cluster=self.tracker.cluster, directory=self.settings.relist_dir)
-            if self.settings.relist_sorted
-            else None
-        )
+        Sorted, new occurrences are handed on once the list is complete, oldest first, with those of
+        the other namespaces relisting at the same time (``relist_merge``); those every sink already
+        accepted go on at once (the sinks skip them, counted)."""
+        member = self._seat.join(self._hand_on) if self._seat is not None else None
         self.listing = True
         try:
-            rv, live = await self._list_pages(order)
-            if order is not None and len(order):
-                await self._hand_on(order)
+            rv, live = await self._list_pages(member)
+            if member is not None:
+                await member.listed()
         except BaseException:
-            if order is not None:
+            if member is not None:
                 # Not handed on: the next relist must see them as new again.
-                for uid in order.not_handed_on():
+                for uid in member.leave():
                     self.tracker.seen.pop(uid, None)
-                order.close()
             raise  # `listing` stays True until a list succeeds: the tracker is incomplete till then
+        if member is not None:
+            member.leave()
         self.listing = False
         self.tracker_gc(live)
         self.listed(self.namespace)
         self.tracked_gauge()
         return rv
 
-    async def _list_pages(self, order: RelistOrder | None) -> tuple[str, set[str]]:
+    async def _list_pages(self, order: Member | None) -> tuple[str, set[str]]:
         live: set[str] = set()
         cont = ""
         rv = ""
@@ -299,31 +325,33 @@ class EventWatcher:
             rv = str(meta.get("resourceVersion") or rv)
             cont = str(meta.get("continue") or "")
             self._progress()
+            if order is not None:
+                order.page_listed()
             self.flush_metrics()
             if not cont:
                 break
         return rv, live
 
-    async def _hand_on(self, order: RelistOrder) -> None:
-        total, handed = len(order), 0
-        log.info("handing %d listed occurrences of %s to the sinks, oldest first", total, self.where)
+    async def _hand_on(self, order: RelistOrder, where: str, progress: Callable[[], None]) -> None:
+        """A round's order to the sinks, oldest first (this watcher's list, or with the lists of the
+        namespaces relisting with it); ``progress`` is every such watcher's."""
+        log.info("handing %d listed occurrences of %s to the sinks, oldest first", len(order), where)
         chunks = order.drain(self.settings.page_size)
         try:
-            while handed < total:
+            while order.left:
                 if self.room is not None:
                     # At the sinks' pace, as the list itself: before each chunk, the first too, with
                     # no await between the check and the hand-on. Checked before drain yields the
                     # chunk: a yielded chunk counts as handed on, and a relist failing while it
                     # waited here would have lost it.
-                    await self.room(progress=self._progress)
-                    self._progress()
+                    await self.room(progress=progress)
+                    progress()
                 chunk = next(chunks)
                 for occ in chunk:
                     self.publish(occ)
-                handed += len(chunk)
                 self._new_occurrences += len(chunk)
                 self.flush_metrics()
-                self._progress()
+                progress()
         finally:
             chunks.close()  # drained: frees the order (its temporary file)
 
@@ -402,6 +430,8 @@ class EventWatcher:
             # An open watch is progress too: a quiet cluster on an API server without bookmarks sends
             # no line for a whole watch, and /healthz must not restart a router that is fine.
             self._progress()
+            if self._seat is not None:
+                self._seat.watch_opened()
             async for line in self._lines(resp):
                 lines += 1
                 received_at = time.time()
@@ -443,6 +473,8 @@ class EventWatcher:
                 handled = True
         finally:
             resp.release()
+            if self._seat is not None:
+                self._seat.watch_closed()
             self.flush_metrics()
             # A watch that handled an event or a bookmark, or stayed open longer than the longest
             # backoff, worked: however it ends, the backoff starts over (see run).
@@ -461,6 +493,11 @@ class EventWatcher:
         at. Replayed from the start, an event deleted meanwhile (its uid forgotten, its checkpoint
         entries pruned) would look new and be delivered again. None (a list failed) stays None."""
         return None if rv is None else (self.resource_version or rv)
+
+    def _failed(self, *, refused: bool = False) -> None:
+        """For relists sharing a round: a watcher refused for good is not waited for."""
+        if self._seat is not None:
+            self._seat.failed(refused=refused)
 
     def _failures(self, failures: int) -> int:
         """The failure count after a break. A watch that worked starts it over: counted on, a few
@@ -507,6 +544,7 @@ class EventWatcher:
                 if failures == 1:
                     continue  # the first relist goes at once; storms back off below
                 delay_reason = "expired"
+                self._failed()
             except ApiError as exc:
                 failures = self._failures(failures)
                 rv = self._resume_from(rv)
@@ -516,6 +554,7 @@ class EventWatcher:
                 log.log(level, "kubernetes API error for %s: %s", self.where, exc)
                 self.metrics.watch_restarts.labels(f"http_{exc.status}" if exc.status else "error").inc()
                 delay_reason = "api"
+                self._failed(refused=exc.status in REFUSED)
                 if exc.retry_after:
                     # Honoured up to our own longest backoff: a proxy's "Retry-After: 86400" (or an
                     # unparsable huge one) stopped the watch until the liveness probe restarted us.
@@ -526,6 +565,14 @@ class EventWatcher:
                 log.warning("watch of %s broke: %s: %s", self.where, type(exc).__name__, exc)
                 self.metrics.watch_restarts.labels("connection").inc()
                 delay_reason = "connection"
+                self._failed()
+            except RelistFailed as exc:
+                # The relist it shared with other namespaces failed in another's hand-on (rv is
+                # still None): it forgot what was not handed on, and lists again.
+                failures = self._failures(failures)
+                log.warning("relist of %s failed: %s; relisting", self.where, exc)
+                delay_reason = "relist"
+                self._failed()
             base = min(self.settings.backoff_max, self.settings.backoff_initial * 2 ** min(failures - 1, 16))
             delay = random.uniform(base / 2, base)
             log.debug("reconnecting %s in %.2fs (%s)", self.where, delay, delay_reason)

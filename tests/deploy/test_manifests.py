@@ -33,6 +33,8 @@ NAME = NAMESPACE = "eventrouter"
 
 # Only Helm's bookkeeping differs between a Helm install and the plain manifests.
 HELM_ONLY_LABELS = ("helm.sh/chart", "app.kubernetes.io/managed-by")
+# What `helm uninstall` leaves; kubectl neither reads it nor has an uninstall.
+HELM_ONLY_ANNOTATIONS = ("helm.sh/resource-policy",)
 
 Doc = dict[str, Any]
 
@@ -59,6 +61,12 @@ def _strip_helm(doc: Doc) -> Doc:
     labels = doc["metadata"].get("labels", {})
     for key in HELM_ONLY_LABELS:
         labels.pop(key, None)
+    meta_annotations = doc["metadata"].get("annotations")
+    if meta_annotations is not None:
+        for key in HELM_ONLY_ANNOTATIONS:
+            meta_annotations.pop(key, None)
+        if not meta_annotations:
+            del doc["metadata"]["annotations"]
     template = doc.get("spec", {}).get("template", {}).get("metadata")
     if template is not None:
         annotations = {

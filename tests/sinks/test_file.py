@@ -29,7 +29,10 @@ def context() -> SinkContext:
 
 
 def make_sink(**options: object) -> FileSink:
-    return FileSink(FileOptions.model_validate(options), context())
+    # Rotation is tested on a few small lines: a max_bytes below the floor (1 MiB, which refuses
+    # a size meant in MB) is set past the validation.
+    small = {"max_bytes": options.pop("max_bytes")} if "max_bytes" in options else {}
+    return FileSink(FileOptions.model_validate(options).model_copy(update=small), context())
 
 
 def fixed(i: int, size: int = 50) -> Occurrence:
@@ -450,7 +453,8 @@ ROTATING_CHILD = textwrap.dedent(
             for i in range(6)
         ]
         line = len(occs[0].json) + 1
-        opts = FileOptions.model_validate({"path": sys.argv[1], "fsync": True, "max_bytes": 3 * line})
+        opts = FileOptions.model_validate({"path": sys.argv[1], "fsync": True})
+        opts = opts.model_copy(update={"max_bytes": 3 * line})  # below the floor: a few lines a file
         ctx = SinkContext(name="file", cluster="c", data_dir=None, logger=logging.getLogger("x"))
         s = FileSink(opts, ctx)
         await s.start()

@@ -242,45 +242,53 @@ async def test_a_stalled_reader_holds_up_no_other_sink_nor_dns_and_nothing_is_wr
     assert reader.copies() == {o.record["message"]: 1 for o in occs}
 
 
-@pytest.mark.parametrize("reader_back", [True, False], ids=["healthy", "stalled"])
+@pytest.mark.parametrize("inside_a_line", [False, True], ids=["at-a-line-end", "inside-a-line"])
 async def test_close_waits_a_moment_for_a_write_in_progress_then_leaves_it_to_a_daemon_thread(
-    monkeypatch: pytest.MonkeyPatch, reader_back: bool
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, inside_a_line: bool
 ) -> None:
-    """A write in progress on a healthy stream ends before ``aclose`` returns. One blocked on a
-    stalled reader is not waited for beyond a moment, and its thread is a daemon: Python joined the
-    old executor's thread at exit, and the process never exited."""
+    """A write left by a cut-off send begins no new line (session 30: before, it went on past the
+    close and landed after the engine had spooled its batch). Stuck at a line's end it is done at
+    once; stuck inside a line (one larger than the pipe) it is not waited for beyond a moment, and its
+    thread is a daemon: Python joined the old executor's thread at exit, and the process never exited.
+    What went out is said by key, as written twice once sent again."""
     read_end, write_end = os.pipe()
     reader = Reader(read_end)
     pipe = io.TextIOWrapper(io.BufferedWriter(io.FileIO(write_end, "w")), write_through=True)
     monkeypatch.setattr(sys, "stdout", pipe)
     s = sink()
-    occs = [make_occurrence(message=f"{i}:" + "y" * 5000) for i in range(30)]  # more than a pipe holds
+    size = 200_000 if inside_a_line else 5000  # a line larger than the pipe, or 30 lines more than it holds
+    occs = [make_occurrence(message=f"{i}:" + "y" * size) for i in range(3 if inside_a_line else 30)]
     try:
         await s.start()
-        with pytest.raises(TimeoutError):  # abandoned at the engine's send timeout: the write goes on
+        with pytest.raises(TimeoutError):  # cut off at the engine's send timeout
             async with asyncio.timeout(0.05):
                 await s.send(occs)
         assert s._writing is not None
         writing = s._writing[0]
-        if reader_back:
-            reader.come_back()
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await s.aclose()
+        with caplog.at_level(logging.WARNING, logger="test.stdout"):
+            await s.aclose()
         took = loop.time() - started
-        if reader_back:
+        if not inside_a_line:
             assert writing.done() and writing.exception() is None and took < CLOSE_GRACE
+            assert "by a send cut off before it could say so" in caplog.text
         else:
             assert not writing.done() and CLOSE_GRACE * 0.9 <= took < CLOSE_GRACE + 2
             workers = [t for t in threading.enumerate() if t.name == "sink-stdout"]
             assert workers and all(t.daemon for t in workers)
+            assert f"{occs[0].key}" in caplog.text and "it may yet be written" in caplog.text
             reader.come_back()
-            await until(writing.done)  # left to its thread, which still finishes it
+            await until(writing.done)  # left to its thread, which finishes the line, and only it
     finally:
         reader.come_back()
         await s.aclose()
         pipe.close()
-    assert reader.copies() == {o.record["message"]: 1 for o in occs}
+    copies = reader.copies()
+    assert set(copies.values()) == {1}  # nothing twice, nothing torn
+    out = [o.record["message"] for o in occs if o.record["message"] in copies]
+    assert list(copies) == out == [o.record["message"] for o in occs[: len(out)]]  # the first ones
+    assert 0 < len(out) < len(occs) and (len(out) == 1 or not inside_a_line)
 
 
 def in_pipe(fd: int) -> int:
@@ -301,8 +309,10 @@ async def test_a_non_blocking_stdout_is_made_blocking_and_every_line_is_written_
         with caplog.at_level(logging.WARNING, logger="test.stdout"):
             await s.start()
         send = asyncio.create_task(s.send(occs))
+        # The pipe is full: within a line of its capacity (the sink writes whole lines as room allows).
         capacity = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
-        await until(lambda: send.done() or in_pipe(read_end) >= capacity)  # the pipe is full
+        line = max(len(o.json) + 1 for o in occs)
+        await until(lambda: send.done() or in_pipe(read_end) > capacity - line)
         reader.come_back()
         async with asyncio.timeout(10):
             assert await send == [OK] * 100

@@ -66,6 +66,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
+{{/* On what the pod's last checkpoint write needs (the ServiceAccount, the checkpoint Role and
+RoleBinding): `helm uninstall` deletes the Deployment and then, without waiting for the pod's drain,
+the RBAC and the ServiceAccount. The write at the drain's end was refused (403), and a reinstall sent
+again what the drain had delivered. Kept, a reinstall of the release adopts them (Helm >= 3.2); the
+chart README says how to remove them for good. */}}
+{{- define "eventrouter.keptForTheLastWrite" -}}
+helm.sh/resource-policy: keep
+{{- end -}}
+
 {{- define "eventrouter.usesDataDir" -}}
 {{- if eq .Values.checkpoint.mode "dataDir" -}}true{{- end -}}
 {{- end -}}
@@ -87,6 +96,11 @@ The names are those of files/credential-options.txt (every credential option of 
 sinks, kept equal to their options models by a test) and whatever this pattern matches (others').
 */}}
 {{- define "eventrouter.secretKeyPattern" -}}(?i)(password|passwd|token|secret|api_?key|access_?key|access_?key_?id|private_?key|^key|^sign|corpsecret|^headers?|^proxy)${{- end -}}
+
+{{/* Environment variable names that hold a credential: the last word of the name (LOKI_PASSWORD,
+DINGTALK_TOKEN, HOOK_SECRET, ES_API_KEY, AWS_ACCESS_KEY_ID), not a word inside it (SSL_KEY_FILE,
+TOKEN_URL, MONKEY, GOOGLE_APPLICATION_CREDENTIALS: a path). */}}
+{{- define "eventrouter.envSecretPattern" -}}(?i)(^|_)(password|passwd|pass|token|secret|api_?key|access_?key(_?id)?|private_?key|key)${{- end -}}
 
 {{- define "eventrouter.credentialHint" -}}give it as env:VAR_NAME or file:/path and put the value in credentials.values or credentials.existingSecret{{- end -}}
 
@@ -297,6 +311,19 @@ a proxy may be a plain http(s)://host:port without user info. */}}
 {{- include "eventrouter.checkFlag" (list (printf "extraArgs[%d]" $i) (regexReplaceAll `^--si(n|nk)?=` $arg "") $names) -}}
 {{- else if and (regexMatch `^--si(n|nk)?$` $arg) (lt (add1 $i) (len $v.extraArgs)) -}}
 {{- include "eventrouter.checkFlag" (list (printf "extraArgs[%d]" (add1 $i)) (index $v.extraArgs (add1 $i)) $names) -}}
+{{- end -}}
+{{- end -}}
+{{- /* An extraEnv literal is as readable in the pod spec: refused for a variable an env: reference
+       names (it holds a credential) or whose name says it is one (LOKI_PASSWORD, DINGTALK_TOKEN,
+       API_KEY); the value is never printed. Other literals (GOMAXPROCS, SSL_KEY_FILE) render. */ -}}
+{{- $referenced := printf "%s\n%s\n%s" (toYaml $v.config) (join "\n" ($v.sinks.flags | default list)) (join "\n" ($v.extraArgs | default list)) -}}
+{{- range $i, $env := ($v.extraEnv | default list) -}}
+{{- if and (kindIs "map" $env) (hasKey $env "value") (ne (toString (index $env "value")) "") (ne (toString (index $env "value")) "<nil>") -}}
+{{- $name := toString (index $env "name") -}}
+{{- $byReference := regexMatch (printf `env:%s([^A-Za-z0-9_]|$)` (regexQuoteMeta $name)) $referenced -}}
+{{- if or $byReference (regexMatch (include "eventrouter.envSecretPattern" dict) $name) -}}
+{{- fail (printf "extraEnv[%d] (%s) holds a literal value, readable by whoever may read the pod spec, %s: put the value in a Secret and list the variable in credentials.env (name and key, a secretKeyRef to credentials.existingSecret or credentials.values), or give it as valueFrom.secretKeyRef" $i $name (ternary "and an env: reference reads it (a credential)" "and its name says it is a credential" $byReference)) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
