@@ -288,6 +288,7 @@ def _refuse_shared_files(specs: Sequence[SinkSpec]) -> None:
     own, and each rotates the file under the other. A sink class names the file it owns with
     ``owned_file(options)`` (the file sink does); two the same after resolving links exit 2."""
     owners: dict[str, SinkSpec] = {}
+    rotated: dict[str, tuple[str, SinkSpec]] = {}  # P.1 … P.max_files: whose rotation renames there
     for spec in specs:
         owned = getattr(spec.sink_cls, "owned_file", None)
         path = owned(spec.options) if callable(owned) else None
@@ -300,6 +301,19 @@ def _refuse_shared_files(specs: Sequence[SinkSpec]) -> None:
                 f"{spec.source}: sink {spec.name!r} writes {key}, as sink {other.name!r} ({other.source}) "
                 "does: two sinks on one file cut back and rotate each other's lines; give each its own "
                 "file, or use one sink"
+            )
+        # A sink on x.jsonl.1 beside one on x.jsonl: the first's rotation renames over the second's file.
+        if getattr(spec.options, "max_bytes", 0):  # renamed beside the name given (a link's own)
+            beside = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), path.name)
+            for n in range(1, int(getattr(spec.options, "max_files", 0)) + 1):
+                rotated.setdefault(f"{beside}.{n}", (key, spec))
+    for key, spec in owners.items():
+        if key in rotated:
+            base, other = rotated[key]
+            raise ConfigError(
+                f"{spec.source}: sink {spec.name!r} writes {key}, where sink {other.name!r} "
+                f"({other.source}) keeps the rotated files of {base}: its rotation renames over this "
+                "sink's file; give each a file of its own name"
             )
 
 

@@ -48,8 +48,9 @@ from ._worker import CLOSE_GRACE, SinkThread, retrieved
 
 __all__ = ["MAX_BYTES_FLOOR", "FileOptions", "FileSink"]
 
-MAX_BYTES_FLOOR = 1 << 20
-"""The least ``max_bytes`` (other than 0): below it the value was surely meant in MB."""
+MAX_BYTES_FLOOR = 1 << 16
+"""The least ``max_bytes`` (other than 0), 64 KiB: below it the value was surely meant in MB (sizes in
+MB run up to about 10,000). 1 MiB refused small sizes meant in bytes, such as 1M (10^6)."""
 
 _SIZE_UNITS = {"k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 _SIZE_UNITS |= {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
@@ -67,7 +68,7 @@ class FileOptions(SinkOptions):
         ge=0,
         validation_alias=AliasChoices("max_bytes", "max_size"),
         description="Rotate before the file would exceed this many bytes, or a size such as 100Mi or "
-        "1Gi (at least 1Mi; 0: never rotate).",
+        "1Gi (at least 64Ki, 65536; 0: never rotate).",
     )
     max_files: int = Field(
         5,
@@ -112,7 +113,7 @@ class FileOptions(SinkOptions):
         # deleted all but the last max_files + 1 of each batch, each counted as delivered.
         if 0 < value < MAX_BYTES_FLOOR:
             raise ValueError(
-                f"{value} bytes is below the least rotation size, 1Mi ({MAX_BYTES_FLOOR}): max_bytes (also "
+                f"{value} bytes is below the least rotation size, 64Ki ({MAX_BYTES_FLOOR}): max_bytes (also "
                 "written max_size) is in bytes, not MB; write 100Mi (or 104857600) for 100 MiB, or 0 "
                 "never to rotate"
             )
@@ -196,6 +197,9 @@ class _Job:
         self._lock = threading.Lock()
         self._finished = False
         self._orphaned = False
+        # Set on the loop: its send was cut off (no longer awaits it), and keys given up meanwhile.
+        self.cut = False
+        self.gone: frozenset[str] = frozenset()
 
     def orphan(self) -> bool:
         """Mark it given up; True when the writer will take its lines back as it finishes, False when
@@ -511,8 +515,7 @@ class _Writer:
                     assert self.fd is not None
                     os.ftruncate(self.fd, span.start)
                     self.size = span.start
-                    if self.fsync:
-                        os.fsync(self.fd)
+                    # Cut back from here on, whatever the fsync says: the log must not say they stay.
                     for i in span.lines:
                         job.result[i] = _TAKEN_BACK
                     self.log.info(
@@ -521,6 +524,17 @@ class _Writer:
                         self.path,
                         len(span.lines),
                     )
+                    if self.fsync:
+                        try:
+                            os.fsync(self.fd)
+                        except OSError as exc:
+                            self.log.warning(
+                                "%s: cannot fsync the file after taking those %d lines back (%s): on the "
+                                "disk they may still be there after a crash",
+                                self.path,
+                                len(span.lines),
+                                exc.strerror or exc,
+                            )
             except OSError as exc:
                 why = f"cannot cut the file back: {exc.strerror or exc}"
                 kept += [i for i in span.lines if job.result[i] is True]
@@ -641,7 +655,9 @@ class FileSink(Sink[FileOptions]):
         self._writing = None
         if not future.cancelled() and future.exception() is None:
             self._written.update(
-                key for key, state in zip(job.keys, future.result(), strict=True) if key and state is True
+                key
+                for key, state in zip(job.keys, future.result(), strict=True)
+                if key and state is True and key not in job.gone
             )
 
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
@@ -681,9 +697,19 @@ class FileSink(Sink[FileOptions]):
                     await asyncio.wait([future])
             except asyncio.CancelledError:
                 job.stop.set()
+                job.cut = True  # what it writes is settled by the next send, or taken back
                 raise
             self._writing = None
             written = future.result()  # a bug in the worker raises here: the engine retries the batch
+            # Given up while this send awaited a job already finished: not taken back (it is answered
+            # OK here), so what of it is in the file is said.
+            late = [
+                key for key, state in zip(keys, written, strict=True) if key in job.gone and state is True
+            ]
+            if late:
+                self._writer.say_unsettled(
+                    late, "given up (dead-lettered or dropped) as their send wrote them"
+                )
         progress = any(state is True for state in written)
         outcomes: list[Outcome] = []
         for i, state in enumerate(written):
@@ -720,9 +746,18 @@ class FileSink(Sink[FileOptions]):
         self._written -= gone
         if self._writing is not None and not gone.isdisjoint(key for key in self._writing[1].keys if key):
             _, job = self._writing
-            self._writing = None
             job.stop.set()
-            self._orphan(job)
+            if job.cut:
+                self._writing = None
+                self._orphan(job)
+            else:
+                # Its send still awaits the job. Unfinished, the writer takes the lines back as it
+                # ends and the send answers them retry; finished, the send answers what it wrote (a
+                # take-back then would cut lines answered OK off the file) and says the given up.
+                if job.orphan():
+                    self._writing = None
+                else:
+                    job.gone |= gone
         if stale:
             # Written by an earlier cut-off send and settled since: no longer the end of the file.
             self._writer.say_unsettled(stale, "given up (dead-lettered or dropped) were written already")

@@ -7,8 +7,11 @@ A write blocked on a slow or absent reader (a log shipper away) never lands afte
 decided its batch's fate. On a pipe, terminal or socket the sink writes whole lines as room allows
 and, once told to stop, begins no new line: at the end of the send's budget (what went out is OK, the
 rest retried), when a send is cut off (the next send answers OK for what it wrote) and at the
-router's stop (``stop_sending``, before the leftovers are spooled). Only a line stuck part way can
-still end later; that is logged, and counted in the log line, as maybe written twice.
+router's stop (``stop_sending``, before the leftovers are spooled). A line that does not end within a
+moment (longer than the pipe takes at once, a terminal, a pipe shared with stderr) is not waited for:
+the send answers at once, the lines before it OK and the rest retried, and the next send (or the close)
+settles that line. Only that line can end after its batch was spooled; that is logged, and counted in
+the log line, as maybe written twice.
 """
 
 from __future__ import annotations
@@ -144,6 +147,10 @@ _STOPPING = retry("not written: the router is stopping", held=True)
 _TICK_MS = 50
 """How long a write waiting for room looks away from its stop flag (a full pipe wakes no one)."""
 
+_STOP_GRACE = 0.2
+"""How long a send told to stop waits for the line being written to end (a few ticks): one stuck on
+an absent reader is left for the next send, not waited for past the budget or the router's stop."""
+
 
 class _Write:
     """One batch on its way out in the sink's thread. Once ``stop`` is set it begins no new line: what
@@ -156,6 +163,7 @@ class _Write:
         self.written = 0  # bytes out; set by the thread only
         self.stop = threading.Event()
         self.gone: frozenset[str] = frozenset()  # keys the engine gave up while this write went on
+        self.answered = 0  # lines its send answered OK; those after it and written are not said yet
 
     def count(self) -> int:
         """Lines written whole."""
@@ -163,6 +171,10 @@ class _Write:
 
     def delivered(self) -> list[str]:
         return self.keys[: self.count()]
+
+    def untold(self) -> list[str]:
+        """Lines written whole that no send answered OK yet (its send cut off, or answered early)."""
+        return [key for key in self.keys[self.answered : self.count()] if key not in self.gone]
 
     def torn(self) -> str | None:
         """The key of the line written in part, if the write is stuck inside one."""
@@ -230,6 +242,7 @@ class StdoutSink(Sink[StdoutOptions]):
         # Keys written whose send has not answered them yet (it was cut off): OK at their next send.
         self._written: set[str] = set()
         self._stopping = False  # stop_sending(): the router is stopping, nothing more is begun
+        self._wake: asyncio.Future[None] | None = None  # set by stop_sending: the send answers now
         self.unsettled = 0
         """Records written that the engine counts as not delivered (spooled or dead-lettered), or that
         may yet be written after that: each is logged by key; written twice if sent again."""
@@ -312,20 +325,37 @@ class StdoutSink(Sink[StdoutOptions]):
             else:
                 w.out(target.fd, info.st_mode)
 
-    async def _settle(self) -> None:
-        """Wait for the write a cut-off send left (it begins no new line; the engine's send timeout
-        bounds the wait) and note what it wrote: those lines are OK, not written again."""
+    async def _settle(self, timeout: float) -> bool:
+        """Wait, up to ``timeout``, for the write an earlier send left (it begins no new line) and note
+        what it wrote: those lines are OK, not written again. False while it is still inside a line:
+        nothing may be written after it yet."""
         if self._writing is None:
-            return
+            return True
         future, w = self._writing
-        await asyncio.wait([future])  # a cancelled wait leaves the write, and it is remembered
+        await asyncio.wait([future], timeout=timeout)  # a cancelled wait leaves the write remembered
+        if not future.done():
+            return False
         self._writing = None
         # Also after an error: on a stream the lines before it went out.
-        self._written.update(key for key in w.delivered() if key not in w.gone)
+        self._written.update(w.untold())
+        return True
 
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
         began = time.monotonic()
-        await self._settle()
+        budget = self.context.send_budget
+        stuck = self._writing[1] if self._writing is not None else None
+        before = stuck.written if stuck is not None else 0
+        if not await self._settle(budget):
+            # A line begun earlier is still not through (the reader away): nothing can follow it.
+            # What that write finished since is OK; a reader that took some is slow, not gone.
+            assert stuck is not None
+            finished = set(stuck.untold())
+            busy = retry(
+                f"{self.options.stream} is still inside a line begun by an earlier send (its reader "
+                "is slow or away)",
+                held=stuck.written > before,
+            )
+            return [OK if occ.key in finished or occ.key in self._written else busy for occ in batch]
         outcomes: list[Outcome | None] = []
         chunks: list[bytes] = []
         keys: list[str] = []
@@ -348,17 +378,34 @@ class StdoutSink(Sink[StdoutOptions]):
             future = asyncio.get_running_loop().run_in_executor(self._executor(), self._write, target, w)
             future.add_done_callback(retrieved)
             self._writing = (future, w)
-            budget = self.context.send_budget
+            self._wake = wake = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait([future], timeout=max(0.0, budget - (time.monotonic() - began)))
+                await asyncio.wait(
+                    [future, wake],
+                    timeout=max(0.0, budget - (time.monotonic() - began)),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 if not future.done():
-                    # The reader is slow or away: what went out is said now, before the engine's
-                    # timeout leaves the write behind. The line begun is finished first.
+                    # The reader is slow or away, or the router stops: what went out is said now,
+                    # before the engine's timeout (or the stop) leaves the write behind. The line
+                    # begun gets a moment to end; one stuck is settled by the next send or the close.
                     w.stop.set()
-                    await asyncio.wait([future])
+                    await asyncio.wait([future], timeout=_STOP_GRACE)
             except asyncio.CancelledError:
                 w.stop.set()  # nothing more begun; the next send answers what it wrote
                 raise
+            finally:
+                self._wake = None
+            if not future.done():
+                w.answered = done = w.count()
+                rest = self._rest(w, None, False, budget)
+                line = 0
+                for i, out in enumerate(outcomes):
+                    if out is None:
+                        outcomes[i] = OK if line < done else rest
+                        line += 1
+                self._written.difference_update(occ.key for occ in batch)
+                return [OK if out is None else out for out in outcomes]
             self._writing = None
             error = None if future.cancelled() else future.exception()
             if error is not None:
@@ -400,6 +447,8 @@ class StdoutSink(Sink[StdoutOptions]):
         self._stopping = True
         if self._writing is not None:
             self._writing[1].stop.set()
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     def given_up(self, occurrences: Sequence[Occurrence]) -> None:
         """Dead-lettered or dropped: what of them is on stdout already, or may yet be (a line stuck
@@ -466,7 +515,7 @@ class StdoutSink(Sink[StdoutOptions]):
                 future, w = self._writing
                 w.stop.set()
                 await asyncio.wait([future], timeout=CLOSE_GRACE)
-                untold.update(key for key in w.delivered() if key not in w.gone)
+                untold.update(w.untold())
                 torn = None if future.done() else w.torn()
                 self._writing = None
             self._written.clear()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
 import re
 import shutil
@@ -18,11 +19,12 @@ from pathlib import Path
 import orjson
 import pytest
 
+from eventrouter import OK, SinkContext
 from eventrouter.config import build_spec, parse_sink_flag
 from eventrouter.plugins import discover
-from eventrouter.testing import event_object
+from eventrouter.testing import event_object, make_occurrence
 from eventrouter.testing.waiting import until
-from eventrouter_sinks.file import FileOptions
+from eventrouter_sinks.file import FileOptions, FileSink
 
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to fail fsync(2)")
 
@@ -130,6 +132,30 @@ def test_two_file_sinks_on_one_file_exit_2_naming_both(tmp_path: Path, second: s
     assert ok.returncode == 0, ok.stderr
 
 
+@pytest.mark.parametrize("order", ["base-first", "rotated-first"])
+def test_a_file_sink_on_another_ones_rotated_file_exits_2_naming_both(tmp_path: Path, order: str) -> None:
+    """The second review (item 224): `x.jsonl` beside `x.jsonl.1` passed `check`; the first sink's
+    rotation renamed over the second one's file."""
+    base = f"--sink=file:{tmp_path / 'x.jsonl'}?name=a&max_files=3"
+    args = [base, f"--sink=file:{tmp_path / 'x.jsonl.3'}?name=b"]
+    if order == "rotated-first":
+        args.reverse()
+    proc = subprocess.run(cli("check", "--offline", *args), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "sink 'a'" in proc.stderr and "sink 'b'" in proc.stderr and "x.jsonl.3" in proc.stderr
+    for ok in (f"--sink=file:{tmp_path / 'x.jsonl.4'}?name=b", f"--sink=file:{tmp_path / 'y.jsonl'}?name=b"):
+        done = subprocess.run(cli("check", "--offline", base, ok), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    never = f"--sink=file:{tmp_path / 'x.jsonl'}?name=a&max_bytes=0"  # never rotated: nothing renamed
+    done = subprocess.run(
+        cli("check", "--offline", never, f"--sink=file:{tmp_path / 'x.jsonl.1'}?name=b"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+
 GIVEN_UP_CHILD = textwrap.dedent(
     """
     import asyncio, logging, sys
@@ -190,7 +216,7 @@ def test_a_write_that_ends_after_its_send_was_given_up_is_taken_back(tmp_path: P
     assert re.search(r"took back the 5 lines of a batch written after its send was given up", proc.stderr)
 
 
-@pytest.mark.parametrize("given", ["max_size=100", "max_bytes=100", "max_size=1048575"])
+@pytest.mark.parametrize("given", ["max_size=100", "max_bytes=100", "max_size=65535"])
 def test_a_max_bytes_meant_in_mb_exits_2_saying_it_is_bytes(tmp_path: Path, given: str) -> None:
     """The review's finding 3: lumberjack's and kube-eventer's maxsize is in MB; max_size=100 rotated
     at every record, and `replay` deleted 122 of 126 records, each counted as delivered."""
@@ -209,7 +235,15 @@ def test_a_max_bytes_meant_in_mb_exits_2_saying_it_is_bytes(tmp_path: Path, give
 
 @pytest.mark.parametrize(
     ("given", "value"),
-    [("100Mi", 100 * 2**20), ("1Gi", 2**30), ("500M", 500 * 10**6), ("1048576", 2**20), ("0", 0)],
+    [
+        ("100Mi", 100 * 2**20),
+        ("1Gi", 2**30),
+        ("500M", 500 * 10**6),
+        ("1048576", 2**20),
+        ("1M", 10**6),
+        ("65536", 2**16),
+        ("0", 0),
+    ],
 )
 def test_max_bytes_takes_a_size_with_its_unit(given: str, value: int) -> None:
     spec = build_spec(
@@ -233,3 +267,33 @@ def test_check_fails_a_link_to_a_folder_that_is_not_there(tmp_path: Path) -> Non
     proc = subprocess.run(cli("check", f"--sink=file:{link}"), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stdout + proc.stderr
     assert not (tmp_path / "missing" / "dir" / "events.jsonl").exists()
+
+
+async def test_a_record_given_up_after_the_write_ended_never_takes_back_lines_answered_ok(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The second review's givenup_race.py (item 224): the worker has written the batch, and before
+    the send resumes another callback on the loop gives up a copy of one of its records. The job was
+    taken for abandoned: the send answered all 10 OK and the take-back then cut all 10 off the file."""
+    path = tmp_path / "events.jsonl"
+    ctx = SinkContext(name="file", cluster="c", data_dir=None, logger=logging.getLogger("test.race"))
+    s = FileSink(FileOptions.model_validate({"path": str(path)}), ctx)
+    await s.start()
+    occs = [make_occurrence(object_name=f"p-{i}") for i in range(10)]
+    try:
+        task = asyncio.create_task(s.send(occs))
+        await asyncio.sleep(0)  # the send hands its batch to the sink's thread
+        pool = s._pool
+        assert pool is not None
+        # The loop held (other callbacks of one iteration) until that thread is done with the batch.
+        pool.submit(lambda: None).result(timeout=10)
+        with caplog.at_level(logging.WARNING, logger="test.race"):
+            s.given_up([occs[3]])  # a copy waiting aside, dropped
+            outcomes = await task
+        await asyncio.get_running_loop().run_in_executor(pool, lambda: None)  # a take-back, if queued
+        in_file = uids(path)
+        assert outcomes is not None and all(out is OK for out in outcomes)
+        assert sorted(in_file) == sorted(occ.record["uid"] for occ in occs)
+        assert occs[3].key in caplog.text and "given up" in caplog.text
+    finally:
+        await s.aclose()

@@ -222,3 +222,52 @@ async def test_a_record_given_up_while_its_line_is_stuck_part_way_is_named_in_th
         pipe.close()
     assert keys(await reading) == [big.key]  # the line it was in, and nothing after it
     os.close(read_end)
+
+
+async def test_a_stop_inside_a_line_longer_than_a_pipe_write_spools_only_that_line_again(
+    tmp_path: Path,
+) -> None:
+    """The second review's script (item 224): a 100 KB line among small ones, stdout's reader away,
+    SIGTERM. The send waited without bound for that line to end, so the stop cut it off and spooled
+    the whole batch, the 40 lines written before it too: 41 records twice after the restart. Now the
+    send answers at once; only the line stuck part way may come twice, and it is named."""
+    async with FakeApiServer(token="t0ken") as api:
+        for i in range(80):
+            big = "B" * 100_000 if i == 40 else ""
+            api.create_event(event_object(object_name=f"p-{i}", message=f"small {i}{big}"))
+        want = wanted(api)
+        log = tmp_path / "first.log"
+        read_end, write_end = os.pipe()
+        proc = await start(api, tmp_path, write_end, "stdout:", log)
+        os.close(write_end)
+        try:
+            full = fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ) - 4096  # into the big line
+            await until(lambda: in_pipe(read_end) > full, timeout=30)
+            proc.send_signal(signal.SIGTERM)
+            await until(lambda: "kept in the spool" in log.read_text(), timeout=30)
+            first = await asyncio.to_thread(read_to_end, read_end)  # the reader is back
+            async with asyncio.timeout(30):
+                assert await proc.wait() == 0, log.read_text()[-3000:]
+        finally:
+            await stopped(proc)
+            os.close(read_end)
+        proc = await start(api, tmp_path, asyncio.subprocess.PIPE, "stdout:", tmp_path / "second.log")
+        assert proc.stdout is not None
+        second = b""
+        try:
+            async with asyncio.timeout(30):
+                while not want <= set(keys(first)) | set(keys(second[: second.rfind(b"\n") + 1])):
+                    chunk = await proc.stdout.read(1 << 20)
+                    assert chunk, "the router exited before delivering what was kept"
+                    second += chunk
+            proc.send_signal(signal.SIGTERM)
+            second += (await asyncio.wait_for(proc.communicate(), 30))[0]
+        finally:
+            await stopped(proc)
+    copies = collections.Counter(keys(first) + keys(second))
+    assert set(copies) == want
+    twice = sorted(k for k, n in copies.items() if n > 1)
+    assert len(twice) <= 1, f"{len(twice)} written twice, e.g. {twice[:3]}"
+    for key in twice:  # the line stuck part way at the stop, ended in the close's grace: said
+        assert key in log.read_text()
+    assert 0 < len(keys(first)) < len(want)
