@@ -44,7 +44,12 @@ def _send_errors(router: Router, kind: str, sink: str = "plugin") -> float:
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """The file sink's complete lines: read while it appends, the last may be cut short (a reader
+    can see part of a write to a regular file)."""
+    if not path.exists():
+        return []
+    *complete, _rest = path.read_bytes().split(b"\n")
+    return [json.loads(line) for line in complete]
 
 
 # ---- answers that break the contract ----------------------------------------------------------------

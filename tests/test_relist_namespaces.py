@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from eventrouter.app import Router, RouterSettings
 from eventrouter.config import spec_for_class
@@ -208,6 +209,52 @@ async def test_namespaces_relisting_after_an_outage_at_their_own_times_hand_on_t
             await sink.wait_for(69, timeout=20)
             assert router.metrics.relists.labels("expired")._value.get() == relists + 1
             assert len(set(sink.keys)) == len(sink.keys) == 69
+
+
+class _FailingNamespace(FakeApiServer):
+    """Answers 500 to every events request in namespace ``c`` (an object there the API server cannot
+    decode or decrypt), as a retry will not change."""
+
+    async def _events_get(self, request: web.Request) -> web.StreamResponse:
+        if request.match_info.get("ns") == "c":
+            return web.json_response(
+                {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "status": "Failure",
+                    "code": 500,
+                    "message": "injected",
+                    "reason": "InternalError",
+                },
+                status=500,
+            )
+        return await super()._events_get(request)
+
+
+async def test_a_namespace_failing_for_ever_does_not_hold_up_the_others_relists(tmp_path: Path) -> None:
+    """One namespace answering 500 for ever was awaited by every round: the others' start-up relist,
+    and later each routine 410 of theirs, waited the whole gathering time (65 s here) with no watch
+    open. Now a watcher failing since it started, or not healthy for a gathering time, is not waited
+    for, and its retries list in a round of their own: both go on at once (within 20 s here)."""
+    async with _FailingNamespace() as api:
+        for ns in ("a", "b", "c"):
+            for i in range(5):
+                api.create_event(event_object(namespace=ns, object_name=f"o{i}"))
+        spec = spec_for_class(_Ordered, {"name": "ordered", "batch_max_wait": 0.01}, type_="memory")
+        router = Router(_settings(api, tmp_path, ["a", "b", "c"], backoff_max=30.0), [spec])
+        async with router.running():
+            sink = _ordered(router)
+            await sink.wait_for(10, timeout=20)  # start-up: a's and b's, not after 65 s
+            await _each_watch_handles_a_line(api, sink, ["a", "b"], "live", 12)
+            # A routine 410 for whichever of a and b reconnects first; the other resumes its watch.
+            relists = router.metrics.relists.labels("expired")._value.get()
+            api.faults.fail_next(410, verbs=("watch",))
+            api.disconnect_watches()
+            for ns in ("a", "b"):
+                api.create_event(event_object(namespace=ns, object_name="after"))
+            await sink.wait_for(14, timeout=20)
+            assert router.metrics.relists.labels("expired")._value.get() == relists + 1
+            assert len(set(sink.keys)) == len(sink.keys) == 14
 
 
 async def _each_watch_handles_a_line(

@@ -494,10 +494,11 @@ class EventWatcher:
         entries pruned) would look new and be delivered again. None (a list failed) stays None."""
         return None if rv is None else (self.resource_version or rv)
 
-    def _failed(self, *, refused: bool = False) -> None:
-        """For relists sharing a round: a watcher refused for good is not waited for."""
+    def _failed(self, *, refused: bool = False, expired: bool = False) -> None:
+        """For relists sharing a round: a watcher refused for good is not waited for, nor one failing
+        (other than with a 410) before it was ever healthy."""
         if self._seat is not None:
-            self._seat.failed(refused=refused)
+            self._seat.failed(refused=refused, expired=expired)
 
     def _failures(self, failures: int) -> int:
         """The failure count after a break. A watch that worked starts it over: counted on, a few
@@ -544,7 +545,7 @@ class EventWatcher:
                 if failures == 1:
                     continue  # the first relist goes at once; storms back off below
                 delay_reason = "expired"
-                self._failed()
+                self._failed(expired=True)
             except ApiError as exc:
                 failures = self._failures(failures)
                 rv = self._resume_from(rv)
@@ -554,7 +555,7 @@ class EventWatcher:
                 log.log(level, "kubernetes API error for %s: %s", self.where, exc)
                 self.metrics.watch_restarts.labels(f"http_{exc.status}" if exc.status else "error").inc()
                 delay_reason = "api"
-                self._failed(refused=exc.status in REFUSED)
+                self._failed(refused=exc.status in REFUSED, expired=exc.status == 410)
                 if exc.retry_after:
                     # Honoured up to our own longest backoff: a proxy's "Retry-After: 86400" (or an
                     # unparsable huge one) stopped the watch until the liveness probe restarted us.
