@@ -147,6 +147,8 @@ from eventrouter.logs import Throttled
 from eventrouter.options import FilePath, shown_address
 from eventrouter.truncate import shorten_message
 
+from ._modified import ModifiedLog
+
 __all__ = ["KafkaOptions", "KafkaSink", "render_topic", "ssl_context", "topic_fields", "topic_problem"]
 
 _MAX_TOPIC_LEN = 249  # Kafka's Topic.MAX_NAME_LENGTH
@@ -883,8 +885,7 @@ class KafkaSink(Sink[KafkaOptions]):
         # in progress's, index -> _STAMPED | _CUT; in total (``modified``); since the last log
         # (logged at most every _MODIFIED_LOG_EVERY seconds, and at close).
         self._changed: dict[int, int] = {}
-        self._modified_unlogged: Counter[str] = Counter()
-        self._modified_logged_at = -math.inf
+        self._modified_log = ModifiedLog(_MODIFIED_LOG_EVERY)
         self._timestamp_log = Throttled(self.log, _MODIFIED_LOG_EVERY)
 
     def take_over(self, previous: Sink[KafkaOptions]) -> None:
@@ -893,8 +894,7 @@ class KafkaSink(Sink[KafkaOptions]):
             self._aside, self._aside_at = previous._aside, previous._aside_at
             self._aside_order, self._refused = previous._aside_order, previous._refused
             self.modified = previous.modified
-            self._modified_unlogged = previous._modified_unlogged
-            self._modified_logged_at = previous._modified_logged_at
+            self._modified_log = previous._modified_log
 
     def given_up(self, occurrences: Sequence[Occurrence]) -> None:
         """Dead-lettered or dropped: a record set aside no longer holds its partition back."""
@@ -1120,7 +1120,7 @@ class KafkaSink(Sink[KafkaOptions]):
 
     async def aclose(self) -> None:
         self._changed = {}  # of a send cut off: not delivered
-        if self._modified_unlogged:
+        if self._modified_log.unlogged:
             self._count_modified((), flush=True)
         starting, self._starting = self._starting, None
         if starting is not None:
@@ -1585,7 +1585,7 @@ class KafkaSink(Sink[KafkaOptions]):
                 len(final),
                 " (set aside, due at once, with the records set aside)" if aside_late else "",
             )
-        if self._changed or self._modified_unlogged:
+        if self._changed or self._modified_log.unlogged:
             self._count_modified(final)
         return final
 
@@ -1602,12 +1602,11 @@ class KafkaSink(Sink[KafkaOptions]):
                     found["time_adjusted"] += 1
                 if marks & _CUT:
                     found["truncated"] += 1
-        self.modified.update(found)
-        unlogged = self._modified_unlogged
-        unlogged.update(found)
-        now = time.monotonic()
-        if not unlogged or (not flush and now - self._modified_logged_at < _MODIFIED_LOG_EVERY):
+        self._modified_log.add(self.modified, found)
+        due = self._modified_log.due(flush=flush)
+        if due is None:
             return
+        unlogged, since = due
         self.log.warning(
             "kafka sink %s: the brokers (%s) took %d records with a timestamp other than their event time "
             "(more than future_grace=%gs ahead, before 1970, or refused by the broker: the time the router "
@@ -1620,12 +1619,8 @@ class KafkaSink(Sink[KafkaOptions]):
             self.options.future_grace,
             unlogged["truncated"],
             self.options.max_request_size,
-            "start"
-            if self._modified_logged_at == -math.inf
-            else f"{now - self._modified_logged_at:.0f}s ago",
+            since,
         )
-        unlogged.clear()
-        self._modified_logged_at = now
 
     async def _deliver(
         self,

@@ -134,6 +134,7 @@ from eventrouter.retry_after import parse_retry_after as _retry_after
 from eventrouter.truncate import cut_utf8, shorten_message
 
 from ._headers import HEADERS_HELP, Headers, check_headers
+from ._modified import ModifiedLog
 from ._scrub import credentials, scrub, shown_location
 
 __all__ = ["LokiOptions", "LokiSink"]
@@ -1091,8 +1092,7 @@ class LokiSink(Sink[LokiOptions]):
         # since the last log (logged at most every _MODIFIED_LOG_EVERY seconds, and at close).
         self._modified_batch = False  # an entry of the batch being encoded is changed
         self.modified: Counter[str] = Counter()
-        self._modified_unlogged: Counter[str] = Counter()
-        self._modified_logged_at = -math.inf
+        self._modified_log = ModifiedLog(_MODIFIED_LOG_EVERY)
         # The tenant's ingestion rate (bytes/s) once Loki named it refusing a push over it: larger
         # pushes are split before they are sent.
         self._max_push_bytes: int | None = None
@@ -1175,8 +1175,7 @@ class LokiSink(Sink[LokiOptions]):
             self._sent = previous._sent
             self._chosen = previous._chosen
             self.modified = previous.modified
-            self._modified_unlogged = previous._modified_unlogged
-            self._modified_logged_at = previous._modified_logged_at
+            self._modified_log = previous._modified_log
             self._aside = previous._aside
 
     def _build_headers(self, url_user: str | None, url_password: str | None) -> dict[str, str]:
@@ -1372,7 +1371,7 @@ class LokiSink(Sink[LokiOptions]):
         self._settle(batch, encoded, outcomes)
         if self._modified_batch:
             self._count_modified(encoded, outcomes)
-        elif self._modified_unlogged:
+        elif self._modified_log.unlogged:
             self._count_modified([], outcomes)  # counted before: logged once its period is over
         if self._chosen:
             chosen = self._chosen
@@ -1394,12 +1393,11 @@ class LokiSink(Sink[LokiOptions]):
                     found["time_adjusted"] += 1
                 if entry.modified & _TRUNCATED:
                     found["truncated"] += 1
-        self.modified.update(found)
-        unlogged = self._modified_unlogged
-        unlogged.update(found)
-        now = time.monotonic()
-        if not unlogged or (not flush and now - self._modified_logged_at < _MODIFIED_LOG_EVERY):
+        self._modified_log.add(self.modified, found)
+        due = self._modified_log.due(flush=flush)
+        if due is None:
             return
+        unlogged, since = due
         self.log.warning(
             "loki: %s took %d entries stamped otherwise than their own time (a node clock ahead of the "
             "API server's: at the API server's time of the occurrence; outside Loki's window or over "
@@ -1410,12 +1408,8 @@ class LokiSink(Sink[LokiOptions]):
             unlogged["time_adjusted"],
             unlogged["truncated"],
             self._max_line,
-            "start"
-            if self._modified_logged_at == -math.inf
-            else f"{now - self._modified_logged_at:.0f}s ago",
+            since,
         )
-        unlogged.clear()
-        self._modified_logged_at = now
 
     async def _send_entries(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
         # Loki refuses entries more than max_chunk_age/2 (1 h by default) behind the newest entry it
@@ -2515,7 +2509,7 @@ class LokiSink(Sink[LokiOptions]):
         return bytes(cramjam.snappy.compress_raw(b"".join(out)))
 
     async def aclose(self) -> None:
-        if self._modified_unlogged:
+        if self._modified_log.unlogged:
             self._count_modified([], [], flush=True)
         session, self._session = self._session, None
         if session is not None and not session.closed:

@@ -84,7 +84,6 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-import math
 import os
 import re
 import socket
@@ -121,6 +120,7 @@ from eventrouter.options import FilePath
 from eventrouter.protowire import bytes_field
 from eventrouter.retry_after import parse_retry_after as _retry_after
 
+from ._modified import ModifiedLog
 from ._scrub import credentials, scrub, shown_location
 from ._sls_log import encode_log, encode_occurrence, log_contents
 
@@ -371,8 +371,7 @@ class SLSSink(Sink[SLSOptions]):
         # clamped; in total (``modified``); since the last log (at most every _MODIFIED_LOG_EVERY
         # seconds, and at close).
         self._clamped = False
-        self._modified_unlogged: Counter[str] = Counter()
-        self._modified_logged_at = -math.inf
+        self._modified_log = ModifiedLog(_MODIFIED_LOG_EVERY)
         self._key_id = ""
         self._key_secret = ""
         self._token: str | None = None
@@ -603,11 +602,10 @@ class SLSSink(Sink[SLSOptions]):
         """The counts of logs delivered changed carry over (a rotated key file)."""
         if isinstance(previous, SLSSink):
             self.modified = previous.modified
-            self._modified_unlogged = previous._modified_unlogged
-            self._modified_logged_at = previous._modified_logged_at
+            self._modified_log = previous._modified_log
 
     async def aclose(self) -> None:
-        if self._modified_unlogged:
+        if self._modified_log.unlogged:
             self._count_modified(set(), [], flush=True)
         if self._session is not None:
             session, self._session = self._session, None
@@ -917,7 +915,7 @@ class SLSSink(Sink[SLSOptions]):
         finally:
             self._batch = ()
         final = self._settle(run, batch, [outcome if outcome is not None else OK for outcome in outcomes])
-        if run.adjusted or self._modified_unlogged:
+        if run.adjusted or self._modified_log.unlogged:
             self._count_modified(run.adjusted, final)
         return final
 
@@ -928,12 +926,11 @@ class SLSSink(Sink[SLSOptions]):
         (``flush``: now, at close)."""
         found = sum(final[index].kind is OutcomeKind.OK for index in adjusted)
         if found:
-            self.modified["time_adjusted"] += found
-            self._modified_unlogged["time_adjusted"] += found
-        unlogged = self._modified_unlogged["time_adjusted"]
-        now = time.monotonic()
-        if not unlogged or (not flush and now - self._modified_logged_at < _MODIFIED_LOG_EVERY):
+            self._modified_log.add(self.modified, Counter(time_adjusted=found))
+        due = self._modified_log.due(flush=flush)
+        if due is None:
             return
+        unlogged, since = due
         self.log.warning(
             "sls sink %s: %s stored %d logs stamped otherwise than their own time (outside the window "
             "SLS accepts, now - 7 days ... now + 15 minutes: at its nearest edge; or refused for their "
@@ -941,13 +938,9 @@ class SLSSink(Sink[SLSOptions]):
             "time_adjusted=true, since %s",
             self.context.name,
             self._where,
-            unlogged,
-            "start"
-            if self._modified_logged_at == -math.inf
-            else f"{now - self._modified_logged_at:.0f}s ago",
+            unlogged["time_adjusted"],
+            since,
         )
-        self._modified_unlogged.clear()
-        self._modified_logged_at = now
 
     def _settle(self, run: _Send, batch: Sequence[Occurrence], final: list[Outcome]) -> list[Outcome]:
         """Keep what the send learned for the next; a send that stored or refused nothing fails."""
