@@ -17,11 +17,14 @@ class ModifiedLog:
         self.unlogged: Counter[str] = Counter()
         self.logged_at = -math.inf
 
-    def add(self, modified: Counter[str], found: Counter[str]) -> None:
+    def count(
+        self, modified: Counter[str], found: Counter[str], *, flush: bool = False
+    ) -> tuple[Counter[str], str] | None:
         """``found`` (counts by reason, of records the destination took) into the sink's total and
-        the counts not logged yet."""
+        the counts not logged yet; then what to log now (``due``)."""
         modified.update(found)
         self.unlogged.update(found)
+        return self.due(flush=flush)
 
     def due(self, *, flush: bool = False) -> tuple[Counter[str], str] | None:
         """The counts to log now and since when ("start", "42s ago"), taken out; None when there is

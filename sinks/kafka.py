@@ -1602,8 +1602,7 @@ class KafkaSink(Sink[KafkaOptions]):
                     found["time_adjusted"] += 1
                 if marks & _CUT:
                     found["truncated"] += 1
-        self._modified_log.add(self.modified, found)
-        due = self._modified_log.due(flush=flush)
+        due = self._modified_log.count(self.modified, found, flush=flush)
         if due is None:
             return
         unlogged, since = due

@@ -1393,8 +1393,7 @@ class LokiSink(Sink[LokiOptions]):
                     found["time_adjusted"] += 1
                 if entry.modified & _TRUNCATED:
                     found["truncated"] += 1
-        self._modified_log.add(self.modified, found)
-        due = self._modified_log.due(flush=flush)
+        due = self._modified_log.count(self.modified, found, flush=flush)
         if due is None:
             return
         unlogged, since = due

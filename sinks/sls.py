@@ -925,9 +925,7 @@ class SLSSink(Sink[SLSOptions]):
         querying the logstore. Logged with the count, at most every _MODIFIED_LOG_EVERY seconds
         (``flush``: now, at close)."""
         found = sum(final[index].kind is OutcomeKind.OK for index in adjusted)
-        if found:
-            self._modified_log.add(self.modified, Counter(time_adjusted=found))
-        due = self._modified_log.due(flush=flush)
+        due = self._modified_log.count(self.modified, +Counter(time_adjusted=found), flush=flush)
         if due is None:
             return
         unlogged, since = due

@@ -214,6 +214,16 @@ class _Write:
                 self.written += os.write(fd, view[self.written : end])
 
 
+def _answer(outcomes: list[Outcome | None], done: int, rest: Outcome) -> None:
+    """In place, the outcomes of the lines a write carried (those still None, in order): the first
+    ``done`` went out (OK), the others ``rest``."""
+    line = 0
+    for i, out in enumerate(outcomes):
+        if out is None:
+            outcomes[i] = OK if line < done else rest
+            line += 1
+
+
 def _room(fd: int, fifo: bool) -> int:
     """Bytes one write(2) can take without blocking: the whole pipe when it is empty, else one
     PIPE_BUF (poll's POLLOUT promises that much; a pipe counts its room in pages, not bytes)."""
@@ -398,12 +408,7 @@ class StdoutSink(Sink[StdoutOptions]):
                 self._wake = None
             if not future.done():
                 w.answered = done = w.count()
-                rest = self._rest(w, None, False, budget)
-                line = 0
-                for i, out in enumerate(outcomes):
-                    if out is None:
-                        outcomes[i] = OK if line < done else rest
-                        line += 1
+                _answer(outcomes, done, self._rest(w, None, False, budget))
                 self._written.difference_update(occ.key for occ in batch)
                 return [OK if out is None else out for out in outcomes]
             self._writing = None
@@ -414,13 +419,7 @@ class StdoutSink(Sink[StdoutOptions]):
                     raise error  # a bug: the engine retries the batch, and what went out is OK then
                 if not w.count():  # ValueError: "I/O operation on closed file"
                     raise RetryableError(f"cannot write to {self.options.stream}: {error}") from error
-            rest = self._rest(w, error, future.cancelled(), budget)
-            done = w.count()
-            line = 0
-            for i, out in enumerate(outcomes):
-                if out is None:
-                    outcomes[i] = OK if line < done else rest
-                    line += 1
+            _answer(outcomes, w.count(), self._rest(w, error, future.cancelled(), budget))
         self._written.difference_update(occ.key for occ in batch)
         return [OK if out is None else out for out in outcomes]
 
