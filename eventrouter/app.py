@@ -51,7 +51,7 @@ from eventrouter.leader import LeaderElector
 from eventrouter.memory import clear_caches, release_free_memory
 from eventrouter.metrics import Metrics
 from eventrouter.record import MalformedEvent, Occurrence
-from eventrouter.sink import SinkContext
+from eventrouter.sink import STRAY_CANCEL, SinkContext, cancelled_now
 from eventrouter.source.kube import ApiError, KubeClient, connect, failure_text
 from eventrouter.source.relist_order import RelistOrder
 from eventrouter.source.tracker import OccurrenceTracker
@@ -148,6 +148,9 @@ LEASE_RELEASE_RESERVE = 1.0
 
 FINAL_WRITE_LEAST = 2.0
 """Seconds the stop's ConfigMap write may take even when the drain used the whole grace period."""
+
+CLOSE_LEAST = 1.0
+"""Seconds the sinks' closes may take at a stop even when the grace period is used up."""
 
 STOP_SCAN_SECONDS = 2.0
 """At a stop with a ConfigMap checkpoint, how long the spools (all sinks together) are read to tell
@@ -1091,7 +1094,6 @@ class Router:
                     len(left),
                     self.settings.shutdown_timeout,
                 )
-        cancelled = False  # the stop itself cancelled while a sink closed: raised once all is done
         for p in self.pipelines:
             p.flush_metrics()
             if p.spool is not None:
@@ -1109,7 +1111,6 @@ class Router:
                 )
                 # A stop that will duplicate must not look clean (as for the ConfigMap below).
                 self.exit_code = self.exit_code or 1
-            cancelled = await self._close_sink(p) or cancelled
         self.fanout.save_unseen()  # before the ConfigMap's last write, which carries them
         for t in lasting:
             if t.get_name() == "checkpoint-configmap":
@@ -1136,6 +1137,9 @@ class Router:
                     left_out,
                 )
                 self.exit_code = self.exit_code or 1
+        # After what must be kept is written: a sink's close cannot change it, and one hung close
+        # (a broker gone, a plugin's bug) used to run the stop past the kubelet's SIGKILL first.
+        cancelled = await self._close_sinks(began)
         if self._data_lock is not None:
             self._data_lock.release()
         if self.elector is not None:
@@ -1151,23 +1155,41 @@ class Router:
         if cancelled:
             raise asyncio.CancelledError  # the stop's own cancellation, once the rest was done
 
-    async def _close_sink(self, p: Pipeline) -> bool:
-        """Close ``p``'s sink, bounded (``Pipeline.close_sink``: send_timeout an instance); True when
-        the stop itself was cancelled meanwhile. Nothing a sink's ``aclose`` does ends the stop: what
-        follows (the other sinks' checkpoints and closes, the ConfigMap's last write, the lock and
-        lease releases) was skipped, and a CancelledError the sink let out ended the stop unfinished
-        (``run()`` never returned: the pod hung until SIGKILL)."""
+    async def _close_sinks(self, began: float) -> bool:
+        """Close every sink at once, within what the grace period leaves (at least ``CLOSE_LEAST``);
+        True when the stop itself was cancelled meanwhile. One after another, each bounded by its
+        send_timeout, a few hung closes added up past the kubelet's SIGKILL."""
+        tasks = {asyncio.create_task(self._close_sink(p), name=f"close-{p.name}"): p for p in self.pipelines}
+        if not tasks:
+            return False
+        end = began + self.settings.shutdown_timeout + STOP_AFTER_DRAIN - LEASE_RELEASE_RESERVE
+        cancelled = False
+        why = "no time left in the grace period"
+        try:
+            await asyncio.wait(tasks, timeout=max(end - time.monotonic(), CLOSE_LEAST))
+        except asyncio.CancelledError:
+            cancelled, why = True, "the stop was cancelled"
+        for t, p in tasks.items():
+            if not t.done():
+                log.warning("sink %s: not closed (%s); going on with the stop", p.name, why)
+                t.cancel()
+        # Bounded again: a plugin that swallows its cancellation must not hold the stop either.
+        await asyncio.wait(tasks, timeout=CLOSE_LEAST)
+        return cancelled
+
+    async def _close_sink(self, p: Pipeline) -> None:
+        """Close ``p``'s sink (``Pipeline.close_sink``: send_timeout an instance). Nothing a sink's
+        ``aclose`` does ends the stop: what follows (the lock and lease releases) was skipped, and a
+        CancelledError the sink let out ended the stop unfinished (``run()`` never returned: the pod
+        hung until SIGKILL)."""
         try:
             await p.close_sink()
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                log.warning("sink %s: the stop was cancelled while it closed; finishing the stop", p.name)
-                return True
-            log.error("sink %s: closing it raised CancelledError without the stop being cancelled", p.name)
+            if cancelled_now():
+                return  # by _close_sinks, which says why
+            log.error("sink %s: closing it %s", p.name, STRAY_CANCEL)
         except Exception:
             log.exception("sink %s: closing it failed; going on with the stop", p.name)
-        return False
 
     async def _final_configmap_write(self, store: ConfigMapCheckpointStore, began: float) -> bool:
         """The stop's last ConfigMap write, tried again on a 409, 429, 5xx, timeout or lost connection

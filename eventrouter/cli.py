@@ -37,7 +37,7 @@ from eventrouter.logs import setup_logging
 from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS
 from eventrouter.options import name_matches
 from eventrouter.plugins import PluginError, discover
-from eventrouter.sink import SinkContext
+from eventrouter.sink import STRAY_CANCEL, Sink, SinkContext, cancelled_now
 from eventrouter.source.recording import read_recording
 from eventrouter.source.watcher import WatchSettings, check_field_selector
 
@@ -678,8 +678,7 @@ async def _check(args: argparse.Namespace) -> int:
         sink = spec.build(context)
         if args.offline:
             print(f"valid {spec.describe()}")
-            with contextlib.suppress(Exception):
-                await sink.aclose()
+            await _close_checked(sink)
             continue
         try:
             async with asyncio.timeout(spec.pipeline.send_timeout):
@@ -687,12 +686,27 @@ async def _check(args: argparse.Namespace) -> int:
         except Exception as exc:
             failed += 1
             print(f"FAIL  {spec.describe()}: {exc if str(exc) else type(exc).__name__}")
+        except asyncio.CancelledError:
+            if cancelled_now():
+                raise
+            failed += 1  # let out by the sink: a traceback named no sink and skipped the others
+            print(f"FAIL  {spec.describe()}: check() {STRAY_CANCEL}")
         else:
             print(f"ok    {spec.describe()}")
         finally:
-            with contextlib.suppress(Exception):
-                await sink.aclose()
+            await _close_checked(sink)
     return 1 if failed else 0
+
+
+async def _close_checked(sink: Sink[Any]) -> None:
+    """What a check built is closed; its failure to close is not the check's answer."""
+    try:
+        await sink.aclose()
+    except Exception:
+        pass
+    except asyncio.CancelledError:
+        if cancelled_now():
+            raise
 
 
 # ---- replay --------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ with a pydantic options model in ``options_model`` (see ``eventrouter.options.Si
 from __future__ import annotations
 
 import abc
+import asyncio
 import collections
 import enum
 import logging
@@ -135,6 +136,16 @@ class SinkContext:
 
 
 OptionsT = TypeVar("OptionsT", bound=SinkOptions)
+
+
+STRAY_CANCEL = "raised CancelledError without being cancelled (a sink bug)"
+
+
+def cancelled_now() -> bool:
+    """A CancelledError met now is a cancellation of the running task (a stop, a deadline), not one a
+    sink let out (a cancelled future awaited inside a library): that one is the sink's fault."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Sink(abc.ABC, Generic[OptionsT]):

@@ -611,6 +611,8 @@ def test_a_dead_letter_replay_sorted_for_loki_waits_on_the_data_volume_not_in_tm
 # ---- plugins that misbehave ------------------------------------------------------------------------
 
 _BADPLUG = '''
+import asyncio
+
 from pydantic import field_validator
 
 from eventrouter import Sink, SinkOptions
@@ -639,6 +641,23 @@ class NoModel(Sink[SinkOptions]):
     options_model = dict
 
 
+class LeakyCheck(Sink[SinkOptions]):
+    """Its check awaits a future someone else cancelled (what a client library may do)."""
+
+    options_model = SinkOptions
+
+    async def check(self):
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future
+
+    async def aclose(self):
+        await self.check()
+
+    async def send(self, batch):
+        return None
+
+
 class Refuses(Sink[SinkOptions]):
     options_model = SinkOptions
 
@@ -658,7 +677,7 @@ def _install_badplug(tmp_path: Path) -> dict[str, str]:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: badplug\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
         "[eventrouter.sinks]\nloki = badplug:Impostor\nnomodel = badplug:NoModel\nrefuses = badplug:Refuses\n"
-        "buggy = badplug:BuggyValidator\n"
+        "buggy = badplug:BuggyValidator\nleaky = badplug:LeakyCheck\n"
     )
     return {"PYTHONPATH": str(tmp_path)}
 
@@ -690,6 +709,24 @@ def test_broken_plugins_are_named_not_a_traceback(tmp_path: Path) -> None:
         assert result.returncode == 2, result.stderr
         assert "the refuses sink cannot be built: ValueError: the region is not supported" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_check_names_a_plugin_whose_check_lets_a_cancellederror_out_and_checks_the_others(
+    tmp_path: Path,
+) -> None:
+    """A stray CancelledError (not a cancellation of the check) from a plugin's check() or aclose()
+    was a traceback naming no sink, and the sinks after it were never checked."""
+    env = _install_badplug(tmp_path)
+    result = _eventrouter("check", "--sink=leaky:", "--sink=stdout:", env=env)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == [
+        "FAIL  leaky (leaky): check() raised CancelledError without being cancelled (a sink bug)",
+        "ok    stdout (stdout)",
+    ]
+    assert "Traceback" not in result.stderr
+    offline = _eventrouter("check", "--offline", "--sink=leaky:", "--sink=stdout:", env=env)
+    assert offline.returncode == 0 and "Traceback" not in offline.stderr, offline.stderr
+    assert offline.stdout.splitlines() == ["valid leaky (leaky)", "valid stdout (stdout)"]
 
 
 def test_a_plugin_validator_raising_another_error_than_valueerror_names_the_sink_and_option(

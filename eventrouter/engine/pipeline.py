@@ -25,7 +25,17 @@ from eventrouter.logs import Throttled
 from eventrouter.metrics import SINK_MODIFIED_REASONS, Metrics, observe_many
 from eventrouter.options import PipelineOptions
 from eventrouter.record import Occurrence
-from eventrouter.sink import OK, Outcome, OutcomeKind, RetryableError, Sink, SinkError, retry
+from eventrouter.sink import (
+    OK,
+    STRAY_CANCEL,
+    Outcome,
+    OutcomeKind,
+    RetryableError,
+    Sink,
+    SinkError,
+    cancelled_now,
+    retry,
+)
 
 __all__ = ["INTAKE_PATIENCE", "Pipeline"]
 
@@ -1111,7 +1121,7 @@ class Pipeline:
             self.metrics.send_errors.labels(self.name, "timeout").inc()
             return [retry(f"send timed out after {self.options.send_timeout:g}s")] * len(items)
         except asyncio.CancelledError:
-            if _cancelled():
+            if cancelled_now():
                 raise  # this pipeline is being stopped
             # A CancelledError the sink let out (a cancelled future awaited inside a library) is
             # not a stop: the pipeline task ended, unseen, while health and metrics said all was well.
@@ -1401,11 +1411,11 @@ class Pipeline:
                     await self.sink.start()
             except (Exception, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError):
-                    if _cancelled():
+                    if cancelled_now():
                         raise  # a stop
                     # One a plugin let out ended the pipeline task unseen: nothing delivered again,
                     # sink_up 1, no error counted or logged. A failed start, retried as any.
-                    reason = f"start() {_STRAY_CANCEL}"
+                    reason = f"start() {STRAY_CANCEL}"
                 elif isinstance(exc, SinkError):
                     reason = str(exc)
                 else:
@@ -1485,14 +1495,14 @@ class Pipeline:
             async with asyncio.timeout(self.options.send_timeout):
                 await new.start()
         except (Exception, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and _cancelled():
+            if isinstance(exc, asyncio.CancelledError) and cancelled_now():
                 self._superseded.append(new)  # a stop: close_sink closes it
                 raise
             # A CancelledError the plugin let out ended the pipeline task unseen: a failed start.
             tries += 1
             self.metrics.send_errors.labels(self.name, "start").inc()
             if isinstance(exc, asyncio.CancelledError):
-                reason = f"start() {_STRAY_CANCEL}"
+                reason = f"start() {STRAY_CANCEL}"
             elif isinstance(exc, SinkError):
                 reason = _text(exc)
             else:
@@ -1555,12 +1565,12 @@ class Pipeline:
             async with asyncio.timeout(self.options.send_timeout):
                 await sink.aclose()
         except asyncio.CancelledError:
-            if _cancelled():
+            if cancelled_now():
                 raise  # a stop's deadline: close_sink closes what is left
             # Let out by the plugin: it ended the pipeline task (a swap) or the router's stop (which
             # then never finished: no checkpoint written, no lock or lease released) unseen.
             self.metrics.send_errors.labels(self.name, "exception").inc()
-            self.log.error("sink %s: aclose() %s; going on", self.name, _STRAY_CANCEL)
+            self.log.error("sink %s: aclose() %s; going on", self.name, STRAY_CANCEL)
         except Exception as exc:
             self.log.warning(
                 "sink %s: closing the previous instance raised %s: %s", self.name, type(exc).__name__, exc
@@ -1687,15 +1697,6 @@ class Pipeline:
 
 _KINDS = {kind.value: kind for kind in OutcomeKind}
 
-
-def _cancelled() -> bool:
-    """A CancelledError met now is a cancellation of the running task (a stop, a deadline), not one a
-    plugin let out (a cancelled future awaited inside a library): that one is the plugin's fault."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-_STRAY_CANCEL = "raised CancelledError without being cancelled (a sink bug)"
 
 _NAMED_PER_LINE = 100
 """Dead-letter keys a log line names without --data-dir: ~5 KB, below a container runtime's line
