@@ -337,3 +337,29 @@ async def test_relists_are_sorted_only_when_a_sink_asks_for_time_order(tmp_path:
             router = Router(_settings(api, tmp_path, page_size=25), specs)
             async with router.running():
                 assert [w.settings.relist_sorted for w in router.watchers] == [want]
+
+
+def test_each_members_rows_not_handed_on_follow_adds_and_the_drain(tmp_path: Path) -> None:
+    """Several namespaces' lists in one order (a merged relist): each member asks for its own rows
+    not handed on (a failed round, a stop). They are grouped in one pass per state of the order, and
+    that grouping must follow later adds, a partial drain and discards."""
+    occs = [normalise(obj) for obj in _spread_events(12, 60)]
+    order = RelistOrder(cluster="", directory=str(tmp_path), in_memory=4)
+    order.tag_members()
+    for i, occ in enumerate(occs[:9]):
+        order.add(occ, i % 3)
+    assert order.not_handed_on(1) == [occs[i].uid for i in (1, 4, 7)]
+    for i, occ in enumerate(occs[9:], start=9):  # added after the grouping: in the next answer
+        order.add(occ, i % 3)
+    assert order.not_handed_on(1) == [occs[i].uid for i in (1, 4, 7, 10)]
+    assert order.discard(2) == [occs[i].uid for i in (2, 5, 8, 11)]
+    assert order.discard(2) == []
+    pages = order.drain(3)
+    first = next(pages)  # oldest first: the names are in the opposite order of the times
+    assert [o.uid for o in first] == [occs[i].uid for i in (10, 9, 7)]
+    assert order.not_handed_on(1) == [occs[i].uid for i in (4, 1)]
+    assert order.not_handed_on(0) == [occs[i].uid for i in (6, 3, 0)]
+    assert order.not_handed_on(2) == []
+    pages.close()
+    order.close()
+    assert order.not_handed_on(1) == []
