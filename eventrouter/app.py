@@ -249,7 +249,8 @@ class Router:
         self.exit_code = 0
         # Wall time this process started leading (took the lease, or started without leader
         # election): until a watch exists, its last progress for /healthz and the stall alert.
-        self._leading_since: float | None = None
+        self._leading_since: float | None = None  # time.time(): exported as the last progress
+        self._leading_mono = 0.0  # time.monotonic() of the same: what /healthz judges by
         self._lead_blocked: str | None = None  # why the lead has not got to the watch, for the probes
 
     @property
@@ -598,7 +599,7 @@ class Router:
     async def _lead(self) -> None:
         """Start delivering: load the shared checkpoint (the previous leader's latest), then pipelines
         and the watch (a relist gives each sink what it has not accepted yet)."""
-        self._leading_since = time.time()
+        self._leading_since, self._leading_mono = time.time(), time.monotonic()
         if self.checkpoint_store is not None:
             await self._load_checkpoint(self.checkpoint_store)
             self._tasks.append(self._guard(self.checkpoint_store.run(), "checkpoint-configmap"))
@@ -892,22 +893,21 @@ class Router:
     # ---- health -------------------------------------------------------------------------------
 
     def healthy(self) -> tuple[bool, str]:
-        now = time.time()
+        # The monotonic clock: a wall clock stepped forward (NTP, a VM resumed) is no stall.
+        mono = time.monotonic()
         if not self.watchers:
             if self._leading_since is None:
                 return True, "no watch (replay or standby)"
             # A leader that cannot get to its watch (the checkpoint ConfigMap unreadable: RBAC, 5xx)
             # held the lease for ever, healthy: it now fails as a stalled watch would, so the
             # liveness probe restarts it and the standby takes over.
-            waited = now - self._leading_since
+            waited = mono - self._leading_mono
             why = f"leading for {waited:.0f}s, the watch has not begun"
             if self._lead_blocked:
                 why += f": {self._lead_blocked}"
             if waited > self.settings.stall_timeout:
                 return False, f"{why} (more than --stall-timeout {self.settings.stall_timeout:g}s)"
             return True, why
-        # The monotonic clock: a wall clock stepped forward (NTP, a VM resumed) is no stall.
-        mono = time.monotonic()
         stale = [w for w in self.watchers if mono - w.progressed > self.settings.stall_timeout]
         if stale:
             ages = ", ".join(f"{w.where}: {mono - w.progressed:.0f}s" for w in stale)
