@@ -18,6 +18,9 @@ With ``--restart`` the router is stopped after phase 2 and started again on the 
 (phase "restart": until its relist is complete, then ``--idle`` seconds): every sink already has all
 the events, so nothing is delivered again and the checkpoints are read from disk.
 
+With ``--configmap`` the router runs as the chart's configMap mode does: ``--leader-elect`` and the
+checkpoints in a ConfigMap of the test API server, the data dir holding only spools and dead letters.
+
 osmem indexes only a few hundred documents/s, so the Elasticsearch pipeline runs behind; with
 ``--data-dir`` its backlog goes to the disk spool beyond 1,000 queued (the engine's memory bound with
 a spool; a relist waits 5 s in all for it first), which is what a deployment with a persistent volume
@@ -134,12 +137,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     events = retained_events(args.retained)
     n = len(events)
     router_env = dict(item.split("=", 1) for item in args.router_env)
+    configmap = ["--leader-elect", "--checkpoint-configmap", "er-checkpoint"] if args.configmap else []
     sink_options = c.sink_options(args.sink_option)
     result: dict[str, Any] = {
         "machine": c.machine(),
         "retained": n,
         "router_python": args.router_python or sys.executable,
         "router_env": router_env,
+        "configmap": args.configmap,
         "sink_options": sink_options,
         "phases": {},
     }
@@ -164,7 +169,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     kubeconfig,
                     flags,
                     tmp / "router.log",
-                    extra=["--data-dir", str(tmp / "data")],
+                    extra=["--data-dir", str(tmp / "data"), *configmap],
                     python=args.router_python,
                     env=router_env,
                     census=census,
@@ -242,7 +247,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             kubeconfig,
                             flags,
                             tmp / "router2.log",
-                            extra=["--data-dir", str(tmp / "data")],
+                            extra=["--data-dir", str(tmp / "data"), *configmap],
                             python=args.router_python,
                             env=router_env,
                         )
@@ -404,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="start with this many of the retained events, wait until every sink has them, then have the "
         "router relist all of them after 410 Gone (a relist in a running router, not a cold start)",
+    )
+    p.add_argument(
+        "--configmap",
+        action="store_true",
+        help="as the chart's configMap mode: --leader-elect, checkpoints in a ConfigMap (the data dir keeps "
+        "the spools and dead letters only)",
     )
     p.add_argument("--out", type=Path, default=CACHE / "results" / "memory.json")
     args = p.parse_args(argv)

@@ -26,10 +26,12 @@ Log time = the occurrence's normalised time (``Time`` seconds, ``Time_ns`` the n
 service accepts log times within [now - 7 days, now + 15 minutes]; with ``clamp_time=true`` (default)
 an occurrence outside that window is still delivered, stamped at the nearest allowed time, and carries
 ``time_adjusted=true`` (its real time stays in ``time`` and ``eventId``); with ``clamp_time=false`` it is
-dead-lettered instead. The old edge is taken 25 minutes early: the service's clock may be up to 15
-minutes ahead of ours. A request refused with InvalidTimestamp all the same (a clock off the other way)
-is halved down to the log refused, which is sent once more stamped at the router's now
-(``clamp_time=true``) or dead-lettered alone. The logs stored so are counted (``SLSSink.modified``:
+dead-lettered instead. With ``clamp_time=true`` the old edge is taken 25 minutes early (a log before
+it is stamped there): the service's clock may be up to 15 minutes ahead of ours, and a request may be
+retried minutes later. Otherwise the window is the service's own, and the service has the last word: a
+request refused with InvalidTimestamp all the same (its clock is not ours) is halved down to the log
+refused, which is sent once more stamped at the router's now (``clamp_time=true``) or dead-lettered
+alone. The logs stored so are counted (``SLSSink.modified``:
 ``eventrouter_sink_modified_total{reason="time_adjusted"}``) and logged with their count, at once, then at
 most once a minute, and what is left at close.
 
@@ -131,10 +133,12 @@ MAX_LOGS_PER_REQUEST = 4096
 MAX_REQUEST_BYTES = 3 * 1024 * 1024
 LOG_TIME_PAST = 7 * 24 * 3600
 LOG_TIME_FUTURE = 15 * 60
-_CLAMP_MARGIN = 600  # stay well inside the window: the request may be retried minutes later
-# The service takes a Date up to 15 minutes off its clock, so its "now - 7 days" may be that much
-# later than ours: a log near the old edge is stamped on the safe side of both clocks.
-_PAST_MARGIN = _CLAMP_MARGIN + 15 * 60
+# clamp_time=true stamps a log this close to the old edge 25 minutes inside it: the service takes a
+# Date up to 15 minutes off its clock, so its "now - 7 days" may be that much later than ours, and the
+# request may be retried minutes later (time passing takes an old log out). Nothing else has margins:
+# clamp_time=false dead-letters only what is outside the nominal window (the service has the last word,
+# InvalidTimestamp, on the rest), and a future log is sent as it is, time passing brings it in.
+_PAST_MARGIN = 25 * 60
 _KE_PLACEHOLDER_HOST = "sls.aliyuncs.com"
 _REGION_HOST = re.compile(r"^([a-z0-9-]+?)(-intranet)?\.log\.aliyuncs\.com$")
 
@@ -446,6 +450,9 @@ class SLSSink(Sink[SLSOptions]):
         )
         digest = hmac.new(self._key_secret.encode("utf-8"), text.encode("utf-8"), hashlib.sha1).digest()
         headers["Authorization"] = f"LOG {self._key_id}:{base64.b64encode(digest).decode('ascii')}"
+        # Not signed, as the official SDK adds it (auth.py: for a proxy that drops Date): SLS reads
+        # the request's time from it when Date is missing.
+        headers["x-log-date"] = headers["Date"]
         return headers
 
     async def _request(
@@ -613,11 +620,19 @@ class SLSSink(Sink[SLSOptions]):
 
     # -- sending ----------------------------------------------------------------------------------
 
+    def _window(self, now: float) -> tuple[float, float]:
+        """Log times sent as they are: SLS's window [now - 7 days, now + 15 minutes], its old edge
+        _PAST_MARGIN later with ``clamp_time`` (a log before it is stamped there)."""
+        low = now - LOG_TIME_PAST
+        if self.options.clamp_time:
+            low += _PAST_MARGIN
+        return low, now + LOG_TIME_FUTURE
+
     def _encode(self, occ: Occurrence, now: float) -> tuple[bytes | None, str]:
         seconds, nanos = divmod(occ.time_ns, 1_000_000_000)
-        low = now - LOG_TIME_PAST + _PAST_MARGIN
+        low, high = self._window(now)
         # The fast path gives the definition's bytes, or None when the definition must decide.
-        if low <= seconds <= now + LOG_TIME_FUTURE - _CLAMP_MARGIN:
+        if low <= seconds <= high:
             log = encode_occurrence(occ, seconds if seconds > 0 else 0, nanos, False)
             if log is not None:
                 return log, ""
@@ -632,7 +647,7 @@ class SLSSink(Sink[SLSOptions]):
         """The definition (log_contents + encode_log): for what the fast path leaves, and its errors."""
         seconds, nanos = divmod(occ.time_ns, 1_000_000_000)
         contents = log_contents(occ)
-        low, high = now - LOG_TIME_PAST + _PAST_MARGIN, now + LOG_TIME_FUTURE - _CLAMP_MARGIN
+        low, high = self._window(now)
         if not low <= seconds <= high:
             if not self.options.clamp_time:
                 return None, (
