@@ -62,11 +62,17 @@ Causes of the whole target that the operator puts right (refused credentials, a 
 15 minutes, a project or logstore that does not exist, e.g. one being re-created, a suspended project,
 a logstore without a shard) are retried with the engine's backoff (``retry_max_attempts`` still ends
 them), logged once per run of failures, as the start waits for a missing project or logstore. What a
-request carries (a body or a log time the service refuses) is rejected. An error code this sink does
-not know is judged by its status and logged once per run naming it: 401, 403 and 404 refuse the project
-or logstore as a whole (Alibaba's own C producer retries them all by default), so they are retried; any
-other 4xx, and an answer without SLS's error JSON (a proxy's page), is taken as a refusal of the
-request's logs, which are dead-lettered.
+request carries (a body or a log time the service refuses) is rejected. SLS's codes about the
+request's headers (MissingDate, InvalidHost, InvalidBodyRawSize, ...: its table of common errors) say
+nothing about the logs and refuse every request alike until a proxy changing them is put right: retried,
+logged once per run naming the header. ``x-log-date`` (not signed, as the SDK sends it) carries the
+request's time past a proxy that drops ``Date``. An error code this sink does not know is judged by its
+status and logged once per run naming it: 401, 403 and 404 refuse the project or logstore as a whole
+(Alibaba's own C producer retries them all by default), so they are retried; any other 4xx is taken as
+a refusal of the request's logs, which are dead-lettered. A front's own 4xx page (neither SLS's error
+JSON nor ``x-log-requestid``) is retried whatever its status (400, 405, 407, 421, 431 ... refuse every
+request alike), but 413, a proxy's body limit: the request is halved as for PostBodyTooLarge, and a
+single log refused so is dead-lettered.
 
 What answers before SLS (an ingress, an auth proxy, a captive or egress gateway) is never taken for
 it. A redirect (3xx) is not followed: aiohttp turned a PutLogs answered 301/302 into a body-less GET,
@@ -118,7 +124,7 @@ from eventrouter import (
     retry,
 )
 from eventrouter.logs import Throttled
-from eventrouter.options import FilePath
+from eventrouter.options import FilePath, resolve_secret
 from eventrouter.protowire import bytes_field
 from eventrouter.retry_after import parse_retry_after as _retry_after
 
@@ -140,6 +146,12 @@ LOG_TIME_FUTURE = 15 * 60
 # InvalidTimestamp, on the rest), and a future log is sent as it is, time passing brings it in.
 _PAST_MARGIN = 25 * 60
 _KE_PLACEHOLDER_HOST = "sls.aliyuncs.com"
+# Default credentials from the environment: Alibaba's names, then kube-eventer's.
+_ENV_KEY_ID = ("ALIBABA_CLOUD_ACCESS_KEY_ID", "AccessKeyId")
+_ENV_KEY_SECRET = ("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "AccessKeySecret")
+_ENV_TOKEN = "ALIBABA_CLOUD_SECURITY_TOKEN"
+# What aiohttp refuses in a header value (RFC 9110 5.5): a credential carrying one cannot be sent.
+_HEADER_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _REGION_HOST = re.compile(r"^([a-z0-9-]+?)(-intranet)?\.log\.aliyuncs\.com$")
 
 # Error codes by what the sink does with them (SLS error JSON "errorCode").
@@ -167,6 +179,25 @@ _CREDENTIAL_CODES = {
     "InvalidAccessKeyId",
     "SecurityToken.Expired",
     "SecurityTokenExpired",
+}
+# About the request's HTTP headers, never its logs (SLS's common error codes, doc-detail/29013), each
+# with the header it names: every request is refused alike until what changes them (a proxy dropping
+# Date, rewriting Host) is put right, so they are retried, as a whole target refused is. The table
+# names a bad Date InvalidDateFormat, its later versions InvalidRequestTime; 415 InvalidContentType.
+_HEADER_CODES = {
+    "MissingDate": "Date",
+    "InvalidDateFormat": "Date",
+    "InvalidRequestTime": "Date",
+    "MissingHost": "Host",
+    "InvalidHost": "Host",
+    "MissingBodyRawSize": "x-log-bodyrawsize",
+    "InvalidBodyRawSize": "x-log-bodyrawsize",
+    "InvalidCompressType": "x-log-compresstype",
+    "MissingAPIVersion": "x-log-apiversion",
+    "InvalidAPIVersion": "x-log-apiversion",
+    "MissingContentLength": "Content-Length",
+    "MissingContentType": "Content-Type",
+    "InvalidContentType": "Content-Type",
 }
 # About the request's own logs: halved down to the log refused, which is rejected.
 _REQUEST_CODES = {"PostBodyInvalid", "InvalidTimestamp", "PostBodyTooLarge"}
@@ -209,7 +240,8 @@ class SLSOptions(SinkOptions):
     security_token: Secret | None = Field(
         None,
         validation_alias=AliasChoices("security_token", "securityToken", "sts_token"),
-        description="STS security token for temporary credentials; default env ALIBABA_CLOUD_SECURITY_TOKEN.",
+        description="STS security token for temporary credentials; default env ALIBABA_CLOUD_SECURITY_TOKEN "
+        "when the key also comes from ALIBABA_CLOUD_ACCESS_KEY_ID/_SECRET.",
     )
     region_id: str = Field(
         "",
@@ -273,6 +305,21 @@ def endpoint_url(options: SLSOptions) -> str:
     return f"{parts.scheme}://{netloc}"
 
 
+def _given_or_env(option: str, given: Secret | None, names: tuple[str, ...]) -> tuple[str, str]:
+    """A credential option's value (``env:``/``file:`` resolved already) and "", else the first of
+    ``names`` set in the environment, read as ``env:NAME`` is (a trailing newline stripped, empty
+    refused: ValueError naming ``option``), and its name; ("", "") when none is."""
+    if given is not None:
+        return given.get_secret_value(), ""
+    for name in names:
+        if name in os.environ:
+            try:
+                return resolve_secret(f"env:{name}"), name
+            except ValueError as exc:
+                raise ValueError(f"{option}: {exc}") from None
+    return "", ""
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -297,6 +344,9 @@ class _Answer:
     retry_after: float | None
     from_service: bool
     """The answer carried SLS's error JSON (``errorCode``), or is its success."""
+    front: bool = False
+    """An error with neither SLS's error JSON nor its ``x-log-requestid``: a page of something before
+    SLS (a gateway, a WAF, an ingress)."""
     stored: bool = False
     """A 2xx of SLS's own (``x-log-requestid``): the request's logs are stored."""
 
@@ -364,6 +414,7 @@ class SLSSink(Sink[SLSOptions]):
         # ends at the next request accepted, and the next run is logged again.
         self._refused: dict[str, int] = {}
         self._warned_timeout = False
+        self._warned_token = False
         self._batch: Sequence[Occurrence] = ()  # the batch being sent (send's own state)
         # Limits below ours the service refused beyond (None: ours), and the keys of logs to send
         # re-stamped at our now: what a send learned and could not finish, for the next one.
@@ -386,28 +437,51 @@ class SLSSink(Sink[SLSOptions]):
 
     def _credentials(self) -> None:
         opts = self.options
-        self._key_id = (
-            opts.access_key_id.get_secret_value()
-            if opts.access_key_id
-            else os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_ID") or os.environ.get("AccessKeyId") or ""  # noqa: SIM112 - kube-eventer's name
-        )
-        self._key_secret = (
-            opts.access_key_secret.get_secret_value()
-            if opts.access_key_secret
-            else os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_SECRET") or os.environ.get("AccessKeySecret") or ""  # noqa: SIM112
-        )
-        token = (
-            opts.security_token.get_secret_value()
-            if opts.security_token
-            else os.environ.get("ALIBABA_CLOUD_SECURITY_TOKEN") or ""
-        )
-        self._token = token or None
+        name = self.context.name
+        try:
+            # Read as ``env:NAME`` reads them: a Secret made with `echo key | base64` ends in a newline,
+            # which went into the HMAC key (SignatureNotMatch, "check accessKeySecret" for a right key).
+            key_id, id_from = _given_or_env("accessKeyId", opts.access_key_id, _ENV_KEY_ID)
+            secret, secret_from = _given_or_env("accessKeySecret", opts.access_key_secret, _ENV_KEY_SECRET)
+        except ValueError as exc:
+            raise SinkError(f"sls sink {name}: {exc}") from None
+        token, token_from = "", ""
+        if opts.security_token:
+            token = opts.security_token.get_secret_value()
+        elif (id_from, secret_from) == (_ENV_KEY_ID[0], _ENV_KEY_SECRET[0]):
+            # Only beside the key it was issued with, as Alibaba's credential chain takes it: attached
+            # to an explicit long-term key, a token left in the pod's environment made every request
+            # refused (401), for ever. Empty: none (as that chain reads it).
+            token, token_from = os.environ.get(_ENV_TOKEN, "").rstrip("\r\n"), _ENV_TOKEN
+        elif key_id.startswith("STS.") and os.environ.get(_ENV_TOKEN) and not self._warned_token:
+            # A temporary key (Alibaba's start with "STS.") given without its token: refused (401).
+            self._warned_token = True
+            self.log.warning(
+                "sls sink %s: accessKeyId is a temporary (STS) key but security_token is not set; "
+                "%s is used only with the key of ALIBABA_CLOUD_ACCESS_KEY_ID/_SECRET: give "
+                "security_token=env:%s",
+                name,
+                _ENV_TOKEN,
+                _ENV_TOKEN,
+            )
+        for option, value, source in (
+            ("accessKeyId", key_id, id_from),
+            ("security_token", token, token_from),
+        ):
+            unsafe = _HEADER_UNSAFE.search(value)
+            if unsafe:
+                # aiohttp raised ValueError at every request, unexplained ("send raised ValueError").
+                where = f"environment variable {source}" if source else "the option"
+                raise SinkError(
+                    f"sls sink {name}: {option} (from {where}) has a control character at position "
+                    f"{unsafe.start()}, which no HTTP header may carry: correct it"
+                )
+        self._key_id, self._key_secret, self._token = key_id, secret, token or None
         # Out of answers quoted in reasons and logs (the AccessKeyId is no secret: it names the key).
         self._secrets = credentials([self._key_secret, self._token])
         if not self._key_id or not self._key_secret:
             raise SinkError(
-                f"sls sink {self.context.name}: accessKeyId and accessKeySecret are required "
-                f"for {self._where}"
+                f"sls sink {name}: accessKeyId and accessKeySecret are required for {self._where}"
             )
 
     def _ensure_session(self) -> aiohttp.ClientSession:
@@ -459,6 +533,20 @@ class SLSSink(Sink[SLSOptions]):
         self, method: str, resource: str, body: bytes, headers: dict[str, str], timeout: float
     ) -> _Answer:
         """Send one signed request, given ``timeout`` seconds in all."""
+        try:
+            return await self._exchange(method, resource, body, headers, timeout)
+        except ValueError as exc:
+            if isinstance(exc, aiohttp.ClientError):  # InvalidURL is both: unreachable, as before
+                raise
+            # aiohttp refuses a header value with a control character: one of ours, from the options.
+            raise SinkError(
+                f"sls sink {self.context.name}: a request header cannot be sent ({exc}): check "
+                "security_token, accessKeyId and project for a control character"
+            ) from None
+
+    async def _exchange(
+        self, method: str, resource: str, body: bytes, headers: dict[str, str], timeout: float
+    ) -> _Answer:
         session = self._ensure_session()
         signed = self._signed_headers(method, resource, body, headers)
         async with session.request(
@@ -510,6 +598,7 @@ class SLSSink(Sink[SLSOptions]):
                 scrub(message, self._secrets),
                 retry_after,
                 bool(code),
+                front=not code and not request_id,
             )
 
     def _location(self, location: str | None) -> str:
@@ -582,6 +671,12 @@ class SLSSink(Sink[SLSOptions]):
             raise SinkError(
                 f"sls sink {self.context.name}: RequestTimeExpired for {self._where}: this machine's clock "
                 f"differs from the service's by more than 15 minutes ({message}); fix the clock (NTP)"
+            )
+        if code in _HEADER_CODES:
+            raise SinkError(
+                f"sls sink {self.context.name}: GetLogStore for {self._where} answered {status} {code} "
+                f"({message}): SLS refuses the request's {_HEADER_CODES[code]} header, as it would every "
+                "PutLogs: a proxy between this router and SLS dropping or changing the request's headers?"
             )
         # Unauthorized may only mean the key lacks GetLogStore (a PutLogs-only RAM policy): carry on.
         self.log.warning(
@@ -823,22 +918,40 @@ class SLSSink(Sink[SLSOptions]):
                 f"retried (up to retry_max_attempts, if set) until {until}",
             )
             return retry(what, retry_after=retry_after)
+        if code in _HEADER_CODES:
+            # Not these logs: a header every request carries alike (a proxy dropping Date or rewriting
+            # Host). Rejected, every occurrence was dead-lettered until someone noticed.
+            self._log_once(
+                code,
+                f"sls sink {name}: SLS answered {status} {code} for {self._where} ({message}): it refuses "
+                f"the request's {_HEADER_CODES[code]} header, not its logs, and so every request alike: a "
+                "proxy between this router and SLS dropping or changing the request's headers? Its "
+                "occurrences are retried (up to retry_max_attempts, if set) until that is put right",
+            )
+            return retry(what, retry_after=retry_after)
         if code in _REQUEST_CODES:
             return reject(what)
-        if status in _TARGET_STATUSES:
+        if status in _TARGET_STATUSES or (answer.front and status != 413):
             # Also without SLS's error JSON: a gateway's or proxy's 401/403 (its credentials, its
             # policy) or 404 (a path prefix) refuses every request alike, never these logs alone, and
             # rejected, every occurrence was dead-lettered until someone noticed (as the robots', item 139).
+            # So does a front's own page of another 4xx (400, 405, 407, 421, 431: the request's method,
+            # proxy credentials, headers), but 413: a proxy's body limit, about this request's size.
             said = (
                 "a code this sink does not know"
                 if answer.from_service
                 else "with no SLS error code (a proxy?)"
             )
+            why = (
+                f"a {status} refuses the project or logstore as a whole"
+                if status in _TARGET_STATUSES
+                else "a page of something before SLS (no x-log-requestid either) refuses every request alike"
+            )
             self._log_once(
                 code,
-                f"sls sink {name}: SLS answered {status} {code} for {self._where}, {said} ({message}): a "
-                f"{status} refuses the project or logstore as a whole, not these logs, so its occurrences "
-                "are retried (up to retry_max_attempts, if set) until that is put right",
+                f"sls sink {name}: SLS answered {status} {code} for {self._where}, {said} ({message}): "
+                f"{why}, not these logs, so its occurrences are retried (up to retry_max_attempts, if set) "
+                "until that is put right",
             )
             return retry(what, retry_after=retry_after)
         # Not known: taken as the request's own (a body the service refuses). Named in the log, as a

@@ -8,8 +8,10 @@ What it checks, in this order, on every request (wire facts: docs sink-protocols
   ``default_project`` (test mode for clients that address ``http://127.0.0.1:PORT`` without the SDK's
   ``<project>.<ip>`` Host header). Unknown project → 404 ProjectNotExist.
 - ``Authorization: LOG <AccessKeyId>:<signature>``; unknown key → 401 Unauthorized.
-- ``Date`` (or ``x-log-date``, which the SDK adds after signing for proxies that drop ``Date``) within
-  ±15 minutes of the receiver's clock → else 400 RequestTimeExpired.
+- ``Date`` (or ``x-log-date``, which the SDK adds after signing for proxies that drop ``Date``): neither
+  → 400 MissingDate; not an RFC 822 date → 400 InvalidDateFormat (both from SLS's table of common error
+  codes, doc-detail/29013; its later versions name the second InvalidRequestTime); more than ±15 minutes
+  from the receiver's clock → 400 RequestTimeExpired.
 - ``Content-MD5`` = uppercase hex MD5 of the body as sent (when there is a body).
 - the V1 signature: Base64(HMAC-SHA1(secret, VERB\\n Content-MD5\\n Content-Type\\n Date\\n
   <x-log-*/x-acs-* headers sorted, name:value\\n> <path>[?k=v&... sorted, decoded])) → else 401
@@ -17,25 +19,26 @@ What it checks, in this order, on every request (wire facts: docs sink-protocols
   after signing and excludes ``x-log-meta-*`` (so the service must leave them out; inferred from the SDK).
 - ``x-acs-security-token`` must match when the key is an STS key (and must be absent otherwise).
 - logstore exists → else 404 LogStoreNotExist.
-- PutLogs: ``Content-Type: application/x-protobuf``, ``x-log-apiversion: 0.6.0``, ``x-log-bodyrawsize``;
-  ``x-log-compresstype`` absent (raw body), ``lz4`` (raw LZ4 block, no size prefix), ``deflate`` (zlib)
-  or ``zstd``; the decompressed length must equal ``x-log-bodyrawsize`` (→ 400 PostBodyUncompressError);
-  raw size > ``max_raw_body`` (3 MB) → 400 PostBodyTooLarge; protobuf ``LogGroup`` decoded field by field
-  (``Log.Time`` required, ``Content.Key``/``Value`` required, wrong wire types) → 400 PostBodyInvalid;
-  more than 4096 logs → 400 PostBodyTooLarge; a log time outside [now - 7 days, now + 15 min] →
-  400 InvalidTimestamp.
+- PutLogs: ``Content-Type: application/x-protobuf`` (→ 400 InvalidContentType), ``x-log-apiversion:
+  0.6.0`` (→ 400 MissingAPIVersion / InvalidAPIVersion), ``x-log-bodyrawsize`` (→ 400
+  MissingBodyRawSize / InvalidBodyRawSize); ``x-log-compresstype`` absent (raw body), ``lz4`` (raw LZ4
+  block, no size prefix), ``deflate`` (zlib) or ``zstd`` (→ 400 InvalidCompressType; these codes are
+  the common error table's too); the decompressed length must equal ``x-log-bodyrawsize`` (→ 400
+  PostBodyUncompressError); raw size > ``max_raw_body`` (3 MB) → 400 PostBodyTooLarge; protobuf
+  ``LogGroup`` decoded field by field (``Log.Time`` required, ``Content.Key``/``Value`` required, wrong
+  wire types) → 400 PostBodyInvalid; more than 4096 logs → 400 PostBodyTooLarge; a log time outside
+  [now - 7 days, now + 15 min] → 400 InvalidTimestamp.
 - ``GET /logstores/<name>`` (GetLogStore) answers 200 with the logstore's JSON, signed like PutLogs.
 
 Every answer carries ``x-log-requestid``; errors are JSON ``{"errorCode": ..., "errorMessage": ...}``.
 
 UNCONFIRMED (not checkable against the service from here): the exact error codes for a wrong
-Content-MD5 (InvalidContentMD5 here), a missing/invalid ``x-log-bodyrawsize`` (InvalidBodyRawSize), a
-wrong content type / API version / compress type (InvalidContentType, InvalidAPIVersion,
-UnsupportedCompressType), an unknown AccessKeyId (Unauthorized), too many logs (PostBodyTooLarge),
-out-of-range log times (InvalidTimestamp, and whether the service rejects the request or drops the log);
-whether the size limit applies to the raw or the compressed body (raw here, the stricter reading);
-the service's current body limit (error messages seen from it say 5 MB and 10 MB; the documented
-3 MB is enforced here so a client that passes is within every reading).
+Content-MD5 (InvalidContentMD5 here), the order of the checks, the status of InvalidContentType (400
+in the table's later versions, 415 in its first), an unknown AccessKeyId (Unauthorized), too many logs
+(PostBodyTooLarge), out-of-range log times (InvalidTimestamp, and whether the service rejects the
+request or drops the log); whether the size limit applies to the raw or the compressed body (raw here,
+the stricter reading); the service's current body limit (error messages seen from it say 5 MB and 10
+MB; the documented 3 MB is enforced here so a client that passes is within every reading).
 
 Fault injection: ``fail_next(n, error_code, status)`` answers the next ``n`` requests with that error
 (after reading the body, before any check) — quota errors, 5xx and the like. With ``echo=True`` a
@@ -522,11 +525,11 @@ class SLSReceiver:
             raise _Reject(401, "Unauthorized", f"AccessKeyId not found: {key_id}")
         date_text = request.headers.get("Date") or request.headers.get("x-log-date")
         if not date_text:
-            raise _Reject(400, "RequestTimeExpired", "the Date header is missing")
+            raise _Reject(400, "MissingDate", "Date does not exist in http header.")
         try:
             sent = email.utils.parsedate_to_datetime(date_text).timestamp()
         except (TypeError, ValueError):
-            raise _Reject(400, "RequestTimeExpired", f"invalid Date {date_text!r}") from None
+            raise _Reject(400, "InvalidDateFormat", f"Date {date_text} must follow RFC822.") from None
         if abs(self.now() - sent) > MAX_DATE_SKEW:
             raise _Reject(
                 400,
@@ -555,11 +558,18 @@ class SLSReceiver:
             raise _Reject(
                 400, "InvalidContentType", f"content type {content_type!r} is not application/x-protobuf"
             )
-        if request.headers.get("x-log-apiversion") != API_VERSION:
-            raise _Reject(400, "InvalidAPIVersion", f"x-log-apiversion must be {API_VERSION}")
-        raw_size_text = request.headers.get("x-log-bodyrawsize", "")
+        api_version = request.headers.get("x-log-apiversion")
+        if api_version is None:
+            raise _Reject(400, "MissingAPIVersion", "x-log-apiversion does not exist in http header.")
+        if api_version != API_VERSION:
+            raise _Reject(400, "InvalidAPIVersion", f"x-log-apiversion {api_version} is unsupported.")
+        raw_size_text = request.headers.get("x-log-bodyrawsize")
+        if raw_size_text is None:
+            raise _Reject(
+                400, "MissingBodyRawSize", "x-log-bodyrawsize does not exist in header when it is necessary."
+            )
         if not raw_size_text.isdigit():
-            raise _Reject(400, "InvalidBodyRawSize", "x-log-bodyrawsize is missing or not a number")
+            raise _Reject(400, "InvalidBodyRawSize", "x-log-bodyrawsize is invalid.")
         raw_size = int(raw_size_text)
         if raw_size > self.max_raw_body:
             raise _Reject(
@@ -577,7 +587,7 @@ class SLSReceiver:
                 raw = bytes(cramjam.zstd.decompress(body))
             else:
                 raise _Reject(
-                    400, "UnsupportedCompressType", f"compress type {compress_type} is not supported"
+                    400, "InvalidCompressType", f"x-log-compresstype {compress_type} is unsupported."
                 )
         except _Reject:
             raise
