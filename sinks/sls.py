@@ -241,7 +241,8 @@ class SLSOptions(SinkOptions):
         None,
         validation_alias=AliasChoices("security_token", "securityToken", "sts_token"),
         description="STS security token for temporary credentials; default env ALIBABA_CLOUD_SECURITY_TOKEN "
-        "when the key also comes from ALIBABA_CLOUD_ACCESS_KEY_ID/_SECRET.",
+        "when the key also comes from ALIBABA_CLOUD_ACCESS_KEY_ID/_SECRET, or is a temporary one (STS.), "
+        "never with a long-term key.",
     )
     region_id: str = Field(
         "",
@@ -414,7 +415,6 @@ class SLSSink(Sink[SLSOptions]):
         # ends at the next request accepted, and the next run is logged again.
         self._refused: dict[str, int] = {}
         self._warned_timeout = False
-        self._warned_token = False
         self._batch: Sequence[Occurrence] = ()  # the batch being sent (send's own state)
         # Limits below ours the service refused beyond (None: ours), and the keys of logs to send
         # re-stamped at our now: what a send learned and could not finish, for the next one.
@@ -448,22 +448,12 @@ class SLSSink(Sink[SLSOptions]):
         token, token_from = "", ""
         if opts.security_token:
             token = opts.security_token.get_secret_value()
-        elif (id_from, secret_from) == (_ENV_KEY_ID[0], _ENV_KEY_SECRET[0]):
-            # Only beside the key it was issued with, as Alibaba's credential chain takes it: attached
-            # to an explicit long-term key, a token left in the pod's environment made every request
-            # refused (401), for ever. Empty: none (as that chain reads it).
+        elif (id_from, secret_from) == (_ENV_KEY_ID[0], _ENV_KEY_SECRET[0]) or key_id.startswith("STS."):
+            # Only beside a key it can go with: the key of the same variables, as Alibaba's credential
+            # chain takes it, or a temporary key (Alibaba's start with "STS."), which needs a token.
+            # Attached to an explicit long-term key, a token left in the pod's environment made every
+            # request refused (401), for ever. Empty: none (as that chain reads it).
             token, token_from = os.environ.get(_ENV_TOKEN, "").rstrip("\r\n"), _ENV_TOKEN
-        elif key_id.startswith("STS.") and os.environ.get(_ENV_TOKEN) and not self._warned_token:
-            # A temporary key (Alibaba's start with "STS.") given without its token: refused (401).
-            self._warned_token = True
-            self.log.warning(
-                "sls sink %s: accessKeyId is a temporary (STS) key but security_token is not set; "
-                "%s is used only with the key of ALIBABA_CLOUD_ACCESS_KEY_ID/_SECRET: give "
-                "security_token=env:%s",
-                name,
-                _ENV_TOKEN,
-                _ENV_TOKEN,
-            )
         for option, value, source in (
             ("accessKeyId", key_id, id_from),
             ("security_token", token, token_from),
