@@ -145,7 +145,8 @@ class ElasticsearchOptions(SinkOptions):
     index_template: bool = Field(
         False,
         description="Install an index template with mappings on start (every record field typed, "
-        "time fields as dates; label and annotation values keyword, never date-detected).",
+        "time fields as dates; label and annotation values keyword, never date-detected). Needs an "
+        "index that begins with fixed text: its pattern would otherwise match other applications' indices.",
     )
     template_name: str = Field("eventrouter-k8s-events", description="Name of the installed index template.")
     template_priority: int = Field(
@@ -251,6 +252,20 @@ class ElasticsearchOptions(SinkOptions):
             raise ValueError("give only one of username/password, api_key, bearer_token")
         if not self.dot_replacement:
             raise ValueError("dot_replacement must not be empty ('.' keeps dots)")
+        pattern = _index_pattern(self.index)
+        if self.index_template and not self.data_stream and pattern.startswith("*"):
+            # Of the composable templates matching a new index, the one of the highest priority alone
+            # applies: a leading * matches other applications' indices too (`*` every index), whose
+            # templates ours would replace; and once a data stream would match it, which has no
+            # data_stream, Elasticsearch 7.9+ refuses it (elastic/elasticsearch#59106): start failed.
+            raise ValueError(
+                f"index_template=true with index {self.index!r}: the template's pattern would be "
+                f"{pattern!r}, which matches other applications' indices too; at "
+                f"template_priority={self.template_priority} it would replace their templates "
+                "(Elasticsearch's built-in logs-*-* is at 100). Begin index with fixed text "
+                "(k8s-events-{namespace}-{yyyy.MM.dd}), or leave index_template off and install a "
+                "template of your own"
+            )
         return self
 
     def node_urls(self) -> list[str]:
@@ -560,6 +575,8 @@ class _Node(AiohttpHttpNode):
         """Not known to answer: back from its dead time, or its latest request was cut short."""
         self.probe_due = False
         """Set by the pool as it hands the node out: unproven while another node is alive."""
+        # The URL's tokens (a gateway's path segment) as aiohttp's errors quote them (see _scrubbed).
+        self._secrets = credentials(urls=[self.base_url])
 
     def _create_aiohttp_session(self) -> None:
         super()._create_aiohttp_session()
@@ -593,6 +610,8 @@ class _Node(AiohttpHttpNode):
                 f"{self!r} gave no answer in the {timeout:.2g}s the send had left: not marked dead "
                 "(it may be slow and working)"
             ) from None
+        except TransportConnectionError as exc:
+            raise self._scrubbed(exc) from None
         self.unproven = False
         _ANSWERED.set(resp.meta.status)
         if 300 <= resp.meta.status < 400:
@@ -602,6 +621,19 @@ class _Node(AiohttpHttpNode):
             headers = HttpHeaders({k: v for k, v in resp.meta.headers.items() if k.lower() != "content-type"})
             return resp._replace(meta=dataclasses.replace(resp.meta, headers=headers), body=b"")
         return resp
+
+    def _scrubbed(self, exc: TransportConnectionError) -> TransportConnectionError:
+        """``exc`` without the tokens of this node's URL. aiohttp's text of an answer it cannot parse
+        (a header over 8190 bytes, a bad header line) and "Can not write request body for <url>" end in
+        the request URL, which the transport's own warning quotes too (a retry at start, with the
+        traceback), as well as our reasons and start errors. The aiohttp error (``errors``), which
+        quotes it as well, is replaced by its scrubbed text."""
+        text = scrub(str(exc.message), self._secrets)
+        causes = [(type(e).__name__, str(e)) for e in exc.errors]
+        shown = [(name, scrub(said, self._secrets)) for name, said in causes]
+        if text == exc.message and shown == causes:
+            return exc
+        return type(exc)(text, errors=tuple(aiohttp.ClientError(f"{name}: {said}") for name, said in shown))
 
     async def _probe(self, timeout: float, headers: HttpHeaders | None) -> None:
         """``HEAD /`` (elasticsearch-py's ping) within ``timeout``. Any answer will do: a node that
@@ -648,16 +680,17 @@ class _Pool(NodePool):
         super().mark_dead(node, _now)
 
 
+def _index_pattern(index: str) -> str:
+    """The index pattern of every name of an ``index`` template: k8s-events-{yyyy.MM.dd} → k8s-events-*."""
+    return re.sub(r"\*+", "*", _PLACEHOLDER.sub("*", index))
+
+
 def index_template_body(options: ElasticsearchOptions) -> dict[str, Any]:
     """The composable index template installed by ``index_template=true``."""
     keyword = {"type": "keyword", "ignore_above": 1024}
     kw = {"type": "keyword"}
     date = {"type": "date"}
-    if options.data_stream:
-        patterns = [options.data_stream]
-    else:
-        # k8s-events-{yyyy.MM.dd} → k8s-events-*
-        patterns = [re.sub(r"\*+", "*", _PLACEHOLDER.sub("*", options.index))]
+    patterns = [options.data_stream] if options.data_stream else [_index_pattern(options.index)]
     mappings: dict[str, Any] = {
         # Every time field is mapped below. Detected, the first date-shaped label or annotation value
         # of a day (2024-05-01) made that field a date in the day's index, and each later document
@@ -740,18 +773,21 @@ def _error_text(error: Any) -> str:
 _BLOCK = re.compile(r"\b[A-Z][A-Z_]*/\d+/")
 
 
-def _disk_block(error: Any) -> Literal["index", "cluster"] | None:
-    """Which read-only-allow-delete block refused a bulk item, if that is all that did.
+def _block_kind(error: Any) -> Literal["index", "cluster", "other"] | None:
+    """Which blocks a cluster_block_exception refusing a bulk item names.
 
-    ``index``: the block a node past its flood-stage disk watermark puts on every index with a shard
-    there (``IndexMetadata.INDEX_READ_ONLY_ALLOW_DELETE_BLOCK``, id 12): 429 "TOO_MANY_REQUESTS/12/disk
-    usage exceeded flood-stage watermark, index has read-only-allow-delete block" from Elasticsearch
-    7.6+ and OpenSearch, 403 "FORBIDDEN/12/index read-only / allow delete (api)" before (item 12).
-    Lifted by the cluster itself once disk space is back (7.4+, elastic/elasticsearch#42559); the
-    other indices, on other nodes, take documents meanwhile. ``cluster``: the cluster-wide block
-    (``cluster.blocks.read_only_allow_delete``, "FORBIDDEN/13/cluster read-only / allow delete"),
-    which refuses every index alike. None when another block is named too (an operator's
-    ``index.blocks.write``, which stays a rejection) or it is no such block."""
+    ``index``: only the block a node past its flood-stage disk watermark puts on every index with
+    a shard there (``IndexMetadata.INDEX_READ_ONLY_ALLOW_DELETE_BLOCK``, id 12): 429
+    "TOO_MANY_REQUESTS/12/disk usage exceeded flood-stage watermark, index has read-only-allow-delete
+    block" from Elasticsearch 7.6+ and OpenSearch, 403 "FORBIDDEN/12/index read-only / allow delete
+    (api)" before (item 12). Lifted by the cluster itself once disk space is back (7.4+,
+    elastic/elasticsearch#42559); the other indices, on other nodes, take documents meanwhile.
+    ``cluster``: the cluster-wide one (``cluster.blocks.read_only_allow_delete``, "FORBIDDEN/13/cluster
+    read-only / allow delete"), which refuses every index alike. ``other``: an operator's block of
+    that index is named, alone or beside those (FORBIDDEN and not a cluster's: ILM's readonly
+    ``index.blocks.write``, ``index.blocks.read_only``, a closed index); it stays when the disk block
+    is lifted. None when it is no block we know, or a passing one is named too (a cluster's
+    maintenance block, no master: the item's status decides)."""
     if not isinstance(error, dict) or error.get("type") != "cluster_block_exception":
         return None
     reason = str(error.get("reason", ""))
@@ -766,8 +802,14 @@ def _disk_block(error: Any) -> Literal["index", "cluster"] | None:
             kinds.add("cluster")
         elif "index read-only / allow delete" in text or "read-only-allow-delete block" in text:
             kinds.add("index")
+        elif block.group(0).startswith("FORBIDDEN/") and not text.startswith("cluster "):
+            kinds.add("other")
         else:
-            return None
+            kinds.add("passing")
+    if "other" in kinds:
+        return "other"
+    if "passing" in kinds:
+        return None
     return "cluster" if "cluster" in kinds else "index"
 
 
@@ -1127,7 +1169,9 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             )
         except TransportError as exc:
             await self.aclose()
-            raise SinkError(f"elasticsearch: cannot reach {self._shown}: {_transport_text(exc)}") from None
+            raise SinkError(
+                f"elasticsearch: cannot reach {self._shown}: {_transport_text(exc, self._secrets)}"
+            ) from None
         why = _body_error(body, self._secrets) if meta.status != 200 else ""
         if 300 <= meta.status < 400:
             await self.aclose()
@@ -1181,7 +1225,7 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         except TransportError as exc:
             await self.aclose()
             raise SinkError(
-                f"elasticsearch: installing index template {name!r}: {_transport_text(exc)}"
+                f"elasticsearch: installing index template {name!r}: {_transport_text(exc, self._secrets)}"
             ) from None
         if meta.status != 200:
             await self.aclose()
@@ -1371,9 +1415,13 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         except _ProbeFailed as exc:
             raise RetryableError(f"elasticsearch: bulk request not sent: {exc.message}") from None
         except TransportTimeout as exc:
-            raise RetryableError(f"elasticsearch: bulk request timed out: {_transport_text(exc)}") from None
+            raise RetryableError(
+                f"elasticsearch: bulk request timed out: {_transport_text(exc, self._secrets)}"
+            ) from None
         except TransportError as exc:
-            raise RetryableError(f"elasticsearch: bulk request failed: {_transport_text(exc)}") from None
+            raise RetryableError(
+                f"elasticsearch: bulk request failed: {_transport_text(exc, self._secrets)}"
+            ) from None
         finally:
             run.last = time.monotonic() - started
         status = meta.status
@@ -1520,7 +1568,14 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             # retry_max_attempts, the pile counts against the queue bound, and each request waits
             # out its `timeout` at the cluster, which paces the sends.
             return retry(f"{status} {error}", retry_after=retry_after, defer=True), (red, why)
-        block = _disk_block(err)
+        block = _block_kind(err)
+        if block == "other":
+            # An operator's block of that index (ILM's readonly on an old daily index) beside the disk
+            # block: Elasticsearch 7.6+ and OpenSearch answer the highest status of the blocks named,
+            # 429 with the disk block's, which was retried in place and held up every other index for
+            # as long as the disk stayed full; then, the disk block lifted, it was rejected (403) for
+            # the write block. Rejected now, as the pre-7.6 form (403) was and a write block alone is.
+            return reject(f"{status} {error}"), None
         if block == "index":
             # Retried in place, it held up every other index (on nodes with room) for as long as the
             # disk stayed full, hours, and without a spool their documents were dropped: set aside,
@@ -1701,6 +1756,10 @@ def _location(meta: ApiResponseMeta) -> str:
     return f"Location: {redact_url(location)}" if location else "no Location"
 
 
-def _transport_text(exc: TransportError) -> str:
-    # elastic-transport messages name host:port and the cause; URLs carry no credentials (stripped).
-    return f"{type(exc).__name__}: {exc.message}" if exc.message else type(exc).__name__
+def _transport_text(exc: TransportError, secrets: Sequence[str]) -> str:
+    """A transport error as reasons, logs and start errors quote it. Its message is aiohttp's text,
+    which for an answer it cannot parse (a header over 8190 bytes, a bad header line) or "Can not
+    write request body for <url>" ends in the request URL: the node's path may hold a token (item
+    130), scrubbed here as in every text we quote (the node scrubs it too, for the transport's own
+    warning). URLs carry no credentials (moved to the Authorization header)."""
+    return f"{type(exc).__name__}: {scrub(str(exc.message), secrets)}" if exc.message else type(exc).__name__

@@ -301,6 +301,27 @@ def test_an_index_template_whose_fixed_text_leaves_no_room_is_refused() -> None:
     assert ElasticsearchOptions.model_validate({"url": "http://a", "index": "e" * 244 + "-{namespace}"})
 
 
+@pytest.mark.parametrize(
+    ("index", "pattern"), [("{namespace}", "*"), ("{cluster}-events-{yyyy.MM.dd}", "*-events-*")]
+)
+def test_index_template_with_an_index_beginning_with_a_placeholder_is_refused(
+    index: str, pattern: str
+) -> None:
+    """The installed template's pattern (``*``, ``*-events-*``) at priority 200 matched other
+    applications' indices, whose templates it replaced (the built-in logs-*-* is at 100): refused,
+    naming both options. Such an index without index_template stays valid."""
+    options = {"url": "http://a", "index": index}
+    with pytest.raises(ValidationError) as info:
+        ElasticsearchOptions.model_validate({**options, "index_template": True})
+    assert (
+        f"index_template=true with index {index!r}: the template's pattern would be {pattern!r}, which "
+        "matches other applications' indices too; at template_priority=200"
+    ) in str(info.value)
+    assert ElasticsearchOptions.model_validate(options).index == index
+    fixed = {"url": "http://a", "index": f"k8s-{index}", "index_template": True}
+    assert ElasticsearchOptions.model_validate(fixed).index_template
+
+
 async def test_unencodable_and_oversized_items_rejected_rest_ok(cluster: Cluster) -> None:
     bad = occurrence(message="broken \udcff surrogate")
     huge = occurrence(message="x" * 20_000)
@@ -592,6 +613,32 @@ async def test_the_flood_stage_disk_block_of_elasticsearch_before_7_6_is_retried
     ]
     assert outcomes[0].reason == f"403 cluster_block_exception: {disk}"
     assert outcomes[0].defer and not outcomes[3].defer
+
+
+async def test_an_operators_block_beside_the_disk_block_is_rejected_though_answered_429(
+    fake: FakeBulkServer,
+) -> None:
+    """Elasticsearch 7.6+ and OpenSearch answer an item the highest status of the blocks named: a
+    write-blocked index (ILM's readonly) past the flood-stage watermark is answered 429, so it was
+    retried in place, holding up every other index while the disk stayed full, then rejected (403)
+    once the disk block was lifted. Rejected at once now; a passing block beside the disk block (no
+    master, 503) is still retried."""
+    batch = [occurrence() for _ in range(3)]
+    flood = "TOO_MANY_REQUESTS/12/disk usage exceeded flood-stage watermark, index has read-only-allow-delete block"
+    write = f"index [e] blocked by: [FORBIDDEN/8/index write (api), {flood}];"
+    read_only = f"index [e] blocked by: [FORBIDDEN/5/index read-only (api), {flood}];"
+    no_master = f"index [e] blocked by: [SERVICE_UNAVAILABLE/2/no master, {flood}];"
+    fake.item_status = {
+        f"{occ.uid}-1": (status, {"type": "cluster_block_exception", "reason": reason})
+        for occ, (status, reason) in zip(
+            batch, [(429, write), (429, read_only), (503, no_master)], strict=True
+        )
+    }
+    async with running_sink(fake.url) as sink:
+        outcomes = await send(sink, batch)
+    assert outcome_kinds(outcomes) == [OutcomeKind.REJECT, OutcomeKind.REJECT, OutcomeKind.RETRY]
+    assert outcomes[0].reason == f"429 cluster_block_exception: {write}"
+    assert outcomes[1].reason == f"429 cluster_block_exception: {read_only}"
 
 
 def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -1542,6 +1589,100 @@ async def test_a_token_in_the_node_urls_path_shows_in_no_log_start_error_or_chec
     assert f"POST {gateway.url}/gw/***/_bulk answered 404" in caplog.text
     assert f"<ElasticsearchNode(http://127.0.0.1:{dead.split(':')[2].split('/')[0]}/gw/***)>" in caplog.text
     for text in (caplog.text, str(start.value), output):
+        assert TOKEN not in text
+
+
+class UnparseableFront:
+    """A front on loopback answering what aiohttp cannot parse, whose error text then ends in the
+    request URL: POST a 502 with a header over its 8190 bytes; GET / the cluster's root, or with
+    ``bad_root`` a malformed header line. One request per connection."""
+
+    ROOT = orjson.dumps({"name": "n", "cluster_name": "c", "version": {"number": "8.15.0"}})
+
+    def __init__(self) -> None:
+        self.bad_root = False
+        self.requests: list[str] = []  # "METHOD path"
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> UnparseableFront:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            method, path, _ = head[0].split(" ")
+            length = next((int(h.split(":")[1]) for h in head if h.lower().startswith("content-length:")), 0)
+            await reader.readexactly(length)
+            self.requests.append(f"{method} {path}")
+            if method == "GET" and not self.bad_root:
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (len(self.ROOT), self.ROOT)
+                )
+            elif method == "GET":
+                writer.write(b"HTTP/1.1 200 OK\r\nBad Header Line\r\n\r\n")
+            else:
+                writer.write(
+                    b"HTTP/1.1 502 Bad Gateway\r\ncontent-security-policy: %s\r\nconnection: close\r\n"
+                    b"content-length: 0\r\n\r\n" % (b"a" * 9000)
+                )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_token_in_the_node_urls_path_shows_in_no_error_text_of_an_unparseable_answer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp's error for an answer it cannot parse (a header over 8190 bytes, a bad header line)
+    ends in the request URL: the gateway's path token went into the bulk request's reason (logged,
+    dead-lettered), start's error and so `eventrouter check`, and the transport's own warning when
+    start tried the next node (its traceback)."""
+    caplog.set_level(logging.WARNING, logger="elastic_transport")  # as eventrouter.logs sets it
+    caplog.set_level(logging.INFO)
+    async with UnparseableFront() as front:
+        url = f"{front.url}/gw/{TOKEN}/"
+        async with running_sink(url) as sink:
+            with pytest.raises(RetryableError) as failed:
+                await send(sink, [occurrence()])
+        opts = ElasticsearchOptions.model_validate({"url": url})
+        context = SinkContext("es", "test", None, logging.getLogger("test.es"))
+        records = await dead_letter(
+            "es", ElasticsearchSink(opts, context), tmp_path / "dl", [(occurrence(), "retries_exhausted")]
+        )
+        front.bad_root = True
+        with pytest.raises(SinkError) as start:
+            async with running_sink(url, hosts=f"{front.url}/gw/{TOKEN}/b/"):
+                pass
+        check = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "eventrouter.cli",
+            "check",
+            f"--sink=elasticsearch:{url}",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output = (await asyncio.wait_for(check.communicate(), 60))[0].decode()
+    assert check.returncode != 0
+    assert "Got more than 8190 bytes" in failed.value.reason
+    assert f"url='{front.url}/gw/****/_bulk?timeout=" in failed.value.reason
+    assert f"url='{front.url}/gw/****/_bulk?timeout=" in records[0]["reason"]
+    assert "Invalid header token" in str(start.value) and f"url='{front.url}/gw/****/" in str(start.value)
+    assert f"url='{front.url}/gw/****/" in output
+    assert "Retrying request after failure" in caplog.text  # start went on to the second node
+    assert front.requests.count("GET /gw/" + TOKEN + "/b/") == 1
+    for text in (failed.value.reason, records[0]["reason"], caplog.text, str(start.value), output):
         assert TOKEN not in text
 
 

@@ -156,6 +156,35 @@ async def test_a_flood_stage_blocked_document_ends_at_retry_max_attempts_after_t
     assert await cluster.count("events-a") == 10
 
 
+async def test_a_write_blocked_index_past_the_flood_stage_watermark_holds_up_no_other_index(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """An old daily index made read-only by ILM (index.blocks.write) on a node past its flood-stage
+    watermark: its items are answered 429 naming both blocks (the highest status), and one late
+    document for it was retried in place for as long as the disk stayed full: 19 of 100 for the
+    other index in the review's run, and then it was rejected anyway, once the disk block was
+    lifted. It is rejected at once now, with the cluster's reason, while the disk block stays."""
+    settings = {"index.blocks.write": True, "index.blocks.read_only_allow_delete": True}
+    assert (await cluster.call("PUT", "/events-old", {"settings": settings}))[0] == 200
+    metrics = Metrics()
+    late = occurrence("old", "late")
+    async with running(engine(cluster.url, metrics, tmp_path / "dl", "events-{namespace}")) as p:
+        p.offer(late)
+        await offer_and_deliver(p, metrics, [occurrence("new", f"n-{i}") for i in range(100)])
+        await until(lambda: metrics.dead_lettered.labels("es", "rejected")._value.get() == 1)
+    assert await cluster.count("events-new") == 100
+    _, body = await cluster.call("GET", "/events-old/_settings")
+    blocks = body["events-old"]["settings"]["index"]["blocks"]
+    assert str(blocks["read_only_allow_delete"]).lower() == "true"  # the disk is still full
+    (record,) = [orjson.loads(line) for line in (tmp_path / "dl").read_bytes().splitlines()]
+    assert record["key"] == late.key
+    assert record["reason"] == (
+        "429 cluster_block_exception: index [events-old] blocked by: [FORBIDDEN/8/index write (api), "
+        "TOO_MANY_REQUESTS/12/disk usage exceeded flood-stage watermark, index has read-only-allow-delete "
+        "block];"
+    )
+
+
 async def test_the_disk_block_of_one_index_is_set_aside_a_cluster_wide_one_retried_in_place(
     cluster: Cluster,
 ) -> None:
