@@ -250,7 +250,8 @@ class Router:
         # Wall time this process started leading (took the lease, or started without leader
         # election): until a watch exists, its last progress for /healthz and the stall alert.
         self._leading_since: float | None = None  # time.time(): exported as the last progress
-        self._leading_mono = 0.0  # time.monotonic() of the same: what /healthz judges by
+        self._leading_mono = 0.0
+        self._replaying = False  # replay(): what a stop leaves is still in its input  # time.monotonic() of the same: what /healthz judges by
         self._lead_blocked: str | None = None  # why the lead has not got to the watch, for the probes
 
     @property
@@ -405,7 +406,9 @@ class Router:
         letters = data / "deadletter"
         for path in sorted(letters.glob("*.jsonl")) if letters.is_dir() else ():
             with contextlib.suppress(OSError):
-                if path.stem in configured or not path.stat().st_size:
+                # A replay's letters refused again (`<sink>.jsonl.refused-<time>.jsonl`, replayed
+                # from stdin into the data dir) are named by the replay that wrote them.
+                if path.stem in configured or ".refused-" in path.name or not path.stat().st_size:
                     continue
                 log.info(
                     "data dir: dead letters of sink %r, which is not configured, are in %s "
@@ -810,6 +813,7 @@ class Router:
         on them ((uid, 5) refused at once, (uid, 3) given up later): the tracker skipped 3 as a
         lowered count, and 3 sent after 5 was accepted is skipped by the sink's checkpoint.
         Returns (occurrences, malformed)."""
+        self._replaying = True
         smallest = min((p.queue_max for p in self.pipelines), default=1000)
         page = max(1, min(page, smallest // 2))
         if dead_letters is None:
@@ -1088,11 +1092,14 @@ class Router:
             else:
                 self.metrics.dropped.labels(p.name, "shutdown").inc(len(left))
                 log.warning(
-                    "sink %s: %d occurrences not delivered within the %gs drain deadline; without --data-dir "
-                    "they are re-delivered after restart only while the API server still holds them",
+                    "sink %s: %d occurrences not delivered within the %gs drain deadline; %s",
                     p.name,
                     len(left),
                     self.settings.shutdown_timeout,
+                    "they are still in the replay's input"
+                    if self._replaying
+                    else "without --data-dir they are re-delivered after restart only while the API server "
+                    "still holds them",
                 )
         for p in self.pipelines:
             p.flush_metrics()

@@ -21,7 +21,8 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -29,14 +30,17 @@ import orjson
 from pydantic import BaseModel
 
 from eventrouter.app import Router, RouterSettings, check_stall_timeout
+from eventrouter.appendfile import append_to
 from eventrouter.config import ConfigError, RouterConfig, SinkSpec, build_specs, load_yaml
 from eventrouter.datalock import DataDirInUse
+from eventrouter.engine.deadletter import DeadLetter
 from eventrouter.gc_tuning import tune_gc
 from eventrouter.leader import LEASE_DURATION_MAX, check_timings
 from eventrouter.logs import setup_logging
-from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS
-from eventrouter.options import name_matches
+from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS, Metrics
+from eventrouter.options import name_matches, safe_name
 from eventrouter.plugins import PluginError, discover
+from eventrouter.record import MalformedEvent, Occurrence, normalise, occurrence_number
 from eventrouter.sink import STRAY_CANCEL, Sink, SinkContext, cancelled_now
 from eventrouter.source.recording import read_recording
 from eventrouter.source.watcher import WatchSettings, check_field_selector
@@ -692,7 +696,7 @@ async def _check(args: argparse.Namespace) -> int:
             failed += 1  # let out by the sink: a traceback named no sink and skipped the others
             print(f"FAIL  {spec.describe()}: check() {STRAY_CANCEL}")
         else:
-            print(f"ok    {spec.describe()}")
+            print(f"ok    {shown}")
         finally:
             await _close_checked(sink)
     return 1 if failed else 0
@@ -717,10 +721,11 @@ def _dead_letter_replay(
 ) -> tuple[list[SinkSpec], RouterSettings]:
     """A dead-letter file (``origin``: the sink and cluster of its first entry) goes back to the sink
     that refused it when that one is configured (the others have those occurrences already), without
-    the data dir (its checkpoint counts them as done), and stamped with its records' cluster name
-    unless one is given. Handed on oldest first (a sink that wants time order), the file waits in a
-    temporary file in the data dir or beside the dead letters, on their volume: not in /tmp, which
-    in the chart's pod is a small emptyDir that a large file would get the pod evicted for."""
+    the data dir (its checkpoint counts them as done; ``_DeadLetterReplay`` keeps what this replay
+    needs beside the file), and stamped with its records' cluster name unless one is given. Handed
+    on oldest first (a sink that wants time order), the file waits in a temporary file in the data
+    dir or beside the dead letters, on their volume: not in /tmp, which in the chart's pod is a small
+    emptyDir that a large file would get the pod evicted for."""
     if settings.watch.relist_dir is None and (settings.data_dir is not None or path != "-"):
         spare = str(settings.data_dir) if settings.data_dir is not None else str(Path(path).resolve().parent)
         settings.watch = dataclasses.replace(settings.watch, relist_dir=spare)
@@ -738,9 +743,295 @@ def _dead_letter_replay(
             ", ".join(spec.name for spec in specs),
         )
     if settings.data_dir is not None:
-        log.info("replay: dead letters are sent without --data-dir (its checkpoint counts them as done)")
+        log.info("replay: the data dir's checkpoint is not used for dead letters (it counts them as done)")
         settings.data_dir = None
     return specs, settings
+
+
+_REFUSED_NAME = re.compile(r"\.refused-\d{8}T\d{6}Z(?:-[^/]*)?\.jsonl$")
+"""The part a file of letters refused again adds to its input's name (taken off when it is replayed
+and refused again: ``x.jsonl.refused-T2.jsonl``, not ``x.jsonl.refused-T1.jsonl.refused-T2.jsonl``)."""
+
+_NO_ROTATION = 1 << 62
+"""A replay's file of letters refused again is never rotated: it holds at most what its input holds,
+and a rotation would discard some of them."""
+
+
+def _dead_letter_folder(path: str, data_dir: Path | None) -> tuple[Path | None, str]:
+    """Where a dead-letter replay keeps its files, and the name they start with: beside the file
+    replayed; for stdin, in the data dir's dead-letter folder (none without a data dir)."""
+    if path != "-":
+        given = Path(path).absolute()
+        return given.parent, _REFUSED_NAME.sub("", given.name)
+    return (data_dir / "deadletter" if data_dir is not None else None), "stdin"
+
+
+class _Ledger:
+    """``<folder>/<sink>.replayed``: the keys (``uid/occurrence``) the sink accepted from replays of
+    dead letters in that folder, a line each, appended as it acknowledges them. A replay of any file
+    there skips them: the same file run again after an exit 1 (it sent everything again), ``.1``
+    after ``.jsonl``, or a file of letters refused again. A key names one occurrence in whichever
+    file it is. Remove the file to send everything again."""
+
+    def __init__(self, path: Path, sink: str) -> None:
+        self.path = path
+        self.sink = sink
+        self.keys: set[str] = set()
+        self.added = 0
+        self.not_written = 0
+        self._exists = False
+        self._read()
+
+    def _read(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning(
+                "replay: cannot read %s (%s): what earlier replays delivered to %s is sent again",
+                self.path,
+                exc.strerror,
+                self.sink,
+            )
+            return
+        self._exists = True
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            # A kill during an append left part of a line: "u/1" cut from "u/12" is no key. Cut off;
+            # should that fail, the next append glues onto it, and "u/1v/3" is none either.
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, end)
+        for line in data[:end].decode("utf-8", "replace").splitlines():
+            key = line.strip()
+            if key and not key.startswith("#"):
+                self.keys.add(key)
+
+    def add(self, keys: Sequence[str]) -> None:
+        # A key with a line break would be read back as other keys (one of them maybe real).
+        fresh = [key for key in dict.fromkeys(keys) if key not in self.keys and key.isprintable()]
+        if not fresh:
+            return
+        head = (
+            b""
+            if self._exists
+            else f"# uid/occurrence keys sink {self.sink} accepted from replays of the dead letters in "
+            "this folder; `eventrouter replay` of a file here skips them. Remove this file to send "
+            "them again.\n".encode()
+        )
+        try:
+            append_to(self.path, head + "".join(f"{key}\n" for key in fresh).encode())
+        except OSError as exc:
+            if not self.not_written:
+                log.error(
+                    "replay: cannot write %s (%s): what %s accepts from now on is not recorded, and a "
+                    "replay of these dead letters again sends it again",
+                    self.path,
+                    exc.strerror or exc,
+                    self.sink,
+                )
+            self.not_written += len(fresh)
+            return
+        self._exists = True
+        self.keys.update(fresh)
+        self.added += len(fresh)
+
+
+class _Refused(DeadLetter):
+    """The dead letters of one sink in a replay: a file of their own beside the input (appended to
+    neither the file replayed nor the live router's), and their keys, which are not accepted."""
+
+    def __init__(self, path: Path | None, sink: str) -> None:
+        super().__init__(path, sink=sink, max_bytes=_NO_ROTATION)
+        self.keys: set[str] = set()
+        self.kept = 0
+
+    def write(self, items: Sequence[tuple[Occurrence, str]]) -> bool:
+        self.keys.update(occ.key for occ, _ in items)
+        written = super().write(items)
+        if written and self.path is not None:
+            self.kept += len(items)
+        return written
+
+
+class _Accepted:
+    """The checkpoint backend of a sink in a dead-letter replay: its acknowledgements go to its ledger
+    (``_DeadLetterReplay.accepted``). It starts empty: what earlier replays delivered is skipped by
+    key before the router sees it."""
+
+    def __init__(self, replay: _DeadLetterReplay, sink: str) -> None:
+        self.replay = replay
+        self.sink = sink
+
+    def load(self) -> dict[str, int]:
+        return {}
+
+    def record(self, acks: Mapping[str, int]) -> None:
+        self.replay.accepted(self.sink, acks)
+
+    def remove(self, uids: Iterable[str]) -> None:
+        pass
+
+    def compact(self, state: Mapping[str, int]) -> None:
+        pass
+
+    def close(self, state: Mapping[str, int]) -> None:
+        pass
+
+
+class _DeadLetterReplay:
+    """What a replay of dead letters keeps beside its input, so that it can be run again: what a sink
+    refuses again (or gives up) goes to ``<input>.refused-<UTC time>.jsonl`` (``-<sink>`` added when
+    several sinks receive), and what it accepts to its ledger (``_Ledger``), which a later replay
+    skips. Before, a replay kept the letters refused again only as a count and log lines, and a
+    second run (after exit 1) sent everything the first had delivered again.
+
+    A checkpoint acknowledgement (uid → n) says the sink finished every occurrence of the event it
+    was given up to n: accepted, or refused (those are known by key). It was given each one handed
+    on, in rising numbers, but those its filter keeps out (known by key: the filter is applied here
+    too) and those its checkpoint or a full queue took out (only counted): while none was, every key
+    up to n neither refused nor filtered is recorded; once one was, only n itself, the one
+    occurrence the acknowledgement names (a replay again then sends some of what was accepted
+    again, which is no loss)."""
+
+    def __init__(self, folder: Path | None, base: str, sinks: Sequence[str], metrics: Metrics) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        self.folder = folder
+        self.metrics = metrics
+        self.refused: dict[str, _Refused] = {}
+        self.ledgers: dict[str, _Ledger] = {}
+        for name in sinks:
+            path = None
+            if folder is not None:
+                tail = "" if len(sinks) == 1 else f"-{safe_name(name)}"
+                path = folder / f"{base}.refused-{stamp}{tail}.jsonl"
+                self.ledgers[name] = _Ledger(folder / f"{safe_name(name)}.replayed", name)
+            self.refused[name] = _Refused(path, name)
+        # Skipped only when every sink it goes to accepted it: the router hands it to all.
+        sets = [ledger.keys for ledger in self.ledgers.values()]
+        self.skip: set[str] = sets[0] if len(sets) == 1 else set.intersection(*sets) if sets else set()
+        self.skipped = 0
+        self.again = 0
+        self.offered: dict[str, list[int]] = {}  # uid → the numbers handed on
+        self._upto: dict[str, dict[str, int]] = {name: {} for name in sinks}  # recorded up to n
+        self._exact = dict.fromkeys(sinks, True)
+        self._filters: dict[str, Callable[[Occurrence], bool]] = {}
+        self._filtered: dict[str, set[str]] = {name: set() for name in sinks}  # keys kept out
+        self._cluster = ""
+
+    def backend(self, sink: str) -> _Accepted:
+        return _Accepted(self, sink)
+
+    def install(self, router: Router) -> None:
+        """Before anything is handed on: each sink's refused letters go to their file."""
+        for p in router.pipelines:
+            p.deadletter = self.refused[p.name]
+            if p.predicate is not None:
+                self._filters[p.name] = p.predicate
+        self._cluster = router.settings.cluster_name
+
+    def hand_on(self, obj: Any) -> bool:
+        """Whether to hand this Event on: not when every sink accepted it in an earlier replay."""
+        meta = obj.get("metadata") if isinstance(obj, dict) else None
+        uid = meta.get("uid") if isinstance(meta, dict) else None
+        if not isinstance(uid, str) or not uid:
+            return True  # malformed: counted so by the router
+        number = occurrence_number(obj)  # as the tracker numbers it
+        key = f"{uid}/{number}"
+        if self.skip and key in self.skip:
+            self.skipped += 1
+            return False
+        if len(self.ledgers) > 1 and any(key in ledger.keys for ledger in self.ledgers.values()):
+            self.again += 1  # accepted by some of the sinks only: all get it
+        if self._filters:
+            try:
+                occ = normalise(obj, cluster=self._cluster, number=number)  # as the tracker builds it
+            except MalformedEvent:
+                return True  # counted so by the router; never given to a sink
+            for sink, keep in self._filters.items():
+                if not keep(occ):
+                    self._filtered[sink].add(key)
+        self.offered.setdefault(uid, []).append(number)
+        return True
+
+    def accepted(self, sink: str, acks: Mapping[str, int]) -> None:
+        ledger = self.ledgers.get(sink)
+        if ledger is None:
+            return
+        if self._exact[sink] and _taken_out(self.metrics, sink):
+            self._exact[sink] = False
+        exact, upto = self._exact[sink], self._upto[sink]
+        refused, filtered = self.refused[sink].keys, self._filtered[sink]
+        keys: list[str] = []
+        for uid, n in acks.items():
+            numbers = self.offered.get(uid, ())
+            if exact:
+                low = upto.get(uid, 0)
+                upto[uid] = max(low, n)
+                picked = [m for m in numbers if low < m <= n]
+            else:
+                picked = [n] if n in numbers else []
+            keys.extend(key for m in picked if (key := f"{uid}/{m}") not in refused and key not in filtered)
+        ledger.add(keys)
+
+    def report(self, sink: str, delivered: int) -> dict[str, Any]:
+        """Log where this sink's letters went; the summary's fields for it."""
+        fields: dict[str, Any] = {}
+        refused, ledger = self.refused[sink], self.ledgers.get(sink)
+        if refused.kept:
+            fields["dead_letter_file"] = str(refused.path)
+            log.warning(
+                "replay: sink %s refused or gave up %d dead letters again: they are in %s with the new "
+                "reasons; once the cause is fixed, replay that file (or this one again: what was "
+                "accepted is skipped)",
+                sink,
+                refused.kept,
+                refused.path,
+            )
+        if ledger is None:
+            return fields
+        if self.skipped:
+            log.info(
+                "replay: %d dead letters skipped: sink %s accepted them in an earlier replay (%s)",
+                self.skipped,
+                sink,
+                ledger.path,
+            )
+        if self.again and sink == next(iter(self.ledgers)):  # said once
+            log.info(
+                "replay: %d dead letters that some of the sinks accepted in an earlier replay (the others "
+                "had not, or their filter kept them out) went to every sink again: the router hands each "
+                "letter to all",
+                self.again,
+            )
+        if ledger.added:
+            log.info(
+                "replay: sink %s accepted %d dead letters, recorded in %s: a replay of dead letters in %s "
+                "skips them",
+                sink,
+                ledger.added,
+                ledger.path,
+                ledger.path.parent,
+            )
+        if not self._exact[sink] and delivered > ledger.added + ledger.not_written:
+            log.warning(
+                "replay: sink %s: some dead letters were skipped or dropped on the way, so only %d of the "
+                "%d it accepted are known by key and recorded in %s: a replay of these dead letters "
+                "again sends the others again",
+                sink,
+                ledger.added,
+                delivered,
+                ledger.path,
+            )
+        return fields
+
+
+def _taken_out(metrics: Metrics, sink: str) -> bool:
+    """Whether the sink's pipeline took any occurrence out before sending it, other than by its
+    filter: skipped (its checkpoint) or dropped (a full queue)."""
+    counters = [metrics.skipped.labels(sink)]
+    counters += [metrics.dropped.labels(sink, reason) for reason in SINK_DROP_REASONS]
+    return any(c._value.get() for c in counters)
 
 
 def _open_recording(name: str) -> BinaryIO:
@@ -754,24 +1045,50 @@ def _open_recording(name: str) -> BinaryIO:
         raise ConfigError(f"cannot read {name!r}: {exc.strerror}") from None
 
 
+class _Lines:
+    """The lines of the input, noting whether the last one read ended in a newline (only the last
+    line of a file can lack one)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.ended = True
+
+    def __iter__(self) -> Iterator[bytes]:
+        for line in self.stream:
+            self.ended = line.endswith(b"\n")
+            yield line
+
+
 class _ReplayInput:
     """The events of a recording for ``Router.replay``, counting the markers ``read_recording`` puts
     between them. The first dead-letter marker (read before the router is built) says where a
-    dead-letter file came from."""
+    dead-letter file came from. ``letters`` (set for dead letters) drops those accepted before."""
 
-    def __init__(self, items: Iterator[tuple[str, Any]]) -> None:
+    def __init__(self, items: Iterator[tuple[str, Any]], lines: _Lines | None = None) -> None:
         self.malformed = self.repaired = 0
+        self.lines = lines
+        self.torn_end = False  # the last line was not JSON and had no newline
+        self.letters: _DeadLetterReplay | None = None
         head: list[tuple[str, Any]] = []
         for item in items:
             head.append(item)
+            self._note(item[0])
             if item[0] not in ("MALFORMED", "REPAIRED"):
                 break
         self.origin: tuple[str, Any] | None = next((o for k, o in head if k == "DEADLETTER"), None)
-        self._items = itertools.chain(head, items)
+        self._head = head
+        self._items = items
+
+    def _note(self, kind: str) -> None:
+        if kind == "MALFORMED" and self.lines is not None and not self.lines.ended:
+            self.torn_end = True
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         other: set[str] = set()
-        for kind, obj in self._items:
+        letters = self.letters
+        for n, (kind, obj) in enumerate(itertools.chain(self._head, self._items)):
+            if n >= len(self._head):
+                self._note(kind)
             if kind == "MALFORMED":
                 self.malformed += 1
             elif kind == "REPAIRED":
@@ -786,7 +1103,7 @@ class _ReplayInput:
                         first_sink,
                         first_sink,
                     )
-            else:
+            elif letters is None or kind not in ("ADDED", "MODIFIED", "LIST") or letters.hand_on(obj):
                 yield kind, obj
 
 
@@ -794,9 +1111,12 @@ async def _replay(args: argparse.Namespace) -> int:
     cfg, specs = _load(args)
     if not specs:
         raise ConfigError("no sinks configured")
+    metrics = Metrics()
+    letters: _DeadLetterReplay | None = None
     with _open_recording(args.file) as stream:
+        lines = _Lines(stream)
         try:
-            source = _ReplayInput(read_recording(stream))
+            source = _ReplayInput(read_recording(lines), lines)
         except OSError as exc:  # a directory, an unreadable device
             raise ConfigError(f"cannot read {args.file!r}: {exc.strerror}") from None
         settings = _settings(args, cfg)
@@ -809,11 +1129,18 @@ async def _replay(args: argparse.Namespace) -> int:
                 "recording; every object in it is replayed (a sink's own filter, e.g. namespaces= or "
                 "level=, selects)"
             )
+        recorded = settings.data_dir is not None  # what a recording's replay delivered is skipped again
         if source.origin is not None:
+            folder, base = _dead_letter_folder(args.file, settings.data_dir)
             specs, settings = _dead_letter_replay(source.origin, specs, settings, args.file)
-        router = Router(settings, specs)
+            letters = source.letters = _DeadLetterReplay(folder, base, [s.name for s in specs], metrics)
+        router = Router(
+            settings, specs, metrics=metrics, checkpoint_backend=letters.backend if letters else None
+        )
         await router.start_pipelines()
-        occurrences, malformed = await router.replay(source, dead_letters=source.origin is not None)
+        if letters is not None:
+            letters.install(router)
+        occurrences, malformed = await router.replay(source, dead_letters=letters is not None)
     malformed += source.malformed
     repaired = source.repaired
     if repaired:
@@ -839,14 +1166,41 @@ async def _replay(args: argparse.Namespace) -> int:
             ),
             "dropped": int(sum(m.dropped.labels(p.name, r)._value.get() for r in SINK_DROP_REASONS)),
         }
+        if letters is not None:
+            row["skipped"] += letters.skipped
+            row |= letters.report(p.name, row["delivered"])
         lost += row["dropped"]
         refused += row["dead_lettered"]
         summary["sinks"][p.name] = row
+    where = "the input" if args.file == "-" else args.file
+    if not drained:
+        # The stop's own line speaks of a restart and the API server: a replay's rest is in its input.
+        log.warning(
+            "replay: not everything was delivered within --timeout %gs: what was not is still in %s, and "
+            "a replay of it again sends it%s",
+            args.timeout,
+            where,
+            " (what was delivered is skipped)"
+            if (letters is not None and letters.ledgers) or (letters is None and recorded)
+            else ", with everything else in it (without --data-dir nothing records what was delivered)",
+        )
+    # A dead-letter file being appended to (or whose writer was killed mid-line) ends in part of a
+    # letter: exit 0 invited deleting the file while that letter was on its way into it.
+    torn = letters is not None and source.torn_end
+    if torn:
+        summary["last_line_incomplete"] = True
+        log.warning(
+            "replay: the last line of %s is not a whole dead letter (no newline at its end): the router "
+            "may be writing it now, or was killed while writing it (it writes that letter again, whole, "
+            "when it next gives the occurrence up); replay the file again later%s",
+            where,
+            " (what was accepted is skipped)" if letters is not None and letters.ledgers else "",
+        )
     print(orjson.dumps(summary).decode(), file=sys.stderr)
     # Something not delivered (dropped, or refused by the sink) is no success: a script must see it.
     # Nor is a file of which nothing could be read (a format replay does not know).
     unreadable = malformed > 0 and occurrences == 0
-    return 0 if drained and not lost and not refused and not unreadable else 1
+    return 0 if drained and not lost and not refused and not unreadable and not torn else 1
 
 
 # ---- entry ---------------------------------------------------------------------------------------

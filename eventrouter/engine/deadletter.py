@@ -60,7 +60,8 @@ class DeadLetter:
             path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, items: Sequence[tuple[Occurrence, str]]) -> bool:
-        """Append the items; False (the error logged) when the file cannot be written."""
+        """Append the items; False (the error and the count logged) when the file cannot be written:
+        the caller then names each item, as without a file."""
         if self.path is None or not items:
             return True
         now = time.time()
@@ -79,13 +80,13 @@ class DeadLetter:
         try:
             self._write(self.path, lines)
         except OSError as exc:
+            # The caller names every one with its reason (the log is then their only record); 20
+            # named here and "N more" left the rest of a refused batch known nowhere.
             log.error(
-                "cannot write dead-letter file %s: %s; %d dead-lettered occurrences not kept: %s",
+                "cannot write dead-letter file %s: %s; %d dead-lettered occurrences not kept",
                 self.path,
                 exc.strerror or exc,
                 len(items),
-                ", ".join(f"{occ.key} ({reason})" for occ, reason in items[:20])
-                + (f" and {len(items) - 20} more" if len(items) > 20 else ""),
             )
             return False
         return True

@@ -339,26 +339,42 @@ class Pipeline:
     def _dead_letter(self, items: list[tuple[Occurrence, str]]) -> None:
         if not self.deadletter.write(items):
             self.metrics.data_dir_errors.labels(self.name, "deadletter").inc()
-        if self.deadletter.path is None:
+            self._name_dead_letters(items, unwritable=str(self.deadletter.path))
+        elif self.deadletter.path is None:
             self._name_dead_letters(items)
         self._given_up([occ for occ, _ in items])
 
-    def _name_dead_letters(self, items: list[tuple[Occurrence, str]]) -> None:
-        """Without --data-dir the log is the dead letters' only record: each key is named with its
-        reason (the log named 3 rejected of a batch and no key given up after retries, so which to
-        send again was known nowhere). Grouped by reason, at most _NAMED_PER_LINE keys a line."""
+    def _name_dead_letters(
+        self, items: list[tuple[Occurrence, str]], *, unwritable: str | None = None
+    ) -> None:
+        """Without a dead-letter file (no --data-dir), or with one that cannot be written
+        (``unwritable``: a full volume), the log is the dead letters' only record: each key is named
+        with its reason (the log named 3 rejected of a batch and no key given up after retries, then
+        20 of a batch the file could not take, so which to send again was known nowhere). Grouped by
+        reason, at most _NAMED_PER_LINE keys a line."""
         for start in range(0, len(items), _NAMED_PER_LINE):
             part = items[start : start + _NAMED_PER_LINE]
             by_reason: dict[str, list[str]] = {}
             for occ, reason in part:
                 by_reason.setdefault(_text(reason), []).append(occ.key)
-            self.log.warning(
-                "sink %s: %d dead-lettered occurrences not kept (no --data-dir: this log is their only "
-                "record): %s",
-                self.name,
-                len(part),
-                "; ".join(f"{', '.join(keys)} ({reason})" for reason, keys in by_reason.items()),
-            )
+            named = "; ".join(f"{', '.join(keys)} ({reason})" for reason, keys in by_reason.items())
+            if unwritable is not None:
+                self.log.warning(
+                    "sink %s: dead-letter file %s cannot be written, this log is the only record of %d "
+                    "dead-lettered occurrences not kept: %s",
+                    self.name,
+                    unwritable,
+                    len(part),
+                    named,
+                )
+            else:
+                self.log.warning(
+                    "sink %s: %d dead-lettered occurrences not kept (no --data-dir: this log is their "
+                    "only record): %s",
+                    self.name,
+                    len(part),
+                    named,
+                )
 
     def _given_up(self, occs: Sequence[Occurrence]) -> None:
         """Tell the sink: an alert robot kept a given-up occurrence pooled and paged it with its next

@@ -10,6 +10,7 @@ and pretty-printed values one after another are read whole.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -42,25 +43,68 @@ def read_recording(lines: Iterable[bytes]) -> Iterator[tuple[str, Any]]:
         try:
             obj, strings = unicode_repair.loads(line)
         except orjson.JSONDecodeError as exc:
+            following: list[tuple[int, bytes]] = []
             if _opens_document(line):
-                # Not one JSON value per line: one document over several lines, read whole.
-                yield from _document(line + b"".join(rest for _, rest in numbered), first_line=number)
-                return
+                following = _up_to_filled(numbered)
+                if not following or not _is_value(following[-1][1]):
+                    # Not one JSON value per line: one document over several lines, read whole.
+                    head = line + b"".join(text for _, text in following)
+                    yield from _document(head + b"".join(rest for _, rest in numbered), first_line=number)
+                    return
             # A torn first line (a cut, `tail -c`): reading the rest whole for it cost the memory of
-            # the whole file (a 100 MiB recording, ~1 GiB). Skipped; the next line is a first line.
+            # the whole file (a 100 MiB recording, ~1 GiB). Skipped; the next line is a first line,
+            # or, when it is a whole value, the first of JSON lines (a letter torn after its `{`).
             log.warning("replay: line %d is not JSON (%s); skipped", number, exc)
             yield "MALFORMED", None
+            if following:
+                yield from _json_lines(itertools.chain(following, numbered))
+                return
             continue
         yield from _value(obj, strings, f"line {number}")
         break
     yield from _json_lines(numbered)
 
 
+_DOCUMENT_HEAD_MAX = 1024
+"""Bytes at most in the first line of a document over several lines: a pretty printer's is ``{``
+or a short header (``{"apiVersion": "v1", "items": [``)."""
+
+_LINE_HEAD = re.compile(rb'\{\s*"(?:sink|type)"\s*:')
+"""How a dead-letter entry and a watch event start when written one to a line."""
+
+
 def _opens_document(line: bytes) -> bool:
     """Whether a line that is no JSON value starts one over several lines, as pretty printers
-    (kubectl, jq, ``json.dumps(indent=…)``) write it: ``{`` and, at its end, an opening or a comma."""
+    (kubectl, jq, ``json.dumps(indent=…)``) write it: ``{`` and, at its end, an opening or a comma.
+    Not a long line, nor one that starts as a dead letter or a watch event does: a letter torn right
+    after a ``,`` (a kill during the first append to a new file) read the whole file into memory."""
     text = line.strip()
-    return text.startswith(b"{") and text.endswith((b"{", b"[", b","))
+    return (
+        len(text) <= _DOCUMENT_HEAD_MAX
+        and text.startswith(b"{")
+        and text.endswith((b"{", b"[", b","))
+        and _LINE_HEAD.match(text) is None
+    )
+
+
+def _up_to_filled(numbered: Iterator[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """The next lines up to the first that is not blank (none at the end of the file)."""
+    taken = []
+    for number, line in numbered:
+        taken.append((number, line))
+        if line.strip():
+            break
+    return taken
+
+
+def _is_value(line: bytes) -> bool:
+    """Whether a line is a JSON value by itself: a document's second line (``"apiVersion": "v1",``)
+    is not; that after a letter torn right after its ``{`` (the line ``{``) is."""
+    try:
+        unicode_repair.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 def _json_lines(numbered: Iterable[tuple[int, bytes]]) -> Iterator[tuple[str, Any]]:
@@ -179,6 +223,8 @@ def _repaired(obj: Any, where: str) -> Generator[tuple[str, Any], None, Any]:
 
 
 def _note_repaired(obj: Any, strings: int, where: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(obj, dict) and obj.keys() >= DEAD_LETTER_FIELDS and isinstance(obj.get("event"), dict):
+        obj = obj["event"]  # a dead letter: its event's namespace, name and uid, not `?/? (uid ?)`
     log.warning(
         "replay: %s (event %s) had invalid UTF-8 or lone surrogate escapes in %d strings: replaced by U+FFFD",
         where,
