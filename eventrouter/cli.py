@@ -696,7 +696,7 @@ async def _check(args: argparse.Namespace) -> int:
             failed += 1  # let out by the sink: a traceback named no sink and skipped the others
             print(f"FAIL  {spec.describe()}: check() {STRAY_CANCEL}")
         else:
-            print(f"ok    {shown}")
+            print(f"ok    {spec.describe()}")
         finally:
             await _close_checked(sink)
     return 1 if failed else 0
