@@ -24,6 +24,7 @@ __all__ = [
     "MalformedEvent",
     "Occurrence",
     "core_v1_event",
+    "list_item",
     "normalise",
     "occurrence_number",
     "parse_time_ns",
@@ -182,6 +183,31 @@ def core_v1_event(obj: Any, api_version: object = None) -> Any:
     converted = {_EVENTS_API_NAMES.get(k, k): v for k, v in obj.items()}
     converted["apiVersion"] = "v1"
     return converted
+
+
+def list_item(item: Any, listing: JSON, api_version: str | None = None) -> Any:
+    """An item of a List (an API list response, ``listing``) as a watch sends the same object.
+
+    kube-apiserver writes ``kind`` and ``apiVersion`` on each watch object but once on the List, not
+    on its items: the record's ``raw`` of one object at one resourceVersion differed between the watch
+    and a relist, and Loki kept both copies of an occurrence a relist delivered again. Given the List's
+    (``api_version`` when it has none), first as on the watch, so the bytes are the same; the kind is
+    the List's item kind (``EventList`` → ``Event``). An item with both, or any other value, is left
+    as it is; so are the items of a List without an apiVersion (not the API server's)."""
+    if type(item) is not dict or ("kind" in item and "apiVersion" in item):
+        return item
+    version = listing.get("apiVersion")
+    if type(version) is not str or not version:
+        version = api_version
+        if version is None:
+            return item
+    list_kind = listing.get("kind")
+    kind = (
+        list_kind[:-4]
+        if type(list_kind) is str and len(list_kind) > 4 and list_kind.endswith("List")
+        else "Event"
+    )
+    return {"kind": kind, "apiVersion": version, **item}
 
 
 def occurrence_number(obj: JSON) -> int:

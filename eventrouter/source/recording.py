@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from eventrouter.record import core_v1_event
+from eventrouter.record import core_v1_event, list_item
 from eventrouter.source import unicode_repair
 
 __all__ = ["DEAD_LETTER_FIELDS", "read_recording"]
@@ -192,7 +192,7 @@ def _items(obj: Any, *, repaired: bool, where: str) -> Iterator[tuple[str, Any]]
         for n, item in enumerate(obj["items"]):
             if repaired:
                 item = yield from _repaired(item, f"item {n}")
-            yield "LIST", core_v1_event(item, version)
+            yield "LIST", core_v1_event(list_item(item, obj), version)
         return
     if repaired:
         obj = yield from _repaired(obj, where)

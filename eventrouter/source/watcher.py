@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 
 from eventrouter.metrics import Metrics
-from eventrouter.record import MalformedEvent, Occurrence
+from eventrouter.record import MalformedEvent, Occurrence, list_item
 from eventrouter.source import unicode_repair
 from eventrouter.source.kube import ApiError, KubeClient, raise_for_status
 from eventrouter.source.relist_merge import Member, RelistFailed, RelistMerge
@@ -316,6 +316,8 @@ class EventWatcher:
             for item in items:
                 if broken:
                     item = self._repaired(item, "a list page")
+                # With the List's kind and apiVersion, as the watch sends it: the same raw bytes.
+                item = list_item(item, doc, "v1")
                 self._handle("LIST", item, received_at, order)
                 # _handle dropped (and counted) an item without an object as metadata.
                 item_meta = item.get("metadata") if isinstance(item, dict) else None
