@@ -47,14 +47,22 @@ produce batches go one after the other, each once the one before was acknowledge
 pieces go in its place: one object's records are written in batch order. Broker outages, timeouts and
 other errors give retry outcomes, and the rest of the batch is not enqueued once the broker is known
 unreachable (nor later batches of a partition whose batch is retried), so per-object order survives.
-A topic that does not exist, on a broker that does not create topics (``auto.create.topics.enable=false``,
-or a client not allowed to create them), holds back no other topic. aiokafka alone waits
+A topic the broker does not have and does not create (``auto.create.topics.enable=false``, a client not
+allowed to create topics, a creation the broker refuses) holds back no other topic. aiokafka alone waits
 ``request_timeout_ms`` for such a topic and raises UnknownTopicOrPartition, as it does when the broker is
 down, so the topics of a send that the producer has no partitions for yet are first asked about in one
-metadata request. The records of a topic the broker reports as unknown are set aside (a retry each with
-its own backoff, still counted towards ``retry_max_attempts``) while the send's other topics are delivered;
-the topic is logged once (again after an hour without it), and asked about again at each retry, so the
-records go in once it is created. When no broker answers that request, the whole batch is retried.
+metadata request (the brokers asked one after another, each for its share of ``request_timeout_ms``: a
+broker that never answers costs its share, and the next one is asked). Kafka 2.8+ with auto-create on
+answers a new topic UNKNOWN_TOPIC_OR_PARTITION while its controller creates it (a ZooKeeper-mode broker
+LEADER_NOT_AVAILABLE), so a topic first answered so is asked about again every 0.15 s for up to 2 s (at
+most a fifth of the send's budget). The records of a topic still unknown then, without a leader, or
+answered with a creation error (INVALID_REPLICATION_FACTOR while brokers are down, POLICY_VIOLATION under
+a create-topic policy, …) are set aside, naming that answer (a retry each with its own backoff, still
+counted towards ``retry_max_attempts``) while the send's other topics are delivered; a topic known missing
+is set aside at its first answer, and so is one a broker listed whose partitions aiokafka then did not
+find. Each topic is logged once at WARNING (again after an hour without it), at ERROR once when still
+missing 10 s later, and asked about again at each retry, so the records go in once it exists. A topic not
+authorised (TOPIC_AUTHORIZATION_FAILED) is rejected. When no broker answers, the whole batch is retried.
 A send ends by itself within ``send_budget`` (five sixths of the pipeline's ``send_timeout``, from
 ``SinkContext``): aiokafka never expires an idempotent producer's batches, and retries a batch the broker
 answers with a retriable error (NOT_ENOUGH_REPLICAS while a partition lacks in-sync replicas,
@@ -154,7 +162,32 @@ __all__ = ["KafkaOptions", "KafkaSink", "render_topic", "ssl_context", "topic_fi
 _MAX_TOPIC_LEN = 249  # Kafka's Topic.MAX_NAME_LENGTH
 _UNKNOWN_TOPIC_OR_PARTITION = 3
 _LEADER_NOT_AVAILABLE = 5  # in a metadata answer: being created (auto-create on)
+_INVALID_TOPIC = 17
+_TOPIC_AUTHORIZATION_FAILED = 29
+_BEING_CREATED = frozenset({_UNKNOWN_TOPIC_OR_PARTITION, _LEADER_NOT_AVAILABLE})
+"""A topic's answers while a broker with auto-create on creates it: Kafka 2.8+ sends the creation to its
+controller and answers 3 until the topic is there (``DefaultAutoTopicCreationManager``: KRaft, all of
+4.x), a ZooKeeper-mode broker 5 until it has leaders."""
+_CREATE_GRACE = 2.0
+"""Seconds a topic first answered one of _BEING_CREATED is asked about again (every _CREATE_POLL) before
+its records are set aside: taken at once as "auto-create off", every new topic of a broker with
+auto-create on was set aside, logged as never created, and dead-lettered at retry_max_attempts=1."""
+_CREATE_POLL = 0.15
+_CREATE_SHARE = 0.2
+"""The share of the send's budget (from its start) that asking again for new topics may take."""
+_CREATE_HINTS = {
+    _UNKNOWN_TOPIC_OR_PARTITION: "auto.create.topics.enable off, this client not allowed to create topics, "
+    "or a creation still under way",
+    _LEADER_NOT_AVAILABLE: "still being created, or its brokers are down",
+    38: "fewer brokers alive than default.replication.factor, e.g. during a rolling restart",
+    44: "refused by the broker's create.topic.policy: create the topic yourself",
+}
+"""Why a topic is missing, by the broker's answer (38: INVALID_REPLICATION_FACTOR, 44: POLICY_VIOLATION,
+the creation errors of a ZooKeeper-mode broker)."""
+_NAME_MISMATCH = frozenset({62, 64})
+"""OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH."""
 _MISSING_MEMORY = 3600.0  # seconds: a missing topic not seen missing for this long is logged again
+_MISSING_LOUD = 10.0  # seconds: a topic still missing this long after its first sighting is an ERROR
 _MISSING_KEPT = 4096  # missing topics remembered (names may come from field values)
 _TOPIC_HASH_LEN = 8  # hex digits of the suffix that keeps long names apart (as the Elasticsearch sink's)
 # fullmatch, never match with ^…$: "$" also matches before a final newline, and "k8s-events\n" (a YAML
@@ -327,8 +360,8 @@ class KafkaOptions(SinkOptions):
         validation_alias=AliasChoices("topic", "eventstopic"),
         description="Topic name or template over record fields, e.g. k8s-events-{namespace}. A rendered "
         "name over 249 characters keeps its first 240, then - and 8 hex digits of its SHA-256. Records "
-        "of a topic that does not exist (broker auto-create off) are set aside and retried while other "
-        "topics go on.",
+        "of a topic the broker does not have or create (auto-create off or refused; a new topic is asked "
+        "about again for up to 2 s first) are set aside and retried while other topics go on.",
     )
     key_by: Literal["object", "object_uid", "event", "none"] = Field(
         "object", description="Record key: involved object kind/namespace/name (default), its uid, event uid."
@@ -749,6 +782,16 @@ _HOLD_AGAIN = 1.0
 
 
 @dataclass(slots=True)
+class _Missing:
+    """A topic whose records were set aside as missing: its first and last sighting (time.monotonic),
+    and whether it was logged at ERROR (still missing _MISSING_LOUD after the first)."""
+
+    first: float
+    last: float
+    loud: bool = False
+
+
+@dataclass(slots=True)
 class _Refused:
     """A topic-partition refused (a retriable error) while the broker took others."""
 
@@ -854,9 +897,10 @@ class KafkaSink(Sink[KafkaOptions]):
         self._discarding: set[asyncio.Task[None]] = set()
         self._starting: asyncio.Task[None] | None = None  # a new producer's start, outlasting a send
         self._warned_timeout = False
-        # Topics a broker reported as unknown (auto-create off), already logged: topic -> when last
-        # found missing (oldest first). Logged again only after _MISSING_MEMORY without that.
-        self._missing: OrderedDict[str, float] = OrderedDict()
+        # Topics whose records were set aside as missing (unknown, not created, no leader), already
+        # logged (oldest sighting first). Logged again only after _MISSING_MEMORY without a sighting.
+        self._missing: OrderedDict[str, _Missing] = OrderedDict()
+        self._answering: Any = None  # the broker that answered the sink's last metadata request
         # Per topic-partition refused while the broker took others: its records set aside (defer) and
         # those held back behind them, (uid, number) -> their place (see _Place). A record of the
         # partition goes only after every one before it here. Each is kept until answered otherwise or
@@ -1083,6 +1127,13 @@ class KafkaSink(Sink[KafkaOptions]):
                 )
         for err in found:
             if isinstance(err, ssl.SSLCertVerificationError):
+                if err.verify_code in _NAME_MISMATCH:
+                    # The chain is checked first: its CA is trusted, and ca_file is not the cause.
+                    return (
+                        f"TLS: the broker's certificate does not name this broker address "
+                        f"({err.verify_message}): list the broker in brokers by a name or IP address its "
+                        "certificate's subjectAltName holds (the certificate's CA is trusted)"
+                    )
                 return (
                     f"TLS: the broker's certificate is not trusted ({err.verify_message}): set ca_file to "
                     "the CA that signed it"
@@ -1305,69 +1356,152 @@ class KafkaSink(Sink[KafkaOptions]):
         available = list(producer.client.cluster.available_partitions_for_topic(topic) or ())
         return all_partitions, available
 
-    async def _absent(self, topics: Collection[str]) -> tuple[set[str], Outcome | None]:
-        """Of ``topics``, those a broker reports as unknown, or the outcome of an outage when no broker
-        answers. Only topics the producer has no partitions for are asked about, all in one metadata
-        request: aiokafka waits ``request_timeout_ms`` for each such topic and then raises
-        UnknownTopicOrPartitionError, whether the topic is missing or the broker down."""
+    async def _absent(
+        self, topics: Collection[str], share_end: float
+    ) -> tuple[dict[str, Outcome], set[str], Outcome | None]:
+        """Of ``topics``: the outcome of each whose records do not go out in this send (set aside:
+        unknown to the broker, not created, no leader; rejected: not authorised or invalid), those a
+        broker answered as existing, or the outcome of an outage when no broker answers. Only topics the
+        producer has no partitions for are asked about, all in one metadata request: aiokafka waits
+        ``request_timeout_ms`` for each such topic and then raises UnknownTopicOrPartitionError, whether
+        the topic is missing or the broker down. A topic answered as being created (_BEING_CREATED) and
+        not known missing is asked about again until _CREATE_GRACE after the answer, not after
+        ``share_end`` (the loop's clock)."""
         cluster = self._producer.client.cluster
         unknown = [topic for topic in topics if cluster.partitions_for_topic(topic) is None]
         if not unknown:
-            return set(), None
+            return {}, set(), None
         try:
             errors = await self._topic_errors(unknown)
         except Exception as exc:  # no broker answered: the producer cannot deliver either
             text = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
-            return set(), retry(f"kafka brokers {self._describe_brokers()} unreachable: {text}")
-        absent = {topic for topic in unknown if errors.get(topic) == _UNKNOWN_TOPIC_OR_PARTITION}
-        self._note_missing(absent, {t for t in unknown if errors.get(t) in (0, _LEADER_NOT_AVAILABLE)})
-        return absent, None
+            return {}, set(), retry(f"kafka brokers {self._describe_brokers()} unreachable: {text}")
+        loop = asyncio.get_running_loop()
+        until = min(loop.time() + _CREATE_GRACE, share_end)
+        now = time.monotonic()
+        waiting = [t for t in unknown if errors.get(t) in _BEING_CREATED and not self._known_missing(t, now)]
+        while waiting and loop.time() + _CREATE_POLL < until:
+            await asyncio.sleep(_CREATE_POLL)  # the broker tells nothing when a creation is done
+            try:
+                async with asyncio.timeout_at(until):
+                    errors.update(await self._topic_errors(waiting))
+            except Exception:  # out of time, or no answer: the last answers stand
+                break
+            waiting = [t for t in waiting if errors.get(t) in _BEING_CREATED]
+        aside: dict[str, Outcome] = {}
+        missing: dict[str, int] = {}
+        answered: set[str] = set()
+        for topic in unknown:
+            code = errors.get(topic)
+            if not code:  # 0, or left out of the answer: aiokafka's own metadata decides (_partitions)
+                answered.add(topic)
+            elif code == _TOPIC_AUTHORIZATION_FAILED:
+                aside[topic] = reject(
+                    f"not authorised to write to kafka topic {topic!r}: {_error_name(code)}"
+                )
+            elif code == _INVALID_TOPIC:
+                aside[topic] = reject(f"kafka refused the record for topic {topic!r}: {_error_name(code)}")
+            else:
+                aside[topic] = self._aside_outcome(topic, code)
+                missing[topic] = code
+        self._note_missing(missing, answered)
+        return aside, answered, None
+
+    @staticmethod
+    def _missing_text(topic: str, code: int) -> str:
+        """What the broker's metadata answer ``code`` says of ``topic``, and what to do."""
+        hint = _CREATE_HINTS.get(code)
+        name = _error_name(code)
+        if code == _UNKNOWN_TOPIC_OR_PARTITION:
+            return (
+                f"kafka topic {topic!r} does not exist on the broker ({name}: {hint}): create the topic, "
+                "or enable auto-create (auto.create.topics.enable=true)"
+            )
+        if code == _LEADER_NOT_AVAILABLE:
+            return f"kafka topic {topic!r} has no leader ({name}: {hint})"
+        return f"kafka topic {topic!r} is not created by the broker: {name}" + (f" ({hint})" if hint else "")
+
+    def _aside_outcome(self, topic: str, code: int) -> Outcome:
+        return retry(self._missing_text(topic, code), defer=True)
+
+    def _known_missing(self, topic: str, now: float) -> bool:
+        seen = self._missing.get(topic)
+        return seen is not None and now - seen.last < _MISSING_MEMORY
 
     async def _topic_errors(self, topics: list[str]) -> dict[str, int]:
         """Each topic's error code in a broker's metadata answer (0: it exists). Asked as the producer
-        asks (a broker with auto-create on creates them); the first broker that answers does. Raises
-        the last failure (or TimeoutError after ``request_timeout_ms``) when none answers."""
+        asks (a broker with auto-create on creates them), of one broker after another (the one that
+        answered last first), each for its share of ``request_timeout_ms``: what is left of it over the
+        brokers not asked yet. A broker that fails at once leaves its share to the others; one that
+        never answers (a stall, a network partition: it accepts connections) costs its share, not the
+        whole timeout, wherever the cluster lists it. (Asked at once, a silent broker held aiokafka's
+        one connection lock through its connection's version lookup, and no other broker was reached
+        either.) Raises the last failure (TimeoutError: no answer in time) when none answers."""
         from aiokafka.errors import KafkaConnectionError, KafkaError
         from aiokafka.protocol.metadata import MetadataRequest
 
         client = self._producer.client
         request = MetadataRequest(topics)
+        nodes = [broker.nodeId for broker in client.cluster.brokers()]
+        if self._answering in nodes:
+            nodes.remove(self._answering)
+            nodes.insert(0, self._answering)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.options.request_timeout_ms / 1000
         failure: BaseException = KafkaConnectionError("no broker known")
-        async with asyncio.timeout(self.options.request_timeout_ms / 1000):
-            for broker in client.cluster.brokers():
-                try:
-                    answer = await client.send(broker.nodeId, request)
-                except (KafkaError, OSError) as exc:  # refused, timed out, connection lost
-                    failure = exc
-                    continue
-                # (error_code, topic, ...) in every version of the answer.
-                return {entry[1]: entry[0] for entry in answer.topics}
+        for left, node in zip(range(len(nodes), 0, -1), nodes, strict=True):
+            share = (end - loop.time()) / left
+            try:
+                # Cancelled at its share's end, a connection still being made is closed, and aiokafka's
+                # connection lock freed for the next broker.
+                async with asyncio.timeout(share):
+                    answer = await client.send(node, request)
+            except (KafkaError, OSError) as exc:  # refused, timed out (TimeoutError), connection lost
+                failure = exc
+                continue
+            self._answering = node
+            # (error_code, topic, ...) in every version of the answer.
+            return {entry[1]: entry[0] for entry in answer.topics}
         raise failure
 
-    def _note_missing(self, absent: set[str], present: set[str]) -> None:
-        """Log each missing topic once per run of sightings; say when one exists again."""
+    def _note_missing(self, missing: dict[str, int], present: set[str]) -> None:
+        """Log each topic set aside as missing (``missing``: topic -> the broker's answer) once per run
+        of sightings, at WARNING (it may be created any time), and at ERROR once when it is still
+        missing _MISSING_LOUD later; say when one exists again (``present``)."""
         now = time.monotonic()
         for topic in sorted(present & self._missing.keys()):
             del self._missing[topic]
             self.log.info("kafka: topic %r exists now; its records are sent", topic)
-        new = []
-        for topic in sorted(absent):
+        new, still = [], []
+        for topic, code in sorted(missing.items()):
             seen = self._missing.pop(topic, None)
-            if seen is None or now - seen >= _MISSING_MEMORY:
-                new.append(topic)
-            self._missing[topic] = now
+            if seen is None or now - seen.last >= _MISSING_MEMORY:
+                seen = _Missing(first=now, last=now)
+                new.append((topic, code))
+            elif not seen.loud and now - seen.first >= _MISSING_LOUD:
+                seen.loud = True
+                still.append((topic, code, now - seen.first))
+            seen.last = now
+            self._missing[topic] = seen
         while len(self._missing) > _MISSING_KEPT:
             self._missing.popitem(last=False)
-        for topic in new[:3]:
-            self.log.error(
-                "kafka: topic %r does not exist and the broker does not create it (auto.create.topics."
-                "enable=false, or this client may not create topics): create it, or enable auto-create; "
-                "its records are set aside and retried (up to retry_max_attempts, if set) while other "
-                "topics go on",
-                topic,
-            )
+        aside = (
+            "its records are set aside and retried (up to retry_max_attempts, if set) while other topics "
+            "go on"
+        )
+        for topic, code in new[:3]:
+            self.log.warning("kafka: %s; %s", self._missing_text(topic, code).removeprefix("kafka "), aside)
         if len(new) > 3:
-            self.log.error("kafka: %d more topics do not exist and are not created", len(new) - 3)
+            self.log.warning("kafka: %d more topics are missing on the broker; %s", len(new) - 3, aside)
+        for topic, code, since in still[:3]:
+            self.log.error(
+                "kafka: still missing after %.0fs: %s; %s",
+                since,
+                self._missing_text(topic, code).removeprefix("kafka "),
+                aside,
+            )
+        if len(still) > 3:
+            self.log.error("kafka: %d more topics are still missing on the broker; %s", len(still) - 3, aside)
 
     async def _renew_producer(self, until: float) -> bool:
         """Replace the producer after a lost sequence number (``_sequence_lost``) or a discarded one
@@ -1469,31 +1603,50 @@ class KafkaSink(Sink[KafkaOptions]):
                 refused = reject(f"kafka refuses topic {topic!r}: it {problem}")
                 for i, _ in by_topic.pop(topic):
                     outcomes[i] = refused
-        absent, stop = await self._absent(by_topic.keys()) if by_topic else (set(), None)
+        budget = self.context.send_budget
+        submit_by = started + budget * _SUBMIT_SHARE
+        aside, answered, stop = (
+            await self._absent(by_topic.keys(), started + budget * _CREATE_SHARE)
+            if by_topic
+            else ({}, set(), None)
+        )
         for topic, items in by_topic.items():
-            if topic in absent:
+            outcome = aside.get(topic)
+            if outcome is not None:
                 # Its records wait aside (each with its own backoff) while later batches go on; the
-                # topic is asked about again when they come back.
-                missing = retry(
-                    f"kafka topic {topic!r} does not exist and the broker does not create it: create the "
-                    "topic, or enable auto-create (auto.create.topics.enable=true)",
-                    defer=True,
-                )
+                # topic is asked about again when they come back. (Or rejected: not authorised.)
                 for i, _ in items:
-                    outcomes[i] = missing
+                    outcomes[i] = outcome
                 continue
             if stop is not None:
                 for i, _ in items:
                     outcomes[i] = retry(f"not sent: {stop.reason}")
                 continue
             try:
-                all_partitions, available = await self._partitions(topic)
+                # Bounded: several topics each waiting request_timeout_ms for their partitions took the
+                # engine's send_timeout, and the whole batch was sent again.
+                async with asyncio.timeout_at(submit_by):
+                    all_partitions, available = await self._partitions(topic)
             except Exception as exc:
-                outcome = self._classify(exc, topic)
+                from aiokafka.errors import UnknownTopicOrPartitionError
+
+                if isinstance(exc, TimeoutError):
+                    outcome = stop = retry(
+                        f"kafka: the partitions of topic {topic!r} were not known within this send's time "
+                        f"budget ({budget:g}s): the broker is slow to answer metadata"
+                    )
+                elif topic in answered and isinstance(exc, UnknownTopicOrPartitionError):
+                    # A broker has just answered: no outage, and nothing stops (it stopped the batch, so
+                    # every other topic's records were retried with it). The broker aiokafka asked does
+                    # not know the topic (yet): it waits aside as a missing one does.
+                    outcome = self._aside_outcome(topic, _UNKNOWN_TOPIC_OR_PARTITION)
+                    self._note_missing({topic: _UNKNOWN_TOPIC_OR_PARTITION}, set())
+                else:
+                    outcome = self._classify(exc, topic)
+                    if self._stops_batch(outcome, exc):
+                        stop = outcome  # broker unreachable: do not wait request_timeout_ms per topic
                 for i, _ in items:
                     outcomes[i] = outcome
-                if self._stops_batch(outcome, exc):
-                    stop = outcome  # broker unreachable: do not wait request_timeout_ms per topic
                 continue
             count = len(all_partitions)
             murmur2 = self._murmur2
@@ -1511,13 +1664,12 @@ class KafkaSink(Sink[KafkaOptions]):
         if self._aside:
             self._hold_back(batch, groups, outcomes)
 
-        budget = self.context.send_budget
         send_timeout = self.context.send_timeout
         state = _SendState(
             budget=budget,
             # No batch is handed to the producer in the budget's last tenth: what is under way then is
             # normally answered before the deadline, and is not given up (and maybe written twice).
-            submit_by=started + budget * _SUBMIT_SHARE,
+            submit_by=submit_by,
             deadline=started + budget,
             # Waited for past the budget: only a batch handed over in its last request_timeout_ms and
             # its second half. Earlier, and still unanswered at its end, it is stuck (see ack_by).

@@ -202,7 +202,7 @@ async def test_a_missing_topic_is_set_aside_while_other_topics_are_delivered_and
                     "brokers": f"127.0.0.1:{port}",
                     "topic": "k8s-events-{namespace}",
                     "idempotence": False,
-                    "request_timeout_ms": 3000,
+                    "request_timeout_ms": 5000,
                 }
             )
         )
@@ -222,7 +222,9 @@ async def test_a_missing_topic_is_set_aside_while_other_topics_are_delivered_and
                 assert outcome.kind is OutcomeKind.RETRY and outcome.defer, outcome
                 assert "kafka topic 'k8s-events-dev' does not exist" in outcome.reason
                 assert "create the topic, or enable auto-create" in outcome.reason
-            assert elapsed < 2.0  # no wait of request_timeout_ms for the missing topic
+            # No wait of request_timeout_ms for the missing topic: asked about again for 2 s (a broker
+            # with auto-create on answers it so while creating it), then set aside.
+            assert elapsed < 3.5
             records = await broker.consume("k8s-events-shop", expected=3)
             assert {dict(r.headers)["occurrence"].decode() for r in records} == {o.key for o in shop}
 
@@ -233,8 +235,9 @@ async def test_a_missing_topic_is_set_aside_while_other_topics_are_delivered_and
             assert again is not None
             assert all(o.kind is OutcomeKind.RETRY and o.defer for o in again), again
             said = [r for r in caplog.records if "k8s-events-dev" in r.getMessage()]
-            assert len(said) == 1 and said[0].levelno == logging.ERROR, [r.getMessage() for r in said]
-            assert "does not exist and the broker does not create it" in said[0].getMessage()
+            # At WARNING: the broker may have auto-create on and be slow (ERROR when still missing 10 s on).
+            assert len(said) == 1 and said[0].levelno == logging.WARNING, [r.getMessage() for r in said]
+            assert "topic 'k8s-events-dev' does not exist on the broker" in said[0].getMessage()
 
             await broker.create_topics("k8s-events-dev")
             # The engine sends the set-aside records again after their backoff: now they go in.

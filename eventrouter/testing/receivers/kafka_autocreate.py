@@ -1,0 +1,245 @@
+"""A Kafka broker with ``auto.create.topics.enable=true``, answering Metadata as Kafka 2.8+ does, made of
+Tansu and a relay; it can also list brokers that never answer.
+
+Tansu 0.6 creates a topic inside the Metadata request that names it and answers it at once (error 0).
+Kafka does not (``DefaultAutoTopicCreationManager``, 2.8 and later):
+
+- KRaft mode (3.x, and all of 4.x), or a broker forwarding to its controller: the CreateTopics is sent
+  to the controller asynchronously, and the Metadata request that asked is answered
+  UNKNOWN_TOPIC_OR_PARTITION (3) for the topic (``sendCreateTopicRequest``); so is every request asking
+  while that creation is in flight (``filterCreatableTopics``: ``inflightTopics``). The topic appears
+  (error 0) in a later answer. A creation the controller refuses is only logged by the broker: the
+  topic stays 3.
+- ZooKeeper mode (2.8-3.x, ``createTopicsInZk``): the creation is written at once and the answer is
+  LEADER_NOT_AVAILABLE (5) when it succeeded (or the topic already exists) and the creation's own error
+  when it failed: INVALID_REPLICATION_FACTOR (38) while fewer brokers are alive than
+  ``default.replication.factor``, POLICY_VIOLATION (44) under a ``create.topic.policy``. Every later
+  Metadata request naming the topic tries again.
+- A request with ``allow_auto_topic_creation`` false (Metadata v4+, KIP-361) creates nothing and gets 3.
+
+The relay clears ``allow_auto_topic_creation`` in each Metadata request (so Tansu answers 3 for a missing
+topic and creates nothing, as ``kafka_no_autocreate``), and for a topic Tansu answered 3 to a request
+that allowed creation:
+
+- ``create_delay`` (seconds; None: never): the "controller" creates it that long after the first such
+  answer (with Tansu's admin API, 4 partitions); until then the relay answers ``creating_code`` (3 as
+  KRaft answers; 5 as ZooKeeper mode answers once it wrote the creation).
+- ``codes``: topic -> error code answered instead, for ever, the topic never created (ZooKeeper mode's
+  creation error: 38, 44).
+
+``stale``: topic -> how many answers give it as Tansu has it; later ones answer 3 without partitions (a
+broker whose metadata cache does not hold it: Kafka's brokers learn a new topic each at its own time, and
+a deleted one leaves each at its own time).
+
+``extra_brokers``: (node id, port) of brokers on 127.0.0.1 added to every Metadata answer, before the
+broker's own, e.g. a ``silent.SilentServer`` (a broker in a stall, or one behind a network partition,
+that accepts connections and never answers). Changing the list changes the next answers.
+
+``asked`` holds the topics of each Metadata request that named topics, ``answered`` each (topic, code)
+as answered. Metadata up to v5 is handled (aiokafka asks with v5 at most); v0-v3 have no such flag, and
+Kafka treats them as allowing creation: they reach Tansu unchanged, which creates at once; v6 and later
+pass unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from aiokafka.protocol import metadata as md
+
+from ._relay import Relay
+from .tansu import TansuBroker, free_port
+
+__all__ = [
+    "INVALID_REPLICATION_FACTOR",
+    "LEADER_NOT_AVAILABLE",
+    "POLICY_VIOLATION",
+    "UNKNOWN_TOPIC_OR_PARTITION",
+    "AutoCreate",
+    "asks",
+    "broker_with_auto_create",
+]
+
+API_METADATA = 3
+UNKNOWN_TOPIC_OR_PARTITION = 3
+LEADER_NOT_AVAILABLE = 5
+INVALID_REPLICATION_FACTOR = 38
+POLICY_VIOLATION = 44
+_RESPONSES: dict[int, Any] = {v: getattr(md, f"MetadataResponse_v{v}") for v in range(6)}
+"""The answers aiokafka can decode (it asks with v5 at most)."""
+
+
+def asks(answered: list[tuple[str, int]], topic: str) -> int:
+    """How many answers (``AutoCreate.answered``) named ``topic``."""
+    return sum(name == topic for name, _ in answered)
+
+
+@contextlib.asynccontextmanager
+async def broker_with_auto_create(
+    *,
+    create_delay: float | None = 0.3,
+    creating_code: int = UNKNOWN_TOPIC_OR_PARTITION,
+    codes: dict[str, int] | None = None,
+    stale: dict[str, int] | None = None,
+    extra_brokers: Sequence[tuple[int, int]] = (),
+) -> AsyncIterator[tuple[TansuBroker, AutoCreate]]:
+    """A Tansu broker behind the relay, advertising the relay: clients reach it at
+    ``127.0.0.1:{relay.listen_port}``; ``broker`` itself (its own port) still creates topics at once."""
+    port = free_port()
+    async with TansuBroker(advertised_port=port) as broker:
+        relay = AutoCreate(
+            listen_port=port,
+            target_port=broker.port,
+            broker=broker,
+            create_delay=create_delay,
+            creating_code=creating_code,
+            codes=codes,
+            stale=stale,
+            extra_brokers=extra_brokers,
+        )
+        async with relay:
+            yield broker, relay
+
+
+class AutoCreate(Relay):
+    """In front of Tansu: Metadata answered as a Kafka broker with auto-create on answers (see the
+    module). Start the broker with ``advertised_port`` set to this relay's port."""
+
+    def __init__(
+        self,
+        *,
+        listen_port: int,
+        target_port: int,
+        broker: TansuBroker,
+        create_delay: float | None = 0.3,
+        creating_code: int = UNKNOWN_TOPIC_OR_PARTITION,
+        codes: dict[str, int] | None = None,
+        stale: dict[str, int] | None = None,
+        extra_brokers: Sequence[tuple[int, int]] = (),
+    ) -> None:
+        super().__init__(listen_port=listen_port, target_port=target_port)
+        self.broker = broker
+        self.create_delay = create_delay
+        self.creating_code = creating_code
+        self.codes: dict[str, int] = dict(codes or {})
+        self.stale: dict[str, int] = dict(stale or {})
+        self.extra_brokers: list[tuple[int, int]] = list(extra_brokers)
+        self.creating: set[str] = set()
+        """Topics whose creation was started (in flight, or done)."""
+        self.asked: list[list[str]] = []
+        self.answered: list[tuple[str, int]] = []
+
+    async def _create(self, topic: str) -> None:
+        try:
+            await asyncio.sleep(self.create_delay or 0.0)
+            await self.broker.create_topics(topic)
+        except Exception:
+            # Not in flight any more: as Kafka's, the next request asking starts a creation again.
+            self.creating.discard(topic)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
+        except OSError:
+            writer.close()
+            if task is not None:
+                self._tasks.discard(task)
+            return
+        pending: dict[int, tuple[int, bool]] = {}  # correlation id -> (Metadata version, creation allowed)
+        directions = [
+            asyncio.ensure_future(self._requests(reader, up_writer, pending)),
+            asyncio.ensure_future(self._responses(up_reader, writer, pending)),
+        ]
+        try:
+            await asyncio.wait(directions, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            pass  # the relay is stopping
+        finally:
+            for direction in directions:
+                direction.cancel()
+            await asyncio.gather(*directions, return_exceptions=True)
+            await self.close(writer, up_writer)
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _requests(
+        self, reader: asyncio.StreamReader, up: asyncio.StreamWriter, pending: dict[int, tuple[int, bool]]
+    ) -> None:
+        while True:
+            try:
+                (size,) = struct.unpack(">i", await reader.readexactly(4))
+                request = bytearray(await reader.readexactly(size))
+            except (asyncio.IncompleteReadError, OSError):
+                return
+            api_key, version, correlation = struct.unpack_from(">hhi", request)
+            if api_key == API_METADATA and version in _RESPONSES:
+                allowed = True  # before v4 there is no flag, and Kafka creates
+                if version >= 4:
+                    # Request header v1, then (not flexible up to v8) topics ARRAY(STRING), the flag.
+                    (client_len,) = struct.unpack_from(">h", request, 8)
+                    at = 10 + max(client_len, 0)
+                    (count,) = struct.unpack_from(">i", request, at)
+                    at += 4
+                    topics = []
+                    for _ in range(max(count, 0)):
+                        (length,) = struct.unpack_from(">h", request, at)
+                        topics.append(request[at + 2 : at + 2 + length].decode())
+                        at += 2 + length
+                    if topics:
+                        self.asked.append(topics)
+                    allowed = bool(request[at])
+                    request[at] = 0  # Tansu creates nothing: the creation is this relay's (_create)
+                pending[correlation] = (version, allowed)
+            up.write(struct.pack(">i", size) + bytes(request))
+            await up.drain()
+
+    async def _responses(
+        self, up: asyncio.StreamReader, writer: asyncio.StreamWriter, pending: dict[int, tuple[int, bool]]
+    ) -> None:
+        while True:
+            try:
+                (size,) = struct.unpack(">i", await up.readexactly(4))
+                body = await up.readexactly(size)
+            except (asyncio.IncompleteReadError, OSError):
+                return
+            (correlation,) = struct.unpack_from(">i", body)
+            asked = pending.pop(correlation, None)
+            if asked is not None:
+                body = body[:4] + self._answer(*asked, body[4:])
+            writer.write(struct.pack(">i", len(body)) + body)
+            await writer.drain()
+
+    def _answer(self, version: int, allowed: bool, body: bytes) -> bytes:
+        answer = _RESPONSES[version].decode(body)
+        topics = []
+        for code, name, *rest in answer.topics:
+            if name in self.stale and asks(self.answered, name) >= self.stale[name]:
+                code, rest[-1] = UNKNOWN_TOPIC_OR_PARTITION, []  # (..., partitions) in every version
+            elif code == UNKNOWN_TOPIC_OR_PARTITION and allowed:
+                if name in self.codes:
+                    code = self.codes[name]
+                elif self.create_delay is not None:
+                    if name not in self.creating:
+                        self.creating.add(name)
+                        task = asyncio.get_running_loop().create_task(self._create(name))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+                    code = self.creating_code
+            self.answered.append((name, code))
+            topics.append((code, name, *rest))
+        answer.topics = topics
+        if self.extra_brokers:
+            extra = [
+                (node, self.host, port) if version == 0 else (node, self.host, port, None)
+                for node, port in self.extra_brokers
+            ]
+            answer.brokers = [*extra, *answer.brokers]
+        encoded: bytes = answer.encode()
+        return encoded
