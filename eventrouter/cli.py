@@ -680,8 +680,10 @@ async def _check(args: argparse.Namespace) -> int:
             retry_wait_max=spec.pipeline.retry_wait_max,
         )
         sink = spec.build(context)
+        # What the sink keeps, the defaults named: a filter keeping little is seen before it runs.
+        shown = spec.describe() + (f"  filter: {kept}" if (kept := spec.filter_text()) else "")
         if args.offline:
-            print(f"valid {spec.describe()}")
+            print(f"valid {shown}")
             await _close_checked(sink)
             continue
         try:
@@ -696,7 +698,7 @@ async def _check(args: argparse.Namespace) -> int:
             failed += 1  # let out by the sink: a traceback named no sink and skipped the others
             print(f"FAIL  {spec.describe()}: check() {STRAY_CANCEL}")
         else:
-            print(f"ok    {spec.describe()}")
+            print(f"ok    {shown}")
         finally:
             await _close_checked(sink)
     return 1 if failed else 0

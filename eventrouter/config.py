@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import builtins
 import difflib
+import itertools
 import logging
 import re
 import urllib.parse
@@ -30,6 +31,7 @@ from eventrouter.options import (
     redact_url,
     safe_name,
     shown_address,
+    split_list,
     userinfo_hint,
 )
 from eventrouter.plugins import PluginError, SinkPlugin, discover
@@ -79,6 +81,8 @@ class SinkSpec:
     """The flat options as configured, ``file:`` references unread: validated again when a file
     they name changes (a rotated credential), see ``reread``."""
     origin: str = field(default="sink", compare=False, repr=False)
+    defaulted: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    """The filter options the sink's ``default_filter`` set (none configured)."""
 
     def reread(self) -> SinkSpec:
         """The same sink validated again from its configured options: re-reads every ``file:``
@@ -94,6 +98,18 @@ class SinkSpec:
             raise ConfigError(
                 f"{self.source}: the {self.type} sink cannot be built: {type(exc).__name__}: {exc}"
             ) from None
+
+    def filter_text(self) -> str:
+        """The filter the sink applies, as ``check`` shows it (``level=Warning (default);
+        kinds=Pod,Deployment``); empty when it keeps everything."""
+        shown = []
+        for name in FilterOptions.model_fields:
+            value = getattr(self.filter, name)
+            if value in ([], None) or (name == "min_count" and value == 1):
+                continue
+            text = ",".join(value) if isinstance(value, list) else str(value)
+            shown.append(f"{name}={text}" + (" (default)" if name in self.defaulted else ""))
+        return "; ".join(shown)
 
     def describe(self) -> str:
         return (
@@ -135,7 +151,10 @@ def parse_sink_flag(flag: str, *, where: str = "--sink", name: str | None = None
             existing = entry[key]
             entry[key] = [*existing, value] if isinstance(existing, list) else [existing, value]
         elif key in ("type",):
-            raise ConfigError(f"--sink {type_}: option 'type' is not allowed in the query")
+            raise ConfigError(
+                f"--sink {type_}: option 'type' is not allowed in the query (the sink's type is what "
+                "precedes the first ':'; to keep events of a type, write types=Warning)"
+            )
         else:
             entry[key] = value
         entry[QUERY_KEYS].append(key)
@@ -215,13 +234,26 @@ def _with_url_query(entry: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     return {**entry, **{k: v for k, v in parsed.items() if k != "type"}}
 
 
-def _coerce_query_value(model: type[BaseModel], key: str, value: Any) -> Any:
-    """A repeated key for a scalar field keeps the last value, like most URL parsers."""
-    info = model.model_fields.get(key)
+def _coerce_query_value(model: type[BaseModel], key: str, value: Any, where: str) -> Any:
+    """A list for an option that takes one value: its one item, else refused naming the option. A
+    repeated query key kept its last value without a word: `message=A&message=B` dropped what matched
+    only A, `level=Warning&level=Normal` made a robot page Normal events (kube-eventer took the first
+    value, so a migrated flag meant the opposite)."""
+    info = next((i for n, i in model.model_fields.items() if key in _names_of(n, i)), None)
     if isinstance(value, list) and info is not None:
         origin = getattr(info.annotation, "__origin__", None)
         if origin not in (list, tuple, set, dict) and info.annotation not in (list, dict):
-            return value[-1]
+            if len(value) == 1:
+                return value[0]
+            hint = (
+                "; to match any of several patterns, join them in one regular expression: A|B"
+                if key in _REGEX_OPTIONS
+                else ""
+            )
+            raise ConfigError(
+                f"{where}: option {key!r} is given {len(value)} times (a repeated query key or a YAML "
+                f"list), but takes one value{hint}"
+            )
     return value
 
 
@@ -306,24 +338,54 @@ def spec_for_class(
     origin = where
     entry = dict(entry)
     entry.pop("type", None)
-    from_query = set(entry.pop(QUERY_KEYS, ()))
+    query_order: list[str] = list(entry.pop(QUERY_KEYS, ()))
+    from_query = set(query_order)
     with_plus = set(entry.pop(QUERY_PLUS, ()))
     # Sinks may supply defaults fitting their purpose (alert robots: Warning only).
     defaults: Mapping[str, Any] = getattr(sink_cls, "default_filter", {}) or {}
     filter_keys = field_names(FilterOptions)
     pipeline_keys = field_names(PipelineOptions)
     filt = {k: v for k, v in entry.items() if k in filter_keys}
-    type_keys = {"level", "type", "types"}
+    type_keys = {"level", "types"}
+    # A type filter left empty is none, as an empty list is elsewhere: a YAML `level:` or `level: ~`
+    # (a value commented out, a blank Helm value), `types: []` or `types=` counted as given and
+    # replaced a robot's Warning default with nothing, so it paged every Normal event. (`level=`
+    # given as an empty text stays refused, item 93.)
+    if filt.get("level", "") is None:
+        del filt["level"]
+    if "types" in filt and split_list(filt["types"]) in (None, []):
+        del filt["types"]
+    defaulted: set[str] = set()
     for k, v in defaults.items():
         # A user's own type filter replaces the sink's default type filter entirely.
         if k in type_keys and type_keys & filt.keys():
             continue
-        filt.setdefault(k, v)
+        if k not in filt:
+            defaulted.add(k)
+            filt[k] = v
     pipe = {k: v for k, v in entry.items() if k in pipeline_keys}
     own = {k: v for k, v in entry.items() if k not in filter_keys and k not in pipeline_keys}
     name = str(pipe.get("name") or type_)
     where = f"{where} (sink {name!r})"
     model = sink_cls.options_model
+    known_keys = field_names(model) | COMMON_KEYS
+    for key, credential in _credential_tails(query_order, entry, model).items():
+        if key not in known_keys:
+            # Before anything else names the key: it may be the credential's rest. A key that is an
+            # option's name is taken as that option (`access_token=T&level=Warnig` is named as usual).
+            passthrough = getattr(sink_cls, "url_query_passthrough", False)
+            raise ConfigError(
+                f"{where}: the query key after option {credential!r} is no option of this sink; it is "
+                "not shown, as it may be the rest of that credential cut at a raw &: write & in a value "
+                "as %26, or give the credential as env:NAME or file:/path"
+                + (f"; a query parameter of the endpoint goes before {credential!r}" if passthrough else "")
+            )
+    for key in entry:
+        if key != key.strip() and key.strip() in known_keys:
+            raise ConfigError(
+                f"{where}: option {key.strip()!r} has white space around its name (a space after & "
+                "in the query?)"
+            )
     if getattr(sink_cls, "url_query_passthrough", False):
         # Endpoints whose own URL carries query parameters (webhooks with ?token=...): keys the
         # router does not know stay in the URL instead of being refused as unknown options.
@@ -384,7 +446,7 @@ def spec_for_class(
     ]
     validated: list[Any] = []
     for part_model, part in parts:
-        values = {k: _coerce_query_value(part_model, k, v) for k, v in part.items()}
+        values = {k: _coerce_query_value(part_model, k, v, where) for k, v in part.items()}
         try:
             validated.append(part_model.model_validate(values))
         except ValidationError as exc:
@@ -402,6 +464,7 @@ def spec_for_class(
                 + ")"
             ) from None
     filter_opts, pipeline_opts, options = validated
+    _check_types(filter_opts, where, robot="types" not in defaulted and bool(type_keys & defaults.keys()))
     _refuse_control_characters(options, where)
     try:
         check_tls_files(options)
@@ -417,7 +480,60 @@ def spec_for_class(
         source=where,
         entry=configured,
         origin=origin,
+        defaulted=frozenset(defaulted),
     )
+
+
+def _check_types(filt: FilterOptions, where: str, *, robot: bool) -> None:
+    """Types other than Normal and Warning, which Kubernetes' event recorders alone write (core/v1
+    does not check them): refused on a sink whose default type filter they replace when they keep
+    neither (an alert robot that would page nothing), else a warning. A near miss of Normal or
+    Warning is refused by ``FilterOptions`` itself."""
+    other = [t for t in filt.types if t not in ("Normal", "Warning")]
+    if not other:
+        return
+    if robot and len(other) == len(filt.types):
+        raise ConfigError(
+            f"{where}: option 'types': {','.join(filt.types)} has neither Normal nor Warning, the types "
+            "of Kubernetes events, and replaces this sink's default level=Warning: it would send nothing"
+        )
+    log.warning(
+        "%s: option 'types': %s is neither Normal nor Warning, the types of Kubernetes events; "
+        "this sink keeps only events of the types listed",
+        where,
+        ",".join(other),
+    )
+
+
+_HEADER_REFERENCE = re.compile(rf"[^=:]+[=:]\s*(?:{_REFERENCE.pattern})\s*")
+
+
+def _credential_tails(
+    order: Sequence[str], entry: Mapping[str, Any], model: type[BaseModel]
+) -> dict[str, str]:
+    """The query keys that directly follow a credential given as a literal, each with that
+    credential's key. ``password=Xq7&Lm9vR2`` is cut at its raw &: ``Lm9vR2`` becomes a key, which an
+    "unknown option" error printed and a webhook sent on in its URL (to the endpoint, its logs,
+    ``check``). A key after an ``env:``/``file:`` reference is no such tail."""
+    secrets = {
+        alias
+        for name, info in model.model_fields.items()
+        if "SecretStr" in str(info.annotation)
+        for alias in _names_of(name, info)
+    }
+    tails: dict[str, str] = {}
+    for before, key in itertools.pairwise(order):
+        if before not in secrets:
+            continue
+        value = entry.get(before)
+        values = value if isinstance(value, list) else [value]
+        if all(
+            isinstance(v, str) and (_REFERENCE.fullmatch(v.strip()) or _HEADER_REFERENCE.fullmatch(v))
+            for v in values
+        ):
+            continue
+        tails.setdefault(key, before)
+    return tails
 
 
 _REGEX_OPTIONS = frozenset({"message", "message_regex", "exclude_message"})

@@ -7,6 +7,7 @@ belongs to the sink's own ``options_model``.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import os
 import re
@@ -385,16 +386,81 @@ def name_matches(patterns: list[str], value: str) -> bool:
 _NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # a DNS-1123 label, as --namespace
 _NAMESPACE_GLOB = re.compile(r"[-a-z0-9*?\[\]!^]+")
 
+# What a kind, reason or component filter value may not hold. Kinds are Go type names: built-in ones
+# CamelCase, a CRD's a DNS-1035 label once lower-cased (apiextensions validation), so letters, digits,
+# '-' (and '_', which a Go name may hold). Reasons and components are free text in core/v1 (UpperCamelCase
+# and names like k8s.io/kubelet by convention), so only what cannot be meant literally is refused:
+# regular-expression syntax (kube-eventer's webhook `reason=` and kubernetes-event-exporter's rules are
+# regexps, and such a value kept nothing here, counted only as filtered) and separators typed for a
+# comma. A name that really holds one of these characters can still be matched with the glob `?`.
+_KIND_CHAR = re.compile(r"[A-Za-z0-9_-]")
+_REGEX_SYNTAX = re.compile(r"[|^$()+\\{}]|\.\*")
+_SEPARATOR = re.compile(r"[\s;]")
+
+
+def _glob_literals(pattern: str) -> str | None:
+    """The characters a shell glob (``fnmatch``) matches as themselves: outside ``*``, ``?`` and
+    ``[...]`` sets. None when a ``[`` opens no set (fnmatch then takes it as itself) or a ``]``
+    closes none: the shape of ``[Pod,Node]`` split at its comma."""
+    literal: list[str] = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "[":
+            j = i + 1
+            if j < len(pattern) and pattern[j] == "!":
+                j += 1
+            if j < len(pattern) and pattern[j] == "]":
+                j += 1  # a ] first in a set is one of its characters
+            end = pattern.find("]", j)
+            if end < 0:
+                return None
+            i = end + 1
+            continue
+        if c == "]":
+            return None
+        if c not in "*?":
+            literal.append(c)
+        i += 1
+    return "".join(literal)
+
+
+def _name_filter_problem(value: str, field: str) -> str | None:
+    """Why no event can carry ``value`` in the filter list ``field`` (kinds, reasons, components
+    and their ``exclude_`` forms), or None."""
+    several = f"list several as {field}=A,B or as a YAML list"
+    glob = {"kinds": "*Set", "reasons": "Failed*", "components": "kube-*"}[field.removeprefix("exclude_")]
+    if _REGEX_SYNTAX.search(value):
+        return (
+            f"{value!r} reads as a regular expression, which {field} does not take: names (any case) "
+            f"or shell globs such as {glob}; {several} (only message= and exclude_message= take a "
+            "regular expression)"
+        )
+    if _SEPARATOR.search(value):
+        return (
+            f"{value!r} holds a space or ';': {several} (a + in a --sink query reads as a space; "
+            "a name that really holds one is matched with ?)"
+        )
+    literal = _glob_literals(value)
+    if literal is None:
+        return f"{value!r} has a [ or ] that opens or closes no glob set: {several}, not [A,B]"
+    if field.endswith("kinds") and not all(_KIND_CHAR.fullmatch(c) for c in literal):
+        return (
+            f"{value!r} is no kind: a kind is a name such as Pod or HorizontalPodAutoscaler "
+            "(letters, digits, '-'), without its group or version, or a shell glob such as *Set"
+        )
+    return None
+
+
+_KNOWN_TYPES = ("Normal", "Warning")
+
 
 class FilterOptions(_Strict):
     """Which occurrences a sink receives. Empty lists, and an empty message or exclude_message, mean
     "no restriction"."""
 
-    types: StrList = Field(
-        default_factory=list,
-        validation_alias=AliasChoices("types", "type"),
-        description="Event types to keep (Normal, Warning).",
-    )
+    # No `type` alias: in a YAML entry `type` is the sink's type, and a --sink query refuses it.
+    types: StrList = Field(default_factory=list, description="Event types to keep (Normal, Warning).")
     level: str | None = Field(
         None,
         description="kube-eventer style minimum level: Normal keeps all, Warning keeps Warning only.",
@@ -404,13 +470,15 @@ class FilterOptions(_Strict):
     namespaces: StrList = Field(default_factory=list, description="Keep only these namespaces.")
     exclude_namespaces: StrList = Field(default_factory=list, description="Drop these namespaces.")
     kinds: StrList = Field(
-        default_factory=list, description="Keep only these involved-object kinds (any case: pod is Pod)."
+        default_factory=list,
+        description="Keep only these involved-object kinds (any case: pod is Pod; globs such as *Set).",
     )
     exclude_kinds: StrList = Field(
         default_factory=list, description="Drop these involved-object kinds (any case)."
     )
     reasons: StrList = Field(
-        default_factory=list, description="Keep only these reasons (any case: backoff is BackOff)."
+        default_factory=list,
+        description="Keep only these reasons (any case: backoff is BackOff; globs such as Failed*).",
     )
     exclude_reasons: StrList = Field(default_factory=list, description="Drop these reasons (any case).")
     message: str | None = Field(
@@ -441,8 +509,28 @@ class FilterOptions(_Strict):
     @field_validator("types")
     @classmethod
     def _types(cls, value: list[str]) -> list[str]:
-        # Spelt as the API server does; other types are kept as given (core/v1 does not check them).
-        return [{"normal": "Normal", "warning": "Warning"}.get(t.lower(), t) for t in value]
+        # Spelt as the API server does; other types are kept as given (core/v1 does not check them),
+        # but one a letter or two from Normal or Warning is a typo: `types=Warnig` kept nothing, and
+        # on an alert robot it replaced the Warning default, so the channel went quiet.
+        known = {t.lower(): t for t in _KNOWN_TYPES}
+        for t in value:
+            close = difflib.get_close_matches(t.lower(), known, n=1, cutoff=0.6)
+            if t.lower() not in known and close:
+                raise ValueError(
+                    f"{t!r} is no event type: did you mean {known[close[0]]}? "
+                    f"(Kubernetes events are {' or '.join(_KNOWN_TYPES)})"
+                )
+        return [known.get(t.lower(), t) for t in value]
+
+    @field_validator("kinds", "exclude_kinds", "reasons", "exclude_reasons", "components")
+    @classmethod
+    def _names(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        field = info.field_name or "kinds"
+        for name in value:
+            problem = _name_filter_problem(name, field)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _level_and_types(self) -> FilterOptions:
@@ -481,7 +569,8 @@ class FilterOptions(_Strict):
     @classmethod
     def _not_everything(cls, value: list[str], info: ValidationInfo) -> list[str]:
         for pattern in value:
-            if set(pattern) == {"*"}:
+            # `*`, and `*?` or `?*`: every name (of at least as many characters as there are ?).
+            if "*" in pattern and set(pattern) <= {"*", "?"}:
                 raise ValueError(
                     f"{info.field_name}={pattern} drops everything: the sink would receive nothing "
                     "(a sink that should receive nothing is one to remove)"

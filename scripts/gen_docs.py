@@ -209,7 +209,7 @@ def render_sinks() -> str:
         if default_filter:
             given = ", ".join(f"`{k}={_scalar(v)}`" for k, v in default_filter.items())
             how = (
-                "Any of `level`, `type`, `types` given replaces a default on the event type "
+                "Any of `level`, `types` given (not empty) replaces a default on the event type "
                 "(`level=Normal` receives every event); other keys override the default of the same key."
             )
             out.append(f"Default filter: {given}. {how}\n")

@@ -243,11 +243,11 @@ def test_a_plus_in_a_query_credential_or_regex_is_refused_naming_the_option(
         assert f"option {option!r}: a + in a query reads as a space: {hint}" in out, out
         assert SECRET not in out, out
     # %2B is a +; a + elsewhere is still a space, as kube-eventer's flags expect.
-    (hook,) = build_specs(["webhook:http://h/x?secret=k3y%2BTok/en==&team=a+b"])
+    (hook,) = build_specs(["webhook:http://h/x?team=a+b&secret=k3y%2BTok/en=="])
     assert hook.options.secret.get_secret_value() == "k3y+Tok/en=="  # type: ignore[attr-defined]
     assert hook.options.url == "http://h/x?team=a+b"
-    (stdout,) = build_specs(["stdout:?message=Back-off.%2Brestarting&reasons=Back+Off"])
-    assert stdout.filter.message == "Back-off.+restarting" and stdout.filter.reasons == ["Back Off"]
+    (stdout,) = build_specs(["stdout:?message=Back-off.%2Brestarting&name=my+stdout"])
+    assert stdout.filter.message == "Back-off.+restarting" and stdout.name == "my stdout"
 
 
 # ---- selections that keep nothing (finding 7) ----------------------------------------------------
