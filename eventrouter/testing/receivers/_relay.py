@@ -6,9 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from typing import Self
+from collections.abc import Callable, Coroutine
+from typing import Any, Self
 
 __all__ = ["Relay"]
+
+Directions = Callable[
+    [asyncio.StreamReader, asyncio.StreamWriter], tuple[Coroutine[Any, Any, None], Coroutine[Any, Any, None]]
+]
+"""Given the upstream connection, the two coroutines that relay a connection: (upward, downward)."""
 
 
 class Relay:
@@ -62,6 +68,32 @@ class Relay:
         finally:
             for task in pumps:
                 task.cancel()
+                self._tasks.discard(task)
+
+    async def relay_with(self, writer: asyncio.StreamWriter, directions: Directions) -> None:
+        """Connect upstream and run both ``directions`` of a client's connection until either ends
+        (or the relay stops), then close both sides. For relays that read what they pass on."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            try:
+                up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
+            except OSError:
+                writer.close()
+                return
+            running = [asyncio.ensure_future(c) for c in directions(up_reader, up_writer)]
+            try:
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                pass  # the relay is stopping: asyncio 3.11 logs a connection handler that ends cancelled
+            finally:
+                for direction in running:
+                    direction.cancel()
+                await asyncio.gather(*running, return_exceptions=True)
+                await self.close(writer, up_writer)
+        finally:
+            if task is not None:
                 self._tasks.discard(task)
 
     @staticmethod

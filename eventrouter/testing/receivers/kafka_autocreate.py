@@ -142,32 +142,14 @@ class AutoCreate(Relay):
             self.creating.discard(topic)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
-        except OSError:
-            writer.close()
-            if task is not None:
-                self._tasks.discard(task)
-            return
         pending: dict[int, tuple[int, bool]] = {}  # correlation id -> (Metadata version, creation allowed)
-        directions = [
-            asyncio.ensure_future(self._requests(reader, up_writer, pending)),
-            asyncio.ensure_future(self._responses(up_reader, writer, pending)),
-        ]
-        try:
-            await asyncio.wait(directions, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            pass  # the relay is stopping
-        finally:
-            for direction in directions:
-                direction.cancel()
-            await asyncio.gather(*directions, return_exceptions=True)
-            await self.close(writer, up_writer)
-            if task is not None:
-                self._tasks.discard(task)
+        await self.relay_with(
+            writer,
+            lambda up_reader, up_writer: (
+                self._requests(reader, up_writer, pending),
+                self._responses(up_reader, writer, pending),
+            ),
+        )
 
     async def _requests(
         self, reader: asyncio.StreamReader, up: asyncio.StreamWriter, pending: dict[int, tuple[int, bool]]

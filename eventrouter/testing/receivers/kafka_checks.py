@@ -135,28 +135,14 @@ class BrokerChecksProxy(Relay):
         self._batches: dict[tuple[int, str, int], deque[_Batch]] = {}
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
         pending: asyncio.Queue[_Pending] = asyncio.Queue()
-        # Either side closing (or the relay stopping) ends both directions.
-        directions = [
-            asyncio.ensure_future(self._requests(reader, up_writer, pending)),
-            asyncio.ensure_future(self._responses(up_reader, writer, pending)),
-        ]
-        try:
-            await asyncio.wait(directions, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            pass  # the relay is stopping: asyncio 3.11 logs a connection handler that ends cancelled
-        finally:
-            for direction in directions:
-                direction.cancel()
-            await asyncio.gather(*directions, return_exceptions=True)
-            for w in (writer, up_writer):
-                w.close()
-            if task is not None:
-                self._tasks.discard(task)
+        await self.relay_with(
+            writer,
+            lambda up_reader, up_writer: (
+                self._requests(reader, up_writer, pending),
+                self._responses(up_reader, writer, pending),
+            ),
+        )
 
     async def _requests(
         self, reader: asyncio.StreamReader, up: asyncio.StreamWriter, pending: asyncio.Queue[_Pending]

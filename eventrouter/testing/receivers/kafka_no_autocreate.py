@@ -45,25 +45,10 @@ class NoAutoCreate(Relay):
         """The topics of each Metadata request that named topics, in order."""
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
-        directions = [
-            asyncio.ensure_future(self._requests(reader, up_writer)),
-            asyncio.ensure_future(self.pump(up_reader, writer)),
-        ]
-        try:
-            await asyncio.wait(directions, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            pass  # the relay is stopping
-        finally:
-            for direction in directions:
-                direction.cancel()
-            await asyncio.gather(*directions, return_exceptions=True)
-            await self.close(writer, up_writer)
-            if task is not None:
-                self._tasks.discard(task)
+        await self.relay_with(
+            writer,
+            lambda up_reader, up_writer: (self._requests(reader, up_writer), self.pump(up_reader, writer)),
+        )
 
     async def _requests(self, reader: asyncio.StreamReader, up: asyncio.StreamWriter) -> None:
         with_error = (asyncio.IncompleteReadError, OSError)
