@@ -97,6 +97,21 @@ def free_port() -> int:
 # ------------------------------------------------------------------------------------------ osmem
 
 
+async def _check(flag: str) -> tuple[int | None, str]:
+    """``eventrouter check`` of one sink, as an operator runs it: its exit code and output."""
+    check = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "eventrouter.cli",
+        "check",
+        flag,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output = (await asyncio.wait_for(check.communicate(), 60))[0].decode()
+    return check.returncode, output
+
+
 async def test_recorded_occurrences_read_back_by_id_and_by_search(cluster: Cluster) -> None:
     occs = recorded_occurrences()
     assert len(occs) == 126
@@ -1572,17 +1587,8 @@ async def test_a_token_in_the_node_urls_path_shows_in_no_log_start_error_or_chec
         with pytest.raises(SinkError) as start:
             async with running_sink(wrong):
                 pass
-        check = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "eventrouter.cli",
-            "check",
-            f"--sink=elasticsearch:{wrong}",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        output = (await asyncio.wait_for(check.communicate(), 60))[0].decode()
-    assert check.returncode != 0
+        code, output = await _check(f"--sink=elasticsearch:{wrong}")
+    assert code != 0
     assert f"GET / on {gateway.url}/gw/***/wrong answered 404" in str(start.value)
     assert f"GET / on {gateway.url}/gw/***/wrong answered 404" in output
     assert f"connected to opensearch 3.8.0 at {gateway.url}/gw/***" in caplog.text
@@ -1664,17 +1670,8 @@ async def test_a_token_in_the_node_urls_path_shows_in_no_error_text_of_an_unpars
         with pytest.raises(SinkError) as start:
             async with running_sink(url, hosts=f"{front.url}/gw/{TOKEN}/b/"):
                 pass
-        check = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "eventrouter.cli",
-            "check",
-            f"--sink=elasticsearch:{url}",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        output = (await asyncio.wait_for(check.communicate(), 60))[0].decode()
-    assert check.returncode != 0
+        code, output = await _check(f"--sink=elasticsearch:{url}")
+    assert code != 0
     assert "Got more than 8190 bytes" in failed.value.reason
     assert f"url='{front.url}/gw/****/_bulk?timeout=" in failed.value.reason
     assert f"url='{front.url}/gw/****/_bulk?timeout=" in records[0]["reason"]
