@@ -22,6 +22,7 @@ from pydantic.fields import FieldInfo
 
 from eventrouter.options import (
     COMMON_KEYS,
+    QUERY_PLUS_FIELDS,
     FilterOptions,
     OptionError,
     PipelineOptions,
@@ -369,11 +370,16 @@ def spec_for_class(
     where = f"{where} (sink {name!r})"
     model = sink_cls.options_model
     known_keys = field_names(model) | COMMON_KEYS
+    passthrough = getattr(sink_cls, "url_query_passthrough", False)
+    for key in entry:
+        if passthrough and key in _KUBE_EVENTER_WEBHOOK_KEYS and key not in known_keys:
+            # Kept in the URL, they reached the endpoint and did nothing (no template, no filter).
+            # Named before the tails below: a key spelt so is no rest of a credential.
+            raise ConfigError(f"{where}: option {key!r}: {_KUBE_EVENTER_WEBHOOK_KEYS[key]}")
     for key, credential in _credential_tails(query_order, entry, model).items():
         if key not in known_keys:
             # Before anything else names the key: it may be the credential's rest. A key that is an
             # option's name is taken as that option (`access_token=T&level=Warnig` is named as usual).
-            passthrough = getattr(sink_cls, "url_query_passthrough", False)
             raise ConfigError(
                 f"{where}: the query key after option {credential!r} is no option of this sink; it is "
                 "not shown, as it may be the rest of that credential cut at a raw &: write & in a value "
@@ -386,7 +392,7 @@ def spec_for_class(
                 f"{where}: option {key.strip()!r} has white space around its name (a space after & "
                 "in the query?)"
             )
-    if getattr(sink_cls, "url_query_passthrough", False):
+    if passthrough:
         # Endpoints whose own URL carries query parameters (webhooks with ?token=...): keys the
         # router does not know stay in the URL instead of being refused as unknown options.
         known = field_names(model)
@@ -444,11 +450,16 @@ def spec_for_class(
         (PipelineOptions, pipe),
         (model, own),
     ]
+    # The filter fields a + was read as a space in: `reasons=Back+Off` is refused, a reason with a
+    # space written %20 (or in YAML) is taken.
+    plus_fields = {
+        name for name, info in FilterOptions.model_fields.items() if _names_of(name, info) & with_plus
+    }
     validated: list[Any] = []
     for part_model, part in parts:
         values = {k: _coerce_query_value(part_model, k, v, where) for k, v in part.items()}
         try:
-            validated.append(part_model.model_validate(values))
+            validated.append(part_model.model_validate(values, context={QUERY_PLUS_FIELDS: plus_fields}))
         except ValidationError as exc:
             raise ConfigError(_format_errors(where, exc)) from None
         except Exception as exc:
@@ -507,6 +518,49 @@ def _check_types(filt: FilterOptions, where: str, *, robot: bool) -> None:
 
 _HEADER_REFERENCE = re.compile(rf"[^=:]+[=:]\s*(?:{_REFERENCE.pattern})\s*")
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token, as sinks/_headers.py
+
+_SENSITIVE_HEADER = re.compile(r"auth|token|key|secret|pass|sign|cookie|session|credential", re.IGNORECASE)
+"""A header whose name holds one of these words carries a credential (Authorization,
+Proxy-Authorization, Cookie, X-Api-Key, X-Hub-Signature…); the webhook's 401 message names headers
+with nearly the same words."""
+
+_KUBE_EVENTER_WEBHOOK_KEYS = {
+    "custom_body_configmap": (
+        "kube-eventer's body template, which this sink does not read from a ConfigMap: remove it, mount "
+        "the ConfigMap as a file and give body_template_file=/path (see docs/migration.md, webhook)"
+    ),
+    "custom_body_configmap_namespace": (
+        "kube-eventer's body template's namespace: remove it, mount the ConfigMap as a file and give "
+        "body_template_file=/path (see docs/migration.md, webhook)"
+    ),
+    "reason": (
+        "did you mean reasons? (kube-eventer's reason= was a regular expression matched anywhere: "
+        "reason=Failed is reasons=Failed* or *Failed*)"
+    ),
+}
+"""kube-eventer's webhook options a webhook here would send on to its endpoint, where they did
+nothing: each refused naming what replaces it (a real endpoint parameter of the same name would have
+to be written into a body or header instead)."""
+
+
+def _is_credential(key: str, value: Any, model: type[BaseModel]) -> bool:
+    """Whether the query value ``value`` of the secret option ``key`` is a credential given as a
+    literal: not an ``env:``/``file:`` reference, and for a header (a mapping option such as
+    ``header=Name=Value``) only when its name says it is one: ``Content-Type=application/json``
+    before kube-eventer's ``custom_body_configmap`` is none."""
+    if not isinstance(value, str):
+        return True
+    if _REFERENCE.fullmatch(value.strip()) or _HEADER_REFERENCE.fullmatch(value):
+        return False
+    info = next((i for n, i in model.model_fields.items() if key in _names_of(n, i)), None)
+    if info is not None and getattr(info.annotation, "__origin__", info.annotation) is dict:
+        cut = min((i for i in (value.find(":"), value.find("=")) if i > 0), default=-1)
+        name = value[:cut].strip()
+        # A value that is no Name=Value (a credential cut elsewhere) counts as one.
+        return cut < 0 or not _HEADER_NAME.fullmatch(name) or bool(_SENSITIVE_HEADER.search(name))
+    return True
+
 
 def _credential_tails(
     order: Sequence[str], entry: Mapping[str, Any], model: type[BaseModel]
@@ -514,7 +568,8 @@ def _credential_tails(
     """The query keys that directly follow a credential given as a literal, each with that
     credential's key. ``password=Xq7&Lm9vR2`` is cut at its raw &: ``Lm9vR2`` becomes a key, which an
     "unknown option" error printed and a webhook sent on in its URL (to the endpoint, its logs,
-    ``check``). A key after an ``env:``/``file:`` reference is no such tail."""
+    ``check``). A key after an ``env:``/``file:`` reference, or after a header that is no credential,
+    is no such tail."""
     secrets = {
         alias
         for name, info in model.model_fields.items()
@@ -522,17 +577,17 @@ def _credential_tails(
         for alias in _names_of(name, info)
     }
     tails: dict[str, str] = {}
-    for before, key in itertools.pairwise(order):
+    for i, (before, key) in enumerate(itertools.pairwise(order)):
         if before not in secrets:
             continue
         value = entry.get(before)
         values = value if isinstance(value, list) else [value]
-        if all(
-            isinstance(v, str) and (_REFERENCE.fullmatch(v.strip()) or _HEADER_REFERENCE.fullmatch(v))
-            for v in values
-        ):
-            continue
-        tails.setdefault(key, before)
+        # The value right before the key: of a repeated key (header=A&header=B), its occurrence there.
+        nth = order[: i + 1].count(before) - 1
+        if len(values) == order.count(before):
+            values = [values[nth]]
+        if any(_is_credential(before, v, model) for v in values):
+            tails.setdefault(key, before)
     return tails
 
 

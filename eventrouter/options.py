@@ -7,7 +7,6 @@ belongs to the sink's own ``options_model``.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import os
 import re
@@ -389,13 +388,25 @@ _NAMESPACE_GLOB = re.compile(r"[-a-z0-9*?\[\]!^]+")
 # What a kind, reason or component filter value may not hold. Kinds are Go type names: built-in ones
 # CamelCase, a CRD's a DNS-1035 label once lower-cased (apiextensions validation), so letters, digits,
 # '-' (and '_', which a Go name may hold). Reasons and components are free text in core/v1 (UpperCamelCase
-# and names like k8s.io/kubelet by convention), so only what cannot be meant literally is refused:
-# regular-expression syntax (kube-eventer's webhook `reason=` and kubernetes-event-exporter's rules are
-# regexps, and such a value kept nothing here, counted only as filtered) and separators typed for a
-# comma. A name that really holds one of these characters can still be matched with the glob `?`.
+# and names like k8s.io/kubelet by convention, but the CSI sidecars' component is "external-resizer
+# ebs.csi.aws.com" and operators write sentences as reasons), so only what cannot be meant literally is
+# refused: regular-expression syntax (kube-eventer's webhook `reason=` and kubernetes-event-exporter's
+# rules are regexps, and such a value kept nothing here, counted only as filtered) and separators typed
+# for a comma. A name that really holds one of these characters can still be matched with the glob `?`.
 _KIND_CHAR = re.compile(r"[A-Za-z0-9_-]")
-_REGEX_SYNTAX = re.compile(r"[|^$()+\\{}]|\.\*")
-_SEPARATOR = re.compile(r"[\s;]")
+_REGEX_SYNTAX = re.compile(r"[|^$()+\\{}]")
+# `.*` is a glob too (a dot, then anything): over dotted names (`components=ebs.*`,
+# `reasons=cert-manager.*`) it is meant so; a kind holds no dot, so there it is a regexp.
+_KIND_REGEX_SYNTAX = re.compile(rf"{_REGEX_SYNTAX.pattern}|\.\*")
+_KIND_SEPARATOR = re.compile(r"[\s;]")
+# A space is part of a reason or component; a ';', a tab or a line break (a YAML block `|` listing
+# names on lines) is a separator typed for a comma. `;` stays refused: no reason or component the
+# review of item 235 found holds one, a list typed `A;B` is the likelier meaning, and `?` matches one.
+_NAME_SEPARATOR = re.compile(r"[^\S ]|;")
+
+QUERY_PLUS_FIELDS = "query_plus_fields"
+"""Validation context key (``FilterOptions.model_validate(..., context=...)``): the filter fields
+whose ``--sink`` query value held a raw ``+``, which the query's form decoding reads as a space."""
 
 
 def _glob_literals(pattern: str) -> str | None:
@@ -425,31 +436,67 @@ def _glob_literals(pattern: str) -> str | None:
     return "".join(literal)
 
 
-def _name_filter_problem(value: str, field: str) -> str | None:
+def _name_filter_problem(value: str, field: str, *, plus: bool = False) -> str | None:
     """Why no event can carry ``value`` in the filter list ``field`` (kinds, reasons, components
-    and their ``exclude_`` forms), or None."""
+    and their ``exclude_`` forms), or None. ``plus``: the value came from a ``--sink`` query whose
+    raw value held a ``+``, so a space in it may have been typed as a plus."""
     several = f"list several as {field}=A,B or as a YAML list"
+    kinds = field.endswith("kinds")
     glob = {"kinds": "*Set", "reasons": "Failed*", "components": "kube-*"}[field.removeprefix("exclude_")]
-    if _REGEX_SYNTAX.search(value):
+    if (_KIND_REGEX_SYNTAX if kinds else _REGEX_SYNTAX).search(value):
         return (
             f"{value!r} reads as a regular expression, which {field} does not take: names (any case) "
             f"or shell globs such as {glob}; {several} (only message= and exclude_message= take a "
             "regular expression)"
         )
-    if _SEPARATOR.search(value):
+    if kinds and _KIND_SEPARATOR.search(value):
         return (
-            f"{value!r} holds a space or ';': {several} (a + in a --sink query reads as a space; "
-            "a name that really holds one is matched with ?)"
+            f"{value!r} holds a space or ';', which no kind does: {several} (a + in a --sink query "
+            "reads as a space)"
+        )
+    if not kinds and (separator := _NAME_SEPARATOR.search(value)):
+        return (
+            f"{value!r} holds {separator.group()!r}: {several} (a name that really holds one is "
+            "matched with ?)"
+        )
+    if plus and " " in value:
+        # `reasons=Back+Off`: a space or a plus? Either is a name no event was seen to carry.
+        return (
+            f"{value!r} holds a space read from a + in the --sink query, which may have been meant as "
+            f"a plus: write %20 for a space, or ? for a plus (a + itself, %2B, reads as "
+            f"regular-expression syntax); {several}"
         )
     literal = _glob_literals(value)
     if literal is None:
         return f"{value!r} has a [ or ] that opens or closes no glob set: {several}, not [A,B]"
-    if field.endswith("kinds") and not all(_KIND_CHAR.fullmatch(c) for c in literal):
+    if kinds and not all(_KIND_CHAR.fullmatch(c) for c in literal):
         return (
             f"{value!r} is no kind: a kind is a name such as Pod or HorizontalPodAutoscaler "
             "(letters, digits, '-'), without its group or version, or a shell glob such as *Set"
         )
     return None
+
+
+def _near_miss(value: str, known: str) -> bool:
+    """Whether ``value`` is a typo of ``known`` (both lower case): one letter added, dropped,
+    changed or two swapped (``warnig``, ``nomal``, ``wraning``, ``warnings``), or its first four
+    letters or more (``warn``, ``norm``). A longer distance takes real names: ``abnormal`` and
+    ``learning`` are two edits away, ``normalevent`` holds all of ``normal``."""
+    if value == known:
+        return False
+    if len(value) >= 4 and known.startswith(value):
+        return True
+    if abs(len(value) - len(known)) > 1:
+        return False
+    i = next(
+        (i for i, (a, b) in enumerate(zip(value, known, strict=False)) if a != b), min(len(value), len(known))
+    )
+    return (
+        value[i + 1 :] == known[i + 1 :]  # changed (or added or dropped at the end)
+        or value[i:] == known[i + 1 :]  # dropped
+        or value[i + 1 :] == known[i:]  # added
+        or (value[i : i + 2] == known[i : i + 2][::-1] and value[i + 2 :] == known[i + 2 :])  # swapped
+    )
 
 
 _KNOWN_TYPES = ("Normal", "Warning")
@@ -510,14 +557,14 @@ class FilterOptions(_Strict):
     @classmethod
     def _types(cls, value: list[str]) -> list[str]:
         # Spelt as the API server does; other types are kept as given (core/v1 does not check them),
-        # but one a letter or two from Normal or Warning is a typo: `types=Warnig` kept nothing, and
+        # but a typo of Normal or Warning (`_near_miss`) is refused: `types=Warnig` kept nothing, and
         # on an alert robot it replaced the Warning default, so the channel went quiet.
         known = {t.lower(): t for t in _KNOWN_TYPES}
         for t in value:
-            close = difflib.get_close_matches(t.lower(), known, n=1, cutoff=0.6)
-            if t.lower() not in known and close:
+            close = next((k for k in known if _near_miss(t.lower(), k)), None)
+            if close is not None:
                 raise ValueError(
-                    f"{t!r} is no event type: did you mean {known[close[0]]}? "
+                    f"{t!r} is no event type: did you mean {known[close]}? "
                     f"(Kubernetes events are {' or '.join(_KNOWN_TYPES)})"
                 )
         return [known.get(t.lower(), t) for t in value]
@@ -526,8 +573,9 @@ class FilterOptions(_Strict):
     @classmethod
     def _names(cls, value: list[str], info: ValidationInfo) -> list[str]:
         field = info.field_name or "kinds"
+        plus = field in ((info.context or {}).get(QUERY_PLUS_FIELDS) or ())
         for name in value:
-            problem = _name_filter_problem(name, field)
+            problem = _name_filter_problem(name, field, plus=plus)
             if problem is not None:
                 raise ValueError(problem)
         return value

@@ -1,6 +1,7 @@
 """A raw & inside a credential given in a --sink query (session 31, finding 2 of a review of the
 filters): the query's parsing cuts the credential there and its rest becomes a query key, which an
-"unknown option" error printed and a webhook sent on in its URL."""
+"unknown option" error printed and a webhook sent on in its URL. And what that rule refused that is
+no credential (finding 1 of its review): a header such as Content-Type, kube-eventer's webhook keys."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from eventrouter.app import Router
 from eventrouter.config import ConfigError, build_specs
 from eventrouter.testing import event_object
 from eventrouter.testing.apiserver import FakeApiServer
 from eventrouter.testing.receivers.webhook import WebhookReceiver
+from eventrouter.testing.routers import router_settings
+from eventrouter.testing.waiting import until
 
 HEAD, TAIL = "Xq7", "Lm9vR2zzTail"
 """A credential typed with a raw &: HEAD&TAIL."""
@@ -106,3 +110,100 @@ async def test_a_webhook_given_a_credential_with_a_raw_ampersand_exits_2_and_sen
         assert proc.returncode == 2, text
         assert "after option 'bearer_token'" in text and not _shows_tail(text), text
         assert hook.requests == []
+
+
+# ---- a review of item 235: a header that is no credential, kube-eventer's own webhook keys --------
+
+
+KUBE_EVENTER_SCENARIOS = [
+    # kube-eventer's docs/en/webhook-sink.md, "Typical Scenarios", as written there.
+    "webhook:https://oapi.dingtalk.com/robot/send?access_token=token&level=Normal&kinds=Pod&header=Content-Type=application/json&custom_body_configmap=custom-body&custom_body_configmap_namespace=kube-system&method=POST",
+    "webhook:http://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=633a31f6-7f9c-4bc4-97a0-0ec1eefa5898&level=Normal&kinds=Pod&header=Content-Type=application/json&custom_body_configmap=custom-body&custom_body_configmap_namespace=kube-system&method=POST",
+    "webhook:https://hooks.slack.com/services/d/B00000000/XXX?&level=Normal&kinds=Pod&header=Content-Type=application/json&custom_body_configmap=custom-body&custom_body_configmap_namespace=kube-system&method=POST",
+    "webhook:https://hook.bearychat.com/=bwIsS/incoming/xxxxxxxxxxxxxxxxxxxxxx?&level=Normal&kinds=Pod&header=Content-Type=application/json&custom_body_configmap=custom-body&custom_body_configmap_namespace=kube-system&method=POST",
+    "webhook:https://open.feishu.cn/open-apis/bot/hook/xxxxxxxxxxxxxxxxxxxxxxxxxx?level=Warning&method=POST&header=Content-Type=application/json&custom_body_configmap=custom-body&custom_body_configmap_namespace=kube-system",
+    "webhook:https://open.feishu.cn/open-apis/bot/v2/hook/xxxxxxxxxxxxxxxxxxxxxxxxxx?level=Warning&method=POST&header=Content-Type=application/json&custom_body_configmap=custom-body&custom_body_configmap_namespace=kube-system",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", KUBE_EVENTER_SCENARIOS)
+def test_kube_eventers_documented_webhook_flags_name_the_configmap_and_what_replaces_it(flag: str) -> None:
+    """Item 235 took `Content-Type=application/json` for a credential: each of these exited 2 with
+    "the query key after option 'header' … may be the rest of that credential", whose hint (put the
+    endpoint's parameter before 'header') made the ConfigMap's name go to the endpoint, silently."""
+    with pytest.raises(ConfigError) as refused:
+        build_specs([flag])
+    text = str(refused.value)
+    assert "(sink 'webhook'): option 'custom_body_configmap': kube-eventer's body template" in text, text
+    assert "body_template_file=/path" in text and "the query key after" not in text
+    # Without them, as docs/migration.md says, the flag runs.
+    (spec,) = build_specs(
+        [flag.replace("&custom_body_configmap=custom-body&custom_body_configmap_namespace=kube-system", "")]
+    )
+    assert spec.options.headers["Content-Type"].get_secret_value() == "application/json"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "reason=BackOff&header=Content-Type=application/json",
+        "header=Content-Type=application/json&reason=BackOff",
+    ],
+)
+def test_kube_eventers_reason_on_a_webhook_is_refused_pointing_at_reasons(query: str) -> None:
+    """It was sent to the endpoint, filtering nothing (with only a warning; after a header, refused as
+    a credential's rest)."""
+    with pytest.raises(ConfigError) as refused:
+        build_specs([f"webhook:https://hooks.example/k8s?{query}"])
+    assert "option 'reason': did you mean reasons?" in str(refused.value), str(refused.value)
+
+
+def test_an_endpoint_parameter_after_a_header_that_is_no_credential_stays_in_the_url() -> None:
+    for query in (
+        "header=X-Team=platform&team=platform",
+        "header=Content-Type:application/json&team=platform",
+        # The header right before the key counts, not an earlier one.
+        f"header=X-Api-Key={HEAD}&header=X-Team=platform&team=platform",
+    ):
+        (spec,) = build_specs([f"webhook:https://h.example/x?{query}"])
+        assert spec.options.url == "https://h.example/x?team=platform", query
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Authorization=Bearer%20",
+        "authorization:Basic%20",
+        "Proxy-Authorization=",
+        "Cookie=session=",
+        "X-Api-Key=",
+        "X-Auth-Token=",
+        "Private-Token:",
+        "X-Hub-Signature-256=",
+        "X-Sign=",
+        "X-Client-Secret=",
+        "X-Password=",
+        "X-Passwd=",
+        "X-Credential=",
+        "",  # no Name=Value at all: a credential cut elsewhere
+    ],
+)
+def test_a_raw_ampersand_in_a_header_whose_name_says_credential_stays_refused(header: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        build_specs([f"webhook:https://h.example/x?header={header}{HEAD}&{TAIL}"])
+    text = str(refused.value)
+    assert "the query key after option 'header' is no option of this sink" in text and not _shows_tail(text)
+
+
+async def test_a_webhook_sends_an_endpoint_parameter_given_after_a_plain_header(tmp_path: Path) -> None:
+    """End to end, as the review ran it: before item 235 delivered with `?team=platform`."""
+    async with FakeApiServer(token="t") as api, WebhookReceiver() as hook:
+        api.create_event(event_object())
+        (spec,) = build_specs(
+            [f"webhook:{hook.url}?header=X-Team=platform&team=platform&batch_max_wait=0.02"]
+        )
+        router = Router(router_settings(api, tmp_path), [spec])
+        async with router.running():
+            await until(lambda: hook.accepted)
+        (request,) = hook.accepted
+        assert request.query == "team=platform" and request.headers["X-Team"] == "platform"

@@ -286,12 +286,14 @@ def test_kube_eventer_options_the_guide_says_to_remove_are_refused(flag: str) ->
         build_specs([flag])
 
 
-def test_webhook_keeps_unknown_kube_eventer_keys_in_the_url_as_the_guide_warns() -> None:
-    from eventrouter.config import build_specs
+def test_webhook_refuses_the_kube_eventer_keys_the_guide_says_to_remove_and_keeps_other_keys() -> None:
+    from eventrouter.config import ConfigError, build_specs
 
-    (spec,) = build_specs(["webhook:https://hooks.example/k8s?reason=BackOff&custom_body_configmap=b"])
-    assert "reason=BackOff" in spec.options.url and "custom_body_configmap=b" in spec.options.url
-    assert spec.filter.reasons == []
+    for key in ("reason=BackOff", "custom_body_configmap=b", "custom_body_configmap_namespace=kube-system"):
+        with pytest.raises(ConfigError, match=f"option '{key.partition('=')[0]}'"):
+            build_specs([f"webhook:https://hooks.example/k8s?{key}"])
+    (spec,) = build_specs(["webhook:https://hooks.example/k8s?team=platform"])
+    assert spec.options.url == "https://hooks.example/k8s?team=platform" and spec.filter.reasons == []
 
 
 def test_sink_level_defaults_are_as_the_guide_says() -> None:

@@ -1,5 +1,6 @@
 """Filter values no event can carry, a robot's type filter left empty, a scalar option given twice
-(session 31, findings 1, 3, 4c and 5 of a review of the filters)."""
+(session 31, findings 1, 3, 4c and 5 of a review of the filters), and what events do carry that the
+first rule refused (findings 2 to 5 of its review)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from eventrouter.engine.filter import compile_filter
 from eventrouter.testing import event_object, make_occurrence
 from eventrouter.testing.apiserver import FakeApiServer
 from eventrouter.testing.receivers.dingtalk import DingTalkReceiver
+from eventrouter.testing.receivers.webhook import WebhookReceiver
 from eventrouter.testing.routers import router_settings
 from eventrouter.testing.waiting import until
 
 ROBOT = "dingtalk:https://oapi.dingtalk.com/robot/send?access_token=t0k"
 REGEX_HINT = "only message= and exclude_message= take a regular expression"
 SEVERAL_HINT = "list several as"
+PLUS_HINT = "holds a space read from a + in the --sink query, which may have been meant as a plus: write %20"
 
 
 def _eventrouter(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -53,8 +56,8 @@ def _refused(flag: str) -> str:
         # kube-eventer's webhook `reason=` and kubernetes-event-exporter's rules are regexps.
         ("kinds=Pod|Deployment", "kinds", "Pod|Deployment", REGEX_HINT),
         ("kinds=Pod.*", "kinds", "Pod.*", REGEX_HINT),
+        ("exclude_kinds=.*Set", "exclude_kinds", ".*Set", REGEX_HINT),
         ("reasons=^BackOff$", "reasons", "^BackOff$", REGEX_HINT),
-        ("reasons=Back.*", "reasons", "Back.*", REGEX_HINT),
         ("reasons=Failed.*|BackOff", "reasons", "Failed.*|BackOff", REGEX_HINT),
         ("exclude_reasons=(Pulled|Created)", "exclude_reasons", "(Pulled|Created)", REGEX_HINT),
         ("components=kube(let)?", "components", "kube(let)?", REGEX_HINT),
@@ -62,12 +65,26 @@ def _refused(flag: str) -> str:
         # Separators typed for a comma, a list written [a,b], a + that reads as a space.
         ("kinds=Pod%20Node", "kinds", "Pod Node", SEVERAL_HINT),
         ("kinds=Pod;Node", "kinds", "Pod;Node", SEVERAL_HINT),
+        ("kinds=Pod+Node", "kinds", "Pod Node", "which no kind does"),
         ("kinds=[Pod,Node]", "kinds", "[Pod", "not [A,B]"),
-        ("reasons=Back+Off", "reasons", "Back Off", "a + in a --sink query reads as a space"),
+        ("reasons=Back+Off", "reasons", "Back Off", PLUS_HINT),
+        (
+            "components=external-resizer+ebs.csi.aws.com",
+            "components",
+            "external-resizer ebs.csi.aws.com",
+            PLUS_HINT,
+        ),
+        ("reasons=Failed%20to%20sync,Back+Off", "reasons", "Failed to sync", PLUS_HINT),
+        ("reasons=BackOff;FailedMount", "reasons", "BackOff;FailedMount", SEVERAL_HINT),
+        ("exclude_reasons=BackOff%09FailedMount", "exclude_reasons", "BackOff\\tFailedMount", SEVERAL_HINT),
         ("exclude_kinds=apps/Deployment", "exclude_kinds", "apps/Deployment", "is no kind"),
-        # A type a letter or two from Normal or Warning.
+        # A typo of Normal or Warning.
         ("types=Warnig", "types", "Warnig", "did you mean Warning?"),
         ("types=Normal,Warnings", "types", "Warnings", "did you mean Warning?"),
+        ("types=Nomal", "types", "Nomal", "did you mean Normal?"),
+        ("types=Warn", "types", "Warn", "did you mean Warning?"),
+        ("types=warn", "types", "warn", "did you mean Warning?"),
+        ("types=Wraning", "types", "Wraning", "did you mean Warning?"),
     ],
 )
 def test_a_filter_value_no_event_can_carry_is_refused_naming_sink_option_and_value(
@@ -95,6 +112,7 @@ def test_a_filter_value_no_event_can_carry_is_refused_naming_sink_option_and_val
         ("reasons=Back?Off", {"reason": "Back Off"}, {"reason": "BackOff"}),  # a space matched by ?
         ("components=k8s.io/kubelet,kube-*", {"component": "kube-proxy"}, {"component": "kubelet"}),
         ("exclude_reasons=*Failed*", {"reason": "BackOff"}, {"reason": "PodFailedMount"}),
+        ("types=warning", {"type": "Warning"}, {"type": "Normal"}),  # spelt as the API server does
     ],
 )
 def test_names_and_globs_stay_valid_and_match(
@@ -105,6 +123,116 @@ def test_names_and_globs_stay_valid_and_match(
     predicate = compile_filter(spec.filter)
     assert predicate is not None
     assert predicate(make_occurrence(**kept)) and not predicate(make_occurrence(**dropped))
+
+
+# ---- a review of item 235: what it refused that events carry ------------------------------------
+
+
+CSI_COMPONENTS = ["external-resizer ebs.csi.aws.com", "csi-attacher ebs.csi.aws.com"]
+"""The CSI sidecars record events as `fmt.Sprintf("external-resizer %s", driverName)`."""
+OPERATOR_REASON = "Failed to retrieve Node by ProviderID"
+"""core/v1 does not check reasons: KubeKey's, 3scale's, OceanBase's operators write sentences."""
+PROVISIONER = "ebs.csi.aws.com_ebs-csi-controller-7f5bd8c7c9-x4jbt_1700000000-8081-ebs.csi.aws.com"
+
+
+@pytest.mark.parametrize(
+    ("given", "kept", "dropped"),
+    [
+        ({"components": CSI_COMPONENTS}, {"component": CSI_COMPONENTS[0]}, {"component": "external-resizer"}),
+        ({"exclude_reasons": [OPERATOR_REASON]}, {"reason": "BackOff"}, {"reason": OPERATOR_REASON.lower()}),
+        ({"reasons": "Failed to delete tenant"}, {"reason": "Failed to delete tenant"}, {"reason": "Failed"}),
+        ("?components=external-resizer%20ebs.csi.aws.com", {"component": CSI_COMPONENTS[0]}, {}),
+        (
+            "?exclude_reasons=Failed%20to%20delete%20tenant",
+            {},
+            {"reason": "Failed to delete tenant"},
+        ),
+        # `.*` is a glob too: a dot, then anything.
+        ({"components": "ebs.*"}, {"component": PROVISIONER}, {"component": "ebs-csi-node"}),
+        ("?reasons=cert-manager.*", {"reason": "cert-manager.io"}, {"reason": "cert-manager"}),
+    ],
+)
+def test_reasons_and_components_with_a_space_or_a_dotted_glob_are_taken_and_match(
+    given: dict[str, object] | str, kept: dict[str, str], dropped: dict[str, str]
+) -> None:
+    """Item 235 refused a space in every reason and component (the CSI sidecars' components, the
+    operators' sentence reasons) and `.*` as a regexp (over dotted names it is a glob): a router that
+    worked exited 2 after the upgrade. A space from YAML or written %20 is part of the name."""
+    # A --sink query, or a YAML entry.
+    flags, entries = (
+        ([f"stdout:{given}"], []) if isinstance(given, str) else ([], [{"type": "stdout", **given}])
+    )
+    (spec,) = build_specs(flags, entries)
+    predicate = compile_filter(spec.filter)
+    assert predicate is not None
+    assert predicate(make_occurrence(**kept)) and not predicate(make_occurrence(**dropped))
+
+
+@pytest.mark.parametrize(
+    "types",
+    ["Abnormal", "Informational", "Running", "Learning", "Morning", "Paging", "NormalEvent", "WarningEvent"],
+)
+def test_a_custom_type_that_is_no_typo_of_normal_or_warning_is_kept_with_a_warning(
+    types: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`difflib` at a 0.6 cutoff called these typos of Normal or Warning and refused them (exit 2)
+    on every sink. They are kept as given, with the warning every type but those two has."""
+    with caplog.at_level(logging.WARNING, logger="eventrouter.config"):
+        (stdout, robot) = build_specs([f"stdout:?types={types}", f"{ROBOT}&types=Warning,{types}"])
+    assert stdout.filter.types == [types] and robot.filter.types == ["Warning", types]
+    assert any(f"{types} is neither Normal nor Warning" in r.getMessage() for r in caplog.records)
+
+
+def test_a_yaml_block_of_names_one_a_line_is_refused_naming_the_line_break() -> None:
+    """A space is part of a reason now; a line break (`reasons: |` with one name a line) is not."""
+    with pytest.raises(ConfigError) as refused:
+        build_specs([], [{"type": "stdout", "reasons": "BackOff\nFailedMount\n"}])
+    assert "option 'reasons': Value error, 'BackOff\\nFailedMount' holds '\\n'" in str(refused.value)
+    assert SEVERAL_HINT in str(refused.value)
+
+
+async def test_a_router_delivers_what_csi_components_operator_reasons_and_dotted_globs_select(
+    tmp_path: Path,
+) -> None:
+    """End to end, as the review ran it: each sink receives what its filter names, nothing else."""
+    async with FakeApiServer(token="t") as api, WebhookReceiver() as hook:
+        for kind, reason, component in (
+            ("PersistentVolumeClaim", "VolumeResizeFailed", CSI_COMPONENTS[0]),
+            ("Pod", "BackOff", "kubelet"),
+            ("KKInstance", OPERATOR_REASON, "kubekey-controller"),
+            ("PersistentVolumeClaim", "ProvisioningSucceeded", PROVISIONER),
+        ):
+            api.create_event(event_object(kind=kind, reason=reason, component=component))
+        filters: dict[str, dict[str, object]] = {
+            "csi": {"components": CSI_COMPONENTS},
+            "operator": {"exclude_reasons": [OPERATOR_REASON]},
+            "dotted": {"components": ["ebs.*"]},
+        }
+        specs = build_specs(
+            [],
+            [
+                {
+                    "type": "webhook",
+                    "name": name,
+                    "url": f"{hook.url}?route={name}",
+                    "batch_max_wait": 0.02,
+                    **f,
+                }
+                for name, f in filters.items()
+            ],
+        )
+        router = Router(router_settings(api, tmp_path), specs)
+
+        def received(name: str) -> list[str]:
+            return [x["reason"] for r in hook.accepted if r.query == f"route={name}" for x in r.json()]
+
+        async with router.running():
+            await until(lambda: sum(len(received(name)) for name in filters) == 5)
+            filtered = router.metrics.filtered
+            await until(lambda: [filtered.labels(n)._value.get() for n in filters] == [3, 1, 3])
+        assert received("csi") == ["VolumeResizeFailed"]
+        assert sorted(received("operator")) == ["BackOff", "ProvisioningSucceeded", "VolumeResizeFailed"]
+        assert received("dotted") == ["ProvisioningSucceeded"]
 
 
 def test_a_type_other_than_normal_or_warning_is_refused_on_a_robot_and_warned_elsewhere(
