@@ -250,8 +250,8 @@ class Router:
         # Wall time this process started leading (took the lease, or started without leader
         # election): until a watch exists, its last progress for /healthz and the stall alert.
         self._leading_since: float | None = None  # time.time(): exported as the last progress
-        self._leading_mono = 0.0
-        self._replaying = False  # replay(): what a stop leaves is still in its input  # time.monotonic() of the same: what /healthz judges by
+        self._leading_mono = 0.0  # time.monotonic() of the same: what /healthz judges by
+        self._replaying = False  # replay(): what a stop leaves is still in its input
         self._lead_blocked: str | None = None  # why the lead has not got to the watch, for the probes
 
     @property
@@ -406,7 +406,7 @@ class Router:
         letters = data / "deadletter"
         for path in sorted(letters.glob("*.jsonl")) if letters.is_dir() else ():
             with contextlib.suppress(OSError):
-                # A replay's letters refused again (`<sink>.jsonl.refused-<time>.jsonl`, replayed
+                # A replay's letters refused again (`<input>.refused-<sink>.jsonl`, replayed
                 # from stdin into the data dir) are named by the replay that wrote them.
                 if path.stem in configured or ".refused-" in path.name or not path.stat().st_size:
                     continue
@@ -1121,6 +1121,8 @@ class Router:
         self.fanout.save_unseen()  # before the ConfigMap's last write, which carries them
         for t in lasting:
             if t.get_name() == "checkpoint-configmap":
+                # Safe wherever it is: an encoding is given up, a request already sent finishes on its
+                # own and the last write waits for it (ConfigMapCheckpointStore._settle), not a 409.
                 t.cancel()
                 await asyncio.gather(t, return_exceptions=True)
         if self.checkpoint_store is not None:

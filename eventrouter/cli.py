@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import itertools
 import logging
 import math
@@ -21,15 +22,15 @@ import signal
 import socket
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
 from pydantic import BaseModel
 
-from eventrouter.app import Router, RouterSettings, check_stall_timeout
+from eventrouter.app import DISK_RESERVE, Router, RouterSettings, check_stall_timeout
 from eventrouter.appendfile import append_to
 from eventrouter.config import ConfigError, RouterConfig, SinkSpec, build_specs, load_yaml
 from eventrouter.datalock import DataDirInUse
@@ -41,7 +42,7 @@ from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS, Metrics
 from eventrouter.options import name_matches, safe_name
 from eventrouter.plugins import PluginError, discover
 from eventrouter.record import MalformedEvent, Occurrence, normalise, occurrence_number
-from eventrouter.sink import STRAY_CANCEL, Sink, SinkContext, cancelled_now
+from eventrouter.sink import STRAY_CANCEL, Outcome, OutcomeKind, Sink, SinkContext, cancelled_now
 from eventrouter.source.recording import read_recording
 from eventrouter.source.watcher import WatchSettings, check_field_selector
 
@@ -750,13 +751,16 @@ def _dead_letter_replay(
     return specs, settings
 
 
-_REFUSED_NAME = re.compile(r"\.refused-\d{8}T\d{6}Z(?:-[^/]*)?\.jsonl$")
-"""The part a file of letters refused again adds to its input's name (taken off when it is replayed
-and refused again: ``x.jsonl.refused-T2.jsonl``, not ``x.jsonl.refused-T1.jsonl.refused-T2.jsonl``)."""
+_REFUSED_NAME = re.compile(r"\.refused-[^/]*\.jsonl$")
+"""The part a file of letters refused again adds to its input's name, taken off when that file is
+replayed in turn (its letters refused again go back into it, not into ``….refused-a.jsonl.refused-a.jsonl``)."""
 
 _NO_ROTATION = 1 << 62
 """A replay's file of letters refused again is never rotated: it holds at most what its input holds,
 and a rotation would discard some of them."""
+
+_KEYS_PER_LINE = 100
+"""Keys a log line names: ~5 KB, below a container runtime's line split (16 KiB)."""
 
 
 def _dead_letter_folder(path: str, data_dir: Path | None) -> tuple[Path | None, str]:
@@ -768,12 +772,72 @@ def _dead_letter_folder(path: str, data_dir: Path | None) -> tuple[Path | None, 
     return (data_dir / "deadletter" if data_dir is not None else None), "stdin"
 
 
+def _live_data_dir(folder: Path | None) -> Path | None:
+    """The data dir whose dead-letter folder ``folder`` is (``<data-dir>/deadletter`` beside the
+    ``lock`` file a router takes), or None: a replay writing there takes room on the router's volume."""
+    if folder is not None and folder.name == "deadletter" and (folder.parent / "lock").is_file():
+        return folder.parent
+    return None
+
+
+def _bytes_under(path: Path) -> int:
+    """What the files under ``path`` take on disk, as ``du`` (and a kubelet measuring an emptyDir) counts."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+_FREE_KEPT = 0.1
+"""Of a volume, what a replay leaves free: a kubelet evicts pods when its node's disk has less than a
+tenth free (``nodefs.available<10%``, its default), and an emptyDir is on that disk."""
+
+
+class _Room:
+    """What a dead-letter replay may write into a router's data dir: its volume's free space less a
+    tenth of the volume, and with ``--data-dir-max-bytes`` (the router's: an emptyDir's limit does
+    not show in its free space) also that budget less what the data dir holds and the router's
+    reserve for its checkpoints and a relist's sorted file. Each replay that failed alike left a full
+    copy of its input there before, outside the budget: past an emptyDir's limit the kubelet evicts
+    the pod, and the emptyDir goes, with the spools and the dead letters."""
+
+    def __init__(self, data_dir: Path, budget: int | None) -> None:
+        fs = os.statvfs(data_dir)
+        left = fs.f_bavail * fs.f_frsize - int(fs.f_blocks * fs.f_frsize * _FREE_KEPT)
+        if budget is not None:
+            left = min(left, budget - _bytes_under(data_dir) - int(budget * DISK_RESERVE))
+        self.data_dir = data_dir
+        self.budget = budget
+        self.left = max(0, left)
+        self.taken = 0
+
+    def take(self, size: int) -> bool:
+        if self.taken + size > self.left:
+            return False
+        self.taken += size
+        return True
+
+    def __str__(self) -> str:
+        within = (
+            f"--data-dir-max-bytes {self.budget} less what the data dir holds and the router's "
+            f"{DISK_RESERVE:.0%} reserve, and "
+            if self.budget
+            else ""
+        )
+        return (
+            f"{(self.left - self.taken) / 2**20:.1f} MiB left for a replay in the data dir {self.data_dir} "
+            f"({within}its volume's free space less {_FREE_KEPT:.0%} of it)"
+        )
+
+
 class _Ledger:
     """``<folder>/<sink>.replayed``: the keys (``uid/occurrence``) the sink accepted from replays of
-    dead letters in that folder, a line each, appended as it acknowledges them. A replay of any file
-    there skips them: the same file run again after an exit 1 (it sent everything again), ``.1``
-    after ``.jsonl``, or a file of letters refused again. A key names one occurrence in whichever
-    file it is. Remove the file to send everything again."""
+    dead letters in that folder, a line each, appended as it answers OK for them. A replay of any file
+    there skips them: the same file run again after an exit 1, ``.1`` after ``.jsonl``, or a file of
+    letters refused again. A key names one occurrence in whichever file it is. Remove the file to send
+    everything again."""
 
     def __init__(self, path: Path, sink: str) -> None:
         self.path = path
@@ -840,89 +904,145 @@ class _Ledger:
 
 
 class _Refused(DeadLetter):
-    """The dead letters of one sink in a replay: a file of their own beside the input (appended to
-    neither the file replayed nor the live router's), and their keys, which are not accepted."""
+    """The letters one sink refuses again (or gives up) in a dead-letter replay, in a file of their
+    own beside the input, one per input and sink: ``<input>.refused-<sink>.jsonl``, appended to
+    neither the file replayed nor the live router's. Written to ``….tmp`` while the replay runs and
+    renamed over the previous one at its end, so it holds the letters the last run that was refused
+    any got refused, with their new reasons: a copy (the input holds every letter not in the ledger).
+    Each run wrote a new full copy before, never rotated nor removed, in the live data dir."""
 
-    def __init__(self, path: Path | None, sink: str) -> None:
-        super().__init__(path, sink=sink, max_bytes=_NO_ROTATION)
-        self.keys: set[str] = set()
+    def __init__(self, path: Path | None, sink: str, outstanding: set[str], room: _Room | None) -> None:
+        self.final = path
+        running = path.with_name(path.name + ".tmp") if path is not None else None
+        super().__init__(running, sink=sink, max_bytes=_NO_ROTATION)
+        if running is not None:
+            with contextlib.suppress(OSError):
+                running.unlink(missing_ok=True)  # left by a replay that was killed
+        self.outstanding = outstanding
+        self.room = room
         self.kept = 0
+        self.unkept = 0  # refused, and the file could not take them (named in the log)
+        self.left_as_it_was = False  # the input was this file, and it was not replaced
 
     def write(self, items: Sequence[tuple[Occurrence, str]]) -> bool:
-        self.keys.update(occ.key for occ, _ in items)
+        for occ, _ in items:
+            self.outstanding.discard(occ.key)  # known, and counted as dead-lettered
         written = super().write(items)
-        if written and self.path is not None:
-            self.kept += len(items)
+        if self.path is not None:
+            if written:
+                self.kept += len(items)
+            else:
+                self.unkept += len(items)
         return written
 
+    def _write(self, path: Path, lines: list[bytes]) -> None:
+        data = b"".join(lines)
+        if self.room is not None and not self.room.take(len(data)):
+            raise OSError(errno.ENOSPC, f"no room: {self.room}")
+        append_to(path, data)
 
-class _Accepted:
-    """The checkpoint backend of a sink in a dead-letter replay: its acknowledgements go to its ledger
-    (``_DeadLetterReplay.accepted``). It starts empty: what earlier replays delivered is skipped by
-    key before the router sees it."""
+    def finish(self, *, whole: bool, given: Path | None) -> Path | None:
+        """At the end of the run: where this run's letters refused again are (None: none were kept).
+        ``whole``: every letter of the input was read and accepted or refused (and kept)."""
+        running, final = self.path, self.final
+        if running is None or final is None or not self.kept:
+            if running is not None:
+                with contextlib.suppress(OSError):
+                    running.unlink(missing_ok=True)
+            return None
+        if final == given and not whole:
+            # That very file replayed, and not all of it went through: what did not is only in it.
+            self.left_as_it_was = True
+            with contextlib.suppress(OSError):
+                running.unlink()
+            return given
+        try:
+            os.replace(running, final)
+        except OSError as exc:
+            log.error("replay: cannot rename %s to %s (%s)", running, final, exc.strerror or exc)
+            return running
+        return final
 
-    def __init__(self, replay: _DeadLetterReplay, sink: str) -> None:
-        self.replay = replay
-        self.sink = sink
 
-    def load(self) -> dict[str, int]:
-        return {}
+def _accepted_keys(batch: Sequence[Occurrence], outcomes: object) -> list[str]:
+    """The keys of ``batch`` a sink's send answered OK for. Nothing when its answer breaks the
+    contract in a way the pipeline retries the batch for, or needs mending (sent again: no loss)."""
+    if outcomes is None:
+        return [occ.key for occ in batch]
+    if not isinstance(outcomes, list | tuple) or len(outcomes) != len(batch):
+        return []
+    if not all(isinstance(out, Outcome) and isinstance(out.kind, OutcomeKind) for out in outcomes):
+        return []
+    return [occ.key for occ, out in zip(batch, outcomes, strict=True) if out.kind is OutcomeKind.OK]
 
-    def record(self, acks: Mapping[str, int]) -> None:
-        self.replay.accepted(self.sink, acks)
 
-    def remove(self, uids: Iterable[str]) -> None:
-        pass
+def _recording(spec: SinkSpec, sent: Callable[[Sequence[Occurrence], object], None]) -> SinkSpec:
+    """``spec`` with a subclass of its sink that tells ``sent`` each send's batch and answer: the
+    sink itself in all else (a reload rebuilds the same subclass, ``take_over`` gets its own type)."""
+    base = spec.sink_cls
 
-    def compact(self, state: Mapping[str, int]) -> None:
-        pass
+    async def send(self: Sink[Any], batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
+        outcomes = await base.send(self, batch)
+        try:
+            sent(batch, outcomes)
+        except Exception:  # a ledger's bug must not make an accepted batch look failed (sent again)
+            log.exception("replay: recording what sink %s accepted failed", spec.name)
+        return outcomes
 
-    def close(self, state: Mapping[str, int]) -> None:
-        pass
+    def body(ns: dict[str, Any]) -> None:
+        ns.update(send=send, __module__=base.__module__, __qualname__=base.__qualname__, __doc__=base.__doc__)
+
+    return dataclasses.replace(spec, sink_cls=types.new_class(base.__name__, (base,), exec_body=body))
+
+
+class _MixedLetters(Exception):
+    """Dead letters of sinks whose letters go to different sinks here, in one input."""
 
 
 class _DeadLetterReplay:
     """What a replay of dead letters keeps beside its input, so that it can be run again: what a sink
-    refuses again (or gives up) goes to ``<input>.refused-<UTC time>.jsonl`` (``-<sink>`` added when
-    several sinks receive), and what it accepts to its ledger (``_Ledger``), which a later replay
-    skips. Before, a replay kept the letters refused again only as a count and log lines, and a
-    second run (after exit 1) sent everything the first had delivered again.
+    refuses again (or gives up) goes to its ``_Refused`` file, and what it accepts to its ledger
+    (``_Ledger``), which a later replay skips.
 
-    A checkpoint acknowledgement (uid → n) says the sink finished every occurrence of the event it
-    was given up to n: accepted, or refused (those are known by key). It was given each one handed
-    on, in rising numbers, but those its filter keeps out (known by key: the filter is applied here
-    too) and those its checkpoint or a full queue took out (only counted): while none was, every key
-    up to n neither refused nor filtered is recorded; once one was, only n itself, the one
-    occurrence the acknowledgement names (a replay again then sends some of what was accepted
-    again, which is no loss)."""
+    A key goes into the ledger when the sink answered OK for that very occurrence (``sent``: its
+    sends' outcomes). Inferred from checkpoint acknowledgements before (uid → n: the numbers up to n
+    handed on), it recorded a lower number that the pipeline then skipped as a copy of an accepted
+    higher one (the letters go oldest first, and their times ran backwards): never sent, skipped by
+    every later replay, with exit 0. ``outstanding`` holds, per sink, the keys handed on to it that it
+    had not accepted before, until it accepts or refuses each: what is left once the replay is
+    drained was not delivered (exit 1), and a replay again sends it."""
 
-    def __init__(self, folder: Path | None, base: str, sinks: Sequence[str], metrics: Metrics) -> None:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    def __init__(
+        self,
+        folder: Path | None,
+        base: str,
+        sinks: Sequence[str],
+        *,
+        room: _Room | None = None,
+        given: Path | None = None,
+    ) -> None:
         self.folder = folder
-        self.metrics = metrics
+        self.given = given
+        self.outstanding: dict[str, set[str]] = {name: set() for name in sinks}
         self.refused: dict[str, _Refused] = {}
         self.ledgers: dict[str, _Ledger] = {}
         for name in sinks:
             path = None
             if folder is not None:
-                tail = "" if len(sinks) == 1 else f"-{safe_name(name)}"
-                path = folder / f"{base}.refused-{stamp}{tail}.jsonl"
+                path = folder / f"{base}.refused-{safe_name(name)}.jsonl"
                 self.ledgers[name] = _Ledger(folder / f"{safe_name(name)}.replayed", name)
-            self.refused[name] = _Refused(path, name)
-        # Skipped only when every sink it goes to accepted it: the router hands it to all.
-        sets = [ledger.keys for ledger in self.ledgers.values()]
-        self.skip: set[str] = sets[0] if len(sets) == 1 else set.intersection(*sets) if sets else set()
-        self.skipped = 0
+            self.refused[name] = _Refused(path, name, self.outstanding[name], room)
+        self.skipped = dict.fromkeys(sinks, 0)  # in its ledger: accepted by an earlier replay
+        self.kept_out = dict.fromkeys(sinks, 0)  # skipped for the others' sake; its filter keeps it out
         self.again = 0
-        self.offered: dict[str, list[int]] = {}  # uid → the numbers handed on
-        self._upto: dict[str, dict[str, int]] = {name: {} for name in sinks}  # recorded up to n
-        self._exact = dict.fromkeys(sinks, True)
+        self.placed: dict[str, Path | None] = {}
+        self._sinks = tuple(sinks)
         self._filters: dict[str, Callable[[Occurrence], bool]] = {}
-        self._filtered: dict[str, set[str]] = {name: set() for name in sinks}  # keys kept out
         self._cluster = ""
 
-    def backend(self, sink: str) -> _Accepted:
-        return _Accepted(self, sink)
+    def recording(self, spec: SinkSpec) -> SinkSpec:
+        """``spec``, its sink telling this replay what it accepts."""
+        return _recording(spec, functools.partial(self.sent, spec.name))
 
     def install(self, router: Router) -> None:
         """Before anything is handed on: each sink's refused letters go to their file."""
@@ -933,77 +1053,121 @@ class _DeadLetterReplay:
         self._cluster = router.settings.cluster_name
 
     def hand_on(self, obj: Any) -> bool:
-        """Whether to hand this Event on: not when every sink accepted it in an earlier replay."""
+        """Whether to hand this Event on: not when every sink it goes to (whose filter keeps it)
+        accepted it in an earlier replay. A letter that one sink's filter keeps out was in no ledger of
+        that sink, so it went to the others again at every run."""
         meta = obj.get("metadata") if isinstance(obj, dict) else None
         uid = meta.get("uid") if isinstance(meta, dict) else None
         if not isinstance(uid, str) or not uid:
             return True  # malformed: counted so by the router
         number = occurrence_number(obj)  # as the tracker numbers it
         key = f"{uid}/{number}"
-        if self.skip and key in self.skip:
-            self.skipped += 1
+        receiving = self._receiving(obj, number)
+        if receiving is None:
+            return True  # malformed: counted so by the router; never given to a sink
+        ledgers = self.ledgers
+        had = [sink for sink in receiving if sink in ledgers and key in ledgers[sink].keys]
+        if had and len(had) == len(receiving):
+            for sink in self._sinks:
+                if sink in had:
+                    self.skipped[sink] += 1
+                else:
+                    self.kept_out[sink] += 1
             return False
-        if len(self.ledgers) > 1 and any(key in ledger.keys for ledger in self.ledgers.values()):
-            self.again += 1  # accepted by some of the sinks only: all get it
-        if self._filters:
-            try:
-                occ = normalise(obj, cluster=self._cluster, number=number)  # as the tracker builds it
-            except MalformedEvent:
-                return True  # counted so by the router; never given to a sink
-            for sink, keep in self._filters.items():
-                if not keep(occ):
-                    self._filtered[sink].add(key)
-        self.offered.setdefault(uid, []).append(number)
+        if had:
+            self.again += 1  # accepted by some of the sinks only: the router hands it to all
+        for sink in receiving:
+            if sink not in had:
+                self.outstanding[sink].add(key)
         return True
 
-    def accepted(self, sink: str, acks: Mapping[str, int]) -> None:
-        ledger = self.ledgers.get(sink)
-        if ledger is None:
-            return
-        if self._exact[sink] and _taken_out(self.metrics, sink):
-            self._exact[sink] = False
-        exact, upto = self._exact[sink], self._upto[sink]
-        refused, filtered = self.refused[sink].keys, self._filtered[sink]
-        keys: list[str] = []
-        for uid, n in acks.items():
-            numbers = self.offered.get(uid, ())
-            if exact:
-                low = upto.get(uid, 0)
-                upto[uid] = max(low, n)
-                picked = [m for m in numbers if low < m <= n]
-            else:
-                picked = [n] if n in numbers else []
-            keys.extend(key for m in picked if (key := f"{uid}/{m}") not in refused and key not in filtered)
-        ledger.add(keys)
+    def _receiving(self, obj: Any, number: int) -> Sequence[str] | None:
+        """The sinks whose filter keeps this Event (None: it cannot be read)."""
+        if not self._filters:
+            return self._sinks
+        try:
+            occ = normalise(obj, cluster=self._cluster, number=number)  # as the tracker builds it
+        except MalformedEvent:
+            return None
+        return [sink for sink in self._sinks if (keep := self._filters.get(sink)) is None or keep(occ)]
 
-    def report(self, sink: str, delivered: int) -> dict[str, Any]:
+    def sent(self, sink: str, batch: Sequence[Occurrence], outcomes: object) -> None:
+        """A send of ``sink`` returned ``outcomes``: the keys it answered OK for are delivered."""
+        keys = _accepted_keys(batch, outcomes)
+        if not keys:
+            return
+        left = self.outstanding[sink]
+        for key in keys:
+            left.discard(key)
+        ledger = self.ledgers.get(sink)
+        if ledger is not None:
+            ledger.add(keys)
+
+    def finish(self, *, whole: bool) -> None:
+        """Once the router stopped: each sink's letters refused again in their file."""
+        for sink, refused in self.refused.items():
+            self.placed[sink] = refused.finish(whole=whole and not refused.unkept, given=self.given)
+
+    def report(self, sink: str, *, drained: bool) -> dict[str, Any]:
         """Log where this sink's letters went; the summary's fields for it."""
         fields: dict[str, Any] = {}
-        refused, ledger = self.refused[sink], self.ledgers.get(sink)
-        if refused.kept:
-            fields["dead_letter_file"] = str(refused.path)
+        refused, ledger, place = self.refused[sink], self.ledgers.get(sink), self.placed.get(sink)
+        given = self.given or "the input"
+        if place is not None:
+            fields["dead_letter_file"] = str(place)
+            if refused.left_as_it_was:
+                where = f"they are still in {place}, which this replay did not get through: left as it was"
+            elif place == self.given:
+                where = f"{place} now holds them alone, with the new reasons"
+            else:
+                where = f"they are in {place} with the new reasons (a copy: {given} holds them too)"
             log.warning(
-                "replay: sink %s refused or gave up %d dead letters again: they are in %s with the new "
-                "reasons; once the cause is fixed, replay that file (or this one again: what was "
-                "accepted is skipped)",
+                "replay: sink %s refused or gave up %d dead letters again: %s; once the cause is fixed, "
+                "replay %s again (what was accepted is skipped)",
                 sink,
                 refused.kept,
-                refused.path,
+                where,
+                given,
             )
+        if refused.unkept:
+            log.warning(
+                "replay: %d dead letters sink %s refused or gave up again could not be written to %s "
+                "(each is named above): they are still in %s",
+                refused.unkept,
+                sink,
+                refused.final,
+                given,
+            )
+        left = self.outstanding[sink]
+        if drained and left:
+            fields["not_sent"] = len(left)
+            keys = sorted(left)
+            for start in range(0, len(keys), _KEYS_PER_LINE):
+                part = keys[start : start + _KEYS_PER_LINE]
+                log.warning(
+                    "replay: sink %s: %d dead letters were handed on but neither accepted nor refused: "
+                    "its pipeline took them for copies of an occurrence of their event with a higher "
+                    "number that it had accepted first (their times run backwards), or dropped them "
+                    "(dropped); they are not recorded as delivered, and a replay of %s again sends "
+                    "them: %s",
+                    sink,
+                    len(part),
+                    given,
+                    ", ".join(part),
+                )
         if ledger is None:
             return fields
-        if self.skipped:
+        if self.skipped[sink]:
             log.info(
                 "replay: %d dead letters skipped: sink %s accepted them in an earlier replay (%s)",
-                self.skipped,
+                self.skipped[sink],
                 sink,
                 ledger.path,
             )
-        if self.again and sink == next(iter(self.ledgers)):  # said once
+        if self.again and sink == self._sinks[0]:  # said once
             log.info(
-                "replay: %d dead letters that some of the sinks accepted in an earlier replay (the others "
-                "had not, or their filter kept them out) went to every sink again: the router hands each "
-                "letter to all",
+                "replay: %d dead letters that some of the sinks accepted in an earlier replay went to "
+                "every sink whose filter keeps them again: the router hands each letter to all",
                 self.again,
             )
         if ledger.added:
@@ -1015,25 +1179,7 @@ class _DeadLetterReplay:
                 ledger.path,
                 ledger.path.parent,
             )
-        if not self._exact[sink] and delivered > ledger.added + ledger.not_written:
-            log.warning(
-                "replay: sink %s: some dead letters were skipped or dropped on the way, so only %d of the "
-                "%d it accepted are known by key and recorded in %s: a replay of these dead letters "
-                "again sends the others again",
-                sink,
-                ledger.added,
-                delivered,
-                ledger.path,
-            )
         return fields
-
-
-def _taken_out(metrics: Metrics, sink: str) -> bool:
-    """Whether the sink's pipeline took any occurrence out before sending it, other than by its
-    filter: skipped (its checkpoint) or dropped (a full queue)."""
-    counters = [metrics.skipped.labels(sink)]
-    counters += [metrics.dropped.labels(sink, reason) for reason in SINK_DROP_REASONS]
-    return any(c._value.get() for c in counters)
 
 
 def _open_recording(name: str) -> BinaryIO:
@@ -1064,13 +1210,15 @@ class _Lines:
 class _ReplayInput:
     """The events of a recording for ``Router.replay``, counting the markers ``read_recording`` puts
     between them. The first dead-letter marker (read before the router is built) says where a
-    dead-letter file came from. ``letters`` (set for dead letters) drops those accepted before."""
+    dead-letter file came from. ``letters`` (set for dead letters) drops those accepted before;
+    ``destinations`` (likewise) says where the letters of a sink go."""
 
     def __init__(self, items: Iterator[tuple[str, Any]], lines: _Lines | None = None) -> None:
         self.malformed = self.repaired = 0
         self.lines = lines
         self.torn_end = False  # the last line was not JSON and had no newline
         self.letters: _DeadLetterReplay | None = None
+        self.destinations: Callable[[str], frozenset[str]] | None = None
         head: list[tuple[str, Any]] = []
         for item in items:
             head.append(item)
@@ -1096,17 +1244,57 @@ class _ReplayInput:
             elif kind == "REPAIRED":
                 self.repaired += 1
             elif kind == "DEADLETTER":
-                first_sink = self.origin[0] if self.origin is not None else None
-                if obj[0] != first_sink and obj[0] not in other:
+                first = self.origin[0] if self.origin is not None else None
+                if obj[0] != first and obj[0] not in other:
                     other.add(obj[0])
-                    log.warning(
-                        "replay: dead letters of %s after those of %s: sent where %s's go",
-                        obj[0],
-                        first_sink,
-                        first_sink,
-                    )
+                    self._mixed(first, obj[0])
             elif letters is None or kind not in ("ADDED", "MODIFIED", "LIST") or letters.hand_on(obj):
                 yield kind, obj
+
+    def _mixed(self, first: str | None, sink: str) -> None:
+        """Letters of ``sink`` after those of ``first`` (``cat a.jsonl b.jsonl | eventrouter replay -``):
+        all went where ``first``'s go, with exit 0, and ``b``'s keys into ``a``'s ledger. Refused
+        unless they go to the same sinks. Dead letters are handed on once all are read: nothing has
+        been sent yet."""
+        route = self.destinations
+        if route is None or first is None:
+            return
+        ours, theirs = route(first), route(sink)
+        if ours != theirs:
+            raise _MixedLetters(
+                f"the input holds dead letters of {first} and of {sink}, which go to different sinks "
+                f"here ({first}'s to {', '.join(sorted(ours))}; {sink}'s to {', '.join(sorted(theirs))}): "
+                "replay the dead letters of each sink on their own (one file at a time), or configure "
+                "only the sinks all of them should go to; nothing was sent"
+            )
+        log.info("replay: dead letters of %s after those of %s: they go to the same sinks", sink, first)
+
+
+def _destinations(configured: Sequence[str]) -> Callable[[str], frozenset[str]]:
+    """Where the dead letters of a sink go (as ``_dead_letter_replay`` chooses): to the sink of that
+    name when it is configured, else to every configured sink."""
+    every = frozenset(configured)
+    return lambda sink: frozenset((sink,)) if sink in every else every
+
+
+def _refuse_without_room(room: _Room | None, path: str) -> str | None:
+    """Why a dead-letter file is not replayed in a router's data dir (None: it fits). What the replay
+    writes there, at worst: every letter refused again, and the file sorted by time beside it."""
+    if room is None or path == "-":
+        return None
+    try:
+        need = 2 * Path(path).stat().st_size
+    except OSError:
+        return None
+    if need <= room.left:
+        return None
+    return (
+        f"replay: {path} may need up to {need / 2**20:.1f} MiB beside it while it is replayed (twice its "
+        f"size: the letters refused again, and the file sorted by time), and there are only {room}; a "
+        "full volume stops the router writing its spool and dead letters, and an emptyDir past its limit "
+        "gets the pod evicted, data dir and all. Make room, or copy the file to another volume and "
+        "replay it there; nothing was sent"
+    )
 
 
 async def _replay(args: argparse.Namespace) -> int:
@@ -1134,15 +1322,32 @@ async def _replay(args: argparse.Namespace) -> int:
         recorded = settings.data_dir is not None  # what a recording's replay delivered is skipped again
         if source.origin is not None:
             folder, base = _dead_letter_folder(args.file, settings.data_dir)
+            source.destinations = _destinations([spec.name for spec in specs])
             specs, settings = _dead_letter_replay(source.origin, specs, settings, args.file)
-            letters = source.letters = _DeadLetterReplay(folder, base, [s.name for s in specs], metrics)
-        router = Router(
-            settings, specs, metrics=metrics, checkpoint_backend=letters.backend if letters else None
-        )
+            room = None
+            if (live := _live_data_dir(folder)) is not None:
+                try:
+                    room = _Room(live, settings.data_dir_max_bytes)
+                except OSError as exc:
+                    log.warning("replay: cannot tell the room left in %s: %s", live, exc.strerror or exc)
+            if (why := _refuse_without_room(room, args.file)) is not None:
+                print(f"eventrouter: {why}", file=sys.stderr)
+                return 2
+            given = Path(args.file).absolute() if args.file != "-" else None
+            letters = source.letters = _DeadLetterReplay(
+                folder, base, [spec.name for spec in specs], room=room, given=given
+            )
+            specs = [letters.recording(spec) for spec in specs]
+        router = Router(settings, specs, metrics=metrics)
         await router.start_pipelines()
         if letters is not None:
             letters.install(router)
-        occurrences, malformed = await router.replay(source, dead_letters=letters is not None)
+        try:
+            occurrences, malformed = await router.replay(source, dead_letters=letters is not None)
+        except _MixedLetters as exc:
+            await router.stop()
+            print(f"eventrouter: replay: {exc}", file=sys.stderr)
+            return 2
     malformed += source.malformed
     repaired = source.repaired
     if repaired:
@@ -1169,8 +1374,9 @@ async def _replay(args: argparse.Namespace) -> int:
             "dropped": int(sum(m.dropped.labels(p.name, r)._value.get() for r in SINK_DROP_REASONS)),
         }
         if letters is not None:
-            row["skipped"] += letters.skipped
-            row |= letters.report(p.name, row["delivered"])
+            # What the pipeline skipped as a copy is no delivery unless the sink had it: `not_sent`.
+            row["skipped"] = letters.skipped[p.name]
+            row["filtered"] += letters.kept_out[p.name]
         lost += row["dropped"]
         refused += row["dead_lettered"]
         summary["sinks"][p.name] = row
@@ -1189,6 +1395,14 @@ async def _replay(args: argparse.Namespace) -> int:
     # A dead-letter file being appended to (or whose writer was killed mid-line) ends in part of a
     # letter: exit 0 invited deleting the file while that letter was on its way into it.
     torn = letters is not None and source.torn_end
+    not_sent = 0
+    if letters is not None:
+        outstanding = any(letters.outstanding.values())
+        letters.finish(whole=drained and not lost and not outstanding and not malformed and not torn)
+        for p in router.pipelines:
+            fields = letters.report(p.name, drained=drained)
+            not_sent += fields.get("not_sent", 0)
+            summary["sinks"][p.name] |= fields
     if torn:
         summary["last_line_incomplete"] = True
         log.warning(
@@ -1199,10 +1413,11 @@ async def _replay(args: argparse.Namespace) -> int:
             " (what was accepted is skipped)" if letters is not None and letters.ledgers else "",
         )
     print(orjson.dumps(summary).decode(), file=sys.stderr)
-    # Something not delivered (dropped, or refused by the sink) is no success: a script must see it.
-    # Nor is a file of which nothing could be read (a format replay does not know).
+    # Something not delivered (dropped, refused by the sink, or never given to it) is no success: a
+    # script must see it. Nor is a file of which nothing could be read (a format replay does not know).
     unreadable = malformed > 0 and occurrences == 0
-    return 0 if drained and not lost and not refused and not unreadable and not torn else 1
+    failed = lost or refused or not_sent or unreadable or torn
+    return 0 if drained and not failed else 1
 
 
 # ---- entry ---------------------------------------------------------------------------------------

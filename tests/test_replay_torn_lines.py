@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from eventrouter.engine.deadletter import DeadLetter
-from eventrouter.metrics import Metrics
 from eventrouter.record import Occurrence
 from eventrouter.source.recording import read_recording
 from eventrouter.source.tracker import OccurrenceTracker
+from eventrouter.testing import event_object
 
 DATA = Path(__file__).resolve().parents[1] / "eventrouter" / "testing" / "data"
 
@@ -100,31 +100,33 @@ def test_a_repaired_dead_letter_is_named_by_its_event(caplog: pytest.LogCaptureF
     assert "?/? (uid ?)" not in caplog.text
 
 
-def test_the_ledger_records_only_keys_it_knows_were_accepted(tmp_path: Path) -> None:
-    """An acknowledgement (uid → n) covers every number up to n the sink was given. While nothing
-    was taken out on the way, each of them not refused is recorded; once one was dropped (a full
-    queue: known only as a count), only n itself, or the one dropped below it would be skipped by
-    the next replay: lost."""
+def test_the_ledger_records_only_keys_the_sink_answered_ok_for(tmp_path: Path) -> None:
+    """A key goes into the ledger when a send of the sink answered OK for that very occurrence (it was
+    inferred from checkpoint acknowledgements before, which also covered a number the pipeline had
+    skipped as a copy). An answer the pipeline retries the whole batch for, or mends, records none:
+    sent again, never lost."""
     from eventrouter.cli import _DeadLetterReplay
+    from eventrouter.sink import OK, Outcome, reject, retry
 
-    def event(uid: str, count: int) -> dict[str, object]:
-        return {"metadata": {"uid": uid, "name": "web", "namespace": "ns"}, "count": count}
+    def letter(n: int) -> dict[str, Any]:
+        return event_object(uid="u", count=n, last_timestamp=f"2024-05-01T10:00:0{n}Z")
 
-    for dropped in (False, True):
-        folder = tmp_path / f"dropped-{dropped}"
-        folder.mkdir()
-        metrics = Metrics()
-        replay = _DeadLetterReplay(folder, "file.jsonl", ["file"], metrics)
-        assert all(replay.hand_on(event("u", n)) for n in (1, 2, 3, 4))
-        replay.refused["file"].keys.add("u/2")  # refused again: not accepted
-        if dropped:
-            metrics.dropped.labels("file", "queue_full").inc()
-        replay.accepted("file", {"u": 4})
-        recorded = (folder / "file.replayed").read_text().splitlines()[1:]
-        assert recorded == (["u/4"] if dropped else ["u/1", "u/3", "u/4"])
-        # What the ledger holds is skipped by the next replay of any file in that folder.
-        again = _DeadLetterReplay(folder, "file.jsonl", ["file"], Metrics())
-        assert [again.hand_on(event("u", n)) for n in (1, 2, 3, 4)] == [dropped, True, dropped, False]
+    occs = {n: OccurrenceTracker(exact=True).observe(letter(n)) for n in (1, 2, 3, 4, 5, 6)}
+    batch = [occ for occ in occs.values() if occ is not None]
+    replay = _DeadLetterReplay(tmp_path, "file.jsonl", ["file"])
+    assert all(replay.hand_on(letter(n)) for n in occs)
+    replay.sent("file", batch[:2], None)  # None: all OK
+    replay.sent("file", batch[2:4], [reject("400"), retry("503")])
+    replay.sent("file", batch[4:], [OK])  # one outcome for two: the batch is retried
+    replay.sent("file", batch[4:], [Outcome("ok"), OK])  # type: ignore[arg-type]  # a kind mended
+    replay.sent("file", batch[4:], [OK, OK])
+    recorded = (tmp_path / "file.replayed").read_text().splitlines()[1:]
+    assert recorded == ["u/1", "u/2", "u/5", "u/6"]
+    assert replay.outstanding["file"] == {"u/3", "u/4"}  # neither accepted nor refused (yet)
+    # What the ledger holds is skipped by the next replay of any file in that folder.
+    again = _DeadLetterReplay(tmp_path, "file.jsonl", ["file"])
+    assert [again.hand_on(letter(n)) for n in occs] == [False, False, True, True, False, False]
+    assert again.skipped["file"] == 4
 
 
 def test_a_ledger_line_cut_by_a_kill_is_no_key(tmp_path: Path) -> None:
