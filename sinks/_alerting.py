@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import fnmatch
 import functools
+import math
+import os
 import re
 import string
 import time
@@ -35,12 +38,14 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 from urllib.request import getproxies
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
+import orjson
 from pydantic import AliasChoices, BeforeValidator, Field, SecretStr, field_validator
 
 from eventrouter import (
@@ -187,6 +192,21 @@ class RateLimiter:
     @property
     def paused_for(self) -> float:
         return max(0.0, self._paused_until - self.clock.now())
+
+    def last(self) -> float | None:
+        """When the last send counted was answered; None when none is known."""
+        return self._log[-1] if self._log else None
+
+    def history(self) -> tuple[list[float], float]:
+        """(the sends of the last ``period``, the end of a pause), in this clock's time."""
+        self._trim(self.clock.now())
+        return list(self._log), self._paused_until
+
+    def seed(self, sent: Iterable[float], paused_until: float) -> None:
+        """What an earlier process sent (its ``history``, in this clock's time): the robot still
+        counts it."""
+        self._log = deque(sorted([*self._log, *sent]))
+        self._paused_until = max(self._paused_until, paused_until)
 
 
 # ------------------------------------------------------------------------------------------- escaping
@@ -422,6 +442,9 @@ def sample_template(template: str, allowed: Iterable[str], option: str) -> str:
         raise ValueError(f"{option} cannot be filled in: {type(exc).__name__}: {exc}") from None
 
 
+MENTION_OPTIONS = ("at_mobiles", "at_user_ids", "at_reasons", "at_all", "at_all_reasons")
+
+
 class AlertOptions(SinkOptions):
     """Options both robots share. Filters (level, namespaces, kinds, reasons, message regex) are the
     engine's common keys; these robots default to Warning events only (``default_filter``)."""
@@ -507,6 +530,10 @@ class AlertOptions(SinkOptions):
     # Bounds the repeats held for a window; a new or due group may use a tenth more (``_full``).
     max_pending: int = Field(10_000, ge=1, description="Most occurrences held for digests at once.")
 
+    def mention_options(self, names: Iterable[str] = MENTION_OPTIONS) -> list[str]:
+        """Of ``names``, the mention options given (for refusing those a message type cannot apply)."""
+        return [name for name in names if getattr(self, name)]
+
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
@@ -575,14 +602,29 @@ def _fields(occ: Occurrence) -> dict[str, str]:
     }
 
 
-@dataclass
+@dataclass(eq=False)
 class Group:
+    """Compared by identity (``eq=False``): ``g in due`` compared every field of every group, and a
+    send with 10,000 groups due spent seconds of the router's one event loop on it."""
+
     key: tuple[str, ...]
     pending: OrderedDict[str, Occurrence] = field(default_factory=OrderedDict)
     last_notified: float | None = None
+    version: int = 0
+    """Bumped whenever ``pending`` changes: ``view`` is good while it stays the same."""
+    view: GroupView | None = None
+    """The group's digest line as last made, with what was measured of it (``_views``)."""
+
+    def add(self, occ: Occurrence) -> None:
+        self.pending[occ.key] = occ
+        self.version += 1
+
+    def drop(self, key: str) -> None:
+        if self.pending.pop(key, None) is not None:
+            self.version += 1
 
 
-@dataclass
+@dataclass(eq=False)
 class GroupView:
     """One digest line: the pending occurrences of one group."""
 
@@ -593,6 +635,16 @@ class GroupView:
     last_ns: int
     messages: int
     new: bool
+    version: int = 0
+    """The group's ``version`` this view was made of."""
+    line: str | None = None
+    """The line at the configured ``excerpt_chars`` (made once: a failing robot made every line again
+    at every send)."""
+    room: int | None = None
+    """Bytes the line takes in a message, at least (``max_bytes`` when it fits only shortened, alone;
+    0 when not even that: only a count); None until measured."""
+    countable: bool | None = None
+    """Whether it fits a message as a bare count; None until measured."""
 
     @property
     def keys(self) -> list[str]:
@@ -604,23 +656,72 @@ class GroupView:
 
 
 @dataclass
+class Tally:
+    """What a digest's header, summary and mentions need of its views, summed once: a message that
+    summarises 10,000 groups is composed a few dozen times while it is packed."""
+
+    events: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    """Occurrences per reason (one line)."""
+    clusters: Counter[str] = field(default_factory=Counter)
+    """Views per cluster named in a record (not empty)."""
+    types: Counter[str] = field(default_factory=Counter)
+    """Occurrences per event type as the header shows it."""
+
+    @classmethod
+    def of(cls, views: Iterable[GroupView]) -> Tally:
+        tally = cls()
+        for v in views:
+            tally.events += v.count
+            tally.reasons[one_line(v.fields["reason"])] += v.count
+            if v.fields["cluster"]:
+                tally.clusters[v.fields["cluster"]] += 1
+            # The type is free text (legacy core/v1 Events): cut, so no type makes a header too long.
+            tally.types[_cut_bytes(one_line(v.fields["type"]), TYPE_BYTES) or "Normal"] += v.count
+        return tally
+
+    def __sub__(self, other: Tally) -> Tally:
+        """This tally without ``other``'s views (which it holds)."""
+        return Tally(
+            self.events - other.events,
+            self.reasons - other.reasons,
+            self.clusters - other.clusters,
+            self.types - other.types,
+        )
+
+
+@dataclass(eq=False)
 class Digest:
     """One message: some lines, and maybe a summary of the lines that did not fit."""
 
     views: list[GroupView]
     summarised: list[GroupView]
+    totals: tuple[Tally, Tally] | None = None
+    """(of the views and the summarised, of the summarised) when the packer has them summed."""
 
-    @property
-    def keys(self) -> list[str]:
-        return [k for v in self.views + self.summarised for k in v.keys]
+    @functools.cached_property
+    def whole(self) -> Tally:
+        return self.totals[0] if self.totals is not None else Tally.of(self.views + self.summarised)
+
+    @functools.cached_property
+    def rest(self) -> Tally:
+        return self.totals[1] if self.totals is not None else Tally.of(self.summarised)
 
     @property
     def events(self) -> int:
-        return sum(v.count for v in self.views + self.summarised)
+        return self.whole.events
 
     @property
     def reasons(self) -> set[str]:
-        return {v.fields["reason"] for v in self.views + self.summarised}
+        return set(self.whole.reasons)
+
+
+def _candidate(views: list[GroupView], tally: Tally, lines: int, summarise: bool) -> Digest:
+    """The first ``lines`` of ``views`` (whose tally is ``tally``) as lines, and the others summarised
+    when ``summarise``."""
+    if not summarise:
+        return Digest(views[:lines], [])
+    return Digest(views[:lines], views[lines:], (tally, tally - Tally.of(views[:lines])))
 
 
 # --------------------------------------------------------------------------------------- delivery
@@ -644,6 +745,10 @@ class Delivery:
     redirected: bool = False
     """A retry because something in front of the robot answered with a redirect (not followed): the
     robot never saw the message. Warned of once per run, as a refusal is."""
+    held: bool = False
+    """A retry that is no failure (not an attempt towards ``retry_max_attempts``)."""
+    unsent: bool = False
+    """No message reached the robot (``out_of_time``): not one of its messages a minute."""
 
 
 REFUSED_STATUSES = (401, 403, 407)
@@ -728,6 +833,19 @@ def _basic(url: str) -> str:
 _LOG_REFUSED_EVERY = 600.0
 """Seconds between two warnings about refused credentials (the first at once), as the webhook's."""
 
+RATE_FILE = "robot-rate.json"
+"""In the sink's data dir: the sends of the robot's last minute and the end of a pause, in wall-clock
+seconds (``AlertSink._save_rate``)."""
+
+WARM_UP = 60.0
+"""Seconds after start in which a flush sends one message, at least 60/rate_per_minute apart."""
+
+_CLOCK_SLACK = 0.01
+"""Seconds added to each time read from ``RATE_FILE``."""
+
+_CHUNK = 256
+"""Groups (or occurrences) handled between two turns given to the event loop in a large send."""
+
 OptionsT = TypeVar("OptionsT", bound=AlertOptions)
 
 
@@ -760,6 +878,10 @@ class AlertSink(Sink[OptionsT]):
         self._failure_held = False
         self._throttle = options.throttle_backoff
         self._last_flush: float | None = None
+        self._started: float | None = None
+        """When ``start`` ran (``WARM_UP``); None before."""
+        self._save_log = Throttled(self.log, _LOG_REFUSED_EVERY)
+        self._excerpt = options.excerpt_chars
         self._refused_log = Throttled(self.log, _LOG_REFUSED_EVERY)
         # The last answer refused our credentials or was a redirect (warned): an OK ends that run.
         self._refusing = False
@@ -795,8 +917,27 @@ class AlertSink(Sink[OptionsT]):
         """The size the robot checks against its limit, for the finished message."""
         return self.measure(text)
 
-    async def deliver(self, title: str, text: str, digest: Digest) -> Delivery:
+    async def deliver(self, title: str, text: str, digest: Digest, *, until: float) -> Delivery:
+        """Send one message. ``until`` (``clock.now()`` time) is when the send's budget ends: a
+        delivery that takes more than one request starts no further one that could end after it
+        (``out_of_time``), or the engine cuts the send off and pages again what the robot took."""
         raise NotImplementedError
+
+    async def prepare(self) -> Delivery | None:
+        """Work of a send before it waits for the rate limiter (WeCom's application API: renew an
+        access token near its end, rather than between that wait and the message). None when it made
+        no request; else its result (``ok``, or why nothing can be sent now: a retry)."""
+        return None
+
+    def out_of_time(self, what: str) -> Delivery:
+        """What ``deliver`` answers when the send's budget has no room for its next request: no
+        failure (held), and no message the robot counted."""
+        return Delivery(
+            "retry",
+            f"{what} would end after the send's budget (send_timeout): sent with the next send",
+            held=True,
+            unsent=True,
+        )
 
     def redact(self, text: str) -> str:
         """Remove every secret this sink knows from ``text`` (exception messages may carry URLs)."""
@@ -854,6 +995,8 @@ class AlertSink(Sink[OptionsT]):
     async def start(self) -> None:
         self.context.warn_if_outlasting(self.options.request_timeout, "request_timeout")
         self.session()
+        self._started = self.clock.now()
+        self._load_rate()
         now = self.clock.wall()
         for s in self.options.silences:
             if s.until <= now:
@@ -923,21 +1066,100 @@ class AlertSink(Sink[OptionsT]):
             self._pending_of = previous._pending_of
             self._done = previous._done
             self._last_flush = previous._last_flush
+            self._started = previous._started  # the same process: its history is all known
             self.sent_messages = previous.sent_messages
+            for group in self._groups.values():
+                group.view = None  # made with the previous instance's options
 
     async def aclose(self) -> None:
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
 
+    # --------------------------------------------------------------- the robot's minute
+
+    # The robot counts the messages of its last minute whoever sent them. A router restarted in a
+    # storm (a rolling update, an OOM kill, a leader hand-over) started with an empty minute, sent
+    # at once, and DingTalk answered 130101 and throttled the robot for 10 minutes: not even a new
+    # problem was paged meanwhile. The limiter's minute is kept in the data dir (wall-clock times:
+    # another process's monotonic clock means nothing here), written as each answer is counted,
+    # and read at start. For a predecessor with another data dir (the standby of a hand-over) the
+    # first minute is paced (``WARM_UP``).
+
+    def _rate_path(self) -> Path | None:
+        folder = self.context.data_dir
+        return folder / RATE_FILE if folder is not None else None
+
+    def _load_rate(self) -> None:
+        path = self._rate_path()
+        if path is None:
+            return
+        try:
+            saved = orjson.loads(path.read_bytes())
+            sent = [float(t) for t in saved["sent"]]
+            paused = float(saved["paused_until"])
+        except FileNotFoundError:
+            return
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            self.log.warning(
+                "%s: cannot read %s (%s): the robot's last minute is not known; the first minute is paced",
+                self.context.name,
+                path,
+                exc.strerror if isinstance(exc, OSError) else type(exc).__name__,
+            )
+            return
+        now, wall = self.clock.now(), self.clock.wall()
+        # A time ahead of this clock (stepped back, or another host's) counts as now; each a little
+        # later than written (the two clocks are read apart, the file keeps milliseconds), never
+        # earlier than the robot counted it.
+        recent = [now - max(0.0, wall - t) + _CLOCK_SLACK for t in sent if wall - t < self.limiter.period]
+        self.limiter.seed(recent, now + paused - wall + _CLOCK_SLACK if paused > wall else 0.0)
+        if recent:  # the predecessor's pacing too
+            last = max(recent)
+            self._last_flush = last if self._last_flush is None else max(self._last_flush, last)
+
+    def _save_rate(self) -> None:
+        path = self._rate_path()
+        if path is None:
+            return
+        sent, paused = self.limiter.history()
+        now, wall = self.clock.now(), self.clock.wall()
+        saved = {
+            "sent": [math.ceil((wall - (now - t)) * 1000) / 1000 for t in sent],
+            "paused_until": math.ceil((wall + paused - now) * 1000) / 1000 if paused > now else 0,
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_bytes(orjson.dumps(saved))
+            os.replace(tmp, path)  # never half a file
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self._save_log.warning(
+                "save",
+                "%s: cannot write %s (%s): after a restart the robot's last minute is not known "
+                "(the first minute is paced)",
+                self.context.name,
+                path,
+                exc.strerror or exc,
+            )
+
+    def _warming(self, now: float) -> bool:
+        """In the first minute after start: a predecessor this process cannot know of (another pod,
+        another data dir) may have used the robot's minute."""
+        return self._started is not None and now - self._started < WARM_UP
+
+    def _budget(self, now: float) -> int:
+        """Messages this flush may send: one in the first minute (a predecessor's last minute plus a
+        burst of three got DingTalk's throttle), else up to 3, keeping budget for alerts to come."""
+        if self._warming(now):
+            return 1
+        return max(1, min(3, self.limiter.free() // 2))
+
     # --------------------------------------------------------------- send
 
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
         now = self.clock.now()
-        # Within the send's budget, one request's time left over: the engine cuts a send off at its
-        # send_timeout and sends it again whole, paging again what went out.
-        wait = min(self.options.max_send_wait, self.context.send_budget - self.options.request_timeout)
-        deadline = now + max(0.0, wait)
         self._expire(now)
         self._last_failure = ""
         self._failure_retry_after = None
@@ -945,6 +1167,8 @@ class AlertSink(Sink[OptionsT]):
         early: list[Outcome | None] = [None] * len(batch)
         wall = self.clock.wall()
         for i, occ in enumerate(batch):
+            if i % _CHUNK == _CHUNK - 1:
+                await asyncio.sleep(0)  # a large batch: the router's other work goes on meanwhile
             key = occ.key
             if key in self._done or key in self._pending_of:
                 continue
@@ -965,9 +1189,9 @@ class AlertSink(Sink[OptionsT]):
                 continue
             if group is None:
                 group = self._groups[gkey] = Group(gkey)
-            group.pending[key] = occ
+            group.add(occ)
             self._pending_of[key] = group
-        await self._flush(deadline, {occ.key for occ in batch})
+        await self._flush(now, {occ.key for occ in batch})
         out: list[Outcome] = []
         now = self.clock.now()
         # One answer per key: a second copy in the batch (a spool copy beside a relist copy) found
@@ -1010,7 +1234,7 @@ class AlertSink(Sink[OptionsT]):
             self._done.pop(key, None)
             group = self._pending_of.pop(key, None)
             if group is not None:
-                group.pending.pop(key, None)
+                group.drop(key)
 
     def _waiting(self, key: str, now: float) -> Outcome:
         group = self._pending_of.get(key)
@@ -1055,58 +1279,101 @@ class AlertSink(Sink[OptionsT]):
 
     def _spacing_wait(self, now: float) -> float:
         interval = self.options.min_interval
+        pace = 60.0 / self.options.rate_per_minute
         if interval is None:
-            interval = 60.0 / self.options.rate_per_minute
-        return max(0.0, self._last_flush + interval - now) if self._last_flush is not None else 0.0
+            interval = pace
+        wait = max(0.0, self._last_flush + interval - now) if self._last_flush is not None else 0.0
+        if self._warming(now):
+            # In the first minute the robot's own pace after each message it counted (a predecessor's
+            # too, when the data dir has them): a predecessor's last minute and this one's first then
+            # add up to about one message more than the robot allows, not three.
+            last = self.limiter.last()
+            if last is not None:
+                wait = max(wait, last + pace - now)
+        return wait
 
-    async def _flush(self, deadline: float, offered: set[str]) -> None:
-        grace = self.options.window / 10
+    async def _flush(self, start: float, offered: set[str]) -> None:
+        """Send what is due, in rounds (groups come due while a send goes on), within the send's
+        budget: a request of the send other than its first starts only if it can end within
+        ``send_budget``, and the limiter is waited for at most ``max_send_wait`` (both from
+        ``start``). Past that the engine cuts the send off and sends the batch again whole: a
+        message the robot took would be paged twice."""
+        options, budget = self.options, self.context.send_budget
+        until = start + budget
+        latest = start + max(0.0, budget - options.request_timeout)  # the last start of a request
+        deadline = min(start + options.max_send_wait, latest)  # of waiting for the limiter
+        grace = options.window / 10
+        first = True  # no request of this send yet: the first always goes (no progress otherwise)
+        prepared = False
         while True:
             now = self.clock.now()
             due = [g for g in self._groups.values() if g.pending and self._due_at(g, now) <= now]
             if not due:
                 return
+            if not prepared:
+                prepared = True
+                made = await self.prepare()
+                if made is not None:
+                    first = False
+                    if made.kind != "ok":
+                        self._failed(made)
+                        return
+                    continue  # that took time: what is due, and the wait, anew
             wait = max(self.limiter.wait_time(), self._spacing_wait(now))
             if wait > 0:
                 if now + wait > deadline:
                     return
                 await self.clock.sleep(wait)
                 continue
+            if not first and now > latest:
+                return  # the next round's first message would end past the budget (item 115)
             # A message goes out anyway: groups whose window ends within a tenth of it ride along,
             # but only those the engine offers whole in this batch. One it set aside (answered
             # "held" earlier) would be paged while the engine still holds it: a stop before it comes
             # back spools it, and the next start pages it again (its OK is only in this memory).
+            chosen = set(due)
             due += [
                 g
                 for g in self._groups.values()
                 if g.pending
-                and g not in due
+                and g not in chosen
                 and self._due_at(g, now) - grace <= now
                 and offered.issuperset(g.pending)
             ]
-            views = self._renderable(self._views(due), now)
+            count = self._budget(now)
+            views = await self._renderable(await self._views(due), now, count)
             if not views:
                 continue
-            budget = max(1, min(3, self.limiter.free() // 2))  # keep budget for alerts still to come
             self._last_flush = now
-            for index, (digest, title, text) in enumerate(self._pack(views, budget)):
+
+            def more() -> bool:
+                # Only when a next message could still start after this one's longest answer; else
+                # this one summarises everything left, so an accepted message accounts for all due.
+                return self.clock.now() + options.request_timeout <= latest
+
+            for digest, title, text in self._pack(views, count, more):
                 if self.limiter.wait_time() > 0:
                     break
-                if index and self.clock.now() > deadline:
-                    return  # one more could end past the send's budget: the rest goes next send
+                if not first and self.clock.now() > latest:
+                    return  # it could end past the send's budget: the rest goes with the next send
+                first = False
                 self.limiter.begin()
                 result = None
                 try:
-                    result = await self._deliver_safely(title, text, digest)
+                    result = await self._deliver_safely(title, text, digest, until)
                 finally:
                     # Refused or redirected, the robot never saw it: not one of its messages a minute.
-                    self.limiter.end(counted=result is None or not (result.refused or result.redirected))
+                    self.limiter.end(
+                        counted=result is None or not (result.refused or result.redirected or result.unsent)
+                    )
+                    if result is None or not result.unsent:
+                        self._save_rate()
                 if not self._settle(digest, result):
                     return
 
-    async def _deliver_safely(self, title: str, text: str, digest: Digest) -> Delivery:
+    async def _deliver_safely(self, title: str, text: str, digest: Digest, until: float) -> Delivery:
         try:
-            return await self.deliver(title, text, digest)
+            return await self.deliver(title, text, digest, until=until)
         except aiohttp.ClientHttpProxyError as exc:
             # The proxy answered the CONNECT to an https robot: a status like any other answer (its
             # text quotes the proxy's URL with the password: never used).
@@ -1115,19 +1382,32 @@ class AlertSink(Sink[OptionsT]):
             detail = self.redact(str(exc)) or type(exc).__name__
             return Delivery("retry", f"{self.robot} unreachable: {type(exc).__name__}: {detail}")
 
-    def _renderable(self, views: list[GroupView], now: float) -> list[GroupView]:
+    async def _renderable(self, views: list[GroupView], now: float, budget: int) -> list[GroupView]:
         """The views that render, those whose line fits a message first; a group whose line cannot
         be made (an event content no template or time zone can show) is rejected with the reason, so
         it never fails the message of the rest (``send`` raising would retry the batch for ever while
         the group stays pooled). So is one that does not fit even as a count: sent, the robot refused
-        the whole message (460101, 40058) and every alert in it was dead-lettered."""
+        the whole message (460101, 40058) and every alert in it was dead-lettered.
+
+        Lines are made and measured only for as many views as ``budget`` messages can hold; the rest
+        are summarised, and need only fit as a count. What was measured stays with the view until
+        its group changes."""
         lines: list[GroupView] = []
-        counts: list[GroupView] = []  # too long for a line: summarised, after the lines that fit
+        counts: list[GroupView] = []  # too long for a line, or past what can be sent as lines
         limit = self.max_bytes
-        for view in views:
+        room = budget * limit
+        for i, view in enumerate(views):
+            if i % _CHUNK == _CHUNK - 1:
+                await asyncio.sleep(0)  # thousands of groups due: the router's other work goes on
             try:
-                line = self._fits(Digest([view], []), limit) or self._fit_single(view, False, [], limit) > 0
-                count = line or self._fits_bare(Digest([], [view]), limit)
+                if room > 0 and view.room is None:
+                    view.room = self._room(view, limit)
+                if room > 0 and view.room:
+                    room -= view.room
+                    lines.append(view)
+                    continue
+                if view.countable is None:
+                    view.countable = bool(view.room) or self._fits_bare(Digest([], [view]), limit)
             except Exception as exc:  # any failure of one group's content
                 detail = self.redact(str(exc))
                 self._refuse(
@@ -1139,9 +1419,7 @@ class AlertSink(Sink[OptionsT]):
                 continue
             finally:
                 self._excerpt = self.options.excerpt_chars
-            if line:
-                lines.append(view)
-            elif count:
+            if view.countable:
                 counts.append(view)
             else:
                 self._refuse(
@@ -1151,6 +1429,14 @@ class AlertSink(Sink[OptionsT]):
                     now,
                 )
         return lines + counts
+
+    def _room(self, view: GroupView, limit: int) -> int:
+        """Bytes ``view``'s line takes in a message, at least: its own size when it fits, all of
+        ``limit`` when it fits only shortened (then it goes alone), 0 when not even that (a count)."""
+        alone = Digest([view], [])
+        if self._fits(alone, limit):
+            return max(1, self.measure(self._line(view)))
+        return limit if self._fit_single(alone, limit) else 0
 
     def _refuse(self, view: GroupView, reason: str, cause: str, now: float) -> None:
         """Reject one group for its own content, logged once per cause."""
@@ -1164,7 +1450,7 @@ class AlertSink(Sink[OptionsT]):
     def _finish(self, view: GroupView, outcome: Outcome, now: float) -> None:
         group = view.group
         for occ in view.occurrences:
-            group.pending.pop(occ.key, None)
+            group.drop(occ.key)
             self._pending_of.pop(occ.key, None)
             self._done[occ.key] = (outcome, now)
 
@@ -1172,46 +1458,7 @@ class AlertSink(Sink[OptionsT]):
         """Record the answer for every occurrence in ``digest``; False stops this flush."""
         now = self.clock.now()
         if result.kind == "retry":
-            self._last_failure = result.reason
-            self._failure_retry_after = result.retry_after
-            if result.refused:
-                # Every message is refused until the credential is put right (a rotated file: one is
-                # taken within seconds): held in the engine, not dead-lettered, and said once a run
-                # of each cause (a proxy's 407 put right, the robot's own refusal next is news).
-                self._refusing = True
-                self._refused_log.warning(
-                    f"refused {result.cause}".strip(),
-                    "%s: our credentials refused? %s; retrying until that is put right "
-                    "(not dead-lettered for it, unless retry_max_attempts runs out)",
-                    self.context.name,
-                    result.reason,
-                )
-            if result.redirected:
-                # Every message meets it until the URL is put right: failed (retry_max_attempts
-                # ends a lasting one), not dead-lettered at once, and said once a run, not per digest.
-                self._refusing = True
-                self._refused_log.warning(
-                    "redirect",
-                    "%s: %s (a POST redirected would come back a GET, or go on to another host with "
-                    "the token); retrying until that is put right (not dead-lettered for it, unless "
-                    "retry_max_attempts runs out)",
-                    self.context.name,
-                    result.reason,
-                )
-            if result.too_fast:
-                # The robot throttles us (someone else shares it, or its own limit): nothing is wrong
-                # with the alerts, so they are held, not failed: a throttle that outlasts
-                # retry_max_attempts must not dead-letter them. The engine logs no hold: say it here.
-                self.log.warning(
-                    "%s: %s; sending nothing for %s (held alerts wait, none is dropped)",
-                    self.context.name,
-                    result.reason,
-                    humanize(self._throttle),
-                )
-                self.limiter.pause(self._throttle)
-                self._failure_retry_after = self._throttle
-                self._failure_held = True
-                self._throttle = min(self._throttle * 2, 600.0)
+            self._failed(result)
             return False
         outcome = OK if result.kind == "ok" else reject(result.reason)
         if result.kind == "ok":
@@ -1229,15 +1476,66 @@ class AlertSink(Sink[OptionsT]):
                 view.group.last_notified = now
         return True
 
+    def _failed(self, result: Delivery) -> None:
+        """A send that failed (``retry``): what the occurrences still pooled are answered."""
+        self._last_failure = result.reason
+        self._failure_retry_after = result.retry_after
+        self._failure_held = result.held
+        if result.refused:
+            # Every message is refused until the credential is put right (a rotated file: one is
+            # taken within seconds): held in the engine, not dead-lettered, and said once a run
+            # of each cause (a proxy's 407 put right, the robot's own refusal next is news).
+            self._refusing = True
+            self._refused_log.warning(
+                f"refused {result.cause}".strip(),
+                "%s: our credentials refused? %s; retrying until that is put right "
+                "(not dead-lettered for it, unless retry_max_attempts runs out)",
+                self.context.name,
+                result.reason,
+            )
+        if result.redirected:
+            # Every message meets it until the URL is put right: failed (retry_max_attempts
+            # ends a lasting one), not dead-lettered at once, and said once a run, not per digest.
+            self._refusing = True
+            self._refused_log.warning(
+                "redirect",
+                "%s: %s (a POST redirected would come back a GET, or go on to another host with "
+                "the token); retrying until that is put right (not dead-lettered for it, unless "
+                "retry_max_attempts runs out)",
+                self.context.name,
+                result.reason,
+            )
+        if result.too_fast:
+            # The robot throttles us (someone else shares it, or its own limit): nothing is wrong
+            # with the alerts, so they are held, not failed: a throttle that outlasts
+            # retry_max_attempts must not dead-letter them. The engine logs no hold: say it here.
+            self.log.warning(
+                "%s: %s; sending nothing for %s (held alerts wait, none is dropped)",
+                self.context.name,
+                result.reason,
+                humanize(self._throttle),
+            )
+            self.limiter.pause(self._throttle)
+            self._failure_retry_after = self._throttle
+            self._failure_held = True
+            self._throttle = min(self._throttle * 2, 600.0)
+            self._save_rate()
+
     # --------------------------------------------------------------- rendering
 
-    def _views(self, groups: list[Group]) -> list[GroupView]:
+    async def _views(self, groups: list[Group]) -> list[GroupView]:
         views = []
+        work = 0
         for g in groups:
-            occs = list(g.pending.values())
-            last = max(occs, key=lambda o: (o.time_ns, o.number))
-            views.append(
-                GroupView(
+            view = g.view
+            if view is None or view.version != g.version:
+                work += len(g.pending)
+                if work >= _CHUNK:
+                    work = 0
+                    await asyncio.sleep(0)  # thousands of groups: the router's other work goes on
+                occs = list(g.pending.values())
+                last = max(occs, key=lambda o: (o.time_ns, o.number))
+                view = g.view = GroupView(
                     group=g,
                     occurrences=occs,
                     fields=_fields(last),
@@ -1245,8 +1543,10 @@ class AlertSink(Sink[OptionsT]):
                     last_ns=last.time_ns,
                     messages=len({text_clean(o.record.get("message")) for o in occs}),
                     new=g.last_notified is None,
+                    version=g.version,
                 )
-            )
+            view.new = g.last_notified is None
+            views.append(view)
         # New problems first, then the oldest waiting.
         views.sort(key=lambda v: (not v.new, v.first_ns))
         return views
@@ -1307,15 +1607,11 @@ class AlertSink(Sink[OptionsT]):
         return f"{head}\n{body}{note}"
 
     def header(self, digest: Digest) -> str:
-        clusters = sorted({v.fields["cluster"] for v in digest.views + digest.summarised} - {""}) or [
-            self.context.cluster or "kubernetes"
-        ]
-        kinds: Counter[str] = Counter()
-        for v in digest.views + digest.summarised:
-            # The type is free text (legacy core/v1 Events): cut, and a few listed, so that no event's
-            # type can make even a bare summary larger than the robot accepts.
-            kinds[_cut_bytes(one_line(v.fields["type"]), TYPE_BYTES) or "Normal"] += v.count
-        top = sorted(kinds.items(), key=lambda kn: (-kn[1], kn[0]))
+        whole = digest.whole
+        clusters = sorted(whole.clusters) or [self.context.cluster or "kubernetes"]
+        # Types are cut (``Tally``) and only a few listed, so that no event's type can make even a
+        # bare summary larger than the robot accepts.
+        top = sorted(whole.types.items(), key=lambda kn: (-kn[1], kn[0]))
         shown = sorted(top[:TYPES_LISTED])
         others = sum(n for _, n in top[TYPES_LISTED:])
         what = ", ".join([f"{n} {t}" for t, n in shown] + ([f"{others} other"] if others else []))
@@ -1333,19 +1629,19 @@ class AlertSink(Sink[OptionsT]):
             one_line(p) for p in parts
         )
 
-    def summary(self, rest: list[GroupView]) -> str:
-        if not rest:
+    def summary(self, rest: Tally) -> str:
+        """The line that counts the summarised views (``rest``), at ``_summary_level``."""
+        total = rest.events
+        if not total:
             return ""
-        total = sum(v.count for v in rest)
         noun = "event" if total == 1 else "events"
         listed, cut = self._summary_level
         if not listed:
             return f"…and {total} more {noun}"
         by_reason: Counter[str] = Counter()
-        for v in rest:
-            reason = one_line(v.fields["reason"])
+        for reason, n in rest.reasons.items():
             reason = reason[:64] if cut is None else _cut_bytes(reason, cut)
-            by_reason[reason or "(no reason)"] += v.count
+            by_reason[reason or "(no reason)"] += n
         top = by_reason.most_common(listed)
         others = sum(by_reason.values()) - sum(n for _, n in top)
         esc = md_escape if self.markdown else one_line
@@ -1405,8 +1701,8 @@ class AlertSink(Sink[OptionsT]):
         sep = "\n\n" if self.markdown else "\n"
         if self.markdown:
             parts.append("---")
-        parts += [self.render_entry(v, self._excerpt) for v in digest.views]
-        summary = self.summary(digest.summarised)
+        parts += [self._line(v) for v in digest.views]
+        summary = self.summary(digest.rest) if digest.summarised else ""
         if summary:
             parts.append(summary)
         mention = self.mention_line(digest)
@@ -1414,36 +1710,56 @@ class AlertSink(Sink[OptionsT]):
             parts.append(mention)
         return self.title(digest), sep.join(parts)
 
+    def _line(self, view: GroupView) -> str:
+        """``render_entry`` at the current excerpt; made once per view at the configured one."""
+        if self._excerpt != self.options.excerpt_chars:
+            return self.render_entry(view, self._excerpt)
+        if view.line is None:
+            view.line = self.render_entry(view, self._excerpt)
+        return view.line
+
     _excerpt: int = 0
     _summary_level: tuple[int, int | None] = SUMMARY_LEVELS[0]
 
-    def _pack(self, views: list[GroupView], budget: int) -> Iterable[tuple[Digest, str, str]]:
+    def _pack(
+        self, views: list[GroupView], budget: int, more: Callable[[], bool] = lambda: True
+    ) -> Iterable[tuple[Digest, str, str]]:
         """Up to ``budget`` messages covering every view: whole lines while they fit, and the last
-        message summarises the rest with counts."""
+        message summarises the rest with counts. A message is the last one too when ``more()``
+        (asked as it is made) says no other could follow it in this send: one accepted message then
+        accounts for everything due, not only for the lines it holds."""
         limit = self.max_bytes
         rest = list(views)
+        left = Tally.of(rest)  # of ``rest``: each candidate's summary is ``left`` less its lines
         for n in range(budget):
-            last = n == budget - 1
+            last = n == budget - 1 or not more()
             self._excerpt = self.options.excerpt_chars
+            # No more lines than their own bytes can fit (``_renderable`` measured each): composing
+            # candidates of thousands of lines, each send, held the event loop for seconds.
+            most, used = 0, 0
+            for view in rest:
+                if not view.room or used + view.room > limit:
+                    break
+                most, used = most + 1, used + view.room
             # Largest prefix of whole lines that fits (with the summary of what follows, if last;
             # a shorter summary only when not one line fits beside the usual one).
             best = 0
             for level in SUMMARY_LEVELS if last else SUMMARY_LEVELS[:1]:
                 self._summary_level = level
-                lo, hi = 1, len(rest)
+                lo, hi = 1, most
                 while lo <= hi:
                     mid = (lo + hi) // 2
-                    if self._fits(Digest(rest[:mid], rest[mid:] if last else []), limit):
+                    if self._fits(_candidate(rest, left, mid, last), limit):
                         best, lo = mid, mid + 1
                     else:
                         hi = mid - 1
                 if best:
                     break
+            if best == 0 and rest[0].room:
+                best = self._fit_single(_candidate(rest, left, 1, last), limit)
             if best == 0:
-                best = self._fit_single(rest[0], last, rest[1:], limit)
-                if best == 0:
-                    last = True  # not even one line fits: this message summarises everything left
-            digest = Digest(rest[:best], rest[best:] if last else [])
+                last = True  # not even one line fits: this message summarises everything left
+            digest = _candidate(rest, left, best, last)
             if not self._fit_summary(digest, limit):
                 # Too many clusters or types even for a bare count: count fewer (each fits alone,
                 # ``_renderable`` made sure); the rest stays pooled for the next message.
@@ -1461,17 +1777,19 @@ class AlertSink(Sink[OptionsT]):
             self._excerpt = self.options.excerpt_chars
             self._summary_level = SUMMARY_LEVELS[0]
             yield digest, title, text
-            rest = rest[best:]
-            if last or not rest:
+            if last or best >= len(rest):
                 return
+            left = left - Tally.of(rest[:best])
+            rest = rest[best:]
 
-    def _fit_single(self, view: GroupView, last: bool, after: list[GroupView], limit: int) -> int:
-        """One line alone is too long: shorten its excerpt (marked), else summarise it (returns 0)."""
+    def _fit_single(self, digest: Digest, limit: int) -> int:
+        """One line alone (``digest``'s one view) is too long: shorten its excerpt (marked) until it
+        fits, and leave ``_excerpt`` there (1); else summarise it (0)."""
         excerpt = self.options.excerpt_chars
         while excerpt > 20:
             excerpt //= 2
             self._excerpt = excerpt
-            if self._fits(Digest([view], after if last else []), limit):
+            if self._fits(digest, limit):
                 return 1
         self._excerpt = self.options.excerpt_chars
         return 0

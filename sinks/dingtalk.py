@@ -121,6 +121,12 @@ class DingTalkOptions(AlertOptions):
             raise ValueError("access_token is required (in the URL query or as an option)")
         if self.msg_type == "actionCard" and not self.action_url:
             raise ValueError("msg_type=actionCard needs action_url (the card's button link)")
+        if self.msg_type == "actionCard" and (mentions := self.mention_options()):
+            # DingTalk takes `at` with text and markdown only: an actionCard's mentions were dropped
+            # without a word, and its "@138… @all" text notified nobody.
+            raise ValueError(
+                f"{', '.join(mentions)}: an actionCard mentions nobody; use msg_type=markdown or text"
+            )
         return self
 
 
@@ -222,7 +228,8 @@ class DingTalkSink(AlertSink[DingTalkOptions]):
 
     # -------------------------------------------------------------- delivery
 
-    async def deliver(self, title: str, text: str, digest: Digest) -> Delivery:
+    async def deliver(self, title: str, text: str, digest: Digest, *, until: float) -> Delivery:
+        # One request: the send started it within its budget (``AlertSink._flush``).
         body = orjson.dumps(self.payload(title, text, digest))
         headers = {"Content-Type": "application/json; charset=utf-8"}
         # Redirects are not followed: a 301/302 would turn the POST into a GET (aiohttp's default).

@@ -113,6 +113,20 @@ class WeComOptions(AlertOptions):
             )
         if self.msg_type == "actionCard":
             raise ValueError("WeCom messages are text or markdown")
+        # Mentions a message cannot carry were dropped without a word: `at_all_reasons=OOMKilling`
+        # on a default robot paged nobody for an OOMKilling.
+        if app and (mentions := self.mention_options()):
+            raise ValueError(
+                f"{', '.join(mentions)}: the application API mentions nobody; its recipients are "
+                "to_user, to_party and to_tag"
+            )
+        if not app and (self.msg_type or "markdown") == "markdown":
+            lost = self.mention_options(("at_mobiles", "at_all", "at_all_reasons"))
+            if lost:
+                raise ValueError(
+                    f"{', '.join(lost)} {'needs' if len(lost) == 1 else 'need'} msg_type=text: a WeCom "
+                    "markdown message mentions only user ids (at_user_ids)"
+                )
         return self
 
     @property
@@ -304,17 +318,55 @@ class WeComSink(AlertSink[WeComOptions]):
             if isinstance(got, Delivery):
                 raise SinkError(f"{self.context.name}: {got.reason}")
 
-    async def deliver(self, title: str, text: str, digest: Digest) -> Delivery:
+    def _token_valid(self, now: float) -> bool:
+        return self._token is not None and now < self._token_expires
+
+    async def prepare(self) -> Delivery | None:
+        """Application API: a token near its end (or ended, or refused) is renewed before the send
+        waits for the rate limiter. Renewed between that wait and the message, a send could make
+        four requests (gettoken, message/send, and after a 42001 both again) on a budget of one."""
+        now = self.clock.now()
+        if not self.options.app or (self._token_valid(now) and now < self._token_refresh_at):
+            return None
+        try:
+            got = await self._get_token(force=True)
+        except aiohttp.ClientHttpProxyError as exc:  # the proxy refused the tunnel: its status only
+            got = self.http_failure("WeCom's proxy (CONNECT)", exc.status)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            detail = self.redact(str(exc)) or type(exc).__name__
+            got = Delivery("retry", f"WeCom unreachable: {type(exc).__name__}: {detail}")
+        if not isinstance(got, Delivery) or self._token_valid(self.clock.now()):
+            return Delivery("ok")  # renewed, or renewing early failed and the token still serves
+        # No token to send with. Retried, never rejected: a token refused says nothing of the alerts.
+        return got if got.kind == "retry" else Delivery("retry", got.reason, cause=got.cause)
+
+    def _in_time(self, until: float) -> bool:
+        return self.clock.now() + self.options.request_timeout <= until
+
+    async def deliver(self, title: str, text: str, digest: Digest, *, until: float) -> Delivery:
         body = orjson.dumps(self.payload(title, text, digest))
         if not self.options.app:
             return await self._post(self._robot_url(), body)
+        # Its first request the send started within its budget (``AlertSink._flush``); each further
+        # one only if it can end within it too.
+        made = 0
         for attempt in (1, 2):
-            token = await self._get_token(force=attempt == 2)
-            if isinstance(token, Delivery):
-                return token
+            token = self._token
+            if attempt == 2 or token is None or not self._token_valid(self.clock.now()):
+                if made and not self._in_time(until):
+                    return self.out_of_time("Fetching a new WeCom access token")
+                got = await self._get_token(force=True)
+                made += 1
+                if isinstance(got, Delivery):
+                    return got
+                token = got
+            if made and not self._in_time(until):
+                return self.out_of_time("Sending with a new WeCom access token")
             result = await self._post(self._api("/cgi-bin/message/send", access_token=token), body)
+            made += 1
             if result.cause != "token":
                 return result
+            self._token_expires = 0.0  # refused: a new one, now or before the next send's wait
         return Delivery("retry", "WeCom refused a freshly fetched access token; will try again")
 
     async def _post(self, url: str, body: bytes) -> Delivery:

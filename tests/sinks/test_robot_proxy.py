@@ -244,7 +244,7 @@ async def test_a_proxy_password_rotated_first_at_the_proxy_dead_letters_nothing(
         volume = SecretVolume(tmp_path / "secrets", {"proxy": gw.proxy_url})
         (spec,) = build_specs(
             [
-                f"dingtalk:{robot.url}&proxy=file:{volume.file('proxy')}&min_interval=0"
+                f"dingtalk:{robot.url}&proxy=file:{volume.file('proxy')}&min_interval=0&rate_per_minute=1000"
                 "&batch_max_wait=0.01&retry_initial_backoff=0.01&retry_max_backoff=0.05"
             ]
         )

@@ -16,6 +16,8 @@ understands, in this order:
 - not a JSON object, unknown ``msgtype`` or a field of the wrong type/missing → 40035;
 - keyword security (``keywords``): one keyword in the content (text ``content``; markdown and
   actionCard ``title`` + ``text``) → 310000 ``keywords not in content``;
+- ``at`` (mentions) is read with text and markdown only, as DingTalk documents: another msgtype's
+  is ignored, and ``mentions`` reports nobody for it;
 - rate: 20 accepted messages per rolling minute per robot (``rate_per_minute``); the next one answers
   130101 ``send too fast`` and the robot stays throttled for ``throttle_seconds`` (600, as the service
   does) — every message in that time answers 130101.
@@ -49,6 +51,8 @@ from eventrouter.testing.receivers._server import LoopbackServer
 __all__ = ["DingTalkMessage", "DingTalkReceiver", "DingTalkRequest"]
 
 MAX_BODY = 20_000
+MENTIONING = ("text", "markdown")
+"""The msgtypes whose ``at`` DingTalk applies; it ignores that of the others."""
 
 
 @dataclass
@@ -85,7 +89,9 @@ class DingTalkMessage:
 
     @property
     def mentions(self) -> dict[str, Any]:
-        at = self.payload.get("at") or {}
+        """Who the message notifies: DingTalk reads ``at`` with text and markdown only (another
+        msgtype's ``at`` notifies nobody, so it is not reported)."""
+        at = (self.payload.get("at") or {}) if self.msgtype in MENTIONING else {}
         return {
             "mobiles": list(at.get("atMobiles") or []),
             "user_ids": list(at.get("atUserIds") or []),
@@ -317,7 +323,7 @@ def _schema(payload: Any) -> str:
     elif t == "link":
         problems += [_str(part, "title"), _str(part, "text"), _str(part, "messageUrl")]
     at = payload.get("at")
-    if at is not None:
+    if at is not None and t in MENTIONING:
         if not isinstance(at, dict):
             problems.append("at must be an object")
         else:
