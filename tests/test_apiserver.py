@@ -727,7 +727,7 @@ async def test_leases_use_optimistic_concurrency(api: FakeApiServer, http: aioht
     async with http.put(f"{LEASES}/lock", json=no_rv) as resp:
         assert resp.status == 422 and (await resp.json())["reason"] == "Invalid"
     async with http.put(f"{LEASES}/other", json=no_rv | {"metadata": {"name": "other"}}) as resp:
-        assert resp.status == 404
+        assert resp.status == 201  # leases allow create on update (see the test below)
     assert api.get_object("leases", "default", "lock")["spec"]["holderIdentity"] == "b"
     # Faults reach other verbs and resources when asked (a renewal that fails once).
     api.faults.fail_next(503, verbs=["update"], resource="leases")
@@ -761,6 +761,182 @@ async def test_configmaps_patch_and_the_one_mebibyte_limit(
     assert (resp.status, body["message"]) == (413, "Request entity too large: limit is 3145728")
     _, listed = await get_json(http, CONFIGMAPS)
     assert listed["kind"] == "ConfigMapList" and [i["metadata"]["name"] for i in listed["items"]] == ["ckpt"]
+
+
+def _lease(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": name}, "spec": spec}
+
+
+async def test_a_put_creates_a_missing_lease_as_leases_allow_create_on_update(
+    api: FakeApiServer, http: aiohttp.ClientSession
+) -> None:
+    """leaseStrategy.AllowCreateOnUpdate is true (pkg/registry/coordination/lease/strategy.go): a PUT of
+    a Lease that does not exist creates it (201), whatever resourceVersion it carries; the server
+    answered 404 as it does for ConfigMaps. The uid a PUT carries is a precondition: a Lease deleted
+    and created again under it, or gone, is a 409 (what a replica's PUT after a GET meets then)."""
+    async with http.put(f"{LEASES}/fresh", json=_lease("fresh", holderIdentity="a")) as resp:
+        created = await resp.json()
+        assert resp.status == 201 and created["spec"] == {"holderIdentity": "a"}
+    with_rv = _lease("other", holderIdentity="b") | {"metadata": {"name": "other", "resourceVersion": "1"}}
+    async with http.put(f"{LEASES}/other", json=with_rv) as resp:
+        assert resp.status == 201
+    async with http.put(f"{CONFIGMAPS}/missing", json={"metadata": {"name": "missing"}, "data": {}}) as resp:
+        assert resp.status == 404  # ConfigMaps do not
+    async with http.delete(f"{LEASES}/fresh") as resp:
+        assert resp.status == 200
+    uid = created["metadata"]["uid"]
+    async with http.put(f"{LEASES}/fresh", json=created) as resp:  # the deleted one's uid
+        body = await resp.json()
+    assert (resp.status, body["reason"]) == (409, "Conflict")
+    assert body["message"] == (
+        'Operation cannot be fulfilled on leases.coordination.k8s.io "fresh": Precondition failed: UID in '
+        f"precondition: {uid}, UID in object meta: "
+    )
+    current = api.get_object("leases", "default", "other")
+    wrong = {**current, "metadata": {**current["metadata"], "uid": "8a4c6b5e-0000-4000-8000-000000000000"}}
+    async with http.put(f"{LEASES}/other", json=wrong) as resp:
+        assert resp.status == 409
+    no_rv = {**current, "metadata": {"name": "other"}}
+    async with http.put(f"{LEASES}/other", json=no_rv) as resp:
+        body = await resp.json()
+    assert (resp.status, body["details"]["kind"]) == (422, "leases")
+    assert body["message"] == (  # the store names the resource here, not the kind
+        'leases.coordination.k8s.io "other" is invalid: metadata.resourceVersion: Invalid value: 0x0: '
+        "must be specified for an update"
+    )
+
+
+async def test_lease_specs_refused_as_the_decoder_and_validate_lease_spec_refuse_them(
+    api: FakeApiServer, http: aiohttp.ClientSession
+) -> None:
+    """The server took any spec: a regression of a lease duration the API server refuses (item 91) could
+    not be caught against it. The JSON decoder refuses an int32 out of range and a MicroTime that is not
+    RFC 3339 with six fraction digits (400); ValidateLeaseSpec a duration <= 0 and transitions < 0 (422)."""
+    async with http.post(LEASES, json=_lease("l", holderIdentity="a", leaseDurationSeconds=15)) as resp:
+        assert resp.status == 201
+    refused = {
+        "leaseDurationSeconds=0": (
+            {"leaseDurationSeconds": 0},
+            422,
+            "spec.leaseDurationSeconds: Invalid value: 0: must be greater than 0",
+        ),
+        "leaseDurationSeconds=-5": (
+            {"leaseDurationSeconds": -5},
+            422,
+            "Invalid value: -5: must be greater than 0",
+        ),
+        "leaseTransitions=-1": (
+            {"leaseTransitions": -1},
+            422,
+            "spec.leaseTransitions: Invalid value: -1: must be greater than or equal to 0",
+        ),
+        "both": (
+            {"leaseDurationSeconds": 0, "leaseTransitions": -1},
+            422,
+            '"l" is invalid: [spec.leaseDurationSeconds: Invalid value: 0: must be greater than 0, '
+            "spec.leaseTransitions: Invalid value: -1: must be greater than or equal to 0]",
+        ),
+        "int32": (
+            {"leaseDurationSeconds": 2**31},
+            400,
+            'Lease in version "v1" cannot be handled as a Lease: json: cannot unmarshal number 2147483648 '
+            "into Go struct field LeaseSpec.spec.leaseDurationSeconds of type int32",
+        ),
+        "fraction": ({"leaseDurationSeconds": 1.5}, 400, "cannot unmarshal number 1.5"),
+        "string": (
+            {"leaseTransitions": "1"},
+            400,
+            "cannot unmarshal string into Go struct field LeaseSpec.spec.leaseTransitions",
+        ),
+        "renewTime": (
+            {"renewTime": "yesterday"},
+            400,
+            'parsing time "yesterday" as "2006-01-02T15:04:05.000000Z07:00"',
+        ),
+        "no fraction": ({"renewTime": "2024-05-01T10:00:00Z"}, 400, "parsing time"),
+        "month 13": ({"acquireTime": "2024-13-01T10:00:00.000000Z"}, 400, "parsing time"),
+    }
+    for case, (spec, status, message) in refused.items():
+        current = api.get_object("leases", "default", "l")
+        current["spec"].update(spec)
+        async with http.put(f"{LEASES}/l", json=current) as resp:
+            body = await resp.json()
+        assert (resp.status, message in body["message"]) == (status, True), (case, body)
+        if status == 422:
+            assert (
+                body["reason"] == "Invalid" and body["details"]["causes"][0]["reason"] == "FieldValueInvalid"
+            )
+    async with http.post(LEASES, json=_lease("m", leaseDurationSeconds=0)) as resp:
+        assert resp.status == 422  # on create too
+    current = api.get_object("leases", "default", "l")
+    current["spec"].update(
+        leaseDurationSeconds=2**31 - 1,
+        leaseTransitions=0,
+        renewTime="2024-05-01T10:00:00.123456+02:00",
+        acquireTime="2024-05-01T08:00:00.000000Z",
+    )
+    async with http.put(f"{LEASES}/l", json=current) as resp:
+        assert resp.status == 200
+
+
+async def test_the_configmap_limit_counts_the_values_not_the_keys(
+    api: FakeApiServer, http: aiohttp.ClientSession
+) -> None:
+    """ValidateConfigMap adds up len(value) of data and binaryData (decoded): the keys were counted too,
+    and a ConfigMap kube-apiserver takes was refused."""
+    key = "a-fifteen-b-key"
+    limit = 1024 * 1024
+    body = {
+        "metadata": {"name": "full"},
+        "data": {key: "x" * (limit - 10)},
+        "binaryData": {key + "2": base64.b64encode(b"y" * 10).decode()},
+    }
+    async with http.post(
+        CONFIGMAPS, data=io.BytesIO(orjson.dumps(body)), headers={"Content-Type": "application/json"}
+    ) as resp:
+        assert resp.status == 201
+    body["metadata"] = {"name": "over"}
+    body["data"] = {key: "x" * (limit - 9)}
+    async with http.post(
+        CONFIGMAPS, data=io.BytesIO(orjson.dumps(body)), headers={"Content-Type": "application/json"}
+    ) as resp:
+        assert resp.status == 422 and "must have at most 1048576 bytes" in (await resp.json())["message"]
+
+
+async def test_an_update_that_changes_nothing_keeps_the_resource_version(
+    api: FakeApiServer, http: aiohttp.ClientSession
+) -> None:
+    """etcd3's GuaranteedUpdate writes nothing when the object is the same: no new resourceVersion, so
+    the previous one is still current (the server made it stale)."""
+    async with http.post(CONFIGMAPS, json={"metadata": {"name": "same"}, "data": {"k": "v"}}) as resp:
+        created = await resp.json()
+    async with http.put(f"{CONFIGMAPS}/same", json=created) as resp:
+        again = await resp.json()
+    assert resp.status == 200 and again == created
+    changed = {**created, "data": {"k": "w"}}
+    async with http.put(f"{CONFIGMAPS}/same", json=changed) as resp:
+        assert resp.status == 200  # the resourceVersion it carries is still current
+        assert int((await resp.json())["metadata"]["resourceVersion"]) > int(
+            created["metadata"]["resourceVersion"]
+        )
+    async with http.post(LEASES, json=_lease("same", holderIdentity="a")) as resp:
+        lease = await resp.json()
+    async with http.put(f"{LEASES}/same", json=lease) as resp:
+        assert (await resp.json())["metadata"]["resourceVersion"] == lease["metadata"]["resourceVersion"]
+
+
+async def test_held_answers_come_after_the_write_took_effect(
+    api: FakeApiServer, http: aiohttp.ClientSession
+) -> None:
+    async with http.post(CONFIGMAPS, json={"metadata": {"name": "slow"}, "data": {"k": "v"}}) as resp:
+        created = await resp.json()
+    answers = api.hold_answers("PUT", "configmaps")
+    put = asyncio.create_task(http.put(f"{CONFIGMAPS}/slow", json={**created, "data": {"k": "w"}}))
+    await api.wait_until(lambda: api.held == 1)
+    assert api.get_object("configmaps", "default", "slow")["data"] == {"k": "w"} and not put.done()
+    answers.set()
+    async with await put as resp:
+        assert resp.status == 200 and (await resp.json())["data"] == {"k": "w"}
 
 
 # --- kubernetes-asyncio ----------------------------------------------------------------------------

@@ -288,6 +288,47 @@ async def test_unreadable_configmap_starts_empty(
     assert stored_states(api) == {"loki": {"a": 1}}
 
 
+async def test_a_time_out_of_range_in_unconfigured_is_unreadable_not_a_failed_start(
+    api: FakeApiServer, store_factory: Callable[..., ConfigMapCheckpointStore], caplog: Any
+) -> None:
+    """``data["unconfigured"]`` in milliseconds (a hand edit, another tool) is out of datetime's range:
+    the leader's start failed ("year 55840 is out of range"), and so did every replica that took the
+    lease next, until someone edited the ConfigMap; a time far in the past failed every write. Each
+    such time is unreadable as a malformed one is: said, and that sink's keep period starts now; the
+    readable ones are kept."""
+    ids = uids(3, seed=4)
+    now = int(time.time())
+    kept = {"ms": {ids[0]: 1}, "neg": {ids[1]: 1}, "text": {ids[2]: 1}, "old": {ids[0]: 2}}
+    blob = encode_state({"loki": dict.fromkeys(ids, 1), **kept}, ids)
+    since = {"ms": 1_700_000_000_000, "neg": -1e13, "text": "yesterday", "old": now - 600}
+    api.create_object(
+        "configmaps",
+        {
+            "metadata": {"name": NAME, "namespace": NS},
+            "data": {"unconfigured": orjson.dumps(since).decode()},
+            "binaryData": {DATA_KEY: base64.b64encode(blob).decode()},
+        },
+    )
+    caplog.set_level(logging.INFO)
+    store = store_factory()
+    await store.load()
+    loki = SinkCheckpoint(store.backend("loki"))
+    store.report_unconfigured()  # the router's start: raised ValueError
+    loki.ack({ids[0]: 3})
+    assert await store.flush()
+    written = orjson.loads(stored(api)["data"]["unconfigured"])
+    assert written["old"] == now - 600
+    assert all(now - 1 <= written[s] <= time.time() + 1 for s in ("ms", "neg", "text")), written
+    assert stored_states(api) == {"loki": {ids[0]: 3, ids[1]: 1, ids[2]: 1}, **kept}
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [
+        m
+        for m in warned
+        if "'unconfigured' has no usable time for ms: 1700000000000, neg: -10000000000000.0, text: \"yesterday\""
+        in m
+    ], warned
+
+
 async def test_configmap_deleted_while_running_is_created_again(
     api: FakeApiServer, store_factory: Callable[..., ConfigMapCheckpointStore]
 ) -> None:

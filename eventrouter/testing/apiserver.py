@@ -14,9 +14,14 @@ cache:
   ``resourceVersion=N`` replays every retained change after N, or sends one in-stream ERROR 410 line;
   ``allowWatchBookmarks``, ``timeoutSeconds``, ``fieldSelector``/``labelSelector`` (an object that
   leaves or enters the selector becomes DELETED/ADDED, as in the cacher);
-* Events TTL (``ttl``), bearer-token auth (401), RBAC denials (403), ConfigMaps (1 MiB limit) and
-  coordination.k8s.io Leases (optimistic concurrency) for leader election and checkpoints;
-* fault injection (``api.faults``) and a log of every request (``api.requests``).
+* Events TTL (``ttl``), bearer-token auth (401), RBAC denials (403), ConfigMaps (1 MiB limit on the
+  values, as ``ValidateConfigMap`` counts) and coordination.k8s.io Leases (optimistic concurrency,
+  created by a PUT as ``leaseStrategy.AllowCreateOnUpdate`` allows, the spec validated as
+  ``ValidateLeaseSpec`` and the decoder do) for leader election and checkpoints; an update that
+  changes nothing is a no-op (the same resourceVersion), a ``metadata.uid`` that is not the stored
+  object's a 409 (the UID precondition);
+* fault injection (``api.faults``), answers held back after the request took effect
+  (``api.hold_answers``) and a log of every request (``api.requests``).
 
 Two ways to serve Events, as kube-apiserver can be set up:
 
@@ -47,10 +52,12 @@ import base64
 import binascii
 import contextlib
 import math
+import re
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -71,6 +78,7 @@ from eventrouter.testing.apiserver_status import (
     bad_request,
     conflict,
     invalid,
+    invalid_fields,
     qualified,
 )
 from eventrouter.testing.apiserver_store import (
@@ -269,14 +277,15 @@ def _error_line(status: dict[str, Any]) -> bytes:
 
 
 def _configmap_size(obj: Mapping[str, Any]) -> int:
+    """What ValidateConfigMap adds up: ``len(value)`` of data and of binaryData (decoded), not keys."""
     total = 0
-    for key, value in (obj.get("data") or {}).items():
-        total += len(key) + len(str(value).encode())
-    for key, value in (obj.get("binaryData") or {}).items():
+    for value in (obj.get("data") or {}).values():
+        total += len(str(value).encode())
+    for value in (obj.get("binaryData") or {}).values():
         try:
-            total += len(key) + len(base64.b64decode(value))
+            total += len(base64.b64decode(value))
         except (binascii.Error, ValueError, TypeError):
-            total += len(key) + len(str(value))
+            total += len(str(value))
     return total
 
 
@@ -292,6 +301,96 @@ class _ConfigMapStore(ObjectStore):
                 "FieldValueTooLong",
                 f"Too long: must have at most {CONFIGMAP_LIMIT} bytes",
             )
+
+
+_INT32 = (-(2**31), 2**31 - 1)
+_MICRO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})")
+_MICRO_LAYOUT = "2006-01-02T15:04:05.000000Z07:00"  # metav1.RFC3339Micro: exactly six digits
+
+
+class _LeaseStore(ObjectStore):
+    """Leases as kube-apiserver takes them: the JSON decoder refuses what does not fit the Go type
+    (400: an int32 out of range, a MicroTime that does not parse), then ValidateLeaseSpec (422)."""
+
+    def validate(self, obj: Mapping[str, Any]) -> None:
+        spec = obj.get("spec")
+        if spec is None:
+            return
+        if not isinstance(spec, dict):
+            raise self._undecodable(
+                f"json: cannot unmarshal {_json_kind(spec)} into Go struct field Lease.spec of type v1.LeaseSpec"
+            )
+        for name in ("leaseDurationSeconds", "leaseTransitions"):
+            value = spec.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise self._undecodable(
+                    f"json: cannot unmarshal {_json_kind(value)} into Go struct field LeaseSpec.spec.{name} of type int32"
+                )
+            if not isinstance(value, int) or not _INT32[0] <= value <= _INT32[1]:
+                raise self._undecodable(
+                    f"json: cannot unmarshal number {orjson.dumps(value).decode()} into Go struct field "
+                    f"LeaseSpec.spec.{name} of type int32"
+                )
+        for name in ("acquireTime", "renewTime"):
+            value = spec.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise self._undecodable(
+                    f"json: cannot unmarshal {_json_kind(value)} into Go value of type string"
+                )
+            if not _valid_micro_time(value):
+                raise self._undecodable(
+                    f'parsing time "{value}" as "{_MICRO_LAYOUT}": cannot parse "{value}"'
+                )
+        causes: list[tuple[str, str, str]] = []
+        duration, transitions = spec.get("leaseDurationSeconds"), spec.get("leaseTransitions")
+        if duration is not None and duration <= 0:
+            causes.append(
+                (
+                    "spec.leaseDurationSeconds",
+                    "FieldValueInvalid",
+                    f"Invalid value: {duration}: must be greater than 0",
+                )
+            )
+        if transitions is not None and transitions < 0:
+            causes.append(
+                (
+                    "spec.leaseTransitions",
+                    "FieldValueInvalid",
+                    f"Invalid value: {transitions}: must be greater than or equal to 0",
+                )
+            )
+        if causes:
+            raise invalid_fields(self.kind, (obj.get("metadata") or {}).get("name", ""), self.group, causes)
+
+    def _undecodable(self, why: str) -> ApiError:
+        return bad_request(f'{self.kind} in version "v1" cannot be handled as a {self.kind}: {why}')
+
+
+def _json_kind(value: Any) -> str:
+    """How Go's encoding/json names a JSON value's kind in an UnmarshalTypeError."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _valid_micro_time(text: str) -> bool:
+    if not _MICRO_TIME.fullmatch(text):
+        return False
+    try:
+        datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:  # a month, day or hour out of range
+        return False
+    return True
 
 
 class FakeApiServer:
@@ -333,6 +432,8 @@ class FakeApiServer:
         self.git_version = git_version
         self.faults = Faults()
         self.requests: list[RequestRecord] = []
+        self._holds: dict[tuple[str, str], asyncio.Event] = {}
+        self.held = 0  # answers held back by hold_answers (counted as they start waiting)
         self._host, self._port = host, port
         self._ssl = ssl_context  # serve HTTPS (in-cluster clients only speak TLS)
         self._revision = Revision()
@@ -352,10 +453,11 @@ class FakeApiServer:
                 create_on_update=False,
                 unconditional_update=True,
             ),
+            # leaseStrategy: AllowCreateOnUpdate true, AllowUnconditionalUpdate false.
             "leases": _Resource(
-                ObjectStore(self._revision, kind="Lease", resource="leases", group=COORDINATION),
+                _LeaseStore(self._revision, kind="Lease", resource="leases", group=COORDINATION),
                 "LeaseList",
-                create_on_update=False,
+                create_on_update=True,
                 unconditional_update=False,
             ),
         }
@@ -579,6 +681,13 @@ class FakeApiServer:
                 await asyncio.sleep(0)  # let watch streams drain on long recordings
         return applied
 
+    def hold_answers(self, method: str, resource: str) -> asyncio.Event:
+        """Answer the successful ``method`` requests (``PUT``, ``POST``, ``GET``...) of ``resource``
+        only once the returned event is set, after they took effect: a slow answer path (a congested
+        link, a busy API server's write-out). A client that gives up meanwhile finds the write done."""
+        gate = self._holds[(method, resource)] = asyncio.Event()
+        return gate
+
     def objects(self, resource: str) -> list[dict[str, Any]]:
         """Current ``configmaps`` / ``leases`` / ``events``."""
         return [s.copy() for s in self._resources[resource].store.list(None)]
@@ -664,12 +773,17 @@ class FakeApiServer:
             r.add_patch(item, self._make(self._patch, resource))
             r.add_delete(item, self._make(self._delete, resource))
 
-    @staticmethod
     def _make(
-        fn: Callable[[web.Request, str], Awaitable[web.StreamResponse]], resource: str
+        self, fn: Callable[[web.Request, str], Awaitable[web.StreamResponse]], resource: str
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handler(request: web.Request) -> web.StreamResponse:
-            return await fn(request, resource)
+            answer = await fn(request, resource)
+            gate = self._holds.get((request.method, resource))
+            if gate is not None and not gate.is_set():
+                self.held += 1
+                self._notify()
+                await gate.wait()
+            return answer
 
         return handler
 
@@ -1189,8 +1303,10 @@ class FakeApiServer:
             if str(given) != str(current.rv):
                 raise conflict(res.store.resource, name, res.store.group)
         elif not res.unconditional_update:
+            # The store names the resource here, not the kind (registry/store.go: "TODO: The Invalid
+            # error should have a field for Resource").
             raise invalid(
-                res.store.kind,
+                res.store.resource,
                 name,
                 res.store.group,
                 "metadata.resourceVersion",
@@ -1210,17 +1326,34 @@ class FakeApiServer:
         obj = self._check_identity(await self._body(request), ns, name)
         obj["metadata"]["name"] = name
         current = res.store.objects.get(f"{ns}/{name}")
+        if current is None and not res.create_on_update:
+            raise ApiError(
+                404,
+                f'{qualified(resource, res.store.group)} "{name}" not found',
+                details={
+                    "name": name,
+                    **({"group": res.store.group} if res.store.group else {}),
+                    "kind": resource,
+                },
+            )
+        # An update is conditional on the uid it carries (rest.defaultUpdatedObjectInfo): checked
+        # against the stored object, or an empty one when the PUT would create it.
+        uid = obj["metadata"].get("uid")
+        stored_uid = "" if current is None else current.obj["metadata"].get("uid", "")
+        if uid and uid != stored_uid:
+            raise ApiError(
+                409,
+                f'Operation cannot be fulfilled on {qualified(resource, res.store.group)} "{name}": '
+                f"Precondition failed: UID in precondition: {uid}, UID in object meta: {stored_uid}",
+                reason="Conflict",
+                details={
+                    "name": name,
+                    **({"group": res.store.group} if res.store.group else {}),
+                    "kind": resource,
+                },
+            )
         if current is None:
-            if not res.create_on_update:
-                raise ApiError(
-                    404,
-                    f'{qualified(resource, res.store.group)} "{name}" not found',
-                    details={
-                        "name": name,
-                        **({"group": res.store.group} if res.store.group else {}),
-                        "kind": resource,
-                    },
-                )
+            # AllowCreateOnUpdate (leases, events): created whatever resourceVersion it carries.
             obj["metadata"].pop("resourceVersion", None)
             return _json(res.store.create(obj).raw, 201)
         return _json(self._write(res, ns, name, obj, current).raw)

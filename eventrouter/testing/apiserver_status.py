@@ -125,13 +125,23 @@ def conflict(resource: str, name: str, group: str = "") -> ApiError:
 
 def invalid(kind: str, name: str, group: str, field: str, cause_reason: str, cause: str) -> ApiError:
     """422 as field validation reports it: ``Kind "name" is invalid: field: message``."""
+    return invalid_fields(kind, name, group, [(field, cause_reason, cause)])
+
+
+def invalid_fields(kind: str, name: str, group: str, causes: list[tuple[str, str, str]]) -> ApiError:
+    """422 for every (field, reason, message) refused, as ``apierrors.NewInvalid`` writes it: several
+    are joined as an aggregate error is, ``[field: message, field: message]``."""
     qkind = f"{kind}.{group}" if group else kind
     details: dict[str, Any] = {"name": name}
     if group:
         details["group"] = group
     details["kind"] = kind
-    details["causes"] = [{"reason": cause_reason, "message": cause, "field": field}]
-    return ApiError(422, f'{qkind} "{name}" is invalid: {field}: {cause}', details=details)
+    details["causes"] = [
+        {"reason": reason, "message": message, "field": field} for field, reason, message in causes
+    ]
+    errors = [f"{field}: {message}" for field, _, message in causes]
+    joined = errors[0] if len(errors) == 1 else "[" + ", ".join(errors) + "]"
+    return ApiError(422, f'{qkind} "{name}" is invalid: {joined}', details=details)
 
 
 def bad_request(message: str) -> ApiError:

@@ -306,6 +306,9 @@ class ObjectStore:
         new = dict(obj)
         new["metadata"] = meta
         self.validate(new)
+        if _ordered(new, self.kind, self.api_version, old.rv) == old.obj:
+            # etcd3's GuaranteedUpdate writes nothing when the bytes are the same: no new revision.
+            return old
         rv = self.revision.next()
         s = Stored(_ordered(new, self.kind, self.api_version, rv), rv)
         self.objects[old.key] = s
