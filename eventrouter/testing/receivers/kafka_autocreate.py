@@ -52,6 +52,7 @@ from typing import Any
 from aiokafka.protocol import metadata as md
 
 from ._relay import Relay
+from .kafka_no_autocreate import metadata_topics
 from .tansu import TansuBroker, free_port
 
 __all__ = [
@@ -164,16 +165,7 @@ class AutoCreate(Relay):
             if api_key == API_METADATA and version in _RESPONSES:
                 allowed = True  # before v4 there is no flag, and Kafka creates
                 if version >= 4:
-                    # Request header v1, then (not flexible up to v8) topics ARRAY(STRING), the flag.
-                    (client_len,) = struct.unpack_from(">h", request, 8)
-                    at = 10 + max(client_len, 0)
-                    (count,) = struct.unpack_from(">i", request, at)
-                    at += 4
-                    topics = []
-                    for _ in range(max(count, 0)):
-                        (length,) = struct.unpack_from(">h", request, at)
-                        topics.append(request[at + 2 : at + 2 + length].decode())
-                        at += 2 + length
+                    topics, at = metadata_topics(request)
                     if topics:
                         self.asked.append(topics)
                     allowed = bool(request[at])

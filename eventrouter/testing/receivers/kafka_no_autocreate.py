@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from ._relay import Relay
 from .tansu import TansuBroker, free_port
 
-__all__ = ["NoAutoCreate", "broker_without_auto_create"]
+__all__ = ["NoAutoCreate", "broker_without_auto_create", "metadata_topics"]
 
 
 @contextlib.asynccontextmanager
@@ -62,17 +62,24 @@ class NoAutoCreate(Relay):
             if api_key == API_METADATA and version >= 4:
                 # Request header v1, then (not flexible up to v8) topics ARRAY(STRING), then the flag.
                 assert version <= 8, f"Metadata v{version} is flexible: not handled here"
-                (client_len,) = struct.unpack_from(">h", request, 8)
-                at = 10 + max(client_len, 0)
-                (count,) = struct.unpack_from(">i", request, at)
-                at += 4
-                topics = []
-                for _ in range(max(count, 0)):
-                    (length,) = struct.unpack_from(">h", request, at)
-                    topics.append(request[at + 2 : at + 2 + length].decode())
-                    at += 2 + length
+                topics, at = metadata_topics(request)
                 if topics:
                     self.asked.append(topics)
                 request[at] = 0  # allow_auto_topic_creation = false
             up.write(struct.pack(">i", size) + bytes(request))
             await up.drain()
+
+
+def metadata_topics(request: bytes | bytearray) -> tuple[list[str], int]:
+    """A Metadata request of v4 to v8 (request header v1, then topics ARRAY(STRING), not flexible):
+    the topics asked for, and the offset of its allow_auto_topic_creation flag."""
+    (client_len,) = struct.unpack_from(">h", request, 8)
+    at = 10 + max(client_len, 0)
+    (count,) = struct.unpack_from(">i", request, at)
+    at += 4
+    topics = []
+    for _ in range(max(count, 0)):
+        (length,) = struct.unpack_from(">h", request, at)
+        topics.append(bytes(request[at + 2 : at + 2 + length]).decode())
+        at += 2 + length
+    return topics, at
