@@ -611,17 +611,21 @@ class Group:
     pending: OrderedDict[str, Occurrence] = field(default_factory=OrderedDict)
     last_notified: float | None = None
     version: int = 0
-    """Bumped whenever ``pending`` changes: ``view`` is good while it stays the same."""
+    """Bumped whenever ``pending`` changes: a view made of an older version is stale."""
     view: GroupView | None = None
-    """The group's digest line as last made, with what was measured of it (``_views``)."""
+    """The group's digest line as last made, with what was measured of it (``_views``); None once
+    ``pending`` changed. Kept stale, it held every paged occurrence (and its line) for a window
+    after a storm: 50,000 of them, 159 MB."""
 
     def add(self, occ: Occurrence) -> None:
         self.pending[occ.key] = occ
         self.version += 1
+        self.view = None
 
     def drop(self, key: str) -> None:
         if self.pending.pop(key, None) is not None:
             self.version += 1
+            self.view = None
 
 
 @dataclass(eq=False)
@@ -649,6 +653,11 @@ class GroupView:
     @property
     def keys(self) -> list[str]:
         return [o.key for o in self.occurrences]
+
+    @property
+    def stale(self) -> bool:
+        """Its group's pending changed since it was made (``given_up`` while a send yielded)."""
+        return self.version != self.group.version
 
     @property
     def count(self) -> int:
@@ -842,6 +851,21 @@ WARM_UP = 60.0
 
 _CLOCK_SLACK = 0.01
 """Seconds added to each time read from ``RATE_FILE``."""
+_MAX_THROTTLE = 600.0
+"""Seconds: the longest pause a "too fast" answer doubles to (DingTalk throttles for 10 minutes)."""
+_AHEAD_SLACK = 60.0
+"""Seconds a saved time may be ahead of this clock (hosts' skew) before it is a bad clock's."""
+
+
+def _finite(value: object) -> float:
+    """A saved time: a finite number (``float("inf")`` and "nan" parse, and paused for ever)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"not a number: {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError("not a finite number")
+    return number
+
 
 _CHUNK = 256
 """Groups (or occurrences) handled between two turns given to the event loop in a large send."""
@@ -880,6 +904,7 @@ class AlertSink(Sink[OptionsT]):
         self._last_flush: float | None = None
         self._started: float | None = None
         """When ``start`` ran (``WARM_UP``); None before."""
+        self._rate_loaded = False
         self._save_log = Throttled(self.log, _LOG_REFUSED_EVERY)
         self._excerpt = options.excerpt_chars
         self._refused_log = Throttled(self.log, _LOG_REFUSED_EVERY)
@@ -996,7 +1021,11 @@ class AlertSink(Sink[OptionsT]):
         self.context.warn_if_outlasting(self.options.request_timeout, "request_timeout")
         self.session()
         self._started = self.clock.now()
-        self._load_rate()
+        if not self._rate_loaded:
+            # Once per instance: the engine retries a failed start on the same instance, and each
+            # load added the saved minute again (three starts: the robot's 7 messages counted 21).
+            self._rate_loaded = True
+            self._load_rate()
         now = self.clock.wall()
         for s in self.options.silences:
             if s.until <= now:
@@ -1067,6 +1096,7 @@ class AlertSink(Sink[OptionsT]):
             self._done = previous._done
             self._last_flush = previous._last_flush
             self._started = previous._started  # the same process: its history is all known
+            self._rate_loaded = True  # the limiter taken over holds what the file said
             self.sent_messages = previous.sent_messages
             for group in self._groups.values():
                 group.view = None  # made with the previous instance's options
@@ -1096,8 +1126,8 @@ class AlertSink(Sink[OptionsT]):
             return
         try:
             saved = orjson.loads(path.read_bytes())
-            sent = [float(t) for t in saved["sent"]]
-            paused = float(saved["paused_until"])
+            sent = [_finite(t) for t in saved["sent"]]
+            paused = _finite(saved["paused_until"])
         except FileNotFoundError:
             return
         except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -1109,11 +1139,33 @@ class AlertSink(Sink[OptionsT]):
             )
             return
         now, wall = self.clock.now(), self.clock.wall()
-        # A time ahead of this clock (stepped back, or another host's) counts as now; each a little
-        # later than written (the two clocks are read apart, the file keeps milliseconds), never
-        # earlier than the robot counted it.
-        recent = [now - max(0.0, wall - t) + _CLOCK_SLACK for t in sent if wall - t < self.limiter.period]
-        self.limiter.seed(recent, now + paused - wall + _CLOCK_SLACK if paused > wall else 0.0)
+        # A time a little ahead of this clock (stepped back, or another host's) counts as now; each a
+        # little later than written (the two clocks are read apart, the file keeps milliseconds),
+        # never earlier than the robot counted it. One far ahead is a writer's bad clock: ignored.
+        ahead = [t for t in sent if t - wall > _AHEAD_SLACK]
+        recent = [
+            now - max(0.0, wall - t) + _CLOCK_SLACK
+            for t in sent
+            if wall - t < self.limiter.period and t - wall <= _AHEAD_SLACK
+        ]
+        # The sink never writes a pause longer than its throttle backoff (600 s at most, as
+        # DingTalk's own): one longer (a writer's clock ahead, a hand edit) held every alert, new
+        # problems too, for hours or for ever, with nothing logged.
+        most = max(_MAX_THROTTLE, self.options.throttle_backoff)
+        pause = min(paused - wall, most)
+        odd = [f"{len(ahead)} sends, the latest {humanize(max(ahead) - wall)} ahead"] if ahead else []
+        if paused - wall > most + _AHEAD_SLACK:
+            odd.append(f"a pause until {humanize(paused - wall)} from now")
+        if odd:
+            self.log.warning(
+                "%s: %s holds times out of range (%s); written by a clock that was ahead? "
+                "Sends ahead are ignored, a pause is kept at most %s",
+                self.context.name,
+                path,
+                "; ".join(odd),
+                humanize(most),
+            )
+        self.limiter.seed(recent, now + pause + _CLOCK_SLACK if pause > 0 else 0.0)
         if recent:  # the predecessor's pacing too
             last = max(recent)
             self._last_flush = last if self._last_flush is None else max(self._last_flush, last)
@@ -1344,15 +1396,22 @@ class AlertSink(Sink[OptionsT]):
             views = await self._renderable(await self._views(due), now, count)
             if not views:
                 continue
-            self._last_flush = now
+            spaced, self._last_flush = self._last_flush, now
 
             def more() -> bool:
                 # Only when a next message could still start after this one's longest answer; else
                 # this one summarises everything left, so an accepted message accounts for all due.
                 return self.clock.now() + options.request_timeout <= latest
 
-            for digest, title, text in self._pack(views, count, more):
+            for n, (digest, title, text) in enumerate(self._pack(views, count, more)):
                 if self.limiter.wait_time() > 0:
+                    break
+                if any(v.stale for v in digest.views) or any(v.stale for v in digest.summarised):
+                    # ``given_up`` ran while this send yielded (the engine dropped a deferred
+                    # occurrence): the message would page and count it. Made again from the pool
+                    # in the next round, not held for the spacing when none of these went out.
+                    if n == 0:
+                        self._last_flush = spaced
                     break
                 if not first and self.clock.now() > latest:
                     return  # it could end past the send's budget: the rest goes with the next send
@@ -1451,8 +1510,10 @@ class AlertSink(Sink[OptionsT]):
         group = view.group
         for occ in view.occurrences:
             group.drop(occ.key)
-            self._pending_of.pop(occ.key, None)
-            self._done[occ.key] = (outcome, now)
+            # Only what is still pending: one the engine gave up on meanwhile (``given_up`` while
+            # the send awaited) is dropped there, and an OK kept here would never be asked for.
+            if self._pending_of.pop(occ.key, None) is not None:
+                self._done[occ.key] = (outcome, now)
 
     def _settle(self, digest: Digest, result: Delivery) -> bool:
         """Record the answer for every occurrence in ``digest``; False stops this flush."""
@@ -1518,7 +1579,7 @@ class AlertSink(Sink[OptionsT]):
             self.limiter.pause(self._throttle)
             self._failure_retry_after = self._throttle
             self._failure_held = True
-            self._throttle = min(self._throttle * 2, 600.0)
+            self._throttle = min(self._throttle * 2, _MAX_THROTTLE)
             self._save_rate()
 
     # --------------------------------------------------------------- rendering
