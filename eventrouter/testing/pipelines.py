@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
@@ -21,7 +22,7 @@ from eventrouter.options import PipelineOptions
 from eventrouter.testing.memory import MemorySink, MemorySinkOptions
 from eventrouter.testing.waiting import until
 
-__all__ = ["Knobs", "dead_letter", "pipeline_for", "sends_while_refused"]
+__all__ = ["Knobs", "dead_letter", "drained", "pipeline_for", "sends_while_refused"]
 
 
 class Knobs(TypedDict, total=False):
@@ -60,6 +61,24 @@ def pipeline_for(
         metrics=metrics,
         spool=spool,
     )
+
+
+@asynccontextmanager
+async def drained(pipeline: Pipeline, timeout: float = 10.0) -> AsyncIterator[Pipeline]:
+    """``pipeline`` running; on the way out drained within ``timeout`` seconds (else, a test failing,
+    stopped at once) and its sink closed."""
+    task = asyncio.create_task(pipeline.run())
+    try:
+        yield pipeline
+    finally:
+        pipeline.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        finally:
+            if not task.done():
+                pipeline.stop_now()
+                await asyncio.wait_for(task, 5)
+            await pipeline.close_sink()
 
 
 async def dead_letter(

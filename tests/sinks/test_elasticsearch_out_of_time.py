@@ -21,7 +21,7 @@ from eventrouter import Occurrence, OutcomeKind, SinkContext, normalise
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.testing import event_object
-from eventrouter.testing.pipelines import pipeline_for
+from eventrouter.testing.pipelines import drained, pipeline_for
 from eventrouter.testing.receivers.osmem import Cluster
 from eventrouter.testing.receivers.relay import Relay
 from eventrouter.testing.waiting import until
@@ -82,18 +82,8 @@ def sink_for(url: str, send_timeout: float) -> ElasticsearchSink:
 async def running(url: str, metrics: Metrics, dead: Path, **knobs: Any) -> AsyncIterator[Pipeline]:
     """The sink behind the engine's own pipeline; drained and stopped on the way out."""
     pipeline = pipeline_for(NAME, sink_for(url, knobs["send_timeout"]), metrics, dead, **knobs)
-    task = asyncio.create_task(pipeline.run())
-    try:
+    async with drained(pipeline):
         yield pipeline
-    finally:
-        pipeline.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 10)
-        finally:
-            if not task.done():  # a test failing: what cannot drain is stopped at once
-                pipeline.stop_now()
-                await asyncio.wait_for(task, 5)
-            await pipeline.close_sink()
 
 
 async def test_documents_a_send_had_no_time_for_wait_aside_with_the_one_set_aside_not_in_place(

@@ -23,7 +23,7 @@ from eventrouter import Occurrence, SinkContext
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.testing import make_occurrence
-from eventrouter.testing.pipelines import pipeline_for
+from eventrouter.testing.pipelines import drained, pipeline_for
 from eventrouter.testing.receivers.dingtalk import DingTalkReceiver
 from eventrouter.testing.receivers.relay import Relay
 from eventrouter.testing.receivers.wecom import WeComReceiver
@@ -53,18 +53,8 @@ async def running(
     sink: AlertSink[Any], metrics: Metrics, dead: Path, **knobs: Any
 ) -> AsyncIterator[Pipeline]:
     pipeline = pipeline_for(sink.context.name, sink, metrics, dead, **knobs)
-    task = asyncio.create_task(pipeline.run())
-    try:
+    async with drained(pipeline, 15):
         yield pipeline
-    finally:
-        pipeline.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 15)
-        finally:
-            if not task.done():
-                pipeline.stop_now()
-                await asyncio.wait_for(task, 5)
-            await pipeline.close_sink()
 
 
 def occ(obj: str, n: int) -> Occurrence:

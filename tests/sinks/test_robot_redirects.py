@@ -9,7 +9,6 @@ do not send, so a small relay (``Front``) answers those itself.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +25,7 @@ from eventrouter import Occurrence, OutcomeKind, SinkContext, SinkError
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.testing import make_occurrence
-from eventrouter.testing.pipelines import pipeline_for
+from eventrouter.testing.pipelines import drained, pipeline_for
 from eventrouter.testing.receivers.dingtalk import DingTalkReceiver
 from eventrouter.testing.receivers.relay import Relay
 from eventrouter.testing.receivers.wecom import WeComReceiver
@@ -111,18 +110,8 @@ async def engine(bot: Robot, metrics: Metrics, dead: Path, **knobs: Any) -> Asyn
     """A running Pipeline of the robot's sink (no pacing of its own); drained and stopped on the way out."""
     sink = bot.sink(min_interval=0, rate_per_minute=1000)
     pipeline = pipeline_for(bot.kind, sink, metrics, dead, **{**FAST, **knobs})
-    task = asyncio.create_task(pipeline.run())
-    try:
+    async with drained(pipeline):
         yield pipeline
-    finally:
-        pipeline.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 10)
-        finally:
-            if not task.done():  # a test failing: what cannot drain is stopped at once
-                pipeline.stop_now()
-                await asyncio.wait_for(task, 5)
-            await pipeline.close_sink()
 
 
 def count(metric: Any, *labels: str) -> float:

@@ -5,7 +5,6 @@ backoff, set-aside retries (``defer``) and dead letters."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import uuid
@@ -21,7 +20,7 @@ from eventrouter import Occurrence, SinkContext
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.testing import make_occurrence
-from eventrouter.testing.pipelines import Knobs, pipeline_for
+from eventrouter.testing.pipelines import Knobs, drained, pipeline_for
 from eventrouter.testing.receivers.webhook import RecordedRequest, WebhookReceiver
 from eventrouter.testing.waiting import until
 from eventrouter_sinks.webhook import WebhookOptions, WebhookSink
@@ -40,18 +39,8 @@ async def engine(
     timing = {"send_timeout": knobs["send_timeout"]} if "send_timeout" in knobs else {}
     sink = WebhookSink(WebhookOptions.model_validate(options), SinkContext(NAME, "t", None, LOG, **timing))
     pipeline = pipeline_for(NAME, sink, metrics, dead, **{**FAST, **knobs})
-    task = asyncio.create_task(pipeline.run())
-    try:
+    async with drained(pipeline):
         yield pipeline
-    finally:
-        pipeline.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 10)
-        finally:
-            if not task.done():  # a test failing: what cannot drain is stopped at once
-                pipeline.stop_now()
-                await asyncio.wait_for(task, 5)
-            await pipeline.close_sink()
 
 
 def records(request: RecordedRequest) -> list[dict[str, Any]]:
