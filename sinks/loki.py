@@ -16,9 +16,11 @@
   label parser (Prometheus' lexer) refuses the whole push for it. The line keeps the value.
 - Responses: 2xx all delivered (a web page is not: see below). 400 is final and may be *partial*
   (Loki stores the valid entries of the push and lists the errors, without saying which entries they
-  were): every item of that push is rejected with Loki's message and goes to the dead-letter file,
-  never retried. Entries that Loki did store are therefore also dead-lettered — re-sending them later
-  is harmless because Loki de-duplicates identical entries. Except the ingester's "entry too far behind" answer (another
+  were): a push of several entries is pushed again in halves, down to single entries (as for 413;
+  at most 32 such pushes per send, none after its deadline), Loki de-duplicating what it stored, so
+  only an entry refused on its own is rejected with Loki's message and goes to the dead-letter file,
+  never retried. A push not split further is rejected whole, entries Loki stored included (re-sending
+  them later is harmless: Loki de-duplicates identical entries). Except the ingester's "entry too far behind" answer (another
   writer made the stream's newest entry newer than this sink knew): it names the stream, its
   cutoff and the refused entries' exact timestamps (up to 10), so only the refused entries are
   retried (then stamped at receipt, see below; one it cannot place is pushed again as it was), the
@@ -81,9 +83,12 @@
   it is delivered if Loki's limits are wider than ``max_age``, ``future_grace`` and ``max_behind``
   say).
 - Lines over ``max_line_bytes`` are truncated (the JSON stays valid and says ``"truncated": true``)
-  or, with ``oversize=reject``, rejected one by one; never a whole-batch failure.
-- Entries Loki took truncated or stamped at receipt are counted (``LokiSink.modified``) and logged
-  with their counts, at most once a minute.
+  or, with ``oversize=reject``, rejected one by one; never a whole-batch failure. A structured
+  metadata value over 1,024 bytes (an ``involvedObject.name`` is free text in a core/v1 Event) is cut
+  to that, so no entry's metadata comes near Loki's max_structured_metadata_size (65,536 bytes); the
+  line keeps the value whole.
+- Entries Loki took truncated (message or metadata) or stamped at receipt are counted
+  (``LokiSink.modified``) and logged with their counts, at most once a minute.
 """
 
 from __future__ import annotations
@@ -149,7 +154,10 @@ MAX_LABEL_VALUE_BYTES = 2048
 MAX_TENANT_CHARS = 150
 """Loki (dskit) refuses longer tenant IDs, and characters other than a-z A-Z 0-9 ! - _ . * ' ( )."""
 DEFAULT_MAX_LINE_BYTES = 256_000
-"""Loki's default max_line_size "256KB", which Loki parses as 256,000 bytes (KB = 1000)."""
+"""A little below Loki's default max_line_size "256KB", which its ByteSize (c2h5oh/datasize, as for
+per_stream_rate_limit) reads as 262,144 bytes (KB = 1024). Kept at 256,000, as it always was: a line
+cut at another length after an upgrade would be a second copy in Loki of one re-delivered, and 6 KiB
+of 256 is no loss. ``max_line_bytes=262144`` takes Loki's default whole."""
 DEFAULT_MAX_AGE = 168 * 3600.0
 """Loki's default reject_old_samples_max_age: older entries are refused (400 "timestamp too old")."""
 DEFAULT_FUTURE_GRACE = 600.0
@@ -161,8 +169,18 @@ DEFAULT_STREAM_RATE = 3 << 20
 """Loki's default per_stream_rate_limit "3MB", which its ByteSize (c2h5oh/datasize) reads as 3 MiB/s."""
 DEFAULT_STREAM_BURST = 15 << 20
 """Loki's default per_stream_rate_limit_burst "15MB" (15 MiB)."""
-_METADATA_ROOM = 1024
-"""Bytes of structured metadata an entry may weigh besides its line (names, uids, occurrence)."""
+_METADATA_VALUE_BYTES = 1024
+"""Longest structured metadata value sent (UTF-8 bytes; longer ones are cut, the line keeps them).
+``involvedObject.name`` and ``.uid`` are free text in a core/v1 Event (the API server checks neither
+length nor content), and Loki refuses an entry whose metadata is over max_structured_metadata_size
+("64kb": 65,536 bytes) while storing the rest of its push. A Kubernetes name is at most 253 bytes
+(a DNS subdomain) for nearly every kind, a uid 36: 1,024 keeps every real one whole."""
+_METADATA_ROOM = 4096
+"""Bytes an entry with structured metadata may weigh besides its line: four names (58 bytes), three
+values of at most _METADATA_VALUE_BYTES, an occurrence number, and their protobuf framing."""
+_ENTRY_ROOM = 1024
+"""Bytes kept beyond the line of an entry without structured metadata when checking that a stream's
+burst takes the largest entry (what Loki may add, a detected_level pair, and to spare)."""
 _CLOCK_MARGIN_NS = 60 * 1_000_000_000
 """Kept inside Loki's time window on both sides (at most a quarter of it): Loki judges by its own clock."""
 STREAM_KNOWN_FOR = 20 * 60.0
@@ -174,6 +192,9 @@ _PARALLEL_PUSHES = 8
 """Pushes of one send in flight at once (the connection pool's size). A first relist is nearly all
 streams Loki may not hold yet, a push each: eight at once took the six-sink start-up from 13.2–15.9 s
 to 11.6–12.9 s against four (docs/performance.md, section 4, "Session 27"); the CPU is the same."""
+_SPLIT_PUSHES = 32
+"""Pushes one send may spend halving pushes answered 400 (``_split_refused``): an entry refused among
+500 (a full batch) takes 18. Beyond it, a push answered 400 is rejected whole, as before."""
 _HOLD_AGAIN = 5.0
 """Seconds before a held-back entry is offered again (not an attempt: nothing was sent)."""
 _LOG_FRONT_EVERY = 600.0
@@ -339,7 +360,8 @@ class LokiOptions(SinkOptions):
     structured_metadata: bool = Field(
         False,
         description="Attach involved object name/uid, event uid and occurrence as structured metadata "
-        "(Loki 3.x; queryable without being stream labels).",
+        "(Loki 3.x; queryable without being stream labels). A value over 1,024 bytes is cut there (the line "
+        "keeps it whole) and counted as truncated.",
     )
     default_labels: list[str] = Field(
         default_factory=lambda: list(DEFAULT_LABELS),
@@ -375,7 +397,8 @@ class LokiOptions(SinkOptions):
     max_line_bytes: int = Field(
         DEFAULT_MAX_LINE_BYTES,
         ge=1024,
-        description="Longest log line in bytes (Loki's max_line_size, default 256KB = 256,000 bytes).",
+        description="Longest log line in bytes (Loki's max_line_size, whose default 256KB Loki reads as "
+        "262,144 bytes; 256,000 leaves a little to spare).",
     )
     oversize: Literal["truncate", "reject"] = Field(
         "truncate",
@@ -529,10 +552,11 @@ class LokiOptions(SinkOptions):
                         "event and would create unbounded Loki streams; use structured_metadata=true, or set "
                         "allow_high_cardinality_labels=true if you really want it"
                     )
-        if self.per_stream_rate and self.per_stream_burst < self.max_line_bytes + _METADATA_ROOM:
+        room = _METADATA_ROOM if self.structured_metadata else _ENTRY_ROOM
+        if self.per_stream_rate and self.per_stream_burst < self.max_line_bytes + room:
             raise ValueError(
                 f"per_stream_burst={self.per_stream_burst} is below max_line_bytes={self.max_line_bytes} "
-                f"(+{_METADATA_ROOM} for metadata): a stream could not take its largest entry"
+                f"(+{room} for metadata): a stream could not take its largest entry"
             )
         names = {n for n in self.default_labels} | set(self.labels)
         if len(names) > MAX_LABELS:
@@ -568,6 +592,18 @@ _STREAM_LIMITED = re.compile(
     r"Maximum active stream limit exceeded when trying to create stream (?P<labels>\{.*\}), reduce the number",
     re.DOTALL,
 )
+_ANSWER_READ = 1 << 17
+"""Characters of Loki's answer searched for what it says (the stream it names: up to 15 label values
+of 2,048 bytes, each character escaped as up to 10, and its names); the rest is not read."""
+
+
+def _stream_limited(answer: str) -> re.Match[str] | None:
+    """Loki 3.x's stream-limit answer naming the refused stream, found at its first sentence (one
+    match from there: a search from every position of a long answer could take quadratic time)."""
+    start = answer.find("Maximum active stream limit exceeded when trying to create stream {")
+    return None if start == -1 else _STREAM_LIMITED.match(answer, start)
+
+
 _STREAM_LIMITED_UNNAMED = re.compile(r"Maximum active stream limit exceeded(?! when trying to create stream)")
 """Loki 2.x's answer for the active stream limit (every 2.x release): it names no stream; 3.x's does
 (grafana/loki#12437)."""
@@ -888,7 +924,7 @@ class _Entry:
     ) -> None:
         self.index = index
         self.late = late  # predicted refused for its time: pushed apart
-        self.modified = modified  # _STAMPED | _TRUNCATED: what its line says it differs in
+        self.modified = modified  # _STAMPED | _TRUNCATED: how it differs from the event (see below)
         self.labels = labels
         self.stream = stream
         self.ts_ns = ts_ns
@@ -980,7 +1016,8 @@ _STAMPED = 1
 """_Entry.modified: stamped otherwise than its own time (``"time_adjusted": true``): by the API server's
 clock, or at its receipt."""
 _TRUNCATED = 2
-"""_Entry.modified: its message cut to fit max_line_bytes (``"truncated": true``)."""
+"""_Entry.modified: its message cut to fit max_line_bytes (``"truncated": true``), or a structured
+metadata value cut to _METADATA_VALUE_BYTES (the line keeps it whole)."""
 _MODIFIED_LOG_EVERY = 60.0
 """Seconds between two logs of the entries delivered changed (their counts add up meanwhile)."""
 _TIME_ADJUSTED: dict[str, Any] = {"time_adjusted": True}
@@ -1013,6 +1050,40 @@ _FIELD2: BoundedCache[int, bytes] = BoundedCache(_CACHE_MAX)
 
 def _field2(size: int) -> bytes:
     return _FIELD2.put(size, _TAG_LINE + varint(size))
+
+
+def _metadata_values(occurrence: Occurrence, record: dict[str, Any]) -> tuple[list[tuple[str, str]], bool]:
+    """The entry's structured metadata, and whether a value was cut to _METADATA_VALUE_BYTES."""
+    involved = record.get("involved_object") or {}
+    out: list[tuple[str, str]] = []
+    cut = False
+    for name, value in (
+        ("involved_object_name", involved.get("name")),
+        ("involved_object_uid", involved.get("uid")),
+        ("event_uid", occurrence.uid),
+        ("occurrence", str(occurrence.number)),
+    ):
+        if value:
+            text = value if type(value) is str else str(value)
+            if len(text) > _METADATA_VALUE_CHARS:  # perhaps over the bytes: measured
+                text, shortened = _cut_metadata_value(text)
+                cut = cut or shortened
+            out.append((name, text))
+    return out, cut
+
+
+_METADATA_VALUE_CHARS = _METADATA_VALUE_BYTES // 4
+"""Characters a value may have without being measured: at most 4 bytes each in UTF-8."""
+
+
+def _cut_metadata_value(value: str) -> tuple[str, bool]:
+    """At most _METADATA_VALUE_BYTES bytes of UTF-8, not splitting a character (lone surrogates
+    repaired first), and whether it was cut. Deterministic: a retried entry is identical."""
+    value = _fix_surrogates(value)
+    data = value.encode("utf-8")
+    if len(data) <= _METADATA_VALUE_BYTES:
+        return value, False
+    return cut_utf8(data, _METADATA_VALUE_BYTES).decode("utf-8"), True
 
 
 def _metadata_field(name: str, value: str) -> bytes:
@@ -1119,6 +1190,7 @@ class LokiSink(Sink[LokiOptions]):
         self._raised: list[tuple[bytes, int]] = []  # newest raised from Loki's "too far behind"
         self._deadline = math.inf  # time.monotonic() after which the send starts no further push
         self._unstarted: list[_Entry] = []  # entries of pushes the send under way had no time for
+        self._splits_left = _SPLIT_PUSHES  # pushes the send under way may spend halving 400s
         # Entries (by hash of stream, timestamp, line) sent in a push whose outcome is unknown
         # (False), or that Loki stored if they reached its ingester (True: a push of a send cut off,
         # the rest of a stream Loki answered "too far behind" for). Loki refuses an identical entry
@@ -1346,6 +1418,7 @@ class LokiSink(Sink[LokiOptions]):
             return outcomes
         self._stored, self._raised, self._deferring, self._unstarted = [], [], False, []
         self._deadline = time.monotonic() + self.pushes_deadline
+        self._splits_left = _SPLIT_PUSHES
         self._batch = batch
         self._idle.clear()
         encoded = entries
@@ -1382,10 +1455,10 @@ class LokiSink(Sink[LokiOptions]):
         return outcomes
 
     def _count_modified(self, entries: list[_Entry], outcomes: list[Outcome], *, flush: bool = False) -> None:
-        """Count the entries Loki took with a line that says it differs from the event (stamped
-        otherwise than its own time, message truncated): nothing is lost, but only a query of Loki
-        would show it. Logged with their counts, at most every _MODIFIED_LOG_EVERY seconds
-        (``flush``: now, at close)."""
+        """Count the entries Loki took changed (stamped otherwise than its own time, message truncated:
+        the line says so; a structured metadata value cut: the line keeps it whole): nothing is
+        lost, but only a query of Loki would show it. Logged with their counts, at most every
+        _MODIFIED_LOG_EVERY seconds (``flush``: now, at close)."""
         found: Counter[str] = Counter()
         for entry in entries:
             if entry.modified and outcomes[entry.index].kind is OutcomeKind.OK:
@@ -1401,12 +1474,14 @@ class LokiSink(Sink[LokiOptions]):
             "loki: %s took %d entries stamped otherwise than their own time (a node clock ahead of the "
             "API server's: at the API server's time of the occurrence; outside Loki's window or over "
             "max_behind behind their stream's newest: at the time the router received them; the line "
-            'keeps it in "time" and says "time_adjusted": true) and %d with their message truncated to '
-            'max_line_bytes=%d ("truncated": true), since %s',
+            'keeps it in "time" and says "time_adjusted": true) and %d truncated (their message to '
+            'max_line_bytes=%d: "truncated": true; or a structured metadata value to %d bytes, the line '
+            "keeping it whole), since %s",
             self._shown,
             unlogged["time_adjusted"],
             unlogged["truncated"],
             self._max_line,
+            _METADATA_VALUE_BYTES,
             since,
         )
 
@@ -1662,7 +1737,9 @@ class LokiSink(Sink[LokiOptions]):
             answered.clear()
             self._known_since = now  # a stream not in it was last pushed before now, if at all
 
-    def _again(self, entries: list[_Entry], outcomes: list[Outcome]) -> list[_Entry]:
+    def _again(
+        self, entries: list[_Entry], outcomes: list[Outcome], *, cause: str = "another stream of their push"
+    ) -> list[_Entry]:
         """Of entries to push again at once (Loki refused another stream of their push and answered
         for that one only), those their stream's budget takes a second time. Loki may hold them
         already, but charges its per-stream bucket before it de-duplicates: pushed again regardless,
@@ -1689,7 +1766,7 @@ class LokiSink(Sink[LokiOptions]):
             wait = max(0.1, (min(float(weight), burst) - tokens) / rate)
             reason = (
                 f"loki: held back {len(group)} entries of stream {_stream_text(stream)}: {self._shown} "
-                f"refused another stream of their push, and may hold them; pushed again at once they "
+                f"refused {cause}, and may hold them; pushed again at once they "
                 f"would be charged to its per-stream rate limit twice (per_stream_rate); sent in {wait:.1f}s"
             )
             for entry in group:
@@ -1864,9 +1941,12 @@ class LokiSink(Sink[LokiOptions]):
             # halve it, so only an entry too large on its own is refused.
             await self._push_halves(entries, outcomes)
             return
-        # Loki's own answers are read from ``raw``; ``message`` is quoted, without our credentials.
-        raw = text[:2000] or (response.reason or "")
-        message = scrub(raw, self._secrets, partial=len(text) > 2000)
+        # Loki's own answers are read from ``answer``: a stream it names may be 15 labels of up to
+        # 2,048 bytes each, escaped (before, the first 2,000 characters were read, and a stream limit
+        # naming a stream longer than that was retried in place, every stream of the sink held up).
+        # ``message``, the first 2,000 characters, is quoted, without our credentials.
+        answer = text[:_ANSWER_READ] or (response.reason or "")
+        message = scrub(answer[:2000], self._secrets, partial=len(text) > 2000)
         if 200 <= status < 300:
             # Ingestion blocked by the operator (limits_config.block_ingestion_until): Loki discarded
             # the push and answers 260 by default, a 2xx. Not stored: retried, at the earliest when
@@ -1876,7 +1956,7 @@ class LokiSink(Sink[LokiOptions]):
                 retry_after=retry_after if retry_after is not None else _blocked_for(text),
             )
         if status == 429:
-            rate = _RATE_LIMITED.search(raw)
+            rate = _RATE_LIMITED.search(answer)
             if rate is not None and len(entries) > 1 and int(rate["bytes"]) > int(rate["limit"]):
                 # The tenant's ingestion rate limit (a token bucket of ingestion_burst_size_mb, 6 MiB,
                 # refilled at the named ingestion_rate_mb, 4 MiB/s): a push larger than the bucket is
@@ -1894,7 +1974,7 @@ class LokiSink(Sink[LokiOptions]):
                     self._max_push_bytes = limit
                 await self._push_halves(entries, outcomes)
                 return
-            named = _STREAM_LIMITED.search(raw)
+            named = _stream_limited(answer)
             if named is not None and await self._stream_refused(
                 entries,
                 outcomes,
@@ -1903,14 +1983,14 @@ class LokiSink(Sink[LokiOptions]):
                 retry_after,
             ):
                 return
-            if named is None and _STREAM_LIMITED_UNNAMED.search(raw) is not None:
+            if named is None and _STREAM_LIMITED_UNNAMED.search(answer) is not None:
                 await self._unnamed_stream_refused(
                     entries, outcomes, f"loki: {self._shown} answered 429: {message}", retry_after
                 )
                 return
             # The per-stream rate limit: the stream is named on the answer's last line, which the
-            # entries listed before it (up to 10, each quoting the stream) can put past ``raw``.
-            limited = _STREAM_RATE_LIMITED.search(raw)
+            # entries listed before it (up to 10, each quoting the stream) can put past ``answer``.
+            limited = _STREAM_RATE_LIMITED.search(answer)
             total = _IGNORED_TOTAL.search(text) if limited is not None else None
             if (
                 limited is not None
@@ -1946,13 +2026,53 @@ class LokiSink(Sink[LokiOptions]):
             raise RetryableError(f"loki: {self._shown} answered {status}: {message}", retry_after=retry_after)
         if status == 400:
             behind = _parse_behind(text)
-            if behind is not None and await self._behind_refused(entries, outcomes, behind, message):
+            if behind is not None:
+                if await self._behind_refused(entries, outcomes, behind, message):
+                    return
+            elif len(entries) > 1 and self._may_split():
+                await self._split_refused(entries, outcomes)
                 return
         # 400 (and other 4xx) is final. It may be partial: Loki stored the valid entries but does not say
         # which, so every item of this push goes to the dead-letter file with Loki's message.
         reason = f"loki: {status} (push of {len(entries)} entries refused, possibly partly stored): {message}"
         for entry in entries:
             outcomes[entry.index] = reject(reason)
+
+    def _may_split(self) -> bool:
+        """Whether the send may push a refused push again in halves: _SPLIT_PUSHES per send at most,
+        none started after its deadline (``pushes_deadline``)."""
+        if self._splits_left < 2 or time.monotonic() >= self._deadline:
+            return False
+        self._splits_left -= 2
+        return True
+
+    async def _split_refused(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
+        """A push of several entries answered 400 that the sink cannot explain: an entry Loki's
+        distributor refused (over a limit this sink does not know of, or configured lower than the
+        options say) and the rest stored, without saying which. Each half is pushed again, down to
+        single entries (as for 413), so only the entry refused alone is rejected and the others are
+        answered OK: Loki de-duplicates what it stored (same stream, timestamp and line). Before,
+        every item was dead-lettered, those Loki held included. An entry this push may have put over
+        max_behind behind its stream's newest (a newer one of its stream in it) may be stored and
+        then refused as too far behind when pushed again: it is rejected, not stamped anew (a second
+        copy; ``_remember``). Charged to the streams' budgets again (``_again``): what does not fit
+        waits, held."""
+        newest: dict[bytes, int] = {}
+        for entry in entries:
+            newest[entry.stream] = max(newest.get(entry.stream, entry.ts_ns), entry.ts_ns)
+        behind = self._behind_ns
+        exposed = [entry for entry in entries if entry.ts_ns < newest[entry.stream] - behind]
+        if exposed:
+            self._remember(exposed, stored=False)
+        rest = self._again(entries, outcomes, cause="an entry of their push (400)")
+        try:
+            if len(rest) > 1:
+                await self._push_halves(rest, outcomes)
+            elif rest:
+                await self._push(rest, outcomes)
+        except RetryableError as exc:  # Loki failing as a whole (5xx, unreachable): these only
+            for entry in rest:
+                outcomes[entry.index] = retry(exc.reason, retry_after=exc.retry_after)
 
     async def _push_halves(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
         """Push each half on its own. When the second fails after the first was stored, only its items
@@ -2409,13 +2529,15 @@ class LokiSink(Sink[LokiOptions]):
                 )
             line = self._truncate(occurrence, line, limit, marks)
             modified |= _TRUNCATED
+        pairs: list[tuple[str, str]] = []
+        if self._metadata:
+            pairs, cut = _metadata_values(occurrence, record)
+            if cut:
+                modified |= _TRUNCATED
         if modified:
             self._modified_batch = True
         if not self._protobuf:
-            metadata: list[tuple[str, str]] = []
-            if self._metadata:
-                for name, value in self._metadata_values(occurrence, record):
-                    metadata.append((name, _fix_surrogates(value)))
+            metadata = [(name, _fix_surrogates(value)) for name, value in pairs]
             return _Entry(index, labels, stream, ts_ns, line, metadata, late=late, modified=modified)
         # EntryAdapter{timestamp=1, line=2, structuredMetadata=3...} as one StreamAdapter.entries field.
         seconds, nanos = divmod(ts_ns, _NS)
@@ -2434,9 +2556,7 @@ class LokiSink(Sink[LokiOptions]):
         # A Timestamp is at most 22 bytes: its length varint is one byte.
         head = _TIMESTAMP_TAGS[len(timestamp)] + timestamp + (_FIELD2.get(size) or _field2(size))
         if self._metadata:
-            metadata_bytes = b"".join(
-                [_metadata_field(name, value) for name, value in self._metadata_values(occurrence, record)]
-            )
+            metadata_bytes = b"".join([_metadata_field(name, value) for name, value in pairs])
             size += len(head) + len(metadata_bytes)  # the EntryAdapter message
             prefix = _FIELD2.get(size) or _field2(size)
             parts: tuple[bytes, ...] = (prefix + head, line, metadata_bytes)
@@ -2447,20 +2567,6 @@ class LokiSink(Sink[LokiOptions]):
         return _Entry(
             index, labels, stream, ts_ns, line, (), parts, len(prefix) + size, late=late, modified=modified
         )
-
-    @staticmethod
-    def _metadata_values(occurrence: Occurrence, record: dict[str, Any]) -> list[tuple[str, str]]:
-        involved = record.get("involved_object") or {}
-        out: list[tuple[str, str]] = []
-        for name, value in (
-            ("involved_object_name", involved.get("name")),
-            ("involved_object_uid", involved.get("uid")),
-            ("event_uid", occurrence.uid),
-            ("occurrence", str(occurrence.number)),
-        ):
-            if value:
-                out.append((name, value if type(value) is str else str(value)))
-        return out
 
     def _truncate(
         self, occurrence: Occurrence, line: bytes, limit: int, marks: dict[str, Any] | None = None

@@ -98,7 +98,7 @@ def _check_keeps_what_fits(message: str, limit: int) -> None:
 def test_a_json_message_whose_line_is_just_over_the_limit_keeps_what_fits(ratio: float) -> None:
     """The first guess was the whole room, longer than the message itself: every round held the whole
     message and failed, and after 4 the message was dropped (a 198-216 KB JSON message against
-    Loki's 256,000)."""
+    the sink's default max_line_bytes, 256,000)."""
     limit = 256_000
     doc = _json_document(6000)
     escaped = len(orjson.dumps(doc)) - 2
@@ -137,7 +137,7 @@ def test_random_mixed_density_messages_keep_the_longest_prefix_that_fits(seed: i
 
 
 async def test_a_json_message_sent_to_loki_keeps_what_fits() -> None:
-    """End to end, at the sink's default max_line_bytes and the receiver's max_line_size (256,000): a
+    """End to end, at the sink's default max_line_bytes (256,000, under the receiver's max_line_size): a
     198 KB JSON message was stored as an empty message."""
     message = "patch failed: " + _json_document(3500)
     occ = normalise(event_object(message=message), cluster="test")

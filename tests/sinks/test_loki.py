@@ -262,7 +262,7 @@ async def test_without_clamp_time_only_the_entries_outside_the_window_are_refuse
     assert [(p.status, p.accepted) for p in loki.pushes] == [(204, 1), (400, 0)]
 
 
-async def test_a_loki_stricter_than_configured_gives_partial_400_and_every_item_of_the_push_is_rejected() -> (
+async def test_a_loki_stricter_than_configured_gives_partial_400_and_only_the_refused_entry_is_rejected() -> (
     None
 ):
     # Loki keeps one day, the sink expects the default week: the two-day-old entry is not predicted.
@@ -276,11 +276,17 @@ async def test_a_loki_stricter_than_configured_gives_partial_400_and_every_item_
         finally:
             await sink.aclose()
         assert outcomes is not None
-        assert [o.kind for o in outcomes] == [OutcomeKind.REJECT, OutcomeKind.REJECT]
-        assert all("has timestamp too old" in o.reason and "400" in o.reason for o in outcomes)
-        # Loki's partial success: the fresh entry is stored although the push answered 400.
-        assert [orjson.loads(e.line)["involved_object"]["name"] for e in loki.entries] == ["fresh"]
-        assert loki.pushes[-1].status == 400 and loki.pushes[-1].accepted == 1
+        # Before: both rejected (dead-lettered), the fresh one although Loki held it.
+        assert [o.kind for o in outcomes] == [OutcomeKind.REJECT, OutcomeKind.OK]
+        assert "has timestamp too old" in outcomes[0].reason and "400" in outcomes[0].reason
+        # Loki's partial success, then each half again: the fresh one stored (and kept once).
+        assert [(p.status, p.accepted) for p in loki.pushes] == [(400, 1), (400, 0), (204, 1)]
+        stored = [
+            orjson.loads(line)["involved_object"]["name"]
+            for s in loki.query_range()
+            for _, line, _ in s.values
+        ]
+        assert stored == ["fresh"]
 
 
 async def test_a_gateway_body_limit_below_the_push_halves_it_and_refuses_only_an_entry_too_large_alone() -> (
@@ -308,7 +314,8 @@ async def test_a_gateway_body_limit_below_the_push_halves_it_and_refuses_only_an
 
 
 async def test_injected_400_rejects_items_with_the_message_and_is_not_retried(loki: LokiReceiver) -> None:
-    loki.fail_next(400, message="entry for stream '{}' has timestamp too new: 2099-01-01T00:00:00Z")
+    # The push, then each half on its own (a 400 may be one entry's): refused every time.
+    loki.fail_next(400, count=3, message="entry for stream '{}' has timestamp too new: 2099-01-01T00:00:00Z")
     batch = [recent(5), recent(6)]
     sink = await _sink(loki.url)
     try:
@@ -318,7 +325,7 @@ async def test_injected_400_rejects_items_with_the_message_and_is_not_retried(lo
     assert outcomes is not None
     assert [o.kind for o in outcomes] == [OutcomeKind.REJECT] * 2
     assert all("timestamp too new" in o.reason for o in outcomes)
-    assert len(loki.pushes) == 1 and loki.entries == []
+    assert len(loki.pushes) == 3 and loki.entries == []
 
 
 @pytest.mark.parametrize(
@@ -761,9 +768,10 @@ async def test_receiver_rejects_what_loki_rejects(loki: LokiReceiver) -> None:
     )
     assert status == 400 and "has 16 label names; limit 15" in text
     status, text = await _post(
-        loki.url, _proto('{a="b"}', now_ns, "x" * 256_001), {"Content-Type": "application/x-protobuf"}
+        loki.url, _proto('{a="b"}', now_ns, "x" * 262_145), {"Content-Type": "application/x-protobuf"}
     )
-    assert status == 400 and "Max entry size '256000' bytes exceeded" in text
+    # Loki reads its default "256KB" as 262,144 bytes (flagext.ByteSize: binary).
+    assert status == 400 and "Max entry size '262144' bytes exceeded" in text
     status, text = await _post(
         loki.url, good_json, {"Content-Type": "application/json", "Content-Encoding": "br"}
     )

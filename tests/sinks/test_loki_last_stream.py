@@ -247,3 +247,30 @@ async def test_a_stream_over_the_stream_limit_holds_up_no_other_stream_and_goes_
     raw = Counter(orjson.loads(e.line)["involved_object"]["name"] for e in loki.entries)
     assert raw == {f"a-{i}": 1 for i in range(21)} | {"b-0": 1}  # each stored once, not only queried once
     assert {p.status for p in loki.pushes} <= {204, 429}
+
+
+@pytest.mark.parametrize(
+    "reason",
+    ["R" * 1900, '"\n' * 1000],  # plain; quote-dense (Loki prints each as two characters: ~4,000)
+    ids=["long", "escaped"],
+)
+async def test_a_stream_limit_answer_naming_a_long_stream_sets_aside_that_stream_only(reason: str) -> None:
+    """Loki 3.x names the stream it refused for the active stream limit; a stream printed longer than
+    ~1,850 characters (a free-text reason of ~2 KB) was looked for in the answer's first 2,000
+    characters only, not found, and the whole send raised: retried in place, every stream of the
+    sink held up while the tenant stayed at its limit. Now read to its end: only that stream waits."""
+    async with LokiReceiver(max_streams=3) as loki:
+        sink = _sink(loki.url)
+        try:
+            first = [_at(60, namespace=ns, object_name=f"{ns}-0") for ns in ("prod", "a", "b")]
+            assert _kinds(await sink.send(first), 3) == [OutcomeKind.OK] * 3  # the tenant at its limit
+            batch = [_at(50 - i, namespace="prod", object_name=f"prod-{i + 1}") for i in range(5)]
+            batch.append(_at(40, namespace="noisy", object_name="noisy-0", reason=reason))
+            outcomes = await sink.send(batch)
+        finally:
+            await sink.aclose()
+    assert outcomes is not None
+    assert [o.kind for o in outcomes] == [OutcomeKind.OK] * 5 + [OutcomeKind.RETRY]
+    assert outcomes[-1].defer and "Maximum active stream limit exceeded" in outcomes[-1].reason
+    assert len(outcomes[-1].reason) < 2200  # the answer quoted short
+    assert _names(loki) == {f"prod-{i}": 1 for i in range(6)} | {"a-0": 1, "b-0": 1}

@@ -51,8 +51,9 @@ async def test_entries_delivered_stamped_at_receipt_or_truncated_are_counted_and
                 f"loki: {loki.url} took 2 entries stamped otherwise than their own time (a node clock ahead "
                 "of the API server's: at the API server's time of the occurrence; outside Loki's window or "
                 "over max_behind behind their stream's newest: at the time the router received them; the "
-                'line keeps it in "time" and says "time_adjusted": true) and 2 with their message truncated '
-                'to max_line_bytes=2048 ("truncated": true), since start'
+                'line keeps it in "time" and says "time_adjusted": true) and 2 truncated (their message to '
+                'max_line_bytes=2048: "truncated": true; or a structured metadata value to 1024 bytes, the '
+                "line keeping it whole), since start"
             ]
             # Within the minute: counted, not logged again until then (or until the sink closes).
             await sink.send([_at(7200, object_name="ahead-2"), _at(-5, object_name="plain-2")])
@@ -64,4 +65,4 @@ async def test_entries_delivered_stamped_at_receipt_or_truncated_are_counted_and
     assert sum('"time_adjusted":true' in e.line for e in loki.entries) == 3
     assert sum('"truncated":true' in e.line for e in loki.entries) == 2
     assert _logged(caplog)[1].startswith(f"loki: {loki.url} took 1 entries stamped otherwise")
-    assert " and 0 with their message truncated " in _logged(caplog)[1]
+    assert " and 0 truncated (their message " in _logged(caplog)[1]

@@ -552,10 +552,12 @@ def _parse_time(value: str | None, default: int) -> int:
 class LokiReceiver:
     """A Loki push endpoint on loopback that validates like Loki 3.x and stores what it accepts.
 
-    Limits default to Loki's: ``max_line_size`` 256KB (Loki parses "256KB" as 256,000 bytes),
+    Limits default to Loki's: ``max_line_size`` 256KB (262,144 bytes: Loki's flagext.ByteSize, as
+    c2h5oh/datasize reads it, takes KB as 1,024; the sink's default max_line_bytes is 256,000),
     15 label names, label name/value length 1024/2048, reject_old_samples_max_age 168h,
     creation_grace_period 10m, unordered writes with max_chunk_age 2h (entries more than an hour
-    behind the stream's newest are refused), structured metadata allowed (64KB, 128 pairs).
+    behind the stream's newest are refused), structured metadata allowed (``max_structured_metadata_size``
+    "64kb": 65,536 bytes, binary too; 128 pairs).
     ``now`` (epoch seconds) drives the age checks. ``max_body_bytes`` is the largest push body taken
     (Loki's default 100 MB; beyond it aiohttp answers 413, as a gateway with a body limit does).
     Off unless given (Loki has them on): the tenant's ingestion rate limit (``ingestion_rate`` bytes/s,
@@ -586,7 +588,7 @@ class LokiReceiver:
         username: str | None = None,
         password: str | None = None,
         bearer_token: str | None = None,
-        max_line_size: int = 256_000,
+        max_line_size: int = 256 * 1024,
         max_label_names_per_series: int = 15,
         max_label_name_length: int = 1024,
         max_label_value_length: int = 2048,
@@ -594,7 +596,7 @@ class LokiReceiver:
         creation_grace_period: float = 600,
         max_chunk_age: float = 2 * 3600,
         allow_structured_metadata: bool = True,
-        max_structured_metadata_size: int = 64_000,
+        max_structured_metadata_size: int = 64 * 1024,
         max_structured_metadata_entries_count: int = 128,
         now: Callable[[], float] = time.time,
         ssl_context: Any = None,
