@@ -35,10 +35,20 @@ Retry-After, seconds or HTTP-date); so are 401 and 403 (credentials being rotate
 right, the same events go in; logged once, never dead-lettered) and redirects (3xx: never followed, a
 302 would turn the POST into a GET; an ingress switched to force-ssl-redirect, a framework's
 trailing-slash redirect: logged once with where ``Location`` points, redacted, never dead-lettered;
-``retry_max_attempts`` still applies). Other 4xx are rejected with the status and a short excerpt of
+``retry_max_attempts`` still applies), and 404 and 405: the webhook posts every record to one
+URL, so those are about the URL (an ingress's default backend while the receiver's pods roll out, a
+path prefix a rewrite dropped, a route that takes no PUT): logged once ("check url: its path or
+method"), never dead-lettered for it. Other 4xx are rejected with the status and a short excerpt of
 the answer. A batch answered 413 (a body limit below ``batch_max_bytes``, e.g. a proxy's) is sent
 again in halves, so only a record too large on its own is rejected; once a half is answered retry
-(429, 5xx with Retry-After), the halves left get that answer without being sent.
+(429, 5xx with Retry-After), the halves left get that answer without being sent. So is a batch
+answered 400, 409 or 422 (a receiver's validation refusing the array for one record), down to the
+record refused alone, which alone is rejected, with its own answer; the halves taken are OK. That
+costs about two requests per halving (18 for one record among 500), at most 64 requests a send
+(beyond, a refused request is rejected whole, as before) and within the send's budget. Other final
+4xx (410, 415, ...) are about every request: rejected whole. A receiver that stored part of an
+array and then refused it gets that part again in a half: the receiver's concern (an ordinary
+receiver takes or refuses a request whole).
 
 A 5xx without Retry-After, a 401, a 403 or a redirect may be about the records sent (a receiver's bug
 for one payload, a WAF rule) as well as about the endpoint; a probe with other records tells which.
@@ -66,12 +76,17 @@ A send starts no request that could end more than its budget after it began (its
 ``timeout``; the budget is five sixths of the pipeline's ``send_timeout``, 25 s by default): the engine
 cuts a send off after ``send_timeout`` and sends it again whole, so at a slow receiver (mode=event, 500 events, 60 ms each) or through many 413 halves the
 same head was sent again and again and the tail never. What a send did not start is sent again.
+Nor does it start one once the router stops past its drain deadline (``stop_sending``): the request
+in flight gets half a second more, then the send answers what went in (OK) and holds the rest,
+before the router spools its batch. Cut off by the router instead, every record the send had
+delivered was spooled and delivered again after the restart.
 
 Every URL in logs and errors is redacted: no userinfo, no query values, no token-like path segments.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -289,6 +304,12 @@ def _compile_template(text: str, option: str) -> BodyTemplate:
         raise ValueError(f"{option} {exc}") from None
 
 
+_RESERVED_HEADERS = ("content-length", "transfer-encoding", "content-encoding", "connection")
+"""The body's framing and encoding, set by the sink and aiohttp: one in ``headers`` broke every
+request (a body cut at a Content-Length, a gzip claim over plain JSON), each refused or retried with
+a reason that did not name the option."""
+
+
 class WebhookOptions(SinkOptions):
     method: Literal["POST", "PUT"] = Field("POST", description="HTTP method: POST or PUT (never GET).")
     mode: Literal["batch", "event"] = Field(
@@ -363,9 +384,19 @@ class WebhookOptions(SinkOptions):
                 "set bearer_token or basic auth (username/password or user info in the url), not both"
             )
         try:
-            check_headers(self.headers)
+            check_headers(self.headers, reserved=_RESERVED_HEADERS)
         except ValueError as exc:
             raise ValueError(f"headers: {exc}") from None
+        # A custom header wins over what the sink sets: an Authorization header silently replaced
+        # the bearer token or basic auth configured beside it.
+        basic = self.username is not None or urlsplit(self.url).username
+        if (self.bearer_token is not None or basic) and any(
+            n.lower() == "authorization" for n in self.headers
+        ):
+            raise ValueError(
+                "headers: an Authorization header would replace "
+                f"{'bearer_token' if self.bearer_token is not None else 'basic auth'}: set one of them"
+            )
         if self.key_file is not None and self.cert_file is None:
             # load_cert_chain only reads a key beside a certificate: alone it was silently ignored.
             raise ValueError("key_file needs cert_file (the client certificate the key belongs to)")
@@ -406,6 +437,22 @@ _RETRY_STATUSES = {408, 425, 429}
 _REFUSED = (401, 403)
 """Credentials refused: being rotated (the endpoint first, then the pod's Secret) or missing. Retried:
 put right, the same events go in; dead-lettering them lost a whole rotation's events."""
+_ABOUT_THE_URL = (404, 405)
+"""Not found, method not allowed: every record goes to one URL, so nearly always about the URL (an
+ingress's default backend during a rollout, a path a rewrite dropped, a route without PUT), not the
+record. Retried like a 401/403 (a probe tells one record's 404 from the URL's); rejected, every event
+of a rollout behind an ingress was dead-lettered."""
+_PER_RECORD = (400, 409, 422)
+"""Final answers that may be about one record of an array (a receiver's validation, a conflict):
+a request of several answered so is sent again in halves (``_split``). Others (415, 410, 414, ...)
+are about every request, and rejected whole."""
+_SPLIT_REQUESTS = 64
+"""Requests one send may spend halving requests answered a final 4xx (400, 422, ...) to find the
+records refused (one among 500 takes 18). Beyond it, a refused request is rejected whole: a receiver
+refusing every body (a wrong format) cost two requests per record."""
+_STOP_GRACE = 0.5
+"""Seconds the request in flight gets after ``stop_sending``: under the router's 1 s wait, so that
+the send returns what went in before the router gives up on it."""
 _LOG_REFUSED_EVERY = 600.0
 """Seconds between two warnings about refused credentials or a redirect (the first at once)."""
 _FAILING_MAX = 4096
@@ -435,6 +482,8 @@ class _Send:
     """mode=batch: the retry answer to a request that carried every record of the send."""
     unstarted: list[int] = field(default_factory=list)
     """Records not sent for want of time (``_not_started``)."""
+    splits_left: int = _SPLIT_REQUESTS
+    """Requests the send may still spend halving requests refused (a final 4xx)."""
 
     def rest(self) -> Outcome:
         assert self.stop is not None
@@ -472,6 +521,8 @@ class WebhookSink(Sink[WebhookOptions]):
         self._refused_log = Throttled(self.log, _LOG_REFUSED_EVERY)
         self._save_log = Throttled(self.log, _LOG_REFUSED_EVERY)
         self._refusing = False  # the last answer was a 401/403 or a redirect (logged): a 2xx ends that run
+        self._stopping = False  # stop_sending(): the router is stopping, no request is begun
+        self._in_flight: asyncio.Timeout | None = None  # the request's deadline: stop_sending brings it in
         # What the endpoint answered lately, to judge a record that failed with no other left to
         # probe with: the keys carried by every request it failed since it last answered one (None:
         # none failed since), and whether it ever answered one.
@@ -589,6 +640,18 @@ class WebhookSink(Sink[WebhookOptions]):
                 removed = True
         if removed:  # at once: nothing may be sent before a stop
             self._save_failing()
+
+    def stop_sending(self) -> None:
+        """The router is stopping past its drain deadline: it waits 1 s for the send, then cancels it
+        and spools its whole batch. A send is many requests (one per record in mode=event, halves
+        and probes in mode=batch) over up to ``send_budget``: cut off, every record it had delivered
+        was spooled and delivered again after the restart. Now it starts no request (``_walk``), the
+        one in flight gets ``_STOP_GRACE`` more, and the send answers what went in (OK) and holds
+        the rest (item 213 for stdout and file)."""
+        self._stopping = True
+        if self._in_flight is not None and self._in_flight.when() is None:
+            with contextlib.suppress(RuntimeError):  # (no running loop: nothing in flight either)
+                self._in_flight.reschedule(asyncio.get_running_loop().time() + _STOP_GRACE)
 
     # -- configuration ---------------------------------------------------------------------------
     def _configure(self) -> None:
@@ -724,10 +787,19 @@ class WebhookSink(Sink[WebhookOptions]):
         try:
             async with self._session.head(url, headers=headers, allow_redirects=False) as resp:
                 status, reason = resp.status, resp.reason or ""
+                location = resp.headers.get("Location")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise SinkError(f"webhook sink cannot reach {redact_url(url)}: {self._describe(exc)}") from None
         withheld = "" if ours else f" ({_WITHHELD})"
         self.log.info("webhook %s answered HEAD with %d%s", redact_url(url), status, withheld)
+        if 300 <= status < 400:
+            # A send never follows one (each request retried, then dead-lettered): a force-ssl-redirect
+            # ingress, or http:// for an https-only host, redirects every method, HEAD too.
+            option = "healthcheck_url" if opts.healthcheck_url else "url"
+            raise SinkError(
+                f"webhook sink: {redact_url(url)} redirects to {self._location(location)} ({status} to "
+                f"HEAD; a send does not follow redirects): give {option} the address it points to"
+            )
         if status not in (401, 403):
             return
         if not ours:  # says nothing of our credentials: they were not sent
@@ -821,37 +893,49 @@ class WebhookSink(Sink[WebhookOptions]):
             await self.start()
         assert self._session is not None
         headers = {**self._headers, **self._sign(body, keys)}
+        cut: asyncio.Timeout | None = None
         try:
-            async with self._session.request(
-                self.options.method,
-                self._target,
-                data=io.BytesIO(body),  # a stream: aiohttp warns about (and blocks on) large raw bytes
-                headers=headers,
-                allow_redirects=False,
-            ) as resp:
-                status = resp.status
-                if 200 <= status < 300:
-                    return status, OK
-                if 300 <= status < 400:
-                    # Not followed: a 301/302 would turn the POST into a GET, a 307/308 send the
-                    # events wherever it points. An answer about the URL, not the events (an ingress
-                    # switched to force-ssl-redirect, a framework's trailing-slash redirect): retried,
-                    # as the Elasticsearch sink does, and logged (``_log_endpoint``).
-                    where = self._location(resp.headers.get("Location"))
-                    return status, retry(
-                        f"HTTP {status} redirect from {self._redacted} to {where} (not followed)"
-                    )
-                excerpt = (await resp.content.read(512)).decode("utf-8", "replace")
-                # Our secrets out before anything is cut, and one cut off by the read too.
-                excerpt = scrub(excerpt, self._secrets, partial=not resp.content.at_eof())
-                excerpt = " ".join(excerpt.split())[:200]
-                detail = f"HTTP {status} from {self._redacted}" + (f": {excerpt}" if excerpt else "")
-                if status in _RETRY_STATUSES or status >= 500 or status in _REFUSED:
-                    after = parse_retry_after(resp.headers.get("Retry-After"))
-                    return status, retry(detail, retry_after=after)
-                return status, reject(detail)
+            async with asyncio.timeout(None) as cut:  # no deadline of its own until stop_sending
+                self._in_flight = cut
+                async with self._session.request(
+                    self.options.method,
+                    self._target,
+                    data=io.BytesIO(body),  # a stream: aiohttp warns about (and blocks on) large raw bytes
+                    headers=headers,
+                    allow_redirects=False,
+                ) as resp:
+                    return await self._answer(resp)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            if cut is not None and cut.expired():
+                return None, retry(
+                    f"{self._redacted}: no answer within {_STOP_GRACE:g}s of the router's stop (whether "
+                    "it went in is unknown: sent again after the restart)"
+                )
             return None, retry(f"{self._redacted}: {self._describe(exc)}")
+        finally:
+            self._in_flight = None
+
+    async def _answer(self, resp: aiohttp.ClientResponse) -> tuple[int, Outcome]:
+        """The response's status and OK, retry(...) or reject(...)."""
+        status = resp.status
+        if 200 <= status < 300:
+            return status, OK
+        if 300 <= status < 400:
+            # Not followed: a 301/302 would turn the POST into a GET, a 307/308 send the
+            # events wherever it points. An answer about the URL, not the events (an ingress
+            # switched to force-ssl-redirect, a framework's trailing-slash redirect): retried,
+            # as the Elasticsearch sink does, and logged (``_log_endpoint``).
+            where = self._location(resp.headers.get("Location"))
+            return status, retry(f"HTTP {status} redirect from {self._redacted} to {where} (not followed)")
+        excerpt = (await resp.content.read(512)).decode("utf-8", "replace")
+        # Our secrets out before anything is cut, and one cut off by the read too.
+        excerpt = scrub(excerpt, self._secrets, partial=not resp.content.at_eof())
+        excerpt = " ".join(excerpt.split())[:200]
+        detail = f"HTTP {status} from {self._redacted}" + (f": {excerpt}" if excerpt else "")
+        if status in _RETRY_STATUSES or status >= 500 or status in _REFUSED or status in _ABOUT_THE_URL:
+            after = parse_retry_after(resp.headers.get("Retry-After"))
+            return status, retry(detail, retry_after=after)
+        return status, reject(detail)
 
     def _location(self, location: str | None) -> str:
         """Where a redirect points, as logs may show it (``shown_location``, our credentials out)."""
@@ -863,8 +947,20 @@ class WebhookSink(Sink[WebhookOptions]):
             return "an unparseable Location"
 
     def _log_endpoint(self, status: int | None, outcome: Outcome) -> None:
-        """A 401/403 or a redirect taken as the endpoint's answer, not the records': logged once per
-        run (then at most every 10 min; at once again after a 2xx)."""
+        """A 401/403, a 404/405 or a redirect taken as the endpoint's answer, not the records': logged
+        once per run (then at most every 10 min; at once again after a 2xx)."""
+        if status in _ABOUT_THE_URL:
+            self._refusing = True
+            self._refused_log.warning(
+                "url",
+                "webhook %s: %s: check url: its path or method (%s %s); retrying until that is put "
+                "right (nothing is dead-lettered for it)",
+                self.context.name,
+                outcome.reason,
+                self.options.method,
+                self._redacted,
+            )
+            return
         if status is not None and 300 <= status < 400:
             self._refusing = True
             self._refused_log.warning(
@@ -917,11 +1013,15 @@ class WebhookSink(Sink[WebhookOptions]):
         return run.requests > 0 and time.monotonic() > run.until
 
     def _not_started(self, indices: Sequence[int], outcomes: list[Outcome | None], run: _Send) -> None:
-        """What the send did not start within its budget: sent again by the engine, in place."""
-        reason = (
-            f"not sent: the send had run for {time.monotonic() - run.began:.1f}s of its "
-            f"{self.send_budget:g}s ({len(indices)} occurrences left for the next)"
-        )
+        """What the send did not start within its budget, or once the router is stopping: sent
+        again by the engine, in place (or after the restart, from the spool)."""
+        if self._stopping:
+            reason = f"not sent: the router is stopping ({len(indices)} occurrences left for the restart)"
+        else:
+            reason = (
+                f"not sent: the send had run for {time.monotonic() - run.began:.1f}s of its "
+                f"{self.send_budget:g}s ({len(indices)} occurrences left for the next)"
+            )
         for i in indices:
             outcomes[i] = retry(reason, held=True)
         run.unstarted.extend(indices)
@@ -929,11 +1029,15 @@ class WebhookSink(Sink[WebhookOptions]):
     @staticmethod
     def _either(status: int | None, outcome: Outcome) -> bool:
         """A retry answer that may be about the records sent (a receiver's bug for one payload, a WAF
-        rule, a per-object authorization) as well as about the endpoint (down, our credentials, a
-        redirect): a probe with other records tells which. Not one with Retry-After (the endpoint
-        asks for a pause), a 408/425/429, or no answer at all."""
+        rule, a per-object authorization, a 404 for the object a record names) as well as about the
+        endpoint (down, our credentials, a redirect, a wrong path or method): a probe with other
+        records tells which. Not one with Retry-After (the endpoint asks for a pause), a
+        408/425/429, or no answer at all."""
         return status is not None and (
-            status in _REFUSED or 300 <= status < 400 or (status >= 500 and outcome.retry_after is None)
+            status in _REFUSED
+            or status in _ABOUT_THE_URL
+            or 300 <= status < 400
+            or (status >= 500 and outcome.retry_after is None)
         )
 
     def _note(self, keys: Sequence[str], answered: bool) -> None:
@@ -981,10 +1085,12 @@ class WebhookSink(Sink[WebhookOptions]):
         whole; mode=event: one request per record, in order, by the same rules (so an event's later
         occurrences wait behind one set aside, and a flap sets nothing aside there either). A 413 (a
         body limit below ours: nginx's client_max_body_size is 1m by default) halves a batch, so
-        only a record too large on its own is rejected. So does a retry answer that may be
-        about the records rather than the endpoint (``_either``: a receiver's bug for one payload),
-        down to the record it fails on, which then waits aside (``defer``) while the rest goes in,
-        in order. Before, that record held up the whole sink, for ever.
+        only a record too large on its own is rejected; so does a 400/409/422 (``_split``: a
+        receiver's validation refusing the array for one record), so that only that record is. So
+        does a retry answer that may be about the records rather than the endpoint (``_either``: a
+        receiver's bug for one payload), down to the record it fails on, which then waits aside
+        (``defer``) while the rest goes in, in order. Before, that record held up the whole sink,
+        for ever.
 
         * Nothing of the send taken yet, the first record goes alone, as a probe. Failing too, the
           endpoint may be down (two requests an attempt while it is): all of it is retried in place,
@@ -1005,7 +1111,8 @@ class WebhookSink(Sink[WebhookOptions]):
         * Nothing is set aside when a failed request carried none of those records: the endpoint
           flaps (``_unless_flapping``).
 
-        No record taken is sent again; what is not started within the send's budget is held."""
+        No record taken is sent again; what is not started within the send's budget, or once the
+        router is stopping (``stop_sending``), is held."""
         failing, unsure = self._failing, self._unsure
         single = self.options.mode == "event"  # a request per record, its body the record alone
 
@@ -1024,6 +1131,9 @@ class WebhookSink(Sink[WebhookOptions]):
             part = stack.pop()
             items = self._not_held(part.items, batch, outcomes, held)
             if not items:
+                continue
+            if self._stopping:  # held for the restart, whatever else stopped the send (no attempt)
+                self._not_started([i for i, _ in items], outcomes, run)
                 continue
             if run.stop is not None:  # the endpoint fails other records too, or wants a pause
                 rest = run.rest()
@@ -1053,9 +1163,15 @@ class WebhookSink(Sink[WebhookOptions]):
             status, outcome = await self._post(body, keys)
             answered = outcome.kind is not OutcomeKind.RETRY
             self._note(keys, answered)
-            if status == 413 and len(items) > 1:
-                self._halve(items, part.confirm, stack)
-                continue
+            if outcome.kind is OutcomeKind.REJECT and len(items) > 1:
+                if self._split(status, run):
+                    self._halve(items, part.confirm, stack)
+                    continue
+                if status in _PER_RECORD:
+                    outcome = reject(
+                        f"{outcome.reason} (a request of {len(items)} records, refused whole: the send had "
+                        f"spent its {_SPLIT_REQUESTS} requests for finding the records at fault)"
+                    )
             for i, _ in items:
                 outcomes[i] = outcome
             if answered:
@@ -1156,6 +1272,19 @@ class WebhookSink(Sink[WebhookOptions]):
         for i, o in enumerate(outcomes):
             if o is not None and o.defer:
                 outcomes[i] = retry(o.reason, retry_after=o.retry_after, held=o.held)
+
+    @staticmethod
+    def _split(status: int | None, run: _Send) -> bool:
+        """Whether a request of several records answered a final 4xx is sent again in halves: a 413
+        always (a body limit: halves fit), a 400/409/422 (a receiver refusing the array for one
+        record) while the send has requests left for it (``_SPLIT_REQUESTS``). Rejected whole,
+        every record of the batch went to the dead-letter file with the one record's reason."""
+        if status == 413:
+            return True
+        if status not in _PER_RECORD or run.splits_left < 2:
+            return False
+        run.splits_left -= 2
+        return True
 
     @staticmethod
     def _halve(items: list[_Item], confirm: bool, stack: list[_Part]) -> None:

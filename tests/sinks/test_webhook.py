@@ -356,12 +356,18 @@ async def test_event_mode_outcomes_are_per_item(hook: WebhookReceiver) -> None:
     assert len(hook.requests) == 6
 
 
-@pytest.mark.parametrize("status", [400, 404])
-async def test_client_errors_reject_with_status_and_excerpt(hook: WebhookReceiver, status: int) -> None:
-    hook.fail_next(1, status, body=b"nope " * 200)
+@pytest.mark.parametrize(("status", "requests"), [(400, 3), (415, 1)])
+async def test_client_errors_reject_with_status_and_excerpt(
+    hook: WebhookReceiver, status: int, requests: int
+) -> None:
+    """A final 4xx rejects with its status and an excerpt. (Session 32: a 400, which may be about one
+    record of the array, is sent again in halves, each record then refused alone; a 415 is about
+    every request and rejects it whole. A 404 is no longer final: retried, as about the URL.)"""
+    hook.fail_next(3, status, body=b"nope " * 200)
     async with webhook(url=hook.url) as sink:
         outcomes = await sink.send(recorded()[:2])
     assert kinds(outcomes) == [OutcomeKind.REJECT] * 2
+    assert len(hook.requests) == requests
     assert outcomes is not None
     assert outcomes[0].reason.startswith(f"HTTP {status} from {hook.url}: nope nope")
     assert len(outcomes[0].reason) < 300

@@ -8,7 +8,9 @@
 What it checks on every request (a strict but ordinary webhook consumer):
 
 - method POST or PUT (anything else → 405; ``HEAD``/``OPTIONS`` answer ``head_status``, 405 by default,
-  like the many hooks that only accept POST);
+  like the many hooks that only accept POST, with ``head_headers``: a redirect's ``Location``);
+- a body it can read (a ``Content-Encoding`` it can undo, whole chunks) → else 400, recorded with an
+  empty body;
 - the body is valid JSON (UTF-8) with a ``Content-Type`` of ``application/json`` → else 400 / 415;
 - when built with a ``secret``:
   - ``signature="github"``: ``X-Hub-Signature-256: sha256=<hex HMAC-SHA256(secret, raw body)>``
@@ -101,6 +103,7 @@ class WebhookReceiver:
         tolerance: float = 300.0,
         ok_status: int = 200,
         head_status: int = 405,
+        head_headers: dict[str, str] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         path: str = "/hook",
@@ -115,6 +118,7 @@ class WebhookReceiver:
         self.tolerance = tolerance
         self.ok_status = ok_status
         self.head_status = head_status
+        self.head_headers = dict(head_headers or {})
         self.host = host
         self.port = port
         self.path = path
@@ -194,13 +198,13 @@ class WebhookReceiver:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:  # aiohttp's own 413, as a proxy with a body limit answers
-            self.requests.append(
-                RecordedRequest(
-                    request.method, request.path, request.query_string, CIMultiDict(request.headers), b"", 413
-                )
-            )
-            await self._notify()
+            await self._unread(request, 413)
             raise
+        except web.RequestPayloadError as exc:
+            # A Content-Encoding it cannot undo, a bad chunk: ordinary servers answer 400. Left to
+            # aiohttp it was a 500 (a sink retries that for ever) and the request went unrecorded.
+            await self._unread(request, 400)
+            return web.Response(status=400, text=f"cannot read body: {' '.join(str(exc).split())}")
         rec = RecordedRequest(
             method=request.method,
             path=request.path,
@@ -215,11 +219,19 @@ class WebhookReceiver:
         await self._notify()
         return response
 
+    async def _unread(self, request: web.Request, status: int) -> None:
+        """A request whose body was not read, recorded with an empty body and the status answered."""
+        headers = CIMultiDict(request.headers)
+        self.requests.append(
+            RecordedRequest(request.method, request.path, request.query_string, headers, b"", status)
+        )
+        await self._notify()
+
     async def _answer(self, request: web.Request, rec: RecordedRequest) -> web.Response:
         if self.delay > 0:
             await asyncio.sleep(self.delay)
         if request.method in ("HEAD", "OPTIONS"):
-            return web.Response(status=self.head_status)
+            return web.Response(status=self.head_status, headers=self.head_headers)
         fault = self._faults.popleft() if self._faults else None
         if fault is None and self._matching is not None and self._matching[0](rec.body):
             fault = self._matching[1]
