@@ -51,18 +51,24 @@ A topic the broker does not have and does not create (``auto.create.topics.enabl
 allowed to create topics, a creation the broker refuses) holds back no other topic. aiokafka alone waits
 ``request_timeout_ms`` for such a topic and raises UnknownTopicOrPartition, as it does when the broker is
 down, so the topics of a send that the producer has no partitions for yet are first asked about in one
-metadata request (the brokers asked one after another, each for its share of ``request_timeout_ms``: a
-broker that never answers costs its share, and the next one is asked). Kafka 2.8+ with auto-create on
-answers a new topic UNKNOWN_TOPIC_OR_PARTITION while its controller creates it (a ZooKeeper-mode broker
-LEADER_NOT_AVAILABLE), so a topic first answered so is asked about again every 0.15 s for up to 2 s (at
-most a fifth of the send's budget). The records of a topic still unknown then, without a leader, or
-answered with a creation error (INVALID_REPLICATION_FACTOR while brokers are down, POLICY_VIOLATION under
-a create-topic policy, …) are set aside, naming that answer (a retry each with its own backoff, still
-counted towards ``retry_max_attempts``) while the send's other topics are delivered; a topic known missing
-is set aside at its first answer, and so is one a broker listed whose partitions aiokafka then did not
-find. Each topic is logged once at WARNING (again after an hour without it), at ERROR once when still
-missing 10 s later, and asked about again at each retry, so the records go in once it exists. A topic not
-authorised (TOPIC_AUTHORIZATION_FAILED) is rejected. When no broker answers, the whole batch is retried.
+metadata request (the brokers asked one after another, each in its turn: its share of
+``request_timeout_ms``, at least 2 s or half what is left; a broker whose connection is made is still
+waited for after its turn while the next one is asked, and the first answer is taken; one whose
+connection is still being made at its turn's end, as one that never answers, costs its turn). Kafka 2.8+
+with auto-create on answers a new topic UNKNOWN_TOPIC_OR_PARTITION while its controller creates it (a
+ZooKeeper-mode broker LEADER_NOT_AVAILABLE), so a topic first answered so is asked about again every
+0.15 s for up to 2 s (at most a fifth of the send's budget). The records of a topic still unknown then,
+without a leader, or answered with a creation error (INVALID_REPLICATION_FACTOR while brokers are down,
+POLICY_VIOLATION under a create-topic policy, …) are set aside, naming that answer (a retry each with its
+own backoff, still counted towards ``retry_max_attempts``) while the send's other topics are delivered; a
+topic known missing is set aside at its first answer, and so is one a broker listed whose partitions
+aiokafka then did not find. Each topic is logged once at WARNING (again after an hour without it), at
+ERROR once when still missing 10 s later, and asked about again at each retry, so the records go in once
+it exists. With auto-create on, Kafka answers a missing topic this client may not create (no CREATE
+permission on the cluster or the topic) TOPIC_AUTHORIZATION_FAILED: it is asked about again without
+allowing creation, and answered UNKNOWN_TOPIC_OR_PARTITION then, its records are set aside as a missing
+topic's, naming the CREATE permission; a topic not authorised either way (no DESCRIBE) is rejected. When
+no broker answers, the whole batch is retried.
 A send ends by itself within ``send_budget`` (five sixths of the pipeline's ``send_timeout``, from
 ``SinkContext``): aiokafka never expires an idempotent producer's batches, and retries a batch the broker
 answers with a retriable error (NOT_ENOUGH_REPLICAS while a partition lacks in-sync replicas,
@@ -173,11 +179,13 @@ _CREATE_GRACE = 2.0
 its records are set aside: taken at once as "auto-create off", every new topic of a broker with
 auto-create on was set aside, logged as never created, and dead-lettered at retry_max_attempts=1."""
 _CREATE_POLL = 0.15
+_TURN = 2.0
+"""Seconds a broker is asked alone in a topic lookup at least (or half what is left of
+``request_timeout_ms``, if less), however many brokers there are: see ``KafkaSink._topic_errors``."""
 _CREATE_SHARE = 0.2
 """The share of the send's budget (from its start) that asking again for new topics may take."""
 _CREATE_HINTS = {
-    _UNKNOWN_TOPIC_OR_PARTITION: "auto.create.topics.enable off, this client not allowed to create topics, "
-    "or a creation still under way",
+    _UNKNOWN_TOPIC_OR_PARTITION: "auto.create.topics.enable off, or a creation still under way",
     _LEADER_NOT_AVAILABLE: "still being created, or its brokers are down",
     38: "fewer brokers alive than default.replication.factor, e.g. during a rolling restart",
     44: "refused by the broker's create.topic.policy: create the topic yourself",
@@ -791,6 +799,61 @@ class _Missing:
     loud: bool = False
 
 
+class _Asked:
+    """Metadata requests in flight to several brokers at once, each on a connection already made; the
+    first answer is taken (see ``KafkaSink._topic_errors``)."""
+
+    def __init__(self, failure: BaseException) -> None:
+        self.requests: dict[asyncio.Future[Any], int] = {}  # request -> broker (node id)
+        self.failure = failure  # the last failure seen, raised when no broker answers
+
+    def ask(self, client: Any, node: int, request: Any) -> asyncio.Future[Any]:
+        task: asyncio.Future[Any] = asyncio.ensure_future(client.send(node, request))
+        self.requests[task] = node
+        return task
+
+    async def first(self, until: float, watch: asyncio.Future[Any] | None = None) -> tuple[int, Any] | None:
+        """The first (broker, answer) to come before ``until`` (the loop's clock); None then, when no
+        request is left, or once ``watch`` is done (a connection being made, or the last request
+        asked: a failure of its own moves on to the next broker at once)."""
+        from aiokafka.errors import KafkaConnectionError, KafkaError
+
+        loop = asyncio.get_running_loop()
+        while self.requests or watch is not None:
+            if watch is not None and watch.done():
+                return None
+            waiting: set[asyncio.Future[Any]] = set(self.requests)
+            if watch is not None:
+                waiting.add(watch)
+            done, _ = await asyncio.wait(
+                waiting, timeout=until - loop.time(), return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                return None
+            for task in done:
+                node = self.requests.pop(task, None)
+                if node is None:
+                    continue  # watch: a connection made (or not)
+                if task.cancelled():
+                    self.failure = KafkaConnectionError(f"metadata request to node {node} cancelled")
+                    continue
+                error = task.exception()
+                if error is None:
+                    return node, task.result()
+                if not isinstance(error, KafkaError | OSError):
+                    raise error
+                self.failure = error  # refused, connection lost, aiokafka's own request timeout
+        return None
+
+    async def cancel(self) -> None:
+        """Cancel what is still asked (a cancelled request's late answer is dropped by aiokafka)."""
+        tasks = list(self.requests)
+        self.requests.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 @dataclass(slots=True)
 class _Refused:
     """A topic-partition refused (a retriable error) while the broker took others."""
@@ -1376,6 +1439,7 @@ class KafkaSink(Sink[KafkaOptions]):
         except Exception as exc:  # no broker answered: the producer cannot deliver either
             text = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
             return {}, set(), retry(f"kafka brokers {self._describe_brokers()} unreachable: {text}")
+        described = await self._described(errors)
         loop = asyncio.get_running_loop()
         until = min(loop.time() + _CREATE_GRACE, share_end)
         now = time.monotonic()
@@ -1393,11 +1457,26 @@ class KafkaSink(Sink[KafkaOptions]):
         answered: set[str] = set()
         for topic in unknown:
             code = errors.get(topic)
+            if code == _TOPIC_AUTHORIZATION_FAILED:
+                if described is None:  # no answer to tell which: asked again at the retry
+                    aside[topic] = retry(
+                        f"kafka topic {topic!r}: {_error_name(code)} to a request allowing its creation, "
+                        "and no broker answered the one asking without",
+                        defer=True,
+                    )
+                    continue
+                again = described.get(topic, code)
+                if again == _UNKNOWN_TOPIC_OR_PARTITION:  # missing; only its creation is not allowed
+                    aside[topic] = self._aside_outcome(topic, code)
+                    missing[topic] = code
+                    continue
+                code = again  # 0: created meanwhile; 29: not even described
             if not code:  # 0, or left out of the answer: aiokafka's own metadata decides (_partitions)
                 answered.add(topic)
             elif code == _TOPIC_AUTHORIZATION_FAILED:
                 aside[topic] = reject(
-                    f"not authorised to write to kafka topic {topic!r}: {_error_name(code)}"
+                    f"not authorised to describe and write kafka topic {topic!r} (this client needs DESCRIBE "
+                    f"and WRITE on it): {_error_name(code)}"
                 )
             elif code == _INVALID_TOPIC:
                 aside[topic] = reject(f"kafka refused the record for topic {topic!r}: {_error_name(code)}")
@@ -1407,11 +1486,35 @@ class KafkaSink(Sink[KafkaOptions]):
         self._note_missing(missing, answered)
         return aside, answered, None
 
+    async def _described(self, errors: dict[str, int]) -> dict[str, int] | None:
+        """The answers to a request not allowing creation for the topics of ``errors`` (answers to one
+        allowing it) answered TOPIC_AUTHORIZATION_FAILED; None when no broker answers. Kafka with
+        auto-create on answers so a missing topic this client may describe and write but not create (no
+        CREATE on the cluster or on the topic: ``KafkaApis.handleTopicMetadataRequest``), and a missing
+        one is UNKNOWN_TOPIC_OR_PARTITION to a request that creates nothing: set aside, as a topic
+        missing with auto-create off, not rejected as not authorised. Still 29: not even DESCRIBE."""
+        denied = [topic for topic, code in errors.items() if code == _TOPIC_AUTHORIZATION_FAILED]
+        if not denied:
+            return {}
+        try:
+            return await self._topic_errors(denied, create=False)
+        except Exception:  # no broker answered
+            return None
+
     @staticmethod
     def _missing_text(topic: str, code: int) -> str:
-        """What the broker's metadata answer ``code`` says of ``topic``, and what to do."""
+        """What the broker's metadata answer ``code`` says of ``topic`` (TOPIC_AUTHORIZATION_FAILED: to a
+        request allowing its creation, UNKNOWN_TOPIC_OR_PARTITION to one not: ``_described``), and what
+        to do."""
         hint = _CREATE_HINTS.get(code)
         name = _error_name(code)
+        if code == _TOPIC_AUTHORIZATION_FAILED:
+            return (
+                f"kafka topic {topic!r} does not exist on the broker, and this client may not create it "
+                f"({name} to a request allowing its creation, {_error_name(_UNKNOWN_TOPIC_OR_PARTITION)} "
+                "to one not: auto-create is on, and the client has no CREATE permission on the cluster or "
+                "the topic): create the topic, or grant this client CREATE on it"
+            )
         if code == _UNKNOWN_TOPIC_OR_PARTITION:
             return (
                 f"kafka topic {topic!r} does not exist on the broker ({name}: {hint}): create the topic, "
@@ -1428,41 +1531,64 @@ class KafkaSink(Sink[KafkaOptions]):
         seen = self._missing.get(topic)
         return seen is not None and now - seen.last < _MISSING_MEMORY
 
-    async def _topic_errors(self, topics: list[str]) -> dict[str, int]:
+    async def _topic_errors(self, topics: list[str], *, create: bool = True) -> dict[str, int]:
         """Each topic's error code in a broker's metadata answer (0: it exists). Asked as the producer
-        asks (a broker with auto-create on creates them), of one broker after another (the one that
-        answered last first), each for its share of ``request_timeout_ms``: what is left of it over the
-        brokers not asked yet. A broker that fails at once leaves its share to the others; one that
-        never answers (a stall, a network partition: it accepts connections) costs its share, not the
-        whole timeout, wherever the cluster lists it. (Asked at once, a silent broker held aiokafka's
-        one connection lock through its connection's version lookup, and no other broker was reached
-        either.) Raises the last failure (TimeoutError: no answer in time) when none answers."""
-        from aiokafka.errors import KafkaConnectionError, KafkaError
+        asks (``create``: a broker with auto-create on creates them), of one broker after another (the
+        one that answered last first), each in its turn: its share of ``request_timeout_ms`` (what is left
+        of it over the brokers not asked yet), at least _TURN or half what is left. A broker whose
+        connection is made and that has not answered by its turn's end is still waited for while the
+        next one is asked: the first answer is taken. One whose connection is still being made then is
+        given up (it holds aiokafka's one connection lock, which the next broker's connection needs): a
+        broker that never answers (a stall, a network partition: it accepts connections) costs its turn,
+        not the whole timeout, wherever the cluster lists it. (Cut off at the bare share, a twelfth of
+        the timeout with 12 brokers, with no wait for the ones asked, a slow cluster's every broker was:
+        making a connection alone takes a few round trips, TCP, TLS, SASL, ApiVersions.) A broker that
+        fails at once leaves its turn to the next. Raises the last failure (TimeoutError: no answer in
+        time) when none answers."""
+        from aiokafka.errors import KafkaConnectionError, NodeNotReadyError
         from aiokafka.protocol.metadata import MetadataRequest
 
         client = self._producer.client
-        request = MetadataRequest(topics)
+        request = MetadataRequest(topics, allow_auto_topic_creation=create)
         nodes = [broker.nodeId for broker in client.cluster.brokers()]
         if self._answering in nodes:
             nodes.remove(self._answering)
             nodes.insert(0, self._answering)
         loop = asyncio.get_running_loop()
         end = loop.time() + self.options.request_timeout_ms / 1000
-        failure: BaseException = KafkaConnectionError("no broker known")
-        for left, node in zip(range(len(nodes), 0, -1), nodes, strict=True):
-            share = (end - loop.time()) / left
-            try:
-                # Cancelled at its share's end, a connection still being made is closed, and aiokafka's
-                # connection lock freed for the next broker.
-                async with asyncio.timeout(share):
-                    answer = await client.send(node, request)
-            except (KafkaError, OSError) as exc:  # refused, timed out (TimeoutError), connection lost
-                failure = exc
-                continue
-            self._answering = node
-            # (error_code, topic, ...) in every version of the answer.
-            return {entry[1]: entry[0] for entry in answer.topics}
-        raise failure
+        asked = _Asked(KafkaConnectionError("no broker known"))
+        try:
+            for left, node in zip(range(len(nodes), 0, -1), nodes, strict=True):
+                now = loop.time()
+                turn_end = now + max((end - now) / left, min(_TURN, (end - now) / 2))
+                connecting = asyncio.ensure_future(client.ready(node))
+                try:
+                    found = await asked.first(turn_end, connecting)
+                finally:
+                    if not connecting.done():  # a cancel during the set-up closes the connection
+                        connecting.cancel()
+                        asked.failure = TimeoutError()
+                    await asyncio.gather(connecting, return_exceptions=True)
+                if found is None and not connecting.cancelled():
+                    if connecting.exception() is None and connecting.result():
+                        found = await asked.first(turn_end, asked.ask(client, node, request))
+                    else:
+                        asked.failure = NodeNotReadyError(f"node {node} not ready")
+                if found is not None:
+                    return self._answered_by(*found)
+            found = await asked.first(end)  # every broker asked: the ones still asked, until the end
+            if found is not None:
+                return self._answered_by(*found)
+            if asked.requests:
+                raise TimeoutError()
+            raise asked.failure
+        finally:
+            await asked.cancel()
+
+    def _answered_by(self, node: int, answer: Any) -> dict[str, int]:
+        self._answering = node
+        # (error_code, topic, ...) in every version of the answer.
+        return {entry[1]: entry[0] for entry in answer.topics}
 
     def _note_missing(self, missing: dict[str, int], present: set[str]) -> None:
         """Log each topic set aside as missing (``missing``: topic -> the broker's answer) once per run

@@ -25,7 +25,14 @@ that allowed creation:
   answer (with Tansu's admin API, 4 partitions); until then the relay answers ``creating_code`` (3 as
   KRaft answers; 5 as ZooKeeper mode answers once it wrote the creation).
 - ``codes``: topic -> error code answered instead, for ever, the topic never created (ZooKeeper mode's
-  creation error: 38, 44).
+  creation error: 38, 44; or TOPIC_AUTHORIZATION_FAILED, 29, as Kafka answers a client that may describe
+  and write the topic but not create it: no CREATE on the cluster nor on the topic, ``KafkaApis``'
+  ``unauthorizedForCreateTopics``, checked only when the request allows creation).
+
+``denied``: topics this client may not describe (no DESCRIBE, nor WRITE): answered
+TOPIC_AUTHORIZATION_FAILED without partitions to every Metadata request, whether they exist or not and
+whether creation is allowed or not (Kafka's ``unauthorizedForDescribeTopics``: their existence is not
+disclosed). Only Metadata is answered so; a Produce to one reaches Tansu.
 
 ``stale``: topic -> how many answers give it as Tansu has it; later ones answer 3 without partitions (a
 broker whose metadata cache does not hold it: Kafka's brokers learn a new topic each at its own time, and
@@ -34,6 +41,12 @@ a deleted one leaves each at its own time).
 ``extra_brokers``: (node id, port) of brokers on 127.0.0.1 added to every Metadata answer, before the
 broker's own, e.g. a ``silent.SilentServer`` (a broker in a stall, or one behind a network partition,
 that accepts connections and never answers). Changing the list changes the next answers.
+
+``more_brokers``: this many more brokers listed (node ids from 201), each another port of this relay: a
+cluster whose every broker answers as this one (Tansu behind it), e.g. to count brokers asked in turn.
+``answer_delay``: seconds every answer (ApiVersions, SASL, Metadata, Produce, ...) reaches the client
+after Tansu gave it, in order, requests not held back: a loaded broker, or a distant one (set at the
+start).
 
 ``asked`` holds the topics of each Metadata request that named topics, ``answered`` each (topic, code)
 as answered. Metadata up to v5 is handled (aiokafka asks with v5 at most); v0-v3 have no such flag, and
@@ -46,8 +59,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Collection, Sequence
+from typing import Any, Self
 
 from aiokafka.protocol import metadata as md
 
@@ -59,6 +72,7 @@ __all__ = [
     "INVALID_REPLICATION_FACTOR",
     "LEADER_NOT_AVAILABLE",
     "POLICY_VIOLATION",
+    "TOPIC_AUTHORIZATION_FAILED",
     "UNKNOWN_TOPIC_OR_PARTITION",
     "AutoCreate",
     "asks",
@@ -68,8 +82,10 @@ __all__ = [
 API_METADATA = 3
 UNKNOWN_TOPIC_OR_PARTITION = 3
 LEADER_NOT_AVAILABLE = 5
+TOPIC_AUTHORIZATION_FAILED = 29
 INVALID_REPLICATION_FACTOR = 38
 POLICY_VIOLATION = 44
+_MORE_NODES = 201  # the node id of the first of ``more_brokers`` (Tansu is 111)
 _RESPONSES: dict[int, Any] = {v: getattr(md, f"MetadataResponse_v{v}") for v in range(6)}
 """The answers aiokafka can decode (it asks with v5 at most)."""
 
@@ -87,6 +103,9 @@ async def broker_with_auto_create(
     codes: dict[str, int] | None = None,
     stale: dict[str, int] | None = None,
     extra_brokers: Sequence[tuple[int, int]] = (),
+    denied: Collection[str] = (),
+    more_brokers: int = 0,
+    answer_delay: float = 0.0,
 ) -> AsyncIterator[tuple[TansuBroker, AutoCreate]]:
     """A Tansu broker behind the relay, advertising the relay: clients reach it at
     ``127.0.0.1:{relay.listen_port}``; ``broker`` itself (its own port) still creates topics at once."""
@@ -101,6 +120,9 @@ async def broker_with_auto_create(
             codes=codes,
             stale=stale,
             extra_brokers=extra_brokers,
+            denied=denied,
+            more_brokers=more_brokers,
+            answer_delay=answer_delay,
         )
         async with relay:
             yield broker, relay
@@ -121,6 +143,9 @@ class AutoCreate(Relay):
         codes: dict[str, int] | None = None,
         stale: dict[str, int] | None = None,
         extra_brokers: Sequence[tuple[int, int]] = (),
+        denied: Collection[str] = (),
+        more_brokers: int = 0,
+        answer_delay: float = 0.0,
     ) -> None:
         super().__init__(listen_port=listen_port, target_port=target_port)
         self.broker = broker
@@ -129,10 +154,28 @@ class AutoCreate(Relay):
         self.codes: dict[str, int] = dict(codes or {})
         self.stale: dict[str, int] = dict(stale or {})
         self.extra_brokers: list[tuple[int, int]] = list(extra_brokers)
+        self.denied: set[str] = set(denied)
+        self.more_brokers = more_brokers
+        self.answer_delay = answer_delay
+        self._more: list[asyncio.Server] = []
         self.creating: set[str] = set()
         """Topics whose creation was started (in flight, or done)."""
         self.asked: list[list[str]] = []
         self.answered: list[tuple[str, int]] = []
+
+    async def __aenter__(self) -> Self:
+        await super().__aenter__()
+        for i in range(self.more_brokers):
+            server = await asyncio.start_server(self._serve, self.host, 0)
+            self._more.append(server)
+            self.extra_brokers.append((_MORE_NODES + i, server.sockets[0].getsockname()[1]))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for server in self._more:
+            server.close()
+            await server.wait_closed()
+        await super().__aexit__(*exc)
 
     async def _create(self, topic: str) -> None:
         try:
@@ -177,6 +220,26 @@ class AutoCreate(Relay):
     async def _responses(
         self, up: asyncio.StreamReader, writer: asyncio.StreamWriter, pending: dict[int, tuple[int, bool]]
     ) -> None:
+        if not self.answer_delay:
+            await self._pass_answers(up, writer, pending, None)
+            return
+        late: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        sender = asyncio.ensure_future(self._send_late(late, writer))
+        try:
+            await self._pass_answers(up, writer, pending, late)
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+
+    async def _pass_answers(
+        self,
+        up: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pending: dict[int, tuple[int, bool]],
+        late: asyncio.Queue[tuple[float, bytes]] | None,
+    ) -> None:
+        """Each answer to the client, rewritten (Metadata), at once or through ``late`` (answer_delay)."""
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 (size,) = struct.unpack(">i", await up.readexactly(4))
@@ -187,14 +250,28 @@ class AutoCreate(Relay):
             asked = pending.pop(correlation, None)
             if asked is not None:
                 body = body[:4] + self._answer(*asked, body[4:])
-            writer.write(struct.pack(">i", len(body)) + body)
+            if late is None:
+                writer.write(struct.pack(">i", len(body)) + body)
+                await writer.drain()
+            else:
+                late.put_nowait((loop.time() + self.answer_delay, struct.pack(">i", len(body)) + body))
+
+    @staticmethod
+    async def _send_late(late: asyncio.Queue[tuple[float, bytes]], writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due, frame = await late.get()
+            await asyncio.sleep(due - loop.time())
+            writer.write(frame)
             await writer.drain()
 
     def _answer(self, version: int, allowed: bool, body: bytes) -> bytes:
         answer = _RESPONSES[version].decode(body)
         topics = []
         for code, name, *rest in answer.topics:
-            if name in self.stale and asks(self.answered, name) >= self.stale[name]:
+            if name in self.denied:
+                code, rest[-1] = TOPIC_AUTHORIZATION_FAILED, []
+            elif name in self.stale and asks(self.answered, name) >= self.stale[name]:
                 code, rest[-1] = UNKNOWN_TOPIC_OR_PARTITION, []  # (..., partitions) in every version
             elif code == UNKNOWN_TOPIC_OR_PARTITION and allowed:
                 if name in self.codes:
