@@ -42,7 +42,7 @@ SOURCE_DROP_REASONS = (
 )
 SOURCE_REPAIR_REASONS = ("invalid_unicode",)
 WATCH_RESTART_REASONS = ("timeout", "expired", "connection", "error")  # and http_<status>
-RELIST_REASONS = ("initial", "expired")
+RELIST_REASONS = ("initial", "expired", "rv_regressed")
 DATA_DIR_FILES = ("spool", "checkpoint", "deadletter")
 RELOAD_RESULTS = ("applied", "unchanged", "invalid")
 CHECKPOINT_CONFIGMAP_OPS = ("read", "write")

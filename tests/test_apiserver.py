@@ -234,6 +234,83 @@ async def test_list_resource_version_semantics(api: FakeApiServer, http: aiohttp
     )
 
 
+TOO_LARGE_CAUSE = {"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}
+FUTURE = "Internal error occurred: etcdserver: mvcc: required revision is a future revision"
+
+
+def too_large(rv: int, current: int, retry: int | None = None) -> dict[str, Any]:
+    """storage.NewTooLargeResourceVersionError as kube-apiserver 1.24 writes it."""
+    details: dict[str, Any] = {"causes": [TOO_LARGE_CAUSE]}
+    if retry is not None:
+        details["retryAfterSeconds"] = retry
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": f"Timeout: Too large resource version: {rv}, current: {current}",
+        "reason": "Timeout",
+        "details": details,
+        "code": 504,
+    }
+
+
+@pytest.mark.parametrize("watch_cache", [True, False])
+async def test_a_paged_list_not_older_than_a_revision_ahead_of_the_store_answers_504(
+    watch_cache: bool,
+) -> None:
+    """limit > 0 at a resourceVersion other than 0 goes to etcd (cacher.shouldDelegateList) whose
+    validateMinimumResourceVersion answers at once, with no retry advice; Exact, or a limit without a
+    match (the legacy exact read), asks etcd for that revision: 500 future revision."""
+    async with FakeApiServer(watch_cache=watch_cache) as api, aiohttp.ClientSession(api.url) as http:
+        api.create_event(event_object(name="a"))
+        current = api.resource_version
+        ahead = current + 50
+        params = {"limit": "1", "resourceVersion": str(ahead), "resourceVersionMatch": "NotOlderThan"}
+        async with http.get(EVENTS, params=params) as resp:
+            assert resp.status == 504 and "Retry-After" not in resp.headers
+            assert orjson.loads(await resp.read()) == too_large(ahead, current)
+        for extra in ({"limit": "1", "resourceVersionMatch": "Exact"}, {"resourceVersionMatch": "Exact"}):
+            status, body = await get_json(http, EVENTS, resourceVersion=str(ahead), **extra)
+            assert (status, body["message"]) == (500, FUTURE)
+        status, body = await get_json(http, EVENTS, resourceVersion=str(ahead), limit="1")
+        assert (status, body["message"]) == (500, FUTURE)
+        # At the store's own revision it is an ordinary page.
+        params["resourceVersion"] = str(current)
+        status, body = await get_json(http, EVENTS, **params)
+        assert status == 200 and body["metadata"]["resourceVersion"] == str(current)
+
+
+async def test_an_unpaged_list_ahead_of_the_store_without_a_watch_cache_answers_504_at_once() -> None:
+    async with FakeApiServer(watch_cache=False) as api, aiohttp.ClientSession(api.url) as http:
+        current = api.resource_version
+        for match in ("NotOlderThan", ""):
+            status, body = await get_json(
+                http, EVENTS, resourceVersion=str(current + 5), resourceVersionMatch=match
+            )
+            assert (status, body) == (504, too_large(current + 5, current))
+
+
+async def test_the_watch_cache_waits_for_a_revision_ahead_of_it_then_answers_504_retry_after_1(
+    api: FakeApiServer, http: aiohttp.ClientSession
+) -> None:
+    """Served from the watch cache (no limit), a list ahead of it waits up to 3 s for the cache to
+    catch up (waitUntilFreshAndBlock): answered when it does, else 504 with retryAfterSeconds 1."""
+    ahead = api.resource_version + 2
+    params = {"resourceVersion": str(ahead), "resourceVersionMatch": "NotOlderThan"}
+    waiting = asyncio.create_task(get_json(http, EVENTS, **params))
+    await api.wait_until(lambda: api.count_requests(watch=False) == 1)
+    api.create_event(event_object(name="a"))
+    api.create_event(event_object(name="b"))
+    status, body = await waiting
+    assert status == 200 and [i["metadata"]["name"] for i in body["items"]] == ["a", "b"]
+    assert body["metadata"]["resourceVersion"] == str(ahead)
+    params["resourceVersion"] = str(ahead + 1)
+    async with http.get(EVENTS, params=params) as resp:
+        assert resp.status == 504 and resp.headers["Retry-After"] == "1"
+        assert orjson.loads(await resp.read()) == too_large(ahead + 1, ahead, retry=1)
+
+
 # --- watch -----------------------------------------------------------------------------------------
 
 
@@ -378,6 +455,37 @@ async def test_a_watcher_that_falls_behind_its_buffer_is_closed() -> None:
             body = await resp.read()
         assert body == b""
         assert api.active_watches == 0
+
+
+@pytest.mark.parametrize("watch_cache", [True, False])
+async def test_a_watch_ahead_of_the_store_gets_nothing_at_or_below_its_resource_version(
+    watch_cache: bool,
+) -> None:
+    """etcd restored from a snapshot: the store is behind a client's resourceVersion N. etcd's watch
+    sends ModRevision >= N + 1 and the cacher only rv > N, so nothing written up to N comes, bookmarks
+    neither (the cacher drops them too), and the first line is the change after N."""
+    async with (
+        FakeApiServer(watch_cache=watch_cache, bookmark_interval=0.01) as api,
+        aiohttp.ClientSession(api.url) as http,
+    ):
+        ahead = api.resource_version + 5
+        params = {"watch": "1", "resourceVersion": str(ahead), "allowWatchBookmarks": "true"}
+        async with http.get(EVENTS, params=params) as resp:
+            await api.wait_until(lambda: api.active_watches == 1)
+            for i in range(4):
+                api.create_event(event_object(name=f"below-{i}"))
+            if watch_cache:  # bookmark ticks went by: a watch at the store's revision got two
+                current = str(api.resource_version)
+                lines = await read_watch(
+                    http, EVENTS, count=2, allowWatchBookmarks="true", resourceVersion=current
+                )
+                assert [x["type"] for x in lines] == ["BOOKMARK", "BOOKMARK"]
+            api.create_event(event_object(name="at"))  # rv N itself
+            api.create_event(event_object(name="above"))
+            assert api.resource_version == ahead + 1
+            line = orjson.loads(await resp.content.readline())
+        assert line["type"] == "ADDED" and line["object"]["metadata"]["name"] == "above"
+        assert line["object"]["metadata"]["resourceVersion"] == str(ahead + 1)
 
 
 # --- selectors and namespaces ----------------------------------------------------------------------

@@ -38,14 +38,26 @@ WRITE_CHUNK = 256 * 1024
 call per relisted event, ~10% of the router's busy samples in a start-up relist of 50,000."""
 
 
+HELD_BYTES = 8 * 1024 * 1024
+"""Raw JSON of the relisted occurrences held in memory at once, and of a chunk handed on: an Event's
+message has no bound (etcd's ~1.5 MiB an object), and 500 rows of 1 MB are half a gigabyte."""
+
+
 class RelistBudget:
     """How many relisted occurrences the orders sharing it hold in memory at once, in all (the rest
-    wait in their temporary files). One per router: with an order per namespace and a bound per order,
-    120 namespaces relisting at start-up held 60,000 occurrences (~250 MiB), not 500."""
+    wait in their temporary files), and how many bytes of raw JSON. One per router: with an order per
+    namespace and a bound per order, 120 namespaces relisting at start-up held 60,000 occurrences
+    (~250 MiB), not 500."""
 
-    def __init__(self, limit: int = 500) -> None:
+    def __init__(self, limit: int = 500, max_bytes: int = HELD_BYTES) -> None:
         self.limit = limit
+        self.max_bytes = max_bytes
         self.held = 0
+        self.held_bytes = 0
+
+    @property
+    def full(self) -> bool:
+        return self.held >= self.limit or self.held_bytes >= self.max_bytes
 
 
 class RelistOrder:
@@ -70,6 +82,7 @@ class RelistOrder:
         self._uids: list[str] = []
         self._held: list[Occurrence | None] = []  # None: a discarded row's
         self._held_count = 0  # occurrences of _held counted in the budget
+        self._held_bytes = 0  # and their raw JSON
         # Rows of several lists in one order (namespaces relisting together): each row's member, set
         # once a second member adds; a member whose list failed is discarded (its rows never drained).
         self._members: array[int] | None = None
@@ -115,7 +128,7 @@ class RelistOrder:
             self._times.append(_I64_MAX if occ.time_ns > 0 else _I64_MIN)
         self._received.append(occ.received_at)
         self._uids.append(occ.uid)
-        if self.budget.held >= self.budget.limit and not self._file_failed:
+        if self.budget.full and not self._file_failed:
             # Only the raw JSON waits for the write (the occurrence is rebuilt from it when drained).
             raw = occ.raw_json
             self._offsets.append(self._end)
@@ -137,6 +150,8 @@ class RelistOrder:
         self._held.append(occ)
         self._held_count += 1
         self.budget.held += 1
+        self._held_bytes += len(occ.raw_json)
+        self.budget.held_bytes += len(occ.raw_json)
 
     def _write_pending(self) -> None:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
@@ -220,14 +235,18 @@ class RelistOrder:
         self.tag_members()
         rows = self._rows_not_handed(member)
         self._discarded.add(member)
-        held, offsets, freed = self._held, self._offsets, 0
+        held, offsets, freed, freed_bytes = self._held, self._offsets, 0, 0
         for row in rows:
             offset = offsets[row]
-            if offset < 0 and held[-1 - offset] is not None:
+            occ = held[-1 - offset] if offset < 0 else None
+            if occ is not None:
                 held[-1 - offset] = None
                 freed += 1
+                freed_bytes += len(occ.raw_json)
         self._held_count -= freed
         self.budget.held -= freed
+        self._held_bytes -= freed_bytes
+        self.budget.held_bytes -= freed_bytes
         self._live -= len(rows)
         # Rows still in the file or the pending writes are skipped when drained (or in pending raw
         # JSON, written with the rest: dropping them from a chunk would shift the offsets).
@@ -235,7 +254,8 @@ class RelistOrder:
 
     def drain(self, page: int) -> Generator[list[Occurrence], None, None]:
         """Everything added (and not discarded), oldest first (event time, then list order: the sort
-        is stable), ``page`` at a time. Sorted at once, so ``left`` counts the rows to come."""
+        is stable), ``page`` at a time, or fewer once a chunk holds the budget's ``max_bytes`` of raw
+        JSON. Sorted at once, so ``left`` counts the rows to come."""
         # An array, not the sorted list: that list's 50,000 row ints would live, interleaved with the
         # drain's own objects, until the last row is handed on, raising pymalloc's arena high-water
         # and keeping arenas that other survivors then pin; sorted in one step (nothing else runs
@@ -254,27 +274,32 @@ class RelistOrder:
         fd = self._file.fileno() if self._file is not None else -1
         held, offsets, lengths, rebuild = self._held, self._offsets, self._lengths, self._rebuild
         members, gone = self._members, self._discarded
+        max_bytes = self.budget.max_bytes
         try:
-            for start in range(0, len(order), page):
+            pos, end = 0, len(order)
+            while pos < end:
                 chunk: list[Occurrence] = []
-                rows = order[start : start + page]
-                for row in rows:
+                size = 0
+                while pos < end and len(chunk) < page and size < max_bytes:
+                    row = order[pos]
+                    pos += 1
                     if gone and members is not None and members[row] in gone:
                         continue  # its member stopped while this order was drained
                     offset = offsets[row]
                     if offset < 0:
                         occ = held[-1 - offset]
                         assert occ is not None  # only a discarded row's is
-                        chunk.append(occ)
-                        continue
-                    # One system call per row (a seek and a read were two).
-                    raw = os.pread(fd, lengths[row], offset)
-                    if len(raw) != lengths[row]:
-                        raise OSError(
-                            f"relist: temporary file shorter than written ({offset} + {lengths[row]})"
-                        )
-                    chunk.append(rebuild(row, raw))
-                self._handed = start + len(rows)
+                    else:
+                        # One system call per row (a seek and a read were two).
+                        raw = os.pread(fd, lengths[row], offset)
+                        if len(raw) != lengths[row]:
+                            raise OSError(
+                                f"relist: temporary file shorter than written ({offset} + {lengths[row]})"
+                            )
+                        occ = rebuild(row, raw)
+                    chunk.append(occ)
+                    size += len(occ.raw_json)
+                self._handed = pos
                 yield chunk
         finally:
             if self._handed >= len(order):
@@ -282,7 +307,8 @@ class RelistOrder:
 
     def close(self) -> None:
         self.budget.held -= self._held_count
-        self._held_count = 0
+        self.budget.held_bytes -= self._held_bytes
+        self._held_count = self._held_bytes = 0
         self._members = None
         self._discarded = set()
         self._live = 0

@@ -2,7 +2,9 @@
 
 Relists on 410 Gone (list continue or in-stream ERROR) and on a watch that closes at once without a
 line (kubernetes#104171: a stale resourceVersion can yield an empty 200 instead of 410). Reconnects
-with jittered exponential backoff. resourceVersions are opaque: never compared numerically.
+with jittered exponential backoff. resourceVersions are opaque: never compared numerically; after a
+break that looks like an API server restart, the server is asked whether its store went back behind
+ours (an etcd restore), and then the watcher relists.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import aiohttp
 import orjson
@@ -85,11 +87,27 @@ def check_field_selector(text: str) -> None:
 READ_TIMEOUT_MARGIN = 40
 """Seconds the client waits beyond the watch's server-side timeout before calling it stuck."""
 
+PAGE_BYTES = 8 * 1024 * 1024
+"""The body a list page aims at. A page is held about twice over while it is handed on (its parsed
+items, their raw JSON), and core/v1 Events have no bound on ``message`` (etcd's ~1.5 MiB an object):
+pages of 500 items of 1 MB took the router past its chart's 256 MiB limit at every start."""
+PAGE_MAX_BYTES = 2 * PAGE_BYTES
+"""A page read past this is dropped and asked again with an eighth of the items (its continue token
+still holds): the items after a page of small ones may be large."""
+FIRST_PAGE = 16
+"""Items of a list's first page; later pages grow (at most 4-fold a page) while they stay small."""
+PROBE_TIMEOUT = 30.0
+"""Seconds for the check that the API server's store is not behind our resourceVersion."""
+EARLY_END = 0.9
+"""A watch that ends cleanly before this share of its ``timeoutSeconds`` was ended by the server: the
+store behind it is checked as after a break."""
+
 
 @dataclass(frozen=True, slots=True)
 class WatchSettings:
     page_size: int = 500
-    """Items per list page (``limit``); keeps memory flat while relisting large clusters."""
+    """Most items per list page (``limit``); keeps memory flat while relisting large clusters. Pages
+    are bounded by bytes too (``PAGE_BYTES``)."""
     watch_timeout: int = 290
     """Server-side ``timeoutSeconds``: the API server ends each watch after this and we reopen it."""
     read_timeout: float = 330.0
@@ -278,20 +296,50 @@ class EventWatcher:
         self.tracked_gauge()
         return rv
 
+    async def _read_page(self, query: list[tuple[str, str]], limit: int) -> bytearray | None:
+        """A list page's body; None when it grew past ``PAGE_MAX_BYTES`` with more than one item
+        asked for (dropped unread: ask again with fewer). Gathered in one growing buffer: aiohttp's
+        ``read`` joins its chunks, two copies of the page at once."""
+        resp = await self.kube.request("GET", self.path, query)
+        try:
+            await raise_for_status(resp)
+            body = bytearray()
+            async for chunk in resp.content.iter_any():
+                body += chunk
+                if len(body) > PAGE_MAX_BYTES and limit > 1:
+                    resp.close()
+                    return None
+            return body
+        finally:
+            resp.release()
+
+    def _next_limit(self, limit: int, items: int, size: int) -> int:
+        """The next page's ``limit``: as many items as fit ``PAGE_BYTES`` at this page's bytes per
+        item, at most 4 times this one's and ``page_size``."""
+        per_item = size / max(1, items)
+        fit = int(PAGE_BYTES / per_item) if per_item > 0 else self.settings.page_size
+        return max(1, min(self.settings.page_size, 4 * limit, fit))
+
     async def _list_pages(self, order: Member | None) -> tuple[str, set[str]]:
         live: set[str] = set()
         cont = ""
         rv = ""
+        limit = min(FIRST_PAGE, self.settings.page_size)
         while True:
-            query = [("limit", str(self.settings.page_size)), *self._selectors()]
+            query = [("limit", str(limit)), *self._selectors()]
             if cont:
                 query.append(("continue", cont))
-            resp = await self.kube.request("GET", self.path, query)
-            try:
-                await raise_for_status(resp)
-                body = await resp.read()
-            finally:
-                resp.release()
+            body = await self._read_page(query, limit)
+            if body is None:
+                log.info(
+                    "a list page of %s (%d items) is over %d MiB: asking for fewer",
+                    self.where,
+                    limit,
+                    PAGE_MAX_BYTES >> 20,
+                )
+                limit = max(1, limit // 8)
+                continue
+            size = len(body)
             received_at = time.time()
             if self.room is not None and order is None:
                 # Every page, the first too, is handed on only once every sink has room, and with no
@@ -306,14 +354,19 @@ class EventWatcher:
                 self._progress()
             try:
                 # One broken string must not cost the page: the relist would fail on it forever.
-                doc, broken = unicode_repair.loads_unrepaired(body)
+                doc, broken = unicode_repair.loads_unrepaired(cast(bytes, body))  # bytes-like will do
+                del body  # parsed: the items hold what is needed
                 items = doc.get("items") or []
                 meta = doc.get("metadata") or {}
                 if not isinstance(items, list) or not isinstance(meta, dict):
                     raise TypeError("items is not a list, or metadata not an object")
             except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
                 raise ApiError(500, "InvalidList", f"list answer is not an EventList: {exc}") from None
-            for item in items:
+            count = len(items)
+            # Popped as handed on: each parsed item goes once its occurrence is made, not with the page.
+            items.reverse()
+            while items:
+                item = items.pop()
                 if broken:
                     item = self._repaired(item, "a list page")
                 # With the List's kind and apiVersion, as the watch sends it: the same raw bytes.
@@ -324,8 +377,10 @@ class EventWatcher:
                 uid = item_meta.get("uid") if isinstance(item_meta, dict) else None
                 if isinstance(uid, str):
                     live.add(uid)
+            del doc
             rv = str(meta.get("resourceVersion") or rv)
             cont = str(meta.get("continue") or "")
+            limit = self._next_limit(limit, count, size)
             self._progress()
             if order is not None:
                 order.page_listed()
@@ -488,6 +543,36 @@ class EventWatcher:
         self.tracked_gauge()
         return rv
 
+    async def _store_behind(self, rv: str) -> str | None:
+        """The API server's words when its store is behind ``rv`` (etcd restored from a snapshot:
+        its revision went back), else None. A watch at ``rv`` is then not refused: etcd and the
+        watch cache send only what comes after ``rv``, so every event written until the store
+        passes it again would never come, with no 410 to say so. A list of one item "not older
+        than" ``rv`` answers 504 with the cause ResourceVersionTooLarge instead (kube-apiserver's
+        validateMinimumResourceVersion). Any other answer, or none, says nothing: None."""
+        query = [("limit", "1"), ("resourceVersion", rv), ("resourceVersionMatch", "NotOlderThan")]
+        try:
+            resp = await self.kube.request(
+                "GET", self.path, query, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
+            )
+            try:
+                if resp.status != 504:
+                    return None
+                body = await resp.read()
+            finally:
+                resp.release()
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, ApiError) as exc:
+            log.debug("could not check the resourceVersion of %s: %s", self.where, exc)
+            return None
+        try:
+            status = orjson.loads(body)
+            causes = status["details"]["causes"]
+            if any(c.get("reason") == "ResourceVersionTooLarge" for c in causes):
+                return str(status.get("message") or "Too large resource version")[:300]
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            pass
+        return None
+
     # ---- loop ---------------------------------------------------------------------------------
 
     def _resume_from(self, rv: str | None) -> str | None:
@@ -513,18 +598,37 @@ class EventWatcher:
         rv: str | None = None
         failures = 0
         relist_reason = "initial"
+        check = False  # the watch ended as an API server restart ends it: is its store behind rv?
         while True:
             # A failing list is not reset by the watch before it.
             self.watch_worked = self.watch_lasted = False
             try:
+                if check and rv is not None:
+                    check = False
+                    behind = await self._store_behind(rv)
+                    if behind is not None:
+                        log.warning(
+                            "the API server's store is behind resourceVersion %s of %s (%s): etcd"
+                            " restored from a backup? Relisting: a watch would miss every event"
+                            " written until the store passes it again",
+                            rv,
+                            self.where,
+                            behind,
+                        )
+                        rv, relist_reason = None, "rv_regressed"
                 if rv is None:
+                    check = False  # a list's resourceVersion is the store's own
                     self.metrics.relists.labels(relist_reason).inc()
                     rv = await self._list()
                     self.resource_version = rv
                     if not self.initial_list_done.is_set():
                         log.info("initial list of %s done at resourceVersion %s", self.where, rv)
                     self.initial_list_done.set()
+                opened = time.monotonic()
                 rv = await self._watch(rv)
+                # Ended well before its timeoutSeconds: the server ended it, as one shutting down
+                # for a restart may.
+                check = time.monotonic() - opened < EARLY_END * self.settings.watch_timeout
                 failures = 0
                 self.metrics.watch_restarts.labels("timeout").inc()
                 continue
@@ -551,6 +655,7 @@ class EventWatcher:
             except ApiError as exc:
                 failures = self._failures(failures)
                 rv = self._resume_from(rv)
+                check = exc.status >= 500
                 if exc.status == 410:
                     rv, relist_reason = None, "expired"
                 level = logging.ERROR if exc.status in (401, 403) else logging.WARNING
@@ -565,6 +670,7 @@ class EventWatcher:
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
                 failures = self._failures(failures)
                 rv = self._resume_from(rv)
+                check = True
                 log.warning("watch of %s broke: %s: %s", self.where, type(exc).__name__, exc)
                 self.metrics.watch_restarts.labels("connection").inc()
                 delay_reason = "connection"

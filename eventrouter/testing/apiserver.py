@@ -9,9 +9,13 @@ cache:
 * lists: ``resourceVersion`` unset = consistent read, ``limit``/``continue`` paging at the first
   page's revision with ``remainingItemCount``; ``resourceVersion=0`` is served "from the cache":
   the whole list, ``limit`` ignored (as 1.24 does); a continue token whose revision is compacted
-  answers 410 with a fresh token in ``metadata.continue``; items sorted like etcd keys;
+  answers 410 with a fresh token in ``metadata.continue``; items sorted like etcd keys; a
+  ``resourceVersion`` ahead of the store answers 504 "Too large resource version" (cause
+  ``ResourceVersionTooLarge``; from the watch cache after waiting up to 3 s, with retryAfterSeconds
+  1), or 500 "future revision" where etcd is asked for that revision (Exact, or a legacy ``limit``);
 * watches: chunked JSON lines; unset/``0`` starts with synthetic ADDED for the current state;
   ``resourceVersion=N`` replays every retained change after N, or sends one in-stream ERROR 410 line;
+  nothing at or below N is ever sent, also when N is ahead of the store (an etcd restore);
   ``allowWatchBookmarks``, ``timeoutSeconds``, ``fieldSelector``/``labelSelector`` (an object that
   leaves or enters the selector becomes DELETED/ADDED, as in the cacher);
 * Events TTL (``ttl``), bearer-token auth (401), RBAC denials (403), ConfigMaps (1 MiB limit on the
@@ -105,6 +109,8 @@ INCONSISTENT_CONTINUE = (
     "now may show up in the list."
 )
 EXPIRED_LIST = "The resourceVersion for the provided list is too old."
+FUTURE_REVISION = "Internal error occurred: etcdserver: mvcc: required revision is a future revision"
+CACHE_BLOCK_TIMEOUT = 3.0  # the cacher's blockTimeout
 # A line that starts like an event and is cut: what a corrupting proxy or a broken encoder sends.
 MALFORMED_LINE = b'{"type":"MODIFIED","object":{"kind":"Event","apiVersion":"v1","metadata":{"name":\n'
 TRUE = ("1", "true", "True")
@@ -265,6 +271,21 @@ def _parse_rv(text: str) -> int:
     if value < 0:
         raise bad_request(f"invalid resource version: {text}")
     return value
+
+
+def too_large_rv(rv: int, current: int, *, retry_seconds: int) -> ApiError:
+    """storage.NewTooLargeResourceVersionError: a 504 Timeout naming both revisions, with the cause
+    ResourceVersionTooLarge; retryAfterSeconds (and Retry-After) only when nonzero (the cacher's 1,
+    the etcd3 store's 0)."""
+    details: dict[str, Any] = {
+        "causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}]
+    }
+    headers: dict[str, str] = {}
+    if retry_seconds:
+        details["retryAfterSeconds"] = retry_seconds
+        headers["Retry-After"] = str(retry_seconds)
+    message = f"Timeout: Too large resource version: {rv}, current: {current}"
+    return ApiError(504, message, details=details, headers=headers)
 
 
 def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -499,11 +520,13 @@ class FakeApiServer:
         if self.compaction_interval is not None:
             self._compactor = asyncio.create_task(self._compact_loop(), name="fake-apiserver-compactor")
 
-    async def close(self) -> None:
-        """Ends every watch stream and stops the server (idempotent)."""
+    async def close(self, *, reset: bool = False) -> None:
+        """Ends every watch stream and stops the server (idempotent). ``reset``: the watches' connections
+        are reset, not ended: what a kube-apiserver 1.24 restart does (its graceful shutdown does not
+        end watches; they break when the process exits)."""
         self._closing.set()
         for w in list(self._events.watchers):
-            w.terminate("server shutting down")
+            w.terminate("server shutting down", reset=reset)
         for task in (self._ttl_task, self._compactor):
             if task is not None:
                 task.cancel()
@@ -568,11 +591,12 @@ class FakeApiServer:
     def active_watches(self) -> int:
         return len(self._events.watchers)
 
-    def disconnect_watches(self, why: str = "disconnected by test") -> int:
-        """End every open watch stream now, as an API server restart or a load balancer would."""
+    def disconnect_watches(self, why: str = "disconnected by test", *, reset: bool = False) -> int:
+        """End every open watch stream now, as a load balancer would (``reset``: reset the connection
+        without ending the body, as a kube-apiserver 1.24 that exits does)."""
         watchers = list(self._events.watchers)
         for w in watchers:
-            w.terminate(why)
+            w.terminate(why, reset=reset)
         return len(watchers)
 
     @contextlib.asynccontextmanager
@@ -942,6 +966,7 @@ class FakeApiServer:
             raise self._fault_error(fault)
         if watching:
             return await self._watch(request, ns, fields, labels, fault)
+        await self._cache_fresh(q)
         response = self._list(ns, q, fields, labels)
         if fault is not None and fault.kind == "list_item" and isinstance(response.body, bytes):
             body, extra = response.body, fault.raw
@@ -991,17 +1016,14 @@ class FakeApiServer:
             raise bad_request('resourceVersionMatch "exact" is forbidden for resourceVersion "0"')
         rv = _parse_rv(rv_text) if rv_text else None
         current = self._revision.value
-        if rv is not None and rv > current and match != "Exact":
-            raise ApiError(
-                504,
-                f"Too large resource version: {rv}, current: {current}",
-                details={
-                    "causes": [
-                        {"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}
-                    ],
-                    "retryAfterSeconds": 1,
-                },
-            )
+        if rv is not None and rv > current and not token:
+            if self._from_cache(rv_text, match, limit, token):
+                # watchCache.waitUntilFreshAndBlock: not caught up within 3 s (see _events_get).
+                raise too_large_rv(rv, current, retry_seconds=1)
+            if match == "Exact" or (not match and limit > 0):
+                raise ApiError(500, FUTURE_REVISION)  # etcd is asked for that revision
+            # The etcd3 store's validateMinimumResourceVersion: its latest revision is older.
+            raise too_large_rv(rv, current, retry_seconds=0)
         if token:
             if rv_text not in ("", "0"):
                 raise bad_request("specifying resource version is not allowed when using continue")
@@ -1025,12 +1047,27 @@ class FakeApiServer:
         else:
             if rv < store.oldest_valid:
                 raise ApiError(410, EXPIRED_LIST)
-            if rv > current:
-                raise ApiError(
-                    500, "Internal error occurred: etcdserver: mvcc: required revision is a future revision"
-                )
             snap = store.snapshot(rv)
         return self._page(snap, ns, "", limit, fields, labels)
+
+    def _from_cache(self, rv_text: str, match: str, limit: int, token: str) -> bool:
+        """Whether the watch cache serves a list (1.24's cacher.shouldDelegateList, negated): a consistent
+        read, a continue, a limit at a resourceVersion other than 0 and Exact all go to etcd."""
+        delegate = not rv_text or bool(token) or (limit > 0 and rv_text != "0") or match == "Exact"
+        return self.watch_cache and not delegate
+
+    async def _cache_fresh(self, q: Mapping[str, str]) -> None:
+        """A list the watch cache serves at a resourceVersion it has not reached waits up to 3 s for
+        it (the cacher's waitUntilFreshAndBlock); _list then answers it, or the 504."""
+        rv_text = q.get("resourceVersion", "")
+        try:
+            rv, limit = int(rv_text), int(q.get("limit", "0") or "0")
+        except ValueError:
+            return  # _list refuses it
+        match, token = q.get("resourceVersionMatch", ""), q.get("continue", "")
+        if rv > self._revision.value and self._from_cache(rv_text, match, limit, token):
+            with contextlib.suppress(TimeoutError):
+                await self.wait_until(lambda: self._revision.value >= rv, timeout=CACHE_BLOCK_TIMEOUT)
 
     @staticmethod
     def _relative(key: str, ns: str | None) -> str:
@@ -1214,7 +1251,10 @@ class FakeApiServer:
                     raise ConnectionResetError("injected cut")
                 continue
             if now >= next_bookmark:
-                w.queue.append(self._bookmark(max(w.start_rv, self._revision.value)))
+                if self._revision.value >= w.start_rv:
+                    # Nothing at or below a watch's resourceVersion: no bookmark while the store is
+                    # behind it (restored from a snapshot).
+                    w.queue.append(self._bookmark(self._revision.value))
                 next_bookmark = now + self.bookmark_interval
                 continue
             w.wake.clear()
@@ -1223,6 +1263,9 @@ class FakeApiServer:
             if request.transport is None or request.transport.is_closing():
                 return  # the client went away: stop watching even if nothing is written
         if not request.transport or request.transport.is_closing():
+            return
+        if w.reset:
+            request.transport.abort()  # no terminating chunk: the client sees a broken body
             return
         await resp.write_eof()
 

@@ -190,6 +190,7 @@ class Watcher:
         self.queue: deque[bytes] = deque()
         self.wake = asyncio.Event()
         self.terminated: str | None = None
+        self.reset = False  # terminated by a connection reset, not the end of the stream
 
     def matches(self, s: Stored) -> bool:
         if self.namespace is not None and s.namespace != self.namespace:
@@ -209,6 +210,10 @@ class Watcher:
         self.wake.set()
 
     def offer(self, ch: Change) -> None:
+        if ch.rv <= self.start_rv:
+            # A watch opened ahead of the store (etcd restored from a snapshot) gets nothing up to its
+            # resourceVersion: etcd sends ModRevision >= rv + 1, the cacher only rv > the watch's.
+            return
         if self.simple:
             self.push(ch.line)
             return
@@ -219,9 +224,10 @@ class Watcher:
         elif old_ok:
             self.push(ch.line_as(DELETED))
 
-    def terminate(self, why: str) -> None:
+    def terminate(self, why: str, *, reset: bool = False) -> None:
         if not self.terminated:
             self.terminated = why
+            self.reset = reset
             self.queue.clear()
         self.wake.set()
 
