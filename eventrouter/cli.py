@@ -274,6 +274,22 @@ def _parser() -> argparse.ArgumentParser:
     _common(replay)
     replay.add_argument("file", help="file to read, - for stdin")
     replay.add_argument("--timeout", type=_seconds, default=120.0, help="seconds to wait for delivery")
+    replay.add_argument(
+        "--sink-flags",
+        action=_Once,
+        type=Path,
+        metavar="FILE",
+        help="--sink values, one a line (blank lines and # comments skipped), taken before any --sink: "
+        "the router's own, as the chart renders sinks.flags into /etc/eventrouter/sink-flags",
+    )
+    replay.add_argument(
+        "--to",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="send dead letters to this configured sink (repeatable), not to the sink that refused them "
+        "(say, that sink renamed); without it the letters of a sink not configured here are not sent (exit 2)",
+    )
     return parser
 
 
@@ -720,10 +736,15 @@ async def _close_checked(sink: Sink[Any]) -> None:
 
 
 def _dead_letter_replay(
-    origin: tuple[str, Any], specs: list[SinkSpec], settings: RouterSettings, path: str
+    origin: tuple[str, Any],
+    specs: list[SinkSpec],
+    settings: RouterSettings,
+    path: str,
+    route: Callable[[str], frozenset[str] | None] | None = None,
 ) -> tuple[list[SinkSpec], RouterSettings]:
     """A dead-letter file (``origin``: the sink and cluster of its first entry) goes back to the sink
-    that refused it when that one is configured (the others have those occurrences already), without
+    that refused it (the others have those occurrences already), or to the sinks ``--to`` names; a
+    sink not configured here is a configuration error (``route`` says where letters go), without
     the data dir (its checkpoint counts them as done; ``_DeadLetterReplay`` keeps what this replay
     needs beside the file), and stamped with its records' cluster name unless one is given. Handed
     on oldest first (a sink that wants time order), the file waits in a temporary file in the data
@@ -735,16 +756,14 @@ def _dead_letter_replay(
     sink, cluster = origin
     if not settings.cluster_name and cluster:
         settings.cluster_name = str(cluster)
-    chosen = [spec for spec in specs if spec.name == sink]
-    if chosen:
-        specs = chosen
+    names = (route or _destinations([spec.name for spec in specs], ()))(sink)
+    if names is None:
+        raise ConfigError(_not_configured(sink, [spec.name for spec in specs]))
+    specs = [spec for spec in specs if spec.name in names]
+    if names == {sink}:
         log.info("replay: dead letters of %s: sending them to that sink only", sink)
     else:
-        log.info(
-            "replay: dead letters of %s, which is not configured here: sending them to %s",
-            sink,
-            ", ".join(spec.name for spec in specs),
-        )
+        log.info("replay: dead letters of %s: sending them to %s (--to)", sink, ", ".join(sorted(names)))
     if settings.data_dir is not None:
         log.info("replay: the data dir's checkpoint is not used for dead letters (it counts them as done)")
         settings.data_dir = None
@@ -1218,7 +1237,8 @@ class _ReplayInput:
         self.lines = lines
         self.torn_end = False  # the last line was not JSON and had no newline
         self.letters: _DeadLetterReplay | None = None
-        self.destinations: Callable[[str], frozenset[str]] | None = None
+        self.destinations: Callable[[str], frozenset[str] | None] | None = None
+        self.configured: Sequence[str] = ()  # the sinks' names, for the error of one not among them
         head: list[tuple[str, Any]] = []
         for item in items:
             head.append(item)
@@ -1259,22 +1279,58 @@ class _ReplayInput:
         route = self.destinations
         if route is None or first is None:
             return
-        ours, theirs = route(first), route(sink)
+        ours, theirs = route(first) or frozenset(), route(sink)  # the first's: checked before the start
+        if theirs is None:
+            raise _MixedLetters(_not_configured(sink, self.configured))
         if ours != theirs:
             raise _MixedLetters(
                 f"the input holds dead letters of {first} and of {sink}, which go to different sinks "
                 f"here ({first}'s to {', '.join(sorted(ours))}; {sink}'s to {', '.join(sorted(theirs))}): "
-                "replay the dead letters of each sink on their own (one file at a time), or configure "
-                "only the sinks all of them should go to; nothing was sent"
+                "replay the dead letters of each sink on their own (one file at a time), or name the "
+                "sinks all of them should go to with --to; nothing was sent"
             )
         log.info("replay: dead letters of %s after those of %s: they go to the same sinks", sink, first)
 
 
-def _destinations(configured: Sequence[str]) -> Callable[[str], frozenset[str]]:
-    """Where the dead letters of a sink go (as ``_dead_letter_replay`` chooses): to the sink of that
-    name when it is configured, else to every configured sink."""
+def _destinations(configured: Sequence[str], to: Sequence[str]) -> Callable[[str], frozenset[str] | None]:
+    """Where the dead letters of a sink go: to the sinks ``--to`` names, else to the sink of that name
+    (None when it is not configured). They went to every configured sink: in the chart's pod, whose
+    --config lacks the sinks of ``sinks.flags``, a webhook's letters went to stdout, exit 0, and the
+    documented loop removed the file."""
     every = frozenset(configured)
-    return lambda sink: frozenset((sink,)) if sink in every else every
+    if to:
+        unknown = [name for name in to if name not in every]
+        if unknown:
+            raise ConfigError(
+                f"--to {unknown[0]}: no sink of that name is configured here (configured: "
+                f"{', '.join(configured)}); --to names a sink of --sink, --sink-flags or --config"
+            )
+        chosen = frozenset(to)
+        return lambda sink: chosen
+    return lambda sink: frozenset((sink,)) if sink in every else None
+
+
+def _not_configured(sink: str, configured: Sequence[str]) -> str:
+    return (
+        f"dead letters of sink {sink!r}, which is not configured here (configured: "
+        f"{', '.join(configured) or 'none'}): give the replay that sink as the router has it, its same "
+        "--sink flag or --config (in the chart's pod, --sink-flags=/etc/eventrouter/sink-flags holds "
+        "the sinks of sinks.flags), or name a configured sink to send them to instead with --to NAME; "
+        "nothing was sent"
+    )
+
+
+def _sink_flags(path: Path | None) -> list[str]:
+    """The ``--sink`` values in ``--sink-flags``' file: one a line, blank and ``#`` lines skipped."""
+    if path is None:
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"--sink-flags: cannot read {str(path)!r}: {why}") from None
+    # Each line as the router has it in its arg (a query value may end in a space): not stripped.
+    return [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
 def _refuse_without_room(room: _Room | None, path: str) -> str | None:
@@ -1298,6 +1354,7 @@ def _refuse_without_room(room: _Room | None, path: str) -> str | None:
 
 
 async def _replay(args: argparse.Namespace) -> int:
+    args.sink = [*_sink_flags(args.sink_flags), *args.sink]
     cfg, specs = _load(args)
     if not specs:
         raise ConfigError("no sinks configured")
@@ -1320,10 +1377,16 @@ async def _replay(args: argparse.Namespace) -> int:
                 "level=, selects)"
             )
         recorded = settings.data_dir is not None  # what a recording's replay delivered is skipped again
+        if source.origin is None and args.to:
+            raise ConfigError(
+                f"--to chooses where dead letters go, and {args.file!r} holds none (its first entry is "
+                "no dead letter): a recording goes to every configured sink"
+            )
         if source.origin is not None:
             folder, base = _dead_letter_folder(args.file, settings.data_dir)
-            source.destinations = _destinations([spec.name for spec in specs])
-            specs, settings = _dead_letter_replay(source.origin, specs, settings, args.file)
+            source.configured = [spec.name for spec in specs]
+            route = source.destinations = _destinations(source.configured, args.to)
+            specs, settings = _dead_letter_replay(source.origin, specs, settings, args.file, route)
             room = None
             if (live := _live_data_dir(folder)) is not None:
                 try:

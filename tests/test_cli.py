@@ -576,7 +576,7 @@ def test_a_dead_letter_line_without_its_event_is_counted_malformed(tmp_path: Pat
     old = tmp_path / "old.jsonl"
     old.write_text(json.dumps({"sink": "es", "reason": "400", "key": "u/1", "record": {"uid": "u"}}) + "\n")
     out = tmp_path / "out.jsonl"
-    result = _eventrouter("replay", str(old), f"--sink=file:{out}")
+    result = _eventrouter("replay", str(old), f"--sink=file:{out}?name=es")
     summary = json.loads(result.stderr.strip().splitlines()[-1])
     assert summary["malformed"] == 1 and summary["occurrences"] == 0
     assert "dead-letter line for u/1 has no event object" in result.stderr

@@ -121,7 +121,7 @@ def test_a_dead_letter_written_after_a_kill_cut_the_last_one_short_reads_back_an
     assert [orjson.loads(line)["key"] for line in lines[:2] + lines[3:]] == [occ.key for occ in kept]
     out = tmp_path / "replayed.jsonl"
     done = subprocess.run(
-        [sys.executable, "-m", "eventrouter.cli", "replay", str(path), f"--sink=file:{out}"],
+        [sys.executable, "-m", "eventrouter.cli", "replay", str(path), f"--sink=file:{out}?name=mem"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -197,14 +197,67 @@ a proxy may be a plain http(s)://host:port without user info. */}}
 {{- define "eventrouter.checkFlag" -}}
 {{- $where := index . 0 -}}
 {{- $flag := toString (index . 1) -}}
+{{- /* The ConfigMap's sink-flags holds one flag a line. */ -}}
+{{- if regexMatch `[\r\n]` $flag -}}
+{{- fail (printf "%s: a sink flag holds a line break; write it on one line" $where) -}}
+{{- end -}}
 {{- include "eventrouter.checkUserInfo" (list $where "the sink's URL" $flag) -}}
 {{- if contains "?" $flag -}}
 {{- include "eventrouter.checkQuery" (list $where (index (splitn "?" 2 $flag) "_1") (index . 2)) -}}
 {{- end -}}
 {{- end -}}
 
+{{/* The --sink values the pod gets as args (sinks.flags, then each --sink of extraArgs), one a line:
+the ConfigMap's sink-flags. The router's config.yaml lacks them, so a dead-letter replay in the pod
+given --config alone had the letters of such a sink "not configured here": they went to stdout, exit
+0, and the documented loop removed the file. `eventrouter replay --sink-flags` reads this. */}}
+{{- define "eventrouter.sinkFlags" -}}
+{{- $flags := list -}}
+{{- range ($.Values.sinks.flags | default list) -}}{{- $flags = append $flags (toString .) -}}{{- end -}}
+{{- $args := $.Values.extraArgs | default list -}}
+{{- range $i, $arg := $args -}}
+{{- $arg = toString $arg -}}
+{{- if regexMatch `^--si(n|nk)?=` $arg -}}
+{{- $flags = append $flags (regexReplaceAll `^--si(n|nk)?=` $arg "") -}}
+{{- else if and (regexMatch `^--si(n|nk)?$` $arg) (lt (add1 $i) (len $args)) -}}
+{{- $flags = append $flags (toString (index $args (add1 $i))) -}}
+{{- end -}}
+{{- end -}}
+{{- join "\n" $flags -}}
+{{- end -}}
+
+{{/* [value name, path, [name, path] of each other mount]: a mount of the values may not be another's
+path, nor hold one below it (Kubernetes refuses two mounts at one path only when the Deployment is
+applied; one at /etc/eventrouter, the Secret's read-only volume, left no room for the config file's
+mount inside it, and the container could not start), nor lie inside the read-only Secret. */}}
+{{- define "eventrouter.checkMountPath" -}}
+{{- $name := index . 0 -}}
+{{- $path := clean (toString (index . 1)) -}}
+{{- range $other := index . 2 -}}
+{{- $otherName := index $other 0 -}}
+{{- $otherPath := clean (toString (index $other 1)) -}}
+{{- $inside := printf "%s/" (trimSuffix "/" $path) -}}
+{{- if eq $path $otherPath -}}
+{{- fail (printf "%s (%s) is also the path of %s: two mounts there collide; choose another folder" $name $path $otherName) -}}
+{{- else if hasPrefix $inside $otherPath -}}
+{{- fail (printf "%s (%s) holds %s (%s), which the chart mounts too: choose a folder that does not hold it" $name $path $otherName $otherPath) -}}
+{{- else if and (eq $otherName "credentials.mountPath") (hasPrefix (printf "%s/" (trimSuffix "/" $otherPath)) $path) -}}
+{{- fail (printf "%s (%s) is inside credentials.mountPath (%s), the Secret's read-only volume: choose a folder outside it" $name $path $otherPath) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "eventrouter.validate" -}}
 {{- $v := .Values -}}
+{{- $chartMounts := list (list "the config file" "/etc/eventrouter/config.yaml") (list "the sink flags file" "/etc/eventrouter/sink-flags") (list "the writable /tmp" "/tmp") -}}
+{{- $credentials := ternary (list (list "credentials.mountPath" $v.credentials.mountPath)) (list) (ne (include "eventrouter.credentialsSecretName" .) "") -}}
+{{- $data := ternary (list (list "checkpoint.dataDir" $v.checkpoint.dataDir)) (list) (ne $v.checkpoint.mode "none") -}}
+{{- range $own := $data -}}
+{{- include "eventrouter.checkMountPath" (list (index $own 0) (index $own 1) (concat $chartMounts $credentials)) -}}
+{{- end -}}
+{{- range $own := $credentials -}}
+{{- include "eventrouter.checkMountPath" (list (index $own 0) (index $own 1) (concat $chartMounts $data)) -}}
+{{- end -}}
 {{- if and (gt (int $v.replicaCount) 1) (not $v.leaderElection.enabled) -}}
 {{- fail "replicaCount > 1 requires leaderElection.enabled=true: without it every replica delivers every event" -}}
 {{- end -}}
