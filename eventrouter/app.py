@@ -1049,6 +1049,7 @@ class Router:
                 p.settle_at_stop()  # nothing pending: whatever was held back can be recorded
                 if p.spool is not None:
                     p.spool.keep_aside([])
+                    p.keep_gone(scan_until)  # before the report's scan: the marks first in the budget
                     self._say_left(p, 0, scan_until)
                 continue
             if p.spool is not None:
@@ -1088,6 +1089,7 @@ class Router:
                         self.metrics.dropped.labels(p.name, "spool_full").inc()
                         log.warning("sink %s: spool full at shutdown, dropped %s", p.name, lost)
                     p.tell_spool_drops()
+                p.keep_gone(scan_until)  # once the leftovers are in the spool (a queued copy is one)
                 self._say_left(p, kept, scan_until)
             else:
                 self.metrics.dropped.labels(p.name, "shutdown").inc(len(left))
@@ -1104,7 +1106,6 @@ class Router:
         for p in self.pipelines:
             p.flush_metrics()
             if p.spool is not None:
-                p.keep_gone()  # before the checkpoint is written: copies still spooled stay skipped
                 p.spool.commit()
                 p.spool.close()
             try:

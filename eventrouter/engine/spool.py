@@ -31,15 +31,15 @@ import contextlib
 import hashlib
 import itertools
 import logging
-import math
 import os
+import re
 import time
 import weakref
 from array import array
-from collections.abc import Callable, Container, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -60,6 +60,8 @@ spooled after it for good; the file stays there for whoever can recover it."""
 
 log = logging.getLogger(__name__)
 
+_SEGMENT_NAME = re.compile(r"-?[0-9]+")
+
 
 def _owed_once(owed: set[tuple[str, int]] | None, occ: Occurrence) -> bool:
     """True for the first record of a key in ``owed``, which is taken out of the set: a second copy
@@ -71,6 +73,43 @@ def _owed_once(owed: set[tuple[str, int]] | None, occ: Occurrence) -> bool:
         owed.remove(key)
         return True
     return False
+
+
+def _record(rec: Any) -> list[Any]:
+    """``rec`` (a spooled line, parsed) as ``encode`` (or ``_Parked.add``) writes it: ``[event,
+    received_at, ...]``. Other JSON (a line damaged into ``{}``, ``[]``, a string ``received_at``) is
+    ``MalformedEvent``: skipped and counted as any unreadable line. Before, ``{}`` raised ``KeyError``
+    out of ``pop`` and ended the pipeline, and a string ``received_at`` failed only after the sink
+    had taken the batch (the task ended, and the next start sent it again: a crash loop)."""
+    if type(rec) is not list or len(rec) < 2:
+        raise MalformedEvent(
+            f"spooled record is {type(rec).__name__} {str(rec)[:40]}, not [event, received_at]"
+        )
+    if type(rec[1]) not in (int, float):
+        raise MalformedEvent(f"spooled record's received_at is {type(rec[1]).__name__}, not a number")
+    return rec
+
+
+_UNREADABLE = (
+    orjson.JSONDecodeError,
+    MalformedEvent,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+)
+"""What reading or rebuilding a damaged record may raise (``occurrence_number`` of a list: an
+``AttributeError``): the record is skipped and counted (``unreadable``), or has no key. A line
+``"garbage"`` in the oldest segment raised out of ``append`` when the bound dropped it."""
+
+
+def _add_uids(uids: set[str], lines: Iterable[bytes]) -> None:
+    for line in lines:
+        with contextlib.suppress(*_UNREADABLE):  # unreadable: no key, counted when it is read
+            uid = orjson.loads(line)[0]["metadata"]["uid"]
+            if type(uid) is str and uid:
+                uids.add(uid)
 
 
 def _digest(uid: str, number: int) -> int:
@@ -197,6 +236,9 @@ class Spool:
         """See ``holds``; None once nothing unread at open can still be offered as new (freed)."""
         self._parked: _Parked | None = None
         self._open_tail: tuple[int, int] | None = None  # the FIFO's end at open (``behind_open``)
+        # The highest segment number known (on disk at open, made since, in a cursor read or
+        # written): a new segment is numbered above it, whatever the clock says (``_new_segment``).
+        self._highest = 0
         self._open()
         if not isinstance(self, _Parked) and (directory / "parked").is_dir():
             self._parked = _Parked(self)
@@ -212,7 +254,7 @@ class Spool:
         return b"[" + occ.raw_json + b"," + orjson.dumps(occ.received_at) + tail
 
     def _default_decode(self, line: bytes) -> Occurrence:
-        rec = orjson.loads(line)
+        rec = _record(orjson.loads(line))
         occ = normalise(rec[0], cluster=self.cluster, received_at=rec[1])
         if len(rec) > 2 and rec[2]:
             self.owed.add((occ.uid, occ.number))
@@ -225,6 +267,7 @@ class Spool:
             with contextlib.suppress(ValueError):
                 a, b = cursor.read_text().split()
                 cursor_seg, cursor_records = int(a), int(b)
+        self._highest = cursor_seg
         for stale in self.directory.glob("*.tmp"):  # a prepend interrupted before its swap
             with contextlib.suppress(OSError):
                 stale.unlink()
@@ -233,8 +276,8 @@ class Spool:
         for line in self._aside_lines:
             self._note_key(keys, line, 0)
         ordinals = 0
-        for path in sorted(self.directory.glob("*.seg"), key=lambda p: int(p.stem)):
-            number = int(path.stem)
+        for number, path in self._segment_files():
+            self._highest = max(self._highest, number)
             try:
                 data = path.read_bytes()
             except OSError as exc:  # not a reason to keep the router from starting: set aside
@@ -285,6 +328,25 @@ class Spool:
         if len(self):
             log.info("spool %s: %d occurrences waiting from before the restart", self.directory, len(self))
 
+    def _segment_files(self) -> list[tuple[int, Path]]:
+        """The segments on disk, in order. A ``.seg`` file whose name is not a number was not written
+        by the spool (a copy made by hand, ``1700000000000 (1).seg``): set aside in ``unreadable/``,
+        counted and named. Before, ``int()`` of its name raised and the router could not start."""
+        found: list[tuple[int, Path]] = []
+        for path in self.directory.glob("*.seg"):
+            if _SEGMENT_NAME.fullmatch(path.stem):
+                found.append((int(path.stem), path))
+                continue
+            self.read_errors += 1
+            log.error(
+                "spool %s: %s is not a spool segment (its name is not a number): not read, the file %s",
+                self.directory,
+                path.name,
+                self._set_aside(path),
+            )
+        found.sort()
+        return found
+
     def _note_key(self, keys: list[int], line: bytes | memoryview, ordinal: int) -> None:
         """Adds the key of one record (an unreadable one has none: its relisted copy is spooled)."""
         try:
@@ -295,18 +357,27 @@ class Spool:
                 keys.append(_digest(uid, number) << 32 | ordinal)
                 if ordinal:
                     self._noted(uid, number)
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
+        except _UNREADABLE:
             pass
 
     def _noted(self, uid: str, number: int) -> None:
         """A record unread at open (``_Parked`` keeps its floors)."""
 
-    def unread_uids(self) -> set[str]:
-        """The uids of the records not read yet, and of the aside file: at a stop the marks of
-        deleted events are kept for these only (``Pipeline.keep_gone``). A scan of the unread part,
-        one segment at a time: all its lines at once took a 250 MiB spool's worth of memory at the
-        stop (65 → 319 MiB), past the chart's limit."""
-        return {uid for uid, _ in self.unread_keys(math.inf) if uid}
+    def unread_uids(self, deadline: float) -> set[str] | None:
+        """The uids of the main FIFO's records not read yet, and of the aside file's (the parked
+        FIFO's: ``parked_floor``): at a stop the marks of deleted events are kept for these only
+        (``Pipeline.keep_gone``). A scan of the unread part, one segment at a time (all its lines at
+        once took a 250 MiB spool's worth of memory at the stop, 65 → 319 MiB, past the chart's
+        limit), each started only before ``deadline`` (``time.monotonic()``): None when some were
+        not read by then. Unbounded, a full spool took ~1 CPU-second on the event loop at a stop
+        with little of the grace period left, before the checkpoint was written."""
+        uids: set[str] = set()
+        _add_uids(uids, self._aside_lines)  # in memory
+        for seg in [seg for seg in self._segments if seg.read_records < seg.records]:
+            if time.monotonic() >= deadline:
+                return None
+            _add_uids(uids, self._unread_lines(seg))
+        return uids
 
     def unread_keys(self, deadline: float) -> Iterator[tuple[str, int]]:
         """For a stop's report: the (uid, number) of each record not read yet, the aside file's and
@@ -323,7 +394,7 @@ class Spool:
                     raw = orjson.loads(line)[0]
                     uid = raw["metadata"]["uid"]
                     key = (uid, occurrence_number(raw)) if type(uid) is str else ("", 0)
-                except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+                except _UNREADABLE:
                     key = ("", 0)
                 yield key
             if time.monotonic() >= deadline:
@@ -450,9 +521,7 @@ class Spool:
                 dropped.extend(keys)
         seg = self._segments[-1] if self._segments else None
         if seg is None or seg.sealed or (seg.size + len(line) > self.segment_bytes and seg.size):
-            number = seg.number + 1 if seg else int(time.time() * 1000)
-            seg = _Segment(number, self.directory / f"{number}.seg")
-            self._segments.append(seg)
+            seg = self._new_segment()
         try:
             if self._fd_seg is not seg:
                 self._open_writer(seg)
@@ -468,6 +537,17 @@ class Spool:
         self._count += 1
         self._bytes += len(line)
         return dropped
+
+    def _new_segment(self) -> _Segment:
+        """A segment after every other, numbered by the clock (ms) when there is none. Never at or
+        below a number known (``_highest``): a clock stepped back numbered it below the durable
+        cursor, left on an older segment when its last write failed, and the next open deleted it
+        unread (at the cursor's number, its first records were taken as read)."""
+        last = self._segments[-1].number if self._segments else int(time.time() * 1000) - 1
+        number = self._highest = max(last, self._highest) + 1
+        seg = _Segment(number, self.directory / f"{number}.seg")
+        self._segments.append(seg)
+        return seg
 
     def _open_writer(self, seg: _Segment) -> None:
         self._close_writer()
@@ -617,12 +697,12 @@ class Spool:
                 raw = rec[0]
                 number = occurrence_number(raw)
                 keys.append(f"{raw['metadata']['uid']}/{number}")
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
+            except _UNREADABLE:
                 keys.append("?")
                 continue
-            if self.decode_dropped:
+            if self.decode_dropped and len(rec) > 1 and type(rec[1]) in (int, float):
                 # Not with ``_decode``: an owed record must not be noted as owed (``self.owed``).
-                with contextlib.suppress(MalformedEvent, ValueError, TypeError, IndexError):
+                with contextlib.suppress(*_UNREADABLE):
                     self.dropped_occurrences.append(
                         normalise(raw, cluster=self.cluster, received_at=rec[1], owned=True, number=number)
                     )
@@ -651,7 +731,7 @@ class Spool:
             line = self._aside_lines.popleft()
             try:
                 out.append(self._decode(line))
-            except (orjson.JSONDecodeError, MalformedEvent, ValueError, TypeError) as exc:
+            except _UNREADABLE as exc:
                 self.unreadable += 1
                 log.error("spool %s: unreadable record skipped: %s", self.directory, exc)
         if self._read_retry_at and time.monotonic() < self._read_retry_at:
@@ -694,7 +774,7 @@ class Spool:
                         self._count -= 1
                         try:
                             out.append(self._decode(line))
-                        except (orjson.JSONDecodeError, MalformedEvent, ValueError, TypeError) as exc:
+                        except _UNREADABLE as exc:
                             self.unreadable += 1
                             log.error("spool %s: unreadable record skipped: %s", self.directory, exc)
                 except OSError as exc:  # an I/O error: what was read is handed on, the rest waits
@@ -797,6 +877,8 @@ class Spool:
             self._cursor_failures = 0
 
     def _write_cursor(self, text: str) -> None:
+        # Before the write: one that fails may still have left it on disk.
+        self._highest = max(self._highest, int(text.split()[0]))
         cursor = self.directory / "cursor"
         if cursor.exists() and cursor.read_text() == text:
             return
@@ -1033,15 +1115,20 @@ class _Parked(Spool):
 
     def _default_decode(self, line: bytes) -> Occurrence:
         rec = orjson.loads(line)
-        with contextlib.suppress(KeyError, TypeError, ValueError, IndexError):  # read back: no longer parked
+        with contextlib.suppress(*_UNREADABLE):  # read back: no longer parked
             self._floor_remove(rec[0]["metadata"]["uid"], occurrence_number(rec[0]))
+        rec = _record(rec)
         occ = normalise(rec[0], cluster=self.cluster, received_at=rec[1])
+        # Read before any is noted: a record that fails here is skipped whole.
+        tries = int(rec[3]) if len(rec) > 3 and rec[3] else 0
+        not_before = float(rec[4]) if len(rec) > 4 and rec[4] else 0.0
+        key = (occ.uid, occ.number)
         if len(rec) > 2 and rec[2]:
-            self.owed.add((occ.uid, occ.number))
-        if len(rec) > 3 and rec[3]:
-            self.tries[(occ.uid, occ.number)] = int(rec[3])
-        if len(rec) > 4 and rec[4]:
-            self.not_before[(occ.uid, occ.number)] = float(rec[4])
+            self.owed.add(key)
+        if tries:
+            self.tries[key] = tries
+        if not_before:
+            self.not_before[key] = not_before
         return occ
 
     def pop(self, limit: int) -> list[Occurrence]:
@@ -1108,7 +1195,7 @@ class _Parked(Spool):
                     upto = behind.get(uid)
                     if upto is None or number >= upto:
                         continue  # not below what is recorded
-                except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError, IndexError):
+                except _UNREADABLE:
                     continue  # unreadable: counted when it is read
                 where = _owed_mark_at(line, rec)
                 if where is None:
