@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 from eventrouter import OK, Occurrence, OutcomeKind, SinkContext, SinkError, normalise
+from eventrouter.app import Router, RouterSettings
+from eventrouter.config import spec_for_class
 from eventrouter.plugins import discover
-from eventrouter.testing import make_occurrence, recorded_watch
+from eventrouter.testing import event_object, make_occurrence, recorded_watch
 from pydantic import ValidationError
 
 from eventrouter_splunk_hec import SplunkHECOptions, SplunkHECSink
@@ -192,3 +194,27 @@ async def test_include_raw_sends_the_event_object_as_the_api_server_wrote_it(hec
         await sink.send([occ])
     (event,) = hec.events
     assert event["event"]["raw"] == occ.raw and "fields" not in event
+
+
+async def test_a_split_batch_keeps_within_the_send_budget_and_goes_in_once() -> None:
+    """HEC takes about two events a request and answers each after 0.3 s: 16 events split in halves
+    take 15 requests (4.5 s), past send_timeout (3 s). Cut off, the engine would send the whole batch
+    again, the first halves indexed again each time and the rest never sent. Within the budget, what
+    is not sent is answered held, sent again at once, and the sizes HEC refused are remembered."""
+    batch = [("ADDED", event_object(object_name=f"e-{i}", message="x" * 1000)) for i in range(16)]
+    sink = SplunkHECSink(SplunkHECOptions.model_validate({"url": "http://hec", "token": TOKEN}), context())
+    one = len(sink.encode(normalise(batch[0][1], cluster="test")))  # the body of one event
+    async with FakeHEC(tokens={TOKEN}, max_content_length=one * 5 // 2, delay=0.3) as hec:
+        options = {"url": hec.url, "token": TOKEN, "timeout": 1, "send_timeout": 3, "batch_max_wait": 0.01}
+        spec = spec_for_class(SplunkHECSink, options, type_="splunk_hec")
+        router = Router(RouterSettings(metrics_addr=None, shutdown_timeout=1), [spec])
+        await router.start_pipelines()
+        assert await router.replay(batch) == (16, 0)
+        drained = await router.drain(20)
+        await router.stop()
+    assert sorted(e["event"]["name"] for e in hec.events) == sorted(o["metadata"]["name"] for _, o in batch)
+    timeouts = router.metrics.registry.get_sample_value(
+        "eventrouter_sink_send_errors_total", {"sink": "splunk_hec", "kind": "timeout"}
+    )
+    assert drained and not timeouts
+    assert 413 in hec.statuses

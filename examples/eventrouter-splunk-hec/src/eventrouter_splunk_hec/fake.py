@@ -27,7 +27,8 @@ A request with a bad event stores none of its events (the stricter of the behavi
 meet; the sink retries the others, so it loses nothing either way).
 
 Fault injection: ``fail_next(n, status, body=..., retry_after=...)`` answers the next ``n`` event
-requests that way, before any check.
+requests that way, before any check; ``delay`` (seconds) holds every event request that long first,
+as a loaded indexer does.
 """
 
 from __future__ import annotations
@@ -95,12 +96,14 @@ class FakeHEC:
         disabled_tokens: set[str] | None = None,
         indexes: set[str] | None = None,
         max_content_length: int = 1_000_000,
+        delay: float = 0.0,
         host: str = "127.0.0.1",
     ) -> None:
         self.tokens = tokens
         self.disabled_tokens = disabled_tokens or set()
         self.indexes = indexes
         self.max_content_length = max_content_length
+        self.delay = delay
         self.host = host
         self.events: list[dict[str, Any]] = []
         self.statuses: list[int] = []
@@ -161,6 +164,8 @@ class FakeHEC:
     async def _collect(self, request: web.Request) -> web.Response:
         if request.method != "POST":
             return web.json_response({"text": "Method not allowed", "code": 405}, status=405)
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self._faults:
             fault = self._faults.popleft()
             headers = {"Retry-After": fault.retry_after} if fault.retry_after else None

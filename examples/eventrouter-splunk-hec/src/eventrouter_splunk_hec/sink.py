@@ -15,11 +15,17 @@ Outcomes (what Splunk answers → what the engine does):
 * 400 with ``invalid-event-number`` n → item n is rejected (dead-lettered with Splunk's text and
   code); the other items are retried. Splunk may have indexed the events before n already, so they
   can arrive twice — at-least-once, never lost. ``Incorrect index`` (code 7) rejects the whole batch.
-* 413 (body above HEC's ``max_content_length``) → the batch is split in halves and sent again; a
-  single event that is still too large is rejected.
+* 413 (body above HEC's ``max_content_length``) → from then on (until a restart) the sink sends
+  bodies of at most half that size, a batch in several requests; a single event still too large is
+  rejected.
 * 401/403 (token missing, invalid or disabled), 408, 429, 5xx (503 "Server is busy"), connection
   errors and timeouts → retried, honouring ``Retry-After``.
 * any other answer → rejected with the status and a short excerpt.
+
+A batch sent in several requests keeps within the engine's ``send_budget``: no request starts that
+could end after it. Cut off at ``send_timeout``, the send would be sent again whole and what went
+in would go in twice; instead what was not sent is answered ``retry(held=True)``, and the engine
+sends it again at once.
 
 The token is a ``Secret``: give ``env:NAME`` or ``file:/path``; it never appears in logs or errors.
 """
@@ -152,6 +158,7 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             "Content-Type": "application/json",
         }
         self._session: aiohttp.ClientSession | None = None
+        self._max_body: int | None = None  # the most bytes a request carries, learnt from HEC's 413s
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -164,6 +171,7 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
 
     async def start(self) -> None:
         """Open the session and prove the token: an empty POST must get HEC's 400 "No data"."""
+        self.context.warn_if_outlasting(self.options.timeout, "timeout")
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=self._ssl()),
@@ -229,49 +237,76 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                 bodies[i] = self.encode(occ)
             except (TypeError, ValueError) as exc:  # orjson: lone surrogates, non-str keys
                 outcomes[i] = reject(f"cannot encode occurrence {occ.key} as JSON: {exc}")
-        if bodies:
-            await self._post(list(bodies), bodies, outcomes)
+        # Cut off at send_timeout, the engine would send the whole batch again (what went in, twice):
+        # no request starts that could end past send_budget (but the first, so each send gets on),
+        # and what is left is answered held (no failure): the engine sends it again at once.
+        until = time.monotonic() + self.context.send_budget - self.options.timeout
+        todo = self._requests(list(bodies), bodies)
+        started = False
+        while todo:
+            items = todo.pop(0)
+            if started and time.monotonic() > until:
+                left = retry(f"not sent within the send's {self.context.send_budget:g}s budget", held=True)
+                for i in (i for run in (items, *todo) for i in run):
+                    outcomes[i] = left
+                break
+            started = True
+            if await self._post(items, bodies, outcomes):  # too large: send it in smaller requests
+                todo[:0] = self._requests(items, bodies)
         return outcomes
 
-    async def _post(self, items: list[int], bodies: dict[int, bytes], outcomes: list[Outcome]) -> None:
-        """Send ``items`` in one request and set their outcomes (splitting on 413)."""
+    def _requests(self, items: list[int], bodies: dict[int, bytes]) -> list[list[int]]:
+        """``items`` in order, in runs whose body is at most ``_max_body`` (a larger event alone)."""
+        runs: list[list[int]] = []
+        size = 0
+        for i in items:
+            if runs and (self._max_body is None or size + len(bodies[i]) <= self._max_body):
+                runs[-1].append(i)
+                size += len(bodies[i])
+            else:
+                runs.append([i])
+                size = len(bodies[i])
+        return runs
+
+    async def _post(self, items: list[int], bodies: dict[int, bytes], outcomes: list[Outcome]) -> bool:
+        """Send ``items`` in one request and set their outcomes. True: HEC refused the body as too
+        large and ``_max_body`` is now below it; the items are to be sent again in smaller requests."""
         if self._session is None:
             for i in items:
                 outcomes[i] = retry("splunk_hec sink is not started")
-            return
+            return False
         payload = b"".join(bodies[i] for i in items)
         try:
             async with self._session.post(self.endpoint, data=payload, headers=self._headers) as resp:
                 status, body = resp.status, await resp.read()
                 wait = _retry_after(resp.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            # Per item, not RetryableError: after a 413 split, earlier halves may be accepted already.
+            # Per item, not RetryableError: earlier requests of this batch may be accepted already.
             for i in items:
                 outcomes[i] = retry(f"cannot reach {self._where}: {_describe(exc)}")
-            return
+            return False
         if 200 <= status < 300:
-            return  # outcomes stay OK
+            return False  # outcomes stay OK
         text, code, bad = _answer(body)
         what = f"HEC {status}: {text}" + (f" (code {code})" if code is not None else "")
         if status == 413:
-            if len(items) > 1:
-                half = len(items) // 2
-                await self._post(items[:half], bodies, outcomes)
-                await self._post(items[half:], bodies, outcomes)
-            else:
-                outcomes[items[0]] = reject(f"event of {len(payload)} bytes is too large for HEC: {what}")
-            return
+            if len(items) > 1:  # kept for later batches too: HEC does not say what it takes
+                self._max_body = len(payload) // 2
+                return True
+            outcomes[items[0]] = reject(f"event of {len(payload)} bytes is too large for HEC: {what}")
+            return False
         if status == 400 and bad is not None and 0 <= bad < len(items) and code != 7:
             for n, i in enumerate(items):
                 outcomes[i] = reject(what) if n == bad else retry(f"sent again after another event: {what}")
-            return
+            return False
         if status in (401, 403, 408, 429) or status >= 500:
             self.log.warning("splunk_hec %s: %s; will retry", self._where, what)
             for i in items:
                 outcomes[i] = retry(what, retry_after=wait)
-            return
+            return False
         for i in items:
             outcomes[i] = reject(what)
+        return False
 
 
 def _describe(exc: BaseException) -> str:
