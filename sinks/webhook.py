@@ -42,13 +42,18 @@ method"), never dead-lettered for it. Other 4xx are rejected with the status and
 the answer. A batch answered 413 (a body limit below ``batch_max_bytes``, e.g. a proxy's) is sent
 again in halves, so only a record too large on its own is rejected; once a half is answered retry
 (429, 5xx with Retry-After), the halves left get that answer without being sent. So is a batch
-answered 400, 409 or 422 (a receiver's validation refusing the array for one record), down to the
+answered 400 or 422 (a receiver's validation refusing the array for one record), down to the
 record refused alone, which alone is rejected, with its own answer; the halves taken are OK. That
 costs about two requests per halving (18 for one record among 500), at most 64 requests a send
-(beyond, a refused request is rejected whole, as before) and within the send's budget. Other final
-4xx (410, 415, ...) are about every request: rejected whole. A receiver that stored part of an
-array and then refused it gets that part again in a half: the receiver's concern (an ordinary
-receiver takes or refuses a request whole).
+(beyond, a refused request is rejected whole, as before) and within the send's budget. With
+``signature=standard`` each half carries a new ``webhook-id`` (the hash of its records' keys): a
+receiver that refused the request stored none of it, so it has no id to dedupe against and the new
+ones are harmless. Other final 4xx (409, 410, 415, ...) are about every request: rejected whole. A
+409 above all: a conflict about the request, or a receiver deduping on ``webhook-id`` answering an
+id it has (a request sent again after our ``timeout`` cut one it was still storing); halves with new
+ids would be stored a second time. A receiver that stored part of an array and then refused it gets
+that part again in a half: the receiver's concern (an ordinary receiver takes or refuses a request
+whole).
 
 A 5xx without Retry-After, a 401, a 403 or a redirect may be about the records sent (a receiver's bug
 for one payload, a WAF rule) as well as about the endpoint; a probe with other records tells which.
@@ -78,8 +83,10 @@ cuts a send off after ``send_timeout`` and sends it again whole, so at a slow re
 same head was sent again and again and the tail never. What a send did not start is sent again.
 Nor does it start one once the router stops past its drain deadline (``stop_sending``): the request
 in flight gets half a second more, then the send answers what went in (OK) and holds the rest,
-before the router spools its batch. Cut off by the router instead, every record the send had
-delivered was spooled and delivered again after the restart.
+before the router spools its batch. The request given up so is held too (our stop is no failed
+attempt, so never a dead letter at ``retry_max_attempts``): sent again after the restart, a second
+time if it went in. Cut off by the router instead, every record the send had delivered was spooled
+and delivered again after the restart.
 
 Every URL in logs and errors is redacted: no userinfo, no query values, no token-like path segments.
 """
@@ -304,10 +311,23 @@ def _compile_template(text: str, option: str) -> BodyTemplate:
         raise ValueError(f"{option} {exc}") from None
 
 
-_RESERVED_HEADERS = ("content-length", "transfer-encoding", "content-encoding", "connection")
-"""The body's framing and encoding, set by the sink and aiohttp: one in ``headers`` broke every
-request (a body cut at a Content-Length, a gzip claim over plain JSON), each refused or retried with
-a reason that did not name the option."""
+_RESERVED_HEADERS = ("content-length", "transfer-encoding")
+"""The body's framing, set by aiohttp: one in ``headers`` broke every request (a body cut at a
+Content-Length, a chunked claim over a plain body), refused or retried with a reason that did not
+name the option. So does a ``Content-Encoding`` other than ``identity`` (a gzip claim over plain
+JSON: ``_check_encoding``). ``Connection`` (any value) and ``Content-Encoding: identity`` are
+harmless and were taken: refused, a configuration that ran stopped the router (exit 2)."""
+
+
+def _check_encoding(headers: dict[str, Secret]) -> None:
+    """A ``Content-Encoding`` in ``headers`` other than ``identity``: the body is sent as is, so a
+    receiver decoding it by that claim refuses every request. (Its value is not shown.)"""
+    for name, value in headers.items():
+        if name.lower() == "content-encoding" and value.get_secret_value().strip().lower() != "identity":
+            raise ValueError(
+                f"header {name} is set by the sink and cannot be overridden (the body is sent "
+                "unencoded: only identity is taken)"
+            )
 
 
 class WebhookOptions(SinkOptions):
@@ -379,17 +399,20 @@ class WebhookOptions(SinkOptions):
             raise ValueError("url is required: the webhook's address, e.g. webhook:https://host/path")
         if self.username is not None and ":" in self.username:
             raise ValueError("username must not contain ':'")
-        if self.bearer_token is not None and (self.username is not None or urlsplit(self.url).username):
+        # User info with an empty name (``https://:API_KEY@host``, a key as the password) is basic
+        # auth too: ``_configure`` sends it whenever the URL has user info.
+        basic = self.username is not None or urlsplit(self.url).username is not None
+        if self.bearer_token is not None and basic:
             raise ValueError(
                 "set bearer_token or basic auth (username/password or user info in the url), not both"
             )
         try:
             check_headers(self.headers, reserved=_RESERVED_HEADERS)
+            _check_encoding(self.headers)
         except ValueError as exc:
             raise ValueError(f"headers: {exc}") from None
         # A custom header wins over what the sink sets: an Authorization header silently replaced
         # the bearer token or basic auth configured beside it.
-        basic = self.username is not None or urlsplit(self.url).username
         if (self.bearer_token is not None or basic) and any(
             n.lower() == "authorization" for n in self.headers
         ):
@@ -442,10 +465,13 @@ _ABOUT_THE_URL = (404, 405)
 ingress's default backend during a rollout, a path a rewrite dropped, a route without PUT), not the
 record. Retried like a 401/403 (a probe tells one record's 404 from the URL's); rejected, every event
 of a rollout behind an ingress was dead-lettered."""
-_PER_RECORD = (400, 409, 422)
-"""Final answers that may be about one record of an array (a receiver's validation, a conflict):
-a request of several answered so is sent again in halves (``_split``). Others (415, 410, 414, ...)
-are about every request, and rejected whole."""
+_PER_RECORD = (400, 422)
+"""Final answers that may be about one record of an array (a receiver's validation): a request of
+several answered so is sent again in halves (``_split``); with ``signature=standard`` each half has a
+new ``webhook-id``, harmless, as the receiver stored nothing of the request it refused. Others (409,
+415, 410, 414, ...) are about every request, and rejected whole: a 409 is a conflict about the
+request or its idempotency key (a ``webhook-id`` the receiver has), and halves with new ids were
+stored again, the whole batch twice."""
 _SPLIT_REQUESTS = 64
 """Requests one send may spend halving requests answered a final 4xx (400, 422, ...) to find the
 records refused (one among 500 takes 18). Beyond it, a refused request is rejected whole: a receiver
@@ -647,7 +673,9 @@ class WebhookSink(Sink[WebhookOptions]):
         and probes in mode=batch) over up to ``send_budget``: cut off, every record it had delivered
         was spooled and delivered again after the restart. Now it starts no request (``_walk``), the
         one in flight gets ``_STOP_GRACE`` more, and the send answers what went in (OK) and holds
-        the rest (item 213 for stdout and file)."""
+        the rest, the request given up too (item 213 for stdout and file). Held, not failed: a
+        failure counted as an attempt, and on the last of ``retry_max_attempts`` the engine
+        dead-lettered the send's records at a clean stop, those never sent too."""
         self._stopping = True
         if self._in_flight is not None and self._in_flight.when() is None:
             with contextlib.suppress(RuntimeError):  # (no running loop: nothing in flight either)
@@ -772,7 +800,8 @@ class WebhookSink(Sink[WebhookOptions]):
 
     async def check(self) -> None:
         """Start, then probe with HEAD: any HTTP answer (even 405) proves the endpoint is reachable,
-        but a 401/403 to the credentials we send means it will refuse every event."""
+        but a 401/403 to the credentials we send means it will refuse every event. A redirect is a
+        warning (a HEAD redirected may be a POST taken)."""
         await self.start()
         assert self._session is not None
         opts = self.options
@@ -793,13 +822,27 @@ class WebhookSink(Sink[WebhookOptions]):
         withheld = "" if ours else f" ({_WITHHELD})"
         self.log.info("webhook %s answered HEAD with %d%s", redact_url(url), status, withheld)
         if 300 <= status < 400:
-            # A send never follows one (each request retried, then dead-lettered): a force-ssl-redirect
-            # ingress, or http:// for an https-only host, redirects every method, HEAD too.
-            option = "healthcheck_url" if opts.healthcheck_url else "url"
-            raise SinkError(
-                f"webhook sink: {redact_url(url)} redirects to {self._location(location)} ({status} to "
-                f"HEAD; a send does not follow redirects): give {option} the address it points to"
+            # A warning, not a failure: a redirect of HEAD says nothing sure of POST (oauth2-proxy
+            # sending HEAD/GET to sign in and letting the hook's POST through, an app serving a page
+            # on GET/HEAD of its hook path). Failed, check told such a working sink to send its
+            # events to the sign-in page. (A force-ssl-redirect redirects POST too: a send retries
+            # each such request, never following it, and logs where it points.)
+            if opts.healthcheck_url:
+                advice = "give healthcheck_url the address it points to, for a check of the endpoint"
+            else:
+                advice = f"if a {opts.method} to url is redirected too, give url the address it points to"
+            self.log.warning(
+                "webhook %s answered HEAD with %d, a redirect to %s: not a failure (a HEAD may be "
+                "redirected while a %s is taken), but the sink's %ss are not followed when redirected "
+                "(retried until put right): %s",
+                redact_url(url),
+                status,
+                self._location(location),
+                opts.method,
+                opts.method,
+                advice,
             )
+            return
         if status not in (401, 403):
             return
         if not ours:  # says nothing of our credentials: they were not sent
@@ -907,9 +950,12 @@ class WebhookSink(Sink[WebhookOptions]):
                     return await self._answer(resp)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if cut is not None and cut.expired():
+                # Our stop, not the endpoint's failure: a hold (no attempt). As a failure it was
+                # counted one, and on the last of retry_max_attempts dead-lettered at a clean stop.
                 return None, retry(
                     f"{self._redacted}: no answer within {_STOP_GRACE:g}s of the router's stop (whether "
-                    "it went in is unknown: sent again after the restart)"
+                    "it went in is unknown: sent again after the restart)",
+                    held=True,
                 )
             return None, retry(f"{self._redacted}: {self._describe(exc)}")
         finally:
@@ -1085,7 +1131,7 @@ class WebhookSink(Sink[WebhookOptions]):
         whole; mode=event: one request per record, in order, by the same rules (so an event's later
         occurrences wait behind one set aside, and a flap sets nothing aside there either). A 413 (a
         body limit below ours: nginx's client_max_body_size is 1m by default) halves a batch, so
-        only a record too large on its own is rejected; so does a 400/409/422 (``_split``: a
+        only a record too large on its own is rejected; so does a 400/422 (``_split``: a
         receiver's validation refusing the array for one record), so that only that record is. So
         does a retry answer that may be about the records rather than the endpoint (``_either``: a
         receiver's bug for one payload), down to the record it fails on, which then waits aside
@@ -1112,7 +1158,7 @@ class WebhookSink(Sink[WebhookOptions]):
           flaps (``_unless_flapping``).
 
         No record taken is sent again; what is not started within the send's budget, or once the
-        router is stopping (``stop_sending``), is held."""
+        router is stopping (``stop_sending``), is held, and so is the request given up then."""
         failing, unsure = self._failing, self._unsure
         single = self.options.mode == "event"  # a request per record, its body the record alone
 
@@ -1161,6 +1207,11 @@ class WebhookSink(Sink[WebhookOptions]):
             keys = [batch[i].key for i, _ in items]
             run.requests += 1
             status, outcome = await self._post(body, keys)
+            if outcome.held:  # given up at the router's stop (``_post``): no answer, held as unsent
+                for i, _ in items:
+                    outcomes[i] = outcome
+                run.unstarted.extend(i for i, _ in items)
+                continue
             answered = outcome.kind is not OutcomeKind.RETRY
             self._note(keys, answered)
             if outcome.kind is OutcomeKind.REJECT and len(items) > 1:
@@ -1276,7 +1327,7 @@ class WebhookSink(Sink[WebhookOptions]):
     @staticmethod
     def _split(status: int | None, run: _Send) -> bool:
         """Whether a request of several records answered a final 4xx is sent again in halves: a 413
-        always (a body limit: halves fit), a 400/409/422 (a receiver refusing the array for one
+        always (a body limit: halves fit), a 400/422 (a receiver refusing the array for one
         record) while the send has requests left for it (``_SPLIT_REQUESTS``). Rejected whole,
         every record of the batch went to the dead-letter file with the one record's reason."""
         if status == 413:
@@ -1403,6 +1454,7 @@ class WebhookSink(Sink[WebhookOptions]):
             whole = run.whole
             if (
                 self.options.mode == "batch"
+                and not self._stopping  # (what the stop held stays held: no failed attempt)
                 and whole is not None
                 and not run.taken
                 and len(bodies) == len(batch)

@@ -472,6 +472,8 @@ def test_bad_headers_and_auth_are_configuration_errors_without_the_values() -> N
         ({"username": "a:b", "password": "s3cr3t"}, "username must not contain ':'"),
         ({"username": "u", "password": "s3cr3t", "bearer_token": "s3cr3t"}, "set bearer_token or basic auth"),
         ({"url": "http://u:s3cr3t@h/x", "bearer_token": "s3cr3t"}, "set bearer_token or basic auth"),
+        # An empty user name is basic auth too (an API key as the password): the sink sends it.
+        ({"url": "http://:s3cr3t@h/x", "bearer_token": "t0k"}, "set bearer_token or basic auth"),
     ]
     for entry, expected in cases:
         error = config_error(**{"url": "http://127.0.0.1:1/", **entry})

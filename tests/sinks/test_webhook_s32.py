@@ -9,6 +9,7 @@ Against the project's WebhookReceiver, directly, through the engine's own Pipeli
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
@@ -18,8 +19,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from eventrouter import OutcomeKind, SinkContext, SinkError
+from eventrouter import OutcomeKind, SinkContext
 from eventrouter.app import Router
 from eventrouter.config import ConfigError, build_spec, build_specs
 from eventrouter.engine.pipeline import Pipeline
@@ -256,37 +258,49 @@ SECRETS = ("pw-s3cret-1", "tok-s3cret-2", "bearer-s3cret-3")
 
 
 @pytest.mark.parametrize("healthcheck", [False, True])
-async def test_check_fails_for_an_endpoint_that_redirects_naming_the_redacted_location(
+async def test_check_warns_but_passes_for_a_head_redirect_naming_the_redacted_location(
     caplog: pytest.LogCaptureFixture, healthcheck: bool
 ) -> None:
-    """A force-ssl-redirect ingress redirects every method, HEAD too; a send never follows a redirect
-    (each is retried, then dead-lettered). `check` passed such a configuration. Now it fails naming
-    where the redirect points, redacted, and the option to put right; never our credentials."""
+    """A redirect of HEAD says nothing sure of POST: oauth2-proxy sends HEAD/GET to sign in and lets
+    the hook's POST through. `check` failed such an endpoint (item 246) and told the operator to
+    give url the sign-in page. Now a warning (item 253) naming where the redirect points, redacted,
+    and that the sink's POSTs are not followed; check passes, and the POST is taken."""
+    caplog.set_level(logging.WARNING)
     pw, tok, bearer = SECRETS
-    location = f"https://admin:{pw}@hook.example/hook?token={tok}"
-    async with WebhookReceiver(head_status=308, head_headers={"Location": location}) as hook:
+    location = f"https://admin:{pw}@sso.example/oauth2/start?token={tok}"
+    async with WebhookReceiver(head_status=302, head_headers={"Location": location}) as hook:
         options: dict[str, Any] = {"url": hook.url, "bearer_token": bearer}
         if healthcheck:
             options["healthcheck_url"] = hook.url.replace("/hook", "/healthz")
         s = sink(**options)
         try:
-            with pytest.raises(SinkError) as info:
-                await s.check()
+            await s.check()  # no SinkError
+            outcomes = await s.send([make_occurrence()])
         finally:
             await s.aclose()
-    message = str(info.value)
-    assert "redirects to 'https://***@hook.example/hook?token=***' (308 to HEAD" in message
-    assert message.endswith(f"give {'healthcheck_url' if healthcheck else 'url'} the address it points to")
-    assert [q.method for q in hook.requests] == ["HEAD"]
+    assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.OK]
+    assert [(q.method, q.status) for q in hook.requests] == [("HEAD", 302), ("POST", 200)]
+    (said,) = [r.getMessage() for r in caplog.records if r.name == LOG.name and "HEAD" in r.getMessage()]
+    shown = options.get("healthcheck_url", hook.url)
+    assert said.startswith(
+        f"webhook {shown} answered HEAD with 302, a redirect to 'https://***@sso.example/oauth2/start"
+        "?token=***': not a failure (a HEAD may be redirected while a POST is taken), but the sink's "
+        "POSTs are not followed when redirected"
+    ), said
+    if healthcheck:
+        assert said.endswith("give healthcheck_url the address it points to, for a check of the endpoint")
+    else:
+        assert said.endswith("if a POST to url is redirected too, give url the address it points to")
     for secret in SECRETS:
-        assert secret not in message + caplog.text
+        assert secret not in caplog.text
 
 
 # -- F3: headers the sink sets, and an Authorization header beside other auth ------------------------
 
 
 @pytest.mark.parametrize(
-    "header", ["Content-Length:10", "Transfer-Encoding:chunked", "content-encoding:gzip", "Connection:close"]
+    "header",
+    ["Content-Length:10", "Transfer-Encoding:chunked", "content-encoding:gzip", "Content-Encoding:br"],
 )
 def test_a_header_that_frames_the_body_is_refused_at_validation_naming_it(header: str) -> None:
     """Each broke every request (a body cut at 10 bytes, a gzip claim over plain JSON: rejected or
@@ -296,12 +310,38 @@ def test_a_header_that_frames_the_body_is_refused_at_validation_naming_it(header
     assert f"headers: header {name} is set by the sink and cannot be overridden" in message
 
 
+@pytest.mark.parametrize("mode", ["batch", "event"])
+@pytest.mark.parametrize(
+    "header",
+    ["Connection:keep-alive", "Connection:close", "Content-Encoding:identity", "content-encoding: IDENTITY"],
+)
+async def test_harmless_framing_headers_that_worked_before_still_validate_and_deliver(
+    header: str, mode: str
+) -> None:
+    """`Connection` (often pasted from a curl example) and `Content-Encoding: identity` break no
+    request, and were taken before item 246; it refused them at validation, so such a configuration
+    no longer started the router (exit 2, every sink down). Now they validate again (item 253), and
+    the records go in."""
+    occs = [make_occurrence(object_name=f"o{i}") for i in range(3)]
+    async with WebhookReceiver() as hook:
+        s = sink(url=hook.url, mode=mode, headers=[header])
+        try:
+            await s.start()
+            outcomes = await s.send(occs)
+        finally:
+            await s.aclose()
+    assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.OK] * 3
+    assert taken(hook.requests) == [(o.uid, o.number) for o in occs]
+
+
 @pytest.mark.parametrize(
     ("auth", "named"),
     [
         ({"bearer_token": "t0k"}, "bearer_token"),
         ({"username": "u", "password": "pw"}, "basic auth"),
         ({"url": "http://u:pw@h/hook"}, "basic auth"),
+        ({"url": "http://:pw@h/hook"}, "basic auth"),  # an API key as the password (item 253)
+        ({"url": "http://@h/hook"}, "basic auth"),  # user info, both parts empty: sent all the same
     ],
 )
 def test_an_authorization_header_beside_other_auth_is_refused(auth: dict[str, Any], named: str) -> None:
@@ -310,6 +350,23 @@ def test_an_authorization_header_beside_other_auth_is_refused(auth: dict[str, An
     message = config_error(**entry)
     assert f"headers: an Authorization header would replace {named}: set one of them" in message
     assert "b3RoZXI6c2VjcmV0LXZhbA" not in message
+
+
+@pytest.mark.parametrize(("userinfo", "basic"), [(":tok3n", ":tok3n"), ("", ":")])
+async def test_url_user_info_with_an_empty_user_name_is_sent_as_basic_auth(userinfo: str, basic: str) -> None:
+    """What validation must agree with: user info in url with an empty user name (``:API_KEY@``)
+    is sent as basic auth, so an Authorization header or bearer_token beside it would replace it
+    (both refused: the tests above and test_webhook.py's configuration errors)."""
+    async with WebhookReceiver() as hook:
+        s = sink(url=hook.url.replace("http://", f"http://{userinfo}@"))
+        try:
+            await s.start()
+            outcomes = await s.send([make_occurrence()])
+        finally:
+            await s.aclose()
+    assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.OK]
+    (request,) = hook.requests
+    assert request.headers["Authorization"] == "Basic " + base64.b64encode(basic.encode()).decode()
 
 
 def test_an_authorization_header_alone_is_still_taken() -> None:
@@ -331,3 +388,102 @@ async def test_the_receiver_answers_400_to_a_body_it_cannot_read_and_records_it(
     (request,) = hook.requests
     assert (request.method, request.status, request.body) == ("POST", 400, b"")
     assert request.headers["Content-Encoding"] == "gzip"
+
+
+# -- item 253 (review of item 246), F1: the request given up at the stop is no failed attempt -----------
+
+
+@pytest.mark.parametrize("mode", ["batch", "event"])
+async def test_a_stop_past_the_shutdown_timeout_never_dead_letters_the_request_given_up(
+    api: FakeApiServer, tmp_path: Path, mode: str
+) -> None:
+    """The review's stop_deadletter script: retry_max_attempts=3, the receiver answers 503
+    (Retry-After: 0) twice and never answers the third attempt; the Router (data dir,
+    shutdown_timeout=0.2) stops meanwhile, then starts again on the same data dir. The request given
+    up 0.5 s after ``stop_sending`` was answered a failure, so the third attempt counted, and the
+    engine dead-lettered the whole batch at a clean stop (mode=event: the four records never sent
+    too) as "retries exhausted", saying they would be sent after the restart. Now it is a hold:
+    nothing is dead-lettered, and all five go in after the restart."""
+    data = tmp_path / "data"
+    async with WebhookReceiver() as hook:
+        uids = [api.create_event(event_object(object_name=f"o{i}"))["metadata"]["uid"] for i in range(5)]
+        hook.fail_next(2, 503, retry_after="0")
+        hook.hang_next(1)  # the third attempt: a receiver stuck
+        flag = (
+            f"webhook:{hook.url}?mode={mode}&batch_max_events=5&batch_max_wait=0.5&retry_max_attempts=3"
+            "&retry_initial_backoff=0.05&retry_max_backoff=0.05"
+        )
+
+        def router() -> Router:
+            return Router(
+                router_settings(api, tmp_path, data_dir=data, shutdown_timeout=0.2), build_specs([flag])
+            )
+
+        first = router()
+        async with first.running():
+            await until(lambda: len(hook.requests) >= 3, timeout=30)  # the third is in flight
+        assert first.exit_code == 0
+        assert [q.status for q in hook.requests] == [503, 503, None]
+        for reason in ("retries_exhausted", "rejected"):
+            assert count(first.metrics.dead_lettered, NAME, reason) == 0, reason
+        second = router()
+        async with second.running():
+            await until(lambda: {u for u, _ in taken(hook.requests)} >= set(uids), timeout=30)
+            await second.pipelines[0].wait_idle(5)
+        assert second.exit_code == 0
+        assert count(second.metrics.dead_lettered, NAME, "retries_exhausted") == 0
+    assert Counter(taken(hook.requests)) == Counter((u, 1) for u in uids)  # each once (none went in)
+    assert not list((data / "deadletter").glob("*.jsonl"))
+
+
+# -- item 253, F4: a 409 is rejected whole, never halved into new webhook-ids ----------------------------
+
+STANDARD_SECRET = "whsec_" + base64.b64encode(b"k" * 24).decode()
+
+
+class _DedupingReceiver(WebhookReceiver):
+    """A Standard Webhooks receiver deduping on ``webhook-id`` (the reference's idempotency key):
+    409 to an id it has (the IETF Idempotency-Key draft's answer while the first is in progress).
+    It stores a request as it arrives; the first is never answered (stuck past the sink's
+    ``timeout``), so the engine sends the batch again, with the same id."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.ids: set[str] = set()
+        self.stored: list[tuple[str, int]] = []
+
+    async def _answer(self, request: web.Request, rec: RecordedRequest) -> web.Response:
+        msg_id = rec.headers.get("webhook-id", "")
+        if msg_id in self.ids:
+            return web.Response(status=409, text="webhook-id already processed")
+        self.ids.add(msg_id)
+        self.stored += carried(rec)
+        if len(self.ids) == 1:
+            await self._release.wait()  # (until the receiver closes)
+        return await super()._answer(request, rec)
+
+
+async def test_a_409_to_a_replayed_webhook_id_is_rejected_whole_never_halved_into_new_ids(
+    tmp_path: Path,
+) -> None:
+    """The review's idem_409 script: mode=batch, signature=standard, timeout=0.5; the receiver
+    stores the first request and does not answer in time, the engine sends the batch again with
+    the same webhook-id, the receiver answers 409. Item 246 halved that 409 as a 400: each half
+    carried a new webhook-id, and the receiver stored all 8 records a second time. Now a 409 is
+    rejected whole, as before item 246 and as the reference's "other 4xx final": nothing stored
+    twice (the 8 are dead-lettered though the receiver has them: this test's Left)."""
+    occs = [make_occurrence(object_name=f"o{i}") for i in range(8)]
+    metrics = Metrics()
+    options = {"secret": STANDARD_SECRET, "signature": "standard", "timeout": 0.5}
+    hook = _DedupingReceiver(secret=STANDARD_SECRET, signature="standard")
+    async with hook, engine({"url": hook.url, **options}, metrics, tmp_path / "dead") as pipeline:
+        for occ in occs:
+            pipeline.offer(occ)
+        # Each record finished, either way (taken by a half before, rejected now).
+        await until(
+            lambda: count(metrics.dead_lettered, NAME, "rejected") + count(metrics.delivered, NAME) >= 8
+        )
+        # The first stored and not answered yet, the second (the same webhook-id) refused: no halves.
+        assert [(q.status, len(carried(q))) for q in hook.requests] == [(None, 8), (409, 8)]
+    assert Counter(hook.stored) == Counter((o.uid, o.number) for o in occs)  # each once
+    assert count(metrics.dead_lettered, NAME, "rejected") == 8
