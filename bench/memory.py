@@ -316,10 +316,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _census(
-    pid: int, path: Path, timeout: float = 300.0, move_to: Path | None = None
+    pid: int, path: Path, timeout: float = 900.0, move_to: Path | None = None
 ) -> dict[str, Any]:
     """Signal the router to write its pymalloc census and wait for the file (the census takes
-    ~10–40 s in a 100 MiB router, which stands still meanwhile); ``move_to``: renamed there."""
+    ~10–40 s in a 100 MiB router, which stands still meanwhile; with ``--census-sparse 64`` in the
+    configMap mode on a busy host, over 300 s); ``move_to``: renamed there."""
     path.unlink(missing_ok=True)
     os.kill(pid, signal.SIGUSR2)
     deadline = time.monotonic() + timeout

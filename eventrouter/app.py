@@ -535,6 +535,7 @@ class Router:
             )
             self.checkpoint_store = store
             store.on_write = self._configmap_written
+            store.on_trim = self._configmap_trimmed
             self._backend_factory = store.backend
         if s.leader_elect and control is not None:
             self.elector = LeaderElector(
@@ -571,6 +572,9 @@ class Router:
             self.metrics.checkpoint_configmap_errors.labels("write").inc()
         for p in self.pipelines:
             self.metrics.checkpoint_durable.labels(p.name).set(1 if ok else 0)
+
+    def _configmap_trimmed(self) -> None:
+        self.memory_trims += 1  # the store's trim after a large write, beside the router's own
 
     async def _load_checkpoint(self, store: ConfigMapCheckpointStore) -> None:
         """Read the shared checkpoint, retrying with backoff: a failover is when the API server is most

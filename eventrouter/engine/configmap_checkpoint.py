@@ -1,9 +1,11 @@
 """Checkpoints kept in one ConfigMap, for deployments without a volume.
 
-Every sink's state (event uid → highest occurrence number accepted) lives in memory; ``record`` and
-``remove`` only mark it dirty and ``run()`` writes the whole ConfigMap at most every ``flush_interval`` with
-optimistic concurrency. A crash loses at most the last interval, which is re-delivered, never lost;
-a smaller interval (0: write-through, one write at a time) narrows that window at failover.
+Every sink's state (event uid → highest occurrence number accepted) lives in memory, in the pipelines'
+CheckpointTable (read at each write; the store keeps only the order of the uids and what a merge raised
+above the table); ``record`` and ``remove`` only mark it dirty and ``run()`` writes the whole ConfigMap
+at most every ``flush_interval`` with optimistic concurrency. A crash loses at most the last interval,
+which is re-delivered, never lost; a smaller interval (0: write-through, one write at a time) narrows
+that window at failover.
 
 The API server refuses ConfigMaps above 1 MiB (the values only, binaryData counted decoded: its
 ValidateConfigMap adds up ``len(value)``), so the state is packed (``binaryData["checkpoint"]``, zlib
@@ -35,22 +37,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import math
 import re
 import threading
 import time
 import zlib
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from itertools import chain, compress, repeat
 from operator import lshift, ne, or_, sub
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import aiohttp
 import orjson
 
-from eventrouter.engine.checkpoint import CheckpointBackend
+from eventrouter.engine.checkpoint import CheckpointBackend, CheckpointTable
 from eventrouter.memory import release_free_memory
 from eventrouter.protowire import DecodeError, read_varint, varint
 from eventrouter.source.kube import ApiError, KubeClient, failure_text, raise_for_status
@@ -102,6 +106,24 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 
 class CheckpointFormatError(ValueError):
     pass
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+_workers: ThreadPoolExecutor | None = None
+
+
+def _off_loop(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Awaitable[T]:
+    """Run ``fn`` in the checkpoint's own threads, not the loop's default pool. glibc gives each thread
+    that allocates a heap of its own (an arena) and malloc_trim leaves what a write's buffers used there
+    (~9 MiB at 50,000 events and 7 sinks): encoding in whichever pool thread was free left such a heap
+    in several (~20 MiB more than the data-dir mode after a relist). One thread does the writes; a
+    second starts only for work that comes while the first is busy (an abandoned encoding finishing its
+    pass: the stop's write does not wait for it)."""
+    global _workers
+    if _workers is None:
+        _workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="checkpoint-configmap")
+    return asyncio.get_running_loop().run_in_executor(_workers, functools.partial(fn, *args, **kwargs))
 
 
 # ---- encoding -----------------------------------------------------------------------------------
@@ -393,26 +415,29 @@ def configmap_size(obj: Mapping[str, Any]) -> int:
 
 
 class _SinkBackend:
-    """The CheckpointBackend of one sink: memory only; the store persists it."""
+    """The CheckpointBackend of one sink (a TableBackend): memory only; the store persists it."""
 
     def __init__(self, store: ConfigMapCheckpointStore, sink: str) -> None:
         self.store = store
         self.sink = sink
 
     def load(self) -> dict[str, int]:
-        return dict(self.store._states.setdefault(self.sink, {}))
+        return self.store._state(self.sink)
+
+    def bind(self, table: CheckpointTable, index: int) -> None:
+        self.store._bind(self, table, index)
 
     def record(self, acks: Mapping[str, int]) -> None:
-        self.store._record(self.sink, acks)
+        self.store._record(self.sink, acks, self)
 
     def remove(self, uids: Iterable[str]) -> None:
-        self.store._remove(self.sink, uids)
+        self.store._remove(self.sink, uids, self)
 
     def compact(self, state: Mapping[str, int]) -> None:
-        self.store._replace(self.sink, state)
+        self.store._replace(self.sink, state, self)
 
     def close(self, state: Mapping[str, int]) -> None:
-        self.store._replace(self.sink, state)
+        self.store._replace(self.sink, state, self)
 
 
 class ConfigMapCheckpointStore:
@@ -436,6 +461,11 @@ class ConfigMapCheckpointStore:
         self.limit = limit
         self.path = f"/api/v1/namespaces/{namespace}/configmaps/{name}"
         self._states: dict[str, dict[str, int]] = {}
+        # The sinks whose entries are read from their pipeline's CheckpointTable column (_bind): the
+        # backend bound, the table, the column. Their _states hold only the numbers a merge raised above
+        # the column's (another writer's; usually none): a copy of every entry per sink was ~16.5 MiB at
+        # 50,000 events and 7 sinks, where the data-dir mode keeps the table alone.
+        self._columns: dict[str, tuple[_SinkBackend, CheckpointTable, int]] = {}
         # Every uid of any sink, least recently acknowledged first (values unused; stale keys are
         # dropped when encoding).
         self._order: dict[str, None] = {}
@@ -477,12 +507,15 @@ class ConfigMapCheckpointStore:
         self.truncations = 0  # writes that had to leave uids out
         self.conflicts = 0  # 409 answers merged
         self.flushes = 0  # successful writes
+        self.trims = 0  # freed memory handed back to the OS after a large write
         self.rounds = 0  # run() write attempts
         self.errors = 0  # failed writes
         self.last_failure: BaseException | None = None
         """Why the last write failed (None after a success): the stop judges whether to try again."""
         self.on_write: Callable[[bool], None] | None = None
         """Told the outcome of each write (True: persisted): the router's metrics."""
+        self.on_trim: Callable[[], None] | None = None
+        """Told of each trim after a large write (the router counts them with its own)."""
 
     def __repr__(self) -> str:
         return f"<ConfigMapCheckpointStore {self.namespace}/{self.name} sinks={sorted(self._states)}>"
@@ -507,7 +540,7 @@ class ConfigMapCheckpointStore:
     async def load(self) -> None:
         """Read the ConfigMap (404: start empty). Raises ApiError when it cannot be read at all."""
         obj = await self._get()
-        self._states, self._order = {}, {}
+        self._states, self._order, self._columns = {}, {}, {}
         self._removed = {}
         self._unseen = self._unseen_loaded = {}
         self._unconfigured_since, self._expired = {}, set()
@@ -633,7 +666,10 @@ class ConfigMapCheckpointStore:
                 # A large write's copies and buffers (the snapshot, the columns, the packed body and its
                 # base64) stay in glibc's heaps, a worker thread's among them, until the router's next
                 # periodic trim (60 s): ~11 MiB more idle after a relist of 50,000 events to 7 sinks.
-                await asyncio.to_thread(release_free_memory)
+                await _off_loop(release_free_memory)
+                self.trims += 1
+                if self.on_trim is not None:
+                    self.on_trim()
             if not ok:
                 self._changed.set()
                 await asyncio.sleep(max(self.flush_interval, 1.0))  # do not hammer a failing API server
@@ -716,9 +752,66 @@ class ConfigMapCheckpointStore:
         self._generation += 1
         self._changed.set()
 
-    def _record(self, sink: str, acks: Mapping[str, int]) -> None:
-        state = self._states.setdefault(sink, {})
+    def _state(self, sink: str) -> dict[str, int]:
+        """The sink's entries, as a new dict."""
+        own = self._states.setdefault(sink, {})
+        column = self._columns.get(sink)
+        if column is None:
+            return dict(own)
+        _, table, index = column
+        state = table.view(index)
+        for uid, n in own.items():  # a merge's numbers, where higher
+            if n > state.get(uid, 0):
+                state[uid] = n
+        return state
+
+    def _value(self, sink: str) -> Callable[[str], int]:
+        """uid → the sink's number for it (0: none)."""
+        own = self._states.setdefault(sink, {})
+        column = self._columns.get(sink)
+        if column is None:
+            return lambda uid: own.get(uid, 0)
+        _, table, index = column
+        return lambda uid: max(table.get(index, uid), own.get(uid, 0))
+
+    def _bind(self, backend: _SinkBackend, table: CheckpointTable, index: int) -> None:
+        """From now on read ``backend``'s sink from this column of its SinkCheckpoint's table, which
+        it has just loaded from ``_state``; the store's own entries of it go."""
+        sink = backend.sink
+        column = self._columns.get(sink)
+        loaded = self._states.setdefault(sink, {}) if column is None else self._state(sink)
+        if table.view(index) != loaded:  # a column that held entries before: kept apart, as it was
+            return
+        self._columns[sink] = (backend, table, index)
+        self._states[sink] = {}
+
+    def _merged(self, sink: str, via: _SinkBackend | None) -> dict[str, int] | None:
+        """The merged numbers of a sink read from the table ``via`` is bound to; None when its dict in
+        _states is the whole state (not bound; or bound to another backend, whose entries are then
+        copied back first: two SinkCheckpoints of one sink write into one state, as before)."""
+        column = self._columns.get(sink)
+        if column is None:
+            return None
+        if column[0] is via:
+            return self._states.setdefault(sink, {})
+        self._states[sink] = self._state(sink)
+        del self._columns[sink]
+        return None
+
+    def _record(self, sink: str, acks: Mapping[str, int], via: _SinkBackend | None = None) -> None:
+        merged = self._merged(sink, via)
         order = self._order
+        if merged is not None:
+            # The table holds each ``n`` already (SinkCheckpoint passes only numbers above its own):
+            # the sink's entry unless a merge had raised it that far.
+            for uid, n in acks.items():
+                if n > merged.get(uid, 0):
+                    merged.pop(uid, None)
+                    order.pop(uid, None)
+                    order[uid] = None  # most recently acknowledged last
+            self._touch()
+            return
+        state = self._states.setdefault(sink, {})
         for uid, n in acks.items():
             if n > state.get(uid, 0):
                 state[uid] = n
@@ -726,15 +819,34 @@ class ConfigMapCheckpointStore:
                 order[uid] = None  # most recently acknowledged last
         self._touch()
 
-    def _remove(self, sink: str, uids: Iterable[str]) -> None:
-        state = self._states.setdefault(sink, {})
+    def _remove(self, sink: str, uids: Iterable[str], via: _SinkBackend | None = None) -> None:
+        merged = self._merged(sink, via)
         removed = self._removed.setdefault(sink, set())
+        if merged is not None:
+            # Gone from the table already (a forget, a prune), and each one was the sink's.
+            for uid in uids:
+                merged.pop(uid, None)
+                removed.add(uid)
+            self._touch()
+            return
+        state = self._states.setdefault(sink, {})
         for uid in uids:
             if state.pop(uid, None) is not None:
                 removed.add(uid)
         self._touch()
 
-    def _replace(self, sink: str, state: Mapping[str, int]) -> None:
+    def _replace(self, sink: str, state: Mapping[str, int], via: _SinkBackend | None = None) -> None:
+        merged = self._merged(sink, via)
+        if merged is not None:
+            # ``state`` is the table's column (SinkCheckpoint.state): only merged numbers to sort out.
+            gone = [uid for uid in merged if uid not in state]
+            self._states[sink] = {uid: n for uid, n in merged.items() if n > state.get(uid, 0)}
+            for uid in state:
+                if uid not in self._order:
+                    self._order[uid] = None
+            self._removed.setdefault(sink, set()).update(gone)
+            self._touch()
+            return
         old = self._states.get(sink, {})
         gone = [uid for uid in old if uid not in state]
         new: dict[str, int] = {}
@@ -764,17 +876,18 @@ class ConfigMapCheckpointStore:
         # share it. _build only drops uids from every state alike, so a shared copy stays right; seven
         # copies of 50,000 entries were ~13 MiB of glibc heap per write, kept until the next trim.
         states: dict[str, dict[str, int]] = {}
-        copies: list[dict[str, int]] = []
+        copies: list[tuple[Mapping[str, int], dict[str, int]]] = []  # (what was copied, the copy)
         for s in sorted(self._sinks | unconfigured.keys()):
-            state = self._states.get(s, {})
-            copy = next((c for c in copies if c == state), None)  # a length differs: at once
+            state, new = self._current(s)
+            # The same mapping (sinks level in one table) or equal (a length differs: at once).
+            copy = next((c for was, c in copies if was is state or c == state), None)
             if copy is None:
-                copy = dict(state)
-                copies.append(copy)
+                copy = new if new is not None else dict(state)
+                copies.append((state, copy))
             states[s] = copy
         # On the loop, so set operations rather than a test per uid and sink. Every uid of a state is
         # in _order: the same number means that every one is held.
-        held_now = set().union(*copies)
+        held_now = set().union(*(c for _, c in copies))
         if len(held_now) == len(self._order):
             live = list(self._order)
         else:
@@ -784,6 +897,17 @@ class ConfigMapCheckpointStore:
         # Copied here, in the loop's thread: the fanout changes its map while _build runs.
         unseen = {uid: since for uid, since in self._unseen.items() if uid in held}
         return states, live, unseen, unconfigured
+
+    def _current(self, sink: str) -> tuple[Mapping[str, int], dict[str, int] | None]:
+        """The sink's entries to copy (the table's, the store's own), or (a new dict, the same)."""
+        column = self._columns.get(sink)
+        if column is None:
+            return self._states.get(sink, {}), None
+        _, table, index = column
+        if not self._states.get(sink) and not table.behind[index]:
+            return table.entries, None  # level with the highest: the table's entries themselves
+        state = self._state(sink)
+        return state, state
 
     def _build(
         self,
@@ -892,7 +1016,7 @@ class ConfigMapCheckpointStore:
         started = time.monotonic()
         stop = threading.Event()
         try:
-            body, dropped, dropped_unseen, left_out = await asyncio.to_thread(
+            body, dropped, dropped_unseen, left_out = await _off_loop(
                 self._build, states, order, unseen, unconfigured, stop
             )
         except asyncio.CancelledError:
@@ -1043,15 +1167,16 @@ class ConfigMapCheckpointStore:
         log.warning(
             "checkpoint ConfigMap %s/%s was changed by another writer; merging", self.namespace, self.name
         )
-        theirs, _ = await asyncio.to_thread(self._parse, obj)  # off the loop: seconds of CPU when large
+        theirs, _ = await _off_loop(self._parse, obj)  # off the loop: seconds of CPU when large
         for sink, since in self._parse_since(obj).items():
             if sink not in self._sinks and sink in theirs:
                 self._unconfigured_since[sink] = min(since, self._unconfigured_since.get(sink, since))
         for sink in sorted(self._sinks | (theirs.keys() - self._expired)):
-            mine = self._states.setdefault(sink, {})
+            mine = self._states.setdefault(sink, {})  # of a sink read from its table: the merged numbers
+            value = self._value(sink)
             removed = self._removed.get(sink, set())
             for uid, n in theirs.get(sink, {}).items():
-                if uid not in removed and n > mine.get(uid, 0):
+                if uid not in removed and n > value(uid):
                     mine[uid] = n
                     if uid not in self._order:
                         self._order[uid] = None
