@@ -3,9 +3,13 @@
 ``--sink=file:/var/log/events.jsonl?max_bytes=104857600&max_files=5&fsync=true``
 
 Rotation (like logrotate/RotatingFileHandler): before a record would make the current file exceed
-``max_bytes``, ``events.jsonl.(N-1)`` → ``.N`` … ``events.jsonl`` → ``.1`` and a fresh file starts; the
-oldest (``.N``, N = ``max_files``) is overwritten. A record larger than ``max_bytes`` still gets written,
-alone, to a fresh file. Every record is a complete line in exactly one file.
+``max_bytes``, ``events.jsonl`` → ``.1``, the backups before it moved up one (``.1`` → ``.2`` …, up to the
+first number free, or ``.N``, N = ``max_files``, whose file is overwritten), and a fresh file starts. The
+current file is renamed first (to ``.1`` if free, else aside to ``events.jsonl.rotating``): a file that
+cannot be renamed (a mount point) fails the rotation before any backup has moved, so a failed rotation
+removes nothing, however often it is tried. ``check`` and ``start`` refuse a mount point as the path
+while rotation is on. A record larger than ``max_bytes`` still gets written, alone, to a fresh file.
+Every record is a complete line in exactly one file; new files get exactly ``file_mode``.
 
 An item is OK only once it is written (unbuffered ``write(2)``) and, with ``fsync=true``, fsynced
 (lines whose fsync failed are cut off the file again, for the retry to write them once).
@@ -21,6 +25,7 @@ import fcntl
 import logging
 import math
 import os
+import re
 import stat
 import threading
 import time
@@ -56,6 +61,36 @@ _SIZE_UNITS = {"k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 _SIZE_UNITS |= {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 
 _STOPPING = retry("not written: the router is stopping", held=True)
+
+_ASIDE = ".rotating"
+"""Where the current file is renamed while the backups move up: they move only once that worked."""
+
+_MOUNTED = (
+    "a mount point (one file mounted on its own, as by docker -v file:file or a Kubernetes subPath "
+    "mount), which rename(2) cannot move (EBUSY); mount its folder instead, or set max_bytes=0 never to "
+    "rotate it (logrotate's copytruncate can rotate it from outside)"
+)
+
+
+def _unescape(field: bytes) -> bytes:
+    # /proc/self/mountinfo writes space, tab, newline and backslash as \ooo.
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
+
+
+def _is_mount_point(path: Path) -> bool:
+    """Whether ``path`` is a mount point: a file bind-mounted on its own shares the device of its
+    folder (``os.path.ismount`` misses it, and looks at folders only), so the mount table is asked. A
+    link is no mount point: rotation renames the link."""
+    if os.path.islink(path):
+        return False
+    real = os.fsencode(os.path.join(os.path.realpath(path.parent), path.name))
+    try:
+        table = Path("/proc/self/mountinfo").read_bytes()
+    except OSError:  # not Linux, or no /proc: nothing known
+        return False
+    return any(
+        len(fields := line.split()) > 4 and _unescape(fields[4]) == real for line in table.splitlines()
+    )
 
 
 class FileOptions(SinkOptions):
@@ -250,12 +285,16 @@ class _Writer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         existed = os.path.lexists(self.path)
         flags = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        readable = True  # read: its last byte, below
         try:
-            fd = os.open(self.path, flags | os.O_RDWR, self.mode)  # read: its last byte, below
-            readable = True
-        except PermissionError:  # a write-only file: append without the check
-            fd = os.open(self.path, flags | os.O_WRONLY, self.mode)
-            readable = False
+            fd = os.open(self.path, flags | os.O_RDWR | os.O_EXCL, self.mode)
+            self._set_mode(fd)
+        except FileExistsError:
+            try:
+                fd = os.open(self.path, flags | os.O_RDWR, self.mode)
+            except PermissionError:  # a write-only file: append without the check
+                fd = os.open(self.path, flags | os.O_WRONLY, self.mode)
+                readable = False
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             os.close(fd)
@@ -269,6 +308,20 @@ class _Writer:
             # fsynced, and so must be its name, or a power loss can take the file with them.
             self.dir_unsynced = True
         self._sync_dir()  # or one that failed before: the reopen finds the file there already
+
+    def _set_mode(self, fd: int) -> None:
+        """A file this process created gets exactly ``file_mode``: open(2) takes the umask off it (022
+        made 0664 into 0644)."""
+        try:
+            os.fchmod(fd, self.mode)
+        except OSError as exc:  # a file system without modes (vfat, some CIFS mounts)
+            self.log.warning(
+                "cannot set the mode of %s to %04o (%s); it is %04o",
+                self.path,
+                self.mode,
+                exc.strerror or exc,
+                stat.S_IMODE(os.fstat(fd).st_mode),
+            )
 
     def _mend_tail(self, fd: int) -> None:
         if self._readable and self.size and os.pread(fd, 1, self.size - 1) != b"\n":
@@ -353,16 +406,50 @@ class _Writer:
             os.close(dir_fd)
         self.dir_unsynced = False
 
-    def _rotate(self) -> int:
-        # Renamed under the lock: a writer waiting for it then finds the path names a new file.
+    def _rotate(self) -> None:
+        """The current file to ``.1``, renamed first: to ``.1`` when free, else aside, the backups moved
+        up only once that worked. Shifting first, a file that could not be renamed (a mount point,
+        EBUSY) left every attempt one backup fewer. Renamed under the lock: a writer waiting for it
+        then finds the path names a new file."""
         name = str(self.path)
-        for i in range(self.max_files - 1, 0, -1):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(f"{name}.{i}", f"{name}.{i + 1}")
-        os.replace(name, f"{name}.1")
+        aside = name + _ASIDE
+        if os.path.lexists(aside):  # left by a rotation cut short: the newest backup, put in place first
+            self._into_first(aside)
+        if self.max_files == 1 or not os.path.lexists(f"{name}.1"):
+            os.replace(name, f"{name}.1")
+        else:
+            os.replace(name, aside)
+            self._into_first(aside)  # failing, the file stays aside (its lines safe) till the next one
         self._close()
         self.dir_unsynced = self.fsync  # the renames, synced by open() with the new file's name
-        return self._current_locked()
+
+    def _into_first(self, aside: str) -> None:
+        """Move the backups up one, up to the first number free (with none free, the oldest, ``.N``,
+        is overwritten), then ``aside`` to ``.1``: a retry after a failure half way removes nothing."""
+        name = str(self.path)
+        free = next((i for i in range(1, self.max_files) if not os.path.lexists(f"{name}.{i}")), None)
+        for i in range((free or self.max_files) - 1, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{name}.{i}", f"{name}.{i + 1}")
+        os.replace(aside, f"{name}.1")
+
+    def _cannot_rotate(self, exc: OSError) -> str:
+        """The reason of the lines a failed rotation left unwritten: what to change."""
+        reason = f"cannot rotate {self.path}"
+        if exc.filename2 is not None:
+            reason += f" (renaming {Path(exc.filename).name} to {Path(exc.filename2).name})"
+        reason += f": {exc.strerror or exc}"
+        if exc.filename != str(self.path):
+            return reason
+        if exc.errno in (errno.EBUSY, errno.EXDEV):
+            return f"{reason}: it is {_MOUNTED}"
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            return (
+                f"{reason}: rotation renames it within {self.path.parent}, which this user must be "
+                "allowed to do (in a sticky folder, only its owner may), or set max_bytes=0 never to "
+                "rotate it"
+            )
+        return reason
 
     def _write_all(self, fd: int, data: bytes) -> None:
         # Never leave a partial line behind: the retry would append after it and break the JSON lines.
@@ -454,7 +541,10 @@ class _Writer:
                     pending, unsynced_from, batch_from, in_file = [], None, None, []
                     if job.stop.is_set():  # the send's budget is over: no new file begun
                         return
-                    fd = self._rotate()
+                    doing = "rotate"
+                    self._rotate()
+                    doing = "write"
+                    fd = self._current_locked()
                 chunk.append(line)
                 chunk_size += len(line)
                 pending.append(i)
@@ -471,7 +561,10 @@ class _Writer:
                 info = os.fstat(fd)
                 job.span = _Span(info.st_dev, info.st_ino, batch_from, self.size, in_file)
         except OSError as exc:
-            reason = f"cannot {doing} {self.path}: {exc.strerror or exc}"
+            if doing == "rotate":
+                reason = self._cannot_rotate(exc)
+            else:
+                reason = f"cannot {doing} {self.path}: {exc.strerror or exc}"
             for i, line in enumerate(lines):
                 if line is not None and result[i] is False:
                     result[i] = reason
@@ -602,6 +695,10 @@ class FileSink(Sink[FileOptions]):
         except OSError as exc:
             raise SinkError(f"file sink cannot write {self.path}: {exc.strerror or exc}") from None
 
+    def _rotatable(self) -> None:
+        if self.options.max_bytes and _is_mount_point(self.path):
+            raise SinkError(f"file sink cannot rotate {self.path}: it is {_MOUNTED}")
+
     def _writable(self) -> None:
         if os.path.islink(self.path) and not self.path.exists():
             # A link to a file not there yet: opened with O_CREAT, it is created where the link
@@ -621,6 +718,7 @@ class FileSink(Sink[FileOptions]):
         if self.path.exists():
             if not self.path.is_file():
                 raise IsADirectoryError(errno.EISDIR, "not a regular file")
+            self._rotatable()
             if not os.access(self.path, os.W_OK):
                 raise PermissionError(errno.EACCES, "Permission denied")
             if self.options.max_bytes and not os.access(self.path.parent, os.W_OK | os.X_OK):
@@ -635,6 +733,7 @@ class FileSink(Sink[FileOptions]):
             raise PermissionError(errno.EACCES, f"{folder} is not writable")
 
     def _open_checked(self) -> None:
+        self._rotatable()  # before anything is written that rotation would then fail on
         with self._writer.lock:
             self._writer._close()
             try:

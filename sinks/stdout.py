@@ -11,7 +11,9 @@ router's stop (``stop_sending``, before the leftovers are spooled). A line that 
 moment (longer than the pipe takes at once, a terminal, a pipe shared with stderr) is not waited for:
 the send answers at once, the lines before it OK and the rest retried, and the next send (or the close)
 settles that line. Only that line can end after its batch was spooled; that is logged, and counted in
-the log line, as maybe written twice.
+the log line, as maybe written twice. On a regular file (``> events.jsonl``) the batch is one write(2),
+which cannot be stopped part way: one hung (a stalled disk, NFS) past the stop may yet land whole, and
+every line of it is logged and counted so.
 """
 
 from __future__ import annotations
@@ -164,6 +166,8 @@ class _Write:
         self.stop = threading.Event()
         self.gone: frozenset[str] = frozenset()  # keys the engine gave up while this write went on
         self.answered = 0  # lines its send answered OK; those after it and written are not said yet
+        self.told: set[str] = set()  # lines after ``answered`` that a later send answered OK
+        self.whole = False  # set by the thread: one write(2) of all of it (a regular file) begun
 
     def count(self) -> int:
         """Lines written whole."""
@@ -174,12 +178,24 @@ class _Write:
 
     def untold(self) -> list[str]:
         """Lines written whole that no send answered OK yet (its send cut off, or answered early)."""
-        return [key for key in self.keys[self.answered : self.count()] if key not in self.gone]
+        return [
+            key
+            for key in self.keys[self.answered : self.count()]
+            if key not in self.gone and key not in self.told
+        ]
 
     def torn(self) -> str | None:
         """The key of the line written in part, if the write is stuck inside one."""
         n = self.count()
         return self.keys[n] if n < len(self.keys) and self.written > (self.ends[n - 1] if n else 0) else None
+
+    def in_flight(self) -> list[str]:
+        """While the write goes on: the lines it may yet put out, which its send did not answer OK.
+        On a stream that is the line it is stuck inside; on a regular file, all it has not written."""
+        if self.whole:
+            return self.keys[self.count() :]
+        torn = self.torn()
+        return [torn] if torn is not None else []
 
     def _next_end(self, room: int) -> int:
         """Where the next write(2) ends: the whole lines that fit ``room``, or part of a line longer
@@ -329,6 +345,7 @@ class StdoutSink(Sink[StdoutOptions]):
                 held.enter_context(lock)
             info = os.fstat(target.fd)
             if stat.S_ISREG(info.st_mode):
+                w.whole = True  # before the stop is looked at: a stop that misses it finds it said
                 if not w.stop.is_set():  # a file takes it at once, or fails it whole
                     _write_file(target.fd, w.data, info.st_size)
                     w.written = len(w.data)
@@ -365,7 +382,11 @@ class StdoutSink(Sink[StdoutOptions]):
                 "is slow or away)",
                 held=stuck.written > before,
             )
-            return [OK if occ.key in finished or occ.key in self._written else busy for occ in batch]
+            said = [OK if occ.key in finished or occ.key in self._written else busy for occ in batch]
+            # Answered OK now: neither the settling of that write nor the close says them again.
+            stuck.told.update(finished.intersection(occ.key for occ in batch))
+            self._written.difference_update(occ.key for occ in batch)
+            return said
         outcomes: list[Outcome | None] = []
         chunks: list[bytes] = []
         keys: list[str] = []
@@ -461,14 +482,18 @@ class StdoutSink(Sink[StdoutOptions]):
             w.gone |= gone
             out |= gone.intersection(w.delivered())
             if not future.done():
-                torn = w.torn()
-                if torn in gone:
+                maybe = gone.intersection(w.in_flight())
+                if maybe:
                     self._say_unsettled(
-                        [torn],
-                        "given up (dead-lettered or dropped) while its line was being written to {stream}",
+                        sorted(maybe),
+                        "given up (dead-lettered or dropped) while "
+                        + (
+                            "a write of them to {stream} (a regular file) went on"
+                            if w.whole
+                            else "its line was being written to {stream}"
+                        ),
                         maybe=True,
                     )
-                maybe = frozenset({torn} if torn in gone else ())
                 future.add_done_callback(functools.partial(self._written_late, w, frozenset(out), maybe))
         if out:
             self._say_unsettled(
@@ -509,13 +534,15 @@ class StdoutSink(Sink[StdoutOptions]):
         self._stopping = True
         try:
             untold = set(self._written)
-            torn = None
+            hung: list[str] = []  # may yet be written (those given up were said so already)
+            whole = False
             if self._writing is not None:
                 future, w = self._writing
                 w.stop.set()
                 await asyncio.wait([future], timeout=CLOSE_GRACE)
                 untold.update(w.untold())
-                torn = None if future.done() else w.torn()
+                if not future.done():
+                    hung, whole = [key for key in w.in_flight() if key not in w.gone], w.whole
                 self._writing = None
             self._written.clear()
             if untold:
@@ -524,9 +551,16 @@ class StdoutSink(Sink[StdoutOptions]):
                     "written to {stream} by a send cut off before it could say so "
                     "(kept for the next start, or counted as not delivered)",
                 )
-            if torn is not None:
+            if hung and whole:
                 self._say_unsettled(
-                    [torn],
+                    hung,
+                    "in a write to {stream} (a regular file) still hung at the close (kept for the next "
+                    "start): they may yet be written whole if it ends before the process exits",
+                    maybe=True,
+                )
+            elif hung:
+                self._say_unsettled(
+                    hung,
                     "in a line stuck part way on {stream} at the close (kept for the next start): it "
                     "may yet be written if the reader comes back before the process exits",
                     maybe=True,

@@ -121,19 +121,28 @@ async def test_lines_written_before_a_failed_rotation_are_ok_and_written_once(
     occs = [fixed(i) for i in range(6)]
     sink = make_sink(path=str(target), max_bytes=2 * line, max_files=5, fsync=fsync)
     await sink.start()
-    for name in ("events.jsonl.4", "events.jsonl.5"):  # .4 → .5 cannot be renamed: the rotation fails
-        (tmp_path / name / "x").mkdir(parents=True)
+    old = {f"events.jsonl.{i}": b'{"old":%d}\n' % i for i in range(1, 5)}  # .1 newest
+    for name, content in old.items():
+        (tmp_path / name).write_bytes(content)
+    (tmp_path / "events.jsonl.5" / "x").mkdir(parents=True)  # .4 → .5 cannot be renamed: the rotation fails
     outcomes = await sink.send(occs)
     assert outcomes is not None
     # The first two were in the file before the rotation was tried: OK, not sent again.
     assert [o.kind for o in outcomes] == [OutcomeKind.OK] * 2 + [OutcomeKind.RETRY] * 4
-    assert "Directory not empty" in outcomes[2].reason
-    for name in ("events.jsonl.4", "events.jsonl.5"):
-        shutil.rmtree(tmp_path / name)
+    assert (
+        outcomes[2].reason
+        == f"cannot rotate {target} (renaming events.jsonl.4 to events.jsonl.5): Is a directory"
+    )
+    # Nothing removed nor moved: the full file is aside until a rotation can put it in place.
+    assert all((tmp_path / name).read_bytes() == content for name, content in old.items())
+    assert lines_of(tmp_path / "events.jsonl.rotating") == [o.json + b"\n" for o in occs[:2]]
+    shutil.rmtree(tmp_path / "events.jsonl.5")
     assert await sink.send(occs[2:]) == [OK] * 4  # the engine's retry
     await sink.aclose()
+    assert "events.jsonl.rotating" not in files_in(tmp_path)
     everything = [x for p in sorted(tmp_path.iterdir(), reverse=True) for x in lines_of(p)]
-    assert everything == [o.json + b"\n" for o in occs]
+    # Two rotations with max_files=5: the oldest backup (.4) went, as any rotation removes it.
+    assert everything == [old[f"events.jsonl.{i}"] for i in (3, 2, 1)] + [o.json + b"\n" for o in occs]
 
 
 async def test_record_larger_than_max_bytes_gets_a_file_of_its_own(tmp_path: Path) -> None:
