@@ -572,9 +572,12 @@ _TENANT = re.compile(r"[a-zA-Z0-9!\-_.*'()]+")
 
 
 _RATE_LIMITED = re.compile(
-    r"Ingestion rate limit exceeded for user .* \(limit: (?P<limit>\d+) bytes/sec\) while attempting to "
-    r"ingest '(?P<lines>\d+)' lines totaling '(?P<bytes>\d+)' bytes"
+    r"Ingestion rate limit exceeded for user [^\n]{0,256}? \(limit: (?P<limit>\d{1,20}) bytes/sec\) while "
+    r"attempting to ingest '(?P<lines>\d{1,20})' lines totaling '(?P<bytes>\d{1,20})' bytes"
 )
+"""Bounded pieces only (a tenant id is at most 150 characters): with ``.*`` for the tenant, a search of
+an answer repeating the sentence's start tried every rest of it from each (0.4 s on 128 K
+characters, the event loop blocked). Each start now costs at most a few hundred steps."""
 _STREAM_RATE_LIMITED = re.compile(
     r"Per stream rate limit exceeded \(limit: (?P<limit>\d+)(?P<unit>[KMGTPE]?B)/sec\)"
 )
@@ -653,8 +656,12 @@ _IGNORED_BEHIND = re.compile(
     r"oldest acceptable timestamp is: (?P<cutoff>[^',]+)',"
 )
 _IGNORED_TOTAL = re.compile(
-    r"user '.*', total ignored: (?P<ignored>\d+) out of (?P<total>\d+) for stream: (?P<labels>\{.*\})"
+    r"user '[^\n]{0,256}?', total ignored: (?P<ignored>\d{1,20}) out of (?P<total>\d{1,20}) for stream: "
+    r"(?P<labels>\{[^\n]*\})"
 )
+"""The ingester's last line of an answer listing refused entries; only ever matched whole against one
+line (``fullmatch``). Searched over the whole body with ``.*`` twice, a hostile 429 of 128 K characters
+repeating the line's start blocked the event loop for 156 s (cubic)."""
 
 
 _GO_TIME = re.compile(
@@ -727,6 +734,12 @@ def _parse_behind(text: str) -> list[_Behind] | None:
     return blocks if blocks and cutoff is None else None
 
 
+def _last_line(text: str) -> str:
+    """The last line of an answer, at most _ANSWER_READ characters of it (a longer one names no stream
+    this sink writes)."""
+    return text[text.rfind("\n") + 1 :][-_ANSWER_READ:]
+
+
 def _names_stream(loki: dict[str, str], stream: bytes) -> bool:
     """Whether Loki's label set is this encoded stream's: the same labels, plus at most those Loki's
     distributor adds (service_name, a stream shard)."""
@@ -788,7 +801,30 @@ def _is_web_page(content_type: str, text: str) -> bool:
     return text[:64].lstrip().lower().startswith(("<!doctype html", "<html"))
 
 
-_BLOCKED_UNTIL = re.compile(r"ingestion blocked for user .* until '([^']+)'")
+_ENTRY_REFUSED = re.compile(r"stream '\{|for stream: \{")
+"""How Loki names the stream of an entry it refused: its distributor's checks of an entry or of its
+stream's labels (pkg/validation/validate.go) print ``stream '{…}'``, its ingester ``for stream: {…}``."""
+_DISALLOWED = "includes structured metadata, but this feature is disallowed"
+"""Loki's answer when the tenant takes no structured metadata (Loki 2.9's default): every entry of a
+sink with structured_metadata=true is refused."""
+_INGESTER_REFUSED = "ignored, reason: '"
+"""The ingester's listing of entries it refused (too far behind, out of order): Loki's distributor
+answers the ingester's error instead of its own 400 when the ingester refused any entry."""
+
+
+def _about_some_entries(content_type: str, answer: str) -> bool:
+    """Whether a 400 is about some entries of a push, so that pushing it again in halves can keep the
+    others: Loki named the stream of an entry it refused. Not a web page (a front's 400), a 400 that
+    names no stream (a front's "400 Bad Request", a body Loki could not read: nothing stored), or
+    structured metadata disallowed for the tenant (every entry refused): 32 more pushes a send to
+    the same end."""
+    if _is_web_page(content_type, answer) or _DISALLOWED in answer:
+        return False
+    return _ENTRY_REFUSED.search(answer) is not None
+
+
+_BLOCKED_UNTIL = re.compile(r"ingestion blocked for user [^\n]{0,256}? until '([^'\n]{1,64})'")
+"""Bounded as ``_RATE_LIMITED`` is: searched over the whole answer."""
 
 
 def _blocked(status: int, text: str) -> bool:
@@ -1953,7 +1989,7 @@ class LokiSink(Sink[LokiOptions]):
             # the block ends.
             raise RetryableError(
                 f"loki: {self._shown} answered {status}, nothing stored: {message}",
-                retry_after=retry_after if retry_after is not None else _blocked_for(text),
+                retry_after=retry_after if retry_after is not None else _blocked_for(answer),
             )
         if status == 429:
             rate = _RATE_LIMITED.search(answer)
@@ -1991,7 +2027,7 @@ class LokiSink(Sink[LokiOptions]):
             # The per-stream rate limit: the stream is named on the answer's last line, which the
             # entries listed before it (up to 10, each quoting the stream) can put past ``answer``.
             limited = _STREAM_RATE_LIMITED.search(answer)
-            total = _IGNORED_TOTAL.search(text) if limited is not None else None
+            total = _IGNORED_TOTAL.fullmatch(_last_line(text)) if limited is not None else None
             if (
                 limited is not None
                 and total is not None
@@ -2029,11 +2065,15 @@ class LokiSink(Sink[LokiOptions]):
             if behind is not None:
                 if await self._behind_refused(entries, outcomes, behind, message):
                     return
-            elif len(entries) > 1 and self._may_split():
-                await self._split_refused(entries, outcomes)
+            elif len(entries) > 1 and _about_some_entries(content_type, answer) and self._may_split():
+                # Only the distributor's own checks refused entries: it answers them only once the
+                # ingesters stored every entry that passed (its ingesters' errors win).
+                await self._split_refused(entries, outcomes, stored=_INGESTER_REFUSED not in answer)
                 return
         # 400 (and other 4xx) is final. It may be partial: Loki stored the valid entries but does not say
         # which, so every item of this push goes to the dead-letter file with Loki's message.
+        if status == 400 and _DISALLOWED in answer:
+            message += " (this Loki takes no structured metadata: set the sink's structured_metadata=false)"
         reason = f"loki: {status} (push of {len(entries)} entries refused, possibly partly stored): {message}"
         for entry in entries:
             outcomes[entry.index] = reject(reason)
@@ -2046,24 +2086,37 @@ class LokiSink(Sink[LokiOptions]):
         self._splits_left -= 2
         return True
 
-    async def _split_refused(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
-        """A push of several entries answered 400 that the sink cannot explain: an entry Loki's
-        distributor refused (over a limit this sink does not know of, or configured lower than the
-        options say) and the rest stored, without saying which. Each half is pushed again, down to
-        single entries (as for 413), so only the entry refused alone is rejected and the others are
-        answered OK: Loki de-duplicates what it stored (same stream, timestamp and line). Before,
-        every item was dead-lettered, those Loki held included. An entry this push may have put over
-        max_behind behind its stream's newest (a newer one of its stream in it) may be stored and
-        then refused as too far behind when pushed again: it is rejected, not stamped anew (a second
-        copy; ``_remember``). Charged to the streams' budgets again (``_again``): what does not fit
+    async def _split_refused(self, entries: list[_Entry], outcomes: list[Outcome], *, stored: bool) -> None:
+        """A push of several entries answered 400 naming an entry's stream (``_about_some_entries``):
+        an entry Loki's distributor refused (over a limit this sink does not know of, or configured
+        lower than the options say) and the rest stored, without saying which. Each half is pushed
+        again, down to single entries (as for 413), so only the entry refused alone is rejected and the
+        others are answered OK: Loki de-duplicates what it stored (same stream, timestamp and line).
+        Before, every item was dead-lettered, those Loki held included.
+
+        Pushed again, an entry may now be refused as too far behind its stream's newest, which the
+        first push raised (a stream spanning over max_behind: a relist of its last hours). ``stored``
+        (the answer was the distributor's alone): every entry that passed its checks was stored, for
+        Loki's distributor answers its own 400 only once the ingesters stored the rest, and answers
+        theirs when they refused any. An entry refused as behind passed those checks now, so it did
+        then: they judge the entry alone, against limits that do not change within a send (the age
+        check only gets harder to pass; one an hour behind an entry Loki took is not too new). It is
+        answered OK (``_remember``); before, those over max_behind were dead-lettered though Loki
+        held them. Not
+        ``stored`` (the ingester's words in the answer): only those this push may have put over
+        max_behind are marked, as perhaps stored, and rejected if refused as behind, not stamped anew
+        (a second copy). Charged to the streams' budgets again (``_again``): what does not fit
         waits, held."""
-        newest: dict[bytes, int] = {}
-        for entry in entries:
-            newest[entry.stream] = max(newest.get(entry.stream, entry.ts_ns), entry.ts_ns)
-        behind = self._behind_ns
-        exposed = [entry for entry in entries if entry.ts_ns < newest[entry.stream] - behind]
-        if exposed:
-            self._remember(exposed, stored=False)
+        if stored:
+            self._remember(entries, stored=True)
+        else:
+            newest: dict[bytes, int] = {}
+            for entry in entries:
+                newest[entry.stream] = max(newest.get(entry.stream, entry.ts_ns), entry.ts_ns)
+            behind = self._behind_ns
+            exposed = [entry for entry in entries if entry.ts_ns < newest[entry.stream] - behind]
+            if exposed:
+                self._remember(exposed, stored=False)
         rest = self._again(entries, outcomes, cause="an entry of their push (400)")
         try:
             if len(rest) > 1:

@@ -98,6 +98,7 @@ FIRST_PAGE = 16
 """Items of a list's first page; later pages grow (at most 4-fold a page) while they stay small."""
 PROBE_TIMEOUT = 30.0
 """Seconds for the check that the API server's store is not behind our resourceVersion."""
+_CHECKING = "checking that the store is not behind our resourceVersion: "
 EARLY_END = 0.9
 """A watch that ends cleanly before this share of its ``timeoutSeconds`` was ended by the server: the
 store behind it is checked as after a break."""
@@ -545,33 +546,39 @@ class EventWatcher:
 
     async def _store_behind(self, rv: str) -> str | None:
         """The API server's words when its store is behind ``rv`` (etcd restored from a snapshot:
-        its revision went back), else None. A watch at ``rv`` is then not refused: etcd and the
-        watch cache send only what comes after ``rv``, so every event written until the store
-        passes it again would never come, with no 410 to say so. A list of one item "not older
+        its revision went back), None when it is not. A watch at ``rv`` is then not refused: etcd
+        and the watch cache send only what comes after ``rv``, so every event written until the
+        store passes it again would never come, with no 410 to say so. A list of one item "not older
         than" ``rv`` answers 504 with the cause ResourceVersionTooLarge instead (kube-apiserver's
-        validateMinimumResourceVersion). Any other answer, or none, says nothing: None."""
+        validateMinimumResourceVersion), and a 2xx when the store holds ``rv``. Any other answer
+        (429, 503, a gateway's 504, a timeout) says nothing: it raises as a failed watch does, and
+        the check is asked again after the backoff (see run)."""
         query = [("limit", "1"), ("resourceVersion", rv), ("resourceVersionMatch", "NotOlderThan")]
+        resp = await self.kube.request(
+            "GET", self.path, query, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
+        )
         try:
-            resp = await self.kube.request(
-                "GET", self.path, query, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
-            )
-            try:
-                if resp.status != 504:
-                    return None
-                body = await resp.read()
-            finally:
-                resp.release()
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, ApiError) as exc:
-            log.debug("could not check the resourceVersion of %s: %s", self.where, exc)
-            return None
+            if 200 <= resp.status < 300:
+                return None
+            body = await resp.read()
+            if resp.status != 504:
+                try:
+                    await raise_for_status(resp)  # a 410 relists; the rest is a failed check
+                except ApiError as exc:
+                    raise ApiError(
+                        exc.status, exc.reason, f"{_CHECKING}{exc.message}", exc.retry_after
+                    ) from None
+        finally:
+            resp.release()
+        message = body[:300].decode("utf-8", "replace")
         try:
             status = orjson.loads(body)
-            causes = status["details"]["causes"]
-            if any(c.get("reason") == "ResourceVersionTooLarge" for c in causes):
-                return str(status.get("message") or "Too large resource version")[:300]
+            message = str(status.get("message") or "Too large resource version")[:300]
+            if any(c.get("reason") == "ResourceVersionTooLarge" for c in status["details"]["causes"]):
+                return message
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             pass
-        return None
+        raise ApiError(resp.status, resp.reason or "", f"{_CHECKING}{message}")
 
     # ---- loop ---------------------------------------------------------------------------------
 
@@ -604,8 +611,12 @@ class EventWatcher:
             self.watch_worked = self.watch_lasted = False
             try:
                 if check and rv is not None:
-                    check = False
+                    # Armed until answered: an unanswered check (a 429 while every client relists
+                    # after the restart, a 503 while the server warms up) fails as a watch would,
+                    # backs off and asks again. Watching at rv meanwhile would lose every event
+                    # written below it, had the store gone back.
                     behind = await self._store_behind(rv)
+                    check = False
                     if behind is not None:
                         log.warning(
                             "the API server's store is behind resourceVersion %s of %s (%s): etcd"
@@ -655,7 +666,7 @@ class EventWatcher:
             except ApiError as exc:
                 failures = self._failures(failures)
                 rv = self._resume_from(rv)
-                check = exc.status >= 500
+                check = check or exc.status >= 500  # still armed when it was the check that failed
                 if exc.status == 410:
                     rv, relist_reason = None, "expired"
                 level = logging.ERROR if exc.status in (401, 403) else logging.WARNING
@@ -670,8 +681,9 @@ class EventWatcher:
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
                 failures = self._failures(failures)
                 rv = self._resume_from(rv)
+                what = "the check of the store behind the watch of" if check else "watch of"
                 check = True
-                log.warning("watch of %s broke: %s: %s", self.where, type(exc).__name__, exc)
+                log.warning("%s %s broke: %s: %s", what, self.where, type(exc).__name__, exc)
                 self.metrics.watch_restarts.labels("connection").inc()
                 delay_reason = "connection"
                 self._failed()

@@ -99,10 +99,11 @@ async def test_a_400_the_sink_cannot_explain_is_split_so_only_the_refused_entry_
 
 
 async def test_splitting_a_refused_push_is_bounded_per_send() -> None:
-    """Every entry refused (a Loki with structured metadata off): the halving stops after
-    _SPLIT_PUSHES pushes, and what was not split further is rejected whole, as before."""
+    """Every entry refused on its own (each entry's metadata over this Loki's 100 bytes): the halving
+    stops after _SPLIT_PUSHES pushes, and what was not split further is rejected whole, as before.
+    (Metadata disallowed for the tenant is not split at all: tests/sinks/test_loki_s32.py.)"""
     batch = [_at(100 - i, object_name=f"web-{i}") for i in range(100)]
-    async with LokiReceiver(allow_structured_metadata=False) as loki:
+    async with LokiReceiver(max_structured_metadata_size=100) as loki:
         sink = _sink(loki.url)
         try:
             outcomes = await sink.send(batch)
@@ -110,7 +111,7 @@ async def test_splitting_a_refused_push_is_bounded_per_send() -> None:
             await sink.aclose()
         statuses = [p.status for p in loki.pushes]
     assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.REJECT] * 100
-    assert all("structured metadata, but this feature is disallowed" in o.reason for o in outcomes)
+    assert all("has structured metadata too large" in o.reason for o in outcomes)
     assert statuses == [400] * (1 + loki_sink._SPLIT_PUSHES)
     assert loki.entries == []
 
