@@ -51,7 +51,7 @@ from eventrouter.leader import LeaderElector
 from eventrouter.memory import clear_caches, release_free_memory
 from eventrouter.metrics import Metrics
 from eventrouter.record import MalformedEvent, Occurrence
-from eventrouter.sink import STRAY_CANCEL, SinkContext, cancelled_now
+from eventrouter.sink import STRAY_CANCEL, SinkContext, cancelled_now, raised_by_signal
 from eventrouter.source.kube import ApiError, KubeClient, connect, failure_text
 from eventrouter.source.relist_order import RelistOrder
 from eventrouter.source.tracker import OccurrenceTracker
@@ -469,6 +469,14 @@ class Router:
             except Exception:
                 log.exception("task %s crashed; stopping the router", name)
                 self.exit_code = 1  # a restart policy (on-failure) must see it
+                self.request_stop()
+            except BaseException as exc:
+                # One that is no Exception (GeneratorExit, a library's own kind) ended the task unseen
+                # (never retrieved); SystemExit ended the router with exit 0. Ctrl-C goes on as it was.
+                if raised_by_signal(exc):
+                    raise
+                log.error("task %s crashed; stopping the router", name, exc_info=exc)
+                self.exit_code = 1
                 self.request_stop()
 
         task = asyncio.create_task(guarded(), name=name)
@@ -1038,13 +1046,15 @@ class Router:
                 # batch was spooled below, and the restart wrote it again (Sink.stop_sending).
                 try:
                     p.sink.stop_sending()
-                except Exception:  # a plugin's bug must not stop the stop
-                    log.exception("sink %s: stop_sending() failed", p.name)
+                except BaseException as exc:  # a plugin's bug must not stop the stop
+                    if raised_by_signal(exc):
+                        raise
+                    p.log_fault(logging.ERROR, "sink %s: stop_sending() failed", p.name, exc=exc)
             # A send in progress gets a moment to finish; its outcome is unknown after that.
             await asyncio.wait(self._pipeline_tasks, timeout=1)
             for t in self._pipeline_tasks:
                 t.cancel()
-            await asyncio.gather(*self._pipeline_tasks, return_exceptions=True)
+            await self._wait_cancelled_pipelines()
         scan_until = time.monotonic() + STOP_SCAN_SECONDS
         for p in self.pipelines:
             older, newer = p.leftovers()
@@ -1169,6 +1179,25 @@ class Router:
         if cancelled:
             raise asyncio.CancelledError  # the stop's own cancellation, once the rest was done
 
+    async def _wait_cancelled_pipelines(self) -> None:
+        """Wait for the cancelled pipeline tasks, at most ``CLOSE_LEAST``: a send that swallows its
+        cancellation held the stop for ever (no spool, checkpoint or ConfigMap write; the lock and
+        the lease kept until SIGKILL). Such a pipeline's batch in flight goes with its leftovers:
+        spooled, and sent again after the restart (twice, if the send still lands)."""
+        if not self._pipeline_tasks:
+            return
+        _, pending = await asyncio.wait(self._pipeline_tasks, timeout=CLOSE_LEAST)
+        for p, t in zip(self.pipelines, self._pipeline_tasks, strict=False):
+            if t in pending:
+                p.abandon()
+                log.error(
+                    "sink %s: its send did not end %gs after it was cancelled (it swallows its "
+                    "cancellation); going on with the stop without it: its batch in flight is kept with "
+                    "what is left, and sent again after the restart",
+                    p.name,
+                    CLOSE_LEAST,
+                )
+
     async def _close_sinks(self, began: float) -> bool:
         """Close every sink at once, within what the grace period leaves (at least ``CLOSE_LEAST``);
         True when the stop itself was cancelled meanwhile. One after another, each bounded by its
@@ -1202,8 +1231,10 @@ class Router:
             if cancelled_now():
                 return  # by _close_sinks, which says why
             log.error("sink %s: closing it %s", p.name, STRAY_CANCEL)
-        except Exception:
-            log.exception("sink %s: closing it failed; going on with the stop", p.name)
+        except BaseException as exc:
+            if raised_by_signal(exc):
+                raise
+            p.log_fault(logging.ERROR, "sink %s: closing it failed; going on with the stop", p.name, exc=exc)
 
     async def _final_configmap_write(self, store: ConfigMapCheckpointStore, began: float) -> bool:
         """The stop's last ConfigMap write, tried again on a 409, 429, 5xx, timeout or lost connection

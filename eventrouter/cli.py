@@ -42,7 +42,16 @@ from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS, Metrics
 from eventrouter.options import name_matches, safe_name
 from eventrouter.plugins import PluginError, discover
 from eventrouter.record import MalformedEvent, Occurrence, normalise, occurrence_number
-from eventrouter.sink import STRAY_CANCEL, Outcome, OutcomeKind, Sink, SinkContext, cancelled_now
+from eventrouter.scrub import option_secrets, scrub
+from eventrouter.sink import (
+    STRAY_CANCEL,
+    Outcome,
+    OutcomeKind,
+    Sink,
+    SinkContext,
+    cancelled_now,
+    raised_by_signal,
+)
 from eventrouter.source.recording import read_recording
 from eventrouter.source.watcher import WatchSettings, check_field_selector
 
@@ -706,14 +715,21 @@ async def _check(args: argparse.Namespace) -> int:
         try:
             async with asyncio.timeout(spec.pipeline.send_timeout):
                 await sink.check()
-        except Exception as exc:
-            failed += 1
-            print(f"FAIL  {spec.describe()}: {exc if str(exc) else type(exc).__name__}")
         except asyncio.CancelledError:
             if cancelled_now():
                 raise
             failed += 1  # let out by the sink: a traceback named no sink and skipped the others
             print(f"FAIL  {spec.describe()}: check() {STRAY_CANCEL}")
+        except BaseException as exc:
+            # Also a SystemExit or GeneratorExit of the sink's: it ended the command naming nothing.
+            if raised_by_signal(exc):
+                raise
+            failed += 1
+            said = _text(exc) or type(exc).__name__
+            if not isinstance(exc, Exception):
+                said = f"{type(exc).__name__}: {said}"
+            # The text a plugin's library made may quote the sink's secrets (a token in a URL).
+            print(f"FAIL  {spec.describe()}: {scrub(said, option_secrets(spec.options))}")
         else:
             print(f"ok    {shown}")
         finally:
@@ -721,14 +737,23 @@ async def _check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, also for a plugin's exception whose ``__str__`` raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return ""
+
+
 async def _close_checked(sink: Sink[Any]) -> None:
     """What a check built is closed; its failure to close is not the check's answer."""
     try:
         await sink.aclose()
-    except Exception:
-        pass
     except asyncio.CancelledError:
         if cancelled_now():
+            raise
+    except BaseException as exc:
+        if raised_by_signal(exc):
             raise
 
 

@@ -208,6 +208,13 @@ class Metrics:
             ["sink"],
             registry=r,
         )
+        self.loop_blocked = Counter(
+            "eventrouter_sink_event_loop_blocked_seconds",
+            "Seconds the sink's own code held the event loop in steps of 0.5 s or more (a blocking call "
+            "in send, start or aclose): the watch, every other sink and /healthz waited meanwhile.",
+            ["sink"],
+            registry=r,
+        )
         self.data_dir_errors = Counter(
             "eventrouter_data_dir_errors",
             "Writes to the data dir that failed (disk full, I/O error), by sink and file (spool, checkpoint, "
@@ -276,4 +283,5 @@ class Metrics:
             self.data_dir_errors.labels(sink, file)
         for result in RELOAD_RESULTS:
             self.sink_reloads.labels(sink, result)
+        self.loop_blocked.labels(sink)
         self.checkpoint_durable.labels(sink).set(1)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from eventrouter.options import SinkOptions
-from eventrouter.sink import Sink
+from eventrouter.sink import Sink, contract_faults
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,11 @@ class SinkPlugin:
     def load(self) -> type[Sink[Any]]:
         try:
             obj = importlib.metadata.EntryPoint(self.name, self.value, GROUP).load()
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise  # Ctrl-C during a slow import
+        except BaseException as exc:
+            # Also an SDK's sys.exit("please install …") at import: it ended `eventrouter sinks` for
+            # every sink, and `run`/`check` with it configured, without naming the package.
             raise PluginError(
                 f"sink {self.name!r} from {self.distribution} {self.version} failed to load "
                 f"({self.value}): {type(exc).__name__}: {exc}"
@@ -53,6 +57,12 @@ class SinkPlugin:
             raise PluginError(
                 f"sink {self.name!r} from {self.distribution} {self.version}: its options_model is "
                 f"{model!r}, not an eventrouter.options.SinkOptions subclass"
+            )
+        if faults := contract_faults(obj):
+            # A plain `def send` delivered its batch on every try while the engine retried it for ever.
+            raise PluginError(
+                f"sink {self.name!r} from {self.distribution} {self.version} ({self.value}): "
+                + "; ".join(faults)
             )
         return obj
 

@@ -18,11 +18,13 @@ import abc
 import asyncio
 import collections
 import enum
+import inspect
 import logging
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from eventrouter.options import SinkOptions
 from eventrouter.record import Occurrence
@@ -146,6 +148,41 @@ def cancelled_now() -> bool:
     sink let out (a cancelled future awaited inside a library): that one is the sink's fault."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def raised_by_signal(exc: BaseException) -> bool:
+    """``exc`` may be Ctrl-C itself, not a sink's doing: a KeyboardInterrupt while SIGINT raises one
+    wherever the interpreter is (Python's default handler; ``asyncio.run``'s at a second Ctrl-C). Where
+    the event loop handles SIGINT (``eventrouter run`` turns it into a stop) none comes from a signal:
+    one met then was raised by the code that ran, a sink's fault as any exception of it."""
+    if not isinstance(exc, KeyboardInterrupt):
+        return False
+    handler = signal.getsignal(signal.SIGINT)
+    return callable(handler) and getattr(handler, "__name__", "") != "_sighandler_noop"
+
+
+ASYNC_METHODS = ("start", "send", "check", "aclose")
+SYNC_METHODS = ("given_up", "stop_sending", "take_over")
+
+
+def contract_faults(cls: type[Sink[Any]]) -> list[str]:
+    """How ``cls`` breaks the methods' contract: a ``send`` written as a plain ``def`` ran (and
+    delivered) before the engine's ``await`` of its list failed, and the batch was sent again for
+    ever; an ``async def given_up`` is never run."""
+    faults = []
+    for name in ASYNC_METHODS:
+        method = getattr(cls, name, None)
+        if not (_is_async(method) or _is_async(inspect.unwrap(method) if callable(method) else None)):
+            faults.append(f"{name} must be async def")
+    for name in SYNC_METHODS:
+        method = getattr(cls, name, None)
+        if _is_async(method) or inspect.isasyncgenfunction(method):
+            faults.append(f"{name} must be a plain def (the engine calls it without awaiting it)")
+    return faults
+
+
+def _is_async(method: object) -> bool:
+    return inspect.iscoroutinefunction(method)
 
 
 class Sink(abc.ABC, Generic[OptionsT]):

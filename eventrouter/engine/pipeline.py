@@ -15,8 +15,11 @@ import math
 import numbers
 import random
 import time
-from collections.abc import Callable, Container, Iterable, Sequence
+import traceback
+from collections.abc import Callable, Container, Generator, Iterable, Sequence
 from typing import Any
+
+from pydantic import BaseModel
 
 from eventrouter.engine.checkpoint import SinkCheckpoint
 from eventrouter.engine.deadletter import DeadLetter
@@ -25,6 +28,7 @@ from eventrouter.logs import Throttled
 from eventrouter.metrics import SINK_MODIFIED_REASONS, Metrics, observe_many
 from eventrouter.options import PipelineOptions
 from eventrouter.record import Occurrence
+from eventrouter.scrub import option_secrets, scrub
 from eventrouter.sink import (
     OK,
     STRAY_CANCEL,
@@ -34,15 +38,29 @@ from eventrouter.sink import (
     Sink,
     SinkError,
     cancelled_now,
+    raised_by_signal,
     retry,
 )
 
-__all__ = ["INTAKE_PATIENCE", "Pipeline"]
+__all__ = ["BLOCKING_STEP", "INTAKE_PATIENCE", "Pipeline"]
 
 INTAKE_PATIENCE = 5.0
 """Seconds in all that a relist waits for a sink that has a disk spool before that sink's overflow
 goes to the spool: a slow sink (an Elasticsearch indexing a few hundred documents a second) must not
 hold the relist up for the others, and a fast one is never spilled (spilling costs ~20 µs an item)."""
+
+BLOCKING_STEP = 0.5
+"""Seconds one synchronous step of a sink's ``send``/``start``/``aclose`` (the code between two of its
+awaits) may hold the event loop before it is named: meanwhile the watch, every other sink and
+/healthz wait, and ``send_timeout`` cannot cut it."""
+
+BLOCKED_LOG_PERIOD = 60.0
+"""At most one warning a minute per sink about blocking the event loop (each one is counted)."""
+
+CUT_OFF_GRACE = 5.0
+"""Seconds at most that a sink's call may go on after its cancellation (``send_timeout``, a stop)
+before it is named as swallowing it; at least 1 s, else the send_timeout (cleanup that awaits, as
+closing a connection, takes less)."""
 
 KEEP_GONE_SECONDS = 1.0
 """How long a stop's ``keep_gone`` reads the spool when its caller gives no deadline (the router's
@@ -97,6 +115,9 @@ class Pipeline:
         self._failed_tries = 0
         self._failed_due = 0.0
         self._contract_said: set[str] = set()  # outcome contract faults already logged (once each)
+        self._secret_forms: dict[int, tuple[object, list[str]]] = {}  # id(options) → their secrets
+        self._blocking = Throttled(self.log, BLOCKED_LOG_PERIOD)
+        self._abandoned = False  # the stop went on without this pipeline's task (``abandon``)
         self._in_flight: list[Occurrence] = []
         # The batch being filled (taken from the queue, not sent yet): a cancel while it waits for
         # more must leave it to ``leftovers``, not lose it with the task's frame.
@@ -169,6 +190,7 @@ class Pipeline:
         self._m_lag = m.delivery_lag.labels(name)
         self._m_event_lag = m.event_lag.labels(name)
         self._m_up = m.sink_up.labels(name)
+        self._m_blocked = m.loop_blocked.labels(name)
         self._m_durable = m.checkpoint_durable.labels(name)
         checkpoint.on_write = self._checkpoint_written
         self._m_queue_full = m.dropped.labels(name, "queue_full")
@@ -342,6 +364,8 @@ class Pipeline:
             self._given_up(dropped)
 
     def _dead_letter(self, items: list[tuple[Occurrence, str]]) -> None:
+        if self._secrets():  # a plugin's reason may quote its library's error, with the token in a URL
+            items = [(occ, self._scrub(reason)) for occ, reason in items]
         if not self.deadletter.write(items):
             self.metrics.data_dir_errors.labels(self.name, "deadletter").inc()
             self._name_dead_letters(items, unwritable=str(self.deadletter.path))
@@ -386,8 +410,105 @@ class Pipeline:
         digest, while the dead-letter file and the metrics said it was not delivered."""
         try:
             self.sink.given_up(occs)
-        except Exception:  # a plugin's bug must not stop the pipeline
-            self.log.exception("sink %s: given_up() failed", self.name)
+        except BaseException as exc:  # a plugin's bug must not stop the pipeline
+            if raised_by_signal(exc):
+                raise
+            self.log_fault(logging.ERROR, "sink %s: given_up() failed", self.name, exc=exc)
+
+    # ---- a sink's faults, named ----------------------------------------------------------------
+
+    def _secrets(self, sink: Sink[Any] | None = None) -> list[str]:
+        """The secret values of ``sink``'s options (default: the current instance), found once per
+        options object: what the engine prints about that sink's errors never shows them."""
+        options = getattr(self.sink if sink is None else sink, "options", None)
+        known = self._secret_forms.get(id(options))
+        if known is None or known[0] is not options:
+            if len(self._secret_forms) > 8:  # instances of the past (reloads)
+                self._secret_forms.clear()
+            try:
+                forms = option_secrets(options) if isinstance(options, BaseModel) else []
+            except Exception:  # an options object of a plugin's own making: nothing found in it
+                forms = []
+            known = self._secret_forms[id(options)] = (options, forms)
+        return known[1]
+
+    def _scrub(self, text: str, *sinks: Sink[Any]) -> str:
+        """``text`` without the secrets of ``sinks``' options (default: the current instance)."""
+        for sink in sinks or (self.sink,):
+            if forms := self._secrets(sink):
+                text = scrub(text, forms)
+        return text
+
+    def _fault(self, exc: BaseException, *sinks: Sink[Any]) -> str:
+        """``exc`` as a reason: its type and text, without the sink's secrets."""
+        text = _text(exc)
+        return self._scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, *sinks)
+
+    def log_fault(
+        self,
+        level: int,
+        msg: str,
+        *args: object,
+        exc: BaseException,
+        sink: Sink[Any] | None = None,
+        said: bool = False,
+    ) -> None:
+        """Log ``msg`` about a sink's exception with its traceback, unless the sink's options hold
+        secrets (its library's error may quote them: a token in the URL): then with the exception's
+        text scrubbed (added unless ``said``: ``args`` hold it), and the traceback, scrubbed too,
+        at DEBUG only."""
+        if not self._secrets(sink):
+            self.log.log(level, msg, *args, exc_info=exc)
+            return
+        sinks = () if sink is None else (sink,)
+        if not said:
+            msg, args = msg + ": %s", (*args, self._fault(exc, *sinks))
+        self.log.log(level, msg, *args)
+        if self.log.isEnabledFor(logging.DEBUG):
+            text = "".join(traceback.format_exception(exc))
+            self.log.debug(
+                "sink %s: its traceback (secrets masked):\n%s", self.name, self._scrub(text, *sinks)
+            )
+
+    def _blocked(self, method: str, seconds: float) -> None:
+        """One step of the sink's ``method`` held the event loop ``seconds`` (``_Watched``)."""
+        self._m_blocked.inc(seconds)
+        self._blocking.warning(
+            "blocked",
+            "sink %s: its %s() held the event loop for %.2fs without yielding (a blocking call: a "
+            "synchronous client, time.sleep); the watch, every other sink and /healthz waited "
+            "meanwhile, and send_timeout cannot cut it: use an asyncio client or asyncio.to_thread",
+            self.name,
+            method,
+            seconds,
+        )
+
+    def _cut_off_grace(self) -> float:
+        return max(1.0, min(CUT_OFF_GRACE, self.options.send_timeout))
+
+    def _overran(self, method: str, seconds: float) -> None:
+        """The sink's ``method`` goes on ``seconds`` after it was cancelled: it swallows cancellation."""
+        kind = {"send": "timeout", "start": "start"}.get(method, "exception")
+        self.metrics.send_errors.labels(self.name, kind).inc()
+        if method != "aclose":
+            self._set_up(False)
+        self.log.error(
+            "sink %s: %s() did not end %.1fs after it was cancelled (send_timeout %gs, or a stop): it "
+            "swallows its cancellation%s",
+            self.name,
+            method,
+            seconds,
+            self.options.send_timeout,
+            "" if method == "aclose" else "; the sink delivers nothing until it ends, and is down",
+        )
+
+    def _ended_late(self, method: str, seconds: float) -> None:
+        self.log.warning("sink %s: %s() ended %.1fs after it was cancelled", self.name, method, seconds)
+
+    def abandon(self) -> None:
+        """The stop went on without this pipeline's task (a send that swallows its cancellation):
+        its batch in flight went with the leftovers, so nothing that send answers later is recorded."""
+        self._abandoned = True
 
     def _checkpoint_written(self, error: OSError | None) -> None:
         if error is not None:
@@ -401,6 +522,7 @@ class Pipeline:
             self._m_received.inc(self._received)
             self._received = 0
         self._throttled.report()
+        self._blocking.report()
 
     def _set_up(self, up: bool) -> None:
         self.healthy = up
@@ -898,7 +1020,9 @@ class Pipeline:
                 if limit and tries >= limit:
                     self._release(occ)
                     self._owed.discard(key)
-                    exhausted.append((occ, f"retries exhausted after {tries} attempts: {out.reason}"))
+                    exhausted.append(
+                        (occ, f"retries exhausted after {tries} attempts: {self._scrub(out.reason)}")
+                    )
                     done[occ.uid] = max(done.get(occ.uid, 0), occ.number)
                     continue
                 self._failures[key] = tries
@@ -1155,21 +1279,52 @@ class Pipeline:
 
     def _count_modified(self) -> None:
         """Export the increase of the sink's ``modified`` totals (a plugin may not call the base
-        ``__init__``: read with getattr). A replacement that did not carry them over starts at 0."""
-        for reason, total in self.sink.modified.items():
+        ``__init__``: read with getattr). A replacement that did not carry them over starts at 0.
+        A plugin's totals of the wrong kind (one gone below 0, a text, no mapping) stopped the router
+        after a send it answered OK, so that batch was sent again after each restart: now a contract
+        fault, logged once, its value not exported."""
+        faults: list[str] = []
+        modified: object = None
+        try:
+            modified = getattr(self.sink, "modified", None)
+            if not modified:
+                return
+            totals = list(modified.items())  # type: ignore[attr-defined]
+        except Exception:
+            faults.append(f"an object of type {type(modified).__name__}, not a Counter of totals by reason")
+            totals = []
+        for reason, total in totals:
+            if not isinstance(reason, str):
+                faults.append(f"a reason of type {type(reason).__name__}")
+                continue
+            if (fault := _no_count(total)) is not None:
+                faults.append(f"the total {reason[:40]!r} {fault}")
+                continue
             seen = self._modified_seen.get(reason, 0)
             if total != seen:
                 label = reason if reason in SINK_MODIFIED_REASONS else "other"
                 self.metrics.modified.labels(self.name, label).inc(total - seen if total > seen else total)
                 self._modified_seen[reason] = total
+        if faults:
+            self.metrics.send_errors.labels(self.name, "contract").inc()
+            new = [f for f in dict.fromkeys(faults) if f not in self._contract_said]
+            if new:
+                self._contract_said.update(new)
+                self.log.error(
+                    "sink %s: its modified totals (Sink.modified) hold %s; not exported (each fault logged once; counted "
+                    'in eventrouter_sink_send_errors_total{kind="contract"})',
+                    self.name,
+                    "; ".join(new),
+                )
 
     async def _send_once(self, items: Sequence[Occurrence]) -> Sequence[Outcome]:
         if self._replacement_due() and not await self._take_replacement():
             return [retry("stopped before the reloaded sink started")] * len(items)
         started = time.monotonic()
+        sending = _Watched(self, "send", self.sink.send, items)
         try:
             async with asyncio.timeout(self.options.send_timeout):
-                outcomes = await self.sink.send(items)
+                outcomes = await sending
         except RetryableError as exc:
             self.metrics.send_errors.labels(self.name, "retryable").inc()
             # A plugin's subclass may not have called RetryableError.__init__: no attributes.
@@ -1194,15 +1349,29 @@ class Pipeline:
             return [retry("send raised CancelledError")] * len(items)
         except Exception as exc:
             # A sink bug must not lose events: log it loudly and retry.
-            self.metrics.send_errors.labels(self.name, "exception").inc()
-            self.log.exception("sink %s: send raised %s", self.name, type(exc).__name__)
-            return [retry(f"{type(exc).__name__}: {_text(exc)}")] * len(items)
+            return self._send_raised(exc, items)
+        except BaseException as exc:
+            # Also one that is no Exception (GeneratorExit, an anyio group, a library's own kind): it
+            # ended the pipeline task unseen; SystemExit and KeyboardInterrupt ended the router.
+            if raised_by_signal(exc) or sending.closing:
+                raise
+            return self._send_raised(exc, items)
         finally:
             self._m_latency.observe(time.monotonic() - started)
-        if getattr(self.sink, "modified", None):
-            self._count_modified()
+        self._count_modified()
         if outcomes is None:
             return [OK] * len(items)
+        if isinstance(outcomes, Outcome | str | bytes | dict) or not hasattr(outcomes, "__iter__"):
+            # One Outcome was read as "0 outcomes", a dict as its keys, a text as its characters.
+            self.metrics.send_errors.labels(self.name, "contract").inc()
+            self.log.error(
+                "sink %s returned an object of type %s for %d occurrences, not a sequence of one Outcome each; "
+                "retrying the batch",
+                self.name,
+                type(outcomes).__name__,
+                len(items),
+            )
+            return [retry("sink broke the outcome contract")] * len(items)
         if not isinstance(outcomes, list):
             try:
                 # A generator or a list of something else crashed the pipeline task, and the router.
@@ -1222,6 +1391,12 @@ class Pipeline:
         if not all(o is OK or _well_formed(o) for o in outcomes):
             return self._mended(outcomes, "its outcomes")
         return outcomes
+
+    def _send_raised(self, exc: BaseException, items: Sequence[Occurrence]) -> list[Outcome]:
+        self.metrics.send_errors.labels(self.name, "exception").inc()
+        reason = self._fault(exc)
+        self.log_fault(logging.ERROR, "sink %s: send raised %s", self.name, reason, exc=exc, said=True)
+        return [retry(reason)] * len(items)
 
     def _mended(self, outcomes: Sequence[Outcome], how: str) -> Sequence[Outcome]:
         """Outcomes whose fields hold what the engine reads. A Retry-After passed on as the header's
@@ -1296,6 +1471,8 @@ class Pipeline:
             while pending:
                 attempt += 1
                 outcomes = await self._send_once(pending)
+                if self._abandoned:
+                    return  # a send that swallowed its cancellation ended after the stop went on
                 now = time.time()
                 retry_items: list[Occurrence] = []
                 dead: list[tuple[Occurrence, str]] = []
@@ -1322,7 +1499,7 @@ class Pipeline:
                         if occ.number > done.get(occ.uid, 0):
                             done[occ.uid] = occ.number
                     elif out.kind is OutcomeKind.REJECT:
-                        dead.append((occ, out.reason or "rejected"))
+                        dead.append((occ, self._scrub(out.reason) if out.reason else "rejected"))
                         self.metrics.dead_lettered.labels(self.name, "rejected").inc()
                         done[occ.uid] = max(done.get(occ.uid, 0), occ.number)
                     else:
@@ -1334,6 +1511,8 @@ class Pipeline:
                         own += out.defer and not out.held
                         if (wait := self._server_wait(out.retry_after)) is not None:
                             retry_after = max(retry_after or 0.0, wait)
+                if last_reason:
+                    last_reason = self._scrub(last_reason)
                 if lags:
                     self._m_delivered.inc(len(lags))
                     observe_many(self._m_lag, lags)
@@ -1422,7 +1601,8 @@ class Pipeline:
                     return  # `_in_flight` keeps what is left, for the spool or the drop count
         finally:
             # Entries left on stop or cancellation stay unrecorded while a lower one is pending.
-            self._checkpoint(done, pending)
+            if not self._abandoned:  # else the stop recorded what it could, and closed the checkpoint
+                self._checkpoint(done, pending)
         self._in_flight = []
 
     def _release(self, occ: Occurrence) -> None:
@@ -1470,20 +1650,17 @@ class Pipeline:
             if self._replacement is not None:  # options re-read while this one could not start
                 await self._use_replacement()
             attempt += 1
+            starting = _Watched(self, "start", self.sink.start)
             try:
-                async with asyncio.timeout(self.options.send_timeout):
-                    await self.sink.start()
-            except (Exception, asyncio.CancelledError) as exc:
-                if isinstance(exc, asyncio.CancelledError):
-                    if cancelled_now():
-                        raise  # a stop
-                    # One a plugin let out ended the pipeline task unseen: nothing delivered again,
-                    # sink_up 1, no error counted or logged. A failed start, retried as any.
-                    reason = f"start() {STRAY_CANCEL}"
-                elif isinstance(exc, SinkError):
-                    reason = str(exc)
-                else:
-                    reason = f"{type(exc).__name__}: {exc}"
+                async with asyncio.timeout(self.options.send_timeout) as deadline:
+                    await starting
+            except BaseException as exc:
+                if self._stopping_for(exc, starting):
+                    raise
+                # A CancelledError a plugin let out, or any BaseException that is no Exception,
+                # ended the pipeline task unseen: nothing delivered again, sink_up 1, no error
+                # counted or logged. A failed start, retried as any.
+                reason = self._start_failure(exc, deadline.expired(), self.sink)
                 self._set_up(False)
                 self.start_tried.set()
                 self.metrics.send_errors.labels(self.name, "start").inc()
@@ -1498,6 +1675,24 @@ class Pipeline:
             self._set_up(True)
             return True
         return False
+
+    @staticmethod
+    def _stopping_for(exc: BaseException, call: _Watched) -> bool:
+        """``exc``, met around a sink's call, stops the pipeline (a stop's cancellation, Ctrl-C, the
+        coroutine closed) rather than being the sink's fault."""
+        if isinstance(exc, asyncio.CancelledError):
+            return cancelled_now()
+        return raised_by_signal(exc) or call.closing
+
+    def _start_failure(self, exc: BaseException, expired: bool, *sinks: Sink[Any]) -> str:
+        """Why a start failed, as logged: a hung start said only "TimeoutError: "."""
+        if isinstance(exc, asyncio.CancelledError):
+            return f"start() {STRAY_CANCEL}"
+        if isinstance(exc, TimeoutError) and expired:
+            return f"start() did not finish within send_timeout {self.options.send_timeout:g}s"
+        if isinstance(exc, SinkError):
+            return self._scrub(_text(exc), *sinks)
+        return self._fault(exc, *sinks)
 
     async def _pause(self, delay: float, firm: float = 0.0) -> None:
         """Wait ``delay`` seconds, less when told to stop or given a reloaded sink to try. A reloaded
@@ -1555,22 +1750,19 @@ class Pipeline:
             new, self._failed_replacement, tries = self._failed_replacement, None, self._failed_tries
         else:
             return
+        starting = _Watched(self, "start", new.start)
         try:
-            async with asyncio.timeout(self.options.send_timeout):
-                await new.start()
-        except (Exception, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and cancelled_now():
+            async with asyncio.timeout(self.options.send_timeout) as deadline:
+                await starting
+        except BaseException as exc:
+            if self._stopping_for(exc, starting):
                 self._superseded.append(new)  # a stop: close_sink closes it
                 raise
-            # A CancelledError the plugin let out ended the pipeline task unseen: a failed start.
+            # A CancelledError the plugin let out (or another BaseException) ended the pipeline
+            # task unseen: a failed start.
             tries += 1
             self.metrics.send_errors.labels(self.name, "start").inc()
-            if isinstance(exc, asyncio.CancelledError):
-                reason = f"start() {STRAY_CANCEL}"
-            elif isinstance(exc, SinkError):
-                reason = _text(exc)
-            else:
-                reason = f"{type(exc).__name__}: {_text(exc)}"
+            reason = self._start_failure(exc, deadline.expired(), new, self.sink)
             if self._replacement is None:
                 # Tried again, as a failing first start is (a credential not taken yet may be soon),
                 # at a send: the working instance's sends are not held up for it.
@@ -1619,15 +1811,24 @@ class Pipeline:
     def _took_over(self, new: Sink[Any], old: Sink[Any]) -> None:
         try:
             new.take_over(old)
-        except Exception:
-            self.log.exception("sink %s: take_over from the previous instance raised", self.name)
+        except BaseException as exc:
+            if raised_by_signal(exc):
+                raise
+            self.log_fault(
+                logging.ERROR,
+                "sink %s: take_over from the previous instance raised",
+                self.name,
+                exc=exc,
+                sink=new,
+            )
         self.log.info("sink %s: now sending with its re-read options", self.name)
 
-    async def _close_quietly(self, sink: Sink[Any]) -> None:
+    async def _close_quietly(self, sink: Sink[Any], what: str = "the previous instance") -> None:
+        closing = _Watched(self, "aclose", sink.aclose)
         try:
             # Bounded: a close that flushes into a broken connection must not stall the pipeline.
             async with asyncio.timeout(self.options.send_timeout):
-                await sink.aclose()
+                await closing
         except asyncio.CancelledError:
             if cancelled_now():
                 raise  # a stop's deadline: close_sink closes what is left
@@ -1635,18 +1836,26 @@ class Pipeline:
             # then never finished: no checkpoint written, no lock or lease released) unseen.
             self.metrics.send_errors.labels(self.name, "exception").inc()
             self.log.error("sink %s: aclose() %s; going on", self.name, STRAY_CANCEL)
-        except Exception as exc:
+        except BaseException as exc:
+            if raised_by_signal(exc) or closing.closing:
+                raise
+            self.metrics.send_errors.labels(self.name, "exception").inc()
             self.log.warning(
-                "sink %s: closing the previous instance raised %s: %s", self.name, type(exc).__name__, exc
+                "sink %s: closing %s raised %s: %s",
+                self.name,
+                what,
+                type(exc).__name__,
+                self._scrub(_text(exc), sink),
             )
 
     async def close_sink(self) -> None:
         """Release the sink's connections (and those of a reloaded one not used yet)."""
         pending, self._replacement = self._replacement, None
         failed, self._failed_replacement = self._failed_replacement, None
-        for sink in (self.sink, pending, failed):
+        await self._close_quietly(self.sink, "it")
+        for sink in (pending, failed):
             if sink is not None:
-                await self._close_quietly(sink)
+                await self._close_quietly(sink, "its instance rebuilt with re-read options (not used)")
         while self._superseded:
             await self._close_quietly(self._superseded.pop())
 
@@ -1759,6 +1968,74 @@ class Pipeline:
                 self._wakeup.set()
 
 
+class _Watched:
+    """Awaits a sink's ``send``, ``start`` or ``aclose`` as ``await`` would, step by step, timing each
+    synchronous step (two clock reads): one that holds the event loop ``BLOCKING_STEP`` or more (a
+    synchronous client, ``time.sleep``) is named (``Pipeline._blocked``), as is a call still going on
+    some seconds after its cancellation (it swallows it: neither send_timeout nor a stop ended it)."""
+
+    __slots__ = ("_args", "_call", "_cut_at", "_late", "_method", "_overran", "_pipeline", "closing")
+
+    def __init__(self, pipeline: Pipeline, method: str, call: Callable[..., Any], *args: Any) -> None:
+        self._pipeline = pipeline
+        self._method = method
+        self._call = call
+        self._args = args
+        self._cut_at = 0.0
+        self._late: asyncio.TimerHandle | None = None
+        self._overran = False
+        self.closing = False
+        """The awaiting coroutine was closed (a GeneratorExit from outside, not one the sink raised)."""
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        clock = time.monotonic
+        began = clock()
+        try:
+            awaitable = self._call(*self._args)  # a plain `def` runs (and may block) here
+        finally:
+            if (spent := clock() - began) >= BLOCKING_STEP:
+                self._pipeline._blocked(self._method, spent)
+        to_await = getattr(type(awaitable), "__await__", None)
+        if to_await is None:
+            raise TypeError(
+                f"{self._method}() returned {type(awaitable).__name__}, not an awaitable: it must be async def"
+            )
+        steps = to_await(awaitable)
+        value: Any = None
+        thrown: BaseException | None = None
+        try:
+            while True:
+                began = clock()
+                try:
+                    step = steps.send(value) if thrown is None else steps.throw(thrown)
+                except StopIteration as done:
+                    return done.value
+                finally:
+                    if (spent := clock() - began) >= BLOCKING_STEP:
+                        self._pipeline._blocked(self._method, spent)
+                try:
+                    value, thrown = (yield step), None
+                except GeneratorExit:
+                    self.closing = True
+                    steps.close()
+                    raise
+                except BaseException as exc:  # thrown in by the task: a cancellation
+                    value, thrown = None, exc
+                    if self._late is None and isinstance(exc, asyncio.CancelledError):
+                        self._cut_at = clock()
+                        grace = self._pipeline._cut_off_grace()
+                        self._late = asyncio.get_running_loop().call_later(grace, self._still_going)
+        finally:
+            if self._late is not None:
+                self._late.cancel()
+                if self._overran:
+                    self._pipeline._ended_late(self._method, clock() - self._cut_at)
+
+    def _still_going(self) -> None:
+        self._overran = True
+        self._pipeline._overran(self._method, time.monotonic() - self._cut_at)
+
+
 _KINDS = {kind.value: kind for kind in OutcomeKind}
 
 
@@ -1785,6 +2062,20 @@ def _text(value: object) -> str:
         return str(value)
     except Exception:
         return f"<{type(value).__name__} whose text cannot be read>"
+
+
+def _no_count(value: object) -> str | None:
+    """Why ``value`` is no total a counter can take (a finite real number, not below 0); None if it is
+    one. Without the value: each fault is logged once, and a total going down goes on changing."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return f"of type {type(value).__name__}"
+    try:
+        number = float(value)
+    except (OverflowError, TypeError, ValueError):  # an int past a float's range, an odd Real
+        return "past a float's range"
+    if not math.isfinite(number):
+        return "not finite"
+    return "below 0" if number < 0 else None
 
 
 def _truth(value: object) -> bool:
