@@ -9,6 +9,7 @@ import collections
 import contextlib
 import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -156,6 +157,49 @@ async def test_conflict_merges_by_max_per_uid(
     new.prune({"u1", "u2", "u4"})
     assert await new_leader.flush()
     assert stored_states(api)["loki"]["u1"] == 3
+
+
+@pytest.mark.parametrize("given_up", ["timed out", "cancelled"])
+async def test_a_merge_given_up_in_its_decode_leaves_the_next_write_to_merge_again(
+    api: FakeApiServer, store_factory: Callable[..., ConfigMapCheckpointStore], given_up: str
+) -> None:
+    """A 409's merge given up while it decoded the other writer's ConfigMap (the stop's bounded attempt,
+    the stop's cancel of run()) had taken its resourceVersion already: the next write then succeeded
+    without a 409 and replaced the other leader's higher numbers and its uids with this one's."""
+    store = store_factory()
+    await store.load()
+    mine = SinkCheckpoint(store.backend("loki"))
+    mine.ack({"a": 1})
+    assert await store.flush()
+    other = store_factory()
+    await other.load()
+    SinkCheckpoint(other.backend("loki")).ack({"a": 5, "b": 3})  # the other leader delivered more
+    assert await other.flush()
+    mine.ack({"c": 1})
+
+    entered, go = threading.Event(), threading.Event()
+    parse = store._parse
+
+    def slow_parse(obj: Any) -> Any:  # a large ConfigMap decoded on a CPU-starved node
+        entered.set()
+        go.wait(30)
+        return parse(obj)
+
+    store._parse = slow_parse  # type: ignore[method-assign]
+    try:
+        if given_up == "timed out":
+            assert not await store.flush(timeout=2.0)
+            assert entered.is_set()  # it was the decode that ran out of time
+        else:
+            attempt = asyncio.create_task(store.flush())
+            await until(entered.is_set)
+            attempt.cancel()
+            await asyncio.gather(attempt, return_exceptions=True)
+    finally:
+        go.set()
+        store._parse = parse  # type: ignore[method-assign]
+    assert await store.flush(timeout=10)  # the stop's next attempt: meets the 409 again and merges
+    assert stored_states(api) == {"loki": {"a": 5, "b": 3, "c": 1}}
 
 
 def _three_sinks(n: int, *, filtered: bool) -> tuple[dict[str, dict[str, int]], list[str]]:

@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from itertools import chain, compress, repeat
 from operator import lshift, ne, or_, sub
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import aiohttp
 import orjson
@@ -412,6 +412,46 @@ def configmap_size(obj: Mapping[str, Any]) -> int:
 
 
 # ---- the store ----------------------------------------------------------------------------------
+
+
+class _Lagging(NamedTuple):
+    """A sink read from its table that is behind another or holds merged numbers: copies taken on the
+    loop (C-level: its table's entries, shared, its own lower numbers, the merged ones), its state built
+    from them in the store's thread (built on the loop, row by row in Python, it cost ~6 ms of loop per
+    lagging sink per write at 50,000 events: a relist's whole drain)."""
+
+    entries: dict[str, int]
+    behind: dict[str, int]
+    merged: dict[str, int]
+
+    def state(self) -> dict[str, int]:
+        """What ``CheckpointTable.view`` and the store's ``_state`` give, from the copies."""
+        out = dict(self.entries)
+        behind = self.behind
+        out.update(behind)  # every uid of ``behind`` is one of ``entries``: their order is kept
+        for uid in [uid for uid, n in behind.items() if not n]:  # not accepted at all
+            del out[uid]
+        for uid, n in self.merged.items():  # a merge's numbers, where higher
+            if n > out.get(uid, 0):
+                out[uid] = n
+        return out
+
+
+def _built(
+    states: Mapping[str, dict[str, int] | _Lagging], stop: threading.Event | None
+) -> dict[str, dict[str, int]]:
+    """Every sink's state, the lagging ones built; one equal to another shares its dict (as on the loop)."""
+    distinct = list({id(c): c for c in states.values() if isinstance(c, dict)}.values())
+    out: dict[str, dict[str, int]] = {}
+    for sink, state in states.items():
+        if isinstance(state, _Lagging):
+            _check(stop)
+            new = state.state()
+            state = next((c for c in distinct if c == new), new)
+            if state is new:
+                distinct.append(new)
+        out[sink] = state
+    return out
 
 
 class _SinkBackend:
@@ -839,8 +879,11 @@ class ConfigMapCheckpointStore:
         merged = self._merged(sink, via)
         if merged is not None:
             # ``state`` is the table's column (SinkCheckpoint.state): only merged numbers to sort out.
+            # A merged uid the column does not hold goes, as a copy of the column would drop it: kept, an
+            # entry another writer had of an event this one never held (deleted since) stayed for the
+            # whole tenure, as no prune or forget of the table ever names it.
             gone = [uid for uid in merged if uid not in state]
-            self._states[sink] = {uid: n for uid, n in merged.items() if n > state.get(uid, 0)}
+            self._states[sink] = {uid: n for uid, n in merged.items() if uid in state and n > state[uid]}
             for uid in state:
                 if uid not in self._order:
                     self._order[uid] = None
@@ -863,9 +906,9 @@ class ConfigMapCheckpointStore:
 
     def _snapshot(
         self,
-    ) -> tuple[dict[str, dict[str, int]], list[str], dict[str, float], dict[str, float]]:
-        """What to write: (states, uids oldest first, first-unseen times, when each sink written
-        though not configured was first written so)."""
+    ) -> tuple[dict[str, dict[str, int] | _Lagging], list[str], dict[str, float], dict[str, float]]:
+        """What to write: (states, a lagging sink's still to build, see _built; uids oldest first;
+        first-unseen times; when each sink written though not configured was first written so)."""
         now = time.time()
         self._expire_unconfigured(now)
         # One pruned empty is left out: nothing of it to keep.
@@ -875,9 +918,15 @@ class ConfigMapCheckpointStore:
         # One copy per distinct state: sinks that accepted the same events (all of them, once level)
         # share it. _build only drops uids from every state alike, so a shared copy stays right; seven
         # copies of 50,000 entries were ~13 MiB of glibc heap per write, kept until the next trim.
-        states: dict[str, dict[str, int]] = {}
+        states: dict[str, dict[str, int] | _Lagging] = {}
         copies: list[tuple[Mapping[str, int], dict[str, int]]] = []  # (what was copied, the copy)
+        merged: list[dict[str, int]] = []
         for s in sorted(self._sinks | unconfigured.keys()):
+            lagging = self._lagging(s, copies)
+            if lagging is not None:
+                states[s] = lagging
+                merged.append(lagging.merged)
+                continue
             state, new = self._current(s)
             # The same mapping (sinks level in one table) or equal (a length differs: at once).
             copy = next((c for was, c in copies if was is state or c == state), None)
@@ -886,8 +935,9 @@ class ConfigMapCheckpointStore:
                 copies.append((state, copy))
             states[s] = copy
         # On the loop, so set operations rather than a test per uid and sink. Every uid of a state is
-        # in _order: the same number means that every one is held.
-        held_now = set().union(*(c for _, c in copies))
+        # in _order: the same number means that every one is held. A lagging sink's uids are among its
+        # table's entries (all held: _lagging) and its merged ones.
+        held_now = set().union(*(c for _, c in copies), *merged)
         if len(held_now) == len(self._order):
             live = list(self._order)
         else:
@@ -897,6 +947,28 @@ class ConfigMapCheckpointStore:
         # Copied here, in the loop's thread: the fanout changes its map while _build runs.
         unseen = {uid: since for uid, since in self._unseen.items() if uid in held}
         return states, live, unseen, unconfigured
+
+    def _lagging(self, sink: str, copies: list[tuple[Mapping[str, int], dict[str, int]]]) -> _Lagging | None:
+        """The copies to build a sink's state from in the store's thread, when it is read from a table
+        and is behind another sink of it or holds merged numbers; its table's entries copied once into
+        ``copies`` (shared by the sinks level in it). None: copied as a whole (_current)."""
+        column = self._columns.get(sink)
+        if column is None:
+            return None
+        _, table, index = column
+        merged, behind = self._states.get(sink), table.behind[index]
+        if not merged and not behind:
+            return None  # level with the highest: the table's entries themselves
+        bound = [i for _, t, i in self._columns.values() if t is table]
+        if len(bound) < table.width and all(table.behind[i] for i in bound):
+            # A column not read here may alone hold an entry: the held uids are known only from the
+            # states themselves (a test's tables, never the router's).
+            return None
+        entries = next((c for was, c in copies if was is table.entries), None)
+        if entries is None:
+            entries = dict(table.entries)
+            copies.append((table.entries, entries))
+        return _Lagging(entries, dict(behind), dict(merged or {}))
 
     def _current(self, sink: str) -> tuple[Mapping[str, int], dict[str, int] | None]:
         """The sink's entries to copy (the table's, the store's own), or (a new dict, the same)."""
@@ -911,7 +983,7 @@ class ConfigMapCheckpointStore:
 
     def _build(
         self,
-        states: dict[str, dict[str, int]],
+        snapshot: Mapping[str, dict[str, int] | _Lagging],
         order: list[str],
         unseen: dict[str, float],
         unconfigured: dict[str, float] | None = None,
@@ -920,8 +992,10 @@ class ConfigMapCheckpointStore:
         """The ConfigMap body within the limit, dropping entries when needed: first the sinks of
         ``unconfigured`` (whole sinks, the longest not configured first: taking one sink's entry of an
         event others hold at the same number costs a diff), then the uids of ``unseen``, then the
-        oldest; (body, dropped, unseen dropped, entries left out by sink not configured). ``stop``:
-        set when the write was cancelled (CheckpointAbandoned)."""
+        oldest; (body, dropped, unseen dropped, entries left out by sink not configured). ``snapshot``:
+        _snapshot's states, the lagging sinks' built here. ``stop``: set when the write was cancelled
+        (CheckpointAbandoned)."""
+        states = _built(snapshot, stop)
         dropped = dropped_unseen = 0
         left_out: dict[str, int] = {}
         kept = dict(unconfigured or {})
@@ -1146,8 +1220,10 @@ class ConfigMapCheckpointStore:
         if obj is None:
             self._exists, self._resource_version = False, None
             return
-        self._exists = True
-        self._resource_version = (obj.get("metadata") or {}).get("resourceVersion")
+        # Its resourceVersion is taken only with its content merged (no await in between): a merge given
+        # up in its decode (the stop's timeout, a cancel) that had taken it made the next write succeed
+        # without a 409, over the other writer's numbers.
+        version = (obj.get("metadata") or {}).get("resourceVersion")
         sent = self._unanswered
         if (
             sent is not None
@@ -1156,6 +1232,7 @@ class ConfigMapCheckpointStore:
         ):
             # Our own write, applied though its answer never came: nothing of another writer to merge.
             self._unanswered = None
+            self._exists, self._resource_version = True, version
             log.info(
                 "checkpoint ConfigMap %s/%s: a write of ours whose answer did not come was applied; "
                 "writing again over it",
@@ -1180,6 +1257,7 @@ class ConfigMapCheckpointStore:
                     mine[uid] = n
                     if uid not in self._order:
                         self._order[uid] = None
+        self._exists, self._resource_version = True, version
         self._touch()
 
     def _parse(self, obj: Mapping[str, Any]) -> tuple[dict[str, dict[str, int]], list[str]]:
