@@ -1056,6 +1056,7 @@ class Router:
                 t.cancel()
             await self._wait_cancelled_pipelines()
         scan_until = time.monotonic() + STOP_SCAN_SECONDS
+        spooled: list[tuple[Pipeline, int]] = []  # sinks with a spool, and the leftovers each kept
         for p in self.pipelines:
             older, newer = p.leftovers()
             left = older + newer
@@ -1063,8 +1064,7 @@ class Router:
                 p.settle_at_stop()  # nothing pending: whatever was held back can be recorded
                 if p.spool is not None:
                     p.spool.keep_aside([])
-                    p.keep_gone(scan_until)  # before the report's scan: the marks first in the budget
-                    self._say_left(p, 0, scan_until)
+                    spooled.append((p, 0))
                 continue
             if p.spool is not None:
                 kept = 0
@@ -1103,8 +1103,7 @@ class Router:
                         self.metrics.dropped.labels(p.name, "spool_full").inc()
                         log.warning("sink %s: spool full at shutdown, dropped %s", p.name, lost)
                     p.tell_spool_drops()
-                p.keep_gone(scan_until)  # once the leftovers are in the spool (a queued copy is one)
-                self._say_left(p, kept, scan_until)
+                spooled.append((p, kept))
             else:
                 self.metrics.dropped.labels(p.name, "shutdown").inc(len(left))
                 log.warning(
@@ -1117,6 +1116,14 @@ class Router:
                     else "without --data-dir they are re-delivered after restart only while the API server "
                     "still holds them",
                 )
+        # The marks of deleted events first (a mark not checked is kept, and in a full ConfigMap it
+        # pushes a live entry out: item 124), each sink a fair share of what is left, so one sink's
+        # long spool cannot leave the next none; then the stop report's scans with the rest.
+        for i, (p, _) in enumerate(spooled):
+            now = time.monotonic()
+            p.keep_gone(now + max(0.0, scan_until - now) / (len(spooled) - i))
+        for p, kept in spooled:
+            self._say_left(p, kept, scan_until)
         for p in self.pipelines:
             p.flush_metrics()
             if p.spool is not None:

@@ -27,6 +27,7 @@ from eventrouter.testing.waiting import until
 # Valid JSON, not a record: each used to raise out of ``pop`` (KeyError, IndexError), or (a string
 # ``received_at``) out of ``_deliver`` once the sink had taken the batch. ``"garbage"`` was handled
 # before (a control).
+_NO_TIME = {"metadata": {"uid": "bad-uid", "name": "b", "namespace": "ns"}, "reason": "X"}
 WRONG_SHAPES = {
     "object": b"{}",
     "empty-list": b"[]",
@@ -34,6 +35,11 @@ WRONG_SHAPES = {
     "string-received-at": orjson.dumps([event_object(), "x"]),
     "bool-received-at": orjson.dumps([event_object(), True]),
     "string": b'"garbage"',
+    # A number that is no time, on an event with no time of its own: ``normalise`` raised
+    # OverflowError out of ``pop`` (a review of item 244).
+    "received-at-1e300": orjson.dumps([_NO_TIME, 1e300]),
+    "received-at--1e300": orjson.dumps([_NO_TIME, -1e300]),
+    "received-at-year-33658": orjson.dumps([_NO_TIME, 1e12]),
 }
 
 

@@ -87,11 +87,21 @@ def _record(rec: Any) -> list[Any]:
         )
     if type(rec[1]) not in (int, float):
         raise MalformedEvent(f"spooled record's received_at is {type(rec[1]).__name__}, not a number")
+    if not _RECEIVED_MIN <= rec[1] <= _RECEIVED_MAX:  # NaN too: no time of the years 1-9999
+        raise MalformedEvent(f"spooled record's received_at {rec[1]!r} is no time")
     return rec
+
+
+_RECEIVED_MIN = -62_135_596_800.0
+"""0001-01-01T00:00:00Z as Unix seconds: a ``received_at`` out of the years 1-9999 (``1e300``) made
+``normalise`` raise OverflowError out of ``pop`` once the event had no time of its own."""
+_RECEIVED_MAX = 253_402_300_799.0
+"""9999-12-31T23:59:59Z as Unix seconds."""
 
 
 _UNREADABLE = (
     orjson.JSONDecodeError,
+    OverflowError,
     MalformedEvent,
     ValueError,
     TypeError,
