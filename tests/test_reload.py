@@ -327,6 +327,62 @@ async def test_a_plugin_that_cannot_be_built_with_the_new_file_is_counted_invali
     assert pipeline._replacement.options.api_key.get_secret_value() == "ak-new-2"
 
 
+class Boom(BaseException):
+    """A library's own BaseException subclass (gevent's Timeout is such)."""
+
+
+class _TokenOptions(MemorySinkOptions):
+    token: Secret
+    raises: str = "Boom"
+
+
+class _Picky(MemorySink):
+    """A plugin whose client library refuses a token it dislikes with a BaseException quoting it."""
+
+    options_model = _TokenOptions  # type: ignore[assignment]  # a narrower model, as a plugin has
+
+    def __init__(self, options: _TokenOptions, context: object) -> None:
+        token = options.token.get_secret_value()
+        if token.startswith("bad"):
+            raise {"Boom": Boom, "ValueError": ValueError}[options.raises](f"token {token} refused")
+        super().__init__(options, context)
+
+
+@pytest.mark.parametrize("raises", ["Boom", "ValueError"])
+async def test_a_plugin_whose_constructor_raises_at_a_rotation_costs_only_that_reload_and_shows_no_secret(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, raises: str
+) -> None:
+    """Before, Boom left ``check()``, ended the reload task and so stopped the router (exit 1): every
+    sink stopped because a token file was rotated; and a ValueError's text was logged with the token."""
+    token = tmp_path / "token"
+    token.write_text("good-token-1")
+    options = {"name": "plug", "token": f"file:{token}", "raises": raises, "batch_max_wait": 0.02}
+    spec = spec_for_class(_Picky, options, type_="p")
+    settings = RouterSettings(
+        cluster_name="test",
+        kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
+        metrics_addr=None,
+        watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
+        reload_interval=0.05,
+    )
+    router = Router(settings, [spec])
+    async with router.running():
+        sink = router.sinks["plug"]
+        assert isinstance(sink, _Picky)
+        token.write_text("bad-token-5ecr3t")
+        await until(lambda: _reloads(router, "invalid", "plug") == 1)
+        api.create_event(event_object(object_name="after-the-rotation"))
+        await until(lambda: len(sink.received) == 1)  # the instance it had delivers on
+        assert router.sinks["plug"] is sink and not router.stopped.is_set()
+    assert router.exit_code == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [
+        f"sink plug: {token} (token) changed, but the sink cannot be built with it ({raises}: token **** "
+        "refused); it goes on with the options it had"
+    ]
+    assert "5ecr3t" not in caplog.text
+
+
 async def test_the_router_looks_at_a_changed_file_again_after_settle_not_after_a_whole_interval(
     api: FakeApiServer, tmp_path: Path
 ) -> None:

@@ -28,7 +28,7 @@ from eventrouter.logs import Throttled
 from eventrouter.metrics import SINK_MODIFIED_REASONS, Metrics, observe_many
 from eventrouter.options import PipelineOptions
 from eventrouter.record import Occurrence
-from eventrouter.scrub import option_secrets, scrub
+from eventrouter.scrub import MIN_CUT, Scrubber, option_secrets
 from eventrouter.sink import (
     OK,
     STRAY_CANCEL,
@@ -115,7 +115,7 @@ class Pipeline:
         self._failed_tries = 0
         self._failed_due = 0.0
         self._contract_said: set[str] = set()  # outcome contract faults already logged (once each)
-        self._secret_forms: dict[int, tuple[object, list[str]]] = {}  # id(options) → their secrets
+        self._secret_forms: dict[int, tuple[object, Scrubber]] = {}  # id(options) → their secrets
         self._blocking = Throttled(self.log, BLOCKED_LOG_PERIOD)
         self._abandoned = False  # the stop went on without this pipeline's task (``abandon``)
         self._in_flight: list[Occurrence] = []
@@ -364,8 +364,8 @@ class Pipeline:
             self._given_up(dropped)
 
     def _dead_letter(self, items: list[tuple[Occurrence, str]]) -> None:
-        if self._secrets():  # a plugin's reason may quote its library's error, with the token in a URL
-            items = [(occ, self._scrub(reason)) for occ, reason in items]
+        """``items``' reasons are masked already (``_scrub``): a plugin's reason may quote its
+        library's error, with the token in a URL."""
         if not self.deadletter.write(items):
             self.metrics.data_dir_errors.labels(self.name, "deadletter").inc()
             self._name_dead_letters(items, unwritable=str(self.deadletter.path))
@@ -417,9 +417,10 @@ class Pipeline:
 
     # ---- a sink's faults, named ----------------------------------------------------------------
 
-    def _secrets(self, sink: Sink[Any] | None = None) -> list[str]:
-        """The secret values of ``sink``'s options (default: the current instance), found once per
-        options object: what the engine prints about that sink's errors never shows them."""
+    def _secrets(self, sink: Sink[Any] | None = None) -> Scrubber:
+        """The masker of the secret values of ``sink``'s options (default: the current instance),
+        built once per options object: what the engine prints about that sink's errors never shows
+        them. False when they hold none."""
         options = getattr(self.sink if sink is None else sink, "options", None)
         known = self._secret_forms.get(id(options))
         if known is None or known[0] is not options:
@@ -429,14 +430,14 @@ class Pipeline:
                 forms = option_secrets(options) if isinstance(options, BaseModel) else []
             except Exception:  # an options object of a plugin's own making: nothing found in it
                 forms = []
-            known = self._secret_forms[id(options)] = (options, forms)
+            known = self._secret_forms[id(options)] = (options, Scrubber(forms))
         return known[1]
 
     def _scrub(self, text: str, *sinks: Sink[Any]) -> str:
         """``text`` without the secrets of ``sinks``' options (default: the current instance)."""
         for sink in sinks or (self.sink,):
-            if forms := self._secrets(sink):
-                text = scrub(text, forms)
+            if scrubber := self._secrets(sink):
+                text = scrubber(text)
         return text
 
     def _fault(self, exc: BaseException, *sinks: Sink[Any]) -> str:
@@ -455,20 +456,26 @@ class Pipeline:
     ) -> None:
         """Log ``msg`` about a sink's exception with its traceback, unless the sink's options hold
         secrets (its library's error may quote them: a token in the URL): then with the exception's
-        text scrubbed (added unless ``said``: ``args`` hold it), and the traceback, scrubbed too,
-        at DEBUG only."""
-        if not self._secrets(sink):
+        text scrubbed (added unless ``said``: ``args`` hold it), and the traceback scrubbed too, in
+        the same line (a bug in a sink keeps its stack), or at DEBUG only when a secret of under
+        MIN_CUT characters would mask every such piece of it (a password "a")."""
+        scrubber = self._secrets(sink)
+        if not scrubber:
             self.log.log(level, msg, *args, exc_info=exc)
             return
         sinks = () if sink is None else (sink,)
         if not said:
             msg, args = msg + ": %s", (*args, self._fault(exc, *sinks))
-        self.log.log(level, msg, *args)
-        if self.log.isEnabledFor(logging.DEBUG):
-            text = "".join(traceback.format_exception(exc))
-            self.log.debug(
-                "sink %s: its traceback (secrets masked):\n%s", self.name, self._scrub(text, *sinks)
-            )
+        readable = len(scrubber.forms[-1]) >= MIN_CUT  # the shortest form
+        if not readable:
+            self.log.log(level, msg, *args)
+            if not self.log.isEnabledFor(logging.DEBUG):
+                return
+        stack = self._scrub("".join(traceback.format_exception(exc)), *sinks).rstrip("\n")
+        if readable:
+            self.log.log(level, msg + "\n%s", *args, stack)
+        else:
+            self.log.debug("sink %s: its traceback (secrets masked):\n%s", self.name, stack)
 
     def _blocked(self, method: str, seconds: float) -> None:
         """One step of the sink's ``method`` held the event loop ``seconds`` (``_Watched``)."""
@@ -1484,6 +1491,7 @@ class Pipeline:
                 in_place = 0  # RETRY outcomes to be retried in place (not set aside)
                 own = 0  # failures of items refused for a cause of their own (``defer``)
                 held, owed = self._held, self._owed
+                masked: dict[str, str] = {}  # reason → as logged: a batch's rejects mostly share one
                 # Every item set aside before (retried alone in a quiet sink): no news of the rest.
                 aside_only = bool(held) and all(occ.number in held.get(occ.uid, ()) for occ in pending)
                 for occ, out in zip(pending, outcomes, strict=True):
@@ -1499,7 +1507,11 @@ class Pipeline:
                         if occ.number > done.get(occ.uid, 0):
                             done[occ.uid] = occ.number
                     elif out.kind is OutcomeKind.REJECT:
-                        dead.append((occ, self._scrub(out.reason) if out.reason else "rejected"))
+                        if (reason := masked.get(out.reason)) is None:
+                            reason = masked[out.reason] = (
+                                self._scrub(out.reason) if out.reason else "rejected"
+                            )
+                        dead.append((occ, reason))
                         self.metrics.dead_lettered.labels(self.name, "rejected").inc()
                         done[occ.uid] = max(done.get(occ.uid, 0), occ.number)
                     else:
@@ -1972,9 +1984,12 @@ class _Watched:
     """Awaits a sink's ``send``, ``start`` or ``aclose`` as ``await`` would, step by step, timing each
     synchronous step (two clock reads): one that holds the event loop ``BLOCKING_STEP`` or more (a
     synchronous client, ``time.sleep``) is named (``Pipeline._blocked``), as is a call still going on
-    some seconds after its cancellation (it swallows it: neither send_timeout nor a stop ended it)."""
+    some seconds after its cancellation (it swallows it: neither send_timeout nor a stop ended it).
+    Only while that cancellation is pending on the task: one the call's own ``asyncio.timeout``,
+    aiohttp's request timeout or a ``TaskGroup`` made and turned into an error (``uncancel``) is no
+    swallowed one, and the call may well go on working."""
 
-    __slots__ = ("_args", "_call", "_cut_at", "_late", "_method", "_overran", "_pipeline", "closing")
+    __slots__ = ("_args", "_call", "_cut_at", "_late", "_method", "_overran", "_pipeline", "_task", "closing")
 
     def __init__(self, pipeline: Pipeline, method: str, call: Callable[..., Any], *args: Any) -> None:
         self._pipeline = pipeline
@@ -1983,6 +1998,7 @@ class _Watched:
         self._args = args
         self._cut_at = 0.0
         self._late: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[Any] | None = None  # that runs the call, known once it is cancelled
         self._overran = False
         self.closing = False
         """The awaiting coroutine was closed (a GeneratorExit from outside, not one the sink raised)."""
@@ -2013,6 +2029,9 @@ class _Watched:
                 finally:
                     if (spent := clock() - began) >= BLOCKING_STEP:
                         self._pipeline._blocked(self._method, spent)
+                if self._late is not None and not self._pending():
+                    self._late.cancel()  # that step handled its own cancellation (and goes on)
+                    self._late = None
                 try:
                     value, thrown = (yield step), None
                 except GeneratorExit:
@@ -2022,6 +2041,7 @@ class _Watched:
                 except BaseException as exc:  # thrown in by the task: a cancellation
                     value, thrown = None, exc
                     if self._late is None and isinstance(exc, asyncio.CancelledError):
+                        self._task = asyncio.current_task()
                         self._cut_at = clock()
                         grace = self._pipeline._cut_off_grace()
                         self._late = asyncio.get_running_loop().call_later(grace, self._still_going)
@@ -2031,7 +2051,15 @@ class _Watched:
                 if self._overran:
                     self._pipeline._ended_late(self._method, clock() - self._cut_at)
 
+    def _pending(self) -> bool:
+        """A cancellation is still pending on the task (send_timeout's, a stop's), or the alarm fired."""
+        task = self._task
+        return self._overran or task is None or task.cancelling() > 0
+
     def _still_going(self) -> None:
+        if not self._pending():
+            self._late = None
+            return
         self._overran = True
         self._pipeline._overran(self._method, time.monotonic() - self._cut_at)
 

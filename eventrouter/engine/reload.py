@@ -15,6 +15,7 @@ logged and counted, and the sink goes on with the options it had.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import logging
@@ -27,6 +28,8 @@ from eventrouter.config import QUERY_KEYS, ConfigError, SinkSpec
 from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import Metrics
 from eventrouter.options import file_options
+from eventrouter.scrub import Scrubber, option_secrets
+from eventrouter.sink import cancelled_now, raised_by_signal
 
 __all__ = ["SETTLE", "SinkReloader", "watched_files"]
 
@@ -124,6 +127,21 @@ class SinkReloader:
     def _signatures(self) -> dict[str, Signature]:
         return {path: _signature(path) for path in self.files}
 
+    def _masked(self, exc: BaseException, spec: SinkSpec | None) -> str:
+        """``exc``'s type and text without the secrets of the old options or the new (its library's
+        error may quote the token it was given)."""
+        try:
+            text = f"{type(exc).__name__}: {exc}"
+        except Exception:  # a plugin's exception whose __str__ raises
+            text = type(exc).__name__
+        for options in (self.spec.options, None if spec is None else spec.options):
+            try:
+                forms = option_secrets(options) if options is not None else []
+            except Exception:  # an options model of a plugin's own making: nothing found in it
+                forms = []
+            text = Scrubber(forms)(text)
+        return text
+
     def check(self) -> bool:
         """True when the sink was rebuilt with re-read options. Never raises."""
         now = self._signatures()
@@ -135,6 +153,7 @@ class SinkReloader:
         self._applied = now
         name = self.spec.name
         where = ", ".join(f"{path} ({', '.join(self.files[path])})" for path in changed)
+        spec = None
         try:
             spec = self.spec.reread()
             sink = spec.sink_cls(spec.options, self.pipeline.sink.context)
@@ -147,15 +166,17 @@ class SinkReloader:
                 exc,
             )
             return False
-        except Exception as exc:  # a plugin's __init__ may raise anything
+        except BaseException as exc:  # a plugin's __init__ may raise anything, no Exception too
+            if raised_by_signal(exc) or (isinstance(exc, asyncio.CancelledError) and cancelled_now()):
+                raise  # Ctrl-C, a stop: not the plugin's fault
+            # Else it ended the reload task, and so the router: all its sinks stopped at a rotation.
             self._m["invalid"].inc()
             log.error(
-                "sink %s: %s changed, but the sink cannot be built with it (%s: %s); it goes on with the "
+                "sink %s: %s changed, but the sink cannot be built with it (%s); it goes on with the "
                 "options it had",
                 name,
                 where,
-                type(exc).__name__,
-                exc,
+                self._masked(exc, spec),
             )
             return False
         old = self.spec.options
