@@ -1313,16 +1313,21 @@ class Pipeline:
                 self.metrics.modified.labels(self.name, label).inc(total - seen if total > seen else total)
                 self._modified_seen[reason] = total
         if faults:
-            self.metrics.send_errors.labels(self.name, "contract").inc()
-            new = [f for f in dict.fromkeys(faults) if f not in self._contract_said]
+            new = self._contract_faults(faults)
             if new:
-                self._contract_said.update(new)
                 self.log.error(
                     "sink %s: its modified totals (Sink.modified) hold %s; not exported (each fault logged once; counted "
                     'in eventrouter_sink_send_errors_total{kind="contract"})',
                     self.name,
                     "; ".join(new),
                 )
+
+    def _contract_faults(self, faults: list[str]) -> list[str]:
+        """Count a send that broke the contract; the faults not logged before (each is logged once)."""
+        self.metrics.send_errors.labels(self.name, "contract").inc()
+        new = [f for f in dict.fromkeys(faults) if f not in self._contract_said]
+        self._contract_said.update(new)
+        return new
 
     async def _send_once(self, items: Sequence[Occurrence]) -> Sequence[Outcome]:
         if self._replacement_due() and not await self._take_replacement():
@@ -1452,10 +1457,8 @@ class Pipeline:
                 flags.append(_truth(flag))
             mended.append(Outcome(kind, reason, wait, flags[0], flags[1]))
         if faults:
-            self.metrics.send_errors.labels(self.name, "contract").inc()
-            new = [f for f in dict.fromkeys(faults) if f not in self._contract_said]
+            new = self._contract_faults(faults)
             if new:
-                self._contract_said.update(new)
                 self.log.error(
                     "sink %s broke the outcome contract in %s (each fault logged once; counted in "
                     'eventrouter_sink_send_errors_total{kind="contract"}): %s%s',
