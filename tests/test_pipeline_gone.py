@@ -165,3 +165,23 @@ def test_a_stop_with_no_time_left_to_read_the_spool_keeps_every_mark(
         1,
     )
     assert "kept the marks of 3 deleted events without reading the whole spool" in caplog.text
+
+
+def test_a_stop_that_cannot_read_a_spool_segment_keeps_every_mark(tmp_path: Path) -> None:
+    """A segment the stop cannot read (here a folder where the file was: EISDIR) is not known to
+    hold nothing: every mark stays, as when time ran out. Before, the read error was an empty
+    answer, A's mark (its record in that segment) was dropped, and a restart that could read the
+    file again sent A's copy again (a review of items 244/255)."""
+    p, a, b, c = _stopping(tmp_path)
+    (segment,) = (tmp_path / "spool").glob("*.seg")
+    held = segment.with_name("held-aside")
+    segment.rename(held)
+    segment.mkdir()
+    p.keep_gone(math.inf)
+    assert (p.checkpoint.accepted(a.uid), p.checkpoint.accepted(b.uid), p.checkpoint.accepted(c.uid)) == (
+        1,
+        1,
+        1,
+    )
+    segment.rmdir()
+    held.rename(segment)

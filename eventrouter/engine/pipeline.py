@@ -745,12 +745,13 @@ class Pipeline:
         # delivered again after the restart).
         held = spool.unread_uids(time.monotonic() + KEEP_GONE_SECONDS if deadline is None else deadline)
         if held is None:
-            # Not all read in time (the scan ran unbounded on the event loop, before the checkpoint
-            # and the ConfigMap's last write): a mark not checked may stand for a copy, so all stay.
+            # Not all read, in time or at all (the scan ran unbounded on the event loop, before the
+            # checkpoint and the ConfigMap's last write): a mark not checked may stand for a copy.
             gone = dict(self._gone)
             self.log.info(
                 "sink %s: the stop kept the marks of %d deleted events without reading the whole spool "
-                "(no time left): the first complete list after the restart removes those not needed",
+                "(no time left, or a segment could not be read): the first complete list after the restart "
+                "removes those not needed",
                 self.name,
                 len(gone),
             )

@@ -379,14 +379,20 @@ class Spool:
         (``Pipeline.keep_gone``). A scan of the unread part, one segment at a time (all its lines at
         once took a 250 MiB spool's worth of memory at the stop, 65 → 319 MiB, past the chart's
         limit), each started only before ``deadline`` (``time.monotonic()``): None when some were
-        not read by then. Unbounded, a full spool took ~1 CPU-second on the event loop at a stop
+        not read by then, or one could not be read. Unbounded, a full spool took ~1 CPU-second on the event loop at a stop
         with little of the grace period left, before the checkpoint was written."""
         uids: set[str] = set()
         _add_uids(uids, self._aside_lines)  # in memory
         for seg in [seg for seg in self._segments if seg.read_records < seg.records]:
             if time.monotonic() >= deadline:
                 return None
-            _add_uids(uids, self._unread_lines(seg))
+            try:
+                data = seg.path.read_bytes()
+            except OSError:
+                # Not known either: every mark is kept (an empty answer dropped the marks of the
+                # events whose copies the file holds, and the restart sent those copies again).
+                return None
+            _add_uids(uids, data[seg.read_offset :].splitlines())
         return uids
 
     def unread_keys(self, deadline: float) -> Iterator[tuple[str, int]]:
