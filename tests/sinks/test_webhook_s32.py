@@ -8,7 +8,6 @@ Against the project's WebhookReceiver, directly, through the engine's own Pipeli
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 from collections import Counter
@@ -29,7 +28,7 @@ from eventrouter.metrics import Metrics
 from eventrouter.plugins import discover
 from eventrouter.testing import event_object, make_occurrence
 from eventrouter.testing.apiserver import FakeApiServer
-from eventrouter.testing.pipelines import pipeline_for
+from eventrouter.testing.pipelines import drained, pipeline_for
 from eventrouter.testing.receivers.webhook import RecordedRequest, WebhookReceiver
 from eventrouter.testing.routers import router_settings
 from eventrouter.testing.waiting import until
@@ -50,18 +49,8 @@ async def engine(
     """A running Pipeline of a webhook sink (fast backoffs); drained and stopped on the way out."""
     knobs = {"retry_initial_backoff": 0.01, "retry_max_backoff": 0.05, **knobs}
     pipeline = pipeline_for(NAME, sink(**options), metrics, dead, **knobs)
-    task = asyncio.create_task(pipeline.run())
-    try:
+    async with drained(pipeline):
         yield pipeline
-    finally:
-        pipeline.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 10)
-        finally:
-            if not task.done():  # a test failing: what cannot drain is stopped at once
-                pipeline.stop_now()
-                await asyncio.wait_for(task, 5)
-            await pipeline.close_sink()
 
 
 def carried(request: RecordedRequest) -> list[tuple[str, int]]:

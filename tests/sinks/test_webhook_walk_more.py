@@ -7,7 +7,6 @@ whole Router on the project's Kubernetes API test server with a data dir."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections import Counter
@@ -26,7 +25,7 @@ from eventrouter.engine.pipeline import Pipeline
 from eventrouter.metrics import SINK_DROP_REASONS, Metrics
 from eventrouter.testing import event_object, make_occurrence
 from eventrouter.testing.apiserver import FakeApiServer
-from eventrouter.testing.pipelines import Knobs, pipeline_for
+from eventrouter.testing.pipelines import Knobs, drained, pipeline_for
 from eventrouter.testing.receivers.webhook import RecordedRequest, WebhookReceiver
 from eventrouter.testing.routers import router_settings
 from eventrouter.testing.waiting import until
@@ -63,18 +62,8 @@ async def engine(
     """A running Pipeline of a webhook sink; drained and stopped on the way out."""
     sink = Observed(WebhookOptions.model_validate(options), SinkContext(NAME, "t", data_dir, LOG))
     pipeline = pipeline_for(NAME, sink, metrics, dead, **{**FAST, **knobs})
-    task = asyncio.create_task(pipeline.run())
-    try:
+    async with drained(pipeline):
         yield pipeline, sink
-    finally:
-        pipeline.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 10)
-        finally:
-            if not task.done():  # a test failing: what cannot drain is stopped at once
-                pipeline.stop_now()
-                await asyncio.wait_for(task, 5)
-            await pipeline.close_sink()
 
 
 def records(request: RecordedRequest) -> list[dict[str, Any]]:
