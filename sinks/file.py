@@ -9,7 +9,8 @@ current file is renamed first (to ``.1`` if free, else aside to ``events.jsonl.r
 cannot be renamed (a mount point) fails the rotation before any backup has moved, so a failed rotation
 removes nothing, however often it is tried. ``check`` and ``start`` refuse a mount point as the path
 while rotation is on. A record larger than ``max_bytes`` still gets written, alone, to a fresh file.
-Every record is a complete line in exactly one file; new files get exactly ``file_mode``.
+Every record is a complete line in exactly one file; new files get exactly ``file_mode`` when it is set
+(by default 0644 less the umask).
 
 An item is OK only once it is written (unbuffered ``write(2)``) and, with ``fsync=true``, fsynced
 (lines whose fsync failed are cut off the file again, for the retry to write them once).
@@ -118,7 +119,8 @@ class FileOptions(SinkOptions):
         0o644,
         ge=0,
         le=0o7777,
-        description="Permissions of newly created files, in octal (default 0644): 0600, 600 or 0o600. "
+        description="Permissions of newly created files, in octal: 0600, 600 or 0o600; applied exactly "
+        "when set (default 0644 less the process umask, as open(2) gives). "
         "A YAML integer whose digits are all 0-7 is read as octal too (600 means 0600). Must include "
         "owner write (0200).",
     )
@@ -267,6 +269,9 @@ class _Writer:
         self.max_files = options.max_files
         self.fsync = options.fsync
         self.mode = options.file_mode
+        # Applied exactly only when set: the default (0644) stays less the umask, as open(2) makes it,
+        # so an operator's umask 077 keeps new files 0600 (fchmod to 0644 made them world-readable).
+        self.exact_mode = "file_mode" in options.model_fields_set
         self.lock = threading.Lock()
         self.fd: int | None = None
         self.size = 0
@@ -310,8 +315,10 @@ class _Writer:
         self._sync_dir()  # or one that failed before: the reopen finds the file there already
 
     def _set_mode(self, fd: int) -> None:
-        """A file this process created gets exactly ``file_mode``: open(2) takes the umask off it (022
-        made 0664 into 0644)."""
+        """A file this process created gets exactly ``file_mode`` when it is set: open(2) takes the
+        umask off it (022 made 0664 into 0644)."""
+        if not self.exact_mode:
+            return
         try:
             os.fchmod(fd, self.mode)
         except OSError as exc:  # a file system without modes (vfat, some CIFS mounts)

@@ -192,3 +192,20 @@ async def test_file_mode_is_the_mode_of_new_files_whatever_the_umask(tmp_path: P
     for name in ("events.jsonl", "events.jsonl.1", "events.jsonl.2"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o664, name
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600  # a file there already keeps its mode
+
+
+async def test_the_default_file_mode_leaves_the_umask_alone(tmp_path: Path) -> None:
+    """Without ``file_mode`` set, a new file is 0644 less the umask, as open(2) makes it: the first
+    version of the exact mode fchmod'ed every new file to the default 0644, so an operator's umask
+    077 no longer kept the events private (a review of item 249)."""
+    target = tmp_path / "events.jsonl"
+    old = os.umask(0o077)
+    try:
+        ctx = SinkContext(name="file", cluster="c", data_dir=None, logger=logging.getLogger("test.file"))
+        sink = FileSink(FileOptions.model_validate({"path": str(target)}), ctx)
+        await sink.start()
+        assert await sink.send([make_occurrence()]) == [OK]
+        await sink.aclose()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
