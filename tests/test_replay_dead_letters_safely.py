@@ -18,21 +18,11 @@ from eventrouter.engine.deadletter import DeadLetter
 from eventrouter.record import Occurrence
 from eventrouter.source.tracker import OccurrenceTracker
 from eventrouter.testing import event_object
+from eventrouter.testing.factories import recorded_occurrences
 from eventrouter.testing.receivers.webhook import WebhookReceiver
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "eventrouter" / "testing" / "data"
-
-
-def _recorded() -> list[Occurrence]:
-    """The recorded watch's 126 occurrences."""
-    tracker = OccurrenceTracker(cluster="rec")
-    occs = []
-    for line in (DATA / "watch-core-v1.jsonl").read_bytes().splitlines():
-        watch = json.loads(line)
-        if watch["type"] in ("ADDED", "MODIFIED") and (occ := tracker.observe(watch["object"])) is not None:
-            occs.append(occ)
-    return occs
 
 
 def _occurrence(uid: str, count: int, last: str, **fields: Any) -> Occurrence:
@@ -110,7 +100,7 @@ async def test_a_replay_refused_alike_again_and_again_keeps_one_file_of_the_lett
     """Each run that got the letters refused again wrote a new full copy of them beside the input,
     never rotated nor removed: in the live data dir, outside its budget."""
     letters = tmp_path / "deadletter" / "webhook.jsonl"
-    occs = _recorded()
+    occs = recorded_occurrences()
     keys = [occ.key for occ in occs]
     assert DeadLetter(letters, sink="webhook").write([(occ, "HTTP 400: bad request") for occ in occs])
     refused = letters.parent / "webhook.jsonl.refused-webhook.jsonl"
@@ -141,7 +131,7 @@ async def test_a_replay_refused_alike_again_and_again_keeps_one_file_of_the_lett
 def _data_dir(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     data = tmp_path / "data"
     letters = data / "deadletter" / "webhook.jsonl"
-    occs = _recorded()
+    occs = recorded_occurrences()
     assert DeadLetter(letters, sink="webhook").write([(occ, "HTTP 400: bad request") for occ in occs])
     (data / "lock").write_text("")  # a router's data dir
     return data, letters, [occ.key for occ in occs]
@@ -207,7 +197,9 @@ async def test_the_documented_procedure_removes_only_letters_it_replayed_while_t
     folder.mkdir()
     # The router's bound: its first 10 letters, so that writes of 3 rotate the file.
     scratch = tmp_path / "scratch.jsonl"
-    assert DeadLetter(scratch, sink="webhook").write([(occ, "HTTP 400") for occ in _recorded()[:10]])
+    assert DeadLetter(scratch, sink="webhook").write(
+        [(occ, "HTTP 400") for occ in recorded_occurrences()[:10]]
+    )
     bound = scratch.stat().st_size + 100
     given = folder.parent / "given.json"
     given.write_text("[]")

@@ -16,22 +16,11 @@ from typing import Any
 
 from eventrouter.engine.deadletter import DeadLetter
 from eventrouter.record import Occurrence
-from eventrouter.source.tracker import OccurrenceTracker
+from eventrouter.testing.factories import recorded_occurrences
 from eventrouter.testing.receivers.webhook import WebhookReceiver
 
 DATA = Path(__file__).resolve().parents[1] / "eventrouter" / "testing" / "data"
 CHART_CONFIG = "sinks:\n- name: stdout\n  type: stdout\n"  # the chart's default config.yaml
-
-
-def _recorded() -> list[Occurrence]:
-    """The recorded watch's 126 occurrences."""
-    tracker = OccurrenceTracker(cluster="rec")
-    occs = []
-    for line in (DATA / "watch-core-v1.jsonl").read_bytes().splitlines():
-        watch = json.loads(line)
-        if watch["type"] in ("ADDED", "MODIFIED") and (occ := tracker.observe(watch["object"])) is not None:
-            occs.append(occ)
-    return occs
 
 
 def _letters(path: Path, sink: str, occs: list[Occurrence]) -> list[str]:
@@ -67,7 +56,7 @@ async def test_letters_of_a_sink_given_only_as_a_flag_are_not_sent_to_the_config
     renders them, or `--sink`), every letter reaches the webhook."""
     folder = tmp_path / "deadletter"
     letters = folder / "webhook.taken-1.2"
-    keys = _letters(letters, "webhook", _recorded())
+    keys = _letters(letters, "webhook", recorded_occurrences())
     before = letters.read_bytes()
     config = tmp_path / "config.yaml"
     config.write_text(CHART_CONFIG)
@@ -101,7 +90,7 @@ async def test_letters_of_a_sink_given_only_as_a_flag_are_not_sent_to_the_config
 async def test_to_sends_the_letters_to_the_sinks_it_names_and_only_to_configured_ones(tmp_path: Path) -> None:
     """The sink renamed (`hook` → `webhook`): sending its letters elsewhere is said, with `--to`."""
     letters = tmp_path / "deadletter" / "hook.jsonl"
-    keys = _letters(letters, "hook", _recorded()[:20])
+    keys = _letters(letters, "hook", recorded_occurrences()[:20])
     async with WebhookReceiver() as hook, WebhookReceiver() as other:
         sinks = [
             f"--sink=webhook:{hook.url}?mode=batch&batch_max_wait=0.05",
@@ -124,7 +113,7 @@ async def test_an_input_with_letters_of_a_sink_not_configured_after_others_sends
     tmp_path: Path,
 ) -> None:
     """`cat a.jsonl b.jsonl | eventrouter replay -` with `a` configured and `b` not: all went to `a`."""
-    occs = _recorded()
+    occs = recorded_occurrences()
     folder = tmp_path / "deadletter"
     _letters(folder / "a.jsonl", "a", occs[:5])
     _letters(folder / "b.jsonl", "b", occs[5:10])

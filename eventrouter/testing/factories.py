@@ -11,8 +11,9 @@ from typing import Any
 import orjson
 
 from eventrouter.record import Occurrence, normalise
+from eventrouter.source.tracker import OccurrenceTracker
 
-__all__ = ["event_object", "make_occurrence", "recorded_list", "recorded_watch"]
+__all__ = ["event_object", "make_occurrence", "recorded_list", "recorded_occurrences", "recorded_watch"]
 
 _seq = itertools.count(1)
 
@@ -97,6 +98,16 @@ def recorded_watch(api: str = "core-v1") -> list[dict[str, Any]]:
 
     ``api`` is ``core-v1`` (``/api/v1/events``) or ``events-v1`` (``/apis/events.k8s.io/v1``)."""
     return [orjson.loads(line) for line in _data(f"watch-{api}.jsonl").splitlines() if line.strip()]
+
+
+def recorded_occurrences(cluster: str = "rec") -> list[Occurrence]:
+    """The recorded core/v1 watch's 126 occurrences, as the source makes them (ADDED and MODIFIED)."""
+    tracker = OccurrenceTracker(cluster=cluster)
+    occs = []
+    for watch in recorded_watch():
+        if watch["type"] in ("ADDED", "MODIFIED") and (occ := tracker.observe(watch["object"])) is not None:
+            occs.append(occ)
+    return occs
 
 
 def recorded_list() -> dict[str, Any]:
