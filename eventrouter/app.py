@@ -44,7 +44,7 @@ from eventrouter.engine.configmap_checkpoint import ConfigMapCheckpointStore
 from eventrouter.engine.deadletter import DEADLETTER_MAX, DeadLetter
 from eventrouter.engine.filter import compile_filter
 from eventrouter.engine.pipeline import Pipeline
-from eventrouter.engine.reload import SETTLE, SinkReloader
+from eventrouter.engine.reload import SETTLE, SinkReloader, watched_state
 from eventrouter.engine.spool import Spool
 from eventrouter.fanout import Fanout, UnseenFile, UnseenStore
 from eventrouter.leader import LeaderElector
@@ -221,6 +221,9 @@ class Router:
                 ) from None
         self.settings = settings
         self.specs = list(specs)
+        # The files the options were read from, as they are now: a standby builds its sinks when it
+        # takes the lease, and a Secret rotated while it stood by must be seen changed then (item 264).
+        self._files_read = {spec.name: watched_state(spec) for spec in self.specs}
         self.metrics = metrics or Metrics()
         self._backend_factory = checkpoint_backend or (lambda name: _checkpoint_backend(settings, name))
         self.pipelines: list[Pipeline] = []
@@ -350,7 +353,7 @@ class Router:
                 logger=logger,
             )
             self.pipelines.append(pipeline)
-            reloader = SinkReloader(spec, pipeline, self.metrics)
+            reloader = SinkReloader(spec, pipeline, self.metrics, self._files_read.get(spec.name))
             if reloader.files:
                 self.reloaders.append(reloader)
             log.info("sink %s configured", spec.describe())
@@ -559,7 +562,10 @@ class Router:
             log.info(
                 "standing by for the lease %s/%s as %s", s.leader_namespace, s.leader_name, s.leader_identity
             )
-            self._tasks.append(self._guard(self.elector.run(self._lead, self._lost_lease), "leader-election"))
+            # Released by stop(), after its last checkpoint write, also when the lead fails: released in
+            # run(), the next leader could read the checkpoint before that write.
+            election = self.elector.run(self._lead, self._lost_lease, release_on_failure=False)
+            self._tasks.append(self._guard(election, "leader-election"))
         else:
             # A task of its own, which stop() cancels before it closes the kube client: awaited here,
             # a SIGTERM while the checkpoint ConfigMap could not be read left its retry running into

@@ -29,7 +29,7 @@ import aiohttp
 import orjson
 
 from eventrouter.metrics import Metrics
-from eventrouter.source.kube import ApiError, KubeClient, raise_for_status
+from eventrouter.source.kube import ApiError, KubeClient, failure_text, raise_for_status
 
 __all__ = ["LEASE_DURATION_MAX", "LeaderElector", "check_timings", "micro_time"]
 
@@ -120,6 +120,9 @@ class LeaderElector:
         self._resource_version: str | None = None
         self._last_error: str | None = None
         self._last_sent = 0.0  # monotonic time the last successful attempt started
+        # A write naming us was sent and not answered (cancelled, timed out, 5xx): it may have taken
+        # effect, so release() must look even though we never saw ourselves as the holder.
+        self._maybe_holder = False
         self._stopping = False
         self._wake = asyncio.Event()
         self._run_task: asyncio.Task[Any] | None = None
@@ -135,12 +138,15 @@ class LeaderElector:
         self,
         on_started_leading: Callable[[], Awaitable[None]],
         on_stopped_leading: Callable[[], Awaitable[None]],
+        *,
+        release_on_failure: bool = True,
     ) -> None:
         """Acquire, lead, and when the lease cannot be renewed stop leading and try again; until
         ``stop()``/``release()`` is called or the task is cancelled. Cancelling cancels the ``on_started_leading``
         task too but does not call ``on_stopped_leading`` (shutdown is the caller's business; call
         ``release()`` once delivery has stopped). An exception from ``on_started_leading`` ends leadership
-        (``on_stopped_leading``, lease released) and is raised from here."""
+        (``on_stopped_leading``, lease released) and is raised from here. ``release_on_failure=False``:
+        the caller releases after its own stop (a last checkpoint write), which the next leader reads."""
         self._stopping = False
         self._run_task = asyncio.current_task()
         while not self._stopping:
@@ -168,7 +174,8 @@ class LeaderElector:
                     self.lease_duration - self.renew_deadline,
                 )
             if failure is not None:
-                await self.release()
+                if release_on_failure:
+                    await self.release()
                 raise failure
 
     def stop(self) -> None:
@@ -187,7 +194,7 @@ class LeaderElector:
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
             await asyncio.wait([task])
-        was_leader = self.is_leader or self._observed_holder == self.identity
+        was_leader = self.is_leader or self._observed_holder == self.identity or self._maybe_holder
         self._set_leader(False)
         if not was_leader:
             return
@@ -211,7 +218,7 @@ class LeaderElector:
             log.warning(
                 "leader election: could not release %s (%s); a standby takes over when it expires",
                 self._where(),
-                exc,
+                failure_text(exc),
             )
             return
         self._observed_holder = ""
@@ -332,7 +339,7 @@ class LeaderElector:
                 "metadata": {"name": self.name, "namespace": self.namespace},
                 "spec": record,
             }
-            created = await self._write(
+            created = await self._claim(
                 "POST", f"/apis/coordination.k8s.io/v1/namespaces/{self.namespace}/leases", body, timeout
             )
             self._observe(created)
@@ -351,10 +358,25 @@ class LeaderElector:
             if holder:
                 log.info("leader election: %s held by %r has expired, taking over", self._where(), holder)
         lease["spec"] = {**spec, **record}
-        updated = await self._write("PUT", self.path, lease, timeout)
+        updated = await self._claim("PUT", self.path, lease, timeout)
         self._observe(updated)
         self._last_sent = sent
         return True
+
+    async def _claim(
+        self, method: str, path: str, body: dict[str, Any], timeout: float | None
+    ) -> dict[str, Any]:
+        """``_write`` of a record naming us. Until it is answered it may have taken effect: a standby
+        stopped meanwhile left the Lease naming a stopped process for a whole lease duration."""
+        self._maybe_holder = True
+        try:
+            out = await self._write(method, path, body, timeout)
+        except ApiError as exc:
+            if exc.status < 500:  # refused (409, 403, 422, 429): not applied. A 5xx may have been.
+                self._maybe_holder = False
+            raise
+        self._maybe_holder = False  # answered: the record it returns says who holds the lease
+        return out
 
     def _record(self, now: str, *, acquire_time: str, transitions: int) -> dict[str, Any]:
         return {

@@ -31,7 +31,7 @@ from eventrouter.options import file_options
 from eventrouter.scrub import Scrubber, option_secrets
 from eventrouter.sink import cancelled_now, raised_by_signal
 
-__all__ = ["SETTLE", "SinkReloader", "watched_files"]
+__all__ = ["SETTLE", "SinkReloader", "WatchedState", "watched_files", "watched_state"]
 
 log = logging.getLogger("eventrouter.reload")
 
@@ -104,10 +104,31 @@ def _signature(path: str) -> Signature:
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-class SinkReloader:
-    """Watches one sink's files; ``check()`` (every few seconds) rebuilds the sink when they changed."""
+@dataclasses.dataclass(frozen=True)
+class WatchedState:
+    """A spec's watched files as its options were read from them: what a sink built from those
+    options runs with, whenever it is built."""
 
-    def __init__(self, spec: SinkSpec, pipeline: Pipeline, metrics: Metrics) -> None:
+    signatures: Mapping[str, Signature]
+    contents: Mapping[str, bytes | None]
+
+
+def watched_state(spec: SinkSpec) -> WatchedState:
+    """Take it as soon as the spec is held: a standby builds its sinks when it takes the lease, maybe
+    weeks after its options were read, and a file rotated meanwhile was recorded as already applied
+    (Loki refused every push until a restart). Signatures before digests: a change between the two
+    shows as a new signature at the next check."""
+    signatures = {path: _signature(path) for path in watched_files(spec)}
+    return WatchedState(signatures, _contents(spec))
+
+
+class SinkReloader:
+    """Watches one sink's files; ``check()`` (every few seconds) rebuilds the sink when they changed.
+    ``read``: the files' state when ``spec``'s options were read (``watched_state``); now if not given."""
+
+    def __init__(
+        self, spec: SinkSpec, pipeline: Pipeline, metrics: Metrics, read: WatchedState | None = None
+    ) -> None:
         self.spec = spec
         self.pipeline = pipeline
         self.files = watched_files(spec)
@@ -115,9 +136,12 @@ class SinkReloader:
             result: metrics.sink_reloads.labels(spec.name, result)
             for result in ("applied", "unchanged", "invalid")
         }
-        self._contents = _contents(spec)
-        self._applied = self._signatures()  # what the running options were read from
-        self._seen = self._applied  # at the last check
+        read = read or watched_state(spec)
+        self._contents = dict(read.contents)
+        self._applied = {path: read.signatures.get(path) for path in self.files}  # the options' files
+        # At the last check. Now, not as read: a file changed since the options were read and not
+        # since this sink was built has settled, so the first check applies it.
+        self._seen = self._signatures()
 
     @property
     def settling(self) -> bool:
