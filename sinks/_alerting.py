@@ -29,11 +29,13 @@ import base64
 import contextlib
 import fnmatch
 import functools
+import hashlib
 import math
 import os
 import re
 import string
 import time
+import weakref
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -202,11 +204,28 @@ class RateLimiter:
         self._trim(self.clock.now())
         return list(self._log), self._paused_until
 
-    def seed(self, sent: Iterable[float], paused_until: float) -> None:
-        """What an earlier process sent (its ``history``, in this clock's time): the robot still
-        counts it."""
-        self._log = deque(sorted([*self._log, *sent]))
+    def merge(self, sent: Iterable[float], paused_until: float) -> None:
+        """Sends another record holds (an earlier process's rate file, another sink entry's file for
+        the same robot, an instance replaced), in this clock's time: the robot still counts them.
+        Each once: one within ``SAME_SEND`` of a send already known is that send (two entries' files
+        hold the same minute), and each known send stands for one of them at most."""
+        known = sorted(self._log)
+        new: list[float] = []
+        i = 0
+        for t in sorted(sent):
+            while i < len(known) and known[i] < t - SAME_SEND:
+                i += 1
+            if i < len(known) and known[i] <= t + SAME_SEND:
+                i += 1  # that send: matched once
+            else:
+                new.append(t)
+        self._log = deque(sorted([*known, *new]))
         self._paused_until = max(self._paused_until, paused_until)
+
+
+SAME_SEND = 0.05
+"""Seconds within which a send read back from a rate file is one already known: read back, a time
+lands up to ``_CLOCK_SLACK`` plus a millisecond (the file's precision) after the send it records."""
 
 
 # ------------------------------------------------------------------------------------------- escaping
@@ -873,6 +892,42 @@ _CHUNK = 256
 OptionsT = TypeVar("OptionsT", bound=AlertOptions)
 
 
+@dataclass(eq=False)
+class SharedRobot:
+    """One robot's minute in this process: the limiter of every started sink entry addressing it.
+
+    Two entries for one robot (warnings of two teams into one group, split by namespace or mention
+    rules) each paced at the robot's whole limit: together 40 messages a minute, DingTalk answered
+    the 21st with 130101 and throttled the robot 10 minutes, new problems paged 420 s late."""
+
+    limiter: RateLimiter
+    members: weakref.WeakSet[AlertSink[Any]] = field(default_factory=weakref.WeakSet)
+    """Started instances using it; weak, so an instance dropped unclosed does not hold it."""
+    loaded: set[Path] = field(default_factory=set)
+    """Rate files merged into the limiter (a rebuilt instance's is its predecessor's: not again)."""
+
+    def paths(self) -> dict[Path, AlertSink[Any]]:
+        """Each member's rate file, once (a rebuilt instance shares its predecessor's)."""
+        return {path: m for m in list(self.members) if (path := m._rate_path()) is not None}
+
+    def pace(self) -> None:
+        """The strictest member's ``rate_per_minute``: the robot's limit is the same for all."""
+        rates = [m.options.rate_per_minute for m in list(self.members)]
+        if rates:
+            self.limiter.limit = min(rates)
+
+
+_ROBOTS: dict[tuple[object, ...], SharedRobot] = {}
+"""Per robot (``AlertSink._key``), the minute its sink entries share in this process."""
+
+
+def robot_address(url: str) -> str:
+    """Where ``url`` points, for a robot's identity: without its query (a token goes there) and a
+    trailing slash."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
+
+
 class AlertSink(Sink[OptionsT]):
     """Digesting, rate-limited robot sink; subclasses turn a ``Digest`` into a request and an answer."""
 
@@ -891,6 +946,9 @@ class AlertSink(Sink[OptionsT]):
         super().__init__(options, context)
         self.clock: Clock = clock or SystemClock()
         self.limiter = RateLimiter(options.rate_per_minute, 60.0, self.clock)
+        """This robot's minute: shared with the process's other entries for it once started."""
+        self._shared: SharedRobot | None = None
+        self._robot_key: tuple[object, ...] | None = None
         self._groups: dict[tuple[str, ...], Group] = {}
         self._pending_of: dict[str, Group] = {}
         self._done: OrderedDict[str, tuple[Outcome, float]] = OrderedDict()
@@ -968,6 +1026,11 @@ class AlertSink(Sink[OptionsT]):
         """Remove every secret this sink knows from ``text`` (exception messages may carry URLs)."""
         return text
 
+    def robot_identity(self) -> tuple[str, tuple[str, ...]] | None:
+        """(what names the robot, for logs: "URL and access_token"; the values that do) when sink
+        entries with the same values address one robot and share its minute; None: no sharing."""
+        return None
+
     # --------------------------------------------------------------- lifecycle
 
     def session(self) -> aiohttp.ClientSession:
@@ -1021,11 +1084,18 @@ class AlertSink(Sink[OptionsT]):
         self.context.warn_if_outlasting(self.options.request_timeout, "request_timeout")
         self.session()
         self._started = self.clock.now()
+        if self._shared is None:
+            self._join()
         if not self._rate_loaded:
             # Once per instance: the engine retries a failed start on the same instance, and each
             # load added the saved minute again (three starts: the robot's 7 messages counted 21).
+            # Once per file for the robot: a rebuilt instance's file is the one its predecessor
+            # read, and has been written from this limiter since.
             self._rate_loaded = True
-            self._load_rate()
+            path = self._rate_path()
+            if path is not None and path not in self._joined.loaded:
+                self._joined.loaded.add(path)
+                self._load_rate()
         now = self.clock.wall()
         for s in self.options.silences:
             if s.until <= now:
@@ -1090,23 +1160,86 @@ class AlertSink(Sink[OptionsT]):
         history carry over a credential change. Which refusals were logged does not: the same
         refusal with the new credential is news."""
         if isinstance(previous, AlertSink):
-            self.limiter = previous.limiter
+            if previous.limiter is not self.limiter:
+                # Started, this instance rejoined its robot's limiter (the same one, unless the
+                # token changed: a webhook reset, the same robot); before its start, it joins
+                # with what it holds. Merged, each send once: never a budget reset.
+                self.limiter.merge(*previous.limiter.history())
             self._groups = previous._groups
             self._pending_of = previous._pending_of
             self._done = previous._done
             self._last_flush = previous._last_flush
             self._started = previous._started  # the same process: its history is all known
-            self._rate_loaded = True  # the limiter taken over holds what the file said
+            # What the file said is in the limiter only if the previous instance read it: one
+            # replaced before its start never did, and this one's start reads it then.
+            self._rate_loaded = self._rate_loaded or previous._rate_loaded
             self.sent_messages = previous.sent_messages
             for group in self._groups.values():
                 group.view = None  # made with the previous instance's options
 
     async def aclose(self) -> None:
+        self._leave()
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
 
     # --------------------------------------------------------------- the robot's minute
+
+    # Sink entries addressing one robot share one limiter (``SharedRobot``): joined at start (a
+    # rebuilt instance starts while its predecessor stands, so the robot's minute is never reset),
+    # left at close. Each entry's rate file holds the robot's whole minute (each save writes them
+    # all); at start each file is merged once, a send in two files counted once.
+
+    def _key(self) -> tuple[object, ...] | None:
+        identity = self.robot_identity()
+        if identity is None:
+            return None
+        # Hashed: the token is in no key a debugger or a dump could show.
+        digest = hashlib.sha256("\0".join(identity[1]).encode("utf-8")).hexdigest()
+        # Times of one clock only (a test's simulated clock is not the system's).
+        domain: object = "system" if isinstance(self.clock, SystemClock) else self.clock
+        return (self.robot, digest, domain)
+
+    @property
+    def _joined(self) -> SharedRobot:
+        assert self._shared is not None, "joined at start"
+        return self._shared
+
+    def _join(self) -> None:
+        key = self._key()
+        shared = _ROBOTS.get(key) if key is not None else None
+        if shared is None or not shared.members:
+            shared = SharedRobot(RateLimiter(self.options.rate_per_minute, 60.0, self.clock))
+            if key is not None:
+                _ROBOTS[key] = shared
+        others = sorted({m.context.name for m in list(shared.members)} - {self.context.name})
+        shared.limiter.merge(*self.limiter.history())  # what was taken over before this start
+        shared.members.add(self)
+        shared.pace()
+        self._shared, self._robot_key, self.limiter = shared, key, shared.limiter
+        identity = self.robot_identity()
+        if others and identity is not None:
+            self.log.info(
+                "%s: sinks %s and %s send to the same %s (the same %s): they share its %d messages a "
+                "minute (the lowest rate_per_minute of theirs); each one's %s holds the robot's minute",
+                self.context.name,
+                ", ".join(others),
+                self.context.name,
+                self.robot,
+                identity[0],
+                shared.limiter.limit,
+                RATE_FILE,
+            )
+
+    def _leave(self) -> None:
+        shared, self._shared = self._shared, None
+        if shared is None:
+            return
+        shared.members.discard(self)
+        if shared.members:
+            shared.pace()
+        elif self._robot_key is not None and _ROBOTS.get(self._robot_key) is shared:
+            del _ROBOTS[self._robot_key]
 
     # The robot counts the messages of its last minute whoever sent them. A router restarted in a
     # storm (a rolling update, an OOM kill, a leader hand-over) started with an empty minute, sent
@@ -1165,24 +1298,35 @@ class AlertSink(Sink[OptionsT]):
                 "; ".join(odd),
                 humanize(most),
             )
-        self.limiter.seed(recent, now + pause + _CLOCK_SLACK if pause > 0 else 0.0)
+        self.limiter.merge(recent, now + pause + _CLOCK_SLACK if pause > 0 else 0.0)
         if recent:  # the predecessor's pacing too
             last = max(recent)
             self._last_flush = last if self._last_flush is None else max(self._last_flush, last)
 
     def _save_rate(self) -> None:
-        path = self._rate_path()
-        if path is None:
+        """The robot's minute into the rate file of every entry sharing it, so that each file alone
+        holds it (the others' sends and pauses too): after a restart that drops an entry from the
+        configuration, the robot's minute is still known."""
+        writers = self._shared.paths() if self._shared is not None else {}
+        if not writers and (own := self._rate_path()) is not None:
+            writers = {own: self}
+        if not writers:
             return
         sent, paused = self.limiter.history()
         now, wall = self.clock.now(), self.clock.wall()
-        saved = {
-            "sent": [math.ceil((wall - (now - t)) * 1000) / 1000 for t in sent],
-            "paused_until": math.ceil((wall + paused - now) * 1000) / 1000 if paused > now else 0,
-        }
+        saved = orjson.dumps(
+            {
+                "sent": [math.ceil((wall - (now - t)) * 1000) / 1000 for t in sent],
+                "paused_until": math.ceil((wall + paused - now) * 1000) / 1000 if paused > now else 0,
+            }
+        )
+        for path, member in writers.items():
+            member._write_rate(path, saved)
+
+    def _write_rate(self, path: Path, saved: bytes) -> None:
         tmp = path.with_name(path.name + ".tmp")
         try:
-            tmp.write_bytes(orjson.dumps(saved))
+            tmp.write_bytes(saved)
             os.replace(tmp, path)  # never half a file
         except OSError as exc:
             with contextlib.suppress(OSError):

@@ -33,6 +33,7 @@ from ._alerting import (
     Delivery,
     Digest,
     check_template,
+    robot_address,
     sample_template,
 )
 from ._scrub import credentials, scrub
@@ -162,6 +163,15 @@ class DingTalkSink(AlertSink[DingTalkOptions]):
 
     def redact(self, text: str) -> str:
         return _TOKENISH.sub(r"\1=****", scrub(text, self._secrets))
+
+    def robot_identity(self) -> tuple[str, tuple[str, ...]]:
+        # The access_token names the robot, at the address it is reached by (two test robots
+        # under one token are two).
+        assert self.options.access_token is not None
+        return "URL and access_token", (
+            robot_address(self.options.url),
+            self.options.access_token.get_secret_value(),
+        )
 
     # -------------------------------------------------------------- message
 

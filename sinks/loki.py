@@ -96,6 +96,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import calendar
+import codecs
 import gzip
 import math
 import re
@@ -138,6 +139,7 @@ from eventrouter.record import parse_time_ns
 from eventrouter.retry_after import parse_retry_after as _retry_after
 from eventrouter.truncate import cut_utf8, shorten_message
 
+from ._answer import read_prefix
 from ._headers import HEADERS_HELP, Headers, check_headers
 from ._modified import ModifiedLog
 from ._scrub import credentials, scrub, shown_location
@@ -598,6 +600,31 @@ _STREAM_LIMITED = re.compile(
 _ANSWER_READ = 1 << 17
 """Characters of Loki's answer searched for what it says (the stream it names: up to 15 label values
 of 2,048 bytes, each character escaped as up to 10, and its names); the rest is not read."""
+
+
+_READY_BYTES = 64 * 1024
+"""Bytes of ``/ready``'s answer read: "ready", or a page whose first 4,096 characters are looked at."""
+_ANSWER_BYTES = 1 << 17
+"""Bytes of a push's answer read, but a 400's or 429's: 2,000 characters are quoted, the first 128 K
+searched (``_ANSWER_READ``)."""
+_LONG_ANSWER_BYTES = 2 << 20
+"""Bytes of a 400's or 429's answer read. The ingester's listing of refused entries is parsed whole,
+to its last line (``_parse_behind``, ``_last_line``): at most max_returned_stream_errors (10 by
+default) entries and the total, each quoting the stream at worst (15 labels and service_name, values
+of 2,048 bytes, each byte escaped as up to 4): under 1.7 MB. A longer one is judged from its first
+128 K, as other answers are. Read whole, a front's 256 MB page was held (with its copies) on every
+retry."""
+
+
+async def _read_answer(response: aiohttp.ClientResponse, limit: int) -> tuple[str, bool]:
+    """At most ``limit`` bytes of an answer, decoded as ``response.text`` does, and whether it had
+    more (left unread: the connection is then closed, not reused)."""
+    body, cut = await read_prefix(response.content, limit)
+    try:
+        encoding = codecs.lookup(response.charset or "utf-8").name
+    except LookupError:
+        encoding = "utf-8"
+    return body.decode(encoding, errors="replace"), cut
 
 
 def _stream_limited(answer: str) -> re.Match[str] | None:
@@ -1340,7 +1367,7 @@ class LokiSink(Sink[LokiOptions]):
                 status = response.status
                 location = response.headers.get("Location")
                 content_type = response.headers.get("Content-Type", "")
-                body = "" if 300 <= status < 400 else await response.text(errors="replace")
+                body = "" if 300 <= status < 400 else (await _read_answer(response, _READY_BYTES))[0]
                 text = scrub(body[:200], self._secrets, partial=len(body) > 200).strip()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise SinkError(
@@ -1937,7 +1964,9 @@ class LokiSink(Sink[LokiOptions]):
                 status = response.status
                 if 300 <= status < 400:
                     raise self._redirected(status, response.headers.get("Location"))
-                text = (await response.text(errors="replace")).strip()
+                limit = _LONG_ANSWER_BYTES if status in (400, 429) else _ANSWER_BYTES
+                text, cut = await _read_answer(response, limit)
+                text = text.strip()
                 retry_after = _retry_after(response.headers.get("Retry-After"))
                 content_type = response.headers.get("Content-Type", "")
         except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
@@ -2027,7 +2056,8 @@ class LokiSink(Sink[LokiOptions]):
             # The per-stream rate limit: the stream is named on the answer's last line, which the
             # entries listed before it (up to 10, each quoting the stream) can put past ``answer``.
             limited = _STREAM_RATE_LIMITED.search(answer)
-            total = _IGNORED_TOTAL.fullmatch(_last_line(text)) if limited is not None else None
+            # Cut, its last line is not the answer's: nothing to match.
+            total = _IGNORED_TOTAL.fullmatch(_last_line(text)) if limited is not None and not cut else None
             if (
                 limited is not None
                 and total is not None
@@ -2061,7 +2091,7 @@ class LokiSink(Sink[LokiOptions]):
                 message += " (this Loki is multi-tenant: set tenant=<org id>)"
             raise RetryableError(f"loki: {self._shown} answered {status}: {message}", retry_after=retry_after)
         if status == 400:
-            behind = _parse_behind(text)
+            behind = None if cut else _parse_behind(text)  # cut: its last stream's total is not there
             if behind is not None:
                 if await self._behind_refused(entries, outcomes, behind, message):
                     return

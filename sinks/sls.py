@@ -128,6 +128,7 @@ from eventrouter.options import FilePath, resolve_secret
 from eventrouter.protowire import bytes_field
 from eventrouter.retry_after import parse_retry_after as _retry_after
 
+from ._answer import read_prefix
 from ._modified import ModifiedLog
 from ._scrub import credentials, scrub, shown_location
 from ._sls_log import encode_log, encode_occurrence, log_contents
@@ -210,6 +211,10 @@ _TARGET_STATUSES = {401, 403, 404}
 _GROW_AFTER = 16
 # Logs remembered for re-stamping at the next send (their request ran out of the send's budget).
 _RESTAMP_KEEP = 1024
+_ANSWER_BYTES = 64 * 1024
+"""Bytes of an answer read: SLS's error JSON is a few hundred, a 2xx needs none, and of a front's
+page 200 are quoted. Read whole, a proxy's 256 MB 502 page took the router from 53 to 580 MB (its
+chart's limit is 256Mi), on every retry."""
 _LOG_STUCK_EVERY = 600.0  # seconds between warnings of sends that did nothing (then with a count)
 _LOG_FRONT_EVERY = 600.0  # seconds between warnings of a redirect or a front's 2xx (then with a count)
 _MODIFIED_LOG_EVERY = 60.0  # seconds between two logs of the logs delivered stamped otherwise
@@ -553,7 +558,7 @@ class SLSSink(Sink[SLSOptions]):
             if 300 <= status < 400:
                 where = self._location(resp.headers.get("Location"))
                 return _Answer(status, f"HTTP{status}", f"a redirect to {where}, not followed", None, False)
-            payload = await resp.read()
+            payload, cut = await read_prefix(resp.content, _ANSWER_BYTES)
             retry_after = _retry_after(resp.headers.get("Retry-After"))
             if 200 <= status < 300:
                 if resp.headers.get("x-log-requestid"):
@@ -569,12 +574,17 @@ class SLSSink(Sink[SLSOptions]):
                     False,
                 )
             code, message = "", ""
-            try:
-                parsed = orjson.loads(payload)
-                if isinstance(parsed, dict):
-                    code = str(parsed.get("errorCode") or "")
-                    message = str(parsed.get("errorMessage") or "")
-            except orjson.JSONDecodeError:  # a gateway's page: a credential cut off at its end goes too
+            page = cut  # no error JSON of SLS's is that long: a front's page, never parsed in part
+            if not cut:
+                try:
+                    parsed = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    page = True
+                else:
+                    if isinstance(parsed, dict):
+                        code = str(parsed.get("errorCode") or "")
+                        message = str(parsed.get("errorMessage") or "")
+            if page:  # a gateway's page: a credential cut off at its end goes too
                 text = payload[:200].decode("utf-8", "replace")
                 message = scrub(text, self._secrets, partial=len(payload) > 200)
             request_id = resp.headers.get("x-log-requestid", "")

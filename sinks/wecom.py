@@ -26,7 +26,7 @@ from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 from eventrouter import Secret, SinkContext, SinkError, parse_retry_after
 from eventrouter.options import StrList, redact_url
 
-from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest
+from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest, robot_address
 from ._scrub import credentials, scrub
 
 __all__ = ["WeComOptions", "WeComSink"]
@@ -201,6 +201,16 @@ class WeComSink(AlertSink[WeComOptions]):
 
     def redact(self, text: str) -> str:
         return _TOKENISH.sub(r"\1=****", scrub(text, self._secrets()))
+
+    def robot_identity(self) -> tuple[str, tuple[str, ...]]:
+        o = self.options
+        if o.app:
+            # WeCom paces an application's messages (per recipient, by its documentation; not
+            # checked from here): entries of one application share its minute, whoever they
+            # address, the cautious reading.
+            return "corp_id and agent_id", ("app", robot_address(self._api("")), o.corp_id, str(o.agent_id))
+        assert o.key is not None
+        return "URL and key", ("robot", robot_address(o.url or DEFAULT_ROBOT_URL), o.key.get_secret_value())
 
     def mention_line(self, digest: Digest) -> str:
         if self.options.app:

@@ -18,7 +18,8 @@ Fault injection: ``loki.fail_next(429, count=2, retry_after=3)`` answers the nex
 status before looking at them; ``store=True`` stores the push first and then fails (a response lost
 after a successful write, the case de-duplication is for); ``echo=True`` appends what the push carried
 (method, path and query, headers but the plain HTTP ones), as gateways in front of Loki do that quote
-the credential they refused.
+the credential they refused; ``page=N`` has a front answer instead with a web page of N bytes
+(streamed; ``ready_page`` does so for ``/ready``), and ``pages`` records how much of it the client took.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import cramjam
 from aiohttp import web
 
 from eventrouter.protowire import DecodeError, decode_fields
+from eventrouter.testing.receivers.front_page import FrontPage, answer_page
 
 __all__ = [
     "KEEP_OLD_SAMPLES",
@@ -128,6 +130,7 @@ class _Fault:
     retry_after: str | None
     store: bool
     echo: bool = False
+    page: int = 0
 
 
 def _echo(request: web.Request) -> str:
@@ -682,6 +685,10 @@ class LokiReceiver:
         self.pushes: list[Push] = []
         self.discarded_blocked = 0  # entries discarded while ingestion was blocked
         self.ready = True
+        self.ready_page = 0
+        """Bytes of a front's web page answering ``/ready`` (502, streamed); 0: Loki's answer."""
+        self.pages: list[FrontPage] = []
+        """Front pages answered (``fail_next(page=…)``, ``ready_page``): how much the client took."""
         self._faults: list[_Fault] = []
         self._newest: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
         self._changed = asyncio.Condition()
@@ -728,9 +735,11 @@ class LokiReceiver:
         retry_after: float | str | None = None,
         store: bool = False,
         echo: bool = False,
+        page: int = 0,
     ) -> None:
         """Answer the next ``count`` pushes with ``status``; with ``store`` the push is stored first;
-        with ``echo`` the message quotes the request (its headers: Authorization, X-Scope-OrgID...)."""
+        with ``echo`` the message quotes the request (its headers: Authorization, X-Scope-OrgID...);
+        with ``page``, a front answers instead with a web page of that many bytes (``pages``)."""
         default = {
             429: "Ingestion rate limit exceeded for user fake (limit: 4194304 bytes/sec) while attempting "
             "to ingest lines, reduce log volume or contact your Loki administrator",
@@ -738,7 +747,7 @@ class LokiReceiver:
         }.get(status, "rpc error: code = Unavailable desc = injected failure")
         ra = None if retry_after is None else str(retry_after)
         for _ in range(count):
-            self._faults.append(_Fault(status, message or default, ra, store, echo))
+            self._faults.append(_Fault(status, message or default, ra, store, echo, page))
 
     def forget_streams(self) -> None:
         """The ingester forgets every stream, as it does one that received nothing for
@@ -836,15 +845,18 @@ class LokiReceiver:
             return None
         return tenant if self.auth_enabled else ""
 
-    async def _handle_ready(self, request: web.Request) -> web.Response:
+    async def _handle_ready(self, request: web.Request) -> web.StreamResponse:
         refused = self._auth_error(request)
         if refused is not None:
             return refused
+        if self.ready_page:
+            self.pages.append(FrontPage(502, self.ready_page))
+            return await answer_page(request, self.pages[-1], {})
         if not self.ready:
             return web.Response(status=503, text="Ingester not ready: waiting for 15s after being ready\n")
         return web.Response(text="ready\n")
 
-    async def _handle_push(self, request: web.Request) -> web.Response:
+    async def _handle_push(self, request: web.Request) -> web.StreamResponse:
         headers = dict(request.headers.items())
         ctype = request.headers.get("Content-Type", "")
         cenc = request.headers.get("Content-Encoding", "")
@@ -872,6 +884,10 @@ class LokiReceiver:
             return answer(401, "no org id")
         fault = self._faults.pop(0) if self._faults else None
         extra = {"Retry-After": fault.retry_after} if fault and fault.retry_after else None
+        if fault is not None and fault.page:
+            self.pushes.append(Push(headers, ctype, cenc, len(body), fault.status, "(a front's page)", 0))
+            self.pages.append(FrontPage(fault.status, fault.page))
+            return await answer_page(request, self.pages[-1], extra or {})
         if fault is not None and fault.echo:
             fault = replace(fault, message=fault.message + _echo(request))
         if fault is not None and not fault.store:

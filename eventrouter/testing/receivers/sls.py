@@ -43,7 +43,10 @@ MB; the documented 3 MB is enforced here so a client that passes is within every
 Fault injection: ``fail_next(n, error_code, status)`` answers the next ``n`` requests with that error
 (after reading the body, before any check) — quota errors, 5xx and the like. With ``echo=True`` a
 gateway in front of the service answers instead: a text page (no JSON, no ``x-log-requestid``) quoting
-the request and the credentials it refused (``Authorization``, ``x-acs-security-token``).
+the request and the credentials it refused (``Authorization``, ``x-acs-security-token``); with
+``page=N`` a front answers with a web page of N bytes (text/html, no ``x-log-requestid``: a proxy's
+error page, a misrouted ingress serving a file), streamed, and ``pages`` records how much of it the
+client took before it went away (``FrontPage``).
 ``delay`` (also settable later) holds every answer that many seconds after the request was handled, as
 a far or slow service does: what it stored stays stored when the client gives up waiting (so a client
 that cuts a request short and sends it again stores it twice). A project in ``forbidden`` (suspended:
@@ -72,6 +75,7 @@ import cramjam
 from aiohttp import web
 
 from eventrouter.protowire import WIRE_FIXED32, WIRE_LEN, WIRE_VARINT, DecodeError, decode_fields, read_varint
+from eventrouter.testing.receivers.front_page import FrontPage, answer_page
 
 __all__ = [
     "AccessKey",
@@ -357,7 +361,9 @@ class SLSReceiver:
         """Suspended projects: every request to them is answered 403 ProjectForbidden."""
         self.groups: list[ReceivedLogGroup] = []
         self.requests: list[SLSRequest] = []
-        self._faults: list[tuple[int, str, str, float | None, bool] | None] = []
+        self._faults: list[tuple[int, str, str, float | None, bool, int] | None] = []
+        self.pages: list[FrontPage] = []
+        """The front pages answered (``fail_next(page=…)``), in order."""
         self._runner: web.AppRunner | None = None
         self._changed = asyncio.Condition()
 
@@ -387,11 +393,13 @@ class SLSReceiver:
         retry_after: float | None = None,
         after: int = 0,
         echo: bool = False,
+        page: int = 0,
     ) -> None:
         """Answer ``n`` requests with this error (quota, 5xx, ...), after letting ``after`` through;
-        with ``echo``, as a gateway that quotes the credentials it refused (see the module's doc)."""
+        with ``echo``, as a gateway that quotes the credentials it refused; with ``page``, as a front
+        answering ``status`` with a web page of that many bytes (see the module's doc)."""
         self._faults.extend([None] * after)
-        fault = (status, error_code, message or f"injected {error_code}", retry_after, echo)
+        fault = (status, error_code, message or f"injected {error_code}", retry_after, echo, page)
         self._faults.extend([fault] * n)
 
     async def wait_for_logs(self, count: int, within: float = 10.0) -> None:
@@ -432,8 +440,12 @@ class SLSReceiver:
         try:
             fault = self._faults.pop(0) if self._faults else None
             if fault is not None:
-                status, code, message, retry_after, echo = fault
+                status, code, message, retry_after, echo, page = fault
                 headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
+                if page:
+                    self._record(request, None, status, code)
+                    self.pages.append(FrontPage(status, page))
+                    return await answer_page(request, self.pages[-1], headers)
                 if echo:
                     self._record(request, None, status, code)
                     return web.Response(status=status, text=_echo(request), headers=headers)
