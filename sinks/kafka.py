@@ -36,7 +36,9 @@ packed in order into produce batches per topic-partition (aiokafka's batch API; 
 min(max_request_size, 512 KiB) each, compressed per batch) and an item is OK only once its produce batch
 was acknowledged by the broker (``acks=all`` by default; idempotence on by default). A record over
 ``max_request_size`` gets its message cut to fit (``oversize=truncate``, the default: the value then says
-``"truncated": true`` and ``original_bytes``, without ``raw``, and a ``truncated: true`` header is added).
+``"truncated": true`` and ``original_bytes``, without ``raw``, and a ``truncated: true`` header is added);
+so does a lone record the broker refuses MESSAGE_TOO_LARGE (the topic's ``max.message.bytes`` below
+``max_request_size``), cut to half its size, and again while refused, in its place.
 Records the broker took truncated or with a timestamp other than their event time are counted
 (``KafkaSink.modified``: ``eventrouter_sink_modified_total``) and logged with their counts, at once, then at
 most once a minute, and what is left at close.
@@ -435,8 +437,9 @@ class KafkaOptions(SinkOptions):
     )
     oversize: Literal["truncate", "reject"] = Field(
         "truncate",
-        description="Records over max_request_size: the message cut to fit (the value says truncated, "
-        "with a truncated header) or reject to the dead-letter file.",
+        description="Records over max_request_size (or refused by the broker as over the topic's "
+        "max.message.bytes): the message cut to fit (the value says truncated, with a truncated header) "
+        "or reject to the dead-letter file.",
     )
 
     @field_validator("brokers", mode="before")
@@ -628,9 +631,10 @@ _CLOCK_MARGIN_MS = 60_000
 _STAMPED = 1
 """Sink._changed: sent with a timestamp other than its event time (the ``time_adjusted`` header)."""
 _CUT = 2
-"""Sink._changed: sent with its message cut to fit max_request_size (the ``truncated`` header)."""
+"""Sink._changed: sent with its message cut to fit max_request_size or the topic's limit (``truncated``)."""
 _MODIFIED_LOG_EVERY = 60.0
-"""Seconds between two logs of the records delivered changed (and of the broker refusing a timestamp)."""
+"""Seconds between two logs of the records delivered changed (and of the broker refusing a timestamp or
+a record's size)."""
 
 
 def _halt(producer: Any) -> None:
@@ -884,6 +888,7 @@ class _SendState:
     # Partitions whose batch was not acknowledged, or answered a retriable error: their records are
     # set aside (defer) when the partition, not the broker, is known to refuse (see _defer_refused).
     refused: set[tuple[str, int]] = dataclasses.field(default_factory=set)
+    occurrences: Sequence[Occurrence] = ()  # the send's batch, by the index a _Batch's items hold
 
     def ack_by(self, handed: float) -> float:
         """Until when the acknowledgement of a batch handed over at ``handed`` is waited for. Its
@@ -993,7 +998,7 @@ class KafkaSink(Sink[KafkaOptions]):
         # (logged at most every _MODIFIED_LOG_EVERY seconds, and at close).
         self._changed: dict[int, int] = {}
         self._modified_log = ModifiedLog(_MODIFIED_LOG_EVERY)
-        self._timestamp_log = Throttled(self.log, _MODIFIED_LOG_EVERY)
+        self._refusal_log = Throttled(self.log, _MODIFIED_LOG_EVERY)
 
     def take_over(self, previous: Sink[KafkaOptions]) -> None:
         """The set-aside records' order carries over (a credential or certificate file rotated)."""
@@ -1342,14 +1347,18 @@ class KafkaSink(Sink[KafkaOptions]):
 
     def _shortened(self, occurrence: Occurrence, message: _Message, limit: int) -> _Message | None:
         """The record with its message cut so that it fits ``limit``; None when the rest of it is too
-        large on its own."""
+        large on its own. ``message`` may be cut already (the broker refused it cut): cut again from
+        the whole one, still saying its original size."""
         from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-        headers = [*message.headers, _TRUNCATED]
+        if _TRUNCATED in message.headers:
+            headers, size = message.headers, len(occurrence.encode(include_raw=self._include_raw))
+        else:
+            headers, size = [*message.headers, _TRUNCATED], len(message.value)
         overhead = DefaultRecordBatchBuilder.estimate_size_in_bytes(message.key, b"", headers)
         record = occurrence.to_dict(include_raw=False)  # the raw object repeats the message
         value = shorten_message(
-            occurrence, len(message.value), limit - overhead, lambda cut: orjson.dumps({**record, **cut})
+            occurrence, size, limit - overhead, lambda cut: orjson.dumps({**record, **cut})
         )
         if value is None:
             return None
@@ -1357,10 +1366,21 @@ class KafkaSink(Sink[KafkaOptions]):
 
     # -- delivery ------------------------------------------------------------------------------
 
-    def _classify(self, exc: BaseException, topic: str) -> Outcome:
+    def _classify(self, exc: BaseException, topic: str, job: _Batch | None = None) -> Outcome:
+        """The outcome of ``exc`` for the records of ``topic`` (``job``: the produce batch the broker
+        answered with it)."""
         from aiokafka import errors as kerr
 
         text = f"{type(exc).__name__}: {exc}".strip()
+        if isinstance(exc, kerr.MessageSizeTooLargeError) and job is not None and len(job.items) == 1:
+            # Under max_request_size (checked before it was sent), so the limit is the broker's.
+            cut = " even with its message cut" if _TRUNCATED in job.items[0][1].headers else ""
+            return reject(
+                f"kafka topic {topic!r} refused a {job.builder.size()}-byte record{cut} as too large "
+                f"({text}): the topic's max.message.bytes (or the broker's message.max.bytes) is below it; "
+                f"raise it, or set max_request_size below it (now {self.options.max_request_size}) so that "
+                "oversize=truncate cuts such records to fit"
+            )
         if isinstance(exc, kerr.MessageSizeTooLargeError | kerr.RecordTooLargeError):
             return reject(
                 f"record too large for Kafka (max_request_size={self.options.max_request_size}): {text}"
@@ -1526,6 +1546,20 @@ class KafkaSink(Sink[KafkaOptions]):
 
     def _aside_outcome(self, topic: str, code: int) -> Outcome:
         return retry(self._missing_text(topic, code), defer=True)
+
+    def _metadata_denied(self, exc: BaseException, topic: str) -> Outcome | None:
+        """The outcome of TOPIC_AUTHORIZATION_FAILED raised by aiokafka's own metadata request (its
+        ``partitions_for`` or ``send_batch``; a produce answer's comes through the batch's future), or
+        None for another failure. Set aside, never rejected: the broker aiokafka happened to ask may not
+        have learnt a new topic yet (Kafka's brokers each learn it at its own time), and it answers so a
+        request allowing creation from a client without CREATE (``_described``). The sink's own lookup
+        asks again at the retry, and rejects a topic not authorised either way."""
+        from aiokafka.errors import TopicAuthorizationFailedError
+
+        if not isinstance(exc, TopicAuthorizationFailedError):
+            return None
+        self._note_missing({topic: _TOPIC_AUTHORIZATION_FAILED}, set())
+        return self._aside_outcome(topic, _TOPIC_AUTHORIZATION_FAILED)
 
     def _known_missing(self, topic: str, now: float) -> bool:
         seen = self._missing.get(topic)
@@ -1767,6 +1801,8 @@ class KafkaSink(Sink[KafkaOptions]):
                     # not know the topic (yet): it waits aside as a missing one does.
                     outcome = self._aside_outcome(topic, _UNKNOWN_TOPIC_OR_PARTITION)
                     self._note_missing({topic: _UNKNOWN_TOPIC_OR_PARTITION}, set())
+                elif (denied := self._metadata_denied(exc, topic)) is not None:
+                    outcome = denied
                 else:
                     outcome = self._classify(exc, topic)
                     if self._stops_batch(outcome, exc):
@@ -1810,6 +1846,7 @@ class KafkaSink(Sink[KafkaOptions]):
             ),
             given_up=[],
             stop=stop,
+            occurrences=batch,
         )
         now = time.monotonic()
         for where in [where for where, refused in self._refused.items() if refused.until < now]:
@@ -1888,8 +1925,8 @@ class KafkaSink(Sink[KafkaOptions]):
             "kafka sink %s: the brokers (%s) took %d records with a timestamp other than their event time "
             "(more than future_grace=%gs ahead, before 1970, or refused by the broker: the time the router "
             'received them, or the send time; the value keeps it in "time", the header says '
-            "time_adjusted) and %d with their message cut to fit max_request_size=%d (the header says "
-            "truncated), since %s",
+            "time_adjusted) and %d with their message cut to fit max_request_size=%d or the topic's "
+            "max.message.bytes (the header says truncated), since %s",
             self.context.name,
             self._describe_brokers(),
             unlogged["time_adjusted"],
@@ -1974,6 +2011,10 @@ class KafkaSink(Sink[KafkaOptions]):
                 _answer(outcomes, lane, retry(f"kafka: the producer took no batch for {job.topic!r} in time"))
                 return False
             except Exception as exc:
+                denied = self._metadata_denied(exc, job.topic)
+                if denied is not None:  # the partition's records wait aside together, in order
+                    _answer(outcomes, lane, denied)
+                    return False
                 outcome = self._classify(exc, job.topic)
                 _answer(outcomes, [lane.popleft()], outcome)
                 _answer(
@@ -2041,11 +2082,11 @@ class KafkaSink(Sink[KafkaOptions]):
                 return False
             if self.options.idempotence:
                 self._sequence_lost = True
-            pieces = self._pieces(job, error)
+            pieces = self._pieces(job, error, state.occurrences)
             if pieces:
                 lane.extendleft(reversed(pieces))
             else:
-                outcome = self._classify(error, job.topic)
+                outcome = self._classify(error, job.topic, job)
                 _answer(outcomes, [job], outcome)
                 if outcome.kind is OutcomeKind.RETRY:
                     if isinstance(error, _partition_errors()):
@@ -2205,7 +2246,7 @@ class KafkaSink(Sink[KafkaOptions]):
     def _settled_late(self, job: _Batch, future: asyncio.Future[Any]) -> Outcome:
         """The outcome of a given-up batch whose answer came before its send ended. The records after
         it in its partition stay unsent (retry): they go after it, in order."""
-        from aiokafka.errors import InvalidTimestampError
+        from aiokafka.errors import InvalidTimestampError, MessageSizeTooLargeError
 
         error = _failure(future)
         if error is None:
@@ -2213,12 +2254,13 @@ class KafkaSink(Sink[KafkaOptions]):
         cut = self._was_cut(job, error, self._producer)
         if cut is not None:
             return cut
-        outcome = self._classify(error, job.topic)
+        outcome = self._classify(error, job.topic, job)
         if isinstance(error, _whole_batch_errors()) and (
             len(job.items) > 1
             or (isinstance(error, InvalidTimestampError) and job.items[0][1].timestamp_ms is not None)
+            or (isinstance(error, MessageSizeTooLargeError) and self._truncate)
         ):
-            # What _pieces sends again in pieces (or with the send time) in a lane: the next send does.
+            # What _pieces sends again in pieces (cut, or with the send time) in a lane: the next send does.
             return retry(f"kafka: refused as a whole after the send's budget, sent again: {outcome.reason}")
         return outcome
 
@@ -2242,7 +2284,9 @@ class KafkaSink(Sink[KafkaOptions]):
             "nothing written)"
         )
 
-    def _pieces(self, job: _Batch, error: BaseException) -> list[_Batch] | None:
+    def _pieces(
+        self, job: _Batch, error: BaseException, occurrences: Sequence[Occurrence]
+    ) -> list[_Batch] | None:
         """What to send instead of a refused batch, in its place; None when its outcome is final."""
         from aiokafka import errors as kerr
 
@@ -2275,7 +2319,7 @@ class KafkaSink(Sink[KafkaOptions]):
             adjusted = _Message(message.topic, message.key, message.value, headers, None)
             self._changed[i] = self._changed.get(i, 0) | _STAMPED
             # Throttled: a node whose clock runs ahead gives one per event; each is counted (modified).
-            self._timestamp_log.warning(
+            self._refusal_log.warning(
                 "timestamp",
                 "kafka: the broker refused event time %d ms of %s (%s); sending it with the send time",
                 message.timestamp_ms,
@@ -2283,7 +2327,36 @@ class KafkaSink(Sink[KafkaOptions]):
                 error,
             )
             return [_Batch(job.topic, job.partition, self._single(adjusted), [(i, adjusted)])]
+        if isinstance(error, kerr.MessageSizeTooLargeError) and self._truncate and occurrences:
+            return self._cut_for_topic(job, occurrences)
         return None
+
+    def _cut_for_topic(self, job: _Batch, occurrences: Sequence[Occurrence]) -> list[_Batch] | None:
+        """A lone record under max_request_size that the broker refused MESSAGE_TOO_LARGE (the topic's
+        max.message.bytes, or the broker's message.max.bytes, is lower; neither is told to a producer)
+        again with its message cut to half its size, in its place; refused again, cut again. None when
+        even an empty message does not fit half of it: rejected then, naming that limit."""
+        from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+        [(i, message)] = job.items
+        # Uncompressed, as max_request_size is checked: halved, a compressed batch about halves too.
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(message.key, message.value, message.headers)
+        fitted = self._shortened(occurrences[i], message, size // 2)
+        if fitted is None:
+            return None
+        self._changed[i] = self._changed.get(i, 0) | _CUT
+        # Throttled: a topic with a low limit refuses every large record.
+        self._refusal_log.warning(
+            "size",
+            "kafka: topic %r refused a produce batch of one %d-byte record as too large (MESSAGE_TOO_LARGE: "
+            "its max.message.bytes is below max_request_size=%d); sending it with its message cut to "
+            "%d bytes",
+            job.topic,
+            size,
+            self.options.max_request_size,
+            size // 2,
+        )
+        return [_Batch(job.topic, job.partition, self._single(fitted), [(i, fitted)])]
 
     def _pack(self, topic: str, partition: int, items: Sequence[tuple[int, _Message]]) -> list[_Batch]:
         """``items`` in order, in as few produce batches as they fit in."""

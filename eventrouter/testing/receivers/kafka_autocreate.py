@@ -36,7 +36,8 @@ disclosed). Only Metadata is answered so; a Produce to one reaches Tansu.
 
 ``stale``: topic -> how many answers give it as Tansu has it; later ones answer 3 without partitions (a
 broker whose metadata cache does not hold it: Kafka's brokers learn a new topic each at its own time, and
-a deleted one leaves each at its own time).
+a deleted one leaves each at its own time), or the topic's ``codes`` entry to a request allowing creation
+(such a broker answers a client without CREATE TOPIC_AUTHORIZATION_FAILED, as for a missing topic).
 
 ``extra_brokers``: (node id, port) of brokers on 127.0.0.1 added to every Metadata answer, before the
 broker's own, e.g. a ``silent.SilentServer`` (a broker in a stall, or one behind a network partition,
@@ -272,7 +273,13 @@ class AutoCreate(Relay):
             if name in self.denied:
                 code, rest[-1] = TOPIC_AUTHORIZATION_FAILED, []
             elif name in self.stale and asks(self.answered, name) >= self.stale[name]:
-                code, rest[-1] = UNKNOWN_TOPIC_OR_PARTITION, []  # (..., partitions) in every version
+                # (..., partitions) in every version
+                code = (
+                    self.codes.get(name, UNKNOWN_TOPIC_OR_PARTITION)
+                    if allowed
+                    else UNKNOWN_TOPIC_OR_PARTITION
+                )
+                rest[-1] = []
             elif code == UNKNOWN_TOPIC_OR_PARTITION and allowed:
                 if name in self.codes:
                     code = self.codes[name]

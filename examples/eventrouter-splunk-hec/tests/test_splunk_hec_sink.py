@@ -5,17 +5,23 @@ from __future__ import annotations
 import logging
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from email.utils import formatdate
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from eventrouter import OK, Occurrence, OutcomeKind, SinkContext, SinkError, normalise
 from eventrouter.app import Router, RouterSettings
 from eventrouter.config import spec_for_class
+from eventrouter.metrics import Metrics
 from eventrouter.plugins import discover
 from eventrouter.testing import event_object, make_occurrence, recorded_watch
+from eventrouter.testing.pipelines import drained, pipeline_for
+from eventrouter.testing.waiting import until
 from pydantic import ValidationError
 
 from eventrouter_splunk_hec import SplunkHECOptions, SplunkHECSink
@@ -25,13 +31,17 @@ TOKEN = "11111111-2222-3333-4444-555555555555"
 LOG = logging.getLogger("test.splunk_hec")
 
 
-def context() -> SinkContext:
-    return SinkContext(name="splunk_hec", cluster="test", data_dir=None, logger=LOG)
+def context(**settings: Any) -> SinkContext:
+    return SinkContext(name="splunk_hec", cluster="test", data_dir=None, logger=LOG, **settings)
 
 
 @asynccontextmanager
-async def hec_sink(**options: Any) -> AsyncIterator[SplunkHECSink]:
-    sink = SplunkHECSink(SplunkHECOptions.model_validate({"token": TOKEN, **options}), context())
+async def hec_sink(
+    context_settings: dict[str, Any] | None = None, **options: Any
+) -> AsyncIterator[SplunkHECSink]:
+    sink = SplunkHECSink(
+        SplunkHECOptions.model_validate({"token": TOKEN, **options}), context(**(context_settings or {}))
+    )
     try:
         await sink.start()
         yield sink
@@ -218,3 +228,123 @@ async def test_a_split_batch_keeps_within_the_send_budget_and_goes_in_once() -> 
     )
     assert drained and not timeouts
     assert 413 in hec.statuses
+
+
+# ---- indexer acknowledgement (useACK) -----------------------------------------------------------
+
+OTHER_TOKEN = "99999999-8888-7777-6666-555555555555"
+
+
+async def test_the_fake_answers_an_ack_token_as_splunk_does() -> None:
+    """HEC's contract for a token with indexer acknowledgement on: a channel is required, a 200 carries
+    an ackId (per channel, from 0), and /services/collector/ack answers true once the events are indexed
+    (once: then Splunk forgets it); a token without acknowledgement cannot query it."""
+    channel = str(uuid.uuid4())
+    event = b'{"event": "x"}'
+    async with (
+        FakeHEC(tokens={TOKEN, OTHER_TOKEN}, ack_tokens={TOKEN}) as hec,
+        aiohttp.ClientSession(f"{hec.url}") as http,
+    ):
+
+        async def post(path: str, body: bytes, token: str = TOKEN, **headers: str) -> tuple[int, Any]:
+            async with http.post(
+                path, data=body, headers={"Authorization": f"Splunk {token}", **headers}
+            ) as r:
+                return r.status, await r.json()
+
+        assert await post("/services/collector/event", event) == (
+            400,
+            {"text": "Data channel is missing", "code": 10},
+        )
+        bad = await post("/services/collector/event", event, **{"X-Splunk-Request-Channel": "nope"})
+        assert bad == (400, {"text": "Invalid data channel", "code": 11})
+        on_channel = {"X-Splunk-Request-Channel": channel}
+        for n in (0, 1):
+            assert await post("/services/collector/event", event, **on_channel) == (
+                200,
+                {"text": "Success", "code": 0, "ackId": n},
+            )
+        assert await post(f"/services/collector/event?channel={channel}", b"") == (
+            400,
+            {"text": "No data", "code": 5},
+        )
+        ack = "/services/collector/ack"
+        assert await post(ack, b'{"acks": [0, 1, 7]}', **on_channel) == (
+            200,
+            {"acks": {"0": True, "1": True, "7": False}},
+        )
+        assert await post(ack, b'{"acks": [0]}', **on_channel) == (200, {"acks": {"0": False}})
+        assert await post(ack, b'{"acks": [0]}', OTHER_TOKEN, **on_channel) == (
+            400,
+            {"text": "ACK is disabled", "code": 14},
+        )
+        assert await post("/services/collector/event", event, OTHER_TOKEN) == (
+            200,
+            {"text": "Success", "code": 0},
+        )
+    assert hec.channels == [channel] and len(hec.events) == 3
+
+
+async def test_an_ack_token_gets_a_channel_and_events_are_ok_once_confirmed_indexed(tmp_path: Path) -> None:
+    """A token with indexer acknowledgement on (common: Amazon Data Firehose needs it) answers every
+    request without a channel 400 code 10 "Data channel is missing". The sink sent none: start()
+    took that answer to its empty POST for "accepts the token", and every event was dead-lettered
+    as rejected, even never giving up (retry_max_attempts=0). Now every request carries one channel
+    for the sink's life, and an event is OK once HEC confirms it indexed."""
+    batch = [make_occurrence(reason=f"R{i}") for i in range(3)]
+    async with FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}) as hec:
+        async with hec_sink(url=hec.url) as sink:
+            outcomes = await sink.send(batch)
+        assert outcomes is not None and all(o is OK for o in outcomes), outcomes
+        assert [e["event"]["reason"] for e in hec.events] == ["R0", "R1", "R2"]
+        assert hec.channels == [sink.channel] and hec.ack_queries >= 1
+
+        # Through the engine, never giving up: every event delivered, none dead-lettered.
+        metrics = Metrics()
+        sink = SplunkHECSink(SplunkHECOptions.model_validate({"url": hec.url, "token": TOKEN}), context())
+        pipeline = pipeline_for("splunk_hec", sink, metrics, tmp_path / "dl", retry_max_attempts=0)
+        delivered = metrics.delivered.labels("splunk_hec")
+        async with drained(pipeline):
+            for i in range(5):
+                pipeline.offer(make_occurrence(reason=f"P{i}"))
+            await until(lambda: delivered._value.get() == 5, timeout=8)
+    assert metrics.dead_lettered.labels("splunk_hec", "rejected")._value.get() == 0
+    assert not (tmp_path / "dl").exists() or not (tmp_path / "dl").read_bytes().strip()
+
+
+async def test_events_not_confirmed_indexed_within_the_send_budget_are_retried() -> None:
+    """A 200 with an ackId only says HEC received the events. Not confirmed indexed within the send's
+    budget, they are retried (at least once: they may be indexed twice), never OK unconfirmed."""
+    batch = [make_occurrence(reason=f"R{i}") for i in range(2)]
+    async with (
+        FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}, hold_acks=True) as hec,
+        hec_sink({"send_timeout": 2.4}, url=hec.url, timeout=0.5) as sink,
+    ):
+        held = await sink.send(batch)
+        hec.hold_acks = False  # the indexers catch up
+        hec.release_acks()
+        again = await sink.send(batch)  # as the engine does
+    assert held is not None and again is not None
+    assert all(o.kind is OutcomeKind.RETRY for o in held), held
+    assert "did not confirm them indexed" in held[0].reason and "indexer acknowledgement" in held[0].reason
+    assert all(o is OK for o in again), again
+    assert [e["event"]["reason"] for e in hec.events] == ["R0", "R1", "R0", "R1"]
+    assert hec.ack_queries >= 2
+
+
+async def test_a_channel_dropped_on_the_way_fails_start_naming_it_and_sends_are_retried(hec: FakeHEC) -> None:
+    """A proxy that drops the X-Splunk-Request-Channel header: HEC answers 400 code 10 for an ack
+    token. start() names it; a send is retried, not rejected (the events are not at fault)."""
+    missing = {"text": "Data channel is missing", "code": 10}
+    sink = SplunkHECSink(SplunkHECOptions.model_validate({"url": hec.url, "token": TOKEN}), context())
+    try:
+        hec.fail_next(1, 400, missing)
+        with pytest.raises(SinkError, match="indexer acknowledgement on") as err:
+            await sink.start()
+        assert "X-Splunk-Request-Channel" in str(err.value) and TOKEN not in str(err.value)
+        hec.fail_next(1, 400, missing)
+        outcomes = await sink.send([make_occurrence()])
+    finally:
+        await sink.aclose()
+    assert outcomes is not None and outcomes[0].kind is OutcomeKind.RETRY
+    assert "Data channel is missing (code 10)" in outcomes[0].reason

@@ -13,6 +13,9 @@ documentation of the collector's status codes):
 - ``Authorization``: missing → 401 code 2 "Token is required"; not ``Splunk <token>`` → 401 code 3
   "Invalid authorization"; unknown token → 403 code 4 "Invalid token"; a token in
   ``disabled_tokens`` → 403 code 1 "Token disabled";
+- a token in ``ack_tokens`` (indexer acknowledgement on, ``useACK``) needs a channel, the
+  ``X-Splunk-Request-Channel`` header or ``?channel=``: none → 400 code 10 "Data channel is missing";
+  not a GUID → 400 code 11 "Invalid data channel";
 - body larger than ``max_content_length`` → 413;
 - empty body → 400 code 5 "No data";
 - the body is a sequence of JSON objects (whitespace between them allowed). For the first bad one,
@@ -21,7 +24,15 @@ documentation of the collector's status codes):
   code 12 "Event field is required"; ``event`` null or "" → 400 code 13 "Event field cannot be
   blank"; ``index`` not in ``indexes`` (when given) → 400 code 7 "Incorrect index"; each with
   ``"invalid-event-number": i``;
-- otherwise every event is stored in ``events`` → 200 code 0 "Success".
+- otherwise every event is stored in ``events`` → 200 code 0 "Success"; for a token in
+  ``ack_tokens`` with ``"ackId": n`` (numbered per channel from 0): the events are received, not yet
+  confirmed indexed.
+
+Indexer acknowledgement: ``POST /services/collector/ack`` with the token and the channel, body
+``{"acks": [n, ...]}`` → 200 ``{"acks": {"n": true|false, ...}}``: true once the request's events
+are indexed (at once, or at ``release_acks()`` while ``hold_acks`` is set), and answered true only
+once (Splunk then forgets it); a token not in ``ack_tokens`` → 400 code 14 "ACK is disabled"; a body
+that is not that → 400 code 6 "Invalid data format". ``ack_queries`` counts them.
 
 A request with a bad event stores none of its events (the stricter of the behaviours a client can
 meet; the sink retries the others, so it loses nothing either way).
@@ -36,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
@@ -46,6 +58,7 @@ from aiohttp import web
 __all__ = ["FakeHEC"]
 
 _EVENT_PATHS = ("/services/collector/event", "/services/collector/event/1.0", "/services/collector")
+ACK_PATH = "/services/collector/ack"
 
 
 @dataclass
@@ -94,6 +107,8 @@ class FakeHEC:
         *,
         tokens: set[str],
         disabled_tokens: set[str] | None = None,
+        ack_tokens: set[str] | None = None,
+        hold_acks: bool = False,
         indexes: set[str] | None = None,
         max_content_length: int = 1_000_000,
         delay: float = 0.0,
@@ -101,6 +116,12 @@ class FakeHEC:
     ) -> None:
         self.tokens = tokens
         self.disabled_tokens = disabled_tokens or set()
+        self.ack_tokens = ack_tokens or set()
+        self.hold_acks = hold_acks
+        """While set, the events of acknowledged tokens are received but not indexed (release_acks)."""
+        self.ack_queries = 0
+        self._acks: dict[str, dict[int, bool]] = {}  # channel -> ackId -> indexed
+        self._next_ack: dict[str, int] = {}
         self.indexes = indexes
         self.max_content_length = max_content_length
         self.delay = delay
@@ -123,6 +144,17 @@ class FakeHEC:
         for _ in range(n):
             self._faults.append(_Fault(status, body or {"text": "Server is busy", "code": 9}, retry_after))
 
+    @property
+    def channels(self) -> list[str]:
+        """The channels events were received on with an acknowledged token, in order of their first."""
+        return list(self._next_ack)
+
+    def release_acks(self) -> None:
+        """Index everything received so far: each pending ackId is answered true (once)."""
+        for pending in self._acks.values():
+            for ack_id in pending:
+                pending[ack_id] = True
+
     async def wait_for(self, count: int, timeout: float = 10.0) -> None:
         """Wait until at least ``count`` events were stored."""
         async with asyncio.timeout(timeout), self._changed:
@@ -133,6 +165,7 @@ class FakeHEC:
     async def __aenter__(self) -> FakeHEC:
         app = web.Application(client_max_size=self.max_content_length * 4 + 1024)
         app.router.add_get("/services/collector/health", self._health)
+        app.router.add_post(ACK_PATH, self._ack)
         for path in _EVENT_PATHS:
             app.router.add_route("*", path, self._collect)
         self._runner = web.AppRunner(app, access_log=None)
@@ -170,16 +203,9 @@ class FakeHEC:
             fault = self._faults.popleft()
             headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
             return await self._answer(fault.status, fault.body, headers)
-        auth = request.headers.get("Authorization")
-        if not auth:
-            return await self._answer(401, {"text": "Token is required", "code": 2})
-        scheme, _, token = auth.partition(" ")
-        if scheme != "Splunk" or not token:
-            return await self._answer(401, {"text": "Invalid authorization", "code": 3})
-        if token in self.disabled_tokens:
-            return await self._answer(403, {"text": "Token disabled", "code": 1})
-        if token not in self.tokens:
-            return await self._answer(403, {"text": "Invalid token", "code": 4})
+        refused = self._refused(request)
+        if refused is not None:
+            return await self._answer(*refused)
         size = request.content_length
         raw = await request.read()
         if (size or len(raw)) > self.max_content_length:
@@ -211,7 +237,62 @@ class FakeHEC:
                 )
                 return await self._answer(400, {"text": text_, "code": code, "invalid-event-number": number})
         self.events.extend(events)
-        return await self._answer(200, {"text": "Success", "code": 0})
+        channel = self._channel(request)
+        if channel is None:
+            return await self._answer(200, {"text": "Success", "code": 0})
+        ack_id = self._next_ack.get(channel, 0)
+        self._next_ack[channel] = ack_id + 1
+        self._acks.setdefault(channel, {})[ack_id] = not self.hold_acks
+        return await self._answer(200, {"text": "Success", "code": 0, "ackId": ack_id})
+
+    def _refused(self, request: web.Request) -> tuple[int, dict[str, Any]] | None:
+        """The token and channel checks, in Splunk's order: what HEC answers, or None when they pass."""
+        auth = request.headers.get("Authorization")
+        if not auth:
+            return 401, {"text": "Token is required", "code": 2}
+        scheme, _, token = auth.partition(" ")
+        if scheme != "Splunk" or not token:
+            return 401, {"text": "Invalid authorization", "code": 3}
+        if token in self.disabled_tokens:
+            return 403, {"text": "Token disabled", "code": 1}
+        if token not in self.tokens:
+            return 403, {"text": "Invalid token", "code": 4}
+        if token not in self.ack_tokens:
+            return None
+        given = request.headers.get("X-Splunk-Request-Channel") or request.query.get("channel")
+        if not given:
+            return 400, {"text": "Data channel is missing", "code": 10}
+        try:
+            uuid.UUID(given)
+        except ValueError:
+            return 400, {"text": "Invalid data channel", "code": 11}
+        return None
+
+    def _channel(self, request: web.Request) -> str | None:
+        """The channel of a request that passed ``_refused``; None for a token without acknowledgement."""
+        if request.headers["Authorization"].partition(" ")[2] not in self.ack_tokens:
+            return None
+        return request.headers.get("X-Splunk-Request-Channel") or request.query.get("channel")
+
+    async def _ack(self, request: web.Request) -> web.Response:
+        self.ack_queries += 1
+        refused = self._refused(request)
+        if refused is not None:
+            return web.json_response(refused[1], status=refused[0])
+        channel = self._channel(request)
+        if channel is None:
+            return web.json_response({"text": "ACK is disabled", "code": 14}, status=400)
+        try:
+            asked = json.loads(await request.read())["acks"]
+            ids = [int(i) for i in asked if not isinstance(i, bool)]
+        except (ValueError, TypeError, KeyError):
+            return web.json_response({"text": "Invalid data format", "code": 6}, status=400)
+        pending = self._acks.get(channel, {})
+        done = {i: pending.get(i, False) for i in ids}
+        for i, indexed in done.items():
+            if indexed:  # answered true once: Splunk forgets it then
+                del pending[i]
+        return web.json_response({"acks": {str(i): indexed for i, indexed in done.items()}})
 
     def _validate(self, obj: Any) -> dict[str, Any]:
         if not isinstance(obj, dict):

@@ -9,17 +9,25 @@ One request per batch to ``<url>/services/collector/event`` (unless the URL has 
      "index":"k8s","fields":{"namespace":"default","kind":"Pod","reason":"BackOff","type":"Warning"},
      "event":<the normalised record>}
 
+Every request carries ``X-Splunk-Request-Channel``: a UUID, the same for the sink's life. A token with
+indexer acknowledgement on (``useACK``, which e.g. Amazon Data Firehose needs) refuses requests without
+one (400 code 10 "Data channel is missing"); one without ignores it.
+
 Outcomes (what Splunk answers → what the engine does):
 
-* 200 → every item OK.
+* 200 → every item OK. With an ``ackId`` (indexer acknowledgement on: the events are received, not yet
+  indexed), OK once ``/services/collector/ack`` says that request's events are indexed, asked again
+  (every 0.1 s, doubling up to 2 s) while a request can end within the send's ``send_budget``; those
+  not confirmed by then are retried (HEC may index them all the same: twice, never lost).
 * 400 with ``invalid-event-number`` n → item n is rejected (dead-lettered with Splunk's text and
   code); the other items are retried. Splunk may have indexed the events before n already, so they
   can arrive twice — at-least-once, never lost. ``Incorrect index`` (code 7) rejects the whole batch.
 * 413 (body above HEC's ``max_content_length``) → from then on (until a restart) the sink sends
   bodies of at most half that size, a batch in several requests; a single event still too large is
   rejected.
-* 401/403 (token missing, invalid or disabled), 408, 429, 5xx (503 "Server is busy"), connection
-  errors and timeouts → retried, honouring ``Retry-After``.
+* 401/403 (token missing, invalid or disabled), 408, 429, 5xx (503 "Server is busy"), 400 code 10/11
+  (the channel missing or invalid: a proxy drops the header), connection errors and timeouts →
+  retried, honouring ``Retry-After``.
 * any other answer → rejected with the status and a short excerpt.
 
 A batch sent in several requests keeps within the engine's ``send_budget``: no request starts that
@@ -32,9 +40,11 @@ The token is a ``Secret``: give ``env:NAME`` or ``file:/path``; it never appears
 
 from __future__ import annotations
 
+import asyncio
 import math
 import ssl
 import time
+import uuid
 from collections.abc import Sequence
 from datetime import UTC
 from email.utils import parsedate_to_datetime
@@ -61,7 +71,11 @@ from pydantic import AliasChoices, Field, field_validator
 __all__ = ["DEFAULT_PATH", "SplunkHECOptions", "SplunkHECSink", "redact"]
 
 DEFAULT_PATH = "/services/collector/event"
+ACK_PATH = "/services/collector/ack"
 _EXCERPT = 200
+_CHANNEL_CODES = frozenset({10, 11})  # "Data channel is missing", "Invalid data channel"
+_ACK_POLL_FIRST = 0.1  # seconds between two queries of /services/collector/ack, doubled each time ...
+_ACK_POLL_MAX = 2.0  # ... up to this
 
 
 class SplunkHECOptions(SinkOptions):
@@ -152,10 +166,17 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         parts = urlsplit(options.url)
         path = parts.path if parts.path not in ("", "/") else DEFAULT_PATH
         self.endpoint = urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+        at = path.find("/services/collector")  # behind a proxy's own prefix, the ack path keeps it
+        ack_path = (path[:at] if at >= 0 else "") + ACK_PATH
+        self.ack_endpoint = urlunsplit((parts.scheme, parts.netloc, ack_path, parts.query, ""))
         self._where = redact(self.endpoint)
+        self.channel = str(uuid.uuid4())
         self._headers = {
             "Authorization": f"Splunk {options.token.get_secret_value()}",
             "Content-Type": "application/json",
+            # A token with indexer acknowledgement on refuses every request without a channel; its
+            # ackIds are per channel, so one for the sink's life.
+            "X-Splunk-Request-Channel": self.channel,
         }
         self._session: aiohttp.ClientSession | None = None
         self._max_body: int | None = None  # the most bytes a request carries, learnt from HEC's 413s
@@ -191,6 +212,13 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             raise SinkError(f"splunk_hec: no HTTP Event Collector at {self._where} (HTTP 404)")
         if status >= 500:
             raise SinkError(f"splunk_hec {self._where} is not ready: {text} (HTTP {status})")
+        if status == 400 and code in _CHANNEL_CODES:
+            # The channel is sent: something between (a proxy) drops or rewrites the header.
+            raise SinkError(
+                f"splunk_hec {self._where}: the token has indexer acknowledgement on and HEC did not get "
+                f"this sink's channel: {text} (HTTP 400, code {code}); let the X-Splunk-Request-Channel "
+                "header through to HEC, or turn indexer acknowledgement off for this token"
+            )
         self.log.info("splunk_hec %s accepts the token (HTTP %d %s)", self._where, status, text)
 
     async def aclose(self) -> None:
@@ -242,6 +270,7 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         # and what is left is answered held (no failure): the engine sends it again at once.
         until = time.monotonic() + self.context.send_budget - self.options.timeout
         todo = self._requests(list(bodies), bodies)
+        acks: dict[int, list[int]] = {}  # ackId -> its request's items: received, not yet indexed
         started = False
         while todo:
             items = todo.pop(0)
@@ -251,9 +280,56 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                     outcomes[i] = left
                 break
             started = True
-            if await self._post(items, bodies, outcomes):  # too large: send it in smaller requests
+            if await self._post(items, bodies, outcomes, acks):  # too large: in smaller requests
                 todo[:0] = self._requests(items, bodies)
+        if acks:
+            await self._confirm(acks, outcomes, until)
         return outcomes
+
+    async def _confirm(self, acks: dict[int, list[int]], outcomes: list[Outcome], until: float) -> None:
+        """Wait for HEC to confirm the requests of ``acks`` indexed (indexer acknowledgement: a 200
+        only says received), asking while a request can end within the send's budget (``until``: no
+        query starts after it). The items of those it did not confirm are retried."""
+        wait, problem = _ACK_POLL_FIRST, "no time left in the send to ask"
+        while time.monotonic() <= until:
+            problem = await self._ask_acks(acks) or "not indexed yet"
+            if not acks or time.monotonic() + wait > until:
+                break
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, _ACK_POLL_MAX)
+        if not acks:
+            return
+        left = retry(
+            f"HEC received the events but did not confirm them indexed within the send's "
+            f"{self.context.send_budget:g}s budget (indexer acknowledgement: {problem}); sent again, "
+            "they may be indexed twice"
+        )
+        for items in acks.values():
+            for i in items:
+                outcomes[i] = left
+
+    async def _ask_acks(self, acks: dict[int, list[int]]) -> str | None:
+        """One query of ``/services/collector/ack``: the ackIds HEC confirms indexed leave ``acks``.
+        What went wrong, or None."""
+        if self._session is None:
+            return "splunk_hec sink is not started"
+        query = orjson.dumps({"acks": list(acks)})
+        try:
+            async with self._session.post(self.ack_endpoint, data=query, headers=self._headers) as resp:
+                status, body = resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return f"cannot reach {redact(self.ack_endpoint)}: {_describe(exc)}"
+        if status != 200:
+            text, code, _ = _answer(body)
+            return f"HEC {status} to the acknowledgement query: {text}" + (f" (code {code})" if code else "")
+        try:
+            answered = orjson.loads(body)["acks"]
+            confirmed = [int(ack_id) for ack_id, indexed in answered.items() if indexed is True]
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):
+            return f'an acknowledgement answer that is not {{"acks": {{...}}}}: {body[:_EXCERPT]!r}'
+        for ack_id in confirmed:
+            acks.pop(ack_id, None)
+        return None
 
     def _requests(self, items: list[int], bodies: dict[int, bytes]) -> list[list[int]]:
         """``items`` in order, in runs whose body is at most ``_max_body`` (a larger event alone)."""
@@ -268,9 +344,12 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                 size = len(bodies[i])
         return runs
 
-    async def _post(self, items: list[int], bodies: dict[int, bytes], outcomes: list[Outcome]) -> bool:
-        """Send ``items`` in one request and set their outcomes. True: HEC refused the body as too
-        large and ``_max_body`` is now below it; the items are to be sent again in smaller requests."""
+    async def _post(
+        self, items: list[int], bodies: dict[int, bytes], outcomes: list[Outcome], acks: dict[int, list[int]]
+    ) -> bool:
+        """Send ``items`` in one request and set their outcomes (``acks``: its ackId, when HEC answers
+        one, for ``_confirm``). True: HEC refused the body as too large and ``_max_body`` is now below
+        it; the items are to be sent again in smaller requests."""
         if self._session is None:
             for i in items:
                 outcomes[i] = retry("splunk_hec sink is not started")
@@ -286,6 +365,9 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                 outcomes[i] = retry(f"cannot reach {self._where}: {_describe(exc)}")
             return False
         if 200 <= status < 300:
+            ack_id = _ack_id(body)
+            if ack_id is not None:  # received, not yet indexed: OK once HEC confirms it
+                acks[ack_id] = items
             return False  # outcomes stay OK
         text, code, bad = _answer(body)
         what = f"HEC {status}: {text}" + (f" (code {code})" if code is not None else "")
@@ -299,7 +381,8 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             for n, i in enumerate(items):
                 outcomes[i] = reject(what) if n == bad else retry(f"sent again after another event: {what}")
             return False
-        if status in (401, 403, 408, 429) or status >= 500:
+        # 400 code 10/11: the channel did not reach HEC (see start), not the events' fault.
+        if status in (401, 403, 408, 429) or status >= 500 or (status == 400 and code in _CHANNEL_CODES):
             self.log.warning("splunk_hec %s: %s; will retry", self._where, what)
             for i in items:
                 outcomes[i] = retry(what, retry_after=wait)
@@ -307,6 +390,16 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         for i in items:
             outcomes[i] = reject(what)
         return False
+
+
+def _ack_id(body: bytes) -> int | None:
+    """The ``ackId`` of HEC's answer to an event request (a token with indexer acknowledgement on)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    ack_id = doc.get("ackId") if isinstance(doc, dict) else None
+    return ack_id if isinstance(ack_id, int) and not isinstance(ack_id, bool) else None
 
 
 def _describe(exc: BaseException) -> str:
