@@ -43,7 +43,7 @@ from eventrouter.engine.checkpoint import (
 from eventrouter.engine.configmap_checkpoint import ConfigMapCheckpointStore
 from eventrouter.engine.deadletter import DEADLETTER_MAX, DeadLetter
 from eventrouter.engine.filter import compile_filter
-from eventrouter.engine.pipeline import Pipeline
+from eventrouter.engine.pipeline import INTAKE_ROOM, Pipeline, queue_cost
 from eventrouter.engine.reload import SETTLE, SinkReloader, watched_state
 from eventrouter.engine.spool import Spool
 from eventrouter.fanout import Fanout, UnseenFile, UnseenStore
@@ -864,7 +864,7 @@ class Router:
         order: RelistOrder | None,
         page: int,
     ) -> tuple[int, int]:
-        count = malformed = seen = 0
+        count = malformed = seen = handed = 0
         # Reading a file never yields to the loop: until a sink has started, nothing would take from
         # its queue, and a file larger than the queue would overflow it before the sink ran at all.
         await asyncio.gather(*(p.start_tried.wait() for p in self.pipelines))
@@ -879,7 +879,10 @@ class Router:
                 log.warning("replay: skipped an object recorded with the unknown watch type %r", kind)
                 continue
             seen += 1
-            if seen % page == 0:
+            # Also after each INTAKE_ROOM of bytes handed on: 500 large events at once overflowed the
+            # memory queues' byte bound (``queue_max_bytes``), and without a spool the oldest went.
+            if seen % page == 0 or handed >= INTAKE_ROOM:
+                handed = 0
                 await self.fanout.wait_for_room()
                 await asyncio.sleep(0)  # let the pipelines take what is queued
             try:
@@ -896,6 +899,7 @@ class Router:
                     order.add(occ)
                 else:
                     self.fanout.publish(occ)
+                    handed += queue_cost(occ)
             elif tracker.dropped:  # a lowered count, a series not raised: counted as the watch does
                 for reason, n in tracker.take_dropped().items():
                     self.metrics.source_dropped.labels(reason).inc(n)
@@ -904,7 +908,13 @@ class Router:
             chunks = order.drain(page)
             for chunk in _numbers_rising(chunks) if tracker.exact else chunks:
                 for occ in chunk:
+                    if handed >= INTAKE_ROOM:
+                        handed = 0
+                        await self.fanout.wait_for_room()
+                        await asyncio.sleep(0)
                     self.fanout.publish(occ)
+                    handed += queue_cost(occ)
+                handed = 0
                 await self.fanout.wait_for_room()
                 await asyncio.sleep(0)
         return count, malformed

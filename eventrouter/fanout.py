@@ -168,7 +168,8 @@ class Fanout:
         progress: Callable[[], object] | None = None,
     ) -> bool:
         """Bulk intake (a relist, a replay) pauses here while a *working* sink's memory queue is past
-        ``high_water``: catching up at the sinks' pace instead of dropping what does not fit. A failing
+        ``high_water``, by count or by bytes (``Pipeline.backlogged``): catching up at the sinks' pace
+        instead of dropping what does not fit. A failing
         sink never holds it up (it spills or drops, counted), and the live watch never waits here.
         A sink with a disk spool holds it up for ``INTAKE_PATIENCE`` seconds in all; after that the
         rest of the intake waits in its spool (until it has caught up once more).

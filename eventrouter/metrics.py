@@ -164,6 +164,13 @@ class Metrics:
             ["sink"],
             registry=r,
         )
+        self.queue_bytes = Gauge(
+            "eventrouter_sink_queue_bytes",
+            "Bytes counted for the occurrences in queue_depth (what queue_max_bytes bounds): each its"
+            " Event's JSON twice (the raw JSON and the record made of it).",
+            ["sink"],
+            registry=r,
+        )
         self.spool_depth = Gauge(
             "eventrouter_sink_spool_depth", "Occurrences waiting in the disk spool.", ["sink"], registry=r
         )

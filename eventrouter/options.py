@@ -666,6 +666,12 @@ QUEUE_DEFAULT_SPOOLED = 1_000
 """With a spool the disk takes the backlog: a slow sink then holds ~1,000 occurrences (~7 MB) in
 memory instead of 10,000 (~64 MB), per sink. 2,000 measured 153–157 MiB peak for a relist of 50,000
 with seven sinks, 1,000 measured 146 MiB, at the same relist time for the sinks that keep up."""
+QUEUE_BYTES_DEFAULT = 48 * 1024 * 1024
+"""Memory queue bound in bytes as the engine counts them (each occurrence its Event's JSON twice: the
+raw JSON and the record made of it), with or without a spool. Above what 10,000 ordinary events count
+(~24 MB: 1.2 KB of JSON each, recorded), so only large events meet it: 80 events of 1 MB fitted the
+count bound and took the router to 213 MiB, against the chart's 256 MiB limit. A relist hands on up to
+32 MiB of them at once (a list page of 16 MiB): a smaller bound would then drop (or spill) the oldest."""
 
 
 class PipelineOptions(_Strict):
@@ -684,10 +690,30 @@ class PipelineOptions(_Strict):
         ),
     )
 
+    queue_max_bytes: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Memory queue bound in bytes, beside queue_max_events (default 48 MiB, more in proportion to a "
+            "queue_max_events above 10,000; 0 = none): each occurrence counts twice its Event's JSON. Past it, "
+            "as past queue_max_events; one larger than it is still taken into an empty queue. Below 32 MiB, a "
+            "relist of large events may spill or drop."
+        ),
+    )
+
     def queue_bound(self, *, spooled: bool) -> int:
         if self.queue_max_events is not None:
             return self.queue_max_events
         return QUEUE_DEFAULT_SPOOLED if spooled else QUEUE_DEFAULT
+
+    def queue_bytes_bound(self) -> int:
+        """The byte bound; 0: none. By default it grows with a ``queue_max_events`` set above the
+        default: a queue raised to 60,000 ordinary events (~2.4 KB each as counted) must not be cut
+        to 20,000 by a byte bound it was never given."""
+        if self.queue_max_bytes is not None:
+            return self.queue_max_bytes
+        events = self.queue_max_events or QUEUE_DEFAULT
+        return max(QUEUE_BYTES_DEFAULT, events * (QUEUE_BYTES_DEFAULT // QUEUE_DEFAULT))
 
     spool_max_bytes: int = Field(
         256 * 1024 * 1024,

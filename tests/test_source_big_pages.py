@@ -5,6 +5,8 @@ controller can write dozens of 1 MB events. A list page of 500 items was held ab
 (its body, the parsed document, each item's raw JSON): 80 events of 1 MB took the router to 289 MiB
 at every start, past the chart's 256 MiB limit. Pages are now bounded by bytes as well as items, the
 body goes once parsed, items as handed on, and a sorted relist holds a bounded number of bytes.
+Bounded by events alone, a sink's default memory queue (10,000) then held a sorted relist's 80 MB
+whole (213 MiB): it is bounded by bytes as well (session 33, item 259).
 
 Each test runs the router as a process and reads its peak RSS (VmHWM): a memory bound, not a timing."""
 
@@ -37,8 +39,8 @@ async def main(kubeconfig, out, spare):
         cluster_name="c", kubeconfig=kubeconfig, metrics_addr=None,
         watch=WatchSettings(relist_sorted=True, relist_dir=spare),
     )
-    # A queue of 20: the sinks' queues are bounded by events, not bytes (80 of these fit in the default)
-    options = {"name": "f", "path": out, "queue_max_events": 20}
+    # The default queue: bounded by bytes too (item 259), it no longer holds all 80 of these.
+    options = {"name": "f", "path": out}
     router = Router(settings, [spec_for_class(FileSink, options, type_="file")])
     async with router.running():
         await asyncio.Event().wait()

@@ -62,6 +62,15 @@ CUT_OFF_GRACE = 5.0
 before it is named as swallowing it; at least 1 s, else the send_timeout (cleanup that awaits, as
 closing a connection, takes less)."""
 
+UNBOUNDED = 1 << 62
+"""``queue_max_bytes`` 0: no byte bound."""
+
+INTAKE_ROOM = 32 * 1024 * 1024
+"""Bytes (as ``queue_cost`` counts them) a bulk intake may hand on at once after one room check: a list
+page (at most 16 MiB of JSON, ``source.watcher.PAGE_MAX_BYTES``) or a sorted relist's chunk (8 MiB),
+counted twice. A queue within this of ``queue_max_bytes`` is backlogged, so that the page after the
+check still fits: at half the bound, a page of 1 MB events pushed the oldest out (``queue_full``)."""
+
 KEEP_GONE_SECONDS = 1.0
 """How long a stop's ``keep_gone`` reads the spool when its caller gives no deadline (the router's
 stop gives one for all its sinks): past it, every mark is kept unchecked."""
@@ -95,6 +104,10 @@ class Pipeline:
         # Offered while the spool holds older occurrences but cannot be written (a full disk): they
         # wait here, behind the spool, and go into the spool once it can be written again.
         self._overflow: collections.deque[Occurrence] = collections.deque()
+        # Their bytes as ``queue_cost`` counts them (the items set aside: ``_aside.bytes``), beside their
+        # lengths: 80 events of 1 MB fitted the default count bound and took the router past its limit.
+        self._queue_bytes = 0
+        self._overflow_bytes = 0
         self._wakeup = asyncio.Event()
         # Queue length at which an offer wakes the batcher: 1 while it waits for work, the rest of
         # the batch while it fills one. Waking it per offer cost ~10 loop turns per occurrence and sink.
@@ -170,11 +183,13 @@ class Pipeline:
         self.intake_patience = INTAKE_PATIENCE
         self._received = 0
         self.queue_max = options.queue_bound(spooled=spool is not None)
+        self.queue_max_bytes = options.queue_bytes_bound() or UNBOUNDED
         # Items set aside for a key of their own (``defer``: one Loki stream, one index) take at most
         # half the memory bound, so that a key refused for long leaves the other half to the other
         # keys. Beyond it they are parked in the spool, or without one the oldest set aside are
         # dropped (counted). An alert robot's holds and failures are its whole traffic: no share.
         self._aside_max: int | None = None if self._defer else max(1, self.queue_max // 2)
+        self._aside_bytes_max = self.queue_max_bytes // 2  # their share of the byte bound likewise
         # Metric children resolved once: label lookups are not free on the hot path.
         m = metrics
         self._m_received = m.received.labels(name)
@@ -183,6 +198,7 @@ class Pipeline:
         self._m_delivered = m.delivered.labels(name)
         self._m_retries = m.retries.labels(name)
         self._m_queue = m.queue_depth.labels(name)
+        self._m_queue_bytes = m.queue_bytes.labels(name)
         self._m_spool = m.spool_depth.labels(name)
         self._m_spilled = m.spilled.labels(name)
         self._m_latency = m.send_latency.labels(name)
@@ -235,40 +251,61 @@ class Pipeline:
             )
             return
         self.idle.clear()
-        # Deferred retries (alert digests) are held in memory too: they count against the bound.
-        full = len(self._queue) + len(self._deferred) >= self.queue_max
-        if spool is not None and (len(spool) or self._overflow or full):
+        if spool is not None and (len(spool) or self._overflow):
             # Once spilling starts, everything goes through the spool until it drains: order is kept.
-            if (not self._overflow or self._spill_overflow()) and self._spill(occ):
-                pass
-            elif len(spool) or self._overflow:
-                self._hold_back(occ)
-            else:
-                self._into_memory(occ, full)
-        elif full:
-            self._into_memory(occ, full)
+            if not ((not self._overflow or self._spill_overflow()) and self._spill(occ)):
+                self._hold_back(occ, queue_cost(occ))
+            self._wakeup.set()
+            return
+        cost = 2 * len(occ.raw_json)  # ``queue_cost``, inline: this runs per occurrence and sink
+        held = self._queue_bytes + self._aside.bytes
+        # Deferred retries (alert digests) are held in memory too: they count against the bounds.
+        full = len(self._queue) + len(self._deferred) >= self.queue_max or (
+            held + cost > self.queue_max_bytes and held > 0  # one larger than the bound, alone, fits
+        )
+        if full:
+            if spool is None or not self._spill(occ):
+                if spool is not None and len(spool):
+                    self._hold_back(occ, cost)
+                else:
+                    self._into_memory(occ, cost)
         else:
             self._queue.append(occ)
+            self._queue_bytes += cost
             if len(self._queue) < self._wake_at:
                 self._offered_bytes += occ.size
                 if self._offered_bytes < self._wake_bytes:
                     return  # the batch being filled waits for its deadline or for enough to fill it
         self._wakeup.set()
 
-    def _into_memory(self, occ: Occurrence, full: bool) -> None:
-        """Queue in memory; when memory is full, the oldest occurrence there is dropped, counted."""
-        if full:
-            if self._aside_max is not None and len(self._deferred) > self._aside_max:
+    def _full_for(self, cost: int) -> bool:
+        """Memory holds something and has no room for one more occurrence of ``cost`` bytes."""
+        count = len(self._queue) + len(self._deferred)
+        held = self._queue_bytes + self._aside.bytes
+        return count > 0 and (count >= self.queue_max or held + cost > self.queue_max_bytes)
+
+    def _aside_over_share(self) -> bool:
+        """Items set aside are over their share of memory, by count or by bytes (one alone never)."""
+        return self._aside_max is not None and (
+            len(self._deferred) > self._aside_max
+            or (self._aside.bytes > self._aside_bytes_max and len(self._deferred) > 1)
+        )
+
+    def _into_memory(self, occ: Occurrence, cost: int) -> None:
+        """Queue in memory; while memory is full (by count or by bytes), the oldest occurrence there
+        is dropped, counted: one large occurrence may need the room of several small ones."""
+        while self._full_for(cost):
+            if self._aside_over_share():
                 # Items set aside for a refused key over their share give way first: the other keys
                 # keep their place (before, each new occurrence pushed out the oldest of another key).
                 if self.spool is None:
                     self._drop_aside(1, self._m_queue_full, "")
                 else:
                     self._drop_aside(1, self._m_spool_error, " and the disk spool cannot be written")
-                self._queue.append(occ)
-                return
+                continue
             if self._queue:
                 dropped = self._queue.popleft()
+                self._queue_bytes -= queue_cost(dropped)
             else:  # memory holds deferred retries only (an alert robot down): the first due goes
                 dropped = self._aside.pop()[2]
                 self._release(dropped)
@@ -277,31 +314,43 @@ class Pipeline:
             (self._m_queue_full if self.spool is None else self._m_spool_error).inc()
             self._throttled.warning(
                 "queue_full",
-                "sink %s: memory queue full (%d)%s, dropped oldest occurrence %s",
+                "sink %s: memory queue full (%s)%s, dropped oldest occurrence %s",
                 self.name,
-                self.queue_max,
+                self._bounds(),
                 "" if self.spool is None else " and the disk spool cannot be written",
                 dropped.key,
             )
         self._queue.append(occ)
+        self._queue_bytes += cost
 
-    def _hold_back(self, occ: Occurrence) -> None:
+    def _bounds(self) -> str:
+        """The memory bounds, as logs name them."""
+        if self.queue_max_bytes >= UNBOUNDED:
+            return f"{self.queue_max} occurrences"
+        return f"{self.queue_max} occurrences or {_mib(self.queue_max_bytes)}"
+
+    def _hold_back(self, occ: Occurrence, cost: int) -> None:
         """The spool holds older occurrences and cannot be written now. Sent before them, a newer
         occurrence of an event would make the checkpoint skip an older one as a copy (lost): it waits
-        behind the spool instead, in memory (bounded: the oldest dropped, counted)."""
-        if len(self._overflow) >= self.queue_max:
-            dropped = self._overflow.popleft()
+        behind the spool instead, in memory (bounded as the queue: the oldest dropped, counted)."""
+        overflow = self._overflow
+        while overflow and (
+            len(overflow) >= self.queue_max or self._overflow_bytes + cost > self.queue_max_bytes
+        ):
+            dropped = overflow.popleft()
+            self._overflow_bytes -= queue_cost(dropped)
             self._given_up([dropped])
             self._m_spool_error.inc()
             self._throttled.warning(
                 "queue_full",
-                "sink %s: memory queue full (%d) and the disk spool cannot be written, dropped oldest "
+                "sink %s: memory queue full (%s) and the disk spool cannot be written, dropped oldest "
                 "occurrence %s",
                 self.name,
-                self.queue_max,
+                self._bounds(),
                 dropped.key,
             )
-        self._overflow.append(occ)
+        overflow.append(occ)
+        self._overflow_bytes += cost
 
     def _spill_overflow(self) -> bool:
         """Move what waited behind the spool into it, in order; False while the disk cannot take it."""
@@ -309,7 +358,7 @@ class Pipeline:
         while overflow:
             if not self._spill(overflow[0]):
                 return False
-            overflow.popleft()
+            self._overflow_bytes -= queue_cost(overflow.popleft())
         return True
 
     def _spill(self, occ: Occurrence) -> bool:
@@ -327,11 +376,11 @@ class Pipeline:
             self.metrics.data_dir_errors.labels(self.name, "spool").inc()
             self._throttled.warning(
                 "spool_write",
-                "sink %s: cannot write the disk spool (%s); occurrences wait in memory (at most %d, "
+                "sink %s: cannot write the disk spool (%s); occurrences wait in memory (at most %s, "
                 "then the oldest are dropped) until it can be written again",
                 self.name,
                 exc.strerror or exc,
-                self.queue_max,
+                self._bounds(),
             )
             return False
         self._m_spilled.inc()
@@ -528,6 +577,7 @@ class Pipeline:
         if self._received:
             self._m_received.inc(self._received)
             self._received = 0
+        self._m_queue_bytes.set(self.queued_bytes)
         self._throttled.report()
         self._blocking.report()
 
@@ -538,7 +588,8 @@ class Pipeline:
             self._room.set()  # a failing sink must not hold up a relist for the others
 
     def backlogged(self, high_water: float) -> bool:
-        """True while a working sink's memory queue is past ``high_water`` (a fraction of its bound),
+        """True while a working sink's memory queue is past ``high_water`` (a fraction of its bound, by
+        count or by bytes: a relist of large events waits as one of many small ones does),
         unless it is already spilling into a disk spool that has room: then a relist's overflow waits
         on disk and the sink catches up from there, holding up no other sink."""
         spilling = self.spool is not None and len(self.spool) > 0
@@ -546,9 +597,18 @@ class Pipeline:
             self.healthy
             and self.started.is_set()
             and not self._closing
-            and len(self._queue) + len(self._overflow) >= high_water * self.queue_max
+            and (
+                len(self._queue) + len(self._overflow) >= high_water * self.queue_max
+                or self._bytes_backlogged(high_water)
+            )
             and not (spilling and self.can_spill)
         )
+
+    def _bytes_backlogged(self, high_water: float) -> bool:
+        """The queue holds ``high_water`` of the byte bound, or leaves no room for a page
+        (``INTAKE_ROOM``); never while it is empty (no batch would end the wait)."""
+        held, bound = self._queue_bytes + self._overflow_bytes, self.queue_max_bytes
+        return held > 0 and held >= min(high_water * bound, bound - INTAKE_ROOM)
 
     @property
     def can_spill(self) -> bool:
@@ -569,6 +629,11 @@ class Pipeline:
         """Occurrences in the memory queue and set aside in memory: what ``queue_max_events`` bounds
         (the queue-depth gauge; items set aside were in no gauge)."""
         return len(self._queue) + len(self._deferred)
+
+    @property
+    def queued_bytes(self) -> int:
+        """The bytes ``queue_max_bytes`` bounds: those of ``queued`` (``queue_cost``)."""
+        return self._queue_bytes + self._aside.bytes
 
     @property
     def depth(self) -> int:
@@ -612,10 +677,11 @@ class Pipeline:
                 # the spool's backlog pile up in memory.
                 room = min(self.options.batch_max_events, self.queue_max - len(self._deferred))
                 behind = self.spool.behind_open
-                popped = self.spool.pop(room) if room > 0 else []
+                popped = self._pop_spooled(room) if room > 0 else []
                 if behind:
                     self._before_start = {(occ.uid, occ.number) for occ in popped}
                 self._queue.extend(popped)
+                self._queue_bytes += sum(map(queue_cost, popped))
                 self._popped = popped
                 self._popped_keys = None
                 if self.spool.owed:
@@ -626,7 +692,9 @@ class Pipeline:
                 self._popped = []
                 if self._overflow:
                     self._queue.extend(self._overflow)  # the spool has drained: what waited behind it
+                    self._queue_bytes += self._overflow_bytes
                     self._overflow.clear()
+                    self._overflow_bytes = 0
             # Also what opening the spool found (a segment set aside at start), even if nothing is left.
             if self.spool.unreadable:
                 self.metrics.dropped.labels(self.name, "spool_unreadable").inc(self.spool.unreadable)
@@ -645,9 +713,31 @@ class Pipeline:
         ):
             # Room in the share of items set aside (some finished): the first parked come back, due
             # now. Kept in the aside file at the next refill, before the parked read position passes.
-            self._unpark(room, ())
+            self._unpark_into_share(room, ())
             self._m_spool.set(self._spool_depth())
         self._trim_gone()
+
+    def _pop_spooled(self, room: int) -> list[Occurrence]:
+        """Up to ``room`` records from the spool, within the byte bound's room beside the items set
+        aside: read by count alone, a refill took a batch's 500 records of 1 MB into memory at once.
+        The first whatever its size (the queue is empty; items set aside must not stall the spool),
+        then as many as fit at the mean of those read so far."""
+        spool = self.spool
+        assert spool is not None
+        left = self.queue_max_bytes - self._aside.bytes
+        popped: list[Occurrence] = []
+        step, read_bytes = 1 if self.queue_max_bytes < UNBOUNDED else room, 0
+        while room > 0 and step > 0 and len(spool):
+            got = spool.pop(min(room, step))
+            if not got:
+                break
+            popped += got
+            room -= len(got)
+            cost = sum(map(queue_cost, got))
+            left -= cost
+            read_bytes += cost
+            step = left * len(popped) // max(1, read_bytes)  # 0: the next would not fit
+        return popped
 
     def _spooled_aside(self) -> list[Occurrence]:
         """The deferred occurrences that came from the spool (one per key), in the order received,
@@ -781,6 +871,7 @@ class Pipeline:
         )
         parked = self.spool.parked_holds if self.spool is not None and self.spool.parked_count else None
         waited = False
+        left = 0  # the bytes of what left the queue
         while queue and len(batch) < max_events:
             nxt = queue[0]
             key = (nxt.uid, nxt.number)
@@ -802,11 +893,11 @@ class Pipeline:
                 # recorded yet while an older occurrence of its event waits aside (a relist's copy
                 # likewise: set aside behind that one, it went out again with it). Only the number
                 # finished last (``_done``): an older one may be pending.
-                queue.popleft()
+                left += queue_cost(queue.popleft())
                 self._m_skipped.inc()
                 continue
             if ordered and self._behind_older(nxt, keys):
-                queue.popleft()
+                left += queue_cost(queue.popleft())
                 waited = True
                 continue
             nxt_size = nxt.size
@@ -815,7 +906,9 @@ class Pipeline:
             batch.append(queue.popleft())
             keys.add(key)
             size += nxt_size
-        if waited and self._aside_max is not None and len(self._deferred) > self._aside_max:
+            left += 2 * len(nxt.raw_json)
+        self._queue_bytes -= left
+        if waited and self._aside_over_share():
             self._bound_aside([])
         return size
 
@@ -1090,15 +1183,17 @@ class Pipeline:
             excess = min(len(heap) - share, len(self._queue) + len(heap) - self.queue_max)
             if excess > 0:
                 self._drop_aside(excess, self._m_queue_full, "")
+            while self._aside_over_share() and self.queued_bytes > self.queue_max_bytes:
+                self._drop_aside(1, self._m_queue_full, "")
             return
         dues: list[float] = []
-        if (len(heap) > share or spool.parked_count) and spool.parking:
+        if (self._aside_over_share() or spool.parked_count) and spool.parking:
             leaving = self._to_park(refused)
             if leaving:
                 dues = self._park(self._aside.entries_of(leaving))
         if (room := share - len(self._deferred)) > 0 and spool.parked_count and not self._closing:
             # The first parked come forward into the room left, in the parked ones' places in time.
-            self._unpark(room, sorted(dues))
+            self._unpark_into_share(room, sorted(dues))
         self._m_spool.set(self._spool_depth())
         if len(self._deferred) > self.queue_max:  # the disk cannot be written: memory's bound still holds
             self._drop_aside(
@@ -1106,6 +1201,8 @@ class Pipeline:
                 self._m_spool_error,
                 " and the disk spool cannot be written",
             )
+        while self._aside.bytes > self.queue_max_bytes and len(self._deferred) > 1:
+            self._drop_aside(1, self._m_spool_error, " and the disk spool cannot be written")
 
     def _to_park(self, refused: list[tuple[float, int, Occurrence]]) -> list[str]:
         """The events set aside that leave memory for the parked FIFO, whole. While records are
@@ -1122,13 +1219,16 @@ class Pipeline:
         records come back in number order all the same (``_unpark``)."""
         assert self._aside_max is not None and self.spool is not None
         share, heap, went_round = self._aside_max, self._deferred, self._went_round
+        byte_share = self._aside_bytes_max
         floor, failures = self.spool.parked_floor, self._failures
         sizes: dict[str, int] = {}
+        weights: dict[str, int] = {}  # its bytes (``queue_cost``): the share bounds both
         tries: dict[str, int] = {}
         since: dict[str, float] = {}  # its oldest received
         for _, _, occ in heap:
             uid = occ.uid
             sizes[uid] = sizes.get(uid, 0) + 1
+            weights[uid] = weights.get(uid, 0) + queue_cost(occ)
             tries[uid] = max(tries.get(uid, 0), failures.get((uid, occ.number), 0))
             since[uid] = min(since.get(uid, occ.received_at), occ.received_at)
 
@@ -1141,23 +1241,27 @@ class Pipeline:
                 uid for uid in dict.fromkeys(e[2].uid for e in refused) if uid in went_round and uid in sizes
             ]
             chosen = [uid for uid in again if floor(uid) is None]
-            if not chosen and len(heap) >= share:
+            if not chosen and (len(heap) >= share or self._aside.bytes >= byte_share):
                 chosen = again
             fresh = sorted((uid for uid in sizes if uid not in went_round), key=first, reverse=True)
             excess = sum(sizes[uid] for uid in fresh) - share // 2
+            excess_bytes = sum(weights[uid] for uid in fresh) - byte_share // 2
             for uid in fresh:
-                if excess <= 0:
+                if excess <= 0 and excess_bytes <= 0:
                     break
                 chosen.append(uid)
                 excess -= sizes[uid]
+                excess_bytes -= weights[uid]
         over = len(heap) - share - sum(sizes[uid] for uid in chosen)
-        if over > 0:
+        over_bytes = self._aside.bytes - byte_share - sum(weights[uid] for uid in chosen)
+        if over > 0 or over_bytes > 0:
             taken = set(chosen)
             for uid in sorted((uid for uid in sizes if uid not in taken), key=first, reverse=True):
-                if over <= 0:
+                if over <= 0 and over_bytes <= 0:
                     break
                 chosen.append(uid)
                 over -= sizes[uid]
+                over_bytes -= weights[uid]
         return chosen
 
     def _park(self, leaving: list[tuple[float, int, Occurrence]]) -> list[float]:
@@ -1187,10 +1291,10 @@ class Pipeline:
                 self._throttled.warning(
                     "spool_write",
                     "sink %s: cannot park occurrences set aside in the disk spool (%s); they wait in "
-                    "memory (at most %d, then the oldest are dropped)",
+                    "memory (at most %s, then the oldest are dropped)",
                     self.name,
                     exc.strerror or exc,
-                    self.queue_max,
+                    self._bounds(),
                 )
                 break
             dues.append(due)
@@ -1200,9 +1304,27 @@ class Pipeline:
             self._spool_full(dropped)
         return dues
 
-    def _unpark(self, count: int, dues: Sequence[float]) -> None:
+    def _unpark_into_share(self, room: int, dues: Iterable[float]) -> None:
+        """Bring parked records back into the room left in the share of items set aside: ``room``
+        records, and its bytes (the first whatever its size, then as many as fit at the mean of those
+        read so far): by count alone, 500 records of 1 MB came back into memory at once."""
+        dues = iter(dues)  # shared by the reads: each record brought back takes the next
+        left = self._aside_bytes_max - self._aside.bytes
+        step, read, read_bytes = 1 if self.queue_max_bytes < UNBOUNDED else room, 0, 0
+        while room > 0 and left > 0 and step > 0:
+            before = self._aside.bytes
+            count = self._unpark(min(room, step), dues)
+            if not count:
+                break
+            room -= count
+            read += count
+            read_bytes += self._aside.bytes - before
+            left = self._aside_bytes_max - self._aside.bytes
+            step = left * read // max(1, read_bytes)  # 0: the next would not fit
+
+    def _unpark(self, count: int, dues: Iterable[float]) -> int:
         """Bring ``count`` parked records back among the items set aside in memory, due at ``dues``
-        (then now), with their failed attempts so far."""
+        (then now), with their failed attempts so far; returns how many were read."""
         spool = self.spool
         assert spool is not None
         if spool.behind_open or self._before_start:
@@ -1210,7 +1332,7 @@ class Pipeline:
             # stop (or in the aside file at a crash) are there, and go before its parked ones. Read
             # is not enough: a parked X/2, due at once, went first in a batch, and X/1, queued
             # behind the batch's bound, was then skipped as a copy (lost).
-            return
+            return 0
         back = spool.unpark(count)
         self._parked_read = self._parked_read or bool(back)
         if spool.owed:
@@ -1262,6 +1384,7 @@ class Pipeline:
             self._spooled_deferred.add(key)  # in the aside file before the parked position passes it
         if dropped:
             self._spool_full(dropped)
+        return len(back)
 
     def _drop_aside(self, count: int, counter: Any, cause: str) -> None:
         """Drop the ``count`` oldest (by receipt) items set aside in memory: counted, logged, and told
@@ -1276,10 +1399,9 @@ class Pipeline:
         self._throttled.warning(
             "aside_full",
             "sink %s: occurrences set aside for a key the sink refuses are over their share of the memory "
-            "queue (%d of %d)%s: dropped the oldest %d (%s)",
+            "queue (half of %s)%s: dropped the oldest %d (%s)",
             self.name,
-            self._aside_max,
-            self.queue_max,
+            self._bounds(),
             cause,
             len(occs),
             ", ".join(occ.key for occ in occs[:3]) + (", ..." if len(occs) > 3 else ""),
@@ -1962,6 +2084,7 @@ class Pipeline:
         self._failures.clear()
         self._queue.clear()
         self._overflow.clear()
+        self._queue_bytes = self._overflow_bytes = 0
         return older, newer
 
     async def wait_idle(self, timeout: float | None = None) -> None:
@@ -2133,6 +2256,18 @@ def _numbers_rising(occs: list[Occurrence]) -> list[Occurrence]:
     return out
 
 
+def queue_cost(occ: Occurrence) -> int:
+    """What an occurrence counts against the memory queue's byte bound: its Event's JSON twice, for
+    the raw JSON and the record made of it (its strings: as large). Its encoding, made when a batch
+    takes it, is not counted (one batch's worth), nor the empty structures of a small event. The
+    same for an occurrence whenever it is counted; costs no encoding at the offer."""
+    return 2 * len(occ.raw_json)
+
+
+def _mib(n: int) -> str:
+    return f"{n >> 20} MiB" if n % (1 << 20) == 0 else f"{n} bytes"
+
+
 _Entry = tuple[float, int, Occurrence]
 """An item set aside: (due, seq, occurrence), in due-time order, then by ``seq`` (never equal)."""
 
@@ -2146,10 +2281,11 @@ class _Aside:
     due time, for its earliest due and its entries without a scan of the heap (before, each newer
     occurrence waiting behind an older one of its event scanned it all: quadratic)."""
 
-    __slots__ = ("_at", "_count", "_events", "_received", "heap")
+    __slots__ = ("_at", "_count", "_events", "_received", "bytes", "heap")
 
     def __init__(self) -> None:
         self.heap: list[_Entry] = []
+        self.bytes = 0  # of its occurrences (``queue_cost``): they count against the memory's byte bound
         self._at: dict[int, int] = {}  # seq → index in ``heap``
         self._received: list[tuple[float, int]] = []  # (received_at, seq), a heap
         self._events: dict[str, list[tuple[float, int]]] = {}  # uid → its (due, seq), a heap
@@ -2158,6 +2294,7 @@ class _Aside:
     def push(self, entry: _Entry) -> None:
         heap, seq, occ = self.heap, entry[1], entry[2]
         heap.append(entry)
+        self.bytes += queue_cost(occ)
         self._up(len(heap) - 1)
         received = self._received
         heapq.heappush(received, (occ.received_at, seq))
@@ -2235,6 +2372,7 @@ class _Aside:
             heapq.heapify(dues)
         self._events = events
         self._count = {uid: len(dues) for uid, dues in events.items()}
+        self.bytes = sum(queue_cost(entry[2]) for entry in heap)
 
     def clear(self) -> None:
         self.replace([])
@@ -2254,6 +2392,7 @@ class _Aside:
             at[last[1]] = i
             self._down(i)
             self._up(at[last[1]])
+        self.bytes -= queue_cost(entry[2])
         uid = entry[2].uid
         left = self._count[uid] - 1
         if left:

@@ -30,6 +30,7 @@ class Knobs(TypedDict, total=False):
     a caller's ``**dict[str, float]`` would be checked against ``Spool | None`` (and refused)."""
 
     queue_max_events: int
+    queue_max_bytes: int
     spool_max_bytes: int
     batch_max_events: int
     batch_max_bytes: int
