@@ -102,8 +102,9 @@ _NodeList = Annotated[list[str], BeforeValidator(_split)]
 _BAD_INDEX_CHARS = re.compile(r'[\\/*?"<>| ,#:A-Z]')
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _BAD_TEMPLATE_CHARS = re.compile(r'[\\/*?"<>| ,#A-Z]')
-# The one name every index template had before session 33, whatever its pattern (item 265).
-_LEGACY_TEMPLATE = "eventrouter-k8s-events"
+# One name for every router's template (item 266): a per-pattern name made overlapping prefixes of one
+# priority refuse each other and a rolled-back version's PUT be refused (item 265's).
+_DEFAULT_TEMPLATE = "eventrouter-k8s-events"
 # Elasticsearch and OpenSearch refuse index names over 255 bytes (UTF-8): "index name is too long".
 _MAX_INDEX_BYTES = 255
 _HASH_LEN = 8  # hex digits of the suffix that keeps cut field values apart
@@ -155,12 +156,12 @@ class ElasticsearchOptions(SinkOptions):
         "time fields as dates; label and annotation values keyword, never date-detected). Needs an "
         "index that begins with fixed text: its pattern would otherwise match other applications' indices.",
     )
-    template_name: str | None = Field(
-        None,
-        description="Name of the installed index template. Default: one per pattern, "
-        "eventrouter-<pattern>-<its hash> (eventrouter-k8s-events-<hash> for k8s-events-*), so that "
-        "routers writing other indices keep theirs. A template of that name that is not eventrouter's "
-        "is left as it is, with a warning.",
+    template_name: str = Field(
+        _DEFAULT_TEMPLATE,
+        description="Name of the installed index template. One there that is not eventrouter's, or is "
+        "eventrouter's for another index pattern (another router's), is left as it is, with a warning: "
+        "give each router writing other indices a name of its own. Templates whose patterns can match "
+        "one index may not share a template_priority (the cluster refuses the second).",
     )
     template_priority: int = Field(
         200, ge=0, description="Template priority (built-in logs-*-* templates use 100)."
@@ -235,8 +236,8 @@ class ElasticsearchOptions(SinkOptions):
 
     @field_validator("template_name")
     @classmethod
-    def _template_name(cls, value: str | None) -> str | None:
-        if value is not None and (not value or value.startswith("_") or _BAD_TEMPLATE_CHARS.search(value)):
+    def _template_name(cls, value: str) -> str:
+        if not value or value.startswith("_") or _BAD_TEMPLATE_CHARS.search(value):
             raise ValueError(
                 f'template_name {value!r}: index template names must be lower case without \\ / * ? " '
                 "< > | space , #, and not empty or start with _"
@@ -752,18 +753,6 @@ def _index_pattern(index: str) -> str:
     return re.sub(r"\*+", "*", _PLACEHOLDER.sub("*", index))
 
 
-def template_name(options: ElasticsearchOptions) -> str:
-    """``template_name``, or one made of the pattern the template covers: stable, and one per pattern
-    (``k8s-events-*`` → ``eventrouter-k8s-events-<hash>``), so that two routers writing other indices
-    (the ``cluster`` field is for that) do not replace each other's."""
-    if options.template_name:
-        return options.template_name
-    pattern = options.data_stream or _index_pattern(options.index)
-    readable = re.sub(r"[-._]*\*[-._*]*", "-", pattern).strip("-._")[:100]
-    digest = hashlib.sha256(pattern.encode()).hexdigest()[:_HASH_LEN]
-    return f"eventrouter-{readable}-{digest}" if readable else f"eventrouter-{digest}"
-
-
 def _sample_index(index: str, now: float) -> str:
     """A name ``index`` gives now (fields ``none``): what the cluster is asked which template applies to."""
     tm = time.gmtime(now)
@@ -784,6 +773,65 @@ def _managed(template: dict[str, Any]) -> bool:
 def _covers(template: dict[str, Any]) -> tuple[Any, bool]:
     """What a template applies to: its patterns, and whether it makes data streams."""
     return template.get("index_patterns"), "data_stream" in template
+
+
+def _shown(template: dict[str, Any]) -> str:
+    """A template's patterns as a message shows them."""
+    patterns = template.get("index_patterns")
+    return f"{patterns}{' (a data stream)' if 'data_stream' in template else ''}"
+
+
+def _clashes(template: dict[str, Any], ours: dict[str, Any]) -> bool:
+    """Whether the cluster refuses ``ours`` beside ``template`` (another name): composable templates
+    of one priority may not both match an index name."""
+    priority = template.get("priority") or 0  # none is 0 to the cluster
+    patterns = template.get("index_patterns")
+    if priority != ours["priority"] or not isinstance(patterns, list):
+        return False
+    return any(_meet(str(a), b) for a in patterns for b in ours["index_patterns"])
+
+
+def _clash_text(name: str, ours: dict[str, Any], clashes: dict[str, dict[str, Any]]) -> str:
+    return (
+        f"elasticsearch: index template {name!r} for {_shown(ours)} would match indices that "
+        + ", ".join(f"{other!r} for {_shown(t)}" for other, t in clashes.items())
+        + f" also match{'es' if len(clashes) == 1 else ''}, at the same priority {ours['priority']}, "
+        "which the cluster refuses: give template_priority another value (the higher applies to the "
+        "indices both match), or change index"
+    )
+
+
+def _meet(a: str, b: str) -> bool:
+    """Whether some name matches both patterns (``*``: any text, the cluster's only wildcard), as the
+    cluster decides it (the intersection of both patterns' automata is not empty): a walk of both at
+    once, where a ``*`` may match nothing, or the other's next character."""
+    todo, seen = [(0, 0)], set()
+    while todo:
+        state = todo.pop()
+        if state in seen:
+            continue
+        seen.add(state)
+        i, j = state
+        if i == len(a) and j == len(b):
+            return True
+        x, y = a[i : i + 1], b[j : j + 1]
+        if x == "*":
+            todo += [(i + 1, j)] + ([(i, j + 1)] if y not in ("", "*") else [])
+        if y == "*":
+            todo += [(i, j + 1)] + ([(i + 1, j)] if x not in ("", "*") else [])
+        if x == y != "" and x != "*":
+            todo.append((i + 1, j + 1))
+    return False
+
+
+def _raw_unindexed(mappings: Any) -> bool:
+    """Whether ``mappings`` (as ``_simulate_index`` says a new index gets them) leave ``raw`` out of
+    the index, as ours do."""
+    if isinstance(mappings, dict) and "properties" not in mappings and isinstance(mappings.get("_doc"), dict):
+        mappings = mappings["_doc"]  # the typed form of 7.x
+    properties = mappings.get("properties") if isinstance(mappings, dict) else None
+    raw = properties.get("raw") if isinstance(properties, dict) else None
+    return isinstance(raw, dict) and raw.get("enabled") in (False, "false")
 
 
 def index_template_body(options: ElasticsearchOptions) -> dict[str, Any]:
@@ -1157,9 +1205,9 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         self._ts_cache: BoundedCache[int, bytes] = BoundedCache(4096)
         self._repl = options.dot_replacement
         # With our template the raw object is not indexed, so its dotted keys cannot clash: kept as it
-        # is once start installed it and no other template takes precedence (``_install_template``).
+        # is once start installed it and the cluster says a new index gets mappings that leave raw
+        # unindexed (``_template_applies``).
         self._raw_verbatim = False
-        self._template = template_name(options)
         self._bulk_path = "/_bulk"
         if options.pipeline:
             self._bulk_path += f"?pipeline={quote(options.pipeline, safe='')}"
@@ -1333,37 +1381,21 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             )
 
     async def _install_template(self, deadline: float, *, write: bool = True) -> None:
-        """Install our index template unless that would replace one that is not ours or covers other
-        indices. Under the one name earlier versions used for every pattern, one router (or a mere
-        `check`) replaced another's, whose next indices then had no mappings while it sent ``raw``
-        verbatim: dotted keys and date-shaped labels were refused all day."""
-        name, ours = self._template, index_template_body(self.options)
-        legacy = await self._legacy_template(name, ours, deadline)
-        if legacy is not None:
-            # Ours under the name earlier versions gave every pattern: kept under it, so that a
-            # rollback's PUT of that name still succeeds (a second name for the same patterns and
-            # priority would be refused by the cluster, and the older version's start with it).
-            name = self._template = legacy
-        found = await self._get_template(name, deadline)
-        if found is not None and not _managed(found):
-            self.log.warning(
-                "%s: index template %r exists and is not eventrouter's (no _meta.managed_by: "
-                "eventrouter): left as it is, ours is not installed, and raw is sent with the dots of "
-                "its keys replaced; give template_name another name to install ours",
-                self.context.name,
-                name,
-            )
+        """Install our index template, or update it, unless one of its name is there that is not ours
+        or is ours for other indices: another router's, whose next indices, once it was replaced, had
+        no mappings while that router sent ``raw`` verbatim (dotted keys and date-shaped labels refused
+        all day). One the cluster refuses beside another of its priority fails start, and ``check``,
+        which foresees it, naming that other."""
+        name, ours = self.options.template_name, index_template_body(self.options)
+        listed = await self._list_templates(deadline)
+        found = listed.pop(name, None)
+        if found is not None and self._left_alone(name, found, ours):
             return
-        if found is not None and _covers(found) != _covers(ours):
-            await self.aclose()
-            raise SinkError(
-                f"elasticsearch: index template {name!r} is eventrouter's for {found.get('index_patterns')} "
-                f"(another router's, or this one's before `index` changed), not for "
-                f"{ours['index_patterns']}: replaced, that router's new indices would lose their "
-                "mappings. Give this sink a template_name of its own (unset, the name is one per "
-                "pattern), or delete that template if nothing writes there any more"
-            )
+        clashes = {other: t for other, t in listed.items() if _clashes(t, ours)}
         if not write:
+            if clashes:
+                await self.aclose()
+                raise SinkError(_clash_text(name, ours, clashes))
             self.log.info(
                 "%s: index template %r: %s",
                 self.context.name,
@@ -1371,40 +1403,67 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 "there, start updates it" if found is not None else "not there, start installs it",
             )
             return
-        await self._template_call("PUT", name, orjson.dumps(ours), deadline, "installing index template")
+        # The cluster decides (a product of laxer rules may take it); its 400 is then explained.
+        meta, body = await self._template_call(
+            "PUT",
+            name,
+            orjson.dumps(ours),
+            deadline,
+            f"installing index template {name!r}",
+            (400,) if clashes else (),
+        )
+        if meta.status == 400:
+            await self.aclose()
+            why = _body_error(body, self._secrets)
+            raise SinkError(f"{_clash_text(name, ours, clashes)} (the cluster answered 400 {why})")
         self.log.info("%s: index template %r installed", self.context.name, name)
         self._raw_verbatim = await self._template_applies(name, deadline)
 
-    async def _legacy_template(self, name: str, ours: dict[str, Any], deadline: float) -> str | None:
-        """The name of our template as versions before item 265 installed it (one name for every
-        pattern), when it is there for exactly our patterns: the name this sink keeps using."""
-        if self.options.template_name or name == _LEGACY_TEMPLATE:
-            return None  # a name the operator chose is the name it always had
-        found = await self._get_template(_LEGACY_TEMPLATE, deadline)
-        if found is None or not _managed(found) or _covers(found) != _covers(ours):
-            return None  # none, or another router's (of another pattern): left alone
-        return _LEGACY_TEMPLATE
+    def _left_alone(self, name: str, found: dict[str, Any], ours: dict[str, Any]) -> bool:
+        """Whether the template ``found`` under our name is left as it is (with a warning): an
+        operator's, or another router's (for other indices). Not a failed start: that router, or one
+        of an older version, may well keep writing there, and this one's events still go out."""
+        if not _managed(found):
+            why = "is not eventrouter's (no _meta.managed_by: eventrouter)"
+        elif _covers(found) != _covers(ours):
+            why = (
+                f"is eventrouter's for {_shown(found)} (another router's, or this one's before index "
+                f"changed), not for {_shown(ours)}"
+            )
+        else:
+            return False
+        # Renamed, ours would be refused beside it if an index can match both at one priority.
+        also = ", and template_priority to another value" if _clashes(found, ours) else ""
+        self.log.warning(
+            "%s: index template %r %s: left as it is, this router's is not installed, and raw is sent "
+            "with the dots of its keys replaced; set template_name to install this router's own%s",
+            self.context.name,
+            name,
+            why,
+            also,
+        )
+        return True
 
-    async def _get_template(self, name: str, deadline: float) -> dict[str, Any] | None:
-        """The index template ``name`` as the cluster has it, or None."""
-        meta, body = await self._template_call("GET", name, None, deadline, "reading index template", (404,))
+    async def _list_templates(self, deadline: float) -> dict[str, dict[str, Any]]:
+        """The cluster's composable index templates by name (one read: ours, and those beside it)."""
+        meta, body = await self._template_call("GET", None, None, deadline, "listing index templates", (404,))
         found = body.get("index_templates") if meta.status == 200 and isinstance(body, dict) else None
-        for entry in found if isinstance(found, list) else ():
-            if (
-                isinstance(entry, dict)
-                and entry.get("name") == name
-                and isinstance(entry.get("index_template"), dict)
-            ):
-                template: dict[str, Any] = entry["index_template"]
-                return template
-        return None
+        return {
+            entry["name"]: entry["index_template"]
+            for entry in (found if isinstance(found, list) else ())
+            if isinstance(entry, dict)
+            and isinstance(entry.get("name"), str)
+            and isinstance(entry.get("index_template"), dict)
+        }
 
     async def _template_applies(self, name: str, deadline: float) -> bool:
-        """Whether our template is the one a new index gets: of the composable templates matching it,
-        the one of the highest priority alone applies, and an operator's own for the same indices
-        (to add ILM or shard settings) silently took ours over. Asked of the cluster for a name of
-        today's (7.9+ and OpenSearch: ``_simulate_index`` lists the templates it passed over); an
-        answer that tells nothing (an older cluster) is taken as yes, as before."""
+        """Whether a new index gets mappings that leave ``raw`` unindexed (ours), so that its dotted keys
+        cannot clash: of the composable templates matching it the one of the highest priority alone
+        applies, and an operator's own for the same indices (to add ILM or shard settings) silently
+        took ours over. Read from the mappings the cluster says a new index of today's gets (7.9+ and
+        OpenSearch: ``_simulate_index``), not from the names it passed over, which list a legacy
+        (``_template``) one of our name although ours applies. An answer without them (an older
+        cluster) is taken as yes, as before."""
         sample = self.options.data_stream or _sample_index(self.options.index, time.time())
         try:
             meta, body = await self._request(
@@ -1416,10 +1475,8 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             )
         except TransportError:
             return True
-        passed = body.get("overlapping") if meta.status == 200 and isinstance(body, dict) else None
-        if not isinstance(passed, list) or not any(
-            isinstance(t, dict) and t.get("name") == name for t in passed
-        ):
+        simulated = body.get("template") if meta.status == 200 and isinstance(body, dict) else None
+        if not isinstance(simulated, dict) or _raw_unindexed(simulated.get("mappings")):
             return True
         self.log.warning(
             "%s: index template %r is installed, but another of a higher priority applies to new "
@@ -1435,31 +1492,30 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
     async def _template_call(
         self,
         method: str,
-        name: str,
+        name: str | None,
         payload: bytes | None,
         deadline: float,
         doing: str,
         expected: tuple[int, ...] = (),
     ) -> tuple[ApiResponseMeta, Any]:
-        """One request to ``/_index_template/<name>``; SinkError (the client closed) unless answered
-        200 or one of ``expected``."""
+        """One request to ``/_index_template/<name>`` (None: all of them); SinkError (the client
+        closed) unless answered 200 or one of ``expected``."""
+        path = "/_index_template" if name is None else f"/_index_template/{quote(name, safe='')}"
         try:
             meta, body = await self._request(
                 method,
-                f"/_index_template/{quote(name, safe='')}",
+                path,
                 payload,
                 self._json_headers if payload is not None else self._headers,
                 timeout=self._time_left(deadline),
             )
         except TransportError as exc:
             await self.aclose()
-            raise SinkError(
-                f"elasticsearch: {doing} {name!r}: {_transport_text(exc, self._secrets)}"
-            ) from None
+            raise SinkError(f"elasticsearch: {doing}: {_transport_text(exc, self._secrets)}") from None
         if meta.status != 200 and meta.status not in expected:
             await self.aclose()
             raise SinkError(
-                f"elasticsearch: {doing} {name!r} on {_node_text(meta)} failed: "
+                f"elasticsearch: {doing} on {_node_text(meta)} failed: "
                 f"{meta.status} {_body_error(body, self._secrets)}"
             )
         return meta, body
