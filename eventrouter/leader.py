@@ -123,6 +123,7 @@ class LeaderElector:
         # A write naming us was sent and not answered (cancelled, timed out, 5xx): it may have taken
         # effect, so release() must look even though we never saw ourselves as the holder.
         self._maybe_holder = False
+        self._claim_version: str | None = None  # the resourceVersion that write was conditional on
         self._stopping = False
         self._wake = asyncio.Event()
         self._run_task: asyncio.Task[Any] | None = None
@@ -194,9 +195,9 @@ class LeaderElector:
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
             await asyncio.wait([task])
-        was_leader = self.is_leader or self._observed_holder == self.identity or self._maybe_holder
+        held = self.is_leader or self._observed_holder == self.identity
         self._set_leader(False)
-        if not was_leader:
+        if not held and not self._maybe_holder:
             return
         try:
             async with asyncio.timeout(self.renew_deadline):
@@ -216,9 +217,12 @@ class LeaderElector:
                 await self._write("PUT", self.path, lease)
         except _REQUEST_ERRORS as exc:
             log.warning(
-                "leader election: could not release %s (%s); a standby takes over when it expires",
-                self._where(),
+                "leader election: could not %s (%s); %sa standby takes over when it expires",
+                f"release {self._where()}"
+                if held
+                else f"check whether our unanswered claim of {self._where()} took effect",
                 failure_text(exc),
+                "" if held else "if it did, ",
             )
             return
         self._observed_holder = ""
@@ -369,6 +373,7 @@ class LeaderElector:
         """``_write`` of a record naming us. Until it is answered it may have taken effect: a standby
         stopped meanwhile left the Lease naming a stopped process for a whole lease duration."""
         self._maybe_holder = True
+        self._claim_version = (body.get("metadata") or {}).get("resourceVersion")
         try:
             out = await self._write(method, path, body, timeout)
         except ApiError as exc:
@@ -405,6 +410,12 @@ class LeaderElector:
             self._observed = spec
             self._observed_at = time.monotonic()
         holder = spec.get("holderIdentity") or ""
+        if self._maybe_holder and holder != self.identity and self._resource_version != self._claim_version:
+            # Changed since our unanswered write, and not to us: that write (conditional on the
+            # version it read) can no longer apply. Kept, a standby that lost the race after a 5xx
+            # read the Lease at its stop, waited renew_deadline when that read was not answered,
+            # and logged that it could not release a lease it never held.
+            self._maybe_holder = False
         if holder != self._observed_holder:
             if holder and holder != self.identity:
                 log.info("leader election: %s is held by %r", self._where(), holder)

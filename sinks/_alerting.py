@@ -1447,10 +1447,22 @@ class AlertSink(Sink[OptionsT]):
             return retry(self._last_failure, retry_after=self._failure_retry_after, held=self._failure_held)
         wait = max(self.limiter.wait_time(), self._spacing_wait(now))
         return retry(
-            f"waiting for the {self.robot} rate limit ({self.options.rate_per_minute} messages a minute)",
+            f"waiting for the {self.robot} rate limit ({self._pace()})",
             retry_after=max(wait, 0.1),
             held=True,
         )
+
+    def _pace(self) -> str:
+        """The pace the robot is sent at: an entry sharing it with a stricter one said its own rate,
+        and the operator looked for why that was never reached."""
+        limit = self.limiter.limit
+        said = f"{limit} messages a minute"
+        if self._shared is None or limit >= self.options.rate_per_minute:
+            return said
+        others = sorted({m.context.name for m in list(self._shared.members)} - {self.context.name})
+        if not others:  # its own replacement's, a reload having lowered it
+            return said
+        return f"{said}, shared with {', '.join(others)}: the lowest rate_per_minute of theirs"
 
     def _due_at(self, group: Group, now: float) -> float:
         if group.last_notified is None:

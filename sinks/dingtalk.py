@@ -36,6 +36,7 @@ from ._alerting import (
     robot_address,
     sample_template,
 )
+from ._answer import read_prefix
 from ._scrub import credentials, scrub
 
 __all__ = ["DingTalkOptions", "DingTalkSink", "dingtalk_sign"]
@@ -48,6 +49,8 @@ LINK_MAX = 2048
 a link longer than browsers and proxies reliably take is no link."""
 FIELD_MAX = 253
 """A field longer than a Kubernetes name (DNS subdomain) is left out of an overlong link."""
+ANSWER_BYTES = 256 * 1024
+"""Bytes of an answer read: the robot's JSON reply is far shorter; a longer one is a front's page."""
 
 
 def dingtalk_sign(secret: str, timestamp_ms: int) -> str:
@@ -246,16 +249,22 @@ class DingTalkSink(AlertSink[DingTalkOptions]):
         async with self.session().post(
             self._url(), data=body, headers=headers, allow_redirects=False, **self.request_options()
         ) as resp:
-            raw = await resp.content.read(256 * 1024)
+            # To its end: one read returned what had arrived, and a reply in two chunks was "not its
+            # reply", so an accepted alert was sent (and paged) again, and a 130101 taken no pause for.
+            raw, cut = await read_prefix(resp.content, ANSWER_BYTES)
             status = resp.status
             retry_after = parse_retry_after(resp.headers.get("Retry-After"))
             location = resp.headers.get("Location")
         if status != 200:
             return self.http_failure("DingTalk robot", status, retry_after, location)
-        return self.classify(raw)
+        return self.classify(raw, cut=cut)
 
-    def classify(self, raw: bytes) -> Delivery:
+    def classify(self, raw: bytes, *, cut: bool = False) -> Delivery:
+        """Judge the robot's reply. ``cut``: longer than ``ANSWER_BYTES``, which no reply of the
+        robot's is: a front's page, never parsed in part (its start could read like a reply)."""
         try:
+            if cut:
+                raise ValueError("longer than a robot's reply")
             reply = orjson.loads(raw)
             code = int(reply["errcode"])
             msg = self.redact(str(reply.get("errmsg", "")))

@@ -27,12 +27,17 @@ from eventrouter import Secret, SinkContext, SinkError, parse_retry_after
 from eventrouter.options import StrList, redact_url
 
 from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest, robot_address
+from ._answer import read_prefix
 from ._scrub import credentials, scrub
 
 __all__ = ["WeComOptions", "WeComSink"]
 
 DEFAULT_ROBOT_URL = "https://qyapi.weixin.qq.com/cgi-bin/webhook/send"
 DEFAULT_API = "https://qyapi.weixin.qq.com"
+ANSWER_BYTES = 256 * 1024
+"""Bytes of a message answer read: WeCom's JSON reply is far shorter; a longer one is a front's page."""
+TOKEN_ANSWER_BYTES = 64 * 1024
+"""Bytes of a gettoken answer read (its reply is a token and two numbers)."""
 
 
 def _users(value: Any) -> Any:
@@ -272,7 +277,8 @@ class WeComSink(AlertSink[WeComOptions]):
             corpsecret=self.options.corp_secret.get_secret_value(),
         )
         async with self.session().get(url, allow_redirects=False, **self.request_options()) as resp:
-            raw = await resp.content.read(64 * 1024)
+            # To its end (one read returned what had arrived: a reply in two chunks was no reply).
+            raw, cut = await read_prefix(resp.content, TOKEN_ANSWER_BYTES)
             status = resp.status
             # A gateway's 429/503 says how long: retried at the engine's backoff, the alert used up
             # retry_max_attempts within seconds (as DingTalk and every HTTP sink, honoured).
@@ -281,6 +287,8 @@ class WeComSink(AlertSink[WeComOptions]):
         if status != 200:
             return self.http_failure("WeCom gettoken", status, retry_after, location)
         try:
+            if cut:  # longer than any reply of WeCom's: a front's page, never parsed in part
+                raise ValueError("longer than WeCom's reply")
             reply = orjson.loads(raw)
             code = int(reply.get("errcode", 0))
             msg = self.redact(str(reply.get("errmsg", "")))
@@ -385,13 +393,17 @@ class WeComSink(AlertSink[WeComOptions]):
         async with self.session().post(
             url, data=body, headers=headers, allow_redirects=False, **self.request_options()
         ) as resp:
-            raw = await resp.content.read(256 * 1024)
+            # To its end: one read returned what had arrived, and a reply in two chunks was "not its
+            # reply", so an accepted alert was sent (and paged) again, and a 45009 taken no pause for.
+            raw, cut = await read_prefix(resp.content, ANSWER_BYTES)
             status = resp.status
             retry_after = parse_retry_after(resp.headers.get("Retry-After"))  # as gettoken's
             location = resp.headers.get("Location")
         if status != 200:
             return self.http_failure("WeCom", status, retry_after, location)
         try:
+            if cut:  # longer than any reply of WeCom's: a front's page, never parsed in part
+                raise ValueError("longer than WeCom's reply")
             reply = orjson.loads(raw)
             code = int(reply["errcode"])
             msg = self.redact(str(reply.get("errmsg", "")))

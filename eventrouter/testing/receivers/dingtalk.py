@@ -27,7 +27,9 @@ answer in ``requests``. Fault injection: ``fail_next(n, errcode=, errmsg=)`` ans
 requests with that errcode; ``fail_next(n, status=502)`` with an HTTP status; ``fail_next(n,
 body=b"<html>")`` with a raw body; ``fail_next(n, status=302, location=url)`` with a redirect (a
 front that moved). ``clock`` (monotonic seconds) drives the rate limit, ``wall`` (epoch seconds) the
-timestamp check; tests may share a simulated clock with the sink.
+timestamp check; tests may share a simulated clock with the sink. ``chunk_bytes=n`` writes every
+answer's body n bytes at a time, each piece reaching the client on its own (chunked transfer, as a
+gateway or proxy in front of the robot answers): a client must read the body to its end.
 """
 
 from __future__ import annotations
@@ -44,15 +46,38 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
 
 from eventrouter.testing.receivers._server import LoopbackServer
 
-__all__ = ["DingTalkMessage", "DingTalkReceiver", "DingTalkRequest"]
+__all__ = ["DingTalkMessage", "DingTalkReceiver", "DingTalkRequest", "answer_in_chunks"]
 
 MAX_BODY = 20_000
+CHUNK_PAUSE = 0.01
+"""Real seconds between two pieces of an answer: each reaches the client in its own read."""
 MENTIONING = ("text", "markdown")
 """The msgtypes whose ``at`` DingTalk applies; it ignores that of the others."""
+
+
+async def answer_in_chunks(
+    request: web.Request, response: web.StreamResponse, size: int
+) -> web.StreamResponse:
+    """``response`` with its body written ``size`` bytes at a time (chunked transfer encoding), a
+    moment apart; as it is when ``size`` is 0 or it has no body of bytes to split."""
+    body = response.body if isinstance(response, web.Response) and not response.prepared else None
+    if size <= 0 or not isinstance(body, bytes) or not body:
+        return response
+    out = web.StreamResponse(status=response.status, reason=response.reason)
+    out.headers.update({k: v for k, v in response.headers.items() if k != hdrs.CONTENT_LENGTH})
+    out.enable_chunked_encoding()
+    await out.prepare(request)
+    for start in range(0, len(body), size):
+        if start:
+            await asyncio.sleep(CHUNK_PAUSE)  # the piece before goes out on its own
+        await out.write(body[start : start + size])
+    await out.write_eof()
+    return out
 
 
 @dataclass
@@ -137,10 +162,13 @@ class DingTalkReceiver(LoopbackServer):
         wall: Callable[[], float] = time.time,
         host: str = "127.0.0.1",
         delay: float = 0.0,
+        chunk_bytes: int = 0,
     ) -> None:
         self.access_token = access_token
         self.delay = delay
         """Seconds each answer takes (a robot slow to answer; real time)."""
+        self.chunk_bytes = chunk_bytes
+        """Answers written this many bytes at a time (0: whole), as a gateway in front may."""
         self.secret = secret
         self.keywords = list(keywords)
         self.ip_allowlist = list(ip_allowlist) if ip_allowlist is not None else None
@@ -186,6 +214,15 @@ class DingTalkReceiver(LoopbackServer):
             await self._changed.wait_for(lambda: len(self.accepted) >= count)
 
     # ------------------------------------------------------------------ handling
+
+    def _make_app(self) -> web.Application:
+        app = super()._make_app()
+        app.middlewares.append(self._in_chunks)
+        return app
+
+    @web.middleware
+    async def _in_chunks(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await answer_in_chunks(request, await handler(request), self.chunk_bytes)
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()

@@ -29,7 +29,9 @@ Accepted messages go to ``accepted`` (kind ``robot`` or ``app``); every request 
 Fault injection: ``fail_next(n, errcode=…)``, ``fail_next(n, status=502)``, ``fail_next(n, body=…)``,
 ``fail_next(n, status=302, location=url)`` (a redirect) (for message sends; gettoken is not
 affected), ``expire_tokens()`` ends every issued token now.
-``clock`` (monotonic seconds) drives rate limits and token lifetimes.
+``clock`` (monotonic seconds) drives rate limits and token lifetimes. ``chunk_bytes=n`` writes every
+answer's body (gettoken's too) n bytes at a time, each piece reaching the client on its own (chunked
+transfer, as a gateway or proxy in front answers): a client must read the body to its end.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ from typing import Any, Literal
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from eventrouter.testing.receivers._server import LoopbackServer
+from eventrouter.testing.receivers.dingtalk import answer_in_chunks
 
 __all__ = ["WeComMessage", "WeComReceiver", "WeComRequest"]
 
@@ -109,8 +113,11 @@ class WeComReceiver(LoopbackServer):
         app_rate_per_minute: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         host: str = "127.0.0.1",
+        chunk_bytes: int = 0,
     ) -> None:
         self.robot_key = robot_key
+        self.chunk_bytes = chunk_bytes
+        """Answers written this many bytes at a time (0: whole), as a gateway in front may."""
         self.corp_id = corp_id
         self.corp_secret = corp_secret
         self.agent_id = agent_id
@@ -166,6 +173,15 @@ class WeComReceiver(LoopbackServer):
             await self._changed.wait_for(lambda: len(self.accepted) >= count)
 
     # ------------------------------------------------------------------ handling
+
+    def _make_app(self) -> web.Application:
+        app = super()._make_app()
+        app.middlewares.append(self._in_chunks)
+        return app
+
+    @web.middleware
+    async def _in_chunks(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await answer_in_chunks(request, await handler(request), self.chunk_bytes)
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
