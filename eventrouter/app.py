@@ -1140,6 +1140,10 @@ class Router:
             p.keep_gone(now + max(0.0, scan_until - now) / (len(spooled) - i))
         for p, kept in spooled:
             self._say_left(p, kept, scan_until)
+            # A segment these scans could not read: no pop follows to count it (the pipeline's loop did).
+            if p.spool is not None and p.spool.read_errors:
+                self.metrics.data_dir_errors.labels(p.name, "spool").inc(p.spool.read_errors)
+                p.spool.read_errors = 0
         for p in self.pipelines:
             p.flush_metrics()
             if p.spool is not None:

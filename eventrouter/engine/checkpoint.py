@@ -192,6 +192,9 @@ class CheckpointTable:
         # Never rebound: readers keep their .get.
         self.entries: dict[str, int] = {}
         self.behind: tuple[dict[str, int], ...] = tuple({} for _ in range(width))
+        self.on_share_keys: list[Callable[[Mapping[str, str]], None]] = []
+        """Told of each ``share_keys`` (uid → the string now keying its entry): a reader keeping uids of
+        its own (the ConfigMap store's order) keys them on the same strings."""
 
     def get(self, index: int, uid: str) -> int:
         behind = self.behind[index]
@@ -252,6 +255,8 @@ class CheckpointTable:
                     fresh = {keys.get(uid, uid): value for uid, value in table.items()}
                     table.clear()
                     table.update(fresh)
+            for hook in self.on_share_keys:
+                hook(keys)
         return len(keys)
 
     def view(self, index: int) -> dict[str, int]:

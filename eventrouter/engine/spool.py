@@ -233,6 +233,7 @@ class Spool:
         self.dropped_occurrences: list[Occurrence] = []
         """Records dropped over the bound (with ``decode_dropped``), for the caller to take out."""
         self._cursor_failures = 0  # in a row
+        self._scan_failed: set[int] = set()  # segments a stop's scan could not read (``_scan_read``)
         self.owed: set[tuple[str, int]] = set()
         """(uid, number) of owed records read by ``pop`` since the pipeline last took them."""
         # Records popped and then set aside by the pipeline (an item a sink refuses for a cause of its
@@ -386,9 +387,8 @@ class Spool:
         for seg in [seg for seg in self._segments if seg.read_records < seg.records]:
             if time.monotonic() >= deadline:
                 return None
-            try:
-                data = seg.path.read_bytes()
-            except OSError:
+            data = self._scan_read(seg)
+            if data is None:
                 # Not known either: every mark is kept (an empty answer dropped the marks of the
                 # events whose copies the file holds, and the restart sent those copies again).
                 return None
@@ -415,15 +415,35 @@ class Spool:
                 yield key
             if time.monotonic() >= deadline:
                 return
-        if self._parked is not None:
-            yield from self._parked.unread_keys(deadline)
+        parked = self._parked
+        if parked is not None:
+            yield from parked.unread_keys(deadline)
+            self.read_errors += parked.read_errors  # counted as the main FIFO's, as ``_took_from`` does
+            parked.read_errors = 0
 
     def _unread_lines(self, seg: _Segment) -> list[bytes]:
+        data = self._scan_read(seg)
+        return [] if data is None else data[seg.read_offset :].splitlines()
+
+    def _scan_read(self, seg: _Segment) -> bytes | None:
+        """A stop's read of ``seg`` (``unread_uids``, ``unread_keys``); None when it cannot be read:
+        counted in ``read_errors`` (eventrouter_data_dir_errors_total{file="spool"}) and named, once a
+        segment (the stop's two scans read the same files). No pop follows the stop to count it."""
         try:
-            data = seg.path.read_bytes()
-        except OSError:
-            return []  # counted where it is read (pop)
-        return data[seg.read_offset :].splitlines()
+            return seg.path.read_bytes()
+        except OSError as exc:
+            if seg.number not in self._scan_failed:
+                self._scan_failed.add(seg.number)
+                self.read_errors += 1
+                log.error(
+                    "spool %s: cannot read %s at the stop (%s): its %d unread occurrences stay in the "
+                    "spool, not checked by the stop",
+                    self.directory,
+                    seg.path.name,
+                    exc.strerror or exc,
+                    seg.records - seg.read_records,
+                )
+            return None
 
     def holds(self, occ: Occurrence) -> bool:
         """True when a record of ``occ`` was unread at open and is still in the spool, or popped from
