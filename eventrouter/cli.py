@@ -22,8 +22,9 @@ import signal
 import socket
 import sys
 import tempfile
+import traceback
 import types
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,6 +36,7 @@ from eventrouter.appendfile import append_to
 from eventrouter.config import ConfigError, RouterConfig, SinkSpec, build_specs, load_yaml
 from eventrouter.datalock import DataDirInUse
 from eventrouter.engine.deadletter import DeadLetter
+from eventrouter.engine.pipeline import CUT_OFF_GRACE
 from eventrouter.gc_tuning import tune_gc
 from eventrouter.leader import LEASE_DURATION_MAX, check_timings
 from eventrouter.logs import setup_logging
@@ -273,7 +275,7 @@ def _parser() -> argparse.ArgumentParser:
         "--offline",
         action="store_true",
         help="validate the configuration and build every sink without contacting any (CI, a rendered "
-        "chart); exit 0 or 2",
+        "chart); exit 0 or 2 (1: a sink whose aclose() did not end within its send_timeout)",
     )
 
     replay = sub.add_parser(
@@ -281,6 +283,9 @@ def _parser() -> argparse.ArgumentParser:
         help="route a `kubectl get events -A -o json`, a JSON-lines watch recording or a dead-letter file",
     )
     _common(replay)
+    # As `run` takes them (argparse's abbreviations of --sink): ambiguous here beside --sink-flags,
+    # so a router's args copied into a replay exited 2.
+    replay.add_argument("--si", "--sin", dest="sink", action="append", help=argparse.SUPPRESS)
     replay.add_argument("file", help="file to read, - for stdin")
     replay.add_argument("--timeout", type=_seconds, default=120.0, help="seconds to wait for delivery")
     replay.add_argument(
@@ -708,33 +713,84 @@ async def _check(args: argparse.Namespace) -> int:
         sink = spec.build(context)
         # What the sink keeps, the defaults named: a filter keeping little is seen before it runs.
         shown = spec.describe() + (f"  filter: {kept}" if (kept := spec.filter_text()) else "")
-        if args.offline:
-            print(f"valid {shown}")
-            await _close_checked(sink)
-            continue
-        try:
-            async with asyncio.timeout(spec.pipeline.send_timeout):
-                await sink.check()
-        except asyncio.CancelledError:
-            if cancelled_now():
-                raise
-            failed += 1  # let out by the sink: a traceback named no sink and skipped the others
-            print(f"FAIL  {spec.describe()}: check() {STRAY_CANCEL}")
-        except BaseException as exc:
-            # Also a SystemExit or GeneratorExit of the sink's: it ended the command naming nothing.
-            if raised_by_signal(exc):
-                raise
+        why = None if args.offline else await _checked(spec, sink)
+        # After the close: one that does not end fails the check too (a router's stop waits for it).
+        unclosed = await _close_checked(spec, sink)
+        why = why or unclosed
+        if why is not None:
             failed += 1
-            said = _text(exc) or type(exc).__name__
-            if not isinstance(exc, Exception):
-                said = f"{type(exc).__name__}: {said}"
-            # The text a plugin's library made may quote the sink's secrets (a token in a URL).
-            print(f"FAIL  {spec.describe()}: {scrub(said, option_secrets(spec.options))}")
+            print(f"FAIL  {spec.describe()}: {why}")
         else:
-            print(f"ok    {shown}")
-        finally:
-            await _close_checked(sink)
+            print(f"{'valid' if args.offline else 'ok   '} {shown}")
     return 1 if failed else 0
+
+
+class _Overran(Exception):
+    """A sink's call went on after its cancellation (it swallows it): left running; the command ends
+    without it (``_run_async``)."""
+
+
+async def _bounded(call: Coroutine[Any, Any, Any], seconds: float, name: str) -> None:
+    """Await a sink's ``call`` for ``seconds`` (TimeoutError after), in a task of its own: awaited
+    within ``asyncio.timeout``, a check() that swallows its cancellation held `check` for ever.
+    ``_Overran`` when it goes on ``CUT_OFF_GRACE`` s (at most; as a send) after its cancellation."""
+    task = asyncio.create_task(_outcome(call), name=name)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+        if not done:
+            task.cancel()
+            grace = max(1.0, min(CUT_OFF_GRACE, seconds))
+            done, _ = await asyncio.wait({task}, timeout=grace)
+            if not done:
+                raise _Overran(
+                    f"did not stop when cancelled (still running {grace:g}s later: it swallows its cancellation)"
+                )
+            with contextlib.suppress(BaseException):
+                task.exception()  # whatever it made of its cancellation: it ran out of time
+            raise TimeoutError
+    except asyncio.CancelledError:
+        task.cancel()  # Ctrl-C: not left running unawaited
+        raise
+    raised = task.result()  # a stray CancelledError comes out here
+    if raised is not None:
+        raise raised  # what it raised, as awaited directly
+
+
+async def _outcome(call: Coroutine[Any, Any, Any]) -> BaseException | None:
+    """What ``call`` raised, as a value: a task lets a SystemExit or KeyboardInterrupt out of the event
+    loop itself (a plugin's ``sys.exit(0)`` in check() ended `check` with exit 0)."""
+    try:
+        await call
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        return exc
+    return None
+
+
+async def _checked(spec: SinkSpec, sink: Sink[Any]) -> str | None:
+    """Why ``sink.check()`` failed (None: it passed), within the sink's ``send_timeout``."""
+    timeout = spec.pipeline.send_timeout
+    try:
+        await _bounded(sink.check(), timeout, f"check:{spec.name}")
+    except asyncio.CancelledError:
+        if cancelled_now():
+            raise
+        return f"check() {STRAY_CANCEL}"  # let out by the sink: a traceback named no sink before
+    except TimeoutError:
+        return f"check() did not finish within send_timeout {timeout:g}s"
+    except _Overran as exc:
+        return f"check() did not finish within send_timeout {timeout:g}s, and {exc}"
+    except BaseException as exc:
+        # Also a SystemExit or GeneratorExit of the sink's: it ended the command naming nothing.
+        if raised_by_signal(exc):
+            raise
+        said = _text(exc) or type(exc).__name__
+        if not isinstance(exc, Exception):
+            said = f"{type(exc).__name__}: {said}"
+        # The text a plugin's library made may quote the sink's secrets (a token in a URL).
+        return scrub(said, option_secrets(spec.options))
+    return None
 
 
 def _text(exc: BaseException) -> str:
@@ -745,16 +801,23 @@ def _text(exc: BaseException) -> str:
         return ""
 
 
-async def _close_checked(sink: Sink[Any]) -> None:
-    """What a check built is closed; its failure to close is not the check's answer."""
+async def _close_checked(spec: SinkSpec, sink: Sink[Any]) -> str | None:
+    """What a check built is closed; its failure to close is not the check's answer, but a close that
+    does not end within ``send_timeout`` is (it held `check` for ever, as it holds a router's stop)."""
+    timeout = spec.pipeline.send_timeout
     try:
-        await sink.aclose()
+        await _bounded(sink.aclose(), timeout, f"aclose:{spec.name}")
     except asyncio.CancelledError:
         if cancelled_now():
             raise
+    except TimeoutError:
+        return f"aclose() did not finish within send_timeout {timeout:g}s"
+    except _Overran as exc:
+        return f"aclose() did not finish within send_timeout {timeout:g}s, and {exc}"
     except BaseException as exc:
         if raised_by_signal(exc):
             raise
+    return None
 
 
 # ---- replay --------------------------------------------------------------------------------------
@@ -1354,8 +1417,11 @@ def _sink_flags(path: Path | None) -> list[str]:
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(f"--sink-flags: cannot read {str(path)!r}: {why}") from None
-    # Each line as the router has it in its arg (a query value may end in a space): not stripped.
-    return [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    # Each line as the router has it in its arg (a query value may end in a space): not stripped. At
+    # a line feed only, as the chart writes them: str.splitlines also broke a value at a form feed,
+    # NEL or U+2028, which the chart lets through, and the pieces were refused as other sinks.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
 def _refuse_without_room(room: _Room | None, path: str) -> str | None:
@@ -1538,22 +1604,99 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     setup_logging(args.log_level, args.log_format)
+    commands = {"run": _run, "check": _check, "replay": _replay}
+    return _run_async(commands[args.command](args)) if args.command in commands else 2
+
+
+SETTLE_SECONDS = 1.0
+"""How long the end of a command waits for the tasks still running once it cancelled them."""
+
+
+def _run_async(command: Coroutine[Any, Any, int]) -> int:
+    """``asyncio.run(command)`` and its exit code (2 for a configuration error), except that a task
+    still running after its cancellation does not hold the exit: ``asyncio.run`` waited for it for
+    ever. Such a task is a sink's call that swallows its cancellation (a send the stop went on
+    without, a check() or aclose() that `check` gave up on): it is named, and the process exits at
+    once, after everything the stop keeps (spool, checkpoints, the lock's release) was written. So
+    does a thread of ``asyncio.to_thread`` still running a sink's blocking call after its task ended
+    (the executor's shutdown waited for it)."""
+    runner = asyncio.Runner()
+    code = 1  # a traceback: an error none of these expected
     try:
-        if args.command == "run":
-            return asyncio.run(_run(args))
-        if args.command == "check":
-            return asyncio.run(_check(args))
-        if args.command == "replay":
-            return asyncio.run(_replay(args))
+        code = runner.run(command)
     except ConfigError as exc:
         print(f"eventrouter: configuration error:\n{exc}", file=sys.stderr)
-        return 2
+        code = 2
     except DataDirInUse as exc:
         print(f"eventrouter: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
-        return 130
-    return 2
+        code = 130
+    finally:
+        left = runner.run(_settle(SETTLE_SECONDS))
+        if left:
+            _exit_without(
+                "a task" if len(left) == 1 else f"{len(left)} tasks",
+                "did not end when cancelled: "
+                + "; ".join(f"{task.get_name()} ({_waiting_in(task)})" for task in left),
+                code,
+            )
+        if not runner.run(_threads_ended(CUT_OFF_GRACE)):
+            _exit_without(
+                "the threads of asyncio.to_thread",
+                "still run a blocking call (a sink's, whose task was given up)",
+                code,
+            )
+        runner.close()
+    return code
+
+
+async def _settle(seconds: float) -> list[asyncio.Task[Any]]:
+    """Cancel every other task, and return those still running ``seconds`` later."""
+    me = asyncio.current_task()
+    rest = [task for task in asyncio.all_tasks() if task is not me]
+    for task in rest:
+        task.cancel()
+    if rest:
+        await asyncio.wait(rest, timeout=seconds)
+    return [task for task in rest if not task.done()]
+
+
+async def _threads_ended(seconds: float) -> bool:
+    """Whether the default executor's threads end within ``seconds`` (``asyncio.run`` joins them)."""
+    shutdown = asyncio.ensure_future(asyncio.get_running_loop().shutdown_default_executor())
+    done, _ = await asyncio.wait({shutdown}, timeout=seconds)
+    return bool(done)
+
+
+def _exit_without(what: str, why: str, code: int) -> None:
+    """End the process now with ``code``, saying in the log what it does not wait for and why."""
+    if sys.exc_info()[0] is not None:
+        traceback.print_exc()  # the error on its way out, which os._exit would not print
+    log.error("exiting (code %d) without waiting for %s, which %s", code, what, why)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+_ASYNCIO = os.path.dirname(asyncio.__file__) + os.sep
+
+
+def _waiting_in(task: asyncio.Task[Any]) -> str:
+    """Where ``task`` waits: the file, line and function of its innermost coroutine outside asyncio
+    (the sink's code, not the ``Event.wait`` it awaits)."""
+    coro: Any = task.get_coro()
+    frame = None
+    while coro is not None:
+        here = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if here is not None and not here.f_code.co_filename.startswith(_ASYNCIO):
+            frame = here
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    if frame is None:
+        return "where is not known"
+    return f"waiting in {frame.f_code.co_qualname} at {frame.f_code.co_filename}:{frame.f_lineno}"
 
 
 if __name__ == "__main__":

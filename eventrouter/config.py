@@ -5,6 +5,7 @@ Errors name the sink and the option at fault and never echo secret values.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import difflib
 import itertools
@@ -35,8 +36,9 @@ from eventrouter.options import (
     split_list,
     userinfo_hint,
 )
-from eventrouter.plugins import PluginError, SinkPlugin, discover
-from eventrouter.sink import Sink, SinkContext
+from eventrouter.plugins import PluginError, SinkPlugin, class_faults, discover
+from eventrouter.scrub import Scrubber, option_secrets
+from eventrouter.sink import Sink, SinkContext, cancelled_now, raised_by_signal
 
 __all__ = [
     "ConfigError",
@@ -95,9 +97,13 @@ class SinkSpec:
         own checks): a traceback and exit 1 before."""
         try:
             return self.sink_cls(self.options, context)
-        except Exception as exc:
+        except BaseException as exc:
+            # Also a SystemExit or GeneratorExit of the plugin's: it ended `run` with the plugin's
+            # exit code (0 for `sys.exit()`) and `check` with a traceback, naming no sink.
+            if not _plugins_fault(exc):
+                raise
             raise ConfigError(
-                f"{self.source}: the {self.type} sink cannot be built: {type(exc).__name__}: {exc}"
+                f"{self.source}: the {self.type} sink cannot be built: {_masked(exc, self.options)}"
             ) from None
 
     def filter_text(self) -> str:
@@ -118,6 +124,33 @@ class SinkSpec:
             if self.options.url
             else (f"{self.name} ({self.type})")
         )
+
+
+def _plugins_fault(exc: BaseException) -> bool:
+    """``exc``, met in a sink's constructor or options model, is the sink's fault: anything but
+    Ctrl-C itself and a cancellation of the running task (as at a send, item 251)."""
+    if raised_by_signal(exc):
+        return False
+    if isinstance(exc, asyncio.CancelledError):
+        try:
+            return not cancelled_now()
+        except RuntimeError:  # no event loop (an embedder validating options): nothing cancels it
+            return True
+    return True
+
+
+def _masked(exc: BaseException, options: BaseModel) -> str:
+    """``Type: text`` of a plugin's exception, without the sink's secrets (its library's error may
+    quote the token it was given) and also when its ``__str__`` raises."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = ""
+    try:
+        forms = option_secrets(options)
+    except Exception:  # an options model of a plugin's own making: nothing found in it
+        forms = []
+    return f"{type(exc).__name__}: {Scrubber(forms)(text)}" if text else type(exc).__name__
 
 
 def parse_sink_flag(flag: str, *, where: str = "--sink", name: str | None = None) -> dict[str, Any]:
@@ -335,6 +368,9 @@ def spec_for_class(
     sink_cls: builtins.type[Sink[Any]], entry: Mapping[str, Any], *, type_: str, where: str = "sink"
 ) -> SinkSpec:
     """Validate flat options for a known sink class (also used by tests and embedders)."""
+    if faults := class_faults(sink_cls):
+        # As a plugin's entry point is refused at load: a plain `def send` was sent again for ever.
+        raise ConfigError(f"{where}: sink type {type_!r} ({_class_name(sink_cls)}): " + "; ".join(faults))
     configured = dict(entry)
     origin = where
     entry = dict(entry)
@@ -462,9 +498,12 @@ def spec_for_class(
             validated.append(part_model.model_validate(values, context={QUERY_PLUS_FIELDS: plus_fields}))
         except ValidationError as exc:
             raise ConfigError(_format_errors(where, exc)) from None
-        except Exception as exc:
+        except BaseException as exc:
             # pydantic turns only a ValueError or AssertionError of a validator into an error: a
-            # plugin's TypeError (or an OSError) was a traceback and exit 1.
+            # plugin's TypeError (or an OSError) was a traceback and exit 1, its SystemExit an exit
+            # with its code, naming nothing.
+            if not _plugins_fault(exc):
+                raise
             option = _option_at_fault(part_model, values, type(exc))
             info = part_model.model_fields.get(option)
             # Its text may quote the value: not when the option is a credential.
@@ -493,6 +532,10 @@ def spec_for_class(
         origin=origin,
         defaulted=frozenset(defaulted),
     )
+
+
+def _class_name(cls: object) -> str:
+    return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', repr(cls))}"
 
 
 def _check_types(filt: FilterOptions, where: str, *, robot: bool) -> None:
@@ -626,7 +669,7 @@ def _names_of(name: str, info: FieldInfo) -> set[str]:
     return names
 
 
-def _option_at_fault(model: type[BaseModel], values: Mapping[str, Any], error: type[Exception]) -> str:
+def _option_at_fault(model: type[BaseModel], values: Mapping[str, Any], error: type[BaseException]) -> str:
     """The option whose validator raised ``error`` (validated alone), else ``(options)``: a
     model validator's, or one that only fails beside others."""
     for key, value in values.items():
@@ -634,7 +677,9 @@ def _option_at_fault(model: type[BaseModel], values: Mapping[str, Any], error: t
             model.model_validate({key: value})
         except error:
             return key
-        except Exception:  # missing required options and the like: not this one
+        except BaseException as exc:  # missing required options and the like: not this one
+            if not _plugins_fault(exc):
+                raise
             continue
     return "(options)"
 

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 BUILTIN = "eventrouter"
 """The distribution whose sinks no other package can replace under their names."""
 
-__all__ = ["GROUP", "PluginError", "SinkPlugin", "discover", "load"]
+__all__ = ["GROUP", "PluginError", "SinkPlugin", "class_faults", "discover", "load"]
 
 GROUP = "eventrouter.sinks"
 
@@ -65,6 +65,18 @@ class SinkPlugin:
                 + "; ".join(faults)
             )
         return obj
+
+
+def class_faults(obj: object) -> list[str]:
+    """What ``SinkPlugin.load`` refuses in a class, for one given without an entry point
+    (``config.spec_for_class``: embedders, tests): no Sink, no SinkOptions model, a method of the
+    wrong kind."""
+    if not (isinstance(obj, type) and issubclass(obj, Sink)):
+        return ["not an eventrouter.sink.Sink subclass"]
+    model = getattr(obj, "options_model", None)
+    if not (isinstance(model, type) and issubclass(model, SinkOptions)):
+        return [f"its options_model is {model!r}, not an eventrouter.options.SinkOptions subclass"]
+    return contract_faults(obj)
 
 
 def discover() -> dict[str, SinkPlugin]:

@@ -1,0 +1,64 @@
+"""An `extraArgs` item holding `--sink` and its value parted by a space (session 33, item 159's gap):
+the chart's credential check looked only at `--sink=VALUE` and at `--sink` followed by a second item,
+so a literal password in `--sink loki:http://…?password=…` rendered into the pod spec, and the router
+then refused the argument at start and printed it whole. Rendered by Helm's own engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "eventrouter"
+SECRET_VALUE = "hunter2-S3cr3t-Value"
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def _args(chart: helm.Chart, values: dict[str, Any]) -> list[str]:
+    rendered = chart.render(values, name="er", namespace="monitoring")
+    docs = [
+        doc for path, text in rendered.items() if path.endswith(".yaml") for doc in yaml.safe_load_all(text)
+    ]
+    (deployment,) = [doc for doc in docs if doc and doc["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return list(container["args"])
+
+
+@pytest.mark.parametrize("option", ["--sink", "--sin", "--si"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"loki:http://loki:3100?password={SECRET_VALUE}",
+        f"loki:http://u:{SECRET_VALUE}@loki:3100",
+        f"webhook:https://h/k8s?header=Authorization:Bearer%20{SECRET_VALUE}",
+    ],
+)
+def test_a_credential_in_a_sink_arg_written_with_a_space_is_refused(
+    chart: helm.Chart, option: str, value: str
+) -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"extraArgs\[1\]: .*(env:VAR_NAME|user info)") as refused:
+        _args(chart, {"extraArgs": ["--watch-timeout=290", f"{option} {value}"]})
+    assert SECRET_VALUE not in str(refused.value)
+
+
+def test_a_sink_arg_written_with_a_space_is_refused_and_the_two_forms_the_router_takes_render(
+    chart: helm.Chart,
+) -> None:
+    """Without a credential, the item still reached the router as one argument that is no option:
+    it refused to start (exit 2). Refused at render, saying how to write it."""
+    with pytest.raises(
+        helm.HelmRenderError, match=r"extraArgs\[0\]: a --sink and its value in one item"
+    ) as refused:
+        _args(chart, {"extraArgs": ["--sink stdout:?level=Warning"]})
+    assert "write --sink=VALUE, or --sink and the value as two items" in str(refused.value)
+    for given in (["--sink=stdout:?level=Warning"], ["--sink", "stdout:?level=Warning"]):
+        assert _args(chart, {"extraArgs": given})[-len(given) :] == given
