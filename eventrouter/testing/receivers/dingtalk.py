@@ -46,38 +46,15 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 import orjson
-from aiohttp import hdrs, web
-from aiohttp.typedefs import Handler
+from aiohttp import web
 
-from eventrouter.testing.receivers._server import LoopbackServer
+from eventrouter.testing.receivers.chunked import ChunkedAnswers
 
-__all__ = ["DingTalkMessage", "DingTalkReceiver", "DingTalkRequest", "answer_in_chunks"]
+__all__ = ["DingTalkMessage", "DingTalkReceiver", "DingTalkRequest"]
 
 MAX_BODY = 20_000
-CHUNK_PAUSE = 0.01
-"""Real seconds between two pieces of an answer: each reaches the client in its own read."""
 MENTIONING = ("text", "markdown")
 """The msgtypes whose ``at`` DingTalk applies; it ignores that of the others."""
-
-
-async def answer_in_chunks(
-    request: web.Request, response: web.StreamResponse, size: int
-) -> web.StreamResponse:
-    """``response`` with its body written ``size`` bytes at a time (chunked transfer encoding), a
-    moment apart; as it is when ``size`` is 0 or it has no body of bytes to split."""
-    body = response.body if isinstance(response, web.Response) and not response.prepared else None
-    if size <= 0 or not isinstance(body, bytes) or not body:
-        return response
-    out = web.StreamResponse(status=response.status, reason=response.reason)
-    out.headers.update({k: v for k, v in response.headers.items() if k != hdrs.CONTENT_LENGTH})
-    out.enable_chunked_encoding()
-    await out.prepare(request)
-    for start in range(0, len(body), size):
-        if start:
-            await asyncio.sleep(CHUNK_PAUSE)  # the piece before goes out on its own
-        await out.write(body[start : start + size])
-    await out.write_eof()
-    return out
 
 
 @dataclass
@@ -148,7 +125,7 @@ class _Robot:
     throttled_until: float = 0.0
 
 
-class DingTalkReceiver(LoopbackServer):
+class DingTalkReceiver(ChunkedAnswers):
     def __init__(
         self,
         *,
@@ -214,15 +191,6 @@ class DingTalkReceiver(LoopbackServer):
             await self._changed.wait_for(lambda: len(self.accepted) >= count)
 
     # ------------------------------------------------------------------ handling
-
-    def _make_app(self) -> web.Application:
-        app = super()._make_app()
-        app.middlewares.append(self._in_chunks)
-        return app
-
-    @web.middleware
-    async def _in_chunks(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        return await answer_in_chunks(request, await handler(request), self.chunk_bytes)
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()

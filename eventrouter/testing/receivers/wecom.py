@@ -46,10 +46,8 @@ from typing import Any, Literal
 
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from eventrouter.testing.receivers._server import LoopbackServer
-from eventrouter.testing.receivers.dingtalk import answer_in_chunks
+from eventrouter.testing.receivers.chunked import ChunkedAnswers
 
 __all__ = ["WeComMessage", "WeComReceiver", "WeComRequest"]
 
@@ -99,7 +97,7 @@ class _Rate:
     sent: deque[float] = field(default_factory=deque)
 
 
-class WeComReceiver(LoopbackServer):
+class WeComReceiver(ChunkedAnswers):
     def __init__(
         self,
         *,
@@ -173,15 +171,6 @@ class WeComReceiver(LoopbackServer):
             await self._changed.wait_for(lambda: len(self.accepted) >= count)
 
     # ------------------------------------------------------------------ handling
-
-    def _make_app(self) -> web.Application:
-        app = super()._make_app()
-        app.middlewares.append(self._in_chunks)
-        return app
-
-    @web.middleware
-    async def _in_chunks(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        return await answer_in_chunks(request, await handler(request), self.chunk_bytes)
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
