@@ -1,10 +1,12 @@
 """Leader election, session 33 (item 264): a standby stopped while its acquiring write was applied but
 not answered gives the lease back; a router whose lead fails releases the lease from its stop, after
-the stop's last checkpoint write, not before it."""
+the stop's last checkpoint write, not before it. Item 267: that mark clears once the Lease changed to
+another holder."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -52,15 +54,22 @@ def _holder(api: FakeApiServer) -> Any:
     return api.get_object("leases", NS, NAME)["spec"].get("holderIdentity")
 
 
-def _elector(kube: KubeClient, identity: str) -> LeaderElector:
+def _elector(
+    kube: KubeClient,
+    identity: str,
+    *,
+    lease: float = LONG["lease_duration"],
+    renew: float = LONG["renew_deadline"],
+    retry: float = LONG["retry_period"],
+) -> LeaderElector:
     return LeaderElector(
         kube,
         namespace=NS,
         name=NAME,
         identity=identity,
-        lease_duration=LONG["lease_duration"],
-        renew_deadline=LONG["renew_deadline"],
-        retry_period=LONG["retry_period"],
+        lease_duration=lease,
+        renew_deadline=renew,
+        retry_period=retry,
     )
 
 
@@ -200,3 +209,76 @@ async def test_a_router_whose_lead_fails_releases_the_lease_from_its_stop(
     await asyncio.wait_for(router.run(), 30)
     assert router.exit_code == 1
     assert _holder(api) == ""  # released, by the stop (LONG: not by expiry)
+
+
+# Item 267: a standby whose acquiring write was answered 5xx (it may have taken effect) and which then
+# saw another replica lead kept that mark for good: at its stop it read the Lease, and when the API
+# server did not answer it waited the whole renew deadline and logged that it could not release a
+# lease it never held. A record changed since that write, and not to us, clears the mark: the write
+# (conditional on the version it read) can no longer apply. A short renew deadline: what a stop that
+# reads an unanswered Lease waits before giving up; the lease outlasts the test's steps.
+LEASE = 30.0
+SHORT = {"lease": LEASE, "renew": 2.0, "retry": 0.2}
+
+
+async def test_a_standby_that_lost_the_race_after_a_5xx_stops_without_reading_the_lease(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _free_lease(api)
+    ka, kb = await _client(api, tmp_path, "a"), await _client(api, tmp_path, "b")
+    # a renews only after the test's steps: every request from its lead on is b's.
+    a, b = _elector(ka, "a", lease=LEASE, renew=20.0, retry=10.0), _elector(kb, "b", **SHORT)
+    api.faults.fail_next(500, verbs=("update",), resource="leases")  # an etcd timeout: not applied
+    assert not await b.try_acquire_or_renew()
+    ta = asyncio.create_task(a.run(_idle, _nothing))
+    tb: asyncio.Task[None] | None = None
+    try:
+        await until(lambda: a.is_leader)
+        tb = asyncio.create_task(b.run(_idle, _nothing))
+        await until(lambda: b.standby_reason().startswith("'a' holds"))  # read after a's write
+        # SIGTERM on b while the API server answers no read of the Lease (a control plane draining):
+        # b's standby loop is waiting on one; the router then calls release().
+        gate = api.hold_answers("GET", "leases")
+        await until(lambda: api.held == 1)
+        asked = len(api.requests)
+        with caplog.at_level(logging.INFO, logger="eventrouter.leader"):
+            await b.release()
+        gate.set()
+        # Before: b read the Lease, waited renew_deadline for the answer, and logged "could not
+        # release lease default/er (timed out)" though it never held it.
+        assert api.requests[asked:] == []
+        assert not [r for r in caplog.records if "could not" in r.getMessage()]
+        assert _holder(api) == "a" and not b.is_leader
+    finally:
+        ta.cancel()
+        if tb is not None:
+            tb.cancel()
+        await asyncio.gather(ta, *([tb] if tb else []), return_exceptions=True)
+        await ka.close()
+        await kb.close()
+
+
+async def test_a_stop_that_cannot_check_an_unanswered_claim_says_so_not_that_it_held_the_lease(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing changed since b's claim was answered 500: it may have applied, so the stop looks (item
+    264). That read unanswered, the warning said "could not release" of a lease b never saw as its."""
+    _free_lease(api)
+    kb = await _client(api, tmp_path, "b")
+    try:
+        b = _elector(kb, "b", **SHORT)
+        api.faults.fail_next(500, verbs=("update",), resource="leases")
+        assert not await b.try_acquire_or_renew()
+        gate = api.hold_answers("GET", "leases")
+        asked = len(api.requests)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="eventrouter.leader"):
+            await b.release()  # gives up after renew_deadline
+        gate.set()
+        assert [(r.method, r.path.rsplit("/", 1)[-1]) for r in api.requests[asked:]] == [("GET", NAME)]
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(said) == 1 and "could not release" not in said[0]
+        assert "could not check whether our unanswered claim of lease default/er took effect" in said[0]
+        assert _holder(api) == ""
+    finally:
+        await kb.close()
