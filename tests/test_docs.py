@@ -17,7 +17,9 @@ import pytest
 from prometheus_client import Counter, Histogram
 
 from eventrouter.metrics import Metrics
-from eventrouter.testing import make_occurrence
+from eventrouter.options import SinkOptions
+from eventrouter.record import normalise
+from eventrouter.testing import event_object, make_occurrence
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -303,3 +305,111 @@ def test_sink_level_defaults_are_as_the_guide_says() -> None:
         assert build_specs([flag])[0].filter.level == "Warning", flag
     for flag in ("webhook:https://h.example/", "kafka:?brokers=k:9092", "loki:http://loki:3100"):
         assert build_specs([flag])[0].filter.level is None, flag
+
+
+# Stated in the alerting guide's "Shared by both robots" table in another form than one default.
+ROBOT_DEFAULTS_NOT_LITERAL = {
+    "msg_type": "markdown, but text for WeCom's application API: chosen by the sink",
+    "min_interval": "60/rate_per_minute, derived",
+    "max_message_bytes": "per robot and message type (the sinks' default_max_bytes)",
+}
+
+
+def _robot_defaults_table() -> dict[str, str]:
+    """Option name → its default cell, from docs/alerting.md's "Shared by both robots" table."""
+    text = (DOCS / "alerting.md").read_text(encoding="utf-8")
+    table = text.split("\nShared by both robots:\n\n", 1)[1].split("\n\n", 1)[0]
+    rows: dict[str, str] = {}
+    for line in table.splitlines()[2:]:
+        names, default = (cell.strip() for cell in line.strip("|").split(" | ")[:2])
+        named = [n for n in re.findall(r"`(\w+)`", names) if "(" not in names or f"(`{n}`)" not in names]
+        parts = default.split(", ") if len(named) > 1 and default.count(", ") == len(named) - 1 else None
+        rows.update({name: parts[i] if parts else default for i, name in enumerate(named)})
+    return rows
+
+
+def _stated(cell: str, robot: str) -> str:
+    """The default a cell states for one robot: `x`, or "DingTalk `x`, WeCom `y`"."""
+    each = re.fullmatch(r"DingTalk `([^`]*)`, WeCom `([^`]*)`", cell)
+    if each:
+        return each.group(1) if robot == "dingtalk" else each.group(2)
+    literal = re.fullmatch(r"`([^`]*)`", cell)
+    if literal:
+        return literal.group(1)
+    assert cell in ("—", "none", "built in"), f"a default the test cannot read: {cell!r}"
+    return ""
+
+
+def _as_stated(default: Any) -> str:
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    if isinstance(default, list):
+        return ",".join(map(str, default))
+    return "" if default is None else str(default)
+
+
+@pytest.mark.parametrize("robot", ["dingtalk", "wecom"])
+def test_alerting_guide_states_the_robots_option_defaults(robot: str) -> None:
+    """Item 271: the guide gave DingTalk's throttle_backoff as 60 s, WeCom's; DingTalk's is 600."""
+    from eventrouter_sinks.dingtalk import DingTalkOptions
+    from eventrouter_sinks.wecom import WeComOptions
+
+    models: dict[str, type[SinkOptions]] = {"dingtalk": DingTalkOptions, "wecom": WeComOptions}
+    model = models[robot]
+    rows = _robot_defaults_table()
+    assert "throttle_backoff" in rows and "max_pending" in rows, sorted(rows)
+    for name, cell in rows.items():
+        assert name in model.model_fields, f"alerting.md documents {name!r}, no option of {robot}"
+        if name in ROBOT_DEFAULTS_NOT_LITERAL:
+            continue
+        default = model.model_fields[name].get_default(call_default_factory=True)
+        assert _stated(cell, robot) == _as_stated(default), f"alerting.md: {robot} {name} default"
+
+
+def test_alerting_guide_states_each_robots_throttle_pause() -> None:
+    from eventrouter_sinks.dingtalk import DingTalkOptions
+    from eventrouter_sinks.wecom import WeComOptions
+
+    text = (DOCS / "alerting.md").read_text(encoding="utf-8")
+    (row,) = [line for line in text.splitlines() if line.startswith("| DingTalk `130101`")]
+    for robot, model in (("DingTalk", DingTalkOptions), ("WeCom", WeComOptions)):
+        pause = model.model_fields["throttle_backoff"].get_default()
+        assert re.search(rf"{robot} {pause:g}\b", row), f"alerting.md: {robot}'s throttle_backoff {pause:g}"
+
+
+# Where the docs describe the Event object as the router passes it on: the line naming it.
+RAW_EVENT_DOCS = {
+    "record.md": "| `raw` | object |",
+    "writing-a-sink.md": "`occ.raw` is the Event object",
+    "dead-letters.md": "`event` (the Event object",
+    "migration.md": "`{{raw.metadata.resourceVersion}}`",
+}
+
+
+def test_the_docs_say_the_raw_event_is_without_managed_fields() -> None:
+    """Item 271: `raw`, `occ.raw` and the dead letter's `event` were documented as the Event "exactly as
+    received"; `metadata.managedFields` is always removed (memory: it is often larger than the event)."""
+    obj = event_object(uid="u-managed")
+    obj["metadata"]["managedFields"] = [{"manager": "kubelet", "operation": "Update"}]
+    occ = normalise(obj)
+    assert "managedFields" not in occ.raw["metadata"]
+    assert b"managedFields" not in occ.encode(include_raw=True)
+    for name, marker in RAW_EVENT_DOCS.items():
+        text = (DOCS / name).read_text(encoding="utf-8")
+        assert text.count(marker) == 1, f"{name}: {marker!r} not found once"
+        said = text.split(marker, 1)[1].split("\n\n", 1)[0].split("\n|", 1)[0]
+        assert "managedFields" in said.split(". ", 1)[0], f"{name} does not say managedFields is removed"
+
+
+def test_alerting_guide_says_a_held_digest_repeat_is_no_retry() -> None:
+    """Item 271: the guide sent operators to "the retry metrics with a reason `held for the digest`": a
+    hold is not counted (tests/sinks/test_dingtalk.py::test_retry_max_attempts_counts_a_robots_failures_
+    but_not_its_digest_holds) and the counter has no reason label."""
+    text = (DOCS / "alerting.md").read_text(encoding="utf-8")
+    paragraph = text.split("The cost is that an alert held", 1)[1].split("\n\n", 1)[0]
+    named = set(re.findall(r"`(eventrouter_\w+)`", paragraph))
+    assert named and named <= {name for name, _ in _metric_families()}, named
+    assert "counts neither in `eventrouter_sink_retries_total`" in paragraph
+    assert Metrics().retries._labelnames == ("sink",) and "with a reason" not in paragraph

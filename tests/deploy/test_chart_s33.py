@@ -62,3 +62,70 @@ def test_a_sink_arg_written_with_a_space_is_refused_and_the_two_forms_the_router
     assert "write --sink=VALUE, or --sink and the value as two items" in str(refused.value)
     for given in (["--sink=stdout:?level=Warning"], ["--sink", "stdout:?level=Warning"]):
         assert _args(chart, {"extraArgs": given})[-len(given) :] == given
+
+
+# Item 271: the extraEnv name check wanted `_` or the start of the name before the word, so
+# kube-eventer's `AccessKeySecret` (which the SLS sink reads by default, no env: reference naming it)
+# rendered its literal value into the pod spec, while `AccessKeyId` beside it was refused.
+SLS_FLAG = "sls:https://sls.aliyuncs.com?project=p&logStore=s&regionId=cn-hangzhou"
+CREDENTIAL_NAMES = [
+    "AccessKeySecret",
+    "accessKeySecret",
+    "ACCESS_KEY_SECRET",
+    "ACCESSKEYSECRET",
+    "AccessKeyId",  # kept refused: see _helpers.tpl, as AWS_ACCESS_KEY_ID and the option accessKeyId
+    "clientSecret",
+    "authToken",
+    "securityToken",
+    "dbPassword",
+    "DbPasswd",
+    "apiKey",
+    "privateKey",
+    "SecretKey",
+    "hook-key",
+    "smtp.pass",
+    "DbPass",
+]
+NOT_CREDENTIAL_NAMES = [
+    "MONKEY",
+    "Monkey",
+    "BYPASS",
+    "SSL_KEY_FILE",
+    "TOKEN_URL",
+    "tokenUrl",
+    "SecretName",
+    "KEYSTORE_TYPE",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+]
+
+
+def _env(chart: helm.Chart, values: dict[str, Any]) -> list[dict[str, Any]]:
+    rendered = chart.render(values, name="er", namespace="monitoring")
+    docs = [
+        doc for path, text in rendered.items() if path.endswith(".yaml") for doc in yaml.safe_load_all(text)
+    ]
+    (deployment,) = [doc for doc in docs if doc and doc["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return list(container.get("env", []))
+
+
+@pytest.mark.parametrize("name", CREDENTIAL_NAMES)
+def test_a_credential_named_extra_env_literal_is_refused_whatever_the_names_case_or_style(
+    chart: helm.Chart, name: str
+) -> None:
+    values = {
+        "sinks": {"flags": [SLS_FLAG]},
+        "extraEnv": [{"name": name, "value": SECRET_VALUE}, {"name": "GOMAXPROCS", "value": "2"}],
+    }
+    with pytest.raises(
+        helm.HelmRenderError, match=rf"extraEnv\[0\] \({name}\) holds a literal value.*its name says"
+    ) as refused:
+        _env(chart, values)
+    assert SECRET_VALUE not in str(refused.value)
+
+
+def test_names_that_only_contain_a_credential_word_still_render(chart: helm.Chart) -> None:
+    env: list[dict[str, Any]] = [{"name": name, "value": "/not/a/secret"} for name in NOT_CREDENTIAL_NAMES]
+    reference = {"secretKeyRef": {"name": "sls", "key": "secret"}}
+    env.append({"name": "AccessKeySecret", "valueFrom": reference})
+    assert _env(chart, {"sinks": {"flags": [SLS_FLAG]}, "extraEnv": env})[-len(env) :] == env

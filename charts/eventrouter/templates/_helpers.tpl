@@ -97,10 +97,13 @@ sinks, kept equal to their options models by a test) and whatever this pattern m
 */}}
 {{- define "eventrouter.secretKeyPattern" -}}(?i)(password|passwd|token|secret|api_?key|access_?key|access_?key_?id|private_?key|^key|^sign|corpsecret|^headers?|^proxy)${{- end -}}
 
-{{/* Environment variable names that hold a credential: the last word of the name (LOKI_PASSWORD,
-DINGTALK_TOKEN, HOOK_SECRET, ES_API_KEY, AWS_ACCESS_KEY_ID), not a word inside it (SSL_KEY_FILE,
-TOKEN_URL, MONKEY, GOOGLE_APPLICATION_CREDENTIALS: a path). */}}
-{{- define "eventrouter.envSecretPattern" -}}(?i)(^|_)(password|passwd|pass|token|secret|api_?key|access_?key(_?id)?|private_?key|key)${{- end -}}
+{{/* Environment variable names that hold a credential: the last word of the name in any case or
+style (LOKI_PASSWORD, DINGTALK_TOKEN, kube-eventer's AccessKeySecret, clientSecret, AWS_ACCESS_KEY_ID),
+not a word inside it (SSL_KEY_FILE, TOKEN_URL, GOOGLE_APPLICATION_CREDENTIALS: a path). The long
+words need no boundary; the short `pass`/`key` need `_`, `-`, `.`, the start or a camelCase capital
+(DbPass, SecretKey), so MONKEY and BYPASS render. An access key's id is kept with its secret: it is
+refused as an option (accessKeyId) too, and both go in the one Secret. */}}
+{{- define "eventrouter.envSecretPattern" -}}(?i:password|passwd|token|secret|api_?key|access_?key(_?id)?|private_?key)$|(?i:(^|[-._])(pass|key))$|[a-z0-9](Pass|Key)${{- end -}}
 
 {{- define "eventrouter.credentialHint" -}}give it as env:VAR_NAME or file:/path and put the value in credentials.values or credentials.existingSecret{{- end -}}
 
