@@ -172,6 +172,9 @@ _UNKNOWN_TOPIC_OR_PARTITION = 3
 _LEADER_NOT_AVAILABLE = 5  # in a metadata answer: being created (auto-create on)
 _INVALID_TOPIC = 17
 _TOPIC_AUTHORIZATION_FAILED = 29
+_LISTED_THEN_DENIED = -_TOPIC_AUTHORIZATION_FAILED
+"""Not Kafka's: the code ``_missing_text`` knows a 29 by, raised by aiokafka's own metadata request for a
+topic a broker listed (``_metadata_denied``): not known missing, so not named so."""
 _BEING_CREATED = frozenset({_UNKNOWN_TOPIC_OR_PARTITION, _LEADER_NOT_AVAILABLE})
 """A topic's answers while a broker with auto-create on creates it: Kafka 2.8+ sends the creation to its
 controller and answers 3 until the topic is there (``DefaultAutoTopicCreationManager``: KRaft, all of
@@ -1526,6 +1529,13 @@ class KafkaSink(Sink[KafkaOptions]):
         """What the broker's metadata answer ``code`` says of ``topic`` (TOPIC_AUTHORIZATION_FAILED: to a
         request allowing its creation, UNKNOWN_TOPIC_OR_PARTITION to one not: ``_described``), and what
         to do."""
+        if code == _LISTED_THEN_DENIED:
+            return (
+                f"kafka topic {topic!r} was listed by a broker, and the broker asked next answered "
+                f"{_error_name(_TOPIC_AUTHORIZATION_FAILED)} to a request allowing its creation: the brokers "
+                "do not agree on it yet (each learns a new topic at its own time), or this client's "
+                "DESCRIBE or CREATE permission on it changed; asked again at the retry"
+            )
         hint = _CREATE_HINTS.get(code)
         name = _error_name(code)
         if code == _TOPIC_AUTHORIZATION_FAILED:
@@ -1558,8 +1568,9 @@ class KafkaSink(Sink[KafkaOptions]):
 
         if not isinstance(exc, TopicAuthorizationFailedError):
             return None
-        self._note_missing({topic: _TOPIC_AUTHORIZATION_FAILED}, set())
-        return self._aside_outcome(topic, _TOPIC_AUTHORIZATION_FAILED)
+        # A broker listed the topic (the sink's lookup, or aiokafka's before): not "does not exist".
+        self._note_missing({topic: _LISTED_THEN_DENIED}, set())
+        return self._aside_outcome(topic, _LISTED_THEN_DENIED)
 
     def _known_missing(self, topic: str, now: float) -> bool:
         seen = self._missing.get(topic)

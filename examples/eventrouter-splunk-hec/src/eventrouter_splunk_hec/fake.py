@@ -30,15 +30,22 @@ documentation of the collector's status codes):
 
 Indexer acknowledgement: ``POST /services/collector/ack`` with the token and the channel, body
 ``{"acks": [n, ...]}`` → 200 ``{"acks": {"n": true|false, ...}}``: true once the request's events
-are indexed (at once, or at ``release_acks()`` while ``hold_acks`` is set), and answered true only
-once (Splunk then forgets it); a token not in ``ack_tokens`` → 400 code 14 "ACK is disabled"; a body
-that is not that → 400 code 6 "Invalid data format". ``ack_queries`` counts them.
+are indexed (at once; ``index_delay`` seconds after HEC received them; or at ``release_acks()`` while
+``hold_acks`` is set), and answered true only once (Splunk then forgets it); false too for an ackId it
+does not know (never given, forgotten), as Splunk answers; a token not in ``ack_tokens`` → 400 code 14
+"ACK is disabled"; a body that is not that → 400 code 6 "Invalid data format". ``ack_queries`` counts
+them. A channel not used (an event request or a query) for ``channel_idle_timeout`` seconds is
+forgotten with its ackIds (Splunk's ``ackIdleCleanup`` after ``maxIdleTime``): its next request gets
+ackId 0 again. ``restart()`` plays a HEC restart: the events of requests not indexed yet are lost (out
+of ``events``, into ``lost``), and every channel's ackIds start again from 0 — as two HEC nodes behind
+a load balancer without sticky sessions number one channel's requests each on its own.
 
 A request with a bad event stores none of its events (the stricter of the behaviours a client can
 meet; the sink retries the others, so it loses nothing either way).
 
 Fault injection: ``fail_next(n, status, body=..., retry_after=...)`` answers the next ``n`` event
-requests that way, before any check; ``delay`` (seconds) holds every event request that long first,
+requests that way, before any check; ``restart_after(n)`` calls ``restart()`` once the next ``n``
+requests with an ackId are answered; ``delay`` (seconds) holds every event request that long first,
 as a loaded indexer does.
 """
 
@@ -66,6 +73,16 @@ class _Fault:
     status: int
     body: dict[str, Any]
     retry_after: str | None
+
+
+@dataclass
+class _Received:
+    """A request of an acknowledged token: its events, when HEC received it (loop time), and whether
+    ``hold_acks`` was set then (indexed only at ``release_acks``)."""
+
+    events: list[dict[str, Any]]
+    at: float
+    held: bool
 
 
 class _Invalid(Exception):
@@ -109,6 +126,8 @@ class FakeHEC:
         disabled_tokens: set[str] | None = None,
         ack_tokens: set[str] | None = None,
         hold_acks: bool = False,
+        index_delay: float = 0.0,
+        channel_idle_timeout: float | None = None,
         indexes: set[str] | None = None,
         max_content_length: int = 1_000_000,
         delay: float = 0.0,
@@ -119,9 +138,17 @@ class FakeHEC:
         self.ack_tokens = ack_tokens or set()
         self.hold_acks = hold_acks
         """While set, the events of acknowledged tokens are received but not indexed (release_acks)."""
+        self.index_delay = index_delay
+        """Seconds after HEC received a request (of an acknowledged token) that its events are indexed."""
+        self.channel_idle_timeout = channel_idle_timeout
         self.ack_queries = 0
         self._acks: dict[str, dict[int, bool]] = {}  # channel -> ackId -> indexed
+        self._received: dict[str, dict[int, _Received]] = {}  # channel -> ackId -> its request
         self._next_ack: dict[str, int] = {}
+        self._used: dict[str, float] = {}  # channel -> when last used (loop time)
+        self.lost: list[dict[str, Any]] = []
+        """Events received and lost in a ``restart()`` before they were indexed."""
+        self._restart_in: int | None = None  # restart once this many more ackIds are given
         self.indexes = indexes
         self.max_content_length = max_content_length
         self.delay = delay
@@ -154,6 +181,29 @@ class FakeHEC:
         for pending in self._acks.values():
             for ack_id in pending:
                 pending[ack_id] = True
+
+    def restart_after(self, n: int) -> None:
+        """``restart()`` right after answering the next ``n`` event requests that get an ackId."""
+        self._restart_in = n
+
+    def restart(self) -> None:
+        """HEC restarts: what it received and had not indexed is lost, and every channel's ackIds start
+        again from 0 (what it had indexed stays indexed, but its acknowledgements are forgotten)."""
+        for channel in list(self._acks):
+            self._index_due(channel)
+        gone = [
+            request.events
+            for channel, pending in self._acks.items()
+            for ack_id, indexed in pending.items()
+            if not indexed and (request := self._received.get(channel, {}).get(ack_id)) is not None
+        ]
+        lost = {id(event) for events in gone for event in events}
+        self.lost.extend(event for event in self.events if id(event) in lost)
+        self.events[:] = [event for event in self.events if id(event) not in lost]
+        self._acks.clear()
+        self._received.clear()
+        self._next_ack.clear()
+        self._used.clear()
 
     async def wait_for(self, count: int, timeout: float = 10.0) -> None:
         """Wait until at least ``count`` events were stored."""
@@ -240,10 +290,41 @@ class FakeHEC:
         channel = self._channel(request)
         if channel is None:
             return await self._answer(200, {"text": "Success", "code": 0})
+        self._use(channel)
         ack_id = self._next_ack.get(channel, 0)
         self._next_ack[channel] = ack_id + 1
-        self._acks.setdefault(channel, {})[ack_id] = not self.hold_acks
-        return await self._answer(200, {"text": "Success", "code": 0, "ackId": ack_id})
+        now = asyncio.get_running_loop().time()
+        self._received.setdefault(channel, {})[ack_id] = _Received(events, now, self.hold_acks)
+        self._acks.setdefault(channel, {})[ack_id] = not self.hold_acks and self.index_delay <= 0
+        answer = await self._answer(200, {"text": "Success", "code": 0, "ackId": ack_id})
+        if self._restart_in is not None:
+            self._restart_in -= 1
+            if self._restart_in <= 0:
+                self._restart_in = None
+                self.restart()
+        return answer
+
+    def _use(self, channel: str) -> None:
+        """A request on ``channel``: forgotten first if it was idle past ``channel_idle_timeout``."""
+        now = asyncio.get_running_loop().time()
+        last = self._used.get(channel)
+        if (
+            self.channel_idle_timeout is not None
+            and last is not None
+            and now - last > self.channel_idle_timeout
+        ):
+            for table in (self._acks, self._received, self._next_ack):
+                table.pop(channel, None)
+        self._used[channel] = now
+
+    def _index_due(self, channel: str) -> None:
+        """Mark indexed the requests of ``channel`` whose ``index_delay`` has passed (not held)."""
+        now = asyncio.get_running_loop().time()
+        pending, received = self._acks.get(channel, {}), self._received.get(channel, {})
+        for ack_id, indexed in pending.items():
+            request = received.get(ack_id)
+            if not indexed and request is not None and not request.held:
+                pending[ack_id] = now - request.at >= self.index_delay
 
     def _refused(self, request: web.Request) -> tuple[int, dict[str, Any]] | None:
         """The token and channel checks, in Splunk's order: what HEC answers, or None when they pass."""
@@ -287,11 +368,14 @@ class FakeHEC:
             ids = [int(i) for i in asked if not isinstance(i, bool)]
         except (ValueError, TypeError, KeyError):
             return web.json_response({"text": "Invalid data format", "code": 6}, status=400)
+        self._use(channel)
+        self._index_due(channel)
         pending = self._acks.get(channel, {})
         done = {i: pending.get(i, False) for i in ids}
         for i, indexed in done.items():
             if indexed:  # answered true once: Splunk forgets it then
                 del pending[i]
+                self._received.get(channel, {}).pop(i, None)
         return web.json_response({"acks": {str(i): indexed for i, indexed in done.items()}})
 
     def _validate(self, obj: Any) -> dict[str, Any]:

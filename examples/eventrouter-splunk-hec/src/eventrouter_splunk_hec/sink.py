@@ -16,9 +16,14 @@ one (400 code 10 "Data channel is missing"); one without ignores it.
 Outcomes (what Splunk answers → what the engine does):
 
 * 200 → every item OK. With an ``ackId`` (indexer acknowledgement on: the events are received, not yet
-  indexed), OK once ``/services/collector/ack`` says that request's events are indexed, asked again
-  (every 0.1 s, doubling up to 2 s) while a request can end within the send's ``send_budget``; those
-  not confirmed by then are retried (HEC may index them all the same: twice, never lost).
+  indexed), OK once ``/services/collector/ack`` says that request's events are indexed, asked (every
+  0.1 s, doubling up to 2 s) for a quarter of the send's ``send_budget`` at most (posting stops short
+  of that share). Those not confirmed by then are held aside (``retry(held=True, defer=True)``, no
+  failure) and remembered with their ackId: offered again, they are asked about, not posted again.
+  Still not confirmed after ``ack_timeout``, or when HEC numbers the channel anew (an ackId not above
+  the last: it restarted, dropped the idle channel, or another node behind a load balancer without
+  sticky sessions answered) and so can no longer confirm them, they are retried as a failure and
+  posted again: indexed twice perhaps, never lost.
 * 400 with ``invalid-event-number`` n → item n is rejected (dead-lettered with Splunk's text and
   code); the other items are retried. Splunk may have indexed the events before n already, so they
   can arrive twice — at-least-once, never lost. ``Incorrect index`` (code 7) rejects the whole batch.
@@ -31,9 +36,9 @@ Outcomes (what Splunk answers → what the engine does):
 * any other answer → rejected with the status and a short excerpt.
 
 A batch sent in several requests keeps within the engine's ``send_budget``: no request starts that
-could end after it. Cut off at ``send_timeout``, the send would be sent again whole and what went
-in would go in twice; instead what was not sent is answered ``retry(held=True)``, and the engine
-sends it again at once.
+could end after it (less the acknowledgement's share, once HEC answered an ackId). Cut off at
+``send_timeout``, the send would be sent again whole and what went in would go in twice; instead what
+was not sent is answered ``retry(held=True)``, and the engine sends it again at once.
 
 The token is a ``Secret``: give ``env:NAME`` or ``file:/path``; it never appears in logs or errors.
 """
@@ -45,7 +50,9 @@ import math
 import ssl
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -76,6 +83,14 @@ _EXCERPT = 200
 _CHANNEL_CODES = frozenset({10, 11})  # "Data channel is missing", "Invalid data channel"
 _ACK_POLL_FIRST = 0.1  # seconds between two queries of /services/collector/ack, doubled each time ...
 _ACK_POLL_MAX = 2.0  # ... up to this
+_ACK_SHARE = 0.25
+"""The share of the send's budget kept for asking HEC to confirm what it posted (posting stops short of
+it), and the longest a send asks: an item not confirmed by then is held aside and asked about again."""
+_ACK_QUERY_MIN = 0.05  # seconds: less left in the send's budget, no acknowledgement query starts
+_RECHECK_MAX = 10.0  # seconds: the longest an item held for its confirmation waits to be asked again
+_KEPT = 10_000
+"""Occurrences whose request HEC has not confirmed indexed that the sink remembers (least recently posted
+forgotten first: such a one, retried, is posted again: a copy, never a loss)."""
 
 
 class SplunkHECOptions(SinkOptions):
@@ -98,6 +113,12 @@ class SplunkHECOptions(SinkOptions):
         True, description="Add namespace, kind, reason, type and cluster as HEC indexed `fields`."
     )
     timeout: float = Field(10.0, gt=0, description="Seconds one HTTP request may take.")
+    ack_timeout: float = Field(
+        300.0,
+        gt=0,
+        description="Indexer acknowledgement: seconds HEC may take to confirm events indexed before they "
+        "are sent again (they may then be indexed twice).",
+    )
     verify_tls: bool = Field(True, description="Verify the server certificate (https).")
     ca_file: FilePath | None = Field(None, description="PEM bundle to verify the server with (https).")
 
@@ -155,6 +176,73 @@ def _answer(body: bytes) -> tuple[str, int | None, int | None]:
     return body[:_EXCERPT].decode("utf-8", "replace"), None, None
 
 
+@dataclass(eq=False)
+class _Post:
+    """A request HEC answered with an ackId: received, to be confirmed indexed."""
+
+    ack_id: int
+    at: float  # time.monotonic() of HEC's answer
+    waiting: int = 0  # occurrences still waiting on it
+    confirmed: bool = False
+    void: str | None = None  # why HEC can no longer confirm it: it numbers the channel anew
+
+    @property
+    def done(self) -> bool:
+        return self.confirmed or self.void is not None
+
+
+class _Pending:
+    """The requests HEC received on this sink's channel and has not confirmed indexed, and which
+    occurrence each carried, across sends: a retried occurrence is asked about, not posted again.
+    Bounded: past _KEPT occurrences the least recently posted are forgotten."""
+
+    def __init__(self) -> None:
+        self.by_key: OrderedDict[str, _Post] = OrderedDict()
+        self.by_ack: dict[int, _Post] = {}  # neither confirmed nor void: what HEC is asked about
+        self.last: int | None = None  # the channel's last ackId
+        self.used = False  # HEC answered an ackId: the token has indexer acknowledgement on
+
+    def get(self, key: str) -> _Post | None:
+        return self.by_key.get(key)
+
+    def posted(self, ack_id: int, keys: list[str], now: float) -> tuple[_Post, int]:
+        """HEC received ``keys`` under ``ack_id``: their post, and how many waiting posts it voided.
+        A channel's ackIds only grow: one not above the last means HEC numbers it anew, and the ids
+        it gave before can no longer be asked about (one might now name another request)."""
+        voided = 0
+        if self.last is not None and ack_id <= self.last:
+            reason = (
+                f"HEC answered ackId {ack_id} again (after {self.last}): it restarted, forgot the channel, "
+                "or another HEC node answered, and can no longer confirm this event's request"
+            )
+            for post in self.by_ack.values():
+                post.void = reason
+                voided += 1
+            self.by_ack.clear()
+        self.last, self.used = ack_id, True
+        post = self.by_ack[ack_id] = _Post(ack_id, now)
+        for key in keys:
+            self.forget(key)
+            self.by_key[key] = post
+            post.waiting += 1
+        while len(self.by_key) > _KEPT:
+            self.forget(next(iter(self.by_key)))
+        return post, voided
+
+    def confirm(self, post: _Post) -> None:
+        post.confirmed = True
+        if self.by_ack.get(post.ack_id) is post:
+            del self.by_ack[post.ack_id]
+
+    def forget(self, key: str) -> None:
+        post = self.by_key.pop(key, None)
+        if post is None:
+            return
+        post.waiting -= 1
+        if post.waiting <= 0 and self.by_ack.get(post.ack_id) is post:
+            del self.by_ack[post.ack_id]  # nobody waits on it any more
+
+
 class SplunkHECSink(Sink[SplunkHECOptions]):
     """Sends occurrences to a Splunk HTTP Event Collector."""
 
@@ -180,6 +268,7 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         }
         self._session: aiohttp.ClientSession | None = None
         self._max_body: int | None = None  # the most bytes a request carries, learnt from HEC's 413s
+        self._pending = _Pending()
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -265,57 +354,163 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                 bodies[i] = self.encode(occ)
             except (TypeError, ValueError) as exc:  # orjson: lone surrogates, non-str keys
                 outcomes[i] = reject(f"cannot encode occurrence {occ.key} as JSON: {exc}")
-        # Cut off at send_timeout, the engine would send the whole batch again (what went in, twice):
-        # no request starts that could end past send_budget (but the first, so each send gets on),
-        # and what is left is answered held (no failure): the engine sends it again at once.
-        until = time.monotonic() + self.context.send_budget - self.options.timeout
+        end = time.monotonic() + self.context.send_budget
+        # What HEC received in an earlier send and has not confirmed indexed is asked about first,
+        # not posted again (each post of it is one more copy indexed).
+        posts = self._waiting(batch, bodies)
+        problem = await self._ask_acks(set(posts.values()), end) if posts else None
+        new = await self._post_all(batch, bodies, outcomes, end)
+        posts.update(new)
+        if any(not post.done for post in posts.values()):
+            # Asked just now if nothing new was posted: the next query after the first pause.
+            first = 0.0 if new else _ACK_POLL_FIRST
+            problem = await self._confirm(set(posts.values()), end, first) or problem
+        self._settle(batch, posts, outcomes, problem)
+        return outcomes
+
+    def _waiting(self, batch: Sequence[Occurrence], bodies: dict[int, bytes]) -> dict[int, _Post]:
+        """The items of ``batch`` HEC received before under an ackId still to be confirmed (or confirmed
+        since): taken out of ``bodies``. One whose request can no longer be confirmed is posted again."""
+        posts: dict[int, _Post] = {}
+        for i in list(bodies):
+            post = self._pending.get(batch[i].key)
+            if post is None:
+                continue
+            if post.void is not None:
+                self._pending.forget(batch[i].key)
+                continue
+            posts[i] = post
+            del bodies[i]
+        return posts
+
+    async def _post_all(
+        self, batch: Sequence[Occurrence], bodies: dict[int, bytes], outcomes: list[Outcome], end: float
+    ) -> dict[int, _Post]:
+        """Post ``bodies`` (in several requests once a 413 was learnt) and set their outcomes; the
+        items HEC answered with an ackId, by their request. Cut off at send_timeout, the engine would
+        send the whole batch again (what went in, twice): no request starts that could end past
+        ``end`` less the acknowledgement's share (but the first, so each send gets on), and what is
+        left is answered held (no failure): the engine sends it again at once."""
+        reserve = self.context.send_budget * _ACK_SHARE if self._pending.used else 0.0
+        post_by = end - self.options.timeout - reserve
         todo = self._requests(list(bodies), bodies)
-        acks: dict[int, list[int]] = {}  # ackId -> its request's items: received, not yet indexed
+        posts: dict[int, _Post] = {}
         started = False
         while todo:
             items = todo.pop(0)
-            if started and time.monotonic() > until:
+            if started and time.monotonic() > post_by:
                 left = retry(f"not sent within the send's {self.context.send_budget:g}s budget", held=True)
                 for i in (i for run in (items, *todo) for i in run):
                     outcomes[i] = left
                 break
             started = True
-            if await self._post(items, bodies, outcomes, acks):  # too large: in smaller requests
+            too_large, ack_id = await self._post(items, bodies, outcomes)
+            if too_large:  # in smaller requests
                 todo[:0] = self._requests(items, bodies)
-        if acks:
-            await self._confirm(acks, outcomes, until)
-        return outcomes
+            elif ack_id is not None:
+                post = self._posted(ack_id, [batch[i].key for i in items])
+                posts.update(dict.fromkeys(items, post))
+        return posts
 
-    async def _confirm(self, acks: dict[int, list[int]], outcomes: list[Outcome], until: float) -> None:
-        """Wait for HEC to confirm the requests of ``acks`` indexed (indexer acknowledgement: a 200
-        only says received), asking while a request can end within the send's budget (``until``: no
-        query starts after it). The items of those it did not confirm are retried."""
-        wait, problem = _ACK_POLL_FIRST, "no time left in the send to ask"
-        while time.monotonic() <= until:
-            problem = await self._ask_acks(acks) or "not indexed yet"
-            if not acks or time.monotonic() + wait > until:
-                break
+    def _posted(self, ack_id: int, keys: list[str]) -> _Post:
+        """HEC received a request (``keys``) under ``ack_id``. An ackId not above the channel's last
+        means HEC numbers the channel anew: it restarted (what it had not indexed is lost), dropped the
+        channel as idle, or another HEC node answered (a load balancer without sticky sessions): the
+        requests waiting to be confirmed can no longer be, and are sent again."""
+        post, voided = self._pending.posted(ack_id, keys, time.monotonic())
+        if voided:
+            self.log.warning(
+                "splunk_hec %s: HEC answered ackId %d again on this sink's channel: it restarted, forgot "
+                "the channel (idle), or another HEC node answered (indexer acknowledgement needs sticky "
+                "sessions at a load balancer); %d requests it had not confirmed indexed are sent again",
+                self._where,
+                ack_id,
+                voided,
+            )
+        return post
+
+    async def _confirm(self, posts: set[_Post], end: float, first: float) -> str | None:
+        """Ask HEC to confirm ``posts`` indexed (indexer acknowledgement: a 200 only says received),
+        every 0.1 s doubling up to 2 s, for the acknowledgement's share of the send at most, within
+        the send's budget (``end``). What is wrong, or None."""
+        stop = min(end, time.monotonic() + self.context.send_budget * _ACK_SHARE)
+        wait, problem = first, None
+        while any(not post.done for post in posts):
+            if time.monotonic() + wait > stop:
+                return problem
             await asyncio.sleep(wait)
-            wait = min(wait * 2, _ACK_POLL_MAX)
-        if not acks:
-            return
-        left = retry(
-            f"HEC received the events but did not confirm them indexed within the send's "
-            f"{self.context.send_budget:g}s budget (indexer acknowledgement: {problem}); sent again, "
-            "they may be indexed twice"
-        )
-        for items in acks.values():
-            for i in items:
-                outcomes[i] = left
+            wait = min(max(wait * 2, _ACK_POLL_FIRST), _ACK_POLL_MAX)
+            problem = await self._ask_acks(posts, end)
+        return None
 
-    async def _ask_acks(self, acks: dict[int, list[int]]) -> str | None:
-        """One query of ``/services/collector/ack``: the ackIds HEC confirms indexed leave ``acks``.
-        What went wrong, or None."""
+    def _settle(
+        self,
+        batch: Sequence[Occurrence],
+        posts: dict[int, _Post],
+        outcomes: list[Outcome],
+        problem: str | None,
+    ) -> None:
+        """The outcome of each item HEC received under an ackId: OK once confirmed indexed; while
+        not, held aside (no failure) and asked about again when the engine offers it again, until
+        ``ack_timeout``; after it, or when HEC can no longer confirm it, retried: posted again."""
+        now, expired = time.monotonic(), 0
+        for i, post in posts.items():
+            key = batch[i].key
+            if post.confirmed:
+                self._pending.forget(key)
+                continue  # OK
+            age = now - post.at
+            if post.void is None and age < self.options.ack_timeout:
+                outcomes[i] = retry(
+                    f"HEC received it (ackId {post.ack_id}, {age:.0f}s ago) and has not confirmed it "
+                    f"indexed yet (indexer acknowledgement: {problem or 'not indexed yet'}); asked again, "
+                    f"not sent again, for up to ack_timeout={self.options.ack_timeout:g}s",
+                    held=True,
+                    defer=True,
+                    retry_after=min(_RECHECK_MAX, max(_ACK_POLL_MAX, age / 2)),
+                )
+                continue
+            self._pending.forget(key)
+            expired += post.void is None
+            why = post.void or (
+                f"HEC did not confirm it indexed within ack_timeout={self.options.ack_timeout:g}s "
+                f"(indexer acknowledgement, ackId {post.ack_id}: {problem or 'not indexed yet'})"
+            )
+            outcomes[i] = retry(f"{why}; sent again, it may be indexed twice", defer=True)
+        if expired:
+            self.log.warning(
+                "splunk_hec %s: HEC did not confirm %d events indexed within ack_timeout=%gs (%s); they "
+                "are sent again and may be indexed twice",
+                self._where,
+                expired,
+                self.options.ack_timeout,
+                problem or "not indexed yet",
+            )
+
+    def given_up(self, occurrences: Sequence[Occurrence]) -> None:
+        # Dead-lettered or dropped: never offered again, so nothing to wait for.
+        for occ in occurrences:
+            self._pending.forget(occ.key)
+
+    async def _ask_acks(self, posts: set[_Post], end: float) -> str | None:
+        """One query of ``/services/collector/ack`` for ``posts`` not confirmed yet (within ``end``, the
+        send's budget): those HEC confirms indexed are marked so. What went wrong, or None."""
+        asked = {post.ack_id: post for post in posts if not post.done}
+        left = min(self.options.timeout, end - time.monotonic())
+        if not asked:
+            return None
         if self._session is None:
             return "splunk_hec sink is not started"
-        query = orjson.dumps({"acks": list(acks)})
+        if left < _ACK_QUERY_MIN:
+            return "no time left in the send to ask"
+        query = orjson.dumps({"acks": sorted(asked)})
         try:
-            async with self._session.post(self.ack_endpoint, data=query, headers=self._headers) as resp:
+            async with self._session.post(
+                self.ack_endpoint,
+                data=query,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=left),
+            ) as resp:
                 status, body = resp.status, await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return f"cannot reach {redact(self.ack_endpoint)}: {_describe(exc)}"
@@ -328,7 +523,8 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):
             return f'an acknowledgement answer that is not {{"acks": {{...}}}}: {body[:_EXCERPT]!r}'
         for ack_id in confirmed:
-            acks.pop(ack_id, None)
+            if (post := asked.get(ack_id)) is not None and post.void is None:
+                self._pending.confirm(post)
         return None
 
     def _requests(self, items: list[int], bodies: dict[int, bytes]) -> list[list[int]]:
@@ -345,15 +541,15 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         return runs
 
     async def _post(
-        self, items: list[int], bodies: dict[int, bytes], outcomes: list[Outcome], acks: dict[int, list[int]]
-    ) -> bool:
-        """Send ``items`` in one request and set their outcomes (``acks``: its ackId, when HEC answers
-        one, for ``_confirm``). True: HEC refused the body as too large and ``_max_body`` is now below
-        it; the items are to be sent again in smaller requests."""
+        self, items: list[int], bodies: dict[int, bytes], outcomes: list[Outcome]
+    ) -> tuple[bool, int | None]:
+        """Send ``items`` in one request and set their outcomes. (True, None): HEC refused the body as
+        too large and ``_max_body`` is now below it; the items are to be sent again in smaller
+        requests. (False, n): HEC received them under ackId n, not yet confirmed indexed."""
         if self._session is None:
             for i in items:
                 outcomes[i] = retry("splunk_hec sink is not started")
-            return False
+            return False, None
         payload = b"".join(bodies[i] for i in items)
         try:
             async with self._session.post(self.endpoint, data=payload, headers=self._headers) as resp:
@@ -363,33 +559,30 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             # Per item, not RetryableError: earlier requests of this batch may be accepted already.
             for i in items:
                 outcomes[i] = retry(f"cannot reach {self._where}: {_describe(exc)}")
-            return False
-        if 200 <= status < 300:
-            ack_id = _ack_id(body)
-            if ack_id is not None:  # received, not yet indexed: OK once HEC confirms it
-                acks[ack_id] = items
-            return False  # outcomes stay OK
+            return False, None
+        if 200 <= status < 300:  # outcomes stay OK; with an ackId, once HEC confirms them indexed
+            return False, _ack_id(body)
         text, code, bad = _answer(body)
         what = f"HEC {status}: {text}" + (f" (code {code})" if code is not None else "")
         if status == 413:
             if len(items) > 1:  # kept for later batches too: HEC does not say what it takes
                 self._max_body = len(payload) // 2
-                return True
+                return True, None
             outcomes[items[0]] = reject(f"event of {len(payload)} bytes is too large for HEC: {what}")
-            return False
+            return False, None
         if status == 400 and bad is not None and 0 <= bad < len(items) and code != 7:
             for n, i in enumerate(items):
                 outcomes[i] = reject(what) if n == bad else retry(f"sent again after another event: {what}")
-            return False
+            return False, None
         # 400 code 10/11: the channel did not reach HEC (see start), not the events' fault.
         if status in (401, 403, 408, 429) or status >= 500 or (status == 400 and code in _CHANNEL_CODES):
             self.log.warning("splunk_hec %s: %s; will retry", self._where, what)
             for i in items:
                 outcomes[i] = retry(what, retry_after=wait)
-            return False
+            return False, None
         for i in items:
             outcomes[i] = reject(what)
-        return False
+        return False, None
 
 
 def _ack_id(body: bytes) -> int | None:
