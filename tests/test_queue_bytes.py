@@ -345,3 +345,169 @@ async def test_a_replay_of_large_events_waits_at_the_byte_bound_and_loses_none(t
         assert router.metrics.dropped.labels("mem", "queue_full")._value.get() == 0
     finally:
         await router.stop()
+
+
+# ---- session 33, item 268: a review of item 259 -------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+def _bytes_in_memory(handed: Sequence[Occurrence], sink: Listening, spool: Spool) -> int:
+    """The bytes (as counted) of what was handed on and is still in memory: ``_in_memory``'s."""
+    gone = set(sink.keys) | set(sink.given) | set(spool.unread_keys(time.monotonic() + 5))
+    return sum(_cost(o) for o in handed if (o.uid, o.number) not in gone)
+
+
+async def test_a_spool_refill_reads_only_what_fits_by_each_records_own_size(tmp_path: Path) -> None:
+    """Memory filled to just under the bound, then a small occurrence and 40 large ones spill. Each
+    refill reads as many as fit by their own sizes: memory never holds more than the bound. Before,
+    the refill took the mean size of its first read (the small one) for all, read the 40 large ones
+    at once, and memory held 8 times the bound (up to 499 records with the default batch)."""
+    metrics = Metrics()
+    sink = _gated()
+    spool = _spool(tmp_path)
+    p = _pipeline(sink, metrics, spool)
+    first = _large(_fits(), "a")
+    fill = BOUND - sum(map(_cost, first)) - _cost(make_occurrence(object_name="medium", message=""))
+    first.append(make_occurrence(object_name="medium", message="m" * (fill // 2 - 16)))
+    assert BOUND - 64 < sum(map(_cost, first)) <= BOUND
+    small = make_occurrence(object_name="small", message="tiny")
+    occs = [*first, small, *_large(40, "b")]
+    task = asyncio.create_task(p.run())
+    await p.started.wait()
+    for occ in occs:
+        p.offer(occ)
+    assert metrics.spilled.labels("mem")._value.get() == 41  # the small one first
+    most = _bytes_in_memory(occs, sink, spool)
+    for n in range(1, len(occs) + 1):
+        await sink.gate.allow(1)
+        await sink.wait_for(n)
+        most = max(most, _bytes_in_memory(occs, sink, spool))
+    p.close()
+    await asyncio.wait_for(task, 10)
+    assert most <= BOUND, (most, BOUND)
+    assert sink.keys == _keys(occs) and not sink.given
+
+
+async def test_parked_records_come_back_within_the_share_and_none_is_dropped_as_a_disk_fault(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key refused for a cause of its own, with a spool: its items over their share are parked, and
+    come back into the share's room by their own sizes. Parked first is a small one, then 30 large.
+    Items set aside in memory never pass their share by more than one record, nothing is dropped,
+    and all 31 are delivered once the key is taken. Before, the small one's size stood for all:
+    hundreds came back, the share and the whole bound were passed, and the oldest set aside were
+    dropped, counted as ``spool_error`` and logged "the disk spool cannot be written", the disk fine."""
+    metrics = Metrics()
+    sink = _refusing()
+    spool = _spool(tmp_path)
+    p = _pipeline(sink, metrics, spool, retry_initial_backoff=0.01, retry_max_backoff=0.05)
+    sink.pipeline = p
+    aside_bytes: list[int] = []
+
+    def noting(occ: Occurrence) -> Outcome:
+        aside_bytes.append(p.queued_bytes - p._queue_bytes)  # set aside in memory
+        return sink.decide_one(occ)
+
+    sink.decide = noting
+    # Parked in uid order: the small one first.
+    refused = [make_occurrence(object_name="b-small", uid="00-small", message="tiny")]
+    refused += [
+        make_occurrence(object_name=f"b-{i}", uid=f"10-big-{i:02d}", message=f"{i:06d}" + "x" * MESSAGE)
+        for i in range(EVENTS)
+    ]
+    task = asyncio.create_task(p.run())
+    with caplog.at_level(logging.WARNING):
+        for occ in refused:
+            p.offer(occ)
+        await until(lambda: len(aside_bytes) > 200, timeout=60)  # many rounds through the parked ones
+        sink.refusing = False
+        await until(lambda: set(_keys(refused)) <= set(sink.keys) | set(sink.given), timeout=30)
+    p.close()
+    await asyncio.wait_for(task, 10)
+    assert max(aside_bytes) <= p._aside_bytes_max + _cost(refused[1]), (max(aside_bytes), p._aside_bytes_max)
+    assert sorted(sink.keys) == sorted(_keys(refused)) and not sink.given
+    assert metrics.dropped.labels("mem", "spool_error")._value.get() == 0
+    assert "cannot be written" not in caplog.text
+
+
+class _Sending(_Refusing):
+    """Its send lets other tasks run, as a send over the network does: a relist waiting for room
+    sees the queue after each batch, not once the sink has taken all."""
+
+    async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
+        await asyncio.sleep(0)
+        return await super().send(batch)
+
+
+@pytest.mark.parametrize("set_aside", [7, 11], ids=["within_their_share", "over_their_share"])
+async def test_a_relist_beside_items_set_aside_drops_none_of_it(set_aside: int) -> None:
+    """Default bounds (48 MiB), no spool. A key the sink refuses holds ``set_aside`` items of 1 MiB
+    (each counts 2 MiB) aside for ten minutes while the sink takes the others; then a relist of 45 of
+    1 MiB, in pages of 15 (30 MiB counted: a page's room), each after ``Fanout.wait_for_room``. All
+    45 are delivered, none dropped: the room check counts the items set aside as the offer does, and
+    they hold at most what leaves a page's room (16 MiB). Those over it give way, oldest first,
+    counted and named, never the relisted. Before, the check counted the queue alone: a page went on
+    beside 14 MiB set aside and 16 MiB queued, or beside 22 MiB set aside, and the oldest relisted
+    were dropped (``queue_full``)."""
+    metrics = Metrics()
+    sink = _Sending(MemorySinkOptions.model_validate({}), _context())
+    sink.aside = []
+    sink.decide = sink.decide_one
+    p = Pipeline(
+        name="mem",
+        sink=sink,
+        options=PipelineOptions.model_validate(
+            {"batch_max_wait": 0.01, "retry_initial_backoff": 600.0, "retry_max_backoff": 600.0}
+        ),
+        predicate=None,
+        checkpoint=SinkCheckpoint(MemoryCheckpoint()),
+        deadletter=DeadLetter(None, sink="mem"),
+        metrics=metrics,
+    )
+    sink.pipeline = p
+    assert p.queue_max_bytes == 48 * MIB
+    fanout = Fanout([p])
+    task = asyncio.create_task(p.run())
+    await p.started.wait()
+    refused = [make_occurrence(object_name=f"b-{i}", message="y" * MIB) for i in range(set_aside)]
+    for occ in refused:
+        fanout.publish(occ)
+    await until(lambda: len(p._deferred) == set_aside)
+    fanout.publish(ok := make_occurrence(object_name="a-ok", message="fine"))  # the sink is up
+    await sink.wait_for(1)
+    relist = [make_occurrence(object_name=f"a-{i}", message=f"{i:04d}" + "x" * MIB) for i in range(45)]
+    for i in range(0, len(relist), 15):
+        assert await fanout.wait_for_room()
+        for occ in relist[i : i + 15]:
+            fanout.publish(occ)
+    relisted = set(_keys(relist))
+    await until(lambda: relisted <= set(sink.keys) | set(sink.given), timeout=30)  # each finished
+    p.stop_now()
+    await asyncio.wait_for(task, 10)
+    assert sink.keys == _keys([ok, *relist])
+    given = len(sink.given)
+    assert given == metrics.dropped.labels("mem", "queue_full")._value.get()
+    assert sink.given == _keys(refused[:given])  # only items set aside, the oldest first
+    over = sum(map(_cost, refused)) - 16 * MIB  # their share of the default bound
+    assert given == 0 if over <= 0 else 0 < given <= -(-over // _cost(refused[0]))
+
+
+def test_a_spool_read_within_a_byte_budget_stops_before_the_record_that_would_pass_it(
+    tmp_path: Path,
+) -> None:
+    """``Spool.pop`` and ``Spool.unpark`` with ``max_bytes``: records in order while their lines fit,
+    the first too; what does not fit is left for the next read. What the refill and the parked
+    ones' return bound memory with, by each record's size before it is decoded."""
+    spool = _spool(tmp_path)
+    small, big = make_occurrence(object_name="small", message="tiny"), _large(3)
+    line = len(Spool.encode(big[0]))
+    for occ in [small, *big]:
+        spool.append(occ)
+        spool.park(occ)
+    assert spool.pop(10, max_bytes=len(Spool.encode(small)) - 1) == []  # not even the first
+    assert _keys(spool.pop(10, max_bytes=2 * line)) == _keys([small, big[0]])
+    assert _keys(spool.pop(10)) == _keys(big[1:])
+    parked_two = len(Spool.encode(small)) + line + 16  # a parked line has its attempts too
+    assert _keys([u.occ for u in spool.unpark(10, max_bytes=parked_two)]) == _keys([small, big[0]])
+    assert _keys([u.occ for u in spool.unpark(10, max_bytes=3 * line)]) == _keys(big[1:])

@@ -33,6 +33,7 @@ import itertools
 import logging
 import os
 import re
+import sys
 import time
 import weakref
 from array import array
@@ -761,10 +762,18 @@ class Spool:
 
     # ---- reading ------------------------------------------------------------------------------
 
-    def pop(self, limit: int) -> list[Occurrence]:
+    def pop(self, limit: int, max_bytes: int | None = None) -> list[Occurrence]:
+        """Up to ``limit`` records, oldest first. With ``max_bytes``, stops before the record whose
+        line would take the lines read past it, the first too (a line is its raw JSON and a few bytes
+        more: its size is known before it is decoded): a caller bounding memory by bytes reads only
+        what fits, whatever the order of sizes in the spool."""
         out: list[Occurrence] = []
+        budget = sys.maxsize if max_bytes is None else max_bytes
         while self._aside_lines and len(out) < limit:  # set aside before a crash: the oldest
+            if len(self._aside_lines[0]) > budget:
+                return out  # the records behind it wait for it: order is kept
             line = self._aside_lines.popleft()
+            budget -= len(line)
             try:
                 out.append(self._decode(line))
             except _UNREADABLE as exc:
@@ -805,6 +814,10 @@ class Spool:
                     fh.seek(seg.read_offset)
                     while len(out) < limit and seg.read_records < seg.records:
                         line = fh.readline()
+                        if len(line) > budget:
+                            limit = len(out)  # left unread: the next pop reads it again
+                            break
+                        budget -= len(line)
                         seg.read_offset += len(line)
                         seg.read_records += 1
                         self._count -= 1
@@ -968,15 +981,15 @@ class Spool:
         finally:
             self._took_from(parked)
 
-    def unpark(self, limit: int) -> list[Unparked]:
-        """The next ``limit`` parked records, oldest first, with their failed attempts so far and
-        their "not before" time; their owed marks go to ``owed``. Like ``pop``: the read position is
-        durable only at ``commit``."""
+    def unpark(self, limit: int, max_bytes: int | None = None) -> list[Unparked]:
+        """The next ``limit`` parked records, oldest first, within ``max_bytes`` of lines as ``pop``
+        reads them, with their failed attempts so far and their "not before" time; their owed marks
+        go to ``owed``. Like ``pop``: the read position is durable only at ``commit``."""
         parked = self._parked
         if parked is None or not len(parked):
             return []
         try:
-            occs = parked.pop(limit)
+            occs = parked.pop(limit, max_bytes)
         finally:
             self._took_from(parked)
         tries, waits = parked.tries, parked.not_before
@@ -1167,10 +1180,10 @@ class _Parked(Spool):
             self.not_before[key] = not_before
         return occ
 
-    def pop(self, limit: int) -> list[Occurrence]:
+    def pop(self, limit: int, max_bytes: int | None = None) -> list[Occurrence]:
         self._moved = True
         unreadable = self.unreadable
-        out = super().pop(limit)
+        out = super().pop(limit, max_bytes)
         if self.unreadable != unreadable:
             self._rebuild_floors()
         self._forget_floors_if_empty()
