@@ -58,6 +58,10 @@ QUERY_PLUS = "__url_query_plus__"
 """Entry key (only when there are any) listing the query keys whose raw value held a ``+``, which
 the query's form decoding (kube-eventer's too) reads as a space."""
 
+QUERY_UNDECODABLE = "__url_query_undecodable__"
+"""Entry key (only when there are any) listing the query keys whose raw value holds a percent-escape
+that is no UTF-8 (``9f%E2kq``): decoded, it became U+FFFD, a value surely not the one meant."""
+
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +124,20 @@ class SinkSpec:
 
     def describe(self) -> str:
         return (
-            f"{self.name} ({self.type} {redact_url(self.options.url)})"
+            f"{self.name} ({self.type} {_shown_url(self.options.url)})"
             if self.options.url
-            else (f"{self.name} ({self.type})")
+            else f"{self.name} ({self.type})"
         )
+
+
+def _shown_url(url: str) -> str:
+    """A sink's url as messages show it: redacted (user info, query values, token-like path
+    segments), but a path (the file sink's, any url without a scheme, user info or query) as given:
+    `…/eventrouter-demo/events.jsonl` was shown `…/***/events.jsonl`, so no one could tell which
+    file a sink writes."""
+    if "://" in url or any(c in url for c in "@?#"):
+        return redact_url(url)
+    return url
 
 
 def _plugins_fault(exc: BaseException) -> bool:
@@ -153,10 +167,13 @@ def _masked(exc: BaseException, options: BaseModel) -> str:
     return f"{type(exc).__name__}: {Scrubber(forms)(text)}" if text else type(exc).__name__
 
 
-def parse_sink_flag(flag: str, *, where: str = "--sink", name: str | None = None) -> dict[str, Any]:
+def parse_sink_flag(
+    flag: str, *, where: str = "--sink", name: str | None = None, yaml: bool = False
+) -> dict[str, Any]:
     """``TYPE:URL?k=v&k=v2`` → flat dict: ``url`` is the part before ``?``, every query key is an
     option (of the engine or of the sink, e.g. DingTalk's ``access_token``). Repeated keys become lists.
-    ``where`` and ``name`` (default: the type) name the sink in errors."""
+    ``where`` and ``name`` (default: the type) name the sink in errors; ``yaml``: the flag is made of
+    a YAML entry's type and url."""
     if ":" not in flag:
         flag += ":"  # `--sink=stdout` needs no URL
     type_, rest = flag.split(":", 1)
@@ -171,13 +188,20 @@ def parse_sink_flag(flag: str, *, where: str = "--sink", name: str | None = None
     # keys had one is kept for spec_for_class to refuse it where a space is surely not meant (but
     # the space of kube-eventer's header=Authorization=Bearer+TOKEN: _scheme_space).
     plus: set[str] = set()
+    undecodable: set[str] = set()
     for part in query.split("&"):
         raw_key, _, raw_value = part.partition("=")
         key = urllib.parse.unquote_plus(raw_key)
         if "+" in raw_value and not _scheme_space(key, raw_value):
             plus.add(key)
+        try:
+            urllib.parse.unquote_plus(raw_value, errors="strict")
+        except UnicodeDecodeError:
+            undecodable.add(key)
     if plus:
         entry[QUERY_PLUS] = sorted(plus)
+    if undecodable:
+        entry[QUERY_UNDECODABLE] = sorted(undecodable)
     if url:
         entry["url"] = url
     for key, value in pairs:
@@ -185,9 +209,15 @@ def parse_sink_flag(flag: str, *, where: str = "--sink", name: str | None = None
             existing = entry[key]
             entry[key] = [*existing, value] if isinstance(existing, list) else [existing, value]
         elif key in ("type",):
+            # Also a YAML url's query (`_with_url_query`), where the sink's type is the `type:` key.
+            given = (
+                "a YAML url's query: the sink's type is its type: key"
+                if yaml
+                else ("the query: the sink's type is what precedes the first ':'")
+            )
             raise ConfigError(
-                f"--sink {type_}: option 'type' is not allowed in the query (the sink's type is what "
-                "precedes the first ':'; to keep events of a type, write types=Warning)"
+                f"{where} (sink {name or type_!r}): option 'type' is not allowed in {given}; to keep "
+                "events of a type, write types=Warning"
             )
         else:
             entry[key] = value
@@ -259,7 +289,9 @@ def _with_url_query(entry: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     if not (isinstance(url, str) and "?" in url and isinstance(type_, str)) or QUERY_KEYS in entry:
         return entry
     name = entry.get("name")
-    parsed = parse_sink_flag(f"{type_}:{url}", where=where, name=name if isinstance(name, str) else None)
+    parsed = parse_sink_flag(
+        f"{type_}:{url}", where=where, name=name if isinstance(name, str) else None, yaml=True
+    )
     both = sorted(k for k in parsed[QUERY_KEYS] if k in entry)
     if both:
         raise ConfigError(
@@ -378,6 +410,7 @@ def spec_for_class(
     query_order: list[str] = list(entry.pop(QUERY_KEYS, ()))
     from_query = set(query_order)
     with_plus = set(entry.pop(QUERY_PLUS, ()))
+    undecodable = sorted(entry.pop(QUERY_UNDECODABLE, ()))
     # Sinks may supply defaults fitting their purpose (alert robots: Warning only).
     defaults: Mapping[str, Any] = getattr(sink_cls, "default_filter", {}) or {}
     filter_keys = field_names(FilterOptions)
@@ -422,6 +455,14 @@ def spec_for_class(
                 "as %26, or give the credential as env:NAME or file:/path"
                 + (f"; a query parameter of the endpoint goes before {credential!r}" if passthrough else "")
             )
+    if undecodable:
+        # After the tails: a key that may be the rest of a credential is refused unnamed above.
+        raise ConfigError(
+            f"{where}: option {_shown_option(undecodable[0])}: its value holds a percent-escape that "
+            "decodes to no UTF-8 text (it would be used with a U+FFFD in its place): write a % in a "
+            "value as %25, or give a credential as env:NAME or file:/path"
+        )
+    _refuse_spelt_twice(entry, [FilterOptions, PipelineOptions, model], where)
     for key in entry:
         if key != key.strip() and key.strip() in known_keys:
             raise ConfigError(
@@ -478,9 +519,6 @@ def spec_for_class(
                 "read for credentials only"
             )
     _refuse_plus(with_plus, [FilterOptions, model], where)
-    clash = (field_names(model) - {"url", "include_raw"}) & COMMON_KEYS
-    if clash:
-        raise ConfigError(f"{where}: sink {type_!r} defines reserved option names {sorted(clash)}")
     parts: list[tuple[type[BaseModel], dict[str, Any]]] = [
         (FilterOptions, filt),
         (PipelineOptions, pipe),
@@ -655,6 +693,21 @@ def _refuse_plus(keys: set[str], models: Sequence[type[BaseModel]], where: str) 
                 raise ConfigError(
                     f"{where}: option {key!r}: a + in a query reads as a space: write %20 for a space, "
                     "%2B for a plus, or use env:/file:"
+                )
+
+
+def _refuse_spelt_twice(entry: Mapping[str, Any], models: Sequence[type[BaseModel]], where: str) -> None:
+    """An option given under two of its names (``header=A&headers=B``, ``components=`` beside
+    ``component=``): pydantic took one and called the other an "unknown option", a documented
+    name the operator was told does not exist."""
+    for model in models:
+        for name, info in model.model_fields.items():
+            given = [key for key in entry if key in _names_of(name, info)]
+            if len(given) > 1:
+                shown = " and ".join(map(repr, sorted(given)))
+                raise ConfigError(
+                    f"{where}: options {shown} are the same option given twice: use one name (repeat "
+                    "it for several values)"
                 )
 
 

@@ -11,6 +11,7 @@ import fnmatch
 import os
 import re
 import ssl
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
 from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
@@ -42,8 +43,10 @@ __all__ = [
     "readable_file",
     "resolve_secret",
     "safe_name",
+    "secret_input",
     "shown_address",
     "split_list",
+    "unexpanded_reference",
     "userinfo_hint",
 ]
 
@@ -62,7 +65,7 @@ def resolve_secret(value: Any) -> Any:
             if name not in os.environ:
                 raise ValueError(f"environment variable {name!r} is not set")
             text = os.environ[name].rstrip("\r\n")
-            if not text:
+            if not text.strip():
                 # As good as unset: Loki sent "Bearer " and retried "refused" for ever, DingTalk sent
                 # unsigned requests, SLS fell back to another credential from the environment.
                 raise ValueError(
@@ -77,7 +80,7 @@ def resolve_secret(value: Any) -> Any:
                 raise ValueError(f"cannot read secret file {str(path)!r}: {exc.strerror}") from None
             except UnicodeDecodeError:
                 raise ValueError(f"secret file {str(path)!r} is not UTF-8 text") from None
-            if not text:
+            if not text.strip():
                 raise ValueError(f"secret file {str(path)!r} is empty: a credential is never empty")
             return text
     return value
@@ -220,6 +223,13 @@ def http_url(value: str, *, option: str = "url", address_only: bool = False) -> 
     malformed address is a configuration error (exit 2) instead of a sink that fails to start again
     and again."""
     text = value.strip()
+    if value != value.rstrip():
+        # Checked stripped, it was used as given: yarl sent a webhook's batches to `/hook%20` (a
+        # 404), Loki's constructor failed on a port `3100 `. (A leading one every parser drops.)
+        raise ValueError(
+            f"{option} {shown_address(text)!r} ends in white space (a quoted value, a flags file's line?): "
+            "remove it, it would be sent as part of the address"
+        )
     try:
         parts = urlsplit(text)
         parts.port  # noqa: B018 - raises on a port that is not a number in 0-65535
@@ -322,8 +332,48 @@ def _split_address(url: str) -> tuple[str, str, str]:
     return f"{scheme}{sep}", netloc, rest[len(netloc) :]
 
 
-Secret = Annotated[SecretStr, BeforeValidator(resolve_secret)]
-"""A credential: accepts a literal, ``env:NAME`` or ``file:/path``; printed as ``**********``."""
+_UNEXPANDED = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+"""``${NAME}``: kubernetes-event-exporter expands it in its whole config file, so a migrated config
+holds its credentials so; here nothing expands it (``env:NAME`` does)."""
+
+
+def unexpanded_reference(text: str) -> str | None:
+    """Why a credential written as ``text`` (a literal) is surely not the one meant: it holds a
+    ``${NAME}`` nobody expands here (the text itself was sent: 401 for ever, the operator sent to
+    check a password that is right in the environment). None when it holds none. Names the
+    variable, never the rest of the value."""
+    found = _UNEXPANDED.search(text)
+    if found is None:
+        return None
+    return (
+        f"holds ${{{found.group(1)}}}, a shell or kubernetes-event-exporter variable reference, which "
+        f"is not expanded here: write env:{found.group(1)} (an environment variable holding the whole value)"
+    )
+
+
+def secret_input(value: Any, info: ValidationInfo) -> Any:
+    """``resolve_secret``, and a literal that is empty or all white space (a YAML ``secret: ""``, a
+    Helm value left blank, ``bearer_token=``) or holds an unexpanded ``${NAME}`` refused as an empty
+    ``env:``/``file:`` one is: Loki sent ``Bearer `` and was refused for ever, DingTalk signed with
+    an empty key. A basic-auth user without a password is written by leaving ``password`` out (the
+    HTTP sinks then send the empty password), so an empty ``password=`` is refused too: one way to
+    say it, and a blank Helm value is never taken for it."""
+    if isinstance(value, str) and not value.startswith(("env:", "file:")):
+        if not value.strip():
+            leave = (
+                "leave it out for a user without a password"
+                if info.field_name == "password"
+                else "leave the option out to have none"
+            )
+            raise ValueError(f"empty (or only white space): a credential is never empty; {leave}")
+        if problem := unexpanded_reference(value):
+            raise ValueError(problem)
+    return resolve_secret(value)
+
+
+Secret = Annotated[SecretStr, BeforeValidator(secret_input)]
+"""A credential: accepts a literal, ``env:NAME`` or ``file:/path``; printed as ``**********``. Never
+empty, never an unexpanded ``${NAME}``."""
 
 
 def safe_name(name: str) -> str:
@@ -331,9 +381,19 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "_"
 
 
+MAX_NAME_CHARS = 200
+"""Longest sink name: it names files in the data dir (``checkpoints/<name>.snapshot.tmp``, a replay's
+``<input>.refused-<name>.jsonl``), which a file system takes up to 255 bytes."""
+
+
 def _instance_name(value: str | None) -> str | None:
     if value in (".", ".."):
         raise ValueError(f"{value!r} cannot name a sink: the name is a folder name in the data dir")
+    if value is not None and len(value) > MAX_NAME_CHARS:
+        # Valid for `check`, it ended `run` with a traceback (File name too long) at the checkpoint.
+        raise ValueError(
+            f"a name of {len(value)} characters; at most {MAX_NAME_CHARS}: it names files in the data dir"
+        )
     return value
 
 
@@ -403,6 +463,11 @@ _KIND_SEPARATOR = re.compile(r"[\s;]")
 # names on lines) is a separator typed for a comma. `;` stays refused: no reason or component the
 # review of item 235 found holds one, a list typed `A;B` is the likelier meaning, and `?` matches one.
 _NAME_SEPARATOR = re.compile(r"[^\S ]|;")
+
+_POSIX_CLASS = re.compile(
+    r"\[:(alnum|alpha|ascii|blank|cntrl|digit|graph|lower|print|punct|space|upper|word|xdigit):\]"
+)
+"""A POSIX class (``[:digit:]``), only ever meant inside a set: ``[[:digit:]]``."""
 
 QUERY_PLUS_FIELDS = "query_plus_fields"
 """Validation context key (``FilterOptions.model_validate(..., context=...)``): the filter fields
@@ -501,6 +566,28 @@ def _near_miss(value: str, known: str) -> bool:
 
 _KNOWN_TYPES = ("Normal", "Warning")
 
+_TYPE_SYNTAX = re.compile(rf"{_REGEX_SYNTAX.pattern}|[*?\[\]]|\.\*")
+"""What no event type holds: regular-expression syntax (kubernetes-event-exporter's and kube-eventer's
+``type`` rules are regexps) and glob characters (types are exact names, unlike the other lists)."""
+
+
+def _type_problem(value: str) -> str | None:
+    """Why ``value`` can be no event type, or None. ``Warning|Normal``, ``^Warning$`` or ``Warn*``
+    were kept with a warning and matched nothing: the sink went quiet, every occurrence counted
+    only as filtered (the migration guide promised exit 2, as for the other lists)."""
+    if _TYPE_SYNTAX.search(value):
+        # The types its words start (`^Warning$`, `Warn*`, `W.*`, `Warning|Normal`), as the advice.
+        words = re.findall(r"[a-z]+", value.lower())
+        names = [n for n in _KNOWN_TYPES if any(n.lower().startswith(w) for w in words)]
+        advice = f"types={','.join(names)}" if names else "types=Warning or types=Normal"
+        return (
+            f"{value!r} reads as a regular expression or a glob, which types does not take: event types "
+            f"are names (Normal, Warning), matched whole; write {advice} (several as types=A,B or a YAML list)"
+        )
+    if _KIND_SEPARATOR.search(value):
+        return f"{value!r} holds a space or ';', which no event type does: list several as types=A,B or as a YAML list"
+    return None
+
 
 class FilterOptions(_Strict):
     """Which occurrences a sink receives. Empty lists, and an empty message or exclude_message, mean
@@ -561,6 +648,8 @@ class FilterOptions(_Strict):
         # on an alert robot it replaced the Warning default, so the channel went quiet.
         known = {t.lower(): t for t in _KNOWN_TYPES}
         for t in value:
+            if problem := _type_problem(t):
+                raise ValueError(problem)
             close = next((k for k in known if _near_miss(t.lower(), k)), None)
             if close is not None:
                 raise ValueError(
@@ -653,10 +742,25 @@ class FilterOptions(_Strict):
             # left blank (`exclude_message: ""`) dropped everything, counted only as filtered.
             return None
         if value is not None:
+            if _POSIX_CLASS.search(value):
+                # Go RE2's (kube-eventer's, kubernetes-event-exporter's): Python reads `[[:digit:]]` as
+                # the set `[[:digt]` then `]`, which matches "exit code d]" and not "exit code 1".
+                raise ValueError(
+                    f"{value!r} holds a POSIX class such as [[:digit:]], which Python's regular expressions "
+                    "do not take: write [0-9] or \\d, [a-zA-Z], \\s, \\w"
+                )
             try:
-                re.compile(value)
+                with warnings.catch_warnings(action="error", category=FutureWarning):
+                    re.compile(value)
             except re.error as exc:
                 raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+            except FutureWarning as exc:
+                # "Possible nested set", "Possible set difference": syntax of another engine, read
+                # otherwise here (and printed raw on stderr with a source path).
+                raise ValueError(
+                    f"regular expression {value!r}: {exc} (another engine's syntax? escape a [ or a "
+                    "doubled - & ~ | inside [...] with a backslash)"
+                ) from None
         return value
 
 

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from eventrouter.options import SinkOptions
+from eventrouter.options import COMMON_KEYS, SinkOptions, field_names
 from eventrouter.sink import Sink, contract_faults
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,16 @@ log = logging.getLogger(__name__)
 BUILTIN = "eventrouter"
 """The distribution whose sinks no other package can replace under their names."""
 
-__all__ = ["GROUP", "PluginError", "SinkPlugin", "class_faults", "discover", "load"]
+__all__ = [
+    "GROUP",
+    "RESERVED",
+    "PluginError",
+    "SinkPlugin",
+    "class_faults",
+    "discover",
+    "load",
+    "reserved_faults",
+]
 
 GROUP = "eventrouter.sinks"
 
@@ -58,7 +67,7 @@ class SinkPlugin:
                 f"sink {self.name!r} from {self.distribution} {self.version}: its options_model is "
                 f"{model!r}, not an eventrouter.options.SinkOptions subclass"
             )
-        if faults := contract_faults(obj):
+        if faults := contract_faults(obj) + reserved_faults(model):
             # A plain `def send` delivered its batch on every try while the engine retried it for ever.
             raise PluginError(
                 f"sink {self.name!r} from {self.distribution} {self.version} ({self.value}): "
@@ -76,7 +85,19 @@ def class_faults(obj: object) -> list[str]:
     model = getattr(obj, "options_model", None)
     if not (isinstance(model, type) and issubclass(model, SinkOptions)):
         return [f"its options_model is {model!r}, not an eventrouter.options.SinkOptions subclass"]
-    return contract_faults(obj)
+    return contract_faults(obj) + reserved_faults(model)
+
+
+RESERVED = COMMON_KEYS | {"type"}
+"""Option names a sink may not define: the engine's filter and pipeline keys, and ``type`` (a YAML
+entry's sink type; refused in a --sink query), which no one could ever set."""
+
+
+def reserved_faults(model: type[SinkOptions]) -> list[str]:
+    """The reserved names ``model`` defines (``url`` and ``include_raw`` are the base model's own),
+    as a fault: one was never set (the engine took the key), or `type` always kept its default."""
+    clash = (field_names(model) - {"url", "include_raw"}) & RESERVED
+    return [f"defines reserved option names {sorted(clash)}"] if clash else []
 
 
 def discover() -> dict[str, SinkPlugin]:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, SecretStr
 
-from eventrouter.options import Secret, resolve_secret
+from eventrouter.options import resolve_secret, unexpanded_reference
 
 __all__ = ["HEADERS_HELP", "Headers", "check_headers", "headers_input"]
 
@@ -81,7 +81,19 @@ def _shown_key(n: int, key: str) -> str:
     return f"<key #{n} {key[: cut.start()]}{cut.group(0)}… (the rest not shown) is not a header name{hint}>"
 
 
-Headers = Annotated[dict[str, Secret], BeforeValidator(headers_input)]
+def header_value(value: Any) -> Any:
+    """A header's value as ``Secret`` reads it, but an empty one is kept (a header may be empty and is
+    no credential by itself); one holding an unexpanded ``${NAME}`` (a kubernetes-event-exporter
+    config moved over as written) is refused: its text was sent as the credential."""
+    literal = isinstance(value, str) and not value.startswith(("env:", "file:"))
+    if literal and (problem := unexpanded_reference(value)):
+        raise ValueError(problem)
+    return resolve_secret(value)
+
+
+Headers = Annotated[
+    dict[str, Annotated[SecretStr, BeforeValidator(header_value)]], BeforeValidator(headers_input)
+]
 """The ``headers`` option: header name → value (a credential, read from env:/file: when so given)."""
 
 

@@ -221,10 +221,15 @@ class ElasticsearchOptions(SinkOptions):
                 "username and password once (or credentials in one URL only)"
             )
         if found:
+            if any(k in data for k in ("username", "esUserName", "password", "esUserSecret")):
+                # The options won and the url's pair was dropped without a word.
+                raise ValueError(
+                    "username/password and user info in a node URL give basic auth twice: set one of them"
+                )
             ((user, password),) = found
-            if user and not any(k in data for k in ("username", "esUserName")):
+            if user:
                 data["username"] = user
-            if password and not any(k in data for k in ("password", "esUserSecret")):
+            if password:
                 data["password"] = password
         return data
 

@@ -502,6 +502,20 @@ class LokiOptions(SinkOptions):
         check_headers(value, reserved=("content-type", "content-encoding", "content-length"))
         return value
 
+    def _headers_replace_nothing(self, url_user: bool) -> None:
+        """A ``headers`` entry is set after the sink's own (any letter case): an ``X-Scope-OrgID`` one
+        sent every entry to its tenant, not to ``tenant``'s (or, in another case, added a second line
+        Loki ignores); an ``Authorization`` one replaced the credentials (401 for ever). Named by
+        option, never by value, as the webhook does."""
+        given = {name.lower() for name in self.headers}
+        if "x-scope-orgid" in given and self.tenant:
+            raise ValueError("headers: an X-Scope-OrgID header would replace tenant: set one of them")
+        auth = "bearer_token" if self.bearer_token is not None else "basic auth"
+        if "authorization" in given and (
+            self.bearer_token is not None or self.username is not None or url_user
+        ):
+            raise ValueError(f"headers: an Authorization header would replace {auth}: set one of them")
+
     @field_validator("tenant")
     @classmethod
     def _check_tenant(cls, value: str | None) -> str | None:
@@ -538,10 +552,16 @@ class LokiOptions(SinkOptions):
         parts = urlsplit(self.url)
         if self.gzip and self.format != "json":
             raise ValueError("gzip=true needs format=json (protobuf bodies are already snappy-compressed)")
+        if (self.username is not None or self.password is not None) and parts.username is not None:
+            # The options won and the url's pair was dropped without a word.
+            raise ValueError(
+                "username/password and user info in the url give basic auth twice: set one of them"
+            )
         if self.password is not None and self.username is None:
             raise ValueError("password needs username")
         if self.bearer_token is not None and (self.username is not None or parts.username):
             raise ValueError("use either username/password or bearer_token, not both")
+        self._headers_replace_nothing(parts.username is not None)
         for name, template in self.labels.items():
             for kind, path in parse_template(template):
                 if (

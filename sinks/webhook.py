@@ -401,7 +401,15 @@ class WebhookOptions(SinkOptions):
             raise ValueError("username must not contain ':'")
         # User info with an empty name (``https://:API_KEY@host``, a key as the password) is basic
         # auth too: ``_configure`` sends it whenever the URL has user info.
-        basic = self.username is not None or urlsplit(self.url).username is not None
+        url_user = urlsplit(self.url).username is not None
+        if url_user and (self.username is not None or self.password is not None):
+            # username/password won and the url's pair was dropped without a word.
+            raise ValueError(
+                "username/password and user info in the url give basic auth twice: set one of them"
+            )
+        if self.password is not None and self.username is None and not url_user:
+            raise ValueError("password needs username")  # it was never sent
+        basic = self.username is not None or url_user
         if self.bearer_token is not None and basic:
             raise ValueError(
                 "set bearer_token or basic auth (username/password or user info in the url), not both"
