@@ -22,11 +22,12 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import traceback
 import types
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import orjson
 from pydantic import BaseModel
@@ -41,7 +42,7 @@ from eventrouter.gc_tuning import tune_gc
 from eventrouter.leader import LEASE_DURATION_MAX, check_timings
 from eventrouter.logs import setup_logging
 from eventrouter.metrics import DEAD_LETTER_REASONS, SINK_DROP_REASONS, Metrics
-from eventrouter.options import name_matches, safe_name
+from eventrouter.options import name_matches, redact_url, safe_name
 from eventrouter.plugins import PluginError, discover
 from eventrouter.record import MalformedEvent, Occurrence, normalise, occurrence_number
 from eventrouter.scrub import option_secrets, scrub
@@ -198,9 +199,51 @@ def _selection(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Its errors quote the arguments with a URL's user info, query values and token-like path
+    segments masked: an argument it refused (``--sinks=loki:http://…?password=…``, a sink's flag
+    with a typo, or an extraArgs item holding a non-breaking space) was printed whole, credential and
+    all, into the pod's log."""
+
+    _given: Sequence[str] = ()
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:
+        self._given = list(sys.argv[1:] if args is None else args)  # a subcommand's: its own part
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        super().error(_masked_args(message, self._given))
+
+
+_URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _masked_args(text: str, given: Sequence[str]) -> str:
+    """``text`` with each argument in ``given`` (and an option's ``=value``) as ``_masked_arg`` shows it."""
+    quoted = set(given) | {arg.partition("=")[2] for arg in given if arg.startswith("-")}
+    for arg in sorted(quoted, key=len, reverse=True):
+        if arg and (masked := _masked_arg(arg)) != arg:
+            text = text.replace(repr(arg), repr(masked)).replace(arg, masked)
+    return text
+
+
+def _masked_arg(arg: str) -> str:
+    """An argument as an error may quote it: a URL in it as ``redact_url`` shows one (also past a raw
+    ``/`` or ``?`` in a password, where urlsplit ends the user info), a ``TYPE:?key=value``'s values."""
+    if found := _URL_START.search(arg):
+        scheme, _, rest = arg[found.start() :].partition("://")
+        if "@" in rest:
+            rest = "***@" + rest.rpartition("@")[2]
+        return arg[: found.start()] + redact_url(f"{scheme}://{rest}")
+    head, sep, query = arg.partition("?")
+    return head + redact_url(f"//?{query}") if sep else arg
+
+
 def _parser() -> argparse.ArgumentParser:
     # Not from __doc__: `python -OO` (or PYTHONOPTIMIZE=2) strips docstrings.
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="eventrouter", description="Route every Kubernetes Event occurrence to pluggable sinks."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -713,9 +756,13 @@ async def _check(args: argparse.Namespace) -> int:
         sink = spec.build(context)
         # What the sink keeps, the defaults named: a filter keeping little is seen before it runs.
         shown = spec.describe() + (f"  filter: {kept}" if (kept := spec.filter_text()) else "")
-        why = None if args.offline else await _checked(spec, sink)
-        # After the close: one that does not end fails the check too (a router's stop waits for it).
-        unclosed = await _close_checked(spec, sink)
+        try:
+            why = None if args.offline else await _checked(spec, sink)
+        finally:
+            # Also at a Ctrl-C (the check cancelled): an HTTP client's session left open was an
+            # asyncio ERROR at exit, a producer's connection never closed. After the close: one that
+            # does not end fails the check too (a router's stop waits for it).
+            unclosed = await _close_checked(spec, sink)
         why = why or unclosed
         if why is not None:
             failed += 1
@@ -725,13 +772,18 @@ async def _check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+class _TimedOut(Exception):
+    """A sink's call did not end within its bound: ``_bounded``'s own, not a TimeoutError the call
+    raised (a client's connect timeout, at once), which is the sink's answer with its own text."""
+
+
 class _Overran(Exception):
     """A sink's call went on after its cancellation (it swallows it): left running; the command ends
     without it (``_run_async``)."""
 
 
 async def _bounded(call: Coroutine[Any, Any, Any], seconds: float, name: str) -> None:
-    """Await a sink's ``call`` for ``seconds`` (TimeoutError after), in a task of its own: awaited
+    """Await a sink's ``call`` for ``seconds`` (``_TimedOut`` after), in a task of its own: awaited
     within ``asyncio.timeout``, a check() that swallows its cancellation held `check` for ever.
     ``_Overran`` when it goes on ``CUT_OFF_GRACE`` s (at most; as a send) after its cancellation."""
     task = asyncio.create_task(_outcome(call), name=name)
@@ -747,7 +799,7 @@ async def _bounded(call: Coroutine[Any, Any, Any], seconds: float, name: str) ->
                 )
             with contextlib.suppress(BaseException):
                 task.exception()  # whatever it made of its cancellation: it ran out of time
-            raise TimeoutError
+            raise _TimedOut
     except asyncio.CancelledError:
         task.cancel()  # Ctrl-C: not left running unawaited
         raise
@@ -777,7 +829,7 @@ async def _checked(spec: SinkSpec, sink: Sink[Any]) -> str | None:
         if cancelled_now():
             raise
         return f"check() {STRAY_CANCEL}"  # let out by the sink: a traceback named no sink before
-    except TimeoutError:
+    except _TimedOut:
         return f"check() did not finish within send_timeout {timeout:g}s"
     except _Overran as exc:
         return f"check() did not finish within send_timeout {timeout:g}s, and {exc}"
@@ -786,6 +838,8 @@ async def _checked(spec: SinkSpec, sink: Sink[Any]) -> str | None:
         if raised_by_signal(exc):
             raise
         said = _text(exc) or type(exc).__name__
+        if isinstance(exc, TimeoutError) and not _text(exc):  # the sink's own bound, shorter than ours
+            said = f"check() timed out (a TimeoutError of the sink's own, within send_timeout {timeout:g}s)"
         if not isinstance(exc, Exception):
             said = f"{type(exc).__name__}: {said}"
         # The text a plugin's library made may quote the sink's secrets (a token in a URL).
@@ -810,7 +864,7 @@ async def _close_checked(spec: SinkSpec, sink: Sink[Any]) -> str | None:
     except asyncio.CancelledError:
         if cancelled_now():
             raise
-    except TimeoutError:
+    except _TimedOut:  # a TimeoutError of the close's own ended it: no failure of the check
         return f"aclose() did not finish within send_timeout {timeout:g}s"
     except _Overran as exc:
         return f"aclose() did not finish within send_timeout {timeout:g}s, and {exc}"
@@ -1609,7 +1663,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 SETTLE_SECONDS = 1.0
-"""How long the end of a command waits for the tasks still running once it cancelled them."""
+"""How long the end of a command waits for the tasks still running once it cancelled them, and for
+the threads of ``asyncio.to_thread`` before it says that it waits for them."""
 
 
 def _run_async(command: Coroutine[Any, Any, int]) -> int:
@@ -1633,22 +1688,59 @@ def _run_async(command: Coroutine[Any, Any, int]) -> int:
     except KeyboardInterrupt:
         code = 130
     finally:
+        wait = _ExitWait(code, sys.exc_info()[1])
+        with wait.ended_by_ctrl_c():
+            wait.run(runner)
+        runner.close()
+    return code
+
+
+@dataclasses.dataclass
+class _ExitWait:
+    """The end of a command: what it left running is given a bounded time to end, then left."""
+
+    code: int
+    error: BaseException | None  # an unexpected one on its way out, printed if the exit cuts it
+    waiting_for: tuple[str, str] = ("the tasks it cancelled", "had not ended yet")
+
+    def run(self, runner: asyncio.Runner) -> None:
         left = runner.run(_settle(SETTLE_SECONDS))
         if left:
-            _exit_without(
+            self.exit(
                 "a task" if len(left) == 1 else f"{len(left)} tasks",
                 "did not end when cancelled: "
                 + "; ".join(f"{task.get_name()} ({_waiting_in(task)})" for task in left),
-                code,
             )
+        self.waiting_for = ("the threads of asyncio.to_thread", "still run a blocking call (a sink's)")
         if not runner.run(_threads_ended(CUT_OFF_GRACE)):
-            _exit_without(
+            self.exit(
                 "the threads of asyncio.to_thread",
                 "still run a blocking call (a sink's, whose task was given up)",
-                code,
             )
-        runner.close()
-    return code
+
+    def exit(self, what: str, why: str, code: int | None = None) -> None:
+        _exit_without(what, why, self.code if code is None else code, self.error)
+
+    @contextlib.contextmanager
+    def ended_by_ctrl_c(self) -> Iterator[None]:
+        """A Ctrl-C during the wait ends the process at once (130), naming what it leaves. Without
+        this, each ``runner.run`` put back the Runner's SIGINT handler: a second Ctrl-C raised
+        KeyboardInterrupt out of the wait, past the exit above, and the interpreter's own exit then
+        joined the executor's thread still in a sink's call (hung, two tracebacks)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals reach the main thread only
+            return
+
+        def ctrl_c(signum: int, frame: types.FrameType | None) -> None:
+            what, why = self.waiting_for
+            self.exit(what, f"{why}: Ctrl-C ended the wait", 130)
+
+        before = signal.signal(signal.SIGINT, ctrl_c)
+        try:
+            yield
+        finally:
+            if before is not None:  # None: not set from Python, and not to be put back from it
+                signal.signal(signal.SIGINT, before)
 
 
 async def _settle(seconds: float) -> list[asyncio.Task[Any]]:
@@ -1663,16 +1755,25 @@ async def _settle(seconds: float) -> list[asyncio.Task[Any]]:
 
 
 async def _threads_ended(seconds: float) -> bool:
-    """Whether the default executor's threads end within ``seconds`` (``asyncio.run`` joins them)."""
+    """Whether the default executor's threads end within ``seconds`` (``asyncio.run`` joins them),
+    saying so when one still runs ``SETTLE_SECONDS`` in (an idle thread ends at once)."""
     shutdown = asyncio.ensure_future(asyncio.get_running_loop().shutdown_default_executor())
-    done, _ = await asyncio.wait({shutdown}, timeout=seconds)
+    first = min(SETTLE_SECONDS, seconds)
+    done, _ = await asyncio.wait({shutdown}, timeout=first)
+    if not done:
+        log.warning(
+            "waiting up to %gs more for the threads of asyncio.to_thread, which still run a blocking "
+            "call (a sink's, whose task was given up); Ctrl-C exits now",
+            seconds - first,
+        )
+        done, _ = await asyncio.wait({shutdown}, timeout=seconds - first)
     return bool(done)
 
 
-def _exit_without(what: str, why: str, code: int) -> None:
+def _exit_without(what: str, why: str, code: int, error: BaseException | None = None) -> None:
     """End the process now with ``code``, saying in the log what it does not wait for and why."""
-    if sys.exc_info()[0] is not None:
-        traceback.print_exc()  # the error on its way out, which os._exit would not print
+    if error is not None:
+        traceback.print_exception(error)  # the error on its way out, which os._exit would not print
     log.error("exiting (code %d) without waiting for %s, which %s", code, what, why)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

@@ -13,11 +13,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from eventrouter.cli import main
+from eventrouter.testing.receivers.silent import SilentServer
 from eventrouter.testing.waiting import until
 
 DATA = Path(__file__).resolve().parents[1] / "eventrouter" / "testing" / "data"
@@ -107,6 +110,7 @@ class ThreadCheck(Sink[SinkOptions]):
     options_model = SinkOptions
 
     async def check(self):
+        Path(os.environ["S33_CHECKING"]).touch()
         await asyncio.to_thread(time.sleep, 3600)  # a synchronous client without a timeout
 
     async def send(self, batch):
@@ -136,6 +140,48 @@ class SwallowingClose(Sink[SinkOptions]):
         return None
 
 
+class TimeoutOptions(SinkOptions):
+    text: str = ""
+
+
+class TimeoutCheck(Sink[TimeoutOptions]):
+    """check() fails at once with its client's own TimeoutError (a connect timeout)."""
+
+    options_model = TimeoutOptions
+
+    async def check(self):
+        raise TimeoutError(self.options.text) if self.options.text else TimeoutError()
+
+    async def send(self, batch):
+        return None
+
+
+class TimeoutClose(Sink[SinkOptions]):
+    """aclose() fails at once with a TimeoutError of its own (a producer's flush with its bound)."""
+
+    options_model = SinkOptions
+
+    async def aclose(self):
+        raise TimeoutError("producer flush timed out after 1s")
+
+    async def send(self, batch):
+        return None
+
+
+class ClosedAfterCheck(Sink[SinkOptions]):
+    options_model = SinkOptions
+
+    async def check(self):
+        Path(os.environ["S33_CHECKING"]).touch()
+        await asyncio.Event().wait()  # an endpoint that never answers; cancellable
+
+    async def aclose(self):
+        Path(os.environ["S33_CLOSED"]).touch()
+
+    async def send(self, batch):
+        return None
+
+
 class SwallowingSend(Sink[SinkOptions]):
     options_model = SinkOptions
 
@@ -153,6 +199,9 @@ _ENTRY_POINTS = {
     "exitingcheck": "ExitingCheck",
     "swallowingclose": "SwallowingClose",
     "swallowingsend": "SwallowingSend",
+    "timeoutcheck": "TimeoutCheck",
+    "timeoutclose": "TimeoutClose",
+    "closedaftercheck": "ClosedAfterCheck",
 }
 
 
@@ -166,7 +215,12 @@ def _install(tmp_path: Path) -> dict[str, str]:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: s33plugins\nVersion: 0.1\n")
     points = "".join(f"{name} = s33plugins:{cls}\n" for name, cls in _ENTRY_POINTS.items())
     (info / "entry_points.txt").write_text(f"[eventrouter.sinks]\n{points}")
-    return {"PYTHONPATH": str(folder), "S33_SENDING": str(tmp_path / "sending")}
+    return {
+        "PYTHONPATH": str(folder),
+        "S33_SENDING": str(tmp_path / "sending"),
+        "S33_CHECKING": str(tmp_path / "checking"),
+        "S33_CLOSED": str(tmp_path / "closed"),
+    }
 
 
 def _eventrouter(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -352,3 +406,157 @@ def test_replay_takes_si_and_sin_as_run_does(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert list(_summary(result)["sinks"]) == ["one", "two"]
     assert len(one.read_bytes().splitlines()) == len(two.read_bytes().splitlines()) == 126
+
+
+# ---- 5. item 272: a sink's own TimeoutError, Ctrl-C during `check`, an argument refused -----------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "said"),
+    [
+        (
+            "timeoutcheck:?text=connect to broker-1:9093 timed out after 2s",
+            "connect to broker-1:9093 timed out after 2s",
+        ),
+        ("timeoutcheck:", "check() timed out (a TimeoutError of the sink's own, within send_timeout 30s)"),
+    ],
+    ids=["with-text", "bare"],
+)
+def test_a_checks_own_timeout_error_is_its_failure_with_its_text_not_a_send_timeout_overrun(
+    tmp_path: Path, flag: str, said: str
+) -> None:
+    """Item 260 told any TimeoutError out of check() as its own bound's expiry: a client's connect
+    timeout, raised at once, was "did not finish within send_timeout 30s", and which broker was lost."""
+    result = _eventrouter("check", f"--sink={flag}", "--sink=stdout:", env=_install(tmp_path))
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == [
+        f"FAIL  timeoutcheck (timeoutcheck): {said}",
+        "ok    stdout (stdout)",
+    ]
+
+
+@pytest.mark.parametrize("offline", [[], ["--offline"]])
+def test_a_close_that_raises_its_own_timeout_error_does_not_fail_the_check(
+    tmp_path: Path, offline: list[str]
+) -> None:
+    """A close's failure is not the check's answer; item 260 made a TimeoutError of its own "aclose()
+    did not finish within send_timeout 30s": a valid configuration exited 1 (CI gates on it)."""
+    result = _eventrouter("check", *offline, "--sink=timeoutclose:", env=_install(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [f"{'valid' if offline else 'ok   '} timeoutclose (timeoutclose)"]
+
+
+async def _interrupted(
+    *args: str, env: dict[str, str], presses: Sequence[Callable[[list[str]], bool]]
+) -> tuple[int, str]:
+    """Run the CLI, send SIGINT as each of ``presses`` (given the stderr lines so far) comes true,
+    and return its exit code and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "eventrouter.cli",
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **env},
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+
+    async def read() -> None:
+        assert proc.stderr is not None
+        while line := await proc.stderr.readline():
+            lines.append(line.decode())
+
+    reading = asyncio.create_task(read())
+    try:
+        for ready in presses:
+            await until(lambda: ready(lines), timeout=60)  # noqa: B023 - awaited here, in its turn
+            proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(60):  # a bound for a hang, not a speed
+            await reading
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        reading.cancel()
+    assert proc.returncode is not None
+    return proc.returncode, "".join(lines)
+
+
+async def test_ctrl_c_during_check_still_closes_the_sink(tmp_path: Path) -> None:
+    """Item 260 dropped `check`'s try/finally: at a Ctrl-C the sink being checked was never closed."""
+    env = _install(tmp_path)
+    code, err = await _interrupted(
+        "check",
+        "--sink=closedaftercheck:?send_timeout=60",
+        env=env,
+        presses=[lambda _: (tmp_path / "checking").exists()],
+    )
+    assert code == 130, err
+    assert (tmp_path / "closed").exists(), err
+    assert "Traceback" not in err
+
+
+async def test_ctrl_c_during_a_webhook_check_leaves_no_client_session_open(tmp_path: Path) -> None:
+    """The symptom of the above with a built-in sink: "ERROR asyncio: Unclosed client session" at exit."""
+    async with SilentServer() as silent:
+        code, err = await _interrupted(
+            "check",
+            f"--sink=webhook:{silent.url}/hook?send_timeout=60",
+            env={},
+            presses=[lambda _: bool(silent.requests)],
+        )
+    assert code == 130, err
+    assert "Unclosed" not in err and "Traceback" not in err
+
+
+async def test_a_second_ctrl_c_while_the_exit_waits_for_a_thread_ends_the_process_at_once(
+    tmp_path: Path,
+) -> None:
+    """After a first Ctrl-C, the exit gives a thread of asyncio.to_thread (a sink's blocking call) 5 s.
+    A second Ctrl-C in them raised KeyboardInterrupt out of that wait, and the interpreter's exit then
+    joined the thread: the process hung (here for an hour) and printed two tracebacks. Now the wait
+    says so, and a Ctrl-C during it exits 130 with one line naming what it leaves."""
+    waiting = "which still run a blocking call (a sink's, whose task was given up); Ctrl-C exits now"
+    code, err = await _interrupted(
+        "check",
+        "--sink=threadcheck:?send_timeout=60",
+        env=_install(tmp_path),
+        presses=[
+            lambda _: (tmp_path / "checking").exists(),  # in the thread
+            lambda lines: any(waiting in line for line in lines),  # the exit waits for it
+        ],
+    )
+    assert code == 130, err
+    said = (
+        "ERROR   eventrouter: exiting (code 130) without waiting for the threads of asyncio.to_thread, which "
+        "still run a blocking call (a sink's): Ctrl-C ended the wait"
+    )
+    assert err.count("exiting (code 130)") == 1 and said in err, err
+    assert "Traceback" not in err and "Exception ignored" not in err
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "--sinks=loki:http://loki:3100?password={}",
+        " --sink=loki:http://u:{}@loki:3100",
+        "--sink\u00a0webhook:https://h/k?header=Authorization:Bearer {}",
+        "--sink-stdout:?token={}",
+        "--s=loki:http://loki:3100?password={}",
+    ],
+    ids=["typo", "space-before", "non-breaking-space", "dash", "ambiguous"],
+)
+def test_an_argument_the_router_refuses_is_quoted_without_its_credentials(
+    arg: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argparse's `unrecognized arguments: …` (or `ambiguous option: …`) quoted the argument whole:
+    a sink's flag with a typo, or an extraArgs item the chart let through, put its password in the log."""
+    with pytest.raises(SystemExit) as exited:
+        main(["run", arg.format(TOKEN)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "eventrouter" in err and TOKEN not in err
+    assert "=***" in err or "***@" in err, err

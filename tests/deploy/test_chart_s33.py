@@ -129,3 +129,53 @@ def test_names_that_only_contain_a_credential_word_still_render(chart: helm.Char
     reference = {"secretKeyRef": {"name": "sls", "key": "secret"}}
     env.append({"name": "AccessKeySecret", "valueFrom": reference})
     assert _env(chart, {"sinks": {"flags": [SLS_FLAG]}, "extraEnv": env})[-len(env) :] == env
+
+
+# Item 272: item 260's check caught `--sink VALUE` parted by an ASCII space only. Any other item the
+# router refuses (a non-breaking or other Unicode space, a space before the flag, a typo of it) rendered
+# its literal credential into the pod spec, and the router printed it whole in its exit-2 error.
+REFUSED_ITEMS = {
+    "nbsp": f"--sink\u00a0loki:http://loki:3100?password={SECRET_VALUE}",
+    "em-space": f"--sink\u2003loki:http://loki:3100?password={SECRET_VALUE}",
+    "ideographic-space": f"--sin\u3000loki:http://loki:3100?token={SECRET_VALUE}",
+    "space-before": f" --sink=loki:http://loki:3100?password={SECRET_VALUE}",
+    "nbsp-before": f"\u00a0--sink=loki:http://u:{SECRET_VALUE}@loki:3100",
+    "sinks": f"--sinks=loki:http://loki:3100?password={SECRET_VALUE}",
+    "sink-dash": f"--sink-loki:http://loki:3100?password={SECRET_VALUE}",
+    "user-info": f"--sinks=loki:http://u:{SECRET_VALUE}@loki:3100",
+    "header": f"--snk=webhook:https://h/k8s?header=Authorization:Bearer%20{SECRET_VALUE}",
+}
+
+
+@pytest.mark.parametrize("item", REFUSED_ITEMS.values(), ids=REFUSED_ITEMS.keys())
+def test_any_extra_arg_holding_a_credential_is_refused_without_printing_it(
+    chart: helm.Chart, item: str
+) -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"extraArgs\[1\]: .*(env:VAR_NAME|user info)") as refused:
+        _args(chart, {"extraArgs": ["--watch-timeout=290", item]})
+    assert SECRET_VALUE not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "item",
+    ["--sink\u00a0stdout:?level=Warning", " --sink=stdout:", "\u2003--si stdout:"],
+    ids=["nbsp", "space-before", "em-space-before"],
+)
+def test_a_sink_arg_with_any_space_in_it_is_refused_saying_how_to_write_it(
+    chart: helm.Chart, item: str
+) -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"extraArgs\[0\]: a --sink and its value in one item"):
+        _args(chart, {"extraArgs": [item]})
+
+
+def test_extra_args_without_credentials_still_render(chart: helm.Chart) -> None:
+    given = [
+        "--watch-timeout=290",
+        "--field-selector=type=Warning",
+        "--sink",
+        "webhook:https://h/k8s?header=Authorization:env:HOOK_TOKEN&level=Warning",
+        "--sink=stdout:?level=Warning",
+        "--log-format",
+        "json",
+    ]
+    assert _args(chart, {"extraArgs": given})[-len(given) :] == given

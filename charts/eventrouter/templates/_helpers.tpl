@@ -367,11 +367,20 @@ mount inside it, and the container could not start), nor lie inside the read-onl
 {{- include "eventrouter.checkFlag" (list (printf "extraArgs[%d]" $i) (regexReplaceAll `^--si(n|nk)?=` $arg "") $names) -}}
 {{- else if and (regexMatch `^--si(n|nk)?$` $arg) (lt (add1 $i) (len $v.extraArgs)) -}}
 {{- include "eventrouter.checkFlag" (list (printf "extraArgs[%d]" (add1 $i)) (index $v.extraArgs (add1 $i)) $names) -}}
-{{- else if regexMatch `^--si(n|nk)?\s` $arg -}}
-{{- /* One item "--sink VALUE" is one argument to the router, no --sink: it refuses it at start and
-       prints it whole, credentials and all; the check above skipped it. */ -}}
-{{- include "eventrouter.checkFlag" (list (printf "extraArgs[%d]" $i) (regexReplaceAll `^--si(n|nk)?\s+` $arg "") $names) -}}
-{{- fail (printf "extraArgs[%d]: a --sink and its value in one item, parted by a space, reach the router as one argument, which is no option: it refuses it at start (exit 2) and prints it whole; write --sink=VALUE, or --sink and the value as two items" $i) -}}
+{{- else if regexMatch `^[\s\p{Z}]*--si(n|nk)?([\s\p{Z}]|=)` $arg -}}
+{{- /* One item "--sink VALUE" (any space: Go's \s is ASCII, a non-breaking one is not) or " --sink=…"
+       is one argument to the router, no --sink: it refuses it at start (exit 2) and prints it whole,
+       credentials and all; the check above skipped it. */ -}}
+{{- include "eventrouter.checkFlag" (list (printf "extraArgs[%d]" $i) (regexReplaceAll `^[\s\p{Z}]*--si(n|nk)?[\s\p{Z}=]+` $arg "") $names) -}}
+{{- fail (printf "extraArgs[%d]: a --sink and its value in one item, parted by a space (also a non-breaking one) or after one, reach the router as one argument, which is no option: it refuses it at start (exit 2); write --sink=VALUE, or --sink and the value as two items" $i) -}}
+{{- else -}}
+{{- /* Any other item (--sinks=…, --sink-…, a value after another flag) with a URL's user info or a
+       credential in a query: the router refuses what it does not take and prints it (masked), but
+       the pod spec holds the literal. */ -}}
+{{- include "eventrouter.checkUserInfo" (list (printf "extraArgs[%d]" $i) "the item" $arg) -}}
+{{- if contains "?" $arg -}}
+{{- include "eventrouter.checkQuery" (list (printf "extraArgs[%d]" $i) (index (splitn "?" 2 $arg) "_1") $names) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- /* An extraEnv literal is as readable in the pod spec: refused for a variable an env: reference
