@@ -340,14 +340,14 @@ holds its credentials so; here nothing expands it (``env:NAME`` does)."""
 def unexpanded_reference(text: str) -> str | None:
     """Why a credential written as ``text`` (a literal) is surely not the one meant: it holds a
     ``${NAME}`` nobody expands here (the text itself was sent: 401 for ever, the operator sent to
-    check a password that is right in the environment). None when it holds none. Names the
-    variable, never the rest of the value."""
-    found = _UNEXPANDED.search(text)
-    if found is None:
+    check a password that is right in the environment). None when it holds none. Quotes no part of
+    the value: a real password holding ``${…}`` would be shown in part."""
+    if _UNEXPANDED.search(text) is None:
         return None
     return (
-        f"holds ${{{found.group(1)}}}, a shell or kubernetes-event-exporter variable reference, which "
-        f"is not expanded here: write env:{found.group(1)} (an environment variable holding the whole value)"
+        "holds a ${…} reference (a shell or kubernetes-event-exporter variable), which is not expanded "
+        "here: write env:NAME for an environment variable holding the whole value; a value that really "
+        "holds ${ is given through env: or file:"
     )
 
 
@@ -465,6 +465,7 @@ _KIND_SEPARATOR = re.compile(r"[\s;]")
 _NAME_SEPARATOR = re.compile(r"[^\S ]|;")
 
 _POSIX_CLASS = re.compile(
+    r"(?:^|[^\\])(?:\\\\)*"  # a `[` not escaped (`\[:alpha:]` matches that text and is fine)
     r"\[:(alnum|alpha|ascii|blank|cntrl|digit|graph|lower|print|punct|space|upper|word|xdigit):\]"
 )
 """A POSIX class (``[:digit:]``), only ever meant inside a set: ``[[:digit:]]``."""

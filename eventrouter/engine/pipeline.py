@@ -1323,7 +1323,7 @@ class Pipeline:
         dues = iter(dues)  # shared by the reads: each record brought back takes the next
         aside = self._deferred
         before = len(aside)
-        while room > 0 and (left := self._aside_bytes_max - self._aside.bytes) > 0:
+        while room > 0 and (left := self._unpark_room()) > 0:
             # Again while those read were copies (skipped) or went behind their event's (parked again).
             count = self._unpark(room, dues, _lines_within(left))
             if not count and len(aside) == before:
@@ -1332,6 +1332,13 @@ class Pipeline:
             if not count:
                 return
             room -= count
+
+    def _unpark_room(self) -> int:
+        """Bytes parked records may bring back: the room left in the share of items set aside, and in
+        the whole bound beside the queue (a refill had filled the queue to the bound less the share's
+        use, and records unparked on top went up to a whole share past it)."""
+        held = self._queue_bytes + self._overflow_bytes + self._aside.bytes
+        return min(self._aside_bytes_max - self._aside.bytes, self.queue_max_bytes - held)
 
     def _unpark(self, count: int, dues: Iterable[float], max_bytes: int | None = None) -> int:
         """Bring ``count`` parked records back among the items set aside in memory, due at ``dues``
