@@ -1408,9 +1408,15 @@ class Router:
         unknown = total - sent - older - gone
         if unknown > 0:
             why = [] if knows else ["the watch had not completed its list"]
-            if knows and unknown > unreadable:
+            # Not given by the scan: in segments it could not read (named in an ERROR), or past its time.
+            segments, held = spool.scan_failed()
+            failed = min(held, unknown - unreadable) if knows else 0
+            if failed:
+                why.append(f"{failed} in {segments} segments that could not be read (see the ERROR above)")
+            if knows and unknown > unreadable + failed:
                 why.append(
-                    f"{unknown - unreadable} not read: a stop reads the spools for {STOP_SCAN_SECONDS:g}s at most"
+                    f"{unknown - unreadable - failed} not read: a stop reads the spools for "
+                    f"{STOP_SCAN_SECONDS:g}s at most"
                 )
             if unreadable:
                 why.append(f"{unreadable} not readable")

@@ -243,7 +243,7 @@ class Fanout:
         for pipeline in self.pipelines:
             pipeline.listed()  # nothing listed before can be offered as new again
         if not self.scoped:
-            for pipeline in self.pipelines:
+            for pipeline in self._prune_tables(live):
                 pipeline.prune(live)
             self.save_unseen()  # empty: clears what a scoped run before this one kept
             return
@@ -251,6 +251,27 @@ class Fanout:
         self._note_unseen(uid for table in tables for uid in table.entries if uid not in live)
         self.sweep(live)
         self.save_unseen()
+
+    def _prune_tables(self, live: Container[str]) -> list[Pipeline]:
+        """Prune each table whose every column is a pipeline's in one pass (``CheckpointTable.remove``:
+        O(width) per uid, where a forget per sink recomputed the row each time). Returns the other
+        pipelines, to prune one by one."""
+        rest: list[Pipeline] = []
+        by_table: dict[int, list[Pipeline]] = {}
+        for pipeline in self.pipelines:
+            by_table.setdefault(id(pipeline.checkpoint.table), []).append(pipeline)
+        for members in by_table.values():
+            table = members[0].checkpoint.table
+            if sorted(p.checkpoint.index for p in members) != list(range(table.width)):
+                rest.extend(members)
+                continue
+            dead = [uid for uid in table.entries if uid not in live]
+            for pipeline in members:
+                pipeline.note_pruned(dead)  # while the table still holds their numbers
+            gone = table.remove(dead)
+            for pipeline in members:
+                pipeline.checkpoint.pruned(gone[pipeline.checkpoint.index])
+        return rest
 
     def save_unseen(self) -> None:
         """Hand the first-unseen times to ``unseen_store`` (at each prune, and at stop), without the

@@ -241,6 +241,28 @@ class CheckpointTable:
             else:
                 lag[uid] = value
 
+    def remove(self, uids: Iterable[str]) -> list[list[str]]:
+        """Drop these uids from every column at once (a prune by every sink of the table). Returns each
+        column's uids that it held (a number above 0), in the order given. A column's forget each
+        (``set(i, uid, 0)``) recomputes the row: O(width) per column, O(width²) per uid; 50,000 expired
+        events at 7 sinks held the loop ~2 s."""
+        entries, behind = self.entries, self.behind
+        held: list[list[str]] = [[] for _ in behind]
+        lagging = [(lag, out) for lag, out in zip(behind, held, strict=True) if lag]
+        level = [out for lag, out in zip(behind, held, strict=True) if not lag]
+        for uid in uids:
+            top = entries.pop(uid, 0)
+            for lag, out in lagging:
+                if lag.pop(uid, top):
+                    out.append(uid)
+            if top:
+                for out in level:
+                    out.append(uid)
+        for lag, _ in lagging:
+            if not lag:
+                lag.clear()  # frees the emptied dict's table (a pop never shrinks it)
+        return held
+
     def share_keys(self, uids: Iterable[str]) -> int:
         """Key the entries of these uids on these very strings (the tracker's). Entries read from a
         backend after a restart are keyed on strings of their own: one more copy per event (~100
@@ -351,9 +373,16 @@ class SinkCheckpoint:
     def prune(self, live: Container[str]) -> int:
         """Drop entries for events the API server no longer holds (after a complete list)."""
         table, index = self.table, self.index
+        if table.width == 1:
+            return self.pruned(table.remove([uid for uid in table.entries if uid not in live])[0])
         gone = [uid for uid in table.entries if uid not in live and table.get(index, uid)]
         for uid in gone:
             table.set(index, uid, 0)
+        return self.pruned(gone)
+
+    def pruned(self, gone: list[str]) -> int:
+        """The table dropped ``gone`` (this sink's entries of a prune, ``CheckpointTable.remove``): the
+        rest of ``prune``."""
         if gone:
             if self._reads_table:
                 self.backend.remove(gone)  # no copy of its own to find them in

@@ -858,6 +858,11 @@ class Pipeline:
         self._note_gone(uid for uid in self.checkpoint.table.entries if uid not in live)
         self.checkpoint.prune(live)
 
+    def note_pruned(self, uids: Iterable[str]) -> None:
+        """Its table is about to drop these uids of every sink at once (``Fanout.prune``): what
+        ``prune`` notes first."""
+        self._note_gone(uids)
+
     def _take(self, batch: list[Occurrence], size: int, keys: set[tuple[str, int]]) -> int:
         """Move queued occurrences into ``batch`` (whose (uid, number) pairs are ``keys``) up to its bounds."""
         max_events, max_bytes = self.options.batch_max_events, self.options.batch_max_bytes

@@ -234,7 +234,8 @@ class Spool:
         self.dropped_occurrences: list[Occurrence] = []
         """Records dropped over the bound (with ``decode_dropped``), for the caller to take out."""
         self._cursor_failures = 0  # in a row
-        self._scan_failed: set[int] = set()  # segments a stop's scan could not read (``_scan_read``)
+        # Segments a stop's scan could not read (``_scan_read``): number → its unread records then.
+        self._scan_failed: dict[int, int] = {}
         self.owed: set[tuple[str, int]] = set()
         """(uid, number) of owed records read by ``pop`` since the pipeline last took them."""
         # Records popped and then set aside by the pipeline (an item a sink refuses for a cause of its
@@ -422,6 +423,15 @@ class Spool:
             self.read_errors += parked.read_errors  # counted as the main FIFO's, as ``_took_from`` does
             parked.read_errors = 0
 
+    def scan_failed(self) -> tuple[int, int]:
+        """(segments, their unread records) a stop's reads could not read, the parked FIFO's included:
+        a stop's report tells them from those its time bound left unread."""
+        segments, records = len(self._scan_failed), sum(self._scan_failed.values())
+        if self._parked is not None:
+            more, held = self._parked.scan_failed()
+            segments, records = segments + more, records + held
+        return segments, records
+
     def _unread_lines(self, seg: _Segment) -> list[bytes]:
         data = self._scan_read(seg)
         return [] if data is None else data[seg.read_offset :].splitlines()
@@ -434,7 +444,7 @@ class Spool:
             return seg.path.read_bytes()
         except OSError as exc:
             if seg.number not in self._scan_failed:
-                self._scan_failed.add(seg.number)
+                self._scan_failed[seg.number] = seg.records - seg.read_records
                 self.read_errors += 1
                 log.error(
                     "spool %s: cannot read %s at the stop (%s): its %d unread occurrences stay in the "
@@ -666,23 +676,25 @@ class Spool:
         finds everything as it was (the new file, below the cursor, is deleted at open); after it, a
         few records are read twice (skipped by the checkpoint). None is lost. (Moving the cursor
         first, as ``commit`` does, lost the records in flight, which it passes.)
-        Raises ``OSError``: with unread records, nothing of ``occs`` is kept then; with none they are
-        appended, and those written before the error stay. ``owed``: as for ``extend``."""
+        A first segment that cannot be read (counted and named once, as the stop's scans do:
+        ``_scan_read``) stays where it is: ``occs`` alone go to the new segment, and after the restart
+        that segment is read from its start (its records read before, again: skipped by the checkpoint)
+        or set aside by ``pop``'s own retries. Before, the read's error dropped ``occs`` as a failed write.
+        Raises ``OSError`` (a write): with unread records, nothing of ``occs`` is kept then; with none
+        they are appended, and those written before the error stay. ``owed``: as for ``extend``."""
         if not occs:
             return []
         self.release_held_at_open()  # a stop: nothing more is offered (and the segments change below)
         head = next((seg for seg in self._segments if seg.read_records < seg.records), None)
         if head is None:
             return self.extend(occs, owed)
-        with open(head.path, "rb") as fh:
-            fh.seek(head.read_offset)
-            rest = fh.read(head.size - head.read_offset)
+        read = self._scan_read(head)
+        rest = b"" if read is None else read[head.read_offset : head.size]
         data = b"".join(self.encode(occ, _owed_once(owed, occ)) for occ in occs) + rest
         cursor_seg = self._cursor_segment()
         number = min(self._segments[0].number, cursor_seg or self._segments[0].number) - 1
-        seg = _Segment(
-            number, self.directory / f"{number}.seg", records=len(occs) + head.records - head.read_records
-        )
+        records = len(occs) + (0 if read is None else head.records - head.read_records)
+        seg = _Segment(number, self.directory / f"{number}.seg", records=records)
         seg.size = len(data)
         tmp = seg.path.with_suffix(".tmp")
         tmp.write_bytes(data)
@@ -693,10 +705,11 @@ class Spool:
             self._bytes -= old.size
             self._count -= old.records - old.read_records
             self._unlink(old)
-        self._segments.popleft()  # the head: its rest is in the new segment
-        self._bytes -= head.size
-        self._count -= head.records - head.read_records
-        self._unlink(head)
+        if read is not None:
+            self._segments.popleft()  # the head: its rest is in the new segment
+            self._bytes -= head.size
+            self._count -= head.records - head.read_records
+            self._unlink(head)
         self._segments.appendleft(seg)
         self._count += seg.records
         self._bytes += seg.size
