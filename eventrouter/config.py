@@ -12,7 +12,7 @@ import itertools
 import logging
 import re
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from eventrouter.options import (
     userinfo_hint,
 )
 from eventrouter.plugins import PluginError, SinkPlugin, class_faults, discover
-from eventrouter.scrub import Scrubber, option_secrets
+from eventrouter.scrub import MIN_CUT, Scrubber, given_secrets, option_secrets
 from eventrouter.sink import Sink, SinkContext, cancelled_now, raised_by_signal
 
 __all__ = [
@@ -151,6 +151,33 @@ def _plugins_fault(exc: BaseException) -> bool:
         except RuntimeError:  # no event loop (an embedder validating options): nothing cancels it
             return True
     return True
+
+
+def _given_masked(model: type[BaseModel], given: Mapping[str, Any]) -> Callable[[str], str]:
+    """What takes the secrets of options ``given`` to ``model`` (not validated: a validator of the
+    sink's refused them) out of a text: a plugin validator's error may quote its token, and it was
+    printed whole at start and logged at a reload."""
+    try:
+        forms = given_secrets(model, given)
+    except Exception:  # an options model of a plugin's own making we cannot read: show no text
+        return lambda text: "its text is not shown, as the sink's secrets cannot be told in it"
+    masked = Scrubber(form for form in forms if len(form) >= MIN_CUT)
+    short = sorted((form for form in forms if len(form) < MIN_CUT), key=len, reverse=True)
+    if not short:
+        return masked
+    # One of 1-3 characters (`access_token=t`) only as a word of its own: masked wherever it stood,
+    # it garbled every other error ("secre**** file '/****mp/…' is emp****y").
+    word = re.compile(rf"(?<!\w)(?:{'|'.join(map(re.escape, short))})(?!\w)")
+    return lambda text: word.sub("****", masked(text))
+
+
+def _text_of(exc: BaseException, mask: Callable[[str], str]) -> str:
+    """``exc``'s text through ``mask``; empty when its ``__str__`` raises."""
+    try:
+        text = str(exc)
+    except Exception:
+        return ""
+    return mask(text) if text else ""
 
 
 def _masked(exc: BaseException, options: BaseModel) -> str:
@@ -361,11 +388,19 @@ def _shown_part(part: str) -> str:
     return f"{head}{cut.group(0)}… (the rest not shown)"
 
 
-def _format_errors(where: str, exc: ValidationError, keys: Mapping[str, Any] | None = None) -> str:
+def _format_errors(
+    where: str,
+    exc: ValidationError,
+    keys: Mapping[str, Any] | None = None,
+    *,
+    mask: Callable[[str], str] = str,
+) -> str:
+    """``exc``'s errors, one line each naming the option; ``mask`` takes the secrets out of their
+    texts (a validator's ``Value error, …`` may quote any option it reads)."""
     lines = []
     for err in exc.errors(include_url=False, include_input=False):
         parts = [str(p) for p in err["loc"]]
-        msg = err["msg"]
+        msg = mask(err["msg"])
         if err["type"] == "extra_forbidden":
             msg = "unknown option"
         if not parts:
@@ -535,7 +570,7 @@ def spec_for_class(
         try:
             validated.append(part_model.model_validate(values, context={QUERY_PLUS_FIELDS: plus_fields}))
         except ValidationError as exc:
-            raise ConfigError(_format_errors(where, exc)) from None
+            raise ConfigError(_format_errors(where, exc, mask=_given_masked(model, own))) from None
         except BaseException as exc:
             # pydantic turns only a ValueError or AssertionError of a validator into an error: a
             # plugin's TypeError (or an OSError) was a traceback and exit 1, its SystemExit an exit
@@ -546,9 +581,10 @@ def spec_for_class(
             info = part_model.model_fields.get(option)
             # Its text may quote the value: not when the option is a credential.
             secret = info is not None and "SecretStr" in str(info.annotation)
+            text = "" if secret else _text_of(exc, _given_masked(model, own))
             raise ConfigError(
                 f"{where}: option {option!r}: cannot be validated ({type(exc).__name__}"
-                + ("" if secret else f": {exc}")
+                + (f": {text}" if text else "")
                 + ")"
             ) from None
     filter_opts, pipeline_opts, options = validated

@@ -12,14 +12,16 @@ import contextlib
 import json
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
 import yarl
-from pydantic import BaseModel, SecretStr
+from pydantic import AliasChoices, BaseModel, SecretStr
+from pydantic.fields import FieldInfo
 
-from eventrouter.options import redact_url
+from eventrouter.options import redact_url, resolve_secret
 
-__all__ = ["MIN_CUT", "Scrubber", "credentials", "option_secrets", "scrub"]
+__all__ = ["MIN_CUT", "Scrubber", "credentials", "given_secrets", "option_secrets", "scrub"]
 
 MIN_CUT = 4
 """A secret cut off at the end of an excerpt is masked from this many characters on: fewer say
@@ -207,6 +209,60 @@ def option_secrets(options: BaseModel) -> list[str]:
     is_address = isinstance(url, str) and bool(urlsplit(url).netloc)
     found = credentials(secrets, sent=sent, urls=[url] if is_address else [])
     return list(dict.fromkeys([*found, *(form for s in found for form in _in_urls(s))]))
+
+
+def given_secrets(model: type[BaseModel], values: Mapping[str, Any]) -> list[str]:
+    """The secrets in ``values``, options given to ``model`` and not yet validated (a validator's
+    error may quote them: a plugin's SDK client made at validation quotes the token it was given), in
+    the forms ``option_secrets`` gives: each value of a ``SecretStr`` option (``env:``/``file:``
+    references read, ones that cannot be read skipped), plain text under a credential's name, and
+    what the ``url`` option hides."""
+    secrets: list[str] = []
+    sent: list[str] = []
+    for name, info in model.model_fields.items():
+        secret = "SecretStr" in str(info.annotation)
+        if not secret and not _CREDENTIAL_NAME.search(name):
+            continue
+        for key in _names(name, info) & values.keys():
+            for text in _texts(values[key]):
+                (secrets if secret else sent).append(text)
+                # A header given as ``Name=Value`` (or ``Name: Value``): its value alone too.
+                sent.extend(rest.strip() for rest in re.split(r"[=:]", text, maxsplit=1)[1:])
+    url = values.get("url", "")
+    is_address = isinstance(url, str) and bool(urlsplit(url).netloc)
+    found = credentials(secrets, sent=sent, urls=[url] if is_address else [])
+    return list(dict.fromkeys([*found, *(form for s in found for form in _in_urls(s))]))
+
+
+def _names(name: str, info: FieldInfo) -> set[str]:
+    """The keys an option may be given under: its name and aliases."""
+    names = {name, *([info.alias] if info.alias else [])}
+    alias = info.validation_alias
+    if isinstance(alias, str):
+        names.add(alias)
+    elif isinstance(alias, AliasChoices):
+        names.update(choice for choice in alias.choices if isinstance(choice, str))
+    return names
+
+
+def _texts(value: object) -> list[str]:
+    """The texts in an option's value as given (a list of repeated keys, a mapping of headers), with
+    ``env:``/``file:`` references read."""
+    if isinstance(value, SecretStr):
+        return [value.get_secret_value()]
+    if isinstance(value, str):
+        if not value.startswith(("env:", "file:")):
+            return [value]
+        try:
+            read = resolve_secret(value)
+        except Exception:  # unset, unreadable: nothing to mask, and its error says so without it
+            return []
+        return _texts(read) if read != value else []
+    if isinstance(value, Mapping):
+        return [text for item in value.values() for text in _texts(item)]
+    if isinstance(value, list | tuple | set | frozenset):
+        return [text for item in value for text in _texts(item)]
+    return []
 
 
 def _in_urls(secret: str) -> list[str]:

@@ -499,9 +499,12 @@ class KafkaOptions(SinkOptions):
     @classmethod
     def _brokers_from_url(cls, data: Any) -> Any:
         # `--sink=kafka:host:9092,host2:9092` as a shorthand for brokers=...
-        if isinstance(data, dict) and not data.get("brokers") and isinstance(data.get("url"), str):
+        if isinstance(data, dict) and isinstance(data.get("url"), str):
             url = data["url"].removeprefix("kafka://").strip("/")
             if url and "@" not in url:  # refused as the url alone (_url_without_user_info), said once
+                if data.get("brokers"):
+                    # The url's were ignored while `check` and the logs showed them as the address.
+                    raise ValueError("give the brokers in the url or in brokers=, not both")
                 data = {**data, "brokers": url}
         return data
 
