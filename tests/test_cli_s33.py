@@ -446,6 +446,10 @@ def test_a_close_that_raises_its_own_timeout_error_does_not_fail_the_check(
     assert result.stdout.splitlines() == [f"{'valid' if offline else 'ok   '} timeoutclose (timeoutclose)"]
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def _interrupted(
     *args: str, env: dict[str, str], presses: Sequence[Callable[[list[str]], bool]]
 ) -> tuple[int, str]:
@@ -459,6 +463,9 @@ async def _interrupted(
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **env},
+        # Ctrl-C as a terminal gives it: a suite started in the background by a shell without job
+        # control inherits SIGINT ignored, and the CLI (rightly) keeps an ignored SIGINT ignored.
+        preexec_fn=_sigint_default,
     )
     assert proc.stderr is not None
     lines: list[str] = []
