@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import AliasChoices, BaseModel, SecretStr, ValidationError
-from pydantic.fields import FieldInfo
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from eventrouter.options import (
     COMMON_KEYS,
@@ -29,6 +28,7 @@ from eventrouter.options import (
     PipelineOptions,
     SinkOptions,
     check_tls_files,
+    field_keys,
     field_names,
     redact_url,
     safe_name,
@@ -332,7 +332,7 @@ def _coerce_query_value(model: type[BaseModel], key: str, value: Any, where: str
     repeated query key kept its last value without a word: `message=A&message=B` dropped what matched
     only A, `level=Warning&level=Normal` made a robot page Normal events (kube-eventer took the first
     value, so a migrated flag meant the opposite)."""
-    info = next((i for n, i in model.model_fields.items() if key in _names_of(n, i)), None)
+    info = next((i for n, i in model.model_fields.items() if key in field_keys(n, i)), None)
     if isinstance(value, list) and info is not None:
         origin = getattr(info.annotation, "__origin__", None)
         if origin not in (list, tuple, set, dict) and info.annotation not in (list, dict):
@@ -562,7 +562,7 @@ def spec_for_class(
     # The filter fields a + was read as a space in: `reasons=Back+Off` is refused, a reason with a
     # space written %20 (or in YAML) is taken.
     plus_fields = {
-        name for name, info in FilterOptions.model_fields.items() if _names_of(name, info) & with_plus
+        name for name, info in FilterOptions.model_fields.items() if field_keys(name, info) & with_plus
     }
     validated: list[Any] = []
     for part_model, part in parts:
@@ -670,7 +670,7 @@ def _is_credential(key: str, value: Any, model: type[BaseModel]) -> bool:
         return True
     if _REFERENCE.fullmatch(value.strip()) or _HEADER_REFERENCE.fullmatch(value):
         return False
-    info = next((i for n, i in model.model_fields.items() if key in _names_of(n, i)), None)
+    info = next((i for n, i in model.model_fields.items() if key in field_keys(n, i)), None)
     if info is not None and getattr(info.annotation, "__origin__", info.annotation) is dict:
         cut = min((i for i in (value.find(":"), value.find("=")) if i > 0), default=-1)
         name = value[:cut].strip()
@@ -691,7 +691,7 @@ def _credential_tails(
         alias
         for name, info in model.model_fields.items()
         if "SecretStr" in str(info.annotation)
-        for alias in _names_of(name, info)
+        for alias in field_keys(name, info)
     }
     tails: dict[str, str] = {}
     for i, (before, key) in enumerate(itertools.pairwise(order)):
@@ -724,7 +724,7 @@ def _refuse_plus(keys: set[str], models: Sequence[type[BaseModel]], where: str) 
                 "for a plus, or give the filter in a YAML sinks: entry"
             )
         for model in models:
-            info = next((i for n, i in model.model_fields.items() if key in _names_of(n, i)), None)
+            info = next((i for n, i in model.model_fields.items() if key in field_keys(n, i)), None)
             if info is not None and "SecretStr" in str(info.annotation):
                 raise ConfigError(
                     f"{where}: option {key!r}: a + in a query reads as a space: write %20 for a space, "
@@ -738,24 +738,13 @@ def _refuse_spelt_twice(entry: Mapping[str, Any], models: Sequence[type[BaseMode
     name the operator was told does not exist."""
     for model in models:
         for name, info in model.model_fields.items():
-            given = [key for key in entry if key in _names_of(name, info)]
+            given = [key for key in entry if key in field_keys(name, info)]
             if len(given) > 1:
                 shown = " and ".join(map(repr, sorted(given)))
                 raise ConfigError(
                     f"{where}: options {shown} are the same option given twice: use one name (repeat "
                     "it for several values)"
                 )
-
-
-def _names_of(name: str, info: FieldInfo) -> set[str]:
-    """A field's name and its aliases."""
-    names = {name}
-    alias = info.validation_alias
-    if isinstance(alias, str):
-        names.add(alias)
-    elif isinstance(alias, AliasChoices):
-        names.update(choice for choice in alias.choices if isinstance(choice, str))
-    return names
 
 
 def _option_at_fault(model: type[BaseModel], values: Mapping[str, Any], error: type[BaseException]) -> str:

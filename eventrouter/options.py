@@ -28,6 +28,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 __all__ = [
     "FilePath",
@@ -871,16 +872,22 @@ class PipelineOptions(_Strict):
         return self.retry_max_backoff * 10
 
 
+def field_keys(name: str, info: FieldInfo) -> set[str]:
+    """A field's name and the keys of its validation alias."""
+    names = {name}
+    alias = info.validation_alias
+    if isinstance(alias, str):
+        names.add(alias)
+    elif isinstance(alias, AliasChoices):
+        names.update(choice for choice in alias.choices if isinstance(choice, str))
+    return names
+
+
 def field_names(model: type[BaseModel]) -> set[str]:
     """Every key a model accepts, aliases included."""
     names: set[str] = set()
     for name, info in model.model_fields.items():
-        names.add(name)
-        alias = info.validation_alias
-        if isinstance(alias, str):
-            names.add(alias)
-        elif isinstance(alias, AliasChoices):
-            names.update(choice for choice in alias.choices if isinstance(choice, str))
+        names |= field_keys(name, info)
         if info.alias:
             names.add(info.alias)
     return names

@@ -16,10 +16,10 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
 import yarl
-from pydantic import AliasChoices, BaseModel, SecretStr
+from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
-from eventrouter.options import redact_url, resolve_secret
+from eventrouter.options import field_keys, redact_url, resolve_secret
 
 __all__ = ["MIN_CUT", "Scrubber", "credentials", "given_secrets", "option_secrets", "scrub"]
 
@@ -236,13 +236,7 @@ def given_secrets(model: type[BaseModel], values: Mapping[str, Any]) -> list[str
 
 def _names(name: str, info: FieldInfo) -> set[str]:
     """The keys an option may be given under: its name and aliases."""
-    names = {name, *([info.alias] if info.alias else [])}
-    alias = info.validation_alias
-    if isinstance(alias, str):
-        names.add(alias)
-    elif isinstance(alias, AliasChoices):
-        names.update(choice for choice in alias.choices if isinstance(choice, str))
-    return names
+    return field_keys(name, info) | ({info.alias} if info.alias else set())
 
 
 def _texts(value: object) -> list[str]:
