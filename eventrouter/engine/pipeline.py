@@ -342,10 +342,13 @@ class Pipeline:
     def _hold_back(self, occ: Occurrence, cost: int) -> None:
         """The spool holds older occurrences and cannot be written now. Sent before them, a newer
         occurrence of an event would make the checkpoint skip an older one as a copy (lost): it waits
-        behind the spool instead, in memory (bounded as the queue: the oldest dropped, counted)."""
+        behind the spool instead, in memory (bounded as the queue: the oldest dropped, counted). Its
+        bytes share the bound with the queue and the items set aside: bounded by itself, it held a
+        whole bound beside a full queue."""
         overflow = self._overflow
+        beside = self._queue_bytes + self._aside.bytes
         while overflow and (
-            len(overflow) >= self.queue_max or self._overflow_bytes + cost > self.queue_max_bytes
+            len(overflow) >= self.queue_max or beside + self._overflow_bytes + cost > self.queue_max_bytes
         ):
             dropped = overflow.popleft()
             self._overflow_bytes -= queue_cost(dropped)
@@ -732,13 +735,15 @@ class Pipeline:
 
     def _pop_spooled(self, room: int) -> list[Occurrence]:
         """Up to ``room`` records from the spool, within the byte bound's room beside the items set
-        aside, by each record's own size: read by count alone, a refill took a batch's 500 records of
-        1 MB into memory at once; by the mean size of the first read, one small record let 499 large
-        ones in. The first whatever its size (the queue is empty; items set aside must not stall the
-        spool)."""
+        aside and what waits behind the spool (on a full disk ``_overflow`` fills up to the bound by
+        itself: a refill beside it held twice the bound), by each record's own size: read by count
+        alone, a refill took a batch's 500 records of 1 MB into memory at once; by the mean size of the
+        first read, one small record let 499 large ones in. The first whatever its size (the queue is
+        empty; items set aside or a full overflow must not stall the spool)."""
         spool = self.spool
         assert spool is not None
-        popped = spool.pop(room, _lines_within(self.queue_max_bytes - self._aside.bytes))
+        budget = self.queue_max_bytes - self._aside.bytes - self._overflow_bytes
+        popped = spool.pop(room, _lines_within(budget))
         return popped or spool.pop(1)
 
     def _spooled_aside(self) -> list[Occurrence]:
