@@ -24,6 +24,7 @@ import orjson
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from eventrouter import Secret, SinkContext, parse_retry_after
+from eventrouter.body_prefix import read_prefix
 from eventrouter.options import StrList, http_url
 
 from ._alerting import (
@@ -36,7 +37,6 @@ from ._alerting import (
     robot_address,
     sample_template,
 )
-from ._answer import read_prefix
 from ._scrub import credentials, scrub
 
 __all__ = ["DingTalkOptions", "DingTalkSink", "dingtalk_sign"]

@@ -123,12 +123,12 @@ from eventrouter import (
     reject,
     retry,
 )
+from eventrouter.body_prefix import read_prefix
 from eventrouter.logs import Throttled
 from eventrouter.options import FilePath, resolve_secret
 from eventrouter.protowire import bytes_field
 from eventrouter.retry_after import parse_retry_after as _retry_after
 
-from ._answer import read_prefix
 from ._modified import ModifiedLog
 from ._scrub import credentials, scrub, shown_location
 from ._sls_log import encode_log, encode_occurrence, log_contents

@@ -24,10 +24,10 @@ import orjson
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 
 from eventrouter import Secret, SinkContext, SinkError, parse_retry_after
+from eventrouter.body_prefix import read_prefix
 from eventrouter.options import StrList, redact_url
 
 from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest, robot_address
-from ._answer import read_prefix
 from ._scrub import credentials, scrub
 
 __all__ = ["WeComOptions", "WeComSink"]

@@ -23,8 +23,8 @@ import orjson
 
 from eventrouter.metrics import Metrics
 from eventrouter.record import MalformedEvent, Occurrence, list_item
-from eventrouter.source import unicode_repair
-from eventrouter.source.kube import ApiError, KubeClient, raise_for_status
+from eventrouter.source import list_page, unicode_repair
+from eventrouter.source.kube import ApiError, KubeClient, api_error, error_body, raise_for_status
 from eventrouter.source.relist_merge import Member, RelistFailed, RelistMerge
 from eventrouter.source.relist_order import RelistOrder
 from eventrouter.source.tracker import OccurrenceTracker
@@ -354,16 +354,19 @@ class EventWatcher:
                 await self.room(progress=self._progress)
                 self._progress()
             try:
-                # One broken string must not cost the page: the relist would fail on it forever.
-                doc, broken = unicode_repair.loads_unrepaired(cast(bytes, body))  # bytes-like will do
+                # One broken string, or one item too deep to parse, must not cost the page: the
+                # relist would fail on it forever.
+                page = list_page.loads_page(cast(bytes, body))  # bytes-like will do
                 del body  # parsed: the items hold what is needed
+                doc, broken = page.doc, page.broken
                 items = doc.get("items") or []
                 meta = doc.get("metadata") or {}
                 if not isinstance(items, list) or not isinstance(meta, dict):
                     raise TypeError("items is not a list, or metadata not an object")
             except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
                 raise ApiError(500, "InvalidList", f"list answer is not an EventList: {exc}") from None
-            count = len(items)
+            self._refused_items(page.refused)
+            count = len(items) + len(page.refused)
             # Popped as handed on: each parsed item goes once its occurrence is made, not with the page.
             items.reverse()
             while items:
@@ -412,6 +415,13 @@ class EventWatcher:
                 progress()
         finally:
             chunks.close()  # drained: frees the order (its temporary file)
+
+    def _refused_items(self, refused: list[tuple[bytes, str]]) -> None:
+        """Items of a list page that did not parse (the page did): counted as objects that are not
+        Events, as the same item in a list page that parses is."""
+        for start, why in refused:
+            self.metrics.source_dropped.labels("malformed").inc()
+            log.warning("skipped a list item from %s that cannot be parsed (%s): %r", self.where, why, start)
 
     def _repaired(self, obj: Any, where: str) -> Any:
         """``obj`` with its broken strings replaced by U+FFFD; counted and logged by name if any."""
@@ -560,14 +570,10 @@ class EventWatcher:
         try:
             if 200 <= resp.status < 300:
                 return None
-            body = await resp.read()
-            if resp.status != 504:
-                try:
-                    await raise_for_status(resp)  # a 410 relists; the rest is a failed check
-                except ApiError as exc:
-                    raise ApiError(
-                        exc.status, exc.reason, f"{_CHECKING}{exc.message}", exc.retry_after
-                    ) from None
+            body, cut = await error_body(resp)
+            if resp.status != 504 or cut:  # a 410 relists; the rest is a failed check
+                exc = api_error(resp, body, cut)
+                raise ApiError(exc.status, exc.reason, f"{_CHECKING}{exc.message}", exc.retry_after)
         finally:
             resp.release()
         message = body[:300].decode("utf-8", "replace")

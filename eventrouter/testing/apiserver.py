@@ -114,6 +114,8 @@ CACHE_BLOCK_TIMEOUT = 3.0  # the cacher's blockTimeout
 # A line that starts like an event and is cut: what a corrupting proxy or a broken encoder sends.
 MALFORMED_LINE = b'{"type":"MODIFIED","object":{"kind":"Event","apiVersion":"v1","metadata":{"name":\n'
 TRUE = ("1", "true", "True")
+# A gateway's error page, written again and again up to the size asked for (Faults.error_page_next).
+ERROR_PAGE = b"<html><body><h1>503 Service Temporarily Unavailable</h1>" + b"<p>upstream gone</p>" * 3200
 _TOKEN = web.RequestKey("token", str)  # "" when auth is disabled
 
 
@@ -125,7 +127,7 @@ class RequestRecord(NamedTuple):
 
 @dataclass
 class _Fault:
-    kind: str  # fail | cut | stall | malformed | empty
+    kind: str  # fail | page | cut | stall | malformed | empty | list_item
     remaining: int
     status: int = 500
     retry_after: float | None = None
@@ -137,6 +139,7 @@ class _Fault:
     seconds: float = 0.0
     raw: bytes = b""  # what a "malformed" or "list_item" fault sends, as it is
     reset: bool = False  # a "stall" ends in a connection reset
+    size: int = 0  # bytes of a "page"
 
 
 class Faults:
@@ -145,6 +148,7 @@ class Faults:
     def __init__(self) -> None:
         self._pending: list[_Fault] = []
         self.applied: list[str] = []
+        self.pages_sent: list[int] = []  # bytes of each "page" written before the client went away
 
     def fail_next(
         self,
@@ -169,6 +173,14 @@ class Faults:
                 resource=resource,
             )
         )
+
+    def error_page_next(
+        self, size: int, status: int = 503, count: int = 1, *, verbs: Iterable[str] = ("list", "watch")
+    ) -> None:
+        """Answer the next ``count`` matching Event requests as a broken proxy or gateway in front of
+        the API server may: ``status`` with an HTML page of ``size`` bytes, not a Status. What each
+        page sent before the client closed the connection is added to ``pages_sent``."""
+        self._pending.append(_Fault("page", count, status=status, verbs=tuple(verbs), size=size))
 
     def cut_next_watch(self, after_lines: int = 0, mid_object: bool = True, count: int = 1) -> None:
         """Send ``after_lines`` lines, then half of the next one (``mid_object``), then reset."""
@@ -209,9 +221,9 @@ class Faults:
     def take(self, verb: str, resource: str) -> _Fault | None:
         for f in self._pending:
             applies = (
-                (f.kind == "fail" and verb in f.verbs and f.resource == resource)
+                (f.kind in ("fail", "page") and verb in f.verbs and f.resource == resource)
                 or (f.kind == "list_item" and verb == "list" and resource == "events")
-                or (f.kind not in ("fail", "list_item") and verb == "watch" and resource == "events")
+                or (f.kind not in ("fail", "page", "list_item") and verb == "watch" and resource == "events")
             )
             if applies:
                 f.remaining -= 1
@@ -964,6 +976,8 @@ class FakeApiServer:
         fault = self.faults.take(verb, "events")
         if fault is not None and fault.kind == "fail":
             raise self._fault_error(fault)
+        if fault is not None and fault.kind == "page":
+            return await self._error_page(request, fault)
         if watching:
             return await self._watch(request, ns, fields, labels, fault)
         await self._cache_fresh(q)
@@ -974,6 +988,23 @@ class FakeApiServer:
             sep = b"," if body[items_open : items_open + 1] != b"]" else b""
             response.body = body[:items_open] + extra + sep + body[items_open:]
         return response
+
+    async def _error_page(self, request: web.Request, fault: _Fault) -> web.StreamResponse:
+        resp = web.StreamResponse(status=fault.status, headers={"Content-Type": "text/html"})
+        resp.content_length = fault.size
+        await resp.prepare(request)
+        sent = 0
+        try:
+            while sent < fault.size:
+                piece = ERROR_PAGE[: fault.size - sent]
+                await resp.write(piece)
+                sent += len(piece)
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the client closed the connection: the rest is never sent
+        finally:
+            self.faults.pages_sent.append(sent)
+        return resp
 
     def _injected(self, verb: str, resource: str) -> None:
         fault = self.faults.take(verb, resource)
