@@ -30,7 +30,9 @@
   again in halves, and so is one larger than the tenant's ingestion rate limit (429 naming the limit:
   Loki refuses a push larger than its burst for ever); later pushes stay within that limit. A 429 for
   Loki's active stream limit retries the items of the stream it names only, set aside so they hold
-  up no other stream, and pushes the others again at once (Loki de-duplicates what it stored). Loki
+  up no other stream, and pushes the others again at once (Loki de-duplicates what it stored; a stream
+  spanning over ``max_behind`` is never among them: it goes last in its push, or alone, as Loki
+  would refuse its older entries pushed again rather than de-duplicate them). Loki
   2.x names no stream: the refused one is then the push's only stream Loki may not hold (see below),
   or, when that cannot be told, each stream of the push is pushed again on its own.
   So does a 429 for Loki's per-stream rate limit; each stream is kept within that limit beforehand
@@ -49,7 +51,9 @@
   body) is not stored either: retried, logged; ``start`` fails on one from ``/ready``. So are 404 and
   405, which Loki never answers to a push (a wrong URL, a front or gateway that takes no POST there):
   retried, never dead-lettered, logged naming the push URL. Each of these is logged at once, then
-  every 10 minutes until a push is stored.
+  every 10 minutes until a push is stored. ``eventrouter check`` also pushes one stream without
+  entries (Loki answers 204, stores nothing): a push path refusing it (401/403: a multi-tenant Loki
+  without ``tenant``, credentials; 404/405, a redirect, a web page) fails the check, naming it.
   Newer entries of a stream whose entries wait aside are held back (not sent, no attempt) while
   they would put those over ``max_behind`` behind, so the ones set aside go in first.
 - A send cut off by the engine (``send_timeout``) is retried identical: what its finished pushes
@@ -132,6 +136,7 @@ from eventrouter import (
     reject,
     retry,
 )
+from eventrouter.body_prefix import read_prefix
 from eventrouter.logs import Throttled
 from eventrouter.options import FilePath, http_url, redact_url
 from eventrouter.protowire import bytes_field, varint, varint_field
@@ -139,7 +144,6 @@ from eventrouter.record import parse_time_ns
 from eventrouter.retry_after import parse_retry_after as _retry_after
 from eventrouter.truncate import cut_utf8, shorten_message
 
-from ._answer import read_prefix
 from ._headers import HEADERS_HELP, Headers, check_headers
 from ._modified import ModifiedLog
 from ._scrub import credentials, scrub, shown_location
@@ -395,7 +399,10 @@ class LokiOptions(SinkOptions):
     )
     ca_file: FilePath | None = Field(None, description="PEM bundle to verify Loki's TLS certificate.")
     insecure_skip_verify: bool = Field(False, description="Do not verify Loki's TLS certificate.")
-    timeout: float = Field(10.0, gt=0, description="Seconds one HTTP request may take.")
+    # Finite (these and the three below): ``inf`` (or 1e309, read as inf) passed ``gt=0``, and start
+    # failed on it with "OverflowError: cannot convert float infinity to integer" (aiohttp's timer,
+    # int(seconds * 1e9)), retried for ever, naming no option.
+    timeout: float = Field(10.0, gt=0, allow_inf_nan=False, description="Seconds one HTTP request may take.")
     max_line_bytes: int = Field(
         DEFAULT_MAX_LINE_BYTES,
         ge=1024,
@@ -420,16 +427,19 @@ class LokiOptions(SinkOptions):
     max_age: float = Field(
         DEFAULT_MAX_AGE,
         gt=0,
+        allow_inf_nan=False,
         description="Seconds: Loki's reject_old_samples_max_age (default 168h); older entries are refused.",
     )
     future_grace: float = Field(
         DEFAULT_FUTURE_GRACE,
         gt=0,
+        allow_inf_nan=False,
         description="Seconds: Loki's creation_grace_period (default 10m); entries further ahead are refused.",
     )
     max_behind: float = Field(
         DEFAULT_MAX_BEHIND,
         gt=0,
+        allow_inf_nan=False,
         description="Seconds: half Loki's max_chunk_age (default 2h); entries further behind the newest "
         "of their stream are refused.",
     )
@@ -807,6 +817,12 @@ def _stream_text(stream: bytes) -> str:
     return stream[start + 1 :].decode("utf-8", "replace")
 
 
+def _spans(group: Sequence[_Entry], behind: int) -> bool:
+    """Whether a stream's entries reach further apart than ``behind`` (max_behind, in ns)."""
+    stamps = [entry.ts_ns for entry in group]
+    return max(stamps) - min(stamps) > behind
+
+
 def _weight(entries: Sequence[_Entry]) -> int:
     """What Loki's rate limiter counts of these entries (line and structured metadata bytes), or a
     little more (protobuf: the encoded metadata)."""
@@ -1107,7 +1123,8 @@ _TIME_ADJUSTED: dict[str, Any] = {"time_adjusted": True}
 _CACHE_MAX = 4096
 """Entries per cache (label sets, timestamps); a full cache is cleared, not evicted piecemeal."""
 _CACHE_LABELS_MAX = 1024
-"""Longest cached label string: also bounds the cached key values (each appears whole in the labels)."""
+"""Longest cached label string, and longest value in a cached key (characters): a key holds each value
+whole, one that is no label's (``type``, the fallback, when not a default label) too."""
 _METADATA_FIELDS = ("involved_object_name", "involved_object_uid", "event_uid", "occurrence")
 # Protobuf field tags (number << 3 | 2, length-delimited) of Loki's push.proto messages.
 _TAG_STREAM = b"\x0a"  # PushRequest.streams = 1
@@ -1119,9 +1136,13 @@ _METADATA_NAMES = {name: bytes_field(1, name) + b"\x12" for name in _METADATA_FI
 
 
 def _plain(key: Any) -> bool:
+    """A key worth caching: str/None values only, each at most _CACHE_LABELS_MAX characters. The
+    length bound is for a value in the key but in no label (``type`` when it is not a label, the
+    fallback's field): a core/v1 Event's ``type`` is any string, and 4,096 keys of 1 MiB values were
+    held until the cache filled."""
     if type(key) is tuple:
         return all(_plain(value) for value in key)
-    return key is None or type(key) is str
+    return key is None or (type(key) is str and len(key) <= _CACHE_LABELS_MAX)
 
 
 _SECONDS_LOW = [varint_field(1, 0x80 | low)[:2] for low in range(128)]
@@ -1416,6 +1437,82 @@ class LokiSink(Sink[LokiOptions]):
         if status != 200:
             self.log.warning("loki: %s/ready answered %s %r; pushing anyway", self._shown, status, text)
 
+    async def check(self) -> None:
+        """``start``, then a push of one stream without entries, sent as every push is (URL, headers,
+        format). ``/ready`` is served outside Loki's tenant and auth middleware, so a multi-tenant Loki
+        without ``tenant`` (401 "no org id"), credentials only the push path checks, or a URL whose push
+        path takes no push (404, 405: a read path, a gateway route without POST) passed the check and
+        ``run`` retried every push for ever. Loki's distributor skips a stream without entries and
+        answers a push left with none 204, storing nothing (2.x and 3.x; a push of no stream at all
+        3.4+ answers 422). A refusal of the push path fails the check naming what to put right;
+        anything else not 2xx (5xx, 429) is logged, as ``start`` does for ``/ready``."""
+        await self.start()
+        session = self._ensure_session()
+        try:
+            async with session.post(
+                self._push_url, data=self._probe_body(), headers=self._push_headers, allow_redirects=False
+            ) as response:
+                status = response.status
+                location = response.headers.get("Location")
+                content_type = response.headers.get("Content-Type", "")
+                body = "" if 300 <= status < 400 else (await _read_answer(response, _READY_BYTES))[0]
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise SinkError(
+                f"loki: cannot push to {self._push_shown}: {scrub(_describe(exc), self._secrets)}"
+            ) from None
+        text = scrub(body[:200], self._secrets, partial=len(body) > 200).strip()
+        refused = self._probe_refused(status, location, content_type, body, text)
+        if refused is not None:
+            raise SinkError(refused)
+        if not 200 <= status < 300:
+            self.log.warning(
+                "loki: POST %s (a push of no entries) answered %s %r; pushing anyway",
+                self._push_shown,
+                status,
+                text,
+            )
+
+    def _probe_body(self) -> bytes:
+        """``check``'s push: one stream (a label Loki parses, as it parses every stream's) and no entry."""
+        labels = (("source", "eventrouter"),)
+        if self.options.format == "json":
+            body = orjson.dumps({"streams": [{"stream": dict(labels), "values": []}]})
+            return gzip.compress(body, mtime=0) if self.options.gzip else body
+        stream = bytes_field(1, labels_string(labels))  # StreamAdapter{labels=1}
+        return bytes(cramjam.snappy.compress_raw(bytes_field(1, stream)))  # PushRequest{streams=1}
+
+    def _probe_refused(
+        self, status: int, location: str | None, content_type: str, body: str, text: str
+    ) -> str | None:
+        """Why every push of ``run`` would be refused, from the answer to ``check``'s push; None if not."""
+        push = f"loki: POST {self._push_shown} (a push of no entries, as check sends)"
+        if 300 <= status < 400:
+            return (
+                f"{push} answered {status} (Location: {self._location(location)}): a redirect, which the sink "
+                "does not follow (a push would come back a GET, or go on to another host with its headers); "
+                "give that URL"
+            )
+        if status != 204 and 200 <= status < 300 and _is_web_page(content_type, body):
+            return (
+                f"{push} answered {status} with a web page{self._page(content_type, body)}, not Loki: "
+                "something before it answers for it; give url Loki's address, and the credentials its front takes"
+            )
+        if status == 401 and "org id" in text and not self.options.tenant:
+            return f"{push} answered 401 {text!r}: this Loki is multi-tenant: set tenant=<org id>"
+        if status in (401, 403):
+            return (
+                f"{push} answered {status} {text!r}: our credentials are refused; check username/password, "
+                "bearer_token, tenant and headers"
+            )
+        if status in (404, 405):
+            return (
+                f"{push} answered {status} {text!r}, which Loki never answers to a push: nothing there takes Loki's "
+                "pushes (a wrong host or path, a gateway or an ingress route that takes no POST, a Loki target "
+                "without a distributor); give url Loki's address (e.g. http://loki:3100, or the base path a "
+                "gateway forwards to Loki)"
+            )
+        return None
+
     def _location(self, location: str | None) -> str:
         """Where a redirect points, as logs may show it (``shown_location``, our credentials out)."""
         if not location:
@@ -1478,7 +1575,7 @@ class LokiSink(Sink[LokiOptions]):
         """Seconds an entry set aside (``defer``) keeps its stream's much newer entries back after the
         sink last answered it: the longest the engine waits before offering it again (300 s by
         default). So an entry the engine gave up (retry_max_attempts) holds its stream back this long
-        at most."""
+        at most, and the Retry-After it was answered with, capped there as the engine caps it."""
         return self.context.retry_wait_max
 
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
@@ -1622,7 +1719,12 @@ class LokiSink(Sink[LokiOptions]):
                 if clamp and top is not None and ts_ns < top - behind:
                     ts_ns = self._stamp(occurrence, top)[0]
                 if top is None or ts_ns >= top - behind:
-                    hold = self.stream_hold + (outcome.retry_after or 0.0)
+                    # Retry-After capped as the engine caps it (a front's wild value, an HTTP-date years
+                    # ahead): uncapped, an entry the engine gave up held its stream's newer ones back,
+                    # unseen, for as long as the header said.
+                    wait = outcome.retry_after
+                    wait = min(wait, self.context.retry_wait_max) if wait is not None and wait >= 0.0 else 0.0
+                    hold = self.stream_hold + wait
                     aside.setdefault(entry.stream, {})[key] = (ts_ns, now + int(hold * _NS))
                     continue
                 # Predicted refused even so: sent apart and judged alone, nothing to keep in order.
@@ -1867,7 +1969,13 @@ class LokiSink(Sink[LokiOptions]):
         a stream Loki has not taken from this sink within STREAM_KNOWN_FOR goes last in its push, one
         such stream per push; streams it took recently (Loki creates none of them) go before it.
         Entries over their stream's rate budget are held back (``_over_budget``), and a stream at
-        its budget's edge goes last in a push of its own too (after the new ones)."""
+        its budget's edge goes last in a push of its own too (after the new ones).
+
+        A stream whose entries here span over max_behind (a relist after a watch gap, a replay) is a
+        push's last stream or alone in a push: after another stream's refusal the rest of a push is
+        pushed again at once, and Loki refuses, rather than de-duplicates, the older entries of such a
+        stream then (behind the newest the first push stored); they were taken for new ones and
+        stamped anew: a second copy. Its push is never pushed again for another stream's sake."""
         groups = _by_stream(entries)
         tight: set[bytes] = set()
         if self._stream_rate:
@@ -1880,12 +1988,18 @@ class LokiSink(Sink[LokiOptions]):
             return [entries]
         since = time.monotonic_ns() - self._known_ns
         taken = self._taken.get if self._taken.used else None
+        behind = self._behind_ns
+        spread = _spans(entries, behind)  # no stream of the batch spans more than the batch (once)
         known: list[_Entry] = []
         new: list[list[_Entry]] = []
         last: list[list[_Entry]] = []
+        apart: list[list[_Entry]] = []  # streams spanning over max_behind: last in a push
         for stream, group in groups.items():
             if tight and stream in tight:
                 last.append(group)
+                continue
+            if spread and len(group) > 1 and _spans(group, behind):
+                apart.append(group)
                 continue
             at = taken(stream) if taken is not None else None
             if at is not None and at >= since:
@@ -1893,13 +2007,15 @@ class LokiSink(Sink[LokiOptions]):
             else:
                 new.append(group)
         if not new and not last:
-            return [entries]
+            if not apart:
+                return [entries]
+            return [known + apart[0], *apart[1:]]
         if self.options.new_stream_pushes:
             last = new + last
         elif new:
             known += [entry for group in new for entry in group]  # new streams last of the first push
-            return [known, *last]
-        return [known + last[0], *last[1:]]
+            return [known, *last, *apart]
+        return [known + last[0], *last[1:], *apart]
 
     async def _push_streams(
         self, entries: list[_Entry], outcomes: list[Outcome], *, alone: bool = False
@@ -2468,7 +2584,8 @@ class LokiSink(Sink[LokiOptions]):
         # The pairs serve only the JSON body; protobuf pushes use the encoded field alone, so the
         # cache (up to 4,096 label sets) does not hold ~2 MiB of pair tuples it never reads.
         result = (() if self._protobuf else labels), bytes_field(1, labels_string(labels))
-        # Only str/None keys: then an equal key means equal label values (1 == True == 1.0 would not).
+        # Only str/None keys: then an equal key means equal label values (1 == True == 1.0 would not);
+        # and short ones (``_plain``).
         if key is not None and len(result[1]) <= _CACHE_LABELS_MAX and _plain(key):
             self._label_cache.put(key, result)
         return result

@@ -581,6 +581,9 @@ class LokiReceiver:
     entries stored.
     Like Loki's ingester, the answer is what happened to the *last* stream of the push that reached
     the ingester: a refused stream followed by a stored one is answered 2xx (the refusal unseen).
+    A push of no stream is answered 422 (Loki 3.4+); a stream without entries is skipped by the
+    distributor (its labels parsed all the same): a push of only such streams is answered 204,
+    nothing stored or created (``eventrouter check``'s probe). Tenancy comes first: 401 "no org id".
     ``push_delay`` makes the ingester slow for chosen pushes.
     """
 
@@ -894,6 +897,10 @@ class LokiReceiver:
             return answer(fault.status, fault.message, 0, extra)
         try:
             streams = self._parse(body, ctype, cenc)
+            if not streams:
+                # Loki 3.4+ (grafana/loki#13706; ``PushWithResolver``, validation.MissingStreamsErrorMsg);
+                # before, 204. A stream without entries is skipped instead (below): 204, nothing stored.
+                return answer(422, _MISSING_STREAMS)
             if self.push_delay is not None:
                 delay = self.push_delay([dict(stream.labels) for stream in streams])
                 if delay > 0:
@@ -1263,6 +1270,7 @@ class LokiReceiver:
 
 
 _STREAM_LIMIT_PREFIX = "Maximum active stream limit exceeded"
+_MISSING_STREAMS = "error at least one valid stream is required for ingestion"
 
 
 def _behind_reason(ts_ns: int, cutoff_ns: int) -> str:
