@@ -248,7 +248,7 @@ class LeaderElector:
             return False
         except Exception as exc:  # e.g. a failing credential plugin: never let it skip on_stopped_leading
             log.exception("leader election: %s: unexpected error", self._where())
-            self._last_error = f"{type(exc).__name__}: {exc}"
+            self._last_error = f"{type(exc).__name__}: {failure_text(exc)}"
             return False
         # Only a whole attempt clears it: cleared when the read succeeded, a write refused every time
         # (RBAC with `get` but not `update`) was logged again at every retry.
@@ -273,7 +273,8 @@ class LeaderElector:
             self._last_error = None  # read and written: another replica was just quicker
             log.info("leader election: %s was updated by another replica first (409)", self._where())
             return
-        text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ApiError) else str(exc)
+        # A timed-out request's TimeoutError has no text: "TimeoutError: " was all /readyz said.
+        text = f"{type(exc).__name__}: {failure_text(exc)}" if not isinstance(exc, ApiError) else str(exc)
         if text != self._last_error:  # one line per new kind of failure, not one per retry
             log.warning("leader election: %s: %s", self._where(), text)
         self._last_error = text

@@ -114,7 +114,10 @@ def lease_spec(api: FakeApiServer) -> dict[str, Any]:
 async def test_two_electors_exactly_one_leader(
     api: FakeApiServer, replicas: Callable[..., Awaitable[Replica]]
 ) -> None:
-    a, b = await replicas("a"), await replicas("b")
+    # A renew deadline of seconds: at RENEW's 0.6 s a renewal slower than ~0.5 s on a loaded machine
+    # made the leader step down, as it must (not what this test is about).
+    durations = {"lease_duration": 3.0, "renew_deadline": 2.0}
+    a, b = await replicas("a", **durations), await replicas("b", **durations)
     a.start()
     b.start()
     await until(lambda: a.elector.is_leader or b.elector.is_leader)
@@ -122,7 +125,7 @@ async def test_two_electors_exactly_one_leader(
     renewals = api.count_requests(path=LEASE_PATH, method="PUT")
     both = 0
     # Several renewal rounds (and more than a lease duration), checking at every step.
-    deadline = time.monotonic() + LEASE * 1.5
+    deadline = time.monotonic() + durations["lease_duration"] * 1.5
     while time.monotonic() < deadline or api.count_requests(path=LEASE_PATH, method="PUT") < renewals + 10:
         both += a.elector.is_leader and b.elector.is_leader
         assert leader.elector.is_leader
@@ -133,7 +136,7 @@ async def test_two_electors_exactly_one_leader(
     assert (leader.gauge(), standby.gauge()) == (1.0, 0.0)
     spec = lease_spec(api)
     assert spec["holderIdentity"] == leader.identity
-    assert spec["leaseDurationSeconds"] == 1
+    assert spec["leaseDurationSeconds"] == 3
     assert spec["leaseTransitions"] == 0  # created by the leader: no transition yet
     assert MICRO_TIME.fullmatch(spec["renewTime"]) and MICRO_TIME.fullmatch(spec["acquireTime"])
     assert spec["renewTime"] > spec["acquireTime"]
@@ -201,7 +204,14 @@ async def test_simultaneous_takeover_one_wins_the_other_gets_409(
     assert await b.elector.try_acquire_or_renew() is False
     observed = time.monotonic()
     await until(lambda: time.monotonic() > observed + 1.0, timeout=3)
-    results = await asyncio.gather(a.elector.try_acquire_or_renew(), b.elector.try_acquire_or_renew())
+    # Both read the expired Lease before either writes: left to the scheduler, a loaded machine
+    # sometimes served one replica's read and write before the other's read, which then saw the
+    # winner and rightly wrote nothing (no 409 to count).
+    reads = api.hold_answers("GET", "leases")
+    attempts = asyncio.gather(a.elector.try_acquire_or_renew(), b.elector.try_acquire_or_renew())
+    await until(lambda: api.held == 2, timeout=5)
+    reads.set()
+    results = await attempts
     assert sorted(results) == [False, True]
     winner, loser = (a, b) if results[0] else (b, a)
     assert loser.elector.conflicts == 1 and winner.elector.conflicts == 0
@@ -325,3 +335,22 @@ async def test_stop_from_on_stopped_leading_ends_the_election_loop(
     await until(lambda: a.task is not None and a.task.done(), timeout=LEASE + SLACK)
     assert a.task.result() is None
     assert len(a.when("started")) == len(a.when("stopped")) == 1 and not a.elector.is_leader
+
+
+async def test_a_lease_request_that_timed_out_is_named_so_in_readyz(
+    api: FakeApiServer, replicas: Callable[..., Awaitable[Replica]]
+) -> None:
+    """asyncio's TimeoutError has no text: /readyz said "cannot read or write the lease …: TimeoutError: "."""
+    api.create_object(
+        "leases",
+        {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": NAME, "namespace": NS},
+            "spec": {"holderIdentity": "other", "leaseDurationSeconds": 15},
+        },
+    )
+    a = await replicas("a")
+    api.hold_answers("GET", "leases")  # read, never answered
+    assert await a.elector.try_acquire_or_renew(timeout=0.3) is False
+    assert a.elector.standby_reason().endswith(": TimeoutError: timed out"), a.elector.standby_reason()
