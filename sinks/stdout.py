@@ -77,13 +77,29 @@ class StdoutOptions(SinkOptions):
         return value
 
 
+def _escapes() -> dict[int, str]:
+    table = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c != 0x09}
+    table.update(
+        {ord("\\"): "\\\\", ord("\r"): "\\r", ord("\n"): "\\n", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+    )
+    return table
+
+
+_ESCAPES = _escapes()
+"""What a text line writes escaped: the backslash (so every escape reads back one way), CR and LF, every
+other C0 control but tab, DEL and the C1 controls, and the line and paragraph separators. An Event's
+fields are written by whoever may create Events: an ESC sequence cleared the screen, hid the rest of
+a line or set the window title, a backspace overwrote what was shown, and VT, FF, NEL or U+2028 cut
+the record into lines for a collector splitting on them."""
+
+
 def _one_line(text: str) -> str:
-    # A text line must stay one line whatever the message holds.
-    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+    # A text line must stay one line whatever the message holds, and show what it holds.
+    return text.translate(_ESCAPES)
 
 
 def text_line(occ: Occurrence) -> bytes:
-    """The human summary: ``time type namespace kind/name reason: message`` (newlines escaped)."""
+    """The human summary: ``time type namespace kind/name reason: message`` (controls escaped)."""
     rec = occ.record
     obj = rec.get("involved_object") or {}
     namespace = rec.get("namespace") or obj.get("namespace") or "-"
@@ -112,7 +128,7 @@ class _Target(NamedTuple):
 def _logging_locks(text: TextIO, fd: int) -> tuple[threading.RLock, ...]:
     # A batch larger than a pipe takes several write(2)s: a log line written to the same descriptor
     # (stream=stderr) between them would land inside a record. Logging writes under its handler's
-    # lock, so the batch takes the same lock.
+    # lock, so the batch takes the same lock while it is inside a line (``_Held``).
     locks = []
     for handler in logging.getLogger().handlers:
         stream = getattr(handler, "stream", None)
@@ -152,6 +168,29 @@ _TICK_MS = 50
 _STOP_GRACE = 0.2
 """How long a send told to stop waits for the line being written to end (a few ticks): one stuck on
 an absent reader is left for the next send, not waited for past the budget or the router's stop."""
+
+
+class _Held:
+    """Logging's handler locks on the descriptor, taken by a write on a stream while it is inside a
+    line: a log line then lands between two records, never inside one. Held for the whole batch, as
+    before, a slow reader (a batch taking seconds) kept every log call of the event loop waiting that
+    long: the watch, every other sink's sends and /healthz stalled with it."""
+
+    def __init__(self, locks: tuple[threading.RLock, ...]) -> None:
+        self.locks = locks
+        self.held = False
+
+    def take(self) -> None:
+        if not self.held:
+            for lock in self.locks:
+                lock.acquire()
+            self.held = True
+
+    def leave(self) -> None:
+        if self.held:
+            for lock in reversed(self.locks):
+                lock.release()
+            self.held = False
 
 
 class _Write:
@@ -210,10 +249,18 @@ class _Write:
         i = bisect.bisect_right(self.ends, target)
         return self.ends[i - 1] if i and self.ends[i - 1] > written else target
 
-    def out(self, fd: int, mode: int) -> None:
+    def out(self, fd: int, mode: int, locks: tuple[threading.RLock, ...]) -> None:
         """Write to a pipe, terminal or socket, never more than it has room for (a write(2) blocked
         on a stalled reader cannot be called back), waiting for room without spinning, also when the
-        descriptor is non-blocking (O_NONBLOCK set again by whoever shares it)."""
+        descriptor is non-blocking (O_NONBLOCK set again by whoever shares it). Logging's ``locks``
+        are held per write(2), and between writes only inside a line (``_Held``)."""
+        held = _Held(locks)
+        try:
+            self._out(fd, mode, held)
+        finally:
+            held.leave()
+
+    def _out(self, fd: int, mode: int, held: _Held) -> None:
         view = memoryview(self.data)
         fifo = stat.S_ISFIFO(mode)
         # /dev/null and the like take everything at once; a terminal or socket a PIPE_BUF at a time.
@@ -225,9 +272,20 @@ class _Write:
                 return
             if not poller.poll(_TICK_MS):  # a reader gone or the descriptor closed wakes it too:
                 continue  # the write then raises
+            held.take()
+            # Room looked at again under the locks: a log line may have taken it meanwhile, and a
+            # write(2) blocked on it would keep logging waiting for the reader.
+            if held.locks and not poller.poll(0):
+                self._between_lines(held)
+                continue
             end = self._next_end(len(view) if whole else _room(fd, fifo))
             with contextlib.suppress(BlockingIOError):  # no room after all: poll again
                 self.written += os.write(fd, view[self.written : end])
+            self._between_lines(held)
+
+    def _between_lines(self, held: _Held) -> None:
+        if self.torn() is None:  # logging may write now: not inside a record
+            held.leave()
 
 
 def _answer(outcomes: list[Outcome | None], done: int, rest: Outcome) -> None:
@@ -340,17 +398,17 @@ class StdoutSink(Sink[StdoutOptions]):
         # the raw FileIO: one write(2), which may take part of the batch and drop the rest unsaid.
         # Otherwise a BufferedWriter, whose lock this (daemon) thread held while blocked on a stalled
         # reader: the interpreter's last flush then aborted the process.
-        with contextlib.ExitStack() as held:
+        info = os.fstat(target.fd)
+        if not stat.S_ISREG(info.st_mode):
+            w.out(target.fd, info.st_mode, target.locks)
+            return
+        with contextlib.ExitStack() as held:  # one write(2): logging waits for it, as a line would
             for lock in target.locks:
                 held.enter_context(lock)
-            info = os.fstat(target.fd)
-            if stat.S_ISREG(info.st_mode):
-                w.whole = True  # before the stop is looked at: a stop that misses it finds it said
-                if not w.stop.is_set():  # a file takes it at once, or fails it whole
-                    _write_file(target.fd, w.data, info.st_size)
-                    w.written = len(w.data)
-            else:
-                w.out(target.fd, info.st_mode)
+            w.whole = True  # before the stop is looked at: a stop that misses it finds it said
+            if not w.stop.is_set():  # a file takes it at once, or fails it whole
+                _write_file(target.fd, w.data, os.fstat(target.fd).st_size)
+                w.written = len(w.data)
 
     async def _settle(self, timeout: float) -> bool:
         """Wait, up to ``timeout``, for the write an earlier send left (it begins no new line) and note

@@ -39,9 +39,12 @@ trailing-slash redirect: logged once with where ``Location`` points, redacted, n
 URL, so those are about the URL (an ingress's default backend while the receiver's pods roll out, a
 path prefix a rewrite dropped, a route that takes no PUT): logged once ("check url: its path or
 method"), never dead-lettered for it. Other 4xx are rejected with the status and a short excerpt of
-the answer. A batch answered 413 (a body limit below ``batch_max_bytes``, e.g. a proxy's) is sent
-again in halves, so only a record too large on its own is rejected; once a half is answered retry
-(429, 5xx with Retry-After), the halves left get that answer without being sent. So is a batch
+the answer. The status decides once it is in: an answer whose body cannot be read (stalled after
+its head, cut off, or not in its Content-Encoding) is judged by it, its excerpt "(its body
+unreadable: ...)" after at most 2 s. A batch answered 413 (a body limit below
+``batch_max_bytes``, e.g. a proxy's) is sent again in halves, so only a record too large on its
+own is rejected; once a half is answered retry (429, 5xx with Retry-After), the halves left get
+that answer without being sent. So is a batch
 answered 400 or 422 (a receiver's validation refusing the array for one record), down to the
 record refused alone, which alone is rejected, with its own answer; the halves taken are OK. That
 costs about two requests per halving (18 for one record among 500), at most 64 requests a send
@@ -353,6 +356,7 @@ class WebhookOptions(SinkOptions):
     timeout: float = Field(
         10.0,
         gt=0,
+        allow_inf_nan=False,  # inf passed, then every request raised OverflowError naming no option
         description=(
             "Seconds one HTTP request may take. A send starts no request later than five sixths of "
             "send_timeout minus this (so it ends before the engine cuts it off); the rest is sent next."
@@ -484,6 +488,9 @@ _SPLIT_REQUESTS = 64
 """Requests one send may spend halving requests answered a final 4xx (400, 422, ...) to find the
 records refused (one among 500 takes 18). Beyond it, a refused request is rejected whole: a receiver
 refusing every body (a wrong format) cost two requests per record."""
+_EXCERPT_WAIT = 2.0
+"""Seconds an error answer's body gets for its excerpt once its status is in (at most ``timeout``):
+the status decides, the excerpt is only quoted."""
 _STOP_GRACE = 0.5
 """Seconds the request in flight gets after ``stop_sending``: under the router's 1 s wait, so that
 the send returns what went in before the router gives up on it."""
@@ -981,15 +988,37 @@ class WebhookSink(Sink[WebhookOptions]):
             # as the Elasticsearch sink does, and logged (``_log_endpoint``).
             where = self._location(resp.headers.get("Location"))
             return status, retry(f"HTTP {status} redirect from {self._redacted} to {where} (not followed)")
-        excerpt = (await resp.content.read(512)).decode("utf-8", "replace")
-        # Our secrets out before anything is cut, and one cut off by the read too.
-        excerpt = scrub(excerpt, self._secrets, partial=not resp.content.at_eof())
-        excerpt = " ".join(excerpt.split())[:200]
-        detail = f"HTTP {status} from {self._redacted}" + (f": {excerpt}" if excerpt else "")
+        detail = f"HTTP {status} from {self._redacted}" + await self._excerpt(resp)
         if status in _RETRY_STATUSES or status >= 500 or status in _REFUSED or status in _ABOUT_THE_URL:
             after = parse_retry_after(resp.headers.get("Retry-After"))
             return status, retry(detail, retry_after=after)
         return status, reject(detail)
+
+    async def _excerpt(self, resp: aiohttp.ClientResponse) -> str:
+        """``": <the answer's first bytes>"`` (none: ``""``), or why its body could not be read. The
+        status line is in, so the status decides the outcome: a body that stalled, was cut off or is
+        not in its Content-Encoding turned a final 400 into a retry (for ever, by default), and a
+        429's Retry-After was lost."""
+        wait = min(_EXCERPT_WAIT, self.options.timeout)
+        try:
+            async with asyncio.timeout(wait):
+                raw = await resp.content.read(512)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return f" (its body unreadable: {self._unreadable(exc, wait)})"
+        # Our secrets out before anything is cut, and one cut off by the read too.
+        excerpt = scrub(raw.decode("utf-8", "replace"), self._secrets, partial=not resp.content.at_eof())
+        excerpt = " ".join(excerpt.split())[:200]
+        return f": {excerpt}" if excerpt else ""
+
+    def _unreadable(self, exc: BaseException, wait: float) -> str:
+        """Why an error answer's body could not be read, for its reason."""
+        if isinstance(exc, TimeoutError):
+            return f"none of it within {wait:g}s"
+        # aiohttp's parse error, under its ClientPayloadError: its code (400) is no status of the answer.
+        message = getattr(exc.__cause__, "message", None)
+        if isinstance(message, str):
+            return " ".join(scrub(message, self._secrets).split())[:100]
+        return self._describe(exc)[:100]
 
     def _location(self, location: str | None) -> str:
         """Where a redirect points, as logs may show it (``shown_location``, our credentials out)."""

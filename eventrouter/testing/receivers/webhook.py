@@ -25,7 +25,10 @@ Every request is recorded (method, path, query, headers, raw body, answer status
 Fault injection: ``fail_next(n, status, retry_after=..., body=..., echo=True, headers=...)`` answers
 the next ``n`` requests with that status and headers (a redirect's ``Location``), after recording,
 before checks; ``echo`` appends what the request carried (method, path and query, headers but the
-plain HTTP ones), as API gateways do that quote the credential they refused; ``hang_next(n)`` never
+plain HTTP ones), as API gateways do that quote the credential they refused; ``body_fault`` sends the
+status line and headers, a body promised (``Content-Length``) but none of it: then ``"stall"`` waits
+until the receiver closes (a proxy or a slow app that flushed the status first), ``"cut"`` drops the
+connection (a front that closes after the head); ``hang_next(n)`` never
 answers the next ``n`` requests (until the receiver closes) — the client must time out. ``fail_matching(predicate, status)``
 answers ``status`` to every request whose raw body ``predicate`` accepts, until ``fail_matching(None)``
 (a receiver with a bug for some payloads; ``lambda body: True``: one that is down). ``delay`` (also
@@ -85,6 +88,10 @@ class RecordedRequest:
         return orjson.loads(self.body)
 
 
+_BODY_FAULT = web.ResponseKey("body_fault", str)
+"""The key, in a response's own storage, of how ``_handle`` answers it without its body."""
+
+
 @dataclass
 class _Fault:
     status: int | None  # None: hang
@@ -92,6 +99,7 @@ class _Fault:
     body: bytes = b""
     echo: bool = False
     headers: dict[str, str] = field(default_factory=dict)
+    body_fault: Literal["stall", "cut"] | None = None
 
 
 class WebhookReceiver:
@@ -149,8 +157,11 @@ class WebhookReceiver:
         body: bytes = b"",
         echo: bool = False,
         headers: dict[str, str] | None = None,
+        body_fault: Literal["stall", "cut"] | None = None,
     ) -> None:
-        self._faults.extend(_Fault(status, retry_after, body, echo, dict(headers or {})) for _ in range(n))
+        self._faults.extend(
+            _Fault(status, retry_after, body, echo, dict(headers or {}), body_fault) for _ in range(n)
+        )
 
     def fail_matching(
         self,
@@ -217,6 +228,9 @@ class WebhookReceiver:
         response = await self._answer(request, rec)
         rec.status = response.status
         await self._notify()
+        how = response.get(_BODY_FAULT)
+        if how is not None:
+            return await self._no_body(request, response, how)
         return response
 
     async def _unread(self, request: web.Request, status: int) -> None:
@@ -247,7 +261,10 @@ class WebhookReceiver:
                 plain = {"host", "accept", "accept-encoding", "content-type", "content-length"}
                 sent = "; ".join(f"{k}: {v}" for k, v in request.headers.items() if k.lower() not in plain)
                 body += f" refused {request.method} {request.path_qs} with {sent}".encode()
-            return web.Response(status=fault.status, body=body, headers=headers)
+            response = web.Response(status=fault.status, body=body, headers=headers)
+            if fault.body_fault is not None:
+                response[_BODY_FAULT] = fault.body_fault  # for ``_handle``
+            return response
         if request.method not in ("POST", "PUT"):
             return web.Response(status=405, text="method not allowed")
         if self.secret is not None:
@@ -261,6 +278,20 @@ class WebhookReceiver:
         except orjson.JSONDecodeError as exc:
             return web.Response(status=400, text=f"invalid JSON: {exc}")
         return web.Response(status=self.ok_status)
+
+    async def _no_body(self, request: web.Request, answer: web.Response, how: str) -> web.StreamResponse:
+        """The status line and headers of ``answer`` (its body's length promised, at least one byte),
+        then none of its body: stalled until the receiver closes (``stall``), or the connection
+        dropped (``cut``)."""
+        size = len(answer.body) if isinstance(answer.body, bytes) else 0
+        headers = {**answer.headers, "Content-Length": str(max(size, 1))}
+        response = web.StreamResponse(status=answer.status, headers=headers)
+        await response.prepare(request)  # a StreamResponse sends its head at once
+        if how == "stall":
+            await self._release.wait()
+        if request.transport is not None:
+            request.transport.abort()
+        return response
 
     def _verify(self, rec: RecordedRequest) -> bool:
         assert self.secret is not None
