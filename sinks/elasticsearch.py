@@ -39,9 +39,9 @@ import hashlib
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, NoReturn
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import aiohttp
@@ -72,6 +72,7 @@ from eventrouter import (
     BoundedCache,
     Occurrence,
     Outcome,
+    OutcomeKind,
     RetryableError,
     Secret,
     Sink,
@@ -110,6 +111,8 @@ _MAX_INDEX_BYTES = 255
 _HASH_LEN = 8  # hex digits of the suffix that keeps cut field values apart
 _MIN_FIELD_BYTES = 1 + 1 + _HASH_LEN  # what a cut field value needs at least: a character, -, the hash
 _DOT_NAMES = frozenset({".", ".."})  # names the cluster refuses (invalid_index_name_exception)
+# An index's mapping of raw alone (typeless, or 7.x's _doc): a day's index may map thousands of labels.
+_RAW_MAPPING = "/_mapping?filter_path=*.mappings.properties.raw,*.mappings._doc.properties.raw"
 _DATE_TOKENS = re.compile(r"yyyy|YYYY|yy|MM|dd|HH|[A-Za-z]")
 _DATE_STRFTIME = {"yyyy": "%Y", "YYYY": "%Y", "yy": "%y", "MM": "%m", "dd": "%d", "HH": "%H"}
 # Top-level record fields usable as {field} in index names (strings only: an index name is text).
@@ -1211,8 +1214,11 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         self._repl = options.dot_replacement
         # With our template the raw object is not indexed, so its dotted keys cannot clash: kept as it
         # is once start installed it and the cluster says a new index gets mappings that leave raw
-        # unindexed (``_template_applies``).
+        # unindexed (``_template_applies``), and only into an index whose own mapping does (or that
+        # is not there yet): index name → whether it does (``_judge_raw``).
         self._raw_verbatim = False
+        self._raw_kept: BoundedCache[str, bool] = BoundedCache(10_000)
+        self._mapping_refusal_logged = False
         self._bulk_path = "/_bulk"
         if options.pipeline:
             self._bulk_path += f"?pipeline={quote(options.pipeline, safe='')}"
@@ -1305,6 +1311,7 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
 
     async def start(self) -> None:
         deadline = time.monotonic() + self.context.send_budget
+        self._raw_kept.clear()  # judged again: the template may have changed meanwhile
         await self._connect(deadline)
         if self.options.index_template:
             await self._install_template(deadline)
@@ -1394,6 +1401,26 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         name, ours = self.options.template_name, index_template_body(self.options)
         listed = await self._list_templates(deadline)
         found = listed.pop(name, None)
+        if found is None and write:
+            # Created only if still absent (create=true): two routers started together both found
+            # none, and the later PUT replaced the other's pattern (item 265's fault). Refused, it
+            # reads who holds the name now and goes on as if it had been there.
+            meta, body = await self._template_call(
+                "PUT",
+                name,
+                orjson.dumps(ours),
+                deadline,
+                f"installing index template {name!r}",
+                (400,),
+                create=True,
+            )
+            if meta.status == 200:
+                await self._installed(name, deadline)
+                return
+            listed = await self._list_templates(deadline)
+            found = listed.pop(name, None)
+            if found is None:
+                await self._refused(name, ours, listed, meta, body)
         if found is not None and self._left_alone(name, found, ours):
             return
         clashes = {other: t for other, t in listed.items() if _clashes(t, ours)}
@@ -1418,11 +1445,31 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             (400,) if clashes else (),
         )
         if meta.status == 400:
-            await self.aclose()
-            why = _body_error(body, self._secrets)
-            raise SinkError(f"{_clash_text(name, ours, clashes)} (the cluster answered 400 {why})")
+            await self._refused(name, ours, listed, meta, body)
+        await self._installed(name, deadline)
+
+    async def _installed(self, name: str, deadline: float) -> None:
         self.log.info("%s: index template %r installed", self.context.name, name)
         self._raw_verbatim = await self._template_applies(name, deadline)
+
+    async def _refused(
+        self,
+        name: str,
+        ours: dict[str, Any],
+        listed: dict[str, dict[str, Any]],
+        meta: ApiResponseMeta,
+        body: Any,
+    ) -> NoReturn:
+        """Start fails: the cluster answered 400 to our template's PUT, explained when another of its
+        priority matches the same indices."""
+        await self.aclose()
+        why = _body_error(body, self._secrets)
+        clashes = {other: t for other, t in listed.items() if _clashes(t, ours)}
+        if clashes:
+            raise SinkError(f"{_clash_text(name, ours, clashes)} (the cluster answered 400 {why})")
+        raise SinkError(
+            f"elasticsearch: installing index template {name!r} on {_node_text(meta)} failed: 400 {why}"
+        )
 
     def _left_alone(self, name: str, found: dict[str, Any], ours: dict[str, Any]) -> bool:
         """Whether the template ``found`` under our name is left as it is (with a warning): an
@@ -1467,8 +1514,9 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         applies, and an operator's own for the same indices (to add ILM or shard settings) silently
         took ours over. Read from the mappings the cluster says a new index of today's gets (7.9+ and
         OpenSearch: ``_simulate_index``), not from the names it passed over, which list a legacy
-        (``_template``) one of our name although ours applies. An answer without them (an older
-        cluster) is taken as yes, as before."""
+        (``_template``) one of our name although ours applies. A cluster without that API (an
+        older one: no 200) is taken as yes, as before; a 200 without a template says none applies
+        (``{}``: another start replaced our patterns since), which is no."""
         sample = self.options.data_stream or _sample_index(self.options.index, time.time())
         try:
             meta, body = await self._request(
@@ -1480,8 +1528,20 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             )
         except TransportError:
             return True
-        simulated = body.get("template") if meta.status == 200 and isinstance(body, dict) else None
-        if not isinstance(simulated, dict) or _raw_unindexed(simulated.get("mappings")):
+        if meta.status != 200 or not isinstance(body, dict):
+            return True
+        simulated = body.get("template")
+        if not isinstance(simulated, dict):
+            self.log.warning(
+                "%s: index template %r is installed, but the cluster says no index template applies to "
+                "new indices such as %s (another start changed its index patterns since): raw is sent "
+                "with the dots of its keys replaced",
+                self.context.name,
+                name,
+                sample,
+            )
+            return False
+        if _raw_unindexed(simulated.get("mappings")):
             return True
         self.log.warning(
             "%s: index template %r is installed, but another of a higher priority applies to new "
@@ -1502,10 +1562,14 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         deadline: float,
         doing: str,
         expected: tuple[int, ...] = (),
+        create: bool = False,
     ) -> tuple[ApiResponseMeta, Any]:
-        """One request to ``/_index_template/<name>`` (None: all of them); SinkError (the client
-        closed) unless answered 200 or one of ``expected``."""
+        """One request to ``/_index_template/<name>`` (None: all of them; ``create``: a PUT that may
+        not replace one there); SinkError (the client closed) unless answered 200 or one of
+        ``expected``."""
         path = "/_index_template" if name is None else f"/_index_template/{quote(name, safe='')}"
+        if create:
+            path += "?create=true"
         try:
             meta, body = await self._request(
                 method,
@@ -1568,9 +1632,10 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
 
     # -- encoding
 
-    def _encode(self, occ: Occurrence) -> bytes:
-        """Action line + document line for one occurrence. Raises TypeError/ValueError for bad input."""
-        index = self.options.data_stream or self._index_name(occ)
+    def _encode(self, occ: Occurrence, index: str | None = None) -> bytes:
+        """Action line + document line for one occurrence (to ``index``, default its own). Raises
+        TypeError/ValueError for bad input."""
+        index = index or self.options.data_stream or self._index_name(occ)
         prefix = self._prefix_cache.get(index)
         if prefix is None:
             prefix = self._prefix_cache.put(
@@ -1594,10 +1659,101 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 if isinstance(value, dict) and _has_dot(value):
                     fixed[key] = _safe_keys(value, self._repl)
         if include_raw:
-            fixed["raw"] = (
-                occ.raw if self._raw_verbatim or self._repl == "." else _safe_keys_deep(occ.raw, self._repl)
-            )
+            verbatim = self._repl == "." or (self._raw_verbatim and self._raw_kept.get(index))
+            fixed["raw"] = occ.raw if verbatim else _safe_keys_deep(occ.raw, self._repl)
         return b"%s%s}}\n%s\n" % (prefix, doc_id, orjson.dumps(fixed))
+
+    async def _judge_raw(self, names: Iterable[str], deadline: float) -> None:
+        """Judge whether ``raw`` may go verbatim into each index of ``names`` not judged yet. The
+        template decides what a new index gets, but one that exists keeps the mappings it was made
+        with: made before index_template was on, a fixed or undated name, another's. There raw's dotted
+        keys were refused (mapper_parsing_exception, dead-lettered) for the rest of the day, or for ever.
+        Not judged (no answer in time): dot-replaced in this send, asked again in the next."""
+        for index in names:
+            if index in self._raw_kept:
+                continue
+            if deadline - time.monotonic() < self.context.send_budget / 2:
+                return  # the bulk request keeps at least half the send's time
+            kept = await self._raw_unindexed_in(index)
+            if kept is not None:
+                self._raw_kept.put(index, kept)
+
+    async def _raw_unindexed_in(self, index: str) -> bool | None:
+        """Whether ``index``'s mapping leaves ``raw`` unindexed, as our template's does (every index an
+        alias or data stream holds); True when it does not exist yet (the template makes it); None if
+        not known now. Within a probe's time: a timeout marks no node dead (it is probed instead)."""
+        path = f"/{quote(index, safe='')}{_RAW_MAPPING}"
+        token = _TRY.set(_Try(self._probe_time, cut=True))
+        try:
+            meta, body = await self._request("GET", path, None, self._headers, timeout=self._probe_time)
+        except TransportError:
+            return None
+        finally:
+            _TRY.reset(token)
+        error = body.get("error") if isinstance(body, dict) else None
+        if (
+            meta.status == 404
+            and isinstance(error, dict)
+            and error.get("type") == "index_not_found_exception"
+        ):
+            return True
+        if meta.status == 200:
+            mappings = (
+                [m.get("mappings") if isinstance(m, dict) else None for m in body.values()]
+                if isinstance(body, dict)
+                else []
+            )
+            if mappings and all(_raw_unindexed(m) for m in mappings):
+                return True
+            self.log.warning(
+                "%s: index %s exists without the mappings of index template %r (made before "
+                "index_template was on, or not from it): raw is sent there with the dots of its keys "
+                "replaced",
+                self.context.name,
+                index,
+                self.options.template_name,
+            )
+            return False
+        if meta.status in (408, 429) or meta.status >= 500:
+            return None
+        if not self._mapping_refusal_logged:
+            self._mapping_refusal_logged = True
+            self.log.warning(
+                "%s: %s answered %d to GET %s/_mapping (%s): raw is sent with the dots of its keys "
+                "replaced into indices whose mapping the sink cannot read (a role needs "
+                "view_index_metadata on them to have raw kept as it is)",
+                self.context.name,
+                _node_text(meta),
+                meta.status,
+                index,
+                _body_error(body, self._secrets),
+            )
+        return False
+
+    def _raw_refused(self, occ: Occurrence, item: Any) -> bool:
+        """Whether the cluster refused ``raw`` as sent verbatim into an index judged to leave it
+        unindexed (found missing, then made without our mappings: another start replaced the
+        template's patterns since). That index gets raw dot-replaced from now on."""
+        index = self.options.data_stream or self._index_name(occ)
+        if not (self._raw_verbatim and self._raw_kept.get(index)) or self._repl == ".":
+            return False
+        result = next(iter(item.values()), None) if isinstance(item, dict) else None
+        if (
+            not isinstance(result, dict)
+            or result.get("status") != 400
+            or "[raw." not in _error_text(result.get("error"))
+        ):
+            return False
+        self._raw_kept.put(index, False)
+        self.log.warning(
+            "%s: index %s refused raw's keys as they are (%s): it was made without the mappings of "
+            "index template %r; raw is sent there with the dots of its keys replaced",
+            self.context.name,
+            index,
+            scrub(_error_text(result.get("error")), self._secrets),
+            self.options.template_name,
+        )
+        return True
 
     # -- send
 
@@ -1608,9 +1764,13 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         outcomes: list[Outcome] = [OK] * len(batch)
         entries: list[_Entry] = []
         limit = self.options.max_document_bytes
+        names: list[str] | None = None
+        if self._raw_verbatim and self.options.include_raw and self._repl != ".":
+            names = [self.options.data_stream or self._index_name(occ) for occ in batch]
+            await self._judge_raw(dict.fromkeys(names), began + self.context.send_budget)
         for i, occ in enumerate(batch):
             try:
-                line = self._encode(occ)
+                line = self._encode(occ, names[i] if names is not None else None)
             except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
                 outcomes[i] = reject(f"cannot encode as JSON: {exc}")
                 continue
@@ -1761,6 +1921,11 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         retry_after = _retry_after(meta)
         for (i, _), item in zip(entries, items, strict=True):
             outcomes[i], cause = self._item_outcome(item, retry_after)
+            if outcomes[i].kind is OutcomeKind.REJECT and self._raw_refused(batch[i], item):
+                outcomes[i] = retry(
+                    f"{outcomes[i].reason}; sent again with raw dot-replaced", retry_after=0.0, held=True
+                )
+                continue
             if cause is not None:
                 run.refused.setdefault(cause[0], cause[1])
                 if self._series_ns is not None and _index_missing(item, self._index_name(batch[i])):
