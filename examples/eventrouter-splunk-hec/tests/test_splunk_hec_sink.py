@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from eventrouter import OK, Occurrence, OutcomeKind, SinkContext, SinkError, normalise
 from eventrouter.app import Router, RouterSettings
 from eventrouter.config import spec_for_class
@@ -522,3 +523,242 @@ async def test_a_channel_dropped_on_the_way_fails_start_naming_it_and_sends_are_
         await sink.aclose()
     assert outcomes is not None and outcomes[0].kind is OutcomeKind.RETRY
     assert "Data channel is missing (code 10)" in outcomes[0].reason
+
+
+# ---- item 283: the waiting bound, the acknowledgement endpoint, a lost answer ---------------------
+
+EVENT_PATH, ACK_PATH = "/services/collector/event", "/services/collector/ack"
+
+
+@asynccontextmanager
+async def gateway(hec: FakeHEC, routes: dict[str, str]) -> AsyncIterator[str]:
+    """An HTTP gateway in front of ``hec`` routing only ``routes`` (its path → HEC's path; the dict may
+    change while it runs); any other path gets the gateway's own 404 page. Yields its base URL."""
+    async with aiohttp.ClientSession() as http:
+
+        async def forward(request: web.Request) -> web.Response:
+            target = routes.get(request.path)
+            if target is None:
+                return web.Response(status=404, text="404: Not Found")
+            passed = ("Authorization", "X-Splunk-Request-Channel", "Content-Type")
+            headers = {k: v for k, v in request.headers.items() if k in passed}
+            async with http.post(hec.url + target, data=await request.read(), headers=headers) as r:
+                return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", forward)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        finally:
+            await runner.cleanup()
+
+
+def test_the_ack_endpoint_is_found_from_the_event_url_as_splunk_clients_do() -> None:
+    """Splunk's clients append HEC's paths to a base URL: the event URL's path up to /services/collector
+    is that base, and a gateway's route without it (https://gw/hec) is the base itself. Before, such a
+    route sent the acknowledgement query to /services/collector/ack at the host's root (item 283)."""
+    found = {
+        "https://splunk:8088": "https://splunk:8088/services/collector/ack",
+        "https://splunk:8088/services/collector/event/1.0": "https://splunk:8088/services/collector/ack",
+        "https://proxy/splunk/services/collector/raw": "https://proxy/splunk/services/collector/ack",
+        "https://gw/hec": "https://gw/hec/services/collector/ack",
+        "https://gw/hec/": "https://gw/hec/services/collector/ack",
+    }
+    for url, ack in found.items():
+        sink = SplunkHECSink(SplunkHECOptions.model_validate({"url": url, "token": TOKEN}), context())
+        assert sink.ack_endpoint == ack, url
+    given = {"url": "https://gw/hec", "token": TOKEN, "ack_url": "https://gw/hec-ack"}
+    assert (
+        SplunkHECSink(SplunkHECOptions.model_validate(given), context()).ack_endpoint == "https://gw/hec-ack"
+    )
+    with pytest.raises(ValidationError, match="must not carry credentials"):
+        SplunkHECOptions.model_validate({**given, "ack_url": "https://u:pw@gw/hec-ack"})
+    with pytest.raises(ValidationError, match="acknowledgement endpoint"):
+        SplunkHECOptions.model_validate({**given, "ack_url": "gw/hec-ack"})
+
+
+async def test_an_ack_endpoint_the_gateway_does_not_route_fails_start_naming_it(tmp_path: Path) -> None:
+    """url=http://gw/hec, a gateway routing only that path to HEC's event endpoint: the acknowledgement
+    query got the gateway's 404. start() passed, and every event was received, held for ack_timeout and
+    posted again, for ever: none delivered, a copy per period (item 283). Now start() and check() fail
+    naming the address (no token) and ack_url; a token without acknowledgement needs none; with ack_url
+    at the gateway's route for it, each event is confirmed and delivered once."""
+    async with (
+        FakeHEC(tokens={TOKEN, OTHER_TOKEN}, ack_tokens={TOKEN}) as hec,
+        gateway(hec, routes := {"/hec": EVENT_PATH}) as gw,
+    ):
+        sink = SplunkHECSink(SplunkHECOptions.model_validate({"url": f"{gw}/hec", "token": TOKEN}), context())
+        try:
+            for attempt in (sink.start, sink.check):
+                with pytest.raises(SinkError) as err:
+                    await attempt()
+                message = str(err.value)
+                assert f"{gw}/hec/services/collector/ack" in message and "HTTP 404" in message, message
+                assert "indexer acknowledgement on" in message and "set ack_url" in message, message
+                assert TOKEN not in message
+        finally:
+            await sink.aclose()
+        assert hec.events == []
+
+        async with hec_sink(url=f"{gw}/hec", token=OTHER_TOKEN):  # no acknowledgement: no need of it
+            pass
+
+        routes["/hec/ack"] = ACK_PATH
+        metrics = Metrics()
+        options = {"url": f"{gw}/hec", "ack_url": f"{gw}/hec/ack", "token": TOKEN, "timeout": 1.0}
+        sink = SplunkHECSink(SplunkHECOptions.model_validate(options), context(send_timeout=4.0))
+        pipeline = pipeline_for("splunk_hec", sink, metrics, tmp_path / "dl", send_timeout=4.0)
+        delivered = metrics.delivered.labels("splunk_hec")
+        async with drained(pipeline):
+            for i in range(3):
+                pipeline.offer(make_occurrence(reason=f"R{i}"))
+            await until(lambda: delivered._value.get() == 3, timeout=10)
+    assert sorted(e["event"]["reason"] for e in hec.events) == ["R0", "R1", "R2"]
+
+
+async def test_an_ack_endpoint_lost_after_start_is_reported_once_and_nothing_is_posted_twice(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The gateway stops routing the acknowledgement path after start(): every query gets its 404. The
+    events HEC received were held as "not indexed yet" and, after ack_timeout, posted again, for ever
+    (item 283). Now the first send logs one ERROR naming the address and ack_url; the events are
+    retried as a failure (counted, the sink down), asked about, never posted again, also past
+    ack_timeout; nothing new is posted; once the route is back they are confirmed, each indexed once."""
+    caplog.set_level(logging.INFO, LOG.name)
+    batch = [make_occurrence(reason=f"R{i}") for i in range(2)]
+    late = make_occurrence(reason="LATE")
+    async with (
+        FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}) as hec,
+        gateway(hec, routes := {"/hec": EVENT_PATH, f"/hec{ACK_PATH}": ACK_PATH}) as gw,
+        hec_sink({"send_timeout": 2.4}, url=f"{gw}/hec", timeout=0.5, ack_timeout=0.3) as sink,
+    ):
+        del routes[f"/hec{ACK_PATH}"]
+        t0 = time.monotonic()
+        outcomes = list(await sink.send(batch) or [])
+        await until(lambda: time.monotonic() > t0 + 0.3)  # past ack_timeout
+        outcomes += await sink.send(batch) or []  # the engine's retries
+        outcomes += await sink.send([late]) or []
+        for outcome in outcomes:
+            assert outcome.kind is OutcomeKind.RETRY and not outcome.held and not outcome.defer, outcome
+            assert f"{gw}/hec/services/collector/ack" in outcome.reason and "ack_url" in outcome.reason
+        assert "not sent" in outcomes[-1].reason
+        assert [e["event"]["reason"] for e in hec.events] == ["R0", "R1"]  # once, and LATE not at all
+
+        routes[f"/hec{ACK_PATH}"] = ACK_PATH
+        again = await sink.send([*batch, late])
+    assert again is not None and all(o is OK for o in again), again
+    assert [e["event"]["reason"] for e in hec.events] == ["R0", "R1", "LATE"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and f"{gw}/hec/services/collector/ack" in errors[0] and TOKEN not in errors[0]
+    assert any("answers as HEC's acknowledgement endpoint again" in r.getMessage() for r in caplog.records)
+
+
+async def test_more_events_than_ack_max_waiting_wait_in_the_queue_and_each_is_indexed_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past the occurrences the sink remembered (10,000) the least recently posted were forgotten
+    before Splunk confirmed them: offered again they were posted again, pushing others out, and
+    nothing was ever delivered, every recheck indexing one more copy (item 283). Now nothing new is
+    posted while ack_max_waiting events wait to be confirmed (held in the engine's queue): all are
+    delivered, each indexed once, no retry counted. Scaled: 40 waiting at most, HEC confirming 1 s
+    after receipt, 120 events offered at once."""
+    caplog.set_level(logging.WARNING, LOG.name)
+    async with FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}, index_delay=1.0) as hec:
+        metrics = Metrics()
+        options = {"url": hec.url, "token": TOKEN, "timeout": 0.5, "ack_max_waiting": 40}
+        sink = SplunkHECSink(SplunkHECOptions.model_validate(options), context(send_timeout=3.0))
+        pipeline = pipeline_for(
+            "splunk_hec",
+            sink,
+            metrics,
+            tmp_path / "dl",
+            send_timeout=3.0,
+            batch_max_events=20,
+            retry_max_attempts=2,
+            retry_initial_backoff=0.1,
+            retry_max_backoff=0.5,
+        )
+        delivered = metrics.delivered.labels("splunk_hec")
+        async with drained(pipeline):
+            for i in range(120):
+                pipeline.offer(make_occurrence(reason=f"R{i}"))
+            await until(lambda: delivered._value.get() == 120, timeout=60)
+    reasons = [e["event"]["reason"] for e in hec.events]
+    assert sorted(reasons) == sorted(f"R{i}" for i in range(120))  # each once
+    assert metrics.retries.labels("splunk_hec")._value.get() == 0
+    assert metrics.dropped.labels("splunk_hec", "queue_full")._value.get() == 0
+    assert any("ack_max_waiting=40" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+async def test_a_lost_answer_after_a_hec_restart_never_confirms_a_waiting_request_by_another() -> None:
+    """HEC restarts (R0, received under ackId 0 and not indexed, is lost; the channel is numbered from
+    0 again), and the answer to the next request (R1, taken as ackId 0) is lost. Asked about ackId 0,
+    HEC confirmed R1's request, and R0 was answered OK: lost silently (item 283; the restart rule sees
+    only answers). Now after a lost answer the waiting request with ackId 0 is posted again, and the
+    sink goes on on a new channel."""
+    r0, r1 = make_occurrence(reason="R0"), make_occurrence(reason="R1")
+    async with (
+        FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}, hold_acks=True) as hec,
+        hec_sink({"send_timeout": 2.4}, url=hec.url, timeout=0.5) as sink,
+    ):
+        held = await sink.send([r0])
+        assert held is not None and held[0].held, held
+        hec.restart()
+        hec.hold_acks = False
+        hec.lose_answers(1)
+        lost = await sink.send([r1])
+        assert lost is not None and lost[0].kind is OutcomeKind.RETRY and "cannot reach" in lost[0].reason
+        assert [e["event"]["reason"] for e in hec.events] == ["R1"] and hec.lost[0]["event"]["reason"] == "R0"
+        again = await sink.send([r0, r1])
+        assert again is not None
+        indexed = [e["event"]["reason"] for e in hec.events]
+        for occ, outcome in zip((r0, r1), again, strict=True):
+            assert outcome is not OK or occ.record["reason"] in indexed, (outcome, indexed)
+        assert all(o is OK for o in again), again
+    assert indexed == ["R1", "R0", "R1"]  # R1 twice: its answer was lost (at least once)
+    assert len(hec.channels) == 2 and hec.channels[-1] == sink.channel
+
+
+async def test_the_fake_stores_a_request_whose_answer_it_loses() -> None:
+    """``lose_answers(n)``: the request is stored and numbered as usual, and the client gets no answer."""
+    channel = str(uuid.uuid4())
+    headers = {"Authorization": f"Splunk {TOKEN}", "X-Splunk-Request-Channel": channel}
+    async with (
+        FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}) as hec,
+        aiohttp.ClientSession(hec.url) as http,
+    ):
+        hec.lose_answers(1)
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            async with http.post(EVENT_PATH, data=b'{"event": "a"}', headers=headers):
+                pass
+        async with http.post(EVENT_PATH, data=b'{"event": "b"}', headers=headers) as r:
+            assert (await r.json())["ackId"] == 1
+        async with http.post(ACK_PATH, data=b'{"acks": [0, 1]}', headers=headers) as r:
+            assert await r.json() == {"acks": {"0": True, "1": True}}
+    assert [e["event"] for e in hec.events] == ["a", "b"]
+
+
+async def test_acknowledgement_turned_off_after_hec_received_the_events_counts_them_delivered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The token's indexer acknowledgement is turned off while events wait for it: HEC answers the query
+    400 code 14 "ACK is disabled". They were held until ack_timeout and posted again; HEC took them and
+    nothing more can be known, so they are OK now, with a WARNING."""
+    caplog.set_level(logging.WARNING, LOG.name)
+    batch = [make_occurrence(reason=f"R{i}") for i in range(2)]
+    async with (
+        FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}, hold_acks=True) as hec,
+        hec_sink({"send_timeout": 2.4}, url=hec.url, timeout=0.5) as sink,
+    ):
+        held = await sink.send(batch)
+        assert held is not None and all(o.held for o in held), held
+        hec.ack_tokens.clear()
+        again = await sink.send(batch)
+    assert again is not None and all(o is OK for o in again), again
+    assert [e["event"]["reason"] for e in hec.events] == ["R0", "R1"]
+    assert any("ACK is disabled" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)

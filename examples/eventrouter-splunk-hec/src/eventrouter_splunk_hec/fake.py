@@ -45,8 +45,10 @@ meet; the sink retries the others, so it loses nothing either way).
 
 Fault injection: ``fail_next(n, status, body=..., retry_after=...)`` answers the next ``n`` event
 requests that way, before any check; ``restart_after(n)`` calls ``restart()`` once the next ``n``
-requests with an ackId are answered; ``delay`` (seconds) holds every event request that long first,
-as a loaded indexer does.
+requests with an ackId are answered; ``lose_answers(n)``: the next ``n`` event requests HEC takes are
+stored (and numbered) as usual, and the connection is closed instead of answering, as when the answer
+of a loaded HEC comes after the client's timeout, or a proxy resets it; ``delay`` (seconds) holds every
+event request that long first, as a loaded indexer does.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ class FakeHEC:
         self.lost: list[dict[str, Any]] = []
         """Events received and lost in a ``restart()`` before they were indexed."""
         self._restart_in: int | None = None  # restart once this many more ackIds are given
+        self._lose = 0  # event requests still to be stored and left unanswered
         self.indexes = indexes
         self.max_content_length = max_content_length
         self.delay = delay
@@ -181,6 +184,11 @@ class FakeHEC:
         for pending in self._acks.values():
             for ack_id in pending:
                 pending[ack_id] = True
+
+    def lose_answers(self, n: int) -> None:
+        """The next ``n`` event requests HEC takes are stored (with their ackIds) and left unanswered:
+        the connection is closed, as when the client gave up waiting."""
+        self._lose = n
 
     def restart_after(self, n: int) -> None:
         """``restart()`` right after answering the next ``n`` event requests that get an ackId."""
@@ -289,6 +297,8 @@ class FakeHEC:
         self.events.extend(events)
         channel = self._channel(request)
         if channel is None:
+            if (lost := self._lost(request)) is not None:
+                return lost
             return await self._answer(200, {"text": "Success", "code": 0})
         self._use(channel)
         ack_id = self._next_ack.get(channel, 0)
@@ -296,13 +306,24 @@ class FakeHEC:
         now = asyncio.get_running_loop().time()
         self._received.setdefault(channel, {})[ack_id] = _Received(events, now, self.hold_acks)
         self._acks.setdefault(channel, {})[ack_id] = not self.hold_acks and self.index_delay <= 0
-        answer = await self._answer(200, {"text": "Success", "code": 0, "ackId": ack_id})
+        answer = self._lost(request)
+        if answer is None:
+            answer = await self._answer(200, {"text": "Success", "code": 0, "ackId": ack_id})
         if self._restart_in is not None:
             self._restart_in -= 1
             if self._restart_in <= 0:
                 self._restart_in = None
                 self.restart()
         return answer
+
+    def _lost(self, request: web.Request) -> web.Response | None:
+        """With ``lose_answers`` pending, close the connection of a request just stored: the client gets
+        no answer (the response returned is never written)."""
+        if self._lose <= 0 or request.transport is None:
+            return None
+        self._lose -= 1
+        request.transport.close()
+        return web.Response(status=200)
 
     def _use(self, channel: str) -> None:
         """A request on ``channel``: forgotten first if it was idle past ``channel_idle_timeout``."""

@@ -16,14 +16,23 @@ one (400 code 10 "Data channel is missing"); one without ignores it.
 Outcomes (what Splunk answers → what the engine does):
 
 * 200 → every item OK. With an ``ackId`` (indexer acknowledgement on: the events are received, not yet
-  indexed), OK once ``/services/collector/ack`` says that request's events are indexed, asked (every
+  indexed), OK once HEC's acknowledgement endpoint says that request's events are indexed, asked (every
   0.1 s, doubling up to 2 s) for a quarter of the send's ``send_budget`` at most (posting stops short
   of that share). Those not confirmed by then are held aside (``retry(held=True, defer=True)``, no
   failure) and remembered with their ackId: offered again, they are asked about, not posted again.
   Still not confirmed after ``ack_timeout``, or when HEC numbers the channel anew (an ackId not above
   the last: it restarted, dropped the idle channel, or another node behind a load balancer without
   sticky sessions answered) and so can no longer confirm them, they are retried as a failure and
-  posted again: indexed twice perhaps, never lost.
+  posted again: indexed twice perhaps, never lost. At most ``ack_max_waiting`` events wait so: past
+  it new ones are not posted but held (``retry(held=True)``: the engine keeps them queued) until HEC
+  confirms some. A request whose answer was lost (a timeout) may hold an ackId the sink never learnt;
+  the sink then goes on on a new channel (see ``_answer_lost``).
+* The acknowledgement endpoint is ``ack_url``, by default the event URL's path up to
+  ``/services/collector`` (the whole path if it has none: a gateway's route) + ``/services/collector/ack``,
+  as Splunk's clients append HEC's paths to their base URL. One that answers as no HEC does (404, 405,
+  a page) fails ``start`` when the token has indexer acknowledgement on; met in a send, it is logged
+  at ERROR once and what HEC received is retried as a failure, asked about, never posted again, and
+  nothing new is posted, until it answers.
 * 400 with ``invalid-event-number`` n → item n is rejected (dead-lettered with Splunk's text and
   code); the other items are retried. Splunk may have indexed the events before n already, so they
   can arrive twice — at-least-once, never lost. ``Incorrect index`` (code 7) rejects the whole batch.
@@ -50,8 +59,7 @@ import math
 import ssl
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
@@ -73,9 +81,9 @@ from eventrouter import (
     retry,
 )
 from eventrouter.options import FilePath
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 
-__all__ = ["DEFAULT_PATH", "SplunkHECOptions", "SplunkHECSink", "redact"]
+__all__ = ["DEFAULT_PATH", "SplunkHECOptions", "SplunkHECSink", "ack_address", "redact"]
 
 DEFAULT_PATH = "/services/collector/event"
 ACK_PATH = "/services/collector/ack"
@@ -88,9 +96,7 @@ _ACK_SHARE = 0.25
 it), and the longest a send asks: an item not confirmed by then is held aside and asked about again."""
 _ACK_QUERY_MIN = 0.05  # seconds: less left in the send's budget, no acknowledgement query starts
 _RECHECK_MAX = 10.0  # seconds: the longest an item held for its confirmation waits to be asked again
-_KEPT = 10_000
-"""Occurrences whose request HEC has not confirmed indexed that the sink remembers (least recently posted
-forgotten first: such a one, retried, is posted again: a copy, never a loss)."""
+_ACK_DISABLED = 14  # HEC's "ACK is disabled": the token has no indexer acknowledgement (any more)
 
 
 class SplunkHECOptions(SinkOptions):
@@ -119,14 +125,31 @@ class SplunkHECOptions(SinkOptions):
         description="Indexer acknowledgement: seconds HEC may take to confirm events indexed before they "
         "are sent again (they may then be indexed twice).",
     )
+    ack_url: str | None = Field(
+        None,
+        description="Indexer acknowledgement endpoint (default: the url's path up to /services/collector, "
+        "or all of it when it has none, followed by /services/collector/ack).",
+    )
+    ack_max_waiting: int = Field(
+        10_000,
+        gt=0,
+        description="Indexer acknowledgement: the most events HEC received and has not confirmed indexed; "
+        "past it new events wait in the queue (at most this many go through per confirmation time).",
+    )
     verify_tls: bool = Field(True, description="Verify the server certificate (https).")
     ca_file: FilePath | None = Field(None, description="PEM bundle to verify the server with (https).")
 
-    @field_validator("url")
+    @field_validator("url", "ack_url")
     @classmethod
-    def _url(cls, value: str) -> str:
+    def _url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
+            if info.field_name == "ack_url":
+                raise ValueError(
+                    "must be the address of HEC's acknowledgement endpoint, e.g. https://gw/hec/ack"
+                )
             raise ValueError("must be the HEC address, e.g. https://splunk:8088")
         if parts.username or parts.password:
             raise ValueError("must not carry credentials; give the token as token=env:NAME")
@@ -137,6 +160,39 @@ def redact(url: str) -> str:
     """Scheme, host, port and path only: the HEC URL never holds the token, but a query might."""
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def ack_address(event_url: str) -> str:
+    """Where HEC's acknowledgement endpoint is, found as Splunk's clients find it (they append HEC's paths
+    to a base URL): the event URL's path up to ``/services/collector`` (a proxy's prefix kept) is the
+    base; a path without it (a gateway's route, ``https://gw/hec``) is the base itself."""
+    parts = urlsplit(event_url)
+    path = parts.path.rstrip("/")
+    at = path.find("/services/collector")
+    base = path[:at] if at >= 0 else path
+    return urlunsplit((parts.scheme, parts.netloc, base + ACK_PATH, parts.query, ""))
+
+
+def _not_hec_ack(status: int, body: bytes) -> str | None:
+    """How an acknowledgement query was answered when no HEC answers so (a gateway's 404 or 405, a page,
+    a 200 without ``acks``): the address reaches something else. None for an answer HEC gives, or may
+    (a 5xx, 408 or 429 says busy, not wrong)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if status == 200 and isinstance(doc, dict) and isinstance(doc.get("acks"), dict):
+        return None
+    if status not in (200, 404, 405) and (
+        (isinstance(doc, dict) and isinstance(doc.get("code"), int)) or status >= 500 or status in (408, 429)
+    ):
+        return None
+    text = _answer(body)[0].strip()
+    return (
+        f"answered HTTP {status}"
+        + (f" ({text})" if text else "")
+        + ", which no HEC acknowledgement endpoint does"
+    )
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -180,6 +236,7 @@ def _answer(body: bytes) -> tuple[str, int | None, int | None]:
 class _Post:
     """A request HEC answered with an ackId: received, to be confirmed indexed."""
 
+    channel: str  # the ackId is this channel's
     ack_id: int
     at: float  # time.monotonic() of HEC's answer
     waiting: int = 0  # occurrences still waiting on it
@@ -192,20 +249,21 @@ class _Post:
 
 
 class _Pending:
-    """The requests HEC received on this sink's channel and has not confirmed indexed, and which
-    occurrence each carried, across sends: a retried occurrence is asked about, not posted again.
-    Bounded: past _KEPT occurrences the least recently posted are forgotten."""
+    """The requests HEC received and has not confirmed indexed, and which occurrence each carried, across
+    sends: a retried occurrence is asked about, not posted again. An occurrence is forgotten only once
+    confirmed, given up, or to be posted again: memory is bounded by what the sink lets wait unconfirmed
+    (``ack_max_waiting``; it posts nothing new past it), never by forgetting what waits."""
 
     def __init__(self) -> None:
-        self.by_key: OrderedDict[str, _Post] = OrderedDict()
-        self.by_ack: dict[int, _Post] = {}  # neither confirmed nor void: what HEC is asked about
-        self.last: int | None = None  # the channel's last ackId
+        self.by_key: dict[str, _Post] = {}
+        self.by_ack: dict[tuple[str, int], _Post] = {}  # neither confirmed nor void: what HEC is asked
+        self.last: int | None = None  # the current channel's last ackId
         self.used = False  # HEC answered an ackId: the token has indexer acknowledgement on
 
     def get(self, key: str) -> _Post | None:
         return self.by_key.get(key)
 
-    def posted(self, ack_id: int, keys: list[str], now: float) -> tuple[_Post, int]:
+    def posted(self, channel: str, ack_id: int, keys: list[str], now: float) -> tuple[_Post, int]:
         """HEC received ``keys`` under ``ack_id``: their post, and how many waiting posts it voided.
         A channel's ackIds only grow: one not above the last means HEC numbers it anew, and the ids
         it gave before can no longer be asked about (one might now name another request)."""
@@ -215,32 +273,44 @@ class _Pending:
                 f"HEC answered ackId {ack_id} again (after {self.last}): it restarted, forgot the channel, "
                 "or another HEC node answered, and can no longer confirm this event's request"
             )
-            for post in self.by_ack.values():
-                post.void = reason
+            for post in list(self.by_ack.values()):
+                self.void(post, reason)
                 voided += 1
-            self.by_ack.clear()
         self.last, self.used = ack_id, True
-        post = self.by_ack[ack_id] = _Post(ack_id, now)
+        post = self.by_ack[channel, ack_id] = _Post(channel, ack_id, now)
         for key in keys:
             self.forget(key)
             self.by_key[key] = post
             post.waiting += 1
-        while len(self.by_key) > _KEPT:
-            self.forget(next(iter(self.by_key)))
         return post, voided
+
+    def unconfirmed(self, now: float, ack_timeout: float) -> int:
+        """Occurrences HEC received and has not confirmed, not yet due to be posted again."""
+        return sum(post.waiting for post in self.by_ack.values() if now - post.at < ack_timeout)
+
+    def on(self, channel: str) -> bool:
+        """Some request on ``channel`` waits to be confirmed."""
+        return any(post.channel == channel for post in self.by_ack.values())
 
     def confirm(self, post: _Post) -> None:
         post.confirmed = True
-        if self.by_ack.get(post.ack_id) is post:
-            del self.by_ack[post.ack_id]
+        self._drop(post)
+
+    def void(self, post: _Post, reason: str) -> None:
+        post.void = reason
+        self._drop(post)
 
     def forget(self, key: str) -> None:
         post = self.by_key.pop(key, None)
         if post is None:
             return
         post.waiting -= 1
-        if post.waiting <= 0 and self.by_ack.get(post.ack_id) is post:
-            del self.by_ack[post.ack_id]  # nobody waits on it any more
+        if post.waiting <= 0:
+            self._drop(post)  # nobody waits on it any more
+
+    def _drop(self, post: _Post) -> None:
+        if self.by_ack.get((post.channel, post.ack_id)) is post:
+            del self.by_ack[post.channel, post.ack_id]
 
 
 class SplunkHECSink(Sink[SplunkHECOptions]):
@@ -254,21 +324,31 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         parts = urlsplit(options.url)
         path = parts.path if parts.path not in ("", "/") else DEFAULT_PATH
         self.endpoint = urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
-        at = path.find("/services/collector")  # behind a proxy's own prefix, the ack path keeps it
-        ack_path = (path[:at] if at >= 0 else "") + ACK_PATH
-        self.ack_endpoint = urlunsplit((parts.scheme, parts.netloc, ack_path, parts.query, ""))
+        self.ack_endpoint = options.ack_url or ack_address(self.endpoint)
         self._where = redact(self.endpoint)
-        self.channel = str(uuid.uuid4())
-        self._headers = {
+        self._ack_where = redact(self.ack_endpoint)
+        self._auth = {
             "Authorization": f"Splunk {options.token.get_secret_value()}",
             "Content-Type": "application/json",
-            # A token with indexer acknowledgement on refuses every request without a channel; its
-            # ackIds are per channel, so one for the sink's life.
-            "X-Splunk-Request-Channel": self.channel,
         }
         self._session: aiohttp.ClientSession | None = None
         self._max_body: int | None = None  # the most bytes a request carries, learnt from HEC's 413s
         self._pending = _Pending()
+        self.channel = ""
+        self._headers: dict[str, str] = {}
+        self._use_channel(str(uuid.uuid4()))
+        self._ack_fault: str | None = None  # what is wrong with the acknowledgement endpoint, if it is
+        self._full = False  # ack_max_waiting events wait to be confirmed: nothing new is posted
+
+    def _use_channel(self, channel: str) -> None:
+        """Post on ``channel`` from now on. A token with indexer acknowledgement on refuses every request
+        without one; its ackIds are per channel, numbered from 0 on a channel HEC does not know."""
+        self.channel = channel
+        self._headers = self._on(channel)
+        self._pending.last = None
+
+    def _on(self, channel: str) -> dict[str, str]:
+        return {**self._auth, "X-Splunk-Request-Channel": channel}
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -280,19 +360,15 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         return True
 
     async def start(self) -> None:
-        """Open the session and prove the token: an empty POST must get HEC's 400 "No data"."""
+        """Open the session and prove the token: an empty POST must get HEC's 400 "No data". With
+        indexer acknowledgement on, the acknowledgement endpoint must answer as HEC's."""
         self.context.warn_if_outlasting(self.options.timeout, "timeout")
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=self._ssl()),
                 timeout=aiohttp.ClientTimeout(total=self.options.timeout),
             )
-        try:
-            async with self._session.post(self.endpoint, data=b"", headers=self._headers) as resp:
-                status, body = resp.status, await resp.read()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise SinkError(f"splunk_hec cannot reach {self._where}: {_describe(exc)}") from None
-        text, code, _ = _answer(body)
+        status, text, code = await self._empty_post(self._headers)
         if status in (401, 403):
             raise SinkError(
                 f"splunk_hec {self._where} refused the token: {text} (HTTP {status}, code {code})"
@@ -308,7 +384,56 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                 f"this sink's channel: {text} (HTTP 400, code {code}); let the X-Splunk-Request-Channel "
                 "header through to HEC, or turn indexer acknowledgement off for this token"
             )
+        await self._check_ack_endpoint()
         self.log.info("splunk_hec %s accepts the token (HTTP %d %s)", self._where, status, text)
+
+    async def _empty_post(self, headers: dict[str, str]) -> tuple[int, str, int | None]:
+        """An empty POST to the event endpoint (HEC answers 400 "No data" once the token and channel
+        pass): its status, text and code."""
+        assert self._session is not None
+        try:
+            async with self._session.post(self.endpoint, data=b"", headers=headers) as resp:
+                status, body = resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise SinkError(f"splunk_hec cannot reach {self._where}: {_describe(exc)}") from None
+        text, code, _ = _answer(body)
+        return status, text, code
+
+    async def _check_ack_endpoint(self) -> None:
+        """A token with indexer acknowledgement on needs HEC's acknowledgement endpoint: at an address
+        that answers as something else (a gateway routing only the event path: 404), every event was
+        received, held for ack_timeout and posted again, for ever. An empty query tells (HEC answers
+        it, or 400 code 14 for a token without acknowledgement); what answers otherwise matters only
+        if the token has it on, which an empty POST without a channel tells (400 code 10)."""
+        assert self._session is not None
+        try:
+            async with self._session.post(
+                self.ack_endpoint, data=b'{"acks": []}', headers=self._headers
+            ) as resp:
+                fault = _not_hec_ack(resp.status, await resp.read())
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            fault = f"cannot be reached ({_describe(exc)})"
+        if fault is None:
+            return
+        _, _, code = await self._empty_post(self._auth)
+        if code in _CHANNEL_CODES:
+            raise SinkError(
+                f"splunk_hec: the token has indexer acknowledgement on, and {self._fault_text(fault)}"
+            )
+        self.log.info(
+            "splunk_hec: %s %s; the token has indexer acknowledgement off, so nothing asks it",
+            self._ack_where,
+            fault,
+        )
+
+    def _fault_text(self, fault: str) -> str:
+        """The acknowledgement endpoint's fault, naming its address (no credentials) and the fix."""
+        if self.options.ack_url:
+            source, fix = "ack_url", "correct ack_url"
+        else:
+            source = "the acknowledgement endpoint derived from url"
+            fix = "set ack_url to the address that reaches HEC's /services/collector/ack (a gateway route of its own)"
+        return f"{self._ack_where} ({source}) {fault}: no event can be confirmed indexed; {fix}"
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
@@ -359,6 +484,9 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         # not posted again (each post of it is one more copy indexed).
         posts = self._waiting(batch, bodies)
         problem = await self._ask_acks(set(posts.values()), end) if posts else None
+        if self._ack_fault is not None and not posts:
+            await self._ask(self.channel, {}, end)  # does the acknowledgement endpoint answer again?
+        await self._admit(bodies, outcomes, end)
         new = await self._post_all(batch, bodies, outcomes, end)
         posts.update(new)
         if any(not post.done for post in posts.values()):
@@ -382,6 +510,60 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             posts[i] = post
             del bodies[i]
         return posts
+
+    async def _admit(self, bodies: dict[int, bytes], outcomes: list[Outcome], end: float) -> None:
+        """Leave in ``bodies`` what may be posted now. While the acknowledgement endpoint answers as no
+        HEC does, nothing: it could never be confirmed (a failure, retried). While ``ack_max_waiting``
+        events wait for HEC to confirm them, what is over: held (no failure), it waits in the engine's
+        queue, and the queue behind it, where what cannot be kept is counted. Before, the sink forgot
+        the oldest waiting instead: offered again, they were posted again and pushed others out, and
+        past the bound nothing was ever confirmed, every recheck one more copy indexed."""
+        if not bodies or not (self._pending.used or self._ack_fault):
+            return
+        room = await self._room(len(bodies), end) if self._ack_fault is None else 0  # may find a fault
+        if self._ack_fault is not None:
+            refused = retry(f"not sent: {self._ack_fault}")
+            for i in bodies:
+                outcomes[i] = refused
+            bodies.clear()
+            return
+        if room >= len(bodies):
+            if self._full:
+                self._full = False
+                self.log.info("splunk_hec %s: HEC confirmed events indexed; posting again", self._where)
+            return
+        now, limit = time.monotonic(), self.options.ack_max_waiting
+        if not self._full:
+            self._full = True
+            self.log.warning(
+                "splunk_hec %s: %d events HEC received wait for it to confirm them indexed "
+                "(ack_max_waiting=%d): new events wait in the queue until it confirms some; at most that "
+                "many go through per confirmation time (raise ack_max_waiting, with queue_max_events)",
+                self._where,
+                limit - room,
+                limit,
+            )
+        oldest = min((post.at for post in self._pending.by_ack.values()), default=now)
+        held = retry(
+            f"not sent yet: {limit - room} events HEC received wait for it to confirm them indexed "
+            f"(ack_max_waiting={limit})",
+            held=True,
+            retry_after=_recheck_in(now - oldest),
+        )
+        for i in list(bodies)[room:]:
+            outcomes[i] = held
+            del bodies[i]
+
+    async def _room(self, wanted: int, end: float) -> int:
+        """How many new events may be posted: ``ack_max_waiting`` less those HEC received and has not
+        confirmed (not those past ack_timeout: posted again when offered). Short of room, HEC is asked
+        about every waiting request: those the engine holds aside come back only after this send."""
+        limit, timeout = self.options.ack_max_waiting, self.options.ack_timeout
+        room = limit - self._pending.unconfirmed(time.monotonic(), timeout)
+        if room < wanted and self._pending.by_ack:
+            await self._ask_acks(set(self._pending.by_ack.values()), end)
+            room = limit - self._pending.unconfirmed(time.monotonic(), timeout)
+        return max(0, room)
 
     async def _post_all(
         self, batch: Sequence[Occurrence], bodies: dict[int, bytes], outcomes: list[Outcome], end: float
@@ -417,7 +599,7 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         means HEC numbers the channel anew: it restarted (what it had not indexed is lost), dropped the
         channel as idle, or another HEC node answered (a load balancer without sticky sessions): the
         requests waiting to be confirmed can no longer be, and are sent again."""
-        post, voided = self._pending.posted(ack_id, keys, time.monotonic())
+        post, voided = self._pending.posted(self.channel, ack_id, keys, time.monotonic())
         if voided:
             self.log.warning(
                 "splunk_hec %s: HEC answered ackId %d again on this sink's channel: it restarted, forgot "
@@ -435,13 +617,13 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         the send's budget (``end``). What is wrong, or None."""
         stop = min(end, time.monotonic() + self.context.send_budget * _ACK_SHARE)
         wait, problem = first, None
-        while any(not post.done for post in posts):
+        while any(not post.done for post in posts) and self._ack_fault is None:
             if time.monotonic() + wait > stop:
                 return problem
             await asyncio.sleep(wait)
             wait = min(max(wait * 2, _ACK_POLL_FIRST), _ACK_POLL_MAX)
             problem = await self._ask_acks(posts, end)
-        return None
+        return self._ack_fault
 
     def _settle(
         self,
@@ -460,6 +642,13 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                 self._pending.forget(key)
                 continue  # OK
             age = now - post.at
+            if post.void is None and self._ack_fault is not None:
+                # A fault of the address, not of HEC: posted again it would only be received again.
+                outcomes[i] = retry(
+                    f"HEC received it (ackId {post.ack_id}, {age:.0f}s ago), and cannot be asked whether "
+                    f"it indexed it: {self._ack_fault}; asked again, not sent again"
+                )
+                continue
             if post.void is None and age < self.options.ack_timeout:
                 outcomes[i] = retry(
                     f"HEC received it (ackId {post.ack_id}, {age:.0f}s ago) and has not confirmed it "
@@ -467,7 +656,7 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                     f"not sent again, for up to ack_timeout={self.options.ack_timeout:g}s",
                     held=True,
                     defer=True,
-                    retry_after=min(_RECHECK_MAX, max(_ACK_POLL_MAX, age / 2)),
+                    retry_after=_recheck_in(age),
                 )
                 continue
             self._pending.forget(key)
@@ -493,29 +682,43 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             self._pending.forget(occ.key)
 
     async def _ask_acks(self, posts: set[_Post], end: float) -> str | None:
-        """One query of ``/services/collector/ack`` for ``posts`` not confirmed yet (within ``end``, the
-        send's budget): those HEC confirms indexed are marked so. What went wrong, or None."""
-        asked = {post.ack_id: post for post in posts if not post.done}
+        """Ask HEC about ``posts`` not confirmed yet (one query per channel, within ``end``, the send's
+        budget): those it confirms indexed are marked so. What went wrong, or None."""
+        asked: dict[str, dict[int, _Post]] = {}
+        for post in posts:
+            if not post.done:
+                asked.setdefault(post.channel, {})[post.ack_id] = post
+        problem = None
+        for channel, ids in asked.items():
+            problem = await self._ask(channel, ids, end) or problem
+        return problem
+
+    async def _ask(self, channel: str, asked: dict[int, _Post], end: float) -> str | None:
+        """One query of the acknowledgement endpoint on ``channel`` for ``asked`` (none: whether it
+        answers as HEC's). What went wrong, or None."""
         left = min(self.options.timeout, end - time.monotonic())
-        if not asked:
-            return None
         if self._session is None:
             return "splunk_hec sink is not started"
         if left < _ACK_QUERY_MIN:
             return "no time left in the send to ask"
-        query = orjson.dumps({"acks": sorted(asked)})
         try:
             async with self._session.post(
                 self.ack_endpoint,
-                data=query,
-                headers=self._headers,
+                data=orjson.dumps({"acks": sorted(asked)}),
+                headers=self._on(channel),
                 timeout=aiohttp.ClientTimeout(total=left),
             ) as resp:
                 status, body = resp.status, await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return f"cannot reach {redact(self.ack_endpoint)}: {_describe(exc)}"
+            return f"cannot reach {self._ack_where}: {_describe(exc)}"
+        self._set_ack_fault(_not_hec_ack(status, body))
+        if self._ack_fault is not None:
+            return self._ack_fault
+        text, code, _ = _answer(body)
+        if status == 400 and code == _ACK_DISABLED:
+            self._acknowledgement_off(asked.values())
+            return None
         if status != 200:
-            text, code, _ = _answer(body)
             return f"HEC {status} to the acknowledgement query: {text}" + (f" (code {code})" if code else "")
         try:
             answered = orjson.loads(body)["acks"]
@@ -526,6 +729,60 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             if (post := asked.get(ack_id)) is not None and post.void is None:
                 self._pending.confirm(post)
         return None
+
+    def _set_ack_fault(self, fault: str | None) -> None:
+        """Note how the acknowledgement endpoint answered: as no HEC does (``fault``), logged at ERROR
+        once; or as HEC again."""
+        text = None if fault is None else self._fault_text(fault)
+        if text == self._ack_fault:
+            return
+        if text is not None:
+            self.log.error(
+                "splunk_hec: %s; what HEC received is asked about again, not sent again, and nothing new is "
+                "sent until it answers",
+                text,
+            )
+        else:
+            self.log.info("splunk_hec: %s answers as HEC's acknowledgement endpoint again", self._ack_where)
+        self._ack_fault = text
+
+    def _acknowledgement_off(self, posts: Iterable[_Post]) -> None:
+        """HEC answered "ACK is disabled" (code 14) about requests it gave ackIds: the token's indexer
+        acknowledgement was turned off since. HEC took them, and nothing more can be known: OK."""
+        self.log.warning(
+            'splunk_hec %s: HEC answered the acknowledgement query "ACK is disabled": the token\'s indexer '
+            "acknowledgement was turned off; the events HEC received under an ackId count as delivered",
+            self._where,
+        )
+        for post in posts:
+            self._pending.confirm(post)
+        self._pending.used = False
+
+    def _answer_lost(self) -> None:
+        """A request's answer was lost (a timeout, a reset): HEC may have taken it under an ackId the
+        sink never learnt. Had HEC restarted (or dropped the idle channel) just before, that is ackId 0,
+        which a request still waiting may hold from before: asked about, HEC would confirm the other
+        request's events, and this one's, lost in the restart, would be answered OK. So that one is
+        posted again, and the sink goes on on a new channel: only one request of unknown ackId per
+        channel, always the last, so only ackId 0 can be mistaken (any later answer not above the
+        last ackId shows the renumbering, as ``_posted`` checks)."""
+        old = self.channel
+        if not self._pending.on(old):
+            return  # nothing waits on this channel: nothing to mistake
+        if (post := self._pending.by_ack.get((old, 0))) is not None:
+            self._pending.void(
+                post,
+                "the answer to a later request on its channel was lost, and had HEC restarted in between "
+                "that request would hold ackId 0 too, confirming another request's events",
+            )
+        self._use_channel(str(uuid.uuid4()))
+        self.log.info(
+            "splunk_hec %s: an answer was lost: new requests go on a new channel (%s), the waiting ones "
+            "are asked about on their own%s",
+            self._where,
+            self.channel,
+            "" if post is None else " (but the one with ackId 0, sent again)",
+        )
 
     def _requests(self, items: list[int], bodies: dict[int, bytes]) -> list[list[int]]:
         """``items`` in order, in runs whose body is at most ``_max_body`` (a larger event alone)."""
@@ -556,6 +813,8 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                 status, body = resp.status, await resp.read()
                 wait = _retry_after(resp.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            if not isinstance(exc, aiohttp.ClientConnectorError):  # sent: HEC may have taken it
+                self._answer_lost()
             # Per item, not RetryableError: earlier requests of this batch may be accepted already.
             for i in items:
                 outcomes[i] = retry(f"cannot reach {self._where}: {_describe(exc)}")
@@ -593,6 +852,11 @@ def _ack_id(body: bytes) -> int | None:
         return None
     ack_id = doc.get("ackId") if isinstance(doc, dict) else None
     return ack_id if isinstance(ack_id, int) and not isinstance(ack_id, bool) else None
+
+
+def _recheck_in(age: float) -> float:
+    """Seconds until a request HEC received ``age`` seconds ago is asked about again."""
+    return min(_RECHECK_MAX, max(_ACK_POLL_MAX, age / 2))
 
 
 def _describe(exc: BaseException) -> str:
