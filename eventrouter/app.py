@@ -10,6 +10,7 @@ import itertools
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import (
     AsyncIterator,
@@ -75,8 +76,9 @@ class RouterSettings:
     """The data dir's volume size: each sink's spool and dead-letter files are bounded to share it."""
     kubeconfig: str | None = None
     context: str | None = None
-    metrics_addr: str | None = "0.0.0.0:8080"
-    """host:port for /metrics, /healthz, /readyz; None disables the HTTP server."""
+    metrics_addr: str | None = ":8080"
+    """host:port for /metrics, /healthz, /readyz (an empty host: every address of both families);
+    None disables the HTTP server."""
     shutdown_timeout: float = 25.0
     """Seconds to drain queues on SIGTERM; keep below the pod's terminationGracePeriodSeconds."""
     stall_timeout: float = 600.0
@@ -199,6 +201,36 @@ def _checkpoint_backend(settings: RouterSettings, name: str) -> CheckpointBacken
     if settings.data_dir is None:
         return MemoryCheckpoint()
     return FileCheckpoint(settings.data_dir / "checkpoints", name)
+
+
+def _site_port(site: web.BaseSite) -> int:
+    sockets = getattr(site._server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1])
+
+
+async def _listen(runner: web.AppRunner, host: str, port: int) -> tuple[int, str]:
+    """Serve ``runner`` on ``host`` (an address or name: its family only; ``[v6]`` in brackets), or,
+    for an empty host, on every address of both families (one dual-stack socket, so ``:0`` gives one
+    port): the kubelet probes the pod IP, which is IPv6 on an IPv6 cluster, and asyncio's ``[::]`` is
+    IPv6 only (``IPV6_V6ONLY``). IPv4 alone where the kernel has no IPv6. Returns the port and what it
+    listens on, for the log."""
+    site: web.BaseSite
+    if host.strip("[]"):
+        site = web.TCPSite(runner, host.strip("[]"), port)
+        await site.start()
+        return _site_port(site), f"{host}:{_site_port(site)}"
+    if not socket.has_dualstack_ipv6():
+        site = web.TCPSite(runner, "0.0.0.0", port)
+        await site.start()
+        return _site_port(site), f"0.0.0.0:{_site_port(site)} (IPv4 only: this kernel has no IPv6)"
+    sock = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
+    site = web.SockSite(runner, sock)
+    try:
+        await site.start()
+    except BaseException:
+        sock.close()
+        raise
+    return _site_port(site), f"[::]:{_site_port(site)} (every IPv4 and IPv6 address)"
 
 
 class Router:
@@ -1004,19 +1036,15 @@ class Router:
         app.router.add_get("/readyz", probe(self.ready))
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port))
         try:
-            await site.start()
+            self.http_port, where = await _listen(runner, host, int(port))
         except (OSError, OverflowError) as exc:
             await runner.cleanup()
-            errno = getattr(exc, "errno", None)
-            why = os.strerror(errno) if errno else str(exc)
+            code = getattr(exc, "errno", None)
+            why = os.strerror(code) if code else str(exc)
             raise ValueError(f"metrics address {addr}: cannot listen there ({why})") from None
         self._http = runner
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.http_port = sockets[0].getsockname()[1] if sockets else int(port)
-        log.info("serving /metrics /healthz /readyz on %s:%s", host or "0.0.0.0", self.http_port)
+        log.info("serving /metrics /healthz /readyz on %s", where)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 

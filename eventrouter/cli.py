@@ -68,7 +68,8 @@ LOG_FORMATS = ("text", "json")
 
 
 def _listen_addr(text: str) -> str:
-    """``host:port`` (``[v6]:port``; an empty host listens everywhere), checked before anything starts."""
+    """``host:port`` (``[v6]:port``; an empty host listens on every address of both families, IPv4 and
+    IPv6), checked before anything starts."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not host:port with a port in 0-65535")
@@ -258,8 +259,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--metrics-addr",
         type=_listen_addr,
-        default="0.0.0.0:8080",
-        help="host:port for /metrics /healthz /readyz",
+        default=":8080",
+        help="host:port for /metrics /healthz /readyz (default :8080: an empty host listens on every "
+        "address of both families, IPv4 and IPv6; 0.0.0.0 or [::] listens on one)",
     )
     run.add_argument("--shutdown-timeout", type=_seconds, default=25.0, help="seconds to drain on SIGTERM")
     run.add_argument(

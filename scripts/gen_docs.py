@@ -5,8 +5,11 @@
 * the example in ``docs/record.md`` (between the ``GENERATED`` markers) — the normalised record of a
   real recorded event, produced by ``eventrouter.record.normalise``.
 * ``config`` in the Helm chart's ``values.schema.json`` — the keys ``RouterConfig`` takes, and for each
-  built-in sink type the keys its entry may hold (its options, the filter and pipeline options), so
-  that a typo fails ``helm install``/``helm upgrade`` instead of the new pod (exit 2).
+  built-in sink type the keys its entry may hold (its options, the filter and pipeline options) with
+  their values' enum and bounds, so that a typo or a value out of range fails ``helm install``/``helm
+  upgrade`` instead of the new pod (exit 2).
+* the chart's ``files/sink-options.json`` — the option keys of each built-in sink type, which the
+  chart's template checks the query of each ``--sink`` flag against.
 
 ``python scripts/gen_docs.py`` rewrites them; ``python scripts/gen_docs.py --check`` exits 1 when they
 are stale (tests/test_docs.py runs it).
@@ -25,17 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pydantic import AliasChoices, BaseModel, SecretStr
+from pydantic import AliasChoices, BaseModel, BeforeValidator, PlainValidator, SecretStr, WrapValidator
 from pydantic.fields import FieldInfo
 
 from eventrouter.config import RouterConfig
-from eventrouter.options import FilterOptions, PipelineOptions, field_names
+from eventrouter.options import FilterOptions, PipelineOptions, field_keys, field_names
 from eventrouter.plugins import PluginError, discover
 from eventrouter.record import normalise, occurrence_number
 from eventrouter.testing import recorded_watch
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 CHART_SCHEMA = Path("charts") / "eventrouter" / "values.schema.json"  # beside docs/
+SINK_OPTIONS = Path("files") / "sink-options.json"  # in the chart, beside its values.schema.json
 REGEN = "python scripts/gen_docs.py"
 # Only the sinks this repository ships: a third-party plugin installed in the developer's environment
 # must not change the committed docs.
@@ -300,32 +304,105 @@ def render_record_md(current: str) -> str:
 
 _SINK_ITEM_NOTE = (
     "A sink of the config file. For a built-in type only the keys it takes (its options, the filter and "
-    "pipeline options; docs/sinks.md): a typo fails the install, not the new pod. Another type (a "
-    "plugin) is not checked here."
+    "pipeline options; docs/sinks.md), and for the values their enum and bounds: a typo fails the "
+    "install, not the new pod. Another type (a plugin) is not checked here."
 )
+
+
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+_VALIDATED_VALUES: dict[str, dict[str, Any]] = {
+    # FilterOptions.level is a str its validator checks, ignoring case (no enum in its JSON schema).
+    # tests/test_chart_s34.py keeps this equal to what the router takes.
+    "level": {"pattern": "^(?i:normal|warning)$"},
+}
+
+
+def _reshaped(annotation: Any) -> bool:
+    """True when a validator running before the type's own (before, plain, wrap) is in the annotation:
+    the values it takes are not those of its JSON schema (kafka's acks=-1, file_mode 7777 read as
+    octal)."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        kinds = (BeforeValidator, PlainValidator, WrapValidator)
+        if any(isinstance(m, kinds) for m in annotation.__metadata__):
+            return True
+    return any(_reshaped(arg) for arg in typing.get_args(annotation))
+
+
+def value_constraints(model: type[BaseModel]) -> dict[str, dict[str, Any]]:
+    """Each key the model takes (aliases included) → the enum and bounds its JSON schema gives the
+    value, for the fields the router checks as declared. ``minimum`` and the like bind numbers only,
+    so "10" (which the router reads as 10) still passes; an enum keeps null when the field takes it."""
+    reshaped = {
+        field
+        for decorator in model.__pydantic_decorators__.field_validators.values()
+        if decorator.info.mode != "after"
+        for field in decorator.info.fields
+    }
+    props = model.model_json_schema(mode="validation", by_alias=False)["properties"]
+    found: dict[str, dict[str, Any]] = {}
+    for name, info in model.model_fields.items():
+        if (
+            name in reshaped
+            or _reshaped(info.annotation)
+            or any(isinstance(m, (BeforeValidator, PlainValidator, WrapValidator)) for m in info.metadata)
+        ):
+            continue
+        prop = props.get(name, {})
+        branches = [b for b in prop.get("anyOf", [prop]) if b.get("type") != "null"]
+        if len(branches) != 1:
+            continue
+        branch = branches[0]
+        constraint = {k: branch[k] for k in _BOUNDS if k in branch}
+        if "enum" in branch:
+            nullable = len(prop.get("anyOf", [])) > 1
+            constraint["enum"] = [*branch["enum"], *([None] if nullable else [])]
+        constraint.update(_VALIDATED_VALUES.get(name, {}))
+        if constraint:
+            for key in field_keys(name, info) | ({info.alias} if info.alias else set()):
+                found[key] = constraint
+    return found
+
+
+def _built_in_models() -> dict[str, type[BaseModel]]:
+    plugins = {n: p for n, p in discover().items() if p.distribution == BUILTIN_DISTRIBUTION}
+    models: dict[str, type[BaseModel]] = {}
+    for name in sorted(plugins):
+        try:
+            models[name] = plugins[name].load().options_model
+        except PluginError:
+            continue  # as docs/sinks.md says: its entries are left unchecked
+    return models
+
+
+def sink_keys() -> dict[str, dict[str, dict[str, Any]]]:
+    """Each built-in type → every key its entry takes (its options, the filter and pipeline options,
+    aliases included) → the enum and bounds of its value ({} for none)."""
+    common = value_constraints(FilterOptions) | value_constraints(PipelineOptions)
+    common_keys = field_names(FilterOptions) | field_names(PipelineOptions)
+    found: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, model in _built_in_models().items():
+        constraints = common | value_constraints(model)
+        found[name] = {key: constraints.get(key, {}) for key in sorted(common_keys | field_names(model))}
+    return found
 
 
 def render_config_schema() -> dict[str, Any]:
     """The chart's ``values.schema.json`` ``config``: what ``RouterConfig`` (extra keys forbidden) and
-    the sink entries of the built-in types take. Keys only: the router checks the values."""
+    the sink entries of the built-in types take: their keys, and their values' enum and bounds."""
     props: dict[str, Any] = {}
     for name, prop in RouterConfig.model_json_schema()["properties"].items():
         props[name] = {k: v for k, v in prop.items() if k not in ("title", "default")}
-    common = field_names(FilterOptions) | field_names(PipelineOptions)
-    per_type: list[dict[str, Any]] = []
-    plugins = {n: p for n, p in discover().items() if p.distribution == BUILTIN_DISTRIBUTION}
-    for name in sorted(plugins):
-        try:
-            model = plugins[name].load().options_model
-        except PluginError:
-            continue  # as docs/sinks.md says: its entries are left unchecked
-        keys = sorted({"type"} | common | field_names(model))
-        per_type.append(
-            {
-                "if": {"properties": {"type": {"const": name}}, "required": ["type"]},
-                "then": {"properties": {key: {} for key in keys}, "additionalProperties": False},
-            }
-        )
+    per_type = [
+        {
+            "if": {"properties": {"type": {"const": name}}, "required": ["type"]},
+            "then": {
+                "properties": dict(sorted(({"type": {}} | keys).items())),
+                "additionalProperties": False,
+            },
+        }
+        for name, keys in sink_keys().items()
+    ]
     props["sinks"] = {
         "type": "array",
         "items": {
@@ -351,6 +428,19 @@ def render_config_schema() -> dict[str, Any]:
     }
 
 
+def render_sink_options() -> str:
+    """The chart's ``files/sink-options.json``: ``sink_keys()`` for the template's check of the ``--sink``
+    flags' query (keys, and the values' enum and bounds). A type whose unknown query keys stay in its
+    URL (the webhook's) is left out, as plugins are."""
+    plugins = discover()
+    keys = {
+        name: options
+        for name, options in sink_keys().items()
+        if not getattr(plugins[name].load(), "url_query_passthrough", False)
+    }
+    return json.dumps(keys, indent=1, sort_keys=True) + "\n"
+
+
 def render_chart_schema(current: str) -> str:
     """``current`` (the chart's values.schema.json) with its ``config`` generated; the rest is the
     chart's own, kept as written."""
@@ -371,6 +461,7 @@ def expected(docs: Path, schema: Path | None = None) -> dict[Path, str]:
     schema = schema or docs.resolve().parent / CHART_SCHEMA
     if schema.exists():
         files[schema] = render_chart_schema(schema.read_text(encoding="utf-8"))
+        files[schema.parent / SINK_OPTIONS] = render_sink_options()
     return files
 
 

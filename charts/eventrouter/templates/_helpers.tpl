@@ -89,6 +89,55 @@ volumeClaimTemplates, whose pod of an ordinal mounts that ordinal's claim again 
 {{- if include "eventrouter.perReplica" . -}}StatefulSet{{- else -}}Deployment{{- end -}}
 {{- end -}}
 
+{{/* The release's workload (the kind rendered now) as the cluster has it before this install or
+upgrade, as YAML: "" on a first install and under `helm template` (no cluster to ask; the chart
+README says what to do by hand there). */}}
+{{- define "eventrouter.liveWorkload" -}}
+{{- $live := lookup "apps/v1" (include "eventrouter.workloadKind" .) .Release.Namespace (include "eventrouter.fullname" .) -}}
+{{- if $live -}}{{- toYaml $live -}}{{- end -}}
+{{- end -}}
+
+{{/* The live router container's args, as JSON ([] without a live workload). */}}
+{{- define "eventrouter.liveArgs" -}}
+{{- $live := include "eventrouter.liveWorkload" . | fromYaml -}}
+{{- $args := list -}}
+{{- range $c := (dig "spec" "template" "spec" "containers" list $live) -}}
+{{- if eq (toString $c.name) "eventrouter" -}}{{- $args = $c.args | default list -}}{{- end -}}
+{{- end -}}
+{{- toJson $args -}}
+{{- end -}}
+
+{{/* "true" when this upgrade turns leader election on: the running router has no --leader-elect. It
+holds no Lease and delivers until it stops, so a surged new pod (which finds the Lease free and leads)
+delivered every occurrence of the rollout a second time. */}}
+{{- define "eventrouter.turnsLeaderElectionOn" -}}
+{{- $args := include "eventrouter.liveArgs" . | fromJsonArray -}}
+{{- if and .Values.leaderElection.enabled $args (not (has "--leader-elect" $args)) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The checkpoint mode of the running router, from its args: configMap, dataDir, none, or "" (none runs). */}}
+{{- define "eventrouter.liveCheckpointMode" -}}
+{{- $args := include "eventrouter.liveArgs" . | fromJsonArray -}}
+{{- $mode := "" -}}
+{{- if $args -}}
+{{- $mode = "none" -}}
+{{- range $arg := $args -}}
+{{- if hasPrefix "--checkpoint-configmap=" (toString $arg) -}}{{- $mode = "configMap" -}}
+{{- else if and (hasPrefix "--data-dir=" (toString $arg)) (eq $mode "none") -}}{{- $mode = "dataDir" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $mode -}}
+{{- end -}}
+
+{{/* The claim the running router's data dir is on ("" for an emptyDir or none). */}}
+{{- define "eventrouter.liveDataClaim" -}}
+{{- $live := include "eventrouter.liveWorkload" . | fromYaml -}}
+{{- range $v := (dig "spec" "template" "spec" "volumes" list $live) -}}
+{{- if and (eq (toString $v.name) "data") $v.persistentVolumeClaim -}}{{- $v.persistentVolumeClaim.claimName -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/*
 Refuse a credential written as a literal: option keys that name a secret must hold an
 `env:NAME` or `file:/path` reference, so no secret ends up in the ConfigMap or the pod's args.
@@ -216,17 +265,121 @@ given --config alone had the letters of such a sink "not configured here": they 
 0, and the documented loop removed the file. `eventrouter replay --sink-flags` reads this. */}}
 {{- define "eventrouter.sinkFlags" -}}
 {{- $flags := list -}}
-{{- range ($.Values.sinks.flags | default list) -}}{{- $flags = append $flags (toString .) -}}{{- end -}}
-{{- $args := $.Values.extraArgs | default list -}}
+{{- range $found := (include "eventrouter.sinkFlagsWhere" . | fromJsonArray) -}}
+{{- $flags = append $flags (index $found 1) -}}
+{{- end -}}
+{{- join "\n" $flags -}}
+{{- end -}}
+
+{{/* The sink name of a TYPE:URL?query flag, as the router reads it: its name= option, else its type. */}}
+{{- define "eventrouter.flagName" -}}
+{{- $flag := toString . -}}
+{{- $type := trim (index (splitn ":" 2 $flag) "_0") -}}
+{{- $name := "" -}}
+{{- if contains "?" $flag -}}
+{{- range $pair := splitList "&" (index (splitn "?" 2 $flag) "_1") -}}
+{{- if and (not $name) (hasPrefix "name=" $pair) -}}{{- $name = trimPrefix "name=" $pair -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- default $type $name -}}
+{{- end -}}
+
+{{/* [where, flag] of each --sink the pod gets: sinks.flags, then each --sink of extraArgs. */}}
+{{- define "eventrouter.sinkFlagsWhere" -}}
+{{- $found := list -}}
+{{- range $i, $flag := (.Values.sinks.flags | default list) -}}
+{{- $found = append $found (list (printf "sinks.flags[%d]" $i) (toString $flag)) -}}
+{{- end -}}
+{{- $args := .Values.extraArgs | default list -}}
 {{- range $i, $arg := $args -}}
 {{- $arg = toString $arg -}}
 {{- if regexMatch `^--si(n|nk)?=` $arg -}}
-{{- $flags = append $flags (regexReplaceAll `^--si(n|nk)?=` $arg "") -}}
+{{- $found = append $found (list (printf "extraArgs[%d]" $i) (regexReplaceAll `^--si(n|nk)?=` $arg "")) -}}
 {{- else if and (regexMatch `^--si(n|nk)?$` $arg) (lt (add1 $i) (len $args)) -}}
-{{- $flags = append $flags (toString (index $args (add1 $i))) -}}
+{{- $found = append $found (list (printf "extraArgs[%d]" (add1 $i)) (toString (index $args (add1 $i)))) -}}
 {{- end -}}
 {{- end -}}
-{{- join "\n" $flags -}}
+{{- toJson $found -}}
+{{- end -}}
+
+{{/* [where, TYPE:URL?query flag, {type: {key: constraint}}]: each query key must be an option of the
+flag's type, and its value within the option's enum and bounds (files/sink-options.json, generated by
+scripts/gen_docs.py from the sinks' option models, as the schema's config.sinks): the router refuses
+anything else at start (exit 2). A type not in the file (a plugin's, or the webhook's, whose unknown
+keys stay in its URL) is not checked; nor is a value holding a % (the router decodes it). */}}
+{{- define "eventrouter.checkFlagKeys" -}}
+{{- $where := index . 0 -}}
+{{- $flag := toString (index . 1) -}}
+{{- $type := trim (index (splitn ":" 2 $flag) "_0") -}}
+{{- $known := get (index . 2) $type -}}
+{{- if and $known (contains "?" $flag) -}}
+{{- range $pair := splitList "&" (index (splitn "?" 2 $flag) "_1") -}}
+{{- $kv := splitn "=" 2 $pair -}}
+{{- $key := $kv._0 -}}
+{{- if and $pair (not (hasKey $known $key)) -}}
+{{- fail (printf "%s (%s sink): option %q is not one the %s sink takes (its options, the filter and pipeline options: docs/sinks.md, or `eventrouter sinks`); the router would refuse it at start (exit 2)" $where $type $key $type) -}}
+{{- end -}}
+{{- $rule := get $known $key | default dict -}}
+{{- $value := $kv._1 | default "" -}}
+{{- if and $rule (contains "=" $pair) (not (contains "%" $value)) -}}
+{{- include "eventrouter.checkFlagValue" (list $where $type $key $value $rule) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* [where, type, key, value, {enum, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum}]:
+the bounds bind a plain number only (the router may read other forms). */}}
+{{- define "eventrouter.checkFlagValue" -}}
+{{- $where := index . 0 -}}
+{{- $type := index . 1 -}}
+{{- $key := index . 2 -}}
+{{- $value := index . 3 -}}
+{{- $rule := index . 4 -}}
+{{- $wrong := "" -}}
+{{- if and (hasKey $rule "enum") (not (has $value $rule.enum)) -}}
+{{- $wrong = printf "one of %s" (join ", " (without $rule.enum nil)) -}}
+{{- else if and (hasKey $rule "pattern") (not (regexMatch $rule.pattern $value)) -}}
+{{- $wrong = printf "a value matching %s" $rule.pattern -}}
+{{- else if regexMatch `^[-+]?[0-9]+(\.[0-9]*)?$` $value -}}
+{{- $n := float64 $value -}}
+{{- if and (hasKey $rule "minimum") (lt $n (float64 $rule.minimum)) -}}{{- $wrong = printf "at least %v" $rule.minimum -}}{{- end -}}
+{{- if and (hasKey $rule "exclusiveMinimum") (le $n (float64 $rule.exclusiveMinimum)) -}}{{- $wrong = printf "more than %v" $rule.exclusiveMinimum -}}{{- end -}}
+{{- if and (hasKey $rule "maximum") (gt $n (float64 $rule.maximum)) -}}{{- $wrong = printf "at most %v" $rule.maximum -}}{{- end -}}
+{{- if and (hasKey $rule "exclusiveMaximum") (ge $n (float64 $rule.exclusiveMaximum)) -}}{{- $wrong = printf "less than %v" $rule.exclusiveMaximum -}}{{- end -}}
+{{- end -}}
+{{- if $wrong -}}
+{{- fail (printf "%s (%s sink): option %q is %q, must be %s; the router would refuse it at start (exit 2)" $where $type $key $value $wrong) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Two sinks of one name (config.sinks' name, else its type; a flag's name=, else its type), or of
+names stored as one file name in the data dir: the router refuses them at start (exit 2), and with
+Recreate the working pod was already gone. Checked in the router's order: config.sinks, then the flags. */}}
+{{- define "eventrouter.checkSinkNames" -}}
+{{- $seen := dict -}}
+{{- $sinks := list -}}
+{{- range $i, $sink := (.Values.config.sinks | default list) -}}
+{{- if kindIs "map" $sink -}}
+{{- $sinks = append $sinks (list (printf "config.sinks[%d]" $i) (toString (default $sink.type $sink.name))) -}}
+{{- end -}}
+{{- end -}}
+{{- range $found := (include "eventrouter.sinkFlagsWhere" . | fromJsonArray) -}}
+{{- $sinks = append $sinks (list (index $found 0) (include "eventrouter.flagName" (index $found 1))) -}}
+{{- end -}}
+{{- range $sink := $sinks -}}
+{{- $where := index $sink 0 -}}
+{{- $name := index $sink 1 -}}
+{{- $file := regexReplaceAll `[^A-Za-z0-9_.-]` $name "_" | default "_" -}}
+{{- with (get $seen $file) -}}
+{{- if eq (index . 1) $name -}}
+{{- fail (printf "%s (sink %q): sink name %q is already used by %s; the router refuses two sinks of one name at start (exit 2): give each a distinct name (name= in a flag, name: in config.sinks; without one a sink is named after its type)" $where $name $name (index . 0)) -}}
+{{- else -}}
+{{- fail (printf "%s (sink %q): sink names %q and %q (%s) are both stored as %q in the data dir; the router refuses them at start (exit 2): give them names that differ in letters, digits, '_', '.' or '-'" $where $name $name (index . 1) (index . 0) $file) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $seen $file (list $where $name) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* [value name, path, [name, path] of each other mount]: a mount of the values may not be another's
@@ -267,8 +420,9 @@ mount inside it, and the container could not start), nor lie inside the read-onl
 {{- if gt (add (int $v.shutdownTimeout) 5) (int $v.terminationGracePeriodSeconds) -}}
 {{- fail (printf "shutdownTimeout (%d) must be at least 5 s below terminationGracePeriodSeconds (%d): after the drain the router still writes its spools, the checkpoint and the lease release before the kubelet kills the pod" (int $v.shutdownTimeout) (int $v.terminationGracePeriodSeconds)) -}}
 {{- end -}}
-{{- if and $v.strategy (eq (toString $v.strategy.type) "RollingUpdate") (not $v.leaderElection.enabled) -}}
-{{- fail "strategy RollingUpdate needs leaderElection.enabled=true: without it the old and the new pod would both deliver during the rollout" -}}
+{{- /* Kubernetes makes a strategy without a type (the short form {rollingUpdate: …}) a RollingUpdate. */ -}}
+{{- if and $v.strategy (ne (toString $v.strategy.type) "Recreate") (not $v.leaderElection.enabled) -}}
+{{- fail "strategy RollingUpdate needs leaderElection.enabled=true: without it the old and the new pod would both deliver during the rollout (a strategy without type is a RollingUpdate to Kubernetes; set type: Recreate)" -}}
 {{- end -}}
 {{- if $v.leaderElection.enabled -}}
 {{- if not (lt (float64 $v.leaderElection.renewDeadline) (float64 $v.leaderElection.leaseDuration)) -}}
@@ -283,6 +437,11 @@ mount inside it, and the container could not start), nor lie inside the read-onl
 {{- end -}}
 {{- if and $v.credentials.env (not (include "eventrouter.credentialsSecretName" .)) -}}
 {{- fail "credentials.env needs credentials.existingSecret or credentials.values" -}}
+{{- end -}}
+{{- range $i, $ns := ($v.watchNamespaces | default list) -}}
+{{- if not (kindIs "string" $ns) -}}
+{{- fail (printf "watchNamespaces[%d] is %v (%s), not a namespace name: YAML reads null, ~, on/off, yes/no, true/false and numbers unquoted as such; quote it (\"%v\")" $i $ns (kindOf $ns) $ns) -}}
+{{- end -}}
 {{- end -}}
 {{- if hasKey $v.config "namespaces" -}}
 {{- fail "config.namespaces is not used: set watchNamespaces (it also scopes the RBAC)" -}}
@@ -395,5 +554,14 @@ mount inside it, and the container could not start), nor lie inside the read-onl
 {{- fail (printf "extraEnv[%d] (%s) holds a literal value, readable by whoever may read the pod spec, %s: put the value in a Secret and list the variable in credentials.env (name and key, a secretKeyRef to credentials.existingSecret or credentials.values), or give it as valueFrom.secretKeyRef" $i $name (ternary "and an env: reference reads it (a credential)" "and its name says it is a credential" $byReference)) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+{{- /* After the credential checks, whose messages say more about a key that holds one. */ -}}
+{{- include "eventrouter.checkSinkNames" . -}}
+{{- $sinkOptions := .Files.Get "files/sink-options.json" | fromJson -}}
+{{- if not $sinkOptions -}}
+{{- fail "files/sink-options.json is missing from the chart" -}}
+{{- end -}}
+{{- range $found := (include "eventrouter.sinkFlagsWhere" . | fromJsonArray) -}}
+{{- include "eventrouter.checkFlagKeys" (list (index $found 0) (index $found 1) $sinkOptions) -}}
 {{- end -}}
 {{- end -}}

@@ -1,0 +1,468 @@
+"""The chart faults of session 34's review (items 280, 281): values the router refuses that installed,
+the Role of a watched namespace named like a YAML literal, and the upgrades that turn leader election
+on or switch the checkpoint mode.
+
+The `lookup` of the live Deployment is empty without a cluster (helm-python renders client-side):
+a copy of the chart redefines `eventrouter.liveWorkload`, the one template that calls it, to return
+the Deployment the previous revision rendered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import helm_python as helm
+import pytest
+import yaml
+
+from eventrouter.config import ConfigError, build_spec, build_specs, parse_sink_flag
+from eventrouter.plugins import discover
+from eventrouter.record import occurrence_number
+from eventrouter.testing import FakeApiServer, event_object
+from eventrouter.testing.waiting import until
+
+CHART = Path(__file__).resolve().parents[1] / "charts" / "eventrouter"
+RELEASE, NAMESPACE, FULLNAME = "er", "monitoring", "er-eventrouter"
+Doc = dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render_text(chart: helm.Chart, values: Doc | None = None) -> dict[str, str]:
+    return chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+
+
+def render(chart: helm.Chart, values: Doc | None = None) -> list[Doc]:
+    docs: list[Doc] = []
+    for path, text in sorted(render_text(chart, values).items()):
+        if not path.endswith("NOTES.txt"):
+            docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def deployment(docs: list[Doc]) -> Doc:
+    (found,) = [d for d in docs if d["kind"] == "Deployment"]
+    return found
+
+
+def notes(chart: helm.Chart, values: Doc | None = None) -> str:
+    return render_text(chart, values)[f"{CHART.name}/templates/NOTES.txt"]
+
+
+def chart_with_live(tmp: Path, live: Doc) -> Path:
+    """A copy of the chart whose `lookup` of the release's workload finds `live`."""
+    copy = tmp / "chart-with-live" / CHART.name
+    shutil.copytree(CHART, copy)
+    # Parsed after _helpers.tpl (Helm parses a folder's templates in reverse name order): it wins.
+    (copy / "templates" / "_a_live.tpl").write_text(
+        '{{- define "eventrouter.liveWorkload" -}}\n' + yaml.safe_dump(live) + "{{- end -}}\n"
+    )
+    return copy
+
+
+# --- F5: watchNamespaces ------------------------------------------------------------------------
+
+
+def test_a_watched_namespace_named_like_a_yaml_literal_gets_its_role_in_that_namespace(
+    chart: helm.Chart,
+) -> None:
+    """`namespace: null` put the Role in the release namespace (the router got 403 for ever), `on`
+    and `123` made a boolean and a number Kubernetes refuses."""
+    names = ["payments", "null", "on", "yes", "true", "123", "0x1f", "1e3"]
+    docs = render(chart, {"watchNamespaces": names})
+    for kind in ("Role", "RoleBinding"):
+        placed = [
+            d["metadata"]["namespace"]
+            for d in docs
+            if d["kind"] == kind and d["metadata"]["name"] == f"{FULLNAME}-events"
+        ]
+        assert placed == names, kind
+
+
+@pytest.mark.parametrize("entry", [None, True, 123], ids=["null", "bool", "number"])
+def test_a_watched_namespace_that_is_no_string_is_refused_naming_it(
+    chart: helm.Chart, entry: Any, tmp_path: Path
+) -> None:
+    with pytest.raises(helm.HelmValuesError, match=r"'/watchNamespaces/1': got \w+, want string"):
+        render(chart, {"watchNamespaces": ["payments", entry]})
+    # Without the schema (helm --skip-schema-validation) the template says what to do.
+    copy = tmp_path / CHART.name
+    shutil.copytree(CHART, copy)
+    (copy / "values.schema.json").unlink()
+    with (
+        helm.Chart.load(copy) as unchecked,
+        pytest.raises(helm.HelmRenderError, match=r"watchNamespaces\[1\] is .*quote it"),
+    ):
+        render(unchecked, {"watchNamespaces": ["payments", entry]})
+
+
+# --- F3: what the router refuses fails the install ----------------------------------------------
+
+REFUSED: dict[str, tuple[Doc, str]] = {
+    "flag option typo": (
+        {"sinks": {"flags": ["loki:http://loki.monitoring:3100?tennant=ops"]}},
+        r'sinks.flags\[0\] \(loki sink\): option "tennant" is not one the loki sink takes',
+    ),
+    "flag level typo": (
+        {"sinks": {"flags": ["stdout:?name=w&level=Warnin"]}},
+        r'sinks.flags\[0\] \(stdout sink\): option "level" is "Warnin", must be',
+    ),
+    "flag bound": (
+        {"sinks": {"flags": ["stdout:?name=w&batch_max_events=0"]}},
+        r'option "batch_max_events" is "0", must be at least 1',
+    ),
+    "flag enum": (
+        {"sinks": {"flags": ["stdout:?name=w&stream=STDERR"]}},
+        r'option "stream" is "STDERR", must be one of stdout, stderr',
+    ),
+    "extraArgs sink option typo": (
+        {"extraArgs": ["--sink", "kafka:k:9092?topic=t&name=k&acsk=all"]},
+        r'extraArgs\[1\] \(kafka sink\): option "acsk" is not one',
+    ),
+    "flag name = config sink name": (
+        {"sinks": {"flags": ["stdout:?level=Warning"]}},
+        r'sinks.flags\[0\] \(sink "stdout"\): sink name "stdout" is already used by config.sinks\[0\]',
+    ),
+    "two config sinks one name": (
+        {
+            "config": {
+                "sinks": [{"type": "stdout", "name": "a"}, {"type": "file", "name": "a", "url": "/tmp/x"}]
+            }
+        },
+        r'config.sinks\[1\] \(sink "a"\): sink name "a" is already used by config.sinks\[0\]',
+    ),
+    "two flags of one type": (
+        {"sinks": {"flags": ["file:/tmp/a", "file:/tmp/b"]}},
+        r'sinks.flags\[1\] \(sink "file"\): sink name "file" is already used by sinks.flags\[0\]',
+    ),
+    "a flag in extraArgs of a config sink's name": (
+        {"extraArgs": ["--sink=stdout:?name=stdout&level=Warning"]},
+        r'extraArgs\[0\] \(sink "stdout"\): sink name "stdout" is already used by config.sinks\[0\]',
+    ),
+    "names stored as one": (
+        {
+            "sinks": {"flags": ["file:/tmp/a?name=es prod"]},
+            "config": {"sinks": [{"type": "stdout", "name": "es_prod"}]},
+        },
+        r'sink names "es prod" and "es_prod" \(config.sinks\[0\]\) are both stored as "es_prod"',
+    ),
+    "config level typo": (
+        {"config": {"sinks": [{"type": "stdout", "name": "s", "level": "Warnin"}]}},
+        r"'/config/sinks/0/level': '.*' does not match pattern",
+    ),
+    "config batch_max_events 0": (
+        {"config": {"sinks": [{"type": "stdout", "name": "s", "batch_max_events": 0}]}},
+        r"'/config/sinks/0/batch_max_events': .*minimum",
+    ),
+    "config enum": (
+        {"config": {"sinks": [{"type": "loki", "url": "http://l:3100", "format": "JSON"}]}},
+        r"'/config/sinks/0/format'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_values_the_router_refuses_fail_the_install(chart: helm.Chart, case: str, tmp_path: Path) -> None:
+    """Each rendered (schema and templates), `helm upgrade` replaced the working pod, and the new one
+    exited 2 (review s34 F3). The router refuses each as well: the chart refuses no more than it."""
+    values, message = REFUSED[case]
+    with pytest.raises((helm.HelmValuesError, helm.HelmRenderError), match=message):
+        render(chart, values)
+    merged = yaml.safe_load((CHART / "values.yaml").read_text())["config"] | values.get("config", {})
+    flags = [*values.get("sinks", {}).get("flags", []), *_extra_sinks(values.get("extraArgs", []))]
+    with pytest.raises(ConfigError):
+        build_specs(flags, merged["sinks"])
+
+
+def _extra_sinks(args: list[str]) -> list[str]:
+    return [
+        a.split("=", 1)[1] if "=" in a else args[i + 1] for i, a in enumerate(args) if a.startswith("--sink")
+    ]
+
+
+# A valid entry of each built-in type, to which one option is added.
+BASE: dict[str, Doc] = {
+    "stdout": {},
+    "file": {"url": "/tmp/x"},
+    "loki": {"url": "http://l:3100"},
+    "kafka": {"url": "k:9092", "topic": "t"},
+    "elasticsearch": {"url": "http://e:9200"},
+    "opensearch": {"url": "http://e:9200"},
+    "webhook": {"url": "http://h/x"},
+    "dingtalk": {"access_token": "env:ER_TEST_TOKEN"},
+    "wecom": {"key": "env:ER_TEST_TOKEN"},
+    "wechat": {"key": "env:ER_TEST_TOKEN"},
+    "sls": {
+        "url": "https://cn-hangzhou.log.aliyuncs.com",
+        "project": "p",
+        "logstore": "l",
+        "access_key_id": "env:ER_TEST_TOKEN",
+        "access_key_secret": "env:ER_TEST_TOKEN",
+    },
+}
+
+
+def _sink_rules() -> dict[str, dict[str, Doc]]:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    return {
+        t["if"]["properties"]["type"]["const"]: {k: v for k, v in t["then"]["properties"].items() if v}
+        for t in schema["properties"]["config"]["properties"]["sinks"]["items"]["allOf"]
+    }
+
+
+def _probes(rule: Doc) -> list[Any]:
+    """Values around each enum, pattern and bound: in it, at it, beside it, in other cases and forms."""
+    found: list[Any] = [None, "", "x"]
+    for item in rule.get("enum", []):
+        if isinstance(item, str):
+            found += [item, item.upper(), item.lower(), item.capitalize(), item.swapcase()]
+    if "pattern" in rule:
+        found += ["Normal", "normal", "WARNING", "Warning", "Warnin"]
+    for bound in (rule.get(k) for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")):
+        if bound is not None:
+            found += [bound, bound - 1, bound + 1, bound - 0.5, bound + 0.5, str(bound), str(bound - 1)]
+    return found
+
+
+PLUGINS = discover()  # once: build_specs discovers them at each call
+
+
+def _router_takes(sink_type: str, key: str, value: Any) -> bool:
+    """As `build_specs` takes one config.sinks entry."""
+    try:
+        build_spec({"type": sink_type, **BASE[sink_type], key: value}, where="probe", plugins=PLUGINS)
+    except ConfigError:
+        return False
+    return True
+
+
+def _flag(sink_type: str, extra: str) -> str:
+    base = BASE[sink_type]
+    url = base.get("url", "")
+    query = "&".join(f"{k}={v}" for k, v in base.items() if k != "url")
+    return f"{sink_type}:{url}?" + "&".join(q for q in (query, extra) if q)
+
+
+def test_the_value_checks_refuse_nothing_the_router_takes(
+    chart: helm.Chart, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every value around each generated enum, pattern and bound that the router takes passes the
+    schema (config.sinks) and the template (a --sink flag's query): kafka's acks=ALL or -1, the file
+    sink's file_mode 7777 (octal) are read by the sinks in their own way, and so have no rule."""
+    monkeypatch.setenv("ER_TEST_TOKEN", "t0ken")  # what the env: references of BASE read
+    taken: list[Doc] = []
+    flags: list[str] = []
+    refused = 0
+    for sink_type, rules in sorted(_sink_rules().items()):
+        for key, rule in sorted(rules.items()):
+            for value in _probes(rule):
+                if not _router_takes(sink_type, key, value):
+                    refused += 1
+                    continue
+                name = f"probe-{len(taken)}"
+                taken.append({"type": sink_type, **BASE[sink_type], key: value, "name": name})
+                as_text = "" if value is None else str(value)
+                if isinstance(value, str | int | float) and _flag_takes(sink_type, key, as_text):
+                    flags.append(_flag(sink_type, f"name=f{len(flags)}&{key}={as_text}"))
+    assert refused and len(taken) > 500 and len(flags) > 500, (refused, len(taken), len(flags))
+    chart.validate_schema(chart.merge_values({"config": {"sinks": taken}}))
+    render(chart, {"config": {"sinks": []}, "sinks": {"flags": flags}})
+
+
+def _flag_takes(sink_type: str, key: str, text: str) -> bool:
+    """As `build_specs` takes one --sink flag."""
+    try:
+        build_spec(parse_sink_flag(_flag(sink_type, f"{key}={text}")), where="probe", plugins=PLUGINS)
+    except ConfigError:
+        return False
+    return True
+
+
+def test_the_flag_rules_are_the_schemas() -> None:
+    """files/sink-options.json (the templates' flag check) holds the keys and rules the schema has for
+    config.sinks, for each built-in type but the webhook (its unknown query keys stay in its URL)."""
+    options = json.loads((CHART / "files" / "sink-options.json").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    types = schema["properties"]["config"]["properties"]["sinks"]["items"]["allOf"]
+    by_type = {t["if"]["properties"]["type"]["const"]: t["then"]["properties"] for t in types}
+    assert set(options) == set(by_type) - {"webhook"}
+    for sink_type, keys in options.items():
+        assert keys == {k: v for k, v in by_type[sink_type].items() if k != "type"}, sink_type
+
+
+# --- F2: turning leader election on ------------------------------------------------------------
+
+
+def test_the_upgrade_turning_leader_election_on_recreates_the_pod(chart: helm.Chart, tmp_path: Path) -> None:
+    installed = deployment(render(chart))
+    assert "--leader-elect" not in installed["spec"]["template"]["spec"]["containers"][0]["args"]
+    with helm.Chart.load(chart_with_live(tmp_path, installed)) as upgrading:
+        for values in (
+            {"leaderElection": {"enabled": True}},
+            {"leaderElection": {"enabled": True}, "strategy": {"type": "RollingUpdate"}},
+        ):
+            assert deployment(render(upgrading, values))["spec"]["strategy"] == {"type": "Recreate"}, values
+    # The next upgrade (the live pod has --leader-elect), and helm template (no live Deployment):
+    elected = deployment(render(chart, {"leaderElection": {"enabled": True}}))
+    rolling = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    assert elected["spec"]["strategy"] == rolling
+    with helm.Chart.load(chart_with_live(tmp_path / "next", elected)) as again:
+        assert deployment(render(again, {"leaderElection": {"enabled": True}}))["spec"]["strategy"] == rolling
+
+
+class Pod:
+    """One pod of a render as a process against the test API server, as tests/deploy/test_chart.py's
+    ChartPod: the rendered args, config and fieldRef env, a data dir of its own (an emptyDir)."""
+
+    def __init__(self, docs: list[Doc], api: FakeApiServer, tmp: Path, name: str) -> None:
+        self.dir = tmp / name
+        self.dir.mkdir()
+        self.out, self.log = self.dir / "stdout.jsonl", self.dir / "stderr.log"
+        config = self.dir / "config.yaml"
+        cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == FULLNAME)
+        config.write_text(cm["data"]["config.yaml"])
+        local = {
+            "--config": str(config),
+            "--data-dir": str(self.dir / "data"),
+            "--metrics-addr": "127.0.0.1:0",
+        }
+        c = deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+        self.args = [f"{f}={local[f]}" if (f := a.split("=", 1)[0]) in local else a for a in c["args"]]
+        self.args.append(f"--kubeconfig={api.kubeconfig(self.dir / 'kubeconfig', namespace=NAMESPACE)}")
+        fields = {"metadata.name": name, "metadata.uid": str(uuid.uuid4()), "metadata.namespace": NAMESPACE}
+        self.env = {e["name"]: fields[e["valueFrom"]["fieldRef"]["fieldPath"]] for e in c["env"]}
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with open(self.out, "ab") as out, open(self.log, "ab") as log:  # noqa: ASYNC230 - once per start
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "eventrouter.cli", *self.args,
+                env={**os.environ, **self.env}, stdout=out, stderr=log,
+            )  # fmt: skip
+
+    async def ready(self) -> bool:
+        found = re.search(rb"serving /metrics /healthz /readyz on [^\"]*:(\d+)", self.log.read_bytes())
+        if not found:
+            return False
+        url = f"http://127.0.0.1:{int(found[1])}/readyz"
+        async with aiohttp.ClientSession() as session, session.get(url) as r:
+            return r.status == 200
+
+    async def until_ready(self) -> None:
+        async with asyncio.timeout(60):
+            while not await self.ready():  # noqa: ASYNC110 - a probe over HTTP has no event to await
+                await asyncio.sleep(0.1)
+
+    def delivered(self) -> list[tuple[str, int]]:
+        text = self.out.read_bytes()
+        complete = text[: text.rfind(b"\n") + 1]
+        return [(d["uid"], d["occurrence"]) for d in map(json.loads, complete.splitlines())]
+
+    async def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), 60)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+
+async def test_turning_leader_election_on_for_an_installed_release_delivers_nothing_twice(
+    chart: helm.Chart, tmp_path: Path
+) -> None:
+    """Played as the Deployment controller rolls the rendered strategy out: RollingUpdate (before)
+    started the new pod, which led, beside the old one, which had no Lease and kept delivering until
+    the new one was Ready: what happened meanwhile reached every sink twice. Recreate stops the old
+    pod (its drain and last checkpoint write) before the new one starts."""
+    rev1 = render(chart)
+    with helm.Chart.load(chart_with_live(tmp_path, deployment(rev1))) as upgrading:
+        rev2 = render(upgrading, {"leaderElection": {"enabled": True}})
+    recreate = deployment(rev2)["spec"]["strategy"]["type"] == "Recreate"
+    async with FakeApiServer(token="t0ken") as api:
+        api.bookmark_interval = 0.5
+        for i in range(20):
+            api.create_event(event_object(object_name=f"before-{i}"))
+        old, new = Pod(rev1, api, tmp_path, "old"), Pod(rev2, api, tmp_path, "new")
+        try:
+            await old.start()
+            await old.until_ready()
+            await until(lambda: len(old.delivered()) >= 20, timeout=30)
+            if recreate:
+                assert await old.stop() == 0
+            await new.start()
+            await new.until_ready()
+            for i in range(10):
+                api.create_event(event_object(object_name=f"during-{i}"))
+            await until(lambda: len(new.delivered()) >= 10, timeout=30)
+            if not recreate:  # the old pod went once the new one was Ready; it had delivered these too
+                await until(lambda: len(old.delivered()) >= 30, timeout=30)
+                assert await old.stop() == 0
+            assert await new.stop() == 0
+        finally:
+            old.kill()
+            new.kill()
+        want = {(e["metadata"]["uid"], occurrence_number(e)) for e in api.events()}
+        got = collections.Counter(old.delivered()) + collections.Counter(new.delivered())
+        assert set(got) >= want, "lost occurrences"
+        twice = [k for k, n in got.items() if n > 1]
+        assert twice == [], f"{len(twice)} delivered twice"
+
+
+# --- F4: switching checkpoint.mode -------------------------------------------------------------
+
+
+def test_notes_warn_when_an_upgrade_switches_the_checkpoint_mode(chart: helm.Chart, tmp_path: Path) -> None:
+    to_data_dir = {"checkpoint": {"mode": "dataDir"}, "persistence": {"enabled": True}}
+    configmap_mode = deployment(render(chart))
+    data_dir_mode = deployment(render(chart, to_data_dir))
+    with helm.Chart.load(chart_with_live(tmp_path / "a", configmap_mode)) as upgrading:
+        said = " ".join(notes(upgrading, to_data_dir).split())
+    assert (
+        f"moved the checkpoint from ConfigMap {FULLNAME}-checkpoint (checkpoint.mode configMap) to the data dir"
+        in said
+    )
+    assert "delivers everything the API server still holds (up to an hour of events) again, once" in said
+    assert "is kept but no longer mounted" not in said
+    with helm.Chart.load(chart_with_live(tmp_path / "b", data_dir_mode)) as upgrading:
+        said = " ".join(notes(upgrading).split())
+    assert "moved the checkpoint from the data dir (checkpoint.mode dataDir)" in said
+    assert f"The claim {FULLNAME}-data is kept but no longer mounted" in said
+    assert "eventrouter_sink_spool_depth is 0" in said
+    # No switch (the same mode, or a first install): no warning; the general note is always there.
+    with helm.Chart.load(chart_with_live(tmp_path / "c", configmap_mode)) as upgrading:
+        said = " ".join(notes(upgrading).split())
+    assert "WARNING" not in said
+    assert "Changing checkpoint.mode on this release later sends everything" in said
+    assert "WARNING" not in notes(chart)
+
+
+def test_values_and_readme_say_what_switching_the_checkpoint_mode_does() -> None:
+    values = " ".join((CHART / "values.yaml").read_text().replace("#", " ").split())
+    assert (
+        "Switching modes on an installed release: the new mode starts without the old one's checkpoint"
+        in values
+    )
+    readme = " ".join((CHART / "README.md").read_text().split())
+    assert "### Switching checkpoint.mode" in (CHART / "README.md").read_text()
+    assert "wait until `eventrouter_sink_spool_depth` is 0 for each, replay the dead letters" in readme
+    assert (
+        "scale to 0 first, `kubectl -n <namespace> scale deployment/<release>-eventrouter --replicas=0`"
+        in readme
+    )
