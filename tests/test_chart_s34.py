@@ -9,20 +9,13 @@ the Deployment the previous revision rendered.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
-import os
-import re
 import shutil
-import signal
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import helm_python as helm
 import pytest
 import yaml
@@ -31,6 +24,7 @@ from eventrouter.config import ConfigError, build_spec, build_specs, parse_sink_
 from eventrouter.plugins import discover
 from eventrouter.record import occurrence_number
 from eventrouter.testing import FakeApiServer, event_object
+from eventrouter.testing.chart_pod import ChartPod
 from eventrouter.testing.waiting import until
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "eventrouter"
@@ -326,62 +320,11 @@ def test_the_upgrade_turning_leader_election_on_recreates_the_pod(chart: helm.Ch
         assert deployment(render(again, {"leaderElection": {"enabled": True}}))["spec"]["strategy"] == rolling
 
 
-class Pod:
-    """One pod of a render as a process against the test API server, as tests/deploy/test_chart.py's
-    ChartPod: the rendered args, config and fieldRef env, a data dir of its own (an emptyDir)."""
-
-    def __init__(self, docs: list[Doc], api: FakeApiServer, tmp: Path, name: str) -> None:
-        self.dir = tmp / name
-        self.dir.mkdir()
-        self.out, self.log = self.dir / "stdout.jsonl", self.dir / "stderr.log"
-        config = self.dir / "config.yaml"
-        cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == FULLNAME)
-        config.write_text(cm["data"]["config.yaml"])
-        local = {
-            "--config": str(config),
-            "--data-dir": str(self.dir / "data"),
-            "--metrics-addr": "127.0.0.1:0",
-        }
-        c = deployment(docs)["spec"]["template"]["spec"]["containers"][0]
-        self.args = [f"{f}={local[f]}" if (f := a.split("=", 1)[0]) in local else a for a in c["args"]]
-        self.args.append(f"--kubeconfig={api.kubeconfig(self.dir / 'kubeconfig', namespace=NAMESPACE)}")
-        fields = {"metadata.name": name, "metadata.uid": str(uuid.uuid4()), "metadata.namespace": NAMESPACE}
-        self.env = {e["name"]: fields[e["valueFrom"]["fieldRef"]["fieldPath"]] for e in c["env"]}
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with open(self.out, "ab") as out, open(self.log, "ab") as log:  # noqa: ASYNC230 - once per start
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "eventrouter.cli", *self.args,
-                env={**os.environ, **self.env}, stdout=out, stderr=log,
-            )  # fmt: skip
-
-    async def ready(self) -> bool:
-        found = re.search(rb"serving /metrics /healthz /readyz on [^\"]*:(\d+)", self.log.read_bytes())
-        if not found:
-            return False
-        url = f"http://127.0.0.1:{int(found[1])}/readyz"
-        async with aiohttp.ClientSession() as session, session.get(url) as r:
-            return r.status == 200
-
-    async def until_ready(self) -> None:
-        async with asyncio.timeout(60):
-            while not await self.ready():  # noqa: ASYNC110 - a probe over HTTP has no event to await
-                await asyncio.sleep(0.1)
-
-    def delivered(self) -> list[tuple[str, int]]:
-        text = self.out.read_bytes()
-        complete = text[: text.rfind(b"\n") + 1]
-        return [(d["uid"], d["occurrence"]) for d in map(json.loads, complete.splitlines())]
-
-    async def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.proc.wait(), 60)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
+def pod(docs: list[Doc], api: FakeApiServer, tmp: Path, name: str) -> ChartPod:
+    """One pod of a render as a process, with a data dir of its own (an emptyDir)."""
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == FULLNAME)
+    container = deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+    return ChartPod(cm["data"]["config.yaml"], container, api, tmp, name, NAMESPACE)
 
 
 async def test_turning_leader_election_on_for_an_installed_release_delivers_nothing_twice(
@@ -399,7 +342,7 @@ async def test_turning_leader_election_on_for_an_installed_release_delivers_noth
         api.bookmark_interval = 0.5
         for i in range(20):
             api.create_event(event_object(object_name=f"before-{i}"))
-        old, new = Pod(rev1, api, tmp_path, "old"), Pod(rev2, api, tmp_path, "new")
+        old, new = pod(rev1, api, tmp_path, "old"), pod(rev2, api, tmp_path, "new")
         try:
             await old.start()
             await old.until_ready()

@@ -13,10 +13,8 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import yaml
 
 from eventrouter.record import normalise, occurrence_number
 from eventrouter.testing import FakeApiServer, event_object, recorded_watch
+from eventrouter.testing.chart_pod import ChartPod
 from eventrouter.testing.receivers.webhook import WebhookReceiver
 from eventrouter.testing.waiting import until
 
@@ -1705,73 +1704,12 @@ def test_router_check_accepts_every_documented_values_file(
 # --- the default install across a pod replacement ----------------------------------------------
 
 
-class ChartPod:
-    """One pod of a render as a process: the rendered args, config and fieldRef env, the test API
-    server for the cluster and a data dir: its own (a new pod gets a new emptyDir) unless `data`
-    names the volume a claim keeps."""
-
-    def __init__(
-        self, docs: list[Doc], api: FakeApiServer, tmp: Path, name: str, data: Path | None = None
-    ) -> None:
-        self.dir = tmp / name
-        self.dir.mkdir()
-        self.out = self.dir / "stdout.jsonl"  # the default sink is stdout
-        self.log = self.dir / "stderr.log"
-        config = self.dir / "config.yaml"
-        config.write_text(one(docs, "ConfigMap", FULLNAME)["data"]["config.yaml"])
-        local = {
-            "--config": str(config),
-            "--data-dir": str(data or self.dir / "data"),
-            "--metrics-addr": "127.0.0.1:0",
-        }
-        c = container(docs)
-        self.args = [
-            f"{flag}={local[flag]}" if (flag := arg.split("=", 1)[0]) in local else arg for arg in c["args"]
-        ]
-        assert sum(a.split("=", 1)[0] in local for a in self.args) == len(local), self.args
-        self.args.append(f"--kubeconfig={api.kubeconfig(self.dir / 'kubeconfig', namespace=NAMESPACE)}")
-        fields = {"metadata.name": name, "metadata.uid": str(uuid.uuid4()), "metadata.namespace": NAMESPACE}
-        self.env = {e["name"]: fields[e["valueFrom"]["fieldRef"]["fieldPath"]] for e in c["env"]}
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with open(self.out, "ab") as out, open(self.log, "ab") as log:  # noqa: ASYNC230 - once per start
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "eventrouter.cli", *self.args,
-                env={**os.environ, **self.env}, stdout=out, stderr=log,
-            )  # fmt: skip
-
-    def port(self) -> int | None:
-        """The metrics port, from the router's own log line (--metrics-addr ...:0)."""
-        found = re.search(rb"serving /metrics /healthz /readyz on [^\"]*:(\d+)", self.log.read_bytes())
-        return int(found[1]) if found else None
-
-    async def ready(self) -> bool:
-        port = self.port()
-        if port is None:
-            return False
-        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/readyz") as r:
-            return r.status == 200
-
-    def delivered(self) -> list[tuple[str, int]]:
-        text = self.out.read_bytes()
-        complete = text[: text.rfind(b"\n") + 1]  # a line without its newline is still being written
-        return [(d["uid"], d["occurrence"]) for d in map(json.loads, complete.splitlines())]
-
-    async def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.proc.wait(), 60)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-
-
-async def _until_ready(pod: ChartPod) -> None:
-    async with asyncio.timeout(60):
-        while not await pod.ready():  # noqa: ASYNC110 - a probe over HTTP has no event to await
-            await asyncio.sleep(0.1)
+def chart_pod(
+    docs: list[Doc], api: FakeApiServer, tmp: Path, name: str, data: Path | None = None
+) -> ChartPod:
+    """One pod of a render as a process (``ChartPod``): its config and container as rendered."""
+    config = one(docs, "ConfigMap", FULLNAME)["data"]["config.yaml"]
+    return ChartPod(config, container(docs), api, tmp, name, NAMESPACE, data)
 
 
 def _configmap_verbs(api: FakeApiServer) -> set[tuple[str, str]]:
@@ -1797,10 +1735,10 @@ async def test_a_new_pod_of_the_default_install_delivers_nothing_twice(
         api.bookmark_interval = 0.5
         for i in range(20):
             api.create_event(event_object(object_name=f"before-{i}"))
-        first, second = ChartPod(docs, api, tmp_path, "pod-1"), ChartPod(docs, api, tmp_path, "pod-2")
+        first, second = chart_pod(docs, api, tmp_path, "pod-1"), chart_pod(docs, api, tmp_path, "pod-2")
         try:
             await first.start()
-            await _until_ready(first)
+            await first.until_ready()
             await until(lambda: len(first.delivered()) >= 20, timeout=30)
             assert await first.stop() == 0
             assert "stopped after draining" in first.log.read_text()
@@ -1811,7 +1749,7 @@ async def test_a_new_pod_of_the_default_install_delivers_nothing_twice(
             api.bump(old["namespace"], old["name"])
             await second.start()
             # Ready: its initial list is handed on; the stop drains what it queued.
-            await _until_ready(second)
+            await second.until_ready()
             await until(lambda: len(second.delivered()) >= 4, timeout=30)
             assert await second.stop() == 0
         finally:
@@ -1903,11 +1841,11 @@ async def test_a_replaced_pod_with_a_claim_per_replica_delivers_what_it_spooled_
             return [(r["uid"], r["occurrence"]) for q in hook.accepted for r in q.json()]
 
         hook.fail_matching(lambda body: True, 503)  # the destination is down
-        first = ChartPod(docs, api, tmp_path, "ordinal-0-first", data=claim)
-        second = ChartPod(docs, api, tmp_path, "ordinal-0-replacement", data=claim)
+        first = chart_pod(docs, api, tmp_path, "ordinal-0-first", data=claim)
+        second = chart_pod(docs, api, tmp_path, "ordinal-0-replacement", data=claim)
         try:
             await first.start()
-            await _until_ready(first)
+            await first.until_ready()
             uids = [
                 api.create_event(event_object(object_name=f"spooled-{i}"))["metadata"]["uid"]
                 for i in range(20)
@@ -1926,7 +1864,7 @@ async def test_a_replaced_pod_with_a_claim_per_replica_delivers_what_it_spooled_
 
             hook.fail_matching(None)  # back up; a rollout replaced the pod meanwhile
             await second.start()
-            await _until_ready(second)
+            await second.until_ready()
             await until(lambda: len(delivered()) >= 20, timeout=30)
             assert await second.stop() == 0
         finally:
