@@ -409,3 +409,30 @@ def test_values_and_readme_say_what_switching_the_checkpoint_mode_does() -> None
         "scale to 0 first, `kubectl -n <namespace> scale deployment/<release>-eventrouter --replicas=0`"
         in readme
     )
+
+
+# --- extraEnv: a proxy's password, and names that only look like credentials (review of item 271) ---
+
+
+@pytest.mark.parametrize("name", ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "UPSTREAM"])
+def test_an_extra_env_literal_with_a_urls_user_info_is_refused_whatever_its_name(
+    chart: helm.Chart, name: str
+) -> None:
+    """The robots read HTTPS_PROXY (trust_env): `http://user:password@proxy` rendered into the pod
+    spec, though the chart refuses a URL's user info in flags, config and extraArgs."""
+    value = "http://proxyuser:S3cretProxyPw@proxy.corp:3128"
+    with pytest.raises(
+        helm.HelmRenderError, match=rf"extraEnv\[0\] \({name}\) holds a URL's user info"
+    ) as refused:
+        render(chart, {"extraEnv": [{"name": name, "value": value}]})
+    assert "S3cretProxyPw" not in str(refused.value)
+    plain = render(chart, {"extraEnv": [{"name": name, "value": "http://proxy.corp:3128"}]})
+    env = deployment(plain)["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": name, "value": "http://proxy.corp:3128"} in env
+
+
+def test_a_name_that_only_looks_like_a_credential_is_told_the_configmap_way(chart: helm.Chart) -> None:
+    """`ROUTING_KEY` is refused by its name (…_KEY, documented); the message said only "a credential"
+    and named Secrets as the way out: a value that is no secret can come from a ConfigMap."""
+    with pytest.raises(helm.HelmRenderError, match=r"ROUTING_KEY.*valueFrom\.configMapKeyRef"):
+        render(chart, {"extraEnv": [{"name": "ROUTING_KEY", "value": "events.k8s"}]})

@@ -551,7 +551,12 @@ mount inside it, and the container could not start), nor lie inside the read-onl
 {{- $name := toString (index $env "name") -}}
 {{- $byReference := regexMatch (printf `env:%s([^A-Za-z0-9_]|$)` (regexQuoteMeta $name)) $referenced -}}
 {{- if or $byReference (regexMatch (include "eventrouter.envSecretPattern" dict) $name) -}}
-{{- fail (printf "extraEnv[%d] (%s) holds a literal value, readable by whoever may read the pod spec, %s: put the value in a Secret and list the variable in credentials.env (name and key, a secretKeyRef to credentials.existingSecret or credentials.values), or give it as valueFrom.secretKeyRef" $i $name (ternary "and an env: reference reads it (a credential)" "and its name says it is a credential" $byReference)) -}}
+{{- fail (printf "extraEnv[%d] (%s) holds a literal value, readable by whoever may read the pod spec, %s: put the value in a Secret and list the variable in credentials.env (name and key, a secretKeyRef to credentials.existingSecret or credentials.values), or give it as valueFrom.secretKeyRef%s" $i $name (ternary "and an env: reference reads it (a credential)" "and its name says it is a credential" $byReference) (ternary "" "; a value that is no secret under such a name (a ROUTING_KEY) can come from a ConfigMap: valueFrom.configMapKeyRef" $byReference)) -}}
+{{- end -}}
+{{- /* Whatever the name: a URL's user info (HTTPS_PROXY=http://user:password@proxy, which the robots'
+       proxy reads) is refused as it is in flags, config and extraArgs. */ -}}
+{{- if include "eventrouter.hasUserInfo" (toString (index $env "value")) -}}
+{{- fail (printf "extraEnv[%d] (%s) holds a URL's user info (scheme://user:password@host), readable by whoever may read the pod spec: put the whole value in a Secret and list the variable in credentials.env (name and key, a secretKeyRef to credentials.existingSecret or credentials.values), or give it as valueFrom.secretKeyRef" $i $name) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
