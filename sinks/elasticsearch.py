@@ -25,7 +25,8 @@ another node is alive: one still hanging holds the send up that long, not its wh
 dead again, and the next node takes the request. A request cut short because earlier requests of the
 same send (a 413's halves, a failed probe) had used part of its time marks no node dead (it may be
 slow and working): that node is probed before its next request instead. A 413 marks no node dead
-either (the transport's rule did): it is about our request, which the sink halves.
+either (the transport's rule did): it is about our request, which the sink halves. Nor does a mapping
+read (``_judge_raw``) that times out: it is given a tenth of the send on purpose.
 
 Redirects are not followed (aiohttp re-sent a POST answered 301/302 as a GET without its body): start
 fails naming the ``Location``; one met while sending is logged and retried.
@@ -111,8 +112,18 @@ _MAX_INDEX_BYTES = 255
 _HASH_LEN = 8  # hex digits of the suffix that keeps cut field values apart
 _MIN_FIELD_BYTES = 1 + 1 + _HASH_LEN  # what a cut field value needs at least: a character, -, the hash
 _DOT_NAMES = frozenset({".", ".."})  # names the cluster refuses (invalid_index_name_exception)
-# An index's mapping of raw alone (typeless, or 7.x's _doc): a day's index may map thousands of labels.
-_RAW_MAPPING = "/_mapping?filter_path=*.mappings.properties.raw,*.mappings._doc.properties.raw"
+# The get-index API's answer cut to what judging raw needs, for many names in one request: each index
+# they reach (its uuid says it is there even with nothing mapped, which a _mapping answer cut to raw
+# leaves out), the aliases and data stream through which a name reaches it, and its mapping of raw
+# alone (typeless, or 7.x's _doc: a day's index may map thousands of labels). A name not there is
+# left out of the answer (ignore_unavailable), not refused.
+_JUDGE_QUERY = (
+    "?ignore_unavailable=true&allow_no_indices=true&filter_path=*.settings.index.uuid,*.aliases,"
+    "*.data_stream,*.mappings.properties.raw,*.mappings._doc.properties.raw"
+)
+# Bytes of (quoted) names in one read: its request line stays within http.max_initial_line_length (4 KB).
+_JUDGE_LINE = 3000
+_MAX_READ_PAUSE = 600.0  # seconds: the longest the reads pause while they fail
 _DATE_TOKENS = re.compile(r"yyyy|YYYY|yy|MM|dd|HH|[A-Za-z]")
 _DATE_STRFTIME = {"yyyy": "%Y", "YYYY": "%Y", "yy": "%y", "MM": "%m", "dd": "%d", "HH": "%H"}
 # Top-level record fields usable as {field} in index names (strings only: an index name is text).
@@ -591,6 +602,9 @@ class _Try:
     """Seconds a probe may take, if the node is due one."""
     cut: bool
     """Earlier requests of the send used part of this one's time (it gets less than ``timeout``)."""
+    quiet: bool = False
+    """Given a short time on purpose (a mapping read): its timeout says nothing of the node, which is
+    neither marked dead nor probed before its next request."""
 
 
 # Set around each bulk request, in the sending task; None (start's, the template's requests): the
@@ -659,7 +673,7 @@ class _Node(AiohttpHttpNode):
         except TransportTimeout:
             if given is None or not given.cut:
                 raise  # it had a request's whole time: the transport marks it dead
-            self.unproven = True
+            self.unproven = self.unproven or not given.quiet
             raise _CutShort(
                 f"{self!r} gave no answer in the {timeout:.2g}s the send had left: not marked dead "
                 "(it may be slow and working)"
@@ -840,6 +854,25 @@ def _raw_unindexed(mappings: Any) -> bool:
     properties = mappings.get("properties") if isinstance(mappings, dict) else None
     raw = properties.get("raw") if isinstance(properties, dict) else None
     return isinstance(raw, dict) and raw.get("enabled") in (False, "false")
+
+
+def _name_lists(names: list[str]) -> list[list[str]]:
+    """``names`` in lists whose quoted, comma-joined form takes at most ``_JUDGE_LINE`` bytes."""
+    lists: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        length = len(quote(name, safe="")) + 1
+        if lists[-1] and size + length > _JUDGE_LINE:
+            lists.append([])
+            size = 0
+        lists[-1].append(name)
+        size += length
+    return lists
+
+
+def _names_text(names: list[str]) -> str:
+    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+    return f"the mappings of {names[0]}{more}"
 
 
 def index_template_body(options: ElasticsearchOptions) -> dict[str, Any]:
@@ -1171,7 +1204,7 @@ class _Run:
     taken: int = 0
     """Requests the cluster answered 2xx."""
     requests: int = 0
-    """Bulk requests made (a node failing its probe counts)."""
+    """Requests made: mapping reads and bulk requests (a node failing its probe counts)."""
     last: float = 0.0
     """Seconds the latest request took."""
     stop: RetryableError | None = None
@@ -1185,6 +1218,8 @@ class _Run:
     """Positions refused because their (dated) index does not exist."""
     unstarted: list[int] = dataclasses.field(default_factory=list)
     """Positions not sent for want of time (``_half``)."""
+    verbatim: set[int] = dataclasses.field(default_factory=set)
+    """Positions whose raw went as it is, where the sink may dot-replace it (``_raw_refused``)."""
 
 
 class ElasticsearchSink(Sink[ElasticsearchOptions]):
@@ -1195,6 +1230,10 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
     server_error_tries: ClassVar[int] = 3
     """Per-item 5xx answers in a row after which a document is set aside (``defer``): until then it
     is retried in place, as a passing fault of the cluster is."""
+    judged_max: ClassVar[int] = 10_000
+    """Index names whose judgment of raw is kept (``_judge_raw``); past it the oldest is forgotten."""
+    read_pause: ClassVar[float] = 30.0
+    """Seconds mapping reads pause after one went unanswered (doubling while they fail, to 10 min)."""
 
     def __init__(self, options: ElasticsearchOptions, context: SinkContext) -> None:
         super().__init__(options, context)
@@ -1217,8 +1256,14 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         # unindexed (``_template_applies``), and only into an index whose own mapping does (or that
         # is not there yet): index name → whether it does (``_judge_raw``).
         self._raw_verbatim = False
-        self._raw_kept: BoundedCache[str, bool] = BoundedCache(10_000)
+        # Not a BoundedCache: emptied after every relist burst (and wholly when full), each index was
+        # read again, and one without our mappings warned about again. Oldest first.
+        self._raw_kept: OrderedDict[str, bool] = OrderedDict()
         self._mapping_refusal_logged = False
+        # Reads answered 408/429/5xx or not in time pause (every name not judged is dot-replaced
+        # meanwhile): a cluster shedding load got one more read per new index name at every retry.
+        self._reads_after = 0.0
+        self._pause = self.read_pause
         self._bulk_path = "/_bulk"
         if options.pipeline:
             self._bulk_path += f"?pipeline={quote(options.pipeline, safe='')}"
@@ -1312,6 +1357,7 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
     async def start(self) -> None:
         deadline = time.monotonic() + self.context.send_budget
         self._raw_kept.clear()  # judged again: the template may have changed meanwhile
+        self._reads_after, self._pause = 0.0, self.read_pause
         await self._connect(deadline)
         if self.options.index_template:
             await self._install_template(deadline)
@@ -1663,80 +1709,135 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             fixed["raw"] = occ.raw if verbatim else _safe_keys_deep(occ.raw, self._repl)
         return b"%s%s}}\n%s\n" % (prefix, doc_id, orjson.dumps(fixed))
 
-    async def _judge_raw(self, names: Iterable[str], deadline: float) -> None:
+    async def _judge_raw(self, names: Iterable[str], run: _Run) -> None:
         """Judge whether ``raw`` may go verbatim into each index of ``names`` not judged yet. The
         template decides what a new index gets, but one that exists keeps the mappings it was made
         with: made before index_template was on, a fixed or undated name, another's. There raw's dotted
         keys were refused (mapper_parsing_exception, dead-lettered) for the rest of the day, or for ever.
-        Not judged (no answer in time): dot-replaced in this send, asked again in the next."""
-        for index in names:
-            if index in self._raw_kept:
-                continue
-            if deadline - time.monotonic() < self.context.send_budget / 2:
-                return  # the bulk request keeps at least half the send's time
-            kept = await self._raw_unindexed_in(index)
-            if kept is not None:
-                self._raw_kept.put(index, kept)
 
-    async def _raw_unindexed_in(self, index: str) -> bool | None:
-        """Whether ``index``'s mapping leaves ``raw`` unindexed, as our template's does (every index an
-        alias or data stream holds); True when it does not exist yet (the template makes it); None if
-        not known now. Within a probe's time: a timeout marks no node dead (it is probed instead)."""
-        path = f"/{quote(index, safe='')}{_RAW_MAPPING}"
-        token = _TRY.set(_Try(self._probe_time, cut=True))
+        Many names a read (a read each, in turn, took half of a slow cluster's send, and the bulk timed
+        out at every send), within a tenth of the send; a name not judged in that time, or while the
+        reads pause, is dot-replaced in this send and asked again in a later one."""
+        todo = [index for index in names if index not in self._raw_kept]
+        if not todo or time.monotonic() < self._reads_after:
+            return
+        until = time.monotonic() + self._probe_time
+        for chunk in _name_lists(todo):
+            left = until - time.monotonic()
+            if left < self._probe_time / 4:
+                return  # the rest in the next send
+            run.requests += 1  # the bulk then has less than its whole time: cut short, no node's fault
+            judged = await self._read_mappings(chunk, left)
+            if judged is None:
+                return
+            for index, kept in judged.items():
+                self._judged(index, kept)
+
+    def _judged(self, index: str, kept: bool) -> None:
+        self._raw_kept[index] = kept
+        if len(self._raw_kept) > self.judged_max:
+            self._raw_kept.popitem(last=False)
+
+    async def _read_mappings(self, names: list[str], timeout: float) -> dict[str, bool] | None:
+        """Whether each index of ``names`` leaves ``raw`` unindexed, as our template's does (every
+        index an alias or data stream of that name holds); True when it is not there yet (the
+        template makes it); None if not known now (the reads pause then)."""
+        path = "/" + ",".join(quote(index, safe="") for index in names) + _JUDGE_QUERY
+        token = _TRY.set(_Try(self._probe_time, cut=True, quiet=True))
         try:
-            meta, body = await self._request("GET", path, None, self._headers, timeout=self._probe_time)
+            meta, body = await self._request("GET", path, None, self._headers, timeout=timeout)
+        except SerializationError as exc:  # a 200 in a media type the transport does not read
+            what = f"with what the transport cannot decode ({scrub(str(exc.message), self._secrets)[:300]})"
+            return self._unreadable(names, f"{self._shown} answered a read of {_names_text(names)} {what}")
         except TransportError:
+            self._pause_reads(None)
             return None
         finally:
             _TRY.reset(token)
-        error = body.get("error") if isinstance(body, dict) else None
-        if (
-            meta.status == 404
-            and isinstance(error, dict)
-            and error.get("type") == "index_not_found_exception"
-        ):
-            return True
-        if meta.status == 200:
-            mappings = (
-                [m.get("mappings") if isinstance(m, dict) else None for m in body.values()]
-                if isinstance(body, dict)
-                else []
-            )
-            if mappings and all(_raw_unindexed(m) for m in mappings):
-                return True
-            self.log.warning(
-                "%s: index %s exists without the mappings of index template %r (made before "
-                "index_template was on, or not from it): raw is sent there with the dots of its keys "
-                "replaced",
-                self.context.name,
-                index,
-                self.options.template_name,
-            )
-            return False
         if meta.status in (408, 429) or meta.status >= 500:
+            self._pause_reads(_retry_after(meta))
             return None
+        self._pause = self.read_pause
+        if meta.status != 200:
+            return self._unreadable(
+                names,
+                f"{_node_text(meta)} answered {meta.status} to a read of {_names_text(names)} "
+                f"({_body_error(body, self._secrets)})"
+                + (
+                    " (a role needs view_index_metadata on them to have raw kept as it is)"
+                    if meta.status in (401, 403)
+                    else ""
+                ),
+            )
+        if not isinstance(body, dict) or not all(isinstance(entry, dict) for entry in body.values()):
+            # A gateway's or sign-in proxy's page: nothing is known of the indices.
+            return self._unreadable(
+                names,
+                f"{_node_text(meta)} answered a read of {_names_text(names)} with what is not the "
+                f"cluster's answer, as something before it (a gateway, a sign-in proxy) does "
+                f"({meta.mimetype or 'no Content-Type'}: {_body_error(body, self._secrets)})",
+            )
+        return self._judged_from(names, body)
+
+    def _judged_from(self, names: list[str], body: dict[str, Any]) -> dict[str, bool]:
+        """The judgments of ``names`` from the get-index answer: by index, keyed by its own name, its
+        aliases' and its data stream's. An index that none of them names (a data stream's backing
+        index where the answer does not say its stream: OpenSearch, Elasticsearch before 7.11) judges
+        every name not named in the answer, which is then not known to be missing."""
+        wanted = set(names)
+        reached: dict[str, list[Any]] = {}
+        unnamed: list[Any] = []
+        for index, entry in body.items():
+            aliases = entry.get("aliases")
+            via = {index, *(aliases if isinstance(aliases, dict) else ()), entry.get("data_stream")}
+            for name in wanted.intersection(via):
+                reached.setdefault(name, []).append(entry.get("mappings"))
+            if wanted.isdisjoint(via):
+                unnamed.append(entry.get("mappings"))
+        judged = {}
+        for index in names:
+            mappings = reached.get(index, unnamed)
+            judged[index] = kept = all(_raw_unindexed(m) for m in mappings)
+            if not kept:
+                self.log.warning(
+                    "%s: index %s exists without the mappings of index template %r (made before "
+                    "index_template was on, or not from it): raw is sent there with the dots of its keys "
+                    "replaced",
+                    self.context.name,
+                    index,
+                    self.options.template_name,
+                )
+        return judged
+
+    def _unreadable(self, names: list[str], what: str) -> dict[str, bool]:
+        """``names`` judged dot-replaced (safe whatever their mapping), and the first time why."""
         if not self._mapping_refusal_logged:
             self._mapping_refusal_logged = True
             self.log.warning(
-                "%s: %s answered %d to GET %s/_mapping (%s): raw is sent with the dots of its keys "
-                "replaced into indices whose mapping the sink cannot read (a role needs "
-                "view_index_metadata on them to have raw kept as it is)",
+                "%s: %s: raw is sent with the dots of its keys replaced into indices whose mapping the "
+                "sink cannot read",
                 self.context.name,
-                _node_text(meta),
-                meta.status,
-                index,
-                _body_error(body, self._secrets),
+                what,
             )
-        return False
+        return dict.fromkeys(names, False)
 
-    def _raw_refused(self, occ: Occurrence, item: Any) -> bool:
-        """Whether the cluster refused ``raw`` as sent verbatim into an index judged to leave it
-        unindexed (found missing, then made without our mappings: another start replaced the
-        template's patterns since). That index gets raw dot-replaced from now on."""
-        index = self.options.data_stream or self._index_name(occ)
-        if not (self._raw_verbatim and self._raw_kept.get(index)) or self._repl == ".":
-            return False
+    def _pause_reads(self, retry_after: float | None) -> None:
+        """No read for a while (what a 429's Retry-After asks, if longer), longer while they fail."""
+        if self._pause == self.read_pause:  # the first of a run
+            self.log.info(
+                "%s: a read of index mappings went unanswered: raw is sent with the dots of its keys "
+                "replaced into indices not judged yet, and the reads pause %gs",
+                self.context.name,
+                self._pause,
+            )
+        self._reads_after = time.monotonic() + max(self._pause, retry_after or 0.0)
+        self._pause = min(self._pause * 2, _MAX_READ_PAUSE)
+
+    def _raw_refused(self, index: str, item: Any) -> bool:
+        """Whether the cluster refused ``raw``, sent verbatim into an index judged to leave it unindexed
+        (found missing, then made without our mappings: another start replaced the template's
+        patterns since). That index gets raw dot-replaced from now on; each document of a bulk so
+        refused is sent again, not only the first (the judgment it was sent by is the caller's)."""
         result = next(iter(item.values()), None) if isinstance(item, dict) else None
         if (
             not isinstance(result, dict)
@@ -1744,15 +1845,16 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             or "[raw." not in _error_text(result.get("error"))
         ):
             return False
-        self._raw_kept.put(index, False)
-        self.log.warning(
-            "%s: index %s refused raw's keys as they are (%s): it was made without the mappings of "
-            "index template %r; raw is sent there with the dots of its keys replaced",
-            self.context.name,
-            index,
-            scrub(_error_text(result.get("error")), self._secrets),
-            self.options.template_name,
-        )
+        if self._raw_kept.get(index):
+            self._judged(index, False)
+            self.log.warning(
+                "%s: index %s refused raw's keys as they are (%s): it was made without the mappings of "
+                "index template %r; raw is sent there with the dots of its keys replaced",
+                self.context.name,
+                index,
+                scrub(_error_text(result.get("error")), self._secrets),
+                self.options.template_name,
+            )
         return True
 
     # -- send
@@ -1761,13 +1863,14 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         if self._client is None:
             raise RetryableError("elasticsearch sink is not started")
         began = time.monotonic()
+        run = _Run(began, began + self.context.send_budget)
         outcomes: list[Outcome] = [OK] * len(batch)
         entries: list[_Entry] = []
         limit = self.options.max_document_bytes
         names: list[str] | None = None
         if self._raw_verbatim and self.options.include_raw and self._repl != ".":
             names = [self.options.data_stream or self._index_name(occ) for occ in batch]
-            await self._judge_raw(dict.fromkeys(names), began + self.context.send_budget)
+            await self._judge_raw(dict.fromkeys(names), run)
         for i, occ in enumerate(batch):
             try:
                 line = self._encode(occ, names[i] if names is not None else None)
@@ -1778,8 +1881,10 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
                 outcomes[i] = reject(f"document is {len(line)} bytes, more than max_document_bytes={limit}")
                 continue
             entries.append((i, line))
+            if names is not None and self._raw_kept.get(names[i]):
+                # Refused so, it is sent again dot-replaced, however the index is judged by then.
+                run.verbatim.add(i)
         if entries:
-            run = _Run(began, began + self.context.send_budget)
             await self._bulk(batch, entries, outcomes, run)
             if run.missing and self._series_ns is not None:
                 self._reject_removed(batch, outcomes, run.refused, run.missing, self._series_ns)
@@ -1921,7 +2026,11 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
         retry_after = _retry_after(meta)
         for (i, _), item in zip(entries, items, strict=True):
             outcomes[i], cause = self._item_outcome(item, retry_after)
-            if outcomes[i].kind is OutcomeKind.REJECT and self._raw_refused(batch[i], item):
+            if (
+                outcomes[i].kind is OutcomeKind.REJECT
+                and i in run.verbatim
+                and self._raw_refused(self.options.data_stream or self._index_name(batch[i]), item)
+            ):
                 outcomes[i] = retry(
                     f"{outcomes[i].reason}; sent again with raw dot-replaced", retry_after=0.0, held=True
                 )
