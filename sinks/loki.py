@@ -31,11 +31,16 @@
   Loki refuses a push larger than its burst for ever); later pushes stay within that limit. A 429 for
   Loki's active stream limit retries the items of the stream it names only, set aside so they hold
   up no other stream, and pushes the others again at once (Loki de-duplicates what it stored; a stream
-  spanning over ``max_behind`` is never among them: it goes last in its push, or alone, as Loki
-  would refuse its older entries pushed again rather than de-duplicate them). Loki
+  spanning over ``max_behind`` is never among them with one ingester: it goes last in its push, or
+  alone, one push per such stream, as Loki would refuse its older entries pushed again rather than
+  de-duplicate them; a distributed Loki may still name another stream, and those older entries
+  refused so are then rejected as perhaps stored, never stamped anew). Loki
   2.x names no stream: the refused one is then the push's only stream Loki may not hold (see below),
   or, when that cannot be told, each stream of the push is pushed again on its own.
-  So does a 429 for Loki's per-stream rate limit; each stream is kept within that limit beforehand
+  So does a 429 for Loki's per-stream rate limit, whose listing says which entries of the stream
+  Loki stored when it limits entry by entry (2.x; 3.x with shard_streams off): those are not sent
+  again when the listing proves it, and are told by Loki's cutoff otherwise (``_rate_listing``).
+  Each stream is kept within that limit beforehand
   (``per_stream_rate``, ``per_stream_burst``: Loki's defaults, planned with a 5 % margin), entries
   over it held back until it refills, since Loki answers for a push's last stream only (see below).
   Loki checks its bucket later than the sink plans, so a stream the budget held part of, or left
@@ -719,6 +724,53 @@ _IGNORED_TOTAL = re.compile(
 """The ingester's last line of an answer listing refused entries; only ever matched whole against one
 line (``fullmatch``). Searched over the whole body with ``.*`` twice, a hostile 429 of 128 K characters
 repeating the line's start blocked the event loop for 156 s (cubic)."""
+_IGNORED_LINE = re.compile(
+    r"entry with timestamp (?P<ts>[^'\n]{1,64}) ignored, reason: '(?P<reason>[^\n]*)',"
+)
+"""One refused entry of the ingester's listing, whatever its reason (matched whole against one line)."""
+_BEHIND_REASON = "entry too far behind"
+
+
+def _parse_ignored(text: str) -> tuple[list[tuple[int, bool]], int, int] | None:
+    """The ingester's listing of a stream's refused entries (pkg/ingester/stream.go
+    ``errorForFailedEntries``): per listed entry its exact timestamp and whether it was refused as too
+    far behind, then Loki's counts (ignored, out of). None when any line is something else."""
+    lines = text.strip().split("\n")
+    total = _IGNORED_TOTAL.fullmatch(lines[-1])
+    if total is None:
+        return None
+    listed: list[tuple[int, bool]] = []
+    for line in lines[:-1]:
+        match = _IGNORED_LINE.fullmatch(line)
+        ts = _parse_go_time(match["ts"]) if match is not None else None
+        if match is None or ts is None:
+            return None
+        listed.append((ts, match["reason"].startswith(_BEHIND_REASON)))
+    return listed, int(total["ignored"]), int(total["total"])
+
+
+class _Kept:
+    """Entries of a stream that Loki left out of a per-stream rate 429's listing, when that answer
+    cannot tell whether Loki limited the stream entry by entry or whole. Entry by entry (Loki 2.x,
+    3.x with shard_streams off) it stored them: it lists every entry it refused. Whole (3.x's
+    default) it stored nothing, and lists only the entries it refused for the rate: one left out is
+    identical to the stream's last line (held already) or was too far behind its newest then
+    (pkg/ingester/stream.go ``validateEntries`` replaces the listing with the rate-limited ones).
+
+    ``stamps``: their distinct timestamps, sorted. Loki's newest for a stream never goes back, so an
+    entry it found too far behind then is so at any later push: if two of them (at most one can be
+    the last line) are at or after a later cutoff, Loki did not find them behind, so it limited the
+    stream entry by entry and stored them all."""
+
+    __slots__ = ("stamps",)
+
+    def __init__(self, stamps: list[int]) -> None:
+        self.stamps = stamps
+
+    def stored(self, bound_ns: int) -> bool:
+        """Whether they were stored, given a later cutoff (``bound_ns``: the cutoff Loki names, plus
+        the second it truncates)."""
+        return len(self.stamps) > 1 and self.stamps[-2] >= bound_ns
 
 
 _GO_TIME = re.compile(
@@ -1296,11 +1348,13 @@ class LokiSink(Sink[LokiOptions]):
         self._unstarted: list[_Entry] = []  # entries of pushes the send under way had no time for
         self._splits_left = _SPLIT_PUSHES  # pushes the send under way may spend halving 400s
         # Entries (by hash of stream, timestamp, line) sent in a push whose outcome is unknown
-        # (False), or that Loki stored if they reached its ingester (True: a push of a send cut off,
-        # the rest of a stream Loki answered "too far behind" for). Loki refuses an identical entry
-        # behind its cutoff instead of de-duplicating it (pkg/ingester/stream.go validateEntries),
-        # which must not be taken for a refusal of a new entry and stamped anew (a second copy).
-        self._sent: dict[int, bool] = {}
+        # (False: also pushed again after another stream's refusal, which Loki answered for that one
+        # only), or that Loki stored if they reached its ingester (True: a push of a send cut off,
+        # the rest of a stream Loki answered "too far behind" for), or stored unless Loki refused
+        # their stream whole (_Kept). Loki refuses an identical entry behind its cutoff instead of
+        # de-duplicating it (pkg/ingester/stream.go validateEntries), which must not be taken for a
+        # refusal of a new entry and stamped anew (a second copy).
+        self._sent: dict[int, bool | _Kept] = {}
         # The timestamp each of those entries was sent with, by (uid, number): sent again, an entry
         # keeps it whatever the clock says by then (at the window's old edge, or its stream's newest
         # raised meanwhile), so Loki de-duplicates it rather than keeping a copy stamped otherwise.
@@ -1804,16 +1858,19 @@ class LokiSink(Sink[LokiOptions]):
             if outcome.kind is OutcomeKind.RETRY and outcome.held and not outcome.defer:
                 outcomes[entry.index] = retry(outcome.reason, retry_after=0.0, held=True, defer=True)
 
-    def _remember(self, entries: Sequence[_Entry], *, stored: bool) -> None:
+    def _remember(self, entries: Sequence[_Entry], *, stored: bool | _Kept) -> None:
         """Note entries sent whose storing is unknown (``stored`` False: a push timed out, cut off,
-        answered 5xx, or Loki's answer left it open) or known (True) though the send did not say so."""
+        answered 5xx, or Loki's answer left it open), known (True) though the send did not say so, or
+        to be told by a later cutoff (_Kept)."""
         sent, chosen, batch = self._sent, self._chosen, self._batch
         for entry in entries:
             key = hash((entry.stream, entry.ts_ns, entry.line))
-            if stored:
+            if stored is True:
                 sent[key] = True
-            else:
+            elif stored is False:
                 sent.setdefault(key, False)
+            elif sent.get(key) is not True:
+                sent[key] = stored
             occurrence = batch[entry.index]
             chosen[occurrence.uid, occurrence.number] = entry.ts_ns
         while len(sent) > _SENT_MAX:
@@ -1975,7 +2032,14 @@ class LokiSink(Sink[LokiOptions]):
         push's last stream or alone in a push: after another stream's refusal the rest of a push is
         pushed again at once, and Loki refuses, rather than de-duplicates, the older entries of such a
         stream then (behind the newest the first push stored); they were taken for new ones and
-        stamped anew: a second copy. Its push is never pushed again for another stream's sake."""
+        stamped anew: a second copy. With one ingester (Loki answers for the last stream) its push is
+        never pushed again for another stream's sake. A distributed Loki answers for the first
+        stream whose ingesters failed, so it may be: its entries that far behind are then remembered
+        as perhaps stored (``_unseen``), rejected if refused as too far behind, never stamped anew.
+        Cost: one push per spanning stream (K of them: K pushes where the batch has no new or tight
+        stream, the first last in the push of the others; K more otherwise), whether or not any
+        stream is refused: a batch of 300 known streams each spanning over max_behind takes 300
+        pushes instead of 1."""
         groups = _by_stream(entries)
         tight: set[bytes] = set()
         if self._stream_rate:
@@ -2204,6 +2268,7 @@ class LokiSink(Sink[LokiOptions]):
                     f"loki: {self._shown} answered 429: {message}",
                     retry_after,
                     rate_limit=int(limited["limit"]) * _BYTE_UNITS[limited["unit"]],
+                    listing=text,
                 )
             ):
                 return
@@ -2276,13 +2341,7 @@ class LokiSink(Sink[LokiOptions]):
         if stored:
             self._remember(entries, stored=True)
         else:
-            newest: dict[bytes, int] = {}
-            for entry in entries:
-                newest[entry.stream] = max(newest.get(entry.stream, entry.ts_ns), entry.ts_ns)
-            behind = self._behind_ns
-            exposed = [entry for entry in entries if entry.ts_ns < newest[entry.stream] - behind]
-            if exposed:
-                self._remember(exposed, stored=False)
+            self._unseen(entries)
         rest = self._again(entries, outcomes, cause="an entry of their push (400)")
         try:
             if len(rest) > 1:
@@ -2316,6 +2375,7 @@ class LokiSink(Sink[LokiOptions]):
         retry_after: float | None,
         *,
         rate_limit: int | None = None,
+        listing: str = "",
     ) -> bool:
         """Loki's active stream limit: the ingester refused a new stream (``_plan`` makes it the push's
         last, whose result Loki answers) and stored the push's other streams. The named stream's items
@@ -2323,8 +2383,15 @@ class LokiSink(Sink[LokiOptions]):
         again at once (Loki de-duplicates what it stored), as far as their budget takes them again
         (``_again``). False when the named stream is none of this push's. ``rate_limit``: refused
         for Loki's per-stream rate limit (bytes/s), which ``_over_budget`` keeps to, and a stream at
-        its edge is pushed last (this answer); what the refusal proves is learned. ``named`` as
-        bytes: the encoded stream itself (Loki 2.x names none: ``_unnamed_stream_refused``)."""
+        its edge is pushed last (this answer); what the refusal proves is learned, and ``listing``
+        (Loki's answer) says which of its entries Loki may have stored (``_rate_listing``). ``named``
+        as bytes: the encoded stream itself (Loki 2.x names none: ``_unnamed_stream_refused``).
+
+        The others are pushed again although Loki may hold them: in a distributed Loki the answer
+        is about the first stream whose ingesters failed, not the push's last (item 84's rule is per
+        ingester), so a stream spanning over max_behind may be among them, stored. Its entries that
+        far behind its newest are remembered as perhaps stored (``_unseen``): refused as too far
+        behind then, they are rejected, never stamped anew (a second copy)."""
         refused: list[_Entry] = []
         rest: list[_Entry] = []
         if isinstance(named, bytes):
@@ -2352,7 +2419,9 @@ class LokiSink(Sink[LokiOptions]):
             retry_after = wait if retry_after is None else max(retry_after, wait)
             if self._stream_rate:
                 self._learn_stream_rate(refused, weight, rate_limit, wait)
+            refused = self._rate_listing(refused, listing)
         if rest:
+            self._unseen(rest)
             rest = self._again(rest, outcomes)
             if rest:
                 await self._push_or_retry(rest, outcomes)
@@ -2360,6 +2429,79 @@ class LokiSink(Sink[LokiOptions]):
             outcomes[entry.index] = retry(reason, retry_after=retry_after, defer=True)
         self._deferring = True
         return True
+
+    def _rate_listing(self, group: list[_Entry], listing: str) -> list[_Entry]:
+        """Of a stream Loki refused for its per-stream rate, the entries to send again, by its
+        ``listing`` (``_parse_ignored``). Limiting entry by entry (Loki 2.x; 3.x with shard_streams
+        off), Loki stored the entries it did not list (the oldest, while its bucket lasted); pushed
+        again, one more than max_behind behind the newest it stored was refused as too far behind
+        rather than de-duplicated, and stamped anew: a second copy. Limiting whole (3.x's default)
+        it stored nothing, and lists only the entries it refused for the rate. So, of the entries it
+        did not list up to the last it listed (all, when it listed every refused one):
+
+        - when it lists an entry refused as too far behind, it limited entry by entry: they are
+          stored, answered OK now (not charged to the stream's bucket again);
+        - otherwise they are sent again; those more than max_behind behind the newest of them are
+          ``_Kept``: refused as too far behind later, taken as stored when Loki's cutoff then proves
+          it limited entry by entry, rejected otherwise (counted, never a second copy).
+
+        The others Loki did not list (after the last listed, when it listed fewer than it refused;
+        the whole stream, when the listing does not fit this push: the distributor dropped some,
+        or sharded the stream) may be stored: those over max_behind behind the stream's newest are
+        rejected if refused as too far behind later, never stamped anew."""
+        parsed = _parse_ignored(listing) if listing else None
+        if parsed is not None and parsed[1] >= parsed[2]:
+            return group  # every entry refused: nothing of it stored
+        order = sorted(group, key=_ORDER)
+        cut = order[-1].ts_ns - self._behind_ns
+        if parsed is None or parsed[2] != len(group) or not parsed[0]:
+            self._remember([entry for entry in order if entry.ts_ns < cut], stored=False)
+            return group
+        listed, ignored, _ = parsed
+        want = Counter(ts for ts, _ in listed)
+        have = Counter(entry.ts_ns for entry in order if entry.ts_ns in want)
+        if any(have[ts] < count for ts, count in want.items()):
+            self._remember([entry for entry in order if entry.ts_ns < cut], stored=False)
+            return group  # a listed timestamp none of ours has
+        # An entry at a listed timestamp is refused; which of several at one, Loki does not say.
+        last = max(i for i, entry in enumerate(order) if entry.ts_ns in want)
+        end = len(order) if len(listed) == ignored else last + 1
+        refused = [entry for entry in order[:end] if entry.ts_ns in want]
+        kept = [entry for entry in order[:end] if entry.ts_ns not in want]
+        unsure = order[end:] + [entry for entry in refused if have[entry.ts_ns] > want[entry.ts_ns]]
+        self._remember([entry for entry in unsure if entry.ts_ns < cut], stored=False)
+        if not kept:
+            return group
+        if any(behind for _, behind in listed):
+            self._stored.append(kept)  # applied to the prediction when the send returns
+            if self._sent:
+                for entry in kept:
+                    self._sent.pop(hash((entry.stream, entry.ts_ns, entry.line)), None)
+            return refused + order[end:]
+        # Stored, one could be refused as too far behind later only behind the newest stored with it
+        # (Loki's newest before took it): those are told by their cutoff then (another writer's
+        # newer entries aside, as for any entry). Any other stays unmarked: stamped anew if refused
+        # so, as when Loki's whole-stream refusal left it out for being behind another writer's.
+        top = kept[-1].ts_ns - self._behind_ns
+        exposed = [entry for entry in kept if entry.ts_ns < top]
+        if exposed:
+            self._remember(exposed, stored=_Kept(sorted({entry.ts_ns for entry in kept})))
+        return group
+
+    def _unseen(self, entries: list[_Entry]) -> None:
+        """Entries to push again after another stream's refusal, which Loki may hold: those more than
+        max_behind behind their stream's newest here are remembered as perhaps stored, so Loki
+        refusing them as too far behind (behind the newest the first push stored) is not taken for
+        a refusal of new entries."""
+        newest: dict[bytes, int] = {}
+        for entry in entries:
+            top = newest.get(entry.stream)
+            if top is None or entry.ts_ns > top:
+                newest[entry.stream] = entry.ts_ns
+        behind = self._behind_ns
+        exposed = [entry for entry in entries if entry.ts_ns < newest[entry.stream] - behind]
+        if exposed:
+            self._remember(exposed, stored=False)
 
     async def _unnamed_stream_refused(
         self, entries: list[_Entry], outcomes: list[Outcome], reason: str, retry_after: float | None
@@ -2382,6 +2524,7 @@ class LokiSink(Sink[LokiOptions]):
                 stream for stream in groups if taken is None or (at := taken(stream)) is None or at < since
             ]
             if new != [last]:
+                self._unseen(entries)
                 pushes = [self._again(group, outcomes) for group in groups.values()]
                 await self._push_all([push for push in pushes if push], outcomes)
                 return
@@ -2489,12 +2632,15 @@ class LokiSink(Sink[LokiOptions]):
             )
             unsure = (
                 f"loki: {self._shown} refused an entry as too far behind its stream's newest, and an "
-                "identical one was sent in a push whose outcome is unknown (timed out, cut off, 5xx, or "
-                "in the second of Loki's cutoff), so it may be stored: not sent again with a new "
-                "timestamp (a second copy); " + message.split("\n", 1)[0]
+                "identical one was sent in a push whose outcome is unknown (timed out, cut off, 5xx, "
+                "in the second of Loki's cutoff, answered for another stream, or left out of a "
+                "per-stream rate refusal), so it may be stored: not sent again with a new timestamp "
+                "(a second copy); " + message.split("\n", 1)[0]
             )
             for entry in refused:
                 known = sent.pop(hash((entry.stream, entry.ts_ns, entry.line)), None) if sent else None
+                if isinstance(known, _Kept):
+                    known = known.stored(bound)
                 if known:
                     # Stored by a push of a send cut off (its retry is identical): Loki refused this
                     # copy as behind its newest, which that push raised, instead of de-duplicating it.
@@ -2515,6 +2661,7 @@ class LokiSink(Sink[LokiOptions]):
         again_ids = {id(entry) for group in groups.values() for entry in group}
         rest = [entry for entry in entries if id(entry) in again_ids]  # in push order: a new stream last
         if rest:
+            self._unseen(rest)
             rest = self._again(rest, outcomes)
             if rest:
                 await self._push_or_retry(rest, outcomes)

@@ -359,3 +359,181 @@ def test_a_non_finite_number_of_seconds_is_refused_naming_the_option(option: str
     with pytest.raises(ConfigError) as info:
         build_specs([f"loki:http://loki:3100?tenant=ops&{option}"])
     assert f"option '{name}': Input should be a finite number" in str(info.value)
+
+
+# ---- item 289: a stream spanning over max_behind keeps one copy (review r2loki) --------------------
+
+
+async def _size_of_one_entry(occurrence: Occurrence) -> int:
+    """What Loki's per-stream limiter counts of this occurrence's entry (line bytes, no metadata)."""
+    async with LokiReceiver() as probe:
+        sink = _sink(probe.url)
+        try:
+            await sink.send([occurrence])
+        finally:
+            await sink.aclose()
+        return len(probe.entries[0].line.encode())
+
+
+@pytest.mark.parametrize("room", [6, 10], ids=["then-room-for-six", "then-room-for-all"])
+@pytest.mark.parametrize("listed", [10, 3], ids=["every-refused-entry-listed", "three-listed"])
+async def test_a_spanning_stream_refused_for_its_rate_entry_by_entry_keeps_one_copy(
+    listed: int, room: int
+) -> None:
+    """Loki limiting a stream entry by entry (2.x; 3.x with shard_streams off) stores the oldest
+    entries of a push while its bucket lasts (here 6 of 10) and refuses the rest, 429. The sink
+    retried the whole stream: e0, 72 min older than the others and stored, was then refused as too
+    far behind the newest Loki stored with it, taken for a new entry and stamped anew: two copies
+    (``then-room-for-all``); or, the stored ones charged to Loki's bucket again at each retry, the
+    stream never got in (``then-room-for-six``). Now one copy each, every occurrence answered OK
+    (none dead-lettered), with Loki listing every refused entry or only some of them
+    (max_returned_stream_errors)."""
+    ages = [4300, 600, 500, 400, 300, 200, 100, 50, 20, 10]
+    batch = [_at(age, reason="S", object_name=f"e{i}") for i, age in enumerate(ages)]
+    size = await _size_of_one_entry(batch[1])
+    async with LokiReceiver(
+        per_stream_rate=1,
+        per_stream_burst=6 * size + 50,
+        per_stream_whole=False,
+        max_returned_stream_errors=listed,
+    ) as loki:
+        sink = _sink(loki.url, per_stream_rate=0)  # no budget of its own: Loki's answers only
+
+        def refill() -> None:
+            loki.per_stream_burst = room * size + 50
+            loki.refill_stream_rate_limits()
+
+        try:
+            final = await _deliver(sink, batch, refill)
+        finally:
+            await sink.aclose()
+        assert loki.pushes[0].status == 429 and loki.pushes[0].accepted == 6  # e0..e5 stored
+        assert all(o is None or o.kind is OutcomeKind.OK for o in final.values()), final
+        assert {name: len(stamps) for name, stamps in _copies(loki).items()} == {
+            f"e{i}": 1 for i in range(10)
+        }
+
+
+async def test_entries_a_whole_stream_refusal_left_out_for_being_behind_are_still_delivered() -> None:
+    """A guard (it passes on the code before too): Loki limiting the stream whole (3.x's default)
+    stores nothing and lists only the entries it refused for the rate, so one it left out for being
+    too far behind another writer's newest is not stored. It must not be taken as stored (lost): it
+    is sent again, refused as too far behind, and stamped at receipt, once."""
+    async with LokiReceiver(per_stream_rate=1, per_stream_burst=1) as loki:
+        sink, other = _sink(loki.url, per_stream_rate=0), _sink(loki.url, per_stream_rate=0)
+        try:
+            loki.per_stream_burst = 10_000_000
+            await _deliver(other, [_at(1, reason="S", object_name="other-now")])
+            loki.per_stream_burst = 1
+            loki.refill_stream_rate_limits()
+            batch = [_at(4200, reason="S", object_name=name) for name in ("x",)]
+            batch += [_at(age, reason="S", object_name=f"y{age}") for age in (20, 10)]
+
+            def lift() -> None:
+                loki.per_stream_burst = 10_000_000
+                loki.refill_stream_rate_limits()
+
+            final = await _deliver(sink, batch, lift)
+        finally:
+            await sink.aclose()
+            await other.aclose()
+        first = loki.pushes[1]
+        assert first.status == 429 and first.accepted == 0 and "total ignored: 2 out of 3" in first.message
+        assert all(o is None or o.kind is OutcomeKind.OK for o in final.values()), final
+        assert {name: len(stamps) for name, stamps in _copies(loki).items()} == {
+            "other-now": 1,
+            "x": 1,
+            "y20": 1,
+            "y10": 1,
+        }
+
+
+async def test_the_receiver_as_a_distributed_loki_answers_for_the_first_refused_stream() -> None:
+    """``distributed``: the streams of a push go to their own ingesters and the distributor answers
+    the first refusal, the streams after it stored (one ingester answers for the last stream)."""
+    labels = {"cluster": "test", "kind": "Pod", "namespace": "default", "type": "Warning"}
+    now = time.time_ns()
+    body = {
+        "streams": [
+            {"stream": {**labels, "reason": "K"}, "values": [[str(now), "k"]]},
+            {"stream": {**labels, "reason": "S"}, "values": [[str(now), "s"]]},
+        ]
+    }
+    answers = []
+    for distributed in (False, True):
+        async with (
+            LokiReceiver(max_streams=1, distributed=distributed) as loki,
+            aiohttp.ClientSession() as http,
+        ):
+            async with http.post(loki.url + PUSH, json={"streams": body["streams"][1:]}) as held:
+                assert held.status == 204  # S held
+            async with http.post(loki.url + PUSH, json=body) as response:
+                answers.append((response.status, [e.line for e in loki.entries]))
+            if distributed:
+                assert "when trying to create stream {" in loki.pushes[-1].message
+                assert 'reason="K"' in loki.pushes[-1].message
+    assert answers == [(204, ["s", "s"]), (429, ["s", "s"])]
+
+
+async def test_a_spanning_stream_stored_while_another_stream_is_named_refused_keeps_one_copy() -> None:
+    """A distributed Loki answers for the first stream whose ingesters failed: K, which this sink
+    pushed within 20 min but Loki forgot, is refused for the stream limit while S, last in the push
+    and spanning over max_behind, is stored on other ingesters. S was pushed again at once, its
+    entry of 70 min ago refused as too far behind (stored) and stamped anew: two copies. Now it is
+    taken as perhaps stored: dead-lettered ("may be stored"), counted, never a second copy."""
+    async with LokiReceiver(distributed=True) as loki:
+        sink = _sink(loki.url)
+
+        def lift() -> None:
+            loki.max_streams = 10
+
+        try:
+            await _deliver(
+                sink, [_at(4500, reason="S", object_name="s0"), _at(4500, reason="K", object_name="k0")]
+            )
+            loki.forget_streams(lambda labels: labels["reason"] == "K")
+            loki.max_streams = 1
+            batch = [
+                _at(4200, reason="S", object_name="s1"),
+                _at(5, reason="S", object_name="s2"),
+                _at(6, reason="K", object_name="k1"),
+            ]
+            final = await _deliver(sink, batch, lift)
+        finally:
+            await sink.aclose()
+        assert loki.stream_limited == 1  # K refused once, then stored
+        s1 = final[batch[0].uid, batch[0].number]
+        assert s1 is not None and s1.kind is OutcomeKind.REJECT and "may be stored" in s1.reason
+        assert all(o is None or o.kind is OutcomeKind.OK for o in (final[o.uid, o.number] for o in batch[1:]))
+        assert {name: len(stamps) for name, stamps in _copies(loki).items()} == {
+            "s0": 1,
+            "k0": 1,
+            "s1": 1,
+            "s2": 1,
+            "k1": 1,
+        }
+
+
+@pytest.mark.parametrize("streams", [3, 50, 300])
+async def test_spanning_known_streams_cost_one_push_each(streams: int) -> None:
+    """The cost of keeping a spanning stream from being pushed again for another's sake (item 278)
+    is one push per spanning stream: K known streams whose entries span over max_behind take K
+    pushes (the first spanning stream last in the push of the others), not 1."""
+    async with LokiReceiver() as loki:
+        sink = _sink(loki.url)
+        names = [f"R{i}" for i in range(streams)]
+        try:
+            await _deliver(sink, [_at(3650, reason=r, object_name=f"{r}-0") for r in names])
+            before = len(loki.pushes)
+            spanning = [
+                _at(age, reason=r, object_name=f"{r}-{age}") for r in names for age in (3640, 3000, 5)
+            ]
+            final = await _deliver(sink, spanning)
+            assert len(loki.pushes) - before == streams
+            before = len(loki.pushes)
+            within = [_at(age, reason=r, object_name=f"{r}-{age}") for r in names for age in (3000, 2000, 4)]
+            final |= await _deliver(sink, within)
+            assert len(loki.pushes) - before == 1
+        finally:
+            await sink.aclose()
+        assert all(o is None or o.kind is OutcomeKind.OK for o in final.values()), final

@@ -581,6 +581,10 @@ class LokiReceiver:
     entries stored.
     Like Loki's ingester, the answer is what happened to the *last* stream of the push that reached
     the ingester: a refused stream followed by a stored one is answered 2xx (the refusal unseen).
+    With ``distributed``, as a Loki whose streams go to different ingesters (the grafana/loki chart's
+    SimpleScalable and distributed modes): the answer is the error of the *first* refused stream
+    (pkg/distributor ``pushTracker``: the first stream whose ingesters failed), the streams after
+    it stored all the same.
     A push of no stream is answered 422 (Loki 3.4+); a stream without entries is skipped by the
     distributor (its labels parsed all the same): a push of only such streams is answered 204,
     nothing stored or created (``eventrouter check``'s probe). Tenancy comes first: 401 "no org id".
@@ -619,6 +623,7 @@ class LokiReceiver:
         per_stream_whole: bool = True,
         count_detected_level: int = 0,
         stream_limit_wording: Literal["3.x", "2.x"] = "3.x",
+        distributed: bool = False,
     ) -> None:
         self.auth_enabled = auth_enabled
         self.username = username
@@ -677,6 +682,8 @@ class LokiReceiver:
         # Per stream, its last appended entry (timestamp, line): Loki's stream.lastLine. The ingester
         # skips an entry identical to it before counting or storing anything (validateEntries).
         self._last_line: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[int, str]] = {}
+        # Each stream on its own ingester, the first refusal answered (see the class doc).
+        self.distributed = distributed
         # The ingester's max_returned_stream_errors: refused entries listed per stream (0: all).
         self.max_returned_stream_errors = max_returned_stream_errors
         # A slow ingester: seconds to wait before taking a push, given its streams' label sets. The
@@ -752,13 +759,15 @@ class LokiReceiver:
         for _ in range(count):
             self._faults.append(_Fault(status, message or default, ra, store, echo, page))
 
-    def forget_streams(self) -> None:
-        """The ingester forgets every stream, as it does one that received nothing for
-        chunk_idle_period (30 min) once its chunks are flushed: the next entry creates it anew (which
-        the stream limit may refuse). Stored entries stay queryable."""
-        self._newest.clear()
-        self._stream_tokens.clear()  # a stream created anew has a new limiter
-        self._last_line.clear()  # ... and no last line: a duplicate of it is appended again
+    def forget_streams(self, which: Callable[[dict[str, str]], bool] | None = None) -> None:
+        """The ingester forgets every stream (``which``: those whose labels it takes), as it does one
+        that received nothing for chunk_idle_period (30 min) once its chunks are flushed: the next
+        entry creates it anew (which the stream limit may refuse). Stored entries stay queryable."""
+        for table in (self._newest, self._stream_tokens, self._last_line):
+            # A stream created anew has a new limiter, and no last line: a duplicate of it is
+            # appended again.
+            for key in [key for key in table if which is None or which(dict(key[1]))]:
+                del table[key]
 
     def refill_rate_limit(self) -> None:
         """The ingestion rate limiter's bucket full again, as after a wait of ``burst / rate`` seconds."""
@@ -1031,7 +1040,8 @@ class LokiReceiver:
         to *the last stream in the request*", its doc comment). The distributor
         (pkg/distributor/distributor.go) hands the ingester the streams with valid entries, in push
         order (``sendStreamsErr``), and answers its 400 for invalid entries only when the ingester
-        succeeded. A stream whose every entry the distributor refused never reaches the ingester."""
+        succeeded. A stream whose every entry the distributor refused never reaches the ingester.
+        ``distributed``: the first stream's refusal is the answer instead (``_answered``)."""
         oldest, newest_ok = self._window()
         behind = int(self.max_chunk_age / 2 * _NS)
         errors: list[str] = []
@@ -1068,7 +1078,8 @@ class LokiReceiver:
                 # other streams; a later stream's result overwrites this error.
                 self.stream_limited += len(valid)
                 which = "" if self.stream_limit_wording == "2.x" else f" when trying to create stream {named}"
-                ingester_error = (
+                ingester_error = self._answered(
+                    ingester_error,
                     429,
                     f"{_STREAM_LIMIT_PREFIX}{which}, reduce the number of active streams (reduce labels "
                     "or reduce label values), or contact your Loki administrator to see if the limit can "
@@ -1120,7 +1131,9 @@ class LokiReceiver:
                 refused = [
                     (e.ts_ns, self._stream_rate_reason(named, self._entry_size(e)), True) for e in to_store
                 ]
-                ingester_error = (429, self._failed_entries(user, named, refused, len(valid)))
+                ingester_error = self._answered(
+                    ingester_error, 429, self._failed_entries(user, named, refused, len(valid))
+                )
                 continue
             self.stream_rate_limited += sum(1 for _, _, rate in failed if rate)
             if newest is not None:
@@ -1134,12 +1147,19 @@ class LokiReceiver:
             accepted += len(to_record)
             # This stream's result, an earlier stream's error overwritten (also by success). Its
             # status is that of the last entry refused (errorForFailedEntries).
-            ingester_error = (
-                (429 if failed[-1][2] else 400, self._failed_entries(user, named, failed, len(valid)))
-                if failed
-                else None
-            )
+            if failed:
+                status = 429 if failed[-1][2] else 400
+                ingester_error = self._answered(
+                    ingester_error, status, self._failed_entries(user, named, failed, len(valid))
+                )
+            elif not self.distributed:
+                ingester_error = None
         return accepted, errors, ingester_error
+
+    def _answered(self, before: tuple[int, str] | None, status: int, message: str) -> tuple[int, str]:
+        """A stream's refusal as the push's answer: the last stream's (one ingester), or the first
+        refused (``distributed``)."""
+        return before if before is not None and self.distributed else (status, message)
 
     def _stream_allows(self, key: tuple[str, tuple[tuple[str, str], ...]], size: int) -> bool:
         """The stream's limiter ``AllowN(now, size)`` (golang.org/x/time/rate): refilled at the rate
