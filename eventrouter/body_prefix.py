@@ -1,11 +1,48 @@
 """At most the start of an HTTP answer's body: what is quoted or parsed, never a front's whole page
-(the source's error answers, and the sinks' answers: SLS, Loki, the robots)."""
+(the source's error answers, and the sinks' answers: SLS, Loki, the robots).
+
+``excerpt`` reads it once the answer's head is in, when the status alone decides the outcome: a body
+that stalls after the head, is cut off or cannot be decoded is then a note in the reason, never "no
+answer" (which threw the status and its Retry-After away: a final 400 retried for ever, a 413 never
+halved)."""
 
 from __future__ import annotations
 
-import aiohttp
+import asyncio
+from typing import NamedTuple
 
-__all__ = ["read_prefix"]
+import aiohttp
+from aiohttp.http_exceptions import (
+    ContentEncodingError,
+    ContentLengthError,
+    DecompressSizeError,
+    HttpProcessingError,
+    TransferEncodingError,
+)
+
+__all__ = ["EXCERPT_WAIT", "Excerpt", "excerpt", "read_prefix"]
+
+EXCERPT_WAIT = 2.0
+"""Seconds an answer's body is waited for once its head is in (or the request's timeout, if less):
+a body that stalls after the head cost the request's whole timeout (10 s, 30 s) inside the send's."""
+
+# What reading a body can raise once the head is in: aiohttp's ClientPayloadError (C parser) or the
+# pure-Python parser's own errors (AIOHTTP_NO_EXTENSIONS=1: TransferEncodingError is no ClientError),
+# a lost connection, a timeout, and StreamReader's RuntimeError("Connection closed.") for a read
+# begun after the parser gave up on the connection.
+_READ_ERRORS = (aiohttp.ClientError, HttpProcessingError, OSError, TimeoutError, RuntimeError)
+
+
+class Excerpt(NamedTuple):
+    """The start of an answer's body, as far as it could be read."""
+
+    data: bytes
+    """At most the limit's bytes: what came before a failure too."""
+    more: bool
+    """The body had more than the limit (left unread: the connection is closed, not reused)."""
+    unreadable: str | None
+    """Why the body could not be read to its end or the limit (None: it could): short, and never
+    quoting the answer's bytes (a parser's message does, and a partial secret could be in them)."""
 
 
 async def read_prefix(content: aiohttp.StreamReader, limit: int) -> tuple[bytes, bool]:
@@ -13,11 +50,74 @@ async def read_prefix(content: aiohttp.StreamReader, limit: int) -> tuple[bytes,
     closes the connection, it cannot be reused). Read whole, a proxy's 300 MB error page was held in
     memory, with its copies, at every retry."""
     parts: list[bytes] = []
+    await _read_into(content, limit, parts)
+    return _joined(parts, limit)
+
+
+async def excerpt(resp: aiohttp.ClientResponse, limit: int, wait: float) -> Excerpt:
+    """``read_prefix`` of ``resp``'s body within ``wait`` seconds, never raising for the body: what
+    failed is said in ``unreadable``, and the caller judges the answer by its status (the status line
+    and headers are in)."""
+    parts: list[bytes] = []
+    timer = asyncio.timeout(wait)
+    try:
+        async with timer:
+            await _read_into(resp.content, limit, parts)
+    except _READ_ERRORS as exc:
+        got = sum(map(len, parts))
+        data, _ = _joined(parts, limit)
+        return Excerpt(data, False, _why(exc, resp, got, wait if timer.expired() else None))
+    data, more = _joined(parts, limit)
+    return Excerpt(data, more, None)
+
+
+async def _read_into(content: aiohttp.StreamReader, limit: int, parts: list[bytes]) -> None:
+    """Up to ``limit`` + 1 bytes into ``parts``: one past the limit tells a body of exactly ``limit``
+    from a longer one. To its end: one read returns what has arrived, not the body."""
     size = 0
-    while size <= limit:  # one byte past the limit tells a body of exactly ``limit`` from a longer one
+    while size <= limit:
         chunk = await content.read(limit + 1 - size)
         if not chunk:
-            break
+            return
         parts.append(chunk)
         size += len(chunk)
-    return b"".join(parts)[:limit], size > limit
+
+
+def _joined(parts: list[bytes], limit: int) -> tuple[bytes, bool]:
+    data = b"".join(parts)
+    return data[:limit], len(data) > limit
+
+
+def _why(exc: BaseException, resp: aiohttp.ClientResponse, got: int, waited: float | None) -> str:
+    """What went wrong with a body's read, by the error's class (its message quotes the bytes the
+    parser failed on); ``waited``: our wait ran out (else the request's own timeout, if a timeout)."""
+    after = f" after {got} bytes" if got else ""
+    if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ClientError):
+        # The C parser sets a malformed body's error on the connection, not on the body: the read
+        # waits on; the protocol still tells what happened.
+        if isinstance(_protocol_error(resp), HttpProcessingError):
+            return f"malformed{after} (the HTTP parser gave up on it)"
+        if waited is None:
+            return f"the request's timeout ran out while it was read{after}"
+        return f"none of it within {waited:g}s" if not got else f"stalled{after}, no more within {waited:g}s"
+    if isinstance(exc, TimeoutError):  # aiohttp's sock_read: the request's own timeout
+        return f"the request's timeout ran out while it was read{after}"
+    for cause in (exc, exc.__cause__):
+        if isinstance(cause, (ContentEncodingError, DecompressSizeError)):
+            return "not in its Content-Encoding"
+        if isinstance(cause, ContentLengthError) or (
+            isinstance(cause, TransferEncodingError) and str(cause.message).startswith("Not enough data")
+        ):
+            return f"cut off{after} before its end"
+        if isinstance(cause, HttpProcessingError):
+            return f"malformed{after} ({type(cause).__name__})"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return f"cut off{after} before its end"
+    return f"the connection was lost{after} ({type(exc).__name__})"
+
+
+def _protocol_error(resp: aiohttp.ClientResponse) -> BaseException | None:
+    """The error aiohttp's protocol holds for ``resp``'s connection, if any."""
+    connection = resp.connection
+    protocol = connection.protocol if connection is not None else None
+    return protocol.exception() if protocol is not None else None

@@ -62,6 +62,7 @@ from eventrouter import (
     reject,
     retry,
 )
+from eventrouter.body_prefix import EXCERPT_WAIT, Excerpt, excerpt
 from eventrouter.logs import Throttled
 from eventrouter.options import StrList, http_url, redact_url
 
@@ -848,6 +849,18 @@ def http_failure(
     )
 
 
+def unread_reply(who: str, why: str) -> Delivery:
+    """A message answered HTTP 200 whose reply could not be read (``why``: stalled, cut off, not in
+    its Content-Encoding): the robot had the message, and whether it paged is unknown. Retried, as an
+    answer lost is (at least once), and said so: "unreachable" sent an on-call who saw two pages
+    looking for a network fault."""
+    return Delivery(
+        "retry",
+        f"{who} answered HTTP 200 but its reply could not be read ({why}): the alert may have been "
+        "paged; sent again, so it may page twice",
+    )
+
+
 def _basic(url: str) -> str:
     """The Basic token aiohttp makes of ``url``'s user info ('' without): it sends it as
     Proxy-Authorization, and an error may quote the request's headers."""
@@ -1048,6 +1061,12 @@ class AlertSink(Sink[OptionsT]):
         an https one; ``proxy_headers`` would go only into a CONNECT). Per request, not to the
         session: older aiohttp versions take it only there."""
         return {"proxy": self._proxy} if self._proxy else {}
+
+    async def read_reply(self, resp: aiohttp.ClientResponse, limit: int) -> Excerpt:
+        """The start of a 200's reply, its JSON (of a status no other reply is read: the status alone
+        says what it is), waited for ``EXCERPT_WAIT`` seconds at most: a reply that stalls after the
+        head cost the request's whole timeout inside the send's budget."""
+        return await excerpt(resp, limit, min(EXCERPT_WAIT, self.options.request_timeout))
 
     def refusal_advice(self, status: int) -> str:
         """What to check when a gateway or proxy in front of the robot refused a request (401, 403,

@@ -8,7 +8,9 @@ success; 130101 and 410100 ("send too fast": the robot is throttled) back off, h
 300005) refuse the sender, not the message: retried (a secret reset in the console comes into the pod
 a little later), warned of once per run, and so is a 401/403/407 of a gateway or proxy in front of
 the robot (``proxy``, or the URL's user info), or its redirect (never followed); 310000 "keywords not
-in content" and the others are the message's own: rejected and logged once per cause.
+in content" and the others are the message's own: rejected and logged once per cause. The status
+of a gateway's answer decides without its body being read; a 200 whose reply cannot be read (it
+stalls, is cut off or cannot be decoded: 2 s at most) is retried saying the alert may have been paged.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import orjson
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from eventrouter import Secret, SinkContext, parse_retry_after
-from eventrouter.body_prefix import read_prefix
 from eventrouter.options import StrList, http_url
 
 from ._alerting import (
@@ -36,6 +37,7 @@ from ._alerting import (
     check_template,
     robot_address,
     sample_template,
+    unread_reply,
 )
 from ._scrub import credentials, scrub
 
@@ -249,14 +251,15 @@ class DingTalkSink(AlertSink[DingTalkOptions]):
         async with self.session().post(
             self._url(), data=body, headers=headers, allow_redirects=False, **self.request_options()
         ) as resp:
+            status = resp.status
+            if status != 200:  # a gateway's: its status says it all, its body is never read
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                return self.http_failure("DingTalk robot", status, retry_after, resp.headers.get("Location"))
             # To its end: one read returned what had arrived, and a reply in two chunks was "not its
             # reply", so an accepted alert was sent (and paged) again, and a 130101 taken no pause for.
-            raw, cut = await read_prefix(resp.content, ANSWER_BYTES)
-            status = resp.status
-            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-            location = resp.headers.get("Location")
-        if status != 200:
-            return self.http_failure("DingTalk robot", status, retry_after, location)
+            raw, cut, unreadable = await self.read_reply(resp, ANSWER_BYTES)
+        if unreadable is not None:
+            return unread_reply("DingTalk robot", unreadable)
         return self.classify(raw, cut=cut)
 
     def classify(self, raw: bytes, *, cut: bool = False) -> Delivery:

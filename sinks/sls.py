@@ -82,6 +82,12 @@ while sending, it is retried, never dead-lettered. A 2xx counts as stored only w
 ``x-log-requestid`` every SLS answer carries (sink-protocols.md §5): one without is a front's own page,
 retried and named by its status, Content-Type and Server header, never its body. Both are logged at
 once, then at most every 10 minutes, until a request is stored again.
+
+A 2xx with ``x-log-requestid`` is stored without its body being read. An error answer's body is read
+for at most 2 s (or the request's timeout, if less) once its head is in; one that stalls, is cut off or
+cannot be decoded is judged by its status alone (413 halved, 429/5xx retried after its Retry-After, 401,
+403 and 404 retried as above), and SLS's own 400 (``x-log-requestid``) as a refusal of the request's logs,
+halved down to a log refused alone, which is dead-lettered.
 """
 
 from __future__ import annotations
@@ -123,7 +129,7 @@ from eventrouter import (
     reject,
     retry,
 )
-from eventrouter.body_prefix import read_prefix
+from eventrouter.body_prefix import EXCERPT_WAIT, excerpt
 from eventrouter.logs import Throttled
 from eventrouter.options import FilePath, resolve_secret
 from eventrouter.protowire import bytes_field
@@ -355,6 +361,8 @@ class _Answer:
     SLS (a gateway, a WAF, an ingress)."""
     stored: bool = False
     """A 2xx of SLS's own (``x-log-requestid``): the request's logs are stored."""
+    unreadable: bool = False
+    """An error whose body (its error code) could not be read: judged by its status alone."""
 
 
 @dataclass(slots=True)
@@ -558,10 +566,13 @@ class SLSSink(Sink[SLSOptions]):
             if 300 <= status < 400:
                 where = self._location(resp.headers.get("Location"))
                 return _Answer(status, f"HTTP{status}", f"a redirect to {where}, not followed", None, False)
-            payload, cut = await read_prefix(resp.content, _ANSWER_BYTES)
             retry_after = _retry_after(resp.headers.get("Retry-After"))
+            request_id = resp.headers.get("x-log-requestid", "")
             if 200 <= status < 300:
-                if resp.headers.get("x-log-requestid"):
+                # Judged by its head, its body never read: SLS's 2xx has stored the logs, whatever
+                # becomes of the body after it (a stall or a cut taken for no answer sent them again,
+                # and SLS keeps both copies).
+                if request_id:
                     return _Answer(status, "", "", None, True, stored=True)
                 # Every SLS answer names its request: this one is a front's own (an auth proxy's or a
                 # captive gateway's page), and the logs went no further. Named, never quoted.
@@ -573,6 +584,11 @@ class SLSSink(Sink[SLSOptions]):
                     None,
                     False,
                 )
+            # The status decides now: a body that stalls, is cut off or garbled only changes the
+            # message (taken for no answer, a 413 was never halved and a 429's Retry-After was lost).
+            payload, cut, unreadable = await excerpt(resp, _ANSWER_BYTES, min(EXCERPT_WAIT, timeout))
+            if unreadable is not None:
+                return self._unread(status, request_id, retry_after, unreadable)
             code, message = "", ""
             page = cut  # no error JSON of SLS's is that long: a front's page, never parsed in part
             if not cut:
@@ -587,7 +603,6 @@ class SLSSink(Sink[SLSOptions]):
             if page:  # a gateway's page: a credential cut off at its end goes too
                 text = payload[:200].decode("utf-8", "replace")
                 message = scrub(text, self._secrets, partial=len(payload) > 200)
-            request_id = resp.headers.get("x-log-requestid", "")
             if request_id:
                 message = f"{message} (request id {request_id})"
             # Quoted in reasons and logs: without our credentials (a gateway echoes those it refused).
@@ -600,6 +615,17 @@ class SLSSink(Sink[SLSOptions]):
                 bool(code),
                 front=not code and not request_id,
             )
+
+    def _unread(self, status: int, request_id: str, retry_after: float | None, why: str) -> _Answer:
+        """An error answer whose body could not be read (``why``): judged by its status. Without its
+        error code SLS's own 400 (``x-log-requestid``) is taken as one of the request's logs refused
+        (PostBodyInvalid, InvalidTimestamp: halved, and a log refused alone dead-lettered)."""
+        message = f"its body unreadable: {why}"
+        if request_id:
+            message = f"{message} (request id {scrub(request_id, self._secrets)})"
+        return _Answer(
+            status, f"HTTP{status}", message, retry_after, False, front=not request_id, unreadable=True
+        )
 
     def _location(self, location: str | None) -> str:
         """Where a redirect points, as logs may show it (``shown_location``, our credentials out)."""
@@ -929,7 +955,7 @@ class SLSSink(Sink[SLSOptions]):
                 "occurrences are retried (up to retry_max_attempts, if set) until that is put right",
             )
             return retry(what, retry_after=retry_after)
-        if code in _REQUEST_CODES:
+        if code in _REQUEST_CODES or _log_refused_unread(answer):
             return reject(what)
         if status in _TARGET_STATUSES or (answer.front and status != 413):
             # Also without SLS's error JSON: a gateway's or proxy's 401/403 (its credentials, its
@@ -937,11 +963,7 @@ class SLSSink(Sink[SLSOptions]):
             # rejected, every occurrence was dead-lettered until someone noticed (as the robots', item 139).
             # So does a front's own page of another 4xx (400, 405, 407, 421, 431: the request's method,
             # proxy credentials, headers), but 413: a proxy's body limit, about this request's size.
-            said = (
-                "a code this sink does not know"
-                if answer.from_service
-                else "with no SLS error code (a proxy?)"
-            )
+            said = _said(answer)
             why = (
                 f"a {status} refuses the project or logstore as a whole"
                 if status in _TARGET_STATUSES
@@ -958,13 +980,8 @@ class SLSSink(Sink[SLSOptions]):
         # whole target refused so would dead-letter everything until it is noticed.
         self._log_once(
             code,
-            f"sls sink {name}: SLS answered {status} {code} for {self._where}, "
-            + (
-                "a code this sink does not know"
-                if answer.from_service
-                else "with no SLS error code (a proxy?)"
-            )
-            + f" ({message}): taken as a refusal of the request's own logs, which are dead-lettered "
+            f"sls sink {name}: SLS answered {status} {code} for {self._where}, {_said(answer)}"
+            f" ({message}): taken as a refusal of the request's own logs, which are dead-lettered "
             f"({count} in this request, and those of every request refused so: if it refuses them all, "
             "put that right and replay the dead-letter file)",
         )
@@ -1213,7 +1230,7 @@ class SLSSink(Sink[SLSOptions]):
                 self._refused.clear()
                 self._front_log = Throttled(self.log, _LOG_FRONT_EVERY)  # the next run logged at once
             return None
-        if len(logs) > 1 and (status == 413 or code in _REQUEST_CODES):
+        if len(logs) > 1 and (status == 413 or code in _REQUEST_CODES or _log_refused_unread(answer)):
             run.code = code
             if status == 413 or code == "PostBodyTooLarge":
                 # Over a limit below ours (a proxy's; the service's "3 MB" may be 3,000,000 bytes):
@@ -1257,6 +1274,21 @@ class SLSSink(Sink[SLSOptions]):
         if outcome.kind is OutcomeKind.RETRY:
             return outcome  # quota, 5xx, credentials, a missing target: the same for the rest now
         return None  # this request's logs only (a bad timestamp, an unknown code): the rest go on
+
+
+def _log_refused_unread(answer: _Answer) -> bool:
+    """SLS's own 400 (``x-log-requestid``) whose error code could not be read: most of its 400s refuse
+    one of the request's logs (PostBodyInvalid, InvalidTimestamp), so it is judged as those are."""
+    return answer.unreadable and answer.status == 400 and not answer.front
+
+
+def _said(answer: _Answer) -> str:
+    """How an answer with an error code this sink does not act on came, for its log."""
+    if answer.from_service:
+        return "a code this sink does not know"
+    if answer.unreadable and not answer.front:
+        return "its error code unreadable"
+    return "with no SLS error code (a proxy?)"
 
 
 def _pack(logs: list[tuple[int, bytes]], header_size: int, limits: tuple[int, int]) -> list[_Chunk]:

@@ -10,7 +10,9 @@ backs off; a refused webhook key (93000), corp id or secret (40013, 40001, 40091
 is retried (a key or secret reset in the console reaches the pod a little later), warned of once per
 run, and so is a 401/403/407 of a gateway or proxy in front of WeCom (``proxy``, or the URL's user
 info), or its redirect (never followed); a gateway's 429/5xx waits its Retry-After; agent,
-recipient and message errors are permanent.
+recipient and message errors are permanent. The status of a gateway's answer decides without its body
+being read; a 200 whose reply cannot be read (it stalls, is cut off or cannot be decoded: 2 s at most)
+is retried saying the alert may have been paged.
 """
 
 from __future__ import annotations
@@ -24,10 +26,9 @@ import orjson
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 
 from eventrouter import Secret, SinkContext, SinkError, parse_retry_after
-from eventrouter.body_prefix import read_prefix
 from eventrouter.options import StrList, redact_url
 
-from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest, robot_address
+from ._alerting import AlertOptions, AlertSink, Clock, Delivery, Digest, robot_address, unread_reply
 from ._scrub import credentials, scrub
 
 __all__ = ["WeComOptions", "WeComSink"]
@@ -277,15 +278,18 @@ class WeComSink(AlertSink[WeComOptions]):
             corpsecret=self.options.corp_secret.get_secret_value(),
         )
         async with self.session().get(url, allow_redirects=False, **self.request_options()) as resp:
-            # To its end (one read returned what had arrived: a reply in two chunks was no reply).
-            raw, cut = await read_prefix(resp.content, TOKEN_ANSWER_BYTES)
             status = resp.status
-            # A gateway's 429/503 says how long: retried at the engine's backoff, the alert used up
-            # retry_max_attempts within seconds (as DingTalk and every HTTP sink, honoured).
-            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-            location = resp.headers.get("Location")
-        if status != 200:
-            return self.http_failure("WeCom gettoken", status, retry_after, location)
+            if status != 200:  # a gateway's: its status says it all, its body is never read
+                # A gateway's 429/503 says how long: retried at the engine's backoff, the alert used
+                # up retry_max_attempts within seconds (as DingTalk and every HTTP sink, honoured).
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                return self.http_failure("WeCom gettoken", status, retry_after, resp.headers.get("Location"))
+            # To its end (one read returned what had arrived: a reply in two chunks was no reply).
+            raw, cut, unreadable = await self.read_reply(resp, TOKEN_ANSWER_BYTES)
+        if unreadable is not None:
+            return Delivery(
+                "retry", f"WeCom gettoken answered HTTP 200 but its reply could not be read ({unreadable})"
+            )
         try:
             if cut:  # longer than any reply of WeCom's: a front's page, never parsed in part
                 raise ValueError("longer than WeCom's reply")
@@ -393,14 +397,15 @@ class WeComSink(AlertSink[WeComOptions]):
         async with self.session().post(
             url, data=body, headers=headers, allow_redirects=False, **self.request_options()
         ) as resp:
+            status = resp.status
+            if status != 200:  # a gateway's: its status says it all, its body is never read
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))  # as gettoken's
+                return self.http_failure("WeCom", status, retry_after, resp.headers.get("Location"))
             # To its end: one read returned what had arrived, and a reply in two chunks was "not its
             # reply", so an accepted alert was sent (and paged) again, and a 45009 taken no pause for.
-            raw, cut = await read_prefix(resp.content, ANSWER_BYTES)
-            status = resp.status
-            retry_after = parse_retry_after(resp.headers.get("Retry-After"))  # as gettoken's
-            location = resp.headers.get("Location")
-        if status != 200:
-            return self.http_failure("WeCom", status, retry_after, location)
+            raw, cut, unreadable = await self.read_reply(resp, ANSWER_BYTES)
+        if unreadable is not None:
+            return unread_reply("WeCom", unreadable)
         try:
             if cut:  # longer than any reply of WeCom's: a front's page, never parsed in part
                 raise ValueError("longer than WeCom's reply")

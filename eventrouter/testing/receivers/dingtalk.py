@@ -26,7 +26,12 @@ Accepted messages are kept in ``accepted`` (payload, mentions, receive time); ev
 answer in ``requests``. Fault injection: ``fail_next(n, errcode=, errmsg=)`` answers the next ``n``
 requests with that errcode; ``fail_next(n, status=502)`` with an HTTP status; ``fail_next(n,
 body=b"<html>")`` with a raw body; ``fail_next(n, status=302, location=url)`` with a redirect (a
-front that moved). ``clock`` (monotonic seconds) drives the rate limit, ``wall`` (epoch seconds) the
+front that moved), ``fail_next(n, status=429, headers={"Retry-After": "120"})`` with a gateway's
+headers; ``unreadable_next(n, how)`` sends the next ``n`` answers, whatever they say (a fault's, or
+the robot's own after it accepted the message), with a body the client cannot read: ``"stall"`` (the
+head, then none of the body until the receiver closes), ``"cut"`` (the head, then the connection
+dropped) or ``"gzip"`` (a plain body labelled ``Content-Encoding: gzip``), as a gateway or proxy in
+front of the robot may (``answer_unreadable``). ``clock`` (monotonic seconds) drives the rate limit, ``wall`` (epoch seconds) the
 timestamp check; tests may share a simulated clock with the sink. ``chunk_bytes=n`` writes every
 answer's body n bytes at a time, each piece reaching the client on its own (chunked transfer, as a
 gateway or proxy in front of the robot answers): a client must read the body to its end.
@@ -40,7 +45,7 @@ import hashlib
 import hmac
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
@@ -49,6 +54,7 @@ import orjson
 from aiohttp import web
 
 from eventrouter.testing.receivers.chunked import ChunkedAnswers
+from eventrouter.testing.receivers.unreadable import Unreadable, answer_unreadable
 
 __all__ = ["DingTalkMessage", "DingTalkReceiver", "DingTalkRequest"]
 
@@ -117,6 +123,7 @@ class _Fault:
     errmsg: str = ""
     body: bytes | None = None
     location: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -159,7 +166,13 @@ class DingTalkReceiver(ChunkedAnswers):
         self.requests: list[DingTalkRequest] = []
         self._robot = _Robot()
         self._faults: deque[_Fault] = deque()
+        self._unreadable: deque[Unreadable] = deque()
+        self._release = asyncio.Event()
         self._changed = asyncio.Condition()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release.set()  # a stalled answer ends: its connection is dropped
+        await super().__aexit__(*exc)
 
     @property
     def base_url(self) -> str:
@@ -182,8 +195,14 @@ class DingTalkReceiver(ChunkedAnswers):
         status: int = 200,
         body: bytes | None = None,
         location: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        self._faults.extend(_Fault(status, errcode, errmsg, body, location) for _ in range(n))
+        fault = _Fault(status, errcode, errmsg, body, location, dict(headers or {}))
+        self._faults.extend(fault for _ in range(n))
+
+    def unreadable_next(self, n: int, how: Unreadable) -> None:
+        """The next ``n`` answers, whatever they say, sent with a body the client cannot read."""
+        self._unreadable.extend([how] * n)
 
     async def wait_for(self, count: int, within: float = 10.0) -> None:
         """Until at least ``count`` messages were accepted."""
@@ -192,7 +211,13 @@ class DingTalkReceiver(ChunkedAnswers):
 
     # ------------------------------------------------------------------ handling
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        answer = await self._answer(request)
+        if self._unreadable:
+            return await answer_unreadable(request, answer, self._unreadable.popleft(), self._release)
+        return answer
+
+    async def _answer(self, request: web.Request) -> web.Response:
         body = await request.read()
         rec = DingTalkRequest(dict(request.query), body)
         self.requests.append(rec)
@@ -201,13 +226,9 @@ class DingTalkReceiver(ChunkedAnswers):
         if self._faults:
             fault = self._faults.popleft()
             rec.status = fault.status
-            if fault.body is not None:
-                return web.Response(status=fault.status, body=fault.body, content_type="text/html")
-            if fault.location is not None:  # a front that moved: the robot itself never sees it
-                return web.Response(status=fault.status, headers={"Location": fault.location})
-            if fault.errcode is None:
-                return web.Response(status=fault.status, text="fault")
-            return self._reply(rec, fault.errcode, fault.errmsg or "injected")
+            answer = self._fault(rec, fault)
+            answer.headers.update(fault.headers)
+            return answer
         if request.method != "POST":
             return web.Response(status=405)
         code, msg, payload = self._check(request, rec)
@@ -218,6 +239,15 @@ class DingTalkReceiver(ChunkedAnswers):
         async with self._changed:
             self._changed.notify_all()
         return response
+
+    def _fault(self, rec: DingTalkRequest, fault: _Fault) -> web.Response:
+        if fault.body is not None:
+            return web.Response(status=fault.status, body=fault.body, content_type="text/html")
+        if fault.location is not None:  # a front that moved: the robot itself never sees it
+            return web.Response(status=fault.status, headers={"Location": fault.location})
+        if fault.errcode is None:
+            return web.Response(status=fault.status, text="fault")
+        return self._reply(rec, fault.errcode, fault.errmsg or "injected")
 
     def _reply(self, rec: DingTalkRequest, code: int, msg: str) -> web.Response:
         rec.errcode, rec.errmsg = code, msg

@@ -46,7 +46,11 @@ gateway in front of the service answers instead: a text page (no JSON, no ``x-lo
 the request and the credentials it refused (``Authorization``, ``x-acs-security-token``); with
 ``page=N`` a front answers with a web page of N bytes (text/html, no ``x-log-requestid``: a proxy's
 error page, a misrouted ingress serving a file), streamed, and ``pages`` records how much of it the
-client took before it went away (``FrontPage``).
+client took before it went away (``FrontPage``). ``unreadable_next(n, how)`` sends the next ``n`` answers,
+whatever they say (an error of ``fail_next``'s, or the service's own 200 after it stored the logs), with
+a body the client cannot read: ``"stall"`` (the head, then none of the body until the receiver closes),
+``"cut"`` (the head, then the connection dropped) or ``"gzip"`` (a plain body labelled
+``Content-Encoding: gzip``), as a proxy or a slow front in between may.
 ``delay`` (also settable later) holds every answer that many seconds after the request was handled, as
 a far or slow service does: what it stored stays stored when the client gives up waiting (so a client
 that cuts a request short and sends it again stores it twice). A project in ``forbidden`` (suspended:
@@ -76,6 +80,7 @@ from aiohttp import web
 
 from eventrouter.protowire import WIRE_FIXED32, WIRE_LEN, WIRE_VARINT, DecodeError, decode_fields, read_varint
 from eventrouter.testing.receivers.front_page import FrontPage, answer_page
+from eventrouter.testing.receivers.unreadable import Unreadable, answer_unreadable
 
 __all__ = [
     "AccessKey",
@@ -364,6 +369,8 @@ class SLSReceiver:
         self._faults: list[tuple[int, str, str, float | None, bool, int] | None] = []
         self.pages: list[FrontPage] = []
         """The front pages answered (``fail_next(page=…)``), in order."""
+        self._unreadable: list[Unreadable] = []
+        self._release = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._changed = asyncio.Condition()
 
@@ -402,6 +409,10 @@ class SLSReceiver:
         fault = (status, error_code, message or f"injected {error_code}", retry_after, echo, page)
         self._faults.extend([fault] * n)
 
+    def unreadable_next(self, n: int, how: Unreadable) -> None:
+        """The next ``n`` answers, whatever they say, sent with a body the client cannot read."""
+        self._unreadable.extend([how] * n)
+
     async def wait_for_logs(self, count: int, within: float = 10.0) -> None:
         async with asyncio.timeout(within), self._changed:
             await self._changed.wait_for(lambda: len(self.logs()) >= count)
@@ -421,6 +432,7 @@ class SLSReceiver:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._release.set()  # a stalled answer ends: its connection is dropped
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -431,6 +443,8 @@ class SLSReceiver:
         response = await self._answer(request)
         if self.delay > 0:  # handled (stored) already: a client that stops waiting does not undo it
             await asyncio.sleep(self.delay)
+        if self._unreadable and isinstance(response, web.Response) and not response.prepared:
+            return await answer_unreadable(request, response, self._unreadable.pop(0), self._release)
         return response
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:

@@ -27,8 +27,11 @@ Application API
 
 Accepted messages go to ``accepted`` (kind ``robot`` or ``app``); every request to ``requests``.
 Fault injection: ``fail_next(n, errcode=…)``, ``fail_next(n, status=502)``, ``fail_next(n, body=…)``,
-``fail_next(n, status=302, location=url)`` (a redirect) (for message sends; gettoken is not
-affected), ``expire_tokens()`` ends every issued token now.
+``fail_next(n, status=302, location=url)`` (a redirect), ``fail_next(n, status=429, headers=…)``
+(a gateway's headers) (for message sends; gettoken only with ``gettoken=True``),
+``unreadable_next(n, how)`` (the next ``n`` answers, whatever they say, gettoken's too, with a body the
+client cannot read: ``"stall"``, ``"cut"`` or ``"gzip"``, as the DingTalk receiver's),
+``expire_tokens()`` ends every issued token now.
 ``clock`` (monotonic seconds) drives rate limits and token lifetimes. ``chunk_bytes=n`` writes every
 answer's body (gettoken's too) n bytes at a time, each piece reaching the client on its own (chunked
 transfer, as a gateway or proxy in front answers): a client must read the body to its end.
@@ -40,7 +43,7 @@ import asyncio
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,6 +51,7 @@ import orjson
 from aiohttp import web
 
 from eventrouter.testing.receivers.chunked import ChunkedAnswers
+from eventrouter.testing.receivers.unreadable import Unreadable, answer_unreadable
 
 __all__ = ["WeComMessage", "WeComReceiver", "WeComRequest"]
 
@@ -84,6 +88,7 @@ class _Fault:
     errmsg: str = ""
     body: bytes | None = None
     location: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,7 +138,14 @@ class WeComReceiver(ChunkedAnswers):
         self._old_tokens: set[str] = set()
         self._rates: dict[str, _Rate] = {}
         self._faults: deque[_Fault] = deque()
+        self._token_faults: deque[_Fault] = deque()
+        self._unreadable: deque[Unreadable] = deque()
+        self._release = asyncio.Event()
         self._changed = asyncio.Condition()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release.set()  # a stalled answer ends: its connection is dropped
+        await super().__aexit__(*exc)
 
     @property
     def url(self) -> str:
@@ -159,8 +171,15 @@ class WeComReceiver(ChunkedAnswers):
         status: int = 200,
         body: bytes | None = None,
         location: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        gettoken: bool = False,
     ) -> None:
-        self._faults.extend(_Fault(status, errcode, errmsg, body, location) for _ in range(n))
+        fault = _Fault(status, errcode, errmsg, body, location, dict(headers or {}))
+        (self._token_faults if gettoken else self._faults).extend(fault for _ in range(n))
+
+    def unreadable_next(self, n: int, how: Unreadable) -> None:
+        """The next ``n`` answers, whatever they say, sent with a body the client cannot read."""
+        self._unreadable.extend([how] * n)
 
     def expire_tokens(self) -> None:
         if self._token is not None:
@@ -172,25 +191,29 @@ class WeComReceiver(ChunkedAnswers):
 
     # ------------------------------------------------------------------ handling
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        answer = await self._answer(request)
+        if self._unreadable:
+            return await answer_unreadable(request, answer, self._unreadable.popleft(), self._release)
+        return answer
+
+    async def _answer(self, request: web.Request) -> web.Response:
         body = await request.read()
         rec = WeComRequest(request.path, dict(request.query), body)
         self.requests.append(rec)
-        if request.path == "/cgi-bin/gettoken" and request.method == "GET":
+        gettoken = request.path == "/cgi-bin/gettoken" and request.method == "GET"
+        faults = self._token_faults if gettoken else self._faults
+        if faults and (gettoken or request.path in ("/cgi-bin/webhook/send", "/cgi-bin/message/send")):
+            fault = faults.popleft()
+            rec.status = fault.status
+            answer = self._fault(rec, fault)
+            answer.headers.update(fault.headers)
+            return answer
+        if gettoken:
             return self._gettoken(rec)
         if request.path not in ("/cgi-bin/webhook/send", "/cgi-bin/message/send"):
             rec.status = 404
             return web.Response(status=404)
-        if self._faults:
-            fault = self._faults.popleft()
-            rec.status = fault.status
-            if fault.body is not None:
-                return web.Response(status=fault.status, body=fault.body, content_type="text/html")
-            if fault.location is not None:  # a front that moved: the robot itself never sees it
-                return web.Response(status=fault.status, headers={"Location": fault.location})
-            if fault.errcode is None:
-                return web.Response(status=fault.status, text="fault")
-            return self._reply(rec, fault.errcode, fault.errmsg or "injected")
         if request.method != "POST":
             return self._reply(rec, 43004, "invalid request method")
         if request.path == "/cgi-bin/webhook/send":
@@ -201,6 +224,15 @@ class WeComReceiver(ChunkedAnswers):
         async with self._changed:
             self._changed.notify_all()
         return response
+
+    def _fault(self, rec: WeComRequest, fault: _Fault) -> web.Response:
+        if fault.body is not None:
+            return web.Response(status=fault.status, body=fault.body, content_type="text/html")
+        if fault.location is not None:  # a front that moved: the robot itself never sees it
+            return web.Response(status=fault.status, headers={"Location": fault.location})
+        if fault.errcode is None:
+            return web.Response(status=fault.status, text="fault")
+        return self._reply(rec, fault.errcode, fault.errmsg or "injected")
 
     def _reply(
         self, rec: WeComRequest, code: int, msg: str, extra: dict[str, Any] | None = None
