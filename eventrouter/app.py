@@ -41,7 +41,11 @@ from eventrouter.engine.checkpoint import (
     SinkCheckpoint,
     safe_name,
 )
-from eventrouter.engine.configmap_checkpoint import ConfigMapCheckpointStore
+from eventrouter.engine.configmap_checkpoint import (
+    CheckpointFormatError,
+    ConfigMapCheckpoint,
+    ConfigMapCheckpointStore,
+)
 from eventrouter.engine.deadletter import DEADLETTER_MAX, DeadLetter
 from eventrouter.engine.filter import compile_filter
 from eventrouter.engine.pipeline import INTAKE_ROOM, Pipeline, queue_cost
@@ -100,6 +104,11 @@ class RouterSettings:
     checkpoint_configmap: str | None = None
     """Keep checkpoints in this ConfigMap (namespace ``checkpoint_namespace``) instead of --data-dir."""
     checkpoint_namespace: str = "default"
+    checkpoint_seed_configmap: str | None = None
+    """At the first start on ``data_dir`` (its checkpoint store holds nothing yet), start from the
+    checkpoint this ConfigMap (namespace ``checkpoint_namespace``) holds, as ``checkpoint_configmap``
+    writes it: the switch from the chart's configMap mode to dataDir delivers nothing twice. Only
+    read, never written; not with ``checkpoint_configmap``."""
     checkpoint_flush_interval: float = 1.0
     """Seconds between ConfigMap writes: after a SIGKILL the new leader may re-deliver up to this much."""
     checkpoint_prune_interval: float = 60.0
@@ -197,6 +206,33 @@ def budget_beside_spools_off(sinks: int, budget: int, held: Mapping[str, int]) -
     return max(0, budget - sum(held.values()))  # never reached in practice: every folder in full
 
 
+SEED_READ_SECONDS = 30.0
+"""How long a checkpoint seed's read of its ConfigMap may take, tries again after a 429, a 5xx or a
+broken connection included; then the router starts without it (everything again, never a loss)."""
+
+
+def _check_seed(settings: RouterSettings) -> None:
+    """Refuse a checkpoint seed the settings cannot use, naming both settings."""
+    if settings.checkpoint_seed_configmap is None:
+        return
+    if settings.checkpoint_configmap is not None:
+        raise ValueError(
+            "RouterSettings: checkpoint_seed_configmap and checkpoint_configmap exclude each other: the "
+            "seed starts the data dir's checkpoint from a ConfigMap's, checkpoint_configmap keeps it there"
+        )
+    if settings.data_dir is None:
+        raise ValueError("RouterSettings: checkpoint_seed_configmap needs data_dir (the checkpoint it seeds)")
+
+
+def _holds_checkpoint(folder: Path) -> bool:
+    """Whether the data dir's checkpoint store was ever written: any file in it (a sink's snapshot or
+    journal, even empty, the first-unseen times)."""
+    try:
+        return any(folder.iterdir())
+    except FileNotFoundError:
+        return False
+
+
 def _checkpoint_backend(settings: RouterSettings, name: str) -> CheckpointBackend:
     if settings.data_dir is None:
         return MemoryCheckpoint()
@@ -251,6 +287,7 @@ class Router:
                     f"RouterSettings: {exc}; allow_short_stall_timeout=True accepts it where quiet "
                     "watches make progress sooner (bookmarks)"
                 ) from None
+        _check_seed(settings)
         self.settings = settings
         self.specs = list(specs)
         # The files the options were read from, as they are now: a standby builds its sinks when it
@@ -522,6 +559,7 @@ class Router:
     async def start_pipelines(self) -> None:
         if self.settings.data_dir is not None:
             await self._lock_data_dir(self.settings.data_dir)
+            await self._seed_checkpoint(self.settings.data_dir)
         # Off the event loop: opening the spools reads every record they hold (_open_data_dir).
         opening = asyncio.ensure_future(asyncio.to_thread(self._open_data_dir))
         try:
@@ -538,6 +576,99 @@ class Router:
             self._tasks.append(self._guard(self._reload_sinks(), "sink-reload"))
         if self.settings.metrics_addr and self._http is None:
             await self._start_http(self.settings.metrics_addr)
+
+    async def _seed_checkpoint(self, data: Path) -> None:
+        """``checkpoint_seed_configmap``: on the first start on this data dir, the ConfigMap's checkpoint
+        becomes the data dir's, written there before the sinks load it. Decided for the whole store, not
+        per sink: it is the data dir's first start (the switch from the ConfigMap) or it is not, and a
+        sink without a file of its own (one that never accepted anything, one added later) read the
+        ConfigMap, long stale by then, at each start. Each configured sink gets a snapshot, empty for one
+        the ConfigMap lacks, so that no later start reads the ConfigMap again. A ConfigMap that cannot be
+        used (missing, forbidden, damaged) is said and the router starts as without the seed: a seed
+        never stops the start."""
+        name = self.settings.checkpoint_seed_configmap
+        folder = data / "checkpoints"
+        if name is None or _holds_checkpoint(folder):
+            return
+        kube = self._control or self.kube
+        where = f"{self.settings.checkpoint_namespace}/{name}"
+        empty = "starting with an empty checkpoint: each sink gets again what the API server still holds"
+        if kube is None:
+            log.warning("checkpoint seed: no API client to read ConfigMap %s with; %s", where, empty)
+            return
+        store = ConfigMapCheckpointStore(kube, namespace=self.settings.checkpoint_namespace, name=name)
+        try:
+            found = await self._read_seed(store)
+        except CheckpointFormatError as exc:
+            log.warning(
+                "checkpoint seed: ConfigMap %s holds no checkpoint that can be read (%s); %s",
+                where,
+                exc,
+                empty,
+            )
+            return
+        except (ApiError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            log.warning("checkpoint seed: cannot read ConfigMap %s (%s); %s", where, failure_text(exc), empty)
+            return
+        if found is None:
+            log.info("checkpoint seed: ConfigMap %s does not exist; starting with an empty checkpoint", where)
+            return
+        # File work off the loop, run to its end: a stop meanwhile must not give up the data dir's lock
+        # while the thread still writes in it.
+        writing = asyncio.ensure_future(asyncio.to_thread(self._write_seed, folder, found, where))
+        try:
+            await asyncio.shield(writing)
+        except asyncio.CancelledError:
+            await asyncio.wait([writing])
+            raise
+
+    async def _read_seed(self, store: ConfigMapCheckpointStore) -> ConfigMapCheckpoint | None:
+        """``store.read()``, tried again while the failure may pass (429, 5xx, a broken connection), for
+        SEED_READ_SECONDS at most."""
+        deadline = time.monotonic() + SEED_READ_SECONDS
+        delay = 0.5
+        while True:
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    return await store.read()
+            except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                if not _worth_retrying(exc) or time.monotonic() + delay >= deadline:
+                    raise
+                log.info(
+                    "checkpoint seed: cannot read ConfigMap %s/%s yet (%s); trying again in %.1fs",
+                    store.namespace,
+                    store.name,
+                    failure_text(exc),
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _write_seed(self, folder: Path, found: ConfigMapCheckpoint, where: str) -> None:
+        """The configured sinks' entries of ``found`` as the data dir's checkpoint (a snapshot each)."""
+        configured = [spec.name for spec in self.specs]
+        taken = {sink: found.states.get(sink, {}) for sink in configured}
+        try:
+            for sink, state in taken.items():
+                FileCheckpoint(folder, sink).compact(state)
+        except OSError as exc:
+            log.warning(
+                "checkpoint seed: cannot write the checkpoint read from ConfigMap %s to %s (%s); a sink not "
+                "written yet starts empty: it gets again what the API server still holds",
+                where,
+                folder,
+                exc.strerror or exc,
+            )
+            return
+        held = set().union(*taken.values())
+        UnseenFile(folder / "unseen.times").save_unseen({u: t for u, t in found.unseen.items() if u in held})
+        ignored = sorted(found.states.keys() - taken.keys())
+        log.info(
+            "checkpoint seeded from ConfigMap %s (read only, never written): %s%s",
+            where,
+            ", ".join(f"{sink}={len(state)}" for sink, state in taken.items()),
+            f"; not configured, ignored: {', '.join(ignored)}" if ignored else "",
+        )
 
     async def _lock_data_dir(self, data_dir: Path) -> None:
         """Take the data dir's lock (datalock.py). Without leader election another holder is a mistake:

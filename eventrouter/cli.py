@@ -137,6 +137,18 @@ def _lease_seconds(text: str) -> float:
     return value
 
 
+_CONFIGMAP_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _configmap_name(text: str) -> str:
+    """A ConfigMap's name as the API server takes one (a DNS-1123 subdomain)."""
+    if len(text) > 253 or not _CONFIGMAP_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a ConfigMap name: lower-case letters, digits, '-' and '.', at most 253 characters"
+        )
+    return text
+
+
 class _Once(argparse.Action):
     """A flag that takes one value: given twice, argparse kept the last silently (a second --config
     replaced the first file's sinks, a second --data-dir left the checkpoints of the first unread)."""
@@ -294,6 +306,15 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint-configmap",
         action=_Once,
         help="keep checkpoints in this ConfigMap (namespace: $POD_NAMESPACE) instead of --data-dir",
+    )
+    run.add_argument(
+        "--checkpoint-seed-configmap",
+        action=_Once,
+        type=_configmap_name,
+        metavar="NAME",
+        help="at the first start on --data-dir (its checkpoint holds nothing yet), start from the checkpoint "
+        "this ConfigMap holds (namespace: $POD_NAMESPACE), as --checkpoint-configmap wrote it, so that "
+        "moving from --checkpoint-configmap to --data-dir delivers nothing twice; only read (get)",
     )
     run.add_argument(
         "--checkpoint-flush-interval",
@@ -469,9 +490,18 @@ def _settings(args: argparse.Namespace, cfg: RouterConfig, *, make: bool = True)
         check_field_selector(selector)
     except ValueError as exc:
         raise ConfigError(f"field selector {selector!r}: {exc}") from None
+    seed = getattr(args, "checkpoint_seed_configmap", None)
+    if seed is not None and getattr(args, "checkpoint_configmap", None) is not None:
+        raise ConfigError(
+            "--checkpoint-seed-configmap and --checkpoint-configmap exclude each other: with "
+            "--checkpoint-configmap the checkpoint is kept in that ConfigMap; --checkpoint-seed-configmap "
+            "only starts a --data-dir checkpoint from one. Leave one of them out"
+        )
     data_dir = args.data_dir or (Path(cfg.data_dir) if cfg.data_dir else None)
     if data_dir is not None:
         data_dir = _writable_data_dir(data_dir) if make else _could_write_data_dir(data_dir)
+    if seed is not None and data_dir is None:
+        raise ConfigError("--checkpoint-seed-configmap needs --data-dir: it starts the data dir's checkpoint")
     if getattr(args, "leader_elect", False):
         try:  # as client-go refuses them, before anything starts, naming the options
             check_timings(
@@ -513,6 +543,7 @@ def _settings(args: argparse.Namespace, cfg: RouterConfig, *, make: bool = True)
         checkpoint_configmap=getattr(args, "checkpoint_configmap", None),
         checkpoint_flush_interval=getattr(args, "checkpoint_flush_interval", 1.0),
         checkpoint_namespace=os.environ.get("POD_NAMESPACE", "default"),
+        checkpoint_seed_configmap=seed,
         watch=WatchSettings(
             field_selector=selector,
             watch_timeout=watch_timeout,

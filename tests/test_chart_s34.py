@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import collections
 import json
+import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import helm_python as helm
 import pytest
 import yaml
 
+from eventrouter.cli import _parser
 from eventrouter.config import ConfigError, build_spec, build_specs, parse_sink_flag
 from eventrouter.plugins import discover
 from eventrouter.record import occurrence_number
@@ -168,6 +170,22 @@ REFUSED: dict[str, tuple[Doc, str]] = {
         {"config": {"sinks": [{"type": "loki", "url": "http://l:3100", "format": "JSON"}]}},
         r"'/config/sinks/0/format'",
     ),
+    # Item 290: a config sink's url names it as a flag's query does.
+    "flag name = a config url's name": (
+        {
+            "config": {"sinks": [{"type": "file", "url": "/tmp/a.jsonl?name=x"}]},
+            "sinks": {"flags": ["stdout:?name=x"]},
+        },
+        r'sinks.flags\[0\] \(sink "x"\): sink name "x" is already used by config.sinks\[0\]',
+    ),
+    "config enum as a list of two": (
+        {"config": {"sinks": [{"type": "stdout", "stream": ["stderr", "stdout"]}]}},
+        r"'/config/sinks/0/stream': maxItems: got 2, want 1",
+    ),
+    "config bound as a one-item list": (
+        {"config": {"sinks": [{"type": "stdout", "batch_max_events": [0]}]}},
+        r"'/config/sinks/0/batch_max_events/0': minimum: got 0, want 1",
+    ),
 }
 
 
@@ -212,12 +230,29 @@ BASE: dict[str, Doc] = {
 }
 
 
-def _sink_rules() -> dict[str, dict[str, Doc]]:
-    schema = json.loads((CHART / "values.schema.json").read_text())
+def _config_rules() -> dict[str, dict[str, Doc]]:
+    """Each built-in type → each key → the schema's rule for config.sinks ({} for none), a `$ref` to
+    the config's definitions resolved."""
+    config = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]
+
+    def resolved(rule: Doc) -> Doc:
+        prefix = "#/properties/config/definitions/"
+        return config["definitions"][rule["$ref"].removeprefix(prefix)] if "$ref" in rule else rule
+
     return {
-        t["if"]["properties"]["type"]["const"]: {k: v for k, v in t["then"]["properties"].items() if v}
-        for t in schema["properties"]["config"]["properties"]["sinks"]["items"]["allOf"]
+        t["if"]["properties"]["type"]["const"]: {k: resolved(v) for k, v in t["then"]["properties"].items()}
+        for t in config["properties"]["sinks"]["items"]["allOf"]
     }
+
+
+def _one_value(rule: Doc) -> Doc:
+    """The rule of a value, out of its wrapping that also takes it as a one-item YAML list."""
+    one: Doc = rule.get("else", rule)
+    return one
+
+
+def _sink_rules() -> dict[str, dict[str, Doc]]:
+    return {t: {k: _one_value(v) for k, v in keys.items() if v} for t, keys in _config_rules().items()}
 
 
 def _probes(rule: Doc) -> list[Any]:
@@ -231,7 +266,8 @@ def _probes(rule: Doc) -> list[Any]:
     for bound in (rule.get(k) for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")):
         if bound is not None:
             found += [bound, bound - 1, bound + 1, bound - 0.5, bound + 0.5, str(bound), str(bound - 1)]
-    return found
+    # A YAML list of one item is that item to the router (item 290), an empty or longer one refused.
+    return [*found, *([value] for value in found), [], [found[-1], found[-1]]]
 
 
 PLUGINS = discover()  # once: build_specs discovers them at each call
@@ -258,7 +294,8 @@ def test_the_value_checks_refuse_nothing_the_router_takes(
 ) -> None:
     """Every value around each generated enum, pattern and bound that the router takes passes the
     schema (config.sinks) and the template (a --sink flag's query): kafka's acks=ALL or -1, the file
-    sink's file_mode 7777 (octal) are read by the sinks in their own way, and so have no rule."""
+    sink's file_mode 7777 (octal) are read by the sinks in their own way, and so have no rule. Each
+    also as a one-item YAML list (`stream: [stderr]`), which the router reads as its item."""
     monkeypatch.setenv("ER_TEST_TOKEN", "t0ken")  # what the env: references of BASE read
     taken: list[Doc] = []
     flags: list[str] = []
@@ -292,12 +329,10 @@ def test_the_flag_rules_are_the_schemas() -> None:
     """files/sink-options.json (the templates' flag check) holds the keys and rules the schema has for
     config.sinks, for each built-in type but the webhook (its unknown query keys stay in its URL)."""
     options = json.loads((CHART / "files" / "sink-options.json").read_text())
-    schema = json.loads((CHART / "values.schema.json").read_text())
-    types = schema["properties"]["config"]["properties"]["sinks"]["items"]["allOf"]
-    by_type = {t["if"]["properties"]["type"]["const"]: t["then"]["properties"] for t in types}
+    by_type = _config_rules()
     assert set(options) == set(by_type) - {"webhook"}
     for sink_type, keys in options.items():
-        assert keys == {k: v for k, v in by_type[sink_type].items() if k != "type"}, sink_type
+        assert keys == {k: _one_value(v) for k, v in by_type[sink_type].items() if k != "type"}, sink_type
 
 
 # --- F2: turning leader election on ------------------------------------------------------------
@@ -381,7 +416,9 @@ def test_notes_warn_when_an_upgrade_switches_the_checkpoint_mode(chart: helm.Cha
         f"moved the checkpoint from ConfigMap {FULLNAME}-checkpoint (checkpoint.mode configMap) to the data dir"
         in said
     )
-    assert "delivers everything the API server still holds (up to an hour of events) again, once" in said
+    # Item 286: the first start on the empty data dir takes the ConfigMap's checkpoint over.
+    assert "takes that ConfigMap's checkpoint over (read only, --checkpoint-seed-configmap)" in said
+    assert "delivers everything the API server still holds (up to an hour of events) again, once" not in said
     assert "is kept but no longer mounted" not in said
     with helm.Chart.load(chart_with_live(tmp_path / "b", data_dir_mode)) as upgrading:
         said = " ".join(notes(upgrading).split())
@@ -392,14 +429,17 @@ def test_notes_warn_when_an_upgrade_switches_the_checkpoint_mode(chart: helm.Cha
     with helm.Chart.load(chart_with_live(tmp_path / "c", configmap_mode)) as upgrading:
         said = " ".join(notes(upgrading).split())
     assert "WARNING" not in said
-    assert "Changing checkpoint.mode on this release later sends everything" in said
+    assert (
+        "Changing checkpoint.mode on this release later: configMap to dataDir takes the ConfigMap's" in said
+    )
     assert "WARNING" not in notes(chart)
 
 
 def test_values_and_readme_say_what_switching_the_checkpoint_mode_does() -> None:
     values = " ".join((CHART / "values.yaml").read_text().replace("#", " ").split())
+    assert "Switching modes on an installed release: configMap -> dataDir delivers nothing twice" in values
     assert (
-        "Switching modes on an installed release: the new mode starts without the old one's checkpoint"
+        "Any other switch starts without the old mode's checkpoint and delivers everything the API server"
         in values
     )
     readme = " ".join((CHART / "README.md").read_text().split())
@@ -436,3 +476,197 @@ def test_a_name_that_only_looks_like_a_credential_is_told_the_configmap_way(char
     and named Secrets as the way out: a value that is no secret can come from a ConfigMap."""
     with pytest.raises(helm.HelmRenderError, match=r"ROUTING_KEY.*valueFrom\.configMapKeyRef"):
         render(chart, {"extraEnv": [{"name": "ROUTING_KEY", "value": "events.k8s"}]})
+
+
+# --- Item 290: values the router takes that item 280's checks refused ------------------------------
+
+
+def _names_refused(run: Callable[..., object], *args: Any) -> bool:
+    """Whether `run` is refused for two sinks of one name (or of names stored as one), by the router
+    (ConfigError) or the chart (its template); any other refusal fails the test (`build_specs` checks
+    the names after each sink: a case is about names only)."""
+    try:
+        run(*args)
+    except (ConfigError, helm.HelmRenderError) as exc:
+        if "is already used by" in str(exc) or "are both stored as" in str(exc):
+            return True
+        raise
+    return False
+
+
+URL_NAMED: dict[str, list[Doc]] = {
+    "two loki sinks named in their urls": [
+        {"type": "loki", "url": "http://loki-a:3100?name=loki-a"},
+        {"type": "loki", "url": "http://loki-b:3100?name=loki-b&tenant=ops"},
+    ],
+    "two file sinks named in their urls beside stdout": [
+        {"type": "stdout"},
+        {"type": "file", "url": "/var/log/a.jsonl?name=audit"},
+        {"type": "file", "url": "/var/log/b.jsonl?name=all"},
+    ],
+    # A + is a space to the router: the sink is "a b".
+    "a + in a url's name": [
+        {"type": "file", "url": "/var/log/a.jsonl?name=a+b"},
+        {"type": "file", "url": "/var/log/b.jsonl"},
+    ],
+    # The router percent-decodes: its names are "q" and "file"; the chart cannot tell, and checks neither.
+    "a percent-encoded name key": [
+        {"type": "file", "url": "/var/log/a.jsonl?na%6De=q"},
+        {"type": "file", "url": "/var/log/b.jsonl"},
+    ],
+}
+
+
+@pytest.mark.parametrize("case", sorted(URL_NAMED))
+def test_a_config_sink_named_in_its_url_query_is_not_refused(chart: helm.Chart, case: str) -> None:
+    """The router takes a config.sinks entry's options from its url's query, its name too: item 280's
+    check named each such entry after its type, and refused two of one type (review s34 r2chart F1)."""
+    sinks = URL_NAMED[case]
+    names = [spec.name for spec in build_specs([], sinks)]
+    assert len(set(names)) == len(sinks), names
+    render(chart, {"config": {"sinks": sinks}})
+
+
+ONE_ITEM_LISTS: dict[str, tuple[Doc, bool]] = {
+    "stream: [stderr]": ({"type": "stdout", "stream": ["stderr"]}, True),
+    "format: [json]": ({"type": "loki", "url": "http://l:3100", "format": ["json"]}, True),
+    "op_type: [create]": ({"type": "elasticsearch", "url": "http://e:9200", "op_type": ["create"]}, True),
+    "level: [warning]": ({"type": "stdout", "level": ["warning"]}, True),
+    "batch_max_events: [10]": ({"type": "stdout", "batch_max_events": [10]}, True),
+    "stream: []": ({"type": "stdout", "stream": []}, False),
+    "stream: [STDERR]": ({"type": "stdout", "stream": ["STDERR"]}, False),
+    "stream: [stderr, stderr]": ({"type": "stdout", "stream": ["stderr", "stderr"]}, False),
+    "level: [Warnin]": ({"type": "stdout", "level": ["Warnin"]}, False),
+    "batch_max_events: [0]": ({"type": "stdout", "batch_max_events": [0]}, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ONE_ITEM_LISTS))
+def test_an_option_of_one_value_as_a_one_item_yaml_list_is_judged_as_its_item(
+    chart: helm.Chart, case: str
+) -> None:
+    """The router reads `stream: [stderr]` as `stderr` and refuses an empty or longer list; item 280's
+    enums refused the one-item list (review s34 r2chart F3), and its bounds and pattern took `[0]`."""
+    entry, taken = ONE_ITEM_LISTS[case]
+    try:
+        build_specs([], [entry])
+    except ConfigError:
+        assert not taken
+    else:
+        assert taken
+    values = chart.merge_values({"config": {"sinks": [entry]}})
+    if taken:
+        chart.validate_schema(values)
+    else:
+        with pytest.raises(helm.HelmValuesError, match=r"'/config/sinks/0/\w+"):
+            chart.validate_schema(values)
+
+
+def test_the_schema_takes_a_one_item_list_for_exactly_the_options_the_router_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each generated rule is wrapped to also take a one-item list where the router reads one as its
+    item (options of one value), and only there."""
+    monkeypatch.setenv("ER_TEST_TOKEN", "t0ken")  # what the env: references of BASE read
+    for sink_type, rules in sorted(_config_rules().items()):
+        for key, rule in sorted(rules.items()):
+            if not rule:
+                continue
+            one = _one_value(rule)
+            # 1 MiB: loki's per_stream_burst must hold its largest line (a check of the whole model).
+            candidates = [v for v in [*_probes(one), 2**20] if not isinstance(v, list)]
+            valid = next(v for v in candidates if _router_takes(sink_type, key, v))
+            as_list = _router_takes(sink_type, key, [valid])
+            assert (rule != one) == as_list, (sink_type, key)
+            if as_list:
+                then = {"minItems": 1, "maxItems": 1, "items": one}
+                assert rule == {"if": {"type": "array"}, "then": then, "else": one}, (sink_type, key)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--config=/etc/own/config.yaml"],
+        ["--config", "/etc/own/config.yaml"],
+        ["--conf=/etc/own/config.yaml"],
+        ["--confi", "/etc/own/config.yaml"],
+    ],
+    ids=["config=", "config-then-value", "conf=", "confi"],
+)
+def test_a_config_flag_in_extra_args_is_refused_as_the_router_refuses_a_second_one(
+    chart: helm.Chart, extra: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The chart gives the router --config (its ConfigMap): another in extraArgs made a pod that exits 2
+    at start ("given more than once"), and item 280's name check blamed the chart's config.sinks
+    beside it, which the router was thought not to read (review s34 r2chart F4)."""
+    args = deployment(render(chart))["spec"]["template"]["spec"]["containers"][0]["args"]
+    with pytest.raises(SystemExit) as exited:
+        _parser().parse_args([*args, *extra])
+    assert exited.value.code == 2
+    assert "argument --config: given more than once" in capsys.readouterr().err
+    values = {"extraArgs": extra, "sinks": {"flags": ["stdout:?level=Warning"]}}
+    with pytest.raises(
+        helm.HelmRenderError, match=r"extraArgs\[0\]: --config: the chart gives the router its own"
+    ):
+        render(chart, values)
+    # An option that only begins alike is no --config.
+    render(chart, {"extraArgs": ["--context=prod"]})
+
+
+# Names that clash as they are or only in the data dir ("a b"/"a_b", "é"/"_"), and types as names.
+_NAMES = ["a", "b", "a b", "a_b", "é", "_", "stdout", "file", "loki"]
+_URLS = {"file": "/tmp/er-{i}.jsonl", "loki": "http://loki:3100", "webhook": "http://hook/{i}", "stdout": ""}
+
+
+def _config_sink(rng: random.Random, i: int) -> Doc:
+    """A config.sinks entry the router takes alone: named by its `name:`, its url's query or its type."""
+    sink_type = rng.choice(sorted(_URLS))
+    entry: Doc = {"type": sink_type}
+    url = _URLS[sink_type].format(i=i)
+    where = rng.choice(["name", "url", "none"] if url else ["name", "none"])
+    name = rng.choice(_NAMES)
+    if where == "url":
+        url += "?name=" + name.replace(" ", rng.choice(["+", " "]))
+    if url:
+        entry["url"] = url
+    if where == "name":
+        entry["name"] = name
+    return entry
+
+
+def _random_flag(rng: random.Random, i: int) -> str:
+    sink_type = rng.choice(sorted(_URLS))
+    flag = f"{sink_type}:{_URLS[sink_type].format(i=100 + i)}"
+    if rng.random() < 0.7:
+        flag += "?name=" + rng.choice(_NAMES).replace(" ", rng.choice(["+", " "]))
+    return flag
+
+
+def _placed(rng: random.Random, flags: list[str]) -> Doc:
+    """The flags as sinks.flags, or as --sink items of extraArgs in the forms argparse takes."""
+    values: Doc = {"sinks": {"flags": []}, "extraArgs": []}
+    for flag in flags:
+        form = rng.choice(["flags", "--sink=", "--sink", "--si="])
+        if form == "flags":
+            values["sinks"]["flags"].append(flag)
+        elif form == "--sink":
+            values["extraArgs"] += ["--sink", flag]
+        else:
+            values["extraArgs"].append(form + flag)
+    return values
+
+
+def test_the_chart_refuses_two_sinks_of_one_name_exactly_when_the_router_does(chart: helm.Chart) -> None:
+    """Random config.sinks (named by `name:`, by their url's query, or not) and --sink flags (in
+    sinks.flags and extraArgs): the chart's name check refuses exactly what `build_specs` refuses."""
+    rng = random.Random(290)
+    verdicts: collections.Counter[tuple[bool, bool]] = collections.Counter()
+    for case in range(150):
+        sinks = [_config_sink(rng, i) for i in range(rng.randint(1, 3))]
+        flags = [_random_flag(rng, i) for i in range(rng.randint(0, 3))]
+        values = {"config": {"sinks": sinks}, **_placed(rng, flags)}
+        router = _names_refused(build_specs, flags, sinks)
+        chart_refuses = _names_refused(render, chart, values)
+        assert chart_refuses == router, (case, values, router)
+        verdicts[router, chart_refuses] += 1
+    assert verdicts[True, True] > 30 and verdicts[False, False] > 30, verdicts

@@ -67,6 +67,7 @@ __all__ = [
     "UNSEEN_KEY",
     "CheckpointAbandoned",
     "CheckpointFormatError",
+    "ConfigMapCheckpoint",
     "ConfigMapCheckpointStore",
     "configmap_size",
     "decode_state",
@@ -417,6 +418,15 @@ def configmap_size(obj: Mapping[str, Any]) -> int:
 # ---- the store ----------------------------------------------------------------------------------
 
 
+class ConfigMapCheckpoint(NamedTuple):
+    """A checkpoint ConfigMap's content as read (``ConfigMapCheckpointStore.read``)."""
+
+    states: dict[str, dict[str, int]]
+    """Each sink's entries (uid → the highest occurrence number it accepted), oldest first."""
+    unseen: dict[str, float]
+    """When each event a scoped watch did not see was first not seen (wall-clock seconds)."""
+
+
 class _Lagging(NamedTuple):
     """A sink read from its table that is behind another or holds merged numbers: copies taken on the
     loop (C-level: its table's entries, shared, its own lower numbers, the merged ones), its state built
@@ -601,18 +611,7 @@ class ConfigMapCheckpointStore:
         self._states = states
         self._order = dict.fromkeys(order)
         self._unconfigured_since = {s: t for s, t in self._parse_since(obj).items() if s in states}
-        encoded = (obj.get("binaryData") or {}).get(UNSEEN_KEY)
-        if encoded and order:
-            try:
-                self._unseen_loaded = decode_unseen(base64.b64decode(encoded), order)
-            except (CheckpointFormatError, ValueError) as exc:
-                log.warning(
-                    "checkpoint ConfigMap %s/%s: the first-unseen times are unreadable (%s); the "
-                    "entries of events a scoped watch does not see are kept for the keep period from now",
-                    self.namespace,
-                    self.name,
-                    exc,
-                )
+        self._unseen_loaded = self._parse_unseen(obj, order)
         # Written again as read until the fanout hands its own (at its first prune): a leader that
         # fails before must not write the ConfigMap without them.
         self._unseen = self._unseen_written = dict(self._unseen_loaded)
@@ -622,6 +621,18 @@ class ConfigMapCheckpointStore:
             self.name,
             ", ".join(f"{s}={len(m)}" for s, m in sorted(states.items())) or "empty",
         )
+
+    async def read(self) -> ConfigMapCheckpoint | None:
+        """The ConfigMap's checkpoint as it stands, for another store to start from (the data dir's
+        seed, ``--checkpoint-seed-configmap``); None when it does not exist (404). Only a GET: this
+        store's own state is not touched. Raises ApiError (403, 5xx) or a request's error when it cannot
+        be read, and CheckpointFormatError when it holds no readable checkpoint (load() starts empty
+        then: a leader must not stop for it; a seed says so instead)."""
+        obj = await self._get()
+        if obj is None:
+            return None
+        states, order = await _off_loop(_decode, obj)  # off the loop: seconds of CPU when large
+        return ConfigMapCheckpoint(states, self._parse_unseen(obj, order))
 
     def load_unseen(self) -> dict[str, float]:
         """When each event a scoped watch did not see was first not seen, as the last leader wrote it
@@ -1312,12 +1323,12 @@ class ConfigMapCheckpointStore:
         self._touch()
 
     def _parse(self, obj: Mapping[str, Any]) -> tuple[dict[str, dict[str, int]], list[str]]:
-        encoded = (obj.get("binaryData") or {}).get(DATA_KEY)
-        if not encoded:
+        binary = obj.get("binaryData")
+        if not (isinstance(binary, dict) and binary.get(DATA_KEY)):
             return {}, []
         try:
-            return decode_state(base64.b64decode(encoded))
-        except (CheckpointFormatError, ValueError, UnicodeDecodeError) as exc:
+            return _decode(obj)
+        except CheckpointFormatError as exc:
             # Starting empty only re-delivers what the API server still holds.
             log.error(
                 "checkpoint ConfigMap %s/%s is unreadable (%s); starting empty",
@@ -1326,6 +1337,24 @@ class ConfigMapCheckpointStore:
                 exc,
             )
             return {}, []
+
+    def _parse_unseen(self, obj: Mapping[str, Any], order: Sequence[str]) -> dict[str, float]:
+        """``binaryData["unseen"]`` against the ``order`` read from the same ConfigMap ({} when none)."""
+        binary = obj.get("binaryData")
+        encoded = binary.get(UNSEEN_KEY) if isinstance(binary, dict) and order else None
+        if not encoded:
+            return {}
+        try:
+            return decode_unseen(base64.b64decode(encoded), order)
+        except (CheckpointFormatError, ValueError, TypeError) as exc:
+            log.warning(
+                "checkpoint ConfigMap %s/%s: the first-unseen times are unreadable (%s); the "
+                "entries of events a scoped watch does not see are kept for the keep period from now",
+                self.namespace,
+                self.name,
+                exc,
+            )
+            return {}
 
     def _parse_since(self, obj: Mapping[str, Any]) -> dict[str, float]:
         """``data["unconfigured"]``: when each sink written though not configured was first so."""
@@ -1385,6 +1414,19 @@ class ConfigMapCheckpointStore:
         finally:
             resp.release()
         return obj if isinstance(obj, dict) else None
+
+
+def _decode(obj: Mapping[str, Any]) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """The checkpoint a ConfigMap holds (``binaryData["checkpoint"]``): (states by sink, uids oldest
+    first). CheckpointFormatError when it holds none, or none that can be read."""
+    binary = obj.get("binaryData")
+    encoded = binary.get(DATA_KEY) if isinstance(binary, dict) else None
+    if not encoded or not isinstance(encoded, str):
+        raise CheckpointFormatError(f"no binaryData.{DATA_KEY}: not an eventrouter checkpoint")
+    try:
+        return decode_state(base64.b64decode(encoded))
+    except (CheckpointFormatError, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointFormatError(str(exc)) from None
 
 
 def _utc(seconds: float) -> str:

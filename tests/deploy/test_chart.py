@@ -213,14 +213,17 @@ ALLOWED_VALUE = {"level": "Warning"}
 
 @pytest.mark.parametrize("sink_type", sorted(SINK_KEYS))
 def test_every_key_a_built_in_sink_takes_passes_the_schema(chart: helm.Chart, sink_type: str) -> None:
-    schema = json.loads((CHART / "values.schema.json").read_text())
+    config = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]
     rules = next(
         t["then"]["properties"]
-        for t in schema["properties"]["config"]["properties"]["sinks"]["items"]["allOf"]
+        for t in config["properties"]["sinks"]["items"]["allOf"]
         if t["if"]["properties"]["type"]["const"] == sink_type
     )
     for key in sorted(SINK_KEYS[sink_type]):
-        value = rules[key]["enum"][0] if "enum" in rules[key] else ALLOWED_VALUE.get(key, "x")
+        rule = rules[key]
+        if "$ref" in rule:  # an option of one value: its rule, or a one-item list of it (item 290)
+            rule = config["definitions"][rule["$ref"].rsplit("/", 1)[1]]["else"]
+        value = rule["enum"][0] if "enum" in rule else ALLOWED_VALUE.get(key, "x")
         entry = {"type": sink_type, key: value} if key != "type" else {"type": sink_type}
         chart.validate_schema(chart.merge_values({"config": {"sinks": [entry]}}))
     with pytest.raises(helm.HelmValuesError):
@@ -1149,7 +1152,11 @@ def test_per_replica_claims_in_data_dir_mode_give_each_replica_its_checkpoint(ch
     args = container(docs)["args"]
     assert "--data-dir=/var/lib/eventrouter" in args and "--data-dir-max-bytes=1Gi" in args
     assert not any(a.startswith("--checkpoint-configmap") for a in args)
-    assert [r["metadata"]["name"] for r in of_kind(docs, "Role")] == [f"{FULLNAME}-leader-election"]
+    # Item 286: and `get` on the configMap mode's ConfigMap, for the first start on an empty claim.
+    assert [r["metadata"]["name"] for r in of_kind(docs, "Role")] == [
+        f"{FULLNAME}-leader-election",
+        f"{FULLNAME}-checkpoint-seed",
+    ]
     notes = next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
     assert "each replica has its own data dir" in notes
     # Even with ReadWriteMany: the claims are still one per replica.

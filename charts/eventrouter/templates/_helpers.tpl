@@ -271,17 +271,40 @@ given --config alone had the letters of such a sink "not configured here": they 
 {{- join "\n" $flags -}}
 {{- end -}}
 
-{{/* The sink name of a TYPE:URL?query flag, as the router reads it: its name= option, else its type. */}}
+{{/* The sink name of a TYPE:URL?query flag (or of a config.sinks entry's type and url), as the router
+reads it: its name= option (a + read as a space), else its type; "" when the chart cannot tell: a key
+or the name holding a %, which the router percent-decodes (na%6De= is name=) and Helm cannot. */}}
 {{- define "eventrouter.flagName" -}}
 {{- $flag := toString . -}}
 {{- $type := trim (index (splitn ":" 2 $flag) "_0") -}}
 {{- $name := "" -}}
+{{- $known := true -}}
 {{- if contains "?" $flag -}}
 {{- range $pair := splitList "&" (index (splitn "?" 2 $flag) "_1") -}}
-{{- if and (not $name) (hasPrefix "name=" $pair) -}}{{- $name = trimPrefix "name=" $pair -}}{{- end -}}
+{{- $kv := splitn "=" 2 $pair -}}
+{{- if contains "%" $kv._0 -}}{{- $known = false -}}
+{{- else if and (eq $kv._0 "name") (not $name) -}}
+{{- $name = replace "+" " " ($kv._1 | default "") -}}
+{{- if contains "%" $name -}}{{- $known = false -}}{{- end -}}
 {{- end -}}
 {{- end -}}
-{{- default $type $name -}}
+{{- end -}}
+{{- if $known -}}{{- default $type $name -}}{{- end -}}
+{{- end -}}
+
+{{/* The sink name of a config.sinks entry, as the router reads it: its name:, else a name= in its url's
+query (the router takes a url's query as a flag's, name included), else its type; "" when the chart
+cannot tell (see flagName; a name that is no string, which the schema refuses). */}}
+{{- define "eventrouter.configSinkName" -}}
+{{- if kindIs "string" .type -}}
+{{- if hasKey . "name" -}}
+{{- if or (kindIs "string" .name) (kindIs "invalid" .name) -}}{{- default .type .name -}}{{- end -}}
+{{- else if and (kindIs "string" .url) (contains "?" .url) -}}
+{{- include "eventrouter.flagName" (printf "%s:%s" .type .url) -}}
+{{- else -}}
+{{- .type -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* [where, flag] of each --sink the pod gets: sinks.flags, then each --sink of extraArgs. */}}
@@ -353,15 +376,16 @@ the bounds bind a plain number only (the router may read other forms). */}}
 {{- end -}}
 {{- end -}}
 
-{{/* Two sinks of one name (config.sinks' name, else its type; a flag's name=, else its type), or of
-names stored as one file name in the data dir: the router refuses them at start (exit 2), and with
-Recreate the working pod was already gone. Checked in the router's order: config.sinks, then the flags. */}}
+{{/* Two sinks of one name (configSinkName, flagName), or of names stored as one file name in the data
+dir: the router refuses them at start (exit 2), and with Recreate the working pod was already gone.
+Checked in the router's order: config.sinks, then the flags. A name the chart cannot tell ("") is left
+to the router: better a clash refused at start than a refusal of names the router takes. */}}
 {{- define "eventrouter.checkSinkNames" -}}
 {{- $seen := dict -}}
 {{- $sinks := list -}}
 {{- range $i, $sink := (.Values.config.sinks | default list) -}}
 {{- if kindIs "map" $sink -}}
-{{- $sinks = append $sinks (list (printf "config.sinks[%d]" $i) (toString (default $sink.type $sink.name))) -}}
+{{- $sinks = append $sinks (list (printf "config.sinks[%d]" $i) (include "eventrouter.configSinkName" $sink)) -}}
 {{- end -}}
 {{- end -}}
 {{- range $found := (include "eventrouter.sinkFlagsWhere" . | fromJsonArray) -}}
@@ -370,15 +394,17 @@ Recreate the working pod was already gone. Checked in the router's order: config
 {{- range $sink := $sinks -}}
 {{- $where := index $sink 0 -}}
 {{- $name := index $sink 1 -}}
+{{- if $name -}}
 {{- $file := regexReplaceAll `[^A-Za-z0-9_.-]` $name "_" | default "_" -}}
 {{- with (get $seen $file) -}}
 {{- if eq (index . 1) $name -}}
-{{- fail (printf "%s (sink %q): sink name %q is already used by %s; the router refuses two sinks of one name at start (exit 2): give each a distinct name (name= in a flag, name: in config.sinks; without one a sink is named after its type)" $where $name $name (index . 0)) -}}
+{{- fail (printf "%s (sink %q): sink name %q is already used by %s; the router refuses two sinks of one name at start (exit 2): give each a distinct name (name= in a flag, name: or its url's name= in config.sinks; without one a sink is named after its type)" $where $name $name (index . 0)) -}}
 {{- else -}}
 {{- fail (printf "%s (sink %q): sink names %q and %q (%s) are both stored as %q in the data dir; the router refuses them at start (exit 2): give them names that differ in letters, digits, '_', '.' or '-'" $where $name $name (index . 1) (index . 0) $file) -}}
 {{- end -}}
 {{- end -}}
 {{- $_ := set $seen $file (list $where $name) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
@@ -558,6 +584,13 @@ mount inside it, and the container could not start), nor lie inside the read-onl
 {{- if include "eventrouter.hasUserInfo" (toString (index $env "value")) -}}
 {{- fail (printf "extraEnv[%d] (%s) holds a URL's user info (scheme://user:password@host), readable by whoever may read the pod spec: put the whole value in a Secret and list the variable in credentials.env (name and key, a secretKeyRef to credentials.existingSecret or credentials.values), or give it as valueFrom.secretKeyRef" $i $name) -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+{{- /* The pod's args hold the chart's own --config (the values' config); the router refuses a second at
+       start (exit 2, "given more than once"), and argparse reads --conf and --confi as --config. */ -}}
+{{- range $i, $arg := ($v.extraArgs | default list) -}}
+{{- if regexMatch `^--conf(i|ig)?(=|$)` (toString $arg) -}}
+{{- fail (printf "extraArgs[%d]: --config: the chart gives the router its own --config=/etc/eventrouter/config.yaml (from the values' config), and the router refuses a second at start (exit 2, given more than once); write the file's sinks in config.sinks or sinks.flags instead" $i) -}}
 {{- end -}}
 {{- end -}}
 {{- /* After the credential checks, whose messages say more about a key that holds one. */ -}}
