@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["Throttled", "setup_logging"]
+__all__ = ["TextFormatter", "Throttled", "setup_logging"]
 
 _STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -79,12 +79,31 @@ def _escaped(value: Any) -> Any:
     return str(value) if not isinstance(value, int | float | bool | type(None)) else value
 
 
+def _controls() -> dict[int, str]:
+    return {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (0x09, 0x0A)}
+
+
+_CONTROLS = _controls()
+"""What a text log line writes escaped (``\\xNN``): every C0 control but tab and LF (a traceback's lines,
+a message's own), DEL and the C1 controls. A receiver's answer quoting an Event's field (a webhook's
+422 "field reason invalid: ...") reaches a reason the router logs: its ESC sequences cleared the screen
+of ``kubectl logs -f``, hid the rest of the line or set the window title. (JSON lines are escaped by
+their encoder.)"""
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: message``, terminal controls shown, never run (``_CONTROLS``)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).translate(_CONTROLS)
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -273,6 +273,10 @@ class _Write:
             if not poller.poll(_TICK_MS):  # a reader gone or the descriptor closed wakes it too:
                 continue  # the write then raises
             held.take()
+            # The stop looked at again: taking the locks waits for a log call of another thread, as
+            # long as its write to a slow stderr; a stop meanwhile answered the lines not written.
+            if self.stop.is_set() and self.torn() is None:
+                return
             # Room looked at again under the locks: a log line may have taken it meanwhile, and a
             # write(2) blocked on it would keep logging waiting for the reader.
             if held.locks and not poller.poll(0):

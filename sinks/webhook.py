@@ -116,6 +116,16 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import aiohttp
 import orjson
 import yarl
+from aiohttp.http_exceptions import (
+    BadStatusLine,
+    ContentEncodingError,
+    ContentLengthError,
+    HttpProcessingError,
+    InvalidHeader,
+    LineTooLong,
+    PayloadEncodingError,
+    TransferEncodingError,
+)
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
 import eventrouter
@@ -140,6 +150,7 @@ from eventrouter.options import FilePath, http_url, redact_url
 
 from ._headers import HEADERS_HELP, Headers, check_headers
 from ._scrub import credentials, scrub, shown_location
+from ._worker import retrieved
 
 __all__ = [
     "BodyTemplate",
@@ -491,6 +502,26 @@ refusing every body (a wrong format) cost two requests per record."""
 _EXCERPT_WAIT = 2.0
 """Seconds an error answer's body gets for its excerpt once its status is in (at most ``timeout``):
 the status decides, the excerpt is only quoted."""
+_READ_ERRORS = (aiohttp.ClientError, HttpProcessingError, TimeoutError, OSError, RuntimeError)
+"""What reading an answer's body can raise: aiohttp's ClientPayloadError; with its pure-Python parser
+(``AIOHTTP_NO_EXTENSIONS=1``, a platform without its C wheel) that parser's own errors, no ClientError
+(a TransferEncodingError left ``send`` as a sink's bug: a final 400 retried for ever); and
+StreamReader's RuntimeError("Connection closed.") for a read begun after the connection was lost."""
+_LLHTTP = re.compile(r"([A-Za-z][\w ,.'/-]{0,79}):\n\n  ")
+"""The C parser's message: llhttp's reason, then the bytes it failed on (``{reason}:\n\n  b'...'``)."""
+_C_PARSER = aiohttp.http.HttpResponseParser is not aiohttp.http_parser.HttpResponseParserPy
+"""aiohttp parses answers with its C extension (llhttp), not its pure-Python parser, whose message
+for a bad chunk-size line is that line, ``{reason}:\n\n  `` in it or not."""
+_PARSE_MEANINGS: tuple[tuple[type[HttpProcessingError], str], ...] = (
+    (ContentLengthError, "cut off before its Content-Length"),
+    (TransferEncodingError, "not valid chunked encoding"),
+    (ContentEncodingError, "not in its Content-Encoding"),
+    (InvalidHeader, "an invalid header"),
+    (BadStatusLine, "an invalid status line"),
+    (HttpProcessingError, "not valid HTTP"),
+)
+"""What aiohttp's parse errors mean, by class: said instead of their messages, which quote the bytes
+the parser failed on."""
 _STOP_GRACE = 0.5
 """Seconds the request in flight gets after ``stop_sending``: under the router's 1 s wait, so that
 the send returns what went in before the router gives up on it."""
@@ -933,12 +964,17 @@ class WebhookSink(Sink[WebhookOptions]):
             return f"no answer within {self.options.timeout:g}s"
         if isinstance(exc, aiohttp.ClientConnectorError):
             return f"cannot connect ({exc.os_error.strerror or type(exc.os_error).__name__})"
-        if isinstance(exc, aiohttp.ClientResponseError):
+        if isinstance(exc, aiohttp.ClientResponseError | HttpProcessingError):
             # An answer aiohttp cannot parse (a header over 8190 bytes, a bad status line or
-            # Content-Length): its text ends in the request URL, which no replacement needs to
-            # find. Its status (400 for a parse error) and message alone.
-            message = " ".join(scrub(str(exc.message), self._secrets).split())[:100]
-            text = f"invalid HTTP answer ({type(exc).__name__} {exc.status}): {message}"
+            # Content-Length, a bad chunk with the head): its text ends in the request URL, which no
+            # replacement needs to find. Its status (400 for a parse error) and what the parser says.
+            status = exc.status if isinstance(exc, aiohttp.ClientResponseError) else exc.code
+            error = _parse_error(exc)
+            if error is not None:
+                said = f"{_parser_says(error)} ({type(error).__name__})"
+            else:
+                said = " ".join(scrub(str(exc.message), self._secrets).split())[:100]
+            text = f"invalid HTTP answer ({type(exc).__name__} {status}): {said}"
         else:
             text = f"{type(exc).__name__}: {exc}"
             for raw, shown in self._shown_urls:  # some aiohttp errors quote the request URL
@@ -952,6 +988,9 @@ class WebhookSink(Sink[WebhookOptions]):
         assert self._session is not None
         headers = {**self._headers, **self._sign(body, keys)}
         cut: asyncio.Timeout | None = None
+        # The request's timeout covers its answer's body too: the excerpt's wait ends at it (at once
+        # or a little before aiohttp's own timer), for the reason to say which ran out.
+        deadline = asyncio.get_running_loop().time() + self.options.timeout
         try:
             async with asyncio.timeout(None) as cut:  # no deadline of its own until stop_sending
                 self._in_flight = cut
@@ -962,8 +1001,8 @@ class WebhookSink(Sink[WebhookOptions]):
                     headers=headers,
                     allow_redirects=False,
                 ) as resp:
-                    return await self._answer(resp)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    return await self._answer(resp, deadline)
+        except (aiohttp.ClientError, HttpProcessingError, TimeoutError, OSError) as exc:
             if cut is not None and cut.expired():
                 # Our stop, not the endpoint's failure: a hold (no attempt). As a failure it was
                 # counted one, and on the last of retry_max_attempts dead-lettered at a clean stop.
@@ -976,8 +1015,9 @@ class WebhookSink(Sink[WebhookOptions]):
         finally:
             self._in_flight = None
 
-    async def _answer(self, resp: aiohttp.ClientResponse) -> tuple[int, Outcome]:
-        """The response's status and OK, retry(...) or reject(...)."""
+    async def _answer(self, resp: aiohttp.ClientResponse, deadline: float) -> tuple[int, Outcome]:
+        """The response's status and OK, retry(...) or reject(...); ``deadline``: the request's
+        timeout ends then (loop time)."""
         status = resp.status
         if 200 <= status < 300:
             return status, OK
@@ -988,36 +1028,40 @@ class WebhookSink(Sink[WebhookOptions]):
             # as the Elasticsearch sink does, and logged (``_log_endpoint``).
             where = self._location(resp.headers.get("Location"))
             return status, retry(f"HTTP {status} redirect from {self._redacted} to {where} (not followed)")
-        detail = f"HTTP {status} from {self._redacted}" + await self._excerpt(resp)
+        detail = f"HTTP {status} from {self._redacted}" + await self._excerpt(resp, deadline)
         if status in _RETRY_STATUSES or status >= 500 or status in _REFUSED or status in _ABOUT_THE_URL:
             after = parse_retry_after(resp.headers.get("Retry-After"))
             return status, retry(detail, retry_after=after)
         return status, reject(detail)
 
-    async def _excerpt(self, resp: aiohttp.ClientResponse) -> str:
+    async def _excerpt(self, resp: aiohttp.ClientResponse, deadline: float) -> str:
         """``": <the answer's first bytes>"`` (none: ``""``), or why its body could not be read. The
         status line is in, so the status decides the outcome: a body that stalled, was cut off or is
         not in its Content-Encoding turned a final 400 into a retry (for ever, by default), and a
-        429's Retry-After was lost."""
-        wait = min(_EXCERPT_WAIT, self.options.timeout)
+        429's Retry-After was lost. Waited for ``_EXCERPT_WAIT``, or until the request's timeout."""
+        left = deadline - asyncio.get_running_loop().time()
         try:
-            async with asyncio.timeout(wait):
-                raw = await resp.content.read(512)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return f" (its body unreadable: {self._unreadable(exc, wait)})"
+            async with asyncio.timeout(max(0.0, min(_EXCERPT_WAIT, left))):
+                raw = await _body_start(resp, 512)
+        except _READ_ERRORS as exc:
+            return f" (its body unreadable: {self._unreadable(exc, left < _EXCERPT_WAIT)})"
         # Our secrets out before anything is cut, and one cut off by the read too.
         excerpt = scrub(raw.decode("utf-8", "replace"), self._secrets, partial=not resp.content.at_eof())
         excerpt = " ".join(excerpt.split())[:200]
         return f": {excerpt}" if excerpt else ""
 
-    def _unreadable(self, exc: BaseException, wait: float) -> str:
-        """Why an error answer's body could not be read, for its reason."""
+    def _unreadable(self, exc: BaseException, late: bool) -> str:
+        """Why an error answer's body could not be read, for its reason; ``late``: the request's
+        timeout, which covers the body too, came before the excerpt's wait could end."""
         if isinstance(exc, TimeoutError):
-            return f"none of it within {wait:g}s"
-        # aiohttp's parse error, under its ClientPayloadError: its code (400) is no status of the answer.
-        message = getattr(exc.__cause__, "message", None)
-        if isinstance(message, str):
-            return " ".join(scrub(message, self._secrets).split())[:100]
+            if late:
+                return f"none of it before the request's timeout ({self.options.timeout:g}s) ran out"
+            return f"none of it within {_EXCERPT_WAIT:g}s"
+        # aiohttp's parse error (under its ClientPayloadError, or alone from its pure-Python parser):
+        # what it means, never its message. Its code (400) is no status of the answer.
+        error = _parse_error(exc)
+        if error is not None:
+            return f"{_parser_says(error)} ({type(error).__name__})"
         return self._describe(exc)[:100]
 
     def _location(self, location: str | None) -> str:
@@ -1515,6 +1559,70 @@ class WebhookSink(Sink[WebhookOptions]):
 
 class _PassPhraseAsked(Exception):
     """OpenSSL wants a pass phrase for the client key and key_password is not set."""
+
+
+async def _body_start(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Up to ``limit`` bytes of ``resp``'s body, as they come. aiohttp's C parser, failing on a body
+    after the head (a bad chunk), sets its error on the connection and closes it without a word to the
+    body's reader: the read waited out the whole excerpt wait and then said "none of it". The
+    connection's close ends the read, with that error."""
+    connection = resp.connection
+    protocol = connection.protocol if connection is not None else None
+    if protocol is None:  # released: the body is all in
+        return await resp.content.read(limit)
+
+    def wake(closed: asyncio.Future[None] | None = None) -> None:
+        if closed is not None:
+            retrieved(closed)  # a connection lost with an error is said by the read
+        content = resp.content
+        if content.is_eof() or content.exception() is not None:  # the body ended, or its error is in
+            return
+        error = aiohttp.ClientPayloadError("the connection was closed before the body ended")
+        error.__cause__ = protocol.exception()
+        content.set_exception(error)
+
+    closed = protocol.closed
+    if closed is None or closed.done():  # lost already: a read would wait for nothing
+        wake(closed)
+        return await resp.content.read(limit)
+    closed.add_done_callback(wake)
+    try:
+        return await resp.content.read(limit)
+    finally:
+        # Made by asking for it: a pooled connection lost later with an error would leave it
+        # "never retrieved" (an error in the log).
+        closed.remove_done_callback(wake)
+        closed.add_done_callback(retrieved)
+
+
+def _parse_error(exc: BaseException) -> HttpProcessingError | None:
+    """The innermost of aiohttp's parse errors behind ``exc`` (its ClientPayloadError and
+    ClientResponseError wrap one, its protocol copies one), if any."""
+    found = None
+    seen: set[int] = set()
+    at: BaseException | None = exc
+    while at is not None and id(at) not in seen:
+        seen.add(id(at))
+        if isinstance(at, HttpProcessingError):
+            found = at
+        at = at.__cause__
+    return found
+
+
+def _parser_says(error: HttpProcessingError) -> str:
+    """What aiohttp's parser found wrong, never the bytes it quotes: the line it failed on, cut at a
+    TCP segment's end, held a piece of our token that a gateway echoed, which no scrub finds (and the
+    pure-Python parser's whole message for a bad chunk-size line is that line)."""
+    message = str(error.message)
+    if _C_PARSER and not isinstance(error, PayloadEncodingError) and (found := _LLHTTP.match(message)):
+        return found[1]  # llhttp's own reason
+    if isinstance(error, LineTooLong):
+        return f"Got more than {error.args[1]} bytes when reading a line"
+    if isinstance(error, ContentLengthError | TransferEncodingError) and message.startswith(
+        "Not enough data"
+    ):
+        return "cut off before its end"
+    return next(meaning for kind, meaning in _PARSE_MEANINGS if isinstance(error, kind))
 
 
 _WITHHELD = "sent without our credentials: healthcheck_url is not at url's scheme, host and port"

@@ -17,11 +17,12 @@ import termios
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import FrameType
 
 import orjson
 import pytest
 
-from eventrouter import OK, SinkContext
+from eventrouter import OK, OutcomeKind, SinkContext
 from eventrouter.testing import make_occurrence
 from eventrouter.testing.waiting import until
 from eventrouter_sinks.stdout import StdoutOptions, StdoutSink
@@ -234,3 +235,60 @@ async def test_json_format_is_unchanged_by_the_escapes(capfdbinary: pytest.Captu
     out = capfdbinary.readouterr().out
     assert out == occ.encode() + b"\n"
     assert orjson.loads(out)["message"] == "m" + CONTROLS
+
+
+# -- item 291: a stop while the writer waits for logging's lock -------------------------------------
+
+
+def waiting_for_logging() -> bool:
+    """A sink's thread waits for logging's lock (``_Held.take``: another thread holds it)."""
+    for frame in sys._current_frames().values():
+        at: FrameType | None = frame
+        while at is not None:
+            if at.f_code.co_qualname == "_Held.take":
+                return True
+            at = at.f_back
+    return False
+
+
+async def test_a_stop_while_the_writer_waits_for_logging_begins_no_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another thread holds logging's lock (a log line being written to a slow stderr) while the sink's
+    writer waits for it; the router stops meanwhile and the send answers the batch "not written".
+    When the lock came free the writer began the next line anyway, after that answer: written to
+    stderr, and sent again after the restart (said at the close as written by a send cut off)."""
+    err = Stderr(monkeypatch, buffered=False)
+    s = sink(stream="stderr")
+    occs = [make_occurrence(object_name=f"o{i}") for i in range(3)]
+    holding, release = threading.Event(), threading.Event()
+
+    def log_call() -> None:
+        with err.lock:
+            holding.set()
+            release.wait()
+
+    other = threading.Thread(target=log_call, daemon=True)
+    with err.logging_to_it():
+        try:
+            await s.start()
+            other.start()
+            await until(holding.is_set)
+            send = asyncio.create_task(s.send(occs))
+            await until(waiting_for_logging)
+            s.stop_sending()
+            outcomes = await send
+            release.set()
+            await until(lambda: s._writing is None or s._writing[0].done())
+        finally:
+            release.set()
+            await s.aclose()
+        err.read()
+    await until(lambda: err.reader is not None and not err.reader.is_alive())
+    os.close(err.read_end)
+    assert outcomes is not None
+    assert [(o.kind, o.reason) for o in outcomes] == [
+        (OutcomeKind.RETRY, "not written: the router is stopping")
+    ] * 3
+    assert err.lines() == [b""]  # no record, and no warning of one written after its answer
+    assert s.unsettled == 0

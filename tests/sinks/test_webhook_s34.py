@@ -7,19 +7,27 @@ the body)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Literal
 
+import aiohttp.http
 import pytest
+from aiohttp.http_parser import HttpResponseParserPy
 
 from eventrouter import OK, Occurrence, OutcomeKind, RetryableError, SinkContext
 from eventrouter.config import ConfigError, build_spec
 from eventrouter.plugins import discover
 from eventrouter.testing import make_occurrence
 from eventrouter.testing.receivers.webhook import WebhookReceiver
+from eventrouter.testing.waiting import until
 from eventrouter_sinks.webhook import WebhookOptions, WebhookSink
 
 LOG = logging.getLogger("test.webhook.s34")
@@ -172,3 +180,116 @@ def test_a_webhook_timeout_that_is_not_finite_is_a_configuration_error(value: ob
 def test_the_file_sinks_numbers_refuse_infinity_too(entry: dict[str, Any], option: str) -> None:
     """The other numeric options of the webhook/file/stdout sinks (stdout has none): refused already."""
     assert f"option '{option}'" in config_error(**entry)
+
+
+# -- item 291: what aiohttp's parser raises, and says, of a malformed body --------------------------
+
+PARSER = "python" if aiohttp.http.HttpResponseParser is HttpResponseParserPy else "c"
+"""aiohttp's HTTP parser in this process: its C extension, or its pure-Python one
+(``AIOHTTP_NO_EXTENSIONS=1``, a platform without its wheel): ``test_..._with_the_pure_python_parser``
+runs the tests below with that one too."""
+
+MALFORMED = {
+    "c": "Invalid character in chunk size (HttpProcessingError)",
+    "python": "not valid chunked encoding (TransferEncodingError)",
+}
+"""What the reason says of a bad chunk-size line after the head, by parser."""
+
+TOKEN = "tok_9f8e7d6c5b4a39281706f5e4d3c2b1a0"
+
+
+def reading_the_body(task: asyncio.Task[Any]) -> bool:
+    """``task`` waits for an answer's body (aiohttp's StreamReader): its head is in."""
+    at: object = task.get_coro()
+    while at is not None:
+        code = getattr(at, "cr_code", None)
+        if code is not None and code.co_qualname == "StreamReader._wait":
+            return True
+        at = getattr(at, "cr_await", None)
+    return False
+
+
+@pytest.mark.parametrize("status", [400, 429])
+@pytest.mark.parametrize("parser", [PARSER])
+async def test_a_malformed_chunked_body_after_the_head_is_judged_by_its_status(
+    hook: WebhookReceiver, parser: str, status: int
+) -> None:
+    """The body's first chunk-size line is no chunk size. With the pure-Python parser its
+    TransferEncodingError (no ClientError) left ``send``: the engine counted a sink's bug and sent the
+    batch again, a final 400 for ever, a 429's Retry-After lost. With the C parser the read was never
+    told (aiohttp sets the error on the connection): "none of it within 2s", 2 s later. Never the
+    line itself: a gateway's page may quote our credential, cut anywhere."""
+    hook.fail_next(1, status, body=b"record 0 refused", retry_after="120", body_fault="bad-chunk-later")
+    async with webhook(url=hook.url, mode="event") as sink:
+        send = asyncio.create_task(sink.send(batch(1)))
+        await until(lambda: send.done() or reading_the_body(send))
+        hook.release_bodies()
+        outcomes = await send
+    assert outcomes is not None
+    [outcome] = outcomes
+    assert outcome.kind is (OutcomeKind.REJECT if status == 400 else OutcomeKind.RETRY)
+    assert outcome.reason == f"HTTP {status} from {hook.url} (its body unreadable: {MALFORMED[parser]})"
+    assert outcome.retry_after == (120 if status == 429 else None)
+
+
+@pytest.mark.parametrize("parser", [PARSER])
+async def test_a_parser_error_never_quotes_a_piece_of_our_token(hook: WebhookReceiver, parser: str) -> None:
+    """A 401 whose body, with its head in one segment, echoes half our token as its chunk-size line
+    (a gateway quoting the credential it refused, cut by a segment or by the gateway). aiohttp's
+    message quoted that line: the half, which no scrub finds as a whole secret, went into the retry
+    reason, the "not accepted" warning and a dead letter's reason."""
+    hook.fail_next(1, 401, body=f"denied Bearer {TOKEN[: len(TOKEN) // 2]}".encode(), body_fault="bad-chunk")
+    async with webhook(url=hook.url, mode="event", bearer_token=TOKEN) as sink:
+        outcomes = await sink.send(batch(1))
+    assert outcomes is not None
+    [outcome] = outcomes
+    assert outcome.kind is OutcomeKind.RETRY
+    assert "invalid HTTP answer" in outcome.reason
+    pieces = [TOKEN[i : i + 8] for i in range(len(TOKEN) - 7)]
+    assert [piece for piece in pieces if piece in outcome.reason] == []
+    assert "denied" not in outcome.reason
+
+
+async def test_a_body_cut_by_the_requests_own_timeout_says_so(hook: WebhookReceiver) -> None:
+    """The request's timeout (1 s) covers its body too, and runs out before the excerpt's wait (at
+    most that, begun once the head is in). The reason said "none of it within 1s", whatever was
+    waited for the body."""
+    fail_unreadable(hook, 400, "stall")
+    async with webhook(url=hook.url, mode="event", timeout=1) as sink:
+        outcomes = await sink.send(batch(1))
+    assert outcomes is not None
+    assert outcomes[0].kind is OutcomeKind.REJECT
+    assert outcomes[0].reason == (
+        f"HTTP 400 from {hook.url} (its body unreadable: none of it before the request's timeout (1s) ran out)"
+    )
+
+
+def test_the_malformed_bodies_are_judged_so_with_the_pure_python_parser_too() -> None:
+    """The two tests above with ``AIOHTTP_NO_EXTENSIONS=1`` (aiohttp's pure-Python parser, on any
+    platform without its C wheel: musl without a wheel, PyPy, a free-threaded build), in a process of
+    their own: the parser is chosen at aiohttp's import."""
+    names = [
+        "test_a_malformed_chunked_body_after_the_head_is_judged_by_its_status",
+        "test_a_parser_error_never_quotes_a_piece_of_our_token",
+    ]
+    here = Path(__file__)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-v",
+            "-p",
+            "no:cacheprovider",
+            *(f"{here}::{name}" for name in names),
+        ],
+        env={**os.environ, "AIOHTTP_NO_EXTENSIONS": "1"},
+        cwd=here.parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for node in (f"{names[0]}[python-400]", f"{names[0]}[python-429]", f"{names[1]}[python]"):
+        assert f"::{node} PASSED" in result.stdout, result.stdout

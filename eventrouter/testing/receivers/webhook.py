@@ -28,7 +28,11 @@ before checks; ``echo`` appends what the request carried (method, path and query
 plain HTTP ones), as API gateways do that quote the credential they refused; ``body_fault`` sends the
 status line and headers, a body promised (``Content-Length``) but none of it: then ``"stall"`` waits
 until the receiver closes (a proxy or a slow app that flushed the status first), ``"cut"`` drops the
-connection (a front that closes after the head); ``hang_next(n)`` never
+connection (a front that closes after the head); ``"bad-chunk"`` sends the head (``Transfer-Encoding:
+chunked``) and, in the same write, ``body`` as the first chunk-size line, which no HTTP parser takes
+(a gateway's page not in the encoding it declares), ``"bad-chunk-later"`` the same line only once
+``release_bodies()`` is called (the client has read the head meanwhile), each then stalled until the
+receiver closes; ``hang_next(n)`` never
 answers the next ``n`` requests (until the receiver closes) — the client must time out. ``fail_matching(predicate, status)``
 answers ``status`` to every request whose raw body ``predicate`` accepts, until ``fail_matching(None)``
 (a receiver with a bug for some payloads; ``lambda body: True``: one that is down). ``delay`` (also
@@ -55,7 +59,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-__all__ = ["RecordedRequest", "WebhookReceiver", "github_signature", "standard_signature"]
+__all__ = ["BodyFault", "RecordedRequest", "WebhookReceiver", "github_signature", "standard_signature"]
 
 
 def github_signature(secret: bytes, body: bytes) -> str:
@@ -88,6 +92,9 @@ class RecordedRequest:
         return orjson.loads(self.body)
 
 
+BodyFault = Literal["stall", "cut", "bad-chunk", "bad-chunk-later"]
+"""How ``fail_next`` answers without a readable body (the module's docstring says each)."""
+
 _BODY_FAULT = web.ResponseKey("body_fault", str)
 """The key, in a response's own storage, of how ``_handle`` answers it without its body."""
 
@@ -99,7 +106,7 @@ class _Fault:
     body: bytes = b""
     echo: bool = False
     headers: dict[str, str] = field(default_factory=dict)
-    body_fault: Literal["stall", "cut"] | None = None
+    body_fault: BodyFault | None = None
 
 
 class WebhookReceiver:
@@ -135,6 +142,7 @@ class WebhookReceiver:
         self._faults: deque[_Fault] = deque()
         self._matching: tuple[Callable[[bytes], bool], _Fault] | None = None
         self._release = asyncio.Event()
+        self._bodies = asyncio.Event()  # set: ``bad-chunk-later`` bodies go out
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
 
@@ -157,7 +165,7 @@ class WebhookReceiver:
         body: bytes = b"",
         echo: bool = False,
         headers: dict[str, str] | None = None,
-        body_fault: Literal["stall", "cut"] | None = None,
+        body_fault: BodyFault | None = None,
     ) -> None:
         self._faults.extend(
             _Fault(status, retry_after, body, echo, dict(headers or {}), body_fault) for _ in range(n)
@@ -174,6 +182,10 @@ class WebhookReceiver:
         """Answer ``status`` to every request whose body ``predicate`` accepts (after ``fail_next``
         faults, before any check); None ends it."""
         self._matching = None if predicate is None else (predicate, _Fault(status, retry_after, body))
+
+    def release_bodies(self) -> None:
+        """Send the bodies ``body_fault="bad-chunk-later"`` holds back (and any such later at once)."""
+        self._bodies.set()
 
     def hang_next(self, n: int = 1) -> None:
         self._faults.extend(_Fault(None) for _ in range(n))
@@ -197,6 +209,7 @@ class WebhookReceiver:
 
     async def __aexit__(self, *exc: object) -> None:
         self._release.set()  # let hanging handlers finish so shutdown does not wait for them
+        self._bodies.set()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -280,14 +293,26 @@ class WebhookReceiver:
         return web.Response(status=self.ok_status)
 
     async def _no_body(self, request: web.Request, answer: web.Response, how: str) -> web.StreamResponse:
-        """The status line and headers of ``answer`` (its body's length promised, at least one byte),
-        then none of its body: stalled until the receiver closes (``stall``), or the connection
-        dropped (``cut``)."""
+        """The status line and headers of ``answer``, then none of its body that a client can read:
+        its length promised (at least one byte) and stalled until the receiver closes (``stall``) or
+        the connection dropped (``cut``); or chunked, ``answer``'s body sent raw as the first
+        chunk-size line, with the head (``bad-chunk``) or once released (``bad-chunk-later``)."""
         size = len(answer.body) if isinstance(answer.body, bytes) else 0
-        headers = {**answer.headers, "Content-Length": str(max(size, 1))}
+        chunked = how.startswith("bad-chunk")
+        headers = {k: v for k, v in answer.headers.items() if k.lower() != "content-length"}
+        if not chunked:
+            headers["Content-Length"] = str(max(size, 1))
         response = web.StreamResponse(status=answer.status, headers=headers)
+        if chunked:
+            response.enable_chunked_encoding()
         await response.prepare(request)  # a StreamResponse sends its head at once
-        if how == "stall":
+        if chunked:
+            if how == "bad-chunk-later":
+                await self._bodies.wait()
+            line = (answer.body if isinstance(answer.body, bytes) else b"") + b"\r\n"
+            if request.transport is not None:  # no await since the head: the same read takes both
+                request.transport.write(line)
+        if how != "cut":
             await self._release.wait()
         if request.transport is not None:
             request.transport.abort()
