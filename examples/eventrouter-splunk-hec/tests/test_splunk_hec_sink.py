@@ -7,7 +7,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from email.utils import formatdate
 from pathlib import Path
@@ -21,6 +21,7 @@ from eventrouter import OK, Occurrence, OutcomeKind, SinkContext, SinkError, nor
 from eventrouter.app import Router, RouterSettings
 from eventrouter.config import spec_for_class
 from eventrouter.metrics import Metrics
+from eventrouter.options import PipelineOptions
 from eventrouter.plugins import discover
 from eventrouter.testing import event_object, make_occurrence, recorded_watch
 from eventrouter.testing.pipelines import drained, pipeline_for
@@ -762,3 +763,174 @@ async def test_acknowledgement_turned_off_after_hec_received_the_events_counts_t
     assert again is not None and all(o is OK for o in again), again
     assert [e["event"]["reason"] for e in hec.events] == ["R0", "R1"]
     assert any("ACK is disabled" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+# ---- item 288: an acknowledgement route that confirms nothing; the engine's memory for waiting events --
+
+
+@asynccontextmanager
+async def header_dropping_route(hec: FakeHEC, dropped: str) -> AsyncIterator[str]:
+    """A route to ``hec`` that passes every path on but drops the ``dropped`` request header. Yields its
+    base URL."""
+    async with aiohttp.ClientSession() as http:
+
+        async def forward(request: web.Request) -> web.Response:
+            passed = {"Authorization", "X-Splunk-Request-Channel", "Content-Type"} - {dropped}
+            headers = {k: v for k, v in request.headers.items() if k in passed}
+            async with http.post(hec.url + request.path, data=await request.read(), headers=headers) as r:
+                return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", forward)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        finally:
+            await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("reached", "meaning"),
+    [
+        ("event-endpoint", "answered as HEC's event endpoint does"),
+        ("drops-Authorization", "refused the token"),
+        ("drops-X-Splunk-Request-Channel", "did not get the sink's channel"),
+        ("another-hec", "refused the token"),
+    ],
+)
+async def test_an_ack_url_that_can_confirm_nothing_fails_start_naming_what_it_reached(
+    reached: str, meaning: str
+) -> None:
+    """ack_url reaching HEC's event endpoint (400 code 12), a route dropping the token (401 code 2) or
+    the channel (400 code 10), or a HEC that does not know the token (403 code 4): start() and check()
+    passed, as any JSON with a code did, and every event was held ack_timeout and posted again, for
+    ever (item 288). Now only HEC's acknowledgement answers pass; each of these fails naming the
+    address, ack_url and what the answer means, never the token."""
+    async with (
+        FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}) as hec,
+        FakeHEC(tokens={OTHER_TOKEN}, ack_tokens={OTHER_TOKEN}) as other,
+        header_dropping_route(hec, reached.removeprefix("drops-")) as route,
+    ):
+        ack_url = {
+            "event-endpoint": hec.url + EVENT_PATH,
+            "another-hec": other.url + ACK_PATH,
+        }.get(reached, route + ACK_PATH)
+        options = {"url": hec.url, "token": TOKEN, "ack_url": ack_url}
+        sink = SplunkHECSink(SplunkHECOptions.model_validate(options), context())
+        try:
+            for attempt in (sink.start, sink.check):
+                with pytest.raises(SinkError) as err:
+                    await attempt()
+                message = str(err.value)
+                assert f"{ack_url} (ack_url) {meaning}" in message and "correct ack_url" in message, message
+                assert TOKEN not in message
+        finally:
+            await sink.aclose()
+    assert hec.events == []
+
+
+async def test_an_ack_route_sent_to_the_event_endpoint_after_start_is_reported_once_and_nothing_is_posted_twice(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The gateway's acknowledgement route is pointed at HEC's event endpoint after start(): each query
+    got 400 code 12, taken for HEC's answer; the events were held ack_timeout and posted again, for
+    ever, with no ERROR (item 288). Now one ERROR names the address and what it reached; the events
+    are retried as a failure, asked about, never posted again (also past ack_timeout); nothing new
+    is posted; once the route is back each is confirmed, indexed once."""
+    caplog.set_level(logging.INFO, LOG.name)
+    batch = [make_occurrence(reason=f"R{i}") for i in range(2)]
+    late = make_occurrence(reason="LATE")
+    async with (
+        FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}) as hec,
+        gateway(hec, routes := {"/hec": EVENT_PATH, "/hec/ack": ACK_PATH}) as gw,
+        hec_sink(
+            {"send_timeout": 2.4}, url=f"{gw}/hec", ack_url=f"{gw}/hec/ack", timeout=0.5, ack_timeout=0.3
+        ) as sink,
+    ):
+        routes["/hec/ack"] = EVENT_PATH
+        t0 = time.monotonic()
+        outcomes = list(await sink.send(batch) or [])
+        await until(lambda: time.monotonic() > t0 + 0.3)  # past ack_timeout
+        outcomes += await sink.send(batch) or []  # the engine's retries
+        outcomes += await sink.send([late]) or []
+        for outcome in outcomes:
+            assert outcome.kind is OutcomeKind.RETRY and not outcome.held and not outcome.defer, outcome
+            assert f"{gw}/hec/ack (ack_url)" in outcome.reason, outcome.reason
+        assert "answered as HEC's event endpoint does" in outcomes[0].reason
+        assert [e["event"]["reason"] for e in hec.events] == ["R0", "R1"]  # once, and LATE not at all
+
+        routes["/hec/ack"] = ACK_PATH
+        again = await sink.send([*batch, late])
+    assert again is not None and all(o is OK for o in again), again
+    assert [e["event"]["reason"] for e in hec.events] == ["R0", "R1", "LATE"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and TOKEN not in errors[0], errors
+    assert "answered as HEC's event endpoint does" in errors[0] and f"{gw}/hec/ack" in errors[0]
+
+
+class RecordedHECSink(SplunkHECSink):
+    """The sink, noting what the engine gave up (dropped or dead-lettered), in order."""
+
+    def __init__(self, options: SplunkHECOptions, context: SinkContext) -> None:
+        super().__init__(options, context)
+        self.gave_up: list[str] = []
+
+    def given_up(self, occurrences: Sequence[Occurrence]) -> None:
+        self.gave_up.extend(o.record["reason"] for o in occurrences)
+        super().given_up(occurrences)
+
+
+async def test_events_waiting_for_confirmation_fit_the_engines_memory_and_a_larger_bound_is_named_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The events waiting for HEC's confirmation, and those confirmed until offered again, are set aside
+    in the engine's memory, which without a spool keeps at most half of queue_max_events so and drops
+    the oldest over it. ack_max_waiting (10,000) was the whole default queue: the engine dropped
+    waiting events, received and indexed by Splunk, counted queue_full, and the sink posted more in
+    their place (scaled, bound = queue = 40: 300 of 360 dropped had been received; item 288). The
+    default is now a quarter of the default queue, start() names a larger one, and at that relation
+    (scaled: queue 40, bound 10, 40 events/s, HEC confirming after 1.5 s) only events never posted are
+    dropped, and every event HEC received is delivered."""
+    caplog.set_level(logging.WARNING, LOG.name)
+    default = SplunkHECOptions.model_fields["ack_max_waiting"].default
+    assert 4 * default <= PipelineOptions.model_validate({}).queue_bound(spooled=False)
+    async with FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}, index_delay=1.5) as hec:
+        async with hec_sink(url=hec.url, ack_max_waiting=default + 1):
+            pass
+        named = [
+            r.getMessage() for r in caplog.records if "set queue_max_events to at least" in r.getMessage()
+        ]
+        assert len(named) == 1 and f"ack_max_waiting={default + 1}" in named[0], named
+
+        metrics = Metrics()
+        options = {"url": hec.url, "token": TOKEN, "timeout": 0.5, "ack_max_waiting": 40 // 4}
+        sink = RecordedHECSink(SplunkHECOptions.model_validate(options), context(send_timeout=3.0))
+        pipeline = pipeline_for(
+            "splunk_hec",
+            sink,
+            metrics,
+            tmp_path / "dl",
+            send_timeout=3.0,
+            queue_max_events=40,
+            batch_max_events=10,
+            retry_initial_backoff=0.1,
+            retry_max_backoff=0.5,
+        )
+        delivered = metrics.delivered.labels("splunk_hec")
+        dropped = metrics.dropped.labels("splunk_hec", "queue_full")
+        offered = 0
+        async with drained(pipeline, timeout=60):
+            for _ in range(12):  # 10 events each 0.25 s: faster than HEC confirms, the queue overflows
+                for _ in range(10):
+                    pipeline.offer(make_occurrence(reason=f"R{offered}"))
+                    offered += 1
+                await asyncio.sleep(0.25)
+            await until(lambda: delivered._value.get() + dropped._value.get() >= offered, timeout=60)
+    received = {e["event"]["reason"] for e in hec.events}
+    assert dropped._value.get() > 0 and len(sink.gave_up) == dropped._value.get()
+    assert not received & set(sink.gave_up)  # only events never posted were dropped
+    assert delivered._value.get() == len(received) == len(hec.events)  # each received once, delivered

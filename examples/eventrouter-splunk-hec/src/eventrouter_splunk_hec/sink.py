@@ -29,10 +29,12 @@ Outcomes (what Splunk answers → what the engine does):
   the sink then goes on on a new channel (see ``_answer_lost``).
 * The acknowledgement endpoint is ``ack_url``, by default the event URL's path up to
   ``/services/collector`` (the whole path if it has none: a gateway's route) + ``/services/collector/ack``,
-  as Splunk's clients append HEC's paths to their base URL. One that answers as no HEC does (404, 405,
-  a page) fails ``start`` when the token has indexer acknowledgement on; met in a send, it is logged
-  at ERROR once and what HEC received is retried as a failure, asked about, never posted again, and
-  nothing new is posted, until it answers.
+  as Splunk's clients append HEC's paths to their base URL. One that answers as HEC's acknowledgement
+  endpoint never does (HEC's event endpoint, a route dropping the token or the channel, another HEC,
+  404, 405, a page: ``_judge_ack``) fails ``start`` when the token has indexer acknowledgement on; met
+  in a send, it is logged at ERROR once and what HEC received is retried as a failure, asked about,
+  never posted again, and nothing new is posted, until it answers. The events waiting are held in the
+  engine's memory: without a spool keep ``queue_max_events`` at least four times ``ack_max_waiting``.
 * 400 with ``invalid-event-number`` n → item n is rejected (dead-lettered with Splunk's text and
   code); the other items are retried. Splunk may have indexed the events before n already, so they
   can arrive twice — at-least-once, never lost. ``Incorrect index`` (code 7) rejects the whole batch.
@@ -55,6 +57,7 @@ The token is a ``Secret``: give ``env:NAME`` or ``file:/path``; it never appears
 from __future__ import annotations
 
 import asyncio
+import enum
 import math
 import ssl
 import time
@@ -80,7 +83,7 @@ from eventrouter import (
     reject,
     retry,
 )
-from eventrouter.options import FilePath
+from eventrouter.options import FilePath, PipelineOptions
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 
 __all__ = ["DEFAULT_PATH", "SplunkHECOptions", "SplunkHECSink", "ack_address", "redact"]
@@ -97,6 +100,19 @@ it), and the longest a send asks: an item not confirmed by then is held aside an
 _ACK_QUERY_MIN = 0.05  # seconds: less left in the send's budget, no acknowledgement query starts
 _RECHECK_MAX = 10.0  # seconds: the longest an item held for its confirmation waits to be asked again
 _ACK_DISABLED = 14  # HEC's "ACK is disabled": the token has no indexer acknowledgement (any more)
+_INVALID_FORMAT = 6  # "Invalid data format": to a query, a body HEC cannot read
+# Codes only HEC's event endpoint answers (Splunk's "HTTP Event Collector error codes"): "No data",
+# "Incorrect index", "Event field is required", "Event field cannot be blank", "Error in handling
+# indexed fields". Its acknowledgement endpoint answers 200, 400 code 6, 10, 11 or 14, 401/403 codes
+# 1-4, or busy (500 code 8, 503 code 9).
+_EVENT_CODES = frozenset({5, 7, 12, 13, 15})
+_ENGINE = PipelineOptions.model_validate({})
+_WAITING_DEFAULT = _ENGINE.queue_bound(spooled=False) // 4
+"""The events waiting for HEC's confirmation the engine keeps in memory at its defaults without a spool
+(2,500): they are set aside there (``retry(held=True, defer=True)``), and items set aside take at most
+half the memory queue (``queue_max_events``, 10,000): over it, the oldest are dropped. Half that share:
+those HEC confirmed since are set aside too until offered again (up to ``_RECHECK_MAX`` later)."""
+_PROBE = b'{"acks": [0]}'  # asked on a channel nothing is posted on: HEC answers {"acks": {"0": false}}
 
 
 class SplunkHECOptions(SinkOptions):
@@ -131,10 +147,12 @@ class SplunkHECOptions(SinkOptions):
         "or all of it when it has none, followed by /services/collector/ack).",
     )
     ack_max_waiting: int = Field(
-        10_000,
+        _WAITING_DEFAULT,
         gt=0,
         description="Indexer acknowledgement: the most events HEC received and has not confirmed indexed; "
-        "past it new events wait in the queue (at most this many go through per confirmation time).",
+        "past it new events wait in the queue (at most this many go through per confirmation time). They "
+        "are held in the engine's memory, half of queue_max_events at most without a spool: keep "
+        "queue_max_events at least four times this.",
     )
     verify_tls: bool = Field(True, description="Verify the server certificate (https).")
     ca_file: FilePath | None = Field(None, description="PEM bundle to verify the server with (https).")
@@ -173,26 +191,50 @@ def ack_address(event_url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, base + ACK_PATH, parts.query, ""))
 
 
-def _not_hec_ack(status: int, body: bytes) -> str | None:
-    """How an acknowledgement query was answered when no HEC answers so (a gateway's 404 or 405, a page,
-    a 200 without ``acks``): the address reaches something else. None for an answer HEC gives, or may
-    (a 5xx, 408 or 429 says busy, not wrong)."""
+class _Ack(enum.Enum):
+    """How HEC's acknowledgement endpoint answered a query (``_judge_ack``)."""
+
+    ANSWERED = "answered"  # 200 {"acks": {...}}
+    DISABLED = "disabled"  # 400 code 14: the token has no indexer acknowledgement
+    BUSY = "busy"  # 5xx, 408, 429: it may answer later; says nothing of the address
+
+
+def _judge_ack(status: int, body: bytes) -> _Ack | str:
+    """An acknowledgement query's answer judged by what HEC's acknowledgement endpoint answers (Splunk:
+    200 ``{"acks": {...}}``; 400 code 14 "ACK is disabled"; busy), else what the answer means: the
+    address reaches something that can never confirm an event (HEC's event endpoint, a route that drops
+    the token or the channel, another HEC, a page). Before, any JSON with a ``code`` passed, and each
+    event was held ``ack_timeout`` and posted again, for ever."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         doc = None
-    if status == 200 and isinstance(doc, dict) and isinstance(doc.get("acks"), dict):
-        return None
-    if status not in (200, 404, 405) and (
-        (isinstance(doc, dict) and isinstance(doc.get("code"), int)) or status >= 500 or status in (408, 429)
-    ):
-        return None
-    text = _answer(body)[0].strip()
-    return (
-        f"answered HTTP {status}"
-        + (f" ({text})" if text else "")
-        + ", which no HEC acknowledgement endpoint does"
+    fields = doc if isinstance(doc, dict) else {}
+    if status == 200 and isinstance(fields.get("acks"), dict):
+        return _Ack.ANSWERED
+    text, code, _ = _answer(body)
+    if status == 400 and code == _ACK_DISABLED:
+        return _Ack.DISABLED
+    if status >= 500 or status in (408, 429):
+        return _Ack.BUSY
+    said = (
+        f"HTTP {status}"
+        + (f' "{text.strip()}"' if text.strip() else "")
+        + (f", code {code}" if code is not None else "")
     )
+    event_answer = 200 <= status < 300 and ("ackId" in fields or code == 0)
+    if event_answer or code in _EVENT_CODES or "invalid-event-number" in fields:
+        return f"answered as HEC's event endpoint does ({said}), not as its acknowledgement endpoint"
+    if status in (401, 403) and code is not None:
+        return (
+            f"refused the token ({said}): the route does not pass the Authorization header to HEC, "
+            "reaches another HEC, or the token was disabled"
+        )
+    if status == 400 and code in _CHANNEL_CODES:
+        return f"did not get the sink's channel ({said}): the route drops the X-Splunk-Request-Channel header"
+    if status == 400 and code == _INVALID_FORMAT:
+        return f"refused a well-formed query ({said}): something between changes the request's body"
+    return f"answered {said}, which no HEC acknowledgement endpoint does"
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -337,6 +379,9 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         self.channel = ""
         self._headers: dict[str, str] = {}
         self._use_channel(str(uuid.uuid4()))
+        # Where the acknowledgement endpoint is asked whether it answers as HEC's: no request is posted
+        # on it, so ackId 0 is never HEC's to confirm (asked on a channel in use, it might be).
+        self._probe_channel = str(uuid.uuid4())
         self._ack_fault: str | None = None  # what is wrong with the acknowledgement endpoint, if it is
         self._full = False  # ack_max_waiting events wait to be confirmed: nothing new is posted
 
@@ -384,8 +429,28 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                 f"this sink's channel: {text} (HTTP 400, code {code}); let the X-Splunk-Request-Channel "
                 "header through to HEC, or turn indexer acknowledgement off for this token"
             )
-        await self._check_ack_endpoint()
+        if await self._check_ack_endpoint() is _Ack.ANSWERED:
+            self._check_waiting_bound()
         self.log.info("splunk_hec %s accepts the token (HTTP %d %s)", self._where, status, text)
+
+    def _check_waiting_bound(self) -> None:
+        """Events waiting for HEC's confirmation are set aside in the engine's memory, which keeps at
+        most half of queue_max_events so (without a spool; with one, the rest waits on disk). Past it
+        the engine drops the oldest waiting, events Splunk indexes, counted queue_full. The sink is not
+        told queue_max_events: at the default, say what it holds."""
+        if self.options.ack_max_waiting <= _WAITING_DEFAULT or self.context.data_dir is not None:
+            return
+        self.log.warning(
+            "splunk_hec %s: ack_max_waiting=%d: the events waiting for HEC's confirmation are held in the "
+            "engine's memory queue, with those confirmed since, which without a spool keeps at most half "
+            "of queue_max_events aside (%d waiting at the default): set queue_max_events to at least %d "
+            "(four times ack_max_waiting) or give the router a --data-dir spool, or the engine drops "
+            "waiting events, which Splunk indexes, counted queue_full",
+            self._where,
+            self.options.ack_max_waiting,
+            _WAITING_DEFAULT,
+            4 * self.options.ack_max_waiting,
+        )
 
     async def _empty_post(self, headers: dict[str, str]) -> tuple[int, str, int | None]:
         """An empty POST to the event endpoint (HEC answers 400 "No data" once the token and channel
@@ -399,32 +464,34 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         text, code, _ = _answer(body)
         return status, text, code
 
-    async def _check_ack_endpoint(self) -> None:
+    async def _check_ack_endpoint(self) -> _Ack | None:
         """A token with indexer acknowledgement on needs HEC's acknowledgement endpoint: at an address
-        that answers as something else (a gateway routing only the event path: 404), every event was
-        received, held for ack_timeout and posted again, for ever. An empty query tells (HEC answers
-        it, or 400 code 14 for a token without acknowledgement); what answers otherwise matters only
-        if the token has it on, which an empty POST without a channel tells (400 code 10)."""
+        that answers as something else (a gateway's 404, HEC's event endpoint, a route dropping the
+        token or the channel), every event was received, held for ack_timeout and posted again, for
+        ever. A query tells (``_judge_ack``; 400 code 14 for a token without acknowledgement); what
+        answers otherwise matters only if the token has it on, which an empty POST without a channel
+        tells (400 code 10)."""
         assert self._session is not None
         try:
             async with self._session.post(
-                self.ack_endpoint, data=b'{"acks": []}', headers=self._headers
+                self.ack_endpoint, data=_PROBE, headers=self._on(self._probe_channel)
             ) as resp:
-                fault = _not_hec_ack(resp.status, await resp.read())
+                judged = _judge_ack(resp.status, await resp.read())
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            fault = f"cannot be reached ({_describe(exc)})"
-        if fault is None:
-            return
+            judged = f"cannot be reached ({_describe(exc)})"
+        if not isinstance(judged, str):
+            return judged
         _, _, code = await self._empty_post(self._auth)
         if code in _CHANNEL_CODES:
             raise SinkError(
-                f"splunk_hec: the token has indexer acknowledgement on, and {self._fault_text(fault)}"
+                f"splunk_hec: the token has indexer acknowledgement on, and {self._fault_text(judged)}"
             )
         self.log.info(
             "splunk_hec: %s %s; the token has indexer acknowledgement off, so nothing asks it",
             self._ack_where,
-            fault,
+            judged,
         )
+        return None
 
     def _fault_text(self, fault: str) -> str:
         """The acknowledgement endpoint's fault, naming its address (no credentials) and the fix."""
@@ -485,7 +552,7 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         posts = self._waiting(batch, bodies)
         problem = await self._ask_acks(set(posts.values()), end) if posts else None
         if self._ack_fault is not None and not posts:
-            await self._ask(self.channel, {}, end)  # does the acknowledgement endpoint answer again?
+            await self._ask(self._probe_channel, {}, end)  # does the acknowledgement endpoint answer again?
         await self._admit(bodies, outcomes, end)
         new = await self._post_all(batch, bodies, outcomes, end)
         posts.update(new)
@@ -536,9 +603,9 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         if not self._full:
             self._full = True
             self.log.warning(
-                "splunk_hec %s: %d events HEC received wait for it to confirm them indexed "
-                "(ack_max_waiting=%d): new events wait in the queue until it confirms some; at most that "
-                "many go through per confirmation time (raise ack_max_waiting, with queue_max_events)",
+                "splunk_hec %s: %d events HEC received wait for it to confirm them indexed (ack_max_waiting=%d): new "
+                "events wait in the queue until it confirms some; at most that many go through per "
+                "confirmation time (raise ack_max_waiting, and queue_max_events to at least four times it)",
                 self._where,
                 limit - room,
                 limit,
@@ -695,7 +762,7 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
 
     async def _ask(self, channel: str, asked: dict[int, _Post], end: float) -> str | None:
         """One query of the acknowledgement endpoint on ``channel`` for ``asked`` (none: whether it
-        answers as HEC's). What went wrong, or None."""
+        answers as HEC's, asked on the probe channel). What went wrong, or None."""
         left = min(self.options.timeout, end - time.monotonic())
         if self._session is None:
             return "splunk_hec sink is not started"
@@ -704,22 +771,25 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         try:
             async with self._session.post(
                 self.ack_endpoint,
-                data=orjson.dumps({"acks": sorted(asked)}),
+                data=orjson.dumps({"acks": sorted(asked)}) if asked else _PROBE,
                 headers=self._on(channel),
                 timeout=aiohttp.ClientTimeout(total=left),
             ) as resp:
                 status, body = resp.status, await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return f"cannot reach {self._ack_where}: {_describe(exc)}"
-        self._set_ack_fault(_not_hec_ack(status, body))
-        if self._ack_fault is not None:
+        judged = _judge_ack(status, body)
+        if isinstance(judged, str):
+            self._set_ack_fault(judged)
             return self._ack_fault
-        text, code, _ = _answer(body)
-        if status == 400 and code == _ACK_DISABLED:
-            self._acknowledgement_off(asked.values())
-            return None
-        if status != 200:
+        if judged is _Ack.BUSY:  # says nothing of the address: a fault found stays until it answers
+            text, code, _ = _answer(body)
             return f"HEC {status} to the acknowledgement query: {text}" + (f" (code {code})" if code else "")
+        self._set_ack_fault(None)
+        if judged is _Ack.DISABLED:
+            if asked:
+                self._acknowledgement_off(asked.values())
+            return None
         try:
             answered = orjson.loads(body)["acks"]
             confirmed = [int(ack_id) for ack_id, indexed in answered.items() if indexed is True]
