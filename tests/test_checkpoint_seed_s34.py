@@ -22,6 +22,7 @@ from eventrouter.app import Router, RouterSettings
 from eventrouter.config import spec_for_class
 from eventrouter.engine.configmap_checkpoint import DATA_KEY, encode_state
 from eventrouter.record import occurrence_number
+from eventrouter.source.kube import connect
 from eventrouter.source.watcher import WatchSettings
 from eventrouter.testing import FakeApiServer, MemorySink, event_object
 from eventrouter.testing.waiting import until
@@ -285,3 +286,97 @@ def test_the_seed_beside_the_configmap_checkpoint_exits_2_naming_both(tmp_path: 
         Router(RouterSettings(data_dir=tmp_path, checkpoint_configmap="a", checkpoint_seed_configmap="a"), [])
     with pytest.raises(ValueError, match="checkpoint_seed_configmap needs data_dir"):
         Router(RouterSettings(checkpoint_seed_configmap="a"), [])
+
+
+# ---- item 295: all or nothing, and the decode's memory handed back -------------------------------
+
+KILLED_SEED = r"""
+import asyncio, os, pathlib, sys
+from eventrouter.app import Router, RouterSettings
+from eventrouter.config import spec_for_class
+from eventrouter.engine import checkpoint
+from eventrouter.source.kube import connect
+from eventrouter.source.watcher import WatchSettings
+from eventrouter.testing import MemorySink
+
+kubeconfig, data, namespace, name, *sinks = sys.argv[1:]
+compact, written = checkpoint.FileCheckpoint.compact, []
+
+
+def compact_then_die(self, state):
+    # What a SIGKILL (an OOM kill, the liveness probe) leaves after the second sink's file.
+    compact(self, state)
+    written.append(self)
+    if len(written) == 2:
+        os._exit(137)
+
+
+checkpoint.FileCheckpoint.compact = compact_then_die
+specs = [spec_for_class(MemorySink, {"name": s}, type_="memory") for s in sinks]
+settings = RouterSettings(
+    kubeconfig=kubeconfig, metrics_addr=None, checkpoint_namespace=namespace, data_dir=pathlib.Path(data),
+    checkpoint_seed_configmap=name, watch=WatchSettings(watch_timeout=30),
+)
+asyncio.run(Router(settings, specs).run())
+"""
+
+
+async def test_a_kill_between_two_sinks_seed_files_seeds_every_sink_at_the_next_start(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """Before: the kill left loki's and robot's snapshots; the next start took that for a whole
+    checkpoint, did not seed, and es got all 30 again (with no word of it)."""
+    sinks = ["loki", "robot", "es"]
+    await delivered_in_configmap_mode(api, tmp_path, sinks, 30)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        KILLED_SEED,
+        str(api.kubeconfig(tmp_path / "kubeconfig")),
+        str(tmp_path / "claim"),
+        NS,
+        NAME,
+        *sinks,
+        stderr=subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(child.communicate(), 60)
+    assert child.returncode == 137, err.decode()
+    left = sorted(p.name for p in (tmp_path / "claim" / "checkpoints").glob("*"))
+
+    restarted = data_dir_mode(api, tmp_path, sinks)
+    await run_once(restarted)
+    assert {s: len(received(restarted, s)) for s in sinks} == {"loki": 0, "robot": 0, "es": 0}
+    assert left == []  # before: ['loki.snapshot', 'robot.snapshot']
+    assert sorted(p.name for p in (tmp_path / "claim").iterdir() if "checkpoint" in p.name) == ["checkpoints"]
+
+
+@pytest.mark.parametrize("seed", [NAME, None])
+async def test_a_seed_folder_left_by_a_kill_is_removed_at_the_next_start(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, seed: str | None
+) -> None:
+    """A kill before the seed's rename leaves ``checkpoints.seed``: removed (and, when asked, the seed
+    written anew from the ConfigMap, not from what the folder held). Before: it stayed for good."""
+    await delivered_in_configmap_mode(api, tmp_path, ["loki"], 5)
+    left = tmp_path / "claim" / "checkpoints.seed"
+    left.mkdir(parents=True)
+    (left / "loki.snapshot.tmp").write_text("half a line")
+    caplog.set_level(logging.INFO, logger="eventrouter")
+    restarted = data_dir_mode(api, tmp_path, ["loki"], seed=seed)
+    await run_once(restarted)
+    assert not left.exists()
+    assert messages(caplog, logging.INFO, f"removed {left}, left by a seed that did not finish")
+    assert len(received(restarted, "loki")) == (0 if seed else 5)
+
+
+async def test_the_seeded_start_hands_the_decode_memory_back(api: FakeApiServer, tmp_path: Path) -> None:
+    """The seed's decode and snapshots (~80 MiB at the start's peak with 7 sinks x 50,000 entries) are
+    followed by one trim, counted with the router's own. Before: none until the periodic one."""
+    await delivered_in_configmap_mode(api, tmp_path, ["loki"], 5)
+    seeded = data_dir_mode(api, tmp_path, ["loki"])
+    seeded.kube = await connect(kubeconfig=seeded.settings.kubeconfig, context=None, connections=2)
+    try:
+        await seeded.start_pipelines()  # the pipelines built, no relist (and no trim after one) yet
+        assert seeded.memory_trims == 1
+        assert (tmp_path / "claim" / "checkpoints" / "loki.snapshot").is_file()
+    finally:
+        await seeded.stop()

@@ -28,6 +28,7 @@ __all__ = [
     "MemoryCheckpoint",
     "SinkCheckpoint",
     "TableBackend",
+    "put_folder_in_place",
     "safe_name",
 ]
 
@@ -162,6 +163,24 @@ class FileCheckpoint:
 
     def close(self, state: Mapping[str, int]) -> None:
         self.compact(state)
+
+
+def sync_folder(path: Path) -> None:
+    """fsync a folder: a file created or renamed in it survives a power cut only once this is done."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def put_folder_in_place(side: Path, folder: Path) -> None:
+    """Make ``side``, written in full with its files fsynced, ``folder`` (missing or empty) in one
+    rename: a kill before it leaves ``folder`` without a file, one after it leaves every file there.
+    On OSError ``side`` is left where it is."""
+    sync_folder(side)
+    os.rename(side, folder)  # over an empty folder too (POSIX); ENOTEMPTY over one holding a file
+    sync_folder(folder.parent)
 
 
 def _number(text: str) -> bool:
