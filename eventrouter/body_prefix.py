@@ -1,10 +1,20 @@
 """At most the start of an HTTP answer's body: what is quoted or parsed, never a front's whole page
 (the source's error answers, and the sinks' answers: SLS, Loki, the robots).
 
-``excerpt`` reads it once the answer's head is in, when the status alone decides the outcome: a body
-that stalls after the head, is cut off or cannot be decoded is then a note in the reason, never "no
-answer" (which threw the status and its Retry-After away: a final 400 retried for ever, a 413 never
-halved)."""
+``excerpt`` reads it once the answer's head is in, never raising for the body: a body that stalls
+after the head, is cut off or cannot be decoded is then a note in the reason, never "no answer"
+(which threw the status and its Retry-After away: a final 400 retried for ever, a 413 never halved).
+
+How long a body is waited for depends on what it decides (the caller's ``wait``):
+
+- a body that only changes what is quoted (an error answer whose status decides: the webhook's
+  400/413/429/5xx, SLS's 413/429/5xx, a front's page) gets ``EXCERPT_WAIT`` (or the request's timeout,
+  if less): one that stalls after the head cost the request's whole timeout inside the send's;
+- a body that decides the outcome (a robot's 200 reply: sent, throttled or refused; SLS's own 400,
+  whose code tells a header's refusal, retried, from a log's) gets the request's own timeout, as it
+  did before any excerpt: cut at 2 s, a reply in by 2.5 s was sent (and paged) again, an SLS
+  RequestTimeExpired dead-lettered the logs. Only a body that truly cannot be read within that is
+  judged without it."""
 
 from __future__ import annotations
 
@@ -23,8 +33,9 @@ from aiohttp.http_exceptions import (
 __all__ = ["EXCERPT_WAIT", "Excerpt", "excerpt", "read_prefix"]
 
 EXCERPT_WAIT = 2.0
-"""Seconds an answer's body is waited for once its head is in (or the request's timeout, if less):
-a body that stalls after the head cost the request's whole timeout (10 s, 30 s) inside the send's."""
+"""Seconds a body that only changes what is quoted is waited for once the head is in (or the request's
+timeout, if less): one that stalls after the head cost the request's whole timeout (10 s, 30 s)
+inside the send's. Never for a body that decides the outcome (the module's docstring)."""
 
 # What reading a body can raise once the head is in: aiohttp's ClientPayloadError (C parser) or the
 # pure-Python parser's own errors (AIOHTTP_NO_EXTENSIONS=1: TransferEncodingError is no ClientError),
@@ -54,10 +65,13 @@ async def read_prefix(content: aiohttp.StreamReader, limit: int) -> tuple[bytes,
     return _joined(parts, limit)
 
 
-async def excerpt(resp: aiohttp.ClientResponse, limit: int, wait: float) -> Excerpt:
+async def excerpt(resp: aiohttp.ClientResponse, limit: int, wait: float | None) -> Excerpt:
     """``read_prefix`` of ``resp``'s body within ``wait`` seconds, never raising for the body: what
     failed is said in ``unreadable``, and the caller judges the answer by its status (the status line
-    and headers are in)."""
+    and headers are in). ``wait``: ``EXCERPT_WAIT`` for a body only quoted; None for one that decides
+    the outcome (the module's docstring): no wait of its own, the request's timeout ends the read
+    (its session's or request's ``ClientTimeout(total=...)``, which the caller must have set; a wait
+    of the same length raced it, and the reason named one or the other)."""
     parts: list[bytes] = []
     timer = asyncio.timeout(wait)
     try:

@@ -62,7 +62,7 @@ from eventrouter import (
     reject,
     retry,
 )
-from eventrouter.body_prefix import EXCERPT_WAIT, Excerpt, excerpt
+from eventrouter.body_prefix import Excerpt, excerpt
 from eventrouter.logs import Throttled
 from eventrouter.options import StrList, http_url, redact_url
 
@@ -1064,9 +1064,11 @@ class AlertSink(Sink[OptionsT]):
 
     async def read_reply(self, resp: aiohttp.ClientResponse, limit: int) -> Excerpt:
         """The start of a 200's reply, its JSON (of a status no other reply is read: the status alone
-        says what it is), waited for ``EXCERPT_WAIT`` seconds at most: a reply that stalls after the
-        head cost the request's whole timeout inside the send's budget."""
-        return await excerpt(resp, limit, min(EXCERPT_WAIT, self.options.request_timeout))
+        says what it is). The reply is the outcome (sent, throttled, refused), so it gets the request's
+        own timeout, not ``EXCERPT_WAIT`` (body_prefix's rule): cut at 2 s, a reply in by 2.5 s was
+        taken as unread and the alert sent (and paged) again. The session's total timeout
+        (``request_timeout``, begun before the head) ends a reply that stalls."""
+        return await excerpt(resp, limit, None)
 
     def refusal_advice(self, status: int) -> str:
         """What to check when a gateway or proxy in front of the robot refused a request (401, 403,

@@ -9,8 +9,9 @@ success; 130101 and 410100 ("send too fast": the robot is throttled) back off, h
 a little later), warned of once per run, and so is a 401/403/407 of a gateway or proxy in front of
 the robot (``proxy``, or the URL's user info), or its redirect (never followed); 310000 "keywords not
 in content" and the others are the message's own: rejected and logged once per cause. The status
-of a gateway's answer decides without its body being read; a 200 whose reply cannot be read (it
-stalls, is cut off or cannot be decoded: 2 s at most) is retried saying the alert may have been paged.
+of a gateway's answer decides without its body being read; a 200's reply is the outcome, read within
+request_timeout (a slow one is not sent again), and one that cannot be read (it stalls until then, is
+cut off or cannot be decoded) is retried saying the alert may have been paged.
 """
 
 from __future__ import annotations

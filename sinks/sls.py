@@ -83,9 +83,11 @@ while sending, it is retried, never dead-lettered. A 2xx counts as stored only w
 retried and named by its status, Content-Type and Server header, never its body. Both are logged at
 once, then at most every 10 minutes, until a request is stored again.
 
-A 2xx with ``x-log-requestid`` is stored without its body being read. An error answer's body is read
-for at most 2 s (or the request's timeout, if less) once its head is in; one that stalls, is cut off or
-cannot be decoded is judged by its status alone (413 halved, 429/5xx retried after its Retry-After, 401,
+A 2xx with ``x-log-requestid`` is stored without its body being read. SLS's own 400 (and another 4xx
+its code decides) is read within the request's timeout: its code tells a header's refusal
+(RequestTimeExpired, MissingDate: retried) from a log's. Another error answer's body, only quoted, is
+read for at most 2 s (or the request's timeout, if less) once its head is in. One that stalls, is cut
+off or cannot be decoded is judged by its status alone (413 halved, 429/5xx retried after its Retry-After, 401,
 403 and 404 retried as above), and SLS's own 400 (``x-log-requestid``) as a refusal of the request's logs,
 halved down to a log refused alone, which is dead-lettered.
 """
@@ -584,9 +586,11 @@ class SLSSink(Sink[SLSOptions]):
                     None,
                     False,
                 )
-            # The status decides now: a body that stalls, is cut off or garbled only changes the
-            # message (taken for no answer, a 413 was never halved and a 429's Retry-After was lost).
-            payload, cut, unreadable = await excerpt(resp, _ANSWER_BYTES, min(EXCERPT_WAIT, timeout))
+            # A body that stalls, is cut off or garbled is judged by the status (taken for no answer,
+            # a 413 was never halved and a 429's Retry-After was lost); waited for as long as what it
+            # decides is worth (body_prefix's rule, ``_wait_for_body``).
+            wait = _wait_for_body(status, request_id, timeout)
+            payload, cut, unreadable = await excerpt(resp, _ANSWER_BYTES, wait)
             if unreadable is not None:
                 return self._unread(status, request_id, retry_after, unreadable)
             code, message = "", ""
@@ -1274,6 +1278,19 @@ class SLSSink(Sink[SLSOptions]):
         if outcome.kind is OutcomeKind.RETRY:
             return outcome  # quota, 5xx, credentials, a missing target: the same for the rest now
         return None  # this request's logs only (a bad timestamp, an unknown code): the rest go on
+
+
+def _wait_for_body(status: int, request_id: str, timeout: float) -> float | None:
+    """Seconds an error answer's body is waited for once its head is in (``excerpt``'s ``wait``).
+    SLS's own 4xx but 408, 413, 429 and 401/403/404 (x-log-requestid) is decided by its code (a 400
+    RequestTimeExpired or a header's code is retried, PostBodyInvalid dead-letters a log): None,
+    until the request's ``timeout`` (its ClientTimeout), as before any excerpt (cut at 2 s, a
+    RequestTimeExpired in by 2.5 s dead-lettered every log). The others' status decides and their
+    body is only quoted: ``EXCERPT_WAIT``."""
+    decided_by_status = status >= 500 or status in (408, 413, 429) or status in _TARGET_STATUSES
+    if request_id and not decided_by_status:
+        return None
+    return min(EXCERPT_WAIT, timeout)
 
 
 def _log_refused_unread(answer: _Answer) -> bool:

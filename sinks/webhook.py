@@ -1590,8 +1590,11 @@ async def _body_start(resp: aiohttp.ClientResponse, limit: int) -> bytes:
         return await resp.content.read(limit)
     finally:
         # Made by asking for it: a pooled connection lost later with an error would leave it
-        # "never retrieved" (an error in the log).
+        # "never retrieved" (an error in the log). One mark per connection: the future lives as
+        # long as the connection, and added at every answer read so, a receiver refusing every
+        # record on a kept-alive connection piled up one callback (and a Context) per record.
         closed.remove_done_callback(wake)
+        closed.remove_done_callback(retrieved)
         closed.add_done_callback(retrieved)
 
 

@@ -11,8 +11,9 @@ is retried (a key or secret reset in the console reaches the pod a little later)
 run, and so is a 401/403/407 of a gateway or proxy in front of WeCom (``proxy``, or the URL's user
 info), or its redirect (never followed); a gateway's 429/5xx waits its Retry-After; agent,
 recipient and message errors are permanent. The status of a gateway's answer decides without its body
-being read; a 200 whose reply cannot be read (it stalls, is cut off or cannot be decoded: 2 s at most)
-is retried saying the alert may have been paged.
+being read; a 200's reply is the outcome, read within request_timeout (a slow one is not sent again),
+and one that cannot be read (it stalls until then, is cut off or cannot be decoded) is retried saying
+the alert may have been paged.
 """
 
 from __future__ import annotations

@@ -138,15 +138,42 @@ async def test_sls_a_200_with_a_request_id_is_stored_whatever_its_body(how: Unre
 
 
 async def test_sls_a_stalled_body_is_waited_for_two_seconds_not_the_whole_timeout() -> None:
-    """At the default request_timeout (10 s) the body gets 2 s (the webhook's wait, item 277); before,
-    the whole timeout ran out and the 400 was retried as "cannot reach … TimeoutError"."""
+    """At the default request_timeout (10 s) the body of an answer whose status decides (a 503: only
+    quoted) gets 2 s (the webhook's wait, item 277); before item 292, the whole timeout ran out and
+    it was "cannot reach … TimeoutError"."""
     async with sls_sink(request_timeout=10) as (sls, sink):
-        sls.fail_next(1, "PostBodyInvalid", 400)
+        sls.fail_next(1, "ServerBusy", 503)
         sls.unreadable_next(1, "stall")
-        outcomes = await sink.send(pods(1))
-    assert outcomes is not None
-    assert outcomes[0].kind is OutcomeKind.REJECT
-    assert "its body unreadable: none of it within 2s (request id " in outcomes[0].reason
+        try:
+            outcomes = await sink.send(pods(1))
+        except RetryableError as exc:
+            reason = exc.reason
+        else:
+            assert outcomes is not None and outcomes[0].kind is OutcomeKind.RETRY
+            reason = outcomes[0].reason
+    assert "its body unreadable: none of it within 2s (request id " in reason
+
+
+@pytest.mark.parametrize("code", ["RequestTimeExpired", "MissingDate", "PostBodyInvalid"])
+async def test_sls_own_400_read_slowly_is_judged_by_its_code(code: str) -> None:
+    """SLS's own 400 whose JSON comes 2.5 s after its head, within request_timeout (5 s): its code
+    decides (RequestTimeExpired, a header's code: retried; PostBodyInvalid: the log refused), so it
+    is read within the request's timeout (body_prefix's rule). Cut at 2 s (item 292), it was "code
+    unreadable" and every log dead-lettered, halved down to single logs (2N-1 requests)."""
+    async with sls_sink(request_timeout=5) as (sls, sink):
+        sls.fail_next(1, code, 400)
+        sls.late_next(1, 2.5)
+        try:
+            outcomes = await sink.send(pods(2 if code != "PostBodyInvalid" else 1))
+        except RetryableError as exc:
+            kinds, reasons = [OutcomeKind.RETRY], [exc.reason]
+        else:
+            assert outcomes is not None
+            kinds, reasons = [o.kind for o in outcomes], [o.reason for o in outcomes]
+    final = code == "PostBodyInvalid"
+    assert set(kinds) == {OutcomeKind.REJECT if final else OutcomeKind.RETRY}
+    assert all(r.startswith(f"SLS 400 {code}: injected {code} (request id ") for r in reasons), reasons
+    assert puts(sls) == [400]
 
 
 # -- DingTalk and WeCom ---------------------------------------------------------------------------
@@ -300,13 +327,27 @@ async def test_a_robot_reply_that_cannot_be_read_is_sent_again_saying_it_may_hav
     assert bot.accepted() == 1
 
 
-async def test_a_stalled_robot_reply_is_waited_for_two_seconds_not_the_whole_timeout() -> None:
-    """At the default request_timeout (10 s) the reply gets 2 s; before, all 10 s of the send's budget."""
-    async with robot("dingtalk", request_timeout=10) as bot:
+@pytest.mark.parametrize("kind", ROBOTS)
+async def test_a_slow_robot_reply_within_the_timeout_is_one_page(kind: str) -> None:
+    """The robot's 200 reply comes 2.5 s after its head, within request_timeout (5 s): it is the
+    outcome (sent, throttled, refused), so it is read within the request's timeout and the alert is
+    sent once. Cut at 2 s (item 292), it was "could not be read": sent again, a second page."""
+    async with robot(kind, request_timeout=5) as bot:
+        bot.receiver.late_next(1, 2.5)
+        outcome = await one(bot)
+    assert outcome == OK, outcome.reason
+    assert bot.statuses() == [200]
+    assert bot.accepted() == 1
+
+
+async def test_a_stalled_robot_reply_is_waited_for_the_requests_timeout() -> None:
+    """A reply that never comes is waited for until the request's timeout (it decides the outcome),
+    then sent again saying it may have paged (item 292's rule for a reply that cannot be read)."""
+    async with robot("dingtalk", request_timeout=1) as bot:
         bot.receiver.unreadable_next(1, "stall")
         outcome = await one(bot)
     assert outcome.kind is OutcomeKind.RETRY
-    assert "could not be read (none of it within 2s)" in outcome.reason
+    assert "could not be read (the request's timeout ran out while it was read)" in outcome.reason
 
 
 @pytest.mark.parametrize("how", HOWS)

@@ -293,3 +293,38 @@ def test_the_malformed_bodies_are_judged_so_with_the_pure_python_parser_too() ->
     assert result.returncode == 0, result.stdout + result.stderr
     for node in (f"{names[0]}[python-400]", f"{names[0]}[python-429]", f"{names[1]}[python]"):
         assert f"::{node} PASSED" in result.stdout, result.stdout
+
+
+# -- item 296: error answers read after their head on one kept-alive connection -------------------
+
+
+def marks_on_pooled_connections(sink: WebhookSink) -> list[int]:
+    """The callbacks each pooled connection's ``closed`` future holds (aiohttp makes it when asked,
+    and it lives as long as the connection)."""
+    assert sink._session is not None
+    connector = sink._session.connector
+    assert isinstance(connector, aiohttp.TCPConnector)
+    return [
+        len(protocol._closed._callbacks or ())
+        for pooled in connector._conns.values()
+        for protocol, _ in pooled
+        if protocol._closed is not None
+    ]
+
+
+async def test_error_answers_on_one_connection_leave_no_callbacks_behind(hook: WebhookReceiver) -> None:
+    """A receiver refusing every record (422, a wrong format) with its head first and its body a
+    moment later, on one kept-alive connection. Each such answer added a ``retrieved`` callback (and
+    a copied Context) to the connection's ``closed`` future and nothing removed it: one per refused
+    record for as long as the connection lived (3,000 refusals, 311 kB), all run at once at its
+    close. Now one mark per connection."""
+    refusals = 20
+    hook.fail_next(refusals, 422, body=b"record 0: field 'reason' is invalid", body_after=0.02)
+    async with webhook(url=hook.url, mode="event") as sink:
+        for _ in range(refusals):
+            [outcome] = await sink.send(batch(1)) or []
+            assert outcome.kind is OutcomeKind.REJECT
+            assert outcome.reason == f"HTTP 422 from {hook.url}: record 0: field 'reason' is invalid"
+        marks = marks_on_pooled_connections(sink)
+    assert len(marks) == 1  # every answer on the one kept-alive connection
+    assert marks[0] <= 1, marks

@@ -31,7 +31,8 @@ headers; ``unreadable_next(n, how)`` sends the next ``n`` answers, whatever they
 the robot's own after it accepted the message), with a body the client cannot read: ``"stall"`` (the
 head, then none of the body until the receiver closes), ``"cut"`` (the head, then the connection
 dropped) or ``"gzip"`` (a plain body labelled ``Content-Encoding: gzip``), as a gateway or proxy in
-front of the robot may (``answer_unreadable``). ``clock`` (monotonic seconds) drives the rate limit, ``wall`` (epoch seconds) the
+front of the robot may (``answer_unreadable``); ``late_next(n, after)`` sends the next ``n`` answers
+whole, their body ``after`` seconds after their head (``answer_late``). ``clock`` (monotonic seconds) drives the rate limit, ``wall`` (epoch seconds) the
 timestamp check; tests may share a simulated clock with the sink. ``chunk_bytes=n`` writes every
 answer's body n bytes at a time, each piece reaching the client on its own (chunked transfer, as a
 gateway or proxy in front of the robot answers): a client must read the body to its end.
@@ -54,7 +55,7 @@ import orjson
 from aiohttp import web
 
 from eventrouter.testing.receivers.chunked import ChunkedAnswers
-from eventrouter.testing.receivers.unreadable import Unreadable, answer_unreadable
+from eventrouter.testing.receivers.unreadable import Unreadable, answer_late, answer_unreadable
 
 __all__ = ["DingTalkMessage", "DingTalkReceiver", "DingTalkRequest"]
 
@@ -167,6 +168,7 @@ class DingTalkReceiver(ChunkedAnswers):
         self._robot = _Robot()
         self._faults: deque[_Fault] = deque()
         self._unreadable: deque[Unreadable] = deque()
+        self._late: deque[float] = deque()
         self._release = asyncio.Event()
         self._changed = asyncio.Condition()
 
@@ -204,6 +206,11 @@ class DingTalkReceiver(ChunkedAnswers):
         """The next ``n`` answers, whatever they say, sent with a body the client cannot read."""
         self._unreadable.extend([how] * n)
 
+    def late_next(self, n: int, after: float) -> None:
+        """The next ``n`` answers, whatever they say, sent with their body ``after`` seconds after
+        their head (``answer_late``: a slow proxy or API flushing the head first)."""
+        self._late.extend([after] * n)
+
     async def wait_for(self, count: int, within: float = 10.0) -> None:
         """Until at least ``count`` messages were accepted."""
         async with asyncio.timeout(within), self._changed:
@@ -215,6 +222,8 @@ class DingTalkReceiver(ChunkedAnswers):
         answer = await self._answer(request)
         if self._unreadable:
             return await answer_unreadable(request, answer, self._unreadable.popleft(), self._release)
+        if self._late:
+            return await answer_late(request, answer, self._late.popleft())
         return answer
 
     async def _answer(self, request: web.Request) -> web.Response:

@@ -50,7 +50,8 @@ client took before it went away (``FrontPage``). ``unreadable_next(n, how)`` sen
 whatever they say (an error of ``fail_next``'s, or the service's own 200 after it stored the logs), with
 a body the client cannot read: ``"stall"`` (the head, then none of the body until the receiver closes),
 ``"cut"`` (the head, then the connection dropped) or ``"gzip"`` (a plain body labelled
-``Content-Encoding: gzip``), as a proxy or a slow front in between may.
+``Content-Encoding: gzip``), as a proxy or a slow front in between may; ``late_next(n, after)`` sends
+the next ``n`` answers whole, their body ``after`` seconds after their head (``answer_late``).
 ``delay`` (also settable later) holds every answer that many seconds after the request was handled, as
 a far or slow service does: what it stored stays stored when the client gives up waiting (so a client
 that cuts a request short and sends it again stores it twice). A project in ``forbidden`` (suspended:
@@ -80,7 +81,7 @@ from aiohttp import web
 
 from eventrouter.protowire import WIRE_FIXED32, WIRE_LEN, WIRE_VARINT, DecodeError, decode_fields, read_varint
 from eventrouter.testing.receivers.front_page import FrontPage, answer_page
-from eventrouter.testing.receivers.unreadable import Unreadable, answer_unreadable
+from eventrouter.testing.receivers.unreadable import Unreadable, answer_late, answer_unreadable
 
 __all__ = [
     "AccessKey",
@@ -370,6 +371,7 @@ class SLSReceiver:
         self.pages: list[FrontPage] = []
         """The front pages answered (``fail_next(page=…)``), in order."""
         self._unreadable: list[Unreadable] = []
+        self._late: list[float] = []
         self._release = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._changed = asyncio.Condition()
@@ -413,6 +415,11 @@ class SLSReceiver:
         """The next ``n`` answers, whatever they say, sent with a body the client cannot read."""
         self._unreadable.extend([how] * n)
 
+    def late_next(self, n: int, after: float) -> None:
+        """The next ``n`` answers, whatever they say, sent with their body ``after`` seconds after
+        their head (``answer_late``: a slow proxy or front flushing the head first)."""
+        self._late.extend([after] * n)
+
     async def wait_for_logs(self, count: int, within: float = 10.0) -> None:
         async with asyncio.timeout(within), self._changed:
             await self._changed.wait_for(lambda: len(self.logs()) >= count)
@@ -445,6 +452,8 @@ class SLSReceiver:
             await asyncio.sleep(self.delay)
         if self._unreadable and isinstance(response, web.Response) and not response.prepared:
             return await answer_unreadable(request, response, self._unreadable.pop(0), self._release)
+        if self._late and isinstance(response, web.Response) and not response.prepared:
+            return await answer_late(request, response, self._late.pop(0))
         return response
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:

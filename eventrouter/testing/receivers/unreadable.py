@@ -1,5 +1,6 @@
 """Answers whose body a client cannot read, as a front or gateway before a sink's server may send
-them: the status line and headers are in, the body never comes whole."""
+them: the status line and headers are in, the body never comes whole (``answer_unreadable``); and
+answers whose body comes whole but late (``answer_late``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Literal
 
 from aiohttp import web
 
-__all__ = ["Unreadable", "answer_unreadable"]
+__all__ = ["Unreadable", "answer_late", "answer_unreadable"]
 
 Unreadable = Literal["stall", "cut", "gzip"]
 """How an answer's body cannot be read (``answer_unreadable``)."""
@@ -33,4 +34,18 @@ async def answer_unreadable(
         await release.wait()
     if request.transport is not None:
         request.transport.abort()
+    return response
+
+
+async def answer_late(request: web.Request, answer: web.Response, after: float) -> web.StreamResponse:
+    """``answer`` whole, its status line and headers at once and its body (``Content-Length``
+    framed, in one write) ``after`` seconds later, the connection kept alive: a slow egress proxy or
+    a loaded API that flushes the head first. A client that waits for the body reads it."""
+    body = answer.body if isinstance(answer.body, bytes) else b""
+    headers = {**answer.headers, "Content-Length": str(len(body))}
+    response = web.StreamResponse(status=answer.status, headers=headers)
+    await response.prepare(request)  # a StreamResponse sends its head at once
+    await asyncio.sleep(after)
+    await response.write(body)
+    await response.write_eof()
     return response

@@ -32,7 +32,8 @@ connection (a front that closes after the head); ``"bad-chunk"`` sends the head 
 chunked``) and, in the same write, ``body`` as the first chunk-size line, which no HTTP parser takes
 (a gateway's page not in the encoding it declares), ``"bad-chunk-later"`` the same line only once
 ``release_bodies()`` is called (the client has read the head meanwhile), each then stalled until the
-receiver closes; ``hang_next(n)`` never
+receiver closes; ``body_after=s`` sends the whole answer, its body ``s`` seconds after its head, on a
+connection kept alive (a proxy or app that flushes the head first); ``hang_next(n)`` never
 answers the next ``n`` requests (until the receiver closes) — the client must time out. ``fail_matching(predicate, status)``
 answers ``status`` to every request whose raw body ``predicate`` accepts, until ``fail_matching(None)``
 (a receiver with a bug for some payloads; ``lambda body: True``: one that is down). ``delay`` (also
@@ -58,6 +59,8 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
+
+from eventrouter.testing.receivers.unreadable import answer_late
 
 __all__ = ["BodyFault", "RecordedRequest", "WebhookReceiver", "github_signature", "standard_signature"]
 
@@ -97,6 +100,8 @@ BodyFault = Literal["stall", "cut", "bad-chunk", "bad-chunk-later"]
 
 _BODY_FAULT = web.ResponseKey("body_fault", str)
 """The key, in a response's own storage, of how ``_handle`` answers it without its body."""
+_BODY_AFTER = web.ResponseKey("body_after", float)
+"""The key, in a response's own storage, of the seconds ``_handle`` sends its body after its head."""
 
 
 @dataclass
@@ -107,6 +112,7 @@ class _Fault:
     echo: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     body_fault: BodyFault | None = None
+    body_after: float | None = None
 
 
 class WebhookReceiver:
@@ -166,10 +172,10 @@ class WebhookReceiver:
         echo: bool = False,
         headers: dict[str, str] | None = None,
         body_fault: BodyFault | None = None,
+        body_after: float | None = None,
     ) -> None:
-        self._faults.extend(
-            _Fault(status, retry_after, body, echo, dict(headers or {}), body_fault) for _ in range(n)
-        )
+        fault = _Fault(status, retry_after, body, echo, dict(headers or {}), body_fault, body_after)
+        self._faults.extend(fault for _ in range(n))
 
     def fail_matching(
         self,
@@ -244,6 +250,9 @@ class WebhookReceiver:
         how = response.get(_BODY_FAULT)
         if how is not None:
             return await self._no_body(request, response, how)
+        after = response.get(_BODY_AFTER)
+        if after is not None:
+            return await answer_late(request, response, after)
         return response
 
     async def _unread(self, request: web.Request, status: int) -> None:
@@ -277,6 +286,8 @@ class WebhookReceiver:
             response = web.Response(status=fault.status, body=body, headers=headers)
             if fault.body_fault is not None:
                 response[_BODY_FAULT] = fault.body_fault  # for ``_handle``
+            if fault.body_after is not None:
+                response[_BODY_AFTER] = fault.body_after  # for ``_handle``
             return response
         if request.method not in ("POST", "PUT"):
             return web.Response(status=405, text="method not allowed")

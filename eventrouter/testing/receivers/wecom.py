@@ -31,6 +31,8 @@ Fault injection: ``fail_next(n, errcode=…)``, ``fail_next(n, status=502)``, ``
 (a gateway's headers) (for message sends; gettoken only with ``gettoken=True``),
 ``unreadable_next(n, how)`` (the next ``n`` answers, whatever they say, gettoken's too, with a body the
 client cannot read: ``"stall"``, ``"cut"`` or ``"gzip"``, as the DingTalk receiver's),
+``late_next(n, after)`` (the next ``n`` answers, gettoken's too, with their body ``after`` seconds
+after their head),
 ``expire_tokens()`` ends every issued token now.
 ``clock`` (monotonic seconds) drives rate limits and token lifetimes. ``chunk_bytes=n`` writes every
 answer's body (gettoken's too) n bytes at a time, each piece reaching the client on its own (chunked
@@ -51,7 +53,7 @@ import orjson
 from aiohttp import web
 
 from eventrouter.testing.receivers.chunked import ChunkedAnswers
-from eventrouter.testing.receivers.unreadable import Unreadable, answer_unreadable
+from eventrouter.testing.receivers.unreadable import Unreadable, answer_late, answer_unreadable
 
 __all__ = ["WeComMessage", "WeComReceiver", "WeComRequest"]
 
@@ -140,6 +142,7 @@ class WeComReceiver(ChunkedAnswers):
         self._faults: deque[_Fault] = deque()
         self._token_faults: deque[_Fault] = deque()
         self._unreadable: deque[Unreadable] = deque()
+        self._late: deque[float] = deque()
         self._release = asyncio.Event()
         self._changed = asyncio.Condition()
 
@@ -181,6 +184,11 @@ class WeComReceiver(ChunkedAnswers):
         """The next ``n`` answers, whatever they say, sent with a body the client cannot read."""
         self._unreadable.extend([how] * n)
 
+    def late_next(self, n: int, after: float) -> None:
+        """The next ``n`` answers, whatever they say, sent with their body ``after`` seconds after
+        their head (``answer_late``: a slow proxy or API flushing the head first)."""
+        self._late.extend([after] * n)
+
     def expire_tokens(self) -> None:
         if self._token is not None:
             self._token.expires = self.clock()
@@ -195,6 +203,8 @@ class WeComReceiver(ChunkedAnswers):
         answer = await self._answer(request)
         if self._unreadable:
             return await answer_unreadable(request, answer, self._unreadable.popleft(), self._release)
+        if self._late:
+            return await answer_late(request, answer, self._late.popleft())
         return answer
 
     async def _answer(self, request: web.Request) -> web.Response:
