@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import yaml
 
-from eventrouter.body_prefix import read_prefix
+from eventrouter.body_prefix import excerpt
 from eventrouter.source.kube_import import load
 
 if TYPE_CHECKING:
@@ -104,15 +104,24 @@ page is quoted from its start and the rest left unread: read whole, a 300 MB one
 from 57 to 751 MiB at every watch open (its chart's limit is 256 MiB)."""
 QUOTED = 300
 """Bytes of a body that is not a Status quoted in the error."""
+ERROR_BODY_SECONDS = 10.0
+"""Most time an error answer's body is read for: the API server writes its Status at once. A body
+that trickled held the watcher up to the read timeout (330 s) a chunk."""
 
 
 async def error_body(resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:
     """At most ``ERROR_BODY_BYTES`` of a non-2xx answer's body, and whether there was more (then the
-    connection is closed: the rest is never read)."""
-    body, cut = await read_prefix(resp.content, ERROR_BODY_BYTES)
-    if cut:
+    connection is closed: the rest is never read). Raises the answer's ApiError, its status kept, when
+    the body cannot be read within ``ERROR_BODY_SECONDS``: a gateway cutting it off made a 410 a
+    broken connection (never relisted) and a 401 a warning."""
+    body = await excerpt(resp, ERROR_BODY_BYTES, ERROR_BODY_SECONDS)
+    if body.unreadable is not None:
+        resp.close()  # the rest of it is not read: the connection cannot be reused
+        message = f"its body could not be read: {body.unreadable}"
+        raise ApiError(resp.status, resp.reason or "", message, _retry_after(resp))
+    if body.more:
         resp.close()
-    return body, cut
+    return body.data, body.more
 
 
 def api_error(resp: aiohttp.ClientResponse, body: bytes, cut: bool) -> ApiError:
@@ -130,15 +139,19 @@ def api_error(resp: aiohttp.ClientResponse, body: bytes, cut: bool) -> ApiError:
                 message = str(status.get("message") or message)
         except orjson.JSONDecodeError:
             pass
-    retry_after: float | None = None
-    if "Retry-After" in resp.headers:
-        try:
-            retry_after = float(resp.headers["Retry-After"])
-        except ValueError:
-            retry_after = None
-        if retry_after is not None and not 0 <= retry_after < math.inf:
-            retry_after = None  # "nan", "inf", negative: no usable advice
-    return ApiError(resp.status, reason, message, retry_after)
+    return ApiError(resp.status, reason, message, _retry_after(resp))
+
+
+def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
+    if "Retry-After" not in resp.headers:
+        return None
+    try:
+        retry_after = float(resp.headers["Retry-After"])
+    except ValueError:
+        return None
+    if not 0 <= retry_after < math.inf:
+        return None  # "nan", "inf", negative: no usable advice
+    return retry_after
 
 
 async def raise_for_status(resp: aiohttp.ClientResponse) -> None:

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -151,6 +151,11 @@ def shared_relists(settings: WatchSettings, cluster: str) -> RelistMerge | None:
 
 REFUSED = frozenset({400, 401, 403, 404, 405, 406, 415, 422})
 """API answers a retry soon will not change: a relisting round does not wait for such a watcher."""
+
+
+def _checking(exc: ApiError) -> ApiError:
+    """``exc`` said of the check that the store is not behind (``_store_behind``)."""
+    return ApiError(exc.status, exc.reason, f"{_CHECKING}{exc.message}", exc.retry_after)
 
 
 class EventWatcher:
@@ -355,8 +360,8 @@ class EventWatcher:
                 self._progress()
             try:
                 # One broken string, or one item too deep to parse, must not cost the page: the
-                # relist would fail on it forever.
-                page = list_page.loads_page(cast(bytes, body))  # bytes-like will do
+                # relist would fail on it forever. Such a page is read again in a thread.
+                page = await list_page.read_page(body)
                 del body  # parsed: the items hold what is needed
                 doc, broken = page.doc, page.broken
                 items = doc.get("items") or []
@@ -416,12 +421,19 @@ class EventWatcher:
         finally:
             chunks.close()  # drained: frees the order (its temporary file)
 
-    def _refused_items(self, refused: list[tuple[bytes, str]]) -> None:
+    def _refused_items(self, refused: list[list_page.Refused]) -> None:
         """Items of a list page that did not parse (the page did): counted as objects that are not
-        Events, as the same item in a list page that parses is."""
-        for start, why in refused:
+        Events, as the same item in a list page that parses is. Its size says when a corrupted item
+        took more than one Event with it (the walk cannot tell where such an item ends)."""
+        for item in refused:
             self.metrics.source_dropped.labels("malformed").inc()
-            log.warning("skipped a list item from %s that cannot be parsed (%s): %r", self.where, why, start)
+            log.warning(
+                "skipped a list item from %s that cannot be parsed (%s; %d bytes): %r",
+                self.where,
+                item.why,
+                item.end - item.start,
+                item.quote,
+            )
 
     def _repaired(self, obj: Any, where: str) -> Any:
         """``obj`` with its broken strings replaced by U+FFFD; counted and logged by name if any."""
@@ -570,10 +582,12 @@ class EventWatcher:
         try:
             if 200 <= resp.status < 300:
                 return None
-            body, cut = await error_body(resp)
+            try:
+                body, cut = await error_body(resp)
+            except ApiError as exc:  # its body unreadable: a 504 says nothing then
+                raise _checking(exc) from None
             if resp.status != 504 or cut:  # a 410 relists; the rest is a failed check
-                exc = api_error(resp, body, cut)
-                raise ApiError(exc.status, exc.reason, f"{_CHECKING}{exc.message}", exc.retry_after)
+                raise _checking(api_error(resp, body, cut))
         finally:
             resp.release()
         message = body[:300].decode("utf-8", "replace")

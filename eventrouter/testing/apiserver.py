@@ -127,7 +127,7 @@ class RequestRecord(NamedTuple):
 
 @dataclass
 class _Fault:
-    kind: str  # fail | page | cut | stall | malformed | empty | list_item
+    kind: str  # fail | page | unreadable | cut | stall | malformed | empty | list_item
     remaining: int
     status: int = 500
     retry_after: float | None = None
@@ -182,6 +182,19 @@ class Faults:
         page sent before the client closed the connection is added to ``pages_sent``."""
         self._pending.append(_Fault("page", count, status=status, verbs=tuple(verbs), size=size))
 
+    def unreadable_error_next(
+        self,
+        status: int,
+        count: int = 1,
+        *,
+        stall: float = 0.0,
+        verbs: Iterable[str] = ("list", "watch"),
+    ) -> None:
+        """Answer the next ``count`` matching Event requests as a gateway that breaks off an error
+        answer: ``status`` and the Content-Length of its whole Status, the first 40 bytes of it, then
+        the connection reset (``stall``: that many seconds later, nothing sent meanwhile)."""
+        self._pending.append(_Fault("unreadable", count, status=status, verbs=tuple(verbs), seconds=stall))
+
     def cut_next_watch(self, after_lines: int = 0, mid_object: bool = True, count: int = 1) -> None:
         """Send ``after_lines`` lines, then half of the next one (``mid_object``), then reset."""
         self._pending.append(_Fault("cut", count, after_lines=after_lines, mid_object=mid_object))
@@ -221,9 +234,13 @@ class Faults:
     def take(self, verb: str, resource: str) -> _Fault | None:
         for f in self._pending:
             applies = (
-                (f.kind in ("fail", "page") and verb in f.verbs and f.resource == resource)
+                (f.kind in ("fail", "page", "unreadable") and verb in f.verbs and f.resource == resource)
                 or (f.kind == "list_item" and verb == "list" and resource == "events")
-                or (f.kind not in ("fail", "page", "list_item") and verb == "watch" and resource == "events")
+                or (
+                    f.kind not in ("fail", "page", "unreadable", "list_item")
+                    and verb == "watch"
+                    and resource == "events"
+                )
             )
             if applies:
                 f.remaining -= 1
@@ -978,6 +995,8 @@ class FakeApiServer:
             raise self._fault_error(fault)
         if fault is not None and fault.kind == "page":
             return await self._error_page(request, fault)
+        if fault is not None and fault.kind == "unreadable":
+            return await self._unreadable_error(request, fault)
         if watching:
             return await self._watch(request, ns, fields, labels, fault)
         await self._cache_fresh(q)
@@ -1004,6 +1023,19 @@ class FakeApiServer:
             pass  # the client closed the connection: the rest is never sent
         finally:
             self.faults.pages_sent.append(sent)
+        return resp
+
+    async def _unreadable_error(self, request: web.Request, fault: _Fault) -> web.StreamResponse:
+        body = orjson.dumps(self._fault_error(fault).status)
+        resp = web.StreamResponse(status=fault.status, headers={"Content-Type": "application/json"})
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        await resp.write(body[:40])
+        if fault.seconds:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), fault.seconds)
+        if request.transport is not None:
+            request.transport.abort()  # the client sees a body cut short
         return resp
 
     def _injected(self, verb: str, resource: str) -> None:
