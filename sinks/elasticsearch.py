@@ -35,12 +35,13 @@ fails naming the ``Location``; one met while sending is logged and retried.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from typing import Annotated, Any, ClassVar, Literal, NoReturn
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -85,6 +86,7 @@ from eventrouter import (
     reject,
     retry,
 )
+from eventrouter.body_prefix import EXCERPT_WAIT, excerpt
 from eventrouter.options import FilePath, http_url, redact_url
 
 from ._scrub import credentials, scrub
@@ -576,11 +578,75 @@ _DECODERS = SerializerCollection({**SerializerCollection().serializers, **_SERIA
 _USER_AGENT = f"eventrouter/{__version__} (elastic-transport/{elastic_transport.__version__})"
 
 
+_ERROR_BYTES = 64 * 1024
+"""Bytes read of an answer's body, not 2xx: its error is quoted from it (``_body_error``), 300
+characters of a page. Read whole, a proxy's 150 MB 502 page took the router from 57 to 357 MB, past
+the chart's 256Mi, at every retry."""
+_WHOLE_MIN = 32 << 20
+_WHOLE_PER_BYTE = 8
+"""A 2xx answer is read whole (a bulk's items are the documents' outcomes) up to the larger of
+``_WHOLE_MIN`` and this many bytes per byte of the request: an item is ~200 bytes for a document of
+~1 KB, and a refused one quotes its value at most twice. Longer, it is not the cluster's answer to
+it (a front's page): not read further, the request is retried (``_Unread``)."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Reading:
+    """How a node reads the answer to its request (``_Answer.read``), and what became of its body."""
+
+    whole: int
+    """Bytes of a 2xx answer read at most."""
+    unreadable: str | None = None
+    """Why the body could not be read, or was not read whole (None: it was, or an error's prefix)."""
+
+
+# Set by the node around each request, in the task that makes it (as _ANSWERED is).
+_READING: ContextVar[_Reading | None] = ContextVar("eventrouter_es_reading", default=None)
+
+
+class _Answer:
+    """An aiohttp answer as the transport's node reads it (``status``, ``headers``, ``read``), whose
+    body read never raises: the transport read any body whole in the ``try`` of its request, so one
+    that stalled after the head, was cut off or was not in its Content-Encoding became a
+    ConnectionError or ConnectionTimeout. The status was then lost: a final 400 retried for ever, a
+    413 never halved and every node marked dead in turn, a 429's Retry-After lost. An error's body is
+    read in part within ``min(2 s, timeout)``, a 2xx's whole (``_Reading.whole``) within the
+    request's own timeout; what could not be read is said in ``_READING``."""
+
+    __slots__ = ("_resp", "_timeout", "headers", "status")
+
+    def __init__(self, resp: aiohttp.ClientResponse, timeout: float | None) -> None:
+        self._resp = resp
+        self._timeout = timeout
+        self.status = resp.status
+        self.headers = resp.headers
+
+    async def read(self) -> bytes:
+        reading = _READING.get() or _Reading(_WHOLE_MIN)
+        if 300 <= self.status < 400:
+            return b""  # a redirect's page: not used (its Location is), not read
+        if self.status < 300:  # aiohttp's own timer (the request's timeout) ends the wait first
+            limit, wait = reading.whole, (self._timeout or 86400.0) + 1
+        else:
+            limit, wait = _ERROR_BYTES, min(EXCERPT_WAIT, self._timeout or EXCERPT_WAIT)
+        data, more, unreadable = await excerpt(self._resp, limit, wait)
+        if unreadable is None and more and self.status < 300:
+            unreadable = f"longer than {limit} bytes, not read past them"
+        reading.unreadable = unreadable
+        return b"" if unreadable is not None else data
+
+
+@contextlib.asynccontextmanager
+async def _answering(request: Any, timeout: float | None) -> AsyncIterator[_Answer]:
+    async with request as resp:
+        yield _Answer(resp, timeout)
+
+
 class _NoRedirects:
     """A node's aiohttp session that follows no redirect: aiohttp re-sends a POST answered 301/302
     as a GET without its body (the cluster answers 405, and every document was dead-lettered), and a
     307/308 sends the documents on to wherever ``Location`` says. The node uses ``request`` and
-    ``close`` only."""
+    ``close`` only; its answer is read as ``_Answer`` says."""
 
     __slots__ = ("_session",)
 
@@ -588,7 +654,9 @@ class _NoRedirects:
         self._session = session
 
     def request(self, method: str, url: str, **kwargs: Any) -> Any:
-        return self._session.request(method, url, allow_redirects=False, **kwargs)
+        timeout = kwargs.get("timeout")
+        total = timeout.total if isinstance(timeout, aiohttp.ClientTimeout) else None
+        return _answering(self._session.request(method, url, allow_redirects=False, **kwargs), total or None)
 
     async def close(self) -> None:
         await self._session.close()
@@ -631,6 +699,11 @@ class _CutShort(TransportError):
     dead (it does for a ConnectionTimeout or ConnectionError only)."""
 
 
+class _Unread(TransportError):
+    """A 2xx whose body could not be read (or was longer than ``_Reading.whole``): the node answered,
+    so it is not marked dead, but what the cluster did is unknown."""
+
+
 class _ProbeFailed(TransportConnectionError):
     """A node not known to answer did not answer ``HEAD /`` in the probe's time: a ConnectionError, so
     the transport marks it dead again (its dead time doubles)."""
@@ -668,6 +741,8 @@ class _Node(AiohttpHttpNode):
             # Never cut short: a bulk request gets a tenth of the budget or more, the probe at most that.
             await self._probe(min(given.probe, timeout), headers)
             timeout = max(timeout - (time.monotonic() - started), 0.001)
+        reading = _Reading(max(_WHOLE_MIN, _WHOLE_PER_BYTE * len(body or b"")))
+        token = _READING.set(reading)
         try:
             resp = await super().perform_request(method, target, body, headers, timeout)
         except TransportTimeout:
@@ -680,8 +755,18 @@ class _Node(AiohttpHttpNode):
             ) from None
         except TransportConnectionError as exc:
             raise self._scrubbed(exc) from None
+        finally:
+            _READING.reset(token)
         self.unproven = False
         _ANSWERED.set(resp.meta.status)
+        if reading.unreadable is not None:
+            if resp.meta.status < 300:
+                raise _Unread(
+                    f"{self!r} answered {resp.meta.status} but its body could not be read ({reading.unreadable})"
+                )
+            # The status decides (a 413 halved, a 400 refused, a 429 waits its Retry-After); the note
+            # is quoted where the page would have been.
+            return _with_type(resp, "text/plain", f"its body unreadable: {reading.unreadable}".encode())
         if 300 <= resp.meta.status < 400:
             # A redirect's page is no answer of the cluster's (Location is): not decoded, so that one
             # of a media type the transport cannot read (octet-stream) says "redirect", not "cannot
@@ -1392,6 +1477,9 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             meta, body = await self._request(
                 "GET", "/", None, self._headers, timeout=self._time_left(deadline, tries), tries=tries
             )
+        except _Unread as exc:
+            await self.aclose()
+            raise SinkError(f"elasticsearch: GET /: {exc.message}") from None
         except TransportError as exc:
             await self.aclose()
             raise SinkError(
@@ -1969,6 +2057,11 @@ class ElasticsearchSink(Sink[ElasticsearchOptions]):
             raise RetryableError(f"elasticsearch: bulk request cut short: {exc.message}") from None
         except _ProbeFailed as exc:
             raise RetryableError(f"elasticsearch: bulk request not sent: {exc.message}") from None
+        except _Unread as exc:
+            raise RetryableError(
+                f"elasticsearch: bulk request: {exc.message}: which documents went in is unknown; sent "
+                "again (each under its own _id: no second copy)"
+            ) from None
         except TransportTimeout as exc:
             raise RetryableError(
                 f"elasticsearch: bulk request timed out: {_transport_text(exc, self._secrets)}"

@@ -117,7 +117,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from operator import attrgetter, itemgetter
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
@@ -141,7 +141,7 @@ from eventrouter import (
     reject,
     retry,
 )
-from eventrouter.body_prefix import read_prefix
+from eventrouter.body_prefix import EXCERPT_WAIT, excerpt
 from eventrouter.logs import Throttled
 from eventrouter.options import FilePath, http_url, redact_url
 from eventrouter.protowire import bytes_field, varint, varint_field
@@ -651,15 +651,39 @@ of 2,048 bytes, each byte escaped as up to 4): under 1.7 MB. A longer one is jud
 retry."""
 
 
-async def _read_answer(response: aiohttp.ClientResponse, limit: int) -> tuple[str, bool]:
-    """At most ``limit`` bytes of an answer, decoded as ``response.text`` does, and whether it had
-    more (left unread: the connection is then closed, not reused)."""
-    body, cut = await read_prefix(response.content, limit)
+class _Answer(NamedTuple):
+    """The start of an answer's body, decoded (``_read_answer``)."""
+
+    text: str
+    cut: bool
+    """It had more (left unread: the connection is then closed, not reused)."""
+    unreadable: str | None
+    """Why the body could not be read (``text`` is then empty): the status alone decides."""
+
+
+async def _read_answer(response: aiohttp.ClientResponse, limit: int, timeout: float) -> _Answer:
+    """At most ``limit`` bytes of an answer, decoded as ``response.text`` does, within ``timeout``
+    (the request's) when the body decides the outcome, else ``EXCERPT_WAIT`` (body_prefix's rule):
+    a 2xx's (a front's page, or stored) and a 400's or 429's (the streams and entries Loki names)
+    decide; the others' are only quoted. Never raises for the body: one that stalls after the head,
+    is cut off or is not in its Content-Encoding was taken for no answer (a final 400 retried for
+    ever, a 413 never halved, a 429's Retry-After lost); it is said in ``unreadable``, nothing of it
+    parsed, and the status decides as for an answer naming no stream."""
+    status = response.status
+    decides = 200 <= status < 300 or status in (400, 429)
+    body, cut, unreadable = await excerpt(response, limit, timeout if decides else min(EXCERPT_WAIT, timeout))
+    if unreadable is not None:
+        return _Answer("", False, unreadable)
     try:
         encoding = codecs.lookup(response.charset or "utf-8").name
     except LookupError:
         encoding = "utf-8"
-    return body.decode(encoding, errors="replace"), cut
+    return _Answer(body.decode(encoding, errors="replace"), cut, None)
+
+
+def _unread_note(unreadable: str | None) -> str:
+    """What a reason adds for an answer whose body could not be read."""
+    return "" if unreadable is None else f" (its body unreadable: {unreadable})"
 
 
 def _stream_limited(answer: str) -> re.Match[str] | None:
@@ -1462,8 +1486,7 @@ class LokiSink(Sink[LokiOptions]):
                 status = response.status
                 location = response.headers.get("Location")
                 content_type = response.headers.get("Content-Type", "")
-                body = "" if 300 <= status < 400 else (await _read_answer(response, _READY_BYTES))[0]
-                text = scrub(body[:200], self._secrets, partial=len(body) > 200).strip()
+                body, text = await self._read_short(response)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise SinkError(
                 f"loki: cannot reach {self._shown}: {scrub(_describe(exc), self._secrets)}"
@@ -1509,12 +1532,11 @@ class LokiSink(Sink[LokiOptions]):
                 status = response.status
                 location = response.headers.get("Location")
                 content_type = response.headers.get("Content-Type", "")
-                body = "" if 300 <= status < 400 else (await _read_answer(response, _READY_BYTES))[0]
+                body, text = await self._read_short(response)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise SinkError(
                 f"loki: cannot push to {self._push_shown}: {scrub(_describe(exc), self._secrets)}"
             ) from None
-        text = scrub(body[:200], self._secrets, partial=len(body) > 200).strip()
         refused = self._probe_refused(status, location, content_type, body, text)
         if refused is not None:
             raise SinkError(refused)
@@ -1525,6 +1547,16 @@ class LokiSink(Sink[LokiOptions]):
                 status,
                 text,
             )
+
+    async def _read_short(self, response: aiohttp.ClientResponse) -> tuple[str, str]:
+        """The body of ``/ready``'s or the probe's answer (none of a redirect's), and the text quoted of
+        it: 200 characters without our credentials, or why it could not be read (its status decides)."""
+        if 300 <= response.status < 400:
+            return "", ""
+        body, _, unreadable = await _read_answer(response, _READY_BYTES, self.options.timeout)
+        if unreadable is not None:
+            return "", f"its body unreadable: {unreadable}"
+        return body, scrub(body[:200], self._secrets, partial=len(body) > 200).strip()
 
     def _probe_body(self) -> bytes:
         """``check``'s push: one stream (a label Loki parses, as it parses every stream's) and no entry."""
@@ -2164,11 +2196,12 @@ class LokiSink(Sink[LokiOptions]):
                 status = response.status
                 if 300 <= status < 400:
                     raise self._redirected(status, response.headers.get("Location"))
-                limit = _LONG_ANSWER_BYTES if status in (400, 429) else _ANSWER_BYTES
-                text, cut = await _read_answer(response, limit)
-                text = text.strip()
                 retry_after = _retry_after(response.headers.get("Retry-After"))
                 content_type = response.headers.get("Content-Type", "")
+                limit = _LONG_ANSWER_BYTES if status in (400, 429) else _ANSWER_BYTES
+                # Never raises for the body: taken for no answer, it threw the status away.
+                text, cut, unreadable = await _read_answer(response, limit, self.options.timeout)
+                text = text.strip()
         except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
             raise RetryableError(
                 f"loki: cannot reach {self._shown}: {scrub(_describe(exc), self._secrets)}"
@@ -2191,6 +2224,17 @@ class LokiSink(Sink[LokiOptions]):
                 "something before Loki (an auth front's sign-in page, an ingress's default site) answers "
                 "for it; give url Loki's address, and the credentials its front takes",
             )
+        if unreadable is not None and 200 <= status < 300:
+            # Loki answers a stored push 204 without a body: one with a body lost on the way (a
+            # front's 200, Loki's 260 of a block) may or may not have stored it. Pushed again: Loki
+            # keeps one copy of an identical entry, and those perhaps stored far behind are not
+            # stamped anew (_remember).
+            self._remember(entries, stored=False)
+            raise RetryableError(
+                f"loki: {self._shown} answered {status} but its body could not be read ({unreadable}): "
+                "whether the push was stored is unknown; pushed again",
+                retry_after=retry_after,
+            )
         if status in (200, 204) or (200 <= status < 300 and not _blocked(status, text)):
             if self._fronted:  # a run of answers from a front is over: the next one is logged at once
                 self._fronted = False
@@ -2211,7 +2255,7 @@ class LokiSink(Sink[LokiOptions]):
         # naming a stream longer than that was retried in place, every stream of the sink held up).
         # ``message``, the first 2,000 characters, is quoted, without our credentials.
         answer = text[:_ANSWER_READ] or (response.reason or "")
-        message = scrub(answer[:2000], self._secrets, partial=len(text) > 2000)
+        message = scrub(answer[:2000], self._secrets, partial=len(text) > 2000) + _unread_note(unreadable)
         if 200 <= status < 300:
             # Ingestion blocked by the operator (limits_config.block_ingestion_until): Loki discarded
             # the push and answers 260 by default, a 2xx. Not stored: retried, at the earliest when

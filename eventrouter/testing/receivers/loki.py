@@ -20,6 +20,13 @@ after a successful write, the case de-duplication is for); ``echo=True`` appends
 (method, path and query, headers but the plain HTTP ones), as gateways in front of Loki do that quote
 the credential they refused; ``page=N`` has a front answer instead with a web page of N bytes
 (streamed; ``ready_page`` does so for ``/ready``), and ``pages`` records how much of it the client took.
+``unreadable_next(n, how)`` sends the next ``n`` answers to pushes, whatever they say (a fault's, or
+Loki's own after it stored the push), with a body the client cannot read: ``"stall"`` (the head, then
+none of the body until the receiver closes), ``"cut"`` (the head, then the connection dropped) or
+``"gzip"`` (a plain body labelled ``Content-Encoding: gzip``), as a proxy or gateway in front of Loki
+may (``answer_unreadable``; Loki's own 204 has no body to lose); ``ready=True`` does so for ``/ready``'s.
+``late_next(n, after)`` sends the next ``n`` answers to pushes with their body ``after`` seconds after
+their head (``answer_late``: a slow front, or a loaded Loki).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import json
 import re
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -43,6 +51,7 @@ from aiohttp import web
 
 from eventrouter.protowire import DecodeError, decode_fields
 from eventrouter.testing.receivers.front_page import FrontPage, answer_page
+from eventrouter.testing.receivers.unreadable import Unreadable, answer_late, answer_unreadable
 
 __all__ = [
     "KEEP_OLD_SAMPLES",
@@ -700,6 +709,9 @@ class LokiReceiver:
         self.pages: list[FrontPage] = []
         """Front pages answered (``fail_next(page=…)``, ``ready_page``): how much the client took."""
         self._faults: list[_Fault] = []
+        self._unreadable: dict[str, deque[Unreadable]] = {"push": deque(), "ready": deque()}
+        self._late: deque[float] = deque()
+        self._release = asyncio.Event()
         self._newest: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -730,6 +742,7 @@ class LokiReceiver:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._release.set()  # a stalled answer ends: its connection is dropped
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -758,6 +771,28 @@ class LokiReceiver:
         ra = None if retry_after is None else str(retry_after)
         for _ in range(count):
             self._faults.append(_Fault(status, message or default, ra, store, echo, page))
+
+    def unreadable_next(self, n: int, how: Unreadable, *, ready: bool = False) -> None:
+        """The next ``n`` answers to pushes (``ready``: to ``/ready``), whatever they say, sent with a
+        body the client cannot read (``answer_unreadable``)."""
+        self._unreadable["ready" if ready else "push"].extend([how] * n)
+
+    def late_next(self, n: int, after: float) -> None:
+        """The next ``n`` answers to pushes sent with their body ``after`` seconds after their head."""
+        self._late.extend([after] * n)
+
+    async def _maybe_unreadable(
+        self, request: web.Request, answer: web.StreamResponse, which: str
+    ) -> web.StreamResponse:
+        """``answer`` as ``unreadable_next`` or ``late_next`` asked (not a streamed front page)."""
+        queue = self._unreadable[which]
+        if not isinstance(answer, web.Response):
+            return answer
+        if queue:
+            return await answer_unreadable(request, answer, queue.popleft(), self._release)
+        if which == "push" and self._late:
+            return await answer_late(request, answer, self._late.popleft())
+        return answer
 
     def forget_streams(self, which: Callable[[dict[str, str]], bool] | None = None) -> None:
         """The ingester forgets every stream (``which``: those whose labels it takes), as it does one
@@ -858,6 +893,9 @@ class LokiReceiver:
         return tenant if self.auth_enabled else ""
 
     async def _handle_ready(self, request: web.Request) -> web.StreamResponse:
+        return await self._maybe_unreadable(request, await self._answer_ready(request), "ready")
+
+    async def _answer_ready(self, request: web.Request) -> web.StreamResponse:
         refused = self._auth_error(request)
         if refused is not None:
             return refused
@@ -869,6 +907,9 @@ class LokiReceiver:
         return web.Response(text="ready\n")
 
     async def _handle_push(self, request: web.Request) -> web.StreamResponse:
+        return await self._maybe_unreadable(request, await self._answer_push(request), "push")
+
+    async def _answer_push(self, request: web.Request) -> web.StreamResponse:
         headers = dict(request.headers.items())
         ctype = request.headers.get("Content-Type", "")
         cenc = request.headers.get("Content-Encoding", "")
