@@ -1477,20 +1477,11 @@ class LokiSink(Sink[LokiOptions]):
         """Reach ``/ready``: fail on connection errors and refused credentials; warn on anything else
         (Loki answers 503 while starting, gateways may not expose /ready)."""
         self.context.warn_if_outlasting(self.options.timeout, "timeout")
-        session = self._ensure_session()
-        url = self._base + "/ready"
-        try:
-            # Not followed (see _push): a sign-in page's 200 behind it said "ready" for a Loki that
-            # stores nothing, and an http -> https redirect for one whose every push is refused.
-            async with session.get(url, allow_redirects=False) as response:
-                status = response.status
-                location = response.headers.get("Location")
-                content_type = response.headers.get("Content-Type", "")
-                body, text = await self._read_short(response)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise SinkError(
-                f"loki: cannot reach {self._shown}: {scrub(_describe(exc), self._secrets)}"
-            ) from None
+        # Not followed (see _push): a sign-in page's 200 behind it said "ready" for a Loki that
+        # stores nothing, and an http -> https redirect for one whose every push is refused.
+        status, location, content_type, body, text = await self._ask(
+            "GET", self._base + "/ready", f"cannot reach {self._shown}"
+        )
         if 300 <= status < 400:
             raise SinkError(
                 f"loki: GET {self._shown}/ready answered {status} (Location: {self._location(location)}): "
@@ -1514,6 +1505,20 @@ class LokiSink(Sink[LokiOptions]):
         if status != 200:
             self.log.warning("loki: %s/ready answered %s %r; pushing anyway", self._shown, status, text)
 
+    async def _ask(
+        self, method: str, url: str, failing: str, **request: Any
+    ) -> tuple[int, str | None, str, str, str]:
+        """``start``'s and ``check``'s request, not followed: its status, Location, Content-Type and
+        short body (as read and as quoted); a request that fails is a SinkError saying ``failing``."""
+        session = self._ensure_session()
+        try:
+            async with session.request(method, url, allow_redirects=False, **request) as response:
+                body, text = await self._read_short(response)
+                headers = response.headers
+                return response.status, headers.get("Location"), headers.get("Content-Type", ""), body, text
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise SinkError(f"loki: {failing}: {scrub(_describe(exc), self._secrets)}") from None
+
     async def check(self) -> None:
         """``start``, then a push of one stream without entries, sent as every push is (URL, headers,
         format). ``/ready`` is served outside Loki's tenant and auth middleware, so a multi-tenant Loki
@@ -1524,19 +1529,13 @@ class LokiSink(Sink[LokiOptions]):
         3.4+ answers 422). A refusal of the push path fails the check naming what to put right;
         anything else not 2xx (5xx, 429) is logged, as ``start`` does for ``/ready``."""
         await self.start()
-        session = self._ensure_session()
-        try:
-            async with session.post(
-                self._push_url, data=self._probe_body(), headers=self._push_headers, allow_redirects=False
-            ) as response:
-                status = response.status
-                location = response.headers.get("Location")
-                content_type = response.headers.get("Content-Type", "")
-                body, text = await self._read_short(response)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise SinkError(
-                f"loki: cannot push to {self._push_shown}: {scrub(_describe(exc), self._secrets)}"
-            ) from None
+        status, location, content_type, body, text = await self._ask(
+            "POST",
+            self._push_url,
+            f"cannot push to {self._push_shown}",
+            data=self._probe_body(),
+            headers=self._push_headers,
+        )
         refused = self._probe_refused(status, location, content_type, body, text)
         if refused is not None:
             raise SinkError(refused)
