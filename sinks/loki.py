@@ -784,17 +784,33 @@ class _Kept:
     ``stamps``: their distinct timestamps, sorted. Loki's newest for a stream never goes back, so an
     entry it found too far behind then is so at any later push: if two of them (at most one can be
     the last line) are at or after a later cutoff, Loki did not find them behind, so it limited the
-    stream entry by entry and stored them all."""
+    stream entry by entry and stored them all (``stored``).
 
-    __slots__ = ("stamps",)
+    ``newest``: the newest entry of that push Loki may have stored with them (they and those whose
+    fate its listing left open; never one it listed refused). Had the push stored one of them, e,
+    Loki's newest before it was at most e + max_behind (else e was refused as behind), and after it
+    at most max(e + max_behind, ``newest``): a later cutoff after ``newest`` - max_behind, refusing e,
+    proves the push did not store it (``unstored``). ``_I64``: never proved so (also sent in a push
+    whose outcome is unknown)."""
 
-    def __init__(self, stamps: list[int]) -> None:
+    __slots__ = ("newest", "stamps")
+
+    def __init__(self, stamps: list[int], newest: int) -> None:
         self.stamps = stamps
+        self.newest = newest
 
     def stored(self, bound_ns: int) -> bool:
         """Whether they were stored, given a later cutoff (``bound_ns``: the cutoff Loki names, plus
         the second it truncates)."""
         return len(self.stamps) > 1 and self.stamps[-2] >= bound_ns
+
+    def unstored(self, cutoff_ns: int, behind_ns: int, mine: int | None) -> bool:
+        """Whether a later cutoff that refused one of them (``cutoff_ns``, as Loki prints it: whole
+        seconds, at most its own) proves the push did not store it: no writer but that push raised
+        Loki's newest for the stream meanwhile (this sink's newer entries of it wait aside behind
+        them, ``_hold_back``; ``mine``: the newest this send stored, if any)."""
+        newest = self.newest if mine is None else max(self.newest, mine)
+        return cutoff_ns > newest - behind_ns
 
 
 _GO_TIME = re.compile(
@@ -1899,9 +1915,19 @@ class LokiSink(Sink[LokiOptions]):
             if stored is True:
                 sent[key] = True
             elif stored is False:
-                sent.setdefault(key, False)
-            elif sent.get(key) is not True:
-                sent[key] = stored
+                known = sent.get(key)
+                if known is None:
+                    sent[key] = False
+                elif isinstance(known, _Kept) and known.newest != _I64:
+                    sent[key] = _Kept(known.stamps, _I64)  # perhaps stored by this push: never "not stored"
+            else:
+                known = sent.get(key)
+                if known is None:
+                    sent[key] = stored
+                elif known is not True:
+                    # Sent before too: not stored is proved only if no such push stored it.
+                    newest = _I64 if known is False else max(known.newest, stored.newest)
+                    sent[key] = _Kept(stored.stamps, newest)
             occurrence = batch[entry.index]
             chosen[occurrence.uid, occurrence.number] = entry.ts_ns
         while len(sent) > _SENT_MAX:
@@ -2486,7 +2512,9 @@ class LokiSink(Sink[LokiOptions]):
           stored, answered OK now (not charged to the stream's bucket again);
         - otherwise they are sent again; those more than max_behind behind the newest of them are
           ``_Kept``: refused as too far behind later, taken as stored when Loki's cutoff then proves
-          it limited entry by entry, rejected otherwise (counted, never a second copy).
+          it limited entry by entry, stamped anew when that cutoff proves this push stored none of
+          them (Loki limited the stream whole: they were too far behind another writer's newest),
+          rejected otherwise (counted, never a second copy).
 
         The others Loki did not list (after the last listed, when it listed fewer than it refused;
         the whole stream, when the listing does not fit this push: the distributor dropped some,
@@ -2528,7 +2556,9 @@ class LokiSink(Sink[LokiOptions]):
         top = kept[-1].ts_ns - self._behind_ns
         exposed = [entry for entry in kept if entry.ts_ns < top]
         if exposed:
-            self._remember(exposed, stored=_Kept(sorted({entry.ts_ns for entry in kept})))
+            # What Loki may have stored with them: they, and those whose fate the listing left open.
+            newest = max([kept[-1].ts_ns] + [entry.ts_ns for entry in unsure])
+            self._remember(exposed, stored=_Kept(sorted({entry.ts_ns for entry in kept}), newest))
         return group
 
     def _unseen(self, entries: list[_Entry]) -> None:
@@ -2682,15 +2712,25 @@ class LokiSink(Sink[LokiOptions]):
             )
             for entry in refused:
                 known = sent.pop(hash((entry.stream, entry.ts_ns, entry.line)), None) if sent else None
+                fresh = False
                 if isinstance(known, _Kept):
-                    known = known.stored(bound)
+                    if known.stored(bound):
+                        known = True
+                    elif known.unstored(bound - _NS, self._behind_ns, self._stored_newest(stream)):
+                        # Loki limited its stream whole and it was too far behind then: never stored,
+                        # stamped anew as any new entry refused so (its kept timestamp forgotten).
+                        known, fresh = None, True
+                        occurrence = self._batch[entry.index]
+                        self._chosen.pop((occurrence.uid, occurrence.number), None)
+                    else:
+                        known = False
                 if known:
                     # Stored by a push of a send cut off (its retry is identical): Loki refused this
                     # copy as behind its newest, which that push raised, instead of de-duplicating it.
                     outcomes[entry.index] = OK
                 elif known is not None:
                     outcomes[entry.index] = reject(unsure)
-                elif entry.late:
+                elif entry.late and not fresh:
                     # Predicted refused and sent anyway (clamp_time=false, or received too long ago):
                     # Loki's refusal is final.
                     outcomes[entry.index] = reject(final)
@@ -2709,6 +2749,11 @@ class LokiSink(Sink[LokiOptions]):
             if rest:
                 await self._push_or_retry(rest, outcomes)
         return True
+
+    def _stored_newest(self, stream: bytes) -> int | None:
+        """The newest entry of ``stream`` that Loki stored in a push of the send under way, if any."""
+        stamps = [entry.ts_ns for push in self._stored for entry in push if entry.stream == stream]
+        return max(stamps) if stamps else None
 
     def _split_behind(self, group: list[_Entry], block: _Behind) -> tuple[list[_Entry], list[_Entry]] | None:
         """The refused entries of a stream, and those to push again, when Loki's total is not this

@@ -1,0 +1,191 @@
+"""Loki: session 35 (item 297), the regression item 289 left, against the project's Loki receiver.
+
+Loki 3.x limits a stream's rate whole by default (shard_streams on): refused, the stream is stored
+not at all, and its 429 lists only the entries refused for the rate, leaving out those too far
+behind its newest (another writer's). Item 289 could not tell that answer from an entry-by-entry
+one (2.x, shard_streams off) that stored the entries it left out, so a left-out entry more than
+max_behind behind another was rejected "may be stored" when Loki later refused it as too far
+behind, though Loki never had it (before item 289 it was stamped at receipt and delivered once).
+Loki's cutoff at that later refusal now tells them apart: after the newest entry the first push may
+have stored, less max_behind, it proves that push stored none of them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+import pytest
+
+from eventrouter import Occurrence, Outcome, OutcomeKind, RetryableError, SinkContext
+from eventrouter.testing import make_occurrence
+from eventrouter.testing.receivers.loki import LokiReceiver
+from eventrouter_sinks.loki import LokiOptions, LokiSink
+
+CONTEXT = SinkContext(name="loki", cluster="test", data_dir=None, logger=logging.getLogger("test.loki"))
+
+
+def _at(seconds_ago: float, **kwargs: Any) -> Occurrence:
+    when = datetime.fromtimestamp(time.time() - seconds_ago, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return make_occurrence(first_timestamp=when, **kwargs)
+
+
+def _sink(url: str, **options: Any) -> LokiSink:
+    return LokiSink(LokiOptions.model_validate({"url": url, **options}), CONTEXT)
+
+
+async def _deliver(
+    sink: LokiSink, batch: Sequence[Occurrence], between: Callable[[], None] = lambda: None
+) -> dict[tuple[str, int], Outcome | None]:
+    """Send, then send again what is answered retry (as the engine does, at once here), until
+    nothing is: each occurrence's final outcome (None: OK)."""
+    pending = list(batch)
+    final: dict[tuple[str, int], Outcome | None] = {}
+    for _ in range(6):
+        if not pending:
+            break
+        outcomes: Sequence[Outcome | None] = (await sink.send(pending)) or [None] * len(pending)
+        again = []
+        for occurrence, outcome in zip(pending, outcomes, strict=True):
+            if outcome is not None and outcome.kind is OutcomeKind.RETRY:
+                again.append(occurrence)
+            else:
+                final[occurrence.uid, occurrence.number] = outcome
+        pending = again
+        between()
+    assert not pending, "still retried after 6 sends"
+    return final
+
+
+def _copies(loki: LokiReceiver) -> dict[str, int]:
+    """Per involved object, how many timestamps Loki holds it at (two: a second copy)."""
+    stamps: dict[str, set[int]] = defaultdict(set)
+    for entry in loki.entries:
+        stamps[orjson.loads(entry.line)["involved_object"]["name"]].add(entry.ts_ns)
+    return {name: len(at) for name, at in stamps.items()}
+
+
+async def _size_of_one_entry(occurrence: Occurrence) -> int:
+    """What Loki's per-stream limiter counts of this occurrence's entry (line bytes, no metadata)."""
+    async with LokiReceiver() as probe:
+        sink = _sink(probe.url)
+        try:
+            await sink.send([occurrence])
+        finally:
+            await sink.aclose()
+        return len(probe.entries[0].line.encode())
+
+
+def _ok(outcome: Outcome | None) -> bool:
+    return outcome is None or outcome.kind is OutcomeKind.OK
+
+
+def _may_be_stored(outcome: Outcome | None) -> bool:
+    return outcome is not None and outcome.kind is OutcomeKind.REJECT and "may be stored" in outcome.reason
+
+
+@pytest.mark.parametrize("listed", [10, 1], ids=["every-refused-entry-listed", "one-listed"])
+@pytest.mark.parametrize("mode", ["whole-3.x", "entry-by-entry-2.x"])
+async def test_entries_left_out_of_a_rate_refusal_are_stamped_anew_only_when_loki_proves_them_unstored(
+    mode: Literal["whole-3.x", "entry-by-entry-2.x"], listed: int
+) -> None:
+    """A batch of stream S: x8000 and x4200 (8,000 s and 4,200 s old, more than max_behind apart),
+    y20 and y10. Both Lokis answer its first push the same: 429 "total ignored: 2 out of 4", listing
+    y20 and y10 (or only y20: max_returned_stream_errors) for the per-stream rate.
+
+    ``whole-3.x``: another writer made S's newest now, so x8000 and x4200 were too far behind and
+    Loki stored nothing. Pushed again, Loki refuses both as too far behind, its cutoff (an hour before
+    now) after x4200's time: no push of ours could have put it there. Each is stamped at receipt and
+    delivered once; before, x8000 was dead-lettered "may be stored" though never stored.
+
+    ``entry-by-entry-2.x`` (a guard, as before): Loki's bucket stored x8000 and x4200. Pushed again,
+    x8000 is refused as too far behind x4200, its cutoff x4200's time less max_behind: the first push
+    may have put it there, so x8000 is not stamped anew (a second copy) but rejected "may be stored"
+    (item 289's Left: no other left-out entry proves it stored)."""
+    whole = mode == "whole-3.x"
+    batch = [
+        _at(8000, reason="S", object_name="x8000"),
+        _at(4200, reason="S", object_name="x4200"),
+        _at(20, reason="S", object_name="y20"),
+        _at(10, reason="S", object_name="y10"),
+    ]
+    size = await _size_of_one_entry(batch[0])
+    async with LokiReceiver(
+        per_stream_rate=1,
+        per_stream_burst=1 if whole else 2 * size + 50,
+        per_stream_whole=whole,
+        max_returned_stream_errors=listed,
+    ) as loki:
+        sink, other = _sink(loki.url, per_stream_rate=0), _sink(loki.url, per_stream_rate=0)
+
+        def lift() -> None:
+            loki.per_stream_burst = 10_000_000
+            loki.refill_stream_rate_limits()
+
+        try:
+            if whole:
+                lift()
+                await _deliver(other, [_at(1, reason="S", object_name="other-now")])
+                loki.per_stream_burst = 1
+                loki.refill_stream_rate_limits()
+            first = len(loki.pushes)
+            final = await _deliver(sink, batch, lift)
+        finally:
+            await sink.aclose()
+            await other.aclose()
+        refusal = loki.pushes[first]
+        assert refusal.status == 429 and "total ignored: 2 out of 4 for stream" in refusal.message
+        assert refusal.accepted == (0 if whole else 2)
+        outcomes = [final[occurrence.uid, occurrence.number] for occurrence in batch]
+        if whole:
+            assert all(_ok(outcome) for outcome in outcomes), outcomes
+        else:
+            assert _may_be_stored(outcomes[0]) and all(_ok(outcome) for outcome in outcomes[1:]), outcomes
+        expected = {"x8000": 1, "x4200": 1, "y20": 1, "y10": 1}
+        assert _copies(loki) == ({"other-now": 1, **expected} if whole else expected)
+
+
+async def test_an_entry_also_sent_in_a_push_of_unknown_outcome_is_never_proved_unstored() -> None:
+    """A guard of the proof's bounds: x8000 was stored by a push answered 503 (outcome unknown) before
+    another writer made S's newest now. Left out of a whole-stream rate refusal and refused as too far
+    behind after it, the cutoff proves only that the rate-refused push stored nothing: x8000 is
+    rejected "may be stored", not stamped anew (a second copy)."""
+    batch = [
+        _at(8000, reason="S", object_name="x8000"),
+        _at(4200, reason="S", object_name="x4200"),
+        _at(20, reason="S", object_name="y20"),
+        _at(10, reason="S", object_name="y10"),
+    ]
+    async with LokiReceiver(per_stream_rate=1, per_stream_burst=10_000_000) as loki:
+        sink, other = _sink(loki.url, per_stream_rate=0), _sink(loki.url, per_stream_rate=0)
+
+        def lift() -> None:
+            loki.per_stream_burst = 10_000_000
+            loki.refill_stream_rate_limits()
+
+        try:
+            loki.fail_next(503, store=True)
+            with pytest.raises(RetryableError):  # the engine sends it again
+                await sink.send(batch[:1])
+            await _deliver(other, [_at(1, reason="S", object_name="other-now")])
+            loki.per_stream_burst = 1
+            loki.refill_stream_rate_limits()
+            first = len(loki.pushes)
+            final = await _deliver(sink, batch, lift)
+        finally:
+            await sink.aclose()
+            await other.aclose()
+        assert loki.pushes[first].status == 429 and loki.pushes[first].accepted == 0
+        outcomes = [final[occurrence.uid, occurrence.number] for occurrence in batch]
+        assert _may_be_stored(outcomes[0]) and all(_ok(outcome) for outcome in outcomes[1:]), outcomes
+        assert _copies(loki) == {
+            "x8000": 1,
+            "other-now": 1,
+            "x4200": 1,
+            "y20": 1,
+            "y10": 1,
+        }
