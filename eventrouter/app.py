@@ -42,6 +42,7 @@ from eventrouter.engine.checkpoint import (
     SinkCheckpoint,
     put_folder_in_place,
     safe_name,
+    sync_folder,
 )
 from eventrouter.engine.configmap_checkpoint import (
     CheckpointFormatError,
@@ -59,7 +60,7 @@ from eventrouter.leader import LeaderElector
 from eventrouter.memory import clear_caches, release_free_memory
 from eventrouter.metrics import Metrics
 from eventrouter.record import MalformedEvent, Occurrence
-from eventrouter.sink import STRAY_CANCEL, SinkContext, cancelled_now, raised_by_signal
+from eventrouter.sink import STRAY_CANCEL, SinkContext, aside_bound, cancelled_now, raised_by_signal
 from eventrouter.source.kube import ApiError, KubeClient, connect, failure_text
 from eventrouter.source.relist_order import RelistOrder
 from eventrouter.source.tracker import OccurrenceTracker
@@ -110,8 +111,10 @@ class RouterSettings:
     checkpoint_seed_configmap: str | None = None
     """At the first start on ``data_dir`` (its checkpoint store holds nothing yet), start from the
     checkpoint this ConfigMap (namespace ``checkpoint_namespace``) holds, as ``checkpoint_configmap``
-    writes it: the switch from the chart's configMap mode to dataDir delivers nothing twice. Only
-    read, never written; not with ``checkpoint_configmap``."""
+    writes it: the switch from the chart's configMap mode to dataDir delivers nothing twice. A seed
+    that fails (forbidden, damaged, a timeout) is tried again at each later start, over the data dir's
+    own checkpoint, until one is taken or the ConfigMap is gone. Only read, never written; not with
+    ``checkpoint_configmap``."""
     checkpoint_flush_interval: float = 1.0
     """Seconds between ConfigMap writes: after a SIGKILL the new leader may re-deliver up to this much."""
     checkpoint_prune_interval: float = 60.0
@@ -215,6 +218,14 @@ broken connection included; then the router starts without it (everything again,
 
 
 SEED_EMPTY = "starting with an empty checkpoint: each sink gets again what the API server still holds"
+SEED_OWN = "starting from the data dir's own checkpoint"
+SEED_AGAIN = "the seed is tried again at the next start"
+
+SEED_PENDING = "checkpoint-seed.pending"
+"""In the data dir while a seed is owed: its first start could not have it (403, a damaged ConfigMap, a
+timeout, a write error). Each later start then tries again and takes the ConfigMap's numbers where they
+are higher than the data dir's (``_merge_seed``); removed once a seed is taken or the ConfigMap is
+gone (404: nothing to seed)."""
 
 
 def _check_seed(settings: RouterSettings) -> None:
@@ -246,6 +257,41 @@ def _drop_unfinished_seed(side: Path) -> None:
         )
         return
     log.info("checkpoint seed: removed %s, left by a seed that did not finish", side)
+
+
+def _owe_seed(pending: Path, where: str) -> None:
+    """Write SEED_PENDING, durably (before any checkpoint file: a kill after one, and no marker, and
+    no later start would try the seed again)."""
+    if pending.exists():
+        return
+    tmp = pending.with_name(pending.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(f"checkpoint seed from ConfigMap {where} not taken yet: tried again at each start\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, pending)
+    sync_folder(pending.parent)
+
+
+def _seed_paid(pending: Path) -> None:
+    """Remove SEED_PENDING: a seed was taken, or there is none to take."""
+    with contextlib.suppress(FileNotFoundError):
+        pending.unlink()
+        sync_folder(pending.parent)
+
+
+def _raise_to(backend: FileCheckpoint, seed: Mapping[str, int]) -> int:
+    """Raise ``backend``'s entries to ``seed``'s numbers where those are higher (a new snapshot); how
+    many were raised or added."""
+    own = backend.load()
+    raised = 0
+    for uid, n in seed.items():
+        if n > own.get(uid, 0):
+            own[uid] = n
+            raised += 1
+    if raised:
+        backend.compact(own)
+    return raised
 
 
 def _holds_checkpoint(folder: Path) -> bool:
@@ -419,6 +465,7 @@ class Router:
             if sink_dir:
                 sink_dir.mkdir(parents=True, exist_ok=True)
             logger = logging.getLogger(f"eventrouter.sink.{spec.name}")
+            spool = spools.get(spec.name)
             context = SinkContext(
                 name=spec.name,
                 cluster=self.settings.cluster_name,
@@ -426,9 +473,13 @@ class Router:
                 logger=logger,
                 send_timeout=spec.pipeline.send_timeout,
                 retry_wait_max=spec.pipeline.retry_wait_max,
+                aside_max_events=aside_bound(
+                    spec.pipeline,
+                    spooled=spool is not None,
+                    defer=getattr(spec.sink_cls, "defer_retries", False),
+                ),
             )
             sink = spec.build(context)
-            spool = spools.get(spec.name)
             pipeline = Pipeline(
                 name=spec.name,
                 sink=sink,
@@ -608,17 +659,47 @@ class Router:
         sink without a file of its own (one that never accepted anything, one added later) read the
         ConfigMap, long stale by then, at each start. Each configured sink gets a snapshot, empty for one
         the ConfigMap lacks, so that no later start reads the ConfigMap again. A ConfigMap that cannot be
-        used (missing, forbidden, damaged) is said and the router starts as without the seed: a seed
-        never stops the start."""
+        used (forbidden, damaged, a timeout) is said, counted (``checkpoint_seeds{result="failed"}``)
+        and owed (SEED_PENDING): the router starts as without the seed (a seed never stops the start),
+        and each later start tries again, over the data dir's own checkpoint (``_merge_seed``), until
+        one is taken or the ConfigMap is gone (404, "absent": nothing to seed)."""
         name = self.settings.checkpoint_seed_configmap
         _drop_unfinished_seed(data / SEED_FOLDER)
-        if name is None or _holds_checkpoint(data / "checkpoints"):
+        if name is None:
             return
-        kube = self._control or self.kube
+        pending = data / SEED_PENDING
+        first = not _holds_checkpoint(data / "checkpoints")
+        if not first and not pending.exists():
+            return  # seeded, or nothing to seed, at an earlier start: the data dir's checkpoint rules
         where = f"{self.settings.checkpoint_namespace}/{name}"
+        result = await self._take_seed(data, name, where, first)
+        self.metrics.checkpoint_seeds.labels(result).inc()
+        owed = result == "failed"
+        try:
+            # Before any checkpoint file is written (_build), so that a kill does not lose the debt.
+            if owed:
+                await asyncio.to_thread(_owe_seed, pending, where)
+            else:
+                await asyncio.to_thread(_seed_paid, pending)
+        except OSError as exc:
+            log.warning(
+                "checkpoint seed: cannot %s %s (%s): %s",
+                "write" if owed else "remove",
+                pending,
+                exc.strerror or exc,
+                "the seed is not tried again once a checkpoint is written"
+                if owed
+                else "the next start reads the ConfigMap again (and takes only numbers above the data dir's)",
+            )
+
+    async def _take_seed(self, data: Path, name: str, where: str, first: bool) -> str:
+        """One try at the seed (``first``: on an empty checkpoint store, else over the data dir's own):
+        "seeded", "absent" (the ConfigMap does not exist) or "failed" (said in one WARNING)."""
+        fallback = f"{SEED_EMPTY if first else SEED_OWN}; {SEED_AGAIN}"
+        kube = self._control or self.kube
         if kube is None:
-            log.warning("checkpoint seed: no API client to read ConfigMap %s with; %s", where, SEED_EMPTY)
-            return
+            log.warning("checkpoint seed: no API client to read ConfigMap %s with; %s", where, fallback)
+            return "failed"
         store = ConfigMapCheckpointStore(kube, namespace=self.settings.checkpoint_namespace, name=name)
         try:
             found = await self._read_seed(store)
@@ -627,30 +708,36 @@ class Router:
                 "checkpoint seed: ConfigMap %s holds no checkpoint that can be read (%s); %s",
                 where,
                 exc,
-                SEED_EMPTY,
+                fallback,
             )
-            return
+            return "failed"
         except (ApiError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             log.warning(
-                "checkpoint seed: cannot read ConfigMap %s (%s); %s", where, failure_text(exc), SEED_EMPTY
+                "checkpoint seed: cannot read ConfigMap %s (%s); %s", where, failure_text(exc), fallback
             )
-            return
+            return "failed"
         if found is None:
-            log.info("checkpoint seed: ConfigMap %s does not exist; starting with an empty checkpoint", where)
-            return
+            log.info(
+                "checkpoint seed: ConfigMap %s does not exist; %s",
+                where,
+                "starting with an empty checkpoint" if first else "nothing to seed, not tried again",
+            )
+            return "absent"
         # File work off the loop, run to its end: a stop meanwhile must not give up the data dir's lock
         # while the thread still writes in it. Written, and trimmed after, in the thread that decoded
         # it: each thread that allocates keeps a glibc arena malloc_trim does not empty (items
         # 242/261), and a second one kept ~28 MiB for the life of the process.
-        writing = asyncio.ensure_future(in_checkpoint_thread(self._write_seed, data, found, where))
+        write = self._write_seed if first else self._merge_seed
+        writing = asyncio.ensure_future(in_checkpoint_thread(write, data, found, where, fallback))
         del found
         try:
-            await asyncio.shield(writing)
+            written = await asyncio.shield(writing)
         except asyncio.CancelledError:
             await asyncio.wait([writing])
             raise
         await in_checkpoint_thread(release_free_memory)
         self.memory_trims += 1
+        return "seeded" if written else "failed"
 
     async def _read_seed(self, store: ConfigMapCheckpointStore) -> ConfigMapCheckpoint | None:
         """``store.read()``, tried again while the failure may pass (429, 5xx, a broken connection), for
@@ -674,22 +761,19 @@ class Router:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def _write_seed(self, data: Path, found: ConfigMapCheckpoint, where: str) -> None:
+    def _write_seed(self, data: Path, found: ConfigMapCheckpoint, where: str, fallback: str) -> bool:
         """The configured sinks' entries of ``found`` as the data dir's checkpoint (a snapshot each),
         all or nothing: written in SEED_FOLDER, which becomes ``checkpoints`` in one rename. A kill
         before it leaves no file in ``checkpoints``, so the next start seeds again; one sink written,
-        another not, was a checkpoint the next start took as whole (the others got everything again)."""
+        another not, was a checkpoint the next start took as whole (the others got everything again).
+        Each snapshot is written from the decoded column (``entries``), one sink at a time, no dict."""
         side, folder = data / SEED_FOLDER, data / "checkpoints"
         configured = [spec.name for spec in self.specs]
-        taken = {sink: found.states.get(sink, {}) for sink in configured}
         try:
             side.mkdir()
-            for sink, state in taken.items():
-                FileCheckpoint(side, sink).compact(state)
-            held = set().union(*taken.values())
-            UnseenFile(side / "unseen.times").save_unseen(
-                {u: t for u, t in found.unseen.items() if u in held}
-            )
+            for sink in configured:
+                FileCheckpoint(side, sink).compact(found.entries(sink))
+            UnseenFile(side / "unseen.times").save_unseen(found.unseen_of(configured))
             put_folder_in_place(side, folder)
         except OSError as exc:
             shutil.rmtree(side, ignore_errors=True)  # else the next start removes it
@@ -699,16 +783,55 @@ class Router:
                 where,
                 folder,
                 exc.strerror or exc,
-                SEED_EMPTY,
+                fallback,
             )
-            return
-        ignored = sorted(found.states.keys() - taken.keys())
+            return False
+        ignored = sorted(set(found.sinks) - set(configured))
         log.info(
             "checkpoint seeded from ConfigMap %s (read only, never written): %s%s",
             where,
-            ", ".join(f"{sink}={len(state)}" for sink, state in taken.items()),
+            ", ".join(f"{sink}={len(found.entries(sink))}" for sink in configured),
             f"; not configured, ignored: {', '.join(ignored)}" if ignored else "",
         )
+        return True
+
+    def _merge_seed(self, data: Path, found: ConfigMapCheckpoint, where: str, fallback: str) -> bool:
+        """A seed owed since an earlier start (SEED_PENDING), taken over the checkpoint the data dir has
+        kept since: each entry becomes the higher of its two numbers. The data dir's numbers are never
+        lowered nor its entries dropped, so nothing accepted since is sent again; the ConfigMap adds
+        only what its sink accepted before the switch, as the first start's seed does. Sink by sink,
+        each snapshot replaced in one rename: after a kill or an error part-way the marker stays and the
+        next start merges again (the higher of two numbers, taken twice, is the same)."""
+        folder = data / "checkpoints"
+        configured = [spec.name for spec in self.specs]
+        raised: dict[str, int] = {}
+        try:
+            for sink in configured:
+                if seed := found.entries(sink):
+                    raised[sink] = _raise_to(FileCheckpoint(folder, sink), seed)
+            times = UnseenFile(folder / "unseen.times")
+            known = times.load_unseen()
+            if new := {u: t for u, t in found.unseen_of(raised).items() if u not in known}:
+                times.save_unseen(known | new)
+            sync_folder(folder)
+        except OSError as exc:
+            log.warning(
+                "checkpoint seed: cannot write the checkpoint read from ConfigMap %s to %s (%s); %s",
+                where,
+                folder,
+                exc.strerror or exc,
+                fallback,
+            )
+            return False
+        ignored = sorted(set(found.sinks) - set(configured))
+        log.info(
+            "checkpoint seeded from ConfigMap %s (read only, never written) at a later start, over the data "
+            "dir's own checkpoint, the higher number of each entry kept; entries raised or added: %s%s",
+            where,
+            ", ".join(f"{sink}={raised.get(sink, 0)}" for sink in configured),
+            f"; not configured, ignored: {', '.join(ignored)}" if ignored else "",
+        )
+        return True
 
     async def _lock_data_dir(self, data_dir: Path) -> None:
         """Take the data dir's lock (datalock.py). Without leader election another holder is a mistake:

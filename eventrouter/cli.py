@@ -32,7 +32,7 @@ from typing import Any, BinaryIO, NoReturn
 import orjson
 from pydantic import BaseModel
 
-from eventrouter.app import DISK_RESERVE, Router, RouterSettings, check_stall_timeout
+from eventrouter.app import DISK_RESERVE, Router, RouterSettings, check_stall_timeout, disk_bounds
 from eventrouter.appendfile import append_to
 from eventrouter.config import ConfigError, RouterConfig, SinkSpec, build_specs, load_yaml
 from eventrouter.datalock import DataDirInUse
@@ -52,6 +52,7 @@ from eventrouter.sink import (
     OutcomeKind,
     Sink,
     SinkContext,
+    aside_bound,
     cancelled_now,
     raised_by_signal,
 )
@@ -314,7 +315,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="at the first start on --data-dir (its checkpoint holds nothing yet), start from the checkpoint "
         "this ConfigMap holds (namespace: $POD_NAMESPACE), as --checkpoint-configmap wrote it, so that "
-        "moving from --checkpoint-configmap to --data-dir delivers nothing twice; only read (get)",
+        "moving from --checkpoint-configmap to --data-dir delivers nothing twice (a seed that failed is tried "
+        "again at each later start, keeping the higher number of each entry); only read (get)",
     )
     run.add_argument(
         "--checkpoint-flush-interval",
@@ -777,6 +779,8 @@ async def _check(args: argparse.Namespace) -> int:
     if not specs:
         raise ConfigError("no sinks configured")
     failed = 0
+    # Which sinks `run` gives a disk spool: what a sink keeps set aside depends on it.
+    disk = disk_bounds(specs, settings.data_dir_max_bytes) if settings.data_dir is not None else {}
     for spec in specs:
         context = SinkContext(
             name=spec.name,
@@ -785,6 +789,11 @@ async def _check(args: argparse.Namespace) -> int:
             logger=logging.getLogger(f"eventrouter.sink.{spec.name}"),
             send_timeout=spec.pipeline.send_timeout,
             retry_wait_max=spec.pipeline.retry_wait_max,
+            aside_max_events=aside_bound(
+                spec.pipeline,
+                spooled=disk.get(spec.name, (0, 0))[0] > 0,
+                defer=getattr(spec.sink_cls, "defer_retries", False),
+            ),
         )
         sink = spec.build(context)
         # What the sink keeps, the defaults named: a filter keeping little is seen before it runs.

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = [
     "CHECKPOINT_CONFIGMAP_OPS",
+    "CHECKPOINT_SEED_RESULTS",
     "DEAD_LETTER_REASONS",
     "SINK_DROP_REASONS",
     "SINK_MODIFIED_REASONS",
@@ -46,6 +47,7 @@ RELIST_REASONS = ("initial", "expired", "rv_regressed")
 DATA_DIR_FILES = ("spool", "checkpoint", "deadletter")
 RELOAD_RESULTS = ("applied", "unchanged", "invalid")
 CHECKPOINT_CONFIGMAP_OPS = ("read", "write")
+CHECKPOINT_SEED_RESULTS = ("seeded", "absent", "failed")
 
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
@@ -260,6 +262,15 @@ class Metrics:
             ["op"],
             registry=r,
         )
+        self.checkpoint_seeds = Counter(
+            "eventrouter_checkpoint_seeds",
+            "With --checkpoint-seed-configmap: tries to start the data dir's checkpoint from the ConfigMap's, "
+            "by result: seeded, absent (no such ConfigMap: nothing to seed), failed (forbidden, damaged, "
+            "timed out, not written: the sinks get again what the API server holds; tried again at the "
+            "next start).",
+            ["result"],
+            registry=r,
+        )
         self.checkpoint_truncated = Gauge(
             "eventrouter_checkpoint_truncated",
             "Checkpoint entries left out of the last ConfigMap write to stay under 1 MiB (re-delivery risk).",
@@ -275,6 +286,8 @@ class Metrics:
                 counter.labels(reason)
         for op in CHECKPOINT_CONFIGMAP_OPS:
             self.checkpoint_configmap_errors.labels(op)
+        for result in CHECKPOINT_SEED_RESULTS:
+            self.checkpoint_seeds.labels(result)
 
     def sink_children(self, sink: str) -> None:
         """Export a sink's reason-labelled counters at 0 (see SINK_DROP_REASONS)."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
-from eventrouter.options import SinkOptions
+from eventrouter.options import QUEUE_DEFAULT, PipelineOptions, SinkOptions
 from eventrouter.record import Occurrence
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "Sink",
     "SinkContext",
     "SinkError",
+    "aside_bound",
     "reject",
     "retry",
 ]
@@ -113,6 +114,13 @@ class SinkContext:
     retry_wait_max: float = 300.0
     """The longest the engine waits before offering a retried item again (``retry_max_backoff``, or a
     Retry-After up to ten times that): what a sink holding state for a retried item must outlast."""
+    aside_max_events: int | None = QUEUE_DEFAULT // 2
+    """The most of this sink's occurrences the engine keeps set aside in memory (answered ``retry``,
+    waiting while later batches go on) before it drops the oldest of them, counted ``queue_full``
+    (``aside_bound``): half the pipeline's ``queue_max_events`` without a disk spool, all of it for a
+    sink that defers its retries. None: none is dropped for it (a disk spool keeps what is over). A
+    sink that sets items aside on purpose (waiting for a confirmation) keeps them within it: the
+    sink cannot see the pipeline's options, and over it the engine dropped what the sink awaited."""
 
     @property
     def send_budget(self) -> float:
@@ -135,6 +143,17 @@ class SinkContext:
                 self.send_timeout,
                 option,
             )
+
+
+def aside_bound(pipeline: PipelineOptions, *, spooled: bool, defer: bool) -> int | None:
+    """``SinkContext.aside_max_events`` of a sink behind ``pipeline``: the pipeline keeps items set
+    aside to half its memory bound (a key refused for long leaves the other half to the rest), over it
+    parks them in the spool or, without one, drops the oldest; a sink deferring its retries (the alert
+    robots) has no share of its own, its holds are its whole queue."""
+    if spooled:
+        return None
+    bound = pipeline.queue_bound(spooled=False)
+    return bound if defer else max(1, bound // 2)
 
 
 OptionsT = TypeVar("OptionsT", bound=SinkOptions)

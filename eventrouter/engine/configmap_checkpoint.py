@@ -44,7 +44,16 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Container,
+    ItemsView,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from itertools import chain, compress, repeat
@@ -70,6 +79,7 @@ __all__ = [
     "ConfigMapCheckpoint",
     "ConfigMapCheckpointStore",
     "configmap_size",
+    "decode_columns",
     "decode_state",
     "decode_unseen",
     "encode_state",
@@ -355,6 +365,14 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
 
 def decode_state(blob: bytes) -> tuple[dict[str, dict[str, int]], list[str]]:
     """The inverse of encode_state: (states by sink, uids oldest first)."""
+    names, columns, order = decode_columns(blob)
+    return {name: _entries(order, column) for name, column in zip(names, columns, strict=True)}, order
+
+
+def decode_columns(blob: bytes) -> tuple[list[str], list[list[int]], list[str]]:
+    """encode_state's content as columns: (sink names, each sink's number of each uid of ``order``, 0
+    where it holds none, and ``order``, the uids oldest first). No dict is built: a sink level with
+    the base shares its list, another gets a copy with its diffs."""
     data = _unpack(blob)
     if not data.startswith(_MAGIC):
         raise CheckpointFormatError("not an eventrouter checkpoint (version 1)")
@@ -381,11 +399,10 @@ def decode_state(blob: bytes) -> tuple[dict[str, dict[str, int]], list[str]]:
             pos += 16
         order.append(uid)
         bases.append(head >> 1)
-    base_map = {uid: b for uid, b in zip(order, bases, strict=True) if b}
-    states: dict[str, dict[str, int]] = {}
-    for name in names:
-        state = dict(base_map)
+    columns: list[list[int]] = []
+    for _ in names:
         n, pos = _read_varint(data, pos)
+        column = list(bases) if n else bases
         index = 0
         for _ in range(n):
             delta, pos = _read_varint(data, pos)
@@ -393,15 +410,16 @@ def decode_state(blob: bytes) -> tuple[dict[str, dict[str, int]], list[str]]:
             index += delta
             if index >= total:
                 raise CheckpointFormatError("diff index out of range")
-            if value:
-                state[order[index]] = value
-            else:
-                state.pop(order[index], None)
-        # Keep the file's order (oldest first) in every sink's map.
-        states[name] = {uid: state[uid] for uid in order if uid in state}
+            column[index] = value
+        columns.append(column)
     if pos != len(data):
         raise CheckpointFormatError("trailing bytes")
-    return states, order
+    return names, columns, order
+
+
+def _entries(order: list[str], column: list[int]) -> dict[str, int]:
+    """A column (decode_columns) as the sink's entries, oldest first (0: not an entry)."""
+    return dict(zip(compress(order, column), filter(None, column), strict=True))
 
 
 def configmap_size(obj: Mapping[str, Any]) -> int:
@@ -418,13 +436,74 @@ def configmap_size(obj: Mapping[str, Any]) -> int:
 # ---- the store ----------------------------------------------------------------------------------
 
 
-class ConfigMapCheckpoint(NamedTuple):
-    """A checkpoint ConfigMap's content as read (``ConfigMapCheckpointStore.read``)."""
+class ConfigMapCheckpoint:
+    """A checkpoint ConfigMap's content as read (``ConfigMapCheckpointStore.read``), kept as decoded:
+    the uids and one list of numbers per sink. A dict per sink (7 of 50,000 entries, and their copies
+    while decoding) left ~21 MiB at the top of the decoding thread's glibc heap, which malloc_trim does
+    not hand back outside the main arena (item 299)."""
 
-    states: dict[str, dict[str, int]]
-    """Each sink's entries (uid → the highest occurrence number it accepted), oldest first."""
-    unseen: dict[str, float]
-    """When each event a scoped watch did not see was first not seen (wall-clock seconds)."""
+    __slots__ = ("_columns", "order", "unseen")
+
+    def __init__(self, order: list[str], columns: dict[str, list[int]], unseen: dict[str, float]) -> None:
+        self.order = order
+        """The uids, oldest first."""
+        self._columns = columns
+        self.unseen = unseen
+        """When each event a scoped watch did not see was first not seen (wall-clock seconds)."""
+
+    @property
+    def sinks(self) -> list[str]:
+        """The sinks the ConfigMap holds entries of."""
+        return list(self._columns)
+
+    def entries(self, sink: str) -> Mapping[str, int]:
+        """``sink``'s entries (uid → the highest occurrence number it accepted), oldest first, read from
+        its column when iterated (no dict built); empty for a sink the ConfigMap lacks."""
+        return ColumnEntries(self.order, self._columns.get(sink, []))
+
+    def unseen_of(self, sinks: Iterable[str]) -> dict[str, float]:
+        """The first-unseen times of the uids one of ``sinks`` holds an entry of."""
+        if not self.unseen:
+            return {}
+        columns = [self._columns[s] for s in sinks if s in self._columns]
+        held = set(compress(self.order, map(any, zip(*columns, strict=True)))) if columns else set()
+        return {uid: t for uid, t in self.unseen.items() if uid in held}
+
+
+class ColumnEntries(Mapping[str, int]):
+    """One sink's entries of a decoded checkpoint, as a mapping over its column: ``items()`` pairs
+    each uid with its number in C (``compress``), and only a lookup builds a dict."""
+
+    __slots__ = ("_index", "column", "order")
+
+    def __init__(self, order: list[str], column: list[int]) -> None:
+        self.order = order
+        self.column = column
+        self._index: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.column) - self.column.count(0)
+
+    def __iter__(self) -> Iterator[str]:
+        return compress(self.order, self.column)
+
+    def __getitem__(self, uid: str) -> int:
+        if self._index is None:
+            self._index = _entries(self.order, self.column)
+        return self._index[uid]
+
+    def items(self) -> ItemsView[str, int]:
+        return _ColumnItems(self)
+
+
+class _ColumnItems(ItemsView[str, int]):
+    def __init__(self, entries: ColumnEntries) -> None:
+        super().__init__(entries)
+        self._entries = entries
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        e = self._entries
+        return zip(compress(e.order, e.column), filter(None, e.column), strict=True)
 
 
 class _Lagging(NamedTuple):
@@ -631,8 +710,13 @@ class ConfigMapCheckpointStore:
         obj = await self._get()
         if obj is None:
             return None
-        states, order = await _off_loop(_decode, obj)  # off the loop: seconds of CPU when large
-        return ConfigMapCheckpoint(states, self._parse_unseen(obj, order))
+        return await _off_loop(self._read_columns, obj)  # off the loop: seconds of CPU when large
+
+    def _read_columns(self, obj: Mapping[str, Any]) -> ConfigMapCheckpoint:
+        names, columns, order = _decode_columns(obj)
+        return ConfigMapCheckpoint(
+            order, dict(zip(names, columns, strict=True)), self._parse_unseen(obj, order)
+        )
 
     def load_unseen(self) -> dict[str, float]:
         """When each event a scoped watch did not see was first not seen, as the last leader wrote it
@@ -1419,12 +1503,18 @@ class ConfigMapCheckpointStore:
 def _decode(obj: Mapping[str, Any]) -> tuple[dict[str, dict[str, int]], list[str]]:
     """The checkpoint a ConfigMap holds (``binaryData["checkpoint"]``): (states by sink, uids oldest
     first). CheckpointFormatError when it holds none, or none that can be read."""
+    names, columns, order = _decode_columns(obj)
+    return {name: _entries(order, column) for name, column in zip(names, columns, strict=True)}, order
+
+
+def _decode_columns(obj: Mapping[str, Any]) -> tuple[list[str], list[list[int]], list[str]]:
+    """As ``_decode``, as decode_columns gives it."""
     binary = obj.get("binaryData")
     encoded = binary.get(DATA_KEY) if isinstance(binary, dict) else None
     if not encoded or not isinstance(encoded, str):
         raise CheckpointFormatError(f"no binaryData.{DATA_KEY}: not an eventrouter checkpoint")
     try:
-        return decode_state(base64.b64decode(encoded))
+        return decode_columns(base64.b64decode(encoded))
     except (CheckpointFormatError, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointFormatError(str(exc)) from None
 

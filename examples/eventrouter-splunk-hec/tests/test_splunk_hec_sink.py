@@ -25,6 +25,7 @@ from eventrouter.options import PipelineOptions
 from eventrouter.plugins import discover
 from eventrouter.testing import event_object, make_occurrence, recorded_watch
 from eventrouter.testing.pipelines import drained, pipeline_for
+from eventrouter.testing.receivers.unreadable import Unreadable
 from eventrouter.testing.waiting import until
 from pydantic import ValidationError
 
@@ -934,3 +935,232 @@ async def test_events_waiting_for_confirmation_fit_the_engines_memory_and_a_larg
     assert dropped._value.get() > 0 and len(sink.gave_up) == dropped._value.get()
     assert not received & set(sink.gave_up)  # only events never posted were dropped
     assert delivered._value.get() == len(received) == len(hec.events)  # each received once, delivered
+
+
+# ---- answers whose body cannot be read, a front's page, the waiting bound (item 298) ----------------
+
+HOWS: list[Unreadable] = ["stall", "cut", "gzip"]
+BODY_TIMEOUT = 3
+"""The sink's request timeout in these tests: an error body only quoted is waited for 2 s of it, a
+2xx's or a 400's (they decide) all of it."""
+PAGE = 64 << 20
+"""Bytes of a front's page: far more than the kernel buffers of a loopback connection hold."""
+REFUSED = {"text": "Invalid data format", "code": 6, "invalid-event-number": 0}
+
+
+async def test_the_fake_sends_answers_a_client_cannot_read_as_a_front_may() -> None:
+    """``fail_next(unreadable=)``, ``unreadable_next`` (also for acknowledgement queries) and
+    ``late_next``: the status line and headers come, the body cannot be read (or comes late); HEC's own
+    answer behind it is unchanged (the events stored, the ackId numbered)."""
+    channel = str(uuid.uuid4())
+    headers = {"Authorization": f"Splunk {TOKEN}", "X-Splunk-Request-Channel": channel}
+    async with (
+        FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}) as hec,
+        aiohttp.ClientSession(hec.url, timeout=aiohttp.ClientTimeout(total=BODY_TIMEOUT)) as http,
+    ):
+        hec.fail_next(1, 400, REFUSED, unreadable="cut")
+        hec.unreadable_next(1, "gzip")
+        hec.unreadable_next(1, "stall", ack=True)
+        hec.late_next(1, 0.2)
+        for body in (b'{"event": "a"}', b'{"event": "b"}'):
+            async with http.post(EVENT_PATH, data=body, headers=headers) as r:
+                status = r.status
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await r.read()
+            assert status == (400 if body.endswith(b'"a"}') else 200)
+        async with http.post(ACK_PATH, data=b'{"acks": [0]}', headers=headers) as r:
+            assert r.status == 200
+            with pytest.raises(TimeoutError):
+                await r.read()
+        async with http.post(EVENT_PATH, data=b'{"event": "c"}', headers=headers) as r:
+            assert (r.status, await r.json()) == (200, {"text": "Success", "code": 0, "ackId": 1})
+    assert [e["event"] for e in hec.events] == ["b", "c"]
+
+
+@pytest.mark.parametrize("how", HOWS)
+async def test_a_refusal_whose_body_cannot_be_read_is_halved_down_to_the_event_refused(
+    hec: FakeHEC, how: Unreadable
+) -> None:
+    """HEC refuses R0 (400 code 6) and its answer's body cannot be read: its status line came, so the
+    status decides. The batch is halved until R0 is alone, rejected; R1 is indexed. Before, it was
+    "cannot reach", and the batch was retried for ever at the default retry_max_attempts=0."""
+    batch = [make_occurrence(reason=f"R{i}") for i in range(2)]
+    async with hec_sink(url=hec.url, timeout=BODY_TIMEOUT) as sink:
+        hec.fail_next(2, 400, REFUSED, unreadable=how)
+        outcomes = await sink.send(batch)
+    assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.REJECT, OutcomeKind.OK]
+    assert outcomes[0].reason.startswith("HEC 400 (its body unreadable: "), outcomes[0].reason
+    assert [e["event"]["reason"] for e in hec.events] == ["R1"]
+
+
+@pytest.mark.parametrize("how", HOWS)
+async def test_a_batch_answered_413_with_an_unreadable_body_is_halved(hec: FakeHEC, how: Unreadable) -> None:
+    """A 413 says the body is too large whatever its own body: sent in halves. Before, "cannot reach",
+    never halved: the batch retried as large for ever."""
+    batch = [make_occurrence(reason=f"R{i}") for i in range(4)]
+    async with hec_sink(url=hec.url, timeout=BODY_TIMEOUT) as sink:
+        hec.fail_next(1, 413, {"text": "Content-Length too large"}, unreadable=how)
+        outcomes = await sink.send(batch)
+    assert outcomes is not None and all(o is OK for o in outcomes), outcomes
+    assert hec.statuses[-3:] == [413, 200, 200]
+    assert sorted(e["event"]["reason"] for e in hec.events) == [f"R{i}" for i in range(4)]
+
+
+@pytest.mark.parametrize("status", [429, 503])
+@pytest.mark.parametrize("how", HOWS)
+async def test_retry_after_is_honoured_and_the_channel_kept_when_the_body_cannot_be_read(
+    status: int, how: Unreadable
+) -> None:
+    """A busy answer whose body cannot be read keeps its Retry-After, and, a status having come, is no
+    lost answer: the channel is kept and the request waiting with ackId 0 is not posted again. Before,
+    "cannot reach": Retry-After lost, the sink moved to a new channel and R0 was indexed twice. A
+    stalled body only quoted is waited for 2 s."""
+    r0, r1 = make_occurrence(reason="R0"), make_occurrence(reason="R1")
+    async with (
+        FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}, hold_acks=True) as hec,
+        hec_sink({"send_timeout": 2.4}, url=hec.url, timeout=BODY_TIMEOUT) as sink,
+    ):
+        held = await sink.send([r0])
+        assert held is not None and held[0].held, held
+        channel = sink.channel
+        hec.fail_next(1, status, retry_after="120", unreadable=how)
+        busy = await sink.send([r1])
+        assert busy is not None and busy[0].kind is OutcomeKind.RETRY and busy[0].retry_after == 120
+        assert busy[0].reason.startswith(f"HEC {status} (its body unreadable: "), busy[0].reason
+        assert how != "stall" or "none of it within 2s" in busy[0].reason
+        assert sink.channel == channel
+        hec.hold_acks = False
+        hec.release_acks()
+        again = await sink.send([r0, r1])
+    assert again is not None and all(o is OK for o in again), again
+    assert [e["event"]["reason"] for e in hec.events] == ["R0", "R1"]  # each once
+
+
+@pytest.mark.parametrize("how", HOWS)
+async def test_a_2xx_whose_body_cannot_be_read_is_sent_again_saying_it_may_be_indexed_twice(
+    hec: FakeHEC, how: Unreadable, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HEC stored the event and its 200's body cannot be read (its ackId, if any, unknown): sent again,
+    the log saying it may be indexed twice. Before, "cannot reach", though HEC had answered."""
+    caplog.set_level(logging.WARNING, LOG.name)
+    occ = make_occurrence(reason="R0")
+    async with hec_sink(url=hec.url, timeout=BODY_TIMEOUT) as sink:
+        hec.unreadable_next(1, how)
+        first = await sink.send([occ])
+        assert first is not None and first[0].kind is OutcomeKind.RETRY
+        again = await sink.send([occ])
+    assert again is not None and again[0] is OK
+    assert first[0].reason.startswith("HEC answered HTTP 200 but its answer could not be read ("), first
+    assert "sent again, so the events may be indexed twice" in first[0].reason
+    assert any(first[0].reason in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert [e["event"]["reason"] for e in hec.events] == ["R0", "R0"]
+
+
+async def test_a_huge_error_page_is_read_in_part(hec: FakeHEC) -> None:
+    """A proxy's 64 MiB 502 page: retried from its first bytes, the rest never read. Before, read
+    whole (with its copies) at every retry: 150 MB took the router from 57 to 357 MB."""
+    async with hec_sink(url=hec.url, timeout=BODY_TIMEOUT) as sink:
+        hec.fail_next(1, 502, page=PAGE)
+        outcomes = await sink.send([make_occurrence()])
+        await until(lambda: len(hec.pages) == 1 and hec.pages[0].done)
+        again = await sink.send([make_occurrence()])
+    assert hec.pages[0].written < hec.pages[0].size, "the page was read whole"
+    assert outcomes is not None and outcomes[0].kind is OutcomeKind.RETRY
+    assert outcomes[0].reason.startswith("HEC 502: <!DOCTYPE html>"), outcomes[0].reason
+    assert again is not None and again[0] is OK
+
+
+@pytest.mark.parametrize("how", HOWS)
+async def test_an_acknowledgement_answer_that_cannot_be_read_fails_start_saying_so(how: Unreadable) -> None:
+    """Start asks the acknowledgement endpoint, whose 200 cannot be read: the token has acknowledgement
+    on, and whether the address can confirm events cannot be told: start fails saying so, and is tried
+    again. Before, it said the endpoint "cannot be reached", though it had answered."""
+    async with FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}) as hec:
+        hec.unreadable_next(1, how, ack=True)
+        sink = SplunkHECSink(
+            SplunkHECOptions.model_validate({"url": hec.url, "token": TOKEN, "timeout": BODY_TIMEOUT}),
+            context(),
+        )
+        try:
+            with pytest.raises(SinkError) as failed:
+                await sink.start()
+            await sink.start()  # tried again: it answers now
+        finally:
+            await sink.aclose()
+    assert f"{hec.url}/services/collector/ack answered HTTP 200, its body unreadable (" in str(failed.value)
+    assert "whether it can confirm events cannot be told" in str(failed.value)
+    assert TOKEN not in str(failed.value)
+
+
+async def test_bodies_that_decide_are_read_past_two_seconds() -> None:
+    """Guards: a 400 naming the event refused and a 200's ackId decide the outcome, and are waited for
+    the request's timeout (2.5 s after their head at timeout=5), as before: not the 2 s of a body
+    only quoted."""
+    batch = [make_occurrence(reason=f"R{i}") for i in range(3)]
+    async with (
+        FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}) as hec,
+        hec_sink({"send_timeout": 8}, url=hec.url, timeout=5) as sink,
+    ):
+        hec.fail_next(1, 400, {**REFUSED, "invalid-event-number": 1})
+        hec.late_next(2, 2.5)
+        refused = await sink.send(batch)
+        confirmed = await sink.send([batch[0], batch[2]])
+    assert refused is not None and [o.kind for o in refused] == [
+        OutcomeKind.RETRY,
+        OutcomeKind.REJECT,
+        OutcomeKind.RETRY,
+    ]
+    assert confirmed is not None and all(o is OK for o in confirmed), confirmed
+    assert [e["event"]["reason"] for e in hec.events] == ["R0", "R2"]
+
+
+async def test_ack_max_waiting_is_bounded_by_what_the_engine_keeps_aside_and_said_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Through the router: queue_max_events=40 without a spool keeps 20 set aside; ack_max_waiting=40
+    (events waiting for HEC's confirmation, set aside) was past it, and the engine dropped waiting
+    events HEC had received, counted queue_full (item 288's Left: the sink was not told the queue's
+    bound). Now the engine tells it (SinkContext.aside_max_events), the sink keeps at most 10 waiting,
+    says so at start naming both options, and only events never posted are dropped. Scaled: 40 events
+    a second, HEC confirming 1.5 s after receipt."""
+    caplog.set_level(logging.WARNING, "eventrouter.sink.splunk_hec")
+    async with FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}, index_delay=1.5) as hec:
+        options = {
+            "url": hec.url,
+            "token": TOKEN,
+            "timeout": 0.5,
+            "ack_max_waiting": 40,
+            "send_timeout": 3.0,
+            "queue_max_events": 40,
+            "batch_max_events": 10,
+            "batch_max_wait": 0.01,
+            "retry_initial_backoff": 0.1,
+            "retry_max_backoff": 0.5,
+        }
+        spec = spec_for_class(RecordedHECSink, options, type_="splunk_hec")
+        router = Router(RouterSettings(metrics_addr=None, shutdown_timeout=1), [spec])
+        await router.start_pipelines()
+        pipeline = router.pipelines[0]
+        sink = pipeline.sink
+        assert isinstance(sink, RecordedHECSink) and sink.context.aside_max_events == 20
+        delivered = router.metrics.delivered.labels("splunk_hec")
+        dropped = router.metrics.dropped.labels("splunk_hec", "queue_full")
+        offered = 0
+        try:
+            await until(lambda: pipeline.started.is_set(), timeout=10)
+            for _ in range(12):  # 10 events each 0.25 s: faster than HEC confirms, the queue overflows
+                for _ in range(10):
+                    pipeline.offer(make_occurrence(reason=f"R{offered}"))
+                    offered += 1
+                await asyncio.sleep(0.25)
+            await until(lambda: delivered._value.get() + dropped._value.get() >= offered, timeout=60)
+        finally:
+            await router.drain(10)
+            await router.stop()
+    received = {e["event"]["reason"] for e in hec.events}
+    assert dropped._value.get() > 0 and len(sink.gave_up) == dropped._value.get()
+    assert not received & set(sink.gave_up)  # only events never posted were dropped
+    assert delivered._value.get() == len(received) == len(hec.events)  # each received once, delivered
+    said = [r.getMessage() for r in caplog.records if "is bounded to" in r.getMessage()]
+    assert len(said) == 1 and "ack_max_waiting=40 is bounded to 10" in said[0], said
+    assert "set queue_max_events to at least 160" in said[0]

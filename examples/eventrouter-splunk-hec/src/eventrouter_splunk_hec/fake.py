@@ -44,7 +44,15 @@ A request with a bad event stores none of its events (the stricter of the behavi
 meet; the sink retries the others, so it loses nothing either way).
 
 Fault injection: ``fail_next(n, status, body=..., retry_after=...)`` answers the next ``n`` event
-requests that way, before any check; ``restart_after(n)`` calls ``restart()`` once the next ``n``
+requests that way, before any check, with ``unreadable=`` its body one the client cannot read, or with
+``page=`` a front's streamed HTML page of that many bytes instead (``pages`` records how much of each
+the client took); ``unreadable_next(n, how)`` sends the next ``n`` answers to event requests (``ack=True``:
+to acknowledgement queries), whatever they say (HEC's own after it stored the events, or a fault's),
+with a body the client cannot read: ``"stall"`` (the head, then none of the body until the fake
+closes), ``"cut"`` (the head, then the connection dropped) or ``"gzip"`` (a plain body labelled
+``Content-Encoding: gzip``), as a proxy or gateway in front of HEC may (``answer_unreadable`` of
+``eventrouter.testing``); ``late_next(n, after)`` (``ack=`` likewise) sends their body ``after`` seconds
+after their head, the connection kept; ``restart_after(n)`` calls ``restart()`` once the next ``n``
 requests with an ackId are answered; ``lose_answers(n)``: the next ``n`` event requests HEC takes are
 stored (and numbered) as usual, and the connection is closed instead of answering, as when the answer
 of a loaded HEC comes after the client's timeout, or a proxy resets it; ``delay`` (seconds) holds every
@@ -63,6 +71,8 @@ from types import TracebackType
 from typing import Any
 
 from aiohttp import web
+from eventrouter.testing.receivers.front_page import FrontPage, answer_page
+from eventrouter.testing.receivers.unreadable import Unreadable, answer_late, answer_unreadable
 
 __all__ = ["FakeHEC"]
 
@@ -75,6 +85,8 @@ class _Fault:
     status: int
     body: dict[str, Any]
     retry_after: str | None
+    unreadable: Unreadable | None = None
+    page: int = 0  # bytes of a front's HTML page answered instead of HEC's JSON
 
 
 @dataclass
@@ -160,6 +172,10 @@ class FakeHEC:
         self.statuses: list[int] = []
         """The status of every answered event request, in order."""
         self._faults: deque[_Fault] = deque()
+        self._shapes: dict[str, deque[Unreadable | float]] = {"event": deque(), "ack": deque()}
+        self._release = asyncio.Event()  # a stalled answer ends at the fake's close
+        self.pages: list[FrontPage] = []
+        """The front pages answered (``fail_next(page=)``), with how much of each the client took."""
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -169,10 +185,30 @@ class FakeHEC:
         return f"http://{self.host}:{self.port}"
 
     def fail_next(
-        self, n: int, status: int, body: dict[str, Any] | None = None, *, retry_after: str | None = None
+        self,
+        n: int,
+        status: int,
+        body: dict[str, Any] | None = None,
+        *,
+        retry_after: str | None = None,
+        unreadable: Unreadable | None = None,
+        page: int = 0,
     ) -> None:
-        for _ in range(n):
-            self._faults.append(_Fault(status, body or {"text": "Server is busy", "code": 9}, retry_after))
+        """Answer the next ``n`` event requests ``status`` with ``body`` (HEC's "Server is busy" by
+        default), before any check; ``unreadable``: with a body the client cannot read; ``page``: a
+        front's HTML page of that many bytes instead, streamed."""
+        fault = _Fault(status, body or {"text": "Server is busy", "code": 9}, retry_after, unreadable, page)
+        self._faults.extend([fault] * n)
+
+    def unreadable_next(self, n: int, how: Unreadable, *, ack: bool = False) -> None:
+        """The next ``n`` answers to event requests (``ack``: to acknowledgement queries), whatever
+        they say, sent with a body the client cannot read (``answer_unreadable``)."""
+        self._shapes["ack" if ack else "event"].extend([how] * n)
+
+    def late_next(self, n: int, after: float, *, ack: bool = False) -> None:
+        """The next ``n`` answers to event requests (``ack``: to acknowledgement queries) sent with
+        their body ``after`` seconds after their head (``answer_late``)."""
+        self._shapes["ack" if ack else "event"].extend([after] * n)
 
     @property
     def channels(self) -> list[str]:
@@ -237,6 +273,7 @@ class FakeHEC:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._release.set()  # a stalled answer ends: its connection is dropped
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -252,15 +289,39 @@ class FakeHEC:
             self._changed.notify_all()
         return web.json_response(body, status=status, headers=headers)
 
-    async def _collect(self, request: web.Request) -> web.Response:
+    async def _shaped(
+        self, request: web.Request, answer: web.StreamResponse, which: str
+    ) -> web.StreamResponse:
+        """``answer`` as ``unreadable_next`` or ``late_next`` asked (not a lost one, nor a page)."""
+        queue = self._shapes[which]
+        transport = request.transport
+        if not queue or not isinstance(answer, web.Response) or transport is None or transport.is_closing():
+            return answer
+        shape = queue.popleft()
+        if isinstance(shape, str):
+            return await answer_unreadable(request, answer, shape, self._release)
+        return await answer_late(request, answer, shape)
+
+    async def _collect(self, request: web.Request) -> web.StreamResponse:
+        return await self._shaped(request, await self._collected(request), "event")
+
+    async def _faulty(self, request: web.Request, fault: _Fault) -> web.StreamResponse:
+        headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+        if fault.page:
+            self.statuses.append(fault.status)
+            self.pages.append(FrontPage(fault.status, fault.page))
+            return await answer_page(request, self.pages[-1], headers)
+        if fault.unreadable is not None:  # shaped by ``_collect``, first
+            self._shapes["event"].appendleft(fault.unreadable)
+        return await self._answer(fault.status, fault.body, headers)
+
+    async def _collected(self, request: web.Request) -> web.StreamResponse:
         if request.method != "POST":
             return web.json_response({"text": "Method not allowed", "code": 405}, status=405)
         if self.delay:
             await asyncio.sleep(self.delay)
         if self._faults:
-            fault = self._faults.popleft()
-            headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
-            return await self._answer(fault.status, fault.body, headers)
+            return await self._faulty(request, self._faults.popleft())
         refused = self._refused(request)
         if refused is not None:
             return await self._answer(*refused)
@@ -376,7 +437,10 @@ class FakeHEC:
             return None
         return request.headers.get("X-Splunk-Request-Channel") or request.query.get("channel")
 
-    async def _ack(self, request: web.Request) -> web.Response:
+    async def _ack(self, request: web.Request) -> web.StreamResponse:
+        return await self._shaped(request, await self._acked(request), "ack")
+
+    async def _acked(self, request: web.Request) -> web.Response:
         self.ack_queries += 1
         refused = self._refused(request)
         if refused is not None:

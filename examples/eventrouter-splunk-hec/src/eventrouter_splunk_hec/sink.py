@@ -34,7 +34,8 @@ Outcomes (what Splunk answers → what the engine does):
   404, 405, a page: ``_judge_ack``) fails ``start`` when the token has indexer acknowledgement on; met
   in a send, it is logged at ERROR once and what HEC received is retried as a failure, asked about,
   never posted again, and nothing new is posted, until it answers. The events waiting are held in the
-  engine's memory: without a spool keep ``queue_max_events`` at least four times ``ack_max_waiting``.
+  engine's memory: without a spool ``ack_max_waiting`` is bounded by a quarter of ``queue_max_events``
+  (``SinkContext.aside_max_events``; said at start).
 * 400 with ``invalid-event-number`` n → item n is rejected (dead-lettered with Splunk's text and
   code); the other items are retried. Splunk may have indexed the events before n already, so they
   can arrive twice — at-least-once, never lost. ``Incorrect index`` (code 7) rejects the whole batch.
@@ -45,6 +46,12 @@ Outcomes (what Splunk answers → what the engine does):
   (the channel missing or invalid: a proxy drops the header), connection errors and timeouts →
   retried, honouring ``Retry-After``.
 * any other answer → rejected with the status and a short excerpt.
+* An answer's body is read to 64 KiB at most (``excerpt``). One that cannot be read (it stalls after
+  the head, is cut off, or is labelled gzip and is not) is judged by its status: only no status at
+  all is "cannot reach". A 2xx's (its ackId) and a 400's (the event refused) decide and get the
+  request's timeout, others 2 s. A 2xx whose body is lost is sent again, saying it may be indexed
+  twice (its ackId unknown: as a lost answer, the sink goes on on a new channel); a 400 is halved
+  until the event refused is alone (rejected); a 413 halves as ever, a 429/5xx keeps its Retry-After.
 
 A batch sent in several requests keeps within the engine's ``send_budget``: no request starts that
 could end after it (less the acknowledgement's share, once HEC answered an ackId). Cut off at
@@ -83,6 +90,7 @@ from eventrouter import (
     reject,
     retry,
 )
+from eventrouter.body_prefix import EXCERPT_WAIT, Excerpt, excerpt
 from eventrouter.options import FilePath, PipelineOptions
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 
@@ -91,6 +99,9 @@ __all__ = ["DEFAULT_PATH", "SplunkHECOptions", "SplunkHECSink", "ack_address", "
 DEFAULT_PATH = "/services/collector/event"
 ACK_PATH = "/services/collector/ack"
 _EXCERPT = 200
+_BODY_MAX = 64 << 10
+"""Bytes of an answer's body read at most: HEC's answers are a few hundred bytes of JSON, and read
+whole, a proxy's 150 MB error page took the router from 57 to 357 MB, at every retry."""
 _CHANNEL_CODES = frozenset({10, 11})  # "Data channel is missing", "Invalid data channel"
 _ACK_POLL_FIRST = 0.1  # seconds between two queries of /services/collector/ack, doubled each time ...
 _ACK_POLL_MAX = 2.0  # ... up to this
@@ -110,8 +121,9 @@ _ENGINE = PipelineOptions.model_validate({})
 _WAITING_DEFAULT = _ENGINE.queue_bound(spooled=False) // 4
 """The events waiting for HEC's confirmation the engine keeps in memory at its defaults without a spool
 (2,500): they are set aside there (``retry(held=True, defer=True)``), and items set aside take at most
-half the memory queue (``queue_max_events``, 10,000): over it, the oldest are dropped. Half that share:
-those HEC confirmed since are set aside too until offered again (up to ``_RECHECK_MAX`` later)."""
+half the memory queue (``queue_max_events``, 10,000; ``SinkContext.aside_max_events``): over it, the
+oldest are dropped. Half that share: those HEC confirmed since are set aside too until offered again
+(up to ``_RECHECK_MAX`` later). Another queue bound bounds ``ack_max_waiting`` too (``_waiting_bound``)."""
 _PROBE = b'{"acks": [0]}'  # asked on a channel nothing is posted on: HEC answers {"acks": {"0": false}}
 
 
@@ -151,8 +163,8 @@ class SplunkHECOptions(SinkOptions):
         gt=0,
         description="Indexer acknowledgement: the most events HEC received and has not confirmed indexed; "
         "past it new events wait in the queue (at most this many go through per confirmation time). They "
-        "are held in the engine's memory, half of queue_max_events at most without a spool: keep "
-        "queue_max_events at least four times this.",
+        "are held in the engine's memory, half of queue_max_events at most without a spool: there this "
+        "is bounded by a quarter of queue_max_events (said at start).",
     )
     verify_tls: bool = Field(True, description="Verify the server certificate (https).")
     ca_file: FilePath | None = Field(None, description="PEM bundle to verify the server with (https).")
@@ -235,6 +247,26 @@ def _judge_ack(status: int, body: bytes) -> _Ack | str:
     if status == 400 and code == _INVALID_FORMAT:
         return f"refused a well-formed query ({said}): something between changes the request's body"
     return f"answered {said}, which no HEC acknowledgement endpoint does"
+
+
+def _waiting_bound(limit: int, aside: int | None) -> int:
+    """``ack_max_waiting`` (``limit``) within what the engine keeps set aside (``aside``, the context's
+    ``aside_max_events``; None: a spool keeps what is over): half of it, as the events HEC confirmed
+    stay aside too until offered again."""
+    return limit if aside is None else max(1, min(limit, aside // 2))
+
+
+def _judge_read(status: int, answer: Excerpt) -> _Ack | str | None:
+    """``_judge_ack`` of an answer as far as it was read; None: its body decides (a 2xx's acks, a
+    400's code 14) and could not be read. Another's status decides without it: taken for no answer,
+    a gateway's 404 page labelled gzip hid an address that can never confirm an event."""
+    if answer.unreadable is None:
+        return _judge_ack(status, answer.data)
+    return None if 200 <= status < 300 or status == 400 else _judge_ack(status, b"")
+
+
+def _unreadable(answer: Excerpt) -> str:
+    return f"its body unreadable ({answer.unreadable})"
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -384,6 +416,12 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         self._probe_channel = str(uuid.uuid4())
         self._ack_fault: str | None = None  # what is wrong with the acknowledgement endpoint, if it is
         self._full = False  # ack_max_waiting events wait to be confirmed: nothing new is posted
+        self._waiting_max = _waiting_bound(options.ack_max_waiting, context.aside_max_events)
+        self._limit = f"ack_max_waiting={options.ack_max_waiting}" + (
+            f", bounded to {self._waiting_max} by queue_max_events"
+            if self._waiting_max < options.ack_max_waiting
+            else ""
+        )
 
     def _use_channel(self, channel: str) -> None:
         """Post on ``channel`` from now on. A token with indexer acknowledgement on refuses every request
@@ -434,21 +472,24 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         self.log.info("splunk_hec %s accepts the token (HTTP %d %s)", self._where, status, text)
 
     def _check_waiting_bound(self) -> None:
-        """Events waiting for HEC's confirmation are set aside in the engine's memory, which keeps at
-        most half of queue_max_events so (without a spool; with one, the rest waits on disk). Past it
-        the engine drops the oldest waiting, events Splunk indexes, counted queue_full. The sink is not
-        told queue_max_events: at the default, say what it holds."""
-        if self.options.ack_max_waiting <= _WAITING_DEFAULT or self.context.data_dir is not None:
+        """Say once that ``ack_max_waiting`` is bounded by what the engine keeps set aside (without a
+        spool; with one, the rest waits on disk): past it the engine dropped the oldest waiting, events
+        Splunk indexes, counted queue_full (item 288's Left). Bounded rather than refused: a start that
+        fails is tried again for ever while the queue drops, and a default ack_max_waiting beside a
+        lowered queue_max_events would stop a sink that delivers."""
+        if self._waiting_max >= self.options.ack_max_waiting:
             return
         self.log.warning(
-            "splunk_hec %s: ack_max_waiting=%d: the events waiting for HEC's confirmation are held in the "
-            "engine's memory queue, with those confirmed since, which without a spool keeps at most half "
-            "of queue_max_events aside (%d waiting at the default): set queue_max_events to at least %d "
-            "(four times ack_max_waiting) or give the router a --data-dir spool, or the engine drops "
-            "waiting events, which Splunk indexes, counted queue_full",
+            "splunk_hec %s: ack_max_waiting=%d is bounded to %d: the events waiting for HEC's confirmation, "
+            "and those confirmed until offered again, are set aside in the engine's memory, which without "
+            "a disk spool keeps at most %s of this sink's (half of queue_max_events) and drops the oldest "
+            "over it; at most %d events go through per confirmation time: set queue_max_events to at "
+            "least %d (four times ack_max_waiting) or give the router a --data-dir spool",
             self._where,
             self.options.ack_max_waiting,
-            _WAITING_DEFAULT,
+            self._waiting_max,
+            self.context.aside_max_events,
+            self._waiting_max,
             4 * self.options.ack_max_waiting,
         )
 
@@ -458,11 +499,19 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         assert self._session is not None
         try:
             async with self._session.post(self.endpoint, data=b"", headers=headers) as resp:
-                status, body = resp.status, await resp.read()
+                status = resp.status
+                body = await excerpt(resp, _BODY_MAX, self._body_wait(status))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise SinkError(f"splunk_hec cannot reach {self._where}: {_describe(exc)}") from None
-        text, code, _ = _answer(body)
-        return status, text, code
+        if body.unreadable is None:
+            text, code, _ = _answer(body.data)
+            return status, text, code
+        if self._body_wait(status) is None:  # HEC's code tells the token's and the channel's fate
+            raise SinkError(
+                f"splunk_hec {self._where} answered an empty request HTTP {status}, {_unreadable(body)}: "
+                "whether it takes the token cannot be told"
+            )
+        return status, f"(its body unreadable: {body.unreadable})", None
 
     async def _check_ack_endpoint(self) -> _Ack | None:
         """A token with indexer acknowledgement on needs HEC's acknowledgement endpoint: at an address
@@ -472,16 +521,26 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         answers otherwise matters only if the token has it on, which an empty POST without a channel
         tells (400 code 10)."""
         assert self._session is not None
+        unread = None
         try:
             async with self._session.post(
                 self.ack_endpoint, data=_PROBE, headers=self._on(self._probe_channel)
             ) as resp:
-                judged = _judge_ack(resp.status, await resp.read())
+                status = resp.status
+                answer = await excerpt(resp, _BODY_MAX, self._body_wait(status))
+            judged = _judge_read(status, answer)
+            if judged is None:
+                unread = judged = f"answered HTTP {status}, {_unreadable(answer)}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             judged = f"cannot be reached ({_describe(exc)})"
         if not isinstance(judged, str):
             return judged
         _, _, code = await self._empty_post(self._auth)
+        if code in _CHANNEL_CODES and unread is not None:
+            raise SinkError(
+                f"splunk_hec: the token has indexer acknowledgement on, and {self._ack_where} {unread}: "
+                "whether it can confirm events cannot be told"
+            )
         if code in _CHANNEL_CODES:
             raise SinkError(
                 f"splunk_hec: the token has indexer acknowledgement on, and {self._fault_text(judged)}"
@@ -599,21 +658,21 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                 self._full = False
                 self.log.info("splunk_hec %s: HEC confirmed events indexed; posting again", self._where)
             return
-        now, limit = time.monotonic(), self.options.ack_max_waiting
+        now, limit = time.monotonic(), self._waiting_max
         if not self._full:
             self._full = True
             self.log.warning(
-                "splunk_hec %s: %d events HEC received wait for it to confirm them indexed (ack_max_waiting=%d): new "
-                "events wait in the queue until it confirms some; at most that many go through per "
-                "confirmation time (raise ack_max_waiting, and queue_max_events to at least four times it)",
+                "splunk_hec %s: %d events HEC received wait for it to confirm them indexed (%s): new events "
+                "wait in the queue until it confirms some; at most that many go through per confirmation "
+                "time (raise ack_max_waiting, and queue_max_events to at least four times it)",
                 self._where,
                 limit - room,
-                limit,
+                self._limit,
             )
         oldest = min((post.at for post in self._pending.by_ack.values()), default=now)
         held = retry(
             f"not sent yet: {limit - room} events HEC received wait for it to confirm them indexed "
-            f"(ack_max_waiting={limit})",
+            f"({self._limit})",
             held=True,
             retry_after=_recheck_in(now - oldest),
         )
@@ -625,7 +684,7 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         """How many new events may be posted: ``ack_max_waiting`` less those HEC received and has not
         confirmed (not those past ack_timeout: posted again when offered). Short of room, HEC is asked
         about every waiting request: those the engine holds aside come back only after this send."""
-        limit, timeout = self.options.ack_max_waiting, self.options.ack_timeout
+        limit, timeout = self._waiting_max, self.options.ack_timeout
         room = limit - self._pending.unconfirmed(time.monotonic(), timeout)
         if room < wanted and self._pending.by_ack:
             await self._ask_acks(set(self._pending.by_ack.values()), end)
@@ -653,9 +712,9 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                     outcomes[i] = left
                 break
             started = True
-            too_large, ack_id = await self._post(items, bodies, outcomes)
-            if too_large:  # in smaller requests
-                todo[:0] = self._requests(items, bodies)
+            again, ack_id = await self._post(items, bodies, outcomes)
+            if again:  # in smaller requests
+                todo[:0] = again
             elif ack_id is not None:
                 post = self._posted(ack_id, [batch[i].key for i in items])
                 posts.update(dict.fromkeys(items, post))
@@ -775,16 +834,20 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                 headers=self._on(channel),
                 timeout=aiohttp.ClientTimeout(total=left),
             ) as resp:
-                status, body = resp.status, await resp.read()
+                status = resp.status
+                answer = await excerpt(resp, _BODY_MAX, self._body_wait(status))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return f"cannot reach {self._ack_where}: {_describe(exc)}"
-        judged = _judge_ack(status, body)
+        judged = _judge_read(status, answer)
+        if judged is None:  # says nothing of the address either: asked again
+            return f"HEC answered the acknowledgement query HTTP {status}, {_unreadable(answer)}"
         if isinstance(judged, str):
             self._set_ack_fault(judged)
             return self._ack_fault
         if judged is _Ack.BUSY:  # says nothing of the address: a fault found stays until it answers
-            text, code, _ = _answer(body)
-            return f"HEC {status} to the acknowledgement query: {text}" + (f" (code {code})" if code else "")
+            what, _, _ = _what(status, answer)
+            return f"{what}, to the acknowledgement query"
+        body = answer.data
         self._set_ack_fault(None)
         if judged is _Ack.DISABLED:
             if asked:
@@ -869,49 +932,86 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
 
     async def _post(
         self, items: list[int], bodies: dict[int, bytes], outcomes: list[Outcome]
-    ) -> tuple[bool, int | None]:
-        """Send ``items`` in one request and set their outcomes. (True, None): HEC refused the body as
-        too large and ``_max_body`` is now below it; the items are to be sent again in smaller
-        requests. (False, n): HEC received them under ackId n, not yet confirmed indexed."""
+    ) -> tuple[list[list[int]] | None, int | None]:
+        """Send ``items`` in one request and set their outcomes. (runs, None): the items are to be sent
+        again in these smaller requests (HEC refused the body as too large, ``_max_body`` is now below
+        it; or refused an event its unreadable answer did not name). (None, n): HEC received them
+        under ackId n, not yet confirmed indexed."""
         if self._session is None:
             for i in items:
                 outcomes[i] = retry("splunk_hec sink is not started")
-            return False, None
+            return None, None
         payload = b"".join(bodies[i] for i in items)
         try:
             async with self._session.post(self.endpoint, data=payload, headers=self._headers) as resp:
-                status, body = resp.status, await resp.read()
-                wait = _retry_after(resp.headers.get("Retry-After"))
+                status, wait = resp.status, _retry_after(resp.headers.get("Retry-After"))
+                body = await excerpt(resp, _BODY_MAX, self._body_wait(status))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            if not isinstance(exc, aiohttp.ClientConnectorError):  # sent: HEC may have taken it
+            # No status came (the body's faults are in ``body``): sent, HEC may have taken it.
+            if not isinstance(exc, aiohttp.ClientConnectorError):
                 self._answer_lost()
             # Per item, not RetryableError: earlier requests of this batch may be accepted already.
             for i in items:
                 outcomes[i] = retry(f"cannot reach {self._where}: {_describe(exc)}")
-            return False, None
+            return None, None
         if 200 <= status < 300:  # outcomes stay OK; with an ackId, once HEC confirms them indexed
-            return False, _ack_id(body)
-        text, code, bad = _answer(body)
-        what = f"HEC {status}: {text}" + (f" (code {code})" if code is not None else "")
+            if body.unreadable is not None:
+                self._receipt_unread(items, status, body.unreadable, outcomes)
+                return None, None
+            return None, _ack_id(body.data)
+        what, code, bad = _what(status, body)
         if status == 413:
             if len(items) > 1:  # kept for later batches too: HEC does not say what it takes
                 self._max_body = len(payload) // 2
-                return True, None
+                return self._requests(items, bodies), None
             outcomes[items[0]] = reject(f"event of {len(payload)} bytes is too large for HEC: {what}")
-            return False, None
+            return None, None
         if status == 400 and bad is not None and 0 <= bad < len(items) and code != 7:
             for n, i in enumerate(items):
                 outcomes[i] = reject(what) if n == bad else retry(f"sent again after another event: {what}")
-            return False, None
+            return None, None
+        if status == 400 and body.unreadable is not None and len(items) > 1:
+            # Which event HEC refused (or whether it was the channel) is unknown: each half tells,
+            # down to an event refused alone (rejected). Retried whole, a refused event was for ever.
+            half = len(items) // 2
+            return [items[:half], items[half:]], None
         # 400 code 10/11: the channel did not reach HEC (see start), not the events' fault.
         if status in (401, 403, 408, 429) or status >= 500 or (status == 400 and code in _CHANNEL_CODES):
             self.log.warning("splunk_hec %s: %s; will retry", self._where, what)
             for i in items:
                 outcomes[i] = retry(what, retry_after=wait)
-            return False, None
+            return None, None
         for i in items:
             outcomes[i] = reject(what)
-        return False, None
+        return None, None
+
+    def _body_wait(self, status: int) -> float | None:
+        """How long an answer's body is waited for once its head is in (``body_prefix``'s rule). A 2xx's
+        (its ackId) and a 400's (the event HEC refused, its code) decide the outcome: the request's
+        timeout. Another only changes what is quoted, the status decides: 2 s at most."""
+        return None if 200 <= status < 300 or status == 400 else min(EXCERPT_WAIT, self.options.timeout)
+
+    def _receipt_unread(self, items: list[int], status: int, why: str, outcomes: list[Outcome]) -> None:
+        """HEC answered a 2xx whose body could not be read: the events are received, perhaps under an
+        ackId the sink cannot learn (as when the answer is lost: ``_answer_lost``). Sent again: before,
+        this was "cannot reach", though HEC had answered."""
+        self._answer_lost()
+        reason = (
+            f"HEC answered HTTP {status} but its answer could not be read ({why}): whether it holds an "
+            "ackId is unknown; sent again, so the events may be indexed twice"
+        )
+        self.log.warning("splunk_hec %s: %s", self._where, reason)
+        for i in items:
+            outcomes[i] = retry(reason)
+
+
+def _what(status: int, body: Excerpt) -> tuple[str, int | None, int | None]:
+    """An error answer as quoted in a reason (HEC's text and code), with its code and
+    invalid-event-number; a body that could not be read is said so, and names neither."""
+    if body.unreadable is not None:
+        return f"HEC {status} (its body unreadable: {body.unreadable})", None, None
+    text, code, bad = _answer(body.data)
+    return f"HEC {status}: {text}" + (f" (code {code})" if code is not None else ""), code, bad
 
 
 def _ack_id(body: bytes) -> int | None:
