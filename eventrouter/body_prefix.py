@@ -19,6 +19,7 @@ How long a body is waited for depends on what it decides (the caller's ``wait``)
 from __future__ import annotations
 
 import asyncio
+import codecs
 from typing import NamedTuple
 
 import aiohttp
@@ -30,7 +31,7 @@ from aiohttp.http_exceptions import (
     TransferEncodingError,
 )
 
-__all__ = ["EXCERPT_WAIT", "Excerpt", "excerpt", "read_prefix"]
+__all__ = ["EXCERPT_WAIT", "Excerpt", "answer_text", "excerpt", "read_prefix"]
 
 EXCERPT_WAIT = 2.0
 """Seconds a body that only changes what is quoted is waited for once the head is in (or the request's
@@ -83,6 +84,23 @@ async def excerpt(resp: aiohttp.ClientResponse, limit: int, wait: float | None) 
         return Excerpt(data, False, _why(exc, resp, got, wait if timer.expired() else None))
     data, more = _joined(parts, limit)
     return Excerpt(data, more, None)
+
+
+def answer_text(data: bytes, charset: str | None) -> str:
+    """``data`` (an answer's body, or its start) as text in the answer's ``charset`` (its
+    Content-Type's, None: UTF-8), never raising: undecodable bytes are replaced, and a charset that
+    is no text encoding is read as UTF-8. The charset is the peer's to choose, and Python's codecs
+    include bytes-to-bytes ones (base64, hex, rot13, zlib) and text ones that cannot decode with
+    ``errors="replace"`` (idna, punycode, undefined): "charset=base64" raised LookupError out of a
+    sink's ``send`` and ``start``, the answer's status and Retry-After thrown away (a final 400
+    retried for ever as a sink bug, a 413 never halved)."""
+    if charset:
+        try:
+            if codecs.lookup(charset)._is_text_encoding:  # type: ignore[attr-defined]
+                return data.decode(charset, "replace")
+        except (LookupError, ValueError):  # unknown, NUL in the name, a codec that raises anyway
+            pass
+    return data.decode("utf-8", "replace")
 
 
 async def _read_into(content: aiohttp.StreamReader, limit: int, parts: list[bytes]) -> None:

@@ -487,17 +487,20 @@ class AlertOptions(SinkOptions):
         300.0,
         gt=0,
         le=86_400,
+        allow_inf_nan=False,
         description="Seconds: after a group was notified, its repeats are held and sent as one digest line.",
     )
     rate_per_minute: int = Field(20, ge=1, le=1000, description="Most messages per 60 s to this robot.")
     min_interval: float | None = Field(
         None,
         ge=0,
+        allow_inf_nan=False,
         description="Seconds between digests (default 60/rate_per_minute): a burst becomes one message.",
     )
     max_send_wait: float = Field(
         10.0,
         ge=0,
+        allow_inf_nan=False,
         description=(
             "Seconds one send may wait for the rate limiter (at most five sixths of send_timeout less "
             "request_timeout)."
@@ -532,7 +535,8 @@ class AlertOptions(SinkOptions):
         default_factory=list,
         description="@all when a digest contains one of these reasons (e.g. OOMKilling; ignoring case).",
     )
-    request_timeout: float = Field(10.0, gt=0, description="Seconds per HTTP request.")
+    # Not finite, every request raised OverflowError out of send (aiohttp's timer), naming no option.
+    request_timeout: float = Field(10.0, gt=0, allow_inf_nan=False, description="Seconds per HTTP request.")
     proxy: Secret | None = Field(
         None,
         description=(
@@ -545,7 +549,10 @@ class AlertOptions(SinkOptions):
         description="Without proxy: use HTTPS_PROXY / HTTP_PROXY / NO_PROXY of the environment (and ~/.netrc).",
     )
     throttle_backoff: float = Field(
-        60.0, gt=0, description="Seconds to pause after a 'send too fast' answer (doubles up to 600)."
+        60.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds to pause after a 'send too fast' answer (doubles up to 600).",
     )
     # Bounds the repeats held for a window; a new or due group may use a tenth more (``_full``).
     max_pending: int = Field(10_000, ge=1, description="Most occurrences held for digests at once.")

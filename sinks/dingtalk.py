@@ -91,6 +91,7 @@ class DingTalkOptions(AlertOptions):
     throttle_backoff: float = Field(
         600.0,
         gt=0,
+        allow_inf_nan=False,
         description="Seconds to pause after a 'send too fast' answer (130101, 410100): DingTalk throttles the robot "
         "for 10 minutes, so an earlier try only fails again.",
     )

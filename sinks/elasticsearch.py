@@ -203,7 +203,7 @@ class ElasticsearchOptions(SinkOptions):
     cert_file: FilePath | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
     key_file: FilePath | None = Field(None, description="Client private key (PEM) for mutual TLS.")
     insecure_skip_verify: bool = Field(False, description="Do not verify the cluster's TLS certificate.")
-    timeout: float = Field(30.0, gt=0, description="Seconds one HTTP request may take.")
+    timeout: float = Field(30.0, gt=0, allow_inf_nan=False, description="Seconds one HTTP request may take.")
     compress: bool = Field(False, description="gzip request bodies.")
     max_document_bytes: int = Field(
         10 * 1024 * 1024, ge=1024, description="Reject a single encoded document larger than this."

@@ -385,6 +385,7 @@ class KafkaOptions(SinkOptions):
     future_grace: float = Field(
         3600.0,
         gt=0,
+        allow_inf_nan=False,  # inf: int(inf * 1000) raised OverflowError out of the sink's construction
         description="Seconds: an event time further ahead (a node's clock off) is not used as the record "
         "timestamp (Kafka 4 refuses it: log.message.timestamp.after.max.ms, 1 h); the time the router "
         "received it is, with a time_adjusted header.",

@@ -105,7 +105,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import calendar
-import codecs
 import gzip
 import math
 import re
@@ -141,7 +140,7 @@ from eventrouter import (
     reject,
     retry,
 )
-from eventrouter.body_prefix import EXCERPT_WAIT, excerpt
+from eventrouter.body_prefix import EXCERPT_WAIT, answer_text, excerpt
 from eventrouter.logs import Throttled
 from eventrouter.options import FilePath, http_url, redact_url
 from eventrouter.protowire import bytes_field, varint, varint_field
@@ -674,11 +673,7 @@ async def _read_answer(response: aiohttp.ClientResponse, limit: int, timeout: fl
     body, cut, unreadable = await excerpt(response, limit, timeout if decides else min(EXCERPT_WAIT, timeout))
     if unreadable is not None:
         return _Answer("", False, unreadable)
-    try:
-        encoding = codecs.lookup(response.charset or "utf-8").name
-    except LookupError:
-        encoding = "utf-8"
-    return _Answer(body.decode(encoding, errors="replace"), cut, None)
+    return _Answer(answer_text(body, response.charset), cut, None)
 
 
 def _unread_note(unreadable: str | None) -> str:

@@ -219,6 +219,18 @@ _TARGET_STATUSES = {401, 403, 404}
 _GROW_AFTER = 16
 # Logs remembered for re-stamping at the next send (their request ran out of the send's budget).
 _RESTAMP_KEEP = 1024
+_KNOWN_CODES = frozenset(
+    {*_RETRY_CODES, *_TARGET_CODES, *_CREDENTIAL_CODES, *_HEADER_CODES, *_REQUEST_CODES, "RequestTimeExpired"}
+)
+# What of an answer's error is quoted and remembered. SLS's codes are a few dozen short words and its
+# messages a sentence; a gateway's or a broken SLS-compatible endpoint's may be anything: a code of
+# 30,000 characters differing per request (a request id in it) was logged at ERROR at every request,
+# the "once per run" throttle never holding, and kept until a request was stored (9 MB per 300).
+_CODE_QUOTED = 64  # characters of an error code quoted (the longest of SLS's is 21)
+_MESSAGE_QUOTED = 1000  # characters of an error message quoted
+_OTHER_CODES_KEPT = 16  # codes not in _KNOWN_CODES counted and logged each in a run of failures
+_OTHER_CODES = "other codes"
+"""The key under which the codes past _OTHER_CODES_KEPT are counted (logged once, at the first)."""
 _ANSWER_BYTES = 64 * 1024
 """Bytes of an answer read: SLS's error JSON is a few hundred, a 2xx needs none, and of a front's
 page 200 are quoted. Read whole, a proxy's 256 MB 502 page took the router from 53 to 580 MB (its
@@ -282,6 +294,7 @@ class SLSOptions(SinkOptions):
     request_timeout: float = Field(
         30.0,
         gt=0,
+        allow_inf_nan=False,
         description="Seconds one HTTP request may take (at most what is left of the send's budget: "
         "5/6 of send_timeout).",
     )
@@ -602,15 +615,17 @@ class SLSSink(Sink[SLSOptions]):
                     page = True
                 else:
                     if isinstance(parsed, dict):
-                        code = str(parsed.get("errorCode") or "")
-                        message = str(parsed.get("errorMessage") or "")
+                        # Quoted in reasons and logs: without our credentials (a gateway echoes those
+                        # it refused), taken out before the cut (a cut one would not be recognised).
+                        code = _cut(scrub(str(parsed.get("errorCode") or ""), self._secrets), _CODE_QUOTED)
+                        message = _cut(
+                            scrub(str(parsed.get("errorMessage") or ""), self._secrets), _MESSAGE_QUOTED
+                        )
             if page:  # a gateway's page: a credential cut off at its end goes too
                 text = payload[:200].decode("utf-8", "replace")
                 message = scrub(text, self._secrets, partial=len(payload) > 200)
             if request_id:
                 message = f"{message} (request id {request_id})"
-            # Quoted in reasons and logs: without our credentials (a gateway echoes those it refused).
-            code = scrub(code, self._secrets)
             return _Answer(
                 resp.status,
                 code or f"HTTP{resp.status}",
@@ -887,11 +902,27 @@ class SLSSink(Sink[SLSOptions]):
         return bytes(memoryview(self._lz4_buffer)[:size]), "lz4"
 
     def _log_once(self, code: str, text: str, level: int = logging.ERROR) -> None:
-        """Log ``text`` at the first request refused with ``code`` in this run of failures; count each."""
-        if code not in self._refused:
-            self._refused[code] = 0
+        """Log ``text`` at the first request refused with ``code`` in this run of failures; count each
+        (``_refused_key``: past _OTHER_CODES_KEPT codes SLS does not use, the rest logged once)."""
+        key = self._refused_key(code)
+        if key not in self._refused:
+            self._refused[key] = 0
+            if key == _OTHER_CODES:
+                text = (
+                    f"{text} [the {_OTHER_CODES_KEPT + 1}th code in this run of failures that SLS does not "
+                    f"use: it and later ones are counted together as {_OTHER_CODES!r}, not logged, until a "
+                    "request is stored]"
+                )
             self.log.log(level, "%s", text)
-        self._refused[code] += 1
+        self._refused[key] += 1
+
+    def _refused_key(self, code: str) -> str:
+        """The key ``_refused`` counts ``code`` under: its own for SLS's codes and the first
+        _OTHER_CODES_KEPT others of the run, then _OTHER_CODES (bounded, whatever a peer answers)."""
+        if code in self._refused or code in _KNOWN_CODES:
+            return code
+        others = sum(1 for known in self._refused if known not in _KNOWN_CODES)
+        return code if others < _OTHER_CODES_KEPT else _OTHER_CODES
 
     def _todo(self, code: str) -> str:
         """What the operator does about a target code (_TARGET_CODES)."""
@@ -997,7 +1028,8 @@ class SLSSink(Sink[SLSOptions]):
         stored, never dead-lettered: retried (retry_max_attempts still ends it), logged at once, then
         at most every _LOG_FRONT_EVERY seconds until a request is stored again; counted per code."""
         status, code = answer.status, answer.code
-        self._refused[code] = self._refused.get(code, 0) + 1
+        counted = self._refused_key(code)
+        self._refused[counted] = self._refused.get(counted, 0) + 1
         if 300 <= status < 400:
             key = "redirect"
             todo = (
@@ -1291,6 +1323,11 @@ def _wait_for_body(status: int, request_id: str, timeout: float) -> float | None
     if request_id and not decided_by_status:
         return None
     return min(EXCERPT_WAIT, timeout)
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` to at most ``limit`` characters, marked where cut."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _log_refused_unread(answer: _Answer) -> bool:

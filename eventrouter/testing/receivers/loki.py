@@ -26,7 +26,9 @@ none of the body until the receiver closes), ``"cut"`` (the head, then the conne
 ``"gzip"`` (a plain body labelled ``Content-Encoding: gzip``), as a proxy or gateway in front of Loki
 may (``answer_unreadable``; Loki's own 204 has no body to lose); ``ready=True`` does so for ``/ready``'s.
 ``late_next(n, after)`` sends the next ``n`` answers to pushes with their body ``after`` seconds after
-their head (``answer_late``: a slow front, or a loaded Loki).
+their head (``answer_late``: a slow front, or a loaded Loki). ``charset_next(n, charset)`` labels the
+next ``n`` answers to pushes (``ready=True``: to ``/ready``) ``charset=<charset>``, such as ``base64``
+(``mislabelled``: a front's label, the body unchanged).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from aiohttp import web
 
 from eventrouter.protowire import DecodeError, decode_fields
 from eventrouter.testing.receivers.front_page import FrontPage, answer_page
-from eventrouter.testing.receivers.unreadable import Unreadable, answer_late, answer_unreadable
+from eventrouter.testing.receivers.unreadable import Unreadable, answer_late, answer_unreadable, mislabelled
 
 __all__ = [
     "KEEP_OLD_SAMPLES",
@@ -711,6 +713,7 @@ class LokiReceiver:
         self._faults: list[_Fault] = []
         self._unreadable: dict[str, deque[Unreadable]] = {"push": deque(), "ready": deque()}
         self._late: deque[float] = deque()
+        self._charsets: dict[str, deque[str]] = {"push": deque(), "ready": deque()}
         self._release = asyncio.Event()
         self._newest: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
         self._changed = asyncio.Condition()
@@ -781,13 +784,21 @@ class LokiReceiver:
         """The next ``n`` answers to pushes sent with their body ``after`` seconds after their head."""
         self._late.extend([after] * n)
 
+    def charset_next(self, n: int, charset: str, *, ready: bool = False) -> None:
+        """The next ``n`` answers to pushes (``ready``: to ``/ready``), whatever they say, labelled
+        with ``charset`` (``mislabelled``), their body unchanged."""
+        self._charsets["ready" if ready else "push"].extend([charset] * n)
+
     async def _maybe_unreadable(
         self, request: web.Request, answer: web.StreamResponse, which: str
     ) -> web.StreamResponse:
-        """``answer`` as ``unreadable_next`` or ``late_next`` asked (not a streamed front page)."""
+        """``answer`` as ``charset_next``, ``unreadable_next`` or ``late_next`` asked (not a streamed front
+        page)."""
         queue = self._unreadable[which]
         if not isinstance(answer, web.Response):
             return answer
+        if self._charsets[which]:
+            answer = mislabelled(answer, self._charsets[which].popleft())
         if queue:
             return await answer_unreadable(request, answer, queue.popleft(), self._release)
         if which == "push" and self._late:

@@ -1,6 +1,7 @@
 """Answers whose body a client cannot read, as a front or gateway before a sink's server may send
-them: the status line and headers are in, the body never comes whole (``answer_unreadable``); and
-answers whose body comes whole but late (``answer_late``)."""
+them: the status line and headers are in, the body never comes whole (``answer_unreadable``);
+answers whose body comes whole but late (``answer_late``); and answers labelled with a charset no
+text can be decoded in (``mislabelled``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Literal
 
 from aiohttp import web
 
-__all__ = ["Unreadable", "answer_late", "answer_unreadable"]
+__all__ = ["Unreadable", "answer_late", "answer_unreadable", "mislabelled"]
 
 Unreadable = Literal["stall", "cut", "gzip"]
 """How an answer's body cannot be read (``answer_unreadable``)."""
@@ -49,3 +50,14 @@ async def answer_late(request: web.Request, answer: web.Response, after: float) 
     await response.write(body)
     await response.write_eof()
     return response
+
+
+def mislabelled(answer: web.Response, charset: str) -> web.Response:
+    """``answer``, its body unchanged, labelled ``Content-Type: <its type>; charset=<charset>``: a
+    front's or a broken proxy's label, which is the peer's to choose. Python knows ``base64``,
+    ``rot13``, ``hex`` or ``zlib`` as codecs that are no text encodings, and ``idna`` or
+    ``undefined`` as text ones that cannot decode with ``errors="replace"``: a client decoding by
+    the label raises."""
+    kind = answer.content_type if answer.body else "text/plain"
+    answer.headers["Content-Type"] = f"{kind}; charset={charset}"
+    return answer
