@@ -338,8 +338,8 @@ def test_a_corrupted_page_never_loses_an_item_silently(
     but the refused items. Still JSON but for the deep item: orjson's own parse of it, one refused.
     Not JSON: every item not in a refused one is there, as it was (one the byte fell in or next to
     may read otherwise), in order, with the rest of the page (``metadata``, its continue token) as it
-    was. An item corrupted so that where it ends cannot be told goes with the items up to where the
-    walk ends it, in one refused item: counted, and logged with its size."""
+    was. An item corrupted so that where it ends cannot be told fails the page whole (item 300: each
+    refused item must be exactly one JSON value), to be listed again."""
     sent = _fuzz_page(items, min(deep_at, len(items)), metadata_last, indent)
     body, at = _mutate(sent, op, where, char)
     try:

@@ -4,6 +4,8 @@ model objects on the hot path."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import math
 import os
@@ -14,6 +16,7 @@ import aiohttp
 import yaml
 
 from eventrouter.body_prefix import excerpt
+from eventrouter.scrub import credentials, scrub
 from eventrouter.source.kube_import import load
 
 if TYPE_CHECKING:
@@ -125,21 +128,51 @@ async def error_body(resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:
 
 
 def api_error(resp: aiohttp.ClientResponse, body: bytes, cut: bool) -> ApiError:
-    """The ApiError of a non-2xx answer whose body (its prefix, ``cut``) was read by ``error_body``."""
+    """The ApiError of a non-2xx answer whose body (its prefix, ``cut``) was read by ``error_body``,
+    the request's credentials scrubbed out of what it quotes (``answer_text``)."""
     import orjson
 
     reason, message = resp.reason or "", body[:QUOTED].decode("utf-8", "replace")
-    if cut:
-        message += f" (the first {QUOTED} bytes of a body over {ERROR_BODY_BYTES >> 10} KiB, not read on)"
-    else:
+    partial = len(body) > QUOTED
+    if not cut:
         try:
             status = orjson.loads(body)
             if isinstance(status, dict):
                 reason = str(status.get("reason") or reason)
-                message = str(status.get("message") or message)
+                if status.get("message"):
+                    message, partial = str(status["message"]), False
         except orjson.JSONDecodeError:
             pass
-    return ApiError(resp.status, reason, message, _retry_after(resp))
+    message = answer_text(resp, message, cut=partial)
+    if cut:
+        message += f" (the first {QUOTED} bytes of a body over {ERROR_BODY_BYTES >> 10} KiB, not read on)"
+    return ApiError(resp.status, answer_text(resp, reason), message, _retry_after(resp))
+
+
+def answer_text(resp: aiohttp.ClientResponse, text: str, *, cut: bool = False) -> str:
+    """``text`` from an answer to ``resp``'s request (its Status message, its body's start) with the
+    credentials that request carried replaced by ``****``: a gateway or auth proxy in front of the API
+    server may quote the Authorization header it refused, and the watcher logs its error at every
+    attempt (item 300; the sinks' error answers are scrubbed so since item 88). ``cut``: ``text`` was
+    cut from something longer, and a credential cut off at its end is masked too."""
+    return scrub(text, sent_credentials(resp), partial=cut)
+
+
+def sent_credentials(resp: aiohttp.ClientResponse) -> list[str]:
+    """The credentials ``resp``'s request carried, in the forms ``scrub`` looks for: its Authorization
+    header as sent (the token of that request: a service-account token is re-read as it rotates, an
+    exec plugin's renewed), its token, and a Basic one's user and password. Those of 1-3 characters
+    are left (no secret, and masking them garbled every message)."""
+    header = resp.request_info.headers.get("Authorization", "")
+    scheme, _, token = header.strip().partition(" ")
+    sent = [header, token.strip()]
+    if scheme.lower() == "basic":
+        try:
+            user, _, password = base64.b64decode(token.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            user = password = ""
+        sent += [f"{user}:{password}", user, password]
+    return credentials(sent=sent) if header else []
 
 
 def _retry_after(resp: aiohttp.ClientResponse) -> float | None:

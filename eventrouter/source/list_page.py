@@ -1,16 +1,21 @@
 """A list page that orjson refuses, parsed again without the items it refuses: one such item costs that
 item, not the page.
 
-orjson refuses JSON nested deeper than 1,024 levels (json.loads ~1,000): one such item (a broken
-proxy or aggregated API; kube-apiserver cannot store one) made every list page it was on fail, and the
+orjson refuses JSON nested deeper than 1,024 levels (json.loads ~990): one such item (a broken proxy
+or aggregated API; kube-apiserver cannot store one) made every list page it was on fail, and the
 relist failed on it for ever. The page's ``items`` array is walked (brackets and strings only, in a
-loop at any depth) to find where its items are, and those orjson refuses alone are replaced by
-``null``; orjson then parses that page, which is taken only if its ``items`` has as many entries as
-the walk found, with the ``null``s where they were put. Every item kept, and ``metadata`` with its
-``continue``, are orjson's own parse: a walk that misreads a page (it is no JSON parser) can only make
-the page fail whole, as any page that is not JSON does, with orjson's error. (Taking each item from the
-walk, a page that was not JSON was taken with Events, or its continue token, left out silently: item
-293.)
+loop at any depth) to find where its items are, and each is judged at the depth it has in the page
+(two levels more than alone: the List's ``{`` and the ``items`` array). One nested too deep for orjson
+there, or with broken Unicode and too deep for the Unicode fallback to repair, is refused, once a
+grammar check without a depth limit (``_one_value``) proves it one JSON value; one with broken
+Unicode that the fallback parses is taken from that parse. Each such item is replaced by a marker
+string, orjson parses that page, and it is taken only if its ``items`` has as many entries as the walk
+found with the markers where they were put. Every other item, and ``metadata`` with its ``continue``,
+are orjson's own parse: a walk that misreads a page (it is no JSON parser) can only make the page fail
+whole, as any page that is not JSON does, with orjson's error. (Taking each item from the walk, a
+page that was not JSON was taken with Events, or its continue token, left out silently: item 293; a
+stray quote in an item too deep put the walk out of step, and the Events up to the next escaped
+quote went with that item as one: item 300.)
 """
 
 from __future__ import annotations
@@ -47,12 +52,11 @@ class Refused(NamedTuple):
 
     start: int
     end: int
-    """Where it is in the page (bytes): what the walk took for one item. An item corrupted so that
-    where it ends cannot be told may hold the items after it up to where the walk ends it."""
+    """Where it is in the page (bytes): one JSON value, proven by ``_one_value``."""
     quote: bytes
     """Its first ``QUOTED`` bytes."""
     why: str
-    """orjson's error."""
+    """orjson's error (and the depth that made it)."""
 
 
 @dataclass(slots=True)
@@ -101,32 +105,56 @@ class _Walk:
     count: int = 0
     """Items in the ``items`` array."""
     at: list[int] = field(default_factory=list)
-    """The index of each item that orjson refuses alone."""
+    """The index of each item refused."""
     refused: list[Refused] = field(default_factory=list)
+    cut: list[tuple[int, int]] = field(default_factory=list)
+    """Where each item refused or taken from the Unicode fallback is (bytes), in order: a marker
+    goes there."""
+    repaired: dict[int, Any] = field(default_factory=dict)
+    """The Unicode fallback's parse of each item orjson refuses for its Unicode only, by index."""
 
 
 def _without_refused(data: bytes | bytearray, refused: orjson.JSONDecodeError) -> Page:
     # orjson parsed the page up to where it stopped (``pos`` counts characters, so no more bytes in):
-    # an item that ends before it parses alone, and is not parsed again to know.
+    # an item that ends before it parses where it is, and is not parsed again to know.
     walk = _walk(data, refused.pos)
-    if not walk.refused:
-        raise ValueError("every item parses alone")
-    doc, broken = unicode_repair.loads_unrepaired(_nulled(data, walk.refused))
+    if not walk.cut:
+        raise ValueError("every item parses where it is")
+    mark = _marker(data)
+    doc, broken = unicode_repair.loads_unrepaired(_marked(data, walk.cut, mark))
     items = doc.get("items") if isinstance(doc, dict) else None
-    if not isinstance(items, list) or len(items) != walk.count or any(items[i] is not None for i in walk.at):
+    marked, text = [*walk.at, *walk.repaired], mark[1:-1].decode()
+    if not isinstance(items, list) or len(items) != walk.count or any(items[i] != text for i in marked):
+        # A marker that is no item of ``items`` where the walk put it: the walk misread the page.
         raise ValueError("the walk found other items than orjson")
+    for i, value in walk.repaired.items():
+        items[i] = value
     doc["items"] = _without(items, walk.at)
-    return Page(doc, broken, walk.refused)
+    return Page(doc, broken or bool(walk.repaired), walk.refused)
 
 
-def _nulled(data: bytes | bytearray, refused: list[Refused]) -> bytes:
-    """The page with ``null`` in place of each refused item."""
+_MARK = b'"#eventrouter: cut out"'
+"""A string no JSON text reads where a string was open: its quote would close that string and its
+``#`` is no JSON outside one. orjson reads it as an item only where the walk's item began a value."""
+
+
+def _marker(data: bytes | bytearray) -> bytes:
+    """``_MARK``, made unique to ``data``: no item of the page can pass for it."""
+    mark, n = _MARK, 0
+    while data.find(mark[:-1]) >= 0:
+        n += 1
+        mark = _MARK[:-1] + b" %d" % n + b'"'
+    return mark
+
+
+def _marked(data: bytes | bytearray, cut: list[tuple[int, int]], mark: bytes) -> bytes:
+    """The page with ``mark`` in place of each item at ``cut``."""
     view = memoryview(data)
     parts: list[bytes | memoryview] = []
     last = 0
-    for item in refused:
-        parts += (view[last : item.start], b"null")
-        last = item.end
+    for start, end in cut:
+        parts += (view[last:start], mark)
+        last = end
     parts.append(view[last:])
     return b"".join(parts)
 
@@ -181,15 +209,7 @@ def _items(data: bytes | bytearray, start: int, parsed_up_to: int, walk: _Walk) 
         begin = _skip(data, pos)
         end = _value_end(data, begin)
         if end >= parsed_up_to:
-            why = _refusal(data[begin:end])
-            if why is not None and not why.startswith(_TOO_DEEP):
-                # Not JSON (a corrupted byte, a proxy's page): the page fails whole and is listed
-                # again, as before item 279. Taken apart, a lost quote merged the items after it into
-                # one refused "item": Events lost, counted as one.
-                raise ValueError(f"an item is not JSON: {why}")
-            if why is not None:
-                walk.at.append(walk.count)
-                walk.refused.append(Refused(begin, end, bytes(data[begin : min(end, begin + QUOTED)]), why))
+            _judge_into(walk, data, begin, end)
         walk.count += 1
         m = _NEXT.match(data, end)
         if m is None:
@@ -200,17 +220,137 @@ def _items(data: bytes | bytearray, start: int, parsed_up_to: int, walk: _Walk) 
 
 
 _TOO_DEEP = "depth limit exceeded"
-"""orjson's refusal of JSON nested deeper than it parses: the one refusal of an item in a page that is
-JSON, which costs that item only."""
+"""orjson's refusal of JSON nested deeper than it parses. It, and broken Unicode in an item too deep
+to repair, are the refusals of an item in a page that is JSON that cost that item only. Any other
+(HTML, NaN, a corrupted byte) makes the page fail whole, as before item 279: a corruption in transit
+heals when the page is listed again."""
+ORJSON_DEPTH = 1024
+"""The deepest nesting orjson parses."""
+IN_PAGE = 2
+"""Levels an item is nested in its page: the List's ``{`` and the ``items`` array's ``[``."""
+_SHORTEST_TOO_DEEP = 2 * (ORJSON_DEPTH - IN_PAGE + 1)
+"""Bytes of the shortest item too deep in the page: an opener and a closer a level."""
+REPAIR_DEPTH = 900
+"""Nesting from which an item with broken Unicode that the Unicode fallback refuses is taken for too
+deep for its json.loads (which runs out of recursion at ~990 levels): refused, not the page failed."""
 
 
-def _refusal(item: bytes | bytearray) -> str | None:
-    """Why orjson refuses ``item`` alone, None when it (or the Unicode fallback) takes it."""
+def _judge_into(walk: _Walk, data: bytes | bytearray, begin: int, end: int) -> None:
+    """Judge the item at ``begin:end`` (the walk's ``walk.count``-th) where it is in the page: left
+    for orjson's parse of the page, taken from the Unicode fallback, or refused. ValueError (the
+    page fails whole) for an item that is not JSON, or that the walk may have misread."""
+    item = data[begin:end]
     try:
-        unicode_repair.loads_unrepaired(cast(bytes, item))  # bytes-like will do
+        orjson.loads(item)
     except orjson.JSONDecodeError as exc:
-        return str(exc)
+        if not str(exc).startswith(_TOO_DEEP):
+            value = _repaired(item, exc)
+            if value is not _TOO_DEEP_TO_REPAIR:
+                walk.repaired[walk.count] = value
+                walk.cut.append((begin, end))
+                return
+        why = str(exc)
+    else:
+        deeper = _deeper_in_page(item) if len(item) >= _SHORTEST_TOO_DEEP else None
+        if deeper is None:
+            return
+        why = deeper
+    depth = _one_value(item)
+    if depth is None:
+        # Out of step (a stray quote): what it took for one item may hold several. Taken, the
+        # Events after it were lost, counted as one (item 300).
+        raise ValueError(f"the walk found no one value at {begin}: {why}")
+    if not why.startswith(_TOO_DEEP) and depth < REPAIR_DEPTH:
+        raise ValueError(f"an item is not JSON: {why}")  # the fallback refused it for its text
+    if not why.startswith(_TOO_DEEP):
+        why = f"{why}; nested {depth} levels, too deep to repair"
+    walk.at.append(walk.count)
+    walk.cut.append((begin, end))
+    walk.refused.append(Refused(begin, end, bytes(data[begin : min(end, begin + QUOTED)]), why))
+
+
+_TOO_DEEP_TO_REPAIR: Any = object()
+
+
+def _repaired(item: bytes | bytearray, refused: orjson.JSONDecodeError) -> Any:
+    """The Unicode fallback's parse of an item orjson refused (not for its depth), its broken strings
+    kept; ``_TOO_DEEP_TO_REPAIR`` when the fallback refuses it too (its recursion, or its text:
+    ``_judge_into`` tells them apart). Alone, not in the page: json.loads recursed out of a page
+    holding an item ~990 deep that orjson took, and the page failed for ever."""
+    try:
+        return unicode_repair.parse_refused(cast(bytes, item), refused)  # bytes-like will do
+    except orjson.JSONDecodeError:
+        return _TOO_DEEP_TO_REPAIR
+
+
+def _deeper_in_page(item: bytes | bytearray) -> str | None:
+    """orjson's refusal of an item it takes alone, at the depth it has in the page; None when it takes
+    it there too. Alone, an item nested 1,023 or 1,024 levels parsed, and the page failed for ever."""
+    if item.count(b"[") + item.count(b"{") <= ORJSON_DEPTH - IN_PAGE:  # cannot pass the limit there
+        return None
+    try:
+        orjson.loads(b"[" * IN_PAGE + item + b"]" * IN_PAGE)
+    except orjson.JSONDecodeError as exc:
+        return f"{exc.msg} at its depth in the page (orjson takes {ORJSON_DEPTH} levels)"
     return None
+
+
+# One JSON token after any whitespace: a string (no control character, valid escapes; its bytes not
+# checked as UTF-8: the Unicode fallback's business), a number or literal, a punctuation mark. NaN and
+# Infinity too (a Python or JavaScript encoder's): inside an item too deep they are tokens that leave
+# no doubt where it ends, and such an item was refused alone before.
+_GRAMMAR = re.compile(
+    rb'[ \t\n\r]*(?:("[^"\\\x00-\x1f]*(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*)*")'
+    rb"|(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null|NaN|-?Infinity)"
+    rb"|([\[\]{},:]))"
+)
+_VALUE, _FIRST_ITEM, _KEY, _FIRST_KEY, _COLON, _AFTER = range(6)
+_OPEN_OBJ, _CLOSE_OBJ, _COMMA, _COLON_MARK = ord("{"), ord("}"), ord(","), ord(":")
+
+
+def _one_value(text: bytes | bytearray) -> int | None:
+    """How deep ``text`` nests if it is one JSON value by JSON's grammar, with no depth limit (a loop,
+    not a recursion); None if it is not. A JSON value starting where it starts ends where only it
+    ends: so the walk cut exactly the item orjson would read there."""
+    stack = bytearray()  # the closer of each container open
+    deepest, state, pos, end = 0, _VALUE, 0, len(text)
+    while (m := _GRAMMAR.match(text, pos)) is not None:
+        pos = m.end()
+        kind, c = m.lastindex, text[pos - 1]
+        if state in (_VALUE, _FIRST_ITEM):
+            if kind != 3:
+                state = _AFTER
+            elif c in _CLOSER:
+                stack.append(_CLOSER[c])
+                deepest = max(deepest, len(stack))
+                state = _FIRST_ITEM if c == _OPEN_ARRAY else _FIRST_KEY
+            elif c == _CLOSE_ARRAY and state == _FIRST_ITEM:
+                stack.pop()
+                state = _AFTER
+            else:
+                return None
+        elif state in (_KEY, _FIRST_KEY):
+            if kind == 1:
+                state = _COLON
+            elif c == _CLOSE_OBJ and state == _FIRST_KEY:
+                stack.pop()
+                state = _AFTER
+            else:
+                return None
+        elif state == _COLON:
+            if c != _COLON_MARK or kind != 3:
+                return None
+            state = _VALUE
+        elif not stack or kind != 3:  # a value after the whole value, or after a value
+            return None
+        elif c == _COMMA:
+            state = _VALUE if stack[-1] == _CLOSE_ARRAY else _KEY
+        elif c == stack[-1]:
+            stack.pop()
+        else:
+            return None
+    done = state == _AFTER and not stack and _skip(text, pos) == end
+    return deepest if done else None
 
 
 def _value_end(data: bytes | bytearray, start: int) -> int:

@@ -24,7 +24,7 @@ import orjson
 from eventrouter.metrics import Metrics
 from eventrouter.record import MalformedEvent, Occurrence, list_item
 from eventrouter.source import list_page, unicode_repair
-from eventrouter.source.kube import ApiError, KubeClient, api_error, error_body, raise_for_status
+from eventrouter.source.kube import ApiError, KubeClient, answer_text, api_error, error_body, raise_for_status
 from eventrouter.source.relist_merge import Member, RelistFailed, RelistMerge
 from eventrouter.source.relist_order import RelistOrder
 from eventrouter.source.tracker import OccurrenceTracker
@@ -423,8 +423,8 @@ class EventWatcher:
 
     def _refused_items(self, refused: list[list_page.Refused]) -> None:
         """Items of a list page that did not parse (the page did): counted as objects that are not
-        Events, as the same item in a list page that parses is. Its size says when a corrupted item
-        took more than one Event with it (the walk cannot tell where such an item ends)."""
+        Events, as the same item in a list page that parses is. Each is one JSON value nested too
+        deep (``list_page``): a corrupted one that may hold other Events fails the page whole."""
         for item in refused:
             self.metrics.source_dropped.labels("malformed").inc()
             log.warning(
@@ -536,7 +536,7 @@ class EventWatcher:
                     # A status code, or 500: a list or a huge number crashed the watch task (or became
                     # an unbounded metric label).
                     status = code if type(code) is int and 100 <= code <= 599 else 500
-                    raise ApiError(status, "WatchError", str(message)[:1000])
+                    raise ApiError(status, "WatchError", answer_text(resp, str(message))[:1000])
                 meta = obj.get("metadata") if isinstance(obj, dict) else None
                 new_rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
                 if kind == "BOOKMARK":
@@ -590,15 +590,16 @@ class EventWatcher:
                 raise _checking(api_error(resp, body, cut))
         finally:
             resp.release()
-        message = body[:300].decode("utf-8", "replace")
+        # The request's credentials out of what is quoted: a gateway may quote what it refused.
+        message = answer_text(resp, body[:300].decode("utf-8", "replace"), cut=len(body) > 300)
         try:
             status = orjson.loads(body)
-            message = str(status.get("message") or "Too large resource version")[:300]
+            message = answer_text(resp, str(status.get("message") or "Too large resource version"))[:300]
             if any(c.get("reason") == "ResourceVersionTooLarge" for c in status["details"]["causes"]):
                 return message
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             pass
-        raise ApiError(resp.status, resp.reason or "", f"{_CHECKING}{message}")
+        raise ApiError(resp.status, answer_text(resp, resp.reason or ""), f"{_CHECKING}{message}")
 
     # ---- loop ---------------------------------------------------------------------------------
 

@@ -140,6 +140,8 @@ class _Fault:
     raw: bytes = b""  # what a "malformed" or "list_item" fault sends, as it is
     reset: bool = False  # a "stall" ends in a connection reset
     size: int = 0  # bytes of a "page"
+    echo: str | None = None  # a request header a "fail" or "page" answer quotes, as some gateways do
+    echo_at: int = 0  # where a "page" quotes it
 
 
 class Faults:
@@ -159,9 +161,12 @@ class Faults:
         message: str | None = None,
         verbs: Iterable[str] = ("list", "watch"),
         resource: str = "events",
+        echo: str | None = None,
     ) -> None:
         """Answer the next ``count`` matching requests with ``status`` and a Status body (429 adds
-        ``Retry-After`` in whole seconds and ``details.retryAfterSeconds``, as priority and fairness does)."""
+        ``Retry-After`` in whole seconds and ``details.retryAfterSeconds``, as priority and fairness does).
+        ``echo`` (Event requests): the Status message ends with that request header as it came, as
+        an auth proxy or gateway in front of the API server quotes the credentials it refused."""
         self._pending.append(
             _Fault(
                 "fail",
@@ -171,16 +176,27 @@ class Faults:
                 message=message,
                 verbs=tuple(verbs),
                 resource=resource,
+                echo=echo,
             )
         )
 
     def error_page_next(
-        self, size: int, status: int = 503, count: int = 1, *, verbs: Iterable[str] = ("list", "watch")
+        self,
+        size: int,
+        status: int = 503,
+        count: int = 1,
+        *,
+        verbs: Iterable[str] = ("list", "watch"),
+        echo: str | None = None,
+        echo_at: int = 0,
     ) -> None:
         """Answer the next ``count`` matching Event requests as a broken proxy or gateway in front of
         the API server may: ``status`` with an HTML page of ``size`` bytes, not a Status. What each
-        page sent before the client closed the connection is added to ``pages_sent``."""
-        self._pending.append(_Fault("page", count, status=status, verbs=tuple(verbs), size=size))
+        page sent before the client closed the connection is added to ``pages_sent``. ``echo``: the
+        page quotes that request header (``<p>Name: value</p>``) from its byte ``echo_at`` on."""
+        self._pending.append(
+            _Fault("page", count, status=status, verbs=tuple(verbs), size=size, echo=echo, echo_at=echo_at)
+        )
 
     def unreadable_error_next(
         self,
@@ -992,7 +1008,7 @@ class FakeApiServer:
         labels = LabelSelector(q.get("labelSelector", ""))
         fault = self.faults.take(verb, "events")
         if fault is not None and fault.kind == "fail":
-            raise self._fault_error(fault)
+            raise self._fault_error(fault, request.headers)
         if fault is not None and fault.kind == "page":
             return await self._error_page(request, fault)
         if fault is not None and fault.kind == "unreadable":
@@ -1013,9 +1029,13 @@ class FakeApiServer:
         resp.content_length = fault.size
         await resp.prepare(request)
         sent = 0
+        first = ERROR_PAGE
+        if fault.echo is not None:
+            quoted = f"<p>{fault.echo}: {request.headers.get(fault.echo, '')}</p>".encode()
+            first = ERROR_PAGE[: fault.echo_at] + quoted + ERROR_PAGE[fault.echo_at :]
         try:
             while sent < fault.size:
-                piece = ERROR_PAGE[: fault.size - sent]
+                piece = (ERROR_PAGE if sent else first)[: fault.size - sent]
                 await resp.write(piece)
                 sent += len(piece)
             await resp.write_eof()
@@ -1044,8 +1064,11 @@ class FakeApiServer:
             raise self._fault_error(fault)
 
     @staticmethod
-    def _fault_error(fault: _Fault) -> ApiError:
+    def _fault_error(fault: _Fault, sent: Mapping[str, str] | None = None) -> ApiError:
+        """``sent``: the request's headers, for a fault that quotes one."""
         message = fault.message or DEFAULT_MESSAGES.get(fault.status, "injected fault")
+        if fault.echo is not None and sent is not None:
+            message += f" (refused {fault.echo}: {sent.get(fault.echo, '')})"
         headers: dict[str, str] = {}
         details: dict[str, Any] | None = None
         if fault.retry_after is not None:
