@@ -48,6 +48,7 @@ from eventrouter.engine.configmap_checkpoint import (
     CheckpointFormatError,
     ConfigMapCheckpoint,
     ConfigMapCheckpointStore,
+    configmap_version,
 )
 from eventrouter.engine.configmap_checkpoint import _off_loop as in_checkpoint_thread
 from eventrouter.engine.deadletter import DEADLETTER_MAX, DeadLetter
@@ -109,12 +110,14 @@ class RouterSettings:
     """Keep checkpoints in this ConfigMap (namespace ``checkpoint_namespace``) instead of --data-dir."""
     checkpoint_namespace: str = "default"
     checkpoint_seed_configmap: str | None = None
-    """At the first start on ``data_dir`` (its checkpoint store holds nothing yet), start from the
-    checkpoint this ConfigMap (namespace ``checkpoint_namespace``) holds, as ``checkpoint_configmap``
-    writes it: the switch from the chart's configMap mode to dataDir delivers nothing twice. A seed
-    that fails (forbidden, damaged, a timeout) is tried again at each later start, over the data dir's
-    own checkpoint, until one is taken or the ConfigMap is gone. Only read, never written; not with
-    ``checkpoint_configmap``."""
+    """Take over the checkpoint this ConfigMap (namespace ``checkpoint_namespace``) holds, as
+    ``checkpoint_configmap`` writes it, so that the switch from the chart's configMap mode to dataDir
+    delivers nothing twice, also onto a claim kept from an earlier dataDir period. Read (a GET) at each
+    start: on an empty checkpoint store it becomes the data dir's checkpoint; over one the data dir
+    holds, merged (the higher number of each entry: every number in it was accepted by that sink),
+    unless it is the state (uid, resourceVersion) the data dir took last (SEED_TAKEN: not decoded then).
+    A read that fails (forbidden, damaged, a timeout) is tried again at the next start. Only read,
+    never written; not with ``checkpoint_configmap``."""
     checkpoint_flush_interval: float = 1.0
     """Seconds between ConfigMap writes: after a SIGKILL the new leader may re-deliver up to this much."""
     checkpoint_prune_interval: float = 60.0
@@ -221,11 +224,17 @@ SEED_EMPTY = "starting with an empty checkpoint: each sink gets again what the A
 SEED_OWN = "starting from the data dir's own checkpoint"
 SEED_AGAIN = "the seed is tried again at the next start"
 
+SEED_TAKEN = "checkpoint-seed.taken"
+"""In the data dir: the ConfigMap state its checkpoint took last (``<namespace>/<name> uid=…
+resourceVersion=…``) or found absent (``<namespace>/<name> absent``), written durably after the seed
+or merge it records. Each start reads the ConfigMap (a GET, the checkpoint not decoded yet) and takes
+it only when it is another state: a claim kept across dataDir → configMap → dataDir holds the first
+period's checkpoint, and the ConfigMap what the configMap mode delivered since. Missing (a data dir
+seeded before this record, or never) or unwritable: the next start merges again (the same numbers)."""
+
 SEED_PENDING = "checkpoint-seed.pending"
-"""In the data dir while a seed is owed: its first start could not have it (403, a damaged ConfigMap, a
-timeout, a write error). Each later start then tries again and takes the ConfigMap's numbers where they
-are higher than the data dir's (``_merge_seed``); removed once a seed is taken or the ConfigMap is
-gone (404: nothing to seed)."""
+"""Written by item 299's code while a seed was owed; SEED_TAKEN says it now (every start reads the
+ConfigMap): removed with SEED_TAKEN's first write."""
 
 
 def _check_seed(settings: RouterSettings) -> None:
@@ -259,25 +268,27 @@ def _drop_unfinished_seed(side: Path) -> None:
     log.info("checkpoint seed: removed %s, left by a seed that did not finish", side)
 
 
-def _owe_seed(pending: Path, where: str) -> None:
-    """Write SEED_PENDING, durably (before any checkpoint file: a kill after one, and no marker, and
-    no later start would try the seed again)."""
-    if pending.exists():
-        return
-    tmp = pending.with_name(pending.name + ".tmp")
+def _seed_taken(data: Path) -> str | None:
+    """SEED_TAKEN's state; None when there is none that can be read (the ConfigMap is then taken)."""
+    try:
+        return (data / SEED_TAKEN).read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _record_seed(data: Path, state: str) -> None:
+    """Write SEED_TAKEN durably, after the checkpoint it records (a kill between: the next start merges
+    the same numbers again); item 299's SEED_PENDING goes with it."""
+    record = data / SEED_TAKEN
+    tmp = record.with_name(record.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(f"checkpoint seed from ConfigMap {where} not taken yet: tried again at each start\n")
+        fh.write(state + "\n")
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, pending)
-    sync_folder(pending.parent)
-
-
-def _seed_paid(pending: Path) -> None:
-    """Remove SEED_PENDING: a seed was taken, or there is none to take."""
+    os.replace(tmp, record)
     with contextlib.suppress(FileNotFoundError):
-        pending.unlink()
-        sync_folder(pending.parent)
+        (data / SEED_PENDING).unlink()
+    sync_folder(data)
 
 
 def _raise_to(backend: FileCheckpoint, seed: Mapping[str, int]) -> int:
@@ -653,56 +664,79 @@ class Router:
             await self._start_http(self.settings.metrics_addr)
 
     async def _seed_checkpoint(self, data: Path) -> None:
-        """``checkpoint_seed_configmap``: on the first start on this data dir, the ConfigMap's checkpoint
-        becomes the data dir's, written there before the sinks load it. Decided for the whole store, not
-        per sink: it is the data dir's first start (the switch from the ConfigMap) or it is not, and a
-        sink without a file of its own (one that never accepted anything, one added later) read the
-        ConfigMap, long stale by then, at each start. Each configured sink gets a snapshot, empty for one
-        the ConfigMap lacks, so that no later start reads the ConfigMap again. A ConfigMap that cannot be
-        used (forbidden, damaged, a timeout) is said, counted (``checkpoint_seeds{result="failed"}``)
-        and owed (SEED_PENDING): the router starts as without the seed (a seed never stops the start),
-        and each later start tries again, over the data dir's own checkpoint (``_merge_seed``), until
-        one is taken or the ConfigMap is gone (404, "absent": nothing to seed)."""
+        """``checkpoint_seed_configmap``: the ConfigMap's checkpoint taken into the data dir's before the
+        sinks load it. On an empty checkpoint store (the switch from the configMap mode onto a new claim)
+        it becomes the data dir's, decided for the whole store: each configured sink gets a snapshot,
+        empty for one the ConfigMap lacks. Over a checkpoint the data dir holds it is merged (the higher
+        number of each entry), unless it is the state the data dir took last (SEED_TAKEN): a claim kept
+        from an earlier dataDir period (the chart keeps it) holds that period's checkpoint, and the
+        ConfigMap what the configMap mode delivered since, all of it again without the merge. Read at
+        each start (a GET: nothing tells a data dir that a configMap period came between); decoded only
+        when another state. A read that fails (forbidden, damaged, a timeout) is said, counted
+        (``checkpoint_seeds{result="failed"}``) and left unrecorded, so the next start takes it: the
+        router starts as without it (a seed never stops the start)."""
         name = self.settings.checkpoint_seed_configmap
         _drop_unfinished_seed(data / SEED_FOLDER)
         if name is None:
             return
-        pending = data / SEED_PENDING
         first = not _holds_checkpoint(data / "checkpoints")
-        if not first and not pending.exists():
-            return  # seeded, or nothing to seed, at an earlier start: the data dir's checkpoint rules
+        # An empty store took nothing, whatever a record says (its checkpoints removed by hand).
+        taken = None if first else await asyncio.to_thread(_seed_taken, data)
         where = f"{self.settings.checkpoint_namespace}/{name}"
-        result = await self._take_seed(data, name, where, first)
+        result, state = await self._take_seed(data, name, where, first, taken)
         self.metrics.checkpoint_seeds.labels(result).inc()
-        owed = result == "failed"
+        if state is None or state == taken:
+            return
         try:
-            # Before any checkpoint file is written (_build), so that a kill does not lose the debt.
-            if owed:
-                await asyncio.to_thread(_owe_seed, pending, where)
-            else:
-                await asyncio.to_thread(_seed_paid, pending)
+            # Before any checkpoint file is written (_build): the record says what the files hold.
+            await asyncio.to_thread(_record_seed, data, state)
         except OSError as exc:
             log.warning(
-                "checkpoint seed: cannot %s %s (%s): %s",
-                "write" if owed else "remove",
-                pending,
+                "checkpoint seed: cannot write %s (%s): the next start decodes ConfigMap %s again and "
+                "merges it (the same numbers: nothing changes)",
+                data / SEED_TAKEN,
                 exc.strerror or exc,
-                "the seed is not tried again once a checkpoint is written"
-                if owed
-                else "the next start reads the ConfigMap again (and takes only numbers above the data dir's)",
+                where,
             )
 
-    async def _take_seed(self, data: Path, name: str, where: str, first: bool) -> str:
+    async def _take_seed(
+        self, data: Path, name: str, where: str, first: bool, taken: str | None
+    ) -> tuple[str, str | None]:
         """One try at the seed (``first``: on an empty checkpoint store, else over the data dir's own):
-        "seeded", "absent" (the ConfigMap does not exist) or "failed" (said in one WARNING)."""
+        "seeded", "unchanged" (the state ``taken``: not decoded), "absent" (the ConfigMap does not exist)
+        or "failed" (said in one WARNING); and the ConfigMap state to record (SEED_TAKEN), None when
+        none is."""
         fallback = f"{SEED_EMPTY if first else SEED_OWN}; {SEED_AGAIN}"
         kube = self._control or self.kube
         if kube is None:
             log.warning("checkpoint seed: no API client to read ConfigMap %s with; %s", where, fallback)
-            return "failed"
+            return "failed", None
         store = ConfigMapCheckpointStore(kube, namespace=self.settings.checkpoint_namespace, name=name)
         try:
-            found = await self._read_seed(store)
+            obj = await self._read_seed(store)
+        except (ApiError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            log.warning(
+                "checkpoint seed: cannot read ConfigMap %s (%s); %s", where, failure_text(exc), fallback
+            )
+            return "failed", None
+        if obj is None:
+            absent = f"{where} absent"
+            log.log(
+                logging.DEBUG if absent == taken else logging.INFO,
+                "checkpoint seed: ConfigMap %s does not exist; %s",
+                where,
+                "starting with an empty checkpoint"
+                if first
+                else "nothing to seed (read again at each start: one made later is merged)",
+            )
+            return "absent", absent
+        version = configmap_version(obj)
+        state = f"{where} {version}" if version else None
+        if state is not None and state == taken:
+            log.debug("checkpoint seed: ConfigMap %s is the one this data dir took last (%s)", where, version)
+            return "unchanged", state
+        try:
+            found = await store.decode(obj)
         except CheckpointFormatError as exc:
             log.warning(
                 "checkpoint seed: ConfigMap %s holds no checkpoint that can be read (%s); %s",
@@ -710,19 +744,8 @@ class Router:
                 exc,
                 fallback,
             )
-            return "failed"
-        except (ApiError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            log.warning(
-                "checkpoint seed: cannot read ConfigMap %s (%s); %s", where, failure_text(exc), fallback
-            )
-            return "failed"
-        if found is None:
-            log.info(
-                "checkpoint seed: ConfigMap %s does not exist; %s",
-                where,
-                "starting with an empty checkpoint" if first else "nothing to seed, not tried again",
-            )
-            return "absent"
+            return "failed", None
+        del obj  # its text (up to ~1.4 MiB) not kept through the write
         # File work off the loop, run to its end: a stop meanwhile must not give up the data dir's lock
         # while the thread still writes in it. Written, and trimmed after, in the thread that decoded
         # it: each thread that allocates keeps a glibc arena malloc_trim does not empty (items
@@ -737,17 +760,17 @@ class Router:
             raise
         await in_checkpoint_thread(release_free_memory)
         self.memory_trims += 1
-        return "seeded" if written else "failed"
+        return ("seeded", state) if written else ("failed", None)
 
-    async def _read_seed(self, store: ConfigMapCheckpointStore) -> ConfigMapCheckpoint | None:
-        """``store.read()``, tried again while the failure may pass (429, 5xx, a broken connection), for
-        SEED_READ_SECONDS at most."""
+    async def _read_seed(self, store: ConfigMapCheckpointStore) -> dict[str, Any] | None:
+        """``store.read_object()``, tried again while the failure may pass (429, 5xx, a broken
+        connection), for SEED_READ_SECONDS at most."""
         deadline = time.monotonic() + SEED_READ_SECONDS
         delay = 0.5
         while True:
             try:
                 async with asyncio.timeout(deadline - time.monotonic()):
-                    return await store.read()
+                    return await store.read_object()
             except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as exc:
                 if not _worth_retrying(exc) or time.monotonic() + delay >= deadline:
                     raise
@@ -796,11 +819,12 @@ class Router:
         return True
 
     def _merge_seed(self, data: Path, found: ConfigMapCheckpoint, where: str, fallback: str) -> bool:
-        """A seed owed since an earlier start (SEED_PENDING), taken over the checkpoint the data dir has
-        kept since: each entry becomes the higher of its two numbers. The data dir's numbers are never
+        """A ConfigMap state the data dir has not taken (SEED_TAKEN: one a failed start could not read,
+        one the configMap mode wrote while this claim was kept unmounted), taken over the checkpoint the
+        data dir holds: each entry becomes the higher of its two numbers. The data dir's numbers are never
         lowered nor its entries dropped, so nothing accepted since is sent again; the ConfigMap adds
-        only what its sink accepted before the switch, as the first start's seed does. Sink by sink,
-        each snapshot replaced in one rename: after a kill or an error part-way the marker stays and the
+        only what its sink accepted, as the first start's seed does. Sink by sink, each snapshot
+        replaced in one rename: after a kill or an error part-way SEED_TAKEN is not written yet and the
         next start merges again (the higher of two numbers, taken twice, is the same)."""
         folder = data / "checkpoints"
         configured = [spec.name for spec in self.specs]

@@ -313,10 +313,12 @@ def _parser() -> argparse.ArgumentParser:
         action=_Once,
         type=_configmap_name,
         metavar="NAME",
-        help="at the first start on --data-dir (its checkpoint holds nothing yet), start from the checkpoint "
-        "this ConfigMap holds (namespace: $POD_NAMESPACE), as --checkpoint-configmap wrote it, so that "
-        "moving from --checkpoint-configmap to --data-dir delivers nothing twice (a seed that failed is tried "
-        "again at each later start, keeping the higher number of each entry); only read (get)",
+        help="take over the checkpoint this ConfigMap holds (namespace: $POD_NAMESPACE), as "
+        "--checkpoint-configmap wrote it, so that moving from --checkpoint-configmap to --data-dir delivers "
+        "nothing twice, also onto a data dir kept from before: read (get) at each start; it starts an empty "
+        "--data-dir's checkpoint and is merged into one the data dir holds (the higher number of each entry) "
+        "unless the data dir took that state (uid, resourceVersion) last; a failed read is tried at the next "
+        "start; never written",
     )
     run.add_argument(
         "--checkpoint-flush-interval",

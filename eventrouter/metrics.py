@@ -47,7 +47,7 @@ RELIST_REASONS = ("initial", "expired", "rv_regressed")
 DATA_DIR_FILES = ("spool", "checkpoint", "deadletter")
 RELOAD_RESULTS = ("applied", "unchanged", "invalid")
 CHECKPOINT_CONFIGMAP_OPS = ("read", "write")
-CHECKPOINT_SEED_RESULTS = ("seeded", "absent", "failed")
+CHECKPOINT_SEED_RESULTS = ("seeded", "unchanged", "absent", "failed")
 
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
@@ -264,10 +264,10 @@ class Metrics:
         )
         self.checkpoint_seeds = Counter(
             "eventrouter_checkpoint_seeds",
-            "With --checkpoint-seed-configmap: tries to start the data dir's checkpoint from the ConfigMap's, "
-            "by result: seeded, absent (no such ConfigMap: nothing to seed), failed (forbidden, damaged, "
-            "timed out, not written: the sinks get again what the API server holds; tried again at the "
-            "next start).",
+            "With --checkpoint-seed-configmap: reads of the ConfigMap's checkpoint into the data dir's, one "
+            "per start, by result: seeded (taken or merged), unchanged (the state this data dir took last: "
+            "not decoded), absent (no such ConfigMap: nothing to seed), failed (forbidden, damaged, timed "
+            "out, not written: the sinks may get again what the API server holds; tried at the next start).",
             ["result"],
             registry=r,
         )

@@ -247,12 +247,14 @@ async def test_a_seed_that_failed_is_taken_at_the_next_start_keeping_what_was_ac
     assert "over the data dir's own checkpoint" in said and "loki=0, robot=30" in said
     assert FileCheckpoint(tmp_path / "claim" / "checkpoints", "loki").load()[old["uid"]] == 2
 
-    # Taken: the data dir's checkpoint rules from now on.
+    # Taken: the data dir's checkpoint rules from now on (read, the same state: not taken again, item 304).
     mark = len(api.requests)
     third = data_dir_mode(api, tmp_path, ["loki", "robot"])
     await run_once(third)
-    assert configmap_requests(api, mark) == []
+    assert configmap_requests(api, mark) == ["GET"]
     assert seeds(third) == dict.fromkeys(RESULTS, 0.0)
+    sample = third.metrics.registry.get_sample_value
+    assert sample("eventrouter_checkpoint_seeds_total", {"result": "unchanged"}) == 1.0
     assert received(third, "loki") == received(third, "robot") == []
 
 
@@ -283,10 +285,14 @@ async def test_a_seed_still_failing_is_owed_until_the_configmap_is_gone(
     gone = data_dir_mode(api, tmp_path, ["loki"])
     await run_once(gone)
     assert seeds(gone)["absent"] == 1.0
-    assert messages(caplog, logging.INFO, "does not exist; nothing to seed, not tried again")
+    assert messages(caplog, logging.INFO, "does not exist; nothing to seed (read again at each start")
+    # Item 304: still read at each start (one made later is merged), said at INFO only the first time.
+    caplog.clear()
     mark = len(api.requests)
-    await run_once(data_dir_mode(api, tmp_path, ["loki"]))
-    assert configmap_requests(api, mark) == []
+    still = data_dir_mode(api, tmp_path, ["loki"])
+    await run_once(still)
+    assert configmap_requests(api, mark) == ["GET"] and seeds(still)["absent"] == 1.0
+    assert not messages(caplog, logging.INFO, "checkpoint seed")
 
 
 # ---- (3) the decode keeps columns, not a dict per sink ----------------------------------------------

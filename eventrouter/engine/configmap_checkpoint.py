@@ -433,6 +433,18 @@ def configmap_size(obj: Mapping[str, Any]) -> int:
     return total
 
 
+def configmap_version(obj: Mapping[str, Any]) -> str | None:
+    """What tells one state of a ConfigMap from every other: its uid (one deleted and made anew has
+    another) and resourceVersion (each write changes it); None when the object lacks either."""
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        return None
+    uid, version = meta.get("uid"), meta.get("resourceVersion")
+    if not isinstance(uid, str) or not uid or not isinstance(version, str) or not version:
+        return None
+    return f"uid={uid} resourceVersion={version}"
+
+
 # ---- the store ----------------------------------------------------------------------------------
 
 
@@ -707,10 +719,20 @@ class ConfigMapCheckpointStore:
         store's own state is not touched. Raises ApiError (403, 5xx) or a request's error when it cannot
         be read, and CheckpointFormatError when it holds no readable checkpoint (load() starts empty
         then: a leader must not stop for it; a seed says so instead)."""
-        obj = await self._get()
+        obj = await self.read_object()
         if obj is None:
             return None
-        return await _off_loop(self._read_columns, obj)  # off the loop: seconds of CPU when large
+        return await self.decode(obj)
+
+    async def read_object(self) -> dict[str, Any] | None:
+        """The ConfigMap as it stands, not decoded (a GET only); None when it does not exist (404).
+        Its ``configmap_version`` tells whether it is one a reader took before (``decode`` then spared)."""
+        return await self._get()
+
+    async def decode(self, obj: Mapping[str, Any]) -> ConfigMapCheckpoint:
+        """The checkpoint ``obj`` (``read_object``'s) holds, decoded off the loop (seconds of CPU when
+        large); CheckpointFormatError when it holds none that can be read."""
+        return await _off_loop(self._read_columns, obj)
 
     def _read_columns(self, obj: Mapping[str, Any]) -> ConfigMapCheckpoint:
         names, columns, order = _decode_columns(obj)
