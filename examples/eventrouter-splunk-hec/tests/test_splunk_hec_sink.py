@@ -7,6 +7,7 @@ import logging
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from email.utils import formatdate
@@ -978,12 +979,13 @@ async def test_the_fake_sends_answers_a_client_cannot_read_as_a_front_may() -> N
 
 
 @pytest.mark.parametrize("how", HOWS)
-async def test_a_refusal_whose_body_cannot_be_read_is_halved_down_to_the_event_refused(
+async def test_a_refusal_whose_body_cannot_be_read_is_sent_one_by_one_down_to_the_event_refused(
     hec: FakeHEC, how: Unreadable
 ) -> None:
     """HEC refuses R0 (400 code 6) and its answer's body cannot be read: its status line came, so the
-    status decides. The batch is halved until R0 is alone, rejected; R1 is indexed. Before, it was
-    "cannot reach", and the batch was retried for ever at the default retry_max_attempts=0."""
+    status decides. The events are sent again one per request: R0 alone is rejected, R1 indexed.
+    Before item 298, it was "cannot reach", and the batch was retried for ever at the default
+    retry_max_attempts=0 (item 298 halved the batch; item 305 sends one by one)."""
     batch = [make_occurrence(reason=f"R{i}") for i in range(2)]
     async with hec_sink(url=hec.url, timeout=BODY_TIMEOUT) as sink:
         hec.fail_next(2, 400, REFUSED, unreadable=how)
@@ -1037,23 +1039,144 @@ async def test_retry_after_is_honoured_and_the_channel_kept_when_the_body_cannot
 
 
 @pytest.mark.parametrize("how", HOWS)
-async def test_a_2xx_whose_body_cannot_be_read_is_sent_again_saying_it_may_be_indexed_twice(
+async def test_a_2xx_whose_body_cannot_be_read_is_final_when_the_token_has_no_indexer_acknowledgement(
     hec: FakeHEC, how: Unreadable, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """HEC stored the event and its 200's body cannot be read (its ackId, if any, unknown): sent again,
-    the log saying it may be indexed twice. Before, "cannot reach", though HEC had answered."""
+    """A token without indexer acknowledgement (start() learns it): HEC's 2xx is its whole answer,
+    there is no ackId to learn. Its body unreadable (a front garbling every answer), the events are
+    delivered, indexed once, one WARNING naming the front. Before (item 298), each was posted again
+    "may be indexed twice": behind a lasting fault, posted for ever, one more copy each attempt, never
+    delivered (r298 F1)."""
+    caplog.set_level(logging.WARNING, LOG.name)
+    batch = [make_occurrence(reason=f"R{i}") for i in range(3)]
+    async with hec_sink(url=hec.url, timeout=BODY_TIMEOUT) as sink:
+        hec.unreadable_next(2, how)
+        outcomes = [await sink.send([occ]) for occ in batch]  # R0, R1 unreadable; R2 read
+    assert all(o is not None and o[0] is OK for o in outcomes), outcomes
+    assert [e["event"]["reason"] for e in hec.events] == ["R0", "R1", "R2"]  # each once
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1, said
+    assert "answer could not be read (" in said[0] and "acknowledgement off" in said[0]
+    assert "count as delivered" in said[0] and "garbles its answers" in said[0]
+
+
+@pytest.mark.parametrize("how", HOWS)
+async def test_an_unreadable_2xx_with_indexer_acknowledgement_is_sent_again_and_a_lasting_fault_is_an_error(
+    how: Unreadable, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With indexer acknowledgement on, an unreadable 2xx hides the ackId: sent again, saying it may
+    be indexed twice (item 298, kept). Two in a row are an ERROR saying each attempt indexes one more
+    copy and to fix the front: before, only the WARNING "may be indexed twice" at each attempt, though
+    a lasting fault indexes a copy per attempt and delivers none (r298 F1)."""
     caplog.set_level(logging.WARNING, LOG.name)
     occ = make_occurrence(reason="R0")
-    async with hec_sink(url=hec.url, timeout=BODY_TIMEOUT) as sink:
-        hec.unreadable_next(1, how)
+    async with (
+        FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}) as hec,
+        hec_sink(url=hec.url, timeout=BODY_TIMEOUT) as sink,
+    ):
+        hec.unreadable_next(2, how)
         first = await sink.send([occ])
-        assert first is not None and first[0].kind is OutcomeKind.RETRY
-        again = await sink.send([occ])
-    assert again is not None and again[0] is OK
-    assert first[0].reason.startswith("HEC answered HTTP 200 but its answer could not be read ("), first
-    assert "sent again, so the events may be indexed twice" in first[0].reason
-    assert any(first[0].reason in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert [e["event"]["reason"] for e in hec.events] == ["R0", "R0"]
+        second = await sink.send([occ])
+        third = await sink.send([occ])
+    for outcome in (first, second):
+        assert outcome is not None and outcome[0].kind is OutcomeKind.RETRY, outcome
+        assert outcome[0].reason.startswith("HEC answered HTTP 200 but its answer could not be read (")
+        assert "sent again, so the events may be indexed twice" in outcome[0].reason
+    assert third is not None and third[0] is OK, third
+    assert [e["event"]["reason"] for e in hec.events] == ["R0"] * 3  # one copy per attempt
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "two answers of HEC in a row could not be read" in errors[0], errors
+    assert "Splunk indexes one more copy" in errors[0] and "fix what is in front of HEC" in errors[0]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("may be indexed twice" in m for m in warned) == 2, warned
+
+
+def splunk_like(**settings: Any) -> FakeHEC:
+    """A FakeHEC that keeps the events before the one it refuses, as Splunk does, and refuses the events
+    whose reason is BAD (400 code 6)."""
+    return FakeHEC(
+        tokens={TOKEN},
+        keep_before_refused=True,
+        refuse=lambda event: event["event"]["reason"] == "BAD",
+        **settings,
+    )
+
+
+async def test_the_fake_keeps_the_events_before_the_one_it_refuses_when_asked_as_splunk_does() -> None:
+    """``refuse`` has the fake refuse an event as malformed; by default it stores none of that request,
+    with ``keep_before_refused`` those before the refused one, as Splunk does. ``unreadable_next(...,
+    status=400)`` garbles only 400s: a 200 passes readable and uncounted."""
+    body = b'{"event": {"reason": "A"}}{"event": {"reason": "BAD"}}{"event": {"reason": "C"}}'
+    refused = {"text": "Invalid data format", "code": 6, "invalid-event-number": 1}
+    headers = {"Authorization": f"Splunk {TOKEN}"}
+    kept: dict[bool, list[str]] = {}
+    for keep in (False, True):
+        async with (
+            FakeHEC(
+                tokens={TOKEN}, keep_before_refused=keep, refuse=lambda e: e["event"]["reason"] == "BAD"
+            ) as hec,
+            aiohttp.ClientSession(hec.url) as http,
+        ):
+            hec.unreadable_next(1, "gzip", status=400)
+            async with http.post(EVENT_PATH, data=b'{"event": {"reason": "OK"}}', headers=headers) as r:
+                assert (r.status, await r.json()) == (200, {"text": "Success", "code": 0})
+            async with http.post(EVENT_PATH, data=body, headers=headers) as r:
+                assert r.status == 400
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await r.read()
+            async with http.post(EVENT_PATH, data=body, headers=headers) as r:
+                assert (r.status, await r.json()) == (400, refused)
+            kept[keep] = [e["event"]["reason"] for e in hec.events]
+    assert kept == {False: ["OK"], True: ["OK", "A", "A"]}
+
+
+@pytest.mark.parametrize("how", HOWS)
+async def test_a_refusal_whose_body_cannot_be_read_sends_the_events_one_by_one_each_indexed_twice_at_most(
+    how: Unreadable, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HEC takes R0-R6, refuses BAD (last of 8), and every 400's body cannot be read. Halved level by
+    level, each level posted again the events Splunk had just indexed before BAD: R6 four times (ten
+    at a batch of 500), silently (r298 F2). Now the events are sent one per request, in order: each
+    indexed twice at most, BAD rejected alone, 9 requests, one WARNING saying so."""
+    caplog.set_level(logging.WARNING, LOG.name)
+    batch = [*(make_occurrence(reason=f"R{i}") for i in range(7)), make_occurrence(reason="BAD")]
+    async with splunk_like() as hec, hec_sink(url=hec.url, timeout=BODY_TIMEOUT) as sink:
+        hec.unreadable_next(len(batch), how, status=400)
+        before = len(hec.statuses)
+        outcomes = await sink.send(batch)
+        requests = len(hec.statuses) - before
+    assert outcomes is not None and [o.kind for o in outcomes] == [OutcomeKind.OK] * 7 + [OutcomeKind.REJECT]
+    assert outcomes[7].reason.startswith("HEC 400 (its body unreadable: "), outcomes[7].reason
+    assert Counter(e["event"]["reason"] for e in hec.events) == {f"R{i}": 2 for i in range(7)}
+    assert requests == 9
+    said = [r.getMessage() for r in caplog.records if "one per request" in r.getMessage()]
+    assert len(said) == 1 and "a request of 8" in said[0] and "may be indexed twice" in said[0], said
+
+
+async def test_events_that_may_be_indexed_already_stay_one_per_request_in_a_later_send() -> None:
+    """The send's budget ends before every event went alone (each request takes 0.3 s): the rest is
+    held, and sent again at once. Sent as one request again, HEC would index the events before BAD a
+    third time (and a fourth, alone); they stay one per request until HEC takes each: twice at most."""
+    batch = [*(make_occurrence(reason=f"R{i}") for i in range(5)), make_occurrence(reason="BAD")]
+    outcomes: dict[str, OutcomeKind] = {}
+    held = 0
+    async with (
+        splunk_like(delay=0.3) as hec,
+        hec_sink({"send_timeout": 2.4}, url=hec.url, timeout=0.5) as sink,
+    ):
+        hec.unreadable_next(20, "gzip", status=400)
+        todo = batch
+        for _ in range(10):  # as the engine does: what is held is sent again at once
+            answered = await sink.send(todo)
+            assert answered is not None
+            held += sum(o.held for o in answered)
+            outcomes.update((occ.key, o.kind) for occ, o in zip(todo, answered, strict=True))
+            todo = [occ for occ, o in zip(todo, answered, strict=True) if o.kind is OutcomeKind.RETRY]
+            if not todo:
+                break
+    assert held, "the first send was not cut short: the test proves nothing"
+    assert [outcomes[occ.key] for occ in batch] == [OutcomeKind.OK] * 5 + [OutcomeKind.REJECT]
+    assert Counter(e["event"]["reason"] for e in hec.events) == {f"R{i}": 2 for i in range(5)}
 
 
 async def test_a_huge_error_page_is_read_in_part(hec: FakeHEC) -> None:

@@ -40,8 +40,13 @@ ackId 0 again. ``restart()`` plays a HEC restart: the events of requests not ind
 of ``events``, into ``lost``), and every channel's ackIds start again from 0 — as two HEC nodes behind
 a load balancer without sticky sessions number one channel's requests each on its own.
 
-A request with a bad event stores none of its events (the stricter of the behaviours a client can
-meet; the sink retries the others, so it loses nothing either way).
+A request with a bad event stores none of its events by default (the stricter of the behaviours a
+client can meet; the sink retries the others, so it loses nothing either way). With
+``keep_before_refused=True`` it stores the events before the bad one, as Splunk does (it takes a
+request's events in order up to the one it refuses: a client then sends them again, and they are
+indexed twice); for a token in ``ack_tokens`` they count as indexed at once, without an ackId.
+``refuse`` (a predicate on the decoded event object) makes the fake refuse the events it is true of
+as malformed (400 code 6), so a test can have one event of a well-encoded batch refused.
 
 Fault injection: ``fail_next(n, status, body=..., retry_after=...)`` answers the next ``n`` event
 requests that way, before any check, with ``unreadable=`` its body one the client cannot read, or with
@@ -51,9 +56,10 @@ to acknowledgement queries), whatever they say (HEC's own after it stored the ev
 with a body the client cannot read: ``"stall"`` (the head, then none of the body until the fake
 closes), ``"cut"`` (the head, then the connection dropped) or ``"gzip"`` (a plain body labelled
 ``Content-Encoding: gzip``), as a proxy or gateway in front of HEC may (``answer_unreadable`` of
-``eventrouter.testing``); ``late_next(n, after)`` (``ack=`` likewise) sends their body ``after`` seconds
-after their head, the connection kept; ``restart_after(n)`` calls ``restart()`` once the next ``n``
-requests with an ackId are answered; ``lose_answers(n)``: the next ``n`` event requests HEC takes are
+``eventrouter.testing``), ``status=``: only answers of that status, the others passing untouched and
+uncounted (a front that garbles its error pages); ``late_next(n, after)`` (``ack=`` likewise) sends
+their body ``after`` seconds after their head, the connection kept; ``restart_after(n)`` calls
+``restart()`` once the next ``n`` requests with an ackId are answered; ``lose_answers(n)``: the next ``n`` event requests HEC takes are
 stored (and numbered) as usual, and the connection is closed instead of answering, as when the answer
 of a loaded HEC comes after the client's timeout, or a proxy resets it; ``delay`` (seconds) holds every
 event request that long first, as a loaded indexer does.
@@ -66,6 +72,7 @@ import json
 import socket
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -87,6 +94,15 @@ class _Fault:
     retry_after: str | None
     unreadable: Unreadable | None = None
     page: int = 0  # bytes of a front's HTML page answered instead of HEC's JSON
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """How to send an answer (``unreadable_next``, ``late_next``): its body unreadable so, or that many
+    seconds late; only an answer of ``status``, when given."""
+
+    how: Unreadable | float
+    status: int | None = None
 
 
 @dataclass
@@ -146,6 +162,8 @@ class FakeHEC:
         max_content_length: int = 1_000_000,
         delay: float = 0.0,
         host: str = "127.0.0.1",
+        keep_before_refused: bool = False,
+        refuse: Callable[[dict[str, Any]], bool] | None = None,
     ) -> None:
         self.tokens = tokens
         self.disabled_tokens = disabled_tokens or set()
@@ -168,11 +186,15 @@ class FakeHEC:
         self.max_content_length = max_content_length
         self.delay = delay
         self.host = host
+        self.keep_before_refused = keep_before_refused
+        """A request with a bad event stores the events before it, as Splunk does (else none)."""
+        self.refuse = refuse
+        """Events (decoded objects) it is true of are refused as malformed: 400 code 6."""
         self.events: list[dict[str, Any]] = []
         self.statuses: list[int] = []
         """The status of every answered event request, in order."""
         self._faults: deque[_Fault] = deque()
-        self._shapes: dict[str, deque[Unreadable | float]] = {"event": deque(), "ack": deque()}
+        self._shapes: dict[str, deque[_Shape]] = {"event": deque(), "ack": deque()}
         self._release = asyncio.Event()  # a stalled answer ends at the fake's close
         self.pages: list[FrontPage] = []
         """The front pages answered (``fail_next(page=)``), with how much of each the client took."""
@@ -200,15 +222,18 @@ class FakeHEC:
         fault = _Fault(status, body or {"text": "Server is busy", "code": 9}, retry_after, unreadable, page)
         self._faults.extend([fault] * n)
 
-    def unreadable_next(self, n: int, how: Unreadable, *, ack: bool = False) -> None:
+    def unreadable_next(
+        self, n: int, how: Unreadable, *, ack: bool = False, status: int | None = None
+    ) -> None:
         """The next ``n`` answers to event requests (``ack``: to acknowledgement queries), whatever
-        they say, sent with a body the client cannot read (``answer_unreadable``)."""
-        self._shapes["ack" if ack else "event"].extend([how] * n)
+        they say (``status``: only those of that status), sent with a body the client cannot read
+        (``answer_unreadable``)."""
+        self._shapes["ack" if ack else "event"].extend([_Shape(how, status)] * n)
 
     def late_next(self, n: int, after: float, *, ack: bool = False) -> None:
         """The next ``n`` answers to event requests (``ack``: to acknowledgement queries) sent with
         their body ``after`` seconds after their head (``answer_late``)."""
-        self._shapes["ack" if ack else "event"].extend([after] * n)
+        self._shapes["ack" if ack else "event"].extend([_Shape(after)] * n)
 
     @property
     def channels(self) -> list[str]:
@@ -297,10 +322,12 @@ class FakeHEC:
         transport = request.transport
         if not queue or not isinstance(answer, web.Response) or transport is None or transport.is_closing():
             return answer
-        shape = queue.popleft()
-        if isinstance(shape, str):
-            return await answer_unreadable(request, answer, shape, self._release)
-        return await answer_late(request, answer, shape)
+        if queue[0].status not in (None, answer.status):
+            return answer  # not the answers asked for: passes, the shape waits for one
+        how = queue.popleft().how
+        if isinstance(how, str):
+            return await answer_unreadable(request, answer, how, self._release)
+        return await answer_late(request, answer, how)
 
     async def _collect(self, request: web.Request) -> web.StreamResponse:
         return await self._shaped(request, await self._collected(request), "event")
@@ -312,7 +339,7 @@ class FakeHEC:
             self.pages.append(FrontPage(fault.status, fault.page))
             return await answer_page(request, self.pages[-1], headers)
         if fault.unreadable is not None:  # shaped by ``_collect``, first
-            self._shapes["event"].appendleft(fault.unreadable)
+            self._shapes["event"].appendleft(_Shape(fault.unreadable))
         return await self._answer(fault.status, fault.body, headers)
 
     async def _collected(self, request: web.Request) -> web.StreamResponse:
@@ -354,6 +381,8 @@ class FakeHEC:
                 text_, code = (
                     (exc.text, exc.code) if isinstance(exc, _Invalid) else ("Invalid data format", 6)
                 )
+                if self.keep_before_refused:  # as Splunk: those before the bad one are taken
+                    self.events.extend(events)
                 return await self._answer(400, {"text": text_, "code": code, "invalid-event-number": number})
         self.events.extend(events)
         channel = self._channel(request)
@@ -464,7 +493,7 @@ class FakeHEC:
         return web.json_response({"acks": {str(i): indexed for i, indexed in done.items()}})
 
     def _validate(self, obj: Any) -> dict[str, Any]:
-        if not isinstance(obj, dict):
+        if not isinstance(obj, dict) or (self.refuse is not None and self.refuse(obj)):
             raise _Invalid("Invalid data format", 6)
         if "time" in obj and not _check_time(obj["time"]):
             raise _Invalid("Invalid data format", 6)

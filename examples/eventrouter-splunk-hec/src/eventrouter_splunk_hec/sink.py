@@ -37,8 +37,9 @@ Outcomes (what Splunk answers → what the engine does):
   engine's memory: without a spool ``ack_max_waiting`` is bounded by a quarter of ``queue_max_events``
   (``SinkContext.aside_max_events``; said at start).
 * 400 with ``invalid-event-number`` n → item n is rejected (dead-lettered with Splunk's text and
-  code); the other items are retried. Splunk may have indexed the events before n already, so they
-  can arrive twice — at-least-once, never lost. ``Incorrect index`` (code 7) rejects the whole batch.
+  code); the other items are retried. Splunk takes the events before n (with indexer acknowledgement
+  such a 400 has been seen carrying an ackId), so they arrive twice — at-least-once, never lost.
+  ``Incorrect index`` (code 7) rejects the whole batch.
 * 413 (body above HEC's ``max_content_length``) → from then on (until a restart) the sink sends
   bodies of at most half that size, a batch in several requests; a single event still too large is
   rejected.
@@ -49,9 +50,13 @@ Outcomes (what Splunk answers → what the engine does):
 * An answer's body is read to 64 KiB at most (``excerpt``). One that cannot be read (it stalls after
   the head, is cut off, or is labelled gzip and is not) is judged by its status: only no status at
   all is "cannot reach". A 2xx's (its ackId) and a 400's (the event refused) decide and get the
-  request's timeout, others 2 s. A 2xx whose body is lost is sent again, saying it may be indexed
-  twice (its ackId unknown: as a lost answer, the sink goes on on a new channel); a 400 is halved
-  until the event refused is alone (rejected); a 413 halves as ever, a 429/5xx keeps its Retry-After.
+  request's timeout, others 2 s. A 2xx whose body is lost: with the token's indexer acknowledgement
+  off (``start`` asks) it is HEC's whole answer, OK (WARNING once until one is read again); on (or
+  not known), sent again, saying it may be indexed twice (its ackId unknown: as a lost answer, the
+  sink goes on on a new channel; ERROR at the second in a row). A 400 on several events: they are
+  sent again one per request, in order, until HEC takes or refuses each (the refused one rejected
+  alone; also in later sends), WARNING once a send: Splunk indexed those before the refused one, so
+  each is indexed twice at most. A 413 halves as ever, a 429/5xx keeps its Retry-After.
 
 A batch sent in several requests keeps within the engine's ``send_budget``: no request starts that
 could end after it (less the acknowledgement's share, once HEC answered an ackId). Cut off at
@@ -82,6 +87,7 @@ from eventrouter import (
     OK,
     Occurrence,
     Outcome,
+    OutcomeKind,
     Secret,
     Sink,
     SinkContext,
@@ -111,6 +117,7 @@ it), and the longest a send asks: an item not confirmed by then is held aside an
 _ACK_QUERY_MIN = 0.05  # seconds: less left in the send's budget, no acknowledgement query starts
 _RECHECK_MAX = 10.0  # seconds: the longest an item held for its confirmation waits to be asked again
 _ACK_DISABLED = 14  # HEC's "ACK is disabled": the token has no indexer acknowledgement (any more)
+_NO_DATA = 5  # "No data": HEC's answer to an empty request it takes (token, and channel if needed)
 _INVALID_FORMAT = 6  # "Invalid data format": to a query, a body HEC cannot read
 # Codes only HEC's event endpoint answers (Splunk's "HTTP Event Collector error codes"): "No data",
 # "Incorrect index", "Event field is required", "Event field cannot be blank", "Error in handling
@@ -415,6 +422,14 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         # on it, so ackId 0 is never HEC's to confirm (asked on a channel in use, it might be).
         self._probe_channel = str(uuid.uuid4())
         self._ack_fault: str | None = None  # what is wrong with the acknowledgement endpoint, if it is
+        # The token has indexer acknowledgement off (start() asked, or HEC answered "ACK is disabled"
+        # since): a 2xx is HEC's final word, its body says nothing more.
+        self._ack_off = False
+        self._unread_2xx = 0  # 2xx answers in a row whose body could not be read
+        # Events that may be indexed already (before an event HEC refused, its answer unreadable): each
+        # goes in a request of its own until HEC takes or refuses it, so it is indexed twice at most.
+        self._alone: set[str] = set()
+        self._alone_said = False  # the WARNING of that was logged in this send
         self._full = False  # ack_max_waiting events wait to be confirmed: nothing new is posted
         self._waiting_max = _waiting_bound(options.ack_max_waiting, context.aside_max_events)
         self._limit = f"ack_max_waiting={options.ack_max_waiting}" + (
@@ -467,8 +482,10 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                 f"this sink's channel: {text} (HTTP 400, code {code}); let the X-Splunk-Request-Channel "
                 "header through to HEC, or turn indexer acknowledgement off for this token"
             )
-        if await self._check_ack_endpoint() is _Ack.ANSWERED:
+        ack = await self._check_ack_endpoint()
+        if ack is _Ack.ANSWERED:
             self._check_waiting_bound()
+        self._ack_off = ack is _Ack.DISABLED
         self.log.info("splunk_hec %s accepts the token (HTTP %d %s)", self._where, status, text)
 
     def _check_waiting_bound(self) -> None:
@@ -519,7 +536,7 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         token or the channel), every event was received, held for ack_timeout and posted again, for
         ever. A query tells (``_judge_ack``; 400 code 14 for a token without acknowledgement); what
         answers otherwise matters only if the token has it on, which an empty POST without a channel
-        tells (400 code 10)."""
+        tells (400 code 10; "No data" without one: off, ``_Ack.DISABLED``). None: not known."""
         assert self._session is not None
         unread = None
         try:
@@ -550,7 +567,7 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             self._ack_where,
             judged,
         )
-        return None
+        return _Ack.DISABLED if code == _NO_DATA else None
 
     def _fault_text(self, fault: str) -> str:
         """The acknowledgement endpoint's fault, naming its address (no credentials) and the fix."""
@@ -701,9 +718,11 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         left is answered held (no failure): the engine sends it again at once."""
         reserve = self.context.send_budget * _ACK_SHARE if self._pending.used else 0.0
         post_by = end - self.options.timeout - reserve
-        todo = self._requests(list(bodies), bodies)
+        alone = frozenset(i for i in bodies if batch[i].key in self._alone)
+        todo = self._requests(list(bodies), bodies, alone)
         posts: dict[int, _Post] = {}
         started = False
+        self._alone_said = False
         while todo:
             items = todo.pop(0)
             if started and time.monotonic() > post_by:
@@ -712,11 +731,17 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                     outcomes[i] = left
                 break
             started = True
-            again, ack_id = await self._post(items, bodies, outcomes)
+            keys = [batch[i].key for i in items]
+            again, ack_id = await self._post(items, keys, bodies, outcomes)
             if again:  # in smaller requests
                 todo[:0] = again
-            elif ack_id is not None:
-                post = self._posted(ack_id, [batch[i].key for i in items])
+                continue
+            # Taken (or refused alone): no longer possibly indexed without the sink knowing.
+            self._alone.difference_update(
+                k for i, k in zip(items, keys, strict=True) if outcomes[i].kind is not OutcomeKind.RETRY
+            )
+            if ack_id is not None:
+                post = self._posted(ack_id, keys)
                 posts.update(dict.fromkeys(items, post))
         return posts
 
@@ -806,6 +831,7 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         # Dead-lettered or dropped: never offered again, so nothing to wait for.
         for occ in occurrences:
             self._pending.forget(occ.key)
+            self._alone.discard(occ.key)
 
     async def _ask_acks(self, posts: set[_Post], end: float) -> str | None:
         """Ask HEC about ``posts`` not confirmed yet (one query per channel, within ``end``, the send's
@@ -890,6 +916,7 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         for post in posts:
             self._pending.confirm(post)
         self._pending.used = False
+        self._ack_off = True
 
     def _answer_lost(self) -> None:
         """A request's answer was lost (a timeout, a reset): HEC may have taken it under an ackId the
@@ -917,12 +944,16 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             "" if post is None else " (but the one with ackId 0, sent again)",
         )
 
-    def _requests(self, items: list[int], bodies: dict[int, bytes]) -> list[list[int]]:
-        """``items`` in order, in runs whose body is at most ``_max_body`` (a larger event alone)."""
+    def _requests(
+        self, items: list[int], bodies: dict[int, bytes], alone: frozenset[int] = frozenset()
+    ) -> list[list[int]]:
+        """``items`` in order, in runs whose body is at most ``_max_body`` (a larger event alone);
+        those in ``alone`` each in a run of its own."""
         runs: list[list[int]] = []
         size = 0
         for i in items:
-            if runs and (self._max_body is None or size + len(bodies[i]) <= self._max_body):
+            joins = runs and runs[-1][-1] not in alone and i not in alone
+            if joins and (self._max_body is None or size + len(bodies[i]) <= self._max_body):
                 runs[-1].append(i)
                 size += len(bodies[i])
             else:
@@ -931,12 +962,12 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         return runs
 
     async def _post(
-        self, items: list[int], bodies: dict[int, bytes], outcomes: list[Outcome]
+        self, items: list[int], keys: list[str], bodies: dict[int, bytes], outcomes: list[Outcome]
     ) -> tuple[list[list[int]] | None, int | None]:
-        """Send ``items`` in one request and set their outcomes. (runs, None): the items are to be sent
-        again in these smaller requests (HEC refused the body as too large, ``_max_body`` is now below
-        it; or refused an event its unreadable answer did not name). (None, n): HEC received them
-        under ackId n, not yet confirmed indexed."""
+        """Send ``items`` (their occurrences' ``keys``) in one request and set their outcomes. (runs,
+        None): the items are to be sent again in these smaller requests (HEC refused the body as too
+        large, ``_max_body`` is now below it; or refused an event its unreadable answer did not name:
+        one per request). (None, n): HEC received them under ackId n, not yet confirmed indexed."""
         if self._session is None:
             for i in items:
                 outcomes[i] = retry("splunk_hec sink is not started")
@@ -955,10 +986,15 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                 outcomes[i] = retry(f"cannot reach {self._where}: {_describe(exc)}")
             return None, None
         if 200 <= status < 300:  # outcomes stay OK; with an ackId, once HEC confirms them indexed
-            if body.unreadable is not None:
+            if body.unreadable is None:
+                self._unread_2xx = 0
+                return None, _ack_id(body.data)
+            self._unread_2xx += 1
+            if self._ack_off and not self._pending.used:
+                self._receipt_final(status, body.unreadable)
+            else:
                 self._receipt_unread(items, status, body.unreadable, outcomes)
-                return None, None
-            return None, _ack_id(body.data)
+            return None, None
         what, code, bad = _what(status, body)
         if status == 413:
             if len(items) > 1:  # kept for later batches too: HEC does not say what it takes
@@ -971,10 +1007,7 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                 outcomes[i] = reject(what) if n == bad else retry(f"sent again after another event: {what}")
             return None, None
         if status == 400 and body.unreadable is not None and len(items) > 1:
-            # Which event HEC refused (or whether it was the channel) is unknown: each half tells,
-            # down to an event refused alone (rejected). Retried whole, a refused event was for ever.
-            half = len(items) // 2
-            return [items[:half], items[half:]], None
+            return self._one_by_one(items, keys, body.unreadable), None
         # 400 code 10/11: the channel did not reach HEC (see start), not the events' fault.
         if status in (401, 403, 408, 429) or status >= 500 or (status == 400 and code in _CHANNEL_CODES):
             self.log.warning("splunk_hec %s: %s; will retry", self._where, what)
@@ -991,16 +1024,61 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         timeout. Another only changes what is quoted, the status decides: 2 s at most."""
         return None if 200 <= status < 300 or status == 400 else min(EXCERPT_WAIT, self.options.timeout)
 
+    def _one_by_one(self, items: list[int], keys: list[str], why: str) -> list[list[int]]:
+        """HEC refused an event of ``items`` (or their channel) and its answer, which names it, could
+        not be read. Splunk indexed the events before the one it refused: sent again, each is one more
+        copy. Halved level by level, the events just before it were posted at every level (10 copies
+        of one in a batch of 500); one per request, in order, each is posted twice at most (and kept
+        alone across sends, ``_alone``), the event refused rejected alone, N requests at most."""
+        self._alone.update(keys)
+        if not self._alone_said:
+            self._alone_said = True
+            self.log.warning(
+                "splunk_hec %s: HEC refused an event of a request of %d and its answer could not be read "
+                "(%s): the events are sent again one per request, in order, to find it; those before it "
+                "Splunk indexed already, and may be indexed twice",
+                self._where,
+                len(items),
+                why,
+            )
+        return [[i] for i in items]
+
+    def _receipt_final(self, status: int, why: str) -> None:
+        """HEC answered a 2xx whose body could not be read, and the token has indexer acknowledgement
+        off: there is no ackId to learn, HEC took the request (its status says so) and that is all it
+        ever says. The events are delivered (outcomes stay OK). Before, they were posted again, one
+        more copy at every attempt, and never delivered behind a front that garbles every answer."""
+        if self._unread_2xx > 1:
+            return  # said once, until an answer is read again
+        self.log.warning(
+            "splunk_hec %s: HEC answered HTTP %d but its answer could not be read (%s): the token has "
+            "indexer acknowledgement off, so the status is HEC's whole answer and the events count as "
+            "delivered; something in front of HEC (a proxy, a gateway) garbles its answers",
+            self._where,
+            status,
+            why,
+        )
+
     def _receipt_unread(self, items: list[int], status: int, why: str, outcomes: list[Outcome]) -> None:
-        """HEC answered a 2xx whose body could not be read: the events are received, perhaps under an
-        ackId the sink cannot learn (as when the answer is lost: ``_answer_lost``). Sent again: before,
-        this was "cannot reach", though HEC had answered."""
+        """HEC answered a 2xx whose body could not be read, and the token has (or may have) indexer
+        acknowledgement on: the events are received, perhaps under an ackId the sink cannot learn (as
+        when the answer is lost: ``_answer_lost``). Sent again: before, this was "cannot reach",
+        though HEC had answered. A second in a row is an ERROR: a front that garbles every answer
+        gets one more copy indexed at every attempt, and nothing delivered."""
         self._answer_lost()
         reason = (
             f"HEC answered HTTP {status} but its answer could not be read ({why}): whether it holds an "
             "ackId is unknown; sent again, so the events may be indexed twice"
         )
         self.log.warning("splunk_hec %s: %s", self._where, reason)
+        if self._unread_2xx == 2:  # once a run of them
+            self.log.error(
+                "splunk_hec %s: two answers of HEC in a row could not be read (%s): with indexer "
+                "acknowledgement each attempt posts the events again and Splunk indexes one more copy, "
+                "none delivered; fix what is in front of HEC (a proxy, a gateway)",
+                self._where,
+                why,
+            )
         for i in items:
             outcomes[i] = retry(reason)
 
