@@ -1437,11 +1437,22 @@ class Router:
                     if older and len(p.spool):
                         # Older than the spool's backlog: before it (a newer occurrence of the same
                         # event delivered first would make the checkpoint skip the older one as a copy).
-                        p.spool.prepend(older, owed)  # all or nothing
+                        try:
+                            p.spool.prepend(older, owed)  # all or nothing, but for those left in place
+                        except OSError:
+                            kept = p.spool.kept_in_place  # read back from the spool: left where they were
+                            raise
                         kept, rest = len(older), newer
+                    failed: OSError | None = None
                     for occ in rest:
-                        dropped.extend(p.spool.extend([occ], owed))
+                        try:
+                            dropped.extend(p.spool.extend([occ], owed))
+                        except OSError as exc:  # the next may still be kept (left where it was spooled)
+                            failed = failed or exc
+                            continue
                         kept += 1
+                    if failed is not None:
+                        raise failed
                     # Only once they are on disk (before, a crash would lose them), and only when the
                     # spool is read by whoever reads this checkpoint: a ConfigMap checkpoint is read
                     # by the next leader, which has a spool of its own, and would skip X/4 for good.

@@ -161,8 +161,8 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "eventrouter_sink_queue_depth",
-            "Occurrences waiting in memory: the memory queue and the items set aside for a later retry"
-            " (what queue_max_events bounds).",
+            "Occurrences waiting in memory: the memory queue, the items set aside for a later retry (what"
+            " queue_max_events bounds) and those waiting behind a disk spool that cannot be written.",
             ["sink"],
             registry=r,
         )

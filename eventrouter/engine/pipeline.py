@@ -190,6 +190,10 @@ class Pipeline:
         # dropped (counted). An alert robot's holds and failures are its whole traffic: no share.
         self._aside_max: int | None = None if self._defer else max(1, self.queue_max // 2)
         self._aside_bytes_max = _aside_bytes_share(self.queue_max_bytes)
+        # What a refill may read beside a full wait behind an unwritable spool (about a batch, twice
+        # its encoded bytes as ``queue_cost`` counts them): with the wait at the whole bound, each
+        # refill read one record, and the backlog drained one record a send.
+        self._refill_share = min(2 * options.batch_max_bytes, self.queue_max_bytes // 4)
         # Named in every log of a full memory queue: built once, not at each drop (a drop per offer
         # while a live watch outruns a stuck sink without a spool).
         self._bounds = self._name_bounds()
@@ -344,9 +348,10 @@ class Pipeline:
         occurrence of an event would make the checkpoint skip an older one as a copy (lost): it waits
         behind the spool instead, in memory (bounded as the queue: the oldest dropped, counted). Its
         bytes share the bound with the queue and the items set aside: bounded by itself, it held a
-        whole bound beside a full queue."""
+        whole bound beside a full queue. It leaves a refill its share (``_refill_share``) even while
+        the queue is empty (between batches, when the batch in flight took it)."""
         overflow = self._overflow
-        beside = self._queue_bytes + self._aside.bytes
+        beside = max(self._queue_bytes + self._aside.bytes, self._refill_share)
         while overflow and (
             len(overflow) >= self.queue_max or beside + self._overflow_bytes + cost > self.queue_max_bytes
         ):
@@ -642,14 +647,15 @@ class Pipeline:
 
     @property
     def queued(self) -> int:
-        """Occurrences in the memory queue and set aside in memory: what ``queue_max_events`` bounds
-        (the queue-depth gauge; items set aside were in no gauge)."""
-        return len(self._queue) + len(self._deferred)
+        """Occurrences in the memory queue, set aside in memory and waiting behind a spool that cannot
+        be written: what ``queue_max_events`` bounds (the queue-depth gauge; items set aside, then
+        the wait, were in no gauge: on a full disk it read half of what memory held)."""
+        return len(self._queue) + len(self._deferred) + len(self._overflow)
 
     @property
     def queued_bytes(self) -> int:
         """The bytes ``queue_max_bytes`` bounds: those of ``queued`` (``queue_cost``)."""
-        return self._queue_bytes + self._aside.bytes
+        return self._queue_bytes + self._aside.bytes + self._overflow_bytes
 
     @property
     def depth(self) -> int:
@@ -689,6 +695,12 @@ class Pipeline:
                 self.spool.commit()
                 self._parked_read = False
             if len(self.spool):
+                if self._overflow and self.spool.writable:
+                    # The disk may take writes again: what waited behind the spool goes in behind its
+                    # backlog, as ``offer`` puts it, and the refill has the whole bound. Left to the next
+                    # offer, a quiet cluster left the wait in memory and the backlog drained one record
+                    # a send beside it.
+                    self._spill_overflow()
                 # Deferred retries count against the memory bound: a robot that is down must not make
                 # the spool's backlog pile up in memory.
                 room = min(self.options.batch_max_events, self.queue_max - len(self._deferred))
@@ -735,11 +747,12 @@ class Pipeline:
 
     def _pop_spooled(self, room: int) -> list[Occurrence]:
         """Up to ``room`` records from the spool, within the byte bound's room beside the items set
-        aside and what waits behind the spool (on a full disk ``_overflow`` fills up to the bound by
-        itself: a refill beside it held twice the bound), by each record's own size: read by count
-        alone, a refill took a batch's 500 records of 1 MB into memory at once; by the mean size of the
-        first read, one small record let 499 large ones in. The first whatever its size (the queue is
-        empty; items set aside or a full overflow must not stall the spool)."""
+        aside and what waits behind the spool (on a full disk ``_overflow`` fills the bound but for a
+        refill's share, ``_hold_back``: a refill beside the whole wait held twice the bound), by each
+        record's own size: read by count alone, a refill took a batch's 500 records of 1 MB into
+        memory at once; by the mean size of the first read, one small record let 499 large ones in.
+        The first whatever its size (the queue is empty; items set aside or a full overflow must not
+        stall the spool)."""
         spool = self.spool
         assert spool is not None
         budget = self.queue_max_bytes - self._aside.bytes - self._overflow_bytes
@@ -2085,6 +2098,10 @@ class Pipeline:
         if self._done:
             done = self._done
             spool = self.spool
+            if spool is not None and spool.owed_unmarked:
+                # Left in place by a stop that could not write them (``Spool.prepend``), unmarked:
+                # recorded past, an owed one would be skipped as a copy after the restart.
+                done = {uid: n for uid, n in done.items() if uid not in spool.owed_unmarked}
             if spool is not None and spool.parked_count:
                 # An occurrence parked (X/1) below one accepted (X/2): recorded past it, it would be
                 # skipped as a copy after the restart, so it is marked owed first, as leftovers are.

@@ -115,6 +115,15 @@ _UNREADABLE = (
 ``"garbage"`` in the oldest segment raised out of ``append`` when the bound dropped it."""
 
 
+def _line_key(line: bytes) -> tuple[str, int] | None:
+    """A record's (uid, number); None if it cannot be read."""
+    try:
+        raw = orjson.loads(line)[0]
+        return raw["metadata"]["uid"], occurrence_number(raw)
+    except _UNREADABLE:
+        return None
+
+
 def _add_uids(uids: set[str], lines: Iterable[bytes]) -> None:
     for line in lines:
         with contextlib.suppress(*_UNREADABLE):  # unreadable: no key, counted when it is read
@@ -249,6 +258,21 @@ class Spool:
         """See ``holds``; None once nothing unread at open can still be offered as new (freed)."""
         self._parked: _Parked | None = None
         self._open_tail: tuple[int, int] | None = None  # the FIFO's end at open (``behind_open``)
+        # The read position on disk (segment, records read), as last read or written: a stop that cannot
+        # keep what was read since goes back to it (``_keep_in_place``).
+        self._durable = (0, 0)
+        # Once gone back, the keys of what is read again after the restart (the aside file's included),
+        # each event's highest of them, and what a stop appended (``extend``).
+        self._kept: set[tuple[str, int]] | None = None
+        self._kept_newest: dict[str, int] = {}
+        self._appended: set[tuple[str, int]] = set()
+        self._uncounted = False  # gone back, and no caller told of the failed write (``_say_failed``)
+        self.kept_in_place = 0
+        """Of the occurrences a failed ``prepend`` was given, those left in their segment or the aside
+        file (read again after the restart): the caller counts only the rest as not kept."""
+        self.owed_unmarked: set[str] = set()
+        """Events of which an occurrence owed at the stop stayed in place, not marked owed: a newer
+        one accepted must not be recorded past it (the relist sends it again: no loss)."""
         # The highest segment number known (on disk at open, made since, in a cursor read or
         # written): a new segment is numbered above it, whatever the clock says (``_new_segment``).
         self._highest = 0
@@ -281,6 +305,7 @@ class Spool:
                 a, b = cursor.read_text().split()
                 cursor_seg, cursor_records = int(a), int(b)
         self._highest = cursor_seg
+        self._durable = (cursor_seg, cursor_records)
         for stale in self.directory.glob("*.tmp"):  # a prepend interrupted before its swap
             with contextlib.suppress(OSError):
                 stale.unlink()
@@ -633,7 +658,10 @@ class Spool:
         before, one item set aside for hours held the read position, every segment read since stayed
         on disk and counted towards the bound, and new spills were dropped as over it. False when the
         file cannot be written (counted in ``read_errors``, logged once per run of failures): the
-        caller must not commit then."""
+        caller must not commit then. After ``_keep_in_place`` the file is left as it is: what it holds
+        is read again after the restart, not among what a stop wrote."""
+        if self._kept is not None:
+            return False
         if self._aside_lines:
             # The file read at open still holds records not popped: it is their only copy on disk (the
             # cursor passed them in the run that wrote it). Replaced or removed at the first refill, a
@@ -680,11 +708,28 @@ class Spool:
         ``_scan_read``) stays where it is: ``occs`` alone go to the new segment, and after the restart
         that segment is read from its start (its records read before, again: skipped by the checkpoint)
         or set aside by ``pop``'s own retries. Before, the read's error dropped ``occs`` as a failed write.
-        Raises ``OSError`` (a write): with unread records, nothing of ``occs`` is kept then; with none
-        they are appended, and those written before the error stay. ``owed``: as for ``extend``."""
+        A write that fails (a nearly full disk: the new file is the head's rest, up to a segment)
+        leaves what ``occs`` read from the spool in place (``_keep_in_place``): it returns if all of
+        them are, else raises ``OSError`` (``kept_in_place`` of them are kept: left in place or
+        appended). Before, the stop's last ``commit`` moved the read position past them: lost, though
+        still on disk. ``owed``: as for ``extend``."""
         if not occs:
             return []
         self.release_held_at_open()  # a stop: nothing more is offered (and the segments change below)
+        owing = set(owed or ())  # taken out of ``owed`` as the records are encoded
+        try:
+            return self._prepend(occs, owed)
+        except OSError as exc:
+            self._keep_in_place(exc)
+            self._owed_in_place(owing, occs)
+            self.kept_in_place = kept = sum(map(self._in_place, occs))
+            if kept < len(occs):
+                self._uncounted = False  # raised: the caller counts the error and what is not kept
+                raise
+            self._say_failed()
+            return []
+
+    def _prepend(self, occs: list[Occurrence], owed: set[tuple[str, int]] | None) -> list[str]:
         head = next((seg for seg in self._segments if seg.read_records < seg.records), None)
         if head is None:
             return self.extend(occs, owed)
@@ -697,9 +742,15 @@ class Spool:
         seg = _Segment(number, self.directory / f"{number}.seg", records=records)
         seg.size = len(data)
         tmp = seg.path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, seg.path)
-        self._write_cursor(f"{number} 0")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, seg.path)
+            self._write_cursor(f"{number} 0")
+        except OSError:
+            for path in (tmp, seg.path):  # below the cursor: deleted at open, but not left for it
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+            raise
         while self._segments and self._segments[0] is not head:
             old = self._segments.popleft()
             self._bytes -= old.size
@@ -715,6 +766,84 @@ class Spool:
         self._bytes += seg.size
         return []
 
+    def _keep_in_place(self, exc: OSError) -> None:
+        """A stop could not write (``prepend``, ``extend``). What was read since the durable read
+        position is still in its segment: the read position goes back to it (the parked FIFO's too),
+        so that the stop's last ``commit`` does not pass those records, and the aside file stays as
+        it is (``keep_aside``). After the restart they are read again, as after a crash: those
+        delivered meanwhile are skipped by the checkpoint as copies. Once only."""
+        if self._kept is not None:
+            return
+        self._uncounted = True
+        kept = self._rewind()
+        if self._parked is not None:
+            kept |= self._parked._rewind()
+        kept |= self._aside_file_keys()
+        self._kept = kept
+        for uid, number in kept:
+            self._kept_newest[uid] = max(number, self._kept_newest.get(uid, 0))
+        log.error(
+            "spool %s: cannot write at the stop (%s): the %d records read since the read position was "
+            "last made durable stay where they were spooled (it is not moved past them), read again "
+            "after the restart",
+            self.directory,
+            exc.strerror or exc,
+            len(kept),
+        )
+
+    def _say_failed(self) -> None:
+        """A stop's write failed and nothing was raised: counted as a failed read position's is
+        (``read_errors``: eventrouter_data_dir_errors_total{file="spool"})."""
+        if self._uncounted:
+            self._uncounted = False
+            self.read_errors += 1
+
+    def _in_place(self, occ: Occurrence) -> bool:
+        """``occ`` is read again after the restart, in its order: left where it was, or appended by
+        the stop and no newer occurrence of its event left before it unmarked (the checkpoint would
+        skip it as a copy)."""
+        assert self._kept is not None
+        key = (occ.uid, occ.number)
+        return key in self._kept or (
+            key in self._appended and self._kept_newest.get(occ.uid, 0) <= occ.number
+        )
+
+    def _owed_in_place(self, owed: Container[tuple[str, int]] | None, occs: Iterable[Occurrence]) -> None:
+        """Owed ones left in place are not marked owed: their events must not be recorded past them."""
+        if owed:
+            self.owed_unmarked.update(occ.uid for occ in occs if (occ.uid, occ.number) in owed)
+
+    def _rewind(self) -> set[tuple[str, int]]:
+        """Put the read position back to the durable one; returns the keys of the records so read
+        again (a segment that cannot be read stays as it is: none of its keys)."""
+        number, records = self._durable
+        keys: set[tuple[str, int]] = set()
+        for seg in self._segments:
+            start = records if seg.number == number else 0
+            if seg.number < number or seg.read_records <= start:
+                continue
+            try:
+                with open(seg.path, "rb") as fh:
+                    data = fh.read(seg.read_offset)
+                offset = 0
+                for _ in range(start):
+                    offset = data.index(b"\n", offset) + 1
+            except (OSError, ValueError) as exc:
+                log.error("spool %s: cannot read %s again: %s", self.directory, seg.path.name, exc)
+                continue
+            keys.update(key for line in data[offset:].splitlines() if (key := _line_key(line)))
+            self._count += seg.read_records - start
+            seg.read_records, seg.read_offset = start, offset
+        return keys
+
+    def _aside_file_keys(self) -> set[tuple[str, int]]:
+        """The keys of what the aside file holds now (read first after the restart)."""
+        try:
+            data = self._aside_path.read_bytes()
+        except OSError:
+            return set()
+        return {key for line in data.splitlines() if (key := _line_key(line))}
+
     def _cursor_segment(self) -> int:
         try:
             return int((self.directory / "cursor").read_text().split()[0])
@@ -722,11 +851,30 @@ class Spool:
             return 0
 
     def extend(self, occs: list[Occurrence], owed: set[tuple[str, int]] | None = None) -> list[str]:
-        """Append each of ``occs``; the first record of each (uid, number) in ``owed`` is marked owed
-        and its key taken out of the set."""
+        """Append each of ``occs`` (a stop); the first record of each (uid, number) in ``owed`` is
+        marked owed and its key taken out of the set. A write that fails leaves what was read from
+        the spool in place (``_keep_in_place``): those of ``occs`` are then not written, counted as
+        kept; one behind a newer occurrence of its event so left is marked owed (sent though the
+        checkpoint is past it). Raises ``OSError`` for the first that is neither written nor in place."""
         dropped: list[str] = []
         for occ in occs:
-            dropped.extend(self.append(occ, _owed_once(owed, occ)))
+            if self._kept is not None and (occ.uid, occ.number) in self._kept:
+                self._owed_in_place(owed, [occ])
+                continue
+            behind = self._kept_newest.get(occ.uid, 0) > occ.number
+            try:
+                dropped.extend(self.append(occ, _owed_once(owed, occ) or behind))
+            except OSError as exc:
+                self.lost_on_error.extend(dropped)  # gone all the same: the caller counts them
+                self._keep_in_place(exc)
+                if not self._in_place(occ):
+                    self._uncounted = False  # raised: the caller counts it
+                    raise
+                self._owed_in_place(owed, [occ])
+                dropped = []
+                continue
+            self._appended.add((occ.uid, occ.number))
+        self._say_failed()
         return dropped
 
     def _drop_oldest(self) -> list[str] | None:
@@ -942,11 +1090,12 @@ class Spool:
         # Before the write: one that fails may still have left it on disk.
         self._highest = max(self._highest, int(text.split()[0]))
         cursor = self.directory / "cursor"
-        if cursor.exists() and cursor.read_text() == text:
-            return
-        tmp = self.directory / "cursor.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, cursor)
+        if not (cursor.exists() and cursor.read_text() == text):
+            tmp = self.directory / "cursor.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, cursor)
+        a, b = text.split()
+        self._durable = (int(a), int(b))
 
     # ---- the parked FIFO ----------------------------------------------------------------------
 
@@ -1153,6 +1302,13 @@ class _Parked(Spool):
                 continue  # unreadable: given up when it is read, not waited for
             for line in data.splitlines():
                 self._note_key([], line, 1)
+
+    def _rewind(self) -> set[tuple[str, int]]:
+        keys = super()._rewind()
+        if keys:
+            self._moved = True
+            self._rebuild_floors()  # parked again: their floors hold the checkpoint back once more
+        return keys
 
     def commit(self) -> None:
         if self._moved:  # nothing read or dropped since: the read position on disk is right
