@@ -9,7 +9,9 @@
   their values' enum and bounds, so that a typo or a value out of range fails ``helm install``/``helm
   upgrade`` instead of the new pod (exit 2).
 * the chart's ``files/sink-options.json`` — the option keys of each built-in sink type, which the
-  chart's template checks the query of each ``--sink`` flag against.
+  chart's template checks the query of each ``--sink`` flag against (and a number's text, also in
+  ``config.sinks``), and ``files/one-value-options.json`` — the keys of each built-in type's options
+  of one value, which a flag may not give twice.
 
 ``python scripts/gen_docs.py`` rewrites them; ``python scripts/gen_docs.py --check`` exits 1 when they
 are stale (tests/test_docs.py runs it).
@@ -29,7 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pydantic import AliasChoices, BaseModel, BeforeValidator, PlainValidator, SecretStr, WrapValidator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    PlainValidator,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    WrapValidator,
+)
 from pydantic.fields import FieldInfo
 
 from eventrouter.config import RouterConfig
@@ -41,6 +52,7 @@ from eventrouter.testing import recorded_watch
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 CHART_SCHEMA = Path("charts") / "eventrouter" / "values.schema.json"  # beside docs/
 SINK_OPTIONS = Path("files") / "sink-options.json"  # in the chart, beside its values.schema.json
+ONE_VALUE_OPTIONS = Path("files") / "one-value-options.json"
 REGEN = "python scripts/gen_docs.py"
 # Only the sinks this repository ships: a third-party plugin installed in the developer's environment
 # must not change the committed docs.
@@ -305,8 +317,10 @@ def render_record_md(current: str) -> str:
 
 _SINK_ITEM_NOTE = (
     "A sink of the config file. For a built-in type only the keys it takes (its options, the filter and "
-    "pipeline options; docs/sinks.md), and for the values their enum and bounds: a typo fails the "
-    "install, not the new pod. Another type (a plugin) is not checked here."
+    "pipeline options; docs/sinks.md), and for the values their enum, bounds and JSON types: a typo fails "
+    "the install, not the new pod. A number given as text, and a key that is no option's name (it may "
+    "hold a credential typed name:value), are judged by the templates. Another type (a plugin) is not "
+    "checked here."
 )
 
 
@@ -330,10 +344,40 @@ def _reshaped(annotation: Any) -> bool:
     return any(_reshaped(arg) for arg in typing.get_args(annotation))
 
 
+def _takes(info: FieldInfo, value: Any) -> bool:
+    """Whether the field alone (its type, bounds and other constraints, in pydantic's lax mode as the
+    router validates) takes ``value``."""
+    annotation = typing.Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    try:
+        TypeAdapter(annotation).validate_python(value)
+    except ValidationError:
+        return False
+    return True
+
+
+def number_rule(info: FieldInfo, json_type: str) -> dict[str, Any]:
+    """The JSON types a number field takes, and its kind: ``number`` (``integer``, ``float``, or
+    ``finite``: a float refusing inf and nan) is read by the chart's templates, which judge a text
+    (a flag's value, a string in config.sinks) as the router's pydantic does; JSON Schema ignores it.
+    Booleans are numbers to pydantic (true is 1): taken when 1 or 0 meets the field, the one that
+    does not refused by ``not``."""
+    taken = [value for value in (True, False) if _takes(info, value)]
+    types = [json_type, "string", *(["boolean"] if taken else []), *(["null"] if _takes(info, None) else [])]
+    # Not from its metadata: `allow_inf_nan=False` on a `float | None` field binds nothing.
+    finite = json_type != "integer" and not any(_takes(info, x) for x in (float("inf"), float("-inf")))
+    rule: dict[str, Any] = {"type": types, "number": "integer" if json_type == "integer" else "float"}
+    if finite:
+        rule["number"] = "finite"
+    if len(taken) == 1:
+        rule["not"] = {"const": not taken[0]}
+    return rule
+
+
 def value_constraints(model: type[BaseModel]) -> dict[str, dict[str, Any]]:
     """Each key the model takes (aliases included) → the enum and bounds its JSON schema gives the
     value, for the fields the router checks as declared. ``minimum`` and the like bind numbers only,
-    so "10" (which the router reads as 10) still passes; an enum keeps null when the field takes it."""
+    so "10" (which the router reads as 10) still passes the schema (the templates judge a number's
+    text: ``number_rule``); an enum keeps null when the field takes it."""
     reshaped = {
         field
         for decorator in model.__pydantic_decorators__.field_validators.values()
@@ -355,6 +399,8 @@ def value_constraints(model: type[BaseModel]) -> dict[str, dict[str, Any]]:
             continue
         branch = branches[0]
         constraint = {k: branch[k] for k in _BOUNDS if k in branch}
+        if branch.get("type") in ("integer", "number") and "enum" not in branch:
+            constraint.update(number_rule(info, branch["type"]))
         if "enum" in branch:
             nullable = len(prop.get("anyOf", [])) > 1
             constraint["enum"] = [*branch["enum"], *([None] if nullable else [])]
@@ -396,11 +442,15 @@ def _or_one_item_list(rule: dict[str, Any]) -> dict[str, Any]:
 
 def _rule_name(rule: dict[str, Any]) -> str:
     """A definition's name for ``rule`` (``enum-stdout-stderr``), plain enough for a ``$ref``."""
-    parts = [f"{k}-{'-'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(rule.items())]
+    shown = dict(rule)
+    if isinstance(shown.get("not"), dict):  # a number's boolean it refuses: {"const": false}
+        shown["not"] = "-".join(f"{k}-{v}" for k, v in shown["not"].items())
+    parts = [f"{k}-{'-'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(shown.items())]
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
 
 
 _DEFINITIONS = "#/properties/config/definitions/"
+_NO_OPTION_NAME = "[^A-Za-z0-9_.-]"  # a character no option's name holds
 
 
 def _built_in_models() -> dict[str, type[BaseModel]]:
@@ -452,6 +502,10 @@ def render_config_schema() -> dict[str, Any]:
                 "if": {"properties": {"type": {"const": name}}, "required": ["type"]},
                 "then": {
                     "properties": dict(sorted(({"type": {}} | rules).items())),
+                    # A key that is no option's name (`password:S3cret`, a YAML flow without a space)
+                    # is left to the templates, which never print it whole: Helm's error for an
+                    # additional property (or a propertyNames pattern) quotes the key.
+                    "patternProperties": {_NO_OPTION_NAME: {}},
                     "additionalProperties": False,
                 },
             }
@@ -496,6 +550,16 @@ def render_sink_options() -> str:
     return json.dumps(keys, indent=1, sort_keys=True) + "\n"
 
 
+def render_one_value_options() -> str:
+    """The chart's ``files/one-value-options.json``: each built-in type (the webhook's too) → the keys
+    of its options of one value. A flag giving one twice (``stream=stderr&stream=stdout``) is refused
+    by the router ("given 2 times"), and by the templates before the upgrade; the types listed are
+    the built-in ones, whose entries' keys the templates judge."""
+    # Not `url`: a flag's query may give it again (after TYPE:URL), and the router keeps the last.
+    keys = {name: sorted(one_value_keys(model) - {"url"}) for name, model in _built_in_models().items()}
+    return json.dumps(keys, indent=1, sort_keys=True) + "\n"
+
+
 def render_chart_schema(current: str) -> str:
     """``current`` (the chart's values.schema.json) with its ``config`` generated; the rest is the
     chart's own, kept as written."""
@@ -517,6 +581,7 @@ def expected(docs: Path, schema: Path | None = None) -> dict[Path, str]:
     if schema.exists():
         files[schema] = render_chart_schema(schema.read_text(encoding="utf-8"))
         files[schema.parent / SINK_OPTIONS] = render_sink_options()
+        files[schema.parent / ONE_VALUE_OPTIONS] = render_one_value_options()
     return files
 
 

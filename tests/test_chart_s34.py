@@ -288,7 +288,23 @@ def _probes(rule: Doc) -> list[Any]:
         if bound is not None:
             found += [bound, bound - 1, bound + 1, bound - 0.5, bound + 0.5, str(bound), str(bound - 1)]
     # A YAML list of one item is that item to the router (item 290), an empty or longer one refused.
-    return [*found, *([value] for value in found), [], [found[-1], found[-1]]]
+    lists = [*([value] for value in found), [], [found[-1], found[-1]]]
+    numbers = _number_texts(rule) if "number" in rule else []
+    return [*found, *lists, *numbers, *([text] for text in numbers[-3:])]
+
+
+def _number_texts(rule: Doc) -> list[Any]:
+    """A number option's value in the forms the router's pydantic reads (item 303): text with white
+    space around (Python's other spaces too), a sign, `_` between digits, `.0`, `5.`, `.5`, exponents,
+    inf and nan, overflowing; YAML booleans; and near misses (`5s`, `1__0`, `0x10`)."""
+    n = (
+        int(rule["minimum"] if "minimum" in rule else rule.get("exclusiveMinimum", 0)) + 1500
+    )  # within every bound but two
+    return [
+        *(True, False, "true", "5s", "1__0", "0x10", "٥", f"{n}", f" {n} ", f"\t{n}\u3000", f"+{n}"),
+        *(f"0{n}", f"{n:_}", f"{n}.0", f"{n:_}.0", f"{n}.5", f"{n}.", f"{n / 1000}e3", ".5", "1_e3", "inf"),
+        *("nan", "-1e400", "1e400", f"{n}.00", "1e3"),
+    ]
 
 
 PLUGINS = discover()  # once: build_specs discovers them at each call
@@ -739,8 +755,7 @@ def test_notes_say_the_switch_to_the_data_dir_takes_the_configmaps_checkpoint_ov
         said = notes(upgrading, TO_DATA_DIR)
     assert (
         f"NOTE: this upgrade moved the checkpoint from ConfigMap {CHECKPOINT} (checkpoint.mode configMap) to the "
-        "data dir. The new pod's first start on the empty data dir takes that ConfigMap's checkpoint over"
-        in said
+        "data dir. The new pod takes that ConfigMap's checkpoint over" in said
     )
     assert "nothing is delivered twice" in said
     assert "delivers everything the API server still holds (up to an hour of events) again, once" not in said
@@ -761,8 +776,8 @@ def test_notes_say_the_switch_to_the_data_dir_takes_the_configmaps_checkpoint_ov
 def test_values_and_readme_say_which_switch_delivers_again() -> None:
     values = " ".join((CHART / "values.yaml").read_text().replace("#", " ").split())
     assert (
-        "Switching modes on an installed release: configMap -> dataDir delivers nothing twice (the first start on "
-        "the new data dir takes the ConfigMap's checkpoint over)" in values
+        "Switching modes on an installed release: configMap -> dataDir delivers nothing twice (the data dir "
+        "takes the ConfigMap's checkpoint over, also a claim kept from an earlier dataDir period)" in values
     )
     assert "(configMapName; --checkpoint-seed-configmap, a Role grants get on that name only)" in values
     text = (CHART / "README.md").read_text()

@@ -91,10 +91,27 @@ volumeClaimTemplates, whose pod of an ordinal mounts that ordinal's claim again 
 
 {{/* The release's workload (the kind rendered now) as the cluster has it before this install or
 upgrade, as YAML: "" on a first install and under `helm template` (no cluster to ask; the chart
-README says what to do by hand there). */}}
+README says what to do by hand there). Under another name when this upgrade renames it
+(fullnameOverride, nameOverride): the release's router that the upgrade deletes, whose checkpoint
+ConfigMap and claim were named after it. */}}
 {{- define "eventrouter.liveWorkload" -}}
 {{- $live := lookup "apps/v1" (include "eventrouter.workloadKind" .) .Release.Namespace (include "eventrouter.fullname" .) -}}
+{{- if not $live -}}
+{{- range $item := (include "eventrouter.releaseWorkloads" . | fromYaml).items | default list -}}
+{{- $labels := dig "metadata" "labels" dict $item -}}
+{{- $ours := and (eq (get $labels "app.kubernetes.io/instance") $.Release.Name) (eq (get $labels "app.kubernetes.io/component") "router") (hasPrefix (printf "%s-" $.Chart.Name) (get $labels "helm.sh/chart")) -}}
+{{- if and (not $live) $ours (eq (dig "metadata" "annotations" "meta.helm.sh/release-name" "" $item) $.Release.Name) -}}
+{{- $live = $item -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if $live -}}{{- toYaml $live -}}{{- end -}}
+{{- end -}}
+
+{{/* Every workload of the kind rendered now in the release namespace, as YAML ({items: [...]}; {} without
+a cluster). */}}
+{{- define "eventrouter.releaseWorkloads" -}}
+{{- toYaml (lookup "apps/v1" (include "eventrouter.workloadKind" .) .Release.Namespace "") -}}
 {{- end -}}
 
 {{/* The live router container's args, as JSON ([] without a live workload). */}}
@@ -130,6 +147,13 @@ delivered every occurrence of the rollout a second time. */}}
 {{- $mode -}}
 {{- end -}}
 
+{{/* The ConfigMap the running router keeps its checkpoint in (its --checkpoint-configmap), "" for none. */}}
+{{- define "eventrouter.liveCheckpointConfigMap" -}}
+{{- range $arg := (include "eventrouter.liveArgs" . | fromJsonArray) -}}
+{{- if hasPrefix "--checkpoint-configmap=" (toString $arg) -}}{{- trimPrefix "--checkpoint-configmap=" (toString $arg) -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The claim the running router's data dir is on ("" for an emptyDir or none). */}}
 {{- define "eventrouter.liveDataClaim" -}}
 {{- $live := include "eventrouter.liveWorkload" . | fromYaml -}}
@@ -155,6 +179,24 @@ refused as an option (accessKeyId) too, and both go in the one Secret. */}}
 {{- define "eventrouter.envSecretPattern" -}}(?i:password|passwd|token|secret|api_?key|access_?key(_?id)?|private_?key)$|(?i:(^|[-._])(pass|key))$|[a-z0-9](Pass|Key)${{- end -}}
 
 {{- define "eventrouter.credentialHint" -}}give it as env:VAR_NAME or file:/path and put the value in credentials.values or credentials.existingSecret{{- end -}}
+
+{{/* An option key as messages show it, as the router's config._shown_option: a credential typed
+Name:Value (`?password:S3cret`, a YAML flow `{password:S3cret}`) makes a key *named*
+`password:S3cret`, and Helm's output (CI logs, Argo CD's sync error) printed it whole. Only its part
+before the first `:`, `=` or white space (Python's, the router's) is shown; a key with an @ (a piece
+of a URL's user info), or whose part before the cut is no option's name, not at all. */}}
+{{- define "eventrouter.shownKey" -}}
+{{- $key := toString . -}}
+{{- $cutAt := `[:=\t-\r\x{1c}-\x{20}\x{85}\p{Z}]` -}}
+{{- if contains "@" $key -}}(a name holding an @, not shown)
+{{- else if not (regexMatch $cutAt $key) -}}{{- printf "%q" $key -}}
+{{- else -}}
+{{- $head := regexReplaceAll (printf `(?s)%s.*$` $cutAt) $key "" -}}
+{{- if regexMatch `^[A-Za-z0-9_.-]+$` $head -}}
+{{- printf "%q (the rest not shown: did you mean %s=…?)" (print $head (regexFind $cutAt $key) "…") $head -}}
+{{- else -}}(a name that is no option's, not shown){{- end -}}
+{{- end -}}
+{{- end -}}
 
 {{/* "true" when the text holds a URL's user info (scheme://user:password@host), also when a raw `?`
 in the password cut the address short as the router reads it (it then takes the rest as a query). */}}
@@ -200,7 +242,7 @@ a proxy may be a plain http(s)://host:port without user info. */}}
 {{- else if $isHeader -}}
 {{- fail (printf "%s: header %q holds a literal value; give it as env:VAR_NAME or file:/path (headers carry credentials)" $where (toString $header)) -}}
 {{- else -}}
-{{- fail (printf "%s: option %q looks like a credential; %s" $where $key (include "eventrouter.credentialHint" dict)) -}}
+{{- fail (printf "%s: option %s looks like a credential; %s" $where (include "eventrouter.shownKey" $key) (include "eventrouter.credentialHint" dict)) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
@@ -213,12 +255,12 @@ a proxy may be a plain http(s)://host:port without user info. */}}
 {{- if $isHeader -}}
 {{- $headerValue := regexReplaceAll `^[^:=]*[:=]` $text "" -}}
 {{- if or (not (regexMatch `^[^:=]+[:=]` $text)) (not (regexMatch `^\s*(env:|file:)` $headerValue)) -}}
-{{- fail (printf "%s: option %q, item %d: a header's value is a literal; write Name:env:VAR_NAME or Name:file:/path (the webhook sink), or the whole Name:Value as env:VAR_NAME or file:/path (Loki), and put the value in credentials.values or credentials.existingSecret (headers carry credentials)" $where $key (add1 $n)) -}}
+{{- fail (printf "%s: option %s, item %d: a header's value is a literal; write Name:env:VAR_NAME or Name:file:/path (the webhook sink), or the whole Name:Value as env:VAR_NAME or file:/path (Loki), and put the value in credentials.values or credentials.existingSecret (headers carry credentials)" $where (include "eventrouter.shownKey" $key) (add1 $n)) -}}
 {{- end -}}
 {{- else if and (eq $name "proxy") (regexMatch `^(?i)https?://[A-Za-z0-9.:\[\]_-]+/?$` $text) -}}
 {{- /* A proxy's address alone is no secret; user info in it is refused as in any URL. */ -}}
 {{- else -}}
-{{- fail (printf "%s: option %q looks like a credential; %s" $where $key (include "eventrouter.credentialHint" dict)) -}}
+{{- fail (printf "%s: option %s looks like a credential; %s" $where (include "eventrouter.shownKey" $key) (include "eventrouter.credentialHint" dict)) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
@@ -240,7 +282,7 @@ a proxy may be a plain http(s)://host:port without user info. */}}
 {{- end -}}
 {{- if contains "=" $pair -}}
 {{- include "eventrouter.checkSecretValue" (list $where $key $kv._1 $names) -}}
-{{- include "eventrouter.checkUserInfo" (list $where (printf "option %q" $key) (include "eventrouter.decodeUrlChars" $kv._1)) -}}
+{{- include "eventrouter.checkUserInfo" (list $where (printf "option %s" (include "eventrouter.shownKey" $key)) (include "eventrouter.decodeUrlChars" $kv._1)) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
@@ -253,10 +295,21 @@ a proxy may be a plain http(s)://host:port without user info. */}}
 {{- if regexMatch `[\r\n]` $flag -}}
 {{- fail (printf "%s: a sink flag holds a line break; write it on one line" $where) -}}
 {{- end -}}
+{{- /* TYPE, or TYPE:URL?query: the router strips the type and takes `stdout` alone. Not quoted (the
+       schema's pattern printed the whole flag, a literal credential in its query too). */ -}}
+{{- if not (regexMatch `^[A-Za-z0-9_.-]+$` (trim (index (splitn ":" 2 $flag) "_0"))) -}}
+{{- fail (printf "%s: a sink flag is TYPE or TYPE:URL?options, and what precedes its first ':' is no sink type (letters, digits, '_', '.', '-'); the flag is not shown, as it may hold a credential" $where) -}}
+{{- end -}}
 {{- include "eventrouter.checkUserInfo" (list $where "the sink's URL" $flag) -}}
 {{- if contains "?" $flag -}}
 {{- include "eventrouter.checkQuery" (list $where (index (splitn "?" 2 $flag) "_1") (index . 2)) -}}
 {{- end -}}
+{{- end -}}
+
+{{/* sinks.flags as JSON, [] when a values file left `sinks:` or `flags:` blank (YAML null: Helm then
+drops the default), which the router takes as no flags: NOTES failed on it ("len of nil pointer"). */}}
+{{- define "eventrouter.flags" -}}
+{{- toJson (dig "flags" list (.Values.sinks | default dict) | default list) -}}
 {{- end -}}
 
 {{/* The --sink values the pod gets as args (sinks.flags, then each --sink of extraArgs), one a line:
@@ -310,7 +363,7 @@ cannot tell (see flagName; a name that is no string, which the schema refuses). 
 {{/* [where, flag] of each --sink the pod gets: sinks.flags, then each --sink of extraArgs. */}}
 {{- define "eventrouter.sinkFlagsWhere" -}}
 {{- $found := list -}}
-{{- range $i, $flag := (.Values.sinks.flags | default list) -}}
+{{- range $i, $flag := (include "eventrouter.flags" . | fromJsonArray) -}}
 {{- $found = append $found (list (printf "sinks.flags[%d]" $i) (toString $flag)) -}}
 {{- end -}}
 {{- $args := .Values.extraArgs | default list -}}
@@ -325,38 +378,53 @@ cannot tell (see flagName; a name that is no string, which the schema refuses). 
 {{- toJson $found -}}
 {{- end -}}
 
-{{/* [where, TYPE:URL?query flag, {type: {key: constraint}}]: each query key must be an option of the
-flag's type, and its value within the option's enum and bounds (files/sink-options.json, generated by
-scripts/gen_docs.py from the sinks' option models, as the schema's config.sinks): the router refuses
-anything else at start (exit 2). A type not in the file (a plugin's, or the webhook's, whose unknown
-keys stay in its URL) is not checked; nor is a value holding a % (the router decodes it). */}}
+{{/* [where, TYPE:URL?query flag, {type: {key: constraint}}, {type: [one-value keys]}]: each query key
+must be an option of the flag's type, given once if it takes one value, and its value within the
+option's enum and bounds, a number's in a form the router reads (files/sink-options.json and
+one-value-options.json, generated by scripts/gen_docs.py from the sinks' option models, as the
+schema's config.sinks): the router refuses anything else at start (exit 2). A type not in the files
+(a plugin's; the webhook's unknown keys stay in its URL) is not checked; nor is a value holding a %
+(the router decodes it). */}}
 {{- define "eventrouter.checkFlagKeys" -}}
 {{- $where := index . 0 -}}
 {{- $flag := toString (index . 1) -}}
 {{- $type := trim (index (splitn ":" 2 $flag) "_0") -}}
 {{- $known := get (index . 2) $type -}}
-{{- if and $known (contains "?" $flag) -}}
+{{- $oneValue := get (index . 3) $type -}}
+{{- $given := dict -}}
+{{- if contains "?" $flag -}}
 {{- range $pair := splitList "&" (index (splitn "?" 2 $flag) "_1") -}}
 {{- $kv := splitn "=" 2 $pair -}}
 {{- $key := $kv._0 -}}
-{{- if and $pair (not (hasKey $known $key)) -}}
-{{- fail (printf "%s (%s sink): option %q is not one the %s sink takes (its options, the filter and pipeline options: docs/sinks.md, or `eventrouter sinks`); the router would refuse it at start (exit 2)" $where $type $key $type) -}}
+{{- /* A key holding a % is the router's to decode (na%6De= is name=), which Helm cannot: a flag's is
+       refused before (checkQuery), a config url's left to the router. */ -}}
+{{- if not (contains "%" $key) -}}
+{{- if and $pair $oneValue (regexMatch `[:=\t-\r\x{1c}-\x{20}\x{85}\p{Z}]` $key) -}}
+{{- fail (printf "%s (%s sink): query key %s holds a ':' or white space, as a credential typed name:value does; write name=value (the router would refuse it at start, exit 2)" $where $type (include "eventrouter.shownKey" $key)) -}}
 {{- end -}}
-{{- $rule := get $known $key | default dict -}}
+{{- if and $known $pair (not (hasKey $known $key)) -}}
+{{- fail (printf "%s (%s sink): option %s is not one the %s sink takes (its options, the filter and pipeline options: docs/sinks.md, or `eventrouter sinks`); the router would refuse it at start (exit 2)" $where $type (include "eventrouter.shownKey" $key) $type) -}}
+{{- end -}}
+{{- /* `stream=stderr&stream=stdout`, `level=Warning&level=Normal`: the router refuses an option of one
+       value given twice (which one was meant is not known). */ -}}
+{{- if and $pair (has $key ($oneValue | default list)) (hasKey $given $key) -}}
+{{- fail (printf "%s (%s sink): option %q is given twice, but takes one value; the router would refuse it at start (exit 2)" $where $type $key) -}}
+{{- end -}}
+{{- $_ := set $given $key true -}}
+{{- $rule := dict -}}
+{{- if $known -}}{{- $rule = get $known $key | default dict -}}{{- end -}}
 {{- $value := $kv._1 | default "" -}}
 {{- if and $rule (contains "=" $pair) (not (contains "%" $value)) -}}
-{{- include "eventrouter.checkFlagValue" (list $where $type $key $value $rule) -}}
+{{- include "eventrouter.checkFlagValue" (list $where (printf "%s sink" $type) $key $value $rule) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
 
-{{/* [where, type, key, value, {enum, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum}]:
-the bounds bind a plain number only (the router may read other forms). */}}
+{{/* [where, what, key, value, {enum, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum,
+number}]: a flag's value is text, in which the router reads a + as a space. */}}
 {{- define "eventrouter.checkFlagValue" -}}
-{{- $where := index . 0 -}}
-{{- $type := index . 1 -}}
-{{- $key := index . 2 -}}
 {{- $value := index . 3 -}}
 {{- $rule := index . 4 -}}
 {{- $wrong := "" -}}
@@ -364,15 +432,56 @@ the bounds bind a plain number only (the router may read other forms). */}}
 {{- $wrong = printf "one of %s" (join ", " (without $rule.enum nil)) -}}
 {{- else if and (hasKey $rule "pattern") (not (regexMatch $rule.pattern $value)) -}}
 {{- $wrong = printf "a value matching %s" $rule.pattern -}}
-{{- else if regexMatch `^[-+]?[0-9]+(\.[0-9]*)?$` $value -}}
-{{- $n := float64 $value -}}
-{{- if and (hasKey $rule "minimum") (lt $n (float64 $rule.minimum)) -}}{{- $wrong = printf "at least %v" $rule.minimum -}}{{- end -}}
-{{- if and (hasKey $rule "exclusiveMinimum") (le $n (float64 $rule.exclusiveMinimum)) -}}{{- $wrong = printf "more than %v" $rule.exclusiveMinimum -}}{{- end -}}
-{{- if and (hasKey $rule "maximum") (gt $n (float64 $rule.maximum)) -}}{{- $wrong = printf "at most %v" $rule.maximum -}}{{- end -}}
-{{- if and (hasKey $rule "exclusiveMaximum") (ge $n (float64 $rule.exclusiveMaximum)) -}}{{- $wrong = printf "less than %v" $rule.exclusiveMaximum -}}{{- end -}}
+{{- else if hasKey $rule "number" -}}
+{{- $wrong = include "eventrouter.numberWrong" (list (replace "+" " " $value) $rule) -}}
 {{- end -}}
 {{- if $wrong -}}
-{{- fail (printf "%s (%s sink): option %q is %q, must be %s; the router would refuse it at start (exit 2)" $where $type $key $value $wrong) -}}
+{{- fail (printf "%s (%s): option %q is %q, must be %s; the router would refuse it at start (exit 2)" (index . 0) (index . 1) (index . 2) $value $wrong) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* [text, rule]: "" when the router's pydantic (lax mode) reads the text as a number its rule takes,
+else what it must be. An integer: white space around, a sign, digits with single `_`
+between them, a `.0…` (not 1e3, 5.5, 0x10). A float: also 5., .5, exponents, inf and nan where the
+rule's kind (number: float, not finite) and bounds allow; `_` (no two together, none first or last)
+only without white space. */}}
+{{- define "eventrouter.numberWrong" -}}
+{{- $text := index . 0 -}}
+{{- $rule := index . 1 -}}
+{{- $space := `[\t-\r\x{85}\p{Z}]` -}}{{- /* Unicode's White_Space, as pydantic-core (Rust) strips */ -}}
+{{- $trimmed := regexReplaceAll (printf `^%s+|%s+$` $space $space) $text "" -}}
+{{- $float := `^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$` -}}
+{{- $special := `^[-+]?(?i:inf|infinity|nan)$` -}}
+{{- $number := "" -}}
+{{- if eq $rule.number "integer" -}}
+{{- if regexMatch `^[-+]?[0-9](_?[0-9])*(\.0+)?$` $trimmed -}}{{- $number = replace "_" "" $trimmed -}}{{- end -}}
+{{- else if or (regexMatch $float $trimmed) (regexMatch $special $trimmed) -}}
+{{- $number = $trimmed -}}
+{{- else if and (contains "_" $text) (not (regexMatch `^_|_$|__` $text)) -}}
+{{- $plain := replace "_" "" $text -}}
+{{- if or (regexMatch $float $plain) (regexMatch $special $plain) -}}{{- $number = $plain -}}{{- end -}}
+{{- end -}}
+{{- $bounded := or (hasKey $rule "minimum") (hasKey $rule "maximum") (hasKey $rule "exclusiveMinimum") (hasKey $rule "exclusiveMaximum") -}}
+{{- $infinite := regexMatch `(?i)inf` $number -}}
+{{- $n := 0.0 -}}
+{{- if $number -}}
+{{- $n = float64 $number -}}
+{{- /* sprig's float64 is 0 for what overflows (1e400): the router reads inf. */ -}}
+{{- if and (eq $n 0.0) (regexMatch `^[-+]?[0-9.]*[1-9][0-9.]*[eE]\+?[0-9]` $number) -}}
+{{- $infinite = true -}}
+{{- $n = float64 (printf "%sinf" (ternary "-" "" (hasPrefix "-" $number))) -}}
+{{- end -}}
+{{- end -}}
+{{- if not $number -}}
+{{- ternary "an integer (digits, _ between two of them)" "a number" (eq $rule.number "integer") -}}
+{{- else if and (eq $rule.number "finite") (or $infinite (regexMatch `(?i)nan` $number)) -}}
+a finite number
+{{- else if and $bounded (regexMatch `(?i)nan` $number) -}}
+a number, not nan
+{{- else if and (hasKey $rule "minimum") (lt $n (float64 $rule.minimum)) -}}at least {{ $rule.minimum }}
+{{- else if and (hasKey $rule "exclusiveMinimum") (le $n (float64 $rule.exclusiveMinimum)) -}}more than {{ $rule.exclusiveMinimum }}
+{{- else if and (hasKey $rule "maximum") (gt $n (float64 $rule.maximum)) -}}at most {{ $rule.maximum }}
+{{- else if and (hasKey $rule "exclusiveMaximum") (ge $n (float64 $rule.exclusiveMaximum)) -}}less than {{ $rule.exclusiveMaximum }}
 {{- end -}}
 {{- end -}}
 
@@ -478,7 +587,7 @@ mount inside it, and the container could not start), nor lie inside the read-onl
 {{- if hasKey $v.config "data_dir" -}}
 {{- fail "config.data_dir is not used: set checkpoint.mode=dataDir and checkpoint.dataDir (the chart mounts the volume)" -}}
 {{- end -}}
-{{- if and (not $v.sinks.flags) (not $v.config.sinks) -}}
+{{- if and (not (include "eventrouter.flags" . | fromJsonArray)) (not $v.config.sinks) -}}
 {{- fail "no sinks configured: set sinks.flags and/or config.sinks" -}}
 {{- end -}}
 {{- if $v.persistence.perReplica -}}
@@ -524,15 +633,40 @@ mount inside it, and the container could not start), nor lie inside the read-onl
 {{- if not $names -}}
 {{- fail "files/credential-options.txt is missing from the chart" -}}
 {{- end -}}
+{{- $sinkOptions := .Files.Get "files/sink-options.json" | fromJson -}}
+{{- $oneValue := .Files.Get "files/one-value-options.json" | fromJson -}}
+{{- if not (and $sinkOptions $oneValue) -}}
+{{- fail "files/sink-options.json or files/one-value-options.json is missing from the chart" -}}
+{{- end -}}
 {{- range $i, $sink := ($v.config.sinks | default list) -}}
 {{- $where := printf "config.sinks[%d] (%s)" $i (toString (default $sink.type $sink.name)) -}}
+{{- $type := toString $sink.type -}}
 {{- range $key, $value := $sink -}}
+{{- /* Before anything names the key. The schema lets a key that is no option's name through (its
+       additional-properties error printed it whole: `{password:S3cret}`, a YAML flow without a space). */ -}}
+{{- if and (hasKey $oneValue $type) (not (regexMatch `^[A-Za-z0-9_.-]+$` $key)) -}}
+{{- fail (printf "%s: option %s is not one the %s sink takes (in YAML, name: value has a space after the colon); the router would refuse it at start (exit 2)" $where (include "eventrouter.shownKey" $key) $type) -}}
+{{- end -}}
 {{- include "eventrouter.checkSecretValue" (list $where $key $value $names) -}}
+{{- /* A number written as text ("5s", "", "1e3" for an integer), or out of its bounds ("0"): the
+       schema judges a YAML number, the text is judged here as in a flag (without its + for a space). */ -}}
+{{- /* The router takes the options in a url's query as a flag's: judged as one. */ -}}
+{{- if and (eq $key "url") (kindIs "string" $value) (contains "?" $value) (hasKey $oneValue $type) -}}
+{{- include "eventrouter.checkFlagKeys" (list (printf "config.sinks[%d] url" $i) (printf "%s:%s" $type $value) $sinkOptions $oneValue) -}}
+{{- end -}}
+{{- $rule := (get $sinkOptions $type | default dict) | dig $key dict -}}
+{{- $item := $value -}}
+{{- if and (kindIs "slice" $value) (eq (len $value) 1) -}}{{- $item = index $value 0 -}}{{- end -}}
+{{- if and (hasKey $rule "number") (kindIs "string" $item) -}}
+{{- with include "eventrouter.numberWrong" (list $item $rule) -}}
+{{- fail (printf "%s: option %q is %q, must be %s; the router would refuse it at start (exit 2)" $where $key $item .) -}}
+{{- end -}}
+{{- end -}}
 {{- $texts := list $value -}}
 {{- if kindIs "slice" $value -}}{{- $texts = $value -}}{{- else if kindIs "map" $value -}}{{- $texts = values $value -}}{{- end -}}
 {{- range $text := $texts -}}
 {{- if kindIs "string" $text -}}
-{{- include "eventrouter.checkUserInfo" (list $where (printf "option %q" (toString $key)) $text) -}}
+{{- include "eventrouter.checkUserInfo" (list $where (printf "option %s" (include "eventrouter.shownKey" $key)) $text) -}}
 {{- /* The router takes the options in `url`'s query as --sink does; other URLs keep theirs, and
        a credential in them is as readable. */ -}}
 {{- if and (regexMatch `^[A-Za-z][A-Za-z0-9+.-]*://` $text) (contains "?" $text) -}}
@@ -542,7 +676,7 @@ mount inside it, and the container could not start), nor lie inside the read-onl
 {{- end -}}
 {{- end -}}
 {{- end -}}
-{{- range $i, $flag := $v.sinks.flags -}}
+{{- range $i, $flag := (include "eventrouter.flags" . | fromJsonArray) -}}
 {{- include "eventrouter.checkFlag" (list (printf "sinks.flags[%d]" $i) $flag $names) -}}
 {{- end -}}
 {{- /* A --sink in extraArgs is as visible in the pod spec (argparse also takes --si and --sin). */ -}}
@@ -571,8 +705,15 @@ mount inside it, and the container could not start), nor lie inside the read-onl
 {{- /* An extraEnv literal is as readable in the pod spec: refused for a variable an env: reference
        names (it holds a credential) or whose name says it is one (LOKI_PASSWORD, DINGTALK_TOKEN,
        API_KEY); the value is never printed. Other literals (GOMAXPROCS, SSL_KEY_FILE) render. */ -}}
-{{- $referenced := printf "%s\n%s\n%s" (toYaml $v.config) (join "\n" ($v.sinks.flags | default list)) (join "\n" ($v.extraArgs | default list)) -}}
+{{- $referenced := printf "%s\n%s\n%s" (toYaml $v.config) (join "\n" (include "eventrouter.flags" . | fromJsonArray)) (join "\n" ($v.extraArgs | default list)) -}}
 {{- range $i, $env := ($v.extraEnv | default list) -}}
+{{- /* A YAML flow {name: X, value:S3cret} (no space) makes a key holding the value, rendered into the
+       pod spec as written; Kubernetes' refusal of the unknown field would print it. */ -}}
+{{- range $key, $_ := (kindIs "map" $env | ternary $env dict) -}}
+{{- if not (has $key (list "name" "value" "valueFrom")) -}}
+{{- fail (printf "extraEnv[%d]: key %s is not one of an environment variable's (name, value, valueFrom; in YAML, name: value has a space after the colon)" $i (include "eventrouter.shownKey" $key)) -}}
+{{- end -}}
+{{- end -}}
 {{- if and (kindIs "map" $env) (hasKey $env "value") (ne (toString (index $env "value")) "") (ne (toString (index $env "value")) "<nil>") -}}
 {{- $name := toString (index $env "name") -}}
 {{- $byReference := regexMatch (printf `env:%s([^A-Za-z0-9_]|$)` (regexQuoteMeta $name)) $referenced -}}
@@ -595,11 +736,7 @@ mount inside it, and the container could not start), nor lie inside the read-onl
 {{- end -}}
 {{- /* After the credential checks, whose messages say more about a key that holds one. */ -}}
 {{- include "eventrouter.checkSinkNames" . -}}
-{{- $sinkOptions := .Files.Get "files/sink-options.json" | fromJson -}}
-{{- if not $sinkOptions -}}
-{{- fail "files/sink-options.json is missing from the chart" -}}
-{{- end -}}
 {{- range $found := (include "eventrouter.sinkFlagsWhere" . | fromJsonArray) -}}
-{{- include "eventrouter.checkFlagKeys" (list (index $found 0) (index $found 1) $sinkOptions) -}}
+{{- include "eventrouter.checkFlagKeys" (list (index $found 0) (index $found 1) $sinkOptions $oneValue) -}}
 {{- end -}}
 {{- end -}}
