@@ -111,6 +111,7 @@ import re
 import ssl
 import string
 import time
+import weakref
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -212,7 +213,11 @@ _LOG_FRONT_EVERY = 600.0
 page, 404, 405: the URL is to put right); the first at once."""
 _SENT_MAX = 20_000
 """Entries whose storing is unknown (a push timed out, cut off) or known from a send cut off, kept
-so that Loki refusing an identical one as too far behind is not answered with a second copy."""
+so that Loki refusing an identical one as too far behind is not answered with a second copy. Those
+forgotten beyond it that were not known stored are still told from new ones (``_Lost``)."""
+_UNKNOWN_STREAMS = 4096
+"""Streams whose newest entry sent in a push of unknown outcome is kept (``_Watch``); beyond, the
+oldest noted gives its value to every stream."""
 
 # Fields a label template may use, and which of them are unbounded per object or per event.
 TEMPLATE_FIELDS = frozenset(
@@ -768,6 +773,34 @@ def _parse_ignored(text: str) -> tuple[list[tuple[int, bool]], int, int] | None:
     return listed, int(total["ignored"]), int(total["total"])
 
 
+class _Watch:
+    """This sink's pushes of a stream that Loki may have stored after a per-stream rate refusal left
+    entries of it out of its listing (``_Kept``): those since, counted when they start whatever their
+    answer (stored, refused, unknown, the send cut off), and those before whose outcome is unknown
+    (Loki may store one later than it answers: a gateway's 504, a timeout). ``newest``: the newest
+    entry of the stream any of them carried (None: none), so Loki's newest for it was raised by this
+    sink since the refusal at most that far; ``prior``: the same before the last of them (``push``:
+    that push's ``id``). A push refusing an entry behind Loki's newest is not counted for it: the
+    entries it carries before that one (a stream's are pushed sorted by time) are older, and those
+    after it come later."""
+
+    __slots__ = ("__weakref__", "newest", "prior", "push")
+
+    def __init__(self, newest: int | None) -> None:
+        # From the start, this sink's pushes of the stream whose outcome is unknown: Loki may store
+        # one later than it answers (a gateway's 504, a timeout), after the refusal.
+        self.newest = self.prior = newest
+        self.push = 0
+
+    def pushed(self, ts_ns: int, push: int) -> None:
+        self.prior, self.push = self.newest, push
+        self.newest = ts_ns if self.newest is None else max(self.newest, ts_ns)
+
+    def before(self, push: int) -> int | None:
+        """The newest entry of the stream in the pushes counted, but for ``push`` if it was the last."""
+        return self.prior if self.push == push else self.newest
+
+
 class _Kept:
     """Entries of a stream that Loki left out of a per-stream rate 429's listing, when that answer
     cannot tell whether Loki limited the stream entry by entry or whole. Entry by entry (Loki 2.x,
@@ -782,30 +815,68 @@ class _Kept:
     stream entry by entry and stored them all (``stored``).
 
     ``newest``: the newest entry of that push Loki may have stored with them (they and those whose
-    fate its listing left open; never one it listed refused). Had the push stored one of them, e,
-    Loki's newest before it was at most e + max_behind (else e was refused as behind), and after it
-    at most max(e + max_behind, ``newest``): a later cutoff after ``newest`` - max_behind, refusing e,
-    proves the push did not store it (``unstored``). ``_I64``: never proved so (also sent in a push
-    whose outcome is unknown)."""
+    fate its listing left open; never one it refused). Had the push stored one of them, e, Loki's
+    newest before it was at most e + W (W: Loki's window, max_chunk_age/2, whatever ``max_behind``
+    says; else e was refused as behind), and after it at most max(e + W, ``newest``), then raised
+    by this sink's pushes of the stream since (``watch``) and nothing else: a later cutoff C refusing
+    e (e < C) is at most max(e, ``newest`` - W, ``watch`` - W), so C after both ``newest`` and
+    ``watch`` proves the push did not store it (``unstored``), whatever W is. ``_I64``: never proved
+    so (also sent in a push whose outcome is unknown, or its mark in ``_sent`` forgotten)."""
 
-    __slots__ = ("newest", "stamps")
+    __slots__ = ("newest", "stamps", "watch")
 
-    def __init__(self, stamps: list[int], newest: int) -> None:
+    def __init__(self, stamps: list[int], newest: int, watch: _Watch) -> None:
         self.stamps = stamps
         self.newest = newest
+        self.watch = watch
 
     def stored(self, bound_ns: int) -> bool:
         """Whether they were stored, given a later cutoff (``bound_ns``: the cutoff Loki names, plus
         the second it truncates)."""
         return len(self.stamps) > 1 and self.stamps[-2] >= bound_ns
 
-    def unstored(self, cutoff_ns: int, behind_ns: int, mine: int | None) -> bool:
+    def unstored(self, cutoff_ns: int, push: int) -> bool:
         """Whether a later cutoff that refused one of them (``cutoff_ns``, as Loki prints it: whole
-        seconds, at most its own) proves the push did not store it: no writer but that push raised
-        Loki's newest for the stream meanwhile (this sink's newer entries of it wait aside behind
-        them, ``_hold_back``; ``mine``: the newest this send stored, if any)."""
-        newest = self.newest if mine is None else max(self.newest, mine)
-        return cutoff_ns > newest - behind_ns
+        seconds, at most its own) in push ``push`` proves the push they were left out of did not store
+        it: no writer but this sink raised Loki's newest for the stream meanwhile."""
+        if self.newest == _I64:
+            return False
+        mine = self.watch.before(push)
+        return cutoff_ns > (self.newest if mine is None else max(self.newest, mine))
+
+
+class _Lost:
+    """Keys of ``_sent`` marks forgotten (beyond _SENT_MAX) that were not "stored" (True): an entry
+    perhaps stored whose mark is gone must not be taken for a new one (stamped anew when refused as
+    too far behind: a second copy). A Bloom filter of 2^20 bits (128 KiB), three per key: it never
+    forgets a key, and holds one it was never given about once in 2,500 after 20,000 keys, once in
+    90 after 100,000 (measured; that entry then rejected as perhaps stored: counted, never a second
+    copy)."""
+
+    __slots__ = ("bits", "count")
+
+    _MASK = (1 << 20) - 1
+
+    def __init__(self) -> None:
+        self.bits = bytearray(1 << 17)
+        self.count = 0
+
+    def add(self, key: int) -> None:
+        bits, mask = self.bits, self._MASK
+        for shift in (0, 20, 40):
+            at = (key >> shift) & mask
+            bits[at >> 3] |= 1 << (at & 7)
+        self.count += 1
+
+    def __contains__(self, key: int) -> bool:
+        if not self.count:
+            return False
+        bits, mask = self.bits, self._MASK
+        for shift in (0, 20, 40):
+            at = (key >> shift) & mask
+            if not bits[at >> 3] & (1 << (at & 7)):
+                return False
+        return True
 
 
 _GO_TIME = re.compile(
@@ -1390,6 +1461,12 @@ class LokiSink(Sink[LokiOptions]):
         # de-duplicating it (pkg/ingester/stream.go validateEntries), which must not be taken for a
         # refusal of a new entry and stamped anew (a second copy).
         self._sent: dict[int, bool | _Kept] = {}
+        self._lost = _Lost()  # the keys of marks it forgot that were not True
+        # Per stream, the _Watch of each _Kept mark alive (weakly: forgotten with its last mark), and
+        # the newest entry sent in a push whose outcome is unknown (of any stream, once forgotten).
+        self._watches: dict[bytes, weakref.WeakSet[_Watch]] = {}
+        self._unknown: dict[bytes, int] = {}
+        self._unknown_floor: int | None = None
         # The timestamp each of those entries was sent with, by (uid, number): sent again, an entry
         # keeps it whatever the clock says by then (at the window's old edge, or its stream's newest
         # raised meanwhile), so Loki de-duplicates it rather than keeping a copy stamped otherwise.
@@ -1438,6 +1515,9 @@ class LokiSink(Sink[LokiOptions]):
             self._known_since = previous._known_since
             self._answered = previous._answered
             self._sent = previous._sent
+            self._lost = previous._lost
+            self._watches = previous._watches
+            self._unknown, self._unknown_floor = previous._unknown, previous._unknown_floor
             self._chosen = previous._chosen
             self.modified = previous.modified
             self._modified_log = previous._modified_log
@@ -1910,25 +1990,76 @@ class LokiSink(Sink[LokiOptions]):
             if stored is True:
                 sent[key] = True
             elif stored is False:
+                self._unknown_push(entry)
                 known = sent.get(key)
                 if known is None:
                     sent[key] = False
                 elif isinstance(known, _Kept) and known.newest != _I64:
-                    sent[key] = _Kept(known.stamps, _I64)  # perhaps stored by this push: never "not stored"
+                    # Perhaps stored by this push: never "not stored".
+                    sent[key] = _Kept(known.stamps, _I64, known.watch)
             else:
                 known = sent.get(key)
                 if known is None:
-                    sent[key] = stored
+                    # Its mark forgotten, it may have been sent in a push whose outcome is unknown.
+                    sent[key] = _Kept(stored.stamps, _I64, stored.watch) if key in self._lost else stored
                 elif known is not True:
-                    # Sent before too: not stored is proved only if no such push stored it.
-                    newest = _I64 if known is False else max(known.newest, stored.newest)
-                    sent[key] = _Kept(stored.stamps, newest)
+                    # Sent before too: not stored is proved only if no such push stored it, nor this
+                    # sink's pushes since the first (its watch) raised Loki's newest over the cutoff.
+                    if known is False:
+                        sent[key] = _Kept(stored.stamps, _I64, stored.watch)
+                    else:
+                        sent[key] = _Kept(stored.stamps, max(known.newest, stored.newest), known.watch)
             occurrence = batch[entry.index]
             chosen[occurrence.uid, occurrence.number] = entry.ts_ns
+        unknown = self._unknown
+        while len(unknown) > _UNKNOWN_STREAMS:
+            top = unknown.pop(next(iter(unknown)))
+            floor = self._unknown_floor
+            self._unknown_floor = top if floor is None or top > floor else floor
         while len(sent) > _SENT_MAX:
-            del sent[next(iter(sent))]
+            key = next(iter(sent))
+            if sent.pop(key) is not True:
+                self._lost.add(key)  # perhaps stored: never taken for a new entry (_behind_refused)
         while len(chosen) > _SENT_MAX:
             del chosen[next(iter(chosen))]
+
+    def _watch(self, stream: bytes) -> _Watch:
+        """A new watch of this sink's pushes of ``stream`` (``_Kept``), kept while a mark holds it."""
+        watches = self._watches
+        self._forget_watches()
+        unknown = [ts for ts in (self._unknown.get(stream), self._unknown_floor) if ts is not None]
+        watch = _Watch(max(unknown) if unknown else None)
+        watches.setdefault(stream, weakref.WeakSet()).add(watch)
+        return watch
+
+    def _unknown_push(self, entry: _Entry) -> None:
+        """An entry sent in a push whose outcome is unknown: its stream's newest such (``_Watch``)."""
+        top = self._unknown.get(entry.stream)
+        if top is None or entry.ts_ns > top:
+            self._unknown[entry.stream] = entry.ts_ns
+
+    def _forget_watches(self) -> bool:
+        """Drop the streams whose watches are all gone (their marks answered or forgotten); whether any
+        is left."""
+        watches = self._watches
+        for stream in [stream for stream, alive in watches.items() if not alive]:
+            del watches[stream]
+        return bool(watches)
+
+    def _watch_push(self, entries: list[_Entry]) -> None:
+        """A push starts: its newest entry of each watched stream is counted (``_Watch``)."""
+        watches, push = self._watches, id(entries)
+        if not self._forget_watches():
+            return
+        newest: dict[bytes, int] = {}
+        for entry in entries:
+            if entry.stream in watches:
+                top = newest.get(entry.stream)
+                if top is None or entry.ts_ns > top:
+                    newest[entry.stream] = entry.ts_ns
+        for stream, ts_ns in newest.items():
+            for watch in watches[stream]:
+                watch.pushed(ts_ns, push)
 
     def _share(self) -> tuple[float, float, float]:
         """The budget's rate and burst (a _BUDGET_SHARE of what Loki is taken to allow) and its
@@ -2204,6 +2335,8 @@ class LokiSink(Sink[LokiOptions]):
         if cap is not None and len(entries) > 1 and _weight(entries) > cap:
             await self._push_halves(entries, outcomes)  # Loki would refuse it whole: see below
             return
+        if self._watches:
+            self._watch_push(entries)
         body = self.encode(entries)
         session = self._ensure_session()
         try:
@@ -2534,7 +2667,12 @@ class LokiSink(Sink[LokiOptions]):
         end = len(order) if len(listed) == ignored else last + 1
         refused = [entry for entry in order[:end] if entry.ts_ns in want]
         kept = [entry for entry in order[:end] if entry.ts_ns not in want]
-        unsure = order[end:] + [entry for entry in refused if have[entry.ts_ns] > want[entry.ts_ns]]
+        unsure = order[end:]
+        if unsure and have == want and len(unsure) == ignored - len(listed):
+            # Loki lists the first refused entries: as many as it refused besides are after the last
+            # it listed, so when that is every one of them none was stored.
+            unsure = []
+        unsure += [entry for entry in refused if have[entry.ts_ns] > want[entry.ts_ns]]
         self._remember([entry for entry in unsure if entry.ts_ns < cut], stored=False)
         if not kept:
             return group
@@ -2553,7 +2691,8 @@ class LokiSink(Sink[LokiOptions]):
         if exposed:
             # What Loki may have stored with them: they, and those whose fate the listing left open.
             newest = max([kept[-1].ts_ns] + [entry.ts_ns for entry in unsure])
-            self._remember(exposed, stored=_Kept(sorted({entry.ts_ns for entry in kept}), newest))
+            stamps = sorted({entry.ts_ns for entry in kept})
+            self._remember(exposed, stored=_Kept(stamps, newest, self._watch(kept[0].stream)))
         return group
 
     def _unseen(self, entries: list[_Entry]) -> None:
@@ -2701,17 +2840,20 @@ class LokiSink(Sink[LokiOptions]):
             unsure = (
                 f"loki: {self._shown} refused an entry as too far behind its stream's newest, and an "
                 "identical one was sent in a push whose outcome is unknown (timed out, cut off, 5xx, "
-                "in the second of Loki's cutoff, answered for another stream, or left out of a "
-                "per-stream rate refusal), so it may be stored: not sent again with a new timestamp "
-                "(a second copy); " + message.split("\n", 1)[0]
+                "in the second of Loki's cutoff, answered for another stream, left out of a "
+                "per-stream rate refusal, or its record forgotten), so it may be stored: not sent "
+                "again with a new timestamp (a second copy); " + message.split("\n", 1)[0]
             )
             for entry in refused:
-                known = sent.pop(hash((entry.stream, entry.ts_ns, entry.line)), None) if sent else None
+                key = hash((entry.stream, entry.ts_ns, entry.line))
+                known = sent.pop(key, None) if sent else None
+                if known is None and key in self._lost:
+                    known = False  # its mark forgotten (_SENT_MAX): perhaps stored, never stamped anew
                 fresh = False
                 if isinstance(known, _Kept):
                     if known.stored(bound):
                         known = True
-                    elif known.unstored(bound - _NS, self._behind_ns, self._stored_newest(stream)):
+                    elif known.unstored(bound - _NS, id(entries)):
                         # Loki limited its stream whole and it was too far behind then: never stored,
                         # stamped anew as any new entry refused so (its kept timestamp forgotten).
                         known, fresh = None, True
@@ -2744,11 +2886,6 @@ class LokiSink(Sink[LokiOptions]):
             if rest:
                 await self._push_or_retry(rest, outcomes)
         return True
-
-    def _stored_newest(self, stream: bytes) -> int | None:
-        """The newest entry of ``stream`` that Loki stored in a push of the send under way, if any."""
-        stamps = [entry.ts_ns for push in self._stored for entry in push if entry.stream == stream]
-        return max(stamps) if stamps else None
 
     def _split_behind(self, group: list[_Entry], block: _Behind) -> tuple[list[_Entry], list[_Entry]] | None:
         """The refused entries of a stream, and those to push again, when Loki's total is not this

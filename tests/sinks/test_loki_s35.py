@@ -7,14 +7,16 @@ one (2.x, shard_streams off) that stored the entries it left out, so a left-out 
 max_behind behind another was rejected "may be stored" when Loki later refused it as too far
 behind, though Loki never had it (before item 289 it was stamped at receipt and delivered once).
 Loki's cutoff at that later refusal now tells them apart: after the newest entry the first push may
-have stored, less max_behind, it proves that push stored none of them."""
+have stored, and after every entry this sink pushed since (or sent in a push of unknown outcome), it
+proves that push stored none of them (item 306: whatever Loki's window, this sink's pushes between
+the two, or the marks it forgot)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -39,10 +41,10 @@ def _sink(url: str, **options: Any) -> LokiSink:
 
 
 async def _deliver(
-    sink: LokiSink, batch: Sequence[Occurrence], between: Callable[[], None] = lambda: None
+    sink: LokiSink, batch: Sequence[Occurrence], between: Callable[[], Awaitable[None] | None] = lambda: None
 ) -> dict[tuple[str, int], Outcome | None]:
     """Send, then send again what is answered retry (as the engine does, at once here), until
-    nothing is: each occurrence's final outcome (None: OK)."""
+    nothing is: each occurrence's final outcome (None: OK). ``between`` runs after each send."""
     pending = list(batch)
     final: dict[tuple[str, int], Outcome | None] = {}
     for _ in range(6):
@@ -56,7 +58,9 @@ async def _deliver(
             else:
                 final[occurrence.uid, occurrence.number] = outcome
         pending = again
-        between()
+        waiting = between()
+        if waiting is not None:
+            await waiting
     assert not pending, "still retried after 6 sends"
     return final
 
@@ -189,3 +193,159 @@ async def test_an_entry_also_sent_in_a_push_of_unknown_outcome_is_never_proved_u
             "y20": 1,
             "y10": 1,
         }
+
+
+# Item 306: the proof made sound against a Loki limiting entry by entry (2.x, 3.x with shard_streams
+# off), where the entries a rate refusal leaves out were stored. Each of these gave x8000 a second copy.
+
+
+def _batch() -> list[Occurrence]:
+    return [
+        _at(8000, reason="S", object_name="x8000"),
+        _at(4200, reason="S", object_name="x4200"),
+        _at(20, reason="S", object_name="y20"),
+        _at(10, reason="S", object_name="y10", message="m" * 2000),
+    ]
+
+
+async def test_an_entry_refused_after_this_sinks_own_newer_entries_were_stored_is_never_proved_unstored() -> (
+    None
+):
+    """Loki (entry by entry) stores x8000 and x4200 and refuses y20 and y10 for the rate. Pushed again
+    with room for two entries: x8000 is refused as too far behind x4200, x4200 is Loki's last line, y20
+    is stored, y10 (2 KB) refused for the rate. Then y10 is refused again, and x8000, pushed alone, is
+    refused as too far behind y20, stored by this sink since: that cutoff (y20 - an hour) is after
+    everything the first push may have stored, but this sink's own push raised Loki's newest there.
+    x8000 is rejected "may be stored", never stamped anew (before: a second copy)."""
+    batch = _batch()
+    size = await _size_of_one_entry(batch[0])
+    async with LokiReceiver(
+        per_stream_rate=1, per_stream_burst=2 * size + 50, per_stream_whole=False
+    ) as loki:
+        sink = _sink(loki.url, per_stream_rate=0)
+        bursts = iter([2 * size + 50, size + 50])
+
+        def between() -> None:
+            loki.per_stream_burst = next(bursts, 10_000_000)
+            loki.refill_stream_rate_limits()
+
+        try:
+            final = await _deliver(sink, batch, between)
+        finally:
+            await sink.aclose()
+        behind = [push for push in loki.pushes if push.status == 400]
+        assert len(behind) == 1 and "entry too far behind" in behind[0].message
+        assert behind[0].accepted == 0  # x8000 alone, refused behind y20 (stored in between)
+        outcomes = [final[occurrence.uid, occurrence.number] for occurrence in batch]
+        assert _may_be_stored(outcomes[0]) and all(_ok(outcome) for outcome in outcomes[1:]), outcomes
+        assert _copies(loki) == {"x8000": 1, "x4200": 1, "y20": 1, "y10": 1}
+
+
+async def test_an_entry_whose_mark_was_forgotten_is_never_proved_unstored() -> None:
+    """x8000 is stored by a push answered 503 (outcome unknown); then 20,500 other entries go unanswered
+    (503, given up), so the sink forgets x8000's mark (it keeps 20,000). The whole-stream refusal after
+    another writer, and the cutoff then, would prove only that the rate-refused push stored nothing:
+    x8000 is rejected "may be stored", not stamped anew (before: a second copy)."""
+    batch = _batch()
+    async with LokiReceiver(per_stream_rate=1, per_stream_burst=10_000_000) as loki:
+        sink, other = _sink(loki.url, per_stream_rate=0), _sink(loki.url, per_stream_rate=0)
+
+        def lift() -> None:
+            loki.per_stream_burst = 10_000_000
+            loki.refill_stream_rate_limits()
+
+        try:
+            loki.fail_next(503, store=True)
+            with pytest.raises(RetryableError):
+                await sink.send(batch[:1])
+            loki.fail_next(503, count=41)
+            for start in range(0, 20_500, 500):
+                outage = [make_occurrence(reason="F", object_name=f"f{i}") for i in range(start, start + 500)]
+                with pytest.raises(RetryableError):
+                    await sink.send(outage)
+            await _deliver(other, [_at(1, reason="S", object_name="other-now")])
+            loki.per_stream_burst = 1
+            loki.refill_stream_rate_limits()
+            first = len(loki.pushes)
+            final = await _deliver(sink, batch, lift)
+        finally:
+            await sink.aclose()
+            await other.aclose()
+        assert loki.pushes[first].status == 429 and loki.pushes[first].accepted == 0
+        outcomes = [final[occurrence.uid, occurrence.number] for occurrence in batch]
+        assert _may_be_stored(outcomes[0]) and all(_ok(outcome) for outcome in outcomes[1:]), outcomes
+        assert _copies(loki) == {"x8000": 1, "other-now": 1, "x4200": 1, "y20": 1, "y10": 1}
+
+
+async def test_an_entry_is_never_proved_unstored_by_a_cutoff_of_a_window_smaller_than_max_behind() -> None:
+    """Loki's max_chunk_age is 1 h (it refuses entries more than 30 min behind), the sink's max_behind
+    left at 3,600 s. Loki (entry by entry) stores x8000 and x4200 and refuses y20 and y10 for the rate;
+    pushed again, x8000 is refused with a cutoff of x4200 - 30 min. The proof no longer takes
+    max_behind for Loki's window: x8000 is rejected "may be stored" (before: a second copy)."""
+    batch = _batch()
+    size = await _size_of_one_entry(batch[0])
+    async with LokiReceiver(
+        per_stream_rate=1, per_stream_burst=2 * size + 50, per_stream_whole=False, max_chunk_age=3600
+    ) as loki:
+        sink = _sink(loki.url, per_stream_rate=0)
+
+        def lift() -> None:
+            loki.per_stream_burst = 10_000_000
+            loki.refill_stream_rate_limits()
+
+        try:
+            final = await _deliver(sink, batch, lift)
+        finally:
+            await sink.aclose()
+        assert loki.pushes[0].status == 429 and loki.pushes[0].accepted == 2
+        assert loki.pushes[1].status == 400 and "total ignored: 1 out of 4" in loki.pushes[1].message
+        outcomes = [final[occurrence.uid, occurrence.number] for occurrence in batch]
+        assert _may_be_stored(outcomes[0]) and all(_ok(outcome) for outcome in outcomes[1:]), outcomes
+        assert _copies(loki) == {"x8000": 1, "x4200": 1, "y20": 1, "y10": 1}
+
+
+async def test_an_entry_is_never_proved_unstored_when_a_push_of_unknown_outcome_may_be_stored_since() -> None:
+    """A push of z0 (now) is answered 503: Loki may still store it later (a gateway's answer while the
+    ingester works), here after the rate refusal, which ``other`` pushing the identical entry stands
+    for. Loki (entry by entry) stores x8000 and x4200 and refuses y4100 and y4050 for the rate; then
+    lists x8000 as too far behind x4200 and y4050 for the rate (x4200 is its last line, y4100 stored);
+    z0 is stored; x8000, pushed alone, is refused with a cutoff of z0 - an hour, after every entry this
+    sink pushed since the refusal and every one it may have stored with it. The push of unknown
+    outcome raised Loki's newest: x8000 is rejected "may be stored" (before: a second copy)."""
+    batch = [
+        _at(8000, reason="S", object_name="x8000"),
+        _at(4200, reason="S", object_name="x4200"),
+        _at(4100, reason="S", object_name="y4100"),
+        _at(4050, reason="S", object_name="y4050", message="m" * 2000),
+    ]
+    late = _at(0, reason="S", object_name="z0")
+    size = await _size_of_one_entry(batch[0])
+    async with LokiReceiver(
+        per_stream_rate=1, per_stream_burst=2 * size + 50, per_stream_whole=False
+    ) as loki:
+        sink, other = _sink(loki.url, per_stream_rate=0), _sink(loki.url, per_stream_rate=0)
+        sends = 0
+
+        async def between() -> None:
+            nonlocal sends
+            sends += 1
+            loki.per_stream_burst = 10_000_000
+            loki.refill_stream_rate_limits()
+            if sends == 2:  # Loki stores the 503'd push now
+                await _deliver(other, [late])
+            elif sends == 1:
+                loki.per_stream_burst = 2 * size + 50
+
+        try:
+            loki.fail_next(503)
+            with pytest.raises(RetryableError):
+                await sink.send([late])
+            final = await _deliver(sink, batch, between)
+        finally:
+            await sink.aclose()
+            await other.aclose()
+        assert [push.status for push in loki.pushes[:3]] == [503, 429, 429]
+        assert "entry too far behind" in loki.pushes[2].message
+        outcomes = [final[occurrence.uid, occurrence.number] for occurrence in batch]
+        assert _may_be_stored(outcomes[0]) and all(_ok(outcome) for outcome in outcomes[1:]), outcomes
+        assert _copies(loki) == {"x8000": 1, "x4200": 1, "y4100": 1, "y4050": 1, "z0": 1}
