@@ -10,6 +10,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import time
@@ -49,6 +50,7 @@ from eventrouter.engine.configmap_checkpoint import (
     ConfigMapCheckpoint,
     ConfigMapCheckpointStore,
     configmap_version,
+    unreadable,
 )
 from eventrouter.engine.configmap_checkpoint import _off_loop as in_checkpoint_thread
 from eventrouter.engine.deadletter import DEADLETTER_MAX, DeadLetter
@@ -223,6 +225,14 @@ broken connection included; then the router starts without it (everything again,
 SEED_EMPTY = "starting with an empty checkpoint: each sink gets again what the API server still holds"
 SEED_OWN = "starting from the data dir's own checkpoint"
 SEED_AGAIN = "the seed is tried again at the next start"
+SEED_OWN_AGAIN = (
+    "this start sends each sink again what a configMap-mode router delivered since this data dir last "
+    "took ConfigMap {where} (if one ran in between: a switch back) and the API server still holds"
+)
+"""Said with SEED_OWN: what a failed read costs at a switch back (item 304's Left), not only later."""
+SEED_IGNORED_SHOWN = 10
+"""Sinks of the ConfigMap not configured named in the seed's INFO line at most (the rest counted)."""
+_PLAIN_NAME = re.compile(r"[\w.-]+", re.ASCII)
 
 SEED_TAKEN = "checkpoint-seed.taken"
 """In the data dir: the ConfigMap state its checkpoint took last (``<namespace>/<name> uid=…
@@ -276,6 +286,15 @@ def _seed_taken(data: Path) -> str | None:
         return None
 
 
+def _forget_seed(data: Path) -> None:
+    """Remove SEED_TAKEN durably: the checkpoint it recorded is gone (the folder emptied by hand, a
+    restore without it). Kept, a start whose seed failed left it, and the next start took the same
+    ConfigMap state for one its new checkpoint had taken ("unchanged"), never merging it."""
+    with contextlib.suppress(FileNotFoundError):
+        (data / SEED_TAKEN).unlink()
+        sync_folder(data)
+
+
 def _record_seed(data: Path, state: str) -> None:
     """Write SEED_TAKEN durably, after the checkpoint it records (a kill between: the next start merges
     the same numbers again); item 299's SEED_PENDING goes with it."""
@@ -289,6 +308,18 @@ def _record_seed(data: Path, state: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         (data / SEED_PENDING).unlink()
     sync_folder(data)
+
+
+def _ignored(held: Iterable[str], configured: Iterable[str]) -> str:
+    """The seed's INFO-line part naming the ConfigMap's sinks not configured: the first
+    SEED_IGNORED_SHOWN, the rest counted; a name other than letters, digits, ``_ . -`` quoted (it is the
+    ConfigMap's text: a line break in it made a log line of its own)."""
+    ignored = sorted(set(held) - set(configured))
+    if not ignored:
+        return ""
+    shown = ", ".join(n if _PLAIN_NAME.fullmatch(n) else repr(n) for n in ignored[:SEED_IGNORED_SHOWN])
+    more = len(ignored) - SEED_IGNORED_SHOWN
+    return f"; not configured, ignored: {shown}" + (f" and {more} more" if more > 0 else "")
 
 
 def _raise_to(backend: FileCheckpoint, seed: Mapping[str, int]) -> int:
@@ -680,9 +711,23 @@ class Router:
         if name is None:
             return
         first = not _holds_checkpoint(data / "checkpoints")
-        # An empty store took nothing, whatever a record says (its checkpoints removed by hand).
-        taken = None if first else await asyncio.to_thread(_seed_taken, data)
         where = f"{self.settings.checkpoint_namespace}/{name}"
+        taken = None
+        if first:
+            # An empty store took nothing, whatever a record says (its checkpoints removed by hand):
+            # the record goes before this try, which may fail and record nothing.
+            try:
+                await asyncio.to_thread(_forget_seed, data)
+            except OSError as exc:
+                log.warning(
+                    "checkpoint seed: cannot remove %s (%s), which names a checkpoint the data dir no "
+                    "longer holds: a later start may take ConfigMap %s for one it took",
+                    data / SEED_TAKEN,
+                    exc.strerror or exc,
+                    where,
+                )
+        else:
+            taken = await asyncio.to_thread(_seed_taken, data)
         result, state = await self._take_seed(data, name, where, first, taken)
         self.metrics.checkpoint_seeds.labels(result).inc()
         if state is None or state == taken:
@@ -706,7 +751,11 @@ class Router:
         "seeded", "unchanged" (the state ``taken``: not decoded), "absent" (the ConfigMap does not exist)
         or "failed" (said in one WARNING); and the ConfigMap state to record (SEED_TAKEN), None when
         none is."""
-        fallback = f"{SEED_EMPTY if first else SEED_OWN}; {SEED_AGAIN}"
+        fallback = (
+            f"{SEED_EMPTY}; {SEED_AGAIN}"
+            if first
+            else f"{SEED_OWN}; {SEED_AGAIN}; {SEED_OWN_AGAIN.format(where=where)}"
+        )
         kube = self._control or self.kube
         if kube is None:
             log.warning("checkpoint seed: no API client to read ConfigMap %s with; %s", where, fallback)
@@ -737,11 +786,12 @@ class Router:
             return "unchanged", state
         try:
             found = await store.decode(obj)
-        except CheckpointFormatError as exc:
+        except (CheckpointFormatError, MemoryError) as exc:
+            # Bounded by what a checkpoint can hold; whatever still fails costs this seed, never the start.
             log.warning(
                 "checkpoint seed: ConfigMap %s holds no checkpoint that can be read (%s); %s",
                 where,
-                exc,
+                unreadable(exc),
                 fallback,
             )
             return "failed", None
@@ -758,6 +808,14 @@ class Router:
         except asyncio.CancelledError:
             await asyncio.wait([writing])
             raise
+        except MemoryError as exc:  # a seed's write left part-way is as one that failed (see each)
+            log.warning(
+                "checkpoint seed: cannot write the checkpoint read from ConfigMap %s (%s); %s",
+                where,
+                unreadable(exc),
+                fallback,
+            )
+            return "failed", None
         await in_checkpoint_thread(release_free_memory)
         self.memory_trims += 1
         return ("seeded", state) if written else ("failed", None)
@@ -809,12 +867,11 @@ class Router:
                 fallback,
             )
             return False
-        ignored = sorted(set(found.sinks) - set(configured))
         log.info(
             "checkpoint seeded from ConfigMap %s (read only, never written): %s%s",
             where,
             ", ".join(f"{sink}={len(found.entries(sink))}" for sink in configured),
-            f"; not configured, ignored: {', '.join(ignored)}" if ignored else "",
+            _ignored(found.sinks, configured),
         )
         return True
 
@@ -847,13 +904,12 @@ class Router:
                 fallback,
             )
             return False
-        ignored = sorted(set(found.sinks) - set(configured))
         log.info(
             "checkpoint seeded from ConfigMap %s (read only, never written) at a later start, over the data "
             "dir's own checkpoint, the higher number of each entry kept; entries raised or added: %s%s",
             where,
             ", ".join(f"{sink}={raised.get(sink, 0)}" for sink in configured),
-            f"; not configured, ignored: {', '.join(ignored)}" if ignored else "",
+            _ignored(found.sinks, configured),
         )
         return True
 

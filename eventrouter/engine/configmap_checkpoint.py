@@ -84,6 +84,7 @@ __all__ = [
     "decode_unseen",
     "encode_state",
     "encode_unseen",
+    "unreadable",
 ]
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,26 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 
 class CheckpointFormatError(ValueError):
     pass
+
+
+# What a checkpoint of CONFIGMAP_LIMIT can hold, with room to spare; a blob past any of these is no
+# checkpoint a router wrote (crafted, or damaged) and is refused as unreadable before it costs memory:
+# decoded without bounds, 1 MiB made ~1 GiB of zlib output, or ~4 GB of columns (item 309).
+MAX_UNPACKED = 16 * 1024 * 1024
+"""Bytes a checkpoint may unpack to. The writer packs Huffman-only (at least a bit per byte: at most
+8x) unless that does not fit, and level 6 gains under 3x more on its random uids (16 of every 17 bytes):
+a full ConfigMap unpacks to ~3 MiB."""
+MAX_UIDS = 2 * CONFIGMAP_LIMIT // 16
+"""Uids a checkpoint may hold: each an API server's UUID, 16 random bytes that do not compress, so a
+full ConfigMap holds ~61,000 (twice the most that fits)."""
+MAX_SINKS = 1024
+"""Sink names a checkpoint may hold (a router's configured sinks, and those kept while not configured)."""
+MAX_SINK_NAME = 1024
+"""Bytes of one sink name."""
+MAX_COPIED = 4 * 1024 * 1024
+"""Numbers of the columns decode_columns copies (one list per sink that differs from the base, 8 bytes a
+number: 32 MiB): 64 sinks, each differing, at a full ConfigMap's ~61,000 uids. A diff costs a few bytes
+of input and its copy 8 bytes per uid."""
 
 
 P = ParamSpec("P")
@@ -347,10 +368,21 @@ def _unpack(blob: bytes) -> bytes:
     if not blob:
         raise CheckpointFormatError("empty checkpoint")
     if blob[0] == _ZLIB:
+        unpacker = zlib.decompressobj()
         try:
-            return zlib.decompress(blob[1:])
+            # One byte past the bound tells a blob that unpacks further (a zlib bomb: 1 MiB of it is
+            # ~1 GiB) without unpacking the rest.
+            data = unpacker.decompress(blob[1:], MAX_UNPACKED + 1)
         except zlib.error as exc:
             raise CheckpointFormatError(f"bad compression: {exc}") from None
+        if len(data) > MAX_UNPACKED:
+            raise CheckpointFormatError(
+                f"decompresses past {MAX_UNPACKED >> 20} MiB, more than a checkpoint of "
+                f"{CONFIGMAP_LIMIT >> 20} MiB holds"
+            )
+        if not unpacker.eof:  # as zlib.decompress says it
+            raise CheckpointFormatError("bad compression: incomplete or truncated stream")
+        return data
     if blob[0] == _RAW:
         return blob[1:]
     raise CheckpointFormatError(f"unknown encoding {blob[0]}")
@@ -376,14 +408,12 @@ def decode_columns(blob: bytes) -> tuple[list[str], list[list[int]], list[str]]:
     data = _unpack(blob)
     if not data.startswith(_MAGIC):
         raise CheckpointFormatError("not an eventrouter checkpoint (version 1)")
-    pos = len(_MAGIC)
-    count, pos = _read_varint(data, pos)
-    names: list[str] = []
-    for _ in range(count):
-        size, pos = _read_varint(data, pos)
-        names.append(data[pos : pos + size].decode("utf-8"))
-        pos += size
+    names, pos = _names(data, len(_MAGIC))
     total, pos = _read_varint(data, pos)
+    if total > MAX_UIDS:
+        raise CheckpointFormatError(f"{total} uids, more than a checkpoint holds ({MAX_UIDS})")
+    if 2 * total > len(data) - pos:  # each uid at least 2 bytes: refused before any list is built
+        raise CheckpointFormatError(f"truncated: {total} uids in {len(data) - pos} bytes")
     order: list[str] = []
     bases: list[int] = []
     for _ in range(total):
@@ -400,8 +430,17 @@ def decode_columns(blob: bytes) -> tuple[list[str], list[list[int]], list[str]]:
         order.append(uid)
         bases.append(head >> 1)
     columns: list[list[int]] = []
-    for _ in names:
+    copied = 0
+    for name in names:
         n, pos = _read_varint(data, pos)
+        if n > total:  # each uid differs once at most
+            raise CheckpointFormatError(f"sink {name[:64]!r}: {n} diffs for {total} uids")
+        copied += total if n else 0
+        if copied > MAX_COPIED:
+            raise CheckpointFormatError(
+                f"more sinks differing at more uids than a checkpoint holds ({len(names)} sinks, "
+                f"{total} uids)"
+            )
         column = list(bases) if n else bases
         index = 0
         for _ in range(n):
@@ -415,6 +454,33 @@ def decode_columns(blob: bytes) -> tuple[list[str], list[list[int]], list[str]]:
     if pos != len(data):
         raise CheckpointFormatError("trailing bytes")
     return names, columns, order
+
+
+def _names(data: bytes, pos: int) -> tuple[list[str], int]:
+    """decode_columns' sink names and the position after them: at most MAX_SINKS, each non-empty,
+    at most MAX_SINK_NAME bytes and once (the keys of a router's dict of states)."""
+    count, pos = _read_varint(data, pos)
+    if count > MAX_SINKS:
+        raise CheckpointFormatError(f"{count} sink names, more than a checkpoint holds ({MAX_SINKS})")
+    names: list[str] = []
+    for _ in range(count):
+        size, pos = _read_varint(data, pos)
+        if not 0 < size <= MAX_SINK_NAME:
+            raise CheckpointFormatError(f"a sink name of {size} bytes (1 to {MAX_SINK_NAME})")
+        if pos + size > len(data):
+            raise CheckpointFormatError("truncated sink name")
+        names.append(data[pos : pos + size].decode("utf-8"))
+        pos += size
+    if len(set(names)) != count:
+        raise CheckpointFormatError("a sink name given twice")
+    return names, pos
+
+
+def unreadable(exc: BaseException) -> str:
+    """Why a checkpoint could not be decoded, for a log line (a MemoryError says nothing itself)."""
+    if isinstance(exc, MemoryError):
+        return "more than the memory left to decode it: MemoryError"
+    return str(exc)
 
 
 def _entries(order: list[str], column: list[int]) -> dict[str, int]:
@@ -717,8 +783,9 @@ class ConfigMapCheckpointStore:
         """The ConfigMap's checkpoint as it stands, for another store to start from (the data dir's
         seed, ``--checkpoint-seed-configmap``); None when it does not exist (404). Only a GET: this
         store's own state is not touched. Raises ApiError (403, 5xx) or a request's error when it cannot
-        be read, and CheckpointFormatError when it holds no readable checkpoint (load() starts empty
-        then: a leader must not stop for it; a seed says so instead)."""
+        be read, and CheckpointFormatError when it holds no readable checkpoint, or one past what a
+        checkpoint can hold (MAX_UNPACKED and the others: load() starts empty then, as a leader must
+        not stop for it; a seed says so instead)."""
         obj = await self.read_object()
         if obj is None:
             return None
@@ -1434,13 +1501,14 @@ class ConfigMapCheckpointStore:
             return {}, []
         try:
             return _decode(obj)
-        except CheckpointFormatError as exc:
-            # Starting empty only re-delivers what the API server still holds.
+        except (CheckpointFormatError, MemoryError) as exc:
+            # Starting empty only re-delivers what the API server still holds; the next write replaces
+            # it (a leader that stopped for it failed at every lease-take).
             log.error(
                 "checkpoint ConfigMap %s/%s is unreadable (%s); starting empty",
                 self.namespace,
                 self.name,
-                exc,
+                unreadable(exc),
             )
             return {}, []
 
@@ -1452,13 +1520,13 @@ class ConfigMapCheckpointStore:
             return {}
         try:
             return decode_unseen(base64.b64decode(encoded), order)
-        except (CheckpointFormatError, ValueError, TypeError) as exc:
+        except (CheckpointFormatError, ValueError, TypeError, MemoryError) as exc:
             log.warning(
                 "checkpoint ConfigMap %s/%s: the first-unseen times are unreadable (%s); the "
                 "entries of events a scoped watch does not see are kept for the keep period from now",
                 self.namespace,
                 self.name,
-                exc,
+                unreadable(exc),
             )
             return {}
 

@@ -1,0 +1,335 @@
+"""Item 309: the checkpoint ConfigMap's decode had no bound. Since item 304 every dataDir start with
+`--checkpoint-seed-configmap` decodes a ConfigMap state it has not taken, so a body within the API
+server's 1 MiB that unpacks or decodes to hundreds of MiB (a zlib bomb, many sinks differing at many
+uids) OOM-killed the start at every restart; the configMap mode's own read at lease-take had the same
+decode. Also: an emptied checkpoint folder kept a stale `checkpoint-seed.taken`, so a failed seed was
+never merged later; and the WARNING of a failed read at a switch back hid that the sinks get again what
+the configMap mode delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import shutil
+import zlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from eventrouter.app import Router, RouterSettings
+from eventrouter.config import spec_for_class
+from eventrouter.engine.configmap_checkpoint import (
+    DATA_KEY,
+    CheckpointFormatError,
+    decode_columns,
+    encode_state,
+)
+from eventrouter.protowire import varint
+from eventrouter.record import occurrence_number
+from eventrouter.source.watcher import WatchSettings
+from eventrouter.testing import FakeApiServer, MemorySink, event_object
+from eventrouter.testing.waiting import until
+
+NS, NAME = "monitoring", "er-checkpoint"
+WHERE = f"{NS}/{NAME}"
+TOKEN = "t0ken"
+CONFIGMAP = f"/api/v1/namespaces/{NS}/configmaps/{NAME}"
+RESULTS = ("seeded", "unchanged", "absent", "failed")
+SINKS = ["loki", "robot"]
+MAGIC = b"ERCK\x01"
+JSON = {"Content-Type": "application/json"}
+
+Key = tuple[str, int]
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeApiServer]:
+    async with FakeApiServer(token=TOKEN) as server:
+        server.bookmark_interval = 0.5
+        yield server
+
+
+def router(api: FakeApiServer, tmp_path: Path, down: tuple[str, ...] = (), **settings: Any) -> Router:
+    options = RouterSettings(
+        kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
+        metrics_addr=None,
+        checkpoint_namespace=NS,
+        checkpoint_flush_interval=0.1,
+        shutdown_timeout=1.0 if down else 5.0,
+        watch=WatchSettings(watch_timeout=30, backoff_initial=0.05, backoff_max=0.5),
+        **settings,
+    )
+    specs = [
+        spec_for_class(MemorySink, {"name": s, "batch_max_wait": 0.01, "fail": s in down}, type_="memory")
+        for s in SINKS
+    ]
+    return Router(options, specs)
+
+
+def data_dir_mode(api: FakeApiServer, tmp_path: Path, down: tuple[str, ...] = ()) -> Router:
+    """The chart's dataDir mode on its claim (kept across mode switches)."""
+    return router(api, tmp_path, down, data_dir=tmp_path / "claim", checkpoint_seed_configmap=NAME)
+
+
+def configmap_mode(api: FakeApiServer, tmp_path: Path) -> Router:
+    """The chart's configMap mode: the checkpoint in the ConfigMap, spools in an emptyDir."""
+    return router(api, tmp_path, checkpoint_configmap=NAME, data_dir=tmp_path / "emptydir")
+
+
+def received(r: Router, sink: str) -> set[Key]:
+    got = r.sinks[sink]
+    assert isinstance(got, MemorySink)
+    assert len(got.keys) == len(set(got.keys)), got.keys
+    return set(got.keys)
+
+
+def seeds(r: Router) -> dict[str, float | None]:
+    sample = r.metrics.registry.get_sample_value
+    return {result: sample("eventrouter_checkpoint_seeds_total", {"result": result}) for result in RESULTS}
+
+
+def only(result: str) -> dict[str, float]:
+    return {r: 1.0 if r == result else 0.0 for r in RESULTS}
+
+
+def tried(r: Router, sink: str) -> Callable[[], bool]:
+    labels = {"sink": sink, "kind": "retryable"}
+    return lambda: (
+        (r.metrics.registry.get_sample_value("eventrouter_sink_send_errors_total", labels) or 0) > 0
+    )
+
+
+async def run_once(r: Router) -> None:
+    """Start, deliver what the relist and the spools bring (a sink that is down: tried once), stop."""
+    task = asyncio.create_task(r.run())
+    try:
+        await until(lambda: r.ready()[0], timeout=20)
+        for p in r.pipelines:
+            sink = r.sinks[p.name]
+            assert isinstance(sink, MemorySink)
+            await (until(tried(r, p.name), timeout=20) if sink.down else p.wait_idle(20))
+    finally:
+        r.request_stop()
+        await asyncio.wait_for(task, 30)
+    assert r.exit_code == 0
+
+
+def occurrences(api: FakeApiServer) -> set[Key]:
+    return {(e["metadata"]["uid"], occurrence_number(e)) for e in api.events()}
+
+
+def new_events(api: FakeApiServer, era: str, n: int) -> set[Key]:
+    before = occurrences(api)
+    for i in range(n):
+        api.create_event(event_object(namespace=NS, object_name=f"{era}-{i}"))
+    return occurrences(api) - before
+
+
+def configmap_state(api: FakeApiServer) -> str:
+    meta = api.get_object("configmaps", NS, NAME)["metadata"]
+    return f"{WHERE} uid={meta['uid']} resourceVersion={meta['resourceVersion']}"
+
+
+def taken(tmp_path: Path) -> str:
+    record = tmp_path / "claim" / "checkpoint-seed.taken"
+    return record.read_text(encoding="utf-8").strip() if record.exists() else ""
+
+
+async def put_checkpoint(api: FakeApiServer, blob: bytes) -> None:
+    """Write ``blob`` as the ConfigMap's checkpoint through the API (its 1 MiB limit applies)."""
+    obj = api.get_object("configmaps", NS, NAME)
+    obj["binaryData"] = {DATA_KEY: base64.b64encode(blob).decode()}
+    obj["metadata"].pop("resourceVersion", None)
+    async with (
+        aiohttp.ClientSession(api.url, headers={"Authorization": f"Bearer {TOKEN}"}) as http,
+        # A stream: aiohttp warns of a body this large given whole.
+        http.put(CONFIGMAP, data=io.BytesIO(orjson.dumps(obj)), headers=JSON) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+
+
+def bomb() -> bytes:
+    """A checkpoint in form: one sink, one uid of 20 MiB (a string uid), in 20 KiB of zlib."""
+    size = 20 * 1024 * 1024
+    raw = MAGIC + varint(1) + varint(4) + b"loki" + varint(1) + varint(1 << 1 | 1) + varint(size)
+    packer = zlib.compressobj(9)
+    parts = [bytes([1]), packer.compress(raw)]
+    chunk = b"a" * (1024 * 1024)
+    parts += [packer.compress(chunk) for _ in range(size // len(chunk))]
+    parts.append(packer.compress(varint(0)) + packer.flush())
+    return b"".join(parts)
+
+
+def columns(sinks: int, uids: int) -> bytes:
+    """``sinks`` names, ``uids`` empty string uids, each sink one diff: a few bytes of input per sink,
+    a copy of every uid's number (8 bytes each) per sink when decoded."""
+    names = b"".join(varint(len(n)) + n for n in (f"s{i:04d}".encode() for i in range(sinks)))
+    body = MAGIC + varint(sinks) + names + varint(uids) + b"\x03\x00" * uids + b"\x01\x00\x05" * sinks
+    return bytes([0]) + body
+
+
+def many_names(sinks: int) -> bytes:
+    names = b"".join(varint(len(n)) + n for n in (f"s{i:06d}".encode() for i in range(sinks)))
+    return bytes([0]) + MAGIC + varint(sinks) + names + varint(0) + b"\x00" * sinks
+
+
+HOSTILE = {
+    "zlib bomb": (bomb, "decompresses past 16 MiB"),
+    "columns": (lambda: columns(100, 100_000), "more sinks differing at more uids"),
+    "sink names": (lambda: many_names(100_000), "100000 sink names"),
+}
+
+
+def seed_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.getMessage().startswith("checkpoint seed:")
+    ]
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+async def test_a_hostile_configmap_within_the_limit_is_a_failed_seed_refused_before_it_costs_memory(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    """A claim that took the ConfigMap; then the ConfigMap is written with a body of under 1 MiB that
+    unpacks to 20 MiB (a 20 MiB uid) or decodes to 100 copies of 100,000 numbers, or holds 100,000 sink
+    names. The next start refuses it by the bounds (the reason named: no unbounded unpack or copy was
+    made), counts `failed`, starts from its own checkpoint and delivers; the record is kept, so the next
+    start tries again (one WARNING each). Before: decoded whole (the 20 MiB uid, 80 MB of columns, a
+    line naming 100,000 sinks) and counted `seeded`; a 1 MiB bomb was ~1 GiB (an OOM kill at every start)."""
+    make, why = HOSTILE[case]
+    new_events(api, "cm", 3)
+    await run_once(configmap_mode(api, tmp_path))
+    switched = data_dir_mode(api, tmp_path)
+    await run_once(switched)
+    assert seeds(switched) == only("seeded")
+    await put_checkpoint(api, make())
+    record = taken(tmp_path)
+    new = new_events(api, "after", 2)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        r = data_dir_mode(api, tmp_path)
+        await run_once(r)
+    assert seeds(r) == only("failed")
+    assert received(r, "loki") == received(r, "robot") == new  # started, from its own checkpoint
+    [said] = seed_warnings(caplog)
+    assert f"ConfigMap {WHERE} holds no checkpoint that can be read ({why}" in said, said
+    assert taken(tmp_path) == record  # not taken: tried again at the next start
+    assert not any("not configured, ignored" in rec.getMessage() for rec in caplog.records)
+    with pytest.raises(CheckpointFormatError, match=why):
+        decode_columns(make())
+
+
+async def test_the_configmap_mode_starts_empty_on_a_zlib_bomb_and_writes_over_it(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The configMap mode's own read at lease-take has the same bound: the bomb is named unreadable
+    (ERROR), the leader starts empty as for any damaged ConfigMap (everything the API server holds
+    again), and its next write replaces the bomb, so no later start meets it. Before: unpacked whole
+    (a 1 MiB bomb: an OOM kill at every lease-take)."""
+    events = new_events(api, "cm", 3)
+    await run_once(configmap_mode(api, tmp_path))
+    await put_checkpoint(api, bomb())
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        r = configmap_mode(api, tmp_path)
+        await run_once(r)
+    assert received(r, "loki") == received(r, "robot") == events
+    assert any(
+        rec.getMessage()
+        == f"checkpoint ConfigMap {WHERE} is unreadable (decompresses past 16 MiB, more than a checkpoint "
+        "of 1 MiB holds); starting empty"
+        for rec in caplog.records
+    ), [rec.getMessage() for rec in caplog.records]
+    stored = base64.b64decode(api.get_object("configmaps", NS, NAME)["binaryData"][DATA_KEY])
+    names, _, order = decode_columns(stored)
+    assert names == SINKS and len(order) == len(events)
+
+
+async def test_an_emptied_store_whose_seed_failed_is_merged_at_the_next_start(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A claim that took the ConfigMap has its checkpoints/ removed by hand; that start cannot read the
+    ConfigMap (forbidden) while robot is down, so robot's 10 wait in its spool. The next start, `get`
+    granted, merges the ConfigMap and robot's spool sends none of what the configMap mode delivered.
+    Before: the stale record made that start call the same ConfigMap "unchanged", robot got all 10
+    again, though the failed start's WARNING said the seed is tried again."""
+    era = new_events(api, "cm", 10)
+    await run_once(configmap_mode(api, tmp_path))
+    switched = data_dir_mode(api, tmp_path)
+    await run_once(switched)
+    assert seeds(switched) == only("seeded") and received(switched, "robot") == set()
+    assert taken(tmp_path)
+    shutil.rmtree(tmp_path / "claim" / "checkpoints")
+    api.forbid(TOKEN, verbs={"get"}, resources={"configmaps"})
+    with caplog.at_level(logging.WARNING):
+        failed = data_dir_mode(api, tmp_path, down=("robot",))
+        await run_once(failed)
+    assert seeds(failed) == only("failed")
+    assert received(failed, "loki") == era  # an empty store: everything again (said in the WARNING)
+    api.permit(TOKEN)
+    merged = data_dir_mode(api, tmp_path)
+    await run_once(merged)
+    assert received(merged, "robot") == received(merged, "loki") == set()
+    assert seeds(merged) == only("seeded")
+    assert taken(tmp_path) == configmap_state(api)
+
+
+async def test_a_failed_read_at_a_switch_back_says_what_the_sinks_get_again(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """dataDir → configMap → dataDir on the kept claim with `get` forbidden: loki gets period 2's
+    again (item 304's Left), and the one WARNING says so. Before: it said only "starting from the data
+    dir's own checkpoint; the seed is tried again at the next start"."""
+    new_events(api, "p1", 3)
+    await run_once(data_dir_mode(api, tmp_path))
+    p2 = new_events(api, "p2", 5)
+    await run_once(configmap_mode(api, tmp_path))
+    api.forbid(TOKEN, verbs={"get"}, resources={"configmaps"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        r = data_dir_mode(api, tmp_path)
+        await run_once(r)
+    assert seeds(r) == only("failed") and received(r, "loki") == p2
+    [said] = seed_warnings(caplog)
+    assert said.startswith(f"checkpoint seed: cannot read ConfigMap {WHERE} (403 Forbidden"), said
+    assert said.endswith(
+        "starting from the data dir's own checkpoint; the seed is tried again at the next start; this "
+        "start sends each sink again what a configMap-mode router delivered since this data dir last "
+        f"took ConfigMap {WHERE} (if one ran in between: a switch back) and the API server still holds"
+    ), said
+
+
+async def test_the_seeds_line_names_a_few_sinks_not_configured_each_quoted_when_not_plain(
+    api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ConfigMap with 40 sinks this router does not configure, one named with a line break: the
+    INFO line names 10 (the odd one quoted, on the same line) and counts the rest. Before: all 40, the
+    line break in the log as written."""
+    events = new_events(api, "cm", 2)
+    order = sorted(uid for uid, _ in events)
+    others = {f"old{i:02d}": dict.fromkeys(order, 1) for i in range(39)}
+    others["a\nFAKE log line"] = dict.fromkeys(order, 1)
+    api.create_object(
+        "configmaps",
+        {
+            "metadata": {"name": NAME, "namespace": NS},
+            "binaryData": {DATA_KEY: base64.b64encode(encode_state(others, order)).decode()},
+        },
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        r = data_dir_mode(api, tmp_path)
+        await run_once(r)
+    assert seeds(r) == only("seeded")
+    [line] = [rec.getMessage() for rec in caplog.records if "not configured, ignored" in rec.getMessage()]
+    shown = ", ".join(["'a\\nFAKE log line'"] + [f"old{i:02d}" for i in range(9)])
+    assert line.endswith(f"; not configured, ignored: {shown} and 30 more"), line
