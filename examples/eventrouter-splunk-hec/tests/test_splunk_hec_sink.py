@@ -535,8 +535,9 @@ EVENT_PATH, ACK_PATH = "/services/collector/event", "/services/collector/ack"
 
 @asynccontextmanager
 async def gateway(hec: FakeHEC, routes: dict[str, str]) -> AsyncIterator[str]:
-    """An HTTP gateway in front of ``hec`` routing only ``routes`` (its path → HEC's path; the dict may
-    change while it runs); any other path gets the gateway's own 404 page. Yields its base URL."""
+    """An HTTP gateway in front of ``hec`` routing only ``routes`` (its path → HEC's path, or another
+    server's whole URL; the dict may change while it runs); any other path gets the gateway's own 404
+    page. Yields its base URL."""
     async with aiohttp.ClientSession() as http:
 
         async def forward(request: web.Request) -> web.Response:
@@ -545,7 +546,8 @@ async def gateway(hec: FakeHEC, routes: dict[str, str]) -> AsyncIterator[str]:
                 return web.Response(status=404, text="404: Not Found")
             passed = ("Authorization", "X-Splunk-Request-Channel", "Content-Type")
             headers = {k: v for k, v in request.headers.items() if k in passed}
-            async with http.post(hec.url + target, data=await request.read(), headers=headers) as r:
+            url = target if target.startswith("http") else hec.url + target
+            async with http.post(url, data=await request.read(), headers=headers) as r:
                 return web.Response(status=r.status, body=await r.read(), content_type="application/json")
 
         app = web.Application()
@@ -1287,3 +1289,190 @@ async def test_ack_max_waiting_is_bounded_by_what_the_engine_keeps_aside_and_sai
     said = [r.getMessage() for r in caplog.records if "is bounded to" in r.getMessage()]
     assert len(said) == 1 and "ack_max_waiting=40 is bounded to 10" in said[0], said
     assert "set queue_max_events to at least 160" in said[0]
+
+
+# ---- item 308: a refusal's ackId, ack state learnt from the event endpoint, bodies that decide nothing -
+
+
+def is_bad(event: dict[str, Any]) -> bool:
+    body = event.get("event")
+    return isinstance(body, dict) and body.get("reason") == "BAD"
+
+
+async def test_the_fake_gives_the_events_before_a_refused_one_an_ackid_as_splunk_does() -> None:
+    """With an acknowledged token and ``keep_before_refused``, the 400 refusing event n carries the
+    ackId under which the fake took the events before it (Splunk's answers quoted in
+    kafka-connect-splunk #200), numbered as a request's and confirmed as one; none when the refused
+    event is the first. Before, the prefix was stored with no ackId, and a sink's blindness to it hidden."""
+    headers = {"Authorization": f"Splunk {TOKEN}", "X-Splunk-Request-Channel": str(uuid.uuid4())}
+    body = b'{"event": {"reason": "A"}}{"event": {"reason": "BAD"}}'
+    async with (
+        FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}, keep_before_refused=True, refuse=is_bad) as hec,
+        aiohttp.ClientSession(hec.url) as http,
+    ):
+        async with http.post(EVENT_PATH, data=body, headers=headers) as r:
+            assert (r.status, await r.json()) == (
+                400,
+                {"text": "Invalid data format", "code": 6, "invalid-event-number": 1, "ackId": 0},
+            )
+        async with http.post(EVENT_PATH, data=body[body.index(b"}}") + 2 :], headers=headers) as r:
+            assert (r.status, await r.json()) == (
+                400,
+                {"text": "Invalid data format", "code": 6, "invalid-event-number": 0},
+            )
+        async with http.post(EVENT_PATH, data=b'{"event": "c"}', headers=headers) as r:
+            assert (await r.json())["ackId"] == 1
+        async with http.post(ACK_PATH, data=b'{"acks": [0, 1]}', headers=headers) as r:
+            assert await r.json() == {"acks": {"0": True, "1": True}}
+    assert [e["event"] for e in hec.events] == [{"reason": "A"}, "c"]
+
+
+@pytest.mark.parametrize("how", [None, *HOWS])
+async def test_a_refusal_carrying_an_ackid_after_a_hec_restart_never_confirms_a_waiting_request_by_another(
+    how: Unreadable | None,
+) -> None:
+    """R0 waits under ackId 0; HEC restarts (R0 lost, the channel numbered from 0) and refuses BAD in
+    [P0, BAD], taking P0 under ackId 0, which its 400 says. The sink never read it: its next request got
+    ackId 1, above the last, so no renumbering was seen, and asked about ackId 0, HEC confirmed P0's
+    prefix: R0 answered OK, lost silently (r305 F1); the same with the 400 unreadable (one by one).
+    Now a readable 400's ackId counts in the channel's numbering and P0 waits for it (indexed once);
+    an unreadable one is a lost answer (a new channel). R0 is sent again: OK only once indexed."""
+    r0, p0, bad = (make_occurrence(reason=r) for r in ("R0", "P0", "BAD"))
+    final: dict[str, Any] = {}
+    async with (
+        FakeHEC(
+            tokens={TOKEN}, ack_tokens={TOKEN}, hold_acks=True, keep_before_refused=True, refuse=is_bad
+        ) as hec,
+        hec_sink({"send_timeout": 2.4}, url=hec.url, timeout=0.5) as sink,
+    ):
+        held = await sink.send([r0])
+        assert held is not None and held[0].held, held
+        hec.restart()
+        hec.hold_acks = False
+        if how is not None:
+            hec.unreadable_next(1, how, status=400)
+        todo = [p0, bad]
+        for _ in range(5):  # as the engine does: what is retried is offered again, with R0 set aside
+            answered = await sink.send(todo)
+            assert answered is not None
+            indexed = [e["event"]["reason"] for e in hec.events]
+            for occ, outcome in zip(todo, answered, strict=True):
+                assert outcome is not OK or occ.record["reason"] in indexed, (occ.record["reason"], indexed)
+                final[occ.record["reason"]] = outcome.kind
+            todo = [r0, *(o for o, a in zip(todo, answered, strict=True) if a.kind is OutcomeKind.RETRY)]
+            if final.get("R0") is OutcomeKind.OK:
+                break
+    assert final == {"R0": OutcomeKind.OK, "P0": OutcomeKind.OK, "BAD": OutcomeKind.REJECT}
+    copies = Counter(e["event"]["reason"] for e in hec.events)
+    assert copies["R0"] == 1 and [e["event"]["reason"] for e in hec.lost] == ["R0"]
+    assert copies["P0"] == (1 if how is None else 2), copies  # readable: it waited for the 400's ackId
+
+
+async def test_an_ack_url_reaching_another_hec_where_acknowledgement_is_off_fails_start() -> None:
+    """``ack_url`` reaches another HEC where the token has indexer acknowledgement off: its "ACK is
+    disabled" passed start() as the token's state (r305 F2), and in sends every event HEC received and
+    had not indexed counted delivered. The state is now learnt from the event endpoint: it gives
+    ackIds, so start() and check() fail naming ack_url, never the token."""
+    async with (
+        FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}) as hec,
+        FakeHEC(tokens={TOKEN}) as other,
+    ):
+        ack_url = other.url + ACK_PATH
+        options = {"url": hec.url, "token": TOKEN, "ack_url": ack_url}
+        sink = SplunkHECSink(SplunkHECOptions.model_validate(options), context())
+        try:
+            for attempt in (sink.start, sink.check):
+                with pytest.raises(SinkError) as err:
+                    await attempt()
+                message = str(err.value)
+                assert f'{ack_url} (ack_url) answered "ACK is disabled" (HTTP 400, code 14) though' in message
+                assert f"{hec.url}{EVENT_PATH} gives the token ackIds" in message, message
+                assert "it reaches another HEC" in message and "correct ack_url" in message, message
+                assert TOKEN not in message
+        finally:
+            await sink.aclose()
+
+
+async def test_ack_is_disabled_from_another_hec_after_start_is_an_ack_fault_and_nothing_counts_delivered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The gateway's acknowledgement route is moved to another HEC (the token's acknowledgement off
+    there) after start(): its "ACK is disabled" was taken for the token's acknowledgement turned off,
+    R0 (received, not indexed) counted delivered with a WARNING saying so, and lost in HEC's restart
+    (r305 F2). Now HEC's event endpoint is asked, still gives ackIds: an ERROR names ack_url, R0 is
+    retried, asked again, never OK until indexed."""
+    caplog.set_level(logging.INFO, LOG.name)
+    r0 = make_occurrence(reason="R0")
+    async with (
+        FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}, hold_acks=True) as hec,
+        FakeHEC(tokens={TOKEN}) as other,
+        gateway(hec, routes := {"/hec": EVENT_PATH, "/hec/ack": ACK_PATH}) as gw,
+        hec_sink(
+            {"send_timeout": 2.4}, url=f"{gw}/hec", ack_url=f"{gw}/hec/ack", timeout=0.5, ack_timeout=0.3
+        ) as sink,
+    ):
+        routes["/hec/ack"] = other.url + ACK_PATH
+        outcomes = [await sink.send([r0]), await sink.send([r0])]
+        hec.restart()  # R0 received, never indexed: lost
+        hec.hold_acks = False
+        outcomes.append(await sink.send([r0]))
+        for outcome in outcomes:
+            assert outcome is not None and outcome[0].kind is OutcomeKind.RETRY and not outcome[0].held, (
+                outcome
+            )
+            assert f"{gw}/hec/ack (ack_url)" in outcome[0].reason, outcome[0].reason
+        routes["/hec/ack"] = ACK_PATH
+        t0, delivered = time.monotonic(), False
+        for _ in range(10):  # held while HEC says ackId 0 is not indexed; past ack_timeout sent again
+            again = await sink.send([r0])
+            assert again is not None and (again[0] is not OK or hec.events), again
+            if delivered := again[0] is OK:
+                break
+            await until(lambda: time.monotonic() > t0 + 0.3)
+    assert delivered and [e["event"]["reason"] for e in hec.events] == ["R0"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and f'{gw}/hec/ack (ack_url) answered "ACK is disabled"' in errors[0], errors
+    assert "it reaches another HEC" in errors[0] and TOKEN not in errors[0]
+    assert not any("turned off" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_2xx_body_without_acknowledgement_is_waited_only_as_long_as_a_quoted_one(
+    hec: FakeHEC, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the token's indexer acknowledgement off a 2xx's body holds no ackId and decides nothing
+    (item 305), yet one that stalled was waited the request's whole ``timeout``: a front stalling every
+    2xx body cost a request per ``timeout`` (r305 F3). Now it gets the 2 s a quoted body gets: the
+    WARNING says none of it came within 2 s, not that the request's timeout ran out."""
+    caplog.set_level(logging.WARNING, LOG.name)
+    async with hec_sink(url=hec.url, timeout=BODY_TIMEOUT) as sink:
+        hec.unreadable_next(1, "stall")
+        outcomes = await sink.send([make_occurrence(reason="R0")])
+    assert outcomes is not None and outcomes[0] is OK
+    said = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
+    assert len(said) == 1 and "(none of it within 2s)" in said[0], said
+    assert [e["event"]["reason"] for e in hec.events] == ["R0"]
+
+
+async def test_a_readable_400_naming_no_event_sends_the_events_one_by_one_and_quotes_the_answer(
+    hec: FakeHEC, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 400 whose body names no event (a front's JSON): the whole batch was dead-lettered with the
+    empty reason "HEC 400: ", while the same answer unreadable sent the events one by one (r305 F4).
+    Splunk names the event it refuses (``invalid-event-number``); an answer that names none does not
+    tell which, so now it is judged as the unreadable one: one per request, each indexed once here;
+    an event refused alone is rejected with the answer quoted."""
+    caplog.set_level(logging.WARNING, LOG.name)
+    batch = [make_occurrence(reason=f"R{i}") for i in range(5)]
+    async with hec_sink(url=hec.url, timeout=BODY_TIMEOUT) as sink:
+        hec.fail_next(1, 400, {"message": "Request blocked by policy"})
+        before = len(hec.statuses)
+        outcomes = await sink.send(batch)
+        requests = len(hec.statuses) - before
+        hec.fail_next(1, 400, {"message": "Request blocked by policy"})
+        alone = await sink.send([make_occurrence(reason="ALONE")])
+    assert outcomes is not None and all(o is OK for o in outcomes), outcomes
+    assert [e["event"]["reason"] for e in hec.events] == [f"R{i}" for i in range(5)] and requests == 6
+    said = [r.getMessage() for r in caplog.records if "one per request" in r.getMessage()]
+    assert len(said) == 1 and "a request of 5 and its answer named none (HEC 400: {" in said[0], said
+    assert alone is not None and alone[0].kind is OutcomeKind.REJECT, alone
+    assert alone[0].reason == 'HEC 400: {"message": "Request blocked by policy"}', alone[0].reason

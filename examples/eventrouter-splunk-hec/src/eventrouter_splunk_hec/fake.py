@@ -44,7 +44,9 @@ A request with a bad event stores none of its events by default (the stricter of
 client can meet; the sink retries the others, so it loses nothing either way). With
 ``keep_before_refused=True`` it stores the events before the bad one, as Splunk does (it takes a
 request's events in order up to the one it refuses: a client then sends them again, and they are
-indexed twice); for a token in ``ack_tokens`` they count as indexed at once, without an ackId.
+indexed twice); for a token in ``ack_tokens`` under an ackId, numbered as a request's, which the 400
+says (``{"text": ..., "code": 13, "invalid-event-number": 2, "ackId": 3}``, as Splunk's answers quoted
+in kafka-connect-splunk #200; none when the refused event is the first, as there too).
 ``refuse`` (a predicate on the decoded event object) makes the fake refuse the events it is true of
 as malformed (400 code 6), so a test can have one event of a well-encoded batch refused.
 
@@ -381,21 +383,19 @@ class FakeHEC:
                 text_, code = (
                     (exc.text, exc.code) if isinstance(exc, _Invalid) else ("Invalid data format", 6)
                 )
-                if self.keep_before_refused:  # as Splunk: those before the bad one are taken
+                said: dict[str, Any] = {"text": text_, "code": code, "invalid-event-number": number}
+                if self.keep_before_refused and events:  # as Splunk: those before the bad one are taken
                     self.events.extend(events)
-                return await self._answer(400, {"text": text_, "code": code, "invalid-event-number": number})
+                    if (channel := self._channel(request)) is not None:  # under an ackId, said
+                        said["ackId"] = self._receive(channel, events)
+                return await self._answer(400, said)
         self.events.extend(events)
         channel = self._channel(request)
         if channel is None:
             if (lost := self._lost(request)) is not None:
                 return lost
             return await self._answer(200, {"text": "Success", "code": 0})
-        self._use(channel)
-        ack_id = self._next_ack.get(channel, 0)
-        self._next_ack[channel] = ack_id + 1
-        now = asyncio.get_running_loop().time()
-        self._received.setdefault(channel, {})[ack_id] = _Received(events, now, self.hold_acks)
-        self._acks.setdefault(channel, {})[ack_id] = not self.hold_acks and self.index_delay <= 0
+        ack_id = self._receive(channel, events)
         answer = self._lost(request)
         if answer is None:
             answer = await self._answer(200, {"text": "Success", "code": 0, "ackId": ack_id})
@@ -405,6 +405,16 @@ class FakeHEC:
                 self._restart_in = None
                 self.restart()
         return answer
+
+    def _receive(self, channel: str, events: list[dict[str, Any]]) -> int:
+        """``events`` (stored already) received on ``channel`` of an acknowledged token: their ackId."""
+        self._use(channel)
+        ack_id = self._next_ack.get(channel, 0)
+        self._next_ack[channel] = ack_id + 1
+        now = asyncio.get_running_loop().time()
+        self._received.setdefault(channel, {})[ack_id] = _Received(events, now, self.hold_acks)
+        self._acks.setdefault(channel, {})[ack_id] = not self.hold_acks and self.index_delay <= 0
+        return ack_id
 
     def _lost(self, request: web.Request) -> web.Response | None:
         """With ``lose_answers`` pending, close the connection of a request just stored: the client gets

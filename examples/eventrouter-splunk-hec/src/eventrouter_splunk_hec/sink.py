@@ -33,13 +33,17 @@ Outcomes (what Splunk answers → what the engine does):
   endpoint never does (HEC's event endpoint, a route dropping the token or the channel, another HEC,
   404, 405, a page: ``_judge_ack``) fails ``start`` when the token has indexer acknowledgement on; met
   in a send, it is logged at ERROR once and what HEC received is retried as a failure, asked about,
-  never posted again, and nothing new is posted, until it answers. The events waiting are held in the
-  engine's memory: without a spool ``ack_max_waiting`` is bounded by a quarter of ``queue_max_events``
-  (``SinkContext.aside_max_events``; said at start).
+  never posted again, and nothing new is posted, until it answers. Whether the token has
+  acknowledgement on is learnt from the event endpoint alone (an empty POST without a channel): an
+  "ACK is disabled" while it gives the token ackIds is such a fault (another HEC). The events
+  waiting are held in the engine's memory: without a spool ``ack_max_waiting`` is bounded by a
+  quarter of ``queue_max_events`` (``SinkContext.aside_max_events``; said at start).
 * 400 with ``invalid-event-number`` n → item n is rejected (dead-lettered with Splunk's text and
-  code); the other items are retried. Splunk takes the events before n (with indexer acknowledgement
-  such a 400 has been seen carrying an ackId), so they arrive twice — at-least-once, never lost.
-  ``Incorrect index`` (code 7) rejects the whole batch.
+  code); those after it are retried. Splunk takes the events before n: with indexer acknowledgement
+  under an ackId the 400 carries (kafka-connect-splunk #200), which counts in the channel's numbering
+  and which they wait for as for a 200's; without one they are retried, and arrive twice —
+  at-least-once, never lost. ``Incorrect index`` (code 7) rejects the whole batch. A 400 on several
+  events that names none (a front's) is sent one per request, as an unreadable one.
 * 413 (body above HEC's ``max_content_length``) → from then on (until a restart) the sink sends
   bodies of at most half that size, a batch in several requests; a single event still too large is
   rejected.
@@ -50,7 +54,9 @@ Outcomes (what Splunk answers → what the engine does):
 * An answer's body is read to 64 KiB at most (``excerpt``). One that cannot be read (it stalls after
   the head, is cut off, or is labelled gzip and is not) is judged by its status: only no status at
   all is "cannot reach". A 2xx's (its ackId) and a 400's (the event refused) decide and get the
-  request's timeout, others 2 s. A 2xx whose body is lost: with the token's indexer acknowledgement
+  request's timeout, others 2 s (a 2xx's too while acknowledgement is off: it holds no ackId). A
+  400's lost with acknowledgement on (or not known) may have held an ackId: as a lost answer, the
+  sink goes on on a new channel. A 2xx whose body is lost: with the token's indexer acknowledgement
   off (``start`` asks) it is HEC's whole answer, OK (WARNING once until one is read again); on (or
   not known), sent again, saying it may be indexed twice (its ackId unknown: as a lost answer, the
   sink goes on on a new channel; ERROR at the second in a row). A 400 on several events: they are
@@ -296,13 +302,15 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _answer(body: bytes) -> tuple[str, int | None, int | None]:
-    """HEC's JSON answer → (text, code, invalid-event-number); a non-JSON body becomes an excerpt."""
+    """HEC's JSON answer → (text, code, invalid-event-number); another body (not JSON, or JSON without
+    HEC's ``text``: a front's) becomes an excerpt, so a reason says who answered what."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         doc = None
     if isinstance(doc, dict):
-        text = str(doc.get("text", ""))[:_EXCERPT]
+        text = str(doc["text"]) if "text" in doc else body.decode("utf-8", "replace")
+        text = text[:_EXCERPT]
         code = doc.get("code")
         number = doc.get("invalid-event-number")
         return (
@@ -344,10 +352,12 @@ class _Pending:
     def get(self, key: str) -> _Post | None:
         return self.by_key.get(key)
 
-    def posted(self, channel: str, ack_id: int, keys: list[str], now: float) -> tuple[_Post, int]:
-        """HEC received ``keys`` under ``ack_id``: their post, and how many waiting posts it voided.
-        A channel's ackIds only grow: one not above the last means HEC numbers it anew, and the ids
-        it gave before can no longer be asked about (one might now name another request)."""
+    def posted(self, channel: str, ack_id: int, keys: list[str], now: float) -> tuple[_Post | None, int]:
+        """HEC received ``keys`` under ``ack_id``: their post (None without keys: HEC gave the ackId to
+        nothing of the sink's to wait for, a 400 refusing a request's first event), and how many
+        waiting posts it voided. A channel's ackIds only grow: one not above the last means HEC numbers
+        it anew, and the ids it gave before can no longer be asked about (one might now name another
+        request). Every ackId HEC gives is seen here, or the channel is left (``_answer_lost``)."""
         voided = 0
         if self.last is not None and ack_id <= self.last:
             reason = (
@@ -358,6 +368,8 @@ class _Pending:
                 self.void(post, reason)
                 voided += 1
         self.last, self.used = ack_id, True
+        if not keys:
+            return None, voided
         post = self.by_ack[channel, ack_id] = _Post(channel, ack_id, now)
         for key in keys:
             self.forget(key)
@@ -510,12 +522,16 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             4 * self.options.ack_max_waiting,
         )
 
-    async def _empty_post(self, headers: dict[str, str]) -> tuple[int, str, int | None]:
+    async def _empty_post(
+        self, headers: dict[str, str], timeout: float | None = None
+    ) -> tuple[int, str, int | None]:
         """An empty POST to the event endpoint (HEC answers 400 "No data" once the token and channel
-        pass): its status, text and code."""
-        assert self._session is not None
+        pass): its status, text and code. ``timeout``: within it (a send's budget), else the session's."""
+        if self._session is None:
+            raise SinkError("splunk_hec sink is not started")
+        within = aiohttp.ClientTimeout(total=self.options.timeout if timeout is None else timeout)
         try:
-            async with self._session.post(self.endpoint, data=b"", headers=headers) as resp:
+            async with self._session.post(self.endpoint, data=b"", headers=headers, timeout=within) as resp:
                 status = resp.status
                 body = await excerpt(resp, _BODY_MAX, self._body_wait(status))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -534,9 +550,10 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         """A token with indexer acknowledgement on needs HEC's acknowledgement endpoint: at an address
         that answers as something else (a gateway's 404, HEC's event endpoint, a route dropping the
         token or the channel), every event was received, held for ack_timeout and posted again, for
-        ever. A query tells (``_judge_ack``; 400 code 14 for a token without acknowledgement); what
-        answers otherwise matters only if the token has it on, which an empty POST without a channel
-        tells (400 code 10; "No data" without one: off, ``_Ack.DISABLED``). None: not known."""
+        ever. A query tells (``_judge_ack``); what answers otherwise, or "ACK is disabled" (code 14),
+        matters only if the token has it on, which an empty POST without a channel tells (400 code
+        10; "No data" without one: off, ``_Ack.DISABLED``): the token's state is learnt there, never
+        from an ``ack_url`` that may reach another HEC. None: not known."""
         assert self._session is not None
         unread = None
         try:
@@ -550,6 +567,8 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                 unread = judged = f"answered HTTP {status}, {_unreadable(answer)}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             judged = f"cannot be reached ({_describe(exc)})"
+        if judged is _Ack.DISABLED:
+            return self._disabled_at_start(await self._acks_at_event_endpoint())
         if not isinstance(judged, str):
             return judged
         _, _, code = await self._empty_post(self._auth)
@@ -568,6 +587,35 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             judged,
         )
         return _Ack.DISABLED if code == _NO_DATA else None
+
+    def _disabled_at_start(self, acks: bool | None) -> _Ack | None:
+        """The acknowledgement endpoint answered "ACK is disabled"; ``acks``: whether the event endpoint
+        gives the token ackIds. Only the event endpoint tells the token's state: an ``ack_url`` that
+        reaches another HEC (or tier) where the token has acknowledgement off answers so too, and
+        taken for the token's state, every event HEC received and had not indexed counted delivered."""
+        if acks:
+            raise SinkError(
+                "splunk_hec: the token has indexer acknowledgement on, and "
+                + self._fault_text(self._disabled_elsewhere)
+            )
+        return _Ack.DISABLED if acks is False else None
+
+    @property
+    def _disabled_elsewhere(self) -> str:
+        return (
+            f'answered "ACK is disabled" (HTTP 400, code 14) though {self._where} gives the token ackIds '
+            "(indexer acknowledgement on there): it reaches another HEC"
+        )
+
+    async def _acks_at_event_endpoint(self, timeout: float | None = None) -> bool | None:
+        """Whether the event endpoint gives the token ackIds (indexer acknowledgement on): an empty
+        POST without a channel answers 400 code 10 then, "No data" (code 5) when off. None: not told
+        (busy, unreachable, unreadable)."""
+        try:
+            _, _, code = await self._empty_post(self._auth, timeout)
+        except SinkError:
+            return None
+        return True if code in _CHANNEL_CODES else False if code == _NO_DATA else None
 
     def _fault_text(self, fault: str) -> str:
         """The acknowledgement endpoint's fault, naming its address (no credentials) and the fix."""
@@ -733,6 +781,10 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             started = True
             keys = [batch[i].key for i in items]
             again, ack_id = await self._post(items, keys, bodies, outcomes)
+            if ack_id is not None:  # the items HEC took under it: those whose outcome stays OK
+                taken = [] if again else [i for i in items if outcomes[i] is OK]
+                post = self._posted(ack_id, [batch[i].key for i in taken])
+                posts.update(dict.fromkeys(taken, post) if post is not None else {})
             if again:  # in smaller requests
                 todo[:0] = again
                 continue
@@ -740,16 +792,14 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             self._alone.difference_update(
                 k for i, k in zip(items, keys, strict=True) if outcomes[i].kind is not OutcomeKind.RETRY
             )
-            if ack_id is not None:
-                post = self._posted(ack_id, keys)
-                posts.update(dict.fromkeys(items, post))
         return posts
 
-    def _posted(self, ack_id: int, keys: list[str]) -> _Post:
-        """HEC received a request (``keys``) under ``ack_id``. An ackId not above the channel's last
-        means HEC numbers the channel anew: it restarted (what it had not indexed is lost), dropped the
-        channel as idle, or another HEC node answered (a load balancer without sticky sessions): the
-        requests waiting to be confirmed can no longer be, and are sent again."""
+    def _posted(self, ack_id: int, keys: list[str]) -> _Post | None:
+        """HEC received a request (``keys``) under ``ack_id`` (none: an ackId HEC gave with a refusal).
+        An ackId not above the channel's last means HEC numbers the channel anew: it restarted (what it
+        had not indexed is lost), dropped the channel as idle, or another HEC node answered (a load
+        balancer without sticky sessions): the requests waiting to be confirmed can no longer be, and
+        are sent again."""
         post, voided = self._pending.posted(self.channel, ack_id, keys, time.monotonic())
         if voided:
             self.log.warning(
@@ -873,12 +923,10 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         if judged is _Ack.BUSY:  # says nothing of the address: a fault found stays until it answers
             what, _, _ = _what(status, answer)
             return f"{what}, to the acknowledgement query"
+        if judged is _Ack.DISABLED:
+            return await self._ack_disabled(asked, end)
         body = answer.data
         self._set_ack_fault(None)
-        if judged is _Ack.DISABLED:
-            if asked:
-                self._acknowledgement_off(asked.values())
-            return None
         try:
             answered = orjson.loads(body)["acks"]
             confirmed = [int(ack_id) for ack_id, indexed in answered.items() if indexed is True]
@@ -905,12 +953,34 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             self.log.info("splunk_hec: %s answers as HEC's acknowledgement endpoint again", self._ack_where)
         self._ack_fault = text
 
+    async def _ack_disabled(self, asked: dict[int, _Post], end: float) -> str | None:
+        """The acknowledgement endpoint answered "ACK is disabled" (code 14). Only the event endpoint
+        tells whether the token's acknowledgement was turned off: if it still gives ackIds, the
+        acknowledgement address reaches another HEC (a route moved), and taken for the token's state,
+        every event HEC received and had not indexed counted delivered, lost on HEC's restart."""
+        left = min(self.options.timeout, end - time.monotonic())
+        acks = await self._acks_at_event_endpoint(left) if left >= _ACK_QUERY_MIN else None
+        if acks is None:
+            return (
+                f'{self._ack_where} answered "ACK is disabled", and whether {self._where} still gives the '
+                "token ackIds could not be told; asked again"
+            )
+        if acks:
+            self._set_ack_fault(self._disabled_elsewhere)
+            return self._ack_fault
+        self._set_ack_fault(None)
+        if asked:
+            self._acknowledgement_off(asked.values())
+        return None
+
     def _acknowledgement_off(self, posts: Iterable[_Post]) -> None:
-        """HEC answered "ACK is disabled" (code 14) about requests it gave ackIds: the token's indexer
-        acknowledgement was turned off since. HEC took them, and nothing more can be known: OK."""
+        """HEC answered "ACK is disabled" (code 14) about requests it gave ackIds, and its event endpoint
+        takes the token without a channel: the token's indexer acknowledgement was turned off since.
+        HEC took them, and nothing more can be known: OK."""
         self.log.warning(
-            'splunk_hec %s: HEC answered the acknowledgement query "ACK is disabled": the token\'s indexer '
-            "acknowledgement was turned off; the events HEC received under an ackId count as delivered",
+            'splunk_hec %s: HEC answered the acknowledgement query "ACK is disabled" and takes the token '
+            "without a channel: the token's indexer acknowledgement was turned off; the events HEC "
+            "received under an ackId count as delivered",
             self._where,
         )
         for post in posts:
@@ -965,9 +1035,11 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         self, items: list[int], keys: list[str], bodies: dict[int, bytes], outcomes: list[Outcome]
     ) -> tuple[list[list[int]] | None, int | None]:
         """Send ``items`` (their occurrences' ``keys``) in one request and set their outcomes. (runs,
-        None): the items are to be sent again in these smaller requests (HEC refused the body as too
-        large, ``_max_body`` is now below it; or refused an event its unreadable answer did not name:
-        one per request). (None, n): HEC received them under ackId n, not yet confirmed indexed."""
+        _): the items are to be sent again in these smaller requests (HEC refused the body as too
+        large, ``_max_body`` is now below it; or refused an event its answer did not name: one per
+        request). (_, n): HEC gave the request ackId n: those of ``items`` whose outcome stays OK it
+        received under it (all, for a 2xx; those before the event a 400 refused), not yet confirmed
+        indexed; the ackId counts in the channel's numbering whatever the answer."""
         if self._session is None:
             for i in items:
                 outcomes[i] = retry("splunk_hec sink is not started")
@@ -976,7 +1048,7 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         try:
             async with self._session.post(self.endpoint, data=payload, headers=self._headers) as resp:
                 status, wait = resp.status, _retry_after(resp.headers.get("Retry-After"))
-                body = await excerpt(resp, _BODY_MAX, self._body_wait(status))
+                body = await excerpt(resp, _BODY_MAX, self._body_wait(status, receipt=True))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             # No status came (the body's faults are in ``body``): sent, HEC may have taken it.
             if not isinstance(exc, aiohttp.ClientConnectorError):
@@ -990,56 +1062,96 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                 self._unread_2xx = 0
                 return None, _ack_id(body.data)
             self._unread_2xx += 1
-            if self._ack_off and not self._pending.used:
+            if self._receipt_is_final:
                 self._receipt_final(status, body.unreadable)
             else:
                 self._receipt_unread(items, status, body.unreadable, outcomes)
             return None, None
+        if status == 400 and body.unreadable is not None and not self._receipt_is_final:
+            # With acknowledgement on, a refusal may carry the ackId under which HEC took the events
+            # before the one it refused (kafka-connect-splunk #200): unknown, as for a lost answer.
+            self._answer_lost()
+        again = self._refused(items, keys, bodies, len(payload), status, body, wait, outcomes)
+        return again, _ack_id(body.data) if body.unreadable is None else None
+
+    def _refused(
+        self,
+        items: list[int],
+        keys: list[str],
+        bodies: dict[int, bytes],
+        size: int,
+        status: int,
+        body: Excerpt,
+        wait: float | None,
+        outcomes: list[Outcome],
+    ) -> list[list[int]] | None:
+        """The outcomes of ``items`` (a request of ``size`` bytes) HEC answered ``status``, not a 2xx;
+        or the runs to send them again in."""
         what, code, bad = _what(status, body)
         if status == 413:
             if len(items) > 1:  # kept for later batches too: HEC does not say what it takes
-                self._max_body = len(payload) // 2
-                return self._requests(items, bodies), None
-            outcomes[items[0]] = reject(f"event of {len(payload)} bytes is too large for HEC: {what}")
-            return None, None
+                self._max_body = size // 2
+                return self._requests(items, bodies)
+            outcomes[items[0]] = reject(f"event of {size} bytes is too large for HEC: {what}")
+            return None
         if status == 400 and bad is not None and 0 <= bad < len(items) and code != 7:
+            # Splunk took the events before ``bad``; with an ackId, under it: they wait for it.
+            taken = body.unreadable is None and _ack_id(body.data) is not None
             for n, i in enumerate(items):
-                outcomes[i] = reject(what) if n == bad else retry(f"sent again after another event: {what}")
-            return None, None
-        if status == 400 and body.unreadable is not None and len(items) > 1:
-            return self._one_by_one(items, keys, body.unreadable), None
+                if n == bad:
+                    outcomes[i] = reject(what)
+                elif n > bad or not taken:
+                    outcomes[i] = retry(f"sent again after another event: {what}")
+            return None
         # 400 code 10/11: the channel did not reach HEC (see start), not the events' fault.
         if status in (401, 403, 408, 429) or status >= 500 or (status == 400 and code in _CHANNEL_CODES):
             self.log.warning("splunk_hec %s: %s; will retry", self._where, what)
             for i in items:
                 outcomes[i] = retry(what, retry_after=wait)
-            return None, None
+            return None
+        if status == 400 and code != 7 and len(items) > 1:
+            # HEC names the event it refuses: an answer that names none (unreadable, or a front's)
+            # does not tell which; one per request finds it, rejected alone.
+            said = f"its answer named none ({what})"
+            if body.unreadable is not None:
+                said = f"its answer could not be read ({body.unreadable})"
+            return self._one_by_one(items, keys, said)
         for i in items:
             outcomes[i] = reject(what)
-        return None, None
+        return None
 
-    def _body_wait(self, status: int) -> float | None:
+    @property
+    def _receipt_is_final(self) -> bool:
+        """The token has indexer acknowledgement off (and no ackId came since): a 2xx is HEC's whole
+        answer, its body decides nothing."""
+        return self._ack_off and not self._pending.used
+
+    def _body_wait(self, status: int, *, receipt: bool = False) -> float | None:
         """How long an answer's body is waited for once its head is in (``body_prefix``'s rule). A 2xx's
         (its ackId) and a 400's (the event HEC refused, its code) decide the outcome: the request's
-        timeout. Another only changes what is quoted, the status decides: 2 s at most."""
-        return None if 200 <= status < 300 or status == 400 else min(EXCERPT_WAIT, self.options.timeout)
+        timeout. Another only changes what is quoted, the status decides: 2 s at most; so does a 2xx
+        to an event request (``receipt``) while the token has acknowledgement off, which holds no
+        ackId (item 305): waited the whole timeout, a front stalling every 2xx body cost a request
+        per ``timeout``."""
+        decides = status == 400 or (200 <= status < 300 and not (receipt and self._receipt_is_final))
+        return None if decides else min(EXCERPT_WAIT, self.options.timeout)
 
-    def _one_by_one(self, items: list[int], keys: list[str], why: str) -> list[list[int]]:
-        """HEC refused an event of ``items`` (or their channel) and its answer, which names it, could
-        not be read. Splunk indexed the events before the one it refused: sent again, each is one more
-        copy. Halved level by level, the events just before it were posted at every level (10 copies
-        of one in a batch of 500); one per request, in order, each is posted twice at most (and kept
-        alone across sends, ``_alone``), the event refused rejected alone, N requests at most."""
+    def _one_by_one(self, items: list[int], keys: list[str], said: str) -> list[list[int]]:
+        """HEC (or a front) refused ``items`` with a 400 that names no event (``said``: unreadable, or
+        not naming one). Splunk names the event it refuses and indexes those before it: sent again,
+        each is one more copy. Halved level by level, the events just before it were posted at every
+        level (10 copies of one in a batch of 500); one per request, in order, each is posted twice
+        at most (and kept alone across sends, ``_alone``), the event refused rejected alone, N
+        requests at most. Before, a readable 400 naming none dead-lettered the whole batch."""
         self._alone.update(keys)
         if not self._alone_said:
             self._alone_said = True
             self.log.warning(
-                "splunk_hec %s: HEC refused an event of a request of %d and its answer could not be read "
-                "(%s): the events are sent again one per request, in order, to find it; those before it "
-                "Splunk indexed already, and may be indexed twice",
+                "splunk_hec %s: HEC refused an event of a request of %d and %s: the events are sent again "
+                "one per request, in order, to find it; any Splunk took before it may be indexed twice",
                 self._where,
                 len(items),
-                why,
+                said,
             )
         return [[i] for i in items]
 
