@@ -322,6 +322,17 @@ def _ignored(held: Iterable[str], configured: Iterable[str]) -> str:
     return f"; not configured, ignored: {shown}" + (f" and {more} more" if more > 0 else "")
 
 
+def _seed_not_written(where: str, folder: Path | None, why: object, fallback: str) -> None:
+    """The WARNING of a seed read but not written (``folder``: where it was to go, if known)."""
+    log.warning(
+        "checkpoint seed: cannot write the checkpoint read from ConfigMap %s%s (%s); %s",
+        where,
+        f" to {folder}" if folder is not None else "",
+        why,
+        fallback,
+    )
+
+
 def _raise_to(backend: FileCheckpoint, seed: Mapping[str, int]) -> int:
     """Raise ``backend``'s entries to ``seed``'s numbers where those are higher (a new snapshot); how
     many were raised or added."""
@@ -809,12 +820,7 @@ class Router:
             await asyncio.wait([writing])
             raise
         except MemoryError as exc:  # a seed's write left part-way is as one that failed (see each)
-            log.warning(
-                "checkpoint seed: cannot write the checkpoint read from ConfigMap %s (%s); %s",
-                where,
-                unreadable(exc),
-                fallback,
-            )
+            _seed_not_written(where, None, unreadable(exc), fallback)
             return "failed", None
         await in_checkpoint_thread(release_free_memory)
         self.memory_trims += 1
@@ -858,14 +864,7 @@ class Router:
             put_folder_in_place(side, folder)
         except OSError as exc:
             shutil.rmtree(side, ignore_errors=True)  # else the next start removes it
-            log.warning(
-                "checkpoint seed: cannot write the checkpoint read from ConfigMap %s to %s (%s); no sink "
-                "seeded: %s",
-                where,
-                folder,
-                exc.strerror or exc,
-                fallback,
-            )
+            _seed_not_written(where, folder, exc.strerror or exc, f"no sink seeded: {fallback}")
             return False
         log.info(
             "checkpoint seeded from ConfigMap %s (read only, never written): %s%s",
@@ -896,13 +895,7 @@ class Router:
                 times.save_unseen(known | new)
             sync_folder(folder)
         except OSError as exc:
-            log.warning(
-                "checkpoint seed: cannot write the checkpoint read from ConfigMap %s to %s (%s); %s",
-                where,
-                folder,
-                exc.strerror or exc,
-                fallback,
-            )
+            _seed_not_written(where, folder, exc.strerror or exc, fallback)
             return False
         log.info(
             "checkpoint seeded from ConfigMap %s (read only, never written) at a later start, over the data "
