@@ -9,6 +9,7 @@ scrubs what it prints about any sink's errors with the secrets of that sink's op
 from __future__ import annotations
 
 import contextlib
+import html
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -31,18 +32,21 @@ nothing of it, and would mask any excerpt ending in a secret's first letter."""
 def scrub(text: str, secrets: Iterable[str], *, partial: bool = False) -> str:
     """``text`` (an error answer, an exception) with every one of ``secrets`` replaced by ``****``,
     as written and URL-encoded; longest first, so a secret that contains another goes whole. With
-    ``partial`` (``text`` was cut from something longer) a secret cut off at its end is masked too.
-    Shared by every sink that quotes a destination's answer (the robots, the webhook)."""
+    ``partial`` (``text`` was cut from something longer) a secret cut off at its end is masked too,
+    also when the cut split its next character (a U+FFFD last). Shared by every sink that quotes a
+    destination's answer (the robots, the webhook)."""
     forms = _forms(secrets)
     for form in forms:
         text = text.replace(form, "****")
     if partial:
         for form in forms:
+            # A U+FFFD last (the excerpt cut a character in two) may stand for the secret's next one.
+            whole = text.removesuffix("\ufffd")
             cut = next(
-                (n for n in range(min(len(form), len(text)), MIN_CUT - 1, -1) if text.endswith(form[:n])), 0
+                (n for n in range(min(len(form), len(whole)), MIN_CUT - 1, -1) if whole.endswith(form[:n])), 0
             )
             if cut:
-                text = text[:-cut] + "****"
+                text = whole[:-cut] + "****"
     return text
 
 
@@ -99,7 +103,7 @@ def credentials(
     user info, query values and the long path segments ``redact_url`` hides, each also as yarl writes
     it (aiohttp's errors quote the URL so). Of ``sent`` and ``urls`` only values of 4+ characters but
     the URL password: shorter ones are no secret and would only garble the excerpt (``X-Version: 1``
-    would hide every "1"). Each also JSON-escaped, as an error body may quote it."""
+    would hide every "1"). Each also JSON- and HTML-escaped, as an error body may quote it."""
     values = [s for s in secrets if s]
     named = [v for v in sent if v]
     named += [word for v in named for word in v.split() if len(word) >= 8]
@@ -114,7 +118,7 @@ def credentials(
         tokens = [unquote(seg) for seg, s in zip(parts.path.split("/"), shown, strict=False) if s == "***"]
         named += [*queries, *tokens, *_as_yarl_quotes(url, queries, tokens)]
     found = dict.fromkeys([v for v in values if v] + [v for v in named if len(v) >= 4])
-    return list(dict.fromkeys(form for s in found for form in (s, *_json_escaped(s))))
+    return list(dict.fromkeys(form for s in found for form in (s, *_json_escaped(s), *_html_escaped(s))))
 
 
 def _json_escaped(secret: str) -> set[str]:
@@ -128,6 +132,15 @@ def _json_escaped(secret: str) -> set[str]:
 
 
 _UNICODE_ESCAPE = re.compile(r"\\u[0-9a-f]{4}")
+
+
+def _html_escaped(secret: str) -> set[str]:
+    """``secret`` as an HTML error page (a gateway's login or denial page) writes it: ``& < >`` as
+    entities, quotes as Python (``&quot;`` ``&#x27;``) or Go (``&#34;`` ``&#39;``) writes them, or
+    left in text. None equal to ``secret``: a token (base64url, hex) has none of these characters."""
+    text = html.escape(secret, quote=False)
+    forms = {text, html.escape(secret), text.replace('"', "&#34;").replace("'", "&#39;")}
+    return forms - {secret}
 
 
 def _as_yarl_quotes(url: str, queries: list[str], tokens: list[str]) -> list[str]:

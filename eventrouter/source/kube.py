@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import logging
 import math
 import os
@@ -132,8 +133,8 @@ def api_error(resp: aiohttp.ClientResponse, body: bytes, cut: bool) -> ApiError:
     the request's credentials scrubbed out of what it quotes (``answer_text``)."""
     import orjson
 
-    reason, message = resp.reason or "", body[:QUOTED].decode("utf-8", "replace")
     partial = len(body) > QUOTED
+    reason, message = resp.reason or "", _quoted(body[:QUOTED], cut=partial)
     if not cut:
         try:
             status = orjson.loads(body)
@@ -149,6 +150,13 @@ def api_error(resp: aiohttp.ClientResponse, body: bytes, cut: bool) -> ApiError:
     return ApiError(resp.status, answer_text(resp, reason), message, _retry_after(resp))
 
 
+def _quoted(start: bytes, *, cut: bool) -> str:
+    """``start`` decoded; ``cut``: it was cut from a longer body, and a character it cut in two is
+    dropped. As U+FFFD it ended a credential cut off there, whose first characters no cut-off check
+    then matched (a non-ASCII password's kept in the log)."""
+    return codecs.getincrementaldecoder("utf-8")("replace").decode(start, final=not cut)
+
+
 def answer_text(resp: aiohttp.ClientResponse, text: str, *, cut: bool = False) -> str:
     """``text`` from an answer to ``resp``'s request (its Status message, its body's start) with the
     credentials that request carried replaced by ``****``: a gateway or auth proxy in front of the API
@@ -161,8 +169,10 @@ def answer_text(resp: aiohttp.ClientResponse, text: str, *, cut: bool = False) -
 def sent_credentials(resp: aiohttp.ClientResponse) -> list[str]:
     """The credentials ``resp``'s request carried, in the forms ``scrub`` looks for: its Authorization
     header as sent (the token of that request: a service-account token is re-read as it rotates, an
-    exec plugin's renewed), its token, and a Basic one's user and password. Those of 1-3 characters
-    are left (no secret, and masking them garbled every message)."""
+    exec plugin's renewed), its token, and a Basic one's ``user:password`` and password. Those of 1-3
+    characters are left (no secret, and masking them garbled every message). Not the user name alone:
+    no secret (kube-apiserver names it in every RBAC denial), and masked everywhere it hid who was
+    refused and, a common word, the API's own words (``User "****" cannot list resource "****"``)."""
     header = resp.request_info.headers.get("Authorization", "")
     scheme, _, token = header.strip().partition(" ")
     sent = [header, token.strip()]
@@ -171,7 +181,7 @@ def sent_credentials(resp: aiohttp.ClientResponse) -> list[str]:
             user, _, password = base64.b64decode(token.strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             user = password = ""
-        sent += [f"{user}:{password}", user, password]
+        sent += [f"{user}:{password}", password]
     return credentials(sent=sent) if header else []
 
 

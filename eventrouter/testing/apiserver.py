@@ -55,6 +55,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import html
 import math
 import re
 import socket
@@ -142,6 +143,7 @@ class _Fault:
     size: int = 0  # bytes of a "page"
     echo: str | None = None  # a request header a "fail" or "page" answer quotes, as some gateways do
     echo_at: int = 0  # where a "page" quotes it
+    echo_basic: bool = False  # it quotes a Basic header's password and user decoded instead
 
 
 class Faults:
@@ -162,11 +164,14 @@ class Faults:
         verbs: Iterable[str] = ("list", "watch"),
         resource: str = "events",
         echo: str | None = None,
+        echo_basic: bool = False,
     ) -> None:
         """Answer the next ``count`` matching requests with ``status`` and a Status body (429 adds
         ``Retry-After`` in whole seconds and ``details.retryAfterSeconds``, as priority and fairness does).
         ``echo`` (Event requests): the Status message ends with that request header as it came, as
-        an auth proxy or gateway in front of the API server quotes the credentials it refused."""
+        an auth proxy or gateway in front of the API server quotes the credentials it refused;
+        ``echo_basic``: with the password and user of that Basic header instead, decoded
+        (`` (password PASSWORD refused for USER)``), as a Basic-auth front may."""
         self._pending.append(
             _Fault(
                 "fail",
@@ -177,6 +182,7 @@ class Faults:
                 verbs=tuple(verbs),
                 resource=resource,
                 echo=echo,
+                echo_basic=echo_basic,
             )
         )
 
@@ -189,13 +195,25 @@ class Faults:
         verbs: Iterable[str] = ("list", "watch"),
         echo: str | None = None,
         echo_at: int = 0,
+        echo_basic: bool = False,
     ) -> None:
         """Answer the next ``count`` matching Event requests as a broken proxy or gateway in front of
         the API server may: ``status`` with an HTML page of ``size`` bytes, not a Status. What each
         page sent before the client closed the connection is added to ``pages_sent``. ``echo``: the
-        page quotes that request header (``<p>Name: value</p>``) from its byte ``echo_at`` on."""
+        page quotes that request header (``<p>Name: value</p>``) from its byte ``echo_at`` on;
+        ``echo_basic``: the password and user of that Basic header instead, decoded and HTML-escaped
+        as a page writes text (``<p>password PASSWORD refused for USER</p>``)."""
         self._pending.append(
-            _Fault("page", count, status=status, verbs=tuple(verbs), size=size, echo=echo, echo_at=echo_at)
+            _Fault(
+                "page",
+                count,
+                status=status,
+                verbs=tuple(verbs),
+                size=size,
+                echo=echo,
+                echo_at=echo_at,
+                echo_basic=echo_basic,
+            )
         )
 
     def unreadable_error_next(
@@ -287,6 +305,15 @@ def _encode_continue(rv: int, start: str) -> str:
     # orjson writes NUL raw; the Go encoder writes \u0000 (the recorded token has it).
     raw = raw.replace(b"\x00", b"\\u0000")
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _basic(header: str) -> tuple[str, str]:
+    """The user and password of a Basic Authorization header ("" for another)."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "basic":
+        return "", ""
+    user, _, password = base64.b64decode(token.strip()).decode().partition(":")
+    return user, password
 
 
 def _decode_continue(token: str) -> tuple[int, str]:
@@ -582,11 +609,22 @@ class FakeApiServer:
             runner, self._runner = self._runner, None
             await runner.cleanup()
 
-    def kubeconfig(self, path: str | Path, *, namespace: str = "default", token: str | None = None) -> str:
-        """Write a kubeconfig for this server (user = ``token`` or any allowed token) and return its path."""
+    def kubeconfig(
+        self,
+        path: str | Path,
+        *,
+        namespace: str = "default",
+        token: str | None = None,
+        basic: tuple[str, str] | None = None,
+    ) -> str:
+        """Write a kubeconfig for this server (user = ``token`` or any allowed token; ``basic``, a user
+        name and password instead, for a server without tokens behind a Basic-auth front) and return
+        its path."""
         user: dict[str, Any] = {}
         tok = token if token is not None else (sorted(self.tokens)[0] if self.tokens else None)
-        if tok:
+        if basic is not None:
+            user["username"], user["password"] = basic
+        elif tok:
             user["token"] = tok
         config = {
             "apiVersion": "v1",
@@ -1031,7 +1069,12 @@ class FakeApiServer:
         sent = 0
         first = ERROR_PAGE
         if fault.echo is not None:
-            quoted = f"<p>{fault.echo}: {request.headers.get(fault.echo, '')}</p>".encode()
+            header = request.headers.get(fault.echo, "")
+            if fault.echo_basic:
+                user, password = (html.escape(part, quote=False) for part in _basic(header))
+                quoted = f"<p>password {password} refused for {user}</p>".encode()
+            else:
+                quoted = f"<p>{fault.echo}: {header}</p>".encode()
             first = ERROR_PAGE[: fault.echo_at] + quoted + ERROR_PAGE[fault.echo_at :]
         try:
             while sent < fault.size:
@@ -1068,7 +1111,11 @@ class FakeApiServer:
         """``sent``: the request's headers, for a fault that quotes one."""
         message = fault.message or DEFAULT_MESSAGES.get(fault.status, "injected fault")
         if fault.echo is not None and sent is not None:
-            message += f" (refused {fault.echo}: {sent.get(fault.echo, '')})"
+            if fault.echo_basic:
+                user, password = _basic(sent.get(fault.echo, ""))
+                message += f" (password {password} refused for {user})"
+            else:
+                message += f" (refused {fault.echo}: {sent.get(fault.echo, '')})"
         headers: dict[str, str] = {}
         details: dict[str, Any] | None = None
         if fault.retry_after is not None:
