@@ -10,8 +10,9 @@
   upgrade`` instead of the new pod (exit 2).
 * the chart's ``files/sink-options.json`` — the option keys of each built-in sink type, which the
   chart's template checks the query of each ``--sink`` flag against (and a number's text, also in
-  ``config.sinks``), and ``files/one-value-options.json`` — the keys of each built-in type's options
-  of one value, which a flag may not give twice.
+  ``config.sinks``), ``files/one-value-options.json`` — the keys of each built-in type's options
+  of one value, which a flag may not give twice, and ``files/url-query-passthrough.json`` — the
+  built-in types whose unknown query keys stay in their URL (the webhook's).
 
 ``python scripts/gen_docs.py`` rewrites them; ``python scripts/gen_docs.py --check`` exits 1 when they
 are stale (tests/test_docs.py runs it).
@@ -53,6 +54,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 CHART_SCHEMA = Path("charts") / "eventrouter" / "values.schema.json"  # beside docs/
 SINK_OPTIONS = Path("files") / "sink-options.json"  # in the chart, beside its values.schema.json
 ONE_VALUE_OPTIONS = Path("files") / "one-value-options.json"
+URL_QUERY_PASSTHROUGH = Path("files") / "url-query-passthrough.json"
 REGEN = "python scripts/gen_docs.py"
 # Only the sinks this repository ships: a third-party plugin installed in the developer's environment
 # must not change the committed docs.
@@ -526,6 +528,8 @@ def render_config_schema() -> dict[str, Any]:
     }
     return {
         "type": "object",
+        # A key holding another character (`{token:S3cret}`) is the templates' to refuse unprinted.
+        "patternProperties": {_NO_OPTION_NAME: {}},
         "additionalProperties": False,
         "description": (
             "The router's config file; cluster_name/namespaces come from clusterName/watchNamespaces. "
@@ -539,15 +543,25 @@ def render_config_schema() -> dict[str, Any]:
 
 def render_sink_options() -> str:
     """The chart's ``files/sink-options.json``: ``sink_keys()`` for the template's check of the ``--sink``
-    flags' query (keys, and the values' enum and bounds). A type whose unknown query keys stay in its
-    URL (the webhook's) is left out, as plugins are."""
-    plugins = discover()
-    keys = {
-        name: options
-        for name, options in sink_keys().items()
-        if not getattr(plugins[name].load(), "url_query_passthrough", False)
-    }
-    return json.dumps(keys, indent=1, sort_keys=True) + "\n"
+    flags' query (keys, and the values' enum and bounds) and of a number's text in config.sinks. The
+    webhook's too: its unknown query keys stay in its URL (``url_query_passthrough``), but the keys
+    that are its options the router reads as any sink's (left out, `batch_max_events=0` rendered)."""
+    return json.dumps(sink_keys(), indent=1, sort_keys=True) + "\n"
+
+
+def render_url_query_passthrough() -> str:
+    """The chart's ``files/url-query-passthrough.json``: the built-in types whose query keys that are no
+    option stay in the URL, which the templates do not refuse as unknown."""
+    names = []
+    for name, plugin in sorted(discover().items()):
+        if plugin.distribution != BUILTIN_DISTRIBUTION:
+            continue
+        try:
+            if getattr(plugin.load(), "url_query_passthrough", False):
+                names.append(name)
+        except PluginError:
+            continue  # as in sink_keys(): its entries are left unchecked
+    return json.dumps(names) + "\n"
 
 
 def render_one_value_options() -> str:
@@ -582,6 +596,7 @@ def expected(docs: Path, schema: Path | None = None) -> dict[Path, str]:
         files[schema] = render_chart_schema(schema.read_text(encoding="utf-8"))
         files[schema.parent / SINK_OPTIONS] = render_sink_options()
         files[schema.parent / ONE_VALUE_OPTIONS] = render_one_value_options()
+        files[schema.parent / URL_QUERY_PASSTHROUGH] = render_url_query_passthrough()
     return files
 
 

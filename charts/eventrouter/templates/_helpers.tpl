@@ -93,24 +93,43 @@ volumeClaimTemplates, whose pod of an ordinal mounts that ordinal's claim again 
 upgrade, as YAML: "" on a first install and under `helm template` (no cluster to ask; the chart
 README says what to do by hand there). Under another name when this upgrade renames it
 (fullnameOverride, nameOverride): the release's router that the upgrade deletes, whose checkpoint
-ConfigMap and claim were named after it. */}}
+ConfigMap and claim were named after it. Asked once a render (kept in the root context): each of its
+5 callers asked the API server again. */}}
 {{- define "eventrouter.liveWorkload" -}}
+{{- if not (hasKey $ "eventrouterLiveWorkload") -}}
 {{- $live := lookup "apps/v1" (include "eventrouter.workloadKind" .) .Release.Namespace (include "eventrouter.fullname" .) -}}
 {{- if not $live -}}
 {{- range $item := (include "eventrouter.releaseWorkloads" . | fromYaml).items | default list -}}
-{{- $labels := dig "metadata" "labels" dict $item -}}
-{{- $ours := and (eq (get $labels "app.kubernetes.io/instance") $.Release.Name) (eq (get $labels "app.kubernetes.io/component") "router") (hasPrefix (printf "%s-" $.Chart.Name) (get $labels "helm.sh/chart")) -}}
-{{- if and (not $live) $ours (eq (dig "metadata" "annotations" "meta.helm.sh/release-name" "" $item) $.Release.Name) -}}
-{{- $live = $item -}}
+{{- if and (not $live) (include "eventrouter.isThisRouter" (list $ $item)) -}}{{- $live = $item -}}{{- end -}}
 {{- end -}}
 {{- end -}}
+{{- $_ := set $ "eventrouterLiveWorkload" (ternary (toYaml $live) "" (not (empty $live))) -}}
 {{- end -}}
-{{- if $live -}}{{- toYaml $live -}}{{- end -}}
+{{- get $ "eventrouterLiveWorkload" -}}
 {{- end -}}
 
-{{/* Every workload of the kind rendered now in the release namespace, as YAML ({items: [...]}; {} without
-a cluster). */}}
+{{/* [root, workload]: "true" when the workload is this release's router of this chart: its instance
+label and release-name annotation are this release's, and its helm.sh/chart label is this chart's
+name followed by a SemVer version. Not a prefix of it: an umbrella release holding the chart twice
+(eventrouter, and aliased eventrouter-audit, whose label is eventrouter-audit-0.1.0) had the sibling
+taken for this router under a former name, and NOTES told the user to delete its checkpoint. */}}
+{{- define "eventrouter.isThisRouter" -}}
+{{- $root := index . 0 -}}
+{{- $item := index . 1 -}}
+{{- $labels := dig "metadata" "labels" dict $item -}}
+{{- $chart := printf `^%s-v?[0-9]+\.[0-9]+\.[0-9]+([-_][0-9A-Za-z._-]*)?$` (regexQuoteMeta $root.Chart.Name) -}}
+{{- if and (eq (toString (get $labels "app.kubernetes.io/instance")) $root.Release.Name) (eq (toString (get $labels "app.kubernetes.io/component")) "router") (regexMatch $chart (toString (get $labels "helm.sh/chart"))) (eq (dig "metadata" "annotations" "meta.helm.sh/release-name" "" $item) $root.Release.Name) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The workloads of the kind rendered now in the release namespace that a rename may have left, as
+YAML ({items: [...]}; {} without a cluster). None on a first install, which has no former router:
+the list needs `list` on deployments (statefulsets) of whoever runs helm, which `helm install` does
+not otherwise need (a 403 failed the render). */}}
 {{- define "eventrouter.releaseWorkloads" -}}
+{{- if .Release.IsUpgrade -}}{{- include "eventrouter.listWorkloads" . -}}{{- end -}}
+{{- end -}}
+
+{{- define "eventrouter.listWorkloads" -}}
 {{- toYaml (lookup "apps/v1" (include "eventrouter.workloadKind" .) .Release.Namespace "") -}}
 {{- end -}}
 
@@ -287,7 +306,7 @@ a proxy may be a plain http(s)://host:port without user info. */}}
 {{- end -}}
 {{- end -}}
 
-{{/* [where, TYPE:URL?query flag, credential option names]. */}}
+{{/* [where, TYPE:URL?query flag, credential option names, built-in types]. */}}
 {{- define "eventrouter.checkFlag" -}}
 {{- $where := index . 0 -}}
 {{- $flag := toString (index . 1) -}}
@@ -300,9 +319,20 @@ a proxy may be a plain http(s)://host:port without user info. */}}
 {{- if not (regexMatch `^[A-Za-z0-9_.-]+$` (trim (index (splitn ":" 2 $flag) "_0"))) -}}
 {{- fail (printf "%s: a sink flag is TYPE or TYPE:URL?options, and what precedes its first ':' is no sink type (letters, digits, '_', '.', '-'); the flag is not shown, as it may hold a credential" $where) -}}
 {{- end -}}
+{{- include "eventrouter.checkTypeCase" (list $where (trim (index (splitn ":" 2 $flag) "_0")) (index . 3)) -}}
 {{- include "eventrouter.checkUserInfo" (list $where "the sink's URL" $flag) -}}
 {{- if contains "?" $flag -}}
 {{- include "eventrouter.checkQuery" (list $where (index (splitn "?" 2 $flag) "_1") (index . 2)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* [where, type, built-in types]: the router matches a type exactly, so `Loki` or `STDOUT` was taken
+for a plugin's (nothing checked) and the pod exited 2 ("unknown sink type"). A built-in type's name in
+another case cannot be a plugin meant: refused, naming the spelling (a type's name is no secret). */}}
+{{- define "eventrouter.checkTypeCase" -}}
+{{- $type := toString (index . 1) -}}
+{{- if and (not (has $type (index . 2))) (has (lower $type) (index . 2)) -}}
+{{- fail (printf "%s: sink type %q is no type (the router matches types exactly, and would refuse it at start, exit 2): did you mean %s?" (index . 0) $type (lower $type)) -}}
 {{- end -}}
 {{- end -}}
 
@@ -378,19 +408,22 @@ cannot tell (see flagName; a name that is no string, which the schema refuses). 
 {{- toJson $found -}}
 {{- end -}}
 
-{{/* [where, TYPE:URL?query flag, {type: {key: constraint}}, {type: [one-value keys]}]: each query key
-must be an option of the flag's type, given once if it takes one value, and its value within the
-option's enum and bounds, a number's in a form the router reads (files/sink-options.json and
-one-value-options.json, generated by scripts/gen_docs.py from the sinks' option models, as the
-schema's config.sinks): the router refuses anything else at start (exit 2). A type not in the files
-(a plugin's; the webhook's unknown keys stay in its URL) is not checked; nor is a value holding a %
-(the router decodes it). */}}
+{{/* [where, TYPE:URL?query flag, {type: {key: constraint}}, {type: [one-value keys]}, [types whose
+unknown query keys stay in the URL]]: each query key must be an option of the flag's type, given once
+if it takes one value, and its value within the option's enum and bounds, a number's in a form the
+router reads (files/sink-options.json, one-value-options.json and url-query-passthrough.json, generated
+by scripts/gen_docs.py from the sinks' option models, as the schema's config.sinks): the router refuses
+anything else at start (exit 2). The webhook's unknown keys stay in its URL, but the keys that are
+its options are judged as any sink's (they were not: `batch_max_events=0` rendered a pod that exits 2).
+A type not in the files (a plugin's) is not checked; nor is a value holding a % (the router decodes
+it). */}}
 {{- define "eventrouter.checkFlagKeys" -}}
 {{- $where := index . 0 -}}
 {{- $flag := toString (index . 1) -}}
 {{- $type := trim (index (splitn ":" 2 $flag) "_0") -}}
 {{- $known := get (index . 2) $type -}}
 {{- $oneValue := get (index . 3) $type -}}
+{{- $passthrough := has $type (index . 4) -}}
 {{- $given := dict -}}
 {{- if contains "?" $flag -}}
 {{- range $pair := splitList "&" (index (splitn "?" 2 $flag) "_1") -}}
@@ -402,7 +435,7 @@ schema's config.sinks): the router refuses anything else at start (exit 2). A ty
 {{- if and $pair $oneValue (regexMatch `[:=\t-\r\x{1c}-\x{20}\x{85}\p{Z}]` $key) -}}
 {{- fail (printf "%s (%s sink): query key %s holds a ':' or white space, as a credential typed name:value does; write name=value (the router would refuse it at start, exit 2)" $where $type (include "eventrouter.shownKey" $key)) -}}
 {{- end -}}
-{{- if and $known $pair (not (hasKey $known $key)) -}}
+{{- if and $known $pair (not (hasKey $known $key)) (not $passthrough) -}}
 {{- fail (printf "%s (%s sink): option %s is not one the %s sink takes (its options, the filter and pipeline options: docs/sinks.md, or `eventrouter sinks`); the router would refuse it at start (exit 2)" $where $type (include "eventrouter.shownKey" $key) $type) -}}
 {{- end -}}
 {{- /* `stream=stderr&stream=stdout`, `level=Warning&level=Normal`: the router refuses an option of one
@@ -436,7 +469,19 @@ number}]: a flag's value is text, in which the router reads a + as a space. */}}
 {{- $wrong = include "eventrouter.numberWrong" (list (replace "+" " " $value) $rule) -}}
 {{- end -}}
 {{- if $wrong -}}
-{{- fail (printf "%s (%s): option %q is %q, must be %s; the router would refuse it at start (exit 2)" (index . 0) (index . 1) (index . 2) $value $wrong) -}}
+{{- fail (printf "%s (%s): option %q %s, must be %s; the router would refuse it at start (exit 2)" (index . 0) (index . 1) (index . 2) (include "eventrouter.shownValue" $value) $wrong) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* How a refused value is shown: whole when it holds only a number's or a name's characters and
+spaces, 32 at most (a typo: `5s`, `Warnin`), else not at all, as the router shows none.
+`?batch_max_events=5;password=S` (`;` as the old query separator, on which Python no longer splits) is
+one value `5;password=S` to the router, and the refusal printed it, password and all. */}}
+{{- define "eventrouter.shownValue" -}}
+{{- $value := toString . -}}
+{{- if regexMatch `^[A-Za-z0-9_.+\t -]{0,32}$` $value -}}is {{ printf "%q" $value }}
+{{- else -}}
+has a value not shown (it holds more than a number's or a name's characters, and may hold a credential{{ if regexMatch `;[^=&]*=` $value }}; a ';' is no query separator to the router: use '&'{{ end }})
 {{- end -}}
 {{- end -}}
 
@@ -538,7 +583,42 @@ mount inside it, and the container could not start), nor lie inside the read-onl
 {{- end -}}
 {{- end -}}
 
+{{/* [where, map, what a key must match, what it must be]: a key holding another character. The schema
+lets it through (patternProperties): its errors print a key whole, and a credential typed name:value
+(`{LOKI_PASSWORD:S3cret}`, a YAML flow without a space) is one key holding it. Refused here,
+shown as the router shows an option (shownKey). */}}
+{{- define "eventrouter.checkKeys" -}}
+{{- $where := index . 0 -}}
+{{- range $key, $_ := (kindIs "map" (index . 1) | ternary (index . 1) dict) -}}
+{{- if not (regexMatch (index $ 2) $key) -}}
+{{- fail (printf "%s: key %s is not %s (in YAML, name: value has a space after the colon)" $where (include "eventrouter.shownKey" $key) (index $ 3)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Before any other check: the keys of the objects whose schema lets a key that may hold a credential
+through to here (see checkKeys). */}}
+{{- define "eventrouter.checkTypedKeys" -}}
+{{- $v := .Values -}}
+{{- $name := `^[A-Za-z0-9_.-]+$` -}}
+{{- include "eventrouter.checkKeys" (list "values" $v $name "one of the chart's values (values.yaml)") -}}
+{{- include "eventrouter.checkKeys" (list "config" $v.config $name "one the router's config takes") -}}
+{{- include "eventrouter.checkKeys" (list "credentials" $v.credentials $name "one of existingSecret, values, mountPath, env") -}}
+{{- include "eventrouter.checkKeys" (list "credentials.values" $v.credentials.values `^[-._a-zA-Z0-9]+$` "a Secret's key (letters, digits, '-', '_', '.')") -}}
+{{- range $i, $env := ($v.credentials.env | default list) -}}
+{{- $where := printf "credentials.env[%d]" $i -}}
+{{- include "eventrouter.checkKeys" (list $where $env $name "name or key") -}}
+{{- if and (kindIs "map" $env) (kindIs "string" $env.name) (not (regexMatch `^[A-Za-z_][A-Za-z0-9_]*$` $env.name)) -}}
+{{- fail (printf "%s: name %s is no environment variable's name (letters, digits and '_', not first a digit); the variable's value comes from the Secret's key" $where (include "eventrouter.shownKey" $env.name)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $i, $secret := ($v.imagePullSecrets | default list) -}}
+{{- include "eventrouter.checkKeys" (list (printf "imagePullSecrets[%d]" $i) $secret $name "name") -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "eventrouter.validate" -}}
+{{- include "eventrouter.checkTypedKeys" . -}}
 {{- $v := .Values -}}
 {{- $chartMounts := list (list "the config file" "/etc/eventrouter/config.yaml") (list "the sink flags file" "/etc/eventrouter/sink-flags") (list "the writable /tmp" "/tmp") -}}
 {{- $credentials := ternary (list (list "credentials.mountPath" $v.credentials.mountPath)) (list) (ne (include "eventrouter.credentialsSecretName" .) "") -}}
@@ -635,12 +715,16 @@ mount inside it, and the container could not start), nor lie inside the read-onl
 {{- end -}}
 {{- $sinkOptions := .Files.Get "files/sink-options.json" | fromJson -}}
 {{- $oneValue := .Files.Get "files/one-value-options.json" | fromJson -}}
-{{- if not (and $sinkOptions $oneValue) -}}
-{{- fail "files/sink-options.json or files/one-value-options.json is missing from the chart" -}}
+{{- $passthroughFile := .Files.Get "files/url-query-passthrough.json" -}}
+{{- $passthrough := $passthroughFile | fromJsonArray -}}
+{{- if not (and $sinkOptions $oneValue $passthroughFile) -}}
+{{- fail "files/sink-options.json, one-value-options.json or url-query-passthrough.json is missing from the chart" -}}
 {{- end -}}
+{{- $types := keys $oneValue -}}
 {{- range $i, $sink := ($v.config.sinks | default list) -}}
 {{- $where := printf "config.sinks[%d] (%s)" $i (toString (default $sink.type $sink.name)) -}}
 {{- $type := toString $sink.type -}}
+{{- include "eventrouter.checkTypeCase" (list $where $type $types) -}}
 {{- range $key, $value := $sink -}}
 {{- /* Before anything names the key. The schema lets a key that is no option's name through (its
        additional-properties error printed it whole: `{password:S3cret}`, a YAML flow without a space). */ -}}
@@ -652,14 +736,14 @@ mount inside it, and the container could not start), nor lie inside the read-onl
        schema judges a YAML number, the text is judged here as in a flag (without its + for a space). */ -}}
 {{- /* The router takes the options in a url's query as a flag's: judged as one. */ -}}
 {{- if and (eq $key "url") (kindIs "string" $value) (contains "?" $value) (hasKey $oneValue $type) -}}
-{{- include "eventrouter.checkFlagKeys" (list (printf "config.sinks[%d] url" $i) (printf "%s:%s" $type $value) $sinkOptions $oneValue) -}}
+{{- include "eventrouter.checkFlagKeys" (list (printf "config.sinks[%d] url" $i) (printf "%s:%s" $type $value) $sinkOptions $oneValue $passthrough) -}}
 {{- end -}}
 {{- $rule := (get $sinkOptions $type | default dict) | dig $key dict -}}
 {{- $item := $value -}}
 {{- if and (kindIs "slice" $value) (eq (len $value) 1) -}}{{- $item = index $value 0 -}}{{- end -}}
 {{- if and (hasKey $rule "number") (kindIs "string" $item) -}}
 {{- with include "eventrouter.numberWrong" (list $item $rule) -}}
-{{- fail (printf "%s: option %q is %q, must be %s; the router would refuse it at start (exit 2)" $where $key $item .) -}}
+{{- fail (printf "%s: option %q %s, must be %s; the router would refuse it at start (exit 2)" $where $key (include "eventrouter.shownValue" $item) .) -}}
 {{- end -}}
 {{- end -}}
 {{- $texts := list $value -}}
@@ -677,20 +761,20 @@ mount inside it, and the container could not start), nor lie inside the read-onl
 {{- end -}}
 {{- end -}}
 {{- range $i, $flag := (include "eventrouter.flags" . | fromJsonArray) -}}
-{{- include "eventrouter.checkFlag" (list (printf "sinks.flags[%d]" $i) $flag $names) -}}
+{{- include "eventrouter.checkFlag" (list (printf "sinks.flags[%d]" $i) $flag $names $types) -}}
 {{- end -}}
 {{- /* A --sink in extraArgs is as visible in the pod spec (argparse also takes --si and --sin). */ -}}
 {{- range $i, $arg := ($v.extraArgs | default list) -}}
 {{- $arg = toString $arg -}}
 {{- if regexMatch `^--si(n|nk)?=` $arg -}}
-{{- include "eventrouter.checkFlag" (list (printf "extraArgs[%d]" $i) (regexReplaceAll `^--si(n|nk)?=` $arg "") $names) -}}
+{{- include "eventrouter.checkFlag" (list (printf "extraArgs[%d]" $i) (regexReplaceAll `^--si(n|nk)?=` $arg "") $names $types) -}}
 {{- else if and (regexMatch `^--si(n|nk)?$` $arg) (lt (add1 $i) (len $v.extraArgs)) -}}
-{{- include "eventrouter.checkFlag" (list (printf "extraArgs[%d]" (add1 $i)) (index $v.extraArgs (add1 $i)) $names) -}}
+{{- include "eventrouter.checkFlag" (list (printf "extraArgs[%d]" (add1 $i)) (index $v.extraArgs (add1 $i)) $names $types) -}}
 {{- else if regexMatch `^[\s\p{Z}]*--si(n|nk)?([\s\p{Z}]|=)` $arg -}}
 {{- /* One item "--sink VALUE" (any space: Go's \s is ASCII, a non-breaking one is not) or " --sink=…"
        is one argument to the router, no --sink: it refuses it at start (exit 2) and prints it whole,
        credentials and all; the check above skipped it. */ -}}
-{{- include "eventrouter.checkFlag" (list (printf "extraArgs[%d]" $i) (regexReplaceAll `^[\s\p{Z}]*--si(n|nk)?[\s\p{Z}=]+` $arg "") $names) -}}
+{{- include "eventrouter.checkFlag" (list (printf "extraArgs[%d]" $i) (regexReplaceAll `^[\s\p{Z}]*--si(n|nk)?[\s\p{Z}=]+` $arg "") $names $types) -}}
 {{- fail (printf "extraArgs[%d]: a --sink and its value in one item, parted by a space (also a non-breaking one) or after one, reach the router as one argument, which is no option: it refuses it at start (exit 2); write --sink=VALUE, or --sink and the value as two items" $i) -}}
 {{- else -}}
 {{- /* Any other item (--sinks=…, --sink-…, a value after another flag) with a URL's user info or a
@@ -737,6 +821,6 @@ mount inside it, and the container could not start), nor lie inside the read-onl
 {{- /* After the credential checks, whose messages say more about a key that holds one. */ -}}
 {{- include "eventrouter.checkSinkNames" . -}}
 {{- range $found := (include "eventrouter.sinkFlagsWhere" . | fromJsonArray) -}}
-{{- include "eventrouter.checkFlagKeys" (list (index $found 0) (index $found 1) $sinkOptions $oneValue) -}}
+{{- include "eventrouter.checkFlagKeys" (list (index $found 0) (index $found 1) $sinkOptions $oneValue $passthrough) -}}
 {{- end -}}
 {{- end -}}
