@@ -40,6 +40,10 @@
   So does a 429 for Loki's per-stream rate limit, whose listing says which entries of the stream
   Loki stored when it limits entry by entry (2.x; 3.x with shard_streams off): those are not sent
   again when the listing proves it, and are told by Loki's cutoff otherwise (``_rate_listing``).
+  That cutoff is read as one Loki's: against a replicated Loki limiting entry by entry (a
+  distributed one's default replication factor is 3), the listing and the later cutoff may come
+  from replicas that disagree, and an entry one of them stored may then be sent again stamped anew,
+  a second copy (kept so: with whole-stream limiting, 3.x's default, it delivers what Loki left out).
   Each stream is kept within that limit beforehand
   (``per_stream_rate``, ``per_stream_burst``: Loki's defaults, planned with a 5 % margin), entries
   over it held back until it refills, since Loki answers for a push's last stream only (see below).
@@ -112,6 +116,7 @@ import ssl
 import string
 import time
 import weakref
+import zlib
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -217,7 +222,11 @@ so that Loki refusing an identical one as too far behind is not answered with a 
 forgotten beyond it that were not known stored are still told from new ones (``_Lost``)."""
 _UNKNOWN_STREAMS = 4096
 """Streams whose newest entry sent in a push of unknown outcome is kept (``_Watch``); beyond, the
-oldest noted gives its value to every stream."""
+oldest noted gives its value to the streams of its bucket (``_UNKNOWN_BUCKETS``)."""
+_UNKNOWN_BUCKETS = 16_384
+"""Buckets (by CRC-32 of the stream) of what ``_UNKNOWN_STREAMS`` forgets. One floor for every stream
+made one 5xx'd push over 4,096 streams deny item 297's proof to every stream for about Loki's
+window (r306 F3); a stream now shares its floor with 1 in 16,384 of the others (1.7 MiB at most)."""
 
 # Fields a label template may use, and which of them are unbounded per object or per event.
 TEMPLATE_FIELDS = frozenset(
@@ -801,6 +810,11 @@ class _Watch:
         return self.prior if self.push == push else self.newest
 
 
+def _unknown_bucket(stream: bytes) -> int:
+    """The bucket of ``stream``'s floor (``_UNKNOWN_BUCKETS``): the same in every process."""
+    return zlib.crc32(stream) & (_UNKNOWN_BUCKETS - 1)
+
+
 class _Kept:
     """Entries of a stream that Loki left out of a per-stream rate 429's listing, when that answer
     cannot tell whether Loki limited the stream entry by entry or whole. Entry by entry (Loki 2.x,
@@ -845,38 +859,77 @@ class _Kept:
         return cutoff_ns > (self.newest if mine is None else max(self.newest, mine))
 
 
-class _Lost:
-    """Keys of ``_sent`` marks forgotten (beyond _SENT_MAX) that were not "stored" (True): an entry
-    perhaps stored whose mark is gone must not be taken for a new one (stamped anew when refused as
-    too far behind: a second copy). A Bloom filter of 2^20 bits (128 KiB), three per key: it never
-    forgets a key, and holds one it was never given about once in 2,500 after 20,000 keys, once in
-    90 after 100,000 (measured; that entry then rejected as perhaps stored: counted, never a second
-    copy)."""
+class _Bloom:
+    """A Bloom filter of 2^21 bits (256 KiB), three per key; ``newest``: at least the timestamp of
+    every entry whose key it holds."""
 
-    __slots__ = ("bits", "count")
+    __slots__ = ("bits", "count", "newest")
 
-    _MASK = (1 << 20) - 1
+    _MASK = (1 << 21) - 1
 
     def __init__(self) -> None:
-        self.bits = bytearray(1 << 17)
+        self.bits = bytearray(1 << 18)
         self.count = 0
+        self.newest = -_I64
 
     def add(self, key: int) -> None:
         bits, mask = self.bits, self._MASK
-        for shift in (0, 20, 40):
+        for shift in (0, 21, 42):
             at = (key >> shift) & mask
             bits[at >> 3] |= 1 << (at & 7)
         self.count += 1
 
     def __contains__(self, key: int) -> bool:
-        if not self.count:
-            return False
         bits, mask = self.bits, self._MASK
-        for shift in (0, 20, 40):
+        for shift in (0, 21, 42):
             at = (key >> shift) & mask
             if not bits[at >> 3] & (1 << (at & 7)):
                 return False
         return True
+
+
+class _Lost:
+    """Keys of ``_sent`` marks forgotten (beyond _SENT_MAX) that were not "stored" (True): an entry
+    perhaps stored whose mark is gone must not be taken for a new one (stamped anew when refused as
+    too far behind: a second copy). Bloom filters in generations of ``LOAD`` keys (each holds a key
+    it was never given about once in 2,600 when full), the oldest dropped once every entry it holds is
+    older than Loki's time window (``add``'s ``expired_ns``): sent again, such an entry is predicted
+    refused (``late``: rejected if Loki refuses it, never stamped anew) or stamped otherwise (another
+    key), so its mark no longer matters. A key within the window is never forgotten: past
+    ``GENERATIONS`` (2 MiB) the newest generation takes more than ``LOAD``, its false positives
+    growing (each a counted dead letter "may be stored", never a second copy). The one filter before
+    never forgot, so after an outage's 300,000 given-up entries 1 in 5 new entries refused as behind
+    another writer's was dead-lettered (r306 F2); the engine's given-up entries no longer come here
+    (``given_up``)."""
+
+    __slots__ = ("generations", "marked")
+
+    LOAD = 50_000
+    GENERATIONS = 8
+
+    def __init__(self) -> None:
+        self.generations: list[_Bloom] = []
+        self.marked = -_I64  # the newest entry given a mark not True so far: no key's is newer
+
+    @property
+    def count(self) -> int:
+        return sum(generation.count for generation in self.generations)
+
+    def add(self, key: int, expired_ns: float) -> None:
+        """Hold ``key``, of an entry stamped ``marked`` at most. ``expired_ns``: an entry before it,
+        sent again, is predicted refused (Loki's oldest, less a margin for the clock going back)."""
+        generations = self.generations
+        if not generations or generations[-1].count >= self.LOAD:
+            generations[:] = [generation for generation in generations if generation.newest >= expired_ns]
+            if len(generations) < self.GENERATIONS:
+                generations.append(_Bloom())
+        generation = generations[-1]
+        generation.add(key)
+        if self.marked > generation.newest:
+            generation.newest = self.marked
+
+    def __contains__(self, key: int) -> bool:
+        return any(key in generation for generation in self.generations)
 
 
 _GO_TIME = re.compile(
@@ -1466,12 +1519,12 @@ class LokiSink(Sink[LokiOptions]):
         # the newest entry sent in a push whose outcome is unknown (of any stream, once forgotten).
         self._watches: dict[bytes, weakref.WeakSet[_Watch]] = {}
         self._unknown: dict[bytes, int] = {}
-        self._unknown_floor: int | None = None
+        self._unknown_floors: dict[int, int] = {}  # by _unknown_bucket: the newest of those forgotten
         # The timestamp each of those entries was sent with, by (uid, number): sent again, an entry
         # keeps it whatever the clock says by then (at the window's old edge, or its stream's newest
         # raised meanwhile), so Loki de-duplicates it rather than keeping a copy stamped otherwise.
-        # Forgotten once the entry is answered OK or rejected.
-        self._chosen: dict[tuple[str, int], int] = {}
+        # Forgotten, with the entry's _sent mark, once it is answered OK or rejected, or given up.
+        self._chosen: dict[tuple[str, int], tuple[int, int]] = {}  # with the key of its _sent mark
         self._batch: Sequence[Occurrence] = ()  # the batch of the send under way
         # Per stream, the entries set aside (defer) for it: (uid, number) → (timestamp, expiry in
         # time.monotonic_ns). A newer entry of the stream that would put one of them over max_behind
@@ -1498,6 +1551,21 @@ class LokiSink(Sink[LokiOptions]):
         self._fronted = False  # the last push was answered by something before Loki (logged)
         self._push_shown = _redact(self._push_url)
 
+    def given_up(self, occurrences: Sequence[Occurrence]) -> None:
+        """The engine gave these up (dead-lettered, ``retry_max_attempts`` spent, dropped): never pushed
+        again, so their marks go (``_sent``, ``_chosen``). Kept, each one sent in a push of unknown
+        outcome was forgotten into ``_Lost`` once 20,000 newer ones came, and after a long 5xx outage
+        with ``retry_max_attempts`` its filter held so many that 1 new entry in 5 refused as too far
+        behind another writer's was dead-lettered "may be stored" instead of stamped anew (r306 F2)."""
+        chosen = self._chosen
+        if not chosen:
+            return
+        sent = self._sent
+        for occurrence in occurrences:
+            kept = chosen.pop((occurrence.uid, occurrence.number), None)
+            if kept is not None:
+                sent.pop(kept[1], None)
+
     def take_over(self, previous: Sink[LokiOptions]) -> None:
         """Each stream's newest accepted time carries over, so entries Loki would refuse as too far
         behind are still predicted (and clamped) after a credential change."""
@@ -1517,7 +1585,7 @@ class LokiSink(Sink[LokiOptions]):
             self._sent = previous._sent
             self._lost = previous._lost
             self._watches = previous._watches
-            self._unknown, self._unknown_floor = previous._unknown, previous._unknown_floor
+            self._unknown, self._unknown_floors = previous._unknown, previous._unknown_floors
             self._chosen = previous._chosen
             self.modified = previous.modified
             self._modified_log = previous._modified_log
@@ -1803,11 +1871,13 @@ class LokiSink(Sink[LokiOptions]):
         elif self._modified_log.unlogged:
             self._count_modified([], outcomes)  # counted before: logged once its period is over
         if self._chosen:
-            chosen = self._chosen
+            chosen, sent = self._chosen, self._sent
             for entry in encoded:
                 if outcomes[entry.index].kind is not OutcomeKind.RETRY:
                     occurrence = batch[entry.index]
-                    chosen.pop((occurrence.uid, occurrence.number), None)
+                    kept = chosen.pop((occurrence.uid, occurrence.number), None)
+                    if kept is not None:
+                        sent.pop(kept[1], None)  # never pushed again: no longer a mark to forget (_Lost)
         return outcomes
 
     def _count_modified(self, entries: list[_Entry], outcomes: list[Outcome], *, flush: bool = False) -> None:
@@ -1980,11 +2050,16 @@ class LokiSink(Sink[LokiOptions]):
             if outcome.kind is OutcomeKind.RETRY and outcome.held and not outcome.defer:
                 outcomes[entry.index] = retry(outcome.reason, retry_after=0.0, held=True, defer=True)
 
-    def _remember(self, entries: Sequence[_Entry], *, stored: bool | _Kept) -> None:
+    def _remember(self, entries: Sequence[_Entry], *, stored: bool | _Kept, push: int = 0) -> None:
         """Note entries sent whose storing is unknown (``stored`` False: a push timed out, cut off,
         answered 5xx, or Loki's answer left it open), known (True) though the send did not say so, or
-        to be told by a later cutoff (_Kept)."""
+        to be told by a later cutoff (_Kept, from the rate refusal of the push whose ``id`` is
+        ``push``)."""
         sent, chosen, batch = self._sent, self._chosen, self._batch
+        if stored is not True and entries:
+            newest = max(entry.ts_ns for entry in entries)
+            if newest > self._lost.marked:
+                self._lost.marked = newest  # what _Lost may be given of these is no newer
         for entry in entries:
             key = hash((entry.stream, entry.ts_ns, entry.line))
             if stored is True:
@@ -2008,26 +2083,42 @@ class LokiSink(Sink[LokiOptions]):
                     if known is False:
                         sent[key] = _Kept(stored.stamps, _I64, stored.watch)
                     else:
-                        sent[key] = _Kept(stored.stamps, max(known.newest, stored.newest), known.watch)
+                        sent[key] = self._kept_again(known, stored, push)
             occurrence = batch[entry.index]
-            chosen[occurrence.uid, occurrence.number] = entry.ts_ns
+            chosen[occurrence.uid, occurrence.number] = entry.ts_ns, key
         unknown = self._unknown
         while len(unknown) > _UNKNOWN_STREAMS:
-            top = unknown.pop(next(iter(unknown)))
-            floor = self._unknown_floor
-            self._unknown_floor = top if floor is None or top > floor else floor
+            stream = next(iter(unknown))
+            top, bucket = unknown.pop(stream), _unknown_bucket(stream)
+            floor = self._unknown_floors.get(bucket)
+            if floor is None or top > floor:
+                self._unknown_floors[bucket] = top
         while len(sent) > _SENT_MAX:
             key = next(iter(sent))
             if sent.pop(key) is not True:
-                self._lost.add(key)  # perhaps stored: never taken for a new entry (_behind_refused)
+                # Perhaps stored: never taken for a new entry (_behind_refused).
+                self._lost.add(key, self._oldest_ns - _CLOCK_MARGIN_NS)
         while len(chosen) > _SENT_MAX:
             del chosen[next(iter(chosen))]
+
+    @staticmethod
+    def _kept_again(known: _Kept, stored: _Kept, push: int) -> _Kept:
+        """An entry ``_Kept`` since an earlier rate refusal, left out of this one's too. Its old watch
+        counted this push whole (its newest entry of the stream), but a rate refusal whose listing
+        fits stored at most ``stored.newest`` of it: that bound replaces it, the old watch still counts
+        the pushes before this one, the new watch those after. Kept whole, a second rate 429 in a row
+        (Loki's bucket still short at the retry) made the proof need a cutoff after the stream's
+        newest entries, and a never-stored entry was rejected "may be stored" (r306 F1)."""
+        mine = known.watch.before(push)  # this push's own count left out only if it was the last
+        newest = max(known.newest, stored.newest) if mine is None else max(known.newest, stored.newest, mine)
+        return _Kept(stored.stamps, newest, stored.watch)
 
     def _watch(self, stream: bytes) -> _Watch:
         """A new watch of this sink's pushes of ``stream`` (``_Kept``), kept while a mark holds it."""
         watches = self._watches
         self._forget_watches()
-        unknown = [ts for ts in (self._unknown.get(stream), self._unknown_floor) if ts is not None]
+        floor = self._unknown_floors.get(_unknown_bucket(stream)) if self._unknown_floors else None
+        unknown = [ts for ts in (self._unknown.get(stream), floor) if ts is not None]
         watch = _Watch(max(unknown) if unknown else None)
         watches.setdefault(stream, weakref.WeakSet()).add(watch)
         return watch
@@ -2616,7 +2707,7 @@ class LokiSink(Sink[LokiOptions]):
             retry_after = wait if retry_after is None else max(retry_after, wait)
             if self._stream_rate:
                 self._learn_stream_rate(refused, weight, rate_limit, wait)
-            refused = self._rate_listing(refused, listing)
+            refused = self._rate_listing(refused, listing, id(entries))
         if rest:
             self._unseen(rest)
             rest = self._again(rest, outcomes)
@@ -2627,7 +2718,7 @@ class LokiSink(Sink[LokiOptions]):
         self._deferring = True
         return True
 
-    def _rate_listing(self, group: list[_Entry], listing: str) -> list[_Entry]:
+    def _rate_listing(self, group: list[_Entry], listing: str, push: int) -> list[_Entry]:
         """Of a stream Loki refused for its per-stream rate, the entries to send again, by its
         ``listing`` (``_parse_ignored``). Limiting entry by entry (Loki 2.x; 3.x with shard_streams
         off), Loki stored the entries it did not list (the oldest, while its bucket lasted); pushed
@@ -2647,7 +2738,8 @@ class LokiSink(Sink[LokiOptions]):
         The others Loki did not list (after the last listed, when it listed fewer than it refused;
         the whole stream, when the listing does not fit this push: the distributor dropped some,
         or sharded the stream) may be stored: those over max_behind behind the stream's newest are
-        rejected if refused as too far behind later, never stamped anew."""
+        rejected if refused as too far behind later, never stamped anew. ``push``: the refused push's
+        ``id`` (``_Watch``)."""
         parsed = _parse_ignored(listing) if listing else None
         if parsed is not None and parsed[1] >= parsed[2]:
             return group  # every entry refused: nothing of it stored
@@ -2692,7 +2784,7 @@ class LokiSink(Sink[LokiOptions]):
             # What Loki may have stored with them: they, and those whose fate the listing left open.
             newest = max([kept[-1].ts_ns] + [entry.ts_ns for entry in unsure])
             stamps = sorted({entry.ts_ns for entry in kept})
-            self._remember(exposed, stored=_Kept(stamps, newest, self._watch(kept[0].stream)))
+            self._remember(exposed, stored=_Kept(stamps, newest, self._watch(kept[0].stream)), push=push)
         return group
 
     def _unseen(self, entries: list[_Entry]) -> None:
@@ -3072,7 +3164,8 @@ class LokiSink(Sink[LokiOptions]):
         # Loki refuses an entry outside its time window, or over max_behind behind the newest entry it
         # holds for the stream (as far as this sink knows: what it pushed there).
         newest = self._newest.get(stream) if self._newest.used else None
-        chosen = self._chosen.get((occurrence.uid, occurrence.number)) if self._chosen else None
+        kept = self._chosen.get((occurrence.uid, occurrence.number)) if self._chosen else None
+        chosen = None if kept is None else kept[0]
         if chosen is not None:
             # Sent before in a push Loki may have stored (no answer, a 5xx, a send cut off): the
             # same timestamp again, though the clock or the stream's newest moved on meanwhile, so

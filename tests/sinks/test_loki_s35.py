@@ -9,7 +9,8 @@ behind, though Loki never had it (before item 289 it was stamped at receipt and 
 Loki's cutoff at that later refusal now tells them apart: after the newest entry the first push may
 have stored, and after every entry this sink pushed since (or sent in a push of unknown outcome), it
 proves that push stored none of them (item 306: whatever Loki's window, this sink's pushes between
-the two, or the marks it forgot)."""
+the two, or the marks it forgot; item 312: a second rate refusal in a row, the marks of entries the
+engine gave up, a 5xx'd push over more streams than the sink notes no longer deny it needlessly)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import pytest
 from eventrouter import Occurrence, Outcome, OutcomeKind, RetryableError, SinkContext
 from eventrouter.testing import make_occurrence
 from eventrouter.testing.receivers.loki import LokiReceiver
-from eventrouter_sinks.loki import LokiOptions, LokiSink
+from eventrouter_sinks.loki import LokiOptions, LokiSink, _Lost
 
 CONTEXT = SinkContext(name="loki", cluster="test", data_dir=None, logger=logging.getLogger("test.loki"))
 
@@ -349,3 +350,169 @@ async def test_an_entry_is_never_proved_unstored_when_a_push_of_unknown_outcome_
         outcomes = [final[occurrence.uid, occurrence.number] for occurrence in batch]
         assert _may_be_stored(outcomes[0]) and all(_ok(outcome) for outcome in outcomes[1:]), outcomes
         assert _copies(loki) == {"x8000": 1, "x4200": 1, "y4100": 1, "y4050": 1, "z0": 1}
+
+
+# Item 312 (review r306): item 306's proof kept from needless dead letters: a second rate refusal in a
+# row, marks of entries the engine gave up, a 5xx'd push over more streams than the sink notes.
+
+
+def _whole_case() -> list[Occurrence]:
+    return [
+        _at(8000, reason="S", object_name="x8000"),
+        _at(4200, reason="S", object_name="x4200"),
+        _at(20, reason="S", object_name="y20"),
+        _at(10, reason="S", object_name="y10"),
+    ]
+
+
+async def _whole_case_after_another_writer(
+    loki: LokiReceiver,
+    sink: LokiSink,
+    batch: Sequence[Occurrence],
+    between: Callable[[], Awaitable[None] | None],
+) -> dict[tuple[str, int], Outcome | None]:
+    """Item 297's case: another writer makes S's newest now, then Loki (whole-stream limiting, burst
+    1) refuses ``batch`` for the rate, leaving x8000 and x4200 (too far behind) out of its listing."""
+    other = _sink(loki.url, per_stream_rate=0)
+    try:
+        loki.per_stream_burst = 10_000_000
+        loki.refill_stream_rate_limits()
+        await _deliver(other, [_at(1, reason="S", object_name="other-now")])
+    finally:
+        await other.aclose()
+    loki.per_stream_burst = 1
+    loki.refill_stream_rate_limits()
+    return await _deliver(sink, batch, between)
+
+
+def _lift(loki: LokiReceiver) -> None:
+    loki.per_stream_burst = 10_000_000
+    loki.refill_stream_rate_limits()
+
+
+@pytest.mark.parametrize("refusals", [2, 3])
+async def test_an_entry_left_out_of_two_whole_stream_rate_refusals_in_a_row_is_delivered_once(
+    refusals: int,
+) -> None:
+    """Loki (whole-stream limiting) refuses the batch for the rate, and its retry again (its bucket
+    still short: another sink of the tenant spent it), storing nothing either time; then refuses
+    x8000 and x4200 as too far behind another writer's newest. The second refusal's push carried
+    y20 and y10 (now): counted whole, it made the cutoff (now - an hour) prove nothing, and x8000,
+    never stored, was dead-lettered "may be stored" (before: r306 F1). A rate refusal whose listing
+    fits stored at most what it left open: x8000 is stamped anew and delivered once."""
+    batch = _whole_case()
+    async with LokiReceiver(per_stream_rate=1, per_stream_burst=1, per_stream_whole=True) as loki:
+        sink = _sink(loki.url, per_stream_rate=0)
+        sends = 0
+
+        def between() -> None:
+            nonlocal sends
+            sends += 1
+            if sends >= refusals:
+                _lift(loki)
+            else:
+                loki.refill_stream_rate_limits()
+
+        try:
+            first = len(loki.pushes) + 1
+            final = await _whole_case_after_another_writer(loki, sink, batch, between)
+        finally:
+            await sink.aclose()
+        statuses = [push.status for push in loki.pushes[first:]]
+        assert statuses[:refusals] == [429] * refusals and statuses[refusals] == 400, statuses
+        assert all(push.accepted == 0 for push in loki.pushes[first : first + refusals])
+        outcomes = [final[occurrence.uid, occurrence.number] for occurrence in batch]
+        assert all(_ok(outcome) for outcome in outcomes), outcomes
+        assert _copies(loki) == {"other-now": 1, "x8000": 1, "x4200": 1, "y20": 1, "y10": 1}
+
+
+async def test_an_entry_left_out_of_a_rate_refusal_keeps_its_mark_while_the_engine_gives_up_an_outage() -> (
+    None
+):
+    """Item 297's whole-stream case, with 20,500 other entries pushed between the two refusals, each
+    answered 503 and given up by the engine (``retry_max_attempts`` spent): their marks took x8000's
+    out of the 20,000 the sink keeps, into the filter of forgotten ones, and x8000 (never stored) was
+    dead-lettered "may be stored"; the filter never forgot, so a long outage filled it until a share
+    of every new entry refused as behind was dead-lettered too (before: r306 F2). Given up, an entry
+    is never pushed again, and its mark goes: x8000 is stamped anew and delivered once."""
+    batch = _whole_case()
+    async with LokiReceiver(per_stream_rate=1, per_stream_burst=1, per_stream_whole=True) as loki:
+        sink = _sink(loki.url, per_stream_rate=0)
+
+        async def outage() -> None:
+            loki.fail_next(503, count=41)
+            for start in range(0, 20_500, 500):
+                given = [make_occurrence(reason="F", object_name=f"f{i}") for i in range(start, start + 500)]
+                with pytest.raises(RetryableError):
+                    await sink.send(given)
+                sink.given_up(given)  # as the engine does once their attempts are spent
+            _lift(loki)
+
+        try:
+            final = await _whole_case_after_another_writer(loki, sink, batch, outage)
+        finally:
+            await sink.aclose()
+        outcomes = [final[occurrence.uid, occurrence.number] for occurrence in batch]
+        assert all(_ok(outcome) for outcome in outcomes), outcomes
+        assert _copies(loki) == {"other-now": 1, "x8000": 1, "x4200": 1, "y20": 1, "y10": 1}
+
+
+def test_forgotten_marks_age_out_once_older_than_lokis_window_and_never_within_it() -> None:
+    """The filter of forgotten marks (r306 F2): 600,000 keys of entries older than Loki's time window
+    by the time the next generation fills leave it holding a key it was never given less than once in
+    100 (the one filter before: 55 in 100); every key of an entry still within the window is
+    held."""
+    lost = _Lost()
+    expired, hour = 0, 3600 * 10**9
+    for i in range(600_000):
+        if i % _Lost.LOAD == 0:
+            lost.marked += hour  # this generation's entries: an hour newer than the last's
+            expired = lost.marked - 3 * hour  # Loki's window: three generations
+        lost.add(hash((b'{a="b"}', i, f"line {i}")), expired)
+    probes = 20_000
+    held = sum(hash((b'{c="d"}', j, f"other {j}")) in lost for j in range(probes))
+    assert held < probes / 100, held
+    within = range(600_000 - 3 * _Lost.LOAD, 600_000)
+    assert all(hash((b'{a="b"}', i, f"line {i}")) in lost for i in within)
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["unrelated-stream", "its-own-entry-forgotten-guard"])
+async def test_a_5xx_over_more_streams_than_noted_leaves_an_unrelated_streams_proof_alone(own: bool) -> None:
+    """A push of 4,200 other streams (more than the 4,096 whose newest entry sent in a push of unknown
+    outcome the sink notes) is answered 503, then item 297's whole-stream case on stream S, which was
+    in no such push. The streams beyond 4,096 gave their newest (now) to one floor for every stream,
+    so x8000, never stored, was dead-lettered "may be stored" for about Loki's window afterwards
+    (before: r306 F3); it now goes to a floor of their bucket of 16,384: x8000 is delivered once.
+
+    ``its-own-entry-forgotten-guard``: an entry of S (5 s old) was sent first in a push answered 503,
+    so S is the first stream the sink forgets: Loki may store that push late, after the refusal, and
+    the cutoff then proves nothing. x8000 is rejected "may be stored", never stamped anew."""
+    batch = _whole_case()
+    streams = 4200
+    async with LokiReceiver(per_stream_rate=1, per_stream_burst=10_000_000, per_stream_whole=True) as loki:
+        sink = _sink(loki.url, per_stream_rate=0)
+        try:
+            # Loki takes the streams first (the sink pushes few new streams at a time), so that one
+            # push carries them all.
+            known = [_at(6, reason=f"R{i}", object_name=f"r{i}") for i in range(streams)]
+            await _deliver(sink, known)
+            if own:
+                loki.fail_next(503)
+                with pytest.raises(RetryableError):
+                    await sink.send([_at(5, reason="S", object_name="s5")])
+            loki.fail_next(503)
+            blip = len(loki.pushes)
+            with pytest.raises(RetryableError):
+                await sink.send([_at(5, reason=f"R{i}", object_name=f"q{i}") for i in range(streams)])
+            assert [push.status for push in loki.pushes[blip:]] == [503]  # one push: every stream
+            final = await _whole_case_after_another_writer(loki, sink, batch, lambda: _lift(loki))
+        finally:
+            await sink.aclose()
+        outcomes = [final[occurrence.uid, occurrence.number] for occurrence in batch]
+        if own:
+            assert _may_be_stored(outcomes[0]) and all(_ok(outcome) for outcome in outcomes[1:]), outcomes
+        else:
+            assert all(_ok(outcome) for outcome in outcomes), outcomes
+        copies = {name: count for name, count in _copies(loki).items() if name[0] not in "rq"}
+        expected = {"other-now": 1, "x4200": 1, "y20": 1, "y10": 1}
+        assert copies == (expected if own else {**expected, "x8000": 1})  # never stored, or once
