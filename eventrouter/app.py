@@ -1483,16 +1483,16 @@ class Router:
                 owed = p.owed_at_stop(left)
                 try:
                     rest = left
+                    failed: OSError | None = None
                     if older and len(p.spool):
                         # Older than the spool's backlog: before it (a newer occurrence of the same
                         # event delivered first would make the checkpoint skip the older one as a copy).
                         try:
                             p.spool.prepend(older, owed)  # all or nothing, but for those left in place
-                        except OSError:
-                            kept = p.spool.kept_in_place  # read back from the spool: left where they were
-                            raise
-                        kept, rest = len(older), newer
-                    failed: OSError | None = None
+                            kept = len(older)
+                        except OSError as exc:  # what waited behind the spool may still fit: tried
+                            failed, kept = exc, p.spool.kept_in_place  # read back: left where they were
+                        rest = newer
                     for occ in rest:
                         try:
                             dropped.extend(p.spool.extend([occ], owed))

@@ -265,7 +265,10 @@ class Spool:
         # each event's highest of them, and what a stop appended (``extend``).
         self._kept: set[tuple[str, int]] | None = None
         self._kept_newest: dict[str, int] = {}
-        self._appended: set[tuple[str, int]] = set()
+        self._appended: dict[tuple[str, int], bool] = {}  # appended by a stop: marked owed or not
+        # Before any failed write: the durable read position, and each event's highest number among
+        # what ``_keep_in_place`` would leave to be read again from it (``_newest_read_again``).
+        self._read_again: tuple[tuple[int, int], dict[str, int]] | None = None
         self._uncounted = False  # gone back, and no caller told of the failed write (``_say_failed``)
         self.kept_in_place = 0
         """Of the occurrences a failed ``prepend`` was given, those left in their segment or the aside
@@ -775,11 +778,7 @@ class Spool:
         if self._kept is not None:
             return
         self._uncounted = True
-        kept = self._rewind()
-        if self._parked is not None:
-            kept |= self._parked._rewind()
-        kept |= self._aside_file_keys()
-        self._kept = kept
+        self._kept = kept = self._read_again_keys(move=True)
         for uid, number in kept:
             self._kept_newest[uid] = max(number, self._kept_newest.get(uid, 0))
         log.error(
@@ -790,6 +789,31 @@ class Spool:
             exc.strerror or exc,
             len(kept),
         )
+
+    def _read_again_keys(self, move: bool) -> set[tuple[str, int]]:
+        """The keys of what a stop that cannot write leaves to be read again after the restart: read
+        since the durable read positions (main and parked FIFOs; ``move``: put back to them) and the
+        aside file's."""
+        keys = self._rewind(move)
+        if self._parked is not None:
+            keys |= self._parked._rewind(move)
+        return keys | self._aside_file_keys()
+
+    def _newest_read_again(self) -> dict[str, int]:
+        """Each event's highest number among what a failed stop write leaves (or would leave) to be read
+        again, before the stop's appends. Known only after the first failure, a record appended
+        before it (X/2, memory only) landed behind a newer one the rewind then put back in front
+        (X/3, read since the durable position): skipped as a copy after the restart, though counted
+        kept. Computed before the first append, each append below it is marked owed: if no write
+        fails, the mark only sends an undelivered leftover whatever the checkpoint says."""
+        if self._kept is not None:
+            return self._kept_newest
+        if self._read_again is None or self._read_again[0] != self._durable:
+            newest: dict[str, int] = {}
+            for uid, number in self._read_again_keys(move=False):
+                newest[uid] = max(number, newest.get(uid, 0))
+            self._read_again = (self._durable, newest)
+        return self._read_again[1]
 
     def _say_failed(self) -> None:
         """A stop's write failed and nothing was raised: counted as a failed read position's is
@@ -804,18 +828,19 @@ class Spool:
         skip it as a copy)."""
         assert self._kept is not None
         key = (occ.uid, occ.number)
-        return key in self._kept or (
-            key in self._appended and self._kept_newest.get(occ.uid, 0) <= occ.number
-        )
+        if key in self._kept:
+            return True
+        marked = self._appended.get(key)
+        return marked is not None and (marked or self._kept_newest.get(occ.uid, 0) <= occ.number)
 
     def _owed_in_place(self, owed: Container[tuple[str, int]] | None, occs: Iterable[Occurrence]) -> None:
         """Owed ones left in place are not marked owed: their events must not be recorded past them."""
         if owed:
             self.owed_unmarked.update(occ.uid for occ in occs if (occ.uid, occ.number) in owed)
 
-    def _rewind(self) -> set[tuple[str, int]]:
-        """Put the read position back to the durable one; returns the keys of the records so read
-        again (a segment that cannot be read stays as it is: none of its keys)."""
+    def _rewind(self, move: bool = True) -> set[tuple[str, int]]:
+        """Put the read position back to the durable one (``move``; else only look); returns the keys
+        of the records so read again (a segment that cannot be read stays as it is: none of its keys)."""
         number, records = self._durable
         keys: set[tuple[str, int]] = set()
         for seg in self._segments:
@@ -832,8 +857,9 @@ class Spool:
                 log.error("spool %s: cannot read %s again: %s", self.directory, seg.path.name, exc)
                 continue
             keys.update(key for line in data[offset:].splitlines() if (key := _line_key(line)))
-            self._count += seg.read_records - start
-            seg.read_records, seg.read_offset = start, offset
+            if move:
+                self._count += seg.read_records - start
+                seg.read_records, seg.read_offset = start, offset
         return keys
 
     def _aside_file_keys(self) -> set[tuple[str, int]]:
@@ -854,16 +880,19 @@ class Spool:
         """Append each of ``occs`` (a stop); the first record of each (uid, number) in ``owed`` is
         marked owed and its key taken out of the set. A write that fails leaves what was read from
         the spool in place (``_keep_in_place``): those of ``occs`` are then not written, counted as
-        kept; one behind a newer occurrence of its event so left is marked owed (sent though the
-        checkpoint is past it). Raises ``OSError`` for the first that is neither written nor in place."""
+        kept. One below a newer occurrence of its event that such a failure leaves, or would leave,
+        in place is marked owed (sent though the checkpoint is past it), whether appended before or
+        after the failure (``_newest_read_again``). Raises ``OSError`` for the first that is neither
+        written nor in place."""
         dropped: list[str] = []
         for occ in occs:
             if self._kept is not None and (occ.uid, occ.number) in self._kept:
                 self._owed_in_place(owed, [occ])
                 continue
-            behind = self._kept_newest.get(occ.uid, 0) > occ.number
+            behind = self._newest_read_again().get(occ.uid, 0) > occ.number
+            marked = _owed_once(owed, occ) or behind
             try:
-                dropped.extend(self.append(occ, _owed_once(owed, occ) or behind))
+                dropped.extend(self.append(occ, marked))
             except OSError as exc:
                 self.lost_on_error.extend(dropped)  # gone all the same: the caller counts them
                 self._keep_in_place(exc)
@@ -873,7 +902,7 @@ class Spool:
                 self._owed_in_place(owed, [occ])
                 dropped = []
                 continue
-            self._appended.add((occ.uid, occ.number))
+            self._appended[occ.uid, occ.number] = marked
         self._say_failed()
         return dropped
 
@@ -1229,6 +1258,9 @@ class _Parked(Spool):
         self.not_before: dict[tuple[str, int], float] = {}
         self._floors: dict[int, int | list[int]] = {}
         self._moved = True
+        # Per segment, where the read position was before ``_rewind`` put it back: what lies before
+        # it was read and finished (or is a leftover in memory, kept by the stop) — not to be marked.
+        self._read_to: dict[int, int] = {}
         super().__init__(
             main.directory / "parked",
             max_bytes=max(1, main.max_bytes // 2),
@@ -1303,11 +1335,17 @@ class _Parked(Spool):
             for line in data.splitlines():
                 self._note_key([], line, 1)
 
-    def _rewind(self) -> set[tuple[str, int]]:
-        keys = super()._rewind()
-        if keys:
+    def _rewind(self, move: bool = True) -> set[tuple[str, int]]:
+        read_to = {seg.number: seg.read_offset for seg in self._segments}
+        keys = super()._rewind(move)
+        if keys and move:
             self._moved = True
             self._rebuild_floors()  # parked again: their floors hold the checkpoint back once more
+            self._read_to = {
+                seg.number: read_to[seg.number]
+                for seg in self._segments
+                if seg.read_offset < read_to[seg.number]
+            }
         return keys
 
     def commit(self) -> None:
@@ -1415,6 +1453,11 @@ class _Parked(Spool):
                         continue  # not below what is recorded
                 except _UNREADABLE:
                     continue  # unreadable: counted when it is read
+                if seg.read_offset + at < self._read_to.get(seg.number, 0):
+                    # Read before the stop, then put back by ``_rewind``: delivered (or given up, or
+                    # parked again behind), or a leftover kept where it is, its event then not
+                    # recorded (``owed_unmarked``). Marked, a delivered one was sent twice.
+                    continue
                 where = _owed_mark_at(line, rec)
                 if where is None:
                     failed.add(uid)
