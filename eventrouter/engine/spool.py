@@ -880,17 +880,20 @@ class Spool:
         """Append each of ``occs`` (a stop); the first record of each (uid, number) in ``owed`` is
         marked owed and its key taken out of the set. A write that fails leaves what was read from
         the spool in place (``_keep_in_place``): those of ``occs`` are then not written, counted as
-        kept. One below a newer occurrence of its event that such a failure leaves, or would leave,
-        in place is marked owed (sent though the checkpoint is past it), whether appended before or
-        after the failure (``_newest_read_again``). Raises ``OSError`` for the first that is neither
-        written nor in place."""
+        kept; an owed one among them puts its event in ``owed_unmarked`` (its key already taken out of
+        ``owed``: before, it did not, and the stop recorded the event past it). One below a newer
+        occurrence of its event that such a failure leaves, or would leave, in place is marked owed
+        (sent though the checkpoint is past it), whether appended before or after the failure
+        (``_newest_read_again``). Raises ``OSError`` for the first that is neither written nor in
+        place."""
         dropped: list[str] = []
         for occ in occs:
             if self._kept is not None and (occ.uid, occ.number) in self._kept:
                 self._owed_in_place(owed, [occ])
                 continue
             behind = self._newest_read_again().get(occ.uid, 0) > occ.number
-            marked = _owed_once(owed, occ) or behind
+            owed_key = _owed_once(owed, occ)  # out of ``owed`` now: a failure below must still know
+            marked = owed_key or behind
             try:
                 dropped.extend(self.append(occ, marked))
             except OSError as exc:
@@ -899,7 +902,8 @@ class Spool:
                 if not self._in_place(occ):
                     self._uncounted = False  # raised: the caller counts it
                     raise
-                self._owed_in_place(owed, [occ])
+                if owed_key:  # left in place unmarked: its event must not be recorded past it
+                    self.owed_unmarked.add(occ.uid)
                 dropped = []
                 continue
             self._appended[occ.uid, occ.number] = marked
