@@ -13,7 +13,9 @@ import asyncio
 import base64
 import io
 import logging
+import random
 import shutil
+import uuid
 import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,6 +27,8 @@ import pytest
 
 from eventrouter.app import Router, RouterSettings
 from eventrouter.config import spec_for_class
+from eventrouter.engine import configmap_checkpoint as cc
+from eventrouter.engine.checkpoint import SinkCheckpoint
 from eventrouter.engine.configmap_checkpoint import (
     DATA_KEY,
     CheckpointFormatError,
@@ -33,6 +37,7 @@ from eventrouter.engine.configmap_checkpoint import (
 )
 from eventrouter.protowire import varint
 from eventrouter.record import occurrence_number
+from eventrouter.source.kube import KubeClient, connect
 from eventrouter.source.watcher import WatchSettings
 from eventrouter.testing import FakeApiServer, MemorySink, event_object
 from eventrouter.testing.waiting import until
@@ -333,3 +338,125 @@ async def test_the_seeds_line_names_a_few_sinks_not_configured_each_quoted_when_
     [line] = [rec.getMessage() for rec in caplog.records if "not configured, ignored" in rec.getMessage()]
     shown = ", ".join(["'a\\nFAKE log line'"] + [f"old{i:02d}" for i in range(9)])
     assert line.endswith(f"; not configured, ignored: {shown} and 30 more"), line
+
+
+# ---- item 313: the configMap mode's own load() reads all its writer writes --------------------------
+
+
+@pytest.fixture
+async def kube(api: FakeApiServer, tmp_path: Path) -> AsyncIterator[KubeClient]:
+    client = await connect(kubeconfig=api.kubeconfig(tmp_path / "kubeconfig"))
+    yield client
+    await client.close()
+
+
+def store(kube: KubeClient) -> cc.ConfigMapCheckpointStore:
+    return cc.ConfigMapCheckpointStore(kube, namespace=NS, name=NAME, flush_interval=0.1)
+
+
+def uuids(n: int) -> list[str]:
+    rng = random.Random(313)
+    return [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(n)]
+
+
+def stored_blob(api: FakeApiServer) -> bytes:
+    return base64.b64decode(api.get_object("configmaps", NS, NAME)["binaryData"][DATA_KEY])
+
+
+# KubeClient.request hands the store's ~1 MiB body to aiohttp as bytes: "might lock the event loop" (a
+# ResourceWarning, ignored outside tests), as in test_configmap_checkpoint.py.
+@pytest.mark.filterwarnings("ignore:Sending a large body directly with raw bytes:ResourceWarning")
+async def test_the_configmap_mode_loads_every_sink_of_an_honest_checkpoint_its_writer_wrote(
+    api: FakeApiServer, kube: KubeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store writes 73 sinks (a robot per team) x 58,000 UUIDs, each sink one occurrence ahead at
+    one uid of its own (r309 F1): 969 KB, within the 1 MiB. A new leader's load() reads every sink's
+    58,000 entries, no ERROR. The dataDir seed's bounded decode still refuses it (a failed seed there
+    destroys nothing). Before: load() said "unreadable (more sinks differing at more uids ...); starting
+    empty" and every lease-take sent every sink everything the API server held again."""
+    ids = uuids(58_000)
+    writer = store(kube)
+    await writer.load()
+    wrote: dict[str, dict[str, int]] = {}
+    for i in range(73):
+        acks = dict.fromkeys(ids, 1)
+        acks[ids[i]] = 2
+        SinkCheckpoint(writer.backend(f"robot-team-{i:03d}")).ack(acks)
+        wrote[f"robot-team-{i:03d}"] = acks
+    assert await writer.flush()
+    assert writer.truncations == 0 and writer.last_size <= cc.CONFIGMAP_LIMIT
+    with pytest.raises(CheckpointFormatError, match="more sinks differing at more uids"):
+        decode_columns(stored_blob(api))  # the seed's bounds: unchanged
+    caplog.clear()
+    leader = store(kube)
+    with caplog.at_level(logging.WARNING):
+        await leader.load()
+    assert not [rec.getMessage() for rec in caplog.records]
+    for sink, acks in wrote.items():
+        assert SinkCheckpoint(leader.backend(sink)).state == acks, sink
+
+
+async def test_a_memory_error_at_the_configmap_modes_load_fails_the_lease_take_and_keeps_the_configmap(
+    api: FakeApiServer, kube: KubeClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An honest checkpoint of 5,000 entries; the new leader's decode raises MemoryError once (this
+    process short of memory: injected at the decoder, as r309 F2's script does). load() raises it (the
+    lease-take fails, as before item 309), says nothing is unreadable, and the ConfigMap is as written;
+    the next load() reads all 5,000. Before: ERROR "unreadable (... MemoryError); starting empty", and
+    the leader's first write replaced the honest checkpoint with its one new entry."""
+    ids = uuids(5_000)
+    writer = store(kube)
+    await writer.load()
+    SinkCheckpoint(writer.backend("loki")).ack(dict.fromkeys(ids, 1))
+    assert await writer.flush()
+    before = api.get_object("configmaps", NS, NAME)
+    real = cc.decode_columns
+    calls: list[bytes] = []
+
+    def short_of_memory(blob: bytes, bounded: bool = True) -> tuple[list[str], list[list[int]], list[str]]:
+        if not calls:
+            calls.append(blob)
+            raise MemoryError
+        return real(blob, bounded)
+
+    monkeypatch.setattr(cc, "decode_columns", short_of_memory)
+    leader = store(kube)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR), pytest.raises(MemoryError):
+        await leader.load()
+    assert calls and not caplog.records, [rec.getMessage() for rec in caplog.records]
+    assert api.get_object("configmaps", NS, NAME) == before
+    await leader.load()  # the next lease-take
+    assert SinkCheckpoint(leader.backend("loki")).state == dict.fromkeys(ids, 1)
+
+
+async def test_the_writer_packs_at_level_6_only_what_its_reader_unpacks(
+    api: FakeApiServer, kube: KubeClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """95 sinks, each at a different count (near int32's top) of every uid: 6 bytes of diff per sink and
+    uid that Huffman-only packs past the limit and level 6 packs within it. The writer packs level 6
+    only a state that unpacks within MAX_UNPACKED, else leaves the oldest out (counted) until it does, so
+    a new leader's load() reads what was written. At scale (MAX_UNPACKED 1 MiB, a 128 KiB limit: the
+    full size, 95 sinks x 30,000 uids, takes 20 s and 400 MiB; /tmp/s35/findings/fix-seed4.md). Before:
+    the writer wrote 1.25 MB in level 6 and the reader refused it (decompresses past the bound:
+    every lease-take started empty)."""
+    monkeypatch.setattr(cc, "MAX_UNPACKED", 1024 * 1024)
+    ids = uuids(2_200)
+    writer = cc.ConfigMapCheckpointStore(kube, namespace=NS, name=NAME, flush_interval=0.1, limit=128 * 1024)
+    await writer.load()
+    count = {f"s{i:03d}": 2**31 - 1 - i for i in range(95)}
+    for sink, n in count.items():
+        SinkCheckpoint(writer.backend(sink)).ack(dict.fromkeys(ids, n))
+    assert await writer.flush()
+    blob = stored_blob(api)
+    assert blob[0] == 1 and len(zlib.decompress(blob[1:])) <= cc.MAX_UNPACKED
+    assert writer.truncations == 1
+    caplog.clear()
+    leader = store(kube)
+    with caplog.at_level(logging.ERROR):
+        await leader.load()
+    assert not [rec.getMessage() for rec in caplog.records]
+    kept = ids[-len(SinkCheckpoint(leader.backend("s000")).state) :]
+    assert 0 < len(kept) < len(ids)
+    for sink, n in count.items():
+        assert SinkCheckpoint(leader.backend(sink)).state == dict.fromkeys(kept, n), sink

@@ -122,11 +122,11 @@ class CheckpointFormatError(ValueError):
 
 # What a checkpoint of CONFIGMAP_LIMIT can hold, with room to spare; a blob past any of these is no
 # checkpoint a router wrote (crafted, or damaged) and is refused as unreadable before it costs memory:
-# decoded without bounds, 1 MiB made ~1 GiB of zlib output, or ~4 GB of columns (item 309).
+# decoded without bounds, 1 MiB made ~1 GiB of zlib output, or ~4 GB of columns (item 309). The
+# configMap mode's own load() applies MAX_UNPACKED only: it must read whatever its writer wrote (item 313).
 MAX_UNPACKED = 16 * 1024 * 1024
-"""Bytes a checkpoint may unpack to. The writer packs Huffman-only (at least a bit per byte: at most
-8x) unless that does not fit, and level 6 gains under 3x more on its random uids (16 of every 17 bytes):
-a full ConfigMap unpacks to ~3 MiB."""
+"""Bytes a checkpoint may unpack to, and the writer never writes more: Huffman-only (at least a bit per
+byte: at most 8x, 8 MiB from 1 MiB), raw, or level 6 only for a state of at most this much (_build)."""
 MAX_UIDS = 2 * CONFIGMAP_LIMIT // 16
 """Uids a checkpoint may hold: each an API server's UUID, 16 random bytes that do not compress, so a
 full ConfigMap holds ~61,000 (twice the most that fits)."""
@@ -135,9 +135,9 @@ MAX_SINKS = 1024
 MAX_SINK_NAME = 1024
 """Bytes of one sink name."""
 MAX_COPIED = 4 * 1024 * 1024
-"""Numbers of the columns decode_columns copies (one list per sink that differs from the base, 8 bytes a
-number: 32 MiB): 64 sinks, each differing, at a full ConfigMap's ~61,000 uids. A diff costs a few bytes
-of input and its copy 8 bytes per uid."""
+"""Numbers of the columns a bounded decode_columns copies (one list per sink that differs from the
+base, 8 bytes a number: 32 MiB): 64 sinks, each differing, at a full ConfigMap's ~61,000 uids. A diff
+costs a few bytes of input and its copy 8 bytes per uid."""
 
 
 P = ParamSpec("P")
@@ -401,16 +401,18 @@ def decode_state(blob: bytes) -> tuple[dict[str, dict[str, int]], list[str]]:
     return {name: _entries(order, column) for name, column in zip(names, columns, strict=True)}, order
 
 
-def decode_columns(blob: bytes) -> tuple[list[str], list[list[int]], list[str]]:
+def decode_columns(blob: bytes, bounded: bool = True) -> tuple[list[str], list[list[int]], list[str]]:
     """encode_state's content as columns: (sink names, each sink's number of each uid of ``order``, 0
     where it holds none, and ``order``, the uids oldest first). No dict is built: a sink level with
-    the base shares its list, another gets a copy with its diffs."""
+    the base shares its list, another gets a copy with its diffs. Not ``bounded``: only MAX_UNPACKED
+    (the configMap mode's own load(): every count its writer can write, 73 sinks each a uid off at a
+    full ConfigMap copy ~34 MiB)."""
     data = _unpack(blob)
     if not data.startswith(_MAGIC):
         raise CheckpointFormatError("not an eventrouter checkpoint (version 1)")
-    names, pos = _names(data, len(_MAGIC))
+    names, pos = _names(data, len(_MAGIC), bounded)
     total, pos = _read_varint(data, pos)
-    if total > MAX_UIDS:
+    if bounded and total > MAX_UIDS:
         raise CheckpointFormatError(f"{total} uids, more than a checkpoint holds ({MAX_UIDS})")
     if 2 * total > len(data) - pos:  # each uid at least 2 bytes: refused before any list is built
         raise CheckpointFormatError(f"truncated: {total} uids in {len(data) - pos} bytes")
@@ -436,7 +438,7 @@ def decode_columns(blob: bytes) -> tuple[list[str], list[list[int]], list[str]]:
         if n > total:  # each uid differs once at most
             raise CheckpointFormatError(f"sink {name[:64]!r}: {n} diffs for {total} uids")
         copied += total if n else 0
-        if copied > MAX_COPIED:
+        if bounded and copied > MAX_COPIED:
             raise CheckpointFormatError(
                 f"more sinks differing at more uids than a checkpoint holds ({len(names)} sinks, "
                 f"{total} uids)"
@@ -456,16 +458,16 @@ def decode_columns(blob: bytes) -> tuple[list[str], list[list[int]], list[str]]:
     return names, columns, order
 
 
-def _names(data: bytes, pos: int) -> tuple[list[str], int]:
-    """decode_columns' sink names and the position after them: at most MAX_SINKS, each non-empty,
-    at most MAX_SINK_NAME bytes and once (the keys of a router's dict of states)."""
+def _names(data: bytes, pos: int, bounded: bool) -> tuple[list[str], int]:
+    """decode_columns' sink names and the position after them: each once (the keys of a router's dict
+    of states); ``bounded``: at most MAX_SINKS, each non-empty and at most MAX_SINK_NAME bytes."""
     count, pos = _read_varint(data, pos)
-    if count > MAX_SINKS:
+    if bounded and count > MAX_SINKS:
         raise CheckpointFormatError(f"{count} sink names, more than a checkpoint holds ({MAX_SINKS})")
     names: list[str] = []
     for _ in range(count):
         size, pos = _read_varint(data, pos)
-        if not 0 < size <= MAX_SINK_NAME:
+        if bounded and not 0 < size <= MAX_SINK_NAME:
             raise CheckpointFormatError(f"a sink name of {size} bytes (1 to {MAX_SINK_NAME})")
         if pos + size > len(data):
             raise CheckpointFormatError("truncated sink name")
@@ -784,8 +786,8 @@ class ConfigMapCheckpointStore:
         seed, ``--checkpoint-seed-configmap``); None when it does not exist (404). Only a GET: this
         store's own state is not touched. Raises ApiError (403, 5xx) or a request's error when it cannot
         be read, and CheckpointFormatError when it holds no readable checkpoint, or one past what a
-        checkpoint can hold (MAX_UNPACKED and the others: load() starts empty then, as a leader must
-        not stop for it; a seed says so instead)."""
+        checkpoint can hold (MAX_UNPACKED and the others; a seed says so. load() applies MAX_UNPACKED
+        only, which its writer never passes, and starts empty past it: a leader must not stop for it)."""
         obj = await self.read_object()
         if obj is None:
             return None
@@ -1244,7 +1246,7 @@ class ConfigMapCheckpointStore:
                 blob, hard = _pack(raw), True
             else:
                 blob = _pack(raw, fast=True)
-                if hard:
+                if hard and len(raw) <= MAX_UNPACKED:  # past it no reader unpacks it: left out instead
                     _check(stop)
                     blob = min(blob, _pack(raw), key=len)
             times = encode_unseen(order, unseen) if unseen_order else b""
@@ -1281,10 +1283,10 @@ class ConfigMapCheckpointStore:
                 size += len(since.encode())
             if size <= self.limit or not order:
                 return body, dropped, dropped_unseen, left_out
-            if not hard:
+            if not hard and len(raw) <= MAX_UNPACKED:
                 hard = True  # the same bytes packed harder, then (from here on) every attempt so
                 continue
-            raw = b""
+            unpacked, raw = len(raw), b""
             if kept:
                 # A sink not configured goes first: nothing runs that needs its entries now.
                 sink = min(kept, key=lambda s: (kept[s], s))
@@ -1297,8 +1299,10 @@ class ConfigMapCheckpointStore:
                         unseen.pop(uid, None)
                 unseen_order = [uid for uid in unseen_order if uid in unseen]
                 continue
-            # Random uids do not compress: size is about proportional to the number of uids.
-            excess = math.ceil(len(order) * (size - self.limit) / size * 1.02) + 1
+            # Random uids do not compress: size is about proportional to the number of uids. A state
+            # past MAX_UNPACKED was only packed Huffman-only: cut to that first, where level 6 may fit.
+            have, room = (unpacked, MAX_UNPACKED) if unpacked > MAX_UNPACKED else (size, self.limit)
+            excess = math.ceil(len(order) * (have - room) / have * 1.02) + 1
             if unseen_order:
                 # Entries of events not seen go first: mostly of deleted events, they must not cost
                 # the entries of live ones (whose events the next leader would deliver again).
@@ -1501,9 +1505,11 @@ class ConfigMapCheckpointStore:
             return {}, []
         try:
             return _decode(obj)
-        except (CheckpointFormatError, MemoryError) as exc:
+        except CheckpointFormatError as exc:
             # Starting empty only re-delivers what the API server still holds; the next write replaces
-            # it (a leader that stopped for it failed at every lease-take).
+            # it (a leader that stopped for it failed at every lease-take). Not a MemoryError: that is
+            # this process short of memory, not the ConfigMap damaged, and writing over it destroyed
+            # an honest checkpoint (item 313); it fails the lease-take, the ConfigMap kept.
             log.error(
                 "checkpoint ConfigMap %s/%s is unreadable (%s); starting empty",
                 self.namespace,
@@ -1592,19 +1598,22 @@ class ConfigMapCheckpointStore:
 
 def _decode(obj: Mapping[str, Any]) -> tuple[dict[str, dict[str, int]], list[str]]:
     """The checkpoint a ConfigMap holds (``binaryData["checkpoint"]``): (states by sink, uids oldest
-    first). CheckpointFormatError when it holds none, or none that can be read."""
-    names, columns, order = _decode_columns(obj)
+    first), all of what a writer can write (only MAX_UNPACKED). CheckpointFormatError when it holds
+    none, or none that can be read."""
+    names, columns, order = _decode_columns(obj, bounded=False)
     return {name: _entries(order, column) for name, column in zip(names, columns, strict=True)}, order
 
 
-def _decode_columns(obj: Mapping[str, Any]) -> tuple[list[str], list[list[int]], list[str]]:
+def _decode_columns(
+    obj: Mapping[str, Any], bounded: bool = True
+) -> tuple[list[str], list[list[int]], list[str]]:
     """As ``_decode``, as decode_columns gives it."""
     binary = obj.get("binaryData")
     encoded = binary.get(DATA_KEY) if isinstance(binary, dict) else None
     if not encoded or not isinstance(encoded, str):
         raise CheckpointFormatError(f"no binaryData.{DATA_KEY}: not an eventrouter checkpoint")
     try:
-        return decode_columns(base64.b64decode(encoded))
+        return decode_columns(base64.b64decode(encoded), bounded)
     except (CheckpointFormatError, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointFormatError(str(exc)) from None
 
