@@ -1556,7 +1556,12 @@ class LokiSink(Sink[LokiOptions]):
         again, so their marks go (``_sent``, ``_chosen``). Kept, each one sent in a push of unknown
         outcome was forgotten into ``_Lost`` once 20,000 newer ones came, and after a long 5xx outage
         with ``retry_max_attempts`` its filter held so many that 1 new entry in 5 refused as too far
-        behind another writer's was dead-lettered "may be stored" instead of stamped anew (r306 F2)."""
+        behind another writer's was dead-lettered "may be stored" instead of stamped anew (r306 F2).
+        Their records aside go too: kept, each held its stream's newer entries back for nothing, up
+        to ``stream_hold`` and its Retry-After (r312 F1; the timed expiry stays for pipelines that
+        do not call this)."""
+        if self._aside:
+            self._let_go(occurrences)
         chosen = self._chosen
         if not chosen:
             return
@@ -1565,6 +1570,19 @@ class LokiSink(Sink[LokiOptions]):
             kept = chosen.pop((occurrence.uid, occurrence.number), None)
             if kept is not None:
                 sent.pop(kept[1], None)
+
+    def _let_go(self, occurrences: Sequence[Occurrence]) -> None:
+        """Drop the records aside (``_hold_back``) of occurrences the engine gave up. Few wait aside
+        and a spool's dropped segment gives up thousands: matched on ``uid`` (its hash cached) first."""
+        waiting_uids = {uid for records in self._aside.values() for uid, _ in records}
+        gone = {(o.uid, o.number) for o in occurrences if o.uid in waiting_uids}
+        if not gone:
+            return
+        for stream, waiting in list(self._aside.items()):
+            for key in [key for key in waiting if key in gone]:
+                del waiting[key]
+            if not waiting:
+                del self._aside[stream]
 
     def take_over(self, previous: Sink[LokiOptions]) -> None:
         """Each stream's newest accepted time carries over, so entries Loki would refuse as too far
@@ -1818,8 +1836,9 @@ class LokiSink(Sink[LokiOptions]):
     def stream_hold(self) -> float:
         """Seconds an entry set aside (``defer``) keeps its stream's much newer entries back after the
         sink last answered it: the longest the engine waits before offering it again (300 s by
-        default). So an entry the engine gave up (retry_max_attempts) holds its stream back this long
-        at most, and the Retry-After it was answered with, capped there as the engine caps it."""
+        default). So an entry the engine gave up (retry_max_attempts) unheard (``given_up`` not
+        called) holds its stream back this long at most, and the Retry-After it was answered with,
+        capped there as the engine caps it."""
         return self.context.retry_wait_max
 
     async def send(self, batch: Sequence[Occurrence]) -> Sequence[Outcome] | None:
@@ -1987,8 +2006,8 @@ class LokiSink(Sink[LokiOptions]):
         ahead of the ones waiting, which Loki then refuses (and the sink predicts late and
         dead-letters). So an entry over half max_behind newer than the oldest entry of its stream
         waiting aside (not in this batch) waits aside too, held (no attempt, nothing was sent), and
-        comes back after _HOLD_AGAIN seconds. A record ends when its entry is answered otherwise, or
-        ``stream_hold`` after its last answer (the engine gave it up)."""
+        comes back after _HOLD_AGAIN seconds. A record ends when its entry is answered otherwise or
+        given up (``given_up``), or else ``stream_hold`` after its last answer."""
         now = time.monotonic_ns()
         for stream, waiting in list(self._aside.items()):
             for key in [key for key, (_, until) in waiting.items() if until < now]:

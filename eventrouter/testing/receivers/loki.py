@@ -775,6 +775,12 @@ class LokiReceiver:
         for _ in range(count):
             self._faults.append(_Fault(status, message or default, ra, store, echo, page))
 
+    def clear_faults(self) -> int:
+        """Drop the answers ``fail_next`` queued and no push took yet; how many were dropped."""
+        dropped = len(self._faults)
+        self._faults.clear()
+        return dropped
+
     def unreadable_next(self, n: int, how: Unreadable, *, ready: bool = False) -> None:
         """The next ``n`` answers to pushes (``ready``: to ``/ready``), whatever they say, sent with a
         body the client cannot read (``answer_unreadable``)."""
