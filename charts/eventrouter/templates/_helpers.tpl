@@ -469,19 +469,23 @@ number}]: a flag's value is text, in which the router reads a + as a space. */}}
 {{- $wrong = include "eventrouter.numberWrong" (list (replace "+" " " $value) $rule) -}}
 {{- end -}}
 {{- if $wrong -}}
-{{- fail (printf "%s (%s): option %q %s, must be %s; the router would refuse it at start (exit 2)" (index . 0) (index . 1) (index . 2) (include "eventrouter.shownValue" $value) $wrong) -}}
+{{- fail (printf "%s (%s): option %q %s, must be %s; the router would refuse it at start (exit 2)" (index . 0) (index . 1) (index . 2) (include "eventrouter.shownValue" (list (index . 2) $value (hasKey $rule "number"))) $wrong) -}}
 {{- end -}}
 {{- end -}}
 
-{{/* How a refused value is shown: whole when it holds only a number's or a name's characters and
-spaces, 32 at most (a typo: `5s`, `Warnin`), else not at all, as the router shows none.
+{{/* [key, value, number?]: how a refused value is shown. Whole only when it holds a number's or a
+name's characters and spaces, 32 at most for a number option (a typo: `5s`), 12 for another (`Warnin`),
+and the option is no credential's neighbour (a key naming a token, secret, password, signature, key,
+auth or credential: `signature=<the HMAC key>`); else not at all, as the router shows none.
 `?batch_max_events=5;password=S` (`;` as the old query separator, on which Python no longer splits) is
 one value `5;password=S` to the router, and the refusal printed it, password and all. */}}
 {{- define "eventrouter.shownValue" -}}
-{{- $value := toString . -}}
-{{- if regexMatch `^[A-Za-z0-9_.+\t -]{0,32}$` $value -}}is {{ printf "%q" $value }}
+{{- $key := toString (index . 0) -}}
+{{- $value := toString (index . 1) -}}
+{{- $most := ternary 32 12 (index . 2) -}}
+{{- if and (not (regexMatch `(?i)token|secret|passw|sign|key|auth|credential` $key)) (regexMatch (printf `^[A-Za-z0-9_.+\t -]{0,%d}$` $most) $value) -}}is {{ printf "%q" $value }}
 {{- else -}}
-has a value not shown (it holds more than a number's or a name's characters, and may hold a credential{{ if regexMatch `;[^=&]*=` $value }}; a ';' is no query separator to the router: use '&'{{ end }})
+has a value not shown (it may hold a credential: shown only when short, of a number's or a name's characters, and of an option that is no credential's{{ if regexMatch `;[^=&]*=` $value }}; a ';' is no query separator to the router: use '&'{{ end }})
 {{- end -}}
 {{- end -}}
 
@@ -609,6 +613,12 @@ through to here (see checkKeys). */}}
 {{- $where := printf "credentials.env[%d]" $i -}}
 {{- include "eventrouter.checkKeys" (list $where $env $name "name or key") -}}
 {{- if and (kindIs "map" $env) (kindIs "string" $env.name) (not (regexMatch `^[A-Za-z_][A-Za-z0-9_]*$` $env.name)) -}}
+{{- /* `name: LOKI_PASSWORD=S3cret`: shownKey's "did you mean LOKI_PASSWORD=…?" suggested the spelling
+       refused here. */ -}}
+{{- if regexMatch `^[A-Za-z_][A-Za-z0-9_]*=` $env.name -}}
+{{- $head := regexReplaceAll `(?s)=.*$` $env.name "" -}}
+{{- fail (printf "%s: name %q (the rest not shown: did you mean name: %s? An item's name holds only the variable's name; the value goes in credentials.values, under the Secret key its key: names)" $where (print $head "=…") $head) -}}
+{{- end -}}
 {{- fail (printf "%s: name %s is no environment variable's name (letters, digits and '_', not first a digit); the variable's value comes from the Secret's key" $where (include "eventrouter.shownKey" $env.name)) -}}
 {{- end -}}
 {{- end -}}
@@ -722,8 +732,14 @@ through to here (see checkKeys). */}}
 {{- end -}}
 {{- $types := keys $oneValue -}}
 {{- range $i, $sink := ($v.config.sinks | default list) -}}
-{{- $where := printf "config.sinks[%d] (%s)" $i (toString (default $sink.type $sink.name)) -}}
 {{- $type := toString $sink.type -}}
+{{- /* Before anything names the sink: a flag ported whole (`type: loki:http://u:S3cret@l:3100`) was
+       printed by every refusal of it, and `Loki:S3cret` rendered (a plugin's type) and the router
+       printed it at start. Checked as a flag's type is, and not quoted. */ -}}
+{{- if not (regexMatch `^[A-Za-z0-9_.-]+$` $type) -}}
+{{- fail (printf "config.sinks[%d]: option \"type\" is no sink type (letters, digits, '_', '.', '-'; a flag's URL and options go in url: and the sink's options); not shown, as it may hold a credential" $i) -}}
+{{- end -}}
+{{- $where := printf "config.sinks[%d] (%s)" $i (toString (default $type $sink.name)) -}}
 {{- include "eventrouter.checkTypeCase" (list $where $type $types) -}}
 {{- range $key, $value := $sink -}}
 {{- /* Before anything names the key. The schema lets a key that is no option's name through (its
@@ -743,7 +759,7 @@ through to here (see checkKeys). */}}
 {{- if and (kindIs "slice" $value) (eq (len $value) 1) -}}{{- $item = index $value 0 -}}{{- end -}}
 {{- if and (hasKey $rule "number") (kindIs "string" $item) -}}
 {{- with include "eventrouter.numberWrong" (list $item $rule) -}}
-{{- fail (printf "%s: option %q %s, must be %s; the router would refuse it at start (exit 2)" $where $key (include "eventrouter.shownValue" $item) .) -}}
+{{- fail (printf "%s: option %q %s, must be %s; the router would refuse it at start (exit 2)" $where $key (include "eventrouter.shownValue" (list $key $item true)) .) -}}
 {{- end -}}
 {{- end -}}
 {{- $texts := list $value -}}

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from email.utils import formatdate
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -769,6 +769,36 @@ async def test_acknowledgement_turned_off_after_hec_received_the_events_counts_t
     assert any("ACK is disabled" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
 
+async def test_acknowledgement_turned_off_with_events_waiting_on_two_channels_is_checked_and_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Events wait on two channels (an answer was lost in between) when the token's acknowledgement is
+    turned off. Each channel's "ACK is disabled" sent one more empty POST and logged the same WARNING
+    (r308 F2); learnt on the first, the others' events are confirmed without asking."""
+    caplog.set_level(logging.WARNING, LOG.name)
+    r0, r1, r2, r3 = (make_occurrence(reason=f"R{i}") for i in range(4))
+    async with (
+        FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}, hold_acks=True) as hec,
+        hec_sink({"send_timeout": 3}, url=hec.url, timeout=0.5, ack_timeout=30) as sink,
+    ):
+        for occ in (r0, r1):  # ackIds 0, 1 of the first channel
+            held = await sink.send([occ])
+            assert held is not None and held[0].held, held
+        hec.lose_answers(1)  # R2's: a new channel (R0, ackId 0 there, is to be sent again)
+        lost = await sink.send([r2])
+        assert lost is not None and lost[0].kind is OutcomeKind.RETRY, lost
+        held = await sink.send([r3])
+        assert held is not None and held[0].held, held
+        assert len(hec.channels) == 2
+        hec.ack_tokens.clear()
+        asked_from = len(hec.statuses)
+        answered = await sink.send([r1, r3])
+    assert answered is not None and all(o is OK for o in answered), answered
+    assert hec.statuses[asked_from:] == [400], hec.statuses  # one empty POST: "No data"
+    said = [r.getMessage() for r in caplog.records if "turned off" in r.getMessage()]
+    assert len(said) == 1, said
+
+
 # ---- item 288: an acknowledgement route that confirms nothing; the engine's memory for waiting events --
 
 
@@ -1327,16 +1357,31 @@ async def test_the_fake_gives_the_events_before_a_refused_one_an_ackid_as_splunk
     assert [e["event"] for e in hec.events] == [{"reason": "A"}, "c"]
 
 
-@pytest.mark.parametrize("how", [None, *HOWS])
+def _front_template(body: dict[str, Any]) -> dict[str, Any]:
+    """A front (API gateway, WAF) answering its own 400 body in place of HEC's."""
+    return {"message": "Bad Request"}
+
+
+def _ackid_unstated(body: dict[str, Any]) -> dict[str, Any]:
+    """A HEC whose 400 names the refused event but not the ackId it took those before it under."""
+    return {k: v for k, v in body.items() if k != "ackId"}
+
+
+_REWORDS = {"front": _front_template, "unstated": _ackid_unstated}
+
+
+@pytest.mark.parametrize("how", [None, *HOWS, *_REWORDS])
 async def test_a_refusal_carrying_an_ackid_after_a_hec_restart_never_confirms_a_waiting_request_by_another(
-    how: Unreadable | None,
+    how: str | None,
 ) -> None:
     """R0 waits under ackId 0; HEC restarts (R0 lost, the channel numbered from 0) and refuses BAD in
     [P0, BAD], taking P0 under ackId 0, which its 400 says. The sink never read it: its next request got
     ackId 1, above the last, so no renumbering was seen, and asked about ackId 0, HEC confirmed P0's
     prefix: R0 answered OK, lost silently (r305 F1); the same with the 400 unreadable (one by one).
     Now a readable 400's ackId counts in the channel's numbering and P0 waits for it (indexed once);
-    an unreadable one is a lost answer (a new channel). R0 is sent again: OK only once indexed."""
+    an unreadable one is a lost answer (a new channel). R0 is sent again: OK only once indexed. So is
+    any 400 whose ackId cannot be read: a front's readable body naming no event ("front"), or one
+    naming event 1 without the ackId ("unstated"): R0 was answered OK, never indexed (r308 F1/F1b)."""
     r0, p0, bad = (make_occurrence(reason=r) for r in ("R0", "P0", "BAD"))
     final: dict[str, Any] = {}
     async with (
@@ -1349,8 +1394,10 @@ async def test_a_refusal_carrying_an_ackid_after_a_hec_restart_never_confirms_a_
         assert held is not None and held[0].held, held
         hec.restart()
         hec.hold_acks = False
-        if how is not None:
-            hec.unreadable_next(1, how, status=400)
+        if how in _REWORDS:
+            hec.reword_next(1, _REWORDS[how])
+        elif how is not None:
+            hec.unreadable_next(1, cast(Unreadable, how), status=400)
         todo = [p0, bad]
         for _ in range(5):  # as the engine does: what is retried is offered again, with R0 set aside
             answered = await sink.send(todo)

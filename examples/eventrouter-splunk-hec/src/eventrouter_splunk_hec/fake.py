@@ -60,9 +60,12 @@ closes), ``"cut"`` (the head, then the connection dropped) or ``"gzip"`` (a plai
 ``Content-Encoding: gzip``), as a proxy or gateway in front of HEC may (``answer_unreadable`` of
 ``eventrouter.testing``), ``status=``: only answers of that status, the others passing untouched and
 uncounted (a front that garbles its error pages); ``late_next(n, after)`` (``ack=`` likewise) sends
-their body ``after`` seconds after their head, the connection kept; ``restart_after(n)`` calls
-``restart()`` once the next ``n`` requests with an ackId are answered; ``lose_answers(n)``: the next ``n`` event requests HEC takes are
-stored (and numbered) as usual, and the connection is closed instead of answering, as when the answer
+their body ``after`` seconds after their head, the connection kept; ``reword_next(n, rewrite)``
+gives the next ``n`` 400s to event requests (HEC's own, after it stored what it takes) the body
+``rewrite(body)`` instead: a front's error template (``{"message": "Bad Request"}``), or HEC's answer
+without a field; ``restart_after(n)`` calls ``restart()`` once the next ``n`` requests with an ackId
+are answered; ``lose_answers(n)``: the next ``n`` event requests HEC takes are stored (and numbered) as
+usual, and the connection is closed instead of answering, as when the answer
 of a loaded HEC comes after the client's timeout, or a proxy resets it; ``delay`` (seconds) holds every
 event request that long first, as a loaded indexer does.
 """
@@ -197,6 +200,7 @@ class FakeHEC:
         """The status of every answered event request, in order."""
         self._faults: deque[_Fault] = deque()
         self._shapes: dict[str, deque[_Shape]] = {"event": deque(), "ack": deque()}
+        self._rewords: deque[Callable[[dict[str, Any]], dict[str, Any]]] = deque()
         self._release = asyncio.Event()  # a stalled answer ends at the fake's close
         self.pages: list[FrontPage] = []
         """The front pages answered (``fail_next(page=)``), with how much of each the client took."""
@@ -231,6 +235,11 @@ class FakeHEC:
         they say (``status``: only those of that status), sent with a body the client cannot read
         (``answer_unreadable``)."""
         self._shapes["ack" if ack else "event"].extend([_Shape(how, status)] * n)
+
+    def reword_next(self, n: int, rewrite: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        """The next ``n`` 400s to event requests answered with ``rewrite(body)`` instead of ``body``, as
+        a front with its own error bodies (or a HEC version stating less) would."""
+        self._rewords.extend([rewrite] * n)
 
     def late_next(self, n: int, after: float, *, ack: bool = False) -> None:
         """The next ``n`` answers to event requests (``ack``: to acknowledgement queries) sent with
@@ -312,6 +321,8 @@ class FakeHEC:
         self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
     ) -> web.Response:
         self.statuses.append(status)
+        if status == 400 and self._rewords:
+            body = self._rewords.popleft()(body)
         async with self._changed:
             self._changed.notify_all()
         return web.json_response(body, status=status, headers=headers)

@@ -56,10 +56,11 @@ Outcomes (what Splunk answers → what the engine does):
   all is "cannot reach". A 2xx's (its ackId) and a 400's (the event refused) decide and get the
   request's timeout, others 2 s (a 2xx's too while acknowledgement is off: it holds no ackId). A
   400's lost with acknowledgement on (or not known) may have held an ackId: as a lost answer, the
-  sink goes on on a new channel. A 2xx whose body is lost: with the token's indexer acknowledgement
-  off (``start`` asks) it is HEC's whole answer, OK (WARNING once until one is read again); on (or
-  not known), sent again, saying it may be indexed twice (its ackId unknown: as a lost answer, the
-  sink goes on on a new channel; ERROR at the second in a row). A 400 on several events: they are
+  sink goes on on a new channel; so does one read without an ackId that may have taken events (one
+  naming none on several, a front's; one naming event n > 0). A 2xx whose body is lost: with the
+  token's indexer acknowledgement off (``start`` asks) it is HEC's whole answer, OK (WARNING once
+  until one is read again); on (or not known), sent again, saying it may be indexed twice (its ackId
+  unknown: as a lost answer, the sink goes on on a new channel; ERROR at the second in a row). A 400 on several events: they are
   sent again one per request, in order, until HEC takes or refuses each (the refused one rejected
   alone; also in later sends), WARNING once a send: Splunk indexed those before the refused one, so
   each is indexed twice at most. A 413 halves as ever, a 429/5xx keeps its Retry-After.
@@ -890,8 +891,12 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         for post in posts:
             if not post.done:
                 asked.setdefault(post.channel, {})[post.ack_id] = post
-        problem = None
+        problem, off = None, self._ack_off
         for channel, ids in asked.items():
+            if self._ack_off and not off:  # turned off, learnt on another channel: said once (r308 F2)
+                for post in ids.values():
+                    self._pending.confirm(post)
+                continue
             problem = await self._ask(channel, ids, end) or problem
         return problem
 
@@ -1067,12 +1072,25 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             else:
                 self._receipt_unread(items, status, body.unreadable, outcomes)
             return None, None
-        if status == 400 and body.unreadable is not None and not self._receipt_is_final:
-            # With acknowledgement on, a refusal may carry the ackId under which HEC took the events
-            # before the one it refused (kafka-connect-splunk #200): unknown, as for a lost answer.
+        ack_id = _ack_id(body.data) if body.unreadable is None else None
+        if status == 400 and ack_id is None and self._may_have_taken(len(items), body):
             self._answer_lost()
         again = self._refused(items, keys, bodies, len(payload), status, body, wait, outcomes)
-        return again, _ack_id(body.data) if body.unreadable is None else None
+        return again, ack_id
+
+    def _may_have_taken(self, count: int, body: Excerpt) -> bool:
+        """A 400 to a request of ``count`` events whose ackId the sink could not read: with
+        acknowledgement on (or not known) HEC may have taken the events before the one it refused under
+        an ackId (kafka-connect-splunk #200) the sink never saw, as for a lost answer. So may a 400
+        unreadable, one naming no event (a front's own body in place of HEC's), or one naming event
+        n > 0 without the ackId (r308 F1/F1b). Not one saying nothing was taken: the channel's (code
+        10/11: it did not reach HEC), the first event named, or a request of one event."""
+        if self._receipt_is_final:
+            return False
+        if body.unreadable is not None:
+            return True  # item 308: whatever the request
+        _, code, bad = _answer(body.data)
+        return count > 1 and code not in _CHANNEL_CODES and bad != 0
 
     def _refused(
         self,
