@@ -29,7 +29,7 @@ from eventrouter.engine.deadletter import DeadLetter
 from eventrouter.engine.pipeline import Pipeline, _numbers_rising
 from eventrouter.engine.spool import Spool
 from eventrouter.metrics import Metrics
-from eventrouter.options import PipelineOptions
+from eventrouter.options import QUEUE_DEFAULT_SPOOLED, PipelineOptions
 from eventrouter.record import Occurrence
 from eventrouter.sink import OK, Outcome, SinkContext, retry
 from eventrouter.source.watcher import WatchSettings
@@ -88,11 +88,11 @@ def _append_each(spool: Spool, left: list[Occurrence], owed: set[Key]) -> int:
     return kept
 
 
-def _delivered_after_the_restart(directory: Path) -> list[Key]:
-    """Read the spool as a restart does, the checkpoint skipping copies (at or below what was
-    delivered of the event) unless owed."""
+def _delivered_after_the_restart(directory: Path, done: dict[str, int] | None = None) -> list[Key]:
+    """Read the spool as a restart does, the checkpoint (``done``, what was delivered of each event)
+    skipping copies (at or below it) unless owed."""
     again = Spool(directory, max_bytes=64 * 1024 * 1024)
-    newest: dict[str, int] = {}
+    newest: dict[str, int] = {} if done is None else done
     delivered: list[Key] = []
     for occ in again.pop(1000):
         key = (occ.uid, occ.number)
@@ -372,3 +372,70 @@ async def test_a_router_stopped_on_a_nearly_full_disk_delivers_an_older_occurren
             await until(lambda: again.ready()[0])
             second = _sink(again)
             await until(lambda: ("X", 2) in second.keys, timeout=10)
+
+
+def test_an_owed_leftover_whose_own_append_fails_first_keeps_its_event_unrecorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """X/1 (8 KB) spooled, committed, read back (the batch in flight); X/2 accepted meanwhile, so
+    the stop owes X/1. Its append is the first write to fail: X/1 stays where it was spooled,
+    unmarked, so X must be in ``owed_unmarked`` (``settle_at_stop`` does not record X at 2) and the
+    restart delivers X/1. Before: ``owed_unmarked`` stayed empty, X was recorded at 2 and X/1 was
+    skipped as a copy, though the stop counted it kept."""
+    directory = tmp_path / "spool"
+    spool = Spool(directory, max_bytes=64 * 1024 * 1024)
+    spool.append(_occ("X", 1, 8000))
+    spool.commit()
+    in_flight = spool.pop(10)
+    assert _keys(in_flight) == [("X", 1)]
+    full = _small_writes_only(monkeypatch, directory)
+    full[0] = True
+    owed = {("X", 1)}  # owed_at_stop: accepted(X) = 0 < 1 < done(X) = 2
+    assert spool.extend(in_flight, owed) == []  # kept: left in place, nothing raised
+    assert spool.owed_unmarked == {"X"}
+    done = {uid: n for uid, n in {"X": 2}.items() if uid not in spool.owed_unmarked}  # settle_at_stop
+    spool.commit()  # as the stop does last
+    spool.close()
+    full[0] = False
+    assert _delivered_after_the_restart(directory, done) == [("X", 1)]
+
+
+async def test_a_router_stopped_on_a_nearly_full_disk_delivers_an_owed_occurrence_left_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The router's own stop. X/1 (8 KB) and X/2 were spilled behind a full queue, then read back
+    in one batch; the sink refuses X/1 (retried in a minute) and takes X/2; the disk takes only
+    small writes from then on. The stop's append of X/1 fails first: X/1 stays where it was
+    spooled, and the checkpoint does not record X past it, so the restart (the API server holds
+    only X/2 now) delivers X/1. Before: X was recorded at 2 and X/1 skipped as a copy, while the
+    stop counted nothing given up."""
+    full = _small_writes_only(monkeypatch, tmp_path / "data")
+    async with FakeApiServer(token="t", watch_cache=False) as api:
+        router = _router(api, tmp_path, queue_max_events=4, batch_max_events=8)
+        async with router.running():
+            await until(lambda: router.ready()[0])
+            sink = _sink(router)
+            sink.blocked = asyncio.Event()  # the first batch waits: what follows fills the queue
+            sink.decide = lambda occ: (
+                retry("refused", retry_after=60) if (occ.uid, occ.number) == ("X", 1) else OK
+            )
+            api.create_event(event_object(object_name="e-0"))
+            p = router.pipelines[0]
+            assert p.spool is not None
+            spool = p.spool
+            await until(lambda: len(p._in_flight) == 1)
+            for i in range(1, 5):
+                api.create_event(event_object(object_name=f"e-{i}"))
+            await until(lambda: len(p._queue) == 4)
+            api.create_event(event_object(name="x", uid="X", object_name="x", count=1, message="m" * 8000))
+            api.update_event("default", "x", lambda obj: obj.update(count=2, message="small"))
+            await until(lambda: len(spool) == 2)  # spilled
+            full[0] = True
+            sink.blocked.set()
+            await until(lambda: ("X", 2) in sink.keys and len(sink.received) == 6 and not len(spool))
+        assert router.metrics.dropped.labels("mem", "spool_error")._value.get() == 0
+        full[0] = False
+        again = _router(api, tmp_path, batch_max_events=1, queue_max_events=QUEUE_DEFAULT_SPOOLED)
+        async with again.running():
+            await until(lambda: again.ready()[0])
+            await until(lambda: ("X", 1) in _sink(again).keys, timeout=10)
