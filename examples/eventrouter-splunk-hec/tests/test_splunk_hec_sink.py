@@ -1040,7 +1040,7 @@ async def test_a_batch_answered_413_with_an_unreadable_body_is_halved(hec: FakeH
     assert sorted(e["event"]["reason"] for e in hec.events) == [f"R{i}" for i in range(4)]
 
 
-@pytest.mark.parametrize("status", [429, 503])
+@pytest.mark.parametrize("status", [429])
 @pytest.mark.parametrize("how", HOWS)
 async def test_retry_after_is_honoured_and_the_channel_kept_when_the_body_cannot_be_read(
     status: int, how: Unreadable
@@ -1048,7 +1048,8 @@ async def test_retry_after_is_honoured_and_the_channel_kept_when_the_body_cannot
     """A busy answer whose body cannot be read keeps its Retry-After, and, a status having come, is no
     lost answer: the channel is kept and the request waiting with ackId 0 is not posted again. Before,
     "cannot reach": Retry-After lost, the sink moved to a new channel and R0 was indexed twice. A
-    stalled body only quoted is waited for 2 s."""
+    stalled body only quoted is waited for 2 s. (A 5xx whose body cannot be read may be a front's after
+    HEC took the request: a lost answer since session 36, tests/test_front_s36.py.)"""
     r0, r1 = make_occurrence(reason="R0"), make_occurrence(reason="R1")
     async with (
         FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}, hold_acks=True) as hec,

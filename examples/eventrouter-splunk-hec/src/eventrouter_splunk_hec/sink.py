@@ -49,7 +49,10 @@ Outcomes (what Splunk answers → what the engine does):
   rejected.
 * 401/403 (token missing, invalid or disabled), 408, 429, 5xx (503 "Server is busy"), 400 code 10/11
   (the channel missing or invalid: a proxy drops the header), connection errors and timeouts →
-  retried, honouring ``Retry-After``.
+  retried, honouring ``Retry-After``. A 5xx or 408 that is not HEC's own JSON answer (a front's: a
+  gateway's 502 when HEC's answer was cut off, its 504 when HEC answered later than it waits) may
+  follow a request HEC took: with indexer acknowledgement on (or not known), as a lost answer, the
+  sink goes on on a new channel; HEC's own (503 code 9) keeps it.
 * any other answer → rejected with the status and a short excerpt.
 * An answer's body is read to 64 KiB at most (``excerpt``). One that cannot be read (it stalls after
   the head, is cut off, or is labelled gzip and is not) is judged by its status: only no status at
@@ -63,7 +66,8 @@ Outcomes (what Splunk answers → what the engine does):
   unknown: as a lost answer, the sink goes on on a new channel; ERROR at the second in a row). A 400 on several events: they are
   sent again one per request, in order, until HEC takes or refuses each (the refused one rejected
   alone; also in later sends), WARNING once a send: Splunk indexed those before the refused one, so
-  each is indexed twice at most. A 413 halves as ever, a 429/5xx keeps its Retry-After.
+  each is indexed twice at most. A 413 halves as ever, a 429/5xx keeps its Retry-After (a 5xx's, as
+  a front's, is a lost answer with acknowledgement on or not known).
 
 A batch sent in several requests keeps within the engine's ``send_budget``: no request starts that
 could end after it (less the acknowledgement's share, once HEC answered an ackId). Cut off at
@@ -1073,7 +1077,9 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                 self._receipt_unread(items, status, body.unreadable, outcomes)
             return None, None
         ack_id = _ack_id(body.data) if body.unreadable is None else None
-        if status == 400 and ack_id is None and self._may_have_taken(len(items), body):
+        if ack_id is None and (
+            (status == 400 and self._may_have_taken(len(items), body)) or self._front_answered(status, body)
+        ):
             self._answer_lost()
         again = self._refused(items, keys, bodies, len(payload), status, body, wait, outcomes)
         return again, ack_id
@@ -1091,6 +1097,17 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             return True  # item 308: whatever the request
         _, code, bad = _answer(body.data)
         return count > 1 and code not in _CHANNEL_CODES and bad != 0
+
+    def _front_answered(self, status: int, body: Excerpt) -> bool:
+        """A 5xx or 408 that is not HEC's own answer (JSON with its ``text`` and ``code``): a front's (a
+        gateway's HTML, an empty or unreadable body, a gateway's own JSON). Behind nginx, an ALB or an
+        API gateway that is a 502 when HEC's answer was cut off, a 504 when it came later than the
+        front waits: HEC may have taken the request under an ackId the sink never saw, as for a lost
+        answer (session 36). HEC's own keeps the channel (item 298): 503 code 9, busy, is given before
+        it takes anything; so, unchecked, is taken 500 code 8."""
+        if self._receipt_is_final or not (status >= 500 or status == 408):
+            return False
+        return body.unreadable is not None or not _hec_said(body.data)
 
     def _refused(
         self,
@@ -1220,6 +1237,16 @@ def _what(status: int, body: Excerpt) -> tuple[str, int | None, int | None]:
         return f"HEC {status} (its body unreadable: {body.unreadable})", None, None
     text, code, bad = _answer(body.data)
     return f"HEC {status}: {text}" + (f" (code {code})" if code is not None else ""), code, bad
+
+
+def _hec_said(body: bytes) -> bool:
+    """``body`` is HEC's own JSON answer: an object with its ``text`` and an integer ``code``."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    code = doc.get("code") if isinstance(doc, dict) else None
+    return isinstance(doc, dict) and isinstance(doc.get("text"), str) and type(code) is int
 
 
 def _ack_id(body: bytes) -> int | None:
