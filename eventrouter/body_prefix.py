@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import encodings.aliases
+import re
 from typing import NamedTuple
 
 import aiohttp
@@ -88,19 +90,89 @@ async def excerpt(resp: aiohttp.ClientResponse, limit: int, wait: float | None) 
 
 def answer_text(data: bytes, charset: str | None) -> str:
     """``data`` (an answer's body, or its start) as text in the answer's ``charset`` (its
-    Content-Type's, None: UTF-8), never raising: undecodable bytes are replaced, and a charset that
-    is no text encoding is read as UTF-8. The charset is the peer's to choose, and Python's codecs
-    include bytes-to-bytes ones (base64, hex, rot13, zlib) and text ones that cannot decode with
-    ``errors="replace"`` (idna, punycode, undefined): "charset=base64" raised LookupError out of a
-    sink's ``send`` and ``start``, the answer's status and Retry-After thrown away (a final 400
-    retried for ever as a sink bug, a 413 never halved)."""
-    if charset:
+    Content-Type's, None: UTF-8), never raising: undecodable bytes are replaced. The charset is the
+    peer's to choose, so only one of ``_CHARSETS`` is honoured, found by its normalised name
+    (``_charset``); any other is read as UTF-8, as an unlabelled body. Python's codecs include
+    bytes-to-bytes ones ("charset=base64" raised LookupError out of a sink's ``send`` and ``start``,
+    item 301), punycode, whose decode is quadratic (a 128 KiB answer blocked the event loop 7.8 s),
+    and ``codecs.lookup`` keeps every unknown name it is asked for the life of the process (a label
+    varying per answer grew the router without bound). Whatever is honoured, a run of printable ASCII
+    bytes (an echoed credential) comes out as itself, so the sinks' scrub, which looks at the text,
+    finds it: under utf-7, utf-16-le or cp037 it did not, and the reason quoted it re-encodable."""
+    codec = _charset(charset) if charset else None
+    if codec in _WIDE and _ASCII_PAIR.search(data):
+        # Two printable ASCII bytes side by side: not the ASCII text UTF-16/32 writes (a NUL between),
+        # and possibly an echoed credential such a decode would hide.
+        codec = None
+    return data.decode(codec or "utf-8", "replace")
+
+
+_ASCII_COMPATIBLE = (
+    "utf_8",
+    "ascii",
+    "latin_1",
+    *(f"iso8859_{n}" for n in (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16)),
+    *(f"cp{n}" for n in range(1250, 1259)),
+    "koi8_r",
+    "koi8_u",
+    "cp866",
+    "cp874",
+    "mac_roman",
+    "mac_cyrillic",
+    # Multi-byte ones whose every byte of a character is >= 0xA1 (or 0x8E/0x8F then such bytes): no
+    # ASCII byte is a trail byte. Not Shift_JIS, GBK, GB18030, Big5 or UHC (a trail byte from 0x40
+    # took an echoed credential's first letter), nor ISO-2022-* or HZ (an escape turns ASCII into
+    # double-byte characters).
+    "euc_jp",
+    "euc_kr",
+    "gb2312",
+)
+"""Charsets in which every ASCII byte decodes to itself whatever comes before it."""
+
+_WIDE = frozenset(("utf_16", "utf_16_le", "utf_16_be", "utf_32", "utf_32_le", "utf_32_be"))
+"""Honoured only for a body with no two printable ASCII bytes side by side (``answer_text``)."""
+
+_ASCII_PAIR = re.compile(rb"[\x20-\x7e]{2}")
+
+_LABEL_MAX = 40
+"""Characters of a charset label looked at (the longest name honoured has 21): a longer one is unknown."""
+
+
+def _names() -> dict[str, str]:
+    """Every spelling of the charsets honoured (their ``encodings.aliases`` too), normalised as
+    ``_charset`` does, to the codec's name. Built once: the codec registry is asked only these."""
+    names: dict[str, str] = {}
+    for codec in (*_ASCII_COMPATIBLE, *_WIDE):
         try:
-            if codecs.lookup(charset)._is_text_encoding:  # type: ignore[attr-defined]
-                return data.decode(charset, "replace")
-        except (LookupError, ValueError):  # unknown, NUL in the name, a codec that raises anyway
-            pass
-    return data.decode("utf-8", "replace")
+            codecs.lookup(codec)
+        except LookupError:  # a Python built without it (the CJK codecs are optional)
+            continue
+        spellings = {codec, *(alias for alias, name in encodings.aliases.aliases.items() if name == codec)}
+        for spelling in spellings:
+            names[_normalised(spelling)] = codec
+    return names
+
+
+def _normalised(label: str) -> str:
+    """``label`` lower-cased, each run of characters other than letters, digits and dots one ``_``
+    (``encodings.normalize_encoding``'s form: "UTF-8", "utf_8" and "utf 8" are one name)."""
+    return _PUNCTUATION.sub("_", label.lower()).strip("_")
+
+
+_PUNCTUATION = re.compile(r"[^a-z0-9.]+")
+
+
+def _charset(label: str) -> str | None:
+    """The codec ``label`` (a peer's charset) names among those honoured, None if none: quotes and
+    spaces around it dropped, never handed to the codec registry."""
+    label = label.strip().strip("\"'").strip()
+    if len(label) > _LABEL_MAX:
+        return None
+    name = _normalised(label)
+    return _CHARSETS.get(name) or _CHARSETS.get(name.replace(".", "_"))
+
+
+_CHARSETS = _names()
 
 
 async def _read_into(content: aiohttp.StreamReader, limit: int, parts: list[bytes]) -> None:
