@@ -328,10 +328,24 @@ _SINK_ITEM_NOTE = (
 
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
+# A value the chart's messages may show: short, of a name's characters (the templates' shownValue, for
+# an option that is no number). Helm's error for a pattern quotes the value it refuses, so a pattern
+# applies to such a value only: another (`level: Warning&password=S3cret`, a key pasted there) is left
+# to the templates, which judge it by files/sink-options.json (the same rule) and refuse it unshown.
+_SHOWN_VALUE = "^[A-Za-z0-9_.+\\t -]{0,12}$"
+_UNSHOWN = {"type": "string", "not": {"pattern": _SHOWN_VALUE}}
+
+
+def _unquoting(pattern: str) -> dict[str, Any]:
+    """A rule of ``pattern`` for a text its error may show, none for another: the ``else`` of its ``if``
+    (the templates read it there, for a flag's value too)."""
+    return {"if": _UNSHOWN, "else": {"pattern": pattern}}
+
+
 _VALIDATED_VALUES: dict[str, dict[str, Any]] = {
     # FilterOptions.level is a str its validator checks, ignoring case (no enum in its JSON schema).
     # tests/test_chart_s34.py keeps this equal to what the router takes.
-    "level": {"pattern": "^(?i:normal|warning)$"},
+    "level": _unquoting("^(?i:normal|warning)$"),
 }
 
 
@@ -444,6 +458,8 @@ def _or_one_item_list(rule: dict[str, Any]) -> dict[str, Any]:
 
 def _rule_name(rule: dict[str, Any]) -> str:
     """A definition's name for ``rule`` (``enum-stdout-stderr``), plain enough for a ``$ref``."""
+    if rule.get("if") == _UNSHOWN and set(rule) == {"if", "else"}:
+        return _rule_name(rule["else"]) + "-if-shown"
     shown = dict(rule)
     if isinstance(shown.get("not"), dict):  # a number's boolean it refuses: {"const": false}
         shown["not"] = "-".join(f"{k}-{v}" for k, v in shown["not"].items())

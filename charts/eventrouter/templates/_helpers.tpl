@@ -203,15 +203,19 @@ refused as an option (accessKeyId) too, and both go in the one Secret. */}}
 Name:Value (`?password:S3cret`, a YAML flow `{password:S3cret}`) makes a key *named*
 `password:S3cret`, and Helm's output (CI logs, Argo CD's sync error) printed it whole. Only its part
 before the first `:`, `=` or white space (Python's, the router's) is shown; a key with an @ (a piece
-of a URL's user info), or whose part before the cut is no option's name, not at all. */}}
+of a URL's user info), or whose part before the cut is no option's name, not at all. Given [key,
+pattern], the part before the cut must match the pattern (a Kubernetes key's holds a '/'). */}}
 {{- define "eventrouter.shownKey" -}}
-{{- $key := toString . -}}
+{{- $key := . -}}
+{{- $headPattern := `^[A-Za-z0-9_.-]+$` -}}
+{{- if kindIs "slice" . -}}{{- $key = index . 0 -}}{{- $headPattern = index . 1 -}}{{- end -}}
+{{- $key = toString $key -}}
 {{- $cutAt := `[:=\t-\r\x{1c}-\x{20}\x{85}\p{Z}]` -}}
 {{- if contains "@" $key -}}(a name holding an @, not shown)
 {{- else if not (regexMatch $cutAt $key) -}}{{- printf "%q" $key -}}
 {{- else -}}
 {{- $head := regexReplaceAll (printf `(?s)%s.*$` $cutAt) $key "" -}}
-{{- if regexMatch `^[A-Za-z0-9_.-]+$` $head -}}
+{{- if regexMatch $headPattern $head -}}
 {{- printf "%q (the rest not shown: did you mean %s=…?)" (print $head (regexFind $cutAt $key) "…") $head -}}
 {{- else -}}(a name that is no option's, not shown){{- end -}}
 {{- end -}}
@@ -423,6 +427,7 @@ it). */}}
 {{- $type := trim (index (splitn ":" 2 $flag) "_0") -}}
 {{- $known := get (index . 2) $type -}}
 {{- $oneValue := get (index . 3) $type -}}
+{{- $builtIn := hasKey (index . 3) $type -}}
 {{- $passthrough := has $type (index . 4) -}}
 {{- $given := dict -}}
 {{- if contains "?" $flag -}}
@@ -432,8 +437,9 @@ it). */}}
 {{- /* A key holding a % is the router's to decode (na%6De= is name=), which Helm cannot: a flag's is
        refused before (checkQuery), a config url's left to the router. */ -}}
 {{- if not (contains "%" $key) -}}
-{{- if and $pair $oneValue (regexMatch `[:=\t-\r\x{1c}-\x{20}\x{85}\p{Z}]` $key) -}}
-{{- fail (printf "%s (%s sink): query key %s holds a ':' or white space, as a credential typed name:value does; write name=value (the router would refuse it at start, exit 2)" $where $type (include "eventrouter.shownKey" $key)) -}}
+{{- /* A plugin's too (not in the files): the key rendered into the pod spec or the ConfigMap. */ -}}
+{{- if and $pair (regexMatch `[:=\t-\r\x{1c}-\x{20}\x{85}\p{Z}]` $key) -}}
+{{- fail (printf "%s (%s sink): query key %s holds a ':' or white space, as a credential typed name:value does; write name=value (%s)" $where $type (include "eventrouter.shownKey" $key) (ternary "the router would refuse it at start, exit 2" "it would be rendered into the pod spec or the ConfigMap as written" $builtIn)) -}}
 {{- end -}}
 {{- if and $known $pair (not (hasKey $known $key)) (not $passthrough) -}}
 {{- fail (printf "%s (%s sink): option %s is not one the %s sink takes (its options, the filter and pipeline options: docs/sinks.md, or `eventrouter sinks`); the router would refuse it at start (exit 2)" $where $type (include "eventrouter.shownKey" $key) $type) -}}
@@ -461,16 +467,23 @@ number}]: a flag's value is text, in which the router reads a + as a space. */}}
 {{- $value := index . 3 -}}
 {{- $rule := index . 4 -}}
 {{- $wrong := "" -}}
+{{- $pattern := include "eventrouter.rulePattern" $rule -}}
 {{- if and (hasKey $rule "enum") (not (has $value $rule.enum)) -}}
 {{- $wrong = printf "one of %s" (join ", " (without $rule.enum nil)) -}}
-{{- else if and (hasKey $rule "pattern") (not (regexMatch $rule.pattern $value)) -}}
-{{- $wrong = printf "a value matching %s" $rule.pattern -}}
+{{- else if and $pattern (not (regexMatch $pattern $value)) -}}
+{{- $wrong = printf "a value matching %s" $pattern -}}
 {{- else if hasKey $rule "number" -}}
 {{- $wrong = include "eventrouter.numberWrong" (list (replace "+" " " $value) $rule) -}}
 {{- end -}}
 {{- if $wrong -}}
 {{- fail (printf "%s (%s): option %q %s, must be %s; the router would refuse it at start (exit 2)" (index . 0) (index . 1) (index . 2) (include "eventrouter.shownValue" (list (index . 2) $value (hasKey $rule "number"))) $wrong) -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The pattern of a rule of files/sink-options.json ("" for none): the schema's, which applies it in its
+`else` to a text its error may show only (scripts/gen_docs.py's _unquoting); the templates to any. */}}
+{{- define "eventrouter.rulePattern" -}}
+{{- dig "else" "pattern" (get . "pattern") . -}}
 {{- end -}}
 
 {{/* [key, value, number?]: how a refused value is shown. Whole only when it holds a number's or a
@@ -587,16 +600,59 @@ mount inside it, and the container could not start), nor lie inside the read-onl
 {{- end -}}
 {{- end -}}
 
-{{/* [where, map, what a key must match, what it must be]: a key holding another character. The schema
-lets it through (patternProperties): its errors print a key whole, and a credential typed name:value
-(`{LOKI_PASSWORD:S3cret}`, a YAML flow without a space) is one key holding it. Refused here,
-shown as the router shows an option (shownKey). */}}
+{{/* [where, map, what a key must match, what it must be(, what a shown key's head may be)]: a key
+holding another character. The schema lets it through (patternProperties): its errors print a key
+whole, and a credential typed name:value (`{LOKI_PASSWORD:S3cret}`, a YAML flow without a space) is
+one key holding it. Refused here, shown as the router shows an option (shownKey). */}}
 {{- define "eventrouter.checkKeys" -}}
 {{- $where := index . 0 -}}
+{{- $head := `^[A-Za-z0-9_.-]+$` -}}
+{{- if gt (len .) 4 -}}{{- $head = index . 4 -}}{{- end -}}
 {{- range $key, $_ := (kindIs "map" (index . 1) | ternary (index . 1) dict) -}}
 {{- if not (regexMatch (index $ 2) $key) -}}
-{{- fail (printf "%s: key %s is not %s (in YAML, name: value has a space after the colon)" $where (include "eventrouter.shownKey" $key) (index $ 3)) -}}
+{{- fail (printf "%s: key %s is not %s (in YAML, name: value has a space after the colon)" $where (include "eventrouter.shownKey" (list $key $head)) (index $ 3)) -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* [where, value, pattern, what it must be]: a string value the pattern refuses. The schema applies
+its pattern only to a value its error may show (short, of a name's characters: the values' `if`
+pattern); another may be a credential or a URL holding one pasted there (`leaseName:
+http://admin:S3cret@host`), which Helm's error quoted whole. Refused here, not shown. */}}
+{{- define "eventrouter.checkPattern" -}}
+{{- $value := index . 1 -}}
+{{- if and (kindIs "string" $value) (not (regexMatch (index . 2) $value)) -}}
+{{- fail (printf "%s is not %s; the value is not shown, as it may hold a credential" (index . 0) (index . 3)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The values.schema.json patterns outside config (config.sinks' are judged with the sink's options),
+for the values the schema lets through (see checkPattern). Kept equal to the schema's by a test. */}}
+{{- define "eventrouter.checkPatterns" -}}
+{{- $v := .Values -}}
+{{- $name := `lowercase letters, digits, '-' and '.', first and last a letter or digit` -}}
+{{- $checks := list
+      (list "image.digest" `^(sha256:[a-f0-9]{64})?$` "a digest (sha256: and 64 lowercase hex digits), or empty")
+      (list "credentials.mountPath" `^/` "an absolute path (starting with /)")
+      (list "checkpoint.dataDir" `^/` "an absolute path (starting with /)")
+      (list "checkpoint.configMapName" `^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$` (printf "a ConfigMap's name (%s), or empty for <fullname>-checkpoint" $name))
+      (list "leaderElection.leaseName" `^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$` (printf "a Lease's name (%s), or empty for the release's full name" $name))
+      (list "metrics.serviceMonitor.interval" `^[0-9]+(ms|s|m|h)$` "a duration: digits and ms, s, m or h (30s)")
+      (list "metrics.serviceMonitor.scrapeTimeout" `^[0-9]+(ms|s|m|h)$` "a duration: digits and ms, s, m or h (10s)")
+      (list "podDisruptionBudget.minAvailable" `^[0-9]+%$` "an integer or a percentage (50%)")
+      (list "podDisruptionBudget.maxUnavailable" `^[0-9]+%$` "an integer or a percentage (50%)") -}}
+{{- range $check := $checks -}}
+{{- $at := $v -}}
+{{- range $part := splitList "." (index $check 0) -}}
+{{- if and (kindIs "map" $at) (hasKey $at $part) -}}{{- $at = get $at $part -}}{{- else -}}{{- $at = dict -}}{{- end -}}
+{{- end -}}
+{{- include "eventrouter.checkPattern" (list (index $check 0) $at (index $check 1) (index $check 2)) -}}
+{{- end -}}
+{{- range $i, $ns := ($v.watchNamespaces | default list) -}}
+{{- include "eventrouter.checkPattern" (list (printf "watchNamespaces[%d]" $i) $ns `^[a-z0-9]([-a-z0-9]*[a-z0-9])?$` "a namespace's name (lowercase letters, digits and '-', first and last a letter or digit)") -}}
+{{- end -}}
+{{- range $i, $flag := (include "eventrouter.flags" . | fromJsonArray) -}}
+{{- include "eventrouter.checkPattern" (list (printf "sinks.flags[%d]" $i) $flag `(?s)^(.*:.*|.*[^A-Za-z0-9_.\s-].*|\s*stdout\s*)$` "a sink flag, TYPE:URL?options (of the built-in types only stdout may be given alone; write TYPE: for another's that needs no URL)") -}}
 {{- end -}}
 {{- end -}}
 
@@ -625,10 +681,30 @@ through to here (see checkKeys). */}}
 {{- range $i, $secret := ($v.imagePullSecrets | default list) -}}
 {{- include "eventrouter.checkKeys" (list (printf "imagePullSecrets[%d]" $i) $secret $name "name") -}}
 {{- end -}}
+{{- /* The chart's other objects (`leaderElection: {leaseName:S3cret}`: "additional properties
+       'leaseName:S3cret' not allowed"), and the maps of Kubernetes keys, whose schema error for a
+       value that is no string names the key (`podAnnotations: {vault.hashicorp.com/token:S3cret}`,
+       a YAML flow without a space, is that key with a null value). A Kubernetes key holds letters,
+       digits, '-', '_', '.' and a '/' after its prefix. */ -}}
+{{- $kubeKey := `^[A-Za-z0-9_./-]*$` -}}
+{{- $objects := list "image" "sinks" "checkpoint" "persistence" "leaderElection" "serviceAccount" "rbac" "metrics" "metrics.service" "metrics.serviceMonitor" "podDisruptionBudget" "grafanaDashboard" "resources" "strategy" -}}
+{{- $maps := list "podAnnotations" "podLabels" "nodeSelector" "persistence.annotations" "serviceAccount.annotations" "metrics.service.annotations" "metrics.serviceMonitor.labels" "grafanaDashboard.labels" "grafanaDashboard.annotations" "resources.requests" "resources.limits" -}}
+{{- range $path := concat $objects $maps -}}
+{{- $at := $v -}}
+{{- range $part := splitList "." $path -}}
+{{- if and (kindIs "map" $at) (hasKey $at $part) -}}{{- $at = get $at $part -}}{{- else -}}{{- $at = dict -}}{{- end -}}
+{{- end -}}
+{{- if has $path $objects -}}
+{{- include "eventrouter.checkKeys" (list $path $at $name (printf "one of %s's keys (values.yaml)" $path)) -}}
+{{- else -}}
+{{- include "eventrouter.checkKeys" (list $path $at $kubeKey "a key Kubernetes takes there (letters, digits, '-', '_', '.', and a '/' after a prefix)" `^[A-Za-z0-9_./-]+$`) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "eventrouter.validate" -}}
 {{- include "eventrouter.checkTypedKeys" . -}}
+{{- include "eventrouter.checkPatterns" . -}}
 {{- $v := .Values -}}
 {{- $chartMounts := list (list "the config file" "/etc/eventrouter/config.yaml") (list "the sink flags file" "/etc/eventrouter/sink-flags") (list "the writable /tmp" "/tmp") -}}
 {{- $credentials := ternary (list (list "credentials.mountPath" $v.credentials.mountPath)) (list) (ne (include "eventrouter.credentialsSecretName" .) "") -}}
@@ -743,15 +819,20 @@ through to here (see checkKeys). */}}
 {{- include "eventrouter.checkTypeCase" (list $where $type $types) -}}
 {{- range $key, $value := $sink -}}
 {{- /* Before anything names the key. The schema lets a key that is no option's name through (its
-       additional-properties error printed it whole: `{password:S3cret}`, a YAML flow without a space). */ -}}
-{{- if and (hasKey $oneValue $type) (not (regexMatch `^[A-Za-z0-9_.-]+$` $key)) -}}
+       additional-properties error printed it whole: `{password:S3cret}`, a YAML flow without a space).
+       A plugin's too: its entry is not in the schema, and the key rendered into the ConfigMap. */ -}}
+{{- if not (regexMatch `^[A-Za-z0-9_.-]+$` $key) -}}
+{{- if hasKey $oneValue $type -}}
 {{- fail (printf "%s: option %s is not one the %s sink takes (in YAML, name: value has a space after the colon); the router would refuse it at start (exit 2)" $where (include "eventrouter.shownKey" $key) $type) -}}
+{{- end -}}
+{{- fail (printf "%s: option %s is no option's name (letters, digits, '_', '.', '-'; in YAML, name: value has a space after the colon); it would be rendered into the ConfigMap as written" $where (include "eventrouter.shownKey" $key)) -}}
 {{- end -}}
 {{- include "eventrouter.checkSecretValue" (list $where $key $value $names) -}}
 {{- /* A number written as text ("5s", "", "1e3" for an integer), or out of its bounds ("0"): the
        schema judges a YAML number, the text is judged here as in a flag (without its + for a space). */ -}}
 {{- /* The router takes the options in a url's query as a flag's: judged as one. */ -}}
-{{- if and (eq $key "url") (kindIs "string" $value) (contains "?" $value) (hasKey $oneValue $type) -}}
+{{- /* A plugin's too: its query keys are its options, as a flag's (a key typed name:value). */ -}}
+{{- if and (eq $key "url") (kindIs "string" $value) (contains "?" $value) -}}
 {{- include "eventrouter.checkFlagKeys" (list (printf "config.sinks[%d] url" $i) (printf "%s:%s" $type $value) $sinkOptions $oneValue $passthrough) -}}
 {{- end -}}
 {{- $rule := (get $sinkOptions $type | default dict) | dig $key dict -}}
@@ -761,6 +842,12 @@ through to here (see checkKeys). */}}
 {{- with include "eventrouter.numberWrong" (list $item $rule) -}}
 {{- fail (printf "%s: option %q %s, must be %s; the router would refuse it at start (exit 2)" $where $key (include "eventrouter.shownValue" (list $key $item true)) .) -}}
 {{- end -}}
+{{- end -}}
+{{- /* `level`: the schema applies its pattern to a value its error may show only; another
+       (`Warning&password=S3cret`, a key pasted there) is judged here and not shown. */ -}}
+{{- $pattern := include "eventrouter.rulePattern" $rule -}}
+{{- if and $pattern (kindIs "string" $item) (not (regexMatch $pattern $item)) -}}
+{{- fail (printf "%s: option %q %s, must be a value matching %s; the router would refuse it at start (exit 2)" $where $key (include "eventrouter.shownValue" (list $key $item false)) $pattern) -}}
 {{- end -}}
 {{- $texts := list $value -}}
 {{- if kindIs "slice" $value -}}{{- $texts = $value -}}{{- else if kindIs "map" $value -}}{{- $texts = values $value -}}{{- end -}}
