@@ -12,7 +12,7 @@ import itertools
 import logging
 import re
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,14 +161,24 @@ def _given_masked(model: type[BaseModel], given: Mapping[str, Any]) -> Callable[
         forms = given_secrets(model, given)
     except Exception:  # an options model of a plugin's own making we cannot read: show no text
         return lambda text: "its text is not shown, as the sink's secrets cannot be told in it"
+    return _masker(forms)
+
+
+def _masker(forms: Iterable[str]) -> Callable[[str], str]:
+    """What replaces each of ``forms`` in a text by ``****``."""
+    forms = list(forms)
     masked = Scrubber(form for form in forms if len(form) >= MIN_CUT)
-    short = sorted((form for form in forms if len(form) < MIN_CUT), key=len, reverse=True)
+    short = sorted({form for form in forms if len(form) < MIN_CUT}, key=len, reverse=True)
     if not short:
         return masked
     # One of 1-3 characters (`access_token=t`) only as a word of its own: masked wherever it stood,
     # it garbled every other error ("secre**** file '/****mp/…' is emp****y").
     word = re.compile(rf"(?<!\w)(?:{'|'.join(map(re.escape, short))})(?!\w)")
     return lambda text: word.sub("****", masked(text))
+
+
+def _then(first: Callable[[str], str], second: Callable[[str], str]) -> Callable[[str], str]:
+    return lambda text: second(first(text))
 
 
 def _text_of(exc: BaseException, mask: Callable[[str], str]) -> str:
@@ -206,10 +216,11 @@ def parse_sink_flag(
     type_, rest = flag.split(":", 1)
     type_ = type_.strip()
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", type_):
-        raise ConfigError(f"--sink: invalid sink type {type_!r}")
+        raise ConfigError(f"--sink: invalid sink type {_shown_type(type_)}")
     url, _, query = rest.partition("?")
     pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-    _refuse_user_info_cut_at_a_query(rest, [k for k, _ in pairs], f"{where} (sink {name or type_!r})")
+    shown = _shown_quoted(name) if name else repr(type_)
+    _refuse_user_info_cut_at_a_query(rest, [k for k, _ in pairs], f"{where} (sink {shown})")
     entry: dict[str, Any] = {"type": type_, QUERY_KEYS: []}
     # Decoded as kube-eventer's Go ParseQuery does (migrated flags rely on it), `+` included; which
     # keys had one is kept for spec_for_class to refuse it where a space is surely not meant (but
@@ -243,7 +254,7 @@ def parse_sink_flag(
                 else ("the query: the sink's type is what precedes the first ':'")
             )
             raise ConfigError(
-                f"{where} (sink {name or type_!r}): option 'type' is not allowed in {given}; to keep "
+                f"{where} (sink {shown}): option 'type' is not allowed in {given}; to keep "
                 "events of a type, write types=Warning"
             )
         else:
@@ -315,6 +326,8 @@ def _with_url_query(entry: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     url, type_ = entry.get("url"), entry.get("type")
     if not (isinstance(url, str) and "?" in url and isinstance(type_, str)) or QUERY_KEYS in entry:
         return entry
+    if not _OPTION_NAME.fullmatch(type_):
+        return entry  # no type name: build_spec refuses it without quoting it (it may be a flag pasted whole)
     name = entry.get("name")
     parsed = parse_sink_flag(
         f"{type_}:{url}", where=where, name=name if isinstance(name, str) else None, yaml=True
@@ -388,19 +401,177 @@ def _shown_part(part: str) -> str:
     return f"{head}{cut.group(0)}… (the rest not shown)"
 
 
+_URL_START = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#\s,]*)")
+
+_PLAIN_PART = re.compile(r"\d+|[a-z]{1,5}")
+"""What may follow ``name:`` or ``name=`` in a value shown whole: a port (``es2:99999``) or a short
+lower-case placeholder (``k1:port``); anything else there (``password:S3cret``) may be a credential."""
+
+_SAFE_NETLOC = re.compile(rf"(?:\[[0-9A-Za-z:.%]*\]?|[A-Za-z0-9_.~-]*)(?::(?:{_PLAIN_PART.pattern}))?")
+
+_NAME_VALUE = re.compile(r"(?:^|(?<=[\s,;?&'\"(\[{]))[A-Za-z0-9_.-]+\s*[:=]\s*([^\s,;]+)")
+
+_SCHEME_WORD = re.compile(r"(?:^|(?<=[,;]))\s*([A-Za-z][A-Za-z0-9-]*)\s+(\S.*)", re.DOTALL)
+
+_MIXED_RUN = re.compile(r"[A-Za-z0-9+=_-]{16,}")
+_LONG_RUN = re.compile(r"[A-Za-z0-9+=]{32,}")
+
+
+def _token_runs(text: str) -> list[str]:
+    """The runs of ``text`` shaped as a generated token: 16+ characters mixing digits, upper and lower
+    case (an access key, a password), or 32+ letters and digits (a hex or base64 token). A CamelCase
+    kind or a dashed lower-case name is none."""
+
+    def mixed(run: str) -> bool:
+        return (
+            any(c.isdigit() for c in run) and any(c.isupper() for c in run) and any(c.islower() for c in run)
+        )
+
+    def long(run: str) -> bool:
+        return any(c.isdigit() for c in run) and any(c.isalpha() for c in run)
+
+    runs = [m.group(0) for m in _MIXED_RUN.finditer(text) if mixed(m.group(0))]
+    return runs + [m.group(0) for m in _LONG_RUN.finditer(text) if long(m.group(0))]
+
+
+def _credential_shaped(text: str) -> bool:
+    """Whether a value given for an option (or a sink type) may hold a credential, so that messages
+    must not quote it whole: an ``@`` (user info), a URL whose address is no ``host[:port]``, a
+    ``name:value`` or ``name=value`` (a header, a flag pasted whole: ``loki:http://…``) whose value is
+    no port, an authorization scheme followed by more (``Bearer abc``), or a token-shaped run. A
+    typo (``Warnig``, ``kube system``, ``k1:port``), a path or a plain URL is shown as given."""
+    if _REFERENCE.fullmatch(text.strip()) or _HEADER_REFERENCE.fullmatch(text):
+        return False  # env:NAME, file:/path: where a credential is, shown to find it
+    if "@" in text or "%40" in text.lower():
+        return True
+    for found in _URL_START.finditer(text):
+        if not _SAFE_NETLOC.fullmatch(found.group(2)):
+            return True
+    rest = _URL_START.sub(" ", text)
+    if any(not _PLAIN_PART.fullmatch(m.group(1)) for m in _NAME_VALUE.finditer(rest)):
+        return True
+    if any(m.group(1).lower() in _AUTH_SCHEMES for m in _SCHEME_WORD.finditer(text)):
+        return True
+    return bool(_token_runs(text))
+
+
+def _shown_value(text: str) -> str:
+    """A value as messages show it (unquoted): whole unless ``_credential_shaped``; else a URL's
+    scheme, or its part before the first ``:``, ``=`` or white space when that is a name (``loki:…``,
+    ``Bearer …``), else ``****``."""
+    if not _credential_shaped(text):
+        return text
+    url = _URL_START.match(text.strip())
+    if url is not None:
+        return f"{url.group(1)}://…"
+    cut = re.search(r"[:=\s]", text.strip())
+    head = text.strip()[: cut.start()] if cut else ""
+    if cut is None or not _OPTION_NAME.fullmatch(head) or _credential_shaped(head):
+        return "****"
+    return f"{head}{cut.group(0)}…"
+
+
+def _shown_quoted(text: str) -> str:
+    """``repr`` of a value (a sink's name) as ``_shown_value`` shows it."""
+    return repr(_shown_value(text))
+
+
+_TYPE_TEXT = re.compile(r"[A-Za-z0-9_. -]+")
+
+
+def _shown_type(type_: str, plugins: Collection[str] = ()) -> str:
+    """A sink type that is no type name, quoted as messages show it: whole when it holds only name
+    characters and spaces and no credential's shape (``'bad type'``, a typo); else, as
+    ``_shown_option`` shows a name, its part before the first ``:``, ``=`` or white space. A flag
+    pasted whole into a YAML ``type:`` (``loki:http://admin:S3cret@loki:3100``) was printed whole in
+    the pod log, as was a flag's ``Bearer abc.def:…``."""
+    if _TYPE_TEXT.fullmatch(type_) and not _credential_shaped(type_):
+        return repr(type_)
+    cut = re.search(r"[:=\s]", type_.strip())
+    head = type_.strip()[: cut.start()] if cut else ""
+    if cut is None or not _OPTION_NAME.fullmatch(head) or _credential_shaped(head):
+        return "(a type that is no type name, not shown)"
+    if head in plugins and cut.group(0) == ":":
+        hint = f"did you mean type: {head} and url: …?"
+    else:
+        hint = "a sink type is a name such as loki"
+    return f"{head + cut.group(0) + '…'!r} (the rest not shown: {hint})"
+
+
+def _texts_given(value: Any) -> list[str]:
+    """The texts in an option's value as given: itself, a list's items, a mapping's keys and values,
+    and the comma-separated items of each (list options split them, and messages quote one)."""
+    if isinstance(value, str):
+        items = [item.strip() for item in value.split(",")] if "," in value else []
+        return [value, *(item for item in items if item)]
+    if isinstance(value, Mapping):
+        return [t for key, item in value.items() for t in (*_texts_given(key), *_texts_given(item))]
+    if isinstance(value, list | tuple | set | frozenset):
+        return [t for item in value for t in _texts_given(item)]
+    return []
+
+
+def _secret_parts(text: str) -> list[str]:
+    """The parts of a credential-shaped ``text`` a validator may quote without the rest: its user
+    info and password, the words after an authorization scheme, what follows its first ``:``, ``=``
+    or white space, and its token-shaped runs."""
+    parts = list(_token_runs(text))
+    for found in re.finditer(r"([^\s/?#@]*)@", text):
+        info = found.group(1)
+        parts += [info, info.partition(":")[2]]
+    parts += [m.group(2).strip() for m in _SCHEME_WORD.finditer(text) if m.group(1).lower() in _AUTH_SCHEMES]
+    cut = re.search(r"[:=\s]", text.strip())
+    if cut is not None:
+        tail = text.strip()[cut.end() :].strip()
+        # Also up to a / ? # of its own: a URL's validator quotes `admin:S3cret/x` as `'admin:S3cret/…'`.
+        start = re.match(r"[^/?#@\s]*", tail)
+        own = start.group(0) if start is not None and not tail[start.end() :].startswith("//") else ""
+        parts += [tail, own]
+    return [part for part in parts if part]
+
+
+def _values_hidden(given: Mapping[str, Any] | None) -> Callable[[str], str]:
+    """What takes the credential-shaped values of options ``given`` out of an error's text: a value
+    quoted whole is shown as ``_shown_value`` shows it, a part of one (its password, its token) as
+    ``****``. Validators quote what they refuse (``level must be Normal or Warning, not
+    'loki:http://admin:S3cret@…'``, ``unknown time zone …``, ``cannot read '…'``), which reached the
+    pod log whole; a typo is still quoted."""
+    hidden = dict.fromkeys(
+        t for value in (given or {}).values() for t in _texts_given(value) if _credential_shaped(t)
+    )
+    if not hidden:
+        return lambda text: text
+    whole = sorted(hidden, key=len, reverse=True)
+    find = re.compile(
+        "|".join(re.escape(form) for text in whole for form in dict.fromkeys((text, repr(text)[1:-1])))
+    )
+    shown = {form: _shown_value(text) for text in whole for form in (text, repr(text)[1:-1])}
+    parts = _masker([part for text in whole for part in _secret_parts(text)])
+
+    def mask(text: str) -> str:
+        cut = parts(find.sub(lambda m: shown[m.group(0)], text))
+        return text if cut == text else f"{cut} (a value that may hold a credential is not shown whole)"
+
+    return mask
+
+
 def _format_errors(
     where: str,
     exc: ValidationError,
     keys: Mapping[str, Any] | None = None,
     *,
     mask: Callable[[str], str] = str,
+    given: Mapping[str, Any] | None = None,
 ) -> str:
     """``exc``'s errors, one line each naming the option; ``mask`` takes the secrets out of their
-    texts (a validator's ``Value error, …`` may quote any option it reads)."""
+    texts (a validator's ``Value error, …`` may quote any option it reads), and so do the options
+    ``given`` of a credential's shape (``_values_hidden``): pydantic's own texts quote no input, but
+    the validators' do."""
     lines = []
+    hide = _values_hidden(given)
     for err in exc.errors(include_url=False, include_input=False):
         parts = [str(p) for p in err["loc"]]
-        msg = mask(err["msg"])
+        msg = hide(mask(err["msg"]))
         if err["type"] == "extra_forbidden":
             msg = "unknown option"
         if not parts:
@@ -423,7 +594,8 @@ def build_spec(entry: Mapping[str, Any], *, where: str, plugins: Mapping[str, Si
         raise ConfigError(f"{where}: every sink needs a 'type' (installed: {', '.join(sorted(plugins))})")
     plugin = plugins.get(type_)
     if plugin is None:
-        raise ConfigError(f"{where}: unknown sink type {type_!r} (installed: {', '.join(sorted(plugins))})")
+        shown = repr(type_) if _OPTION_NAME.fullmatch(type_) else _shown_type(type_, plugins)
+        raise ConfigError(f"{where}: unknown sink type {shown} (installed: {', '.join(sorted(plugins))})")
     try:
         sink_cls = plugin.load()
     except PluginError as exc:
@@ -471,7 +643,12 @@ def spec_for_class(
     pipe = {k: v for k, v in entry.items() if k in pipeline_keys}
     own = {k: v for k, v in entry.items() if k not in filter_keys and k not in pipeline_keys}
     name = str(pipe.get("name") or type_)
-    where = f"{where} (sink {name!r})"
+    shown = (
+        _shown_quoted(name)
+        if isinstance(pipe.get("name") or type_, str)
+        else "(a name that is no text, not shown)"
+    )
+    where = f"{where} (sink {shown})"
     model = sink_cls.options_model
     known_keys = field_names(model) | COMMON_KEYS
     passthrough = getattr(sink_cls, "url_query_passthrough", False)
@@ -570,7 +747,9 @@ def spec_for_class(
         try:
             validated.append(part_model.model_validate(values, context={QUERY_PLUS_FIELDS: plus_fields}))
         except ValidationError as exc:
-            raise ConfigError(_format_errors(where, exc, mask=_given_masked(model, own))) from None
+            raise ConfigError(
+                _format_errors(where, exc, mask=_given_masked(model, own), given=entry)
+            ) from None
         except BaseException as exc:
             # pydantic turns only a ValueError or AssertionError of a validator into an error: a
             # plugin's TypeError (or an OSError) was a traceback and exit 1, its SystemExit an exit
@@ -581,7 +760,7 @@ def spec_for_class(
             info = part_model.model_fields.get(option)
             # Its text may quote the value: not when the option is a credential.
             secret = info is not None and "SecretStr" in str(info.annotation)
-            text = "" if secret else _text_of(exc, _given_masked(model, own))
+            text = "" if secret else _text_of(exc, _then(_given_masked(model, own), _values_hidden(entry)))
             raise ConfigError(
                 f"{where}: option {option!r}: cannot be validated ({type(exc).__name__}"
                 + (f": {text}" if text else "")
@@ -593,7 +772,7 @@ def spec_for_class(
     try:
         check_tls_files(options)
     except OptionError as exc:
-        raise ConfigError(f"{where}: option {exc.option!r}: {exc}") from None
+        raise ConfigError(f"{where}: option {exc.option!r}: {_values_hidden(entry)(str(exc))}") from None
     return SinkSpec(
         name=name,
         type=type_,
@@ -617,12 +796,13 @@ def _check_types(filt: FilterOptions, where: str, *, robot: bool) -> None:
     does not check them): refused on a sink whose default type filter they replace when they keep
     neither (an alert robot that would page nothing), else a warning. A near miss of Normal or
     Warning is refused by ``FilterOptions`` itself."""
-    other = [t for t in filt.types if t not in ("Normal", "Warning")]
+    # Shown as values are: a type is any text to core/v1, and a flag or token pasted into it is one.
+    other = [_shown_value(t) for t in filt.types if t not in ("Normal", "Warning")]
     if not other:
         return
     if robot and len(other) == len(filt.types):
         raise ConfigError(
-            f"{where}: option 'types': {','.join(filt.types)} has neither Normal nor Warning, the types "
+            f"{where}: option 'types': {','.join(other)} has neither Normal nor Warning, the types "
             "of Kubernetes events, and replaces this sink's default level=Warning: it would send nothing"
         )
     log.warning(
