@@ -282,7 +282,8 @@ def _probes(rule: Doc) -> list[Any]:
     for item in rule.get("enum", []):
         if isinstance(item, str):
             found += [item, item.upper(), item.lower(), item.capitalize(), item.swapcase()]
-    if "pattern" in rule:
+    # A pattern applies in the `else` of an `if` taking a text its error would quote (item 320).
+    if "pattern" in rule.get("else", rule):
         found += ["Normal", "normal", "WARNING", "Warning", "Warnin"]
     for bound in (rule.get(k) for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")):
         if bound is not None:

@@ -302,7 +302,7 @@ def _a_value(key: str, rule: Doc) -> str:
         return str(next(v for v in rule["enum"] if v is not None))
     if "number" in rule:
         return str(int(rule["minimum"] if "minimum" in rule else rule.get("exclusiveMinimum", 0)) + 1)
-    if "pattern" in rule:
+    if "pattern" in rule.get("else", rule):  # in the `else` of an `if` (item 320)
         return "Warning"
     credential = re.search(r"(?i)(password|token|secret|key|sign|header|proxy)", key)
     return f"env:{TOKEN_ENV}" if credential else "x"

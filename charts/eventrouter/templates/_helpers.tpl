@@ -245,6 +245,35 @@ in the password cut the address short as the router reads it (it then takes the 
 {{- end -}}
 {{- end -}}
 
+{{/* A sink's name (or type) as messages show it, unquoted; "" when it may hold a credential. Item
+320's rule for a text a pattern's error may show: a name's characters and spaces, 12 at most, or 32
+without a digit (`loki-production`). A long token, `token:S3cret` or a URL is never shown. */}}
+{{- define "eventrouter.shownName" -}}
+{{- $text := toString . -}}
+{{- if regexMatch `^([A-Za-z0-9_. -]{1,12}|[A-Za-z_. -]{1,32})$` $text -}}{{- $text -}}{{- end -}}
+{{- end -}}
+
+{{/* [where, what, name]: refuse a sink's name holding a ':', '=' or '@' (also percent-encoded, as the
+router decodes a query's): the shape of a credential typed name:value, a flag ported whole or a URL's
+user info. The router takes such a name and prints it in its logs and metric labels; the ConfigMap and
+the pod spec would hold it. Not shown. */}}
+{{- define "eventrouter.checkNameText" -}}
+{{- if regexMatch `(?i)[:=@]|%3a|%3d|%40` (toString (index . 2)) -}}
+{{- fail (printf "%s: %s holds a ':', '=' or '@' (as a credential typed name:value, a flag pasted whole or a URL's user info does), which the router would print in its logs and metric labels; name the sink with letters, digits, '_', '.', '-'; the name is not shown, as it may hold a credential" (index . 0) (index . 1)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* [where, query]: each name= of a flag's (or a config url's) query, which names the sink. */}}
+{{- define "eventrouter.checkQueryName" -}}
+{{- $where := index . 0 -}}
+{{- range $pair := splitList "&" (index . 1) -}}
+{{- $kv := splitn "=" 2 $pair -}}
+{{- if eq $kv._0 "name" -}}
+{{- include "eventrouter.checkNameText" (list $where "the sink's name=" ($kv._1 | default "")) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* [where, key, value, credential option names]: a credential option's value, as a scalar, a list
 (each item) or a map (each value, as YAML headers are written), must be an env:/file: reference. A
 header given as Name:Value may reference its value only (the webhook sink resolves it per header);
@@ -327,6 +356,7 @@ a proxy may be a plain http(s)://host:port without user info. */}}
 {{- include "eventrouter.checkUserInfo" (list $where "the sink's URL" $flag) -}}
 {{- if contains "?" $flag -}}
 {{- include "eventrouter.checkQuery" (list $where (index (splitn "?" 2 $flag) "_1") (index . 2)) -}}
+{{- include "eventrouter.checkQueryName" (list $where (index (splitn "?" 2 $flag) "_1")) -}}
 {{- end -}}
 {{- end -}}
 
@@ -568,10 +598,17 @@ to the router: better a clash refused at start than a refusal of names the route
 {{- if $name -}}
 {{- $file := regexReplaceAll `[^A-Za-z0-9_.-]` $name "_" | default "_" -}}
 {{- with (get $seen $file) -}}
-{{- if eq (index . 1) $name -}}
-{{- fail (printf "%s (sink %q): sink name %q is already used by %s; the router refuses two sinks of one name at start (exit 2): give each a distinct name (name= in a flag, name: or its url's name= in config.sinks; without one a sink is named after its type)" $where $name $name (index . 0)) -}}
-{{- else -}}
+{{- /* Each name shown only when safe to show (shownName): a long token given as both names was printed. */ -}}
+{{- $shown := and (include "eventrouter.shownName" $name) (include "eventrouter.shownName" (index . 1)) -}}
+{{- $distinct := "give each a distinct name (name= in a flag, name: or its url's name= in config.sinks; without one a sink is named after its type)" -}}
+{{- if and (eq (index . 1) $name) $shown -}}
+{{- fail (printf "%s (sink %q): sink name %q is already used by %s; the router refuses two sinks of one name at start (exit 2): %s" $where $name $name (index . 0) $distinct) -}}
+{{- else if eq (index . 1) $name -}}
+{{- fail (printf "%s: its sink name (not shown, as it may hold a credential) is already used by %s; the router refuses two sinks of one name at start (exit 2): %s" $where (index . 0) $distinct) -}}
+{{- else if $shown -}}
 {{- fail (printf "%s (sink %q): sink names %q and %q (%s) are both stored as %q in the data dir; the router refuses them at start (exit 2): give them names that differ in letters, digits, '_', '.' or '-'" $where $name $name (index . 1) (index . 0) $file) -}}
+{{- else -}}
+{{- fail (printf "%s: its sink name and that of %s (not shown, as they may hold a credential) are both stored as one file name in the data dir; the router refuses them at start (exit 2): give them names that differ in letters, digits, '_', '.' or '-'" $where (index . 0)) -}}
 {{- end -}}
 {{- end -}}
 {{- $_ := set $seen $file (list $where $name) -}}
@@ -815,7 +852,19 @@ through to here (see checkKeys). */}}
 {{- if not (regexMatch `^[A-Za-z0-9_.-]+$` $type) -}}
 {{- fail (printf "config.sinks[%d]: option \"type\" is no sink type (letters, digits, '_', '.', '-'; a flag's URL and options go in url: and the sink's options); not shown, as it may hold a credential" $i) -}}
 {{- end -}}
-{{- $where := printf "config.sinks[%d] (%s)" $i (toString (default $type $sink.name)) -}}
+{{- /* Named by its name: only one safe to show. `name: loki:http://admin:S3cret@l:3100` (a flag ported
+       whole) was printed by every refusal of the entry, the user-info refusal of that very name too. */ -}}
+{{- $name := ternary $sink.name "" (kindIs "string" $sink.name) -}}
+{{- $shownType := include "eventrouter.shownName" $type -}}
+{{- $where := printf "config.sinks[%d]" $i -}}
+{{- if not $name -}}{{- if $shownType -}}{{- $where = printf "%s (%s)" $where $shownType -}}{{- end -}}
+{{- else if include "eventrouter.shownName" $name -}}{{- $where = printf "%s (%s)" $where $name -}}
+{{- else if $shownType -}}{{- $where = printf "%s (a %s sink, its name not shown)" $where $shownType -}}
+{{- else -}}{{- $where = printf "%s (its name not shown)" $where -}}
+{{- end -}}
+{{- /* The router takes it, and prints it in its logs and metric labels: a name:value, name=value or a
+       URL's user info is refused before anything else names the entry. */ -}}
+{{- include "eventrouter.checkNameText" (list $where "option \"name\"" $name) -}}
 {{- include "eventrouter.checkTypeCase" (list $where $type $types) -}}
 {{- range $key, $value := $sink -}}
 {{- /* Before anything names the key. The schema lets a key that is no option's name through (its
@@ -833,6 +882,7 @@ through to here (see checkKeys). */}}
 {{- /* The router takes the options in a url's query as a flag's: judged as one. */ -}}
 {{- /* A plugin's too: its query keys are its options, as a flag's (a key typed name:value). */ -}}
 {{- if and (eq $key "url") (kindIs "string" $value) (contains "?" $value) -}}
+{{- include "eventrouter.checkQueryName" (list (printf "config.sinks[%d] url" $i) (index (splitn "?" 2 $value) "_1")) -}}
 {{- include "eventrouter.checkFlagKeys" (list (printf "config.sinks[%d] url" $i) (printf "%s:%s" $type $value) $sinkOptions $oneValue $passthrough) -}}
 {{- end -}}
 {{- $rule := (get $sinkOptions $type | default dict) | dig $key dict -}}
