@@ -33,7 +33,7 @@ from aiohttp.http_exceptions import (
     TransferEncodingError,
 )
 
-__all__ = ["EXCERPT_WAIT", "Excerpt", "answer_text", "excerpt", "read_prefix"]
+__all__ = ["EXCERPT_WAIT", "Excerpt", "answer_text", "charset_of", "excerpt", "read_prefix"]
 
 EXCERPT_WAIT = 2.0
 """Seconds a body that only changes what is quoted is waited for once the head is in (or the request's
@@ -88,23 +88,88 @@ async def excerpt(resp: aiohttp.ClientResponse, limit: int, wait: float | None) 
     return Excerpt(data, more, None)
 
 
-def answer_text(data: bytes, charset: str | None) -> str:
-    """``data`` (an answer's body, or its start) as text in the answer's ``charset`` (its
-    Content-Type's, None: UTF-8), never raising: undecodable bytes are replaced. The charset is the
-    peer's to choose, so only one of ``_CHARSETS`` is honoured, found by its normalised name
+def answer_text(data: bytes, charset: str | None = None, *, content_type: str | None = None) -> str:
+    """``data`` (an answer's body, or its start) as text in the answer's ``charset`` (None: UTF-8), or
+    in the one ``charset_of`` reads in ``content_type`` (its Content-Type header's raw text) if given,
+    never raising: undecodable bytes are replaced. The charset is the peer's to choose, so only one
+    of ``_CHARSETS`` is honoured, found by its normalised name
     (``_charset``); any other is read as UTF-8, as an unlabelled body. Python's codecs include
     bytes-to-bytes ones ("charset=base64" raised LookupError out of a sink's ``send`` and ``start``,
     item 301), punycode, whose decode is quadratic (a 128 KiB answer blocked the event loop 7.8 s),
     and ``codecs.lookup`` keeps every unknown name it is asked for the life of the process (a label
     varying per answer grew the router without bound). Whatever is honoured, a run of printable ASCII
     bytes (an echoed credential) comes out as itself, so the sinks' scrub, which looks at the text,
-    finds it: under utf-7, utf-16-le or cp037 it did not, and the reason quoted it re-encodable."""
+    finds it: under utf-7, utf-16-le or cp037 it did not, and the reason quoted it re-encodable (UTF-16
+    and UTF-32 are read in the byte order of the data, ``_wide_order``)."""
+    if content_type is not None:
+        charset = charset_of(content_type)
     codec = _charset(charset) if charset else None
-    if codec in _WIDE and _ASCII_PAIR.search(data):
+    if codec is not None and codec in _WIDE:
         # Two printable ASCII bytes side by side: not the ASCII text UTF-16/32 writes (a NUL between),
         # and possibly an echoed credential such a decode would hide.
-        codec = None
+        codec = None if _ASCII_PAIR.search(data) else _wide_order(data, codec)
     return data.decode(codec or "utf-8", "replace")
+
+
+def charset_of(content_type: str | None) -> str | None:
+    """The ``charset`` parameter of a Content-Type header's raw text (None: none), for ``answer_text``.
+    Never aiohttp's ``response.charset`` (or ``content_type``): it parses the header with ``email``,
+    which decodes any RFC 2231 parameter (``x*=idna''a``) in the codec the peer names, before
+    ``answer_text`` sees it: ``idna`` raised UnicodeError out of the Loki sink's ``send`` and ``start``
+    (item 301's fault) and every distinct name was cached by the codec registry for ever. Here only a
+    parameter named exactly ``charset`` counts (``charset*=`` is another), its value a token or a
+    quoted string, read by one linear regex per parameter from at most ``_HEADER_MAX`` characters."""
+    if not content_type:
+        return None
+    text = content_type[:_HEADER_MAX]
+    pos = text.find(";")
+    while pos != -1:
+        parameter = _PARAMETER.match(text, pos)
+        if parameter is None:  # not reached: every ";" starts a match
+            return None
+        name, value = parameter.group(1, 2)
+        if value is not None and name.strip(" \t").lower() == "charset":
+            if value.startswith('"'):
+                value = _QUOTED_PAIR.sub(r"\1", value[1:].removesuffix('"'))
+            return value.strip(" \t") or None
+        pos = parameter.end() if parameter.end() < len(text) else -1
+    return None
+
+
+_HEADER_MAX = 512
+"""Characters of a Content-Type looked at (aiohttp takes up to 8 KiB); a charset past them is not read."""
+
+_PARAMETER = re.compile(r';([^=;]*)(?:=[ \t]*("(?:[^"\\]|\\.)*"?|[^;"]*)[^;]*)?', re.DOTALL)
+"""One parameter from its ";": a name, and a value that is a quoted string (a ";" in it is its own)
+or a token; what follows a value up to the next ";" is skipped. No part can match another's text, so
+no backtracking: linear in the header's length."""
+
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _wide_order(data: bytes, codec: str) -> str:
+    """The UTF-16 or UTF-32 codec (``codec``'s width) in the byte order ``data`` is written in: its BOM
+    (Python's ``utf_16``/``utf_32`` read and drop it), else where its NULs are (the high bytes of the
+    ASCII and Latin characters), else the label's order, else big-endian (RFC 2781 §4.3). Taken from
+    the label alone, a BOM-less big-endian echo labelled ``utf-16`` (Python reads it little-endian),
+    one mislabelled ``utf-16-le`` or one a byte off decoded byte-swapped: an echoed credential became
+    CJK characters, which the scrub missed and the reason quoted re-encodable."""
+    if codec.startswith("utf_16") and b"\0\0\0" in data:
+        # UTF-32's ASCII (UTF-16 writes three NULs in a row only for a U+0000): read as UTF-16, an
+        # echoed credential kept a NUL between its letters, and the scrub missed it.
+        codec = "utf_32"
+    if codec.startswith("utf_16"):
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return "utf_16"
+        high_first, high_second = data[0::2].count(0), data[1::2].count(0)
+    else:
+        if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+            return "utf_32"
+        high_first, high_second = data[0::4].count(0), data[3::4].count(0)
+    width = codec[:6]
+    if high_first != high_second:
+        return f"{width}_be" if high_first > high_second else f"{width}_le"
+    return codec if codec.endswith(("_le", "_be")) else f"{width}_be"
 
 
 _ASCII_COMPATIBLE = (
@@ -138,8 +203,18 @@ _LABEL_MAX = 40
 """Characters of a charset label looked at (the longest name honoured has 21): a longer one is unknown."""
 
 
+_LABELS = {
+    "windows-874": "cp874",
+    "dos-874": "cp874",
+    "x-mac-cyrillic": "mac_cyrillic",
+    "x-mac-roman": "mac_roman",
+}
+"""The IANA and WHATWG names of charsets honoured that Python has no alias for (a Thai or Mac answer so
+labelled was read as UTF-8)."""
+
+
 def _names() -> dict[str, str]:
-    """Every spelling of the charsets honoured (their ``encodings.aliases`` too), normalised as
+    """Every spelling of the charsets honoured (their ``encodings.aliases`` and ``_LABELS`` too), normalised as
     ``_charset`` does, to the codec's name. Built once: the codec registry is asked only these."""
     names: dict[str, str] = {}
     for codec in (*_ASCII_COMPATIBLE, *_WIDE):
@@ -148,6 +223,7 @@ def _names() -> dict[str, str]:
         except LookupError:  # a Python built without it (the CJK codecs are optional)
             continue
         spellings = {codec, *(alias for alias, name in encodings.aliases.aliases.items() if name == codec)}
+        spellings.update(label for label, name in _LABELS.items() if name == codec)
         for spelling in spellings:
             names[_normalised(spelling)] = codec
     return names

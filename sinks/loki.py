@@ -687,7 +687,7 @@ async def _read_answer(response: aiohttp.ClientResponse, limit: int, timeout: fl
     body, cut, unreadable = await excerpt(response, limit, timeout if decides else min(EXCERPT_WAIT, timeout))
     if unreadable is not None:
         return _Answer("", False, unreadable)
-    return _Answer(answer_text(body, response.charset), cut, None)
+    return _Answer(answer_text(body, content_type=response.headers.get("Content-Type")), cut, None)
 
 
 def _unread_note(unreadable: str | None) -> str:
