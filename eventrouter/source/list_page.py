@@ -308,10 +308,16 @@ _SCALAR_TOKEN = rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|fal
 _STRINGS_VALID = re.compile(rb'(?:[^"]*+' + _STRING_TOKEN + rb')*+[^"]*+')
 """Each string of a text, found where a JSON tokenizer finds it (a ``"`` outside a string begins one),
 is a string token."""
-_VALUE_TOKEN = rb'(?:""|' + _SCALAR_TOKEN + rb")" + _WS_RUN
-_MEMBER = rb'""' + _WS_RUN + rb":" + _WS_RUN + _VALUE_TOKEN
 _SHORT = 64
 _PASSES = 16
+_HEIGHT = b"[\\x81-\\x%x]" % (0x80 + _PASSES)
+"""A container a pass made a value, its height the byte less 0x80 (pass k makes height-k ones): as
+``0`` for the grammar, and no JSON text holds such a byte outside a string (``_one_value`` refuses one
+first). A plain ``0`` counted every pass as a level: a pass also takes the short containers of
+shallow branches, and ``[[0],[[[0…]]]]`` (its innermost too long for a pass) read 5 for 4, up to 16
+levels over."""
+_VALUE_TOKEN = rb'(?:""|' + _HEIGHT + rb"|" + _SCALAR_TOKEN + rb")" + _WS_RUN
+_MEMBER = rb'""' + _WS_RUN + rb":" + _WS_RUN + _VALUE_TOKEN
 _WORTH = 64
 """A pass (~20 ns a byte) goes on to the next while it took a container per ``_WORTH`` bytes: a loop
 turn per run of brackets costs ~1 us. At most ``_PASSES``, as a page of many chains might go on."""
@@ -322,7 +328,12 @@ _INNERMOST = re.compile(
     rb"\[" + _WS_RUN + rb"(?:" + _ITEMS + rb")?\]|\{" + _WS_RUN + rb"(?:" + _MEMBERS + rb")?\}"
 )
 """An array or object of (at most ``_SHORT`` + 1) strings and scalars: a whole value, replaced by
-``" 0 "``, which merges with no neighbour (``-{}`` is no ``-0``). A longer one is orjson's to check."""
+`` <height> `` (``_HEIGHT``), which merges with no neighbour (``-{}`` is no ``-0``). A longer one is
+orjson's to check. Each pass takes every such container there is (one that a value replaced a
+container in has as many items as before), so one it takes holds one the pass before took, else it
+would have been taken then: its height is exactly the pass's number."""
+_HEIGHTS = [b" %c " % (0x80 + k) for k in range(_PASSES + 1)]
+_AS_ZERO = bytes.maketrans(bytes(range(0x81, 0x81 + _PASSES)), b"0" * _PASSES)
 _FLAT = re.compile(rb"(?:" + _WS_RUN + rb'(?:""|' + _SCALAR_TOKEN + rb"|[,:]))*+" + _WS_RUN)
 _SCALARS = re.compile(_SCALAR_TOKEN)
 _SPACE = re.compile(rb"[ \t\n\r]+")
@@ -344,26 +355,28 @@ def _one_value(text: bytes | bytearray) -> int | None:
     the item orjson would read there. Regex passes at C speed do what they can (strings checked and
     made ``""``; innermost short containers, a level a pass, made a value while many are), then a
     loop over runs of brackets has orjson check the text between them. A loop turn per token took
-    13.7 s for an item of 8 M ``0,`` 1,100 deep in a 16 MiB page; 0.6 s now."""
+    13.7 s for an item of 8 M ``0,`` 1,100 deep in a 16 MiB page; 0.6 s now. The depth is exact: a
+    container a pass took counts its own height where it stands (``_HEIGHT``), not a level a pass."""
     if _STRINGS_VALID.fullmatch(text) is None:
         return None
     flat, passes = _STRING.sub(b'""', text), 0
+    if not flat.isascii():  # outside a string: no JSON, and it would pass for a ``_HEIGHT``
+        return None
     while passes < _PASSES:
-        smaller, found = _INNERMOST.subn(b" 0 ", flat)
+        smaller, found = _INNERMOST.subn(_HEIGHTS[passes + 1], flat)
         if not found:
             break
-        # Each pass takes every innermost container of a value (those deepest among them): one level.
         passes += 1
         worth, flat = found * _WORTH >= len(flat), smaller
         if not worth:
             break
-    deeper = _brackets(flat)
-    return None if deeper is None else passes + deeper
+    return _brackets(flat, passes)
 
 
-def _brackets(flat: bytes) -> int | None:
-    """``_one_value`` of ``flat`` (its strings ``""``): how deep its brackets nest, the text between
-    them checked by ``_between``."""
+def _brackets(flat: bytes, passes: int) -> int | None:
+    """``_one_value`` of ``flat`` (its strings ``""``, containers the first ``passes`` passes took
+    ``_HEIGHT``): how deep its brackets and the heights between them nest, the text between them
+    checked by ``_between``."""
     closers = bytearray()
     deepest, last, after_opener = 0, 0, True
     for m in _RUN.finditer(flat):
@@ -372,8 +385,12 @@ def _brackets(flat: bytes) -> int | None:
         if not closers:
             if flat[: m.start()].strip(_WHITESPACE) or not opens:
                 return None
-        elif not _between(closers[-1], after_opener, flat[last : m.start()], opens):
-            return None
+        else:
+            height = _between(closers[-1], after_opener, flat[last : m.start()], opens, passes)
+            if height is None:
+                return None
+            if height:  # else no deeper than the brackets already counted
+                deepest = max(deepest, len(closers) + height)
         if opens:
             if b"{" in run[:-1]:  # an object's first member is a key, not a value
                 return None
@@ -387,20 +404,25 @@ def _brackets(flat: bytes) -> int | None:
         last, after_opener = m.end(), opens
         if not closers:
             return deepest if not flat[last:].strip(_WHITESPACE) else None
-    return 0 if _ONE.fullmatch(flat) is not None else None
+    return _height(flat, passes) if _ONE.fullmatch(flat) is not None else None
 
 
-_BETWEEN: dict[tuple[int, bool, bytes, bool], bool] = {}
+_BETWEEN: dict[tuple[int, bool, bytes, bool], int | None] = {}
 """``_between`` of short texts: most between brackets are ``,`` or ``"k":`` (kept for the process)."""
+_UNKNOWN = -1
 
 
-def _between(closer: int, after_opener: bool, text: bytes, before_opener: bool) -> bool:
-    """Whether ``text``, between two brackets in the container that ``closer`` closes, is JSON there.
-    A piece at a time: no bracket is in it and its strings are ``""``, so each comma parts two items."""
+def _between(closer: int, after_opener: bool, text: bytes, before_opener: bool, passes: int) -> int | None:
+    """The height of the highest value in ``text`` (``_HEIGHT``; 0 for none), between two brackets in
+    the container that ``closer`` closes; None if it is not JSON there. A piece at a time: no bracket
+    is in it and its strings are ``""``, so each comma parts two items."""
     key = (closer, after_opener, text, before_opener)
-    known = _BETWEEN.get(key)
-    if known is not None:
+    known = _BETWEEN.get(key, _UNKNOWN)
+    if known != _UNKNOWN:
         return known
+    height = _height(text, passes)
+    if height:
+        text = text.translate(_AS_ZERO)
     opener, item, more, end = _PROBE[closer]
     first, last = b"" if after_opener else item, b" 0" if before_opener else b""
     start, fits = 0, True
@@ -408,9 +430,18 @@ def _between(closer: int, after_opener: bool, text: bytes, before_opener: bool) 
         fits = _json_inside(opener, first if start == 0 else item, text[start:cut], more, end)
         start = cut
     fits = fits and _json_inside(opener, first if start == 0 else item, text[start:], last, end)
+    found = height if fits else None
     if len(text) <= _SHORT and len(_BETWEEN) < 4096:
-        _BETWEEN[key] = fits
-    return fits
+        _BETWEEN[key] = found
+    return found
+
+
+def _height(text: bytes, passes: int) -> int:
+    """The height of the highest container a pass made a value in ``text``: a scan a pass, at most."""
+    for height in range(passes, 0, -1):
+        if _HEIGHTS[height][1] in text:
+            return height
+    return 0
 
 
 def _json_inside(opener: bytes, before: bytes, text: bytes, after: bytes, end: bytes) -> bool:
