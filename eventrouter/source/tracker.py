@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from eventrouter.logs import Throttled
-from eventrouter.record import MalformedEvent, Occurrence, normalise, occurrence_number
+from eventrouter.record import MalformedEvent, Occurrence, _normalise, normalise, occurrence_number
 
 __all__ = ["OccurrenceTracker"]
 
@@ -75,7 +75,11 @@ class OccurrenceTracker:
                 if type(series) is dict:
                     self._series_unraised(uid, meta, number, series.get("lastObservedTime"))
             return None
-        occ = normalise(obj, cluster=self.cluster, received_at=received_at, owned=True, number=number)
+        if type(obj) is dict and type(meta) is dict and type(uid) is str:
+            # What normalise would check first, checked above: build at once (once per event).
+            occ = _normalise(obj, meta, uid, self.cluster, received_at, None, True, number)
+        else:
+            occ = normalise(obj, cluster=self.cluster, received_at=received_at, owned=True, number=number)
         self.seen[uid] = number
         if self.lowered:
             self.lowered.pop(uid, None)
