@@ -34,7 +34,7 @@ from pydantic import BaseModel
 
 from eventrouter.app import DISK_RESERVE, Router, RouterSettings, check_stall_timeout, disk_bounds
 from eventrouter.appendfile import append_to
-from eventrouter.config import ConfigError, RouterConfig, SinkSpec, build_specs, load_yaml
+from eventrouter.config import ConfigError, RouterConfig, SinkSpec, build_specs, load_yaml, shown_values
 from eventrouter.datalock import DataDirInUse
 from eventrouter.engine.deadletter import DeadLetter
 from eventrouter.engine.pipeline import CUT_OFF_GRACE
@@ -593,12 +593,12 @@ def _refuse_selections_that_keep_nothing(
         keep, drop = spec.filter.namespaces, spec.filter.exclude_namespaces
         if watched and keep and not any(name_matches(keep, ns) for ns in watched):
             raise ConfigError(
-                f"{spec.source}: option 'namespaces' ({','.join(keep)}) keeps none of the namespaces "
+                f"{spec.source}: option 'namespaces' ({shown_values(keep)}) keeps none of the namespaces "
                 f"{ns_option} watches ({','.join(watched)}): the sink would receive nothing"
             )
         if watched and drop and all(name_matches(drop, ns) for ns in watched):
             raise ConfigError(
-                f"{spec.source}: option 'exclude_namespaces' ({','.join(drop)}) drops every namespace "
+                f"{spec.source}: option 'exclude_namespaces' ({shown_values(drop)}) drops every namespace "
                 f"{ns_option} watches ({','.join(watched)}): the sink would receive nothing"
             )
         # As engine/filter.py: level=Warning keeps Warning of the types listed (all when none are).
@@ -607,14 +607,15 @@ def _refuse_selections_that_keep_nothing(
             types = (types & {"Warning"}) if types else {"Warning"}
         if types and not {t for t in types if (only is None or t in only) and t not in never}:
             given = {"level", "type", "types"} & set(spec.entry)
+            # The types as config.py's errors show them: a flag or token pasted in is no type, but kept.
             how = (
-                f"types={','.join(spec.filter.types)}"
+                f"types={shown_values(spec.filter.types)}"
                 if spec.filter.types
                 else "level=Warning" + ("" if given else f", the {spec.type} sink's default")
             )
             raise ConfigError(
                 f"{spec.source}: option '{'types' if spec.filter.types else 'level'}' ({how}) keeps "
-                f"{','.join(sorted(types))} events only, and {sel_option} ({selector}) lets none of "
+                f"{shown_values(sorted(types))} events only, and {sel_option} ({selector}) lets none of "
                 "them through: the sink would receive nothing"
             )
 

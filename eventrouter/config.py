@@ -118,7 +118,9 @@ class SinkSpec:
             value = getattr(self.filter, name)
             if value in ([], None) or (name == "min_count" and value == 1):
                 continue
-            text = ",".join(value) if isinstance(value, list) else str(value)
+            # Each value as errors show it: `check`'s output is pasted into CI logs and issues, and a
+            # flag or token pasted into `types` (any text to core/v1) was printed here whole.
+            text = shown_values(value if isinstance(value, list) else [str(value)])
             shown.append(f"{name}={text}" + (" (default)" if name in self.defaulted else ""))
         return "; ".join(shown)
 
@@ -403,9 +405,17 @@ def _shown_part(part: str) -> str:
 
 _URL_START = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#\s,]*)")
 
-_PLAIN_PART = re.compile(r"\d+|[a-z]{1,5}")
-"""What may follow ``name:`` or ``name=`` in a value shown whole: a port (``es2:99999``) or a short
-lower-case placeholder (``k1:port``); anything else there (``password:S3cret``) may be a credential."""
+_PLAIN_PART = re.compile(
+    r"[A-Za-z0-9]{1,5}"
+    r"|\$\{[A-Za-z_][A-Za-z0-9_]*\}"
+    r"|\d{4}-\d{1,2}-\d{1,2}(?:[Tt ]\d{1,2}(?::\d{1,2}){1,2}(?:\.\d+)?)?(?:[Zz]|[+-]\d{1,2}(?::?\d{2})?)?"
+    r"|\d{1,2}:\d{2}(?::\d{2})?"
+)
+"""What may follow ``name:`` or ``name=`` in a value shown whole, being plainly no password: up to 5
+letters or digits (a port ``es2:99999``, its typo ``kafka-1:9O92``, a placeholder ``k1:port``), a
+template's ``${PORT}`` left unreplaced, a date or time (``until=2026-13-01``). Anything else there
+(``password:S3cret``, ``admin:20231207``: a number longer than a port may be a PIN) may be a
+credential. Hiding a port typo or a bad date left the user nothing to fix by (item 326)."""
 
 _SAFE_NETLOC = re.compile(rf"(?:\[[0-9A-Za-z:.%]*\]?|[A-Za-z0-9_.~-]*)(?::(?:{_PLAIN_PART.pattern}))?")
 
@@ -434,12 +444,20 @@ def _token_runs(text: str) -> list[str]:
     return runs + [m.group(0) for m in _LONG_RUN.finditer(text) if long(m.group(0))]
 
 
+def _plain_value(value: str) -> bool:
+    """Whether what follows a ``name:`` or ``name=`` is plainly no credential: a ``_PLAIN_PART``, and
+    then a path holding no other ``:`` or ``=`` (``hook:8080/healthz``, an address without a scheme)."""
+    head, slash, path = value.partition("/")
+    return bool(_PLAIN_PART.fullmatch(head)) and not (slash and re.search(r"[:=]", path))
+
+
 def _credential_shaped(text: str) -> bool:
     """Whether a value given for an option (or a sink type) may hold a credential, so that messages
     must not quote it whole: an ``@`` (user info), a URL whose address is no ``host[:port]``, a
     ``name:value`` or ``name=value`` (a header, a flag pasted whole: ``loki:http://…``) whose value is
     no port, an authorization scheme followed by more (``Bearer abc``), or a token-shaped run. A
-    typo (``Warnig``, ``kube system``, ``k1:port``), a path or a plain URL is shown as given."""
+    typo (``Warnig``, ``kube system``, ``kafka-1:9O92``, ``until=2026-13-01``), a path or a plain URL
+    is shown as given."""
     if _REFERENCE.fullmatch(text.strip()) or _HEADER_REFERENCE.fullmatch(text):
         return False  # env:NAME, file:/path: where a credential is, shown to find it
     if "@" in text or "%40" in text.lower():
@@ -448,7 +466,7 @@ def _credential_shaped(text: str) -> bool:
         if not _SAFE_NETLOC.fullmatch(found.group(2)):
             return True
     rest = _URL_START.sub(" ", text)
-    if any(not _PLAIN_PART.fullmatch(m.group(1)) for m in _NAME_VALUE.finditer(rest)):
+    if any(not _plain_value(m.group(1)) for m in _NAME_VALUE.finditer(rest)):
         return True
     if any(m.group(1).lower() in _AUTH_SCHEMES for m in _SCHEME_WORD.finditer(text)):
         return True
@@ -469,6 +487,12 @@ def _shown_value(text: str) -> str:
     if cut is None or not _OPTION_NAME.fullmatch(head) or _credential_shaped(head):
         return "****"
     return f"{head}{cut.group(0)}…"
+
+
+def shown_values(values: Iterable[str]) -> str:
+    """Values an option was given (``types``, ``namespaces``), comma-separated, each as
+    ``_shown_value`` shows it: for ``check``'s filter line and cli.py's own refusals."""
+    return ",".join(_shown_value(value) for value in values)
 
 
 def _shown_quoted(text: str) -> str:
@@ -520,6 +544,8 @@ def _secret_parts(text: str) -> list[str]:
         info = found.group(1)
         parts += [info, info.partition(":")[2]]
     parts += [m.group(2).strip() for m in _SCHEME_WORD.finditer(text) if m.group(1).lower() in _AUTH_SCHEMES]
+    # Without base64 padding too: `silences` quotes a key cut at its first `=` (`silence key 'Basic YWRt…'`).
+    parts += [part.rstrip("=") for part in parts if part.endswith("=") and len(part.rstrip("=")) >= 8]
     cut = re.search(r"[:=\s]", text.strip())
     if cut is not None:
         tail = text.strip()[cut.end() :].strip()
@@ -1035,18 +1061,22 @@ def build_specs(
     seen: dict[str, str] = {}
     files: dict[str, SinkSpec] = {}
     for spec in specs:
+        # The names by the credential rule, as in every other message of the sink.
         if spec.name in seen:
             raise ConfigError(
-                f"{spec.source}: sink name {spec.name!r} is already used by {seen[spec.name]}; "
+                f"{spec.source}: sink name {_shown_quoted(spec.name)} is already used by {seen[spec.name]}; "
                 "give each instance a distinct name= option"
             )
         seen[spec.name] = spec.source
         # Two names that make the same file name would share a spool, checkpoint and dead letters.
         other = files.setdefault(safe_name(spec.name), spec)
         if other is not spec:
+            # The file name spells either name's password again (`admin_S3cret_loki`), whatever its case.
+            hidden = _credential_shaped(spec.name) or _credential_shaped(other.name)
+            stored = "one file name" if hidden else repr(safe_name(spec.name))
             raise ConfigError(
-                f"{spec.source}: sink name {spec.name!r} and {other.name!r} ({other.source}) are both "
-                f"stored as {safe_name(spec.name)!r} in the data dir; give them names that differ in "
-                "letters, digits, '_', '.' or '-'"
+                f"{spec.source}: sink name {_shown_quoted(spec.name)} and {_shown_quoted(other.name)} "
+                f"({other.source}) are both stored as {stored} in the data dir; give them names that "
+                "differ in letters, digits, '_', '.' or '-'"
             )
     return specs
