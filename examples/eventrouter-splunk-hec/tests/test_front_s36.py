@@ -17,7 +17,7 @@ from typing import Literal
 import aiohttp
 import pytest
 from aiohttp import web
-from eventrouter import OK, OutcomeKind, SinkContext
+from eventrouter import OK, Occurrence, OutcomeKind, SinkContext
 from eventrouter.testing import make_occurrence
 from eventrouter.testing.receivers.unreadable import Unreadable
 
@@ -71,10 +71,14 @@ async def front(hec: FakeHEC, status: int, content_type: str | None, page: bytes
 
 
 @asynccontextmanager
-async def hec_sink(url: str) -> AsyncIterator[SplunkHECSink]:
-    context = SinkContext(name="splunk_hec", cluster="test", data_dir=None, logger=LOG, send_timeout=6.0)
+async def hec_sink(
+    url: str, timeout: float = SINK_TIMEOUT, send_timeout: float = 6.0
+) -> AsyncIterator[SplunkHECSink]:
+    context = SinkContext(
+        name="splunk_hec", cluster="test", data_dir=None, logger=LOG, send_timeout=send_timeout
+    )
     sink = SplunkHECSink(
-        SplunkHECOptions.model_validate({"token": TOKEN, "url": url, "timeout": SINK_TIMEOUT}), context
+        SplunkHECOptions.model_validate({"token": TOKEN, "url": url, "timeout": timeout}), context
     )
     try:
         await sink.start()
@@ -140,7 +144,8 @@ async def test_a_fronts_5xx_after_a_hec_restart_never_confirms_a_waiting_request
             assert outcome is not OK or occ.record["reason"] in indexed, (outcome, indexed)
         assert all(o is OK for o in again), again
     assert indexed == ["R1", "R0", "R1"]  # R1 twice: the front hid that HEC took it
-    assert len(hec.channels) == 2 and hec.channels[-1] == sink.channel
+    # R0, voided, went again on a channel of its own (item 324), new requests on the sink's new one.
+    assert len(hec.channels) == 3 and hec.channels[-1] == sink.channel
 
 
 HEC_OWN = {
@@ -180,8 +185,8 @@ async def test_a_front_answering_502_to_request_after_request_costs_each_event_o
     """The copies stay bounded: R0 waits under ackId 0, HEC restarts, and the front answers 502 to four
     requests in a row that HEC took (R1..R4). Only the first moves the channel (R0 was waiting on it);
     nothing waits on the new one, so the others cost nothing more. Then everything is delivered: R0
-    once (it was lost in the restart), each of R1..R4 twice (the front hid that HEC took them), on two
-    channels. Before, R0 was answered OK and never indexed."""
+    once (it was lost in the restart), each of R1..R4 twice (the front hid that HEC took them), on three
+    channels (R0 on one of its own since item 324). Before, R0 was answered OK and never indexed."""
     r0, later = make_occurrence(reason="R0"), [make_occurrence(reason=f"R{i}") for i in range(1, 5)]
     async with (
         FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}, hold_acks=True) as hec,
@@ -206,7 +211,7 @@ async def test_a_front_answering_502_to_request_after_request_costs_each_event_o
             assert outcome is not OK or indexed[occ.record["reason"]] > 0, (outcome, indexed)
         assert all(o is OK for o in again), again
     assert indexed == {"R0": 1, "R1": 2, "R2": 2, "R3": 2, "R4": 2}, indexed
-    assert len(hec.channels) == 2 and hec.channels[-1] == sink.channel
+    assert len(hec.channels) == 3 and sink.channel in hec.channels  # and R0's own (item 324)
 
 
 @pytest.mark.parametrize("how", HOWS)
@@ -236,4 +241,77 @@ async def test_a_5xx_whose_body_cannot_be_read_keeps_its_retry_after_and_is_a_lo
         again = await sink.send([r0, r1])
         assert again is not None and all(o is OK for o in again), again
     assert Counter(e["event"]["reason"] for e in hec.events) == {"R0": 2, "R1": 1}
-    assert hec.channels == [channel, sink.channel]
+    # R0 went again on a channel of its own (item 324), R1 on the sink's new one.
+    assert len(hec.channels) == 3 and hec.channels[0] == channel and hec.channels[-1] == sink.channel
+
+
+async def alternate(rounds: int, *, restart: bool) -> Counter[str]:
+    """R0 waits under ackId 0 while HEC is slow to index (acks held). Then, ``rounds`` times, HEC takes a
+    request X<k> and the front answers 502, and the engine offers again all that waits (R0 and the X
+    before). ``restart``: then HEC restarts (all it holds unindexed lost), and a new event Y is sent,
+    whose ackId shows the renumbering. Then HEC indexes, and all is offered until OK. Every OK is
+    checked indexed. The copies HEC received of each request (indexed and lost in the restart)."""
+    r0, xs = make_occurrence(reason="R0"), [make_occurrence(reason=f"X{k}") for k in range(rounds)]
+    async with (
+        FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}, hold_acks=True) as hec,
+        front(hec, 502, "text/html", nginx_page(502, "Bad Gateway")) as url,
+        hec_sink(url, timeout=0.5, send_timeout=1.2) as sink,
+    ):
+
+        async def offer(batch: list[Occurrence]) -> list[Occurrence]:
+            """Send ``batch``: what is not OK, and every OK indexed."""
+            outcomes = await sink.send(batch)
+            assert outcomes is not None
+            indexed = {e["event"]["reason"] for e in hec.events}  # a restart moves what it loses to hec.lost
+            for occ, outcome in zip(batch, outcomes, strict=True):
+                assert outcome is not OK or occ.record["reason"] in indexed, (occ.record["reason"], indexed)
+            return [occ for occ, outcome in zip(batch, outcomes, strict=True) if outcome is not OK]
+
+        assert await offer([r0]) == [r0]
+        for k, x in enumerate(xs):
+            hec.lose_answers(1)
+            outcomes = await sink.send([x])  # HEC takes it, the front answers 502
+            assert outcomes is not None and outcomes[0].reason.startswith("HEC 502: <html>"), outcomes
+            await offer([r0, *xs[: k + 1]])
+        left = [r0, *xs]
+        if restart:
+            hec.restart()
+        hec.hold_acks = False
+        hec.release_acks()
+        if restart:
+            assert await offer([make_occurrence(reason="Y")]) == []
+        for _ in range(3):  # a voided request is posted again when offered again, and confirmed
+            left = await offer(left)
+            if not left:
+                break
+        assert not left, left
+    copies = Counter(e["event"]["reason"] for e in hec.events + hec.lost)
+    return copies
+
+
+async def test_a_request_voided_by_a_lost_answer_is_not_voided_again_by_later_ones() -> None:
+    """r318 F4: a front answering 502 to every other request (HEC took each) while R0 waits. Each 502
+    voided the request waiting under ackId 0 on the channel; posted again, R0 was the first on the new
+    channel, ackId 0 again, and the next 502 voided it again: R0 indexed 2, 6 and 21 times after 1, 5
+    and 20 such 502s. Now a voided request is posted again on a channel of its own, which nothing
+    else is posted on until HEC confirms it: R0 twice at most; each X twice for its own lost answer,
+    and once more at most (posted again first on the sink's new channel, voided once by the next
+    502). Never OK unindexed."""
+    for rounds in (1, 5, 20):
+        copies = await alternate(rounds, restart=False)
+        assert copies["R0"] <= 2, (rounds, copies)
+        assert all(copies[f"X{k}"] <= 3 for k in range(rounds)), (rounds, copies)
+        assert set(copies) == {"R0", *(f"X{k}" for k in range(rounds))}
+
+
+async def test_a_hec_restart_with_requests_waiting_on_their_own_channels_costs_each_one_copy() -> None:
+    """The same 20 rounds, then HEC restarts while everything waits (R0 on its own channel, the X
+    voided on theirs, the last on the sink's), losing all it had not indexed. A new event Y's ackId on
+    the sink's channel shows the renumbering: all that waits is posted again, and HEC numbers each
+    own channel anew too. Voiding everything waiting at each such renumbering voided the requests
+    just posted again on the other channels after the restart (R0 4 copies, X0..X17 5 each); only
+    what HEC answered on other channels before the channel's last ackId is voided now. Never OK
+    unindexed, each request one copy more than without the restart at most."""
+    copies = await alternate(20, restart=True)
+    assert copies["R0"] <= 3 and copies["Y"] == 1, copies
+    assert all(copies[f"X{k}"] <= 4 for k in range(20)), copies

@@ -26,7 +26,8 @@ Outcomes (what Splunk answers → what the engine does):
   posted again: indexed twice perhaps, never lost. At most ``ack_max_waiting`` events wait so: past
   it new ones are not posted but held (``retry(held=True)``: the engine keeps them queued) until HEC
   confirms some. A request whose answer was lost (a timeout) may hold an ackId the sink never learnt;
-  the sink then goes on on a new channel (see ``_answer_lost``).
+  the sink then goes on on a new channel, and the request waiting with ackId 0 is posted again on a
+  channel of its own until HEC confirms it (see ``_answer_lost``).
 * The acknowledgement endpoint is ``ack_url``, by default the event URL's path up to
   ``/services/collector`` (the whole path if it has none: a gateway's route) + ``/services/collector/ack``,
   as Splunk's clients append HEC's paths to their base URL. One that answers as HEC's acknowledgement
@@ -351,7 +352,8 @@ class _Pending:
     def __init__(self) -> None:
         self.by_key: dict[str, _Post] = {}
         self.by_ack: dict[tuple[str, int], _Post] = {}  # neither confirmed nor void: what HEC is asked
-        self.last: int | None = None  # the current channel's last ackId
+        # Each channel still posted on: its last ackId, and when HEC gave it (time.monotonic()).
+        self.last: dict[str, tuple[int, float]] = {}
         self.used = False  # HEC answered an ackId: the token has indexer acknowledgement on
 
     def get(self, key: str) -> _Post | None:
@@ -362,17 +364,25 @@ class _Pending:
         nothing of the sink's to wait for, a 400 refusing a request's first event), and how many
         waiting posts it voided. A channel's ackIds only grow: one not above the last means HEC numbers
         it anew, and the ids it gave before can no longer be asked about (one might now name another
-        request). Every ackId HEC gives is seen here, or the channel is left (``_answer_lost``)."""
-        voided = 0
-        if self.last is not None and ack_id <= self.last:
+        request). Every ackId HEC gives is seen here, or the channel is left (``_answer_lost``).
+
+        Voided: the channel's posts, and those of other channels HEC answered before the channel's
+        last ackId (before the renumbering: lost too if it was a restart). Not those answered since on
+        another channel (a voided request's own, ``_answer_lost``): they may follow the restart, and
+        each voided at its own channel's first post after it, a restart cost every waiting request
+        one copy per channel posted on. A post left so is safe: a later ackId on its channel is
+        checked here, a lost answer there voids its ackId 0, and else it is asked until ack_timeout."""
+        voided, last = 0, self.last.get(channel)
+        if last is not None and ack_id <= last[0]:
             reason = (
-                f"HEC answered ackId {ack_id} again (after {self.last}): it restarted, forgot the channel, "
+                f"HEC answered ackId {ack_id} again (after {last[0]}): it restarted, forgot the channel, "
                 "or another HEC node answered, and can no longer confirm this event's request"
             )
             for post in list(self.by_ack.values()):
-                self.void(post, reason)
-                voided += 1
-        self.last, self.used = ack_id, True
+                if post.channel == channel or post.at <= last[1]:
+                    self.void(post, reason)
+                    voided += 1
+        self.last[channel], self.used = (ack_id, now), True
         if not keys:
             return None, voided
         post = self.by_ack[channel, ack_id] = _Post(channel, ack_id, now)
@@ -389,6 +399,10 @@ class _Pending:
     def on(self, channel: str) -> bool:
         """Some request on ``channel`` waits to be confirmed."""
         return any(post.channel == channel for post in self.by_ack.values())
+
+    def keys_of(self, post: _Post) -> list[str]:
+        """The occurrences waiting on ``post``."""
+        return [key for key, on in self.by_key.items() if on is post]
 
     def confirm(self, post: _Post) -> None:
         post.confirmed = True
@@ -432,6 +446,10 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         self._session: aiohttp.ClientSession | None = None
         self._max_body: int | None = None  # the most bytes a request carries, learnt from HEC's 413s
         self._pending = _Pending()
+        # The events of a request voided by a lost answer (``_answer_lost``), each such request's on a
+        # channel of its own, which nothing else is posted on until HEC confirms them (or they are
+        # given up): no other request's lost answer can make their ackId ambiguous again there.
+        self._own: dict[str, str] = {}
         self.channel = ""
         self._headers: dict[str, str] = {}
         self._use_channel(str(uuid.uuid4()))
@@ -458,9 +476,9 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
     def _use_channel(self, channel: str) -> None:
         """Post on ``channel`` from now on. A token with indexer acknowledgement on refuses every request
         without one; its ackIds are per channel, numbered from 0 on a channel HEC does not know."""
+        self._pending.last.pop(self.channel, None)  # nothing is posted on the old one any more
         self.channel = channel
         self._headers = self._on(channel)
-        self._pending.last = None
 
     def _on(self, channel: str) -> dict[str, str]:
         return {**self._auth, "X-Splunk-Request-Channel": channel}
@@ -690,7 +708,23 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             first = 0.0 if new else _ACK_POLL_FIRST
             problem = await self._confirm(set(posts.values()), end, first) or problem
         self._settle(batch, posts, outcomes, problem)
+        self._release(batch, outcomes)
         return outcomes
+
+    def _release(self, batch: Sequence[Occurrence], outcomes: list[Outcome]) -> None:
+        """Forget the own channel of each item settled (confirmed, OK without an ackId, rejected): only
+        those still to be offered again keep one. A channel no item keeps is never posted on again."""
+        for occ, outcome in zip(batch, outcomes, strict=True):
+            if outcome.kind is not OutcomeKind.RETRY:
+                self._own.pop(occ.key, None)
+        self._forget_channels()
+
+    def _forget_channels(self) -> None:
+        """Keep the last ackId of the channels still posted on only (the sink's and the own ones)."""
+        if self._pending.last:
+            used = {self.channel, *self._own.values()}
+            for channel in [c for c in self._pending.last if c not in used]:
+                del self._pending.last[channel]
 
     def _waiting(self, batch: Sequence[Occurrence], bodies: dict[int, bytes]) -> dict[int, _Post]:
         """The items of ``batch`` HEC received before under an ackId still to be confirmed (or confirmed
@@ -772,7 +806,11 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         reserve = self.context.send_budget * _ACK_SHARE if self._pending.used else 0.0
         post_by = end - self.options.timeout - reserve
         alone = frozenset(i for i in bodies if batch[i].key in self._alone)
-        todo = self._requests(list(bodies), bodies, alone)
+        # A voided request's events go on their channel, in requests of their own (None: the sink's).
+        groups: dict[str | None, list[int]] = {}
+        for i in bodies:
+            groups.setdefault(self._own.get(batch[i].key), []).append(i)
+        todo = [run for group in groups.values() for run in self._requests(group, bodies, alone)]
         posts: dict[int, _Post] = {}
         started = False
         self._alone_said = False
@@ -785,10 +823,11 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
                 break
             started = True
             keys = [batch[i].key for i in items]
-            again, ack_id = await self._post(items, keys, bodies, outcomes)
+            channel = self._own.get(keys[0], self.channel)  # a run is all of one group
+            again, ack_id = await self._post(channel, items, keys, bodies, outcomes)
             if ack_id is not None:  # the items HEC took under it: those whose outcome stays OK
                 taken = [] if again else [i for i in items if outcomes[i] is OK]
-                post = self._posted(ack_id, [batch[i].key for i in taken])
+                post = self._posted(channel, ack_id, [batch[i].key for i in taken])
                 posts.update(dict.fromkeys(taken, post) if post is not None else {})
             if again:  # in smaller requests
                 todo[:0] = again
@@ -799,13 +838,13 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             )
         return posts
 
-    def _posted(self, ack_id: int, keys: list[str]) -> _Post | None:
+    def _posted(self, channel: str, ack_id: int, keys: list[str]) -> _Post | None:
         """HEC received a request (``keys``) under ``ack_id`` (none: an ackId HEC gave with a refusal).
         An ackId not above the channel's last means HEC numbers the channel anew: it restarted (what it
         had not indexed is lost), dropped the channel as idle, or another HEC node answered (a load
         balancer without sticky sessions): the requests waiting to be confirmed can no longer be, and
         are sent again."""
-        post, voided = self._pending.posted(self.channel, ack_id, keys, time.monotonic())
+        post, voided = self._pending.posted(channel, ack_id, keys, time.monotonic())
         if voided:
             self.log.warning(
                 "splunk_hec %s: HEC answered ackId %d again on this sink's channel: it restarted, forgot "
@@ -887,6 +926,8 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         for occ in occurrences:
             self._pending.forget(occ.key)
             self._alone.discard(occ.key)
+            self._own.pop(occ.key, None)
+        self._forget_channels()
 
     async def _ask_acks(self, posts: set[_Post], end: float) -> str | None:
         """Ask HEC about ``posts`` not confirmed yet (one query per channel, within ``end``, the send's
@@ -997,30 +1038,43 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         self._pending.used = False
         self._ack_off = True
 
-    def _answer_lost(self) -> None:
-        """A request's answer was lost (a timeout, a reset): HEC may have taken it under an ackId the
-        sink never learnt. Had HEC restarted (or dropped the idle channel) just before, that is ackId 0,
-        which a request still waiting may hold from before: asked about, HEC would confirm the other
-        request's events, and this one's, lost in the restart, would be answered OK. So that one is
-        posted again, and the sink goes on on a new channel: only one request of unknown ackId per
-        channel, always the last, so only ackId 0 can be mistaken (any later answer not above the
-        last ackId shows the renumbering, as ``_posted`` checks)."""
-        old = self.channel
-        if not self._pending.on(old):
+    def _answer_lost(self, channel: str) -> None:
+        """A request's answer on ``channel`` was lost (a timeout, a reset, a front's 5xx): HEC may have
+        taken it under an ackId the sink never learnt. Had HEC restarted (or dropped the idle channel)
+        just before, that is ackId 0, which a request still waiting there may hold from before: asked
+        about, HEC would confirm the other request's events, and this one's, lost in the restart, would
+        be answered OK. So that one is posted again, and nothing more is posted on ``channel``: only one
+        request of unknown ackId per channel, always the last, so only ackId 0 can be mistaken (any
+        later answer not above the last ackId shows the renumbering, as ``_posted`` checks).
+
+        The voided request is posted again on a channel of its own (``_own``), kept until HEC confirms
+        it: posted on the sink's new channel, it was the first there, ackId 0 again, and the next lost
+        answer voided it again, one copy per lost answer (r318 F4: 21 after 20 alternating front
+        502s). On its own channel only its own events go, so only a lost answer of its own voids it
+        again; then what is left of it moves to another channel of its own."""
+        if not self._pending.on(channel):
             return  # nothing waits on this channel: nothing to mistake
-        if (post := self._pending.by_ack.get((old, 0))) is not None:
+        apart, main = str(uuid.uuid4()), channel == self.channel
+        post = self._pending.by_ack.get((channel, 0))
+        if post is not None:
+            self._own.update(dict.fromkeys(self._pending.keys_of(post), apart))
             self._pending.void(
                 post,
                 "the answer to a later request on its channel was lost, and had HEC restarted in between "
                 "that request would hold ackId 0 too, confirming another request's events",
             )
-        self._use_channel(str(uuid.uuid4()))
+        if main:
+            self._use_channel(str(uuid.uuid4()))
+        else:  # a voided request's own channel: the rest of it leaves it too
+            self._own.update({key: apart for key, on in self._own.items() if on == channel})
+            self._forget_channels()
         self.log.info(
-            "splunk_hec %s: an answer was lost: new requests go on a new channel (%s), the waiting ones "
-            "are asked about on their own%s",
+            "splunk_hec %s: an answer was lost: %s, the waiting ones are asked about on their own%s",
             self._where,
-            self.channel,
-            "" if post is None else " (but the one with ackId 0, sent again)",
+            f"new requests go on a new channel ({self.channel})"
+            if main
+            else "a request sent again on a channel of its own goes on another",
+            "" if post is None else " (but the one with ackId 0, sent again on a channel of its own)",
         )
 
     def _requests(
@@ -1041,12 +1095,17 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
         return runs
 
     async def _post(
-        self, items: list[int], keys: list[str], bodies: dict[int, bytes], outcomes: list[Outcome]
+        self,
+        channel: str,
+        items: list[int],
+        keys: list[str],
+        bodies: dict[int, bytes],
+        outcomes: list[Outcome],
     ) -> tuple[list[list[int]] | None, int | None]:
-        """Send ``items`` (their occurrences' ``keys``) in one request and set their outcomes. (runs,
-        _): the items are to be sent again in these smaller requests (HEC refused the body as too
-        large, ``_max_body`` is now below it; or refused an event its answer did not name: one per
-        request). (_, n): HEC gave the request ackId n: those of ``items`` whose outcome stays OK it
+        """Send ``items`` (their occurrences' ``keys``) in one request on ``channel`` and set their
+        outcomes. (runs, _): the items are to be sent again in these smaller requests (HEC refused the
+        body as too large, ``_max_body`` is now below it; or refused an event its answer did not name:
+        one per request). (_, n): HEC gave the request ackId n: those of ``items`` whose outcome stays OK it
         received under it (all, for a 2xx; those before the event a 400 refused), not yet confirmed
         indexed; the ackId counts in the channel's numbering whatever the answer."""
         if self._session is None:
@@ -1055,13 +1114,14 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             return None, None
         payload = b"".join(bodies[i] for i in items)
         try:
-            async with self._session.post(self.endpoint, data=payload, headers=self._headers) as resp:
+            headers = self._headers if channel == self.channel else self._on(channel)
+            async with self._session.post(self.endpoint, data=payload, headers=headers) as resp:
                 status, wait = resp.status, _retry_after(resp.headers.get("Retry-After"))
                 body = await excerpt(resp, _BODY_MAX, self._body_wait(status, receipt=True))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             # No status came (the body's faults are in ``body``): sent, HEC may have taken it.
             if not isinstance(exc, aiohttp.ClientConnectorError):
-                self._answer_lost()
+                self._answer_lost(channel)
             # Per item, not RetryableError: earlier requests of this batch may be accepted already.
             for i in items:
                 outcomes[i] = retry(f"cannot reach {self._where}: {_describe(exc)}")
@@ -1074,13 +1134,13 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             if self._receipt_is_final:
                 self._receipt_final(status, body.unreadable)
             else:
-                self._receipt_unread(items, status, body.unreadable, outcomes)
+                self._receipt_unread(channel, items, status, body.unreadable, outcomes)
             return None, None
         ack_id = _ack_id(body.data) if body.unreadable is None else None
         if ack_id is None and (
             (status == 400 and self._may_have_taken(len(items), body)) or self._front_answered(status, body)
         ):
-            self._answer_lost()
+            self._answer_lost(channel)
         again = self._refused(items, keys, bodies, len(payload), status, body, wait, outcomes)
         return again, ack_id
 
@@ -1206,13 +1266,15 @@ class SplunkHECSink(Sink[SplunkHECOptions]):
             why,
         )
 
-    def _receipt_unread(self, items: list[int], status: int, why: str, outcomes: list[Outcome]) -> None:
+    def _receipt_unread(
+        self, channel: str, items: list[int], status: int, why: str, outcomes: list[Outcome]
+    ) -> None:
         """HEC answered a 2xx whose body could not be read, and the token has (or may have) indexer
         acknowledgement on: the events are received, perhaps under an ackId the sink cannot learn (as
         when the answer is lost: ``_answer_lost``). Sent again: before, this was "cannot reach",
         though HEC had answered. A second in a row is an ERROR: a front that garbles every answer
         gets one more copy indexed at every attempt, and nothing delivered."""
-        self._answer_lost()
+        self._answer_lost(channel)
         reason = (
             f"HEC answered HTTP {status} but its answer could not be read ({why}): whether it holds an "
             "ackId is unknown; sent again, so the events may be indexed twice"
