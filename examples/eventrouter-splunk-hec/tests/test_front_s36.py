@@ -144,7 +144,7 @@ async def test_a_fronts_5xx_after_a_hec_restart_never_confirms_a_waiting_request
             assert outcome is not OK or occ.record["reason"] in indexed, (outcome, indexed)
         assert all(o is OK for o in again), again
     assert indexed == ["R1", "R0", "R1"]  # R1 twice: the front hid that HEC took it
-    # R0, voided, went again on a channel of its own (item 324), new requests on the sink's new one.
+    # R0, voided, went again on a channel of its own (item 325), new requests on the sink's new one.
     assert len(hec.channels) == 3 and hec.channels[-1] == sink.channel
 
 
@@ -186,7 +186,7 @@ async def test_a_front_answering_502_to_request_after_request_costs_each_event_o
     requests in a row that HEC took (R1..R4). Only the first moves the channel (R0 was waiting on it);
     nothing waits on the new one, so the others cost nothing more. Then everything is delivered: R0
     once (it was lost in the restart), each of R1..R4 twice (the front hid that HEC took them), on three
-    channels (R0 on one of its own since item 324). Before, R0 was answered OK and never indexed."""
+    channels (R0 on one of its own since item 325). Before, R0 was answered OK and never indexed."""
     r0, later = make_occurrence(reason="R0"), [make_occurrence(reason=f"R{i}") for i in range(1, 5)]
     async with (
         FakeHEC(tokens={TOKEN}, ack_tokens={TOKEN}, hold_acks=True) as hec,
@@ -211,7 +211,7 @@ async def test_a_front_answering_502_to_request_after_request_costs_each_event_o
             assert outcome is not OK or indexed[occ.record["reason"]] > 0, (outcome, indexed)
         assert all(o is OK for o in again), again
     assert indexed == {"R0": 1, "R1": 2, "R2": 2, "R3": 2, "R4": 2}, indexed
-    assert len(hec.channels) == 3 and sink.channel in hec.channels  # and R0's own (item 324)
+    assert len(hec.channels) == 3 and sink.channel in hec.channels  # and R0's own (item 325)
 
 
 @pytest.mark.parametrize("how", HOWS)
@@ -241,7 +241,7 @@ async def test_a_5xx_whose_body_cannot_be_read_keeps_its_retry_after_and_is_a_lo
         again = await sink.send([r0, r1])
         assert again is not None and all(o is OK for o in again), again
     assert Counter(e["event"]["reason"] for e in hec.events) == {"R0": 2, "R1": 1}
-    # R0 went again on a channel of its own (item 324), R1 on the sink's new one.
+    # R0 went again on a channel of its own (item 325), R1 on the sink's new one.
     assert len(hec.channels) == 3 and hec.channels[0] == channel and hec.channels[-1] == sink.channel
 
 

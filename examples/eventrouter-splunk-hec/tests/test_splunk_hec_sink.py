@@ -726,7 +726,7 @@ async def test_a_lost_answer_after_a_hec_restart_never_confirms_a_waiting_reques
             assert outcome is not OK or occ.record["reason"] in indexed, (outcome, indexed)
         assert all(o is OK for o in again), again
     assert indexed == ["R1", "R0", "R1"]  # R1 twice: its answer was lost (at least once)
-    # R0, voided, went again on a channel of its own (item 324), new requests on the sink's new one.
+    # R0, voided, went again on a channel of its own (item 325), new requests on the sink's new one.
     assert len(hec.channels) == 3 and hec.channels[-1] == sink.channel
 
 
