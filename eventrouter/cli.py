@@ -25,7 +25,7 @@ import tempfile
 import threading
 import traceback
 import types
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
 
@@ -403,7 +403,7 @@ def _refuse_shared_files(specs: Sequence[SinkSpec]) -> None:
         other = owners.setdefault(key, spec)
         if other is not spec:
             raise ConfigError(
-                f"{spec.source}: sink {spec.name!r} writes {key}, as sink {other.name!r} ({other.source}) "
+                f"{spec.source}: sink {_shown_name(spec.name)} writes {key}, as sink {_shown_name(other.name)} ({other.source}) "
                 "does: two sinks on one file cut back and rotate each other's lines; give each its own "
                 "file, or use one sink"
             )
@@ -416,7 +416,7 @@ def _refuse_shared_files(specs: Sequence[SinkSpec]) -> None:
         if key in rotated:
             base, other = rotated[key]
             raise ConfigError(
-                f"{spec.source}: sink {spec.name!r} writes {key}, where sink {other.name!r} "
+                f"{spec.source}: sink {_shown_name(spec.name)} writes {key}, where sink {_shown_name(other.name)} "
                 f"({other.source}) keeps the rotated files of {base}: its rotation renames over this "
                 "sink's file; give each a file of its own name"
             )
@@ -1471,8 +1471,9 @@ class _ReplayInput:
             raise _MixedLetters(_not_configured(sink, self.configured))
         if ours != theirs:
             raise _MixedLetters(
-                f"the input holds dead letters of {first} and of {sink}, which go to different sinks "
-                f"here ({first}'s to {', '.join(sorted(ours))}; {sink}'s to {', '.join(sorted(theirs))}): "
+                f"the input holds dead letters of {_shown_list([first])} and of {_shown_list([sink])}, which "
+                f"go to different sinks here ({_shown_list([first])}'s to {_shown_list(sorted(ours))}; "
+                f"{_shown_list([sink])}'s to {_shown_list(sorted(theirs))}): "
                 "replay the dead letters of each sink on their own (one file at a time), or name the "
                 "sinks all of them should go to with --to; nothing was sent"
             )
@@ -1489,18 +1490,28 @@ def _destinations(configured: Sequence[str], to: Sequence[str]) -> Callable[[str
         unknown = [name for name in to if name not in every]
         if unknown:
             raise ConfigError(
-                f"--to {unknown[0]}: no sink of that name is configured here (configured: "
-                f"{', '.join(configured)}); --to names a sink of --sink, --sink-flags or --config"
+                f"--to {_shown_list(unknown[:1])}: no sink of that name is configured here (configured: "
+                f"{_shown_list(configured)}); --to names a sink of --sink, --sink-flags or --config"
             )
         chosen = frozenset(to)
         return lambda sink: chosen
     return lambda sink: frozenset((sink,)) if sink in every else None
 
 
+def _shown_name(name: str) -> str:
+    """A sink's name quoted as config errors show it: whole unless it has a credential's shape."""
+    return repr(shown_values([name]))
+
+
+def _shown_list(names: Iterable[str]) -> str:
+    """Sink names, comma-separated, each as ``_shown_name`` judges it (unquoted)."""
+    return ", ".join(shown_values([name]) for name in names)
+
+
 def _not_configured(sink: str, configured: Sequence[str]) -> str:
     return (
-        f"dead letters of sink {sink!r}, which is not configured here (configured: "
-        f"{', '.join(configured) or 'none'}): give the replay that sink as the router has it, its same "
+        f"dead letters of sink {_shown_name(sink)}, which is not configured here (configured: "
+        f"{_shown_list(configured) or 'none'}): give the replay that sink as the router has it, its same "
         "--sink flag or --config (in the chart's pod, --sink-flags=/etc/eventrouter/sink-flags holds "
         "the sinks of sinks.flags), or name a configured sink to send them to instead with --to NAME; "
         "nothing was sent"

@@ -444,11 +444,16 @@ def _token_runs(text: str) -> list[str]:
     return runs + [m.group(0) for m in _LONG_RUN.finditer(text) if long(m.group(0))]
 
 
+_PORT_THEN_PATH = re.compile(r"(?:\d{1,5}|\$\{[A-Za-z_][A-Za-z0-9_]*\})/[A-Za-z0-9._~/-]*")
+
+
 def _plain_value(value: str) -> bool:
-    """Whether what follows a ``name:`` or ``name=`` is plainly no credential: a ``_PLAIN_PART``, and
-    then a path holding no other ``:`` or ``=`` (``hook:8080/healthz``, an address without a scheme)."""
-    head, slash, path = value.partition("/")
-    return bool(_PLAIN_PART.fullmatch(head)) and not (slash and re.search(r"[:=]", path))
+    """Whether what follows a ``name:`` or ``name=`` is plainly no credential: a ``_PLAIN_PART``, or a
+    port (or ``${NAME}``) then a path of path characters (``hook:8080/healthz``, an address without a
+    scheme). Not any plain part before a ``/``: ``password:ab/S3cretPassw0rd`` was shown whole."""
+    if "/" not in value:
+        return bool(_PLAIN_PART.fullmatch(value))
+    return bool(_PORT_THEN_PATH.fullmatch(value))
 
 
 def _credential_shaped(text: str) -> bool:

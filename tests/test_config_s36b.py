@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from eventrouter.cli import main
 from eventrouter.config import ConfigError, build_specs
+from eventrouter.engine.deadletter import DeadLetter
+from eventrouter.testing.factories import recorded_occurrences
 
 SECRET = "Zq9S3cretPw"
 """A credential's value: it must appear in no output."""
@@ -162,6 +165,13 @@ HIDDEN_BESIDE_THE_TYPOS: list[tuple[list[str], list[dict[str, Any]] | None, str]
     (["kafka:kafka-0:9092,admin:20231207?topic=events"], None, "20231207"),
     (["kafka:kafka-0:9092,admin:Zq9S3cretPw?topic=events"], None, SECRET),
     ([], [{"type": "loki", "url": "http://loki:3100", "level": f"password:{SECRET}"}], SECRET),
+    # A short plain part, then a `/` and the rest of a password (r326 F1: shown whole after item 326).
+    (
+        [],
+        [{"type": "loki", "url": "http://loki:3100", "level": "password:ab/S3cretPassw0rd"}],
+        "S3cretPassw0rd",
+    ),
+    ([], [{"type": "loki", "url": "http://loki:3100", "level": "admin:Pa55/word!"}], "word!"),
     (
         [],
         [{"type": "webhook", "url": "http://hook:8080/x", "healthcheck_url": f"admin:{SECRET}/x"}],
@@ -210,3 +220,46 @@ def test_the_duplicate_name_refusals_show_the_name_by_the_credential_rule() -> N
         "sink name 'team/a' and 'team:a' (config sinks[0] (sink 'team:a')) are both stored as 'team_a'"
         in said
     ), said
+
+
+NAMED = f"token:{SECRET}"  # a name the router takes (r326 F3: quoted whole by cli.py's own refusals)
+
+
+def test_two_sinks_on_one_file_are_refused_without_quoting_a_credential_shaped_name(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """cli.py's "two sinks on one file" refusal quoted both names whole beside config's hidden form."""
+    path = tmp_path / "events.jsonl"
+    config = tmp_path / "router.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "sinks": [
+                    {"type": "file", "name": NAMED, "path": str(path)},
+                    {"type": "file", "name": "plain", "path": str(path)},
+                ]
+            }
+        ),
+        encoding="utf-8",
+    )
+    code, said = _check(capsys, f"--config={config}")
+    assert code == 2, said
+    assert SECRET not in said, said
+    assert "sink 'plain' writes" in said and "as sink 'token:…'" in said, said
+
+
+def test_replay_names_the_configured_sinks_without_quoting_a_credential_shaped_name(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``replay --to nosuch`` listed the configured sinks whole (``configured: token:…``)."""
+    letters = tmp_path / "deadletter" / "hook.jsonl"
+    assert DeadLetter(letters, sink="hook").write(
+        [(occ, "webhook answered 400") for occ in recorded_occurrences()[:2]]
+    )
+    name = urllib.parse.quote(NAMED, safe="")
+    code = main(["replay", str(letters), f"--sink=stdout:?name={name}", "--to", "nosuch"])
+    said = capsys.readouterr()
+    text = said.out + said.err
+    assert code != 0, text
+    assert SECRET not in text, text
+    assert "--to nosuch: no sink of that name is configured here (configured: token:…)" in text, text
