@@ -261,7 +261,9 @@ class Sink(abc.ABC, Generic[OptionsT]):
         dropped from a full memory queue, or dropped from the disk spool over its bound, and counted
         so (overriding this makes the spool rebuild the records it drops, ~8 µs each). A sink that keeps occurrences between sends
         (alert digests) forgets them here, so that it never delivers what was counted as not
-        delivered. Synchronous; must not raise."""
+        delivered. During a reload it is also called on the instance being replaced while that
+        instance closes (what it holds is handed to the new one by ``take_over`` after the close), so
+        it must not need the instance's connections. Synchronous; must not raise."""
 
     def stop_sending(self) -> None:
         """The router is stopping and its drain deadline passed: the send in progress is about to be

@@ -122,6 +122,9 @@ class Pipeline:
         self._nudge = asyncio.Event()
         self._replacement: Sink[Any] | None = None
         self._superseded: list[Sink[Any]] = []  # replacements replaced before they were used
+        # The instance a swap is closing, until the new one's take_over carries its state: what is
+        # given up meanwhile is told to it too (its records would be carried over, never dropped).
+        self._handing_over: Sink[Any] | None = None
         # A replacement whose start failed while the instance it replaces worked: that one goes on
         # sending, and the replacement's start is tried again at the first send after `_failed_due`.
         self._failed_replacement: Sink[Any] | None = None
@@ -475,12 +478,16 @@ class Pipeline:
     def _given_up(self, occs: Sequence[Occurrence]) -> None:
         """Tell the sink: an alert robot kept a given-up occurrence pooled and paged it with its next
         digest, while the dead-letter file and the metrics said it was not delivered."""
-        try:
-            self.sink.given_up(occs)
-        except BaseException as exc:  # a plugin's bug must not stop the pipeline
-            if raised_by_signal(exc):
-                raise
-            self.log_fault(logging.ERROR, "sink %s: given_up() failed", self.name, exc=exc)
+        sinks = [self.sink]
+        if self._handing_over is not None and self._handing_over is not self.sink:
+            sinks.append(self._handing_over)  # a swap closes it: its records are yet to be carried
+        for sink in sinks:
+            try:
+                sink.given_up(occs)
+            except BaseException as exc:  # a plugin's bug must not stop the pipeline
+                if raised_by_signal(exc):
+                    raise
+                self.log_fault(logging.ERROR, "sink %s: given_up() failed", self.name, exc=exc, sink=sink)
 
     # ---- a sink's faults, named ----------------------------------------------------------------
 
@@ -1966,8 +1973,7 @@ class Pipeline:
             return
         old, self.sink = self.sink, new
         self._superseded.append(old)
-        await self._close_superseded()
-        self._took_over(new, old)
+        await self._hand_over(new, old)
 
     async def _use_replacement(self) -> None:
         """Swap at once (the instance replaced never started): started by the caller."""
@@ -1976,9 +1982,19 @@ class Pipeline:
             return
         old, self.sink = self.sink, new
         self._superseded.append(old)
-        await self._close_superseded()
-        self._took_over(new, old)
+        await self._hand_over(new, old)
         self.started.clear()
+
+    async def _hand_over(self, new: Sink[Any], old: Sink[Any]) -> None:
+        """Close ``old``, then let ``new`` take over from it. While the close awaits, offers run (a
+        drop, a dead letter): told to ``new`` alone, their records still in ``old`` were carried over
+        and held their stream back for nothing until they expired (r-g F1)."""
+        self._handing_over = old
+        try:
+            await self._close_superseded()
+        finally:
+            self._handing_over = None
+        self._took_over(new, old)
 
     async def _close_superseded(self) -> None:
         while self._superseded:  # taken out before each await: a swap meanwhile adds to it
