@@ -88,10 +88,10 @@ async def excerpt(resp: aiohttp.ClientResponse, limit: int, wait: float | None) 
     return Excerpt(data, more, None)
 
 
-def answer_text(data: bytes, charset: str | None = None, *, content_type: str | None = None) -> str:
-    """``data`` (an answer's body, or its start) as text in the answer's ``charset`` (None: UTF-8), or
-    in the one ``charset_of`` reads in ``content_type`` (its Content-Type header's raw text) if given,
-    never raising: undecodable bytes are replaced. The charset is the peer's to choose, so only one
+def answer_text(data: bytes, charset: str | None = None) -> str:
+    """``data`` (an answer's body, or its start) as text in the answer's ``charset`` (None: UTF-8; a
+    sink reads it with ``charset_of`` from its Content-Type header's raw text), never raising:
+    undecodable bytes are replaced. The charset is the peer's to choose, so only one
     of ``_CHARSETS`` is honoured, found by its normalised name
     (``_charset``); any other is read as UTF-8, as an unlabelled body. Python's codecs include
     bytes-to-bytes ones ("charset=base64" raised LookupError out of a sink's ``send`` and ``start``,
@@ -101,8 +101,6 @@ def answer_text(data: bytes, charset: str | None = None, *, content_type: str | 
     bytes (an echoed credential) comes out as itself, so the sinks' scrub, which looks at the text,
     finds it: under utf-7, utf-16-le or cp037 it did not, and the reason quoted it re-encodable (UTF-16
     and UTF-32 are read in the byte order of the data, ``_wide_order``)."""
-    if content_type is not None:
-        charset = charset_of(content_type)
     codec = _charset(charset) if charset else None
     if codec is not None and codec in _WIDE:
         # Two printable ASCII bytes side by side: not the ASCII text UTF-16/32 writes (a NUL between),
@@ -125,8 +123,7 @@ def charset_of(content_type: str | None) -> str | None:
     pos = text.find(";")
     while pos != -1:
         parameter = _PARAMETER.match(text, pos)
-        if parameter is None:  # not reached: every ";" starts a match
-            return None
+        assert parameter is not None  # every ";" starts a match
         name, value = parameter.group(1, 2)
         if value is not None and name.strip(" \t").lower() == "charset":
             if value.startswith('"'):

@@ -26,6 +26,7 @@ __all__ = [
     "core_v1_event",
     "list_item",
     "normalise",
+    "normalise_checked",
     "occurrence_number",
     "parse_time_ns",
 ]
@@ -390,10 +391,10 @@ def normalise(
     uid = meta.get("uid")
     if type(uid) is not str or not uid:
         raise MalformedEvent(f"event {meta.get('namespace')}/{meta.get('name')} has no metadata.uid")
-    return _normalise(obj, meta, uid, cluster, received_at, raw_json, owned, number)
+    return normalise_checked(obj, meta, uid, cluster, received_at, raw_json, owned, number)
 
 
-def _normalise(
+def normalise_checked(
     obj: JSON,
     meta: JSON,
     uid: str,
@@ -403,8 +404,9 @@ def _normalise(
     owned: bool,
     number: int | None,
 ) -> Occurrence:
-    """normalise for an object already checked: a dict whose ``metadata`` is a dict with a non-empty
-    str ``uid`` (``OccurrenceTracker.observe`` checks that itself; checking twice cost per event)."""
+    """``normalise`` for an object its caller has checked: a dict whose ``metadata`` is a dict with a
+    non-empty str ``uid``, passed as ``meta`` and ``uid`` (``OccurrenceTracker.observe`` checks them
+    itself; checking twice cost per event). Anything else must go through ``normalise``."""
     if number is None:
         number = occurrence_number(obj)
     get = obj.get

@@ -146,7 +146,7 @@ from eventrouter import (
     reject,
     retry,
 )
-from eventrouter.body_prefix import EXCERPT_WAIT, answer_text, excerpt
+from eventrouter.body_prefix import EXCERPT_WAIT, answer_text, charset_of, excerpt
 from eventrouter.logs import Throttled
 from eventrouter.options import FilePath, http_url, redact_url
 from eventrouter.protowire import bytes_field, varint, varint_field
@@ -687,7 +687,7 @@ async def _read_answer(response: aiohttp.ClientResponse, limit: int, timeout: fl
     body, cut, unreadable = await excerpt(response, limit, timeout if decides else min(EXCERPT_WAIT, timeout))
     if unreadable is not None:
         return _Answer("", False, unreadable)
-    return _Answer(answer_text(body, content_type=response.headers.get("Content-Type")), cut, None)
+    return _Answer(answer_text(body, charset_of(response.headers.get("Content-Type"))), cut, None)
 
 
 def _unread_note(unreadable: str | None) -> str:

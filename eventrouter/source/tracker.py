@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from eventrouter.logs import Throttled
-from eventrouter.record import MalformedEvent, Occurrence, _normalise, normalise, occurrence_number
+from eventrouter.record import MalformedEvent, Occurrence, normalise, normalise_checked, occurrence_number
 
 __all__ = ["OccurrenceTracker"]
 
@@ -77,7 +77,7 @@ class OccurrenceTracker:
             return None
         if type(obj) is dict and type(meta) is dict and type(uid) is str:
             # What normalise would check first, checked above: build at once (once per event).
-            occ = _normalise(obj, meta, uid, self.cluster, received_at, None, True, number)
+            occ = normalise_checked(obj, meta, uid, self.cluster, received_at, None, True, number)
         else:
             occ = normalise(obj, cluster=self.cluster, received_at=received_at, owned=True, number=number)
         self.seen[uid] = number
