@@ -5,7 +5,8 @@ ruff check .
 ruff format --check eventrouter sinks tests bench
 mypy
 # Two conftest.py files (tests/, tests/sinks/): module names from their paths, not both "conftest".
-mypy --explicit-package-bases tests --exclude tests/reliability
+# tests/*_helpers.py are imported by plain name (pytest puts tests/ on sys.path): MYPYPATH says so.
+MYPYPATH=tests mypy --explicit-package-bases tests --exclude tests/reliability
 mypy tests/reliability
 MYPYPATH=tests/reliability mypy bench
 lint-imports

@@ -16,15 +16,13 @@ from typing import Any
 
 import helm_python as helm
 import pytest
-import yaml
+from chart_helpers import CHART, Doc, docs
+from chart_helpers import render as render_text
 
 from eventrouter.engine.deadletter import DeadLetter
 from eventrouter.source.tracker import OccurrenceTracker
 from eventrouter.testing import event_object
 from eventrouter.testing.receivers.webhook import WebhookReceiver
-
-CHART = Path(__file__).resolve().parents[1] / "charts" / "eventrouter"
-Doc = dict[str, Any]
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +32,7 @@ def chart() -> Iterator[helm.Chart]:
 
 
 def render(chart: helm.Chart, values: dict[str, Any]) -> list[Doc]:
-    rendered = chart.render(values, name="er", namespace="monitoring")
-    return [
-        doc
-        for path, text in sorted(rendered.items())
-        if not path.endswith("NOTES.txt")
-        for doc in yaml.safe_load_all(text)
-        if doc
-    ]
+    return docs(render_text(chart, values))
 
 
 def _one(docs: list[Doc], kind: str) -> Doc:

@@ -20,6 +20,8 @@ from typing import Any
 import helm_python as helm
 import pytest
 import yaml
+from chart_helpers import BASE, CHART, FULLNAME, NAMESPACE, Doc, chart_with, docs, notes, sink_flag
+from chart_helpers import render as render_text
 
 from eventrouter.cli import _parser
 from eventrouter.config import ConfigError, build_spec, build_specs, parse_sink_flag
@@ -29,11 +31,8 @@ from eventrouter.testing import FakeApiServer, event_object
 from eventrouter.testing.chart_pod import ChartPod
 from eventrouter.testing.waiting import until
 
-CHART = Path(__file__).resolve().parents[1] / "charts" / "eventrouter"
-RELEASE, NAMESPACE, FULLNAME = "er", "monitoring", "er-eventrouter"
 CHECKPOINT = f"{FULLNAME}-checkpoint"
 TO_DATA_DIR: dict[str, Any] = {"checkpoint": {"mode": "dataDir"}, "persistence": {"enabled": True}}
-Doc = dict[str, Any]
 
 
 @pytest.fixture(scope="module")
@@ -42,27 +41,13 @@ def chart() -> Iterator[helm.Chart]:
         yield loaded
 
 
-def render_text(chart: helm.Chart, values: Doc | None = None) -> dict[str, str]:
-    return chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
-
-
 def render(chart: helm.Chart, values: Doc | None = None) -> list[Doc]:
-    docs: list[Doc] = []
-    for path, text in sorted(render_text(chart, values).items()):
-        if not path.endswith("NOTES.txt"):
-            docs.extend(d for d in yaml.safe_load_all(text) if d)
-    return docs
+    return docs(render_text(chart, values))
 
 
 def deployment(docs: list[Doc]) -> Doc:
     (found,) = [d for d in docs if d["kind"] == "Deployment"]
     return found
-
-
-def notes(chart: helm.Chart, values: Doc | None = None) -> str:
-    """NOTES.txt as rendered, its white space made single spaces."""
-    text = render_text(chart, values)[f"{CHART.name}/templates/NOTES.txt"]
-    return " ".join(text.split())
 
 
 def named(docs: list[Doc], kind: str, name: str) -> list[Doc]:
@@ -84,13 +69,7 @@ def granted(role: Doc) -> set[tuple[str, str]]:
 
 def chart_with_live(tmp: Path, live: Doc) -> Path:
     """A copy of the chart whose `lookup` of the release's workload finds `live`."""
-    copy = tmp / "chart-with-live" / CHART.name
-    shutil.copytree(CHART, copy)
-    # Parsed after _helpers.tpl (Helm parses a folder's templates in reverse name order): it wins.
-    (copy / "templates" / "_a_live.tpl").write_text(
-        '{{- define "eventrouter.liveWorkload" -}}\n' + yaml.safe_dump(live) + "{{- end -}}\n"
-    )
-    return copy
+    return chart_with(tmp / "chart-with-live", "eventrouter.liveWorkload", yaml.safe_dump(live))
 
 
 # --- F5: watchNamespaces ------------------------------------------------------------------------
@@ -229,28 +208,6 @@ def _extra_sinks(args: list[str]) -> list[str]:
     ]
 
 
-# A valid entry of each built-in type, to which one option is added.
-BASE: dict[str, Doc] = {
-    "stdout": {},
-    "file": {"url": "/tmp/x"},
-    "loki": {"url": "http://l:3100"},
-    "kafka": {"url": "k:9092", "topic": "t"},
-    "elasticsearch": {"url": "http://e:9200"},
-    "opensearch": {"url": "http://e:9200"},
-    "webhook": {"url": "http://h/x"},
-    "dingtalk": {"access_token": "env:ER_TEST_TOKEN"},
-    "wecom": {"key": "env:ER_TEST_TOKEN"},
-    "wechat": {"key": "env:ER_TEST_TOKEN"},
-    "sls": {
-        "url": "https://cn-hangzhou.log.aliyuncs.com",
-        "project": "p",
-        "logstore": "l",
-        "access_key_id": "env:ER_TEST_TOKEN",
-        "access_key_secret": "env:ER_TEST_TOKEN",
-    },
-}
-
-
 def _config_rules() -> dict[str, dict[str, Doc]]:
     """Each built-in type → each key → the schema's rule for config.sinks ({} for none), a `$ref` to
     the config's definitions resolved."""
@@ -320,13 +277,6 @@ def _router_takes(sink_type: str, key: str, value: Any) -> bool:
     return True
 
 
-def _flag(sink_type: str, extra: str) -> str:
-    base = BASE[sink_type]
-    url = base.get("url", "")
-    query = "&".join(f"{k}={v}" for k, v in base.items() if k != "url")
-    return f"{sink_type}:{url}?" + "&".join(q for q in (query, extra) if q)
-
-
 def test_the_value_checks_refuse_nothing_the_router_takes(
     chart: helm.Chart, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -348,7 +298,7 @@ def test_the_value_checks_refuse_nothing_the_router_takes(
                 taken.append({"type": sink_type, **BASE[sink_type], key: value, "name": name})
                 as_text = "" if value is None else str(value)
                 if isinstance(value, str | int | float) and _flag_takes(sink_type, key, as_text):
-                    flags.append(_flag(sink_type, f"name=f{len(flags)}&{key}={as_text}"))
+                    flags.append(sink_flag(sink_type, f"name=f{len(flags)}&{key}={as_text}"))
     assert refused and len(taken) > 500 and len(flags) > 500, (refused, len(taken), len(flags))
     chart.validate_schema(chart.merge_values({"config": {"sinks": taken}}))
     render(chart, {"config": {"sinks": []}, "sinks": {"flags": flags}})
@@ -357,7 +307,7 @@ def test_the_value_checks_refuse_nothing_the_router_takes(
 def _flag_takes(sink_type: str, key: str, text: str) -> bool:
     """As `build_specs` takes one --sink flag."""
     try:
-        build_spec(parse_sink_flag(_flag(sink_type, f"{key}={text}")), where="probe", plugins=PLUGINS)
+        build_spec(parse_sink_flag(sink_flag(sink_type, f"{key}={text}")), where="probe", plugins=PLUGINS)
     except ConfigError:
         return False
     return True

@@ -10,23 +10,31 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import helm_python as helm
 import pytest
 import yaml
+from chart_helpers import (
+    BASE,
+    CHART,
+    FULLNAME,
+    NAMESPACE,
+    TOKEN_ENV,
+    Doc,
+    chart_with,
+    deployment,
+    notes,
+    refusal,
+    render,
+    sink_flag,
+)
 
 from eventrouter.config import ConfigError, build_spec, build_specs, parse_sink_flag
 from eventrouter.plugins import discover
 
-CHART = Path(__file__).resolve().parents[1] / "charts" / "eventrouter"
-RELEASE, NAMESPACE, FULLNAME = "er", "monitoring", "er-eventrouter"
 SECRET = "Hunter2xyz"
-TOKEN_ENV = "ER_TEST_TOKEN"
-Doc = dict[str, Any]
 PLUGINS = discover()  # once: build_specs discovers them at each call
 
 
@@ -41,45 +49,8 @@ def token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(TOKEN_ENV, "t0ken")  # what the env: references below read
 
 
-def render(chart: helm.Chart, values: Doc) -> dict[str, str]:
-    return chart.render(values, name=RELEASE, namespace=NAMESPACE)
-
-
-def refusal(chart: helm.Chart, values: Doc) -> str:
-    """The error text of a render the chart refuses ("" when it renders)."""
-    try:
-        render(chart, values)
-    except (helm.HelmValuesError, helm.HelmRenderError) as exc:
-        return str(exc)
-    return ""
-
-
-def deployment(chart: helm.Chart, values: Doc) -> Doc:
-    rendered = render(chart, values)
-    docs = [
-        d for path, text in rendered.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d
-    ]
-    (found,) = [d for d in docs if isinstance(d, dict) and d.get("kind") == "Deployment"]
-    return found
-
-
 def args(chart: helm.Chart, values: Doc) -> list[str]:
     return list(deployment(chart, values)["spec"]["template"]["spec"]["containers"][0]["args"])
-
-
-def notes(chart: helm.Chart, values: Doc) -> str:
-    return " ".join(render(chart, values)[f"{CHART.name}/templates/NOTES.txt"].split())
-
-
-def chart_with(tmp: Path, template: str, text: str) -> Path:
-    """A copy of the chart whose `template` (a define of _helpers.tpl) renders `text`."""
-    copy = tmp / CHART.name
-    shutil.copytree(CHART, copy)
-    # Parsed after _helpers.tpl (Helm parses a folder's templates in reverse name order): it wins.
-    (copy / "templates" / "_a_live.tpl").write_text(
-        f'{{{{- define "{template}" -}}}}\n{text}{{{{- end -}}}}\n'
-    )
-    return copy
 
 
 def router_refusal(flags: list[str], sinks: list[Doc] | None = None) -> str:
@@ -177,33 +148,6 @@ def _number_rules() -> dict[tuple[str, str], Doc]:
     return {(t, k): r for t, keys in options.items() for k, r in keys.items() if "number" in r}
 
 
-BASE: dict[str, Doc] = {
-    "stdout": {},
-    "file": {"url": "/tmp/x"},
-    "loki": {"url": "http://l:3100"},
-    "kafka": {"url": "k:9092", "topic": "t"},
-    "elasticsearch": {"url": "http://e:9200"},
-    "opensearch": {"url": "http://e:9200"},
-    "webhook": {"url": "http://h/x"},
-    "dingtalk": {"access_token": f"env:{TOKEN_ENV}"},
-    "wecom": {"key": f"env:{TOKEN_ENV}"},
-    "wechat": {"key": f"env:{TOKEN_ENV}"},
-    "sls": {
-        "url": "https://cn-hangzhou.log.aliyuncs.com",
-        "project": "p",
-        "logstore": "l",
-        "access_key_id": f"env:{TOKEN_ENV}",
-        "access_key_secret": f"env:{TOKEN_ENV}",
-    },
-}
-
-
-def _flag(sink_type: str, extra: str) -> str:
-    base = BASE[sink_type]
-    query = "&".join(f"{k}={v}" for k, v in base.items() if k != "url")
-    return f"{sink_type}:{base.get('url', '')}?" + "&".join(q for q in (query, extra) if q)
-
-
 def _refused_for_itself(error: str, key: str) -> bool:
     """The router refused the option's own value (not another's, not a check of several options)."""
     return f"option {key!r}:" in error
@@ -221,7 +165,7 @@ def test_a_number_the_router_cannot_read_is_refused_by_the_chart_and_no_other(ch
         for text in NUMBER_TEXTS:
             for form in ("flag", "config"):
                 if form == "flag":
-                    flag = _flag(sink_type, f"name=p&{key}={text}")
+                    flag = sink_flag(sink_type, f"name=p&{key}={text}")
                     by_router = router_refusal([flag], [])
                     values: Doc = {"config": {"sinks": []}, "sinks": {"flags": [flag]}}
                 else:
@@ -280,10 +224,10 @@ def test_an_option_of_one_value_given_twice_in_a_flag_is_refused_as_the_router_d
             if key in BASE[sink_type] or key == "url":
                 continue
             value = _a_value(key, options.get(sink_type, {}).get(key, {}))
-            once = _flag(sink_type, f"{key}={value}")
+            once = sink_flag(sink_type, f"{key}={value}")
             if router_refusal([once], []):
                 continue  # a value this key does not take alone: not about giving it twice
-            twice = _flag(sink_type, f"{key}={value}&{key}={value}")
+            twice = sink_flag(sink_type, f"{key}={value}&{key}={value}")
             by_router = "given 2 times" in router_refusal([twice], [])
             said = refusal(chart, {"config": {"sinks": []}, "sinks": {"flags": [twice]}})
             assert by_router == (key in one_value[sink_type]), (sink_type, key)

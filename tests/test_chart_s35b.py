@@ -10,75 +10,32 @@ chart redefines the template that calls it, as tests/test_chart_s35.py does.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import helm_python as helm
 import pytest
 import yaml
+from chart_helpers import (
+    CHART,
+    FULLNAME,
+    RELEASE,
+    Doc,
+    chart_with,
+    deployment,
+    notes,
+    refusal,
+    render,
+    router_refusal,
+)
 
-from eventrouter.config import ConfigError, build_specs
-
-CHART = Path(__file__).resolve().parents[1] / "charts" / "eventrouter"
-RELEASE, NAMESPACE, FULLNAME = "er", "monitoring", "er-eventrouter"
 SECRET = "Hunter2xyz"
-Doc = dict[str, Any]
 
 
 @pytest.fixture(scope="module")
 def chart() -> Iterator[helm.Chart]:
     with helm.Chart.load(CHART) as loaded:
         yield loaded
-
-
-def render(chart: helm.Chart, values: Doc, *, upgrade: bool = False) -> dict[str, str]:
-    return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_upgrade=upgrade, is_install=not upgrade)
-
-
-def refusal(chart: helm.Chart, values: Doc, *, upgrade: bool = False) -> str:
-    """The error text of a render the chart refuses ("" when it renders)."""
-    try:
-        render(chart, values, upgrade=upgrade)
-    except (helm.HelmValuesError, helm.HelmRenderError) as exc:
-        return str(exc)
-    return ""
-
-
-def deployment(chart: helm.Chart, values: Doc, *, upgrade: bool = False) -> Doc:
-    rendered = render(chart, values, upgrade=upgrade)
-    docs = [d for p, text in rendered.items() if p.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
-    (found,) = [d for d in docs if isinstance(d, dict) and d.get("kind") == "Deployment"]
-    return found
-
-
-def notes(chart: helm.Chart, values: Doc, *, upgrade: bool = False) -> str:
-    return " ".join(render(chart, values, upgrade=upgrade)[f"{CHART.name}/templates/NOTES.txt"].split())
-
-
-def chart_with(tmp: Path, template: str, text: str, name: str = CHART.name) -> Path:
-    """A copy of the chart (named `name`, as Helm names an aliased subchart) whose `template` (a define
-    of _helpers.tpl) renders `text`."""
-    copy = tmp / name
-    shutil.copytree(CHART, copy)
-    if name != CHART.name:
-        chart_yaml = copy / "Chart.yaml"
-        chart_yaml.write_text(chart_yaml.read_text().replace(f"name: {CHART.name}", f"name: {name}", 1))
-    # Parsed after _helpers.tpl (Helm parses a folder's templates in reverse name order): it wins.
-    (copy / "templates" / "_a_live.tpl").write_text(
-        f'{{{{- define "{template}" -}}}}\n{text}{{{{- end -}}}}\n'
-    )
-    return copy
-
-
-def router_refusal(flags: list[str], sinks: list[Doc]) -> str:
-    """The router's refusal of these sinks ("" when it takes them)."""
-    try:
-        build_specs(flags, sinks)
-    except ConfigError as exc:
-        return str(exc)
-    return ""
 
 
 # --- F1: a credential typed name:value in any object whose schema was closed ------------------------

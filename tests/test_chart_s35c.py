@@ -12,18 +12,12 @@ import shutil
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import helm_python as helm
 import pytest
-import yaml
+from chart_helpers import CHART, Doc, docs, refusal, render, router_refusal
 
-from eventrouter.config import ConfigError, build_specs
-
-CHART = Path(__file__).resolve().parents[1] / "charts" / "eventrouter"
-RELEASE, NAMESPACE = "er", "monitoring"
 SECRET = "S3cretXYZ"
-Doc = dict[str, Any]
 
 
 @pytest.fixture(scope="module")
@@ -32,30 +26,8 @@ def chart() -> Iterator[helm.Chart]:
         yield loaded
 
 
-def render(chart: helm.Chart, values: Doc) -> dict[str, str]:
-    return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_upgrade=False, is_install=True)
-
-
-def refusal(chart: helm.Chart, values: Doc) -> str:
-    """The error text of a render the chart refuses ("" when it renders)."""
-    try:
-        render(chart, values)
-    except (helm.HelmValuesError, helm.HelmRenderError) as exc:
-        return str(exc)
-    return ""
-
-
 def kinds(rendered: dict[str, str]) -> list[str]:
-    docs = [d for p, text in rendered.items() if p.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
-    return [d["kind"] for d in docs if isinstance(d, dict)]
-
-
-def router_refusal(flags: list[str], sinks: list[Doc]) -> str:
-    try:
-        build_specs(flags, sinks)
-    except ConfigError as exc:
-        return str(exc)
-    return ""
+    return [d["kind"] for d in docs(rendered) if isinstance(d, dict)]
 
 
 # --- F1: a config.sinks type printed whole ------------------------------------------------------

@@ -12,9 +12,10 @@ The disk is nearly full where the spool's appends (``append_all``) and its file 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +288,22 @@ def _sink(router: Router) -> MemorySink:
     return sink
 
 
+@contextlib.asynccontextmanager
+async def _running_held(
+    api: FakeApiServer, tmp: Path, decide: Callable[[Occurrence], Outcome]
+) -> AsyncIterator[tuple[Router, MemorySink, asyncio.Event]]:
+    """A router (a queue of 4, batches of 8) running on ``api`` for the block, its sink answering each
+    occurrence by ``decide`` and holding its first batch until the event yielded is set: what follows
+    fills the queue."""
+    router = _router(api, tmp, queue_max_events=4, batch_max_events=8)
+    async with router.running():
+        await until(lambda: router.ready()[0])
+        sink = _sink(router)
+        sink.blocked = held = asyncio.Event()
+        sink.decide = decide
+        yield router, sink, held
+
+
 async def test_a_stop_whose_prepend_fails_still_appends_what_waited_behind_the_spool(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -339,14 +356,11 @@ async def test_a_router_stopped_on_a_nearly_full_disk_delivers_an_older_occurren
     first and X/2 was skipped as a copy, while the stop counted nothing given up."""
     full = _small_writes_only(monkeypatch, tmp_path / "data")
     async with FakeApiServer(token="t", watch_cache=False) as api:
-        router = _router(api, tmp_path, queue_max_events=4, batch_max_events=8)
-        async with router.running():
-            await until(lambda: router.ready()[0])
-            sink = _sink(router)
-            sink.blocked = asyncio.Event()  # the first batch waits: what follows fills the queue
-            sink.decide = lambda occ: (
-                retry("stream limit", defer=True, retry_after=60) if occ.uid == "X" else OK
-            )
+        async with _running_held(
+            api,
+            tmp_path,
+            lambda occ: retry("stream limit", defer=True, retry_after=60) if occ.uid == "X" else OK,
+        ) as (router, sink, held):
             api.create_event(event_object(name="x", uid="X", object_name="x", count=2))
             p = router.pipelines[0]
             assert p.spool is not None
@@ -363,7 +377,7 @@ async def test_a_router_stopped_on_a_nearly_full_disk_delivers_an_older_occurren
             api.update_event("default", "x", larger)
             await until(lambda: len(spool) == 1)  # spilled
             full[0] = True
-            sink.blocked.set()
+            held.set()
             await until(lambda: len(sink.received) == 4 and len(p._deferred) == 2 and not len(spool))
         assert router.metrics.dropped.labels("mem", "spool_error")._value.get() == 0
         full[0] = False
@@ -411,14 +425,11 @@ async def test_a_router_stopped_on_a_nearly_full_disk_delivers_an_owed_occurrenc
     stop counted nothing given up."""
     full = _small_writes_only(monkeypatch, tmp_path / "data")
     async with FakeApiServer(token="t", watch_cache=False) as api:
-        router = _router(api, tmp_path, queue_max_events=4, batch_max_events=8)
-        async with router.running():
-            await until(lambda: router.ready()[0])
-            sink = _sink(router)
-            sink.blocked = asyncio.Event()  # the first batch waits: what follows fills the queue
-            sink.decide = lambda occ: (
-                retry("refused", retry_after=60) if (occ.uid, occ.number) == ("X", 1) else OK
-            )
+        async with _running_held(
+            api,
+            tmp_path,
+            lambda occ: retry("refused", retry_after=60) if (occ.uid, occ.number) == ("X", 1) else OK,
+        ) as (router, sink, held):
             api.create_event(event_object(object_name="e-0"))
             p = router.pipelines[0]
             assert p.spool is not None
@@ -431,7 +442,7 @@ async def test_a_router_stopped_on_a_nearly_full_disk_delivers_an_owed_occurrenc
             api.update_event("default", "x", lambda obj: obj.update(count=2, message="small"))
             await until(lambda: len(spool) == 2)  # spilled
             full[0] = True
-            sink.blocked.set()
+            held.set()
             await until(lambda: ("X", 2) in sink.keys and len(sink.received) == 6 and not len(spool))
         assert router.metrics.dropped.labels("mem", "spool_error")._value.get() == 0
         full[0] = False

@@ -14,6 +14,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from swap_helpers import ClosesSlowly
+
 from eventrouter.engine.checkpoint import MemoryCheckpoint, SinkCheckpoint
 from eventrouter.engine.deadletter import DeadLetter
 from eventrouter.engine.filter import compile_filter
@@ -36,16 +38,8 @@ def _at(seconds_ago: float, **kwargs: Any) -> Occurrence:
     return make_occurrence(first_timestamp=when, **kwargs)
 
 
-class _SlowClose(LokiSink):
+class _SlowClose(ClosesSlowly, LokiSink):
     """A close that takes a moment (a TLS shutdown, a flush): it waits until the test lets it end."""
-
-    closing: asyncio.Event
-    release: asyncio.Event
-
-    async def aclose(self) -> None:
-        self.closing.set()
-        await self.release.wait()
-        await super().aclose()
 
 
 def _sink(cls: type[LokiSink], url: str) -> LokiSink:
@@ -130,17 +124,8 @@ async def test_given_up_during_the_swap_close_is_not_carried_over() -> None:
             await pipeline.close_sink()
 
 
-class _ClosingListening(Listening):
+class _ClosingListening(ClosesSlowly, Listening):
     """Notes what it is told it gave up; its close waits until the test lets it end."""
-
-    def __init__(self, options: MemorySinkOptions, context: object) -> None:
-        super().__init__(options, context)
-        self.closing, self.release = asyncio.Event(), asyncio.Event()
-
-    async def aclose(self) -> None:
-        self.closing.set()
-        await self.release.wait()
-        await super().aclose()
 
 
 def _listening(cls: type[Listening] = Listening) -> Listening:

@@ -23,6 +23,9 @@ import aiohttp
 import helm_python as helm
 import pytest
 import yaml
+from chart_helpers import CHART, FULLNAME, NAMESPACE, RELEASE, Doc
+from chart_helpers import docs as parse
+from chart_helpers import render as render_text
 
 from eventrouter.record import normalise, occurrence_number
 from eventrouter.testing import FakeApiServer, event_object, recorded_watch
@@ -30,10 +33,6 @@ from eventrouter.testing.chart_pod import ChartPod
 from eventrouter.testing.receivers.webhook import WebhookReceiver
 from eventrouter.testing.waiting import until
 
-CHART = Path(__file__).resolve().parents[2] / "charts" / "eventrouter"
-RELEASE = "er"
-NAMESPACE = "monitoring"
-FULLNAME = "er-eventrouter"
 SECRET_VALUE = "hunter2-S3cr3t-Value"
 
 EVENTS_RULE = {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list", "watch"]}
@@ -48,26 +47,11 @@ CHECKPOINT_RULES = [
     },
 ]
 
-Doc = dict[str, Any]
-
 
 @pytest.fixture(scope="module")
 def chart() -> Iterator[helm.Chart]:
     with helm.Chart.load(CHART) as loaded:
         yield loaded
-
-
-def render_text(chart: helm.Chart, values: dict[str, Any] | None = None) -> dict[str, str]:
-    return chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
-
-
-def parse(rendered: dict[str, str]) -> list[Doc]:
-    docs: list[Doc] = []
-    for path, text in sorted(rendered.items()):
-        if path.endswith("NOTES.txt"):
-            continue
-        docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
-    return docs
 
 
 def render(chart: helm.Chart, values: dict[str, Any] | None = None) -> list[Doc]:

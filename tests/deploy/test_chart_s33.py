@@ -6,14 +6,12 @@ then refused the argument at start and printed it whole. Rendered by Helm's own 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import helm_python as helm
 import pytest
-import yaml
+from chart_helpers import CHART, deployment
 
-CHART = Path(__file__).resolve().parents[2] / "charts" / "eventrouter"
 SECRET_VALUE = "hunter2-S3cr3t-Value"
 
 
@@ -24,12 +22,7 @@ def chart() -> Iterator[helm.Chart]:
 
 
 def _args(chart: helm.Chart, values: dict[str, Any]) -> list[str]:
-    rendered = chart.render(values, name="er", namespace="monitoring")
-    docs = [
-        doc for path, text in rendered.items() if path.endswith(".yaml") for doc in yaml.safe_load_all(text)
-    ]
-    (deployment,) = [doc for doc in docs if doc and doc["kind"] == "Deployment"]
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (container,) = deployment(chart, values)["spec"]["template"]["spec"]["containers"]
     return list(container["args"])
 
 
@@ -101,12 +94,7 @@ NOT_CREDENTIAL_NAMES = [
 
 
 def _env(chart: helm.Chart, values: dict[str, Any]) -> list[dict[str, Any]]:
-    rendered = chart.render(values, name="er", namespace="monitoring")
-    docs = [
-        doc for path, text in rendered.items() if path.endswith(".yaml") for doc in yaml.safe_load_all(text)
-    ]
-    (deployment,) = [doc for doc in docs if doc and doc["kind"] == "Deployment"]
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (container,) = deployment(chart, values)["spec"]["template"]["spec"]["containers"]
     return list(container.get("env", []))
 
 
