@@ -16,22 +16,14 @@ from __future__ import annotations
 import encodings
 import importlib
 import itertools
-import logging
-import time
-from datetime import UTC, datetime
 
 import pytest
+from body_helpers import ECHO_BYTES, TOKEN, loki_sink, recent
 
-from eventrouter import Occurrence, OutcomeKind, SinkContext
+from eventrouter import OutcomeKind
 from eventrouter.body_prefix import _ASCII_COMPATIBLE, answer_text
 from eventrouter.scrub import scrub
-from eventrouter.testing import make_occurrence
 from eventrouter.testing.receivers.loki import LokiReceiver
-from eventrouter_sinks.loki import LokiOptions, LokiSink
-
-LOG = logging.getLogger("test.body_prefix.s36")
-TOKEN = "s3cr3t-T0ken+abc/def0123456789"
-ECHO = b"refused POST /loki/api/v1/push with headers Authorization: Bearer " + TOKEN.encode() + b"\n"
 
 
 def utf8(data: bytes) -> str:
@@ -87,22 +79,22 @@ def test_distinct_unknown_labels_leave_the_codec_cache_unchanged() -> None:
 # -- F3: an echoed credential is in the text, whatever the label ---------------------------------------
 
 MISLABELLED = [
-    ("utf-7", ECHO),
-    ("utf-16-le", ECHO),
-    ("utf-16", ECHO),
-    ("utf-16-be", ECHO),
-    ("utf-32", ECHO),
-    ("cp037", ECHO),
-    ("cp500", ECHO),
+    ("utf-7", ECHO_BYTES),
+    ("utf-16-le", ECHO_BYTES),
+    ("utf-16", ECHO_BYTES),
+    ("utf-16-be", ECHO_BYTES),
+    ("utf-32", ECHO_BYTES),
+    ("cp037", ECHO_BYTES),
+    ("cp500", ECHO_BYTES),
     # A lead byte whose trail-byte range holds ASCII letters, just before the token: its first letter
     # was taken into a double-byte character.
-    ("shift_jis", ECHO.replace(b"Bearer ", b"Bearer \x81")),
-    ("cp932", ECHO.replace(b"Bearer ", b"Bearer \x81")),
-    ("gbk", ECHO.replace(b"Bearer ", b"Bearer \x81")),
-    ("gb18030", ECHO.replace(b"Bearer ", b"Bearer \x81")),
-    ("big5", ECHO.replace(b"Bearer ", b"Bearer \xa1")),
-    ("cp949", ECHO.replace(b"Bearer ", b"Bearer \x81")),
-    ("iso-2022-jp", ECHO.replace(b"Bearer ", b"Bearer \x1b$B")),  # ASCII is double-byte after ESC $ B
+    ("shift_jis", ECHO_BYTES.replace(b"Bearer ", b"Bearer \x81")),
+    ("cp932", ECHO_BYTES.replace(b"Bearer ", b"Bearer \x81")),
+    ("gbk", ECHO_BYTES.replace(b"Bearer ", b"Bearer \x81")),
+    ("gb18030", ECHO_BYTES.replace(b"Bearer ", b"Bearer \x81")),
+    ("big5", ECHO_BYTES.replace(b"Bearer ", b"Bearer \xa1")),
+    ("cp949", ECHO_BYTES.replace(b"Bearer ", b"Bearer \x81")),
+    ("iso-2022-jp", ECHO_BYTES.replace(b"Bearer ", b"Bearer \x1b$B")),  # ASCII is double-byte after ESC $ B
 ]
 
 
@@ -119,27 +111,15 @@ def test_a_secret_echoed_under_a_mislabelled_charset_is_in_the_text_and_scrubbed
     assert TOKEN not in shown and shown.endswith("****\n")
 
 
-def recent(n: int) -> list[Occurrence]:
-    """``n`` occurrences of one stream, half a minute old (within any Loki's limits)."""
-    when = datetime.fromtimestamp(time.time() - 30, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return [make_occurrence(cluster="c1", object_name=f"pod-{i}", first_timestamp=when) for i in range(n)]
-
-
 @pytest.mark.parametrize("charset", ["utf-7", "utf-16-le", "cp037"])
 async def test_loki_a_400_echoing_the_token_under_a_mislabelled_charset_has_it_scrubbed(charset: str) -> None:
     """The review's scenario: a front echoes the push's headers in a 400 labelled ``charset``. Before:
     the REJECT reason held the token in clear (utf-7, up to its "+") or re-encodable (utf-16-le,
     cp037)."""
-    async with LokiReceiver() as loki:
-        options = LokiOptions.model_validate({"url": loki.url, "timeout": 3, "bearer_token": TOKEN})
-        sink = LokiSink(options, SinkContext("loki", "c1", None, LOG, 30.0))
-        await sink.start()
-        try:
-            loki.fail_next(400, message="refused", echo=True)
-            loki.charset_next(1, charset)
-            outcomes = await sink.send(recent(1))
-        finally:
-            await sink.aclose()
+    async with LokiReceiver() as loki, loki_sink(loki.url, bearer_token=TOKEN) as sink:
+        loki.fail_next(400, message="refused", echo=True)
+        loki.charset_next(1, charset)
+        outcomes = await sink.send(recent(1))
     assert outcomes is not None
     [outcome] = outcomes
     assert outcome.kind is OutcomeKind.REJECT

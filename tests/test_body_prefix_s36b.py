@@ -16,45 +16,17 @@ behind a ``Relay`` front that re-encodes its error answers)."""
 from __future__ import annotations
 
 import encodings
-import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 
 import pytest
 from aiohttp import web
+from body_helpers import ECHO_TEXT, TOKEN, loki_sink, recent
 
-from eventrouter import Occurrence, OutcomeKind, RetryableError, SinkContext
+from eventrouter import OutcomeKind, RetryableError
 from eventrouter.body_prefix import answer_text, charset_of
 from eventrouter.scrub import scrub
-from eventrouter.testing import make_occurrence
 from eventrouter.testing.receivers.loki import LokiReceiver
 from eventrouter.testing.receivers.relay import Relay
-from eventrouter_sinks.loki import LokiOptions, LokiSink
-
-LOG = logging.getLogger("test.body_prefix.s36b")
-TOKEN = "s3cr3t-T0ken+abc/def0123456789"
-
-
-def recent(n: int) -> list[Occurrence]:
-    """``n`` occurrences of one stream, half a minute old (within any Loki's limits)."""
-    when = datetime.fromtimestamp(time.time() - 30, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return [make_occurrence(cluster="c1", object_name=f"pod-{i}", first_timestamp=when) for i in range(n)]
-
-
-@asynccontextmanager
-async def loki_sink(url: str, **options: object) -> AsyncIterator[LokiSink]:
-    sink = LokiSink(
-        LokiOptions.model_validate({"url": url, "timeout": 3, **options}),
-        SinkContext("loki", "c1", None, LOG, 30.0),
-    )
-    await sink.start()
-    try:
-        yield sink
-    finally:
-        await sink.aclose()
-
 
 # -- F1: the label is read from the raw header, never through email's RFC 2231 decoding ----------------
 
@@ -163,16 +135,15 @@ def test_charset_of_is_linear() -> None:
 
 # -- F2: UTF-16 and UTF-32 in the byte order of the data ----------------------------------------------
 
-ECHO = "refused POST /loki/api/v1/push with Authorization: Bearer " + TOKEN + "\n"
 WIDE = [
     # (label, the body's bytes)
-    ("utf-16", ECHO.encode("utf-16-be")),  # RFC 2781: a BOM-less "UTF-16" is big-endian
-    ("utf-16-le", ECHO.encode("utf-16-be")),
-    ("utf-16-be", ECHO.encode("utf-16-le")),
-    ("utf-16", b"\n" + ECHO.encode("utf-16-le")),  # one byte off
-    ("utf-16-le", ECHO.encode("utf-16")[:2][::-1] + ECHO.encode("utf-16-be")),  # a big-endian BOM
-    ("utf-32-le", ECHO.encode("utf-32-be")),
-    ("utf-16", ECHO.encode("utf-32-le")),  # UTF-32 labelled UTF-16: a NUL between letters
+    ("utf-16", ECHO_TEXT.encode("utf-16-be")),  # RFC 2781: a BOM-less "UTF-16" is big-endian
+    ("utf-16-le", ECHO_TEXT.encode("utf-16-be")),
+    ("utf-16-be", ECHO_TEXT.encode("utf-16-le")),
+    ("utf-16", b"\n" + ECHO_TEXT.encode("utf-16-le")),  # one byte off
+    ("utf-16-le", ECHO_TEXT.encode("utf-16")[:2][::-1] + ECHO_TEXT.encode("utf-16-be")),  # a big-endian BOM
+    ("utf-32-le", ECHO_TEXT.encode("utf-32-be")),
+    ("utf-16", ECHO_TEXT.encode("utf-32-le")),  # UTF-32 labelled UTF-16: a NUL between letters
 ]
 WIDE_IDS = [
     "utf-16,BE",

@@ -19,14 +19,16 @@ import orjson
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from source_helpers import list_pages as _list_pages
+from source_helpers import memory_router as _router
+from source_helpers import memory_sink as _mem
+from source_helpers import names as _names
 
 from eventrouter.app import Router
-from eventrouter.config import spec_for_class
 from eventrouter.source import kube, list_page
 from eventrouter.source.list_page import loads_page
-from eventrouter.testing import MemorySink, event_object
+from eventrouter.testing import event_object
 from eventrouter.testing.apiserver import FakeApiServer
-from eventrouter.testing.routers import router_settings
 from eventrouter.testing.waiting import until
 
 DEEP = 5000  # orjson takes 1,024 levels, json.loads ~1,000
@@ -41,25 +43,6 @@ async def api() -> AsyncIterator[FakeApiServer]:
     async with FakeApiServer(token="t") as server:
         server.bookmark_interval = 0.2
         yield server
-
-
-def _router(api: FakeApiServer, tmp_path: Path) -> Router:
-    spec = spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.02}, type_="memory")
-    return Router(router_settings(api, tmp_path), [spec])
-
-
-def _mem(router: Router) -> MemorySink:
-    sink = router.sinks["mem"]
-    assert isinstance(sink, MemorySink)
-    return sink
-
-
-def _names(router: Router) -> set[str]:
-    return {o.record["involved_object"]["name"] for o in _mem(router).received}
-
-
-def _list_pages(api: FakeApiServer) -> int:
-    return sum(1 for r in api.requests if r.path == "/api/v1/events" and r.query.get("watch") != "true")
 
 
 def _dropped(router: Router, reason: str) -> float:

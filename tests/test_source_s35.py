@@ -21,14 +21,17 @@ import orjson
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from source_helpers import count as _count
+from source_helpers import list_pages as _list_pages
+from source_helpers import memory_router as _router
+from source_helpers import memory_sink as _mem
+from source_helpers import names as _names
+from source_helpers import said as _said
 
-from eventrouter.app import Router
-from eventrouter.config import spec_for_class
 from eventrouter.source import list_page
 from eventrouter.source.list_page import loads_page
-from eventrouter.testing import MemorySink, event_object
+from eventrouter.testing import event_object
 from eventrouter.testing.apiserver import FakeApiServer
-from eventrouter.testing.routers import router_settings
 from eventrouter.testing.waiting import until
 
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.c2VydmljZS1hY2NvdW50.SERVICE-ACCOUNT-SIGNATURE"
@@ -50,30 +53,6 @@ async def api() -> AsyncIterator[FakeApiServer]:
     async with FakeApiServer(token=TOKEN) as server:
         server.bookmark_interval = 0.2
         yield server
-
-
-def _router(api: FakeApiServer, tmp_path: Path) -> Router:
-    spec = spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.02}, type_="memory")
-    return Router(router_settings(api, tmp_path), [spec])
-
-
-def _mem(router: Router) -> MemorySink:
-    sink = router.sinks["mem"]
-    assert isinstance(sink, MemorySink)
-    return sink
-
-
-def _names(router: Router) -> set[str]:
-    return {o.record["involved_object"]["name"] for o in _mem(router).received}
-
-
-def _list_pages(api: FakeApiServer) -> int:
-    return sum(1 for r in api.requests if r.path == "/api/v1/events" and r.query.get("watch") != "true")
-
-
-def _count(router: Router, metric: str, label: str) -> float:
-    value: float = getattr(router.metrics, metric).labels(label)._value.get()
-    return value
 
 
 def _twenty(api: FakeApiServer) -> None:
@@ -285,10 +264,6 @@ def test_the_walks_grammar_check_takes_what_a_json_parser_takes(text: str) -> No
 
 
 # ---- F4: a gateway quoting the request's Authorization header -------------------------------------
-
-
-def _said(caplog: pytest.LogCaptureFixture, what: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if what in r.getMessage()]
 
 
 def _no_token(caplog: pytest.LogCaptureFixture) -> None:

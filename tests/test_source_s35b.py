@@ -19,6 +19,8 @@ from typing import Any
 
 import orjson
 import pytest
+from source_helpers import names as _names
+from source_helpers import said as _said
 
 from eventrouter.app import Router
 from eventrouter.config import spec_for_class
@@ -176,19 +178,9 @@ def _router(api: FakeApiServer, tmp_path: Path, user: str, password: str) -> Rou
     return Router(settings, [spec])
 
 
-def _names(router: Router) -> set[str]:
-    sink = router.sinks["mem"]
-    assert isinstance(sink, MemorySink)
-    return {o.record["involved_object"]["name"] for o in sink.received}
-
-
 def _restarts(router: Router, reason: str) -> float:
     value: float = router.metrics.watch_restarts.labels(reason)._value.get()
     return value
-
-
-def _said(caplog: pytest.LogCaptureFixture, what: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if what in r.getMessage()]
 
 
 def _never_logged(caplog: pytest.LogCaptureFixture, *texts: str) -> None:

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import orjson
 import pytest
+from source_helpers import count as _count
+from source_helpers import memory_router as _router
+from source_helpers import memory_sink as _mem
 
-from eventrouter.app import Router
-from eventrouter.config import spec_for_class
 from eventrouter.source import list_page
-from eventrouter.testing import MemorySink, event_object
+from eventrouter.testing import event_object
 from eventrouter.testing.apiserver import FakeApiServer
-from eventrouter.testing.routers import router_settings
 from eventrouter.testing.waiting import until
 
 
@@ -77,22 +77,6 @@ async def api() -> AsyncIterator[FakeApiServer]:
     async with FakeApiServer() as server:
         server.bookmark_interval = 0.2
         yield server
-
-
-def _router(api: FakeApiServer, tmp_path: Path) -> Router:
-    spec = spec_for_class(MemorySink, {"name": "mem", "batch_max_wait": 0.02}, type_="memory")
-    return Router(router_settings(api, tmp_path), [spec])
-
-
-def _mem(router: Router) -> MemorySink:
-    sink = router.sinks["mem"]
-    assert isinstance(sink, MemorySink)
-    return sink
-
-
-def _count(router: Router, metric: str, label: str) -> float:
-    value: float = getattr(router.metrics, metric).labels(label)._value.get()
-    return value
 
 
 async def test_an_item_with_broken_unicode_just_under_the_repair_depth_fails_its_page_whole(

@@ -21,15 +21,14 @@ import encodings.aliases
 import logging
 import math
 import pkgutil
-import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from body_helpers import loki_sink, recent
 
-from eventrouter import Occurrence, Outcome, OutcomeKind, RetryableError, SinkContext
+from eventrouter import Outcome, OutcomeKind, RetryableError, SinkContext
 from eventrouter.body_prefix import answer_text
 from eventrouter.config import ConfigError, build_spec
 from eventrouter.plugins import discover
@@ -47,25 +46,6 @@ NOT_TEXT = ["base64", "rot13", "hex", "undefined", "idna"]
 # -- F1: an answer's charset that is no text encoding ------------------------------------------------
 
 
-def recent(n: int) -> list[Occurrence]:
-    """``n`` occurrences of one stream, half a minute old (within any Loki's limits)."""
-    when = datetime.fromtimestamp(time.time() - 30, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return [make_occurrence(cluster="c1", object_name=f"pod-{i}", first_timestamp=when) for i in range(n)]
-
-
-@asynccontextmanager
-async def loki_sink(loki: LokiReceiver) -> AsyncIterator[LokiSink]:
-    sink = LokiSink(
-        LokiOptions.model_validate({"url": loki.url, "timeout": 3}),
-        SinkContext("loki", "c1", None, LOG, 30.0),
-    )
-    await sink.start()
-    try:
-        yield sink
-    finally:
-        await sink.aclose()
-
-
 def all_ok(outcomes: Sequence[Outcome] | None) -> bool:
     return outcomes is None or {o.kind for o in outcomes} == {OutcomeKind.OK}
 
@@ -73,7 +53,7 @@ def all_ok(outcomes: Sequence[Outcome] | None) -> bool:
 @pytest.mark.parametrize("charset", NOT_TEXT)
 async def test_loki_a_final_400_labelled_with_no_text_charset_is_rejected_with_its_text(charset: str) -> None:
     """Before: LookupError/UnicodeError out of send, a "sink bug" retried for ever."""
-    async with LokiReceiver() as loki, loki_sink(loki) as sink:
+    async with LokiReceiver() as loki, loki_sink(loki.url) as sink:
         loki.fail_next(400, message="entry too long")
         loki.charset_next(1, charset)
         outcomes = await sink.send(recent(1))
@@ -85,7 +65,7 @@ async def test_loki_a_final_400_labelled_with_no_text_charset_is_rejected_with_i
 
 @pytest.mark.parametrize("charset", NOT_TEXT)
 async def test_loki_retry_after_is_honoured_when_the_charset_is_no_text_encoding(charset: str) -> None:
-    async with LokiReceiver() as loki, loki_sink(loki) as sink:
+    async with LokiReceiver() as loki, loki_sink(loki.url) as sink:
         loki.fail_next(429, retry_after=120)
         loki.charset_next(1, charset)
         with pytest.raises(RetryableError) as failed:
@@ -96,7 +76,7 @@ async def test_loki_retry_after_is_honoured_when_the_charset_is_no_text_encoding
 
 @pytest.mark.parametrize("charset", NOT_TEXT)
 async def test_loki_a_413_labelled_with_no_text_charset_is_halved(charset: str) -> None:
-    async with LokiReceiver() as loki, loki_sink(loki) as sink:
+    async with LokiReceiver() as loki, loki_sink(loki.url) as sink:
         loki.fail_next(413, message="request entity too large")
         loki.charset_next(1, charset)
         outcomes = await sink.send(recent(4))
@@ -111,7 +91,7 @@ async def test_loki_a_stored_push_answered_200_labelled_with_no_text_charset_is_
 ) -> None:
     """A 200 with a body (a front's, after Loki stored the push) labelled so: before, LookupError/
     UnicodeError out of send, and the stored push pushed again as a sink bug."""
-    async with LokiReceiver() as loki, loki_sink(loki) as sink:
+    async with LokiReceiver() as loki, loki_sink(loki.url) as sink:
         loki.fail_next(200, message="ok", store=True)
         loki.charset_next(1, charset)
         assert all_ok(await sink.send(recent(1)))

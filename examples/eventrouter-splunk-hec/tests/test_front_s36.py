@@ -8,7 +8,6 @@ confirm the other request's events."""
 from __future__ import annotations
 
 import logging
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +19,7 @@ from aiohttp import web
 from eventrouter import OK, Occurrence, OutcomeKind, SinkContext
 from eventrouter.testing import make_occurrence
 from eventrouter.testing.receivers.unreadable import Unreadable
+from hec_fronts import relay, serve
 
 from eventrouter_splunk_hec import SplunkHECOptions, SplunkHECSink
 from eventrouter_splunk_hec.fake import FakeHEC
@@ -47,27 +47,13 @@ async def front(hec: FakeHEC, status: int, content_type: str | None, page: bytes
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FRONT_WAIT)) as upstream:
 
         async def forward(request: web.Request) -> web.Response:
-            passed = ("Authorization", "X-Splunk-Request-Channel", "Content-Type")
-            headers = {k: v for k, v in request.headers.items() if k in passed}
             try:
-                async with upstream.post(
-                    hec.url + request.path_qs, data=await request.read(), headers=headers
-                ) as r:
-                    return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+                return await relay(upstream, hec.url + request.path_qs, request)
             except (aiohttp.ClientError, TimeoutError):
                 return web.Response(status=status, body=page, content_type=content_type)
 
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", forward)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(runner, sock).start()
-        try:
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-        finally:
-            await runner.cleanup()
+        async with serve(forward) as base:
+            yield base
 
 
 @asynccontextmanager

@@ -28,6 +28,7 @@ from eventrouter.testing import event_object, make_occurrence, recorded_watch
 from eventrouter.testing.pipelines import drained, pipeline_for
 from eventrouter.testing.receivers.unreadable import Unreadable
 from eventrouter.testing.waiting import until
+from hec_fronts import relay, serve
 from pydantic import ValidationError
 
 from eventrouter_splunk_hec import SplunkHECOptions, SplunkHECSink
@@ -544,23 +545,11 @@ async def gateway(hec: FakeHEC, routes: dict[str, str]) -> AsyncIterator[str]:
             target = routes.get(request.path)
             if target is None:
                 return web.Response(status=404, text="404: Not Found")
-            passed = ("Authorization", "X-Splunk-Request-Channel", "Content-Type")
-            headers = {k: v for k, v in request.headers.items() if k in passed}
             url = target if target.startswith("http") else hec.url + target
-            async with http.post(url, data=await request.read(), headers=headers) as r:
-                return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+            return await relay(http, url, request)
 
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", forward)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(runner, sock).start()
-        try:
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-        finally:
-            await runner.cleanup()
+        async with serve(forward) as base:
+            yield base
 
 
 def test_the_ack_endpoint_is_found_from_the_event_url_as_splunk_clients_do() -> None:
@@ -810,22 +799,10 @@ async def header_dropping_route(hec: FakeHEC, dropped: str) -> AsyncIterator[str
     async with aiohttp.ClientSession() as http:
 
         async def forward(request: web.Request) -> web.Response:
-            passed = {"Authorization", "X-Splunk-Request-Channel", "Content-Type"} - {dropped}
-            headers = {k: v for k, v in request.headers.items() if k in passed}
-            async with http.post(hec.url + request.path, data=await request.read(), headers=headers) as r:
-                return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+            return await relay(http, hec.url + request.path, request, dropped)
 
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", forward)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(runner, sock).start()
-        try:
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-        finally:
-            await runner.cleanup()
+        async with serve(forward) as base:
+            yield base
 
 
 @pytest.mark.parametrize(
