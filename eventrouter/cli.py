@@ -245,14 +245,19 @@ def _masked_args(text: str, given: Sequence[str]) -> str:
 
 def _masked_arg(arg: str) -> str:
     """An argument as an error may quote it: a URL in it as ``redact_url`` shows one (also past a raw
-    ``/`` or ``?`` in a password, where urlsplit ends the user info), a ``TYPE:?key=value``'s values."""
+    ``/`` or ``?`` in a password, where urlsplit ends the user info), a ``TYPE:?key=value``'s values,
+    any other value of a credential's shape as ``shown_values`` shows one."""
     if found := _URL_START.search(arg):
         scheme, _, rest = arg[found.start() :].partition("://")
         if "@" in rest:
             rest = "***@" + rest.rpartition("@")[2]
         return arg[: found.start()] + redact_url(f"{scheme}://{rest}")
     head, sep, query = arg.partition("?")
-    return head + redact_url(f"//?{query}") if sep else arg
+    if sep:
+        return head + redact_url(f"//?{query}")
+    # Else a value (not a whole --option=value, whose value is masked on its own) by config's rule:
+    # `--metrics-addr='Bearer S3cret'` or `--data-dir-max-bytes=token:S3cret` was quoted whole.
+    return arg if arg.startswith("-") else shown_values([arg])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -469,8 +474,9 @@ def _namespaces(values: Sequence[str]) -> list[str]:
         if len(ns) > 63 or not _NAMESPACE.fullmatch(ns):
             several = "," in ns or " " in ns.strip()
             hint = " (one per --namespace, repeated, or a list under `namespaces:`)" if several else ""
+            # Shown as config's values are (`_shown_name`): a flag or token pasted in was printed whole.
             raise ConfigError(
-                f"namespace {ns!r} is not a namespace name: lower-case letters, digits and '-', "
+                f"namespace {_shown_name(ns)} is not a namespace name: lower-case letters, digits and '-', "
                 f"at most 63 characters{hint}"
             )
         if ns not in names:  # the same one twice started two watches of it
@@ -725,7 +731,9 @@ def _sinks(args: argparse.Namespace) -> int:
 
     plugins = discover()
     if args.name and args.name not in plugins:
-        print(f"unknown sink {args.name!r}; installed: {', '.join(sorted(plugins))}", file=sys.stderr)
+        print(
+            f"unknown sink {_shown_name(args.name)}; installed: {', '.join(sorted(plugins))}", file=sys.stderr
+        )
         return 2
     out: dict[str, Any] = {}
     for name, plugin in sorted(plugins.items()):
@@ -947,10 +955,15 @@ def _dead_letter_replay(
     if names is None:
         raise ConfigError(_not_configured(sink, [spec.name for spec in specs]))
     specs = [spec for spec in specs if spec.name in names]
+    # The names as its refusals show them (`_shown_list`): a recorded name may have a credential's shape.
     if names == {sink}:
-        log.info("replay: dead letters of %s: sending them to that sink only", sink)
+        log.info("replay: dead letters of %s: sending them to that sink only", _shown_list([sink]))
     else:
-        log.info("replay: dead letters of %s: sending them to %s (--to)", sink, ", ".join(sorted(names)))
+        log.info(
+            "replay: dead letters of %s: sending them to %s (--to)",
+            _shown_list([sink]),
+            _shown_list(sorted(names)),
+        )
     if settings.data_dir is not None:
         log.info("replay: the data dir's checkpoint is not used for dead letters (it counts them as done)")
         settings.data_dir = None
@@ -1192,7 +1205,7 @@ def _recording(spec: SinkSpec, sent: Callable[[Sequence[Occurrence], object], No
         try:
             sent(batch, outcomes)
         except Exception:  # a ledger's bug must not make an accepted batch look failed (sent again)
-            log.exception("replay: recording what sink %s accepted failed", spec.name)
+            log.exception("replay: recording what sink %s accepted failed", _shown_list([spec.name]))
         return outcomes
 
     def body(ns: dict[str, Any]) -> None:
@@ -1477,7 +1490,11 @@ class _ReplayInput:
                 "replay the dead letters of each sink on their own (one file at a time), or name the "
                 "sinks all of them should go to with --to; nothing was sent"
             )
-        log.info("replay: dead letters of %s after those of %s: they go to the same sinks", sink, first)
+        log.info(
+            "replay: dead letters of %s after those of %s: they go to the same sinks",
+            _shown_list([sink]),
+            _shown_list([first]),
+        )
 
 
 def _destinations(configured: Sequence[str], to: Sequence[str]) -> Callable[[str], frozenset[str] | None]:

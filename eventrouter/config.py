@@ -120,15 +120,21 @@ class SinkSpec:
                 continue
             # Each value as errors show it: `check`'s output is pasted into CI logs and issues, and a
             # flag or token pasted into `types` (any text to core/v1) was printed here whole.
-            text = shown_values(value if isinstance(value, list) else [str(value)])
+            # A regular expression by the rule for one: its syntax (`5\d\d`, `(?i:a|b)`) is no credential.
+            text = shown_values(
+                value if isinstance(value, list) else [str(value)], regex=name in _REGEX_OPTIONS
+            )
             shown.append(f"{name}={text}" + (" (default)" if name in self.defaulted else ""))
         return "; ".join(shown)
 
     def describe(self) -> str:
+        # The name by the credential rule, as every refusal shows it: `check`'s valid and FAIL lines
+        # and the log's "sink … configured" printed a name such as `token:S3cret` whole.
+        name = _shown_value(self.name)
         return (
-            f"{self.name} ({self.type} {_shown_url(self.options.url)})"
+            f"{name} ({self.type} {_shown_url(self.options.url)})"
             if self.options.url
-            else f"{self.name} ({self.type})"
+            else f"{name} ({self.type})"
         )
 
 
@@ -444,28 +450,41 @@ def _token_runs(text: str) -> list[str]:
     return runs + [m.group(0) for m in _LONG_RUN.finditer(text) if long(m.group(0))]
 
 
-_PORT_THEN_PATH = re.compile(r"(?:\d{1,5}|\$\{[A-Za-z_][A-Za-z0-9_]*\})/[A-Za-z0-9._~/-]*")
+_PORT_THEN_PATH = re.compile(r"(?:\d{1,5}|\$\{[A-Za-z_][A-Za-z0-9_]*\})/[a-z0-9._~/-]*")
 
 
 def _plain_value(value: str) -> bool:
     """Whether what follows a ``name:`` or ``name=`` is plainly no credential: a ``_PLAIN_PART``, or a
-    port (or ``${NAME}``) then a path of path characters (``hook:8080/healthz``, an address without a
-    scheme). Not any plain part before a ``/``: ``password:ab/S3cretPassw0rd`` was shown whole."""
+    port (or ``${NAME}``) then a path of lower-case path characters (``hook:8080/healthz``, an address
+    without a scheme). Not any plain part before a ``/``: ``password:ab/S3cretPassw0rd`` was shown
+    whole; nor a path in both cases: ``password=1/Zq9S3cretPw`` was (item 331)."""
     if "/" not in value:
         return bool(_PLAIN_PART.fullmatch(value))
     return bool(_PORT_THEN_PATH.fullmatch(value))
 
 
-def _credential_shaped(text: str) -> bool:
+def _credential_shaped(text: str, *, regex: bool = False) -> bool:
     """Whether a value given for an option (or a sink type) may hold a credential, so that messages
     must not quote it whole: an ``@`` (user info), a URL whose address is no ``host[:port]``, a
     ``name:value`` or ``name=value`` (a header, a flag pasted whole: ``loki:http://…``) whose value is
     no port, an authorization scheme followed by more (``Bearer abc``), or a token-shaped run. A
     typo (``Warnig``, ``kube system``, ``kafka-1:9O92``, ``until=2026-13-01``), a path or a plain URL
-    is shown as given."""
+    is shown as given.
+
+    With ``regex``, ``text`` is a regular expression's text as ``_regex_text`` reads it, and three
+    marks of ordinary text are not taken for a credential's: an ``@`` with no user info before it
+    (``\\S+@x``); a ``name: `` (or ``name = ``) whose name is no credential's, which ends a clause as in
+    prose (``failed: HTTP``, ``statuscode: 5\\d\\d``, ``code = NotFound``), what follows judged from its
+    start (``Error: token:S3cret`` still counts, as does ``password: S3cret``); and an authorization scheme
+    followed by a plain word (``Token expired``). A scheme counts anywhere there, not only first
+    (``failed for Bearer S3cret``): a regex quotes a message."""
     if _REFERENCE.fullmatch(text.strip()) or _HEADER_REFERENCE.fullmatch(text):
         return False  # env:NAME, file:/path: where a credential is, shown to find it
-    if "@" in text or "%40" in text.lower():
+    if regex:
+        text = _PROSE_PAIR.sub(
+            lambda m: m.group(0) if _SENSITIVE_HEADER.search(m.group(1)) else f"{m.group(1)},", text
+        )
+    if (_USER_INFO_END.search(text) if regex else "@" in text) or "%40" in text.lower():
         return True
     for found in _URL_START.finditer(text):
         if not _SAFE_NETLOC.fullmatch(found.group(2)):
@@ -473,16 +492,81 @@ def _credential_shaped(text: str) -> bool:
     rest = _URL_START.sub(" ", text)
     if any(not _plain_value(m.group(1)) for m in _NAME_VALUE.finditer(rest)):
         return True
-    if any(m.group(1).lower() in _AUTH_SCHEMES for m in _SCHEME_WORD.finditer(text)):
+    if regex:
+        schemes = ((m.group(1), m.group(2)) for m in _SCHEME_ANYWHERE.finditer(text))
+        if any(s.lower() in _AUTH_SCHEMES and not _PLAIN_WORD.fullmatch(word) for s, word in schemes):
+            return True
+    elif any(m.group(1).lower() in _AUTH_SCHEMES for m in _SCHEME_WORD.finditer(text)):
         return True
     return bool(_token_runs(text))
 
 
-def _shown_value(text: str) -> str:
-    """A value as messages show it (unquoted): whole unless ``_credential_shaped``; else a URL's
-    scheme, or its part before the first ``:``, ``=`` or white space when that is a name (``loki:…``,
-    ``Bearer …``), else ``****``."""
-    if not _credential_shaped(text):
+_USER_INFO_END = re.compile(r"[^\s,;/@]@")
+"""In a regular expression's text, an ``@`` that ends user info: a literal character before it."""
+
+_PROSE_PAIR = re.compile(r"(?:^|(?<=[\s,;?&'\"(\[{]))([A-Za-z0-9_.-]+)(?:\s*:|\s+=)\s+")
+"""A ``name: `` or ``name = `` in a regular expression's text, as prose (``failed: HTTP``) and gRPC's
+errors (``rpc error: code = NotFound desc = …``) write a clause."""
+
+_SCHEME_ANYWHERE = re.compile(r"(?:^|(?<=[\s,;]))([A-Za-z][A-Za-z0-9-]*)\s+(?=([^\s,;]+))")
+"""A word followed by another, anywhere in a regular expression's text: an authorization scheme and
+what follows it (``… for Bearer S3cret``)."""
+
+_PLAIN_WORD = re.compile(r"[A-Za-z][a-z]{0,14}")
+"""A word no token is: letters, lower case after the first, fewer than 16 (``expired``, ``Vault``)."""
+
+
+_REGEX_SKIP = re.compile(r"\(\?#[^)]*\)")  # a comment
+_REGEX_GROUP = re.compile(r"\(\?(?:[:=!>]|<[=!]|P<\w+>|P=\w+\)|\(\w+\)|[aiLmsux]*(?:-[imsx]+)?[:)])|\(|\)|\|")
+_REGEX_ATOM = re.compile(
+    r"\.|\[\^?\]?(?:\\.|[^\]\\])*\]|\\[dDSwW]|\\[1-9][0-9]*|\\0[0-7]*|\\N\{[^}]*\}|\\[A-Za-z0-9]", re.DOTALL
+)
+_REGEX_ZERO = re.compile(r"[*+?^$]|\{(?=[\d,])\d*,?\d*\}|\\[bBAZ]")
+_REGEX_CHAR = re.compile(
+    r"\\(?:x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|[afnrtvs]|[^A-Za-z0-9])", re.DOTALL
+)
+_REGEX_CHARS = {"a": "\a", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "s": " "}
+_PAIR_OPEN = re.compile(r"[:=]\s*$")
+
+
+def _regex_text(pattern: str) -> str:
+    """What a regular expression says as text, for ``_credential_shaped(…, regex=True)``: a credential
+    pasted into one is literal text. Escaped characters are the characters (``\\.`` a dot, ``\\s`` a
+    space); a quantifier, an anchor or a class that follows text is left out, as if the text went on
+    (``Pa$$w0rd`` reads ``Paw0rd``, ``5\\d\\d`` reads ``5``); a group's edge or a ``|`` ends a word
+    (``,``). Right after a ``name:`` or ``name=`` a class, a ``.`` or a ``\\S`` is a regex value
+    (``password=\\S+``, ``token:.*``), which ends the pair (``password=,``); a group there is
+    looked through (``password=(S3cret)`` reads ``password=S3cret,``)."""
+    out: list[str] = []
+    at = 0
+    while at < len(pattern):
+        if found := _REGEX_SKIP.match(pattern, at):
+            pass
+        elif found := _REGEX_GROUP.match(pattern, at):
+            if not _PAIR_OPEN.search("".join(out[-8:])):
+                out.append(",")
+        elif found := _REGEX_CHAR.match(pattern, at):
+            char = found.group(0)[1:]
+            if len(char) > 1:  # \x41, \u0041: the character (past U+10FFFF, which re refuses: none)
+                out.append(chr(code) if (code := int(char[1:], 16)) <= 0x10FFFF else "")
+            else:
+                out.append(_REGEX_CHARS.get(char, char))
+        elif found := _REGEX_ATOM.match(pattern, at):
+            if _PAIR_OPEN.search("".join(out[-8:])):
+                out.append(",")
+        elif not (found := _REGEX_ZERO.match(pattern, at)):
+            out.append(pattern[at])
+            at += 1
+            continue
+        at = found.end()
+    return "".join(out)
+
+
+def _shown_value(text: str, *, regex: bool = False) -> str:
+    """A value as messages show it (unquoted): whole unless ``_credential_shaped`` (with ``regex``,
+    a regular expression as ``_regex_text`` reads it); else a URL's scheme, or its part before the
+    first ``:``, ``=`` or white space when that is a name (``loki:…``, ``Bearer …``), else ``****``."""
+    if not (_credential_shaped(_regex_text(text), regex=True) if regex else _credential_shaped(text)):
         return text
     url = _URL_START.match(text.strip())
     if url is not None:
@@ -494,10 +578,12 @@ def _shown_value(text: str) -> str:
     return f"{head}{cut.group(0)}…"
 
 
-def shown_values(values: Iterable[str]) -> str:
+def shown_values(values: Iterable[str], *, regex: bool = False) -> str:
     """Values an option was given (``types``, ``namespaces``), comma-separated, each as
-    ``_shown_value`` shows it: for ``check``'s filter line and cli.py's own refusals."""
-    return ",".join(_shown_value(value) for value in values)
+    ``_shown_value`` shows it: for ``check``'s filter line and cli.py's own refusals. With ``regex``
+    (``message``, ``exclude_message``) each is a regular expression, whose syntax is no credential's
+    mark: ``statuscode: 5\\d\\d`` and ``(?i:oomkilled|evicted)`` were shown ``Readiness …`` and ``****``."""
+    return ",".join(_shown_value(value, regex=regex) for value in values)
 
 
 def _shown_quoted(text: str) -> str:
