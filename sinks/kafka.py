@@ -2165,6 +2165,13 @@ class KafkaSink(Sink[KafkaOptions]):
                     )
                 outcomes[item[0]] = held
                 if key not in waiting:
+                    # Noted under another partition (a keyless record is drawn anew at each send; a
+                    # key maps elsewhere once partitions are added): that record goes first. Kept, the
+                    # index named this partition only, and nothing (an answer, given_up) ever let go
+                    # of it there: every later record of that partition was held back for good.
+                    was = self._aside_at.get(key)
+                    if was is not None and was != where:
+                        self._forget(key)
                     waiting[key] = (occurrence.received_at, float(next(self._aside_order)))
                     self._aside_at[key] = where
             if kept:
