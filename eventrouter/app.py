@@ -447,6 +447,8 @@ class Router:
         self._leading_since: float | None = None  # time.time(): exported as the last progress
         self._leading_mono = 0.0  # time.monotonic() of the same: what /healthz judges by
         self._replaying = False  # replay(): what a stop leaves is still in its input
+        # halt_replay(): a replay stopped by a signal hands nothing more on (review-c F3).
+        self._replay_halt = asyncio.Event()
         self._lead_blocked: str | None = None  # why the lead has not got to the watch, for the probes
 
     @property
@@ -1030,8 +1032,17 @@ class Router:
 
     async def _lost_lease(self) -> None:
         """Called before the lease can expire for the others: stop delivering at once and exit, so
-        the new leader alone delivers from the checkpoint (Kubernetes restarts us as a standby)."""
-        log.error("lost the lease: stopping delivery now; the new leader resumes from the checkpoint")
+        the new leader alone delivers from the checkpoint (Kubernetes restarts us as a standby).
+        Also called when the lead itself failed: the lease is still held then, and the stop releases
+        it after its last checkpoint write; "lost the lease" there sent operators to the API server
+        (review-b N1)."""
+        if self.elector is not None and self.elector.lead_failed:
+            log.error(
+                "could not start leading (the failure is logged above): stopping delivery now; the lease "
+                "is released once the stop has written the checkpoint, and a standby takes over from it"
+            )
+        else:
+            log.error("lost the lease: stopping delivery now; the new leader resumes from the checkpoint")
         self.exit_code = 1
         if self.elector is not None:
             self.elector.stop()  # never lead again from this process: it exits and restarts as a standby
@@ -1248,6 +1259,31 @@ class Router:
             if order is not None:
                 order.close()
 
+    def halt_replay(self) -> None:
+        """``replay`` hands nothing more on (a replay stopped by a signal, as ``eventrouter replay``
+        is by SIGINT, SIGTERM or SIGHUP): what was handed on is delivered, or left at the stop as at
+        --timeout; the rest stays in the input."""
+        self._replay_halt.set()
+
+    async def _replay_room(self) -> bool:
+        """``fanout.wait_for_room()`` and a turn for the pipelines, unless the replay is halted
+        meanwhile (a slow sink kept a Ctrl-C waiting for its queue): False once it is. One intake
+        only, so the hop a task adds after the wait admits no other intake's hand-on before ours."""
+        halt = self._replay_halt
+        if halt.is_set():
+            return False
+        room = asyncio.ensure_future(self.fanout.wait_for_room())
+        halted = asyncio.ensure_future(halt.wait())
+        try:
+            await asyncio.wait({room, halted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            room.cancel()
+            halted.cancel()
+            await asyncio.gather(room, halted, return_exceptions=True)
+        if not halt.is_set():
+            await asyncio.sleep(0)  # let the pipelines take what is queued
+        return not halt.is_set()
+
     def _relist_order(self) -> tuple[bool, str | None]:
         """Whether lists (and replays) are handed on oldest first, and where they wait meanwhile."""
         data_dir = str(self.settings.data_dir) if self.settings.data_dir else None
@@ -1267,7 +1303,10 @@ class Router:
         # Reading a file never yields to the loop: until a sink has started, nothing would take from
         # its queue, and a file larger than the queue would overflow it before the sink ran at all.
         await asyncio.gather(*(p.start_tried.wait() for p in self.pipelines))
+        halt = self._replay_halt
         for kind, obj in objects:
+            if halt.is_set():
+                break
             self.metrics.watch_events.labels(kind).inc()
             if kind in ("DELETED", "BOOKMARK", "ERROR"):
                 continue
@@ -1282,8 +1321,8 @@ class Router:
             # memory queues' byte bound (``queue_max_bytes``), and without a spool the oldest went.
             if seen % page == 0 or handed >= INTAKE_ROOM:
                 handed = 0
-                await self.fanout.wait_for_room()
-                await asyncio.sleep(0)  # let the pipelines take what is queued
+                if not await self._replay_room():
+                    break
             try:
                 occ = tracker.observe(obj)
             except MalformedEvent as exc:
@@ -1302,20 +1341,20 @@ class Router:
             elif tracker.dropped:  # a lowered count, a series not raised: counted as the watch does
                 for reason, n in tracker.take_dropped().items():
                     self.metrics.source_dropped.labels(reason).inc(n)
-        if order is not None and len(order):
+        if order is not None and len(order) and not halt.is_set():
             log.info("replay: handing %d occurrences to the sinks, oldest first", len(order))
             chunks = order.drain(page)
             for chunk in _numbers_rising(chunks) if tracker.exact else chunks:
                 for occ in chunk:
                     if handed >= INTAKE_ROOM:
                         handed = 0
-                        await self.fanout.wait_for_room()
-                        await asyncio.sleep(0)
+                        if not await self._replay_room():
+                            return count, malformed
                     self.fanout.publish(occ)
                     handed += queue_cost(occ)
                 handed = 0
-                await self.fanout.wait_for_room()
-                await asyncio.sleep(0)
+                if not await self._replay_room():
+                    return count, malformed
         return count, malformed
 
     def publish(self, occ: Occurrence) -> None:
@@ -1594,13 +1633,22 @@ class Router:
                     left_out,
                 )
                 self.exit_code = self.exit_code or 1
+        # The lease goes right after the last checkpoint write, before the sinks close (review-b F2):
+        # what the next leader reads is written, and nothing of this stop's changes it. Released after
+        # the closes, one hung close (a broker gone) kept renewing the lease, and every replica off it,
+        # for shutdown_timeout + 4 s; a slow release then met the SIGKILL, and the standby waited a
+        # lease duration more. Whatever lands after the release (a send that swallowed its
+        # cancellation, a close that flushes) was not acknowledged: the checkpoint just written does
+        # not count it, so the next leader sends it again (a duplicate, never a skip), as before.
+        if self.elector is not None:
+            await self.elector.release()
         # After what must be kept is written: a sink's close cannot change it, and one hung close
         # (a broker gone, a plugin's bug) used to run the stop past the kubelet's SIGKILL first.
         cancelled = await self._close_sinks(began)
+        # The data dir's lock only after the closes: a closing sink may still write its files there
+        # (the webhook's set-aside keys, the file sink's flush), and another router may not meanwhile.
         if self._data_lock is not None:
             self._data_lock.release()
-        if self.elector is not None:
-            await self.elector.release()
         if self.kube is not None:
             await self.kube.close()
         if self._control is not None:

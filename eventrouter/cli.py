@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import functools
 import itertools
 import logging
@@ -111,7 +112,14 @@ def _seconds(text: str) -> float:
 
 
 def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
+    """A duration in seconds, finite and more than 0: ``nan``, ``inf`` and ``-1`` were told "0 or more",
+    which 0 is not either (review-b N3)."""
+    try:
+        value = _seconds(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a finite number of seconds, more than 0"
+        ) from None
     if value == 0:
         raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
     return value
@@ -146,6 +154,27 @@ def _configmap_name(text: str) -> str:
     if len(text) > 253 or not _CONFIGMAP_NAME.fullmatch(text):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a ConfigMap name: lower-case letters, digits, '-' and '.', at most 253 characters"
+        )
+    return text
+
+
+def _lease_name(text: str) -> str:
+    """A Lease's name as the API server takes one (ValidateLeaseName: a DNS-1123 subdomain). Anything
+    else was accepted: every create got 422, every replica stood by, Ready, and nobody delivered."""
+    if len(text) > 253 or not _CONFIGMAP_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{_shown_name(text)} is not a Lease name: lower-case letters, digits, '-' and '.', at most 253 "
+            "characters (the API server refuses any other, and no replica would ever lead)"
+        )
+    return text
+
+
+def _namespace_name(text: str) -> str:
+    """A namespace's name as the API server takes one (a DNS-1123 label), as ``_namespaces`` checks."""
+    if len(text) > 63 or not _NAMESPACE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{_shown_name(text)} is not a namespace name: lower-case letters, digits and '-', at most 63 "
+            "characters"
         )
     return text
 
@@ -303,14 +332,17 @@ def _parser() -> argparse.ArgumentParser:
         "templates); a changed one rebuilds its sink. 0: read them only at start",
     )
     run.add_argument("--leader-elect", action="store_true", help="only the Lease holder watches and delivers")
-    run.add_argument("--leader-elect-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
-    run.add_argument("--leader-elect-name", default="eventrouter", help="Lease name")
+    run.add_argument(
+        "--leader-elect-namespace", type=_namespace_name, default=os.environ.get("POD_NAMESPACE", "default")
+    )
+    run.add_argument("--leader-elect-name", type=_lease_name, default="eventrouter", help="Lease name")
     run.add_argument("--leader-elect-lease-duration", type=_lease_seconds, default=15.0, help="seconds")
     run.add_argument("--leader-elect-renew-deadline", type=_positive_seconds, default=10.0, help="seconds")
     run.add_argument("--leader-elect-retry-period", type=_positive_seconds, default=2.0, help="seconds")
     run.add_argument(
         "--checkpoint-configmap",
         action=_Once,
+        type=_configmap_name,
         help="keep checkpoints in this ConfigMap (namespace: $POD_NAMESPACE) instead of --data-dir",
     )
     run.add_argument(
@@ -1414,15 +1446,23 @@ def _open_recording(name: str) -> BinaryIO:
 
 class _Lines:
     """The lines of the input, noting whether the last one read ended in a newline (only the last
-    line of a file can lack one)."""
+    line of a file can lack one), where that line began (``tail``: its byte offset and bytes), and how
+    many lines there were and began as a dead letter does (``shaped``)."""
 
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
         self.ended = True
+        self.read = self.count = self.shaped = 0
+        self.tail: tuple[int, bytes] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
         for line in self.stream:
             self.ended = line.endswith(b"\n")
+            if not self.ended:
+                self.tail = (self.read, line)
+            self.read += len(line)
+            self.count += 1
+            self.shaped += line.startswith(_LETTER_START)
             yield line
 
 
@@ -1571,7 +1611,160 @@ def _refuse_without_room(room: _Room | None, path: str) -> str | None:
     )
 
 
+class _ReplayRunning(Exception):
+    """Another replay holds the lock of the replays of a folder's dead letters to a sink."""
+
+
+@contextlib.contextmanager
+def _replay_lock(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on the folder of the dead letters replayed (the directory itself: no
+    file of its own there) for the whole run, taken before any ledger is read: two replays of dead
+    letters in one folder to one sink at once each read the ledger at their start, and each sent
+    every letter (review-c F2). Replays of one folder take turns whatever their sinks. The kernel
+    drops the lock when the process ends, SIGKILL included: nothing left behind blocks the next."""
+    unlocked = (
+        "another replay of dead letters in that folder at the same time is not refused (each would send "
+        "every letter)"
+    )
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield  # no folder: no ledger either (stdin, a data dir without dead letters yet)
+        return
+    except OSError as exc:
+        log.warning("replay: cannot open %s (%s): %s", folder, exc.strerror or exc, unlocked)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _ReplayRunning(
+                f"another replay of the dead letters in {folder} is running: it holds the lock on that "
+                "folder (flock), which this replay could not take; nothing was sent. Two at once would "
+                "each send every letter the other sends: wait for it to end, then run this one again "
+                "(what it delivered is skipped)"
+            ) from None
+        except OSError as exc:  # ENOLCK, or NFS, whose locks need a file open to write
+            log.warning("replay: cannot lock %s (%s): %s", folder, exc.strerror or exc, unlocked)
+        yield
+    finally:
+        os.close(fd)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _ReplayStop:
+    """SIGINT (Ctrl-C), SIGTERM or SIGHUP stop a replay as --timeout does (review-c F3): nothing more
+    is handed on, the sends in flight are stopped as at the drain deadline and answer for each letter
+    (what a sink accepted goes into its ledger), the letters refused again are kept, the summary is
+    printed, and the exit code is 128 + the signal's number. Before, Ctrl-C cancelled the send in
+    flight (what the sink had accepted of it was not recorded, and the next run sent it again) and
+    printed no summary; SIGTERM and SIGHUP killed the process. The same signal again, or another one,
+    exits at once."""
+
+    def __init__(self) -> None:
+        self.signal: signal.Signals | None = None
+        self.event = asyncio.Event()
+        self.router: Router | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __enter__(self) -> _ReplayStop:
+        if threading.current_thread() is threading.main_thread():  # signals reach it only
+            self._loop = asyncio.get_running_loop()
+            for sig in _STOP_SIGNALS:
+                self._loop.add_signal_handler(sig, self._received, sig)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None:
+            for sig in _STOP_SIGNALS:
+                self._loop.remove_signal_handler(sig)
+
+    def _received(self, sig: signal.Signals) -> None:
+        if self.signal is not None:
+            _exit_without(
+                "the replay's stop",
+                f"was under way when {sig.name} came (what the sinks accepted in the sends then in "
+                "flight is not recorded: a replay again sends it)",
+                128 + sig,
+            )
+        self.signal = sig
+        log.warning(
+            "replay: %s: stopping as at --timeout: nothing more is handed on, and what the sinks accept "
+            "of the sends in flight is recorded; a second signal exits at once",
+            sig.name,
+        )
+        self.event.set()
+        if self.router is not None:
+            self.router.halt_replay()
+
+    def watch(self, router: Router) -> None:
+        self.router = router
+        if self.signal is not None:
+            router.halt_replay()
+
+    async def drained(self, router: Router, timeout: float) -> bool:
+        """``router.drain(timeout)``, cut short by a signal: then False, and the stop that follows
+        does not wait for the queues again (as at --timeout, the sends in flight get their moment)."""
+        if self.signal is None:
+            draining = asyncio.ensure_future(router.drain(timeout))
+            stopped = asyncio.ensure_future(self.event.wait())
+            try:
+                await asyncio.wait({draining, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+            if self.signal is None:
+                return draining.result()
+            draining.cancel()  # its wait only: the pipelines go on until the stop
+            with contextlib.suppress(asyncio.CancelledError):
+                await draining
+        for p in router.pipelines:
+            p.close()
+        router.settings.shutdown_timeout = 0
+        return False
+
+
 async def _replay(args: argparse.Namespace) -> int:
+    with _ReplayStop() as stop, contextlib.ExitStack() as held:
+        try:
+            return await _replay_until(args, stop, held)
+        except _ReplayRunning as exc:
+            print(f"eventrouter: replay: {exc}", file=sys.stderr)
+            return 2
+
+
+def _still_written(name: str) -> bool:
+    """Whether a router may still append to this dead-letter file: named as its live file is
+    (``<sink>.jsonl``, not a replay's ``.refused-…`` one), or stdin (such a file piped in). A rotated
+    (``.jsonl.1``) or taken (``.taken-…``) file is written to no more."""
+    if name == "-":
+        return True
+    path = Path(name)
+    return path.suffix == ".jsonl" and _REFUSED_NAME.search(path.name) is None
+
+
+_LETTER_START = b'{"sink":"'
+"""How every line of a dead-letter file begins (``DeadLetter.write``): a line cut by a kill too."""
+
+_FRAGMENT_KEY = re.compile(rb'"key":"([^"\\]{1,300})"')
+
+
+def _keep_fragment(name: str, offset: int, data: bytes) -> Path | None:
+    """The cut last line of a dead-letter file written to no more, kept in ``<file>.torn`` (None: it
+    could not be written, and the replay fails as before, nothing lost)."""
+    kept = Path(name).absolute()
+    kept = kept.with_name(kept.name + ".torn")
+    try:
+        kept.write_bytes(data)
+    except OSError as exc:
+        log.error("replay: cannot write %s (%s)", kept, exc.strerror or exc)
+        return None
+    return kept
+
+
+async def _replay_until(args: argparse.Namespace, stop: _ReplayStop, held: contextlib.ExitStack) -> int:
     args.sink = [*_sink_flags(args.sink_flags), *args.sink]
     cfg, specs = _load(args)
     if not specs:
@@ -1605,6 +1798,8 @@ async def _replay(args: argparse.Namespace) -> int:
             source.configured = [spec.name for spec in specs]
             route = source.destinations = _destinations(source.configured, args.to)
             specs, settings = _dead_letter_replay(source.origin, specs, settings, args.file, route)
+            if folder is not None:  # before any ledger is read, or a refused file's .tmp removed
+                held.enter_context(_replay_lock(folder))
             room = None
             if (live := _live_data_dir(folder)) is not None:
                 try:
@@ -1620,6 +1815,7 @@ async def _replay(args: argparse.Namespace) -> int:
             )
             specs = [letters.recording(spec) for spec in specs]
         router = Router(settings, specs, metrics=metrics)
+        stop.watch(router)
         await router.start_pipelines()
         if letters is not None:
             letters.install(router)
@@ -1633,7 +1829,7 @@ async def _replay(args: argparse.Namespace) -> int:
     repaired = source.repaired
     if repaired:
         router.metrics.source_repaired.labels("invalid_unicode").inc(repaired)
-    drained = await router.drain(args.timeout)
+    drained = await stop.drained(router, args.timeout)
     await router.stop()
     m = router.metrics
     summary: dict[str, Any] = {
@@ -1662,12 +1858,14 @@ async def _replay(args: argparse.Namespace) -> int:
         refused += row["dead_lettered"]
         summary["sinks"][p.name] = row
     where = "the input" if args.file == "-" else args.file
+    if stop.signal is not None:
+        summary["stopped_by"] = stop.signal.name
     if not drained:
         # The stop's own line speaks of a restart and the API server: a replay's rest is in its input.
         log.warning(
-            "replay: not everything was delivered within --timeout %gs: what was not is still in %s, and "
+            "replay: not everything was delivered %s: what was not is still in %s, and "
             "a replay of it again sends it%s",
-            args.timeout,
+            f"within --timeout {args.timeout:g}s" if stop.signal is None else f"before {stop.signal.name}",
             where,
             " (what was delivered is skipped)"
             if (letters is not None and letters.ledgers) or (letters is None and recorded)
@@ -1676,6 +1874,34 @@ async def _replay(args: argparse.Namespace) -> int:
     # A dead-letter file being appended to (or whose writer was killed mid-line) ends in part of a
     # letter: exit 0 invited deleting the file while that letter was on its way into it.
     torn = letters is not None and source.torn_end
+    # A cut last line in a file nothing writes to any more (rotated, taken, copied) is never completed:
+    # "replay it again later" failed it for ever, and the documented loop with it (review-c F1). The
+    # fragment is kept beside the file and named; the rest is replayed. A file holding only a fragment
+    # (no dead-letter head: read as a recording) likewise.
+    fragment: Path | None = None
+    tail = lines.tail if source.torn_end else None
+    if (
+        tail is not None
+        and (letters is not None or tail[1].startswith(_LETTER_START))
+        and not _still_written(args.file)
+        and (fragment := _keep_fragment(args.file, *tail)) is not None
+    ):
+        torn = False
+        key = _FRAGMENT_KEY.search(tail[1])
+        shown = key.group(1).decode("utf-8", "replace") if key is not None else ""
+        summary["torn_last_line"] = {"offset": tail[0], "bytes": len(tail[1]), "kept_in": str(fragment)}
+        log.warning(
+            "replay: the last line of %s (%d bytes at byte offset %d) is part of a dead letter whose "
+            "writer was killed while writing it, and nothing writes to this file any more: it was not "
+            "sent, is counted in malformed, and is kept in %s%s. The router had not acknowledged that "
+            "letter's batch: after its restart it delivered it, or wrote the letter again, whole, into "
+            "its live dead-letter file. The rest of the file was replayed",
+            where,
+            len(tail[1]),
+            tail[0],
+            fragment,
+            f" (the letter of {shown})" if shown.isprintable() and shown else "",
+        )
     not_sent = 0
     if letters is not None:
         outstanding = any(letters.outstanding.values())
@@ -1689,15 +1915,34 @@ async def _replay(args: argparse.Namespace) -> int:
         log.warning(
             "replay: the last line of %s is not a whole dead letter (no newline at its end): the router "
             "may be writing it now, or was killed while writing it (it writes that letter again, whole, "
-            "when it next gives the occurrence up); replay the file again later%s",
+            "when it next gives the occurrence up); replay the file again later%s. A file no router "
+            "writes to any more (a copy) is better renamed as the documented procedure takes files: "
+            "then its cut last line is kept aside and the rest replayed",
             where,
             " (what was accepted is skipped)" if letters is not None and letters.ledgers else "",
+        )
+    # A file of dead letters every one of which a kill cut (the rotated file of a router killed during
+    # its first append): each fragment was named with its line above; nothing to send, no failure.
+    only_cut = letters is None and occurrences == 0 and 0 < lines.count == lines.shaped == malformed
+    if only_cut and not torn:
+        log.warning(
+            "replay: %s holds only parts of dead letters cut short by a kill (%d, each named by its line "
+            "above): nothing to send. The router had not acknowledged their batches",
+            where,
+            malformed,
         )
     print(orjson.dumps(summary).decode(), file=sys.stderr)
     # Something not delivered (dropped, refused by the sink, or never given to it) is no success: a
     # script must see it. Nor is a file of which nothing could be read (a format replay does not know).
-    unreadable = malformed > 0 and occurrences == 0
+    # Letters an earlier replay delivered were read too: a cut letter beside them failed the run again
+    # once all the rest was skipped, for ever (review-c F1, the second pass).
+    read = occurrences or (
+        letters is not None and (any(letters.skipped.values()) or any(letters.kept_out.values()))
+    )
+    unreadable = malformed > 0 and not read and not only_cut
     failed = lost or refused or not_sent or unreadable or torn
+    if stop.signal is not None:
+        return 128 + stop.signal
     return 0 if drained and not failed else 1
 
 

@@ -44,6 +44,10 @@ LEASE_DURATION_MAX = 2**31 - 1
 would stand by for ever."""
 JITTER_FACTOR = 1.2
 """client-go's: a standby's retry waits up to this many retry periods (see ``_acquire``)."""
+LEAD_FAILED = "on_started_leading failed"
+"""``stopped_reason`` when the leader's own work raised: the lease is still held, not lost."""
+STOPPING = "stopping"
+"""``stopped_reason`` when ``stop()`` ended the leadership."""
 
 
 def check_timings(
@@ -110,9 +114,17 @@ class LeaderElector:
         self.metrics = metrics
         self.path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}"
         self.is_leader = False
-        # Counters for operators and tests.
+        # Counters for operators and tests (exported as eventrouter_leader_transitions_total and
+        # eventrouter_lease_renew_failures_total).
         self.transitions = 0  # times this replica became leader
         self.conflicts = 0  # writes answered 409: another replica won the race
+        # Why the last leadership ended, as run() logged it; None while leading or before the first.
+        # on_stopped_leading reads it: a failed start is not a lost lease (review-b N1).
+        self.stopped_reason: str | None = None
+        self.lead_failed = False  # the last leadership ended because on_started_leading raised
+        # A leadership counted "acquired" and not yet counted as ended ("lost", "released" or
+        # "release_failed"): each one counted once, a release after a lost lease not again.
+        self._uncounted_end = False
         # The last record seen (spec of the Lease) and when it was first seen, on the monotonic clock.
         self._observed: dict[str, Any] | None = None
         self._observed_at = 0.0
@@ -164,6 +176,9 @@ class LeaderElector:
             self._set_leader(False)
             await _cancel(leading)
             failure = leading.exception() if leading.done() and not leading.cancelled() else None
+            self.stopped_reason, self.lead_failed = reason, reason == LEAD_FAILED
+            if reason not in (LEAD_FAILED, STOPPING):  # those end with release(), counted there
+                self._count_end("lost")
             log.warning("leader election: stopped leading %s (%s)", self._where(), reason)
             await on_stopped_leading()
             elapsed = time.monotonic() - lost_at
@@ -216,6 +231,7 @@ class LeaderElector:
                 }
                 await self._write("PUT", self.path, lease)
         except _REQUEST_ERRORS as exc:
+            self._count_end("release_failed")
             log.warning(
                 "leader election: could not %s (%s); %sa standby takes over when it expires",
                 f"release {self._where()}"
@@ -226,6 +242,7 @@ class LeaderElector:
             )
             return
         self._observed_holder = ""
+        self._count_end("released")
         log.info("leader election: released %s", self._where())
 
     def standby_reason(self) -> str:
@@ -248,10 +265,13 @@ class LeaderElector:
             return False
         except Exception as exc:  # e.g. a failing credential plugin: never let it skip on_stopped_leading
             log.exception("leader election: %s: unexpected error", self._where())
+            self._count_renew_failure(exc)
             self._last_error = f"{type(exc).__name__}: {failure_text(exc)}"
             return False
         # Only a whole attempt clears it: cleared when the read succeeded, a write refused every time
         # (RBAC with `get` but not `update`) was logged again at every retry.
+        if held and self.is_leader and self._last_error is not None:
+            log.info("leader election: %s renewed again (after %s)", self._where(), self._last_error)
         self._last_error = None
         return held
 
@@ -260,14 +280,33 @@ class LeaderElector:
     def _where(self) -> str:
         return f"lease {self.namespace}/{self.name}"
 
+    def _count_transition(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.leader_transitions.labels(reason).inc()
+
+    def _count_end(self, reason: str) -> None:
+        if self._uncounted_end:
+            self._uncounted_end = False
+            self._count_transition(reason)
+
+    def _count_renew_failure(self, exc: BaseException) -> None:
+        """A failed renewal of the held lease, by a reason of LEASE_RENEW_FAILURE_REASONS."""
+        if self.metrics is None or not self.is_leader:
+            return
+        self.metrics.lease_renew_failures.labels(_failure_reason(exc)).inc()
+
     def _set_leader(self, value: bool) -> None:
         if value and not self.is_leader:
             self.transitions += 1
+            self.stopped_reason, self.lead_failed = None, False
+            self._uncounted_end = True
+            self._count_transition("acquired")
         self.is_leader = value
         if self.metrics is not None:
             self.metrics.leader.set(1 if value else 0)
 
     def _note_error(self, exc: BaseException) -> None:
+        self._count_renew_failure(exc)
         if isinstance(exc, ApiError) and exc.status == 409:
             self.conflicts += 1
             self._last_error = None  # read and written: another replica was just quicker
@@ -312,10 +351,10 @@ class LeaderElector:
         while True:
             await self._sleep(self.retry_period)
             if self._stopping:
-                return "stopping"
+                return STOPPING
             if leading.done() and not leading.cancelled() and leading.exception() is not None:
                 log.error("leader election: the leader's work failed", exc_info=leading.exception())
-                return "on_started_leading failed"
+                return LEAD_FAILED
             deadline = last_ok + self.renew_deadline
             while True:
                 sent = time.monotonic()
@@ -328,7 +367,7 @@ class LeaderElector:
                 if self._observed_holder not in (None, self.identity):
                     return f"the lease is now held by {self._observed_holder!r}"
                 if self._stopping:
-                    return "stopping"
+                    return STOPPING
                 await self._sleep(min(self.retry_period, deadline - time.monotonic()))
 
     async def _try(self, timeout: float | None) -> bool:
@@ -449,6 +488,26 @@ class LeaderElector:
         finally:
             resp.release()
         return out if isinstance(out, dict) else {}
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """A bounded label for a failed request (LEASE_RENEW_FAILURE_REASONS): never the error's text."""
+    if isinstance(exc, ApiError):
+        status = exc.status
+        if status == 409:
+            return "conflict"
+        if status == 401:
+            return "unauthorized"
+        if status == 403:
+            return "forbidden"
+        if status == 429:
+            return "throttled"
+        return "server_error" if status >= 500 else "refused"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return "connection"
+    return "other"
 
 
 def _client_timeout(timeout: float | None) -> aiohttp.ClientTimeout | None:

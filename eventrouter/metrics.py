@@ -15,6 +15,8 @@ __all__ = [
     "CHECKPOINT_CONFIGMAP_OPS",
     "CHECKPOINT_SEED_RESULTS",
     "DEAD_LETTER_REASONS",
+    "LEADER_TRANSITION_REASONS",
+    "LEASE_RENEW_FAILURE_REASONS",
     "SINK_DROP_REASONS",
     "SINK_MODIFIED_REASONS",
     "Metrics",
@@ -48,6 +50,18 @@ DATA_DIR_FILES = ("spool", "checkpoint", "deadletter")
 RELOAD_RESULTS = ("applied", "unchanged", "invalid")
 CHECKPOINT_CONFIGMAP_OPS = ("read", "write")
 CHECKPOINT_SEED_RESULTS = ("seeded", "unchanged", "absent", "failed")
+LEADER_TRANSITION_REASONS = ("acquired", "lost", "released", "release_failed")
+LEASE_RENEW_FAILURE_REASONS = (
+    "conflict",
+    "unauthorized",
+    "forbidden",
+    "throttled",
+    "refused",
+    "server_error",
+    "timeout",
+    "connection",
+    "other",
+)
 
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
@@ -254,6 +268,23 @@ class Metrics:
             registry=r,
         )
         self.leader = Gauge("eventrouter_leader", "1 while this replica holds the lease.", registry=r)
+        self.leader_transitions = Counter(
+            "eventrouter_leader_transitions",
+            "Changes of this replica's leadership, by reason: acquired (took the lease), lost (could not "
+            "renew it within the renew deadline, or another replica holds it: delivery stops, and the "
+            "process exits 1), released (gave it up at its stop), release_failed (could not give it up: "
+            "a standby waits until it expires).",
+            ["reason"],
+            registry=r,
+        )
+        self.lease_renew_failures = Counter(
+            "eventrouter_lease_renew_failures",
+            "Renewals of the held lease that failed, by reason: conflict (409), unauthorized (401), "
+            "forbidden (403), throttled (429), refused (another 4xx), server_error (5xx), timeout, "
+            "connection, other. The leader retries until its renew deadline, then stops leading (lost).",
+            ["reason"],
+            registry=r,
+        )
         self.checkpoint_configmap_errors = Counter(
             "eventrouter_checkpoint_configmap_errors",
             "Reads (op=read: at takeover, retried; nothing is delivered until one succeeds) and writes "
@@ -288,6 +319,10 @@ class Metrics:
             self.checkpoint_configmap_errors.labels(op)
         for result in CHECKPOINT_SEED_RESULTS:
             self.checkpoint_seeds.labels(result)
+        for reason in LEADER_TRANSITION_REASONS:
+            self.leader_transitions.labels(reason)
+        for reason in LEASE_RENEW_FAILURE_REASONS:
+            self.lease_renew_failures.labels(reason)
 
     def sink_children(self, sink: str) -> None:
         """Export a sink's reason-labelled counters at 0 (see SINK_DROP_REASONS)."""

@@ -97,11 +97,12 @@ class DeadLetter:
         newest lines that fit two files (a single line larger than the bound has a file of its own)."""
         size = path.stat().st_size if path.exists() else 0
         total = sum(map(len, lines))
+        # The batch of the cut record was not acknowledged and is dead-lettered again whole; the next
+        # line must not be glued onto the fragment (replay skips it as not JSON).
+        torn = bool(size) and not self._tail_checked and _ends_mid_line(path)
         if size + total <= self.max_bytes or (not size and len(lines) == 1):
             prefix = b""
-            if size and not self._tail_checked and _ends_mid_line(path):
-                # The batch of the cut record was not acknowledged and is dead-lettered again whole;
-                # the next line must not be glued onto the fragment (replay skips it as not JSON).
+            if torn:
                 prefix = b"\n"
                 log.warning(
                     "dead-letter file %s ended in a partial line (a write cut short, e.g. by a kill); "
@@ -114,6 +115,18 @@ class DeadLetter:
             self._letters = None if known is None else _counted(path, known.letters + len(lines))
             return
         older = path.with_suffix(path.suffix + ".1")
+        if torn:
+            # Ended before the rename: nothing writes to the rotated file again, and its replay waited
+            # for the rest of that line for ever (review-c F1).
+            append_to(path, b"\n")
+            size += 1
+            self._tail_checked = True
+            log.warning(
+                "dead-letter file %s ended in a partial line (a write cut short, e.g. by a kill); "
+                "ended it as a line of its own before rotating it to %s",
+                path,
+                older.name,
+            )
         if total > self.max_bytes:
             newest, previous, cut = _split_newest(lines, self.max_bytes)
         else:
