@@ -268,7 +268,8 @@ def _masked_args(text: str, given: Sequence[str]) -> str:
     quoted = set(given) | {arg.partition("=")[2] for arg in given if arg.startswith("-")}
     for arg in sorted(quoted, key=len, reverse=True):
         if arg and (masked := _masked_arg(arg)) != arg:
-            text = text.replace(repr(arg), repr(masked)).replace(arg, masked)
+            for given_as in dict.fromkeys((arg, arg.lower())):  # --log-level's type=str.lower quotes it so
+                text = text.replace(repr(given_as), repr(masked)).replace(given_as, masked)
     return text
 
 
@@ -286,7 +287,9 @@ def _masked_arg(arg: str) -> str:
         return head + redact_url(f"//?{query}")
     # Else a value (not a whole --option=value, whose value is masked on its own) by config's rule:
     # `--metrics-addr='Bearer S3cret'` or `--data-dir-max-bytes=token:S3cret` was quoted whole.
-    return arg if arg.startswith("-") else shown_values([arg])
+    if arg.startswith("-") and "=" in (name := arg.lstrip("-")):  # an option argparse does not know
+        return arg[: len(arg) - len(name)] + shown_values([name])  # (`--password=S3cret`): undashed
+    return shown_values([arg])  # also a value led by a dash (`--log-level=-token:S3cret`)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from eventrouter.options import (
     COMMON_KEYS,
+    MAX_NAME_CHARS,
     QUERY_PLUS_FIELDS,
     FilterOptions,
     OptionError,
@@ -463,6 +464,12 @@ def _plain_value(value: str) -> bool:
     return bool(_PORT_THEN_PATH.fullmatch(value))
 
 
+_RULE_CHARS = 2048
+"""The longest value the credential rule reads; a longer one is taken for credential-shaped unread:
+some of the rule's scans restart at every character (``_URL_START`` over a run of letters, a class
+left open in a ``(?x)`` comment), and a 64 KiB value held ``check`` for 30-90 s (item 340)."""
+
+
 def _credential_shaped(text: str, *, regex: bool = False) -> bool:
     """Whether a value given for an option (or a sink type) may hold a credential, so that messages
     must not quote it whole: an ``@`` (user info), a URL whose address is no ``host[:port]``, a
@@ -478,11 +485,13 @@ def _credential_shaped(text: str, *, regex: bool = False) -> bool:
     start (``Error: token:S3cret`` still counts, as does ``password: S3cret``); and an authorization scheme
     followed by a plain word (``Token expired``). A scheme counts anywhere there, not only first
     (``failed for Bearer S3cret``): a regex quotes a message."""
+    if len(text) > _RULE_CHARS:
+        return True
     if _REFERENCE.fullmatch(text.strip()) or _HEADER_REFERENCE.fullmatch(text):
         return False  # env:NAME, file:/path: where a credential is, shown to find it
     if regex:
         text = _PROSE_PAIR.sub(
-            lambda m: m.group(0) if _SENSITIVE_HEADER.search(m.group(1)) else f"{m.group(1)},", text
+            lambda m: m.group(0) if _credential_name(m.group(1)) else f"{m.group(1)},", text
         )
     if (_USER_INFO_END.search(text) if regex else "@" in text) or "%40" in text.lower():
         return True
@@ -512,6 +521,16 @@ _SCHEME_ANYWHERE = re.compile(r"(?:^|(?<=[\s,;]))([A-Za-z][A-Za-z0-9-]*)\s+(?=([
 """A word followed by another, anywhere in a regular expression's text: an authorization scheme and
 what follows it (``… for Bearer S3cret``)."""
 
+_CREDENTIAL_WORD = re.compile(r"(?:^|[_.-])(?:pw|pwd|pin|otp|totp|jwt|psk|bearer)$", re.IGNORECASE)
+"""A credential's name that ``_SENSITIVE_HEADER``'s stems miss, alone or last (``pwd``, ``MYSQL_ROOT_PW``,
+``pin``, ``otp``, ``jwt``): ``pwd: hunter2`` was read as a clause of prose and shown whole (item 340)."""
+
+
+def _credential_name(name: str) -> bool:
+    """Whether a ``name: `` in a regular expression's text names a credential, so is no clause of prose."""
+    return bool(_SENSITIVE_HEADER.search(name) or _CREDENTIAL_WORD.search(name))
+
+
 _PLAIN_WORD = re.compile(r"[A-Za-z][a-z]{0,14}")
 """A word no token is: letters, lower case after the first, fewer than 16 (``expired``, ``Vault``)."""
 
@@ -535,15 +554,20 @@ def _regex_text(pattern: str) -> str:
     space); a quantifier, an anchor or a class that follows text is left out, as if the text went on
     (``Pa$$w0rd`` reads ``Paw0rd``, ``5\\d\\d`` reads ``5``); a group's edge or a ``|`` ends a word
     (``,``). Right after a ``name:`` or ``name=`` a class, a ``.`` or a ``\\S`` is a regex value
-    (``password=\\S+``, ``token:.*``), which ends the pair (``password=,``); a group there is
-    looked through (``password=(S3cret)`` reads ``password=S3cret,``)."""
+    (``password=\\S+``, ``token:.*``), which ends the pair (``password=,``), unless text goes on
+    from it (``password=[Hh]unter2`` reads ``password=xunter2``); a group there, or after white
+    space, is looked through (``password=(S3cret)`` reads ``password=S3cret,``). A pattern longer
+    than ``_RULE_CHARS`` is returned unread (so taken for credential-shaped)."""
+    if len(pattern) > _RULE_CHARS:
+        return pattern
     out: list[str] = []
     at = 0
     while at < len(pattern):
         if found := _REGEX_SKIP.match(pattern, at):
             pass
         elif found := _REGEX_GROUP.match(pattern, at):
-            if not _PAIR_OPEN.search("".join(out[-8:])):
+            tail = "".join(out[-8:])
+            if not _PAIR_OPEN.search(tail) and not tail[-1:].isspace():  # `Bearer (S3cret)` reads on
                 out.append(",")
         elif found := _REGEX_CHAR.match(pattern, at):
             char = found.group(0)[1:]
@@ -553,7 +577,12 @@ def _regex_text(pattern: str) -> str:
                 out.append(_REGEX_CHARS.get(char, char))
         elif found := _REGEX_ATOM.match(pattern, at):
             if _PAIR_OPEN.search("".join(out[-8:])):
-                out.append(",")
+                # A regex value (`password=\S+`, `token:.*`, `code=\d+/\d+`) unless text goes on from
+                # it: one character of the value (`password=[Hh]unter2`, `password=.*S3cret`), item 340.
+                after = _REGEX_ZERO.match(pattern, found.end())
+                rest = pattern[after.end() if after else found.end() :]
+                value = not rest or rest[0] in "|)" or (after is not None and not rest[0].isalnum())
+                out.append("," if value else "x")
         elif not (found := _REGEX_ZERO.match(pattern, at)):
             out.append(pattern[at])
             at += 1
@@ -589,6 +618,45 @@ def shown_values(values: Iterable[str], *, regex: bool = False) -> str:
 def _shown_quoted(text: str) -> str:
     """``repr`` of a value (a sink's name) as ``_shown_value`` shows it."""
     return repr(_shown_value(text))
+
+
+SINK_NAME_REFUSED = re.compile(r"[:=@/\x00-\x1f\x7f-\x9f]")
+"""What a sink's name may not hold (item 339), the chart's rule (``checkNameText``): ``:``, ``=`` or ``@``
+(the marks of a credential typed ``name:value``, ``name=value`` or ``user@…``), ``/`` (the name names
+the sink's files in the data dir) or a control character; nor may it be longer than ``MAX_NAME_CHARS``.
+The name is printed whole after start: in the logger's name (``eventrouter.sink.<name>``) on every line
+of the sink, in the engine's and replay's log lines and as the ``sink`` label of every metric. A name
+such as ``token:<password>`` (a flag pasted whole, a header's Name:Value) was refused only in the
+chart (item 323): the router took it and printed it. Every other name (``es prod``, ``a+b``) is taken."""
+
+
+def _refuse_sink_name(name: str, where: str, *, default: bool = False) -> None:
+    """ConfigError if ``name`` holds a ``SINK_NAME_REFUSED`` character or is too long (``default``: it
+    is the sink's type, which names a sink given no name). The message names the position (``config
+    sinks[0]``, ``--sink #1``), the fault and the rule, never the name: a refused name may hold a
+    credential (the chart's refusal shows none either, item 323), and its position finds it."""
+    odd = SINK_NAME_REFUSED.search(name)
+    if odd is None and len(name) <= MAX_NAME_CHARS:
+        return
+    subject = "its type (which names a sink given no name=)" if default else "its name (not shown)"
+    if odd is None:
+        # The words of the pipeline options' own error, which this check now precedes.
+        fault = f"a name of {len(name)} characters; at most {MAX_NAME_CHARS} (not shown)"
+    elif odd.group(0) in ":=@":
+        fault = (
+            f"{subject} holds a {odd.group(0)!r}, as a credential typed name:value, a flag pasted "
+            "whole or a URL's user info does"
+        )
+    elif odd.group(0) == "/":
+        fault = f"{subject} holds a '/', which would name a directory in its files' names"
+    else:
+        fault = f"{subject} holds a control character"
+    # Shaped as the pipeline options' own errors (`option 'name': Value error, …`).
+    raise ConfigError(
+        f"{where}: option 'name': Value error, {fault}; a sink's name holds no ':', '=', '@', '/' or "
+        f"control character and is at most {MAX_NAME_CHARS} characters: it is printed in every log "
+        "line of the sink and in its metric labels, and names its files in the data dir"
+    )
 
 
 _TYPE_TEXT = re.compile(r"[A-Za-z0-9_. -]+")
@@ -760,6 +828,9 @@ def spec_for_class(
     pipe = {k: v for k, v in entry.items() if k in pipeline_keys}
     own = {k: v for k, v in entry.items() if k not in filter_keys and k not in pipeline_keys}
     name = str(pipe.get("name") or type_)
+    if isinstance(pipe.get("name") or type_, str):
+        # Before anything else names the sink (a repeated name= is a list: refused below as such).
+        _refuse_sink_name(name, where, default=not pipe.get("name"))
     shown = (
         _shown_quoted(name)
         if isinstance(pipe.get("name") or type_, str)
@@ -1145,6 +1216,9 @@ def build_specs(
         if not isinstance(entry, Mapping):
             raise ConfigError(f"{yaml_source} sinks[{i}]: expected a mapping")
         where = f"{yaml_source} sinks[{i}]"
+        if isinstance(entry.get("name"), str) and entry["name"]:
+            # Before its url's query is read, whose errors name the sink.
+            _refuse_sink_name(entry["name"], where)
         specs.append(build_spec(_with_url_query(entry, where), where=where, plugins=plugins))
     for i, flag in enumerate(flags, 1):
         where = f"--sink #{i}"

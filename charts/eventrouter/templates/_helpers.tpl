@@ -255,11 +255,19 @@ without a digit (`loki-production`). A long token, `token:S3cret` or a URL is ne
 
 {{/* [where, what, name]: refuse a sink's name holding a ':', '=' or '@' (also percent-encoded, as the
 router decodes a query's): the shape of a credential typed name:value, a flag ported whole or a URL's
-user info. The router takes such a name and prints it in its logs and metric labels; the ConfigMap and
-the pod spec would hold it. Not shown. */}}
+user info; the ConfigMap and the pod spec would hold it. Also a '/', a control character or more than
+200 characters (a %XX counted as the character it decodes to): the router's own rule (item 339), which
+refuses each at start (exit 2). Not shown. */}}
 {{- define "eventrouter.checkNameText" -}}
-{{- if regexMatch `(?i)[:=@]|%3a|%3d|%40` (toString (index . 2)) -}}
+{{- $text := toString (index . 2) -}}
+{{- if regexMatch `(?i)[:=@]|%3a|%3d|%40` $text -}}
 {{- fail (printf "%s: %s holds a ':', '=' or '@' (as a credential typed name:value, a flag pasted whole or a URL's user info does), which the router would print in its logs and metric labels; name the sink with letters, digits, '_', '.', '-'; the name is not shown, as it may hold a credential" (index . 0) (index . 1)) -}}
+{{- else if regexMatch `(?i)/|%2f` $text -}}
+{{- fail (printf "%s: %s holds a '/', which the router refuses at start (exit 2): a sink's name names its files in the data dir; name the sink with letters, digits, '_', '.', '-'; the name is not shown, as it may hold a credential" (index . 0) (index . 1)) -}}
+{{- else if regexMatch `(?i)[\x00-\x1f\x7f-\x9f]|%[01][0-9a-f]|%7f|%c2%[89][0-9a-f]` $text -}}
+{{- fail (printf "%s: %s holds a control character (also percent-encoded), which the router refuses at start (exit 2); name the sink with letters, digits, '_', '.', '-'; the name is not shown, as it may hold a credential" (index . 0) (index . 1)) -}}
+{{- else if gt (len (regexFindAll `(?s).` (regexReplaceAll `(?i)%[0-9a-f]{2}` (regexReplaceAll `(?i)%[89ab][0-9a-f]` $text "") "x") -1)) 200 -}}
+{{- fail (printf "%s: %s is longer than 200 characters, which the router refuses at start (exit 2): it names the sink's files in the data dir; the name is not shown, as it may hold a credential" (index . 0) (index . 1)) -}}
 {{- end -}}
 {{- end -}}
 
